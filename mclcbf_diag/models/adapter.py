@@ -1,0 +1,69 @@
+"""Where the toolkit finds each part of a LLaVA-style model.
+
+An adapter is declarative: it names module paths (dotted, relative to the
+``LlavaForConditionalGeneration`` or to one decoder layer) and nothing else. Code that
+needs "layer 12's input norm" asks the adapter instead of spelling
+``model.model.language_model.layers[12].input_layernorm``, so a second architecture is
+one more adapter, not a change to the measurements.
+
+:data:`LLAVA` describes llava-hf's layout in transformers 5.x, which the embedded model
+shares exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Module paths of one architecture (dotted; ``layer_*`` are relative to a layer)."""
+
+    language_model: str
+    layers: str
+    rotary_emb: str
+    final_norm: str
+    unembed: str
+    vision_tower: str
+    projector: str
+    layer_input_norm: str
+    layer_attention: str
+    layer_post_attention_norm: str
+    layer_mlp: str
+    layer_q_proj: str
+    layer_k_proj: str
+    layer_v_proj: str
+    layer_o_proj: str
+
+    def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
+        return root.get_submodule(path)
+
+    def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def layer_part(self, model: torch.nn.Module, index: int, part: str) -> torch.nn.Module:
+        """``part`` is a field name such as ``"layer_input_norm"``."""
+        return self.decoder_layers(model)[index].get_submodule(getattr(self, part))
+
+
+LLAVA = ArchitectureAdapter(
+    language_model="model.language_model",
+    layers="model.language_model.layers",
+    rotary_emb="model.language_model.rotary_emb",
+    final_norm="model.language_model.norm",
+    unembed="lm_head",
+    vision_tower="model.vision_tower",
+    projector="model.multi_modal_projector",
+    layer_input_norm="input_layernorm",
+    layer_attention="self_attn",
+    layer_post_attention_norm="post_attention_layernorm",
+    layer_mlp="mlp",
+    layer_q_proj="self_attn.q_proj",
+    layer_k_proj="self_attn.k_proj",
+    layer_v_proj="self_attn.v_proj",
+    layer_o_proj="self_attn.o_proj",
+)
+
+ADAPTERS = {"LlavaForConditionalGeneration": LLAVA}

@@ -1,0 +1,136 @@
+"""Load a LLaVA-style model and its processor, offline and safely.
+
+``load_model()`` with no name loads the embedded model shipped inside the package.
+Otherwise it takes a local directory or a Hugging Face cache id
+(``llava-hf/llava-1.5-7b-hf``); it never downloads (``local_files_only``), reads weights
+from safetensors only, never enables ``trust_remote_code`` and always asks for eager
+attention, the only implementation that returns attention probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from ..barrier import LayerWeights
+from ..errors import UserError
+from .adapter import ADAPTERS, ArchitectureAdapter
+from .tokens import AnswerTokens, answer_tokens
+
+EMBEDDED = Path(__file__).resolve().parent.parent / "zoo" / "weights"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor, the adapter that names its parts, and its special tokens."""
+
+    model: LlavaForConditionalGeneration
+    processor: object
+    adapter: ArchitectureAdapter
+    tokens: AnswerTokens
+    source: str
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def n_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def layer_weights(self, index: int) -> LayerWeights:
+        """The barrier's view of decoder layer ``index``: plain tensors, no modules."""
+        get = lambda part: self.adapter.layer_part(self.model, index, part)  # noqa: E731
+        norm, q, k = get("layer_input_norm"), get("layer_q_proj"), get("layer_k_proj")
+        attn = get("layer_attention")
+        cfg = self.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return LayerWeights(
+            ln_weight=norm.weight.detach(), ln_eps=float(norm.variance_epsilon),
+            q_weight=q.weight.detach(), q_bias=None if q.bias is None else q.bias.detach(),
+            k_weight=k.weight.detach(), k_bias=None if k.bias is None else k.bias.detach(),
+            n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim, scaling=float(attn.scaling),
+        )
+
+    def final_norm(self):
+        return self.model.get_submodule(self.adapter.final_norm)
+
+    def unembed_weight(self) -> torch.Tensor:
+        return self.model.get_submodule(self.adapter.unembed).weight.detach()
+
+    def inputs(self, prompt: str, image) -> dict:
+        enc = self.processor(text=prompt, images=image, return_tensors="pt")
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in enc.items()}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    if name == "float16" and str(device).startswith("cpu"):
+        raise UserError("--dtype float16 was requested on the CPU, where fp16 matmuls are slow and "
+                        "partly unsupported; use --dtype float32 (or bfloat16) on CPU, or --device cuda")
+    return DTYPES[name]
+
+
+def _locate(name_or_path: str | None) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is it a local directory)."""
+    if name_or_path in (None, "", "embedded"):
+        if not (EMBEDDED / "config.json").is_file():
+            raise UserError(f"the embedded model is missing from {EMBEDDED}; reinstall mclcbf-diag "
+                            "or rebuild it with `mclcbf-diag zoo train --install`")
+        return str(EMBEDDED), True
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {name_or_path}: no config.json in that directory; pass a "
+                            "directory saved with save_pretrained (config.json + *.safetensors)")
+        if not any(path.glob("*.safetensors")):
+            raise UserError(f"--model {name_or_path}: no *.safetensors weights there; mclcbf-diag "
+                            "loads safetensors only (convert .bin checkpoints first)")
+        return str(path), True
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path, False
+    raise UserError(f"--model {name_or_path}: no such directory; pass a local checkpoint "
+                    "directory or a Hugging Face id already in the local cache")
+
+
+def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
+               device_map: str | None = None) -> LoadedModel:
+    """Load the embedded model (default), a local directory or a cached hub id, offline."""
+    torch_dtype = resolve_dtype(dtype, device)
+    where, local = _locate(name_or_path)
+    kwargs = dict(dtype=torch_dtype, attn_implementation="eager", use_safetensors=True,
+                  local_files_only=True)
+    try:
+        processor = AutoProcessor.from_pretrained(where, local_files_only=True)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            where, device_map=device_map, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = ("the directory is incomplete or not a LLaVA checkpoint" if local else
+                f"it is not in the local Hugging Face cache (run `hf download {where}` on a "
+                "machine with network access, or pass --model DIR)")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model {where!r}: {hint} ({first})") from exc
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    adapter = ADAPTERS.get(type(model).__name__)
+    if adapter is None:
+        raise UserError(f"no adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")
+    image_token_id = getattr(model.config, "image_token_id", None)
+    tokens = answer_tokens(processor.tokenizer, image_token_id, where)
+    return LoadedModel(model, processor, adapter, tokens, where)
