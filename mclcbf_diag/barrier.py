@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from .errors import UserError
-from .probes import rms_norm
+from .probes import fit_mask, rms_norm
 
 __all__ = [
     "LayerWeights",
@@ -142,15 +142,6 @@ def project_queries(
     return q
 
 
-def _fit_mask(mask: torch.Tensor, n_keys: int, device) -> torch.Tensor:
-    mask = mask.to(device=device, dtype=torch.bool).reshape(-1)
-    if mask.numel() > n_keys:
-        raise ValueError(f"image mask has {mask.numel()} positions but there are only {n_keys} keys")
-    if mask.numel() < n_keys:
-        mask = torch.cat([mask, torch.zeros(n_keys - mask.numel(), dtype=torch.bool, device=device)])
-    return mask
-
-
 def barrier_value(
     x_tok: torch.Tensor,
     keys: torch.Tensor,
@@ -180,7 +171,7 @@ def barrier_value(
     future = torch.arange(n_keys, device=q.device)[None, :] > pos  # [n, seq]
     scores = scores.masked_fill(future[None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    img = _fit_mask(image_mask, n_keys, q.device)
+    img = fit_mask(image_mask, n_keys, q.device)
     per_head = (probs * img.to(probs.dtype)).sum(-1)  # [H, n]
     return per_head.mean(), per_head
 
@@ -595,7 +586,7 @@ def rescale_image_probs(
     m = 0 or m = 1 cannot be rescaled and are returned unchanged.
     """
     p = probs_row.to(torch.float32)
-    img = _fit_mask(image_mask, p.shape[-1], p.device)
+    img = fit_mask(image_mask, p.shape[-1], p.device)
     imgf = img.to(p.dtype)
     m = (p * imgf).sum(-1, keepdim=True)
     t = torch.as_tensor(target_mass, dtype=p.dtype, device=p.device)

@@ -166,7 +166,7 @@ def attention_masses(
     if probs.dim() != 2:
         raise ValueError(f"probs must be [heads, keys], got shape {tuple(probs.shape)}")
     n_keys = probs.shape[-1]
-    img = _fit_mask(image_mask, n_keys, probs.device)
+    img = fit_mask(image_mask, n_keys, probs.device)
     sink = torch.zeros(n_keys, dtype=torch.bool, device=probs.device)
     for p in sink_positions:
         if -n_keys <= p < n_keys:
@@ -181,7 +181,7 @@ def attention_masses(
     }
 
 
-def _fit_mask(mask: torch.Tensor, n_keys: int, device) -> torch.Tensor:
+def fit_mask(mask: torch.Tensor, n_keys: int, device) -> torch.Tensor:
     mask = mask.to(device=device, dtype=torch.bool).reshape(-1)
     if mask.numel() > n_keys:
         raise ValueError(f"image mask has {mask.numel()} positions but there are only {n_keys} keys")

@@ -36,6 +36,8 @@ class ArchitectureAdapter:
     layer_k_proj: str
     layer_v_proj: str
     layer_o_proj: str
+    # nnsight path to the softmax inside the layer's eager attention (post-softmax edits)
+    layer_attention_softmax: str
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
@@ -64,6 +66,7 @@ LLAVA = ArchitectureAdapter(
     layer_k_proj="self_attn.k_proj",
     layer_v_proj="self_attn.v_proj",
     layer_o_proj="self_attn.o_proj",
+    layer_attention_softmax="self_attn.source.attention_interface_1.source.nn_functional_softmax_0",
 )
 
 ADAPTERS = {"LlavaForConditionalGeneration": LLAVA}

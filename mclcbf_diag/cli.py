@@ -1,0 +1,256 @@
+"""The ``mclcbf-diag`` command line.
+
+Subcommands: ``trace`` (one sample, baseline vs steered, every probe), ``zoo`` (train,
+evaluate and regenerate the embedded model and its POPE set). Every user mistake is a
+:class:`~mclcbf_diag.errors.UserError`: one line on stderr, exit status 2, and a
+traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EMBEDDED_POPE = Path(__file__).resolve().parent / "zoo" / "pope"
+
+
+# ----------------------------------------------------------------------------- shared options
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="local checkpoint directory or cached hub id (default: the embedded model)")
+    g.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default cpu)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the embedded model, torch's default otherwise)")
+
+
+def _sample_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sample")
+    g.add_argument("--split", default="adversarial", choices=["random", "popular", "adversarial"],
+                   help="POPE split of the embedded question set (default adversarial)")
+    g.add_argument("--pope-file", default=None, help="a POPE question file (JSON Lines or JSON array)")
+    g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--sample", type=int, default=None, help="0-based index into the question file")
+    which.add_argument("--question-id", default=None, help="select by POPE question_id")
+
+
+def _barrier_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("intervention")
+    g.add_argument("--preset", default="seed-exp6", help="seed-exp6 (the original) | fixed (default seed-exp6)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KNOB=VALUE",
+                   help="override a knob, e.g. --set span=detected --set tau=0.5 (repeatable)")
+
+
+def _load(args):
+    import torch
+
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.model is None and str(args.device).startswith("cpu"):
+        # A 1.4 M-parameter model runs fastest single-threaded (see README, performance).
+        torch.set_num_threads(1)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def _question(args):
+    from .data import load_pope, select_question
+
+    if args.pope_file:
+        pope_file = Path(args.pope_file)
+        image_dir = Path(args.image_dir) if args.image_dir else pope_file.parent
+    else:
+        pope_file = EMBEDDED_POPE / f"zoo_pope_{args.split}.json"
+        image_dir = Path(args.image_dir) if args.image_dir else EMBEDDED_POPE / "images"
+    questions = load_pope(pope_file)
+    if args.sample is None and args.question_id is None:
+        args.sample = 0
+    q = select_question(questions, sample=args.sample, question_id=args.question_id, source=str(pope_file))
+    return q, image_dir
+
+
+def _config(args):
+    from .barrier import apply_overrides, get_preset
+
+    return apply_overrides(get_preset(args.preset), args.overrides)
+
+
+def _out_dir(args, default: str) -> Path:
+    out = Path(args.out or default)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror}); pass a writable folder") from exc
+    return out
+
+
+# ----------------------------------------------------------------------------- trace
+def cmd_trace(args) -> int:
+    from .data import load_image, resolve_image
+    from .plots import trace_figures
+    from .report import Section, write_page
+    from .trace import decoded, trace_sample
+
+    config = _config(args)
+    question, image_dir = _question(args)
+    image = load_image(resolve_image(question, image_dir))
+    out = _out_dir(args, f"reports/trace-{question.question_id}")
+    lm = _load(args)
+    result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens)
+    summary = result.summary()
+    summary["text_before"] = decoded(lm, result.baseline)
+    summary["text_after"] = decoded(lm, result.steered)
+    result.records.to_parquet(out / "records.parquet", index=False)
+    result.records.to_csv(out / "records.csv", index=False)
+    meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "preset": args.preset,
+            "overrides": args.overrides, "config": config.to_dict(), "prompt": result.prompt,
+            "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
+                         "label": question.label},
+            "summary": summary}
+    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    sections = [Section("Summary", table=_summary_table(summary))]
+    for phase, step in sorted({(p, s) for p, s in result.records[["phase", "step"]].itertuples(index=False)},
+                              key=lambda t: t[1]):
+        figs = trace_figures(result.records, phase=phase, step=step)
+        sections.append(Section(f"{phase} step {step}", figures=list(figs.values())))
+    write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
+    _print_summary(summary)
+    print(f"wrote {out}/records.parquet, records.csv, config.json, trace.html")
+    return 0
+
+
+def _summary_table(summary: dict):
+    import pandas as pd
+
+    return pd.DataFrame({"quantity": list(summary), "value": [str(v) for v in summary.values()]})
+
+
+def _print_summary(s: dict) -> None:
+    print(f"sample {s['sample']}: {s.get('question', '')} (label: {s.get('label', '?')})")
+    print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}"
+          f"   {'FLIPPED' if s['flipped'] else 'unchanged'}")
+    print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}"
+          f"   (logit Yes − No)")
+    print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
+          f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
+    print(f"  largest ‖θ*‖/‖x‖ {s['max_theta_rel']:.3g}")
+    if s.get("text_before") is not None:
+        print(f"  text     baseline {s['text_before']!r}   steered {s['text_after']!r}")
+
+
+# ----------------------------------------------------------------------------- zoo
+def cmd_zoo_train(args) -> int:
+    import torch
+
+    from .models.loading import EMBEDDED
+    from .zoo.train import TrainConfig, train
+
+    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size)
+    out = EMBEDDED if args.install else Path(args.out or "zoo-model")
+    summary = train(out, cfg, device=args.device)
+    (Path(out) / "training.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_zoo_eval(args) -> int:
+    from .zoo.evaluate import evaluate
+
+    lm = _load(args)
+    table, answers = evaluate(lm.model, lm.processor, n_images=args.images)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.round(4).to_string(index=False))
+    if args.out:
+        out = _out_dir(args, args.out)
+        table.to_csv(out / "zoo_eval.csv", index=False)
+        answers.to_csv(out / "zoo_eval_answers.csv", index=False)
+    return 0
+
+
+def cmd_zoo_data(args) -> int:
+    from .zoo.questions import write_pope_set
+    from .zoo.world import sample_scenes
+
+    out = _out_dir(args, str(EMBEDDED_POPE))
+    paths = write_pope_set(sample_scenes(args.images, args.seed), out, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mclcbf-diag", description=(
+        "Measure why an attention-steering intervention (MC-LCBF) does or does not change a "
+        "LLaVA-style model's POPE answers."))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("trace", help="one sample, baseline vs steered, every probe per layer/head")
+    _sample_options(p)
+    _model_options(p)
+    _barrier_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="also generate N tokens and record the decode phase (default 0: prefill only)")
+    p.add_argument("--out", default=None, help="output folder (default reports/trace-<question_id>)")
+    p.set_defaults(func=cmd_trace)
+
+    zoo = sub.add_parser("zoo", help="the embedded model: train, evaluate, regenerate its POPE set")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    t = zsub.add_parser("train", help="train the embedded model from scratch (seeded)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=700)
+    t.add_argument("--vision-steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--out", default=None, help="output folder (default ./zoo-model)")
+    t.add_argument("--install", action="store_true", help="write into the package (replaces the shipped model)")
+    t.set_defaults(func=cmd_zoo_train)
+    e = zsub.add_parser("eval", help="held-out POPE figures of a model on fresh synthetic scenes")
+    _model_options(e)
+    e.add_argument("--images", type=int, default=500, help="held-out images (default 500)")
+    e.add_argument("--out", default=None, help="also write CSVs here")
+    e.set_defaults(func=cmd_zoo_eval)
+    d = zsub.add_parser("data", help="regenerate the embedded POPE question set and images")
+    d.add_argument("--images", type=int, default=200)
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--out", default=None, help=f"output folder (default {EMBEDDED_POPE})")
+    d.set_defaults(func=cmd_zoo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"mclcbf-diag: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mclcbf-diag: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

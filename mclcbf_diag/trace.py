@@ -1,0 +1,103 @@
+"""One POPE sample, run twice (baseline and steered), measured layer by layer.
+
+:func:`trace_sample` is the toolkit's core call. It runs the unmodified model once without
+and once with the barrier intervention, through nnsight (:mod:`mclcbf_diag.intervene`),
+and returns every probe family as tidy records (:mod:`mclcbf_diag.records`), with the
+steered run's propagation measured against the baseline. :meth:`TraceResult.summary`
+condenses the records into the few numbers a user reads first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from . import barrier as B
+from .data import LLAVA_PROMPT, PopeQuestion, build_prompt
+from .intervene import RunCapture, run
+from .measure import run_records
+from .models import LoadedModel
+
+
+@dataclass
+class TraceResult:
+    records: pd.DataFrame
+    config: B.BarrierConfig
+    sample: object
+    prompt: str
+    baseline: RunCapture
+    steered: RunCapture
+    question: PopeQuestion | None = None
+
+    def value(self, metric: str, condition: str = "steered", layer: int = -1, phase: str = "prefill",
+              step: int = 0, head: int = -1) -> float:
+        r = self.records
+        sel = r[(r.metric == metric) & (r.condition == condition) & (r.layer == layer) & (r.phase == phase)
+                & (r.step == step) & (r["head"] == head)]
+        return float(sel.value.iloc[0]) if len(sel) else math.nan
+
+    def summary(self) -> dict:
+        """Answers, margins, barrier value and step size before and after, at prefill."""
+        r = self.records[(self.records.phase == "prefill") & (self.records["head"] == -1)]
+        steered = r[r.condition == "steered"]
+        per_layer = steered.pivot_table(index="layer", columns="metric", values="value")
+        fired = per_layer.get("barrier_active", pd.Series(dtype=float)).fillna(0)
+        h_before = per_layer.get("barrier_h", pd.Series(dtype=float)).dropna()
+        realised = per_layer.get("dh_realised", pd.Series(dtype=float))
+        h_after = (h_before + realised.reindex(h_before.index).fillna(0)) if len(h_before) else h_before
+        theta_rel = per_layer.get("theta_rel", pd.Series(dtype=float)).dropna()
+        out = {
+            "sample": self.sample,
+            "answer_before": "yes" if self.value("answer_yes", "baseline") > 0 else "no",
+            "answer_after": "yes" if self.value("answer_yes") > 0 else "no",
+            "margin_before": self.value("final_margin", "baseline"),
+            "margin_after": self.value("final_margin"),
+            "layers_steered": [int(i) for i in h_before.index],
+            "layers_fired": [int(i) for i in fired[fired > 0].index],
+            "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
+            "h_after_mean": float(h_after.mean()) if len(h_after) else math.nan,
+            "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan,
+        }
+        if self.question is not None:
+            out["label"] = self.question.label
+            out["question"] = self.question.text
+        out["flipped"] = out["answer_before"] != out["answer_after"]
+        return out
+
+
+def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LLAVA_PROMPT):
+    prompt = build_prompt(question_text, template)
+    return prompt, lm.inputs(prompt, image)
+
+
+def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B.BarrierConfig, *,
+                 max_new_tokens: int = 0, sample=None, multiplier: float = 1.0,
+                 baseline: RunCapture | None = None, condition: str = "steered") -> TraceResult:
+    """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
+
+    ``baseline`` may be passed to reuse an earlier baseline run (explain does this).
+    """
+    text = question.text if isinstance(question, PopeQuestion) else question
+    if sample is None:
+        sample = question.question_id if isinstance(question, PopeQuestion) else 0
+    prompt, inputs = sample_inputs(lm, text, image)
+    detected = (inputs["input_ids"][0] == lm.tokens.image_token_id).cpu()
+    if baseline is None:
+        baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens)
+    steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier)
+    base_records = run_records(lm, baseline, detected, sample=sample, condition="baseline")
+    steer_records = run_records(lm, steered, detected, sample=sample, condition=condition, base=baseline)
+    records = pd.concat([base_records, steer_records], ignore_index=True)
+    return TraceResult(records, config, sample, prompt, baseline, steered,
+                       question if isinstance(question, PopeQuestion) else None)
+
+
+@torch.no_grad()
+def decoded(lm: LoadedModel, capture: RunCapture) -> str | None:
+    """Generated text of a run (None for prefill-only runs)."""
+    if capture.generated is None:
+        return None
+    return lm.processor.tokenizer.decode(capture.generated[0, capture.prompt_len:], skip_special_tokens=True)

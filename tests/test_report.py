@@ -1,0 +1,67 @@
+"""report.py: one self-contained, escaped, offline HTML page."""
+
+import re
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from plotly.offline import get_plotlyjs
+
+from mclcbf_diag.errors import UserError
+from mclcbf_diag.report import Section, figure_html, write_figures, write_page
+
+EVIL = "<script>alert(1)</script>"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def _fig(y):
+    return go.Figure(go.Scatter(x=[0, 1, 2], y=y, name="line"))
+
+
+def test_figure_html_is_a_fragment_without_plotlyjs():
+    frag = figure_html(_fig([1, 2, 3]), div_id="my-div")
+    assert frag.lstrip().startswith("<div") and 'id="my-div"' in frag
+    assert "<html" not in frag and len(frag) < 100_000  # no 4 MB bundle inside
+    assert "<script src" not in frag
+
+
+def test_page_self_contained_and_escaped(tmp_path):
+    table = pd.DataFrame({"metric": [EVIL, "ok"], EVIL: [1.0, 2.0]})
+    sections = [
+        Section(heading=EVIL, text=f"first {EVIL}\n\nsecond paragraph ‖θ*‖", figures=[_fig([1, 2, 3]), _fig([3, 2, 1])], table=table),
+        Section(heading="trusted", html='<p class="mine">toolkit fragment</p>'),
+    ]
+    out = write_page(tmp_path / "deep" / "dir" / "r.html", f"title {EVIL}", sections)
+    assert out == tmp_path / "deep" / "dir" / "r.html"
+    raw = out.read_bytes()
+    page = raw.decode("utf-8")  # valid UTF-8
+    assert '<meta charset="utf-8">' in page and "‖θ*‖" in page
+    bundle = get_plotlyjs()
+    assert page.count(bundle) == 1
+    rest = page.replace(bundle, "")
+    assert EVIL not in rest
+    assert rest.count(ESCAPED) >= 5  # <title>, <h1>, <h2>, paragraph, table cell/header
+    assert f"<title>title {ESCAPED}</title>" in rest and f"<h2>{ESCAPED}</h2>" in rest
+    assert f"<td>{ESCAPED}</td>" in rest and f"<th>{ESCAPED}</th>" in rest
+    assert "cdn.plot.ly" not in rest and "https://" not in rest and "http://" not in rest
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, flags=re.I)
+    assert '<p class="mine">toolkit fragment</p>' in rest  # trusted html is verbatim
+    assert rest.count('class="plotly-graph-div"') == 2
+    assert "<p>second paragraph ‖θ*‖</p>" in rest
+
+
+def test_write_figures_one_section_per_figure(tmp_path):
+    out = write_figures(tmp_path / "f.html", {"logit_lens": _fig([1, 2, 3]), "barrier": _fig([0, 1, 0])}, "Trace")
+    page = out.read_text(encoding="utf-8").replace(get_plotlyjs(), "")
+    assert "<h2>logit_lens</h2>" in page and "<h2>barrier</h2>" in page
+    assert page.count('class="plotly-graph-div"') == 2 and page.count("<section>") == 2
+
+
+def test_unwritable_path_is_user_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    target = afile / "x.html"
+    with pytest.raises(UserError) as info:
+        write_page(target, "t", [Section(heading="h")])
+    msg = str(info.value)
+    assert str(target) in msg and "--out" in msg and "\n" not in msg
