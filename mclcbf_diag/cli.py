@@ -149,6 +149,56 @@ def _print_summary(s: dict) -> None:
         print(f"  text     baseline {s['text_before']!r}   steered {s['text_after']!r}")
 
 
+# ----------------------------------------------------------------------------- explain
+def cmd_explain(args) -> int:
+    from .data import load_image, resolve_image
+    from .diagnose import causes_frame, verdict
+    from .plots import dose_response_figure, trace_figures
+    from .report import Section, write_page
+
+    from .explain import explain_sample
+
+    config = _config(args)
+    question, image_dir = _question(args)
+    image = load_image(resolve_image(question, image_dir))
+    out = _out_dir(args, "reports")
+    lm = _load(args)
+    ex = explain_sample(lm, question, image, config, k_max=args.k_max)
+    summary = ex.trace.summary()
+    text = verdict(ex.causes)
+    _print_summary(summary)
+    print()
+    print(text)
+    print()
+    print(ex.dose.sentence())
+    flips = ex.fixes[ex.fixes.flipped]
+    print("fixes that flip the answer: " + (", ".join(flips.fix) if len(flips) else "none"))
+    print("cause chain: " + " → ".join(f"{r.top_cause}" + (f" [fix {r.next_fix}]" if r.next_fix != "(none left)" else "")
+                                       for r in ex.chain.itertuples()))
+    stem = f"explain-{question.question_id}"
+    ex.records.to_parquet(out / f"{stem}.parquet", index=False)
+    sections = [
+        Section("Summary", table=_summary_table(summary)),
+        Section("Verdict", text=text, table=causes_frame(ex.causes)),
+        Section("Dose-response", text=ex.dose.sentence(), figures=[dose_response_figure(ex.dose.curve)],
+                table=ex.dose.curve),
+        Section("Counterfactual fixes", table=ex.fixes),
+        Section("Cause chain", table=ex.chain),
+        Section("Attention knockouts (prefill)", table=_knockout_table(ex)),
+    ]
+    figs = trace_figures(ex.trace.records)
+    sections.append(Section("Trace plots", figures=list(figs.values())))
+    page = write_page(out / f"{stem}.html", f"mclcbf-diag explain: {question.text}", sections)
+    print(f"wrote {page} and {out / (stem + '.parquet')}")
+    return 0
+
+
+def _knockout_table(ex):
+    r = ex.records
+    r = r[(r.layer == -1) & (r.metric.isin(["final_margin", "answer_yes"])) & (r.phase == "prefill")]
+    return r.pivot_table(index="condition", columns="metric", values="value").reset_index()
+
+
 # ----------------------------------------------------------------------------- zoo
 def cmd_zoo_train(args) -> int:
     import torch
@@ -209,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also generate N tokens and record the decode phase (default 0: prefill only)")
     p.add_argument("--out", default=None, help="output folder (default reports/trace-<question_id>)")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("explain", help="ranked causes, dose-response and counterfactual fixes for one sample")
+    _sample_options(p)
+    _model_options(p)
+    _barrier_options(p)
+    p.add_argument("--k-max", type=float, default=1024.0, help="largest multiplier on θ* in the dose-response")
+    p.add_argument("--out", default=None, help="output folder for the HTML report (default reports/)")
+    p.set_defaults(func=cmd_explain)
 
     zoo = sub.add_parser("zoo", help="the embedded model: train, evaluate, regenerate its POPE set")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)

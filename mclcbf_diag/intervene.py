@@ -22,6 +22,7 @@ trace itself runs under ``no_grad``.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -73,11 +74,23 @@ class StepCapture:
 class RunCapture:
     prompt_len: int
     steps: list[StepCapture]
+    span: torch.Tensor  # bool [prompt]: the image span the barrier was configured with
+    detected: torch.Tensor  # bool [prompt]: input_ids == image token id
     generated: torch.Tensor | None = None
 
 
 def _envoy(root, path: str):
     return reduce(getattr, path.split("."), root)
+
+
+_WRAPPED: "weakref.WeakKeyDictionary[torch.nn.Module, NNsight]" = weakref.WeakKeyDictionary()
+
+
+def traced(model: torch.nn.Module) -> NNsight:
+    """The nnsight wrapper of a model, built once (wrapping walks every module)."""
+    if model not in _WRAPPED:
+        _WRAPPED[model] = NNsight(model)
+    return _WRAPPED[model]
 
 
 class _Run:
@@ -228,6 +241,7 @@ class _Run:
         mass = p.float()[..., mask].sum(-1)  # [H, n]
         h = float(mass.mean())
         cap.barrier_h = h
+        cap.extra["barrier_tau"] = tau
         cap.extra["barrier_active"] = float(h < tau)
         if h >= tau:
             return
@@ -256,7 +270,7 @@ def run(lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None = None, *,
     the configured span is still measured at the steered layers ("h before").
     """
     state = _Run(lm, inputs, config, steer, multiplier, edit, keep_keys)
-    nm = NNsight(lm.model)
+    nm = traced(lm.model)
     with torch.no_grad():
         if max_new_tokens <= 0:
             with nm.trace(**inputs):
@@ -268,4 +282,4 @@ def run(lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None = None, *,
                 for s in tracer.iter[:max_new_tokens]:
                     state.body(nm, "prefill" if s == 0 else "decode", s)
                 generated = nnsight.save(tracer.result)
-    return RunCapture(state.prompt_len, state.steps, generated)
+    return RunCapture(state.prompt_len, state.steps, state.span.cpu(), state.detected.cpu(), generated)

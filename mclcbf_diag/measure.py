@@ -24,17 +24,36 @@ _STEP_METRICS = {  # StepResult field -> record metric
     "theta_rel": "theta_rel", "applied_norm": "applied_norm",
 }
 _EXTRA_METRICS = ("grad_norm_f32", "dh_predicted", "dh_recomputed", "dh_realised", "rounding_survival",
-                  "barrier_active")
+                  "barrier_active", "barrier_tau")  # the last two only where no StepResult has them
 
 
 class _Rows:
+    """Column-wise accumulator for the records of one (sample, condition, phase, step)."""
+
     def __init__(self, sample, condition, phase, step):
         self.key = {"sample": sample, "condition": condition, "phase": phase, "step": step}
-        self.rows: list[dict] = []
+        self.layer, self.head, self.metric, self.value = [], [], [], []
 
     def add(self, layer: int, metric: str, value, head: int = NO_HEAD) -> None:
-        v = float(value) if value is not None else math.nan
-        self.rows.append({**self.key, "layer": layer, "head": head, "metric": metric, "value": v})
+        self.layer.append(layer)
+        self.head.append(head)
+        self.metric.append(metric)
+        self.value.append(float(value) if value is not None else math.nan)
+
+    def add_heads(self, layer: int, metric: str, values: torch.Tensor) -> None:
+        """One row per head plus the head mean (head −1)."""
+        vals = values.tolist()
+        n = len(vals)
+        self.layer += [layer] * (n + 1)
+        self.head += list(range(n)) + [NO_HEAD]
+        self.metric += [metric] * (n + 1)
+        self.value += vals + [sum(vals) / n]
+
+    @property
+    def rows(self) -> dict[str, list]:
+        n = len(self.value)
+        return {**{k: [v] * n for k, v in self.key.items()}, "layer": self.layer, "head": self.head,
+                "metric": self.metric, "value": self.value}
 
 
 def _norm_params(lm: LoadedModel, i: int):
@@ -62,6 +81,7 @@ def _layer_rows(rows: _Rows, lm: LoadedModel, i: int, cap: LayerCapture, image_m
             theta = None
     for site, x in (("resid_pre", cap.resid_pre), ("resid_mid", cap.resid_mid), ("resid_post", cap.resid_post)):
         rows.add(i, f"{site}_norm", x.float().norm())
+    rows.add(i, "ln1_out_norm", P.rms_norm(cap.resid_pre_in.float(), ln1[0].float(), ln1[1]).norm())
     for name, x in (("ln1", cap.resid_pre_in), ("ln2", cap.resid_mid), ("ln_final", cap.resid_post)):
         rows.add(i, f"{name}_scale", x.float().pow(2).mean().add(
             (ln1 if name == "ln1" else ln2 if name == "ln2" else final_norm)[1]).sqrt())
@@ -70,9 +90,7 @@ def _layer_rows(rows: _Rows, lm: LoadedModel, i: int, cap: LayerCapture, image_m
     _gains(rows, i, "ln_final", cap.resid_post, final_norm, theta)
     masses = P.attention_masses(cap.attn, image_mask)
     for kind, per_head in masses.items():
-        for h, v in enumerate(per_head.tolist()):
-            rows.add(i, f"attn_{kind}_mass", v, head=h)
-        rows.add(i, f"attn_{kind}_mass", per_head.mean())
+        rows.add_heads(i, f"attn_{kind}_mass", per_head)
     rows.add(i, "logit_lens_margin", P.yes_no_margin(cap.resid_post.float(), final_norm[0].float(), final_norm[1],
                                                      unembed, lm.tokens.yes_id, lm.tokens.no_id))
     if cap.barrier_h is not None:
@@ -82,11 +100,10 @@ def _layer_rows(rows: _Rows, lm: LoadedModel, i: int, cap: LayerCapture, image_m
         for field, metric in _STEP_METRICS.items():
             rows.add(i, metric, rec[field])
     for metric in _EXTRA_METRICS:
-        if metric in cap.extra and not (metric == "barrier_active" and cap.step is not None):
+        if metric in cap.extra and not (metric in ("barrier_active", "barrier_tau") and cap.step is not None):
             rows.add(i, metric, cap.extra[metric])
     if "logit_shift" in cap.extra:
-        for h, v in enumerate(cap.extra["logit_shift"].tolist()):
-            rows.add(i, "logit_shift", v, head=h)
+        rows.add_heads(i, "logit_shift", cap.extra["logit_shift"])
     if base is not None:
         d = P.propagation_distance(cap.resid_post, base.resid_post)
         rows.add(i, "propagation", d)
@@ -94,7 +111,7 @@ def _layer_rows(rows: _Rows, lm: LoadedModel, i: int, cap: LayerCapture, image_m
 
 
 def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, sample, condition: str,
-                 base: StepCapture | None = None) -> list[dict]:
+                 base: StepCapture | None = None) -> dict[str, list]:
     fn = lm.final_norm()
     final_norm = (fn.weight.detach(), fn.variance_epsilon)
     unembed = lm.unembed_weight().float()
@@ -116,12 +133,26 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     return rows.rows
 
 
-def run_records(lm: LoadedModel, run: RunCapture, image_mask: torch.Tensor, *, sample, condition: str,
+def span_records(run: RunCapture, *, sample, condition: str) -> dict[str, list]:
+    """How the configured image span matches the detected one (layer −1, prefill)."""
+    rows = _Rows(sample, condition, "prefill", 0)
+    conf, det = run.span.bool(), run.detected.bool()
+    inter, union = int((conf & det).sum()), int((conf | det).sum())
+    rows.add(NO_LAYER, "span_configured_tokens", int(conf.sum()))
+    rows.add(NO_LAYER, "span_detected_tokens", int(det.sum()))
+    rows.add(NO_LAYER, "span_iou", inter / union if union else 1.0)
+    rows.add(NO_LAYER, "span_precision", inter / int(conf.sum()) if conf.any() else 0.0)
+    rows.add(NO_LAYER, "span_recall", inter / int(det.sum()) if det.any() else 0.0)
+    return rows.rows
+
+
+def run_records(lm: LoadedModel, run: RunCapture, *, sample, condition: str,
                 base: RunCapture | None = None):
     """All records of one run (every phase and step) as a tidy frame."""
-    rows: list[dict] = []
+    image_mask = run.detected
+    parts = [span_records(run, sample=sample, condition=condition)] if base is not None else []
     base_steps = {(s.phase, s.step): s for s in base.steps} if base is not None else {}
     for cap in run.steps:
-        rows += step_records(lm, cap, image_mask, sample=sample, condition=condition,
-                             base=base_steps.get((cap.phase, cap.step)))
-    return frame(rows)
+        parts.append(step_records(lm, cap, image_mask, sample=sample, condition=condition,
+                                  base=base_steps.get((cap.phase, cap.step))))
+    return frame({k: [v for part in parts for v in part[k]] for k in parts[0]})

@@ -270,3 +270,23 @@ def trace_figures(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
         except MissingDataError:
             continue
     return figures
+
+
+def dose_response_figure(curve: pd.DataFrame) -> go.Figure:
+    """Final Yes/No margin against the multiplier k on θ* (log x), with the zero line.
+
+    ``curve`` has columns k, margin and optionally theta_rel_max (from explain's
+    dose-response); the answer flips where the margin crosses zero.
+    """
+    for col in ("k", "margin"):
+        if col not in curve:
+            raise MissingDataError(f"dose-response curve has no column {col!r}")
+    c = curve.sort_values("k")
+    hover = [f"k={k:.3g}<br>margin={m:+.4f}" + (f"<br>‖kθ*‖/‖x‖={r:.3g}" if "theta_rel_max" in c else "")
+             for k, m, r in zip(c.k, c.margin, c.get("theta_rel_max", c.k))]
+    fig = go.Figure(go.Scatter(x=c.k, y=c.margin, mode="lines+markers", name="final margin",
+                               hovertext=hover, hoverinfo="text"))
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    fig.update_layout(title="Dose-response: final margin vs multiplier on θ*",
+                      xaxis_title="k (multiplier on θ*)", yaxis_title="logit(Yes) − logit(No)", xaxis_type="log")
+    return fig

@@ -16,6 +16,7 @@ Long ("tidy") frames of this shape feed the notebooks, plots, reports and batch 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 COLUMNS = ["sample", "condition", "phase", "step", "layer", "head", "metric", "value"]
@@ -30,6 +31,7 @@ METRICS = {
     "ln1_scale": "RMS r of resid_pre, the input_layernorm divisor",
     "ln2_scale": "RMS r of resid_mid, the post_attention_layernorm divisor",
     "ln_final_scale": "RMS r of resid_post seen by the final norm (logit lens)",
+    "ln1_out_norm": "‖input_layernorm(resid_pre)‖, what the attention projections see",
     # RMSNorm Jacobian gains, for each norm: ln1, ln2, ln_final
     "{norm}_gain_theta": "‖J θ*‖/‖θ*‖: forward gain along the steering step",
     "{norm}_gain_theta_backward": "‖Jᵀ θ*‖/‖θ*‖",
@@ -54,13 +56,20 @@ METRICS = {
     "dh_realised": "model's own head-mean image mass after the step − h",
     "rounding_survival": "‖round(x + αθ*) − x‖/‖αθ*‖ in the model dtype",
     "logit_shift": "attn_logits site: logit bias added to image keys (per head)",
+    # image span (layer −1): configured (barrier) vs detected from input_ids
+    "span_configured_tokens": "positions in the configured span", "span_detected_tokens": "image tokens",
+    "span_iou": "intersection over union", "span_precision": "share of the span that is image",
+    "span_recall": "share of the image inside the span",
     # propagation (steered vs baseline)
     "propagation": "‖x_k^steered − x_k^base‖ at resid_post of layer k",
     "propagation_rel": "propagation / ‖x_k^base‖",
 }
 
 
-def frame(rows: list[dict]) -> pd.DataFrame:
-    """Rows (dicts with the record keys) → a tidy frame with the canonical column order."""
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.astype({"step": "int64", "layer": "int64", "head": "int64", "value": "float64"})
+def frame(columns: dict[str, list]) -> pd.DataFrame:
+    """Columns (one list per record key) → a tidy frame with the canonical column order."""
+    typed = {k: np.asarray(columns[k], dtype=_DTYPES.get(k, object)) for k in COLUMNS}
+    return pd.DataFrame(typed, columns=COLUMNS)
+
+
+_DTYPES = {"step": np.int64, "layer": np.int64, "head": np.int64, "value": np.float64}

@@ -84,12 +84,11 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B
     if sample is None:
         sample = question.question_id if isinstance(question, PopeQuestion) else 0
     prompt, inputs = sample_inputs(lm, text, image)
-    detected = (inputs["input_ids"][0] == lm.tokens.image_token_id).cpu()
     if baseline is None:
         baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens)
     steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier)
-    base_records = run_records(lm, baseline, detected, sample=sample, condition="baseline")
-    steer_records = run_records(lm, steered, detected, sample=sample, condition=condition, base=baseline)
+    base_records = run_records(lm, baseline, sample=sample, condition="baseline")
+    steer_records = run_records(lm, steered, sample=sample, condition=condition, base=baseline)
     records = pd.concat([base_records, steer_records], ignore_index=True)
     return TraceResult(records, config, sample, prompt, baseline, steered,
                        question if isinstance(question, PopeQuestion) else None)

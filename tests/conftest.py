@@ -51,3 +51,32 @@ def saved_zoo_dir(tmp_path_factory, zoo_processor, zoo_model):
     zoo_processor.save_pretrained(out)
     zoo_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The shipped, trained model, loaded the way users load it (float32, CPU)."""
+    from mclcbf_diag.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_model(tmp_path_factory, zoo_processor):
+    """A random LLaVA with a different shape: 5 layers, 4 query heads sharing 2 KV heads."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mclcbf_diag.models import load_model
+    from mclcbf_diag.zoo.build import build_config
+
+    config = build_config(zoo_processor.tokenizer)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 64, 96, 5
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 4, 2, 16
+    config.text_config = text
+    torch.manual_seed(1)
+    model = LlavaForConditionalGeneration(config)
+    out = tmp_path_factory.mktemp("tiny_gqa")
+    model.save_pretrained(out)
+    zoo_processor.save_pretrained(out)
+    return load_model(str(out))

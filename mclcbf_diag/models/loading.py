@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from ..barrier import LayerWeights
 from ..errors import UserError
@@ -116,10 +117,15 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager", use_safetensors=True,
                   local_files_only=True)
     try:
+        config = AutoConfig.from_pretrained(where, local_files_only=True)
+        architectures = set(getattr(config, "architectures", None) or [])
+        if config.model_type != "llava" and not architectures & set(ADAPTERS):
+            raise UserError(f"--model {where}: a {config.model_type!r} checkpoint, not a LLaVA-style "
+                            f"one; mclcbf-diag supports {', '.join(ADAPTERS)}")
         processor = AutoProcessor.from_pretrained(where, local_files_only=True)
         model = LlavaForConditionalGeneration.from_pretrained(
             where, device_map=device_map, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         hint = ("the directory is incomplete or not a LLaVA checkpoint" if local else
                 f"it is not in the local Hugging Face cache (run `hf download {where}` on a "
                 "machine with network access, or pass --model DIR)")

@@ -1,0 +1,210 @@
+"""Check a diagnosis by experiment: knockouts, dose-response, counterfactual fixes.
+
+* **Attention knockouts** (:func:`knockouts`): remove (factor 0) or double (factor 2) the
+  image attention mass, renormalised, in every layer, either at the decision token only or
+  at every text token after the image. If only the second moves the answer, the image
+  reaches the answer through earlier tokens and steering the decision token's attention
+  cannot work.
+* **Dose-response** (:func:`dose_response`): the smallest multiplier k on θ* that flips the
+  answer. Doubling k from 1 brackets the first flip; bisection narrows it. Answers need not
+  be monotone in k, so this finds *a* smallest flip on the doubling grid's first bracket.
+* **Counterfactual fixes** (:func:`counterfactuals`): switch each suspected knob to its
+  corrected value, one at a time and all together.
+* **Cause chain** (:func:`cause_chain`): fix the top-ranked cause, diagnose again, repeat
+  until the answer flips or no fix is left; causes hide behind each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import barrier as B
+from .diagnose import diagnose
+from .intervene import AttentionEdit, RunCapture, run
+from .measure import run_records
+from .models import LoadedModel
+from .trace import TraceResult, sample_inputs, trace_sample
+
+KNOCKOUTS = {
+    "knockout:decision": AttentionEdit(0.0, "decision"),
+    "knockout:after_image": AttentionEdit(0.0, "after_image"),
+    "double:decision": AttentionEdit(2.0, "decision"),
+    "double:after_image": AttentionEdit(2.0, "after_image"),
+}
+
+# knob -> corrected value (the counterfactual fixes)
+FIXES: dict[str, dict] = {
+    "grad_dtype": {"grad_dtype": "float32"},
+    "clamp": {"clamp": "none"},
+    "span": {"span": "detected"},
+    "site": {"site": "attn_logits"},
+    "tokens": {"tokens": "after_image"},
+}
+
+# diagnosed cause -> the fix that addresses it (cause chain)
+CAUSE_FIX = {
+    "span_mismatch": "span",
+    "gradient_underflow": "grad_dtype",
+    "clamp_limited": "clamp",
+    "rounding_absorbed": "site",
+    "step_negligible": "clamp",
+    "linearisation_failed": "site",
+    "damped_downstream": "tokens",
+    "margin_unmoved": "tokens",
+    "barrier_not_decisive": "tokens",
+}
+
+
+def _margin(lm: LoadedModel, capture: RunCapture) -> float:
+    logits = capture.steps[0].final_logits
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def _is_yes_no(lm: LoadedModel, capture: RunCapture) -> bool:
+    """Whether the top token at the decision position is still a Yes/No spelling."""
+    top = int(capture.steps[0].final_logits.argmax())
+    ids = {lm.tokens.yes_id, lm.tokens.no_id, *lm.tokens.yes_variants.values(), *lm.tokens.no_variants.values()}
+    return top in ids
+
+
+def knockouts(lm: LoadedModel, inputs: dict, *, sample) -> pd.DataFrame:
+    """Records (all metrics) of the four knockout/doubling conditions at prefill."""
+    frames = [run_records(lm, run(lm, inputs, None, edit=edit), sample=sample, condition=name)
+              for name, edit in KNOCKOUTS.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class DoseResponse:
+    curve: pd.DataFrame  # k, margin, answer_yes, h_mean, theta_rel_max, yes_no_top
+    k_star: float | None  # smallest flipping multiplier found, None if none up to k_max
+    k_max: float
+    at_k_star: dict
+
+    def sentence(self) -> str:
+        if self.k_star is None:
+            return f"No multiplier up to k = {self.k_max:g} on θ* flips the answer."
+        a = self.at_k_star
+        return (f"The answer flips at k* ≈ {self.k_star:.3g} × θ* (‖θ*‖/‖x‖ up to {a['theta_rel_max']:.3g}, "
+                f"margin {a['margin']:+.3g}, h {a['h_mean']:.3g}); the output is "
+                f"{'still' if a['yes_no_top'] else 'no longer'} a Yes/No answer.")
+
+
+def _dose_point(lm, inputs, config, k) -> dict:
+    cap = run(lm, inputs, config, multiplier=k)
+    layers = [c for c in cap.steps[0].layers.values() if c.step is not None or c.barrier_h is not None]
+    rel = [c.step.theta_rel * k for c in layers if c.step is not None and c.step.active]
+    h_after = [c.barrier_h + c.extra.get("dh_realised", 0.0) for c in layers if c.barrier_h is not None]
+    m = _margin(lm, cap)
+    return {"k": k, "margin": m, "answer_yes": m > 0, "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
+            "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": _is_yes_no(lm, cap)}
+
+
+def dose_response(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float, *,
+                  k_max: float = 1024.0, bisect_steps: int = 8) -> DoseResponse:
+    """Smallest k (on the doubling grid, then bisected) whose steered answer differs."""
+    base_yes = base_margin > 0
+    points, k, lo = [], 1.0, 0.0
+    hi = None
+    bar = tqdm(total=int(math.log2(k_max)) + 1 + bisect_steps, desc="dose-response", leave=False, mininterval=1)
+    while k <= k_max:
+        p = _dose_point(lm, inputs, config, k)
+        points.append(p)
+        bar.update()
+        if p["answer_yes"] != base_yes:
+            hi = k
+            break
+        lo, k = k, k * 2
+    if hi is not None:
+        for _ in range(bisect_steps):
+            mid = (lo + hi) / 2
+            p = _dose_point(lm, inputs, config, mid)
+            points.append(p)
+            bar.update()
+            if p["answer_yes"] != base_yes:
+                hi = mid
+            else:
+                lo = mid
+    bar.close()
+    curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
+    at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
+    return DoseResponse(curve, hi, k_max, at)
+
+
+def counterfactuals(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float) -> pd.DataFrame:
+    """Each knob fixed alone, then all together: answer, margin and whether it flipped."""
+    variants = {name: dataclasses.replace(config, **change) for name, change in FIXES.items()}
+    everything = {k: v for change in FIXES.values() for k, v in change.items()}
+    variants["all"] = dataclasses.replace(config, **everything)
+    rows = []
+    for name, cfg in tqdm(variants.items(), desc="counterfactual fixes", leave=False, mininterval=1):
+        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if dataclasses.asdict(config)[k] != v}
+        if not changed:
+            rows.append({"fix": name, "change": "(already set)", "margin": base_margin,
+                         "answer": "yes" if base_margin > 0 else "no", "flipped": False})
+            continue
+        cap = run(lm, inputs, cfg)
+        m = _margin(lm, cap)
+        rows.append({"fix": name, "change": ", ".join(f"{k}={v}" for k, v in changed.items()), "margin": m,
+                     "answer": "yes" if m > 0 else "no", "flipped": (m > 0) != (base_margin > 0),
+                     "yes_no_top": _is_yes_no(lm, cap)})
+    return pd.DataFrame(rows)
+
+
+def cause_chain(lm: LoadedModel, question, image, config: B.BarrierConfig, first: TraceResult,
+                knockout_records: pd.DataFrame | None = None, max_links: int = 6) -> pd.DataFrame:
+    """Fix the top detected cause, re-diagnose, repeat until the answer flips or no fix is left."""
+    rows, used, result, cfg = [], set(), first, config
+    for link in range(max_links):
+        records = result.records if knockout_records is None else pd.concat([result.records, knockout_records])
+        causes = [c for c in diagnose(records) if c.detected]
+        summary = result.summary()
+        fix = next((CAUSE_FIX[c.id] for c in causes if c.id in CAUSE_FIX and CAUSE_FIX[c.id] not in used), None)
+        rows.append({"link": link, "config": ", ".join(f"{k}={v}" for f in sorted(used) for k, v in FIXES[f].items())
+                     or "(as configured)", "top_cause": causes[0].id if causes else "(none)",
+                     "margin": summary["margin_after"], "flipped": summary["flipped"],
+                     "next_fix": fix or "(none left)"})
+        if summary["flipped"] or fix is None:
+            break
+        used.add(fix)
+        cfg = dataclasses.replace(cfg, **FIXES[fix])
+        result = trace_sample(lm, question, image, cfg, baseline=first.baseline)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class Explanation:
+    trace: TraceResult
+    knockout_records: pd.DataFrame
+    causes: list
+    dose: DoseResponse
+    fixes: pd.DataFrame
+    chain: pd.DataFrame
+
+    @property
+    def records(self) -> pd.DataFrame:
+        return pd.concat([self.trace.records, self.knockout_records], ignore_index=True)
+
+
+def explain_sample(lm: LoadedModel, question, image, config: B.BarrierConfig, *, k_max: float = 1024.0,
+                   bisect_steps: int = 8) -> Explanation:
+    """Trace, knockouts, diagnosis, dose-response, counterfactual fixes and cause chain."""
+    result = trace_sample(lm, question, image, config)
+    text = getattr(question, "text", question)
+    _, inputs = sample_inputs(lm, text, image)
+    ko = knockouts(lm, inputs, sample=result.sample)
+    causes = diagnose(pd.concat([result.records, ko], ignore_index=True))
+    base_margin = result.summary()["margin_before"]
+    dose = dose_response(lm, inputs, config, base_margin, k_max=k_max, bisect_steps=bisect_steps)
+    fixes = counterfactuals(lm, inputs, config, base_margin)
+    chain = cause_chain(lm, question, image, config, result, ko)
+    return Explanation(result, ko, causes, dose, fixes, chain)
+
+
+__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "knockouts", "DoseResponse", "dose_response", "counterfactuals",
+           "cause_chain", "Explanation", "explain_sample"]

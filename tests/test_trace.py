@@ -1,0 +1,154 @@
+"""The trace against HF's own outputs, on the embedded model and on a tiny random config.
+
+References are independent of the toolkit's code path: HF ``output_attentions``,
+``output_hidden_states``, logits and the KV cache of a plain forward.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mclcbf_diag import barrier as B
+from mclcbf_diag.intervene import AttentionEdit, run
+from mclcbf_diag.trace import sample_inputs, trace_sample
+from mclcbf_diag.zoo.world import sample_scene
+
+QUESTION = "Is there a frisbee in the image?"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["embedded", "tiny_gqa"])
+def lm(request):
+    return request.getfixturevalue(f"{request.param}_model")
+
+
+@pytest.fixture(scope="module")
+def image():
+    return sample_scene(3, 1).image()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(lm, image):
+    _, inputs = sample_inputs(lm, QUESTION, image)
+    with torch.no_grad():
+        out = lm.model(**inputs, output_attentions=True, output_hidden_states=True, use_cache=True)
+    return inputs, out
+
+
+def _config(**kw):
+    return dataclasses.replace(B.get_preset("seed-exp6"), span="detected", **kw)
+
+
+def _layer_values(records, metric, condition="baseline", head=-1):
+    r = records[(records.metric == metric) & (records.condition == condition) & (records["head"] == head)
+                & (records.phase == "prefill")]
+    return dict(zip(r.layer, r.value))
+
+
+@pytest.fixture(scope="module")
+def traced(lm, image):
+    return trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99))
+
+
+def test_attention_masses_equal_hf_attentions(lm, traced, hf_reference):
+    inputs, out = hf_reference
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    for i, attn in enumerate(out.attentions):
+        row = attn[0, :, -1, :]
+        for h in range(row.shape[0]):
+            got = traced.records.query("metric == 'attn_image_mass' and condition == 'baseline' and "
+                                       "layer == @i and head == @h and phase == 'prefill'").value.item()
+            assert got == pytest.approx(float(row[h, image].sum()), abs=TOL)
+        sink = _layer_values(traced.records, "attn_sink_mass")[i]
+        assert sink == pytest.approx(float(row[:, 0].mean()), abs=TOL)
+
+
+def test_residual_norms_equal_hf_hidden_states(lm, traced, hf_reference):
+    _, out = hf_reference
+    pre = _layer_values(traced.records, "resid_pre_norm")
+    post = _layer_values(traced.records, "resid_post_norm")
+    n = lm.n_layers
+    for i in range(n):
+        assert pre[i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
+    for i in range(n - 1):  # HF's last hidden state is after the final norm
+        assert post[i] == pytest.approx(float(out.hidden_states[i + 1][0, -1].norm()), rel=TOL)
+
+
+def test_last_logit_lens_layer_equals_hf_logits(lm, traced, hf_reference):
+    _, out = hf_reference
+    logits = out.logits[0, -1]
+    expected = float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+    lens = _layer_values(traced.records, "logit_lens_margin")
+    assert lens[lm.n_layers - 1] == pytest.approx(expected, abs=TOL)
+    assert traced.value("final_margin", "baseline") == pytest.approx(expected, abs=TOL)
+
+
+def test_alpha_zero_leaves_every_record_identical(lm, image):
+    result = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99, alpha_prefill=0.0))
+    r = result.records
+    base = r[r.condition == "baseline"].set_index(["phase", "step", "layer", "head", "metric"]).value
+    steer = r[r.condition == "steered"].set_index(["phase", "step", "layer", "head", "metric"]).value
+    shared = base.index.intersection(steer.index)
+    assert len(shared) > 100
+    torch.testing.assert_close(torch.tensor(steer[shared].values), torch.tensor(base[shared].values),
+                               rtol=0, atol=0, equal_nan=True)
+    assert (r[r.metric == "propagation"].value == 0).all()
+
+
+def test_steering_moves_h_as_linearisation_predicts(lm, image):
+    """A small step: the achieved Δh matches g·θ to first order, and the model realises it."""
+    result = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99, clamp="none", alpha_prefill=1e-3))
+    r = result.records.query("condition == 'steered' and head == -1 and phase == 'prefill'")
+    wide = r.pivot_table(index="layer", columns="metric", values="value")
+    fired = wide[wide.barrier_active > 0]
+    assert len(fired) >= 1
+    first = fired.index.min()  # later layers also see the earlier layers' changes
+    pred, rec, real = fired.loc[first, ["dh_predicted", "dh_recomputed", "dh_realised"]]
+    assert pred > 0
+    assert rec == pytest.approx(pred, rel=0.05)
+    assert real == pytest.approx(rec, rel=0.05, abs=1e-6)
+
+
+def test_decode_keys_equal_the_layer_cache(lm, image, hf_reference):
+    inputs, out = hf_reference
+    cap = run(lm, inputs, _config(tau_decode=0.99, alpha_decode=0.0, tau_prefill=0.99, alpha_prefill=0.0),
+              max_new_tokens=2, keep_keys=True)
+    decode = cap.steps[1]
+    assert decode.phase == "decode"
+    for i, layer in decode.layers.items():
+        if layer.keys is None:
+            continue
+        torch.testing.assert_close(layer.keys, out.past_key_values.layers[i].keys[0], rtol=0, atol=TOL)
+        # ... and the prefill keys the barrier projects itself are those same cached keys
+        torch.testing.assert_close(cap.steps[0].layers[i].keys, out.past_key_values.layers[i].keys[0],
+                                   rtol=1e-4, atol=TOL)
+    assert any(layer.keys is not None for layer in decode.layers.values())
+
+
+def test_attention_logit_site_sets_image_mass_to_tau(lm, image):
+    tau = 0.6
+    result = trace_sample(lm, QUESTION, image, _config(site="attn_logits", tau_prefill=tau))
+    r = result.records.query("condition == 'steered' and phase == 'prefill' and head >= 0")
+    for layer in B.steered_layers(result.config, lm.n_layers):
+        before = result.records.query("condition == 'baseline' and phase == 'prefill' and metric == "
+                                      "'barrier_h' and layer == @layer").value.item()
+        if before >= tau:
+            continue
+        masses = r[(r.metric == "attn_image_mass") & (r.layer == layer)].value
+        assert masses.min() >= tau - 1e-4  # heads below τ are lifted to τ, others only grow
+
+
+def test_knockout_removes_image_attention_everywhere(lm, hf_reference):
+    inputs, _ = hf_reference
+    cap = run(lm, inputs, None, edit=AttentionEdit(0.0, "decision"))
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    for layer in cap.steps[0].layers.values():
+        assert float(layer.attn[:, image].sum()) == pytest.approx(0.0, abs=1e-6)
+        assert float(layer.attn.sum(-1).mean()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_records_are_deterministic(lm, image):
+    a = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99)).records
+    b = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99)).records
+    assert a.equals(b)
