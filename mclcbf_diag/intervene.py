@@ -123,24 +123,34 @@ class _Run:
             return torch.tensor([seq - 1])
         return torch.arange(self.last_image + 1, seq)
 
-    def _barrier_step(self, cap: LayerCapture, x, i, phase, cos, sin, past_keys, key_offset):
-        """Compute the step at layer ``i``; returns (targets, tensor to add or None)."""
-        cfg, w = self.config, self.weights[i]
-        tau, alpha = B.phase_params(cfg, phase)
-        seq = x.shape[1]
-        targets = self._targets(phase, seq)
-        qpos = targets + key_offset
-        if past_keys is None:
-            keys = B.project_keys(x[0], w, cos[0], sin[0])
-        else:
-            keys = past_keys
+    def _barrier_inputs(self, cap: LayerCapture, x, i, phase, cos, sin, past_keys, key_offset) -> dict:
+        """What h(x) at layer ``i`` needs: target residuals, keys, RoPE and query positions."""
+        w = self.weights[i]
+        targets = self._targets(phase, x.shape[1])
+        keys = B.project_keys(x[0], w, cos[0], sin[0]) if past_keys is None else past_keys
         if self.keep_keys:
             cap.keys = keys.clone()
-        normalized = cfg.site == "ln1_out"
+        normalized = self.config.site == "ln1_out"
         x_t = x[0, targets]
         if normalized:
             x_t = rms_norm(x_t, w.ln_weight, w.ln_eps)
-        cos_t, sin_t = cos[0, targets], sin[0, targets]
+        return {"x_tok": x_t, "keys": keys, "w": w, "cos_tok": cos[0, targets], "sin_tok": sin[0, targets],
+                "image_mask": self.span, "query_positions": targets + key_offset, "normalized": normalized}
+
+    def _barrier_value(self, cap: LayerCapture, x, i, phase, cos, sin, past_keys, key_offset) -> None:
+        """h only (no step), computed exactly as the steered run computes it."""
+        a = self._barrier_inputs(cap, x, i, phase, cos, sin, past_keys, key_offset)
+        a["x_tok"] = a["x_tok"].to(B.resolve_grad_dtype(self.config, x.dtype))
+        cap.barrier_h = float(B.barrier_value(**a)[0])
+
+    def _barrier_step(self, cap: LayerCapture, x, i, phase, cos, sin, past_keys, key_offset):
+        """Compute the step at layer ``i``; returns (targets, tensor to add or None)."""
+        cfg = self.config
+        tau, alpha = B.phase_params(cfg, phase)
+        a = self._barrier_inputs(cap, x, i, phase, cos, sin, past_keys, key_offset)
+        targets = self._targets(phase, x.shape[1])
+        x_t, keys, w, cos_t, sin_t, qpos, normalized = (a[k] for k in (
+            "x_tok", "keys", "w", "cos_tok", "sin_tok", "query_positions", "normalized"))
         gdt = B.resolve_grad_dtype(cfg, x.dtype)
         h, g = B.barrier_gradient(x_t, keys, w, cos_t, sin_t, self.span, qpos, gdt, normalized=normalized)
         if gdt != torch.float32:
@@ -181,9 +191,14 @@ class _Run:
             cap = LayerCapture(resid_pre_in=x[0, -1].detach().clone())
             add = None
             steer_here = self.steer and i in self.steered
-            if steer_here and cfg.site in ("resid_pre", "ln1_out"):
+            measure_here = cfg is not None and i in self.steered and cfg.site in ("resid_pre", "ln1_out")
+            if measure_here:
                 past = None if phase == "prefill" else self._past_keys(kwargs, i)
-                targets, add = self._barrier_step(cap, x, i, phase, cos, sin, past, cap_step.n_keys - seq)
+                offset = cap_step.n_keys - seq
+                if steer_here:
+                    targets, add = self._barrier_step(cap, x, i, phase, cos, sin, past, offset)
+                else:
+                    self._barrier_value(cap, x, i, phase, cos, sin, past, offset)
                 if add is not None and cfg.site == "resid_pre":
                     x[0, targets] += add
             if add is not None and cfg.site == "ln1_out":

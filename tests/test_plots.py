@@ -7,7 +7,11 @@ import pandas as pd
 import pytest
 
 from mclcbf_diag import plots as P
-from mclcbf_diag.records import frame
+from mclcbf_diag.records import frame as _frame
+
+
+def frame(rows):
+    return _frame(pd.DataFrame(rows).to_dict("list"))
 
 LAYERS, HEADS = 4, 4
 STEERED_LAYERS = (1, 2)
