@@ -173,8 +173,9 @@ def cmd_explain(args) -> int:
     print(ex.dose.sentence())
     flips = ex.fixes[ex.fixes.flipped]
     print("fixes that flip the answer: " + (", ".join(flips.fix) if len(flips) else "none"))
-    print("cause chain: " + " → ".join(f"{r.top_cause}" + (f" [fix {r.next_fix}]" if r.next_fix != "(none left)" else "")
-                                       for r in ex.chain.itertuples()))
+    print("cause chain: " + " → ".join(
+        "answer flipped" if r.flipped else r.top_cause + (f" [fix {r.next_fix}]" if r.next_fix != "(none left)" else "")
+        for r in ex.chain.itertuples()))
     stem = f"explain-{question.question_id}"
     ex.records.to_parquet(out / f"{stem}.parquet", index=False)
     sections = [
@@ -206,7 +207,7 @@ def cmd_zoo_train(args) -> int:
     from .models.loading import EMBEDDED
     from .zoo.train import TrainConfig, train
 
-    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or 1)  # one thread: fastest for this size, and reproducible
     cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size)
     out = EMBEDDED if args.install else Path(args.out or "zoo-model")
     summary = train(out, cfg, device=args.device)
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     t = zsub.add_parser("train", help="train the embedded model from scratch (seeded)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=700)
+    t.add_argument("--steps", type=int, default=800)
     t.add_argument("--vision-steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--device", default="cpu")

@@ -29,7 +29,7 @@ def yes_no_margins(model, processor, images, questions, yes_id: int, no_id: int,
     margins: list[float] = []
     for i in tqdm(range(0, len(questions), batch_size), desc="answering", mininterval=2, leave=False):
         texts = [PROMPT.format(question=q) for q in questions[i:i + batch_size]]
-        enc = processor(text=texts, images=images[i:i + batch_size], return_tensors="pt", padding=True)
+        enc = processor(text=texts, images=images[i:i + batch_size], return_tensors="pt", padding="longest")
         enc = {k: v.to(model.device) for k, v in enc.items()}
         logits = model(**enc).logits[:, -1].float()
         margins += (logits[:, yes_id] - logits[:, no_id]).tolist()

@@ -36,7 +36,7 @@ class TrainConfig:
     seed: int = 0
     vision_steps: int = 300
     vision_lr: float = 1e-3
-    steps: int = 700
+    steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 50
