@@ -34,10 +34,12 @@ Mechanism
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import nnsight
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import barrier as B
 from .errors import UserError
@@ -46,8 +48,15 @@ from .models import LoadedModel
 from .probes import rms_norm
 
 
-def batch_inputs(lm: LoadedModel, prompts: list[str], images: list) -> dict:
-    """Processor outputs for a batch, left-padded, with RoPE-correct ``position_ids``."""
+def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_images: bool = True) -> dict:
+    """Model inputs for a batch: left-padded, with RoPE-correct ``position_ids``.
+
+    With ``share_images`` (and a transformers that accepts ``mm_encoder_outputs``) the
+    vision tower runs once per *distinct* image of the batch (POPE asks ~6 questions per
+    image) and its projected features are handed to the model's own merge step, so the
+    baseline and steered forwards reuse them. ``generate`` needs ``share_images=False``
+    (its decode steps must not see the features again).
+    """
     if len(prompts) != len(images) or not prompts:
         raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
     tok = lm.processor.tokenizer
@@ -63,7 +72,15 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list) -> dict:
     if any(bool(mask[b, int(p):].eq(0).any()) for b, p in enumerate(pads)):
         raise RuntimeError("the processor did not pad on the left")  # programming error
     enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
+    inputs = {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
+    if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
+        pv = inputs.pop("pixel_values")
+        uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
+        with torch.no_grad():
+            feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
+        per_row = [feats.pooler_output[j] for j in inverse.tolist()]
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+    return inputs
 
 
 class _Row:
@@ -172,7 +189,10 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, config: B.Ba
     predicted Δh). With ``max_new_tokens`` > 0 also ``text`` (greedy, special tokens
     skipped). ``inputs`` reuses :func:`batch_inputs` output for the same prompts.
     """
-    inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
+    if inputs is None:
+        inputs = batch_inputs(lm, prompts, images, share_images=max_new_tokens <= 0)
+    if max_new_tokens > 0 and "pixel_values" not in inputs:
+        raise ValueError("generation needs batch_inputs(..., share_images=False)")  # programming error
     steer = steer and config is not None
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id)
     with torch.no_grad():

@@ -40,6 +40,13 @@ class _Rows:
         self.metric.append(metric)
         self.value.append(float(value) if value is not None else math.nan)
 
+    def add_layers(self, layers: list[int], metric: str, values: torch.Tensor) -> None:
+        """One row per layer (head −1)."""
+        self.layer += layers
+        self.head += [NO_HEAD] * len(layers)
+        self.metric += [metric] * len(layers)
+        self.value += values.tolist()
+
     def add_heads(self, layer: int, metric: str, values: torch.Tensor) -> None:
         """One row per head plus the head mean (head −1)."""
         vals = values.tolist()
@@ -56,43 +63,78 @@ class _Rows:
                 "metric": self.metric, "value": self.value}
 
 
-def _norm_params(lm: LoadedModel, i: int):
-    ad = lm.adapter
-    n1 = ad.layer_part(lm.model, i, "layer_input_norm")
-    n2 = ad.layer_part(lm.model, i, "layer_post_attention_norm")
-    return (n1.weight.detach(), n1.variance_epsilon), (n2.weight.detach(), n2.variance_epsilon)
+def _norm_stack(lm: LoadedModel, layers: list[int], part: str):
+    """Weights [n, d] and eps [n] of one norm (``part``) across ``layers``."""
+    mods = [lm.adapter.layer_part(lm.model, i, part) for i in layers]
+    return (torch.stack([m.weight.detach().float() for m in mods]),
+            torch.tensor([float(m.variance_epsilon) for m in mods]))
 
 
-def _gains(rows: _Rows, layer: int, name: str, x: torch.Tensor, norm, direction) -> None:
-    g = P.rms_norm_gains(x.float(), norm[0].float(), norm[1], direction)
-    rows.add(layer, f"{name}_gain_theta", g["gain_along"])
-    rows.add(layer, f"{name}_gain_theta_backward", g["gain_along_backward"])
-    rows.add(layer, f"{name}_gain_orthogonal", g["gain_orthogonal"])
-    rows.add(layer, f"{name}_gain_radial", g["gain_radial"])
+def _theta_rows(caps: list[LayerCapture], d: int) -> torch.Tensor | None:
+    """θ* at the decision token per layer [n, d]; zero rows where no step was taken."""
+    rows, any_step = [], False
+    for cap in caps:
+        st = cap.step
+        if st is not None and st.active and st.theta.numel():
+            rows.append(st.theta.float().reshape(-1, d)[-1])
+            any_step = True
+        else:
+            rows.append(torch.zeros(d))
+    return torch.stack(rows) if any_step else None
 
 
-def _layer_rows(rows: _Rows, lm: LoadedModel, i: int, cap: LayerCapture, image_mask, final_norm,
-                unembed, base: LayerCapture | None) -> None:
-    ln1, ln2 = _norm_params(lm, i)
-    theta = None
-    if cap.step is not None and cap.step.active and cap.step.theta.dim() > 0:
-        theta = cap.step.theta.float().reshape(-1, cap.resid_pre_in.shape[-1])[-1]
-        if theta.norm() == 0:
-            theta = None
-    for site, x in (("resid_pre", cap.resid_pre), ("resid_mid", cap.resid_mid), ("resid_post", cap.resid_post)):
-        rows.add(i, f"{site}_norm", x.float().norm())
-    rows.add(i, "ln1_out_norm", P.rms_norm(cap.resid_pre_in.float(), ln1[0].float(), ln1[1]).norm())
-    for name, x in (("ln1", cap.resid_pre_in), ("ln2", cap.resid_mid), ("ln_final", cap.resid_post)):
-        rows.add(i, f"{name}_scale", x.float().pow(2).mean().add(
-            (ln1 if name == "ln1" else ln2 if name == "ln2" else final_norm)[1]).sqrt())
-    _gains(rows, i, "ln1", cap.resid_pre_in, ln1, theta)
-    _gains(rows, i, "ln2", cap.resid_mid, ln2, theta)
-    _gains(rows, i, "ln_final", cap.resid_post, final_norm, theta)
-    masses = P.attention_masses(cap.attn, image_mask)
+def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, sample, condition: str,
+                 base: StepCapture | None = None) -> dict[str, list]:
+    """Every probe at one (phase, step), all layers at once (batched over layers)."""
+    rows = _Rows(sample, condition, cap.phase, cap.step)
+    layers = sorted(cap.layers)
+    caps = [cap.layers[i] for i in layers]
+    stack = lambda name: torch.stack([getattr(c, name).float() for c in caps])  # noqa: E731
+    pre_in, pre, mid, post = stack("resid_pre_in"), stack("resid_pre"), stack("resid_mid"), stack("resid_post")
+    d = pre.shape[-1]
+    fn = lm.final_norm()
+    final_w, final_eps = fn.weight.detach().float(), float(fn.variance_epsilon)
+    ln1, ln2 = _norm_stack(lm, layers, "layer_input_norm"), _norm_stack(lm, layers, "layer_post_attention_norm")
+    theta = _theta_rows(caps, d)
+
+    for site, x in (("resid_pre", pre), ("resid_mid", mid), ("resid_post", post)):
+        rows.add_layers(layers, f"{site}_norm", x.norm(dim=-1))
+    for name, x, (w, eps) in (("ln1", pre_in, ln1), ("ln2", mid, ln2),
+                              ("ln_final", post, (final_w, torch.full((len(layers),), final_eps)))):
+        g = P.rms_norm_gains(x, w, eps, theta)
+        rows.add_layers(layers, f"{name}_scale", g["rms"])
+        rows.add_layers(layers, f"{name}_gain_theta", g["gain_along"])
+        rows.add_layers(layers, f"{name}_gain_theta_backward", g["gain_along_backward"])
+        rows.add_layers(layers, f"{name}_gain_orthogonal", g["gain_orthogonal"])
+        rows.add_layers(layers, f"{name}_gain_radial", g["gain_radial"])
+        if name == "ln1":
+            rows.add_layers(layers, "ln1_out_norm", (w * pre_in / g["rms"][:, None]).norm(dim=-1))
+    attn = torch.stack([c.attn for c in caps])  # [n, H, K]
+    masses = P.attention_masses(attn.reshape(-1, attn.shape[-1]), image_mask)
     for kind, per_head in masses.items():
-        rows.add_heads(i, f"attn_{kind}_mass", per_head)
-    rows.add(i, "logit_lens_margin", P.yes_no_margin(cap.resid_post.float(), final_norm[0].float(), final_norm[1],
-                                                     unembed, lm.tokens.yes_id, lm.tokens.no_id))
+        for i, heads in zip(layers, per_head.reshape(len(layers), -1)):
+            rows.add_heads(i, f"attn_{kind}_mass", heads)
+    rows.add_layers(layers, "logit_lens_margin", P.yes_no_margin(
+        post, final_w, final_eps, lm.unembed_weight().float(), lm.tokens.yes_id, lm.tokens.no_id))
+    for i, c in zip(layers, caps):
+        _barrier_rows(rows, i, c)
+    if base is not None:
+        base_post = torch.stack([base.layers[i].resid_post.float() for i in layers])
+        dist = (post - base_post).norm(dim=-1)
+        rows.add_layers(layers, "propagation", dist)
+        rows.add_layers(layers, "propagation_rel", dist / base_post.norm(dim=-1).clamp_min(1e-30))
+        out_s, out_b = (P.rms_norm(x[-1], final_w, final_eps) for x in (post, base_post))
+        rows.add(NO_LAYER, "propagation", P.propagation_distance(out_s, out_b))
+    logits = cap.final_logits
+    margin = float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+    rows.add(NO_LAYER, "final_margin", margin)
+    rows.add(NO_LAYER, "answer_yes", margin > 0)
+    for token, tid in {**lm.tokens.yes_variants, **lm.tokens.no_variants}.items():
+        rows.add(NO_LAYER, f"final_logit:{token}", logits[tid])
+    return rows.rows
+
+
+def _barrier_rows(rows: _Rows, i: int, cap: LayerCapture) -> None:
     if cap.barrier_h is not None:
         rows.add(i, "barrier_h", cap.barrier_h)
     if cap.step is not None:
@@ -104,33 +146,6 @@ def _layer_rows(rows: _Rows, lm: LoadedModel, i: int, cap: LayerCapture, image_m
             rows.add(i, metric, cap.extra[metric])
     if "logit_shift" in cap.extra:
         rows.add_heads(i, "logit_shift", cap.extra["logit_shift"])
-    if base is not None:
-        d = P.propagation_distance(cap.resid_post, base.resid_post)
-        rows.add(i, "propagation", d)
-        rows.add(i, "propagation_rel", d / max(float(base.resid_post.float().norm()), 1e-30))
-
-
-def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, sample, condition: str,
-                 base: StepCapture | None = None) -> dict[str, list]:
-    fn = lm.final_norm()
-    final_norm = (fn.weight.detach(), fn.variance_epsilon)
-    unembed = lm.unembed_weight().float()
-    rows = _Rows(sample, condition, cap.phase, cap.step)
-    for i, layer_cap in cap.layers.items():
-        _layer_rows(rows, lm, i, layer_cap, image_mask, final_norm, unembed,
-                    base.layers.get(i) if base is not None else None)
-    logits = cap.final_logits
-    margin = float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
-    rows.add(NO_LAYER, "final_margin", margin)
-    rows.add(NO_LAYER, "answer_yes", margin > 0)
-    for token, tid in {**lm.tokens.yes_variants, **lm.tokens.no_variants}.items():
-        rows.add(NO_LAYER, f"final_logit:{token}", logits[tid])
-    if base is not None and cap.layers:
-        last = max(cap.layers)
-        steered_out = P.rms_norm(cap.layers[last].resid_post.float(), final_norm[0].float(), final_norm[1])
-        base_out = P.rms_norm(base.layers[last].resid_post.float(), final_norm[0].float(), final_norm[1])
-        rows.add(NO_LAYER, "propagation", P.propagation_distance(steered_out, base_out))
-    return rows.rows
 
 
 def span_records(run: RunCapture, *, sample, condition: str) -> dict[str, list]:

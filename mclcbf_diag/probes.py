@@ -74,19 +74,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(input_dtype)
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.sqrt(x.pow(2).mean() + eps)
+def _rms(x: torch.Tensor, eps) -> torch.Tensor:
+    """RMS over the last dim, keepdim; ``eps`` may be a float or a tensor per leading index."""
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps.reshape(*eps.shape, *[1] * (x.dim() - eps.dim())))
 
 
 def _prep(x: torch.Tensor, weight: torch.Tensor):
-    if x.dim() != 1:
-        raise ValueError(f"expected a single vector [d], got shape {tuple(x.shape)}")
     dt = _math_dtype(x)
     return x.to(dt), weight.to(dt)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1, keepdim=True)
+
+
 def rms_norm_jacobian(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Exact Jacobian ``diag(γ)(I/r − x xᵀ/(d r³))`` of RMSNorm at a single vector x [d]."""
+    if x.dim() != 1:
+        raise ValueError(f"expected a single vector [d], got shape {tuple(x.shape)}")
     x, g = _prep(x, weight)
     d = x.numel()
     r = _rms(x, eps)
@@ -94,59 +100,61 @@ def rms_norm_jacobian(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return g[:, None] * (eye / r - torch.outer(x, x) / (d * r**3))
 
 
-def rms_norm_jvp(x: torch.Tensor, weight: torch.Tensor, eps: float, v: torch.Tensor) -> torch.Tensor:
-    """``J v`` without forming J: ``γ ⊙ (v/r − x (x·v)/(d r³))``."""
+def rms_norm_jvp(x: torch.Tensor, weight: torch.Tensor, eps, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` without forming J: ``γ ⊙ (v/r − x (x·v)/(d r³))``; any leading batch dims."""
     x, g = _prep(x, weight)
     v = v.to(x.dtype)
-    d = x.numel()
+    d = x.shape[-1]
     r = _rms(x, eps)
-    return g * (v / r - x * (x @ v) / (d * r**3))
+    return g * (v / r - x * _dot(x, v) / (d * r**3))
 
 
-def rms_norm_vjp(x: torch.Tensor, weight: torch.Tensor, eps: float, u: torch.Tensor) -> torch.Tensor:
+def rms_norm_vjp(x: torch.Tensor, weight: torch.Tensor, eps, u: torch.Tensor) -> torch.Tensor:
     """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``."""
     x, g = _prep(x, weight)
     w = g * u.to(x.dtype)
-    d = x.numel()
+    d = x.shape[-1]
     r = _rms(x, eps)
-    return w / r - x * (x @ w) / (d * r**3)
+    return w / r - x * _dot(x, w) / (d * r**3)
 
 
 def rms_norm_gains(
     x: torch.Tensor,
     weight: torch.Tensor,
-    eps: float,
+    eps,
     direction: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Gains of RMSNorm at a single vector x [d] (see the module docstring).
+) -> dict:
+    """Gains of RMSNorm at x [d] (floats) or at a batch x [n, d] (tensors [n]).
 
     Returns ``gain_along`` (‖J v‖/‖v‖ for ``direction``; NaN if None or zero),
     ``gain_along_backward`` (‖Jᵀ v‖/‖v‖), ``gain_orthogonal`` (RMS gain over directions
-    orthogonal to x), ``gain_radial`` (‖J x̂‖, about 0) and ``rms`` (r).
+    orthogonal to x), ``gain_radial`` (‖J x̂‖, about 0) and ``rms`` (r). In a batch,
+    ``weight`` may be [d] or [n, d] and ``eps`` a float or [n] (one norm per row).
     """
-    xm, g = _prep(x, weight)
-    d = xm.numel()
+    single = x.dim() == 1
+    xm, g = _prep(x.reshape(-1, x.shape[-1]), weight)
+    if g.dim() == 1:
+        g = g.expand_as(xm)
+    d = xm.shape[-1]
     r = _rms(xm, eps)
-    xnorm = xm.norm()
-    xhat = xm / xnorm if xnorm > 0 else torch.zeros_like(xm)
+    xnorm = xm.norm(dim=-1, keepdim=True)
+    xhat = torch.where(xnorm > 0, xm / xnorm.clamp_min(torch.finfo(xm.dtype).tiny), torch.zeros_like(xm))
 
-    gain_orth = torch.sqrt((g.pow(2) * (1 - xhat.pow(2))).sum() / (d - 1)) / r
-    gain_rad = rms_norm_jvp(xm, g, eps, xhat).norm() if xnorm > 0 else torch.tensor(math.nan)
-
-    along = along_b = math.nan
+    gain_orth = torch.sqrt((g.pow(2) * (1 - xhat.pow(2))).sum(-1) / (d - 1)) / r[:, 0]
+    gain_rad = torch.where(xnorm[:, 0] > 0, rms_norm_jvp(xm, g, eps, xhat).norm(dim=-1),
+                           torch.full_like(xnorm[:, 0], math.nan))
+    nan = torch.full_like(gain_orth, math.nan)
+    along = along_b = nan
     if direction is not None:
-        v = direction.to(xm.dtype).reshape(-1)
-        vn = v.norm()
-        if vn > 0 and torch.isfinite(vn):
-            along = float(rms_norm_jvp(xm, g, eps, v).norm() / vn)
-            along_b = float(rms_norm_vjp(xm, g, eps, v).norm() / vn)
-    return {
-        "gain_along": along,
-        "gain_along_backward": along_b,
-        "gain_orthogonal": float(gain_orth),
-        "gain_radial": float(gain_rad),
-        "rms": float(r),
-    }
+        v = direction.to(xm.dtype).reshape(xm.shape)
+        vn = v.norm(dim=-1)
+        ok = (vn > 0) & torch.isfinite(vn)
+        vs = torch.where(ok[:, None], v, torch.zeros_like(v))
+        along = torch.where(ok, rms_norm_jvp(xm, g, eps, vs).norm(dim=-1) / vn, nan)
+        along_b = torch.where(ok, rms_norm_vjp(xm, g, eps, vs).norm(dim=-1) / vn, nan)
+    out = {"gain_along": along, "gain_along_backward": along_b, "gain_orthogonal": gain_orth,
+           "gain_radial": gain_rad, "rms": r[:, 0]}
+    return {k: float(v[0]) for k, v in out.items()} if single else out
 
 
 # --------------------------------------------------------------------------- attention
