@@ -94,6 +94,7 @@ class _Row:
                             "must contain <image> (e.g. 'USER: <image>\\n{question}\\nASSISTANT:')")
         self.span = B.image_span_mask(config, ids, lm.tokens.image_token_id).cpu()
         self.targets = B.target_positions(config, self.span)
+        self.key = (pad, tuple(self.targets.tolist()), tuple(torch.nonzero(self.span).flatten().tolist()))
         self.fired: list[int] = []
         self.h: list[float] = []
         self.theta_rel: list[float] = []
@@ -105,28 +106,48 @@ class _Row:
                 "max_dh_predicted": max(self.dh) if self.dh else None}
 
 
-def _residual_step(lm, cfg, w, x, cos, sin, b: int, row: _Row, layer: int):
-    """The barrier step for row ``b`` (as ``intervene._Run._barrier_step``); None if inactive."""
-    p = row.pad
+def _residual_steps(lm, cfg, w, x, cos, sin, rows: list[_Row], layer: int) -> list:
+    """The barrier step of every row at one layer (as ``intervene._Run._barrier_step``).
+
+    Rows with the same pad count, image span and targets share RoPE, masks and query
+    positions, so their ``(h, ∇h)`` come from ONE ``vmap(grad_and_value(barrier_value))``
+    call instead of one autograd pass per row (keys are constants, as in the seed).
+    Returns per row the tensor to add at its targets, or None when h ≥ τ.
+    """
     tau, alpha = B.phase_params(cfg, "prefill")
-    x_row, cos_row, sin_row = x[b, p:], cos[b, p:], sin[b, p:]
-    keys = B.project_keys(x_row, w, cos_row, sin_row)
-    t = row.targets
-    normalized = cfg.site == "ln1_out"
-    x_t = rms_norm(x_row[t], w.ln_weight, w.ln_eps) if normalized else x_row[t]
     gdt = B.resolve_grad_dtype(cfg, x.dtype)
-    h, g = B.barrier_gradient(x_t, keys, w, cos_row[t], sin_row[t], row.span, t, gdt, normalized=normalized)
-    if not torch.isfinite(g).all():
-        raise UserError(f"the barrier gradient at layer {layer} is NaN or inf (dtype {gdt}); "
-                        "try --set grad_dtype=float32 or a float32 model")
-    st = B.step(h, g, float(x_t.float().norm()), tau, alpha, cfg)
-    row.h.append(st.h)
-    if not st.active:
-        return None
-    row.fired.append(layer)
-    row.theta_rel.append(st.theta_rel)
-    row.dh.append(st.predicted_delta_h)
-    return st.applied.to(x.dtype)
+    normalized = cfg.site == "ln1_out"
+    groups: dict[tuple, list[int]] = {}
+    for b, row in enumerate(rows):
+        groups.setdefault(row.key, []).append(b)
+    adds: list = [None] * len(rows)
+    for members in groups.values():
+        first = rows[members[0]]
+        p, t = first.pad, first.targets
+        cos_r, sin_r = cos[members[0], p:], sin[members[0], p:]
+        xs = x[members, p:]  # [G, L, d]: the rows without their padding
+        keys = torch.func.vmap(lambda xr: B.project_keys(xr, w, cos_r, sin_r))(xs)
+        x_t = xs[:, t]
+        if normalized:
+            x_t = rms_norm(x_t, w.ln_weight, w.ln_eps)
+
+        def h_of(xt, k):
+            return B.barrier_value(xt, k, w, cos_r[t], sin_r[t], first.span, t, normalized=normalized)[0]
+
+        with torch.inference_mode(False):
+            g, h = torch.func.vmap(torch.func.grad_and_value(h_of))(x_t.detach().to(gdt), keys.detach())
+        if not torch.isfinite(g).all():
+            raise UserError(f"the barrier gradient at layer {layer} is NaN or inf (dtype {gdt}); "
+                            "try --set grad_dtype=float32 or a float32 model")
+        for j, b in enumerate(members):
+            st = B.step(h[j], g[j], float(x_t[j].float().norm()), tau, alpha, cfg)
+            rows[b].h.append(st.h)
+            if st.active:
+                rows[b].fired.append(layer)
+                rows[b].theta_rel.append(st.theta_rel)
+                rows[b].dh.append(st.predicted_delta_h)
+                adds[b] = st.applied.to(x.dtype)
+    return adds
 
 
 def _logit_step(cfg, probs, b: int, row: _Row, layer: int) -> None:
@@ -161,7 +182,7 @@ def _steer_body(nm, lm: LoadedModel, cfg: B.BarrierConfig, rows: list[_Row]) -> 
         if residual:
             x = layer.inputs[0][0]
             w = lm.layer_weights(i)
-            adds = [_residual_step(lm, cfg, w, x, cos, sin, b, row, i) for b, row in enumerate(rows)]
+            adds = _residual_steps(lm, cfg, w, x, cos, sin, rows, i)
             if cfg.site == "ln1_out":
                 x = _envoy(layer, ad.layer_input_norm).output
             for b, (row, add) in enumerate(zip(rows, adds)):
