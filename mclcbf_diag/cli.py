@@ -137,7 +137,8 @@ def _summary_table(summary: dict):
 
 
 def _print_summary(s: dict) -> None:
-    print(f"sample {s['sample']}: {s.get('question', '')} (label: {s.get('label', '?')})")
+    where = f"sample {s['index']} (question_id {s['sample']})" if "index" in s else f"sample {s['sample']}"
+    print(f"{where}: {s.get('question', '')} (label: {s.get('label', '?')})")
     print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}"
           f"   {'FLIPPED' if s['flipped'] else 'unchanged'}")
     print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}"

@@ -77,6 +77,7 @@ class RunCapture:
     span: torch.Tensor  # bool [prompt]: the image span the barrier was configured with
     detected: torch.Tensor  # bool [prompt]: input_ids == image token id
     generated: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None  # prompt embeddings, image features merged in
 
 
 def _envoy(root, path: str):
@@ -100,6 +101,7 @@ class _Run:
                  multiplier: float, edit: AttentionEdit | None, keep_keys: bool):
         self.lm, self.config, self.multiplier, self.edit, self.keep_keys = lm, config, multiplier, edit, keep_keys
         self.steer = steer and config is not None
+        self.keep_embeds, self.embeds = False, None
         ids = inputs["input_ids"][0]
         self.prompt_len = ids.shape[0]
         self.detected = ids == lm.tokens.image_token_id
@@ -177,6 +179,8 @@ class _Run:
     # -- the body, run inside the trace ---------------------------------------------
     def body(self, nm, phase: str, step_index: int):
         lm, cfg, ad = self.lm, self.config, self.lm.adapter
+        if phase == "prefill" and self.keep_embeds:
+            self.embeds = _envoy(nm, ad.language_model).inputs[1]["inputs_embeds"].detach().clone()
         cos, sin = _envoy(nm, ad.rotary_emb).output
         layers = _envoy(nm, ad.layers)
         cap_step = None
@@ -278,17 +282,25 @@ class _Run:
 
 def run(lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None = None, *, steer: bool = True,
         max_new_tokens: int = 0, multiplier: float = 1.0, edit: AttentionEdit | None = None,
-        keep_keys: bool = False) -> RunCapture:
+        keep_keys: bool = False, embeds_from: RunCapture | None = None,
+        keep_embeds: bool = False) -> RunCapture:
     """Run the model once and capture the decision token.
 
     With ``steer=False`` (or no config) nothing is changed, but the barrier value h under
     the configured span is still measured at the steered layers ("h before").
+    ``keep_embeds`` saves the prompt embeddings (image features merged in); a later prefill
+    run given ``embeds_from`` feeds them to the language model directly, skipping the vision
+    tower, whose output no intervention here can change.
     """
     state = _Run(lm, inputs, config, steer, multiplier, edit, keep_keys)
+    state.keep_embeds = keep_embeds
     nm = traced(lm.model)
+    feed = inputs
+    if embeds_from is not None and embeds_from.inputs_embeds is not None and max_new_tokens <= 0:
+        feed = {"inputs_embeds": embeds_from.inputs_embeds, "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
         if max_new_tokens <= 0:
-            with nm.trace(**inputs):
+            with nm.trace(**feed):
                 state.body(nm, "prefill", 0)
             generated = None
         else:
@@ -297,4 +309,5 @@ def run(lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None = None, *,
                 for s in tracer.iter[:max_new_tokens]:
                     state.body(nm, "prefill" if s == 0 else "decode", s)
                 generated = nnsight.save(tracer.result)
-    return RunCapture(state.prompt_len, state.steps, state.span.cpu(), state.detected.cpu(), generated)
+    return RunCapture(state.prompt_len, state.steps, state.span.cpu(), state.detected.cpu(), generated,
+                      state.embeds)

@@ -62,6 +62,7 @@ class TraceResult:
             "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan,
         }
         if self.question is not None:
+            out["index"] = self.question.index
             out["label"] = self.question.label
             out["question"] = self.question.text
         out["flipped"] = out["answer_before"] != out["answer_after"]
@@ -85,8 +86,9 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B
         sample = question.question_id if isinstance(question, PopeQuestion) else 0
     prompt, inputs = sample_inputs(lm, text, image)
     if baseline is None:
-        baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens)
-    steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier)
+        baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
+    steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier,
+                  embeds_from=baseline)
     base_records = run_records(lm, baseline, sample=sample, condition="baseline")
     steer_records = run_records(lm, steered, sample=sample, condition=condition, base=baseline)
     records = pd.concat([base_records, steer_records], ignore_index=True)

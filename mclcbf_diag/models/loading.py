@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from ..barrier import LayerWeights
 from ..errors import UserError
@@ -87,6 +88,27 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a UserError when it is malformed or not present here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested, but CUDA is not available here (torch "
+                            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+                            "use --device cpu or install a CUDA build of torch on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}; pick one of those")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device} requested, but MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+    return dev
+
+
 def _locate(name_or_path: str | None) -> tuple[str, bool]:
     """(what to pass to from_pretrained, is it a local directory)."""
     if name_or_path in (None, "", "embedded"):
@@ -112,6 +134,8 @@ def _locate(name_or_path: str | None) -> tuple[str, bool]:
 def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
                device_map: str | None = None) -> LoadedModel:
     """Load the embedded model (default), a local directory or a cached hub id, offline."""
+    if device_map is None:
+        resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     where, local = _locate(name_or_path)
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager", use_safetensors=True,
@@ -123,8 +147,17 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
             raise UserError(f"--model {where}: a {config.model_type!r} checkpoint, not a LLaVA-style "
                             f"one; mclcbf-diag supports {', '.join(ADAPTERS)}")
         processor = AutoProcessor.from_pretrained(where, local_files_only=True)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            where, device_map=device_map, **kwargs)
+        # Checked before the weights are read, so a wrong checkpoint fails fast.
+        tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
+        quiet = where == str(EMBEDDED) and hf_logging.is_progress_bar_enabled()
+        if quiet:  # a 6 MB model loads in milliseconds: its progress bar is only noise on stderr
+            hf_logging.disable_progress_bar()
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                where, device_map=device_map, **kwargs)
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
     except (OSError, ValueError, SafetensorError) as exc:
         hint = ("the directory is incomplete or not a LLaVA checkpoint" if local else
                 f"it is not in the local Hugging Face cache (run `hf download {where}` on a "
@@ -137,6 +170,4 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
     adapter = ADAPTERS.get(type(model).__name__)
     if adapter is None:
         raise UserError(f"no adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")
-    image_token_id = getattr(model.config, "image_token_id", None)
-    tokens = answer_tokens(processor.tokenizer, image_token_id, where)
     return LoadedModel(model, processor, adapter, tokens, where)
