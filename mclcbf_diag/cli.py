@@ -53,6 +53,8 @@ def _load(args):
 
     from .models import load_model
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a positive number of CPU threads (e.g. --threads 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.model is None and str(args.device).startswith("cpu"):
@@ -83,6 +85,22 @@ def _config(args):
     return apply_overrides(get_preset(args.preset), args.overrides)
 
 
+def _check_out(args, default: str) -> Path:
+    """Fail early, creating nothing, when the output folder cannot be made or written."""
+    out = Path(args.out or default)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise UserError(f"--out {out}: cannot write there ({problem}); pass a writable folder")
+    return out
+
+
 def _out_dir(args, default: str) -> Path:
     out = Path(args.out or default)
     try:
@@ -102,28 +120,33 @@ def cmd_trace(args) -> int:
     from .report import Section, write_page
     from .trace import decoded, trace_sample
 
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give 0 (prefill only) or a positive count")
     config = _config(args)
     question, image_dir = _question(args)
     image = load_image(resolve_image(question, image_dir))
-    out = _out_dir(args, f"reports/trace-{question.question_id}")
+    default_out = f"reports/trace-{question.question_id}"
+    _check_out(args, default_out)
     lm = _load(args)
     result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens)
     summary = result.summary()
     summary["text_before"] = decoded(lm, result.baseline)
     summary["text_after"] = decoded(lm, result.steered)
-    result.records.to_parquet(out / "records.parquet", index=False)
-    result.records.to_csv(out / "records.csv", index=False)
     meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "preset": args.preset,
             "overrides": args.overrides, "config": config.to_dict(), "prompt": result.prompt,
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": summary}
-    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     sections = [Section("Summary", table=_summary_table(summary))]
     for phase, step in sorted({(p, s) for p, s in result.records[["phase", "step"]].itertuples(index=False)},
                               key=lambda t: t[1]):
         figs = trace_figures(result.records, phase=phase, step=step)
         sections.append(Section(f"{phase} step {step}", figures=list(figs.values())))
+    # Everything is computed: only now create the folder and write.
+    out = _out_dir(args, default_out)
+    result.records.to_parquet(out / "records.parquet", index=False)
+    result.records.to_csv(out / "records.csv", index=False)
+    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
     _print_summary(summary)
     print(f"wrote {out}/records.parquet, records.csv, config.json, trace.html")
@@ -159,10 +182,12 @@ def cmd_explain(args) -> int:
 
     from .explain import explain_sample
 
+    if not args.k_max >= 1:
+        raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1")
     config = _config(args)
     question, image_dir = _question(args)
     image = load_image(resolve_image(question, image_dir))
-    out = _out_dir(args, "reports")
+    _check_out(args, "reports")
     lm = _load(args)
     ex = explain_sample(lm, question, image, config, k_max=args.k_max)
     summary = ex.trace.summary()
@@ -178,7 +203,6 @@ def cmd_explain(args) -> int:
         "answer flipped" if r.flipped else r.top_cause + (f" [fix {r.next_fix}]" if r.next_fix != "(none left)" else "")
         for r in ex.chain.itertuples()))
     stem = f"explain-{question.question_id}"
-    ex.records.to_parquet(out / f"{stem}.parquet", index=False)
     sections = [
         Section("Summary", table=_summary_table(summary)),
         Section("Verdict", text=text, table=causes_frame(ex.causes)),
@@ -190,6 +214,9 @@ def cmd_explain(args) -> int:
     ]
     figs = trace_figures(ex.trace.records)
     sections.append(Section("Trace plots", figures=list(figs.values())))
+    # Everything is computed: only now create the folder and write.
+    out = _out_dir(args, "reports")
+    ex.records.to_parquet(out / f"{stem}.parquet", index=False)
     page = write_page(out / f"{stem}.html", f"mclcbf-diag explain: {question.text}", sections)
     print(f"wrote {page} and {out / (stem + '.parquet')}")
     return 0
@@ -305,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"mclcbf-diag: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"mclcbf-diag: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mclcbf-diag: interrupted", file=sys.stderr)

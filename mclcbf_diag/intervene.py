@@ -134,6 +134,10 @@ class _Run:
             cap.keys = keys.clone()
         normalized = self.config.site == "ln1_out"
         x_t = x[0, targets]
+        if not bool(torch.isfinite(x_t).all()):
+            raise UserError(f"the residual stream entering layer {i} is NaN or inf at the steered token(s) "
+                            f"(dtype {x.dtype}); the model overflowed or its weights hold NaN/inf: try "
+                            "--dtype float32 or check the checkpoint")
         if normalized:
             x_t = rms_norm(x_t, w.ln_weight, w.ln_eps)
         return {"x_tok": x_t, "keys": keys, "w": w, "cos_tok": cos[0, targets], "sin_tok": sin[0, targets],
