@@ -269,7 +269,12 @@ def trace_figures(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
             figures[slug] = build(records, phase=phase, step=step, sample=sample)
         except MissingDataError:
             continue
+        if slug in _LAYER_AXIS:
+            figures[slug].update_xaxes(dtick=1)  # layers are integers
     return figures
+
+
+_LAYER_AXIS = {"residual_norms", "jacobian_gains", "logit_lens", "propagation"}
 
 
 def dose_response_figure(curve: pd.DataFrame) -> go.Figure:

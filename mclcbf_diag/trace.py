@@ -42,13 +42,15 @@ class TraceResult:
     def summary(self) -> dict:
         """Answers, margins, barrier value and step size before and after, at prefill."""
         r = self.records[(self.records.phase == "prefill") & (self.records["head"] == -1)]
-        steered = r[r.condition == "steered"]
-        per_layer = steered.pivot_table(index="layer", columns="metric", values="value")
-        fired = per_layer.get("barrier_active", pd.Series(dtype=float)).fillna(0)
-        h_before = per_layer.get("barrier_h", pd.Series(dtype=float)).dropna()
-        realised = per_layer.get("dh_realised", pd.Series(dtype=float))
-        h_after = (h_before + realised.reindex(h_before.index).fillna(0)) if len(h_before) else h_before
-        theta_rel = per_layer.get("theta_rel", pd.Series(dtype=float)).dropna()
+        wide = {c: r[r.condition == c].pivot_table(index="layer", columns="metric", values="value")
+                for c in ("baseline", "steered")}
+        empty = pd.Series(dtype=float)
+        per_layer = wide["steered"]
+        fired = per_layer.get("barrier_active", empty).fillna(0)
+        h_before = wide["baseline"].get("barrier_h", empty).dropna()
+        # after the step at each layer: the model's own image mass once the step is applied
+        h_after = (per_layer.get("barrier_h", empty) + per_layer.get("dh_realised", empty).fillna(0)).dropna()
+        theta_rel = per_layer.get("theta_rel", empty).dropna()
         out = {
             "sample": self.sample,
             "answer_before": "yes" if self.value("answer_yes", "baseline") > 0 else "no",
@@ -76,7 +78,7 @@ def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LL
 
 def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B.BarrierConfig, *,
                  max_new_tokens: int = 0, sample=None, multiplier: float = 1.0,
-                 baseline: RunCapture | None = None, condition: str = "steered") -> TraceResult:
+                 baseline: RunCapture | None = None) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
     ``baseline`` may be passed to reuse an earlier baseline run (explain does this).
@@ -90,7 +92,7 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B
     steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier,
                   embeds_from=baseline)
     base_records = run_records(lm, baseline, sample=sample, condition="baseline")
-    steer_records = run_records(lm, steered, sample=sample, condition=condition, base=baseline)
+    steer_records = run_records(lm, steered, sample=sample, condition="steered", base=baseline)
     records = pd.concat([base_records, steer_records], ignore_index=True)
     return TraceResult(records, config, sample, prompt, baseline, steered,
                        question if isinstance(question, PopeQuestion) else None)
