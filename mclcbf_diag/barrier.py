@@ -100,46 +100,31 @@ def _norm_input(x: torch.Tensor, w: LayerWeights, normalized: bool) -> torch.Ten
     return x if normalized else rms_norm(x, w.ln_weight, w.ln_eps)
 
 
-def project_keys(
-    x_seq: torch.Tensor,
-    w: LayerWeights,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    normalized: bool = False,
-) -> torch.Tensor:
+def _project(x: torch.Tensor, w: LayerWeights, weight: str, bias: str, n_heads: int, cos, sin,
+             normalized: bool) -> torch.Tensor:
+    """RMSNorm → linear → RoPE, split into heads: [heads, n, hd], in ``x``'s dtype."""
+    w, cos, sin = w.to(x.dtype), cos.to(x.dtype), sin.to(x.dtype)
+    out = F.linear(_norm_input(x, w, normalized), getattr(w, weight), getattr(w, bias))
+    out = out.view(x.shape[0], n_heads, w.head_dim).transpose(0, 1)
+    out, _ = apply_rotary_pos_emb(out, out, cos, sin, unsqueeze_dim=0)
+    return out
+
+
+def project_keys(x_seq: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, *,
+                 normalized: bool = False) -> torch.Tensor:
     """Keys [KV, seq, hd] from residuals x_seq [seq, d] (RMSNorm → k_proj → RoPE).
 
     ``cos``/``sin`` are [seq, hd] (the rotary embedding's output for batch 0).
     ``normalized=True`` means ``x_seq`` already is the input_layernorm output.
     Computed in ``x_seq``'s dtype (weights and cos/sin are cast to it).
     """
-    w, cos, sin = w.to(x_seq.dtype), cos.to(x_seq.dtype), sin.to(x_seq.dtype)
-    xn = _norm_input(x_seq, w, normalized)
-    k = F.linear(xn, w.k_weight, w.k_bias)
-    k = k.view(x_seq.shape[0], w.n_kv_heads, w.head_dim).transpose(0, 1)
-    k, _ = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=0)
-    return k
+    return _project(x_seq, w, "k_weight", "k_bias", w.n_kv_heads, cos, sin, normalized)
 
 
-def project_queries(
-    x_tok: torch.Tensor,
-    w: LayerWeights,
-    cos_tok: torch.Tensor,
-    sin_tok: torch.Tensor,
-    *,
-    normalized: bool = False,
-) -> torch.Tensor:
-    """Queries [H, n_tok, hd] from residuals x_tok [n_tok, d] (RMSNorm → q_proj → RoPE).
-
-    Computed in ``x_tok``'s dtype (weights and cos/sin are cast to it).
-    """
-    w, cos_tok, sin_tok = w.to(x_tok.dtype), cos_tok.to(x_tok.dtype), sin_tok.to(x_tok.dtype)
-    xn = _norm_input(x_tok, w, normalized)
-    q = F.linear(xn, w.q_weight, w.q_bias)
-    q = q.view(x_tok.shape[0], w.n_heads, w.head_dim).transpose(0, 1)
-    q, _ = apply_rotary_pos_emb(q, q, cos_tok, sin_tok, unsqueeze_dim=0)
-    return q
+def project_queries(x_tok: torch.Tensor, w: LayerWeights, cos_tok: torch.Tensor, sin_tok: torch.Tensor, *,
+                    normalized: bool = False) -> torch.Tensor:
+    """Queries [H, n_tok, hd] from residuals x_tok [n_tok, d] (RMSNorm → q_proj → RoPE)."""
+    return _project(x_tok, w, "q_weight", "q_bias", w.n_heads, cos_tok, sin_tok, normalized)
 
 
 def barrier_value(
