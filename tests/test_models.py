@@ -2,6 +2,7 @@
 weights), image/answer tokens, dtype resolution and load_model's errors and round trip."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mclcbf_diag.barrier import LayerWeights
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.models import (
     ADAPTERS,
+    EMBEDDED,
     LLAVA,
     LoadedModel,
     answer_tokens,
@@ -26,6 +28,7 @@ from mclcbf_diag.models import (
     resolve_dtype,
 )
 from mclcbf_diag.zoo.build import IMAGE_TOKEN, build_tokenizer
+from mclcbf_diag.zoo.world import sample_scene
 
 ADAPTER_PATHS = ["language_model", "layers", "rotary_emb", "final_norm", "unembed",
                  "vision_tower", "projector"]
@@ -267,8 +270,6 @@ def test_load_model_directory_without_safetensors(tmp_path):
 
 
 def test_load_model_hub_id_not_in_cache(tmp_path, monkeypatch):
-    import os
-
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     monkeypatch.chdir(tmp_path)  # so "nobody/not-a-model" is not a local path
     with pytest.raises(UserError, match="cache") as info:
@@ -367,3 +368,20 @@ def test_loaded_inputs_and_forward_match_the_original(loaded, zoo_model, zoo_pro
     assert pos.tolist() == list(range(3, 67))
     with torch.no_grad():
         assert torch.equal(loaded.model(**enc).logits, zoo_model(**ref).logits)
+
+
+def test_shipped_model_loads_offline_and_survives_a_save_load_round_trip(embedded_model, tmp_path):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    lm = embedded_model
+    assert lm.source == str(EMBEDDED)
+    assert lm.model.config._attn_implementation == "eager"
+    assert not any(p.is_meta for p in lm.model.parameters())
+    prompt, image = "USER: <image>\nIs there a kite in the image?\nASSISTANT:", sample_scene(7, 1).image()
+    inputs = lm.inputs(prompt, image)
+    lm.model.save_pretrained(tmp_path)
+    lm.processor.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    with torch.no_grad():
+        a = lm.model(**inputs).logits
+        b = again.model(**again.inputs(prompt, image)).logits
+    assert torch.equal(a, b)

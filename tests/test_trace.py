@@ -153,3 +153,27 @@ def test_records_are_deterministic(lm, image):
     a = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99)).records
     b = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99)).records
     assert a.equals(b)
+
+
+def test_barrier_gradient_on_model_weights_equals_finite_differences(lm, hf_reference):
+    """∇h on the model's own layer weights and residuals (float64), against central differences."""
+    inputs, out = hf_reference
+    layer = B.steered_layers(_config(), lm.n_layers)[0]
+    w = lm.layer_weights(layer)
+    x = out.hidden_states[layer][0].double()
+    seq = x.shape[0]
+    rotary = lm.model.get_submodule(lm.adapter.rotary_emb)
+    cos, sin = rotary(x[None].float(), torch.arange(seq)[None])
+    cos, sin = cos[0].double(), sin[0].double()
+    mask = inputs["input_ids"][0] == lm.tokens.image_token_id
+    keys = B.project_keys(x, w, cos, sin)
+    q = torch.tensor([seq - 1])
+    h, g = B.barrier_gradient(x[-1:], keys, w, cos[-1:], sin[-1:], mask, q, torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = torch.randn(x.shape[-1], generator=gen, dtype=torch.float64)
+        eps = 1e-6 * float(x[-1].norm())
+        hp, _ = B.barrier_value(x[-1:] + eps * v, keys, w, cos[-1:], sin[-1:], mask, q)
+        hm, _ = B.barrier_value(x[-1:] - eps * v, keys, w, cos[-1:], sin[-1:], mask, q)
+        fd = float((hp - hm) / (2 * eps))
+        assert float(g[0] @ v) == pytest.approx(fd, rel=1e-5, abs=1e-10)
