@@ -46,6 +46,12 @@ could produce, by strength), followed by the undetected ones in the same order:
     evidence; when removing image attention at the decision token leaves the answer while
     removing it after the image flips it (or moves the margin :data:`KNOCKOUT_DOMINANCE`×
     more), the image reaches the answer through earlier tokens. Strength 1 − |Δm|/|m_base|.
+12. ``decision_token_off_path``: from the knockouts alone, whether or not the barrier fired.
+    Let Δ_dec = max |Δm| over removing and doubling image attention at the decision token (all
+    layers, renormalised), Δ_aft the same at every text token after the image. Detected when
+    neither decision-token edit flips the answer while an after-image edit flips it or
+    Δ_aft ≥ :data:`KNOCKOUT_DOMINANCE`·Δ_dec: then no steering of the decision token's image
+    attention can be expected to flip it. Strength 1 − Δ_dec/Δ_aft.
 """
 
 from __future__ import annotations
@@ -76,13 +82,14 @@ KNOCKOUT_DOMINANCE = 3.0  # |Δm_after_image| ≥ this × |Δm_decision|: the af
 
 ORDER = ("not_applied", "span_mismatch", "barrier_inactive", "gradient_underflow", "clamp_limited",
          "rounding_absorbed", "step_negligible", "linearisation_failed", "damped_downstream",
-         "margin_unmoved", "barrier_not_decisive")
+         "margin_unmoved", "barrier_not_decisive", "decision_token_off_path")
 _TITLES = dict(zip(ORDER, (
     "No step was applied", "Configured image span is not the image", "Barrier inactive (h ≥ τ)",
     "Gradient underflow in the gradient dtype", "Clamp limited the step", "Rounding absorbed the step",
     "Step negligible next to the residual", "First-order prediction failed",
     "Perturbation damped downstream", "Margin not moved enough to flip",
-    "Barrier reached its target but is not decisive")))
+    "Barrier reached its target but is not decisive",
+    "The decision token's image attention is not on the answer's path")))
 _BARRIER_METRICS = ("barrier_active", "barrier_tau", "scale", "applied_norm", "theta_norm", "dh_predicted")
 
 
@@ -370,7 +377,36 @@ def diagnose(records: pd.DataFrame, sample=None, phase: str = "prefill", step: i
                f" a flip needs {_f(abs(mb))}).")
         strength = 1 - max(progress, 0.0) / abs(mb) if mb != 0 else 1.0
         c["margin_unmoved"] = _make("margin_unmoved", not flipped and not nd, strength, ev, t10, s10)
+    c["decision_token_off_path"] = _off_path(v)
     return sorted((c[k] for k in ORDER), key=lambda x: (not x.detected, ORDER.index(x.id), -x.strength))
+
+
+def _off_path(v: "_View") -> Cause:
+    """12. Knockouts alone: edits at the decision token leave the answer, edits after the image move it."""
+    t = ("knockout:decision and double:decision keep the answer while an after-image edit flips it or moves "
+         f"the margin ≥ {KNOCKOUT_DOMINANCE}× more")
+    mb, yb = v.scalar("final_margin", "baseline"), v.scalar("answer_yes", "baseline")
+    edits = {cond: v.scalar("final_margin", cond) for cond in
+             ("knockout:decision", "double:decision", "knockout:after_image", "double:after_image")}
+    if mb is None or any(m is None for m in edits.values()):
+        return _skip("decision_token_off_path", t, "no knockout conditions in the records")
+    flips = {cond: (m > 0) != (mb > 0) for cond, m in edits.items()}
+    moved = {cond: abs(m - mb) for cond, m in edits.items()}
+    dec = max(moved["knockout:decision"], moved["double:decision"])
+    aft = max(moved["knockout:after_image"], moved["double:after_image"])
+    detected = (not flips["knockout:decision"] and not flips["double:decision"]
+                and (flips["knockout:after_image"] or flips["double:after_image"] or aft >= KNOCKOUT_DOMINANCE * dec))
+    ev = {"m_base": mb, **{f"{cond.replace(':', '_')}_margin": m for cond, m in edits.items()},
+          "max_delta_decision": dec, "max_delta_after_image": aft}
+    s = (f"Removing or doubling image attention at the decision token in every layer moves the margin by at most "
+         f"{_f(dec)} ({'and flips' if flips['knockout:decision'] or flips['double:decision'] else 'without flipping'}"
+         f" the answer); doing it at every text token after the image moves it by up to {_f(aft)}"
+         f"{' and flips it' if flips['knockout:after_image'] or flips['double:after_image'] else ''}")
+    if detected:
+        s += (": the image reaches this answer through earlier tokens, so steering the decision token's attention"
+              " cannot flip it")
+    strength = 1 - dec / aft if aft > 0 else 0.0
+    return _make("decision_token_off_path", detected, max(0.0, strength), ev, t, s + ".")
 
 
 def causes_frame(causes: list[Cause]) -> pd.DataFrame:

@@ -57,6 +57,7 @@ CAUSE_FIX = {
     "damped_downstream": "tokens",
     "margin_unmoved": "tokens",
     "barrier_not_decisive": "tokens",
+    "decision_token_off_path": "tokens",
 }
 
 

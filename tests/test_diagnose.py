@@ -113,8 +113,9 @@ def test_planted_cause_is_the_only_one_detected_and_ranked_first(case):
     assert verdict(causes).splitlines()[0] == causes[0].sentence
 
 
-def test_all_eleven_causes_have_a_case():
-    assert {k.split("/")[0] for k in PLANTED} == set(ORDER)
+def test_every_cause_has_a_planted_case():
+    # decision_token_off_path needs knockout conditions; its cases are below
+    assert {k.split("/")[0] for k in PLANTED} | {"decision_token_off_path"} == set(ORDER)
 
 
 @pytest.mark.parametrize("case, needles", [
@@ -238,3 +239,28 @@ def test_sample_selection():
     assert detected(diagnose(both, sample="q1")) == []
     with pytest.raises(UserError, match="no records"):
         diagnose(both, sample="q1", phase="decode")
+
+
+def _knockout_rows(margins: dict[str, float]) -> pd.DataFrame:
+    rows = [{"sample": 0, "condition": c, "phase": "prefill", "step": 0, "layer": -1, "head": -1,
+             "metric": m, "value": v} for c, mv in margins.items()
+            for m, v in (("final_margin", mv), ("answer_yes", float(mv > 0)))]
+    return pd.DataFrame(rows)
+
+
+def test_decision_token_off_path_from_knockouts_alone():
+    margins = {"baseline": 0.82, "steered": 0.82, "knockout:decision": 1.16, "double:decision": 0.96,
+               "knockout:after_image": 2.2, "double:after_image": -0.09}
+    cause = next(c for c in diagnose(_knockout_rows(margins)) if c.id == "decision_token_off_path")
+    assert cause.detected
+    assert cause.evidence["max_delta_decision"] == pytest.approx(0.34)
+    assert "0.34" in cause.sentence and "1.38" in cause.sentence  # both measured moves
+    margins["double:decision"] = -0.5  # a decision-token edit flips: the decision token is on the path
+    cause = next(c for c in diagnose(_knockout_rows(margins)) if c.id == "decision_token_off_path")
+    assert not cause.detected
+
+
+def test_decision_token_off_path_skipped_without_knockouts():
+    cause = next(c for c in diagnose(_knockout_rows({"baseline": 1.0, "steered": 1.0}))
+                 if c.id == "decision_token_off_path")
+    assert not cause.detected and "skipped" in cause.evidence
