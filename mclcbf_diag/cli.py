@@ -189,7 +189,7 @@ def cmd_explain(args) -> int:
     image = load_image(resolve_image(question, image_dir))
     _check_out(args, "reports")
     lm = _load(args)
-    ex = explain_sample(lm, question, image, config, k_max=args.k_max)
+    ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer)
     summary = ex.trace.summary()
     text = verdict(ex.causes)
     _print_summary(summary)
@@ -208,6 +208,9 @@ def cmd_explain(args) -> int:
         Section("Verdict", text=text, table=causes_frame(ex.causes)),
         Section("Dose-response", text=ex.dose.sentence(), figures=[dose_response_figure(ex.dose.curve)],
                 table=ex.dose.curve),
+        *([Section("Dose-response per layer", text="Each steered layer alone: the smallest multiplier "
+                   "on its θ* that flips the answer (empty: none up to --k-max).", table=ex.layer_doses)]
+          if ex.layer_doses is not None else []),
         Section("Counterfactual fixes", table=ex.fixes),
         Section("Cause chain", table=ex.chain),
         Section("Attention knockouts (prefill)", table=_knockout_table(ex)),
@@ -294,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _barrier_options(p)
     p.add_argument("--k-max", type=float, default=1024.0, help="largest multiplier on θ* in the dose-response")
+    p.add_argument("--per-layer", action="store_true", help="also a dose-response for each steered layer alone")
     p.add_argument("--out", default=None, help="output folder for the HTML report (default reports/)")
     p.set_defaults(func=cmd_explain)
 

@@ -6,7 +6,7 @@
   reaches the answer through earlier tokens and steering the decision token's attention
   cannot work.
 * **Dose-response** (:func:`dose_response`): the smallest multiplier k on θ* that flips the
-  answer. Doubling k from 1 brackets the first flip; bisection narrows it. Answers need not
+  answer, on all steered layers together, or one layer at a time (:func:`per_layer_doses`). Doubling k from 1 brackets the first flip; bisection narrows it. Answers need not
   be monotone in k, so this finds *a* smallest flip on the doubling grid's first bracket.
 * **Counterfactual fixes** (:func:`counterfactuals`): switch each suspected knob to its
   corrected value, one at a time and all together.
@@ -137,6 +137,18 @@ def dose_response(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_m
     return DoseResponse(curve, hi, k_max, at)
 
 
+def per_layer_doses(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float, *,
+                    k_max: float = 1024.0, bisect_steps: int = 8) -> pd.DataFrame:
+    """The dose-response with only one steered layer at a time: where θ* could matter most."""
+    rows = []
+    for layer in tqdm(B.steered_layers(config, lm.n_layers), desc="per-layer dose", leave=False, mininterval=1):
+        d = dose_response(lm, inputs, dataclasses.replace(config, layers=(layer,)), base_margin,
+                          k_max=k_max, bisect_steps=bisect_steps)
+        rows.append({"layer": layer, "k_star": d.k_star, **{k: d.at_k_star.get(k) for k in
+                                                          ("margin", "theta_rel_max", "yes_no_top")}})
+    return pd.DataFrame(rows)
+
+
 def counterfactuals(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float) -> pd.DataFrame:
     """Each knob fixed alone, then all together: answer, margin and whether it flipped."""
     variants = {name: dataclasses.replace(config, **change) for name, change in FIXES.items()}
@@ -186,6 +198,7 @@ class Explanation:
     dose: DoseResponse
     fixes: pd.DataFrame
     chain: pd.DataFrame
+    layer_doses: pd.DataFrame | None = None
 
     @property
     def records(self) -> pd.DataFrame:
@@ -193,7 +206,7 @@ class Explanation:
 
 
 def explain_sample(lm: LoadedModel, question, image, config: B.BarrierConfig, *, k_max: float = 1024.0,
-                   bisect_steps: int = 8) -> Explanation:
+                   bisect_steps: int = 8, per_layer: bool = False) -> Explanation:
     """Trace, knockouts, diagnosis, dose-response, counterfactual fixes and cause chain."""
     result = trace_sample(lm, question, image, config)
     text = getattr(question, "text", question)
@@ -204,8 +217,11 @@ def explain_sample(lm: LoadedModel, question, image, config: B.BarrierConfig, *,
     dose = dose_response(lm, inputs, config, base_margin, k_max=k_max, bisect_steps=bisect_steps)
     fixes = counterfactuals(lm, inputs, config, base_margin)
     chain = cause_chain(lm, question, image, config, result, ko)
-    return Explanation(result, ko, causes, dose, fixes, chain)
+    layer_doses = per_layer_doses(lm, inputs, config, base_margin, k_max=k_max,
+                                  bisect_steps=bisect_steps) if per_layer else None
+    return Explanation(result, ko, causes, dose, fixes, chain, layer_doses)
 
 
-__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "knockouts", "DoseResponse", "dose_response", "counterfactuals",
+__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "knockouts", "DoseResponse", "dose_response", "per_layer_doses",
+           "counterfactuals",
            "cause_chain", "Explanation", "explain_sample"]
