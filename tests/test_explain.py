@@ -110,3 +110,16 @@ def test_explain_sample_end_to_end(embedded_model, sample):
     ex = explain_sample(embedded_model, q, image, B.get_preset("seed-exp6"), k_max=8, bisect_steps=2)
     assert ex.causes[0].id == "span_mismatch" and ex.causes[0].detected
     assert {"baseline", "steered", "knockout:decision"} <= set(ex.records.condition)
+
+
+def test_per_layer_doses_steer_one_layer_at_a_time(embedded_model, sample):
+    from mclcbf_diag.explain import per_layer_doses
+
+    q, image = sample
+    _, inputs = sample_inputs(embedded_model, q.text, image)
+    base = trace_sample(embedded_model, q, image, HEALTHY).summary()["margin_before"]
+    table = per_layer_doses(embedded_model, inputs, HEALTHY, base, k_max=64, bisect_steps=3)
+    assert list(table.layer) == list(B.steered_layers(HEALTHY, embedded_model.n_layers))
+    found = table.dropna(subset=["k_star"])
+    assert len(found) >= 1
+    assert ((found.margin > 0) != (base > 0)).all()
