@@ -67,6 +67,10 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     """
     if len(prompts) != len(images) or not prompts:
         raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
+    placeholder = getattr(lm.processor, "image_token", None) or "<image>"
+    if any(p.count(placeholder) != 1 for p in prompts):
+        raise UserError(f"every prompt needs exactly one {placeholder} placeholder "
+                        "(e.g. 'USER: <image>\n{question}\nASSISTANT:')")
     tok = lm.processor.tokenizer
     if tok.pad_token_id is None:
         raise UserError("the tokenizer has no pad token, so prompts cannot be batched; use --batch-size 1")
@@ -138,8 +142,9 @@ def _residual_steps(cfg, w, x, cos, sin, cached, rows: list[_Row], start: int, l
         first = rows[members[0]]
         p, t = first.pad, first.targets
         lo = max(p, start)  # first padded position of this row that the trace computes
-        xs = x[members, lo - start:]
-        cos_r, sin_r = cos[members[0], lo - start:], sin[members[0], lo - start:]
+        xs = x[members, lo - start:]  # [G, L-lo, d]
+        cos_r = cos[members[0], lo - start:].to(xs.device)  # RoPE may live on another GPU (device_map)
+        sin_r = sin[members[0], lo - start:].to(xs.device)
         keys = torch.func.vmap(lambda xr: B.project_keys(xr, w, cos_r, sin_r))(xs)  # [G, KV, L-lo, hd]
         if lo > p:
             keys = torch.cat([cached[members, :, p:lo].to(keys.dtype), keys], dim=-2)
@@ -265,6 +270,16 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, config: B.Ba
     return out
 
 
+def _cached_prefix(lm: LoadedModel, ids: torch.Tensor, rows: list[_Row]) -> int:
+    """Padded positions ``[0, start)`` that steering cannot change (0: re-run the prompt).
+
+    ``start`` is the batch's first target; the continuation must hold no image token,
+    since the model merges image features only in a forward that sees the whole image.
+    """
+    start = min(row.pad + int(row.targets.min()) for row in rows)
+    return 0 if bool((ids[:, start:] == lm.tokens.image_token_id).any()) else start
+
+
 def answer_pair(lm: LoadedModel, prompts: list[str], images: list, config: B.BarrierConfig, *,
                 inputs: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Baseline and steered first-token answers; the steered run reuses the baseline's cache.
@@ -276,9 +291,9 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, config: B.Bar
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
     rows = _rows(lm, config, inputs)
     ids = inputs["input_ids"]
-    start = min(row.pad + int(row.targets.min()) for row in rows)
+    start = _cached_prefix(lm, ids, rows)
     with torch.no_grad():
-        if start == 0 or bool((ids[:, start:] == lm.tokens.image_token_id).any()):
+        if start == 0:
             base = lm.model(**inputs, logits_to_keep=1).logits[:, -1]
             return _answers(lm, base, None), _answers(lm, _steered_trace(lm, inputs, config, rows), rows)
         out = lm.model(**inputs, logits_to_keep=1, use_cache=True)

@@ -60,7 +60,7 @@ def _load(args):
     elif args.model is None and str(args.device).startswith("cpu"):
         # A 1.4 M-parameter model runs fastest single-threaded (see README, performance).
         torch.set_num_threads(1)
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
 
 
 def _question(args):
@@ -323,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--out", default=None, help=f"output folder (default {EMBEDDED_POPE})")
     d.set_defaults(func=cmd_zoo_data)
+
+    from .sweep import add_merge_parser, add_pope_parser
+
+    add_pope_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mclcbf-diag: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mclcbf-diag: interrupted", file=sys.stderr)
+        print("mclcbf-diag: interrupted (pope: rerun the same command to resume)", file=sys.stderr)
         return 130
 
 

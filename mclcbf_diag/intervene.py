@@ -128,6 +128,7 @@ class _Run:
     def _barrier_inputs(self, cap: LayerCapture, x, i, phase, cos, sin, past_keys, key_offset) -> dict:
         """What h(x) at layer ``i`` needs: target residuals, keys, RoPE and query positions."""
         w = self.weights[i]
+        cos, sin = cos.to(x.device), sin.to(x.device)  # layers may sit on other GPUs (device_map)
         targets = self._targets(phase, x.shape[1])
         keys = B.project_keys(x[0], w, cos[0], sin[0]) if past_keys is None else past_keys
         if self.keep_keys:

@@ -137,6 +137,12 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
     if device_map is None:
         resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if device_map is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise UserError(f"--device-map {device_map} needs the accelerate package; install it "
+                            "(pip install accelerate) or drop --device-map")
     where, local = _locate(name_or_path)
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager", use_safetensors=True,
                   local_files_only=True)

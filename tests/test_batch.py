@@ -1,0 +1,174 @@
+"""Batched answers (mclcbf_diag.batch) against per-sample ``intervene.run``.
+
+Prompts of different lengths force left padding: every row must still get exactly the
+margin it gets alone, baseline and steered, for every steering site and token choice.
+Unknown words map to <unk> in the embedded word-level vocabulary, which lengthens a
+prompt without changing its template.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mclcbf_diag import barrier as B
+from mclcbf_diag.batch import _cached_prefix, _rows, answer_batch, answer_pair, batch_inputs
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.intervene import run
+
+POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+TOL = 1e-4
+TEXTS = [
+    "Is there a dog in the image ?",
+    "Is there a big red dog in the image?",  # two <unk>: 2 tokens longer
+    "dog?",  # 6 tokens shorter
+    "Is there a cup in the image?",
+    "Is there really a big knife over here in the image?",
+]
+
+
+def _cfg(preset="seed-exp6", *overrides):
+    return B.apply_overrides(B.get_preset(preset), list(overrides))
+
+
+CONFIGS = {
+    "seed-exp6 detected": _cfg("seed-exp6", "span=detected", "tau=0.99"),
+    "seed-exp6 fixed span": _cfg("seed-exp6", "fixed_span=1,20", "tau=0.99", "alpha=20"),
+    "fixed span, after_image (no cache)": _cfg("seed-exp6", "fixed_span=1,20", "tau=0.99", "tokens=after_image"),
+    "ln1_out": _cfg("seed-exp6", "span=detected", "tau=0.99", "site=ln1_out", "alpha=20"),
+    "attn_logits": _cfg("fixed", "tau=0.99"),
+    "attn_logits after_image": _cfg("fixed", "tokens=after_image", "tau=0.99"),
+    "resid_pre after_image": _cfg("seed-exp6", "span=detected", "tau=0.99", "alpha=10", "tokens=after_image"),
+}
+
+
+@pytest.fixture(scope="module", params=["embedded", "tiny_gqa"])
+def lm(request):
+    return request.getfixturevalue(f"{request.param}_model")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    questions = load_pope(POPE / "zoo_pope_adversarial.json")
+    images = [load_image(resolve_image(q, POPE / "images")) for q in questions[: len(TEXTS)]]
+    return [build_prompt(t) for t in TEXTS], images
+
+
+def _margin(lm, capture):
+    logits = capture.steps[0].final_logits
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def _fired(capture):
+    return [i for i, c in sorted(capture.steps[0].layers.items())
+            if (c.step is not None and c.step.active) or c.extra.get("barrier_active")]
+
+
+@pytest.fixture(scope="module")
+def singles(lm, batch):
+    """Per-sample intervene.run margins and fired layers, per config."""
+    prompts, images = batch
+    out = {}
+    for name, cfg in CONFIGS.items():
+        rows = []
+        for p, img in zip(prompts, images):
+            inputs = lm.inputs(p, img)
+            base, steered = run(lm, inputs, cfg, steer=False), run(lm, inputs, cfg)
+            rows.append((_margin(lm, base), _margin(lm, steered), _fired(steered)))
+        out[name] = rows
+    return out
+
+
+def test_prompts_really_differ_in_length(lm, batch):
+    inputs = batch_inputs(lm, *batch)
+    pads = (inputs["attention_mask"] == 0).sum(-1)
+    assert len(set(pads.tolist())) >= 3 and int(pads.min()) == 0
+    for b, p in enumerate(pads.tolist()):  # real tokens get 0..L_b-1, as alone
+        assert inputs["position_ids"][b, p:].tolist() == list(range(inputs["input_ids"].shape[1] - p))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batched_margins_equal_per_sample_runs(lm, batch, singles, name):
+    prompts, images = batch
+    cfg = CONFIGS[name]
+    base = answer_batch(lm, prompts, images, cfg, False)
+    steered = answer_batch(lm, prompts, images, cfg, True)
+    pair_base, pair_steered = answer_pair(lm, prompts, images, cfg)
+    for b, (m_base, m_steer, fired) in enumerate(singles[name]):
+        assert fired, "the config must fire for the test to mean anything"
+        assert base[b]["margin"] == pytest.approx(m_base, abs=TOL)
+        assert pair_base[b]["margin"] == pytest.approx(m_base, abs=TOL)
+        assert steered[b]["margin"] == pytest.approx(m_steer, abs=TOL)
+        assert pair_steered[b]["margin"] == pytest.approx(m_steer, abs=TOL)
+        assert steered[b]["layers_fired"] == pair_steered[b]["layers_fired"] == fired
+        assert steered[b]["answer"] == ("yes" if steered[b]["margin"] > 0 else "no")
+
+
+def test_steering_moves_margins(embedded_model, batch):
+    base, steered = answer_pair(embedded_model, *batch, CONFIGS["attn_logits after_image"])
+    assert max(abs(s["margin"] - b["margin"]) for b, s in zip(base, steered)) > 0.1
+
+
+def test_cached_prefix_is_the_first_target(lm, batch):
+    prompts, images = batch
+    inputs = batch_inputs(lm, prompts, images)
+    ids = inputs["input_ids"]
+    last = _rows(lm, CONFIGS["seed-exp6 detected"], inputs)
+    assert _cached_prefix(lm, ids, last) == ids.shape[1] - 1
+    # after_image: the cache ends at the first text token after the image …
+    same = batch_inputs(lm, [prompts[0], prompts[3]], [images[0], images[3]])
+    after = _rows(lm, CONFIGS["resid_pre after_image"], same)
+    first_text = min(r.pad + int(torch.nonzero(r.image).max()) + 1 for r in after)
+    assert _cached_prefix(lm, same["input_ids"], after) == first_text
+    # … unless another row's image lies beyond it (much shorter prompts): re-run all
+    assert _cached_prefix(lm, ids, _rows(lm, CONFIGS["resid_pre after_image"], inputs)) == 0
+    # a fixed span ending inside the image puts image tokens among the targets: no cache
+    assert _cached_prefix(lm, ids, _rows(lm, CONFIGS["fixed span, after_image (no cache)"], inputs)) == 0
+
+
+def test_batch_size_does_not_change_answers(embedded_model):
+    lm = embedded_model
+    questions = load_pope(POPE / "zoo_pope_popular.json")[:12]
+    prompts = [build_prompt(q.text) for q in questions]
+    prompts[3] = build_prompt("Is there a very big " + questions[3].text.split()[-4] + " in the image?")
+    images = [load_image(resolve_image(q, POPE / "images")) for q in questions]
+    cfg = CONFIGS["attn_logits after_image"]
+    results = {}
+    for bs in (1, 5, 12):
+        base, steered = [], []
+        for i in range(0, len(prompts), bs):
+            b, s = answer_pair(lm, prompts[i:i + bs], images[i:i + bs], cfg)
+            base += b
+            steered += s
+        results[bs] = (base, steered)
+    ref_base, ref_steered = results[1]
+    assert any(b["answer"] != s["answer"] for b, s in zip(ref_base, ref_steered))
+    for bs in (5, 12):
+        base, steered = results[bs]
+        assert [r["answer"] for r in base] == [r["answer"] for r in ref_base]
+        assert [r["answer"] for r in steered] == [r["answer"] for r in ref_steered]
+        for got, ref in zip(base + steered, ref_base + ref_steered):
+            assert got["margin"] == pytest.approx(ref["margin"], abs=TOL)
+            assert got.get("layers_fired") == ref.get("layers_fired")
+
+
+def test_generation_is_batch_invariant_and_steers_the_first_token(embedded_model, batch):
+    lm = embedded_model
+    prompts, images = batch
+    cfg = CONFIGS["attn_logits after_image"]
+    inputs = batch_inputs(lm, prompts, images, share_images=False)
+    for steer in (False, True):
+        first = answer_batch(lm, prompts, images, cfg, steer)
+        gen = answer_batch(lm, prompts, images, cfg, steer, inputs=inputs, max_new_tokens=3)
+        alone = [answer_batch(lm, [p], [i], cfg, steer, max_new_tokens=3)[0] for p, i in zip(prompts, images)]
+        for f, g, a in zip(first, gen, alone):
+            assert g["margin"] == pytest.approx(f["margin"], abs=TOL)
+            assert g["text"] == a["text"] and g["text"]
+
+
+def test_prompt_without_image_is_a_user_error(embedded_model, batch):
+    from mclcbf_diag.errors import UserError
+
+    _, images = batch
+    with pytest.raises(UserError, match="placeholder"):
+        answer_batch(embedded_model, ["USER: hello\nASSISTANT:"], images[:1], CONFIGS["attn_logits"], True)

@@ -1,0 +1,249 @@
+"""The resumable, sharded POPE runner (mclcbf_diag.sweep) on the embedded model.
+
+The steering config flips answers on the embedded model (attention logits of every text
+token after the image, τ = 0.8), so the flip matrix is not trivially zero.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mclcbf_diag import sweep
+from mclcbf_diag.cli import build_parser, main
+from mclcbf_diag.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEER = ["--preset", "fixed", "--set", "tokens=after_image", "--set", "tau=0.8"]
+BASE = ["pope", "--split", "all", "--limit", "8", "--batch-size", "4", *STEER]  # 24 questions
+TOTAL = 24
+
+
+def pope(out, *extra, on_batch=None):
+    args = build_parser().parse_args([*BASE, "--out", str(out), *extra])
+    return sweep.cmd_pope(args, on_batch=on_batch)
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "answers.jsonl").read_text().splitlines()]
+
+
+def by_key(recs):
+    return {(r["split"], str(r["question_id"])): r for r in recs}
+
+
+def assert_same_results(out, ref):
+    got, want = records(out), records(ref)
+    keys = [(r["split"], str(r["question_id"])) for r in got]
+    assert len(keys) == len(set(keys)) == TOTAL, "rows lost or duplicated"
+    got, want = by_key(got), by_key(want)
+    assert got.keys() == want.keys()
+    for k, r in want.items():
+        g = got[k]
+        for col in ("label", "baseline_answer", "steered_answer", "flipped", "layers_fired"):
+            assert g[col] == r[col], (k, col)
+        for col in ("baseline_margin", "steered_margin"):
+            assert g[col] == pytest.approx(r[col], abs=1e-4)
+    for name in ("metrics.csv", "flips.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(Path(out) / name), pd.read_csv(Path(ref) / name))
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    assert pope(out) == 0
+    return out
+
+
+def test_run_writes_every_output(ref):
+    for name in ("run.json", "answers.jsonl", "metrics.csv", "flips.csv", "summary.html"):
+        assert (ref / name).is_file(), name
+    recs = records(ref)
+    assert len(recs) == TOTAL
+    assert {r["split"] for r in recs} == {"random", "popular", "adversarial"}
+    assert any(r["flipped"] for r in recs), "the steering config should flip some answers"
+    page = (ref / "summary.html").read_text()
+    assert "<script" in page and "<script src=" not in page  # plotly.js is inline
+    run = json.loads((ref / "run.json").read_text())
+    assert run["config"]["site"] == "attn_logits" and run["limit"] == 8 and run["shard"] is None
+
+
+def test_metrics_equal_hand_recomputation(ref):
+    recs = records(ref)
+    metrics = pd.read_csv(ref / "metrics.csv")
+    flips = pd.read_csv(ref / "flips.csv")
+    for split in ("random", "popular", "adversarial", "all"):
+        sel = recs if split == "all" else [r for r in recs if r["split"] == split]
+        for cond in ("baseline", "steered"):
+            pred = [r[f"{cond}_answer"] for r in sel]
+            lab = [r["label"] for r in sel]
+            tp = sum(p == "yes" and y == "yes" for p, y in zip(pred, lab))
+            fp = sum(p == "yes" and y == "no" for p, y in zip(pred, lab))
+            fn = sum(p == "no" and y == "yes" for p, y in zip(pred, lab))
+            prec, rec = (tp / (tp + fp) if tp + fp else 0.0), tp / (tp + fn)
+            row = metrics[(metrics.split == split) & (metrics.condition == cond)].iloc[0]
+            assert row.n == len(sel)
+            assert row.accuracy == pytest.approx(sum(p == y for p, y in zip(pred, lab)) / len(sel))
+            assert row.precision == pytest.approx(prec)
+            assert row.recall == pytest.approx(rec)
+            assert row.f1 == pytest.approx(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+            assert row.yes_ratio == pytest.approx(pred.count("yes") / len(sel))
+        f = flips[flips.split == split].iloc[0]
+        assert f.flipped == sum(r["flipped"] for r in sel)
+        assert f.yes_to_no == sum(r["baseline_answer"] == "yes" and r["steered_answer"] == "no" for r in sel)
+        assert f.no_to_yes == sum(r["baseline_answer"] == "no" and r["steered_answer"] == "yes" for r in sel)
+        assert f.right_to_wrong == sum(r["baseline_answer"] == r["label"] != r["steered_answer"] for r in sel)
+        assert f.wrong_to_right == sum(r["baseline_answer"] != r["label"] == r["steered_answer"] for r in sel)
+    for r in recs:  # the flag and answers agree with the margins
+        assert r["baseline_answer"] == ("yes" if r["baseline_margin"] > 0 else "no")
+        assert r["flipped"] == (r["baseline_answer"] != r["steered_answer"])
+
+
+def test_resume_after_an_interruption(tmp_path, ref):
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(n):
+        if n == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pope(tmp_path, on_batch=stop_after_two)
+    assert len(records(tmp_path)) == 8
+    assert pope(tmp_path) == 0
+    assert_same_results(tmp_path, ref)
+
+
+def test_resume_after_a_torn_last_line(tmp_path, ref):
+    shutil.copy(ref / "run.json", tmp_path / "run.json")
+    data = (ref / "answers.jsonl").read_bytes()
+    lines = data.splitlines(keepends=True)
+    kept = b"".join(lines[:13]) + lines[13][: len(lines[13]) // 2]  # 13 whole rows + half a row
+    (tmp_path / "answers.jsonl").write_bytes(kept)
+    assert pope(tmp_path) == 0
+    assert_same_results(tmp_path, ref)
+
+
+def test_sigkill_then_resume(tmp_path, ref):
+    """A real ``kill -9`` while the runner writes, then a rerun: nothing lost or duplicated."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mclcbf_diag.cli", *BASE, "--out", str(out)]
+    cmd[cmd.index("--batch-size") + 1] = "1"  # many small appends: the kill lands mid-run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers = out / "answers.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (answers.is_file() and answers.stat().st_size > 0):
+            assert proc.poll() is None, "the runner ended before writing a row"
+            assert time.monotonic() < deadline, "no rows after 120 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    rows_at_kill = answers.read_bytes().count(b"\n")
+    assert 0 < rows_at_kill < TOTAL, "the kill should land mid-run"
+    assert pope(out) == 0
+    assert_same_results(out, ref)
+
+
+def test_rerun_of_a_finished_run_changes_nothing(ref, capsys):
+    before = (ref / "answers.jsonl").read_bytes()
+    assert pope(ref) == 0
+    assert (ref / "answers.jsonl").read_bytes() == before
+
+
+def test_other_config_in_the_same_out_is_refused(ref, capsys):
+    argv = [*BASE, "--out", str(ref), "--set", "tau=0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "config.tau_prefill" in err and "config.tau_decode" in err and "--out" in err
+    with pytest.raises(UserError, match="limit"):
+        pope(ref, "--limit", "9")
+
+
+def test_shards_merged_equal_the_unsharded_run(tmp_path, ref, capsys):
+    for i in (0, 1):
+        assert pope(tmp_path / f"s{i}", "--shard", f"{i}/2") == 0
+        assert len(records(tmp_path / f"s{i}")) == TOTAL // 2
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "s1"), str(tmp_path / "s0")]) == 0
+    printed = capsys.readouterr().out
+    assert "no questions missing" in printed and "0 duplicate rows" in printed
+    assert_same_results(tmp_path / "m", ref)
+    assert [r["index"] for r in records(tmp_path / "m")] == [r["index"] for r in records(ref)]
+    # one shard alone, given twice: a missing shard, missing questions and duplicates are reported
+    assert main(["merge", str(tmp_path / "m1"), str(tmp_path / "s0"), str(tmp_path / "s0")]) == 0
+    printed = capsys.readouterr().out
+    assert "missing shards 1/2" in printed and "12 questions missing" in printed
+    assert "12 duplicate rows" in printed
+
+
+def test_merge_refuses_mixed_configs(tmp_path, capsys):
+    assert pope(tmp_path / "a", "--shard", "0/2", "--limit", "2") == 0
+    assert pope(tmp_path / "b", "--shard", "1/2", "--limit", "2", "--set", "tau=0.9") == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "config.tau_prefill" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "a")]) == 2
+
+
+@pytest.mark.parametrize("text", ["2/2", "1/0", "a/b", "3", "-1/2", "1/2/3"])
+def test_bad_shard_is_a_user_error(text, tmp_path, capsys):
+    with pytest.raises(UserError, match="--shard"):
+        sweep.parse_shard(text)
+    assert main([*BASE, "--out", str(tmp_path), f"--shard={text}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mclcbf-diag: error: --shard") and "\n" not in err
+
+
+def test_shard_selects_positions_modulo_n():
+    files = sweep.question_files("random", None, None)
+    assert sweep.parse_shard("1/3") == (1, 3)
+    jobs = sweep.select_jobs(files, 10, (1, 3))
+    assert [j.position for j in jobs] == [1, 4, 7]
+
+
+def test_generate_records_text_of_both_conditions(tmp_path):
+    assert pope(tmp_path, "--limit", "2", "--generate", "2") == 0
+    recs = records(tmp_path)
+    assert len(recs) == 6
+    for r in recs:
+        assert r["baseline_text"] and r["steered_text"]
+        assert r["baseline_text_answer"] in ("yes", "no")
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert {"baseline_text", "steered_text"} <= set(metrics.condition)
+
+
+def test_bad_numbers_are_user_errors(tmp_path):
+    for extra in (["--limit", "0"], ["--batch-size", "0"], ["--generate", "-1"]):
+        with pytest.raises(UserError):
+            pope(tmp_path, *extra)
+
+
+def test_pope_file_with_split_placeholder(tmp_path):
+    src = ROOT / "mclcbf_diag" / "zoo" / "pope"
+    for split in ("random", "adversarial"):
+        shutil.copy(src / f"zoo_pope_{split}.json", tmp_path / f"coco_pope_{split}.json")
+    argv = ["--split", "all", "--pope-file", str(tmp_path / "coco_pope_{split}.json"),
+            "--image-dir", str(src / "images"), "--limit", "2"]
+    with pytest.raises(UserError, match="popular"):  # the popular file is missing
+        pope(tmp_path / "out", *argv)
+    assert pope(tmp_path / "out", *[a if a != "all" else "random" for a in argv]) == 0
+    assert {r["split"] for r in records(tmp_path / "out")} == {"random"}
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("accelerate") is not None,
+                    reason="accelerate installed: --device-map would load the model")
+def test_device_map_without_accelerate_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="accelerate"):
+        pope(tmp_path, "--limit", "1", "--device-map", "auto")
