@@ -53,7 +53,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import barrier as B
 from .errors import UserError
-from .intervene import _envoy, traced
+from .intervene import envoy_at, traced
 from .models import LoadedModel
 from .probes import rms_norm
 
@@ -193,22 +193,22 @@ def _steer_body(nm, lm: LoadedModel, cfg: B.BarrierConfig, rows: list[_Row], sta
                 cached: dict | None = None) -> None:
     """The trace body: steer every row at every steered layer, in forward order."""
     ad = lm.adapter
-    layers = _envoy(nm, ad.layers)
+    layers = envoy_at(nm, ad.layers)
     residual = cfg.site in ("resid_pre", "ln1_out")
     if residual:
-        cos, sin = _envoy(nm, ad.rotary_emb).output
+        cos, sin = envoy_at(nm, ad.rotary_emb).output
     for i in B.steered_layers(cfg, lm.n_layers):
         layer = layers[i]
         if residual:
             x = layer.inputs[0][0]
             adds = _residual_steps(cfg, lm.layer_weights(i), x, cos, sin, (cached or {}).get(i), rows, start, i)
             if cfg.site == "ln1_out":
-                x = _envoy(layer, ad.layer_input_norm).output
+                x = envoy_at(layer, ad.layer_input_norm).output
             for b, (row, add) in enumerate(zip(rows, adds)):
                 if add is not None:
                     x[b, row.targets + row.pad - start] += add
         else:
-            probs = _envoy(layer, ad.layer_attention_softmax).output
+            probs = envoy_at(layer, ad.layer_attention_softmax).output
             for b, row in enumerate(rows):
                 _logit_step(cfg, probs, b, row, start, i)
 
@@ -225,7 +225,7 @@ def _steered_trace(lm, inputs, config, rows, start=0, cached=None, **model_kwarg
     nm = traced(lm.model)
     with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
         _steer_body(nm, lm, config, rows, start, cached)
-        last = nnsight.save(_envoy(nm, lm.adapter.unembed).output[:, -1])
+        last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
     return last
 
 
@@ -258,7 +258,7 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, config: B.Ba
             # Outside ``tracer.iter`` nnsight reaches the first forward only: the prefill.
             with nm.trace(**kw, fn=lm.model.generate, **gen) as tracer:
                 _steer_body(nm, lm, config, rows)
-                last = nnsight.save(_envoy(nm, lm.adapter.unembed).output[:, -1])
+                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
                 sequences = nnsight.save(tracer.result)
         else:
             out = lm.model.generate(**kw, **gen, return_dict_in_generate=True, output_logits=True)

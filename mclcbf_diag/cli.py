@@ -36,9 +36,24 @@ def _sample_options(p: argparse.ArgumentParser) -> None:
                    help="POPE split of the embedded question set (default adversarial)")
     g.add_argument("--pope-file", default=None, help="a POPE question file (JSON Lines or JSON array)")
     g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
+    _prompt_option(g)
     which = g.add_mutually_exclusive_group()
     which.add_argument("--sample", type=int, default=None, help="0-based index into the question file")
     which.add_argument("--question-id", default=None, help="select by POPE question_id")
+
+
+def _prompt_option(g) -> None:
+    from .data import LLAVA_PROMPT
+
+    g.add_argument("--prompt", default=LLAVA_PROMPT, metavar="TEMPLATE",
+                   help="prompt around the question, with <image> and {question} "
+                        "(default: llava-hf's 'USER: <image>\\n{question}\\nASSISTANT:')")
+
+
+def _check_prompt(args) -> None:
+    from .data import build_prompt
+
+    build_prompt("question", args.prompt)  # raises a UserError naming what is missing
 
 
 def _barrier_options(p: argparse.ArgumentParser) -> None:
@@ -123,12 +138,13 @@ def cmd_trace(args) -> int:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give 0 (prefill only) or a positive count")
     config = _config(args)
+    _check_prompt(args)
     question, image_dir = _question(args)
     image = load_image(resolve_image(question, image_dir))
     default_out = f"reports/trace-{question.question_id}"
     _check_out(args, default_out)
     lm = _load(args)
-    result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens)
+    result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens, template=args.prompt)
     summary = result.summary()
     summary["text_before"] = decoded(lm, result.baseline)
     summary["text_after"] = decoded(lm, result.steered)
@@ -185,11 +201,13 @@ def cmd_explain(args) -> int:
     if not args.k_max >= 1:
         raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1")
     config = _config(args)
+    _check_prompt(args)
     question, image_dir = _question(args)
     image = load_image(resolve_image(question, image_dir))
     _check_out(args, "reports")
     lm = _load(args)
-    ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer)
+    ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer,
+                        template=args.prompt)
     summary = ex.trace.summary()
     text = verdict(ex.causes)
     _print_summary(summary)

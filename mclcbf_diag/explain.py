@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import barrier as B
+from .data import LLAVA_PROMPT
 from .diagnose import diagnose
 from .intervene import AttentionEdit, RunCapture, run
 from .measure import run_records
@@ -170,7 +171,8 @@ def counterfactuals(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base
 
 
 def cause_chain(lm: LoadedModel, question, image, config: B.BarrierConfig, first: TraceResult,
-                knockout_records: pd.DataFrame | None = None, max_links: int = 6) -> pd.DataFrame:
+                knockout_records: pd.DataFrame | None = None, max_links: int = 6,
+                template: str = LLAVA_PROMPT) -> pd.DataFrame:
     """Fix the top detected cause, re-diagnose, repeat until the answer flips or no fix is left."""
     rows, used, result, cfg = [], set(), first, config
     for link in range(max_links):
@@ -186,7 +188,7 @@ def cause_chain(lm: LoadedModel, question, image, config: B.BarrierConfig, first
             break
         used.add(fix)
         cfg = dataclasses.replace(cfg, **FIXES[fix])
-        result = trace_sample(lm, question, image, cfg, baseline=first.baseline)
+        result = trace_sample(lm, question, image, cfg, baseline=first.baseline, template=template)
     return pd.DataFrame(rows)
 
 
@@ -206,17 +208,17 @@ class Explanation:
 
 
 def explain_sample(lm: LoadedModel, question, image, config: B.BarrierConfig, *, k_max: float = 1024.0,
-                   bisect_steps: int = 8, per_layer: bool = False) -> Explanation:
+                   bisect_steps: int = 8, per_layer: bool = False, template: str = LLAVA_PROMPT) -> Explanation:
     """Trace, knockouts, diagnosis, dose-response, counterfactual fixes and cause chain."""
-    result = trace_sample(lm, question, image, config)
+    result = trace_sample(lm, question, image, config, template=template)
     text = getattr(question, "text", question)
-    _, inputs = sample_inputs(lm, text, image)
+    _, inputs = sample_inputs(lm, text, image, template)
     ko = knockouts(lm, inputs, sample=result.sample)
     causes = diagnose(pd.concat([result.records, ko], ignore_index=True))
     base_margin = result.summary()["margin_before"]
     dose = dose_response(lm, inputs, config, base_margin, k_max=k_max, bisect_steps=bisect_steps)
     fixes = counterfactuals(lm, inputs, config, base_margin)
-    chain = cause_chain(lm, question, image, config, result, ko)
+    chain = cause_chain(lm, question, image, config, result, ko, template=template)
     layer_doses = per_layer_doses(lm, inputs, config, base_margin, k_max=k_max,
                                   bisect_steps=bisect_steps) if per_layer else None
     return Explanation(result, ko, causes, dose, fixes, chain, layer_doses)

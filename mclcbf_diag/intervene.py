@@ -80,7 +80,8 @@ class RunCapture:
     inputs_embeds: torch.Tensor | None = None  # prompt embeddings, image features merged in
 
 
-def _envoy(root, path: str):
+def envoy_at(root, path: str):
+    """The nnsight envoy at a dotted adapter path (``"model.language_model.layers"``)."""
     return reduce(getattr, path.split("."), root)
 
 
@@ -185,9 +186,9 @@ class _Run:
     def body(self, nm, phase: str, step_index: int):
         lm, cfg, ad = self.lm, self.config, self.lm.adapter
         if phase == "prefill" and self.keep_embeds:
-            self.embeds = _envoy(nm, ad.language_model).inputs[1]["inputs_embeds"].detach().clone()
-        cos, sin = _envoy(nm, ad.rotary_emb).output
-        layers = _envoy(nm, ad.layers)
+            self.embeds = envoy_at(nm, ad.language_model).inputs[1]["inputs_embeds"].detach().clone()
+        cos, sin = envoy_at(nm, ad.rotary_emb).output
+        layers = envoy_at(nm, ad.layers)
         cap_step = None
         for i in range(lm.n_layers):
             layer = layers[i]
@@ -211,16 +212,16 @@ class _Run:
                 if add is not None and cfg.site == "resid_pre":
                     x[0, targets] += add
             if add is not None and cfg.site == "ln1_out":
-                y = _envoy(layer, ad.layer_input_norm).output
+                y = envoy_at(layer, ad.layer_input_norm).output
                 y[0, targets] += add
             cap.resid_pre = x[0, -1].detach().clone()
             if (steer_here and cfg.site == "attn_logits") or self.edit is not None:
-                probs = _envoy(layer, ad.layer_attention_softmax).output
+                probs = envoy_at(layer, ad.layer_attention_softmax).output
                 if steer_here and cfg.site == "attn_logits":
                     self._steer_logits(cap, probs, phase, seq)
                 if self.edit is not None:
                     self._apply_edit(probs, phase, seq)
-            attn = _envoy(layer, ad.layer_attention).output[1]
+            attn = envoy_at(layer, ad.layer_attention).output[1]
             if attn is None:
                 raise UserError("the model returned no attention probabilities; load it with "
                                 "attn_implementation='eager' (load_model does this)")
@@ -234,10 +235,10 @@ class _Run:
             if cfg is not None and i in self.steered and cap.barrier_h is None:
                 mask = fit_mask(self.span, cap.attn.shape[-1], cap.attn.device)
                 cap.barrier_h = float(cap.attn[:, mask].sum(-1).mean())
-            cap.resid_mid = _envoy(layer, ad.layer_post_attention_norm).input[0, -1].detach().clone()
+            cap.resid_mid = envoy_at(layer, ad.layer_post_attention_norm).input[0, -1].detach().clone()
             cap.resid_post = layer.output[0, -1].detach().clone()
             cap_step.layers[i] = cap
-        cap_step.final_logits = _envoy(nm, ad.unembed).output[0, -1].detach().float().clone()
+        cap_step.final_logits = envoy_at(nm, ad.unembed).output[0, -1].detach().float().clone()
         self.steps.append(cap_step)
 
     @staticmethod

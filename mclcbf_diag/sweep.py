@@ -194,12 +194,12 @@ def _image(path: Path):
     return load_image(path)
 
 
-def answer_jobs(lm, jobs: list[Job], config, generate: int = 0) -> list[dict]:
+def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None) -> list[dict]:
     """One batch of questions → one record per question (baseline and steered)."""
     from .batch import answer_batch, answer_pair, batch_inputs
     from .data import build_prompt, parse_answer, resolve_image
 
-    prompts = [build_prompt(j.question.text) for j in jobs]
+    prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
     images = [_image(resolve_image(j.question, j.image_dir)) for j in jobs]
     if generate:
         inputs = batch_inputs(lm, prompts, images, share_images=False)
@@ -231,7 +231,7 @@ def pending(jobs: list[Job], out: Path) -> list[Job]:
 
 
 def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generate: int = 0,
-             on_batch=None, progress: bool = True) -> None:
+             on_batch=None, progress: bool = True, template: str | None = None) -> None:
     """Answer ``todo`` batch by batch, appending each batch to ``out/answers.jsonl``.
 
     ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there).
@@ -242,7 +242,7 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
               file=sys.stderr, dynamic_ncols=True) as bar:
         for n, start in enumerate(range(0, len(todo), batch_size), start=1):
             batch = todo[start:start + batch_size]
-            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate))
+            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate, template))
             bar.set_postfix_str(batch[-1].split, refresh=False)
             bar.update(len(batch))
             if on_batch is not None:
@@ -344,17 +344,18 @@ def _identity(args, config, files, shard) -> dict:
             "overrides": list(args.overrides), "config": config.to_dict(),
             "splits": [s for s, _, _ in files], "pope_files": [str(p) for _, p, _ in files],
             "limit": args.limit, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
-            "generate": args.generate}
+            "generate": args.generate, "prompt": args.prompt}
 
 
 def cmd_pope(args, on_batch=None) -> int:
-    from .cli import _config, _load, _out_dir
+    from .cli import _check_prompt, _config, _load, _out_dir
 
     for name, low in (("limit", 1), ("batch_size", 1), ("generate", 0)):
         v = getattr(args, name)
         if v is not None and v < low:
             raise UserError(f"--{name.replace('_', '-')} {v} must be >= {low}")
     config = _config(args)
+    _check_prompt(args)
     shard = parse_shard(args.shard)
     files = question_files(args.split, args.pope_file, args.image_dir)
     jobs = select_jobs(files, args.limit, shard)
@@ -367,7 +368,8 @@ def cmd_pope(args, on_batch=None) -> int:
     todo = pending(jobs, out)
     if todo:
         lm = _load(args)
-        run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate, on_batch=on_batch)
+        run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate, on_batch=on_batch,
+                 template=args.prompt)
     records, dups = unique_sorted(read_records(out / ANSWERS)[0], identity["splits"])
     if dups:
         print(f"note: {dups} duplicate rows in {out / ANSWERS} were ignored (first kept)")
@@ -457,7 +459,7 @@ def _report_missing(identity: dict, records: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- parsers
 def add_pope_parser(sub) -> argparse.ArgumentParser:
-    from .cli import _barrier_options, _model_options
+    from .cli import _barrier_options, _model_options, _prompt_option
 
     p = sub.add_parser("pope", help="baseline vs steered POPE evaluation: batched, resumable, sharded")
     g = p.add_argument_group("questions")
@@ -466,6 +468,7 @@ def add_pope_parser(sub) -> argparse.ArgumentParser:
                    help="a POPE file; '{split}' in the name is replaced by each split (default: the embedded set)")
     g.add_argument("--image-dir", default=None, help="folder with the images (default: beside the POPE file)")
     g.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
+    _prompt_option(g)
     g.add_argument("--shard", default=None, metavar="I/N",
                    help="only questions at positions p with p %% N == I (I is 0-based); merge shards with `merge`")
     _model_options(p)

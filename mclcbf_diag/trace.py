@@ -78,15 +78,16 @@ def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LL
 
 def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B.BarrierConfig, *,
                  max_new_tokens: int = 0, sample=None, multiplier: float = 1.0,
-                 baseline: RunCapture | None = None) -> TraceResult:
+                 baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
-    ``baseline`` may be passed to reuse an earlier baseline run (explain does this).
+    ``baseline`` may be passed to reuse an earlier baseline run (explain does this);
+    ``template`` is the prompt around the question (it must contain ``<image>``).
     """
     text = question.text if isinstance(question, PopeQuestion) else question
     if sample is None:
         sample = question.question_id if isinstance(question, PopeQuestion) else 0
-    prompt, inputs = sample_inputs(lm, text, image)
+    prompt, inputs = sample_inputs(lm, text, image, template)
     if baseline is None:
         baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
     steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier,

@@ -291,8 +291,14 @@ def embedded_image_question():
     return q, load_image(resolve_image(q, EMBEDDED_POPE / "images"))
 
 
+@pytest.mark.parametrize("command", ["trace", "explain", "pope"])
+def test_prompt_without_image_placeholder_cli(capsys, out_dir, command):
+    _cli_error(capsys, [command, "--prompt", "USER: {question}\nASSISTANT:", "--out", str(out_dir)],
+               "lacks <image>", "e.g.")
+    _untouched(out_dir)
+
+
 def test_prompt_without_image_placeholder(embedded_model, embedded_image_question):
-    # The CLI has no option for a prompt template, so this is checked at the library level.
     from mclcbf_diag.trace import sample_inputs
 
     q, image = embedded_image_question
