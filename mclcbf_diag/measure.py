@@ -70,16 +70,16 @@ def _norm_stack(lm: LoadedModel, layers: list[int], part: str):
             torch.tensor([float(m.variance_epsilon) for m in mods]))
 
 
-def _theta_rows(caps: list[LayerCapture], d: int) -> torch.Tensor | None:
+def _theta_rows(caps: list[LayerCapture], d: int, device) -> torch.Tensor | None:
     """θ* at the decision token per layer [n, d]; zero rows where no step was taken."""
     rows, any_step = [], False
     for cap in caps:
         st = cap.step
         if st is not None and st.active and st.theta.numel():
-            rows.append(st.theta.float().reshape(-1, d)[-1])
+            rows.append(st.theta.float().reshape(-1, d)[-1].to(device))
             any_step = True
         else:
-            rows.append(torch.zeros(d))
+            rows.append(torch.zeros(d, device=device))
     return torch.stack(rows) if any_step else None
 
 
@@ -95,7 +95,7 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     fn = lm.final_norm()
     final_w, final_eps = fn.weight.detach().float(), float(fn.variance_epsilon)
     ln1, ln2 = _norm_stack(lm, layers, "layer_input_norm"), _norm_stack(lm, layers, "layer_post_attention_norm")
-    theta = _theta_rows(caps, d)
+    theta = _theta_rows(caps, d, pre.device)
 
     for site, x in (("resid_pre", pre), ("resid_mid", mid), ("resid_post", post)):
         rows.add_layers(layers, f"{site}_norm", x.norm(dim=-1))
@@ -115,7 +115,7 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
         for i, heads in zip(layers, per_head.reshape(len(layers), -1)):
             rows.add_heads(i, f"attn_{kind}_mass", heads)
     rows.add_layers(layers, "logit_lens_margin", P.yes_no_margin(
-        post, final_w, final_eps, lm.unembed_weight().float(), lm.tokens.yes_id, lm.tokens.no_id))
+        post, final_w, final_eps, lm.unembed_weight(), lm.tokens.yes_id, lm.tokens.no_id))
     for i, c in zip(layers, caps):
         _barrier_rows(rows, i, c)
     if base is not None:

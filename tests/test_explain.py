@@ -123,3 +123,26 @@ def test_per_layer_doses_steer_one_layer_at_a_time(embedded_model, sample):
     found = table.dropna(subset=["k_star"])
     assert len(found) >= 1
     assert ((found.margin > 0) != (base > 0)).all()
+
+
+@pytest.fixture(scope="module")
+def fp16_model():
+    """The embedded model in float16, as LLaVA-1.5-7B runs on a GPU.
+
+    ``load_model`` refuses fp16 on a CPU for users (slow); the arithmetic is what matters here.
+    """
+    lm = load_model()
+    lm.model.half()
+    return lm
+
+
+def test_gradient_underflow_planted_through_fp16(fp16_model, sample):
+    # In float16, Σg² of a gradient with ‖g‖ ≈ 3e-4 is ≈ 7e-8, below fp16's smallest subnormal
+    # (6e-8 rounds to 0): scale = (τ − h)/(0 + 1e-6) overflows and the seed's clamp takes over.
+    config = dataclasses.replace(HEALTHY, grad_dtype="model", clamp="scale")
+    ids, result = _detected(fp16_model, sample, config)
+    assert ids[0] == "gradient_underflow"
+    r = result.records.query("condition == 'steered' and head == -1")
+    sq = r[r.metric == "grad_norm_sq_dtype"].set_index("layer").value
+    g32 = r[r.metric == "grad_norm_f32"].set_index("layer").value
+    assert ((sq == 0) & (g32 > 0)).any()  # underflowed in fp16 although float32 sees a gradient
