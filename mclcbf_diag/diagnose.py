@@ -26,8 +26,8 @@ could produce, by strength), followed by the undetected ones in the same order:
    = (fraction clamped)·(1 − median r).
 6. ``rounding_absorbed``: median over fired layers of ‖round(x+αθ*) − x‖/‖αθ*‖ <
    :data:`ROUNDING_SURVIVAL_MIN`. Strength 1 − median survival.
-7. ``step_negligible``: median ‖θ*‖/‖x‖ < :data:`STEP_REL_MIN`, or median relative change of
-   the normalised input ‖J θ*‖/‖RMSNorm(x)‖ = ln1_gain_theta·theta_norm/ln1_out_norm <
+7. ``step_negligible``: median ‖αθ*‖/‖x‖ < :data:`STEP_REL_MIN` (the step actually added), or
+   median relative change of the normalised input ‖J αθ*‖/‖RMSNorm(x)‖ = ln1_gain_theta·applied_norm/ln1_out_norm <
    :data:`STEP_REL_MIN` (either suffices: the attention only sees the normalised input).
    Strength max over both of 1 − value/threshold.
 8. ``linearisation_failed``: median |Δh_rec − Δh_pred|/|Δh_pred| > :data:`LINEAR_REL_ERR_MAX`.
@@ -267,17 +267,20 @@ def diagnose(records: pd.DataFrame, sample=None, phase: str = "prefill", step: i
              f" ({low} of {len(surv)} fired layers below {_pct(ROUNDING_SURVIVAL_MIN)}).")
         c["rounding_absorbed"] = _make("rounding_absorbed", m < ROUNDING_SURVIVAL_MIN, 1 - m, ev, t, s)
 
-    # 7. negligible
-    t = (f"median theta_rel < {STEP_REL_MIN}, or median ln1_gain_theta·theta_norm/ln1_out_norm <"
+    # 7. negligible: the step actually added, α·θ*, against ‖x‖ and through ln1
+    t = (f"median ‖αθ*‖/‖x‖ < {STEP_REL_MIN}, or median ln1_gain_theta·‖αθ*‖/ln1_out_norm <"
          f" {STEP_REL_MIN}, over fired layers")
-    rel = _med(per_fired("theta_rel").values())
-    gain, tn, out = per_fired("ln1_gain_theta"), per_fired("theta_norm"), per_fired("ln1_out_norm")
-    norm_rel = _med(gain[ly] * tn[ly] / out[ly] for ly in gain if ly in tn and out.get(ly, 0) > 0)
+    theta_rel, tn, an = per_fired("theta_rel"), per_fired("theta_norm"), per_fired("applied_norm")
+    alpha = {ly: an[ly] / tn[ly] if ly in an and tn.get(ly, 0) > 0 else 1.0 for ly in theta_rel}
+    rel = _med(theta_rel[ly] * alpha[ly] for ly in theta_rel)
+    gain, out = per_fired("ln1_gain_theta"), per_fired("ln1_out_norm")
+    norm_rel = _med(gain[ly] * an.get(ly, tn.get(ly, math.nan)) / out[ly] for ly in gain
+                    if (ly in an or ly in tn) and out.get(ly, 0) > 0)
     if not (math.isfinite(rel) or math.isfinite(norm_rel)):
         c["step_negligible"] = _skip("step_negligible", t, "no theta_rel or ln1 gain records at fired layers")
     else:
         small = [x for x in (rel, norm_rel) if math.isfinite(x)]
-        ev = {"median_theta_rel": rel, "median_normalised_rel": norm_rel, "n_fired": len(fired)}
+        ev = {"median_step_rel": rel, "median_normalised_rel": norm_rel, "n_fired": len(fired)}
         s = (f"The step was {_pct(rel)} of ‖x‖ and changed the normalised"
              f" input by {_pct(norm_rel)} (medians over {len(fired)}"
              " fired layers).")

@@ -264,3 +264,11 @@ def test_decision_token_off_path_skipped_without_knockouts():
     cause = next(c for c in diagnose(_knockout_rows({"baseline": 1.0, "steered": 1.0}))
                  if c.id == "decision_token_off_path")
     assert not cause.detected and "skipped" in cause.evidence
+
+
+def test_step_negligible_judges_the_applied_step_not_theta():
+    # θ* is 30% of ‖x‖, but α = 0.01 adds only 0.3%: negligible.
+    causes = diagnose(make(step={"applied_norm": 0.03}))
+    first = next(c for c in causes if c.detected)
+    assert first.id == "step_negligible"
+    assert first.evidence["median_step_rel"] == pytest.approx(0.003)
