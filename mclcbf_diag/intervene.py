@@ -99,10 +99,10 @@ class _Run:
     """State for one traced run; ``body`` is called once per forward (prefill, decode…)."""
 
     def __init__(self, lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None, steer: bool,
-                 multiplier: float, edit: AttentionEdit | None, keep_keys: bool):
-        self.lm, self.config, self.multiplier, self.edit, self.keep_keys = lm, config, multiplier, edit, keep_keys
+                 multiplier: float, edit: AttentionEdit | None, keep_keys: bool, keep_embeds: bool):
+        self.lm, self.config, self.multiplier, self.edit = lm, config, multiplier, edit
+        self.keep_keys, self.keep_embeds, self.embeds = keep_keys, keep_embeds, None
         self.steer = steer and config is not None
-        self.keep_embeds, self.embeds = False, None
         ids = inputs["input_ids"][0]
         self.prompt_len = ids.shape[0]
         self.detected = ids == lm.tokens.image_token_id
@@ -156,31 +156,22 @@ class _Run:
         cfg = self.config
         tau, alpha = B.phase_params(cfg, phase)
         a = self._barrier_inputs(cap, x, i, phase, cos, sin, past_keys, key_offset)
-        targets = self._targets(phase, x.shape[1])
-        x_t, keys, w, cos_t, sin_t, qpos, normalized = (a[k] for k in (
-            "x_tok", "keys", "w", "cos_tok", "sin_tok", "query_positions", "normalized"))
-        gdt = B.resolve_grad_dtype(cfg, x.dtype)
-        h, g = B.barrier_gradient(x_t, keys, w, cos_t, sin_t, self.span, qpos, gdt, normalized=normalized)
-        if gdt != torch.float32:
-            _, g32 = B.barrier_gradient(x_t, keys, w, cos_t, sin_t, self.span, qpos, torch.float32,
-                                        normalized=normalized)
-            cap.extra["grad_norm_f32"] = float(g32.float().norm())
-        else:
-            cap.extra["grad_norm_f32"] = float(g.norm())
+        x_t, gdt = a["x_tok"], B.resolve_grad_dtype(cfg, x.dtype)
+        h, g = B.barrier_gradient(**a, dtype=gdt)
+        g32 = g if gdt == torch.float32 else B.barrier_gradient(**a, dtype=torch.float32)[1]
+        cap.extra["grad_norm_f32"] = float(g32.float().norm())
         if not torch.isfinite(g).all():
             raise UserError(f"the barrier gradient at layer {i} is NaN or inf (dtype {gdt}); "
                             "try --set grad_dtype=float32 or a float32 model")
         st = B.step(h, g, float(x_t.float().norm()), tau, alpha, cfg)
         applied = (st.applied * self.multiplier).to(x.dtype)
         cap.step, cap.barrier_h = st, st.h
-        cap.extra["multiplier"] = self.multiplier
         cap.extra["dh_predicted"] = st.predicted_delta_h * self.multiplier
         with torch.no_grad():
-            h_after, _ = B.barrier_value((x_t.to(gdt) + applied.to(gdt)), keys, w, cos_t, sin_t,
-                                         self.span, qpos, normalized=normalized)
+            h_after, _ = B.barrier_value(**{**a, "x_tok": x_t.to(gdt) + applied.to(gdt)})
         cap.extra["dh_recomputed"] = float(h_after) - st.h
         cap.extra["rounding_survival"] = rounding_survival(x_t, applied.float(), x.dtype)
-        return targets, applied if st.active else None
+        return self._targets(phase, x.shape[1]), applied if st.active else None
 
     # -- the body, run inside the trace ---------------------------------------------
     def body(self, nm, phase: str, step_index: int):
@@ -226,15 +217,13 @@ class _Run:
                 raise UserError("the model returned no attention probabilities; load it with "
                                 "attn_implementation='eager' (load_model does this)")
             cap.attn = attn[0, :, -1, :].detach().float().clone()
-            if steer_here and cfg.site != "attn_logits" and cap.step is not None:
+            if cfg is not None and i in self.steered:
                 mask = fit_mask(self.span, cap.attn.shape[-1], cap.attn.device)
-                cap.extra["dh_realised"] = float(cap.attn[:, mask].sum(-1).mean()) - cap.step.h
-            elif steer_here and cfg.site == "attn_logits":
-                mask = fit_mask(self.span, cap.attn.shape[-1], cap.attn.device)
-                cap.extra["dh_realised"] = float(cap.attn[:, mask].sum(-1).mean()) - cap.barrier_h
-            if cfg is not None and i in self.steered and cap.barrier_h is None:
-                mask = fit_mask(self.span, cap.attn.shape[-1], cap.attn.device)
-                cap.barrier_h = float(cap.attn[:, mask].sum(-1).mean())
+                realised = float(cap.attn[:, mask].sum(-1).mean())  # the model's own h after any step
+                if cap.barrier_h is None:
+                    cap.barrier_h = realised
+                elif steer_here:
+                    cap.extra["dh_realised"] = realised - cap.barrier_h
             cap.resid_mid = envoy_at(layer, ad.layer_post_attention_norm).input[0, -1].detach().clone()
             cap.resid_post = layer.output[0, -1].detach().clone()
             cap_step.layers[i] = cap
@@ -298,8 +287,7 @@ def run(lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None = None, *,
     run given ``embeds_from`` feeds them to the language model directly, skipping the vision
     tower, whose output no intervention here can change.
     """
-    state = _Run(lm, inputs, config, steer, multiplier, edit, keep_keys)
-    state.keep_embeds = keep_embeds
+    state = _Run(lm, inputs, config, steer, multiplier, edit, keep_keys, keep_embeds)
     nm = traced(lm.model)
     feed = inputs
     if embeds_from is not None and embeds_from.inputs_embeds is not None and max_new_tokens <= 0:
