@@ -388,7 +388,7 @@ def _off_path(v: "_View") -> Cause:
     """12. Knockouts alone: edits at the decision token leave the answer, edits after the image move it."""
     t = ("knockout:decision and double:decision keep the answer while an after-image edit flips it or moves "
          f"the margin ≥ {KNOCKOUT_DOMINANCE}× more")
-    mb, yb = v.scalar("final_margin", "baseline"), v.scalar("answer_yes", "baseline")
+    mb = v.scalar("final_margin", "baseline")
     edits = {cond: v.scalar("final_margin", cond) for cond in
              ("knockout:decision", "double:decision", "knockout:after_image", "double:after_image")}
     if mb is None or any(m is None for m in edits.values()):

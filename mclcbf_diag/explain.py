@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import barrier as B
 from .data import LLAVA_PROMPT
 from .diagnose import diagnose
-from .intervene import AttentionEdit, RunCapture, run
+from .intervene import AttentionEdit, RunCapture, run, with_embeds
 from .measure import run_records
 from .models import LoadedModel
 from .trace import TraceResult, sample_inputs, trace_sample
@@ -213,6 +213,7 @@ def explain_sample(lm: LoadedModel, question, image, config: B.BarrierConfig, *,
     result = trace_sample(lm, question, image, config, template=template)
     text = getattr(question, "text", question)
     _, inputs = sample_inputs(lm, text, image, template)
+    inputs = with_embeds(inputs, result.baseline)  # every run below skips the vision tower
     ko = knockouts(lm, inputs, sample=result.sample)
     causes = diagnose(pd.concat([result.records, ko], ignore_index=True))
     base_margin = result.summary()["margin_before"]

@@ -277,31 +277,38 @@ class _Run:
 
 def run(lm: LoadedModel, inputs: dict, config: B.BarrierConfig | None = None, *, steer: bool = True,
         max_new_tokens: int = 0, multiplier: float = 1.0, edit: AttentionEdit | None = None,
-        keep_keys: bool = False, embeds_from: RunCapture | None = None,
-        keep_embeds: bool = False) -> RunCapture:
+        keep_keys: bool = False, keep_embeds: bool = False) -> RunCapture:
     """Run the model once and capture the decision token.
 
     With ``steer=False`` (or no config) nothing is changed, but the barrier value h under
     the configured span is still measured at the steered layers ("h before").
-    ``keep_embeds`` saves the prompt embeddings (image features merged in); a later prefill
-    run given ``embeds_from`` feeds them to the language model directly, skipping the vision
-    tower, whose output no intervention here can change.
+    ``keep_embeds`` saves the prompt embeddings (image features merged in). When ``inputs``
+    carries them as ``inputs_embeds`` (see :func:`with_embeds`), a prefill run feeds them to
+    the language model directly, skipping the vision tower, whose output no intervention
+    here can change.
     """
     state = _Run(lm, inputs, config, steer, multiplier, edit, keep_keys, keep_embeds)
     nm = traced(lm.model)
-    feed = inputs
-    if embeds_from is not None and embeds_from.inputs_embeds is not None and max_new_tokens <= 0:
-        feed = {"inputs_embeds": embeds_from.inputs_embeds, "attention_mask": inputs["attention_mask"]}
+    feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
+    if "inputs_embeds" in inputs and max_new_tokens <= 0:
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
         if max_new_tokens <= 0:
             with nm.trace(**feed):
                 state.body(nm, "prefill", 0)
             generated = None
         else:
-            with nm.trace(**inputs, fn=lm.model.generate, max_new_tokens=max_new_tokens,
+            with nm.trace(**feed, fn=lm.model.generate, max_new_tokens=max_new_tokens,
                           min_new_tokens=max_new_tokens, do_sample=False) as tracer:
                 for s in tracer.iter[:max_new_tokens]:
                     state.body(nm, "prefill" if s == 0 else "decode", s)
                 generated = nnsight.save(tracer.result)
     return RunCapture(state.prompt_len, state.steps, state.span.cpu(), state.detected.cpu(), generated,
                       state.embeds)
+
+
+def with_embeds(inputs: dict, capture: RunCapture) -> dict:
+    """``inputs`` plus the prompt embeddings a ``keep_embeds`` run saved (if it saved any)."""
+    if capture.inputs_embeds is None:
+        return inputs
+    return {**inputs, "inputs_embeds": capture.inputs_embeds}

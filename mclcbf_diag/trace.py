@@ -17,7 +17,7 @@ import torch
 
 from . import barrier as B
 from .data import LLAVA_PROMPT, PopeQuestion, build_prompt
-from .intervene import RunCapture, run
+from .intervene import RunCapture, run, with_embeds
 from .measure import run_records
 from .models import LoadedModel
 
@@ -90,8 +90,8 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B
     prompt, inputs = sample_inputs(lm, text, image, template)
     if baseline is None:
         baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
-    steered = run(lm, inputs, config, max_new_tokens=max_new_tokens, multiplier=multiplier,
-                  embeds_from=baseline)
+    steered = run(lm, with_embeds(inputs, baseline), config, max_new_tokens=max_new_tokens,
+                  multiplier=multiplier)
     base_records = run_records(lm, baseline, sample=sample, condition="baseline")
     steer_records = run_records(lm, steered, sample=sample, condition="steered", base=baseline)
     records = pd.concat([base_records, steer_records], ignore_index=True)
