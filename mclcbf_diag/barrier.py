@@ -59,6 +59,7 @@ __all__ = [
     "step",
     "logit_bias_for_target",
     "rescale_image_probs",
+    "shift_image_logits",
 ]
 
 
@@ -582,3 +583,19 @@ def rescale_image_probs(
     c_oth = torch.where(ok, (1 - t) / torch.where(ok, 1 - m, torch.ones_like(m)), torch.ones_like(m))
     out = p * (imgf * c_img + (1 - imgf) * c_oth)
     return out.to(probs_row.dtype)
+
+
+def shift_image_logits(probs_rows: torch.Tensor, image_mask: torch.Tensor, tau: float, strength: float = 1.0):
+    """The ``attn_logits`` site on softmax rows [H, n, K]: lift each head's image mass toward τ.
+
+    Heads with image mass m < τ get the logit shift ``strength·δ`` on every image key, δ from
+    :func:`logit_bias_for_target` (``strength`` = α, times a dose multiplier), applied
+    post-softmax by :func:`rescale_image_probs`. Returns ``(new_rows, mass, delta, target)``:
+    the edited rows, the per-head mass before [H, n], the shift applied and the mass after.
+    """
+    mask = fit_mask(image_mask, probs_rows.shape[-1], probs_rows.device)
+    mass = probs_rows.float()[..., mask].sum(-1)
+    delta = logit_bias_for_target(mass, tau) * strength
+    m, e = mass.double(), torch.exp(delta.double())
+    target = (m * e / (m * e + 1 - m)).float()
+    return rescale_image_probs(probs_rows, mask, target), mass, delta, target

@@ -174,17 +174,13 @@ def _logit_step(cfg, probs, b: int, row: _Row, start: int, layer: int) -> None:
     """The ``attn_logits`` site for row ``b`` (as ``intervene._Run._steer_logits``)."""
     tau, alpha = B.phase_params(cfg, "prefill")
     q_rows = row.targets + row.pad - start
-    p = probs[b][:, q_rows]  # [H, n, K]; keys span the whole padded row
-    mask = torch.cat([torch.zeros(row.pad, dtype=torch.bool), row.span]).to(p.device)
-    mass = p.float()[..., mask].sum(-1)  # [H, n]
+    mask = torch.cat([torch.zeros(row.pad, dtype=torch.bool), row.span])  # keys span the whole padded row
+    edited, mass, _, target = B.shift_image_logits(probs[b][:, q_rows], mask, tau, alpha)
     h = float(mass.mean())
     row.h.append(h)
     if h >= tau:
         return
-    delta = B.logit_bias_for_target(mass, tau) * alpha
-    e = torch.exp(delta.double())
-    target = (mass.double() * e / (mass.double() * e + 1 - mass.double())).float()
-    probs[b][:, q_rows] = B.rescale_image_probs(p, mask, target)
+    probs[b][:, q_rows] = edited
     row.fired.append(layer)
     row.dh.append(float(target.mean()) - h)
 

@@ -250,19 +250,15 @@ class _Run:
     def _steer_logits(self, cap: LayerCapture, probs, phase: str, seq: int) -> None:
         tau, alpha = B.phase_params(self.config, phase)
         rows = self._targets(phase, seq)
-        p = probs[0][:, rows]  # [H, n, K]
-        mask = fit_mask(self.span, p.shape[-1], p.device)
-        mass = p.float()[..., mask].sum(-1)  # [H, n]
+        edited, mass, delta, target = B.shift_image_logits(probs[0][:, rows], self.span, tau,
+                                                           alpha * self.multiplier)
         h = float(mass.mean())
         cap.barrier_h = h
         cap.extra["barrier_tau"] = tau
         cap.extra["barrier_active"] = float(h < tau)
         if h >= tau:
             return
-        delta = B.logit_bias_for_target(mass, tau) * alpha * self.multiplier
-        e = torch.exp(delta.double())
-        target = (mass.double() * e / (mass.double() * e + 1 - mass.double())).float()
-        probs[0][:, rows] = B.rescale_image_probs(p, mask, target)
+        probs[0][:, rows] = edited
         cap.extra["logit_shift"] = delta.mean(-1)  # per head, averaged over target rows
         cap.extra["dh_predicted"] = float(target.mean()) - h
 

@@ -360,3 +360,24 @@ def test_apply_overrides_parses_types():
 def test_apply_overrides_errors(item, pattern):
     with pytest.raises(UserError, match=pattern):
         B.apply_overrides(B.BarrierConfig(), [item])
+
+
+def test_shift_image_logits_equals_softmax_of_shifted_logits():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 2, 10, generator=gen, dtype=torch.float64)
+    logits[0, :, :3] -= 4.0  # head 0: little image mass
+    logits[3, :, :3] += 6.0  # head 3: image mass already above τ
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[:3] = True
+    probs = torch.softmax(logits, -1).float()
+    tau = 0.4
+    edited, mass, delta, target = B.shift_image_logits(probs, mask, tau, strength=0.5)
+    # delta is the shift applied: strength × the δ that would reach τ exactly
+    torch.testing.assert_close(delta, 0.5 * B.logit_bias_for_target(mass, tau))
+    expected = torch.softmax(logits + delta.double()[..., None] * mask.double(), -1)
+    torch.testing.assert_close(edited.double(), expected, atol=1e-6, rtol=0)
+    assert torch.all(delta[3] == 0) and torch.allclose(edited[3], probs[3])
+    full, *_ = B.shift_image_logits(probs, mask, tau, strength=1.0)
+    lifted = mass < tau
+    torch.testing.assert_close(full[..., :3].sum(-1)[lifted], torch.full_like(mass[lifted], tau), atol=1e-5,
+                               rtol=0)
