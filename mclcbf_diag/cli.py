@@ -270,7 +270,7 @@ def cmd_zoo_eval(args) -> int:
     from .zoo.evaluate import evaluate
 
     lm = _load(args)
-    table, answers = evaluate(lm.model, lm.processor, n_images=args.images)
+    table, answers = evaluate(lm, n_images=args.images)
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 20):

@@ -14,7 +14,7 @@ from mclcbf_diag.zoo.evaluate import evaluate, summarise
 
 @pytest.fixture(scope="module")
 def evaluation(embedded_model):
-    return evaluate(embedded_model.model, embedded_model.processor, n_images=120)
+    return evaluate(embedded_model, n_images=120)
 
 
 def test_bars(evaluation):

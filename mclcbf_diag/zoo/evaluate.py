@@ -11,9 +11,9 @@ language prior, the hallucination that steering is meant to fix.
 from __future__ import annotations
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
+from ..batch import answer_batch
 from ..data.scoring import pope_metrics
 from .build import PROMPT
 from .questions import SPLITS, image_name, pope_questions
@@ -22,31 +22,25 @@ from .world import PARTNER_OF, sample_scenes
 EVAL_SEED = 1
 
 
-@torch.no_grad()
-def yes_no_margins(model, processor, images, questions, yes_id: int, no_id: int,
-                   batch_size: int = 64) -> list[float]:
+def yes_no_margins(lm, images, questions, batch_size: int = 64) -> list[float]:
     """logit(Yes) − logit(No) at the last prompt token, one per (image, question)."""
     margins: list[float] = []
     for i in tqdm(range(0, len(questions), batch_size), desc="answering", mininterval=2, leave=False):
-        texts = [PROMPT.format(question=q) for q in questions[i:i + batch_size]]
-        enc = processor(text=texts, images=images[i:i + batch_size], return_tensors="pt", padding="longest")
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        logits = model(**enc).logits[:, -1].float()
-        margins += (logits[:, yes_id] - logits[:, no_id]).tolist()
+        prompts = [PROMPT.format(question=q) for q in questions[i:i + batch_size]]
+        margins += [r["margin"] for r in answer_batch(lm, prompts, images[i:i + batch_size], None, steer=False)]
     return margins
 
 
-def evaluate(model, processor, n_images: int = 500, seed: int = EVAL_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate(lm, n_images: int = 500, seed: int = EVAL_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-split metrics and per-question answers on held-out scenes."""
     scenes = sample_scenes(n_images, seed)
     by_name = {image_name(s): s for s in scenes}
-    yes_id, no_id = processor.tokenizer.convert_tokens_to_ids(["Yes", "No"])
     rows = []
     for split in SPLITS:
         qs = pope_questions(scenes, split, seed)
         images = [by_name[q["image"]].image() for q in qs]
         names = [q["text"].split(" a ")[1].split(" in ")[0] for q in qs]
-        margins = yes_no_margins(model, processor, images, [q["text"] for q in qs], yes_id, no_id)
+        margins = yes_no_margins(lm, images, [q["text"] for q in qs])
         for q, name, m in zip(qs, names, margins):
             scene = by_name[q["image"]]
             rows.append({"split": split, "question_id": q["question_id"], "image": q["image"],
