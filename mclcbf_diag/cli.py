@@ -128,22 +128,31 @@ def _out_dir(args, default: str) -> Path:
     return out
 
 
+def _sample_job(args, default_out: str):
+    """Validate every input of a one-sample command, then load the model: (config, question, image, lm).
+
+    Nothing is written here; the output folder is only checked.
+    """
+    from .data import load_image, resolve_image
+
+    config = _config(args)
+    _check_prompt(args)
+    question, image_dir = _question(args)
+    image = load_image(resolve_image(question, image_dir))
+    _check_out(args, default_out.format(question_id=question.question_id))
+    return config, question, image, _load(args)
+
+
 # ----------------------------------------------------------------------------- trace
 def cmd_trace(args) -> int:
-    from .data import load_image, resolve_image
     from .plots import trace_figures
     from .report import Section, write_page
     from .trace import decoded, trace_sample
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give 0 (prefill only) or a positive count")
-    config = _config(args)
-    _check_prompt(args)
-    question, image_dir = _question(args)
-    image = load_image(resolve_image(question, image_dir))
+    config, question, image, lm = _sample_job(args, "reports/trace-{question_id}")
     default_out = f"reports/trace-{question.question_id}"
-    _check_out(args, default_out)
-    lm = _load(args)
     result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens, template=args.prompt)
     summary = result.summary()
     summary["text_before"] = decoded(lm, result.baseline)
@@ -184,28 +193,22 @@ def _print_summary(s: dict) -> None:
           f"   (logit Yes − No)")
     print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
           f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
-    print(f"  largest ‖θ*‖/‖x‖ {s['max_theta_rel']:.3g}")
+    rel = s["max_theta_rel"]
+    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
     if s.get("text_before") is not None:
         print(f"  text     baseline {s['text_before']!r}   steered {s['text_after']!r}")
 
 
 # ----------------------------------------------------------------------------- explain
 def cmd_explain(args) -> int:
-    from .data import load_image, resolve_image
     from .diagnose import causes_frame, verdict
+    from .explain import explain_sample
     from .plots import dose_response_figure, trace_figures
     from .report import Section, write_page
 
-    from .explain import explain_sample
-
     if not args.k_max >= 1:
         raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1")
-    config = _config(args)
-    _check_prompt(args)
-    question, image_dir = _question(args)
-    image = load_image(resolve_image(question, image_dir))
-    _check_out(args, "reports")
-    lm = _load(args)
+    config, question, image, lm = _sample_job(args, "reports")
     ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer,
                         template=args.prompt)
     summary = ex.trace.summary()
