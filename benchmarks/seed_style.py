@@ -36,7 +36,7 @@ def seed_hooks(lm, config: B.BarrierConfig, input_ids: torch.Tensor):
             if phase == "prefill":
                 keys, qpos = B.project_keys(x[0], w, cos, sin), torch.tensor([seq - 1])
             else:
-                cache = kwargs["past_key_values"].layers[i]
+                cache = lm.adapter.layer_cache(lm.model, kwargs).layers[i]
                 keys, qpos = cache.keys[0], torch.tensor([cache.keys.shape[-2]])
             x_t = x[0, -1:]
             h, g = B.barrier_gradient(x_t, keys, w, cos[-1:], sin[-1:], span, qpos,

@@ -293,11 +293,12 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, config: B.Bar
             base = lm.model(**inputs, logits_to_keep=1).logits[:, -1]
             return _answers(lm, base, None), _answers(lm, _steered_trace(lm, inputs, config, rows), rows)
         out = lm.model(**inputs, logits_to_keep=1, use_cache=True)
-        cache = out.past_key_values
+        cache = lm.adapter.output_cache(lm.model, out)
         cache.crop(start - ids.shape[1])  # keep the positions before the first target
         steered = B.steered_layers(config, lm.n_layers)
         cached = {i: cache.layers[i].keys[..., :start, :] for i in steered}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
                   "position_ids": inputs["position_ids"][:, start:]}
-        last = _steered_trace(lm, suffix, config, rows, start, cached, past_key_values=cache, use_cache=True)
+        last = _steered_trace(lm, suffix, config, rows, start, cached, use_cache=True,
+                              **lm.adapter.cache_kwargs(lm.model, cache))
     return _answers(lm, out.logits[:, -1], None), _answers(lm, last, rows)

@@ -230,9 +230,8 @@ class _Run:
         cap_step.final_logits = envoy_at(nm, ad.unembed).output[0, -1].detach().float().clone()
         self.steps.append(cap_step)
 
-    @staticmethod
-    def _cache_layer(kwargs, i):
-        cache = kwargs.get("past_key_values")
+    def _cache_layer(self, kwargs, i):
+        cache = self.lm.adapter.layer_cache(self.lm.model, kwargs)
         if cache is None or len(cache.layers) <= i or cache.layers[i].keys is None:
             return None
         return cache.layers[i]

@@ -8,10 +8,43 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+class _DeprecationLog(logging.Handler):
+    """Collects the deprecation notices transformers logs (not warns), e.g. on renamed kwargs."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        text = record.getMessage()
+        if "deprecat" in text.lower():
+            self.messages.append(text)
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls():
+    """Fail any test in which transformers logs a deprecation notice.
+
+    transformers announces renamed arguments (``past_key_values`` → ``cache`` in 5.24)
+    through its logger, which pytest's ``filterwarnings = error`` (pyproject.toml) does not
+    see; this catches the next rename while the old name still works.
+    """
+    handler = _DeprecationLog()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, f"deprecated call(s) into transformers: {handler.messages}"
 
 
 @pytest.fixture(scope="session")

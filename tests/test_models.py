@@ -385,3 +385,43 @@ def test_shipped_model_loads_offline_and_survives_a_save_load_round_trip(embedde
         a = lm.model(**inputs).logits
         b = again.model(**again.inputs(prompt, image)).logits
     assert torch.equal(a, b)
+
+
+def test_cache_keyword_follows_the_installed_signature():
+    """Old and new transformers name the KV cache differently; the adapter asks the signature."""
+    from mclcbf_diag.models.adapter import cache_keyword
+
+    class New(torch.nn.Module):
+        def forward(self, hidden_states, cache=None, **kwargs):
+            return hidden_states
+
+    class Old(torch.nn.Module):
+        def forward(self, hidden_states, past_key_values=None, **kwargs):
+            return hidden_states
+
+    class Neither(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states
+
+    assert cache_keyword(New()) == "cache"
+    assert cache_keyword(Old()) == "past_key_values"
+    with pytest.raises(TypeError, match="no KV cache argument"):
+        cache_keyword(Neither())
+
+
+def test_adapter_reads_the_cache_the_model_was_given(embedded_model):
+    """A real forward with use_cache: the adapter finds the returned cache without deprecated names."""
+    import inspect
+
+    lm = embedded_model
+    layer = lm.adapter.decoder_layers(lm.model)[0]
+    name = lm.adapter.cache_kwargs(lm.model, None).popitem()[0]
+    assert name in inspect.signature(type(lm.model).forward).parameters
+    assert name in inspect.signature(type(layer).forward).parameters
+    ids = torch.tensor([[1, 5, 6, 7]])
+    language_model = lm.model.get_submodule(lm.adapter.language_model)
+    with torch.no_grad():
+        out = language_model(input_ids=ids, use_cache=True)
+    cache = lm.adapter.output_cache(language_model, out)
+    assert cache.layers[0].keys.shape[-2] == 4
+    assert lm.adapter.layer_cache(lm.model, {name: cache}) is cache

@@ -117,12 +117,13 @@ def test_decode_keys_equal_the_layer_cache(lm, image, hf_reference):
               max_new_tokens=2, keep_keys=True)
     decode = cap.steps[1]
     assert decode.phase == "decode"
+    cache = lm.adapter.output_cache(lm.model, out)
     for i, layer in decode.layers.items():
         if layer.keys is None:
             continue
-        torch.testing.assert_close(layer.keys, out.past_key_values.layers[i].keys[0], rtol=0, atol=TOL)
+        torch.testing.assert_close(layer.keys, cache.layers[i].keys[0], rtol=0, atol=TOL)
         # ... and the prefill keys the barrier projects itself are those same cached keys
-        torch.testing.assert_close(cap.steps[0].layers[i].keys, out.past_key_values.layers[i].keys[0],
+        torch.testing.assert_close(cap.steps[0].layers[i].keys, cache.layers[i].keys[0],
                                    rtol=1e-4, atol=TOL)
     assert any(layer.keys is not None for layer in decode.layers.values())
 

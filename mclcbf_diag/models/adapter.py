@@ -12,9 +12,34 @@ shares exactly.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+
+CACHE_KEYWORDS = ("cache", "past_key_values")
+"""The KV cache's keyword, newest first: transformers 5.24 renamed ``past_key_values``."""
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(forward) -> str:
+    params = inspect.signature(forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise TypeError(f"{forward.__qualname__} takes no KV cache argument ({', '.join(CACHE_KEYWORDS)})")
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes the KV cache in this transformers.
+
+    transformers ≤ 5.23 calls it ``past_key_values``; 5.24 calls it ``cache`` (the old name
+    still works, with a deprecation warning, until 5.40). The installed release's own
+    signature decides, so nothing depends on parsing version numbers; model outputs use
+    the same name for the cache they return.
+    """
+    return _cache_keyword(type(module).forward)
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,19 @@ class ArchitectureAdapter:
     def layer_part(self, model: torch.nn.Module, index: int, part: str) -> torch.nn.Module:
         """``part`` is a field name such as ``"layer_input_norm"``."""
         return self.decoder_layers(model)[index].get_submodule(getattr(self, part))
+
+    # -- the KV cache, under whichever name this transformers release uses ---------------
+    def layer_cache(self, model: torch.nn.Module, layer_kwargs: dict):
+        """The cache a decoder layer was called with (from its keyword arguments), or None."""
+        return layer_kwargs.get(cache_keyword(self.decoder_layers(model)[0]))
+
+    def cache_kwargs(self, model: torch.nn.Module, cache) -> dict:
+        """Keyword arguments that hand ``cache`` to the model's forward."""
+        return {cache_keyword(model): cache}
+
+    def output_cache(self, model: torch.nn.Module, output):
+        """The cache a forward of ``model`` returned (``use_cache=True``)."""
+        return getattr(output, cache_keyword(model))
 
 
 LLAVA = ArchitectureAdapter(

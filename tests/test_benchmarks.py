@@ -1,0 +1,34 @@
+"""Every benchmark script runs end to end at a tiny size, so an upstream change cannot rot one.
+
+The figures are not checked (benchmarks print ratios measured in one run; see the README's
+performance section); only that each script finishes and prints its ratio line.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+HELPERS = {"seed_style.py"}  # imported by the scripts, not run
+TINY = {
+    "trace_overhead.py": ["--repeats", "1"],
+    "pope_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
+}
+
+
+def test_every_benchmark_has_a_tiny_run():
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")} - HELPERS
+    assert scripts == set(TINY), f"give each benchmark a tiny run in TINY: {sorted(scripts ^ set(TINY))}"
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs_at_tiny_size(script):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "error::FutureWarning"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *TINY[script]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ratio" in done.stdout, done.stdout[-2000:]
+    assert "deprecated" not in (done.stdout + done.stderr).lower(), done.stderr[-2000:]
