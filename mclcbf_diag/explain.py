@@ -16,35 +16,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import barrier as B
 from .data import LLAVA_PROMPT
 from .diagnose import diagnose
-from .intervene import AttentionEdit, RunCapture, run, with_embeds
+from .interventions import AttentionKnockout, KnockoutKnobs, as_intervention
+from .interventions.mclcbf import FIXES
+from .knobs import changed
 from .measure import run_records
 from .models import LoadedModel
+from .runner import RunCapture, run, with_embeds
 from .trace import TraceResult, sample_inputs, trace_sample
 
 KNOCKOUTS = {
-    "knockout:decision": AttentionEdit(0.0, "decision"),
-    "knockout:after_image": AttentionEdit(0.0, "after_image"),
-    "double:decision": AttentionEdit(2.0, "decision"),
-    "double:after_image": AttentionEdit(2.0, "after_image"),
-}
-
-# knob -> corrected value (the counterfactual fixes)
-FIXES: dict[str, dict] = {
-    "grad_dtype": {"grad_dtype": "float32"},
-    "clamp": {"clamp": "none"},
-    "span": {"span": "detected"},
-    "site": {"site": "attn_logits"},
-    "tokens": {"tokens": "after_image"},
+    "knockout:decision": AttentionKnockout(KnockoutKnobs(0.0, tokens="decision")),
+    "knockout:after_image": AttentionKnockout(KnockoutKnobs(0.0, tokens="after_image")),
+    "double:decision": AttentionKnockout(KnockoutKnobs(2.0, tokens="decision")),
+    "double:after_image": AttentionKnockout(KnockoutKnobs(2.0, tokens="after_image")),
 }
 
 # diagnosed cause -> the fix that addresses it (cause chain)
@@ -76,7 +68,7 @@ def _is_yes_no(lm: LoadedModel, capture: RunCapture) -> bool:
 
 def knockouts(lm: LoadedModel, inputs: dict, *, sample) -> pd.DataFrame:
     """Records (all metrics) of the four knockout/doubling conditions at prefill."""
-    frames = [run_records(lm, run(lm, inputs, None, edit=edit), sample=sample, condition=name)
+    frames = [run_records(lm, run(lm, inputs, edit), sample=sample, condition=name)
               for name, edit in KNOCKOUTS.items()]
     return pd.concat(frames, ignore_index=True)
 
@@ -97,19 +89,20 @@ class DoseResponse:
                 f"{'still' if a['yes_no_top'] else 'no longer'} a Yes/No answer.")
 
 
-def _dose_point(lm, inputs, config, k) -> dict:
-    cap = run(lm, inputs, config, multiplier=k)
-    layers = [c for c in cap.steps[0].layers.values() if c.step is not None or c.barrier_h is not None]
-    rel = [c.step.theta_rel * k for c in layers if c.step is not None and c.step.active]
-    h_after = [c.barrier_h + c.extra.get("dh_realised", 0.0) for c in layers if c.barrier_h is not None]
+def _dose_point(lm, inputs, intervention, k) -> dict:
+    cap = run(lm, inputs, intervention, dose=k)
+    layers = [c.metrics for c in cap.steps[0].layers.values() if c.metrics.get("barrier_h") is not None]
+    rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and "theta_rel" in m]
+    h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
     m = _margin(lm, cap)
     return {"k": k, "margin": m, "answer_yes": m > 0, "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
             "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": _is_yes_no(lm, cap)}
 
 
-def dose_response(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float, *,
+def dose_response(lm: LoadedModel, inputs: dict, config, base_margin: float, *,
                   k_max: float = 1024.0, bisect_steps: int = 8) -> DoseResponse:
     """Smallest k (on the doubling grid, then bisected) whose steered answer differs."""
+    config = as_intervention(config)
     base_yes = base_margin > 0
     points, k, lo = [], 1.0, 0.0
     hi = None
@@ -138,56 +131,62 @@ def dose_response(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_m
     return DoseResponse(curve, hi, k_max, at)
 
 
-def per_layer_doses(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float, *,
+def per_layer_doses(lm: LoadedModel, inputs: dict, config, base_margin: float, *,
                     k_max: float = 1024.0, bisect_steps: int = 8) -> pd.DataFrame:
     """The dose-response with only one steered layer at a time: where θ* could matter most."""
-    rows = []
-    for layer in tqdm(B.steered_layers(config, lm.n_layers), desc="per-layer dose", leave=False, mininterval=1):
-        d = dose_response(lm, inputs, dataclasses.replace(config, layers=(layer,)), base_margin,
+    config, rows = as_intervention(config), []
+    for layer in tqdm(config.layers(lm.n_layers), desc="per-layer dose", leave=False, mininterval=1):
+        d = dose_response(lm, inputs, config.replace(layers=(layer,)), base_margin,
                           k_max=k_max, bisect_steps=bisect_steps)
         rows.append({"layer": layer, "k_star": d.k_star, **{k: d.at_k_star.get(k) for k in
                                                           ("margin", "theta_rel_max", "yes_no_top")}})
     return pd.DataFrame(rows)
 
 
-def counterfactuals(lm: LoadedModel, inputs: dict, config: B.BarrierConfig, base_margin: float) -> pd.DataFrame:
-    """Each knob fixed alone, then all together: answer, margin and whether it flipped."""
-    variants = {name: dataclasses.replace(config, **change) for name, change in FIXES.items()}
-    everything = {k: v for change in FIXES.values() for k, v in change.items()}
-    variants["all"] = dataclasses.replace(config, **everything)
+def counterfactuals(lm: LoadedModel, inputs: dict, config, base_margin: float) -> pd.DataFrame:
+    """Each of the intervention's fixes alone, then all together: answer, margin, flipped."""
+    config = as_intervention(config)
+    fixes = config.fixes()
+    variants = {name: config.replace(**change) for name, change in fixes.items()}
+    everything = {k: v for change in fixes.values() for k, v in change.items()}
+    if fixes:
+        variants["all"] = config.replace(**everything)
     rows = []
     for name, cfg in tqdm(variants.items(), desc="counterfactual fixes", leave=False, mininterval=1):
-        changed = {k: v for k, v in dataclasses.asdict(cfg).items() if dataclasses.asdict(config)[k] != v}
-        if not changed:
+        diff = changed(cfg.knobs, config.knobs)
+        if not diff:
             rows.append({"fix": name, "change": "(already set)", "margin": base_margin,
                          "answer": "yes" if base_margin > 0 else "no", "flipped": False})
             continue
         cap = run(lm, inputs, cfg)
         m = _margin(lm, cap)
-        rows.append({"fix": name, "change": ", ".join(f"{k}={v}" for k, v in changed.items()), "margin": m,
+        rows.append({"fix": name, "change": ", ".join(f"{k}={v}" for k, v in diff.items()), "margin": m,
                      "answer": "yes" if m > 0 else "no", "flipped": (m > 0) != (base_margin > 0),
                      "yes_no_top": _is_yes_no(lm, cap)})
     return pd.DataFrame(rows)
 
 
-def cause_chain(lm: LoadedModel, question, image, config: B.BarrierConfig, first: TraceResult,
+def cause_chain(lm: LoadedModel, question, image, config, first: TraceResult,
                 knockout_records: pd.DataFrame | None = None, max_links: int = 6,
                 template: str = LLAVA_PROMPT) -> pd.DataFrame:
     """Fix the top detected cause, re-diagnose, repeat until the answer flips or no fix is left."""
-    rows, used, result, cfg = [], set(), first, config
+    cfg = as_intervention(config)
+    fixes = cfg.fixes()
+    rows, used, result = [], set(), first
     for link in range(max_links):
         records = result.records if knockout_records is None else pd.concat([result.records, knockout_records])
         causes = [c for c in diagnose(records) if c.detected]
         summary = result.summary()
-        fix = next((CAUSE_FIX[c.id] for c in causes if c.id in CAUSE_FIX and CAUSE_FIX[c.id] not in used), None)
-        rows.append({"link": link, "config": ", ".join(f"{k}={v}" for f in sorted(used) for k, v in FIXES[f].items())
+        fix = next((CAUSE_FIX[c.id] for c in causes if CAUSE_FIX.get(c.id) in fixes and CAUSE_FIX[c.id] not in used),
+                   None)
+        rows.append({"link": link, "config": ", ".join(f"{k}={v}" for f in sorted(used) for k, v in fixes[f].items())
                      or "(as configured)", "top_cause": causes[0].id if causes else "(none)",
                      "margin": summary["margin_after"], "flipped": summary["flipped"],
                      "next_fix": fix or "(none left)"})
         if summary["flipped"] or fix is None:
             break
         used.add(fix)
-        cfg = dataclasses.replace(cfg, **FIXES[fix])
+        cfg = cfg.replace(**fixes[fix])
         result = trace_sample(lm, question, image, cfg, baseline=first.baseline, template=template)
     return pd.DataFrame(rows)
 
@@ -207,9 +206,13 @@ class Explanation:
         return pd.concat([self.trace.records, self.knockout_records], ignore_index=True)
 
 
-def explain_sample(lm: LoadedModel, question, image, config: B.BarrierConfig, *, k_max: float = 1024.0,
+def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1024.0,
                    bisect_steps: int = 8, per_layer: bool = False, template: str = LLAVA_PROMPT) -> Explanation:
-    """Trace, knockouts, diagnosis, dose-response, counterfactual fixes and cause chain."""
+    """Trace, knockouts, diagnosis, dose-response, counterfactual fixes and cause chain.
+
+    ``config`` is the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such).
+    """
+    config = as_intervention(config)
     result = trace_sample(lm, question, image, config, template=template)
     text = getattr(question, "text", question)
     _, inputs = sample_inputs(lm, text, image, template)

@@ -1,9 +1,10 @@
 """Turn captured runs into tidy records: every probe family, per layer and head.
 
-Pure post-processing: the tensors saved by :mod:`mclcbf_diag.intervene` plus the model's
+Pure post-processing: the tensors saved by :mod:`mclcbf_diag.runner` plus the model's
 weights go through the math in :mod:`mclcbf_diag.probes`; nothing here runs the model.
 Attention masses always use the image span *detected* from ``input_ids`` (the truth),
-whatever span the barrier was configured with; the barrier's own ``h`` uses its span.
+whatever an intervention was configured with; the intervention's own records (its
+``metrics`` glossary) are passed through as they were recorded.
 """
 
 from __future__ import annotations
@@ -13,19 +14,9 @@ import math
 import torch
 
 from . import probes as P
-from .intervene import LayerCapture, RunCapture, StepCapture
+from .runner import LayerCapture, RunCapture, StepCapture
 from .models import LoadedModel
 from .records import NO_HEAD, NO_LAYER, frame
-
-_STEP_METRICS = {  # StepResult field -> record metric
-    "active": "barrier_active", "tau": "barrier_tau", "grad_norm": "grad_norm",
-    "grad_norm_sq_dtype": "grad_norm_sq_dtype", "scale_unclamped": "scale_unclamped",
-    "scale": "scale", "clamp_active": "clamp_active", "theta_norm": "theta_norm",
-    "theta_rel": "theta_rel", "applied_norm": "applied_norm",
-}
-_EXTRA_METRICS = ("grad_norm_f32", "dh_predicted", "dh_recomputed", "dh_realised", "rounding_survival",
-                  "barrier_active", "barrier_tau")  # the last two only where no StepResult has them
-
 
 class _Rows:
     """Column-wise accumulator for the records of one (sample, condition, phase, step)."""
@@ -67,20 +58,15 @@ def _norm_stack(lm: LoadedModel, layers: list[int], part: str):
     """Weights [n, d] and eps [n] of one norm (``part``) across ``layers``."""
     mods = [lm.adapter.layer_part(lm.model, i, part) for i in layers]
     return (torch.stack([m.weight.detach().float() for m in mods]),
-            torch.tensor([float(m.variance_epsilon) for m in mods]))
+            torch.tensor([lm.adapter.norm_eps(m) for m in mods]))
 
 
-def _theta_rows(caps: list[LayerCapture], d: int, device) -> torch.Tensor | None:
-    """θ* at the decision token per layer [n, d]; zero rows where no step was taken."""
-    rows, any_step = [], False
-    for cap in caps:
-        st = cap.step
-        if st is not None and st.active and st.theta.numel():
-            rows.append(st.theta.float().reshape(-1, d)[-1].to(device))
-            any_step = True
-        else:
-            rows.append(torch.zeros(d, device=device))
-    return torch.stack(rows) if any_step else None
+def _step_rows(caps: list[LayerCapture], d: int, device) -> torch.Tensor | None:
+    """The vector added at the decision token per layer [n, d]; zero rows where nothing was added."""
+    if all(c.added is None for c in caps):
+        return None
+    return torch.stack([c.added.reshape(-1)[:d].to(device) if c.added is not None else torch.zeros(d, device=device)
+                        for c in caps])
 
 
 def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, sample, condition: str,
@@ -93,9 +79,9 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     pre_in, pre, mid, post = stack("resid_pre_in"), stack("resid_pre"), stack("resid_mid"), stack("resid_post")
     d = pre.shape[-1]
     fn = lm.final_norm()
-    final_w, final_eps = fn.weight.detach().float(), float(fn.variance_epsilon)
+    final_w, final_eps = fn.weight.detach().float(), lm.adapter.norm_eps(fn)
     ln1, ln2 = _norm_stack(lm, layers, "layer_input_norm"), _norm_stack(lm, layers, "layer_post_attention_norm")
-    theta = _theta_rows(caps, d, pre.device)
+    theta = _step_rows(caps, d, pre.device)
 
     for site, x in (("resid_pre", pre), ("resid_mid", mid), ("resid_post", post)):
         rows.add_layers(layers, f"{site}_norm", x.norm(dim=-1))
@@ -117,7 +103,10 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     rows.add_layers(layers, "logit_lens_margin", P.yes_no_margin(
         post, final_w, final_eps, lm.unembed_weight(), lm.tokens.yes_id, lm.tokens.no_id))
     for i, c in zip(layers, caps):
-        _barrier_rows(rows, i, c)
+        for metric, value in c.metrics.items():
+            rows.add(i, metric, value)
+        for metric, values in c.heads.items():
+            rows.add_heads(i, metric, values)
     if base is not None:
         base_post = torch.stack([base.layers[i].resid_post.float() for i in layers])
         dist = (post - base_post).norm(dim=-1)
@@ -134,30 +123,11 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     return rows.rows
 
 
-def _barrier_rows(rows: _Rows, i: int, cap: LayerCapture) -> None:
-    if cap.barrier_h is not None:
-        rows.add(i, "barrier_h", cap.barrier_h)
-    if cap.step is not None:
-        rec = cap.step.to_record()
-        for field, metric in _STEP_METRICS.items():
-            rows.add(i, metric, rec[field])
-    for metric in _EXTRA_METRICS:
-        if metric in cap.extra and not (metric in ("barrier_active", "barrier_tau") and cap.step is not None):
-            rows.add(i, metric, cap.extra[metric])
-    if "logit_shift" in cap.extra:
-        rows.add_heads(i, "logit_shift", cap.extra["logit_shift"])
-
-
-def span_records(run: RunCapture, *, sample, condition: str) -> dict[str, list]:
-    """How the configured image span matches the detected one (layer −1, prefill)."""
+def row_records(run: RunCapture, *, sample, condition: str) -> dict[str, list]:
+    """The intervention's whole-model records of the run (layer −1, prefill)."""
     rows = _Rows(sample, condition, "prefill", 0)
-    conf, det = run.span.bool(), run.detected.bool()
-    inter, union = int((conf & det).sum()), int((conf | det).sum())
-    rows.add(NO_LAYER, "span_configured_tokens", int(conf.sum()))
-    rows.add(NO_LAYER, "span_detected_tokens", int(det.sum()))
-    rows.add(NO_LAYER, "span_iou", inter / union if union else 1.0)
-    rows.add(NO_LAYER, "span_precision", inter / int(conf.sum()) if conf.any() else 0.0)
-    rows.add(NO_LAYER, "span_recall", inter / int(det.sum()) if det.any() else 0.0)
+    for metric, value in run.row_records.items():
+        rows.add(NO_LAYER, metric, value)
     return rows.rows
 
 
@@ -165,7 +135,7 @@ def run_records(lm: LoadedModel, run: RunCapture, *, sample, condition: str,
                 base: RunCapture | None = None):
     """All records of one run (every phase and step) as a tidy frame."""
     image_mask = run.detected
-    parts = [span_records(run, sample=sample, condition=condition)] if base is not None else []
+    parts = [row_records(run, sample=sample, condition=condition)] if base is not None else []
     base_steps = {(s.phase, s.step): s for s in base.steps} if base is not None else {}
     for cap in run.steps:
         parts.append(step_records(lm, cap, image_mask, sample=sample, condition=condition,

@@ -7,7 +7,8 @@ A measurement is a row ``(sample, condition, phase, step, layer, head, metric, v
 * ``phase``: ``"prefill"`` (the prompt, step 0) or ``"decode"`` (generated tokens, step ≥ 1);
 * ``layer``: decoder layer index, or −1 for whole-model quantities (final logits, answer);
 * ``head``: attention head, or −1 where the metric is not per head;
-* ``metric``: a name from :data:`METRICS` (TransformerLens-style site names);
+* ``metric``: a name from :data:`METRICS` (TransformerLens-style site names) or from the
+  intervention's own glossary (``Intervention.metrics``; :func:`glossary` joins them);
 * ``value``: a float (booleans are 0/1).
 
 Long ("tidy") frames of this shape feed the notebooks, plots, reports and batch runs alike;
@@ -46,24 +47,25 @@ METRICS = {
     "final_margin": "logit(Yes) − logit(No) of the model's own final logits",
     "final_logit": "final logit of one Yes/No spelling (metric 'final_logit:<token>')",
     "answer_yes": "1 if the final margin is positive",
-    # barrier internals (steered layers)
-    "barrier_h": "h before the step", "barrier_tau": "τ", "barrier_active": "h < τ",
-    "grad_norm": "‖g‖ in the gradient dtype", "grad_norm_f32": "‖g‖ in float32",
-    "grad_norm_sq_dtype": "Σg² as computed in the gradient dtype",
-    "scale_unclamped": "(τ − h)/(‖g‖² + 1e-6)", "scale": "applied scale", "clamp_active": "clamp bound",
-    "theta_norm": "‖θ*‖", "theta_rel": "‖θ*‖/‖x‖", "applied_norm": "‖α θ*‖",
-    "dh_predicted": "g·(α θ*)", "dh_recomputed": "h(x + αθ*) − h(x), same keys",
-    "dh_realised": "model's own head-mean image mass after the step − h",
-    "rounding_survival": "‖round(x + αθ*) − x‖/‖αθ*‖ in the model dtype",
-    "logit_shift": "attn_logits site: logit bias added to image keys (per head)",
-    # image span (layer −1): configured (barrier) vs detected from input_ids
-    "span_configured_tokens": "positions in the configured span", "span_detected_tokens": "image tokens",
-    "span_iou": "intersection over union", "span_precision": "share of the span that is image",
-    "span_recall": "share of the image inside the span",
+    # whatever an intervention adds through Site.add, measured by the runner (steered layers)
+    "rounding_survival": "‖round(x + v) − x‖/‖v‖ in the model dtype, for the added vector v",
     # propagation (steered vs baseline)
     "propagation": "‖x_k^steered − x_k^base‖ at resid_post of layer k",
     "propagation_rel": "propagation / ‖x_k^base‖",
 }
+
+
+def glossary(intervention=None) -> dict[str, str]:
+    """Every metric's meaning: the shared ones and, if given, an intervention's own."""
+    return {**METRICS, **(getattr(intervention, "metrics", None) or {})}
+
+
+def documented(metric: str, intervention=None) -> bool:
+    """Whether a record's metric name is in the glossary (``{norm}_…`` and ``final_logit:…`` patterns too)."""
+    names = glossary(intervention)
+    if metric in names or metric.split(":")[0] in names:
+        return True
+    return any(metric == key.replace("{norm}", n) for key in names if "{norm}" in key for n in ("ln1", "ln2", "ln_final"))
 
 
 def frame(columns: dict[str, list]) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """One POPE sample, run twice (baseline and steered), measured layer by layer.
 
 :func:`trace_sample` is the toolkit's core call. It runs the unmodified model once without
-and once with the barrier intervention, through nnsight (:mod:`mclcbf_diag.intervene`),
+and once with an intervention (MC-LCBF by default), through nnsight (:mod:`mclcbf_diag.runner`),
 and returns every probe family as tidy records (:mod:`mclcbf_diag.records`), with the
 steered run's propagation measured against the baseline. :meth:`TraceResult.summary`
 condenses the records into the few numbers a user reads first.
@@ -15,22 +15,27 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import barrier as B
 from .data import LLAVA_PROMPT, PopeQuestion, build_prompt
-from .intervene import RunCapture, run, with_embeds
+from .interventions import Intervention, as_intervention
 from .measure import run_records
 from .models import LoadedModel
+from .runner import RunCapture, run, with_embeds
 
 
 @dataclass
 class TraceResult:
     records: pd.DataFrame
-    config: B.BarrierConfig
+    intervention: Intervention
     sample: object
     prompt: str
     baseline: RunCapture
     steered: RunCapture
     question: PopeQuestion | None = None
+
+    @property
+    def config(self):
+        """The intervention's knobs (for MC-LCBF its ``BarrierConfig``)."""
+        return self.intervention.knobs
 
     def value(self, metric: str, condition: str = "steered", layer: int = -1, phase: str = "prefill",
               step: int = 0, head: int = -1) -> float:
@@ -76,26 +81,28 @@ def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LL
     return prompt, lm.inputs(prompt, image)
 
 
-def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, config: B.BarrierConfig, *,
+def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervention, *,
                  max_new_tokens: int = 0, sample=None, multiplier: float = 1.0,
                  baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
-    ``baseline`` may be passed to reuse an earlier baseline run (explain does this);
-    ``template`` is the prompt around the question (it must contain ``<image>``).
+    ``intervention`` is any :class:`~mclcbf_diag.interventions.Intervention` (an MC-LCBF
+    ``BarrierConfig`` is accepted as such). ``multiplier`` scales what it changes (the dose).
+    ``baseline`` may be passed to reuse an earlier baseline run of the same intervention
+    (explain does this); ``template`` is the prompt around the question (with ``<image>``).
     """
+    iv = as_intervention(intervention)
     text = question.text if isinstance(question, PopeQuestion) else question
     if sample is None:
         sample = question.question_id if isinstance(question, PopeQuestion) else 0
     prompt, inputs = sample_inputs(lm, text, image, template)
     if baseline is None:
-        baseline = run(lm, inputs, config, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
-    steered = run(lm, with_embeds(inputs, baseline), config, max_new_tokens=max_new_tokens,
-                  multiplier=multiplier)
+        baseline = run(lm, inputs, iv, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
+    steered = run(lm, with_embeds(inputs, baseline), iv, max_new_tokens=max_new_tokens, dose=multiplier)
     base_records = run_records(lm, baseline, sample=sample, condition="baseline")
     steer_records = run_records(lm, steered, sample=sample, condition="steered", base=baseline)
     records = pd.concat([base_records, steer_records], ignore_index=True)
-    return TraceResult(records, config, sample, prompt, baseline, steered,
+    return TraceResult(records, iv, sample, prompt, baseline, steered,
                        question if isinstance(question, PopeQuestion) else None)
 
 

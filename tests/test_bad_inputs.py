@@ -255,13 +255,15 @@ def test_out_not_created_when_a_later_check_fails(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- numerics
 def test_nan_gradient_names_the_layer(monkeypatch, capsys, out_dir):
-    real = B.barrier_gradient
+    from mclcbf_diag.interventions import mclcbf
+
+    real = mclcbf._grad_and_value
 
     def poisoned(*args, **kwargs):
-        h, g = real(*args, **kwargs)
-        return h, torch.full_like(g, float("nan"))
+        g, h = real(*args, **kwargs)
+        return torch.full_like(g, float("nan")), h
 
-    monkeypatch.setattr(B, "barrier_gradient", poisoned)
+    monkeypatch.setattr(mclcbf, "_grad_and_value", poisoned)
     # seed-exp6 steers layers 1..3 of the embedded model; the first one computed fails.
     _cli_error(capsys, ["trace", "--out", str(out_dir)], "barrier gradient at layer 1", "NaN or inf",
                "grad_dtype=float32")
@@ -308,7 +310,7 @@ def test_prompt_without_image_placeholder(embedded_model, embedded_image_questio
 
 
 def test_image_span_not_found(embedded_model):
-    from mclcbf_diag.intervene import run
+    from mclcbf_diag.runner import run
 
     tok = embedded_model.processor.tokenizer
     ids = tok("USER: Is there a dog in the image?\nASSISTANT:", return_tensors="pt").input_ids

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.errors import UserError
@@ -50,6 +50,7 @@ def _weights(layer) -> B.LayerWeights:
         n_kv_heads=a.config.num_key_value_heads,
         head_dim=a.head_dim,
         scaling=a.scaling,
+        rotary=apply_rotary_pos_emb,
     )
 
 

@@ -1,4 +1,4 @@
-"""Batched answers (mclcbf_diag.batch) against per-sample ``intervene.run``.
+"""Batched answers (mclcbf_diag.batch) against per-sample ``runner.run``.
 
 Prompts of different lengths force left padding: every row must still get exactly the
 margin it gets alone, baseline and steered, for every steering site and token choice.
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag.batch import _cached_prefix, _rows, answer_batch, answer_pair, batch_inputs
+from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs, cached_prefix
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.intervene import run
+from mclcbf_diag.interventions import MCLCBF
+from mclcbf_diag.runner import run
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
 TOL = 1e-4
@@ -61,12 +62,12 @@ def _margin(lm, capture):
 
 def _fired(capture):
     return [i for i, c in sorted(capture.steps[0].layers.items())
-            if (c.step is not None and c.step.active) or c.extra.get("barrier_active")]
+            if c.metrics.get("barrier_active")]
 
 
 @pytest.fixture(scope="module")
 def singles(lm, batch):
-    """Per-sample intervene.run margins and fired layers, per config."""
+    """Per-sample runner.run margins and fired layers, per config."""
     prompts, images = batch
     out = {}
     for name, cfg in CONFIGS.items():
@@ -113,17 +114,19 @@ def test_cached_prefix_is_the_first_target(lm, batch):
     prompts, images = batch
     inputs = batch_inputs(lm, prompts, images)
     ids = inputs["input_ids"]
-    last = _rows(lm, CONFIGS["seed-exp6 detected"], inputs)
-    assert _cached_prefix(lm, ids, last) == ids.shape[1] - 1
+    mask = inputs["attention_mask"]
+    assert cached_prefix(lm, ids, mask, MCLCBF(CONFIGS["seed-exp6 detected"])) == ids.shape[1] - 1
     # after_image: the cache ends at the first text token after the image …
     same = batch_inputs(lm, [prompts[0], prompts[3]], [images[0], images[3]])
-    after = _rows(lm, CONFIGS["resid_pre after_image"], same)
-    first_text = min(r.pad + int(torch.nonzero(r.image).max()) + 1 for r in after)
-    assert _cached_prefix(lm, same["input_ids"], after) == first_text
+    pads = (same["attention_mask"] == 0).sum(-1)
+    first_text = min(int(p) + int(torch.nonzero(row[int(p):] == lm.tokens.image_token_id).max()) + 1
+                     for row, p in zip(same["input_ids"], pads))
+    assert cached_prefix(lm, same["input_ids"], same["attention_mask"],
+                         MCLCBF(CONFIGS["resid_pre after_image"])) == first_text
     # … unless another row's image lies beyond it (much shorter prompts): re-run all
-    assert _cached_prefix(lm, ids, _rows(lm, CONFIGS["resid_pre after_image"], inputs)) == 0
+    assert cached_prefix(lm, ids, inputs["attention_mask"], MCLCBF(CONFIGS["resid_pre after_image"])) == 0
     # a fixed span ending inside the image puts image tokens among the targets: no cache
-    assert _cached_prefix(lm, ids, _rows(lm, CONFIGS["fixed span, after_image (no cache)"], inputs)) == 0
+    assert cached_prefix(lm, ids, mask, MCLCBF(CONFIGS["fixed span, after_image (no cache)"])) == 0
 
 
 def test_batch_size_does_not_change_answers(embedded_model):

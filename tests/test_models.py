@@ -64,7 +64,26 @@ def meta_7b():
 def test_adapter_registry():
     assert ADAPTERS["LlavaForConditionalGeneration"] is LLAVA
     # every field is covered by the lists above (a new field needs a test)
-    assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS) == set(LLAVA.__dataclass_fields__)
+    assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS + MATH_FIELDS) == set(LLAVA.__dataclass_fields__)
+
+
+MATH_FIELDS = ["norm_kind", "rotary", "processor_extras"]
+
+
+def test_adapter_layer_weights_reproduce_the_layer_keys(embedded_model):
+    """The adapter's norm, projections and rotary give the keys the layer itself caches."""
+    from mclcbf_diag.models.projection import project_keys
+
+    lm = embedded_model
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    language_model = lm.model.get_submodule(lm.adapter.language_model)
+    with torch.no_grad():
+        out = language_model(input_ids=ids, use_cache=True, output_hidden_states=True)
+        cos, sin = language_model.rotary_emb(out.hidden_states[2], torch.arange(5)[None])
+    cache = lm.adapter.output_cache(language_model, out)
+    keys = project_keys(out.hidden_states[2][0], lm.layer_weights(2), cos[0], sin[0])
+    torch.testing.assert_close(keys, cache.layers[2].keys[0], rtol=1e-5, atol=1e-5)
+    assert lm.adapter.norm_eps(lm.adapter.layer_part(lm.model, 0, "layer_input_norm")) == lm.text_config.rms_norm_eps
 
 
 def test_adapter_paths_resolve_on_llava_7b(meta_7b):

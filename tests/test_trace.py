@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag.intervene import AttentionEdit, run
+from mclcbf_diag.interventions import AttentionKnockout, KnockoutKnobs
+from mclcbf_diag.runner import run
 from mclcbf_diag.trace import sample_inputs, trace_sample
 from mclcbf_diag.zoo.world import sample_scene
 
@@ -143,7 +144,7 @@ def test_attention_logit_site_sets_image_mass_to_tau(lm, image):
 
 def test_knockout_removes_image_attention_everywhere(lm, hf_reference):
     inputs, _ = hf_reference
-    cap = run(lm, inputs, None, edit=AttentionEdit(0.0, "decision"))
+    cap = run(lm, inputs, AttentionKnockout(KnockoutKnobs(0.0, tokens="decision")))
     image = inputs["input_ids"][0] == lm.tokens.image_token_id
     for layer in cap.steps[0].layers.values():
         assert float(layer.attn[:, image].sum()) == pytest.approx(0.0, abs=1e-6)

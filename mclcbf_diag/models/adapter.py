@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .projection import LayerWeights
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
 """The KV cache's keyword, newest first: transformers 5.24 renamed ``past_key_values``."""
@@ -63,6 +66,11 @@ class ArchitectureAdapter:
     layer_o_proj: str
     # nnsight path to the softmax inside the layer's eager attention (post-softmax edits)
     layer_attention_softmax: str
+    # the architecture's own math, for look-aheads of a layer's attention (models/projection.py)
+    norm_kind: str = "rms"  # "rms" (RMSNorm, eps in .variance_epsilon) | "layer" (LayerNorm, .eps)
+    rotary: object = apply_rotary_pos_emb  # (q, k, cos, sin, unsqueeze_dim) → (q, k)
+    # processor outputs besides input_ids/attention_mask/pixel_values that belong to each image
+    processor_extras: tuple[str, ...] = ()
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
@@ -73,6 +81,23 @@ class ArchitectureAdapter:
     def layer_part(self, model: torch.nn.Module, index: int, part: str) -> torch.nn.Module:
         """``part`` is a field name such as ``"layer_input_norm"``."""
         return self.decoder_layers(model)[index].get_submodule(getattr(self, part))
+
+    def norm_eps(self, norm: torch.nn.Module) -> float:
+        """The epsilon of a norm module of this architecture."""
+        return float(norm.variance_epsilon if self.norm_kind == "rms" else norm.eps)
+
+    def layer_weights(self, model: torch.nn.Module, index: int) -> LayerWeights:
+        """Decoder layer ``index``'s input norm and q/k projections, with this architecture's math."""
+        get = lambda part: self.layer_part(model, index, part)  # noqa: E731
+        norm, q, k, attn = get("layer_input_norm"), get("layer_q_proj"), get("layer_k_proj"), get("layer_attention")
+        cfg = model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return LayerWeights(
+            ln_weight=norm.weight.detach(), ln_eps=self.norm_eps(norm),
+            q_weight=q.weight.detach(), q_bias=detach(q.bias), k_weight=k.weight.detach(), k_bias=detach(k.bias),
+            n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
+            scaling=float(attn.scaling), rotary=self.rotary, norm_kind=self.norm_kind)
 
     # -- the KV cache, under whichever name this transformers release uses ---------------
     def layer_cache(self, model: torch.nn.Module, layer_kwargs: dict):

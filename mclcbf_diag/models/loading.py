@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from ..barrier import LayerWeights
 from ..errors import UserError
 from .adapter import ADAPTERS, ArchitectureAdapter
+from .projection import LayerWeights
 from .tokens import AnswerTokens, answer_tokens
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "zoo" / "weights"
@@ -53,19 +53,8 @@ class LoadedModel:
         return self.model.device
 
     def layer_weights(self, index: int) -> LayerWeights:
-        """The barrier's view of decoder layer ``index``: plain tensors, no modules."""
-        get = lambda part: self.adapter.layer_part(self.model, index, part)  # noqa: E731
-        norm, q, k = get("layer_input_norm"), get("layer_q_proj"), get("layer_k_proj")
-        attn = get("layer_attention")
-        cfg = self.text_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return LayerWeights(
-            ln_weight=norm.weight.detach(), ln_eps=float(norm.variance_epsilon),
-            q_weight=q.weight.detach(), q_bias=None if q.bias is None else q.bias.detach(),
-            k_weight=k.weight.detach(), k_bias=None if k.bias is None else k.bias.detach(),
-            n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
-            head_dim=head_dim, scaling=float(attn.scaling),
-        )
+        """Decoder layer ``index``'s attention projections as plain tensors (see the adapter)."""
+        return self.adapter.layer_weights(self.model, index)
 
     def final_norm(self):
         return self.model.get_submodule(self.adapter.final_norm)

@@ -1,0 +1,67 @@
+"""Edits of softmax rows as pure functions: move a row's image mass to a target.
+
+With image mass ``m = A/(A+B)`` (A, B the sums of exp-logits over image and other keys),
+adding δ to every image logit gives ``A e^δ/(A e^δ + B)``; the δ that reaches a target t is
+``log(t(1−m)/(m(1−t)))``. Multiplying the image probabilities by ``t/m`` and the others by
+``(1−t)/(1−m)`` gives exactly ``softmax(logits + δ·image)``, so an edit after the softmax
+equals a logit shift before it, keeping each group's shape. Knockouts (t = 0), doubling,
+and the barrier's ``attn_logits`` site all use these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..probes import fit_mask
+
+
+def logit_bias_for_target(per_head_mass: torch.Tensor, tau: float, max_delta: float = 30.0) -> torch.Tensor:
+    """Per-head shift δ of the image-key logits that brings a head's image mass to τ.
+
+    Heads with m ≥ τ get 0. m = 0 (or tiny) would need δ = ∞: δ is capped at ``max_delta``
+    (e³⁰ ≈ 1e13). Returns float32, same shape.
+    """
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"tau must be in (0, 1) for a logit shift, got {tau}")
+    m = per_head_mass.to(torch.float64)
+    mc = m.clamp(min=1e-300, max=1.0)
+    delta = torch.log(tau * (1 - mc)) - torch.log(mc * (1 - tau))
+    delta = torch.where(m < tau, delta.clamp(max=max_delta), torch.zeros_like(delta))
+    return delta.to(torch.float32)
+
+
+def rescale_image_probs(probs_row: torch.Tensor, image_mask: torch.Tensor,
+                        target_mass: float | torch.Tensor) -> torch.Tensor:
+    """Rescale softmax rows [..., keys] so the image mass equals ``target_mass``.
+
+    ``target_mass`` may be a scalar or broadcast against ``probs_row.shape[:-1]`` (e.g. per
+    head). Rows with m = 0 or m = 1 cannot be rescaled and are returned unchanged.
+    """
+    p = probs_row.to(torch.float32)
+    img = fit_mask(image_mask, p.shape[-1], p.device)
+    imgf = img.to(p.dtype)
+    m = (p * imgf).sum(-1, keepdim=True)
+    t = torch.as_tensor(target_mass, dtype=p.dtype, device=p.device)
+    if t.dim() > 0:
+        t = t.unsqueeze(-1)
+    ok = (m > 0) & (m < 1)
+    c_img = torch.where(ok, t / torch.where(ok, m, torch.ones_like(m)), torch.ones_like(m))
+    c_oth = torch.where(ok, (1 - t) / torch.where(ok, 1 - m, torch.ones_like(m)), torch.ones_like(m))
+    out = p * (imgf * c_img + (1 - imgf) * c_oth)
+    return out.to(probs_row.dtype)
+
+
+def shift_image_logits(probs_rows: torch.Tensor, image_mask: torch.Tensor, tau: float, strength: float = 1.0):
+    """Lift each head's image mass toward τ on softmax rows [H, n, K].
+
+    Heads with image mass m < τ get the logit shift ``strength·δ`` on every image key (δ from
+    :func:`logit_bias_for_target`), applied post-softmax by :func:`rescale_image_probs`.
+    Returns ``(new_rows, mass, delta, target)``: the edited rows, the per-head mass before
+    [H, n], the shift applied and the mass after.
+    """
+    mask = fit_mask(image_mask, probs_rows.shape[-1], probs_rows.device)
+    mass = probs_rows.float()[..., mask].sum(-1)
+    delta = logit_bias_for_target(mass, tau) * strength
+    m, e = mass.double(), torch.exp(delta.double())
+    target = (m * e / (m * e + 1 - m)).float()
+    return rescale_image_probs(probs_rows, mask, target), mass, delta, target

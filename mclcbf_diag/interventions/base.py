@@ -1,0 +1,274 @@
+"""The seam: what an intervention is, and the sites a runner offers it.
+
+An intervention is a small object with one interface (:class:`Intervention`). It holds its
+settings as a frozen dataclass of knobs (:mod:`mclcbf_diag.knobs` parses ``--set`` for any
+of them), names the layers it acts on, and fills in whichever site hooks it needs. The
+runner (:mod:`mclcbf_diag.runner`) walks the decoder layers in forward order and, at each
+layer the intervention targets, calls
+
+* :meth:`Intervention.residual` with the residual stream entering the layer (``x``, edit
+  it through :meth:`Site.add`, in place, before the layer runs; :meth:`Site.keys` gives the
+  layer's keys for a look-ahead, from the live residual, the cached prefix or the KV cache);
+* :meth:`Intervention.attention` with the layer's softmax probabilities (edit the rows of
+  chosen queries in place; :meth:`Site.key_mask` and :meth:`Site.query_index` translate a
+  row's own positions into the padded batch);
+* :meth:`Intervention.pattern` with the layer's attention pattern as the model used it
+  (read only; measuring runs only).
+
+Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
+unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
+of one) and a POPE batch alike. A run without steering (the baseline) calls the same hooks
+with ``site.steer = False``: the intervention may measure (and :meth:`Site.record` what it
+measured, e.g. its own h "before"), never edit. The runner owns what every intervention
+shares: the decision token's residuals, attention masses, logit lens and, for whatever an
+intervention adds through :meth:`Site.add`, the step's size against ‖x‖, how much of it
+survives rounding into the model's dtype, and the Jacobian gains along it.
+
+An intervention also brings its records' glossary (:attr:`Intervention.metrics`), its
+diagnosis rules (:meth:`Intervention.rules`) and its counterfactual fixes
+(:meth:`Intervention.fixes`: named knob changes that undo one suspected cause each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import knobs as K
+from ..errors import UserError
+from ..models.projection import LayerWeights
+
+
+@dataclass(frozen=True)
+class NoKnobs:
+    """Settings of an intervention that has none."""
+
+
+# --------------------------------------------------------------------------- rows
+@dataclass(frozen=True, eq=False)
+class Row:
+    """One prompt of a batch in its own coordinates: position 0 is its first real token."""
+
+    index: int  # row in the batch
+    pad: int  # left padding in the batch
+    ids: torch.Tensor  # [length] its input ids (CPU)
+    image: torch.Tensor  # bool [length]: image tokens detected from the ids
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def decision(self) -> int:
+        """The last prompt token, whose next-token logits give the answer."""
+        return self.length - 1
+
+    @property
+    def last_image(self) -> int:
+        return int(torch.nonzero(self.image).max())
+
+    def after_image(self) -> torch.Tensor:
+        """Positions of every text token after the image (the decision token included)."""
+        pos = torch.arange(self.last_image + 1, self.length)
+        return pos if pos.numel() else torch.tensor([self.decision])
+
+
+def rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> list[Row]:
+    """The rows of a left-padded batch; a UserError if a prompt holds no image token."""
+    pads = (attention_mask == 0).sum(-1).tolist()
+    rows = []
+    for b, p in enumerate(pads):
+        ids = input_ids[b, p:].cpu()
+        image = ids == image_token_id
+        if not bool(image.any()):
+            raise UserError(f"no image token (id {image_token_id}) in the prompt; every prompt must contain "
+                            "<image> (e.g. 'USER: <image>\\n{question}\\nASSISTANT:')")
+        rows.append(Row(b, int(p), ids, image))
+    return rows
+
+
+# --------------------------------------------------------------------------- sites
+class Site:
+    """One place in one forward where an intervention may act (see the module docstring).
+
+    ``tensor`` is the live value: the residual ``[B, S, d]`` (kind ``"residual"``) or the
+    softmax probabilities ``[B, H, S, K]`` (``"attention"``, ``"pattern"``). Its S query
+    positions are the padded positions ``start … start+S−1``; in the decode phase (one new
+    token per step) S = 1 and ``start`` is the number of cached positions.
+    """
+
+    def __init__(self, run, kind: str, layer: int, tensor: torch.Tensor):
+        self._run, self.kind, self.layer, self.tensor = run, kind, layer, tensor
+        self.phase, self.step, self.rows = run.phase, run.step, run.rows
+        self.steer, self.dose, self.start = run.steer, run.dose, run.start
+
+    # -- coordinates -----------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        return self.tensor.shape[-2] if self.kind == "residual" else self.tensor.shape[-2]
+
+    def positions(self, row: Row) -> torch.Tensor:
+        """The row's own positions present in ``tensor`` (pad positions excluded)."""
+        lo = max(self.start, row.pad)
+        return torch.arange(lo, self.start + self.seq) - row.pad
+
+    def current(self, row: Row) -> int:
+        """The row's last position in this forward: the decision token, or the new token."""
+        return self.start + self.seq - 1 - row.pad
+
+    def query_index(self, row: Row, positions) -> torch.Tensor:
+        """Indices into ``tensor``'s query axis of the row's own ``positions``."""
+        return torch.as_tensor(positions, dtype=torch.long) + row.pad - self.start
+
+    def key_mask(self, row: Row, mask: torch.Tensor) -> torch.Tensor:
+        """A bool mask over the row's own positions → over ``tensor``'s key axis."""
+        n_keys = self.tensor.shape[-1]
+        out = torch.zeros(n_keys, dtype=torch.bool, device=self.tensor.device)
+        m = mask.to(self.tensor.device).reshape(-1)[: n_keys - row.pad]
+        out[row.pad: row.pad + m.numel()] = m
+        return out
+
+    # -- what a look-ahead needs (residual sites) ------------------------------------
+    @property
+    def weights(self) -> LayerWeights:
+        return self._run.layer_weights(self.layer)
+
+    def rotary(self, row: Row, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``(cos, sin)`` [n, hd] at the row's own ``positions`` (present in ``tensor``)."""
+        cos, sin = self._run.rotary
+        idx = self.query_index(row, positions).to(cos.device)
+        return cos[row.index, idx].to(self.tensor.device), sin[row.index, idx].to(self.tensor.device)
+
+    def keys(self, row: Row) -> torch.Tensor:
+        """The layer's keys [KV, n, hd] for the row's own positions ``0 … n−1``.
+
+        Prefill: keys of any cached prefix, then keys projected from the live residual (as
+        the layer will compute them). Decode: the KV cache before the new token (what the
+        attention's cache holds when the layer starts).
+        """
+        return self._run.keys(self, row)
+
+    # -- acting and recording ----------------------------------------------------------
+    def add(self, row: Row, positions, vector: torch.Tensor, *, after_norm: bool = False) -> None:
+        """Add ``vector`` [n, d] to the residual at the row's own ``positions``.
+
+        ``after_norm=True`` adds it to the layer's normalised input instead (the input norm's
+        output), still before attention. The runner measures the step (see the module
+        docstring). Only in steering runs.
+        """
+        if not self.steer:
+            raise RuntimeError("a measuring (baseline) run must not edit the model")  # programming error
+        self._run.add(self, row, torch.as_tensor(positions, dtype=torch.long), vector, after_norm)
+
+    def set_rows(self, row: Row, positions, probs: torch.Tensor) -> None:
+        """Replace the softmax rows of the row's queries at ``positions`` (attention sites)."""
+        if not self.steer:
+            raise RuntimeError("a measuring (baseline) run must not edit the model")  # programming error
+        self.tensor[row.index][:, self.query_index(row, positions)] = probs.to(self.tensor.dtype)
+        self._run.edited(self, row)
+
+    def record(self, row: Row, metric: str, value) -> None:
+        """A scalar record of the row at this layer (the metric must be in the glossary)."""
+        self._run.record(row, self.layer, metric, value)
+
+    def record_heads(self, row: Row, metric: str, values: torch.Tensor) -> None:
+        """A per-head record [H] of the row at this layer."""
+        self._run.record_heads(row, self.layer, metric, values)
+
+    def recorded(self, row: Row, metric: str):
+        """A value recorded earlier in this forward at this layer (None if none)."""
+        return self._run.recorded(row, self.layer, metric)
+
+
+# --------------------------------------------------------------------------- the seam
+class Intervention:
+    """Base class: fill in what your intervention does; every default does nothing.
+
+    Class attributes: ``name`` (the CLI's ``--intervention``), ``Knobs`` (a frozen dataclass),
+    ``presets`` (name → knobs; the first is the default), ``aliases`` (short knob names that
+    set several fields), ``metrics`` (glossary of the records it adds), ``sites`` (the hooks
+    the runner must open; ``"residual"``, ``"attention"``, ``"pattern"``).
+    """
+
+    name: ClassVar[str] = "none"
+    Knobs: ClassVar[type] = NoKnobs
+    presets: ClassVar[dict] = {"default": NoKnobs()}
+    aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    metrics: ClassVar[dict[str, str]] = {}
+    sites: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, knobs=None):
+        self.knobs = next(iter(self.presets.values())) if knobs is None else knobs
+        if not isinstance(self.knobs, self.Knobs):
+            raise TypeError(f"{type(self).__name__} takes {self.Knobs.__name__}, not {type(self.knobs).__name__}")
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, preset: str | None = None, overrides=()) -> "Intervention":
+        """The named preset (default: the first) with ``knob=value`` overrides applied."""
+        name = preset or next(iter(cls.presets))
+        if name not in cls.presets:
+            raise UserError(f"unknown preset {name!r} for {cls.name}; valid presets: {', '.join(cls.presets)}")
+        return cls(K.apply_overrides(cls.presets[name], list(overrides), cls.aliases))
+
+    def replace(self, **changes) -> "Intervention":
+        """The same intervention with some knobs changed."""
+        return type(self)(dataclasses.replace(self.knobs, **changes))
+
+    def describe(self) -> dict:
+        """What identifies this intervention in a run's configuration."""
+        return {"intervention": self.name, "knobs": K.to_dict(self.knobs)}
+
+    # -- where it acts ------------------------------------------------------------------
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        """The decoder layers whose sites are opened (validated against ``n_layers``)."""
+        return ()
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        """The hooks the runner opens in a steering (``steer``) or a measuring run."""
+        return self.sites
+
+    def first_edited(self, row: Row) -> int | None:
+        """The row's earliest own position this intervention may change (None: unknown).
+
+        Positions before it are identical with and without the intervention, so a batched
+        run may continue from the baseline's cached prefix there.
+        """
+        return None
+
+    def steers_decode(self) -> bool:
+        """Whether generated tokens (the decode phase) are steered too."""
+        return True
+
+    # -- the hooks (see the module docstring) ----------------------------------------------
+    def begin(self, rows: list[Row], n_layers: int) -> None:
+        """Called once per run before the first forward, with the batch's rows."""
+
+    def residual(self, site: Site) -> None:
+        """Act on (or measure) the residual entering ``site.layer``."""
+
+    def attention(self, site: Site) -> None:
+        """Act on (or measure) the softmax probabilities of ``site.layer``."""
+
+    def pattern(self, site: Site) -> None:
+        """Read the attention pattern the model used at ``site.layer`` (measuring runs)."""
+
+    # -- what it brings to a diagnosis -------------------------------------------------------
+    def fixes(self) -> dict[str, dict]:
+        """Named counterfactual fixes: ``{name: {knob: corrected value}}``."""
+        return {}
+
+    def rules(self) -> list:
+        """Diagnosis rules specific to this intervention (see :mod:`mclcbf_diag.diagnose`)."""
+        return []
+
+    def row_records(self, row: Row) -> dict[str, float]:
+        """Whole-model records of a row (layer −1), e.g. how a configured span fits the image."""
+        return {}
+
+    def row_summary(self, per_layer: dict[int, dict[str, float]]) -> dict:
+        """A few numbers per question for batched runs, from the row's records per layer."""
+        return {}

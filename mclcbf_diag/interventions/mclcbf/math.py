@@ -1,0 +1,186 @@
+"""The barrier h(x) and the controller step, as pure tensor functions.
+
+At each steered decoder layer and for each target token, the barrier is
+
+    h(x) = mean over heads (and target tokens) of Σ_{k ∈ image} softmax(q·Kᵀ · s)_k
+
+where ``x`` is the *un-normalised* residual entering the layer, the query is
+``q = RoPE(W_q · norm(x) + b_q)``, the keys ``K`` come from the same layer's
+``norm → k_proj → RoPE`` over the sequence (prefill) or from the KV cache (decode),
+``s = head_dim^-0.5`` and a query at position p sees only keys ≤ p.
+
+If ``h < τ`` the controller solves the linearised problem "smallest θ with h + ∇h·θ ≥ τ",
+whose solution is ``θ* = (τ − h)/‖g‖² · g`` with ``g = ∇ₓh``. The seed adds 1e-6 to ``‖g‖²``,
+caps the scale at 0.5 and adds ``α·θ*`` to ``x`` before the layer runs. The keys are treated
+as constants: only the target token's query moves.
+
+Because ``g`` passes back through RMSNorm, ``‖g‖ ∝ 1/r`` (``r`` = RMS of x), so ``‖g‖²`` can be
+tiny: far below the 1e-6 guard, the guard, not the gradient, sets the scale, and the cap
+then binds. In fp16 ``‖g‖²`` can even underflow to 0, which only enlarges the scale. Every
+function computes in the dtype it is given, so such dtype effects are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...models.projection import LayerWeights, attention_rows, project_queries
+from ...probes import fit_mask
+from .config import BarrierConfig
+
+def barrier_value(
+    x_tok: torch.Tensor,
+    keys: torch.Tensor,
+    w: LayerWeights,
+    cos_tok: torch.Tensor,
+    sin_tok: torch.Tensor,
+    image_mask: torch.Tensor,
+    query_positions: torch.Tensor,
+    *,
+    normalized: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Barrier h and per-head image masses for target tokens.
+
+    x_tok [n_tok, d] (residuals, or input_layernorm outputs with ``normalized=True``),
+    keys [KV, seq, hd], image_mask bool [seq] (shorter is padded with False),
+    query_positions long [n_tok]: keys at positions > p are masked out.
+    Returns ``(h, per_head)``: h is the mean over heads and tokens (0-dim), per_head is
+    [H, n_tok]. Computed in ``x_tok``'s dtype (pass fp16 to see fp16 behaviour).
+    """
+    q = project_queries(x_tok, w, cos_tok, sin_tok, normalized=normalized)  # [H, n, hd]
+    probs = attention_rows(q, keys, w, query_positions)  # [H, n, seq]
+    img = fit_mask(image_mask, probs.shape[-1], q.device)
+    per_head = (probs * img.to(probs.dtype)).sum(-1)  # [H, n]
+    return per_head.mean(), per_head
+
+
+def barrier_gradient(
+    x_tok: torch.Tensor,
+    keys: torch.Tensor,
+    w: LayerWeights,
+    cos_tok: torch.Tensor,
+    sin_tok: torch.Tensor,
+    image_mask: torch.Tensor,
+    query_positions: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    normalized: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, ∂h/∂x_tok)`` with every input cast to ``dtype``; keys are constants.
+
+    Uses a local ``enable_grad`` (and leaves inference mode locally), so it works inside
+    ``torch.no_grad()`` contexts such as ``generate``. Both results are detached, in
+    ``dtype``; g has x_tok's shape.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+
+        def prep(t):
+            if t is None:
+                return None
+            t = t.detach().to(dtype)
+            return t.clone() if t.is_inference() else t
+
+        wd = dataclasses.replace(w, ln_weight=prep(w.ln_weight), q_weight=prep(w.q_weight), q_bias=prep(w.q_bias),
+                                 k_weight=prep(w.k_weight), k_bias=prep(w.k_bias))
+        x = x_tok.detach().to(dtype).clone().requires_grad_(True)
+        h, _ = barrier_value(
+            x, prep(keys), wd, prep(cos_tok), prep(sin_tok),
+            image_mask, query_positions, normalized=normalized,
+        )
+        (g,) = torch.autograd.grad(h, x)
+    return h.detach(), g.detach()
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """One controller step. ``theta = scale·g``; ``applied = α·theta`` is added to x."""
+
+    active: bool  # h < tau
+    h: float
+    tau: float
+    alpha: float
+    grad_norm: float  # ‖g‖ of the g given (in float32 arithmetic)
+    grad_norm_sq_dtype: float  # Σg² as computed in g's dtype (what the seed divides by)
+    scale_unclamped: float  # (tau − h)/(‖g‖² + 1e-6), in g's dtype
+    scale: float  # after the clamp; 0 when inactive
+    clamp_active: bool
+    theta: torch.Tensor
+    applied: torch.Tensor
+    theta_norm: float
+    applied_norm: float
+    theta_rel: float  # ‖theta‖/‖x‖
+    predicted_delta_h: float  # first order: g·applied
+
+    def to_record(self) -> dict[str, float | bool]:
+        """The scalar fields, for tidy records."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("theta", "applied")
+        }
+
+
+def step(
+    h: torch.Tensor,
+    g: torch.Tensor,
+    x_norm: float,
+    tau: float,
+    alpha: float,
+    config: BarrierConfig,
+) -> StepResult:
+    """The controller step, computed in ``g``'s dtype as the seed does.
+
+    ``scale_unclamped = (τ − h)/(Σg² + 1e-6)``. Clamps: "scale" → ``min(clamp_value, ·)``;
+    "step_norm" → ``min(·, c‖x‖/(α‖g‖))`` so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is.
+    Inactive (h ≥ τ) → theta = 0, scale = 0. ``x_norm`` is ‖x‖ over the target tokens.
+    """
+    dt = g.dtype
+    h_t = torch.as_tensor(h).to(dt)
+    h_f = float(h_t)
+    gsq = (g * g).sum()  # in g's dtype: may underflow in fp16
+    unclamped = (tau - h_t) / (gsq + 1e-6)
+    grad_norm = float(g.to(torch.float32).norm()) if dt != torch.float64 else float(g.norm())
+    active = bool(h_t < tau)
+
+    scale_t = torch.zeros((), dtype=dt, device=g.device)
+    clamp_active = False
+    if active:
+        if config.clamp == "scale":
+            scale_t = torch.clamp(unclamped, max=config.clamp_value)
+        elif config.clamp == "step_norm":
+            denom = alpha * grad_norm
+            limit = config.clamp_value * x_norm / denom if denom > 0 else math.inf
+            scale_t = torch.clamp(unclamped, max=limit) if math.isfinite(limit) else unclamped
+        else:
+            scale_t = unclamped
+        clamp_active = bool(scale_t < unclamped)
+        if grad_norm == 0.0:  # no direction to move in (avoids inf·0 = NaN)
+            theta = torch.zeros_like(g)
+        else:
+            theta = scale_t * g
+    else:
+        theta = torch.zeros_like(g)
+    applied = alpha * theta
+
+    theta_norm = float(theta.to(torch.float64).norm())
+    return StepResult(
+        active=active,
+        h=h_f,
+        tau=float(tau),
+        alpha=float(alpha),
+        grad_norm=grad_norm,
+        grad_norm_sq_dtype=float(gsq),
+        scale_unclamped=float(unclamped),
+        scale=float(scale_t),
+        clamp_active=clamp_active,
+        theta=theta,
+        applied=applied,
+        theta_norm=theta_norm,
+        applied_norm=float(applied.to(torch.float64).norm()),
+        theta_rel=theta_norm / x_norm if x_norm > 0 else math.nan,
+        predicted_delta_h=float((g.to(torch.float64) * applied.to(torch.float64)).sum()),
+    )

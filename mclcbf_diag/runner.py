@@ -1,0 +1,307 @@
+"""Run the model through nnsight, with or without an intervention, and capture what it did.
+
+This is the only module that talks to nnsight. The HF model is never modified: an
+intervention acts inside ``model.trace(...)`` by editing the values nnsight hands over, in
+forward order, at each decoder layer it targets (the sites of
+:mod:`mclcbf_diag.interventions.base`):
+
+1. ``layer.inputs``: the residual ``x`` entering the layer (the ``residual`` site) and, in
+   decode, the layer's KV cache before the new token is appended (for look-ahead keys);
+2. ``input_layernorm.output``: where :meth:`Site.add` with ``after_norm=True`` lands;
+3. the softmax inside eager attention (the ``attention`` site);
+4. ``self_attn.output[1]``, ``post_attention_layernorm.input``, ``layer.output``: with
+   ``capture=True`` the decision token's attention row, ``resid_mid`` and ``resid_post`` are
+   saved at every layer, and the attention pattern is shown to the ``pattern`` site.
+
+Every run is batched: a single sample is a batch of one. A batch is left-padded (see
+:mod:`mclcbf_diag.batch`), so the last position is every row's decision token. A run can
+continue from a cached prefix (``prefix``): only the positions from ``start`` on are
+computed, the earlier keys come from the cache, and the sites see padded positions
+``start …``. ``max_new_tokens > 0`` runs ``generate`` with a bounded ``tracer.iter`` and
+repeats the body for every generated token (the decode phase; one row only).
+Gradients an intervention needs are its own business (a local ``enable_grad``); the trace
+runs under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from functools import reduce
+
+import nnsight
+import torch
+from nnsight import NNsight
+
+from .errors import UserError
+from .interventions import as_intervention
+from .interventions.base import Intervention, Row, Site, rows_of
+from .models import LoadedModel
+from .models.projection import project_keys
+from .probes import rounding_survival
+
+
+@dataclass
+class LayerCapture:
+    """The decision token at one layer (one row), and what the intervention recorded there."""
+
+    resid_pre_in: torch.Tensor  # entering the layer, before any step
+    resid_pre: torch.Tensor = None  # after the step (what the layer used)
+    resid_mid: torch.Tensor = None
+    resid_post: torch.Tensor = None
+    attn: torch.Tensor = None  # [heads, keys] decision-query softmax row (the row's own keys)
+    metrics: dict = field(default_factory=dict)  # the intervention's and the step's scalar records
+    heads: dict = field(default_factory=dict)  # per-head records [H]
+    added: torch.Tensor | None = None  # the vector added at the decision token [d], if any
+    keys: torch.Tensor | None = None  # [kv_heads, n, hd] look-ahead keys (keep_keys, tests)
+
+
+@dataclass
+class StepCapture:
+    phase: str
+    step: int
+    n_keys: int
+    layers: dict[int, LayerCapture] = field(default_factory=dict)
+    final_logits: torch.Tensor | None = None
+
+
+@dataclass
+class RunCapture:
+    """One row's run: every (phase, step), plus what identifies its prompt."""
+
+    prompt_len: int
+    steps: list[StepCapture]
+    detected: torch.Tensor  # bool [prompt]: input_ids == image token id
+    row_records: dict = field(default_factory=dict)  # whole-model records of the intervention
+    generated: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None  # prompt embeddings, image features merged in
+
+
+def envoy_at(root, path: str):
+    """The nnsight envoy at a dotted adapter path (``"model.language_model.layers"``)."""
+    return reduce(getattr, path.split("."), root)
+
+
+_WRAPPED: "weakref.WeakKeyDictionary[torch.nn.Module, NNsight]" = weakref.WeakKeyDictionary()
+
+
+def traced(model: torch.nn.Module) -> NNsight:
+    """The nnsight wrapper of a model, built once (wrapping walks every module)."""
+    if model not in _WRAPPED:
+        _WRAPPED[model] = NNsight(model)
+    return _WRAPPED[model]
+
+
+class _Run:
+    """State of one traced run; :meth:`body` is called once per forward (prefill, decode …)."""
+
+    def __init__(self, lm: LoadedModel, rows: list[Row], intervention: Intervention | None, *, steer: bool,
+                 dose: float, capture: bool, start: int = 0, prefix_keys: dict | None = None,
+                 keep_keys: bool = False):
+        self.lm, self.rows, self.iv = lm, rows, intervention
+        self.steer, self.dose, self.capture, self.keep_keys = steer and intervention is not None, dose, capture, keep_keys
+        self.prefix_start, self.prefix_keys = start, prefix_keys or {}
+        self.targeted = set(intervention.layers(lm.n_layers)) if intervention is not None else set()
+        self._weights: dict[int, object] = {}
+        # records[row][(phase, step)][layer] = {metric: value}; heads likewise
+        self.records = [dict() for _ in rows]
+        self.heads = [dict() for _ in rows]
+        self.added: list[dict] = [dict() for _ in rows]  # (phase, step, layer) → decision-token vector
+        self.keys_seen: list[dict] = [dict() for _ in rows]
+        self.steps: list[list[StepCapture]] = [[] for _ in rows]
+        self.embeds = None
+        if intervention is not None:
+            intervention.begin(rows, lm.n_layers)
+
+    # -- what sites ask for -----------------------------------------------------------------
+    def layer_weights(self, i: int):
+        if i not in self._weights:
+            self._weights[i] = self.lm.layer_weights(i)
+        return self._weights[i]
+
+    def keys(self, site: Site, row: Row) -> torch.Tensor:
+        i, x = site.layer, site.tensor
+        if self.phase == "decode":
+            cache = self.lm.adapter.layer_cache(self.lm.model, self.layer_kwargs)
+            if cache is None or len(cache.layers) <= i or cache.layers[i].keys is None:
+                raise UserError("decode-phase steering needs the KV cache; generation ran without one")
+            keys = cache.layers[i].keys[row.index, :, row.pad:].detach().clone()
+        else:
+            lo = max(self.start, row.pad)
+            cos, sin = self.rotary
+            sl = slice(lo - self.start, None)
+            keys = project_keys(x[row.index, sl], self.layer_weights(i), cos[row.index, sl].to(x.device),
+                                sin[row.index, sl].to(x.device))
+            if lo > row.pad:
+                keys = torch.cat([self.prefix_keys[i][row.index, :, row.pad:lo].to(keys.dtype), keys], dim=-2)
+        if self.keep_keys:
+            self.keys_seen[row.index][(self.phase, self.step, i)] = keys.clone()
+        return keys
+
+    def add(self, site: Site, row: Row, positions: torch.Tensor, vector: torch.Tensor, after_norm: bool):
+        x = site.tensor
+        idx = site.query_index(row, positions)
+        v = vector.reshape(len(idx), -1)
+        before = x[row.index, idx]
+        if after_norm:
+            before = self.layer_weights(site.layer).norm(before)
+            self.pending_norm.append((row.index, idx, v.to(x.dtype)))
+        else:
+            x[row.index, idx] += v.to(x.dtype)
+        self.record(row, site.layer, "rounding_survival", rounding_survival(before, v.float(), x.dtype))
+        at = (positions == site.current(row)).nonzero().flatten()
+        if at.numel():
+            self.added[row.index][(self.phase, self.step, site.layer)] = v[at[0]].detach().float().clone()
+
+    def edited(self, site: Site, row: Row) -> None:
+        """An attention site changed the row's probabilities (nothing to measure here)."""
+
+    def record(self, row: Row, layer: int, metric: str, value) -> None:
+        step = self.records[row.index].setdefault((self.phase, self.step), {})
+        step.setdefault(layer, {})[metric] = None if value is None else float(value)
+
+    def record_heads(self, row: Row, layer: int, metric: str, values: torch.Tensor) -> None:
+        step = self.heads[row.index].setdefault((self.phase, self.step), {})
+        step.setdefault(layer, {})[metric] = values.detach().float().cpu().clone()
+
+    def recorded(self, row: Row, layer: int, metric: str):
+        return self.records[row.index].get((self.phase, self.step), {}).get(layer, {}).get(metric)
+
+    # -- the body, run inside the trace -------------------------------------------------------
+    def body(self, nm, phase: str, step: int, keep_embeds: bool = False) -> None:
+        lm, ad = self.lm, self.lm.adapter
+        self.phase, self.step, self.pending_norm = phase, step, []
+        acting = self.iv is not None and (phase == "prefill" or self.iv.steers_decode())
+        sites = self.iv.open_sites(self.steer) if acting else frozenset()
+        targeted = self.targeted if acting else set()
+        if phase == "prefill" and keep_embeds:
+            self.embeds = envoy_at(nm, ad.language_model).inputs[1]["inputs_embeds"].detach().clone()
+        if "residual" in sites and targeted:
+            self.rotary = envoy_at(nm, ad.rotary_emb).output
+        layers = envoy_at(nm, ad.layers)
+        visit = range(lm.n_layers) if self.capture else sorted(targeted)
+        caps: dict[int, list[LayerCapture]] = {}
+        self.start = self.prefix_start
+        for n, i in enumerate(visit):
+            layer = layers[i]
+            here = i in targeted
+            if self.capture or (here and "residual" in sites) or n == 0:
+                args, kwargs = layer.inputs
+                x = args[0]
+                if n == 0 and phase == "decode":
+                    self.layer_kwargs = kwargs
+                    cache = ad.layer_cache(lm.model, kwargs)
+                    self.start = 0 if cache is None else cache.get_seq_length()
+                self.layer_kwargs = kwargs
+                if self.capture:
+                    caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
+                if here and "residual" in sites:
+                    self.iv.residual(Site(self, "residual", i, x))
+                if self.pending_norm:
+                    y = envoy_at(layer, ad.layer_input_norm).output
+                    for b, idx, v in self.pending_norm:
+                        y[b, idx] += v
+                    self.pending_norm = []
+                if self.capture:
+                    for r in self.rows:
+                        caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
+            if here and "attention" in sites:
+                self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
+            if self.capture:
+                attn = envoy_at(layer, ad.layer_attention).output[1]
+                if attn is None:
+                    raise UserError("the model returned no attention probabilities; load it with "
+                                    "attn_implementation='eager' (load_model does this)")
+                if here and "pattern" in sites:
+                    self.iv.pattern(Site(self, "pattern", i, attn))
+                mid = envoy_at(layer, ad.layer_post_attention_norm).input
+                post = layer.output
+                for r in self.rows:
+                    c = caps[i][r.index]
+                    c.attn = attn[r.index, :, -1, r.pad:].detach().float().clone()
+                    c.resid_mid = mid[r.index, -1].detach().clone()
+                    c.resid_post = post[r.index, -1].detach().clone()
+        if self.capture:
+            logits = envoy_at(nm, ad.unembed).output[:, -1].detach().float().clone()
+            for r in self.rows:
+                cap = StepCapture(phase, step, self.start + x.shape[1] - r.pad)
+                for i in visit:
+                    c = caps[i][r.index]
+                    c.metrics = self.records[r.index].get((phase, step), {}).get(i, {})
+                    c.heads = self.heads[r.index].get((phase, step), {}).get(i, {})
+                    c.added = self.added[r.index].get((phase, step, i))
+                    c.keys = self.keys_seen[r.index].get((phase, step, i))
+                    cap.layers[i] = c
+                cap.final_logits = logits[r.index]
+                self.steps[r.index].append(cap)
+
+
+def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
+        max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
+        keep_embeds: bool = False) -> RunCapture:
+    """Run one prompt once and capture the decision token at every layer.
+
+    With ``steer=False`` (or no intervention) nothing is changed, but the intervention still
+    measures what it would act on (its "before"). ``dose`` multiplies what it changes (the
+    dose-response). ``keep_embeds`` saves the prompt embeddings (image features merged in);
+    when ``inputs`` carries them as ``inputs_embeds`` (see :func:`with_embeds`), a prefill
+    run feeds them to the language model directly, skipping the vision tower, whose output
+    no language-model intervention can change.
+    """
+    intervention = as_intervention(intervention)
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("run() captures one prompt; use run_batch() for batches")  # programming error
+    rows = rows_of(ids, inputs.get("attention_mask", torch.ones_like(ids)), lm.tokens.image_token_id)
+    state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys)
+    nm = traced(lm.model)
+    feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
+    if "inputs_embeds" in inputs and max_new_tokens <= 0:
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        if max_new_tokens <= 0:
+            with nm.trace(**feed):
+                state.body(nm, "prefill", 0, keep_embeds)
+            generated = None
+        else:
+            with nm.trace(**feed, fn=lm.model.generate, max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens, do_sample=False) as tracer:
+                for s in tracer.iter[:max_new_tokens]:
+                    state.body(nm, "prefill" if s == 0 else "decode", s, keep_embeds)
+                generated = nnsight.save(tracer.result)
+    row = rows[0]
+    extra = intervention.row_records(row) if intervention is not None else {}
+    return RunCapture(row.length, state.steps[0], row.image.clone(), extra, generated, state.embeds)
+
+
+def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor,
+              start: int = 0, prefix_keys: dict | None = None, generate: dict | None = None, **model_kwargs):
+    """One intervened forward of a left-padded batch: last-position logits and per-row records.
+
+    ``full_ids`` are the batch's whole prompts (the rows' layout). ``start``/``prefix_keys``
+    continue from a cached prefix (``model_kwargs`` then carries the cache and ``inputs`` only
+    the positions from ``start`` on). Returns ``(logits [B, vocab], records)`` with
+    ``records[b][layer] = {metric: value}``; with ``generate`` (kwargs of ``generate``) the
+    prefill forward is intervened and the generated sequences are returned third.
+    """
+    rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False, start=start, prefix_keys=prefix_keys)
+    nm = traced(lm.model)
+    if generate is None:
+        with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
+            state.body(nm, "prefill", 0)
+            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+    else:
+        with nm.trace(**inputs, fn=lm.model.generate, **generate, **model_kwargs) as tracer:
+            state.body(nm, "prefill", 0)
+            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+            sequences = nnsight.save(tracer.result)
+    records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]
+    return (last, records) if generate is None else (last, records, sequences)
+
+
+def with_embeds(inputs: dict, capture: RunCapture) -> dict:
+    """``inputs`` plus the prompt embeddings a ``keep_embeds`` run saved (if it saved any)."""
+    if capture.inputs_embeds is None:
+        return inputs
+    return {**inputs, "inputs_embeds": capture.inputs_embeds}

@@ -1,0 +1,40 @@
+"""Every metric a run emits is documented, for every intervention the package ships."""
+
+from pathlib import Path
+
+import pytest
+
+from mclcbf_diag import barrier as B
+from mclcbf_diag.data import load_image, load_pope, resolve_image
+from mclcbf_diag.interventions import AttentionKnockout, KnockoutKnobs
+from mclcbf_diag.records import COLUMNS, documented, frame, glossary
+from mclcbf_diag.trace import trace_sample
+
+POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+CASES = {
+    "mclcbf seed": B.MCLCBF(B.get_preset("seed-exp6")),
+    "mclcbf resid_pre firing": B.MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99"])),
+    "mclcbf ln1_out": B.MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "site=ln1_out"])),
+    "mclcbf attn_logits": B.MCLCBF(B.apply_overrides(B.get_preset("fixed"), ["tau=0.6"])),
+    "knockout": AttentionKnockout(KnockoutKnobs(0.0, tokens="after_image")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_emitted_metric_is_documented(embedded_model, case):
+    q = load_pope(POPE / "zoo_pope_adversarial.json")[3]
+    iv = CASES[case]
+    result = trace_sample(embedded_model, q, load_image(resolve_image(q, POPE / "images")), iv, max_new_tokens=2)
+    missing = sorted({m for m in result.records.metric.unique() if not documented(m, iv)})
+    assert not missing, f"undocumented metrics: {missing}"
+
+
+def test_glossary_patterns():
+    assert documented("ln2_gain_radial") and documented("final_logit:Yes")
+    assert not documented("ln3_gain_radial") and not documented("made_up")
+    assert "barrier_h" not in glossary() and "barrier_h" in glossary(CASES["mclcbf seed"])
+
+
+def test_frame_has_the_canonical_columns():
+    f = frame({k: [1] for k in COLUMNS})
+    assert list(f.columns) == COLUMNS and str(f["layer"].dtype) == "int64"
