@@ -3,7 +3,18 @@
 Subcommands: ``trace`` (one sample, baseline vs steered, every probe), ``zoo`` (train,
 evaluate and regenerate the embedded model and its POPE set). Every user mistake is a
 :class:`~mclcbf_diag.errors.UserError`: one line on stderr, exit status 2, and a
-traceback only with ``--debug``.
+traceback only with ``--debug``. argparse's own errors (a missing value, ``--shard -1/2``)
+are one line too, and Ctrl-C at any moment is one line with status 130.
+
+Order of work: every argument, knob, file, image and the output folder is validated
+first (``--set layers=…`` against the depth read from ``config.json``), then the
+tokenizer measures the prompt (a prompt it would cut is refused), then the weights are
+read, then the computation runs, and only then is anything written, atomically (see
+:mod:`mclcbf_diag.storage`). Limits with their overrides: ``--max-new-tokens`` ≤ 512
+(``MCLCBF_DIAG_MAX_NEW_TOKENS``), question text ≤ 4000 characters
+(``MCLCBF_DIAG_MAX_QUESTION_CHARS``), images ≤ 50 megapixels
+(``MCLCBF_DIAG_MAX_IMAGE_PIXELS``), integers in ``--set`` ≤ 10⁶ and ``layers`` ranges ≤
+4096 entries.
 """
 
 from __future__ import annotations
@@ -11,10 +22,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from .errors import UserError
+
+MAX_NEW_TOKENS = 512  # default; MCLCBF_DIAG_MAX_NEW_TOKENS overrides
+MAX_KNOB_INT = 10**6
+MAX_LAYER_LIST = 4096
+
+
+def max_new_tokens_limit() -> int:
+    from .data.pope import _env_limit
+
+    return _env_limit("MCLCBF_DIAG_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in the toolkit's style (no usage dump)."""
+
+    def error(self, message: str):
+        hint = ""
+        m = re.search(r"argument (--[\w-]+): expected one argument", message)
+        if m:
+            hint = f" (a value that starts with '-' must be attached: {m.group(1)}=VALUE)"
+        self.exit(2, f"mclcbf-diag: error: {self.prog}: {message}{hint}; see `{self.prog} --help`\n")
 
 EMBEDDED_POPE = Path(__file__).resolve().parent / "zoo" / "pope"
 
@@ -28,6 +61,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default cpu)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the embedded model, torch's default otherwise)")
+    g.add_argument("--verify", action="store_true",
+                   help="check the model's files against its MANIFEST.sha256 before loading")
 
 
 def _sample_options(p: argparse.ArgumentParser) -> None:
@@ -63,19 +98,35 @@ def _barrier_options(p: argparse.ArgumentParser) -> None:
                    help="override a knob, e.g. --set span=detected --set tau=0.5 (repeatable)")
 
 
-def _load(args):
+def _check_threads(args) -> None:
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise UserError(f"--threads {args.threads}: give a positive number of CPU threads (e.g. --threads 1)")
+
+
+def _prepare(args):
+    """Options, config and processor, no weights (see models.loading)."""
+    from .models.loading import prepare_model
+
+    _check_threads(args)
+    return prepare_model(args.model, dtype=args.dtype, device=args.device,
+                         device_map=getattr(args, "device_map", None), verify=getattr(args, "verify", False))
+
+
+def _load_weights(args, prep):
     import torch
 
-    from .models import load_model
+    from .models.loading import load_weights
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: give a positive number of CPU threads (e.g. --threads 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.model is None and str(args.device).startswith("cpu"):
         # A 1.4 M-parameter model runs fastest single-threaded (see README, performance).
         torch.set_num_threads(1)
-    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=getattr(args, "device_map", None))
+    return load_weights(prep)
+
+
+def _load(args):
+    return _load_weights(args, _prepare(args))
 
 
 def _question(args):
@@ -94,65 +145,149 @@ def _question(args):
     return q, image_dir
 
 
-def _config(args):
-    from .barrier import apply_overrides, get_preset
+_INT = re.compile(r"[-+]?\d+")
 
-    return apply_overrides(get_preset(args.preset), args.overrides)
+
+def _check_override_sizes(overrides) -> None:
+    """Bound the integers in ``--set`` strings BEFORE barrier.apply_overrides materialises them.
+
+    ``layers=0:100000000000`` would build a list of 10¹¹ ints (MemoryError) and
+    ``fixed_span=0:99…9`` overflows C ints; both become one line here.
+    """
+    for item in overrides:
+        knob, eq, text = str(item).partition("=")
+        knob = knob.strip()
+        if not eq or knob not in ("layers", "fixed_span"):
+            continue
+        for num in _INT.findall(text):
+            if len(num.lstrip("+-")) > 7 or abs(int(num)) > MAX_KNOB_INT:
+                raise UserError(f"--set {item}: {num} is too large (integers here are at most {MAX_KNOB_INT}); "
+                                f"give {knob} in token/layer indices of the model")
+        if knob == "layers":
+            total = 0
+            for part in text.split(","):
+                a, colon, b = part.partition(":")
+                if colon and _INT.fullmatch(a.strip() or "x") and _INT.fullmatch(b.strip() or "x"):
+                    total += max(0, int(b) - int(a))
+                else:
+                    total += 1
+            if total > MAX_LAYER_LIST:
+                raise UserError(f"--set {item} lists {total} layers, more than {MAX_LAYER_LIST}; list the model's "
+                                "layers, e.g. layers=10:28")
+
+
+def _local_depth(model: str | None) -> int | None:
+    """num_hidden_layers from a local config.json, read as plain JSON (no torch, no transformers)."""
+    folder = Path(__file__).resolve().parent / "zoo" / "weights" if model in (None, "", "embedded") else Path(model)
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        n = text.get("num_hidden_layers")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None  # reported properly when the model is located
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _early_checks(args) -> None:
+    """Knob checks that need no torch: sizes of --set integers, and layers against config.json's depth."""
+    _check_override_sizes(args.overrides)
+    n_layers = _local_depth(args.model)
+    if n_layers is None:
+        return
+    for item in args.overrides:
+        knob, eq, text = str(item).partition("=")
+        if knob.strip() != "layers" or not eq:
+            continue
+        values: list[int] = []
+        for part in text.split(","):
+            a, colon, b = part.strip().partition(":")
+            try:
+                values.extend(range(int(a), int(b)) if colon else [int(a)] if a else [])
+            except ValueError:
+                return  # not plain integers: the knob parser explains it
+        bad = [v for v in values if not 0 <= v < n_layers]
+        if bad:
+            raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+
+
+def _config(args, n_layers: int | None = None):
+    """The preset with the ``--set`` overrides; ``layers`` checked against ``n_layers`` when known."""
+    from .barrier import apply_overrides, get_preset, steered_layers
+
+    _check_override_sizes(args.overrides)
+    try:
+        config = apply_overrides(get_preset(args.preset), args.overrides)
+    except (OverflowError, MemoryError, RecursionError, ValueError, TypeError) as exc:
+        raise UserError(f"--set {' '.join(map(str, args.overrides))}: cannot be applied "
+                        f"({type(exc).__name__}: {exc}); check the knob values") from None
+    if n_layers is not None:
+        steered_layers(config, n_layers)  # raises "layers [9] out of range: … 0..3"
+    return config
 
 
 def _check_out(args, default: str) -> Path:
     """Fail early, creating nothing, when the output folder cannot be made or written."""
-    out = Path(args.out or default)
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is a file, not a folder"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable"
-    if problem:
-        raise UserError(f"--out {out}: cannot write there ({problem}); pass a writable folder")
-    return out
+    from .storage import check_writable
+
+    return check_writable(args.out or default)
 
 
 def _out_dir(args, default: str) -> Path:
-    out = Path(args.out or default)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write there ({exc.strerror}); pass a writable folder") from exc
-    return out
+    from .storage import make_dir
+
+    return make_dir(args.out or default)
 
 
-def _sample_job(args, default_out: str):
+def _sample_job(args, default_out: str, max_new_tokens: int = 0):
     """Validate every input of a one-sample command, then load the model: (config, question, image, lm).
 
-    Nothing is written here; the output folder is only checked.
+    Nothing is written here; the output folder is only checked. The order puts the
+    cheap checks first: knobs (against config.json's depth), prompt, question, image,
+    --out, then the tokenizer (prompt length), and only then the weights.
     """
-    from .data import load_image, resolve_image
+    from .data import build_prompt, load_image, resolve_image
+    from .storage import safe_name
 
-    config = _config(args)
+    _check_threads(args)
+    _early_checks(args)
     _check_prompt(args)
     question, image_dir = _question(args)
     image = load_image(resolve_image(question, image_dir))
-    _check_out(args, default_out.format(question_id=question.question_id))
-    return config, question, image, _load(args)
+    _check_out(args, default_out.format(question_id=safe_name(question.question_id)))
+    from .models.loading import check_prompt_lengths, model_facts  # imports torch: after the cheap checks
+
+    config = _config(args, model_facts(args.model).n_layers)
+    prep = _prepare(args)
+    check_prompt_lengths(prep, [build_prompt(question.text, args.prompt)],
+                         [f"question_id {question.question_id!r}"], max_new_tokens=max_new_tokens)
+    return config, question, image, _load_weights(args, prep)
+
+
+def _write_frame(frame, path: Path, kind: str) -> None:
+    from .storage import atomic_write_text, atomic_write_with
+
+    if kind == "parquet":
+        atomic_write_with(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        atomic_write_text(path, frame.to_csv(index=False))
 
 
 # ----------------------------------------------------------------------------- trace
 def cmd_trace(args) -> int:
+    from .storage import atomic_write_text, safe_name
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give 0 (prefill only) or a positive count")
+    cap = max_new_tokens_limit()
+    if args.max_new_tokens > cap:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} is more than the limit of {cap}; pass a smaller "
+                        "number, or raise the limit with MCLCBF_DIAG_MAX_NEW_TOKENS=N")
+    config, question, image, lm = _sample_job(args, "reports/trace-{question_id}", args.max_new_tokens)
     from .plots import trace_figures
     from .report import Section, write_page
     from .trace import decoded, trace_sample
 
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give 0 (prefill only) or a positive count")
-    config, question, image, lm = _sample_job(args, "reports/trace-{question_id}")
-    default_out = f"reports/trace-{question.question_id}"
+    default_out = f"reports/trace-{safe_name(question.question_id)}"
     result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens, template=args.prompt)
     summary = result.summary()
     summary["text_before"] = decoded(lm, result.baseline)
@@ -169,12 +304,12 @@ def cmd_trace(args) -> int:
         sections.append(Section(f"{phase} step {step}", figures=list(figs.values())))
     # Everything is computed: only now create the folder and write.
     out = _out_dir(args, default_out)
-    result.records.to_parquet(out / "records.parquet", index=False)
-    result.records.to_csv(out / "records.csv", index=False)
-    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    _write_frame(result.records, out / "records.parquet", "parquet")
+    _write_frame(result.records, out / "records.csv", "csv")
+    atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
     write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
     _print_summary(summary)
-    print(f"wrote {out}/records.parquet, records.csv, config.json, trace.html")
+    print(f"wrote {_show(out)}/records.parquet, records.csv, config.json, trace.html")
     return 0
 
 
@@ -201,14 +336,16 @@ def _print_summary(s: dict) -> None:
 
 # ----------------------------------------------------------------------------- explain
 def cmd_explain(args) -> int:
+    from .storage import safe_name
+
+    if not 1 <= args.k_max <= 1e12:
+        raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 (and at most 1e12)")
+    config, question, image, lm = _sample_job(args, "reports")
     from .diagnose import causes_frame, verdict
     from .explain import explain_sample
     from .plots import dose_response_figure, trace_figures
     from .report import Section, write_page
 
-    if not args.k_max >= 1:
-        raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1")
-    config, question, image, lm = _sample_job(args, "reports")
     ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer,
                         template=args.prompt)
     summary = ex.trace.summary()
@@ -223,7 +360,7 @@ def cmd_explain(args) -> int:
     print("cause chain: " + " → ".join(
         "answer flipped" if r.flipped else r.top_cause + (f" [fix {r.next_fix}]" if r.next_fix != "(none left)" else "")
         for r in ex.chain.itertuples()))
-    stem = f"explain-{question.question_id}"
+    stem = f"explain-{safe_name(question.question_id)}"
     sections = [
         Section("Summary", table=_summary_table(summary)),
         Section("Verdict", text=text, table=causes_frame(ex.causes)),
@@ -240,9 +377,9 @@ def cmd_explain(args) -> int:
     sections.append(Section("Trace plots", figures=list(figs.values())))
     # Everything is computed: only now create the folder and write.
     out = _out_dir(args, "reports")
-    ex.records.to_parquet(out / f"{stem}.parquet", index=False)
+    _write_frame(ex.records, out / f"{stem}.parquet", "parquet")
     page = write_page(out / f"{stem}.html", f"mclcbf-diag explain: {question.text}", sections)
-    print(f"wrote {page} and {out / (stem + '.parquet')}")
+    print(f"wrote {_show(page)} and {_show(out / (stem + '.parquet'))}")
     return 0
 
 
@@ -259,19 +396,34 @@ def cmd_zoo_train(args) -> int:
     from .models.loading import EMBEDDED
     from .zoo.train import TrainConfig, train
 
+    from .models.loading import resolve_device
+    from .storage import atomic_write_text, check_writable, write_manifest
+
+    for name, low in (("steps", 1), ("vision_steps", 0), ("batch_size", 1)):
+        v = getattr(args, name)
+        if v < low:
+            raise UserError(f"--{name.replace('_', '-')} {v} must be >= {low}")
+    _check_threads(args)
+    resolve_device(args.device)
+    out = EMBEDDED if args.install else Path(args.out or "zoo-model")
+    check_writable(out)
     torch.set_num_threads(args.threads or 1)  # one thread: fastest for this size, and reproducible
     cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, batch_size=args.batch_size)
-    out = EMBEDDED if args.install else Path(args.out or "zoo-model")
     summary = train(out, cfg, device=args.device)
-    (Path(out) / "training.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(Path(out) / "training.json", json.dumps(summary, indent=2))
+    write_manifest(out, _manifest_names(Path(out)))  # what --verify checks
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {_show(out)}")
     return 0
 
 
 def cmd_zoo_eval(args) -> int:
     from .zoo.evaluate import evaluate
 
+    if args.images < 1:
+        raise UserError(f"--images {args.images} must be >= 1 (held-out images to evaluate on)")
+    if args.out:
+        _check_out(args, args.out)
     lm = _load(args)
     table, answers = evaluate(lm, n_images=args.images)
     import pandas as pd
@@ -280,8 +432,8 @@ def cmd_zoo_eval(args) -> int:
         print(table.round(4).to_string(index=False))
     if args.out:
         out = _out_dir(args, args.out)
-        table.to_csv(out / "zoo_eval.csv", index=False)
-        answers.to_csv(out / "zoo_eval_answers.csv", index=False)
+        _write_frame(table, out / "zoo_eval.csv", "csv")
+        _write_frame(answers, out / "zoo_eval_answers.csv", "csv")
     return 0
 
 
@@ -289,16 +441,31 @@ def cmd_zoo_data(args) -> int:
     from .zoo.questions import write_pope_set
     from .zoo.world import sample_scenes
 
+    if args.images < 1:
+        raise UserError(f"--images {args.images} must be >= 1 (images to generate)")
+    _check_out(args, str(EMBEDDED_POPE))
     out = _out_dir(args, str(EMBEDDED_POPE))
     paths = write_pope_set(sample_scenes(args.images, args.seed), out, seed=args.seed)
     for split, path in paths.items():
-        print(f"{split}: {path}")
+        print(f"{split}: {_show(path)}")
     return 0
+
+
+def _manifest_names(folder: Path) -> list[str]:
+    """The files of a model folder that --verify checks (weights, configs, tokenizer)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix in (".safetensors", ".json", ".jinja") and p.name != "training.json")
+
+
+def _show(path) -> str:
+    from .storage import show
+
+    return show(path)
 
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mclcbf-diag", description=(
+    parser = _Parser(prog="mclcbf-diag", description=(
         "Measure why an attention-steering intervention (MC-LCBF) does or does not change a "
         "LLaVA-style model's POPE answers."))
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -352,22 +519,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    message = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")  # non-UTF-8 file names
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = args.debug
         return args.func(args)
     except UserError as exc:
-        if args.debug:
+        if debug:
             raise
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"mclcbf-diag: error: {message}", file=sys.stderr)
+        print(f"mclcbf-diag: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mclcbf-diag: interrupted (pope: rerun the same command to resume)", file=sys.stderr)
+        print("mclcbf-diag: interrupted (pope: rerun the same command to resume; nothing is half-written)",
+              file=sys.stderr)
         return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("mclcbf-diag: error: out of memory; lower --batch-size, --max-new-tokens or the image size "
+              "(see the limits in `mclcbf-diag --help`)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

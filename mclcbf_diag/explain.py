@@ -175,7 +175,7 @@ def cause_chain(lm: LoadedModel, question, image, config, first: TraceResult,
     rows, used, result = [], set(), first
     for link in range(max_links):
         records = result.records if knockout_records is None else pd.concat([result.records, knockout_records])
-        causes = [c for c in diagnose(records) if c.detected]
+        causes = [c for c in diagnose(records, intervention=cfg) if c.detected]
         summary = result.summary()
         fix = next((CAUSE_FIX[c.id] for c in causes if CAUSE_FIX.get(c.id) in fixes and CAUSE_FIX[c.id] not in used),
                    None)
@@ -218,7 +218,7 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
     _, inputs = sample_inputs(lm, text, image, template)
     inputs = with_embeds(inputs, result.baseline)  # every run below skips the vision tower
     ko = knockouts(lm, inputs, sample=result.sample)
-    causes = diagnose(pd.concat([result.records, ko], ignore_index=True))
+    causes = diagnose(pd.concat([result.records, ko], ignore_index=True), intervention=config)
     base_margin = result.summary()["margin_before"]
     dose = dose_response(lm, inputs, config, base_margin, k_max=k_max, bisect_steps=bisect_steps)
     fixes = counterfactuals(lm, inputs, config, base_margin)

@@ -5,6 +5,10 @@ figures, a table, and optionally a trusted HTML fragment). Every piece of user-p
 (title, headings, paragraphs, table cells) is HTML-escaped; only ``Section.html`` is inserted
 verbatim, and it is meant for fragments the toolkit itself produced (e.g. :func:`figure_html`),
 never for strings that came from a user, a dataset, or a model's output.
+
+Pages are written atomically (:func:`mclcbf_diag.storage.atomic_write`: a temporary file in
+the same folder, fsync, rename, fsync of the folder), so a full disk or a kill leaves the
+previous page or none, never a truncated one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.storage import atomic_write, reason, show
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }
@@ -78,12 +83,16 @@ def write_page(path: str | Path, title: str, sections: Sequence[Section]) -> Pat
     """Write one self-contained HTML page to ``path`` (parents created) and return the path."""
     path = Path(path)
     page = render_page(title, sections)
+    data = page.encode("utf-8", "surrogateescape")
+    fix = "pass a writable --out path with free space; nothing was half-written"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
     except OSError as err:
-        reason = (err.strerror or type(err).__name__).replace("\n", " ")
-        raise UserError(f"cannot write the report to {path} ({reason}); pass a writable --out path") from None
+        raise UserError(f"cannot write the report to {show(path)} ({reason(err)}); {fix}") from None
+    try:
+        atomic_write(path, data, fix=fix)
+    except UserError as err:
+        raise UserError(f"cannot write the report to {show(path)} ({str(err).split('(', 1)[-1]}") from None
     return path
 
 

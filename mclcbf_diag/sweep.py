@@ -13,12 +13,30 @@ How a run works
   ``run.json`` (the resolved configuration), ``answers.jsonl`` (one line per question),
   then ``metrics.csv``, ``flips.csv`` and ``summary.html`` (metrics over "all" pool the
   splits' questions).
+* **Checks first.** Every option, knob (``layers`` against the depth in ``config.json``),
+  question file, image path and header, prompt length (with the tokenizer) and the
+  output folder is checked BEFORE anything is written or the weights are read; a
+  mistake costs no time and leaves nothing behind.
+* **Identity.** ``run.json`` holds everything that changes an answer: model (and its
+  files' names, sizes, times), dtype, knobs, prompt, limit, the POPE files' SHA-256 and a
+  fingerprint (names, sizes, modification times) of every image the questions name. Every
+  answers line carries ``run_id``, a digest of that identity (the shard left out), so rows
+  of different runs can never be mixed, even when ``run.json`` is lost.
+* **One writer.** ``--out`` is locked (``flock`` on ``.mclcbf-diag.lock``, see
+  :mod:`mclcbf_diag.storage`) for the whole run; a second process on the same folder is
+  refused, naming the holder. The kernel drops the lock of a killed process.
 * **Crash safety.** A batch's lines are appended with ONE ``write`` followed by
   ``fsync``, so a kill leaves whole batches plus at most one partial last line. On
   resume the partial line is cut off, the questions already in the file are skipped,
   and the run continues; a different configuration in ``run.json`` is refused, naming
   the keys that differ (batch size, device and threads may change: they do not change
-  the answers).
+  the answers). A folder with a ``run.json`` but no answers yet (a run that failed
+  before its first batch) is simply taken over. A damaged or missing ``run.json`` is
+  rebuilt from the command line when every answers line carries this run's ``run_id``
+  (the damaged file is kept as ``run.json.damaged``). ``run.json``, the CSVs and the page
+  are replaced atomically (temporary file, fsync, rename).
+* **Bounded memory.** Decoded images are cached up to ``MCLCBF_DIAG_IMAGE_CACHE_MB``
+  megabytes (default 512), not by count.
 * ``merge OUT SHARD_DIR…`` joins shard runs with the same configuration, drops duplicate
   (split, question_id) rows, reports missing shards and questions, and recomputes the
   metrics and the summary page.
@@ -31,16 +49,20 @@ import json
 import os
 import re
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from .errors import UserError
+from .storage import (FolderLock, append_bytes, atomic_write, atomic_write_text, check_writable, digest, files_fingerprint,
+                      make_dir, reason, sha256_file, show)
 
 SPLITS = ("random", "popular", "adversarial")
 EMBEDDED_POPE = Path(__file__).resolve().parent / "zoo" / "pope"
 RUN, ANSWERS = "run.json", "answers.jsonl"
-_INFO_KEYS = ("preset", "overrides", "merged_from")  # stored in run.json, not compared
+_INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs")  # stored in run.json, not compared
+FORMAT = 2
+MAX_BATCH_SIZE = 4096
 
 
 # ----------------------------------------------------------------------------- selection
@@ -60,7 +82,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"i/n"`` → ``(i, n)`` with 0-based ``i``; None stays None."""
     if text is None:
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", text)
     if not m:
         raise UserError(f"--shard {text!r} is not i/n; write e.g. --shard 0/4 (0-based i, 0 <= i < n)")
     i, n = int(m.group(1)), int(m.group(2))
@@ -100,6 +122,41 @@ def select_jobs(files, limit: int | None, shard: tuple[int, int] | None) -> list
     return jobs
 
 
+def job_image(job: Job) -> Path:
+    """The job's image path, contained in its image folder (see ``data.resolve_image``)."""
+    from .data import resolve_image
+
+    return resolve_image(job.question, job.image_dir)
+
+
+def check_images(jobs: list[Job]) -> None:
+    """Every image exists and its header is readable and within the size limit (not decoded)."""
+    from PIL import Image
+
+    from .data.pope import check_image_size, max_image_pixels
+
+    limit = max_image_pixels()
+    seen = set()
+    for j in jobs:
+        path = job_image(j)
+        if path in seen:
+            continue
+        seen.add(path)
+        where = f"question_id {j.question.question_id!r} ({j.split})"
+        if not path.is_file():
+            raise UserError(f"{where}: image {show(path)} not found; pass --image-dir pointing at the folder "
+                            "holding it")
+        try:
+            with Image.open(path) as img:
+                size = img.size
+        except Image.DecompressionBombError:
+            size = (limit + 1, 1)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"{where}: image {show(path)} cannot be read ({exc}); replace the file or pass "
+                            "--image-dir pointing at a folder with intact images") from None
+        check_image_size(path, size, limit)
+
+
 # ----------------------------------------------------------------------------- run.json
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -118,59 +175,153 @@ def differing_keys(a: dict, b: dict, ignore=_INFO_KEYS) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def claim_out_dir(out: Path, identity: dict) -> None:
-    """Write ``run.json``, or check that the run already in ``out`` is this one."""
+def run_id(identity: dict) -> str:
+    """Digest of what changes an answer (info keys and the shard left out): stamped on every row."""
+    return digest({k: v for k, v in identity.items() if k not in (*_INFO_KEYS, "shard")})
+
+
+def _load_run(path: Path) -> dict | None:
+    """run.json as a dict, or None when it is empty, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def claim_out_dir(out: Path, identity: dict) -> bool:
+    """Write ``run.json``, or check that the run already in ``out`` is this one.
+
+    Returns True when ``run.json`` was (re)written for a folder without answers (so a
+    failure before the first batch may remove it again). See the module docstring for
+    taking over answer-less folders and rebuilding a damaged ``run.json``.
+    """
     path = out / RUN
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path} is unreadable ({exc}); delete {out} or pass another --out") from None
-        diff = differing_keys(old, identity)
-        if diff:
-            raise UserError(f"--out {out} holds a run with another configuration (differs in: {', '.join(diff)}); "
-                            "rerun with the same options to resume, or pass another --out")
-        return
-    path.write_text(json.dumps(identity, indent=2) + "\n")
+    rows, _ = read_records(out / ANSWERS)
+    rid = run_id(identity)
+    if path.exists():
+        old = _load_run(path)
+        if old is not None:
+            diff = differing_keys(old, identity)
+            if not diff:
+                return False
+            if rows:
+                raise UserError(f"--out {show(out)} holds a run with another configuration (differs in: "
+                                f"{', '.join(diff)}); rerun with the same options to resume, or pass another --out")
+            print(f"note: {show(out)} held a run with no answers yet; its {RUN} now describes this run",
+                  file=sys.stderr)
+            _write_run(path, identity)
+            return True
+        if rows:
+            foreign = [r for r in rows if r.get("run_id") != rid]
+            if foreign:
+                raise UserError(f"{show(path)} is damaged and {len(foreign)} rows of {ANSWERS} do not carry this "
+                                f"run's run_id, so they may come from other options; rerun with the options of "
+                                f"that run, or pass another --out")
+            try:
+                os.replace(path, out / (RUN + ".damaged"))
+            except OSError as exc:
+                raise UserError(f"{show(path)} is damaged and cannot be moved aside ({reason(exc)}); make "
+                                f"{show(out)} writable") from None
+            print(f"note: {show(path)} was damaged (kept as {RUN}.damaged); rebuilt it from this command, "
+                  f"whose run_id all {len(rows)} answers carry", file=sys.stderr)
+            _write_run(path, identity)
+            return False
+        _write_run(path, identity)
+        return True
+    if rows:
+        foreign = [r for r in rows if r.get("run_id") != rid]
+        if foreign:
+            raise UserError(f"{show(out)} holds {ANSWERS} without {RUN}, and {len(foreign)} of its rows do not "
+                            "carry this run's run_id; rerun with the options of that run, or pass another --out")
+        print(f"note: {show(path)} was missing; rebuilt it from this command, whose run_id all "
+              f"{len(rows)} answers carry", file=sys.stderr)
+        _write_run(path, identity)
+        return False
+    _write_run(path, identity)
+    return True
+
+
+def _write_run(path: Path, identity: dict) -> None:
+    atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- answers.jsonl
+_FIELDS = {"split": (str,), "question_id": (int, str), "index": (int,), "label": (str,),
+           "baseline_answer": (str,), "steered_answer": (str,), "baseline_margin": (int, float),
+           "steered_margin": (int, float), "flipped": (bool,)}
+
+
+def _check_row(row: object) -> str | None:
+    """What is wrong with one answers row, or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key, types in _FIELDS.items():
+        if key not in row:
+            return f"field {key!r} is missing"
+        v = row[key]
+        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+            return f"field {key!r} is {v!r}, not {' or '.join(t.__name__ for t in types)}"
+    for key in ("label", "baseline_answer", "steered_answer"):
+        if row[key] not in ("yes", "no"):
+            return f"field {key!r} is {row[key]!r}, not 'yes' or 'no'"
+    return None
+
+
 def read_records(path: Path, *, repair: bool = False) -> tuple[list[dict], bool]:
     """Whole lines of ``answers.jsonl`` and whether a partial last line was dropped.
 
     ``repair=True`` also truncates the file after its last complete line, so appends
-    start on a fresh line.
+    start on a fresh line. A line that is not UTF-8, not JSON, or not a complete answers
+    row is a UserError naming the file and the line.
     """
     if not path.is_file():
         return [], False
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {show(path)} ({reason(exc)}); make it readable") from None
     cut = data.rfind(b"\n") + 1
     partial = cut < len(data)
     if partial and repair:
-        os.truncate(path, cut)
+        try:
+            os.truncate(path, cut)
+        except OSError as exc:
+            raise UserError(f"cannot cut the partial last line of {show(path)} ({reason(exc)}); make it "
+                            "writable, then rerun the same command") from None
     records = []
-    for lineno, line in enumerate(data[:cut].decode("utf-8").splitlines(), start=1):
+    fix = "delete that line (its question is then re-run) and rerun the same command"
+    for lineno, raw in enumerate(data[:cut].split(b"\n")[:-1], start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{show(path)}, line {lineno} is not UTF-8 (byte {exc.start}); {fix}") from None
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"{path}, line {lineno} is not valid JSON; delete that line (its question is "
-                            "then re-run) or the file") from None
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{show(path)}, line {lineno} is not valid JSON; {fix}") from None
+        problem = _check_row(row)
+        if problem:
+            raise UserError(f"{show(path)}, line {lineno} is not an answers row ({problem}); {fix}")
+        records.append(row)
     return records, partial
+
+
+def _encode_rows(records: list[dict]) -> bytes:
+    out = []
+    for r in records:
+        try:
+            out.append((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate (from a "\udcff" escape): keep it escaped
+            out.append((json.dumps(r, ensure_ascii=True) + "\n").encode("ascii"))
+    return b"".join(out)
 
 
 def append_records(path: Path, records: list[dict]) -> None:
     """Append whole lines with one ``write`` and ``fsync`` (see the module docstring)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_bytes(path, _encode_rows(records))
 
 
 def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dict], int]:
@@ -187,11 +338,44 @@ def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dic
 
 
 # ----------------------------------------------------------------------------- answering
-@lru_cache(maxsize=64)
-def _image(path: Path):
-    from .data import load_image
+class _ImageCache:
+    """Decoded images by path, least recently used dropped first, bounded in BYTES."""
 
-    return load_image(path)
+    def __init__(self, env: str = "MCLCBF_DIAG_IMAGE_CACHE_MB", default_mb: int = 512):
+        self.env, self.default_mb = env, default_mb
+        self.items: OrderedDict[Path, object] = OrderedDict()
+        self.nbytes = 0
+
+    @property
+    def budget(self) -> int:
+        from .data.pope import _env_limit
+
+        return _env_limit(self.env, self.default_mb) * 2**20
+
+    def __call__(self, path: Path):
+        from .data import load_image
+
+        path = Path(path)
+        if path in self.items:
+            self.items.move_to_end(path)
+            return self.items[path]
+        img = load_image(path)
+        size = img.width * img.height * len(img.getbands())
+        budget = self.budget
+        while self.items and self.nbytes + size > budget:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.width * old.height * len(old.getbands())
+        if size <= budget:
+            self.items[path] = img
+            self.nbytes += size
+        return img
+
+    def cache_clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
+
+
+_image = _ImageCache()
 
 
 def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None) -> list[dict]:
@@ -201,6 +385,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
 
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
     images = [_image(resolve_image(j.question, j.image_dir)) for j in jobs]
+    rid = getattr(lm, "run_id", None)
     if generate:
         inputs = batch_inputs(lm, prompts, images, share_images=False)
         base = answer_batch(lm, prompts, images, config, False, inputs=inputs, max_new_tokens=generate)
@@ -210,7 +395,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     out = []
     for j, b, s in zip(jobs, base, steer):
         q = j.question
-        rec = {"split": j.split, "question_id": q.question_id, "index": j.position, "image": q.image,
+        rec = {**({"run_id": rid} if rid else {}), "split": j.split, "question_id": q.question_id, "index": j.position, "image": q.image,
                "text": q.text, "label": q.label,
                "baseline_answer": b["answer"], "baseline_margin": b["margin"],
                "steered_answer": s["answer"], "steered_margin": s["margin"],
@@ -224,9 +409,18 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     return out
 
 
-def pending(jobs: list[Job], out: Path) -> list[Job]:
-    """The jobs not yet in ``out/answers.jsonl`` (a partial last line is cut off first)."""
-    done = {(r["split"], str(r["question_id"])) for r in read_records(out / ANSWERS, repair=True)[0]}
+def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
+    """The jobs not yet in ``out/answers.jsonl`` (a partial last line is cut off first).
+
+    With ``rid``, a row stamped with another run_id is refused (rows of two runs never mix).
+    """
+    rows = read_records(out / ANSWERS, repair=True)[0]
+    if rid is not None:
+        for n, r in enumerate(rows, start=1):
+            if "run_id" in r and r["run_id"] != rid:
+                raise UserError(f"{show(out / ANSWERS)}: row {n} was written by another run (run_id {r['run_id']}, "
+                                f"this one is {rid}); pass another --out, or rerun with that run's options")
+    done = {(r["split"], str(r["question_id"])) for r in rows}
     return [j for j in jobs if j.key not in done]
 
 
@@ -305,8 +499,8 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
 
     splits = identity.get("splits", [])
     metrics, flips = metrics_table(records, splits), flips_table(records, splits)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    flips.to_csv(out / "flips.csv", index=False)
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+    atomic_write_text(out / "flips.csv", flips.to_csv(index=False))
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
         print(metrics.drop(columns=["tp", "fp", "tn", "fn"]).to_string(index=False))
         print()
@@ -336,94 +530,189 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
 
 
 # ----------------------------------------------------------------------------- commands
-def _identity(args, config, files, shard) -> dict:
+def _model_files(where: str) -> str | None:
+    """Fingerprint of a local model folder's weights, config and tokenizer files (None for a hub id)."""
+    folder = Path(where)
+    if not folder.is_dir():
+        return None
+    names = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.suffix in (".safetensors", ".json", ".jinja", ".model", ".txt") and p.name != "training.json"]
+    return files_fingerprint(names, base=folder)
+
+
+def _identity(args, config, files, shard, all_jobs: list[Job] | None = None, where: str | None = None) -> dict:
     model = args.model or "embedded"
     if args.model and Path(args.model).expanduser().exists():
         model = str(Path(args.model).expanduser().resolve())
-    return {"format": 1, "model": model, "dtype": args.dtype, "preset": args.preset,
-            "overrides": list(args.overrides), "config": config.to_dict(),
-            "splits": [s for s, _, _ in files], "pope_files": [str(p) for _, p, _ in files],
-            "limit": args.limit, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
-            "generate": args.generate, "prompt": args.prompt}
+    ident = {"format": FORMAT, "model": model, "dtype": args.dtype, "preset": args.preset,
+             "overrides": list(args.overrides), "config": config.to_dict(),
+             "splits": [s for s, _, _ in files], "pope_files": [str(p) for _, p, _ in files],
+             "limit": args.limit, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+             "generate": args.generate, "prompt": args.prompt}
+    if where is not None:
+        ident["model_files"] = _model_files(where)
+    ident["pope_sha256"] = [sha256_file(p) for _, p, _ in files]
+    if all_jobs is not None:
+        ident["images"] = files_fingerprint([job_image(j) for j in all_jobs])
+        ident["image_dirs"] = sorted({str(Path(d).resolve()) for _, _, d in files})
+    return ident
 
 
-def cmd_pope(args, on_batch=None) -> int:
-    from .cli import _check_prompt, _config, _load, _out_dir
+def _check_numbers(args) -> None:
+    from .cli import max_new_tokens_limit
 
     for name, low in (("limit", 1), ("batch_size", 1), ("generate", 0)):
         v = getattr(args, name)
         if v is not None and v < low:
             raise UserError(f"--{name.replace('_', '-')} {v} must be >= {low}")
-    config = _config(args)
-    _check_prompt(args)
+    if args.batch_size > MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size {args.batch_size} is more than {MAX_BATCH_SIZE}; pass a smaller batch "
+                        "(16–64 is typical)")
+    cap = max_new_tokens_limit()
+    if args.generate > cap:
+        raise UserError(f"--generate {args.generate} is more than the limit of {cap} new tokens; pass a smaller "
+                        "number, or raise the limit with MCLCBF_DIAG_MAX_NEW_TOKENS=N")
+
+
+def cmd_pope(args, on_batch=None) -> int:
+    from .cli import _check_prompt, _config, _early_checks, _load_weights, _prepare
+
+    from .data import build_prompt
+
+    # 1. Everything that needs no model: numbers, shard, knobs vs. the depth, files, images, --out.
+    _check_numbers(args)
     shard = parse_shard(args.shard)
+    _early_checks(args)
+    _check_prompt(args)
     files = question_files(args.split, args.pope_file, args.image_dir)
-    jobs = select_jobs(files, args.limit, shard)
+    all_jobs = select_jobs(files, args.limit, None)
+    jobs = [j for j in all_jobs if shard is None or j.position % shard[1] == shard[0]]
     if not jobs:
         raise UserError(f"--shard {args.shard} selects no questions (the splits hold fewer questions than "
                         "shards after --limit); use fewer shards")
-    out = _out_dir(args, "reports/pope" if shard is None else f"reports/pope-shard-{shard[0]}-of-{shard[1]}")
-    identity = _identity(args, config, files, shard)
-    claim_out_dir(out, identity)
-    todo = pending(jobs, out)
-    if todo:
-        lm = _load(args)
-        run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate, on_batch=on_batch,
-                 template=args.prompt)
-    records, dups = unique_sorted(read_records(out / ANSWERS)[0], identity["splits"])
-    if dups:
-        print(f"note: {dups} duplicate rows in {out / ANSWERS} were ignored (first kept)")
-    wanted = {j.key for j in jobs}
-    records = [r for r in records if (r["split"], str(r["question_id"])) in wanted]
-    write_outputs(out, records, identity)
-    print(f"wrote {out}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html")
+    for j in all_jobs:
+        job_image(j)  # every image path stays inside its folder
+    check_images(jobs)
+    out = check_writable(args.out or ("reports/pope" if shard is None
+                                      else f"reports/pope-shard-{shard[0]}-of-{shard[1]}"))
+    answers = out / ANSWERS
+    if answers.exists() and not os.access(answers, os.W_OK):
+        raise UserError(f"{show(answers)} is read-only, so the run cannot resume; make it writable "
+                        f"(chmod u+w {show(answers)}) or pass another --out")
+    facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
+    config = _config(args, facts.n_layers)
+    # 2. The tokenizer (not the weights): dtype, device and every prompt's length.
+    prep = _prepare(args)
+    prompts = [build_prompt(j.question.text, args.prompt) for j in jobs]
+    from .models.loading import check_prompt_lengths
+
+    check_prompt_lengths(prep, prompts, [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
+                         max_new_tokens=args.generate)
+    identity = _identity(args, config, files, shard, all_jobs, prep.where)
+    rid = run_id(identity)
+    # 3. Only now write: lock the folder, claim it, answer what is missing.
+    make_dir(out)
+    with FolderLock(out):
+        fresh = claim_out_dir(out, identity)
+        todo = pending(jobs, out, rid)
+        if todo:
+            try:
+                lm = _load_weights(args, prep)
+            except BaseException:
+                if fresh and not read_records(answers)[0]:
+                    _forget_run(out)
+                raise
+            lm.run_id = rid
+            run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
+                     on_batch=on_batch, template=args.prompt)
+        records, dups = unique_sorted(read_records(answers)[0], identity["splits"])
+        if dups:
+            print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
+        wanted = {j.key for j in jobs}
+        records = [r for r in records if (r["split"], str(r["question_id"])) in wanted]
+        write_outputs(out, records, identity)
+    print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html")
     return 0
+
+
+def _model_facts(args):
+    from .models.loading import model_facts
+
+    return model_facts(args.model)
+
+
+def _forget_run(out: Path) -> None:
+    """Undo a claim that never produced an answer (the folder is left as it was found)."""
+    for name in (RUN, ANSWERS):
+        try:
+            (out / name).unlink()
+        except OSError:
+            pass
 
 
 def cmd_merge(args) -> int:
     out = Path(args.out)
     dirs = [Path(d) for d in args.shard_dirs]
     if any(out.resolve() == d.resolve() for d in dirs):
-        raise UserError(f"merge OUT {out} is one of the shard folders; pass a new folder for the merged run")
+        raise UserError(f"merge OUT {show(out)} is one of the shard folders; pass a new folder for the merged run")
     ids = [_read_run(d) for d in dirs]
     for d, ident in zip(dirs[1:], ids[1:]):
         diff = differing_keys(ids[0], ident, ignore=(*_INFO_KEYS, "shard"))
         if diff:
-            raise UserError(f"{d} and {dirs[0]} ran different configurations (differ in: {', '.join(diff)}); "
-                            "merge only shards of one run")
+            raise UserError(f"{show(d)} and {show(dirs[0])} ran different configurations (differ in: "
+                            f"{', '.join(diff)}); merge only shards of one run")
     if (out / RUN).is_file() and "merged_from" not in _read_run(out):
-        raise UserError(f"{out} holds a pope run, not a merge; pass an empty folder as merge OUT")
+        raise UserError(f"{show(out)} holds a pope run, not a merge; pass an empty folder as merge OUT")
+    check_writable(out, "merge OUT")
+    _check_inputs_unchanged(ids[0])
     _report_shards([ident.get("shard") for ident in ids])
+    rid = run_id(ids[0])
     records = []
     for d in dirs:
         recs, partial = read_records(d / ANSWERS)
         if partial:
-            print(f"note: {d / ANSWERS} ends in a partial line (interrupted run); it was skipped")
+            print(f"note: {show(d / ANSWERS)} ends in a partial line (interrupted run); it was skipped")
+        foreign = [r for r in recs if "run_id" in r and r["run_id"] != rid]
+        if foreign:
+            raise UserError(f"{show(d / ANSWERS)} holds {len(foreign)} rows of another run (run_id "
+                            f"{foreign[0]['run_id']}, {RUN} says {rid}); rerun that shard into a fresh folder")
         records += recs
     identity = {**ids[0], "shard": None, "merged_from": [str(d) for d in dirs]}
     records, dups = unique_sorted(records, identity["splits"])
     if not records:
-        raise UserError(f"the folders {', '.join(map(str, dirs))} hold no answers yet; run the shards first")
+        raise UserError(f"the folders {', '.join(map(show, dirs))} hold no answers yet; run the shards first")
     print(f"{len(records)} questions from {len(dirs)} folders; {dups} duplicate rows dropped")
     _report_missing(identity, records)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN).write_text(json.dumps(identity, indent=2) + "\n")
-        (out / ANSWERS).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    except OSError as exc:
-        raise UserError(f"merge OUT {out}: cannot write there ({exc.strerror}); pass a writable folder") from None
-    write_outputs(out, records, identity)
-    print(f"wrote {out}/{ANSWERS}, metrics.csv, flips.csv, summary.html")
+    make_dir(out, "merge OUT")
+    with FolderLock(out, "merge OUT"):
+        atomic_write_text(out / RUN, json.dumps(identity, indent=2) + "\n")
+        atomic_write(out / ANSWERS, _encode_rows(records))
+        write_outputs(out, records, identity)
+    print(f"wrote {show(out)}/{ANSWERS}, metrics.csv, flips.csv, summary.html")
     return 0
 
 
+def _check_inputs_unchanged(identity: dict) -> None:
+    """merge: the POPE files the shards read must still be the same files (content hash)."""
+    for path, want in zip(identity.get("pope_files", []), identity.get("pope_sha256", [])):
+        try:
+            got = sha256_file(path)
+        except OSError:
+            print(f"note: {path} (read by the shards) is gone; cannot check for missing questions against it")
+            continue
+        if got != want:
+            raise UserError(f"{path} changed since the shards ran (sha256 {got[:12]}… instead of {want[:12]}…); "
+                            "rerun the shards on the current file, or restore the file they read")
+
+
 def _read_run(d: Path) -> dict:
-    try:
-        return json.loads((d / RUN).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{d} has no {RUN}; pass folders written by `mclcbf-diag pope --shard i/n --out DIR`") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{d / RUN} is unreadable ({exc}); rerun that shard into a fresh folder") from None
+    if not (d / RUN).exists():
+        raise UserError(f"{show(d)} has no {RUN}; pass folders written by `mclcbf-diag pope --shard i/n --out DIR`")
+    run = _load_run(d / RUN)
+    if run is None:
+        raise UserError(f"{show(d / RUN)} is empty or damaged; rerun that shard's pope command (same options: it "
+                        "rebuilds run.json and keeps the answers), then merge again")
+    return run
 
 
 def _report_shards(shards: list[str | None]) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -334,3 +335,413 @@ def test_debug_gives_a_traceback(tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "UserError: --sample 5000 is out of range" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ============================================================================= issue 18: hardening
+# Each case below reproduced a silent corruption, an escape or a traceback before the fix.
+from mclcbf_diag import storage, sweep  # noqa: E402
+
+POPE_FAST = ["pope", "--split", "random", "--limit", "2", "--batch-size", "2"]
+
+
+def _copy_images(dst: Path, names=("zoo_000000.png", "zoo_000001.png")) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(EMBEDDED_IMAGES / n, dst / n)
+    return dst
+
+
+def _answers(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- 1. a failed pope blocks nothing
+@pytest.mark.parametrize("bad", [["--model", "/nonexistent"], ["--dtype", "float64"], ["--set", "layers=99"],
+                                 ["--prompt", "USER: {question}"], ["--generate", "100000"],
+                                 ["--batch-size", "0"]])
+def test_failed_pope_writes_nothing_then_the_fix_runs(tmp_path, capsys, bad):
+    out = tmp_path / "pope"
+    _cli_error(capsys, [*POPE_FAST, "--out", str(out), *bad])
+    assert not out.exists(), "the refused run created its output folder"
+    assert main([*POPE_FAST, "--out", str(out)]) == 0
+    assert len(_answers(out)) == 2
+
+
+def test_answerless_run_json_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "pope"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"format": 2, "model": "/elsewhere", "dtype": "bfloat16"}))
+    assert main([*POPE_FAST, "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["model"] == "embedded"
+
+
+# ----------------------------------------------------------------------------- 2. identity covers the images
+def test_resume_with_other_images_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    real, black = _copy_images(tmp_path / "real"), tmp_path / "black"
+    black.mkdir()
+    for p in real.iterdir():
+        Image.new("RGB", (64, 64)).save(black / p.name)
+    pope_file = _pope_file(tmp_path, "zoo_000000.png", "zoo_000001.png")
+    argv = ["pope", "--pope-file", str(pope_file), "--split", "random", "--batch-size", "1"]
+    out = tmp_path / "out"
+
+    def stop(n):
+        raise KeyboardInterrupt
+
+    args = sweep_args([*argv, "--image-dir", str(real), "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        sweep.cmd_pope(args, on_batch=stop)
+    assert len(_answers(out)) == 1
+    capsys.readouterr()
+    _cli_error(capsys, [*argv, "--image-dir", str(black), "--out", str(out)], "differs in: images", "--out")
+    assert len(_answers(out)) == 1
+    # a changed POPE file is another run too
+    pope_file.write_text(pope_file.read_text().replace("dog", "cat"))
+    _cli_error(capsys, [*argv, "--image-dir", str(real), "--out", str(out)], "pope_sha256")
+
+
+def sweep_args(argv):
+    from mclcbf_diag.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_merge_refuses_shards_of_other_images(tmp_path, capsys):
+    from PIL import Image
+
+    real, black = _copy_images(tmp_path / "real"), tmp_path / "black"
+    black.mkdir()
+    for p in real.iterdir():
+        Image.new("RGB", (64, 64)).save(black / p.name)
+    pope_file = _pope_file(tmp_path, "zoo_000000.png", "zoo_000001.png")
+    argv = ["pope", "--pope-file", str(pope_file), "--split", "random"]
+    assert main([*argv, "--image-dir", str(real), "--shard", "0/2", "--out", str(tmp_path / "s0")]) == 0
+    assert main([*argv, "--image-dir", str(black), "--shard", "1/2", "--out", str(tmp_path / "s1")]) == 0
+    capsys.readouterr()
+    _cli_error(capsys, ["merge", str(tmp_path / "m"), str(tmp_path / "s0"), str(tmp_path / "s1")],
+               "differ in: images")
+    assert not (tmp_path / "m").exists()
+
+
+# ----------------------------------------------------------------------------- 3. one process per --out
+def test_second_process_on_the_same_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "pope"
+    out.mkdir()
+    with storage.FolderLock(out):
+        line = _cli_error(capsys, [*POPE_FAST, "--out", str(out)], "is in use by", f"pid {os.getpid()}")
+    assert "another --out" in line
+    assert not (out / "answers.jsonl").exists()
+    assert main([*POPE_FAST, "--out", str(out)]) == 0  # the lock is gone with its holder
+
+
+# ----------------------------------------------------------------------------- 4. images decode correctly
+def test_16bit_grayscale_png_is_scaled_not_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mclcbf_diag.data import load_image
+
+    gray8 = np.asarray(Image.open(EMBEDDED_IMAGES / "zoo_000000.png").convert("L"))
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
+    got = np.asarray(load_image(tmp_path / "g16.png"))
+    assert got.shape == (*gray8.shape, 3)
+    assert np.abs(got[..., 0].astype(int) - gray8).max() <= 1 and got.mean() < 250
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from mclcbf_diag.data import load_image
+
+    img = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_huge_image_is_refused_with_the_override(tmp_path, capsys, out_dir, monkeypatch):
+    pope = _pope_file(tmp_path, "zoo_000000.png")
+    _copy_images(tmp_path, ["zoo_000000.png"])
+    monkeypatch.setenv("MCLCBF_DIAG_MAX_IMAGE_PIXELS", "1000")  # 64x64 = 4096 pixels
+    for cmd in (["trace"], POPE_FAST[:1]):
+        _cli_error(capsys, [*cmd, "--pope-file", str(pope), "--image-dir", str(tmp_path), "--out", str(out_dir)],
+                   "zoo_000000.png", "64x64", "megapixels", "MCLCBF_DIAG_MAX_IMAGE_PIXELS")
+    _untouched(out_dir)
+
+
+def test_image_cache_is_bounded_in_bytes(monkeypatch):
+    monkeypatch.setenv("MCLCBF_DIAG_IMAGE_CACHE_MB", "1")
+    cache = sweep._ImageCache()
+    for p in sorted(EMBEDDED_IMAGES.iterdir())[:120]:  # 120 × 12 KB decoded > 1 MB
+        cache(p)
+    assert cache.nbytes <= 2**20 and len(cache.items) < 120
+    assert cache.nbytes == sum(i.width * i.height * 3 for i in cache.items.values())
+
+
+# ----------------------------------------------------------------------------- 5. weights
+def test_checkpoint_missing_a_tensor_is_refused(tmp_path, capsys, out_dir, saved_zoo_dir):
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "partial"
+    shutil.copytree(saved_zoo_dir, model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors[sorted(tensors)[-1]]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    _cli_error(capsys, ["trace", "--model", str(model_dir), "--out", str(out_dir)], "1 missing", "random weights")
+    _untouched(out_dir)
+
+
+def test_verify_refuses_changed_weights(tmp_path, capsys, out_dir):
+    from mclcbf_diag.models import EMBEDDED
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(EMBEDDED, model_dir)
+    data = bytearray((model_dir / "model.safetensors").read_bytes())
+    data[-100] ^= 0x01
+    (model_dir / "model.safetensors").write_bytes(bytes(data))
+    _cli_error(capsys, ["trace", "--model", str(model_dir), "--verify", "--out", str(out_dir)],
+               "--verify", "model.safetensors does not match MANIFEST.sha256")
+    _untouched(out_dir)
+
+
+# ----------------------------------------------------------------------------- 6/11. limits, no silent cuts
+def test_max_new_tokens_is_bounded(capsys, out_dir):
+    _cli_error(capsys, ["trace", "--max-new-tokens", "100000", "--out", str(out_dir)],
+               "--max-new-tokens 100000", "limit of 512", "MCLCBF_DIAG_MAX_NEW_TOKENS")
+    _untouched(out_dir)
+
+
+def test_huge_question_is_refused_before_anything(tmp_path, capsys, out_dir):
+    pope = tmp_path / "q.jsonl"
+    pope.write_text(json.dumps({"question_id": 1, "image": "zoo_000000.png", "text": "dog " * 2_500_000,
+                                "label": "yes"}) + "\n")
+    for cmd in (["trace"], ["pope"]):
+        _cli_error(capsys, [*cmd, "--pope-file", str(pope), "--image-dir", str(EMBEDDED_IMAGES),
+                            "--out", str(out_dir)], "line 1", "10000000 characters", "MCLCBF_DIAG_MAX_QUESTION_CHARS")
+    _untouched(out_dir)
+
+
+@pytest.mark.parametrize("command", ["trace", "pope"])
+def test_prompt_the_tokenizer_would_cut_is_refused(capsys, out_dir, command):
+    long = "USER: <image>\n" + "Please look carefully at the picture. " * 20 + "{question}\nASSISTANT:"
+    _cli_error(capsys, [command, "--prompt", long, "--out", str(out_dir)], "tokens", "limit of 176", "cut")
+    _untouched(out_dir)
+
+
+# ----------------------------------------------------------------------------- 7. duplicate question ids
+def test_duplicate_question_ids_are_refused(tmp_path, capsys, out_dir):
+    pope = _pope_file(tmp_path, "a.png", "b.png")
+    with pope.open("a") as f:
+        f.write(json.dumps({"question_id": 100, "image": "c.png", "text": "Is there a cat?", "label": "no"}) + "\n")
+    for cmd in (["trace"], ["pope"]):
+        _cli_error(capsys, [*cmd, "--pope-file", str(pope), "--out", str(out_dir)],
+                   "line 3", "question_id 100", "line 1", "unique")
+    _untouched(out_dir)
+
+
+# ----------------------------------------------------------------------------- 8. paths stay in their folder
+@pytest.mark.parametrize("image", ["/etc/passwd", "../outside.png", "sub/../../outside.png"])
+@pytest.mark.parametrize("command", ["trace", "pope"])
+def test_image_path_cannot_escape_the_image_dir(tmp_path, capsys, out_dir, image, command):
+    images = _copy_images(tmp_path / "images")
+    shutil.copy(EMBEDDED_IMAGES / "zoo_000000.png", tmp_path / "outside.png")
+    pope = _pope_file(tmp_path, image)
+    _cli_error(capsys, [command, "--pope-file", str(pope), "--image-dir", str(images), "--out", str(out_dir)],
+               "question_id 100", repr(image), "not a plain relative path")
+    _untouched(out_dir)
+
+
+def test_question_id_cannot_escape_reports(tmp_path, capsys):
+    pope = tmp_path / "q.jsonl"
+    pope.write_text(json.dumps({"question_id": "/../../escaped_trace", "image": "zoo_000000.png",
+                                "text": "Is there a dog in the image?", "label": "yes"}) + "\n")
+    assert main(["trace", "--pope-file", str(pope), "--image-dir", str(EMBEDDED_IMAGES)]) == 0
+    cwd = Path.cwd()
+    made = list((cwd / "reports").iterdir())
+    assert len(made) == 1 and made[0].name.startswith("trace-_.._.._escaped_trace-")
+    assert (made[0] / "trace.html").is_file()
+    assert not (cwd.parent / "escaped_trace").exists() and not (cwd / "escaped_trace").exists()
+
+
+# ----------------------------------------------------------------------------- 9. atomic writes, recovery
+def test_full_disk_during_the_append_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "pope"
+    real_write = os.write
+
+    def full(fd, data):
+        if b'"baseline_answer"' in bytes(data[:4096]):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(storage.os, "write", full)
+    assert main([*POPE_FAST, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert "Traceback" not in "".join(err)
+    line = err[-1]  # before it: only the progress bar of the run
+    assert all(e.startswith("pope:") for e in err[:-1]), err
+    assert line.startswith("mclcbf-diag: error: cannot write") and "answers.jsonl" in line
+    assert "no space left on device" in line and "rerun" in line
+    monkeypatch.setattr(storage.os, "write", real_write)
+    assert main([*POPE_FAST, "--out", str(out)]) == 0  # the rerun just works
+    assert len(_answers(out)) == 2
+
+
+def test_full_disk_leaves_no_truncated_report(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mclcbf_diag import report
+
+    (tmp_path / "r").mkdir()
+    page = tmp_path / "r" / "summary.html"
+    page.write_text("the previous report")
+    monkeypatch.setattr(storage.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(UserError, match="no space left on device"):
+        report.write_page(page, "t", [report.Section("h", text="x" * 100_000)])
+    assert page.read_text() == "the previous report"
+    assert [p.name for p in page.parent.iterdir()] == ["summary.html"]
+
+
+@pytest.mark.parametrize("damage", ["", "{\"format\": 2, \"mod", "[1, 2]"])
+def test_damaged_run_json_is_rebuilt_keeping_the_answers(tmp_path, capsys, damage):
+    out = tmp_path / "pope"
+    assert main([*POPE_FAST, "--out", str(out)]) == 0
+    before = (out / "answers.jsonl").read_bytes()
+    (out / "run.json").write_text(damage)
+    assert main([*POPE_FAST, "--out", str(out)]) == 0
+    assert (out / "answers.jsonl").read_bytes() == before
+    assert json.loads((out / "run.json").read_text())["model"] == "embedded"
+    assert "rebuilt" in capsys.readouterr().err
+    # with other options, the damaged folder is not silently adopted
+    (out / "run.json").write_text("")
+    capsys.readouterr()
+    _cli_error(capsys, [*POPE_FAST, "--out", str(out), "--set", "tau=0.5"], "run_id", "another --out")
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b'{"split": "random", "question_id": 1}\n', "field 'index' is missing"),
+    (b'["not", "an", "object"]\n', "not an object"),
+    (b'{"split": 3}\n', "field 'split' is 3"),
+    (b'{"split": "random", "question_id": 1, "text": "\xff\xfe"}\n', "not UTF-8"),
+])
+def test_hand_corrupted_answers_line_is_one_line(tmp_path, capsys, line, problem):
+    out = tmp_path / "pope"
+    assert main([*POPE_FAST, "--out", str(out)]) == 0
+    with (out / "answers.jsonl").open("ab") as f:
+        f.write(line)
+    capsys.readouterr()
+    _cli_error(capsys, [*POPE_FAST, "--out", str(out)], "answers.jsonl, line 3", problem, "delete that line")
+
+
+def test_read_only_answers_is_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "pope"
+    assert main([*POPE_FAST, "--out", str(out)]) == 0
+    lines = (out / "answers.jsonl").read_text().splitlines(keepends=True)
+    (out / "answers.jsonl").write_text(lines[0])
+    real = os.access
+    # (as root a chmod does not stop writes, so the check itself is simulated)
+    monkeypatch.setattr(sweep.os, "access", lambda p, m: False if str(p).endswith("answers.jsonl") else real(p, m))
+    capsys.readouterr()
+    _cli_error(capsys, [*POPE_FAST, "--out", str(out)], "answers.jsonl is read-only", "chmod")
+
+
+# ----------------------------------------------------------------------------- 10. one line, never a traceback
+@pytest.mark.parametrize("override, fragment", [
+    ("fixed_span=0:1e20", "is not an integer"),
+    ("fixed_span=0:99999999999999999999999", "too large"),
+    ("layers=0:100000000000", "too large"),
+    ("layers=0:50000", "lists 50000 layers"),
+])
+def test_huge_knob_numbers_are_one_line(capsys, out_dir, override, fragment):
+    _cli_error(capsys, ["trace", "--set", override, "--out", str(out_dir)], fragment)
+    _untouched(out_dir)
+
+
+def test_ctrl_c_at_start_is_one_line(capsys, monkeypatch):
+    import mclcbf_diag.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["trace"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+def test_deeply_nested_json_is_one_line(tmp_path, capsys, out_dir):
+    pope = tmp_path / "deep.json"
+    pope.write_text("[" * 200_000 + "]" * 200_000)
+    _cli_error(capsys, ["trace", "--pope-file", str(pope), "--out", str(out_dir)], "nests JSON too deeply")
+    _untouched(out_dir)
+
+
+def test_non_utf8_file_name_is_one_line(tmp_path, capsys, out_dir):
+    name = os.fsdecode(b"q\xff.jsonl")
+    pope = _pope_file(tmp_path, "zoo_000000.png").rename(tmp_path / name)
+    _cli_error(capsys, ["trace", "--pope-file", str(pope), "--sample", "7", "--out", str(out_dir)],
+               "q\\udcff.jsonl", "--sample 7 is out of range")
+    _untouched(out_dir)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["zoo", "eval", "--images", "0"], "--images 0 must be >= 1"),
+    (["zoo", "data", "--images", "-5"], "--images -5 must be >= 1"),
+    (["zoo", "train", "--steps", "-1"], "--steps -1 must be >= 1"),
+    (["pope", "--shard", "-1/2"], "--shard=VALUE"),
+    (["trace", "--sample"], "expected one argument"),
+])
+def test_numbers_and_argparse_errors_are_one_line(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) if argv[0] in ("pope", "trace") else _no_raise():
+        rc = main([*argv, *(["--out", str(out)] if argv[0] == "zoo" else [])])
+        assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mclcbf-diag: error: ") and fragment in err, err
+    assert "usage:" not in err and not out.exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------- 12. refusals are fast
+@pytest.mark.parametrize("argv", [
+    ["trace", "--sample", "5000"],
+    ["trace", "--set", "layers=99"],
+    ["pope", "--set", "layers=1,9"],
+    ["explain", "--dtype", "float64"],
+    ["trace", "--out", "/dev/null/x"],
+])
+def test_refusals_never_read_the_weights(capsys, monkeypatch, argv):
+    from mclcbf_diag.models import loading
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were read before the mistake was reported")
+
+    monkeypatch.setattr(loading.LlavaForConditionalGeneration, "from_pretrained", no_weights)
+    monkeypatch.setattr(loading, "load_weights", no_weights)
+    _cli_error(capsys, argv)
+
+
+def test_refusals_are_fast(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for argv in (["trace", "--sample", "5000"], ["pope", "--set", "layers=99", "--out", str(tmp_path / "p")],
+                 ["pope", "--limit", "0"], ["trace", "--set", "layers=0:100000000000"],
+                 ["trace", "--max-new-tokens", "100000"], ["explain", "--pope-file", "missing.jsonl"]):
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "mclcbf_diag.cli", *argv], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=120)
+        took = time.monotonic() - start
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert took < 5, f"{argv}: refused after {took:.1f} s (the model was probably loaded first)"
+    assert not (tmp_path / "p").exists()

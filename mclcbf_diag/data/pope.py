@@ -5,20 +5,63 @@ POPE ships in two layouts with the same objects (``question_id``, ``image``, ``t
 array. :func:`load_pope` reads both, telling them apart by the first non-space character.
 Every problem with a file is a :class:`~mclcbf_diag.errors.UserError` whose one-line message
 names the file, the line (or array item) and the fix.
+
+Safety rules
+------------
+* **Unique ids.** A ``question_id`` that appears twice is refused (naming both places):
+  results are keyed by it, so a duplicate would silently replace or skip a question.
+* **Bounded text.** A question longer than :data:`MAX_QUESTION_CHARS` characters is refused
+  (raise it with ``MCLCBF_DIAG_MAX_QUESTION_CHARS``); the prompt's token count is checked
+  against the model's limit separately, before the model loads.
+* **Contained images.** :func:`resolve_image` refuses an ``image`` entry that is absolute or
+  holds ``..``: an image is always read from inside ``--image-dir``.
+* **Images decode to what the model saw in training.** :func:`load_image` applies the EXIF
+  orientation, scales 16- and 32-bit grayscale (``I;16``, ``I``) to 8 bits instead of
+  clipping them to white, refuses float images, and refuses images over
+  :data:`MAX_IMAGE_PIXELS` pixels before decoding them (raise the limit with
+  ``MCLCBF_DIAG_MAX_IMAGE_PIXELS``; PIL's own decompression-bomb check is replaced by it).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.storage import contained, show
 
 _KEYS = ("question_id", "image", "text", "label")
+
+
+def _env_limit(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r} is not an integer; set it to a positive number or unset it") from None
+    if value < 1:
+        raise UserError(f"{name}={value} must be >= 1; set a positive number or unset it")
+    return value
+
+
+MAX_QUESTION_CHARS = 4000  # default; MCLCBF_DIAG_MAX_QUESTION_CHARS overrides
+MAX_IMAGE_PIXELS = 50_000_000  # default (e.g. 7071 x 7071); MCLCBF_DIAG_MAX_IMAGE_PIXELS overrides
+
+
+def max_question_chars() -> int:
+    return _env_limit("MCLCBF_DIAG_MAX_QUESTION_CHARS", MAX_QUESTION_CHARS)
+
+
+def max_image_pixels() -> int:
+    return _env_limit("MCLCBF_DIAG_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -40,24 +83,37 @@ class PopeQuestion:
 def load_pope(path: str | Path) -> list[PopeQuestion]:
     """Read a POPE file (JSON Lines or a JSON array) into a list of questions."""
     path = Path(path)
+    shown = show(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise UserError(f"POPE file {path} {what}; pass the path of a .json/.jsonl question file")
+        raise UserError(f"POPE file {shown} {what}; pass the path of a .json/.jsonl question file")
     try:
         content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read POPE file {path} ({exc}); it must be UTF-8 JSON text") from None
+        raise UserError(f"cannot read POPE file {shown} ({exc}); it must be UTF-8 JSON text") from None
     stripped = content.lstrip()
     if not stripped:
-        raise UserError(f"POPE file {path} is empty; it needs one JSON question object per line")
+        raise UserError(f"POPE file {shown} is empty; it needs one JSON question object per line")
 
-    if stripped.startswith("["):
-        records = _array_records(path, content)
-    else:
-        records = _jsonl_records(path, content)
-    questions = [_question(path, where, obj, i) for i, (where, obj) in enumerate(records)]
+    try:
+        if stripped.startswith("["):
+            records = _array_records(shown, content)
+        else:
+            records = _jsonl_records(shown, content)
+    except RecursionError:
+        raise UserError(f"POPE file {shown} nests JSON too deeply to be a question file; "
+                        "write flat question objects (question_id, image, text, label)") from None
+    limit = max_question_chars()
+    questions = [_question(shown, where, obj, i, limit) for i, (where, obj) in enumerate(records)]
     if not questions:
-        raise UserError(f"POPE file {path} holds no questions; add question objects to it")
+        raise UserError(f"POPE file {shown} holds no questions; add question objects to it")
+    seen: dict[str, str] = {}
+    for (where, _), q in zip(records, questions):
+        key = str(q.question_id)
+        if key in seen:
+            raise UserError(f"{shown}, {where}: question_id {q.question_id!r} was already used at {seen[key]}; "
+                            "question ids must be unique (results are keyed by them): renumber one of them")
+        seen[key] = where
     return questions
 
 
@@ -89,7 +145,7 @@ def _array_records(path: Path, content: str) -> list[tuple[str, object]]:
     return [(f"array item {i} (0-based)", obj) for i, obj in enumerate(items)]
 
 
-def _question(path: Path, where: str, obj: object, index: int) -> PopeQuestion:
+def _question(path: str, where: str, obj: object, index: int, max_chars: int) -> PopeQuestion:
     def bad(problem: str, fix: str) -> UserError:
         return UserError(f"{path}, {where}: {problem}; {fix}")
 
@@ -105,6 +161,9 @@ def _question(path: Path, where: str, obj: object, index: int) -> PopeQuestion:
     for key in ("image", "text"):
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise bad(f"{key!r} is {obj[key]!r}", f"give {key!r} as a non-empty string")
+    if len(obj["text"]) > max_chars:
+        raise bad(f"'text' is {len(obj['text'])} characters, more than the limit of {max_chars}",
+                  "shorten the question, or raise the limit with MCLCBF_DIAG_MAX_QUESTION_CHARS=N")
     label = obj["label"]
     norm = label.strip().lower() if isinstance(label, str) else None
     if norm not in ("yes", "no"):
@@ -145,34 +204,97 @@ def select_question(
     )
 
 
-def questions_frame(questions: list[PopeQuestion]) -> pd.DataFrame:
+def questions_frame(questions: list[PopeQuestion]):
     """One row per question with columns index, question_id, image, text, label."""
+    import pandas as pd
+
     columns = ["index"] + [f.name for f in fields(PopeQuestion) if f.name != "index"]
     return pd.DataFrame([asdict(q) for q in questions], columns=columns)
 
 
 def resolve_image(question: PopeQuestion, image_dir: str | Path) -> Path:
-    """Path of the question's image inside ``image_dir`` (existence is checked on load)."""
+    """Path of the question's image inside ``image_dir`` (existence is checked on load).
+
+    The ``image`` entry must be a plain relative path: absolute paths and ``..`` are refused
+    with the question id, so a question file can never make the tool read outside
+    ``image_dir``.
+    """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise UserError(
-            f"image folder {image_dir} does not exist; pass --image-dir pointing at the folder "
+            f"image folder {show(image_dir)} does not exist; pass --image-dir pointing at the folder "
             f"that holds {question.image}"
         )
-    return image_dir / question.image
+    return contained(image_dir, question.image, f"question_id {question.question_id!r}: image")
+
+
+_PIL_LIMIT = threading.Lock()
+
+
+def check_image_size(path: Path, size: tuple[int, int], limit: int | None = None) -> None:
+    limit = max_image_pixels() if limit is None else limit
+    w, h = size
+    if w * h > limit:
+        raise UserError(
+            f"image {show(path)} is {w}x{h} ({w * h / 1e6:.1f} megapixels), more than the limit of "
+            f"{limit / 1e6:.1f} megapixels; downscale it (the model sees a few hundred pixels a side), "
+            "or raise the limit with MCLCBF_DIAG_MAX_IMAGE_PIXELS=N"
+        )
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully (so truncated files fail here) and return it as RGB."""
+    """Open an image fully (so truncated files fail here) and return it as 8-bit RGB.
+
+    The EXIF orientation is applied; 16/32-bit grayscale is scaled to 8 bits; an image
+    over :func:`max_image_pixels` pixels is refused before it is decoded.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"image {path} not found; pass --image-dir pointing at the folder holding it")
+        raise UserError(f"image {show(path)} not found; pass --image-dir pointing at the folder holding it")
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as img:
+        with _PIL_LIMIT, warnings.catch_warnings():
+            # Our own limit (below) replaces PIL's decompression-bomb warning/error, whose
+            # warning would be a second stderr line and whose error ignores the override.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with img:
+            check_image_size(path, img.size, limit)
             img.load()
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, path)
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError) as exc:
         raise UserError(
-            f"image {path} cannot be read ({exc}); replace the file or pass --image-dir "
+            f"image {show(path)} cannot be read ({exc}); replace the file or pass --image-dir "
             "pointing at a folder with intact images"
         ) from None
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB for every PIL mode, scaling wide integer modes instead of clipping them."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        import numpy as np
+
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UserError(f"image {show(path)} is 32-bit integer grayscale with values outside 0..65535; "
+                            "save it as an 8- or 16-bit image")
+        a = (a * 255 + 32767) // 65535  # 0..65535 -> 0..255, rounded
+        return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        raise UserError(f"image {show(path)} is a floating-point image (mode F) with no defined 0..255 range; "
+                        "save it as an 8- or 16-bit image")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels over white, as a viewer shows them (convert() would expose
+        # whatever colour the transparent pixels happen to hold).
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

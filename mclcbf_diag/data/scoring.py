@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pandas as pd
-
 from mclcbf_diag.errors import UserError
 
 _NO_WORDS = frozenset({"No", "not", "no"})
@@ -77,7 +75,9 @@ def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> dict:
     }
 
 
-def metrics_frame(labels: Sequence[str], predictions: Sequence[str], **tags) -> pd.DataFrame:
+def metrics_frame(labels: Sequence[str], predictions: Sequence[str], **tags):
     """:func:`pope_metrics` as a one-row DataFrame; ``tags`` (e.g. split="random",
     condition="baseline") become leading columns so rows from several runs concatenate."""
+    import pandas as pd
+
     return pd.DataFrame([{**tags, **pope_metrics(labels, predictions)}])

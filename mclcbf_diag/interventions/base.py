@@ -40,6 +40,7 @@ import torch
 from .. import knobs as K
 from ..errors import UserError
 from ..models.projection import LayerWeights
+from ..rulebook import fired_by_step
 
 
 @dataclass(frozen=True)
@@ -262,8 +263,16 @@ class Intervention:
         return {}
 
     def rules(self) -> list:
-        """Diagnosis rules specific to this intervention (see :mod:`mclcbf_diag.diagnose`)."""
+        """Diagnosis rules specific to this intervention (:class:`mclcbf_diag.rulebook.Rule`)."""
         return []
+
+    def layer_sets(self, evidence) -> tuple[list[int], list[int], list[int]]:
+        """(steered, active, fired) layers of a diagnosis, from its records (see the rulebook)."""
+        return fired_by_step(evidence)
+
+    def no_step_explained_by(self) -> tuple[str, ...]:
+        """Rule ids whose detection explains why no step was applied (not_applied yields to them)."""
+        return ()
 
     def row_records(self, row: Row) -> dict[str, float]:
         """Whole-model records of a row (layer −1), e.g. how a configured span fits the image."""

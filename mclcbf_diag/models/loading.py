@@ -5,10 +5,25 @@ Otherwise it takes a local directory or a Hugging Face cache id
 (``llava-hf/llava-1.5-7b-hf``); it never downloads (``local_files_only``), reads weights
 from safetensors only, never enables ``trust_remote_code`` and always asks for eager
 attention, the only implementation that returns attention probabilities.
+
+Loading happens in two steps so that every mistake is reported before the weights are read:
+
+1. :func:`model_facts` reads ``config.json`` only (depth, context length, image tokens):
+   enough to validate ``--set layers=…`` in milliseconds.
+2. :func:`prepare_model` checks dtype and device, optionally verifies the files against
+   ``MANIFEST.sha256`` (``--verify``), loads the config and the processor (tokenizer), and
+   finds the answer tokens; :func:`check_prompt_lengths` then measures every prompt with
+   the tokenizer. A prompt longer than the tokenizer's fixed/maximum length or the model's
+   context is refused with its length and the limit: nothing is ever cut silently (the
+   embedded tokenizer, for one, truncates to 176 tokens).
+3. :func:`load_weights` reads the weights and refuses a checkpoint with missing,
+   unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
+   otherwise fill with random values.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +33,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from transformers.utils import logging as hf_logging
 
 from ..errors import UserError
+from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .projection import LayerWeights
 from .tokens import AnswerTokens, answer_tokens
@@ -120,9 +136,71 @@ def _locate(name_or_path: str | None) -> tuple[str, bool]:
                     "directory or a Hugging Face id already in the local cache")
 
 
-def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
-               device_map: str | None = None) -> LoadedModel:
-    """Load the embedded model (default), a local directory or a cached hub id, offline."""
+def locate(name_or_path: str | None) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is it a local directory); a UserError when neither."""
+    return _locate(name_or_path)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What ``config.json`` says, read without transformers or the weights."""
+
+    where: str
+    local: bool
+    n_layers: int | None
+    max_positions: int | None
+    image_seq_length: int | None
+
+
+def model_facts(name_or_path: str | None) -> ModelFacts:
+    """Depth, context length and image tokens from ``config.json`` (milliseconds, no weights)."""
+    where, local = _locate(name_or_path)
+    cfg: dict = {}
+    if local:
+        path = Path(where) / "config.json"
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise UserError(f"--model {show(where)}: config.json is unreadable ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); restore the checkpoint's "
+                            "config.json") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"--model {show(where)}: config.json is not a JSON object; restore it")
+    else:
+        try:
+            cfg = AutoConfig.from_pretrained(where, local_files_only=True).to_dict()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"could not load model {where!r}: it is not in the local Hugging Face cache (run "
+                            f"`hf download {where}` on a machine with network access, or pass --model DIR) "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                            ) from None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+
+    def num(d, key):
+        v = d.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    return ModelFacts(where, local, num(text, "num_hidden_layers"), num(text, "max_position_embeddings"),
+                      num(cfg, "image_seq_length"))
+
+
+@dataclass
+class PreparedModel:
+    """Everything but the weights: config, processor and answer tokens (see the module docstring)."""
+
+    where: str
+    local: bool
+    config: object
+    processor: object
+    tokens: AnswerTokens
+    dtype: torch.dtype
+    device: str
+    device_map: str | None
+
+
+def prepare_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
+                  device_map: str | None = None, verify: bool = False) -> PreparedModel:
+    """Validate the options and load config + processor; the weights are not read."""
     if device_map is None:
         resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -133,8 +211,11 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
             raise UserError(f"--device-map {device_map} needs the accelerate package; install it "
                             "(pip install accelerate) or drop --device-map")
     where, local = _locate(name_or_path)
-    kwargs = dict(dtype=torch_dtype, attn_implementation="eager", use_safetensors=True,
-                  local_files_only=True)
+    if verify:
+        if not local:
+            raise UserError(f"--verify checks a local model folder against its MANIFEST.sha256; {where} is a "
+                            "hub id: pass --model DIR (its snapshot folder) or drop --verify")
+        verify_manifest(where)
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
         architectures = set(getattr(config, "architectures", None) or [])
@@ -144,25 +225,157 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
         processor = AutoProcessor.from_pretrained(where, local_files_only=True)
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
-        quiet = where == str(EMBEDDED) and hf_logging.is_progress_bar_enabled()
-        if quiet:  # a 6 MB model loads in milliseconds: its progress bar is only noise on stderr
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise _load_error(where, local, exc) from exc
+    return PreparedModel(where, local, config, processor, tokens, torch_dtype, device, device_map)
+
+
+def _load_error(where: str, local: bool, exc: Exception) -> UserError:
+    hint = ("the directory is incomplete or not a LLaVA checkpoint" if local else
+            f"it is not in the local Hugging Face cache (run `hf download {where}` on a "
+            "machine with network access, or pass --model DIR)")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"could not load model {where!r}: {hint} ({first})")
+
+
+def load_weights(prep: PreparedModel) -> LoadedModel:
+    """Read the weights of a prepared model; missing or unexpected tensors are an error."""
+    where = prep.where
+    kwargs = dict(dtype=prep.dtype, attn_implementation="eager", use_safetensors=True,
+                  local_files_only=True, output_loading_info=True)
+    small = prep.local and sum(p.stat().st_size for p in Path(where).glob("*.safetensors")) < 256 * 2**20
+    quiet = small and hf_logging.is_progress_bar_enabled()
+    try:
+        if quiet:  # a small model loads in milliseconds: its progress bar is only noise on stderr
             hf_logging.disable_progress_bar()
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                where, device_map=device_map, **kwargs)
+            model, info = LlavaForConditionalGeneration.from_pretrained(
+                where, device_map=prep.device_map, **kwargs)
         finally:
             if quiet:
                 hf_logging.enable_progress_bar()
     except (OSError, ValueError, SafetensorError) as exc:
-        hint = ("the directory is incomplete or not a LLaVA checkpoint" if local else
-                f"it is not in the local Hugging Face cache (run `hf download {where}` on a "
-                "machine with network access, or pass --model DIR)")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load model {where!r}: {hint} ({first})") from exc
-    if device_map is None:
-        model.to(device)
+        raise _load_error(where, prep.local, exc) from exc
+    check_loading_info(where, info)
+    if prep.device_map is None:
+        model.to(prep.device)
     model.eval()
     adapter = ADAPTERS.get(type(model).__name__)
     if adapter is None:
         raise UserError(f"no adapter for {type(model).__name__}; supported: {', '.join(ADAPTERS)}")
-    return LoadedModel(model, processor, adapter, tokens, where)
+    return LoadedModel(model, prep.processor, adapter, prep.tokens, where)
+
+
+def check_loading_info(where: str, info: dict) -> None:
+    """A UserError when from_pretrained reported missing, unexpected or mis-shaped tensors."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k if not isinstance(k, tuple) else k[0]) for k in (info.get(key) or ()))
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} {what} ({shown})")
+    errors = [str(e).splitlines()[0] for e in (info.get("error_msgs") or ()) if str(e).strip()]
+    if errors:
+        problems.append(f"load errors ({errors[0]})")
+    if problems:
+        raise UserError(f"--model {show(where)}: the checkpoint's tensors do not match the model: "
+                        f"{'; '.join(problems)}; these would run with random weights, so it is refused: "
+                        "restore the complete checkpoint (save_pretrained) or check --model")
+
+
+def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
+               device_map: str | None = None, verify: bool = False) -> LoadedModel:
+    """Load the embedded model (default), a local directory or a cached hub id, offline."""
+    return load_weights(prepare_model(name_or_path, dtype, device, device_map, verify))
+
+
+# ----------------------------------------------------------------------------- prompt lengths
+_UNBOUNDED = 10**9
+
+
+def token_limit(processor, config) -> tuple[int | None, str]:
+    """The longest prompt (in tokens, image tokens included) that is neither cut nor out of range."""
+    tok = getattr(processor, "tokenizer", processor)
+    found: list[tuple[int, str]] = []
+    ml = getattr(tok, "init_kwargs", {}).get("max_length")
+    if isinstance(ml, int) and 0 < ml < _UNBOUNDED:
+        found.append((ml, "the tokenizer's fixed length (max_length in its files)"))
+    backend = getattr(tok, "backend_tokenizer", None)
+    trunc = getattr(backend, "truncation", None) if backend is not None else None
+    if isinstance(trunc, dict) and isinstance(trunc.get("max_length"), int):
+        found.append((trunc["max_length"], "the tokenizer's truncation length (tokenizer.json)"))
+    mml = getattr(tok, "model_max_length", None)
+    if isinstance(mml, int) and 0 < mml < _UNBOUNDED:
+        found.append((mml, "the tokenizer's model_max_length"))
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else getattr(config, "text_config", config)
+    mpe = getattr(text_cfg, "max_position_embeddings", None)
+    if isinstance(mpe, int) and mpe > 0:
+        found.append((mpe, "the model's context (max_position_embeddings)"))
+    if not found:
+        return None, "no limit"
+    return min(found)
+
+
+def _image_token_count(processor) -> int:
+    """How many tokens one ``<image>`` placeholder becomes."""
+    from PIL import Image
+
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    tok = processor.tokenizer
+    size = 336
+    crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
+    if isinstance(crop, dict) and crop.get("height"):
+        size = int(crop["height"])
+    enc = processor(text=placeholder, images=Image.new("RGB", (size, size)), truncation=False)
+    alone = tok(placeholder, truncation=False).input_ids
+    return len(enc["input_ids"][0]) - len(alone) + 1
+
+
+def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = None,
+                         max_new_tokens: int = 0) -> int:
+    """Refuse any prompt the tokenizer would cut or the model cannot position; returns the longest length.
+
+    ``prep`` is a :class:`PreparedModel` or :class:`LoadedModel` (anything with
+    ``processor`` and a config). ``names`` say which question each prompt is.
+    """
+    processor = prep.processor
+    config = prep.config if hasattr(prep, "config") else prep.model.config
+    tok = processor.tokenizer
+    placeholder = getattr(processor, "image_token", None) or "<image>"
+    per_image = _image_token_count(processor)
+    limit, what = token_limit(processor, config)
+    longest, longest_at = 0, 0
+    for start in range(0, len(prompts), 512):
+        chunk = prompts[start:start + 512]
+        ids = tok(chunk, truncation=False, padding=False).input_ids
+        for j, (p, row) in enumerate(zip(chunk, ids)):
+            n = len(row) + p.count(placeholder) * (per_image - 1)
+            if n > longest:
+                longest, longest_at = n, start + j
+    if not prompts:
+        return 0
+    name = names[longest_at] if names else "the prompt"
+    if limit is not None and longest > limit:
+        raise UserError(f"{name}: the prompt is {longest} tokens ({per_image} of them for the image), more than "
+                        f"the limit of {limit} ({what}); it would be cut silently: shorten --prompt or the "
+                        "question, or use a model whose tokenizer and context allow longer prompts")
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
+    mpe = getattr(text_cfg, "max_position_embeddings", None)
+    if max_new_tokens and isinstance(mpe, int) and longest + max_new_tokens > mpe:
+        raise UserError(f"{name}: the prompt is {longest} tokens and {max_new_tokens} new tokens would reach "
+                        f"position {longest + max_new_tokens}, beyond the model's context of {mpe} "
+                        f"(max_position_embeddings); lower --max-new-tokens/--generate to at most {mpe - longest}")
+    # The processor may still cut by a rule we did not see: compare with what it really returns.
+    from PIL import Image
+
+    probe = prompts[longest_at]
+    if placeholder in probe:
+        img = Image.new("RGB", (64, 64))
+        n_images = probe.count(placeholder)
+        got = len(processor(text=probe, images=[img] * n_images)["input_ids"][0])
+        full = len(processor(text=probe, images=[img] * n_images, truncation=False)["input_ids"][0])
+        if got < full:
+            raise UserError(f"{name}: the prompt is {full} tokens but the processor cuts it to {got}; shorten "
+                            "--prompt or the question")
+    return longest

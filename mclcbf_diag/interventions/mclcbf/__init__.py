@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import UserError
+from . import rules
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
 from .config import (ALIASES, PRESETS, BarrierConfig, image_span_mask, phase_params, resolve_grad_dtype,
@@ -194,6 +195,15 @@ class MCLCBF(Intervention):
 
     def fixes(self) -> dict[str, dict]:
         return FIXES
+
+    def rules(self) -> list:
+        return rules.RULES
+
+    def layer_sets(self, evidence):
+        return rules.layer_sets(evidence)
+
+    def no_step_explained_by(self) -> tuple[str, ...]:
+        return rules.NO_STEP_EXPLAINED_BY
 
 
 def _grad_and_value(fn, x, keys):

@@ -1,0 +1,224 @@
+"""MC-LCBF's diagnosis rules: the causes that stop a barrier step from existing or mattering.
+
+Each rule reads the records :mod:`mclcbf_diag.interventions.mclcbf` writes (see its
+``METRICS``) through :class:`~mclcbf_diag.rulebook.Evidence`. Ranks place them in the causal
+order of :mod:`mclcbf_diag.rulebook` between the generic rules of :mod:`mclcbf_diag.diagnose`
+(1 not_applied, 6 rounding_absorbed, 10 margin_unmoved, 12 decision_token_off_path).
+Layer sets: *steered* = layers with barrier rows in condition "steered"; *active* = steered
+layers with ``barrier_active`` (else h < τ); *fired* = active layers that applied a nonzero
+step (``applied_norm > 0``; at the attention-logit site, which has no step vector, a nonzero
+per-head ``logit_shift``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ...rulebook import KNOCKOUT_DOMINANCE, Evidence, Rule, fmt, median, pct
+
+SPAN_IOU_MIN = 0.99  # |C ∩ D|/|C ∪ D| of configured C and detected D image positions
+INACTIVE_FRACTION = 0.5  # #{ℓ: h_ℓ ≥ τ}/#steered above this → "most" layers are inactive
+GRAD_REL_ERR_MAX = 1e-2  # |‖g‖_dtype − ‖g‖_f32|/‖g‖_f32: 1% is far above fp16's 2⁻¹¹ rounding
+STEP_REL_MIN = 0.01  # ‖θ‖/‖x‖ (and ‖Jθ‖/‖RMSNorm(x)‖) below 1%: a negligible nudge of the state
+LINEAR_REL_ERR_MAX = 0.5  # |Δh_rec − Δh_pred|/|Δh_pred| above 50%: first order is meaningless
+DAMPING_RATIO_MIN = 0.5  # prop_rel(last layer)/max θ_rel below this: the residual lost half of it
+PROPAGATION_FINAL_MIN = 1e-6  # ‖norm(x_L^steer) − norm(x_L^base)‖ below this: final state identical
+DECISIVE_MARGIN_FRACTION = 0.1  # |Δm| < 10% of |m_base| after reaching τ: attention is not causal
+TARGET_TOLERANCE = 1e-3  # h + Δh_realised ≥ τ − this counts as "reached the target"
+
+_BARRIER_METRICS = ("barrier_active", "barrier_tau", "scale", "applied_norm", "theta_norm", "dh_predicted")
+
+
+def layer_sets(ev: Evidence) -> tuple[list[int], list[int], list[int]]:
+    h, tau, act = ev.layers("barrier_h"), ev.layers("barrier_tau"), ev.layers("barrier_active")
+    applied = ev.layers("applied_norm")
+    steered = sorted(set().union(*(ev.layers(m) for m in _BARRIER_METRICS), h, ev.shift))
+    active = [ly for ly in steered if (act[ly] > 0.5 if ly in act else
+              (h[ly] < tau[ly] if ly in h and ly in tau else applied.get(ly, 0) > 0))]
+    fired = [ly for ly in active if (applied[ly] > 0 if ly in applied else ev.shift.get(ly, not ev.shift))]
+    return steered, active, fired
+
+
+def _tau(ev: Evidence) -> float:
+    return median(ev.layers("barrier_tau").values())
+
+
+def span_mismatch(ev: Evidence, rule: Rule):
+    cd = next((cd for cd in ("steered", *sorted(ev.conditions)) if ev.scalar("span_iou", cd) is not None), None)
+    if cd is None:
+        return ev.skip(rule, "no span_iou record")
+    iou = ev.scalar("span_iou", cd)
+    e = {k: ev.scalar(f"span_{k}", cd) for k in ("iou", "precision", "recall", "configured_tokens", "detected_tokens")}
+    e = {k: x for k, x in e.items() if x is not None}
+    s = f"The configured image span overlaps the detected image tokens with IoU {fmt(iou)}"
+    if {"precision", "recall", "configured_tokens", "detected_tokens"} <= e.keys():
+        s += (f": {pct(e['precision'])} of its {e['configured_tokens']:.0f} positions are image tokens"
+              f" and it holds {pct(e['recall'])} of the {e['detected_tokens']:.0f} image tokens")
+    return ev.make(rule, iou < SPAN_IOU_MIN, 1 - iou, e, s + ".")
+
+
+def barrier_inactive(ev: Evidence, rule: Rule):
+    steered, active, h, tau_m = ev.steered, ev.active, ev.layers("barrier_h"), _tau(ev)
+    if not steered:
+        return ev.skip(rule, "no barrier records for condition 'steered'")
+    frac = (len(steered) - len(active)) / len(steered)
+    e = {"fraction_inactive": frac, "n_inactive": len(steered) - len(active), "n_steered": len(steered),
+         "median_h": median(h[ly] for ly in steered if ly in h), "tau": tau_m}
+    s = (f"h was already at or above τ = {fmt(tau_m)} at {e['n_inactive']} of {len(steered)} steered layers"
+         f" (median h {fmt(e['median_h'])}), so the barrier did not fire there." if e["n_inactive"] else
+         f"h was below τ = {fmt(tau_m)} at all {len(steered)} steered layers (median h {fmt(e['median_h'])}).")
+    return ev.make(rule, frac > INACTIVE_FRACTION, frac, e, s)
+
+
+def gradient_underflow(ev: Evidence, rule: Rule):
+    sq, gn, g32 = ev.layers("grad_norm_sq_dtype"), ev.layers("grad_norm"), ev.layers("grad_norm_f32")
+    layers = [ly for ly in ev.active if ly in sq or (ly in gn and ly in g32)]
+    if not layers:
+        return ev.skip(rule, "no gradient metrics at active layers")
+    zero = [ly for ly in layers if sq.get(ly, 1.0) == 0 and g32.get(ly, 1.0) > 0]
+    err = {ly: abs(gn[ly] - g32[ly]) / g32[ly] for ly in layers if ly in gn and g32.get(ly, 0) > 0}
+    bad = sorted(set(zero) | {ly for ly, x in err.items() if x > GRAD_REL_ERR_MAX})
+    e = {"n_underflow": len(bad), "n_active": len(layers), "n_sq_zero": len(zero),
+         "max_rel_err": max(err.values(), default=math.nan), "median_grad_norm_f32": median(g32.values())}
+    s = (f"In the gradient dtype Σg² was 0 at {len(zero)} and ‖g‖ was off by more than"
+         f" {pct(GRAD_REL_ERR_MAX)} at {len(bad)} of {len(layers)} active layers (max relative error"
+         f" {pct(e['max_rel_err'])}, median float32 ‖g‖ {fmt(e['median_grad_norm_f32'])}).")
+    return ev.make(rule, bool(bad), len(bad) / len(layers), e, s)
+
+
+def clamp_limited(ev: Evidence, rule: Rule):
+    ca, sc, su = ev.layers("clamp_active"), ev.layers("scale"), ev.layers("scale_unclamped")
+    layers = [ly for ly in ev.active if ly in ca]
+    if not layers:
+        return ev.skip(rule, "no clamp_active records at active layers")
+    cl = [ly for ly in layers if ca[ly] > 0.5]
+    ratio = median(sc[ly] / su[ly] for ly in cl if ly in sc and su.get(ly, 0) > 0)
+    e = {"n_clamped": len(cl), "n_active": len(layers), "median_ratio": ratio,
+         "median_scale": median(sc.get(ly, math.nan) for ly in cl),
+         "median_scale_unclamped": median(su.get(ly, math.nan) for ly in cl)}
+    s = (f"The clamp cut the step to {pct(ratio)} of what the barrier asked for (scale"
+         f" {fmt(e['median_scale'])} vs {fmt(e['median_scale_unclamped'])}) at {len(cl)} of {len(layers)}"
+         " active layers." if cl else f"The clamp did not bind at any of {len(layers)} active layers.")
+    strength = len(cl) / len(layers) * (1 - (ratio if math.isfinite(ratio) else 0.0))
+    return ev.make(rule, bool(cl), strength, e, s)
+
+
+def step_negligible(ev: Evidence, rule: Rule):
+    """The step actually added, α·θ*, against ‖x‖ and through ln1."""
+    theta_rel, tn, an = ev.per_fired("theta_rel"), ev.per_fired("theta_norm"), ev.per_fired("applied_norm")
+    alpha = {ly: an[ly] / tn[ly] if ly in an and tn.get(ly, 0) > 0 else 1.0 for ly in theta_rel}
+    rel = median(theta_rel[ly] * alpha[ly] for ly in theta_rel)
+    gain, out = ev.per_fired("ln1_gain_theta"), ev.per_fired("ln1_out_norm")
+    norm_rel = median(gain[ly] * an.get(ly, tn.get(ly, math.nan)) / out[ly] for ly in gain
+                      if (ly in an or ly in tn) and out.get(ly, 0) > 0)
+    if not (math.isfinite(rel) or math.isfinite(norm_rel)):
+        return ev.skip(rule, "no theta_rel or ln1 gain records at fired layers")
+    small = [x for x in (rel, norm_rel) if math.isfinite(x)]
+    e = {"median_step_rel": rel, "median_normalised_rel": norm_rel, "n_fired": len(ev.fired)}
+    s = (f"The step was {pct(rel)} of ‖x‖ and changed the normalised input by {pct(norm_rel)} (medians over"
+         f" {len(ev.fired)} fired layers).")
+    return ev.make(rule, min(small) < STEP_REL_MIN, max(1 - x / STEP_REL_MIN for x in small), e, s)
+
+
+def linearisation_failed(ev: Evidence, rule: Rule):
+    pred, rec = ev.per_fired("dh_predicted"), ev.per_fired("dh_recomputed")
+    err = {ly: abs(rec[ly] - pred[ly]) / abs(pred[ly]) for ly in pred if ly in rec and pred[ly] != 0}
+    if not err:
+        return ev.skip(rule, "no dh_predicted/dh_recomputed pairs")
+    x = median(err.values())
+    e = {"median_rel_err": x, "n_off": sum(v > LINEAR_REL_ERR_MAX for v in err.values()), "n_fired": len(err),
+         "median_predicted": median(pred.values()), "median_recomputed": median(rec.values())}
+    s = (f"Δh predicted to first order {fmt(e['median_predicted'])}, recomputed {fmt(e['median_recomputed'])}"
+         f" (median error {pct(x)}; off by > {pct(LINEAR_REL_ERR_MAX)} at {e['n_off']} of {len(err)} layers).")
+    return ev.make(rule, x > LINEAR_REL_ERR_MAX, min(1.0, x), e, s)
+
+
+def damped_downstream(ev: Evidence, rule: Rule):
+    fired = ev.fired
+    prop, trel, final = ev.layers("propagation_rel"), ev.per_fired("theta_rel"), ev.scalar("propagation")
+    if not fired or (not (prop and trel) and final is None):
+        return ev.skip(rule, "no fired layer or no propagation records")
+    e = {"first_layer": fired[0], "max_theta_rel": max(trel.values(), default=math.nan),
+         "propagation_final": final if final is not None else math.nan}
+    ratio = math.nan
+    if prop and trel:
+        last = max(prop)
+        ratio = prop[last] / e["max_theta_rel"] if e["max_theta_rel"] > 0 else math.nan
+        e.update(last_layer=last, propagation_rel_first=prop.get(fired[0], math.nan),
+                 propagation_rel_last=prop[last], ratio=ratio)
+    dead = final is not None and final < PROPAGATION_FINAL_MIN
+    damped = math.isfinite(ratio) and ratio < DAMPING_RATIO_MIN
+    s = (f"The residual change went from θ*/‖x‖ = {pct(e['max_theta_rel'])} (max over fired layers) to"
+         f" {pct(e['propagation_rel_last'])} of ‖x‖ at layer {e['last_layer']}; " if "ratio" in e else "")
+    s += (f"after the final norm the steered state is {fmt(e['propagation_final'])} from the baseline"
+          + (" (unchanged)." if dead else "."))
+    s = s[0].upper() + s[1:]
+    return ev.make(rule, dead or damped, 1.0 if dead else 1 - ratio / DAMPING_RATIO_MIN, e, s)
+
+
+def barrier_not_decisive(ev: Evidence, rule: Rule):
+    mb, ms = ev.scalar("final_margin", "baseline"), ev.scalar("final_margin", "steered")
+    if mb is None or ms is None:
+        return ev.skip(rule, "no final_margin for baseline and steered")
+    yb, ys = ev.scalar("answer_yes", "baseline"), ev.scalar("answer_yes", "steered")
+    flipped = (yb != ys) if yb is not None and ys is not None else (mb > 0) != (ms > 0)
+    dm = ms - mb
+    frac = abs(dm) / abs(mb) if mb != 0 else math.inf
+    h, tau = ev.layers("barrier_h"), ev.layers("barrier_tau")
+    realised, pred = ev.per_fired("dh_realised"), ev.per_fired("dh_predicted")
+    # target τ; where τ is not recorded (attention-logit site), the change the site asked for
+    target = {ly: tau[ly] if ly in tau else h[ly] + pred[ly] for ly in realised if ly in h and (ly in tau or ly in pred)}
+    if not target:
+        return ev.skip(rule, "no barrier_h/dh_realised/target at fired layers")
+    gap = [h[ly] + realised[ly] - target[ly] for ly in target]
+    after = [h[ly] + realised[ly] for ly in target]
+    reached = median(gap) >= -TARGET_TOLERANCE
+    e = {"m_base": mb, "m_steered": ms, "delta_m": dm, "answer_flipped": int(flipped),
+         "median_h_after": median(after), "median_target": median(target.values()), "n_fired": len(ev.fired),
+         "n_reached": sum(x >= -TARGET_TOLERANCE for x in gap)}
+    s = (f"The barrier {'reached' if reached else 'did not reach'} its target (median h after the step"
+         f" {fmt(e['median_h_after'])} vs {fmt(e['median_target'])}, {e['n_reached']} of {len(gap)} fired layers),"
+         f" {'yet' if reached else 'and'} the margin moved by {fmt(dm)} of {fmt(abs(mb))} ({pct(frac)})")
+    ko = {}
+    for cond in ("knockout:decision", "knockout:after_image", "double:decision", "double:after_image"):
+        km, ky = ev.scalar("final_margin", cond), ev.scalar("answer_yes", cond)
+        if km is not None:
+            key = cond.replace(":", "_")
+            ko[key] = km
+            e[f"{key}_margin"], e[f"{key}_delta_m"] = km, km - mb
+            e[f"{key}_flipped"] = int((ky != yb) if ky is not None and yb is not None else (km > 0) != (mb > 0))
+    if "knockout_decision" in ko and "knockout_after_image" in ko:
+        d_dec, d_aft = abs(ko["knockout_decision"] - mb), abs(ko["knockout_after_image"] - mb)
+        s += (f"; knocking out image attention at the decision token moves the margin by {fmt(d_dec)},"
+              f" at every token after the image by {fmt(d_aft)}")
+        if not e["knockout_decision_flipped"] and (e["knockout_after_image_flipped"]
+                                                   or d_aft >= KNOCKOUT_DOMINANCE * d_dec):
+            s += (": image information reaches the answer through earlier tokens; steering the decision"
+                  " token's attention cannot flip it")
+    return ev.make(rule, reached and not flipped and frac < DECISIVE_MARGIN_FRACTION, 1 - frac, e, s + ".")
+
+
+RULES = [
+    Rule("span_mismatch", "Configured image span is not the image", 2, f"span_iou < {SPAN_IOU_MIN}", span_mismatch),
+    Rule("barrier_inactive", "Barrier inactive (h ≥ τ)", 3,
+         f"fraction of steered layers with h ≥ τ > {INACTIVE_FRACTION}", barrier_inactive),
+    Rule("gradient_underflow", "Gradient underflow in the gradient dtype", 4,
+         f"Σg² == 0 in the gradient dtype, or |‖g‖ − ‖g‖_f32|/‖g‖_f32 > {GRAD_REL_ERR_MAX}, at an active layer",
+         gradient_underflow),
+    Rule("clamp_limited", "Clamp limited the step", 5,
+         "clamp_active at an active layer; strength = fraction clamped × (1 − median scale/scale_unclamped)",
+         clamp_limited),
+    Rule("step_negligible", "Step negligible next to the residual", 7,
+         f"median ‖αθ*‖/‖x‖ < {STEP_REL_MIN}, or median ln1_gain_theta·‖αθ*‖/ln1_out_norm < {STEP_REL_MIN}, "
+         "over fired layers", step_negligible),
+    Rule("linearisation_failed", "First-order prediction failed", 8,
+         f"median |dh_recomputed − dh_predicted|/|dh_predicted| > {LINEAR_REL_ERR_MAX} over fired layers",
+         linearisation_failed),
+    Rule("damped_downstream", "Perturbation damped downstream", 9,
+         f"propagation_rel(last layer) < {DAMPING_RATIO_MIN} × max theta_rel over fired layers, or propagation "
+         f"after the final norm < {PROPAGATION_FINAL_MIN}", damped_downstream),
+    Rule("barrier_not_decisive", "Barrier reached its target but is not decisive", 11,
+         f"median (h + dh_realised − τ) ≥ −{TARGET_TOLERANCE} over fired layers (τ ← h + dh_predicted where τ is "
+         f"not recorded) and |Δm| < {DECISIVE_MARGIN_FRACTION}·|m_base|", barrier_not_decisive),
+]
+NO_STEP_EXPLAINED_BY = ("barrier_inactive", "gradient_underflow")
