@@ -154,10 +154,11 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
     ids = inputs["input_ids"]
     start = cached_prefix(lm, ids, inputs["attention_mask"], iv)
+    iv.prepare(lm, inputs, rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id))
     with torch.no_grad():
         if start == 0:
             base = lm.model(**inputs, logits_to_keep=1).logits[:, -1]
-            last, records = run_batch(lm, inputs, iv, full_ids=ids)
+            last, records = run_batch(lm, inputs, iv, full_ids=ids, prepare=False)
             return _answers(lm, base), _answers(lm, last, iv, records)
         out = lm.model(**inputs, logits_to_keep=1, use_cache=True)
         cache = lm.adapter.output_cache(lm.model, out)
@@ -165,6 +166,6 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
                   "position_ids": inputs["position_ids"][:, start:]}
-        last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids,
+        last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids, prepare=False,
                                   use_cache=True, **lm.adapter.cache_kwargs(lm.model, cache))
     return _answers(lm, out.logits[:, -1]), _answers(lm, last, iv, records)

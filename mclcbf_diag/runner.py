@@ -253,6 +253,8 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     if ids.shape[0] != 1:
         raise ValueError("run() captures one prompt; use run_batch() for batches")  # programming error
     rows = rows_of(ids, inputs.get("attention_mask", torch.ones_like(ids)), lm.tokens.image_token_id)
+    if intervention is not None:
+        intervention.prepare(lm, inputs, rows)
     state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys)
     nm = traced(lm.model)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
@@ -275,7 +277,8 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
 
 
 def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor,
-              start: int = 0, prefix_keys: dict | None = None, generate: dict | None = None, **model_kwargs):
+              start: int = 0, prefix_keys: dict | None = None, generate: dict | None = None,
+              prepare: bool = True, **model_kwargs):
     """One intervened forward of a left-padded batch: last-position logits and per-row records.
 
     ``full_ids`` are the batch's whole prompts (the rows' layout). ``start``/``prefix_keys``
@@ -283,8 +286,11 @@ def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full
     the positions from ``start`` on). Returns ``(logits [B, vocab], records)`` with
     ``records[b][layer] = {metric: value}``; with ``generate`` (kwargs of ``generate``) the
     prefill forward is intervened and the generated sequences are returned third.
+    ``prepare=False``: the caller already called ``intervention.prepare`` with the full inputs.
     """
     rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    if prepare:
+        intervention.prepare(lm, inputs, rows)
     state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False, start=start, prefix_keys=prefix_keys)
     nm = traced(lm.model)
     if generate is None:

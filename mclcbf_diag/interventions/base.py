@@ -245,6 +245,14 @@ class Intervention:
         return True
 
     # -- the hooks (see the module docstring) ----------------------------------------------
+    def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
+        """Called once per run before the trace, with the model: room for auxiliary forwards.
+
+        An intervention whose edit depends on other runs of the model (a steering vector from
+        the prompt with and without its image, say) computes it here, with plain forwards of
+        ``lm.model`` under ``torch.no_grad()``. ``inputs`` are the run's model inputs.
+        """
+
     def begin(self, rows: list[Row], n_layers: int) -> None:
         """Called once per run before the first forward, with the batch's rows."""
 
