@@ -5,7 +5,7 @@
 
 Both paths answer the same N questions, baseline AND steered, in one process:
 
-* ``pope``: what ``mclcbf-diag pope`` does per batch (:func:`mclcbf_diag.sweep.answer_jobs`):
+* ``pope``: what ``mclcbf-diag pope`` does per batch (:func:`mclcbf_diag.pope.answer_jobs`):
   load the images, one batched baseline forward, one steered continuation through nnsight,
   first-token Yes/No margins, one record per question (only the file append is left out).
 * seed-style: per question, ``generate(max_new_tokens=5)`` without hooks and again with
@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_style import seed_hooks  # noqa: E402
 
 from mclcbf_diag import barrier as B  # noqa: E402
-from mclcbf_diag import sweep  # noqa: E402
+from mclcbf_diag import pope  # noqa: E402
 from mclcbf_diag.data import build_prompt, load_image, parse_answer, resolve_image  # noqa: E402
 from mclcbf_diag.models import load_model  # noqa: E402
 
 
 def pope_path(lm, jobs, config, batch_size):
-    sweep._image.cache_clear()  # images are loaded inside the timed region, as in a real run
+    pope._image.cache_clear()  # images are loaded inside the timed region, as in a real run
     out = []
     for i in range(0, len(jobs), batch_size):
-        out += sweep.answer_jobs(lm, jobs[i:i + batch_size], config)
+        out += pope.answer_jobs(lm, jobs[i:i + batch_size], config)
     return out
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--split", default="adversarial", choices=sweep.SPLITS)
+    ap.add_argument("--split", default="adversarial", choices=pope.SPLITS)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -88,17 +88,17 @@ def main() -> None:
     if config.site != "resid_pre" or config.tokens != "last":
         sys.exit("the seed-style loop steers the residual of the last token only: keep site and tokens")
     lm = load_model(args.model)
-    jobs = sweep.select_jobs(sweep.question_files(args.split, None, None), args.n, None)
+    jobs = pope.select_jobs(pope.question_files(args.split, None, None), args.n, None)
 
     pope_path(lm, jobs[: args.batch_size], config, args.batch_size)  # warm-up
     seed_loop(lm, jobs[:2], config)
-    (t_pope, t_seed), (pope, seed) = best_times(
+    (t_pope, t_seed), (batched, seed) = best_times(
         [lambda: pope_path(lm, jobs, config, args.batch_size), lambda: seed_loop(lm, jobs, config)], args.repeats)
 
     n = len(jobs)
-    agree = sum(p["baseline_answer"] == s["baseline_answer"] for p, s in zip(pope, seed))
-    agree_st = sum(p["steered_answer"] == s["steered_answer"] for p, s in zip(pope, seed))
-    fired = sum(bool(p["layers_fired"]) for p in pope)
+    agree = sum(p["baseline_answer"] == s["baseline_answer"] for p, s in zip(batched, seed))
+    agree_st = sum(p["steered_answer"] == s["steered_answer"] for p, s in zip(batched, seed))
+    fired = sum(bool(p["layers_fired"]) for p in batched)
     print(f"model {lm.source}; {n} {args.split} questions; torch threads {torch.get_num_threads()}; "
           f"batch size {args.batch_size}; best of {args.repeats}")
     print(f"config: {args.preset} {' '.join(overrides)} (barrier fired for {fired}/{n} questions)")

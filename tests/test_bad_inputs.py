@@ -339,7 +339,8 @@ def test_debug_gives_a_traceback(tmp_path):
 
 # ============================================================================= issue 18: hardening
 # Each case below reproduced a silent corruption, an escape or a traceback before the fix.
-from mclcbf_diag import storage, sweep  # noqa: E402
+from mclcbf_diag import pope, storage
+from mclcbf_diag.cli import pope as pope_cli  # noqa: E402
 
 POPE_FAST = ["pope", "--split", "random", "--limit", "2", "--batch-size", "2"]
 
@@ -392,7 +393,7 @@ def test_resume_with_other_images_is_refused(tmp_path, capsys):
 
     args = sweep_args([*argv, "--image-dir", str(real), "--out", str(out)])
     with pytest.raises(KeyboardInterrupt):
-        sweep.cmd_pope(args, on_batch=stop)
+        pope_cli.cmd_pope(args, on_batch=stop)
     assert len(_answers(out)) == 1
     capsys.readouterr()
     _cli_error(capsys, [*argv, "--image-dir", str(black), "--out", str(out)], "differs in: images", "--out")
@@ -475,7 +476,7 @@ def test_huge_image_is_refused_with_the_override(tmp_path, capsys, out_dir, monk
 
 def test_image_cache_is_bounded_in_bytes(monkeypatch):
     monkeypatch.setenv("MCLCBF_DIAG_IMAGE_CACHE_MB", "1")
-    cache = sweep._ImageCache()
+    cache = pope._ImageCache()
     for p in sorted(EMBEDDED_IMAGES.iterdir())[:120]:  # 120 × 12 KB decoded > 1 MB
         cache(p)
     assert cache.nbytes <= 2**20 and len(cache.items) < 120
@@ -645,7 +646,7 @@ def test_read_only_answers_is_one_line(tmp_path, capsys, monkeypatch):
     (out / "answers.jsonl").write_text(lines[0])
     real = os.access
     # (as root a chmod does not stop writes, so the check itself is simulated)
-    monkeypatch.setattr(sweep.os, "access", lambda p, m: False if str(p).endswith("answers.jsonl") else real(p, m))
+    monkeypatch.setattr(pope_cli.os, "access", lambda p, m: False if str(p).endswith("answers.jsonl") else real(p, m))
     capsys.readouterr()
     _cli_error(capsys, [*POPE_FAST, "--out", str(out)], "answers.jsonl is read-only", "chmod")
 

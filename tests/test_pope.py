@@ -1,4 +1,4 @@
-"""The resumable, sharded POPE runner (mclcbf_diag.sweep) on the embedded model.
+"""The resumable, sharded POPE runner (mclcbf_diag.pope, mclcbf_diag.cli.pope) on the embedded model.
 
 The steering config flips answers on the embedded model (attention logits of every text
 token after the image, τ = 0.8), so the flip matrix is not trivially zero.
@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mclcbf_diag import sweep
+from mclcbf_diag import pope as pope_lib
+from mclcbf_diag.cli import pope as pope_cli
 from mclcbf_diag.cli import build_parser, main
 from mclcbf_diag.errors import UserError
 
@@ -28,7 +29,7 @@ TOTAL = 24
 
 def pope(out, *extra, on_batch=None):
     args = build_parser().parse_args([*BASE, "--out", str(out), *extra])
-    return sweep.cmd_pope(args, on_batch=on_batch)
+    return pope_cli.cmd_pope(args, on_batch=on_batch)
 
 
 def records(out):
@@ -200,16 +201,16 @@ def test_merge_refuses_mixed_configs(tmp_path, capsys):
 @pytest.mark.parametrize("text", ["2/2", "1/0", "a/b", "3", "-1/2", "1/2/3"])
 def test_bad_shard_is_a_user_error(text, tmp_path, capsys):
     with pytest.raises(UserError, match="--shard"):
-        sweep.parse_shard(text)
+        pope_lib.parse_shard(text)
     assert main([*BASE, "--out", str(tmp_path), f"--shard={text}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mclcbf-diag: error: --shard") and "\n" not in err
 
 
 def test_shard_selects_positions_modulo_n():
-    files = sweep.question_files("random", None, None)
-    assert sweep.parse_shard("1/3") == (1, 3)
-    jobs = sweep.select_jobs(files, 10, (1, 3))
+    files = pope_lib.question_files("random", None, None)
+    assert pope_lib.parse_shard("1/3") == (1, 3)
+    jobs = pope_lib.select_jobs(files, 10, (1, 3))
     assert [j.position for j in jobs] == [1, 4, 7]
 
 

@@ -1,0 +1,72 @@
+"""The ``mclcbf-diag`` command line: one thin module per command over the library.
+
+Commands: ``trace`` (:mod:`.trace`), ``explain`` (:mod:`.explain`), ``pope`` and ``merge``
+(:mod:`.pope`), ``zoo`` (:mod:`.zoo`); what they share (options, the checks that run before
+any model loads, printing) is in :mod:`.common`. Nothing in the package imports this one.
+
+Every user mistake is a :class:`~mclcbf_diag.errors.UserError`: one line on stderr, exit
+status 2, and a traceback only with ``--debug``. argparse's own errors (a missing value,
+``--shard -1/2``) are one line too, and Ctrl-C at any moment is one line with status 130.
+
+Order of work: every argument, knob, file, image and the output folder is validated first
+(``--set layers=…`` against the depth read from ``config.json``), then the tokenizer
+measures the prompt (a prompt it would cut is refused), then the weights are read, then the
+computation runs, and only then is anything written, atomically (see
+:mod:`mclcbf_diag.storage`). Limits with their overrides: ``--max-new-tokens`` ≤ 512
+(``MCLCBF_DIAG_MAX_NEW_TOKENS``), question text ≤ 4000 characters
+(``MCLCBF_DIAG_MAX_QUESTION_CHARS``), images ≤ 50 megapixels
+(``MCLCBF_DIAG_MAX_IMAGE_PIXELS``), integers in ``--set`` ≤ 10⁶ and ``layers`` ranges ≤
+4096 entries.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import UserError
+from . import explain, pope, trace, zoo
+from .common import EMBEDDED_POPE, Parser, one_line
+
+__all__ = ["main", "build_parser", "EMBEDDED_POPE"]
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="mclcbf-diag", description=(
+        "Measure why an attention-steering intervention (MC-LCBF by default) does or does not change a "
+        "LLaVA-style model's POPE answers."))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    trace.add_parser(sub)
+    explain.add_parser(sub)
+    zoo.add_parser(sub)
+    pope.add_parser(sub)
+    pope.add_merge_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = args.debug
+        return args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"mclcbf-diag: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mclcbf-diag: interrupted (pope: rerun the same command to resume; nothing is half-written)",
+              file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print("mclcbf-diag: error: out of memory; lower --batch-size, --max-new-tokens or the image size "
+              "(see the limits in `mclcbf-diag --help`)", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,296 @@
+"""What every command shares: options, input checks before the model loads, printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from ..pope.jobs import EMBEDDED_POPE
+
+MAX_NEW_TOKENS = 512  # default; MCLCBF_DIAG_MAX_NEW_TOKENS overrides
+
+
+MAX_KNOB_INT = 10**6
+
+
+MAX_LAYER_LIST = 4096
+
+
+_INT = re.compile(r"[-+]?\d+")
+
+
+def max_new_tokens_limit() -> int:
+    from ..data.pope import _env_limit
+
+    return _env_limit("MCLCBF_DIAG_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in the toolkit's style (no usage dump)."""
+
+    def error(self, message: str):
+        hint = ""
+        m = re.search(r"argument (--[\w-]+): expected one argument", message)
+        if m:
+            hint = f" (a value that starts with '-' must be attached: {m.group(1)}=VALUE)"
+        self.exit(2, f"mclcbf-diag: error: {self.prog}: {message}{hint}; see `{self.prog} --help`\n")
+
+
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="local checkpoint directory or cached hub id (default: the embedded model)")
+    g.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default cpu)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the embedded model, torch's default otherwise)")
+    g.add_argument("--verify", action="store_true",
+                   help="check the model's files against its MANIFEST.sha256 before loading")
+
+
+def sample_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sample")
+    g.add_argument("--split", default="adversarial", choices=["random", "popular", "adversarial"],
+                   help="POPE split of the embedded question set (default adversarial)")
+    g.add_argument("--pope-file", default=None, help="a POPE question file (JSON Lines or JSON array)")
+    g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
+    prompt_option(g)
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--sample", type=int, default=None, help="0-based index into the question file")
+    which.add_argument("--question-id", default=None, help="select by POPE question_id")
+
+
+def prompt_option(g) -> None:
+    from ..data import LLAVA_PROMPT
+
+    g.add_argument("--prompt", default=LLAVA_PROMPT, metavar="TEMPLATE",
+                   help="prompt around the question, with <image> and {question} "
+                        "(default: llava-hf's 'USER: <image>\\n{question}\\nASSISTANT:')")
+
+
+def check_prompt(args) -> None:
+    from ..data import build_prompt
+
+    build_prompt("question", args.prompt)  # raises a UserError naming what is missing
+
+
+def intervention_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("intervention")
+    g.add_argument("--intervention", default="mclcbf", metavar="NAME",
+                   help="which intervention (default mclcbf, the barrier; see README, interventions)")
+    g.add_argument("--preset", default=None,
+                   help="the intervention's preset (default its first; mclcbf: seed-exp6 = the original "
+                        "experiment, alias original; fixed = every suspected cause corrected, alias corrected)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KNOB=VALUE",
+                   help="override a knob, e.g. --set span=detected --set tau=0.5 (repeatable)")
+
+
+def check_threads(args) -> None:
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise UserError(f"--threads {args.threads}: give a positive number of CPU threads (e.g. --threads 1)")
+
+
+def prepare_from_args(args):
+    """Options, config and processor, no weights (see models.loading)."""
+    from ..models.loading import prepare_model
+
+    check_threads(args)
+    return prepare_model(args.model, dtype=args.dtype, device=args.device,
+                         device_map=getattr(args, "device_map", None), verify=getattr(args, "verify", False))
+
+
+def weights_from_args(args, prep):
+    import torch
+
+    from ..models.loading import load_weights
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.model is None and str(args.device).startswith("cpu"):
+        # A 1.4 M-parameter model runs fastest single-threaded (see README, performance).
+        torch.set_num_threads(1)
+    return load_weights(prep)
+
+
+def load_from_args(args):
+    return weights_from_args(args, prepare_from_args(args))
+
+
+def question_from_args(args):
+    from ..data import load_pope, select_question
+
+    if args.pope_file:
+        pope_file = Path(args.pope_file)
+        image_dir = Path(args.image_dir) if args.image_dir else pope_file.parent
+    else:
+        pope_file = EMBEDDED_POPE / f"zoo_pope_{args.split}.json"
+        image_dir = Path(args.image_dir) if args.image_dir else EMBEDDED_POPE / "images"
+    questions = load_pope(pope_file)
+    if args.sample is None and args.question_id is None:
+        args.sample = 0
+    q = select_question(questions, sample=args.sample, question_id=args.question_id, source=str(pope_file))
+    return q, image_dir
+
+
+def check_override_sizes(overrides) -> None:
+    """Bound the integers in ``--set`` strings BEFORE barrier.apply_overrides materialises them.
+
+    ``layers=0:100000000000`` would build a list of 10¹¹ ints (MemoryError) and
+    ``fixed_span=0:99…9`` overflows C ints; both become one line here.
+    """
+    for item in overrides:
+        knob, eq, text = str(item).partition("=")
+        knob = knob.strip()
+        if not eq or knob not in ("layers", "fixed_span"):
+            continue
+        for num in _INT.findall(text):
+            if len(num.lstrip("+-")) > 7 or abs(int(num)) > MAX_KNOB_INT:
+                raise UserError(f"--set {item}: {num} is too large (integers here are at most {MAX_KNOB_INT}); "
+                                f"give {knob} in token/layer indices of the model")
+        if knob == "layers":
+            total = 0
+            for part in text.split(","):
+                a, colon, b = part.partition(":")
+                if colon and _INT.fullmatch(a.strip() or "x") and _INT.fullmatch(b.strip() or "x"):
+                    total += max(0, int(b) - int(a))
+                else:
+                    total += 1
+            if total > MAX_LAYER_LIST:
+                raise UserError(f"--set {item} lists {total} layers, more than {MAX_LAYER_LIST}; list the model's "
+                                "layers, e.g. layers=10:28")
+
+
+def local_depth(model: str | None) -> int | None:
+    """num_hidden_layers from a local config.json, read as plain JSON (no torch, no transformers)."""
+    folder = Path(__file__).resolve().parent.parent / "zoo" / "weights" if model in (None, "", "embedded") else Path(model)
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        n = text.get("num_hidden_layers")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None  # reported properly when the model is located
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def early_checks(args) -> None:
+    """Knob checks that need no torch: sizes of --set integers, and layers against config.json's depth."""
+    check_override_sizes(args.overrides)
+    n_layers = local_depth(args.model)
+    if n_layers is None:
+        return
+    for item in args.overrides:
+        knob, eq, text = str(item).partition("=")
+        if knob.strip() != "layers" or not eq:
+            continue
+        values: list[int] = []
+        for part in text.split(","):
+            a, colon, b = part.strip().partition(":")
+            try:
+                values.extend(range(int(a), int(b)) if colon else [int(a)] if a else [])
+            except ValueError:
+                return  # not plain integers: the knob parser explains it
+        bad = [v for v in values if not 0 <= v < n_layers]
+        if bad:
+            raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+
+
+def intervention_from_args(args, n_layers: int | None = None):
+    """``--intervention`` at ``--preset`` with the ``--set`` overrides; its layers checked against ``n_layers``."""
+    from ..interventions import resolve
+
+    check_override_sizes(args.overrides)
+    try:
+        iv = resolve(args.intervention, args.preset, args.overrides)
+    except (OverflowError, MemoryError, RecursionError, ValueError, TypeError) as exc:
+        raise UserError(f"--set {' '.join(map(str, args.overrides))}: cannot be applied "
+                        f"({type(exc).__name__}: {exc}); check the knob values") from None
+    if n_layers is not None:
+        iv.layers(n_layers)  # raises "layers [9] out of range: … 0..3"
+    return iv
+
+
+def check_out(args, default: str) -> Path:
+    """Fail early, creating nothing, when the output folder cannot be made or written."""
+    from ..storage import check_writable
+
+    return check_writable(args.out or default)
+
+
+def out_dir(args, default: str) -> Path:
+    from ..storage import make_dir
+
+    return make_dir(args.out or default)
+
+
+def sample_job(args, default_out: str, max_new_tokens: int = 0):
+    """Validate every input of a one-sample command, then load the model: (config, question, image, lm).
+
+    Nothing is written here; the output folder is only checked. The order puts the
+    cheap checks first: knobs (against config.json's depth), prompt, question, image,
+    --out, then the tokenizer (prompt length), and only then the weights.
+    """
+    from ..data import build_prompt, load_image, resolve_image
+    from ..storage import safe_name
+
+    check_threads(args)
+    early_checks(args)
+    check_prompt(args)
+    question, image_dir = question_from_args(args)
+    image = load_image(resolve_image(question, image_dir))
+    check_out(args, default_out.format(question_id=safe_name(question.question_id)))
+    from ..models.loading import (  # imports torch: after the cheap checks
+        check_prompt_lengths,
+        model_facts,
+    )
+
+    config = intervention_from_args(args, model_facts(args.model).n_layers)
+    prep = prepare_from_args(args)
+    check_prompt_lengths(prep, [build_prompt(question.text, args.prompt)],
+                         [f"question_id {question.question_id!r}"], max_new_tokens=max_new_tokens)
+    return config, question, image, weights_from_args(args, prep)
+
+
+def write_frame(frame, path: Path, kind: str) -> None:
+    from ..storage import atomic_write_text, atomic_write_with
+
+    if kind == "parquet":
+        atomic_write_with(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    else:
+        atomic_write_text(path, frame.to_csv(index=False))
+
+
+def summary_table(summary: dict):
+    import pandas as pd
+
+    return pd.DataFrame({"quantity": list(summary), "value": [str(v) for v in summary.values()]})
+
+
+def print_summary(s: dict) -> None:
+    where = f"sample {s['index']} (question_id {s['sample']})" if "index" in s else f"sample {s['sample']}"
+    print(f"{where}: {s.get('question', '')} (label: {s.get('label', '?')})")
+    print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}"
+          f"   {'FLIPPED' if s['flipped'] else 'unchanged'}")
+    print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}"
+          f"   (logit Yes − No)")
+    print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
+          f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
+    rel = s["max_theta_rel"]
+    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
+    if s.get("text_before") is not None:
+        print(f"  text     baseline {s['text_before']!r}   steered {s['text_after']!r}")
+
+
+def show(path) -> str:
+    from ..storage import show
+
+    return show(path)
+
+
+def one_line(text: str) -> str:
+    message = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")  # non-UTF-8 file names

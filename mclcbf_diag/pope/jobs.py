@@ -1,0 +1,106 @@
+"""Which questions a POPE run answers: split files, limits, shards, and their images."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..storage import show
+
+SPLITS = ("random", "popular", "adversarial")
+
+
+EMBEDDED_POPE = Path(__file__).resolve().parent.parent / "zoo" / "pope"
+
+
+@dataclass(frozen=True)
+class Job:
+    split: str
+    position: int  # 0-based position in the split's (limited) question list
+    question: object  # PopeQuestion
+    image_dir: Path
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.split, str(self.question.question_id)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` → ``(i, n)`` with 0-based ``i``; None stays None."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9})\s*", text)
+    if not m:
+        raise UserError(f"--shard {text!r} is not i/n; write e.g. --shard 0/4 (0-based i, 0 <= i < n)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or i >= n:
+        raise UserError(f"--shard {text}: need n >= 1 and 0 <= i < n (i is 0-based: 0/{max(n, 1)} … "
+                        f"{max(n, 1) - 1}/{max(n, 1)})")
+    return i, n
+
+
+def question_files(split: str, pope_file: str | None, image_dir: str | None) -> list[tuple[str, Path, Path]]:
+    """``(split label, file, image folder)`` per selected split.
+
+    Without ``--pope-file``: the embedded split files. A ``--pope-file`` containing
+    ``{split}`` is expanded for each selected split (e.g. ``coco_pope_{split}.json``);
+    otherwise it is one file labelled with ``--split`` (or its stem for ``all``).
+    """
+    splits = SPLITS if split == "all" else (split,)
+    if pope_file is None:
+        idir = Path(image_dir) if image_dir else EMBEDDED_POPE / "images"
+        return [(s, EMBEDDED_POPE / f"zoo_pope_{s}.json", idir) for s in splits]
+    if "{split}" in pope_file:
+        paths = [(s, Path(pope_file.replace("{split}", s))) for s in splits]
+    else:
+        paths = [(split if split != "all" else Path(pope_file).stem, Path(pope_file))]
+    return [(s, p.resolve(), Path(image_dir) if image_dir else p.resolve().parent) for s, p in paths]
+
+
+def select_jobs(files, limit: int | None, shard: tuple[int, int] | None) -> list[Job]:
+    from ..data import load_pope
+
+    jobs = []
+    for split, path, idir in files:
+        questions = load_pope(path)[:limit] if limit else load_pope(path)
+        for pos, q in enumerate(questions):
+            if shard is None or pos % shard[1] == shard[0]:
+                jobs.append(Job(split, pos, q, idir))
+    return jobs
+
+
+def job_image(job: Job) -> Path:
+    """The job's image path, contained in its image folder (see ``data.resolve_image``)."""
+    from ..data import resolve_image
+
+    return resolve_image(job.question, job.image_dir)
+
+
+def check_images(jobs: list[Job]) -> None:
+    """Every image exists and its header is readable and within the size limit (not decoded)."""
+    from PIL import Image
+
+    from ..data.pope import check_image_size, max_image_pixels
+
+    limit = max_image_pixels()
+    seen = set()
+    for j in jobs:
+        path = job_image(j)
+        if path in seen:
+            continue
+        seen.add(path)
+        where = f"question_id {j.question.question_id!r} ({j.split})"
+        if not path.is_file():
+            raise UserError(f"{where}: image {show(path)} not found; pass --image-dir pointing at the folder "
+                            "holding it")
+        try:
+            with Image.open(path) as img:
+                size = img.size
+        except Image.DecompressionBombError:
+            size = (limit + 1, 1)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"{where}: image {show(path)} cannot be read ({exc}); replace the file or pass "
+                            "--image-dir pointing at a folder with intact images") from None
+        check_image_size(path, size, limit)

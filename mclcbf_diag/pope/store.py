@@ -1,0 +1,195 @@
+"""A POPE run's folder: its identity (``run.json``) and its answers (``answers.jsonl``), safe against kills and mixing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from ..storage import append_bytes, atomic_write_text, digest, reason, show
+
+RUN, ANSWERS = "run.json", "answers.jsonl"
+_INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs")  # stored in run.json, not compared
+
+
+FORMAT = 2
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing_keys(a: dict, b: dict, ignore=_INFO_KEYS) -> list[str]:
+    """Flattened keys (``config.tau_prefill``…) whose values differ, ``ignore`` left out."""
+    fa = _flat({k: v for k, v in a.items() if k not in ignore})
+    fb = _flat({k: v for k, v in b.items() if k not in ignore})
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def run_id(identity: dict) -> str:
+    """Digest of what changes an answer (info keys and the shard left out): stamped on every row."""
+    return digest({k: v for k, v in identity.items() if k not in (*_INFO_KEYS, "shard")})
+
+
+def _load_run(path: Path) -> dict | None:
+    """run.json as a dict, or None when it is empty, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def claim_out_dir(out: Path, identity: dict) -> bool:
+    """Write ``run.json``, or check that the run already in ``out`` is this one.
+
+    Returns True when ``run.json`` was (re)written for a folder without answers (so a
+    failure before the first batch may remove it again). See the module docstring for
+    taking over answer-less folders and rebuilding a damaged ``run.json``.
+    """
+    path = out / RUN
+    rows, _ = read_records(out / ANSWERS)
+    rid = run_id(identity)
+    if path.exists():
+        old = _load_run(path)
+        if old is not None:
+            diff = differing_keys(old, identity)
+            if not diff:
+                return False
+            if rows:
+                raise UserError(f"--out {show(out)} holds a run with another configuration (differs in: "
+                                f"{', '.join(diff)}); rerun with the same options to resume, or pass another --out")
+            print(f"note: {show(out)} held a run with no answers yet; its {RUN} now describes this run",
+                  file=sys.stderr)
+            _write_run(path, identity)
+            return True
+        if rows:
+            foreign = [r for r in rows if r.get("run_id") != rid]
+            if foreign:
+                raise UserError(f"{show(path)} is damaged and {len(foreign)} rows of {ANSWERS} do not carry this "
+                                f"run's run_id, so they may come from other options; rerun with the options of "
+                                f"that run, or pass another --out")
+            try:
+                os.replace(path, out / (RUN + ".damaged"))
+            except OSError as exc:
+                raise UserError(f"{show(path)} is damaged and cannot be moved aside ({reason(exc)}); make "
+                                f"{show(out)} writable") from None
+            print(f"note: {show(path)} was damaged (kept as {RUN}.damaged); rebuilt it from this command, "
+                  f"whose run_id all {len(rows)} answers carry", file=sys.stderr)
+            _write_run(path, identity)
+            return False
+        _write_run(path, identity)
+        return True
+    if rows:
+        foreign = [r for r in rows if r.get("run_id") != rid]
+        if foreign:
+            raise UserError(f"{show(out)} holds {ANSWERS} without {RUN}, and {len(foreign)} of its rows do not "
+                            "carry this run's run_id; rerun with the options of that run, or pass another --out")
+        print(f"note: {show(path)} was missing; rebuilt it from this command, whose run_id all "
+              f"{len(rows)} answers carry", file=sys.stderr)
+        _write_run(path, identity)
+        return False
+    _write_run(path, identity)
+    return True
+
+
+def _write_run(path: Path, identity: dict) -> None:
+    atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
+
+
+_FIELDS = {"split": (str,), "question_id": (int, str), "index": (int,), "label": (str,),
+           "baseline_answer": (str,), "steered_answer": (str,), "baseline_margin": (int, float),
+           "steered_margin": (int, float), "flipped": (bool,)}
+
+
+def _check_row(row: object) -> str | None:
+    """What is wrong with one answers row, or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key, types in _FIELDS.items():
+        if key not in row:
+            return f"field {key!r} is missing"
+        v = row[key]
+        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+            return f"field {key!r} is {v!r}, not {' or '.join(t.__name__ for t in types)}"
+    for key in ("label", "baseline_answer", "steered_answer"):
+        if row[key] not in ("yes", "no"):
+            return f"field {key!r} is {row[key]!r}, not 'yes' or 'no'"
+    return None
+
+
+def read_records(path: Path, *, repair: bool = False) -> tuple[list[dict], bool]:
+    """Whole lines of ``answers.jsonl`` and whether a partial last line was dropped.
+
+    ``repair=True`` also truncates the file after its last complete line, so appends
+    start on a fresh line. A line that is not UTF-8, not JSON, or not a complete answers
+    row is a UserError naming the file and the line.
+    """
+    if not path.is_file():
+        return [], False
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {show(path)} ({reason(exc)}); make it readable") from None
+    cut = data.rfind(b"\n") + 1
+    partial = cut < len(data)
+    if partial and repair:
+        try:
+            os.truncate(path, cut)
+        except OSError as exc:
+            raise UserError(f"cannot cut the partial last line of {show(path)} ({reason(exc)}); make it "
+                            "writable, then rerun the same command") from None
+    records = []
+    fix = "delete that line (its question is then re-run) and rerun the same command"
+    for lineno, raw in enumerate(data[:cut].split(b"\n")[:-1], start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{show(path)}, line {lineno} is not UTF-8 (byte {exc.start}); {fix}") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{show(path)}, line {lineno} is not valid JSON; {fix}") from None
+        problem = _check_row(row)
+        if problem:
+            raise UserError(f"{show(path)}, line {lineno} is not an answers row ({problem}); {fix}")
+        records.append(row)
+    return records, partial
+
+
+def _encode_rows(records: list[dict]) -> bytes:
+    out = []
+    for r in records:
+        try:
+            out.append((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate (from a "\udcff" escape): keep it escaped
+            out.append((json.dumps(r, ensure_ascii=True) + "\n").encode("ascii"))
+    return b"".join(out)
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append whole lines with one ``write`` and ``fsync`` (see the module docstring)."""
+    append_bytes(path, _encode_rows(records))
+
+
+def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dict], int]:
+    """Records deduplicated by (split, question_id), first kept, in split/position order."""
+    seen, out = set(), []
+    for r in records:
+        k = (r["split"], str(r["question_id"]))
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    rank = {s: i for i, s in enumerate(split_order)}
+    out.sort(key=lambda r: (rank.get(r["split"], len(rank)), r["split"], r["index"]))
+    return out, len(records) - len(out)
