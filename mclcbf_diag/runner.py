@@ -262,7 +262,7 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
         feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
         if max_new_tokens <= 0:
-            with nm.trace(**feed):
+            with nm.trace(**feed, logits_to_keep=1):  # only the decision position is read
                 state.body(nm, "prefill", 0, keep_embeds)
             generated = None
         else:
