@@ -1,0 +1,167 @@
+"""AD-HH: adaptive deactivation of hallucination heads: zero their text attention above a threshold.
+
+Paper: Yang, Li, Cao, Xu, "Understanding and Mitigating Hallucinations in Large
+Vision-Language Models via Modular Attribution and Intervention", ICLR 2025. Released code:
+github.com/TianyunYoung/Hallucination-Attribution.
+
+* **Edit** (``LLaVA/llava/model/language_model/modeling_llama.py``, after the softmax): for
+  every listed head of the layer, the last query row (the decision token, then each new
+  token): ``if Σ attn[h, -1, img_end:] >= adhh_threshold: attn[h, -1, img_end:] = 0`` — the
+  text keys after the image, the query itself included, are zeroed and the row is *not*
+  renormalised (``renormalise=True`` rescales the rest to sum 1 instead). Threshold 0.4
+  (``bash_scripts/decoding.sh``).
+* **Heads** (``eval_scripts/identify_attention_head.py``, ``eval_utils/head_attribution.py``):
+  each head is zero-ablated in turn (its slice of the ``o_proj`` input set to 0) and its
+  influence is ``p(token) − p_ablated(token)`` on the generated token; hallucination heads
+  are the top-k by mean influence on hallucinated tokens minus mean influence on correct
+  ones (CHAIR on COCO captions). 20 heads for LLaVA-1.5-7B (listed in
+  ``eval_caption_adhh.py``; preset ``llava-1.5-7b``). :func:`find_hallucination_heads`
+  applies the criterion to POPE questions, where both tokens are known at the decision token
+  (an accurate model rarely answers wrongly, so wrong answers alone are too few): score =
+  mean over questions of the ablation influence on the hallucinated answer (the one opposite
+  the label) minus that on the correct answer; k = 20 of 1024 heads by fraction (≥ 1). This
+  adaptation is ours; the paper contrasts hallucinated and correct caption tokens.
+  ``heads=None`` (preset ``paper``) calibrates on the model once, in :meth:`AdHH.prepare`, on
+  the embedded POPE adversarial split's first ``calibration`` questions (or call the function
+  with your own questions). That is L·H + 1 forwards per question, one question at a time
+  (≈ 40 s for 16 questions on the embedded model on one CPU thread, cached per process); on
+  the real 7B model prefer the released list.
+* Head indices do not depend on the prompt layout; positions do: the text keys here are
+  those after the detected image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .base import Intervention, Row, Site
+
+LLAVA_15_7B_HEADS = ((16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
+                     (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28))
+
+
+@dataclass(frozen=True)
+class AdHHKnobs:
+    """``heads``: (layer, head) pairs, None → found on the model; ``threshold``: text mass that
+    triggers; ``top_k``: heads to find (None → 20/1024 of all); ``calibration``: questions used;
+    ``renormalise``: rescale the row after zeroing (the released code does not)."""
+
+    heads: tuple[tuple[int, int], ...] | None = None
+    threshold: float = 0.4
+    top_k: int | None = None
+    calibration: int = 16
+    renormalise: bool = False
+
+    def __post_init__(self):
+        if self.heads is not None and not all(isinstance(lh, tuple) and len(lh) == 2 for lh in self.heads):
+            raise UserError(f"heads={self.heads!r} must be (layer, head) pairs, e.g. ((16, 29), (26, 9))")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"threshold={self.threshold} is not a probability mass; use a value in [0, 1]")
+
+
+_FOUND: dict = {}
+
+
+def find_hallucination_heads(lm, questions=None, images=None, top_k: int | None = None,
+                             n: int = 16) -> tuple[tuple[int, int], ...]:
+    """Top-k heads by mean ablation influence on the wrong answer − on the right one (module docstring)."""
+    from ..data import build_prompt, load_image, load_pope, resolve_image
+
+    if questions is None:
+        pope = Path(__file__).resolve().parents[1] / "zoo" / "pope"
+        questions = load_pope(pope / "zoo_pope_adversarial.json")[:n]
+        images = [load_image(resolve_image(q, pope / "images")) for q in questions]
+    cfg, L = lm.text_config, lm.n_layers
+    H = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    k = top_k or max(1, round(20 * L * H / 1024))
+    o_projs = [lm.adapter.layer_part(lm.model, i, "layer_o_proj") for i in range(L)]
+    score = torch.zeros(L, H)
+    with torch.no_grad():
+        for q, image in zip(questions, images):
+            inputs = lm.inputs(build_prompt(q.text), image)
+            right, wrong = ((lm.tokens.yes_id, lm.tokens.no_id) if q.label == "yes"
+                            else (lm.tokens.no_id, lm.tokens.yes_id))
+            p0 = lm.model(**inputs, logits_to_keep=1).logits[0, -1].float().softmax(-1)
+            for i in range(L):
+                for h in range(H):
+                    def ablate(module, args, h=h):
+                        x = args[0].clone()
+                        x[..., h * hd:(h + 1) * hd] = 0
+                        return (x,)
+                    handle = o_projs[i].register_forward_pre_hook(ablate)
+                    try:
+                        p1 = lm.model(**inputs, logits_to_keep=1).logits[0, -1].float().softmax(-1)
+                    finally:
+                        handle.remove()
+                    score[i, h] += float((p0[wrong] - p1[wrong]) - (p0[right] - p1[right])) / len(questions)
+    diff = score
+    top = torch.topk(diff.flatten(), k).indices
+    return tuple((int(t) // H, int(t) % H) for t in top)
+
+
+class AdHH(Intervention):
+    name = "adhh"
+    Knobs = AdHHKnobs
+    presets = {"paper": AdHHKnobs(), "llava-1.5-7b": AdHHKnobs(heads=LLAVA_15_7B_HEADS)}
+    metrics = {"adhh_heads_fired": "AD-HH: hallucination heads whose text mass ≥ threshold (their text attention zeroed)",
+               "adhh_text_mass": "AD-HH: the decision query's attention mass on the text after the image, per head"}
+    sites = frozenset({"attention"})
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        if self.knobs.heads is None:
+            return tuple(range(n_layers))  # the heads are found in prepare
+        bad = [lh for lh in self.knobs.heads if not 0 <= lh[0] < n_layers]
+        if bad:
+            raise UserError(f"heads {bad} out of range: the model has layers 0..{n_layers - 1} "
+                            "(the llava-1.5-7b preset lists LLaVA-1.5-7B's heads; use preset paper to find this model's)")
+        return tuple(sorted({layer for layer, _ in self.knobs.heads}))
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        return self.sites if steer else frozenset()
+
+    def first_edited(self, row: Row) -> int | None:
+        return row.decision
+
+    def prepare(self, lm, inputs, rows):
+        k = self.knobs
+        if k.heads is not None:
+            heads = k.heads
+        else:
+            key = (id(lm.model), k.top_k, k.calibration)
+            if key not in _FOUND:
+                _FOUND[key] = find_hallucination_heads(lm, top_k=k.top_k, n=k.calibration)
+            heads = _FOUND[key]
+        n_heads = lm.text_config.num_attention_heads
+        if any(not 0 <= h < n_heads for _, h in heads):
+            raise UserError(f"heads {heads}: the model has heads 0..{n_heads - 1} per layer")
+        self.found = heads
+        self._by_layer: dict[int, list[int]] = {}
+        for layer, h in heads:
+            self._by_layer.setdefault(layer, []).append(h)
+
+    def attention(self, site: Site) -> None:
+        heads = self._by_layer.get(site.layer)
+        if not heads:
+            return
+        for row in site.rows:
+            q = [site.current(row)]
+            p = site.tensor[row.index][:, site.query_index(row, q)].clone()  # [H, 1, K]
+            text = torch.zeros(site.current(row) + 1, dtype=torch.bool)
+            text[row.last_image + 1:] = True
+            mask = site.key_mask(row, text)
+            every = p[..., mask].float().sum(-1)[:, 0]  # [H]
+            fire = [h for h in heads if float(every[h]) >= self.knobs.threshold]
+            site.record_heads(row, "adhh_text_mass", every)
+            site.record(row, "adhh_heads_fired", len(fire))
+            if not fire:
+                continue
+            for h in fire:
+                p[h][..., mask] *= max(0.0, 1.0 - site.dose)
+                if self.knobs.renormalise:
+                    p[h] = p[h] / p[h].sum(-1, keepdim=True)
+            site.set_rows(row, q, p)

@@ -1,0 +1,127 @@
+"""PAI: amplify the decision query's attention logits on image keys, a ← a + α·|a|.
+
+Paper: Liu, Zheng, Chen et al., "Paying More Attention to Image: A Training-Free Method for
+Alleviating Hallucination in LVLMs", ECCV 2024. Released code: github.com/LALBJ/PAI
+(``attention.py``, ``llama_new_forward``): after ``attn_weights = q·kᵀ/√d + mask`` and
+before the softmax, for the *last query row only*, all heads, image columns
+``[img_start, img_end)``::
+
+    attn_weights[:, :, -1, img] = attn_weights[:, :, -1, img].abs() * alpha + attn_weights[:, :, -1, img]
+
+in layers ``start_layer … end_layer−1`` (README/POPE: ``--alpha 0.2 --start-layer 2
+--end-layer 32``), in the prefill (the decision token) and at every generated token (the
+last row is the new token). Here: image keys detected from ``input_ids``; layers 2–31 of 32
+mapped by :func:`~mclcbf_diag.interventions.mclcbf.config.depth_fraction`.
+
+How it is done on the seam. The ``attention`` site holds the softmax *output*; the logit a
+itself is gone (log p recovers it only up to a per-row constant, and |a| needs the real
+value). So the ``residual`` site, which runs first in the same layer, computes the decision
+query's image-key logits as a look-ahead from the layer's own norm, q/k projections and
+RoPE (``Site.keys``, ``Site.rotary``, :func:`~mclcbf_diag.models.projection.project_queries`)
+in float32, and the attention site applies the logit change δ_k = α·|a_k| on image keys to
+the probability row exactly: ``p'_k = p_k·e^{δ_k} / Σ_j p_j·e^{δ_j}`` (:func:`apply_logit_deltas`;
+softmax(a+δ) ∝ p·e^δ). A key whose probability rounded to exactly 0 stays 0.
+
+The image-free logit contrast (``CFG.py``: ``γ·(log p − log p_text-only) + log p_text-only``
+with a 0.1 plausibility cutoff; README ``--use-cfg --gamma 1.1``) acts on the final logits,
+which the seam does not expose: ``contrast_gamma`` ≠ 1 raises a UserError (1 = no contrast,
+PAI's attention-only ablation, the default here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..models.projection import project_queries
+from .base import Intervention, Row, Site
+from .mclcbf.config import depth_fraction
+
+
+def apply_logit_deltas(probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Softmax rows ``probs`` [..., K] after adding ``delta`` (broadcast) to their logits.
+
+    Exact: softmax(a + δ) = p·e^δ / Σ p·e^δ (computed in float64, max-shifted); returned in
+    ``probs``' dtype.
+    """
+    p = probs.to(torch.float64)
+    d = torch.as_tensor(delta, device=p.device).to(torch.float64).expand_as(p)
+    w = p * torch.exp(d - d.amax(-1, keepdim=True))
+    return (w / w.sum(-1, keepdim=True)).to(probs.dtype)
+
+
+def lookahead_logits(site: Site, row: Row, positions, key_mask: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax logits [H, n, m] of the row's queries at ``positions`` on the keys of
+    ``key_mask`` (own positions, all before the queries), as the layer will compute them."""
+    w = site.weights.to(torch.float32)
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    x = site.tensor[row.index, site.query_index(row, pos)].float()
+    cos, sin = site.rotary(row, pos)
+    q = project_queries(x, w, cos.float(), sin.float())
+    keys = site.keys(row).float()
+    idx = torch.nonzero(key_mask[: keys.shape[-2]]).flatten().to(keys.device)
+    k = w.expand_kv(keys[:, idx])
+    return torch.matmul(q, k.transpose(-1, -2)) * w.scaling
+
+
+@dataclass(frozen=True)
+class PAIKnobs:
+    """``alpha``: image-logit amplification; ``layers``: None → 2–31 of 32 by depth fraction;
+    ``contrast_gamma``: PAI's image-free logit contrast (1 = off; other values unsupported)."""
+
+    alpha: float = 0.2
+    layers: tuple[int, ...] | None = None
+    contrast_gamma: float = 1.0
+
+    def __post_init__(self):
+        if not self.alpha >= 0:
+            raise UserError(f"alpha={self.alpha} must be >= 0")
+
+
+class PAI(Intervention):
+    name = "pai"
+    Knobs = PAIKnobs
+    presets = {"paper": PAIKnobs(), "strong": PAIKnobs(alpha=0.5)}
+    metrics = {"pai_logit_delta": "PAI: mean α·|a| added to the decision query's image-key logits (head mean)"}
+    sites = frozenset({"residual", "attention"})
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        return _layers(self.knobs.layers, n_layers, 2, 32)
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        if self.knobs.contrast_gamma != 1.0:
+            raise UserError(f"contrast_gamma={self.knobs.contrast_gamma}: PAI's image-free logit contrast edits "
+                            "the final logits, which the intervention seam does not reach; use contrast_gamma=1")
+        return self.sites if steer else frozenset()
+
+    def first_edited(self, row: Row) -> int | None:
+        return row.decision
+
+    def begin(self, rows, n_layers):
+        self._delta: dict[int, torch.Tensor] = {}
+
+    def residual(self, site: Site) -> None:
+        for row in site.rows:
+            a = lookahead_logits(site, row, [site.current(row)], row.image)  # [H, 1, m]
+            self._delta[row.index] = self.knobs.alpha * site.dose * a.abs()
+
+    def attention(self, site: Site) -> None:
+        for row in site.rows:
+            q = [site.current(row)]
+            p = site.tensor[row.index][:, site.query_index(row, q)]
+            delta = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            delta[..., site.key_mask(row, row.image)] = self._delta.pop(row.index).to(delta)
+            site.set_rows(row, q, apply_logit_deltas(p, delta))
+            site.record(row, "pai_logit_delta", float(delta[..., site.key_mask(row, row.image)].mean()))
+
+
+def _layers(layers, n_layers: int, first: int, stop: int) -> tuple[int, ...]:
+    """Explicit ``layers`` (validated) or the paper's range ``first … stop−1`` of 32 by depth fraction."""
+    if layers is None:
+        return depth_fraction(first, stop, n_layers)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    return tuple(sorted(set(layers)))

@@ -1,0 +1,123 @@
+"""VISTA: a visual steering vector (with image − without) added at every layer, norm preserved.
+
+Paper: Li et al., "The Hidden Life of Tokens: Reducing Hallucination of Large
+Vision-Language Models via Visual Information Steering", ICML 2025. Released code:
+github.com/LzVv123456/VISTA (``steering_vector.py``: ``obtain_vsv``; ``llm_layers.py``:
+``VSVLayer``, ``add_vsv_layers``; ``run_pope.sh``: ``--vsv --vsv-lambda 0.01 --logits-aug
+--logits-alpha 0.3``).
+
+* **Vector.** Per sample, two plain forwards: the prompt with its image ("pos") and the same
+  prompt with the image removed ("neg": BOS + text before + text after the image). v_ℓ =
+  h_pos,ℓ − h_neg,ℓ at the last token. (The released code passes the one difference through
+  a rank-1 PCA, ``direction = component + mean``; with a single sample the centred data is
+  zero, the component is an arbitrary unit vector over all layers and the mean is the
+  difference itself, so the direction is the difference up to that artefact: we use the
+  difference.)
+* **Edit** (``VSVLayer``, "full" mode, the default): for every token x,
+  ``s = 1 + max(0, cos(x, −v))``, ``x' = ‖x‖ · normalize(x̂ + λ·s·v̂)`` (hats: unit vectors),
+  at every position, in the prefill and at every generated token; ``similarity=False`` is
+  the released "simple" mode (s = 1).
+* **Where.** The released code wraps each layer's *MLP* and steers its output with the
+  layer-output difference. The seam offers the residual entering a layer, not the MLP
+  output, so here x is the residual entering layer ℓ and v_ℓ the difference of the residuals
+  entering layer ℓ (``output_hidden_states[ℓ]``), layers 0 … L−1 (v₀ = 0 at the last token:
+  the embeddings of the same token; the last layer's output is not reachable). Because ‖x‖
+  of the residual exceeds that of an MLP output, the same λ is a larger absolute step here:
+  a documented deviation, not the released placement.
+* **Self-logits augmentation** (``--logits-aug``, the "SLA" half of VISTA, α = 0.3 over
+  layers 25–30) edits the final logits, which the seam does not reach: ``logits_alpha`` ≠ 0
+  raises a UserError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .base import Intervention, Row, Site
+from .pai import _layers
+
+
+@dataclass(frozen=True)
+class VISTAKnobs:
+    """``lam``: λ (POPE: 0.01); ``similarity``: the released full mode's s = 1 + max(0, cos(x, −v));
+    ``layers``: None → every layer; ``logits_alpha``: SLA (unsupported, must be 0)."""
+
+    lam: float = 0.01
+    similarity: bool = True
+    layers: tuple[int, ...] | None = None
+    logits_alpha: float = 0.0
+
+
+def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
+    """v [B, L, d] (float32): residuals entering each layer at the last token, with image − without."""
+    feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
+    if "inputs_embeds" in inputs:
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+    L = lm.n_layers
+    with torch.no_grad():
+        pos = lm.model(**feed, output_hidden_states=True, logits_to_keep=1).hidden_states
+        pos = torch.stack([pos[i][:, -1].float() for i in range(L)], dim=1)
+        texts = [r.ids[~r.image] for r in rows]
+        n = max(t.numel() for t in texts)
+        pad = lm.processor.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for b, t in enumerate(texts):
+            ids[b, n - t.numel():], mask[b, n - t.numel():] = t, 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        neg = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                       position_ids=position_ids.to(lm.device), output_hidden_states=True,
+                       logits_to_keep=1).hidden_states
+        neg = torch.stack([neg[i][:, -1].float() for i in range(L)], dim=1)
+    return pos - neg
+
+
+def steer(x: torch.Tensor, v: torch.Tensor, lam: float, similarity: bool) -> torch.Tensor:
+    """x' = ‖x‖·normalize(x̂ + λ·s·v̂) for residuals x [n, d] and a vector v [d] (float32)."""
+    x = x.float()
+    norm = x.norm(dim=-1, keepdim=True)
+    s = 1.0 + F.cosine_similarity(x, -v[None], dim=-1).clamp(min=0).unsqueeze(-1) if similarity else 1.0
+    return F.normalize(F.normalize(x, dim=-1) + lam * s * F.normalize(v, dim=-1)[None], dim=-1) * norm
+
+
+class VISTA(Intervention):
+    name = "vista"
+    Knobs = VISTAKnobs
+    presets = {"pope": VISTAKnobs(), "simple": VISTAKnobs(similarity=False), "strong": VISTAKnobs(lam=0.1)}
+    metrics = {"vista_vector_norm": "VISTA: ‖v_ℓ‖ (residual with image − without, decision token)",
+               "vista_similarity": "VISTA: s = 1 + max(0, cos(x, −v)) at the decision token"}
+    sites = frozenset({"residual"})
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        return _layers(self.knobs.layers, n_layers, 0, 32)
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        if self.knobs.logits_alpha != 0.0:
+            raise UserError(f"logits_alpha={self.knobs.logits_alpha}: VISTA's self-logits augmentation edits the "
+                            "final logits, which the intervention seam does not reach; use logits_alpha=0")
+        return self.sites if steer else frozenset()
+
+    def first_edited(self, row: Row) -> int | None:
+        return 0
+
+    def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
+        self._v = steering_vectors(lm, inputs, rows)
+
+    def residual(self, site: Site) -> None:
+        k = self.knobs
+        for row in site.rows:
+            v = self._v[row.index, site.layer].to(site.tensor.device)
+            if not bool(v.norm() > 0):
+                continue
+            pos = site.positions(row)
+            x = site.tensor[row.index, site.query_index(row, pos)].float()
+            new = steer(x, v, k.lam * site.dose, k.similarity)
+            site.add(row, pos, new - x)
+            last = x[-1:]
+            s = 1.0 + float(F.cosine_similarity(last, -v[None], dim=-1).clamp(min=0)) if k.similarity else 1.0
+            site.record(row, "vista_vector_norm", float(v.norm()))
+            site.record(row, "vista_similarity", s)

@@ -1,0 +1,119 @@
+"""AD-HH on the seam equals its released form: listed heads' text attention zeroed after the softmax.
+
+The reference patches transformers' eager attention as the released ``modeling_llama.py``
+does: for each listed head, if the last query's mass on the keys after the image reaches the
+threshold, those probabilities are set to 0 (no renormalisation).
+"""
+
+import pytest
+import torch
+import transformers.models.llama.modeling_llama as llama
+from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
+
+from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs
+from mclcbf_diag.data import build_prompt
+from mclcbf_diag.errors import UserError
+from mclcbf_diag.interventions import REGISTRY
+from mclcbf_diag.interventions.adhh import AdHH, AdHHKnobs, find_hallucination_heads
+from mclcbf_diag.records import documented
+from mclcbf_diag.trace import trace_sample
+
+
+def probs_margin(lm, prompt, image, edit_probs, layer_hook=None):
+    """Plain HF forward with ``edit_probs(p, image_cols, layer)`` after the softmax of every layer."""
+    model = plain_model(lm)
+    inputs = lm.inputs(prompt, image)
+    image_cols = inputs["input_ids"][0] == lm.tokens.image_token_id
+    original = llama.eager_attention_forward
+
+    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k = llama.repeat_kv(key, module.num_key_value_groups)
+        v = llama.repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+        w = edit_probs(w, image_cols[: w.shape[-1]], module.layer_idx)
+        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+    handles = []
+    if layer_hook is not None:
+        for i, layer in enumerate(model.model.language_model.layers):
+            handles.append(layer.register_forward_pre_hook(
+                lambda m, a, kw, i=i: layer_hook(a[0] if a else kw["hidden_states"], i), with_kwargs=True))
+    llama.eager_attention_forward = eager
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+    finally:
+        llama.eager_attention_forward = original
+        for h in handles:
+            h.remove()
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def adhh_reference(heads, threshold):
+    def edit(w, img, layer):
+        w = w.clone()
+        end = int(torch.nonzero(img).max()) + 1
+        for lay, h in heads:
+            if lay == layer and float(w[:, h, -1, end:].sum()) >= threshold:
+                w[:, h, -1, end:] = 0
+        return w
+    return edit
+
+
+HEADS = ((1, 0), (1, 2), (2, 1), (2, 3), (3, 0))
+
+
+def test_registered_with_paper_defaults():
+    assert REGISTRY["adhh"] is AdHH
+    assert AdHH().knobs.threshold == 0.4 and AdHH().knobs.heads is None
+    assert len(AdHH.presets["llava-1.5-7b"].heads) == 20
+    with pytest.raises(UserError, match="out of range"):
+        AdHH.from_preset("llava-1.5-7b").layers(4)
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.1])
+def test_trace_matches_patched_attention(embedded_model, questions, threshold):  # noqa: F811
+    texts, images = questions
+    iv = AdHH(AdHHKnobs(heads=HEADS, threshold=threshold))
+    result = trace_sample(embedded_model, texts[0], images[0], iv)
+    ref = probs_margin(embedded_model, build_prompt(texts[0]), images[0], adhh_reference(HEADS, threshold))
+    s = result.summary()
+    assert s["margin_after"] == pytest.approx(ref, abs=1e-4)
+    r = result.records
+    fired = r[(r.metric == "adhh_heads_fired") & (r.condition == "steered")].value.sum()
+    if threshold == 0.1:
+        assert fired > 0 and s["margin_after"] != pytest.approx(s["margin_before"], abs=1e-4)
+    assert all(documented(m, iv) for m in set(r.metric))
+
+
+def test_batched_rows_equal_single_traces(embedded_model, questions):  # noqa: F811
+    lm = embedded_model
+    texts, images = questions
+    prompts = [build_prompt(t) for t in texts]
+    iv = AdHH(AdHHKnobs(heads=HEADS, threshold=0.1))
+    _, steered = answer_pair(lm, prompts, images, iv, inputs=batch_inputs(lm, prompts, images))
+    for t, img, row in zip(texts, images, steered):
+        assert row["margin"] == pytest.approx(trace_sample(lm, t, img, iv).summary()["margin_after"], abs=1e-4)
+
+
+def test_calibration_finds_heads_by_the_papers_criterion(embedded_model):
+    heads = find_hallucination_heads(embedded_model, n=16, top_k=3)
+    assert len(heads) == 3 and len(set(heads)) == 3
+    assert all(0 <= lay < embedded_model.n_layers and 0 <= h < 4 for lay, h in heads)
+    iv = AdHH(AdHHKnobs(top_k=3, calibration=16))
+    assert iv.layers(embedded_model.n_layers) == tuple(range(embedded_model.n_layers))
+    # runs end to end with the heads found in prepare
+    assert answer_batch(embedded_model, ["USER: <image>\nIs there a dog in the image?\nASSISTANT:"],
+                        [questions_image()], iv, steer=True)
+    assert set(iv.found) == set(heads)
+
+
+def questions_image():
+    from pathlib import Path
+
+    from mclcbf_diag.data import load_image, load_pope, resolve_image
+    pope = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+    return load_image(resolve_image(load_pope(pope / "zoo_pope_adversarial.json")[0], pope / "images"))
