@@ -9,11 +9,18 @@ from a name, a preset and ``--set`` overrides. A user-defined intervention is a 
 from __future__ import annotations
 
 from ..errors import UserError
+from .adhh import AdHH
 from .base import Intervention, Row, Site
+from .block import AttentionBlock, BlockKnobs
 from .knockout import AttentionKnockout, KnockoutKnobs
 from .mclcbf import MCLCBF
+from .pai import PAI
+from .vaf import VAF
+from .var import VAR
+from .vista import VISTA
 
-REGISTRY: dict[str, type[Intervention]] = {"mclcbf": MCLCBF, "knockout": AttentionKnockout}
+REGISTRY: dict[str, type[Intervention]] = {"mclcbf": MCLCBF, "knockout": AttentionKnockout, "block": AttentionBlock, "pai": PAI, "vaf": VAF,
+                                           "vista": VISTA, "adhh": AdHH, "var": VAR}
 
 
 def register(cls: type[Intervention]) -> type[Intervention]:
@@ -40,5 +47,5 @@ def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()) -> In
     return REGISTRY[name].from_preset(preset, overrides)
 
 
-__all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "REGISTRY",
+__all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "AttentionBlock", "BlockKnobs", "REGISTRY",
            "register", "resolve", "as_intervention"]
