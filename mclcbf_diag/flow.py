@@ -62,11 +62,12 @@ def information_flow(lm: LoadedModel, question, image, *, window: int | None = N
 
 
 def flow_summary(flow: pd.DataFrame) -> list[str]:
-    """Plain sentences: per edge, the window where blocking hurts the answer most, and by how much."""
+    """Plain sentences: per edge, the window where blocking it changes the answer's probability most."""
     lines = []
     for edge, g in flow.groupby("edge", sort=False):
-        worst = g.loc[g.change.idxmin()]
-        lines.append(f"{edge}: blocking it lowers p({worst.answer}) most in layers {int(worst.first_layer)}–"
-                     f"{int(worst.last_layer)} ({100 * worst.change:+.1f}%); the smallest effect is "
-                     f"{100 * g.change.max():+.1f}%.")
+        top = g.loc[g.change.abs().idxmax()]
+        verb = "lowers" if top.change < 0 else "raises"
+        lines.append(f"{edge}: the largest effect is in layers {int(top.first_layer)}–{int(top.last_layer)}, where "
+                     f"blocking it {verb} p({top.answer}) by {100 * abs(top.change):.1f}% (over all windows "
+                     f"{100 * g.change.min():+.1f}% to {100 * g.change.max():+.1f}%).")
     return lines

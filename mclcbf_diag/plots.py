@@ -295,3 +295,28 @@ def dose_response_figure(curve: pd.DataFrame) -> go.Figure:
     fig.update_layout(title="Dose-response: final margin vs multiplier on θ*",
                       xaxis_title="k (multiplier on θ*)", yaxis_title="logit(Yes) − logit(No)", xaxis_type="log")
     return fig
+
+
+def flow_figure(flow: pd.DataFrame, title: str = "") -> go.Figure:
+    """The information-flow map: relative change of p(answer) per blocked edge and layer window.
+
+    ``flow`` is :func:`mclcbf_diag.flow.information_flow`'s frame; x is the window's first layer.
+    """
+    for col in ("edge", "first_layer", "last_layer", "change"):
+        if col not in flow:
+            raise MissingDataError(f"flow frame has no column {col!r}")
+    fig = go.Figure()
+    for edge, g in flow.groupby("edge", sort=False):
+        g = g.sort_values("first_layer")
+        fig.add_trace(go.Scatter(
+            x=g.first_layer, y=100 * g.change, mode="lines+markers", name=edge,
+            hovertext=[f"{edge}, layers {a}–{b}: {100 * c:+.2f}%" for a, b, c in zip(g.first_layer, g.last_layer,
+                                                                                     g.change)],
+            hoverinfo="text"))
+    fig.add_hline(y=0, line_dash="dot", line_color="grey")
+    window = int(flow.last_layer.iloc[0] - flow.first_layer.iloc[0] + 1)
+    fig.update_layout(title=title or f"Information flow: blocking an edge in a window of {window} layers",
+                      xaxis_title="first layer of the blocked window",
+                      yaxis_title="change of p(answer) (%)", legend_title="blocked edge")
+    fig.update_xaxes(dtick=1)
+    return fig

@@ -61,6 +61,15 @@ def test_block_rows_renormalises_over_the_rest():
     torch.testing.assert_close(out, torch.tensor([[0.25, 0.0, 0.75, 0.0]]))
 
 
+def test_flow_command_writes_page_and_table(tmp_path, capsys):
+    from mclcbf_diag.cli import main
+
+    assert main(["flow", "--sample", "25", "--window", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "question→last" in out and (tmp_path / "flow-26.html").is_file() and (tmp_path / "flow-26.csv").is_file()
+    assert main(["flow", "--sample", "25", "--window", "0", "--out", str(tmp_path)]) == 2
+
+
 def test_flow_map_rows_and_summary(embedded_model, sample):
     q, image = sample
     flow = information_flow(embedded_model, q, image, window=2)
@@ -69,5 +78,9 @@ def test_flow_map_rows_and_summary(embedded_model, sample):
     assert set(flow.edge) == {"image→question", "image→last", "question→last"}
     assert (flow.p_base > 0).all() and flow.change.between(-1, 1e6).all()
     lines = flow_summary(flow)
-    assert len(lines) == 3 and all("blocking it lowers" in line for line in lines)
+    assert len(lines) == 3 and all("the largest effect is in layers" in line for line in lines)
+    for line, (edge, g) in zip(lines, flow.groupby("edge", sort=False)):
+        top = g.loc[g.change.abs().idxmax()]
+        assert line.startswith(edge) and ("lowers" in line) == (top.change < 0)
+        assert f"{100 * abs(top.change):.1f}%" in line
     assert default_window(32) == 9 and default_window(4) == 1

@@ -1,6 +1,6 @@
 """The ``mclcbf-diag`` command line: one thin module per command over the library.
 
-Commands: ``trace`` (:mod:`.trace`), ``explain`` (:mod:`.explain`), ``pope`` and ``merge``
+Commands: ``trace`` (:mod:`.trace`), ``explain`` (:mod:`.explain`), ``flow`` (:mod:`.flow`), ``pope`` and ``merge``
 (:mod:`.pope`), ``zoo`` (:mod:`.zoo`); what they share (options, the checks that run before
 any model loads, printing) is in :mod:`.common`. Nothing in the package imports this one.
 
@@ -25,7 +25,7 @@ import os
 import sys
 
 from ..errors import UserError
-from . import explain, pope, trace, zoo
+from . import explain, flow, pope, trace, zoo
 from .common import EMBEDDED_POPE, Parser, one_line
 
 __all__ = ["main", "build_parser", "EMBEDDED_POPE"]
@@ -39,6 +39,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True)
     trace.add_parser(sub)
     explain.add_parser(sub)
+    flow.add_parser(sub)
     zoo.add_parser(sub)
     pope.add_parser(sub)
     pope.add_merge_parser(sub)
