@@ -320,3 +320,58 @@ def flow_figure(flow: pd.DataFrame, title: str = "") -> go.Figure:
                       yaxis_title="change of p(answer) (%)", legend_title="blocked edge")
     fig.update_xaxes(dtick=1)
     return fig
+
+
+def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict | None = None,
+                           title: str = "Attention of the decision token over the image") -> go.Figure:
+    """The image as the model saw it, with attention per patch over it: baseline, intervened, difference.
+
+    ``baseline``/``intervened`` map a label ("layer 3", "steered layers", "all layers") to a patch
+    grid (:func:`mclcbf_diag.overlay.attention_maps`); a slider picks the label. The heatmaps are
+    stretched over the image (each cell one patch) and half transparent, so both stay visible.
+    """
+    import numpy as np
+
+    panels = [("baseline", baseline)] + ([("intervened", intervened)] if intervened is not None else [])
+    if intervened is not None:
+        panels.append(("difference", {k: intervened[k] - baseline[k] for k in baseline if k in intervened}))
+    labels = [k for k in baseline if all(k in p for _, p in panels)]
+    if not labels:
+        raise MissingDataError("no attention maps to draw")
+    h, w = image.shape[:2]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[name for name, _ in panels],
+                        horizontal_spacing=0.06)
+    vmax = max(float(np.max(p[k])) for name, p in panels if name != "difference" for k in labels) or 1.0
+    dmax = max((float(np.max(np.abs(p[k]))) for name, p in panels if name == "difference" for k in labels),
+               default=0.0) or 1.0
+    for c, (name, maps) in enumerate(panels, start=1):
+        fig.add_trace(go.Image(z=image, hoverinfo="skip"), row=1, col=c)
+        for j, label in enumerate(labels):
+            grid = maps[label]
+            n = grid.shape[0]
+            diff = name == "difference"
+            fig.add_trace(go.Heatmap(
+                z=grid, x0=w / n / 2, dx=w / n, y0=h / n / 2, dy=h / n,
+                colorscale="RdBu_r" if diff else "Inferno", zmin=-dmax if diff else 0, zmax=dmax if diff else vmax,
+                opacity=0.55, visible=j == 0, showscale=j == 0 and c in (1, len(panels)),
+                colorbar=dict(title="Δ mass" if diff else "mass", x=1.02 if diff else -0.12, len=0.8),
+                hovertemplate=f"{name}, {label}<br>patch row %{{y:.0f}} px, col %{{x:.0f}} px<br>mass %{{z:.4f}}"
+                              "<extra></extra>"), row=1, col=c)
+    n_per_panel = 1 + len(labels)
+    steps = []
+    for j, label in enumerate(labels):
+        visible = []
+        for _ in panels:
+            visible += [True] + [k == j for k in range(len(labels))]
+        steps.append(dict(method="update", label=label, args=[{"visible": visible}]))
+    active = labels.index("steered layers") if "steered layers" in labels else 0
+    for k, tr in enumerate(fig.data):
+        if isinstance(tr, go.Heatmap):
+            tr.visible = steps[active]["args"][0]["visible"][k]
+    fig.update_layout(title=title, sliders=[dict(active=active, steps=steps, currentvalue=dict(prefix="layers: "))],
+                      height=480, margin=dict(t=80))
+    for c in range(1, len(panels) + 1):
+        fig.update_xaxes(visible=False, row=1, col=c)
+        fig.update_yaxes(visible=False, autorange="reversed", scaleanchor=f"x{'' if c == 1 else c}", row=1, col=c)
+    assert len(fig.data) == n_per_panel * len(panels)
+    return fig
