@@ -80,6 +80,16 @@ def _parse_value(knob: str, text: str, hint) -> object:
             return None
         inner = next(a for a in args if a is not type(None))
         return _parse_value(knob, text, inner)
+    if origin is tuple and args and typing.get_origin(args[0]) is tuple:  # (layer, head) pairs: 16.29,26.9
+        pairs = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            a, dot, b = part.partition(".")
+            if not dot:
+                raise UserError(f"{knob}={text!r}: write pairs as layer.head, e.g. {knob}=16.29,26.9")
+            pairs.append((_parse_int(a, knob), _parse_int(b, knob)))
+        if not pairs:
+            raise UserError(f"{knob}={text!r} lists no pairs; e.g. {knob}=16.29,26.9")
+        return tuple(pairs)
     if origin is tuple:
         vals = _parse_ints(text, knob)
         if args and args[-1] is not Ellipsis:
