@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_style import seed_hooks  # noqa: E402
 
 from mclcbf_diag import barrier as B  # noqa: E402
+from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image  # noqa: E402
 from mclcbf_diag.models import load_model  # noqa: E402
 from mclcbf_diag.trace import sample_inputs, trace_sample  # noqa: E402
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 
 
 def median_time(fn, repeats: int) -> float:
@@ -50,8 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[args.sample]
-    image = load_image(resolve_image(q, POPE / "images"))
+    q = load_pope(shipped.pope_file("adversarial"))[args.sample]
+    image = load_image(resolve_image(q, shipped.IMAGES))
     config = B.get_preset("seed-exp6")
     _, inputs = sample_inputs(lm, q.text, image)
 

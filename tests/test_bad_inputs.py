@@ -13,18 +13,19 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from mclcbf_diag import barrier as B
+from mclcbf_diag import shipped
 from mclcbf_diag.cli import main
 from mclcbf_diag.errors import UserError
 
-EMBEDDED_IMAGES = Path(__file__).resolve().parent.parent / "mclcbf_diag" / "zoo" / "pope" / "images"
+EMBEDDED_IMAGES = shipped.IMAGES
 SENTINEL = "results from an earlier run\n"
 
 
@@ -111,7 +112,7 @@ def test_not_an_image(tmp_path, capsys, out_dir):
 
 def test_sample_out_of_range(capsys, out_dir):
     _cli_error(capsys, ["trace", "--sample", "5000", "--out", str(out_dir)],
-               "--sample 5000 is out of range", "zoo_pope_adversarial.json", "valid samples are 0..")
+               "--sample 5000 is out of range", shipped.pope_file("adversarial").name, "valid samples are 0..")
     _untouched(out_dir)
 
 
@@ -122,7 +123,7 @@ def test_negative_sample(capsys, out_dir):
 
 def test_unknown_question_id(capsys, out_dir):
     _cli_error(capsys, ["trace", "--question-id", "no-such-id", "--out", str(out_dir)],
-               "--question-id no-such-id not found", "zoo_pope_adversarial.json", "--sample")
+               "--question-id no-such-id not found", shipped.pope_file("adversarial").name, "--sample")
     _untouched(out_dir)
 
 
@@ -287,11 +288,10 @@ def test_inf_weights_name_the_layer(embedded_image_question):
 # ----------------------------------------------------------------------------- library level
 @pytest.fixture(scope="module")
 def embedded_image_question():
-    from mclcbf_diag.cli import EMBEDDED_POPE
     from mclcbf_diag.data import load_image, load_pope, resolve_image
 
-    q = load_pope(EMBEDDED_POPE / "zoo_pope_adversarial.json")[0]
-    return q, load_image(resolve_image(q, EMBEDDED_POPE / "images"))
+    q = load_pope(shipped.pope_file("adversarial"))[0]
+    return q, load_image(resolve_image(q, shipped.IMAGES))
 
 
 @pytest.mark.parametrize("command", ["trace", "explain", "pope"])

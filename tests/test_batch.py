@@ -6,18 +6,18 @@ Unknown words map to <unk> in the embedded word-level vocabulary, which lengthen
 prompt without changing its template.
 """
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from mclcbf_diag import barrier as B
+from mclcbf_diag import shipped
 from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs, cached_prefix
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.runner import run
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 TOL = 1e-4
 TEXTS = [
     "Is there a dog in the image ?",
@@ -50,8 +50,8 @@ def lm(request):
 
 @pytest.fixture(scope="module")
 def batch():
-    questions = load_pope(POPE / "zoo_pope_adversarial.json")
-    images = [load_image(resolve_image(q, POPE / "images")) for q in questions[: len(TEXTS)]]
+    questions = load_pope(shipped.pope_file("adversarial"))
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in questions[: len(TEXTS)]]
     return [build_prompt(t) for t in TEXTS], images
 
 
@@ -131,10 +131,10 @@ def test_cached_prefix_is_the_first_target(lm, batch):
 
 def test_batch_size_does_not_change_answers(embedded_model):
     lm = embedded_model
-    questions = load_pope(POPE / "zoo_pope_popular.json")[:12]
+    questions = load_pope(shipped.pope_file("popular"))[:12]
     prompts = [build_prompt(q.text) for q in questions]
     prompts[3] = build_prompt("Is there a very big " + questions[3].text.split()[-4] + " in the image?")
-    images = [load_image(resolve_image(q, POPE / "images")) for q in questions]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in questions]
     cfg = CONFIGS["attn_logits after_image"]
     results = {}
     for bs in (1, 5, 12):

@@ -1,24 +1,24 @@
 """Attention blocking and the information-flow map, against a pre-softmax −∞ mask in HF's own attention."""
 
-from pathlib import Path
 
 import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
+from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.flow import EDGES, default_window, flow_summary, information_flow
-from mclcbf_diag.models import load_model
 from mclcbf_diag.interventions.block import AttentionBlock, BlockKnobs, block_rows
+from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import run
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 
 
 @pytest.fixture(scope="module")
 def sample():
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[25]
-    return q, load_image(resolve_image(q, POPE / "images"))
+    q = load_pope(shipped.pope_file("adversarial"))[25]
+    return q, load_image(resolve_image(q, shipped.IMAGES))
 
 
 def _masked_logits(lm, inputs, source, target, layers, monkeypatch):

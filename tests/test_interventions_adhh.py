@@ -10,6 +10,7 @@ import torch
 import transformers.models.llama.modeling_llama as llama
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
+from mclcbf_diag import shipped
 from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.errors import UserError
@@ -112,8 +113,6 @@ def test_calibration_finds_heads_by_the_papers_criterion(embedded_model):
 
 
 def questions_image():
-    from pathlib import Path
-
     from mclcbf_diag.data import load_image, load_pope, resolve_image
-    pope = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
-    return load_image(resolve_image(load_pope(pope / "zoo_pope_adversarial.json")[0], pope / "images"))
+
+    return load_image(resolve_image(load_pope(shipped.pope_file("adversarial"))[0], shipped.IMAGES))

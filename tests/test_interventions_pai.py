@@ -5,13 +5,13 @@ the last query row's image-key logits before the softmax (``LALBJ/PAI``'s
 ``llama_new_forward``), in the targeted layers; nothing of the package is used in it.
 """
 
-from pathlib import Path
 
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
 from transformers import LlavaForConditionalGeneration
 
+from mclcbf_diag import shipped
 from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.errors import UserError
@@ -20,15 +20,15 @@ from mclcbf_diag.interventions.pai import PAI, PAIKnobs, apply_logit_deltas
 from mclcbf_diag.records import documented
 from mclcbf_diag.trace import trace_sample
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 
 
 @pytest.fixture(scope="module")
 def questions():
     """Four questions of three lengths (their texts) and their images."""
-    qs = load_pope(POPE / "zoo_pope_adversarial.json")[20:24]
+    qs = load_pope(shipped.pope_file("adversarial"))[20:24]
     texts = [qs[0].text, qs[1].text.replace(" in the image", ""), qs[2].text.replace("?", " in the image?"), qs[3].text]
-    return texts, [load_image(resolve_image(q, POPE / "images")) for q in qs]
+    return texts, [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
 
 
 _PLAIN = {}

@@ -1,6 +1,5 @@
 """Attention over the image: patch grids, the image as the model saw it, and the overlay figure."""
 
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -8,12 +7,13 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
+from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.overlay import attention_maps, patch_grid, seen_image
 from mclcbf_diag.plots import image_attention_figure
 from mclcbf_diag.trace import sample_inputs, trace_sample
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 
 
 def test_patch_grid_is_row_major_over_the_image_keys():
@@ -25,8 +25,8 @@ def test_patch_grid_is_row_major_over_the_image_keys():
 
 
 def test_seen_image_undoes_the_processor(embedded_model):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[0]
-    image = load_image(resolve_image(q, POPE / "images"))
+    q = load_pope(shipped.pope_file("adversarial"))[0]
+    image = load_image(resolve_image(q, shipped.IMAGES))
     _, inputs = sample_inputs(embedded_model, q.text, image)
     ip = embedded_model.processor.image_processor
     seen = seen_image(inputs["pixel_values"], ip.image_mean, ip.image_std)
@@ -37,8 +37,8 @@ def test_seen_image_undoes_the_processor(embedded_model):
 
 @pytest.fixture(scope="module")
 def traced(embedded_model):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[42]
-    image = load_image(resolve_image(q, POPE / "images"))
+    q = load_pope(shipped.pope_file("adversarial"))[42]
+    image = load_image(resolve_image(q, shipped.IMAGES))
     cfg = B.apply_overrides(B.get_preset("fixed"), ["tau=0.6"])
     return trace_sample(embedded_model, q, image, cfg), cfg, image
 

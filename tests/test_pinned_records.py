@@ -5,15 +5,15 @@ on sample 25 of the embedded adversarial split. The seam moved every line of tha
 records must not move beyond floating-point noise.
 """
 
-from pathlib import Path
 
 import pytest
 
 from mclcbf_diag import barrier as B
+from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.trace import trace_sample
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 
 PINNED = {
     ("span=detected", "tau=0.99", "clamp=none"): {
@@ -37,9 +37,9 @@ PINNED = {
 
 @pytest.mark.parametrize("overrides", sorted(PINNED))
 def test_records_equal_the_first_version(embedded_model, overrides):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[25]
+    q = load_pope(shipped.pope_file("adversarial"))[25]
     cfg = B.apply_overrides(B.get_preset("seed-exp6"), list(overrides))
-    r = trace_sample(embedded_model, q, load_image(resolve_image(q, POPE / "images")), cfg).records
+    r = trace_sample(embedded_model, q, load_image(resolve_image(q, shipped.IMAGES)), cfg).records
     r = r[(r["head"] == -1) & (r.phase == "prefill")]
     for (condition, layer, metric), value in PINNED[overrides].items():
         got = r[(r.condition == condition) & (r.layer == layer) & (r.metric == metric)].value

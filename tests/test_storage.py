@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mclcbf_diag import storage
+from mclcbf_diag import shipped, storage
 from mclcbf_diag.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "mclcbf_diag" / "zoo" / "weights"
+WEIGHTS = shipped.WEIGHTS
 
 
 def _enospc(*args, **kwargs):

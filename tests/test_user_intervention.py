@@ -8,18 +8,18 @@ decoder layers, written here too.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
+from mclcbf_diag import shipped
 from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.explain import explain_sample
 from mclcbf_diag.interventions import Intervention
 from mclcbf_diag.trace import trace_sample
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = shipped.POPE
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class SteeringVector(Intervention):
 
 @pytest.fixture(scope="module")
 def sample():
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[25]
-    return q, load_image(resolve_image(q, POPE / "images"))
+    q = load_pope(shipped.pope_file("adversarial"))[25]
+    return q, load_image(resolve_image(q, shipped.IMAGES))
 
 
 def _hooked_margin(lm, prompt, image, iv):
@@ -106,8 +106,8 @@ def test_explain_and_pope_with_a_user_intervention(embedded_model, sample):
     assert list(ex.fixes.fix) == ["stronger", "all"]
     assert len(ex.dose.curve) >= 1
     # pope's batched path: the same answers as the per-sample trace, through the cached prefix
-    questions = load_pope(POPE / "zoo_pope_adversarial.json")[20:26]
-    images = [load_image(resolve_image(x, POPE / "images")) for x in questions]
+    questions = load_pope(shipped.pope_file("adversarial"))[20:26]
+    images = [load_image(resolve_image(x, shipped.IMAGES)) for x in questions]
     prompts = [build_prompt(x.text) for x in questions]
     base, steered = answer_pair(embedded_model, prompts, images, iv, inputs=batch_inputs(embedded_model, prompts, images))
     for x, img, s in zip(questions, images, steered):

@@ -25,8 +25,9 @@ import os
 import sys
 
 from ..errors import UserError
+from ..shipped import POPE as EMBEDDED_POPE
 from . import explain, flow, pope, trace, zoo
-from .common import EMBEDDED_POPE, Parser, one_line
+from .common import Parser, one_line
 
 __all__ = ["main", "build_parser", "EMBEDDED_POPE"]
 

@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from .. import shipped
 from ..errors import UserError
-from ..pope.jobs import EMBEDDED_POPE
 
 MAX_NEW_TOKENS = 512  # default; MCLCBF_DIAG_MAX_NEW_TOKENS overrides
 
@@ -128,8 +128,8 @@ def question_from_args(args):
         pope_file = Path(args.pope_file)
         image_dir = Path(args.image_dir) if args.image_dir else pope_file.parent
     else:
-        pope_file = EMBEDDED_POPE / f"zoo_pope_{args.split}.json"
-        image_dir = Path(args.image_dir) if args.image_dir else EMBEDDED_POPE / "images"
+        pope_file = shipped.pope_file(args.split)
+        image_dir = Path(args.image_dir) if args.image_dir else shipped.IMAGES
     questions = load_pope(pope_file)
     if args.sample is None and args.question_id is None:
         args.sample = 0
@@ -167,7 +167,7 @@ def check_override_sizes(overrides) -> None:
 
 def local_depth(model: str | None) -> int | None:
     """num_hidden_layers from a local config.json, read as plain JSON (no torch, no transformers)."""
-    folder = Path(__file__).resolve().parent.parent / "zoo" / "weights" if model in (None, "", "embedded") else Path(model)
+    folder = shipped.WEIGHTS if model in (None, "", "embedded") else Path(model)
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg

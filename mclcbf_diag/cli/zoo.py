@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import shipped
 from ..errors import UserError
 from .common import (
-    EMBEDDED_POPE,
     check_out,
     check_threads,
     load_from_args,
@@ -69,8 +69,8 @@ def cmd_zoo_data(args) -> int:
 
     if args.images < 1:
         raise UserError(f"--images {args.images} must be >= 1 (images to generate)")
-    check_out(args, str(EMBEDDED_POPE))
-    out = out_dir(args, str(EMBEDDED_POPE))
+    check_out(args, str(shipped.POPE))
+    out = out_dir(args, str(shipped.POPE))
     paths = write_pope_set(sample_scenes(args.images, args.seed), out, seed=args.seed)
     for split, path in paths.items():
         print(f"{split}: {show(path)}")
@@ -104,5 +104,5 @@ def add_parser(sub) -> None:
     d = zsub.add_parser("data", help="regenerate the embedded POPE question set and images")
     d.add_argument("--images", type=int, default=200)
     d.add_argument("--seed", type=int, default=1)
-    d.add_argument("--out", default=None, help=f"output folder (default {EMBEDDED_POPE})")
+    d.add_argument("--out", default=None, help=f"output folder (default {shipped.POPE})")
     d.set_defaults(func=cmd_zoo_data)

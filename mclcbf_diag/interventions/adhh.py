@@ -33,7 +33,6 @@ github.com/TianyunYoung/Hallucination-Attribution.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -72,9 +71,10 @@ def find_hallucination_heads(lm, questions=None, images=None, top_k: int | None 
     from ..data import build_prompt, load_image, load_pope, resolve_image
 
     if questions is None:
-        pope = Path(__file__).resolve().parents[1] / "zoo" / "pope"
-        questions = load_pope(pope / "zoo_pope_adversarial.json")[:n]
-        images = [load_image(resolve_image(q, pope / "images")) for q in questions]
+        from .. import shipped
+
+        questions = load_pope(shipped.pope_file("adversarial"))[:n]
+        images = [load_image(resolve_image(q, shipped.IMAGES)) for q in questions]
     cfg, L = lm.text_config, lm.n_layers
     H = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H

@@ -32,13 +32,14 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
+from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .projection import LayerWeights
 from .tokens import AnswerTokens, answer_tokens
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "zoo" / "weights"
+EMBEDDED = shipped.WEIGHTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

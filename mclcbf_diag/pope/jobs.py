@@ -6,13 +6,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import shipped
 from ..errors import UserError
 from ..storage import show
 
 SPLITS = ("random", "popular", "adversarial")
 
 
-EMBEDDED_POPE = Path(__file__).resolve().parent.parent / "zoo" / "pope"
+EMBEDDED_POPE = shipped.POPE
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def question_files(split: str, pope_file: str | None, image_dir: str | None) -> 
     """
     splits = SPLITS if split == "all" else (split,)
     if pope_file is None:
-        idir = Path(image_dir) if image_dir else EMBEDDED_POPE / "images"
-        return [(s, EMBEDDED_POPE / f"zoo_pope_{s}.json", idir) for s in splits]
+        idir = Path(image_dir) if image_dir else shipped.IMAGES
+        return [(s, shipped.pope_file(s), idir) for s in splits]
     if "{split}" in pope_file:
         paths = [(s, Path(pope_file.replace("{split}", s))) for s in splits]
     else:
