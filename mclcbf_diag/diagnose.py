@@ -1,63 +1,48 @@
-"""Rules over tidy records → ranked causes, each with its evidence and one plain sentence.
+"""Rules over tidy records → ranked causes, each with its evidence, one plain sentence and its test.
 
-The engine is :mod:`mclcbf_diag.rulebook` (a rule table, layer sets computed once, causal
-ranking). This module holds the generic rules (1, 6, 10, 12 below: they read only what the
-runner measures for every intervention) and :func:`diagnose`, which runs them together with
-the intervention's own rules (MC-LCBF's by default: 2–5, 7–9, 11, in
+The engine is :mod:`mclcbf_diag.rulebook` (a rule table, layer sets computed once, tests by
+counterfactual, ranking). This module holds the generic rules (they read only what the runner
+and :mod:`mclcbf_diag.measure` record for every intervention) and :func:`diagnose`, which runs
+them together with the intervention's own rules (MC-LCBF's in
 :mod:`mclcbf_diag.interventions.mclcbf.rules`).
 
-Every rule reads one sample at one (phase, step) from the records of
-:mod:`mclcbf_diag.records` (``head == −1`` rows). Layer sets: *steered* = layers with barrier
-rows in condition "steered"; *active* = steered layers with ``barrier_active`` (else h < τ);
-*fired* = active layers that applied a nonzero step (``applied_norm > 0``; for the attention-
-logit site, which has no step vector, a nonzero per-head ``logit_shift``). Medians are over
-the layers named. A rule whose evidence is missing is reported as not detected, never raised.
+**The label sets the question.** A record ``label_yes`` (written by the trace when the
+question has a label) makes a wrong answer ask "why not fixed, and what would fix it" and a
+right one "kept, broken or derailed, and how far from breaking"; without it the question is
+only whether the answer changed. Outcomes are those of :mod:`mclcbf_diag.outcomes`: a sign
+change whose top token is not a Yes/No spelling is *derailed*, not a flip.
 
-Causal order (the ranking). A step's life runs: it exists → it targets the image → the
-barrier asks for it → the gradient is computed → the scale is set → it survives rounding into
-the model's state → it is large next to x → it does what the linearisation promised → the
-residual carries it → the margin moves → the attention it changes is on the causal path.
-A failure early in that chain hides everything after it (a step that never happened cannot be
-damped), so detected causes are ranked by this order (ties, which only a future shared stage
-could produce, by strength), followed by the undetected ones in the same order:
+**A cause is a claim tested by intervention.** With a tester (explain passes
+:func:`mclcbf_diag.explain.cause_tester`) each detected cause's own counterfactual is run and
+compared with the unfixed intervention; it is *decisive* only if that changes the step, the
+decision token's image mass, the margin or the outcome by the amounts stated in
+:data:`mclcbf_diag.rulebook.DECISIVE_RULE`, else "present, not decisive". Causes read off the
+run itself (non-finite values, a derailed output, a rounded-away step, the graded sweep) are
+decisive by that observation. Ranking: decisive, then untested, then not decisive; each group
+in causal order (a step exists → it targets the image → the barrier asks for it → the
+gradient is computed → the scale is set → it survives rounding → it is large next to x → it
+does what the linearisation promised → the residual carries it → the margin moves → the
+answer is still an answer → the attention it changes is on the answer's path).
 
-1. ``not_applied``: no steered layer fired. Detected only when no later rule explains it: if
-   h ≥ τ everywhere ``barrier_inactive`` carries it, if Σg² underflowed ``gradient_underflow``.
-2. ``span_mismatch``: IoU(configured span, detected image tokens) < :data:`SPAN_IOU_MIN`.
-   Strength 1 − IoU.
-3. ``barrier_inactive``: fraction of steered layers with h ≥ τ > :data:`INACTIVE_FRACTION`.
-4. ``gradient_underflow``: at an active layer Σg² == 0 in the gradient dtype while ‖g‖₃₂ > 0,
-   or |‖g‖ − ‖g‖₃₂|/‖g‖₃₂ > :data:`GRAD_REL_ERR_MAX`. Strength = fraction of active layers.
-5. ``clamp_limited``: clamp_active at an active layer; r = scale/scale_unclamped. Strength
-   = (fraction clamped)·(1 − median r).
-6. ``rounding_absorbed``: median over fired layers of ‖round(x+αθ*) − x‖/‖αθ*‖ <
-   :data:`ROUNDING_SURVIVAL_MIN`. Strength 1 − median survival.
-7. ``step_negligible``: median ‖αθ*‖/‖x‖ < :data:`STEP_REL_MIN` (the step actually added), or
-   median relative change of the normalised input ‖J αθ*‖/‖RMSNorm(x)‖ = ln1_gain_theta·applied_norm/ln1_out_norm <
-   :data:`STEP_REL_MIN` (either suffices: the attention only sees the normalised input).
-   Strength max over both of 1 − value/threshold.
-8. ``linearisation_failed``: median |Δh_rec − Δh_pred|/|Δh_pred| > :data:`LINEAR_REL_ERR_MAX`.
-   Strength min(1, median error).
-9. ``damped_downstream``: propagation_rel at the last layer < :data:`DAMPING_RATIO_MIN` ×
-   max θ_rel over fired layers, or the distance after the final norm <
-   :data:`PROPAGATION_FINAL_MIN` (bit-identical final state). Strength 1 − ratio/threshold.
-10. ``margin_unmoved``: m = final_margin; Δm = m_steered − m_base; a flip needs the progress
-    −Δm·sign(m_base) to exceed |m_base|. Detected iff the answer did not flip, unless
-    ``barrier_not_decisive`` (the same observation, explained) is detected. Strength
-    1 − max(progress, 0)/|m_base|.
-11. ``barrier_not_decisive``: the barrier reached its target (median over fired layers of
-    h + Δh_realised − τ ≥ −:data:`TARGET_TOLERANCE`; where τ is not recorded, as at the
-    attention-logit site, the target is h + Δh_predicted, the change the site asked for) yet
-    |Δm| < :data:`DECISIVE_MARGIN_FRACTION`·|m_base|. Knockout conditions, when present, add
-    evidence; when removing image attention at the decision token leaves the answer while
-    removing it after the image flips it (or moves the margin :data:`KNOCKOUT_DOMINANCE`×
-    more), the image reaches the answer through earlier tokens. Strength 1 − |Δm|/|m_base|.
-12. ``decision_token_off_path``: from the knockouts alone, whether or not the barrier fired.
-    Let Δ_dec = max |Δm| over removing and doubling image attention at the decision token (all
-    layers, renormalised), Δ_aft the same at every text token after the image. Detected when
-    neither decision-token edit flips the answer while an after-image edit flips it or
-    Δ_aft ≥ :data:`KNOCKOUT_DOMINANCE`·Δ_dec: then no steering of the decision token's image
-    attention can be expected to flip it. Strength 1 − Δ_dec/Δ_aft.
+Generic rules (rank):
+
+* ``non_finite`` (0): NaN/inf in the intervened run (``nonfinite_values``, including states whose
+  mean square overflows float32, non-finite logits, or an intervention's ``step_nonfinite`` /
+  ``residual_nonfinite`` records). The outcome is derailed.
+* ``not_applied`` (1): no steered layer fired, unless a named cause explains it.
+* ``rounding_absorbed`` (6): median ``rounding_survival`` over fired layers <
+  :data:`ROUNDING_SURVIVAL_MIN`; its counterfactual (the unrounded step) is that measurement.
+* ``margin_unmoved`` (10): the outcome is unchanged for a wrong (or unlabeled) answer; never a
+  cause for a right answer (its sentence then says how far the margin is from breaking).
+* ``output_derailed`` (10.5): the top token was a Yes/No spelling in the baseline and is not
+  when intervened (``top_is_yes_no``), with the Yes/No probability masses.
+* ``decision_token_off_path`` (12): only from the graded image-mass sweep
+  (:mod:`mclcbf_diag.experiments`, condition ``sweep:decision`` / ``sweep:after_image``): no
+  setting at the decision token (0 … 0.9, ×0.5, ×2, all layers and windows) changes the answer
+  with a valid Yes/No output while some setting at every token after the image does. Two
+  knockouts never support that negative claim.
+
+A rule whose evidence is missing is reported as not detected ("skipped"), never raised.
 """
 
 from __future__ import annotations
@@ -68,7 +53,7 @@ import math
 import pandas as pd
 
 from .interventions import MCLCBF
-from .rulebook import KNOCKOUT_DOMINANCE, Cause, Evidence, Rule, fmt, median, pct, run_rules, select
+from .rulebook import RANKING, Cause, Evidence, Rule, fmt, median, pct, run_rules, select
 
 __all__ = ["Cause", "ORDER", "GENERIC_RULES", "diagnose", "causes_frame", "verdict"]
 
@@ -99,48 +84,105 @@ def rounding_absorbed(ev: Evidence, rule: Rule) -> Cause:
     e = {"median_survival": m, "n_low": low, "n_fired": len(surv)}
     s = (f"Rounding x + αθ* to the model dtype kept a median {pct(m)} of the step"
          f" ({low} of {len(surv)} fired layers below {pct(ROUNDING_SURVIVAL_MIN)}).")
-    return ev.make(rule, m < ROUNDING_SURVIVAL_MIN, 1 - m, e, s)
+    # its counterfactual (the same step, not rounded) is measured by rounding_survival itself
+    test = f"the step without rounding would be {pct(1 - m)} larger: rounding removed most of it"
+    return ev.make(rule, m < ROUNDING_SURVIVAL_MIN, 1 - m, e, s, decisive=True, test=test)
+
+
+def non_finite(ev: Evidence, rule: Rule) -> Cause:
+    """NaN/inf anywhere in the steered run: an overflowing step, or the model overflowed after it."""
+    bad = ev.scalar("nonfinite_values") or 0.0
+    step_bad = [ly for ly, v in ev.layers("step_nonfinite").items() if v > 0]
+    resid_bad = [ly for ly, v in ev.layers("residual_nonfinite").items() if v > 0]
+    fin = ev.finite("steered")
+    detected = (not fin) or bool(step_bad) or bool(resid_bad)
+    e = {"nonfinite_values": bad, "n_step_nonfinite": len(step_bad), "n_residual_nonfinite": len(resid_bad),
+         "logits_finite": int(fin)}
+    s = (f"The intervened run holds non-finite values: {bad:.0f} NaN/inf numbers in the decision token's residuals"
+         f" and logits; the step overflowed at {len(step_bad)} layers (not applied) and the residual was NaN/inf at"
+         f" {len(resid_bad)}. A margin computed from such values means nothing: the output is derailed."
+         if detected else "Every value of the intervened run is finite.")
+    return ev.make(rule, detected, 1.0, e, s, decisive=True,
+                   test="read off the run: non-finite logits are no answer (the outcome is derailed)" if not fin else
+                   "read off the run: an overflowing step is dropped")
+
+
+def output_derailed(ev: Evidence, rule: Rule) -> Cause:
+    """The intervened output is no longer a Yes/No answer (its top token is another word)."""
+    tb, ts = ev.scalar("top_is_yes_no", "baseline"), ev.scalar("top_is_yes_no", "steered")
+    if tb is None or ts is None:
+        return ev.skip(rule, "no top_is_yes_no records for baseline and steered")
+    e = {"p_yes": ev.scalar("p_yes") or math.nan, "p_no": ev.scalar("p_no") or math.nan,
+         "p_yes_baseline": ev.scalar("p_yes", "baseline") or math.nan,
+         "p_no_baseline": ev.scalar("p_no", "baseline") or math.nan, "top_token_id": ev.scalar("top_token_id") or -1}
+    detected = tb > 0.5 and ts < 0.5
+    mass = e["p_yes"] + e["p_no"]
+    base_mass = e["p_yes_baseline"] + e["p_no_baseline"]
+    s = (f"The intervened output is not a Yes/No answer: its top token (id {e['top_token_id']:.0f}) is another "
+         f"word; Yes and No spellings keep {pct(mass)} of the probability (baseline {pct(base_mass)}). The sign of "
+         "Yes − No there is not an answer." if detected else
+         f"The output is still a Yes/No answer (Yes + No mass {pct(mass)}, baseline {pct(base_mass)}).")
+    return ev.make(rule, detected, 1 - mass if math.isfinite(mass) else 1.0, e, s, decisive=True,
+                   test="read off the run: the output is no answer (the outcome is derailed)")
 
 
 def margin_unmoved(ev: Evidence, rule: Rule) -> Cause:
+    """A wrong (or unlabeled) answer the intervention left as it was; right answers are not a failure."""
     mb, ms = ev.scalar("final_margin", "baseline"), ev.scalar("final_margin", "steered")
     if mb is None or ms is None:
         return ev.skip(rule, "no final_margin for baseline and steered")
-    yb, ys = ev.scalar("answer_yes", "baseline"), ev.scalar("answer_yes", "steered")
-    flipped = (yb != ys) if yb is not None and ys is not None else (mb > 0) != (ms > 0)
+    label, outcome = ev.label(), ev.outcome()
+    base = ev.answer("baseline")
+    flipped = base != ev.answer("steered")
     dm = ms - mb
     progress = -dm * math.copysign(1.0, mb)
-    e = {"m_base": mb, "m_steered": ms, "delta_m": dm, "answer_flipped": int(flipped)}
+    e = {"m_base": mb, "m_steered": ms, "delta_m": dm, "answer_flipped": int(flipped), "outcome": str(outcome),
+         "label": label or "none"}
     explained = ev.cause("barrier_not_decisive")  # the same observation, explained, wins
-    s = (f"The answer {'flipped' if flipped else 'did not flip'}: the margin went from {fmt(mb)} to {fmt(ms)}"
-         f" (Δm {dm:+.3g}, {'toward' if progress > 0 else 'away from'} the boundary; a flip needs {fmt(abs(mb))}).")
+    right = label is not None and base == label
+    if right:
+        s = (f"The answer was right and is {'kept' if outcome == 'unchanged' else outcome}: the margin went from "
+             f"{fmt(mb)} to {fmt(ms)} (Δm {dm:+.3g}, {'toward' if progress > 0 else 'away from'} the boundary, "
+             f"{fmt(abs(ms))} from breaking).")
+        return ev.make(rule, False, 0.0, e, s)
+    what = "was not fixed" if label is not None else "did not change"
+    s = (f"The answer {what if not flipped else 'changed'}: the margin went from {fmt(mb)} to {fmt(ms)}"
+         f" (Δm {dm:+.3g}, {'toward' if progress > 0 else 'away from'} the boundary; a change needs {fmt(abs(mb))}).")
     strength = 1 - max(progress, 0.0) / abs(mb) if mb != 0 else 1.0
-    return ev.make(rule, not flipped and not (explained is not None and explained.detected), strength, e, s)
+    return ev.make(rule, outcome == "unchanged" and not (explained is not None and explained.detected), strength, e, s,
+                   test="observed: this is the outcome the causes above explain")
+
+
+SWEEPS = ("sweep:decision", "sweep:after_image")
 
 
 def decision_token_off_path(ev: Evidence, rule: Rule) -> Cause:
-    """Knockouts alone: edits at the decision token leave the answer, edits after the image move it."""
-    mb = ev.scalar("final_margin", "baseline")
-    edits = {cond: ev.scalar("final_margin", cond) for cond in
-             ("knockout:decision", "double:decision", "knockout:after_image", "double:after_image")}
-    if mb is None or any(m is None for m in edits.values()):
-        return ev.skip(rule, "no knockout conditions in the records")
-    flips = {cond: (m > 0) != (mb > 0) for cond, m in edits.items()}
-    moved = {cond: abs(m - mb) for cond, m in edits.items()}
-    dec = max(moved["knockout:decision"], moved["double:decision"])
-    aft = max(moved["knockout:after_image"], moved["double:after_image"])
-    detected = (not flips["knockout:decision"] and not flips["double:decision"]
-                and (flips["knockout:after_image"] or flips["double:after_image"] or aft >= KNOCKOUT_DOMINANCE * dec))
-    e = {"m_base": mb, **{f"{cond.replace(':', '_')}_margin": m for cond, m in edits.items()},
-         "max_delta_decision": dec, "max_delta_after_image": aft}
-    s = (f"Removing or doubling image attention at the decision token in every layer moves the margin by at most "
-         f"{fmt(dec)} ({'and flips' if flips['knockout:decision'] or flips['double:decision'] else 'without flipping'}"
-         f" the answer); doing it at every text token after the image moves it by up to {fmt(aft)}"
-         f"{' and flips it' if flips['knockout:after_image'] or flips['double:after_image'] else ''}")
+    """From the graded sweep only: no decision-token image mass changes the answer, after-image ones do."""
+    got = {c: {m: ev.scalar(m, c) for m in ("sweep_runs", "sweep_changes", "sweep_min_target", "sweep_derailed")}
+           for c in SWEEPS}
+    if any(got[c]["sweep_runs"] is None for c in SWEEPS):
+        return ev.skip(rule, "no graded image-mass sweep in the records (explain runs it)")
+    dec, aft = got["sweep:decision"], got["sweep:after_image"]
+    label, base = ev.label(), ev.answer("baseline")
+    verb = ("fixes" if label is not None and base != label else "breaks" if label is not None else "changes")
+    e = {f"{c.split(':')[1]}_{k}": v for c, d in got.items() for k, v in d.items() if v is not None}
+
+    def part(d, where):
+        n, k = int(d["sweep_runs"]), int(d["sweep_changes"] or 0)
+        if k:
+            return (f"at {where} {k} of {n} settings {verb} the answer with a valid Yes/No output (smallest image mass "
+                    f"{fmt(d['sweep_min_target'])})") if d.get("sweep_min_target") is not None else \
+                   f"at {where} {k} of {n} settings {verb} the answer with a valid Yes/No output"
+        return f"at {where} none of {n} settings {verb} it ({int(d['sweep_derailed'] or 0)} derail the output)"
+
+    detected = not dec["sweep_changes"] and bool(aft["sweep_changes"])
+    s = ("Setting the image attention mass to 0, 0.1, …, 0.9, ×0.5 and ×2 in all layers and in layer windows: "
+         + part(dec, "the decision token") + "; " + part(aft, "every text token after the image"))
     if detected:
-        s += (": the image reaches this answer through earlier tokens, so steering the decision token's attention"
-              " cannot flip it")
-    return ev.make(rule, detected, max(0.0, 1 - dec / aft if aft > 0 else 0.0), e, s + ".")
+        s += (": the image reaches this answer through earlier tokens, so no steering of the decision token's image "
+              "attention can change it")
+    return ev.make(rule, detected, 1.0, e, s + ".", decisive=True,
+                   test="the graded sweep: image-mass edits after the image change the answer, at the decision token none do")
 
 
 def _generic_rules(explained_by=()) -> list[Rule]:
@@ -148,13 +190,19 @@ def _generic_rules(explained_by=()) -> list[Rule]:
         Rule("not_applied", "No step was applied", 1,
              "no steered layer applied a nonzero step, and no earlier cause (" + (", ".join(explained_by) or "none")
              + ") explains it", lambda ev, rule: not_applied(ev, rule, explained_by)),
+        Rule("non_finite", "Non-finite values (overflow)", 0,
+             "NaN/inf in the intervened run's residuals or logits, or an overflowing step", non_finite),
         Rule("rounding_absorbed", "Rounding absorbed the step", 6,
              f"median rounding_survival over fired layers < {ROUNDING_SURVIVAL_MIN}", rounding_absorbed),
-        Rule("margin_unmoved", "Margin not moved enough to flip", 10,
-             "answer not flipped: progress −Δm·sign(m_base) < |m_base|", margin_unmoved),
+        Rule("margin_unmoved", "Answer not changed (wrong or unlabeled answer)", 10,
+             "outcome unchanged for a wrong (or unlabeled) answer", margin_unmoved),
+        Rule("output_derailed", "Output derailed (no longer a Yes/No answer)", 10.5,
+             "top token at the decision position a Yes/No spelling in the baseline, another token when intervened",
+             output_derailed),
         Rule("decision_token_off_path", "The decision token's image attention is not on the answer's path", 12,
-             "knockout:decision and double:decision keep the answer while an after-image edit flips it or moves "
-             f"the margin ≥ {KNOCKOUT_DOMINANCE}× more", decision_token_off_path),
+             "graded sweep: no image-mass setting at the decision token (0 … 0.9, ×0.5, ×2; all layers and windows) "
+             "changes the answer with a valid output, while some setting at every token after the image does",
+             decision_token_off_path),
     ]
 
 
@@ -172,32 +220,68 @@ ORDER = tuple(r.id for r in rules_for()[0])
 
 
 def diagnose(records: pd.DataFrame, sample=None, phase: str = "prefill", step: int = 0,
-             intervention=None) -> list[Cause]:
-    """All causes for one sample at (phase, step), ranked (see :mod:`mclcbf_diag.rulebook`)."""
+             intervention=None, tester=None) -> list[Cause]:
+    """All causes for one sample at (phase, step), tested and ranked (see :mod:`mclcbf_diag.rulebook`).
+
+    ``tester`` (e.g. :func:`mclcbf_diag.explain.cause_tester`) runs each detected cause's
+    counterfactual; without it the causes that need a run stay "present, not tested".
+    Whole-model records of other phases (the intervention's row records) are kept.
+    """
     table, layer_sets = rules_for(intervention)
-    return run_rules(select(records, sample, phase, step), table, layer_sets)
+    df = select(records, sample, phase, step)
+    return run_rules(df, table, layer_sets, tester=tester, intervention=intervention)
 
 
 def causes_frame(causes: list[Cause]) -> pd.DataFrame:
     """One row per cause in the given (ranked) order; evidence as a JSON string."""
-    return pd.DataFrame([{"rank": i + 1, "id": x.id, "detected": x.detected, "strength": x.strength,
-                          "sentence": x.sentence, "threshold": x.threshold,
+    return pd.DataFrame([{"rank": i + 1, "id": x.id, "detected": x.detected, "status": x.status,
+                          "strength": x.strength, "sentence": x.sentence, "test": x.test, "threshold": x.threshold,
                           "evidence": json.dumps(x.evidence, sort_keys=True, ensure_ascii=False)}
                          for i, x in enumerate(causes)],
-                        columns=["rank", "id", "detected", "strength", "sentence", "threshold", "evidence"])
+                        columns=["rank", "id", "detected", "status", "strength", "sentence", "test", "threshold",
+                                 "evidence"])
 
 
 def verdict(causes: list[Cause]) -> str:
-    """A few lines: the top detected cause's sentence, the others briefly, whether the answer flipped."""
+    """A few lines: the question the label asks, the outcome, the ranked causes with their status.
+
+    The first line answers the question (a wrong answer: why not fixed; a right one: kept,
+    broken or derailed; no label: did it change); then the top detected cause's sentence and
+    its test, the other causes briefly, the ranking rule, and the outcome line.
+    """
     found = [x for x in causes if x.detected]
-    ev = next((x.evidence for x in causes if "answer_flipped" in x.evidence), {})
+    ev = next((x.evidence for x in causes if x.id == "margin_unmoved" and "m_base" in x.evidence),
+              next((x.evidence for x in causes if "answer_flipped" in x.evidence), {}))
     if ev:
-        flip = (f"answer_flipped: {'yes' if ev['answer_flipped'] else 'no'} (margin {fmt(ev['m_base'])} →"
-                f" {fmt(ev['m_steered'])})")
+        outcome = ev.get("outcome", "changed" if ev["answer_flipped"] else "unchanged")
+        tail = (f"outcome: {outcome} (margin {fmt(ev['m_base'])} → {fmt(ev['m_steered'])}"
+                f"{', label ' + ev['label'] if ev.get('label', 'none') != 'none' else ', no label'})")
+    elif any(x.id == "non_finite" and x.detected for x in causes):
+        outcome, tail = "derailed", "outcome: derailed (non-finite values: the margin is not a number)"
     else:
-        flip = "answer_flipped: unknown (no final_margin records)"
+        outcome, tail = None, "outcome: unknown (no final_margin records)"
+    head = _question_line(ev, outcome)
     if not found:
-        return f"No cause detected: every rule's evidence is in its healthy range.\n{flip}"
-    lines = [found[0].sentence]
-    lines += [f"Also: {x.title} ({x.id}, strength {x.strength:.2f})" for x in found[1:]]
-    return "\n".join([*lines, flip])
+        return "\n".join(x for x in (head, "No cause detected: every rule's evidence is in its healthy range.", tail) if x)
+    lines = [head] if head else []
+    lines.append(f"[{found[0].status}] {found[0].sentence}")
+    if found[0].test:
+        lines.append(f"  test: {found[0].test}.")
+    lines += [f"Also: {x.title} ({x.id}, {x.status}, strength {x.strength:.2f})" for x in found[1:]]
+    lines.append(RANKING)
+    return "\n".join([*lines, tail])
+
+
+def _question_line(ev: dict, outcome) -> str:
+    label = ev.get("label", "none") if ev else "none"
+    if not ev:
+        return ""
+    base = "yes" if ev["m_base"] > 0 else "no"
+    if label == "none":
+        return f"No label: the question is only whether the answer changed; it is {outcome}."
+    if base == label:
+        return (f"The baseline answer ({base}) is right; the question is whether the intervention kept it: it is "
+                f"{'kept' if outcome == 'unchanged' else outcome}.")
+    return (f"The baseline answer ({base}) is wrong; the question is why the intervention did not fix it and what "
+            f"would: it is {outcome}." if outcome != "fixed" else
+            f"The baseline answer ({base}) is wrong and the intervention fixed it.")

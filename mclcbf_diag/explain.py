@@ -1,17 +1,31 @@
-"""Check a diagnosis by experiment: knockouts, dose-response, counterfactual fixes.
+"""Check a diagnosis by experiment: counterfactuals per cause, graded sweeps, dose-response, fixes.
 
-* **Attention knockouts** (:func:`knockouts`): remove (factor 0) or double (factor 2) the
-  image attention mass, renormalised, in every layer, either at the decision token only or
-  at every text token after the image. If only the second moves the answer, the image
-  reaches the answer through earlier tokens and steering the decision token's attention
-  cannot work.
-* **Dose-response** (:func:`dose_response`): the smallest multiplier k on θ* that flips the
-  answer, on all steered layers together, or one layer at a time (:func:`per_layer_doses`). Doubling k from 1 brackets the first flip; bisection narrows it. Answers need not
-  be monotone in k, so this finds *a* smallest flip on the doubling grid's first bracket.
-* **Counterfactual fixes** (:func:`counterfactuals`): switch each suspected knob to its
-  corrected value, one at a time and all together.
-* **Cause chain** (:func:`cause_chain`): fix the top-ranked cause, diagnose again, repeat
-  until the answer flips or no fix is left; causes hide behind each other.
+Every run here is read as an *outcome* (:mod:`mclcbf_diag.outcomes`: unchanged, fixed,
+broken, derailed; changed/unchanged without a label), never as a bare sign change, and every
+conclusion depends on the label: for a wrong answer "why not fixed, and what would fix it",
+for a right one "kept, broken or derailed, and how far from breaking".
+
+* **Cause tests** (:func:`cause_tester`): each detected cause's own counterfactual (undo just
+  that cause, keep everything else; see :mod:`mclcbf_diag.rulebook`) is run and compared with
+  the *unfixed* intervention: the step (Σ‖v‖/‖x‖ added at the decision token), the decision
+  token's image mass (mean over layers), the margin and the outcome.
+* **Graded image-mass sweep** (:mod:`mclcbf_diag.experiments`): the only evidence allowed for
+  "no steering of the decision token's image attention can change this".
+* **Attention knockouts** (:func:`knockouts`): remove (×0) or double (×2) the image mass at
+  the decision token or at every text token after the image, in every layer (a table only;
+  two edits support no negative claim).
+* **Dose-response** (:func:`dose_response`): the smallest multiplier k on the intervention's
+  change that reaches the goal the label sets: *fixed* for a wrong answer, *broken or
+  derailed* for a right one, *changed or derailed* without a label. Doubling from 1 brackets
+  the first hit; bisection narrows it. Answers need not be monotone in k: this finds *a*
+  smallest hit on the doubling grid's first bracket.
+* **Counterfactual fixes** (:func:`counterfactuals`): each fix (one knob) alone and all
+  together, compared with the baseline *and* with the unfixed intervention; a fix that cannot
+  apply (a gradient dtype on a float32 model) is marked, not run; only a fix that turns a
+  wrong answer right with a valid Yes/No output counts.
+* **Cause chain** (:func:`cause_chain`): for a wrong (or unlabeled) answer, apply the fix of
+  the top-ranked decisive cause, diagnose again, repeat until fixed or no fix is left. A right
+  answer has nothing to fix: no chain.
 """
 
 from __future__ import annotations
@@ -20,15 +34,18 @@ import math
 from dataclasses import dataclass
 
 import pandas as pd
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .data import LLAVA_PROMPT
 from .diagnose import diagnose
+from .errors import UserError
+from .experiments import image_mass_sweep, sweep_records, sweep_sentence
 from .interventions import AttentionKnockout, KnockoutKnobs, as_intervention
 from .interventions.mclcbf import FIXES
 from .knobs import changed
 from .measure import run_records
 from .models import LoadedModel
+from .outcomes import Reading, outcome_of, read_batch
 from .runner import RunCapture, run, with_embeds
 from .trace import TraceResult, sample_inputs, trace_sample
 
@@ -48,22 +65,70 @@ CAUSE_FIX = {
     "step_negligible": "clamp",
     "linearisation_failed": "site",
     "damped_downstream": "tokens",
+    "guard_dominates": "guard",
     "margin_unmoved": "tokens",
     "barrier_not_decisive": "tokens",
     "decision_token_off_path": "tokens",
 }
 
 
-def _margin(lm: LoadedModel, capture: RunCapture) -> float:
-    logits = capture.steps[0].final_logits
-    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+GOALS = {"wrong": ("fixed",), "right": ("broken", "derailed"), "unlabeled": ("changed", "derailed")}
 
 
-def _is_yes_no(lm: LoadedModel, capture: RunCapture) -> bool:
-    """Whether the top token at the decision position is still a Yes/No spelling."""
-    top = int(capture.steps[0].final_logits.argmax())
-    ids = {lm.tokens.yes_id, lm.tokens.no_id, *lm.tokens.yes_variants.values(), *lm.tokens.no_variants.values()}
-    return top in ids
+def reading(lm: LoadedModel, capture: RunCapture) -> Reading:
+    """The Yes/No reading of a run's first (prefill) step."""
+    return read_batch(capture.steps[0].final_logits[None], lm.tokens)[0]
+
+
+def _kind(label: str | None, base: Reading) -> str:
+    return "unlabeled" if label not in ("yes", "no") else ("right" if base.answer == label else "wrong")
+
+
+def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | None) -> dict:
+    """What a run did, in the terms a cause test compares (see :func:`mclcbf_diag.rulebook.decisiveness`)."""
+    step = capture.steps[0]
+    rel, mass = 0.0, []
+    for c in step.layers.values():
+        if c.added is not None:
+            xn = float(c.resid_pre_in.float().norm())
+            rel += float(c.added.float().norm()) / xn if xn > 0 else math.inf
+        if c.attn is not None:
+            mass.append(float(c.attn[:, capture.detected[: c.attn.shape[-1]]].sum(-1).mean()))
+    r = reading(lm, capture)
+    return {"step": rel, "mass": sum(mass) / len(mass) if mass else math.nan, "margin": r.margin,
+            "outcome": outcome_of(base, r, label), "valid": r.valid}
+
+
+def _variant(iv, spec):
+    if spec is None:
+        return iv, 1.0
+    if "intervention" in spec:
+        variant = spec["intervention"]
+    elif "knobs_fn" in spec:
+        variant = iv.replace(**spec["knobs_fn"](iv.knobs))
+    elif "knobs" in spec:
+        variant = iv.replace(**spec["knobs"])
+    else:
+        variant = iv
+    return variant, float(spec.get("dose", 1.0))
+
+
+def cause_tester(lm: LoadedModel, inputs: dict, intervention, base: Reading, label: str | None):
+    """``tester(spec)`` for :func:`mclcbf_diag.diagnose.diagnose`: run a counterfactual, return its effect."""
+    iv = as_intervention(intervention)
+    memo: dict = {}
+
+    def test(spec):
+        key = None if spec is None else repr(sorted((k, v) for k, v in spec.items() if k != "knobs_fn"))
+        if key not in memo:
+            try:
+                variant, dose = _variant(iv, spec)
+                memo[key] = effect(lm, run(lm, inputs, variant, dose=dose), base, label)
+            except (UserError, TypeError, ValueError):
+                memo[key] = None
+        return memo[key]
+
+    return test
 
 
 def knockouts(lm: LoadedModel, inputs: dict, *, sample) -> pd.DataFrame:
@@ -75,115 +140,173 @@ def knockouts(lm: LoadedModel, inputs: dict, *, sample) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class DoseResponse:
-    curve: pd.DataFrame  # k, margin, answer_yes, h_mean, theta_rel_max, yes_no_top
-    k_star: float | None  # smallest flipping multiplier found, None if none up to k_max
+    curve: pd.DataFrame  # k, margin, answer_yes, valid, outcome, h_mean, theta_rel_max, yes_no_top
+    k_star: float | None  # smallest multiplier reaching the goal, None if none up to k_max
     k_max: float
     at_k_star: dict
+    goal: tuple[str, ...] = ("changed", "derailed")
+    kind: str = "unlabeled"  # wrong / right / unlabeled
+    k_derail: float | None = None  # smallest multiplier on the grid that derailed the output
 
     def sentence(self) -> str:
+        goal = " or ".join(self.goal)
         if self.k_star is None:
-            return f"No multiplier up to k = {self.k_max:g} on θ* flips the answer."
+            tail = (f" (it derails the output from k = {self.k_derail:.3g})" if self.k_derail is not None else "")
+            if self.kind == "right":
+                return f"The right answer survives every multiplier up to k = {self.k_max:g} on the step{tail}."
+            return f"No multiplier up to k = {self.k_max:g} on the step makes the answer {goal}{tail}."
         a = self.at_k_star
-        return (f"The answer flips at k* ≈ {self.k_star:.3g} × θ* (‖θ*‖/‖x‖ up to {a['theta_rel_max']:.3g}, "
-                f"margin {a['margin']:+.3g}, h {a['h_mean']:.3g}); the output is "
-                f"{'still' if a['yes_no_top'] else 'no longer'} a Yes/No answer.")
+        what = {"right": f"The right answer is {a['outcome']}", "wrong": "The wrong answer is fixed"}.get(
+            self.kind, f"The answer is {a['outcome']}")
+        return (f"{what} from k* ≈ {self.k_star:.3g} × the step (‖θ*‖/‖x‖ up to "
+                f"{a['theta_rel_max']:.3g}, margin {a['margin']:+.3g}, h {a['h_mean']:.3g}); the output is "
+                f"{'still' if a['valid'] else 'no longer'} a Yes/No answer.")
 
 
-def _dose_point(lm, inputs, intervention, k) -> dict:
+def _dose_point(lm, inputs, intervention, k, base: Reading, label) -> dict:
     cap = run(lm, inputs, intervention, dose=k)
     layers = [c.metrics for c in cap.steps[0].layers.values() if c.metrics.get("barrier_h") is not None]
-    rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and "theta_rel" in m]
+    rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
     h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
-    m = _margin(lm, cap)
-    return {"k": k, "margin": m, "answer_yes": m > 0, "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
-            "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": _is_yes_no(lm, cap)}
+    r = reading(lm, cap)
+    return {"k": k, "margin": r.margin, "answer_yes": r.margin > 0, "valid": r.valid, "p_yes": r.p_yes,
+            "p_no": r.p_no, "outcome": outcome_of(base, r, label),
+            "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
+            "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": r.top_yes_no}
 
 
-def dose_response(lm: LoadedModel, inputs: dict, config, base_margin: float, *,
-                  k_max: float = 1024.0, bisect_steps: int = 8) -> DoseResponse:
-    """Smallest k (on the doubling grid, then bisected) whose steered answer differs."""
+def _base_reading(lm, inputs, iv, base_margin) -> Reading:
+    try:
+        return reading(lm, run(lm, inputs, iv, steer=False))
+    except Exception:  # pragma: no cover - a measuring run failing means the steered one fails too
+        return Reading(base_margin, math.nan, math.nan, True, True)
+
+
+def dose_response(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,
+                  base: Reading | None = None, k_max: float = 1024.0, bisect_steps: int = 8) -> DoseResponse:
+    """Smallest k (doubling grid from 1, then bisection) whose outcome reaches the label's goal."""
     config = as_intervention(config)
-    base_yes = base_margin > 0
+    base = base if base is not None else _base_reading(lm, inputs, config, base_margin)
+    kind = _kind(label, base)
+    goal = GOALS[kind]
     points, k, lo = [], 1.0, 0.0
     hi = None
     bar = tqdm(total=int(math.log2(k_max)) + 1 + bisect_steps, desc="dose-response", leave=False, mininterval=1)
     while k <= k_max:
-        p = _dose_point(lm, inputs, config, k)
+        p = _dose_point(lm, inputs, config, k, base, label)
         points.append(p)
         bar.update()
-        if p["answer_yes"] != base_yes:
+        if p["outcome"] in goal:
             hi = k
             break
         lo, k = k, k * 2
     if hi is not None:
         for _ in range(bisect_steps):
             mid = (lo + hi) / 2
-            p = _dose_point(lm, inputs, config, mid)
+            p = _dose_point(lm, inputs, config, mid, base, label)
             points.append(p)
             bar.update()
-            if p["answer_yes"] != base_yes:
+            if p["outcome"] in goal:
                 hi = mid
             else:
                 lo = mid
     bar.close()
     curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
     at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
-    return DoseResponse(curve, hi, k_max, at)
+    der = curve[curve.outcome == "derailed"]
+    return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None)
 
 
-def per_layer_doses(lm: LoadedModel, inputs: dict, config, base_margin: float, *,
+def per_layer_doses(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,
                     k_max: float = 1024.0, bisect_steps: int = 8) -> pd.DataFrame:
-    """The dose-response with only one steered layer at a time: where θ* could matter most."""
+    """The dose-response with only one steered layer at a time: where the step could matter most."""
     config, rows = as_intervention(config), []
+    base = _base_reading(lm, inputs, config, base_margin)
     for layer in tqdm(config.layers(lm.n_layers), desc="per-layer dose", leave=False, mininterval=1):
-        d = dose_response(lm, inputs, config.replace(layers=(layer,)), base_margin,
+        d = dose_response(lm, inputs, config.replace(layers=(layer,)), base_margin, label=label, base=base,
                           k_max=k_max, bisect_steps=bisect_steps)
         rows.append({"layer": layer, "k_star": d.k_star, **{k: d.at_k_star.get(k) for k in
-                                                          ("margin", "theta_rel_max", "yes_no_top")}})
+                                                          ("margin", "outcome", "theta_rel_max", "valid")}})
     return pd.DataFrame(rows)
 
 
-def counterfactuals(lm: LoadedModel, inputs: dict, config, base_margin: float) -> pd.DataFrame:
-    """Each of the intervention's fixes alone, then all together: answer, margin, flipped."""
+def counterfactuals(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,
+                    base: Reading | None = None, unfixed: Reading | None = None) -> pd.DataFrame:
+    """Each of the intervention's fixes alone, then all together, against the baseline and the unfixed run.
+
+    Columns: fix, change, applicable, margin, answer, valid, outcome (vs the baseline),
+    vs_unfixed (Δmargin and outcome change against the intervention as configured), counts
+    (True only for a wrong answer fixed with a valid Yes/No output).
+    """
     config = as_intervention(config)
+    base = base if base is not None else _base_reading(lm, inputs, config, base_margin)
+    unfixed = unfixed if unfixed is not None else reading(lm, run(lm, inputs, config))
+    kind = _kind(label, base)
     fixes = config.fixes()
-    variants = {name: config.replace(**change) for name, change in fixes.items()}
-    everything = {k: v for change in fixes.values() for k, v in change.items()}
+    applies = getattr(config, "fix_applies", None)
+    variants = {name: change for name, change in fixes.items()}
     if fixes:
-        variants["all"] = config.replace(**everything)
+        variants["all"] = {k: v for change in fixes.values() for k, v in change.items()}
+    unfixed_outcome = outcome_of(base, unfixed, label)
     rows = []
-    for name, cfg in tqdm(variants.items(), desc="counterfactual fixes", leave=False, mininterval=1):
-        diff = changed(cfg.knobs, config.knobs)
-        if not diff:
-            rows.append({"fix": name, "change": "(already set)", "margin": base_margin,
-                         "answer": "yes" if base_margin > 0 else "no", "flipped": False})
+    for name, change in tqdm(variants.items(), desc="counterfactual fixes", leave=False, mininterval=1):
+        try:
+            cfg = config.replace(**change)
+        except (UserError, TypeError, ValueError) as exc:
+            rows.append({"fix": name, "change": str(change), "applicable": f"no: {exc}"})
             continue
-        cap = run(lm, inputs, cfg)
-        m = _margin(lm, cap)
-        rows.append({"fix": name, "change": ", ".join(f"{k}={v}" for k, v in diff.items()), "margin": m,
-                     "answer": "yes" if m > 0 else "no", "flipped": (m > 0) != (base_margin > 0),
-                     "yes_no_top": _is_yes_no(lm, cap)})
-    return pd.DataFrame(rows)
+        diff = changed(cfg.knobs, config.knobs)
+        why = applies(name, lm.dtype) if applies is not None and name != "all" else None
+        if applies is not None and name == "all":  # drop the parts that cannot apply
+            diff = {k: v for k, v in diff.items()
+                    if not any(applies(n, lm.dtype) and k in fixes[n] for n in fixes)}
+        row = {"fix": name, "change": ", ".join(f"{k}={v}" for k, v in diff.items()) or "(already set)"}
+        if not diff or why:
+            rows.append({**row, "applicable": why or "already set: nothing to change", "margin": unfixed.margin,
+                         "answer": unfixed.answer, "valid": unfixed.valid, "outcome": unfixed_outcome,
+                         "vs_unfixed": "same run", "counts": False})
+            continue
+        r = reading(lm, run(lm, inputs, cfg))
+        out = outcome_of(base, r, label)
+        vs = outcome_of(unfixed, r, label)
+        rows.append({**row, "applicable": "yes", "margin": r.margin, "answer": r.answer, "valid": r.valid,
+                     "outcome": out, "vs_unfixed": f"Δm {r.margin - unfixed.margin:+.3g}; {vs}",
+                     "counts": kind == "wrong" and out == "fixed" and r.valid})
+    return pd.DataFrame(rows, columns=["fix", "change", "applicable", "margin", "answer", "valid", "outcome",
+                                       "vs_unfixed", "counts"])
 
 
 def cause_chain(lm: LoadedModel, question, image, config, first: TraceResult,
-                knockout_records: pd.DataFrame | None = None, max_links: int = 6,
-                template: str = LLAVA_PROMPT) -> pd.DataFrame:
-    """Fix the top detected cause, re-diagnose, repeat until the answer flips or no fix is left."""
+                extra_records: pd.DataFrame | None = None, max_links: int = 6,
+                template: str = LLAVA_PROMPT, label: str | None = None, inputs: dict | None = None) -> pd.DataFrame:
+    """Fix the top detected (decisive first) cause, re-diagnose, repeat until fixed or no fix is left.
+
+    A right answer has nothing to fix: the chain is one row saying so.
+    """
     cfg = as_intervention(config)
+    label = label if label is not None else getattr(question, "label", None)
+    base = reading(lm, first.baseline)
+    kind = _kind(label, base)
+    if kind == "right":
+        return pd.DataFrame([{"link": 0, "config": "(as configured)", "top_cause": "(answer right: nothing to fix)",
+                              "status": "", "margin": first.summary()["margin_after"],
+                              "outcome": first.summary()["outcome"], "next_fix": "(none)"}])
     fixes = cfg.fixes()
+    applies = getattr(cfg, "fix_applies", None)
+    goal = GOALS[kind][:1]  # fixed, or changed
     rows, used, result = [], set(), first
     for link in range(max_links):
-        records = result.records if knockout_records is None else pd.concat([result.records, knockout_records])
-        causes = [c for c in diagnose(records, intervention=cfg) if c.detected]
+        records = result.records if extra_records is None else pd.concat([result.records, extra_records])
+        tester = cause_tester(lm, inputs, cfg, base, label) if inputs is not None else None
+        causes = [c for c in diagnose(records, intervention=cfg, tester=tester) if c.detected]
         summary = result.summary()
-        fix = next((CAUSE_FIX[c.id] for c in causes if CAUSE_FIX.get(c.id) in fixes and CAUSE_FIX[c.id] not in used),
-                   None)
+        fix = next((CAUSE_FIX[c.id] for c in causes if CAUSE_FIX.get(c.id) in fixes and CAUSE_FIX[c.id] not in used
+                    and c.decisive is not False and not (applies and applies(CAUSE_FIX[c.id], lm.dtype))), None)
         rows.append({"link": link, "config": ", ".join(f"{k}={v}" for f in sorted(used) for k, v in fixes[f].items())
                      or "(as configured)", "top_cause": causes[0].id if causes else "(none)",
-                     "margin": summary["margin_after"], "flipped": summary["flipped"],
-                     "next_fix": fix or "(none left)"})
-        if summary["flipped"] or fix is None:
+                     "status": causes[0].status if causes else "", "margin": summary["margin_after"],
+                     "outcome": summary["outcome"], "next_fix": fix or "(none left)"})
+        if summary["outcome"] in goal or fix is None:
             break
         used.add(fix)
         cfg = cfg.replace(**fixes[fix])
@@ -200,6 +323,8 @@ class Explanation:
     fixes: pd.DataFrame
     chain: pd.DataFrame
     layer_doses: pd.DataFrame | None = None
+    sweep: pd.DataFrame | None = None
+    sweep_text: str = ""
 
     @property
     def records(self) -> pd.DataFrame:
@@ -207,27 +332,42 @@ class Explanation:
 
 
 def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1024.0,
-                   bisect_steps: int = 8, per_layer: bool = False, template: str = LLAVA_PROMPT) -> Explanation:
-    """Trace, knockouts, diagnosis, dose-response, counterfactual fixes and cause chain.
+                   bisect_steps: int = 8, per_layer: bool = False, template: str = LLAVA_PROMPT,
+                   sweep: bool = True) -> Explanation:
+    """Trace, knockouts, graded sweep, tested diagnosis, dose-response, fixes and cause chain.
 
     ``config`` is the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such).
     """
     config = as_intervention(config)
     result = trace_sample(lm, question, image, config, template=template)
+    label = getattr(question, "label", None)
     text = getattr(question, "text", question)
-    _, inputs = sample_inputs(lm, text, image, template)
+    prompt, inputs = sample_inputs(lm, text, image, template)
     inputs = with_embeds(inputs, result.baseline)  # every run below skips the vision tower
+    base, unfixed = reading(lm, result.baseline), reading(lm, result.steered)
     ko = knockouts(lm, inputs, sample=result.sample)
-    causes = diagnose(pd.concat([result.records, ko], ignore_index=True), intervention=config)
-    base_margin = result.summary()["margin_before"]
-    dose = dose_response(lm, inputs, config, base_margin, k_max=k_max, bisect_steps=bisect_steps)
-    fixes = counterfactuals(lm, inputs, config, base_margin)
-    chain = cause_chain(lm, question, image, config, result, ko, template=template)
-    layer_doses = per_layer_doses(lm, inputs, config, base_margin, k_max=k_max,
+    extra = [ko]
+    sw, sw_text = None, ""
+    if sweep:
+        sw = image_mass_sweep(lm, prompt, image, label)
+        sw_text = sweep_sentence(sw, label, base.answer)
+        extra.append(sweep_records(sw, sample=result.sample))
+    extra_records = pd.concat(extra, ignore_index=True)
+    tester = cause_tester(lm, inputs, config, base, label)
+    causes = diagnose(pd.concat([result.records, extra_records], ignore_index=True), intervention=config,
+                      tester=tester)
+    base_margin = base.margin
+    dose = dose_response(lm, inputs, config, base_margin, label=label, base=base, k_max=k_max,
+                         bisect_steps=bisect_steps)
+    fixes = counterfactuals(lm, inputs, config, base_margin, label=label, base=base, unfixed=unfixed)
+    chain = cause_chain(lm, question, image, config, result, extra_records, template=template, label=label,
+                        inputs=inputs)
+    layer_doses = per_layer_doses(lm, inputs, config, base_margin, label=label, k_max=k_max,
                                   bisect_steps=bisect_steps) if per_layer else None
-    return Explanation(result, ko, causes, dose, fixes, chain, layer_doses)
+    return Explanation(result, pd.concat([ko, *(extra[1:])], ignore_index=True), causes, dose, fixes, chain,
+                       layer_doses, sw, sw_text)
 
 
-__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "knockouts", "DoseResponse", "dose_response", "per_layer_doses",
-           "counterfactuals",
-           "cause_chain", "Explanation", "explain_sample"]
+__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "GOALS", "reading", "effect", "cause_tester", "knockouts",
+           "DoseResponse", "dose_response", "per_layer_doses", "counterfactuals", "cause_chain", "Explanation",
+           "explain_sample"]

@@ -16,6 +16,7 @@ import torch
 from . import probes as P
 from .runner import LayerCapture, RunCapture, StepCapture
 from .models import LoadedModel
+from .outcomes import read_batch
 from .records import NO_HEAD, NO_LAYER, frame
 
 class _Rows:
@@ -85,6 +86,10 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
 
     for site, x in (("resid_pre", pre), ("resid_mid", mid), ("resid_post", post)):
         rows.add_layers(layers, f"{site}_norm", x.norm(dim=-1))
+    rows.add_layers(layers, "resid_pre_in_norm", pre_in.norm(dim=-1))
+    for i, c in zip(layers, caps):
+        if c.added is not None:
+            rows.add(i, "added_norm", c.added.float().norm())
     for name, x, (w, eps) in (("ln1", pre_in, ln1), ("ln2", mid, ln2),
                               ("ln_final", post, (final_w, torch.full((len(layers),), final_eps)))):
         g = P.rms_norm_gains(x, w, eps, theta)
@@ -94,7 +99,11 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
         rows.add_layers(layers, f"{name}_gain_orthogonal", g["gain_orthogonal"])
         rows.add_layers(layers, f"{name}_gain_radial", g["gain_radial"])
         if name == "ln1":
+            # before the step (what the barrier linearised at) and after it (what the layer used)
             rows.add_layers(layers, "ln1_out_norm", (w * pre_in / g["rms"][:, None]).norm(dim=-1))
+            rms_used = P.rms_norm_gains(pre, w, eps, None)["rms"]
+            rows.add_layers(layers, "ln1_scale_post", rms_used)
+            rows.add_layers(layers, "ln1_out_norm_post", (w * pre / rms_used[:, None]).norm(dim=-1))
     attn = torch.stack([c.attn for c in caps])  # [n, H, K]
     masses = P.attention_masses(attn.reshape(-1, attn.shape[-1]), image_mask)
     for kind, per_head in masses.items():
@@ -115,9 +124,21 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
         out_s, out_b = (P.rms_norm(x[-1], final_w, final_eps) for x in (post, base_post))
         rows.add(NO_LAYER, "propagation", P.propagation_distance(out_s, out_b))
     logits = cap.final_logits
-    margin = float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+    reading = read_batch(logits[None], lm.tokens)[0]
+    margin = reading.margin
     rows.add(NO_LAYER, "final_margin", margin)
     rows.add(NO_LAYER, "answer_yes", margin > 0)
+    rows.add(NO_LAYER, "p_yes", reading.p_yes)
+    rows.add(NO_LAYER, "p_no", reading.p_no)
+    rows.add(NO_LAYER, "top_is_yes_no", reading.top_yes_no)
+    rows.add(NO_LAYER, "top_token_id", reading.top_id)
+    rows.add(NO_LAYER, "logits_finite", reading.finite)
+    states = torch.stack([pre, mid, post])
+    # NaN/inf numbers, plus the states whose mean square overflows float32: there every RMSNorm of
+    # the model divides by inf, its output is 0 and the logits no longer depend on the input
+    overflow = int((~torch.isfinite(states.pow(2).mean(-1)) & torch.isfinite(states).all(-1)).sum())
+    rows.add(NO_LAYER, "nonfinite_values",
+             int((~torch.isfinite(states)).sum()) + overflow + int((~torch.isfinite(logits)).sum()))
     for token, tid in {**lm.tokens.yes_variants, **lm.tokens.no_variants}.items():
         rows.add(NO_LAYER, f"final_logit:{token}", logits[tid])
     return rows.rows

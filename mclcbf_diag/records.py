@@ -27,15 +27,18 @@ NO_HEAD = -1
 METRICS = {
     # residual stream at the decision token
     "resid_pre_norm": "‖x‖ entering the layer (after any steering step)",
+    "resid_pre_in_norm": "‖x‖ entering the layer, before any steering step",
     "resid_mid_norm": "‖x‖ after attention, before the MLP",
     "resid_post_norm": "‖x‖ leaving the layer",
-    "ln1_scale": "RMS r of resid_pre, the input_layernorm divisor",
+    "ln1_scale": "RMS r of the residual entering the layer BEFORE any steering step (where the step was linearised)",
+    "ln1_scale_post": "RMS r of resid_pre AFTER the step: the input_layernorm divisor the layer used",
     "ln2_scale": "RMS r of resid_mid, the post_attention_layernorm divisor",
     "ln_final_scale": "RMS r of resid_post seen by the final norm (logit lens)",
-    "ln1_out_norm": "‖input_layernorm(resid_pre)‖, what the attention projections see",
+    "ln1_out_norm": "‖input_layernorm(x)‖ of the residual BEFORE any steering step",
+    "ln1_out_norm_post": "‖input_layernorm(resid_pre)‖ AFTER the step: what the attention projections saw",
     # RMSNorm Jacobian gains, for each norm: ln1, ln2, ln_final
-    "{norm}_gain_theta": "‖J θ*‖/‖θ*‖: forward gain along the steering step",
-    "{norm}_gain_theta_backward": "‖Jᵀ θ*‖/‖θ*‖",
+    "{norm}_gain_theta": "‖J v‖/‖v‖ for the vector v added at the decision token (ln1: J at x before the step)",
+    "{norm}_gain_theta_backward": "‖Jᵀ v‖/‖v‖ for the same v",
     "{norm}_gain_orthogonal": "RMS gain over directions orthogonal to x (≈ ‖γ‖_rms / r)",
     "{norm}_gain_radial": "gain along x̂ (≈ 0: RMSNorm removes the radial direction)",
     # attention pattern of the decision query (per head; head −1 = mean over heads)
@@ -47,8 +50,17 @@ METRICS = {
     "final_margin": "logit(Yes) − logit(No) of the model's own final logits",
     "final_logit": "final logit of one Yes/No spelling (metric 'final_logit:<token>')",
     "answer_yes": "1 if the final margin is positive",
+    "p_yes": "softmax probability mass on every Yes spelling at the decision position (full vocabulary)",
+    "p_no": "softmax probability mass on every No spelling at the decision position",
+    "top_is_yes_no": "1 if the top token at the decision position is a Yes/No spelling (a valid answer)",
+    "top_token_id": "id of the top token at the decision position",
+    "logits_finite": "1 if every final logit is finite",
+    "nonfinite_values": "count of NaN/inf numbers in the decision token's residuals (every layer) and final logits, "
+                        "plus residual states whose mean square overflows float32 (RMSNorm divides by inf there)",
+    "label_yes": "1 if the question's label is yes, 0 if no (condition baseline; absent without a label)",
     # whatever an intervention adds through Site.add, measured by the runner (steered layers)
     "rounding_survival": "‖round(x + v) − x‖/‖v‖ in the model dtype, for the added vector v",
+    "added_norm": "‖v‖ of the vector added at the decision token at this layer (before rounding)",
     # propagation (steered vs baseline)
     "propagation": "‖x_k^steered − x_k^base‖ at resid_post of layer k",
     "propagation_rel": "propagation / ‖x_k^base‖",

@@ -10,6 +10,15 @@ residual → moves the margin → acts on the answer's path): a failure early in
 hides everything after it, so detected causes are ranked by it. A rule may read the cause
 another rule found (:meth:`Evidence.cause`), evaluated on demand.
 
+A detected cause is a *claim tested by intervention*: it is reported **decisive** only when its
+own counterfactual (undo just that cause, keep everything else: :attr:`Rule.counterfactual`)
+changes the step, the decision token's image mass, the margin or the outcome by the amounts of
+:func:`decisiveness`, compared with the *unfixed* intervention; otherwise "present, not
+decisive". Causes read off the outcome itself (non-finite values, a derailed output) or
+whose counterfactual is a measurement already in the records (rounding) set ``decisive``
+themselves. Without a tester (records only) the others stay "not tested". Detected causes are
+ranked decisive first, then untested, then not decisive, each group in causal order.
+
 The layer sets every rule shares are computed once per diagnosis by the rules' ``layers``
 function: *steered* (layers the intervention acted on or measured), *active* (where it asked
 to act) and *fired* (where it changed the model). Generic rules live in
@@ -18,6 +27,7 @@ to act) and *fired* (where it changed the model). Generic rules live in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,15 +51,69 @@ class Cause:
     evidence: dict[str, float | int | str]
     threshold: str  # the rule and its threshold, human-readable
     sentence: str  # one plain sentence with the measured numbers
+    decisive: bool | None = None  # None: not tested (no counterfactual run, or not detected)
+    test: str = ""  # what undoing the cause alone did (the counterfactual), in one sentence
+
+    @property
+    def status(self) -> str:
+        if not self.detected:
+            return "absent"
+        if self.decisive is None and self.test.startswith("observed"):
+            return "observed"
+        return {True: "decisive", False: "present, not decisive", None: "present, not tested"}[self.decisive]
 
 
 @dataclass(frozen=True)
 class Rule:
     id: str
     title: str
-    rank: int  # place in the causal order (see the module docstring)
+    rank: float  # place in the causal order (see the module docstring)
     threshold: str
     check: Callable[["Evidence", "Rule"], Cause]
+    # the counterfactual that undoes just this cause: (evidence, cause) → a spec for the tester
+    # ({"knobs": {...}}, {"dose": k} or {"intervention": iv}, plus "why": what it undoes), or None
+    counterfactual: Callable[["Evidence", Cause], dict | None] | None = None
+    # "step": judged on the step, image mass, margin and outcome; "answer": on margin and outcome
+    # (a counterfactual that enlarges the step changes the step by construction)
+    judged_on: str = "step"
+
+
+# ----------------------------------------------------------------------- decisiveness
+DECISIVE_STEP_REL = 0.01  # |Δ Σ‖v‖/‖x‖| at the decision token ≥ 1% of ‖x‖
+DECISIVE_MASS = 0.05  # |Δ image mass| of the decision token (mean over layers) ≥ 0.05
+DECISIVE_MARGIN = 0.1  # |Δm| ≥ 10% of |m_base| (and ≥ 0.01)
+
+DECISIVE_RULE = (f"undoing it alone (everything else kept) changes the step by ≥ {DECISIVE_STEP_REL:.0%} of ‖x‖, "
+                 f"the decision token's image mass by ≥ {DECISIVE_MASS}, the margin by ≥ {DECISIVE_MARGIN:.0%} "
+                 "of |m_base|, or the outcome")
+RANKING = ("Ranking: decisive causes first (" + DECISIVE_RULE + "), then causes present but not tested, then "
+           "present but not decisive; within each group in causal order (an earlier failure hides later ones).")
+
+
+def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step") -> tuple[bool, list[str]]:
+    """Whether a counterfactual run ``cf`` differs from the unfixed run ``ref`` enough to call the cause decisive.
+
+    Both are effects ``{"step": Σ‖v‖/‖x‖, "mass": image mass, "margin": m, "outcome": str}``.
+    Returns ``(decisive, what changed)``; pure.
+    """
+    changed = []
+
+    def num(k):
+        a, b = ref.get(k), cf.get(k)
+        return (a, b) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b) else None
+
+    if judged_on == "step":
+        if (p := num("step")) and abs(p[1] - p[0]) >= DECISIVE_STEP_REL:
+            changed.append(f"step {fmt(p[0])} → {fmt(p[1])} of ‖x‖")
+        if (p := num("mass")) and abs(p[1] - p[0]) >= DECISIVE_MASS:
+            changed.append(f"image mass {fmt(p[0])} → {fmt(p[1])}")
+    if (p := num("margin")) and abs(p[1] - p[0]) >= max(DECISIVE_MARGIN * abs(m_base), 0.01):
+        changed.append(f"margin {p[0]:+.3g} → {p[1]:+.3g}")
+    elif (ref.get("margin") is not None) and (math.isfinite(ref["margin"]) != math.isfinite(cf.get("margin", math.nan))):
+        changed.append("margin finite ↔ non-finite")
+    if ref.get("outcome") != cf.get("outcome"):
+        changed.append(f"outcome {ref.get('outcome')} → {cf.get('outcome')}")
+    return bool(changed), changed
 
 
 def fmt(x: float) -> str:
@@ -76,6 +140,8 @@ class Evidence:
 
     def __init__(self, df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step):
         head = df[df["head"] == NO_HEAD]
+        raw = head[head["metric"].isin(["final_margin"]) & ~np.isfinite(head["value"].to_numpy(dtype=float))]
+        self._raw_nonfinite = {c: True for c in raw["condition"]}
         self._t = {k: {int(layer): float(v) for layer, v in zip(g["layer"], g["value"]) if math.isfinite(v)}
                    for k, g in head.groupby(["condition", "metric"])}
         shift = df[(df["metric"] == "logit_shift") & (df["condition"] == "steered") & (df["layer"] >= 0)]
@@ -84,6 +150,38 @@ class Evidence:
         self._rules = {r.id: r for r in rules}
         self._causes: dict[str, Cause] = {}
         self.steered, self.active, self.fired = layer_sets(self)
+
+    # -- the answer ---------------------------------------------------------------------
+    def label(self) -> str | None:
+        """The question's label from the records (``label_yes``), or None."""
+        v = next((self.scalar("label_yes", c) for c in ("baseline", "steered") if self.scalar("label_yes", c)
+                  is not None), None)
+        return None if v is None else ("yes" if v > 0.5 else "no")
+
+    def answer(self, cond: str) -> str | None:
+        y, m = self.scalar("answer_yes", cond), self.scalar("final_margin", cond)
+        if y is None and m is None:
+            return None
+        return "yes" if (y > 0.5 if y is not None else m > 0) else "no"
+
+    def valid(self, cond: str) -> bool:
+        """A Yes/No answer: finite logits and a Yes/No spelling on top (True when not recorded)."""
+        top, fin = self.scalar("top_is_yes_no", cond), self.scalar("logits_finite", cond)
+        return (top is None or top > 0.5) and (fin is None or fin > 0.5) and self.finite(cond)
+
+    def finite(self, cond: str) -> bool:
+        fin, bad = self._t.get((cond, "logits_finite"), {}).get(NO_LAYER), self.scalar("nonfinite_values", cond)
+        raw = self._raw_nonfinite.get(cond, False)
+        return (fin is None or fin > 0.5) and (bad is None or bad == 0) and not raw
+
+    def outcome(self, cond: str = "steered") -> str | None:
+        """unchanged / fixed / broken / derailed (changed / unchanged without a label)."""
+        from .outcomes import outcome
+
+        base, new = self.answer("baseline"), self.answer(cond)
+        if base is None or new is None:
+            return None if self.finite(cond) else "derailed"
+        return outcome(base, self.valid("baseline"), new, self.valid(cond), self.label(), new_finite=self.finite(cond))
 
     def layers(self, metric: str, cond: str = "steered") -> dict[int, float]:
         return {k: v for k, v in self._t.get((cond, metric), {}).items() if k >= 0}
@@ -105,12 +203,14 @@ class Evidence:
         return self._causes[rule_id]
 
     @staticmethod
-    def make(rule: Rule, detected: bool, strength: float, evidence: dict, sentence: str) -> Cause:
+    def make(rule: Rule, detected: bool, strength: float, evidence: dict, sentence: str,
+             decisive: bool | None = None, test: str = "") -> Cause:
         ev = {k: int(x) if isinstance(x, (bool, np.bool_, int, np.integer)) else x if isinstance(x, str) else float(x)
               for k, x in evidence.items()}
         ev = {k: x for k, x in ev.items() if not isinstance(x, float) or math.isfinite(x)}  # JSON-safe
         s = float(np.clip(strength, 0.0, 1.0)) if detected and math.isfinite(strength) else 0.0
-        return Cause(rule.id, rule.title, bool(detected), s, ev, rule.threshold, sentence)
+        return Cause(rule.id, rule.title, bool(detected), s, ev, rule.threshold, sentence,
+                     decisive if detected else None, test if detected else "")
 
     def skip(self, rule: Rule, why: str) -> Cause:
         return self.make(rule, False, 0.0, {"skipped": why}, f"Not assessed: {why}.")
@@ -129,9 +229,45 @@ def select(records: pd.DataFrame, sample, phase: str, step: int) -> pd.DataFrame
     return df
 
 
-def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step) -> list[Cause]:
-    """Every rule's cause, ranked: detected first, each group in causal order, ties by strength."""
+def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, tester=None,
+              intervention=None) -> list[Cause]:
+    """Every rule's cause, tested by its counterfactual where a ``tester`` is given, and ranked.
+
+    ``tester(spec)`` runs one counterfactual (``spec`` from :attr:`Rule.counterfactual`, or from
+    the intervention's own ``counterfactual(cause)`` hook, which wins) and returns its effect
+    (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. Ranking: detected
+    first; among them decisive, then untested, then not decisive; each group in causal order,
+    ties by strength.
+    """
     ev = Evidence(df, rules, layer_sets)
     causes = [ev.cause(r.id) for r in rules]
-    rank = {r.id: r.rank for r in rules}
-    return sorted(causes, key=lambda c: (not c.detected, rank[c.id], -c.strength))
+    by_id = {r.id: r for r in rules}
+    if tester is not None:
+        causes = [_tested(ev, by_id[c.id], c, tester, intervention) for c in causes]
+    order = {True: 0, None: 1, False: 2}
+    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], by_id[c.id].rank, -c.strength))
+
+
+def _tested(ev: Evidence, rule: Rule, cause: Cause, tester, intervention) -> Cause:
+    if not cause.detected or cause.decisive is not None:
+        return cause
+    hook = getattr(intervention, "counterfactual", None)
+    spec = hook(cause) if hook is not None else None
+    if spec is None and rule.counterfactual is not None:
+        spec = rule.counterfactual(ev, cause)
+    if spec is None:
+        return cause
+    ref, cf = tester(None), tester(spec)
+    if cf is None:
+        return dataclasses.replace(cause, test=f"counterfactual ({spec.get('why', '')}) could not run")
+    mb = ev.scalar("final_margin", "baseline")
+    ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, rule.judged_on)
+    why = spec.get("why", "")
+    test = (f"undoing it alone ({why}) changes " + ", ".join(what) if ok else
+            f"undoing it alone ({why}) changes none of step, image mass, margin or outcome by the stated amount "
+            f"(margin {ref.get('margin', math.nan):+.3g} → {cf.get('margin', math.nan):+.3g}, outcome "
+            f"{cf.get('outcome')})")
+    ev_ = {**cause.evidence, "cf_margin": cf.get("margin", math.nan), "cf_outcome": str(cf.get("outcome")),
+           "cf_step": cf.get("step", math.nan), "cf_mass": cf.get("mass", math.nan)}
+    ev_ = {k: v for k, v in ev_.items() if not isinstance(v, float) or math.isfinite(v)}
+    return dataclasses.replace(cause, decisive=ok, test=test, evidence=ev_)

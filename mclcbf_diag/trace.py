@@ -4,7 +4,11 @@
 and once with an intervention (MC-LCBF by default), through nnsight (:mod:`mclcbf_diag.runner`),
 and returns every probe family as tidy records (:mod:`mclcbf_diag.records`), with the
 steered run's propagation measured against the baseline. :meth:`TraceResult.summary`
-condenses the records into the few numbers a user reads first.
+condenses the records into the few numbers a user reads first, led by the *outcome*
+(:mod:`mclcbf_diag.outcomes`: unchanged, fixed, broken or derailed, from the label; without
+one, changed or unchanged), the Yes/No probability masses and the top token before and after.
+A question's label, when known, is a record too (``label_yes``), so a diagnosis can ask the
+question the label sets.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from .data import LLAVA_PROMPT, PopeQuestion, build_prompt
 from .interventions import Intervention, as_intervention
 from .measure import run_records
 from .models import LoadedModel
+from .outcomes import Reading, outcome_of, read_batch
+from .records import NO_HEAD, NO_LAYER, frame
 from .runner import RunCapture, run, with_embeds
 
 
@@ -31,6 +37,8 @@ class TraceResult:
     baseline: RunCapture
     steered: RunCapture
     question: PopeQuestion | None = None
+    _tokens: object = None  # lm.tokens (Yes/No ids)
+    _decode: object = None  # token id → text
 
     @property
     def config(self):
@@ -56,12 +64,21 @@ class TraceResult:
         # after the step at each layer: the model's own image mass once the step is applied
         h_after = (per_layer.get("barrier_h", empty) + per_layer.get("dh_realised", empty).fillna(0)).dropna()
         theta_rel = per_layer.get("theta_rel", empty).dropna()
+        base, new = self.reading("baseline"), self.reading("steered")
+        label = self.question.label if self.question is not None else None
         out = {
             "sample": self.sample,
-            "answer_before": "yes" if self.value("answer_yes", "baseline") > 0 else "no",
-            "answer_after": "yes" if self.value("answer_yes") > 0 else "no",
-            "margin_before": self.value("final_margin", "baseline"),
-            "margin_after": self.value("final_margin"),
+            "answer_before": base.answer,
+            "answer_after": new.answer,
+            "outcome": outcome_of(base, new, label),
+            "margin_before": base.margin,
+            "margin_after": new.margin,
+            "p_yes_before": base.p_yes, "p_no_before": base.p_no,
+            "p_yes_after": new.p_yes, "p_no_after": new.p_no,
+            "top_before": self.top_token("baseline"), "top_after": self.top_token("steered"),
+            "valid_before": base.valid, "valid_after": new.valid,
+            "nonfinite_values": int(self.value("nonfinite_values")) if self.value("nonfinite_values") == self.value(
+                "nonfinite_values") else 0,
             "layers_steered": [int(i) for i in h_before.index],
             "layers_fired": [int(i) for i in fired[fired > 0].index],
             "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
@@ -72,8 +89,22 @@ class TraceResult:
             out["index"] = self.question.index
             out["label"] = self.question.label
             out["question"] = self.question.text
-        out["flipped"] = out["answer_before"] != out["answer_after"]
+        out["answer_changed"] = out["answer_before"] != out["answer_after"]
         return out
+
+    def reading(self, condition: str = "steered") -> Reading:
+        """The Yes/No reading of the run's prefill step (see :mod:`mclcbf_diag.outcomes`)."""
+        cap = self.baseline if condition == "baseline" else self.steered
+        return read_batch(cap.steps[0].final_logits[None], self._tokens)[0]
+
+    def top_token(self, condition: str = "steered") -> str:
+        """The top token at the decision position (decoded), e.g. "Yes" or "."."""
+        cap = self.baseline if condition == "baseline" else self.steered
+        logits = cap.steps[0].final_logits
+        if not bool(torch.isfinite(logits).all()):
+            return "(non-finite)"
+        tid = int(logits.argmax())
+        return self._decode(tid) if self._decode is not None else str(tid)
 
 
 def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LLAVA_PROMPT):
@@ -101,9 +132,17 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     steered = run(lm, with_embeds(inputs, baseline), iv, max_new_tokens=max_new_tokens, dose=multiplier)
     base_records = run_records(lm, baseline, sample=sample, condition="baseline")
     steer_records = run_records(lm, steered, sample=sample, condition="steered", base=baseline)
-    records = pd.concat([base_records, steer_records], ignore_index=True)
+    parts = [base_records, steer_records]
+    label = question.label if isinstance(question, PopeQuestion) else None
+    if label in ("yes", "no"):
+        parts.append(frame({"sample": [sample], "condition": ["baseline"], "phase": ["prefill"], "step": [0],
+                            "layer": [NO_LAYER], "head": [NO_HEAD], "metric": ["label_yes"],
+                            "value": [float(label == "yes")]}))
+    records = pd.concat(parts, ignore_index=True)
+    tok = lm.processor.tokenizer
     return TraceResult(records, iv, sample, prompt, baseline, steered,
-                       question if isinstance(question, PopeQuestion) else None)
+                       question if isinstance(question, PopeQuestion) else None, lm.tokens,
+                       lambda i: tok.decode([i]))
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Planted single causes are ranked first; dose-response, fixes and chain behave as stated.
 
 Each planted configuration starts from a healthy one (detected span, float32 gradient, no
-clamp, τ high enough that the barrier fires: it flips this sample) and breaks exactly one
-thing.
+clamp, τ high enough that the barrier fires: it fixes this wrong answer) and breaks exactly
+one thing, from its physics; the planted cause must rank first and be decisive (its own
+counterfactual changes the step, the image mass, the margin or the outcome). Controls show
+the same feature present but not decisive.
 """
 
 import dataclasses
@@ -13,15 +15,18 @@ import pytest
 from mclcbf_diag import barrier as B
 from mclcbf_diag.diagnose import diagnose
 from mclcbf_diag.data import load_image, load_pope, resolve_image
-from mclcbf_diag.explain import cause_chain, counterfactuals, dose_response, explain_sample, knockouts
+from mclcbf_diag.explain import (cause_chain, cause_tester, counterfactuals, dose_response, explain_sample,
+                                 knockouts, reading)
+from mclcbf_diag.interventions import MCLCBF, as_intervention
 from mclcbf_diag.models import load_model
+from mclcbf_diag.runner import with_embeds
 from mclcbf_diag.trace import sample_inputs, trace_sample
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
 HALLUCINATION = 25  # adversarial: "Is there a truck …?" label no, the model says yes
 
 HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_dtype="float32",
-                              clamp="none", tau_prefill=0.99)
+                              clamp="none", tau_prefill=0.99, guard=1e-9)  # Σg² ≥ 7e-8 here: the gradient sets the scale
 
 
 @pytest.fixture(scope="module")
@@ -41,29 +46,88 @@ def _detected(lm, sample, config):
     return [c.id for c in diagnose(result.records) if c.detected], result
 
 
-def test_healthy_configuration_flips_and_detects_nothing_upstream(embedded_model, sample):
+def _tested(lm, sample, config):
+    """Trace, then diagnose with every detected cause's counterfactual run (compared with the unfixed run)."""
+    q, image = sample
+    iv = as_intervention(config)
+    result = trace_sample(lm, q, image, iv)
+    _, inputs = sample_inputs(lm, q.text, image)
+    inputs = with_embeds(inputs, result.baseline)
+    tester = cause_tester(lm, inputs, iv, reading(lm, result.baseline), q.label)
+    causes = [c for c in diagnose(result.records, intervention=iv, tester=tester) if c.detected]
+    return causes, result
+
+
+def test_healthy_configuration_crosses_the_margin_but_derails(embedded_model, sample):
+    # Yes − No changes sign, but the top token is an object word: a derailment, not a fix
     ids, result = _detected(embedded_model, sample, HEALTHY)
-    assert result.summary()["flipped"]
-    assert ids == []
+    s = result.summary()
+    assert s["margin_before"] > 0 > s["margin_after"] and s["outcome"] == "derailed"
+    assert s["top_after"] not in ("Yes", "No") and not s["valid_after"]
+    assert ids[0] == "output_derailed"
+    assert not {"span_mismatch", "barrier_inactive", "clamp_limited", "margin_unmoved"} & set(ids)
 
 
-@pytest.mark.parametrize("planted, change", [
-    ("span_mismatch", {"span": "fixed"}),
-    ("clamp_limited", {"clamp": "scale"}),
-    ("barrier_inactive", {"tau_prefill": 0.0}),
-])
-def test_planted_cause_ranks_first(embedded_model, sample, planted, change):
-    ids, result = _detected(embedded_model, sample, dataclasses.replace(HEALTHY, **change))
-    assert ids and ids[0] == planted
-    assert not result.summary()["flipped"]
+class UndoDownstream(MCLCBF):
+    """MC-LCBF at layer 1, and a hook at layer 3 that puts the decision token back where the baseline had it."""
+
+    def layers(self, n_layers):
+        return (1, 3)
+
+    def residual(self, site):
+        if site.layer != 3:
+            return super().residual(site)
+        for row in site.rows:
+            x = site.tensor[row.index, site.query_index(row, [row.decision])]
+            if not site.steer:
+                self.saved = x.detach().clone()
+            else:
+                site.add(row, [row.decision], self.saved - x)
+
+    def counterfactual(self, cause):
+        if cause.id == "damped_downstream":  # undo just the hook
+            return {"intervention": MCLCBF(self.knobs), "why": "without the hook at layer 3"}
+        return None
 
 
-def test_rounding_absorption_planted_through_the_dtype(bf16_model, sample):
-    # In bfloat16 a step of ~1e-5 of ‖x‖ per component is below half an ulp: rounded away.
-    ids, result = _detected(bf16_model, sample, dataclasses.replace(HEALTHY, alpha_prefill=1e-5))
-    assert ids[0] == "rounding_absorbed"
-    survival = result.records.query("condition == 'steered' and metric == 'rounding_survival'").value
-    assert survival.median() < 0.5
+PLANTED = {  # cause → the physics that plants it, from the healthy configuration
+    "span_mismatch": {"span": "fixed"},  # the seed's literal span, shifted against the image
+    "barrier_inactive": {"tau_prefill": 0.0002},  # τ just below h at every steered layer
+    "clamp_limited": {"clamp": "scale"},  # the seed's 0.5 cap on the scale
+    "guard_dominates": {"guard": 0.1},  # Σg² ≈ 1e-3 … 1e-8 ≪ guard: (τ − h)/guard sets the scale
+    "step_negligible": {"alpha_prefill": 1e-4},  # a tiny α
+    "linearisation_failed": {"alpha_prefill": 300.0, "layers": (1,)},  # a huge α: far outside the first order
+    "decode_only": {"tau_prefill": 0.0, "tau_decode": 0.99},  # only generated tokens are steered
+}
+
+
+@pytest.mark.parametrize("planted", sorted(PLANTED))
+def test_planted_cause_ranks_first_and_is_decisive(embedded_model, sample, planted):
+    causes, result = _tested(embedded_model, sample, dataclasses.replace(HEALTHY, **PLANTED[planted]))
+    assert causes and causes[0].id == planted, [(c.id, c.status) for c in causes]
+    assert causes[0].decisive, causes[0].test
+    assert causes[0].test.startswith("undoing it alone")
+
+
+def test_a_hook_that_removes_the_deviation_downstream_is_damping(embedded_model, sample):
+    iv = UndoDownstream(dataclasses.replace(HEALTHY, layers=(1,)))
+    causes, result = _tested(embedded_model, sample, iv)
+    assert causes[0].id == "damped_downstream" and causes[0].decisive, [(c.id, c.status) for c in causes]
+    assert result.summary()["outcome"] == "unchanged"
+    assert causes[0].evidence["carried_per_unit"] < 1e-3
+
+
+def test_controls_present_but_not_decisive(embedded_model, sample):
+    # the seed's clamp binds, so neither the guard (Σg² ≪ 1e-6 at layer 3) nor anything upstream of the clamp
+    # decides the step: the guard is present, not decisive
+    causes, _ = _tested(embedded_model, sample, dataclasses.replace(HEALTHY, clamp="scale", guard=1e-6))
+    by = {c.id: c for c in causes}
+    assert by["guard_dominates"].decisive is False and by["clamp_limited"].decisive
+    # the seed on this question: h ≈ 1 under the fixed span and τ = 0.2 under the detected one at layer 1 …
+    causes, result = _tested(embedded_model, sample, B.get_preset("seed-exp6"))
+    by = {c.id: c for c in causes}
+    assert by["span_mismatch"].status == "present, not decisive"
+    assert result.summary()["outcome"] == "unchanged"
 
 
 def test_knockouts_edit_only_what_they_say(embedded_model, sample):
@@ -78,51 +142,84 @@ def test_knockouts_edit_only_what_they_say(embedded_model, sample):
                                   "double:after_image"}
 
 
-def test_dose_response_brackets_the_first_flip(embedded_model, sample):
+@pytest.fixture(scope="module")
+def fixable():
+    q = load_pope(POPE / "zoo_pope_adversarial.json")[75]  # label no, answered yes
+    return q, load_image(resolve_image(q, POPE / "images"))
+
+
+LOGITS_06 = B.apply_overrides(B.get_preset("fixed"), ["tau=0.6"])
+
+
+def test_dose_response_finds_the_smallest_fixing_multiplier(embedded_model, fixable):
+    q, image = fixable
+    _, inputs = sample_inputs(embedded_model, q.text, image)
+    base = trace_sample(embedded_model, q, image, LOGITS_06).summary()["margin_before"]
+    dose = dose_response(embedded_model, inputs, LOGITS_06, base, label=q.label, k_max=64, bisect_steps=5)
+    assert dose.kind == "wrong" and dose.goal == ("fixed",)
+    assert dose.k_star is not None
+    curve = dose.curve.set_index("k")
+    assert curve.loc[dose.k_star, "outcome"] == "fixed" and curve.loc[dose.k_star, "valid"]
+    assert (curve[curve.index < dose.k_star].outcome != "fixed").all()  # nothing smaller on the grid fixed it
+    assert "fixed" in dose.sentence()
+
+
+def test_dose_response_does_not_count_a_derailment_as_a_fix(embedded_model, sample):
     q, image = sample
     _, inputs = sample_inputs(embedded_model, q.text, image)
-    config = dataclasses.replace(HEALTHY, clamp="scale")  # θ* tiny: needs a multiplier
+    config = dataclasses.replace(HEALTHY, clamp="scale")  # θ* tiny: a multiplier first derails the output
     base = trace_sample(embedded_model, q, image, config).summary()["margin_before"]
-    dose = dose_response(embedded_model, inputs, config, base, k_max=4096, bisect_steps=6)
-    assert dose.k_star is not None and dose.k_star > 1
-    curve = dose.curve.set_index("k")
-    assert (curve.loc[dose.k_star, "margin"] > 0) != (base > 0)
-    below = curve[curve.index < dose.k_star]
-    assert ((below.margin > 0) == (base > 0)).all()  # nothing smaller on the grid flipped
-    assert dose.at_k_star["theta_rel_max"] > 0
+    dose = dose_response(embedded_model, inputs, config, base, label=q.label, k_max=1024, bisect_steps=2)
+    assert dose.k_star is None and dose.k_derail is not None
+    assert (dose.curve.outcome != "fixed").all() and "derails" in dose.sentence()
 
 
-def test_counterfactuals_and_chain(embedded_model, sample):
+def test_counterfactuals_against_baseline_and_unfixed_run(embedded_model, sample):
     q, image = sample
     seed = dataclasses.replace(B.get_preset("seed-exp6"), tau_prefill=0.99)
     _, inputs = sample_inputs(embedded_model, q.text, image)
     first = trace_sample(embedded_model, q, image, seed)
-    fixes = counterfactuals(embedded_model, inputs, seed, first.summary()["margin_before"])
-    assert list(fixes.fix) == ["grad_dtype", "clamp", "span", "site", "tokens", "all"]
+    fixes = counterfactuals(embedded_model, inputs, seed, first.summary()["margin_before"], label=q.label)
+    assert list(fixes.fix) == ["grad_dtype", "guard", "clamp", "span", "site", "tokens", "all"]
+    by = fixes.set_index("fix")
+    assert by.loc["grad_dtype", "applicable"].startswith("not applicable")  # fp32 model
+    assert "grad_dtype" not in by.loc["all", "change"]
+    assert all(str(v).startswith("Δm") or v == "same run" for v in fixes.vs_unfixed)
+    assert (fixes.counts == ((fixes.outcome == "fixed") & fixes.valid)).all()
     chain = cause_chain(embedded_model, q, image, seed, first)
     assert chain.top_cause.iloc[0] == "span_mismatch"  # the seed's span hides everything else
     assert chain.next_fix.iloc[0] == "span"
     assert len(chain) >= 2
 
 
-def test_explain_sample_end_to_end(embedded_model, sample):
-    q, image = sample
-    ex = explain_sample(embedded_model, q, image, B.get_preset("seed-exp6"), k_max=8, bisect_steps=2)
-    assert ex.causes[0].id == "span_mismatch" and ex.causes[0].detected
-    assert {"baseline", "steered", "knockout:decision"} <= set(ex.records.condition)
+def test_right_answers_are_never_given_a_fix_that_breaks_them(embedded_model):
+    q = load_pope(POPE / "zoo_pope_adversarial.json")[100]  # label yes, answered yes
+    image = load_image(resolve_image(q, POPE / "images"))
+    config = B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99", "clamp=none"])
+    _, inputs = sample_inputs(embedded_model, q.text, image)
+    first = trace_sample(embedded_model, q, image, config)
+    assert first.summary()["outcome"] == "derailed"  # an object word on top, not a flip
+    assert first.summary()["top_after"] not in ("Yes", "No")
+    fixes = counterfactuals(embedded_model, inputs, config, first.summary()["margin_before"], label=q.label)
+    assert not fixes.counts.any()
+    chain = cause_chain(embedded_model, q, image, config, first)
+    assert len(chain) == 1 and "nothing to fix" in chain.top_cause.iloc[0]
+    dose = dose_response(embedded_model, inputs, config, first.summary()["margin_before"], label=q.label,
+                         k_max=4, bisect_steps=3)
+    assert dose.kind == "right" and dose.goal == ("broken", "derailed") and dose.k_star is not None
 
 
-def test_per_layer_doses_steer_one_layer_at_a_time(embedded_model, sample):
+def test_per_layer_doses_steer_one_layer_at_a_time(embedded_model, fixable):
     from mclcbf_diag.explain import per_layer_doses
 
-    q, image = sample
+    q, image = fixable
     _, inputs = sample_inputs(embedded_model, q.text, image)
-    base = trace_sample(embedded_model, q, image, HEALTHY).summary()["margin_before"]
-    table = per_layer_doses(embedded_model, inputs, HEALTHY, base, k_max=64, bisect_steps=3)
-    assert list(table.layer) == list(B.steered_layers(HEALTHY, embedded_model.n_layers))
+    base = trace_sample(embedded_model, q, image, LOGITS_06).summary()["margin_before"]
+    table = per_layer_doses(embedded_model, inputs, LOGITS_06, base, label=q.label, k_max=64, bisect_steps=3)
+    assert list(table.layer) == list(B.steered_layers(LOGITS_06, embedded_model.n_layers))
     found = table.dropna(subset=["k_star"])
     assert len(found) >= 1
-    assert ((found.margin > 0) != (base > 0)).all()
+    assert (found.outcome == "fixed").all()
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +233,64 @@ def fp16_model():
     return lm
 
 
-def test_gradient_underflow_planted_through_fp16(fp16_model, sample):
+def test_gradient_underflow_in_fp16_is_present_but_not_decisive(fp16_model, sample):
     # In float16, Σg² of a gradient with ‖g‖ ≈ 3e-4 is ≈ 7e-8, below fp16's smallest subnormal
-    # (6e-8 rounds to 0): scale = (τ − h)/(0 + 1e-6) overflows and the seed's clamp takes over.
+    # (6e-8 rounds to 0): scale = (τ − h)/(0 + 1e-6). In float32 Σg² ≈ 1e-7 … 1e-3, and the seed's
+    # clamp binds either way: the underflow cannot change the step; the clamp does.
     config = dataclasses.replace(HEALTHY, grad_dtype="model", clamp="scale")
-    ids, result = _detected(fp16_model, sample, config)
-    assert ids[0] == "gradient_underflow"
+    causes, result = _tested(fp16_model, sample, config)
+    by = {c.id: c for c in causes}
     r = result.records.query("condition == 'steered' and head == -1")
     sq = r[r.metric == "grad_norm_sq_dtype"].set_index("layer").value
     g32 = r[r.metric == "grad_norm_f32"].set_index("layer").value
     assert ((sq == 0) & (g32 > 0)).any()  # underflowed in fp16 although float32 sees a gradient
+    assert by["gradient_underflow"].decisive is False, by["gradient_underflow"].test
+    assert causes[0].id == "clamp_limited" and causes[0].decisive
+
+
+def test_rounding_absorption_planted_through_the_dtype_is_decisive(bf16_model, sample):
+    causes, _ = _tested(bf16_model, sample, dataclasses.replace(HEALTHY, alpha_prefill=1e-5, guard=1e-6))
+    assert causes[0].id == "rounding_absorbed" and causes[0].decisive, [(c.id, c.status, c.evidence) for c in causes]
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"tau_prefill": 0.0, "tau_decode": 0.0}, "inactive"),
+    ({"tau_prefill": 1.0, "tau_decode": 1.0}, "fires"),
+    ({"alpha_prefill": 0.0}, "zero step"),
+    ({"site": "attn_logits", "tau_prefill": 1.0}, "fires"),
+    ({"site": "attn_logits", "tau_prefill": 0.0}, "inactive"),
+])
+def test_edge_values_have_defined_behaviour(embedded_model, sample, change, expect):
+    q, image = sample
+    result = trace_sample(embedded_model, q, image, dataclasses.replace(HEALTHY, **change))
+    s = result.summary()
+    if expect == "inactive":
+        assert s["layers_fired"] == [] and s["outcome"] == "unchanged"
+    elif expect == "zero step":
+        assert s["margin_after"] == s["margin_before"]
+    else:
+        assert s["layers_fired"]
+    assert diagnose(result.records)  # never raises
+
+
+def test_overflow_is_the_non_finite_cause_not_a_flip(embedded_model, sample):
+    q, image = sample
+    result = trace_sample(embedded_model, q, image, dataclasses.replace(HEALTHY, alpha_prefill=1e30))
+    s = result.summary()
+    assert s["outcome"] == "derailed"
+    causes = [c for c in diagnose(result.records) if c.detected]
+    assert causes[0].id == "non_finite" and causes[0].decisive
+
+
+def test_explain_sample_end_to_end(embedded_model, sample):
+    q, image = sample
+    ex = explain_sample(embedded_model, q, image, B.get_preset("seed-exp6"), k_max=8, bisect_steps=2)
+    found = {c.id: c for c in ex.causes if c.detected}
+    assert {"span_mismatch", "margin_unmoved"} <= set(found)
+    assert found["span_mismatch"].status == "present, not decisive"
+    assert {"baseline", "steered", "knockout:decision", "sweep:decision"} <= set(ex.records.condition)
+    off = next(c for c in ex.causes if c.id == "decision_token_off_path")
+    assert not off.detected  # a decision-token image mass of 0.3 in layer 1 fixes this wrong answer
+    assert "smallest target mass 0.3" in ex.sweep_text
+    assert ex.fixes.set_index("fix").loc["grad_dtype", "applicable"].startswith("not applicable")
+    assert not ex.fixes.counts.any() and ex.dose.kind == "wrong"

@@ -70,6 +70,19 @@ def test_run_writes_every_output(ref):
     assert len(recs) == TOTAL
     assert {r["split"] for r in recs} == {"random", "popular", "adversarial"}
     assert any(r["flipped"] for r in recs), "the steering config should flip some answers"
+    for r in recs:
+        assert r["outcome"] in ("unchanged", "fixed", "broken", "derailed")
+        assert 0 <= r["baseline_p_yes"] + r["baseline_p_no"] <= 1 + 1e-9 and r["baseline_valid"]
+        lab, b, st = r["label"], r["baseline_answer"], r["steered_answer"]
+        if r["steered_valid"]:
+            want = "unchanged" if b == st else "fixed" if st == lab else "broken"
+            assert r["outcome"] == want
+        else:
+            assert r["outcome"] == "derailed"
+    flips = pd.read_csv(ref / "flips.csv")
+    assert {"unchanged", "fixed", "broken", "derailed"} <= set(flips.columns)
+    assert (flips[["unchanged", "fixed", "broken", "derailed"]].sum(axis=1) == flips.n).all()
+    assert "fixed (wrong → right)" in (ref / "summary.html").read_text()
     page = (ref / "summary.html").read_text()
     assert "<script" in page and "<script src=" not in page  # plotly.js is inline
     run = json.loads((ref / "run.json").read_text())
@@ -248,3 +261,22 @@ def test_pope_file_with_split_placeholder(tmp_path):
 def test_device_map_without_accelerate_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="accelerate"):
         pope(tmp_path, "--limit", "1", "--device-map", "auto")
+
+
+@pytest.mark.parametrize("extra, derailed", [
+    (["--set", "span=detected", "--set", "tau=0.99", "--set", "clamp=none"], "some"),
+    (["--set", "alpha=1e30", "--set", "span=detected", "--set", "clamp=none"], "all"),
+])
+def test_derailed_outputs_are_not_flips(tmp_path, extra, derailed):
+    argv = ["pope", "--split", "adversarial", "--limit", "12", "--batch-size", "6", "--preset", "seed-exp6", *extra,
+            "--out", str(tmp_path)]
+    assert pope_cli.cmd_pope(build_parser().parse_args(argv)) == 0
+    recs = records(tmp_path)
+    n = sum(r["outcome"] == "derailed" for r in recs)
+    assert n == len(recs) if derailed == "all" else 0 < n
+    assert all(not r["steered_valid"] for r in recs if r["outcome"] == "derailed")
+    metrics = pd.read_csv(tmp_path / "metrics.csv").set_index("condition")
+    assert metrics.loc["steered", "not_yes_no"] == n
+    assert metrics.loc["steered", "accuracy_valid"] <= metrics.loc["steered", "accuracy"]
+    flips = pd.read_csv(tmp_path / "flips.csv")
+    assert int(flips.derailed.iloc[0]) == n

@@ -17,6 +17,8 @@ CASES = {
     "mclcbf ln1_out": B.MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "site=ln1_out"])),
     "mclcbf attn_logits": B.MCLCBF(B.apply_overrides(B.get_preset("fixed"), ["tau=0.6"])),
     "knockout": AttentionKnockout(KnockoutKnobs(0.0, tokens="after_image")),
+    "mclcbf overflow": B.MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99",
+                                                                             "clamp=none", "alpha=1e30"])),
 }
 
 
@@ -38,3 +40,17 @@ def test_glossary_patterns():
 def test_frame_has_the_canonical_columns():
     f = frame({k: [1] for k in COLUMNS})
     assert list(f.columns) == COLUMNS and str(f["layer"].dtype) == "int64"
+
+
+def test_pre_and_post_step_ln1_records_say_what_they_measure(embedded_model):
+    q = load_pope(POPE / "zoo_pope_adversarial.json")[25]
+    iv = CASES["mclcbf resid_pre firing"]
+    r = trace_sample(embedded_model, q, load_image(resolve_image(q, POPE / "images")), iv).records
+    r = r[(r.condition == "steered") & (r["head"] == -1) & (r.phase == "prefill")].pivot_table(
+        index="layer", columns="metric", values="value")
+    fired = r[r.barrier_active > 0].index
+    # before the step: the norm of x entering the layer; after it: of the x the layer used
+    for layer in fired:
+        assert r.loc[layer, "ln1_scale"] * 128 ** 0.5 == pytest.approx(r.loc[layer, "resid_pre_in_norm"], rel=1e-4)
+        assert r.loc[layer, "ln1_scale_post"] * 128 ** 0.5 == pytest.approx(r.loc[layer, "resid_pre_norm"], rel=1e-4)
+    assert "BEFORE" in glossary()["ln1_scale"] and "AFTER" in glossary()["ln1_scale_post"]

@@ -270,19 +270,6 @@ def summary_table(summary: dict):
     return pd.DataFrame({"quantity": list(summary), "value": [str(v) for v in summary.values()]})
 
 
-def print_summary(s: dict) -> None:
-    where = f"sample {s['index']} (question_id {s['sample']})" if "index" in s else f"sample {s['sample']}"
-    print(f"{where}: {s.get('question', '')} (label: {s.get('label', '?')})")
-    print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}"
-          f"   {'FLIPPED' if s['flipped'] else 'unchanged'}")
-    print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}"
-          f"   (logit Yes − No)")
-    print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
-          f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
-    rel = s["max_theta_rel"]
-    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
-    if s.get("text_before") is not None:
-        print(f"  text     baseline {s['text_before']!r}   steered {s['text_after']!r}")
 
 
 def show(path) -> str:

@@ -7,13 +7,13 @@ from .common import (
     intervention_options,
     model_options,
     out_dir,
-    print_summary,
     sample_job,
     sample_options,
     show,
     summary_table,
     write_frame,
 )
+from .trace import print_outcome_summary
 
 
 def cmd_explain(args) -> int:
@@ -31,26 +31,42 @@ def cmd_explain(args) -> int:
                         template=args.prompt)
     summary = ex.trace.summary()
     text = verdict(ex.causes)
-    print_summary(summary)
+    print_outcome_summary(summary)
     print()
     print(text)
     print()
+    if ex.sweep_text:
+        print(ex.sweep_text)
     print(ex.dose.sentence())
-    flips = ex.fixes[ex.fixes.flipped]
-    print("fixes that flip the answer: " + (", ".join(flips.fix) if len(flips) else "none"))
+    fx = ex.fixes
+    kind = ex.dose.kind
+    if kind == "right":
+        hurt = fx[fx.outcome.isin(["broken", "derailed"]) & (fx.applicable == "yes")] if len(fx) else fx
+        print("fixes: the answer is right, so nothing counts as a fix; "
+              + (f"these would break or derail it: {', '.join(f'{r.fix} ({r.outcome})' for r in hurt.itertuples())}"
+                 if len(hurt) else "none of them breaks or derails it"))
+    else:
+        good = fx[fx["counts"] == True] if len(fx) else fx  # noqa: E712
+        na = fx[fx.applicable.astype(str).str.startswith("not applicable")] if len(fx) else fx
+        print("fixes that fix the answer (valid Yes/No output): " + (", ".join(good.fix) if len(good) else "none")
+              + (f"; not applicable: {', '.join(na.fix)}" if len(na) else ""))
     print("cause chain: " + " → ".join(
-        "answer flipped" if r.flipped else r.top_cause + (f" [fix {r.next_fix}]" if r.next_fix != "(none left)" else "")
+        (f"{r.outcome}" if r.outcome in ("fixed", "changed") and r.link > 0 else r.top_cause
+         + (f" [fix {r.next_fix}]" if r.next_fix not in ("(none left)", "(none)") else ""))
         for r in ex.chain.itertuples()))
     stem = f"explain-{safe_name(question.question_id)}"
     sections = [
         Section("Summary", table=summary_table(summary)),
         Section("Verdict", text=text, table=causes_frame(ex.causes)),
+        *([Section("Graded image-mass sweep", text=ex.sweep_text, table=ex.sweep)] if ex.sweep is not None else []),
         Section("Dose-response", text=ex.dose.sentence(), figures=[dose_response_figure(ex.dose.curve)],
                 table=ex.dose.curve),
         *([Section("Dose-response per layer", text="Each steered layer alone: the smallest multiplier "
-                   "on its θ* that flips the answer (empty: none up to --k-max).", table=ex.layer_doses)]
+                   "on its step that reaches the goal the label sets (empty: none up to --k-max).", table=ex.layer_doses)]
           if ex.layer_doses is not None else []),
-        Section("Counterfactual fixes", table=ex.fixes),
+        Section("Counterfactual fixes", text="Each fix alone and all together: outcome against the baseline, and "
+                "against the intervention as configured (vs_unfixed); only a wrong answer fixed with a valid Yes/No "
+                "output counts.", table=ex.fixes),
         Section("Cause chain", table=ex.chain),
         Section("Attention knockouts (prefill)", table=_knockout_table(ex)),
     ]
@@ -66,7 +82,8 @@ def cmd_explain(args) -> int:
 
 def _knockout_table(ex):
     r = ex.records
-    r = r[(r.layer == -1) & (r.metric.isin(["final_margin", "answer_yes"])) & (r.phase == "prefill")]
+    r = r[(r.layer == -1) & (r.metric.isin(["final_margin", "answer_yes", "p_yes", "p_no", "top_is_yes_no"]))
+          & (r.phase == "prefill")]
     return r.pivot_table(index="condition", columns="metric", values="value").reset_index()
 
 

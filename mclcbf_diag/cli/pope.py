@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import knobs as K
 from ..errors import UserError
+from ..pope import distributed
 from ..pope.answer import MAX_BATCH_SIZE, pending, run_jobs
 from ..pope.jobs import (
     SPLITS,
@@ -99,6 +100,42 @@ def _check_numbers(args) -> None:
 
 
 def cmd_pope(args, on_batch=None) -> int:
+    group = distributed.from_env()
+    if group is not None:
+        return _pope_across_ranks(args, group, on_batch)
+    return _pope(args, on_batch)
+
+
+def _pope_across_ranks(args, group: distributed.Group, on_batch=None) -> int:
+    """One rank of a torchrun/accelerate launch: answer shard RANK/WORLD, then rank 0 merges (see pope.distributed)."""
+    import argparse as _argparse
+
+    if args.shard is not None:
+        raise UserError(f"--shard {args.shard} with a torchrun/accelerate launch (WORLD_SIZE={group.world}): each rank "
+                        "already takes its shard; drop --shard, or run without the launcher")
+    out = Path(args.out or "reports/pope")
+    part = _argparse.Namespace(**{**vars(args), "shard": f"{group.rank}/{group.world}", "out": str(group.part(out))})
+    if str(args.device).startswith("cuda"):
+        part.device = f"cuda:{group.local_rank}"
+    distributed.init(group)
+    try:
+        error = None
+        try:
+            rc = _pope(part, on_batch)
+        except UserError as exc:
+            error, rc = exc, 2
+        if not distributed.all_ok(error is None):
+            raise error or UserError(f"another rank of this launch failed (see its message); rank {group.rank} "
+                                     f"kept its part in {show(group.part(out))}: rerun the same command to resume")
+        if group.rank == 0:
+            rc = cmd_merge(_argparse.Namespace(out=str(out), shard_dirs=[str(p) for p in group.parts(out)]))
+        distributed.barrier()
+        return rc
+    finally:
+        distributed.close()
+
+
+def _pope(args, on_batch=None) -> int:
     from ..data import build_prompt
 
     # 1. Everything that needs no model: numbers, shard, knobs vs. the depth, files, images, --out.

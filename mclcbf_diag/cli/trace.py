@@ -11,7 +11,6 @@ from .common import (
     max_new_tokens_limit,
     model_options,
     out_dir,
-    print_summary,
     sample_job,
     sample_options,
     show,
@@ -39,6 +38,11 @@ def cmd_trace(args) -> int:
     summary = result.summary()
     summary["text_before"] = decoded(lm, result.baseline)
     summary["text_after"] = decoded(lm, result.steered)
+    if summary["text_before"] is not None:
+        from ..data import parse_answer
+
+        summary["text_answer_before"] = parse_answer(summary["text_before"])
+        summary["text_answer_after"] = parse_answer(summary["text_after"])
     meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "intervention": args.intervention, "preset": args.preset,
             "overrides": args.overrides, "config": K.to_dict(config.knobs), "prompt": result.prompt,
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
@@ -55,9 +59,33 @@ def cmd_trace(args) -> int:
     write_frame(result.records, out / "records.csv", "csv")
     atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
     write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
-    print_summary(summary)
+    print_outcome_summary(summary)
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, trace.html")
     return 0
+
+
+def print_outcome_summary(s: dict) -> None:
+    """The summary a user reads first: the outcome (not a sign flip), Yes/No masses and top tokens."""
+    where = f"sample {s['index']} (question_id {s['sample']})" if "index" in s else f"sample {s['sample']}"
+    label = s.get("label")
+    print(f"{where}: {s.get('question', '')} (label: {label if label else 'none'})")
+    out = s["outcome"]
+    note = {"derailed": "no longer a Yes/No answer" + (" (non-finite values)" if s.get("nonfinite_values") else ""),
+            "fixed": "wrong → right", "broken": "right → wrong", "changed": "no label: the answer changed",
+            "unchanged": "same answer"}.get(out, "")
+    print(f"  outcome  {out.upper()} ({note})")
+    print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}   (sign of logit Yes − No)")
+    print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}")
+    print(f"  P(Yes)+P(No) baseline {s['p_yes_before'] + s['p_no_before']:.3f}   steered "
+          f"{s['p_yes_after'] + s['p_no_after']:.3f}   top token baseline {s['top_before']!r}   steered "
+          f"{s['top_after']!r}")
+    print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
+          f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
+    rel = s["max_theta_rel"]
+    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
+    if s.get("text_before") is not None:
+        print(f"  text     baseline {s['text_before']!r} (parsed: {s.get('text_answer_before')})   steered "
+              f"{s['text_after']!r} (parsed: {s.get('text_answer_after')})")
 
 
 def add_parser(sub) -> None:

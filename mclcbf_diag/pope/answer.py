@@ -55,9 +55,17 @@ _image = _ImageCache()
 
 
 def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None) -> list[dict]:
-    """One batch of questions → one record per question (baseline and steered)."""
+    """One batch of questions → one record per question (baseline and steered).
+
+    ``outcome`` is the question's class (:mod:`mclcbf_diag.outcomes`): unchanged, fixed, broken or
+    derailed (no longer a Yes/No answer at the decision position, or non-finite). ``flipped``
+    stays the bare sign change of logit Yes − No (the answers format requires it); with
+    ``generate`` the official text parser's answers and their outcome (``text_outcome``) are
+    beside them.
+    """
     from ..batch import answer_batch, answer_pair, batch_inputs
     from ..data import build_prompt, parse_answer, resolve_image
+    from ..outcomes import outcome
 
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
     images = [_image(resolve_image(j.question, j.image_dir)) for j in jobs]
@@ -75,12 +83,16 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                "text": q.text, "label": q.label,
                "baseline_answer": b["answer"], "baseline_margin": b["margin"],
                "steered_answer": s["answer"], "steered_margin": s["margin"],
-               "flipped": b["answer"] != s["answer"], "layers_fired": s["layers_fired"],
-               "h_mean": s["h_mean"], "mean_theta_rel": s["mean_theta_rel"],
-               "max_dh_predicted": s["max_dh_predicted"]}
+               "flipped": b["answer"] != s["answer"],
+               "outcome": outcome(b["answer"], b["valid"], s["answer"], s["valid"], q.label, new_finite=s["finite"]),
+               "baseline_p_yes": b["p_yes"], "baseline_p_no": b["p_no"], "baseline_valid": b["valid"],
+               "steered_p_yes": s["p_yes"], "steered_p_no": s["p_no"], "steered_valid": s["valid"],
+               "steered_finite": s["finite"],
+               **{k: s.get(k) for k in ("layers_fired", "h_mean", "mean_theta_rel", "max_dh_predicted")}}
         if generate:
-            rec.update(baseline_text=b["text"], baseline_text_answer=parse_answer(b["text"]),
-                       steered_text=s["text"], steered_text_answer=parse_answer(s["text"]))
+            bt, st = parse_answer(b["text"]), parse_answer(s["text"])
+            rec.update(baseline_text=b["text"], baseline_text_answer=bt, steered_text=s["text"], steered_text_answer=st,
+                       text_outcome=outcome(bt, True, st, True, q.label))
         out.append(rec)
     return out
 
@@ -106,7 +118,7 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
 
     ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there).
     """
-    from tqdm import tqdm
+    from ..progress import tqdm
 
     with tqdm(total=len(todo), unit="q", desc="pope", disable=not progress or not todo,
               file=sys.stderr, dynamic_ncols=True) as bar:

@@ -11,7 +11,7 @@ language prior, the hallucination that steering is meant to fix.
 from __future__ import annotations
 
 import pandas as pd
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..batch import answer_batch
 from ..data.scoring import pope_metrics

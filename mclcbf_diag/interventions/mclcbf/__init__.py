@@ -23,7 +23,7 @@ from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
 from .config import (ALIASES, PRESETS, BarrierConfig, image_span_mask, phase_params, resolve_grad_dtype,
                      steered_layers, target_positions)
-from .math import barrier_value, step
+from .math import barrier_value, guard_share, step
 
 METRICS = {
     "barrier_h": "h: head-mean image mass of the target query under the configured span, before the step",
@@ -31,11 +31,20 @@ METRICS = {
     "grad_norm": "‖g‖ = ‖∇ₓh‖ of the gradient as computed in the gradient dtype",
     "grad_norm_f32": "‖g‖ recomputed in float32",
     "grad_norm_sq_dtype": "Σg² as computed in the gradient dtype (what the seed divides by)",
-    "scale_unclamped": "(τ − h)/(Σg² + 1e-6)", "scale": "applied scale (after the clamp)",
+    "scale_unclamped": "(τ − h)/(Σg² + guard) (the seed's guard is 1e-6)", "scale": "applied scale (after the clamp)",
+    "guard": "the guard added to Σg² before dividing (knob guard)",
+    "guard_share": "guard/(Σg² + guard) in the gradient dtype: near 1 the guard, not the gradient, sets the scale",
+    "guard_share_f32": "guard/(Σg² + guard) with Σg² in float32",
+    "step_nonfinite": "1 if the step α·θ* overflowed (NaN/inf); such a step is not applied",
+    "residual_nonfinite": "1 if the residual entering the layer was NaN/inf at the targets (not steered there)",
+    "prefill_enabled": "1 if the prefill (the prompt, where the first answer token is decided) can be steered: "
+                       "τ_prefill > 0 and α_prefill > 0",
+    "decode_enabled": "1 if generated tokens can be steered: τ_decode > 0 and α_decode > 0",
     "clamp_active": "1 if the clamp bound the scale",
-    "theta_norm": "‖θ*‖ (before α)", "theta_rel": "‖θ*‖/‖x‖ at the targets", "applied_norm": "‖α θ*‖",
+    "theta_norm": "‖θ*‖ (before α)", "theta_rel": "‖θ*‖/‖x‖ at the targets, x before the step",
+    "applied_norm": "‖α θ*‖ over the target tokens (before any dose multiplier)",
     "dh_predicted": "g·(α θ*) (first order); attn_logits site: target mass − h",
-    "dh_recomputed": "h(x + αθ*) − h(x), same keys",
+    "dh_recomputed": "h(x + αθ*) − h(x), same keys (the step as computed, before rounding into the model dtype)",
     "dh_realised": "the model's own head-mean image mass (configured span) after the step − h",
     "logit_shift": "attn_logits site: logit bias added to image keys (per head)",
     "span_configured_tokens": "positions in the configured span", "span_detected_tokens": "image tokens",
@@ -52,6 +61,7 @@ _STEP_METRICS = {"active": "barrier_active", "tau": "barrier_tau", "grad_norm": 
 # knob → corrected value: each undoes one suspected cause (counterfactual fixes)
 FIXES: dict[str, dict] = {
     "grad_dtype": {"grad_dtype": "float32"},
+    "guard": {"guard": 0.0},
     "clamp": {"clamp": "none"},
     "span": {"span": "detected"},
     "site": {"site": "attn_logits"},
@@ -82,6 +92,7 @@ class MCLCBF(Intervention):
         self.span = {r.index: image_span_mask(self.knobs, r.ids, 0) if self.knobs.span == "fixed" else r.image
                      for r in rows}
         self.targets = {r.index: target_positions(self.knobs, self.span[r.index]) for r in rows}
+        self._stepped: set[int] = set()  # rows this run has stepped (a later NaN is the step's, not the model's)
 
     def first_edited(self, row: Row) -> int | None:
         span = image_span_mask(self.knobs, row.ids, 0) if self.knobs.span == "fixed" else row.image
@@ -106,10 +117,18 @@ class MCLCBF(Intervention):
         for members in groups.values():
             row0, _, t = members[0]
             x_t = torch.stack([x[r.index, site.query_index(r, t)] for r, _, _ in members])  # [G, n, d]
-            if not bool(torch.isfinite(x_t).all()):
+            bad = ~torch.isfinite(x_t).flatten(1).all(-1)
+            if any(bool(bad[j]) and r.index not in self._stepped for j, (r, _, _) in enumerate(members)):
                 raise UserError(f"the residual stream entering layer {site.layer} is NaN or inf at the steered "
-                                f"token(s) (dtype {x.dtype}); the model overflowed or its weights hold NaN/inf: "
-                                "try --dtype float32 or check the checkpoint")
+                                f"token(s) (dtype {x.dtype}) before any step; the model overflowed or its weights "
+                                "hold NaN/inf: try --dtype float32 or check the checkpoint")
+            if bool(bad.any()):  # an earlier step overflowed the model: record it, steer nothing here
+                for j, (r, _, _) in enumerate(members):
+                    site.record(r, "residual_nonfinite", float(bad[j]))
+                if bool(bad.all()):
+                    continue
+                members = [m for j, m in enumerate(members) if not bool(bad[j])]
+                x_t = x_t[~bad]
             keys = torch.stack([k for _, k, _ in members])
             if normalized:
                 x_t = w.norm(x_t)
@@ -139,13 +158,21 @@ class MCLCBF(Intervention):
                 for f, metric in _STEP_METRICS.items():
                     site.record(r, metric, rec[f])
                 site.record(r, "grad_norm_f32", float(g32[j].float().norm()))
-                applied = (st.applied * site.dose).to(x.dtype)
+                site.record(r, "guard", cfg.guard)
+                site.record(r, "guard_share", st.guard_share)
+                site.record(r, "guard_share_f32", guard_share(float((g32[j].float() ** 2).sum()), cfg.guard))
+                applied = (st.applied * site.dose).to(x.dtype) if site.dose != 1 else st.applied.to(x.dtype)
+                finite = st.finite and bool(torch.isfinite(applied).all())
+                site.record(r, "step_nonfinite", float(not finite))
+                if not finite:  # an overflowing step is recorded, never applied
+                    continue
                 site.record(r, "dh_predicted", st.predicted_delta_h * site.dose)
                 with torch.no_grad():
                     h_after = h_of(x_t[j].to(gdt) + applied.to(gdt), keys[j].to(gdt))
                 site.record(r, "dh_recomputed", float(h_after) - st.h)
-                if st.active:
+                if st.active and site.dose != 0:
                     site.add(r, t, applied, after_norm=normalized)
+                    self._stepped.add(r.index)
 
     # -- the attention-logit site ------------------------------------------------------------------
     def attention(self, site: Site) -> None:
@@ -153,14 +180,15 @@ class MCLCBF(Intervention):
         probs = site.tensor
         for row in site.rows:
             q = site.query_index(row, self._targets(site, row))
-            edited, mass, delta, target = shift_image_logits(
-                probs[row.index][:, q], site.key_mask(row, self.span[row.index]), tau, alpha * site.dose)
-            h = float(mass.mean())
+            rows_q, key_mask = probs[row.index][:, q], site.key_mask(row, self.span[row.index])
+            h = float(rows_q.float()[..., key_mask].sum(-1).mean())
             site.record(row, "barrier_h", h)
             site.record(row, "barrier_tau", tau)
             site.record(row, "barrier_active", float(h < tau))
-            if h >= tau:
+            if h >= tau or tau <= 0 or alpha * site.dose == 0:
                 continue
+            # τ = 1 is out of reach of a finite logit shift: aim at the largest mass below it
+            edited, mass, delta, target = shift_image_logits(rows_q, key_mask, min(tau, 1 - 1e-6), alpha * site.dose)
             site.set_rows(row, self._targets(site, row), edited)
             site.record_heads(row, "logit_shift", delta.mean(-1))
             site.record(row, "dh_predicted", float(target.mean()) - h)
@@ -180,7 +208,10 @@ class MCLCBF(Intervention):
     def row_records(self, row: Row) -> dict[str, float]:
         conf, det = self.span[row.index].bool(), row.image.bool()
         inter, union = int((conf & det).sum()), int((conf | det).sum())
-        return {"span_configured_tokens": int(conf.sum()), "span_detected_tokens": int(det.sum()),
+        k = self.knobs
+        return {"prefill_enabled": float(k.tau_prefill > 0 and k.alpha_prefill > 0),
+                "decode_enabled": float(k.tau_decode > 0 and k.alpha_decode > 0),
+                "span_configured_tokens": int(conf.sum()), "span_detected_tokens": int(det.sum()),
                 "span_iou": inter / union if union else 1.0,
                 "span_precision": inter / int(conf.sum()) if conf.any() else 0.0,
                 "span_recall": inter / int(det.sum()) if det.any() else 0.0}
@@ -195,6 +226,12 @@ class MCLCBF(Intervention):
 
     def fixes(self) -> dict[str, dict]:
         return FIXES
+
+    def fix_applies(self, name: str, model_dtype) -> str | None:
+        """Why fix ``name`` cannot change anything on a model of ``model_dtype`` (None: it can)."""
+        if name == "grad_dtype" and model_dtype == torch.float32:
+            return "not applicable: the model computes in float32 already, so grad_dtype=float32 changes nothing"
+        return None
 
     def rules(self) -> list:
         return rules.RULES

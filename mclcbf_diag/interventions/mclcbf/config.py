@@ -30,6 +30,9 @@ class BarrierConfig:
     * ``layers``: steered decoder layers; None → :func:`steered_layers`' depth rule.
     * ``tau_*``/``alpha_*``: threshold and step multiplier, prefill and decode.
     * ``grad_dtype``: compute h and ∇h in the model's dtype (seed) or in float32.
+    * ``guard``: the constant added to Σg² before dividing (seed: 1e-6). When Σg² is far
+      below it, the guard, not the gradient, sets the scale: ``(τ − h)/guard``. 0 divides
+      by Σg² alone (a zero gradient then gives no step).
     * ``clamp``: "scale" caps the scale at ``clamp_value`` (seed: 0.5); "step_norm" caps
       the applied step at ``clamp_value·‖x‖``; "none" applies the raw scale.
     * ``span``: image keys from ``fixed_span`` [a, b) (the seed's literal span) or the image
@@ -37,6 +40,12 @@ class BarrierConfig:
     * ``site``: where the step acts: the residual before the layer (seed), the
       input_layernorm output, or the attention logits on image keys directly.
     * ``tokens``: steer the last prompt token (seed) or every text token after the image.
+
+    Edge values: τ = 0 never fires (h ≥ 0); τ = 1 always fires (the attention-logit site
+    then aims at a mass of 1 − 1e-6, the most a finite logit shift reaches); α = 0 fires
+    with a zero step (nothing changes). A step that overflows is not applied and is
+    recorded (``step_nonfinite``); a residual that is already NaN/inf is recorded
+    (``residual_nonfinite``) and not steered: the diagnosis reports the non-finite cause.
     """
 
     layers: tuple[int, ...] | None = None
@@ -45,6 +54,7 @@ class BarrierConfig:
     tau_decode: float = 0.2
     alpha_decode: float = 0.5
     grad_dtype: GradDtype = "model"
+    guard: float = 1e-6
     clamp: Clamp = "scale"
     clamp_value: float = 0.5
     span: Span = "fixed"
@@ -58,7 +68,7 @@ class BarrierConfig:
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
                 raise UserError(f"{name}={v} is not a probability mass; use a value in [0, 1]")
-        for name in ("alpha_prefill", "alpha_decode", "clamp_value"):
+        for name in ("alpha_prefill", "alpha_decode", "clamp_value", "guard"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise UserError(f"{name}={v} must be a finite number >= 0")

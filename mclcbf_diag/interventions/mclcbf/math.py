@@ -15,9 +15,14 @@ caps the scale at 0.5 and adds ``α·θ*`` to ``x`` before the layer runs. The k
 as constants: only the target token's query moves.
 
 Because ``g`` passes back through RMSNorm, ``‖g‖ ∝ 1/r`` (``r`` = RMS of x), so ``‖g‖²`` can be
-tiny: far below the 1e-6 guard, the guard, not the gradient, sets the scale, and the cap
-then binds. In fp16 ``‖g‖²`` can even underflow to 0, which only enlarges the scale. Every
-function computes in the dtype it is given, so such dtype effects are kept.
+tiny: far below the 1e-6 guard (a knob, ``BarrierConfig.guard``), the guard, not the
+gradient, sets the scale (:func:`guard_share` → 1), and the cap then binds. In fp16 ``‖g‖²``
+can even underflow to 0, which only enlarges the scale: ``(τ − h)/guard`` instead of
+``(τ − h)/(Σg² + guard)``, the same number once Σg² ≪ guard. Every function computes in the
+dtype it is given, so such dtype effects are kept.
+
+Edge values: α = 0 gives a zero step; with guard = 0 and Σg² = 0 the scale is infinite and so
+is the step (``finite`` is False: the caller must not apply it).
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ class StepResult:
     alpha: float
     grad_norm: float  # ‖g‖ of the g given (in float32 arithmetic)
     grad_norm_sq_dtype: float  # Σg² as computed in g's dtype (what the seed divides by)
-    scale_unclamped: float  # (tau − h)/(‖g‖² + 1e-6), in g's dtype
+    scale_unclamped: float  # (tau − h)/(‖g‖² + guard), in g's dtype
     scale: float  # after the clamp; 0 when inactive
     clamp_active: bool
     theta: torch.Tensor
@@ -114,6 +119,8 @@ class StepResult:
     applied_norm: float
     theta_rel: float  # ‖theta‖/‖x‖
     predicted_delta_h: float  # first order: g·applied
+    guard_share: float = math.nan  # guard/(Σg² + guard)
+    finite: bool = True  # the applied step is finite (an overflowing step is not applied)
 
     def to_record(self) -> dict[str, float | bool]:
         """The scalar fields, for tidy records."""
@@ -134,7 +141,7 @@ def step(
 ) -> StepResult:
     """The controller step, computed in ``g``'s dtype as the seed does.
 
-    ``scale_unclamped = (τ − h)/(Σg² + 1e-6)``. Clamps: "scale" → ``min(clamp_value, ·)``;
+    ``scale_unclamped = (τ − h)/(Σg² + guard)`` (``config.guard``, seed 1e-6). Clamps: "scale" → ``min(clamp_value, ·)``;
     "step_norm" → ``min(·, c‖x‖/(α‖g‖))`` so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is.
     Inactive (h ≥ τ) → theta = 0, scale = 0. ``x_norm`` is ‖x‖ over the target tokens.
     """
@@ -142,7 +149,10 @@ def step(
     h_t = torch.as_tensor(h).to(dt)
     h_f = float(h_t)
     gsq = (g * g).sum()  # in g's dtype: may underflow in fp16
-    unclamped = (tau - h_t) / (gsq + 1e-6)
+    guard = float(getattr(config, "guard", 1e-6))
+    denom = gsq + guard
+    unclamped = (tau - h_t) / denom if float(denom) > 0 else torch.tensor(
+        math.inf if tau > float(h_t) else 0.0, dtype=dt, device=g.device)
     grad_norm = float(g.to(torch.float32).norm()) if dt != torch.float64 else float(g.norm())
     active = bool(h_t < tau)
 
@@ -158,13 +168,12 @@ def step(
         else:
             scale_t = unclamped
         clamp_active = bool(scale_t < unclamped)
-        if grad_norm == 0.0:  # no direction to move in (avoids inf·0 = NaN)
-            theta = torch.zeros_like(g)
-        else:
-            theta = scale_t * g
+        # no direction to move in: no step (avoids inf·0 = NaN); an infinite scale stays infinite
+        theta = torch.zeros_like(g) if grad_norm == 0.0 else scale_t * g
     else:
         theta = torch.zeros_like(g)
-    applied = alpha * theta
+    applied = alpha * theta if alpha != 0 else torch.zeros_like(theta)
+    finite = bool(torch.isfinite(applied).all())
 
     theta_norm = float(theta.to(torch.float64).norm())
     return StepResult(
@@ -183,4 +192,15 @@ def step(
         applied_norm=float(applied.to(torch.float64).norm()),
         theta_rel=theta_norm / x_norm if x_norm > 0 else math.nan,
         predicted_delta_h=float((g.to(torch.float64) * applied.to(torch.float64)).sum()),
+        guard_share=guard_share(float(gsq), guard),
+        finite=finite,
     )
+
+
+def guard_share(grad_norm_sq: float, guard: float) -> float:
+    """``guard/(Σg² + guard)``: the share of the scale's divisor that is the guard, not the gradient.
+
+    Near 1 the scale is ``(τ − h)/guard`` whatever the gradient; near 0 the gradient sets it.
+    """
+    denom = grad_norm_sq + guard
+    return guard / denom if denom > 0 and math.isfinite(denom) else (0.0 if guard == 0 else math.nan)

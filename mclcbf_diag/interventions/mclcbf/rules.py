@@ -8,23 +8,36 @@ Layer sets: *steered* = layers with barrier rows in condition "steered"; *active
 layers with ``barrier_active`` (else h < τ); *fired* = active layers that applied a nonzero
 step (``applied_norm > 0``; at the attention-logit site, which has no step vector, a nonzero
 per-head ``logit_shift``).
+
+Every rule names its counterfactual (undo just that cause, everything else kept), which the
+rulebook runs to call the cause decisive or not: ``decode_only`` → steer the prefill as the
+decode; ``span_mismatch`` → span=detected; ``barrier_inactive`` → τ just above every h;
+``gradient_underflow`` → grad_dtype=float32; ``guard_dominates`` (guard/(Σg² + guard) >
+:data:`GUARD_SHARE_MAX`: the guard, not the gradient, sets the scale) → a guard 0.1% of the
+smallest Σg²; ``clamp_limited`` → clamp=none; ``step_negligible`` → the same step scaled to 10%
+of ‖x‖; ``linearisation_failed`` → site=attn_logits (the target mass exactly). Damping
+(``damped_downstream``) is the absolute deviation at the last layer per unit of applied step
+(``added_norm``), with the growth of ‖x‖ shown apart, and is never claimed for a step that was
+negligible or rounded away; MC-LCBF has no generic counterfactual for it (an intervention's
+``counterfactual(cause)`` hook may give one).
 """
 
 from __future__ import annotations
 
 import math
 
-from ...rulebook import KNOCKOUT_DOMINANCE, Evidence, Rule, fmt, median, pct
+from ...rulebook import Evidence, Rule, fmt, median, pct
 
 SPAN_IOU_MIN = 0.99  # |C ∩ D|/|C ∪ D| of configured C and detected D image positions
 INACTIVE_FRACTION = 0.5  # #{ℓ: h_ℓ ≥ τ}/#steered above this → "most" layers are inactive
 GRAD_REL_ERR_MAX = 1e-2  # |‖g‖_dtype − ‖g‖_f32|/‖g‖_f32: 1% is far above fp16's 2⁻¹¹ rounding
 STEP_REL_MIN = 0.01  # ‖θ‖/‖x‖ (and ‖Jθ‖/‖RMSNorm(x)‖) below 1%: a negligible nudge of the state
 LINEAR_REL_ERR_MAX = 0.5  # |Δh_rec − Δh_pred|/|Δh_pred| above 50%: first order is meaningless
-DAMPING_RATIO_MIN = 0.5  # prop_rel(last layer)/max θ_rel below this: the residual lost half of it
+DAMPING_RATIO_MIN = 0.5  # ‖Δx_L‖/Σ‖v‖ below this: the residual carried less than half of the applied step
 PROPAGATION_FINAL_MIN = 1e-6  # ‖norm(x_L^steer) − norm(x_L^base)‖ below this: final state identical
 DECISIVE_MARGIN_FRACTION = 0.1  # |Δm| < 10% of |m_base| after reaching τ: attention is not causal
 TARGET_TOLERANCE = 1e-3  # h + Δh_realised ≥ τ − this counts as "reached the target"
+GUARD_SHARE_MAX = 0.5  # guard/(Σg² + guard) above this: the guard, not the gradient, sets the scale
 
 _BARRIER_METRICS = ("barrier_active", "barrier_tau", "scale", "applied_norm", "theta_norm", "dh_predicted")
 
@@ -103,6 +116,34 @@ def clamp_limited(ev: Evidence, rule: Rule):
     return ev.make(rule, bool(cl), strength, e, s)
 
 
+def guard_dominates(ev: Evidence, rule: Rule):
+    """Σg² far below the guard: the scale is (τ − h)/guard, set by the guard, not by the gradient."""
+    share, g, sq = ev.layers("guard_share"), ev.layers("guard"), ev.layers("grad_norm_sq_dtype")
+    layers = [ly for ly in ev.active if ly in share]
+    if not layers:
+        return ev.skip(rule, "no guard_share records at active layers")
+    dom = [ly for ly in layers if share[ly] > GUARD_SHARE_MAX]
+    m = median(share[ly] for ly in layers)
+    e = {"n_dominated": len(dom), "n_active": len(layers), "median_guard_share": m,
+         "guard": median(g.values()), "median_grad_norm_sq": median(sq.get(ly, math.nan) for ly in layers)}
+    s = (f"The guard {fmt(e['guard'])} is {pct(m)} of the scale's divisor Σg² + guard (median Σg² "
+         f"{fmt(e['median_grad_norm_sq'])}); at {len(dom)} of {len(layers)} active layers it exceeds "
+         f"{pct(GUARD_SHARE_MAX)}, so the guard, not the gradient, sets the scale there.")
+    return ev.make(rule, bool(dom), m, e, s)
+
+
+def decode_only(ev: Evidence, rule: Rule):
+    """Only generated tokens are steered: the first answer token is decided in the prefill."""
+    pre, dec = ev.scalar("prefill_enabled"), ev.scalar("decode_enabled")
+    if pre is None or dec is None:
+        return ev.skip(rule, "no prefill_enabled/decode_enabled records")
+    detected = pre < 0.5 and dec > 0.5
+    s = ("The intervention steers only generated tokens (τ_prefill or α_prefill is 0): the Yes/No answer is the first "
+         "token, decided in the prefill, which is not steered." if detected else
+         "The prefill (where the answer is decided) is steered." if pre > 0.5 else "Neither phase is steered.")
+    return ev.make(rule, detected, 1.0, {"prefill_enabled": pre, "decode_enabled": dec}, s)
+
+
 def step_negligible(ev: Evidence, rule: Rule):
     """The step actually added, α·θ*, against ‖x‖ and through ln1."""
     theta_rel, tn, an = ev.per_fired("theta_rel"), ev.per_fired("theta_norm"), ev.per_fired("applied_norm")
@@ -134,22 +175,36 @@ def linearisation_failed(ev: Evidence, rule: Rule):
 
 
 def damped_downstream(ev: Evidence, rule: Rule):
+    """Absolute deviation per unit of applied step; ‖x‖'s growth shown apart; no claim for a lost step.
+
+    carried = ‖x_L^steer − x_L^base‖ (resid_post of the last layer) / Σ‖v‖ (the vectors added at
+    the decision token, before rounding). A growing ‖x‖ is not damping: the ratio is absolute.
+    No claim when the step was negligible or absorbed by rounding (their own causes).
+    """
     fired = ev.fired
-    prop, trel, final = ev.layers("propagation_rel"), ev.per_fired("theta_rel"), ev.scalar("propagation")
-    if not fired or (not (prop and trel) and final is None):
+    prop, added = ev.layers("propagation"), ev.per_fired("added_norm")
+    final = ev.scalar("propagation")
+    if not fired or (not (prop and added) and final is None):
         return ev.skip(rule, "no fired layer or no propagation records")
-    e = {"first_layer": fired[0], "max_theta_rel": max(trel.values(), default=math.nan),
-         "propagation_final": final if final is not None else math.nan}
+    for other in ("rounding_absorbed", "step_negligible"):
+        c = ev.cause(other)
+        if c is not None and c.detected:
+            return ev.make(rule, False, 0.0, {"explained_by": other},
+                           f"No damping claim: the step was already lost before the residual could carry it ({other}).")
+    total = sum(added.values())
+    norms = ev.layers("resid_post_norm")
+    last = max(prop) if prop else None
+    e = {"first_layer": fired[0], "applied_total": total, "propagation_final": final if final is not None else math.nan}
     ratio = math.nan
-    if prop and trel:
-        last = max(prop)
-        ratio = prop[last] / e["max_theta_rel"] if e["max_theta_rel"] > 0 else math.nan
-        e.update(last_layer=last, propagation_rel_first=prop.get(fired[0], math.nan),
-                 propagation_rel_last=prop[last], ratio=ratio)
+    if last is not None and total > 0:
+        ratio = prop[last] / total
+        e.update(last_layer=last, deviation_last=prop[last], carried_per_unit=ratio,
+                 norm_growth=(norms.get(last, math.nan) / norms[fired[0]]) if norms.get(fired[0]) else math.nan)
     dead = final is not None and final < PROPAGATION_FINAL_MIN
     damped = math.isfinite(ratio) and ratio < DAMPING_RATIO_MIN
-    s = (f"The residual change went from θ*/‖x‖ = {pct(e['max_theta_rel'])} (max over fired layers) to"
-         f" {pct(e['propagation_rel_last'])} of ‖x‖ at layer {e['last_layer']}; " if "ratio" in e else "")
+    s = (f"The steps added {fmt(total)} in all at the decision token; at layer {e['last_layer']} the steered residual is "
+         f"{fmt(e['deviation_last'])} from the baseline ({fmt(ratio)} per unit of applied step; ‖x‖ grew "
+         f"{fmt(e['norm_growth'])}× from layer {fired[0]}, which is not damping); " if "deviation_last" in e else "")
     s += (f"after the final norm the steered state is {fmt(e['propagation_final'])} from the baseline"
           + (" (unchanged)." if dead else "."))
     s = s[0].upper() + s[1:]
@@ -164,6 +219,10 @@ def barrier_not_decisive(ev: Evidence, rule: Rule):
     flipped = (yb != ys) if yb is not None and ys is not None else (mb > 0) != (ms > 0)
     dm = ms - mb
     frac = abs(dm) / abs(mb) if mb != 0 else math.inf
+    label = ev.label()
+    if label is not None and ev.answer("baseline") == label:
+        return ev.make(rule, False, 0.0, {"m_base": mb, "m_steered": ms},
+                       "The answer was right: not changing it is not a failure.")
     h, tau = ev.layers("barrier_h"), ev.layers("barrier_tau")
     realised, pred = ev.per_fired("dh_realised"), ev.per_fired("dh_predicted")
     # target τ; where τ is not recorded (attention-logit site), the change the site asked for
@@ -191,34 +250,74 @@ def barrier_not_decisive(ev: Evidence, rule: Rule):
         d_dec, d_aft = abs(ko["knockout_decision"] - mb), abs(ko["knockout_after_image"] - mb)
         s += (f"; knocking out image attention at the decision token moves the margin by {fmt(d_dec)},"
               f" at every token after the image by {fmt(d_aft)}")
-        if not e["knockout_decision_flipped"] and (e["knockout_after_image_flipped"]
-                                                   or d_aft >= KNOCKOUT_DOMINANCE * d_dec):
-            s += (": image information reaches the answer through earlier tokens; steering the decision"
-                  " token's attention cannot flip it")
+        off = ev.cause("decision_token_off_path")
+        if off is not None and off.detected:  # only the graded sweep may support the negative claim
+            s += ("; the graded sweep finds no decision-token image mass that changes the answer: it reaches the answer"
+                  " through earlier tokens")
     return ev.make(rule, reached and not flipped and frac < DECISIVE_MARGIN_FRACTION, 1 - frac, e, s + ".")
 
 
+# ----------------------------------------------------------------------- counterfactuals
+# Each undoes just its cause, everything else kept (knob changes, or a dose on the same step).
+def _cf_knobs(why, **knobs):
+    return lambda ev, cause: {"knobs": knobs, "why": why}
+
+
+def _cf_inactive(ev: Evidence, cause):
+    h = [v for ly, v in ev.layers("barrier_h").items() if ly in ev.steered]
+    if not h:
+        return None
+    tau = min(1.0, max(h) + 0.05)
+    return {"knobs": {"tau_prefill": tau}, "why": f"τ_prefill = {fmt(tau)}, just above every layer's h"}
+
+
+def _cf_guard(ev: Evidence, cause):
+    sq = [v for ly, v in ev.layers("grad_norm_sq_dtype").items() if ly in ev.active and v > 0]
+    guard = 1e-3 * min(sq) if sq else 0.0
+    return {"knobs": {"guard": guard}, "why": f"guard = {fmt(guard)}, 0.1% of the smallest Σg²"}
+
+
+def _cf_negligible(ev: Evidence, cause):
+    rel = cause.evidence.get("median_step_rel")
+    if not isinstance(rel, float) or not rel > 0:
+        return None
+    k = 10 * STEP_REL_MIN / rel
+    return {"dose": k, "why": f"the same step × {fmt(k)}, 10% of ‖x‖"}
+
+
+def _cf_decode_only(ev: Evidence, cause):
+    return {"knobs_fn": lambda k: {"tau_prefill": k.tau_decode, "alpha_prefill": k.alpha_decode},
+            "why": "τ_prefill, α_prefill = τ_decode, α_decode"}
+
+
 RULES = [
-    Rule("span_mismatch", "Configured image span is not the image", 2, f"span_iou < {SPAN_IOU_MIN}", span_mismatch),
+    Rule("decode_only", "Only generated tokens are steered", 0.5,
+         "prefill_enabled == 0 and decode_enabled == 1", decode_only, _cf_decode_only),
+    Rule("span_mismatch", "Configured image span is not the image", 2, f"span_iou < {SPAN_IOU_MIN}", span_mismatch,
+         _cf_knobs("span = detected", span="detected")),
     Rule("barrier_inactive", "Barrier inactive (h ≥ τ)", 3,
-         f"fraction of steered layers with h ≥ τ > {INACTIVE_FRACTION}", barrier_inactive),
+         f"fraction of steered layers with h ≥ τ > {INACTIVE_FRACTION}", barrier_inactive, _cf_inactive),
     Rule("gradient_underflow", "Gradient underflow in the gradient dtype", 4,
          f"Σg² == 0 in the gradient dtype, or |‖g‖ − ‖g‖_f32|/‖g‖_f32 > {GRAD_REL_ERR_MAX}, at an active layer",
-         gradient_underflow),
+         gradient_underflow, _cf_knobs("grad_dtype = float32", grad_dtype="float32")),
+    Rule("guard_dominates", "The guard, not the gradient, sets the scale", 4.5,
+         f"guard/(Σg² + guard) > {GUARD_SHARE_MAX} at an active layer", guard_dominates, _cf_guard),
     Rule("clamp_limited", "Clamp limited the step", 5,
          "clamp_active at an active layer; strength = fraction clamped × (1 − median scale/scale_unclamped)",
-         clamp_limited),
+         clamp_limited, _cf_knobs("clamp = none", clamp="none")),
     Rule("step_negligible", "Step negligible next to the residual", 7,
          f"median ‖αθ*‖/‖x‖ < {STEP_REL_MIN}, or median ln1_gain_theta·‖αθ*‖/ln1_out_norm < {STEP_REL_MIN}, "
-         "over fired layers", step_negligible),
+         "over fired layers", step_negligible, _cf_negligible, judged_on="answer"),
     Rule("linearisation_failed", "First-order prediction failed", 8,
          f"median |dh_recomputed − dh_predicted|/|dh_predicted| > {LINEAR_REL_ERR_MAX} over fired layers",
-         linearisation_failed),
+         linearisation_failed, _cf_knobs("site = attn_logits: the target mass exactly, no linearisation",
+                                         site="attn_logits"), judged_on="answer"),
     Rule("damped_downstream", "Perturbation damped downstream", 9,
-         f"propagation_rel(last layer) < {DAMPING_RATIO_MIN} × max theta_rel over fired layers, or propagation "
-         f"after the final norm < {PROPAGATION_FINAL_MIN}", damped_downstream),
+         f"‖Δx‖ at the last layer < {DAMPING_RATIO_MIN} × Σ‖v‖ applied at the decision token (absolute, not relative "
+         f"to a growing ‖x‖), or propagation after the final norm < {PROPAGATION_FINAL_MIN}; never when the step "
+         "was negligible or absorbed", damped_downstream, judged_on="answer"),
     Rule("barrier_not_decisive", "Barrier reached its target but is not decisive", 11,
          f"median (h + dh_realised − τ) ≥ −{TARGET_TOLERANCE} over fired layers (τ ← h + dh_predicted where τ is "
          f"not recorded) and |Δm| < {DECISIVE_MARGIN_FRACTION}·|m_base|", barrier_not_decisive),
 ]
-NO_STEP_EXPLAINED_BY = ("barrier_inactive", "gradient_underflow")
+NO_STEP_EXPLAINED_BY = ("barrier_inactive", "gradient_underflow", "decode_only", "non_finite")

@@ -1,0 +1,160 @@
+"""Graded experiments behind negative claims: an image-mass sweep at the decision token and after the image.
+
+"Steering the decision token's image attention cannot fix this" is a negative claim; two
+edits (remove, double) cannot support it. :func:`image_mass_sweep` sets the image attention
+mass of the chosen queries, renormalised (the knockout edit of
+:mod:`mclcbf_diag.interventions.knockout`, which equals a shift of the image-key logits), to
+
+* every target mass in :data:`TARGETS` (0, 0.1, …, 0.9), and
+* the mass × each of :data:`FACTORS` (0.5, 2),
+
+in all layers and in each layer window of :func:`layer_windows`, at the decision token and,
+separately, at every text token after the image. Each setting's answer is read with its
+Yes/No mass (:mod:`mclcbf_diag.outcomes`) and classed against the baseline: a setting
+*changes* the answer only with a valid Yes/No output (fixed or broken with a label, changed
+without); derailed settings are counted apart. :func:`sweep_summary` gives, per token set,
+the number of settings, how many change the answer, the smallest target mass that does and
+how many derail; :func:`sweep_records` turns that into the tidy records the rule
+``decision_token_off_path`` reads.
+
+Speed: all settings of one (token set, window) are one batch of copies of the same prompt
+(one edit per row, :class:`GradedKnockout`), answered by :func:`mclcbf_diag.batch.answer_pair`,
+which reuses the baseline's KV cache up to the first edited token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .interventions.attention_edits import rescale_image_probs
+from .interventions.knockout import AttentionKnockout, KnockoutKnobs
+from .outcomes import outcome
+from .records import NO_HEAD, NO_LAYER, frame
+
+TARGETS = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, …, 0.9
+FACTORS = (0.5, 2.0)
+TOKEN_SETS = ("decision", "after_image")
+
+
+def layer_windows(n_layers: int) -> list[tuple[int, ...] | None]:
+    """None (all layers), then contiguous windows: every single layer and every pair (small
+    models), or quarters and halves of the depth (deep models)."""
+    out: list[tuple[int, ...] | None] = [None]
+    if n_layers <= 8:
+        sizes = [1, 2] if n_layers > 2 else [1]
+    else:
+        sizes = [max(1, n_layers // 4), max(1, n_layers // 2)]
+    for size in sizes:
+        step = 1 if n_layers <= 8 else max(1, size // 2)
+        for start in range(0, n_layers - size + 1, step):
+            w = tuple(range(start, start + size))
+            if len(w) < n_layers and w not in out:
+                out.append(w)
+    return out
+
+
+def edits() -> list[tuple[str, float]]:
+    """The settings of one window: ("target", t) for every target, ("factor", f) for every factor."""
+    return [("target", t) for t in TARGETS] + [("factor", f) for f in FACTORS]
+
+
+class GradedKnockout(AttentionKnockout):
+    """A knockout whose batch rows each get their own edit: ``edits[row.index]`` = ("target"|"factor", value)."""
+
+    name = "graded_knockout"
+
+    def __init__(self, settings: list[tuple[str, float]], tokens: str = "decision", layers=None):
+        super().__init__(KnockoutKnobs(0.0, tokens=tokens, layers=layers))
+        self.settings = list(settings)
+
+    def attention(self, site) -> None:
+        probs = site.tensor
+        for row in site.rows:
+            kind, value = self.settings[row.index]
+            q = [site.current(row)] if self.knobs.tokens == "decision" or site.phase == "decode" else row.after_image()
+            p = probs[row.index][:, site.query_index(row, q)]
+            mask = site.key_mask(row, row.image)
+            if kind == "target":
+                target = min(value, 1 - 1e-4)
+            else:
+                target = (p.float()[..., mask].sum(-1) * value).clamp(max=1 - 1e-4)
+            site.set_rows(row, q, rescale_image_probs(p, mask, target))
+
+
+def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_sets=TOKEN_SETS,
+                     windows=None) -> pd.DataFrame:
+    """Every setting's answer: columns tokens, window, edit, value, margin, answer, valid, p_yes, p_no, outcome."""
+    from .batch import answer_pair, batch_inputs
+
+    settings = edits()
+    windows = layer_windows(lm.n_layers) if windows is None else windows
+    inputs = batch_inputs(lm, [prompt] * len(settings), [image] * len(settings))
+    rows = []
+    for tokens in token_sets:
+        for window in windows:
+            base, new = answer_pair(lm, [prompt] * len(settings), [image] * len(settings),
+                                    GradedKnockout(settings, tokens, window), inputs=inputs)
+            b = base[0]
+            for (kind, value), r in zip(settings, new):
+                rows.append({"tokens": tokens, "window": "all" if window is None else ",".join(map(str, window)),
+                             "edit": kind, "value": value, "margin": r["margin"], "answer": r["answer"],
+                             "valid": r["valid"], "p_yes": r["p_yes"], "p_no": r["p_no"],
+                             "base_margin": b["margin"], "base_answer": b["answer"],
+                             "outcome": outcome(b["answer"], b["valid"], r["answer"], r["valid"], label,
+                                                new_finite=r["finite"])})
+    return pd.DataFrame(rows)
+
+
+def _changes(df: pd.DataFrame) -> pd.Series:
+    return df.outcome.isin(["fixed", "broken", "changed"]) & df.valid
+
+
+def sweep_summary(sweep: pd.DataFrame) -> dict[str, dict]:
+    """Per token set: runs, changes (valid), fixes, smallest target mass that changes the answer, derailed."""
+    out = {}
+    for tokens, d in sweep.groupby("tokens", sort=False):
+        ch = d[_changes(d)]
+        targets = ch[ch.edit == "target"]
+        best = targets.sort_values("value").iloc[0] if len(targets) else (ch.iloc[0] if len(ch) else None)
+        out[tokens] = {
+            "runs": len(d), "changes": len(ch), "fixes": int((ch.outcome == "fixed").sum()),
+            "derailed": int((d.outcome == "derailed").sum()),
+            "min_target": float(targets.value.min()) if len(targets) else math.nan,
+            "example": None if best is None else
+            f"{best.edit} {best.value:g} in layers {best.window} → {best.answer} (margin {best.margin:+.3g})",
+        }
+    return out
+
+
+def sweep_records(sweep: pd.DataFrame, *, sample, phase: str = "prefill", step: int = 0) -> pd.DataFrame:
+    """The sweep summary as tidy records (condition ``sweep:<tokens>``, layer −1)."""
+    cols = {k: [] for k in ("sample", "condition", "phase", "step", "layer", "head", "metric", "value")}
+    for tokens, summ in sweep_summary(sweep).items():
+        for metric, key in (("sweep_runs", "runs"), ("sweep_changes", "changes"), ("sweep_fixes", "fixes"),
+                            ("sweep_derailed", "derailed"), ("sweep_min_target", "min_target")):
+            for k, v in (("sample", sample), ("condition", f"sweep:{tokens}"), ("phase", phase), ("step", step),
+                         ("layer", NO_LAYER), ("head", NO_HEAD), ("metric", metric), ("value", float(summ[key]))):
+                cols[k].append(v)
+    return frame(cols)
+
+
+def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str) -> str:
+    """One line per token set: the smallest image mass that fixes (or changes) the answer, or that none does."""
+    verb = "fix" if label is not None and base_answer != label else "break" if label is not None else "change"
+    parts = []
+    for tokens, s in sweep_summary(sweep).items():
+        where = "the decision token" if tokens == "decision" else "every text token after the image"
+        if s["changes"]:
+            m = f"smallest target mass {s['min_target']:g}; " if math.isfinite(s["min_target"]) else ""
+            parts.append(f"at {where}, {s['changes']} of {s['runs']} image-mass settings {verb} the answer with a valid "
+                         f"Yes/No output ({m}e.g. {s['example']})")
+        else:
+            parts.append(f"at {where}, none of {s['runs']} image-mass settings {verb}s the answer"
+                         f" ({s['derailed']} derail it)")
+    return "Graded sweep: " + "; ".join(parts) + "."
+
+
+__all__ = ["TARGETS", "FACTORS", "layer_windows", "edits", "GradedKnockout", "image_mass_sweep", "sweep_summary",
+           "sweep_records", "sweep_sentence"]

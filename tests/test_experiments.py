@@ -1,0 +1,88 @@
+"""The graded image-mass sweep: the only evidence for "steering the decision token cannot fix it"."""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.diagnose import diagnose
+from mclcbf_diag.experiments import (FACTORS, TARGETS, GradedKnockout, edits, image_mass_sweep, layer_windows,
+                                     sweep_records, sweep_summary)
+from mclcbf_diag.records import frame
+from mclcbf_diag.runner import run
+from mclcbf_diag.trace import sample_inputs
+
+POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+KNOWN = (75, 187, 263)  # wrong answers a decision-token image mass between 0.1 and 0.7 fixes
+
+
+def test_grid_and_windows():
+    assert TARGETS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9) and FACTORS == (0.5, 2.0)
+    assert len(edits()) == 12
+    assert layer_windows(4) == [None, (0,), (1,), (2,), (3,), (0, 1), (1, 2), (2, 3)]
+    deep = layer_windows(32)
+    assert deep[0] is None and (0, 1, 2, 3, 4, 5, 6, 7) in deep and all(len(w) < 32 for w in deep[1:])
+
+
+def test_each_row_gets_its_own_image_mass(embedded_model):
+    q = load_pope(POPE / "zoo_pope_adversarial.json")[0]
+    image = load_image(resolve_image(q, POPE / "images"))
+    _, inputs = sample_inputs(embedded_model, q.text, image)
+    for t in (0.0, 0.4):
+        cap = run(embedded_model, inputs, GradedKnockout([("target", t)], "decision", (1, 2)))
+        img = cap.detected
+        for layer, c in cap.steps[0].layers.items():
+            mass = c.attn[:, img].sum(-1)
+            if layer in (1, 2):
+                assert torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
+            else:
+                assert not torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
+
+
+def _minimal_records(sw: pd.DataFrame, label: str, sample) -> pd.DataFrame:
+    mb = float(sw.base_margin.iloc[0])
+    rows = {k: [] for k in ("sample", "condition", "phase", "step", "layer", "head", "metric", "value")}
+    for cond, metric, v in (("baseline", "final_margin", mb), ("steered", "final_margin", mb),
+                            ("baseline", "answer_yes", float(mb > 0)), ("steered", "answer_yes", float(mb > 0)),
+                            ("baseline", "label_yes", float(label == "yes"))):
+        for k, x in zip(rows, (sample, cond, "prefill", 0, -1, -1, metric, v)):
+            rows[k].append(x)
+    return pd.concat([frame(rows), sweep_records(sw, sample=sample)], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def subset(embedded_model):
+    """Wrong answers: the first six of the adversarial split, and the three known ones."""
+    from mclcbf_diag.batch import answer_batch
+
+    qs = load_pope(POPE / "zoo_pope_adversarial.json")
+    first = qs[:60]
+    images = [load_image(resolve_image(q, POPE / "images")) for q in first]
+    answers = answer_batch(embedded_model, [build_prompt(q.text) for q in first], images, None, False)
+    wrong = [i for i, (q, a) in enumerate(zip(first, answers)) if a["answer"] != q.label][:6]
+    return [qs[i] for i in sorted(set(wrong) | set(KNOWN))]
+
+
+def test_no_wrong_answer_gets_the_off_path_claim_while_a_decision_token_mass_fixes_it(embedded_model, subset):
+    claims = 0
+    for q in subset:
+        image = load_image(resolve_image(q, POPE / "images"))
+        sw = image_mass_sweep(embedded_model, build_prompt(q.text), image, q.label)
+        assert sw.base_answer.iloc[0] != q.label  # a wrong answer
+        dec = sw[sw.tokens == "decision"]
+        fixes = dec[(dec.outcome == "fixed") & dec.valid]
+        cause = next(c for c in diagnose(_minimal_records(sw, q.label, q.question_id)) if
+                     c.id == "decision_token_off_path")
+        if len(fixes):
+            assert not cause.detected, (q.index, cause.sentence)
+            smallest = fixes[fixes.edit == "target"].value.min()
+            assert math.isclose(sweep_summary(sw)["decision"]["min_target"], smallest) or math.isnan(smallest)
+        claims += cause.detected
+        assert ((sw.outcome == "fixed") <= sw.valid).all()  # a fix is always a valid Yes/No answer
+        if q.index in KNOWN:
+            assert len(fixes) and not cause.detected
+            assert 0.1 <= fixes[fixes.edit == "target"].value.min() <= 0.7
+    assert claims < len(subset)
