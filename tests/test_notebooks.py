@@ -17,6 +17,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 kernelspec = pytest.importorskip("ipykernel.kernelspec")
+nbconvert = pytest.importorskip("nbconvert")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ["01_quick_start", "02_why_theta_does_not_flip", "03_pope_sweep", "04_llava_7b_on_gpu"]
@@ -67,9 +68,21 @@ def test_notebook_runs(name, notebook_env):
         client.execute()
     except nbclient.exceptions.CellExecutionError as exc:  # names the cell and shows its traceback
         pytest.fail(f"{name}.ipynb failed:\n{exc}", pytrace=False)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    warnings = [o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not [w for w in warnings if "Warning" in w], warnings  # e.g. tqdm's "IProgress not found"
+    # Every figure shows in an nbconvert HTML export too, offline: plotly.js inline, no CDN.
+    figures = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)
+    html = nbconvert.HTMLExporter().from_notebook_node(nb)[0]
+    assert html.count('class="plotly-graph-div"') == figures
+    import re
+
+    assert not re.search(r'<script[^>]*src="https?://[^"]*plot', html), "plotly.js must be inline, not from a CDN"
+    if figures:
+        assert "PlotlyConfig" in html or "plotly.js v" in html  # the library itself is in the page
+    if name in ("01_quick_start", "02_why_theta_does_not_flip", "03_pope_sweep"):
+        assert figures > 0
     if name == "04_llava_7b_on_gpu":
         text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                        if o.get("output_type") == "stream")
