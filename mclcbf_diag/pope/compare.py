@@ -28,6 +28,13 @@ REPORTED = {
 }
 
 
+def _reported(name: str, run: dict) -> str:
+    """The paper's figure, for the paper's own settings only (MC-LCBF: the researcher's seed-exp6)."""
+    if name == "mclcbf" and (run.get("preset") not in (None, "seed-exp6", "original") or run.get("overrides")):
+        return ""
+    return REPORTED.get(name, "")
+
+
 def _read(folder: Path, name: str):
     path = folder / name
     if not path.is_file():
@@ -57,7 +64,7 @@ def compare_runs(folders) -> pd.DataFrame:
                 "yes_ratio": float(st.yes_ratio),
                 **{k: int(f.get(k, 0)) for k in ("unchanged", "fixed", "broken", "derailed")},
                 "net_accuracy_points": 100 * (float(st.accuracy) - float(base.accuracy)),
-                "reported_on_llava_1_5_7b": REPORTED.get(name, ""), "run": str(folder),
+                "reported_on_llava_1_5_7b": _reported(name, run), "run": str(folder),
             })
     return pd.DataFrame(rows)
 
