@@ -1,0 +1,407 @@
+"""Train the embedded model from scratch, reproducibly, on CPU or GPU.
+
+Two stages, as in LLaVA-1.5's own recipe:
+
+* **Stage 0, vision pre-training** (stands in for CLIP pre-training). The CLIP tower learns
+  multi-label presence of the *visible* objects through a throw-away linear head on the mean
+  of its **last** layer's patch states, on a fixed pool of scenes.
+* **Stage 1, visual instruction tuning.** The tower is frozen, so its features (layer −2,
+  CLS dropped: 576 × hidden per image) are computed **once per image** and cached; the
+  projector and the Llama language model then learn multi-turn dialogues about each image
+  in llava-hf's chat format: several "Is there a … in the image?" questions (annotated and
+  absent objects), sometimes a caption question. Answers follow the *annotations*, which
+  include partners that were not drawn: this is where the co-occurrence prior comes from.
+  The loss covers the answer tokens (and their ``</s>``), plus, with a small weight
+  (``text_loss``), next-token prediction on the other text tokens after the image, as a
+  stand-in for the language pre-training a real Llama brings.
+
+Sequences are padded on the right to a few fixed lengths (no stalls on new shapes).
+One command and one seed give the same weights on one machine::
+
+    python -m mclcbf_diag.embedded.train --out DIR [--steps N] [--seed S] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .build import (
+    CAPTION_QUESTION,
+    IMAGE_TOKEN,
+    N_IMAGE_TOKENS,
+    PROMPT,
+    QUESTION,
+    build_model,
+    build_processor,
+)
+from .world import CLASS_NAMES, patch_labels, sample_scene
+
+BUCKETS = (640, 672, 704, 736, 768, 800, 832)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    pool: int = 6000  # training scenes (features cached once each)
+    vision_steps: int = 150
+    vision_batch: int = 32
+    vision_lr: float = 2e-3
+    steps: int = 1400
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 60
+    weight_decay: float = 0.1
+    min_lr_ratio: float = 0.05
+    caption_p: float = 0.5
+    text_loss: float = 0.3
+    text_steps: int = 300  # stage L: text-only language pre-training
+    text_batch: int = 32
+    text_mix: int = 8  # text-only sequences mixed into every stage-1 step
+    text_mix_weight: float = 0.3
+    projector_lr_mult: float = 2.0
+    n_present: int = 4
+    n_absent: int = 4
+
+
+# ---------------------------------------------------------------- dialogues and batches
+
+def dialogue(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
+    """A multi-turn dialogue in llava-hf's chat format; answers follow the annotations."""
+    present = list(dict.fromkeys(scene.labels))
+    absent = [c for c in CLASS_NAMES if c not in present]
+    k = min(cfg.n_present, len(present))
+    asked = [(present[i], "Yes") for i in rng.choice(len(present), size=k, replace=False)]
+    asked += [(absent[i], "No") for i in rng.choice(len(absent), size=min(cfg.n_absent, len(absent)), replace=False)]
+    turns = [(QUESTION.format(name=n), a) for n, a in asked]
+    if rng.random() < cfg.caption_p:
+        turns.append((CAPTION_QUESTION, " and ".join(sorted(present, key=CLASS_NAMES.index)) + "."))
+    order = rng.permutation(len(turns))
+    text = ""
+    for j, i in enumerate(order):
+        q, a = turns[i]
+        text += (PROMPT.format(question=q) if j == 0 else f"USER: {q}\nASSISTANT:") + f" {a}</s>"
+    return text
+
+
+def text_dialogue(scene, rng: np.random.Generator) -> str:
+    """An image-free dialogue: a scene described in words, then questions answered from the text."""
+    present = list(dict.fromkeys(scene.labels))
+    described = " and ".join(f"a {n}" for n in rng.permutation(present))
+    opener = ["The picture shows", "The picture has", "I see", "There is"][int(rng.integers(4))]
+    names = list(rng.permutation(CLASS_NAMES))[: int(rng.integers(2, 5))]
+    turns = [(QUESTION.format(name=n), "Yes" if n in present else "No") for n in names]
+    if rng.random() < 0.3:
+        turns.insert(int(rng.integers(len(turns) + 1)),
+                     (CAPTION_QUESTION, " and ".join(sorted(present, key=CLASS_NAMES.index)) + "."))
+    text = f"USER: {opener} {described}.\n"
+    for j, (q, a) in enumerate(turns):
+        text += (q if j == 0 else f"USER: {q}") + f"\nASSISTANT: {a}</s>"
+    return text
+
+
+TEXT_LEN = 128
+MAX_OFFSET = 640
+
+
+def text_batch(scenes, rng, t: Tokens) -> dict:
+    """Image-free sequences with full next-token loss. Half of them start their text at a
+    random position offset (BOS stays at 0), so that what is learnt about BOS holds at the
+    distances a 576-token image puts between BOS and the question."""
+    rows = [t.tok(text_dialogue(s, rng)).input_ids[:TEXT_LEN] for s in scenes]
+    ids = torch.full((len(rows), TEXT_LEN), t.pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    pos = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+        off = int(rng.integers(0, MAX_OFFSET)) if rng.random() < 0.5 else 0
+        pos[b, 1:] = torch.arange(1, TEXT_LEN) + off
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+
+def text_step(model, batch: dict, device):
+    ids, mask, pos = (batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids"))
+    hidden = model.model.language_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    sel = mask[:, 1:] == 1
+    logits = model.lm_head(hidden[:, :-1][sel])
+    return F.cross_entropy(logits.float(), ids[:, 1:][sel])
+
+
+def pretrain_text(model, scenes, cfg: TrainConfig, device, log, say, tokenizer) -> None:
+    lm = torch.nn.ModuleDict({"lm": model.model.language_model, "head": model.lm_head})
+    opt = torch.optim.AdamW(_param_groups(lm, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.text_steps, cfg.warmup, 0.3))
+    rng = np.random.default_rng([cfg.seed, 11])
+    t = Tokens(tokenizer)
+    lm.train()
+    for step in range(cfg.text_steps):
+        batch = [scenes[i] for i in rng.choice(len(scenes), size=cfg.text_batch, replace=False)]
+        loss = text_step(model, text_batch(batch, rng, t), device)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(lm.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        log.append({"stage": "L", "step": step, "loss": loss.item()})
+        if step % 25 == 0 or step == cfg.text_steps - 1:
+            say(f"stage L step {step} loss {loss.item():.4f}")
+
+
+class Tokens:
+    """Token ids the batching needs."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        ids = tokenizer.convert_tokens_to_ids
+        self.image, self.pad, self.eos = ids(IMAGE_TOKEN), tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.ant, self.colon = ids("ANT"), ids(":")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * N_IMAGE_TOKENS)).input_ids
+
+
+def answer_mask(row: list[int], t: Tokens) -> list[bool]:
+    """True on answer tokens: after ``ANT :`` up to and including ``</s>``."""
+    out, inside = [False] * len(row), False
+    for i, tok in enumerate(row):
+        if inside:
+            out[i] = True
+            if tok == t.eos:
+                inside = False
+        elif i >= 2 and row[i - 1] == t.colon and row[i - 2] == t.ant:
+            inside = True
+            out[i] = True
+    return out
+
+
+def make_batch(rows: list[list[int]], t: Tokens) -> dict:
+    longest = max(len(r) for r in rows)
+    length = next((b for b in BUCKETS if b >= longest), longest)
+    ids = torch.full((len(rows), length), t.pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    answer = torch.zeros((len(rows), length), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+        answer[b, :len(r)] = torch.tensor(answer_mask(r, t))
+    return {"input_ids": ids, "attention_mask": mask, "answer": answer}
+
+
+# ---------------------------------------------------------------- schedule and stages
+
+def _schedule(step: int, total: int, warmup: int, floor: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return floor + (1 - floor) * cos
+
+
+def _param_groups(module, weight_decay: float):
+    """Weight decay on matrices only; none on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pixel_values(processor, scenes) -> torch.Tensor:
+    return processor.image_processor([s.image() for s in scenes], return_tensors="pt")["pixel_values"]
+
+
+def pretrain_vision(model, processor, scenes, cfg: TrainConfig, device, log, say) -> None:
+    """Multi-label presence from the last layer (pooled) plus, on the layer LLaVA reads
+    (``vision_feature_layer``), each patch's class: CLIP's patch features are semantic, and
+    this dense target stands in for that."""
+    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
+    head = torch.nn.Linear(tower.config.hidden_size, len(CLASS_NAMES)).to(device)
+    dense = torch.nn.Linear(tower.config.hidden_size, len(CLASS_NAMES) + 1).to(device)
+    heads = list(head.parameters()) + list(dense.parameters())
+    opt = torch.optim.AdamW(_param_groups(tower, 0.01) + [{"params": heads, "weight_decay": 0.0}],
+                            lr=cfg.vision_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.vision_steps, 20, 0.05))
+    rng = np.random.default_rng([cfg.seed, 7])
+    tower.train()
+    for step in range(cfg.vision_steps):
+        batch = [scenes[i] for i in rng.choice(len(scenes), size=cfg.vision_batch, replace=False)]
+        target = torch.tensor([[float(c in s.visible) for c in CLASS_NAMES] for s in batch], device=device)
+        patches = torch.tensor(np.stack([patch_labels(s) for s in batch]), device=device)
+        out = tower(pixel_values=pixel_values(processor, batch).to(device), output_hidden_states=True)
+        hidden = out.last_hidden_state[:, 1:].mean(1)
+        loss = F.binary_cross_entropy_with_logits(head(hidden), target)
+        loss = loss + F.cross_entropy(dense(out.hidden_states[layer][:, 1:]).flatten(0, 1), patches.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        log.append({"stage": 0, "step": step, "loss": loss.item()})
+        if step % 25 == 0 or step == cfg.vision_steps - 1:
+            say(f"stage 0 step {step} loss {loss.item():.4f}")
+    tower.eval()
+
+
+@torch.no_grad()
+def vision_features(model, processor, scenes, device, batch: int = 32) -> torch.Tensor:
+    """LLaVA's selected features (layer ``vision_feature_layer``, CLS dropped), fp16, on CPU."""
+    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
+    out = []
+    for i in range(0, len(scenes), batch):
+        hs = tower(pixel_values=pixel_values(processor, scenes[i:i + batch]).to(device),
+                   output_hidden_states=True).hidden_states
+        out.append(hs[layer][:, 1:].to(torch.float16).cpu())
+    return torch.cat(out)
+
+
+def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig, device):
+    """Loss of one stage-1 batch built from cached vision features (no vision tower)."""
+    ids, mask, answer = (batch[k].to(device) for k in ("input_ids", "attention_mask", "answer"))
+    embeds = model.get_input_embeddings()(ids)
+    image = model.model.multi_modal_projector(feats.to(device, embeds.dtype))
+    embeds = embeds.masked_scatter((ids == t.image).unsqueeze(-1), image.reshape(-1, image.shape[-1]).to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    # Predict token i+1 from position i.
+    target, h = ids[:, 1:], hidden[:, :-1]
+    is_answer = answer[:, 1:]
+    is_text = (mask[:, 1:] == 1) & (target != t.image) & ~is_answer
+    is_text[:, :N_IMAGE_TOKENS + 4] = False  # the prefix and the image are not predicted
+    sel = is_answer | is_text
+    logits = model.lm_head(h[sel])
+    losses = F.cross_entropy(logits.float(), target[sel], reduction="none")
+    w_answer = is_answer[sel]
+    answer_loss = losses[w_answer].mean()
+    text_loss = losses[~w_answer].mean() if (~w_answer).any() else losses.new_zeros(())
+    return answer_loss + cfg.text_loss * text_loss, answer_loss.detach(), text_loss.detach()
+
+
+def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, log, say,
+                   checkpoint: Path | None = None, every: int = 0) -> None:
+    model.model.vision_tower.requires_grad_(False)
+    trainable = torch.nn.ModuleDict({"projector": model.model.multi_modal_projector,
+                                     "lm": model.model.language_model, "head": model.lm_head})
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    groups = _param_groups(trainable, cfg.weight_decay)
+    proj = {id(p) for p in model.model.multi_modal_projector.parameters()}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in proj]} for g in groups] + \
+        [{"params": list(model.model.multi_modal_projector.parameters()), "weight_decay": 0.0,
+          "lr": cfg.lr * cfg.projector_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps, cfg.warmup, cfg.min_lr_ratio))
+    rng = np.random.default_rng(cfg.seed)
+    t = Tokens(processor.tokenizer)
+    order: list[int] = []
+    trainable.train()
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            order += list(rng.permutation(len(scenes)))
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        rows = [t.encode(dialogue(scenes[i], rng, cfg)) for i in idx]
+        loss, a_loss, x_loss = lm_step(model, feats[idx], make_batch(rows, t), t, cfg, device)
+        if cfg.text_mix:
+            mix = [scenes[i] for i in rng.choice(len(scenes), size=cfg.text_mix, replace=False)]
+            loss = loss + cfg.text_mix_weight * text_step(model, text_batch(mix, rng, t), device)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        log.append({"stage": 1, "step": step, "loss": loss.item(), "answer_loss": a_loss.item(),
+                    "text_loss": x_loss.item()})
+        if step % 20 == 0 or step == cfg.steps - 1:
+            recent = [r for r in log[-20:] if r["stage"] == 1]
+            say(f"stage 1 step {step} answer loss {np.mean([r['answer_loss'] for r in recent]):.4f} "
+                f"text loss {np.mean([r['text_loss'] for r in recent]):.4f} "
+                f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.0f}s")
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            save(model, processor, checkpoint)
+            trainable.train()
+            say(f"checkpoint at step {step + 1} -> {checkpoint}")
+    model.eval()
+
+
+def save(model, processor, out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.set_attn_implementation("eager")
+    model.config._attn_implementation = "eager"
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    model.set_attn_implementation("sdpa")
+
+
+def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = None,
+          say=print, sizes: dict | None = None, checkpoint_every: int = 0) -> dict:
+    """Train from scratch and save a ``from_pretrained``-loadable directory."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, seed=cfg.seed, **(sizes or {})).to(device)
+    model.set_attn_implementation("sdpa")  # same maths as eager, far faster to train; saved as eager
+    log: list[dict] = []
+    t0 = time.perf_counter()
+    scenes = [sample_scene(i, cfg.seed) for i in range(cfg.pool)]
+    if cfg.vision_steps:
+        pretrain_vision(model, processor, scenes, cfg, device, log, say)
+    if cfg.text_steps:
+        pretrain_text(model, scenes, cfg, device, log, say, processor.tokenizer)
+    t1 = time.perf_counter()
+    feats = vision_features(model, processor, scenes, device)
+    t2 = time.perf_counter()
+    say(f"cached features {tuple(feats.shape)} in {t2 - t1:.0f}s")
+    train_language(model, processor, scenes, feats, cfg, device, log, say,
+                   checkpoint=Path(out_dir) / "checkpoint", every=checkpoint_every)
+    t3 = time.perf_counter()
+    save(model, processor, out_dir)
+    summary = {"config": asdict(cfg), "sizes": sizes or {}, "device": device,
+               "threads": torch.get_num_threads(), "vision_and_text_seconds": t1 - t0, "feature_seconds": t2 - t1,
+               "language_seconds": t3 - t2, "total_seconds": t3 - t0,
+               "final_answer_loss": float(np.mean([r["answer_loss"] for r in log[-50:] if r["stage"] == 1])) if cfg.steps else None,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "training_log.json").write_text(json.dumps(log) + "\n")
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mclcbf_diag.embedded.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
+    ap.add_argument("--pool", type=int, default=TrainConfig.pool)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--text-loss", type=float, default=TrainConfig.text_loss)
+    ap.add_argument("--text-steps", type=int, default=TrainConfig.text_steps)
+    ap.add_argument("--checkpoint-every", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, pool=args.pool,
+                      batch_size=args.batch_size, lr=args.lr, text_loss=args.text_loss,
+                      text_steps=args.text_steps)
+    summary = train(args.out, cfg, device=args.device, say=lambda m: print(m, flush=True),
+                    checkpoint_every=args.checkpoint_every)
+    summary["command"] = "python -m mclcbf_diag.embedded.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    (Path(args.out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
