@@ -12,7 +12,7 @@ What it does, per dtype, through the code paths users run (the model is saved wi
    per-head image attention masses and the final Yes − No margin;
 2. how much of θ* survives rounding into x: the records' ``rounding_survival`` and the
    fraction of θ*'s nonzero entries that change x at all, and what the rounding rule says;
-3. ``explain`` with reduced experiments, and the batched POPE path for every registered
+3. ``explain`` with reduced experiments (no graded sweep, k ≤ 2), and the batched POPE path for every registered
    intervention (its default preset) on ``--questions`` questions;
 4. time per decoder layer and per vision layer (forward hooks on a bare forward), peak
    memory, and the extrapolation to 32 language and 24 vision layers; the predicted GPU
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
             rs = result.records.query("metric == 'rounding_survival' and condition == 'steered'").value
             rounding = next(c for c in diagnose(result.records) if c.id == "rounding_absorbed")
             t = time.perf_counter()
-            explain_sample(lm, questions[0], images[0], iv, k_max=2, bisect_steps=1)
+            explain_sample(lm, questions[0], images[0], iv, k_max=2, bisect_steps=1, sweep=False)
             t_explain = time.perf_counter() - t
             prompts = [build_prompt(q.text) for q in questions]
             pope_times = {}
