@@ -289,3 +289,21 @@ class Intervention:
     def row_summary(self, per_layer: dict[int, dict[str, float]]) -> dict:
         """A few numbers per question for batched runs, from the row's records per layer."""
         return {}
+
+
+class AttentionEditBase(Intervention):
+    """An intervention that only edits attention rows, in ``knobs.layers`` (None: every layer).
+
+    A measuring run opens no site (there is nothing to measure before an edit).
+    """
+
+    sites = frozenset({"attention"})
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        if self.knobs.layers is None:
+            return tuple(range(n_layers))
+        return tuple(layer for layer in self.knobs.layers if 0 <= layer < n_layers)
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        return self.sites if steer else frozenset()
+

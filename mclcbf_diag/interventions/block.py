@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from ..knobs import check_choices
-from .base import Intervention, Row, Site
+from .base import AttentionEditBase, Row, Site
 
 Group = Literal["image", "question", "last"]
 
@@ -50,21 +50,11 @@ class BlockKnobs:
         check_choices(self)
 
 
-class AttentionBlock(Intervention):
+class AttentionBlock(AttentionEditBase):
     name = "block"
     Knobs = BlockKnobs
     presets = {"image-to-last": BlockKnobs("image", "last"), "image-to-question": BlockKnobs("image", "question"),
                "question-to-last": BlockKnobs("question", "last")}
-    sites = frozenset({"attention"})
-
-    def layers(self, n_layers: int) -> tuple[int, ...]:
-        if self.knobs.layers is None:
-            return tuple(range(n_layers))
-        return tuple(layer for layer in self.knobs.layers if 0 <= layer < n_layers)
-
-    def open_sites(self, steer: bool) -> frozenset[str]:
-        return self.sites if steer else frozenset()
-
     def first_edited(self, row: Row) -> int | None:
         q = group_positions(row, self.knobs.target)
         return int(q.min()) if q.numel() else None

@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..knobs import check_choices
 from .attention_edits import rescale_image_probs
-from .base import Intervention, Row, Site
+from .base import AttentionEditBase, Row, Site
 
 
 @dataclass(frozen=True)
@@ -29,20 +29,10 @@ class KnockoutKnobs:
         check_choices(self)
 
 
-class AttentionKnockout(Intervention):
+class AttentionKnockout(AttentionEditBase):
     name = "knockout"
     Knobs = KnockoutKnobs
     presets = {"remove": KnockoutKnobs(0.0), "double": KnockoutKnobs(2.0)}
-    sites = frozenset({"attention"})
-
-    def layers(self, n_layers: int) -> tuple[int, ...]:
-        if self.knobs.layers is None:
-            return tuple(range(n_layers))
-        return tuple(layer for layer in self.knobs.layers if 0 <= layer < n_layers)
-
-    def open_sites(self, steer: bool) -> frozenset[str]:
-        return self.sites if steer else frozenset()
-
     def first_edited(self, row: Row) -> int | None:
         return row.decision if self.knobs.tokens == "decision" else int(row.after_image()[0])
 

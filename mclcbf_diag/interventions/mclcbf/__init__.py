@@ -18,11 +18,19 @@ from __future__ import annotations
 import torch
 
 from ...errors import UserError
-from . import rules
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
-from .config import (ALIASES, PRESETS, BarrierConfig, image_span_mask, phase_params, resolve_grad_dtype,
-                     steered_layers, target_positions)
+from . import rules
+from .config import (
+    ALIASES,
+    PRESETS,
+    BarrierConfig,
+    image_span_mask,
+    phase_params,
+    resolve_grad_dtype,
+    steered_layers,
+    target_positions,
+)
 from .math import barrier_value, guard_share, step
 
 METRICS = {

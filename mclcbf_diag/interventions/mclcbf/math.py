@@ -37,6 +37,7 @@ from ...models.projection import LayerWeights, attention_rows, project_queries
 from ...probes import fit_mask
 from .config import BarrierConfig
 
+
 def barrier_value(
     x_tok: torch.Tensor,
     keys: torch.Tensor,
