@@ -84,7 +84,7 @@ def _manifest_names(folder: Path) -> list[str]:
 
 
 def add_parser(sub) -> None:
-    zoo = sub.add_parser("zoo", help="the embedded model: train, evaluate, regenerate its POPE set")
+    zoo = sub.add_parser("zoo", aliases=["embedded"], help="the embedded model: train, evaluate, regenerate its POPE set (alias: embedded)")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     t = zsub.add_parser("train", help="train the embedded model from scratch (seeded)")
     t.add_argument("--seed", type=int, default=0)
