@@ -111,7 +111,12 @@ def _expected(html: str) -> dict[str, list[str]]:
     for m in re.finditer(r"Plotly\.newPlot\(\s*[\"']([^\"']+)[\"']\s*,\s*", body):
         traces, _ = decoder.raw_decode(body, m.end())
         figures[m.group(1)] = [t.get("type", "scatter") for t in traces]
+        _VISIBLE_HEATMAPS[m.group(1)] = sum(t.get("type") == "heatmap" and t.get("visible", True) is True
+                                            for t in traces)
     return figures
+
+
+_VISIBLE_HEATMAPS: dict[str, int] = {}  # figure id → heatmaps shown at load (a slider may hide the others)
 
 
 _STATE_JS = """
@@ -141,7 +146,7 @@ def test_page_renders_offline(kind, browser, tmp_path, monkeypatch):
     page = PAGES[kind](tmp_path / "out")
     figures = _expected(page.read_text(encoding="utf-8"))
     ids = list(figures)
-    heatmaps = sum(types.count("heatmap") for types in figures.values())
+    heatmaps = sum(_VISIBLE_HEATMAPS[i] for i in figures)  # a slider shows one layer's maps at a time
     assert ids, f"{page.name} defines no figures"
     assert len(set(ids)) == len(ids), f"duplicate figure div ids in {page.name}: {ids}"
 
@@ -165,4 +170,9 @@ def test_page_renders_offline(kind, browser, tmp_path, monkeypatch):
     assert state["heatmapImages"] == heatmaps, f"{kind}: {state['heatmapImages']} heatmap images for {heatmaps}"
     if kind.startswith("trace") or kind == "explain":
         assert heatmaps >= 1, "the attention heatmaps are missing"
+    if kind.startswith("trace"):  # the first figure: the image with the decision token's attention over it
+        first = ids[0]
+        assert "image" in figures[first] and "heatmap" in figures[first], figures[first]
+        assert browser.execute_script(
+            f"return document.getElementById('{first}').querySelectorAll('g.layer-below image, image').length") >= 1
     assert state["resources"] == [], f"{kind}: the page fetched {state['resources']}: it must be self-contained"

@@ -48,7 +48,7 @@ def cmd_trace(args) -> int:
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": summary}
-    sections = [Section("Summary", table=summary_table(summary))]
+    sections = [_overlay_section(lm, result, image, args.prompt), Section("Summary", table=summary_table(summary))]
     for phase, step in sorted({(p, s) for p, s in result.records[["phase", "step"]].itertuples(index=False)},
                               key=lambda t: t[1]):
         figs = trace_figures(result.records, phase=phase, step=step)
@@ -62,6 +62,27 @@ def cmd_trace(args) -> int:
     print_outcome_summary(summary)
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, trace.html")
     return 0
+
+
+def _overlay_section(lm, result, image, template):
+    """The first screen: the image as the model saw it, with the decision token's attention over it."""
+    from ..overlay import attention_maps, seen_image
+    from ..plots import image_attention_figure
+    from ..report import Section
+    from ..trace import sample_inputs
+
+    _, inputs = sample_inputs(lm, result.question.text if result.question else result.prompt, image, template)
+    ip = lm.processor.image_processor
+    picture = seen_image(inputs["pixel_values"], ip.image_mean, ip.image_std)
+    layers = tuple(result.intervention.layers(lm.n_layers))
+    base = attention_maps(result.baseline, result.baseline.detected, steered=layers)
+    new = attention_maps(result.steered, result.steered.detected, steered=layers)
+    s = result.summary()
+    text = (f"Outcome: {s['outcome']}. Answer {s['answer_before']} → {s['answer_after']} (margin "
+            f"{s['margin_before']:+.3f} → {s['margin_after']:+.3f}). The heatmaps show, on each image patch, the "
+            f"attention of the decision token (the last prompt token), averaged over heads; the slider picks a layer, "
+            f"the intervention's layers {list(layers)} together, or all layers.")
+    return Section("Where the decision token looks", text=text, figures=[image_attention_figure(picture, base, new)])
 
 
 def print_outcome_summary(s: dict) -> None:
