@@ -13,7 +13,7 @@ from .common import (
     summary_table,
     write_frame,
 )
-from .trace import print_outcome_summary
+from .trace import overlay_section, print_outcome_summary
 
 
 def cmd_explain(args) -> int:
@@ -56,8 +56,9 @@ def cmd_explain(args) -> int:
         for r in ex.chain.itertuples()))
     stem = f"explain-{safe_name(question.question_id)}"
     sections = [
-        Section("Summary", table=summary_table(summary)),
         Section("Verdict", text=text, table=causes_frame(ex.causes)),
+        overlay_section(lm, ex.trace, image, args.prompt),
+        Section("Summary", table=summary_table(summary)),
         *([Section("Graded image-mass sweep", text=ex.sweep_text, table=ex.sweep)] if ex.sweep is not None else []),
         Section("Dose-response", text=ex.dose.sentence(), figures=[dose_response_figure(ex.dose.curve)],
                 table=ex.dose.curve),

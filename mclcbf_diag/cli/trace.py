@@ -48,7 +48,7 @@ def cmd_trace(args) -> int:
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": summary}
-    sections = [_overlay_section(lm, result, image, args.prompt), Section("Summary", table=summary_table(summary))]
+    sections = [overlay_section(lm, result, image, args.prompt), Section("Summary", table=summary_table(summary))]
     for phase, step in sorted({(p, s) for p, s in result.records[["phase", "step"]].itertuples(index=False)},
                               key=lambda t: t[1]):
         figs = trace_figures(result.records, phase=phase, step=step)
@@ -64,7 +64,7 @@ def cmd_trace(args) -> int:
     return 0
 
 
-def _overlay_section(lm, result, image, template):
+def overlay_section(lm, result, image, template):
     """The first screen: the image as the model saw it, with the decision token's attention over it."""
     from ..overlay import attention_maps, seen_image
     from ..plots import image_attention_figure
