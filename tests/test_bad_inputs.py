@@ -257,7 +257,7 @@ def test_out_not_created_when_a_later_check_fails(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- numerics
 def test_nan_gradient_names_the_layer(monkeypatch, capsys, out_dir):
-    from mclcbf_diag.interventions import mclcbf
+    from mclcbf_diag.interventions.mclcbf import intervention as mclcbf
 
     real = mclcbf._grad_and_value
 
@@ -738,7 +738,8 @@ def test_refusals_are_fast(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for argv in (["trace", "--sample", "5000"], ["pope", "--set", "layers=99", "--out", str(tmp_path / "p")],
                  ["pope", "--limit", "0"], ["trace", "--set", "layers=0:100000000000"],
-                 ["trace", "--max-new-tokens", "100000"], ["explain", "--pope-file", "missing.jsonl"]):
+                 ["trace", "--max-new-tokens", "100000"], ["explain", "--pope-file", "missing.jsonl"],
+                 ["trace", "--set", "tau=abc"], ["explain", "--preset", "bogus"], ["pope", "--set", "clamp=maybe"]):
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "mclcbf_diag.cli", *argv], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=120)

@@ -178,8 +178,18 @@ def local_depth(model: str | None) -> int | None:
 
 
 def early_checks(args) -> None:
-    """Knob checks that need no torch: sizes of --set integers, and layers against config.json's depth."""
+    """Knob checks that need no torch: sizes of --set integers, MC-LCBF's knobs and presets, layers vs depth."""
     check_override_sizes(args.overrides)
+    if getattr(args, "intervention", "mclcbf") == "mclcbf":
+        from ..interventions.mclcbf.config import (  # torch-free: errors in well under a second
+            ALIASES,
+            PRESETS,
+        )
+        from ..knobs import apply_overrides
+
+        if args.preset is not None and args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r} for mclcbf; valid presets: {', '.join(PRESETS)}")
+        apply_overrides(PRESETS[args.preset or "seed-exp6"], list(args.overrides), ALIASES)
     n_layers = local_depth(args.model)
     if n_layers is None:
         return

@@ -8,29 +8,51 @@ from a name, a preset and ``--set`` overrides. A user-defined intervention is a 
 
 from __future__ import annotations
 
+import importlib
+
 from ..errors import UserError
-from .adhh import AdHH
-from .base import Intervention, Row, Site
-from .block import AttentionBlock, BlockKnobs
-from .knockout import AttentionKnockout, KnockoutKnobs
-from .mclcbf import MCLCBF
-from .pai import PAI
-from .vaf import VAF
-from .var import VAR
-from .vista import VISTA
 
-REGISTRY: dict[str, type[Intervention]] = {"mclcbf": MCLCBF, "knockout": AttentionKnockout, "block": AttentionBlock, "pai": PAI, "vaf": VAF,
-                                           "vista": VISTA, "adhh": AdHH, "var": VAR}
+# name → submodule; loaded on first use, so that knobs and presets load without torch
+_NAMES = {"Intervention": ".base", "Row": ".base", "Site": ".base", "AttentionBlock": ".block",
+          "BlockKnobs": ".block", "AttentionKnockout": ".knockout", "KnockoutKnobs": ".knockout", "MCLCBF": ".mclcbf",
+          "PAI": ".pai", "VAF": ".vaf", "VISTA": ".vista", "AdHH": ".adhh", "VAR": ".var"}
+BUILTIN = {"mclcbf": "MCLCBF", "knockout": "AttentionKnockout", "block": "AttentionBlock", "pai": "PAI", "vaf": "VAF",
+           "vista": "VISTA", "adhh": "AdHH", "var": "VAR"}
+_REGISTRY: dict = {}
 
 
-def register(cls: type[Intervention]) -> type[Intervention]:
+def _load(name: str):
+    value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def registry() -> dict:
+    """``--intervention`` name → class: the built-in ones and any :func:`register` added."""
+    for key, cls in BUILTIN.items():
+        if key not in _REGISTRY:
+            _REGISTRY[key] = _load(cls)
+    return _REGISTRY
+
+
+def __getattr__(name: str):
+    if name == "REGISTRY":
+        return registry()
+    if name in _NAMES:
+        return _load(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register(cls):
     """Make ``cls`` available under ``cls.name`` (usable as a class decorator)."""
-    REGISTRY[cls.name] = cls
+    registry()[cls.name] = cls
     return cls
 
 
-def as_intervention(intervention) -> Intervention | None:
+def as_intervention(intervention):
     """An :class:`Intervention`; an MC-LCBF ``BarrierConfig`` is wrapped (None stays None)."""
+    from .base import Intervention
+    from .mclcbf import MCLCBF
     from .mclcbf.config import BarrierConfig
 
     if intervention is None or isinstance(intervention, Intervention):
@@ -40,12 +62,14 @@ def as_intervention(intervention) -> Intervention | None:
     raise TypeError(f"expected an Intervention or a BarrierConfig, not {type(intervention).__name__}")
 
 
-def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()) -> Intervention:
+def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()):
     """The intervention ``name`` at ``preset`` (default: its first) with ``knob=value`` overrides."""
-    if name not in REGISTRY:
-        raise UserError(f"unknown intervention {name!r}; choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[name].from_preset(preset, overrides)
+    reg = registry()
+    if name not in reg:
+        raise UserError(f"unknown intervention {name!r}; choose one of {', '.join(reg)}")
+    return reg[name].from_preset(preset, overrides)
 
 
-__all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "AttentionBlock", "BlockKnobs", "REGISTRY",
-           "register", "resolve", "as_intervention"]
+__all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "AttentionBlock",
+           "BlockKnobs", "PAI", "VAF", "VISTA", "AdHH", "VAR", "REGISTRY", "register", "resolve", "as_intervention",
+           "registry"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ...errors import UserError
 from ...knobs import check_choices
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the knobs load without it
+    import torch
 
 GradDtype = Literal["model", "float32"]
 Clamp = Literal["scale", "step_norm", "none"]
@@ -132,6 +133,8 @@ def depth_fraction(first: int, stop: int, n_layers: int, of: int = 32) -> tuple[
 
 def image_span_mask(config: BarrierConfig, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Bool [seq] marking the image keys: the fixed span clipped to seq, or detected tokens."""
+    import torch  # here, so that the knobs above load without torch (fast --set checks)
+
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -152,6 +155,8 @@ def image_span_mask(config: BarrierConfig, input_ids: torch.Tensor, image_token_
 
 def target_positions(config: BarrierConfig, image_mask: torch.Tensor) -> torch.Tensor:
     """Prefill target positions (long): the last token, or every token after the image."""
+    import torch
+
     seq = image_mask.shape[-1]
     if config.tokens == "last" or not bool(image_mask.any()):
         return torch.tensor([seq - 1], dtype=torch.long)
@@ -170,4 +175,6 @@ def phase_params(config: BarrierConfig, phase: str) -> tuple[float, float]:
 
 
 def resolve_grad_dtype(config: BarrierConfig, model_dtype: torch.dtype) -> torch.dtype:
+    import torch
+
     return model_dtype if config.grad_dtype == "model" else torch.float32

@@ -1,0 +1,260 @@
+"""MC-LCBF: a control-barrier-function step that pushes the decision token's image attention up.
+
+At each steered layer, h = the decision query's head-mean attention mass on the image keys,
+computed as a look-ahead from the layer's own norm, projections and RoPE
+(:mod:`.math`). If h < τ the step ``α·θ*`` (``θ* = scale·∇ₓh``) is added to the residual
+before the layer runs (``site=resid_pre``, the seed), to the normalised input (``ln1_out``),
+or, instead of a step, the image-key logits are shifted so each head's mass reaches τ
+(``attn_logits``). The knobs, presets and targets are in :mod:`.config`.
+
+Records (per steered layer, see :data:`METRICS`): h before the step, τ, whether it fired,
+‖g‖ in the gradient dtype and in float32, Σg², the unclamped and applied scale, ‖θ*‖ and
+‖θ*‖/‖x‖, Δh predicted (first order), recomputed (same keys) and realised (the model's own
+attention), and, at layer −1, how the configured image span overlaps the detected image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import UserError
+from ..attention_edits import shift_image_logits
+from ..base import Intervention, Row, Site
+from . import rules
+from .config import (
+    ALIASES,
+    PRESETS,
+    BarrierConfig,
+    image_span_mask,
+    phase_params,
+    resolve_grad_dtype,
+    steered_layers,
+    target_positions,
+)
+from .math import barrier_value, guard_share, step
+
+METRICS = {
+    "barrier_h": "h: head-mean image mass of the target query under the configured span, before the step",
+    "barrier_tau": "τ", "barrier_active": "1 if h < τ (the barrier asks for a step)",
+    "grad_norm": "‖g‖ = ‖∇ₓh‖ of the gradient as computed in the gradient dtype",
+    "grad_norm_f32": "‖g‖ recomputed in float32",
+    "grad_norm_sq_dtype": "Σg² as computed in the gradient dtype (what the seed divides by)",
+    "scale_unclamped": "(τ − h)/(Σg² + guard) (the seed's guard is 1e-6)", "scale": "applied scale (after the clamp)",
+    "guard": "the guard added to Σg² before dividing (knob guard)",
+    "guard_share": "guard/(Σg² + guard) in the gradient dtype: near 1 the guard, not the gradient, sets the scale",
+    "guard_share_f32": "guard/(Σg² + guard) with Σg² in float32",
+    "step_nonfinite": "1 if the step α·θ* overflowed (NaN/inf); such a step is not applied",
+    "residual_nonfinite": "1 if the residual entering the layer was NaN/inf at the targets (not steered there)",
+    "prefill_enabled": "1 if the prefill (the prompt, where the first answer token is decided) can be steered: "
+                       "τ_prefill > 0 and α_prefill > 0",
+    "decode_enabled": "1 if generated tokens can be steered: τ_decode > 0 and α_decode > 0",
+    "clamp_active": "1 if the clamp bound the scale",
+    "theta_norm": "‖θ*‖ (before α)", "theta_rel": "‖θ*‖/‖x‖ at the targets, x before the step",
+    "applied_norm": "‖α θ*‖ over the target tokens (before any dose multiplier)",
+    "dh_predicted": "g·(α θ*) (first order); attn_logits site: target mass − h",
+    "dh_recomputed": "h(x + αθ*) − h(x), same keys (the step as computed, before rounding into the model dtype)",
+    "dh_realised": "the model's own head-mean image mass (configured span) after the step − h",
+    "logit_shift": "attn_logits site: logit bias added to image keys (per head)",
+    "span_configured_tokens": "positions in the configured span", "span_detected_tokens": "image tokens",
+    "span_iou": "configured span vs detected image: intersection over union",
+    "span_precision": "share of the configured span that is image",
+    "span_recall": "share of the image inside the configured span",
+}
+
+_STEP_METRICS = {"active": "barrier_active", "tau": "barrier_tau", "grad_norm": "grad_norm",
+                 "grad_norm_sq_dtype": "grad_norm_sq_dtype", "scale_unclamped": "scale_unclamped",
+                 "scale": "scale", "clamp_active": "clamp_active", "theta_norm": "theta_norm",
+                 "theta_rel": "theta_rel", "applied_norm": "applied_norm"}
+
+# knob → corrected value: each undoes one suspected cause (counterfactual fixes)
+FIXES: dict[str, dict] = {
+    "grad_dtype": {"grad_dtype": "float32"},
+    "guard": {"guard": 0.0},
+    "clamp": {"clamp": "none"},
+    "span": {"span": "detected"},
+    "site": {"site": "attn_logits"},
+    "tokens": {"tokens": "after_image"},
+}
+
+
+class MCLCBF(Intervention):
+    name = "mclcbf"
+    Knobs = BarrierConfig
+    presets = PRESETS
+    aliases = ALIASES
+    metrics = METRICS
+
+    @property
+    def config(self) -> BarrierConfig:
+        return self.knobs
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        return steered_layers(self.knobs, n_layers)
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        if self.knobs.site == "attn_logits":
+            return frozenset({"attention", "pattern"} if steer else {"pattern"})
+        return frozenset({"residual", "pattern"})
+
+    def begin(self, rows: list[Row], n_layers: int) -> None:
+        self.span = {r.index: image_span_mask(self.knobs, r.ids, 0) if self.knobs.span == "fixed" else r.image
+                     for r in rows}
+        self.targets = {r.index: target_positions(self.knobs, self.span[r.index]) for r in rows}
+        self._stepped: set[int] = set()  # rows this run has stepped (a later NaN is the step's, not the model's)
+
+    def first_edited(self, row: Row) -> int | None:
+        span = image_span_mask(self.knobs, row.ids, 0) if self.knobs.span == "fixed" else row.image
+        return int(target_positions(self.knobs, span).min())
+
+    def _targets(self, site: Site, row: Row) -> torch.Tensor:
+        return torch.tensor([site.current(row)]) if site.phase == "decode" else self.targets[row.index]
+
+    # -- residual sites: the barrier step ------------------------------------------------------
+    def residual(self, site: Site) -> None:
+        cfg, w, x = self.knobs, site.weights, site.tensor
+        tau, alpha = phase_params(cfg, site.phase)
+        gdt = resolve_grad_dtype(cfg, x.dtype)
+        normalized = cfg.site == "ln1_out"
+        groups: dict[tuple, list] = {}
+        for row in site.rows:
+            keys = site.keys(row)
+            t = self._targets(site, row)
+            groups.setdefault((keys.shape[-2], tuple(t.tolist()), row.pad if site.phase == "decode" else -1,
+                               tuple(torch.nonzero(self.span[row.index]).flatten().tolist())),
+                              []).append((row, keys, t))
+        for members in groups.values():
+            row0, _, t = members[0]
+            x_t = torch.stack([x[r.index, site.query_index(r, t)] for r, _, _ in members])  # [G, n, d]
+            bad = ~torch.isfinite(x_t).flatten(1).all(-1)
+            if any(bool(bad[j]) and r.index not in self._stepped for j, (r, _, _) in enumerate(members)):
+                raise UserError(f"the residual stream entering layer {site.layer} is NaN or inf at the steered "
+                                f"token(s) (dtype {x.dtype}) before any step; the model overflowed or its weights "
+                                "hold NaN/inf: try --dtype float32 or check the checkpoint")
+            if bool(bad.any()):  # an earlier step overflowed the model: record it, steer nothing here
+                for j, (r, _, _) in enumerate(members):
+                    site.record(r, "residual_nonfinite", float(bad[j]))
+                if bool(bad.all()):
+                    continue
+                members = [m for j, m in enumerate(members) if not bool(bad[j])]
+                x_t = x_t[~bad]
+            keys = torch.stack([k for _, k, _ in members])
+            if normalized:
+                x_t = w.norm(x_t)
+            cos, sin = site.rotary(row0, t)
+            qpos = t
+            span = self.span[row0.index]
+
+            def h_of(xt, k, dtype=gdt):
+                return barrier_value(xt, k, w.to(dtype), cos.to(dtype), sin.to(dtype), span, qpos,
+                                     normalized=normalized)[0]
+
+            if not site.steer:  # measuring run: h only, as the steered run computes it
+                h = torch.func.vmap(h_of)(x_t.to(gdt), keys.to(gdt))
+                for j, (r, _, _) in enumerate(members):
+                    site.record(r, "barrier_h", float(h[j]))
+                continue
+            g, h = _grad_and_value(h_of, x_t.to(gdt), keys.to(gdt))
+            g32 = g if gdt == torch.float32 else _grad_and_value(
+                lambda a, b: h_of(a, b, torch.float32), x_t.float(), keys.float())[0]
+            if not torch.isfinite(g).all():
+                raise UserError(f"the barrier gradient at layer {site.layer} is NaN or inf (dtype {gdt}); "
+                                "try --set grad_dtype=float32 or a float32 model")
+            for j, (r, _, _) in enumerate(members):
+                st = step(h[j], g[j], float(x_t[j].float().norm()), tau, alpha, cfg)
+                rec = st.to_record()
+                site.record(r, "barrier_h", st.h)
+                for f, metric in _STEP_METRICS.items():
+                    site.record(r, metric, rec[f])
+                site.record(r, "grad_norm_f32", float(g32[j].float().norm()))
+                site.record(r, "guard", cfg.guard)
+                site.record(r, "guard_share", st.guard_share)
+                site.record(r, "guard_share_f32", guard_share(float((g32[j].float() ** 2).sum()), cfg.guard))
+                applied = (st.applied * site.dose).to(x.dtype) if site.dose != 1 else st.applied.to(x.dtype)
+                finite = st.finite and bool(torch.isfinite(applied).all())
+                site.record(r, "step_nonfinite", float(not finite))
+                if not finite:  # an overflowing step is recorded, never applied
+                    continue
+                site.record(r, "dh_predicted", st.predicted_delta_h * site.dose)
+                with torch.no_grad():
+                    h_after = h_of(x_t[j].to(gdt) + applied.to(gdt), keys[j].to(gdt))
+                site.record(r, "dh_recomputed", float(h_after) - st.h)
+                if st.active and site.dose != 0:
+                    site.add(r, t, applied, after_norm=normalized)
+                    self._stepped.add(r.index)
+
+    # -- the attention-logit site ------------------------------------------------------------------
+    def attention(self, site: Site) -> None:
+        tau, alpha = phase_params(self.knobs, site.phase)
+        probs = site.tensor
+        for row in site.rows:
+            q = site.query_index(row, self._targets(site, row))
+            rows_q, key_mask = probs[row.index][:, q], site.key_mask(row, self.span[row.index])
+            h = float(rows_q.float()[..., key_mask].sum(-1).mean())
+            site.record(row, "barrier_h", h)
+            site.record(row, "barrier_tau", tau)
+            site.record(row, "barrier_active", float(h < tau))
+            if h >= tau or tau <= 0 or alpha * site.dose == 0:
+                continue
+            # τ = 1 is out of reach of a finite logit shift: aim at the largest mass below it
+            edited, mass, delta, target = shift_image_logits(rows_q, key_mask, min(tau, 1 - 1e-6), alpha * site.dose)
+            site.set_rows(row, self._targets(site, row), edited)
+            site.record_heads(row, "logit_shift", delta.mean(-1))
+            site.record(row, "dh_predicted", float(target.mean()) - h)
+
+    def pattern(self, site: Site) -> None:
+        """h as the model realised it: in a measuring run h "before", else Δh_realised."""
+        for row in site.rows:
+            p = site.tensor[row.index, :, -1].float()
+            realised = float(p[:, site.key_mask(row, self.span[row.index])].sum(-1).mean())
+            before = site.recorded(row, "barrier_h")
+            if before is None:
+                site.record(row, "barrier_h", realised)
+            elif site.steer:
+                site.record(row, "dh_realised", realised - before)
+
+    # -- whole-model records, summaries, fixes ------------------------------------------------------
+    def row_records(self, row: Row) -> dict[str, float]:
+        conf, det = self.span[row.index].bool(), row.image.bool()
+        inter, union = int((conf & det).sum()), int((conf | det).sum())
+        k = self.knobs
+        return {"prefill_enabled": float(k.tau_prefill > 0 and k.alpha_prefill > 0),
+                "decode_enabled": float(k.tau_decode > 0 and k.alpha_decode > 0),
+                "span_configured_tokens": int(conf.sum()), "span_detected_tokens": int(det.sum()),
+                "span_iou": inter / union if union else 1.0,
+                "span_precision": inter / int(conf.sum()) if conf.any() else 0.0,
+                "span_recall": inter / int(det.sum()) if det.any() else 0.0}
+
+    def row_summary(self, per_layer: dict[int, dict[str, float]]) -> dict:
+        fired = [layer for layer, m in sorted(per_layer.items()) if m.get("barrier_active")]
+        h = [m["barrier_h"] for m in per_layer.values() if m.get("barrier_h") is not None]
+        rel = [per_layer[layer]["theta_rel"] for layer in fired if "theta_rel" in per_layer[layer]]
+        dh = [per_layer[layer]["dh_predicted"] for layer in fired if "dh_predicted" in per_layer[layer]]
+        return {"layers_fired": fired, "h_mean": sum(h) / len(h) if h else None,
+                "mean_theta_rel": sum(rel) / len(rel) if rel else None, "max_dh_predicted": max(dh) if dh else None}
+
+    def fixes(self) -> dict[str, dict]:
+        return FIXES
+
+    def fix_applies(self, name: str, model_dtype) -> str | None:
+        """Why fix ``name`` cannot change anything on a model of ``model_dtype`` (None: it can)."""
+        if name == "grad_dtype" and model_dtype == torch.float32:
+            return "not applicable: the model computes in float32 already, so grad_dtype=float32 changes nothing"
+        return None
+
+    def rules(self) -> list:
+        return rules.RULES
+
+    def layer_sets(self, evidence):
+        return rules.layer_sets(evidence)
+
+    def no_step_explained_by(self) -> tuple[str, ...]:
+        return rules.NO_STEP_EXPLAINED_BY
+
+
+def _grad_and_value(fn, x, keys):
+    """``(∇ₓfn, fn)`` for every member of a group at once (vmap), outside inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return torch.func.vmap(torch.func.grad_and_value(fn))(x.detach().clone(), keys.detach().clone())
+
+
+__all__ = ["MCLCBF", "BarrierConfig", "PRESETS", "FIXES", "METRICS"]
