@@ -10,10 +10,23 @@ from __future__ import annotations
 
 from . import knobs as _knobs
 from .errors import UserError
-from .interventions.attention_edits import logit_bias_for_target, rescale_image_probs, shift_image_logits
+from .interventions.attention_edits import (
+    logit_bias_for_target,
+    rescale_image_probs,
+    shift_image_logits,
+)
 from .interventions.mclcbf import FIXES, MCLCBF
-from .interventions.mclcbf.config import (ALIASES, PRESETS, BarrierConfig, depth_fraction, image_span_mask,
-                                          phase_params, resolve_grad_dtype, steered_layers, target_positions)
+from .interventions.mclcbf.config import (
+    ALIASES,
+    PRESETS,
+    BarrierConfig,
+    depth_fraction,
+    image_span_mask,
+    phase_params,
+    resolve_grad_dtype,
+    steered_layers,
+    target_positions,
+)
 from .interventions.mclcbf.math import StepResult, barrier_gradient, barrier_value, step
 from .models.projection import LayerWeights, project_keys, project_queries
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import inspect
 
-import nnsight
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -45,7 +44,7 @@ from .errors import UserError
 from .interventions import as_intervention
 from .interventions.base import rows_of
 from .models import LoadedModel
-from .runner import envoy_at, run_batch, traced
+from .runner import run_batch
 
 
 def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_images: bool = True) -> dict:

@@ -53,7 +53,17 @@ import math
 import pandas as pd
 
 from .interventions import MCLCBF
-from .rulebook import RANKING, Cause, Evidence, Rule, fmt, median, pct, run_rules, select
+from .rulebook import (
+    RANKING,
+    Cause,
+    Evidence,
+    Rule,
+    fmt,
+    median,
+    pct,
+    run_rules,
+    select,
+)
 
 __all__ = ["Cause", "ORDER", "GENERIC_RULES", "diagnose", "causes_frame", "verdict"]
 

@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 import pandas as pd
-from .progress import tqdm
 
 from .data import LLAVA_PROMPT
 from .diagnose import diagnose
@@ -46,6 +45,7 @@ from .knobs import changed
 from .measure import run_records
 from .models import LoadedModel
 from .outcomes import Reading, outcome_of, read_batch
+from .progress import tqdm
 from .runner import RunCapture, run, with_embeds
 from .trace import TraceResult, sample_inputs, trace_sample
 

@@ -14,10 +14,11 @@ import math
 import torch
 
 from . import probes as P
-from .runner import LayerCapture, RunCapture, StepCapture
 from .models import LoadedModel
 from .outcomes import read_batch
 from .records import NO_HEAD, NO_LAYER, frame
+from .runner import LayerCapture, RunCapture, StepCapture
+
 
 class _Rows:
     """Column-wise accumulator for the records of one (sample, condition, phase, step)."""

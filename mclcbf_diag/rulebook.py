@@ -38,7 +38,6 @@ import pandas as pd
 from .errors import UserError
 from .records import NO_HEAD, NO_LAYER
 
-
 KNOCKOUT_DOMINANCE = 3.0  # |Δm_after_image| ≥ this × |Δm_decision|: the after-image path dominates
 
 

@@ -9,8 +9,16 @@ import torch
 
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.diagnose import diagnose
-from mclcbf_diag.experiments import (FACTORS, TARGETS, GradedKnockout, edits, image_mass_sweep, layer_windows,
-                                     sweep_records, sweep_summary)
+from mclcbf_diag.experiments import (
+    FACTORS,
+    TARGETS,
+    GradedKnockout,
+    edits,
+    image_mass_sweep,
+    layer_windows,
+    sweep_records,
+    sweep_summary,
+)
 from mclcbf_diag.records import frame
 from mclcbf_diag.runner import run
 from mclcbf_diag.trace import sample_inputs

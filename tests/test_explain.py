@@ -13,10 +13,17 @@ from pathlib import Path
 import pytest
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag.diagnose import diagnose
 from mclcbf_diag.data import load_image, load_pope, resolve_image
-from mclcbf_diag.explain import (cause_chain, cause_tester, counterfactuals, dose_response, explain_sample,
-                                 knockouts, reading)
+from mclcbf_diag.diagnose import diagnose
+from mclcbf_diag.explain import (
+    cause_chain,
+    cause_tester,
+    counterfactuals,
+    dose_response,
+    explain_sample,
+    knockouts,
+    reading,
+)
 from mclcbf_diag.interventions import MCLCBF, as_intervention
 from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import with_embeds

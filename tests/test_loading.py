@@ -8,7 +8,13 @@ from safetensors.torch import load_file, save_file
 
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.models import loading
-from mclcbf_diag.models.loading import EMBEDDED, check_prompt_lengths, load_model, model_facts, prepare_model
+from mclcbf_diag.models.loading import (
+    EMBEDDED,
+    check_prompt_lengths,
+    load_model,
+    model_facts,
+    prepare_model,
+)
 
 
 def test_model_facts_read_config_only(monkeypatch):

@@ -6,7 +6,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mclcbf_diag.outcomes import answer_ids, counts, outcome, outcome_of, question, read_batch, read_logits
+from mclcbf_diag.outcomes import (
+    answer_ids,
+    counts,
+    outcome,
+    outcome_of,
+    question,
+    read_batch,
+    read_logits,
+)
 
 TOKENS = SimpleNamespace(yes_id=1, no_id=2, yes_variants={"Yes": 1, "▁Yes": 3}, no_variants={"No": 2})
 

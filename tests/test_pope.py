@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from mclcbf_diag import pope as pope_lib
-from mclcbf_diag.cli import pope as pope_cli
 from mclcbf_diag.cli import build_parser, main
+from mclcbf_diag.cli import pope as pope_cli
 from mclcbf_diag.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

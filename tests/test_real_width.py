@@ -2,7 +2,12 @@
 
 import torch
 
-from mclcbf_diag.models.real_width import LLAVA_1_5_7B, build_random_llava, llava15_7b_config, parameter_count
+from mclcbf_diag.models.real_width import (
+    LLAVA_1_5_7B,
+    build_random_llava,
+    llava15_7b_config,
+    parameter_count,
+)
 
 
 def test_full_configuration_has_the_published_size():

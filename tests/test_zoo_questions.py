@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from mclcbf_diag.data import load_pope
-from mclcbf_diag.zoo.questions import SPLITS, annotation, image_name, pope_questions, write_pope_set
+from mclcbf_diag.zoo.questions import (
+    SPLITS,
+    annotation,
+    image_name,
+    pope_questions,
+    write_pope_set,
+)
 from mclcbf_diag.zoo.world import CLASS_NAMES, sample_scenes
 
 N_SCENES = 300

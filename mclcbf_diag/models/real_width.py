@@ -18,7 +18,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 LLAVA_1_5_7B: dict = json.loads((Path(__file__).with_name("llava-1.5-7b.json")).read_text(encoding="utf-8"))
 

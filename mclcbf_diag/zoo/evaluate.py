@@ -11,10 +11,10 @@ language prior, the hallucination that steering is meant to fix.
 from __future__ import annotations
 
 import pandas as pd
-from ..progress import tqdm
 
 from ..batch import answer_batch
 from ..data.scoring import pope_metrics
+from ..progress import tqdm
 from .build import PROMPT
 from .questions import SPLITS, image_name, pope_questions
 from .world import PARTNER_OF, sample_scenes

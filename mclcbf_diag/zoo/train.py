@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..progress import tqdm
 
+from ..progress import tqdm
 from .build import CAPTION_QUESTION, PROMPT, QUESTION, build_model, build_processor
 from .world import CLASS_NAMES, sample_scene
 
