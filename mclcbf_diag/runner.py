@@ -153,9 +153,6 @@ class _Run:
         if at.numel():
             self.added[row.index][(self.phase, self.step, site.layer)] = v[at[0]].detach().float().clone()
 
-    def edited(self, site: Site, row: Row) -> None:
-        """An attention site changed the row's probabilities (nothing to measure here)."""
-
     def record(self, row: Row, layer: int, metric: str, value) -> None:
         step = self.records[row.index].setdefault((self.phase, self.step), {})
         step.setdefault(layer, {})[metric] = None if value is None else float(value)
@@ -189,7 +186,6 @@ class _Run:
                 args, kwargs = layer.inputs
                 x = args[0]
                 if n == 0 and phase == "decode":
-                    self.layer_kwargs = kwargs
                     cache = ad.layer_cache(lm.model, kwargs)
                     self.start = 0 if cache is None else cache.get_seq_length()
                 self.layer_kwargs = kwargs

@@ -109,7 +109,7 @@ class Site:
     # -- coordinates -----------------------------------------------------------------
     @property
     def seq(self) -> int:
-        return self.tensor.shape[-2] if self.kind == "residual" else self.tensor.shape[-2]
+        return self.tensor.shape[-2]  # [B, S, d] residual or [B, H, S, K] probabilities: S either way
 
     def positions(self, row: Row) -> torch.Tensor:
         """The row's own positions present in ``tensor`` (pad positions excluded)."""
@@ -169,7 +169,6 @@ class Site:
         if not self.steer:
             raise RuntimeError("a measuring (baseline) run must not edit the model")  # programming error
         self.tensor[row.index][:, self.query_index(row, positions)] = probs.to(self.tensor.dtype)
-        self._run.edited(self, row)
 
     def record(self, row: Row, metric: str, value) -> None:
         """A scalar record of the row at this layer (the metric must be in the glossary)."""
