@@ -52,3 +52,26 @@ def test_tiny_training_runs_and_saves(tmp_path):
     assert model.config.text_config._attn_implementation == "eager"
     assert AutoProcessor.from_pretrained(tmp_path).tokenizer.pad_token_id == model.config.pad_token_id
     assert len(CLASS_NAMES) == 10
+
+
+def test_sink_prior_equals_eager_bos_mass():
+    """SinkPrior's BOS probability equals HF eager attention's, so the hinge loss does too."""
+    from mclcbf_diag.embedded.build import N_IMAGE_TOKENS, build_model
+
+    proc = build_processor()
+    model = build_model(proc.tokenizer, seed=0, **TINY).eval()
+    model.set_attn_implementation("eager")
+    t = T.Tokens(proc.tokenizer)
+    row = t.encode(T.dialogue(sample_scene(1, 0), np.random.default_rng(0), T.TrainConfig(caption_p=0.0)))
+    ids = torch.tensor([row])
+    prior = T.SinkPrior(model, from_layer=1)
+    with torch.no_grad():
+        out = model.model.language_model(input_ids=ids, output_attentions=True)
+        rows = torch.zeros_like(ids, dtype=torch.bool)
+        rows[:, N_IMAGE_TOKENS + 5:] = True
+        got = prior.loss(rows, target=0.9)
+    prior.close()
+    bos = torch.stack([a[0, :, N_IMAGE_TOKENS + 5:, 0].mean(0) for a in out.attentions[1:]])
+    want = torch.relu(np.log(0.9) - bos.log()).mean()
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    assert not prior.seen and all(not a._forward_pre_hooks for a in prior.attn.values())

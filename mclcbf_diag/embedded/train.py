@@ -72,6 +72,9 @@ class TrainConfig:
     projector_lr_mult: float = 2.0
     n_present: int = 4
     n_absent: int = 4
+    sink_weight: float = 0.0  # weight of the attention-sink prior (0: off; see SinkPrior)
+    sink_target: float = 0.8  # head-mean BOS mass asked of text queries after the image
+    sink_from_layer: int = 2  # the prior acts on this layer and every later one
 
 
 # ---------------------------------------------------------------- dialogues and batches
@@ -264,7 +267,63 @@ def vision_features(model, processor, scenes, device, batch: int = 32) -> torch.
     return torch.cat(out)
 
 
-def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig, device):
+class SinkPrior:
+    """An auxiliary loss standing in for the attention sink that Llama-2's text pre-training
+    leaves in LLaVA-1.5 (Xiao et al. 2023; Gu et al. 2024 find it emerges only after long
+    pre-training, far beyond a CPU budget).
+
+    For every text query after the image, at every layer from ``sink_from_layer`` on, the
+    head-mean attention probability on BOS (key 0) is computed from the layer's own queries
+    and keys (RoPE applied, causal), and ``relu(log sink_target - log p_BOS)`` is averaged
+    into the loss (in log space, because a hinge on p itself has gradient p(1 - p), which
+    vanishes when BOS starts with almost no mass). It is a hinge: once the mean over heads
+    reaches the target it stops pushing, so single heads stay free to read the image. Nothing is set by hand: the model learns
+    where to put the rest of its attention from the answer loss.
+
+    Forward pre-hooks on each attention module capture its (normalised) input and RoPE
+    tables; the loss is computed after the forward, so training can keep SDPA.
+    """
+
+    def __init__(self, model, from_layer: int):
+        self.seen: dict[int, tuple] = {}
+        layers = model.model.language_model.layers
+        self.attn = {i: layers[i].self_attn for i in range(from_layer, len(layers))}
+        self.handles = [a.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, a in self.attn.items()]
+
+    def _hook(self, i):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self.seen[i] = (hidden, kwargs["position_embeddings"])
+        return hook
+
+    def loss(self, rows: torch.Tensor, target: float) -> torch.Tensor:
+        """``rows``: bool [B, T], the query positions the prior acts on."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+        out = []
+        for i, attn in self.attn.items():
+            hidden, (cos, sin) = self.seen.pop(i)
+            b, n, _ = hidden.shape
+            q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = repeat_kv(k, attn.num_key_value_groups)
+            first = int(rows.any(0).nonzero()[0])  # queries start after the image
+            scores = (q[:, :, first:] @ k.transpose(-1, -2)).float() * attn.scaling
+            causal = torch.ones(n - first, n, dtype=torch.bool, device=hidden.device).tril(first)
+            scores = scores.masked_fill(~causal, float("-inf"))
+            log_p = scores[..., 0] - torch.logsumexp(scores, -1)  # [B, H, n - first]
+            log_mean = torch.logsumexp(log_p, 1) - math.log(log_p.shape[1])  # log of the head mean
+            out.append(F.relu(math.log(target) - log_mean)[rows[:, first:]])
+        return torch.cat(out).mean()
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig, device, sink=None):
     """Loss of one stage-1 batch built from cached vision features (no vision tower)."""
     ids, mask, answer = (batch[k].to(device) for k in ("input_ids", "attention_mask", "answer"))
     embeds = model.get_input_embeddings()(ids)
@@ -282,7 +341,13 @@ def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig
     w_answer = is_answer[sel]
     answer_loss = losses[w_answer].mean()
     text_loss = losses[~w_answer].mean() if (~w_answer).any() else losses.new_zeros(())
-    return answer_loss + cfg.text_loss * text_loss, answer_loss.detach(), text_loss.detach()
+    loss = answer_loss + cfg.text_loss * text_loss
+    if sink is None:
+        return loss, answer_loss.detach(), text_loss.detach(), None
+    rows = (mask == 1) & (ids != t.image)
+    rows[:, :N_IMAGE_TOKENS + 5] = False  # text queries after the image
+    sink_loss = sink.loss(rows, cfg.sink_target)
+    return loss + cfg.sink_weight * sink_loss, answer_loss.detach(), text_loss.detach(), sink_loss.detach()
 
 
 def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, log, say,
@@ -301,6 +366,7 @@ def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, lo
     rng = np.random.default_rng(cfg.seed)
     t = Tokens(processor.tokenizer)
     order: list[int] = []
+    sink = SinkPrior(model, cfg.sink_from_layer) if cfg.sink_weight else None
     trainable.train()
     t0 = time.perf_counter()
     for step in range(cfg.steps):
@@ -308,7 +374,7 @@ def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, lo
             order += list(rng.permutation(len(scenes)))
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         rows = [t.encode(dialogue(scenes[i], rng, cfg)) for i in idx]
-        loss, a_loss, x_loss = lm_step(model, feats[idx], make_batch(rows, t), t, cfg, device)
+        loss, a_loss, x_loss, s_loss = lm_step(model, feats[idx], make_batch(rows, t), t, cfg, device, sink)
         if cfg.text_mix:
             mix = [scenes[i] for i in rng.choice(len(scenes), size=cfg.text_mix, replace=False)]
             loss = loss + cfg.text_mix_weight * text_step(model, text_batch(mix, rng, t), device)
@@ -318,16 +384,19 @@ def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, lo
         opt.step()
         sched.step()
         log.append({"stage": 1, "step": step, "loss": loss.item(), "answer_loss": a_loss.item(),
-                    "text_loss": x_loss.item()})
+                    "text_loss": x_loss.item(), **({"sink_loss": s_loss.item()} if sink else {})})
         if step % 20 == 0 or step == cfg.steps - 1:
             recent = [r for r in log[-20:] if r["stage"] == 1]
             say(f"stage 1 step {step} answer loss {np.mean([r['answer_loss'] for r in recent]):.4f} "
                 f"text loss {np.mean([r['text_loss'] for r in recent]):.4f} "
-                f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.0f}s")
+                + (f"sink loss {np.mean([r['sink_loss'] for r in recent]):.4f} " if sink else "")
+                + f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.0f}s")
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
             save(model, processor, checkpoint)
             trainable.train()
             say(f"checkpoint at step {step + 1} -> {checkpoint}")
+    if sink is not None:
+        sink.close()
     model.eval()
 
 
@@ -342,13 +411,19 @@ def save(model, processor, out_dir: Path) -> None:
 
 
 def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = None,
-          say=print, sizes: dict | None = None, checkpoint_every: int = 0) -> dict:
-    """Train from scratch and save a ``from_pretrained``-loadable directory."""
+          say=print, sizes: dict | None = None, checkpoint_every: int = 0, init_from: Path | None = None) -> dict:
+    """Train from scratch (or continue from the model in ``init_from``) and save a
+    ``from_pretrained``-loadable directory."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     processor = build_processor()
-    model = build_model(processor.tokenizer, seed=cfg.seed, **(sizes or {})).to(device)
+    if init_from is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).to(device)
+    else:
+        model = build_model(processor.tokenizer, seed=cfg.seed, **(sizes or {})).to(device)
     model.set_attn_implementation("sdpa")  # same maths as eager, far faster to train; saved as eager
     log: list[dict] = []
     t0 = time.perf_counter()
@@ -366,6 +441,7 @@ def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = 
     t3 = time.perf_counter()
     save(model, processor, out_dir)
     summary = {"config": asdict(cfg), "sizes": sizes or {}, "device": device,
+               "init_from": None if init_from is None else Path(init_from).name,
                "threads": torch.get_num_threads(), "vision_and_text_seconds": t1 - t0, "feature_seconds": t2 - t1,
                "language_seconds": t3 - t2, "total_seconds": t3 - t0,
                "final_answer_loss": float(np.mean([r["answer_loss"] for r in log[-50:] if r["stage"] == 1])) if cfg.steps else None,
@@ -390,13 +466,19 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--sink-weight", type=float, default=TrainConfig.sink_weight)
+    ap.add_argument("--sink-target", type=float, default=TrainConfig.sink_target)
+    ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue from this saved model (give --vision-steps 0 --text-steps 0 to skip stages 0 and L)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, pool=args.pool,
                       batch_size=args.batch_size, lr=args.lr, text_loss=args.text_loss,
-                      text_steps=args.text_steps)
+                      text_steps=args.text_steps, sink_weight=args.sink_weight, sink_target=args.sink_target,
+                      warmup=args.warmup)
     summary = train(args.out, cfg, device=args.device, say=lambda m: print(m, flush=True),
-                    checkpoint_every=args.checkpoint_every)
+                    checkpoint_every=args.checkpoint_every, init_from=args.init_from)
     summary["command"] = "python -m mclcbf_diag.embedded.train " + " ".join(argv if argv is not None else sys.argv[1:])
     (Path(args.out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
