@@ -4,7 +4,9 @@ Pure post-processing: the tensors saved by :mod:`mclcbf_diag.runner` plus the mo
 weights go through the math in :mod:`mclcbf_diag.probes`; nothing here runs the model.
 Attention masses always use the image span *detected* from ``input_ids`` (the truth),
 whatever an intervention was configured with; the intervention's own records (its
-``metrics`` glossary) are passed through as they were recorded.
+``metrics`` glossary) are passed through as they were recorded. Every figure is computed in
+float32 from the captured states (the model's forward keeps its dtype); the propagation
+gets the noise floor of the model's dtype (``propagation_floor``, :mod:`mclcbf_diag.noise`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 
 import torch
 
+from . import noise
 from . import probes as P
 from .models import LoadedModel
 from .outcomes import read_batch
@@ -56,11 +59,13 @@ class _Rows:
                 "metric": self.metric, "value": self.value}
 
 
-def _norm_stack(lm: LoadedModel, layers: list[int], part: str):
-    """Weights [n, d] and eps [n] of one norm (``part``) across ``layers``."""
-    mods = [lm.adapter.layer_part(lm.model, i, part) for i in layers]
-    return (torch.stack([m.weight.detach().float() for m in mods]),
-            torch.tensor([lm.adapter.norm_eps(m) for m in mods]))
+def _norm_stack(lm: LoadedModel, layers: list[int], part: str, device):
+    """Weights [n, d] and eps [n] of one norm (``part``) across ``layers``, on ``device``."""
+    path = f"{lm.adapter.layers}.{{}}.{getattr(lm.adapter, part)}"
+    with lm.onloaded(*(path.format(i) for i in layers)):  # offloaded under a device map
+        mods = [lm.adapter.layer_part(lm.model, i, part) for i in layers]
+        weights = torch.stack([m.weight.detach().to(device, torch.float32) for m in mods])
+    return weights, torch.tensor([lm.adapter.norm_eps(m) for m in mods], device=device)
 
 
 def _step_rows(caps: list[LayerCapture], d: int, device) -> torch.Tensor | None:
@@ -71,18 +76,36 @@ def _step_rows(caps: list[LayerCapture], d: int, device) -> torch.Tensor | None:
                         for c in caps])
 
 
+def _propagation_floors(dtype, dist: torch.Tensor, base_post: torch.Tensor, out_base: torch.Tensor):
+    """Noise floors of the propagation per layer [n] and after the final norm (:mod:`mclcbf_diag.noise`).
+
+    The two forwards are identical up to the first layer whose output differs; from there
+    each layer adds its roundings (in the model's ``dtype``), so layer k counts the layers
+    from that first one to k, and the final norm one rounding more.
+    """
+    changed = torch.nonzero(dist > 0).flatten()
+    first = int(changed[0]) if changed.numel() else 0
+    norms = base_post.norm(dim=-1).tolist()
+    floors = torch.tensor([noise.propagation_floor(dtype, nb, max(k - first + 1, 1)) for k, nb in enumerate(norms)])
+    final = noise.propagation_floor(dtype, float(out_base.float().norm()), len(norms) - first, final_norm=True)
+    return floors, final
+
+
 def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, sample, condition: str,
                  base: StepCapture | None = None) -> dict[str, list]:
     """Every probe at one (phase, step), all layers at once (batched over layers)."""
     rows = _Rows(sample, condition, cap.phase, cap.step)
     layers = sorted(cap.layers)
     caps = [cap.layers[i] for i in layers]
-    stack = lambda name: torch.stack([getattr(c, name).float() for c in caps])  # noqa: E731
+    dev = caps[0].resid_pre_in.device  # under a device map the layers' captures may sit on several devices
+    stack = lambda name: torch.stack([getattr(c, name).to(dev, torch.float32) for c in caps])  # noqa: E731
     pre_in, pre, mid, post = stack("resid_pre_in"), stack("resid_pre"), stack("resid_mid"), stack("resid_post")
     d = pre.shape[-1]
     fn = lm.final_norm()
-    final_w, final_eps = fn.weight.detach().float(), lm.adapter.norm_eps(fn)
-    ln1, ln2 = _norm_stack(lm, layers, "layer_input_norm"), _norm_stack(lm, layers, "layer_post_attention_norm")
+    with lm.onloaded(lm.adapter.final_norm):
+        final_w, final_eps = fn.weight.detach().to(dev, torch.float32), lm.adapter.norm_eps(fn)
+    ln1 = _norm_stack(lm, layers, "layer_input_norm", dev)
+    ln2 = _norm_stack(lm, layers, "layer_post_attention_norm", dev)
     theta = _step_rows(caps, d, pre.device)
 
     for site, x in (("resid_pre", pre), ("resid_mid", mid), ("resid_post", post)):
@@ -105,25 +128,28 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
             rms_used = P.rms_norm_gains(pre, w, eps, None)["rms"]
             rows.add_layers(layers, "ln1_scale_post", rms_used)
             rows.add_layers(layers, "ln1_out_norm_post", (w * pre / rms_used[:, None]).norm(dim=-1))
-    attn = torch.stack([c.attn for c in caps])  # [n, H, K]
+    attn = torch.stack([c.attn.to(dev) for c in caps])  # [n, H, K]
     masses = P.attention_masses(attn.reshape(-1, attn.shape[-1]), image_mask)
     for kind, per_head in masses.items():
         for i, heads in zip(layers, per_head.reshape(len(layers), -1)):
             rows.add_heads(i, f"attn_{kind}_mass", heads)
-    rows.add_layers(layers, "logit_lens_margin", P.yes_no_margin(
-        post, final_w, final_eps, lm.unembed_weight(), lm.tokens.yes_id, lm.tokens.no_id))
+    yes_no = lm.unembed_weight()[[lm.tokens.yes_id, lm.tokens.no_id]].to(dev)  # two rows, not the vocabulary
+    rows.add_layers(layers, "logit_lens_margin", P.yes_no_margin(post, final_w, final_eps, yes_no, 0, 1))
     for i, c in zip(layers, caps):
         for metric, value in c.metrics.items():
             rows.add(i, metric, value)
         for metric, values in c.heads.items():
             rows.add_heads(i, metric, values)
     if base is not None:
-        base_post = torch.stack([base.layers[i].resid_post.float() for i in layers])
+        base_post = torch.stack([base.layers[i].resid_post.to(dev, torch.float32) for i in layers])
         dist = (post - base_post).norm(dim=-1)
         rows.add_layers(layers, "propagation", dist)
         rows.add_layers(layers, "propagation_rel", dist / base_post.norm(dim=-1).clamp_min(1e-30))
         out_s, out_b = (P.rms_norm(x[-1], final_w, final_eps) for x in (post, base_post))
         rows.add(NO_LAYER, "propagation", P.propagation_distance(out_s, out_b))
+        floors, final_floor = _propagation_floors(caps[0].resid_post.dtype, dist, base_post, out_b)
+        rows.add_layers(layers, "propagation_floor", floors)
+        rows.add(NO_LAYER, "propagation_floor", final_floor)
     logits = cap.final_logits
     reading = read_batch(logits[None], lm.tokens)[0]
     margin = reading.margin

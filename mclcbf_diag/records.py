@@ -11,6 +11,10 @@ A measurement is a row ``(sample, condition, phase, step, layer, head, metric, v
   intervention's own glossary (``Intervention.metrics``; :func:`glossary` joins them);
 * ``value``: a float (booleans are 0/1).
 
+A small difference (Δh, propagation, …) has a companion row ``<metric>_floor`` at the same
+key: its noise floor in the dtype it was computed in (:mod:`mclcbf_diag.noise`). Under it the
+figure is rounding, not an effect: summaries print "below noise" and no rule concludes from it.
+
 Long ("tidy") frames of this shape feed the notebooks, plots, reports and batch runs alike;
 ``frame.pivot_table`` turns them into whatever wide view a figure needs.
 """
@@ -58,12 +62,19 @@ METRICS = {
     "nonfinite_values": "count of NaN/inf numbers in the decision token's residuals (every layer) and final logits, "
                         "plus residual states whose mean square overflows float32 (RMSNorm divides by inf there)",
     "label_yes": "1 if the question's label is yes, 0 if no (condition baseline; absent without a label)",
+    # fields of a POPE answers row (answers.jsonl, mclcbf_diag.pope.answer), one per language layer
+    "baseline_image_mass_{layer}": "POPE answers field: the decision token's head-mean softmax mass on image keys "
+                                   "at language layer {layer} in the baseline forward (attn_image_mass, head −1)",
+    "steered_image_mass_{layer}": "POPE answers field: the same in the intervened forward, after the "
+                                  "intervention's edits (intervened − baseline is compare's d_image_mass_L{layer})",
     # whatever an intervention adds through Site.add, measured by the runner (steered layers)
     "rounding_survival": "‖round(x + v) − x‖/‖v‖ in the model dtype, for the added vector v",
     "added_norm": "‖v‖ of the vector added at the decision token at this layer (before rounding)",
     # propagation (steered vs baseline)
     "propagation": "‖x_k^steered − x_k^base‖ at resid_post of layer k",
     "propagation_rel": "propagation / ‖x_k^base‖",
+    "propagation_floor": "noise floor of propagation in the model dtype: eps·‖x_k^base‖·√(4·layers since the first "
+                         "changed one) (layer −1: after the final norm, +1 rounding); see mclcbf_diag.noise",
 }
 
 

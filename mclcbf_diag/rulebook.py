@@ -19,6 +19,12 @@ whose counterfactual is a measurement already in the records (rounding) set ``de
 themselves. Without a tester (records only) the others stay "not tested". Detected causes are
 ranked decisive first, then untested, then not decisive, each group in causal order.
 
+**Noise floors.** A difference recorded with a floor (``<metric>_floor``, see
+:mod:`mclcbf_diag.noise`) is rounding, not an effect, below it: a rule never detects a cause
+from such a figure (it skips the layer, reads it as 0, or uses it only as a bound together
+with its floor), so a bfloat16 run and a float32 run of the same case give the same verdict
+unless a dtype effect (rounding of the step, an inexact gradient) is real.
+
 The layer sets every rule shares are computed once per diagnosis by the rules' ``layers``
 function: *steered* (layers the intervention acted on or measured), *active* (where it asked
 to act) and *fired* (where it changed the model). Generic rules live in
@@ -191,6 +197,14 @@ class Evidence:
     def per_fired(self, metric: str) -> dict[int, float]:
         vals = self.layers(metric)
         return {ly: vals[ly] for ly in self.fired if ly in vals}
+
+    def floors(self, metric: str, cond: str = "steered") -> dict[int, float]:
+        """The noise floor recorded next to ``metric`` per layer (``<metric>_floor``; none recorded: empty)."""
+        return self.layers(f"{metric}_floor", cond)
+
+    def floor(self, metric: str, layer: int = NO_LAYER, cond: str = "steered") -> float:
+        """``metric``'s noise floor at ``layer`` (0.0 where none is recorded: the figure is taken as exact)."""
+        return self._t.get((cond, f"{metric}_floor"), {}).get(layer, 0.0)
 
     def cause(self, rule_id: str) -> Cause | None:
         """The cause rule ``rule_id`` finds (evaluated once; None if no such rule)."""

@@ -62,7 +62,11 @@ class TraceResult:
         fired = per_layer.get("barrier_active", empty).fillna(0)
         h_before = wide["baseline"].get("barrier_h", empty).dropna()
         # after the step at each layer: the model's own image mass once the step is applied
-        h_after = (per_layer.get("barrier_h", empty) + per_layer.get("dh_realised", empty).fillna(0)).dropna()
+        # (a realised Δh below its noise floor is rounding, not a change: it counts as 0)
+        realised = per_layer.get("dh_realised", empty)
+        realised = realised.where(~(realised.abs() < per_layer.get("dh_realised_floor", empty).reindex(
+            realised.index)), 0.0)
+        h_after = (per_layer.get("barrier_h", empty) + realised.fillna(0)).dropna()
         theta_rel = per_layer.get("theta_rel", empty).dropna()
         base, new = self.reading("baseline"), self.reading("steered")
         label = self.question.label if self.question is not None else None
@@ -84,6 +88,7 @@ class TraceResult:
             "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
             "h_after_mean": float(h_after.mean()) if len(h_after) else math.nan,
             "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan,
+            **_noisy_figures(per_layer, fired[fired > 0].index),
         }
         if self.question is not None:
             out["index"] = self.question.index
@@ -105,6 +110,25 @@ class TraceResult:
             return "(non-finite)"
         tid = int(logits.argmax())
         return self._decode(tid) if self._decode is not None else str(tid)
+
+
+def _noisy_figures(per_layer: pd.DataFrame, fired) -> dict:
+    """Δh (mean over fired layers) and the final propagation, each with its noise floor.
+
+    A mean's floor is the largest of its layers' floors; :func:`mclcbf_diag.noise.show` prints
+    "below noise" under it.
+    """
+    out = {}
+    for metric in ("dh_predicted", "dh_recomputed", "dh_realised"):
+        vals = per_layer[metric].reindex(fired).dropna() if metric in per_layer else pd.Series(dtype=float)
+        floors = per_layer[f"{metric}_floor"].reindex(vals.index).dropna() if f"{metric}_floor" in per_layer else []
+        out[f"{metric}_mean"] = float(vals.mean()) if len(vals) else math.nan
+        out[f"{metric}_floor"] = float(max(floors)) if len(floors) else math.nan
+    for metric in ("propagation", "propagation_floor"):
+        col = per_layer.get(metric)
+        out[f"{metric}_final" if metric == "propagation" else metric] = (
+            float(col.get(NO_LAYER, math.nan)) if col is not None else math.nan)
+    return out
 
 
 def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LLAVA_PROMPT):

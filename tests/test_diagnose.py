@@ -354,3 +354,55 @@ def test_damping_is_absolute_and_yields_to_a_lost_step():
     by = {c.id: c for c in tiny}
     assert by["step_negligible"].detected and not by["damped_downstream"].detected
     assert by["damped_downstream"].evidence["explained_by"] == "step_negligible"
+
+
+# --------------------------------------------------------------- noise floors (mclcbf_diag.noise)
+# Each case: a planted cause, then the same figures with a floor above them: it must not fire.
+BELOW_NOISE = {
+    "linearisation_failed": (dict(step={"dh_predicted": 1e-5, "dh_recomputed": 0.0}),
+                             {"dh_predicted_floor": 1e-3, "dh_recomputed_floor": 1e-3}),
+    "gradient_underflow": (dict(step={"grad_norm": 1.9}), {"grad_norm_floor": 0.2}),  # 5% off, floor 10%
+    "damped_downstream": (dict(step={"propagation_rel": {3: 0.01}}), {"propagation_floor": 2.0}),
+    "barrier_not_decisive": (dict(final={("steered", "final_margin"): -1.99, ("steered", "answer_yes"): 0}),
+                             {"dh_realised_floor": 0.2}),
+}
+
+
+@pytest.mark.parametrize("cid", list(BELOW_NOISE))
+def test_no_cause_fires_from_a_figure_below_its_floor(cid):
+    case, floors = BELOW_NOISE[cid]
+    assert cid in detected(diagnose(make(**case)))  # the figures alone do detect it
+    step = {**case.get("step", {}), **floors}
+    noisy = diagnose(make(step=step, final=case.get("final")))
+    assert cid not in detected(noisy)
+
+
+def test_linearisation_beyond_the_floor_still_fails():
+    # Δh predicted 0.15, recomputed 0.02: the mismatch is far above a floor of 1e-3
+    causes = diagnose(make(step={"dh_recomputed": 0.02, "dh_predicted_floor": 1e-3, "dh_recomputed_floor": 1e-3}))
+    lin = next(c for c in causes if c.id == "linearisation_failed")
+    assert lin.detected and lin.evidence["median_rel_err"] == pytest.approx((0.13 - 1e-3) / 0.15)
+    skipped = next(c for c in diagnose(make(step={"dh_predicted": 1e-5, "dh_recomputed": 0.0,
+                                                  "dh_predicted_floor": 1e-3})) if c.id == "linearisation_failed")
+    assert not skipped.detected and "below its noise floor" in skipped.sentence
+
+
+def test_reaching_tau_is_judged_within_the_realised_floor():
+    stuck = {("steered", "final_margin"): -1.99, ("steered", "answer_yes"): 0}
+    # h 0.05 + realised 0.145 = 0.195, 0.005 short of τ = 0.2: beyond the 1e-3 tolerance ...
+    assert "barrier_not_decisive" not in detected(diagnose(make(step={"dh_realised": 0.145}, final=stuck)))
+    # ... but within a realised floor of 0.01, so the target counts as reached
+    near = diagnose(make(step={"dh_realised": 0.145, "dh_realised_floor": 0.01}, final=stuck))
+    by = {c.id: c for c in near}
+    assert by["barrier_not_decisive"].detected and by["barrier_not_decisive"].evidence["target_tolerance"] == 0.01
+
+
+def test_an_unchanged_final_state_needs_to_be_unchanged_beyond_noise():
+    dead = {("steered", "propagation"): 1e-7}
+    assert "damped_downstream" in detected(diagnose(make(final=dead)))
+    noisy = diagnose(make(final={**dead, ("steered", "propagation_floor"): 1e-6}))
+    damped = next(c for c in noisy if c.id == "damped_downstream")
+    assert not damped.detected and "below noise" in damped.sentence
+    # bitwise identical states carry no rounding noise
+    exact = make(final={("steered", "propagation"): 0.0, ("steered", "propagation_floor"): 1.0})
+    assert "damped_downstream" in detected(diagnose(exact))

@@ -19,11 +19,23 @@ Loading happens in two steps so that every mistake is reported before the weight
 3. :func:`load_weights` reads the weights and refuses a checkpoint with missing,
    unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
    otherwise fill with random values.
+
+A device map (``--device-map``: ``auto`` and the other accelerate strategies, or a JSON object
+``{"model.language_model.layers.0": "cuda:0", …}``, see :func:`parse_device_map`) is handed to
+``from_pretrained``, which needs the ``accelerate`` package. When it names more than one
+device, or ``"disk"``, accelerate hooks every module: inputs move to each module's execution
+device, and the weights of offloaded modules (``"cpu"`` entries next to a GPU, ``"disk"``
+entries) stay on the ``meta`` device outside their own forward. The toolkit reads weights
+outside the forward (look-ahead projections, norms, the logit lens), so
+:meth:`LoadedModel.onloaded` loads them for the moment they are read; inputs go to the
+model's execution device (:attr:`LoadedModel.device`), and each measurement follows the
+device of the tensors it combines.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,22 +79,103 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the model's device, or under a device map the device its hooks execute on."""
+        for hook in _hooks(self.model):
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
         return self.model.device
+
+    def onloaded(self, *paths: str):
+        """Context: the weights of the modules at ``paths`` loaded where a device map offloaded them."""
+        return onloaded(self.model, *paths)
 
     def layer_weights(self, index: int) -> LayerWeights:
         """Decoder layer ``index``'s attention projections as plain tensors (see the adapter)."""
-        return self.adapter.layer_weights(self.model, index)
+        with self.onloaded(f"{self.adapter.layers}.{index}"):
+            return self.adapter.layer_weights(self.model, index)
 
     def final_norm(self):
         return self.model.get_submodule(self.adapter.final_norm)
 
     def unembed_weight(self) -> torch.Tensor:
-        return self.model.get_submodule(self.adapter.unembed).weight.detach()
+        with self.onloaded(self.adapter.unembed):
+            return self.model.get_submodule(self.adapter.unembed).weight.detach()
 
     def inputs(self, prompt: str, image) -> dict:
         enc = self.processor(text=prompt, images=image, return_tensors="pt")
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in enc.items()}
+
+
+def _hooks(module: torch.nn.Module) -> list:
+    """The accelerate hooks on one module (a SequentialHook holds several)."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", None) or [hook])
+
+
+@contextmanager
+def onloaded(model: torch.nn.Module, *paths: str):
+    """Load, for the ``with`` block, the offloaded weights of the modules at ``paths`` (dotted).
+
+    Under a device map accelerate keeps an offloaded module's weights on the ``meta`` device
+    and loads them only around its forward (``AlignDevicesHook.pre_forward``); this runs the
+    same pre/post steps for the modules at ``paths``, their ancestors and their submodules.
+    Tensors read inside the block stay valid after it (the module gets ``meta`` ones again).
+    Without offloading (no device map, or one device) it does nothing.
+    """
+    targets: dict[int, tuple] = {}
+    for path in paths:
+        parts = path.split(".") if path else []
+        chain = [model.get_submodule(".".join(parts[:k])) for k in range(len(parts))]
+        for module in [*chain, *model.get_submodule(path).modules()]:
+            for hook in _hooks(module):
+                if getattr(hook, "offload", False):
+                    targets.setdefault(id(hook), (module, hook))
+    with ExitStack() as stack:
+        for module, hook in targets.values():
+            hook.pre_forward(module)
+            stack.callback(hook.post_forward, module, None)
+        yield
+
+
+def parse_device_map(device_map) -> str | dict | None:
+    """``--device-map`` as ``from_pretrained`` takes it, or a UserError.
+
+    A strategy (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) or a single device
+    (``cpu``, ``cuda:1``) stays a string; a JSON object ``{"module path": "device", …}`` (given
+    inline, or as the path of a ``.json`` file) becomes a dict, as does a dict passed in Python.
+    Devices are ``cpu``, ``disk``, ``cuda:N``/``N`` or ``mps``.
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        mapping, what = device_map, "the device map"
+    else:
+        text = str(device_map).strip()
+        if text.endswith(".json") and not text.startswith("{"):
+            try:
+                text = Path(text).expanduser().read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UserError(f"--device-map {device_map}: cannot read that file ({exc.strerror or exc}); "
+                                "pass an existing JSON file, a JSON object or a strategy such as auto") from None
+        if not text.startswith("{"):
+            if not text:
+                raise UserError("--device-map is empty; pass auto, a device, or a JSON object of module → device")
+            return text
+        try:
+            mapping = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"--device-map {device_map!r} is not valid JSON ({exc}); write it as "
+                            '\'{"model.language_model.layers.0": "cpu", "lm_head": "cpu", …}\'') from None
+        what = f"--device-map {device_map!r}"
+    if not isinstance(mapping, dict) or not mapping:
+        raise UserError(f"{what} must be a non-empty JSON object of module path → device")
+    bad = [k for k, v in mapping.items() if not isinstance(k, str) or isinstance(v, bool)
+           or not isinstance(v, (str, int))]
+    if bad:
+        raise UserError(f"{what}: entries {bad[:3]} are not 'module path': device (a string such as "
+                        "\"cpu\", \"disk\" or \"cuda:0\", or a GPU index)")
+    return dict(mapping)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -196,12 +289,13 @@ class PreparedModel:
     tokens: AnswerTokens
     dtype: torch.dtype
     device: str
-    device_map: str | None
+    device_map: str | dict | None
 
 
 def prepare_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
-                  device_map: str | None = None, verify: bool = False) -> PreparedModel:
+                  device_map: str | dict | None = None, verify: bool = False) -> PreparedModel:
     """Validate the options and load config + processor; the weights are not read."""
+    device_map = parse_device_map(device_map)
     if device_map is None:
         resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -210,7 +304,7 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
 
         if importlib.util.find_spec("accelerate") is None:
             raise UserError(f"--device-map {device_map} needs the accelerate package; install it "
-                            "(pip install accelerate) or drop --device-map")
+                            "(pip install 'mclcbf-diag[gpu]', or pip install accelerate) or drop --device-map")
     where, local = _locate(name_or_path)
     if verify:
         if not local:
@@ -256,6 +350,10 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
             if quiet:
                 hf_logging.enable_progress_bar()
     except (OSError, ValueError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if prep.device_map is not None and "device" in first.lower() and "map" in first.lower():
+            raise UserError(f"--device-map: {first}; give every module a device (or a parent module, e.g. "
+                            "\"model\" and \"lm_head\"), or use --device-map auto") from exc
         raise _load_error(where, prep.local, exc) from exc
     check_loading_info(where, info)
     if prep.device_map is None:
@@ -286,7 +384,7 @@ def check_loading_info(where: str, info: dict) -> None:
 
 
 def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
-               device_map: str | None = None, verify: bool = False) -> LoadedModel:
+               device_map: str | dict | None = None, verify: bool = False) -> LoadedModel:
     """Load the embedded model (default), a local directory or a cached hub id, offline."""
     return load_weights(prepare_model(name_or_path, dtype, device, device_map, verify))
 

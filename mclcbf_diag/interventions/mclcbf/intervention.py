@@ -11,12 +11,22 @@ Records (per steered layer, see :data:`METRICS`): h before the step, τ, whether
 ‖g‖ in the gradient dtype and in float32, Σg², the unclamped and applied scale, ‖θ*‖ and
 ‖θ*‖/‖x‖, Δh predicted (first order), recomputed (same keys) and realised (the model's own
 attention), and, at layer −1, how the configured image span overlaps the detected image.
+
+Two computations, two dtypes. The *controller* (h, ∇h, the scale and the step) runs in the
+gradient dtype, as the seed does (``grad_dtype=model``: the model's dtype, so its rounding
+is part of what is diagnosed). The *measurements* (the recorded h, Δh predicted and
+recomputed) run in float32 (:func:`mclcbf_diag.noise.measure_dtype`) from the model's own
+residual and keys, whatever the model's dtype: in bfloat16 an h summed in bfloat16 moves in
+steps of ~2⁻⁹, so a Δh of 1e-5 would read 0. Each Δh is recorded with its noise floor
+(``dh_*_floor``, :mod:`mclcbf_diag.noise`); ``dh_realised`` compares the model's own
+attention, computed in its dtype, with the float32 h, so its floor is the model dtype's.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ... import noise
 from ...errors import UserError
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
@@ -51,9 +61,19 @@ METRICS = {
     "clamp_active": "1 if the clamp bound the scale",
     "theta_norm": "‖θ*‖ (before α)", "theta_rel": "‖θ*‖/‖x‖ at the targets, x before the step",
     "applied_norm": "‖α θ*‖ over the target tokens (before any dose multiplier)",
-    "dh_predicted": "g·(α θ*) (first order); attn_logits site: target mass − h",
-    "dh_recomputed": "h(x + αθ*) − h(x), same keys (the step as computed, before rounding into the model dtype)",
+    "barrier_h_dtype": "h as the controller computed it, in the gradient dtype (decides barrier_active and the "
+                       "scale); recorded when that dtype is not float32 (barrier_h itself is computed in float32)",
+    "dh_predicted": "g·(α θ*) (first order, g in float32); attn_logits site: target mass − h",
+    "dh_recomputed": "h(x + αθ*) − h(x) in float32, same keys (the step as computed, before rounding into the "
+                     "model dtype)",
     "dh_realised": "the model's own head-mean image mass (configured span) after the step − h",
+    "dh_predicted_floor": "noise floor of dh_predicted: eps·√(m(1 − m))·√16, m the larger of h and h + Δh, eps of "
+                          "the dtype h is computed in (float32; attn_logits site: the model's); see mclcbf_diag.noise. "
+                          "Below it the figure is reported as 'below noise'",
+    "dh_recomputed_floor": "noise floor of dh_recomputed (float32 h; the formula of dh_predicted_floor)",
+    "dh_realised_floor": "noise floor of dh_realised: the formula of dh_predicted_floor with eps of the model dtype "
+                         "(the model's own attention is computed in its dtype)",
+    "grad_norm_floor": "noise floor of grad_norm − grad_norm_f32: eps(gradient dtype)·‖g‖_f32·√16",
     "logit_shift": "attn_logits site: logit bias added to image keys (per head)",
     "span_configured_tokens": "positions in the configured span", "span_detected_tokens": "image tokens",
     "span_iou": "configured span vs detected image: intersection over union",
@@ -137,47 +157,66 @@ class MCLCBF(Intervention):
                     continue
                 members = [m for j, m in enumerate(members) if not bool(bad[j])]
                 x_t = x_t[~bad]
-            keys = torch.stack([k for _, k, _ in members])
+            # the look-ahead runs where the layer's weights are (under a device map x may arrive elsewhere)
+            dev = w.q_weight.device
+            x_t = x_t.to(dev)
+            keys = torch.stack([k.to(dev) for _, k, _ in members])
             if normalized:
                 x_t = w.norm(x_t)
-            cos, sin = site.rotary(row0, t)
+            cos, sin = (c.to(dev) for c in site.rotary(row0, t))
             qpos = t
             span = self.span[row0.index]
 
+            mdt = noise.measure_dtype(x.dtype)  # the figures' dtype; the controller's is gdt
+            weights = {dt: w.to(dt) for dt in {gdt, mdt}}
+
             def h_of(xt, k, dtype=gdt):
-                return barrier_value(xt, k, w.to(dtype), cos.to(dtype), sin.to(dtype), span, qpos,
+                return barrier_value(xt, k, weights[dtype], cos.to(dtype), sin.to(dtype), span, qpos,
                                      normalized=normalized)[0]
 
-            if not site.steer:  # measuring run: h only, as the steered run computes it
-                h = torch.func.vmap(h_of)(x_t.to(gdt), keys.to(gdt))
+            def h_measured(xt, k):
+                return h_of(xt, k, mdt)
+
+            if not site.steer:  # measuring run: h only, as the steered run measures it
+                h = torch.func.vmap(h_measured)(x_t.to(mdt), keys.to(mdt))
                 for j, (r, _, _) in enumerate(members):
                     site.record(r, "barrier_h", float(h[j]))
                 continue
             g, h = _grad_and_value(h_of, x_t.to(gdt), keys.to(gdt))
-            g32 = g if gdt == torch.float32 else _grad_and_value(
-                lambda a, b: h_of(a, b, torch.float32), x_t.float(), keys.float())[0]
+            g32, h32 = (g, h) if gdt == mdt else _grad_and_value(h_measured, x_t.to(mdt), keys.to(mdt))
             if not torch.isfinite(g).all():
                 raise UserError(f"the barrier gradient at layer {site.layer} is NaN or inf (dtype {gdt}); "
                                 "try --set grad_dtype=float32 or a float32 model")
             for j, (r, _, _) in enumerate(members):
                 st = step(h[j], g[j], float(x_t[j].float().norm()), tau, alpha, cfg)
                 rec = st.to_record()
-                site.record(r, "barrier_h", st.h)
+                h_before = float(h32[j])
+                site.record(r, "barrier_h", h_before)
+                if gdt != mdt:
+                    site.record(r, "barrier_h_dtype", st.h)
                 for f, metric in _STEP_METRICS.items():
                     site.record(r, metric, rec[f])
-                site.record(r, "grad_norm_f32", float(g32[j].float().norm()))
+                g32_norm = float(g32[j].float().norm())
+                site.record(r, "grad_norm_f32", g32_norm)
+                site.record(r, "grad_norm_floor", noise.grad_norm_floor(gdt, g32_norm))
                 site.record(r, "guard", cfg.guard)
                 site.record(r, "guard_share", st.guard_share)
                 site.record(r, "guard_share_f32", guard_share(float((g32[j].float() ** 2).sum()), cfg.guard))
-                applied = (st.applied * site.dose).to(x.dtype) if site.dose != 1 else st.applied.to(x.dtype)
+                computed = st.applied * site.dose if site.dose != 1 else st.applied  # in gdt, before rounding
+                applied = computed.to(x.dtype)
                 finite = st.finite and bool(torch.isfinite(applied).all())
                 site.record(r, "step_nonfinite", float(not finite))
                 if not finite:  # an overflowing step is recorded, never applied
                     continue
-                site.record(r, "dh_predicted", st.predicted_delta_h * site.dose)
+                step_m = computed.to(mdt)
+                pred = st.predicted_delta_h * site.dose if gdt == mdt else float(
+                    (g32[j].to(torch.float64) * st.applied.to(torch.float64)).sum()) * site.dose
                 with torch.no_grad():
-                    h_after = h_of(x_t[j].to(gdt) + applied.to(gdt), keys[j].to(gdt))
-                site.record(r, "dh_recomputed", float(h_after) - st.h)
+                    h_after = float(h_measured(x_t[j].to(mdt) + step_m, keys[j].to(mdt)))
+                site.record(r, "dh_predicted", pred)
+                site.record(r, "dh_predicted_floor", noise.mass_floor(mdt, h_before, h_before + pred))
+                site.record(r, "dh_recomputed", h_after - h_before)
+                site.record(r, "dh_recomputed_floor", noise.mass_floor(mdt, h_before, h_after))
                 if st.active and site.dose != 0:
                     site.add(r, t, applied, after_norm=normalized)
                     self._stepped.add(r.index)
@@ -200,6 +239,8 @@ class MCLCBF(Intervention):
             site.set_rows(row, self._targets(site, row), edited)
             site.record_heads(row, "logit_shift", delta.mean(-1))
             site.record(row, "dh_predicted", float(target.mean()) - h)
+            # h is the model's own mass here (its dtype): the floor is that dtype's
+            site.record(row, "dh_predicted_floor", noise.mass_floor(probs.dtype, h, float(target.mean())))
 
     def pattern(self, site: Site) -> None:
         """h as the model realised it: in a measuring run h "before", else Δh_realised."""
@@ -211,6 +252,7 @@ class MCLCBF(Intervention):
                 site.record(row, "barrier_h", realised)
             elif site.steer:
                 site.record(row, "dh_realised", realised - before)
+                site.record(row, "dh_realised_floor", noise.mass_floor(site.tensor.dtype, before, realised))
 
     # -- whole-model records, summaries, fixes ------------------------------------------------------
     def row_records(self, row: Row) -> dict[str, float]:

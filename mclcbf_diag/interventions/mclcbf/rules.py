@@ -20,12 +20,19 @@ of ‖x‖; ``linearisation_failed`` → site=attn_logits (the target mass exact
 (``added_norm``), with the growth of ‖x‖ shown apart, and is never claimed for a step that was
 negligible or rounded away; MC-LCBF has no generic counterfactual for it (an intervention's
 ``counterfactual(cause)`` hook may give one).
+
+Noise floors (:mod:`mclcbf_diag.noise`): ‖g‖'s error is judged against at least the gradient
+dtype's rounding (``grad_norm_floor``); a Δh predicted below its floor is left out of the
+linearisation check, and the mismatch is counted beyond the floor; a ``dh_realised`` below its
+floor counts as 0, and reaching τ is judged within it; damping needs the deviation plus its
+floor to be small. So no cause fires from a figure below its floor.
 """
 
 from __future__ import annotations
 
 import math
 
+from ...noise import below, resolved
 from ...rulebook import Evidence, Rule, fmt, median, pct
 
 SPAN_IOU_MIN = 0.99  # |C ∩ D|/|C ∪ D| of configured C and detected D image positions
@@ -90,11 +97,14 @@ def gradient_underflow(ev: Evidence, rule: Rule):
         return ev.skip(rule, "no gradient metrics at active layers")
     zero = [ly for ly in layers if sq.get(ly, 1.0) == 0 and g32.get(ly, 1.0) > 0]
     err = {ly: abs(gn[ly] - g32[ly]) / g32[ly] for ly in layers if ly in gn and g32.get(ly, 0) > 0}
-    bad = sorted(set(zero) | {ly for ly, x in err.items() if x > GRAD_REL_ERR_MAX})
+    # the gradient dtype's own rounding of ‖g‖ is noise, not underflow: the bar is never below it
+    bar = {ly: max(GRAD_REL_ERR_MAX, ev.floor("grad_norm", ly) / g32[ly]) for ly in err}
+    bad = sorted(set(zero) | {ly for ly, x in err.items() if x > bar[ly]})
     e = {"n_underflow": len(bad), "n_active": len(layers), "n_sq_zero": len(zero),
-         "max_rel_err": max(err.values(), default=math.nan), "median_grad_norm_f32": median(g32.values())}
+         "max_rel_err": max(err.values(), default=math.nan), "median_grad_norm_f32": median(g32.values()),
+         "rel_err_bar": max(bar.values(), default=GRAD_REL_ERR_MAX)}
     s = (f"In the gradient dtype Σg² was 0 at {len(zero)} and ‖g‖ was off by more than"
-         f" {pct(GRAD_REL_ERR_MAX)} at {len(bad)} of {len(layers)} active layers (max relative error"
+         f" {pct(e['rel_err_bar'])} at {len(bad)} of {len(layers)} active layers (max relative error"
          f" {pct(e['max_rel_err'])}, median float32 ‖g‖ {fmt(e['median_grad_norm_f32'])}).")
     return ev.make(rule, bool(bad), len(bad) / len(layers), e, s)
 
@@ -162,15 +172,28 @@ def step_negligible(ev: Evidence, rule: Rule):
 
 
 def linearisation_failed(ev: Evidence, rule: Rule):
+    """First order vs recomputed Δh, at fired layers where the prediction is above its noise floor.
+
+    The error is ``max(0, |Δh_rec − Δh_pred| − floor)/|Δh_pred|``: the part of the mismatch that
+    rounding cannot explain. A layer whose predicted Δh is below the floor says nothing.
+    """
     pred, rec = ev.per_fired("dh_predicted"), ev.per_fired("dh_recomputed")
-    err = {ly: abs(rec[ly] - pred[ly]) / abs(pred[ly]) for ly in pred if ly in rec and pred[ly] != 0}
-    if not err:
+    pairs = [ly for ly in pred if ly in rec and pred[ly] != 0]
+    if not pairs:
         return ev.skip(rule, "no dh_predicted/dh_recomputed pairs")
+    floor = {ly: max(ev.floor("dh_predicted", ly), ev.floor("dh_recomputed", ly)) for ly in pairs}
+    err = {ly: max(0.0, abs(rec[ly] - pred[ly]) - floor[ly]) / abs(pred[ly]) for ly in pairs
+           if not below(pred[ly], floor[ly])}
+    if not err:
+        return ev.skip(rule, f"Δh predicted is below its noise floor (median {fmt(median(floor.values()))}) at "
+                             f"every fired layer")
     x = median(err.values())
     e = {"median_rel_err": x, "n_off": sum(v > LINEAR_REL_ERR_MAX for v in err.values()), "n_fired": len(err),
-         "median_predicted": median(pred.values()), "median_recomputed": median(rec.values())}
+         "median_predicted": median(pred[ly] for ly in err), "median_recomputed": median(rec[ly] for ly in err),
+         "n_below_noise": len(pairs) - len(err)}
     s = (f"Δh predicted to first order {fmt(e['median_predicted'])}, recomputed {fmt(e['median_recomputed'])}"
-         f" (median error {pct(x)}; off by > {pct(LINEAR_REL_ERR_MAX)} at {e['n_off']} of {len(err)} layers).")
+         f" (median error {pct(x)}; off by > {pct(LINEAR_REL_ERR_MAX)} at {e['n_off']} of {len(err)} layers"
+         + (f"; {e['n_below_noise']} layers below the noise floor left out" if e["n_below_noise"] else "") + ").")
     return ev.make(rule, x > LINEAR_REL_ERR_MAX, min(1.0, x), e, s)
 
 
@@ -195,20 +218,29 @@ def damped_downstream(ev: Evidence, rule: Rule):
     norms = ev.layers("resid_post_norm")
     last = max(prop) if prop else None
     e = {"first_layer": fired[0], "applied_total": total, "propagation_final": final if final is not None else math.nan}
-    ratio = math.nan
+    ratio = bound = math.nan
     if last is not None and total > 0:
-        ratio = prop[last] / total
-        e.update(last_layer=last, deviation_last=prop[last], carried_per_unit=ratio,
+        # rounding noise may hide up to the floor: damping is claimed only if even deviation + floor is small
+        noise_last = ev.floor("propagation", last)
+        ratio, bound = prop[last] / total, (prop[last] + noise_last) / total
+        e.update(last_layer=last, deviation_last=prop[last], carried_per_unit=ratio, deviation_floor=noise_last,
                  norm_growth=(norms.get(last, math.nan) / norms[fired[0]]) if norms.get(fired[0]) else math.nan)
-    dead = final is not None and final < PROPAGATION_FINAL_MIN
-    damped = math.isfinite(ratio) and ratio < DAMPING_RATIO_MIN
+    final_noise = ev.floor("propagation")
+    # bitwise identical final states are exact; otherwise "unchanged" must hold with the floor added
+    dead = final is not None and (final == 0 or final + final_noise < PROPAGATION_FINAL_MIN)
+    damped = math.isfinite(bound) and bound < DAMPING_RATIO_MIN
+
+    def shown(value, noise_):
+        return "below noise" + (f" (floor {fmt(noise_)})" if noise_ else "") if below(value, noise_) else fmt(value)
+
     s = (f"The steps added {fmt(total)} in all at the decision token; at layer {e['last_layer']} the steered residual is "
-         f"{fmt(e['deviation_last'])} from the baseline ({fmt(ratio)} per unit of applied step; ‖x‖ grew "
-         f"{fmt(e['norm_growth'])}× from layer {fired[0]}, which is not damping); " if "deviation_last" in e else "")
-    s += (f"after the final norm the steered state is {fmt(e['propagation_final'])} from the baseline"
+         f"{shown(e['deviation_last'], e['deviation_floor'])} from the baseline ({fmt(ratio)} per unit of applied step;"
+         f" ‖x‖ grew {fmt(e['norm_growth'])}× from layer {fired[0]}, which is not damping); "
+         if "deviation_last" in e else "")
+    s += (f"after the final norm the steered state is {shown(e['propagation_final'], final_noise)} from the baseline"
           + (" (unchanged)." if dead else "."))
     s = s[0].upper() + s[1:]
-    return ev.make(rule, dead or damped, 1.0 if dead else 1 - ratio / DAMPING_RATIO_MIN, e, s)
+    return ev.make(rule, dead or damped, 1.0 if dead else 1 - bound / DAMPING_RATIO_MIN, e, s)
 
 
 def barrier_not_decisive(ev: Evidence, rule: Rule):
@@ -225,16 +257,23 @@ def barrier_not_decisive(ev: Evidence, rule: Rule):
                        "The answer was right: not changing it is not a failure.")
     h, tau = ev.layers("barrier_h"), ev.layers("barrier_tau")
     realised, pred = ev.per_fired("dh_realised"), ev.per_fired("dh_predicted")
+    # a realised Δh below its noise floor is no change (h stays h); one above it reaches τ within its floor
+    noise_ = {ly: ev.floor("dh_realised", ly) for ly in realised}
+    tol_at = {ly: TARGET_TOLERANCE if below(v, noise_[ly]) else max(TARGET_TOLERANCE, noise_[ly])
+              for ly, v in realised.items()}
+    realised = {ly: resolved(v, noise_[ly]) for ly, v in realised.items()}
     # target τ; where τ is not recorded (attention-logit site), the change the site asked for
     target = {ly: tau[ly] if ly in tau else h[ly] + pred[ly] for ly in realised if ly in h and (ly in tau or ly in pred)}
     if not target:
         return ev.skip(rule, "no barrier_h/dh_realised/target at fired layers")
+    # gaps in units of each layer's tolerance: reached when the median is within it
     gap = [h[ly] + realised[ly] - target[ly] for ly in target]
+    tol = median(tol_at[ly] for ly in target)
     after = [h[ly] + realised[ly] for ly in target]
-    reached = median(gap) >= -TARGET_TOLERANCE
+    reached = median((h[ly] + realised[ly] - target[ly]) / tol_at[ly] for ly in target) >= -1
     e = {"m_base": mb, "m_steered": ms, "delta_m": dm, "answer_flipped": int(flipped),
          "median_h_after": median(after), "median_target": median(target.values()), "n_fired": len(ev.fired),
-         "n_reached": sum(x >= -TARGET_TOLERANCE for x in gap)}
+         "n_reached": sum(g >= -tol_at[ly] for g, ly in zip(gap, target)), "target_tolerance": tol}
     s = (f"The barrier {'reached' if reached else 'did not reach'} its target (median h after the step"
          f" {fmt(e['median_h_after'])} vs {fmt(e['median_target'])}, {e['n_reached']} of {len(gap)} fired layers),"
          f" {'yet' if reached else 'and'} the margin moved by {fmt(dm)} of {fmt(abs(mb))} ({pct(frac)})")
@@ -298,7 +337,8 @@ RULES = [
     Rule("barrier_inactive", "Barrier inactive (h ≥ τ)", 3,
          f"fraction of steered layers with h ≥ τ > {INACTIVE_FRACTION}", barrier_inactive, _cf_inactive),
     Rule("gradient_underflow", "Gradient underflow in the gradient dtype", 4,
-         f"Σg² == 0 in the gradient dtype, or |‖g‖ − ‖g‖_f32|/‖g‖_f32 > {GRAD_REL_ERR_MAX}, at an active layer",
+         f"Σg² == 0 in the gradient dtype, or |‖g‖ − ‖g‖_f32|/‖g‖_f32 > max({GRAD_REL_ERR_MAX}, "
+         "grad_norm_floor/‖g‖_f32), at an active layer",
          gradient_underflow, _cf_knobs("grad_dtype = float32", grad_dtype="float32")),
     Rule("guard_dominates", "The guard, not the gradient, sets the scale", 4.5,
          f"guard/(Σg² + guard) > {GUARD_SHARE_MAX} at an active layer", guard_dominates, _cf_guard),
@@ -309,15 +349,18 @@ RULES = [
          f"median ‖αθ*‖/‖x‖ < {STEP_REL_MIN}, or median ln1_gain_theta·‖αθ*‖/ln1_out_norm < {STEP_REL_MIN}, "
          "over fired layers", step_negligible, _cf_negligible, judged_on="answer"),
     Rule("linearisation_failed", "First-order prediction failed", 8,
-         f"median |dh_recomputed − dh_predicted|/|dh_predicted| > {LINEAR_REL_ERR_MAX} over fired layers",
+         f"median max(0, |dh_recomputed − dh_predicted| − floor)/|dh_predicted| > {LINEAR_REL_ERR_MAX} over fired "
+         "layers whose dh_predicted is above its noise floor",
          linearisation_failed, _cf_knobs("site = attn_logits: the target mass exactly, no linearisation",
                                          site="attn_logits"), judged_on="answer"),
     Rule("damped_downstream", "Perturbation damped downstream", 9,
          f"‖Δx‖ at the last layer < {DAMPING_RATIO_MIN} × Σ‖v‖ applied at the decision token (absolute, not relative "
-         f"to a growing ‖x‖), or propagation after the final norm < {PROPAGATION_FINAL_MIN}; never when the step "
-         "was negligible or absorbed", damped_downstream, judged_on="answer"),
+         f"to a growing ‖x‖), or propagation after the final norm < {PROPAGATION_FINAL_MIN} (or exactly 0), each "
+         "with its noise floor added; never when the step was negligible or absorbed", damped_downstream,
+         judged_on="answer"),
     Rule("barrier_not_decisive", "Barrier reached its target but is not decisive", 11,
-         f"median (h + dh_realised − τ) ≥ −{TARGET_TOLERANCE} over fired layers (τ ← h + dh_predicted where τ is "
+         f"median (h + dh_realised − τ) ≥ −max({TARGET_TOLERANCE}, dh_realised_floor) over fired layers, a "
+         "dh_realised below its floor counting as 0 (τ ← h + dh_predicted where τ is "
          f"not recorded) and |Δm| < {DECISIVE_MARGIN_FRACTION}·|m_base|", barrier_not_decisive),
 ]
 NO_STEP_EXPLAINED_BY = ("barrier_inactive", "gradient_underflow", "decode_only", "non_finite")
