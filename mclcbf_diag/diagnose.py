@@ -54,7 +54,6 @@ import pandas as pd
 
 from .interventions import MCLCBF
 from .rulebook import (
-    RANKING,
     Cause,
     Evidence,
     Rule,
@@ -253,12 +252,17 @@ def causes_frame(causes: list[Cause]) -> pd.DataFrame:
 
 
 def verdict(causes: list[Cause]) -> str:
-    """A few lines: the question the label asks, the outcome, the ranked causes with their status.
+    """Short lines: the question the label asks, each detected cause, the ranking, the outcome.
 
     The first line answers the question (a wrong answer: why not fixed; a right one: kept,
-    broken or derailed; no label: did it change); then the top detected cause's sentence and
-    its test, the other causes briefly, the ranking rule, and the outcome line.
+    broken or derailed; no label: did it change). Then one line per detected cause in rank
+    order, ``[status] sentence``, each followed by an indented line with its id, its strength
+    and its test; one line says how the ranking works (with this verdict's own example when
+    a weaker cause ranks above a stronger one), one what "decisive" means, and the last line
+    is the outcome.
     """
+    from .rulebook import DECISIVE_RULE
+
     found = [x for x in causes if x.detected]
     ev = next((x.evidence for x in causes if x.id == "margin_unmoved" and "m_base" in x.evidence),
               next((x.evidence for x in causes if "answer_flipped" in x.evidence), {}))
@@ -274,12 +278,30 @@ def verdict(causes: list[Cause]) -> str:
     if not found:
         return "\n".join(x for x in (head, "No cause detected: every rule's evidence is in its healthy range.", tail) if x)
     lines = [head] if head else []
-    lines.append(f"[{found[0].status}] {found[0].sentence}")
-    if found[0].test:
-        lines.append(f"  test: {found[0].test}.")
-    lines += [f"Also: {x.title} ({x.id}, {x.status}, strength {x.strength:.2f})" for x in found[1:]]
-    lines.append(RANKING)
+    for x in found:
+        lines.append(f"[{x.status}] {x.sentence}")
+        lines.append(f"  {x.id}, strength {fmt(x.strength)}" + (f"; test: {x.test.rstrip('.')}." if x.test else "."))
+    lines.append(_ranking_line(found))
+    if any(x.status in ("decisive", "present, not decisive") for x in found):
+        lines.append(f"Decisive means: {DECISIVE_RULE}.")
     return "\n".join([*lines, tail])
+
+
+_GROUP = {True: 0, None: 1, False: 2}
+
+
+def _ranking_line(found: list[Cause]) -> str:
+    """How the causes are ordered, in one line, with this verdict's own weaker-above-stronger example."""
+    line = ("Ranking: decisive causes first, then causes not tested by a counterfactual (observed ones included), "
+            "then those present but not decisive; within each group in causal order, because an earlier failure "
+            "hides later ones; strength (how far the rule's evidence is past its threshold, 0 to 1) only breaks ties")
+    for i, a in enumerate(found):
+        b = next((b for b in found[i + 1:] if _GROUP[b.decisive] == _GROUP[a.decisive] and b.strength > a.strength),
+                 None)
+        if b is not None:
+            return (line + f": so {a.id} (strength {fmt(a.strength)}) ranks above {b.id} (strength {fmt(b.strength)}) "
+                    "because it comes earlier in that order.")
+    return line + "."
 
 
 def _question_line(ev: dict, outcome) -> str:

@@ -5,7 +5,11 @@ Chromium (driven by selenium + chromedriver) with the network turned off, and ch
 
 * every figure the file defines (one ``Plotly.newPlot("<div id>", …)`` call each) is drawn:
   its div has plotly's ``_fullData``/``_fullLayout`` and an ``svg.main-svg`` of non-zero size;
-* the heatmap traces the file defines are all drawn (``g.hm image``);
+* the heatmap traces the file defines are all drawn (``g.hm image``), folded sections
+  (``<details>``, e.g. the decode steps) opened first;
+* every figure that overlays attention on the image draws both the image (``g.im image``) and
+  its heatmaps, for the decision token and for a token chosen with ``--overlay-token``;
+* an empty plot is a placeholder with its reason, never a blank figure;
 * the browser console shows no errors, and the page fetched nothing (it is self-contained).
 
 Needs Chromium and chromedriver (Debian: ``apt-get install -y chromium chromium-driver``)
@@ -69,6 +73,7 @@ def browser(tmp_path_factory):
         pytest.fail(f"could not start headless Chromium ({chrome}) with {driver_path}: "
                     f"{str(exc).strip().splitlines()[0]}")
     driver.set_page_load_timeout(RENDER_TIMEOUT_S)
+    driver.set_script_timeout(RENDER_TIMEOUT_S)
     yield driver
     driver.quit()
 
@@ -79,7 +84,8 @@ def _run_cli(argv: list[str]) -> None:
 
 
 def _trace_page(out: Path) -> Path:
-    _run_cli(["trace", "--sample", "25", "--out", str(out)])
+    # the original preset never fires on the embedded model: the empty plots must say why
+    _run_cli(["trace", "--sample", "25", "--overlay-token", "truck", "--out", str(out)])
     return out / "trace.html"
 
 
@@ -100,7 +106,20 @@ def _pope_page(out: Path) -> Path:
     return out / "summary.html"
 
 
-PAGES = {"trace": _trace_page, "trace-decode": _trace_decode_page, "explain": _explain_page, "pope": _pope_page}
+def _pope_text_page(out: Path) -> Path:
+    # steps that fire and generated text: a histogram, two answer kinds, changed questions
+    _run_cli(["pope", "--split", "adversarial", "--limit", "16", "--preset", "fixed", "--set", "tau=0.6",
+              "--set", "tokens=after_image", "--generate", "1", "--out", str(out)])
+    return out / "summary.html"
+
+
+def _flow_page(out: Path) -> Path:
+    _run_cli(["flow", "--sample", "25", "--window", "2", "--out", str(out)])
+    return next(out.glob("flow-*.html"))
+
+
+PAGES = {"trace": _trace_page, "trace-decode": _trace_decode_page, "explain": _explain_page, "pope": _pope_page,
+         "pope-text": _pope_text_page, "flow": _flow_page}
 
 
 def _expected(html: str) -> dict[str, list[str]]:
@@ -118,6 +137,15 @@ def _expected(html: str) -> dict[str, list[str]]:
 
 _VISIBLE_HEATMAPS: dict[str, int] = {}  # figure id → heatmaps shown at load (a slider may hide the others)
 
+
+_OPEN_JS = """
+document.querySelectorAll('details:not([open])').forEach(d => { d.open = true; });
+"""  # the page's own toggle handler redraws the figures inside, as a user's click would
+
+_OVERLAY_JS = """
+return arguments[0].map(id => { const p = document.getElementById(id);
+  return [p.querySelectorAll('g.im image').length, p.querySelectorAll('g.hm image').length]; });
+"""
 
 _STATE_JS = """
 const ids = arguments[0];
@@ -153,6 +181,11 @@ def test_page_renders_offline(kind, browser, tmp_path, monkeypatch):
     browser.get_log("browser")  # drop anything left from an earlier page
     browser.get(page.resolve().as_uri())
     deadline = time.monotonic() + RENDER_TIMEOUT_S
+    while browser.execute_script("return document.readyState") != "complete" or not browser.execute_script(
+            "return typeof window.Plotly === 'object'"):
+        assert time.monotonic() < deadline, f"{kind}: the page did not load plotly.js"
+        time.sleep(0.1)
+    browser.execute_script(_OPEN_JS)  # folded sections (decode steps, long tables) are part of the page
     while True:
         state = browser.execute_script(_STATE_JS, ids)
         if state["ready"] == "complete" and state["drawn"] == len(ids):
@@ -170,9 +203,24 @@ def test_page_renders_offline(kind, browser, tmp_path, monkeypatch):
     assert state["heatmapImages"] == heatmaps, f"{kind}: {state['heatmapImages']} heatmap images for {heatmaps}"
     if kind.startswith("trace") or kind == "explain":
         assert heatmaps >= 1, "the attention heatmaps are missing"
-    if kind.startswith("trace"):  # the first figure: the image with the decision token's attention over it
-        first = ids[0]
-        assert "image" in figures[first] and "heatmap" in figures[first], figures[first]
-        assert browser.execute_script(
-            f"return document.getElementById('{first}').querySelectorAll('g.layer-below image, image').length") >= 1
+    overlays = [i for i in ids if "image" in figures[i] and "heatmap" in figures[i]]
+    if kind.startswith("trace") or kind == "explain":  # first: the image with the decision token's attention
+        assert overlays and overlays[0] == ids[0], figures[ids[0]]
+        drawn = browser.execute_script(_OVERLAY_JS, overlays)
+        for fid, (images, heat) in zip(overlays, drawn):
+            panels = figures[fid].count("image")
+            assert images == panels, f"{kind}: {fid} drew {images} of its {panels} images"
+            assert heat == _VISIBLE_HEATMAPS[fid] >= panels, f"{kind}: {fid} drew {heat} heatmaps"
+    if kind == "trace":  # the decision token and the chosen token 'truck'; nothing fired: reasons, no blanks
+        assert len(overlays) == 2
+        html = page.read_text(encoding="utf-8")
+        assert "Attention of the token &#x27;truck&#x27;" in html or "Attention of the token 'truck'" in html
+        reasons = browser.execute_script("return [...document.querySelectorAll('.nofigure')].map(e => e.innerText)")
+        assert reasons and all("did not fire" in r for r in reasons), reasons
+    if kind == "trace-decode":  # the summary across steps, then one folded section per decode step
+        heads = browser.execute_script("return [...document.querySelectorAll('h2')].map(h => h.innerText)")
+        assert "Across generation steps" in heads
+        assert any(h.startswith("Per-layer plots, decode step 1: reads ") for h in heads), heads
+    if kind.startswith("pope"):
+        assert browser.execute_script("return document.querySelectorAll('.updatemenu-button').length") >= 2
     assert state["resources"] == [], f"{kind}: the page fetched {state['resources']}: it must be self-contained"

@@ -73,3 +73,83 @@ def test_overlay_figure_draws_image_and_heatmaps(embedded_model, traced):
     assert slider.steps[slider.active].label == "steered layers"
     diff = [t for t in heat if t.colorscale and t.colorscale[0][1] != heat[0].colorscale[0][1]]
     assert diff, "the difference panel uses a diverging scale"
+
+
+# ----------------------------------------------------------------------------- chosen query tokens
+def _eager_grids(lm, inputs, pos):
+    """Independent reference: a plain HF forward with output_attentions=True (eager attention)."""
+    with torch.no_grad():
+        out = lm.model(**{k: v for k, v in inputs.items()}, output_attentions=True)
+    ids = inputs["input_ids"][0]
+    image = (ids == lm.tokens.image_token_id).numpy()
+    n = int(round(image.sum() ** 0.5))
+    grids = {}
+    for layer, a in enumerate(out.attentions):
+        row = a[0, :, pos, :].float().mean(0).numpy()  # mean over heads, keys of the whole prompt
+        grids[layer] = row[image].reshape(n, n)  # image tokens are the patches in row-major order
+    return grids
+
+
+@pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])
+def test_chosen_token_maps_equal_eager_attention(model, request):
+    from mclcbf_diag.overlay import resolve_token, token_attention_maps
+
+    lm = request.getfixturevalue(model)
+    q = load_pope(shipped.pope_file("adversarial"))[42]
+    image = load_image(resolve_image(q, shipped.IMAGES))
+    _, inputs = sample_inputs(lm, q.text, image)
+    ids = inputs["input_ids"][0]
+    tokens = [lm.processor.tokenizer.decode([int(i)]) for i in ids]
+    image_mask = ids == lm.tokens.image_token_id
+    word = q.text.split()[3]  # "Is there a <object> in the image?": the object's word
+    positions = [resolve_token(word, tokens, image_mask), resolve_token(-1, tokens, image_mask),
+                 int(torch.nonzero(image_mask).max()) + 1]
+    assert tokens[positions[0]].strip() == word and positions[1] == len(ids) - 1
+    cfg = B.get_preset("seed-exp6")  # steps at the decision token only: earlier queries are unchanged
+    maps = token_attention_maps(lm, inputs, cfg, positions, steered=(1, 2))
+    for pos in positions:
+        ref = _eager_grids(lm, inputs, pos)
+        for layer, grid in ref.items():
+            np.testing.assert_allclose(maps[pos]["baseline"][f"layer {layer}"], grid, atol=1e-6)
+            if pos != positions[1]:
+                np.testing.assert_allclose(maps[pos]["intervened"][f"layer {layer}"], grid, atol=1e-6)
+        assert maps[pos]["baseline"]["steered layers"] == pytest.approx((ref[1] + ref[2]) / 2, abs=1e-6)
+        assert maps[pos]["baseline"]["all layers"] == pytest.approx(np.mean(list(ref.values()), axis=0), abs=1e-6)
+
+
+def test_chosen_token_of_a_steered_run_follows_the_step(embedded_model):
+    """The watch must not change the run: the decision token's maps equal the runner's own capture."""
+    from mclcbf_diag.overlay import token_attention_maps
+
+    q = load_pope(shipped.pope_file("adversarial"))[42]
+    image = load_image(resolve_image(q, shipped.IMAGES))
+    cfg = B.apply_overrides(B.get_preset("fixed"), ["tau=0.6", "tokens=after_image"])
+    result = trace_sample(embedded_model, q, image, cfg)
+    _, inputs = sample_inputs(embedded_model, q.text, image)
+    last = int(inputs["input_ids"].shape[1]) - 1
+    maps = token_attention_maps(embedded_model, inputs, cfg, [last])[last]
+    want = attention_maps(result.steered, result.steered.detected)
+    base = attention_maps(result.baseline, result.baseline.detected)
+    moved = False
+    for key in want:
+        np.testing.assert_allclose(maps["intervened"][key], want[key], atol=1e-6)
+        np.testing.assert_allclose(maps["baseline"][key], base[key], atol=1e-6)
+        moved |= not np.allclose(want[key], base[key], atol=1e-6)
+    assert moved, "this configuration should change the decision token's attention"
+
+
+def test_token_choice_is_checked():
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.overlay import parse_token, resolve_token
+
+    assert parse_token(" 7 ") == 7 and parse_token("-1") == -1 and parse_token("dog") == "dog"
+    with pytest.raises(UserError, match="overlay-token"):
+        parse_token("  ")
+    tokens = ["<s>", "USER", ":", "<image>", "<image>", "<image>", "<image>", "\n", "Is", " there", " a", " Dog", "?"]
+    mask = torch.tensor([t == "<image>" for t in tokens])
+    assert resolve_token("Dog", tokens, mask) == 11 and resolve_token("dog", tokens, mask) == 11
+    assert resolve_token(-1, tokens, mask) == 12 and resolve_token(7, tokens, mask) == 7
+    for bad, why in ((2, "not after the image"), (13, "outside the prompt"), ("cat", "no token after the image")):
+        with pytest.raises(UserError, match=why) as info:
+            resolve_token(bad, tokens, mask)
+        assert "'Dog'" in str(info.value)  # the valid choices are listed

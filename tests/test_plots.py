@@ -8,6 +8,7 @@ import pytest
 
 from mclcbf_diag import plots as P
 from mclcbf_diag.records import frame as _frame
+from mclcbf_diag.report import NoFigure
 
 
 def frame(rows):
@@ -88,14 +89,51 @@ def test_heatmaps_other_metric_missing(records):
 
 def test_residual_norms_traces(records):
     fig = P.residual_norms_figure(records)
-    # 3 norms x 2 conditions + ‖θ*‖ + ‖θ*‖/‖x‖
-    assert len(fig.data) == 8
-    pre_b, pre_s = _trace(fig, "resid_pre_norm (baseline)"), _trace(fig, "resid_pre_norm (steered)")
+    # 3 norms x 2 conditions + ‖θ*‖ (the step's relative size is its own figure)
+    assert len(fig.data) == 7
+    pre_b, pre_s = _trace(fig, "‖x‖ entering the layer (baseline)"), _trace(fig, "‖x‖ entering the layer (steered)")
     assert list(pre_b.y) == [10.0, 20.0, 30.0, 40.0] and list(pre_s.y) == [11.0, 21.0, 31.0, 41.0]
     assert pre_b.line.dash == "solid" and pre_s.line.dash == "dash"
-    theta = _trace(fig, "‖θ*‖ (steered)")
+    theta = _trace(fig, "step ‖θ*‖ (steered)")
     assert list(theta.x) == list(STEERED_LAYERS) and list(theta.y) == [0.5, 1.0]
     assert fig.layout.yaxis.type == "log"
+    _assert_full_ticks(fig.layout.yaxis)
+    # the steered layers 1–2 are one shaded band from 0.5 to 2.5
+    [band] = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert (band.x0, band.x1) == (0.5, 2.5)
+
+
+def _assert_full_ticks(axis):
+    """Log-axis ticks are written-out numbers at 1, 2, 5 × 10^k (no bare minor digits)."""
+    assert axis.tickmode == "array" and len(axis.tickvals) == len(axis.ticktext) >= 2
+    for v, t in zip(axis.tickvals, axis.ticktext):
+        assert float(t) == pytest.approx(v)
+        mantissa = v / 10 ** math.floor(math.log10(v) + 1e-9)
+        assert round(mantissa, 6) in (1, 2, 5)
+
+
+def test_step_size_figure_and_its_empty_reason(records):
+    fig = P.step_size_figure(records)
+    assert list(fig.data[0].x) == list(STEERED_LAYERS)
+    assert list(fig.data[0].y) == pytest.approx([0.5 * ly / (10.0 * (ly + 1) + 1) for ly in STEERED_LAYERS])
+    # no step anywhere, the barrier at h ≥ τ: the figure is the reason, with the measured h and τ
+    idle = records.copy()
+    idle.loc[idle.metric.isin(["theta_rel", "theta_norm"]), "value"] = 0.0
+    idle.loc[idle.metric == "barrier_h", "value"] = 0.9
+    nf = P.step_size_figure(idle)
+    assert isinstance(nf, NoFigure) and "h ≥ τ" in nf.reason and "0.9" in nf.reason and "τ = 0.5" in nf.reason
+
+
+def test_attention_mass_figure_plots_image_sink_and_text(records):
+    extra = frame([dict(sample="q1", condition=c, phase="prefill", step=0, layer=ly, head=-1, metric=m,
+                        value=v * (ly + 1) + (0.01 if c == "steered" else 0))
+                   for c in ("baseline", "steered") for ly in range(LAYERS)
+                   for m, v in (("attn_sink_mass", 0.1), ("attn_text_mass", 0.05))])
+    fig = P.attention_mass_figure(pd.concat([records, extra], ignore_index=True))
+    assert len(fig.data) == 6
+    sink = _trace(fig, "attention on the first (BOS) token (steered)")
+    assert list(sink.y) == pytest.approx([0.1 * (ly + 1) + 0.01 for ly in range(LAYERS)])
+    assert list(_trace(fig, "attention on image tokens (baseline)").y) == [99.0] * LAYERS  # the head means
 
 
 def test_jacobian_gains_drop_nan(records):
@@ -108,6 +146,7 @@ def test_jacobian_gains_drop_nan(records):
     for tr in fig.data:
         assert np.all(np.isfinite(np.asarray(tr.y, dtype=float)))
     assert fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.tickvals and all(t.startswith("1e") or float(t) >= 1e-3 for t in fig.layout.yaxis.ticktext)
 
 
 def test_jacobian_gains_missing(records):
@@ -142,10 +181,51 @@ def test_barrier_values(records):
     assert list(fig.data[3].y) == pytest.approx([0.101, 0.202])
 
 
-def test_propagation_log(records):
+def test_propagation_log_draws_zeros_at_the_floor(records):
     fig = P.propagation_figure(records)
     assert len(fig.data) == 1 and fig.layout.yaxis.type == "log"
-    assert list(fig.data[0].y) == pytest.approx([0.0, 1e-3, 1e-2, 1e-1])
+    # the exact 0 of layer 0 sits a decade under the smallest nonzero value (1e-3), as an open marker
+    assert list(fig.data[0].y) == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
+    assert list(fig.data[0].marker.symbol) == ["circle-open", "circle", "circle", "circle"]
+    assert fig.data[0].customdata[0].startswith("exactly 0")
+    assert any("exactly 0" in a.text for a in fig.layout.annotations)
+    still = records.copy()
+    still.loc[still.metric == "propagation_rel", "value"] = 0.0
+    nf = P.propagation_figure(still)
+    assert isinstance(nf, NoFigure) and nf.reason.startswith("no propagation")
+
+
+def test_heatmap_difference_panel_says_why_it_is_empty(records):
+    same = records.copy()
+    base = same[(same.condition == "baseline") & (same.metric == "attn_image_mass")]
+    keep = same[~((same.condition == "steered") & (same.metric == "attn_image_mass"))]
+    same = pd.concat([keep, base.assign(condition="steered")], ignore_index=True)
+    same.loc[same.metric == "barrier_h", "value"] = 0.8
+    fig = P.attention_heatmaps(same)
+    assert len(fig.data) == 2  # baseline and steered; no blank difference map
+    [note] = [a.text for a in fig.layout.annotations if a.text.startswith("no difference")]
+    assert "h ≥ τ" in note.replace("<br>", " ")
+    # steered layers are named in the layer axis
+    assert list(fig.layout.yaxis.ticktext) == ["0", "1 ▸ steered", "2 ▸ steered", "3"]
+    assert fig.layout.coloraxis.colorbar.orientation == "h"  # below the panels: no title over the difference
+
+
+def test_dose_response_flat_at_zero_step_is_said_in_words():
+    curve = pd.DataFrame({"k": [1.0, 2.0, 4.0], "margin": [0.8, 0.8, 0.8], "theta_rel_max": [0.0, 0.0, 0.0]})
+    nf = P.dose_response_figure(curve)
+    assert isinstance(nf, NoFigure) and "k × θ* = 0" in nf.reason and "+0.8" in nf.reason
+    moving = curve.assign(margin=[0.8, 0.1, -0.5], theta_rel_max=[0.01, 0.02, 0.04])
+    fig = P.dose_response_figure(moving)
+    assert list(fig.data[0].y) == [0.8, 0.1, -0.5] and fig.layout.xaxis.type == "log"
+
+
+def test_decode_summary_one_point_per_step(records):
+    fig = P.decode_summary_figure(records, {0: "':' → 'Yes'", 1: "'Yes' → 'and'"})
+    mass = _trace(fig, "image mass (steered)")
+    assert list(mass.x) == ["0: ':' → 'Yes'", "1: 'Yes' → 'and'"]
+    assert list(mass.y) == [99.0, 99.0]  # head means over the steered layers
+    assert list(_trace(fig, "final margin (steered)").y) == [0.25, 0.25]
+    assert list(_trace(fig, "layers fired (steered)").y) == [2, 2]  # ‖θ*‖ > 0 at layers 1 and 2
 
 
 def test_missing_metric_named(records):
@@ -168,7 +248,7 @@ def test_several_samples_need_the_arg(records):
 
 def test_trace_figures_all_and_skipping(records):
     figs = P.trace_figures(records)
-    assert list(figs) == ["attention", "residual_norms", "jacobian_gains", "logit_lens",
-                          "barrier", "propagation"]
-    partial = records[~records["metric"].isin(["barrier_h", "propagation_rel", "attn_image_mass"])]
+    assert list(figs) == ["attention", "attention_mass", "residual_norms", "step_size", "jacobian_gains",
+                          "logit_lens", "barrier", "propagation"]
+    partial = records[~records["metric"].isin(["barrier_h", "propagation_rel", "attn_image_mass", "theta_rel"])]
     assert list(P.trace_figures(partial)) == ["residual_norms", "jacobian_gains", "logit_lens"]

@@ -42,7 +42,7 @@ def test_page_self_contained_and_escaped(tmp_path):
     assert EVIL not in rest
     assert rest.count(ESCAPED) >= 5  # <title>, <h1>, <h2>, paragraph, table cell/header
     assert f"<title>title {ESCAPED}</title>" in rest and f"<h2>{ESCAPED}</h2>" in rest
-    assert f"<td>{ESCAPED}</td>" in rest and f"<th>{ESCAPED}</th>" in rest
+    assert f"<td class=\"text\">{ESCAPED}</td>" in rest and f"<th>{ESCAPED}</th>" in rest
     assert "cdn.plot.ly" not in rest and "https://" not in rest and "http://" not in rest
     assert not re.search(r"<script[^>]*\bsrc\s*=", page, flags=re.I)
     assert '<p class="mine">toolkit fragment</p>' in rest  # trusted html is verbatim
@@ -65,3 +65,36 @@ def test_unwritable_path_is_user_error(tmp_path):
         write_page(target, "t", [Section(heading="h")])
     msg = str(info.value)
     assert str(target) in msg and "--out" in msg and "\n" not in msg
+
+
+def test_tables_are_for_reading(tmp_path):
+    import json
+
+    table = pd.DataFrame({"margin (logit Yes − No)": [0.8208501935005188, -1.7339e-7], "fired": [True, False],
+                          "evidence": [json.dumps({"m_base": 0.8208501935005188, "label": "no"}), "{}"],
+                          "n": [3, 4]}, index=[7, 8])
+    page = write_page(tmp_path / "t.html", "t", [Section("tab", table=table)]).read_text(encoding="utf-8")
+    body = page.split("</head>", 1)[1]
+    assert "<th>margin (logit Yes − No)</th>" in body and "<th></th>" not in body  # no index column
+    assert "<td>0.821</td>" in body and "<td>-1.73e-07</td>" in body and "0.82085" not in body
+    assert '<td class="text">yes</td>' in body and '<td class="text">no</td>' in body
+    assert "m_base = 0.821; label = no" in body and "{&quot;" not in body  # evidence as key = value, not JSON
+    assert ">7<" not in body  # the pandas index is gone
+    long = pd.DataFrame({"x": range(40)})
+    folded = write_page(tmp_path / "l.html", "t", [Section("long", table=long)]).read_text(encoding="utf-8")
+    assert "<details><summary>show the table (40 rows)</summary>" in folded
+
+
+def test_no_figure_shows_its_reason_and_sections_fold(tmp_path):
+    from mclcbf_diag.report import NoFigure
+
+    nf = NoFigure("Propagation", f"no propagation: {EVIL}")
+    page = write_page(tmp_path / "n.html", "t", [
+        Section("plots", figures=[nf, _fig([1, 2])], lines=["first sentence.", EVIL]),
+        Section("later", figures=[_fig([3, 4])], collapsed=True)]).read_text(encoding="utf-8")
+    rest = page.replace(get_plotlyjs(), "")
+    assert f'<div class="nofigure"><b>Propagation</b>: no propagation: {ESCAPED}</div>' in rest
+    assert rest.count('class="plotly-graph-div"') == 2  # the placeholder is no figure
+    assert f"<li>first sentence.</li><li>{ESCAPED}</li>" in rest and EVIL not in rest
+    assert rest.index("<details>") < rest.index('id="fig-1-0"') < rest.index("</details>")
+    assert "Plotly.Plots.resize" in rest  # a folded figure is redrawn when opened

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .common import (
+    local_depth,
     model_options,
     out_dir,
     sample_job,
@@ -12,19 +13,27 @@ from .common import (
     write_frame,
 )
 
+FLOW_COLUMNS = {"edge": "blocked edge", "first_layer": "first layer", "last_layer": "last layer",
+                "answer": "answer", "p_base": "p(answer), nothing blocked", "p_blocked": "p(answer), edge blocked",
+                "change": "change of p(answer) (%)"}
+
+
+def _check_window(window: int | None, n_layers: int | None) -> None:
+    if window is not None and window < 1:
+        raise UserError(f"--window {window}: give a positive number of layers (e.g. --window 2)")
+    if window is not None and n_layers is not None and window > n_layers:
+        raise UserError(f"--window {window} is deeper than the model ({n_layers} layers); give at most {n_layers}")
+
 
 def cmd_flow(args) -> int:
+    _check_window(args.window, local_depth(args.model))  # before anything heavy loads
     from ..flow import flow_summary, information_flow
     from ..plots import flow_figure
     from ..report import Section, write_page
     from ..storage import safe_name
 
-    if args.window is not None and args.window < 1:
-        raise UserError(f"--window {args.window}: give a positive number of layers (e.g. --window 2)")
     _, question, image, lm = sample_job(args, "reports")
-    if args.window is not None and args.window > lm.n_layers:
-        raise UserError(f"--window {args.window} is deeper than the model ({lm.n_layers} layers); give at most "
-                        f"{lm.n_layers}")
+    _check_window(args.window, lm.n_layers)
     flow = information_flow(lm, question, image, window=args.window, template=args.prompt)
     lines = flow_summary(flow)
     print(f"question_id {question.question_id}: {question.text} (label: {question.label}); "
@@ -35,8 +44,9 @@ def cmd_flow(args) -> int:
     out = out_dir(args, "reports")
     write_frame(flow, out / f"{stem}.csv", "csv")
     page = write_page(out / f"{stem}.html", f"mclcbf-diag flow: {question.text}", [
-        Section("Where the image reaches the answer", text="\n".join(lines),
-                figures=[flow_figure(flow)], table=flow.round(5))])
+        Section("Where the image reaches the answer", lines=lines, figures=[flow_figure(flow)],
+                table=flow.assign(change=100 * flow.change).rename(columns=FLOW_COLUMNS),
+                table_note="Rounded for reading; the CSV file next to this page has full precision.")])
     print(f"wrote {show(page)} and {show(out / (stem + '.csv'))}")
     return 0
 

@@ -14,7 +14,6 @@ from .common import (
     sample_job,
     sample_options,
     show,
-    summary_table,
     write_frame,
 )
 
@@ -28,9 +27,10 @@ def cmd_trace(args) -> int:
     if args.max_new_tokens > cap:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} is more than the limit of {cap}; pass a smaller "
                         "number, or raise the limit with MCLCBF_DIAG_MAX_NEW_TOKENS=N")
+    overlay_tokens = check_overlay_tokens(args)
     config, question, image, lm = sample_job(args, "reports/trace-{question_id}", args.max_new_tokens)
-    from ..plots import trace_figures
-    from ..report import Section, write_page
+    from ..pages import trace_sections
+    from ..report import write_page
     from ..trace import decoded, trace_sample
 
     default_out = f"reports/trace-{safe_name(question.question_id)}"
@@ -48,11 +48,7 @@ def cmd_trace(args) -> int:
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": summary}
-    sections = [overlay_section(lm, result, image, args.prompt), Section("Summary", table=summary_table(summary))]
-    for phase, step in sorted({(p, s) for p, s in result.records[["phase", "step"]].itertuples(index=False)},
-                              key=lambda t: t[1]):
-        figs = trace_figures(result.records, phase=phase, step=step)
-        sections.append(Section(f"{phase} step {step}", figures=list(figs.values())))
+    sections = trace_sections(lm, result, image, args.prompt, overlay_tokens)
     # Everything is computed: only now create the folder and write.
     out = out_dir(args, default_out)
     write_frame(result.records, out / "records.parquet", "parquet")
@@ -64,25 +60,38 @@ def cmd_trace(args) -> int:
     return 0
 
 
-def overlay_section(lm, result, image, template):
-    """The first screen: the image as the model saw it, with the decision token's attention over it."""
-    from ..overlay import attention_maps, seen_image
-    from ..plots import image_attention_figure
-    from ..report import Section
-    from ..trace import sample_inputs
+def check_overlay_tokens(args) -> list:
+    """``--overlay-token`` choices, checked before anything is loaded; then against the tokenized prompt.
 
-    _, inputs = sample_inputs(lm, result.question.text if result.question else result.prompt, image, template)
-    ip = lm.processor.image_processor
-    picture = seen_image(inputs["pixel_values"], ip.image_mean, ip.image_std)
-    layers = tuple(result.intervention.layers(lm.n_layers))
-    base = attention_maps(result.baseline, result.baseline.detected, steered=layers)
-    new = attention_maps(result.steered, result.steered.detected, steered=layers)
-    s = result.summary()
-    text = (f"Outcome: {s['outcome']}. Answer {s['answer_before']} → {s['answer_after']} (margin "
-            f"{s['margin_before']:+.3f} → {s['margin_after']:+.3f}). The heatmaps show, on each image patch, the "
-            f"attention of the decision token (the last prompt token), averaged over heads; the slider picks a layer, "
-            f"the intervention's layers {list(layers)} together, or all layers.")
-    return Section("Where the decision token looks", text=text, figures=[image_attention_figure(picture, base, new)])
+    The second check needs only the processor (no weights): a position outside the prompt or
+    before the image, or a text no token after the image has, is refused before the model loads.
+    """
+    if not args.overlay_token:
+        return []
+    from ..overlay import parse_token  # imports torch: only when a token was chosen
+
+    choices = [parse_token(t) for t in args.overlay_token]
+    from ..data import build_prompt, load_image, resolve_image
+    from ..overlay import resolve_token
+    from .common import check_prompt, prepare_from_args, question_from_args
+
+    check_prompt(args)
+    question, image_dir = question_from_args(args)
+    prep = prepare_from_args(args)
+    enc = prep.processor(text=build_prompt(question.text, args.prompt),
+                         images=load_image(resolve_image(question, image_dir)), return_tensors="pt")
+    ids = enc["input_ids"][0]
+    tokens = [prep.processor.tokenizer.decode([int(i)]) for i in ids]
+    for c in choices:
+        resolve_token(c, tokens, ids == prep.tokens.image_token_id)
+    return choices
+
+
+def overlay_section(lm, result, image, template, tokens=()):
+    """The first screen: the image as the model saw it, with the decision token's attention over it."""
+    from ..pages import overlay_section as build
+
+    return build(lm, result, image, template, tokens)
 
 
 def print_outcome_summary(s: dict) -> None:
@@ -104,6 +113,18 @@ def print_outcome_summary(s: dict) -> None:
           f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
     rel = s["max_theta_rel"]
     print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
+    from ..noise import (
+        show as shown,  # "below noise" under a figure's floor (see mclcbf_diag.noise)
+    )
+
+    dh = {k: (s.get(f"dh_{k}_mean"), s.get(f"dh_{k}_floor")) for k in ("predicted", "recomputed", "realised")}
+    if any(v is not None and v == v for v, _ in dh.values()):
+        print("  Δh       " + "   ".join(f"{k} {shown(v, f, '.3g')}" for k, (v, f) in dh.items())
+              + "   (mean over fired layers)")
+    prop, floor = s.get("propagation_final"), s.get("propagation_floor")
+    if prop is not None and prop == prop:
+        print(f"  propagation after the final norm {shown(prop, floor, '.3g')}"
+              + (f"   (noise floor {floor:.2g})" if floor is not None and floor == floor else ""))
     if s.get("text_before") is not None:
         print(f"  text     baseline {s['text_before']!r} (parsed: {s.get('text_answer_before')})   steered "
               f"{s['text_after']!r} (parsed: {s.get('text_answer_after')})")
@@ -116,5 +137,8 @@ def add_parser(sub) -> None:
     intervention_options(p)
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help="also generate N tokens and record the decode phase (default 0: prefill only)")
+    p.add_argument("--overlay-token", action="append", default=[], metavar="INDEX_OR_TEXT",
+                   help="also draw this prompt token's attention over the image: a position (negative from the "
+                        "end; -1 is the decision token) or the token's text, after the image (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default reports/trace-<question_id>)")
     p.set_defaults(func=cmd_trace)

@@ -88,12 +88,17 @@ def _split_groups(records, splits) -> list[str]:
     return present + (["all"] if len(present) > 1 else [])
 
 
-def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
-    """metrics.csv, flips.csv and summary.html from the records; prints both tables."""
-    import pandas as pd
-    import plotly.express as px
+NOISE_MARGIN = 1e-4  # |Δ margin| below this, with nothing fired, is floating-point noise (batching, op order)
 
-    from ..report import Section, write_page
+
+def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
+    """metrics.csv, flips.csv and summary.html from the records; prints both tables.
+
+    The page (see :func:`summary_sections`) rounds for reading; the CSV files keep full precision.
+    """
+    import pandas as pd
+
+    from ..report import write_page
 
     splits = identity.get("splits", [])
     metrics, flips = metrics_table(records, splits), flips_table(records, splits)
@@ -103,30 +108,187 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
         print(metrics.drop(columns=["tp", "fp", "tn", "fn", "precision", "recall"]).to_string(index=False))
         print()
         print(flips.to_string(index=False))
-    long = metrics.melt(id_vars=["split", "condition"], value_vars=["accuracy", "f1", "yes_ratio"], var_name="metric")
-    fig_m = px.bar(long, x="split", y="value", color="condition", barmode="group", facet_col="metric",
-                   title="POPE metrics by condition", range_y=[0, 1])
-    counts = flips.melt(id_vars=["split", "answer"], value_vars=["fixed", "broken", "derailed"], var_name="outcome")
-    fig_f = px.bar(counts, x="split", y="value", color="outcome", barmode="group", facet_col="answer",
-                   title="Outcomes of steering (baseline → steered): fixed, broken, derailed")
-    frame = pd.DataFrame(records)
-    frame["margin_change"] = frame.steered_margin - frame.baseline_margin
-    fig_d = px.histogram(frame, x="margin_change", color="split", barmode="overlay", nbins=60,
-                         title="Δ margin (steered − baseline logit Yes − No)")
-    info = pd.DataFrame({"setting": list(_flat(identity)), "value": [str(v) for v in _flat(identity).values()]})
+    write_page(out / "summary.html", "mclcbf-diag pope", summary_sections(records, identity, metrics, flips))
+    return metrics, flips
+
+
+def summary_sections(records: list[dict], identity: dict, metrics, flips) -> list:
+    """The sections of summary.html: counts first, metrics zoomed to the data, one outcome partition at a
+    time, the margin changes (or why they are noise), and every changed question with its explain command."""
+    import pandas as pd
+
+    from ..report import Section
+
     outs = [row_outcome(r) for r in records]
     n = {k: outs.count(k) for k in ("unchanged", "fixed", "broken", "derailed")}
-    sections = [
-        Section("Run", text=f"{len(frame)} questions: {n['unchanged']} unchanged, {n['fixed']} fixed (wrong → right), "
-                f"{n['broken']} broken (right → wrong), {n['derailed']} derailed (no longer a Yes/No answer).",
-                table=info),
-        Section("Metrics", text="Answers are read from the first-token logits (margin > 0 → yes); accuracy_valid "
-                "counts an answer right only when the top token is a Yes/No spelling (not_yes_no: how many are "
-                "not); *_text conditions score the generated text with POPE's parser.", figures=[fig_m], table=metrics),
-        Section("Outcomes", text="unchanged / fixed / broken / derailed per question; flipped and the *_to_* "
-                "columns count bare sign changes of logit Yes − No, derailed outputs included.",
-                figures=[fig_f], table=flips),
-        Section("Margins", figures=[fig_d]),
+    info = pd.DataFrame({"setting": list(_flat(identity)), "value": [str(v) for v in _flat(identity).values()]})
+    noise_text, fig_d = margin_changes(records)
+    changed = changed_questions(records, identity)
+    return [
+        Section("Run", lines=[f"{len(records)} questions: {n['unchanged']} unchanged, {n['fixed']} fixed (wrong → "
+                              f"right), {n['broken']} broken (right → wrong), {n['derailed']} derailed (no longer a "
+                              "Yes/No answer).", noise_text], table=info),
+        Section("Metrics", text="Answers are read from the first-token logits (margin > 0 → yes); 'accuracy, valid' "
+                "counts an answer right only when the top token is a Yes/No spelling ('not Yes/No': how many are "
+                "not); *_text conditions score the generated text with POPE's parser. Each panel's axis is zoomed "
+                "to its values.", figures=[metrics_figure(metrics)], table=_metric_columns(metrics)),
+        Section("Outcomes", text="Each question falls in exactly one class of a partition; the buttons switch "
+                "between the outcome classes (unchanged / fixed / broken / derailed) and the bare sign changes of "
+                "logit Yes − No (derailed outputs included), for each kind of answer.",
+                figures=[partition_figure(flips)], table=flips),
+        Section("Margins", text=noise_text, figures=[fig_d] if fig_d is not None else []),
+        Section(f"Changed questions ({len(changed)})", text=(
+            "Every question whose outcome is not 'unchanged', with the command that explains it." if len(changed) else
+            "No question changed its outcome."), table=changed if len(changed) else None),
     ]
-    write_page(out / "summary.html", "mclcbf-diag pope", sections)
-    return metrics, flips
+
+
+_METRIC_NAMES = {"split": "split", "condition": "condition", "n": "questions", "accuracy": "accuracy (fraction)",
+                 "accuracy_valid": "accuracy, valid (fraction)", "not_yes_no": "not Yes/No", "precision": "precision",
+                 "recall": "recall", "f1": "F1", "yes_ratio": "yes-ratio (fraction)", "tp": "TP", "fp": "FP", "tn": "TN",
+                 "fn": "FN"}
+
+
+def _metric_columns(metrics):
+    return metrics.rename(columns=_METRIC_NAMES)
+
+
+def metrics_figure(metrics):
+    """Accuracy, F1 and yes-ratio (%) per split and condition; each panel's axis spans its values, not 0–100."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    panels = [("accuracy", "accuracy (%)"), ("f1", "F1 (%)"), ("yes_ratio", "yes-ratio (%)")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.08)
+    colours = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
+    for c, (col, _) in enumerate(panels, start=1):
+        vals = 100 * metrics[col].astype(float)
+        for j, (cond, g) in enumerate(metrics.groupby("condition", sort=False)):
+            fig.add_trace(go.Bar(x=g.split, y=100 * g[col].astype(float), name=cond, marker_color=colours[j % 4],
+                                 legendgroup=cond, showlegend=c == 1, text=[f"{100 * v:.1f}" for v in g[col]],
+                                 textposition="outside",
+                                 hovertemplate=f"{cond}, %{{x}}<br>{col} %{{y:.2f}}%<extra></extra>"), row=1, col=c)
+        lo, hi = float(vals.min()), float(vals.max())
+        pad = max((hi - lo) * 0.6, 0.5)
+        fig.update_yaxes(range=[max(lo - pad, 0), min(hi + pad, 100)], title_text="%" if c == 1 else None, row=1, col=c)
+    fig.update_layout(title="POPE metrics by condition (axes zoomed to the values)", barmode="group", height=420)
+    return fig
+
+
+def partition_figure(flips):
+    """One partition of the questions at a time (buttons): outcome classes or sign changes, per answer kind."""
+    import plotly.graph_objects as go
+
+    parts = {"outcome": ["unchanged", "fixed", "broken", "derailed"],
+             "sign change": ["yes_to_no", "no_to_yes"]}
+    colours = {"unchanged": "#bbbbbb", "fixed": "#2ca02c", "broken": "#d62728", "derailed": "#9467bd",
+               "yes_to_no": "#1f77b4", "no_to_yes": "#ff7f0e"}
+    fig = go.Figure()
+    views = []
+    for answer, g in flips.groupby("answer", sort=False):
+        for part, cols in parts.items():
+            first = len(fig.data)
+            for col in cols:
+                y = g[col].astype(int).tolist()
+                fig.add_trace(go.Bar(x=g.split, y=y, name=col.replace("_", " "), marker_color=colours[col],
+                                     text=y, textposition="auto", visible=not views,
+                                     hovertemplate=f"{answer} answers, %{{x}}<br>{col.replace('_', ' ')}: %{{y}}"
+                                                   "<extra></extra>"))
+            if part == "sign change":  # the rest of the partition: no sign change
+                y = (g["n"] - g["flipped"]).astype(int).tolist()
+                fig.add_trace(go.Bar(x=g.split, y=y, name="same sign", marker_color="#bbbbbb", text=y,
+                                     textposition="auto", visible=not views))
+            views.append((f"{part} ({answer} answers)", first, len(fig.data)))
+    n = len(fig.data)
+    buttons = [dict(label=label, method="update", args=[{"visible": [a <= k < b for k in range(n)]},
+                                                         {"title": f"Questions by {label}"}])
+               for label, a, b in views]
+    fig.update_layout(barmode="stack", title=f"Questions by {views[0][0]}", yaxis_title="questions",
+                      xaxis_title="split", updatemenus=[dict(type="buttons", direction="right", buttons=buttons,
+                                                             x=0, xanchor="left", y=1.03, yanchor="bottom")],
+                      margin=dict(t=130), title_y=0.95)
+    return fig
+
+
+def margin_changes(records: list[dict]):
+    """(sentence, figure or None): the steered − baseline margins, or why they are floating-point noise."""
+    import numpy as np
+    import pandas as pd
+    import plotly.express as px
+
+    frame = pd.DataFrame(records)
+    dm = (frame.steered_margin - frame.baseline_margin).to_numpy(dtype=float)
+    finite = dm[np.isfinite(dm)]
+    fired = sum(bool(r.get("layers_fired")) for r in records) if any("layers_fired" in r for r in records) else None
+    big = np.abs(finite) >= NOISE_MARGIN
+    largest = float(np.abs(finite).max()) if finite.size else 0.0
+    if not big.any() and not fired:
+        return (f"Every margin change is below {NOISE_MARGIN:g} (largest |Δ margin| {largest:.2g}): changes below "
+                f"{NOISE_MARGIN:g} are floating-point noise; nothing fired"
+                + (" at any question." if fired == 0 else "."), None)
+    frame["margin_change"] = dm
+    fig = px.histogram(frame[np.abs(dm) >= NOISE_MARGIN], x="margin_change", color="split", barmode="overlay",
+                       nbins=60, title=f"Δ margin (steered − baseline logit Yes − No), the {int(big.sum())} questions "
+                                       f"with |Δ margin| ≥ {NOISE_MARGIN:g}")
+    fig.update_layout(xaxis_title="Δ margin (logit Yes − No)", yaxis_title="questions")
+    note = (f"{int((~big).sum())} of {len(finite)} margin changes are below {NOISE_MARGIN:g} (floating-point noise) "
+            f"and are left out of the histogram; the largest |Δ margin| is {largest:.3g}"
+            + (f"; the intervention fired at {fired} questions." if fired is not None else "."))
+    return note, fig
+
+
+def explain_command(row: dict, identity: dict) -> str:
+    """The ``mclcbf-diag explain`` command that reproduces one question of this run."""
+    import shlex
+
+    from .. import shipped
+    from ..data import LLAVA_PROMPT
+
+    argv = ["mclcbf-diag", "explain", "--question-id", str(row["question_id"])]
+    split = row.get("split")
+    files = dict(zip(identity.get("splits", []), identity.get("pope_files", [])))
+    path = files.get(split)
+    if path is not None and split in ("random", "popular", "adversarial") and \
+            Path(path).resolve() == shipped.pope_file(split).resolve():
+        if split != "adversarial":
+            argv += ["--split", split]
+    elif path is not None:
+        argv += ["--pope-file", str(path), "--image-dir", str(Path(path).parent if not identity.get("image_dirs") else
+                                                              _image_dir(identity, path))]
+    if identity.get("model") not in (None, "embedded"):
+        argv += ["--model", str(identity["model"])]
+    if identity.get("dtype") not in (None, "float32"):
+        argv += ["--dtype", str(identity["dtype"])]
+    if identity.get("intervention") not in (None, "mclcbf"):
+        argv += ["--intervention", str(identity["intervention"])]
+    if identity.get("preset"):
+        argv += ["--preset", str(identity["preset"])]
+    for o in identity.get("overrides", []):
+        argv += ["--set", str(o)]
+    if identity.get("prompt") not in (None, LLAVA_PROMPT):
+        argv += ["--prompt", str(identity["prompt"])]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _image_dir(identity: dict, path) -> str:
+    dirs = identity.get("image_dirs", [])
+    return dirs[0] if len(dirs) == 1 else str(Path(path).parent)
+
+
+def changed_questions(records: list[dict], identity: dict):
+    """One row per question whose outcome is not unchanged: what changed, and the command that explains it."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        out = row_outcome(r)
+        text = row_outcome(r, "text") if "baseline_text_answer" in r else None
+        if out == "unchanged" and text in (None, "unchanged"):
+            continue
+        rows.append({"split": r["split"], "question_id": r["question_id"], "question": r.get("text", ""),
+                     "label": r["label"], "answer (baseline → steered)": f"{r['baseline_answer']} → "
+                                                                          f"{r['steered_answer']}",
+                     "margin (baseline → steered)": f"{r['baseline_margin']:+.3g} → {r['steered_margin']:+.3g}",
+                     "outcome": out + (f" (text: {text})" if text is not None else ""),
+                     "explain it": explain_command(r, identity)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,357 @@
+"""The trace and explain pages: what a researcher reads first, then the evidence, then the details.
+
+Both pages open with the verdict-relevant numbers in short sentences (the outcome, the
+answer and margin before and after, the barrier against τ, where it fired, the step's size)
+and the image with the decision token's attention over it (:mod:`mclcbf_diag.overlay`),
+baseline, intervened and difference. The explain page leads with the verdict
+(:func:`mclcbf_diag.diagnose.verdict`, one list item per cause, with its test) and the
+ranked causes, then the experiments; the trace page with the per-layer plots of the
+prefill step. With generated tokens (``--max-new-tokens``) one figure and one table sum up
+every step (image mass, margin, layers fired), each step's heading names the token it read
+and the token it generated, and the per-step plots fold away below.
+
+Tables are renamed here for reading (units in the headers) and shown rounded by
+:func:`mclcbf_diag.report.display_table`; the files next to the page keep full precision.
+Every function builds :class:`~mclcbf_diag.report.Section` objects; nothing here runs the
+model except :func:`overlay_section` for chosen tokens (two prefill runs, see
+:func:`mclcbf_diag.overlay.token_attention_maps`), and nothing writes files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .plots import (
+    decode_summary_figure,
+    dose_response_figure,
+    fired_layers,
+    trace_figures,
+)
+from .report import NoFigure, Section
+
+
+def _f(x, signed: bool = False) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.3g}" if signed else f"{x:.3g}"
+
+
+def _layers(layers) -> str:
+    layers = list(layers)
+    return ", ".join(map(str, layers)) if layers else "none"
+
+
+# ----------------------------------------------------------------------------- the first screen
+def headline(summary: dict, records: pd.DataFrame | None = None) -> list[str]:
+    """The verdict-relevant numbers of a trace, one short sentence each (3 significant digits)."""
+    s = summary
+    label = s.get("label")
+    right = "" if label not in ("yes", "no") else (" (right)" if s["answer_before"] == label else " (wrong)")
+    out = s["outcome"]
+    what = {"unchanged": f"the answer stays {s['answer_after']}", "fixed": "wrong → right",
+            "broken": "right → wrong", "derailed": "the output is no longer a Yes/No answer",
+            "changed": "the answer changed"}.get(out, out)
+    lines = [f"Outcome: {out} ({what}). Label: {label or 'none'}; baseline answer {s['answer_before']}{right}, "
+             f"intervened {s['answer_after']}."]
+    lines.append(f"Margin logit(Yes) − logit(No): {_f(s['margin_before'], True)} → {_f(s['margin_after'], True)}; "
+                 f"P(Yes) + P(No): {_f(s['p_yes_before'] + s['p_no_before'])} → "
+                 f"{_f(s['p_yes_after'] + s['p_no_after'])}; top token {s['top_before']!r} → {s['top_after']!r}.")
+    h0, h1 = s.get("h_before_mean", math.nan), s.get("h_after_mean", math.nan)
+    tau = _tau(records)
+    if isinstance(h0, float) and math.isfinite(h0):
+        lines.append(f"Barrier h (image attention mass, mean over the steered layers {_layers(s['layers_steered'])}): "
+                     f"{_f(h0)} → {_f(h1)}" + (f", target τ = {_f(tau)}" if tau is not None else "")
+                     + f"; fired at layers: {_layers(s['layers_fired'])}.")
+    rel = s.get("max_theta_rel", math.nan)
+    if isinstance(rel, float) and math.isfinite(rel):
+        lines.append(f"Largest step ‖θ*‖/‖x‖: {_f(rel)}" + (" (no step was taken)." if rel == 0 else "."))
+    if s.get("text_before") is not None:
+        lines.append(f"Generated text: {s['text_before']!r} → {s['text_after']!r} (POPE's parser: "
+                     f"{s.get('text_answer_before')} → {s.get('text_answer_after')}).")
+    return lines
+
+
+def _tau(records) -> float | None:
+    if records is None:
+        return None
+    r = records[(records.metric == "barrier_tau") & (records.condition == "steered") & (records.phase == "prefill")]
+    return float(r.value.median()) if len(r) else None
+
+
+def summary_frame(summary: dict) -> pd.DataFrame:
+    """The summary as a readable table: one row per quantity, baseline and intervened side by side."""
+    s = summary
+    pairs = [("answer (sign of the margin)", "answer"), ("margin logit(Yes) − logit(No)", "margin"),
+             ("P(Yes)", "p_yes"), ("P(No)", "p_no"), ("top token", "top"), ("valid Yes/No answer", "valid"),
+             ("h, mean over steered layers (share of attention)", "h_{}_mean"),
+             ("generated text", "text"), ("POPE parser on the text", "text_answer")]
+    rows = []
+    for name, key in pairs:
+        b = s.get(key.format("before") if "{}" in key else f"{key}_before")
+        a = s.get(key.format("after") if "{}" in key else f"{key}_after")
+        if b is None and a is None:
+            continue
+        rows.append({"quantity": name, "baseline": b, "intervened": a})
+    single = [("outcome", "outcome"), ("label", "label"), ("question", "question"), ("question_id", "sample"),
+              ("sample index", "index"), ("steered layers", "layers_steered"), ("layers that fired", "layers_fired"),
+              ("largest ‖θ*‖/‖x‖", "max_theta_rel"), ("non-finite values", "nonfinite_values")]
+    rows += [{"quantity": name, "baseline": s[key], "intervened": ""} for name, key in single if key in s]
+    return pd.DataFrame(rows, columns=["quantity", "baseline", "intervened"])
+
+
+def overlay_section(lm, result, image, template, tokens=()) -> Section:
+    """The image as the model saw it with the attention of the decision token (and any ``tokens``) over it.
+
+    ``tokens`` are token choices (:func:`mclcbf_diag.overlay.parse_token`: an index or a
+    text); each gets its own figure, from two extra prefill runs.
+    """
+    from .overlay import attention_maps, resolve_token, seen_image, token_attention_maps
+    from .plots import image_attention_figure
+    from .trace import sample_inputs
+
+    _, inputs = sample_inputs(lm, result.question.text if result.question else result.prompt, image, template)
+    ip = lm.processor.image_processor
+    picture = seen_image(inputs["pixel_values"], ip.image_mean, ip.image_std)
+    layers = tuple(result.intervention.layers(lm.n_layers))
+    base = attention_maps(result.baseline, result.baseline.detected, steered=layers)
+    new = attention_maps(result.steered, result.steered.detected, steered=layers)
+    ids = inputs["input_ids"][0]
+    text = [lm.processor.tokenizer.decode([int(i)]) for i in ids]
+    figures = [image_attention_figure(picture, base, new, title=f"Attention of the decision token "
+                                      f"({text[-1].strip()!r}, position {len(ids) - 1}) over the image")]
+    positions = [resolve_token(t, text, result.baseline.detected) for t in tokens]
+    positions = list(dict.fromkeys(p for p in positions if p != len(ids) - 1))  # the decision token is drawn
+    if positions:
+        maps = token_attention_maps(lm, inputs, result.intervention, positions, steered=layers)
+        for p in positions:
+            figures.append(image_attention_figure(
+                picture, maps[p]["baseline"], maps[p]["intervened"],
+                title=f"Attention of the token {text[p].strip()!r} (position {p}) over the image"))
+    words = ("The heatmaps show, on each image patch, the share of the query token's attention (averaged over "
+             "heads), drawn over the image as the model saw it (after the processor's resize and crop): baseline, "
+             f"intervened and their difference. The slider picks a layer, the intervention's layers "
+             f"({_layers(layers)}) together, or all layers.")
+    return Section("Where the decision token looks", text=words, figures=figures)
+
+
+# ----------------------------------------------------------------------------- steps
+def step_tokens(lm, result) -> dict[int, dict]:
+    """Per step: the token it reads (query) and the token it generates, baseline and intervened."""
+    dec = lm.processor.tokenizer.decode
+    out = {}
+    for name, cap in (("baseline", result.baseline), ("intervened", result.steered)):
+        if cap.generated is None:
+            continue
+        gen = [int(t) for t in cap.generated[0, cap.prompt_len:]]
+        prompt_last = int(cap.generated[0, cap.prompt_len - 1])
+        for s, tok in enumerate(gen):
+            entry = out.setdefault(s, {})
+            entry[f"reads_{name}"] = dec([prompt_last if s == 0 else gen[s - 1]])
+            entry[f"generates_{name}"] = dec([tok])
+    return out
+
+
+def _step_label(t: dict) -> str:
+    read, gen = t.get("reads_baseline", "?"), t.get("generates_baseline", "?")
+    label = f"reads {read.strip()!r}, generates {gen.strip()!r}"
+    if (t.get("reads_intervened"), t.get("generates_intervened")) != (t.get("reads_baseline"), gen) and \
+            "generates_intervened" in t:
+        label += (f" (intervened: reads {t['reads_intervened'].strip()!r}, generates "
+                  f"{t['generates_intervened'].strip()!r})")
+    return label
+
+
+def decode_summary(records: pd.DataFrame, tokens: dict, steered) -> tuple[object, pd.DataFrame]:
+    """The across-steps figure and table: image mass, margin and layers fired per step."""
+    steps = sorted({(str(p), int(s)) for p, s in records[["phase", "step"]].itertuples(index=False)},
+                   key=lambda t: t[1])
+    short = {s: f"{t.get('reads_baseline', '?').strip()!r} → {t.get('generates_baseline', '?').strip()!r}"
+             for s, t in tokens.items()}
+    fig = decode_summary_figure(records, short, steered=steered)
+    rows = []
+    for phase, s in steps:
+        sub = records[(records.phase == phase) & (records.step == s)]
+        row = {"step": s, "phase": phase, "reads": tokens.get(s, {}).get("reads_baseline", ""),
+               "generates (baseline)": tokens.get(s, {}).get("generates_baseline", ""),
+               "generates (intervened)": tokens.get(s, {}).get("generates_intervened", "")}
+        for cond, name in (("baseline", "baseline"), ("steered", "intervened")):
+            c = sub[sub.condition == cond]
+            m = c[(c.metric == "attn_image_mass") & (c["head"] == -1) & (c.layer >= 0)]
+            if steered:
+                m = m[m.layer.isin(list(steered))]
+            row[f"image mass, {name} (share)"] = float(m.value.mean()) if len(m) else math.nan
+            fm = c[(c.metric == "final_margin") & (c.layer == -1)]
+            row[f"margin, {name} (logit Yes − No)"] = float(fm.value.iloc[0]) if len(fm) else math.nan
+        row["layers fired"] = _layers(fired_layers(sub))
+        rows.append(row)
+    return fig, pd.DataFrame(rows)
+
+
+def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str = "Per-layer plots") -> list[Section]:
+    """The per-layer plots of each step: prefill open, decode steps folded, with a summary across steps."""
+    records = result.records if records is None else records
+    steered = tuple(result.intervention.layers(lm.n_layers))
+    steps = sorted({(str(p), int(s)) for p, s in records[["phase", "step"]].itertuples(index=False)},
+                   key=lambda t: t[1])
+    tokens = step_tokens(lm, result) if len(steps) > 1 else {}
+    sections = []
+    if len(steps) > 1:
+        fig, table = decode_summary(records, tokens, steered)
+        sections.append(Section("Across generation steps", text=(
+            "One row per step: the token the step reads (its query), the token it generates, the query's image "
+            "attention mass (mean over heads and the steered layers), the final margin, and the steered layers "
+            "that fired. The per-layer plots of each step follow (the decode steps folded)."),
+            figures=[fig], table=table))
+    for phase, s in steps:
+        figs = trace_figures(records, phase=phase, step=s, steered=steered)
+        name = "prefill (the prompt's decision token)" if phase == "prefill" else f"decode step {s}"
+        if s in tokens:
+            name += ": " + _step_label(tokens[s])
+        sections.append(Section(f"{heading}, {name}", figures=list(figs.values()), collapsed=phase != "prefill"))
+    return sections
+
+
+# ----------------------------------------------------------------------------- pages
+def trace_sections(lm, result, image, template, overlay_tokens=()) -> list[Section]:
+    """Every section of ``trace.html``: numbers first, the overlay, the summary, the plots per step."""
+    return [Section("Outcome", lines=headline(result.summary() | _text(lm, result), result.records)),
+            overlay_section(lm, result, image, template, overlay_tokens),
+            Section("Summary", table=summary_frame(result.summary() | _text(lm, result))),
+            *step_sections(lm, result)]
+
+
+def _text(lm, result) -> dict:
+    from .data import parse_answer
+    from .trace import decoded
+
+    before, after = decoded(lm, result.baseline), decoded(lm, result.steered)
+    if before is None:
+        return {}
+    return {"text_before": before, "text_after": after, "text_answer_before": parse_answer(before),
+            "text_answer_after": parse_answer(after)}
+
+
+def verdict_items(text: str) -> list[str]:
+    """The verdict's lines as list items: a cause and its indented detail line become one item."""
+    items: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("  ") and items:
+            items[-1] += " — " + line.strip()
+        elif line.strip():
+            items.append(line.strip())
+    return items
+
+
+CAUSE_COLUMNS = {"rank": "rank", "id": "cause", "status": "status", "strength": "strength (0–1)",
+                 "sentence": "what was measured", "test": "test: undo it alone", "evidence": "evidence"}
+
+
+def causes_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The detected causes, readable: no index, evidence as "key = value" (see report.display_table)."""
+    found = frame[frame.detected.astype(bool)]
+    return found[list(CAUSE_COLUMNS)].rename(columns=CAUSE_COLUMNS)
+
+
+def fixes_sentence(fixes: pd.DataFrame, kind: str) -> str:
+    """What the counterfactual fixes did, without reading "all" (all fixes together) as "every fix"."""
+    if not len(fixes):
+        return "No counterfactual fixes were run."
+    name = {"all": "all fixes together"}
+    ran = fixes[~fixes.applicable.astype(str).str.startswith("not applicable")]
+    na = fixes[fixes.applicable.astype(str).str.startswith("not applicable")]
+    tail = f" Not applicable (not run): {', '.join(na.fix)}." if len(na) else ""
+    if kind == "right":
+        hurt = ran[ran.outcome.isin(["broken", "derailed"])]
+        return ("The answer is right, so no fix applies; " + (
+            "these would break or derail it: " + ", ".join(f"{name.get(r.fix, r.fix)} ({r.outcome})"
+                                                            for r in hurt.itertuples()) + "."
+            if len(hurt) else f"none of the {len(ran)} that ran breaks or derails it.") + tail)
+    good = ran[ran["counts"].astype(bool)]
+    if len(good):
+        return (f"{len(good)} of the {len(ran)} fixes that ran fix the answer (wrong → right, a valid Yes/No output): "
+                + ", ".join(name.get(f, f) for f in good.fix) + "." + tail)
+    return (f"None of the {len(ran)} fixes that ran fixes the answer (each fix alone, and all fixes together)."
+            f"{tail}")
+
+
+FIX_COLUMNS = {"fix": "fix", "change": "knob change", "applicable": "applicable", "margin": "margin (logit Yes − No)",
+               "answer": "answer", "valid": "valid Yes/No", "outcome": "outcome vs baseline",
+               "vs_unfixed": "vs the unfixed intervention", "counts": "fixes the answer"}
+SWEEP_COLUMNS = {"tokens": "edited tokens", "window": "layers", "edit": "edit", "value": "image mass target or factor",
+                 "margin": "margin (logit Yes − No)", "answer": "answer", "valid": "valid Yes/No", "p_yes": "P(Yes)",
+                 "p_no": "P(No)", "base_margin": "baseline margin", "base_answer": "baseline answer",
+                 "outcome": "outcome"}
+DOSE_COLUMNS = {"k": "k (× the step)", "margin": "margin (logit Yes − No)", "answer_yes": "answer yes",
+                "valid": "valid Yes/No", "p_yes": "P(Yes)", "p_no": "P(No)", "outcome": "outcome",
+                "h_mean": "h, mean (share)", "theta_rel_max": "largest ‖kθ*‖/‖x‖", "yes_no_top": "top token Yes/No"}
+CHAIN_COLUMNS = {"link": "link", "config": "configuration", "top_cause": "top cause", "status": "status",
+                 "margin": "margin (logit Yes − No)", "outcome": "outcome", "next_fix": "next fix"}
+KNOCKOUT_COLUMNS = {"condition": "run", "answer_yes": "answer yes", "final_margin": "margin (logit Yes − No)",
+                    "p_yes": "P(Yes)", "p_no": "P(No)", "top_is_yes_no": "top token Yes/No"}
+
+
+def _renamed(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    keep = [c for c in frame.columns if c in columns] + [c for c in frame.columns if c not in columns]
+    return frame[keep].rename(columns=columns)
+
+
+def knockout_table(records: pd.DataFrame) -> pd.DataFrame:
+    r = records[(records.layer == -1) & (records.metric.isin(list(KNOCKOUT_COLUMNS)))
+                & (records.phase == "prefill")]
+    wide = r.pivot_table(index="condition", columns="metric", values="value").reset_index()
+    for col in ("answer_yes", "top_is_yes_no"):
+        if col in wide:
+            wide[col] = wide[col] > 0.5
+    return _renamed(wide, KNOCKOUT_COLUMNS)
+
+
+def explain_sections(ex, verdict_text: str, causes: pd.DataFrame, overlay: Section) -> list[Section]:
+    """Every section of the explain page: the verdict, the causes, the overlay, then each experiment."""
+    summary = ex.trace.summary()
+    dose_fig = dose_response_figure(ex.dose.curve)
+    sections = [
+        Section("Verdict", lines=verdict_items(verdict_text)),
+        Section("Outcome", lines=headline(summary, ex.trace.records)),
+        Section("Causes found, in rank order", table=causes_table(causes),
+                table_note="Every rule that looked and found nothing is in the folded table below."),
+        overlay,
+        Section("Summary", table=summary_frame(summary)),
+    ]
+    if ex.sweep is not None:
+        sections.append(Section("Graded image-mass sweep", text=ex.sweep_text, table=_renamed(ex.sweep, SWEEP_COLUMNS)))
+    sections.append(Section("Dose-response", text=ex.dose.sentence(), figures=[dose_fig],
+                            table=_renamed(ex.dose.curve, DOSE_COLUMNS)))
+    if ex.layer_doses is not None:
+        sections.append(Section("Dose-response per layer", text="Each steered layer alone: the smallest multiplier on "
+                                "its step that reaches the goal the label sets (empty: none up to --k-max).",
+                                table=ex.layer_doses))
+    fixes = ex.fixes.assign(fix=ex.fixes.fix.replace({"all": "all fixes together"})) if len(ex.fixes) else ex.fixes
+    sections += [
+        Section("Counterfactual fixes", text=fixes_sentence(ex.fixes, ex.dose.kind) + "\n\nEach fix alone and all "
+                "fixes together, compared with the baseline (outcome) and with the intervention as configured "
+                "(vs the unfixed intervention); only a wrong answer turned right with a valid Yes/No output counts.",
+                table=_renamed(fixes, FIX_COLUMNS)),
+        Section("Cause chain", text="For a wrong answer: apply the fix of the top cause, diagnose again, repeat.",
+                table=_renamed(ex.chain, CHAIN_COLUMNS)),
+        Section("Attention knockouts (prefill)", text="The decision token's (or every after-image token's) image "
+                "attention removed (×0) or doubled (×2) in every layer: two edits, no negative claim.",
+                table=knockout_table(ex.records)),
+        Section("Every rule, including those that found nothing", table=_renamed(causes, CAUSE_COLUMNS),
+                collapsed=True),
+    ]
+    return sections
+
+
+def trace_plot_sections(lm, ex) -> list[Section]:
+    """The explain page's per-layer plots (the prefill step of its trace)."""
+    return step_sections(lm, ex.trace, heading="Trace plots")
+
+
+__all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "trace_sections", "explain_sections",
+           "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections", "NoFigure"]
