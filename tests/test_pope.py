@@ -280,3 +280,94 @@ def test_derailed_outputs_are_not_flips(tmp_path, extra, derailed):
     assert metrics.loc["steered", "accuracy_valid"] <= metrics.loc["steered", "accuracy"]
     flips = pd.read_csv(tmp_path / "flips.csv")
     assert int(flips.derailed.iloc[0]) == n
+
+
+# --------------------------------------------------------------------------- image mass per layer, timing
+def _plain_image_mass(lm, question, image_dir):
+    """Reference: a plain HF eager forward with output_attentions=True, the last row's head-mean image mass per layer."""
+    import torch
+
+    from mclcbf_diag.data import build_prompt, load_image, resolve_image
+
+    inputs = lm.inputs(build_prompt(question.text), load_image(resolve_image(question, image_dir)))
+    with torch.no_grad():
+        att = lm.model(**inputs, output_attentions=True).attentions
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    return [float(a[0, :, -1, image].sum(-1).mean()) for a in att]
+
+
+def _traced_image_mass(lm, question, image_dir, iv):
+    """The single-sample trace's steered attn_image_mass (head mean) per layer."""
+    from mclcbf_diag.data import load_image, resolve_image
+    from mclcbf_diag.trace import trace_sample
+
+    r = trace_sample(lm, question, load_image(resolve_image(question, image_dir)), iv).records
+    r = r[(r.condition == "steered") & (r.metric == "attn_image_mass") & (r["head"] == -1)]
+    return r.sort_values("layer").value.tolist()
+
+
+def test_answers_carry_the_baseline_image_mass_of_a_plain_forward(ref, embedded_model):
+    jobs = {j.key: j for j in pope_lib.select_jobs(pope_lib.question_files("all", None, None), 8, None)}
+    n = embedded_model.n_layers
+    for r in records(ref):
+        job = jobs[(r["split"], str(r["question_id"]))]
+        want = _plain_image_mass(embedded_model, job.question, job.image_dir)
+        assert [r[f"baseline_image_mass_{i}"] for i in range(n)] == pytest.approx(want, abs=1e-5)
+        assert all(0 <= r[f"steered_image_mass_{i}"] <= 1 + 1e-6 for i in range(n))
+    # the attention-logit barrier moves the decision token's image mass somewhere
+    assert any(abs(r[f"steered_image_mass_{i}"] - r[f"baseline_image_mass_{i}"]) > 1e-3
+               for r in records(ref) for i in range(n))
+
+
+@pytest.mark.parametrize("name", ["pai", "vista", "mclcbf-fixed"])
+def test_steered_image_mass_is_the_one_the_trace_sees(embedded_model, name):
+    """The intervened row after the edits (PAI: logits), also when ``prepare`` runs extra forwards (VISTA)."""
+    from mclcbf_diag.interventions import resolve
+
+    iv = resolve("mclcbf", "fixed", ["tokens=after_image", "tau=0.8"]) if name == "mclcbf-fixed" else resolve(name)
+    jobs = pope_lib.select_jobs(pope_lib.question_files("adversarial", None, None), 5, None)
+    timing = {}
+    rows = pope_lib.answer_jobs(embedded_model, jobs, iv, timing=timing)
+    n = embedded_model.n_layers
+    moved = 0.0
+    for j, r in zip(jobs, rows):
+        want = _traced_image_mass(embedded_model, j.question, j.image_dir, iv)
+        got = [r[f"steered_image_mass_{i}"] for i in range(n)]
+        assert got == pytest.approx(want, abs=1e-4), j.key
+        moved = max(moved, *(abs(g - r[f"baseline_image_mass_{i}"]) for i, g in enumerate(got)))
+    assert moved > 1e-4, "the intervention should move the image mass at some layer"
+    assert timing["inputs_seconds"] > 0 and timing["baseline_seconds"] > 0
+
+
+def test_timing_is_kept_per_session_and_is_not_identity(tmp_path, ref):
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(n):
+        if n == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pope(tmp_path, on_batch=stop_after_two)
+    first = json.loads((tmp_path / "timing.json").read_text())["sessions"]
+    assert [s["questions"] for s in first] == [8]  # both batches on disk were timed
+    assert pope(tmp_path) == 0
+    sessions = json.loads((tmp_path / "timing.json").read_text())["sessions"]
+    assert [s["questions"] for s in sessions] == [8, 16]
+    for s in sessions:
+        assert s["seconds"] > s["inputs_seconds"] + s["baseline_seconds"] > 0
+        assert s["batch_size"] == 4 and s["torch_threads"] >= 1 and s["device"] == "cpu"
+    assert_same_results(tmp_path, ref)
+    assert "timing" not in json.loads((tmp_path / "run.json").read_text())
+    assert pope(tmp_path) == 0  # nothing left to answer: no new session
+    assert len(json.loads((tmp_path / "timing.json").read_text())["sessions"]) == 2
+
+
+def test_generate_rows_carry_the_prefill_image_mass(tmp_path, ref):
+    """With --generate the masses are the prompt's (prefill), the same as without generation."""
+    assert pope(tmp_path, "--limit", "2", "--generate", "2") == 0
+    want = by_key(records(ref))
+    for k, r in by_key(records(tmp_path)).items():
+        for cond in ("baseline", "steered"):
+            cols = sorted(c for c in r if c.startswith(f"{cond}_image_mass_"))
+            assert cols and [r[c] for c in cols] == pytest.approx([want[k][c] for c in cols], abs=1e-4), (k, cond)

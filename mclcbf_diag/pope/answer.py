@@ -1,17 +1,43 @@
-"""Answering POPE jobs in batches, baseline and intervened, with a memory-bounded image cache."""
+"""Answering POPE jobs in batches, baseline and intervened, with a memory-bounded image cache.
+
+Besides the answers, each batch records what the intervention did to attention and what it
+cost, with plain PyTorch forward hooks held for the batch only (:class:`_Observer`):
+
+* **Image mass per layer.** Every language layer's eager attention returns its softmax
+  probabilities; a hook reads the decision query's row (the last position of the left-padded
+  batch) and sums it over the image keys (``input_ids == image token``; pad keys weigh 0),
+  head mean: ``baseline_image_mass_<layer>`` and ``steered_image_mass_<layer>`` per question
+  (the ``attn_image_mass`` of a trace, head −1). :func:`mclcbf_diag.batch.answer_pair` runs the
+  baseline forward and then the intervened one, after any auxiliary forwards of the
+  intervention's ``prepare`` (a steering vector's prompt without its image, say), so the last
+  two calls over the batch's whole prompt are the two conditions. The intervened row is the
+  one the model used, after the intervention's edits; the cost is one ``[B, H, K]`` slice per
+  layer of probabilities that eager attention computes anyway.
+* **Time.** Per batch: the whole batch (images, inputs, both conditions, records, the append),
+  the inputs (image decoding, the processor, the vision tower once per distinct image) and the
+  baseline's plain forward (a hook on the model's top module). ``inputs + baseline`` is what
+  answering the batch once without any intervention costs: the bare forward. With ``generate``
+  the baseline's whole generation counts as its forward.
+  :class:`RunTiming` accumulates them in the run folder's ``timing.json``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import UserError
-from ..storage import show
+from ..storage import atomic_write_text, show
 from .jobs import Job
 from .store import ANSWERS, append_records, read_records
 
 MAX_BATCH_SIZE = 4096
+TIMING = "timing.json"
 
 
 class _ImageCache:
@@ -54,30 +80,113 @@ class _ImageCache:
 _image = _ImageCache()
 
 
-def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None) -> list[dict]:
+def decision_image_mass(rows, image):
+    """Head-mean softmax mass on image keys: ``rows`` [B, H, K] (one query per row), ``image`` [B, K] (bool or 0/1) → [B]."""
+    import torch
+
+    return torch.bmm(rows.float(), image.to(rows.device, torch.float32)[:, :, None])[..., 0].mean(-1)
+
+
+class _Observer:
+    """Forward hooks for one batch: the decision query's image mass per layer, and the model's forward times.
+
+    ``masses[layer]`` lists one ``[B]`` tensor per call of the layer's attention over the
+    batch's whole prompt (``K`` keys, ``B`` rows; other calls are skipped); ``forwards`` the
+    seconds of each call of the model. See the module docstring for which calls are which.
+    """
+
+    def __init__(self, lm, input_ids):
+        import torch
+
+        self._is_tensor = torch.is_tensor
+        self.lm, self.n_keys = lm, int(input_ids.shape[1])
+        self.image = (input_ids == lm.tokens.image_token_id).float()  # converted once, read by every call
+        self.masses = [[] for _ in range(lm.n_layers)]
+        self.forwards: list[float] = []
+        self._handles, self._t0 = [], None
+
+    def __enter__(self):
+        for i in range(self.lm.n_layers):
+            attn = self.lm.adapter.layer_part(self.lm.model, i, "layer_attention")
+            self._handles.append(attn.register_forward_hook(self._layer_hook(i)))
+        self._handles.append(self.lm.model.register_forward_pre_hook(self._start))
+        self._handles.append(self.lm.model.register_forward_hook(self._stop))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _start(self, module, args) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        if self._t0 is not None:
+            self.forwards.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+    def _layer_hook(self, i: int):
+        def hook(module, args, output):
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if (self._is_tensor(w) and w.dim() == 4 and w.shape[0] == self.image.shape[0]
+                    and w.shape[-1] == self.n_keys):
+                self.masses[i].append(decision_image_mass(w[:, :, -1, :].detach(), self.image))
+        return hook
+
+    def last(self, k: int):
+        """The last ``k`` calls' masses, each ``[B, layers]`` (as lists), or None when a layer saw fewer."""
+        import torch
+
+        if any(len(m) < k for m in self.masses):
+            return None
+        # each layer's on its own device under --device-map: moved to the CPU before stacking
+        return [torch.stack([m[j - k].cpu() for m in self.masses], dim=1).tolist() for j in range(k)]
+
+
+def _mass_fields(condition: str, masses) -> dict:
+    return {} if masses is None else {f"{condition}_image_mass_{i}": round(float(v), 6) for i, v in enumerate(masses)}
+
+
+def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None,
+                timing: dict | None = None) -> list[dict]:
     """One batch of questions → one record per question (baseline and steered).
 
     ``outcome`` is the question's class (:mod:`mclcbf_diag.outcomes`): unchanged, fixed, broken or
     derailed (no longer a Yes/No answer at the decision position, or non-finite). ``flipped``
     stays the bare sign change of logit Yes − No (the answers format requires it); with
     ``generate`` the official text parser's answers and their outcome (``text_outcome``) are
-    beside them.
+    beside them. ``baseline_image_mass_<layer>`` / ``steered_image_mass_<layer>``: the decision
+    query's image mass per layer (module docstring). ``timing`` (a dict) gets this batch's
+    ``inputs_seconds`` and ``baseline_seconds`` added.
     """
     from ..batch import answer_batch, answer_pair, batch_inputs
     from ..data import build_prompt, parse_answer, resolve_image
     from ..outcomes import outcome
 
+    t0 = time.perf_counter()
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
     images = [_image(resolve_image(j.question, j.image_dir)) for j in jobs]
     rid = getattr(lm, "run_id", None)
+    inputs = batch_inputs(lm, prompts, images, share_images=not generate)
+    t_inputs = time.perf_counter() - t0
     if generate:
-        inputs = batch_inputs(lm, prompts, images, share_images=False)
-        base = answer_batch(lm, prompts, images, config, False, inputs=inputs, max_new_tokens=generate)
-        steer = answer_batch(lm, prompts, images, config, True, inputs=inputs, max_new_tokens=generate)
+        t1 = time.perf_counter()
+        with _Observer(lm, inputs["input_ids"]) as ob:
+            base = answer_batch(lm, prompts, images, config, False, inputs=inputs, max_new_tokens=generate)
+        t_base = time.perf_counter() - t1
+        with _Observer(lm, inputs["input_ids"]) as os_:
+            steer = answer_batch(lm, prompts, images, config, True, inputs=inputs, max_new_tokens=generate)
+        b_mass, s_mass = (ob.last(1) or [None])[0], (os_.last(1) or [None])[0]
     else:
-        base, steer = answer_pair(lm, prompts, images, config)
+        with _Observer(lm, inputs["input_ids"]) as ob:
+            base, steer = answer_pair(lm, prompts, images, config, inputs=inputs)
+        b_mass, s_mass = ob.last(2) or (None, None)
+        t_base = ob.forwards[-2]  # the baseline's plain forward; the intervened run is the last
+    if timing is not None:
+        timing["inputs_seconds"] = timing.get("inputs_seconds", 0.0) + t_inputs
+        timing["baseline_seconds"] = timing.get("baseline_seconds", 0.0) + t_base
     out = []
-    for j, b, s in zip(jobs, base, steer):
+    for n, (j, b, s) in enumerate(zip(jobs, base, steer)):
         q = j.question
         rec = {**({"run_id": rid} if rid else {}), "split": j.split, "question_id": q.question_id, "index": j.position, "image": q.image,
                "text": q.text, "label": q.label,
@@ -88,13 +197,56 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                "baseline_p_yes": b["p_yes"], "baseline_p_no": b["p_no"], "baseline_valid": b["valid"],
                "steered_p_yes": s["p_yes"], "steered_p_no": s["p_no"], "steered_valid": s["valid"],
                "steered_finite": s["finite"],
-               **{k: s.get(k) for k in ("layers_fired", "h_mean", "mean_theta_rel", "max_dh_predicted")}}
+               **{k: s.get(k) for k in ("layers_fired", "h_mean", "mean_theta_rel", "max_dh_predicted")},
+               **_mass_fields("baseline", None if b_mass is None else b_mass[n]),
+               **_mass_fields("steered", None if s_mass is None else s_mass[n])}
         if generate:
             bt, st = parse_answer(b["text"]), parse_answer(s["text"])
             rec.update(baseline_text=b["text"], baseline_text_answer=bt, steered_text=s["text"], steered_text_answer=st,
                        text_outcome=outcome(bt, True, st, True, q.label))
         out.append(rec)
     return out
+
+
+class RunTiming:
+    """What answering cost, in ``OUT/timing.json``: one session per invocation that answered something.
+
+    Each session holds the machine (``device``, ``dtype``, ``torch_threads``, ``cpus``,
+    ``machine``, ``batch_size``) and the sums over its batches: ``questions``, ``seconds``
+    (whole batches, the append included), ``inputs_seconds`` and ``baseline_seconds`` (the
+    bare forward: see the module docstring). Rewritten atomically after every batch, so a
+    killed session keeps what it timed. Not part of the run's identity.
+    """
+
+    def __init__(self, out: Path, **machine):
+        self.path = Path(out) / TIMING
+        self.sessions = self._read()
+        self.session = {**machine, "questions": 0, "seconds": 0.0, "inputs_seconds": 0.0, "baseline_seconds": 0.0}
+
+    def _read(self) -> list[dict]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return []  # absent or damaged: a fresh record (timing is information, not identity)
+        sessions = data.get("sessions") if isinstance(data, dict) else None
+        return [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
+
+    def add(self, questions: int, seconds: float, part: dict) -> None:
+        s = self.session
+        s["questions"] += questions
+        s["seconds"] += seconds
+        for k in ("inputs_seconds", "baseline_seconds"):
+            s[k] += part.get(k, 0.0)
+        atomic_write_text(self.path, json.dumps({"sessions": [*self.sessions, s]}, indent=2) + "\n")
+
+    @staticmethod
+    def machine(lm, batch_size: int) -> dict:
+        """The facts a session's times depend on."""
+        import torch
+
+        return {"device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+                "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+                "batch_size": batch_size}
 
 
 def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
@@ -113,10 +265,12 @@ def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
 
 
 def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generate: int = 0,
-             on_batch=None, progress: bool = True, template: str | None = None) -> None:
+             on_batch=None, progress: bool = True, template: str | None = None,
+             timing: RunTiming | None = None) -> None:
     """Answer ``todo`` batch by batch, appending each batch to ``out/answers.jsonl``.
 
-    ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there).
+    ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there);
+    ``timing`` records each batch's cost once it is on disk.
     """
     from ..progress import tqdm
 
@@ -124,7 +278,10 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
               file=sys.stderr, dynamic_ncols=True) as bar:
         for n, start in enumerate(range(0, len(todo), batch_size), start=1):
             batch = todo[start:start + batch_size]
-            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate, template))
+            t0, part = time.perf_counter(), {}
+            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate, template, timing=part))
+            if timing is not None:
+                timing.add(len(batch), time.perf_counter() - t0, part)
             bar.set_postfix_str(batch[-1].split, refresh=False)
             bar.update(len(batch))
             if on_batch is not None:

@@ -1,22 +1,40 @@
 """Interventions side by side: one row per finished POPE run (and split), outcome classes included.
 
-:func:`compare_runs` reads each run folder's ``run.json``, ``metrics.csv`` and ``flips.csv``
-(written by ``mclcbf-diag pope``) and lays them out as one table: the intervention, its preset
-and overrides, steered accuracy (and over valid Yes/No outputs only), F1 and yes-ratio, the
-unchanged / fixed / broken / derailed counts and the net change in accuracy. Beside each
-intervention, :data:`REPORTED` gives what its paper reports on the real LLaVA-1.5-7B (DESIGN §6),
-labelled as reported, not measured here.
+:func:`compare_runs` reads each run folder's ``run.json``, ``metrics.csv``, ``flips.csv``,
+``answers.jsonl`` and ``timing.json`` (written by ``mclcbf-diag pope``) and lays them out as
+one table: the intervention, its preset and overrides, steered accuracy (and over valid Yes/No
+outputs only), F1 and yes-ratio, the unchanged / fixed / broken / derailed counts, the net
+change in accuracy, and two columns on how the intervention acts:
+
+* **Δ image mass per layer**: the decision token's head-mean attention mass on the image,
+  intervened minus baseline, averaged over the split's questions (``d_image_mass_L<layer>``,
+  from each answers row's ``steered_image_mass_<layer>`` − ``baseline_image_mass_<layer>``).
+  In short: the mean over the layers the intervention acts on (``edited_layers``, its
+  ``layers()`` at the model's depth) and the layer of the largest |Δ|.
+* **cost per question**: the run's answering seconds per question and their ratio to the bare
+  forward's (the inputs plus the baseline's plain forward, timed in the same batches; see
+  :mod:`mclcbf_diag.pope.answer`), from ``timing.json``, summed over a merged run's parts.
+  Rows of runs written before these records existed leave the columns empty.
+
+Beside each intervention, :data:`REPORTED` gives what its paper reports on the real
+LLaVA-1.5-7B (DESIGN §6), labelled as reported, not measured here.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import UserError
 from ..storage import show
+from .answer import TIMING
+from .store import ANSWERS, read_records
+
+_MASS = re.compile(r"^baseline_image_mass_(\d+)$")
 
 REPORTED = {
     "mclcbf": "POPE answers identical to the baseline (the researcher's report)",
@@ -40,14 +58,115 @@ def _read(folder: Path, name: str):
     if not path.is_file():
         raise UserError(f"{show(path)} is missing: is {show(folder)} a finished `mclcbf-diag pope` run? "
                         "Run pope into it first")
-    return json.loads(path.read_text(encoding="utf-8")) if name.endswith(".json") else pd.read_csv(path)
+    if not name.endswith(".json"):
+        return pd.read_csv(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{show(path)} is not readable JSON ({type(exc).__name__}): the run in {show(folder)} "
+                        "was interrupted while writing it; rerun the same `mclcbf-diag pope` command into it") from None
+    return data
+
+
+def _layer_deltas(rows: list[dict]) -> dict[int, tuple[float, float]]:
+    """Per layer: (mean baseline image mass, mean intervened − baseline) over ``rows`` (with both fields)."""
+    layers = sorted({int(m.group(1)) for r in rows for k in r if (m := _MASS.match(k))})
+    out = {}
+    for i in layers:
+        pairs = [(r[f"baseline_image_mass_{i}"], r[f"steered_image_mass_{i}"]) for r in rows
+                 if r.get(f"baseline_image_mass_{i}") is not None and r.get(f"steered_image_mass_{i}") is not None]
+        if pairs:
+            out[i] = (sum(b for b, _ in pairs) / len(pairs), sum(s - b for b, s in pairs) / len(pairs))
+    return out
+
+
+def _edited_layers(run: dict, n_layers: int) -> tuple[int, ...]:
+    """The layers the run's intervention acts on at this depth (every layer if it cannot be rebuilt here)."""
+    from ..interventions import resolve
+
+    try:
+        return tuple(resolve(run.get("intervention", "mclcbf"), run.get("preset"), run.get("overrides", []))
+                     .layers(n_layers))
+    except (UserError, ValueError, TypeError):
+        return tuple(range(n_layers))
+
+
+def _sessions(folder: Path, run: dict, seen: tuple = ()) -> list[dict]:
+    """The sessions of ``timing.json`` (of a merged run without one: of its parts)."""
+    path = folder / TIMING
+    if not path.is_file():
+        parts = [Path(d) for d in run.get("merged_from", []) if Path(d) not in seen]
+        return [s for d in parts for s in _sessions(d, _load(d / "run.json"), (*seen, folder))]
+    sessions = _load(path).get("sessions", [])
+    keys = ("questions", "seconds", "inputs_seconds", "baseline_seconds")
+    return [s for s in sessions if isinstance(s, dict) and all(isinstance(s.get(k), (int, float)) for k in keys)] \
+        if isinstance(sessions, list) else []
+
+
+def _load(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _timing(folder: Path, run: dict) -> dict | None:
+    """The run's sessions summed, with the machines they ran on; None if nothing was timed."""
+    sessions = _sessions(folder, run)
+    if not sum(s["questions"] for s in sessions):
+        return None
+    total = {k: sum(s[k] for s in sessions) for k in ("questions", "seconds", "inputs_seconds", "baseline_seconds")}
+    machines = sorted({f"{s.get('device', '?')} {s.get('machine', '')}, {s.get('torch_threads', '?')} torch "
+                       f"thread(s), batch {s.get('batch_size', '?')}" for s in sessions})
+    return {**total, "timed_on": "; ".join(machines)}
+
+
+def _cost(timing: dict | None) -> dict:
+    if timing is None:
+        return {"seconds_per_question": math.nan, "bare_seconds_per_question": math.nan, "cost_vs_bare": math.nan,
+                "timed_on": ""}
+    n, bare = timing["questions"], timing["inputs_seconds"] + timing["baseline_seconds"]
+    return {"seconds_per_question": timing["seconds"] / n, "bare_seconds_per_question": bare / n,
+            "cost_vs_bare": timing["seconds"] / bare if bare > 0 else math.nan, "timed_on": timing["timed_on"]}
+
+
+def _mass_columns(deltas: dict[int, tuple[float, float]], edited: tuple[int, ...]) -> dict:
+    if not deltas:
+        return {"edited_layers": "", "d_image_mass_edited": math.nan, "d_image_mass_max": math.nan,
+                "d_image_mass_max_layer": -1}
+    on = [deltas[i][1] for i in edited if i in deltas]
+    top = max(deltas, key=lambda i: (abs(deltas[i][1]), -i))
+    return {"edited_layers": _span(edited), "d_image_mass_edited": sum(on) / len(on) if on else math.nan,
+            "d_image_mass_max": deltas[top][1], "d_image_mass_max_layer": top,
+            **{f"d_image_mass_L{i}": d for i, (_, d) in deltas.items()},
+            **{f"baseline_image_mass_L{i}": b for i, (b, _) in deltas.items()}}
+
+
+def _span(layers) -> str:
+    """``(1, 2, 3, 7)`` → ``"1–3, 7"``."""
+    out, layers = [], sorted(layers)
+    for i in layers:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in out)
+
+
+def _unspan(text) -> set[int]:
+    """``"1–3, 7"`` → ``{1, 2, 3, 7}`` (the inverse of :func:`_span`)."""
+    bounds = [part.split("–") for part in str(text or "").split(", ") if part]
+    return {i for b in bounds for i in range(int(b[0]), int(b[-1]) + 1)}
 
 
 def compare_runs(folders) -> pd.DataFrame:
-    """One row per (run, split): intervention, settings, metrics and outcome counts."""
+    """One row per (run, split): intervention, settings, metrics, outcome counts, Δ image mass and cost."""
     rows = []
     for folder in map(Path, folders):
         run, metrics, flips = _read(folder, "run.json"), _read(folder, "metrics.csv"), _read(folder, "flips.csv")
+        answers = read_records(folder / ANSWERS)[0]
+        cost = _cost(_timing(folder, run))
         name = run.get("intervention", "mclcbf")
         settings = " ".join([*([f"--preset {run['preset']}"] if run.get("preset") else []),
                              *(f"--set {o}" for o in run.get("overrides", []))]) or "(defaults)"
@@ -57,6 +176,8 @@ def compare_runs(folders) -> pd.DataFrame:
             st = m[m.condition == "steered"].iloc[0]
             f = logit[logit.split == split]
             f = f.iloc[0] if len(f) else {}
+            deltas = _layer_deltas(answers if split == "all" else [r for r in answers if r["split"] == split])
+            edited = _edited_layers(run, max(deltas) + 1) if deltas else ()
             rows.append({
                 "intervention": name, "settings": settings, "split": split, "n": int(st.n),
                 "baseline_accuracy": float(base.accuracy), "accuracy": float(st.accuracy),
@@ -64,18 +185,53 @@ def compare_runs(folders) -> pd.DataFrame:
                 "yes_ratio": float(st.yes_ratio),
                 **{k: int(f.get(k, 0)) for k in ("unchanged", "fixed", "broken", "derailed")},
                 "net_accuracy_points": 100 * (float(st.accuracy) - float(base.accuracy)),
+                **_mass_columns(deltas, edited), **cost,
                 "reported_on_llava_1_5_7b": _reported(name, run), "run": str(folder),
             })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    per_layer = [c for prefix in ("d_image_mass_L", "baseline_image_mass_L") for c in _layer_columns(table, prefix)]
+    rest = [c for c in table.columns if c not in per_layer and c not in ("reported_on_llava_1_5_7b", "run")]
+    return table[[*rest, *per_layer, "reported_on_llava_1_5_7b", "run"]] if rows else table
+
+
+def _layer_columns(table: pd.DataFrame, prefix: str) -> list[str]:
+    return sorted((c for c in table.columns if c.startswith(prefix)), key=lambda c: int(c[len(prefix):]))
+
+
+def layer_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer image mass, tidy: one row per (run, split, layer), baseline and Δ, edited or not."""
+    rows = []
+    for r in table.to_dict("records"):
+        edited = _unspan(r["edited_layers"])
+        for c in _layer_columns(table, "d_image_mass_L"):
+            layer, d = int(c[14:]), r[c]
+            if not math.isnan(d):  # this run has the layer
+                base = r[f"baseline_image_mass_L{layer}"]
+                rows.append({"intervention": r["intervention"], "settings": r["settings"], "split": r["split"],
+                             "layer": layer, "edited": layer in edited, "baseline_image_mass": base,
+                             "steered_image_mass": base + d, "d_image_mass": d, "run": r["run"]})
+    return pd.DataFrame(rows, columns=["intervention", "settings", "split", "layer", "edited", "baseline_image_mass",
+                                       "steered_image_mass", "d_image_mass", "run"])
+
+
+def _signed(x: float) -> str:
+    """``+0.0123``; ``0.0000`` when it rounds to zero (no sign), ``n/a`` for NaN."""
+    return "n/a" if math.isnan(x) else "0.0000" if abs(x) < 5e-5 else f"{x:+.4f}"
 
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The comparison as a Markdown table (accuracy in %, the reported column last)."""
     head = ["intervention", "settings", "split", "accuracy", "F1", "yes-ratio", "unchanged", "fixed", "broken",
-            "derailed", "reported on LLaVA-1.5-7B (not measured here)"]
+            "derailed", "Δ image mass: edited layers (largest, layer)", "s/question (× bare)",
+            "reported on LLaVA-1.5-7B (not measured here)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
+        mass = "n/a" if math.isnan(r.d_image_mass_max) else _signed(r.d_image_mass_edited) + (
+            " (no layer moves)" if abs(r.d_image_mass_max) < 5e-5
+            else f" ({_signed(r.d_image_mass_max)}, L{r.d_image_mass_max_layer})")
+        cost = "n/a" if math.isnan(r.seconds_per_question) else (
+            f"{r.seconds_per_question:.4f} ({r.cost_vs_bare:.1f}×)")
         lines.append(f"| `{r.intervention}` | {r.settings.replace('|', '/')} | {r.split} | {100 * r.accuracy:.1f} | "
                      f"{100 * r.f1:.1f} | {100 * r.yes_ratio:.1f} | {r.unchanged} | {r.fixed} | {r.broken} | "
-                     f"{r.derailed} | {r.reported_on_llava_1_5_7b} |")
+                     f"{r.derailed} | {mass} | {cost} | {r.reported_on_llava_1_5_7b} |")
     return "\n".join(lines)

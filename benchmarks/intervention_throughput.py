@@ -1,0 +1,107 @@
+"""Benchmark: every registered intervention's ``pope`` throughput against the bare batched forward, in one run.
+
+    python benchmarks/intervention_throughput.py [--n 64] [--split adversarial] [--batch-size 16]
+                                                 [--threads 1] [--repeats 3] [--model DIR] [--only a,b]
+
+All paths answer the same N questions in one process, batch by batch:
+
+* bare batched forward: what answering costs with no intervention at all: the images decoded,
+  the inputs built (the vision tower once per distinct image), one plain batched forward and
+  the first-token Yes/No read-out (:func:`mclcbf_diag.batch.answer_batch` without an
+  intervention);
+* ``pope --intervention NAME``: what ``mclcbf-diag pope`` does per batch
+  (:func:`mclcbf_diag.pope.answer_jobs`, only the file append left out): the same inputs, the
+  baseline forward keeping its KV cache, the intervention's ``prepare``, the intervened
+  continuation through nnsight, the image mass per layer and one record per question. Every
+  name in :func:`mclcbf_diag.interventions.registry`, at its first preset.
+
+Each path is warmed up on one batch first (nnsight wraps the model once; AD-HH searches its
+heads once per model), then timed ``--repeats`` times in alternating rounds (bare, then every
+intervention), so load drift hits all alike; the best run counts. The ratio is the pope
+path's time over the bare forward's: the cost of both conditions plus the intervention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from mclcbf_diag import pope
+from mclcbf_diag.batch import answer_batch
+from mclcbf_diag.data import build_prompt, resolve_image
+from mclcbf_diag.interventions import registry, resolve
+from mclcbf_diag.models import load_model
+
+
+def bare_path(lm, jobs, batch_size):
+    pope._image.cache_clear()  # images are decoded inside the timed region, as in a real run
+    out = []
+    for i in range(0, len(jobs), batch_size):
+        batch = jobs[i:i + batch_size]
+        prompts = [build_prompt(j.question.text) for j in batch]
+        images = [pope._image(resolve_image(j.question, j.image_dir)) for j in batch]
+        out += answer_batch(lm, prompts, images, None, False)
+    return out
+
+
+def pope_path(lm, jobs, intervention, batch_size):
+    pope._image.cache_clear()
+    out = []
+    for i in range(0, len(jobs), batch_size):
+        out += pope.answer_jobs(lm, jobs[i:i + batch_size], intervention)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--split", default="adversarial", choices=pope.SPLITS)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default=None, help="comma-separated intervention names (default: every registered one)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.only.split(",") if args.only else list(registry())
+    interventions = {name: resolve(name) for name in names}
+    lm = load_model(args.model)
+    jobs = pope.select_jobs(pope.question_files(args.split, None, None), args.n, None)
+
+    paths = {"bare": lambda: bare_path(lm, jobs, args.batch_size)}
+    for name, iv in interventions.items():
+        paths[name] = lambda iv=iv: pope_path(lm, jobs, iv, args.batch_size)
+    warm = jobs[: args.batch_size]
+    bare_path(lm, warm, args.batch_size)
+    for iv in interventions.values():
+        pope_path(lm, warm, iv, args.batch_size)
+    times = {k: [] for k in paths}
+    results = {}
+    for _ in range(args.repeats):
+        for k, fn in paths.items():
+            t0 = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+
+    n, bare = len(jobs), best["bare"]
+    same = {k: sum(b["answer"] == r["baseline_answer"] for b, r in zip(results["bare"], results[k]))
+            for k in interventions}
+    print(f"model {lm.source}; {n} {args.split} questions; batch size {args.batch_size}; torch threads "
+          f"{torch.get_num_threads()}; {platform.machine()}, {torch.get_num_interop_threads()} interop threads; "
+          f"best of {args.repeats}")
+    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14}")
+    print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}×")
+    for k in interventions:
+        t = best[k]
+        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {t / bare:13.2f}×")
+    print("ratio = pope time / bare time (both conditions, the intervention and the records, against one plain "
+          "forward); baseline answers equal to the bare forward's: "
+          + ", ".join(f"{k} {v}/{n}" for k, v in same.items()))
+
+
+if __name__ == "__main__":
+    main()
