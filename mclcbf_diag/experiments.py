@@ -83,6 +83,31 @@ class GradedKnockout(AttentionKnockout):
             site.set_rows(row, q, rescale_image_probs(p, mask, target))
 
 
+def window_name(window) -> str:
+    return "all" if window is None else ",".join(map(str, window))
+
+
+def sweep_settings(n_layers: int, token_sets=TOKEN_SETS, windows=None) -> list[tuple[str, object, str, float]]:
+    """Every ``(tokens, window, edit, value)`` of the sweep, in the order of :func:`image_mass_sweep`'s rows."""
+    windows = layer_windows(n_layers) if windows is None else windows
+    return [(tokens, window, kind, value) for tokens in token_sets for window in windows for kind, value in edits()]
+
+
+def sweep_edit(tokens: str, window, kind: str, value: float) -> AttentionKnockout:
+    """One setting as a knockout of its own (the edit :class:`GradedKnockout` makes in that setting's row)."""
+    if kind == "target":
+        return AttentionKnockout(KnockoutKnobs(0.0, target=value, tokens=tokens, layers=window))
+    return AttentionKnockout(KnockoutKnobs(value, tokens=tokens, layers=window))
+
+
+def sweep_row(tokens: str, window, kind: str, value: float, b: dict, r: dict, label: str | None) -> dict:
+    """One row of the sweep frame: the setting, its answer ``r`` and the baseline ``b`` (answer dicts)."""
+    return {"tokens": tokens, "window": window_name(window), "edit": kind, "value": value, "margin": r["margin"],
+            "answer": r["answer"], "valid": r["valid"], "p_yes": r["p_yes"], "p_no": r["p_no"],
+            "base_margin": b["margin"], "base_answer": b["answer"],
+            "outcome": outcome(b["answer"], b["valid"], r["answer"], r["valid"], label, new_finite=r["finite"])}
+
+
 def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_sets=TOKEN_SETS,
                      windows=None) -> pd.DataFrame:
     """Every setting's answer: columns tokens, window, edit, value, margin, answer, valid, p_yes, p_no, outcome."""
@@ -96,14 +121,7 @@ def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_
         for window in windows:
             base, new = answer_pair(lm, [prompt] * len(settings), [image] * len(settings),
                                     GradedKnockout(settings, tokens, window), inputs=inputs)
-            b = base[0]
-            for (kind, value), r in zip(settings, new):
-                rows.append({"tokens": tokens, "window": "all" if window is None else ",".join(map(str, window)),
-                             "edit": kind, "value": value, "margin": r["margin"], "answer": r["answer"],
-                             "valid": r["valid"], "p_yes": r["p_yes"], "p_no": r["p_no"],
-                             "base_margin": b["margin"], "base_answer": b["answer"],
-                             "outcome": outcome(b["answer"], b["valid"], r["answer"], r["valid"], label,
-                                                new_finite=r["finite"])})
+            rows += [sweep_row(tokens, window, kind, value, base[0], r, label) for (kind, value), r in zip(settings, new)]
     return pd.DataFrame(rows)
 
 
@@ -128,10 +146,12 @@ def sweep_summary(sweep: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def sweep_records(sweep: pd.DataFrame, *, sample, phase: str = "prefill", step: int = 0) -> pd.DataFrame:
-    """The sweep summary as tidy records (condition ``sweep:<tokens>``, layer −1)."""
+def sweep_records(sweep: pd.DataFrame, *, sample, phase: str = "prefill", step: int = 0,
+                  summary: dict | None = None) -> pd.DataFrame:
+    """The sweep summary as tidy records (condition ``sweep:<tokens>``, layer −1); ``summary``: its
+    :func:`sweep_summary`, if already computed."""
     cols = {k: [] for k in ("sample", "condition", "phase", "step", "layer", "head", "metric", "value")}
-    for tokens, summ in sweep_summary(sweep).items():
+    for tokens, summ in (sweep_summary(sweep) if summary is None else summary).items():
         for metric, key in (("sweep_runs", "runs"), ("sweep_changes", "changes"), ("sweep_fixes", "fixes"),
                             ("sweep_derailed", "derailed"), ("sweep_min_target", "min_target")):
             for k, v in (("sample", sample), ("condition", f"sweep:{tokens}"), ("phase", phase), ("step", step),
@@ -140,11 +160,11 @@ def sweep_records(sweep: pd.DataFrame, *, sample, phase: str = "prefill", step: 
     return frame(cols)
 
 
-def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str) -> str:
+def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str, summary: dict | None = None) -> str:
     """One line per token set: the smallest image mass that fixes (or changes) the answer, or that none does."""
     verb = "fix" if label is not None and base_answer != label else "break" if label is not None else "change"
     parts = []
-    for tokens, s in sweep_summary(sweep).items():
+    for tokens, s in (sweep_summary(sweep) if summary is None else summary).items():
         where = "the decision token" if tokens == "decision" else "every text token after the image"
         if s["changes"]:
             m = f"smallest target mass {s['min_target']:g}; " if math.isfinite(s["min_target"]) else ""
@@ -156,5 +176,5 @@ def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str) -> 
     return "Graded sweep: " + "; ".join(parts) + "."
 
 
-__all__ = ["TARGETS", "FACTORS", "layer_windows", "edits", "GradedKnockout", "image_mass_sweep", "sweep_summary",
-           "sweep_records", "sweep_sentence"]
+__all__ = ["TARGETS", "FACTORS", "layer_windows", "edits", "GradedKnockout", "window_name", "sweep_settings",
+           "sweep_edit", "sweep_row", "image_mass_sweep", "sweep_summary", "sweep_records", "sweep_sentence"]

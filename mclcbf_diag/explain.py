@@ -84,6 +84,9 @@ def _kind(label: str | None, base: Reading) -> str:
     return "unlabeled" if label not in ("yes", "no") else ("right" if base.answer == label else "wrong")
 
 
+kind_of = _kind  # "wrong", "right" or "unlabeled": the question a label sets for the baseline answer
+
+
 def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | None) -> dict:
     """What a run did, in the terms a cause test compares (see :func:`mclcbf_diag.rulebook.decisiveness`)."""
     step = capture.steps[0]
@@ -113,13 +116,18 @@ def _variant(iv, spec):
     return variant, float(spec.get("dose", 1.0))
 
 
+def spec_key(spec: dict | None) -> str | None:
+    """What identifies a cause test's counterfactual (``None``: the unfixed intervention)."""
+    return None if spec is None else repr(sorted((k, v) for k, v in spec.items() if k != "knobs_fn"))
+
+
 def cause_tester(lm: LoadedModel, inputs: dict, intervention, base: Reading, label: str | None):
     """``tester(spec)`` for :func:`mclcbf_diag.diagnose.diagnose`: run a counterfactual, return its effect."""
     iv = as_intervention(intervention)
     memo: dict = {}
 
     def test(spec):
-        key = None if spec is None else repr(sorted((k, v) for k, v in spec.items() if k != "knobs_fn"))
+        key = spec_key(spec)
         if key not in memo:
             try:
                 variant, dose = _variant(iv, spec)
@@ -164,7 +172,11 @@ class DoseResponse:
 
 
 def _dose_point(lm, inputs, intervention, k, base: Reading, label) -> dict:
-    cap = run(lm, inputs, intervention, dose=k)
+    return dose_point(lm, run(lm, inputs, intervention, dose=k), k, base, label)
+
+
+def dose_point(lm: LoadedModel, cap: RunCapture, k: float, base: Reading, label) -> dict:
+    """One point of the dose-response curve, read off the run at dose ``k``."""
     layers = [c.metrics for c in cap.steps[0].layers.values() if c.metrics.get("barrier_h") is not None]
     rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
     h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
@@ -180,6 +192,23 @@ def _base_reading(lm, inputs, iv, base_margin) -> Reading:
         return reading(lm, run(lm, inputs, iv, steer=False))
     except Exception:  # pragma: no cover - a measuring run failing means the steered one fails too
         return Reading(base_margin, math.nan, math.nan, True, True)
+
+
+def doubling_grid(k_max: float) -> list[float]:
+    """The dose-response's first multipliers: 1, 2, 4, … up to ``k_max``."""
+    out, k = [], 1.0
+    while k <= k_max:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def dose_result(points: list[dict], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
+    """The :class:`DoseResponse` of the computed ``points`` whose smallest hit is ``hi``."""
+    curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
+    at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
+    der = curve[curve.outcome == "derailed"]
+    return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None)
 
 
 def dose_response(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,
@@ -211,10 +240,7 @@ def dose_response(lm: LoadedModel, inputs: dict, config, base_margin: float, *, 
             else:
                 lo = mid
     bar.close()
-    curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
-    at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
-    der = curve[curve.outcome == "derailed"]
-    return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None)
+    return dose_result(points, hi, k_max, goal, kind)
 
 
 def per_layer_doses(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,
@@ -230,6 +256,53 @@ def per_layer_doses(lm: LoadedModel, inputs: dict, config, base_margin: float, *
     return pd.DataFrame(rows)
 
 
+FIX_COLUMNS = ["fix", "change", "applicable", "margin", "answer", "valid", "outcome", "vs_unfixed", "counts"]
+
+
+def fix_plan(config, model_dtype) -> list[dict]:
+    """Each fix alone, then all together: ``fix``, ``change``, ``applicable`` and ``run`` (the
+    variant to run; None where it cannot apply or changes nothing). Pure."""
+    config = as_intervention(config)
+    fixes = config.fixes()
+    applies = getattr(config, "fix_applies", None)
+    variants = {name: change for name, change in fixes.items()}
+    if fixes:
+        variants["all"] = {k: v for change in fixes.values() for k, v in change.items()}
+    plan = []
+    for name, change in variants.items():
+        try:
+            cfg = config.replace(**change)
+        except (UserError, TypeError, ValueError) as exc:
+            plan.append({"fix": name, "change": str(change), "applicable": f"no: {exc}", "run": None, "same": False})
+            continue
+        diff = changed(cfg.knobs, config.knobs)
+        why = applies(name, model_dtype) if applies is not None and name != "all" else None
+        if applies is not None and name == "all":  # drop the parts that cannot apply
+            diff = {k: v for k, v in diff.items()
+                    if not any(applies(n, model_dtype) and k in fixes[n] for n in fixes)}
+        row = {"fix": name, "change": ", ".join(f"{k}={v}" for k, v in diff.items()) or "(already set)"}
+        if not diff or why:
+            plan.append({**row, "applicable": why or "already set: nothing to change", "run": None, "same": True})
+        else:
+            plan.append({**row, "applicable": "yes", "run": cfg, "same": False})
+    return plan
+
+
+def fix_row(entry: dict, r: Reading | None, base: Reading, unfixed: Reading, label: str | None) -> dict:
+    """One row of :func:`counterfactuals` from a :func:`fix_plan` entry and the reading of its run (if run)."""
+    row = {k: entry[k] for k in ("fix", "change", "applicable")}
+    if entry["same"]:
+        return {**row, "margin": unfixed.margin, "answer": unfixed.answer, "valid": unfixed.valid,
+                "outcome": outcome_of(base, unfixed, label), "vs_unfixed": "same run", "counts": False}
+    if r is None:
+        return row
+    out = outcome_of(base, r, label)
+    vs = outcome_of(unfixed, r, label)
+    return {**row, "margin": r.margin, "answer": r.answer, "valid": r.valid, "outcome": out,
+            "vs_unfixed": f"Δm {r.margin - unfixed.margin:+.3g}; {vs}",
+            "counts": _kind(label, base) == "wrong" and out == "fixed" and r.valid}
+
+
 def counterfactuals(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,
                     base: Reading | None = None, unfixed: Reading | None = None) -> pd.DataFrame:
     """Each of the intervention's fixes alone, then all together, against the baseline and the unfixed run.
@@ -241,39 +314,11 @@ def counterfactuals(lm: LoadedModel, inputs: dict, config, base_margin: float, *
     config = as_intervention(config)
     base = base if base is not None else _base_reading(lm, inputs, config, base_margin)
     unfixed = unfixed if unfixed is not None else reading(lm, run(lm, inputs, config))
-    kind = _kind(label, base)
-    fixes = config.fixes()
-    applies = getattr(config, "fix_applies", None)
-    variants = {name: change for name, change in fixes.items()}
-    if fixes:
-        variants["all"] = {k: v for change in fixes.values() for k, v in change.items()}
-    unfixed_outcome = outcome_of(base, unfixed, label)
     rows = []
-    for name, change in tqdm(variants.items(), desc="counterfactual fixes", leave=False, mininterval=1):
-        try:
-            cfg = config.replace(**change)
-        except (UserError, TypeError, ValueError) as exc:
-            rows.append({"fix": name, "change": str(change), "applicable": f"no: {exc}"})
-            continue
-        diff = changed(cfg.knobs, config.knobs)
-        why = applies(name, lm.dtype) if applies is not None and name != "all" else None
-        if applies is not None and name == "all":  # drop the parts that cannot apply
-            diff = {k: v for k, v in diff.items()
-                    if not any(applies(n, lm.dtype) and k in fixes[n] for n in fixes)}
-        row = {"fix": name, "change": ", ".join(f"{k}={v}" for k, v in diff.items()) or "(already set)"}
-        if not diff or why:
-            rows.append({**row, "applicable": why or "already set: nothing to change", "margin": unfixed.margin,
-                         "answer": unfixed.answer, "valid": unfixed.valid, "outcome": unfixed_outcome,
-                         "vs_unfixed": "same run", "counts": False})
-            continue
-        r = reading(lm, run(lm, inputs, cfg))
-        out = outcome_of(base, r, label)
-        vs = outcome_of(unfixed, r, label)
-        rows.append({**row, "applicable": "yes", "margin": r.margin, "answer": r.answer, "valid": r.valid,
-                     "outcome": out, "vs_unfixed": f"Δm {r.margin - unfixed.margin:+.3g}; {vs}",
-                     "counts": kind == "wrong" and out == "fixed" and r.valid})
-    return pd.DataFrame(rows, columns=["fix", "change", "applicable", "margin", "answer", "valid", "outcome",
-                                       "vs_unfixed", "counts"])
+    for entry in tqdm(fix_plan(config, lm.dtype), desc="counterfactual fixes", leave=False, mininterval=1):
+        r = reading(lm, run(lm, inputs, entry["run"])) if entry["run"] is not None else None
+        rows.append(fix_row(entry, r, base, unfixed, label))
+    return pd.DataFrame(rows, columns=FIX_COLUMNS)
 
 
 def cause_chain(lm: LoadedModel, question, image, config, first: TraceResult,
@@ -368,6 +413,6 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
                        layer_doses, sw, sw_text)
 
 
-__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "GOALS", "reading", "effect", "cause_tester", "knockouts",
-           "DoseResponse", "dose_response", "per_layer_doses", "counterfactuals", "cause_chain", "Explanation",
-           "explain_sample"]
+__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "GOALS", "reading", "kind_of", "effect", "spec_key", "cause_tester", "knockouts",
+           "DoseResponse", "dose_point", "doubling_grid", "dose_result", "dose_response", "per_layer_doses",
+           "FIX_COLUMNS", "fix_plan", "fix_row", "counterfactuals", "cause_chain", "Explanation", "explain_sample"]

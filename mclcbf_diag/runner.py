@@ -130,10 +130,12 @@ class _Run:
             lo = max(self.start, row.pad)
             cos, sin = self.rotary
             sl = slice(lo - self.start, None)
-            keys = project_keys(x[row.index, sl], self.layer_weights(i), cos[row.index, sl].to(x.device),
-                                sin[row.index, sl].to(x.device))
+            # on the layer's own device: under a device map, x arrives from the previous layer's
+            w = self.layer_weights(i)
+            dev = w.q_weight.device
+            keys = project_keys(x[row.index, sl].to(dev), w, cos[row.index, sl].to(dev), sin[row.index, sl].to(dev))
             if lo > row.pad:
-                keys = torch.cat([self.prefix_keys[i][row.index, :, row.pad:lo].to(keys.dtype), keys], dim=-2)
+                keys = torch.cat([self.prefix_keys[i][row.index, :, row.pad:lo].to(dev, keys.dtype), keys], dim=-2)
         if self.keep_keys:
             self.keys_seen[row.index][(self.phase, self.step, i)] = keys.clone()
         return keys
@@ -141,10 +143,11 @@ class _Run:
     def add(self, site: Site, row: Row, positions: torch.Tensor, vector: torch.Tensor, after_norm: bool):
         x = site.tensor
         idx = site.query_index(row, positions)
-        v = vector.reshape(len(idx), -1)
+        v = vector.reshape(len(idx), -1).to(x.device)
         before = x[row.index, idx]
         if after_norm:
-            before = self.layer_weights(site.layer).norm(before)
+            w = self.layer_weights(site.layer)
+            before = w.norm(before.to(w.ln_weight.device)).to(x.device)
             self.pending_norm.append((row.index, idx, v.to(x.dtype)))
         else:
             x[row.index, idx] += v.to(x.dtype)
@@ -196,7 +199,7 @@ class _Run:
                 if self.pending_norm:
                     y = envoy_at(layer, ad.layer_input_norm).output
                     for b, idx, v in self.pending_norm:
-                        y[b, idx] += v
+                        y[b, idx] += v.to(y.device)
                     self.pending_norm = []
                 if self.capture:
                     for r in self.rows:
@@ -289,15 +292,16 @@ def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full
         intervention.prepare(lm, inputs, rows)
     state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False, start=start, prefix_keys=prefix_keys)
     nm = traced(lm.model)
-    if generate is None:
-        with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
-            state.body(nm, "prefill", 0)
-            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
-    else:
-        with nm.trace(**inputs, fn=lm.model.generate, **generate, **model_kwargs) as tracer:
-            state.body(nm, "prefill", 0)
-            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
-            sequences = nnsight.save(tracer.result)
+    with torch.no_grad():
+        if generate is None:
+            with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
+                state.body(nm, "prefill", 0)
+                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+        else:
+            with nm.trace(**inputs, fn=lm.model.generate, **generate, **model_kwargs) as tracer:
+                state.body(nm, "prefill", 0)
+                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+                sequences = nnsight.save(tracer.result)
     records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]
     return (last, records) if generate is None else (last, records, sequences)
 
@@ -307,3 +311,49 @@ def with_embeds(inputs: dict, capture: RunCapture) -> dict:
     if capture.inputs_embeds is None:
         return inputs
     return {**inputs, "inputs_embeds": capture.inputs_embeds}
+
+
+def prefix_forward(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """A plain forward of a batch that keeps what later runs continue from.
+
+    Returns ``(last-position logits [B, vocab], KV cache, prompt embeddings [B, S, d])``; the
+    embeddings have the image features merged in (read from the language model's input), so a
+    continuation from any position needs neither the vision tower nor the image placeholders.
+    """
+    lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
+    got = {}
+
+    def grab(module, args, kwargs):
+        got["embeds"] = kwargs.get("inputs_embeds")
+
+    hook = lang.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = lm.model(**inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return out.logits[:, -1], lm.adapter.output_cache(lm.model, out), got["embeds"]
+
+
+def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor, start: int = 0,
+             prefix_keys: dict | None = None, capture: bool = True, **model_kwargs):
+    """One forward of a left-padded batch, every row captured as :func:`run` captures one prompt.
+
+    Like :func:`run_batch` (``start``/``prefix_keys``/``model_kwargs`` continue from a cached
+    prefix; ``inputs`` may carry ``inputs_embeds`` instead of ids), but the runs are steering
+    runs whose intervention decides per row what to do (a mix of doses, measuring rows…), and
+    with ``capture`` each row's decision token is captured at every layer. Returns
+    ``(logits [B, vocab], captures)``: one :class:`RunCapture` per row, or, without ``capture``,
+    the per-row records ``{layer: {metric: value}}`` of :func:`run_batch`.
+    """
+    rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys)
+    nm = traced(lm.model)
+    with torch.no_grad():
+        with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
+            state.body(nm, "prefill", 0)
+            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+    if not capture:
+        return last, [state.records[r.index].get(("prefill", 0), {}) for r in rows]
+    caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), intervention.row_records(r)) for r in rows]
+    return last, caps

@@ -16,8 +16,10 @@ HELPERS = {"seed_style.py"}  # imported by the scripts, not run
 TINY = {
     "trace_overhead.py": ["--repeats", "1"],
     "pope_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
+    "intervention_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
     "real_width.py": ["--reduced", "--questions", "2", "--threads", "1", "--dtypes", "float32,bfloat16"],
     "gpu_7b.py": ["--dry-run"],
+    "population_explain.py": ["--n", "2", "--batch-size", "2", "--k-max", "2", "--bisect-steps", "1"],
 }
 
 

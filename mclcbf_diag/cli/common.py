@@ -53,10 +53,13 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="check the model's files against its MANIFEST.sha256 before loading")
 
 
-def sample_options(p: argparse.ArgumentParser) -> None:
+def sample_options(p: argparse.ArgumentParser, whole_split: bool = False) -> None:
+    """``--split``, the data and ``--sample``/``--question-id``; ``whole_split``: ``--split all`` too."""
     g = p.add_argument_group("sample")
-    g.add_argument("--split", default="adversarial", choices=["random", "popular", "adversarial"],
-                   help="POPE split of the embedded question set (default adversarial)")
+    g.add_argument("--split", default="adversarial",
+                   choices=["random", "popular", "adversarial", *(["all"] if whole_split else [])],
+                   help="POPE split of the embedded question set (default adversarial"
+                        + ("; all: every split, without --sample/--question-id)" if whole_split else ")"))
     g.add_argument("--pope-file", default=None, help="a POPE question file (JSON Lines or JSON array)")
     g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
     prompt_option(g)
@@ -180,7 +183,15 @@ def local_depth(model: str | None) -> int | None:
 def early_checks(args) -> None:
     """Knob checks that need no torch: sizes of --set integers, MC-LCBF's knobs and presets, layers vs depth."""
     check_override_sizes(args.overrides)
-    if getattr(args, "intervention", "mclcbf") == "mclcbf":
+    from .. import (
+        interventions,  # names only: the classes (and torch) load on first use
+    )
+
+    name = getattr(args, "intervention", "mclcbf")
+    known = list(dict.fromkeys([*interventions.BUILTIN, *interventions._REGISTRY]))
+    if name not in known:
+        raise UserError(f"unknown intervention {name!r}; choose one of {', '.join(known)}")
+    if name == "mclcbf":
         from ..interventions.mclcbf.config import (  # torch-free: errors in well under a second
             ALIASES,
             PRESETS,

@@ -10,13 +10,19 @@ from .common import (
     sample_job,
     sample_options,
     show,
-    summary_table,
     write_frame,
 )
 from .trace import overlay_section, print_outcome_summary
 
 
 def cmd_explain(args) -> int:
+    if getattr(args, "sample", None) is None and getattr(args, "question_id", None) is None:  # a whole split
+        from .population import cmd_population
+
+        return cmd_population(args)
+    from .population import check_single
+
+    check_single(args)
     from ..storage import safe_name
 
     if not 1 <= args.k_max <= 1e12:
@@ -24,8 +30,7 @@ def cmd_explain(args) -> int:
     config, question, image, lm = sample_job(args, "reports")
     from ..diagnose import causes_frame, verdict
     from ..explain import explain_sample
-    from ..plots import dose_response_figure, trace_figures
-    from ..report import Section, write_page
+    from ..report import write_page
 
     ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer,
                         template=args.prompt)
@@ -55,24 +60,10 @@ def cmd_explain(args) -> int:
          + (f" [fix {r.next_fix}]" if r.next_fix not in ("(none left)", "(none)") else ""))
         for r in ex.chain.itertuples()))
     stem = f"explain-{safe_name(question.question_id)}"
-    sections = [
-        Section("Verdict", text=text, table=causes_frame(ex.causes)),
-        overlay_section(lm, ex.trace, image, args.prompt),
-        Section("Summary", table=summary_table(summary)),
-        *([Section("Graded image-mass sweep", text=ex.sweep_text, table=ex.sweep)] if ex.sweep is not None else []),
-        Section("Dose-response", text=ex.dose.sentence(), figures=[dose_response_figure(ex.dose.curve)],
-                table=ex.dose.curve),
-        *([Section("Dose-response per layer", text="Each steered layer alone: the smallest multiplier "
-                   "on its step that reaches the goal the label sets (empty: none up to --k-max).", table=ex.layer_doses)]
-          if ex.layer_doses is not None else []),
-        Section("Counterfactual fixes", text="Each fix alone and all together: outcome against the baseline, and "
-                "against the intervention as configured (vs_unfixed); only a wrong answer fixed with a valid Yes/No "
-                "output counts.", table=ex.fixes),
-        Section("Cause chain", table=ex.chain),
-        Section("Attention knockouts (prefill)", table=_knockout_table(ex)),
-    ]
-    figs = trace_figures(ex.trace.records)
-    sections.append(Section("Trace plots", figures=list(figs.values())))
+    from ..pages import explain_sections, trace_plot_sections
+
+    sections = [*explain_sections(ex, text, causes_frame(ex.causes), overlay_section(lm, ex.trace, image, args.prompt)),
+                *trace_plot_sections(lm, ex)]
     # Everything is computed: only now create the folder and write.
     out = out_dir(args, "reports")
     write_frame(ex.records, out / f"{stem}.parquet", "parquet")
@@ -81,19 +72,17 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def _knockout_table(ex):
-    r = ex.records
-    r = r[(r.layer == -1) & (r.metric.isin(["final_margin", "answer_yes", "p_yes", "p_no", "top_is_yes_no"]))
-          & (r.phase == "prefill")]
-    return r.pivot_table(index="condition", columns="metric", values="value").reset_index()
-
-
 def add_parser(sub) -> None:
-    p = sub.add_parser("explain", help="ranked causes, dose-response and counterfactual fixes for one sample")
-    sample_options(p)
+    p = sub.add_parser("explain", help="ranked causes, dose-response and counterfactual fixes for one sample, or "
+                                       "counted over a whole split (without --sample/--question-id)")
+    sample_options(p, whole_split=True)
     model_options(p)
     intervention_options(p)
     p.add_argument("--k-max", type=float, default=1024.0, help="largest multiplier on θ* in the dose-response")
     p.add_argument("--per-layer", action="store_true", help="also a dose-response for each steered layer alone")
-    p.add_argument("--out", default=None, help="output folder for the HTML report (default reports/)")
+    p.add_argument("--out", default=None, help="output folder for the HTML report (default reports/; for a whole "
+                                               "split reports/explain-SPLIT, rerun to resume)")
+    from .population import add_options
+
+    add_options(p)
     p.set_defaults(func=cmd_explain)

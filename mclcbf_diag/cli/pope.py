@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import knobs as K
 from ..errors import UserError
 from ..pope import distributed
-from ..pope.answer import MAX_BATCH_SIZE, pending, run_jobs
+from ..pope.answer import MAX_BATCH_SIZE, RunTiming, pending, run_jobs
 from ..pope.jobs import (
     SPLITS,
     Job,
@@ -182,15 +182,17 @@ def _pope(args, on_batch=None) -> int:
                     _forget_run(out)
                 raise
             lm.run_id = rid
+            timing = RunTiming(out, **RunTiming.machine(lm, args.batch_size))
             run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
-                     on_batch=on_batch, template=args.prompt)
+                     on_batch=on_batch, template=args.prompt, timing=timing)
         records, dups = unique_sorted(read_records(answers)[0], identity["splits"])
         if dups:
             print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
         wanted = {j.key for j in jobs}
         records = [r for r in records if (r["split"], str(r["question_id"])) in wanted]
         write_outputs(out, records, identity)
-    print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html")
+    timed = ", timing.json" if (out / "timing.json").is_file() else ""
+    print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html{timed}")
     return 0
 
 
@@ -242,12 +244,19 @@ def cmd_merge(args) -> int:
         raise UserError(f"the folders {', '.join(map(show, dirs))} hold no answers yet; run the shards first")
     print(f"{len(records)} questions from {len(dirs)} folders; {dups} duplicate rows dropped")
     _report_missing(identity, records)
+    population = identity.get("kind") == "explain-population"  # `explain` over a split: its own outputs
     make_dir(out, "merge OUT")
     with FolderLock(out, "merge OUT"):
         atomic_write_text(out / RUN, json.dumps(identity, indent=2) + "\n")
         atomic_write(out / ANSWERS, _encode_rows(records))
-        write_outputs(out, records, identity)
-    print(f"wrote {show(out)}/{ANSWERS}, metrics.csv, flips.csv, summary.html")
+        if population:
+            from ..population.outputs import write_outputs as population_outputs
+
+            population_outputs(out, records, identity, part_dirs=dirs)  # the records from every shard's parts
+        else:
+            write_outputs(out, records, identity)
+    print(f"wrote {show(out)}/{ANSWERS}, " + ("questions.parquet, records.parquet, population.html" if population
+                                             else "metrics.csv, flips.csv, summary.html"))
     return 0
 
 

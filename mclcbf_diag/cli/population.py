@@ -1,0 +1,156 @@
+"""``mclcbf-diag explain`` without ``--sample``/``--question-id``: the verdict of every question of a split.
+
+Resumable and sharded like ``pope`` (the same store: ``run.json`` claims the folder, rows are
+appended to ``answers.jsonl`` atomically per batch, a changed configuration is refused,
+``merge`` joins shards); see :mod:`mclcbf_diag.population`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import UserError
+from .common import (
+    check_prompt,
+    early_checks,
+    intervention_from_args,
+    prepare_from_args,
+    weights_from_args,
+)
+
+KIND = "explain-population"
+MAX_BATCH = 256
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a whole split (without --sample/--question-id)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="only questions at positions p with p %% N == I (0-based); join shards with `merge`")
+    g.add_argument("--batch-size", type=int, default=16, help="questions per batch (default 16)")
+    g.add_argument("--bisect-steps", type=int, default=8,
+                   help="bisection steps of the dose-response after the doubling grid (default 8)")
+    g.add_argument("--no-sweep", action="store_true", help="skip the graded image-mass sweep")
+
+
+def check_single(args) -> None:
+    """Options of a whole split given with --sample/--question-id: one line saying so."""
+    which = "--sample" if args.sample is not None else "--question-id"
+    if getattr(args, "split", None) == "all":
+        raise UserError(f"--split all with {which}: one sample comes from one split; pass --split "
+                        f"random|popular|adversarial, or drop {which} to explain the whole split")
+    for flag, default in (("--limit", None), ("--shard", None), ("--batch-size", 16), ("--bisect-steps", 8),
+                          ("--no-sweep", False)):
+        if getattr(args, flag[2:].replace("-", "_"), default) != default:
+            raise UserError(f"{flag} applies to a whole split, not to {which}; drop {flag}, or drop {which} to "
+                            "explain every question")
+
+
+def _check_numbers(args) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} must be >= 1 (the number of questions per split)")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise UserError(f"--batch-size {args.batch_size} must be between 1 and {MAX_BATCH} (16–32 is typical)")
+    if not 0 <= args.bisect_steps <= 64:
+        raise UserError(f"--bisect-steps {args.bisect_steps} must be between 0 and 64")
+    if not 1 <= args.k_max <= 1e12:
+        raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 (and at most "
+                        "1e12)")
+    if args.per_layer:
+        raise UserError("--per-layer is for one sample (--sample or --question-id); drop it for a whole split")
+
+
+def _identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
+    from ..data import LLAVA_PROMPT
+    from ..experiments import sweep_settings
+    from .pope import _identity as pope_identity
+
+    ident = pope_identity(argparse.Namespace(**{**vars(args), "generate": 0}), config, files, shard, all_jobs, where)
+    sweep = [] if args.no_sweep else [[t, None if w is None else list(w), k, v]
+                                      for t, w, k, v in sweep_settings(n_layers)]
+    ident.update(kind=KIND, k_max=float(args.k_max), bisect_steps=int(args.bisect_steps), sweep=sweep,
+                 embedded_data=args.pope_file is None, image_dir_option=args.image_dir,
+                 prompt_option=args.prompt != LLAVA_PROMPT)
+    return ident
+
+
+def cmd_population(args, on_batch=None) -> int:
+    from ..pope.jobs import (
+        check_images,
+        job_image,
+        parse_shard,
+        question_files,
+        select_jobs,
+    )
+    from ..pope.store import ANSWERS, claim_out_dir, read_records, run_id, unique_sorted
+    from ..storage import FolderLock, check_writable, make_dir, show
+
+    # 1. Everything that needs no model.
+    _check_numbers(args)
+    shard = parse_shard(args.shard)
+    early_checks(args)
+    check_prompt(args)
+    files = question_files(args.split, args.pope_file, args.image_dir)
+    all_jobs = select_jobs(files, args.limit, None)
+    jobs = [j for j in all_jobs if shard is None or j.position % shard[1] == shard[0]]
+    if not jobs:
+        raise UserError(f"--shard {args.shard} selects no questions (the splits hold fewer questions than shards "
+                        "after --limit); use fewer shards")
+    for j in all_jobs:
+        job_image(j)
+    check_images(jobs)
+    default = f"reports/explain-{args.split}" + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}")
+    out = check_writable(args.out or default)
+    answers = out / ANSWERS
+    if answers.exists() and not os.access(answers, os.W_OK):
+        raise UserError(f"{show(answers)} is read-only, so the run cannot resume; make it writable or pass another "
+                        "--out")
+    from ..models.loading import check_prompt_lengths, model_facts
+
+    facts = model_facts(args.model)
+    config = intervention_from_args(args, facts.n_layers)
+    prep = prepare_from_args(args)
+    from ..data import build_prompt
+
+    check_prompt_lengths(prep, [build_prompt(j.question.text, args.prompt) for j in jobs],
+                         [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs])
+    identity = _identity(args, config, files, shard, all_jobs, prep.where, facts.n_layers)
+    rid = run_id(identity)
+    # 2. Lock, claim, answer what is missing.
+    make_dir(out)
+    with FolderLock(out):
+        fresh = claim_out_dir(out, identity)
+        from ..pope.answer import pending
+
+        todo = pending(jobs, out, rid)
+        if todo:
+            try:
+                lm = weights_from_args(args, prep)
+            except BaseException:
+                if fresh and not read_records(answers)[0]:
+                    from .pope import _forget_run
+
+                    _forget_run(out)
+                raise
+            from ..population.run import run_population
+            from ..population.verdict import Settings
+
+            settings = Settings(k_max=float(args.k_max), bisect_steps=int(args.bisect_steps), sweep=not args.no_sweep,
+                                template=args.prompt)
+            run_population(lm, todo, config, out, settings, batch_size=args.batch_size, run_id=rid,
+                           on_batch=on_batch)
+        rows, dups = unique_sorted(read_records(answers)[0], identity["splits"])
+        if dups:
+            print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
+        wanted = {j.key for j in jobs}
+        rows = [r for r in rows if (r["split"], str(r["question_id"])) in wanted]
+        from ..population.outputs import write_outputs
+
+        t = write_outputs(out, rows, identity)
+    print(t["answer"])
+    print(f"wrote {show(out)}/{ANSWERS} ({len(rows)} questions), questions.parquet, records.parquet, causes.csv, "
+          "doses.csv, masses.csv, fixes.csv, settings.csv, population.html", file=sys.stdout)
+    return 0
+

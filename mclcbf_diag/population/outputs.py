@@ -1,0 +1,134 @@
+"""A population run's files: the per-batch records parts, and the tables, parquet files and page at the end.
+
+Folder layout (beside ``run.json`` and ``answers.jsonl`` of :mod:`mclcbf_diag.pope.store`,
+whose rows here are the per-question verdict rows):
+
+* ``records/part-<digest>.parquet``: the records of one batch (the tidy shape with a
+  ``split`` column in front), written atomically *before* the batch's rows are appended; a
+  part whose rows never reached ``answers.jsonl`` (a kill in between) is ignored, and a
+  question found in several parts is taken from the first;
+* ``questions.parquet`` / ``questions.csv``: one row per question;
+* ``causes.csv``, ``doses.csv``, ``masses.csv``, ``fixes.csv``, ``settings.csv``: the aggregate
+  (:mod:`.aggregate`);
+* ``records.parquet``: every question's records; ``population.html``: the page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import UserError
+from ..storage import atomic_write_text, atomic_write_with, digest, make_dir
+from . import aggregate as A
+
+PARTS = "records"
+PAGE = "population.html"
+LISTED = 200  # question commands listed per table on the page
+
+
+def write_part(out: Path, keys: list[tuple[str, str]], records: pd.DataFrame) -> Path:
+    folder = make_dir(out / PARTS)
+    path = folder / f"part-{digest(sorted(keys))[:16]}.parquet"
+    atomic_write_with(path, lambda tmp: records.to_parquet(tmp, index=False))
+    return path
+
+
+def read_parts(dirs: list[Path], keys: set[tuple[str, str]]) -> pd.DataFrame:
+    """The records of the questions ``keys`` from every part in ``dirs`` (first part wins)."""
+    seen, frames = set(), []
+    for d in dirs:
+        for part in sorted((Path(d) / PARTS).glob("part-*.parquet")):
+            df = pd.read_parquet(part)
+            k = list(zip(df["split"].astype(str), df["sample"].astype(str)))
+            here = {x for x in set(k) if x in keys and x not in seen}
+            if here:
+                frames.append(df[[x in here for x in k]])
+                seen |= here
+    if not frames:
+        return pd.DataFrame(columns=["split", "sample", "condition", "phase", "step", "layer", "head", "metric",
+                                     "value"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def explain_command(identity: dict, split: str, question_id) -> str:
+    """The ``mclcbf-diag explain`` command that explains one question of the run alone."""
+    import shlex
+
+    parts = ["mclcbf-diag", "explain"]
+    files = identity.get("pope_files", [])
+    splits = identity.get("splits", [])
+    if identity.get("embedded_data", True):
+        parts += ["--split", split]
+    else:
+        path = files[splits.index(split)] if split in splits else files[0]
+        parts += ["--pope-file", path]
+        if identity.get("image_dir_option"):
+            parts += ["--image-dir", identity["image_dir_option"]]
+    parts += ["--question-id", str(question_id)]
+    if identity.get("model") not in (None, "embedded"):
+        parts += ["--model", identity["model"]]
+    if identity.get("dtype", "float32") != "float32":
+        parts += ["--dtype", identity["dtype"]]
+    if identity.get("intervention", "mclcbf") != "mclcbf":
+        parts += ["--intervention", identity["intervention"]]
+    if identity.get("preset"):
+        parts += ["--preset", identity["preset"]]
+    for o in identity.get("overrides", []):
+        parts += ["--set", o]
+    if identity.get("prompt_option"):
+        parts += ["--prompt", identity["prompt"]]
+    if identity.get("k_max", 1024.0) != 1024.0:
+        parts += ["--k-max", f"{identity['k_max']:g}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def tables(rows: list[dict], identity: dict, titles: dict | None = None) -> dict:
+    df = A.frame(rows)
+    k_max = float(identity.get("k_max", 1024.0))
+    settings = [tuple(s) if s[1] is None else (s[0], tuple(s[1]), s[2], s[3]) for s in identity.get("sweep", [])]
+    out = {"questions": df, "causes": A.cause_table(df, titles), "doses": A.dose_table(df, k_max),
+           "masses": A.mass_table(df), "fixes": A.fix_table(df), "settings": A.setting_table(df, settings)}
+    what = f"the intervention ({identity.get('intervention', 'mclcbf')}" + (
+        f" --preset {identity['preset']}" if identity.get("preset") else "") + "".join(
+        f" --set {o}" for o in identity.get("overrides", [])) + ")"
+    out["answer"] = A.answer(df, out["causes"], out["doses"], out["fixes"], out["settings"], k_max, what)
+    return out
+
+
+def _titles(identity: dict) -> dict:
+    try:
+        from ..diagnose import rules_for
+        from ..interventions import resolve
+
+        iv = resolve(identity.get("intervention", "mclcbf"), identity.get("preset"), identity.get("overrides", []))
+        return {r.id: r.title for r in rules_for(iv)[0]}
+    except (UserError, TypeError, ValueError, KeyError):  # a title is a nicety: the ids stay
+        return {}
+
+
+def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[Path] | None = None) -> dict:
+    """Every output file of the run in ``out`` from its rows (and the records parts in ``part_dirs``)."""
+    t = tables(rows, identity, _titles(identity))
+    df = t["questions"]
+    flat = df.copy()
+    for col in flat.columns:
+        if flat[col].map(lambda v: isinstance(v, list)).any():
+            flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
+    atomic_write_with(out / "questions.parquet", lambda tmp: flat.to_parquet(tmp, index=False))
+    atomic_write_text(out / "questions.csv", flat.to_csv(index=False))
+    for name in ("causes", "doses", "masses", "fixes", "settings"):
+        atomic_write_text(out / f"{name}.csv", t[name].to_csv(index=False))
+    keys = {(str(r["split"]), str(r["question_id"])) for r in rows}
+    records = read_parts(part_dirs or [out], keys)
+    atomic_write_with(out / "records.parquet", lambda tmp: records.to_parquet(tmp, index=False))
+    atomic_write_text(out / "answer.txt", t["answer"] + "\n")
+    from .page import write_page
+
+    write_page(out / PAGE, t, identity, lambda s, q: explain_command(identity, s, q), LISTED)
+    return t
+
+
+__all__ = ["PAGE", "PARTS", "explain_command", "read_parts", "tables", "write_outputs", "write_part"]

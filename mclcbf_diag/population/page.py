@@ -1,0 +1,99 @@
+"""The population run's self-contained page: the plain answer first, then the counts, plots and questions."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..report import Section
+from ..report import write_page as _write
+
+_COLORS = {"fixed": "#2a9d8f", "broken": "#e76f51", "derailed": "#8d99ae", "unchanged": "#cccccc"}
+
+
+def _bars(df: pd.DataFrame, x: str, title: str) -> go.Figure:
+    fig = go.Figure()
+    for group in ("wrong", "right"):
+        g = df[df.group == group]
+        fig.add_bar(x=g[x].astype(str), y=g["count"], name=f"{group} answers")
+    fig.update_layout(title=title, barmode="group", yaxis_title="questions", height=420)
+    return fig
+
+
+def _fix_figure(fixes: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for what, cols in (("fixed", ["wrong_fixed"]), ("broken", ["right_broken"]),
+                       ("derailed", ["wrong_derailed", "right_derailed"])):
+        fig.add_bar(x=fixes.fix, y=fixes[cols].sum(axis=1), name=what, marker_color=_COLORS[what])
+    fig.add_scatter(x=fixes.fix, y=fixes.net, mode="markers", name="net (fixed − broken − derailed right)",
+                    marker={"size": 12, "symbol": "diamond", "color": "#222"})
+    fig.update_layout(title="Counterfactual fixes over the split", barmode="group", yaxis_title="questions",
+                      height=440)
+    return fig
+
+
+def _setting_figure(settings: pd.DataFrame) -> go.Figure:
+    s = settings[(settings.edit == "target")]
+    fig = go.Figure()
+    for tokens in ("decision", "after_image"):
+        t = s[s.tokens == tokens]
+        if not len(t):
+            continue
+        best = t.sort_values("net", ascending=False, kind="stable").groupby("value", sort=True).head(1)
+        best = best.sort_values("value")
+        fig.add_scatter(x=best.value, y=best.fixed, mode="lines+markers", name=f"{tokens}: fixed (best window)")
+        fig.add_scatter(x=best.value, y=best.broken, mode="lines+markers", name=f"{tokens}: broken (same window)",
+                        line={"dash": "dot"})
+    fig.update_layout(title="Graded sweep over the split: target image mass → answers fixed and broken",
+                      xaxis_title="target image mass", yaxis_title="questions", height=440)
+    return fig
+
+
+def _question_list(df: pd.DataFrame, command, limit: int) -> pd.DataFrame:
+    cols = ["split", "question_id", "label", "baseline_answer", "outcome", "top_cause", "dose_k_star",
+            "sweep_decision_min_mass", "sweep_after_image_changes_it", "fixes_fixed", "fixes_broken"]
+    sel = df[[c for c in cols if c in df.columns]].head(limit).copy()
+    sel["command"] = [command(s, q) for s, q in zip(sel.split, sel.question_id)]
+    for c in ("fixes_fixed", "fixes_broken"):
+        if c in sel:
+            sel[c] = sel[c].map(lambda v: ", ".join(v) if isinstance(v, list) else v)
+    return sel
+
+
+def write_page(path, t: dict, identity: dict, command, limit: int):
+    df = t["questions"]
+    cmd = command(df.split.iloc[0], df.question_id.iloc[0]) if len(df) else ""
+    wrong, right = df[df.kind == "wrong"], df[df.kind == "right"]
+    sections = [
+        Section("The answer", text=t["answer"] + "\n\nEvery number below lists the questions behind it (split:"
+                "question_id); each question's own verdict is one explain command away, e.g. " + cmd + "."),
+        Section("Decisive causes", text="The top decisive cause of each question: the first cause in explain's "
+                "ranking whose own counterfactual (undo just that cause) changes the step, the decision token's "
+                "image mass, the margin or the outcome.", figures=[_bars(t["causes"], "cause", "Top decisive cause")],
+                table=t["causes"]),
+        Section("Dose-response", text="The smallest multiplier k on the intervention's change that fixes a wrong "
+                "answer (or breaks or derails a right one), by bracket of the doubling grid.",
+                figures=[_bars(t["doses"], "k_star", "Smallest k reaching the goal")], table=t["doses"]),
+        Section("Decision-token image mass", text="The smallest target image mass of the decision token (graded "
+                "sweep: 0 … 0.9, in all layers and in layer windows) that fixes a wrong answer (breaks a right "
+                "one) with a valid Yes/No output.", figures=[_bars(t["masses"], "decision_min_mass",
+                                                                    "Smallest decision-token image mass")],
+                table=t["masses"]),
+        Section("Counterfactual fixes", text="The intervention as configured and each fix alone (and all together): "
+                "outcomes among wrong and right answers, and the net change of right answers.",
+                figures=[_fix_figure(t["fixes"])], table=t["fixes"]),
+    ]
+    if len(t["settings"]):
+        top = t["settings"].sort_values("net", ascending=False, kind="stable").head(25)
+        sections.append(Section("Graded sweep over the split", text="Each image-mass setting applied to every "
+                                "question: answers fixed, broken and derailed (the 25 with the largest net gain; "
+                                "settings.csv has all).", figures=[_setting_figure(t["settings"])], table=top))
+    sections += [
+        Section(f"Wrong answers ({len(wrong)})", text=f"The first {limit} with the command that explains each.",
+                table=_question_list(wrong, command, limit)),
+        Section("Right answers the intervention or a fix changes", table=_question_list(
+            right[(right.outcome != "unchanged") | right.fixes_broken.map(bool) | right.fixes_derailed.map(bool)],
+            command, limit)),
+    ]
+    splits = ", ".join(identity.get("splits", []))
+    return _write(path, f"mclcbf-diag explain: {len(df)} questions ({splits})", sections)

@@ -1,0 +1,255 @@
+"""Many small experiments on many questions, each a row of one batched continuation of the baseline.
+
+A *unit* is one run of one question: an intervention, a dose on what it changes, and whether
+it steers or only measures (:class:`Unit`). Every experiment of a verdict (the intervened run,
+knockouts, the graded sweep, the dose-response, the cause tests, the counterfactual fixes)
+only changes the decision token or the text tokens after the image, so all of them continue
+from one baseline forward of the question batch (:class:`Prefix`):
+
+* **One prefix per question batch.** :func:`mclcbf_diag.runner.prefix_forward` runs the
+  batch once (left-padded, the vision tower once per distinct image) and keeps its KV cache
+  and its prompt embeddings (image features merged in).
+* **Units as rows.** :func:`run_units` lays the units out as the rows of a batch (a
+  question's row repeated once per unit), cuts the cache just before the batch's first
+  edited position (the earliest :meth:`~mclcbf_diag.interventions.base.Intervention.first_edited`
+  over its rows; a causal model's earlier positions are the same in every unit) and runs only
+  the remaining positions, fed as embeddings, so even a cut before an image token is exact.
+  Units that edit only the decision token and those that edit after the image go in separate
+  batches (one position vs. the text after the image); batches are cut so the copied cache
+  stays under :data:`CACHE_BUDGET` bytes.
+* **Each row its own intervention** (:class:`Mix`): at every site the runner offers, the
+  rows are grouped by (intervention, dose, steer) and each group's intervention sees a site
+  holding only its rows, with its dose and steer flag; an intervention's rows of one batch
+  are one group per dose, so its own batching (MC-LCBF's vmapped gradients) still applies.
+
+A unit's answer equals a separate run of that question alone up to the summation order of
+batched matmuls (≪ 1e-4 in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..interventions.base import Intervention, rows_of
+
+CACHE_BUDGET = 256 * 2**20  # bytes of copied prefix cache per batch of units
+MAX_UNITS = 1024  # rows per batch at most
+
+
+@dataclass(frozen=True, eq=False)
+class Unit:
+    """One run of question ``q`` (its row in the :class:`Prefix`) under ``iv``."""
+
+    q: int
+    iv: Intervention
+    dose: float = 1.0
+    steer: bool = True
+    setting: object = None  # a per-row setting for interventions that take one (``bind``)
+
+
+class Mix(Intervention):
+    """Each batch row its own unit: the runner's sites are dispatched to each unit's intervention."""
+
+    name = "mix"
+
+    def __init__(self, units: list[Unit]):
+        super().__init__()
+        self.units = list(units)
+        self._ivs = list({id(u.iv): u.iv for u in self.units}.values())
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        self._layers = {id(iv): set(iv.layers(n_layers)) for iv in self._ivs}
+        return tuple(sorted(set().union(*self._layers.values())))
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        return frozenset().union(*(u.iv.open_sites(u.steer) for u in self.units))
+
+    def first_edited(self, row) -> int | None:
+        return self.units[row.index].iv.first_edited(row)
+
+    def prepare(self, lm, inputs: dict, rows) -> None:
+        for iv in self._ivs:
+            if type(iv).prepare is not Intervention.prepare:
+                iv.prepare(lm, inputs, [r for r in rows if self.units[r.index].iv is iv])
+
+    def begin(self, rows, n_layers: int) -> None:
+        self.layers(n_layers)
+        self._groups: dict[tuple, list] = {}
+        for iv in self._ivs:
+            mine = [r for r in rows if self.units[r.index].iv is iv]
+            if hasattr(iv, "bind"):
+                iv.bind({r.index: self.units[r.index].setting for r in mine})
+            iv.begin(mine, n_layers)
+        for r in rows:
+            u = self.units[r.index]
+            self._groups.setdefault((id(u.iv), u.dose, u.steer), []).append(r)
+
+    def _dispatch(self, kind: str, site) -> None:
+        for (key, dose, steer), rows in self._groups.items():
+            iv = self.units[rows[0].index].iv
+            if site.layer not in self._layers[key] or kind not in iv.open_sites(steer):
+                continue
+            sub = copy.copy(site)
+            sub.rows, sub.dose, sub.steer = rows, dose, steer
+            getattr(iv, kind)(sub)
+
+    def residual(self, site) -> None:
+        self._dispatch("residual", site)
+
+    def attention(self, site) -> None:
+        self._dispatch("attention", site)
+
+    def pattern(self, site) -> None:
+        self._dispatch("pattern", site)
+
+    def row_records(self, row) -> dict[str, float]:
+        return self.units[row.index].iv.row_records(row)
+
+
+class Prefix:
+    """One baseline forward of a question batch: logits, KV cache and embeddings to continue from."""
+
+    def __init__(self, lm, prompts: list[str], images: list):
+        from ..batch import batch_inputs
+        from ..runner import prefix_forward
+
+        self.lm = lm
+        self.inputs = batch_inputs(lm, prompts, images)
+        self.ids, self.mask = self.inputs["input_ids"], self.inputs["attention_mask"]
+        self.positions = self.inputs["position_ids"]
+        self.logits, cache, self.embeds = prefix_forward(lm, self.inputs)
+        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.rows = rows_of(self.ids, self.mask, lm.tokens.image_token_id)
+
+    def full_inputs(self, idx: torch.Tensor) -> dict:
+        """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare)."""
+        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx], "position_ids": self.positions[idx]}
+        mm = self.inputs.get("mm_encoder_outputs")
+        if mm is not None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            feats = mm["image"].pooler_output
+            out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+                pooler_output=[feats[i] for i in idx.tolist()])}
+        else:
+            out["pixel_values"] = self.inputs["pixel_values"][idx]
+        return out
+
+    def row_bytes(self, start: int) -> int:
+        return sum(k[0, :, :start].numel() * k.element_size() * 2 for k, _ in self.kv)
+
+
+class SweepKnockout(Intervention):
+    """The graded sweep's edits of one (token set, layer window), each row its own setting.
+
+    The edit of :class:`mclcbf_diag.experiments.GradedKnockout` (a row's ``("target", t)`` or
+    ``("factor", f)``, bound per row through :attr:`Unit.setting`), all rows of a site edited
+    in one tensor operation (each row's queries selected by a mask). The mass of a ``factor``
+    setting is summed as ``(p · mask).sum`` rather than over the masked keys: equal up to the
+    summation order.
+    """
+
+    name = "sweep_knockout"
+    sites = frozenset({"attention"})
+
+    def __init__(self, tokens: str, window):
+        super().__init__()
+        self.tokens, self.window = tokens, window
+        self.settings: dict[int, tuple[str, float]] = {}
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        return tuple(range(n_layers)) if self.window is None else tuple(i for i in self.window if 0 <= i < n_layers)
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        return self.sites if steer else frozenset()
+
+    def first_edited(self, row) -> int | None:
+        return row.decision if self.tokens == "decision" else int(row.after_image()[0])
+
+    def bind(self, settings: dict) -> None:
+        self.settings = dict(settings)
+
+    def attention(self, site) -> None:
+        probs, rows = site.tensor, site.rows
+        idx = torch.tensor([r.index for r in rows], device=probs.device)
+        S = probs.shape[-2]
+        queries = torch.zeros(len(rows), S, dtype=torch.bool, device=probs.device)
+        for j, r in enumerate(rows):
+            q = [site.current(r)] if self.tokens == "decision" or site.phase == "decode" else r.after_image()
+            queries[j, site.query_index(r, q).to(probs.device)] = True
+        first = int(queries.any(0).nonzero().min())  # the earliest query any row edits
+        p = probs[idx, :, first:].float()  # [R, H, S', K]
+        imgf = torch.stack([site.key_mask(r, r.image) for r in rows]).to(p.dtype)[:, None, None]  # [R, 1, 1, K]
+        m = (p * imgf).sum(-1, keepdim=True)  # [R, H, S', 1]
+        kinds = [self.settings[r.index] for r in rows]
+        value = torch.tensor([v for _, v in kinds], dtype=p.dtype, device=p.device)[:, None, None, None]
+        is_target = torch.tensor([k == "target" for k, _ in kinds], device=p.device)[:, None, None, None]
+        t = torch.where(is_target, value.clamp(max=1 - 1e-4), (m * value).clamp(max=1 - 1e-4))
+        ok = (m > 0) & (m < 1)
+        c_img = torch.where(ok, t / torch.where(ok, m, torch.ones_like(m)), torch.ones_like(m))
+        c_oth = torch.where(ok, (1 - t) / torch.where(ok, 1 - m, torch.ones_like(m)), torch.ones_like(m))
+        edited = (p * (imgf * c_img + (1 - imgf) * c_oth)).to(probs.dtype)
+        keep = queries[:, None, first:, None]
+        probs[idx, :, first:] = torch.where(keep, edited, probs[idx, :, first:])
+
+
+def _first(u: Unit, row) -> int | None:
+    f = u.iv.first_edited(row)
+    return None if f is None else row.pad + f
+
+
+def run_units(prefix: Prefix, units: list[Unit], *, capture: bool):
+    """Every unit's ``(logits [vocab], capture or records)``, in the order of ``units``.
+
+    ``capture``: a :class:`~mclcbf_diag.runner.RunCapture` per unit (as :func:`~mclcbf_diag.runner.run`
+    returns for one prompt), else the unit's per-layer records (as :func:`~mclcbf_diag.runner.run_batch`).
+    """
+    T = prefix.ids.shape[1]
+    starts = [_first(u, prefix.rows[u.q]) for u in units]
+    kinds = [2 if s is None else 0 if s == T - 1 else 1 for s in starts]  # decision token, after it, unknown
+    out: list = [None] * len(units)
+    for kind in (0, 1, 2):
+        members = sorted((i for i in range(len(units)) if kinds[i] == kind), key=lambda i: -(starts[i] or 0))
+        if not members:
+            continue
+        low = 0 if kind == 2 else min(starts[i] for i in members)
+        size = max(1, min(MAX_UNITS, CACHE_BUDGET // max(1, prefix.row_bytes(low))))
+        for c in range(0, len(members), size):
+            chunk = members[c:c + size]
+            for j, res in zip(chunk, _run_chunk(prefix, [units[j] for j in chunk], capture)):
+                out[j] = res
+    return out
+
+
+def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool):
+    from ..runner import run_rows
+
+    lm = prefix.lm
+    idx = torch.tensor([u.q for u in units])
+    ids, mask, pos = prefix.ids[idx], prefix.mask[idx], prefix.positions[idx]
+    mix = Mix(units)
+    rows = rows_of(ids, mask, lm.tokens.image_token_id)
+    firsts = [_first(u, r) for u, r in zip(units, rows)]
+    start = 0 if any(f is None for f in firsts) else max(0, min(firsts))
+    mix.prepare(lm, prefix.full_inputs(idx), rows)
+    feed = {"inputs_embeds": prefix.embeds[idx, start:], "attention_mask": mask, "position_ids": pos[:, start:]}
+    kwargs, prefix_keys = {}, None
+    if start > 0:
+        from transformers import DynamicCache
+
+        cache, kept = DynamicCache(), {}
+        for layer, (k, v) in enumerate(prefix.kv):
+            kept[layer] = k[idx, :, :start]  # gathered once: the cache and the look-ahead share it
+            cache.update(kept[layer], v[idx, :, :start], layer)
+        prefix_keys = {i: kept[i] for i in mix.layers(lm.n_layers)}
+        kwargs = {"use_cache": True, **lm.adapter.cache_kwargs(lm.model, cache)}
+    last, per_row = run_rows(lm, feed, mix, full_ids=ids, start=start, prefix_keys=prefix_keys, capture=capture,
+                             **kwargs)
+    last = last.float()
+    return [(last[b], per_row[b]) for b in range(len(units))]
+
+
+__all__ = ["CACHE_BUDGET", "MAX_UNITS", "Mix", "Prefix", "SweepKnockout", "Unit", "run_units"]

@@ -1,0 +1,171 @@
+"""``mclcbf-diag explain`` over a whole split: outputs, kill -9 and resume, refusal, shards and merge, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mclcbf_diag.cli import build_parser, main
+from mclcbf_diag.cli import population as pop_cli
+from mclcbf_diag.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["explain", "--split", "all", "--limit", "3", "--batch-size", "3", "--k-max", "2", "--bisect-steps", "1",
+        "--set", "span=detected", "--set", "clamp=none"]
+TOTAL = 9
+COLS = ("label", "baseline_answer", "steered_answer", "outcome", "top_cause", "dose_k_star", "sweep",
+        "sweep_decision_min_mass", "fixes_fixed", "fixes_broken", "fixes_derailed")
+
+
+def run(out, *extra, on_batch=None):
+    args = build_parser().parse_args([*BASE, "--out", str(out), *extra])
+    return pop_cli.cmd_population(args, on_batch=on_batch)
+
+
+def rows(out):
+    return [json.loads(line) for line in (Path(out) / "answers.jsonl").read_text().splitlines()]
+
+
+def assert_same(out, ref):
+    got, want = rows(out), rows(ref)
+    keys = [(r["split"], str(r["question_id"])) for r in got]
+    assert len(keys) == len(set(keys)) == TOTAL, "rows lost or repeated"
+    by = {(r["split"], str(r["question_id"])): r for r in got}
+    for r in want:
+        g = by[(r["split"], str(r["question_id"]))]
+        for col in COLS:
+            assert g[col] == r[col], col
+        assert g["baseline_margin"] == pytest.approx(r["baseline_margin"], abs=1e-4)
+    a, b = pd.read_parquet(Path(out) / "records.parquet"), pd.read_parquet(Path(ref) / "records.parquet")
+    assert len(a) == len(b)
+    assert set(zip(a.split, a["sample"])) == set(zip(b.split, b["sample"]))
+    for name in ("causes.csv", "doses.csv", "fixes.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(Path(out) / name), pd.read_csv(Path(ref) / name))
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    assert run(out) == 0
+    return out
+
+
+def test_outputs(ref):
+    for name in ("run.json", "answers.jsonl", "questions.parquet", "records.parquet", "causes.csv", "doses.csv",
+                 "masses.csv", "fixes.csv", "settings.csv", "population.html", "answer.txt"):
+        assert (ref / name).is_file(), name
+    recs = rows(ref)
+    assert {r["split"] for r in recs} == {"random", "popular", "adversarial"}
+    assert {r["kind"] for r in recs} <= {"wrong", "right"}
+    q = pd.read_parquet(ref / "questions.parquet")
+    assert len(q) == TOTAL
+    r = pd.read_parquet(ref / "records.parquet")
+    assert list(r.columns[:2]) == ["split", "sample"] and len(set(zip(r.split, r["sample"]))) == TOTAL
+    page = (ref / "population.html").read_text()
+    assert "<script src=" not in page and "mclcbf-diag explain --split" in page and "--question-id" in page
+    answer = (ref / "answer.txt").read_text()
+    assert answer.strip() in page.replace("&#x27;", "'") or answer.split(".")[0] in page
+    run_json = json.loads((ref / "run.json").read_text())
+    assert run_json["kind"] == "explain-population" and run_json["k_max"] == 2.0
+
+
+def test_the_cli_dispatches_without_a_sample(ref, capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(pop_cli, "cmd_population", lambda args: seen.setdefault("args", args) and 0)
+    main(["explain", "--limit", "2"])
+    assert seen["args"].limit == 2 and seen["args"].sample is None
+
+
+def test_sigkill_then_resume(tmp_path, ref):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mclcbf_diag.cli", *BASE, "--out", str(out)]
+    cmd[cmd.index("--batch-size") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers = out / "answers.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (answers.is_file() and answers.stat().st_size > 0):
+            assert proc.poll() is None, "the run ended before writing a row"
+            assert time.monotonic() < deadline, "no rows after 240 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < answers.read_bytes().count(b"\n") < TOTAL, "the kill should land mid-run"
+    assert run(out) == 0
+    assert_same(out, ref)
+
+
+def test_resume_after_an_interruption_repeats_nothing(tmp_path, ref):
+    class Stop(Exception):
+        pass
+
+    def stop(n):
+        if n == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(tmp_path, "--batch-size", "2", on_batch=stop)
+    assert len(rows(tmp_path)) == 4
+    before = (tmp_path / "answers.jsonl").read_bytes()
+    assert run(tmp_path, "--batch-size", "2") == 0
+    assert (tmp_path / "answers.jsonl").read_bytes().startswith(before)
+    assert_same(tmp_path, ref)
+
+
+def test_changed_configuration_is_refused(ref, capsys):
+    assert main([*BASE, "--out", str(ref), "--set", "tau=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "config.tau_prefill" in err and "--out" in err and err.count("\n") == 1
+    with pytest.raises(UserError, match="k_max"):
+        run(ref, "--k-max", "4")
+    assert main(["pope", "--split", "all", "--limit", "3", "--out", str(ref)]) == 2  # a pope run is another run
+
+
+def test_shards_merge_to_the_single_process_run(tmp_path, ref, capsys):
+    for i in (0, 1, 2):
+        assert run(tmp_path / f"s{i}", "--shard", f"{i}/3") == 0
+        assert len(rows(tmp_path / f"s{i}")) == TOTAL // 3
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "m"), *(str(tmp_path / f"s{i}") for i in (2, 0, 1))]) == 0
+    printed = capsys.readouterr().out
+    assert "no questions missing" in printed and "population.html" in printed
+    assert_same(tmp_path / "m", ref)
+    assert [r["index"] for r in rows(tmp_path / "m")] == [r["index"] for r in rows(ref)]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--limit", "0"], "--limit 0"),
+    (["--shard", "3/3"], "--shard 3/3"),
+    (["--shard", "x"], "not i/n"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--bisect-steps", "-1"], "--bisect-steps"),
+    (["--k-max", "0.5"], "--k-max"),
+    (["--per-layer"], "--per-layer"),
+    (["--limit", "2", "--shard", "2/3"], "selects no questions"),  # 2 questions, none at position 2 mod 3
+])
+def test_bad_inputs_fail_before_the_model_loads(tmp_path, monkeypatch, extra, match):
+    monkeypatch.setattr(pop_cli, "weights_from_args", lambda *a: pytest.fail("the model was loaded"))
+    argv = ["explain", "--split", "adversarial", "--out", str(tmp_path / "o"), *extra]
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=match):
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra", [["--sample", "1", "--split", "all"], ["--sample", "1", "--limit", "3"],
+                                   ["--question-id", "2", "--shard", "0/2"]])
+def test_whole_split_options_with_one_sample_are_refused(extra):
+    args = build_parser().parse_args(["explain", *extra])
+    with pytest.raises(UserError, match="whole split|--split all"):
+        args.func(args)

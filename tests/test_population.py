@@ -1,0 +1,121 @@
+"""The population verdict (mclcbf_diag.population) against per-question ``explain_sample`` runs.
+
+The reference is the single-sample explain, run question by question in the test; the batched
+engine must reach the same causes, doses, sweep outcomes and fix outcomes, and the aggregate's
+counts must equal those counted here from the reference. The aggregate's tables are also checked
+on hand-made rows.
+"""
+
+import math
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from mclcbf_diag import shipped
+from mclcbf_diag.data import load_image, load_pope, resolve_image
+from mclcbf_diag.experiments import sweep_summary
+from mclcbf_diag.explain import explain_sample
+from mclcbf_diag.interventions import resolve
+from mclcbf_diag.population import aggregate as A
+from mclcbf_diag.population.verdict import Settings, explain_batch
+
+PICK = (25, 0, 1, 2, 3)  # fixed subset of the embedded adversarial split
+K_MAX, BISECT = 4.0, 2
+
+
+@pytest.fixture(scope="module", params=[[], ["span=detected", "clamp=none"]], ids=["seed-exp6", "unclamped"])
+def pair(request, embedded_model):
+    qs = load_pope(shipped.pope_file("adversarial"))
+    sel = [qs[i] for i in PICK]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in sel]
+    iv = resolve("mclcbf", None, request.param)
+    singles = [explain_sample(embedded_model, q, im, iv, k_max=K_MAX, bisect_steps=BISECT) for q, im in zip(sel, images)]
+    batch = explain_batch(embedded_model, sel, images, iv, Settings(k_max=K_MAX, bisect_steps=BISECT))
+    return sel, singles, batch
+
+
+def _top(causes):
+    return next((c.id for c in causes if c.detected and c.decisive), "")
+
+
+def test_each_question_matches_its_single_explain(pair):
+    sel, singles, batch = pair
+    for q, ex, v in zip(sel, singles, batch):
+        assert [(c.id, c.status, c.decisive) for c in ex.causes] == [(c.id, c.status, c.decisive) for c in v.causes]
+        assert v.row["top_cause"] == _top(ex.causes)
+        assert v.row["outcome"] == ex.trace.summary()["outcome"]
+        assert ex.dose.k_star == v.dose.k_star and ex.dose.k_derail == v.dose.k_derail
+        assert list(ex.dose.curve.k) == list(v.dose.curve.k)
+        assert list(ex.dose.curve.outcome) == list(v.dose.curve.outcome)
+        assert list(ex.sweep.outcome) == list(v.sweep.outcome)
+        assert ex.sweep.margin.to_numpy() == pytest.approx(v.sweep.margin.to_numpy(), abs=1e-3)
+        pd.testing.assert_frame_equal(ex.fixes[["fix", "applicable", "outcome"]].astype(str),
+                                      v.fixes[["fix", "applicable", "outcome"]].astype(str))
+        assert ex.sweep_text == v.sweep_text
+
+
+def test_aggregate_counts_equal_the_single_runs(pair):
+    sel, singles, batch = pair
+    rows = [{**v.row, "split": "adversarial"} for v in batch]
+    df = A.frame(rows)
+    kinds = ["right" if ex.trace.summary()["answer_before"] == q.label else "wrong" for q, ex in zip(sel, singles)]
+    causes = A.cause_table(df)
+    for group in A.GROUPS:
+        want = Counter(_top(ex.causes) or A.NONE_DECISIVE for ex, k in zip(singles, kinds) if k == group)
+        got = {r.cause: r["count"] for _, r in causes[causes.group == group].iterrows()}
+        assert got == dict(want)
+        doses = A.dose_table(df, K_MAX)
+        d = doses[doses.group == group]
+        ks = [ex.dose.k_star for ex, k in zip(singles, kinds) if k == group]
+        assert int(d[d.k_star.str.startswith("none")]["count"].sum()) == sum(k is None for k in ks)
+        assert int(d["count"].sum()) == len(ks)
+        masses = A.mass_table(df)
+        m = masses[masses.group == group]
+        mins = [sweep_summary(ex.sweep)["decision"]["min_target"] for ex, k in zip(singles, kinds) if k == group]
+        for value, n in Counter(x for x in mins if math.isfinite(x)).items():
+            assert int(m[m.decision_min_mass == f"{value:g}"]["count"].sum()) == n
+    fixes = A.fix_table(df)
+    for name in singles[0].fixes.fix:
+        row = fixes[fixes.fix == name].iloc[0]
+        for group in A.GROUPS:
+            for o in A.OUTCOME_COLS:
+                want = sum(ex.fixes.set_index("fix").loc[name, "outcome"] == o
+                           and ex.fixes.set_index("fix").loc[name, "applicable"] == "yes"
+                           for ex, k in zip(singles, kinds) if k == group)
+                assert row[f"{group}_{o}"] == want, (name, group, o)
+
+
+def _row(qid, kind, top="", k=None, mass=None, changes=0, after=False, outcome="unchanged", fixes=None, sweep=""):
+    return {"split": "s", "question_id": qid, "kind": kind, "top_cause": top, "dose_k_star": k,
+            "sweep_decision_min_mass": mass, "sweep_decision_changes": changes, "sweep_after_image_changes_it": after,
+            "outcome": outcome, "sweep": sweep, **{f"fix:{f}": o for f, o in (fixes or {}).items()}}
+
+
+def test_tables_on_hand_made_rows():
+    rows = [_row(1, "wrong", "span_mismatch", 2.0, 0.3, 5, True, fixes={"span": "fixed"}, sweep="fu"),
+            _row(2, "wrong", "span_mismatch", None, None, 0, True, fixes={"span": "unchanged"}, sweep="uu"),
+            _row(3, "wrong", "", 0.5, None, 0, False, outcome="fixed", fixes={"span": "derailed"}, sweep="fd"),
+            _row(4, "right", "clamp_limited", 1.0, 0.1, 2, False, fixes={"span": "broken"}, sweep="bu"),
+            _row(5, "right", "", None, None, 0, False, outcome="derailed", fixes={"span": "n/a"}, sweep="ud")]
+    df = A.frame(rows)
+    c = A.cause_table(df)
+    w = c[c.group == "wrong"].set_index("cause")
+    assert w.loc["span_mismatch", "count"] == 2 and w.loc["span_mismatch", "share"] == pytest.approx(2 / 3)
+    assert w.loc[A.NONE_DECISIVE, "count"] == 1 and w.loc["span_mismatch", "questions"] == "s:1, s:2"
+    d = A.dose_table(df, 4.0).set_index(["group", "k_star"])["count"]
+    assert d[("wrong", "0 < k ≤ 1")] == 1 and d[("wrong", "1 < k ≤ 2")] == 1 and d[("wrong", "none up to 4")] == 1
+    assert d[("right", "0 < k ≤ 1")] == 1 and d[("right", "none up to 4")] == 1
+    m = A.mass_table(df).set_index(["group", "decision_min_mass"])["count"]
+    assert m[("wrong", "0.3")] == 1 and m[("wrong", "none")] == 2
+    assert m[("wrong", "none at the decision token, some after the image")] == 1
+    f = A.fix_table(df).set_index("fix")
+    assert f.loc["(as configured)", "wrong_fixed"] == 1 and f.loc["(as configured)", "right_derailed"] == 1
+    assert f.loc["(as configured)", "net"] == 0  # +1 fixed, −1 derailed right answer
+    assert f.loc["span", "wrong_fixed"] == 1 and f.loc["span", "wrong_derailed"] == 1
+    assert f.loc["span", "right_broken"] == 1 and f.loc["span", "right_n/a"] == 1 and f.loc["span", "net"] == 0
+    s = A.setting_table(df, [("decision", None, "target", 0.3), ("decision", (1,), "factor", 2.0)])
+    assert list(s.fixed) == [2, 0] and list(s.broken) == [1, 0] and list(s.derailed) == [0, 2]
+    assert list(s.net) == [1, -1]  # setting 2 derails one right answer (question 5)
+    text = A.answer(df, c, A.dose_table(df, 4.0), A.fix_table(df), s, 4.0)
+    assert "3 wrong" in text and "fixes 1" in text and "to 0.3 in all layers would fix 2 and break 1" in text
