@@ -175,3 +175,103 @@ def test_prompt_without_image_is_a_user_error(embedded_model, batch):
     _, images = batch
     with pytest.raises(UserError, match="placeholder"):
         answer_batch(embedded_model, ["USER: hello\nASSISTANT:"], images[:1], CONFIGS["attn_logits"], True)
+
+
+# ============================================================================= independent references
+# The tests above compare the batched path with runner.run, the same runner. These compare it
+# with plain HF forwards (no nnsight, no toolkit code): per sample, and as one left-padded
+# batch built here with the tokenizer; the intervention is a vector added to the decision
+# token's residual, implemented for the reference as a ``register_forward_pre_hook``.
+from mclcbf_diag.interventions.base import Intervention
+
+STEER_LAYER = 1
+
+
+class _AddAtDecision(Intervention):
+    name = "test-add-at-decision"
+    sites = frozenset({"residual"})
+
+    def __init__(self, vector):
+        super().__init__()
+        self.vector = vector
+
+    def layers(self, n_layers):
+        return (STEER_LAYER,)
+
+    def first_edited(self, row):
+        return row.decision
+
+    def residual(self, site):
+        if site.steer:
+            for row in site.rows:
+                site.add(row, [row.decision], self.vector[None])
+
+
+def _steering_vector(lm):
+    g = torch.Generator().manual_seed(0)
+    return 2.0 * torch.randn(lm.text_config.hidden_size, generator=g)
+
+
+def _hf_margins(lm, enc: dict, vector=None) -> list[float]:
+    """Yes − No at the last position of a plain HF forward; ``vector`` added there at STEER_LAYER by a hook."""
+    def add(module, args, kwargs):
+        h = args[0].clone()
+        h[:, -1] += vector
+        return (h, *args[1:]), kwargs
+
+    layer = lm.model.model.language_model.layers[STEER_LAYER]
+    handle = layer.register_forward_pre_hook(add, with_kwargs=True) if vector is not None else None
+    try:
+        with torch.no_grad():
+            logits = lm.model(**enc).logits[:, -1]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return (logits[:, lm.tokens.yes_id] - logits[:, lm.tokens.no_id]).tolist()
+
+
+def _hf_left_padded(lm, prompts, images) -> dict:
+    tok = lm.processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = dict(lm.processor(text=prompts, images=images, return_tensors="pt", padding="longest"))
+    finally:
+        tok.padding_side = side
+    enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return enc
+
+
+def test_batched_answers_equal_plain_hf_forwards_with_a_hook(lm, batch):
+    prompts, images = batch
+    vec = _steering_vector(lm)
+    iv = _AddAtDecision(vec)
+    alone_base = [_hf_margins(lm, lm.inputs(p, i))[0] for p, i in zip(prompts, images)]
+    alone_steer = [_hf_margins(lm, lm.inputs(p, i), vec)[0] for p, i in zip(prompts, images)]
+    padded = _hf_left_padded(lm, prompts, images)
+    assert len(set((padded["attention_mask"] == 0).sum(-1).tolist())) >= 3  # really padded
+    padded_base, padded_steer = _hf_margins(lm, padded), _hf_margins(lm, padded, vec)
+    assert max(abs(s - b) for s, b in zip(alone_steer, alone_base)) > 0.05, "the vector must move the margins"
+    pair_base, pair_steer = answer_pair(lm, prompts, images, iv)  # continues from the cached prefix
+    full_base, full_steer = answer_batch(lm, prompts, images, iv, False), answer_batch(lm, prompts, images, iv, True)
+    for b in range(len(prompts)):
+        assert padded_base[b] == pytest.approx(alone_base[b], abs=TOL)  # the reference agrees with itself
+        assert padded_steer[b] == pytest.approx(alone_steer[b], abs=TOL)
+        for got in (pair_base[b], full_base[b]):
+            assert got["margin"] == pytest.approx(alone_base[b], abs=TOL)
+        for got in (pair_steer[b], full_steer[b]):
+            assert got["margin"] == pytest.approx(alone_steer[b], abs=TOL)
+            assert got["answer"] == ("yes" if alone_steer[b] > 0 else "no")
+
+
+def test_batch_inputs_equal_the_processors_own_left_padding(lm, batch):
+    prompts, images = batch
+    ours, ref = batch_inputs(lm, prompts, images, share_images=False), _hf_left_padded(lm, prompts, images)
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(ours[key], ref[key]), key
+    torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"].to(lm.dtype), atol=0, rtol=0)
+    shared = batch_inputs(lm, prompts, images)  # one vision-tower pass per distinct image, same margins
+    assert "pixel_values" not in shared
+    with torch.no_grad():
+        a = lm.model(**shared, logits_to_keep=1).logits[:, -1]
+    b = _hf_margins(lm, ref)
+    assert (a[:, lm.tokens.yes_id] - a[:, lm.tokens.no_id]).tolist() == pytest.approx(b, abs=TOL)

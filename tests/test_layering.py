@@ -34,7 +34,36 @@ def _graph() -> dict[str, set[str]]:
                 for alias in node.names:
                     if alias.name in modules:
                         graph[name].add(alias.name)
+        graph[name] |= _lazy_imports(path, package, modules) - {name}
     return graph
+
+
+def _lazy_imports(path: Path, package: str, modules) -> set[str]:
+    """Modules loaded with ``importlib.import_module``: in a module that calls it, every string literal
+    that names a module (relative ``".base"`` or absolute ``"mclcbf_diag.x"``) counts as an import."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    calls = any(isinstance(n, ast.Attribute) and n.attr == "import_module" for n in ast.walk(tree))
+    found = set()
+    for node in ast.walk(tree) if calls else ():
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+            if text.startswith("."):
+                level = len(text) - len(text.lstrip("."))
+                base = package
+                for _ in range(level - 1):
+                    base = base.rpartition(".")[0]
+                text = f"{base}.{text.lstrip('.')}" if text.strip(".") else base
+            if text in modules:
+                found.add(text)
+    return found
+
+
+def test_lazy_imports_are_in_the_graph():
+    """interventions/__init__ loads its classes with importlib; the graph must see those edges."""
+    graph = _graph()
+    assert {"mclcbf_diag.interventions.base", "mclcbf_diag.interventions.mclcbf",
+            "mclcbf_diag.interventions.knockout"} <= graph["mclcbf_diag.interventions"]
+    assert "mclcbf_diag.interventions.mclcbf.intervention" in graph["mclcbf_diag.interventions.mclcbf"]
 
 
 def test_no_module_outside_the_cli_imports_it():
@@ -71,3 +100,84 @@ def test_models_and_probes_know_no_intervention():
         above = {d for d in graph[m] if d.startswith(("mclcbf_diag.interventions", "mclcbf_diag.runner",
                                                       "mclcbf_diag.barrier"))}
         assert not above, (m, above)
+
+
+# ----------------------------------------------------------------------------- tests mirror modules
+# Every module ``mclcbf_diag/a/b.py`` has ``tests/test_a_b.py`` (a package's ``__init__.py``:
+# ``tests/test_a.py``), so a reader finds a module's tests by its name. The exceptions below
+# say why; a listed module that gets its own mirror file (or goes away) must leave the list.
+TESTS = Path(__file__).resolve().parent
+
+SKIPPED = {
+    "zoo": "the embedded model's builder; may be swapped with embedded/ (tests/test_zoo_*.py)",
+    "embedded": "the embedded model's builder; may be swapped with zoo/ (tests/test_embedded_*.py)",
+    "population": "being rewritten by a concurrent change (tests/test_population.py); mirror it when it lands",
+}
+
+COVERED_BY = {  # module → (test file that holds its tests, why not the mirror name)
+    "models/loading.py": ("test_loading.py", "predates the mirror rule; loading is the models package's main job"),
+    "models/real_width.py": ("test_real_width.py", "predates the mirror rule"),
+    "models/projection.py": ("test_models.py", "key projection = the layer's own cache, with the adapter's weights"),
+    "models/tokens.py": ("test_models.py", "answer and image tokens on several vocabularies"),
+    "pope/compare.py": ("test_compare.py", "predates the mirror rule"),
+    "pope/distributed.py": ("test_distributed.py", "predates the mirror rule"),
+    "pope/jobs.py": ("test_pope.py", "shards, limits and image checks, through the pope command"),
+    "pope/store.py": ("test_pope.py", "the run folder: resume, torn lines, refusals, through the pope command"),
+    "pope/answer.py": ("test_pope.py", "batched answering and resume, through the pope command"),
+    "pope/metrics.py": ("test_pope.py", "metrics against a hand recomputation"),
+    "rulebook.py": ("test_diagnose.py", "the engine is tested with the rules it runs"),
+    "interventions/attention_edits.py": ("test_barrier.py", "each edit against a softmax of shifted logits"),
+    "interventions/mclcbf/config.py": ("test_barrier.py", "presets, overrides, spans and targets"),
+    "interventions/mclcbf/math.py": ("test_barrier.py", "h, ∇h and the step vs eager attention and finite differences"),
+    "interventions/mclcbf/intervention.py": ("test_trace.py", "the step on real models against HF references"),
+    "interventions/mclcbf/rules.py": ("test_diagnose.py", "each rule on hand-built records"),
+    "interventions/mclcbf/__init__.py": ("test_barrier.py", "re-exports; barrier.py gathers the same names"),
+}
+
+EXEMPT = {
+    "__init__.py": "the package's version only",
+    "cli/__main__.py": "calls cli.main; every tests/test_cli_*.py refusal runs the command line in a fresh process",
+    "data/__init__.py": "re-exports of data/pope.py, prompts.py and scoring.py, each mirrored",
+    "errors.py": "one exception class; its contract (one line, status 2) is checked by tests/test_cli*.py",
+}
+
+
+def _mirror(rel: str) -> str:
+    parts = rel[:-3].split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return "test_" + "_".join(parts) + ".py"
+
+
+def _modules() -> list[str]:
+    rels = sorted(p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py"))
+    return [r for r in rels if r.split("/")[0] not in SKIPPED and not r.startswith("population")]
+
+
+def test_every_module_has_a_mirroring_test_file():
+    missing = [m for m in _modules() if m not in EXEMPT and m not in COVERED_BY and not (TESTS / _mirror(m)).exists()]
+    assert not missing, "modules without tests/" + ", tests/".join(f"{_mirror(m)} ({m})" for m in missing)
+
+
+def test_the_exceptions_are_current():
+    modules = set(_modules())
+    for m, (test, _) in COVERED_BY.items():
+        assert m in modules, f"{m} no longer exists: drop it from COVERED_BY"
+        assert not (TESTS / _mirror(m)).exists(), f"{m} has tests/{_mirror(m)} now: drop it from COVERED_BY"
+        assert (TESTS / test).exists(), f"COVERED_BY names tests/{test} for {m}, which does not exist"
+    for m in EXEMPT:
+        assert not (TESTS / _mirror(m)).exists() or m == "__init__.py", f"{m} has tests/{_mirror(m)}: drop it"
+
+
+def test_every_test_file_names_a_module_or_says_what_it_covers():
+    """The other direction: a test file with no module is a cross-cutting test, listed here."""
+    cross_cutting = {"test_bad_inputs.py", "test_benchmarks.py", "test_browser.py", "test_notebooks.py",
+                     "test_pinned_records.py", "test_user_intervention.py", "test_device_map.py", "test_layering.py"}
+    mirrors = {_mirror(m) for m in _modules()} | {t for t, _ in COVERED_BY.values()}
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(PKG).as_posix()
+        if rel.split("/")[0] in SKIPPED or rel.startswith("population"):
+            mirrors.add(_mirror(rel))
+    orphans = sorted(p.name for p in TESTS.glob("test_*.py") if p.name not in mirrors | cross_cutting
+                     and not p.name.startswith(tuple(f"test_{s}" for s in SKIPPED)))
+    assert not orphans, f"test files that mirror no module (rename, or list as cross-cutting): {orphans}"

@@ -67,7 +67,7 @@ def test_adapter_registry():
     assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS + MATH_FIELDS) == set(LLAVA.__dataclass_fields__)
 
 
-MATH_FIELDS = ["norm_kind", "rotary", "processor_extras"]
+MATH_FIELDS = ["norm_kind", "rotary"]
 
 
 def test_adapter_layer_weights_reproduce_the_layer_keys(embedded_model):

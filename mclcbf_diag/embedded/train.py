@@ -299,7 +299,10 @@ class SinkPrior:
 
     def loss(self, rows: torch.Tensor, target: float) -> torch.Tensor:
         """``rows``: bool [B, T], the query positions the prior acts on."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+        from transformers.models.llama.modeling_llama import (
+            apply_rotary_pos_emb,
+            repeat_kv,
+        )
 
         out = []
         for i, attn in self.attn.items():

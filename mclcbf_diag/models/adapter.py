@@ -7,7 +7,10 @@ needs "layer 12's input norm" asks the adapter instead of spelling
 one more adapter, not a change to the measurements.
 
 :data:`LLAVA` describes llava-hf's layout in transformers 5.x, which the embedded model
-shares exactly.
+shares exactly. Its processor returns one fixed-shape ``pixel_values`` image per prompt and
+nothing else per image, which is what :func:`mclcbf_diag.batch.batch_inputs` batches; an
+architecture whose processor adds per-image outputs (LLaVA-NeXT's ``image_sizes``) needs
+its adapter and that batching step extended together, with a test on such a model.
 """
 
 from __future__ import annotations
@@ -69,8 +72,6 @@ class ArchitectureAdapter:
     # the architecture's own math, for look-aheads of a layer's attention (models/projection.py)
     norm_kind: str = "rms"  # "rms" (RMSNorm, eps in .variance_epsilon) | "layer" (LayerNorm, .eps)
     rotary: object = apply_rotary_pos_emb  # (q, k, cos, sin, unsqueeze_dim) → (q, k)
-    # processor outputs besides input_ids/attention_mask/pixel_values that belong to each image
-    processor_extras: tuple[str, ...] = ()
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
