@@ -26,12 +26,6 @@ from .common import (
 
 
 def cmd_train(args) -> int:
-    import torch
-
-    from ..embedded.train import TrainConfig, train
-    from ..models.loading import EMBEDDED, resolve_device
-    from ..storage import check_writable, write_manifest
-
     for name, low in (("steps", 1), ("vision_steps", 0), ("text_steps", 0), ("batch_size", 1), ("pool", 8)):
         v = getattr(args, name)
         if v < low:
@@ -41,6 +35,12 @@ def cmd_train(args) -> int:
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         raise UserError(f"--init-from {args.init_from}: no config.json there; give a folder saved by `embedded train`")
     check_threads(args)
+    import torch
+
+    from ..embedded.train import TrainConfig, train
+    from ..models.loading import EMBEDDED, resolve_device
+    from ..storage import check_writable, write_manifest
+
     resolve_device(args.device)
     out = EMBEDDED if args.install else Path(args.out or "embedded-model")
     check_writable(out)
@@ -57,13 +57,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..embedded.evaluate import report
-
-    for name in ("images", "prompts"):
+    for name, what in (("images", "held-out images"), ("prompts", "prompts for the attention profile")):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
+            raise UserError(f"--{name} {getattr(args, name)} must be >= 1 ({what} to evaluate on)")
     if args.out:
         check_out(args, args.out)
+    from ..embedded.evaluate import report
+
     lm = load_from_args(args)
     rep = report(lm.model, lm.processor, n_images=args.images, n_prompts=args.prompts)
     if args.out:
@@ -76,11 +76,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from ..embedded.data import write
-
     if args.images < 1:
         raise UserError(f"--images {args.images} must be >= 1 (images to generate)")
     check_out(args, str(shipped.POPE))
+    from ..embedded.data import write
+
     out = out_dir(args, str(shipped.POPE))
     for split, path in write(out, args.images, args.seed).items():
         print(f"{split}: {show(path)}")
@@ -91,7 +91,7 @@ def _manifest_names(folder: Path) -> list[str]:
     """The files of a model folder that --verify checks (weights, configs, tokenizer)."""
     return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                   and p.suffix in (".safetensors", ".json", ".jinja")
-                  and p.name not in ("training.json", "training_log.json", "heldout_eval.json", "subset_figures.json"))
+                  and not p.name.startswith("training") and p.name not in ("heldout_eval.json", "subset_figures.json"))
 
 
 def add_parser(sub) -> None:
