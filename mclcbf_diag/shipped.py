@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent / "zoo"
+ROOT = Path(__file__).resolve().parent / "embedded"
 WEIGHTS = ROOT / "weights"
 POPE = ROOT / "pope"
 IMAGES = POPE / "images"
-POPE_PREFIX = "zoo_pope"
+POPE_PREFIX = "embedded_pope"
 
 
 def pope_file(split: str) -> Path:

@@ -1,4 +1,4 @@
-"""Shared test setup: fully offline Hugging Face, one CPU thread, cached tiny zoo parts."""
+"""Shared test setup: fully offline Hugging Face, one CPU thread, cached tiny model parts."""
 
 import os
 
@@ -47,42 +47,48 @@ def no_deprecated_calls():
     assert not handler.messages, f"deprecated call(s) into transformers: {handler.messages}"
 
 
+# A random model with the embedded model's processor and layout (576 image tokens at 5–580),
+# smaller than the shipped one: 4 language layers.
+TINY_SIZES = {"text_layers": 4, "hidden": 128, "heads": 4, "intermediate": 320, "vision_hidden": 64,
+              "vision_layers": 3}
+
+
 @pytest.fixture(scope="session")
-def zoo_processor():
-    """The embedded model's LlavaProcessor (word-level tokenizer, 64×64 CLIP preprocessing)."""
-    from mclcbf_diag.zoo.build import build_processor
+def tiny_processor():
+    """The embedded model's LlavaProcessor (subword tokenizer, 336 px CLIP preprocessing)."""
+    from mclcbf_diag.embedded.build import build_processor
 
     return build_processor()
 
 
 @pytest.fixture(scope="session")
-def zoo_model(zoo_processor):
-    """A freshly built (random, untrained) tiny LLaVA in eval mode. Do not mutate it."""
-    from mclcbf_diag.zoo.build import build_model
+def tiny_model(tiny_processor):
+    """A freshly built (random, untrained) small LLaVA in eval mode. Do not mutate it."""
+    from mclcbf_diag.embedded.build import build_model
 
-    return build_model(zoo_processor.tokenizer, seed=0).eval()
+    return build_model(tiny_processor.tokenizer, seed=0, **TINY_SIZES).eval()
 
 
 @pytest.fixture(scope="session")
-def zoo_prompt():
-    from mclcbf_diag.zoo.build import PROMPT, QUESTION
+def tiny_prompt():
+    from mclcbf_diag.embedded.build import PROMPT, QUESTION
 
     return PROMPT.format(question=QUESTION.format(name="dog"))
 
 
 @pytest.fixture(scope="session")
-def zoo_image():
-    from mclcbf_diag.zoo.world import sample_scene
+def tiny_image():
+    from mclcbf_diag.embedded.world import sample_scene
 
     return sample_scene(0, 0).image()
 
 
 @pytest.fixture(scope="session")
-def saved_zoo_dir(tmp_path_factory, zoo_processor, zoo_model):
+def saved_tiny_dir(tmp_path_factory, tiny_processor, tiny_model):
     """Processor + model saved with save_pretrained (safetensors) in a temp directory."""
-    out = tmp_path_factory.mktemp("zoo_saved")
-    zoo_processor.save_pretrained(out)
-    zoo_model.save_pretrained(out)
+    out = tmp_path_factory.mktemp("tiny_saved")
+    tiny_processor.save_pretrained(out)
+    tiny_model.save_pretrained(out)
     return out
 
 
@@ -95,14 +101,14 @@ def embedded_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_gqa_model(tmp_path_factory, zoo_processor):
+def tiny_gqa_model(tmp_path_factory, tiny_processor):
     """A random LLaVA with a different shape: 5 layers, 4 query heads sharing 2 KV heads."""
     from transformers import LlavaForConditionalGeneration
 
     from mclcbf_diag.models import load_model
-    from mclcbf_diag.zoo.build import build_config
+    from mclcbf_diag.embedded.build import build_config
 
-    config = build_config(zoo_processor.tokenizer)
+    config = build_config(tiny_processor.tokenizer, **TINY_SIZES)
     text = config.text_config
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = 64, 96, 5
     text.num_attention_heads, text.num_key_value_heads, text.head_dim = 4, 2, 16
@@ -111,5 +117,5 @@ def tiny_gqa_model(tmp_path_factory, zoo_processor):
     model = LlavaForConditionalGeneration(config)
     out = tmp_path_factory.mktemp("tiny_gqa")
     model.save_pretrained(out)
-    zoo_processor.save_pretrained(out)
+    tiny_processor.save_pretrained(out)
     return load_model(str(out))

@@ -79,8 +79,8 @@ def _pope_file(folder: Path, *images: str) -> Path:
 
 # ----------------------------------------------------------------------------- data
 def test_missing_image(tmp_path, capsys, out_dir):
-    pope = _pope_file(tmp_path, "zoo_000000.png", "not_there.png")
-    shutil.copy(EMBEDDED_IMAGES / "zoo_000000.png", tmp_path / "zoo_000000.png")
+    pope = _pope_file(tmp_path, "emb_000000.png", "not_there.png")
+    shutil.copy(EMBEDDED_IMAGES / "emb_000000.png", tmp_path / "emb_000000.png")
     line = _cli_error(capsys, ["trace", "--pope-file", str(pope), "--image-dir", str(tmp_path), "--sample", "1",
                                "--out", str(out_dir)], "not_there.png", "not found", "--image-dir")
     assert str(tmp_path) in line  # where it looked
@@ -88,7 +88,7 @@ def test_missing_image(tmp_path, capsys, out_dir):
 
 
 def test_missing_image_dir(tmp_path, capsys, out_dir):
-    pope = _pope_file(tmp_path, "zoo_000000.png")
+    pope = _pope_file(tmp_path, "emb_000000.png")
     _cli_error(capsys, ["trace", "--pope-file", str(pope), "--image-dir", str(tmp_path / "nope"),
                         "--out", str(out_dir)], "image folder", "does not exist", "--image-dir")
     _untouched(out_dir)
@@ -96,7 +96,7 @@ def test_missing_image_dir(tmp_path, capsys, out_dir):
 
 def test_corrupt_image(tmp_path, capsys, out_dir):
     pope = _pope_file(tmp_path, "broken.png")
-    (tmp_path / "broken.png").write_bytes((EMBEDDED_IMAGES / "zoo_000000.png").read_bytes()[:120])
+    (tmp_path / "broken.png").write_bytes((EMBEDDED_IMAGES / "emb_000000.png").read_bytes()[:120])
     _cli_error(capsys, ["trace", "--pope-file", str(pope), "--image-dir", str(tmp_path), "--out", str(out_dir)],
                "broken.png", "cannot be read", "replace the file")
     _untouched(out_dir)
@@ -163,10 +163,10 @@ def test_model_directory_without_config(tmp_path, capsys, out_dir):
     _untouched(out_dir)
 
 
-def test_model_without_image_token(tmp_path, capsys, out_dir, zoo_processor, zoo_model):
+def test_model_without_image_token(tmp_path, capsys, out_dir, tiny_processor, tiny_model):
     model_dir = tmp_path / "no_image_token"
-    zoo_processor.save_pretrained(model_dir)
-    zoo_model.save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    tiny_model.save_pretrained(model_dir)
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     key = "image_token_index" if "image_token_index" in cfg else "image_token_id"
@@ -345,7 +345,7 @@ from mclcbf_diag.cli import pope as pope_cli  # noqa: E402
 POPE_FAST = ["pope", "--split", "random", "--limit", "2", "--batch-size", "2"]
 
 
-def _copy_images(dst: Path, names=("zoo_000000.png", "zoo_000001.png")) -> Path:
+def _copy_images(dst: Path, names=("emb_000000.png", "emb_000001.png")) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for n in names:
         shutil.copy(EMBEDDED_IMAGES / n, dst / n)
@@ -384,7 +384,7 @@ def test_resume_with_other_images_is_refused(tmp_path, capsys):
     black.mkdir()
     for p in real.iterdir():
         Image.new("RGB", (64, 64)).save(black / p.name)
-    pope_file = _pope_file(tmp_path, "zoo_000000.png", "zoo_000001.png")
+    pope_file = _pope_file(tmp_path, "emb_000000.png", "emb_000001.png")
     argv = ["pope", "--pope-file", str(pope_file), "--split", "random", "--batch-size", "1"]
     out = tmp_path / "out"
 
@@ -416,7 +416,7 @@ def test_merge_refuses_shards_of_other_images(tmp_path, capsys):
     black.mkdir()
     for p in real.iterdir():
         Image.new("RGB", (64, 64)).save(black / p.name)
-    pope_file = _pope_file(tmp_path, "zoo_000000.png", "zoo_000001.png")
+    pope_file = _pope_file(tmp_path, "emb_000000.png", "emb_000001.png")
     argv = ["pope", "--pope-file", str(pope_file), "--split", "random"]
     assert main([*argv, "--image-dir", str(real), "--shard", "0/2", "--out", str(tmp_path / "s0")]) == 0
     assert main([*argv, "--image-dir", str(black), "--shard", "1/2", "--out", str(tmp_path / "s1")]) == 0
@@ -444,7 +444,7 @@ def test_16bit_grayscale_png_is_scaled_not_white(tmp_path):
 
     from mclcbf_diag.data import load_image
 
-    gray8 = np.asarray(Image.open(EMBEDDED_IMAGES / "zoo_000000.png").convert("L"))
+    gray8 = np.asarray(Image.open(EMBEDDED_IMAGES / "emb_000000.png").convert("L"))
     Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
     got = np.asarray(load_image(tmp_path / "g16.png"))
@@ -465,12 +465,12 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_huge_image_is_refused_with_the_override(tmp_path, capsys, out_dir, monkeypatch):
-    pope = _pope_file(tmp_path, "zoo_000000.png")
-    _copy_images(tmp_path, ["zoo_000000.png"])
-    monkeypatch.setenv("MCLCBF_DIAG_MAX_IMAGE_PIXELS", "1000")  # 64x64 = 4096 pixels
+    pope = _pope_file(tmp_path, "emb_000000.png")
+    _copy_images(tmp_path, ["emb_000000.png"])
+    monkeypatch.setenv("MCLCBF_DIAG_MAX_IMAGE_PIXELS", "1000")  # 336x336 = 112896 pixels
     for cmd in (["trace"], POPE_FAST[:1]):
         _cli_error(capsys, [*cmd, "--pope-file", str(pope), "--image-dir", str(tmp_path), "--out", str(out_dir)],
-                   "zoo_000000.png", "64x64", "megapixels", "MCLCBF_DIAG_MAX_IMAGE_PIXELS")
+                   "emb_000000.png", "336x336", "megapixels", "MCLCBF_DIAG_MAX_IMAGE_PIXELS")
     _untouched(out_dir)
 
 
@@ -484,11 +484,11 @@ def test_image_cache_is_bounded_in_bytes(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 5. weights
-def test_checkpoint_missing_a_tensor_is_refused(tmp_path, capsys, out_dir, saved_zoo_dir):
+def test_checkpoint_missing_a_tensor_is_refused(tmp_path, capsys, out_dir, saved_tiny_dir):
     from safetensors.torch import load_file, save_file
 
     model_dir = tmp_path / "partial"
-    shutil.copytree(saved_zoo_dir, model_dir)
+    shutil.copytree(saved_tiny_dir, model_dir)
     tensors = load_file(model_dir / "model.safetensors")
     del tensors[sorted(tensors)[-1]]
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
@@ -518,7 +518,7 @@ def test_max_new_tokens_is_bounded(capsys, out_dir):
 
 def test_huge_question_is_refused_before_anything(tmp_path, capsys, out_dir):
     pope = tmp_path / "q.jsonl"
-    pope.write_text(json.dumps({"question_id": 1, "image": "zoo_000000.png", "text": "dog " * 2_500_000,
+    pope.write_text(json.dumps({"question_id": 1, "image": "emb_000000.png", "text": "dog " * 2_500_000,
                                 "label": "yes"}) + "\n")
     for cmd in (["trace"], ["pope"]):
         _cli_error(capsys, [*cmd, "--pope-file", str(pope), "--image-dir", str(EMBEDDED_IMAGES),
@@ -549,7 +549,7 @@ def test_duplicate_question_ids_are_refused(tmp_path, capsys, out_dir):
 @pytest.mark.parametrize("command", ["trace", "pope"])
 def test_image_path_cannot_escape_the_image_dir(tmp_path, capsys, out_dir, image, command):
     images = _copy_images(tmp_path / "images")
-    shutil.copy(EMBEDDED_IMAGES / "zoo_000000.png", tmp_path / "outside.png")
+    shutil.copy(EMBEDDED_IMAGES / "emb_000000.png", tmp_path / "outside.png")
     pope = _pope_file(tmp_path, image)
     _cli_error(capsys, [command, "--pope-file", str(pope), "--image-dir", str(images), "--out", str(out_dir)],
                "question_id 100", repr(image), "not a plain relative path")
@@ -558,7 +558,7 @@ def test_image_path_cannot_escape_the_image_dir(tmp_path, capsys, out_dir, image
 
 def test_question_id_cannot_escape_reports(tmp_path, capsys):
     pope = tmp_path / "q.jsonl"
-    pope.write_text(json.dumps({"question_id": "/../../escaped_trace", "image": "zoo_000000.png",
+    pope.write_text(json.dumps({"question_id": "/../../escaped_trace", "image": "emb_000000.png",
                                 "text": "Is there a dog in the image?", "label": "yes"}) + "\n")
     assert main(["trace", "--pope-file", str(pope), "--image-dir", str(EMBEDDED_IMAGES)]) == 0
     cwd = Path.cwd()
@@ -684,23 +684,23 @@ def test_deeply_nested_json_is_one_line(tmp_path, capsys, out_dir):
 
 def test_non_utf8_file_name_is_one_line(tmp_path, capsys, out_dir):
     name = os.fsdecode(b"q\xff.jsonl")
-    pope = _pope_file(tmp_path, "zoo_000000.png").rename(tmp_path / name)
+    pope = _pope_file(tmp_path, "emb_000000.png").rename(tmp_path / name)
     _cli_error(capsys, ["trace", "--pope-file", str(pope), "--sample", "7", "--out", str(out_dir)],
                "q\\udcff.jsonl", "--sample 7 is out of range")
     _untouched(out_dir)
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["zoo", "eval", "--images", "0"], "--images 0 must be >= 1"),
-    (["zoo", "data", "--images", "-5"], "--images -5 must be >= 1"),
-    (["zoo", "train", "--steps", "-1"], "--steps -1 must be >= 1"),
+    (["embedded", "eval", "--images", "0"], "--images 0 must be >= 1"),
+    (["embedded", "data", "--images", "-5"], "--images -5 must be >= 1"),
+    (["embedded", "train", "--steps", "-1"], "--steps -1 must be >= 1"),
     (["pope", "--shard", "-1/2"], "--shard=VALUE"),
     (["trace", "--sample"], "expected one argument"),
 ])
 def test_numbers_and_argparse_errors_are_one_line(tmp_path, capsys, argv, fragment):
     out = tmp_path / "o"
     with pytest.raises(SystemExit) if argv[0] in ("pope", "trace") else _no_raise():
-        rc = main([*argv, *(["--out", str(out)] if argv[0] == "zoo" else [])])
+        rc = main([*argv, *(["--out", str(out)] if argv[0] == "embedded" else [])])
         assert rc == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mclcbf-diag: error: ") and fragment in err, err

@@ -23,7 +23,7 @@ from mclcbf_diag.records import frame
 from mclcbf_diag.runner import run
 from mclcbf_diag.trace import sample_inputs
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 KNOWN = (75, 187, 263)  # wrong answers a decision-token image mass between 0.1 and 0.7 fixes
 
 
@@ -36,7 +36,7 @@ def test_grid_and_windows():
 
 
 def test_each_row_gets_its_own_image_mass(embedded_model):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[0]
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[0]
     image = load_image(resolve_image(q, POPE / "images"))
     _, inputs = sample_inputs(embedded_model, q.text, image)
     for t in (0.0, 0.4):
@@ -66,7 +66,7 @@ def subset(embedded_model):
     """Wrong answers: the first six of the adversarial split, and the three known ones."""
     from mclcbf_diag.batch import answer_batch
 
-    qs = load_pope(POPE / "zoo_pope_adversarial.json")
+    qs = load_pope(POPE / "embedded_pope_adversarial.json")
     first = qs[:60]
     images = [load_image(resolve_image(q, POPE / "images")) for q in first]
     answers = answer_batch(embedded_model, [build_prompt(q.text) for q in first], images, None, False)

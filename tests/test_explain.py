@@ -29,7 +29,7 @@ from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import with_embeds
 from mclcbf_diag.trace import sample_inputs, trace_sample
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 HALLUCINATION = 25  # adversarial: "Is there a truck …?" label no, the model says yes
 
 HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_dtype="float32",
@@ -38,7 +38,7 @@ HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_d
 
 @pytest.fixture(scope="module")
 def sample():
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[HALLUCINATION]
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[HALLUCINATION]
     return q, load_image(resolve_image(q, POPE / "images"))
 
 
@@ -151,7 +151,7 @@ def test_knockouts_edit_only_what_they_say(embedded_model, sample):
 
 @pytest.fixture(scope="module")
 def fixable():
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[75]  # label no, answered yes
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[75]  # label no, answered yes
     return q, load_image(resolve_image(q, POPE / "images"))
 
 
@@ -200,7 +200,7 @@ def test_counterfactuals_against_baseline_and_unfixed_run(embedded_model, sample
 
 
 def test_right_answers_are_never_given_a_fix_that_breaks_them(embedded_model):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[100]  # label yes, answered yes
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[100]  # label yes, answered yes
     image = load_image(resolve_image(q, POPE / "images"))
     config = B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99", "clamp=none"])
     _, inputs = sample_inputs(embedded_model, q.text, image)

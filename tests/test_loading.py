@@ -35,29 +35,29 @@ def _checkpoint(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_missing_tensor_is_refused(tmp_path, saved_zoo_dir):
+def test_missing_tensor_is_refused(tmp_path, saved_tiny_dir):
     def drop(t):
         del t[sorted(k for k in t if "layers.1." in k)[0]]
 
-    model_dir = _checkpoint(saved_zoo_dir, tmp_path / "missing", drop)
+    model_dir = _checkpoint(saved_tiny_dir, tmp_path / "missing", drop)
     with pytest.raises(UserError, match="1 missing") as info:
         load_model(str(model_dir))
     assert "random weights" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_unexpected_tensor_is_refused(tmp_path, saved_zoo_dir):
+def test_unexpected_tensor_is_refused(tmp_path, saved_tiny_dir):
     import torch
 
     def add(t):
         t["model.language_model.layers.99.extra.weight"] = torch.zeros(2)
 
-    model_dir = _checkpoint(saved_zoo_dir, tmp_path / "extra", add)
+    model_dir = _checkpoint(saved_tiny_dir, tmp_path / "extra", add)
     with pytest.raises(UserError, match="unexpected"):
         load_model(str(model_dir))
 
 
-def test_complete_checkpoint_loads(saved_zoo_dir):
-    assert load_model(str(saved_zoo_dir)).n_layers == 4
+def test_complete_checkpoint_loads(saved_tiny_dir):
+    assert load_model(str(saved_tiny_dir)).n_layers == 4
 
 
 def test_long_prompt_is_refused_not_cut():

@@ -27,8 +27,8 @@ from mclcbf_diag.models import (
     load_model,
     resolve_dtype,
 )
-from mclcbf_diag.zoo.build import IMAGE_TOKEN, build_tokenizer
-from mclcbf_diag.zoo.world import sample_scene
+from mclcbf_diag.embedded.build import IMAGE_TOKEN, build_tokenizer
+from mclcbf_diag.embedded.world import sample_scene
 
 ADAPTER_PATHS = ["language_model", "layers", "rotary_emb", "final_norm", "unembed",
                  "vision_tower", "projector"]
@@ -144,15 +144,15 @@ def test_layer_weights_with_grouped_query_attention():
     assert (w.n_heads, w.n_kv_heads, w.head_dim) == (32, 8, 128)
 
 
-def test_softmax_path_gives_the_attention_probabilities(zoo_processor, zoo_model, zoo_prompt,
-                                                        zoo_image):
+def test_softmax_path_gives_the_attention_probabilities(tiny_processor, tiny_model, tiny_prompt,
+                                                        tiny_image):
     """The nnsight path reaches the eager softmax: its output is output_attentions' tensor."""
     from functools import reduce
 
     import nnsight
 
-    enc = zoo_processor(text=zoo_prompt, images=zoo_image, return_tensors="pt")
-    traced = nnsight.NNsight(zoo_model)
+    enc = tiny_processor(text=tiny_prompt, images=tiny_image, return_tensors="pt")
+    traced = nnsight.NNsight(tiny_model)
     with torch.no_grad(), traced.trace(**enc, output_attentions=True):
         layer = reduce(getattr, LLAVA.layers.split("."), traced)[2]
         probs = reduce(getattr, LLAVA.layer_attention_softmax.split("."), layer).output.save()
@@ -197,9 +197,10 @@ def test_answer_tokens_on_the_embedded_tokenizer():
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     t = answer_tokens(tok, image_id, "embedded")
     assert t.image_token_id == image_id
-    assert t.yes_id == vocab["Yes"] and t.no_id == vocab["No"]
+    assert t.yes_id == vocab["▁Yes"] and t.no_id == vocab["▁No"]  # word-start pieces, as in Llama-2
     assert t.yes_id != t.no_id
-    assert t.yes_variants == {"Yes": vocab["Yes"]} and t.no_variants == {"No": vocab["No"]}
+    assert t.yes_variants == {v: vocab[v] for v in ("▁Yes", "Yes", "▁yes", "yes", "▁YES")}
+    assert t.no_variants == {v: vocab[v] for v in ("▁No", "No", "▁no", "no", "▁NO")}
     # the id really is what follows "ASSISTANT:" in the prompt
     assert tok("ASSISTANT: Yes", add_special_tokens=False).input_ids[-1] == t.yes_id
 
@@ -309,10 +310,10 @@ def test_load_model_path_is_a_file(tmp_path):
         load_model(str(f))
 
 
-def test_load_model_truncated_safetensors(tmp_path, saved_zoo_dir):
+def test_load_model_truncated_safetensors(tmp_path, saved_tiny_dir):
     import shutil
 
-    for f in saved_zoo_dir.iterdir():
+    for f in saved_tiny_dir.iterdir():
         shutil.copy(f, tmp_path / f.name)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
@@ -321,10 +322,10 @@ def test_load_model_truncated_safetensors(tmp_path, saved_zoo_dir):
         load_model(str(tmp_path))
 
 
-def test_load_model_rejects_a_non_llava_checkpoint(tmp_path, monkeypatch, zoo_processor):
-    zoo_processor.save_pretrained(tmp_path)  # a valid processor, so only the model is wrong
+def test_load_model_rejects_a_non_llava_checkpoint(tmp_path, monkeypatch, tiny_processor):
+    tiny_processor.save_pretrained(tmp_path)  # a valid processor, so only the model is wrong
     LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=len(zoo_processor.tokenizer)
+                num_key_value_heads=2, vocab_size=len(tiny_processor.tokenizer)
                 ).to_json_file(tmp_path / "config.json")
     (tmp_path / "model.safetensors").write_bytes(b"never read")
     called = []
@@ -342,24 +343,24 @@ def test_load_model_rejects_a_non_llava_checkpoint(tmp_path, monkeypatch, zoo_pr
 # --- load_model on a saved tiny model ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def loaded(saved_zoo_dir):
-    return load_model(str(saved_zoo_dir))
+def loaded(saved_tiny_dir):
+    return load_model(str(saved_tiny_dir))
 
 
-def test_load_model_saved_tiny_model(loaded, saved_zoo_dir, zoo_processor, zoo_model):
+def test_load_model_saved_tiny_model(loaded, saved_tiny_dir, tiny_processor, tiny_model):
     assert isinstance(loaded, LoadedModel)
-    assert loaded.source == str(saved_zoo_dir)
+    assert loaded.source == str(saved_tiny_dir)
     assert loaded.n_layers == 4
     assert loaded.adapter is LLAVA
     assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
     assert not loaded.model.training
     assert loaded.model.config._attn_implementation == "eager"
-    image_id = zoo_processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    assert loaded.tokens.image_token_id == image_id == zoo_model.config.image_token_id
-    vocab = zoo_processor.tokenizer.get_vocab()
-    assert (loaded.tokens.yes_id, loaded.tokens.no_id) == (vocab["Yes"], vocab["No"])
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert loaded.tokens.image_token_id == image_id == tiny_model.config.image_token_id
+    vocab = tiny_processor.tokenizer.get_vocab()
+    assert (loaded.tokens.yes_id, loaded.tokens.no_id) == (vocab["▁Yes"], vocab["▁No"])
     # weights survived the round trip
-    ref = zoo_model.state_dict()
+    ref = tiny_model.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, ref[name]), name
 
@@ -378,15 +379,15 @@ def test_loaded_layer_weights_are_the_module_weights(loaded):
     assert loaded.final_norm() is loaded.model.model.language_model.norm
 
 
-def test_loaded_inputs_and_forward_match_the_original(loaded, zoo_model, zoo_processor, zoo_prompt,
-                                                      zoo_image):
-    enc = loaded.inputs(zoo_prompt, zoo_image)
-    ref = zoo_processor(text=zoo_prompt, images=zoo_image, return_tensors="pt")
+def test_loaded_inputs_and_forward_match_the_original(loaded, tiny_model, tiny_processor, tiny_prompt,
+                                                      tiny_image):
+    enc = loaded.inputs(tiny_prompt, tiny_image)
+    ref = tiny_processor(text=tiny_prompt, images=tiny_image, return_tensors="pt")
     assert torch.equal(enc["input_ids"], ref["input_ids"])
     pos = image_positions(enc["input_ids"], loaded.tokens.image_token_id)
     assert pos.tolist() == list(range(3, 67))
     with torch.no_grad():
-        assert torch.equal(loaded.model(**enc).logits, zoo_model(**ref).logits)
+        assert torch.equal(loaded.model(**enc).logits, tiny_model(**ref).logits)
 
 
 def test_shipped_model_loads_offline_and_survives_a_save_load_round_trip(embedded_model, tmp_path):

@@ -245,9 +245,9 @@ def test_bad_numbers_are_user_errors(tmp_path):
 
 
 def test_pope_file_with_split_placeholder(tmp_path):
-    src = ROOT / "mclcbf_diag" / "zoo" / "pope"
+    src = ROOT / "mclcbf_diag" / "embedded" / "pope"
     for split in ("random", "adversarial"):
-        shutil.copy(src / f"zoo_pope_{split}.json", tmp_path / f"coco_pope_{split}.json")
+        shutil.copy(src / f"embedded_pope_{split}.json", tmp_path / f"coco_pope_{split}.json")
     argv = ["--split", "all", "--pope-file", str(tmp_path / "coco_pope_{split}.json"),
             "--image-dir", str(src / "images"), "--limit", "2"]
     with pytest.raises(UserError, match="popular"):  # the popular file is missing

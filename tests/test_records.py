@@ -10,7 +10,7 @@ from mclcbf_diag.interventions import AttentionKnockout, KnockoutKnobs
 from mclcbf_diag.records import COLUMNS, documented, frame, glossary
 from mclcbf_diag.trace import trace_sample
 
-POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "zoo" / "pope"
+POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 CASES = {
     "mclcbf seed": B.MCLCBF(B.get_preset("seed-exp6")),
     "mclcbf resid_pre firing": B.MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99"])),
@@ -24,7 +24,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_emitted_metric_is_documented(embedded_model, case):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[3]
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[3]
     iv = CASES[case]
     result = trace_sample(embedded_model, q, load_image(resolve_image(q, POPE / "images")), iv, max_new_tokens=2)
     missing = sorted({m for m in result.records.metric.unique() if not documented(m, iv)})
@@ -55,7 +55,7 @@ def test_frame_has_the_canonical_columns():
 
 
 def test_pre_and_post_step_ln1_records_say_what_they_measure(embedded_model):
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[25]
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[25]
     iv = CASES["mclcbf resid_pre firing"]
     r = trace_sample(embedded_model, q, load_image(resolve_image(q, POPE / "images")), iv).records
     r = r[(r.condition == "steered") & (r["head"] == -1) & (r.phase == "prefill")].pivot_table(

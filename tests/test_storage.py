@@ -92,7 +92,7 @@ def test_files_fingerprint_sees_size_and_time(tmp_path):
 
 def test_shipped_manifest_matches_the_shipped_weights():
     """MANIFEST.sha256 is what write_manifest computes from the shipped files, and verifies."""
-    from mclcbf_diag.cli.zoo import _manifest_names
+    from mclcbf_diag.cli.embedded import _manifest_names
 
     listed = storage.read_manifest(WEIGHTS)
     assert sorted(listed) == _manifest_names(WEIGHTS)

@@ -1,4 +1,4 @@
-"""The embedded model with LLaVA-1.5's layout (replaces ``mclcbf_diag.zoo``).
+"""The embedded model: a small LLaVA with LLaVA-1.5-7B's token layout.
 
 A small ``LlavaForConditionalGeneration`` trained from scratch on a synthetic scene world,
 with llava-hf's token layout for LLaVA-1.5-7B: CLIP at 336 px / patch 14 (576 image

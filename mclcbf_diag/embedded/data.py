@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .config import EVAL_SEED, N_IMAGES
 from .questions import write_pope_set
 from .world import sample_scenes
 
-EVAL_SEED = 1
-N_IMAGES = 150
 POPE_DIR = Path(__file__).resolve().parent / "pope"
 
 

@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 
 from .build import IMAGE_START, N_IMAGE_TOKENS, PROMPT
+from .config import EVAL_SEED
 from .questions import SPLITS, image_name, pope_questions
 from .world import PARTNER_OF, sample_scenes
 
-EVAL_SEED = 1
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SEED_LAYERS = (10, 28)  # the seed steers layers 10–27 of LLaVA-1.5-7B's 32
 
@@ -251,6 +251,27 @@ def shipped_subset(model, processor, n_images: int = 12, pope_dir: Path = POPE_D
     return out
 
 
+def report(model, processor, n_images: int = 300, n_prompts: int = 24, say=print) -> dict:
+    """Print the layout check, POPE per split beside published LLaVA-1.5-7B figures and the
+    attention profile at the decision token; return the tables."""
+    pope_dir = Path(__file__).resolve().parent / "pope"
+    lay = layout_report(processor, pope_dir) if pope_dir.exists() else {"checked": 0, "bad": []}
+    say(f"layout: {lay['checked']} shipped questions checked, {len(lay['bad'])} wrong "
+        f"(BOS + 4 prefix tokens, {N_IMAGE_TOKENS} image tokens at positions {IMAGE_START}–{IMAGE_START + N_IMAGE_TOKENS - 1})")
+    summary, answers = pope_eval(model, processor, n_images)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        say(summary.round(4).to_string(index=False))
+        say(side_by_side(summary).round(1).to_string(index=False))
+        say(f"published: {PUBLISHED['source_split']}; {PUBLISHED['source_avg']}")
+        prof = attention_profile(model, processor, n_prompts)
+        say("attention at the decision token (mass, mean over heads) and residual norms, per layer:")
+        say(prof.round(3).to_string(index=False))
+    steered = list(mapped_layers(model.config.text_config.num_hidden_layers))
+    say(f"seed layers 10–27 map to {steered}; image mass < 0.2 at "
+        f"{int((prof.loc[steered, 'image'] < 0.2).sum())}/{len(steered)} of them")
+    return {"layout": lay, "pope": summary, "answers": answers, "attention": prof, "steered_layers": steered}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mclcbf_diag.embedded.evaluate")
     ap.add_argument("--model", type=Path, default=WEIGHTS)
@@ -263,20 +284,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, processor = load(args.model)
-    pope_dir = Path(__file__).resolve().parent / "pope"
-    if pope_dir.exists():
-        lay = layout_report(processor, pope_dir)
-        print(f"layout: {lay['checked']} shipped questions checked, {len(lay['bad'])} wrong")
-    summary, _ = pope_eval(model, processor, args.images)
-    pd.set_option("display.width", 200)
-    print(summary.round(4).to_string(index=False))
-    print(side_by_side(summary).round(1).to_string(index=False))
-    print(f"published: {PUBLISHED['source_split']}; {PUBLISHED['source_avg']}")
-    prof = attention_profile(model, processor, args.prompts)
-    print(prof.round(3).to_string(index=False))
-    steered = list(mapped_layers(model.config.text_config.num_hidden_layers))
-    print(f"seed layers 10–27 map to {steered}; image mass < 0.2 at "
-          f"{int((prof.loc[steered, 'image'] < 0.2).sum())}/{len(steered)} of them")
+    rep = report(model, processor, args.images, args.prompts)
     if args.pin:
         sub = shipped_subset(model, processor, n_images=PIN_IMAGES)
         small = attention_profile(model, processor, n_prompts=PIN_PROMPTS)
@@ -286,8 +294,9 @@ def main(argv=None) -> int:
         (Path(args.model) / "subset_figures.json").write_text(json.dumps(pinned, indent=2) + "\n")
         print(json.dumps(pinned))
     if args.json:
-        args.json.write_text(json.dumps({"pope": summary.to_dict("records"), "attention": prof.to_dict("records"),
-                                         "steered_layers": steered}, indent=2, default=float))
+        args.json.write_text(json.dumps({"pope": rep["pope"].to_dict("records"),
+                                         "attention": rep["attention"].to_dict("records"),
+                                         "steered_layers": rep["steered_layers"]}, indent=2, default=float))
     return 0
 
 

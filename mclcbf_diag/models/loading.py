@@ -213,7 +213,7 @@ def _locate(name_or_path: str | None) -> tuple[str, bool]:
     if name_or_path in (None, "", "embedded"):
         if not (EMBEDDED / "config.json").is_file():
             raise UserError(f"the embedded model is missing from {EMBEDDED}; reinstall mclcbf-diag "
-                            "or rebuild it with `mclcbf-diag zoo train --install`")
+                            "or rebuild it with `mclcbf-diag embedded train --install`")
         return str(EMBEDDED), True
     path = Path(name_or_path).expanduser()
     if path.exists():
