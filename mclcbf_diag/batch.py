@@ -145,13 +145,33 @@ def cached_prefix(lm: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tens
     return 0 if bool((ids[:, start:] == lm.tokens.image_token_id).any()) else start
 
 
+def baseline_prefix(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, object]:
+    """The baseline forward of a batch, kept for many :func:`answer_pair` calls on the same
+    inputs (``baseline=``): last-position logits and the whole KV cache."""
+    with torch.no_grad():
+        out = lm.model(**inputs, logits_to_keep=1, use_cache=True)
+    return out.logits[:, -1], lm.adapter.output_cache(lm.model, out)
+
+
+def _cut(cache, start: int):
+    """A new cache holding the first ``start`` positions of ``cache`` (which stays as it is)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[..., :start, :], layer.values[..., :start, :], i)
+    return out
+
+
 def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention, *,
-                inputs: dict | None = None) -> tuple[list[dict], list[dict]]:
+                inputs: dict | None = None, baseline: tuple | None = None) -> tuple[list[dict], list[dict]]:
     """Baseline and intervened first-token answers; the intervened run reuses the baseline's cache.
 
     Same records as :func:`answer_batch` (baseline, then intervened). The intervened run only
     recomputes the positions from the batch's first edited token on (see the module
-    docstring); it falls back to a full forward when that is not exact.
+    docstring); it falls back to a full forward when that is not exact. ``baseline``: what
+    :func:`baseline_prefix` returned for these ``inputs``, so that many interventions on the
+    same batch share one baseline forward.
     """
     iv = as_intervention(intervention)
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
@@ -160,15 +180,17 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     iv.prepare(lm, inputs, rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id))
     with torch.no_grad():
         if start == 0:
-            base = lm.model(**inputs, logits_to_keep=1).logits[:, -1]
+            base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
             last, records = run_batch(lm, inputs, iv, full_ids=ids, prepare=False)
             return _answers(lm, base), _answers(lm, last, iv, records)
-        out = lm.model(**inputs, logits_to_keep=1, use_cache=True)
-        cache = lm.adapter.output_cache(lm.model, out)
-        cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
+        if baseline is None:
+            logits, cache = baseline_prefix(lm, inputs)
+            cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
+        else:
+            logits, cache = baseline[0], _cut(baseline[1], start)
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
                   "position_ids": inputs["position_ids"][:, start:]}
         last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids, prepare=False,
                                   use_cache=True, **lm.adapter.cache_kwargs(lm.model, cache))
-    return _answers(lm, out.logits[:, -1]), _answers(lm, last, iv, records)
+    return _answers(lm, logits), _answers(lm, last, iv, records)

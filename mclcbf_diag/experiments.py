@@ -111,16 +111,17 @@ def sweep_row(tokens: str, window, kind: str, value: float, b: dict, r: dict, la
 def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_sets=TOKEN_SETS,
                      windows=None) -> pd.DataFrame:
     """Every setting's answer: columns tokens, window, edit, value, margin, answer, valid, p_yes, p_no, outcome."""
-    from .batch import answer_pair, batch_inputs
+    from .batch import answer_pair, baseline_prefix, batch_inputs
 
     settings = edits()
     windows = layer_windows(lm.n_layers) if windows is None else windows
     inputs = batch_inputs(lm, [prompt] * len(settings), [image] * len(settings))
+    baseline = baseline_prefix(lm, inputs)  # one baseline forward; every setting continues from it
     rows = []
     for tokens in token_sets:
         for window in windows:
             base, new = answer_pair(lm, [prompt] * len(settings), [image] * len(settings),
-                                    GradedKnockout(settings, tokens, window), inputs=inputs)
+                                    GradedKnockout(settings, tokens, window), inputs=inputs, baseline=baseline)
             rows += [sweep_row(tokens, window, kind, value, base[0], r, label) for (kind, value), r in zip(settings, new)]
     return pd.DataFrame(rows)
 

@@ -230,7 +230,7 @@ def test_bad_knob_value(capsys, out_dir, override, fragments):
 def test_layers_out_of_range(capsys, out_dir):
     # Only detectable once the model is loaded (it has 4 layers): still nothing written.
     _cli_error(capsys, ["trace", "--set", "layers=1,9", "--out", str(out_dir)],
-               "layers [9] out of range", "0..3")
+               "layers [9] out of range", "0..7")
     _untouched(out_dir)
 
 
@@ -267,7 +267,7 @@ def test_nan_gradient_names_the_layer(monkeypatch, capsys, out_dir):
 
     monkeypatch.setattr(mclcbf, "_grad_and_value", poisoned)
     # seed-exp6 steers layers 1..3 of the embedded model; the first one computed fails.
-    _cli_error(capsys, ["trace", "--out", str(out_dir)], "barrier gradient at layer 1", "NaN or inf",
+    _cli_error(capsys, ["trace", "--out", str(out_dir)], "barrier gradient at layer 3", "NaN or inf",
                "grad_dtype=float32")
     _untouched(out_dir)
 
@@ -280,7 +280,7 @@ def test_inf_weights_name_the_layer(embedded_image_question):
     question, image = embedded_image_question
     with torch.no_grad():
         lm.model.model.language_model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
-    with pytest.raises(UserError, match=r"layer 1 is NaN or inf") as info:
+    with pytest.raises(UserError, match=r"layer 3 is NaN or inf") as info:
         trace_sample(lm, question, image, B.get_preset("seed-exp6"))
     assert "\n" not in str(info.value)
 
@@ -529,7 +529,7 @@ def test_huge_question_is_refused_before_anything(tmp_path, capsys, out_dir):
 @pytest.mark.parametrize("command", ["trace", "pope"])
 def test_prompt_the_tokenizer_would_cut_is_refused(capsys, out_dir, command):
     long = "USER: <image>\n" + "Please look carefully at the picture. " * 20 + "{question}\nASSISTANT:"
-    _cli_error(capsys, [command, "--prompt", long, "--out", str(out_dir)], "tokens", "limit of 176", "cut")
+    _cli_error(capsys, [command, "--prompt", long, "--out", str(out_dir)], "tokens", "limit of 1024", "cut")
     _untouched(out_dir)
 
 

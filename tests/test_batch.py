@@ -117,7 +117,7 @@ def test_cached_prefix_is_the_first_target(lm, batch):
     mask = inputs["attention_mask"]
     assert cached_prefix(lm, ids, mask, MCLCBF(CONFIGS["seed-exp6 detected"])) == ids.shape[1] - 1
     # after_image: the cache ends at the first text token after the image …
-    same = batch_inputs(lm, [prompts[0], prompts[3]], [images[0], images[3]])
+    same = batch_inputs(lm, [prompts[0], prompts[0]], [images[0], images[3]])  # one length: no padding
     pads = (same["attention_mask"] == 0).sum(-1)
     first_text = min(int(p) + int(torch.nonzero(row[int(p):] == lm.tokens.image_token_id).max()) + 1
                      for row, p in zip(same["input_ids"], pads))

@@ -84,8 +84,8 @@ def _run_cli(argv: list[str]) -> None:
 
 
 def _trace_page(out: Path) -> Path:
-    # the original preset never fires on the embedded model: the empty plots must say why
-    _run_cli(["trace", "--sample", "25", "--overlay-token", "truck", "--out", str(out)])
+    # with τ = 0 the barrier never fires (h ≥ 0): the empty plots must say why
+    _run_cli(["trace", "--sample", "25", "--set", "tau=0", "--overlay-token", "truck", "--out", str(out)])
     return out / "trace.html"
 
 

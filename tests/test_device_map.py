@@ -26,8 +26,8 @@ from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
 from mclcbf_diag.models.loading import parse_device_map, prepare_model
 from mclcbf_diag.trace import trace_sample
-from mclcbf_diag.zoo.build import QUESTION
-from mclcbf_diag.zoo.world import sample_scene
+from mclcbf_diag.embedded.build import QUESTION
+from mclcbf_diag.embedded.world import sample_scene
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                                 reason="--device-map needs accelerate (the test extra installs it)")
@@ -45,14 +45,14 @@ def split_map(offloaded: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single(saved_zoo_dir):
-    return load_model(str(saved_zoo_dir))
+def single(saved_tiny_dir):
+    return load_model(str(saved_tiny_dir))
 
 
 @pytest.fixture(scope="module", params=["cpu", "disk"])
-def mapped(request, saved_zoo_dir):
+def mapped(request, saved_tiny_dir):
     # as a user writes it on the command line: a JSON object
-    return request.param, load_model(str(saved_zoo_dir), device_map=json.dumps(split_map(request.param)))
+    return request.param, load_model(str(saved_tiny_dir), device_map=json.dumps(split_map(request.param)))
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,11 @@ def test_pope_batches_equal_the_single_device_run(mapped, single, questions):
     assert got == answer_pair(single, prompts, images, iv, inputs=batch_inputs(single, prompts, images))
 
 
-def test_pope_command_with_a_device_map(saved_zoo_dir, tmp_path):
+def test_pope_command_with_a_device_map(saved_tiny_dir, tmp_path):
     from mclcbf_diag.cli import build_parser
     from mclcbf_diag.cli import pope as pope_cli
 
-    argv = ["pope", "--model", str(saved_zoo_dir), "--split", "random", "--limit", "3", "--batch-size", "2",
+    argv = ["pope", "--model", str(saved_tiny_dir), "--split", "random", "--limit", "3", "--batch-size", "2",
             "--pope-file", str(shipped.pope_file("random")), "--image-dir", str(shipped.IMAGES),
             "--set", "span=detected", "--set", "tau=0.99"]
     dm = tmp_path / "map.json"
@@ -133,13 +133,13 @@ def test_device_map_spellings(tmp_path):
             parse_device_map(bad)
 
 
-def test_an_incomplete_map_is_a_user_error(saved_zoo_dir):
+def test_an_incomplete_map_is_a_user_error(saved_tiny_dir):
     with pytest.raises(UserError, match="--device-map.*every module"):
-        load_model(str(saved_zoo_dir), device_map={f"{LM}.layers.0": "cpu", "lm_head": "disk"})
+        load_model(str(saved_tiny_dir), device_map={f"{LM}.layers.0": "cpu", "lm_head": "disk"})
 
 
-def test_without_accelerate_the_map_is_refused_before_loading(saved_zoo_dir, monkeypatch):
+def test_without_accelerate_the_map_is_refused_before_loading(saved_tiny_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(UserError, match="accelerate"):
-        prepare_model(str(saved_zoo_dir), device_map="auto")
+        prepare_model(str(saved_tiny_dir), device_map="auto")

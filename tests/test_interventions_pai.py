@@ -99,9 +99,10 @@ def test_registered_with_paper_defaults():
 def test_trace_matches_patched_attention(model, questions, request):
     lm = request.getfixturevalue(model)
     qs, images = questions
-    iv = PAI(PAIKnobs(alpha=0.5))  # stronger than the paper's, so the effect is visible
+    alpha = 0.5 if model == "embedded_model" else 500.0  # stronger than the paper's, so the effect is visible (a random model's logits are near 0)
+    iv = PAI(PAIKnobs(alpha=alpha))
     result = trace_sample(lm, qs[0], images[0], iv)
-    ref = patched_margin(lm, build_prompt(qs[0]), images[0], pai_reference(0.5), set(iv.layers(lm.n_layers)))
+    ref = patched_margin(lm, build_prompt(qs[0]), images[0], pai_reference(alpha), set(iv.layers(lm.n_layers)))
     s = result.summary()
     assert s["margin_after"] == pytest.approx(ref, abs=1e-4)
     assert s["margin_after"] != pytest.approx(s["margin_before"], abs=1e-4)

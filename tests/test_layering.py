@@ -109,8 +109,7 @@ def test_models_and_probes_know_no_intervention():
 TESTS = Path(__file__).resolve().parent
 
 SKIPPED = {
-    "zoo": "the embedded model's builder; may be swapped with embedded/ (tests/test_zoo_*.py)",
-    "embedded": "the embedded model's builder; may be swapped with zoo/ (tests/test_embedded_*.py)",
+    "embedded": "the embedded model's builder, trainer and evaluation (tests/test_embedded_*.py)",
     "population": "being rewritten by a concurrent change (tests/test_population.py); mirror it when it lands",
 }
 

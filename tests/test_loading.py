@@ -23,7 +23,7 @@ def test_model_facts_read_config_only(monkeypatch):
 
     monkeypatch.setattr(loading.LlavaForConditionalGeneration, "from_pretrained", no_weights)
     facts = model_facts(None)
-    assert (facts.n_layers, facts.max_positions, facts.image_seq_length) == (4, 512, 64)
+    assert (facts.n_layers, facts.max_positions, facts.image_seq_length) == (8, 1024, 576)
 
 
 def _checkpoint(src: Path, dst: Path, edit) -> Path:
@@ -62,12 +62,12 @@ def test_complete_checkpoint_loads(saved_tiny_dir):
 
 def test_long_prompt_is_refused_not_cut():
     prep = prepare_model()
-    assert check_prompt_lengths(prep, ["USER: <image>\nIs there a dog in the image?\nASSISTANT:"]) < 176
-    long = "USER: <image>\n" + "Is there a dog " * 30 + "?\nASSISTANT:"
+    assert check_prompt_lengths(prep, ["USER: <image>\nIs there a dog in the image?\nASSISTANT:"]) < 1024
+    long = "USER: <image>\n" + "Is there a dog " * 120 + "?\nASSISTANT:"
     with pytest.raises(UserError) as info:
         check_prompt_lengths(prep, [long], ["question_id 7"])
     msg = str(info.value)
-    assert "question_id 7" in msg and "176" in msg and "tokens" in msg and "cut" in msg
+    assert "question_id 7" in msg and "1024" in msg and "tokens" in msg and "cut" in msg
 
 
 def test_new_tokens_beyond_the_context_are_refused():

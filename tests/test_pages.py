@@ -128,7 +128,7 @@ def test_overlay_token_checked_before_the_weights_load(monkeypatch, capsys):
         raise AssertionError("the weights were loaded before the --overlay-token check")
 
     monkeypatch.setattr(common, "weights_from_args", no_weights)
-    for bad, why in (("  ", "overlay-token"), ("500", "outside the prompt"), ("0", "not after the image"),
+    for bad, why in (("  ", "overlay-token"), ("5000", "outside the prompt"), ("0", "not after the image"),
                      ("zebra-crossing", "no token after the image")):
         assert main(["trace", "--sample", "42", "--overlay-token", bad]) == 2
         err = capsys.readouterr().err
@@ -143,7 +143,10 @@ def test_trace_page_names_each_steps_tokens_and_sums_up_the_steps(embedded_model
 
     q = load_pope(shipped.pope_file("adversarial"))[42]
     image = load_image(resolve_image(q, shipped.IMAGES))
-    result = trace_sample(embedded_model, q, image, B.get_preset("seed-exp6"), max_new_tokens=2)
+    import dataclasses
+
+    never = dataclasses.replace(B.get_preset("seed-exp6"), tau_prefill=0.0, tau_decode=0.0)  # h ≥ 0 = τ: never fires
+    result = trace_sample(embedded_model, q, image, never, max_new_tokens=2)
     sections = pages.trace_sections(embedded_model, result, image, "USER: <image>\n{question}\nASSISTANT:")
     assert all(isinstance(s, Section) for s in sections)
     heads = [s.heading for s in sections]
@@ -155,6 +158,6 @@ def test_trace_page_names_each_steps_tokens_and_sums_up_the_steps(embedded_model
     assert sections[5].collapsed
     table = sections[3].table
     assert list(table.step) == [0, 1] and list(table["generates (baseline)"].str.strip()) == gen
-    # seed-exp6 on the embedded model never fires: the empty plots carry their reason
+    # the barrier never fires (τ = 0): the empty plots carry their reason
     empties = [f for f in sections[4].figures if isinstance(f, NoFigure)]
     assert empties and all("did not fire" in f.reason for f in empties)

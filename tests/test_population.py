@@ -20,7 +20,7 @@ from mclcbf_diag.interventions import resolve
 from mclcbf_diag.population import aggregate as A
 from mclcbf_diag.population.verdict import Settings, explain_batch
 
-PICK = (25, 0, 1, 2, 3)  # fixed subset of the embedded adversarial split
+PICK = (2, 0, 1)  # fixed subset of the embedded adversarial split: one wrong answer, two right
 K_MAX, BISECT = 4.0, 2
 
 

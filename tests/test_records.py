@@ -35,7 +35,7 @@ def test_every_metric_of_a_bfloat16_run_is_documented():
     """A low-precision model adds the controller's own h (barrier_h_dtype) next to the float32 figures."""
     from mclcbf_diag.models import load_model
 
-    q = load_pope(POPE / "zoo_pope_adversarial.json")[3]
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[3]
     iv = CASES["mclcbf resid_pre firing"]
     r = trace_sample(load_model(dtype="bfloat16"), q, load_image(resolve_image(q, POPE / "images")), iv).records
     assert {"barrier_h_dtype", "dh_recomputed_floor", "dh_realised_floor", "propagation_floor"} <= set(r.metric)

@@ -19,16 +19,16 @@ from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.base import Intervention
 from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import run, run_batch, with_embeds
-from mclcbf_diag.zoo.world import sample_scene
+from mclcbf_diag.embedded.world import sample_scene
 
 TOL = 1e-5
 TEXTS = ["Is there a dog in the image?", "Is there a big red dog in the image?", "dog?"]
 
 
-@pytest.fixture(scope="module", params=["zoo", "tiny_gqa"])
+@pytest.fixture(scope="module", params=["tiny", "tiny_gqa"])
 def lm(request):
-    if request.param == "zoo":
-        return load_model(str(request.getfixturevalue("saved_zoo_dir")))
+    if request.param == "tiny":
+        return load_model(str(request.getfixturevalue("saved_tiny_dir")))
     return request.getfixturevalue("tiny_gqa_model")
 
 
@@ -164,7 +164,7 @@ def test_run_with_a_residual_addition_equals_a_forward_pre_hook(lm, images, afte
     out, seen = _plain(lm, inputs, layer=layer, vector=vec, after_norm=after_norm)
     base, _ = _plain(lm, inputs)
     step = cap.steps[0]
-    assert (step.final_logits - base.logits[0, -1]).abs().max() > 1e-3, "the vector must move the logits"
+    assert (step.final_logits - base.logits[0, -1]).abs().max() > 30 * TOL, "the vector must move the logits"
     torch.testing.assert_close(step.final_logits, out.logits[0, -1].float(), atol=TOL, rtol=0)
     for i, c in step.layers.items():
         torch.testing.assert_close(c.resid_post, seen[i]["post"], atol=TOL, rtol=0)

@@ -1,4 +1,4 @@
-"""``mclcbf-diag zoo`` (alias ``embedded``; mclcbf_diag.cli.zoo): refusals, and regenerating a tiny POPE set."""
+"""``mclcbf-diag embedded`` (alias ``zoo``; mclcbf_diag.cli.embedded): refusals, and regenerating a tiny POPE set."""
 
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def _refused_here(capsys, argv, *fragments) -> str:
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["zoo", "train", "--steps", "0"], ["--steps 0 must be >= 1"]),
-    (["zoo", "train", "--batch-size", "0"], ["--batch-size 0 must be >= 1"]),
-    (["zoo", "data", "--images", "-5"], ["--images -5 must be >= 1", "images to generate"]),
+    (["embedded", "train", "--steps", "0"], ["--steps 0 must be >= 1"]),
+    (["embedded", "train", "--batch-size", "0"], ["--batch-size 0 must be >= 1"]),
+    (["embedded", "data", "--images", "-5"], ["--images -5 must be >= 1", "images to generate"]),
     (["embedded", "data", "--images", "0"], ["--images 0 must be >= 1"]),
-    (["zoo", "bogus"], ["invalid choice", "bogus"]),
+    (["embedded", "bogus"], ["invalid choice", "bogus"]),
 ])
-def test_zoo_refusals_are_one_line(tmp_path, capsys, argv, fragments):
+def test_embedded_refusals_are_one_line(tmp_path, capsys, argv, fragments):
     if argv[1] == "bogus":  # argparse's own error: exits through SystemExit
         with pytest.raises(SystemExit):
             main(argv)
@@ -64,28 +64,24 @@ def test_zoo_refusals_are_one_line(tmp_path, capsys, argv, fragments):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli/zoo.py imports mclcbf_diag.zoo.train / zoo.questions (torch) before it "
-                   "checks --steps / --images, so these refusals take seconds")
-@pytest.mark.parametrize("argv", [["zoo", "train", "--steps", "0"], ["zoo", "data", "--images", "0"]])
-def test_zoo_train_and_data_refuse_bad_numbers_before_torch_loads(tmp_path, argv):
+@pytest.mark.parametrize("argv", [["embedded", "train", "--steps", "0"], ["embedded", "data", "--images", "0"]])
+def test_embedded_train_and_data_refuse_bad_numbers_before_torch_loads(tmp_path, argv):
     _, torch_loaded = _refused([*argv, "--out", str(tmp_path / "o")], tmp_path, fast=False)
     assert not torch_loaded
 
 
-@pytest.mark.xfail(strict=True, reason="cli/zoo.py imports mclcbf_diag.zoo.evaluate (torch) before it checks "
-                   "--images, so `zoo eval --images 0` takes seconds to refuse")
-def test_zoo_eval_refuses_zero_images_before_torch_loads(tmp_path, capsys):
-    _refused_here(capsys, ["zoo", "eval", "--images", "0"], "--images 0 must be >= 1", "held-out images")
-    _, torch_loaded = _refused(["zoo", "eval", "--images", "0"], tmp_path, fast=False)
+def test_embedded_eval_refuses_zero_images_before_torch_loads(tmp_path, capsys):
+    _refused_here(capsys, ["embedded", "eval", "--images", "0"], "--images 0 must be >= 1", "held-out images")
+    _, torch_loaded = _refused(["embedded", "eval", "--images", "0"], tmp_path, fast=False)
     assert not torch_loaded
 
 
-def test_zoo_data_writes_a_loadable_pope_set(tmp_path, capsys):
+def test_embedded_data_writes_a_loadable_pope_set(tmp_path, capsys):
     out = tmp_path / "pope"
-    assert main(["zoo", "data", "--images", "2", "--seed", "3", "--out", str(out)]) == 0
+    assert main(["embedded", "data", "--images", "2", "--seed", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     for split in ("random", "popular", "adversarial"):
-        path = out / f"zoo_pope_{split}.json"
+        path = out / f"embedded_pope_{split}.json"
         assert f"{split}: " in printed and path.exists()
         questions = load_pope(path)
         assert questions and {q.label for q in questions} <= {"yes", "no"}
