@@ -105,8 +105,8 @@ def tiny_gqa_model(tmp_path_factory, tiny_processor):
     """A random LLaVA with a different shape: 5 layers, 4 query heads sharing 2 KV heads."""
     from transformers import LlavaForConditionalGeneration
 
-    from mclcbf_diag.models import load_model
     from mclcbf_diag.embedded.build import build_config
+    from mclcbf_diag.models import load_model
 
     config = build_config(tiny_processor.tokenizer, **TINY_SIZES)
     text = config.text_config

@@ -7,39 +7,15 @@ prompt and image (not against the toolkit's own records).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
 import torch
+from cli_refusals import FAST, refused, refused_here  # noqa: F401
 
 from mclcbf_diag import shipped
 from mclcbf_diag.cli import main
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-
-FAST = 5.0  # seconds: a refusal comes before the model (and, for plain argument checks, before torch) loads
-_PROBE = ("import json, sys\nfrom mclcbf_diag.cli import main\nrc = main(json.loads(sys.argv[1]))\n"
-          "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\nsys.exit(rc)")
-
-
-def _refused(argv, cwd, *fragments, fast: bool = True, **env) -> tuple[str, bool]:
-    """Run the CLI in a fresh process; expect status 2 and one line holding ``fragments`` (the input, the
-    problem, the fix), without a traceback, in under FAST seconds unless ``fast=False``. Returns the line and
-    whether torch had been imported."""
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], capture_output=True, text=True, check=False,
-                          cwd=cwd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env})
-    took = time.monotonic() - start
-    err = proc.stderr
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout + err, (argv, proc.returncode, err)
-    assert err.count("\n") == 1 and err.startswith("mclcbf-diag: error: "), err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    assert took < FAST or not fast, f"{argv}: refused after {took:.1f} s"
-    return err.strip(), proc.stdout.strip().splitlines()[-1:] == ["torch loaded"]
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -50,19 +26,19 @@ def _refused(argv, cwd, *fragments, fast: bool = True, **env) -> tuple[str, bool
     (["trace", "--question-id", "no-such-id"], ["no-such-id"]),
 ])
 def test_trace_refusals_are_one_fast_line(tmp_path, argv, fragments):
-    _, torch_loaded = _refused(argv, tmp_path, *fragments)
+    _, torch_loaded = refused(argv, tmp_path, *fragments)
     assert not (tmp_path / "reports").exists()
     if "--max-new-tokens" in argv:
         assert not torch_loaded, "a bad number is refused before torch loads"
 
 
 def test_trace_refuses_an_unknown_intervention_in_one_line(tmp_path):
-    _refused(["trace", "--intervention", "bogus"], tmp_path, "unknown intervention 'bogus'", "choose one of",
+    refused(["trace", "--intervention", "bogus"], tmp_path, "unknown intervention 'bogus'", "choose one of",
              "mclcbf", fast=False)
 
 
 def test_trace_refuses_an_unknown_intervention_before_torch_loads(tmp_path):
-    _, torch_loaded = _refused(["trace", "--intervention", "bogus"], tmp_path, fast=False)
+    _, torch_loaded = refused(["trace", "--intervention", "bogus"], tmp_path, fast=False)
     assert not torch_loaded
 
 

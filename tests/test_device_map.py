@@ -21,13 +21,13 @@ from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
 from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
+from mclcbf_diag.embedded.build import QUESTION
+from mclcbf_diag.embedded.world import sample_scene
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
 from mclcbf_diag.models.loading import parse_device_map, prepare_model
 from mclcbf_diag.trace import trace_sample
-from mclcbf_diag.embedded.build import QUESTION
-from mclcbf_diag.embedded.world import sample_scene
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                                 reason="--device-map needs accelerate (the test extra installs it)")

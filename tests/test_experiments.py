@@ -24,7 +24,8 @@ from mclcbf_diag.runner import run
 from mclcbf_diag.trace import sample_inputs
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
-KNOWN = (75, 187, 263)  # wrong answers a decision-token image mass between 0.1 and 0.7 fixes
+KNOWN = (63, 79)  # wrong answers (label no, answered yes) a decision-token image mass between 0.1 and 0.7 fixes
+WRONG = (2, 20, 49, 55)  # other wrong answers: label yes answered no (2, 20), label no answered yes (49, 55)
 
 
 def test_grid_and_windows():
@@ -62,19 +63,17 @@ def _minimal_records(sw: pd.DataFrame, label: str, sample) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def subset(embedded_model):
-    """Wrong answers: the first six of the adversarial split, and the three known ones."""
-    from mclcbf_diag.batch import answer_batch
+def subset():
+    """Six wrong answers of the adversarial split, of both labels; each sweep asserts it is wrong.
 
+    A fixed handful, not a scan of the split: one graded sweep is 192 runs, and the claim is per question.
+    """
     qs = load_pope(POPE / "embedded_pope_adversarial.json")
-    first = qs[:60]
-    images = [load_image(resolve_image(q, POPE / "images")) for q in first]
-    answers = answer_batch(embedded_model, [build_prompt(q.text) for q in first], images, None, False)
-    wrong = [i for i, (q, a) in enumerate(zip(first, answers)) if a["answer"] != q.label][:6]
-    return [qs[i] for i in sorted(set(wrong) | set(KNOWN))]
+    return [qs[i] for i in sorted(set(WRONG) | set(KNOWN))]
 
 
 def test_no_wrong_answer_gets_the_off_path_claim_while_a_decision_token_mass_fixes_it(embedded_model, subset):
+    assert {q.label for q in subset} == {"yes", "no"}
     claims = 0
     for q in subset:
         image = load_image(resolve_image(q, POPE / "images"))

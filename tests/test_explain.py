@@ -1,9 +1,9 @@
 """Planted single causes are ranked first; dose-response, fixes and chain behave as stated.
 
 Each planted configuration starts from a healthy one (detected span, float32 gradient, no
-clamp, τ high enough that the barrier fires: it fixes this wrong answer) and breaks exactly
-one thing, from its physics; the planted cause must rank first and be decisive (its own
-counterfactual changes the step, the image mass, the margin or the outcome). Controls show
+clamp, τ high enough that the barrier fires) and breaks exactly one thing, from its physics;
+the planted cause must rank first and be decisive (its own counterfactual changes the step,
+the image mass, the margin or the outcome). Controls show
 the same feature present but not decisive.
 """
 
@@ -30,7 +30,7 @@ from mclcbf_diag.runner import with_embeds
 from mclcbf_diag.trace import sample_inputs, trace_sample
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
-HALLUCINATION = 25  # adversarial: "Is there a truck …?" label no, the model says yes
+PLANTED_ON = 25  # adversarial: "Is there a truck …?" label no; the embedded model answers no (right)
 
 HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_dtype="float32",
                               clamp="none", tau_prefill=0.99, guard=1e-9)  # Σg² ≥ 7e-8 here: the gradient sets the scale
@@ -38,8 +38,19 @@ HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_d
 
 @pytest.fixture(scope="module")
 def sample():
-    q = load_pope(POPE / "embedded_pope_adversarial.json")[HALLUCINATION]
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[PLANTED_ON]
     return q, load_image(resolve_image(q, POPE / "images"))
+
+
+def _question(index):
+    q = load_pope(POPE / "embedded_pope_adversarial.json")[index]
+    return q, load_image(resolve_image(q, POPE / "images"))
+
+
+@pytest.fixture(scope="module")
+def derailing():
+    """Adversarial 63: label no, answered yes; removing the clamp derails it, no single fix fixes it."""
+    return _question(63)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +76,9 @@ def _tested(lm, sample, config):
     return causes, result
 
 
-def test_healthy_configuration_crosses_the_margin_but_derails(embedded_model, sample):
-    # Yes − No changes sign, but the top token is an object word: a derailment, not a fix
-    ids, result = _detected(embedded_model, sample, HEALTHY)
+def test_healthy_configuration_crosses_the_margin_but_derails(embedded_model, derailing):
+    # Yes − No changes sign, but the top token is neither Yes nor No: a derailment, not a fix
+    ids, result = _detected(embedded_model, derailing, HEALTHY)
     s = result.summary()
     assert s["margin_before"] > 0 > s["margin_after"] and s["outcome"] == "derailed"
     assert s["top_after"] not in ("Yes", "No") and not s["valid_after"]
@@ -171,18 +182,20 @@ def test_dose_response_finds_the_smallest_fixing_multiplier(embedded_model, fixa
     assert "fixed" in dose.sentence()
 
 
-def test_dose_response_does_not_count_a_derailment_as_a_fix(embedded_model, sample):
-    q, image = sample
+def test_dose_response_does_not_count_a_derailment_as_a_fix(embedded_model):
+    q, image = _question(49)  # label no, answered yes
     _, inputs = sample_inputs(embedded_model, q.text, image)
     config = dataclasses.replace(HEALTHY, clamp="scale")  # θ* tiny: a multiplier first derails the output
-    base = trace_sample(embedded_model, q, image, config).summary()["margin_before"]
+    first = trace_sample(embedded_model, q, image, config).summary()
+    assert first["answer_before"] != q.label
+    base = first["margin_before"]
     dose = dose_response(embedded_model, inputs, config, base, label=q.label, k_max=1024, bisect_steps=2)
     assert dose.k_star is None and dose.k_derail is not None
     assert (dose.curve.outcome != "fixed").all() and "derails" in dose.sentence()
 
 
-def test_counterfactuals_against_baseline_and_unfixed_run(embedded_model, sample):
-    q, image = sample
+def test_counterfactuals_against_baseline_and_unfixed_run(embedded_model, derailing):
+    q, image = derailing
     seed = dataclasses.replace(B.get_preset("seed-exp6"), tau_prefill=0.99)
     _, inputs = sample_inputs(embedded_model, q.text, image)
     first = trace_sample(embedded_model, q, image, seed)
@@ -200,8 +213,7 @@ def test_counterfactuals_against_baseline_and_unfixed_run(embedded_model, sample
 
 
 def test_right_answers_are_never_given_a_fix_that_breaks_them(embedded_model):
-    q = load_pope(POPE / "embedded_pope_adversarial.json")[100]  # label yes, answered yes
-    image = load_image(resolve_image(q, POPE / "images"))
+    q, image = _question(0)  # label yes, answered yes
     config = B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99", "clamp=none"])
     _, inputs = sample_inputs(embedded_model, q.text, image)
     first = trace_sample(embedded_model, q, image, config)
@@ -256,7 +268,10 @@ def test_gradient_underflow_in_fp16_is_present_but_not_decisive(fp16_model, samp
 
 
 def test_rounding_absorption_planted_through_the_dtype_is_decisive(bf16_model, sample):
-    causes, _ = _tested(bf16_model, sample, dataclasses.replace(HEALTHY, alpha_prefill=1e-5, guard=1e-6))
+    # Σg² is tiny here, so HEALTHY's guard (1e-9) makes ‖θ*‖/‖x‖ large (≫ 1) at the fired layers: α must be
+    # small enough that α·‖θ*‖/‖x‖ stays well under bfloat16's relative spacing (2⁻⁸) for x + αθ* to round
+    # back to x. A larger guard would instead make the guard the first cause.
+    causes, _ = _tested(bf16_model, sample, dataclasses.replace(HEALTHY, alpha_prefill=1e-7))
     assert causes[0].id == "rounding_absorbed" and causes[0].decisive, [(c.id, c.status, c.evidence) for c in causes]
 
 
@@ -289,15 +304,16 @@ def test_overflow_is_the_non_finite_cause_not_a_flip(embedded_model, sample):
     assert causes[0].id == "non_finite" and causes[0].decisive
 
 
-def test_explain_sample_end_to_end(embedded_model, sample):
-    q, image = sample
+def test_explain_sample_end_to_end(embedded_model, derailing):
+    q, image = derailing
     ex = explain_sample(embedded_model, q, image, B.get_preset("seed-exp6"), k_max=8, bisect_steps=2)
     found = {c.id: c for c in ex.causes if c.detected}
     assert {"span_mismatch", "margin_unmoved"} <= set(found)
     assert found["span_mismatch"].status == "present, not decisive"
     assert {"baseline", "steered", "knockout:decision", "sweep:decision"} <= set(ex.records.condition)
     off = next(c for c in ex.causes if c.id == "decision_token_off_path")
-    assert not off.detected  # a decision-token image mass of 0.3 in layer 1 fixes this wrong answer
-    assert "smallest target mass 0.3" in ex.sweep_text
+    dec = ex.sweep[(ex.sweep.tokens == "decision") & (ex.sweep.outcome == "fixed") & ex.sweep.valid]
+    assert len(dec) and not off.detected  # some decision-token image mass fixes this wrong answer
+    assert f"smallest target mass {dec[dec.edit == 'target'].value.min():g}" in ex.sweep_text
     assert ex.fixes.set_index("fix").loc["grad_dtype", "applicable"].startswith("not applicable")
     assert not ex.fixes.counts.any() and ex.dose.kind == "wrong"

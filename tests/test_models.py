@@ -16,6 +16,8 @@ from transformers import (
 )
 
 from mclcbf_diag.barrier import LayerWeights
+from mclcbf_diag.embedded.build import IMAGE_TOKEN, build_tokenizer
+from mclcbf_diag.embedded.world import sample_scene
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.models import (
     ADAPTERS,
@@ -27,8 +29,6 @@ from mclcbf_diag.models import (
     load_model,
     resolve_dtype,
 )
-from mclcbf_diag.embedded.build import IMAGE_TOKEN, build_tokenizer
-from mclcbf_diag.embedded.world import sample_scene
 
 ADAPTER_PATHS = ["language_model", "layers", "rotary_emb", "final_norm", "unembed",
                  "vision_tower", "projector"]

@@ -10,8 +10,8 @@ import torch
 
 from mclcbf_diag.batch import batch_inputs
 from mclcbf_diag.data import build_prompt
-from mclcbf_diag.models.adapter import LLAVA, ArchitectureAdapter
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.models.adapter import LLAVA, ArchitectureAdapter
 
 
 @pytest.fixture(scope="module")

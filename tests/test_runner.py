@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from mclcbf_diag.data import build_prompt
+from mclcbf_diag.embedded.world import sample_scene
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.base import Intervention
 from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import run, run_batch, with_embeds
-from mclcbf_diag.embedded.world import sample_scene
 
 TOL = 1e-5
 TEXTS = ["Is there a dog in the image?", "Is there a big red dog in the image?", "dog?"]
