@@ -14,11 +14,11 @@ from ..pope.answer import MAX_BATCH_SIZE, RunTiming, pending, run_jobs
 from ..pope.jobs import (
     SPLITS,
     Job,
-    check_images,
     job_image,
     parse_shard,
     question_files,
     select_jobs,
+    shard_jobs,
 )
 from ..pope.metrics import write_outputs
 from ..pope.store import (
@@ -144,14 +144,7 @@ def _pope(args, on_batch=None) -> int:
     early_checks(args)
     check_prompt(args)
     files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs = select_jobs(files, args.limit, None)
-    jobs = [j for j in all_jobs if shard is None or j.position % shard[1] == shard[0]]
-    if not jobs:
-        raise UserError(f"--shard {args.shard} selects no questions (the splits hold fewer questions than "
-                        "shards after --limit); use fewer shards")
-    for j in all_jobs:
-        job_image(j)  # every image path stays inside its folder
-    check_images(jobs)
+    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
     out = check_writable(args.out or ("reports/pope" if shard is None
                                       else f"reports/pope-shard-{shard[0]}-of-{shard[1]}"))
     answers = out / ANSWERS

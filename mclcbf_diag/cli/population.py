@@ -78,11 +78,9 @@ def _identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
 
 def cmd_population(args, on_batch=None) -> int:
     from ..pope.jobs import (
-        check_images,
-        job_image,
         parse_shard,
         question_files,
-        select_jobs,
+        shard_jobs,
     )
     from ..pope.store import ANSWERS, claim_out_dir, read_records, run_id, unique_sorted
     from ..storage import FolderLock, check_writable, make_dir, show
@@ -93,14 +91,7 @@ def cmd_population(args, on_batch=None) -> int:
     early_checks(args)
     check_prompt(args)
     files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs = select_jobs(files, args.limit, None)
-    jobs = [j for j in all_jobs if shard is None or j.position % shard[1] == shard[0]]
-    if not jobs:
-        raise UserError(f"--shard {args.shard} selects no questions (the splits hold fewer questions than shards "
-                        "after --limit); use fewer shards")
-    for j in all_jobs:
-        job_image(j)
-    check_images(jobs)
+    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
     default = f"reports/explain-{args.split}" + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}")
     out = check_writable(args.out or default)
     answers = out / ANSWERS

@@ -105,3 +105,18 @@ def check_images(jobs: list[Job]) -> None:
             raise UserError(f"{where}: image {show(path)} cannot be read ({exc}); replace the file or pass "
                             "--image-dir pointing at a folder with intact images") from None
         check_image_size(path, size, limit)
+
+
+def shard_jobs(files, limit: int | None, shard: tuple[int, int] | None, shard_text: str | None):
+    """``(all_jobs, this shard's jobs)`` with every image path checked (contained, present,
+    readable) before any model loads; a shard that selects nothing is refused."""
+    all_jobs = select_jobs(files, limit, None)
+    jobs = [j for j in all_jobs if shard is None or j.position % shard[1] == shard[0]]
+    if not jobs:
+        raise UserError(f"--shard {shard_text} selects no questions (the splits hold fewer questions than "
+                        "shards after --limit); use fewer shards")
+    for j in all_jobs:
+        job_image(j)  # every image path stays inside its folder
+    check_images(jobs)
+    return all_jobs, jobs
+
