@@ -15,6 +15,10 @@ Two stages, as in LLaVA-1.5's own recipe:
   (``text_loss``), next-token prediction on the other text tokens after the image, as a
   stand-in for the language pre-training a real Llama brings.
 
+``--init-from DIR`` continues a saved model (give ``--vision-steps 0 --text-steps 0`` to skip
+to stage 1), and ``--sink-weight`` adds :class:`SinkPrior`, which the shipped weights were
+continued with (``MODEL_CARD.md`` gives both commands and why).
+
 Sequences are padded on the right to a few fixed lengths (no stalls on new shapes).
 One command and one seed give the same weights on one machine::
 
