@@ -23,7 +23,6 @@ path's time over the bare forward's: the cost of both conditions plus the interv
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 
@@ -34,6 +33,7 @@ from mclcbf_diag.batch import answer_batch
 from mclcbf_diag.data import build_prompt, resolve_image
 from mclcbf_diag.interventions import registry, resolve
 from mclcbf_diag.models import load_model
+from options import question_options  # benchmarks/ is the script's folder
 
 
 def bare_path(lm, jobs, batch_size):
@@ -56,13 +56,7 @@ def pope_path(lm, jobs, intervention, batch_size):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--split", default="adversarial", choices=pope.SPLITS)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = question_options(__doc__.splitlines()[0], repeats=3)
     ap.add_argument("--only", default=None, help="comma-separated intervention names (default: every registered one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

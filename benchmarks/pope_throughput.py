@@ -19,7 +19,6 @@ Each path is timed ``--repeats`` times, in alternating rounds; the best run coun
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_style import seed_hooks  # noqa: E402
+from options import question_options  # noqa: E402 (benchmarks/ is the script's folder)
 
 from mclcbf_diag import barrier as B  # noqa: E402
 from mclcbf_diag import pope  # noqa: E402
@@ -72,13 +72,7 @@ def best_times(fns, repeats):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--split", default="adversarial", choices=pope.SPLITS)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = question_options(__doc__.splitlines()[0], repeats=3)
     ap.add_argument("--preset", default="seed-exp6")
     ap.add_argument("--set", dest="overrides", action="append", default=None, metavar="KNOB=VALUE")
     args = ap.parse_args()

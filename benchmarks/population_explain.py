@@ -20,7 +20,6 @@ the verdict took, and the estimated time of the whole split (target ≤ 600 s).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -32,6 +31,7 @@ from mclcbf_diag.interventions import resolve
 from mclcbf_diag.models import load_model
 from mclcbf_diag.population import run as prun
 from mclcbf_diag.population import verdict as V
+from options import question_options  # benchmarks/ is the script's folder
 
 
 def bare(lm, jobs, batch_size):
@@ -60,13 +60,7 @@ def population(lm, jobs, config, settings, batch_size, timings):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--split", default="adversarial", choices=pope.SPLITS)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap = question_options(__doc__.splitlines()[0], repeats=1)
     ap.add_argument("--preset", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KNOB=VALUE")
     ap.add_argument("--k-max", type=float, default=1024.0)

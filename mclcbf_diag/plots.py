@@ -97,6 +97,17 @@ def _conditions(df: pd.DataFrame, metric: str) -> list[str]:
     return order + sorted(found - {BASELINE, STEERED})
 
 
+def _layer_lines(fig: go.Figure, df: pd.DataFrame, colours: dict[str, str]) -> None:
+    """One line per (metric, condition) over the layers: a colour per metric, a dash per condition."""
+    for metric, colour in colours.items():
+        for cond in _conditions(df, metric):
+            s = _by_layer(df, metric, cond)
+            fig.add_trace(go.Scatter(
+                x=s.index, y=s.values, mode="lines+markers", name=f"{LABELS[metric]} ({cond})",
+                line=dict(color=colour, dash=_dash(cond)),
+                hovertemplate=f"{cond}<br>layer %{{x}}<br>{LABELS[metric]} %{{y:.4g}}<extra></extra>"))
+
+
 def _dash(condition: str) -> str:
     return {BASELINE: "solid", STEERED: "dash"}.get(condition, "dot")
 
@@ -275,13 +286,7 @@ def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", step: i
     df = _select(records, phase, step, sample)
     _require(df, "attn_image_mass")
     fig = go.Figure()
-    for metric, colour in _MASS_COLOURS.items():
-        for cond in _conditions(df, metric):
-            s = _by_layer(df, metric, cond)
-            fig.add_trace(go.Scatter(
-                x=s.index, y=s.values, mode="lines+markers", name=f"{LABELS[metric]} ({cond})",
-                line=dict(color=colour, dash=_dash(cond)),
-                hovertemplate=f"{cond}<br>layer %{{x}}<br>{LABELS[metric]} %{{y:.4g}}<extra></extra>"))
+    _layer_lines(fig, df, _MASS_COLOURS)
     mark_steered(fig, steered_layers(df) if steered is None else steered)
     fig.update_layout(title=f"Where the decision token's attention goes, per layer (mean over heads; {phase} step "
                             f"{step})", xaxis_title="layer", yaxis_title="share of attention", yaxis_range=[0, 1.02])
@@ -295,13 +300,7 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", step: i
     _require(df, "resid_pre_norm")
     fig = go.Figure()
     colours = {"resid_pre_norm": "#1f77b4", "resid_mid_norm": "#ff7f0e", "resid_post_norm": "#2ca02c"}
-    for metric, colour in colours.items():
-        for cond in _conditions(df, metric):
-            s = _by_layer(df, metric, cond)
-            fig.add_trace(go.Scatter(
-                x=s.index, y=s.values, mode="lines+markers", name=f"{LABELS[metric]} ({cond})",
-                line=dict(color=colour, dash=_dash(cond)),
-                hovertemplate=f"{cond}<br>layer %{{x}}<br>{LABELS[metric]} %{{y:.4g}}<extra></extra>"))
+    _layer_lines(fig, df, colours)
     for cond in _conditions(df, "theta_norm"):
         s = _by_layer(df, "theta_norm", cond)
         s = s[np.isfinite(s.values) & (s.values > 0)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-HELPERS = {"seed_style.py"}  # imported by the scripts, not run
+HELPERS = {"seed_style.py", "options.py"}  # imported by the scripts, not run
 TINY = {
     "trace_overhead.py": ["--repeats", "1"],
     "pope_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
