@@ -27,6 +27,7 @@ import math
 
 import pandas as pd
 
+from ..explain import doubling_grid
 from .verdict import CODES
 
 GROUPS = ("wrong", "right")
@@ -55,16 +56,8 @@ def cause_table(df: pd.DataFrame, titles: dict | None = None) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["group", "cause", "title", "count", "share", "questions"])
 
 
-def dose_bins(k_max: float) -> list[float]:
-    out, k = [], 1.0
-    while k <= k_max:
-        out.append(k)
-        k *= 2
-    return out
-
-
 def dose_table(df: pd.DataFrame, k_max: float) -> pd.DataFrame:
-    grid, out = dose_bins(k_max), []
+    grid, out = doubling_grid(k_max), []  # the brackets are the dose-response's own grid
     for group in GROUPS:
         g = df[df.kind == group]
         k = pd.to_numeric(g.dose_k_star, errors="coerce")
