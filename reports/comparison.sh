@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The README's comparison of interventions on the embedded model: ten `mclcbf-diag pope` runs per
+# POPE split (MC-LCBF's presets and the published interventions at their defaults), then one
+# `mclcbf-diag compare` over all thirty. Usage: bash reports/comparison.sh [ROOT] (default
+# reports/comparison). Every run resumes, so rerunning after an interruption repeats nothing and a
+# finished run costs a few seconds. About 2 hours on one CPU thread for the three splits.
+set -euo pipefail
+root="${1:-reports/comparison}"
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+runs=(
+  "seed|--preset seed-exp6"
+  "span|--set span=detected"
+  "noclamp|--set span=detected --set clamp=none"
+  "fixed|--preset fixed"
+  "fixed-after|--preset fixed --set tau=0.6 --set tokens=after_image"
+  "pai|--intervention pai"
+  "vaf|--intervention vaf"
+  "vista|--intervention vista"
+  "adhh|--intervention adhh"
+  "var|--intervention var"
+)
+dirs=()
+for entry in "${runs[@]}"; do
+  name="${entry%%|*}"
+  read -r -a opts <<< "${entry#*|}"
+  for split in adversarial popular random; do
+    out="$root/$split/$name"
+    echo "== $name, $split split"
+    mclcbf-diag pope --split "$split" --batch-size 64 "${opts[@]}" --out "$out"
+    dirs+=("$out")
+  done
+done
+mclcbf-diag compare "${dirs[@]}" --out "$root/compare"
