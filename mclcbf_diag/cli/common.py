@@ -55,7 +55,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 def sample_options(p: argparse.ArgumentParser, whole_split: bool = False) -> None:
     """``--split``, the data and ``--sample``/``--question-id``; ``whole_split``: ``--split all`` too."""
-    g = p.add_argument_group("sample")
+    g = p.add_argument_group("question selection")
     g.add_argument("--split", default="adversarial",
                    choices=["random", "popular", "adversarial", *(["all"] if whole_split else [])],
                    help="POPE split of the embedded question set (default adversarial"
@@ -64,7 +64,9 @@ def sample_options(p: argparse.ArgumentParser, whole_split: bool = False) -> Non
     g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
     prompt_option(g)
     which = g.add_mutually_exclusive_group()
-    which.add_argument("--sample", type=int, default=None, help="0-based index into the question file")
+    which.add_argument("--sample", type=int, default=None,
+                       help="0-based index of the question in the split (or --pope-file); the records carry "
+                            "its question_id, not this index")
     which.add_argument("--question-id", default=None, help="select by POPE question_id")
 
 
