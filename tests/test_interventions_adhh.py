@@ -133,11 +133,11 @@ def test_head_influence_equals_one_ablation_per_forward(saved_tiny_dir):
     from mclcbf_diag.data import PopeQuestion
 
     lm = load_model(str(saved_tiny_dir))
-    questions = [PopeQuestion(1, "a.png", "Is there a dog in the image?", "yes", 0),
+    qs = [PopeQuestion(1, "a.png", "Is there a dog in the image?", "yes", 0),
                  PopeQuestion(2, "b.png", "Is there a cat in the image?", "no", 1)]
     images = [sample_scene(3, 1).image(), sample_scene(4, 1).image()]
-    got = head_influence(lm, questions, images)
-    want = _influence_one_head_at_a_time(lm, questions, images)
+    got = head_influence(lm, qs, images)
+    want = _influence_one_head_at_a_time(lm, qs, images)
     assert got.shape == (lm.n_layers, lm.text_config.num_attention_heads)
     assert float(want.abs().max()) > 1e-5  # the ablations do move the answer probabilities
     torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-3)
@@ -147,9 +147,9 @@ def test_calibration_finds_heads_by_the_papers_criterion(embedded_model):
     """AdHH's prepare picks the top-k heads of head_influence on the split's first questions."""
     from mclcbf_diag.data import load_image, load_pope, resolve_image
 
-    questions = load_pope(shipped.pope_file("adversarial"))[:2]
-    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in questions]
-    scores = head_influence(embedded_model, questions, images)
+    qs = load_pope(shipped.pope_file("adversarial"))[:2]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
+    scores = head_influence(embedded_model, qs, images)
     iv = AdHH(AdHHKnobs(top_k=3, calibration=2))
     assert iv.layers(embedded_model.n_layers) == tuple(range(embedded_model.n_layers))
     # runs end to end with the heads found in prepare

@@ -222,6 +222,27 @@ def early_checks(args) -> None:
             raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
 
 
+def split_run_checks(args, default_out: str):
+    """The model-free checks of a whole-split run (``pope``, ``explain --split``), in order.
+
+    Shard, knobs, prompt, question files (images included) and the output folder (``--out``,
+    else ``default_out`` with ``-shard-I-of-N`` for a shard). Returns ``(shard, files,
+    all_jobs, jobs, out)``: every selected question and this shard's.
+    """
+    from ..pope.jobs import parse_shard, question_files, shard_jobs
+    from ..pope.store import check_resumable
+    from ..storage import check_writable
+
+    shard = parse_shard(args.shard)
+    early_checks(args)
+    check_prompt(args)
+    files = question_files(args.split, args.pope_file, args.image_dir)
+    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
+    out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
+    check_resumable(out)
+    return shard, files, all_jobs, jobs, out
+
+
 def intervention_from_args(args, n_layers: int | None = None):
     """``--intervention`` at ``--preset`` with the ``--set`` overrides; its layers checked against ``n_layers``."""
     from ..interventions import resolve

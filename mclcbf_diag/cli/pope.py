@@ -15,9 +15,7 @@ from ..pope.jobs import (
     Job,
     job_image,
     parse_shard,
-    question_files,
     select_jobs,
-    shard_jobs,
 )
 from ..pope.metrics import write_outputs
 from ..pope.store import (
@@ -27,7 +25,6 @@ from ..pope.store import (
     RUN,
     _encode_rows,
     _load_run,
-    check_resumable,
     differing_keys,
     read_records,
     resumed,
@@ -45,14 +42,13 @@ from ..storage import (
     show,
 )
 from .common import (
-    check_prompt,
-    early_checks,
     intervention_from_args,
     intervention_options,
     max_new_tokens_limit,
     model_options,
     prepare_from_args,
     prompt_option,
+    split_run_checks,
     weights_from_args,
 )
 
@@ -140,14 +136,7 @@ def _pope(args, on_batch=None) -> int:
 
     # 1. Everything that needs no model: numbers, shard, knobs vs. the depth, files, images, --out.
     _check_numbers(args)
-    shard = parse_shard(args.shard)
-    early_checks(args)
-    check_prompt(args)
-    files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
-    out = check_writable(args.out or ("reports/pope" if shard is None
-                                      else f"reports/pope-shard-{shard[0]}-of-{shard[1]}"))
-    check_resumable(out)
+    shard, files, all_jobs, jobs, out = split_run_checks(args, "reports/pope")
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.

@@ -12,10 +12,9 @@ import sys
 
 from ..errors import UserError
 from .common import (
-    check_prompt,
-    early_checks,
     intervention_from_args,
     prepare_from_args,
+    split_run_checks,
     weights_from_args,
 )
 
@@ -76,24 +75,12 @@ def _identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
 
 
 def cmd_population(args, on_batch=None) -> int:
-    from ..pope.jobs import (
-        parse_shard,
-        question_files,
-        shard_jobs,
-    )
-    from ..pope.store import ANSWERS, check_resumable, resumed, run_id
-    from ..storage import check_writable, show
+    from ..pope.store import ANSWERS, resumed, run_id
+    from ..storage import show
 
     # 1. Everything that needs no model.
     _check_numbers(args)
-    shard = parse_shard(args.shard)
-    early_checks(args)
-    check_prompt(args)
-    files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
-    default = f"reports/explain-{args.split}" + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}")
-    out = check_writable(args.out or default)
-    check_resumable(out)
+    shard, files, all_jobs, jobs, out = split_run_checks(args, f"reports/explain-{args.split}")
     from ..models.loading import check_prompt_lengths, model_facts
 
     facts = model_facts(args.model)

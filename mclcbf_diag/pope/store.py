@@ -15,9 +15,13 @@ import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..storage import FolderLock, append_bytes, atomic_write_text, digest, make_dir, reason, show
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 RUN, ANSWERS = "run.json", "answers.jsonl"
 _INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs")  # stored in run.json, not compared
