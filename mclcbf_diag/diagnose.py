@@ -14,7 +14,7 @@ change whose top token is not a Yes/No spelling is *derailed*, not a flip.
 
 **A cause is a claim tested by intervention.** With a tester (explain passes
 :func:`mclcbf_diag.explain.cause_tester`) each detected cause's own counterfactual is run and
-compared with the unfixed intervention; it is *decisive* only if that changes the step, the
+compared with the unfixed intervention; it is *decisive* only if that changes the step size, the
 decision token's image mass, the margin or the outcome by the amounts stated in
 :data:`mclcbf_diag.rulebook.DECISIVE_RULE`, else "present, not decisive". Causes read off the
 run itself (non-finite values, a derailed output, a rounded-away step, the graded sweep) are
@@ -228,16 +228,16 @@ def rules_for(intervention=None) -> tuple[list[Rule], object]:
 ORDER = tuple(r.id for r in rules_for()[0])
 
 
-def diagnose(records: pd.DataFrame, sample=None, phase: str = "prefill", step: int = 0,
+def diagnose(records: pd.DataFrame, question_id=None, phase: str = "prefill", decode_step: int = 0,
              intervention=None, tester=None) -> list[Cause]:
-    """All causes for one sample at (phase, step), tested and ranked (see :mod:`mclcbf_diag.rulebook`).
+    """All causes for one question at (phase, decode step), tested and ranked (see :mod:`mclcbf_diag.rulebook`).
 
     ``tester`` (e.g. :func:`mclcbf_diag.explain.cause_tester`) runs each detected cause's
     counterfactual; without it the causes that need a run stay "present, not tested".
     Whole-model records of other phases (the intervention's row records) are kept.
     """
     table, layer_sets = rules_for(intervention)
-    df = select(records, sample, phase, step)
+    df = select(records, question_id, phase, decode_step)
     return run_rules(df, table, layer_sets, tester=tester, intervention=intervention)
 
 

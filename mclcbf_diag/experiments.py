@@ -31,7 +31,7 @@ import pandas as pd
 from .interventions.attention_edits import rescale_image_probs
 from .interventions.knockout import AttentionKnockout, KnockoutKnobs
 from .outcomes import outcome
-from .records import NO_HEAD, NO_LAYER, frame
+from .records import COLUMNS, NO_HEAD, NO_LAYER, frame
 
 TARGETS = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, …, 0.9
 FACTORS = (0.5, 2.0)
@@ -147,16 +147,17 @@ def sweep_summary(sweep: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def sweep_records(sweep: pd.DataFrame, *, sample, phase: str = "prefill", step: int = 0,
+def sweep_records(sweep: pd.DataFrame, *, question_id, phase: str = "prefill", decode_step: int = 0,
                   summary: dict | None = None) -> pd.DataFrame:
     """The sweep summary as tidy records (condition ``sweep:<tokens>``, layer −1); ``summary``: its
     :func:`sweep_summary`, if already computed."""
-    cols = {k: [] for k in ("sample", "condition", "phase", "step", "layer", "head", "metric", "value")}
+    cols = {k: [] for k in COLUMNS}
     for tokens, summ in (sweep_summary(sweep) if summary is None else summary).items():
         for metric, key in (("sweep_runs", "runs"), ("sweep_changes", "changes"), ("sweep_fixes", "fixes"),
                             ("sweep_derailed", "derailed"), ("sweep_min_target", "min_target")):
-            for k, v in (("sample", sample), ("condition", f"sweep:{tokens}"), ("phase", phase), ("step", step),
-                         ("layer", NO_LAYER), ("head", NO_HEAD), ("metric", metric), ("value", float(summ[key]))):
+            for k, v in (("question_id", question_id), ("condition", f"sweep:{tokens}"), ("phase", phase),
+                         ("decode_step", decode_step), ("layer", NO_LAYER), ("head", NO_HEAD), ("metric", metric),
+                         ("value", float(summ[key]))):
                 cols[k].append(v)
     return frame(cols)
 

@@ -7,8 +7,8 @@ for a right one "kept, broken or derailed, and how far from breaking".
 
 * **Cause tests** (:func:`cause_tester`): each detected cause's own counterfactual (undo just
   that cause, keep everything else; see :mod:`mclcbf_diag.rulebook`) is run and compared with
-  the *unfixed* intervention: the step (Σ‖v‖/‖x‖ added at the decision token), the decision
-  token's image mass (mean over layers), the margin and the outcome.
+  the *unfixed* intervention: the size of its step (``step_size``, Σ‖v‖/‖x‖ added at the
+  decision token), the decision token's image mass (mean over layers), the margin and the outcome.
 * **Graded image-mass sweep** (:mod:`mclcbf_diag.experiments`): the only evidence allowed for
   "no steering of the decision token's image attention can change this".
 * **Attention knockouts** (:func:`knockouts`): remove (×0) or double (×2) the image mass at
@@ -89,16 +89,16 @@ kind_of = _kind  # "wrong", "right" or "unlabeled": the question a label sets fo
 
 def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | None) -> dict:
     """What a run did, in the terms a cause test compares (see :func:`mclcbf_diag.rulebook.decisiveness`)."""
-    step = capture.steps[0]
+    prefill = capture.steps[0]
     rel, mass = 0.0, []
-    for c in step.layers.values():
+    for c in prefill.layers.values():
         if c.added is not None:
             xn = float(c.resid_pre_in.float().norm())
             rel += float(c.added.float().norm()) / xn if xn > 0 else math.inf
         if c.attn is not None:
             mass.append(float(c.attn[:, capture.detected[: c.attn.shape[-1]]].sum(-1).mean()))
     r = reading(lm, capture)
-    return {"step": rel, "mass": sum(mass) / len(mass) if mass else math.nan, "margin": r.margin,
+    return {"step_size": rel, "mass": sum(mass) / len(mass) if mass else math.nan, "margin": r.margin,
             "outcome": outcome_of(base, r, label), "valid": r.valid}
 
 
@@ -139,9 +139,9 @@ def cause_tester(lm: LoadedModel, inputs: dict, intervention, base: Reading, lab
     return test
 
 
-def knockouts(lm: LoadedModel, inputs: dict, *, sample) -> pd.DataFrame:
+def knockouts(lm: LoadedModel, inputs: dict, *, question_id) -> pd.DataFrame:
     """Records (all metrics) of the four knockout/doubling conditions at prefill."""
-    frames = [run_records(lm, run(lm, inputs, edit), sample=sample, condition=name)
+    frames = [run_records(lm, run(lm, inputs, edit), question_id=question_id, condition=name)
               for name, edit in KNOCKOUTS.items()]
     return pd.concat(frames, ignore_index=True)
 
@@ -390,13 +390,13 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
     prompt, inputs = sample_inputs(lm, text, image, template)
     inputs = with_embeds(inputs, result.baseline)  # every run below skips the vision tower
     base, unfixed = reading(lm, result.baseline), reading(lm, result.steered)
-    ko = knockouts(lm, inputs, sample=result.sample)
+    ko = knockouts(lm, inputs, question_id=result.question_id)
     extra = [ko]
     sw, sw_text = None, ""
     if sweep:
         sw = image_mass_sweep(lm, prompt, image, label)
         sw_text = sweep_sentence(sw, label, base.answer)
-        extra.append(sweep_records(sw, sample=result.sample))
+        extra.append(sweep_records(sw, question_id=result.question_id))
     extra_records = pd.concat(extra, ignore_index=True)
     tester = cause_tester(lm, inputs, config, base, label)
     causes = diagnose(pd.concat([result.records, extra_records], ignore_index=True), intervention=config,

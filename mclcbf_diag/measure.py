@@ -24,10 +24,10 @@ from .runner import LayerCapture, RunCapture, StepCapture
 
 
 class _Rows:
-    """Column-wise accumulator for the records of one (sample, condition, phase, step)."""
+    """Column-wise accumulator for the records of one (question_id, condition, phase, decode_step)."""
 
-    def __init__(self, sample, condition, phase, step):
-        self.key = {"sample": sample, "condition": condition, "phase": phase, "step": step}
+    def __init__(self, question_id, condition, phase, decode_step):
+        self.key = {"question_id": question_id, "condition": condition, "phase": phase, "decode_step": decode_step}
         self.layer, self.head, self.metric, self.value = [], [], [], []
 
     def add(self, layer: int, metric: str, value, head: int = NO_HEAD) -> None:
@@ -91,10 +91,10 @@ def _propagation_floors(dtype, dist: torch.Tensor, base_post: torch.Tensor, out_
     return floors, final
 
 
-def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, sample, condition: str,
+def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, question_id, condition: str,
                  base: StepCapture | None = None) -> dict[str, list]:
-    """Every probe at one (phase, step), all layers at once (batched over layers)."""
-    rows = _Rows(sample, condition, cap.phase, cap.step)
+    """Every probe at one forward (phase, decode step), all layers at once (batched over layers)."""
+    rows = _Rows(question_id, condition, cap.phase, cap.step)
     layers = sorted(cap.layers)
     caps = [cap.layers[i] for i in layers]
     dev = caps[0].resid_pre_in.device  # under a device map the layers' captures may sit on several devices
@@ -171,21 +171,21 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     return rows.rows
 
 
-def row_records(run: RunCapture, *, sample, condition: str) -> dict[str, list]:
+def row_records(run: RunCapture, *, question_id, condition: str) -> dict[str, list]:
     """The intervention's whole-model records of the run (layer −1, prefill)."""
-    rows = _Rows(sample, condition, "prefill", 0)
+    rows = _Rows(question_id, condition, "prefill", 0)
     for metric, value in run.row_records.items():
         rows.add(NO_LAYER, metric, value)
     return rows.rows
 
 
-def run_records(lm: LoadedModel, run: RunCapture, *, sample, condition: str,
+def run_records(lm: LoadedModel, run: RunCapture, *, question_id, condition: str,
                 base: RunCapture | None = None):
-    """All records of one run (every phase and step) as a tidy frame."""
+    """All records of one run (every phase and decode step) as a tidy frame."""
     image_mask = run.detected
-    parts = [row_records(run, sample=sample, condition=condition)] if base is not None else []
+    parts = [row_records(run, question_id=question_id, condition=condition)] if base is not None else []
     base_steps = {(s.phase, s.step): s for s in base.steps} if base is not None else {}
     for cap in run.steps:
-        parts.append(step_records(lm, cap, image_mask, sample=sample, condition=condition,
+        parts.append(step_records(lm, cap, image_mask, question_id=question_id, condition=condition,
                                   base=base_steps.get((cap.phase, cap.step))))
     return frame({k: [v for part in parts for v in part[k]] for k in parts[0]})

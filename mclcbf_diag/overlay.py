@@ -53,15 +53,16 @@ def seen_image(pixel_values: torch.Tensor, mean, std) -> np.ndarray:
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def attention_maps(capture, image_mask: torch.Tensor, *, head: int | None = None, step: int = 0,
+def attention_maps(capture, image_mask: torch.Tensor, *, head: int | None = None, decode_step: int = 0,
                    steered: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
     """Grids of the decision token's image attention: ``"layer 3"`` per layer, ``"steered layers"``, ``"all layers"``.
 
-    ``capture`` is a :class:`~mclcbf_diag.runner.RunCapture`; ``head`` None averages the heads.
+    ``capture`` is a :class:`~mclcbf_diag.runner.RunCapture`; ``head`` None averages the heads;
+    ``decode_step`` picks the forward (0: the prompt's, k: the one reading the k-th generated token).
     Each grid is the attention mass on that patch (a share of the whole row, summing with the
     other patches to the image mass).
     """
-    cap = capture.steps[step]
+    cap = capture.steps[decode_step]
     return _maps({i: cap.layers[i].attn for i in cap.layers}, image_mask, head, steered)  # attn: [H, K]
 
 

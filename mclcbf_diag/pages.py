@@ -6,9 +6,9 @@ and the image with the decision token's attention over it (:mod:`mclcbf_diag.ove
 baseline, intervened and difference. The explain page leads with the verdict
 (:func:`mclcbf_diag.diagnose.verdict`, one list item per cause, with its test) and the
 ranked causes, then the experiments; the trace page with the per-layer plots of the
-prefill step. With generated tokens (``--max-new-tokens``) one figure and one table sum up
-every step (image mass, margin, layers fired), each step's heading names the token it read
-and the token it generated, and the per-step plots fold away below.
+prefill forward (decode step 0). With generated tokens (``--max-new-tokens``) one figure and
+one table sum up every decode step (image mass, margin, layers fired), each decode step's
+heading names the token it read and the token it generated, and its plots fold away below.
 
 Tables are renamed here for reading (units in the headers) and shown rounded by
 :func:`mclcbf_diag.report.display_table`; the files next to the page keep full precision.
@@ -98,8 +98,9 @@ def summary_frame(summary: dict) -> pd.DataFrame:
         if b is None and a is None:
             continue
         rows.append({"quantity": name, "baseline": b, "intervened": a})
-    single = [("outcome", "outcome"), ("label", "label"), ("question", "question"), ("question_id", "sample"),
-              ("sample index", "index"), ("steered layers", "layers_steered"), ("layers that fired", "layers_fired"),
+    single = [("outcome", "outcome"), ("label", "label"), ("question", "question"), ("question_id", "question_id"),
+              ("index in the split (--sample)", "index"), ("steered layers", "layers_steered"),
+              ("layers that fired", "layers_fired"),
               ("largest ‖θ*‖/‖x‖", "max_theta_rel"), ("non-finite values", "nonfinite_values")]
     rows += [{"quantity": name, "baseline": s[key], "intervened": ""} for name, key in single if key in s]
     return pd.DataFrame(rows, columns=["quantity", "baseline", "intervened"])
@@ -142,7 +143,7 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
 
 # ----------------------------------------------------------------------------- steps
 def step_tokens(lm, result) -> dict[int, dict]:
-    """Per step: the token it reads (query) and the token it generates, baseline and intervened."""
+    """Per decode step: the token it reads (query) and the token it generates, baseline and intervened."""
     dec = lm.processor.tokenizer.decode
     out = {}
     for name, cap in (("baseline", result.baseline), ("intervened", result.steered)):
@@ -168,16 +169,16 @@ def _step_label(t: dict) -> str:
 
 
 def decode_summary(records: pd.DataFrame, tokens: dict, steered) -> tuple[object, pd.DataFrame]:
-    """The across-steps figure and table: image mass, margin and layers fired per step."""
-    steps = sorted({(str(p), int(s)) for p, s in records[["phase", "step"]].itertuples(index=False)},
+    """The across-steps figure and table: image mass, margin and layers fired per decode step."""
+    steps = sorted({(str(p), int(s)) for p, s in records[["phase", "decode_step"]].itertuples(index=False)},
                    key=lambda t: t[1])
     short = {s: f"{t.get('reads_baseline', '?').strip()!r} → {t.get('generates_baseline', '?').strip()!r}"
              for s, t in tokens.items()}
     fig = decode_summary_figure(records, short, steered=steered)
     rows = []
     for phase, s in steps:
-        sub = records[(records.phase == phase) & (records.step == s)]
-        row = {"step": s, "phase": phase, "reads": tokens.get(s, {}).get("reads_baseline", ""),
+        sub = records[(records.phase == phase) & (records.decode_step == s)]
+        row = {"decode step": s, "phase": phase, "reads": tokens.get(s, {}).get("reads_baseline", ""),
                "generates (baseline)": tokens.get(s, {}).get("generates_baseline", ""),
                "generates (intervened)": tokens.get(s, {}).get("generates_intervened", "")}
         for cond, name in (("baseline", "baseline"), ("steered", "intervened")):
@@ -194,10 +195,10 @@ def decode_summary(records: pd.DataFrame, tokens: dict, steered) -> tuple[object
 
 
 def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str = "Per-layer plots") -> list[Section]:
-    """The per-layer plots of each step: prefill open, decode steps folded, with a summary across steps."""
+    """The per-layer plots of each decode step: prefill open, decode steps folded, with a summary across steps."""
     records = result.records if records is None else records
     steered = tuple(result.intervention.layers(lm.n_layers))
-    steps = sorted({(str(p), int(s)) for p, s in records[["phase", "step"]].itertuples(index=False)},
+    steps = sorted({(str(p), int(s)) for p, s in records[["phase", "decode_step"]].itertuples(index=False)},
                    key=lambda t: t[1])
     tokens = step_tokens(lm, result) if len(steps) > 1 else {}
     sections = []
@@ -209,7 +210,7 @@ def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str 
             "that fired. The per-layer plots of each step follow (the decode steps folded)."),
             figures=[fig], table=table))
     for phase, s in steps:
-        figs = trace_figures(records, phase=phase, step=s, steered=steered)
+        figs = trace_figures(records, phase=phase, decode_step=s, steered=steered)
         name = "prefill (the prompt's decision token)" if phase == "prefill" else f"decode step {s}"
         if s in tokens:
             name += ": " + _step_label(tokens[s])

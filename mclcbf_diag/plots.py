@@ -2,8 +2,8 @@
 
 Every function here is pure: a records frame in, a ``plotly.graph_objects.Figure`` out,
 no file IO (:mod:`mclcbf_diag.report` turns figures into HTML). Each picks one
-``phase``/``step`` (default the prefill decision token, ``"prefill"``/0) and one ``sample``
-(default: the only one present; with several the caller must name it).
+``phase``/``decode_step`` (default the prefill decision token, ``"prefill"``/0) and one
+``question_id`` (default: the only one present; with several the caller must name it).
 
 Figures are meant to be read without the glossary: titles and axes say what is drawn in
 words (:data:`LABELS`), the steered layers are shaded on every per-layer plot, log axes
@@ -54,18 +54,19 @@ class MissingDataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- selection
-def _select(records: pd.DataFrame, phase: str, step: int, sample=None) -> pd.DataFrame:
-    """Rows of one sample at one phase/step."""
-    samples = list(pd.unique(records["sample"]))
-    if sample is None:
-        if len(samples) > 1:
-            shown = ", ".join(map(str, samples[:5])) + (" ..." if len(samples) > 5 else "")
-            raise ValueError(f"records hold {len(samples)} samples ({shown}); pass sample=")
-        sample = samples[0] if samples else None
-    df = records[(records["sample"] == sample) & (records["phase"] == phase)
-                 & (records["step"] == step)]
+def _select(records: pd.DataFrame, phase: str, decode_step: int, question_id=None) -> pd.DataFrame:
+    """Rows of one question at one phase/decode step."""
+    ids = list(pd.unique(records["question_id"]))
+    if question_id is None:
+        if len(ids) > 1:
+            shown = ", ".join(map(str, ids[:5])) + (" ..." if len(ids) > 5 else "")
+            raise ValueError(f"records hold {len(ids)} questions ({shown}); pass question_id=")
+        question_id = ids[0] if ids else None
+    df = records[(records["question_id"] == question_id) & (records["phase"] == phase)
+                 & (records["decode_step"] == decode_step)]
     if df.empty:
-        raise MissingDataError(f"no records for sample={sample!r}, phase={phase!r}, step={step}")
+        raise MissingDataError(f"no records for question_id={question_id!r}, phase={phase!r}, "
+                               f"decode_step={decode_step}")
     return df
 
 
@@ -73,7 +74,7 @@ def _require(df: pd.DataFrame, *metrics: str) -> None:
     present = set(df["metric"])
     for metric in metrics:
         if metric not in present:
-            raise MissingDataError(f"records have no {metric!r} rows for this sample/phase/step")
+            raise MissingDataError(f"records have no {metric!r} rows for this question/phase/decode step")
 
 
 def _by_layer(df: pd.DataFrame, metric: str, condition: str) -> pd.Series:
@@ -213,14 +214,14 @@ def _values(fig: go.Figure, row: int | None = None) -> list[float]:
 
 # ----------------------------------------------------------------------------- figures
 def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
-                       phase: str = "prefill", step: int = 0, sample=None,
+                       phase: str = "prefill", decode_step: int = 0, question_id=None,
                        condition: str = STEERED, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Layer × head heatmaps of an attention mass: baseline, ``condition``, and their difference.
 
     Steered layers are marked in the layer labels; when the difference is zero everywhere the
     third panel says why instead of showing a blank map.
     """
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     _require(df, metric)
     rows = df[(df["metric"] == metric) & (df["head"] >= 0) & (df["layer"] >= 0)]
     grids = {}
@@ -258,7 +259,7 @@ def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
     span = float(np.nanmax(np.abs(diff.to_numpy()))) if not flat and diff.notna().any().any() else 1.0
     bar = dict(orientation="h", y=-0.3, yanchor="top", thickness=12, title=dict(side="top"))
     fig.update_layout(
-        title=f"Decision token's {what}, per layer and head ({phase} step {step})",
+        title=f"Decision token's {what}, per layer and head ({phase} step {decode_step})",
         coloraxis=dict(colorscale="Viridis", colorbar=dict(bar, title=dict(bar["title"], text="share of attention"),
                                                           x=0.33, xanchor="center", len=0.6)),
         coloraxis2=dict(colorscale="RdBu_r", cmid=0, cmin=-span, cmax=span, showscale=not flat,
@@ -280,23 +281,24 @@ def _wrap(text: str, width: int) -> str:
     return "<br>".join([*lines, line])
 
 
-def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", step: int = 0, sample=None,
-                          steered: tuple[int, ...] | None = None) -> go.Figure:
+def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
+                          question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text."""
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     _require(df, "attn_image_mass")
     fig = go.Figure()
     _layer_lines(fig, df, _MASS_COLOURS)
     mark_steered(fig, steered_layers(df) if steered is None else steered)
     fig.update_layout(title=f"Where the decision token's attention goes, per layer (mean over heads; {phase} step "
-                            f"{step})", xaxis_title="layer", yaxis_title="share of attention", yaxis_range=[0, 1.02])
+                            f"{decode_step})", xaxis_title="layer", yaxis_title="share of attention",
+                      yaxis_range=[0, 1.02])
     return fig
 
 
-def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
-                          sample=None, steered: tuple[int, ...] | None = None) -> go.Figure:
+def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
+                          question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), ‖θ*‖ where nonzero."""
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     _require(df, "resid_pre_norm")
     fig = go.Figure()
     colours = {"resid_pre_norm": "#1f77b4", "resid_mid_norm": "#ff7f0e", "resid_post_norm": "#2ca02c"}
@@ -311,15 +313,15 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", step: i
                 hovertemplate=f"{cond}<br>layer %{{x}}<br>‖θ*‖ %{{y:.4g}}<extra></extra>"))
     mark_steered(fig, steered_layers(df) if steered is None else steered)
     _log_axis(fig, _values(fig))
-    fig.update_layout(title=f"Size of the residual stream at the decision token ({phase} step {step})",
+    fig.update_layout(title=f"Size of the residual stream at the decision token ({phase} step {decode_step})",
                       xaxis_title="layer", yaxis_title="L2 norm (log scale)")
     return fig
 
 
-def step_size_figure(records: pd.DataFrame, phase: str = "prefill", step: int = 0, sample=None,
+def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0, question_id=None,
                      steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
     """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken."""
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     _require(df, "theta_rel")
     title = "Size of the steering step relative to the residual, ‖θ*‖ / ‖x‖"
     fig = go.Figure()
@@ -335,15 +337,15 @@ def step_size_figure(records: pd.DataFrame, phase: str = "prefill", step: int = 
         return NoFigure(title, f"no step: ‖θ*‖ = 0 at every steered layer, because {nothing_fired_reason(df)}.")
     mark_steered(fig, steered_layers(df) if steered is None else steered)
     _log_axis(fig, _values(fig))
-    fig.update_layout(title=f"{title} ({phase} step {step})", xaxis_title="layer",
+    fig.update_layout(title=f"{title} ({phase} step {decode_step})", xaxis_title="layer",
                       yaxis_title="‖θ*‖ / ‖x‖ (log scale)")
     return fig
 
 
 def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
-                          step: int = 0, sample=None, steered: tuple[int, ...] | None = None) -> go.Figure:
+                          decode_step: int = 0, question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """RMSNorm Jacobian gains per layer along θ*, orthogonal and radial, for ln1/ln2/ln_final."""
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
     fig = go.Figure()
     for norm in NORMS:
@@ -362,15 +364,16 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
         raise MissingDataError(f"records have no finite '{{norm}}_gain_*' rows for condition {condition!r}")
     mark_steered(fig, steered_layers(df) if steered is None else steered)
     _log_axis(fig, _values(fig))
-    fig.update_layout(title=f"How much each RMSNorm passes on a small change of x, {condition} ({phase} step {step})",
+    fig.update_layout(title=f"How much each RMSNorm passes on a small change of x, {condition} "
+                            f"({phase} step {decode_step})",
                       xaxis_title="layer", yaxis_title="gain ‖J v‖ / ‖v‖ (log scale)")
     return fig
 
 
-def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
-                      sample=None, steered: tuple[int, ...] | None = None) -> go.Figure:
+def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
+                      question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers."""
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     _require(df, "logit_lens_margin")
     fig = go.Figure()
     conds = _conditions(df, "logit_lens_margin")
@@ -392,16 +395,16 @@ def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", step: int =
     fig.add_hline(y=0, line=dict(color="grey", width=1), annotation_text="above: Yes / below: No",
                   annotation_position="bottom left")
     mark_steered(fig, steered_layers(df) if steered is None else steered)
-    fig.update_layout(title=f"Yes − No margin read out after each layer (logit lens; {phase} step {step})",
+    fig.update_layout(title=f"Yes − No margin read out after each layer (logit lens; {phase} step {decode_step})",
                       xaxis_title=f"layer (x = {last + 1}: the model's final margin)",
                       yaxis_title="logit(Yes) − logit(No)")
     return fig
 
 
 def barrier_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
-                   step: int = 0, sample=None) -> go.Figure:
+                   decode_step: int = 0, question_id=None) -> go.Figure:
     """Per steered layer: barrier h before the step, τ, and h after (recomputed and realised)."""
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
     _require(sub, "barrier_h")
     h = _by_layer(sub, "barrier_h", condition)
@@ -424,21 +427,21 @@ def barrier_figure(records: pd.DataFrame, condition: str = STEERED, phase: str =
                            showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font=dict(size=12),
                            bgcolor="rgba(255,255,255,0.85)")
     fig.update_layout(title=f"Barrier: h (the decision token's image attention mass) against the target τ, "
-                            f"{condition} ({phase} step {step})",
+                            f"{condition} ({phase} step {decode_step})",
                       xaxis_title="steered layer", yaxis_title="h (share of attention on the image)",
                       scattermode="group")
     return fig
 
 
-def propagation_figure(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
-                       sample=None, steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
+def propagation_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
+                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
     """‖x_k^steered − x_k^base‖ / ‖x_k^base‖ at resid_post per layer (log scale).
 
     Exact zeros (layers before the first step) cannot sit on a log axis: they are drawn at the
     axis floor, a decade under the smallest nonzero value, as open markers, and the figure
     says so. With no nonzero value at all it is a :class:`NoFigure` with the reason.
     """
-    df = _select(records, phase, step, sample)
+    df = _select(records, phase, decode_step, question_id)
     _require(df, "propagation_rel")
     title = "How far the change propagates: ‖x_steered − x_baseline‖ / ‖x_baseline‖ leaving each layer"
     series = {c: _by_layer(df, "propagation_rel", c) for c in _conditions(df, "propagation_rel")}
@@ -464,20 +467,20 @@ def propagation_figure(records: pd.DataFrame, phase: str = "prefill", step: int 
         fig.add_annotation(text=f"open markers: exactly 0 (no change yet), drawn at the floor {_tick_text(floor)}",
                            showarrow=False, xref="paper", yref="paper", x=0, y=1.0, xanchor="left", yanchor="bottom",
                            font=dict(size=11))
-    fig.update_layout(title=f"{title} ({phase} step {step})", xaxis_title="layer",
+    fig.update_layout(title=f"{title} ({phase} step {decode_step})", xaxis_title="layer",
                       yaxis_title="relative change (log scale)")
     return fig
 
 
-def trace_figures(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
-                  sample=None, steered: tuple[int, ...] | None = None) -> dict[str, go.Figure | NoFigure]:
+def trace_figures(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
+                  question_id=None, steered: tuple[int, ...] | None = None) -> dict[str, go.Figure | NoFigure]:
     """Every figure above that the records support, keyed by slug; absent metrics are skipped.
 
     A figure that has nothing to draw is a :class:`~mclcbf_diag.report.NoFigure` (its
     ``show()`` prints the reason). ``steered`` names the intervention's layers (default: read
     off the records).
     """
-    sample = _select(records, phase, step, sample)["sample"].iloc[0]
+    question_id = _select(records, phase, decode_step, question_id)["question_id"].iloc[0]
     shaded = {"steered": steered}
     builders = {
         "attention": (attention_heatmaps, shaded), "attention_mass": (attention_mass_figure, shaded),
@@ -488,7 +491,7 @@ def trace_figures(records: pd.DataFrame, phase: str = "prefill", step: int = 0,
     figures = {}
     for slug, (build, extra) in builders.items():
         try:
-            figures[slug] = build(records, phase=phase, step=step, sample=sample, **extra)
+            figures[slug] = build(records, phase=phase, decode_step=decode_step, question_id=question_id, **extra)
         except MissingDataError:
             continue
         if slug in _LAYER_AXIS and isinstance(figures[slug], go.Figure):
@@ -533,20 +536,21 @@ def dose_response_figure(curve: pd.DataFrame) -> go.Figure | NoFigure:
     return fig
 
 
-def decode_summary_figure(records: pd.DataFrame, tokens: dict | None = None, sample=None,
+def decode_summary_figure(records: pd.DataFrame, tokens: dict | None = None, question_id=None,
                           steered: tuple[int, ...] | None = None) -> go.Figure:
     """One figure across generation steps: image mass (mean over steered layers), final margin, layers fired.
 
-    ``tokens`` maps a step to a label such as ``"'Yes' → 'and'"`` (the token read → the token
+    ``tokens`` maps a decode step to a label such as ``"'Yes' → 'and'"`` (the token read → the token
     generated), shown on the x axis.
     """
-    if sample is None:
-        samples = list(pd.unique(records["sample"]))
-        if len(samples) > 1:
-            raise ValueError(f"records hold {len(samples)} samples; pass sample=")
-        sample = samples[0]
-    df = records[records["sample"] == sample]
-    steps = sorted({(str(p), int(s)) for p, s in df[["phase", "step"]].itertuples(index=False)}, key=lambda t: t[1])
+    if question_id is None:
+        ids = list(pd.unique(records["question_id"]))
+        if len(ids) > 1:
+            raise ValueError(f"records hold {len(ids)} questions; pass question_id=")
+        question_id = ids[0]
+    df = records[records["question_id"] == question_id]
+    steps = sorted({(str(p), int(s)) for p, s in df[["phase", "decode_step"]].itertuples(index=False)},
+                   key=lambda t: t[1])
     if not steps:
         raise MissingDataError("no records to summarise")
     layers = steered_layers(df) if steered is None else tuple(steered)
@@ -558,7 +562,7 @@ def decode_summary_figure(records: pd.DataFrame, tokens: dict | None = None, sam
     for cond in (BASELINE, STEERED):
         mass, margin = [], []
         for phase, s in steps:
-            sub = df[(df["phase"] == phase) & (df["step"] == s) & (df["condition"] == cond)]
+            sub = df[(df["phase"] == phase) & (df["decode_step"] == s) & (df["condition"] == cond)]
             m = sub[(sub["metric"] == "attn_image_mass") & (sub["head"] == -1) & (sub["layer"] >= 0)]
             if layers:
                 m = m[m["layer"].isin(layers)]
@@ -569,7 +573,7 @@ def decode_summary_figure(records: pd.DataFrame, tokens: dict | None = None, sam
                                  line=dict(color="#d62728", dash=_dash(cond))), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=margin, mode="lines+markers", name=f"final margin ({cond})",
                                  line=dict(color="#1f77b4", dash=_dash(cond))), row=2, col=1)
-    fired = [len(fired_layers(df[(df["phase"] == p) & (df["step"] == s)])) for p, s in steps]
+    fired = [len(fired_layers(df[(df["phase"] == p) & (df["decode_step"] == s)])) for p, s in steps]
     fig.add_trace(go.Bar(x=x, y=fired, name="layers fired (steered)", marker_color="#ff7f0e",
                          hovertemplate="%{x}<br>%{y} layers fired<extra></extra>"), row=3, col=1)
     if not any(fired):

@@ -1,10 +1,13 @@
 """The one record shape every part of the toolkit shares.
 
-A measurement is a row ``(sample, condition, phase, step, layer, head, metric, value)``:
+A measurement is a row ``(question_id, condition, phase, decode_step, layer, head, metric, value)``:
 
-* ``sample``: the POPE question id (or any label the caller picks);
+* ``question_id``: the POPE question id (or any label the caller picks); not the 0-based
+  index in the split that ``--sample N`` selects by;
 * ``condition``: ``"baseline"`` or ``"steered"`` (explain adds e.g. ``"fix:span"``);
-* ``phase``: ``"prefill"`` (the prompt, step 0) or ``"decode"`` (generated tokens, step ≥ 1);
+* ``phase``: ``"prefill"`` (the prompt) or ``"decode"`` (generated tokens);
+* ``decode_step``: 0 for the prompt's (prefill) forward, k for the forward that reads the
+  k-th generated token (phase ``"decode"``, k ≥ 1); not the intervention's step (θ*);
 * ``layer``: decoder layer index, or −1 for whole-model quantities (final logits, answer);
 * ``head``: attention head, or −1 where the metric is not per head;
 * ``metric``: a name from :data:`METRICS` (TransformerLens-style site names) or from the
@@ -24,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["sample", "condition", "phase", "step", "layer", "head", "metric", "value"]
+COLUMNS = ["question_id", "condition", "phase", "decode_step", "layer", "head", "metric", "value"]
 NO_LAYER = -1
 NO_HEAD = -1
 
@@ -97,4 +100,4 @@ def frame(columns: dict[str, list]) -> pd.DataFrame:
     return pd.DataFrame(typed, columns=COLUMNS)
 
 
-_DTYPES = {"step": np.int64, "layer": np.int64, "head": np.int64, "value": np.float64}
+_DTYPES = {"decode_step": np.int64, "layer": np.int64, "head": np.int64, "value": np.float64}

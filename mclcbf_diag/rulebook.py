@@ -1,7 +1,7 @@
 """The diagnosis engine: a table of rules over tidy records → ranked causes.
 
 A :class:`Rule` is ``(id, title, rank, threshold, check)``. ``check(ev)`` reads the records of
-one sample at one (phase, step) through :class:`Evidence` and returns a :class:`Cause` (made
+one question at one (phase, decode step) through :class:`Evidence` and returns a :class:`Cause` (made
 with :meth:`Evidence.make`, or :meth:`Evidence.skip` when its evidence is missing; a rule
 never raises on missing records). ``rank`` is the rule's place in the causal order a step
 lives through (it exists → targets the image → is asked for → is computed → is scaled →
@@ -12,7 +12,7 @@ another rule found (:meth:`Evidence.cause`), evaluated on demand.
 
 A detected cause is a *claim tested by intervention*: it is reported **decisive** only when its
 own counterfactual (undo just that cause, keep everything else: :attr:`Rule.counterfactual`)
-changes the step, the decision token's image mass, the margin or the outcome by the amounts of
+changes the step size, the decision token's image mass, the margin or the outcome by the amounts of
 :func:`decisiveness`, compared with the *unfixed* intervention; otherwise "present, not
 decisive". Causes read off the outcome itself (non-finite values, a derailed output) or
 whose counterfactual is a measurement already in the records (rounding) set ``decisive``
@@ -78,9 +78,10 @@ class Rule:
     # the counterfactual that undoes just this cause: (evidence, cause) → a spec for the tester
     # ({"knobs": {...}}, {"dose": k} or {"intervention": iv}, plus "why": what it undoes), or None
     counterfactual: Callable[["Evidence", Cause], dict | None] | None = None
-    # "step": judged on the step, image mass, margin and outcome; "answer": on margin and outcome
-    # (a counterfactual that enlarges the step changes the step by construction)
-    judged_on: str = "step"
+    # "step_size": judged on the size of the intervention's step (Σ‖v‖/‖x‖), image mass, margin and
+    # outcome; "answer": on margin and outcome (a counterfactual that enlarges the step changes its
+    # size by construction)
+    judged_on: str = "step_size"
 
 
 # ----------------------------------------------------------------------- decisiveness
@@ -88,17 +89,18 @@ DECISIVE_STEP_REL = 0.01  # |Δ Σ‖v‖/‖x‖| at the decision token ≥ 1% 
 DECISIVE_MASS = 0.05  # |Δ image mass| of the decision token (mean over layers) ≥ 0.05
 DECISIVE_MARGIN = 0.1  # |Δm| ≥ 10% of |m_base| (and ≥ 0.01)
 
-DECISIVE_RULE = (f"undoing it alone (everything else kept) changes the step by ≥ {DECISIVE_STEP_REL:.0%} of ‖x‖, "
-                 f"the decision token's image mass by ≥ {DECISIVE_MASS}, the margin by ≥ {DECISIVE_MARGIN:.0%} "
-                 "of |m_base|, or the outcome")
+DECISIVE_RULE = (f"undoing it alone (everything else kept) changes the step size by ≥ {DECISIVE_STEP_REL:.0%} "
+                 f"of ‖x‖, the decision token's image mass by ≥ {DECISIVE_MASS}, the margin by ≥ "
+                 f"{DECISIVE_MARGIN:.0%} of |m_base|, or the outcome")
 RANKING = ("Ranking: decisive causes first (" + DECISIVE_RULE + "), then causes present but not tested, then "
            "present but not decisive; within each group in causal order (an earlier failure hides later ones).")
 
 
-def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step") -> tuple[bool, list[str]]:
+def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step_size") -> tuple[bool, list[str]]:
     """Whether a counterfactual run ``cf`` differs from the unfixed run ``ref`` enough to call the cause decisive.
 
-    Both are effects ``{"step": Σ‖v‖/‖x‖, "mass": image mass, "margin": m, "outcome": str}``.
+    Both are effects ``{"step_size": Σ‖v‖/‖x‖, "mass": image mass, "margin": m, "outcome": str}``
+    (``step_size``: the size of the intervention's step at the decision token, not a decode step).
     Returns ``(decisive, what changed)``; pure.
     """
     changed = []
@@ -107,9 +109,9 @@ def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step") ->
         a, b = ref.get(k), cf.get(k)
         return (a, b) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b) else None
 
-    if judged_on == "step":
-        if (p := num("step")) and abs(p[1] - p[0]) >= DECISIVE_STEP_REL:
-            changed.append(f"step {fmt(p[0])} → {fmt(p[1])} of ‖x‖")
+    if judged_on == "step_size":
+        if (p := num("step_size")) and abs(p[1] - p[0]) >= DECISIVE_STEP_REL:
+            changed.append(f"step size {fmt(p[0])} → {fmt(p[1])} of ‖x‖")
         if (p := num("mass")) and abs(p[1] - p[0]) >= DECISIVE_MASS:
             changed.append(f"image mass {fmt(p[0])} → {fmt(p[1])}")
     if (p := num("margin")) and abs(p[1] - p[0]) >= max(DECISIVE_MARGIN * abs(m_base), 0.01):
@@ -141,7 +143,7 @@ def fired_by_step(ev: "Evidence") -> tuple[list[int], list[int], list[int]]:
 
 
 class Evidence:
-    """One sample at one (phase, step): {layer: value} per (condition, metric), head −1, finite."""
+    """One question at one (phase, decode step): {layer: value} per (condition, metric), head −1, finite."""
 
     def __init__(self, df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step):
         head = df[df["head"] == NO_HEAD]
@@ -229,16 +231,17 @@ class Evidence:
         return self.make(rule, False, 0.0, {"skipped": why}, f"Not assessed: {why}.")
 
 
-def select(records: pd.DataFrame, sample, phase: str, step: int) -> pd.DataFrame:
-    """The records of one sample at (phase, step); a UserError when there are none or several samples."""
-    if sample is None:
-        samples = list(dict.fromkeys(records["sample"]))
-        if len(samples) > 1:
-            raise UserError(f"records hold {len(samples)} samples; pass sample= one of {samples[:5]}")
-        sample = samples[0] if samples else None
-    df = records[(records["sample"] == sample) & (records["phase"] == phase) & (records["step"] == step)]
+def select(records: pd.DataFrame, question_id, phase: str, decode_step: int) -> pd.DataFrame:
+    """The records of one question at (phase, decode step); a UserError when there are none or several questions."""
+    if question_id is None:
+        ids = list(dict.fromkeys(records["question_id"]))
+        if len(ids) > 1:
+            raise UserError(f"records hold {len(ids)} questions; pass question_id= one of {ids[:5]}")
+        question_id = ids[0] if ids else None
+    df = records[(records["question_id"] == question_id) & (records["phase"] == phase)
+                 & (records["decode_step"] == decode_step)]
     if df.empty:
-        raise UserError(f"no records for sample {sample!r}, phase {phase!r}, step {step}")
+        raise UserError(f"no records for question_id {question_id!r}, phase {phase!r}, decode_step {decode_step}")
     return df
 
 
@@ -277,10 +280,10 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, tester, intervention) -> Cau
     ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, rule.judged_on)
     why = spec.get("why", "")
     test = (f"undoing it alone ({why}) changes " + ", ".join(what) if ok else
-            f"undoing it alone ({why}) changes none of step, image mass, margin or outcome by the stated amount "
+            f"undoing it alone ({why}) changes none of step size, image mass, margin or outcome by the stated amount "
             f"(margin {ref.get('margin', math.nan):+.3g} → {cf.get('margin', math.nan):+.3g}, outcome "
             f"{cf.get('outcome')})")
     ev_ = {**cause.evidence, "cf_margin": cf.get("margin", math.nan), "cf_outcome": str(cf.get("outcome")),
-           "cf_step": cf.get("step", math.nan), "cf_mass": cf.get("mass", math.nan)}
+           "cf_step_size": cf.get("step_size", math.nan), "cf_mass": cf.get("mass", math.nan)}
     ev_ = {k: v for k, v in ev_.items() if not isinstance(v, float) or math.isfinite(v)}
     return dataclasses.replace(cause, decisive=ok, test=test, evidence=ev_)

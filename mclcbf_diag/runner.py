@@ -28,6 +28,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from functools import reduce
+from typing import NamedTuple
 
 import nnsight
 import torch
@@ -97,10 +98,11 @@ class _Run:
 
     def __init__(self, lm: LoadedModel, rows: list[Row], intervention: Intervention | None, *, steer: bool,
                  dose: float, capture: bool, start: int = 0, prefix_keys: dict | None = None,
-                 keep_keys: bool = False):
+                 prefix_rows: list[int] | None = None, keep_keys: bool = False):
         self.lm, self.rows, self.iv = lm, rows, intervention
         self.steer, self.dose, self.capture, self.keep_keys = steer and intervention is not None, dose, capture, keep_keys
         self.prefix_start, self.prefix_keys = start, prefix_keys or {}
+        self.prefix_rows = list(range(len(rows))) if prefix_rows is None else list(prefix_rows)
         self.targeted = set(intervention.layers(lm.n_layers)) if intervention is not None else set()
         self._weights: dict[int, object] = {}
         # records[row][(phase, step)][layer] = {metric: value}; heads likewise
@@ -110,6 +112,7 @@ class _Run:
         self.keys_seen: list[dict] = [dict() for _ in rows]
         self.steps: list[list[StepCapture]] = [[] for _ in rows]
         self.embeds = None
+        self.skip = (0, None)  # (layers not run, the residual entering the first one run)
         if intervention is not None:
             intervention.begin(rows, lm.n_layers)
 
@@ -135,7 +138,8 @@ class _Run:
             dev = w.q_weight.device
             keys = project_keys(x[row.index, sl].to(dev), w, cos[row.index, sl].to(dev), sin[row.index, sl].to(dev))
             if lo > row.pad:
-                keys = torch.cat([self.prefix_keys[i][row.index, :, row.pad:lo].to(dev, keys.dtype), keys], dim=-2)
+                cached = self.prefix_keys[i][self.prefix_rows[row.index], :, row.pad:lo]
+                keys = torch.cat([cached.to(dev, keys.dtype), keys], dim=-2)
         if self.keep_keys:
             self.keys_seen[row.index][(self.phase, self.step, i)] = keys.clone()
         return keys
@@ -179,6 +183,8 @@ class _Run:
         if "residual" in sites and targeted:
             self.rotary = envoy_at(nm, ad.rotary_emb).output
         layers = envoy_at(nm, ad.layers)
+        for i in range(self.skip[0]):
+            layers[i].skip(self.skip[1])  # only the last one's output is used: by the first layer run
         visit = range(lm.n_layers) if self.capture else sorted(targeted)
         caps: dict[int, list[LayerCapture]] = {}
         self.start = self.prefix_start
@@ -313,41 +319,75 @@ def with_embeds(inputs: dict, capture: RunCapture) -> dict:
     return {**inputs, "inputs_embeds": capture.inputs_embeds}
 
 
-def prefix_forward(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, object, torch.Tensor]:
+class PrefixRun(NamedTuple):
+    """What :func:`prefix_forward` keeps of a batch's plain forward."""
+
+    logits: torch.Tensor  # [B, vocab] at the last position
+    cache: object  # the KV cache of every position
+    embeds: torch.Tensor  # [B, S, d] prompt embeddings, image features merged in
+    layer_inputs: list | None  # per layer: [B, S − states_from, d] the residual entering it (or None)
+
+
+def prefix_forward(lm: LoadedModel, inputs: dict, *, states_from: int | None = None) -> PrefixRun:
     """A plain forward of a batch that keeps what later runs continue from.
 
-    Returns ``(last-position logits [B, vocab], KV cache, prompt embeddings [B, S, d])``; the
-    embeddings have the image features merged in (read from the language model's input), so a
-    continuation from any position needs neither the vision tower nor the image placeholders.
+    The embeddings are read from the language model's input, so a continuation from any
+    position needs neither the vision tower nor the image placeholders. With ``states_from``
+    it also keeps the residual entering every decoder layer at positions ``states_from …``: a
+    continuation whose edits all lie at layer L or later starts there (:func:`run_rows`'s
+    ``skip_to``), since the layers before compute what this forward computed.
     """
     lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
-    got = {}
+    got = {"states": []}
 
     def grab(module, args, kwargs):
         got["embeds"] = kwargs.get("inputs_embeds")
 
-    hook = lang.register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_state(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        got["states"].append(x[:, states_from:].detach().clone())
+
+    hooks = [lang.register_forward_pre_hook(grab, with_kwargs=True)]
+    if states_from is not None:
+        hooks += [layer.register_forward_pre_hook(grab_state, with_kwargs=True)
+                  for layer in lm.adapter.decoder_layers(lm.model)]
     try:
         with torch.no_grad():
             out = lm.model(**inputs, use_cache=True, logits_to_keep=1)
     finally:
-        hook.remove()
-    return out.logits[:, -1], lm.adapter.output_cache(lm.model, out), got["embeds"]
+        for hook in hooks:
+            hook.remove()
+    return PrefixRun(out.logits[:, -1], lm.adapter.output_cache(lm.model, out), got["embeds"],
+                     got["states"] if states_from is not None else None)
 
 
 def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor, start: int = 0,
-             prefix_keys: dict | None = None, capture: bool = True, **model_kwargs):
+             prefix_keys: dict | None = None, prefix_rows: list[int] | None = None,
+             full_mask: torch.Tensor | None = None, skip_to: int = 0, entering: torch.Tensor | None = None,
+             capture: bool = True, **model_kwargs):
     """One forward of a left-padded batch, every row captured as :func:`run` captures one prompt.
 
     Like :func:`run_batch` (``start``/``prefix_keys``/``model_kwargs`` continue from a cached
     prefix; ``inputs`` may carry ``inputs_embeds`` instead of ids), but the runs are steering
     runs whose intervention decides per row what to do (a mix of doses, measuring rows…), and
-    with ``capture`` each row's decision token is captured at every layer. Returns
+    with ``capture`` each row's decision token is captured at every layer. ``prefix_rows[b]``:
+    the row of ``prefix_keys`` that row ``b`` continues (default: ``b``); ``full_mask``: the
+    rows' 2-D padding mask over the whole prompt, when ``inputs`` carries a prepared 4-D mask
+    (:mod:`mclcbf_diag.models.shared_prefix`). ``skip_to``/``entering``: layers ``0 …
+    skip_to−1`` are not run and layer ``skip_to`` gets ``entering`` (``[B, s, d]``, the residual
+    a plain forward had there; valid when nothing is edited before that layer and nothing is
+    captured). Returns
     ``(logits [B, vocab], captures)``: one :class:`RunCapture` per row, or, without ``capture``,
     the per-row records ``{layer: {metric: value}}`` of :func:`run_batch`.
     """
-    rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
-    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys)
+    mask = inputs["attention_mask"] if full_mask is None else full_mask
+    rows = rows_of(full_ids, mask, lm.tokens.image_token_id)
+    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys,
+                 prefix_rows=prefix_rows)
+    if skip_to:
+        if capture or skip_to > min(state.targeted, default=0):
+            raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
+        state.skip = (skip_to, entering)
     nm = traced(lm.model)
     with torch.no_grad():
         with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):

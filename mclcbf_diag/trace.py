@@ -32,7 +32,7 @@ from .runner import RunCapture, run, with_embeds
 class TraceResult:
     records: pd.DataFrame
     intervention: Intervention
-    sample: object
+    question_id: object  # the records' question_id column (the POPE question id, or 0 for a bare prompt)
     prompt: str
     baseline: RunCapture
     steered: RunCapture
@@ -46,10 +46,10 @@ class TraceResult:
         return self.intervention.knobs
 
     def value(self, metric: str, condition: str = "steered", layer: int = -1, phase: str = "prefill",
-              step: int = 0, head: int = -1) -> float:
+              decode_step: int = 0, head: int = -1) -> float:
         r = self.records
         sel = r[(r.metric == metric) & (r.condition == condition) & (r.layer == layer) & (r.phase == phase)
-                & (r.step == step) & (r["head"] == head)]
+                & (r.decode_step == decode_step) & (r["head"] == head)]
         return float(sel.value.iloc[0]) if len(sel) else math.nan
 
     def summary(self) -> dict:
@@ -71,7 +71,7 @@ class TraceResult:
         base, new = self.reading("baseline"), self.reading("steered")
         label = self.question.label if self.question is not None else None
         out = {
-            "sample": self.sample,
+            "question_id": self.question_id,
             "answer_before": base.answer,
             "answer_after": new.answer,
             "outcome": outcome_of(base, new, label),
@@ -137,7 +137,7 @@ def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LL
 
 
 def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervention, *,
-                 max_new_tokens: int = 0, sample=None, multiplier: float = 1.0,
+                 max_new_tokens: int = 0, question_id=None, multiplier: float = 1.0,
                  baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
@@ -145,26 +145,27 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     ``BarrierConfig`` is accepted as such). ``multiplier`` scales what it changes (the dose).
     ``baseline`` may be passed to reuse an earlier baseline run of the same intervention
     (explain does this); ``template`` is the prompt around the question (with ``<image>``).
+    ``question_id`` labels the records (default: the question's own id, 0 for a bare prompt).
     """
     iv = as_intervention(intervention)
     text = question.text if isinstance(question, PopeQuestion) else question
-    if sample is None:
-        sample = question.question_id if isinstance(question, PopeQuestion) else 0
+    if question_id is None:
+        question_id = question.question_id if isinstance(question, PopeQuestion) else 0
     prompt, inputs = sample_inputs(lm, text, image, template)
     if baseline is None:
         baseline = run(lm, inputs, iv, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
     steered = run(lm, with_embeds(inputs, baseline), iv, max_new_tokens=max_new_tokens, dose=multiplier)
-    base_records = run_records(lm, baseline, sample=sample, condition="baseline")
-    steer_records = run_records(lm, steered, sample=sample, condition="steered", base=baseline)
+    base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
+    steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
     parts = [base_records, steer_records]
     label = question.label if isinstance(question, PopeQuestion) else None
     if label in ("yes", "no"):
-        parts.append(frame({"sample": [sample], "condition": ["baseline"], "phase": ["prefill"], "step": [0],
-                            "layer": [NO_LAYER], "head": [NO_HEAD], "metric": ["label_yes"],
+        parts.append(frame({"question_id": [question_id], "condition": ["baseline"], "phase": ["prefill"],
+                            "decode_step": [0], "layer": [NO_LAYER], "head": [NO_HEAD], "metric": ["label_yes"],
                             "value": [float(label == "yes")]}))
     records = pd.concat(parts, ignore_index=True)
     tok = lm.processor.tokenizer
-    return TraceResult(records, iv, sample, prompt, baseline, steered,
+    return TraceResult(records, iv, question_id, prompt, baseline, steered,
                        question if isinstance(question, PopeQuestion) else None, lm.tokens,
                        lambda i: tok.decode([i]))
 

@@ -646,7 +646,7 @@ def test_read_only_answers_is_one_line(tmp_path, capsys, monkeypatch):
     (out / "answers.jsonl").write_text(lines[0])
     real = os.access
     # (as root a chmod does not stop writes, so the check itself is simulated)
-    monkeypatch.setattr(pope_cli.os, "access", lambda p, m: False if str(p).endswith("answers.jsonl") else real(p, m))
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p).endswith("answers.jsonl") else real(p, m))
     capsys.readouterr()
     _cli_error(capsys, [*POPE_FAST, "--out", str(out)], "answers.jsonl is read-only", "chmod")
 

@@ -71,6 +71,16 @@ def test_prompt_and_question_selection():
     assert q == load_pope(C.shipped.pope_file("random"))[0]
 
 
+def test_sample_is_documented_as_an_index_and_grouped_as_the_question_selection():
+    p = argparse.ArgumentParser()
+    C.sample_options(p)
+    group = next(g for g in p._action_groups if any("--sample" in a.option_strings for a in g._group_actions))
+    assert group.title == "question selection"
+    assert {"--split", "--pope-file", "--question-id"} <= {o for a in group._group_actions for o in a.option_strings}
+    sample = next(a for a in group._group_actions if "--sample" in a.option_strings)
+    assert "0-based index" in sample.help and "question_id" in sample.help
+
+
 def test_max_new_tokens_limit_follows_the_environment(monkeypatch):
     monkeypatch.delenv("MCLCBF_DIAG_MAX_NEW_TOKENS", raising=False)
     assert C.max_new_tokens_limit() == C.MAX_NEW_TOKENS

@@ -44,7 +44,7 @@ def assert_same(out, ref):
         assert g["baseline_margin"] == pytest.approx(r["baseline_margin"], abs=1e-4)
     a, b = pd.read_parquet(Path(out) / "records.parquet"), pd.read_parquet(Path(ref) / "records.parquet")
     assert len(a) == len(b)
-    assert set(zip(a.split, a["sample"])) == set(zip(b.split, b["sample"]))
+    assert set(zip(a.split, a["question_id"])) == set(zip(b.split, b["question_id"]))
     for name in ("causes.csv", "doses.csv", "fixes.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(Path(out) / name), pd.read_csv(Path(ref) / name))
 
@@ -66,7 +66,9 @@ def test_outputs(ref):
     q = pd.read_parquet(ref / "questions.parquet")
     assert len(q) == TOTAL
     r = pd.read_parquet(ref / "records.parquet")
-    assert list(r.columns[:2]) == ["split", "sample"] and len(set(zip(r.split, r["sample"]))) == TOTAL
+    assert list(r.columns) == ["split", "question_id", "condition", "phase", "decode_step", "layer", "head", "metric",
+                               "value"]
+    assert len(set(zip(r.split, r["question_id"]))) == TOTAL
     page = (ref / "population.html").read_text()
     assert "<script src=" not in page and "mclcbf-diag explain --split" in page and "--question-id" in page
     answer = (ref / "answer.txt").read_text()
@@ -119,6 +121,25 @@ def test_resume_after_an_interruption_repeats_nothing(tmp_path, ref):
     assert run(tmp_path, "--batch-size", "2") == 0
     assert (tmp_path / "answers.jsonl").read_bytes().startswith(before)
     assert_same(tmp_path, ref)
+
+
+def test_records_parts_of_an_earlier_version_are_read_under_the_new_column_names(tmp_path):
+    """A resumed run may find parts whose records columns were still named sample/step: no mixing."""
+    from mclcbf_diag.population.outputs import read_parts, write_part
+
+    def part(qid, names):
+        return pd.DataFrame({"split": ["random"] * 2, names[0]: [qid] * 2, "condition": ["baseline", "steered"],
+                             "phase": ["prefill"] * 2, names[1]: [0, 0], "layer": [-1, -1], "head": [-1, -1],
+                             "metric": ["final_margin"] * 2, "value": [0.5, -0.25]})
+
+    write_part(tmp_path, [("random", "1")], part("1", ("sample", "step")))  # as an earlier version wrote it
+    write_part(tmp_path, [("random", "2")], part("2", ("question_id", "decode_step")))
+    got = read_parts([tmp_path], {("random", "1"), ("random", "2")})
+    assert list(got.columns) == ["split", "question_id", "condition", "phase", "decode_step", "layer", "head",
+                                 "metric", "value"]
+    assert sorted(got.question_id) == ["1", "1", "2", "2"] and got.decode_step.tolist() == [0, 0, 0, 0]
+    assert got.isna().sum().sum() == 0
+    assert list(read_parts([tmp_path / "none"], {("random", "1")}).columns) == list(got.columns)
 
 
 def test_changed_configuration_is_refused(ref, capsys):

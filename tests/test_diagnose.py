@@ -32,18 +32,18 @@ HEALTHY_FINAL = {
 }
 
 
-def _row(cond, layer, metric, value, head=-1, sample="q1"):
-    return {"sample": sample, "condition": cond, "phase": "prefill", "step": 0, "layer": layer,
+def _row(cond, layer, metric, value, head=-1, question_id="q1"):
+    return {"question_id": question_id, "condition": cond, "phase": "prefill", "decode_step": 0, "layer": layer,
             "head": head, "metric": metric, "value": float(value)}
 
 
 def frame(rows):
     """Row dicts → a records-shaped frame (built here so the test does not track records.frame)."""
     df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.astype({"step": "int64", "layer": "int64", "head": "int64", "value": "float64"})
+    return df.astype({"decode_step": "int64", "layer": "int64", "head": "int64", "value": "float64"})
 
 
-def make(step=None, final=None, drop=(), keep=None, sample="q1", extra=()):
+def make(step=None, final=None, drop=(), keep=None, question_id="q1", extra=()):
     """A records frame: healthy values, overridden by ``step`` (metric → value or {layer: value}) and
     ``final`` ((condition, metric) → value); ``drop`` removes metrics, ``keep`` keeps only these."""
     step = {**HEALTHY_STEP, **(step or {})}
@@ -52,17 +52,18 @@ def make(step=None, final=None, drop=(), keep=None, sample="q1", extra=()):
     rows = []
     for cond in ("baseline", "steered"):
         for layer in range(N_LAYERS):
-            rows += [_row(cond, layer, metric, value, sample=sample) for metric, value in HEALTHY_LAYER.items()]
+            rows += [_row(cond, layer, metric, value, question_id=question_id)
+                     for metric, value in HEALTHY_LAYER.items()]
             if cond == "steered":
-                rows.append(_row(cond, layer, "propagation_rel", prop_rel[layer], sample=sample))
-                rows.append(_row(cond, layer, "propagation", 10 * prop_rel[layer], sample=sample))
+                rows.append(_row(cond, layer, "propagation_rel", prop_rel[layer], question_id=question_id))
+                rows.append(_row(cond, layer, "propagation", 10 * prop_rel[layer], question_id=question_id))
             if layer in STEERED and cond == "baseline":
-                rows.append(_row(cond, layer, "barrier_h", HEALTHY_STEP["barrier_h"], sample=sample))
+                rows.append(_row(cond, layer, "barrier_h", HEALTHY_STEP["barrier_h"], question_id=question_id))
             elif layer in STEERED:
-                rows += [_row(cond, layer, metric, value, sample=sample) for metric, value in step.items()]
+                rows += [_row(cond, layer, metric, value, question_id=question_id) for metric, value in step.items()]
     for (cond, metric), value in {**HEALTHY_FINAL, **(final or {})}.items():
         if value is not None:
-            rows.append(_row(cond, -1, metric, value, sample=sample))
+            rows.append(_row(cond, -1, metric, value, question_id=question_id))
     rows += list(extra)
     rows = [r for r in rows if r["metric"] not in drop and (keep is None or r["metric"] in keep)]
     return frame(rows)
@@ -167,12 +168,12 @@ def _knockouts(dec_margin, dec_yes, after_margin, after_yes):
             _row("knockout:after_image", -1, "answer_yes", after_yes)]
 
 
-def _sweep(dec_changes, aft_changes, sample="q1"):
+def _sweep(dec_changes, aft_changes, question_id="q1"):
     rows = []
     for cond, k in (("sweep:decision", dec_changes), ("sweep:after_image", aft_changes)):
         for metric, v in (("sweep_runs", 96), ("sweep_changes", k), ("sweep_fixes", k), ("sweep_derailed", 3),
                           ("sweep_min_target", 0.3 if k else math.nan)):
-            rows.append(_row(cond, -1, metric, v, sample=sample))
+            rows.append(_row(cond, -1, metric, v, question_id=question_id))
     return rows
 
 
@@ -247,14 +248,17 @@ def test_causes_frame_shape_and_json_evidence():
     assert all(isinstance(json.loads(s), dict) for s in df["evidence"])
 
 
-def test_sample_selection():
-    both = frame([*make().to_dict("records"), *make(**PLANTED["clamp_limited"], sample="q2").to_dict("records")])
-    with pytest.raises(UserError, match="2 samples"):
+def test_question_selection():
+    both = frame([*make().to_dict("records"),
+                  *make(**PLANTED["clamp_limited"], question_id="q2").to_dict("records")])
+    with pytest.raises(UserError, match="2 questions; pass question_id="):
         diagnose(both)
-    assert detected(diagnose(both, sample="q2")) == ["clamp_limited"]
-    assert detected(diagnose(both, sample="q1")) == []
+    assert detected(diagnose(both, question_id="q2")) == ["clamp_limited"]
+    assert detected(diagnose(both, question_id="q1")) == []
     with pytest.raises(UserError, match="no records"):
-        diagnose(both, sample="q1", phase="decode")
+        diagnose(both, question_id="q1", phase="decode")
+    with pytest.raises(UserError, match="decode_step 1"):
+        diagnose(both, question_id="q1", decode_step=1)
 
 
 def test_decision_token_off_path_only_from_the_graded_sweep():
@@ -306,11 +310,11 @@ def test_non_finite_values_rank_first_and_derail():
 
 
 def test_causes_tested_by_counterfactual_rank_decisive_first():
-    """A fake tester: undoing the clamp changes the step, undoing the span changes nothing."""
+    """A fake tester: undoing the clamp changes the step size, undoing the span changes nothing."""
     frame_ = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0},
                   final={**PLANTED["span_mismatch"]["final"], **UNMOVED}, extra=[LABEL_YES])
-    unfixed = {"step": 0.003, "mass": 0.2, "margin": -1.5, "outcome": "unchanged"}
-    effects = {"clamp = none": {"step": 4.9, "mass": 0.7, "margin": 1.2, "outcome": "fixed"},
+    unfixed = {"step_size": 0.003, "mass": 0.2, "margin": -1.5, "outcome": "unchanged"}
+    effects = {"clamp = none": {"step_size": 4.9, "mass": 0.7, "margin": 1.2, "outcome": "fixed"},
                "span = detected": dict(unfixed)}
     seen = []
 
@@ -335,12 +339,12 @@ def test_causes_tested_by_counterfactual_rank_decisive_first():
 def test_decisiveness_thresholds():
     from mclcbf_diag.rulebook import decisiveness
 
-    ref = {"step": 0.01, "mass": 0.3, "margin": 1.0, "outcome": "unchanged"}
+    ref = {"step_size": 0.01, "mass": 0.3, "margin": 1.0, "outcome": "unchanged"}
     assert decisiveness(ref, dict(ref), 1.0) == (False, [])
-    assert decisiveness(ref, {**ref, "step": 0.025}, 1.0)[0]  # +1.5% of ‖x‖
-    assert not decisiveness(ref, {**ref, "step": 0.015}, 1.0)[0]
+    assert decisiveness(ref, {**ref, "step_size": 0.025}, 1.0) == (True, ["step size 0.01 → 0.025 of ‖x‖"])
+    assert not decisiveness(ref, {**ref, "step_size": 0.015}, 1.0)[0]
     assert decisiveness(ref, {**ref, "mass": 0.36}, 1.0)[0]
-    assert not decisiveness(ref, {**ref, "step": 0.5}, 1.0, "answer")[0]  # judged on the answer only
+    assert not decisiveness(ref, {**ref, "step_size": 0.5}, 1.0, "answer")[0]  # judged on the answer only
     assert decisiveness(ref, {**ref, "margin": 0.85}, 1.0)[0] and not decisiveness(ref, {**ref, "margin": 0.95}, 1.0)[0]
     assert decisiveness(ref, {**ref, "outcome": "derailed"}, 1.0) == (True, ["outcome unchanged → derailed"])
 

@@ -11,7 +11,7 @@ import pytest
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.pope.distributed import Group, from_env
 
-BASE = ["pope", "--split", "adversarial", "--limit", "24", "--batch-size", "8"]
+BASE = ["pope", "--split", "adversarial", "--limit", "12", "--batch-size", "4"]
 
 
 def _rows(path):
@@ -34,7 +34,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     done = _run([*BASE, "--out", str(two)], tmp_path, ranks=2)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _rows(one / "answers.jsonl"), _rows(two / "answers.jsonl")
-    assert len(a) == len(b) == 24
+    assert len(a) == len(b) == 12
     for x, y in zip(a, b):
         assert set(x) == set(y)
         for k in x:
@@ -47,7 +47,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert (two / name).is_file()
     # a rerun resumes every part and merges again, with nothing repeated
     again = _run([*BASE, "--out", str(two)], tmp_path, ranks=2)
-    assert again.returncode == 0 and len(_rows(two / "answers.jsonl")) == 24
+    assert again.returncode == 0 and len(_rows(two / "answers.jsonl")) == 12
 
 
 def test_group_from_the_launcher_environment():

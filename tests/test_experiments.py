@@ -51,15 +51,15 @@ def test_each_row_gets_its_own_image_mass(embedded_model):
                 assert not torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
 
 
-def _minimal_records(sw: pd.DataFrame, label: str, sample) -> pd.DataFrame:
+def _minimal_records(sw: pd.DataFrame, label: str, question_id) -> pd.DataFrame:
     mb = float(sw.base_margin.iloc[0])
-    rows = {k: [] for k in ("sample", "condition", "phase", "step", "layer", "head", "metric", "value")}
+    rows = {k: [] for k in ("question_id", "condition", "phase", "decode_step", "layer", "head", "metric", "value")}
     for cond, metric, v in (("baseline", "final_margin", mb), ("steered", "final_margin", mb),
                             ("baseline", "answer_yes", float(mb > 0)), ("steered", "answer_yes", float(mb > 0)),
                             ("baseline", "label_yes", float(label == "yes"))):
-        for k, x in zip(rows, (sample, cond, "prefill", 0, -1, -1, metric, v)):
+        for k, x in zip(rows, (question_id, cond, "prefill", 0, -1, -1, metric, v)):
             rows[k].append(x)
-    return pd.concat([frame(rows), sweep_records(sw, sample=sample)], ignore_index=True)
+    return pd.concat([frame(rows), sweep_records(sw, question_id=question_id)], ignore_index=True)
 
 
 @pytest.fixture(scope="module")

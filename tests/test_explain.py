@@ -151,7 +151,7 @@ def test_controls_present_but_not_decisive(embedded_model, sample):
 def test_knockouts_edit_only_what_they_say(embedded_model, sample):
     q, image = sample
     _, inputs = sample_inputs(embedded_model, q.text, image)
-    r = knockouts(embedded_model, inputs, sample=q.question_id)
+    r = knockouts(embedded_model, inputs, question_id=q.question_id)
     mass = r.query("metric == 'attn_image_mass' and head == -1 and phase == 'prefill'")
     assert mass[mass.condition == "knockout:decision"].value.abs().max() < 1e-6
     assert mass[mass.condition == "knockout:after_image"].value.abs().max() < 1e-6

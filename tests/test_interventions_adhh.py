@@ -13,9 +13,11 @@ from test_interventions_pai import plain_model, questions  # noqa: F401  (fixtur
 from mclcbf_diag import shipped
 from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
+from mclcbf_diag.embedded.world import sample_scene
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions import REGISTRY
-from mclcbf_diag.interventions.adhh import AdHH, AdHHKnobs, find_hallucination_heads
+from mclcbf_diag.models import load_model
+from mclcbf_diag.interventions.adhh import AdHH, AdHHKnobs, head_influence
 from mclcbf_diag.records import documented
 from mclcbf_diag.trace import trace_sample
 
@@ -100,16 +102,61 @@ def test_batched_rows_equal_single_traces(embedded_model, questions):  # noqa: F
         assert row["margin"] == pytest.approx(trace_sample(lm, t, img, iv).summary()["margin_after"], abs=1e-4)
 
 
+def _influence_one_head_at_a_time(lm, questions, images):
+    """The criterion as a plain loop: every head zero-ablated alone, one full forward each."""
+    from mclcbf_diag.data import build_prompt
+
+    L, H = lm.n_layers, lm.text_config.num_attention_heads
+    hd = lm.text_config.hidden_size // H
+    model = plain_model(lm)
+    layers = model.model.language_model.layers
+    score = torch.zeros(L, H, dtype=torch.float64)
+    with torch.no_grad():
+        for q, image in zip(questions, images):
+            inputs = lm.inputs(build_prompt(q.text), image)
+            right, wrong = (lm.tokens.yes_id, lm.tokens.no_id) if q.label == "yes" else (lm.tokens.no_id, lm.tokens.yes_id)
+            p0 = model(**inputs).logits[0, -1].softmax(-1)
+            for i in range(L):
+                for h in range(H):
+                    def zero(module, args, h=h):
+                        x = args[0].clone()
+                        x[..., h * hd:(h + 1) * hd] = 0
+                        return (x,)
+                    handle = layers[i].self_attn.o_proj.register_forward_pre_hook(zero)
+                    p1 = model(**inputs).logits[0, -1].softmax(-1)
+                    handle.remove()
+                    score[i, h] += float((p0[wrong] - p1[wrong]) - (p0[right] - p1[right])) / len(questions)
+    return score
+
+
+def test_head_influence_equals_one_ablation_per_forward(saved_tiny_dir):
+    from mclcbf_diag.data import PopeQuestion
+
+    lm = load_model(str(saved_tiny_dir))
+    qs = [PopeQuestion(1, "a.png", "Is there a dog in the image?", "yes", 0),
+                 PopeQuestion(2, "b.png", "Is there a cat in the image?", "no", 1)]
+    images = [sample_scene(3, 1).image(), sample_scene(4, 1).image()]
+    got = head_influence(lm, qs, images)
+    want = _influence_one_head_at_a_time(lm, qs, images)
+    assert got.shape == (lm.n_layers, lm.text_config.num_attention_heads)
+    assert float(want.abs().max()) > 1e-5  # the ablations do move the answer probabilities
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-3)
+
+
 def test_calibration_finds_heads_by_the_papers_criterion(embedded_model):
-    heads = find_hallucination_heads(embedded_model, n=16, top_k=3)
-    assert len(heads) == 3 and len(set(heads)) == 3
-    assert all(0 <= lay < embedded_model.n_layers and 0 <= h < 4 for lay, h in heads)
-    iv = AdHH(AdHHKnobs(top_k=3, calibration=16))
+    """AdHH's prepare picks the top-k heads of head_influence on the split's first questions."""
+    from mclcbf_diag.data import load_image, load_pope, resolve_image
+
+    qs = load_pope(shipped.pope_file("adversarial"))[:2]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
+    scores = head_influence(embedded_model, qs, images)
+    iv = AdHH(AdHHKnobs(top_k=3, calibration=2))
     assert iv.layers(embedded_model.n_layers) == tuple(range(embedded_model.n_layers))
     # runs end to end with the heads found in prepare
     assert answer_batch(embedded_model, ["USER: <image>\nIs there a dog in the image?\nASSISTANT:"],
                         [questions_image()], iv, steer=True)
-    assert set(iv.found) == set(heads)
+    assert len(iv.found) == 3 and len(set(iv.found)) == 3
+    assert [float(scores[lh]) for lh in iv.found] == sorted(scores.flatten().tolist(), reverse=True)[:3]
 
 
 def questions_image():

@@ -75,15 +75,16 @@ def measured(lm):
     cap = _capture(lm, 0)
     image = torch.zeros(cap.n_keys, dtype=torch.bool)
     image[2:7] = True
-    return cap, image, step_records(lm, cap, image, sample="s1", condition="intervened")
+    return cap, image, step_records(lm, cap, image, question_id="s1", condition="intervened")
 
 
 def test_record_keys_are_the_given_ones(measured):
     _, _, rec = measured
     n = len(rec["value"])
     assert n > 0 and all(len(v) == n for v in rec.values())
-    assert set(rec["sample"]) == {"s1"} and set(rec["condition"]) == {"intervened"}
-    assert set(rec["phase"]) == {"prefill"} and set(rec["step"]) == {0}
+    assert set(rec["question_id"]) == {"s1"} and set(rec["condition"]) == {"intervened"}
+    assert set(rec["phase"]) == {"prefill"} and set(rec["decode_step"]) == {0}
+    assert list(rec) == ["question_id", "condition", "phase", "decode_step", "layer", "head", "metric", "value"]
 
 
 def test_residual_norms(lm, measured):
@@ -178,7 +179,7 @@ def test_final_answer_reading(lm, measured):
 def test_the_interventions_records_pass_through(lm):
     cap = _capture(lm, 1)
     cap.layers[2].heads = {"h_head": torch.tensor([0.1, 0.2, 0.3, 0.6])}
-    rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), sample=0, condition="intervened")
+    rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), question_id=0, condition="intervened")
     assert _values(rec, "rounding_survival") == {1: 1.5, 3: 3.5}
     assert [_values(rec, "h_head", h)[2] for h in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.6])
     assert _values(rec, "h_head")[2] == pytest.approx(0.3)  # head −1 is the mean
@@ -186,7 +187,7 @@ def test_the_interventions_records_pass_through(lm):
 
 def test_propagation_against_the_baseline(lm):
     base, cap = _capture(lm, 2), _capture(lm, 3)
-    rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), sample=0, condition="intervened",
+    rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), question_id=0, condition="intervened",
                        base=base)
     dist, rel = _values(rec, "propagation"), _values(rec, "propagation_rel")
     for i in cap.layers:
@@ -197,7 +198,7 @@ def test_propagation_against_the_baseline(lm):
     with torch.no_grad():
         out = norm(cap.layers[last].resid_post[None]) - norm(base.layers[last].resid_post[None])
     assert dist[NO_LAYER] == pytest.approx(float(out.norm()), rel=1e-5)
-    assert "propagation" not in set(step_records(lm, cap, torch.zeros(12, dtype=torch.bool), sample=0,
+    assert "propagation" not in set(step_records(lm, cap, torch.zeros(12, dtype=torch.bool), question_id=0,
                                                  condition="baseline")["metric"])
 
 
@@ -206,24 +207,25 @@ def test_nonfinite_values_count_nan_inf_and_overflowing_states(lm):
     cap.layers[0].resid_mid[5] = math.inf  # one non-finite number
     cap.layers[1].resid_post = torch.full_like(cap.layers[1].resid_post, 1e20)  # finite, but x² overflows float32
     cap.final_logits[7] = math.nan
-    rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), sample=0, condition="intervened")
+    rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), question_id=0, condition="intervened")
     assert _values(rec, "nonfinite_values")[NO_LAYER] == 3
     assert _values(rec, "logits_finite")[NO_LAYER] == 0.0
 
 
-def test_run_records_frame_every_step_and_the_row_records(lm):
+def test_run_records_frame_every_decode_step_and_the_row_records(lm):
     steps = [_capture(lm, 5), _capture(lm, 6)]
     steps[1].phase, steps[1].step = "decode", 1
     run = RunCapture(prompt_len=12, steps=steps, detected=torch.zeros(12, dtype=torch.bool),
                      row_records={"span_overlap": 0.25})
-    frame = run_records(lm, run, sample=7, condition="intervened", base=run)
-    assert set(zip(frame.phase, frame.step)) == {("prefill", 0), ("decode", 1)}
+    frame = run_records(lm, run, question_id=7, condition="intervened", base=run)
+    assert set(zip(frame.phase, frame.decode_step)) == {("prefill", 0), ("decode", 1)}
+    assert set(frame.question_id) == {7}
     row = frame[(frame.metric == "span_overlap")]
     assert row.layer.tolist() == [NO_LAYER] and row.value.tolist() == [0.25]
     assert (frame[frame.metric == "propagation"].value == 0).all()  # against itself: no distance
-    alone = run_records(lm, run, sample=7, condition="baseline")
+    alone = run_records(lm, run, question_id=7, condition="baseline")
     assert "span_overlap" not in set(alone.metric) and "propagation" not in set(alone.metric)
-    assert row_records(run, sample=7, condition="x")["metric"] == ["span_overlap"]
+    assert row_records(run, question_id=7, condition="x")["metric"] == ["span_overlap"]
 
 
 def test_every_shared_metric_is_in_the_glossary(measured):

@@ -6,7 +6,7 @@ import pytest
 from mclcbf_diag import pages, shipped
 from mclcbf_diag.pope import metrics as M
 
-SUMMARY = {"sample": 26, "answer_before": "yes", "answer_after": "yes", "outcome": "unchanged",
+SUMMARY = {"question_id": 26, "answer_before": "yes", "answer_after": "yes", "outcome": "unchanged",
            "margin_before": 0.8208501935005188, "margin_after": 0.8208501935005188, "p_yes_before": 0.6938,
            "p_no_before": 0.3053, "p_yes_after": 0.6938, "p_no_after": 0.3053, "top_before": "Yes", "top_after": "Yes",
            "valid_before": True, "valid_after": True, "nonfinite_values": 0, "layers_steered": [1, 2, 3],
@@ -29,6 +29,9 @@ def test_summary_frame_pairs_baseline_and_intervened():
     assert row.baseline == row.intervened == SUMMARY["margin_before"]  # full precision; the page rounds
     assert list(f.columns) == ["quantity", "baseline", "intervened"] and "generated text" not in set(f.quantity)
     assert f[f.quantity == "layers that fired"].baseline.iloc[0] == []
+    # the question's id and its index in the split (what --sample selects) are two rows
+    single = f.set_index("quantity").baseline
+    assert single["question_id"] == 26 and single["index in the split (--sample)"] == 25
 
 
 def test_verdict_items_join_a_cause_and_its_test():
@@ -157,7 +160,7 @@ def test_trace_page_names_each_steps_tokens_and_sums_up_the_steps(embedded_model
     assert heads[5] == f"Per-layer plots, decode step 1: reads {gen[0]!r}, generates {gen[1]!r}"
     assert sections[5].collapsed
     table = sections[3].table
-    assert list(table.step) == [0, 1] and list(table["generates (baseline)"].str.strip()) == gen
+    assert list(table["decode step"]) == [0, 1] and list(table["generates (baseline)"].str.strip()) == gen
     # the barrier never fires (τ = 0): the empty plots carry their reason
     empties = [f for f in sections[4].figures if isinstance(f, NoFigure)]
     assert empties and all("did not fire" in f.reason for f in empties)

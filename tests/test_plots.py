@@ -22,11 +22,11 @@ def _attn(cond, layer, head):
     return 0.1 * layer + 0.01 * head + (0.001 * (head + 1) * (layer + 2) if cond == "steered" else 0.0)
 
 
-def _rows(sample="q1", phase="prefill", step=0, shift=0.0):
+def _rows(question_id="q1", phase="prefill", decode_step=0, shift=0.0):
     rows = []
 
     def add(cond, layer, head, metric, value):
-        rows.append(dict(sample=sample, condition=cond, phase=phase, step=step,
+        rows.append(dict(question_id=question_id, condition=cond, phase=phase, decode_step=decode_step,
                          layer=layer, head=head, metric=metric, value=value))
 
     for cond in ("baseline", "steered"):
@@ -60,7 +60,7 @@ def _rows(sample="q1", phase="prefill", step=0, shift=0.0):
 
 @pytest.fixture
 def records():
-    return frame(_rows() + _rows(phase="decode", step=1, shift=100.0))
+    return frame(_rows() + _rows(phase="decode", decode_step=1, shift=100.0))
 
 
 def _trace(fig, name):
@@ -125,7 +125,7 @@ def test_step_size_figure_and_its_empty_reason(records):
 
 
 def test_attention_mass_figure_plots_image_sink_and_text(records):
-    extra = frame([dict(sample="q1", condition=c, phase="prefill", step=0, layer=ly, head=-1, metric=m,
+    extra = frame([dict(question_id="q1", condition=c, phase="prefill", decode_step=0, layer=ly, head=-1, metric=m,
                         value=v * (ly + 1) + (0.01 if c == "steered" else 0))
                    for c in ("baseline", "steered") for ly in range(LAYERS)
                    for m, v in (("attn_sink_mass", 0.1), ("attn_text_mass", 0.05))])
@@ -164,11 +164,12 @@ def test_logit_lens_values(records):
     assert any(s.type == "line" and s.y0 == 0 and s.y1 == 0 for s in fig.layout.shapes)
 
 
-def test_phase_and_step_selection(records):
-    fig = P.logit_lens_figure(records, phase="decode", step=1)
+def test_phase_and_decode_step_selection(records):
+    fig = P.logit_lens_figure(records, phase="decode", decode_step=1)
     assert list(_trace(fig, "logit lens (baseline)").y) == [98.5, 99.5, 100.5, 101.5]
-    with pytest.raises(ValueError, match="decode"):
-        P.logit_lens_figure(records, phase="decode", step=7)
+    assert fig.layout.title.text.endswith("decode step 1)")
+    with pytest.raises(ValueError, match="decode_step=7"):
+        P.logit_lens_figure(records, phase="decode", decode_step=7)
 
 
 def test_barrier_values(records):
@@ -236,14 +237,17 @@ def test_missing_metric_named(records):
         P.propagation_figure(records[records["metric"] != "propagation_rel"])
 
 
-def test_several_samples_need_the_arg(records):
-    both = pd.concat([records, frame(_rows(sample="q2", shift=7.0))], ignore_index=True)
-    with pytest.raises(ValueError, match="sample"):
+def test_several_questions_need_the_arg(records):
+    both = pd.concat([records, frame(_rows(question_id="q2", shift=7.0))], ignore_index=True)
+    with pytest.raises(ValueError, match="2 questions .*pass question_id="):
         P.logit_lens_figure(both)
-    fig = P.logit_lens_figure(both, sample="q2")
+    fig = P.logit_lens_figure(both, question_id="q2")
     assert list(_trace(fig, "logit lens (baseline)").y) == [5.5, 6.5, 7.5, 8.5]
-    with pytest.raises(ValueError, match="sample"):
+    with pytest.raises(ValueError, match="pass question_id="):
         P.trace_figures(both)
+    assert list(P.trace_figures(both, question_id="q2")) == list(P.trace_figures(records))
+    with pytest.raises(ValueError, match="pass question_id="):
+        P.decode_summary_figure(both)
 
 
 def test_trace_figures_all_and_skipping(records):

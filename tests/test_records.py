@@ -50,8 +50,9 @@ def test_glossary_patterns():
 
 
 def test_frame_has_the_canonical_columns():
+    assert COLUMNS == ["question_id", "condition", "phase", "decode_step", "layer", "head", "metric", "value"]
     f = frame({k: [1] for k in COLUMNS})
-    assert list(f.columns) == COLUMNS and str(f["layer"].dtype) == "int64"
+    assert list(f.columns) == COLUMNS and str(f["layer"].dtype) == "int64" and str(f["decode_step"].dtype) == "int64"
 
 
 def test_pre_and_post_step_ln1_records_say_what_they_measure(embedded_model):

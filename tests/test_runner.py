@@ -265,3 +265,41 @@ def test_run_batch_runs_without_gradients_on_its_own(lm, images):
     _, inputs = _batch(lm, images)
     last, _ = run_batch(lm, inputs, AddVector(1, _vector(lm)), full_ids=inputs["input_ids"])
     assert not last.requires_grad
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_rows_continuing_a_shared_prefix_from_a_later_layer_equal_plain_hooked_forwards(lm, images, layer):
+    """run_rows over the last positions only, attending to each question's cached prefix in
+    place (models.shared_prefix), the layers before the edit not run (skip_to), against each
+    prompt's own full forward with a plain HF hook."""
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.models.shared_prefix import SharedPrefix, continuation_mask, continuing
+    from mclcbf_diag.runner import prefix_forward, run_rows
+
+    vec = _vector(lm, seed=5)
+    prompts, inputs = _batch(lm, images)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows = rows_of(ids, mask, lm.tokens.image_token_id)
+    states_from = min(r.pad + r.last_image + 1 for r in rows)
+    pre = prefix_forward(lm, inputs, states_from=states_from)
+    owner = torch.tensor([2, 0, 0, 1])
+    T = ids.shape[1]
+    start = T - 1  # the decision token only
+    feed = {"inputs_embeds": pre.embeds[owner, start:], "position_ids": inputs["position_ids"][owner, start:],
+            "attention_mask": continuation_mask(mask[owner], start, pre.embeds.dtype)}
+    kv = [(c.keys, c.values) for c in pre.cache.layers]
+    shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)
+    entering = pre.layer_inputs[layer][owner, start - states_from:] if layer else None
+    with torch.no_grad(), continuing(lm, shared):
+        last, records = run_rows(lm, feed, AddVector(layer, vec), full_ids=ids[owner], full_mask=mask[owner],
+                                 start=start, prefix_keys={i: k for i, (k, _) in enumerate(kv)},
+                                 prefix_rows=owner.tolist(), skip_to=layer, entering=entering, capture=False,
+                                 use_cache=False)
+    for b, q in enumerate(owner.tolist()):
+        with torch.no_grad(), hooked(lm, layer=layer, vector=vec):
+            ref = lm.model(**lm.inputs(prompts[q], images[q])).logits[0, -1]
+        torch.testing.assert_close(last[b].float(), ref.float(), atol=1e-4, rtol=0)
+        assert records[b][layer]["rounding_survival"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="skip_to"):
+        run_rows(lm, feed, AddVector(layer, vec), full_ids=ids[owner], full_mask=mask[owner], start=start,
+                 skip_to=layer + 1, entering=entering, capture=False)

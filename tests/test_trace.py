@@ -88,8 +88,8 @@ def test_last_logit_lens_layer_equals_hf_logits(lm, traced, hf_reference):
 def test_alpha_zero_leaves_every_record_identical(lm, image):
     result = trace_sample(lm, QUESTION, image, _config(tau_prefill=0.99, alpha_prefill=0.0))
     r = result.records
-    base = r[r.condition == "baseline"].set_index(["phase", "step", "layer", "head", "metric"]).value
-    steer = r[r.condition == "steered"].set_index(["phase", "step", "layer", "head", "metric"]).value
+    base = r[r.condition == "baseline"].set_index(["phase", "decode_step", "layer", "head", "metric"]).value
+    steer = r[r.condition == "steered"].set_index(["phase", "decode_step", "layer", "head", "metric"]).value
     shared = base.index.intersection(steer.index)
     shared = shared[base[shared].notna().values]  # e.g. gains along θ* exist only where a θ* exists
     assert len(shared) > 100

@@ -55,7 +55,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 def sample_options(p: argparse.ArgumentParser, whole_split: bool = False) -> None:
     """``--split``, the data and ``--sample``/``--question-id``; ``whole_split``: ``--split all`` too."""
-    g = p.add_argument_group("sample")
+    g = p.add_argument_group("question selection")
     g.add_argument("--split", default="adversarial",
                    choices=["random", "popular", "adversarial", *(["all"] if whole_split else [])],
                    help="POPE split of the embedded question set (default adversarial"
@@ -64,7 +64,9 @@ def sample_options(p: argparse.ArgumentParser, whole_split: bool = False) -> Non
     g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
     prompt_option(g)
     which = g.add_mutually_exclusive_group()
-    which.add_argument("--sample", type=int, default=None, help="0-based index into the question file")
+    which.add_argument("--sample", type=int, default=None,
+                       help="0-based index of the question in the split (or --pope-file); the records carry "
+                            "its question_id, not this index")
     which.add_argument("--question-id", default=None, help="select by POPE question_id")
 
 
@@ -218,6 +220,27 @@ def early_checks(args) -> None:
         bad = [v for v in values if not 0 <= v < n_layers]
         if bad:
             raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+
+
+def split_run_checks(args, default_out: str):
+    """The model-free checks of a whole-split run (``pope``, ``explain --split``), in order.
+
+    Shard, knobs, prompt, question files (images included) and the output folder (``--out``,
+    else ``default_out`` with ``-shard-I-of-N`` for a shard). Returns ``(shard, files,
+    all_jobs, jobs, out)``: every selected question and this shard's.
+    """
+    from ..pope.jobs import parse_shard, question_files, shard_jobs
+    from ..pope.store import check_resumable
+    from ..storage import check_writable
+
+    shard = parse_shard(args.shard)
+    early_checks(args)
+    check_prompt(args)
+    files = question_files(args.split, args.pope_file, args.image_dir)
+    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
+    out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
+    check_resumable(out)
+    return shard, files, all_jobs, jobs, out
 
 
 def intervention_from_args(args, n_layers: int | None = None):

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from .. import knobs as K
 from ..errors import UserError
 from ..pope import distributed
-from ..pope.answer import MAX_BATCH_SIZE, RunTiming, pending, run_jobs
+from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs
 from ..pope.jobs import (
     SPLITS,
     Job,
     job_image,
     parse_shard,
-    question_files,
     select_jobs,
-    shard_jobs,
 )
 from ..pope.metrics import write_outputs
 from ..pope.store import (
@@ -28,9 +25,9 @@ from ..pope.store import (
     RUN,
     _encode_rows,
     _load_run,
-    claim_out_dir,
     differing_keys,
     read_records,
+    resumed,
     run_id,
     unique_sorted,
 )
@@ -45,14 +42,13 @@ from ..storage import (
     show,
 )
 from .common import (
-    check_prompt,
-    early_checks,
     intervention_from_args,
     intervention_options,
     max_new_tokens_limit,
     model_options,
     prepare_from_args,
     prompt_option,
+    split_run_checks,
     weights_from_args,
 )
 
@@ -140,17 +136,7 @@ def _pope(args, on_batch=None) -> int:
 
     # 1. Everything that needs no model: numbers, shard, knobs vs. the depth, files, images, --out.
     _check_numbers(args)
-    shard = parse_shard(args.shard)
-    early_checks(args)
-    check_prompt(args)
-    files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
-    out = check_writable(args.out or ("reports/pope" if shard is None
-                                      else f"reports/pope-shard-{shard[0]}-of-{shard[1]}"))
-    answers = out / ANSWERS
-    if answers.exists() and not os.access(answers, os.W_OK):
-        raise UserError(f"{show(answers)} is read-only, so the run cannot resume; make it writable "
-                        f"(chmod u+w {show(answers)}) or pass another --out")
+    shard, files, all_jobs, jobs, out = split_run_checks(args, "reports/pope")
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.
@@ -163,26 +149,13 @@ def _pope(args, on_batch=None) -> int:
     identity = _identity(args, config, files, shard, all_jobs, prep.where)
     rid = run_id(identity)
     # 3. Only now write: lock the folder, claim it, answer what is missing.
-    make_dir(out)
-    with FolderLock(out):
-        fresh = claim_out_dir(out, identity)
-        todo = pending(jobs, out, rid)
-        if todo:
-            try:
-                lm = weights_from_args(args, prep)
-            except BaseException:
-                if fresh and not read_records(answers)[0]:
-                    _forget_run(out)
-                raise
-            lm.run_id = rid
-            timing = RunTiming(out, **RunTiming.machine(lm, args.batch_size))
-            run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
-                     on_batch=on_batch, template=args.prompt, timing=timing)
-        records, dups = unique_sorted(read_records(answers)[0], identity["splits"])
-        if dups:
-            print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
-        wanted = {j.key for j in jobs}
-        records = [r for r in records if (r["split"], str(r["question_id"])) in wanted]
+    def answer(lm, todo):
+        lm.run_id = rid
+        timing = RunTiming(out, **RunTiming.machine(lm, args.batch_size))
+        run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
+                 on_batch=on_batch, template=args.prompt, timing=timing)
+
+    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer) as records:
         write_outputs(out, records, identity)
     timed = ", timing.json" if (out / "timing.json").is_file() else ""
     print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html{timed}")
@@ -193,15 +166,6 @@ def _model_facts(args):
     from ..models.loading import model_facts
 
     return model_facts(args.model)
-
-
-def _forget_run(out: Path) -> None:
-    """Undo a claim that never produced an answer (the folder is left as it was found)."""
-    for name in (RUN, ANSWERS):
-        try:
-            (out / name).unlink()
-        except OSError:
-            pass
 
 
 def cmd_merge(args) -> int:

@@ -8,15 +8,13 @@ appended to ``answers.jsonl`` atomically per batch, a changed configuration is r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import UserError
 from .common import (
-    check_prompt,
-    early_checks,
     intervention_from_args,
     prepare_from_args,
+    split_run_checks,
     weights_from_args,
 )
 
@@ -77,27 +75,12 @@ def _identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
 
 
 def cmd_population(args, on_batch=None) -> int:
-    from ..pope.jobs import (
-        parse_shard,
-        question_files,
-        shard_jobs,
-    )
-    from ..pope.store import ANSWERS, claim_out_dir, read_records, run_id, unique_sorted
-    from ..storage import FolderLock, check_writable, make_dir, show
+    from ..pope.store import ANSWERS, resumed, run_id
+    from ..storage import show
 
     # 1. Everything that needs no model.
     _check_numbers(args)
-    shard = parse_shard(args.shard)
-    early_checks(args)
-    check_prompt(args)
-    files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
-    default = f"reports/explain-{args.split}" + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}")
-    out = check_writable(args.out or default)
-    answers = out / ANSWERS
-    if answers.exists() and not os.access(answers, os.W_OK):
-        raise UserError(f"{show(answers)} is read-only, so the run cannot resume; make it writable or pass another "
-                        "--out")
+    shard, files, all_jobs, jobs, out = split_run_checks(args, f"reports/explain-{args.split}")
     from ..models.loading import check_prompt_lengths, model_facts
 
     facts = model_facts(args.model)
@@ -110,35 +93,17 @@ def cmd_population(args, on_batch=None) -> int:
     identity = _identity(args, config, files, shard, all_jobs, prep.where, facts.n_layers)
     rid = run_id(identity)
     # 2. Lock, claim, answer what is missing.
-    make_dir(out)
-    with FolderLock(out):
-        fresh = claim_out_dir(out, identity)
-        from ..pope.answer import pending
+    from ..population.outputs import write_outputs
+    from ..population.run import run_population
+    from ..population.verdict import Settings
 
-        todo = pending(jobs, out, rid)
-        if todo:
-            try:
-                lm = weights_from_args(args, prep)
-            except BaseException:
-                if fresh and not read_records(answers)[0]:
-                    from .pope import _forget_run
+    settings = Settings(k_max=float(args.k_max), bisect_steps=int(args.bisect_steps), sweep=not args.no_sweep,
+                        template=args.prompt)
 
-                    _forget_run(out)
-                raise
-            from ..population.run import run_population
-            from ..population.verdict import Settings
+    def answer(lm, todo):
+        run_population(lm, todo, config, out, settings, batch_size=args.batch_size, run_id=rid, on_batch=on_batch)
 
-            settings = Settings(k_max=float(args.k_max), bisect_steps=int(args.bisect_steps), sweep=not args.no_sweep,
-                                template=args.prompt)
-            run_population(lm, todo, config, out, settings, batch_size=args.batch_size, run_id=rid,
-                           on_batch=on_batch)
-        rows, dups = unique_sorted(read_records(answers)[0], identity["splits"])
-        if dups:
-            print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
-        wanted = {j.key for j in jobs}
-        rows = [r for r in rows if (r["split"], str(r["question_id"])) in wanted]
-        from ..population.outputs import write_outputs
-
+    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer) as rows:
         t = write_outputs(out, rows, identity)
     print(t["answer"])
     print(f"wrote {show(out)}/{ANSWERS} ({len(rows)} questions), questions.parquet, records.parquet, causes.csv, "

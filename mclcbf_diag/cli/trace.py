@@ -96,7 +96,8 @@ def overlay_section(lm, result, image, template, tokens=()):
 
 def print_outcome_summary(s: dict) -> None:
     """The summary a user reads first: the outcome (not a sign flip), Yes/No masses and top tokens."""
-    where = f"sample {s['index']} (question_id {s['sample']})" if "index" in s else f"sample {s['sample']}"
+    where = (f"sample {s['index']} (question_id {s['question_id']})" if "index" in s
+             else f"question_id {s['question_id']}")
     label = s.get("label")
     print(f"{where}: {s.get('question', '')} (label: {label if label else 'none'})")
     out = s["outcome"]

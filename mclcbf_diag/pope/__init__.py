@@ -46,7 +46,7 @@ How a run works
   metrics and the summary page.
 """
 
-from .answer import MAX_BATCH_SIZE, _image, _ImageCache, answer_jobs, pending, run_jobs
+from .answer import MAX_BATCH_SIZE, _image, _ImageCache, answer_jobs, run_jobs
 from .jobs import (
     EMBEDDED_POPE,
     SPLITS,
@@ -65,9 +65,11 @@ from .store import (
     append_records,
     claim_out_dir,
     differing_keys,
+    pending,
     read_records,
+    resumed,
     run_id,
     unique_sorted,
 )
 
-__all__ = ['ANSWERS', 'RUN', 'SPLITS', 'EMBEDDED_POPE', 'Job', 'parse_shard', 'question_files', 'select_jobs', 'job_image', 'check_images', 'FORMAT', 'differing_keys', 'run_id', 'claim_out_dir', 'read_records', 'append_records', 'unique_sorted', 'MAX_BATCH_SIZE', '_ImageCache', '_image', 'answer_jobs', 'pending', 'run_jobs', 'metrics_table', 'flips_table', 'write_outputs']
+__all__ = ['ANSWERS', 'RUN', 'SPLITS', 'EMBEDDED_POPE', 'Job', 'parse_shard', 'question_files', 'select_jobs', 'job_image', 'check_images', 'FORMAT', 'differing_keys', 'run_id', 'claim_out_dir', 'read_records', 'append_records', 'unique_sorted', 'resumed', 'MAX_BATCH_SIZE', '_ImageCache', '_image', 'answer_jobs', 'pending', 'run_jobs', 'metrics_table', 'flips_table', 'write_outputs']

@@ -31,10 +31,9 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from ..errors import UserError
-from ..storage import atomic_write_text, show
+from ..storage import atomic_write_text
 from .jobs import Job
-from .store import ANSWERS, append_records, read_records
+from .store import ANSWERS, append_records
 
 MAX_BATCH_SIZE = 4096
 TIMING = "timing.json"
@@ -247,21 +246,6 @@ class RunTiming:
         return {"device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
                 "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
                 "batch_size": batch_size}
-
-
-def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
-    """The jobs not yet in ``out/answers.jsonl`` (a partial last line is cut off first).
-
-    With ``rid``, a row stamped with another run_id is refused (rows of two runs never mix).
-    """
-    rows = read_records(out / ANSWERS, repair=True)[0]
-    if rid is not None:
-        for n, r in enumerate(rows, start=1):
-            if "run_id" in r and r["run_id"] != rid:
-                raise UserError(f"{show(out / ANSWERS)}: row {n} was written by another run (run_id {r['run_id']}, "
-                                f"this one is {rid}); pass another --out, or rerun with that run's options")
-    done = {(r["split"], str(r["question_id"])) for r in rows}
-    return [j for j in jobs if j.key not in done]
 
 
 def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generate: int = 0,

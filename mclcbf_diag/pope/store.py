@@ -1,14 +1,27 @@
-"""A POPE run's folder: its identity (``run.json``) and its answers (``answers.jsonl``), safe against kills and mixing."""
+"""A POPE run's folder: its identity (``run.json``) and its answers (``answers.jsonl``), safe against kills and mixing.
+
+:func:`resumed` is the protocol every resumable command (``pope``, the population
+``explain``) follows on its folder: lock it, claim it for this run's identity, answer only
+the questions it does not hold yet, then read back every row of the selected questions for
+the outputs, still under the lock; a run that fails before its first answer leaves the
+folder as it found it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..storage import append_bytes, atomic_write_text, digest, reason, show
+from ..storage import FolderLock, append_bytes, atomic_write_text, digest, make_dir, reason, show
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 RUN, ANSWERS = "run.json", "answers.jsonl"
 _INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs")  # stored in run.json, not compared
@@ -193,3 +206,64 @@ def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dic
     rank = {s: i for i, s in enumerate(split_order)}
     out.sort(key=lambda r: (rank.get(r["split"], len(rank)), r["split"], r["index"]))
     return out, len(records) - len(out)
+
+
+def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
+    """The jobs not yet in ``out/answers.jsonl`` (a partial last line is cut off first).
+
+    With ``rid``, a row stamped with another run_id is refused (rows of two runs never mix).
+    """
+    rows = read_records(out / ANSWERS, repair=True)[0]
+    if rid is not None:
+        for n, r in enumerate(rows, start=1):
+            if "run_id" in r and r["run_id"] != rid:
+                raise UserError(f"{show(out / ANSWERS)}: row {n} was written by another run (run_id {r['run_id']}, "
+                                f"this one is {rid}); pass another --out, or rerun with that run's options")
+    done = {(r["split"], str(r["question_id"])) for r in rows}
+    return [j for j in jobs if j.key not in done]
+
+
+def check_resumable(out: Path) -> None:
+    """Refuse, before any model is loaded, a folder whose answers a rerun could not append to."""
+    answers = out / ANSWERS
+    if answers.exists() and not os.access(answers, os.W_OK):
+        raise UserError(f"{show(answers)} is read-only, so the run cannot resume; make it writable "
+                        f"(chmod u+w {show(answers)}) or pass another --out")
+
+
+def forget_claim(out: Path) -> None:
+    """Undo a claim that never produced an answer (the folder is left as it was found)."""
+    for name in (RUN, ANSWERS):
+        try:
+            (out / name).unlink()
+        except OSError:
+            pass
+
+
+@contextmanager
+def resumed(out: Path, identity: dict, jobs: list, load: Callable, answer: Callable):
+    """Answer the ``jobs`` that ``out`` lacks; yield the folder's rows of all ``jobs``, locked.
+
+    ``load()`` returns the model (called only when something is left to answer);
+    ``answer(model, todo)`` appends the missing rows. The rows yielded are sorted by split
+    order and question id, duplicates dropped (first kept, with a note); the caller writes
+    its outputs inside the block, before the lock is released.
+    """
+    make_dir(out)
+    answers = out / ANSWERS
+    with FolderLock(out):
+        fresh = claim_out_dir(out, identity)
+        todo = pending(jobs, out, run_id(identity))
+        if todo:
+            try:
+                model = load()
+            except BaseException:
+                if fresh and not read_records(answers)[0]:
+                    forget_claim(out)
+                raise
+            answer(model, todo)
+        rows, dups = unique_sorted(read_records(answers)[0], identity["splits"])
+        if dups:
+            print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
+        wanted = {j.key for j in jobs}
+        yield [r for r in rows if (r["split"], str(r["question_id"])) in wanted]

@@ -6,7 +6,9 @@ whose rows here are the per-question verdict rows):
 * ``records/part-<digest>.parquet``: the records of one batch (the tidy shape with a
   ``split`` column in front), written atomically *before* the batch's rows are appended; a
   part whose rows never reached ``answers.jsonl`` (a kill in between) is ignored, and a
-  question found in several parts is taken from the first;
+  question found in several parts is taken from the first. Parts written before the records
+  columns were named ``question_id``/``decode_step`` (``sample``/``step``) are read under
+  the new names, so resuming such a run never mixes the two;
 * ``questions.parquet`` / ``questions.csv``: one row per question;
 * ``causes.csv``, ``doses.csv``, ``masses.csv``, ``fixes.csv``, ``settings.csv``: the aggregate
   (:mod:`.aggregate`);
@@ -21,12 +23,14 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UserError
+from ..records import COLUMNS
 from ..storage import atomic_write_text, atomic_write_with, digest, make_dir
 from . import aggregate as A
 
 PARTS = "records"
 PAGE = "population.html"
 LISTED = 200  # question commands listed per table on the page
+_OLD_NAMES = {"sample": "question_id", "step": "decode_step"}  # records columns of parts from earlier versions
 
 
 def write_part(out: Path, keys: list[tuple[str, str]], records: pd.DataFrame) -> Path:
@@ -42,14 +46,15 @@ def read_parts(dirs: list[Path], keys: set[tuple[str, str]]) -> pd.DataFrame:
     for d in dirs:
         for part in sorted((Path(d) / PARTS).glob("part-*.parquet")):
             df = pd.read_parquet(part)
-            k = list(zip(df["split"].astype(str), df["sample"].astype(str)))
+            if "question_id" not in df.columns:
+                df = df.rename(columns=_OLD_NAMES)
+            k = list(zip(df["split"].astype(str), df["question_id"].astype(str)))
             here = {x for x in set(k) if x in keys and x not in seen}
             if here:
                 frames.append(df[[x in here for x in k]])
                 seen |= here
     if not frames:
-        return pd.DataFrame(columns=["split", "sample", "condition", "phase", "step", "layer", "head", "metric",
-                                     "value"])
+        return pd.DataFrame(columns=["split", *COLUMNS])
     return pd.concat(frames, ignore_index=True)
 
 

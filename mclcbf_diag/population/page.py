@@ -68,7 +68,7 @@ def write_page(path, t: dict, identity: dict, command, limit: int):
         Section("The answer", text=t["answer"] + "\n\nEvery number below lists the questions behind it (split:"
                 "question_id); each question's own verdict is one explain command away, e.g. " + cmd + "."),
         Section("Decisive causes", text="The top decisive cause of each question: the first cause in explain's "
-                "ranking whose own counterfactual (undo just that cause) changes the step, the decision token's "
+                "ranking whose own counterfactual (undo just that cause) changes the step size, the decision token's "
                 "image mass, the margin or the outcome.", figures=[_bars(t["causes"], "cause", "Top decisive cause")],
                 table=t["causes"]),
         Section("Dose-response", text="The smallest multiplier k on the intervention's change that fixes a wrong "

@@ -23,7 +23,7 @@ def job_rows(lm, jobs: list[Job], config, settings: Settings, run_id: str | None
     rows, parts = [], []
     for j, v in zip(jobs, verdicts):
         rows.append({**({"run_id": run_id} if run_id else {}), "split": j.split, "index": j.position, **v.row})
-        parts.append(v.records.assign(split=j.split, sample=str(j.question.question_id)))
+        parts.append(v.records.assign(split=j.split, question_id=str(j.question.question_id)))
     records = pd.concat(parts, ignore_index=True)
     return rows, records[["split", *[c for c in records.columns if c != "split"]]]
 

@@ -7,16 +7,24 @@ only changes the decision token or the text tokens after the image, so all of th
 from one baseline forward of the question batch (:class:`Prefix`):
 
 * **One prefix per question batch.** :func:`mclcbf_diag.runner.prefix_forward` runs the
-  batch once (left-padded, the vision tower once per distinct image) and keeps its KV cache
-  and its prompt embeddings (image features merged in).
+  batch once (left-padded, the vision tower once per distinct image) and keeps its KV cache,
+  its prompt embeddings (image features merged in) and the residual entering every layer at
+  the text after the image.
 * **Units as rows.** :func:`run_units` lays the units out as the rows of a batch (a
   question's row repeated once per unit), cuts the cache just before the batch's first
   edited position (the earliest :meth:`~mclcbf_diag.interventions.base.Intervention.first_edited`
   over its rows; a causal model's earlier positions are the same in every unit) and runs only
   the remaining positions, fed as embeddings, so even a cut before an image token is exact.
   Units that edit only the decision token and those that edit after the image go in separate
-  batches (one position vs. the text after the image); batches are cut so the copied cache
-  stays under :data:`CACHE_BUDGET` bytes.
+  batches (one position vs. the text after the image); batches are cut so one layer's
+  attention tensors stay under :data:`ATTENTION_BUDGET` bytes.
+* **The prefix is shared, not copied.** Every row of a batch attends to its question's
+  cached keys and values in place (:mod:`mclcbf_diag.models.shared_prefix`): a unit costs
+  its few positions, not a copy of the ~590-position prefix.
+* **Layers before the first edit are not run.** A unit changes nothing before the first layer
+  its intervention acts on, so a logits-only batch starts at the earliest such layer of its
+  rows, from the residual the prefix forward had there (kept for the text after the image);
+  batches are formed by that layer (late-editing units together).
 * **Each row its own intervention** (:class:`Mix`): at every site the runner offers, the
   rows are grouped by (intervention, dose, steer) and each group's intervention sees a site
   holding only its rows, with its dose and steer flag; an intervention's rows of one batch
@@ -35,7 +43,7 @@ import torch
 
 from ..interventions.base import Intervention, rows_of
 
-CACHE_BUDGET = 256 * 2**20  # bytes of copied prefix cache per batch of units
+ATTENTION_BUDGET = 256 * 2**20  # bytes of one layer's attention scores and probabilities per batch of units
 MAX_UNITS = 1024  # rows per batch at most
 
 
@@ -120,9 +128,12 @@ class Prefix:
         self.inputs = batch_inputs(lm, prompts, images)
         self.ids, self.mask = self.inputs["input_ids"], self.inputs["attention_mask"]
         self.positions = self.inputs["position_ids"]
-        self.logits, cache, self.embeds = prefix_forward(lm, self.inputs)
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
         self.rows = rows_of(self.ids, self.mask, lm.tokens.image_token_id)
+        # the residuals entering each layer are kept from the first text position after any image on
+        self.states_from = min(r.pad + r.last_image + 1 for r in self.rows)
+        run = prefix_forward(lm, self.inputs, states_from=self.states_from)
+        self.logits, self.embeds, self.layer_inputs = run.logits, run.embeds, run.layer_inputs
+        self.kv = [(layer.keys, layer.values) for layer in run.cache.layers]
 
     def full_inputs(self, idx: torch.Tensor) -> dict:
         """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare)."""
@@ -138,8 +149,10 @@ class Prefix:
             out["pixel_values"] = self.inputs["pixel_values"][idx]
         return out
 
-    def row_bytes(self, start: int) -> int:
-        return sum(k[0, :, :start].numel() * k.element_size() * 2 for k, _ in self.kv)
+    def row_attention_bytes(self, start: int) -> int:
+        """Bytes of one row's attention scores and probabilities at one layer, continuing from ``start``."""
+        T, heads = self.ids.shape[1], self.lm.model.config.get_text_config().num_attention_heads
+        return 3 * heads * (T - start) * T * 4
 
 
 class SweepKnockout(Intervention):
@@ -159,6 +172,7 @@ class SweepKnockout(Intervention):
         super().__init__()
         self.tokens, self.window = tokens, window
         self.settings: dict[int, tuple[str, float]] = {}
+        self._layouts: dict = {}
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers)) if self.window is None else tuple(i for i in self.window if 0 <= i < n_layers)
@@ -171,28 +185,38 @@ class SweepKnockout(Intervention):
 
     def bind(self, settings: dict) -> None:
         self.settings = dict(settings)
+        self._layouts: dict = {}
+
+    def _layout(self, site):
+        """What every layer's edit of these rows shares (the same at each layer of one forward)."""
+        probs, rows = site.tensor, site.rows
+        key = (tuple(r.index for r in rows), tuple(probs.shape[-2:]), site.phase, site.start)
+        if key not in self._layouts:
+            dev, S = probs.device, probs.shape[-2]
+            queries = torch.zeros(len(rows), S, dtype=torch.bool)
+            for j, r in enumerate(rows):
+                q = [site.current(r)] if self.tokens == "decision" or site.phase == "decode" else r.after_image()
+                queries[j, site.query_index(r, q)] = True
+            first = int(queries.any(0).nonzero().min())  # the earliest query any row edits
+            kinds = [self.settings[r.index] for r in rows]
+            self._layouts[key] = (
+                torch.tensor([r.index for r in rows], device=dev), first, queries[:, None, first:, None].to(dev),
+                torch.stack([site.key_mask(r, r.image) for r in rows])[:, None, None],  # [R, 1, 1, K]
+                torch.tensor([v for _, v in kinds], dtype=torch.float32, device=dev)[:, None, None, None],
+                torch.tensor([k == "target" for k, _ in kinds], device=dev)[:, None, None, None])
+        return self._layouts[key]
 
     def attention(self, site) -> None:
-        probs, rows = site.tensor, site.rows
-        idx = torch.tensor([r.index for r in rows], device=probs.device)
-        S = probs.shape[-2]
-        queries = torch.zeros(len(rows), S, dtype=torch.bool, device=probs.device)
-        for j, r in enumerate(rows):
-            q = [site.current(r)] if self.tokens == "decision" or site.phase == "decode" else r.after_image()
-            queries[j, site.query_index(r, q).to(probs.device)] = True
-        first = int(queries.any(0).nonzero().min())  # the earliest query any row edits
+        probs = site.tensor
+        idx, first, keep, image, value, is_target = self._layout(site)
         p = probs[idx, :, first:].float()  # [R, H, S', K]
-        imgf = torch.stack([site.key_mask(r, r.image) for r in rows]).to(p.dtype)[:, None, None]  # [R, 1, 1, K]
+        imgf = image.to(p.dtype)
         m = (p * imgf).sum(-1, keepdim=True)  # [R, H, S', 1]
-        kinds = [self.settings[r.index] for r in rows]
-        value = torch.tensor([v for _, v in kinds], dtype=p.dtype, device=p.device)[:, None, None, None]
-        is_target = torch.tensor([k == "target" for k, _ in kinds], device=p.device)[:, None, None, None]
         t = torch.where(is_target, value.clamp(max=1 - 1e-4), (m * value).clamp(max=1 - 1e-4))
         ok = (m > 0) & (m < 1)
         c_img = torch.where(ok, t / torch.where(ok, m, torch.ones_like(m)), torch.ones_like(m))
         c_oth = torch.where(ok, (1 - t) / torch.where(ok, 1 - m, torch.ones_like(m)), torch.ones_like(m))
         edited = (p * (imgf * c_img + (1 - imgf) * c_oth)).to(probs.dtype)
-        keep = queries[:, None, first:, None]
         probs[idx, :, first:] = torch.where(keep, edited, probs[idx, :, first:])
 
 
@@ -210,21 +234,25 @@ def run_units(prefix: Prefix, units: list[Unit], *, capture: bool):
     T = prefix.ids.shape[1]
     starts = [_first(u, prefix.rows[u.q]) for u in units]
     kinds = [2 if s is None else 0 if s == T - 1 else 1 for s in starts]  # decision token, after it, unknown
+    layers = [0 if capture else min(u.iv.layers(prefix.lm.n_layers), default=0) for u in units]
     out: list = [None] * len(units)
     for kind in (0, 1, 2):
-        members = sorted((i for i in range(len(units)) if kinds[i] == kind), key=lambda i: -(starts[i] or 0))
+        # by first edited layer and position (rows that edit late share a chunk), then by question
+        members = sorted((i for i in range(len(units)) if kinds[i] == kind),
+                         key=lambda i: (-layers[i], -(starts[i] or 0), units[i].q))
         if not members:
             continue
         low = 0 if kind == 2 else min(starts[i] for i in members)
-        size = max(1, min(MAX_UNITS, CACHE_BUDGET // max(1, prefix.row_bytes(low))))
+        size = max(1, min(MAX_UNITS, ATTENTION_BUDGET // max(1, prefix.row_attention_bytes(low))))
         for c in range(0, len(members), size):
-            chunk = members[c:c + size]
+            chunk = sorted(members[c:c + size], key=lambda i: units[i].q)
             for j, res in zip(chunk, _run_chunk(prefix, [units[j] for j in chunk], capture)):
                 out[j] = res
     return out
 
 
 def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool):
+    from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
     from ..runner import run_rows
 
     lm = prefix.lm
@@ -235,21 +263,23 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool):
     firsts = [_first(u, r) for u, r in zip(units, rows)]
     start = 0 if any(f is None for f in firsts) else max(0, min(firsts))
     mix.prepare(lm, prefix.full_inputs(idx), rows)
-    feed = {"inputs_embeds": prefix.embeds[idx, start:], "attention_mask": mask, "position_ids": pos[:, start:]}
-    kwargs, prefix_keys = {}, None
-    if start > 0:
-        from transformers import DynamicCache
-
-        cache, kept = DynamicCache(), {}
-        for layer, (k, v) in enumerate(prefix.kv):
-            kept[layer] = k[idx, :, :start]  # gathered once: the cache and the look-ahead share it
-            cache.update(kept[layer], v[idx, :, :start], layer)
-        prefix_keys = {i: kept[i] for i in mix.layers(lm.n_layers)}
-        kwargs = {"use_cache": True, **lm.adapter.cache_kwargs(lm.model, cache)}
-    last, per_row = run_rows(lm, feed, mix, full_ids=ids, start=start, prefix_keys=prefix_keys, capture=capture,
-                             **kwargs)
+    embeds = prefix.embeds[idx, start:]
+    if start == 0:
+        last, per_row = run_rows(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, mix,
+                                 full_ids=ids, capture=capture)
+    else:
+        shared = SharedPrefix([k for k, _ in prefix.kv], [v for _, v in prefix.kv], start, idx)
+        feed = {"inputs_embeds": embeds, "attention_mask": continuation_mask(mask, start, embeds.dtype),
+                "position_ids": pos[:, start:]}
+        # no edit before the mix's first layer: the layers before it are the prefix forward's
+        skip = 0 if capture or start < prefix.states_from else min(mix.layers(lm.n_layers), default=0)
+        entering = prefix.layer_inputs[skip][idx, start - prefix.states_from:] if skip else None
+        with continuing(lm, shared):
+            last, per_row = run_rows(lm, feed, mix, full_ids=ids, full_mask=mask, start=start, use_cache=False,
+                                     prefix_keys={i: k for i, (k, _) in enumerate(prefix.kv)},
+                                     prefix_rows=idx.tolist(), skip_to=skip, entering=entering, capture=capture)
     last = last.float()
     return [(last[b], per_row[b]) for b in range(len(units))]
 
 
-__all__ = ["CACHE_BUDGET", "MAX_UNITS", "Mix", "Prefix", "SweepKnockout", "Unit", "run_units"]
+__all__ = ["ATTENTION_BUDGET", "MAX_UNITS", "Mix", "Prefix", "SweepKnockout", "Unit", "run_units"]

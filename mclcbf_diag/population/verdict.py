@@ -119,20 +119,22 @@ def read_rows(lm, logits: list) -> list[Reading]:
     return out
 
 
-def reading_records(r: Reading, *, sample, condition: str) -> pd.DataFrame:
+def reading_records(r: Reading, *, question_id, condition: str) -> pd.DataFrame:
     """The answer of a run as records (layer −1): what the diagnosis reads of a knockout."""
     values = (r.margin, r.margin > 0, r.p_yes, r.p_no, r.top_yes_no, r.top_id, r.finite)
     n = len(values)
-    return frame({"sample": [sample] * n, "condition": [condition] * n, "phase": ["prefill"] * n, "step": [0] * n,
-                  "layer": [NO_LAYER] * n, "head": [NO_HEAD] * n, "metric": list(READING_METRICS),
+    return frame({"question_id": [question_id] * n, "condition": [condition] * n, "phase": ["prefill"] * n,
+                  "decode_step": [0] * n, "layer": [NO_LAYER] * n, "head": [NO_HEAD] * n,
+                  "metric": list(READING_METRICS),
                   "value": [float(v) for v in values]})
 
 
-def _label_records(sample, label) -> list[pd.DataFrame]:
+def _label_records(question_id, label) -> list[pd.DataFrame]:
     if label not in ("yes", "no"):
         return []
-    return [frame({"sample": [sample], "condition": ["baseline"], "phase": ["prefill"], "step": [0],
-                   "layer": [NO_LAYER], "head": [NO_HEAD], "metric": ["label_yes"], "value": [float(label == "yes")]})]
+    return [frame({"question_id": [question_id], "condition": ["baseline"], "phase": ["prefill"],
+                   "decode_step": [0], "layer": [NO_LAYER], "head": [NO_HEAD], "metric": ["label_yes"],
+                   "value": [float(label == "yes")]})]
 
 
 def _safe(prefix: Prefix, units: list[Unit], capture: bool) -> list:
@@ -150,10 +152,11 @@ def _safe(prefix: Prefix, units: list[Unit], capture: bool) -> list:
 
 
 def explain_batch(lm, questions: list, images: list, config, settings: Settings = Settings(), *,
-                  samples: list | None = None, timings: dict | None = None) -> list[Verdict]:
+                  question_ids: list | None = None, timings: dict | None = None) -> list[Verdict]:
     """The verdict of every question (``PopeQuestion``s with their images), batched.
 
-    ``timings`` (a dict) accumulates the seconds each stage took (the benchmark reads it).
+    ``question_ids`` label the records (default: each question's own id). ``timings`` (a dict)
+    accumulates the seconds each stage took (the benchmark reads it).
     """
     import time
 
@@ -167,7 +170,7 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
 
     iv = as_intervention(config)
     n = len(questions)
-    samples = [q.question_id for q in questions] if samples is None else samples
+    question_ids = [q.question_id for q in questions] if question_ids is None else question_ids
     labels = [getattr(q, "label", None) for q in questions]
     prefix = Prefix(lm, [build_prompt(q.text, settings.template) for q in questions], images)
     grid = doubling_grid(settings.k_max)
@@ -202,18 +205,18 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
         ns, off = len(sweeps), n * lo_per
         sweep_r = read_rows(lm, [logits for logits, _ in answers[off + q * ns:off + (q + 1) * ns]])
         ko_r, fix_r = a[:len(kos)], a[len(kos):]
-        sample, label = samples[q], labels[q]
-        parts = [run_records(lm, base_cap, sample=sample, condition="baseline"),
-                 run_records(lm, steer_cap, sample=sample, condition="steered", base=base_cap),
-                 *_label_records(sample, label)]
-        parts += [reading_records(r, sample=sample, condition=name) for name, r in zip(KNOCKOUTS, ko_r)]
+        qid, label = question_ids[q], labels[q]
+        parts = [run_records(lm, base_cap, question_id=qid, condition="baseline"),
+                 run_records(lm, steer_cap, question_id=qid, condition="steered", base=base_cap),
+                 *_label_records(qid, label)]
+        parts += [reading_records(r, question_id=qid, condition=name) for name, r in zip(KNOCKOUTS, ko_r)]
         sw, sw_text, summ = None, "", {}
         if sweeps:
             b = plain[q].as_dict()
             sw = pd.DataFrame([sweep_row(*s, b, r.as_dict(), label) for s, r in zip(sweeps, sweep_r)])
             summ = sweep_summary(sw)
             sw_text = sweep_sentence(sw, label, base.answer, summ)
-            parts.append(sweep_records(sw, sample=sample, summary=summ))
+            parts.append(sweep_records(sw, question_id=qid, summary=summ))
         records = pd.concat(parts, ignore_index=True)
         it = iter(fix_r)
         fixes = pd.DataFrame([fix_row(e, next(it) if e["run"] is not None else None, base, unfixed, label)
