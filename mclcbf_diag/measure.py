@@ -94,7 +94,7 @@ def _propagation_floors(dtype, dist: torch.Tensor, base_post: torch.Tensor, out_
 def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, question_id, condition: str,
                  base: StepCapture | None = None) -> dict[str, list]:
     """Every probe at one forward (phase, decode step), all layers at once (batched over layers)."""
-    rows = _Rows(question_id, condition, cap.phase, cap.step)
+    rows = _Rows(question_id, condition, cap.phase, cap.decode_step)
     layers = sorted(cap.layers)
     caps = [cap.layers[i] for i in layers]
     dev = caps[0].resid_pre_in.device  # under a device map the layers' captures may sit on several devices
@@ -184,8 +184,8 @@ def run_records(lm: LoadedModel, run: RunCapture, *, question_id, condition: str
     """All records of one run (every phase and decode step) as a tidy frame."""
     image_mask = run.detected
     parts = [row_records(run, question_id=question_id, condition=condition)] if base is not None else []
-    base_steps = {(s.phase, s.step): s for s in base.steps} if base is not None else {}
+    base_steps = {(s.phase, s.decode_step): s for s in base.steps} if base is not None else {}
     for cap in run.steps:
         parts.append(step_records(lm, cap, image_mask, question_id=question_id, condition=condition,
-                                  base=base_steps.get((cap.phase, cap.step))))
+                                  base=base_steps.get((cap.phase, cap.decode_step))))
     return frame({k: [v for part in parts for v in part[k]] for k in parts[0]})

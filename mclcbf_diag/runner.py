@@ -60,7 +60,7 @@ class LayerCapture:
 @dataclass
 class StepCapture:
     phase: str
-    step: int
+    decode_step: int  # 0: the prompt's forward; k: the one reading the k-th generated token
     n_keys: int
     layers: dict[int, LayerCapture] = field(default_factory=dict)
     final_logits: torch.Tensor | None = None
@@ -141,7 +141,7 @@ class _Run:
                 cached = self.prefix_keys[i][self.prefix_rows[row.index], :, row.pad:lo]
                 keys = torch.cat([cached.to(dev, keys.dtype), keys], dim=-2)
         if self.keep_keys:
-            self.keys_seen[row.index][(self.phase, self.step, i)] = keys.clone()
+            self.keys_seen[row.index][(self.phase, self.decode_step, i)] = keys.clone()
         return keys
 
     def add(self, site: Site, row: Row, positions: torch.Tensor, vector: torch.Tensor, after_norm: bool):
@@ -158,23 +158,23 @@ class _Run:
         self.record(row, site.layer, "rounding_survival", rounding_survival(before, v.float(), x.dtype))
         at = (positions == site.current(row)).nonzero().flatten()
         if at.numel():
-            self.added[row.index][(self.phase, self.step, site.layer)] = v[at[0]].detach().float().clone()
+            self.added[row.index][(self.phase, self.decode_step, site.layer)] = v[at[0]].detach().float().clone()
 
     def record(self, row: Row, layer: int, metric: str, value) -> None:
-        step = self.records[row.index].setdefault((self.phase, self.step), {})
+        step = self.records[row.index].setdefault((self.phase, self.decode_step), {})
         step.setdefault(layer, {})[metric] = None if value is None else float(value)
 
     def record_heads(self, row: Row, layer: int, metric: str, values: torch.Tensor) -> None:
-        step = self.heads[row.index].setdefault((self.phase, self.step), {})
+        step = self.heads[row.index].setdefault((self.phase, self.decode_step), {})
         step.setdefault(layer, {})[metric] = values.detach().float().cpu().clone()
 
     def recorded(self, row: Row, layer: int, metric: str):
-        return self.records[row.index].get((self.phase, self.step), {}).get(layer, {}).get(metric)
+        return self.records[row.index].get((self.phase, self.decode_step), {}).get(layer, {}).get(metric)
 
     # -- the body, run inside the trace -------------------------------------------------------
     def body(self, nm, phase: str, step: int, keep_embeds: bool = False) -> None:
         lm, ad = self.lm, self.lm.adapter
-        self.phase, self.step, self.pending_norm = phase, step, []
+        self.phase, self.decode_step, self.pending_norm = phase, step, []
         acting = self.iv is not None and (phase == "prefill" or self.iv.steers_decode())
         sites = self.iv.open_sites(self.steer) if acting else frozenset()
         targeted = self.targeted if acting else set()

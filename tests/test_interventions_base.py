@@ -40,7 +40,7 @@ def test_rows_of_refuses_a_prompt_without_image_token():
 
 
 def _site(tensor, start=0, steer=True, phase="prefill"):
-    run = SimpleNamespace(phase=phase, step=0, rows=rows_of(IDS, MASK, IMG), steer=steer, dose=1.0, start=start)
+    run = SimpleNamespace(phase=phase, decode_step=0, rows=rows_of(IDS, MASK, IMG), steer=steer, dose=1.0, start=start)
     return Site(run, "attention", 0, tensor), run.rows
 
 

@@ -214,7 +214,7 @@ def test_nonfinite_values_count_nan_inf_and_overflowing_states(lm):
 
 def test_run_records_frame_every_decode_step_and_the_row_records(lm):
     steps = [_capture(lm, 5), _capture(lm, 6)]
-    steps[1].phase, steps[1].step = "decode", 1
+    steps[1].phase, steps[1].decode_step = "decode", 1
     run = RunCapture(prompt_len=12, steps=steps, detected=torch.zeros(12, dtype=torch.bool),
                      row_records={"span_overlap": 0.25})
     frame = run_records(lm, run, question_id=7, condition="intervened", base=run)

@@ -130,7 +130,7 @@ def test_run_without_intervention_equals_a_plain_forward(lm, images):
     ids = inputs["input_ids"][0]
     assert cap.prompt_len == ids.shape[0]
     assert torch.equal(cap.detected, ids == lm.tokens.image_token_id) and cap.detected.sum() > 0
-    assert [(s.phase, s.step) for s in cap.steps] == [("prefill", 0)]
+    assert [(s.phase, s.decode_step) for s in cap.steps] == [("prefill", 0)]
     step = cap.steps[0]
     assert sorted(step.layers) == list(range(lm.n_layers))
     assert step.n_keys == ids.shape[0]
@@ -199,7 +199,7 @@ def test_generation_equals_hf_generate_with_the_same_hook(lm, images):
         ref = lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                 return_dict_in_generate=True, output_logits=True)
     assert torch.equal(cap.generated, ref.sequences)
-    assert [(s.phase, s.step) for s in cap.steps] == [("prefill", 0)] + [("decode", s) for s in range(1, n)]
+    assert [(s.phase, s.decode_step) for s in cap.steps] == [("prefill", 0)] + [("decode", s) for s in range(1, n)]
     prompt = inputs["input_ids"].shape[1]
     for s, (step, logits) in enumerate(zip(cap.steps, ref.logits)):
         assert step.n_keys == prompt + s

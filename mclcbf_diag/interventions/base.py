@@ -98,12 +98,12 @@ class Site:
     ``tensor`` is the live value: the residual ``[B, S, d]`` (kind ``"residual"``) or the
     softmax probabilities ``[B, H, S, K]`` (``"attention"``, ``"pattern"``). Its S query
     positions are the padded positions ``start … start+S−1``; in the decode phase (one new
-    token per step) S = 1 and ``start`` is the number of cached positions.
+    token per forward, ``decode_step`` k ≥ 1) S = 1 and ``start`` is the number of cached positions.
     """
 
     def __init__(self, run, kind: str, layer: int, tensor: torch.Tensor):
         self._run, self.kind, self.layer, self.tensor = run, kind, layer, tensor
-        self.phase, self.step, self.rows = run.phase, run.step, run.rows
+        self.phase, self.decode_step, self.rows = run.phase, run.decode_step, run.rows
         self.steer, self.dose, self.start = run.steer, run.dose, run.start
 
     # -- coordinates -----------------------------------------------------------------
