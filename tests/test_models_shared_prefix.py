@@ -51,7 +51,7 @@ def test_equals_eager_attention_on_copied_prefixes(heads, kv_heads):
 
 def test_groups_are_runs_of_one_question():
     prefix = SharedPrefix([], [], 1, torch.tensor([3, 3, 0, 0, 0, 3]))
-    assert prefix.groups() == [(3, slice(0, 2)), (0, slice(2, 5)), (3, slice(5, 6))]
+    assert prefix.groups == [(3, slice(0, 2)), (0, slice(2, 5)), (3, slice(5, 6))]
 
 
 def test_model_continuation_equals_full_forwards(tiny_gqa_model, tiny_image):

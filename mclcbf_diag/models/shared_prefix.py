@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -52,8 +53,9 @@ class SharedPrefix:
     start: int
     owner: torch.Tensor  # [rows]: the question (index into keys[layer]) each row continues
 
+    @cached_property
     def groups(self) -> list[tuple[int, slice]]:
-        """Runs of consecutive rows continuing the same question: ``(question, rows)``."""
+        """Runs of consecutive rows continuing the same question: ``(question, rows)`` (computed once)."""
         owner = self.owner.tolist()
         out, lo = [], 0
         for b in range(1, len(owner) + 1):
@@ -101,7 +103,7 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     keys, values = prefix.keys[module.layer_idx], prefix.values[module.layer_idx]
     rows, H, s, _ = query.shape
     n_kv, start = key.shape[1], prefix.start
-    groups = prefix.groups()
+    groups = prefix.groups
     query = query * scaling  # the queries are far fewer numbers than the scores
     scores = query.new_empty(rows, H, s, start + s)
     for q, sl in groups:
