@@ -18,21 +18,53 @@ def test_world_is_seeded_and_336px():
     assert np.array_equal(np.asarray(img), np.asarray(b.image()))
 
 
-def test_dialogue_answers_follow_annotations_and_mask_covers_answers():
+def test_questions_follow_annotations():
+    scene = sample_scene(5, 0)
+    asked = T.questions(scene)
+    assert [q for q, _ in asked[:-1]] == [f"Is there a {n} in the image?" for n in CLASS_NAMES]
+    assert all((a == "Yes") == (n in scene.labels) for n, (_, a) in zip(CLASS_NAMES, asked))
+    assert asked[-1][1].rstrip(".").split(" and ") == sorted(set(scene.labels), key=CLASS_NAMES.index)
+
+
+def test_pixel_values_equal_the_processor():
+    proc = build_processor()
+    scenes = [sample_scene(i, 3) for i in range(3)]
+    want = proc.image_processor([s.image() for s in scenes], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(T.pixel_values(proc, scenes), want, atol=1e-5)
+
+
+def test_branches_equal_one_prompt_per_question():
+    """Every branch of a row computes what the question's own single-turn prompt computes
+    (eager attention, causal, no cache), and its targets are that prompt's next tokens."""
+    from mclcbf_diag.embedded.build import PROMPT, build_model
+
     proc = build_processor()
     t = T.Tokens(proc.tokenizer)
-    scene = sample_scene(5, 0)
-    text = T.dialogue(scene, np.random.default_rng(0), T.TrainConfig(caption_p=0.0))
-    assert text.startswith("USER: <image>\nIs there a ")
-    for turn in text.split("</s>")[:-1]:
-        name = turn.split("Is there a ")[1].split(" in the")[0]
-        assert turn.endswith("Yes") == (name in scene.labels)
-    row = t.encode(text)
-    mask = T.answer_mask(row, t)
-    picked = proc.tokenizer.convert_ids_to_tokens([r for r, m in zip(row, mask) if m])
-    assert set(picked) <= {"▁Yes", "▁No", "</s>"} and picked.count("</s>") == text.count("</s>")
-    batch = T.make_batch([row, row[:-5]], t)
+    model = build_model(proc.tokenizer, seed=0, **TINY).eval()
+    scenes = [sample_scene(1, 0), sample_scene(2, 0)]
+    branches = T.Branches(t)
+    batch = branches.batch(scenes)
     assert batch["input_ids"].shape[1] in T.BUCKETS
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        packed = model.model.language_model(input_ids=batch["input_ids"], attention_mask=batch["visible"][:, None],
+                                            position_ids=batch["position_ids"]).last_hidden_state
+    model.set_attn_implementation("eager")
+    names = proc.tokenizer.convert_ids_to_tokens
+    for i, scene in enumerate(scenes):
+        branch = batch["branch"][i]
+        for b, (q, a) in enumerate(T.questions(scene)):
+            ids = t.encode(PROMPT.format(question=q) + f" {a}</s>")
+            with torch.no_grad():
+                alone = model.model.language_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            at = ((branch == -1) | (branch == b)).nonzero()[:, 0]
+            assert batch["input_ids"][i, at].tolist() == ids
+            assert batch["position_ids"][i, at].tolist() == list(range(len(ids)))
+            assert torch.allclose(packed[i, at], alone, atol=1e-5)
+            answer = [names(ids[k + 1]) for k, j in enumerate(at[:-1].tolist()) if batch["answer"][i, j]]
+            assert answer == names(t.encode(f"ASSISTANT: {a}</s>")[-len(answer):]) and answer[-1] == "</s>"
+            assert all(bool(batch["yes"][i, j]) == (a == "Yes") for j in at[T.PREFIX_LEN:-1].tolist())
+        assert not batch["predict"][i, branch[1:] == -2].any()  # padding predicts nothing
 
 
 def test_text_dialogue_is_image_free():
@@ -62,16 +94,19 @@ def test_sink_prior_equals_eager_bos_mass():
     model = build_model(proc.tokenizer, seed=0, **TINY).eval()
     model.set_attn_implementation("eager")
     t = T.Tokens(proc.tokenizer)
-    row = t.encode(T.dialogue(sample_scene(1, 0), np.random.default_rng(0), T.TrainConfig(caption_p=0.0)))
-    ids = torch.tensor([row])
+    batch = T.Branches(t).batch([sample_scene(1, 0)])
+    ids, visible = batch["input_ids"], batch["visible"]
     prior = T.SinkPrior(model, from_layer=1)
+    mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill(~visible, torch.finfo(torch.float32).min)
     with torch.no_grad():
-        out = model.model.language_model(input_ids=ids, output_attentions=True)
+        out = model.model.language_model(input_ids=ids, attention_mask=mask[:, None],
+                                          position_ids=batch["position_ids"], output_attentions=True)
         rows = torch.zeros_like(ids, dtype=torch.bool)
-        rows[:, N_IMAGE_TOKENS + 5:] = True
-        got = prior.loss(rows, target=0.9)
+        rows[:, N_IMAGE_TOKENS + 5:] = batch["branch"][:, N_IMAGE_TOKENS + 5:] != -2
+        got = prior.loss(rows, target=0.9, visible=visible)
     prior.close()
-    bos = torch.stack([a[0, :, N_IMAGE_TOKENS + 5:, 0].mean(0) for a in out.attentions[1:]])
+    keep = rows[0]
+    bos = torch.stack([a[0, :, keep, 0].mean(0) for a in out.attentions[1:]])
     want = torch.relu(np.log(0.9) - bos.log()).mean()
     assert torch.allclose(got, want, atol=1e-6), (got, want)
     assert not prior.seen and all(not a._forward_pre_hooks for a in prior.attn.values())

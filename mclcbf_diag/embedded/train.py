@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .build import (
     CAPTION_QUESTION,
+    IMAGE_START,
     IMAGE_TOKEN,
     N_IMAGE_TOKENS,
     PROMPT,
@@ -50,29 +51,19 @@ from .build import (
     build_processor,
 )
 from .config import TrainConfig
-from .world import CLASS_NAMES, patch_labels, sample_scene
+from .world import CLASS_NAMES, DRAW_SIZE, IMAGE_SIZE, patch_labels, render_small, sample_scene
 
-BUCKETS = (640, 672, 704, 736, 768, 800, 832)
+BUCKETS = (704, 736, 768, 800, 832)
 
 
 # ---------------------------------------------------------------- dialogues and batches
 
-def dialogue(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
-    """A multi-turn dialogue in llava-hf's chat format; answers follow the annotations."""
-    present = list(dict.fromkeys(scene.labels))
-    absent = [c for c in CLASS_NAMES if c not in present]
-    k = min(cfg.n_present, len(present))
-    asked = [(present[i], "Yes") for i in rng.choice(len(present), size=k, replace=False)]
-    asked += [(absent[i], "No") for i in rng.choice(len(absent), size=min(cfg.n_absent, len(absent)), replace=False)]
-    turns = [(QUESTION.format(name=n), a) for n, a in asked]
-    if rng.random() < cfg.caption_p:
-        turns.append((CAPTION_QUESTION, " and ".join(sorted(present, key=CLASS_NAMES.index)) + "."))
-    order = rng.permutation(len(turns))
-    text = ""
-    for j, i in enumerate(order):
-        q, a = turns[i]
-        text += (PROMPT.format(question=q) if j == 0 else f"USER: {q}\nASSISTANT:") + f" {a}</s>"
-    return text
+def questions(scene) -> list[tuple[str, str]]:
+    """Every class asked once, answered from the annotations, then the caption question."""
+    present = set(scene.labels)
+    asked = [(QUESTION.format(name=n), "Yes" if n in present else "No") for n in CLASS_NAMES]
+    asked.append((CAPTION_QUESTION, " and ".join(sorted(present, key=CLASS_NAMES.index)) + "."))
+    return asked
 
 
 def text_dialogue(scene, rng: np.random.Generator) -> str:
@@ -166,17 +157,77 @@ def answer_mask(row: list[int], t: Tokens) -> list[bool]:
     return out
 
 
-def make_batch(rows: list[list[int]], t: Tokens) -> dict:
-    longest = max(len(r) for r in rows)
-    length = next((b for b in BUCKETS if b >= longest), longest)
-    ids = torch.full((len(rows), length), t.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    answer = torch.zeros((len(rows), length), dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-        answer[b, :len(r)] = torch.tensor(answer_mask(r, t))
-    return {"input_ids": ids, "attention_mask": mask, "answer": answer}
+PREFIX_LEN = IMAGE_START + N_IMAGE_TOKENS + 1  # BOS, "USER: ", the image, "\n"
+
+
+class Branches:
+    """One image's questions as branches off its shared prefix, in one token row.
+
+    Every question of :func:`questions` is tokenised as the single-turn prompt
+    ``USER: <image>\n{question}\nASSISTANT: {answer}</s>`` that POPE asks; the first
+    ``PREFIX_LEN`` tokens (BOS, ``USER:``, the 576 image tokens, ``\n``) are the same for all
+    of them and are kept once. Each question's remaining tokens follow as a branch that sees
+    the prefix and itself only, at the positions it has in its own prompt. So every answer is
+    trained exactly as it is asked at evaluation, and the image is computed once for ten
+    questions instead of once per question.
+    """
+
+    def __init__(self, t: Tokens):
+        self.t = t
+        self._rows: dict[tuple[str, str], tuple[list[int], list[bool]]] = {}
+
+    def single(self, question: str, answer: str) -> tuple[list[int], list[bool]]:
+        key = (question, answer)
+        if key not in self._rows:
+            row = self.t.encode(PROMPT.format(question=question) + f" {answer}</s>")
+            self._rows[key] = (row, answer_mask(row, self.t))
+        return self._rows[key]
+
+    def row(self, scene) -> dict:
+        """ids, positions, branch (-1: prefix) and answer flags of one image's row."""
+        asked = questions(scene)
+        parts = [self.single(q, a) for q, a in asked]
+        prefix = parts[0][0][:PREFIX_LEN]
+        ids, pos, branch, answer, yes = list(prefix), list(range(PREFIX_LEN)), [-1] * PREFIX_LEN, \
+            [False] * PREFIX_LEN, [False] * PREFIX_LEN
+        for b, ((row, am), (q, a)) in enumerate(zip(parts, asked)):
+            if row[:PREFIX_LEN] != prefix:
+                raise AssertionError(f"question {q!r} does not share the image prefix")
+            n = len(row) - PREFIX_LEN
+            ids += row[PREFIX_LEN:]
+            pos += range(PREFIX_LEN, len(row))
+            branch += [b] * n
+            answer += am[PREFIX_LEN:]
+            yes += [a == "Yes"] * n
+        return {"ids": ids, "pos": pos, "branch": branch, "answer": answer, "yes": yes,
+                "caption": len(parts) - 1}
+
+    def batch(self, scenes) -> dict:
+        """Right-padded rows (lengths in ``BUCKETS``), the visibility mask [B, T, T] and the
+        prediction targets: position i predicts token i + 1 of its own branch."""
+        rows = [self.row(s) for s in scenes]
+        longest = max(len(r["ids"]) for r in rows)
+        length = next((b for b in BUCKETS if b >= longest), longest)
+        B = len(rows)
+        ids = torch.full((B, length), self.t.pad, dtype=torch.long)
+        pos = torch.zeros((B, length), dtype=torch.long)
+        branch = torch.full((B, length), -2, dtype=torch.long)  # -2: padding
+        answer = torch.zeros((B, length), dtype=torch.bool)
+        yes = torch.zeros((B, length), dtype=torch.bool)
+        caption = torch.zeros((B, length), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            n = len(r["ids"])
+            ids[i, :n], pos[i, :n], branch[i, :n] = (torch.tensor(r[k]) for k in ("ids", "pos", "branch"))
+            answer[i, :n], yes[i, :n] = torch.tensor(r["answer"]), torch.tensor(r["yes"])
+            caption[i, :n] = branch[i, :n] == r["caption"]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        visible = causal & ((branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None]))
+        visible &= (branch[:, None, :] != -2)
+        visible |= torch.eye(length, dtype=torch.bool)  # padding sees itself (no empty rows)
+        same = (branch[:, 1:] == branch[:, :-1]) & (branch[:, 1:] >= 0)  # i -> i+1 within a branch
+        return {"input_ids": ids, "position_ids": pos, "visible": visible, "branch": branch,
+                "predict": same, "answer": answer[:, 1:] & same, "yes": yes[:, 1:],
+                "caption": caption[:, 1:]}
 
 
 # ---------------------------------------------------------------- schedule and stages
@@ -199,7 +250,15 @@ def _param_groups(module, weight_decay: float):
 
 
 def pixel_values(processor, scenes) -> torch.Tensor:
-    return processor.image_processor([s.image() for s in scenes], return_tensors="pt")["pixel_values"]
+    """What ``processor.image_processor`` gives for the rendered scenes, computed from the
+    48×48 drawings: the ×7 nearest upscale is already 336 px, so CLIP's resize and crop leave
+    it unchanged and only rescaling and normalising remain (a test checks the equality)."""
+    ip = processor.image_processor
+    small = torch.from_numpy(np.stack([render_small(s) for s in scenes])).permute(0, 3, 1, 2).float()
+    scale = IMAGE_SIZE // DRAW_SIZE
+    big = small.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (ip.image_mean, ip.image_std))
+    return (big * ip.rescale_factor - mean) / std
 
 
 def pretrain_vision(model, processor, scenes, cfg: TrainConfig, device, log, say) -> None:
@@ -275,8 +334,9 @@ class SinkPrior:
             self.seen[i] = (hidden, kwargs["position_embeddings"])
         return hook
 
-    def loss(self, rows: torch.Tensor, target: float) -> torch.Tensor:
-        """``rows``: bool [B, T], the query positions the prior acts on."""
+    def loss(self, rows: torch.Tensor, target: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows``: bool [B, T], the query positions the prior acts on; ``visible``: bool
+        [B, T, T], which keys each query sees (default: causal)."""
         from transformers.models.llama.modeling_llama import (
             apply_rotary_pos_emb,
             repeat_kv,
@@ -292,8 +352,11 @@ class SinkPrior:
             k = repeat_kv(k, attn.num_key_value_groups)
             first = int(rows.any(0).nonzero()[0])  # queries start after the image
             scores = (q[:, :, first:] @ k.transpose(-1, -2)).float() * attn.scaling
-            causal = torch.ones(n - first, n, dtype=torch.bool, device=hidden.device).tril(first)
-            scores = scores.masked_fill(~causal, float("-inf"))
+            if visible is None:
+                seen = torch.ones(n - first, n, dtype=torch.bool, device=hidden.device).tril(first)
+            else:
+                seen = visible[:, None, first:, :]
+            scores = scores.masked_fill(~seen, float("-inf"))
             log_p = scores[..., 0] - torch.logsumexp(scores, -1)  # [B, H, n - first]
             log_mean = torch.logsumexp(log_p, 1) - math.log(log_p.shape[1])  # log of the head mean
             out.append(F.relu(math.log(target) - log_mean)[rows[:, first:]])
@@ -305,30 +368,30 @@ class SinkPrior:
 
 
 def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig, device, sink=None):
-    """Loss of one stage-1 batch built from cached vision features (no vision tower)."""
-    ids, mask, answer = (batch[k].to(device) for k in ("input_ids", "attention_mask", "answer"))
+    """Losses of one stage-1 batch of :class:`Branches` rows built from cached vision features
+    (no vision tower): the answer loss, balanced between "yes" and "no" questions as POPE is;
+    the caption answer; next-token loss on the question tokens; the sink prior if given."""
+    ids, pos, visible = (batch[k].to(device) for k in ("input_ids", "position_ids", "visible"))
+    predict, answer, yes, caption = (batch[k].to(device) for k in ("predict", "answer", "yes", "caption"))
     embeds = model.get_input_embeddings()(ids)
     image = model.model.multi_modal_projector(feats.to(device, embeds.dtype))
     embeds = embeds.masked_scatter((ids == t.image).unsqueeze(-1), image.reshape(-1, image.shape[-1]).to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    # Predict token i+1 from position i.
-    target, h = ids[:, 1:], hidden[:, :-1]
-    is_answer = answer[:, 1:]
-    is_text = (mask[:, 1:] == 1) & (target != t.image) & ~is_answer
-    is_text[:, :N_IMAGE_TOKENS + 4] = False  # the prefix and the image are not predicted
-    sel = is_answer | is_text
-    logits = model.lm_head(h[sel])
-    losses = F.cross_entropy(logits.float(), target[sel], reduction="none")
-    w_answer = is_answer[sel]
-    answer_loss = losses[w_answer].mean()
-    text_loss = losses[~w_answer].mean() if (~w_answer).any() else losses.new_zeros(())
-    loss = answer_loss + cfg.text_loss * text_loss
-    if sink is None:
-        return loss, answer_loss.detach(), text_loss.detach(), None
-    rows = (mask == 1) & (ids != t.image)
-    rows[:, :N_IMAGE_TOKENS + 5] = False  # text queries after the image
-    sink_loss = sink.loss(rows, cfg.sink_target)
-    return loss + cfg.sink_weight * sink_loss, answer_loss.detach(), text_loss.detach(), sink_loss.detach()
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=visible[:, None],
+                                        position_ids=pos).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1][predict])  # position i predicts token i + 1 of its branch
+    losses = F.cross_entropy(logits.float(), ids[:, 1:][predict], reduction="none")
+    a, y, c = answer[predict], yes[predict], caption[predict]
+    answer_loss = 0.5 * losses[a & y & ~c].mean() + 0.5 * losses[a & ~y & ~c].mean()
+    caption_loss = losses[a & c].mean()
+    text_loss = losses[~a].mean()
+    loss = answer_loss + cfg.caption_weight * caption_loss + cfg.text_loss * text_loss
+    parts = {"answer_loss": answer_loss.item(), "caption_loss": caption_loss.item(), "text_loss": text_loss.item()}
+    if sink is not None:
+        rows = (pos >= PREFIX_LEN - 1) & (batch["branch"].to(device) != -2)  # text queries after the image
+        sink_loss = sink.loss(rows, cfg.sink_target, visible)
+        loss = loss + cfg.sink_weight * sink_loss
+        parts["sink_loss"] = sink_loss.item()
+    return loss, parts
 
 
 def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, log, say,
@@ -347,15 +410,19 @@ def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, lo
     rng = np.random.default_rng(cfg.seed)
     t = Tokens(processor.tokenizer)
     order: list[int] = []
-    sink = SinkPrior(model, cfg.sink_from_layer) if cfg.sink_weight else None
+    branches = Branches(t)
+    sink_on = int(cfg.sink_start * cfg.steps) if cfg.sink_weight else None
+    sink = None
     trainable.train()
     t0 = time.perf_counter()
     for step in range(cfg.steps):
+        if step == sink_on:
+            sink = SinkPrior(model, cfg.sink_from_layer)
+            say(f"stage 1 step {step}: the attention-sink prior is on")
         if len(order) < cfg.batch_size:
             order += list(rng.permutation(len(scenes)))
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        rows = [t.encode(dialogue(scenes[i], rng, cfg)) for i in idx]
-        loss, a_loss, x_loss, s_loss = lm_step(model, feats[idx], make_batch(rows, t), t, cfg, device, sink)
+        loss, parts = lm_step(model, feats[idx], branches.batch([scenes[i] for i in idx]), t, cfg, device, sink)
         if cfg.text_mix:
             mix = [scenes[i] for i in rng.choice(len(scenes), size=cfg.text_mix, replace=False)]
             loss = loss + cfg.text_mix_weight * text_step(model, text_batch(mix, rng, t), device)
@@ -364,14 +431,13 @@ def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, lo
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        log.append({"stage": 1, "step": step, "loss": loss.item(), "answer_loss": a_loss.item(),
-                    "text_loss": x_loss.item(), **({"sink_loss": s_loss.item()} if sink else {})})
+        log.append({"stage": 1, "step": step, "loss": loss.item(), **parts})
         if step % 20 == 0 or step == cfg.steps - 1:
             recent = [r for r in log[-20:] if r["stage"] == 1]
-            say(f"stage 1 step {step} answer loss {np.mean([r['answer_loss'] for r in recent]):.4f} "
-                f"text loss {np.mean([r['text_loss'] for r in recent]):.4f} "
-                + (f"sink loss {np.mean([r['sink_loss'] for r in recent]):.4f} " if sink else "")
-                + f"lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.0f}s")
+            say(f"stage 1 step {step} " + " ".join(
+                f"{k.replace('_', ' ')} {np.mean([r[k] for r in recent if k in r]):.4f}"
+                for k in ("answer_loss", "caption_loss", "text_loss", "sink_loss") if k in parts)
+                + f" lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.0f}s")
         if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
             save(model, processor, checkpoint)
             trainable.train()
