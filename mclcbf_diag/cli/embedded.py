@@ -32,6 +32,8 @@ def cmd_train(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} {v} must be >= {low}")
     if not 0 < args.sink_target < 1:
         raise UserError(f"--sink-target {args.sink_target} must be between 0 and 1 (a BOS attention mass)")
+    if not 0 <= args.sink_start <= 1:
+        raise UserError(f"--sink-start {args.sink_start} must be between 0 and 1 (a fraction of the steps)")
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         raise UserError(f"--init-from {args.init_from}: no config.json there; give a folder saved by `embedded train`")
     check_threads(args)
@@ -47,7 +49,7 @@ def cmd_train(args) -> int:
     torch.set_num_threads(args.threads or 1)  # one thread: fastest for this size, and reproducible
     cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, text_steps=args.text_steps,
                       batch_size=args.batch_size, pool=args.pool, lr=args.lr, warmup=args.warmup,
-                      sink_weight=args.sink_weight, sink_target=args.sink_target)
+                      sink_weight=args.sink_weight, sink_target=args.sink_target, sink_start=args.sink_start)
     summary = train(out, cfg, device=args.device, say=lambda m: print(m, flush=True),
                     init_from=args.init_from)
     write_manifest(out, _manifest_names(Path(out)))  # what --verify checks
@@ -112,6 +114,8 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup", type=int, default=C.warmup)
     t.add_argument("--sink-weight", type=float, default=C.sink_weight, help="attention-sink prior weight (0: off)")
     t.add_argument("--sink-target", type=float, default=C.sink_target)
+    t.add_argument("--sink-start", type=float, default=C.sink_start,
+                   help="fraction of the instruction-tuning steps before the sink prior turns on")
     t.add_argument("--init-from", default=None, help="continue from this saved model")
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=None)

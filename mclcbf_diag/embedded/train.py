@@ -1,26 +1,29 @@
-"""Train the embedded model from scratch, reproducibly, on CPU or GPU.
+"""Train the embedded model from scratch, reproducibly, on CPU or GPU: one seeded command.
 
-Two stages, as in LLaVA-1.5's own recipe:
+The stages follow LLaVA-1.5's recipe, with stand-ins for what a real Llama and CLIP bring:
 
 * **Stage 0, vision pre-training** (stands in for CLIP pre-training). The CLIP tower learns
-  multi-label presence of the *visible* objects through a throw-away linear head on the mean
-  of its **last** layer's patch states, on a fixed pool of scenes.
+  multi-label presence of the *visible* objects from its last layer (mean-pooled), plus
+  each patch's class on the layer LLaVA reads, through throw-away linear heads.
+* **Stage L, language pre-training** (stands in for Llama-2's): image-free dialogues, a
+  scene described in words and then questions about it, with next-token loss on all tokens.
 * **Stage 1, visual instruction tuning.** The tower is frozen, so its features (layer −2,
-  CLS dropped: 576 × hidden per image) are computed **once per image** and cached; the
-  projector and the Llama language model then learn multi-turn dialogues about each image
-  in llava-hf's chat format: several "Is there a … in the image?" questions (annotated and
-  absent objects), sometimes a caption question. Answers follow the *annotations*, which
-  include partners that were not drawn: this is where the co-occurrence prior comes from.
-  The loss covers the answer tokens (and their ``</s>``), plus, with a small weight
-  (``text_loss``), next-token prediction on the other text tokens after the image, as a
-  stand-in for the language pre-training a real Llama brings.
+  CLS dropped: 576 × hidden per image) are computed **once per image** and cached. The
+  projector and the language model then learn POPE's question, "Is there a … in the
+  image?", for **every** class of each image, plus the caption question. Each question is a
+  branch off the image's shared prefix (:class:`Branches`): it sees only the prefix and
+  itself, at the positions it has when POPE asks it alone, so one pass over the image's 576
+  tokens trains eleven answers exactly as they are evaluated. Answers follow the
+  *annotations*, which include partners that were not drawn: this is where the
+  co-occurrence prior comes from. The yes/no loss is balanced between yes and no questions
+  (POPE asks half and half). Small weights add the caption answer, next-token loss on the
+  question tokens, and a mixed-in batch of stage-L dialogues. From ``sink_start`` of the
+  steps on, :class:`SinkPrior` stands in for the attention sink Llama-2's long
+  pre-training leaves.
 
 ``--init-from DIR`` continues a saved model (give ``--vision-steps 0 --text-steps 0`` to skip
-to stage 1), and ``--sink-weight`` adds :class:`SinkPrior`, which the shipped weights were
-continued with (``MODEL_CARD.md`` gives both commands and why).
-
-Sequences are padded on the right to a few fixed lengths (no stalls on new shapes).
-One command and one seed give the same weights on one machine::
+to stage 1). Sequences are padded on the right to a few fixed lengths (no stalls on new
+shapes). One command and one seed give the same weights on one machine::
 
     python -m mclcbf_diag.embedded.train --out DIR [--steps N] [--seed S] [--threads 1]
 """
@@ -515,6 +518,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--sink-weight", type=float, default=TrainConfig.sink_weight)
     ap.add_argument("--sink-target", type=float, default=TrainConfig.sink_target)
+    ap.add_argument("--sink-start", type=float, default=TrainConfig.sink_start)
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue from this saved model (give --vision-steps 0 --text-steps 0 to skip stages 0 and L)")
@@ -523,7 +527,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, pool=args.pool,
                       batch_size=args.batch_size, lr=args.lr, text_loss=args.text_loss,
                       text_steps=args.text_steps, sink_weight=args.sink_weight, sink_target=args.sink_target,
-                      warmup=args.warmup)
+                      sink_start=args.sink_start, warmup=args.warmup)
     summary = train(args.out, cfg, device=args.device, say=lambda m: print(m, flush=True),
                     checkpoint_every=args.checkpoint_every, init_from=args.init_from)
     summary["command"] = "python -m mclcbf_diag.embedded.train " + " ".join(argv if argv is not None else sys.argv[1:])
