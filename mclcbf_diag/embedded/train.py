@@ -363,7 +363,7 @@ class SinkPrior:
             log_p = scores[..., 0] - torch.logsumexp(scores, -1)  # [B, H, n - first]
             log_mean = torch.logsumexp(log_p, 1) - math.log(log_p.shape[1])  # log of the head mean
             out.append(F.relu(math.log(target) - log_mean)[rows[:, first:]])
-        return torch.cat(out).mean()
+        return torch.cat(out).mean() if out else rows.new_zeros((), dtype=torch.float32)  # no layer from sink_from_layer on
 
     def close(self):
         for h in self.handles:
