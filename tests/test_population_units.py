@@ -1,0 +1,75 @@
+"""SweepKnockout (the graded sweep's batched edit) against GradedKnockout's per-row edit."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mclcbf_diag.experiments import GradedKnockout
+from mclcbf_diag.interventions.base import Row, Site
+from mclcbf_diag.population.units import SweepKnockout, _runs
+
+
+def _rows(images, pads, length=12):
+    rows = []
+    for b, (img, pad) in enumerate(zip(images, pads)):
+        image = torch.zeros(length - pad, dtype=torch.bool)
+        image[list(img)] = True
+        rows.append(Row(b, pad, torch.arange(length - pad), image))
+    return rows
+
+
+def _site(rows, probs, start=0):
+    run = SimpleNamespace(phase="prefill", decode_step=0, rows=rows, steer=True, dose=1.0, start=start)
+    return Site(run, "attention", 0, probs)
+
+
+SETTINGS = [("target", 0.3), ("factor", 0.0), ("factor", 2.5), ("target", 0.9), ("factor", 1.0)]
+
+
+@pytest.mark.parametrize("tokens", ["decision", "after_image"])
+@pytest.mark.parametrize("images, pads", [
+    ([range(2, 7)] * 5, [0] * 5),  # one span, one run
+    ([range(2, 7)] * 3 + [range(1, 5)] * 2, [0, 0, 0, 2, 2]),  # two spans, two runs
+    ([range(2, 7), [1, 2, 5, 6], range(2, 7), range(2, 7), range(2, 7)], [0] * 5),  # a split image: gathered
+])
+def test_sweep_edit_equals_the_per_row_edit(tokens, images, pads):
+    torch.manual_seed(0)
+    rows = _rows(images, pads)
+    probs = torch.softmax(torch.randn(len(rows), 3, 12, 12) * 2, -1)
+    settings = {r.index: s for r, s in zip(rows, SETTINGS)}
+    want = probs.clone()
+    GradedKnockout([settings[r.index] for r in rows], tokens=tokens).attention(_site(rows, want))
+    got = probs.clone()
+    sweep = SweepKnockout(tokens, None)
+    sweep.bind(settings)
+    sweep.attention(_site(rows, got))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.equal(got, probs)  # the edit did something
+    edited = torch.zeros(12, dtype=torch.bool)
+    edited[11 if tokens == "decision" else 7:] = True
+    assert torch.equal(got[:, :, ~edited], probs[:, :, ~edited])  # other queries untouched
+    if tokens == "after_image":  # the queries between the last image token and the end
+        assert not torch.equal(got[:, :, 8], probs[:, :, 8])
+
+
+def test_a_subset_of_rows_is_edited_in_place_and_alone():
+    torch.manual_seed(1)
+    rows = _rows([range(2, 7)] * 5, [0] * 5)
+    probs = torch.softmax(torch.randn(5, 2, 12, 12), -1)
+    mine = [rows[1], rows[2], rows[4]]  # two runs: rows 1–2 and row 4
+    settings = {r.index: s for r, s in zip(mine, SETTINGS)}
+    site = _site(rows, probs.clone())
+    site.rows = mine
+    sweep = SweepKnockout("decision", None)
+    sweep.bind(settings)
+    sweep.attention(site)
+    assert [(lo, hi) for (lo, hi), _, _ in _runs([1, 2, 4], torch.ones(3, 4, dtype=torch.bool))] == [(1, 3), (4, 5)]
+    assert torch.equal(site.tensor[[0, 3]], probs[[0, 3]])
+    for r in mine:
+        m = site.tensor[r.index, :, 11, 2:7].sum(-1)
+        kind, v = settings[r.index]
+        base = probs[r.index, :, 11, 2:7].sum(-1)
+        expect = torch.full_like(m, v) if kind == "target" else (base * v).clamp(max=1 - 1e-4)
+        assert torch.allclose(m, expect, atol=1e-6)
+        assert torch.allclose(site.tensor[r.index, :, 11].sum(-1), torch.ones(2), atol=1e-6)
