@@ -24,8 +24,8 @@ from mclcbf_diag.runner import run
 from mclcbf_diag.trace import sample_inputs
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
-KNOWN = (63, 79)  # wrong answers (label no, answered yes) a decision-token image mass between 0.1 and 0.7 fixes
-WRONG = (2, 20, 49, 55)  # other wrong answers: label yes answered no (2, 20), label no answered yes (49, 55)
+KNOWN = (20, 69)  # wrong answers (20: label yes answered no; 69: no answered yes) a decision-token mass of 0.1–0.7 fixes
+WRONG = (30, 49, 63, 94)  # other wrong answers: label yes answered no (30, 94), label no answered yes (49, 63)
 
 
 def test_grid_and_windows():
@@ -40,6 +40,7 @@ def test_each_row_gets_its_own_image_mass(embedded_model):
     q = load_pope(POPE / "embedded_pope_adversarial.json")[0]
     image = load_image(resolve_image(q, POPE / "images"))
     _, inputs = sample_inputs(embedded_model, q.text, image)
+    plain = run(embedded_model, inputs)
     for t in (0.0, 0.4):
         cap = run(embedded_model, inputs, GradedKnockout([("target", t)], "decision", (1, 2)))
         img = cap.detected
@@ -47,7 +48,9 @@ def test_each_row_gets_its_own_image_mass(embedded_model):
             mass = c.attn[:, img].sum(-1)
             if layer in (1, 2):
                 assert torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
-            else:
+            elif layer == 0:  # before the window: the unedited forward's mass, exactly
+                assert torch.equal(mass, plain.steps[0].layers[0].attn[:, img].sum(-1))
+            elif t > 0:  # after it, each head's mass follows from the edited state, not set to t
                 assert not torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
 
 

@@ -33,7 +33,7 @@ POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 PLANTED_ON = 25  # adversarial: "Is there a truck …?" label no; the embedded model answers no (right)
 
 HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_dtype="float32",
-                              clamp="none", tau_prefill=0.99, guard=1e-9)  # Σg² ≥ 7e-8 here: the gradient sets the scale
+                              clamp="none", tau_prefill=0.99, guard=1e-20)  # Σg² ≥ 3e-15 here: the gradient sets the scale
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,10 @@ class UndoDownstream(MCLCBF):
 
 PLANTED = {  # cause → the physics that plants it, from the healthy configuration
     "span_mismatch": {"span": "fixed"},  # the seed's literal span, shifted against the image
-    "barrier_inactive": {"tau_prefill": 0.0002},  # τ just below h at every steered layer
+    "barrier_inactive": {"tau_prefill": 1e-8},  # τ just below h at every steered layer (h ≥ 1.8e-8)
     "clamp_limited": {"clamp": "scale"},  # the seed's 0.5 cap on the scale
     "guard_dominates": {"guard": 0.1},  # Σg² ≈ 1e-3 … 1e-8 ≪ guard: (τ − h)/guard sets the scale
-    "step_negligible": {"alpha_prefill": 1e-4},  # a tiny α
+    "step_negligible": {"alpha_prefill": 1e-7},  # a tiny α: ‖θ*‖/‖x‖ reaches 5e3 here, α·‖θ*‖/‖x‖ ≤ 5e-4
     "linearisation_failed": {"alpha_prefill": 300.0, "layers": (1,)},  # a huge α: far outside the first order
     "decode_only": {"tau_prefill": 0.0, "tau_decode": 0.99},  # only generated tokens are steered
 }
@@ -268,7 +268,7 @@ def test_gradient_underflow_in_fp16_is_present_but_not_decisive(fp16_model, samp
 
 
 def test_rounding_absorption_planted_through_the_dtype_is_decisive(bf16_model, sample):
-    # Σg² is tiny here, so HEALTHY's guard (1e-9) makes ‖θ*‖/‖x‖ large (≫ 1) at the fired layers: α must be
+    # Σg² is tiny here, so HEALTHY's guard (1e-20) makes ‖θ*‖/‖x‖ large (≫ 1) at the fired layers: α must be
     # small enough that α·‖θ*‖/‖x‖ stays well under bfloat16's relative spacing (2⁻⁸) for x + αθ* to round
     # back to x. A larger guard would instead make the guard the first cause.
     causes, _ = _tested(bf16_model, sample, dataclasses.replace(HEALTHY, alpha_prefill=1e-7))
@@ -304,8 +304,11 @@ def test_overflow_is_the_non_finite_cause_not_a_flip(embedded_model, sample):
     assert causes[0].id == "non_finite" and causes[0].decisive
 
 
-def test_explain_sample_end_to_end(embedded_model, derailing):
-    q, image = derailing
+@pytest.mark.parametrize("index, mass_fixes", [(69, True), (63, False)])
+def test_explain_sample_end_to_end(embedded_model, index, mass_fixes):
+    # 69 (label no, answered yes): a decision-token image mass fixes it; 63 (the same kind of wrong
+    # answer): no decision-token mass does, so the off-path cause is detected
+    q, image = _question(index)
     ex = explain_sample(embedded_model, q, image, B.get_preset("seed-exp6"), k_max=8, bisect_steps=2)
     found = {c.id: c for c in ex.causes if c.detected}
     assert {"span_mismatch", "margin_unmoved"} <= set(found)
@@ -313,7 +316,8 @@ def test_explain_sample_end_to_end(embedded_model, derailing):
     assert {"baseline", "steered", "knockout:decision", "sweep:decision"} <= set(ex.records.condition)
     off = next(c for c in ex.causes if c.id == "decision_token_off_path")
     dec = ex.sweep[(ex.sweep.tokens == "decision") & (ex.sweep.outcome == "fixed") & ex.sweep.valid]
-    assert len(dec) and not off.detected  # some decision-token image mass fixes this wrong answer
-    assert f"smallest target mass {dec[dec.edit == 'target'].value.min():g}" in ex.sweep_text
+    assert bool(len(dec)) == mass_fixes and off.detected == (not mass_fixes)
+    if mass_fixes:
+        assert f"smallest target mass {dec[dec.edit == 'target'].value.min():g}" in ex.sweep_text
     assert ex.fixes.set_index("fix").loc["grad_dtype", "applicable"].startswith("not applicable")
     assert not ex.fixes.counts.any() and ex.dose.kind == "wrong"
