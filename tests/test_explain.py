@@ -49,7 +49,8 @@ def _question(index):
 
 @pytest.fixture(scope="module")
 def derailing():
-    """Adversarial 63: label no, answered yes; removing the clamp derails it, no single fix fixes it."""
+    """Adversarial 63: label no, answered yes; the healthy configuration (no clamp, τ 0.99) derails it, and no
+    single fix of the seed's settings fixes it."""
     return _question(63)
 
 
