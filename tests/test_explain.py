@@ -113,7 +113,7 @@ PLANTED = {  # cause → the physics that plants it, from the healthy configurat
     "span_mismatch": {"span": "fixed"},  # the seed's literal span, shifted against the image
     "barrier_inactive": {"tau_prefill": 1e-8},  # τ just below h at every steered layer (h ≥ 1.8e-8)
     "clamp_limited": {"clamp": "scale"},  # the seed's 0.5 cap on the scale
-    "guard_dominates": {"guard": 0.1},  # Σg² ≈ 1e-3 … 1e-8 ≪ guard: (τ − h)/guard sets the scale
+    "guard_dominates": {"guard": 0.1},  # Σg² ≈ 3e-5 … 3e-15 ≪ guard: (τ − h)/guard sets the scale
     "step_negligible": {"alpha_prefill": 1e-7},  # a tiny α: ‖θ*‖/‖x‖ reaches 5e3 here, α·‖θ*‖/‖x‖ ≤ 5e-4
     "linearisation_failed": {"alpha_prefill": 300.0, "layers": (1,)},  # a huge α: far outside the first order
     "decode_only": {"tau_prefill": 0.0, "tau_decode": 0.99},  # only generated tokens are steered
@@ -254,8 +254,8 @@ def fp16_model():
 
 
 def test_gradient_underflow_in_fp16_is_present_but_not_decisive(fp16_model, sample):
-    # In float16, Σg² of a gradient with ‖g‖ ≈ 3e-4 is ≈ 7e-8, below fp16's smallest subnormal
-    # (6e-8 rounds to 0): scale = (τ − h)/(0 + 1e-6). In float32 Σg² ≈ 1e-7 … 1e-3, and the seed's
+    # In float16, a Σg² below fp16's smallest subnormal (6e-8) rounds to 0: scale = (τ − h)/(0 + guard).
+    # In float32 Σg² ≈ 3e-15 … 3e-5 on this sample's steered layers, and the seed's
     # clamp binds either way: the underflow cannot change the step; the clamp does.
     config = dataclasses.replace(HEALTHY, grad_dtype="model", clamp="scale")
     causes, result = _tested(fp16_model, sample, config)
