@@ -73,13 +73,14 @@ def test_report_prints_the_layout_pope_and_attention_beside_the_published_figure
     from mclcbf_diag.embedded.evaluate import PUBLISHED, PUBLISHED_ATTENTION, report
 
     model, processor = shipped
+    pinned = json.loads((WEIGHTS / "subset_figures.json").read_text())["attention"]  # the model card's figures
     lines = []
     with torch.no_grad():
-        rep = report(model, processor, n_images=2, n_prompts=2, say=lines.append)
+        rep = report(model, processor, n_images=2, n_prompts=pinned["n_prompts"], say=lines.append)
     text = "\n".join(lines)
     assert lines[0].startswith("layout: 2028 shipped questions checked, 0 wrong")
     assert "f1 LLaVA-1.5-7B" in text and PUBLISHED["source_split"] in text  # POPE beside the published F1
     assert all(p in text for p in PUBLISHED_ATTENTION)  # the attention profile beside the literature
-    assert lines[-1] == f"seed layers 10–27 map to [3, 4, 5, 6]; image mass < 0.2 at " \
-                        f"{int((rep['attention'].loc[[3, 4, 5, 6], 'image'] < 0.2).sum())}/4 of them"
+    below = sum(pinned["image"][layer] < 0.2 for layer in (3, 4, 5, 6))
+    assert lines[-1] == f"seed layers 10–27 map to [3, 4, 5, 6]; image mass < 0.2 at {below}/4 of them"
     assert set(rep["pope"].split) == {"random", "popular", "adversarial"}

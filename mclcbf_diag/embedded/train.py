@@ -171,8 +171,8 @@ class Branches:
     ``PREFIX_LEN`` tokens (BOS, ``USER:``, the 576 image tokens, ``\n``) are the same for all
     of them and are kept once. Each question's remaining tokens follow as a branch that sees
     the prefix and itself only, at the positions it has in its own prompt. So every answer is
-    trained exactly as it is asked at evaluation, and the image is computed once for ten
-    questions instead of once per question.
+    trained exactly as it is asked at evaluation, and the image is computed once for its
+    eleven questions (ten classes and the caption) instead of once per question.
     """
 
     def __init__(self, t: Tokens):
