@@ -8,14 +8,26 @@ mass of the chosen queries, renormalised (the knockout edit of
 * every target mass in :data:`TARGETS` (0, 0.1, …, 0.9), and
 * the mass × each of :data:`FACTORS` (0.5, 2),
 
-in all layers and in each layer window of :func:`layer_windows`, at the decision token and,
-separately, at every text token after the image. Each setting's answer is read with its
+at the decision token in all layers and in each layer window of :func:`layer_windows`, and,
+separately, at every text token after the image in all layers at once (:func:`sweep_windows`).
+Each setting's answer is read with its
 Yes/No mass (:mod:`mclcbf_diag.outcomes`) and classed against the baseline: a setting
 *changes* the answer only with a valid Yes/No output (fixed or broken with a label, changed
 without); derailed settings are counted apart. :func:`sweep_summary` gives, per token set,
 the number of settings, how many change the answer, the smallest target mass that does and
 how many derail; :func:`sweep_records` turns that into the tidy records the rule
 ``decision_token_off_path`` reads.
+
+Why the text after the image gets one window. The decision token is one position, so its
+windows cost one position-layer per layer run and localise where an image-mass change would
+act. The text after the image is every position after the image (about 14 on the embedded
+model): each of its windows runs all of them from the window's first layer to the last, and on
+the embedded model its 16 windows (79 layer runs per edit) alone were ≈ 2.9× a bare forward of
+the whole prompt. What that token set answers is whether the decision token is the wrong place
+to act (a change at every text token after the image fixes what no decision-token setting
+does); all layers at once answer it with 8 layer runs per edit. On the embedded adversarial
+split the 16 windows had found one wrong answer of 57 that a single-layer window changed and
+neither all layers at once nor any decision-token setting did.
 
 Speed: all settings of one (token set, window) are one batch of copies of the same prompt
 (one edit per row, :class:`GradedKnockout`), answered by :func:`mclcbf_diag.batch.answer_pair`,
@@ -87,10 +99,19 @@ def window_name(window) -> str:
     return "all" if window is None else ",".join(map(str, window))
 
 
+def sweep_windows(tokens: str, n_layers: int) -> list[tuple[int, ...] | None]:
+    """The layer windows swept for a token set: every window of :func:`layer_windows` at the
+    decision token; all layers at once (``[None]``) at the text after the image (see the module)."""
+    return layer_windows(n_layers) if tokens == "decision" else [None]
+
+
 def sweep_settings(n_layers: int, token_sets=TOKEN_SETS, windows=None) -> list[tuple[str, object, str, float]]:
-    """Every ``(tokens, window, edit, value)`` of the sweep, in the order of :func:`image_mass_sweep`'s rows."""
-    windows = layer_windows(n_layers) if windows is None else windows
-    return [(tokens, window, kind, value) for tokens in token_sets for window in windows for kind, value in edits()]
+    """Every ``(tokens, window, edit, value)`` of the sweep, in the order of :func:`image_mass_sweep`'s rows.
+
+    ``windows``: the same windows for every token set instead of :func:`sweep_windows`'."""
+    return [(tokens, window, kind, value) for tokens in token_sets
+            for window in (sweep_windows(tokens, n_layers) if windows is None else windows)
+            for kind, value in edits()]
 
 
 def sweep_edit(tokens: str, window, kind: str, value: float) -> AttentionKnockout:
@@ -114,12 +135,11 @@ def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_
     from .batch import answer_pair, baseline_prefix, batch_inputs
 
     settings = edits()
-    windows = layer_windows(lm.n_layers) if windows is None else windows
     inputs = batch_inputs(lm, [prompt] * len(settings), [image] * len(settings))
     baseline = baseline_prefix(lm, inputs)  # one baseline forward; every setting continues from it
     rows = []
     for tokens in token_sets:
-        for window in windows:
+        for window in sweep_windows(tokens, lm.n_layers) if windows is None else windows:
             base, new = answer_pair(lm, [prompt] * len(settings), [image] * len(settings),
                                     GradedKnockout(settings, tokens, window), inputs=inputs, baseline=baseline)
             rows += [sweep_row(tokens, window, kind, value, base[0], r, label) for (kind, value), r in zip(settings, new)]
@@ -178,5 +198,5 @@ def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str, sum
     return "Graded sweep: " + "; ".join(parts) + "."
 
 
-__all__ = ["TARGETS", "FACTORS", "layer_windows", "edits", "GradedKnockout", "window_name", "sweep_settings",
+__all__ = ["TARGETS", "FACTORS", "layer_windows", "sweep_windows", "edits", "GradedKnockout", "window_name", "sweep_settings",
            "sweep_edit", "sweep_row", "image_mass_sweep", "sweep_summary", "sweep_records", "sweep_sentence"]

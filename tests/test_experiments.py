@@ -17,7 +17,9 @@ from mclcbf_diag.experiments import (
     image_mass_sweep,
     layer_windows,
     sweep_records,
+    sweep_settings,
     sweep_summary,
+    sweep_windows,
 )
 from mclcbf_diag.records import frame
 from mclcbf_diag.runner import run
@@ -34,6 +36,12 @@ def test_grid_and_windows():
     assert layer_windows(4) == [None, (0,), (1,), (2,), (3,), (0, 1), (1, 2), (2, 3)]
     deep = layer_windows(32)
     assert deep[0] is None and (0, 1, 2, 3, 4, 5, 6, 7) in deep and all(len(w) < 32 for w in deep[1:])
+    # every window at the decision token; all layers at once at the text after the image
+    assert sweep_windows("decision", 4) == layer_windows(4) and sweep_windows("after_image", 4) == [None]
+    settings = sweep_settings(4)
+    assert len(settings) == 12 * (len(layer_windows(4)) + 1)
+    assert [s[:2] for s in settings[-12:]] == [("after_image", None)] * 12
+    assert len(sweep_settings(4, windows=[None, (1,)])) == 2 * 2 * 12
 
 
 def test_each_row_gets_its_own_image_mass(embedded_model):
@@ -69,7 +77,7 @@ def _minimal_records(sw: pd.DataFrame, label: str, question_id) -> pd.DataFrame:
 def subset():
     """Six wrong answers of the adversarial split, of both labels; each sweep asserts it is wrong.
 
-    A fixed handful, not a scan of the split: one graded sweep is 192 runs, and the claim is per question.
+    A fixed handful, not a scan of the split: one graded sweep is 204 runs, and the claim is per question.
     """
     qs = load_pope(POPE / "embedded_pope_adversarial.json")
     return [qs[i] for i in sorted(set(WRONG) | set(KNOWN))]
