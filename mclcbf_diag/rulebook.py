@@ -149,8 +149,15 @@ class Evidence:
         head = df[df["head"] == NO_HEAD]
         raw = head[head["metric"].isin(["final_margin"]) & ~np.isfinite(head["value"].to_numpy(dtype=float))]
         self._raw_nonfinite = {c: True for c in raw["condition"]}
-        self._t = {k: {int(layer): float(v) for layer, v in zip(g["layer"], g["value"]) if math.isfinite(v)}
-                   for k, g in head.groupby(["condition", "metric"])}
+        # {(condition, metric): {layer: finite value}}, later rows overriding earlier ones; plain
+        # loops over the columns (a pandas groupby here was most of a population diagnosis)
+        self._t: dict[tuple, dict[int, float]] = {}
+        for c, m, layer, v in zip(head["condition"].tolist(), head["metric"].tolist(), head["layer"].tolist(),
+                                  head["value"].to_numpy(dtype=float).tolist()):
+            if isinstance(c, str) and isinstance(m, str):  # groupby's keys: NaN keys dropped
+                d = self._t.setdefault((c, m), {})
+                if math.isfinite(v):
+                    d[int(layer)] = v
         shift = df[(df["metric"] == "logit_shift") & (df["condition"] == "steered") & (df["layer"] >= 0)]
         self.shift = {int(layer): bool((g["value"].abs() > 0).any()) for layer, g in shift.groupby("layer")}
         self.conditions = set(df["condition"])

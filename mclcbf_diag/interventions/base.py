@@ -105,6 +105,7 @@ class Site:
         self._run, self.kind, self.layer, self.tensor = run, kind, layer, tensor
         self.phase, self.decode_step, self.rows = run.phase, run.decode_step, run.rows
         self.steer, self.dose, self.start = run.steer, run.dose, run.start
+        self.doses: dict[int, float] | None = None  # per-row doses (see Intervention.row_doses)
 
     # -- coordinates -----------------------------------------------------------------
     @property
@@ -131,6 +132,10 @@ class Site:
         m = mask.to(self.tensor.device).reshape(-1)[: n_keys - row.pad]
         out[row.pad: row.pad + m.numel()] = m
         return out
+
+    def dose_of(self, row: Row) -> float:
+        """The dose of ``row``: its own where the runner gave the rows theirs, else :attr:`dose`."""
+        return self.dose if self.doses is None else self.doses[row.index]
 
     # -- what a look-ahead needs (residual sites) ------------------------------------
     @property
@@ -199,6 +204,9 @@ class Intervention:
     aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
     metrics: ClassVar[dict[str, str]] = {}
     sites: ClassVar[frozenset[str]] = frozenset()
+    # True: one site may hold rows of different doses (each read with Site.dose_of), so a batch
+    # of doses (a dose-response) is one call per site instead of one per dose
+    row_doses: ClassVar[bool] = False
 
     def __init__(self, knobs=None):
         self.knobs = next(iter(self.presets.values())) if knobs is None else knobs

@@ -27,8 +27,9 @@ from one baseline forward of the question batch (:class:`Prefix`):
   batches are formed by that layer (late-editing units together).
 * **Each row its own intervention** (:class:`Mix`): at every site the runner offers, the
   rows are grouped by (intervention, dose, steer) and each group's intervention sees a site
-  holding only its rows, with its dose and steer flag; an intervention's rows of one batch
-  are one group per dose, so its own batching (MC-LCBF's vmapped gradients) still applies.
+  holding only its rows, with its dose and steer flag; an intervention that reads each row's
+  dose (:attr:`~mclcbf_diag.interventions.base.Intervention.row_doses`, MC-LCBF) gets all
+  its doses in one group, so its own batching (MC-LCBF's vmapped gradients) spans them.
 
 A unit's answer equals a separate run of that question alone up to the summation order of
 batched matmuls (≪ 1e-4 in float32).
@@ -95,7 +96,7 @@ class Mix(Intervention):
             iv.begin(mine, n_layers)
         for r in rows:
             u = self.units[r.index]
-            self._groups.setdefault((id(u.iv), u.dose, u.steer), []).append(r)
+            self._groups.setdefault((id(u.iv), None if u.iv.row_doses else u.dose, u.steer), []).append(r)
 
     def _dispatch(self, kind: str, site) -> None:
         for (key, dose, steer), rows in self._groups.items():
@@ -103,7 +104,11 @@ class Mix(Intervention):
             if site.layer not in self._layers[key] or kind not in iv.open_sites(steer):
                 continue
             sub = copy.copy(site)
-            sub.rows, sub.dose, sub.steer = rows, dose, steer
+            sub.rows, sub.steer = rows, steer
+            if dose is None:  # the intervention reads each row's own dose
+                sub.dose, sub.doses = 1.0, {r.index: self.units[r.index].dose for r in rows}
+            else:
+                sub.dose, sub.doses = dose, None
             getattr(iv, kind)(sub)
 
     def residual(self, site) -> None:

@@ -28,6 +28,7 @@ import torch
 
 from ... import noise
 from ...errors import UserError
+from ...probes import fit_mask
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
 from . import rules
@@ -99,6 +100,7 @@ FIXES: dict[str, dict] = {
 
 class MCLCBF(Intervention):
     name = "mclcbf"
+    row_doses = True
     Knobs = BarrierConfig
     presets = PRESETS
     aliases = ALIASES
@@ -135,16 +137,15 @@ class MCLCBF(Intervention):
         tau, alpha = phase_params(cfg, site.phase)
         gdt = resolve_grad_dtype(cfg, x.dtype)
         normalized = cfg.site == "ln1_out"
+        # rows with as many targets are one vmapped group; in decode (the query lies just past its
+        # cached keys, where a shorter row's padding would be) only rows with as many keys
         groups: dict[tuple, list] = {}
         for row in site.rows:
-            keys = site.keys(row)
-            t = self._targets(site, row)
-            groups.setdefault((keys.shape[-2], tuple(t.tolist()), row.pad if site.phase == "decode" else -1,
-                               tuple(torch.nonzero(self.span[row.index]).flatten().tolist())),
-                              []).append((row, keys, t))
+            t, keys = self._targets(site, row), site.keys(row)
+            key = (len(t), keys.shape[-2] if site.phase == "decode" else None)
+            groups.setdefault(key, []).append((row, keys, t))
         for members in groups.values():
-            row0, _, t = members[0]
-            x_t = torch.stack([x[r.index, site.query_index(r, t)] for r, _, _ in members])  # [G, n, d]
+            x_t = torch.stack([x[r.index, site.query_index(r, t)] for r, _, t in members])  # [G, n, d]
             bad = ~torch.isfinite(x_t).flatten(1).all(-1)
             if any(bool(bad[j]) and r.index not in self._stepped for j, (r, _, _) in enumerate(members)):
                 raise UserError(f"the residual stream entering layer {site.layer} is NaN or inf at the steered "
@@ -157,69 +158,94 @@ class MCLCBF(Intervention):
                     continue
                 members = [m for j, m in enumerate(members) if not bool(bad[j])]
                 x_t = x_t[~bad]
-            # the look-ahead runs where the layer's weights are (under a device map x may arrive elsewhere)
-            dev = w.q_weight.device
-            x_t = x_t.to(dev)
-            keys = torch.stack([k.to(dev) for _, k, _ in members])
-            if normalized:
-                x_t = w.norm(x_t)
-            cos, sin = (c.to(dev) for c in site.rotary(row0, t))
-            qpos = t
-            span = self.span[row0.index]
+            self._step_group(site, members, x_t, tau, alpha, gdt, normalized)
 
-            mdt = noise.measure_dtype(x.dtype)  # the figures' dtype; the controller's is gdt
-            weights = {dt: w.to(dt) for dt in {gdt, mdt}}
+    def _step_group(self, site: Site, members: list, x_t: torch.Tensor, tau: float, alpha: float, gdt,
+                    normalized: bool) -> None:
+        """The barrier step of rows with as many targets, each row's h and ∇h one vmapped call.
 
-            def h_of(xt, k, dtype=gdt):
-                return barrier_value(xt, k, weights[dtype], cos.to(dtype), sin.to(dtype), span, qpos,
-                                     normalized=normalized)[0]
+        Each row's look-ahead sees its own keys (right-padded to the group's longest with zero
+        keys, which its causal mask hides: they lie after its last position), its own RoPE
+        angles, span and target positions, so rows of different prompts share a call.
+        """
+        cfg, w, x = self.knobs, site.weights, site.tensor
+        # the look-ahead runs where the layer's weights are (under a device map x may arrive elsewhere)
+        dev = w.q_weight.device
+        x_t = x_t.to(dev)
+        n_keys = max(k.shape[-2] for _, k, _ in members)
+        keys = torch.stack([torch.nn.functional.pad(k.to(dev), (0, 0, 0, n_keys - k.shape[-2])) for _, k, _ in members])
+        if normalized:
+            x_t = w.norm(x_t)
+        angles = [site.rotary(r, t) for r, _, t in members]
+        cos = torch.stack([c for c, _ in angles]).to(dev)
+        sin = torch.stack([s for _, s in angles]).to(dev)
+        span = torch.stack([fit_mask(self.span[r.index], n_keys, dev) for r, _, _ in members])
+        qpos = torch.stack([t for _, _, t in members]).to(dev)
 
-            def h_measured(xt, k):
-                return h_of(xt, k, mdt)
+        mdt = noise.measure_dtype(x.dtype)  # the figures' dtype; the controller's is gdt
+        weights = {dt: w.to(dt) for dt in {gdt, mdt}}
 
-            if not site.steer:  # measuring run: h only, as the steered run measures it
-                h = torch.func.vmap(h_measured)(x_t.to(mdt), keys.to(mdt))
-                for j, (r, _, _) in enumerate(members):
-                    site.record(r, "barrier_h", float(h[j]))
-                continue
-            g, h = _grad_and_value(h_of, x_t.to(gdt), keys.to(gdt))
-            g32, h32 = (g, h) if gdt == mdt else _grad_and_value(h_measured, x_t.to(mdt), keys.to(mdt))
-            if not torch.isfinite(g).all():
-                raise UserError(f"the barrier gradient at layer {site.layer} is NaN or inf (dtype {gdt}); "
-                                "try --set grad_dtype=float32 or a float32 model")
-            for j, (r, _, _) in enumerate(members):
-                st = step(h[j], g[j], float(x_t[j].float().norm()), tau, alpha, cfg)
-                rec = st.to_record()
-                h_before = float(h32[j])
-                site.record(r, "barrier_h", h_before)
-                if gdt != mdt:
-                    site.record(r, "barrier_h_dtype", st.h)
-                for f, metric in _STEP_METRICS.items():
-                    site.record(r, metric, rec[f])
-                g32_norm = float(g32[j].float().norm())
-                site.record(r, "grad_norm_f32", g32_norm)
-                site.record(r, "grad_norm_floor", noise.grad_norm_floor(gdt, g32_norm))
-                site.record(r, "guard", cfg.guard)
-                site.record(r, "guard_share", st.guard_share)
-                site.record(r, "guard_share_f32", guard_share(float((g32[j].float() ** 2).sum()), cfg.guard))
-                computed = st.applied * site.dose if site.dose != 1 else st.applied  # in gdt, before rounding
-                applied = computed.to(x.dtype)
-                finite = st.finite and bool(torch.isfinite(applied).all())
-                site.record(r, "step_nonfinite", float(not finite))
-                if not finite:  # an overflowing step is recorded, never applied
-                    continue
-                step_m = computed.to(mdt)
-                pred = st.predicted_delta_h * site.dose if gdt == mdt else float(
-                    (g32[j].to(torch.float64) * st.applied.to(torch.float64)).sum()) * site.dose
-                with torch.no_grad():
-                    h_after = float(h_measured(x_t[j].to(mdt) + step_m, keys[j].to(mdt)))
-                site.record(r, "dh_predicted", pred)
-                site.record(r, "dh_predicted_floor", noise.mass_floor(mdt, h_before, h_before + pred))
-                site.record(r, "dh_recomputed", h_after - h_before)
-                site.record(r, "dh_recomputed_floor", noise.mass_floor(mdt, h_before, h_after))
-                if st.active and site.dose != 0:
-                    site.add(r, t, applied, after_norm=normalized)
-                    self._stepped.add(r.index)
+        def h_of(xt, k, c, s, m, p, dtype=gdt):
+            return barrier_value(xt, k, weights[dtype], c.to(dtype), s.to(dtype), m, p, normalized=normalized)[0]
+
+        def h_measured(xt, k, c, s, m, p):
+            return h_of(xt, k, c, s, m, p, mdt)
+
+        rest = (cos, sin, span, qpos)
+        if not site.steer:  # measuring run: h only, as the steered run measures it
+            h = torch.func.vmap(h_measured)(x_t.to(mdt), keys.to(mdt), *rest)
+            for (r, _, _), v in zip(members, h.tolist()):
+                site.record(r, "barrier_h", v)
+            return
+        g, h = _grad_and_value(h_of, x_t.to(gdt), keys.to(gdt), *rest)
+        g32, h32 = (g, h) if gdt == mdt else _grad_and_value(h_measured, x_t.to(mdt), keys.to(mdt), *rest)
+        if not torch.isfinite(g).all():
+            raise UserError(f"the barrier gradient at layer {site.layer} is NaN or inf (dtype {gdt}); "
+                            "try --set grad_dtype=float32 or a float32 model")
+        x_norms = x_t.float().flatten(1).norm(dim=-1).tolist()
+        g32f = g32.float().flatten(1)
+        g32_norms, g32_sq = g32f.norm(dim=-1).tolist(), (g32f ** 2).sum(-1).tolist()
+        h_before_all = h32.tolist()
+        steps = []  # (member, step, dose, the step as applied in x's dtype, as computed in mdt)
+        for j, (r, _, t) in enumerate(members):
+            st = step(h[j], g[j], x_norms[j], tau, alpha, cfg)
+            rec = st.to_record()
+            h_before = h_before_all[j]
+            site.record(r, "barrier_h", h_before)
+            if gdt != mdt:
+                site.record(r, "barrier_h_dtype", st.h)
+            for f, metric in _STEP_METRICS.items():
+                site.record(r, metric, rec[f])
+            site.record(r, "grad_norm_f32", g32_norms[j])
+            site.record(r, "grad_norm_floor", noise.grad_norm_floor(gdt, g32_norms[j]))
+            site.record(r, "guard", cfg.guard)
+            site.record(r, "guard_share", st.guard_share)
+            site.record(r, "guard_share_f32", guard_share(g32_sq[j], cfg.guard))
+            dose = site.dose_of(r)
+            computed = st.applied * dose if dose != 1 else st.applied  # in gdt, before rounding
+            applied = computed.to(x.dtype)
+            finite = st.finite and bool(torch.isfinite(applied).all())
+            site.record(r, "step_nonfinite", float(not finite))
+            if finite:  # an overflowing step is recorded, never applied
+                steps.append((j, st, dose, applied, computed.to(mdt)))
+        if not steps:
+            return
+        idx = [j for j, *_ in steps]
+        with torch.no_grad():  # h after each step, same keys: one vmapped call
+            moved = x_t[idx].to(mdt) + torch.stack([m for *_, m in steps])
+            h_after_all = torch.func.vmap(h_measured)(moved, keys[idx].to(mdt), *(a[idx] for a in rest)).tolist()
+        for (j, st, dose, applied, step_m), h_after in zip(steps, h_after_all):
+            r, _, t = members[j]
+            h_before = h_before_all[j]
+            pred = st.predicted_delta_h * dose if gdt == mdt else float(
+                (g32[j].to(torch.float64) * st.applied.to(torch.float64)).sum()) * dose
+            site.record(r, "dh_predicted", pred)
+            site.record(r, "dh_predicted_floor", noise.mass_floor(mdt, h_before, h_before + pred))
+            site.record(r, "dh_recomputed", h_after - h_before)
+            site.record(r, "dh_recomputed_floor", noise.mass_floor(mdt, h_before, h_after))
+            if st.active and dose != 0:
+                site.add(r, t, applied, after_norm=normalized)
+                self._stepped.add(r.index)
 
     # -- the attention-logit site ------------------------------------------------------------------
     def attention(self, site: Site) -> None:
@@ -232,10 +258,11 @@ class MCLCBF(Intervention):
             site.record(row, "barrier_h", h)
             site.record(row, "barrier_tau", tau)
             site.record(row, "barrier_active", float(h < tau))
-            if h >= tau or tau <= 0 or alpha * site.dose == 0:
+            dose = site.dose_of(row)
+            if h >= tau or tau <= 0 or alpha * dose == 0:
                 continue
             # τ = 1 is out of reach of a finite logit shift: aim at the largest mass below it
-            edited, mass, delta, target = shift_image_logits(rows_q, key_mask, min(tau, 1 - 1e-6), alpha * site.dose)
+            edited, mass, delta, target = shift_image_logits(rows_q, key_mask, min(tau, 1 - 1e-6), alpha * dose)
             site.set_rows(row, self._targets(site, row), edited)
             site.record_heads(row, "logit_shift", delta.mean(-1))
             site.record(row, "dh_predicted", float(target.mean()) - h)
@@ -293,10 +320,10 @@ class MCLCBF(Intervention):
         return rules.NO_STEP_EXPLAINED_BY
 
 
-def _grad_and_value(fn, x, keys):
-    """``(∇ₓfn, fn)`` for every member of a group at once (vmap), outside inference mode."""
+def _grad_and_value(fn, x, *rest):
+    """``(∇ₓfn, fn)`` for every member of a group at once (vmap over every argument), outside inference mode."""
     with torch.inference_mode(False), torch.enable_grad():
-        return torch.func.vmap(torch.func.grad_and_value(fn))(x.detach().clone(), keys.detach().clone())
+        return torch.func.vmap(torch.func.grad_and_value(fn))(x.detach().clone(), *(a.detach().clone() for a in rest))
 
 
 __all__ = ["MCLCBF", "BarrierConfig", "PRESETS", "FIXES", "METRICS"]
