@@ -15,7 +15,7 @@ import pytest
 from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.experiments import sweep_summary
-from mclcbf_diag.explain import explain_sample
+from mclcbf_diag.explain import KNOCKOUTS, explain_sample
 from mclcbf_diag.interventions import resolve
 from mclcbf_diag.population import aggregate as A
 from mclcbf_diag.population.verdict import Settings, explain_batch
@@ -53,6 +53,14 @@ def test_each_question_matches_its_single_explain(pair):
         pd.testing.assert_frame_equal(ex.fixes[["fix", "applicable", "outcome"]].astype(str),
                                       v.fixes[["fix", "applicable", "outcome"]].astype(str))
         assert ex.sweep_text == v.sweep_text
+        # the knockouts (read from the sweep's all-layer settings in the batch, run as their own
+        # interventions by explain): the same answers, to the sweep's tolerance (removing the image
+        # mass in every layer moves float32 margins by up to ~1e-4 between batch layouts)
+        for name in KNOCKOUTS:
+            for metric in ("final_margin", "p_yes", "p_no"):
+                want = ex.knockout_records.query("condition == @name and metric == @metric").value
+                got = v.records.query("condition == @name and metric == @metric").value
+                assert len(want) == len(got) == 1 and got.iloc[0] == pytest.approx(want.iloc[0], abs=1e-3), name
 
 
 def test_aggregate_counts_equal_the_single_runs(pair):

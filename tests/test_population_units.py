@@ -64,7 +64,8 @@ def test_a_subset_of_rows_is_edited_in_place_and_alone():
     sweep = SweepKnockout("decision", None)
     sweep.bind(settings)
     sweep.attention(site)
-    assert [(lo, hi) for (lo, hi), _, _ in _runs([1, 2, 4], torch.ones(3, 4, dtype=torch.bool))] == [(1, 3), (4, 5)]
+    assert [(lo, hi) for (lo, hi), _, _ in _runs([1, 2, 4], [(0, 4)] * 3)] == [(1, 3), (4, 5)]
+    assert _runs([1, 2, 4], [(0, 4), None, (0, 4)]) is None  # a row whose image keys are not one span
     assert torch.equal(site.tensor[[0, 3]], probs[[0, 3]])
     for r in mine:
         m = site.tensor[r.index, :, 11, 2:7].sum(-1)

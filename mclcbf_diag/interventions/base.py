@@ -80,14 +80,15 @@ class Row:
 def rows_of(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> list[Row]:
     """The rows of a left-padded batch; a UserError if a prompt holds no image token."""
     pads = (attention_mask == 0).sum(-1).tolist()
+    ids, real = input_ids.cpu(), attention_mask.cpu().bool()
+    image = ids == image_token_id  # the whole batch at once: a population batch holds ~1000 rows
+    missing = (~(image & real).any(-1)).tolist()
     rows = []
     for b, p in enumerate(pads):
-        ids = input_ids[b, p:].cpu()
-        image = ids == image_token_id
-        if not bool(image.any()):
+        if missing[b]:
             raise UserError(f"no image token (id {image_token_id}) in the prompt; every prompt must contain "
                             "<image> (e.g. 'USER: <image>\\n{question}\\nASSISTANT:')")
-        rows.append(Row(b, int(p), ids, image))
+        rows.append(Row(b, int(p), ids[b, p:], image[b, p:]))
     return rows
 
 

@@ -204,19 +204,33 @@ class SweepKnockout(Intervention):
         key = (tuple(r.index for r in rows), tuple(probs.shape[-2:]), site.phase, site.start)
         if key not in self._layouts:
             dev, S = probs.device, probs.shape[-2]
+            decision = self.tokens == "decision" or site.phase == "decode"
+            # rows of one prompt (a question's units) share their layout: computed once per prompt
+            per_prompt: dict = {}
+            for r in rows:
+                k = (r.pad, r.image.numpy().tobytes())
+                if k not in per_prompt:
+                    mask = site.key_mask(r, r.image)
+                    on = mask.nonzero()[:, 0]
+                    contiguous = len(on) > 0 and int(on[-1]) + 1 - int(on[0]) == len(on)
+                    per_prompt[k] = (mask, (int(on[0]), int(on[-1]) + 1) if contiguous else None,
+                                     None if decision else site.query_index(r, r.after_image()))
+            layouts = [per_prompt[(r.pad, r.image.numpy().tobytes())] for r in rows]
             queries = torch.zeros(len(rows), S, dtype=torch.bool)
-            for j, r in enumerate(rows):
-                q = [site.current(r)] if self.tokens == "decision" or site.phase == "decode" else r.after_image()
-                queries[j, site.query_index(r, q)] = True
+            if decision:  # every row's current position is the last one
+                queries[:, S - 1] = True
+            else:
+                for j, (_, _, q) in enumerate(layouts):
+                    queries[j, q] = True
             first = int(queries.any(0).nonzero().min())  # the earliest query any row edits
             kinds = [self.settings[r.index] for r in rows]
-            image = torch.stack([site.key_mask(r, r.image) for r in rows])  # [R, K]
+            image = torch.stack([m for m, _, _ in layouts])  # [R, K]
             self._layouts[key] = (
                 torch.tensor([r.index for r in rows], device=dev), first, queries[:, None, first:, None].to(dev),
                 image[:, None, None].to(dev),  # [R, 1, 1, K]
                 torch.tensor([v for _, v in kinds], dtype=torch.float32, device=dev)[:, None, None, None],
                 torch.tensor([k == "target" for k, _ in kinds], device=dev)[:, None, None, None],
-                _runs([r.index for r in rows], image))
+                _runs([r.index for r in rows], [span for _, span, _ in layouts]))
         return self._layouts[key]
 
     def attention(self, site) -> None:
@@ -253,15 +267,12 @@ def _factors(m, value, is_target, keep):
             torch.where(ok, (1 - t) / torch.where(ok, 1 - m, one), one))
 
 
-def _runs(indices: list[int], image: torch.Tensor):
+def _runs(indices: list[int], spans: list):
     """``[((row lo, row hi), (key a, key b), (j0, j1))]``: maximal runs of consecutive batch rows
-    whose image keys are the same contiguous span ``[a, b)``; None when some row's are not."""
-    spans = []
-    for mask in image:
-        on = mask.nonzero()[:, 0]
-        if len(on) == 0 or int(on[-1]) + 1 - int(on[0]) != len(on):
-            return None
-        spans.append((int(on[0]), int(on[-1]) + 1))
+    whose image keys are the same contiguous span ``[a, b)`` (``spans``: each row's, None where
+    its image keys are not one contiguous span); None when some row's are not."""
+    if any(span is None for span in spans):
+        return None
     out, j0 = [], 0
     for j in range(1, len(indices) + 1):
         if j == len(indices) or indices[j] != indices[j - 1] + 1 or spans[j] != spans[j0]:

@@ -17,6 +17,9 @@ continuations of one baseline forward (:mod:`.units`).
   counterfactuals, batched; (4) the diagnosis again, now with their effects, exactly as
   explain's tester would have returned them; (5) the dose-response's bisection, one batched
   run per step for every question whose goal was reached on the grid.
+* **Knockouts from the sweep.** Each knockout is one of the sweep's all-layer settings (remove
+  = target 0, double = factor 2, the same edit of the same queries), so with the sweep on its
+  answer is read from that setting's row instead of being run again.
 * **Same answers as explain.** The doubling grid is run whole, then cut after the first
   multiplier that reaches the label's goal, so the curve, k* and the derailing multiplier are
   those of explain's early-stopping loop. Knockouts keep only their answer records (the
@@ -181,7 +184,10 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
     sweepers = {}
     for tokens, window, _, _ in sweeps:
         sweepers.setdefault((tokens, window), SweepKnockout(tokens, window))
-    kos = list(KNOCKOUTS.values())
+    # a knockout is the sweep's all-layer setting with the same edit (target 0 removes the image
+    # mass, factor 2 doubles it): read from the sweep's row when the sweep runs, run otherwise
+    ko_setting = {name: _sweep_index(ko, sweeps) for name, ko in KNOCKOUTS.items()}
+    kos = [ko for name, ko in KNOCKOUTS.items() if ko_setting[name] is None]
     lap("baseline forward (prefix, vision tower)")
 
     # (1) everything that needs no earlier answer
@@ -204,7 +210,8 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
         a = read_rows(lm, [logits for logits, _ in answers[q * lo_per:(q + 1) * lo_per]])
         ns, off = len(sweeps), n * lo_per
         sweep_r = read_rows(lm, [logits for logits, _ in answers[off + q * ns:off + (q + 1) * ns]])
-        ko_r, fix_r = a[:len(kos)], a[len(kos):]
+        ran, fix_r = iter(a[:len(kos)]), a[len(kos):]
+        ko_r = [next(ran) if i is None else sweep_r[i] for i in ko_setting.values()]
         qid, label = question_ids[q], labels[q]
         parts = [run_records(lm, base_cap, question_id=qid, condition="baseline"),
                  run_records(lm, steer_cap, question_id=qid, condition="steered", base=base_cap),
@@ -284,6 +291,19 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
         vd.row = question_row(questions[q], vd, sweeps)
     lap("rows")
     return verdicts
+
+
+def _sweep_index(knockout, sweeps: list) -> int | None:
+    """The index in ``sweeps`` of the setting that makes ``knockout``'s edit (None: none does).
+
+    A knockout scales the image mass of its queries by its factor (0: removes it) in every
+    layer, capped below 1 as the sweep caps it; the sweep's ``("target", 0)`` and ``("factor",
+    f)`` settings in window None (all layers) make the same edit on the same queries."""
+    k = knockout.knobs
+    if k.target is not None or k.layers is not None:
+        return None
+    want = (k.tokens, None, "target", 0.0) if k.factor == 0 else (k.tokens, None, "factor", float(k.factor))
+    return next((i for i, s in enumerate(sweeps) if tuple(s) == want), None)
 
 
 def _diagnose_all(records: list, iv, steered: list, run_tests) -> list:
