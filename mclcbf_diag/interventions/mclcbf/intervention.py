@@ -173,7 +173,10 @@ class MCLCBF(Intervention):
         dev = w.q_weight.device
         x_t = x_t.to(dev)
         n_keys = max(k.shape[-2] for _, k, _ in members)
-        keys = torch.stack([torch.nn.functional.pad(k.to(dev), (0, 0, 0, n_keys - k.shape[-2])) for _, k, _ in members])
+        k0 = members[0][1]
+        keys = torch.zeros(len(members), *k0.shape[:-2], n_keys, k0.shape[-1], dtype=k0.dtype, device=dev)
+        for j, (_, k, _) in enumerate(members):
+            keys[j, ..., :k.shape[-2], :] = k
         if normalized:
             x_t = w.norm(x_t)
         angles = [site.rotary(r, t) for r, _, t in members]
@@ -322,8 +325,11 @@ class MCLCBF(Intervention):
 
 def _grad_and_value(fn, x, *rest):
     """``(∇ₓfn, fn)`` for every member of a group at once (vmap over every argument), outside inference mode."""
+    def plain(t):  # a tensor made under inference mode cannot enter autograd: copy it out
+        return t.detach().clone() if t.is_inference() else t.detach()
+
     with torch.inference_mode(False), torch.enable_grad():
-        return torch.func.vmap(torch.func.grad_and_value(fn))(x.detach().clone(), *(a.detach().clone() for a in rest))
+        return torch.func.vmap(torch.func.grad_and_value(fn))(plain(x), *(plain(a) for a in rest))
 
 
 __all__ = ["MCLCBF", "BarrierConfig", "PRESETS", "FIXES", "METRICS"]
