@@ -177,10 +177,14 @@ def _dose_point(lm, inputs, intervention, k, base: Reading, label) -> dict:
 
 def dose_point(lm: LoadedModel, cap: RunCapture, k: float, base: Reading, label) -> dict:
     """One point of the dose-response curve, read off the run at dose ``k``."""
-    layers = [c.metrics for c in cap.steps[0].layers.values() if c.metrics.get("barrier_h") is not None]
+    return dose_point_of([c.metrics for c in cap.steps[0].layers.values()], reading(lm, cap), k, base, label)
+
+
+def dose_point_of(layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> dict:
+    """:func:`dose_point` from the run's per-layer records (``{metric: value}`` per layer) and its reading."""
+    layers = [m for m in layer_metrics if m.get("barrier_h") is not None]
     rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
     h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
-    r = reading(lm, cap)
     return {"k": k, "margin": r.margin, "answer_yes": r.margin > 0, "valid": r.valid, "p_yes": r.p_yes,
             "p_no": r.p_no, "outcome": outcome_of(base, r, label),
             "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
@@ -414,5 +418,5 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
 
 
 __all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "GOALS", "reading", "kind_of", "effect", "spec_key", "cause_tester", "knockouts",
-           "DoseResponse", "dose_point", "doubling_grid", "dose_result", "dose_response", "per_layer_doses",
+           "DoseResponse", "dose_point", "dose_point_of", "doubling_grid", "dose_result", "dose_response", "per_layer_doses",
            "FIX_COLUMNS", "fix_plan", "fix_row", "counterfactuals", "cause_chain", "Explanation", "explain_sample"]

@@ -98,8 +98,9 @@ class _Run:
 
     def __init__(self, lm: LoadedModel, rows: list[Row], intervention: Intervention | None, *, steer: bool,
                  dose: float, capture: bool, start: int = 0, prefix_keys: dict | None = None,
-                 prefix_rows: list[int] | None = None, keep_keys: bool = False):
+                 prefix_rows: list[int] | None = None, keep_keys: bool = False, patterns: bool = False):
         self.lm, self.rows, self.iv = lm, rows, intervention
+        self.patterns = patterns  # show the pattern site its layers' attention in a logits-only run too
         self.steer, self.dose, self.capture, self.keep_keys = steer and intervention is not None, dose, capture, keep_keys
         self.prefix_start, self.prefix_keys = start, prefix_keys or {}
         self.prefix_rows = list(range(len(rows))) if prefix_rows is None else list(prefix_rows)
@@ -212,6 +213,12 @@ class _Run:
                         caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
             if here and "attention" in sites:
                 self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
+            if not self.capture and self.patterns and here and "pattern" in sites:
+                attn = envoy_at(layer, ad.layer_attention).output[1]
+                if attn is None:
+                    raise UserError("the model returned no attention probabilities; load it with "
+                                    "attn_implementation='eager' (load_model does this)")
+                self.iv.pattern(Site(self, "pattern", i, attn))
             if self.capture:
                 attn = envoy_at(layer, ad.layer_attention).output[1]
                 if attn is None:
@@ -364,13 +371,15 @@ def prefix_forward(lm: LoadedModel, inputs: dict, *, states_from: int | None = N
 def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor, start: int = 0,
              prefix_keys: dict | None = None, prefix_rows: list[int] | None = None,
              full_mask: torch.Tensor | None = None, skip_to: int = 0, entering: torch.Tensor | None = None,
-             capture: bool = True, **model_kwargs):
+             capture: bool = True, patterns: bool = False, **model_kwargs):
     """One forward of a left-padded batch, every row captured as :func:`run` captures one prompt.
 
     Like :func:`run_batch` (``start``/``prefix_keys``/``model_kwargs`` continue from a cached
     prefix; ``inputs`` may carry ``inputs_embeds`` instead of ids), but the runs are steering
     runs whose intervention decides per row what to do (a mix of doses, measuring rows…), and
-    with ``capture`` each row's decision token is captured at every layer. ``prefix_rows[b]``:
+    with ``capture`` each row's decision token is captured at every layer (without it, ``patterns``
+    still shows the intervention's ``pattern`` site the attention of the layers it targets, for the
+    records it reads there). ``prefix_rows[b]``:
     the row of ``prefix_keys`` that row ``b`` continues (default: ``b``); ``full_mask``: the
     rows' 2-D padding mask over the whole prompt, when ``inputs`` carries a prepared 4-D mask
     (:mod:`mclcbf_diag.models.shared_prefix`). ``skip_to``/``entering``: layers ``0 …
@@ -383,7 +392,7 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
     mask = inputs["attention_mask"] if full_mask is None else full_mask
     rows = rows_of(full_ids, mask, lm.tokens.image_token_id)
     state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys,
-                 prefix_rows=prefix_rows)
+                 prefix_rows=prefix_rows, patterns=patterns)
     if skip_to:
         if capture or skip_to > min(state.targeted, default=0):
             raise ValueError("skip_to must not pass a captured or edited layer")  # programming error

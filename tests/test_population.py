@@ -48,6 +48,10 @@ def test_each_question_matches_its_single_explain(pair):
         assert ex.dose.k_star == v.dose.k_star and ex.dose.k_derail == v.dose.k_derail
         assert list(ex.dose.curve.k) == list(v.dose.curve.k)
         assert list(ex.dose.curve.outcome) == list(v.dose.curve.outcome)
+        # the batch's grid points come from records (Δh realised from the pattern site), explain's from captures
+        assert ex.dose.curve.h_mean.to_numpy() == pytest.approx(v.dose.curve.h_mean.to_numpy(), abs=1e-4)
+        assert ex.dose.curve.theta_rel_max.to_numpy() == pytest.approx(v.dose.curve.theta_rel_max.to_numpy(),
+                                                                       rel=1e-3, abs=1e-9)
         assert list(ex.sweep.outcome) == list(v.sweep.outcome)
         assert ex.sweep.margin.to_numpy() == pytest.approx(v.sweep.margin.to_numpy(), abs=1e-3)
         pd.testing.assert_frame_equal(ex.fixes[["fix", "applicable", "outcome"]].astype(str),

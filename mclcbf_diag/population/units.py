@@ -286,11 +286,12 @@ def _first(u: Unit, row) -> int | None:
     return None if f is None else row.pad + f
 
 
-def run_units(prefix: Prefix, units: list[Unit], *, capture: bool):
+def run_units(prefix: Prefix, units: list[Unit], *, capture: bool, patterns: bool = False):
     """Every unit's ``(logits [vocab], capture or records)``, in the order of ``units``.
 
     ``capture``: a :class:`~mclcbf_diag.runner.RunCapture` per unit (as :func:`~mclcbf_diag.runner.run`
-    returns for one prompt), else the unit's per-layer records (as :func:`~mclcbf_diag.runner.run_batch`).
+    returns for one prompt), else the unit's per-layer records (as :func:`~mclcbf_diag.runner.run_batch`;
+    with ``patterns`` also those the interventions' ``pattern`` sites record, e.g. MC-LCBF's Δh realised).
     """
     T = prefix.ids.shape[1]
     starts = [_first(u, prefix.rows[u.q]) for u in units]
@@ -307,12 +308,12 @@ def run_units(prefix: Prefix, units: list[Unit], *, capture: bool):
         size = max(1, min(MAX_UNITS, ATTENTION_BUDGET // max(1, prefix.row_attention_bytes(low))))
         for c in range(0, len(members), size):
             chunk = sorted(members[c:c + size], key=lambda i: units[i].q)
-            for j, res in zip(chunk, _run_chunk(prefix, [units[j] for j in chunk], capture)):
+            for j, res in zip(chunk, _run_chunk(prefix, [units[j] for j in chunk], capture, patterns)):
                 out[j] = res
     return out
 
 
-def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool):
+def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool = False):
     from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
     from ..runner import run_rows
 
@@ -327,7 +328,7 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool):
     embeds = prefix.embeds[idx, start:]
     if start == 0:
         last, per_row = run_rows(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, mix,
-                                 full_ids=ids, capture=capture)
+                                 full_ids=ids, capture=capture, patterns=patterns)
     else:
         shared = SharedPrefix([k for k, _ in prefix.kv], [v for _, v in prefix.kv], start, idx)
         feed = {"inputs_embeds": embeds, "attention_mask": continuation_mask(mask, start, embeds.dtype),
@@ -338,7 +339,8 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool):
         with continuing(lm, shared):
             last, per_row = run_rows(lm, feed, mix, full_ids=ids, full_mask=mask, start=start, use_cache=False,
                                      prefix_keys={i: k for i, (k, _) in enumerate(prefix.kv)},
-                                     prefix_rows=idx.tolist(), skip_to=skip, entering=entering, capture=capture)
+                                     prefix_rows=idx.tolist(), skip_to=skip, entering=entering, capture=capture,
+                                     patterns=patterns)
     last = last.float()
     return [(last[b], per_row[b]) for b in range(len(units))]
 

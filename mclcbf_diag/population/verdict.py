@@ -10,13 +10,15 @@ counterfactual fixes. The decisions are explain's own pure pieces
 :func:`mclcbf_diag.diagnose.diagnose`); only the runs differ: they are rows of a few batched
 continuations of one baseline forward (:mod:`.units`).
 
-* **Stages.** (1) every run that needs no earlier answer: the measuring baseline, the
-  intervened run and the dose-response's doubling grid (captured: the diagnosis and the dose
-  read their probes), the knockouts, the sweep and the fixes (logits only); (2) a first
+* **Stages.** (1) every run that needs no earlier answer: the measuring baseline and the
+  intervened run (captured: the diagnosis reads their probes), the dose-response's doubling
+  grid (its answers and the intervention's records, which a dose point reads: the step's size,
+  h and, from the ``pattern`` site, Δh realised), the sweep and the fixes (logits only); (2) a first
   diagnosis with a tester that only collects each detected cause's counterfactual; (3) those
   counterfactuals, batched; (4) the diagnosis again, now with their effects, exactly as
   explain's tester would have returned them; (5) the dose-response's bisection, one batched
-  run per step for every question whose goal was reached on the grid.
+  run per step (answers and records, as the grid) for every question whose goal was reached
+  on the grid.
 * **Knockouts from the sweep.** Each knockout is one of the sweep's all-layer settings (remove
   = target 0, double = factor 2, the same edit of the same queries), so with the sweep on its
   answer is read from that setting's row instead of being run again.
@@ -50,6 +52,7 @@ from ..explain import (
     DoseResponse,
     _variant,
     dose_point,
+    dose_point_of,
     dose_result,
     doubling_grid,
     effect,
@@ -191,10 +194,10 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
     lap("baseline forward (prefix, vision tower)")
 
     # (1) everything that needs no earlier answer
-    cap_units = [u for q in range(n) for u in (Unit(q, iv, 1.0, False), Unit(q, iv), *(Unit(q, iv, k) for k in more))]
-    caps = run_units(prefix, cap_units, capture=True)
+    caps = run_units(prefix, [u for q in range(n) for u in (Unit(q, iv, 1.0, False), Unit(q, iv))], capture=True)
+    # the dose grid's points read only the answer and the intervention's records (h, Δh realised, the step)
+    grid_runs = run_units(prefix, [Unit(q, iv, k) for q in range(n) for k in more], capture=False, patterns=True)
     lap("captured runs: trace and dose grid")
-    per = 2 + len(more)
     logit_units = [Unit(q, x) for q in range(n) for x in (*kos, *(e["run"] for e in runs))]
     logit_units += [Unit(q, sweepers[(t, w)], setting=(k, v)) for q in range(n) for t, w, k, v in sweeps]
     lo_per = len(kos) + len(runs)
@@ -204,9 +207,10 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
 
     out = []
     for q in range(n):
-        c = caps[q * per:(q + 1) * per]
+        c = caps[2 * q:2 * q + 2]
         base_cap, steer_cap = c[0][1], c[1][1]
         base, unfixed = _read(lm, c[0][0]), _read(lm, c[1][0])
+        grid_q = dict(zip(more, grid_runs[q * len(more):(q + 1) * len(more)]))
         a = read_rows(lm, [logits for logits, _ in answers[q * lo_per:(q + 1) * lo_per]])
         ns, off = len(sweeps), n * lo_per
         sweep_r = read_rows(lm, [logits for logits, _ in answers[off + q * ns:off + (q + 1) * ns]])
@@ -228,7 +232,8 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
         it = iter(fix_r)
         fixes = pd.DataFrame([fix_row(e, next(it) if e["run"] is not None else None, base, unfixed, label)
                               for e in plan], columns=FIX_COLUMNS)
-        points = [dose_point(lm, steer_cap if k == 1.0 else c[2 + more.index(k)][1], k, base, label) for k in grid]
+        points = [dose_point(lm, steer_cap, k, base, label) if k == 1.0 else
+                  dose_point_of(list(grid_q[k][1].values()), _read(lm, grid_q[k][0]), k, base, label) for k in grid]
         out.append({"q": q, "base": base, "unfixed": unfixed, "records": records, "fixes": fixes,
                     "sweep": sw, "sweep_text": sw_text, "summary": summ, "points": points, "steer_cap": steer_cap})
 
@@ -275,8 +280,8 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
     for _ in range(settings.bisect_steps if state else 0):
         qs = sorted(state)
         units = [Unit(q, iv, (state[q][0] + state[q][1]) / 2) for q in qs]
-        for q, u, (logits, cap) in zip(qs, units, run_units(prefix, units, capture=True)):
-            p = dose_point(lm, cap, u.dose, out[q]["base"], labels[q])
+        for q, u, (logits, per_layer) in zip(qs, units, run_units(prefix, units, capture=False, patterns=True)):
+            p = dose_point_of(list(per_layer.values()), _read(lm, logits), u.dose, out[q]["base"], labels[q])
             out[q]["points"].append(p)
             state[q][1 if p["outcome"] in out[q]["goal"] else 0] = u.dose
 
