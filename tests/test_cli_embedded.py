@@ -12,6 +12,8 @@ from mclcbf_diag.data import load_pope
 @pytest.mark.parametrize("argv, fragments", [
     (["embedded", "train", "--steps", "0"], ["--steps 0 must be >= 1"]),
     (["embedded", "train", "--batch-size", "0"], ["--batch-size 0 must be >= 1"]),
+    (["embedded", "train", "--checkpoint-every", "-1"], ["--checkpoint-every -1 must be >= 0"]),
+    (["embedded", "train", "--text-loss", "-0.5"], ["--text-loss -0.5 must be >= 0"]),
     (["embedded", "data", "--images", "-5"], ["--images -5 must be >= 1", "images to generate"]),
     (["embedded", "data", "--images", "0"], ["--images 0 must be >= 1"]),
     (["embedded", "bogus"], ["invalid choice", "bogus"]),
@@ -31,6 +33,16 @@ def test_embedded_refusals_are_one_line(tmp_path, capsys, argv, fragments):
 def test_embedded_train_and_data_refuse_bad_numbers_before_torch_loads(tmp_path, argv):
     _, torch_loaded = refused([*argv, "--out", str(tmp_path / "o")], tmp_path, fast=False)
     assert not torch_loaded
+
+
+def test_the_training_module_is_the_cli_command(tmp_path, capsys):
+    """``python -m mclcbf_diag.embedded.train`` runs ``mclcbf-diag embedded train``: the same checks."""
+    from mclcbf_diag.embedded.train import main as module_main
+
+    assert module_main(["--steps", "0", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 0 must be >= 1" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_embedded_eval_refuses_zero_images_before_torch_loads(tmp_path, capsys):

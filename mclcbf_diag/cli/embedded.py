@@ -34,6 +34,10 @@ def cmd_train(args) -> int:
         raise UserError(f"--sink-target {args.sink_target} must be between 0 and 1 (a BOS attention mass)")
     if not 0 <= args.sink_start <= 1:
         raise UserError(f"--sink-start {args.sink_start} must be between 0 and 1 (a fraction of the steps)")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every {args.checkpoint_every} must be >= 0 (0: no checkpoints)")
+    if args.text_loss < 0:
+        raise UserError(f"--text-loss {args.text_loss} must be >= 0 (the weight of the text loss)")
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         raise UserError(f"--init-from {args.init_from}: no config.json there; give a folder saved by `embedded train`")
     check_threads(args)
@@ -49,9 +53,10 @@ def cmd_train(args) -> int:
     torch.set_num_threads(args.threads or 1)  # one thread: fastest for this size, and reproducible
     cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, text_steps=args.text_steps,
                       batch_size=args.batch_size, pool=args.pool, lr=args.lr, warmup=args.warmup,
-                      sink_weight=args.sink_weight, sink_target=args.sink_target, sink_start=args.sink_start)
+                      text_loss=args.text_loss, sink_weight=args.sink_weight, sink_target=args.sink_target,
+                      sink_start=args.sink_start)
     summary = train(out, cfg, device=args.device, say=lambda m: print(m, flush=True),
-                    init_from=args.init_from)
+                    checkpoint_every=args.checkpoint_every, init_from=args.init_from)
     write_manifest(out, _manifest_names(Path(out)))  # what --verify checks
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     print(f"wrote {show(out)}")
@@ -112,11 +117,16 @@ def add_parser(sub) -> None:
     t.add_argument("--pool", type=int, default=C.pool, help="training scenes")
     t.add_argument("--lr", type=float, default=C.lr)
     t.add_argument("--warmup", type=int, default=C.warmup)
+    t.add_argument("--text-loss", type=float, default=C.text_loss,
+                   help="weight of the loss on the prompt's text tokens during instruction tuning")
     t.add_argument("--sink-weight", type=float, default=C.sink_weight, help="attention-sink prior weight (0: off)")
     t.add_argument("--sink-target", type=float, default=C.sink_target)
     t.add_argument("--sink-start", type=float, default=C.sink_start,
                    help="fraction of the instruction-tuning steps before the sink prior turns on")
-    t.add_argument("--init-from", default=None, help="continue from this saved model")
+    t.add_argument("--init-from", default=None, help="continue from this saved model "
+                   "(with --vision-steps 0 --text-steps 0 the vision and language pre-training stages are skipped)")
+    t.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save the model every N instruction-tuning steps (0: only at the end)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", default=None, help="output folder (default ./embedded-model)")

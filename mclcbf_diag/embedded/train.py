@@ -26,11 +26,12 @@ to stage 1). Sequences are padded on the right to a few fixed lengths (no stalls
 shapes). One command and one seed give the same weights on one machine::
 
     python -m mclcbf_diag.embedded.train --out DIR [--steps N] [--seed S] [--threads 1]
+
+(the same command as ``mclcbf-diag embedded train``, whose options and checks it runs).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -503,37 +504,11 @@ def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mclcbf_diag.embedded.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
-    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
-    ap.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps)
-    ap.add_argument("--pool", type=int, default=TrainConfig.pool)
-    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--text-loss", type=float, default=TrainConfig.text_loss)
-    ap.add_argument("--text-steps", type=int, default=TrainConfig.text_steps)
-    ap.add_argument("--checkpoint-every", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--sink-weight", type=float, default=TrainConfig.sink_weight)
-    ap.add_argument("--sink-target", type=float, default=TrainConfig.sink_target)
-    ap.add_argument("--sink-start", type=float, default=TrainConfig.sink_start)
-    ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="continue from this saved model (give --vision-steps 0 --text-steps 0 to skip stages 0 and L)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, vision_steps=args.vision_steps, pool=args.pool,
-                      batch_size=args.batch_size, lr=args.lr, text_loss=args.text_loss,
-                      text_steps=args.text_steps, sink_weight=args.sink_weight, sink_target=args.sink_target,
-                      sink_start=args.sink_start, warmup=args.warmup)
-    summary = train(args.out, cfg, device=args.device, say=lambda m: print(m, flush=True),
-                    checkpoint_every=args.checkpoint_every, init_from=args.init_from)
-    summary["command"] = "python -m mclcbf_diag.embedded.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    (Path(args.out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
-    return 0
+    """``python -m mclcbf_diag.embedded.train …`` is ``mclcbf-diag embedded train …`` (one entry point:
+    its options, their checks and its manifest are the CLI's)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["embedded", "train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
