@@ -26,8 +26,8 @@ the embedded model its 16 windows (79 layer runs per edit) alone were ≈ 2.9× 
 the whole prompt. What that token set answers is whether the decision token is the wrong place
 to act (a change at every text token after the image fixes what no decision-token setting
 does); all layers at once answer it with 8 layer runs per edit. On the embedded adversarial
-split the 16 windows had found one wrong answer of 57 that a single-layer window changed and
-neither all layers at once nor any decision-token setting did.
+split the 16 windows had found one wrong answer of 57 that an image mass of 0 to 0.2 in layer 0
+(alone, or with layer 1) changed and neither all layers at once nor any decision-token setting did.
 
 Speed: all settings of one (token set, window) are one batch of copies of the same prompt
 (one edit per row, :class:`GradedKnockout`), answered by :func:`mclcbf_diag.batch.answer_pair`,

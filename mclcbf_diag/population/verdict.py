@@ -197,12 +197,12 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
     caps = run_units(prefix, [u for q in range(n) for u in (Unit(q, iv, 1.0, False), Unit(q, iv))], capture=True)
     # the dose grid's points read only the answer and the intervention's records (h, Δh realised, the step)
     grid_runs = run_units(prefix, [Unit(q, iv, k) for q in range(n) for k in more], capture=False, patterns=True)
-    lap("captured runs: trace and dose grid")
+    lap("trace (captured) and dose grid (answers, records)")
     logit_units = [Unit(q, x) for q in range(n) for x in (*kos, *(e["run"] for e in runs))]
     logit_units += [Unit(q, sweepers[(t, w)], setting=(k, v)) for q in range(n) for t, w, k, v in sweeps]
     lo_per = len(kos) + len(runs)
     answers = run_units(prefix, logit_units, capture=False)
-    lap("answer-only runs: knockouts, fixes, graded sweep")
+    lap("answer-only runs: graded sweep (knockouts), fixes")
     plain = [_read(lm, prefix.logits[q].float()) for q in range(n)]
 
     out = []
