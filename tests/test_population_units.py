@@ -1,4 +1,4 @@
-"""SweepKnockout (the graded sweep's batched edit) against GradedKnockout's per-row edit."""
+"""SweepKnockout (the graded sweep's batched edit) against GradedKnockout's per-row edit; Mix's dispatch of doses."""
 
 from types import SimpleNamespace
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mclcbf_diag.experiments import GradedKnockout
-from mclcbf_diag.interventions.base import Row, Site
-from mclcbf_diag.population.units import SweepKnockout, _runs
+from mclcbf_diag.interventions.base import Intervention, Row, Site
+from mclcbf_diag.population.units import Mix, SweepKnockout, Unit, _runs
 
 
 def _rows(images, pads, length=12):
@@ -74,3 +74,34 @@ def test_a_subset_of_rows_is_edited_in_place_and_alone():
         expect = torch.full_like(m, v) if kind == "target" else (base * v).clamp(max=1 - 1e-4)
         assert torch.allclose(m, expect, atol=1e-6)
         assert torch.allclose(site.tensor[r.index, :, 11].sum(-1), torch.ones(2), atol=1e-6)
+
+
+class _Calls(Intervention):
+    """Records each residual call: its rows and the dose each row reads."""
+
+    name = "calls"
+    sites = frozenset({"residual"})
+
+    def __init__(self, row_doses: bool):
+        super().__init__()
+        self.row_doses, self.calls = row_doses, []
+
+    def layers(self, n_layers):
+        return (0,)
+
+    def residual(self, site):
+        self.calls.append({r.index: site.dose_of(r) for r in site.rows})
+
+
+@pytest.mark.parametrize("row_doses", [False, True])
+def test_a_mix_gives_each_row_its_dose(row_doses):
+    iv = _Calls(row_doses)
+    doses = [1.0, 2.0, 2.0, 0.5]
+    mix = Mix([Unit(0, iv, d) for d in doses])
+    rows = _rows([range(2, 7)] * 4, [0] * 4)
+    mix.begin(rows, 2)
+    run = SimpleNamespace(phase="prefill", decode_step=0, rows=rows, steer=True, dose=1.0, start=0)
+    mix.residual(Site(run, "residual", 0, torch.zeros(4, 12, 8)))
+    # one call with every row when the intervention reads each row's dose, else one call per dose
+    want = [dict(enumerate(doses))] if row_doses else [{0: 1.0}, {1: 2.0, 2: 2.0}, {3: 0.5}]
+    assert iv.calls == want
