@@ -25,9 +25,7 @@ The stages follow LLaVA-1.5's recipe, with stand-ins for what a real Llama and C
 to stage 1). Sequences are padded on the right to a few fixed lengths (no stalls on new
 shapes). One command and one seed give the same weights on one machine::
 
-    python -m mclcbf_diag.embedded.train --out DIR [--steps N] [--seed S] [--threads 1]
-
-(the same command as ``mclcbf-diag embedded train``, whose options and checks it runs).
+    mclcbf-diag embedded train --out DIR [--steps N] [--seed S] [--threads 1]
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -503,13 +500,6 @@ def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = 
     return summary
 
 
-def main(argv=None) -> int:
-    """``python -m mclcbf_diag.embedded.train …`` is ``mclcbf-diag embedded train …`` (one entry point:
-    its options, their checks and its manifest are the CLI's)."""
-    from ..cli import main as cli_main
-
-    return cli_main(["embedded", "train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the one entry point is the command line's (its options, checks and manifest)
+    raise SystemExit("run `mclcbf-diag embedded train` (the same options: --out DIR --checkpoint-every 250 …); "
+                     "this module has no command of its own")
