@@ -131,3 +131,4 @@ def test_tables_on_hand_made_rows():
     assert list(s.net) == [1, -1]  # setting 2 derails one right answer (question 5)
     text = A.answer(df, c, A.dose_table(df, 4.0), A.fix_table(df), s, 4.0)
     assert "3 wrong" in text and "fixes 1" in text and "to 0.3 in all layers would fix 2 and break 1" in text
+    assert "1 of the wrong answers are fixed only when every text token after the image is steered" in text

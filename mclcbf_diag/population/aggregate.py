@@ -189,8 +189,9 @@ def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: p
         parts.append("No decision-token image-mass setting of the graded sweep fixes a wrong answer.")
     only_after = wrong[(wrong.sweep_decision_changes == 0) & wrong.sweep_after_image_changes_it.astype(bool)]
     if len(settings) and len(wrong):
-        parts.append(f"{len(only_after)} of the wrong answers change only when every text token after the image is "
-                     "steered, not the decision token alone.")
+        # a wrong answer's valid change is its fix: no decision-token setting fixes these, some after-image one does
+        parts.append(f"{len(only_after)} of the wrong answers are fixed only when every text token after the image "
+                     "is steered, by no decision-token setting.")
     rest = fixes[fixes.fix != "(as configured)"]
     ran = rest[rest[[f"{g}_{o}" for g in GROUPS for o in OUTCOME_COLS]].sum(axis=1) > 0] if len(rest) else rest
     moved = ran[(ran.wrong_fixed + ran.right_broken + ran.wrong_derailed + ran.right_derailed) > 0] if len(ran) else ran
