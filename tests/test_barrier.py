@@ -320,6 +320,25 @@ def test_rescale_image_probs_equals_shifted_softmax():
     torch.testing.assert_close(dbl[:, img].sum(-1), torch.clamp(2 * m, max=0.99))
 
 
+def test_rescale_image_probs_keeps_a_float32_row_a_distribution_when_image_mass_is_near_one():
+    # A head that puts ~0.9998 of its mass on 576 image keys (as one embedded-model head does at
+    # layer 1). The float32 softmax sums to 1 only up to rounding; renormalising the other keys
+    # by 1 - m would divide that rounding by 2e-4. The reference is the float64 computation.
+    gen = torch.Generator().manual_seed(3)
+    img = torch.zeros(597, dtype=torch.bool)
+    img[5:581] = True
+    logits = torch.randn(8, 597, generator=gen, dtype=torch.float64) + 15.0 * img.double()
+    probs64 = torch.softmax(logits, -1)
+    assert probs64[:, img].sum(-1).min() > 0.999
+    probs = probs64.float()
+    for target in (0.0, 0.5):
+        out = B.rescale_image_probs(probs, img, target)
+        ref = B.rescale_image_probs(probs64, img, target)
+        torch.testing.assert_close(out.sum(-1), torch.ones(8), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[:, img].sum(-1), torch.full((8,), target), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.double(), ref, atol=1e-7, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ config
 
 

@@ -76,6 +76,24 @@ def test_a_subset_of_rows_is_edited_in_place_and_alone():
         assert torch.allclose(site.tensor[r.index, :, 11].sum(-1), torch.ones(2), atol=1e-6)
 
 
+@pytest.mark.parametrize("images", [[range(2, 7)] * 4, [range(2, 7), [1, 2, 5, 6]] * 2])  # in place; gathered
+def test_rows_stay_distributions_when_the_image_takes_nearly_all_mass(images):
+    # float32 rows whose image mass is ~0.9999: the other keys are divided by their own mass, not
+    # by 1 - m, so rounding in the softmax's sum is not amplified (rescale_image_probs's test).
+    torch.manual_seed(2)
+    rows = _rows(images, [0] * 4)
+    img = torch.stack([r.image for r in rows])[:, None, None, :]
+    logits = torch.randn(4, 3, 12, 12, dtype=torch.float64) + 11.0 * img
+    probs = torch.softmax(logits, -1).float()
+    assert float((probs * img).sum(-1).min()) > 0.999
+    settings = {r.index: s for r, s in zip(rows, [("target", 0.0), ("factor", 0.0), ("target", 0.4), ("factor", 0.5)])}
+    site = _site(rows, probs.clone())
+    sweep = SweepKnockout("decision", None)
+    sweep.bind(settings)
+    sweep.attention(site)
+    torch.testing.assert_close(site.tensor[:, :, 11].sum(-1), torch.ones(4, 3), atol=1e-6, rtol=0)
+
+
 class _Calls(Intervention):
     """Records each residual call: its rows and the dose each row reads."""
 

@@ -35,18 +35,23 @@ def rescale_image_probs(probs_row: torch.Tensor, image_mask: torch.Tensor,
     """Rescale softmax rows [..., keys] so the image mass equals ``target_mass``.
 
     ``target_mass`` may be a scalar or broadcast against ``probs_row.shape[:-1]`` (e.g. per
-    head). Rows with m = 0 or m = 1 cannot be rescaled and are returned unchanged.
+    head). Rows with no image mass, or no mass on other keys, cannot be rescaled and are returned
+    unchanged. The other keys are scaled by (1 − target) / (their own mass), not by
+    (1 − target) / (1 − m): a float32 softmax row sums to 1 only up to rounding, and dividing that
+    rounding by a small 1 − m (a head that puts 0.9998 on the image) would leave the edited row
+    summing to 1 − 2·10⁻⁴ instead of to 1.
     """
     p = probs_row.to(torch.float32)
     img = fit_mask(image_mask, p.shape[-1], p.device)
     imgf = img.to(p.dtype)
     m = (p * imgf).sum(-1, keepdim=True)
+    o = (p * (1 - imgf)).sum(-1, keepdim=True)
     t = torch.as_tensor(target_mass, dtype=p.dtype, device=p.device)
     if t.dim() > 0:
         t = t.unsqueeze(-1)
-    ok = (m > 0) & (m < 1)
+    ok = (m > 0) & (o > 0)
     c_img = torch.where(ok, t / torch.where(ok, m, torch.ones_like(m)), torch.ones_like(m))
-    c_oth = torch.where(ok, (1 - t) / torch.where(ok, 1 - m, torch.ones_like(m)), torch.ones_like(m))
+    c_oth = torch.where(ok, (1 - t) / torch.where(ok, o, torch.ones_like(o)), torch.ones_like(o))
     out = p * (imgf * c_img + (1 - imgf) * c_oth)
     return out.to(probs_row.dtype)
 

@@ -241,7 +241,9 @@ class SweepKnockout(Intervention):
         for (lo, hi), (a, b), (j0, j1) in runs:
             p = probs[lo:hi, :, first:]  # a view: the rows are edited in place
             m = p[..., a:b].sum(-1, keepdim=True, dtype=torch.float32)  # [r, H, S', 1]
-            c_img, c_oth = _factors(m, value[j0:j1], is_target[j0:j1], keep[j0:j1])
+            o = (p[..., :a].sum(-1, keepdim=True, dtype=torch.float32)
+                 + p[..., b:].sum(-1, keepdim=True, dtype=torch.float32))
+            c_img, c_oth = _factors(m, o, value[j0:j1], is_target[j0:j1], keep[j0:j1])
             p[..., a:b].mul_(c_img.to(p.dtype))
             p[..., :a].mul_(c_oth.to(p.dtype))
             p[..., b:].mul_(c_oth.to(p.dtype))
@@ -252,19 +254,22 @@ class SweepKnockout(Intervention):
         p = probs[idx, :, first:].float()  # [R, H, S', K]
         imgf = image.to(p.dtype)
         m = (p * imgf).sum(-1, keepdim=True)  # [R, H, S', 1]
-        c_img, c_oth = _factors(m, value, is_target, keep)
+        o = (p * (1 - imgf)).sum(-1, keepdim=True)
+        c_img, c_oth = _factors(m, o, value, is_target, keep)
         probs[idx, :, first:] = (p * (imgf * c_img + (1 - imgf) * c_oth)).to(probs.dtype)
 
 
-def _factors(m, value, is_target, keep):
-    """The factors on image and on other keys that move image mass ``m`` to each row's target
-    (``("target", t)``: t; ``("factor", f)``: f·m; both below 1), and 1 on the queries a row does
-    not edit and where ``m`` is 0 or 1 (no mass to move, or none left elsewhere)."""
+def _factors(m, o, value, is_target, keep):
+    """The factors on image and on other keys that move image mass ``m`` (other keys' mass ``o``)
+    to each row's target (``("target", t)``: t; ``("factor", f)``: f·m; both below 1), and 1 on
+    the queries a row does not edit and where ``m`` or ``o`` is 0 (no mass to move, or none left
+    elsewhere). As in :func:`~mclcbf_diag.interventions.attention_edits.rescale_image_probs`, the
+    other keys are divided by their own mass, so an edited row sums to 1."""
     t = torch.where(is_target, value.clamp(max=1 - 1e-4), (m * value).clamp(max=1 - 1e-4))
-    ok = (m > 0) & (m < 1) & keep
+    ok = (m > 0) & (o > 0) & keep
     one = torch.ones_like(m)
     return (torch.where(ok, t / torch.where(ok, m, one), one),
-            torch.where(ok, (1 - t) / torch.where(ok, 1 - m, one), one))
+            torch.where(ok, (1 - t) / torch.where(ok, o, one), one))
 
 
 def _runs(indices: list[int], spans: list):
