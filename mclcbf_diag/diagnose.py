@@ -185,7 +185,8 @@ def decision_token_off_path(ev: Evidence, rule: Rule) -> Cause:
         return f"at {where} none of {n} settings {verb} it ({int(d['sweep_derailed'] or 0)} derail the output)"
 
     detected = not dec["sweep_changes"] and bool(aft["sweep_changes"])
-    s = ("Setting the image attention mass to 0, 0.1, …, 0.9, ×0.5 and ×2 in all layers and in layer windows: "
+    s = ("Setting the image attention mass to 0, 0.1, …, 0.9, ×0.5 and ×2 (the decision token's in all layers and "
+         "in layer windows, the text's after the image in all layers at once): "
          + part(dec, "the decision token") + "; " + part(aft, "every text token after the image"))
     if detected:
         s += (": the image reaches this answer through earlier tokens, so no steering of the decision token's image "

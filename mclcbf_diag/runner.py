@@ -11,7 +11,8 @@ forward order, at each decoder layer it targets (the sites of
 3. the softmax inside eager attention (the ``attention`` site);
 4. ``self_attn.output[1]``, ``post_attention_layernorm.input``, ``layer.output``: with
    ``capture=True`` the decision token's attention row, ``resid_mid`` and ``resid_post`` are
-   saved at every layer, and the attention pattern is shown to the ``pattern`` site.
+   saved at every layer; the attention pattern is shown to the ``pattern`` site in captured
+   runs and, with ``patterns=True``, in logits-only runs too.
 
 Every run is batched: a single sample is a batch of one. A batch is left-padded (see
 :mod:`mclcbf_diag.batch`), so the last position is every row's decision token. A run can
@@ -213,19 +214,15 @@ class _Run:
                         caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
             if here and "attention" in sites:
                 self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
-            if not self.capture and self.patterns and here and "pattern" in sites:
+            show = here and "pattern" in sites and (self.capture or self.patterns)
+            if self.capture or show:
                 attn = envoy_at(layer, ad.layer_attention).output[1]
                 if attn is None:
                     raise UserError("the model returned no attention probabilities; load it with "
                                     "attn_implementation='eager' (load_model does this)")
-                self.iv.pattern(Site(self, "pattern", i, attn))
-            if self.capture:
-                attn = envoy_at(layer, ad.layer_attention).output[1]
-                if attn is None:
-                    raise UserError("the model returned no attention probabilities; load it with "
-                                    "attn_implementation='eager' (load_model does this)")
-                if here and "pattern" in sites:
+                if show:
                     self.iv.pattern(Site(self, "pattern", i, attn))
+            if self.capture:
                 mid = envoy_at(layer, ad.layer_post_attention_norm).input
                 post = layer.output
                 for r in self.rows:

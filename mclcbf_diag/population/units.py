@@ -207,15 +207,15 @@ class SweepKnockout(Intervention):
             decision = self.tokens == "decision" or site.phase == "decode"
             # rows of one prompt (a question's units) share their layout: computed once per prompt
             per_prompt: dict = {}
-            for r in rows:
-                k = (r.pad, r.image.numpy().tobytes())
+            prompt_of = [(r.pad, r.image.numpy().tobytes()) for r in rows]
+            for r, k in zip(rows, prompt_of):
                 if k not in per_prompt:
                     mask = site.key_mask(r, r.image)
                     on = mask.nonzero()[:, 0]
                     contiguous = len(on) > 0 and int(on[-1]) + 1 - int(on[0]) == len(on)
                     per_prompt[k] = (mask, (int(on[0]), int(on[-1]) + 1) if contiguous else None,
                                      None if decision else site.query_index(r, r.after_image()))
-            layouts = [per_prompt[(r.pad, r.image.numpy().tobytes())] for r in rows]
+            layouts = [per_prompt[k] for k in prompt_of]
             queries = torch.zeros(len(rows), S, dtype=torch.bool)
             if decision:  # every row's current position is the last one
                 queries[:, S - 1] = True

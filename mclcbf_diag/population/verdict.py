@@ -13,7 +13,8 @@ continuations of one baseline forward (:mod:`.units`).
 * **Stages.** (1) every run that needs no earlier answer: the measuring baseline and the
   intervened run (captured: the diagnosis reads their probes), the dose-response's doubling
   grid (its answers and the intervention's records, which a dose point reads: the step's size,
-  h and, from the ``pattern`` site, Δh realised), the sweep and the fixes (logits only); (2) a first
+  h and, from the ``pattern`` site, Δh realised), the sweep and the fixes (logits only), and the
+  knockouts when the sweep is off (see below); (2) a first
   diagnosis with a tester that only collects each detected cause's counterfactual; (3) those
   counterfactuals, batched; (4) the diagnosis again, now with their effects, exactly as
   explain's tester would have returned them; (5) the dose-response's bisection, one batched

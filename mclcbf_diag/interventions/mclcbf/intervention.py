@@ -195,13 +195,14 @@ class MCLCBF(Intervention):
             return h_of(xt, k, c, s, m, p, mdt)
 
         rest = (cos, sin, span, qpos)
+        keys_m = keys.to(mdt)
         if not site.steer:  # measuring run: h only, as the steered run measures it
-            h = torch.func.vmap(h_measured)(x_t.to(mdt), keys.to(mdt), *rest)
+            h = torch.func.vmap(h_measured)(x_t.to(mdt), keys_m, *rest)
             for (r, _, _), v in zip(members, h.tolist()):
                 site.record(r, "barrier_h", v)
             return
         g, h = _grad_and_value(h_of, x_t.to(gdt), keys.to(gdt), *rest)
-        g32, h32 = (g, h) if gdt == mdt else _grad_and_value(h_measured, x_t.to(mdt), keys.to(mdt), *rest)
+        g32, h32 = (g, h) if gdt == mdt else _grad_and_value(h_measured, x_t.to(mdt), keys_m, *rest)
         if not torch.isfinite(g).all():
             raise UserError(f"the barrier gradient at layer {site.layer} is NaN or inf (dtype {gdt}); "
                             "try --set grad_dtype=float32 or a float32 model")
@@ -236,7 +237,7 @@ class MCLCBF(Intervention):
         idx = [j for j, *_ in steps]
         with torch.no_grad():  # h after each step, same keys: one vmapped call
             moved = x_t[idx].to(mdt) + torch.stack([m for *_, m in steps])
-            h_after_all = torch.func.vmap(h_measured)(moved, keys[idx].to(mdt), *(a[idx] for a in rest)).tolist()
+            h_after_all = torch.func.vmap(h_measured)(moved, keys_m[idx], *(a[idx] for a in rest)).tolist()
         for (j, st, dose, applied, step_m), h_after in zip(steps, h_after_all):
             r, _, t = members[j]
             h_before = h_before_all[j]
