@@ -1,13 +1,19 @@
-"""SweepKnockout (the graded sweep's batched edit) against GradedKnockout's per-row edit; Mix's dispatch of doses."""
+"""SweepKnockout (the graded sweep's batched edit) against GradedKnockout's per-row edit; Mix's dispatch of
+doses; MC-LCBF's rows of different prompts and doses in one vmapped group against runs of each alone."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from mclcbf_diag import barrier as B
+from mclcbf_diag import shipped
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.experiments import GradedKnockout
+from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.interventions.base import Intervention, Row, Site
-from mclcbf_diag.population.units import Mix, SweepKnockout, Unit, _runs
+from mclcbf_diag.population.units import Mix, Prefix, SweepKnockout, Unit, _runs, run_units
+from mclcbf_diag.runner import run
 
 
 def _rows(images, pads, length=12):
@@ -123,3 +129,44 @@ def test_a_mix_gives_each_row_its_dose(row_doses):
     # one call with every row when the intervention reads each row's dose, else one call per dose
     want = [dict(enumerate(doses))] if row_doses else [{0: 1.0}, {1: 2.0, 2: 2.0}, {3: 0.5}]
     assert iv.calls == want
+
+
+def test_mclcbf_rows_of_different_prompts_and_doses_step_as_each_alone(embedded_model, monkeypatch):
+    # three prompts of different lengths (the group's keys are right-padded) and a question twice
+    # at different doses, all in one vmapped group per layer, against runner.run of each alone (the
+    # unclamped steps are large, so the batch's summation order grows to ~1e-4 by the last layer)
+    lm = embedded_model
+    questions = load_pope(shipped.pope_file("adversarial"))[:3]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in questions]
+    prompts = [build_prompt(t) for t in ("Is there a dog in the image?", "Is there a big red dog in the image?",
+                                         "dog?")]
+    cfg = B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99", "clamp=none"])
+    plan = [(0, 0.5), (1, 1.0), (2, 3.0), (0, 3.0)]
+    sizes = []
+    step_group = MCLCBF._step_group
+    monkeypatch.setattr(MCLCBF, "_step_group", lambda self, site, members, *a: (
+        sizes.append(len(members)), step_group(self, site, members, *a))[1])
+    iv = MCLCBF(cfg)  # one intervention for every unit, as the population runs use it
+    got = run_units(Prefix(lm, prompts, images), [Unit(q, iv, d) for q, d in plan], capture=False)
+    assert sizes and set(sizes) == {len(plan)}  # every steered layer: one call with all four rows
+    monkeypatch.setattr(MCLCBF, "_step_group", step_group)
+    lengths = {len(lm.inputs(p, images[q])["input_ids"][0]) for q, p in enumerate(prompts)}
+    assert len(lengths) == 3
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    moved, active = [], 0
+    for (q, dose), (logits, records) in zip(plan, got):
+        alone = run(lm, lm.inputs(prompts[q], images[q]), MCLCBF(cfg), dose=dose).steps[0]
+        assert float(logits[yes] - logits[no]) == pytest.approx(
+            float(alone.final_logits[yes] - alone.final_logits[no]), abs=1e-4)
+        assert records and set(records) == {i for i, c in alone.layers.items() if "barrier_h" in c.metrics}
+        for layer, rec in records.items():
+            want = alone.layers[layer].metrics
+            assert rec["barrier_active"] == want["barrier_active"]
+            if not rec["barrier_active"]:
+                continue
+            active += 1
+            for metric in ("barrier_h", "scale", "theta_rel", "applied_norm", "dh_predicted", "dh_recomputed"):
+                assert rec[metric] == pytest.approx(want[metric], rel=1e-3, abs=1e-7), (q, dose, layer, metric)
+        moved.append(records[min(records)]["dh_recomputed"])
+    assert active >= 3 * len(plan)  # the barrier fires, so the steps are compared, not skipped
+    assert moved[0] != pytest.approx(moved[3], rel=1e-3)  # the doses differ in the batch, not only alone
