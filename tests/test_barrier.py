@@ -323,7 +323,8 @@ def test_rescale_image_probs_equals_shifted_softmax():
 def test_rescale_image_probs_keeps_a_float32_row_a_distribution_when_image_mass_is_near_one():
     # A head that puts ~0.9998 of its mass on 576 image keys (as one embedded-model head does at
     # layer 1). The float32 softmax sums to 1 only up to rounding; renormalising the other keys
-    # by 1 - m would divide that rounding by 2e-4. The reference is the float64 computation.
+    # by 1 - m would divide that rounding by 2e-4. The reference is the edit written out in float64,
+    # where the row sums to 1 to 1e-15 and 1 - m is exact.
     gen = torch.Generator().manual_seed(3)
     img = torch.zeros(597, dtype=torch.bool)
     img[5:581] = True
@@ -333,7 +334,8 @@ def test_rescale_image_probs_keeps_a_float32_row_a_distribution_when_image_mass_
     probs = probs64.float()
     for target in (0.0, 0.5):
         out = B.rescale_image_probs(probs, img, target)
-        ref = B.rescale_image_probs(probs64, img, target)
+        m64 = probs64[:, img].sum(-1, keepdim=True)
+        ref = torch.where(img, probs64 * target / m64, probs64 * (1 - target) / (1 - m64))
         torch.testing.assert_close(out.sum(-1), torch.ones(8), atol=1e-6, rtol=0)
         torch.testing.assert_close(out[:, img].sum(-1), torch.full((8,), target), atol=1e-6, rtol=0)
         torch.testing.assert_close(out.double(), ref, atol=1e-7, rtol=1e-5)

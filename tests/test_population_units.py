@@ -149,7 +149,7 @@ def test_mclcbf_rows_of_different_prompts_and_doses_step_as_each_alone(embedded_
     iv = MCLCBF(cfg)  # one intervention for every unit, as the population runs use it
     got = run_units(Prefix(lm, prompts, images), [Unit(q, iv, d) for q, d in plan], capture=False)
     assert sizes and set(sizes) == {len(plan)}  # every steered layer: one call with all four rows
-    monkeypatch.setattr(MCLCBF, "_step_group", step_group)
+    monkeypatch.undo()
     lengths = {len(lm.inputs(p, images[q])["input_ids"][0]) for q, p in enumerate(prompts)}
     assert len(lengths) == 3
     yes, no = lm.tokens.yes_id, lm.tokens.no_id

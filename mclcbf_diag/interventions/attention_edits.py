@@ -5,7 +5,9 @@ adding δ to every image logit gives ``A e^δ/(A e^δ + B)``; the δ that reache
 ``log(t(1−m)/(m(1−t)))``. Multiplying the image probabilities by ``t/m`` and the others by
 ``(1−t)/(1−m)`` gives exactly ``softmax(logits + δ·image)``, so an edit after the softmax
 equals a logit shift before it, keeping each group's shape. Knockouts (t = 0), doubling,
-and the barrier's ``attn_logits`` site all use these functions.
+the graded sweep's batched edit and the barrier's ``attn_logits`` site all use these functions.
+``1 − m`` is taken as the other keys' own mass (:func:`mass_factors`): equal in exact
+arithmetic, but only that keeps a float32 row summing to 1 when m is close to 1.
 """
 
 from __future__ import annotations
@@ -30,16 +32,28 @@ def logit_bias_for_target(per_head_mass: torch.Tensor, tau: float, max_delta: fl
     return delta.to(torch.float32)
 
 
+def mass_factors(m: torch.Tensor, other: torch.Tensor, target: torch.Tensor):
+    """The factors ``(t/m, (1 − t)/other)`` on image and on other keys that move image mass ``m``
+    (other keys' mass ``other``) to ``target``; 1 and 1 where ``m`` or ``other`` is 0 (no mass
+    to move, or none left elsewhere).
+
+    The other keys are divided by their own mass, not by 1 − m: a float32 softmax row sums to
+    1 only up to rounding, and dividing that rounding by a small 1 − m (a head that puts 0.9998
+    on the image) would leave the edited row summing to 1 − 2·10⁻⁴ instead of to 1.
+    """
+    ok = (m > 0) & (other > 0)
+    one = torch.ones_like(m)
+    return (torch.where(ok, target / torch.where(ok, m, one), one),
+            torch.where(ok, (1 - target) / torch.where(ok, other, one), one))
+
+
 def rescale_image_probs(probs_row: torch.Tensor, image_mask: torch.Tensor,
                         target_mass: float | torch.Tensor) -> torch.Tensor:
     """Rescale softmax rows [..., keys] so the image mass equals ``target_mass``.
 
     ``target_mass`` may be a scalar or broadcast against ``probs_row.shape[:-1]`` (e.g. per
     head). Rows with no image mass, or no mass on other keys, cannot be rescaled and are returned
-    unchanged. The other keys are scaled by (1 − target) / (their own mass), not by
-    (1 − target) / (1 − m): a float32 softmax row sums to 1 only up to rounding, and dividing that
-    rounding by a small 1 − m (a head that puts 0.9998 on the image) would leave the edited row
-    summing to 1 − 2·10⁻⁴ instead of to 1.
+    unchanged (:func:`mass_factors`).
     """
     p = probs_row.to(torch.float32)
     img = fit_mask(image_mask, p.shape[-1], p.device)
@@ -49,9 +63,7 @@ def rescale_image_probs(probs_row: torch.Tensor, image_mask: torch.Tensor,
     t = torch.as_tensor(target_mass, dtype=p.dtype, device=p.device)
     if t.dim() > 0:
         t = t.unsqueeze(-1)
-    ok = (m > 0) & (o > 0)
-    c_img = torch.where(ok, t / torch.where(ok, m, torch.ones_like(m)), torch.ones_like(m))
-    c_oth = torch.where(ok, (1 - t) / torch.where(ok, o, torch.ones_like(o)), torch.ones_like(o))
+    c_img, c_oth = mass_factors(m, o, t)
     out = p * (imgf * c_img + (1 - imgf) * c_oth)
     return out.to(probs_row.dtype)
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..interventions.attention_edits import mass_factors
 from ..interventions.base import Intervention, rows_of
 
 # Bytes of one layer's attention scores and probabilities per batch of units. Smaller batches keep
@@ -260,16 +261,13 @@ class SweepKnockout(Intervention):
 
 
 def _factors(m, o, value, is_target, keep):
-    """The factors on image and on other keys that move image mass ``m`` (other keys' mass ``o``)
-    to each row's target (``("target", t)``: t; ``("factor", f)``: f·m; both below 1), and 1 on
-    the queries a row does not edit and where ``m`` or ``o`` is 0 (no mass to move, or none left
-    elsewhere). As in :func:`~mclcbf_diag.interventions.attention_edits.rescale_image_probs`, the
-    other keys are divided by their own mass, so an edited row sums to 1."""
+    """:func:`~mclcbf_diag.interventions.attention_edits.mass_factors` toward each row's target
+    (``("target", t)``: t; ``("factor", f)``: f·m; both below 1), and 1 on the queries a row does
+    not edit (``keep`` false)."""
     t = torch.where(is_target, value.clamp(max=1 - 1e-4), (m * value).clamp(max=1 - 1e-4))
-    ok = (m > 0) & (o > 0) & keep
     one = torch.ones_like(m)
-    return (torch.where(ok, t / torch.where(ok, m, one), one),
-            torch.where(ok, (1 - t) / torch.where(ok, o, one), one))
+    c_img, c_oth = mass_factors(m, o, t)
+    return torch.where(keep, c_img, one), torch.where(keep, c_oth, one)
 
 
 def _runs(indices: list[int], spans: list):
