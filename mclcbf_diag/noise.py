@@ -17,10 +17,14 @@ diagnosis rule draws a conclusion from it. Which dtype, scale and count each fig
   float32 (:func:`measure_dtype`; float64 stays float64) whatever the model's dtype, so
   ``dtype`` = float32; ``dh_realised`` is the model's own attention mass (its forward, in its
   dtype) minus the float32 h, so ``dtype`` = the model's. For an attention mass
-  ``m = Σ_{k∈I} p_k`` the scale is ``s = √(m(1 − m))``: a logit error δl moves it by
+  ``m = Σ_{k∈I} p_k`` two errors add. A logit error δl moves it by
   ``δm = Σ_k p_k (1_I(k) − m) δl_k = Cov_p(1_I, δl) ≤ √(m(1 − m)) · sd_p(δl)``
-  (Cauchy–Schwarz), so both a mass near 0 and one near 1 are resolved finely. ``n`` =
-  :data:`MASS_ROUNDINGS`; ``s`` takes the larger of h and h + Δh (:func:`mass_floor`).
+  (Cauchy–Schwarz), small near 0 and near 1; but the probabilities are then rounded and
+  summed, which adds an error of order ``eps · m`` (a float32 number near 0.99 cannot move by
+  less than one step of 6e-8). In quadrature, ``m(1 − m) + m² = m``, so the scale is
+  ``s = √m``: a mass near 0 is resolved finely, one near 1 only to ``eps`` (a logit-only
+  scale was 38× too small for float32 masses above 0.98). ``n`` = :data:`MASS_ROUNDINGS`;
+  ``s`` takes the larger of h and h + Δh (:func:`mass_floor`).
 * ``propagation`` at layer k: ``‖x_k^steered − x_k^base‖`` of two forwards in the model's
   dtype: ``s = ‖x_k^base‖``, ``n`` = :data:`ROUNDINGS_PER_LAYER` × the layers from the first
   one whose output differs up to k; after the final norm (layer −1) ``s`` is the norm of the
@@ -35,8 +39,8 @@ most 0.6·eps·√(m(1 − m)) in bfloat16 and 2.2·eps·√(m(1 − m)) in floa
 accumulations), under √16 = 4; a tiny random model's bfloat16 propagation noise was
 0.9·eps·‖x‖ three layers after the step, under √12 ≈ 3.5.
 
-Hand-worked: a bfloat16 mass going from 0.5 has floor 2⁻⁷ · √0.25 · √16 = 2⁻⁶ ≈ 0.0156; in float32
-2⁻²³ · 0.5 · 4 ≈ 2.4e-7; a bfloat16 residual of norm 64 one layer after the step has a
+Hand-worked: a bfloat16 mass going from 0.5 has floor 2⁻⁷ · √0.5 · √16 ≈ 0.0221; in float32
+2⁻²³ · √0.5 · 4 ≈ 3.4e-7; a float32 mass near 0.99, 2⁻²³ · √0.99 · 4 ≈ 4.7e-7 (eight steps of 0.99); a bfloat16 residual of norm 64 one layer after the step has a
 propagation floor 2⁻⁷ · 64 · √4 = 1.0, and after the final norm (norm 64) 2⁻⁷ · 64 · √5 ≈ 1.12.
 """
 
@@ -75,8 +79,8 @@ def floor(dtype: torch.dtype, scale: float, roundings: int = 1) -> float:
 
 
 def mass_floor(dtype: torch.dtype, *masses: float) -> float:
-    """Floor of a difference of attention masses (h, h + Δh) computed in ``dtype``: scale √(m(1 − m))."""
-    spread = [math.sqrt(max(m * (1 - m), 0.0)) for m in map(float, masses) if math.isfinite(m)]
+    """Floor of a difference of attention masses (h, h + Δh) computed in ``dtype``: scale √m (see above)."""
+    spread = [math.sqrt(max(m, 0.0)) for m in map(float, masses) if math.isfinite(m)]
     return floor(dtype, max(spread), MASS_ROUNDINGS) if spread else math.nan
 
 
