@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import (
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.interventions.attention_edits import shifted_mass
 
 torch.set_num_threads(1)
 
@@ -407,3 +408,29 @@ def test_shift_image_logits_equals_softmax_of_shifted_logits():
     lifted = mass < tau
     torch.testing.assert_close(full[..., :3].sum(-1)[lifted], torch.full_like(mass[lifted], tau), atol=1e-5,
                                rtol=0)
+
+
+@pytest.mark.parametrize("strength", [1.0, 100.0, 1e3, 1e4, 1e6])
+def test_shift_image_logits_saturates_instead_of_overflowing(strength):
+    """strength·δ far past e^709 (float64's largest exp): the mass after is finite and saturates at 1, as
+    softmax of the shifted logits does in float64 (every image key's logit then dwarfs the others)."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 1, 12, generator=gen, dtype=torch.float64)
+    logits[:, :, :4] -= 3.0  # little image mass, so every head is lifted
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[:4] = True
+    probs = torch.softmax(logits, -1).float()
+    edited, mass, delta, target = B.shift_image_logits(probs, mask, 0.5, strength=strength)
+    assert torch.isfinite(edited).all() and torch.isfinite(target).all()
+    reference = torch.softmax(logits + delta.double()[..., None] * mask.double(), -1)  # saturates by itself
+    torch.testing.assert_close(target.double(), reference[..., :4].sum(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(edited.double(), reference, atol=1e-6, rtol=0)
+    if strength >= 1e3:  # δ·strength ≥ 709: the old closed form e^δ overflowed here
+        assert float(delta.min()) > 709 and torch.all(target == 1.0)
+
+
+def test_shifted_mass_closed_form_and_ends():
+    m = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    d = torch.tensor([2.0, math.log(3.0), -1e6, -5.0])
+    # hand-worked: 0 stays 0; 0.25 with e^δ = 3 → 0.75/(0.75 + 0.75) = 0.5; −1e6 → 0; 1 stays 1
+    assert shifted_mass(m, d).tolist() == pytest.approx([0.0, 0.5, 0.0, 1.0], abs=1e-7)

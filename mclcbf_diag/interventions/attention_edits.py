@@ -79,6 +79,15 @@ def shift_image_logits(probs_rows: torch.Tensor, image_mask: torch.Tensor, tau: 
     mask = fit_mask(image_mask, probs_rows.shape[-1], probs_rows.device)
     mass = probs_rows.float()[..., mask].sum(-1)
     delta = logit_bias_for_target(mass, tau) * strength
-    m, e = mass.double(), torch.exp(delta.double())
-    target = (m * e / (m * e + 1 - m)).float()
+    target = shifted_mass(mass, delta)
     return rescale_image_probs(probs_rows, mask, target), mass, delta, target
+
+
+def shifted_mass(mass: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Image mass after adding ``delta`` to every image logit: ``m e^δ/(m e^δ + 1 − m)``.
+
+    Computed as ``sigmoid(logit(m) + δ)`` in float64, which saturates at 0 and 1 instead of
+    overflowing: ``e^δ`` is infinite past δ ≈ 709, and ∞/∞ would read as NaN. Returns float32.
+    """
+    m = mass.double().clamp(0.0, 1.0)
+    return torch.sigmoid(torch.logit(m) + delta.double()).float()
