@@ -87,13 +87,15 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
 
 def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, records=None) -> list[dict]:
     """Per row: ``margin``, ``answer`` and the Yes/No reading (:mod:`mclcbf_diag.outcomes`): ``p_yes``,
-    ``p_no`` (probability mass on every Yes/No spelling), ``top_yes_no``, ``finite``, ``valid``."""
-    from .outcomes import read_batch
+    ``p_no`` (probability mass on every Yes/No spelling), ``top_yes_no``, ``finite``, ``valid``, and
+    ``dropped``: the intervention computed a non-finite edit and did not apply it (:func:`~mclcbf_diag.outcomes.dropped_edit`)."""
+    from .outcomes import dropped_edit, read_batch
 
     out = [{"margin": r.margin, "answer": r.answer, "p_yes": r.p_yes, "p_no": r.p_no, "top_yes_no": r.top_yes_no,
-            "finite": r.finite, "valid": r.valid} for r in read_batch(last_logits.float(), lm.tokens)]
+            "finite": r.finite, "valid": r.valid, "dropped": False} for r in read_batch(last_logits.float(), lm.tokens)]
     for rec, per_layer in zip(out, records or ()):
         rec.update(intervention.row_summary(per_layer))
+        rec["dropped"] = dropped_edit(per_layer.values())
     return out
 
 

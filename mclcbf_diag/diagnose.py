@@ -16,9 +16,13 @@ change whose top token is not a Yes/No spelling is *derailed*, not a flip.
 :func:`mclcbf_diag.explain.cause_tester`) each detected cause's own counterfactual is run and
 compared with the unfixed intervention; it is *decisive* only if that changes the step size, the
 decision token's image mass, the margin or the outcome by the amounts stated in
-:data:`mclcbf_diag.rulebook.DECISIVE_RULE`, else "present, not decisive". Causes read off the
-run itself (non-finite values, a derailed output, a rounded-away step, the graded sweep) are
-decisive by that observation. Ranking: decisive, then untested, then not decisive; each group
+:data:`mclcbf_diag.rulebook.DECISIVE_RULE`, else "present, not decisive". "Decisive" always
+comes with the counterfactual run that showed it (:class:`~mclcbf_diag.rulebook.CounterfactualRun`);
+a cause read off the run itself (non-finite values, a derailed output) is *observed*, never
+decisive; one whose test cannot succeed by construction is *untestable here*, with the reason; a
+counterfactual whose run is non-finite shows no effect. The graded sweep's runs are the test of
+``decision_token_off_path``. When no single cause is decisive, sets of causes are undone together
+(:func:`mclcbf_diag.rulebook.joint_causes`). Ranking: decisive, then untested, then not decisive; each group
 in causal order (a step exists → it targets the image → the barrier asks for it → the
 gradient is computed → the scale is set → it survives rounding → it is large next to x → it
 does what the linearisation promised → the residual carries it → the margin moves → the
@@ -28,10 +32,12 @@ Generic rules (rank):
 
 * ``non_finite`` (0): NaN/inf in the intervened run (``nonfinite_values``, including states whose
   mean square overflows float32, non-finite logits, or an intervention's ``step_nonfinite`` /
-  ``residual_nonfinite`` records). The outcome is derailed.
+  ``residual_nonfinite`` records). Observed; the outcome is derailed (non-finite logits) or
+  non_finite (a step dropped, the logits finite).
 * ``not_applied`` (1): no steered layer fired, unless a named cause explains it.
 * ``rounding_absorbed`` (6): median ``rounding_survival`` over fired layers <
-  :data:`ROUNDING_SURVIVAL_MIN`; its counterfactual (the unrounded step) is that measurement.
+  :data:`ROUNDING_SURVIVAL_MIN`; untestable here (undoing it needs a wider model dtype: rerun in
+  float32 and compare).
 * ``margin_unmoved`` (10): the outcome is unchanged for a wrong (or unlabeled) answer; never a
   cause for a right answer (its sentence then says how far the margin is from breaking).
 * ``output_derailed`` (10.5): the top token was a Yes/No spelling in the baseline and is not
@@ -55,6 +61,7 @@ import pandas as pd
 from .interventions import MCLCBF
 from .rulebook import (
     Cause,
+    CounterfactualRun,
     Evidence,
     Rule,
     fmt,
@@ -93,9 +100,14 @@ def rounding_absorbed(ev: Evidence, rule: Rule) -> Cause:
     e = {"median_survival": m, "n_low": low, "n_fired": len(surv)}
     s = (f"Rounding x + αθ* to the model dtype kept a median {pct(m)} of the step"
          f" ({low} of {len(surv)} fired layers below {pct(ROUNDING_SURVIVAL_MIN)}).")
-    # its counterfactual (the same step, not rounded) is measured by rounding_survival itself
-    test = f"the step without rounding would be {pct(1 - m)} larger: rounding removed most of it"
-    return ev.make(rule, m < ROUNDING_SURVIVAL_MIN, 1 - m, e, s, decisive=True, test=test)
+    # rounding_survival measures how much of the step rounding removed, not what the step would have done:
+    # that needs a run (see _cf_rounding)
+    return ev.make(rule, m < ROUNDING_SURVIVAL_MIN, 1 - m, e, s)
+
+
+def _cf_rounding(ev: Evidence, cause: Cause) -> dict:
+    return {"untestable": "undoing the rounding means adding the step in a wider dtype than the model computes in; "
+                          "rerun with --dtype float32, where it is not rounded away, and compare"}
 
 
 def non_finite(ev: Evidence, rule: Rule) -> Cause:
@@ -109,11 +121,14 @@ def non_finite(ev: Evidence, rule: Rule) -> Cause:
          "logits_finite": int(fin)}
     s = (f"The intervened run holds non-finite values: {bad:.0f} NaN/inf numbers in the decision token's residuals"
          f" and logits; the step overflowed at {len(step_bad)} layers (not applied) and the residual was NaN/inf at"
-         f" {len(resid_bad)}. A margin computed from such values means nothing: the output is derailed."
+         f" {len(resid_bad)}. " + ("A margin computed from such values means nothing: the output is derailed."
+                                   if not fin else "What ran is not the configured intervention, so its answer says "
+                                   "nothing about it: the outcome is non_finite, never unchanged.")
          if detected else "Every value of the intervened run is finite.")
-    return ev.make(rule, detected, 1.0, e, s, decisive=True,
-                   test="read off the run: non-finite logits are no answer (the outcome is derailed)" if not fin else
-                   "read off the run: an overflowing step is dropped")
+    # an observation of the run itself, not a counterfactual: never "decisive" (no run undoes it)
+    return ev.make(rule, detected, 1.0, e, s,
+                   test="observed: non-finite logits are no answer (the outcome is derailed)" if not fin else
+                   "observed: an overflowing step is recorded and dropped (the outcome is non_finite)")
 
 
 def output_derailed(ev: Evidence, rule: Rule) -> Cause:
@@ -131,8 +146,8 @@ def output_derailed(ev: Evidence, rule: Rule) -> Cause:
          f"word; Yes and No spellings keep {pct(mass)} of the probability (baseline {pct(base_mass)}). The sign of "
          "Yes − No there is not an answer." if detected else
          f"The output is still a Yes/No answer (Yes + No mass {pct(mass)}, baseline {pct(base_mass)}).")
-    return ev.make(rule, detected, 1 - mass if math.isfinite(mass) else 1.0, e, s, decisive=True,
-                   test="read off the run: the output is no answer (the outcome is derailed)")
+    return ev.make(rule, detected, 1 - mass if math.isfinite(mass) else 1.0, e, s,
+                   test="observed: the output is no answer (the outcome is derailed)")
 
 
 def margin_unmoved(ev: Evidence, rule: Rule) -> Cause:
@@ -191,8 +206,16 @@ def decision_token_off_path(ev: Evidence, rule: Rule) -> Cause:
     if detected:
         s += (": the image reaches this answer through earlier tokens, so no steering of the decision token's image "
               "attention can change it")
-    return ev.make(rule, detected, 1.0, e, s + ".", decisive=True,
-                   test="the graded sweep: image-mass edits after the image change the answer, at the decision token none do")
+    run = None
+    if detected:  # the sweep's runs are the test: the one shown is the smallest after-image setting that changes it
+        mass, margin = aft.get("sweep_min_target"), ev.scalar("sweep_example_margin", "sweep:after_image")
+        what = {"fixes": "fixed", "breaks": "broken"}.get(verb, "changed")
+        run = CounterfactualRun(f"image mass {fmt(mass) if mass is not None else '(a relative setting)'} at every text "
+                                "token after the image, in all layers (the graded sweep)",
+                                margin if margin is not None else math.nan, what)
+    return ev.make(rule, detected, 1.0, e, s + ".", decisive=True if detected else None,
+                   test="the graded sweep: image-mass edits after the image change the answer, at the decision token "
+                        "none do", run=run)
 
 
 def _generic_rules(explained_by=()) -> list[Rule]:
@@ -203,7 +226,7 @@ def _generic_rules(explained_by=()) -> list[Rule]:
         Rule("non_finite", "Non-finite values (overflow)", 0,
              "NaN/inf in the intervened run's residuals or logits, or an overflowing step", non_finite),
         Rule("rounding_absorbed", "Rounding absorbed the step", 6,
-             f"median rounding_survival over fired layers < {ROUNDING_SURVIVAL_MIN}", rounding_absorbed),
+             f"median rounding_survival over fired layers < {ROUNDING_SURVIVAL_MIN}", rounding_absorbed, _cf_rounding),
         Rule("margin_unmoved", "Answer not changed (wrong or unlabeled answer)", 10,
              "outcome unchanged for a wrong (or unlabeled) answer", margin_unmoved),
         Rule("output_derailed", "Output derailed (no longer a Yes/No answer)", 10.5,

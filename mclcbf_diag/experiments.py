@@ -163,6 +163,7 @@ def sweep_summary(sweep: pd.DataFrame) -> dict[str, dict]:
             "min_target": float(targets.value.min()) if len(targets) else math.nan,
             "example": None if best is None else
             f"{best.edit} {best.value:g} in layers {best.window} → {best.answer} (margin {best.margin:+.3g})",
+            "example_margin": math.nan if best is None else float(best.margin),
         }
     return out
 
@@ -174,7 +175,8 @@ def sweep_records(sweep: pd.DataFrame, *, question_id, phase: str = "prefill", d
     cols = {k: [] for k in COLUMNS}
     for tokens, summ in (sweep_summary(sweep) if summary is None else summary).items():
         for metric, key in (("sweep_runs", "runs"), ("sweep_changes", "changes"), ("sweep_fixes", "fixes"),
-                            ("sweep_derailed", "derailed"), ("sweep_min_target", "min_target")):
+                            ("sweep_derailed", "derailed"), ("sweep_min_target", "min_target"),
+                            ("sweep_example_margin", "example_margin")):
             for k, v in (("question_id", question_id), ("condition", f"sweep:{tokens}"), ("phase", phase),
                          ("decode_step", decode_step), ("layer", NO_LAYER), ("head", NO_HEAD), ("metric", metric),
                          ("value", float(summ[key]))):

@@ -44,7 +44,7 @@ from .interventions.mclcbf import FIXES
 from .knobs import changed
 from .measure import run_records
 from .models import LoadedModel
-from .outcomes import Reading, outcome_of, read_batch
+from .outcomes import Reading, dropped_edit, outcome_of, read_batch
 from .progress import tqdm
 from .runner import RunCapture, run, with_embeds
 from .trace import TraceResult, sample_inputs, trace_sample
@@ -98,8 +98,10 @@ def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | Non
         if c.attn is not None:
             mass.append(float(c.attn[:, capture.detected[: c.attn.shape[-1]]].sum(-1).mean()))
     r = reading(lm, capture)
+    dropped = dropped_edit(c.metrics for c in prefill.layers.values())
     return {"step_size": rel, "mass": sum(mass) / len(mass) if mass else math.nan, "margin": r.margin,
-            "outcome": outcome_of(base, r, label), "valid": r.valid}
+            "outcome": outcome_of(base, r, label, dropped=dropped), "valid": r.valid, "finite": r.finite,
+            "dropped": dropped}
 
 
 def _variant(iv, spec):
@@ -107,12 +109,9 @@ def _variant(iv, spec):
         return iv, 1.0
     if "intervention" in spec:
         variant = spec["intervention"]
-    elif "knobs_fn" in spec:
-        variant = iv.replace(**spec["knobs_fn"](iv.knobs))
-    elif "knobs" in spec:
-        variant = iv.replace(**spec["knobs"])
-    else:
-        variant = iv
+    else:  # a knob function (what it reads) first, then fixed knob values: a joint cause may carry both
+        changes = {**(spec["knobs_fn"](iv.knobs) if "knobs_fn" in spec else {}), **spec.get("knobs", {})}
+        variant = iv.replace(**changes) if changes else iv
     return variant, float(spec.get("dose", 1.0))
 
 
@@ -155,11 +154,16 @@ class DoseResponse:
     goal: tuple[str, ...] = ("changed", "derailed")
     kind: str = "unlabeled"  # wrong / right / unlabeled
     k_derail: float | None = None  # smallest multiplier on the grid that derailed the output
+    k_nonfinite: float | None = None  # smallest multiplier on the grid whose step overflowed and was dropped
 
     def sentence(self) -> str:
         goal = " or ".join(self.goal)
         if self.k_star is None:
             tail = (f" (it derails the output from k = {self.k_derail:.3g})" if self.k_derail is not None else "")
+            if self.k_nonfinite is not None:  # a dropped step says nothing: no survival claim past it
+                return (f"No multiplier up to k = {self.k_max:g} on the step makes the answer {goal}; from k = "
+                        f"{self.k_nonfinite:.3g} the step overflows and is not applied, so those multipliers were "
+                        f"not tested{tail}.")
             if self.kind == "right":
                 return f"The right answer survives every multiplier up to k = {self.k_max:g} on the step{tail}."
             return f"No multiplier up to k = {self.k_max:g} on the step makes the answer {goal}{tail}."
@@ -186,7 +190,7 @@ def dose_point_of(layer_metrics: list[dict], r: Reading, k: float, base: Reading
     rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
     h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
     return {"k": k, "margin": r.margin, "answer_yes": r.margin > 0, "valid": r.valid, "p_yes": r.p_yes,
-            "p_no": r.p_no, "outcome": outcome_of(base, r, label),
+            "p_no": r.p_no, "outcome": outcome_of(base, r, label, dropped=dropped_edit(layer_metrics)),
             "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
             "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": r.top_yes_no}
 
@@ -211,8 +215,9 @@ def dose_result(points: list[dict], hi: float | None, k_max: float, goal: tuple,
     """The :class:`DoseResponse` of the computed ``points`` whose smallest hit is ``hi``."""
     curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
     at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
-    der = curve[curve.outcome == "derailed"]
-    return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None)
+    der, lost = curve[curve.outcome == "derailed"], curve[curve.outcome == "non_finite"]
+    return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None,
+                        float(lost.k.min()) if len(lost) else None)
 
 
 def dose_response(lm: LoadedModel, inputs: dict, config, base_margin: float, *, label: str | None = None,

@@ -17,6 +17,10 @@ spelling. The outcome of one question under an intervention (:func:`outcome`):
 
 * ``derailed``: the intervened reading is not valid while the baseline was (or it is
   non-finite, whatever the baseline);
+* ``non_finite``: the logits are finite, but the intervention computed a non-finite edit
+  somewhere and dropped it (an overflowing step is recorded, never applied: the records of
+  :data:`DROPPED_EDIT_METRICS`), so what ran is not the configured intervention and an
+  answer equal to the baseline's says nothing about it; never read as unchanged;
 * with a label: ``fixed`` (wrong → right), ``broken`` (right → wrong), ``unchanged``;
 * without a label: ``changed`` or ``unchanged`` (the answer's sign, nothing more).
 
@@ -32,8 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-OUTCOMES = ("unchanged", "fixed", "broken", "derailed")
-UNLABELED_OUTCOMES = ("unchanged", "changed", "derailed")
+OUTCOMES = ("unchanged", "fixed", "broken", "derailed", "non_finite")
+UNLABELED_OUTCOMES = ("unchanged", "changed", "derailed", "non_finite")
+# per-layer records an intervention writes (value > 0) when it computed a non-finite edit and did not
+# apply it, or found the state it would edit already non-finite
+DROPPED_EDIT_METRICS = ("step_nonfinite", "residual_nonfinite")
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,19 @@ def read_batch(logits: torch.Tensor, tokens) -> list[Reading]:
     return [read_logits(row, tokens.yes_id, tokens.no_id, yes, no) for row in logits]
 
 
+def dropped_edit(layer_metrics) -> bool:
+    """Whether a run dropped a non-finite edit: any of :data:`DROPPED_EDIT_METRICS` > 0 in its per-layer
+    records (an iterable of ``{metric: value}``, one per layer)."""
+    return any((m.get(k) or 0) > 0 for m in layer_metrics for k in DROPPED_EDIT_METRICS)
+
+
 def outcome(base_answer: str, base_valid: bool, new_answer: str, new_valid: bool, label: str | None = None,
-            *, new_finite: bool = True) -> str:
+            *, new_finite: bool = True, new_dropped: bool = False) -> str:
     """The outcome class of one question (see the module docstring)."""
     if not new_finite or (base_valid and not new_valid):
         return "derailed"
+    if new_dropped:
+        return "non_finite"
     if label not in ("yes", "no"):
         return "changed" if new_answer != base_answer else "unchanged"
     if base_answer == new_answer:
@@ -100,8 +115,9 @@ def outcome(base_answer: str, base_valid: bool, new_answer: str, new_valid: bool
     return "fixed" if new_answer == label else "broken"
 
 
-def outcome_of(base: Reading, new: Reading, label: str | None = None) -> str:
-    return outcome(base.answer, base.valid, new.answer, new.valid, label, new_finite=new.finite)
+def outcome_of(base: Reading, new: Reading, label: str | None = None, *, dropped: bool = False) -> str:
+    """:func:`outcome` of two readings; ``dropped``: the new run dropped a non-finite edit (:func:`dropped_edit`)."""
+    return outcome(base.answer, base.valid, new.answer, new.valid, label, new_finite=new.finite, new_dropped=dropped)
 
 
 def counts(outcomes, labeled: bool = True) -> dict[str, int]:
@@ -126,5 +142,5 @@ def is_right(label: str | None, answer: str) -> bool | None:
     return None if label not in ("yes", "no") else answer == label
 
 
-__all__ = ["OUTCOMES", "UNLABELED_OUTCOMES", "Reading", "answer_ids", "read_logits", "read_batch", "outcome",
+__all__ = ["OUTCOMES", "UNLABELED_OUTCOMES", "DROPPED_EDIT_METRICS", "dropped_edit", "Reading", "answer_ids", "read_logits", "read_batch", "outcome",
            "outcome_of", "counts", "question", "is_right"]

@@ -56,7 +56,9 @@ def headline(summary: dict, records: pd.DataFrame | None = None) -> list[str]:
     out = s["outcome"]
     what = {"unchanged": f"the answer stays {s['answer_after']}", "fixed": "wrong → right",
             "broken": "right → wrong", "derailed": "the output is no longer a Yes/No answer",
-            "changed": "the answer changed"}.get(out, out)
+            "changed": "the answer changed",
+            "non_finite": f"the intervention's edit was non-finite and not applied at layers {s.get('layers_dropped')}"
+            }.get(out, out)
     lines = [f"Outcome: {out} ({what}). Label: {label or 'none'}; baseline answer {s['answer_before']}{right}, "
              f"intervened {s['answer_after']}."]
     lines.append(f"Margin logit(Yes) − logit(No): {_f(s['margin_before'], True)} → {_f(s['margin_after'], True)}; "

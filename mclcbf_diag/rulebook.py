@@ -48,6 +48,21 @@ KNOCKOUT_DOMINANCE = 3.0  # |Δm_after_image| ≥ this × |Δm_decision|: the af
 
 
 @dataclass(frozen=True)
+class CounterfactualRun:
+    """One recorded counterfactual run: what it changed and what came out (compared with the unfixed run)."""
+
+    change: str  # what undoing the cause changed, in words ("clamp = none", "the same step × 40")
+    margin: float  # logit Yes − No of the counterfactual run
+    outcome: str  # its outcome against the baseline (mclcbf_diag.outcomes)
+    step_size: float = math.nan  # Σ‖v‖/‖x‖ of its step at the decision token
+    mass: float = math.nan  # the decision token's image mass (mean over layers)
+    finite: bool = True  # finite logits, and no edit dropped as non-finite
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Cause:
     id: str
     title: str
@@ -58,11 +73,20 @@ class Cause:
     sentence: str  # one plain sentence with the measured numbers
     decisive: bool | None = None  # None: not tested (no counterfactual run, or not detected)
     test: str = ""  # what undoing the cause alone did (the counterfactual), in one sentence
+    run: CounterfactualRun | None = None  # the run that decided ``decisive`` (required when True)
+    untestable: str = ""  # why no run can test this cause here (its test cannot succeed by construction)
+    members: tuple[str, ...] = ()  # a joint cause: the causes undone together
+
+    def __post_init__(self):
+        if self.decisive and self.run is None:
+            raise ValueError(f"cause {self.id!r}: 'decisive' needs the recorded counterfactual run that showed it")
 
     @property
     def status(self) -> str:
         if not self.detected:
             return "absent"
+        if self.untestable:
+            return "untestable here"
         if self.decisive is None and self.test.startswith("observed"):
             return "observed"
         return {True: "decisive", False: "present, not decisive", None: "present, not tested"}[self.decisive]
@@ -189,13 +213,15 @@ class Evidence:
         return (fin is None or fin > 0.5) and (bad is None or bad == 0) and not raw
 
     def outcome(self, cond: str = "steered") -> str | None:
-        """unchanged / fixed / broken / derailed (changed / unchanged without a label)."""
-        from .outcomes import outcome
+        """unchanged / fixed / broken / derailed / non_finite (changed / unchanged without a label)."""
+        from .outcomes import DROPPED_EDIT_METRICS, outcome
 
         base, new = self.answer("baseline"), self.answer(cond)
         if base is None or new is None:
             return None if self.finite(cond) else "derailed"
-        return outcome(base, self.valid("baseline"), new, self.valid(cond), self.label(), new_finite=self.finite(cond))
+        dropped = any(v > 0 for m in DROPPED_EDIT_METRICS for v in self.layers(m, cond).values())
+        return outcome(base, self.valid("baseline"), new, self.valid(cond), self.label(), new_finite=self.finite(cond),
+                       new_dropped=dropped)
 
     def layers(self, metric: str, cond: str = "steered") -> dict[int, float]:
         return {k: v for k, v in self._t.get((cond, metric), {}).items() if k >= 0}
@@ -226,13 +252,13 @@ class Evidence:
 
     @staticmethod
     def make(rule: Rule, detected: bool, strength: float, evidence: dict, sentence: str,
-             decisive: bool | None = None, test: str = "") -> Cause:
+             decisive: bool | None = None, test: str = "", run: CounterfactualRun | None = None) -> Cause:
         ev = {k: int(x) if isinstance(x, (bool, np.bool_, int, np.integer)) else x if isinstance(x, str) else float(x)
               for k, x in evidence.items()}
         ev = {k: x for k, x in ev.items() if not isinstance(x, float) or math.isfinite(x)}  # JSON-safe
         s = float(np.clip(strength, 0.0, 1.0)) if detected and math.isfinite(strength) else 0.0
         return Cause(rule.id, rule.title, bool(detected), s, ev, rule.threshold, sentence,
-                     decisive if detected else None, test if detected else "")
+                     decisive if detected else None, test if detected else "", run if detected else None)
 
     def skip(self, rule: Rule, why: str) -> Cause:
         return self.make(rule, False, 0.0, {"skipped": why}, f"Not assessed: {why}.")
@@ -258,39 +284,167 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
 
     ``tester(spec)`` runs one counterfactual (``spec`` from :attr:`Rule.counterfactual`, or from
     the intervention's own ``counterfactual(cause)`` hook, which wins) and returns its effect
-    (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. Ranking: detected
-    first; among them decisive, then untested, then not decisive; each group in causal order,
-    ties by strength.
+    (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause
+    is decisive and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
+    causes are undone together (:func:`joint_causes`); the smallest decisive set is one more
+    cause. Ranking: detected first; among them decisive, then untested, then not decisive; each
+    group in causal order, ties by strength.
     """
     ev = Evidence(df, rules, layer_sets)
     causes = [ev.cause(r.id) for r in rules]
     by_id = {r.id: r for r in rules}
+    rank = {r.id: r.rank for r in rules}
     if tester is not None:
-        causes = [_tested(ev, by_id[c.id], c, tester, intervention) for c in causes]
+        specs = {c.id: _spec(ev, by_id[c.id], c, intervention) for c in causes}
+        causes = [_tested(ev, by_id[c.id], c, specs[c.id], tester) for c in causes]
+        joint = joint_causes(ev, causes, specs, tester, rank)
+        if joint is not None:
+            rank[joint.id] = min(rank[m] for m in joint.members)
+            causes.append(joint)
     order = {True: 0, None: 1, False: 2}
-    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], by_id[c.id].rank, -c.strength))
+    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], rank[c.id], -c.strength))
 
 
-def _tested(ev: Evidence, rule: Rule, cause: Cause, tester, intervention) -> Cause:
+def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> dict | None:
+    """The counterfactual that undoes ``cause`` alone (the intervention's hook wins), or None."""
     if not cause.detected or cause.decisive is not None:
-        return cause
+        return None
     hook = getattr(intervention, "counterfactual", None)
     spec = hook(cause) if hook is not None else None
     if spec is None and rule.counterfactual is not None:
         spec = rule.counterfactual(ev, cause)
+    return spec
+
+
+def _run_of(spec: dict, cf: dict) -> CounterfactualRun:
+    return CounterfactualRun(spec.get("why", ""), float(cf.get("margin", math.nan)), str(cf.get("outcome")),
+                             float(cf.get("step_size", math.nan)), float(cf.get("mass", math.nan)), _finite(cf))
+
+
+def _finite(effect: dict) -> bool:
+    """A run that shows an effect: finite logits and no edit dropped as non-finite."""
+    m = effect.get("margin", math.nan)
+    return (effect.get("finite", True) and not effect.get("dropped", False) and m is not None
+            and math.isfinite(m))
+
+
+def _searched(spec: dict) -> list[dict]:
+    """The runs a spec asks for: one, or a search's in order (``search_doses``: the same step × each dose)."""
+    if "search_doses" not in spec:
+        return [spec]
+    return [{"dose": k, "why": f"{spec.get('why', 'the same step')} × {fmt(k)}"} for k in spec["search_doses"]]
+
+
+def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -> Cause:
     if spec is None:
         return cause
-    ref, cf = tester(None), tester(spec)
-    if cf is None:
-        return dataclasses.replace(cause, test=f"counterfactual ({spec.get('why', '')}) could not run")
+    if spec.get("untestable"):
+        return dataclasses.replace(cause, untestable=spec["untestable"],
+                                   test=f"untestable here: {spec['untestable']}")
+    ref = tester(None)
     mb = ev.scalar("final_margin", "baseline")
-    ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, rule.judged_on)
-    why = spec.get("why", "")
-    test = (f"undoing it alone ({why}) changes " + ", ".join(what) if ok else
-            f"undoing it alone ({why}) changes none of step size, image mass, margin or outcome by the stated amount "
-            f"(margin {ref.get('margin', math.nan):+.3g} → {cf.get('margin', math.nan):+.3g}, outcome "
-            f"{cf.get('outcome')})")
+    judged_on = rule.judged_on
+    last = None
+    for one in _searched(spec):
+        cf = tester(one)
+        if cf is None:
+            return dataclasses.replace(cause, test=f"counterfactual ({one.get('why', '')}) could not run")
+        last = (one, cf)
+        if not _finite(cf):  # non-finite is never an effect: nothing is read from this run
+            continue
+        ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, judged_on)
+        if ok:
+            return _with_run(cause, True, f"undoing it ({one.get('why', '')}) changes " + ", ".join(what), one, cf)
+    one, cf = last
+    if not _finite(cf):
+        return _with_run(cause, None, f"undoing it ({one.get('why', '')}) gives a non-finite run (margin "
+                                      f"{fmt(cf.get('margin', math.nan))}, outcome {cf.get('outcome')}): no effect "
+                                      "can be read from it", one, cf)
+    tried = f"any of {len(_searched(spec))} sizes of it" if "search_doses" in spec else "it alone"
+    return _with_run(cause, False, f"undoing {tried} ({spec.get('why', '')}) changes none of step size, image mass, "
+                                   f"margin or outcome by the stated amount (margin {ref.get('margin', math.nan):+.3g} "
+                                   f"→ {cf.get('margin', math.nan):+.3g}, outcome {cf.get('outcome')})", one, cf)
+
+
+def _with_run(cause: Cause, decisive, test: str, spec: dict, cf: dict) -> Cause:
     ev_ = {**cause.evidence, "cf_margin": cf.get("margin", math.nan), "cf_outcome": str(cf.get("outcome")),
            "cf_step_size": cf.get("step_size", math.nan), "cf_mass": cf.get("mass", math.nan)}
     ev_ = {k: v for k, v in ev_.items() if not isinstance(v, float) or math.isfinite(v)}
-    return dataclasses.replace(cause, decisive=ok, test=test, evidence=ev_)
+    return dataclasses.replace(cause, decisive=decisive, test=test, evidence=ev_, run=_run_of(spec, cf))
+
+
+# ----------------------------------------------------------------------- joint causes
+JOINT_MAX_SIZE = 3  # causes undone together at most
+JOINT_MAX_RUNS = 8  # counterfactual runs spent on sets at most, per question
+
+
+def merge_specs(specs: list[dict]) -> dict | None:
+    """One counterfactual that undoes every one of ``specs`` together (None: they cannot be combined).
+
+    Knob changes are joined (a knob two specs set differently: None), knob functions applied in
+    turn, doses multiplied; a whole replacement intervention, a search or an untestable spec
+    does not combine."""
+    knobs, fns, dose = {}, [], 1.0
+    for s in specs:
+        if s is None or any(k in s for k in ("intervention", "search_doses", "untestable")):
+            return None
+        for k, v in s.get("knobs", {}).items():
+            if k in knobs and knobs[k] != v:
+                return None
+            knobs[k] = v
+        if "knobs_fn" in s:
+            fns.append(s["knobs_fn"])
+        dose *= float(s.get("dose", 1.0))
+    out = {"why": " and ".join(s.get("why", "") for s in specs)}
+    if knobs:
+        out["knobs"] = knobs
+    if fns:
+        out["knobs_fn"] = lambda k: {key: v for fn in fns for key, v in fn(k).items()}
+    if dose != 1.0:
+        out["dose"] = dose
+    return out
+
+
+def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: dict) -> Cause | None:
+    """The smallest set of detected causes whose counterfactuals together change the result, as one cause.
+
+    Tried only when no single cause is decisive and a wrong (or unlabeled) answer is not what
+    the label asks: sets of 2, then 3 causes (:data:`JOINT_MAX_SIZE`), each in causal order, at most
+    :data:`JOINT_MAX_RUNS` runs, judged on margin and outcome (undoing several causes changes the
+    step by construction). None when no set is decisive.
+    """
+    import itertools
+
+    if any(c.decisive for c in causes):
+        return None
+    label, base, outcome = ev.label(), ev.answer("baseline"), ev.outcome()
+    if base is None or (label is not None and base == label) or outcome in ("fixed", "changed"):
+        return None
+    pool = sorted((c for c in causes if c.detected and merge_specs([specs.get(c.id)]) is not None),
+                  key=lambda c: rank[c.id])
+    ref, mb, runs = tester(None), ev.scalar("final_margin", "baseline"), 0
+    for size in range(2, JOINT_MAX_SIZE + 1):
+        for group in itertools.combinations(pool, size):
+            if runs >= JOINT_MAX_RUNS:
+                return None
+            spec = merge_specs([specs[c.id] for c in group])
+            if spec is None:
+                continue
+            cf = tester(spec)
+            runs += 1
+            if cf is None or not _finite(cf):
+                continue
+            ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, "answer")
+            if ok:
+                ids = tuple(c.id for c in group)
+                alone = "; ".join(f"{c.id}: {c.status}" for c in group)
+                s = (f"Together, {' + '.join(ids)} stop the answer from changing: undoing them together changes "
+                     f"{', '.join(what)}, while undoing any one alone does not ({alone}).")
+                return Cause("joint:" + "+".join(ids), "Joint cause: " + " + ".join(c.title for c in group), True,
+                             min(c.strength for c in group), {"members": ",".join(ids), "n_members": len(ids),
+                                                              "cf_margin": cf.get("margin", math.nan),
+                                                              "cf_outcome": str(cf.get("outcome"))},
+                             "undoing every member together changes the margin by the stated amount or the outcome",
+                             s, True, f"undoing them together ({spec['why']}) changes " + ", ".join(what),
+                             _run_of(spec, cf), members=ids)
+    return None

@@ -23,7 +23,7 @@ from .data import LLAVA_PROMPT, PopeQuestion, build_prompt
 from .interventions import Intervention, as_intervention
 from .measure import run_records
 from .models import LoadedModel
-from .outcomes import Reading, outcome_of, read_batch
+from .outcomes import DROPPED_EDIT_METRICS, Reading, outcome_of, read_batch
 from .records import NO_HEAD, NO_LAYER, frame
 from .runner import RunCapture, run, with_embeds
 
@@ -69,12 +69,14 @@ class TraceResult:
         h_after = (per_layer.get("barrier_h", empty) + realised.fillna(0)).dropna()
         theta_rel = per_layer.get("theta_rel", empty).dropna()
         base, new = self.reading("baseline"), self.reading("steered")
+        marks = per_layer.reindex(columns=list(DROPPED_EDIT_METRICS)).fillna(0)
+        dropped = [int(i) for i in marks.index[(marks > 0).any(axis=1)] if i >= 0]
         label = self.question.label if self.question is not None else None
         out = {
             "question_id": self.question_id,
             "answer_before": base.answer,
             "answer_after": new.answer,
-            "outcome": outcome_of(base, new, label),
+            "outcome": outcome_of(base, new, label, dropped=bool(dropped)),
             "margin_before": base.margin,
             "margin_after": new.margin,
             "p_yes_before": base.p_yes, "p_no_before": base.p_no,
@@ -85,6 +87,7 @@ class TraceResult:
                 "nonfinite_values") else 0,
             "layers_steered": [int(i) for i in h_before.index],
             "layers_fired": [int(i) for i in fired[fired > 0].index],
+            "layers_dropped": dropped,
             "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
             "h_after_mean": float(h_after.mean()) if len(h_after) else math.nan,
             "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan,

@@ -7,6 +7,7 @@ prompt without changing its template.
 """
 
 
+import floors
 import pytest
 import torch
 
@@ -18,7 +19,6 @@ from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.runner import run
 
 POPE = shipped.POPE
-TOL = 1e-4
 TEXTS = [
     "Is there a dog in the image ?",
     "Is there a big red dog in the image?",  # two <unk>: 2 tokens longer
@@ -53,6 +53,12 @@ def batch():
     questions = load_pope(shipped.pope_file("adversarial"))
     images = [load_image(resolve_image(q, shipped.IMAGES)) for q in questions[: len(TEXTS)]]
     return [build_prompt(t) for t in TEXTS], images
+
+
+def _tol(lm) -> float:
+    """Tolerance of a Yes − No margin computed by two routes (batched, padded, cached prefix, alone):
+    its float32 noise floor, ``floors.margin_floor``."""
+    return floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
 
 
 def _margin(lm, capture):
@@ -95,12 +101,13 @@ def test_batched_margins_equal_per_sample_runs(lm, batch, singles, name):
     base = answer_batch(lm, prompts, images, cfg, False)
     steered = answer_batch(lm, prompts, images, cfg, True)
     pair_base, pair_steered = answer_pair(lm, prompts, images, cfg)
+    tol = _tol(lm)
     for b, (m_base, m_steer, fired) in enumerate(singles[name]):
         assert fired, "the config must fire for the test to mean anything"
-        assert base[b]["margin"] == pytest.approx(m_base, abs=TOL)
-        assert pair_base[b]["margin"] == pytest.approx(m_base, abs=TOL)
-        assert steered[b]["margin"] == pytest.approx(m_steer, abs=TOL)
-        assert pair_steered[b]["margin"] == pytest.approx(m_steer, abs=TOL)
+        assert base[b]["margin"] == pytest.approx(m_base, rel=0, abs=tol)
+        assert pair_base[b]["margin"] == pytest.approx(m_base, rel=0, abs=tol)
+        assert steered[b]["margin"] == pytest.approx(m_steer, rel=0, abs=tol)
+        assert pair_steered[b]["margin"] == pytest.approx(m_steer, rel=0, abs=tol)
         assert steered[b]["layers_fired"] == pair_steered[b]["layers_fired"] == fired
         assert steered[b]["answer"] == ("yes" if steered[b]["margin"] > 0 else "no")
 
@@ -145,13 +152,14 @@ def test_batch_size_does_not_change_answers(embedded_model):
             steered += s
         results[bs] = (base, steered)
     ref_base, ref_steered = results[1]
+    tol = _tol(lm)
     assert any(b["answer"] != s["answer"] for b, s in zip(ref_base, ref_steered))
     for bs in (5, 12):
         base, steered = results[bs]
         assert [r["answer"] for r in base] == [r["answer"] for r in ref_base]
         assert [r["answer"] for r in steered] == [r["answer"] for r in ref_steered]
         for got, ref in zip(base + steered, ref_base + ref_steered):
-            assert got["margin"] == pytest.approx(ref["margin"], abs=TOL)
+            assert got["margin"] == pytest.approx(ref["margin"], rel=0, abs=tol)
             assert got.get("layers_fired") == ref.get("layers_fired")
 
 
@@ -165,7 +173,7 @@ def test_generation_is_batch_invariant_and_steers_the_first_token(embedded_model
         gen = answer_batch(lm, prompts, images, cfg, steer, inputs=inputs, max_new_tokens=3)
         alone = [answer_batch(lm, [p], [i], cfg, steer, max_new_tokens=3)[0] for p, i in zip(prompts, images)]
         for f, g, a in zip(first, gen, alone):
-            assert g["margin"] == pytest.approx(f["margin"], abs=TOL)
+            assert g["margin"] == pytest.approx(f["margin"], rel=0, abs=_tol(lm))
             assert g["text"] == a["text"] and g["text"]
 
 
@@ -253,13 +261,14 @@ def test_batched_answers_equal_plain_hf_forwards_with_a_hook(lm, batch):
     assert max(abs(s - b) for s, b in zip(alone_steer, alone_base)) > 0.05, "the vector must move the margins"
     pair_base, pair_steer = answer_pair(lm, prompts, images, iv)  # continues from the cached prefix
     full_base, full_steer = answer_batch(lm, prompts, images, iv, False), answer_batch(lm, prompts, images, iv, True)
+    tol = _tol(lm)
     for b in range(len(prompts)):
-        assert padded_base[b] == pytest.approx(alone_base[b], abs=TOL)  # the reference agrees with itself
-        assert padded_steer[b] == pytest.approx(alone_steer[b], abs=TOL)
+        assert padded_base[b] == pytest.approx(alone_base[b], rel=0, abs=tol)  # the reference agrees with itself
+        assert padded_steer[b] == pytest.approx(alone_steer[b], rel=0, abs=tol)
         for got in (pair_base[b], full_base[b]):
-            assert got["margin"] == pytest.approx(alone_base[b], abs=TOL)
+            assert got["margin"] == pytest.approx(alone_base[b], rel=0, abs=tol)
         for got in (pair_steer[b], full_steer[b]):
-            assert got["margin"] == pytest.approx(alone_steer[b], abs=TOL)
+            assert got["margin"] == pytest.approx(alone_steer[b], rel=0, abs=tol)
             assert got["answer"] == ("yes" if alone_steer[b] > 0 else "no")
 
 
@@ -274,4 +283,4 @@ def test_batch_inputs_equal_the_processors_own_left_padding(lm, batch):
     with torch.no_grad():
         a = lm.model(**shared, logits_to_keep=1).logits[:, -1]
     b = _hf_margins(lm, ref)
-    assert (a[:, lm.tokens.yes_id] - a[:, lm.tokens.no_id]).tolist() == pytest.approx(b, abs=TOL)
+    assert (a[:, lm.tokens.yes_id] - a[:, lm.tokens.no_id]).tolist() == pytest.approx(b, rel=0, abs=_tol(lm))

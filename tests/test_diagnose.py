@@ -190,6 +190,8 @@ def test_knockouts_alone_support_no_negative_claim():
     causes = diagnose(make(**PLANTED["barrier_not_decisive"], extra=_knockouts(-1.95, 0, 1.5, 1) + _sweep(0, 5)))
     by = {c.id: c for c in causes}
     assert by["decision_token_off_path"].detected and by["decision_token_off_path"].decisive
+    run = by["decision_token_off_path"].run  # the sweep's runs are its test: the one shown is recorded
+    assert run is not None and "after the image" in run.change and run.outcome == "changed"  # no label here
     assert "earlier tokens" in by["barrier_not_decisive"].sentence
 
 
@@ -299,13 +301,14 @@ def test_the_label_sets_the_question():
 
 def test_a_derailed_output_is_not_a_flip():
     causes = diagnose(make(**PLANTED["output_derailed"], extra=[LABEL_YES]))
-    assert causes[0].id == "output_derailed" and causes[0].decisive
+    # read off the run, not tested by a counterfactual: observed, never decisive
+    assert causes[0].id == "output_derailed" and causes[0].status == "observed" and causes[0].decisive is None
     assert "outcome: derailed" in verdict(causes)
 
 
 def test_non_finite_values_rank_first_and_derail():
     causes = diagnose(make(final={**PLANTED["non_finite"]["final"], ("steered", "final_margin"): math.nan}))
-    assert causes[0].id == "non_finite" and causes[0].decisive and "48" in causes[0].sentence
+    assert causes[0].id == "non_finite" and causes[0].status == "observed" and "48" in causes[0].sentence
     assert "outcome: derailed" in verdict(causes)
 
 

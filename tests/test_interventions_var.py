@@ -5,11 +5,13 @@ The reference follows ``seilk/VisAttnSink``'s ``DimProspector`` / ``HeadFork`` /
 attention redistributes, head by head, the chosen rows of the text queries after the image.
 """
 
+import floors
 import pytest
 import torch
 from test_interventions_adhh import probs_margin
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
+import mclcbf_diag.interventions.var as var_module
 from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.interventions import REGISTRY
@@ -68,6 +70,35 @@ def knobs_with_sinks(lm, text, image):
     return VARKnobs(sink_dims=dims, tau=tau, summ=0.05, rho=0.9, layers=(0, 1, 2))
 
 
+def traced_with_gain(lm, text, image, iv, monkeypatch):
+    """``trace_sample`` of one row and the tolerance of its Yes − No margin against another route.
+
+    The redistribution multiplies the non-sink image probabilities of a chosen row by ``1 + g``,
+    ``g = budget / Σ rest`` (the sinks' removed mass over the non-sink image mass), so it amplifies
+    their rounding: to first order ``δnew/new ≤ δp/p + |δbudget|/budget + |δΣrest|/Σrest``, each a relative
+    error of the same probabilities, so the edited layer's error grows by at most ``1 + 2g``. The
+    tolerance is :func:`floors.margin_floor` times ``1 + 2·max g`` over the row's chosen rows (g ≤ 1.7 here).
+    """
+    gains = [0.0]
+    redistribute = var_module.redistribute
+
+    def spy(p, image, sinks, keep, rho, summ):
+        new, chosen = redistribute(p, image, sinks, keep, rho, summ)
+        pf = p.float()
+        budget = (1 - keep) * pf[..., sinks].sum(-1)
+        rest = pf[..., image & ~sinks].sum(-1)
+        if bool(chosen.any()):
+            gains.append(float((budget / rest)[chosen].max()))
+        return new, chosen
+
+    monkeypatch.setattr(var_module, "redistribute", spy)
+    try:
+        result = trace_sample(lm, text, image, iv)
+    finally:
+        monkeypatch.undo()
+    return result, floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id) * (1 + 2 * max(gains))
+
+
 def test_registered_with_paper_defaults():
     assert REGISTRY["var"] is VAR
     k = VAR().knobs
@@ -81,25 +112,28 @@ def test_sink_dims_are_the_largest_on_bos(embedded_model):
 
 
 @pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])
-def test_trace_matches_released_logic(model, questions, request):  # noqa: F811
+def test_trace_matches_released_logic(model, questions, request, monkeypatch):  # noqa: F811
     lm = request.getfixturevalue(model)
     texts, images = questions
     k = knobs_with_sinks(lm, texts[0], images[0])
-    result = trace_sample(lm, texts[0], images[0], VAR(k))
+    result, tol = traced_with_gain(lm, texts[0], images[0], VAR(k), monkeypatch)
     ref = var_margin(lm, build_prompt(texts[0]), images[0], k, {0, 1, 2})
     s = result.summary()
-    assert s["margin_after"] == pytest.approx(ref, abs=1e-4)
+    assert s["margin_after"] == pytest.approx(ref, rel=0, abs=tol)  # the margin's floor times the edit's gain
     r = result.records
     assert r[(r.metric == "var_heads") & (r.condition == "steered")].value.sum() > 0
     assert s["margin_after"] != pytest.approx(s["margin_before"], abs=1e-5)
     assert all(documented(m, VAR(k)) for m in set(r.metric))
 
 
-def test_batched_rows_equal_single_traces(embedded_model, questions):  # noqa: F811
+def test_batched_rows_equal_single_traces(embedded_model, questions, monkeypatch):  # noqa: F811
     lm = embedded_model
     texts, images = questions
     prompts = [build_prompt(t) for t in texts]
     iv = VAR(knobs_with_sinks(lm, texts[0], images[0]))
     _, steered = answer_pair(lm, prompts, images, iv, inputs=batch_inputs(lm, prompts, images))
     for t, img, row in zip(texts, images, steered):
-        assert row["margin"] == pytest.approx(trace_sample(lm, t, img, iv).summary()["margin_after"], abs=1e-4)
+        result, tol = traced_with_gain(lm, t, img, iv, monkeypatch)
+        # the margin's floor times the edit's gain (traced_with_gain); the margin of "Is there a fork?" moved
+        # 1.1 × floors.margin_floor under the AVX-512 kernels, its edit multiplying probabilities by up to 2.1
+        assert row["margin"] == pytest.approx(result.summary()["margin_after"], rel=0, abs=tol)

@@ -10,6 +10,7 @@ from mclcbf_diag.outcomes import (
     answer_ids,
     counts,
     outcome,
+    dropped_edit,
     outcome_of,
     question,
     read_batch,
@@ -56,7 +57,24 @@ def test_invalid_baseline_falls_back_to_the_sign():
 
 
 def test_counts_and_questions():
-    assert counts(["fixed", "derailed", "fixed"]) == {"unchanged": 0, "fixed": 2, "broken": 0, "derailed": 1}
-    assert counts(["changed"], labeled=False) == {"unchanged": 0, "changed": 1, "derailed": 0}
+    assert counts(["fixed", "derailed", "fixed"]) == {"unchanged": 0, "fixed": 2, "broken": 0, "derailed": 1,
+                                                      "non_finite": 0}
+    assert counts(["changed"], labeled=False) == {"unchanged": 0, "changed": 1, "derailed": 0, "non_finite": 0}
     assert question("no", "yes").startswith("wrong answer") and question("yes", "yes").startswith("right answer")
     assert question(None, "yes").startswith("no label")
+
+
+@pytest.mark.parametrize("base, new, label", [("yes", "yes", "yes"), ("no", "no", "yes"), ("no", "yes", "yes"),
+                                              ("yes", "yes", None)])
+def test_a_dropped_edit_is_non_finite_never_unchanged(base, new, label):
+    # the step overflowed and was not applied: whatever the answers, the run is not the configured intervention
+    assert outcome(base, True, new, True, label, new_dropped=True) == "non_finite"
+    # non-finite logits stay derailed (the model itself overflowed)
+    assert outcome(base, True, new, False, label, new_finite=False, new_dropped=True) == "derailed"
+
+
+def test_dropped_edit_reads_the_per_layer_marks():
+    assert not dropped_edit([{"scale": 2.0}, {"step_nonfinite": 0.0}])
+    assert dropped_edit([{"step_nonfinite": 0.0}, {"step_nonfinite": 1.0}])
+    assert dropped_edit([{"residual_nonfinite": 1.0}])
+    assert not dropped_edit([{"step_nonfinite": math.nan}])  # not recorded at that layer

@@ -9,6 +9,7 @@ decoder layers, written here too.
 
 from dataclasses import dataclass
 
+import floors
 import pytest
 import torch
 
@@ -89,7 +90,8 @@ def test_trace_with_a_user_intervention_matches_a_plain_hook(embedded_model, sam
     iv = SteeringVector(VectorKnobs(layers=(1, 2), scale=3.0))
     result = trace_sample(embedded_model, q, image, iv)
     ref = _hooked_margin(embedded_model, build_prompt(q.text), image, iv)
-    assert result.summary()["margin_after"] == pytest.approx(ref, abs=1e-4)
+    floor = floors.margin_floor(embedded_model, embedded_model.tokens.yes_id, embedded_model.tokens.no_id)
+    assert result.summary()["margin_after"] == pytest.approx(ref, rel=0, abs=floor)  # the Yes − No margin's floor
     assert result.summary()["margin_after"] != pytest.approx(result.summary()["margin_before"], abs=1e-3)
     r = result.records
     steered = r[r.condition == "steered"]
@@ -110,5 +112,6 @@ def test_explain_and_pope_with_a_user_intervention(embedded_model, sample):
     images = [load_image(resolve_image(x, shipped.IMAGES)) for x in questions]
     prompts = [build_prompt(x.text) for x in questions]
     base, steered = answer_pair(embedded_model, prompts, images, iv, inputs=batch_inputs(embedded_model, prompts, images))
-    for x, img, s in zip(questions, images, steered):
-        assert s["margin"] == pytest.approx(_hooked_margin(embedded_model, build_prompt(x.text), img, iv), abs=1e-4)
+    floor = floors.margin_floor(embedded_model, embedded_model.tokens.yes_id, embedded_model.tokens.no_id)
+    for x, img, s in zip(questions, images, steered):  # the Yes − No margin's floor
+        assert s["margin"] == pytest.approx(_hooked_margin(embedded_model, build_prompt(x.text), img, iv), rel=0, abs=floor)

@@ -103,7 +103,9 @@ def print_outcome_summary(s: dict) -> None:
     out = s["outcome"]
     note = {"derailed": "no longer a Yes/No answer" + (" (non-finite values)" if s.get("nonfinite_values") else ""),
             "fixed": "wrong → right", "broken": "right → wrong", "changed": "no label: the answer changed",
-            "unchanged": "same answer"}.get(out, "")
+            "unchanged": "same answer",
+            "non_finite": f"the intervention's edit was non-finite and not applied at layers {s.get('layers_dropped')}: "
+                          "this run is not the configured intervention"}.get(out, "")
     print(f"  outcome  {out.upper()} ({note})")
     print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}   (sign of logit Yes − No)")
     print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}")
@@ -113,7 +115,9 @@ def print_outcome_summary(s: dict) -> None:
     print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
           f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
     rel = s["max_theta_rel"]
-    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
+    lost = f" (the step as applied overflowed at layers {s['layers_dropped']}: not applied)" if s.get(
+        "layers_dropped") else ""
+    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
     from ..noise import (
         show as shown,  # "below noise" under a figure's floor (see mclcbf_diag.noise)
     )

@@ -150,8 +150,9 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                 timing: dict | None = None) -> list[dict]:
     """One batch of questions → one record per question (baseline and steered).
 
-    ``outcome`` is the question's class (:mod:`mclcbf_diag.outcomes`): unchanged, fixed, broken or
-    derailed (no longer a Yes/No answer at the decision position, or non-finite). ``flipped``
+    ``outcome`` is the question's class (:mod:`mclcbf_diag.outcomes`): unchanged, fixed, broken,
+    derailed (no longer a Yes/No answer at the decision position, or non-finite logits) or
+    non_finite (the intervention's edit overflowed and was dropped: ``steered_dropped``). ``flipped``
     stays the bare sign change of logit Yes − No (the answers format requires it); with
     ``generate`` the official text parser's answers and their outcome (``text_outcome``) are
     beside them. ``baseline_image_mass_<layer>`` / ``steered_image_mass_<layer>``: the decision
@@ -192,10 +193,11 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                "baseline_answer": b["answer"], "baseline_margin": b["margin"],
                "steered_answer": s["answer"], "steered_margin": s["margin"],
                "flipped": b["answer"] != s["answer"],
-               "outcome": outcome(b["answer"], b["valid"], s["answer"], s["valid"], q.label, new_finite=s["finite"]),
+               "outcome": outcome(b["answer"], b["valid"], s["answer"], s["valid"], q.label, new_finite=s["finite"],
+                                  new_dropped=s.get("dropped", False)),
                "baseline_p_yes": b["p_yes"], "baseline_p_no": b["p_no"], "baseline_valid": b["valid"],
                "steered_p_yes": s["p_yes"], "steered_p_no": s["p_no"], "steered_valid": s["valid"],
-               "steered_finite": s["finite"],
+               "steered_finite": s["finite"], "steered_dropped": s.get("dropped", False),
                **{k: s.get(k) for k in ("layers_fired", "h_mean", "mean_theta_rel", "max_dh_predicted")},
                **_mass_fields("baseline", None if b_mass is None else b_mass[n]),
                **_mass_fields("steered", None if s_mass is None else s_mass[n])}

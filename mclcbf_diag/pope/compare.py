@@ -3,7 +3,7 @@
 :func:`compare_runs` reads each run folder's ``run.json``, ``metrics.csv``, ``flips.csv``,
 ``answers.jsonl`` and ``timing.json`` (written by ``mclcbf-diag pope``) and lays them out as
 one table: the intervention, its preset and overrides, steered accuracy (and over valid Yes/No
-outputs only), F1 and yes-ratio, the unchanged / fixed / broken / derailed counts, the net
+outputs only), F1 and yes-ratio, the unchanged / fixed / broken / derailed / non_finite counts, the net
 change in accuracy, and two columns on how the intervention acts:
 
 * **Δ image mass per layer**: the decision token's head-mean attention mass on the image,
@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UserError
+from ..outcomes import OUTCOMES
 from ..storage import show
 from .answer import TIMING
 from .store import ANSWERS, read_records
@@ -183,7 +184,7 @@ def compare_runs(folders) -> pd.DataFrame:
                 "baseline_accuracy": float(base.accuracy), "accuracy": float(st.accuracy),
                 "accuracy_valid": float(st.get("accuracy_valid", st.accuracy)), "f1": float(st.f1),
                 "yes_ratio": float(st.yes_ratio),
-                **{k: int(f.get(k, 0)) for k in ("unchanged", "fixed", "broken", "derailed")},
+                **{k: int(f.get(k, 0)) for k in OUTCOMES},
                 "net_accuracy_points": 100 * (float(st.accuracy) - float(base.accuracy)),
                 **_mass_columns(deltas, edited), **cost,
                 "reported_on_llava_1_5_7b": _reported(name, run), "run": str(folder),
@@ -219,6 +220,11 @@ def _signed(x: float) -> str:
     return "n/a" if math.isnan(x) else "0.0000" if abs(x) < 5e-5 else f"{x:+.4f}"
 
 
+def _non_finite(n: int) -> str:
+    """The derailed cell's note on questions whose step overflowed and was dropped (none: nothing)."""
+    return f" (+{n} non-finite: step not applied)" if n else ""
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """The comparison as a Markdown table (accuracy in %, the reported column last)."""
     head = ["intervention", "settings", "split", "accuracy", "F1", "yes-ratio", "unchanged", "fixed", "broken",
@@ -233,5 +239,5 @@ def markdown_table(table: pd.DataFrame) -> str:
             f"{r.seconds_per_question:.4f} ({r.cost_vs_bare:.1f}×)")
         lines.append(f"| `{r.intervention}` | {r.settings.replace('|', '/')} | {r.split} | {100 * r.accuracy:.1f} | "
                      f"{100 * r.f1:.1f} | {100 * r.yes_ratio:.1f} | {r.unchanged} | {r.fixed} | {r.broken} | "
-                     f"{r.derailed} | {mass} | {cost} | {r.reported_on_llava_1_5_7b} |")
+                     f"{r.derailed}{_non_finite(r.non_finite)} | {mass} | {cost} | {r.reported_on_llava_1_5_7b} |")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """POPE metrics, outcome tables and the run's output files.
 
-Every question's outcome (:mod:`mclcbf_diag.outcomes`) is unchanged, fixed, broken or
-derailed; flips.csv counts them per split beside the bare sign changes, and metrics.csv adds
+Every question's outcome (:mod:`mclcbf_diag.outcomes`) is unchanged, fixed, broken,
+derailed or non_finite (the intervention's step overflowed and was dropped); flips.csv counts them per split beside the bare sign changes, and metrics.csv adds
 ``accuracy_valid`` (a right answer must also be a Yes/No output) and ``not_yes_no``.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..outcomes import OUTCOMES
 from ..storage import atomic_write_text
 from .store import _flat
 
@@ -56,7 +57,7 @@ def row_outcome(r: dict, source: str = "logit") -> str:
 
 
 def flips_table(records: list[dict], splits: list[str]):
-    """Baseline → steered per split: outcome counts (unchanged, fixed, broken, derailed) and the sign changes.
+    """Baseline → steered per split: outcome counts (:data:`~mclcbf_diag.outcomes.OUTCOMES`) and the sign changes.
 
     ``flipped``, ``yes_to_no`` … count bare changes of the answer's sign (a derailed output
     included); ``fixed``/``broken`` count only valid Yes/No answers.
@@ -73,7 +74,7 @@ def flips_table(records: list[dict], splits: list[str]):
             pairs = [(r["label"], r[bcol], r[scol]) for r in sel]
             outs = [row_outcome(r, source) for r in sel]
             rows.append({"split": split, "answer": source, "n": len(pairs),
-                         **{k: outs.count(k) for k in ("unchanged", "fixed", "broken", "derailed")},
+                         **{k: outs.count(k) for k in OUTCOMES},
                          "flipped": sum(b != s for _, b, s in pairs),
                          "yes_to_no": sum(b == "yes" and s == "no" for _, b, s in pairs),
                          "no_to_yes": sum(b == "no" and s == "yes" for _, b, s in pairs),
@@ -120,14 +121,15 @@ def summary_sections(records: list[dict], identity: dict, metrics, flips) -> lis
     from ..report import Section
 
     outs = [row_outcome(r) for r in records]
-    n = {k: outs.count(k) for k in ("unchanged", "fixed", "broken", "derailed")}
+    n = {k: outs.count(k) for k in OUTCOMES}
     info = pd.DataFrame({"setting": list(_flat(identity)), "value": [str(v) for v in _flat(identity).values()]})
     noise_text, fig_d = margin_changes(records)
     changed = changed_questions(records, identity)
     return [
         Section("Run", lines=[f"{len(records)} questions: {n['unchanged']} unchanged, {n['fixed']} fixed (wrong → "
                               f"right), {n['broken']} broken (right → wrong), {n['derailed']} derailed (no longer a "
-                              "Yes/No answer).", noise_text], table=info),
+                              "Yes/No answer)" + (f", {n['non_finite']} non-finite (the intervention's step overflowed "
+                              "and was not applied)" if n["non_finite"] else "") + ".", noise_text], table=info),
         Section("Metrics", text="Answers are read from the first-token logits (margin > 0 → yes); 'accuracy, valid' "
                 "counts an answer right only when the top token is a Yes/No spelling ('not Yes/No': how many are "
                 "not); *_text conditions score the generated text with POPE's parser. Each panel's axis is zoomed "
@@ -179,9 +181,10 @@ def partition_figure(flips):
     """One partition of the questions at a time (buttons): outcome classes or sign changes, per answer kind."""
     import plotly.graph_objects as go
 
-    parts = {"outcome": ["unchanged", "fixed", "broken", "derailed"],
+    parts = {"outcome": list(OUTCOMES),
              "sign change": ["yes_to_no", "no_to_yes"]}
     colours = {"unchanged": "#bbbbbb", "fixed": "#2ca02c", "broken": "#d62728", "derailed": "#9467bd",
+               "non_finite": "#000000",
                "yes_to_no": "#1f77b4", "no_to_yes": "#ff7f0e"}
     fig = go.Figure()
     views = []

@@ -28,10 +28,11 @@ import math
 import pandas as pd
 
 from ..explain import doubling_grid
+from ..outcomes import OUTCOMES
 from .verdict import CODES
 
 GROUPS = ("wrong", "right")
-OUTCOME_COLS = ("unchanged", "fixed", "broken", "derailed")
+OUTCOME_COLS = OUTCOMES
 NONE_DECISIVE = "(none decisive)"
 _DECODE = {v: k for k, v in CODES.items()}
 

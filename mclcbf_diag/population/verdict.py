@@ -64,12 +64,12 @@ from ..explain import (
 )
 from ..interventions import as_intervention
 from ..measure import run_records
-from ..outcomes import Reading, outcome_of, read_batch
+from ..outcomes import DROPPED_EDIT_METRICS, Reading, outcome_of, read_batch
 from ..records import NO_HEAD, NO_LAYER, frame
 from .units import Prefix, SweepKnockout, Unit, run_units
 
 READING_METRICS = ("final_margin", "answer_yes", "p_yes", "p_no", "top_is_yes_no", "top_token_id", "logits_finite")
-CODES = {"unchanged": "u", "fixed": "f", "broken": "b", "derailed": "d", "changed": "c"}
+CODES = {"unchanged": "u", "fixed": "f", "broken": "b", "derailed": "d", "changed": "c", "non_finite": "n"}
 
 
 @dataclass(frozen=True)
@@ -359,6 +359,12 @@ def _diagnose_all(records: list, iv, steered: list, run_tests) -> list:
     return results
 
 
+def _dropped(records: pd.DataFrame) -> bool:
+    """Whether the intervened run dropped a non-finite edit (:data:`~mclcbf_diag.outcomes.DROPPED_EDIT_METRICS`)."""
+    r = records[(records.condition == "steered") & records.metric.isin(DROPPED_EDIT_METRICS)]
+    return bool((r.value > 0).any())
+
+
 def _num(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
@@ -375,7 +381,7 @@ def question_row(question, v: Verdict, sweeps: list) -> dict:
            "baseline_p_yes": _num(base.p_yes), "baseline_p_no": _num(base.p_no),
            "steered_answer": new.answer, "steered_margin": _num(new.margin), "steered_valid": new.valid,
            "steered_p_yes": _num(new.p_yes), "steered_p_no": _num(new.p_no),
-           "flipped": base.answer != new.answer, "outcome": outcome_of(base, new, label),
+           "flipped": base.answer != new.answer, "outcome": outcome_of(base, new, label, dropped=_dropped(v.records)),
            "top_cause": decisive[0].id if decisive else "", "top_cause_title": decisive[0].title if decisive else "",
            "decisive_causes": [c.id for c in decisive], "detected_causes": [c.id for c in detected],
            "top_detected": detected[0].id if detected else "", "top_status": detected[0].status if detected else "",

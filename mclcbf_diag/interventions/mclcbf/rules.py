@@ -9,17 +9,20 @@ layers with ``barrier_active`` (else h < τ); *fired* = active layers that appli
 step (``applied_norm > 0``; at the attention-logit site, which has no step vector, a nonzero
 per-head ``logit_shift``).
 
-Every rule names its counterfactual (undo just that cause, everything else kept), which the
-rulebook runs to call the cause decisive or not: ``decode_only`` → steer the prefill as the
-decode; ``span_mismatch`` → span=detected; ``barrier_inactive`` → τ just above every h;
-``gradient_underflow`` → grad_dtype=float32; ``guard_dominates`` (guard/(Σg² + guard) >
-:data:`GUARD_SHARE_MAX`: the guard, not the gradient, sets the scale) → a guard 0.1% of the
-smallest Σg²; ``clamp_limited`` → clamp=none; ``step_negligible`` → the same step scaled to 10%
-of ‖x‖; ``linearisation_failed`` → site=attn_logits (the target mass exactly). Damping
+Every rule names its counterfactual, which *undoes* its cause (restores what the cause took
+away, everything else kept), and the rulebook runs it to call the cause decisive or not:
+``decode_only`` → steer the prefill as the decode; ``span_mismatch`` → span=detected;
+``barrier_inactive`` → τ just above every h; ``gradient_underflow`` → grad_dtype=float32;
+``guard_dominates`` (guard/(Σg² + guard) > :data:`GUARD_SHARE_MAX`: the guard, not the gradient,
+sets the scale) → a guard 0.1% of the smallest float32 Σg²; ``clamp_limited`` → clamp=none
+(the unclamped scale); ``step_negligible`` → a search over the step's size (the same step at
+10% … 1000% of ‖x‖, :data:`STEP_SEARCH`), since no one size can stand for "the step it should
+have been"; ``linearisation_failed`` → site=attn_logits (the target mass exactly). Damping
 (``damped_downstream``) is the absolute deviation at the last layer per unit of applied step
 (``added_norm``), with the growth of ‖x‖ shown apart, and is never claimed for a step that was
-negligible or rounded away; MC-LCBF has no generic counterfactual for it (an intervention's
-``counterfactual(cause)`` hook may give one).
+negligible or rounded away; it and ``barrier_not_decisive`` have nothing a knob restores, so
+they are "untestable here" with the reason (an intervention's ``counterfactual(cause)`` hook may
+give a test).
 
 Noise floors (:mod:`mclcbf_diag.noise`): ‖g‖'s error is judged against at least the gradient
 dtype's rounding (``grad_norm_floor``); a Δh predicted below its floor is left out of the
@@ -51,11 +54,13 @@ _BARRIER_METRICS = ("barrier_active", "barrier_tau", "scale", "applied_norm", "t
 
 def layer_sets(ev: Evidence) -> tuple[list[int], list[int], list[int]]:
     h, tau, act = ev.layers("barrier_h"), ev.layers("barrier_tau"), ev.layers("barrier_active")
-    applied = ev.layers("applied_norm")
+    applied, lost = ev.layers("applied_norm"), ev.layers("step_nonfinite")
     steered = sorted(set().union(*(ev.layers(m) for m in _BARRIER_METRICS), h, ev.shift))
     active = [ly for ly in steered if (act[ly] > 0.5 if ly in act else
               (h[ly] < tau[ly] if ly in h and ly in tau else applied.get(ly, 0) > 0))]
-    fired = [ly for ly in active if (applied[ly] > 0 if ly in applied else ev.shift.get(ly, not ev.shift))]
+    # a step that overflowed was recorded, not applied: it changed nothing there
+    fired = [ly for ly in active if (applied[ly] > 0 if ly in applied else ev.shift.get(ly, not ev.shift))
+             and not lost.get(ly, 0) > 0]
     return steered, active, fired
 
 
@@ -311,17 +316,39 @@ def _cf_inactive(ev: Evidence, cause):
 
 
 def _cf_guard(ev: Evidence, cause):
-    sq = [v for ly, v in ev.layers("grad_norm_sq_dtype").items() if ly in ev.active and v > 0]
-    guard = 1e-3 * min(sq) if sq else 0.0
-    return {"knobs": {"guard": guard}, "why": f"guard = {fmt(guard)}, 0.1% of the smallest Σg²"}
+    """A guard 0.1% of the smallest Σg² in float32: the gradient sets the scale again. Σg² in the gradient
+    dtype may have underflowed to 0 (a guard of 0 would give an infinite scale: another cause, not this one)."""
+    g32 = [v * v for ly, v in ev.layers("grad_norm_f32").items() if ly in ev.active and v > 0]
+    sq = g32 or [v for ly, v in ev.layers("grad_norm_sq_dtype").items() if ly in ev.active and v > 0]
+    if not sq:
+        return None
+    guard = 1e-3 * min(sq)
+    return {"knobs": {"guard": guard}, "why": f"guard = {fmt(guard)}, 0.1% of the smallest float32 Σg²"}
+
+
+STEP_SEARCH = (0.1, 0.3, 1.0, 3.0, 10.0)  # step sizes (× ‖x‖) the step_negligible test tries, smallest first
 
 
 def _cf_negligible(ev: Evidence, cause):
+    """What a negligible step took away is its size: the same step scaled to 10%, 30%, 100%, 300% and 1000% of
+    ‖x‖, smallest first (the first that changes the result decides; none: not decisive). One fixed size could
+    never pass where the answer needs a step of 2‖x‖."""
     rel = cause.evidence.get("median_step_rel")
     if not isinstance(rel, float) or not rel > 0:
         return None
-    k = 10 * STEP_REL_MIN / rel
-    return {"dose": k, "why": f"the same step × {fmt(k)}, 10% of ‖x‖"}
+    return {"search_doses": [target / rel for target in STEP_SEARCH],
+            "why": "the same step scaled to 10% … 1000% of ‖x‖"}
+
+
+def _cf_damped(ev: Evidence, cause):
+    return {"untestable": "restoring what the layers after the step removed needs patching their outputs, which "
+                          "this verdict does not run"}
+
+
+def _cf_not_decisive(ev: Evidence, cause):
+    return {"untestable": "the barrier did what it asked (h reached τ), so there is nothing of it to restore; the "
+                          "graded image-mass sweep (decision_token_off_path) tests whether any decision-token mass "
+                          "could change the answer"}
 
 
 def _cf_decode_only(ev: Evidence, cause):
@@ -357,10 +384,10 @@ RULES = [
          f"‖Δx‖ at the last layer < {DAMPING_RATIO_MIN} × Σ‖v‖ applied at the decision token (absolute, not relative "
          f"to a growing ‖x‖), or propagation after the final norm < {PROPAGATION_FINAL_MIN} (or exactly 0), each "
          "with its noise floor added; never when the step was negligible or absorbed", damped_downstream,
-         judged_on="answer"),
+         _cf_damped, judged_on="answer"),
     Rule("barrier_not_decisive", "Barrier reached its target but is not decisive", 11,
          f"median (h + dh_realised − τ) ≥ −max({TARGET_TOLERANCE}, dh_realised_floor) over fired layers, a "
          "dh_realised below its floor counting as 0 (τ ← h + dh_predicted where τ is "
-         f"not recorded) and |Δm| < {DECISIVE_MARGIN_FRACTION}·|m_base|", barrier_not_decisive),
+         f"not recorded) and |Δm| < {DECISIVE_MARGIN_FRACTION}·|m_base|", barrier_not_decisive, _cf_not_decisive),
 ]
 NO_STEP_EXPLAINED_BY = ("barrier_inactive", "gradient_underflow", "decode_only", "non_finite")

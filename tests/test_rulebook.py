@@ -1,0 +1,139 @@
+"""rulebook.py: how a detected cause is tested, on hand-built records and fake testers (no model).
+
+No "decisive" without a recorded counterfactual run; a test that cannot succeed is "untestable here";
+a non-finite counterfactual shows no effect; a search tries sizes until one changes the result; and
+when no single cause is decisive, sets of causes undone together can be (a joint cause).
+"""
+
+import math
+
+import pytest
+from test_diagnose import LABEL_NO, LABEL_YES, PLANTED, UNMOVED, make
+
+from mclcbf_diag.diagnose import diagnose, verdict
+from mclcbf_diag.rulebook import Cause, CounterfactualRun, merge_specs
+
+UNFIXED = {"step_size": 0.003, "mass": 0.2, "margin": -1.5, "outcome": "unchanged", "finite": True, "dropped": False}
+
+
+def _tester(effects: dict, seen: list | None = None):
+    """Effects by the spec's "why" (a key ending in "*": by prefix; unlisted: the unfixed run's)."""
+    def tester(spec):
+        if seen is not None:
+            seen.append(None if spec is None else spec["why"])
+        if spec is None:
+            return UNFIXED
+        why = spec["why"]
+        return effects.get(why, next((v for k, v in effects.items() if k.endswith("*") and why.startswith(k[:-1])),
+                                     UNFIXED))
+    return tester
+
+
+def test_decisive_needs_a_recorded_run():
+    with pytest.raises(ValueError, match="recorded counterfactual run"):
+        Cause("x", "X", True, 1.0, {}, "", "", decisive=True)
+    run = CounterfactualRun("clamp = none", 1.2, "fixed")
+    assert Cause("x", "X", True, 1.0, {}, "", "", decisive=True, run=run).status == "decisive"
+
+
+def test_a_decisive_cause_carries_its_run():
+    frame = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0}, final=UNMOVED, extra=[LABEL_YES])
+    fixed = {**UNFIXED, "step_size": 4.9, "margin": 1.2, "outcome": "fixed"}
+    by = {c.id: c for c in diagnose(frame, tester=_tester({"clamp = none": fixed}))}
+    run = by["clamp_limited"].run
+    assert by["clamp_limited"].decisive and run == CounterfactualRun("clamp = none", 1.2, "fixed", 4.9, 0.2, True)
+    assert all(c.run is not None for c in by.values() if c.decisive)
+
+
+@pytest.mark.parametrize("case, reason", [("damped_downstream", "patching"), ("rounding_absorbed", "float32"),
+                                          ("barrier_not_decisive", "nothing of it to restore")])
+def test_a_test_that_cannot_succeed_is_untestable_here(case, reason):
+    frame = make(**PLANTED[case], extra=[LABEL_YES])
+    seen = []
+    cause = next(c for c in diagnose(frame, tester=_tester({}, seen)) if c.id == case)
+    assert cause.status == "untestable here" and reason in cause.untestable and cause.decisive is None
+    assert cause.run is None and f"untestable here: {cause.untestable}" == cause.test
+    assert f"[untestable here] {cause.sentence}" in verdict([cause])
+
+
+def test_a_non_finite_counterfactual_shows_no_effect():
+    # the guard's undoing overflows (an infinite scale, its step dropped): "step 0.003 → 0" is no effect
+    frame = make(step=PLANTED["guard_dominates"]["step"], final=UNMOVED, extra=[LABEL_YES])
+    dropped = {**UNFIXED, "step_size": 0.0, "dropped": True, "outcome": "non_finite"}
+    cause = next(c for c in diagnose(frame, tester=_tester({"guard = *": dropped})) if c.id == "guard_dominates")
+    assert cause.decisive is None and cause.status == "present, not tested"
+    assert "non-finite run" in cause.test and cause.run is not None and not cause.run.finite
+    # the same counterfactual with a NaN margin ("decisive" by the margin rule before): no effect either
+    nan = {**UNFIXED, "margin": math.nan, "finite": False, "outcome": "derailed"}
+    cause = next(c for c in diagnose(frame, tester=_tester({"guard = *": nan})) if c.id == "guard_dominates")
+    assert cause.decisive is None and "non-finite" in cause.test
+
+
+def test_a_negligible_step_is_tested_by_a_search_over_its_size():
+    # the step is 0.1% of ‖x‖; sizes 10%, 30%, 100% change nothing, 300% fixes it
+    frame = make(step={"theta_rel": 0.001}, final=UNMOVED, extra=[LABEL_YES])
+    seen = []
+    fixed = {**UNFIXED, "margin": 0.4, "outcome": "fixed"}
+    why = "the same step scaled to 10% … 1000% of ‖x‖"
+    cause = next(c for c in diagnose(frame, tester=_tester({f"{why} × 3e+03": fixed}, seen))
+                 if c.id == "step_negligible")
+    assert [w for w in seen if w and w.startswith(why)] == [f"{why} × {k}" for k in ("100", "300", "1e+03", "3e+03")]
+    assert cause.decisive and cause.run.change == f"{why} × 3e+03" and cause.run.outcome == "fixed"
+    # none of the sizes: not decisive, and the test says how many were tried
+    cause = next(c for c in diagnose(frame, tester=_tester({})) if c.id == "step_negligible")
+    assert cause.decisive is False and "any of 5 sizes" in cause.test
+
+
+JOINT_STEP = {**PLANTED["gradient_underflow"]["step"], "guard_share": 0.999}
+GRAD, GUARD = "grad_dtype = float32", "guard = 1e-13, 0.1% of the smallest float32 Σg²"
+
+
+def test_causes_that_act_only_together_are_one_joint_cause():
+    # Σg² underflowed and the guard sets the scale: neither undone alone changes the answer, both together fix it
+    frame = make(step=JOINT_STEP, final=UNMOVED, extra=[LABEL_YES])
+    seen = []
+    fixed = {**UNFIXED, "step_size": 0.4, "margin": 0.9, "outcome": "fixed"}
+    infinite = {**UNFIXED, "step_size": 0.0, "dropped": True, "outcome": "non_finite"}
+    causes = diagnose(frame, tester=_tester({f"{GRAD} and {GUARD}": fixed, GUARD: infinite}, seen))
+    top = causes[0]
+    assert top.id == "joint:gradient_underflow+guard_dominates" and top.decisive and top.status == "decisive"
+    assert top.members == ("gradient_underflow", "guard_dominates") and top.run.outcome == "fixed"
+    assert top.run.change == f"{GRAD} and {GUARD}" and "neither" not in top.sentence
+    by = {c.id: c for c in causes}
+    assert by["gradient_underflow"].decisive is False and by["guard_dominates"].decisive is None
+    assert f"{GRAD} and {GUARD}" in seen
+    assert "[decisive] Together, gradient_underflow + guard_dominates" in verdict(causes)
+
+
+def test_no_joint_search_when_a_single_cause_decides_or_the_answer_is_right():
+    frame = make(step=JOINT_STEP, final=UNMOVED, extra=[LABEL_YES])
+    fixed = {**UNFIXED, "margin": 0.9, "outcome": "fixed"}
+    seen = []
+    causes = diagnose(frame, tester=_tester({GRAD: fixed, f"{GRAD} and {GUARD}": fixed}, seen))
+    assert not any(c.id.startswith("joint:") for c in causes) and f"{GRAD} and {GUARD}" not in seen
+    seen = []  # a right answer kept: nothing to explain, no sets
+    causes = diagnose(make(step=JOINT_STEP, final=UNMOVED, extra=[LABEL_NO]), tester=_tester({}, seen))
+    assert not any(c.id.startswith("joint:") for c in causes) and not any(" and " in (w or "") for w in seen)
+
+
+def test_joint_search_is_bounded_and_in_causal_order():
+    # five mergeable causes, none decisive alone or together: at most JOINT_MAX_RUNS sets are run
+    from mclcbf_diag.rulebook import JOINT_MAX_RUNS
+
+    step = {**JOINT_STEP, "clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0}
+    frame = make(step=step, final={**PLANTED["span_mismatch"]["final"], **UNMOVED}, extra=[LABEL_YES])
+    seen = []
+    causes = diagnose(frame, tester=_tester({}, seen))
+    sets = [w for w in seen if w and " and " in w]
+    assert 0 < len(sets) <= JOINT_MAX_RUNS and not any(c.id.startswith("joint:") for c in causes)
+    assert sets[0].startswith("span = detected and grad_dtype = float32")  # the two earliest in causal order
+
+
+def test_merge_specs():
+    a, b = {"knobs": {"clamp": "none"}, "why": "a"}, {"knobs": {"guard": 1e-9}, "dose": 2.0, "why": "b"}
+    assert merge_specs([a, b]) == {"why": "a and b", "knobs": {"clamp": "none", "guard": 1e-9}, "dose": 2.0}
+    assert merge_specs([a, {"knobs": {"clamp": "scale"}, "why": "c"}]) is None  # one knob, two values
+    assert merge_specs([a, {"untestable": "no", "why": "d"}]) is None
+    assert merge_specs([a, {"search_doses": [1.0], "why": "e"}]) is None
+    fn = merge_specs([{"knobs_fn": lambda k: {"tau_prefill": k["t"]}, "why": "f"}, a])
+    assert fn["knobs_fn"]({"t": 0.3}) == {"tau_prefill": 0.3} and fn["knobs"] == {"clamp": "none"}
