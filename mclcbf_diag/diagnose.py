@@ -269,10 +269,23 @@ def causes_frame(causes: list[Cause]) -> pd.DataFrame:
     """One row per cause in the given (ranked) order; evidence as a JSON string."""
     return pd.DataFrame([{"rank": i + 1, "id": x.id, "detected": x.detected, "status": x.status,
                           "strength": x.strength, "sentence": x.sentence, "test": x.test, "threshold": x.threshold,
-                          "evidence": json.dumps(x.evidence, sort_keys=True, ensure_ascii=False)}
+                          "evidence": json.dumps(x.evidence, sort_keys=True, ensure_ascii=False),
+                          "counterfactual": _run_text(x.run)}
                          for i, x in enumerate(causes)],
                         columns=["rank", "id", "detected", "status", "strength", "sentence", "test", "threshold",
-                                 "evidence"])
+                                 "evidence", "counterfactual"])
+
+
+def _run_text(run) -> str:
+    """The recorded counterfactual run in one line ("" when there is none)."""
+    if run is None:
+        return ""
+    parts = [run.change, f"margin {fmt(run.margin)}", f"outcome {run.outcome}"]
+    if math.isfinite(run.step_size):
+        parts.append(f"step {fmt(run.step_size)} of ‖x‖")
+    if not run.finite:
+        parts.append("non-finite: no effect read")
+    return "; ".join(parts)
 
 
 def verdict(causes: list[Cause]) -> str:

@@ -252,12 +252,15 @@ def verdict_items(text: str) -> list[str]:
 
 
 CAUSE_COLUMNS = {"rank": "rank", "id": "cause", "status": "status", "strength": "strength (0–1)",
-                 "sentence": "what was measured", "test": "test: undo it alone", "evidence": "evidence"}
+                 "sentence": "what was measured", "test": "test: undo it alone",
+                 "counterfactual": "the counterfactual run", "evidence": "evidence"}
 
 
 def causes_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The detected causes, readable: no index, evidence as "key = value" (see report.display_table)."""
     found = frame[frame.detected.astype(bool)]
+    if "counterfactual" not in found:  # a frame written before runs were recorded
+        found = found.assign(counterfactual="")
     return found[list(CAUSE_COLUMNS)].rename(columns=CAUSE_COLUMNS)
 
 

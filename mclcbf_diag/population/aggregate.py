@@ -52,7 +52,9 @@ def cause_table(df: pd.DataFrame, titles: dict | None = None) -> pd.DataFrame:
         top = g.top_cause.where(g.top_cause.astype(bool), NONE_DECISIVE)
         for cause, count in top.value_counts().items():
             sel = g[top == cause]
-            out.append({"group": group, "cause": cause, "title": (titles or {}).get(cause, ""), "count": int(count),
+            title = (titles or {}).get(cause, "") if not cause.startswith("joint:") else (
+                "joint cause: " + " + ".join(cause[len("joint:"):].split("+")))
+            out.append({"group": group, "cause": cause, "title": title, "count": int(count),
                         "share": count / len(g), "questions": _ids(sel)})
     return pd.DataFrame(out, columns=["group", "cause", "title", "count", "share", "questions"])
 
@@ -164,12 +166,19 @@ def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: p
         c = causes[causes.group == group]
         if not len(c):
             continue
-        named = c[c.cause != NONE_DECISIVE]
+        joint = c[c.cause.str.startswith("joint:")]
+        named = c[(c.cause != NONE_DECISIVE) & ~c.cause.str.startswith("joint:")]
         none = c[c.cause == NONE_DECISIVE]["count"].sum()
+        together = (f"; {joint['count'].sum()} by a joint cause, several causes that change it only when undone "
+                    "together (" + "; ".join(f"{r['count']} by {r.cause[len('joint:'):]}" for _, r in
+                                             joint.head(3).iterrows()) + ")") if len(joint) else ""
         if len(named):
             listed = "; ".join(f"{r['count']} by {r.title or r.cause} ({r.cause})" for _, r in named.head(3).iterrows())
             parts.append(f"Of the {label}, decided by one cause (its own counterfactual changes the result): {listed}"
-                         + (f"; {none} by no single decisive cause." if none else "."))
+                         + together + (f"; {none} by no single decisive cause." if none else "."))
+        elif len(joint):
+            parts.append(f"Of the {label}, none is decided by a single cause{together}"
+                         + (f"; {none} by no decisive cause." if none else "."))
         else:
             parts.append(f"None of the {label} is decided by a single cause whose own counterfactual changes it.")
     for group, goal in (("wrong", "fixes"), ("right", "breaks or derails")):
