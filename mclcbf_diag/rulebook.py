@@ -354,10 +354,11 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -
             continue
         ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, judged_on)
         if ok:
-            return _with_run(cause, True, f"undoing it ({one.get('why', '')}) changes " + ", ".join(what), one, cf)
+            return _with_run(cause, True, f"undoing it{'' if 'search_doses' in spec else ' alone'} "
+                                          f"({one.get('why', '')}) changes " + ", ".join(what), one, cf)
     one, cf = last
     if not _finite(cf):
-        return _with_run(cause, None, f"undoing it ({one.get('why', '')}) gives a non-finite run (margin "
+        return _with_run(cause, None, f"undoing it alone ({one.get('why', '')}) gives a non-finite run (margin "
                                       f"{fmt(cf.get('margin', math.nan))}, outcome {cf.get('outcome')}): no effect "
                                       "can be read from it", one, cf)
     tried = f"any of {len(_searched(spec))} sizes of it" if "search_doses" in spec else "it alone"
