@@ -329,10 +329,8 @@ def _finite(effect: dict) -> bool:
 
 
 def _searched(spec: dict) -> list[dict]:
-    """The runs a spec asks for: one, or a search's in order (``search_doses``: the same step × each dose)."""
-    if "search_doses" not in spec:
-        return [spec]
-    return [{"dose": k, "why": f"{spec.get('why', 'the same step')} × {fmt(k)}"} for k in spec["search_doses"]]
+    """The runs a spec asks for: itself, or a search's specs in order (``search``: smallest change first)."""
+    return list(spec["search"]) if "search" in spec else [spec]
 
 
 def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -> Cause:
@@ -354,14 +352,14 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -
             continue
         ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, judged_on)
         if ok:
-            return _with_run(cause, True, f"undoing it{'' if 'search_doses' in spec else ' alone'} "
-                                          f"({one.get('why', '')}) changes " + ", ".join(what), one, cf)
+            return _with_run(cause, True, f"undoing it alone ({one.get('why', '')}) changes " + ", ".join(what),
+                             one, cf)
     one, cf = last
     if not _finite(cf):
         return _with_run(cause, None, f"undoing it alone ({one.get('why', '')}) gives a non-finite run (margin "
                                       f"{fmt(cf.get('margin', math.nan))}, outcome {cf.get('outcome')}): no effect "
                                       "can be read from it", one, cf)
-    tried = f"any of {len(_searched(spec))} sizes of it" if "search_doses" in spec else "it alone"
+    tried = f"it alone in any of {len(_searched(spec))} sizes" if "search" in spec else "it alone"
     return _with_run(cause, False, f"undoing {tried} ({spec.get('why', '')}) changes none of step size, image mass, "
                                    f"margin or outcome by the stated amount (margin {ref.get('margin', math.nan):+.3g} "
                                    f"→ {cf.get('margin', math.nan):+.3g}, outcome {cf.get('outcome')})", one, cf)
@@ -387,7 +385,7 @@ def merge_specs(specs: list[dict]) -> dict | None:
     does not combine."""
     knobs, fns, dose = {}, [], 1.0
     for s in specs:
-        if s is None or any(k in s for k in ("intervention", "search_doses", "untestable")):
+        if s is None or any(k in s for k in ("intervention", "search", "untestable")):
             return None
         for k, v in s.get("knobs", {}).items():
             if k in knobs and knobs[k] != v:

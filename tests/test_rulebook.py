@@ -74,14 +74,16 @@ def test_a_negligible_step_is_tested_by_a_search_over_its_size():
     frame = make(step={"theta_rel": 0.001}, final=UNMOVED, extra=[LABEL_YES])
     seen = []
     fixed = {**UNFIXED, "margin": 0.4, "outcome": "fixed"}
-    why = "the same step scaled to 10% … 1000% of ‖x‖"
-    cause = next(c for c in diagnose(frame, tester=_tester({f"{why} × 3e+03": fixed}, seen))
+    cause = next(c for c in diagnose(frame, tester=_tester({"the same step × 3e+03, 300% of ‖x‖": fixed}, seen))
                  if c.id == "step_negligible")
-    assert [w for w in seen if w and w.startswith(why)] == [f"{why} × {k}" for k in ("100", "300", "1e+03", "3e+03")]
-    assert cause.decisive and cause.run.change == f"{why} × 3e+03" and cause.run.outcome == "fixed"
+    assert [w for w in seen if w and w.startswith("the same step ×")] == [
+        "the same step × 100, 10% of ‖x‖", "the same step × 300, 30% of ‖x‖", "the same step × 1e+03, 100% of ‖x‖",
+        "the same step × 3e+03, 300% of ‖x‖"]
+    assert cause.decisive and cause.run.change == "the same step × 3e+03, 300% of ‖x‖" and cause.run.outcome == "fixed"
+    assert cause.test.startswith("undoing it alone (the same step × 3e+03, 300% of ‖x‖) changes")
     # none of the sizes: not decisive, and the test says how many were tried
     cause = next(c for c in diagnose(frame, tester=_tester({})) if c.id == "step_negligible")
-    assert cause.decisive is False and "any of 5 sizes" in cause.test
+    assert cause.decisive is False and "in any of 5 sizes" in cause.test
 
 
 JOINT_STEP = {**PLANTED["gradient_underflow"]["step"], "guard_share": 0.999}
@@ -134,6 +136,6 @@ def test_merge_specs():
     assert merge_specs([a, b]) == {"why": "a and b", "knobs": {"clamp": "none", "guard": 1e-9}, "dose": 2.0}
     assert merge_specs([a, {"knobs": {"clamp": "scale"}, "why": "c"}]) is None  # one knob, two values
     assert merge_specs([a, {"untestable": "no", "why": "d"}]) is None
-    assert merge_specs([a, {"search_doses": [1.0], "why": "e"}]) is None
+    assert merge_specs([a, {"search": [{"dose": 1.0, "why": "e1"}], "why": "e"}]) is None
     fn = merge_specs([{"knobs_fn": lambda k: {"tau_prefill": k["t"]}, "why": "f"}, a])
     assert fn["knobs_fn"]({"t": 0.3}) == {"tau_prefill": 0.3} and fn["knobs"] == {"clamp": "none"}

@@ -336,8 +336,9 @@ def _cf_negligible(ev: Evidence, cause):
     rel = cause.evidence.get("median_step_rel")
     if not isinstance(rel, float) or not rel > 0:
         return None
-    return {"search_doses": [target / rel for target in STEP_SEARCH],
-            "why": "the same step scaled to 10% … 1000% of ‖x‖"}
+    return {"search": [{"dose": t / rel, "why": f"the same step × {fmt(t / rel)}, {pct(t)} of ‖x‖"}
+                       for t in STEP_SEARCH],
+            "why": f"the same step at {', '.join(pct(t) for t in STEP_SEARCH)} of ‖x‖"}
 
 
 def _cf_damped(ev: Evidence, cause):
