@@ -67,6 +67,7 @@ from .rulebook import (
     fmt,
     median,
     pct,
+    changes_outcome,
     run_rules,
     select,
 )
@@ -318,7 +319,7 @@ def verdict(causes: list[Cause]) -> str:
     for x in found:
         lines.append(f"[{x.status}] {x.sentence}")
         lines.append(f"  {x.id}, strength {fmt(x.strength)}" + (f"; test: {x.test.rstrip('.')}." if x.test else "."))
-    lines.append(_ranking_line(found))
+    lines.append(_ranking_line(found, outcome))
     if any(x.status in ("decisive", "present, not decisive") for x in found):
         lines.append(f"Decisive means: {DECISIVE_RULE}.")
     return "\n".join([*lines, tail])
@@ -327,14 +328,19 @@ def verdict(causes: list[Cause]) -> str:
 _GROUP = {True: 0, None: 1, False: 2}
 
 
-def _ranking_line(found: list[Cause]) -> str:
+def _ranking_line(found: list[Cause], outcome: str | None = None) -> str:
     """How the causes are ordered, in one line, with this verdict's own weaker-above-stronger example."""
-    line = ("Ranking: decisive causes first, then causes not tested by a counterfactual (observed ones included), "
-            "then those present but not decisive; within each group in causal order, because an earlier failure "
-            "hides later ones; strength (how far the rule's evidence is past its threshold, 0 to 1) only breaks ties")
+    line = ("Ranking: decisive causes first (those whose undoing changes the outcome before those that change only "
+            "the step, image mass or margin), then causes not tested by a counterfactual (observed and untestable "
+            "ones included), then those present but not decisive; within each group in causal order, because an "
+            "earlier failure hides later ones; strength (how far the rule's evidence is past its threshold, 0 to 1) "
+            "only breaks ties")
+
+    def group(c):
+        return _GROUP[c.decisive], not changes_outcome(c, outcome)
+
     for i, a in enumerate(found):
-        b = next((b for b in found[i + 1:] if _GROUP[b.decisive] == _GROUP[a.decisive] and b.strength > a.strength),
-                 None)
+        b = next((b for b in found[i + 1:] if group(b) == group(a) and b.strength > a.strength), None)
         if b is not None:
             return (line + f": so {a.id} (strength {fmt(a.strength)}) ranks above {b.id} (strength {fmt(b.strength)}) "
                     "because it comes earlier in that order.")

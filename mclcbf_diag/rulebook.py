@@ -287,14 +287,17 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
     (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause
     is decisive and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
     causes are undone together (:func:`joint_causes`); the smallest decisive set is one more
-    cause. Ranking: detected first; among them decisive, then untested, then not decisive; each
+    cause. Ranking: detected first; among them decisive (those whose run changed the outcome before
+    those that changed only the step, image mass or margin), then untested, then not decisive; each
     group in causal order, ties by strength.
     """
     ev = Evidence(df, rules, layer_sets)
     causes = [ev.cause(r.id) for r in rules]
     by_id = {r.id: r for r in rules}
     rank = {r.id: r.rank for r in rules}
+    unfixed = None
     if tester is not None:
+        unfixed = (tester(None) or {}).get("outcome")
         specs = {c.id: _spec(ev, by_id[c.id], c, intervention) for c in causes}
         causes = [_tested(ev, by_id[c.id], c, specs[c.id], tester) for c in causes]
         joint = joint_causes(ev, causes, specs, tester, rank)
@@ -302,7 +305,14 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
             rank[joint.id] = min(rank[m] for m in joint.members)
             causes.append(joint)
     order = {True: 0, None: 1, False: 2}
-    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], rank[c.id], -c.strength))
+    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], not changes_outcome(c, unfixed),
+                                         rank[c.id], -c.strength))
+
+
+def changes_outcome(cause: Cause, unfixed: str | None) -> bool:
+    """A decisive cause whose run changed the outcome itself (not only the step, image mass or margin):
+    such causes rank first among the decisive ones."""
+    return bool(cause.decisive) and cause.run is not None and unfixed is not None and cause.run.outcome != unfixed
 
 
 def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> dict | None:

@@ -57,8 +57,8 @@ def make(step=None, final=None, drop=(), keep=None, question_id="q1", extra=()):
             if cond == "steered":
                 rows.append(_row(cond, layer, "propagation_rel", prop_rel[layer], question_id=question_id))
                 rows.append(_row(cond, layer, "propagation", 10 * prop_rel[layer], question_id=question_id))
-            if layer in STEERED and cond == "baseline":
-                rows.append(_row(cond, layer, "barrier_h", HEALTHY_STEP["barrier_h"], question_id=question_id))
+            if layer in STEERED and cond == "baseline":  # the model's own h: the steered h, no earlier step lifting it
+                rows.append(_row(cond, layer, "barrier_h", step["barrier_h"], question_id=question_id))
             elif layer in STEERED:
                 rows += [_row(cond, layer, metric, value, question_id=question_id) for metric, value in step.items()]
     for (cond, metric), value in {**HEALTHY_FINAL, **(final or {})}.items():
@@ -241,9 +241,10 @@ def test_attn_logits_site_missing_metrics_do_not_crash():
 def test_causes_frame_shape_and_json_evidence():
     causes = diagnose(make(**PLANTED["clamp_limited"]))
     df = causes_frame(causes)
-    assert df.shape == (len(ORDER), 9)
+    assert df.shape == (len(ORDER), 10)
     assert list(df.columns) == ["rank", "id", "detected", "status", "strength", "sentence", "test", "threshold",
-                                "evidence"]
+                                "evidence", "counterfactual"]
+    assert set(df.counterfactual) == {""}  # no tester: no run recorded
     assert df["rank"].tolist() == list(range(1, len(ORDER) + 1)) and df["id"].iloc[0] == "clamp_limited"
     ev = json.loads(df["evidence"].iloc[0])
     assert ev["n_clamped"] == 3 and ev["median_scale_unclamped"] == 127.0
@@ -413,3 +414,18 @@ def test_an_unchanged_final_state_needs_to_be_unchanged_beyond_noise():
     # bitwise identical states carry no rounding noise
     exact = make(final={("steered", "propagation"): 0.0, ("steered", "propagation_floor"): 1.0})
     assert "damped_downstream" in detected(diagnose(exact))
+
+
+def test_layers_an_earlier_step_lifted_above_tau_are_not_an_inactive_barrier():
+    # layer 1 fires and lifts h to 0.3 at layers 2 and 3 (the baseline's h there is 0.05): the barrier worked
+    frame = make()
+    later = (frame.condition == "steered") & (frame.layer > 1)
+    for metric, value in (("barrier_h", 0.3), ("barrier_active", 0), ("applied_norm", 0.0)):
+        frame.loc[later & (frame.metric == metric), "value"] = value
+    cause = next(c for c in diagnose(frame) if c.id == "barrier_inactive")
+    assert not cause.detected and cause.evidence["n_lifted"] == 2 and cause.evidence["n_inactive"] == 0
+    assert "already lifted h to τ" in cause.sentence
+    # the same h where the model itself put it (baseline 0.3 too): inactive
+    frame.loc[(frame.condition == "baseline") & (frame.metric == "barrier_h") & (frame.layer > 1), "value"] = 0.3
+    cause = next(c for c in diagnose(frame) if c.id == "barrier_inactive")
+    assert cause.detected and cause.evidence["n_inactive"] == 2

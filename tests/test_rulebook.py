@@ -139,3 +139,26 @@ def test_merge_specs():
     assert merge_specs([a, {"search": [{"dose": 1.0, "why": "e1"}], "why": "e"}]) is None
     fn = merge_specs([{"knobs_fn": lambda k: {"tau_prefill": k["t"]}, "why": "f"}, a])
     assert fn["knobs_fn"]({"t": 0.3}) == {"tau_prefill": 0.3} and fn["knobs"] == {"clamp": "none"}
+
+
+def test_the_causes_frame_shows_each_run():
+    from mclcbf_diag.diagnose import causes_frame
+
+    frame = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0}, final=UNMOVED, extra=[LABEL_YES])
+    fixed = {**UNFIXED, "step_size": 4.9, "margin": 1.2, "outcome": "fixed"}
+    df = causes_frame(diagnose(frame, tester=_tester({"clamp = none": fixed})))
+    row = df[df.id == "clamp_limited"].iloc[0]
+    assert row.counterfactual == "clamp = none; margin 1.2; outcome fixed; step 4.9 of ‖x‖"
+
+
+def test_decisive_causes_that_change_the_outcome_rank_first():
+    # the clamp's undoing only moves the margin, the step size's undoing fixes the answer: the fix ranks
+    # first although the clamp comes earlier in the causal order
+    frame = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0, "theta_rel": 0.001},
+                 final=UNMOVED, extra=[LABEL_YES])
+    moved = {**UNFIXED, "margin": -0.5}
+    fixed = {**UNFIXED, "margin": 0.4, "outcome": "fixed"}
+    causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": fixed}))
+    top = [c.id for c in causes if c.decisive]
+    assert top == ["step_negligible", "clamp_limited"]
+    assert "those whose undoing changes the outcome before" in verdict(causes)

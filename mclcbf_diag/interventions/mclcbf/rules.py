@@ -12,7 +12,8 @@ per-head ``logit_shift``).
 Every rule names its counterfactual, which *undoes* its cause (restores what the cause took
 away, everything else kept), and the rulebook runs it to call the cause decisive or not:
 ``decode_only`` → steer the prefill as the decode; ``span_mismatch`` → span=detected;
-``barrier_inactive`` → τ just above every h; ``gradient_underflow`` → grad_dtype=float32;
+``barrier_inactive`` → τ just above every h, then larger τ (:data:`TAU_SEARCH`);
+``gradient_underflow`` → grad_dtype=float32;
 ``guard_dominates`` (guard/(Σg² + guard) > :data:`GUARD_SHARE_MAX`: the guard, not the gradient,
 sets the scale) → a guard 0.1% of the smallest float32 Σg²; ``clamp_limited`` → clamp=none
 (the unclamped scale); ``step_negligible`` → a search over the step's size (the same step at
@@ -83,16 +84,24 @@ def span_mismatch(ev: Evidence, rule: Rule):
 
 
 def barrier_inactive(ev: Evidence, rule: Rule):
+    """h ≥ τ at most steered layers. A layer whose h is at or above τ only because an earlier step lifted it
+    (the baseline's h there is below τ) is the barrier's success, not its inactivity: it is not counted."""
     steered, active, h, tau_m = ev.steered, ev.active, ev.layers("barrier_h"), _tau(ev)
     if not steered:
         return ev.skip(rule, "no barrier records for condition 'steered'")
-    frac = (len(steered) - len(active)) / len(steered)
-    e = {"fraction_inactive": frac, "n_inactive": len(steered) - len(active), "n_steered": len(steered),
+    h_base, tau = ev.layers("barrier_h", "baseline"), ev.layers("barrier_tau")
+    lifted = [ly for ly in steered if ly not in active and ly in h_base and ly in tau and h_base[ly] < tau[ly]]
+    inactive = len(steered) - len(active) - len(lifted)
+    frac = inactive / len(steered)
+    e = {"fraction_inactive": frac, "n_inactive": inactive, "n_steered": len(steered), "n_lifted": len(lifted),
          "median_h": median(h[ly] for ly in steered if ly in h), "tau": tau_m}
     s = (f"h was already at or above τ = {fmt(tau_m)} at {e['n_inactive']} of {len(steered)} steered layers"
-         f" (median h {fmt(e['median_h'])}), so the barrier did not fire there." if e["n_inactive"] else
-         f"h was below τ = {fmt(tau_m)} at all {len(steered)} steered layers (median h {fmt(e['median_h'])}).")
-    return ev.make(rule, frac > INACTIVE_FRACTION, frac, e, s)
+         f" (median h {fmt(e['median_h'])}), so the barrier did not fire there" if e["n_inactive"] else
+         f"h was below τ = {fmt(tau_m)} at all {len(steered) - len(lifted)} steered layers"
+         + (" where the model left it" if lifted else "") + f" (median h {fmt(e['median_h'])})")
+    if lifted:
+        s += f"; at {len(lifted)} more an earlier step had already lifted h to τ (the barrier working, not idle)"
+    return ev.make(rule, frac > INACTIVE_FRACTION, frac, e, s + ".")
 
 
 def gradient_underflow(ev: Evidence, rule: Rule):
@@ -307,12 +316,20 @@ def _cf_knobs(why, **knobs):
     return lambda ev, cause: {"knobs": knobs, "why": why}
 
 
+TAU_SEARCH = (0.2, 0.5, 0.9)  # τ_prefill values the barrier_inactive test tries above "just above every h"
+
+
 def _cf_inactive(ev: Evidence, cause):
+    """What an inactive barrier lacks is a τ above h: τ just above every layer's h first, then the larger
+    τ of :data:`TAU_SEARCH` (smallest first), since the τ that was meant is not in the records."""
     h = [v for ly, v in ev.layers("barrier_h").items() if ly in ev.steered]
     if not h:
         return None
-    tau = min(1.0, max(h) + 0.05)
-    return {"knobs": {"tau_prefill": tau}, "why": f"τ_prefill = {fmt(tau)}, just above every layer's h"}
+    first = min(1.0, max(h) + 0.05)
+    taus = [first] + [t for t in TAU_SEARCH if t > first]
+    return {"search": [{"knobs": {"tau_prefill": t}, "why": f"τ_prefill = {fmt(t)}" + (
+        ", just above every layer's h" if t == first else "")} for t in taus],
+            "why": "τ_prefill from just above every layer's h up to " + fmt(taus[-1])}
 
 
 def _cf_guard(ev: Evidence, cause):
