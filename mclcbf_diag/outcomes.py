@@ -33,8 +33,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where logits are read: the outcome classes load without it
+    import torch
 
 OUTCOMES = ("unchanged", "fixed", "broken", "derailed", "non_finite")
 UNLABELED_OUTCOMES = ("unchanged", "changed", "derailed", "non_finite")
@@ -78,6 +80,8 @@ def answer_ids(tokens) -> tuple[list[int], list[int]]:
 
 def read_logits(logits: torch.Tensor, yes_id: int, no_id: int, yes_ids, no_ids) -> Reading:
     """A :class:`Reading` of one row of full-vocabulary logits [vocab]."""
+    import torch
+
     lg = logits.detach().float().reshape(-1)
     finite = bool(torch.isfinite(lg).all())
     margin = float(lg[yes_id] - lg[no_id])

@@ -124,7 +124,6 @@ COVERED_BY = {  # module → (test file that holds its tests, why not the mirror
     "pope/store.py": ("test_pope.py", "the run folder: resume, torn lines, refusals, through the pope command"),
     "pope/answer.py": ("test_pope.py", "batched answering and resume, through the pope command"),
     "pope/metrics.py": ("test_pope.py", "metrics against a hand recomputation"),
-    "rulebook.py": ("test_diagnose.py", "the engine is tested with the rules it runs"),
     "interventions/attention_edits.py": ("test_barrier.py", "each edit against a softmax of shifted logits"),
     "interventions/mclcbf/config.py": ("test_barrier.py", "presets, overrides, spans and targets"),
     "interventions/mclcbf/math.py": ("test_barrier.py", "h, ∇h and the step vs eager attention and finite differences"),
@@ -172,7 +171,7 @@ def test_every_test_file_names_a_module_or_says_what_it_covers():
     """The other direction: a test file with no module is a cross-cutting test, listed here."""
     cross_cutting = {"test_bad_inputs.py", "test_benchmarks.py", "test_browser.py", "test_notebooks.py",
                      "test_pinned_records.py", "test_user_intervention.py", "test_device_map.py", "test_layering.py",
-                     "test_readme.py"}
+                     "test_readme.py", "test_planted_wrong.py", "test_nonfinite.py"}
     mirrors = {_mirror(m) for m in _modules()} | {t for t, _ in COVERED_BY.values()}
     for p in sorted(PKG.rglob("*.py")):
         rel = p.relative_to(PKG).as_posix()

@@ -181,7 +181,7 @@ def partition_figure(flips):
     """One partition of the questions at a time (buttons): outcome classes or sign changes, per answer kind."""
     import plotly.graph_objects as go
 
-    parts = {"outcome": list(OUTCOMES),
+    parts = {"outcome": [o for o in OUTCOMES if o in flips],  # flips.csv of older runs has no non_finite
              "sign change": ["yes_to_no", "no_to_yes"]}
     colours = {"unchanged": "#bbbbbb", "fixed": "#2ca02c", "broken": "#d62728", "derailed": "#9467bd",
                "non_finite": "#000000",
