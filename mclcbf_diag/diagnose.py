@@ -67,7 +67,7 @@ from .rulebook import (
     fmt,
     median,
     pct,
-    changes_outcome,
+    reaches_goal,
     run_rules,
     select,
 )
@@ -319,7 +319,7 @@ def verdict(causes: list[Cause]) -> str:
     for x in found:
         lines.append(f"[{x.status}] {x.sentence}")
         lines.append(f"  {x.id}, strength {fmt(x.strength)}" + (f"; test: {x.test.rstrip('.')}." if x.test else "."))
-    lines.append(_ranking_line(found, outcome))
+    lines.append(_ranking_line(found, _goal(ev)))
     if any(x.status in ("decisive", "present, not decisive") for x in found):
         lines.append(f"Decisive means: {DECISIVE_RULE}.")
     return "\n".join([*lines, tail])
@@ -328,16 +328,16 @@ def verdict(causes: list[Cause]) -> str:
 _GROUP = {True: 0, None: 1, False: 2}
 
 
-def _ranking_line(found: list[Cause], outcome: str | None = None) -> str:
+def _ranking_line(found: list[Cause], goal: tuple[str, ...] = ()) -> str:
     """How the causes are ordered, in one line, with this verdict's own weaker-above-stronger example."""
-    line = ("Ranking: decisive causes first (those whose undoing changes the outcome before those that change only "
-            "the step, image mass or margin), then causes not tested by a counterfactual (observed and untestable "
+    line = ("Ranking: decisive causes first (those whose undoing reaches what the label asks, fixed for a wrong "
+            "answer, before the others), then causes not tested by a counterfactual (observed and untestable "
             "ones included), then those present but not decisive; within each group in causal order, because an "
             "earlier failure hides later ones; strength (how far the rule's evidence is past its threshold, 0 to 1) "
             "only breaks ties")
 
     def group(c):
-        return _GROUP[c.decisive], not changes_outcome(c, outcome)
+        return _GROUP[c.decisive], not reaches_goal(c, goal)
 
     for i, a in enumerate(found):
         b = next((b for b in found[i + 1:] if group(b) == group(a) and b.strength > a.strength), None)
@@ -345,6 +345,16 @@ def _ranking_line(found: list[Cause], outcome: str | None = None) -> str:
             return (line + f": so {a.id} (strength {fmt(a.strength)}) ranks above {b.id} (strength {fmt(b.strength)}) "
                     "because it comes earlier in that order.")
     return line + "."
+
+
+def _goal(ev: dict) -> tuple[str, ...]:
+    """The outcomes the label's question asks for, from the margin evidence (none without it)."""
+    from .outcomes import GOALS, kind
+
+    if not ev:
+        return ()
+    label = ev.get("label", "none")
+    return GOALS[kind(label if label != "none" else None, "yes" if ev["m_base"] > 0 else "no")]
 
 
 def _question_line(ev: dict, outcome) -> str:

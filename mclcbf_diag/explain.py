@@ -44,6 +44,7 @@ from .interventions.mclcbf import FIXES
 from .knobs import changed
 from .measure import run_records
 from .models import LoadedModel
+from .outcomes import GOALS as OUTCOME_GOALS
 from .outcomes import Reading, dropped_edit, outcome_of, read_batch
 from .progress import tqdm
 from .runner import RunCapture, run, with_embeds
@@ -72,7 +73,7 @@ CAUSE_FIX = {
 }
 
 
-GOALS = {"wrong": ("fixed",), "right": ("broken", "derailed"), "unlabeled": ("changed", "derailed")}
+GOALS = OUTCOME_GOALS  # what a run must reach, by the question the label sets (mclcbf_diag.outcomes)
 
 
 def reading(lm: LoadedModel, capture: RunCapture) -> Reading:

@@ -133,6 +133,15 @@ def counts(outcomes, labeled: bool = True) -> dict[str, int]:
     return out
 
 
+# what a verdict asks of a run, by the question the label sets for the baseline answer
+GOALS = {"wrong": ("fixed",), "right": ("broken", "derailed"), "unlabeled": ("changed", "derailed")}
+
+
+def kind(label: str | None, base_answer: str) -> str:
+    """"wrong", "right" or "unlabeled": the question a label sets for the baseline answer."""
+    return "unlabeled" if label not in ("yes", "no") else ("right" if base_answer == label else "wrong")
+
+
 def question(label: str | None, base_answer: str) -> str:
     """What a verdict must answer for this question (the label decides it)."""
     if label not in ("yes", "no"):
@@ -146,5 +155,5 @@ def is_right(label: str | None, answer: str) -> bool | None:
     return None if label not in ("yes", "no") else answer == label
 
 
-__all__ = ["OUTCOMES", "UNLABELED_OUTCOMES", "DROPPED_EDIT_METRICS", "dropped_edit", "Reading", "answer_ids", "read_logits", "read_batch", "outcome",
+__all__ = ["OUTCOMES", "UNLABELED_OUTCOMES", "DROPPED_EDIT_METRICS", "GOALS", "kind", "dropped_edit", "Reading", "answer_ids", "read_logits", "read_batch", "outcome",
            "outcome_of", "counts", "question", "is_right"]

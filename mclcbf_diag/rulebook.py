@@ -223,6 +223,13 @@ class Evidence:
         return outcome(base, self.valid("baseline"), new, self.valid(cond), self.label(), new_finite=self.finite(cond),
                        new_dropped=dropped)
 
+    def goal(self) -> tuple[str, ...]:
+        """The outcomes that answer the label's question (:data:`mclcbf_diag.outcomes.GOALS`; none without an answer)."""
+        from .outcomes import GOALS, kind
+
+        base = self.answer("baseline")
+        return () if base is None else GOALS[kind(self.label(), base)]
+
     def layers(self, metric: str, cond: str = "steered") -> dict[int, float]:
         return {k: v for k, v in self._t.get((cond, metric), {}).items() if k >= 0}
 
@@ -287,17 +294,16 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
     (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause
     is decisive and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
     causes are undone together (:func:`joint_causes`); the smallest decisive set is one more
-    cause. Ranking: detected first; among them decisive (those whose run changed the outcome before
-    those that changed only the step, image mass or margin), then untested, then not decisive; each
+    cause. Ranking: detected first; among them decisive (those whose run reached what the label asks,
+    such as fixed for a wrong answer, before the others), then untested, then not decisive; each
     group in causal order, ties by strength.
     """
     ev = Evidence(df, rules, layer_sets)
     causes = [ev.cause(r.id) for r in rules]
     by_id = {r.id: r for r in rules}
     rank = {r.id: r.rank for r in rules}
-    unfixed = None
+    goal = ev.goal()
     if tester is not None:
-        unfixed = (tester(None) or {}).get("outcome")
         specs = {c.id: _spec(ev, by_id[c.id], c, intervention) for c in causes}
         causes = [_tested(ev, by_id[c.id], c, specs[c.id], tester) for c in causes]
         joint = joint_causes(ev, causes, specs, tester, rank)
@@ -305,14 +311,14 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
             rank[joint.id] = min(rank[m] for m in joint.members)
             causes.append(joint)
     order = {True: 0, None: 1, False: 2}
-    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], not changes_outcome(c, unfixed),
+    return sorted(causes, key=lambda c: (not c.detected, order[c.decisive], not reaches_goal(c, goal),
                                          rank[c.id], -c.strength))
 
 
-def changes_outcome(cause: Cause, unfixed: str | None) -> bool:
-    """A decisive cause whose run changed the outcome itself (not only the step, image mass or margin):
-    such causes rank first among the decisive ones."""
-    return bool(cause.decisive) and cause.run is not None and unfixed is not None and cause.run.outcome != unfixed
+def reaches_goal(cause: Cause, goal: tuple[str, ...]) -> bool:
+    """A decisive cause whose run reached what the label asks (fixed for a wrong answer; broken or derailed
+    for a right one; changed or derailed without a label): such causes rank first among the decisive ones."""
+    return bool(cause.decisive) and cause.run is not None and cause.run.outcome in goal
 
 
 def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> dict | None:

@@ -151,14 +151,17 @@ def test_the_causes_frame_shows_each_run():
     assert row.counterfactual == "clamp = none; margin 1.2; outcome fixed; step 4.9 of ‖x‖"
 
 
-def test_decisive_causes_that_change_the_outcome_rank_first():
-    # the clamp's undoing only moves the margin, the step size's undoing fixes the answer: the fix ranks
+def test_decisive_causes_that_reach_the_goal_rank_first():
+    # the clamp's undoing only moves the margin, the step size's undoing fixes the wrong answer: the fix ranks
     # first although the clamp comes earlier in the causal order
     frame = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0, "theta_rel": 0.001},
                  final=UNMOVED, extra=[LABEL_YES])
     moved = {**UNFIXED, "margin": -0.5}
     fixed = {**UNFIXED, "margin": 0.4, "outcome": "fixed"}
     causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": fixed}))
-    top = [c.id for c in causes if c.decisive]
-    assert top == ["step_negligible", "clamp_limited"]
-    assert "those whose undoing changes the outcome before" in verdict(causes)
+    assert [c.id for c in causes if c.decisive] == ["step_negligible", "clamp_limited"]
+    assert "those whose undoing reaches what the label asks" in verdict(causes)
+    # a larger step that derails the wrong answer changes the outcome but does not fix it: causal order
+    derailed = {**UNFIXED, "margin": 0.4, "outcome": "derailed"}
+    causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": derailed}))
+    assert [c.id for c in causes if c.decisive] == ["clamp_limited", "step_negligible"]
