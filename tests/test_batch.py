@@ -108,6 +108,7 @@ def test_batched_margins_equal_per_sample_runs(lm, batch, singles, name):
         assert pair_base[b]["margin"] == pytest.approx(m_base, rel=0, abs=tol)
         assert steered[b]["margin"] == pytest.approx(m_steer, rel=0, abs=tol)
         assert pair_steered[b]["margin"] == pytest.approx(m_steer, rel=0, abs=tol)
+        # discrete, compared exactly: every h here is over 10⁴ mass floors from τ
         assert steered[b]["layers_fired"] == pair_steered[b]["layers_fired"] == fired
         assert steered[b]["answer"] == ("yes" if steered[b]["margin"] > 0 else "no")
 
@@ -156,6 +157,7 @@ def test_batch_size_does_not_change_answers(embedded_model):
     assert any(b["answer"] != s["answer"] for b, s in zip(ref_base, ref_steered))
     for bs in (5, 12):
         base, steered = results[bs]
+        # discrete, compared exactly: every margin here is over 10⁴ margin floors from 0
         assert [r["answer"] for r in base] == [r["answer"] for r in ref_base]
         assert [r["answer"] for r in steered] == [r["answer"] for r in ref_steered]
         for got, ref in zip(base + steered, ref_base + ref_steered):
@@ -174,6 +176,7 @@ def test_generation_is_batch_invariant_and_steers_the_first_token(embedded_model
         alone = [answer_batch(lm, [p], [i], cfg, steer, max_new_tokens=3)[0] for p, i in zip(prompts, images)]
         for f, g, a in zip(first, gen, alone):
             assert g["margin"] == pytest.approx(f["margin"], rel=0, abs=_tol(lm))
+            # discrete: each greedy token leads the next by over 10⁴ logit floors
             assert g["text"] == a["text"] and g["text"]
 
 
@@ -269,7 +272,7 @@ def test_batched_answers_equal_plain_hf_forwards_with_a_hook(lm, batch):
             assert got["margin"] == pytest.approx(alone_base[b], rel=0, abs=tol)
         for got in (pair_steer[b], full_steer[b]):
             assert got["margin"] == pytest.approx(alone_steer[b], rel=0, abs=tol)
-            assert got["answer"] == ("yes" if alone_steer[b] > 0 else "no")
+            assert got["answer"] == ("yes" if alone_steer[b] > 0 else "no")  # margins: >10⁴ floors from 0
 
 
 def test_batch_inputs_equal_the_processors_own_left_padding(lm, batch):
@@ -277,6 +280,7 @@ def test_batch_inputs_equal_the_processors_own_left_padding(lm, batch):
     ours, ref = batch_inputs(lm, prompts, images, share_images=False), _hf_left_padded(lm, prompts, images)
     for key in ("input_ids", "attention_mask", "position_ids"):
         assert torch.equal(ours[key], ref[key]), key
+    # exact: the same processor call on the same images
     torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"].to(lm.dtype), atol=0, rtol=0)
     shared = batch_inputs(lm, prompts, images)  # one vision-tower pass per distinct image, same margins
     assert "pixel_values" not in shared

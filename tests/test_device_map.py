@@ -88,14 +88,16 @@ def test_trace_records_equal_the_single_device_run(mapped, single, questions, ov
     want = trace_sample(single, text, image, iv).records
     got = trace_sample(mapped[1], text, image, iv).records
     assert (got[got.metric == "barrier_active"].value > 0).any() or "attn_logits" in overrides[1]
-    pd.testing.assert_frame_equal(got, want)
+    # exact: "cpu" and "disk" entries only move tensors and weights (float32, bit for bit) between modules: every
+    # figure is the same kernel on the same inputs as in the single-device run (a GPU split would need the floors)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
 
 
 def test_pope_batches_equal_the_single_device_run(mapped, single, questions):
     texts, images = questions
     prompts = [build_prompt(t) for t in texts]
     iv = MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99"]))
-    for steer in (False, True):
+    for steer in (False, True):  # exact, as the records above: the same kernels on the same inputs
         assert answer_batch(mapped[1], prompts, images, iv, steer) == answer_batch(single, prompts, images, iv, steer)
     # the prefix-reusing pair (baseline cache, then the steered suffix), as `pope` runs it
     got = answer_pair(mapped[1], prompts, images, iv, inputs=batch_inputs(mapped[1], prompts, images))
@@ -117,7 +119,7 @@ def test_pope_command_with_a_device_map(saved_tiny_dir, tmp_path):
             for d in ("one", "split")]
     keep = ("question_id", "baseline_margin", "steered_margin", "baseline_answer", "steered_answer", "layers_fired")
     assert len(rows[0]) == 3
-    assert [{k: r[k] for k in keep} for r in rows[1]] == [{k: r[k] for k in keep} for r in rows[0]]
+    assert [{k: r[k] for k in keep} for r in rows[1]] == [{k: r[k] for k in keep} for r in rows[0]]  # exact, as above
 
 
 def test_device_map_spellings(tmp_path):

@@ -1,5 +1,6 @@
 """Unit tests for the embedded model's builder: tokenizer, processor, layout, tiny configs."""
 
+import floors
 import pytest
 import torch
 
@@ -78,8 +79,8 @@ def test_tiny_model_forward_and_roundtrip(processor, tiny, tmp_path):
     proc = AutoProcessor.from_pretrained(tmp_path)
     enc2 = proc(text=prompt, images=sample_scene(1, 0).image(), return_tensors="pt")
     assert torch.equal(enc2["input_ids"], enc["input_ids"])
-    with torch.no_grad():
-        assert torch.allclose(model(**enc2).logits, out.logits, atol=1e-5)
+    with torch.no_grad():  # reloaded with transformers' default attention, not eager: logits of two routes
+        assert torch.allclose(model(**enc2).logits, out.logits, rtol=0, atol=floors.logit_floor(tiny))
 
 
 def test_seed_layers_map_to_3_to_6():
