@@ -88,24 +88,29 @@ def test_healthy_configuration_crosses_the_margin_but_derails(embedded_model, de
 
 
 class UndoDownstream(MCLCBF):
-    """MC-LCBF at layer 1, and a hook at layer 3 that puts the decision token back where the baseline had it."""
+    """MC-LCBF at its configured layers, and a hook at layer ``HOOK`` that puts the decision token back where the
+    baseline had it (a planted damping). The baseline's state is kept on the class, so the variants a
+    counterfactual builds (``replace``) restore the same state."""
+
+    HOOK = 3
+    saved = None
 
     def layers(self, n_layers):
-        return (1, 3)
+        return (*super().layers(n_layers), self.HOOK)
 
     def residual(self, site):
-        if site.layer != 3:
+        if site.layer != self.HOOK:
             return super().residual(site)
         for row in site.rows:
             x = site.tensor[row.index, site.query_index(row, [row.decision])]
             if not site.steer:
-                self.saved = x.detach().clone()
+                type(self).saved = x.detach().clone()
             else:
-                site.add(row, [row.decision], self.saved - x)
+                site.add(row, [row.decision], type(self).saved - x)
 
     def counterfactual(self, cause):
         if cause.id == "damped_downstream":  # undo just the hook
-            return {"intervention": MCLCBF(self.knobs), "why": "without the hook at layer 3"}
+            return {"intervention": MCLCBF(self.knobs), "why": f"without the hook at layer {self.HOOK}"}
         return None
 
 

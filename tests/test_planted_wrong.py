@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 
 import pytest
-from test_explain import _question, _tested
+from test_explain import UndoDownstream, _question, _tested
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.interventions import MCLCBF
@@ -44,31 +44,10 @@ def working(embedded_model, wrong):
     pytest.fail("no configuration of the scan fixes question 71")
 
 
-class UndoDownstream(MCLCBF):
-    """The working step at layer 3, and a hook at layer 6 that puts the decision token back where the
-    baseline had it (a planted damping). The baseline's state is kept on the class, so the variants a
-    counterfactual builds (``replace``) restore the same state."""
+class UndoAtSix(UndoDownstream):
+    """The working step at layer 3 only, and the damping hook at layer 6."""
 
-    saved = None
-
-    def layers(self, n_layers):
-        return (3, 6)
-
-    def residual(self, site):
-        if site.layer != 6:
-            return super().residual(site)
-        for row in site.rows:
-            x = site.tensor[row.index, site.query_index(row, [row.decision])]
-            if not site.steer:
-                type(self).saved = x.detach().clone()
-            else:
-                site.add(row, [row.decision], type(self).saved - x)
-
-    def counterfactual(self, cause):
-        if cause.id == "damped_downstream":  # undo just the hook
-            return {"intervention": MCLCBF(dataclasses.replace(self.knobs, layers=(3,))),
-                    "why": "without the hook at layer 6"}
-        return None
+    HOOK = 6
 
 
 PLANTS = {  # name → (planted cause, the change to the working configuration)
@@ -112,7 +91,7 @@ def test_a_planted_cause_on_a_wrong_answer_ranks_first(embedded_model, wrong, wo
 
 
 def test_a_damping_hook_on_a_wrong_answer_is_decisive(embedded_model, wrong, working):
-    causes, result = _tested(embedded_model, wrong, UndoDownstream(working))
+    causes, result = _tested(embedded_model, wrong, UndoAtSix(dataclasses.replace(working, layers=(3,))))
     assert result.summary()["outcome"] == "unchanged"
     _check(causes, "damped_downstream")
     assert causes[0].run.outcome == "fixed"  # without the hook the step fixes it: the hook is what stopped it
