@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import floors
 import pandas as pd
 import pytest
 import torch
@@ -54,9 +55,9 @@ def test_each_row_gets_its_own_image_mass(embedded_model):
         img = cap.detected
         for layer, c in cap.steps[0].layers.items():
             mass = c.attn[:, img].sum(-1)
-            if layer in (1, 2):
-                assert torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
-            elif layer == 0:  # before the window: the unedited forward's mass, exactly
+            if layer in (1, 2):  # the edited rows' image mass, summed again: t within its floor (0 exactly at t = 0)
+                assert ((mass - t).abs() <= floors.mass_floor(t)).all(), (layer, t, float((mass - t).abs().max()))
+            elif layer == 0:  # before the window: the unedited forward's mass, exactly (same kernels, same input)
                 assert torch.equal(mass, plain.steps[0].layers[0].attn[:, img].sum(-1))
             elif t > 0:  # after it, each head's mass follows from the edited state, not set to t
                 assert not torch.allclose(mass, torch.full_like(mass, t), atol=1e-4)
@@ -97,6 +98,7 @@ def test_no_wrong_answer_gets_the_off_path_claim_while_a_decision_token_mass_fix
         if len(fixes):
             assert not cause.detected, (q.index, cause.sentence)
             smallest = fixes[fixes.edit == "target"].value.min()
+            # the same grid values picked from the same frame: exact by construction
             assert math.isclose(sweep_summary(sw)["decision"]["min_target"], smallest) or math.isnan(smallest)
         claims += cause.detected
         assert ((sw.outcome == "fixed") <= sw.valid).all()  # a fix is always a valid Yes/No answer

@@ -106,7 +106,10 @@ def test_batched_rows_equal_single_traces(embedded_model, questions):  # noqa: F
 
 
 def _influence_one_head_at_a_time(lm, questions, images):
-    """The criterion as a plain loop: every head zero-ablated alone, one full forward each."""
+    """The criterion as a plain loop: every head zero-ablated alone, one full forward each.
+
+    Returns the scores and, per head, the mean over questions of the four probabilities each score is made of
+    (p_wrong and p_right, before and after the ablation), which sets its floor."""
     from mclcbf_diag.data import build_prompt
 
     L, H = lm.n_layers, lm.text_config.num_attention_heads
@@ -114,6 +117,7 @@ def _influence_one_head_at_a_time(lm, questions, images):
     model = plain_model(lm)
     layers = model.model.language_model.layers
     score = torch.zeros(L, H, dtype=torch.float64)
+    mass = torch.zeros(L, H, dtype=torch.float64)
     with torch.no_grad():
         for q, image in zip(questions, images):
             inputs = lm.inputs(build_prompt(q.text), image)
@@ -129,7 +133,8 @@ def _influence_one_head_at_a_time(lm, questions, images):
                     p1 = model(**inputs).logits[0, -1].softmax(-1)
                     handle.remove()
                     score[i, h] += float((p0[wrong] - p1[wrong]) - (p0[right] - p1[right])) / len(questions)
-    return score
+                    mass[i, h] += float(p0[wrong] + p1[wrong] + p0[right] + p1[right]) / len(questions)
+    return score, mass
 
 
 def test_head_influence_equals_one_ablation_per_forward(saved_tiny_dir):
@@ -140,10 +145,13 @@ def test_head_influence_equals_one_ablation_per_forward(saved_tiny_dir):
                  PopeQuestion(2, "b.png", "Is there a cat in the image?", "no", 1)]
     images = [sample_scene(3, 1).image(), sample_scene(4, 1).image()]
     got = head_influence(lm, qs, images)
-    want = _influence_one_head_at_a_time(lm, qs, images)
+    want, mass = _influence_one_head_at_a_time(lm, qs, images)
     assert got.shape == (lm.n_layers, lm.text_config.num_attention_heads)
     assert float(want.abs().max()) > 1e-5  # the ablations do move the answer probabilities
-    torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-3)
+    # a score is a difference of four probabilities: not one prob_floor each (~4e-6, as large as the scores), but
+    # δp_k = p_k(δl_k − Σ p δl) ≤ p_k · prob_floor (floors.prob_floor's derivation), summed over the four
+    tol = floors.prob_floor(lm) * mass
+    assert ((got - want).abs() <= tol).all(), ((got - want).abs() / tol).max()
 
 
 def test_calibration_finds_heads_by_the_papers_criterion(embedded_model):
@@ -159,6 +167,7 @@ def test_calibration_finds_heads_by_the_papers_criterion(embedded_model):
     assert answer_batch(embedded_model, ["USER: <image>\nIs there a dog in the image?\nASSISTANT:"],
                         [questions_image()], iv, steer=True)
     assert len(iv.found) == 3 and len(set(iv.found)) == 3
+    # exact by construction: prepare ran head_influence itself, on the same questions and images in this process
     assert [float(scores[lh]) for lh in iv.found] == sorted(scores.flatten().tolist(), reverse=True)[:3]
 
 

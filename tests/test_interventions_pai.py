@@ -85,8 +85,10 @@ def test_apply_logit_deltas_equals_softmax_of_shifted_logits():
     a[..., -1] = -torch.inf  # a masked key stays masked
     d = torch.randn(3, 2, 7, generator=g) * 3
     got = apply_logit_deltas(torch.softmax(a, -1), d)
-    assert torch.allclose(got, torch.softmax(a + d, -1), atol=1e-6)
-    assert got[..., -1].abs().max() == 0
+    want = torch.softmax(a + d, -1)
+    # each probability within its float32 mass floor (floors.mass_floors, at the larger of the two)
+    assert ((got - want).abs() <= floors.mass_floors(torch.maximum(got, want))).all()
+    assert got[..., -1].abs().max() == 0  # exact by construction: a masked key's probability is 0, and 0·e^δ = 0
 
 
 def test_registered_with_paper_defaults():

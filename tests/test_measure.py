@@ -4,20 +4,33 @@ The captures are built by hand (random residuals, softmax rows and logits on a t
 LLaVA's weights), so nothing here runs the runner. References use the model's own HF
 modules: ``LlamaRMSNorm`` through ``torch.func.jacrev`` for every Jacobian gain, the final
 norm and ``lm_head`` for the logit lens, plain sums and softmaxes for masses and answers.
+
+measure.py computes every layer at once (stacked reductions), the references one vector at a time, so
+the two differ by their summation orders: each comparison is within the figure's float32 floor
+(CONTRIBUTING.md, "Tolerances"): ``noise.floor(float32, figure, n)`` for a figure that is the end of n
+roundings at its own scale (a norm of a d-vector: its d squares; a Jacobian gain through the d × d
+Jacobian: the d terms of each of its reductions), ``floors.mass_floor`` for an attention mass.
 """
 
 from __future__ import annotations
 
 import math
 
+import floors
 import pytest
 import torch
 
+from mclcbf_diag import noise
 from mclcbf_diag.measure import row_records, run_records, step_records
 from mclcbf_diag.records import METRICS, NO_HEAD, NO_LAYER, documented
 from mclcbf_diag.runner import LayerCapture, RunCapture, StepCapture
 
-TOL = 1e-5
+F32 = torch.float32
+
+
+def _floor(value: float, n: int) -> float:
+    """The float32 floor of a figure of size ``value`` that is the end of ``n`` roundings at that scale."""
+    return noise.floor(F32, value, n)
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +102,17 @@ def test_record_keys_are_the_given_ones(measured):
 
 def test_residual_norms(lm, measured):
     cap, _, rec = measured
+    d = lm.text_config.hidden_size
     for site in ("resid_pre_in", "resid_pre", "resid_mid", "resid_post"):
         got = _values(rec, f"{site}_norm")
         for i, c in cap.layers.items():
-            assert got[i] == pytest.approx(float(torch.linalg.vector_norm(getattr(c, site))), rel=1e-6)
+            want = float(torch.linalg.vector_norm(getattr(c, site)))
+            assert got[i] == pytest.approx(want, rel=0, abs=_floor(want, d))  # a norm: d squares summed
     added = _values(rec, "added_norm")
     assert set(added) == {1, 3}
     for i in added:
-        assert added[i] == pytest.approx(float(cap.layers[i].added.norm()), rel=1e-6)
+        want = float(cap.layers[i].added.norm())
+        assert added[i] == pytest.approx(want, rel=0, abs=_floor(want, d))  # a norm: d squares summed
 
 
 @pytest.mark.parametrize("name, part, site", [("ln1", "input_layernorm", "resid_pre_in"),
@@ -104,58 +120,74 @@ def test_residual_norms(lm, measured):
                                               ("ln_final", None, "resid_post")])
 def test_norm_scales_and_jacobian_gains_equal_jacrev_of_the_hf_norm(lm, measured, name, part, site):
     cap, _, rec = measured
+    d = lm.text_config.hidden_size
     for i, c in cap.layers.items():
         norm = lm.model.model.language_model.norm if part is None else _module(lm, i, part)
         x = getattr(c, site)
         ref = _gains(norm, x, c.added)
         eps = norm.variance_epsilon
-        assert _values(rec, f"{name}_scale")[i] == pytest.approx(math.sqrt(float(x.pow(2).mean()) + eps), rel=1e-6)
-        # the radial gain is ε/r² small: recorded to float32 resolution against the typical (orthogonal) gain
-        assert _values(rec, f"{name}_gain_radial")[i] == pytest.approx(ref["gain_radial"],
-                                                                       abs=1e-6 * ref["gain_orthogonal"])
-        assert _values(rec, f"{name}_gain_orthogonal")[i] == pytest.approx(ref["gain_orthogonal"], rel=1e-5)
+        rms = math.sqrt(float(x.pow(2).mean()) + eps)
+        assert _values(rec, f"{name}_scale")[i] == pytest.approx(rms, rel=0, abs=_floor(rms, d))  # d squares summed
+        # the radial gain is ε/r² small: recorded to float32 resolution against the typical (orthogonal) gain, the
+        # cancellation of J x̂'s two terms (each of the orthogonal gain's size, over d terms)
+        assert _values(rec, f"{name}_gain_radial")[i] == pytest.approx(
+            ref["gain_radial"], rel=0, abs=_floor(ref["gain_orthogonal"], d))
+        # the reference: trace(P Jᵀ J P), three d × d products and a trace, d terms each
+        orth = ref["gain_orthogonal"]
+        assert _values(rec, f"{name}_gain_orthogonal")[i] == pytest.approx(orth, rel=0, abs=_floor(orth, 4 * d))
         along, back = _values(rec, f"{name}_gain_theta")[i], _values(rec, f"{name}_gain_theta_backward")[i]
         if c.added is None:
             assert math.isnan(along) and math.isnan(back)
-        else:
-            assert along == pytest.approx(ref["gain_theta"], rel=1e-5)
-            assert back == pytest.approx(ref["gain_theta_backward"], rel=1e-5)
+        else:  # ‖J v‖/‖v‖: the Jacobian's own reduction (x·v), J v and the two norms, d terms each
+            assert along == pytest.approx(ref["gain_theta"], rel=0, abs=_floor(ref["gain_theta"], 4 * d))
+            assert back == pytest.approx(ref["gain_theta_backward"], rel=0,
+                                         abs=_floor(ref["gain_theta_backward"], 4 * d))
 
 
 def test_ln1_outputs_before_and_after_the_step(lm, measured):
     cap, _, rec = measured
+    d = lm.text_config.hidden_size
     for i, c in cap.layers.items():
         norm = _module(lm, i, "input_layernorm")
         with torch.no_grad():
             before, after = norm(c.resid_pre_in[None])[0], norm(c.resid_pre[None])[0]
-        assert _values(rec, "ln1_out_norm")[i] == pytest.approx(float(before.norm()), rel=1e-5)
-        assert _values(rec, "ln1_out_norm_post")[i] == pytest.approx(float(after.norm()), rel=1e-5)
+        # the norm of a normed vector: the rms (d squares) and the output's norm (d squares)
+        for metric, y in (("ln1_out_norm", before), ("ln1_out_norm_post", after)):
+            want = float(y.norm())
+            assert _values(rec, metric)[i] == pytest.approx(want, rel=0, abs=_floor(want, 2 * d))
         rms = math.sqrt(float(c.resid_pre.pow(2).mean()) + norm.variance_epsilon)
-        assert _values(rec, "ln1_scale_post")[i] == pytest.approx(rms, rel=1e-6)
+        assert _values(rec, "ln1_scale_post")[i] == pytest.approx(rms, rel=0, abs=_floor(rms, d))  # d squares summed
 
 
 def test_attention_masses_split_image_sink_and_text(lm, measured):
     cap, _, rec = measured
     heads = lm.text_config.num_attention_heads
     for i, c in cap.layers.items():
-        for h in range(heads):
+        for h in range(heads):  # each mass within its floor (floors.mass_floor)
             row = c.attn[h]
-            assert _values(rec, "attn_image_mass", h)[i] == pytest.approx(float(row[2:7].sum()), abs=1e-6)
-            assert _values(rec, "attn_sink_mass", h)[i] == pytest.approx(float(row[0]), abs=1e-6)
+            image, sink = float(row[2:7].sum()), float(row[0])
+            assert _values(rec, "attn_image_mass", h)[i] == pytest.approx(image, rel=0, abs=floors.mass_floor(image))
+            assert _values(rec, "attn_sink_mass", h)[i] == pytest.approx(sink, rel=0, abs=floors.mass_floor(sink))
             text = float(row[1]) + float(row[7:].sum())
-            assert _values(rec, "attn_text_mass", h)[i] == pytest.approx(text, abs=1e-6)
-        mean = float(c.attn[:, 2:7].sum(-1).mean())
-        assert _values(rec, "attn_image_mass")[i] == pytest.approx(mean, abs=1e-6)  # head −1: the head mean
+            assert _values(rec, "attn_text_mass", h)[i] == pytest.approx(text, rel=0, abs=floors.mass_floor(text))
+        mean = float(c.attn[:, 2:7].sum(-1).mean())  # head −1: the head mean, within the floor of the mean mass
+        assert _values(rec, "attn_image_mass")[i] == pytest.approx(mean, rel=0, abs=floors.mass_floor(mean))
 
 
 def test_logit_lens_through_the_hf_final_norm_and_lm_head(lm, measured):
     cap, _, rec = measured
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    d = lm.text_config.hidden_size
+    w = lm.unembed_weight().detach().float()
     got = _values(rec, "logit_lens_margin")
     for i, c in cap.layers.items():
         with torch.no_grad():
-            logits = lm.model.lm_head(lm.model.model.language_model.norm(c.resid_post[None]))[0]
-        assert got[i] == pytest.approx(float(logits[yes] - logits[no]), abs=1e-4)
+            y = lm.model.model.language_model.norm(c.resid_post[None])[0]
+            logits = lm.model.lm_head(y[None])[0]
+        # two float32 logits, each a d-term dot product at scale ‖w_row‖·‖y‖ (Cauchy–Schwarz), after the norm's
+        # d squares: their floors added
+        tol = sum(_floor(float(w[t].norm() * y.norm()), 2 * d) for t in (yes, no))
+        assert got[i] == pytest.approx(float(logits[yes] - logits[no]), rel=0, abs=tol)
 
 
 def test_final_answer_reading(lm, measured):
@@ -163,17 +195,18 @@ def test_final_answer_reading(lm, measured):
     logits, tok = cap.final_logits, lm.tokens
     at = lambda m: _values(rec, m)[NO_LAYER]
     margin = float(logits[tok.yes_id] - logits[tok.no_id])
-    assert at("final_margin") == pytest.approx(margin, abs=1e-6)
+    assert at("final_margin") == margin  # exact by construction: the same float32 subtraction of the same logits
     assert at("answer_yes") == float(margin > 0)
     p = torch.softmax(logits.double(), -1)
-    assert at("p_yes") == pytest.approx(float(p[list(set(tok.yes_variants.values()))].sum()), abs=1e-6)
-    assert at("p_no") == pytest.approx(float(p[list(set(tok.no_variants.values()))].sum()), abs=1e-6)
+    for metric, ids in (("p_yes", tok.yes_variants), ("p_no", tok.no_variants)):
+        want = float(p[list(set(ids.values()))].sum())  # a float64 softmax of the same logits: its mass floor
+        assert at(metric) == pytest.approx(want, rel=0, abs=noise.mass_floor(torch.float64, want))
     top = int(logits.argmax())
     assert at("top_token_id") == top
     assert at("top_is_yes_no") == float(top in {*tok.yes_variants.values(), *tok.no_variants.values()})
     assert at("logits_finite") == 1.0 and at("nonfinite_values") == 0
     for name, tid in {**tok.yes_variants, **tok.no_variants}.items():
-        assert at(f"final_logit:{name}") == pytest.approx(float(logits[tid]), abs=1e-6)
+        assert at(f"final_logit:{name}") == float(logits[tid])  # exact by construction: the logit itself, copied
 
 
 def test_the_interventions_records_pass_through(lm):
@@ -181,6 +214,7 @@ def test_the_interventions_records_pass_through(lm):
     cap.layers[2].heads = {"h_head": torch.tensor([0.1, 0.2, 0.3, 0.6])}
     rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), question_id=0, condition="intervened")
     assert _values(rec, "rounding_survival") == {1: 1.5, 3: 3.5}
+    # not two routes: the literals' float32 copies, within approx's default rel=1e-6 (float32 rounds by eps/2 ≈ 6e-8)
     assert [_values(rec, "h_head", h)[2] for h in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.6])
     assert _values(rec, "h_head")[2] == pytest.approx(0.3)  # head −1 is the mean
 
@@ -190,14 +224,19 @@ def test_propagation_against_the_baseline(lm):
     rec = step_records(lm, cap, torch.zeros(cap.n_keys, dtype=torch.bool), question_id=0, condition="intervened",
                        base=base)
     dist, rel = _values(rec, "propagation"), _values(rec, "propagation_rel")
+    n = lm.text_config.hidden_size
     for i in cap.layers:
+        # the same elementwise difference, then a norm (d squares); the ratio of two such norms: both floors
         d = float((cap.layers[i].resid_post - base.layers[i].resid_post).norm())
-        assert dist[i] == pytest.approx(d, rel=1e-6)
-        assert rel[i] == pytest.approx(d / float(base.layers[i].resid_post.norm()), rel=1e-6)
+        assert dist[i] == pytest.approx(d, rel=0, abs=_floor(d, n))
+        want = d / float(base.layers[i].resid_post.norm())
+        assert rel[i] == pytest.approx(want, rel=0, abs=2 * _floor(want, n))
     norm, last = lm.model.model.language_model.norm, lm.n_layers - 1
     with torch.no_grad():
-        out = norm(cap.layers[last].resid_post[None]) - norm(base.layers[last].resid_post[None])
-    assert dist[NO_LAYER] == pytest.approx(float(out.norm()), rel=1e-5)
+        ys, yb = norm(cap.layers[last].resid_post[None]), norm(base.layers[last].resid_post[None])
+    # two normed states (each after d squares, at its own norm) subtracted, then the difference's norm (d squares)
+    tol = _floor(float(ys.norm()) + float(yb.norm()), n) + _floor(float((ys - yb).norm()), n)
+    assert dist[NO_LAYER] == pytest.approx(float((ys - yb).norm()), rel=0, abs=tol)
     assert "propagation" not in set(step_records(lm, cap, torch.zeros(12, dtype=torch.bool), question_id=0,
                                                  condition="baseline")["metric"])
 
@@ -222,7 +261,7 @@ def test_run_records_frame_every_decode_step_and_the_row_records(lm):
     assert set(frame.question_id) == {7}
     row = frame[(frame.metric == "span_overlap")]
     assert row.layer.tolist() == [NO_LAYER] and row.value.tolist() == [0.25]
-    assert (frame[frame.metric == "propagation"].value == 0).all()  # against itself: no distance
+    assert (frame[frame.metric == "propagation"].value == 0).all()  # against itself: x − x is exactly 0
     alone = run_records(lm, run, question_id=7, condition="baseline")
     assert "span_overlap" not in set(alone.metric) and "propagation" not in set(alone.metric)
     assert row_records(run, question_id=7, condition="x")["metric"] == ["span_overlap"]

@@ -114,4 +114,5 @@ def test_explain_and_pope_with_a_user_intervention(embedded_model, sample):
     base, steered = answer_pair(embedded_model, prompts, images, iv, inputs=batch_inputs(embedded_model, prompts, images))
     floor = floors.margin_floor(embedded_model, embedded_model.tokens.yes_id, embedded_model.tokens.no_id)
     for x, img, s in zip(questions, images, steered):  # the Yes − No margin's floor
-        assert s["margin"] == pytest.approx(_hooked_margin(embedded_model, build_prompt(x.text), img, iv), rel=0, abs=floor)
+        ref = _hooked_margin(embedded_model, build_prompt(x.text), img, iv)
+        assert s["margin"] == pytest.approx(ref, rel=0, abs=floor)
