@@ -58,9 +58,6 @@ class CounterfactualRun:
     mass: float = math.nan  # the decision token's image mass (mean over layers)
     finite: bool = True  # finite logits, and no edit dropped as non-finite
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class Cause:
