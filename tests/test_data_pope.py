@@ -58,6 +58,18 @@ def test_jsonl_with_blank_line(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("sep", ["\u2028", "\u0085", "\u2029"])
+def test_jsonl_lines_end_at_newline_only(tmp_path, sep):
+    # characters str.splitlines() splits at, valid inside a JSON string (written raw, not escaped)
+    text = f"Is there a dog{sep} in the image?"
+    path = tmp_path / "q.jsonl"
+    rows = [{"question_id": 1, "image": "a.jpg", "text": text, "label": "yes"},
+            {"question_id": 2, "image": "a.jpg", "text": "Is there a cat?", "label": "no"}]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    qs = load_pope(path)
+    assert [q.text for q in qs] == [text, "Is there a cat?"] and [q.index for q in qs] == [0, 1]
+
+
 def test_json_array_pretty_printed(tmp_path):
     path = tmp_path / "q.json"
     path.write_text("\n  " + json.dumps(ROWS, indent=4))  # leading whitespace before '['

@@ -119,7 +119,10 @@ def load_pope(path: str | Path) -> list[PopeQuestion]:
 
 def _jsonl_records(path: Path, content: str) -> list[tuple[str, object]]:
     records = []
-    for lineno, line in enumerate(content.splitlines(), start=1):
+    # JSON Lines end records at "\n" only: str.splitlines() would also split at U+2028, U+0085 and other
+    # separators that are valid inside a JSON string
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
