@@ -303,13 +303,19 @@ def safe_name(text, limit: int = 80) -> str:
 def contained(folder: Path, relative: str, what: str) -> Path:
     """``folder / relative`` when ``relative`` is a plain relative path that stays inside ``folder``.
 
-    Absolute paths and ``..`` components are refused (``what`` starts the message).
+    Absolute paths and ``..`` components are refused (``what`` starts the message), and so is a
+    path that leaves ``folder`` once symbolic links are followed (a link inside it to a file
+    elsewhere).
     """
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith(("/", "\\")) or ".." in rel.parts or "\0" in relative:
         raise UserError(f"{what} {relative!r} is not a plain relative path inside {show(folder)} "
                         "(absolute paths and '..' are refused); name the file relative to that folder")
-    return folder / rel
+    path = folder / rel
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise UserError(f"{what} {relative!r} is a symbolic link to {show(path.resolve())}, outside {show(folder)}; "
+                        "copy the file into that folder instead of linking to it")
+    return path
 
 
 # ----------------------------------------------------------------------------- manifests

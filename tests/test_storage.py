@@ -111,3 +111,21 @@ def test_verify_catches_a_flipped_byte(tmp_path):
     (tmp_path / "MANIFEST.sha256").unlink()
     with pytest.raises(UserError, match="has no MANIFEST.sha256"):
         storage.verify_manifest(tmp_path)
+
+
+def test_contained_refuses_a_link_that_leaves_the_folder(tmp_path):
+    inside, outside = tmp_path / "images", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (inside / "a.png").symlink_to(outside / "secret.png")
+    (inside / "dir").symlink_to(outside, target_is_directory=True)
+    for entry in ("a.png", "dir/secret.png"):
+        with pytest.raises(UserError, match="symbolic link .* outside"):
+            storage.contained(inside, entry, "image")
+    # a link that stays inside the folder, and a folder reached through a link, are fine
+    (inside / "real.png").write_bytes(b"x")
+    (inside / "b.png").symlink_to(inside / "real.png")
+    assert storage.contained(inside, "b.png", "image") == inside / "b.png"
+    (tmp_path / "via").symlink_to(inside, target_is_directory=True)
+    assert storage.contained(tmp_path / "via", "real.png", "image") == tmp_path / "via" / "real.png"
