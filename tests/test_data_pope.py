@@ -25,7 +25,7 @@ POPE_DIR = Path(
 ROWS = [
     {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
     {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "No"},
-    {"question_id": "q3", "image": "b.jpg", "text": "Is there a car in the image?", "label": "yes"},
+    {"question_id": 3, "image": "b.jpg", "text": "Is there a car in the image?", "label": "yes"},
 ]
 
 
@@ -54,7 +54,7 @@ def test_jsonl_with_blank_line(tmp_path):
     assert qs == [
         PopeQuestion(1, "a.jpg", "Is there a dog in the image?", "yes", 0),
         PopeQuestion(2, "a.jpg", "Is there a cat in the image?", "no", 1),  # "No" normalised
-        PopeQuestion("q3", "b.jpg", "Is there a car in the image?", "yes", 2),
+        PopeQuestion(3, "b.jpg", "Is there a car in the image?", "yes", 2),
     ]
 
 
@@ -68,6 +68,23 @@ def test_jsonl_lines_end_at_newline_only(tmp_path, sep):
     path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
     qs = load_pope(path)
     assert [q.text for q in qs] == [text, "Is there a cat?"] and [q.index for q in qs] == [0, 1]
+
+
+def test_string_ids_load_as_strings(tmp_path):
+    rows = [{**r, "question_id": f"q{i}"} for i, r in enumerate(ROWS)] + [
+        {"question_id": "вопрос-3", "image": "c.jpg", "text": "Is there a fox?", "label": "no"}]
+    assert [q.question_id for q in load_pope(write_jsonl(tmp_path / "q.jsonl", rows))] == ["q0", "q1", "q2", "вопрос-3"]
+
+
+def test_mixed_or_oversized_ids_are_refused_at_load(tmp_path):
+    # a mixed column cannot be written to parquet: refused before any work, with the lines named
+    rows = [ROWS[0], {**ROWS[1], "question_id": "q2"}]
+    expect_error(write_jsonl(tmp_path / "m.jsonl", rows), "mix integers (line 1) and strings (line 2)",
+                 "every one as a string")
+    big = [{**ROWS[0], "question_id": 10 ** 25}]
+    expect_error(write_jsonl(tmp_path / "b.jsonl", big), "line 1", "does not fit in a 64-bit integer")
+    edge = [{**ROWS[0], "question_id": 2 ** 63 - 1}, {**ROWS[1], "question_id": -2 ** 63}]
+    assert [q.question_id for q in load_pope(write_jsonl(tmp_path / "e.jsonl", edge))] == [2 ** 63 - 1, -2 ** 63]
 
 
 def test_json_array_pretty_printed(tmp_path):
@@ -176,13 +193,13 @@ def questions(tmp_path):
 
 def test_select_by_index(questions):
     assert select_question(questions, sample=0).question_id == 1
-    assert select_question(questions, sample=2).question_id == "q3"
+    assert select_question(questions, sample=2).question_id == 3
 
 
 def test_select_by_id_compares_as_string(questions):
     assert select_question(questions, question_id=2).index == 1
     assert select_question(questions, question_id="2").index == 1
-    assert select_question(questions, question_id="q3").index == 2
+    assert select_question(questions, question_id="3").index == 2
 
 
 @pytest.mark.parametrize("sample", [3, -1])

@@ -107,6 +107,12 @@ def load_pope(path: str | Path) -> list[PopeQuestion]:
     questions = [_question(shown, where, obj, i, limit) for i, (where, obj) in enumerate(records)]
     if not questions:
         raise UserError(f"POPE file {shown} holds no questions; add question objects to it")
+    kinds = {type(q.question_id) for q in questions}
+    if len(kinds) > 1:  # one column type in every output table (parquet refuses a mixed column)
+        first_int = next(w for (w, _), q in zip(records, questions) if isinstance(q.question_id, int))
+        first_str = next(w for (w, _), q in zip(records, questions) if isinstance(q.question_id, str))
+        raise UserError(f"{shown}: question ids mix integers ({first_int}) and strings ({first_str}); give every "
+                        "question_id as an integer, or every one as a string")
     seen: dict[str, str] = {}
     for (where, _), q in zip(records, questions):
         key = str(q.question_id)
@@ -161,6 +167,9 @@ def _question(path: str, where: str, obj: object, index: int, max_chars: int) ->
     qid = obj["question_id"]
     if isinstance(qid, bool) or not isinstance(qid, (int, str)):
         raise bad(f"question_id {qid!r} is not an integer or string", "use e.g. 1 or \"q1\"")
+    if isinstance(qid, int) and not -2 ** 63 <= qid < 2 ** 63:
+        raise bad(f"question_id {qid} does not fit in a 64-bit integer (the output tables store it as one)",
+                  "use a smaller number, or give every id as a string such as \"q1\"")
     for key in ("image", "text"):
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise bad(f"{key!r} is {obj[key]!r}", f"give {key!r} as a non-empty string")
