@@ -22,9 +22,9 @@ diagnosis rule draws a conclusion from it. Which dtype, scale and count each fig
   (Cauchy–Schwarz), small near 0 and near 1; but the probabilities are then rounded and
   summed, which adds an error of order ``eps · m`` (a float32 number near 0.99 cannot move by
   less than one step of 6e-8). In quadrature, ``m(1 − m) + m² = m``, so the scale is
-  ``s = √m``: a mass near 0 is resolved finely, one near 1 only to ``eps`` (a logit-only
-  scale was 38× too small for float32 masses above 0.98). ``n`` = :data:`MASS_ROUNDINGS`;
-  ``s`` takes the larger of h and h + Δh (:func:`mass_floor`).
+  ``s = √m``: a mass near 0 is resolved finely, one near 1 only to ``eps`` (float32 masses
+  between 0.98 and 1 erred, against float64, by up to 38× a floor on the logit-only scale).
+  ``n`` = :data:`MASS_ROUNDINGS`; ``s`` takes the larger of h and h + Δh (:func:`mass_floor`).
 * ``propagation`` at layer k: ``‖x_k^steered − x_k^base‖`` of two forwards in the model's
   dtype: ``s = ‖x_k^base‖``, ``n`` = :data:`ROUNDINGS_PER_LAYER` × the layers from the first
   one whose output differs up to k; after the final norm (layer −1) ``s`` is the norm of the

@@ -1,4 +1,4 @@
-"""What an intervention did to an answer: unchanged, fixed, broken or derailed.
+"""What an intervention did to an answer: unchanged, fixed, broken, derailed or non_finite.
 
 A Yes/No question is answered by the logits at the decision position (the last prompt
 token). Reading the sign of ``logit(Yes) − logit(No)`` alone treats every output as an

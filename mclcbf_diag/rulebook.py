@@ -14,10 +14,16 @@ A detected cause is a *claim tested by intervention*: it is reported **decisive*
 own counterfactual (undo just that cause, keep everything else: :attr:`Rule.counterfactual`)
 changes the step size, the decision token's image mass, the margin or the outcome by the amounts of
 :func:`decisiveness`, compared with the *unfixed* intervention; otherwise "present, not
-decisive". Causes read off the outcome itself (non-finite values, a derailed output) or
-whose counterfactual is a measurement already in the records (rounding) set ``decisive``
-themselves. Without a tester (records only) the others stay "not tested". Detected causes are
-ranked decisive first, then untested, then not decisive, each group in causal order.
+decisive". "Decisive" always carries the run that showed it (:class:`CounterfactualRun`; a
+:class:`Cause` refuses to be decisive without one). A counterfactual may be a ``search`` (specs
+tried in order, smallest change first; only a run that reaches the label's goal decides it), or
+``untestable`` (no run can succeed by construction: "untestable here", with the reason). A
+non-finite counterfactual run shows no effect; against a non-finite unfixed run only a run that
+reaches the goal counts. Causes read off the run itself (non-finite values, a derailed output)
+are "observed". When no single cause is decisive, sets of causes are undone together
+(:func:`joint_causes`). Without a tester (records only) the others stay "not tested". Detected
+causes are ranked decisive first (those whose run reaches the goal before the others), then
+untested, then not decisive, each group in causal order.
 
 **Noise floors.** A difference recorded with a floor (``<metric>_floor``, see
 :mod:`mclcbf_diag.noise`) is rounding, not an effect, below it: a rule never detects a cause
@@ -97,7 +103,8 @@ class Rule:
     threshold: str
     check: Callable[["Evidence", "Rule"], Cause]
     # the counterfactual that undoes just this cause: (evidence, cause) → a spec for the tester
-    # ({"knobs": {...}}, {"dose": k} or {"intervention": iv}, plus "why": what it undoes), or None
+    # ({"knobs": {...}}, {"knobs_fn": f}, {"dose": k} or {"intervention": iv}, plus "why": what it undoes;
+    # {"search": [spec, …]} to try several, smallest first; {"untestable": reason}), or None
     counterfactual: Callable[["Evidence", Cause], dict | None] | None = None
     # "step_size": judged on the size of the intervention's step (Σ‖v‖/‖x‖), image mass, margin and
     # outcome; "answer": on margin and outcome (a counterfactual that enlarges the step changes its
@@ -330,8 +337,12 @@ def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> dict | None:
 
 
 def _run_of(spec: dict, cf: dict) -> CounterfactualRun:
-    return CounterfactualRun(spec.get("why", ""), float(cf.get("margin", math.nan)), str(cf.get("outcome")),
-                             float(cf.get("step_size", math.nan)), float(cf.get("mass", math.nan)), _finite(cf))
+    def num(key):
+        v = cf.get(key)
+        return math.nan if v is None else float(v)
+
+    return CounterfactualRun(spec.get("why", ""), num("margin"), str(cf.get("outcome")), num("step_size"), num("mass"),
+                             _finite(cf))
 
 
 def _finite(effect: dict) -> bool:
@@ -346,36 +357,67 @@ def _searched(spec: dict) -> list[dict]:
     return list(spec["search"]) if "search" in spec else [spec]
 
 
+def _judged(ref: dict, cf: dict, mb: float, judged_on: str, goal: tuple, searched: bool) -> tuple[bool, list[str]]:
+    """Whether a finite counterfactual run decides its cause.
+
+    Against a finite unfixed run: :func:`decisiveness`. Against an unfixed run that is itself
+    non-finite (a dropped step, NaN logits) nothing can be compared, and a search enlarges its change
+    until something moves: in both cases only a run that reaches the label's goal counts.
+    """
+    if _finite(ref) and not searched:
+        return decisiveness(ref, cf, mb, judged_on)
+    if cf.get("outcome") not in goal:
+        return False, []
+    return True, [f"margin {ref.get('margin', math.nan):+.3g} → {cf.get('margin', math.nan):+.3g}",
+                  f"outcome {ref.get('outcome')} → {cf.get('outcome')}"]
+
+
 def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -> Cause:
     if spec is None:
         return cause
     if spec.get("untestable"):
         return dataclasses.replace(cause, untestable=spec["untestable"],
                                    test=f"untestable here: {spec['untestable']}")
-    ref = tester(None)
+    runs = _searched(spec)
+    if not runs:
+        return cause
+    ref, goal, searched = tester(None), ev.goal(), "search" in spec
     mb = ev.scalar("final_margin", "baseline")
-    judged_on = rule.judged_on
-    last = None
-    for one in _searched(spec):
+    ran = []
+    for one in runs:
         cf = tester(one)
-        if cf is None:
-            return dataclasses.replace(cause, test=f"counterfactual ({one.get('why', '')}) could not run")
-        last = (one, cf)
+        if cf is None:  # this setting could not run: the next may
+            continue
+        ran.append((one, cf))
         if not _finite(cf):  # non-finite is never an effect: nothing is read from this run
             continue
-        ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, judged_on)
+        ok, what = _judged(ref, cf, mb if mb is not None else 0.0, rule.judged_on, goal, searched)
         if ok:
             return _with_run(cause, True, f"undoing it alone ({one.get('why', '')}) changes " + ", ".join(what),
                              one, cf)
-    one, cf = last
-    if not _finite(cf):
+    why = spec.get("why", "")
+    if not ran:
+        return dataclasses.replace(cause, test=f"counterfactual ({why}) could not run")
+    finite = [(one, cf) for one, cf in ran if _finite(cf)]
+    if not finite:
+        one, cf = ran[-1]
         return _with_run(cause, None, f"undoing it alone ({one.get('why', '')}) gives a non-finite run (margin "
                                       f"{fmt(cf.get('margin', math.nan))}, outcome {cf.get('outcome')}): no effect "
                                       "can be read from it", one, cf)
-    tried = f"it alone in any of {len(_searched(spec))} sizes" if "search" in spec else "it alone"
-    return _with_run(cause, False, f"undoing {tried} ({spec.get('why', '')}) changes none of step size, image mass, "
-                                   f"margin or outcome by the stated amount (margin {ref.get('margin', math.nan):+.3g} "
-                                   f"→ {cf.get('margin', math.nan):+.3g}, outcome {cf.get('outcome')})", one, cf)
+    one, cf = finite[-1]
+    last = f"margin {ref.get('margin', math.nan):+.3g} → {cf.get('margin', math.nan):+.3g}, outcome {cf.get('outcome')}"
+    if not _finite(ref):
+        return _with_run(cause, None, f"the unfixed run is non-finite, so only a run that reaches "
+                                      f"{' or '.join(goal)} could decide it; undoing it alone ({one.get('why', '')}) "
+                                      f"does not ({last})", one, cf)
+    if searched:
+        skipped = len(runs) - len(finite)
+        return _with_run(cause, False, f"undoing it alone at any of {len(runs)} settings ({why}) reaches no "
+                                       f"{' or '.join(goal)} outcome" + (f" ({skipped} of them non-finite or not run)"
+                                                                         if skipped else "") + f" (last: {last})",
+                         one, cf)
+    return _with_run(cause, False, f"undoing it alone ({why}) changes none of step size, image mass, margin or "
+                                   f"outcome by the stated amount ({last})", one, cf)
 
 
 def _with_run(cause: Cause, decisive, test: str, spec: dict, cf: dict) -> Cause:
@@ -429,8 +471,8 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
 
     if any(c.decisive for c in causes):
         return None
-    label, base, outcome = ev.label(), ev.answer("baseline"), ev.outcome()
-    if base is None or (label is not None and base == label) or outcome in ("fixed", "changed"):
+    label, base, goal = ev.label(), ev.answer("baseline"), ev.goal()
+    if base is None or (label is not None and base == label) or ev.outcome() in goal:
         return None
     pool = sorted((c for c in causes if c.detected and merge_specs([specs.get(c.id)]) is not None),
                   key=lambda c: rank[c.id])
@@ -446,12 +488,12 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
             runs += 1
             if cf is None or not _finite(cf):
                 continue
-            ok, what = decisiveness(ref, cf, mb if mb is not None else 0.0, "answer")
+            ok, what = _judged(ref, cf, mb if mb is not None else 0.0, "answer", goal, False)
             if ok:
                 ids = tuple(c.id for c in group)
                 alone = "; ".join(f"{c.id}: {c.status}" for c in group)
                 s = (f"Together, {' + '.join(ids)} stop the answer from changing: undoing them together changes "
-                     f"{', '.join(what)}, while undoing any one alone does not ({alone}).")
+                     f"{', '.join(what)}, while none of them alone was decisive ({alone}).")
                 return Cause("joint:" + "+".join(ids), "Joint cause: " + " + ".join(c.title for c in group), True,
                              min(c.strength for c in group), {"members": ",".join(ids), "n_members": len(ids),
                                                               "cf_margin": cf.get("margin", math.nan),

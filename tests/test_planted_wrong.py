@@ -57,7 +57,7 @@ PLANTS = {  # name → (planted cause, the change to the working configuration)
     "the seed's clamp": ("clamp_limited", {"clamp": "scale"}),
     "a tiny α": ("step_negligible", {"alpha_prefill": 1e-7}),
     "a huge α": ("linearisation_failed", {"alpha_prefill": 1e6}),
-    "decode only": ("decode_only", {"tau_prefill": 0.0}),
+    "decode only": ("decode_only", {"tau_prefill": 0.0, "tau_decode": 0.5, "alpha_decode": 0.5}),  # as the prefill was
     "a barrier that reaches τ where attention does not decide": (
         "barrier_not_decisive", {"site": "attn_logits", "layers": (1,)}),
 }

@@ -83,7 +83,11 @@ def test_a_negligible_step_is_tested_by_a_search_over_its_size():
     assert cause.test.startswith("undoing it alone (the same step × 3e+03, 300% of ‖x‖) changes")
     # none of the sizes: not decisive, and the test says how many were tried
     cause = next(c for c in diagnose(frame, tester=_tester({})) if c.id == "step_negligible")
-    assert cause.decisive is False and "in any of 5 sizes" in cause.test
+    assert cause.decisive is False and "at any of 5 settings" in cause.test and "reaches no fixed outcome" in cause.test
+    # a size that moves the margin (or derails the answer) does not decide a search: only the goal does
+    moved = {**UNFIXED, "margin": -0.2}
+    cause = next(c for c in diagnose(frame, tester=_tester({"the same step × *": moved})) if c.id == "step_negligible")
+    assert cause.decisive is False
 
 
 JOINT_STEP = {**PLANTED["gradient_underflow"]["step"], "guard_share": 0.999}
@@ -161,7 +165,38 @@ def test_decisive_causes_that_reach_the_goal_rank_first():
     causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": fixed}))
     assert [c.id for c in causes if c.decisive] == ["step_negligible", "clamp_limited"]
     assert "those whose undoing reaches what the label asks" in verdict(causes)
-    # a larger step that derails the wrong answer changes the outcome but does not fix it: causal order
+    # a larger step that derails the wrong answer does not fix it: the search does not decide the cause
     derailed = {**UNFIXED, "margin": 0.4, "outcome": "derailed"}
     causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": derailed}))
-    assert [c.id for c in causes if c.decisive] == ["clamp_limited", "step_negligible"]
+    assert [c.id for c in causes if c.decisive] == ["clamp_limited"]
+
+
+def test_against_a_non_finite_unfixed_run_only_the_goal_counts():
+    # the unfixed run dropped its step (non_finite): undoing the clamp gives a finite "unchanged" run, which
+    # differs in outcome but shows nothing; a run that fixes the answer does decide it
+    frame = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0}, final=UNMOVED, extra=[LABEL_YES])
+    dropped = {**UNFIXED, "dropped": True, "outcome": "non_finite"}
+
+    def tester_with(effect):
+        return lambda spec: dropped if spec is None else (effect if spec["why"] == "clamp = none" else dropped)
+
+    cause = next(c for c in diagnose(frame, tester=tester_with({**UNFIXED, "margin": -1.0})) if c.id == "clamp_limited")
+    assert cause.decisive is None and "the unfixed run is non-finite" in cause.test
+    fixed = {**UNFIXED, "margin": 0.8, "outcome": "fixed"}
+    cause = next(c for c in diagnose(frame, tester=tester_with(fixed)) if c.id == "clamp_limited")
+    assert cause.decisive and "outcome non_finite → fixed" in cause.test
+
+
+def test_a_search_survives_runs_that_cannot_run():
+    frame = make(step={"theta_rel": 0.001}, final=UNMOVED, extra=[LABEL_YES])
+    fixed = {**UNFIXED, "margin": 0.4, "outcome": "fixed"}
+
+    def tester(spec):
+        if spec is None:
+            return UNFIXED
+        if spec["why"].startswith("the same step × 100,"):
+            return None  # this size could not run
+        return fixed if spec["why"].startswith("the same step × 300,") else UNFIXED
+
+    cause = next(c for c in diagnose(frame, tester=tester) if c.id == "step_negligible")
+    assert cause.decisive and cause.run.change == "the same step × 300, 30% of ‖x‖"

@@ -33,7 +33,8 @@ def cmd_compare(args) -> int:
             columns={c: f"L{c[14:]}" for c in deltas})
         sections = [
             Section("Interventions on POPE, side by side", text="Outcomes per question: unchanged, fixed "
-                    "(wrong → right), broken (right → wrong), derailed (no longer a Yes/No answer). "
+                    "(wrong → right), broken (right → wrong), derailed (no longer a Yes/No answer), non_finite (the "
+                    "intervention's step overflowed and was not applied). "
                     "d_image_mass_*: the decision token's head-mean attention mass on the image, intervened minus "
                     "baseline, mean over the split's questions (edited: mean over the layers the intervention acts "
                     "on; max: the layer of the largest |Δ|). seconds_per_question: the run's answering time per "

@@ -11,14 +11,14 @@ right answers, and the page and files (:mod:`.outputs`, :mod:`.page`) are comput
 rows alone, so ``merge`` of shards gives what one process gives.
 
 A row per question: split, question_id, label, kind (wrong/right), the baseline and intervened
-answer, margin and validity, the outcome (unchanged/fixed/broken/derailed), the top decisive
-cause (the first cause in explain's ranking whose own counterfactual changes the result; empty
-when none is), the detected and decisive causes, the dose-response's k* (smallest multiplier
+answer, margin and validity, the outcome (unchanged/fixed/broken/derailed/non_finite), the top
+decisive cause (the first cause in explain's ranking whose own counterfactual changes the result,
+a joint cause ``joint:a+b`` included; empty when none is), the detected and decisive causes, the dose-response's k* (smallest multiplier
 reaching the label's goal), its outcome and the derailing multiplier, the graded sweep's
 smallest decision-token image mass that changes the answer with a valid output (fixes a wrong
 one, breaks a right one), whether some change at every text token after the image changes it,
 every sweep setting's outcome as one letter (``sweep``, in the order of ``run.json``'s
-``sweep`` list: u/f/b/d = unchanged/fixed/broken/derailed), and each counterfactual fix's
+``sweep`` list: u/f/b/d/c/n = unchanged/fixed/broken/derailed/changed/non_finite), and each counterfactual fix's
 outcome (``fix:NAME``; ``n/a`` where it cannot apply) with the lists of fixes that fix, break or
 derail it.
 """

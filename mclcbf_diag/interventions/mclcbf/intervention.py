@@ -68,7 +68,7 @@ METRICS = {
     "dh_recomputed": "h(x + αθ*) − h(x) in float32, same keys (the step as computed, before rounding into the "
                      "model dtype)",
     "dh_realised": "the model's own head-mean image mass (configured span) after the step − h",
-    "dh_predicted_floor": "noise floor of dh_predicted: eps·√(m(1 − m))·√16, m the larger of h and h + Δh, eps of "
+    "dh_predicted_floor": "noise floor of dh_predicted: eps·√m·√16, m the larger of h and h + Δh, eps of "
                           "the dtype h is computed in (float32; attn_logits site: the model's); see mclcbf_diag.noise. "
                           "Below it the figure is reported as 'below noise'",
     "dh_recomputed_floor": "noise floor of dh_recomputed (float32 h; the formula of dh_predicted_floor)",

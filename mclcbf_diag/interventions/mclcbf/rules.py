@@ -350,12 +350,19 @@ def _cf_negligible(ev: Evidence, cause):
     """What a negligible step took away is its size: the same step scaled to 10%, 30%, 100%, 300% and 1000% of
     ‖x‖, smallest first (the first that changes the result decides; none: not decisive). One fixed size could
     never pass where the answer needs a step of 2‖x‖."""
-    rel = cause.evidence.get("median_step_rel")
-    if not isinstance(rel, float) or not rel > 0:
+    # sized by the figure that was negligible (the step against ‖x‖, or through ln1 against its output);
+    # only enlargements are tried
+    sizes = [v for k in ("median_step_rel", "median_normalised_rel")
+             if isinstance(v := cause.evidence.get(k), float) and v > 0]
+    if not sizes:
         return None
-    return {"search": [{"dose": t / rel, "why": f"the same step × {fmt(t / rel)}, {pct(t)} of ‖x‖"}
-                       for t in STEP_SEARCH],
-            "why": f"the same step at {', '.join(pct(t) for t in STEP_SEARCH)} of ‖x‖"}
+    rel = min(sizes)
+    search = [{"dose": t / rel, "why": f"the same step × {fmt(t / rel)}, {100 * t:g}% of ‖x‖"}
+              for t in STEP_SEARCH if t > rel]
+    if not search:
+        return None
+    return {"search": search, "why": f"the same step at {', '.join(f'{100 * t:g}%' for t in STEP_SEARCH if t > rel)} "
+                                     "of ‖x‖"}
 
 
 def _cf_damped(ev: Evidence, cause):
