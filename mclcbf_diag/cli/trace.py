@@ -115,7 +115,7 @@ def print_outcome_summary(s: dict) -> None:
     print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
           f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
     rel = s["max_theta_rel"]
-    lost = f" (the step as applied overflowed at layers {s['layers_dropped']}: not applied)" if s.get(
+    lost = f" (a non-finite step or state at layers {s['layers_dropped']}: not applied)" if s.get(
         "layers_dropped") else ""
     print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
     from ..noise import (
