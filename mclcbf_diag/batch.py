@@ -88,7 +88,8 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
 def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, records=None) -> list[dict]:
     """Per row: ``margin``, ``answer`` and the Yes/No reading (:mod:`mclcbf_diag.outcomes`): ``p_yes``,
     ``p_no`` (probability mass on every Yes/No spelling), ``top_yes_no``, ``finite``, ``valid``, and
-    ``dropped``: the intervention computed a non-finite edit and did not apply it (:func:`~mclcbf_diag.outcomes.dropped_edit`)."""
+    ``dropped``: the intervention computed a non-finite edit and did not apply it
+    (:func:`~mclcbf_diag.outcomes.dropped_edit`)."""
     from .outcomes import dropped_edit, read_batch
 
     out = [{"margin": r.margin, "answer": r.answer, "p_yes": r.p_yes, "p_no": r.p_no, "top_yes_no": r.top_yes_no,

@@ -45,7 +45,7 @@ from .knobs import changed
 from .measure import run_records
 from .models import LoadedModel
 from .outcomes import GOALS as OUTCOME_GOALS
-from .outcomes import Reading, dropped_edit, outcome_of, read_batch
+from .outcomes import Reading, dropped_edit, kind, outcome_of, read_batch
 from .progress import tqdm
 from .runner import RunCapture, run, with_embeds
 from .trace import TraceResult, sample_inputs, trace_sample
@@ -82,7 +82,7 @@ def reading(lm: LoadedModel, capture: RunCapture) -> Reading:
 
 
 def _kind(label: str | None, base: Reading) -> str:
-    return "unlabeled" if label not in ("yes", "no") else ("right" if base.answer == label else "wrong")
+    return kind(label, base.answer)
 
 
 kind_of = _kind  # "wrong", "right" or "unlabeled": the question a label sets for the baseline answer

@@ -40,7 +40,8 @@ accumulations), under √16 = 4; a tiny random model's bfloat16 propagation nois
 0.9·eps·‖x‖ three layers after the step, under √12 ≈ 3.5.
 
 Hand-worked: a bfloat16 mass going from 0.5 has floor 2⁻⁷ · √0.5 · √16 ≈ 0.0221; in float32
-2⁻²³ · √0.5 · 4 ≈ 3.4e-7; a float32 mass near 0.99, 2⁻²³ · √0.99 · 4 ≈ 4.7e-7 (eight steps of 0.99); a bfloat16 residual of norm 64 one layer after the step has a
+2⁻²³ · √0.5 · 4 ≈ 3.4e-7; a float32 mass near 0.99, 2⁻²³ · √0.99 · 4 ≈ 4.7e-7 (eight steps
+of 0.99); a bfloat16 residual of norm 64 one layer after the step has a
 propagation floor 2⁻⁷ · 64 · √4 = 1.0, and after the final norm (norm 64) 2⁻⁷ · 64 · √5 ≈ 1.12.
 """
 

@@ -155,5 +155,5 @@ def is_right(label: str | None, answer: str) -> bool | None:
     return None if label not in ("yes", "no") else answer == label
 
 
-__all__ = ["OUTCOMES", "UNLABELED_OUTCOMES", "DROPPED_EDIT_METRICS", "GOALS", "kind", "dropped_edit", "Reading", "answer_ids", "read_logits", "read_batch", "outcome",
-           "outcome_of", "counts", "question", "is_right"]
+__all__ = ["OUTCOMES", "UNLABELED_OUTCOMES", "DROPPED_EDIT_METRICS", "GOALS", "kind", "dropped_edit", "Reading",
+           "answer_ids", "read_logits", "read_batch", "outcome", "outcome_of", "counts", "question", "is_right"]

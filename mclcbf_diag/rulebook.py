@@ -119,9 +119,8 @@ DECISIVE_MARGIN = 0.1  # |Δm| ≥ 10% of |m_base| (and ≥ 0.01)
 
 DECISIVE_RULE = (f"undoing it alone (everything else kept) changes the step size by ≥ {DECISIVE_STEP_REL:.0%} "
                  f"of ‖x‖, the decision token's image mass by ≥ {DECISIVE_MASS}, the margin by ≥ "
-                 f"{DECISIVE_MARGIN:.0%} of |m_base|, or the outcome")
-RANKING = ("Ranking: decisive causes first (" + DECISIVE_RULE + "), then causes present but not tested, then "
-           "present but not decisive; within each group in causal order (an earlier failure hides later ones).")
+                 f"{DECISIVE_MARGIN:.0%} of |m_base|, or the outcome (a search over sizes, or a run compared with a "
+                 "non-finite unfixed run, counts only when it reaches what the label asks)")
 
 
 def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step_size") -> tuple[bool, list[str]]:
@@ -492,8 +491,8 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
             if ok:
                 ids = tuple(c.id for c in group)
                 alone = "; ".join(f"{c.id}: {c.status}" for c in group)
-                s = (f"Together, {' + '.join(ids)} stop the answer from changing: undoing them together changes "
-                     f"{', '.join(what)}, while none of them alone was decisive ({alone}).")
+                s = (f"Undoing {' + '.join(ids)} together changes {', '.join(what)}, while none of them alone was "
+                     f"decisive ({alone}).")
                 return Cause("joint:" + "+".join(ids), "Joint cause: " + " + ".join(c.title for c in group), True,
                              min(c.strength for c in group), {"members": ",".join(ids), "n_members": len(ids),
                                                               "cf_margin": cf.get("margin", math.nan),

@@ -108,7 +108,7 @@ def test_causes_that_act_only_together_are_one_joint_cause():
     by = {c.id: c for c in causes}
     assert by["gradient_underflow"].decisive is False and by["guard_dominates"].decisive is None
     assert f"{GRAD} and {GUARD}" in seen
-    assert "[decisive] Together, gradient_underflow + guard_dominates" in verdict(causes)
+    assert "[decisive] Undoing gradient_underflow + guard_dominates together changes" in verdict(causes)
 
 
 def test_no_joint_search_when_a_single_cause_decides_or_the_answer_is_right():

@@ -104,8 +104,8 @@ def print_outcome_summary(s: dict) -> None:
     note = {"derailed": "no longer a Yes/No answer" + (" (non-finite values)" if s.get("nonfinite_values") else ""),
             "fixed": "wrong → right", "broken": "right → wrong", "changed": "no label: the answer changed",
             "unchanged": "same answer",
-            "non_finite": f"the intervention's edit was non-finite and not applied at layers {s.get('layers_dropped')}: "
-                          "this run is not the configured intervention"}.get(out, "")
+            "non_finite": f"the intervention's edit was non-finite and not applied at layers "
+                          f"{s.get('layers_dropped')}: this run is not the configured intervention"}.get(out, "")
     print(f"  outcome  {out.upper()} ({note})")
     print(f"  answer   baseline {s['answer_before']:>3}   steered {s['answer_after']:>3}   (sign of logit Yes − No)")
     print(f"  margin   baseline {s['margin_before']:+.4f}   steered {s['margin_after']:+.4f}")
@@ -117,7 +117,8 @@ def print_outcome_summary(s: dict) -> None:
     rel = s["max_theta_rel"]
     lost = f" (a non-finite step or state at layers {s['layers_dropped']}: not applied)" if s.get(
         "layers_dropped") else ""
-    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
+    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else
+          "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
     from ..noise import (
         show as shown,  # "below noise" under a figure's floor (see mclcbf_diag.noise)
     )
