@@ -345,6 +345,8 @@ def describe(rec: dict) -> str:
           f"({pct(rec['gain_over_control_lo'])} to {pct(rec['gain_over_control_hi'])})")
     if not math.isnan(rec["control_shares_fixes"]):
         s += f"; the control also makes {100 * rec['control_shares_fixes']:.0f}% of its fixes"
+    if rec["bias_label"] == EXPLAINED and rec["gain_over_control_hi"] < 0:
+        s += " (it does worse than its control)"
     return s + f": {rec['bias_label']}. Best constant offset ({BEST_OFFSET_NOTE}): {rec['best_offset']:.4g}, " \
                f"accuracy {100 * rec['best_offset_accuracy']:.1f}%."
 

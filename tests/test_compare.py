@@ -179,6 +179,8 @@ def test_a_merged_run_is_timed_by_its_parts_and_old_runs_show_na(tmp_path, capsy
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "s0", old)
     (old / "timing.json").unlink()
+    run = json.loads((old / "run.json").read_text())
+    (old / "run.json").write_text(json.dumps({**run, "shard": None}))  # a whole run of its own (a shard is refused)
     rows = [json.loads(x) for x in (old / "answers.jsonl").read_text().splitlines()]
     (old / "answers.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if "image_mass" not in k}) + "\n"
                                                for r in rows))

@@ -138,3 +138,57 @@ def test_tables_on_hand_made_rows():
     text = A.answer(df, c, A.dose_table(df, 4.0), A.fix_table(df), s, 4.0)
     assert "3 wrong" in text and "fixes 1" in text and "to 0.3 in all layers would fix 2 and break 1" in text
     assert "1 of the wrong answers are fixed only when every text token after the image is steered" in text
+
+
+# --------------------------------------------------------------------------- is the difference real (issue #31)
+def _paired_rows(rng_seed=0, n=120, shift=None):
+    """Hand-made verdict rows over two splits: a baseline margin per question, the intervention's answer either a
+    constant shift of it (``shift``) or an oracle that fixes every third wrong answer."""
+    import numpy as np
+
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for i in range(n):
+        label = "yes" if rng.random() < 0.5 else "no"
+        m = float(rng.normal(1.0 if label == "yes" else -1.0, 1.5))
+        base = "yes" if m > 0 else "no"
+        new_m = m + shift if shift is not None else (m if base == label or i % 3 else (5.0 if label == "yes" else -5.0))
+        new = "yes" if new_m > 0 else "no"
+        rows.append({"split": "random" if i % 2 else "popular", "question_id": i, "label": label,
+                     "kind": "right" if base == label else "wrong", "baseline_answer": base, "baseline_margin": m,
+                     "baseline_valid": True, "steered_answer": new, "steered_margin": new_m, "steered_valid": True,
+                     "outcome": "unchanged" if new == base else ("fixed" if new == label else "broken")})
+    return rows
+
+
+def test_paired_table_equals_the_stats_of_its_rows_and_lists_the_questions():
+    from scipy.stats import binomtest
+
+    from mclcbf_diag import stats as S
+
+    rows = _paired_rows()
+    p = A.paired_table(A.frame(rows)).set_index("split")
+    assert list(p.index) == ["popular", "random", "all"]
+    for split in ("popular", "random"):
+        sel = [r for r in rows if r["split"] == split]
+        want = S.paired_records(sel)
+        assert {k: p.loc[split, k] for k in ("fixed_valid", "broken_valid", "d_accuracy_lo", "bias_label")} == \
+            {k: want[k] for k in ("fixed_valid", "broken_valid", "d_accuracy_lo", "bias_label")}
+        fixed = [f"{split}:{r['question_id']}" for r in sel if r["outcome"] == "fixed"]
+        assert p.loc[split, "fixed_questions"] == ", ".join(fixed) and len(fixed) == want["fixed_valid"]
+    b, c = int(p.loc["all", "fixed_valid"]), int(p.loc["all", "broken_valid"])
+    assert (b, c) == (sum(r["outcome"] == "fixed" for r in rows), 0)
+    assert p.loc["all", "mcnemar_p"] == pytest.approx(binomtest(b, b + c).pvalue, rel=1e-12)
+
+
+def test_the_population_answer_states_significance_and_the_bias_control():
+    from mclcbf_diag import stats as S
+
+    for rows, label in ((_paired_rows(), S.BEYOND), (_paired_rows(shift=1.2), S.EXPLAINED)):
+        df = A.frame(rows).assign(top_cause="", dose_k_star=None, sweep_decision_changes=0,
+                                  sweep_after_image_changes_it=False)
+        text = A.answer(df, A.cause_table(df), A.dose_table(df, 4.0), A.fix_table(df), pd.DataFrame(), 4.0,
+                        paired=A.paired_table(df))
+        pooled = A.paired_table(df).iloc[-1]
+        assert "Is it real: paired over the 120 questions" in text and f": {label}." in text
+        assert f"exact McNemar p = {pooled.mcnemar_p:.3g}" in text and pooled.bias_label == label

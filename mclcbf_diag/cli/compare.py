@@ -19,9 +19,23 @@ def cmd_compare(args) -> int:
     from ..pope.compare import compare_runs, layer_table, markdown_table
     from ..report import Section, write_page
 
-    table = compare_runs(args.runs)
+    from .. import stats as S
+
+    labels = None
+    if getattr(args, "labels", None):
+        from ..data.labels import load_labels
+
+        labels = load_labels(args.labels)
+    if args.resamples is not None and args.resamples < 100:
+        from ..errors import UserError
+
+        raise UserError(f"--resamples {args.resamples} is fewer than 100; a 95% interval needs many (default "
+                        f"{S.RESAMPLES})")
+    table = compare_runs(args.runs, labels, resamples=args.resamples, seed=args.seed)
     text = markdown_table(table)
     print(text)
+    print(STATS_NOTE.format(resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
+                            explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE))
     if args.out:
         out = out_dir(args, args.out)
         layers = layer_table(table)
@@ -40,7 +54,12 @@ def cmd_compare(args) -> int:
                     "on; max: the layer of the largest |Δ|). seconds_per_question: the run's answering time per "
                     "question; cost_vs_bare: its ratio to the bare forward's (the inputs plus the baseline's plain "
                     "forward, timed in the same batches). The last column is what each paper reports on the real "
-                    "LLaVA-1.5-7B, not measured here.",
+                    "LLaVA-1.5-7B, not measured here.\n\n" + STATS_NOTE.format(
+                        resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
+                        explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE)
+                    + (f"\n\nPartial merges (not every question answered): "
+                       + "; ".join(sorted({f"{r.run}: {r.partial}" for r in table.itertuples() if r.partial}))
+                       if table.partial.astype(bool).any() else ""),
                     table=table.drop(columns=["run", *per_layer]).round(4))]
         if len(layers):
             sections.append(Section("Δ image mass per layer", text="Intervened minus baseline at the decision token, "
@@ -51,9 +70,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+STATS_NOTE = ("Is the difference real: each run against its own baseline, question by question. Rows are sorted per "
+              "split by the lower end of the 95% interval of Δ accuracy (then its upper end), not by the point "
+              "estimate (rank). Δ accuracy, Δ F1, Δ yes-ratio: a paired bootstrap ({resamples:,} resamples, seed "
+              "{seed}), in points. McNemar: the exact two-sided binomial test on fixed vs broken answers (a derailed "
+              "answer counts as wrong); in brackets Holm's adjustment over the runs compared on the same split. "
+              "Bias control: the constant offset on the baseline's Yes − No margin that gives the intervention's "
+              "yes-ratio; a run whose gain over it has an interval reaching 0 or below is '{explained}'. "
+              "best_offset_accuracy {best}.")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="finished `pope` runs side by side: accuracy, F1, outcome counts, "
                                        "Δ image mass, cost")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders of finished `mclcbf-diag pope` runs")
     p.add_argument("--out", default=None, help="also write compare.csv, compare_layers.csv and compare.html here")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="also re-score every run under a relabelled file (JSON or CSV of question_id → label, "
+                        "optionally per split) and show the rank changes")
+    p.add_argument("--resamples", type=int, default=None,
+                   help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=None, help="the bootstrap's seed (default 0)")
     p.set_defaults(func=cmd_compare)

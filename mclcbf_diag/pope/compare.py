@@ -18,6 +18,23 @@ change in accuracy, and two columns on how the intervention acts:
 
 Beside each intervention, :data:`REPORTED` gives what its paper reports on the real
 LLaVA-1.5-7B (DESIGN §6), labelled as reported, not measured here.
+
+**Is the difference real** (DESIGN §10, :mod:`mclcbf_diag.stats`): every row carries the paired
+statistics of its run against its own baseline, recomputed from ``answers.jsonl`` (exact McNemar
+``mcnemar_p``; the seeded paired bootstrap's 95% intervals ``d_accuracy_lo/hi``, ``d_f1_lo/hi``,
+``d_yes_ratio_lo/hi``; the bias control's ``bias_offset``, ``control_accuracy``, ``control_f1``,
+``gain_over_control`` with ``_lo/hi``, ``control_shares_fixes``, ``bias_label``; the
+label-using ``best_offset_accuracy``), and ``mcnemar_p_holm``: Holm's adjustment over the runs
+compared on the same split (and label set). Rows are sorted per split by the lower end of the
+Δaccuracy interval (then its upper end), not by the point estimate; ``rank`` is that order.
+
+**Label sets.** With ``labels`` (:func:`~mclcbf_diag.data.labels.load_labels`), every run is shown
+twice: under its question file's labels and re-scored under the relabelled file (``label_set``),
+with ``rank_change`` (the relabelled rank minus the original rank; negative moves up).
+
+**Shards and partial merges.** A folder whose ``run.json`` has ``"shard": "i/n"`` is one shard of
+a run and is refused (merge the shards first); a merge with ``"partial"`` (expected, present,
+missing_shards) is compared but marked in ``partial`` ("M of N questions").
 """
 
 from __future__ import annotations
@@ -161,38 +178,129 @@ def _unspan(text) -> set[int]:
     return {i for b in bounds for i in range(int(b[0]), int(b[-1]) + 1)}
 
 
-def compare_runs(folders) -> pd.DataFrame:
-    """One row per (run, split): intervention, settings, metrics, outcome counts, Δ image mass and cost."""
+def _check_run(folder: Path, run) -> None:
+    if not isinstance(run, dict):
+        raise UserError(f"{show(folder / 'run.json')} is not a JSON object: is {show(folder)} a finished "
+                        "`mclcbf-diag pope` run? Run pope into it first")
+    if run.get("shard") is not None:
+        raise UserError(f"{show(folder)} is shard {run['shard']} of a run, not a whole run: merge its shards first "
+                        "(`mclcbf-diag merge OUT SHARD_DIR…`) and compare the merged folder")
+
+
+def _partial(run: dict) -> str:
+    part = run.get("partial")
+    if not part:
+        return ""
+    if not isinstance(part, dict):
+        return "partial"
+    return f"{part.get('present', '?')} of {part.get('expected', '?')} questions"
+
+
+def _relabelled(folder: Path, run: dict, answers: list[dict], labels):
+    """The run's rows, metrics and flips re-scored under ``labels`` (ids checked against its question files)."""
+    from ..data.labels import check_known, known_ids, relabel_records
+    from .metrics import flips_table, metrics_table
+
+    try:
+        known = known_ids(run)
+    except UserError:  # the question files moved: the ids the run answered are what can be checked
+        known = {}
+    for r in answers:
+        known.setdefault(r["split"], set()).add(str(r["question_id"]))
+    check_known(labels, known)
+    rows = relabel_records(answers, labels)
+    splits = run.get("splits", [])
+    return rows, metrics_table(rows, splits), flips_table(rows, splits)
+
+
+def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """One row per (run, split): intervention, settings, metrics, outcome counts, the paired statistics and the bias
+    control, Δ image mass and cost; with ``labels`` each run twice (its own labels, then relabelled), ranked."""
+    from .. import stats as S
+    from .metrics import paired_table
+
+    kw = {"resamples": S.RESAMPLES if resamples is None else resamples, "seed": S.SEED if seed is None else seed}
     rows = []
     for folder in map(Path, folders):
-        run, metrics, flips = _read(folder, "run.json"), _read(folder, "metrics.csv"), _read(folder, "flips.csv")
+        run = _read(folder, "run.json")
+        _check_run(folder, run)
+        metrics, flips = _read(folder, "metrics.csv"), _read(folder, "flips.csv")
         answers = read_records(folder / ANSWERS)[0]
-        cost = _cost(_timing(folder, run))
-        name = run.get("intervention", "mclcbf")
-        settings = " ".join([*([f"--preset {run['preset']}"] if run.get("preset") else []),
-                             *(f"--set {o}" for o in run.get("overrides", []))]) or "(defaults)"
-        logit = flips[flips["answer"] == "logit"] if "answer" in flips else flips
-        for split, m in metrics.groupby("split", sort=False):
-            base = m[m.condition == "baseline"].iloc[0]
-            st = m[m.condition == "steered"].iloc[0]
-            f = logit[logit.split == split]
-            f = f.iloc[0] if len(f) else {}
-            deltas = _layer_deltas(answers if split == "all" else [r for r in answers if r["split"] == split])
-            edited = _edited_layers(run, max(deltas) + 1) if deltas else ()
-            rows.append({
-                "intervention": name, "settings": settings, "split": split, "n": int(st.n),
-                "baseline_accuracy": float(base.accuracy), "accuracy": float(st.accuracy),
-                "accuracy_valid": float(st.get("accuracy_valid", st.accuracy)), "f1": float(st.f1),
-                "yes_ratio": float(st.yes_ratio),
-                **{k: int(f.get(k, 0)) for k in OUTCOMES},
-                "net_accuracy_points": 100 * (float(st.accuracy) - float(base.accuracy)),
-                **_mass_columns(deltas, edited), **cost,
-                "reported_on_llava_1_5_7b": _reported(name, run), "run": str(folder),
-            })
+        sets = [("question file", answers, metrics, flips)]
+        if labels is not None:
+            sets.append((f"relabelled ({Path(labels.path).name}, sha256 {labels.sha256[:12]})",
+                         *_relabelled(folder, run, answers, labels)))
+        for label_set, recs, m, f in sets:
+            paired = paired_table(recs, run.get("splits", []), **kw).set_index("split")
+            rows += _run_rows(folder, run, recs, m, f, paired, label_set)
     table = pd.DataFrame(rows)
+    if not rows:
+        return table
+    table = _ranked(table)
     per_layer = [c for prefix in ("d_image_mass_L", "baseline_image_mass_L") for c in _layer_columns(table, prefix)]
     rest = [c for c in table.columns if c not in per_layer and c not in ("reported_on_llava_1_5_7b", "run")]
-    return table[[*rest, *per_layer, "reported_on_llava_1_5_7b", "run"]] if rows else table
+    return table[[*rest, *per_layer, "reported_on_llava_1_5_7b", "run"]]
+
+
+_STATS = ("mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi", "d_f1", "d_f1_lo", "d_f1_hi", "d_yes_ratio",
+          "d_yes_ratio_lo", "d_yes_ratio_hi", "bias_offset", "control_yes_ratio", "control_accuracy", "control_f1",
+          "gain_over_control", "gain_over_control_lo", "gain_over_control_hi", "control_shares_fixes", "bias_label",
+          "explained_by_yes_shift", "best_offset", "best_offset_accuracy")
+
+
+def _ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Holm per (label set, split); rows sorted per (label set, split) by the Δaccuracy interval's lower end, then
+    its upper end (not the point estimate); ``rank`` 1 = best; ``rank_change`` under a second label set."""
+    from ..stats import holm
+
+    table = table.copy()
+    table["mcnemar_p_holm"] = float("nan")
+    sets = list(dict.fromkeys(table.label_set))
+    groups = sorted(dict.fromkeys(zip(table.label_set, table.split)), key=lambda g: sets.index(g[0]))  # stable
+    order = []
+    for ls, split in groups:
+        sel = table[(table.label_set == ls) & (table.split == split)]
+        table.loc[sel.index, "mcnemar_p_holm"] = holm(sel.mcnemar_p.tolist())
+        ranked = sel.sort_values(["d_accuracy_lo", "d_accuracy_hi"], ascending=False, kind="stable")
+        table.loc[ranked.index, "rank"] = range(1, len(ranked) + 1)
+        order += list(ranked.index)
+    table = table.loc[order].reset_index(drop=True)
+    table["rank"] = table["rank"].astype(int)
+    table["rank_change"] = float("nan")
+    if len(sets) > 1:
+        first = {(r.run, r.split): r.rank for r in table[table.label_set == sets[0]].itertuples()}
+        later = table.label_set != sets[0]
+        table.loc[later, "rank_change"] = [r.rank - first[(r.run, r.split)] for r in table[later].itertuples()]
+    return table
+
+
+def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, paired, label_set: str) -> list[dict]:
+    rows = []
+    cost = _cost(_timing(folder, run))
+    name = run.get("intervention", "mclcbf")
+    settings = " ".join([*([f"--preset {run['preset']}"] if run.get("preset") else []),
+                         *(f"--set {o}" for o in run.get("overrides", []))]) or "(defaults)"
+    logit = flips[flips["answer"] == "logit"] if "answer" in flips else flips
+    for split, m in metrics.groupby("split", sort=False):
+        base = m[m.condition == "baseline"].iloc[0]
+        st = m[m.condition == "steered"].iloc[0]
+        f = logit[logit.split == split]
+        f = f.iloc[0] if len(f) else {}
+        deltas = _layer_deltas(answers if split == "all" else [r for r in answers if r["split"] == split])
+        edited = _edited_layers(run, max(deltas) + 1) if deltas else ()
+        rows.append({
+            "intervention": name, "settings": settings, "split": split, "n": int(st.n),
+            "baseline_accuracy": float(base.accuracy), "accuracy": float(st.accuracy),
+            "accuracy_valid": float(st.get("accuracy_valid", st.accuracy)), "f1": float(st.f1),
+            "yes_ratio": float(st.yes_ratio),
+            **{k: int(f.get(k, 0)) for k in OUTCOMES},
+            "net_accuracy_points": 100 * (float(st.accuracy) - float(base.accuracy)),
+            "label_set": label_set, "partial": _partial(run),
+            **{k: paired.loc[split, k] if split in paired.index else float("nan") for k in _STATS},
+            **_mass_columns(deltas, edited), **cost,
+            "reported_on_llava_1_5_7b": _reported(name, run), "run": str(folder),
+        })
+    return rows
 
 
 def _layer_columns(table: pd.DataFrame, prefix: str) -> list[str]:
@@ -225,10 +333,32 @@ def _non_finite(n: int) -> str:
     return f" (+{n} non-finite: step not applied)" if n else ""
 
 
+def _points(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def _interval(r, name: str) -> str:
+    """``+1.2 [−0.3, +2.8]`` in points: the estimate and its 95% paired bootstrap interval."""
+    lo, hi, est = (getattr(r, f"{name}_lo", math.nan), getattr(r, f"{name}_hi", math.nan),
+                   getattr(r, name, math.nan))
+    return "n/a" if math.isnan(est) else f"{_points(est)} [{_points(lo)}, {_points(hi)}]"
+
+
+def _p(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.2g}"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    """The comparison as a Markdown table (accuracy in %, the reported column last)."""
-    head = ["intervention", "settings", "split", "accuracy", "F1", "yes-ratio", "unchanged", "fixed", "broken",
+    """The comparison as a Markdown table (accuracy in %, the reported column last).
+
+    Beside the counts: Δ accuracy in points with its 95% paired bootstrap interval, the exact McNemar p with its
+    Holm-adjusted value, the bias control's accuracy and the gain over it (interval), and the label. A partial
+    merge says so in its split cell; with a second label set, a label-set column and the rank change lead."""
+    sets = list(dict.fromkeys(table.label_set)) if "label_set" in table else []
+    lead = ["labels", "rank (change)"] if len(sets) > 1 else []
+    head = [*lead, "intervention", "settings", "split", "accuracy", "F1", "yes-ratio", "unchanged", "fixed", "broken",
             "derailed", "Δ image mass: edited layers (largest, layer)", "s/question (× bare)",
+            "Δ accuracy [95%]", "McNemar p (Holm)", "bias control accuracy; gain over it [95%]", "yes/no shift?",
             "reported on LLaVA-1.5-7B (not measured here)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
@@ -237,7 +367,17 @@ def markdown_table(table: pd.DataFrame) -> str:
             else f" ({_signed(r.d_image_mass_max)}, L{r.d_image_mass_max_layer})")
         cost = "n/a" if math.isnan(r.seconds_per_question) else (
             f"{r.seconds_per_question:.4f} ({r.cost_vs_bare:.1f}×)")
-        lines.append(f"| `{r.intervention}` | {r.settings.replace('|', '/')} | {r.split} | {100 * r.accuracy:.1f} | "
-                     f"{100 * r.f1:.1f} | {100 * r.yes_ratio:.1f} | {r.unchanged} | {r.fixed} | {r.broken} | "
-                     f"{r.derailed}{_non_finite(r.non_finite)} | {mass} | {cost} | {r.reported_on_llava_1_5_7b} |")
+        split = r.split + (f" (partial: {r.partial})" if getattr(r, "partial", "") else "")
+        control = "n/a" if math.isnan(getattr(r, "control_accuracy", math.nan)) else (
+            f"{100 * r.control_accuracy:.1f}; {_interval(r, 'gain_over_control')}")
+        cells = []
+        if lead:
+            change = "" if math.isnan(r.rank_change) else f" ({int(r.rank_change):+d})"
+            cells = [r.label_set.replace("|", "/"), f"{r.rank}{change}"]
+        cells += [f"`{r.intervention}`", r.settings.replace("|", "/"), split, f"{100 * r.accuracy:.1f}",
+                  f"{100 * r.f1:.1f}", f"{100 * r.yes_ratio:.1f}", str(r.unchanged), str(r.fixed), str(r.broken),
+                  f"{r.derailed}{_non_finite(r.non_finite)}", mass, cost, _interval(r, "d_accuracy"),
+                  f"{_p(getattr(r, 'mcnemar_p', math.nan))} ({_p(getattr(r, 'mcnemar_p_holm', math.nan))})", control,
+                  str(getattr(r, "bias_label", "n/a")), r.reported_on_llava_1_5_7b]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -3,19 +3,45 @@
 Every question's outcome (:mod:`mclcbf_diag.outcomes`) is unchanged, fixed, broken,
 derailed or non_finite (the intervention's step overflowed and was dropped); flips.csv counts them per split beside the bare sign changes, and metrics.csv adds
 ``accuracy_valid`` (a right answer must also be a Yes/No output) and ``not_yes_no``.
+
+The steered rows of metrics.csv also carry the paired statistics against the baseline and the
+bias control (:mod:`mclcbf_diag.stats`, :data:`~mclcbf_diag.stats.COLUMNS`: exact McNemar, the
+seeded paired bootstrap's 95% intervals of Δaccuracy/ΔF1/Δyes-ratio, the control's offset,
+accuracy and F1, the gain over it and its interval, the label), computed from the stored
+margins, no forward. ``flips_questions.csv`` is the per-question ledger: every changed question
+with both margins, the bias control's answer and whether the change survives the control.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .. import stats as S
 from ..outcomes import OUTCOMES
 from ..storage import atomic_write_text
 from .store import _flat
 
+LEDGER = "flips_questions.csv"
 
-def metrics_table(records: list[dict], splits: list[str]):
-    """POPE metrics per split (and pooled "all" for several splits) and condition."""
+
+def paired_table(records: list[dict], splits: list[str], *, resamples: int = S.RESAMPLES, seed: int = S.SEED):
+    """Per split (and pooled "all"): the steered answers paired against the baseline's (:func:`.stats.paired`)."""
+    import pandas as pd
+
+    rows = [{"split": split, **S.paired_records(_select(records, split), resamples=resamples, seed=seed)}
+            for split in _split_groups(records, splits)]
+    return pd.DataFrame(rows, columns=["split", *S.COLUMNS])
+
+
+def _select(records: list[dict], split: str) -> list[dict]:
+    return records if split == "all" else [r for r in records if r["split"] == split]
+
+
+def metrics_table(records: list[dict], splits: list[str], paired=None):
+    """POPE metrics per split (and pooled "all" for several splits) and condition.
+
+    With ``paired`` (:func:`paired_table`), the steered rows carry its columns (``n`` aside); the other rows
+    leave them empty."""
     import pandas as pd
 
     from ..data import pope_metrics
@@ -34,7 +60,11 @@ def metrics_table(records: list[dict], splits: list[str]):
                          "accuracy_valid": sum(right) / len(sel) if sel else 0.0})
     cols = ["split", "condition", "n", "accuracy", "accuracy_valid", "not_yes_no", "precision", "recall", "f1",
             "yes_ratio", "tp", "fp", "tn", "fn"]
-    return pd.DataFrame(rows, columns=cols)
+    table = pd.DataFrame(rows, columns=cols)
+    if paired is None:
+        return table
+    extra = paired.drop(columns=["n"]).assign(condition="steered")
+    return table.merge(extra, on=["split", "condition"], how="left", sort=False)
 
 
 def _valid(r: dict, cond: str) -> bool:
@@ -102,30 +132,92 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
     from ..report import write_page
 
     splits = identity.get("splits", [])
-    metrics, flips = metrics_table(records, splits), flips_table(records, splits)
+    paired = paired_table(records, splits)
+    metrics, flips = metrics_table(records, splits, paired), flips_table(records, splits)
+    ledger = ledger_table(records, splits)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     atomic_write_text(out / "flips.csv", flips.to_csv(index=False))
+    atomic_write_text(out / LEDGER, ledger.to_csv(index=False))
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-        print(metrics.drop(columns=["tp", "fp", "tn", "fn", "precision", "recall"]).to_string(index=False))
+        print(metrics[[c for c in metrics.columns if c in _PRINTED]].to_string(index=False))
         print()
         print(flips.to_string(index=False))
-    write_page(out / "summary.html", "mclcbf-diag pope", summary_sections(records, identity, metrics, flips))
+        print()
+        print(paired_summary(paired).to_string(index=False))
+    write_page(out / "summary.html", "mclcbf-diag pope",
+               summary_sections(records, identity, metrics, flips, paired=paired, ledger=ledger))
     return metrics, flips
 
 
-def summary_sections(records: list[dict], identity: dict, metrics, flips) -> list:
-    """The sections of summary.html: counts first, metrics zoomed to the data, one outcome partition at a
-    time, the margin changes (or why they are noise), and every changed question with its explain command."""
+_PRINTED = ("split", "condition", "n", "accuracy", "accuracy_valid", "not_yes_no", "f1", "yes_ratio")
+
+
+def paired_summary(paired):
+    """The paired statistics in a few readable columns (accuracy points, the label)."""
+    import pandas as pd
+
+    def pts(x):
+        return f"{100 * x:+.1f}"
+
+    rows = [{"split": r["split"], "fixed/broken": f"{r['fixed_valid']}/{r['broken_valid']}",
+             "McNemar p": f"{r['mcnemar_p']:.3g}",
+             "Δ accuracy [95%]": f"{pts(r['d_accuracy'])} [{pts(r['d_accuracy_lo'])}, {pts(r['d_accuracy_hi'])}]",
+             "bias control accuracy": f"{100 * r['control_accuracy']:.1f}",
+             "gain over control [95%]": f"{pts(r['gain_over_control'])} [{pts(r['gain_over_control_lo'])}, "
+                                        f"{pts(r['gain_over_control_hi'])}]",
+             "bias control": r["bias_label"]} for r in paired.to_dict("records") if r["n"]]
+    return pd.DataFrame(rows)
+
+
+def ledger_table(records: list[dict], splits: list[str]):
+    """The per-question ledger: every question whose outcome is not unchanged, with both margins, its split's bias
+    control's answer (``invalid`` where the baseline answer was no Yes/No answer) and whether the change survives
+    the control: the intervention's answer is right where the control's is wrong or the reverse (a change the
+    control reproduces is a yes/no shift's)."""
+    import pandas as pd
+
+    cols = ["split", "question_id", "label", "outcome", "baseline_answer", "steered_answer", "baseline_margin",
+            "steered_margin", "steered_valid", "bias_offset", "control_answer", "control_right", "survives_control"]
+    rows = []
+    for split in _split_groups(records, splits):
+        if split == "all":
+            continue
+        sel = _select(records, split)
+        offset, control = S.control_of_records(sel)
+        for r, c in zip(sel, control):
+            out = row_outcome(r)
+            if out == "unchanged":
+                continue
+            right = _valid(r, "steered") and r["steered_answer"] == r["label"]
+            rows.append({"split": split, "question_id": r["question_id"], "label": r["label"], "outcome": out,
+                         "baseline_answer": r["baseline_answer"], "steered_answer": r["steered_answer"],
+                         "baseline_margin": r["baseline_margin"], "steered_margin": r["steered_margin"],
+                         "steered_valid": _valid(r, "steered"), "bias_offset": offset, "control_answer": c,
+                         "control_right": c == r["label"], "survives_control": right != (c == r["label"])})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def summary_sections(records: list[dict], identity: dict, metrics, flips, paired=None, ledger=None) -> list:
+    """The sections of summary.html: a banner when the run is a partial merge, counts first, whether the difference
+    is real (paired statistics and the bias control), metrics zoomed to the data, one outcome partition at a
+    time, the margin changes (or why they are noise), each count's questions, and every changed question with its
+    explain command."""
     import pandas as pd
 
     from ..report import Section
+
+    if paired is None:
+        paired = paired_table(records, identity.get("splits", []))
+    if ledger is None:
+        ledger = ledger_table(records, identity.get("splits", []))
 
     outs = [row_outcome(r) for r in records]
     n = {k: outs.count(k) for k in OUTCOMES}
     info = pd.DataFrame({"setting": list(_flat(identity)), "value": [str(v) for v in _flat(identity).values()]})
     noise_text, fig_d = margin_changes(records)
     changed = changed_questions(records, identity)
-    return [
+    head = [partial_section(identity)] if identity.get("partial") else []
+    return head + [
         Section("Run", lines=[f"{len(records)} questions: {n['unchanged']} unchanged, {n['fixed']} fixed (wrong → "
                               f"right), {n['broken']} broken (right → wrong), {n['derailed']} derailed (no longer a "
                               "Yes/No answer)" + (f", {n['non_finite']} non-finite (the intervention's step overflowed "
@@ -134,15 +226,77 @@ def summary_sections(records: list[dict], identity: dict, metrics, flips) -> lis
                 "counts an answer right only when the top token is a Yes/No spelling ('not Yes/No': how many are "
                 "not); *_text conditions score the generated text with POPE's parser. Each panel's axis is zoomed "
                 "to its values.", figures=[metrics_figure(metrics)], table=_metric_columns(metrics)),
+        paired_section(paired),
         Section("Outcomes", text="Each question falls in exactly one class of a partition; the buttons switch "
                 "between the outcome classes (unchanged / fixed / broken / derailed) and the bare sign changes of "
                 "logit Yes − No (derailed outputs included), for each kind of answer.",
                 figures=[partition_figure(flips)], table=flips),
         Section("Margins", text=noise_text, figures=[fig_d] if fig_d is not None else []),
+        Section("Each count's questions", text="Every count of the outcome partition and of the bias control, per "
+                "split; each links to its questions (split:question_id). flips_questions.csv has them with both "
+                "margins and the bias control's answer.", html=count_links(records, ledger, identity)),
         Section(f"Changed questions ({len(changed)})", text=(
             "Every question whose outcome is not 'unchanged', with the command that explains it." if len(changed) else
             "No question changed its outcome."), table=changed if len(changed) else None),
     ]
+
+
+def partial_section(identity: dict):
+    """The banner of a partial merge (``identity["partial"]``: expected, present, missing_shards)."""
+    from ..report import Section
+
+    part = identity.get("partial") or {}
+    missing = part.get("missing_shards") or []
+    return Section(f"partial: {part.get('present', '?')} of {part.get('expected', '?')} questions",
+                   lines=[f"This run is a partial merge: {part.get('present', '?')} of the {part.get('expected', '?')} "
+                          "questions are answered" + (f"; missing shards: {', '.join(map(str, missing))}" if missing
+                                                      else "") + ". Every figure below covers only those questions."])
+
+
+def paired_section(paired):
+    """Whether the difference is real: one paragraph per split (:func:`.stats.describe`) and the table."""
+    from ..report import Section
+
+    lines = [f"{r['split']}: {S.describe(r)}" for r in paired.to_dict("records") if r["n"]]
+    return Section("Is the difference real? Paired tests and the bias control", text=(
+        "Each question is paired with itself (baseline, intervened). McNemar: the exact two-sided binomial test on "
+        "the fixed and the broken answers (a derailed answer counts as wrong). The intervals: 95% percentile "
+        f"intervals of a paired bootstrap ({S.RESAMPLES:,} resamples of the questions, seed {S.SEED}), in accuracy "
+        "points. The bias control adds one constant to every baseline Yes − No margin, chosen so that the baseline "
+        "answers yes as often as the intervention; an intervention whose gain over its control has an interval "
+        f"reaching 0 or below is labelled '{S.EXPLAINED}'. The best constant offset {S.BEST_OFFSET_NOTE}. Computed "
+        "from the stored margins: no extra forward."), lines=lines, table=paired_summary(paired))
+
+
+def count_links(records: list[dict], ledger, identity: dict) -> str:
+    """A trusted HTML fragment: per split, each outcome count (and the bias control's) links to a folded list of
+    its questions; every text is escaped, anchors are made from indices only."""
+    import html
+
+    groups = [s for s in _split_groups(records, identity.get("splits", [])) if s != "all"]
+    table, lists = [], []
+    kinds = [*OUTCOMES, "survives the bias control", "reproduced by the bias control"]
+    for i, split in enumerate(groups):
+        sel = _select(records, split)
+        led = ledger[ledger.split == split] if len(ledger) else ledger
+        members = {k: [r["question_id"] for r in sel if row_outcome(r) == k] for k in OUTCOMES}
+        if len(led):
+            members[kinds[-2]] = led.question_id[led.survives_control.astype(bool)].tolist()
+            members[kinds[-1]] = led.question_id[~led.survives_control.astype(bool)].tolist()
+        cells = []
+        for j, k in enumerate(kinds):
+            ids = members.get(k, [])
+            if not ids:
+                cells.append("<td>0</td>")
+                continue
+            anchor = f"questions-{i}-{j}"
+            cells.append(f'<td><a href="#{anchor}">{len(ids)}</a></td>')
+            lists.append(f'<details id="{anchor}"><summary>{html.escape(split)}, {html.escape(k)}: {len(ids)} '
+                         f'question(s)</summary><p>{html.escape(", ".join(f"{split}:{q}" for q in ids))}</p></details>')
+        table.append(f"<tr><td class=\"text\">{html.escape(split)}</td>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["split", *kinds])
+    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(table) + "\n</tbody>\n</table>\n"
+            + "\n".join(lists))
 
 
 _METRIC_NAMES = {"split": "split", "condition": "condition", "n": "questions", "accuracy": "accuracy (fraction)",
@@ -152,7 +306,8 @@ _METRIC_NAMES = {"split": "split", "condition": "condition", "n": "questions", "
 
 
 def _metric_columns(metrics):
-    return metrics.rename(columns=_METRIC_NAMES)
+    """The metrics for reading (the paired statistics have their own section)."""
+    return metrics[[c for c in metrics.columns if c in _METRIC_NAMES]].rename(columns=_METRIC_NAMES)
 
 
 def metrics_figure(metrics):

@@ -18,6 +18,10 @@ answer is *wrong* or *right* against the label; each count keeps the question id
   (fixed − broken − derailed right answers), in questions and in accuracy points.
 * :func:`setting_table`: each graded-sweep setting across the split, fixed / broken /
   derailed and net: what one image-mass edit would do to the whole split.
+* :func:`paired_table`: per split (and pooled "all" for several), the intervention as configured
+  paired against the baseline (:func:`mclcbf_diag.stats.paired`): fixed vs broken (a derailed
+  answer counts as wrong) with the exact McNemar p, the paired bootstrap interval of Δ accuracy,
+  the bias control and its label, and the questions behind the fixed and broken counts.
 * :func:`answer`: the plain-language answer computed from these tables.
 """
 
@@ -147,13 +151,59 @@ def best_setting(settings: pd.DataFrame, tokens: str = "decision") -> dict | Non
     return s.sort_values(["net", "value", "_w"], ascending=[False, True, True], kind="stable").iloc[0].to_dict()
 
 
+def paired_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per split (and pooled "all" for several): :func:`mclcbf_diag.stats.paired` of the rows with a yes/no label,
+    with ``fixed_questions`` and ``broken_questions`` (split:question_id; derailed right answers among the broken)."""
+    from .. import stats as S
+
+    cols = ["split", *S.COLUMNS, "fixed_questions", "broken_questions"]
+    if not len(df) or "baseline_margin" not in df:
+        return pd.DataFrame(columns=cols)
+    lab = df[df.label.isin(["yes", "no"])] if "label" in df else df.iloc[:0]
+    splits = list(dict.fromkeys(lab.split))
+    out = []
+    for split in [*splits, *(["all"] if len(splits) > 1 else [])]:
+        g = lab if split == "all" else lab[lab.split == split]
+        recs = g.to_dict("records")
+        rec = S.paired_records(recs)
+        right_b = [bool(S._valid(r, "baseline")) and r["baseline_answer"] == r["label"] for r in recs]
+        right_s = [bool(S._valid(r, "steered")) and r["steered_answer"] == r["label"] for r in recs]
+        fixed = g[[not b and s for b, s in zip(right_b, right_s)]]
+        broken = g[[b and not s for b, s in zip(right_b, right_s)]]
+        out.append({"split": split, **rec, "fixed_questions": _ids(fixed), "broken_questions": _ids(broken)})
+    return pd.DataFrame(out, columns=cols)
+
+
+def paired_sentence(row: dict, what: str = "the intervention") -> str:
+    """The population answer's sentence on whether the change is real (one pooled row of :func:`paired_table`)."""
+    from .. import stats as S
+
+    pts = lambda x: f"{100 * x:+.1f}"  # noqa: E731
+    s = (f"Is it real: paired over the {row['n']} questions, {what} fixes {row['fixed_valid']} and breaks or derails "
+         f"{row['broken_valid']} (exact McNemar p = {row['mcnemar_p']:.3g}); Δ accuracy {pts(row['d_accuracy'])} "
+         f"points (95% paired bootstrap interval {pts(row['d_accuracy_lo'])} to {pts(row['d_accuracy_hi'])}, "
+         f"{row['resamples']:,} resamples, seed {row['seed']}).")
+    if row["bias_label"] == S.NO_CHANGE:
+        return s + " It changes no answer: there is no shift to control for."
+    if math.isnan(row["bias_offset"]):
+        return s + " No bias control: no baseline answer is a Yes/No answer with a finite margin."
+    s += (f" Its bias control (one constant {row['bias_offset']:+.3g} on the baseline's Yes − No margin, the same "
+          f"yes-ratio) reaches {100 * row['control_accuracy']:.1f}% accuracy; the gain over it is "
+          f"{pts(row['gain_over_control'])} points ({pts(row['gain_over_control_lo'])} to "
+          f"{pts(row['gain_over_control_hi'])})")
+    if not math.isnan(row["control_shares_fixes"]):
+        s += f", and the control also makes {100 * row['control_shares_fixes']:.0f}% of its fixes"
+    return s + f": {row['bias_label']}."
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: pd.DataFrame,
-           settings: pd.DataFrame, k_max: float, what: str = "the intervention") -> str:
-    """A few plain sentences, every number read off the tables."""
+           settings: pd.DataFrame, k_max: float, what: str = "the intervention", paired: pd.DataFrame | None = None) -> str:
+    """A few plain sentences, every number read off the tables (with ``paired``, :func:`paired_table`, whether
+    the change is real: its pooled row)."""
     wrong, right = df[df.kind == "wrong"], df[df.kind == "right"]
     conf = fixes[fixes.fix == "(as configured)"].iloc[0] if len(fixes) else None
     parts = [f"{len(df)} questions: the model answers {len(right)} right and {len(wrong)} wrong."]
@@ -212,6 +262,9 @@ def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: p
         parts.append(f"Of the counterfactual fixes, the best is {top.fix}: it fixes {top.wrong_fixed}, breaks "
                      f"{top.right_broken} and derails {top.wrong_derailed + top.right_derailed} (net {top.net:+d}, "
                      f"{top.net_accuracy_points:+.2f} accuracy points).")
+    if paired is not None and len(paired):
+        pooled = paired.iloc[-1].to_dict()  # "all" when several splits, else the one split
+        parts.append(paired_sentence(pooled, what))
     return " ".join(parts)
 
 
@@ -225,5 +278,7 @@ __all__ = [
     "fix_table",
     "frame",
     "mass_table",
+    "paired_sentence",
+    "paired_table",
     "setting_table",
 ]

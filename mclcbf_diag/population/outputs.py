@@ -11,7 +11,8 @@ whose rows here are the per-question verdict rows):
   the new names, so resuming such a run never mixes the two;
 * ``questions.parquet`` / ``questions.csv``: one row per question;
 * ``causes.csv``, ``doses.csv``, ``masses.csv``, ``fixes.csv``, ``settings.csv``: the aggregate
-  (:mod:`.aggregate`);
+  (:mod:`.aggregate`); ``paired.csv``: the paired statistics and the bias control per split
+  (:func:`.aggregate.paired_table`);
 * ``records.parquet``: every question's records; ``population.html``: the page.
 """
 
@@ -95,11 +96,13 @@ def tables(rows: list[dict], identity: dict, titles: dict | None = None) -> dict
     k_max = float(identity.get("k_max", 1024.0))
     settings = [tuple(s) if s[1] is None else (s[0], tuple(s[1]), s[2], s[3]) for s in identity.get("sweep", [])]
     out = {"questions": df, "causes": A.cause_table(df, titles), "doses": A.dose_table(df, k_max),
-           "masses": A.mass_table(df), "fixes": A.fix_table(df), "settings": A.setting_table(df, settings)}
+           "masses": A.mass_table(df), "fixes": A.fix_table(df), "settings": A.setting_table(df, settings),
+           "paired": A.paired_table(df)}
     what = f"the intervention ({identity.get('intervention', 'mclcbf')}" + (
         f" --preset {identity['preset']}" if identity.get("preset") else "") + "".join(
         f" --set {o}" for o in identity.get("overrides", [])) + ")"
-    out["answer"] = A.answer(df, out["causes"], out["doses"], out["fixes"], out["settings"], k_max, what)
+    out["answer"] = A.answer(df, out["causes"], out["doses"], out["fixes"], out["settings"], k_max, what,
+                             paired=out["paired"])
     return out
 
 
@@ -124,7 +127,7 @@ def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[P
             flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, list) else v)
     atomic_write_with(out / "questions.parquet", lambda tmp: flat.to_parquet(tmp, index=False))
     atomic_write_text(out / "questions.csv", flat.to_csv(index=False))
-    for name in ("causes", "doses", "masses", "fixes", "settings"):
+    for name in ("causes", "doses", "masses", "fixes", "settings", "paired"):
         atomic_write_text(out / f"{name}.csv", t[name].to_csv(index=False))
     keys = {(str(r["split"]), str(r["question_id"])) for r in rows}
     records = read_parts(part_dirs or [out], keys)

@@ -60,6 +60,47 @@ def _question_list(df: pd.DataFrame, command, limit: int) -> pd.DataFrame:
     return sel
 
 
+def _paired_links(paired: pd.DataFrame) -> str:
+    """A trusted HTML fragment: per split, the fixed and broken counts of the paired test, each linking to a folded
+    list of its questions (every text escaped; anchors from indices only)."""
+    import html
+
+    rows, lists = [], []
+    for i, r in enumerate(paired.to_dict("records")):
+        cells = []
+        for j, (count, ids) in enumerate(((r["fixed_valid"], r["fixed_questions"]),
+                                          (r["broken_valid"], r["broken_questions"]))):
+            if not count:
+                cells.append("<td>0</td>")
+                continue
+            anchor = f"paired-{i}-{j}"
+            what = "fixed" if j == 0 else "broken or derailed"
+            cells.append(f'<td><a href="#{anchor}">{int(count)}</a></td>')
+            lists.append(f'<details id="{anchor}"><summary>{html.escape(str(r["split"]))}, {what}: {int(count)} '
+                         f'question(s)</summary><p>{html.escape(str(ids))}</p></details>')
+        rows.append(f'<tr><td class="text">{html.escape(str(r["split"]))}</td>{"".join(cells)}'
+                    f'<td class="text">{html.escape(str(r["bias_label"]))}</td></tr>')
+    head = "".join(f"<th>{h}</th>" for h in ("split", "fixed", "broken or derailed", "bias control"))
+    return (f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>\n"
+            + "\n".join(lists))
+
+
+def _paired_section(paired: pd.DataFrame) -> Section:
+    from .. import stats as S
+
+    cols = ["split", "n", "fixed_valid", "broken_valid", "mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi",
+            "bias_offset", "control_accuracy", "gain_over_control", "gain_over_control_lo", "gain_over_control_hi",
+            "control_shares_fixes", "bias_label", "best_offset_accuracy"]
+    return Section("Is the difference real?", text=(
+        "The intervention as configured against the baseline, question by question: the exact McNemar test on the "
+        "fixed and the broken answers (a derailed answer counts as wrong), the 95% interval of Δ accuracy from a "
+        f"paired bootstrap ({S.RESAMPLES:,} resamples, seed {S.SEED}), and the bias control: one constant on the "
+        "baseline's Yes − No margin giving the intervention's yes-ratio. A gain over the control whose interval "
+        f"reaches 0 or below is labelled '{S.EXPLAINED}'. best_offset_accuracy {S.BEST_OFFSET_NOTE}. Each count "
+        "links to its questions."), lines=[f"{r['split']}: {S.describe(r)}" for r in paired.to_dict("records")],
+        table=paired[[c for c in cols if c in paired]], html=_paired_links(paired))
+
+
 def write_page(path, t: dict, identity: dict, command, limit: int):
     df = t["questions"]
     cmd = command(df.split.iloc[0], df.question_id.iloc[0]) if len(df) else ""
@@ -67,6 +108,7 @@ def write_page(path, t: dict, identity: dict, command, limit: int):
     sections = [
         Section("The answer", text=t["answer"] + "\n\nEvery number below lists the questions behind it (split:"
                 "question_id); each question's own verdict is one explain command away, e.g. " + cmd + "."),
+        *([_paired_section(t["paired"])] if len(t.get("paired", ())) else []),
         Section("Decisive causes", text="The top decisive cause of each question: the first cause in explain's "
                 "ranking whose own counterfactual (undo just that cause) changes the step size, the decision token's "
                 "image mass, the margin or the outcome.", figures=[_bars(t["causes"], "cause", "Top decisive cause")],
