@@ -185,7 +185,37 @@ def check_writable(out: str | Path, flag: str = "--out") -> Path:
         problem = f"{show(existing)} is not writable"
     if problem:
         raise UserError(f"{flag} {show(out)}: cannot write there ({problem}); pass a writable folder")
+    check_unlocked(out, flag)
     return out
+
+
+def check_unlocked(folder: Path, what: str = "--out") -> None:
+    """Refuse at once a folder whose lock another live process holds (creating nothing; see :class:`FolderLock`).
+
+    A probe only: the command takes the lock itself when it starts writing.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return  # no lock file (or none readable): nobody can hold it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise _in_use(fd, folder, what) from None
+    finally:
+        os.close(fd)
+
+
+def _in_use(fd: int, folder: Path, what: str) -> UserError:
+    try:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    except OSError:
+        holder = "another process"
+    return UserError(f"{what} {show(folder)} is in use by {holder}; wait for it to finish (or stop it), or pass "
+                     "another --out")
 
 
 def make_dir(out: str | Path, flag: str = "--out") -> Path:
@@ -218,14 +248,10 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            try:
-                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            except OSError:
-                holder = "another process"
+            busy = _in_use(fd, self.folder, self.what)
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise UserError(f"{self.what} {show(self.folder)} is in use by {holder}; wait for it to finish "
-                                "(or stop it), or pass another --out") from None
+                raise busy from None
             raise UserError(f"{self.what} {show(self.folder)}: cannot lock it ({reason(exc)}); "
                             "pass a folder on a local disk") from None
         note = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"

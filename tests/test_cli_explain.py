@@ -25,7 +25,7 @@ def test_explain_small_run_prints_the_verdict_and_writes_page_and_records(tmp_pa
     out = tmp_path / "e"
     assert main(["explain", "--sample", "0", "--k-max", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["explain-1.html", "explain-1.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".mclcbf-diag.lock", "explain-1.html", "explain-1.parquet"]
     for part in ("outcome", "No multiplier" if "No multiplier" in printed else "k =", "cause chain: "):
         assert part in printed
     records = pd.read_parquet(out / "explain-1.parquet")

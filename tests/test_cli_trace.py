@@ -47,7 +47,8 @@ def test_trace_writes_its_outputs_with_the_margin_of_a_plain_forward(tmp_path, c
     out = tmp_path / "t"
     assert main(["trace", "--sample", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "records.csv", "records.parquet", "trace.html"]
+    assert sorted(p.name for p in out.iterdir()) == [".mclcbf-diag.lock", "config.json", "records.csv",
+                                                    "records.parquet", "trace.html"]  # written under the lock
     meta = json.loads((out / "config.json").read_text())
     q = load_pope(shipped.pope_file("adversarial"))[3]
     assert meta["question"]["question_id"] == q.question_id and meta["intervention"] == "mclcbf"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import shipped
@@ -222,6 +223,111 @@ def early_checks(args) -> None:
             raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
 
 
+def _model_json(model: str | None, name: str) -> dict:
+    """A JSON file of a local model folder as a dict ({} when absent or unreadable), without transformers."""
+    folder = shipped.WEIGHTS if model in (None, "", "embedded") else Path(model)
+    try:
+        data = json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def shortest_edge(model: str | None) -> int | None:
+    """The edge the model's image processor scales an image's shortest side to (None: unknown, 336 assumed)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        cfg = _model_json(model, name)
+        proc = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else cfg
+        size = proc.get("size")
+        if isinstance(size, dict) and isinstance(size.get("shortest_edge"), int) and size["shortest_edge"] > 0:
+            return size["shortest_edge"]
+    return None
+
+
+def quick_prompt_lengths(model: str | None, prompts: list[str], names: list[str], max_new_tokens: int = 0) -> None:
+    """Refuse, before transformers loads, a prompt longer than the model's context (``config.json``).
+
+    The text is counted with the ``tokenizers`` library from the model's ``tokenizer.json`` (what
+    the fast tokenizer runs), each ``<image>`` as ``image_seq_length`` tokens; a model folder
+    without those files is left to :func:`~mclcbf_diag.models.loading.check_prompt_lengths`,
+    which measures every prompt with the processor itself before the weights are read.
+    """
+    from ..data.pope import PLACEHOLDER
+
+    if model not in (None, "", "embedded") and not Path(model).expanduser().is_dir():
+        return  # a hub id: measured by the processor
+    folder = shipped.WEIGHTS if model in (None, "", "embedded") else Path(model).expanduser()
+    cfg = _model_json(str(folder), "config.json")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    context, per_image = text.get("max_position_embeddings"), cfg.get("image_seq_length")
+    if not (isinstance(context, int) and isinstance(per_image, int) and (folder / "tokenizer.json").is_file()):
+        return
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is reported when the processor loads
+        return
+    tok.no_truncation()
+    tok.no_padding()
+    for start in range(0, len(prompts), 512):
+        chunk = prompts[start:start + 512]
+        for j, (prompt, enc) in enumerate(zip(chunk, tok.encode_batch(chunk))):
+            n = len(enc.ids) + prompt.count(PLACEHOLDER) * (per_image - 1)
+            if n + max_new_tokens > context:
+                extra = f" and {max_new_tokens} new tokens" if max_new_tokens else ""
+                raise UserError(f"{names[start + j]}: the prompt is {n} tokens ({per_image} of them for the image)"
+                                f"{extra}, more than the limit of {context} (the model's context, "
+                                "max_position_embeddings in config.json); shorten the question or --prompt"
+                                + (", or lower --max-new-tokens/--generate" if max_new_tokens else ""))
+
+
+# Which command's run a folder holds, and which commands may write there without --force.
+_OWNERS = {"trace": {"trace"}, "explain": {"pages"}, "flow": {"pages"}, "pope": {"pope"},
+           "explain --split": {"explain --split"}, "merge": {"merge"}}
+
+
+def folder_holds(out: Path) -> str | None:
+    """Whose outputs ``out`` holds: ``pope``, ``explain --split``, ``merge``, ``trace``, ``pages`` or None."""
+    from ..pope.store import RUN, _load_run
+
+    if (out / RUN).is_file():
+        run = _load_run(out / RUN) or {}
+        if run.get("merged_from"):
+            return "merge"
+        return "explain --split" if run.get("kind") == "explain-population" else "pope"
+    if (out / "trace.html").is_file() or ((out / "config.json").is_file() and (out / "records.parquet").is_file()):
+        return "trace"
+    if any(out.glob("explain-*.html")) or any(out.glob("flow-*.html")):
+        return "pages"
+    return None
+
+
+def check_folder(out: Path, command: str, force: bool = False) -> None:
+    """Refuse an ``--out`` holding another command's run (``--force`` writes there anyway)."""
+    held = folder_holds(out)
+    if held is None or held in _OWNERS[command] or force:
+        return
+    what = {"pages": "explain/flow pages", "merge": "a merged run", "trace": "a trace",
+            "explain --split": "an explain --split run"}.get(held, f"a {held} run")
+    raise UserError(f"--out {show(out)} holds {what}; {command} would write beside it (and could replace its "
+                    f"files): pass another --out, or add --force to write there anyway")
+
+
+def force_option(p) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out that holds another command's run (a trace, pages, a pope or "
+                        "explain --split run)")
+
+
+def command_of(args) -> str:
+    """The command as :func:`check_folder` names it (``explain --split`` for a whole split)."""
+    if args.command == "explain" and getattr(args, "sample", None) is None and getattr(args, "question_id",
+                                                                                         None) is None:
+        return "explain --split"
+    return args.command
+
+
 def split_run_checks(args, default_out: str):
     """The model-free checks of a whole-split run (``pope``, ``explain --split``), in order.
 
@@ -237,9 +343,15 @@ def split_run_checks(args, default_out: str):
     early_checks(args)
     check_prompt(args)
     files = question_files(args.split, args.pope_file, args.image_dir)
-    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard)
+    all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard, shortest_edge(args.model))
     out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
+    check_folder(out, command_of(args), getattr(args, "force", False))
     check_resumable(out)
+    from ..data import build_prompt
+
+    quick_prompt_lengths(args.model, [build_prompt(j.question.text, args.prompt) for j in jobs],
+                         [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
+                         getattr(args, "generate", 0))
     return shard, files, all_jobs, jobs, out
 
 
@@ -271,6 +383,18 @@ def out_dir(args, default: str) -> Path:
     return make_dir(args.out or default)
 
 
+@contextmanager
+def writing(args, default: str):
+    """The output folder of a one-sample command, created and locked for its writes (checked again under the
+    lock: a run that another process put there meanwhile is not written over)."""
+    from ..storage import FolderLock, make_dir
+
+    out = make_dir(args.out or default)
+    with FolderLock(out):
+        check_folder(out, command_of(args), getattr(args, "force", False))
+        yield out
+
+
 def sample_job(args, default_out: str, max_new_tokens: int = 0):
     """Validate every input of a one-sample command, then load the model: (config, question, image, lm).
 
@@ -279,14 +403,18 @@ def sample_job(args, default_out: str, max_new_tokens: int = 0):
     --out, then the tokenizer (prompt length), and only then the weights.
     """
     from ..data import build_prompt, load_image, resolve_image
+    from ..data.pope import SHORTEST_EDGE
     from ..storage import safe_name
 
     check_threads(args)
     early_checks(args)
     check_prompt(args)
     question, image_dir = question_from_args(args)
-    image = load_image(resolve_image(question, image_dir))
-    check_out(args, default_out.format(question_id=safe_name(question.question_id)))
+    image = load_image(resolve_image(question, image_dir), shortest_edge(args.model) or SHORTEST_EDGE)
+    out = check_out(args, default_out.format(question_id=safe_name(question.question_id)))
+    check_folder(out, command_of(args), getattr(args, "force", False))
+    quick_prompt_lengths(args.model, [build_prompt(question.text, args.prompt)],
+                         [f"question_id {question.question_id!r}"], max_new_tokens)
     from ..models.loading import (  # imports torch: after the cheap checks
         check_prompt_lengths,
         model_facts,

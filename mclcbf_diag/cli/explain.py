@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .common import (
+    force_option,
     intervention_options,
     model_options,
-    out_dir,
     sample_job,
     sample_options,
     show,
     write_frame,
+    writing,
 )
 from .trace import overlay_section, print_outcome_summary
 
@@ -65,9 +66,9 @@ def cmd_explain(args) -> int:
     sections = [*explain_sections(ex, text, causes_frame(ex.causes), overlay_section(lm, ex.trace, image, args.prompt)),
                 *trace_plot_sections(lm, ex)]
     # Everything is computed: only now create the folder and write.
-    out = out_dir(args, "reports")
-    write_frame(ex.records, out / f"{stem}.parquet", "parquet")
-    page = write_page(out / f"{stem}.html", f"mclcbf-diag explain: {question.text}", sections)
+    with writing(args, "reports") as out:
+        write_frame(ex.records, out / f"{stem}.parquet", "parquet")
+        page = write_page(out / f"{stem}.html", f"mclcbf-diag explain: {question.text}", sections)
     print(f"wrote {show(page)} and {show(out / (stem + '.parquet'))}")
     return 0
 
@@ -82,6 +83,7 @@ def add_parser(sub) -> None:
     p.add_argument("--per-layer", action="store_true", help="also a dose-response for each steered layer alone")
     p.add_argument("--out", default=None, help="output folder for the HTML report (default reports/; for a whole "
                                                "split reports/explain-SPLIT, rerun to resume)")
+    force_option(p)
     from .population import add_options
 
     add_options(p)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..errors import UserError
 from .common import (
+    force_option,
     local_depth,
     model_options,
-    out_dir,
     sample_job,
     sample_options,
     show,
     write_frame,
+    writing,
 )
 
 FLOW_COLUMNS = {"edge": "blocked edge", "first_layer": "first layer", "last_layer": "last layer",
@@ -41,12 +42,12 @@ def cmd_flow(args) -> int:
     for line in lines:
         print("  " + line)
     stem = f"flow-{safe_name(question.question_id)}"
-    out = out_dir(args, "reports")
-    write_frame(flow, out / f"{stem}.csv", "csv")
-    page = write_page(out / f"{stem}.html", f"mclcbf-diag flow: {question.text}", [
-        Section("Where the image reaches the answer", lines=lines, figures=[flow_figure(flow)],
-                table=flow.assign(change=100 * flow.change).rename(columns=FLOW_COLUMNS),
-                table_note="Rounded for reading; the CSV file next to this page has full precision.")])
+    with writing(args, "reports") as out:
+        write_frame(flow, out / f"{stem}.csv", "csv")
+        page = write_page(out / f"{stem}.html", f"mclcbf-diag flow: {question.text}", [
+            Section("Where the image reaches the answer", lines=lines, figures=[flow_figure(flow)],
+                    table=flow.assign(change=100 * flow.change).rename(columns=FLOW_COLUMNS),
+                    table_note="Rounded for reading; the CSV file next to this page has full precision.")])
     print(f"wrote {show(page)} and {show(out / (stem + '.csv'))}")
     return 0
 
@@ -59,4 +60,5 @@ def add_parser(sub) -> None:
     p.add_argument("--window", type=int, default=None,
                    help="layers per blocked window (default: 9 of 32, mapped to the model's depth)")
     p.add_argument("--out", default=None, help="output folder (default reports/)")
+    force_option(p)
     p.set_defaults(func=cmd_flow, intervention="mclcbf", preset=None, overrides=[])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
+import sys
 from pathlib import Path
 
 from .. import knobs as K
@@ -17,7 +20,6 @@ from ..pope.jobs import (
     parse_shard,
     select_jobs,
 )
-from ..pope.metrics import write_outputs
 from ..pope.store import (
     _INFO_KEYS,
     ANSWERS,
@@ -32,16 +34,20 @@ from ..pope.store import (
     unique_sorted,
 )
 from ..storage import (
+    LOCK_NAME,
     FolderLock,
     atomic_write,
     atomic_write_text,
     check_writable,
     files_fingerprint,
+    fsync_dir,
     make_dir,
     sha256_file,
     show,
 )
 from .common import (
+    folder_holds,
+    force_option,
     intervention_from_args,
     intervention_options,
     max_new_tokens_limit,
@@ -74,11 +80,42 @@ def _identity(args, config, files, shard, all_jobs: list[Job] | None = None, whe
              "generate": args.generate, "prompt": args.prompt}
     if where is not None:
         ident["model_files"] = _model_files(where)
+    ident.update(batch_size=args.batch_size, device=_device(args), versions=_versions())
     ident["pope_sha256"] = [sha256_file(p) for _, p, _ in files]
     if all_jobs is not None:
         ident["images"] = files_fingerprint([job_image(j) for j in all_jobs])
         ident["image_dirs"] = sorted({str(Path(d).resolve()) for _, _, d in files})
     return ident
+
+
+def _device(args) -> str:
+    """What runs the numbers: the device type (and the GPU's name), or the device map; not a GPU's index,
+    which differs between the ranks of one launch."""
+    if getattr(args, "device_map", None):
+        return f"device map {args.device_map}"
+    import torch
+
+    dev = torch.device(args.device)
+    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type
+
+
+def _versions() -> dict:
+    """The installed torch, transformers and nnsight (their numbers differ between releases)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "nnsight"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def resume_options(p) -> None:
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume a run written with other torch/transformers/nnsight versions (recorded in run.json)")
+    force_option(p)
 
 
 def _check_numbers(args) -> None:
@@ -124,7 +161,8 @@ def _pope_across_ranks(args, group: distributed.Group, on_batch=None) -> int:
             raise error or UserError(f"another rank of this launch failed (see its message); rank {group.rank} "
                                      f"kept its part in {show(group.part(out))}: rerun the same command to resume")
         if group.rank == 0:
-            rc = cmd_merge(_argparse.Namespace(out=str(out), shard_dirs=[str(p) for p in group.parts(out)]))
+            rc = cmd_merge(_argparse.Namespace(out=str(out), shard_dirs=[str(p) for p in group.parts(out)],
+                                                   partial=False))
         distributed.barrier()
         return rc
     finally:
@@ -155,7 +193,9 @@ def _pope(args, on_batch=None) -> int:
         run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
                  on_batch=on_batch, template=args.prompt, timing=timing)
 
-    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer) as records:
+    from ..pope.metrics import write_outputs
+
+    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer, args.resume_anyway) as records:
         write_outputs(out, records, identity)
     timed = ", timing.json" if (out / "timing.json").is_file() else ""
     print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html{timed}")
@@ -169,6 +209,8 @@ def _model_facts(args):
 
 
 def cmd_merge(args) -> int:
+    """Join shard folders into ``OUT``: refused when questions are missing unless ``--partial`` (then marked so
+    in run.json); written into a fresh folder that replaces ``OUT`` whole (see :func:`_swap_in`)."""
     out = Path(args.out)
     dirs = [Path(d) for d in args.shard_dirs]
     if any(out.resolve() == d.resolve() for d in dirs):
@@ -179,55 +221,154 @@ def cmd_merge(args) -> int:
         if diff:
             raise UserError(f"{show(d)} and {show(dirs[0])} ran different configurations (differ in: "
                             f"{', '.join(diff)}); merge only shards of one run")
-    if (out / RUN).is_file() and "merged_from" not in _read_run(out):
-        raise UserError(f"{show(out)} holds a pope run, not a merge; pass an empty folder as merge OUT")
     check_writable(out, "merge OUT")
-    _check_inputs_unchanged(ids[0])
-    _report_shards([ident.get("shard") for ident in ids])
+    carried = _check_merge_out(out, dirs)
     rid = run_id(ids[0])
-    records = []
+    records, skipped = [], []
     for d in dirs:
         recs, partial = read_records(d / ANSWERS)
         if partial:
-            print(f"note: {show(d / ANSWERS)} ends in a partial line (interrupted run); it was skipped")
+            skipped.append(f"note: {show(d / ANSWERS)} ends in a partial line (interrupted run); it was skipped")
         foreign = [r for r in recs if "run_id" in r and r["run_id"] != rid]
         if foreign:
             raise UserError(f"{show(d / ANSWERS)} holds {len(foreign)} rows of another run (run_id "
                             f"{foreign[0]['run_id']}, {RUN} says {rid}); rerun that shard into a fresh folder")
         records += recs
     identity = {**ids[0], "shard": None, "merged_from": [str(d) for d in dirs]}
+    identity.pop("resumed_anyway", None)
     records, dups = unique_sorted(records, identity["splits"])
     if not records:
         raise UserError(f"the folders {', '.join(map(show, dirs))} hold no answers yet; run the shards first")
-    print(f"{len(records)} questions from {len(dirs)} folders; {dups} duplicate rows dropped")
-    _report_missing(identity, records)
+    partial, notes = _completeness(identity, records, [ident.get("shard") for ident in ids])
+    if partial is not None:
+        if not args.partial:
+            raise UserError(f"merge: {_gap(partial)}; run the missing shards (or finish the interrupted ones) and "
+                            "merge again, or pass --partial to write a run marked partial")
+        identity["partial"] = {k: v for k, v in partial.items() if k != "e.g."}
+        _note(f"warning: the merged run is partial ({_gap(partial)}); run.json says so")
+    for line in [*skipped, *notes]:
+        _note(line)
+    print(f"{len(records)} questions from {len(dirs)} folders; {dups} duplicate rows dropped"
+          + ("; no questions missing" if partial is None else ""))
     population = identity.get("kind") == "explain-population"  # `explain` over a split: its own outputs
-    make_dir(out, "merge OUT")
-    with FolderLock(out, "merge OUT"):
-        atomic_write_text(out / RUN, json.dumps(identity, indent=2) + "\n")
-        atomic_write(out / ANSWERS, _encode_rows(records))
+
+    def write(folder: Path) -> None:
+        atomic_write_text(folder / RUN, json.dumps(identity, indent=2) + "\n")
+        atomic_write(folder / ANSWERS, _encode_rows(records))
         if population:
             from ..population.outputs import write_outputs as population_outputs
 
-            population_outputs(out, records, identity, part_dirs=dirs)  # the records from every shard's parts
+            population_outputs(folder, records, identity, part_dirs=dirs)  # the records from every shard's parts
         else:
-            write_outputs(out, records, identity)
+            from ..pope.metrics import write_outputs
+
+            write_outputs(folder, records, identity)
+
+    _swap_in(out, carried, write)
     print(f"wrote {show(out)}/{ANSWERS}, " + ("questions.parquet, records.parquet, population.html" if population
                                              else "metrics.csv, flips.csv, summary.html"))
     return 0
 
 
-def _check_inputs_unchanged(identity: dict) -> None:
-    """merge: the POPE files the shards read must still be the same files (content hash)."""
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _check_merge_out(out: Path, dirs: list[Path]) -> list[str]:
+    """Refuse a merge OUT that holds anything but an earlier merge; return its entries that hold shard folders
+    (a launch's ``OUT/ranks``), which the new folder takes over."""
+    if not out.is_dir():
+        return []
+    root = out.resolve()
+    carried = sorted({d.resolve().relative_to(root).parts[0] for d in dirs if d.resolve().is_relative_to(root)})
+    others = [p.name for p in out.iterdir() if p.name not in (*carried, LOCK_NAME)]
+    if others and folder_holds(out) != "merge":
+        held = folder_holds(out)
+        what = f"a {held} run" if held else f"other files ({', '.join(sorted(others)[:3])})"
+        raise UserError(f"merge OUT {show(out)} holds {what}, not an earlier merge; pass an empty or new folder "
+                        "as merge OUT")
+    return carried
+
+
+def _swap_in(out: Path, carried: list[str], write) -> None:
+    """Write the merge into a new sibling folder, then put it in OUT's place, so OUT never mixes two merges.
+
+    Under OUT's lock: the entries in ``carried`` (shard folders inside OUT) move into the new folder, OUT
+    moves aside, the new folder takes its name (two renames on one file system), and the old one is removed.
+    A failure before the renames leaves OUT as it was.
+    """
+    import shutil
+
+    make_dir(out.parent, "merge OUT")
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    new, old = out.parent / f".{out.name}.merge-{tag}", out.parent / f".{out.name}.old-{tag}"
+    fresh = not out.exists()
+    make_dir(out, "merge OUT")
+    with FolderLock(out, "merge OUT"):
+        try:
+            make_dir(new, "merge OUT")
+            write(new)
+            for name in carried:
+                os.replace(out / name, new / name)
+            os.replace(out, old)
+            os.replace(new, out)
+        except BaseException:
+            for name in carried:  # put the shard folders back
+                if (new / name).exists() and not (out / name).exists() and out.exists():
+                    os.replace(new / name, out / name)
+            shutil.rmtree(new, ignore_errors=True)
+            if fresh and out.exists() and not any(p.name != LOCK_NAME for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+
+
+def _completeness(identity: dict, records: list[dict], shards: list[str | None]) -> tuple[dict | None, list[str]]:
+    """``(partial, warnings)``: partial is None when the merge holds every selected question, else the
+    ``partial`` entry of its run.json; the warnings name shards of different counts or given twice."""
+    parsed = [parse_shard(s) for s in shards if s is not None]
+    ns = {n for _, n in parsed}
+    notes = [f"warning: shards of different counts n: {sorted(ns)}"] if len(ns) > 1 else []
+    missing_shards, repeated = [], []
+    for n in sorted(ns):
+        have = [i for i, m in parsed if m == n]
+        missing_shards += [f"{i}/{n}" for i in sorted(set(range(n)) - set(have))]
+        repeated += [f"{i}/{n}" for i in sorted({i for i in have if have.count(i) > 1})]
+    if repeated:
+        notes.append(f"warning: shards given more than once: {', '.join(repeated)}")
+    expected = _expected_keys(identity)
+    got = {(r["split"], str(r["question_id"])) for r in records}
+    if expected is None:
+        notes.append("note: a POPE file the shards read is gone; the merge cannot check for missing questions")
+        return ({"expected": None, "present": len(got), "missing_shards": missing_shards} if missing_shards
+                else None), notes
+    missing = sorted(expected - got)
+    if not missing:
+        return None, notes
+    return {"expected": len(expected), "present": len(got & expected), "missing_shards": missing_shards,
+            "e.g.": [f"{s}:{q}" for s, q in missing[:3]]}, notes
+
+
+def _gap(partial: dict) -> str:
+    shards = f"shards {', '.join(partial['missing_shards'])} missing; " if partial["missing_shards"] else ""
+    of = f" of {partial['expected']}" if partial["expected"] is not None else ""
+    eg = f" (missing e.g. {', '.join(partial['e.g.'])})" if partial.get("e.g.") else ""
+    return f"{shards}{partial['present']}{of} questions present{eg}"
+
+
+def _expected_keys(identity: dict) -> set | None:
+    """The (split, question_id) keys the shards' run selects, or None when its POPE files are gone or changed."""
     for path, want in zip(identity.get("pope_files", []), identity.get("pope_sha256", [])):
         try:
             got = sha256_file(path)
         except OSError:
-            print(f"note: {path} (read by the shards) is gone; cannot check for missing questions against it")
-            continue
+            return None
         if got != want:
             raise UserError(f"{path} changed since the shards ran (sha256 {got[:12]}… instead of {want[:12]}…); "
                             "rerun the shards on the current file, or restore the file they read")
+    files = [(s, Path(p), Path(p).parent) for s, p in zip(identity["splits"], identity["pope_files"])]
+    return {j.key for j in select_jobs(files, identity.get("limit"), None)}
 
 
 def _read_run(d: Path) -> dict:
@@ -238,37 +379,6 @@ def _read_run(d: Path) -> dict:
         raise UserError(f"{show(d / RUN)} is empty or damaged; rerun that shard's pope command (same options: it "
                         "rebuilds run.json and keeps the answers), then merge again")
     return run
-
-
-def _report_shards(shards: list[str | None]) -> None:
-    parsed = [parse_shard(s) for s in shards if s is not None]
-    ns = {n for _, n in parsed}
-    if len(ns) > 1:
-        print(f"warning: shards of different counts n: {sorted(ns)}")
-    for n in ns:
-        have = [i for i, m in parsed if m == n]
-        missing = sorted(set(range(n)) - set(have))
-        repeated = sorted({i for i in have if have.count(i) > 1})
-        if missing:
-            print(f"warning: missing shards {', '.join(f'{i}/{n}' for i in missing)}")
-        if repeated:
-            print(f"warning: shards given more than once: {', '.join(f'{i}/{n}' for i in repeated)}")
-
-
-def _report_missing(identity: dict, records: list[dict]) -> None:
-    files = [(s, Path(p), Path(p).parent) for s, p in zip(identity["splits"], identity["pope_files"])]
-    try:
-        expected = {j.key for j in select_jobs(files, identity.get("limit"), None)}
-    except UserError as exc:
-        print(f"note: cannot check for missing questions ({exc})")
-        return
-    got = {(r["split"], str(r["question_id"])) for r in records}
-    missing = sorted(expected - got)
-    if missing:
-        shown = ", ".join(f"{s}:{q}" for s, q in missing[:5])
-        print(f"warning: {len(missing)} questions missing (e.g. {shown}); run the missing shards and merge again")
-    else:
-        print("no questions missing")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -290,6 +400,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also generate N tokens greedily per condition and score the text (steering: prefill only)")
     p.add_argument("--out", default=None,
                    help="output folder (default reports/pope, or reports/pope-shard-I-of-N); rerun to resume")
+    resume_options(p)
     p.set_defaults(func=cmd_pope)
     return p
 
@@ -298,5 +409,8 @@ def add_merge_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge `pope --shard` runs and recompute metrics and summary")
     p.add_argument("out", help="folder for the merged run")
     p.add_argument("shard_dirs", nargs="+", metavar="SHARD_DIR", help="folders of `pope --shard i/n` runs")
+    p.add_argument("--partial", action="store_true",
+                   help="merge even when shards or questions are missing; run.json, the pages and compare mark "
+                        "the result partial")
     p.set_defaults(func=cmd_merge)
     return p

@@ -31,6 +31,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bisect-steps", type=int, default=8,
                    help="bisection steps of the dose-response after the doubling grid (default 8)")
     g.add_argument("--no-sweep", action="store_true", help="skip the graded image-mass sweep")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="resume a run written with other torch/transformers/nnsight versions (recorded in run.json)")
 
 
 def check_single(args) -> None:
@@ -40,7 +42,7 @@ def check_single(args) -> None:
         raise UserError(f"--split all with {which}: one sample comes from one split; pass --split "
                         f"random|popular|adversarial, or drop {which} to explain the whole split")
     for flag, default in (("--limit", None), ("--shard", None), ("--batch-size", 16), ("--bisect-steps", 8),
-                          ("--no-sweep", False)):
+                          ("--no-sweep", False), ("--resume-anyway", False)):
         if getattr(args, flag[2:].replace("-", "_"), default) != default:
             raise UserError(f"{flag} applies to a whole split, not to {which}; drop {flag}, or drop {which} to "
                             "explain every question")
@@ -103,7 +105,7 @@ def cmd_population(args, on_batch=None) -> int:
     def answer(lm, todo):
         run_population(lm, todo, config, out, settings, batch_size=args.batch_size, run_id=rid, on_batch=on_batch)
 
-    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer) as rows:
+    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer, args.resume_anyway) as rows:
         t = write_outputs(out, rows, identity)
     print(t["answer"])
     print(f"wrote {show(out)}/{ANSWERS} ({len(rows)} questions), questions.parquet, records.parquet, causes.csv, "

@@ -8,13 +8,14 @@ from .. import knobs as K
 from ..errors import UserError
 from .common import (
     intervention_options,
+    force_option,
     max_new_tokens_limit,
     model_options,
-    out_dir,
     sample_job,
     sample_options,
     show,
     write_frame,
+    writing,
 )
 
 
@@ -50,11 +51,11 @@ def cmd_trace(args) -> int:
             "summary": summary}
     sections = trace_sections(lm, result, image, args.prompt, overlay_tokens)
     # Everything is computed: only now create the folder and write.
-    out = out_dir(args, default_out)
-    write_frame(result.records, out / "records.parquet", "parquet")
-    write_frame(result.records, out / "records.csv", "csv")
-    atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
-    write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
+    with writing(args, default_out) as out:
+        write_frame(result.records, out / "records.parquet", "parquet")
+        write_frame(result.records, out / "records.csv", "csv")
+        atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
+        write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
     print_outcome_summary(summary)
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, trace.html")
     return 0
@@ -147,4 +148,5 @@ def add_parser(sub) -> None:
                    help="also draw this prompt token's attention over the image: a position (negative from the "
                         "end; -1 is the decision token) or the token's text, after the image (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default reports/trace-<question_id>)")
+    force_option(p)
     p.set_defaults(func=cmd_trace)

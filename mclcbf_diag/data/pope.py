@@ -17,9 +17,19 @@ Safety rules
   holds ``..``: an image is always read from inside ``--image-dir``.
 * **Images decode to what the model saw in training.** :func:`load_image` applies the EXIF
   orientation, scales 16- and 32-bit grayscale (``I;16``, ``I``) to 8 bits instead of
-  clipping them to white, refuses float images, and refuses images over
-  :data:`MAX_IMAGE_PIXELS` pixels before decoding them (raise the limit with
-  ``MCLCBF_DIAG_MAX_IMAGE_PIXELS``; PIL's own decompression-bomb check is replaced by it).
+  clipping them to white, and refuses float images.
+* **Image limits on what the processor makes of them** (:func:`check_image_size`, from the
+  header, before decoding). The source may hold at most :data:`MAX_IMAGE_PIXELS` pixels
+  (``MCLCBF_DIAG_MAX_IMAGE_PIXELS``; PIL's own decompression-bomb check is replaced by it),
+  and the processor's output, its shortest edge scaled to the model's size (336 for
+  LLaVA-1.5) as float32, at most :data:`MAX_IMAGE_MB` MB (``MCLCBF_DIAG_MAX_IMAGE_MB``): an
+  80-byte 2000x1 PNG would otherwise become a 672000x336 array of 2.7 GB. That refuses aspect
+  ratios beyond about 49:1.
+* **Images are checked whole before any model loads** (:func:`check_image`): format, mode
+  and a full decode (JPEGs at 1/8 scale, which still reads every byte), so a truncated or
+  floating-point image is refused with its question before the weights are read.
+* **No placeholder in a question.** A question text holding ``<image>`` would add a second
+  image to the prompt; it is refused at load, with the line.
 """
 
 from __future__ import annotations
@@ -54,6 +64,9 @@ def _env_limit(name: str, default: int) -> int:
 
 MAX_QUESTION_CHARS = 4000  # default; MCLCBF_DIAG_MAX_QUESTION_CHARS overrides
 MAX_IMAGE_PIXELS = 50_000_000  # default (e.g. 7071 x 7071); MCLCBF_DIAG_MAX_IMAGE_PIXELS overrides
+MAX_IMAGE_MB = 64  # the processor's float32 output; MCLCBF_DIAG_MAX_IMAGE_MB overrides
+SHORTEST_EDGE = 336  # LLaVA-1.5's processor: the shortest edge is resized to this, then cropped square
+PLACEHOLDER = "<image>"
 
 
 def max_question_chars() -> int:
@@ -62,6 +75,28 @@ def max_question_chars() -> int:
 
 def max_image_pixels() -> int:
     return _env_limit("MCLCBF_DIAG_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+
+
+def max_image_bytes() -> int:
+    return _env_limit("MCLCBF_DIAG_MAX_IMAGE_MB", MAX_IMAGE_MB) * 2**20
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file ("not found", "a FIFO, not a regular file"…), or None."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "not found"
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+    return f"is {kind}, not a regular file"
 
 
 @dataclass(frozen=True)
@@ -84,9 +119,9 @@ def load_pope(path: str | Path) -> list[PopeQuestion]:
     """Read a POPE file (JSON Lines or a JSON array) into a list of questions."""
     path = Path(path)
     shown = show(path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise UserError(f"POPE file {shown} {what}; pass the path of a .json/.jsonl question file")
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"POPE file {shown} {problem}; pass the path of a .json/.jsonl question file")
     try:
         content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -173,6 +208,9 @@ def _question(path: str, where: str, obj: object, index: int, max_chars: int) ->
     for key in ("image", "text"):
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise bad(f"{key!r} is {obj[key]!r}", f"give {key!r} as a non-empty string")
+    if PLACEHOLDER in obj["text"]:
+        raise bad(f"question_id {qid!r}: 'text' holds {PLACEHOLDER!r}, the image placeholder, which would put a "
+                  "second image into the prompt", f"remove {PLACEHOLDER!r} from the question")
     if len(obj["text"]) > max_chars:
         raise bad(f"'text' is {len(obj['text'])} characters, more than the limit of {max_chars}",
                   "shorten the question, or raise the limit with MCLCBF_DIAG_MAX_QUESTION_CHARS=N")
@@ -243,7 +281,23 @@ def resolve_image(question: PopeQuestion, image_dir: str | Path) -> Path:
 _PIL_LIMIT = threading.Lock()
 
 
-def check_image_size(path: Path, size: tuple[int, int], limit: int | None = None) -> None:
+def resized_size(size: tuple[int, int], shortest_edge: int | None = SHORTEST_EDGE) -> tuple[int, int]:
+    """The size the processor resizes ``size`` to: its shortest edge scaled to ``shortest_edge`` (None: kept)."""
+    w, h = size
+    if shortest_edge is None or min(w, h) < 1:
+        return w, h
+    if w <= h:
+        return shortest_edge, int(shortest_edge * h / w)
+    return int(shortest_edge * w / h), shortest_edge
+
+
+def _size_mb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def check_image_size(path: Path, size: tuple[int, int], limit: int | None = None,
+                     shortest_edge: int | None = SHORTEST_EDGE) -> None:
+    """Refuse, from the header's ``size``, an image too large as a file or as the processor's output."""
     limit = max_image_pixels() if limit is None else limit
     w, h = size
     if w * h > limit:
@@ -252,21 +306,27 @@ def check_image_size(path: Path, size: tuple[int, int], limit: int | None = None
             f"{limit / 1e6:.1f} megapixels; downscale it (the model sees a few hundred pixels a side), "
             "or raise the limit with MCLCBF_DIAG_MAX_IMAGE_PIXELS=N"
         )
+    rw, rh = resized_size(size, shortest_edge)
+    need, cap = rw * rh * 3 * 4, max_image_bytes()
+    if need > cap:
+        edge = shortest_edge or min(w, h)
+        ratio = max(1, cap // (3 * 4 * edge * edge))
+        raise UserError(
+            f"image {show(path)} is {w}x{h}: the processor scales its shortest edge to {edge}, which makes it "
+            f"{rw}x{rh} ({_size_mb(need)} as float32), more than the limit of {_size_mb(cap)}; crop it to an "
+            f"aspect ratio of at most {ratio}:1, or raise the limit with MCLCBF_DIAG_MAX_IMAGE_MB=N"
+        )
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully (so truncated files fail here) and return it as 8-bit RGB.
-
-    The EXIF orientation is applied; 16/32-bit grayscale is scaled to 8 bits; an image
-    over :func:`max_image_pixels` pixels is refused before it is decoded.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image {show(path)} not found; pass --image-dir pointing at the folder holding it")
+def _open(path: Path, shortest_edge: int | None) -> Image.Image:
+    """The image opened (header only) after its size checks; a UserError for a missing or unreadable file."""
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"image {show(path)} {problem}; pass --image-dir pointing at the folder holding it")
     limit = max_image_pixels()
     try:
         with _PIL_LIMIT, warnings.catch_warnings():
-            # Our own limit (below) replaces PIL's decompression-bomb warning/error, whose
+            # Our own limits (below) replace PIL's decompression-bomb warning/error, whose
             # warning would be a second stderr line and whose error ignores the override.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -274,18 +334,58 @@ def load_image(path: str | Path) -> Image.Image:
                 img = Image.open(path)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
-        with img:
-            check_image_size(path, img.size, limit)
+    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        check_image_size(path, img.size, limit, shortest_edge)
+        if img.mode == "F":
+            raise UserError(f"image {show(path)} is a floating-point image (mode F) with no defined 0..255 "
+                            "range; save it as an 8- or 16-bit image")
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def _unreadable(path: Path, exc: BaseException) -> UserError:
+    return UserError(f"image {show(path)} cannot be read ({exc}); replace the file or pass --image-dir "
+                     "pointing at a folder with intact images")
+
+
+def check_image(path: str | Path, shortest_edge: int | None = SHORTEST_EDGE) -> None:
+    """Everything :func:`load_image` would refuse, without keeping the pixels (see the module docstring)."""
+    path = Path(path)
+    with _open(path, shortest_edge) as img:
+        try:
+            img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale; every byte is still read
+            img.load()
+            if img.mode == "I":
+                low, high = img.getextrema()
+                if low < 0 or high > 65535:
+                    raise UserError(f"image {show(path)} is 32-bit integer grayscale with values outside "
+                                    "0..65535; save it as an 8- or 16-bit image")
+        except UserError:
+            raise
+        except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+            raise _unreadable(path, exc) from None
+
+
+def load_image(path: str | Path, shortest_edge: int | None = SHORTEST_EDGE) -> Image.Image:
+    """Open an image fully (so truncated files fail here) and return it as 8-bit RGB.
+
+    The EXIF orientation is applied; 16/32-bit grayscale is scaled to 8 bits; an image
+    beyond the limits of :func:`check_image_size` is refused before it is decoded.
+    """
+    path = Path(path)
+    with _open(path, shortest_edge) as img:
+        try:
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img, path)
-    except UserError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError) as exc:
-        raise UserError(
-            f"image {show(path)} cannot be read ({exc}); replace the file or pass --image-dir "
-            "pointing at a folder with intact images"
-        ) from None
+        except UserError:
+            raise
+        except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+            raise _unreadable(path, exc) from None
 
 
 def _to_rgb(img: Image.Image, path: Path) -> Image.Image:

@@ -33,9 +33,10 @@ How a run works
   ``fsync``, so a kill leaves whole batches plus at most one partial last line. On
   resume the partial line is cut off, the questions already in the file are skipped,
   and the run continues; a different configuration in ``run.json`` is refused, naming
-  the keys that differ (batch size, device and threads may change: they do not change
-  the answers). A folder with a ``run.json`` but no answers yet (a run that failed
-  before its first batch) is simply taken over. A damaged or missing ``run.json`` is
+  the keys that differ with both values (batch size, device and the torch/transformers/nnsight
+  versions included: they change the numbers in the last digits; ``--resume-anyway`` accepts
+  other versions and records them in ``run.json``). A folder with a ``run.json`` but no
+  answers yet (a run that failed before its first batch) is simply taken over. A damaged or missing ``run.json`` is
   rebuilt from the command line when every answers line carries this run's ``run_id``
   (the damaged file is kept as ``run.json.damaged``). ``run.json``, the CSVs and the page
   are replaced atomically (temporary file, fsync, rename).
@@ -57,7 +58,6 @@ from .jobs import (
     question_files,
     select_jobs,
 )
-from .metrics import flips_table, metrics_table, write_outputs
 from .store import (
     ANSWERS,
     FORMAT,
@@ -73,3 +73,12 @@ from .store import (
 )
 
 __all__ = ['ANSWERS', 'RUN', 'SPLITS', 'EMBEDDED_POPE', 'Job', 'parse_shard', 'question_files', 'select_jobs', 'job_image', 'check_images', 'FORMAT', 'differing_keys', 'run_id', 'claim_out_dir', 'read_records', 'append_records', 'unique_sorted', 'resumed', 'MAX_BATCH_SIZE', '_ImageCache', '_image', 'answer_jobs', 'pending', 'run_jobs', 'metrics_table', 'flips_table', 'write_outputs']
+
+
+def __getattr__(name: str):
+    """The metrics (numpy, pandas, scipy) load on first use, so a refusal never waits for them."""
+    if name in ("flips_table", "metrics_table", "write_outputs"):
+        from . import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

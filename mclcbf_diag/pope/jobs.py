@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import shipped
 from ..errors import UserError
-from ..storage import show
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -79,35 +78,25 @@ def job_image(job: Job) -> Path:
     return resolve_image(job.question, job.image_dir)
 
 
-def check_images(jobs: list[Job]) -> None:
-    """Every image exists and its header is readable and within the size limit (not decoded)."""
-    from PIL import Image
+def check_images(jobs: list[Job], shortest_edge: int | None = None) -> None:
+    """Every image exists, decodes and is within the limits (see ``data.check_image``), each named by its
+    question; ``shortest_edge`` is the model's processor size (None: LLaVA-1.5's 336)."""
+    from ..data.pope import SHORTEST_EDGE, check_image
 
-    from ..data.pope import check_image_size, max_image_pixels
-
-    limit = max_image_pixels()
     seen = set()
     for j in jobs:
         path = job_image(j)
         if path in seen:
             continue
         seen.add(path)
-        where = f"question_id {j.question.question_id!r} ({j.split})"
-        if not path.is_file():
-            raise UserError(f"{where}: image {show(path)} not found; pass --image-dir pointing at the folder "
-                            "holding it")
         try:
-            with Image.open(path) as img:
-                size = img.size
-        except Image.DecompressionBombError:
-            size = (limit + 1, 1)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise UserError(f"{where}: image {show(path)} cannot be read ({exc}); replace the file or pass "
-                            "--image-dir pointing at a folder with intact images") from None
-        check_image_size(path, size, limit)
+            check_image(path, shortest_edge or SHORTEST_EDGE)
+        except UserError as exc:
+            raise UserError(f"question_id {j.question.question_id!r} ({j.split}): {exc}") from None
 
 
-def shard_jobs(files, limit: int | None, shard: tuple[int, int] | None, shard_text: str | None):
+def shard_jobs(files, limit: int | None, shard: tuple[int, int] | None, shard_text: str | None,
+               shortest_edge: int | None = None):
     """``(all_jobs, this shard's jobs)`` with every image path checked (contained, present,
     readable) before any model loads; a shard that selects nothing is refused."""
     all_jobs = select_jobs(files, limit, None)
@@ -117,6 +106,6 @@ def shard_jobs(files, limit: int | None, shard: tuple[int, int] | None, shard_te
                         "shards after --limit); use fewer shards")
     for j in all_jobs:
         job_image(j)  # every image path stays inside its folder
-    check_images(jobs)
+    check_images(jobs, shortest_edge)
     return all_jobs, jobs
 

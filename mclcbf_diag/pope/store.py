@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from .jobs import Job
 
 RUN, ANSWERS = "run.json", "answers.jsonl"
-_INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs")  # stored in run.json, not compared
+_INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs", "resumed_anyway", "partial")  # not compared
+VERSIONS = "versions"  # torch/transformers/nnsight: compared, but a resume may accept them (--resume-anyway)
 
 
 FORMAT = 2
@@ -47,9 +49,23 @@ def differing_keys(a: dict, b: dict, ignore=_INFO_KEYS) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
+def describe(a: dict, b: dict, keys: list[str]) -> str:
+    """``keys`` with both values where they are short: ``batch_size (16 in run.json, now 4)``."""
+    fa, fb = _flat(a), _flat(b)
+    parts = []
+    for k in keys:
+        old, new = fa.get(k), fb.get(k)
+        short = all(len(json.dumps(v, default=str)) <= 40 for v in (old, new))
+        parts.append(f"{k} ({json.dumps(old, default=str)} in {RUN}, now {json.dumps(new, default=str)})" if short
+                     else k)
+    return ", ".join(parts)
+
+
 def run_id(identity: dict) -> str:
-    """Digest of what changes an answer (info keys and the shard left out): stamped on every row."""
-    return digest({k: v for k, v in identity.items() if k not in (*_INFO_KEYS, "shard")})
+    """Digest of what changes an answer (info keys, the shard and the package versions left out): stamped on
+    every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them, so the rows
+    of such a run keep one run_id."""
+    return digest({k: v for k, v in identity.items() if k not in (*_INFO_KEYS, "shard", VERSIONS)})
 
 
 def _load_run(path: Path) -> dict | None:
@@ -61,12 +77,13 @@ def _load_run(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def claim_out_dir(out: Path, identity: dict) -> bool:
+def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> bool:
     """Write ``run.json``, or check that the run already in ``out`` is this one.
 
     Returns True when ``run.json`` was (re)written for a folder without answers (so a
     failure before the first batch may remove it again). See the module docstring for
-    taking over answer-less folders and rebuilding a damaged ``run.json``.
+    taking over answer-less folders and rebuilding a damaged ``run.json``. Package versions
+    that differ are accepted with ``resume_anyway``, and recorded in ``run.json``.
     """
     path = out / RUN
     rows, _ = read_records(out / ANSWERS)
@@ -77,9 +94,19 @@ def claim_out_dir(out: Path, identity: dict) -> bool:
             diff = differing_keys(old, identity)
             if not diff:
                 return False
+            versions_only = all(k.startswith(VERSIONS + ".") for k in diff)
+            if rows and versions_only and resume_anyway:
+                note = {VERSIONS: identity.get(VERSIONS), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": len(rows)}
+                _write_run(path, {**old, "resumed_anyway": [*old.get("resumed_anyway", []), note]})
+                print(f"note: resuming {show(out)} with other package versions ({describe(old, identity, diff)}), "
+                      f"as --resume-anyway asks; recorded in {RUN}", file=sys.stderr)
+                return False
             if rows:
+                fix = ("pass --resume-anyway to resume with these versions (recorded in run.json), rerun with "
+                       "the versions of that run, or pass another --out") if versions_only else (
+                       "rerun with the same options to resume, or pass another --out")
                 raise UserError(f"--out {show(out)} holds a run with another configuration (differs in: "
-                                f"{', '.join(diff)}); rerun with the same options to resume, or pass another --out")
+                                f"{describe(old, identity, diff)}); {fix}")
             print(f"note: {show(out)} held a run with no answers yet; its {RUN} now describes this run",
                   file=sys.stderr)
             _write_run(path, identity)
@@ -241,18 +268,18 @@ def forget_claim(out: Path) -> None:
 
 
 @contextmanager
-def resumed(out: Path, identity: dict, jobs: list, load: Callable, answer: Callable):
+def resumed(out: Path, identity: dict, jobs: list, load: Callable, answer: Callable, resume_anyway: bool = False):
     """Answer the ``jobs`` that ``out`` lacks; yield the folder's rows of all ``jobs``, locked.
 
     ``load()`` returns the model (called only when something is left to answer);
     ``answer(model, todo)`` appends the missing rows. The rows yielded are sorted by split
     order and question id, duplicates dropped (first kept, with a note); the caller writes
-    its outputs inside the block, before the lock is released.
+    its outputs inside the block, before the lock is released. ``resume_anyway``: see :func:`claim_out_dir`.
     """
     make_dir(out)
     answers = out / ANSWERS
     with FolderLock(out):
-        fresh = claim_out_dir(out, identity)
+        fresh = claim_out_dir(out, identity, resume_anyway)
         todo = pending(jobs, out, run_id(identity))
         if todo:
             try:
