@@ -291,6 +291,13 @@ def resized_size(size: tuple[int, int], shortest_edge: int | None = SHORTEST_EDG
     return int(shortest_edge * w / h), shortest_edge
 
 
+def processor_edge(processor) -> int:
+    """The shortest edge a loaded processor resizes to (:data:`SHORTEST_EDGE` when it does not say)."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    return edge if isinstance(edge, int) and edge > 0 else SHORTEST_EDGE
+
+
 def _size_mb(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 

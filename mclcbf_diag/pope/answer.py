@@ -53,14 +53,16 @@ class _ImageCache:
 
         return _env_limit(self.env, self.default_mb) * 2**20
 
-    def __call__(self, path: Path):
+    def __call__(self, path: Path, lm=None):
+        """The decoded image; ``lm``: the model whose processor size bounds it (see ``data.check_image_size``)."""
         from ..data import load_image
+        from ..data.pope import processor_edge
 
         path = Path(path)
         if path in self.items:
             self.items.move_to_end(path)
             return self.items[path]
-        img = load_image(path)
+        img = load_image(path, processor_edge(getattr(lm, "processor", None)))
         size = img.width * img.height * len(img.getbands())
         budget = self.budget
         while self.items and self.nbytes + size > budget:
@@ -165,7 +167,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
 
     t0 = time.perf_counter()
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
-    images = [_image(resolve_image(j.question, j.image_dir)) for j in jobs]
+    images = [_image(resolve_image(j.question, j.image_dir), lm) for j in jobs]
     rid = getattr(lm, "run_id", None)
     inputs = batch_inputs(lm, prompts, images, share_images=not generate)
     t_inputs = time.perf_counter() - t0

@@ -18,7 +18,7 @@ def job_rows(lm, jobs: list[Job], config, settings: Settings, run_id: str | None
     from ..data import resolve_image
     from ..pope.answer import _image
 
-    images = [_image(resolve_image(j.question, j.image_dir)) for j in jobs]
+    images = [_image(resolve_image(j.question, j.image_dir), lm) for j in jobs]
     verdicts = explain_batch(lm, [j.question for j in jobs], images, config, settings)
     rows, parts = [], []
     for j, v in zip(jobs, verdicts):
