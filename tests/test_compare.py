@@ -13,6 +13,7 @@ import torch
 from mclcbf_diag import noise, shipped
 from mclcbf_diag.cli import main
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions import Intervention, registry
 from mclcbf_diag.pope.compare import REPORTED, compare_runs, markdown_table
 
@@ -187,3 +188,191 @@ def test_a_merged_run_is_timed_by_its_parts_and_old_runs_show_na(tmp_path, capsy
     table = compare_runs([old])
     assert math.isnan(table.iloc[0].seconds_per_question) and math.isnan(table.iloc[0].d_image_mass_edited)
     assert markdown_table(table).splitlines()[-1].split(" | ")[10:12] == ["n/a", "n/a"]
+
+
+# --------------------------------------------------------------------------- is the difference real (issue #31)
+def _fingerprint(inputs: dict, i: int) -> tuple[float, float]:
+    """Which image row ``i`` of a batch shows: mean and standard deviation of its pixels (or of its image features,
+    where the batch shares the vision tower's outputs between rows)."""
+    x = inputs["pixel_values"][i] if "pixel_values" in inputs else inputs["mm_encoder_outputs"]["image"].pooler_output[i]
+    x = x.double()
+    return float(x.mean()), float(x.std())
+
+
+@dataclass(frozen=True)
+class OracleKnobs:
+    scale: float = 20.0
+    uniform: bool = False  # push every question toward Yes (a pure yes/no shift) instead of the chosen ones
+
+
+class OraclePush(Intervention):
+    """An oracle: at the decision token entering the last layer, add ``scale`` × the unit (W_yes − W_no) direction
+    toward the label of each chosen question (``targets``: prompt ids and image fingerprint → label), nothing
+    elsewhere; with ``uniform``, toward Yes at every question."""
+
+    name = "test-oracle-push"
+    Knobs = OracleKnobs
+    presets = {"default": OracleKnobs()}
+    sites = frozenset({"residual"})
+    targets: dict = {}
+
+    def layers(self, n_layers):
+        return (n_layers - 1,)
+
+    def first_edited(self, row):
+        return row.decision
+
+    def prepare(self, lm, inputs, rows):
+        w = lm.unembed_weight().float()
+        d = w[lm.tokens.yes_id] - w[lm.tokens.no_id]
+        self._direction = d / d.norm()
+        self._sign = {}
+        for r in rows:
+            if self.knobs.uniform:
+                self._sign[r.index] = 1.0
+                continue
+            ids, fp = tuple(r.ids.tolist()), _fingerprint(inputs, r.index)
+            for (t_ids, t_fp), label in self.targets.items():
+                # the same image through another batch: features within float32 rounding of each other
+                if t_ids == ids and all(abs(a - b) <= 1e-4 * (1 + abs(b)) for a, b in zip(fp, t_fp)):
+                    self._sign[r.index] = 1.0 if label == "yes" else -1.0
+
+    def residual(self, site):
+        if site.steer:
+            for row in site.rows:
+                if row.index in self._sign:
+                    push = self._sign[row.index] * self.knobs.scale * self._direction
+                    site.add(row, [site.current(row)], push[None].to(site.tensor.dtype))
+
+
+ORACLE_LIMIT = 72  # the adversarial split's first 72 questions hold 7 wrong baseline answers
+
+
+@pytest.fixture(scope="module")
+def oracle_runs(tmp_path_factory, embedded_model):
+    """Two runs on the embedded model: the oracle fixing the chosen (every) wrong baseline answer, and a uniform
+    push toward Yes; the wrong answers are found by a plain forward per question (no toolkit run)."""
+    from mclcbf_diag.batch import batch_inputs
+
+    tmp = tmp_path_factory.mktemp("oracle")
+    targets, wrong = {}, []
+    for q in load_pope(shipped.pope_file("adversarial"))[:ORACLE_LIMIT]:
+        inputs = batch_inputs(embedded_model, [build_prompt(q.text)], [load_image(resolve_image(q, shipped.IMAGES))])
+        with torch.no_grad():
+            logits = embedded_model.model(**inputs).logits[0, -1]
+        margin = float(logits[embedded_model.tokens.yes_id] - logits[embedded_model.tokens.no_id])
+        if ("yes" if margin > 0 else "no") != q.label:
+            targets[(tuple(inputs["input_ids"][0].tolist()), _fingerprint(inputs, 0))] = q.label
+            wrong.append(q.question_id)
+    registry()[OraclePush.name] = OraclePush
+    OraclePush.targets = targets
+    try:
+        for name, extra in (("oracle", ["--intervention", OraclePush.name]),
+                            ("uniform", ["--intervention", OraclePush.name, "--set", "uniform=true", "--set", "scale=8"]),
+                            ("noop", ["--intervention", "pai"])):  # PAI at its defaults changes no answer here
+            assert main(["pope", "--split", "adversarial", "--limit", str(ORACLE_LIMIT), "--batch-size", "24",
+                         *extra, "--out", str(tmp / name)]) == 0
+    finally:
+        registry().pop(OraclePush.name, None)
+    return tmp, wrong
+
+
+def _rows(folder):
+    return [json.loads(x) for x in (folder / "answers.jsonl").read_text().splitlines()]
+
+
+def test_a_planted_real_improvement_is_significant_and_a_yes_shift_is_labelled_so(oracle_runs, capsys):
+    from scipy.stats import binomtest
+
+    from mclcbf_diag import stats as S
+
+    tmp, wrong = oracle_runs
+    capsys.readouterr()
+    oracle, uniform = _rows(tmp / "oracle"), _rows(tmp / "uniform")
+    assert len(wrong) >= 6  # enough for an exact McNemar p below 0.05 with nothing broken (2 / 2⁶)
+    # the oracle fixes exactly the chosen questions, validly, and touches nothing else
+    assert sorted(r["question_id"] for r in oracle if r["outcome"] == "fixed") == sorted(wrong)
+    assert all(r["outcome"] in ("fixed", "unchanged") and r["steered_valid"] for r in oracle)
+    m = pd.read_csv(tmp / "oracle" / "metrics.csv").set_index("condition").loc["steered"]
+    assert m.mcnemar_p == pytest.approx(binomtest(len(wrong), len(wrong)).pvalue, rel=1e-12) and m.mcnemar_p < 0.05
+    assert m.d_accuracy_lo > 0 and m.gain_over_control_lo > 0 and m.bias_label == S.BEYOND
+    assert not m.explained_by_yes_shift
+    # the uniform push changes answers, all toward Yes, and its bias control matches it
+    u = pd.read_csv(tmp / "uniform" / "metrics.csv").set_index("condition").loc["steered"]
+    assert sum(r["outcome"] != "unchanged" for r in uniform) >= 5 and u.d_yes_ratio_lo > 0
+    assert u.bias_label == S.EXPLAINED and u.explained_by_yes_shift and u.gain_over_control_lo <= 0
+    # the ledger: every changed question, with the control's answer; the oracle's fixes survive their control
+    ledger = pd.read_csv(tmp / "oracle" / "flips_questions.csv")
+    assert sorted(ledger.question_id) == sorted(wrong) and ledger.survives_control.sum() >= 1
+    led_u = pd.read_csv(tmp / "uniform" / "flips_questions.csv")
+    assert len(led_u) == sum(r["outcome"] != "unchanged" for r in uniform)
+    for row in led_u.itertuples():  # the control's answer: yes iff baseline margin + offset > 0
+        assert row.control_answer == ("yes" if row.baseline_margin + row.bias_offset > 0 else "no")
+    # compare: the columns, Holm over the two runs, sorted by the interval's lower end
+    table = compare_runs([tmp / "uniform", tmp / "oracle"], resamples=2000)
+    assert list(table.run) == [str(tmp / "oracle"), str(tmp / "uniform")] and list(table["rank"]) == [1, 2]
+    assert list(table.mcnemar_p_holm) == pytest.approx(S.holm(table.mcnemar_p.tolist()))
+    want = S.paired_records(oracle, resamples=2000)
+    got = table.iloc[0]
+    for k in ("mcnemar_p", "d_accuracy_lo", "d_accuracy_hi", "gain_over_control_lo", "control_accuracy"):
+        assert got[k] == pytest.approx(want[k], rel=0, abs=1e-15), k
+    assert list(table.bias_label) == [S.BEYOND, S.EXPLAINED]
+    assert main(["compare", str(tmp / "uniform"), str(tmp / "oracle"), "--resamples", "500",
+                 "--out", str(tmp / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "Δ accuracy [95%]" in out and "McNemar p (Holm)" in out and "Holm's adjustment" in out
+    assert f"| {S.BEYOND} |" in out and f"| {S.EXPLAINED} |" in out
+    csv = pd.read_csv(tmp / "cmp" / "compare.csv")
+    assert {"d_accuracy_lo", "gain_over_control_hi", "control_f1", "explained_by_yes_shift", "rank"} <= set(csv)
+    page = (tmp / "cmp" / "compare.html").read_text()
+    assert "Holm" in page and S.EXPLAINED in page
+
+
+def test_relabelled_labels_move_the_intervals_and_the_ranks(oracle_runs, capsys, tmp_path):
+    """Planted label noise: a file that relabels the oracle's fixed questions with the baseline's (wrong) answers
+    turns each fix into a break; its interval moves down by exactly those questions and the ranks change: the run
+    that changes nothing moves from second to first, the oracle from first to second."""
+    tmp, wrong = oracle_runs
+    oracle = _rows(tmp / "oracle")
+    noisy = {str(r["question_id"]): r["baseline_answer"] for r in oracle if r["outcome"] == "fixed"}
+    path = tmp_path / "noisy.json"
+    path.write_text(json.dumps({"adversarial": noisy}))
+    from mclcbf_diag.data.labels import load_labels
+
+    runs = [tmp / "uniform", tmp / "oracle", tmp / "noop"]
+    table = compare_runs(runs, load_labels(path), resamples=2000)
+    assert list(dict.fromkeys(table.label_set))[0] == "question file" and len(table) == 6
+    first, second = table[table.label_set == "question file"], table[table.label_set != "question file"]
+    assert list(first.run) == [str(tmp / k) for k in ("oracle", "noop", "uniform")]
+    assert list(second.run) == [str(tmp / k) for k in ("noop", "oracle", "uniform")]
+    assert list(second.rank_change) == [-1, 1, 0] and first.rank_change.isna().all()
+    by, by0 = second.set_index("run"), first.set_index("run")
+    o, o0 = by.loc[str(tmp / "oracle")], by0.loc[str(tmp / "oracle")]
+    n = len(oracle)
+    assert (o.fixed, o.broken) == (0, len(wrong)) and o.d_accuracy == pytest.approx(-len(wrong) / n)
+    # the same resamples: every resample's Δ moves down by 2 × (its count of relabelled questions) / n
+    assert o.d_accuracy_hi < o0.d_accuracy_lo and o.mcnemar_p == o0.mcnemar_p  # the same discordant count
+    noop = by.loc[str(tmp / "noop")]
+    assert (noop.d_accuracy_lo, noop.d_accuracy_hi, noop.bias_label) == (0, 0, "no change")
+    assert by.loc[str(tmp / "uniform"), "d_yes_ratio"] == by0.loc[str(tmp / "uniform"), "d_yes_ratio"]  # not a label
+    assert main(["compare", *map(str, runs), "--labels", str(path), "--resamples", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "| rank (change) |" in out and "| 2 (+1) | `test-oracle-push`" in out and "relabelled (noisy.json" in out
+
+
+def test_compare_refuses_a_shard_and_marks_a_partial_merge(oracle_runs, tmp_path):
+    tmp, _ = oracle_runs
+    shard = tmp_path / "shard"
+    shutil.copytree(tmp / "uniform", shard)
+    run = json.loads((shard / "run.json").read_text())
+    (shard / "run.json").write_text(json.dumps({**run, "shard": "1/4"}))
+    with pytest.raises(UserError, match=r"shard 1/4 of a run.*merge its shards first"):
+        compare_runs([shard])
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp / "uniform", partial)
+    (partial / "run.json").write_text(json.dumps({**run, "partial": {"expected": 100, "present": 72,
+                                                                     "missing_shards": ["3/4"]}}))
+    table = compare_runs([partial, tmp / "oracle"], resamples=200)
+    assert table.set_index("run").loc[str(partial), "partial"] == "72 of 100 questions"
+    assert table.set_index("run").loc[str(tmp / "oracle"), "partial"] == ""
+    assert "adversarial (partial: 72 of 100 questions)" in markdown_table(table)
