@@ -130,6 +130,75 @@ def test_metrics_equal_hand_recomputation(ref):
         assert r["flipped"] == (r["baseline_answer"] != r["steered_answer"])
 
 
+def test_metrics_carry_the_paired_statistics_and_the_ledger(ref):
+    """The steered rows of metrics.csv: McNemar against scipy's exact binomial test on counts made here from the
+    rows, Δ accuracy from the rows, the intervals those of :func:`stats.paired_records` (tested against a slow
+    reference in tests/test_stats.py); the baseline rows leave them empty. flips_questions.csv: every changed
+    question with its margins, the control's answer by its rule, and whether the change survives it."""
+    from scipy.stats import binomtest
+
+    from mclcbf_diag import stats as S
+
+    recs = records(ref)
+    metrics = pd.read_csv(ref / "metrics.csv")
+    assert metrics[metrics.condition == "baseline"].mcnemar_p.isna().all()
+    for split in ("random", "popular", "adversarial", "all"):
+        sel = recs if split == "all" else [r for r in recs if r["split"] == split]
+        row = metrics[(metrics.split == split) & (metrics.condition == "steered")].iloc[0]
+        right_b = [r["baseline_valid"] and r["baseline_answer"] == r["label"] for r in sel]
+        right_s = [r["steered_valid"] and r["steered_answer"] == r["label"] for r in sel]
+        b = sum(not x and y for x, y in zip(right_b, right_s))
+        c = sum(x and not y for x, y in zip(right_b, right_s))
+        assert (row.fixed_valid, row.broken_valid) == (b, c)
+        assert row.mcnemar_p == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0, rel=1e-12)
+        assert row.d_accuracy == pytest.approx((sum(right_s) - sum(right_b)) / len(sel))
+        assert row.d_accuracy_lo <= row.d_accuracy <= row.d_accuracy_hi
+        want = S.paired_records(sel)
+        for k in ("d_accuracy_lo", "d_accuracy_hi", "d_f1_lo", "d_f1_hi", "d_yes_ratio_lo", "d_yes_ratio_hi",
+                  "bias_offset", "control_accuracy", "control_f1", "gain_over_control_lo", "gain_over_control_hi",
+                  "best_offset_accuracy"):
+            assert row[k] == pytest.approx(want[k], rel=0, abs=1e-12), (split, k)
+        assert row.bias_label == want["bias_label"] and row.resamples == S.RESAMPLES
+        yes = sum(r["steered_valid"] and r["steered_answer"] == "yes" for r in sel)
+        if split != "all":  # the control answers yes as often as the intervention (no tied margins here)
+            ctrl_yes = sum(r["baseline_valid"] and r["baseline_margin"] + row.bias_offset > 0 for r in sel)
+            assert ctrl_yes == yes and row.control_yes_ratio == pytest.approx(yes / len(sel))
+    ledger = pd.read_csv(ref / "flips_questions.csv")
+    changed = [r for r in recs if r["outcome"] != "unchanged"]
+    assert len(ledger) == len(changed) > 0
+    by = {(r["split"], r["question_id"]): r for r in recs}
+    for row in ledger.itertuples():
+        r = by[(row.split, row.question_id)]
+        assert (row.baseline_margin, row.steered_margin, row.outcome) == (r["baseline_margin"], r["steered_margin"],
+                                                                          r["outcome"])
+        off = metrics[(metrics.split == row.split) & (metrics.condition == "steered")].bias_offset.iloc[0]
+        assert row.bias_offset == off
+        assert row.control_answer == ("yes" if r["baseline_margin"] + off > 0 else "no")
+        right = r["steered_valid"] and r["steered_answer"] == r["label"]
+        assert row.survives_control == (right != (row.control_answer == r["label"]))
+    page = (ref / "summary.html").read_text()
+    assert "Is the difference real?" in page and "exact McNemar p" in page and "bias control" in page
+    assert "Each count&#x27;s questions" in page or "Each count's questions" in page
+    first = ledger.iloc[0]
+    assert f"{first.split}:{first.question_id}" in page and 'href="#questions-' in page
+
+
+def test_summary_shows_a_partial_banner_and_escapes_split_names(tmp_path, ref, capsys):
+    from mclcbf_diag.pope.metrics import write_outputs
+
+    recs = [{**r, "split": "<i>x</i>" if r["split"] == "random" else r["split"]} for r in records(ref)][:20]
+    identity = {**json.loads((ref / "run.json").read_text()), "partial": {"expected": 24, "present": 20,
+                                                                          "missing_shards": ["1/2"]}}
+    identity["splits"] = ["<i>x</i>", "popular", "adversarial"]
+    write_outputs(tmp_path, recs, identity)
+    capsys.readouterr()
+    page = (tmp_path / "summary.html").read_text()
+    assert "partial: 20 of 24 questions" in page and "missing shards: 1/2" in page
+    assert page.index("partial: 20 of 24 questions") < page.index("Is the difference real?")
+    assert "<i>x</i>" not in page and "&lt;i&gt;x&lt;/i&gt;" in page
+    assert "partial: " not in (ref / "summary.html").read_text()  # a whole run has no banner
+
+
 def test_resume_after_an_interruption(tmp_path, ref, embedded_model):
     class Stop(Exception):
         pass
@@ -294,6 +363,12 @@ def test_derailed_outputs_are_not_flips(tmp_path, extra, derailed):
     assert metrics.loc["steered", "accuracy_valid"] <= metrics.loc["steered", "accuracy"]
     flips = pd.read_csv(tmp_path / "flips.csv")
     assert int(flips.derailed.iloc[0]) == n
+    # the paired test counts a derailed answer as wrong: a right answer derailed is among McNemar's c
+    right_derailed = sum(r["outcome"] == "derailed" and r["baseline_answer"] == r["label"] for r in recs)
+    broken = sum(r["outcome"] == "broken" for r in recs)
+    assert metrics.loc["steered", "broken_valid"] == right_derailed + broken
+    assert metrics.loc["steered", "d_accuracy"] == pytest.approx(
+        metrics.loc["steered", "accuracy_valid"] - metrics.loc["baseline", "accuracy_valid"])
 
 
 # --------------------------------------------------------------------------- image mass per layer, timing
