@@ -192,3 +192,25 @@ def test_the_population_answer_states_significance_and_the_bias_control():
         pooled = A.paired_table(df).iloc[-1]
         assert "Is it real: paired over the 120 questions" in text and f": {label}." in text
         assert f"exact McNemar p = {pooled.mcnemar_p:.3g}" in text and pooled.bias_label == label
+
+
+def test_population_page_links_the_paired_counts_to_their_questions(tmp_path):
+    from mclcbf_diag.population import outputs as O
+    from mclcbf_diag.population.page import write_page
+
+    rows = [{**r, "top_cause": "", "dose_k_star": None, "sweep_decision_changes": 0, "sweep_decision_min_mass": None,
+             "sweep_after_image_changes_it": False, "sweep": "", "fixes_fixed": [], "fixes_broken": [],
+             "fixes_derailed": []} for r in _paired_rows()]
+    rows[0]["split"] = "<b>odd</b>"
+    t = O.tables(rows, {"k_max": 4.0, "sweep": [], "splits": ["popular", "random"]})
+    assert "Is it real: paired over the 120 questions" in t["answer"]
+    page = write_page(tmp_path / "p.html", t, {"splits": ["popular", "random"]}, lambda s, q: f"explain {q}", 5)
+    text = page.read_text()
+    p = t["paired"].set_index("split")
+    assert "Is the difference real?" in text and "<b>odd</b>" not in text and "&lt;b&gt;odd&lt;/b&gt;" in text
+    for i, split in enumerate(p.index):
+        if p.loc[split, "fixed_valid"]:
+            assert f'<a href="#paired-{i}-0">{p.loc[split, "fixed_valid"]}</a>' in text
+            assert f'<details id="paired-{i}-0">' in text
+            first = p.loc[split, "fixed_questions"].split(", ")[0]
+            assert first.replace("<", "&lt;").replace(">", "&gt;") in text

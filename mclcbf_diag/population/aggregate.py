@@ -193,6 +193,8 @@ def paired_sentence(row: dict, what: str = "the intervention") -> str:
           f"{pts(row['gain_over_control_hi'])})")
     if not math.isnan(row["control_shares_fixes"]):
         s += f", and the control also makes {100 * row['control_shares_fixes']:.0f}% of its fixes"
+    if row["bias_label"] == S.EXPLAINED and row["gain_over_control_hi"] < 0:
+        s += " (it does worse than its control)"
     return s + f": {row['bias_label']}."
 
 
