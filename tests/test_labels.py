@@ -107,3 +107,16 @@ def test_relabelled_questions_and_records(tmp_path):
         want = "derailed" if r["outcome"] == "derailed" else outcome("yes", True, r["steered_answer"], True, lab)
         assert n["outcome"] == want
     assert rows[0]["label"] != new[0]["label"]  # the input rows are not modified
+
+
+def test_the_explain_commands_of_a_relabelled_run_carry_the_file():
+    from mclcbf_diag.pope.metrics import explain_command
+    from mclcbf_diag.population.outputs import explain_command as population_command
+
+    identity = {"splits": ["adversarial"], "pope_files": [str(shipped.pope_file("adversarial"))],
+                "labels": {"file": "/data/my labels.json", "sha256": "0" * 64, "entries": 3}}
+    row = {"question_id": 7, "split": "adversarial"}
+    assert explain_command(row, identity).endswith("--labels '/data/my labels.json'")
+    assert population_command(identity, "adversarial", 7).endswith("--labels '/data/my labels.json'")
+    plain = {k: v for k, v in identity.items() if k != "labels"}
+    assert "--labels" not in explain_command(row, plain) + population_command(plain, "adversarial", 7)

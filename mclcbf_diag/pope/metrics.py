@@ -425,6 +425,8 @@ def explain_command(row: dict, identity: dict) -> str:
         argv += ["--set", str(o)]
     if identity.get("prompt") not in (None, LLAVA_PROMPT):
         argv += ["--prompt", str(identity["prompt"])]
+    if isinstance(identity.get("labels"), dict) and identity["labels"].get("file"):  # a relabelled run (--labels)
+        argv += ["--labels", str(identity["labels"]["file"])]
     return " ".join(shlex.quote(a) for a in argv)
 
 

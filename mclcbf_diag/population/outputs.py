@@ -88,6 +88,8 @@ def explain_command(identity: dict, split: str, question_id) -> str:
         parts += ["--prompt", identity["prompt"]]
     if identity.get("k_max", 1024.0) != 1024.0:
         parts += ["--k-max", f"{identity['k_max']:g}"]
+    if isinstance(identity.get("labels"), dict) and identity["labels"].get("file"):  # a relabelled run (--labels)
+        parts += ["--labels", str(identity["labels"]["file"])]
     return " ".join(shlex.quote(p) for p in parts)
 
 
