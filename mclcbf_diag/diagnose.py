@@ -21,8 +21,8 @@ comes with the counterfactual run that showed it (:class:`~mclcbf_diag.rulebook.
 a cause read off the run itself (non-finite values, a derailed output) is *observed*, never
 decisive; one whose test cannot succeed by construction is *untestable here*, with the reason; a
 counterfactual whose run is non-finite shows no effect. The graded sweep's runs are the test of
-``decision_token_off_path``. When no single cause is decisive, sets of causes are undone together
-(:func:`mclcbf_diag.rulebook.joint_causes`). Ranking: decisive, then untested, then not decisive; each group
+``decision_token_off_path``. When no single cause's run reaches the label's goal, sets of causes
+are undone together (:func:`mclcbf_diag.rulebook.joint_causes`). Ranking: decisive, then untested, then not decisive; each group
 in causal order (a step exists → it targets the image → the barrier asks for it → the
 gradient is computed → the scale is set → it survives rounding → it is large next to x → it
 does what the linearisation promised → the residual carries it → the margin moves → the
@@ -36,8 +36,8 @@ Generic rules (rank):
   non_finite (a step dropped, the logits finite).
 * ``not_applied`` (1): no steered layer fired, unless a named cause explains it.
 * ``rounding_absorbed`` (6): median ``rounding_survival`` over fired layers <
-  :data:`ROUNDING_SURVIVAL_MIN`; untestable here (undoing it needs a wider model dtype: rerun in
-  float32 and compare).
+  :data:`ROUNDING_SURVIVAL_MIN`; tested on a float32 copy of the model (same inputs and
+  intervention), counting only if that run reaches the label's goal.
 * ``margin_unmoved`` (10): the outcome is unchanged for a wrong (or unlabeled) answer; never a
   cause for a right answer (its sentence then says how far the margin is from breaking).
 * ``output_derailed`` (10.5): the top token was a Yes/No spelling in the baseline and is not
@@ -107,8 +107,12 @@ def rounding_absorbed(ev: Evidence, rule: Rule) -> Cause:
 
 
 def _cf_rounding(ev: Evidence, cause: Cause) -> dict:
-    return {"untestable": "undoing the rounding means adding the step in a wider dtype than the model computes in; "
-                          "rerun with --dtype float32, where it is not rounded away, and compare"}
+    """What rounding took away is the precision x + αθ* was added in: the same inputs and intervention on a
+    float32 copy of the model (explain's tester; it is "untestable here" where the model already computes in
+    float32, is split over devices, or answers differently in float32 without any step). The wider dtype
+    moves every margin a little, so only a run that reaches the label's goal counts (``goal_only``)."""
+    return {"dtype": "float32", "goal_only": True,
+            "why": "the model in float32, where x + αθ* is not rounded away (same inputs and intervention)"}
 
 
 def non_finite(ev: Evidence, rule: Rule) -> Cause:

@@ -30,10 +30,13 @@ for a right one "kept, broken or derailed, and how far from breaking".
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import pandas as pd
+import torch
 
 from .data import LLAVA_PROMPT
 from .diagnose import diagnose
@@ -108,6 +111,8 @@ def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | Non
 def _variant(iv, spec):
     if spec is None:
         return iv, 1.0
+    if "dtype" in spec:  # needs a copy of the model: cause_tester runs it (_in_dtype), a batch cannot
+        raise ValueError(f"a counterfactual in {spec['dtype']} runs on a copy of the model")
     if "intervention" in spec:
         variant = spec["intervention"]
     else:  # a knob function (what it reads) first, then fixed knob values: a joint cause may carry both
@@ -121,17 +126,61 @@ def spec_key(spec: dict | None) -> str | None:
     return None if spec is None else repr(sorted((k, v) for k, v in spec.items() if k != "knobs_fn"))
 
 
+def dtype_untestable(lm: LoadedModel, spec: dict) -> str:
+    """Why a counterfactual in ``spec["dtype"]`` cannot run on ``lm`` ("" where it can)."""
+    name = spec["dtype"]
+    if lm.dtype == getattr(torch, name):
+        return f"the model already computes in {name}, so nothing wider can be tried"
+    if len({str(d) for d in (getattr(lm.model, "hf_device_map", None) or {}).values()}) > 1:
+        return (f"the model is split over devices (--device-map), so no {name} copy is made; rerun explain with "
+                f"--dtype {name} and compare")
+    return ""
+
+
+def _in_dtype(lm: LoadedModel, inputs: dict, iv, spec: dict, base: Reading, label, copies: dict) -> dict:
+    """A counterfactual on a copy of the model in ``spec["dtype"]`` (the rounding test): the same weights (as
+    loaded), the same pixels and prompt, the same intervention, computed in the wider dtype from the image
+    on. Its outcome is read against the copy's own unsteered answer, which must be the model's; otherwise the
+    wider dtype alone changes the answer, and the run would test more than the step's rounding."""
+    name = spec["dtype"]
+    dtype = getattr(torch, name)
+    if reason := dtype_untestable(lm, spec):
+        return {"untestable": reason}
+    if name not in copies:
+        try:
+            copies[name] = dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(dtype))
+        except torch.OutOfMemoryError:
+            copies[name] = None
+    wide = copies[name]
+    if wide is None:
+        return {"untestable": f"a {name} copy of the model does not fit in memory beside it; rerun explain with "
+                              f"--dtype {name} and compare"}
+    feed = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items() if k != "inputs_embeds"}
+    variant, dose = _variant(iv, {k: v for k, v in spec.items() if k not in ("dtype", "goal_only")})
+    plain = reading(wide, run(wide, feed, variant, steer=False))
+    if plain.answer != base.answer or plain.valid != base.valid:
+        return {"untestable": f"in {name} the model, unsteered, already answers {plain.answer} (margin "
+                              f"{plain.margin:+.3g}; {base.margin:+.3g} in {str(lm.dtype).removeprefix('torch.')}), "
+                              "so that run would test more than the step's rounding"}
+    return effect(wide, run(wide, feed, variant, dose=dose), plain, label)
+
+
 def cause_tester(lm: LoadedModel, inputs: dict, intervention, base: Reading, label: str | None):
-    """``tester(spec)`` for :func:`mclcbf_diag.diagnose.diagnose`: run a counterfactual, return its effect."""
+    """``tester(spec)`` for :func:`mclcbf_diag.diagnose.diagnose`: run a counterfactual, return its effect
+    (a spec with a ``dtype`` runs on a copy of the model in that dtype, made once: :func:`_in_dtype`)."""
     iv = as_intervention(intervention)
     memo: dict = {}
+    copies: dict = {}
 
     def test(spec):
         key = spec_key(spec)
         if key not in memo:
             try:
-                variant, dose = _variant(iv, spec)
-                memo[key] = effect(lm, run(lm, inputs, variant, dose=dose), base, label)
+                if spec is not None and "dtype" in spec:
+                    memo[key] = _in_dtype(lm, inputs, iv, spec, base, label, copies)
+                else:
+                    variant, dose = _variant(iv, spec)
+                    memo[key] = effect(lm, run(lm, inputs, variant, dose=dose), base, label)
             except (UserError, TypeError, ValueError):
                 memo[key] = None
         return memo[key]

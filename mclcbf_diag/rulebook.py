@@ -16,11 +16,12 @@ changes the step size, the decision token's image mass, the margin or the outcom
 :func:`decisiveness`, compared with the *unfixed* intervention; otherwise "present, not
 decisive". "Decisive" always carries the run that showed it (:class:`CounterfactualRun`; a
 :class:`Cause` refuses to be decisive without one). A counterfactual may be a ``search`` (specs
-tried in order, smallest change first; only a run that reaches the label's goal decides it), or
-``untestable`` (no run can succeed by construction: "untestable here", with the reason). A
+tried in order, smallest change first; only a run that reaches the label's goal decides it; a
+single run may ask for the same, ``goal_only``), or ``untestable`` (no run can succeed by
+construction: "untestable here", with the reason; the tester may also find it so, running). A
 non-finite counterfactual run shows no effect; against a non-finite unfixed run only a run that
 reaches the goal counts. Causes read off the run itself (non-finite values, a derailed output)
-are "observed". When no single cause is decisive, sets of causes are undone together
+are "observed". When no single cause's run reaches the label's goal, sets of causes are undone together
 (:func:`joint_causes`). Without a tester (records only) the others stay "not tested". Detected
 causes are ranked decisive first (those whose run reaches the goal before the others), then
 untested, then not decisive, each group in causal order.
@@ -104,7 +105,9 @@ class Rule:
     check: Callable[["Evidence", "Rule"], Cause]
     # the counterfactual that undoes just this cause: (evidence, cause) → a spec for the tester
     # ({"knobs": {...}}, {"knobs_fn": f}, {"dose": k} or {"intervention": iv}, plus "why": what it undoes;
-    # {"search": [spec, …]} to try several, smallest first; {"untestable": reason}), or None
+    # {"search": [spec, …]} to try several, smallest first; {"untestable": reason}; {"dtype": "float32"}
+    # to run on a copy of the model in that dtype; "goal_only": only reaching the label's goal counts), or None.
+    # A tester may answer a run with {"untestable": reason} when running shows it cannot test the cause.
     counterfactual: Callable[["Evidence", Cause], dict | None] | None = None
     # "step_size": judged on the size of the intervention's step (Σ‖v‖/‖x‖), image mass, margin and
     # outcome; "answer": on margin and outcome (a counterfactual that enlarges the step changes its
@@ -294,8 +297,8 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
 
     ``tester(spec)`` runs one counterfactual (``spec`` from :attr:`Rule.counterfactual`, or from
     the intervention's own ``counterfactual(cause)`` hook, which wins) and returns its effect
-    (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause
-    is decisive and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
+    (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause's
+    run reaches the label's goal and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
     causes are undone together (:func:`joint_causes`); the smallest decisive set is one more
     cause. Ranking: detected first; among them decisive (those whose run reached what the label asks,
     such as fixed for a wrong answer, before the others), then untested, then not decisive; each
@@ -380,13 +383,15 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -
     runs = _searched(spec)
     if not runs:
         return cause
-    ref, goal, searched = tester(None), ev.goal(), "search" in spec
+    ref, goal, searched = tester(None), ev.goal(), "search" in spec or bool(spec.get("goal_only"))
     mb = ev.scalar("final_margin", "baseline")
     ran = []
     for one in runs:
         cf = tester(one)
         if cf is None:  # this setting could not run: the next may
             continue
+        if cf.get("untestable"):  # the tester found, running it, that this run cannot test the cause here
+            return dataclasses.replace(cause, untestable=cf["untestable"], test=f"untestable here: {cf['untestable']}")
         ran.append((one, cf))
         if not _finite(cf):  # non-finite is never an effect: nothing is read from this run
             continue
@@ -409,6 +414,9 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -
         return _with_run(cause, None, f"the unfixed run is non-finite, so only a run that reaches "
                                       f"{' or '.join(goal)} could decide it; undoing it alone ({one.get('why', '')}) "
                                       f"does not ({last})", one, cf)
+    if searched and len(runs) == 1:
+        return _with_run(cause, False, f"undoing it alone ({why}) does not make the answer {' or '.join(goal)} "
+                                       f"({last})", one, cf)
     if searched:
         skipped = len(runs) - len(finite)
         return _with_run(cause, False, f"undoing it alone at any of {len(runs)} settings ({why}) reaches no "
@@ -435,11 +443,23 @@ def merge_specs(specs: list[dict]) -> dict | None:
     """One counterfactual that undoes every one of ``specs`` together (None: they cannot be combined).
 
     Knob changes are joined (a knob two specs set differently: None), knob functions applied in
-    turn, doses multiplied; a whole replacement intervention, a search or an untestable spec
-    does not combine."""
+    turn, doses multiplied. One search among them becomes a search whose every setting carries the
+    others' changes; two searches, a whole replacement intervention, a run in another dtype or an
+    untestable spec do not combine."""
+    if any(s is None for s in specs):
+        return None
+    searches = [s for s in specs if "search" in s]
+    if len(searches) > 1:
+        return None
+    if searches:
+        rest = [s for s in specs if "search" not in s]
+        items = [merge_specs([one, *rest]) for one in searches[0]["search"]]
+        if any(i is None for i in items):
+            return None
+        return {"search": items, "why": " and ".join(s.get("why", "") for s in [searches[0], *rest])}
     knobs, fns, dose = {}, [], 1.0
     for s in specs:
-        if s is None or any(k in s for k in ("intervention", "search", "untestable")):
+        if any(k in s for k in ("intervention", "untestable", "dtype")):
             return None
         for k, v in s.get("knobs", {}).items():
             if k in knobs and knobs[k] != v:
@@ -461,16 +481,18 @@ def merge_specs(specs: list[dict]) -> dict | None:
 def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: dict) -> Cause | None:
     """The smallest set of detected causes whose counterfactuals together change the result, as one cause.
 
-    Tried only when no single cause is decisive and a wrong (or unlabeled) answer is not what
-    the label asks: sets of 2, then 3 causes (:data:`JOINT_MAX_SIZE`), each in causal order, at most
-    :data:`JOINT_MAX_RUNS` runs, judged on margin and outcome (undoing several causes changes the
-    step by construction). None when no set is decisive.
+    Tried only when no single cause's run reaches what the label asks (a cause may be decisive by
+    the step or the margin it changes and still leave the answer wrong) and a wrong (or unlabeled)
+    answer is not what the label asks: sets of 2, then 3 causes (:data:`JOINT_MAX_SIZE`), each in
+    causal order, at most :data:`JOINT_MAX_RUNS` runs. A set counts only when undoing it reaches the
+    label's goal. None when no set does.
     """
     import itertools
 
-    if any(c.decisive for c in causes):
+    goal = ev.goal()
+    if any(reaches_goal(c, goal) for c in causes):
         return None
-    label, base, goal = ev.label(), ev.answer("baseline"), ev.goal()
+    label, base = ev.label(), ev.answer("baseline")
     if base is None or (label is not None and base == label) or ev.outcome() in goal:
         return None
     pool = sorted((c for c in causes if c.detected and merge_specs([specs.get(c.id)]) is not None),
@@ -480,24 +502,30 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
         for group in itertools.combinations(pool, size):
             if runs >= JOINT_MAX_RUNS:
                 return None
-            spec = merge_specs([specs[c.id] for c in group])
-            if spec is None:
+            merged = merge_specs([specs[c.id] for c in group])
+            if merged is None:
                 continue
-            cf = tester(spec)
-            runs += 1
-            if cf is None or not _finite(cf):
+            for spec in _searched(merged):  # a set holding a search: its settings in order, each a run
+                if runs >= JOINT_MAX_RUNS:
+                    return None
+                cf = tester(spec)
+                runs += 1
+                if cf is None or not _finite(cf) or cf.get("untestable"):
+                    continue
+                ok, what = _judged(ref, cf, mb if mb is not None else 0.0, "answer", goal, True)
+                if ok:
+                    break
+            else:
                 continue
-            ok, what = _judged(ref, cf, mb if mb is not None else 0.0, "answer", goal, False)
-            if ok:
-                ids = tuple(c.id for c in group)
-                alone = "; ".join(f"{c.id}: {c.status}" for c in group)
-                s = (f"Undoing {' + '.join(ids)} together changes {', '.join(what)}, while none of them alone was "
-                     f"decisive ({alone}).")
-                return Cause("joint:" + "+".join(ids), "Joint cause: " + " + ".join(c.title for c in group), True,
-                             min(c.strength for c in group), {"members": ",".join(ids), "n_members": len(ids),
-                                                              "cf_margin": cf.get("margin", math.nan),
-                                                              "cf_outcome": str(cf.get("outcome"))},
-                             "undoing every member together changes the margin by the stated amount or the outcome",
-                             s, True, f"undoing them together ({spec['why']}) changes " + ", ".join(what),
-                             _run_of(spec, cf), members=ids)
+            ids = tuple(c.id for c in group)
+            alone = "; ".join(f"{c.id}: {c.status}" for c in group)
+            s = (f"Undoing {' + '.join(ids)} together changes {', '.join(what)}, while none of them alone made "
+                 f"the answer {' or '.join(goal)} ({alone}).")
+            return Cause("joint:" + "+".join(ids), "Joint cause: " + " + ".join(c.title for c in group), True,
+                         min(c.strength for c in group), {"members": ",".join(ids), "n_members": len(ids),
+                                                          "cf_margin": cf.get("margin", math.nan),
+                                                          "cf_outcome": str(cf.get("outcome"))},
+                         "undoing every member together reaches what the label asks",
+                         s, True, f"undoing them together ({spec['why']}) changes " + ", ".join(what),
+                         _run_of(spec, cf), members=ids)
     return None

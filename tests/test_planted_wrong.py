@@ -14,12 +14,14 @@ import dataclasses
 import itertools
 
 import pytest
+import torch
 from test_explain import UndoDownstream, _question, _tested
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.explain import cause_tester, reading
+from mclcbf_diag.trace import sample_inputs, trace_sample
 
 WRONG = 71  # adversarial: "Is there a bowl in the image?", label no, answered yes
 
@@ -117,15 +119,36 @@ def test_an_fp16_gradient_that_underflows_on_a_wrong_answer(wrong, working):
     assert guard.decisive is None and not guard.run.finite
 
 
-def test_a_step_rounded_away_in_bfloat16_on_a_wrong_answer(wrong, working):
-    # α = 1e-6: the step is ~1e-5 of ‖x‖, under bfloat16's spacing, so x + αθ* rounds back to x. Undoing the
-    # rounding needs a wider model dtype: "untestable here". A step that small is also negligible, and a
-    # larger one (its size search) changes the answer: that decisive cause, with its run, ranks first.
-    lm = load_model(dtype="bfloat16")
+def _in(dtype: str):
+    lm = load_model()
+    lm.model.to(getattr(torch, dtype))  # float16 too: load_model refuses it on a CPU, the model computes in it
+    return lm
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_step_rounded_away_that_would_not_have_mattered(wrong, working, dtype):
+    # α = 1e-6: the step is ~1e-5 of ‖x‖, under the dtype's spacing of x's entries, so x + αθ* rounds back to x.
+    # The rounding test reruns the same weights and pixels in float32, where the step survives and still
+    # changes nothing: the rounding is present, tested, not decisive. The step is negligible, and a larger
+    # one (its size search) fixes the answer: that decisive cause, with its run, ranks first.
+    lm = _in(dtype)
     control, result = _tested(lm, wrong, working)
     assert result.summary()["outcome"] == "fixed" and "rounding_absorbed" not in {c.id for c in control}
-    causes, _ = _tested(lm, wrong, dataclasses.replace(working, alpha_prefill=1e-6))
+    causes, result = _tested(lm, wrong, dataclasses.replace(working, alpha_prefill=1e-6))
+    assert result.summary()["outcome"] == "unchanged"
     by = {c.id: c for c in causes}
-    assert by["rounding_absorbed"].status == "untestable here" and "float32" in by["rounding_absorbed"].untestable
-    assert causes[0].decisive and causes[0].run is not None
-    assert all(c.run is not None for c in causes if c.decisive)
+    rounding = by["rounding_absorbed"]
+    assert rounding.decisive is False and rounding.run is not None and rounding.run.outcome == "unchanged"
+    assert "float32" in rounding.run.change and rounding.run.finite
+    _check(causes, "step_negligible")
+    assert causes[0].run.outcome == "fixed"
+
+
+def test_the_rounding_test_on_a_float32_model_is_untestable(embedded_model, wrong, working):
+    # nothing is wider than float32: asked directly, the tester says so instead of running anything
+    q, image = wrong
+    iv = MCLCBF(working)
+    result = trace_sample(embedded_model, q, image, iv)
+    _, inputs = sample_inputs(embedded_model, q.text, image)
+    tester = cause_tester(embedded_model, inputs, iv, reading(embedded_model, result.baseline), q.label)
+    assert "already computes in float32" in tester({"dtype": "float32", "goal_only": True})["untestable"]

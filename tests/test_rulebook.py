@@ -45,7 +45,7 @@ def test_a_decisive_cause_carries_its_run():
     assert all(c.run is not None for c in by.values() if c.decisive)
 
 
-@pytest.mark.parametrize("case, reason", [("damped_downstream", "patching"), ("rounding_absorbed", "float32"),
+@pytest.mark.parametrize("case, reason", [("damped_downstream", "patching"),
                                           ("barrier_not_decisive", "nothing of it to restore")])
 def test_a_test_that_cannot_succeed_is_untestable_here(case, reason):
     frame = make(**PLANTED[case], extra=[LABEL_YES])
@@ -54,6 +54,27 @@ def test_a_test_that_cannot_succeed_is_untestable_here(case, reason):
     assert cause.status == "untestable here" and reason in cause.untestable and cause.decisive is None
     assert cause.run is None and f"untestable here: {cause.untestable}" == cause.test
     assert f"[untestable here] {cause.sentence}" in verdict([cause])
+
+
+ROUNDING = "the model in float32, where x + αθ* is not rounded away (same inputs and intervention)"
+
+
+def test_rounding_is_tested_in_float32_and_counts_only_at_the_goal():
+    frame = make(**PLANTED["rounding_absorbed"], extra=[LABEL_YES])
+    seen = []
+
+    def rounding(effects):
+        return next(c for c in diagnose(frame, tester=_tester(effects, seen)) if c.id == "rounding_absorbed")
+
+    # a float32 run that moves the margin (the dtype alone does that) but keeps the answer: not decisive
+    cause = rounding({ROUNDING: {**UNFIXED, "margin": -0.2}})
+    assert ROUNDING in seen and cause.decisive is False and cause.run.change == ROUNDING
+    assert "does not make the answer fixed" in cause.test
+    cause = rounding({ROUNDING: {**UNFIXED, "margin": 0.3, "outcome": "fixed"}})
+    assert cause.decisive and cause.run.outcome == "fixed"
+    # the tester may find, running it, that the run cannot test the cause here (a float32 model, say)
+    cause = rounding({ROUNDING: {"untestable": "the model already computes in float32"}})
+    assert cause.status == "untestable here" and cause.run is None and "float32" in cause.untestable
 
 
 def test_a_non_finite_counterfactual_shows_no_effect():
@@ -111,6 +132,17 @@ def test_causes_that_act_only_together_are_one_joint_cause():
     assert "[decisive] Undoing gradient_underflow + guard_dominates together changes" in verdict(causes)
 
 
+def test_a_cause_decisive_by_its_step_alone_still_leaves_room_for_a_joint_cause():
+    # undoing the guard enlarges the step (decisive by its size) but the answer stays wrong: sets are still tried
+    frame = make(step=JOINT_STEP, final=UNMOVED, extra=[LABEL_YES])
+    fixed = {**UNFIXED, "step_size": 0.4, "margin": 0.9, "outcome": "fixed"}
+    bigger = {**UNFIXED, "step_size": 0.2}
+    causes = diagnose(frame, tester=_tester({f"{GRAD} and {GUARD}": fixed, GUARD: bigger}))
+    by = {c.id: c for c in causes}
+    assert by["guard_dominates"].decisive and by["guard_dominates"].run.outcome == "unchanged"
+    assert causes[0].id == "joint:gradient_underflow+guard_dominates" and causes[0].run.outcome == "fixed"
+
+
 def test_no_joint_search_when_a_single_cause_decides_or_the_answer_is_right():
     frame = make(step=JOINT_STEP, final=UNMOVED, extra=[LABEL_YES])
     fixed = {**UNFIXED, "margin": 0.9, "outcome": "fixed"}
@@ -140,7 +172,15 @@ def test_merge_specs():
     assert merge_specs([a, b]) == {"why": "a and b", "knobs": {"clamp": "none", "guard": 1e-9}, "dose": 2.0}
     assert merge_specs([a, {"knobs": {"clamp": "scale"}, "why": "c"}]) is None  # one knob, two values
     assert merge_specs([a, {"untestable": "no", "why": "d"}]) is None
-    assert merge_specs([a, {"search": [{"dose": 1.0, "why": "e1"}], "why": "e"}]) is None
+    assert merge_specs([a, {"dtype": "float32", "why": "g"}]) is None
+    # one search: each of its settings carries the others' changes; two searches do not combine
+    search = {"search": [{"knobs": {"tau_prefill": 0.5}, "why": "e1"}, {"knobs": {"tau_prefill": 0.9}, "why": "e2"}],
+              "why": "e"}
+    assert merge_specs([search, a]) == {"search": [{"why": "e1 and a", "knobs": {"tau_prefill": 0.5, "clamp": "none"}},
+                                                   {"why": "e2 and a", "knobs": {"tau_prefill": 0.9, "clamp": "none"}}],
+                                        "why": "e and a"}
+    assert merge_specs([search, search]) is None
+    assert merge_specs([search, {"knobs": {"tau_prefill": 0.2}, "why": "h"}]) is None  # τ set twice
     fn = merge_specs([{"knobs_fn": lambda k: {"tau_prefill": k["t"]}, "why": "f"}, a])
     assert fn["knobs_fn"]({"t": 0.3}) == {"tau_prefill": 0.3} and fn["knobs"] == {"clamp": "none"}
 

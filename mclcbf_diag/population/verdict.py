@@ -56,6 +56,7 @@ from ..explain import (
     dose_point_of,
     dose_result,
     doubling_grid,
+    dtype_untestable,
     effect,
     fix_plan,
     fix_row,
@@ -256,8 +257,9 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
         results = iter(_safe(prefix, units, True))
         out_ = []
         for q, spec in requests:
-            if variants[spec_key(spec)] is None:
-                out_.append(None)
+            if variants[spec_key(spec)] is None:  # a dtype counterfactual runs on a model copy: explain --sample
+                why = dtype_untestable(lm, spec) if "dtype" in spec else ""
+                out_.append({"untestable": why} if why else None)
                 continue
             res = next(results)
             out_.append(None if res is None else effect(lm, res[1], out[q]["base"], labels[q]))
