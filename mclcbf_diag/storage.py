@@ -18,6 +18,8 @@ Mechanisms
   inside the folder; the holder writes ``pid``, host and start time into it. The kernel
   drops the lock when its holder exits or is killed, so a stale lock never blocks a
   rerun; a second live process is refused with one line naming the holder.
+  :func:`check_unlocked` (called by :func:`check_writable`) probes the lock without creating
+  anything, so a busy folder is refused before any model loads.
 * **Identity** (:func:`sha256_file`, :func:`files_fingerprint`). A file's content hash,
   and a digest of many files' names, sizes and modification times (cheap enough for
   thousands of images): what a resumed run compares to know it reads the same inputs.

@@ -8,14 +8,18 @@ Every user mistake is a :class:`~mclcbf_diag.errors.UserError`: one line on stde
 status 2, and a traceback only with ``--debug``. argparse's own errors (a missing value,
 ``--shard -1/2``) are one line too, and Ctrl-C at any moment is one line with status 130.
 
-Order of work: every argument, knob, file, image and the output folder is validated first
-(``--set layers=…`` against the depth read from ``config.json``), then the tokenizer
-measures the prompt (a prompt it would cut is refused), then the weights are read, then the
+Order of work: every argument, knob, file, image (decoded whole, sized as the processor will
+make it) and the output folder (writable, not locked, holding no other command's run) is
+validated first (``--set layers=…`` against the depth read from ``config.json``), with each
+prompt's length against the model's context (``tokenizer.json``, ``config.json``), all before
+torch loads; then the processor measures the prompt (a prompt it would cut is refused), then
+the weights are read, then the
 computation runs, and only then is anything written, atomically (see
 :mod:`mclcbf_diag.storage`). Limits with their overrides: ``--max-new-tokens`` ≤ 512
 (``MCLCBF_DIAG_MAX_NEW_TOKENS``), question text ≤ 4000 characters
 (``MCLCBF_DIAG_MAX_QUESTION_CHARS``), images ≤ 50 megapixels
-(``MCLCBF_DIAG_MAX_IMAGE_PIXELS``), integers in ``--set`` ≤ 10⁶ and ``layers`` ranges ≤
+(``MCLCBF_DIAG_MAX_IMAGE_PIXELS``) and ≤ 64 MB as the processor's float32 output
+(``MCLCBF_DIAG_MAX_IMAGE_MB``), integers in ``--set`` ≤ 10⁶ and ``layers`` ranges ≤
 4096 entries.
 """
 

@@ -410,7 +410,10 @@ def sample_job(args, default_out: str, max_new_tokens: int = 0):
     early_checks(args)
     check_prompt(args)
     question, image_dir = question_from_args(args)
-    image = load_image(resolve_image(question, image_dir), shortest_edge(args.model) or SHORTEST_EDGE)
+    try:
+        image = load_image(resolve_image(question, image_dir), shortest_edge(args.model) or SHORTEST_EDGE)
+    except UserError as exc:
+        raise UserError(f"question_id {question.question_id!r}: {exc}") if "question_id" not in str(exc) else exc
     out = check_out(args, default_out.format(question_id=safe_name(question.question_id)))
     check_folder(out, command_of(args), getattr(args, "force", False))
     quick_prompt_lengths(args.model, [build_prompt(question.text, args.prompt)],

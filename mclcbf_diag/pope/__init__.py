@@ -22,7 +22,8 @@ How a run works
   output folder is checked BEFORE anything is written or the weights are read; a
   mistake costs no time and leaves nothing behind.
 * **Identity.** ``run.json`` holds everything that changes an answer: model (and its
-  files' names, sizes, times), dtype, knobs, prompt, limit, the POPE files' SHA-256 and a
+  files' names, sizes, times), dtype, device, batch size, the torch/transformers/nnsight
+  versions, knobs, prompt, limit, the POPE files' SHA-256 and a
   fingerprint (names, sizes, modification times) of every image the questions name. Every
   answers line carries ``run_id``, a digest of that identity (the shard left out), so rows
   of different runs can never be mixed, even when ``run.json`` is lost.
