@@ -281,7 +281,8 @@ def paired(labels, base_answer, base_valid, base_margin, new_answer, new_valid, 
     best_b, best_acc = best_offset(labels, base_margin, base_valid)
     return {
         "n": n, "fixed_valid": b, "broken_valid": c, "mcnemar_p": mcnemar_exact(b, c),
-        "d_accuracy": sn["accuracy"] - sb["accuracy"], **_named("d_accuracy", interval(acc["new"] - acc["base"], level)),
+        "d_accuracy": sn["accuracy"] - sb["accuracy"],
+        **_named("d_accuracy", interval(acc["new"] - acc["base"], level)),
         "d_f1": sn["f1"] - sb["f1"], **_named("d_f1", interval(f1["new"] - f1["base"], level)),
         "d_yes_ratio": sn["yes_ratio"] - sb["yes_ratio"],
         **_named("d_yes_ratio", interval(yes["new"] - yes["base"], level)),

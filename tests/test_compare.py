@@ -194,7 +194,10 @@ def test_a_merged_run_is_timed_by_its_parts_and_old_runs_show_na(tmp_path, capsy
 def _fingerprint(inputs: dict, i: int) -> tuple[float, float]:
     """Which image row ``i`` of a batch shows: mean and standard deviation of its pixels (or of its image features,
     where the batch shares the vision tower's outputs between rows)."""
-    x = inputs["pixel_values"][i] if "pixel_values" in inputs else inputs["mm_encoder_outputs"]["image"].pooler_output[i]
+    if "pixel_values" in inputs:
+        x = inputs["pixel_values"][i]
+    else:
+        x = inputs["mm_encoder_outputs"]["image"].pooler_output[i]
     x = x.double()
     return float(x.mean()), float(x.std())
 
@@ -268,7 +271,8 @@ def oracle_runs(tmp_path_factory, embedded_model):
     OraclePush.targets = targets
     try:
         for name, extra in (("oracle", ["--intervention", OraclePush.name]),
-                            ("uniform", ["--intervention", OraclePush.name, "--set", "uniform=true", "--set", "scale=8"]),
+                            ("uniform", ["--intervention", OraclePush.name, "--set", "uniform=true",
+                                         "--set", "scale=8"]),
                             ("noop", ["--intervention", "pai"])):  # PAI at its defaults changes no answer here
             assert main(["pope", "--split", "adversarial", "--limit", str(ORACLE_LIMIT), "--batch-size", "24",
                          *extra, "--out", str(tmp / name)]) == 0
@@ -376,3 +380,32 @@ def test_compare_refuses_a_shard_and_marks_a_partial_merge(oracle_runs, tmp_path
     assert table.set_index("run").loc[str(partial), "partial"] == "72 of 100 questions"
     assert table.set_index("run").loc[str(tmp / "oracle"), "partial"] == ""
     assert "adversarial (partial: 72 of 100 questions)" in markdown_table(table)
+
+
+def test_compare_labels_for_other_splits_are_unused_or_refused(oracle_runs, tmp_path, capsys):
+    from mclcbf_diag.data.labels import load_labels
+
+    tmp, _ = oracle_runs
+    both = tmp_path / "both.csv"
+    oracle = _rows(tmp / "oracle")
+    flip = oracle[0]
+    both.write_text("split,question_id,label\n"
+                    f"adversarial,{flip['question_id']},{'no' if flip['label'] == 'yes' else 'yes'}\nrandom,1,no\n")
+    table = compare_runs([tmp / "oracle"], load_labels(both), resamples=200)  # the random entry is unused
+    relabelled = table[table.label_set != "question file"].iloc[0]
+    original = table[table.label_set == "question file"].iloc[0]
+    assert relabelled.accuracy == pytest.approx(original.accuracy + (-1 if flip["steered_answer"] == flip["label"]
+                                                                     else 1) / len(oracle))
+    other = tmp_path / "other.csv"
+    other.write_text("split,question_id,label\nrandom,1,no\n")
+    with pytest.raises(UserError, match="relabels no question of the runs compared"):
+        compare_runs([tmp / "oracle"], load_labels(other), resamples=200)
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("split,question_id,label\nadversarial,99999,no\n")
+    with pytest.raises(UserError, match=r"oracle: labels file .*'99999' is not in split 'adversarial'"):
+        compare_runs([tmp / "oracle"], load_labels(unknown), resamples=200)
+    assert main(["compare", str(tmp / "oracle"), str(tmp / "noop"), "--labels", str(both), "--resamples", "200",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    capsys.readouterr()
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "Is the difference real?" in page and "rank change" in page and "relabelled (both.csv" in page

@@ -77,12 +77,13 @@ def test_unknown_and_ambiguous_ids_are_refused():
     assert len(known["random"]) == 676
     from mclcbf_diag.data.labels import Labels
 
-    ok = Labels("f.json", "0" * 64, {("random", "5"): "yes"})
-    check_known(ok, known)
+    ok = Labels("f.json", "0" * 64, {("random", "5"): "yes", ("adversarial", "5"): "no"})
+    assert check_known(ok, known) == 1  # the adversarial entry is for a split this run does not answer: unused
     for entries, words in [({(None, "9999"): "yes"}, ["'9999'", "in no question file"]),
                            ({(None, "5"): "yes"}, ["several splits", "random, popular"]),
                            ({("random", "9999"): "no"}, ["not in split 'random'"]),
-                           ({("adversarial", "5"): "no"}, ["'adversarial'", "not a split of this run"])]:
+                           ({("adversarial", "5"): "no"}, ["relabels no question of this run", "(adversarial)",
+                                                            "(random, popular)"])]:
         with pytest.raises(UserError) as err:
             check_known(Labels("f.json", "0" * 64, entries), known)
         assert all(w in str(err.value) for w in words), str(err.value)

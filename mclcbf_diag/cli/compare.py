@@ -15,6 +15,37 @@ def _layer_figure(layers):
     return fig.update_layout(xaxis={"dtick": 1}, yaxis_title="Δ head-mean image mass", height=460)
 
 
+def stats_view(table):
+    """The statistics for reading: one row per run and split, in the table's order (by the interval), in points."""
+    import math
+
+    import pandas as pd
+
+    def pts(x):
+        return "n/a" if math.isnan(x) else f"{100 * x:+.1f}"
+
+    def span(r, name):
+        return f"{pts(r[name])} [{pts(r[name + '_lo'])}, {pts(r[name + '_hi'])}]"
+
+    rows = []
+    for r in table.to_dict("records"):
+        rows.append({"labels": r["label_set"], "rank": r["rank"], "rank change": r["rank_change"],
+                     "intervention": r["intervention"], "settings": r["settings"],
+                     "split": r["split"] + (f" (partial: {r['partial']})" if r["partial"] else ""),
+                     "fixed/broken": f"{r['fixed']}/{r['broken']}+{r['derailed']} derailed",
+                     "McNemar p": r["mcnemar_p"], "Holm p": r["mcnemar_p_holm"],
+                     "Δ accuracy [95%]": span(r, "d_accuracy"), "Δ F1 [95%]": span(r, "d_f1"),
+                     "Δ yes-ratio [95%]": span(r, "d_yes_ratio"),
+                     "bias control accuracy": pts(r["control_accuracy"]).lstrip("+"),
+                     "gain over control [95%]": span(r, "gain_over_control"),
+                     "control also fixes": r["control_shares_fixes"], "bias label": r["bias_label"],
+                     "best-offset accuracy (uses labels)": pts(r["best_offset_accuracy"]).lstrip("+")})
+    view = pd.DataFrame(rows)
+    if view["labels"].nunique() < 2:
+        view = view.drop(columns=["labels", "rank change"])
+    return view
+
+
 def cmd_compare(args) -> int:
     from ..pope.compare import compare_runs, layer_table, markdown_table
     from ..report import Section, write_page
@@ -61,6 +92,9 @@ def cmd_compare(args) -> int:
                        + "; ".join(sorted({f"{r.run}: {r.partial}" for r in table.itertuples() if r.partial}))
                        if table.partial.astype(bool).any() else ""),
                     table=table.drop(columns=["run", *per_layer]).round(4))]
+        sections.insert(0, Section("Is the difference real?", text=STATS_NOTE.format(
+            resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
+            explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE), table=stats_view(table)))
         if len(layers):
             sections.append(Section("Δ image mass per layer", text="Intervened minus baseline at the decision token, "
                                     "per language layer (compare_layers.csv: one row per layer, with the baseline's mass).",

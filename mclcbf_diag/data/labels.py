@@ -13,7 +13,8 @@ entry without a split applies to that id in every split of the run; when several
 splits share the id (the embedded splits all number their questions 1 … 676) such an entry
 is refused: give the split. An id that is in none of the run's question files is refused by
 name (a typo would otherwise silently relabel nothing); an id present in the files but not
-selected (``--limit``) is simply unused. Duplicate entries are refused. The file's sha256
+selected (``--limit``), or an entry for a split the run does not answer, is simply unused, but
+a file none of whose entries applies to the run is refused. Duplicate entries are refused. The file's sha256
 goes into the run's identity (:meth:`Labels.identity`).
 
 Relabelling answered rows (:func:`relabel_records`) recomputes what depends on the label:
@@ -142,17 +143,22 @@ def _csv_items(text: str, shown: str) -> list:
     return out
 
 
-def check_known(labels: Labels, known: dict) -> None:
-    """Refuse entries that name no question of the run: ``known`` maps split → the ids (strings) of its
-    question file. A split-less entry whose id is in several splits is refused as ambiguous."""
+def check_known(labels: Labels, known: dict, *, require_some: bool = True) -> int:
+    """Refuse entries that name no question of the run; return how many entries apply to it.
+
+    ``known`` maps each split of the run to the ids (strings) of its question file. An entry for a split the run
+    does not have is unused (one file can relabel all three splits while a run answers one), but a file of which no
+    entry applies is refused (unless ``require_some`` is false: ``compare`` checks it over all its runs); an id missing from its split's file is refused by name, as is a split-less id in no
+    file, or in several (ambiguous: give the split)."""
+    applies = 0
     for (split, qid), _ in labels.entries.items():
         if split is not None:
             if split not in known:
-                raise UserError(f"labels file {show(labels.path)}: split {split!r} (question_id {qid!r}) is not a "
-                                f"split of this run ({', '.join(known) or 'none'}); fix the split name")
+                continue
             if qid not in known[split]:
                 raise UserError(f"labels file {show(labels.path)}: question_id {qid!r} is not in split {split!r}'s "
                                 "question file; relabel only questions the file holds")
+            applies += 1
             continue
         where = [s for s, ids in known.items() if qid in ids]
         if not where:
@@ -162,6 +168,12 @@ def check_known(labels: Labels, known: dict) -> None:
             raise UserError(f"labels file {show(labels.path)}: question_id {qid!r} is in several splits of this run "
                             f"({', '.join(where)}); give each entry its split (a split column, or one object per "
                             "split)")
+        applies += 1
+    if not applies and require_some:
+        named = sorted({s for s, _ in labels.entries if s is not None})
+        raise UserError(f"labels file {show(labels.path)} relabels no question of this run: its splits "
+                        f"({', '.join(named)}) are not the run's ({', '.join(known) or 'none'}); fix the split names")
+    return applies
 
 
 def relabel_questions(questions: list, labels: Labels, split: str) -> list:

@@ -197,7 +197,8 @@ def _partial(run: dict) -> str:
 
 
 def _relabelled(folder: Path, run: dict, answers: list[dict], labels):
-    """The run's rows, metrics and flips re-scored under ``labels`` (ids checked against its question files)."""
+    """The run's rows, metrics and flips re-scored under ``labels`` (ids checked against its question files), and
+    how many of the file's entries apply to the run."""
     from ..data.labels import check_known, known_ids, relabel_records
     from .metrics import flips_table, metrics_table
 
@@ -207,10 +208,13 @@ def _relabelled(folder: Path, run: dict, answers: list[dict], labels):
         known = {}
     for r in answers:
         known.setdefault(r["split"], set()).add(str(r["question_id"]))
-    check_known(labels, known)
+    try:
+        applied = check_known(labels, known, require_some=False)
+    except UserError as err:
+        raise UserError(f"{show(folder)}: {err}") from None
     rows = relabel_records(answers, labels)
     splits = run.get("splits", [])
-    return rows, metrics_table(rows, splits), flips_table(rows, splits)
+    return rows, metrics_table(rows, splits), flips_table(rows, splits), applied
 
 
 def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: int | None = None) -> pd.DataFrame:
@@ -220,7 +224,7 @@ def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: in
     from .metrics import paired_table
 
     kw = {"resamples": S.RESAMPLES if resamples is None else resamples, "seed": S.SEED if seed is None else seed}
-    rows = []
+    rows, applied = [], 0
     for folder in map(Path, folders):
         run = _read(folder, "run.json")
         _check_run(folder, run)
@@ -228,11 +232,16 @@ def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: in
         answers = read_records(folder / ANSWERS)[0]
         sets = [("question file", answers, metrics, flips)]
         if labels is not None:
-            sets.append((f"relabelled ({Path(labels.path).name}, sha256 {labels.sha256[:12]})",
-                         *_relabelled(folder, run, answers, labels)))
+            *relabelled, n = _relabelled(folder, run, answers, labels)
+            applied += n
+            sets.append((f"relabelled ({Path(labels.path).name}, sha256 {labels.sha256[:12]})", *relabelled))
         for label_set, recs, m, f in sets:
             paired = paired_table(recs, run.get("splits", []), **kw).set_index("split")
             rows += _run_rows(folder, run, recs, m, f, paired, label_set)
+    if labels is not None and rows and not applied:
+        raise UserError(f"labels file {show(labels.path)} relabels no question of the runs compared (its splits: "
+                        f"{', '.join(sorted({str(s) for s, _ in labels.entries if s is not None})) or 'none'}); "
+                        "fix the split names or the ids")
     table = pd.DataFrame(rows)
     if not rows:
         return table

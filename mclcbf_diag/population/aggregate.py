@@ -203,7 +203,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: pd.DataFrame,
-           settings: pd.DataFrame, k_max: float, what: str = "the intervention", paired: pd.DataFrame | None = None) -> str:
+           settings: pd.DataFrame, k_max: float, what: str = "the intervention",
+           paired: pd.DataFrame | None = None) -> str:
     """A few plain sentences, every number read off the tables (with ``paired``, :func:`paired_table`, whether
     the change is real: its pooled row)."""
     wrong, right = df[df.kind == "wrong"], df[df.kind == "right"]
