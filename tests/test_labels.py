@@ -121,3 +121,23 @@ def test_the_explain_commands_of_a_relabelled_run_carry_the_file():
     assert population_command(identity, "adversarial", 7).endswith("--labels '/data/my labels.json'")
     plain = {k: v for k, v in identity.items() if k != "labels"}
     assert "--labels" not in explain_command(row, plain) + population_command(plain, "adversarial", 7)
+
+
+def test_relabel_run_relabels_every_selected_job_and_checks_the_files(tmp_path):
+    from mclcbf_diag.data.labels import relabel_run
+    from mclcbf_diag.pope.jobs import question_files, shard_jobs
+
+    files = question_files("all", None, None)
+    all_jobs, jobs = shard_jobs(files, 4, (1, 2), "1/2")
+    target = jobs[0]
+    new = "no" if target.question.label == "yes" else "yes"
+    path = _write(tmp_path, "l.csv", f"split,question_id,label\n{target.split},{target.question.question_id},{new}\n"
+                                     "random,600,yes\n")  # question 600: in the file, not selected (unused)
+    labels, all2, jobs2 = relabel_run(path, files, all_jobs, jobs)
+    assert jobs2[0].question.label == new and jobs2[0].key == target.key
+    assert [j.key for j in all2] == [j.key for j in all_jobs] and [j.key for j in jobs2] == [j.key for j in jobs]
+    changed = [(a.key, a.question.label) for a, b in zip(all2, all_jobs) if a.question.label != b.question.label]
+    assert changed == [(target.key, new)]
+    assert labels.identity()["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="'9999' is not in split 'random'"):
+        relabel_run(_write(tmp_path, "bad.csv", "split,question_id,label\nrandom,9999,no\n"), files, all_jobs, jobs)

@@ -222,5 +222,17 @@ def known_ids(identity: dict) -> dict:
             for s, p in zip(identity.get("splits", []), identity.get("pope_files", []))}
 
 
+def relabel_run(path, files, all_jobs: list, jobs: list) -> tuple:
+    """``--labels FILE`` for a whole-split run (``pope``, ``explain --split``): load and check the file against the
+    run's question files (``files``: ``(split, pope file, image dir)``, as ``split_run_checks`` returns them), then
+    relabel every selected job and this shard's. Returns ``(labels, all_jobs, jobs)``; the identity records
+    ``labels.identity()`` under ``"labels"``."""
+    from .pope import load_pope
+
+    labels = load_labels(path)
+    check_known(labels, {split: {str(q.question_id) for q in load_pope(p)} for split, p, _ in files})
+    return labels, relabel_jobs(all_jobs, labels), relabel_jobs(jobs, labels)
+
+
 __all__ = ["Labels", "check_known", "known_ids", "load_labels", "relabel_jobs", "relabel_questions",
-           "relabel_records"]
+           "relabel_records", "relabel_run"]
