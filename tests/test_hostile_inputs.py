@@ -296,7 +296,7 @@ def test_a_line_separator_inside_a_question_is_not_a_record_end(tmp_path):
     assert [q.text for q in load_pope(pope)] == ["Is there a dog\u2028or a cat?", "Is it red\x85?"]
 
 
-# ============================================================================= 6. every model-free check before the model
+# ============================================================================= 6. model-free checks come first
 def _truncated_png() -> bytes:
     return (IMAGES / "emb_000000.png").read_bytes()[:-200]
 

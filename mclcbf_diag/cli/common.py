@@ -278,7 +278,8 @@ def quick_prompt_lengths(model: str | None, prompts: list[str], names: list[str]
                 extra = f" and {max_new_tokens} new tokens" if max_new_tokens else ""
                 raise UserError(f"{names[start + j]}: the prompt is {n} tokens ({per_image} of them for the image)"
                                 f"{extra}, more than the limit of {context} (the model's context, "
-                                "max_position_embeddings in config.json), so it would be cut: shorten the question or --prompt"
+                                "max_position_embeddings in config.json), so it would be cut: shorten the question "
+                                "or --prompt"
                                 + (", or lower --max-new-tokens/--generate" if max_new_tokens else ""))
 
 
