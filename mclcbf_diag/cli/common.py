@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from contextlib import contextmanager
@@ -64,11 +65,19 @@ def sample_options(p: argparse.ArgumentParser, whole_split: bool = False) -> Non
     g.add_argument("--pope-file", default=None, help="a POPE question file (JSON Lines or JSON array)")
     g.add_argument("--image-dir", default=None, help="folder holding the images the POPE file names")
     prompt_option(g)
+    if whole_split:
+        labels_option(g)
     which = g.add_mutually_exclusive_group()
     which.add_argument("--sample", type=int, default=None,
                        help="0-based index of the question in the split (or --pope-file); the records carry "
                             "its question_id, not this index")
     which.add_argument("--question-id", default=None, help="select by POPE question_id")
+
+
+def labels_option(g) -> None:
+    g.add_argument("--labels", default=None, metavar="FILE",
+                   help="question_id → label file (JSON or CSV) overriding the question file's labels, e.g. a "
+                        "published relabelling of POPE; recorded in the run identity")
 
 
 def prompt_option(g) -> None:
@@ -345,6 +354,10 @@ def split_run_checks(args, default_out: str):
     check_prompt(args)
     files = question_files(args.split, args.pope_file, args.image_dir)
     all_jobs, jobs = shard_jobs(files, args.limit, shard, args.shard, shortest_edge(args.model))
+    if getattr(args, "labels", None):
+        from ..data.labels import relabel_run
+
+        _, all_jobs, jobs = relabel_run(args.labels, files, all_jobs, jobs)
     out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
     check_folder(out, command_of(args), getattr(args, "force", False))
     check_resumable(out)
@@ -396,6 +409,17 @@ def writing(args, default: str):
         yield out
 
 
+def relabelled(args, question):
+    """The one question of a sample command with ``--labels FILE``'s label where the file has one (the pages of a
+    relabelled whole-split run link their questions with it)."""
+    if not getattr(args, "labels", None):
+        return question
+    from ..data.labels import load_labels
+
+    label = load_labels(args.labels).label(args.split, question.question_id)
+    return dataclasses.replace(question, label=label) if label else question
+
+
 def sample_job(args, default_out: str, max_new_tokens: int = 0):
     """Validate every input of a one-sample command, then load the model: (config, question, image, lm).
 
@@ -411,6 +435,7 @@ def sample_job(args, default_out: str, max_new_tokens: int = 0):
     early_checks(args)
     check_prompt(args)
     question, image_dir = question_from_args(args)
+    question = relabelled(args, question)
     try:
         image = load_image(resolve_image(question, image_dir), shortest_edge(args.model) or SHORTEST_EDGE)
     except UserError as exc:

@@ -50,6 +50,7 @@ from .common import (
     force_option,
     intervention_from_args,
     intervention_options,
+    labels_option,
     max_new_tokens_limit,
     model_options,
     prepare_from_args,
@@ -82,6 +83,10 @@ def _identity(args, config, files, shard, all_jobs: list[Job] | None = None, whe
         ident["model_files"] = _model_files(where)
     ident.update(batch_size=args.batch_size, device=_device(args), versions=_versions())
     ident["pope_sha256"] = [sha256_file(p) for _, p, _ in files]
+    if getattr(args, "labels", None):  # a relabelled run: its answers are scored against this file
+        from ..data.labels import load_labels
+
+        ident["labels"] = load_labels(args.labels).identity()
     if all_jobs is not None:
         ident["images"] = files_fingerprint([job_image(j) for j in all_jobs])
         ident["image_dirs"] = sorted({str(Path(d).resolve()) for _, _, d in files})
@@ -390,6 +395,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--image-dir", default=None, help="folder with the images (default: beside the POPE file)")
     g.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
     prompt_option(g)
+    labels_option(g)
     g.add_argument("--shard", default=None, metavar="I/N",
                    help="only questions at positions p with p %% N == I (I is 0-based); merge shards with `merge`")
     model_options(p)
