@@ -45,7 +45,9 @@ also makes (right where the intervention fixed a wrong baseline answer). **One r
 it** (:func:`bias_label`): "no change" when the intervention changes no answer's
 correctness and no yes/no answer; otherwise "explained by a yes/no shift" when the lower
 end of the 95% interval of its gain over the control is ≤ 0 (its gain is not significantly
-larger than a yes/no shift's), else "beyond a yes/no shift".
+larger than a yes/no shift's), else "beyond a yes/no shift". Where no baseline margin is usable
+(text answers have none; or every baseline answer derailed) there is no control: its columns
+are empty and a changed run is labelled "no bias control (no usable baseline margin)".
 
 The best-accuracy offset (:func:`best_offset`) picks b from the labels themselves: a ceiling
 for any constant shift, labelled as using the labels, never a method.
@@ -67,6 +69,7 @@ BLOCK = 500  # resamples per block of the vectorised bootstrap (a block × n mul
 NO_CHANGE = "no change"
 EXPLAINED = "explained by a yes/no shift"
 BEYOND = "beyond a yes/no shift"
+NO_CONTROL = "no bias control (no usable baseline margin)"
 BEST_OFFSET_NOTE = "uses the labels: a ceiling for a constant yes/no shift, not a method"
 
 
@@ -279,6 +282,14 @@ def paired(labels, base_answer, base_valid, base_margin, new_answer, new_valid, 
     changed = bool(b or c or (base.yes != new.yes).any() or (base.no != new.no).any())
     label = bias_label(changed, gain_lo)
     best_b, best_acc = best_offset(labels, base_margin, base_valid)
+    control = {"bias_offset": offset, "control_yes_ratio": sc["yes_ratio"], "control_accuracy": sc["accuracy"],
+               "control_f1": sc["f1"], "gain_over_control": sn["accuracy"] - sc["accuracy"],
+               "gain_over_control_lo": gain_lo, "gain_over_control_hi": gain_hi,
+               "control_mcnemar_p": mcnemar_exact(*discordant(rc, rn)),
+               "control_shares_fixes": float((fixes & rc).sum() / fixes.sum()) if fixes.any() else math.nan}
+    if math.isnan(offset):  # no usable baseline margin (text answers, or every baseline answer derailed)
+        control = {k: math.nan for k in control}
+        label = NO_CONTROL if changed else NO_CHANGE
     return {
         "n": n, "fixed_valid": b, "broken_valid": c, "mcnemar_p": mcnemar_exact(b, c),
         "d_accuracy": sn["accuracy"] - sb["accuracy"],
@@ -286,12 +297,7 @@ def paired(labels, base_answer, base_valid, base_margin, new_answer, new_valid, 
         "d_f1": sn["f1"] - sb["f1"], **_named("d_f1", interval(f1["new"] - f1["base"], level)),
         "d_yes_ratio": sn["yes_ratio"] - sb["yes_ratio"],
         **_named("d_yes_ratio", interval(yes["new"] - yes["base"], level)),
-        "bias_offset": offset, "control_yes_ratio": sc["yes_ratio"], "control_accuracy": sc["accuracy"],
-        "control_f1": sc["f1"], "gain_over_control": sn["accuracy"] - sc["accuracy"],
-        "gain_over_control_lo": gain_lo, "gain_over_control_hi": gain_hi,
-        "control_mcnemar_p": mcnemar_exact(*discordant(rc, rn)),
-        "control_shares_fixes": float((fixes & rc).sum() / fixes.sum()) if fixes.any() else math.nan,
-        "bias_label": label, "explained_by_yes_shift": label == EXPLAINED,
+        **control, "bias_label": label, "explained_by_yes_shift": label == EXPLAINED,
         "best_offset": best_b, "best_offset_accuracy": best_acc, "resamples": resamples, "seed": seed,
     }
 
@@ -352,7 +358,7 @@ def describe(rec: dict) -> str:
                f"accuracy {100 * rec['best_offset_accuracy']:.1f}%."
 
 
-__all__ = ["BEST_OFFSET_NOTE", "BEYOND", "COLUMNS", "EXPLAINED", "NO_CHANGE", "RESAMPLES", "SEED", "Answers",
+__all__ = ["BEST_OFFSET_NOTE", "BEYOND", "COLUMNS", "EXPLAINED", "NO_CHANGE", "NO_CONTROL", "RESAMPLES", "SEED", "Answers",
            "best_offset", "bias_label", "bias_offset", "bootstrap_sums", "control_answers", "control_of_records",
            "describe", "discordant", "holm", "interval", "mcnemar_exact", "paired", "paired_records",
            "resample_blocks", "scores"]

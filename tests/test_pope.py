@@ -319,6 +319,18 @@ def test_generate_records_text_of_both_conditions(tmp_path):
         assert r["baseline_text_answer"] in ("yes", "no")
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert {"baseline_text", "steered_text"} <= set(metrics.condition)
+    # the parsed text answers are paired too (McNemar on their own fixed/broken), without a bias control: no margins
+    from scipy.stats import binomtest
+
+    from mclcbf_diag import stats as S
+
+    text = metrics[(metrics.condition == "steered_text") & (metrics.split == "all")].iloc[0]
+    b = sum(r["baseline_text_answer"] != r["label"] == r["steered_text_answer"] for r in recs)
+    c = sum(r["baseline_text_answer"] == r["label"] != r["steered_text_answer"] for r in recs)
+    assert (text.fixed_valid, text.broken_valid) == (b, c)
+    assert text.mcnemar_p == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0, rel=1e-12)
+    assert pd.isna(text.bias_offset) and text.bias_label in (S.NO_CHANGE, S.NO_CONTROL)
+    assert metrics[metrics.condition == "baseline_text"].mcnemar_p.isna().all()
 
 
 def test_bad_numbers_are_user_errors(tmp_path):

@@ -279,3 +279,14 @@ def test_planted_label_noise_moves_the_intervals_and_swaps_the_ranks():
     assert res["a", "noisy"]["d_accuracy_hi"] < res["a", "truth"]["d_accuracy_lo"]
     rank = lambda lab: sorted("ab", key=lambda k: -res[k, lab]["d_accuracy_lo"])  # noqa: E731
     assert rank("truth") == ["a", "b"] and rank("noisy") == ["b", "a"]
+
+
+def test_without_usable_margins_there_is_no_control():
+    labels = ["yes", "no", "yes", "no"]
+    r = stats.paired(labels, ["yes", "yes", "no", "no"], None, [math.nan] * 4, ["yes", "no", "yes", "no"], None,
+                     resamples=100)
+    assert (r["fixed_valid"], r["broken_valid"]) == (2, 0) and r["mcnemar_p"] == 0.5
+    assert r["bias_label"] == stats.NO_CONTROL and not r["explained_by_yes_shift"]
+    for k in ("bias_offset", "control_accuracy", "gain_over_control_lo", "control_shares_fixes", "best_offset"):
+        assert math.isnan(r[k]), k
+    assert "No bias control" in stats.describe(r)

@@ -24,13 +24,17 @@ from .store import _flat
 LEDGER = "flips_questions.csv"
 
 
-def paired_table(records: list[dict], splits: list[str], *, resamples: int = S.RESAMPLES, seed: int = S.SEED):
-    """Per split (and pooled "all"): the steered answers paired against the baseline's (:func:`.stats.paired`)."""
+def paired_table(records: list[dict], splits: list[str], *, resamples: int = S.RESAMPLES,
+                 seed: int = S.SEED, base: str = "baseline", new: str = "steered"):
+    """Per split (and pooled "all"): the ``new`` answers paired against the ``base`` ones (:func:`.stats.paired`),
+    ``condition`` = ``new``. The text answers (``base="baseline_text", new="steered_text"``) have no margins, so no
+    bias control."""
     import pandas as pd
 
-    rows = [{"split": split, **S.paired_records(_select(records, split), resamples=resamples, seed=seed)}
+    rows = [{"split": split, "condition": new,
+             **S.paired_records(_select(records, split), base, new, resamples=resamples, seed=seed)}
             for split in _split_groups(records, splits)]
-    return pd.DataFrame(rows, columns=["split", *S.COLUMNS])
+    return pd.DataFrame(rows, columns=["split", "condition", *S.COLUMNS])
 
 
 def _select(records: list[dict], split: str) -> list[dict]:
@@ -40,8 +44,8 @@ def _select(records: list[dict], split: str) -> list[dict]:
 def metrics_table(records: list[dict], splits: list[str], paired=None):
     """POPE metrics per split (and pooled "all" for several splits) and condition.
 
-    With ``paired`` (:func:`paired_table`), the steered rows carry its columns (``n`` aside); the other rows
-    leave them empty."""
+    With ``paired`` (:func:`paired_table`, one or several concatenated), the rows of its conditions (steered,
+    steered_text) carry its columns (``n`` aside); the other rows leave them empty."""
     import pandas as pd
 
     from ..data import pope_metrics
@@ -63,7 +67,9 @@ def metrics_table(records: list[dict], splits: list[str], paired=None):
     table = pd.DataFrame(rows, columns=cols)
     if paired is None:
         return table
-    extra = paired.drop(columns=["n"]).assign(condition="steered")
+    extra = paired.drop(columns=["n"])
+    if "condition" not in extra:
+        extra = extra.assign(condition="steered")
     return table.merge(extra, on=["split", "condition"], how="left", sort=False)
 
 
@@ -133,7 +139,11 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
 
     splits = identity.get("splits", [])
     paired = paired_table(records, splits)
-    metrics, flips = metrics_table(records, splits, paired), flips_table(records, splits)
+    both = paired
+    if records and "baseline_text_answer" in records[0]:  # --generate: the parsed text answers, paired too
+        both = pd.concat([paired, paired_table(records, splits, base="baseline_text", new="steered_text")],
+                         ignore_index=True)
+    metrics, flips = metrics_table(records, splits, both), flips_table(records, splits)
     ledger = ledger_table(records, splits)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     atomic_write_text(out / "flips.csv", flips.to_csv(index=False))
