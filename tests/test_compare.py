@@ -409,3 +409,14 @@ def test_compare_labels_for_other_splits_are_unused_or_refused(oracle_runs, tmp_
     capsys.readouterr()
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "Is the difference real?" in page and "rank change" in page and "relabelled (both.csv" in page
+
+
+def test_a_run_made_with_labels_says_so_in_its_settings(oracle_runs, tmp_path):
+    tmp, _ = oracle_runs
+    run = tmp_path / "relabelled"
+    shutil.copytree(tmp / "noop", run)
+    ident = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**ident, "labels": {"file": "/x/fixed labels.json", "sha256": "0" * 64,
+                                                                   "entries": 3}}))
+    row = compare_runs([run], resamples=200).iloc[0]
+    assert row.settings == "--labels fixed labels.json"

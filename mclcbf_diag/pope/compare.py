@@ -29,8 +29,9 @@ compared on the same split (and label set). Rows are sorted per split by the low
 Δaccuracy interval (then its upper end), not by the point estimate; ``rank`` is that order.
 
 **Label sets.** With ``labels`` (:func:`~mclcbf_diag.data.labels.load_labels`), every run is shown
-twice: under its question file's labels and re-scored under the relabelled file (``label_set``),
-with ``rank_change`` (the relabelled rank minus the original rank; negative moves up).
+twice: under its own labels (``label_set`` "question file"; a run made with ``--labels`` says so
+in ``settings``) and re-scored under the relabelled file, with ``rank_change`` (the relabelled
+rank minus the original rank; negative moves up).
 
 **Shards and partial merges.** A folder whose ``run.json`` has ``"shard": "i/n"`` is one shard of
 a run and is refused (merge the shards first); a merge with ``"partial"`` (expected, present,
@@ -287,8 +288,10 @@ def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, pair
     rows = []
     cost = _cost(_timing(folder, run))
     name = run.get("intervention", "mclcbf")
+    own = run.get("labels") if isinstance(run.get("labels"), dict) else None  # a run made with --labels FILE
     settings = " ".join([*([f"--preset {run['preset']}"] if run.get("preset") else []),
-                         *(f"--set {o}" for o in run.get("overrides", []))]) or "(defaults)"
+                         *(f"--set {o}" for o in run.get("overrides", [])),
+                         *([f"--labels {Path(str(own.get('file', '?'))).name}"] if own else [])]) or "(defaults)"
     logit = flips[flips["answer"] == "logit"] if "answer" in flips else flips
     for split, m in metrics.groupby("split", sort=False):
         base = m[m.condition == "baseline"].iloc[0]
