@@ -344,12 +344,18 @@ def describe(rec: dict) -> str:
          f"Δ accuracy {pct(rec['d_accuracy'])} points (95% paired bootstrap interval {pct(rec['d_accuracy_lo'])} to "
          f"{pct(rec['d_accuracy_hi'])}), Δ F1 {pct(rec['d_f1'])} ({pct(rec['d_f1_lo'])} to {pct(rec['d_f1_hi'])}), "
          f"Δ yes-ratio {pct(rec['d_yes_ratio'])} ({pct(rec['d_yes_ratio_lo'])} to {pct(rec['d_yes_ratio_hi'])}).")
+    return s + " " + control_sentence(rec)
+
+
+def control_sentence(rec: dict) -> str:
+    """The bias control's part of :func:`describe`: the control, the gain over it and the label."""
+    pct = lambda x: f"{100 * x:+.1f}"  # noqa: E731
     if math.isnan(rec["bias_offset"]):
-        return s + " No bias control: no baseline answer is a Yes/No answer with a finite margin."
-    s += (f" Bias control (the baseline's Yes − No margin + {rec['bias_offset']:.4g}, the intervention's yes-ratio: "
-          f"{100 * rec['control_yes_ratio']:.1f}%): accuracy {100 * rec['control_accuracy']:.1f}%, F1 "
-          f"{100 * rec['control_f1']:.1f}%; the intervention's gain over it {pct(rec['gain_over_control'])} points "
-          f"({pct(rec['gain_over_control_lo'])} to {pct(rec['gain_over_control_hi'])})")
+        return "No bias control: no baseline answer is a Yes/No answer with a finite margin."
+    s = (f"Bias control (the baseline's Yes − No margin + {rec['bias_offset']:.4g}, the intervention's yes-ratio: "
+         f"{100 * rec['control_yes_ratio']:.1f}%): accuracy {100 * rec['control_accuracy']:.1f}%, F1 "
+         f"{100 * rec['control_f1']:.1f}%; the intervention's gain over it {pct(rec['gain_over_control'])} points "
+         f"({pct(rec['gain_over_control_lo'])} to {pct(rec['gain_over_control_hi'])})")
     if not math.isnan(rec["control_shares_fixes"]):
         s += f"; the control also makes {100 * rec['control_shares_fixes']:.0f}% of its fixes"
     if rec["bias_label"] == EXPLAINED and rec["gain_over_control_hi"] < 0:

@@ -203,7 +203,8 @@ def _pope(args, on_batch=None) -> int:
     with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer, args.resume_anyway) as records:
         write_outputs(out, records, identity)
     timed = ", timing.json" if (out / "timing.json").is_file() else ""
-    print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, summary.html{timed}")
+    print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, flips_questions.csv, "
+          f"summary.html{timed}")
     return 0
 
 
@@ -270,8 +271,9 @@ def cmd_merge(args) -> int:
             write_outputs(folder, records, identity)
 
     _swap_in(out, carried, write)
-    print(f"wrote {show(out)}/{ANSWERS}, " + ("questions.parquet, records.parquet, population.html" if population
-                                             else "metrics.csv, flips.csv, summary.html"))
+    print(f"wrote {show(out)}/{ANSWERS}, " + ("questions.parquet, records.parquet, paired.csv, population.html"
+                                             if population else "metrics.csv, flips.csv, flips_questions.csv, "
+                                                                "summary.html"))
     return 0
 
 

@@ -109,6 +109,6 @@ def cmd_population(args, on_batch=None) -> int:
         t = write_outputs(out, rows, identity)
     print(t["answer"])
     print(f"wrote {show(out)}/{ANSWERS} ({len(rows)} questions), questions.parquet, records.parquet, causes.csv, "
-          "doses.csv, masses.csv, fixes.csv, settings.csv, population.html", file=sys.stdout)
+          "doses.csv, masses.csv, fixes.csv, settings.csv, paired.csv, population.html", file=sys.stdout)
     return 0
 

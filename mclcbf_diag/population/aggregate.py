@@ -185,17 +185,7 @@ def paired_sentence(row: dict, what: str = "the intervention") -> str:
          f"{row['resamples']:,} resamples, seed {row['seed']}).")
     if row["bias_label"] == S.NO_CHANGE:
         return s + " It changes no answer: there is no shift to control for."
-    if math.isnan(row["bias_offset"]):
-        return s + " No bias control: no baseline answer is a Yes/No answer with a finite margin."
-    s += (f" Its bias control (one constant {row['bias_offset']:+.3g} on the baseline's Yes − No margin, the same "
-          f"yes-ratio) reaches {100 * row['control_accuracy']:.1f}% accuracy; the gain over it is "
-          f"{pts(row['gain_over_control'])} points ({pts(row['gain_over_control_lo'])} to "
-          f"{pts(row['gain_over_control_hi'])})")
-    if not math.isnan(row["control_shares_fixes"]):
-        s += f", and the control also makes {100 * row['control_shares_fixes']:.0f}% of its fixes"
-    if row["bias_label"] == S.EXPLAINED and row["gain_over_control_hi"] < 0:
-        s += " (it does worse than its control)"
-    return s + f": {row['bias_label']}."
+    return s + " " + S.control_sentence(row)
 
 
 def _plural(n: int, word: str) -> str:
