@@ -78,6 +78,49 @@ METRICS = {
     "propagation_rel": "propagation / ‖x_k^base‖",
     "propagation_floor": "noise floor of propagation in the model dtype: eps·‖x_k^base‖·√(4·layers since the first "
                          "changed one) (layer −1: after the final norm, +1 rounding); see mclcbf_diag.noise",
+    # direct logit attribution of the margin at the decision token (attribute; mclcbf_diag.attribution)
+    "dla_embed": "direct contribution of the embedding to logit(Yes) − logit(No): u · e, u = γ ⊙ (w_Yes − w_No) / r "
+                 "with r the final norm's actual scale (layer −1)",
+    "dla_step": "direct contribution of the intervention's edit of the residual entering the layer (0 in a baseline)",
+    "dla_attn": "direct contribution of the layer's attention output (every head plus any o_proj bias)",
+    "dla_head": "direct contribution of one head's output through its slice of o_proj (head −1: the layer's heads "
+                "summed, not averaged)",
+    "dla_head_image": "the part of dla_head read from image keys (Σ over image keys of p·v, through o_proj): the "
+                      "margin flowing directly from the image through that head (head −1: summed over heads)",
+    "dla_head_sink": "the part of dla_head read from the first (BOS) key, when it is not an image token",
+    "dla_head_text": "the part of dla_head read from every other key",
+    "dla_mlp": "direct contribution of the layer's MLP output",
+    "dla_total": "the sum of every direct contribution (equals final_margin up to rounding; layer −1)",
+    "dla_residual": "final_margin − dla_total: rounding only (layer −1)",
+    "dla_final_scale": "r = √(mean(x²) + ε) of the final norm's input, held fixed by the attribution (layer −1)",
+    **{f"d_{k}": f"intervened − baseline of {k}" for k in (
+        "dla_embed", "dla_step", "dla_attn", "dla_head", "dla_head_image", "dla_head_sink", "dla_head_text",
+        "dla_mlp", "dla_total")},
+    # activation patching (condition: denoise = clean activation into the corrupted run, noise = the reverse)
+    "patch_resid_image": "normalised recovery (m − m_corrupted)/(m_clean − m_corrupted) of the margin when the "
+                         "residual entering the layer is patched at every image token (1: clean, 0: corrupted)",
+    "patch_resid_question": "the same, patched at the text tokens after the image before the decision token",
+    "patch_resid_decision": "the same, patched at the decision token",
+    "patch_head": "the same, one head's output (before o_proj) patched at every text token after the image",
+    "patch_mlp": "the same, the layer's MLP output patched at every text token after the image",
+    **{f"patch_{k}_margin": f"logit(Yes) − logit(No) of the run patched as in patch_{k}" for k in (
+        "resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    "patch_margin_clean": "the clean run's margin the recoveries are normalised by (layer −1)",
+    "patch_margin_corrupted": "the corrupted run's margin the recoveries are normalised by (layer −1)",
+    "patch_margin_floor": "noise floor of a margin: a clean − corrupted gap under it leaves nothing to recover "
+                          "(recoveries are NaN)",
+    # attribution patching: the same grid to first order, (a_source − a_dest) · ∂margin/∂a at the destination
+    **{f"atp_{k}": f"attribution patching's estimate of patch_{k} (gradient × difference)" for k in (
+        "resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    **{f"atp_{k}_margin": f"attribution patching's estimate of patch_{k}_margin" for k in (
+        "resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    "atp_margin_clean": "the plain clean forward's margin (attribution patching's normaliser)",
+    "atp_margin_corrupted": "the plain corrupted forward's margin",
+    "atp_margin_floor": "noise floor of a margin (as patch_margin_floor)",
+    "atp_spearman_{kind}": "Spearman rank correlation of atp_* and patch_* over the patches of one kind (resid, "
+                           "heads, mlp)",
+    "atp_failures_{kind}": "count of patches of one kind where atp_* and patch_* differ by more than 0.25: where "
+                           "the first order fails",
 }
 
 
@@ -90,6 +133,8 @@ def documented(metric: str, intervention=None) -> bool:
     """Whether a record's metric name is in the glossary (``{norm}_…`` and ``final_logit:…`` patterns too)."""
     names = glossary(intervention)
     if metric in names or metric.split(":")[0] in names:
+        return True
+    if any(metric == key.replace("{kind}", k) for key in names if "{kind}" in key for k in ("resid", "heads", "mlp")):
         return True
     return any(metric == key.replace("{norm}", n) for key in names if "{norm}" in key for n in ("ln1", "ln2", "ln_final"))
 

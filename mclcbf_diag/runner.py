@@ -56,6 +56,10 @@ class LayerCapture:
     heads: dict = field(default_factory=dict)  # per-head records [H]
     added: torch.Tensor | None = None  # the vector added at the decision token [d], if any
     keys: torch.Tensor | None = None  # [kv_heads, n, hd] look-ahead keys (keep_keys, tests)
+    # with ``components`` (prefill): "z" [H·hd] the heads' outputs before o_proj and "mlp" [d] the MLP's
+    # output at the decision token, "normed" [keys, d] input_layernorm's output at every key (what v_proj
+    # read; nnsight reaches the softmax inside attention only when nothing inside it was read first)
+    parts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -99,8 +103,10 @@ class _Run:
 
     def __init__(self, lm: LoadedModel, rows: list[Row], intervention: Intervention | None, *, steer: bool,
                  dose: float, capture: bool, start: int = 0, prefix_keys: dict | None = None,
-                 prefix_rows: list[int] | None = None, keep_keys: bool = False, patterns: bool = False):
+                 prefix_rows: list[int] | None = None, keep_keys: bool = False, patterns: bool = False,
+                 components: bool = False):
         self.lm, self.rows, self.iv = lm, rows, intervention
+        self.components = components and capture
         self.patterns = patterns  # show the pattern site its layers' attention in a logits-only run too
         self.steer, self.dose, self.capture, self.keep_keys = steer and intervention is not None, dose, capture, keep_keys
         self.prefix_start, self.prefix_keys = start, prefix_keys or {}
@@ -190,6 +196,7 @@ class _Run:
         visit = range(lm.n_layers) if self.capture else sorted(targeted)
         caps: dict[int, list[LayerCapture]] = {}
         self.start = self.prefix_start
+        parts = self.components and phase == "prefill"
         for n, i in enumerate(visit):
             layer = layers[i]
             here = i in targeted
@@ -204,7 +211,7 @@ class _Run:
                     caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
                 if here and "residual" in sites:
                     self.iv.residual(Site(self, "residual", i, x))
-                if self.pending_norm:
+                if self.pending_norm or parts:
                     y = envoy_at(layer, ad.layer_input_norm).output
                     for b, idx, v in self.pending_norm:
                         y[b, idx] += v.to(y.device)
@@ -214,6 +221,8 @@ class _Run:
                         caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
             if here and "attention" in sites:
                 self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
+            if parts:
+                z = envoy_at(layer, ad.layer_o_proj).input
             show = here and "pattern" in sites and (self.capture or self.patterns)
             if self.capture or show:
                 attn = envoy_at(layer, ad.layer_attention).output[1]
@@ -224,9 +233,13 @@ class _Run:
                     self.iv.pattern(Site(self, "pattern", i, attn))
             if self.capture:
                 mid = envoy_at(layer, ad.layer_post_attention_norm).input
+                mlp = envoy_at(layer, ad.layer_mlp).output if parts else None
                 post = layer.output
                 for r in self.rows:
                     c = caps[i][r.index]
+                    if parts:  # (the values are v_proj of "normed", at every key: see attribute.dla)
+                        c.parts = {"z": z[r.index, -1].detach().clone(), "mlp": mlp[r.index, -1].detach().clone(),
+                                   "normed": y[r.index, r.pad:].detach().clone()}
                     c.attn = attn[r.index, :, -1, r.pad:].detach().float().clone()
                     c.resid_mid = mid[r.index, -1].detach().clone()
                     c.resid_post = post[r.index, -1].detach().clone()
@@ -247,7 +260,7 @@ class _Run:
 
 def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
         max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
-        keep_embeds: bool = False) -> RunCapture:
+        keep_embeds: bool = False, components: bool = False) -> RunCapture:
     """Run one prompt once and capture the decision token at every layer.
 
     With ``steer=False`` (or no intervention) nothing is changed, but the intervention still
@@ -255,7 +268,8 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     dose-response). ``keep_embeds`` saves the prompt embeddings (image features merged in);
     when ``inputs`` carries them as ``inputs_embeds`` (see :func:`with_embeds`), a prefill
     run feeds them to the language model directly, skipping the vision tower, whose output
-    no language-model intervention can change.
+    no language-model intervention can change. ``components`` also keeps, in each prefill layer's
+    :attr:`LayerCapture.parts`, what direct logit attribution needs (:mod:`mclcbf_diag.attribution`).
     """
     intervention = as_intervention(intervention)
     ids = inputs["input_ids"]
@@ -264,7 +278,8 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     rows = rows_of(ids, inputs.get("attention_mask", torch.ones_like(ids)), lm.tokens.image_token_id)
     if intervention is not None:
         intervention.prepare(lm, inputs, rows)
-    state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys)
+    state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys,
+                 components=components)
     nm = traced(lm.model)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs and max_new_tokens <= 0:
@@ -403,3 +418,98 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
         return last, [state.records[r.index].get(("prefill", 0), {}) for r in rows]
     caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), intervention.row_records(r)) for r in rows]
     return last, caps
+
+
+class Activations(NamedTuple):
+    """What :func:`activations_forward` keeps of a batch's plain forward (every position)."""
+
+    logits: torch.Tensor  # [B, vocab] at the last position (float32)
+    cache: object  # the KV cache of every position (None without ``cache``)
+    resid: list  # per layer: [B, T, d] the residual entering it
+    z: list  # per layer: [B, T, H·hd] the heads' outputs before o_proj
+    mlp: list  # per layer: [B, T, d] the MLP's output
+    grads: dict | None  # with ``grad_of``: {"resid"|"z"|"mlp": per layer [B, T, …]} ∂margin/∂(that activation)
+
+
+def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
+                        grad_of: tuple[int, int] | None = None) -> Activations:
+    """One plain forward of a batch keeping every layer's residual input, head outputs and MLP output.
+
+    Plain PyTorch hooks, no edit: the model computes what it always computes. With ``grad_of =
+    (yes_id, no_id)`` the forward records an autograd graph from the language model's input
+    embeddings on (the vision tower stays outside it) and one backward of the summed margins
+    ``logit(yes) − logit(no)`` at the last position gives ∂margin/∂activation for every row (rows
+    do not interact, so each row's gradient is its own margin's). The model's weights get no
+    gradient (``requires_grad`` is left as it is; the graph is built from the embeddings only).
+    """
+    lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
+    layers = lm.adapter.decoder_layers(lm.model)
+    n = len(layers)
+    got = {"resid": [None] * n, "z": [None] * n, "mlp": [None] * n}
+    want = grad_of is not None
+
+    def keep(kind, i, t):
+        if want and t.requires_grad:
+            t.retain_grad()
+        got[kind][i] = t
+
+    def embeds(module, args, kwargs):
+        if want and kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].detach().requires_grad_(True)
+            return args, kwargs
+        return None
+
+    hooks = [lang.register_forward_pre_hook(embeds, with_kwargs=True)]
+    for i, layer in enumerate(layers):
+        o_proj = layer.get_submodule(lm.adapter.layer_o_proj)
+        mlp = layer.get_submodule(lm.adapter.layer_mlp)
+        hooks += [
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: keep("resid", i, a[0] if a else k["hidden_states"]), with_kwargs=True),
+            o_proj.register_forward_pre_hook(lambda m, a, i=i: keep("z", i, a[0])),
+            mlp.register_forward_hook(lambda m, a, out, i=i: keep("mlp", i, out)),
+        ]
+    grads = None
+    try:
+        with torch.set_grad_enabled(want):
+            out = lm.model(**inputs, use_cache=cache, logits_to_keep=1)
+            last = out.logits[:, -1].float()
+            if want:
+                yes, no = grad_of
+                (last[:, yes] - last[:, no]).sum().backward()
+                grads = {k: [t.grad for t in v] for k, v in got.items()}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    det = {k: [t.detach() for t in v] for k, v in got.items()}
+    return Activations(last.detach(), lm.adapter.output_cache(lm.model, out) if cache else None,
+                       det["resid"], det["z"], det["mlp"], grads)
+
+
+def run_patched(lm: LoadedModel, feed: dict, *, layer: int, entering: torch.Tensor,
+                z_source: torch.Tensor | None = None, z_mask: torch.Tensor | None = None,
+                mlp_source: torch.Tensor | None = None, mlp_mask: torch.Tensor | None = None,
+                **model_kwargs) -> torch.Tensor:
+    """Last-position logits ``[B, vocab]`` of a batch that starts at decoder layer ``layer`` and patches it.
+
+    Layers ``0 … layer−1`` are not run: layer ``layer`` gets ``entering`` ``[B, s, d]`` (with ``layer
+    == 0``, ``feed``'s ``inputs_embeds`` play that part). In that layer, where ``z_mask`` is true the
+    heads' outputs before ``o_proj`` (``[B, s, H·hd]``) are replaced by ``z_source``, and where
+    ``mlp_mask`` is true the MLP's output by ``mlp_source`` (masks broadcast against the values).
+    ``feed``/``model_kwargs`` are those of a continuation (:mod:`mclcbf_diag.models.shared_prefix`).
+    """
+    ad = lm.adapter
+    nm = traced(lm.model)
+    with torch.no_grad():
+        with nm.trace(**feed, logits_to_keep=1, **model_kwargs):
+            layers = envoy_at(nm, ad.layers)
+            for i in range(layer):
+                layers[i].skip(entering)
+            if z_source is not None:
+                z = envoy_at(layers[layer], ad.layer_o_proj).input
+                z[:] = torch.where(z_mask, z_source, z)
+            if mlp_source is not None:
+                out = envoy_at(layers[layer], ad.layer_mlp).output
+                out[:] = torch.where(mlp_mask, mlp_source, out)
+            last = nnsight.save(envoy_at(nm, ad.unembed).output[:, -1])
+    return last.float()

@@ -1,0 +1,381 @@
+"""Where the margin comes from: direct logit attribution, activation patching and attribution patching.
+
+The math is in :mod:`mclcbf_diag.attribution` (pure functions); the runs are the runner's
+(:func:`~mclcbf_diag.runner.run` with ``components``, :func:`~mclcbf_diag.runner.activations_forward`,
+:func:`~mclcbf_diag.runner.run_patched`). This module wires them together for one question:
+
+* :func:`dla` — the direct logit attribution of one captured run (baseline or intervened).
+* :func:`activation_patching` — the full grid, both directions, for a clean and a corrupted input
+  that differ only in the image (same prompt, so the same positions). A plain forward of the two
+  inputs (one batch) keeps their KV caches and every layer's activations; then, for every layer
+  L, one batch continues the text after the image from the shared prefix (nothing copied,
+  :mod:`mclcbf_diag.models.shared_prefix`), starting at layer L from the residual the forward had
+  there, one row per patch:
+
+  - residual at the image tokens: the source's own keys and values at every image position (the
+    text before the image is the same in both inputs, so from layer L on the image tokens *are*
+    the source's), and the destination's residual at the text after the image;
+  - residual at the question tokens or the decision token: the destination's keys and values, and
+    the destination's residual with those positions replaced by the source's;
+  - each head's output (before ``o_proj``) and each MLP's output at layer L, at every text
+    position after the image: the destination's everything, that one output replaced.
+
+  So a grid costs the plain forward of the two inputs plus a few positions per patch.
+* :func:`attribution_patching` — gradient × difference for the same grid: the clean activations
+  (a plain forward), the corrupted run's activations and ∂margin/∂activation (one forward and one
+  backward).
+
+Each patch's effect is the normalised recovery of the margin (``attribution.recovery``): 0 at the
+corrupted run, 1 at the clean one, in both directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import attribution as A
+from .models import LoadedModel
+from .records import NO_HEAD, NO_LAYER, frame
+from .runner import RunCapture, activations_forward, run_patched
+
+DIRECTIONS = ("denoise", "noise")
+"""denoise: clean activations into the corrupted run; noise: corrupted activations into the clean run."""
+
+
+# ----------------------------------------------------------------------------------------------- DLA
+def dla(lm: LoadedModel, capture: RunCapture) -> A.Attribution:
+    """Direct logit attribution of a run captured with ``components=True`` (prefill, decision token)."""
+    step = capture.steps[0]
+    if not step.layers or not step.layers[0].parts:
+        raise ValueError("the run was captured without components=True")  # programming error
+    layers, parts = sorted(step.layers), []
+    for i in layers:
+        c = step.layers[i]
+        o = lm.adapter.layer_part(lm.model, i, "layer_o_proj")
+        v = lm.adapter.layer_part(lm.model, i, "layer_v_proj")
+        with lm.onloaded(f"{lm.adapter.layers}.{i}"):
+            w, b = o.weight.detach(), (None if o.bias is None else o.bias.detach())
+            normed = c.parts["normed"].to(v.weight.device)
+            values = torch.nn.functional.linear(normed, v.weight.detach(),
+                                                None if v.bias is None else v.bias.detach())  # [K, kv·hd]
+        H, kv = lm.text_config.num_attention_heads, lm.text_config.num_key_value_heads
+        values = values.reshape(len(normed), kv, -1).transpose(0, 1)  # [kv, K, hd]
+        parts.append(A.LayerParts(step=(c.resid_pre - c.resid_pre_in), z=c.parts["z"].reshape(H, -1), o_weight=w,
+                                  o_bias=b, mlp=c.parts["mlp"], probs=c.attn, values=values))
+    last = step.layers[layers[-1]]
+    fn = lm.final_norm()
+    with lm.onloaded(lm.adapter.final_norm, lm.adapter.unembed):
+        gamma, eps = fn.weight.detach(), lm.adapter.norm_eps(fn)
+        head = lm.model.get_submodule(lm.adapter.unembed)
+        yes, no = lm.tokens.yes_id, lm.tokens.no_id
+        w_yes, w_no = head.weight[yes].detach(), head.weight[no].detach()
+        bias = 0.0 if head.bias is None else float(head.bias[yes] - head.bias[no])
+    margin = float(step.final_logits[yes] - step.final_logits[no])
+    return A.direct_logit_attribution(step.layers[layers[0]].resid_pre_in, parts, last.resid_post, gamma, eps,
+                                      w_yes, w_no, margin, bias, image=capture.detected)
+
+
+def dla_records(att: A.Attribution, *, question_id, condition: str, base: A.Attribution | None = None) -> dict:
+    """Tidy columns of one run's DLA (``base`` given: also every part's change ``d_…`` from it)."""
+    rows: dict[str, list] = {"layer": [], "head": [], "metric": [], "value": []}
+
+    def add(layer, head, metric, value):
+        rows["layer"].append(int(layer))
+        rows["head"].append(int(head))
+        rows["metric"].append(metric)
+        rows["value"].append(float(value))
+
+    def parts(a: A.Attribution, prefix: str):
+        add(NO_LAYER, NO_HEAD, f"{prefix}dla_embed", a.embed)
+        add(NO_LAYER, NO_HEAD, f"{prefix}dla_total", a.total)
+        for i in range(len(a.mlp)):
+            add(i, NO_HEAD, f"{prefix}dla_step", a.step[i])
+            add(i, NO_HEAD, f"{prefix}dla_attn", a.attn[i])
+            add(i, NO_HEAD, f"{prefix}dla_mlp", a.mlp[i])
+            for h in range(a.heads.shape[1]):
+                add(i, h, f"{prefix}dla_head", a.heads[i, h])
+            for s, v in a.sources.items():
+                for h in range(v.shape[1]):
+                    add(i, h, f"{prefix}dla_head_{s}", v[i, h])
+                add(i, NO_HEAD, f"{prefix}dla_head_{s}", v[i].sum())
+
+    parts(att, "")
+    add(NO_LAYER, NO_HEAD, "dla_final_scale", att.scale)
+    add(NO_LAYER, NO_HEAD, "dla_residual", att.margin - att.total)
+    if base is not None:
+        parts(_difference(att, base), "d_")
+    n = len(rows["value"])
+    return {"question_id": [question_id] * n, "condition": [condition] * n, "phase": ["prefill"] * n,
+            "decode_step": [0] * n, **rows}
+
+
+def _difference(a: A.Attribution, b: A.Attribution) -> A.Attribution:
+    return A.Attribution(embed=a.embed - b.embed, unembed_bias=a.unembed_bias - b.unembed_bias, step=a.step - b.step,
+                         heads=a.heads - b.heads, attn_bias=a.attn_bias - b.attn_bias, mlp=a.mlp - b.mlp,
+                         sources={s: a.sources[s] - b.sources[s] for s in a.sources if s in b.sources},
+                         margin=a.margin - b.margin, scale=math.nan)
+
+
+# ------------------------------------------------------------------------------------- patching
+def margin_floor(lm: LoadedModel) -> float:
+    """Noise floor of the Yes − No margin of a forward in the model's dtype.
+
+    ``noise.propagation_floor`` at the scale ``‖w_Yes − w_No‖ · max|γ| · √d`` (a bound on the margin's
+    size) after every language layer and the final norm."""
+    from . import noise
+
+    fn = lm.final_norm()
+    with lm.onloaded(lm.adapter.final_norm, lm.adapter.unembed):
+        gamma = fn.weight.detach().float()
+        w = lm.model.get_submodule(lm.adapter.unembed).weight
+        row = (w[lm.tokens.yes_id] - w[lm.tokens.no_id]).detach().float()
+    scale = float(row.norm()) * float(gamma.abs().max()) * math.sqrt(gamma.numel())
+    return noise.propagation_floor(lm.dtype, scale, lm.n_layers, final_norm=True)
+
+
+@dataclass
+class Grid:
+    """Normalised recoveries of every patch of one question, per direction (see the module docstring)."""
+
+    clean: float  # the margins the grid is normalised by (its own unpatched rows)
+    corrupted: float
+    floor: float  # the margin's noise floor: a clean − corrupted gap under it leaves nothing to recover
+    resid: dict = field(default_factory=dict)  # direction → [L, len(GROUPS)]
+    heads: dict = field(default_factory=dict)  # direction → [L, H]
+    mlp: dict = field(default_factory=dict)  # direction → [L]
+    margins: dict = field(default_factory=dict)  # the same keys ("resid:denoise", …) → patched margins
+    plain: tuple = (math.nan, math.nan)  # (clean, corrupted) margins of the plain forward
+
+    @property
+    def gap(self) -> float:
+        return self.clean - self.corrupted
+
+
+def paired_inputs(lm: LoadedModel, clean: dict, corrupted: dict) -> dict:
+    """One batch of the clean and the corrupted input (rows 0 and 1); they must be the same prompt."""
+    from .errors import UserError
+
+    if clean["input_ids"].shape != corrupted["input_ids"].shape or not torch.equal(clean["input_ids"],
+                                                                                  corrupted["input_ids"]):
+        raise UserError("the clean and the corrupted input must be the same prompt (only the image may differ)")
+    ids = clean["input_ids"][0]
+    image = ids == lm.tokens.image_token_id
+    if not image.any() or int(image.nonzero().max()) + 1 >= len(ids):
+        raise UserError("the prompt needs an image and text after it (the question and the decision token)")
+    return {k: torch.cat([clean[k], corrupted[k]]) for k in clean if isinstance(clean[k], torch.Tensor)}
+
+
+def _text_start(lm: LoadedModel, ids: torch.Tensor) -> int:
+    return int((ids == lm.tokens.image_token_id).nonzero().max()) + 1
+
+
+def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None, progress: bool = False) -> Grid:
+    """The full activation-patching grid of one question, both directions (see the module docstring).
+
+    ``clean``/``corrupted``: model inputs of one prompt each (the same ids, different images);
+    ``acts``: their :func:`~mclcbf_diag.runner.activations_forward` with ``cache=True`` (as a
+    batch of the two, from :func:`paired_inputs`), when the caller already has it.
+    """
+    from .models.shared_prefix import SharedPrefix, continuation_mask, continuing
+    from .progress import tqdm
+
+    both = paired_inputs(lm, clean, corrupted)
+    if acts is None:
+        acts = activations_forward(lm, both, cache=True)
+    ids = both["input_ids"][0]
+    T, start = len(ids), _text_start(lm, both["input_ids"][0])
+    s = T - start
+    kv = [(layer.keys, layer.values) for layer in acts.cache.layers]
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    n_layers = lm.n_layers
+    width = acts.z[0].shape[-1]
+    H = lm.text_config.num_attention_heads
+    hd = width // H
+    dev, dtype = acts.resid[0].device, acts.resid[0].dtype
+    ones = torch.ones(1, T, dtype=torch.long, device=dev)
+    grid = Grid(math.nan, math.nan, margin_floor(lm), plain=tuple(float(m) for m in acts.logits[:, yes]
+                                                                  - acts.logits[:, no]))
+    found: dict[str, list] = {}
+    for L in tqdm(range(n_layers), desc="activation patching", unit="layer", disable=not progress, leave=False):
+        rows = []  # (key, index, owner, entering, z head or None, mlp?, source)
+        for d, (dst, src) in (("denoise", (1, 0)), ("noise", (0, 1))):
+            base, other = acts.resid[L][dst, start:], acts.resid[L][src, start:]
+            if L == 0:
+                rows.append((f"none:{d}", 0, dst, base, None, False, src))
+            rows.append((f"resid:{d}", 0, src, base, None, False, src))
+            for g, sl in ((1, slice(0, s - 1)), (2, slice(s - 1, s))):
+                x = base.clone()
+                x[sl] = other[sl]
+                rows.append((f"resid:{d}", g, dst, x, None, False, src))
+            for h in range(H):
+                rows.append((f"heads:{d}", h, dst, base, h, False, src))
+            rows.append((f"mlp:{d}", 0, dst, base, None, True, src))
+        rows.sort(key=lambda r: r[2])  # rows continuing one prefix are consecutive
+        B = len(rows)
+        entering = torch.stack([r[3] for r in rows])
+        owner = torch.tensor([r[2] for r in rows], device=dev)
+        srcs = torch.tensor([r[6] for r in rows], device=dev)
+        z_mask = torch.zeros(B, 1, H, hd, dtype=torch.bool, device=dev)
+        for b, r in enumerate(rows):
+            if r[4] is not None:
+                z_mask[b, 0, r[4]] = True
+        mlp_mask = torch.tensor([r[5] for r in rows], device=dev)[:, None, None]
+        feed = {"inputs_embeds": entering, "attention_mask": continuation_mask(ones.expand(B, -1), start, dtype),
+                "position_ids": torch.arange(start, T, device=dev)[None].expand(B, -1)}
+        shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)
+        with continuing(lm, shared):
+            logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False,
+                                 z_source=acts.z[L][srcs, start:], z_mask=z_mask.reshape(B, 1, width),
+                                 mlp_source=acts.mlp[L][srcs, start:], mlp_mask=mlp_mask)
+        m = (logits[:, yes] - logits[:, no]).cpu()
+        for b, r in enumerate(rows):
+            found.setdefault(r[0], []).append((L, r[1], float(m[b])))
+    refs = {k.split(":")[1]: v[0][2] for k, v in found.items() if k.startswith("none:")}
+    grid.clean, grid.corrupted = refs["noise"], refs["denoise"]  # each direction's unpatched destination
+    shapes = {"resid": (n_layers, len(A.GROUPS)), "heads": (n_layers, H), "mlp": (n_layers,)}
+    for key, entries in found.items():
+        kind, d = key.split(":")
+        if kind == "none":
+            continue
+        t = torch.full(shapes[kind], math.nan, dtype=torch.float64)
+        for L, i, v in entries:
+            t[(L, i) if len(shapes[kind]) == 2 else L] = v
+        grid.margins[key] = t
+        getattr(grid, kind)[d] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
+    return grid
+
+
+def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None,
+                         directions: tuple[str, ...] = ("denoise",)) -> Grid:
+    """Attribution patching (gradient × difference) of the grid of :func:`activation_patching`.
+
+    A patch's effect is estimated to first order at the destination run: ``m_dest + (a_src − a_dest) ·
+    ∂m/∂a``, summed over the patch's positions (and the head's slice). Denoising needs the clean
+    activations (``acts``: a :func:`paired_inputs` forward, or a plain forward of ``clean`` is run) and
+    one forward with a backward of the corrupted run; ``"noise"`` in ``directions`` adds one backward
+    of the clean run. The estimates are normalised like the grid's recoveries, by the plain forward's
+    margins.
+    """
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    start = _text_start(lm, clean["input_ids"][0])
+    paired_inputs(lm, clean, corrupted)  # the same prompt, with text after the image
+    if acts is None:
+        acts = activations_forward(lm, clean)
+        src_rows = {"clean": 0}
+    else:
+        src_rows = {"clean": 0, "corrupted": 1}
+    runs = {"clean": acts}
+    grads = {}
+    for d in directions:
+        dest = "corrupted" if d == "denoise" else "clean"
+        g = activations_forward(lm, corrupted if dest == "corrupted" else clean, grad_of=(yes, no))
+        grads[dest] = g
+        if dest == "corrupted":
+            runs["corrupted"], src_rows["corrupted"] = g, 0
+        else:
+            runs["clean"], src_rows["clean"] = g, 0
+    if "corrupted" not in runs:
+        runs["corrupted"] = acts
+    m = {k: float(runs[k].logits[src_rows[k], yes] - runs[k].logits[src_rows[k], no]) for k in ("clean", "corrupted")}
+    grid = Grid(m["clean"], m["corrupted"], margin_floor(lm), plain=(m["clean"], m["corrupted"]))
+    T = clean["input_ids"].shape[1]
+    pos = A.group_positions(clean["input_ids"][0] == lm.tokens.image_token_id)
+    H = lm.text_config.num_attention_heads
+    for d in directions:
+        dest, src = ("corrupted", "clean") if d == "denoise" else ("clean", "corrupted")
+        gr = grads[dest].grads
+
+        def act(kind, who, L, sl=slice(None)):
+            return getattr(runs[who], kind)[L][src_rows[who], sl].float()
+
+        resid = torch.zeros(lm.n_layers, len(A.GROUPS), dtype=torch.float64)
+        heads = torch.zeros(lm.n_layers, H, dtype=torch.float64)
+        mlp = torch.zeros(lm.n_layers, dtype=torch.float64)
+        text = slice(start, T)
+        for L in range(lm.n_layers):
+            diff = act("resid", src, L) - act("resid", dest, L)
+            per_pos = A.attribution_estimate(diff, gr["resid"][L][0])  # [T]
+            for j, g in enumerate(A.GROUPS):
+                resid[L, j] = float(per_pos[pos[g].to(per_pos.device)].sum())
+            dz = (act("z", src, L, text) - act("z", dest, L, text)).reshape(T - start, H, -1)
+            heads[L] = A.attribution_estimate(dz, gr["z"][L][0, text].reshape(T - start, H, -1), (0, 2)).cpu()
+            mlp[L] = float(A.attribution_estimate(act("mlp", src, L, text) - act("mlp", dest, L, text),
+                                                  gr["mlp"][L][0, text], (0, 1)))
+        for kind, est in (("resid", resid), ("heads", heads), ("mlp", mlp)):
+            patched = m[dest] + est
+            grid.margins[f"{kind}:{d}"] = patched
+            getattr(grid, kind)[d] = A.recovery(patched, grid.corrupted, grid.clean, grid.floor)
+    return grid
+
+
+# --------------------------------------------------------------------------------------- records
+def grid_records(grid: Grid, *, question_id, method: str = "patch") -> dict:
+    """Tidy columns of a patching grid: ``method`` ``"patch"`` (activation patching) or ``"atp"`` (attribution
+    patching); condition = the direction; per patch its normalised recovery (``<method>_…``) and margin
+    (``<method>_…_margin``); layer −1: the clean and corrupted margins and the floor."""
+    rows: dict[str, list] = {"condition": [], "layer": [], "head": [], "metric": [], "value": []}
+
+    def add(cond, layer, head, metric, value):
+        for k, v in zip(rows, (cond, int(layer), int(head), metric, float(value))):
+            rows[k].append(v)
+
+    for d in grid.heads:
+        add(d, NO_LAYER, NO_HEAD, f"{method}_margin_clean", grid.clean)
+        add(d, NO_LAYER, NO_HEAD, f"{method}_margin_corrupted", grid.corrupted)
+        add(d, NO_LAYER, NO_HEAD, f"{method}_margin_floor", grid.floor)
+        for kind in ("resid", "heads", "mlp"):
+            rec, marg = getattr(grid, kind)[d], grid.margins[f"{kind}:{d}"]
+            for L in range(rec.shape[0]):
+                if kind == "resid":
+                    for j, g in enumerate(A.GROUPS):
+                        add(d, L, NO_HEAD, f"{method}_resid_{g}", rec[L, j])
+                        add(d, L, NO_HEAD, f"{method}_resid_{g}_margin", marg[L, j])
+                elif kind == "heads":
+                    for h in range(rec.shape[1]):
+                        add(d, L, h, f"{method}_head", rec[L, h])
+                        add(d, L, h, f"{method}_head_margin", marg[L, h])
+                else:
+                    add(d, L, NO_HEAD, f"{method}_mlp", rec[L])
+                    add(d, L, NO_HEAD, f"{method}_mlp_margin", marg[L])
+    n = len(rows["value"])
+    return {"question_id": [question_id] * n, "condition": rows.pop("condition"), "phase": ["prefill"] * n,
+            "decode_step": [0] * n, **rows}
+
+
+def agreement(atp: Grid, patch: Grid, *, gross: float = 0.25) -> dict:
+    """How well attribution patching reproduces activation patching, per kind of patch and direction:
+    Spearman's rank correlation over the patches, and the patches where the first order fails (the two
+    recoveries more than ``gross`` apart): ``{"<kind>:<direction>": {"spearman": ρ, "failures": [index…]}}``."""
+    out = {}
+    for kind in ("resid", "heads", "mlp"):
+        for d in getattr(atp, kind):
+            a, p = getattr(atp, kind)[d], getattr(patch, kind).get(d)
+            if p is None:
+                continue
+            bad = torch.nonzero((a - p).abs() > gross).tolist()
+            out[f"{kind}:{d}"] = {"spearman": A.spearman(a, p), "failures": [tuple(i) for i in bad]}
+    return out
+
+
+def agreement_records(agree: dict, *, question_id) -> dict:
+    rows = {"condition": [], "metric": [], "value": []}
+    for key, v in agree.items():
+        kind, d = key.split(":")
+        rows["condition"].append(d)
+        rows["metric"].append(f"atp_spearman_{kind}")
+        rows["value"].append(v["spearman"])
+        rows["condition"].append(d)
+        rows["metric"].append(f"atp_failures_{kind}")
+        rows["value"].append(len(v["failures"]))
+    n = len(rows["value"])
+    return {"question_id": [question_id] * n, "condition": rows["condition"], "phase": ["prefill"] * n,
+            "decode_step": [0] * n, "layer": [NO_LAYER] * n, "head": [NO_HEAD] * n, "metric": rows["metric"],
+            "value": rows["value"]}
+
+
+def records_frame(*parts: dict):
+    """Tidy record columns (several parts) → one frame (:func:`mclcbf_diag.records.frame`)."""
+    return frame({k: [v for p in parts for v in p[k]] for k in parts[0]})

@@ -1,0 +1,336 @@
+"""Direct logit attribution, activation patching and attribution patching on real models (mclcbf_diag.attribute).
+
+References never go through the code under test: the model's own logits (the margin the DLA must
+sum to), plain HF forwards with ``register_forward_pre_hook`` / ``register_forward_hook`` written
+here (one forward per patch, the whole prompt, the activation replaced), and a planted model built
+here in which one head alone copies a "Yes" feature from the image. Models: the shipped embedded
+model, a tiny random LLaVA of the embedded shape and one with grouped-query attention.
+
+Tolerances: the DLA sum against the model's margin is the issue's 1e-5 and, where smaller, the
+margin's float32 floor (``floors.margin_floor``); a patched margin against a hooked full forward is
+two routes to one logit difference (``floors.margin_floor``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import floors
+import pytest
+import torch
+from PIL import Image
+
+from mclcbf_diag import attribution as A
+from mclcbf_diag.attribute import (
+    activation_patching,
+    agreement,
+    attribution_patching,
+    dla,
+    dla_records,
+    paired_inputs,
+)
+from mclcbf_diag.data import build_prompt
+from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.errors import UserError
+from mclcbf_diag.interventions import resolve
+from mclcbf_diag.models import load_model
+from mclcbf_diag.records import documented
+from mclcbf_diag.runner import activations_forward, run
+
+QUESTION = "Is there a dog in the image?"
+
+
+@pytest.fixture(scope="module", params=["embedded", "tiny", "tiny_gqa"])
+def lm(request):
+    if request.param == "tiny":
+        return load_model(str(request.getfixturevalue("saved_tiny_dir")))
+    if request.param == "embedded":
+        return request.getfixturevalue("embedded_model")
+    return request.getfixturevalue("tiny_gqa_model")
+
+
+def _inputs(lm, image, question=QUESTION):
+    return lm.inputs(build_prompt(question), image)
+
+
+def _blank():
+    return Image.new("RGB", (336, 336), (128, 128, 128))
+
+
+def _margin_of(lm, logits):
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+# ------------------------------------------------------------------------------------------- DLA
+def _dla_bound(lm) -> float:
+    return min(1e-5, floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id))
+
+
+@pytest.mark.parametrize("which", ["baseline", "mclcbf", "pai"])
+def test_dla_sums_to_the_models_own_margin(lm, which):
+    iv = None
+    if which == "mclcbf":  # a residual step large enough to matter (DESIGN §8: α 50; τ above a random model's h)
+        iv = resolve("mclcbf", None, [f"layers=1:{lm.n_layers}", "span=detected", "alpha=50", "tau=0.999"])
+    elif which == "pai":
+        iv = resolve("pai", None, [])
+    image = sample_scene(0, 0).image()
+    inputs = _inputs(lm, image)
+    att = dla(lm, run(lm, inputs, iv, components=True))
+    # the margin of the run's own logits (the intervened forward's, when there is an intervention)
+    assert abs(att.total - att.margin) <= _dla_bound(lm), (att.total, att.margin)
+    if iv is None:
+        with torch.no_grad():
+            reference = _margin_of(lm, lm.model(**inputs).logits[0, -1].float())  # plain HF forward
+        assert abs(att.margin - reference) <= floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+    # each head's split by source sums to the head (z = Σ p v; the two routes' float32 floor)
+    scale = float(att.heads.abs().max())
+    split = sum(att.sources.values())
+    assert torch.allclose(split, att.heads, rtol=0, atol=max(floors.margin_floor(lm, lm.tokens.yes_id,
+                                                                                 lm.tokens.no_id), 1e-6 * scale))
+    if which == "mclcbf":
+        assert float(att.step.abs().sum()) > 0  # the intervention's own part is counted
+    else:
+        assert float(att.step.abs().sum()) == 0
+
+
+def test_dla_heads_equal_a_hooked_forward(embedded_model):
+    """Each head's contribution from its output before o_proj read by a plain hook, the final norm's
+    scale and lm_head's rows read from the modules here."""
+    lm = embedded_model
+    inputs = _inputs(lm, sample_scene(3, 0).image())
+    layers = lm.model.model.language_model.layers
+    z, post = {}, {}
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: z.__setitem__(i, a[0][0, -1]))
+             for i, layer in enumerate(layers)]
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, out: post.__setitem__("x", out[0, -1])))
+    with torch.no_grad():
+        lm.model(**inputs)
+    for h in hooks:
+        h.remove()
+    x = post["x"]
+    norm = lm.model.model.language_model.norm
+    r = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
+    w = lm.model.lm_head.weight
+    u = norm.weight * (w[lm.tokens.yes_id] - w[lm.tokens.no_id]) / r
+    att = dla(lm, run(lm, inputs, components=True))
+    H = lm.text_config.num_attention_heads
+    for i, layer in enumerate(layers):
+        ref = torch.stack([u @ layer.self_attn.o_proj.weight[:, h * 32:(h + 1) * 32] @ z[i][h * 32:(h + 1) * 32]
+                           for h in range(H)]).detach()
+        torch.testing.assert_close(att.heads[i], ref, atol=_dla_bound(lm), rtol=0)
+
+
+def test_dla_records_are_tidy_and_documented(embedded_model):
+    lm = embedded_model
+    inputs = _inputs(lm, sample_scene(0, 0).image())
+    base = dla(lm, run(lm, inputs, components=True))
+    iv = resolve("mclcbf", None, ["span=detected", "alpha=50", "tau=0.9"])
+    steered = dla(lm, run(lm, inputs, iv, components=True))
+    rec = dla_records(steered, question_id="q", condition="steered", base=base)
+    assert len({len(v) for v in rec.values()}) == 1
+    assert all(documented(m) for m in set(rec["metric"]))
+    d = {(layer, head): v for layer, head, m, v in zip(rec["layer"], rec["head"], rec["metric"], rec["value"])
+         if m == "d_dla_head"}
+    assert d[(5, 1)] == pytest.approx(float(steered.heads[5, 1] - base.heads[5, 1]))
+
+
+# ------------------------------------------------------------------------------ activation patching
+def _hooked_margin(lm, inputs, *, resid=None, head=None, mlp=None):
+    """One plain forward of ``inputs`` with one activation replaced by a hook: ``resid = (layer, positions,
+    values [n, d])``, ``head = (layer, h, positions, values [n, hd])``, ``mlp = (layer, positions, values)``."""
+    layers = lm.model.model.language_model.layers
+    hooks = []
+    if resid is not None:
+        L, pos, vals = resid
+
+        def pre(m, args, kwargs):
+            x = args[0].clone()
+            x[0, pos] = vals
+            return (x, *args[1:]), kwargs
+
+        hooks.append(layers[L].register_forward_pre_hook(pre, with_kwargs=True))
+    if head is not None:
+        L, h, pos, vals = head
+        hd = vals.shape[-1]
+
+        def pre_o(m, args):
+            z = args[0].clone()
+            z[0, pos, h * hd:(h + 1) * hd] = vals
+            return (z,)
+
+        hooks.append(layers[L].self_attn.o_proj.register_forward_pre_hook(pre_o))
+    if mlp is not None:
+        L, pos, vals = mlp
+
+        def post(m, args, out):
+            out = out.clone()
+            out[0, pos] = vals
+            return out
+
+        hooks.append(layers[L].mlp.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            return _margin_of(lm, lm.model(**inputs).logits[0, -1].float())
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def pair(embedded_model):
+    lm = embedded_model
+    scene = sample_scene(0, 0)
+    assert "dog" in scene.visible
+    return _inputs(lm, scene.image()), _inputs(lm, _blank())
+
+
+@pytest.fixture(scope="module")
+def grid(embedded_model, pair):
+    return activation_patching(embedded_model, *pair)
+
+
+def test_the_full_patch_recovers_one_and_no_patch_zero(embedded_model, grid):
+    """The residual at every image token entering layer 0 is all the clean and corrupted inputs differ
+    in (the text is the same): patching it recovers 1 (denoising) or 0 (noising); and the grid is
+    normalised by its own unpatched rows. The patched row and the reference row have the same inputs,
+    so they agree to rounding order (bit for bit on this machine)."""
+    lm = embedded_model
+    tol = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id) / abs(grid.gap)
+    assert abs(grid.gap) > 1  # the blank image flips the answer
+    assert abs(float(grid.resid["denoise"][0, 0]) - 1) <= tol
+    assert abs(float(grid.resid["noise"][0, 0])) <= tol
+    # the text tokens entering layer 0 are the same in both inputs: patching them changes nothing
+    for g in (1, 2):
+        assert abs(float(grid.resid["denoise"][0, g])) <= tol
+        assert abs(float(grid.resid["noise"][0, g]) - 1) <= tol
+    # the decision token leaving the last layer... entering it, is everything the answer reads after the
+    # last layer's own work; the unpatched margins are the plain forward's
+    for ref, plain in zip((grid.clean, grid.corrupted), grid.plain):
+        assert abs(ref - plain) <= floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+
+
+def test_the_clean_input_on_both_sides_leaves_nothing_to_recover(embedded_model, pair):
+    lm = embedded_model
+    g = activation_patching(lm, pair[0], pair[0])
+    floor = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+    for kind in ("resid", "heads", "mlp"):
+        for d in ("denoise", "noise"):
+            assert torch.isnan(getattr(g, kind)[d]).all()  # 0/0: no gap beyond rounding
+            assert (g.margins[f"{kind}:{d}"] - g.clean).abs().max() <= floor
+
+
+@pytest.mark.parametrize("L", [0, 3, 6])
+def test_patched_margins_equal_hooked_full_forwards(embedded_model, pair, grid, L):
+    lm = embedded_model
+    clean, corrupted = pair
+    both = paired_inputs(lm, clean, corrupted)
+    acts = activations_forward(lm, both)
+    ids = clean["input_ids"][0]
+    pos = A.group_positions(ids == lm.tokens.image_token_id)
+    T = len(ids)
+    text = torch.arange(int(pos["image"].max()) + 1, T)
+    floor = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+    for d, (dst, src) in (("denoise", (1, 0)), ("noise", (0, 1))):
+        dest = (clean, corrupted)[dst]
+        for j, g in enumerate(A.GROUPS):
+            ref = _hooked_margin(lm, dest, resid=(L, pos[g], acts.resid[L][src, pos[g]]))
+            assert abs(float(grid.margins[f"resid:{d}"][L, j]) - ref) <= floor, (d, g)
+        for h in (0, 1, 3):
+            z = acts.z[L][src, text].reshape(len(text), 4, -1)[:, h]
+            ref = _hooked_margin(lm, dest, head=(L, h, text, z))
+            assert abs(float(grid.margins[f"heads:{d}"][L, h]) - ref) <= floor, (d, h)
+        ref = _hooked_margin(lm, dest, mlp=(L, text, acts.mlp[L][src, text]))
+        assert abs(float(grid.margins[f"mlp:{d}"][L]) - ref) <= floor
+
+
+def test_patching_refuses_two_prompts(embedded_model):
+    lm = embedded_model
+    a = _inputs(lm, _blank())
+    b = _inputs(lm, _blank(), "Is there a car in the image?")
+    with pytest.raises(UserError, match="same prompt"):
+        activation_patching(lm, a, b)
+
+
+def test_attribution_patching_agrees_with_activation_patching(embedded_model, pair, grid):
+    """Gradient × difference ranks the patches as activation patching does (Spearman over every head, MLP
+    and token group) except where the linearisation fails: a head whose patch moves the margin by more
+    than the corrupted run's softmax can follow to first order (head 5.1 here)."""
+    at = attribution_patching(embedded_model, *pair)
+    for kind in ("heads", "mlp", "resid"):
+        rho = A.spearman(at.__dict__[kind]["denoise"], grid.__dict__[kind]["denoise"])
+        assert rho > 0.7, (kind, rho)
+    # both rank head 5.1 first; its size is where the first order fails
+    assert A.rank_of(at.heads["denoise"], (5, 1)) == 1 and A.rank_of(grid.heads["denoise"], (5, 1)) == 1
+    assert float(at.heads["denoise"][5, 1]) < 0.5 < float(grid.heads["denoise"][5, 1])
+    agree = agreement(at, grid)
+    assert (5, 1) in agree["heads:denoise"]["failures"]
+    assert agree["heads:denoise"]["spearman"] == A.spearman(at.heads["denoise"], grid.heads["denoise"])
+
+
+# ---------------------------------------------------------------------------------- planted model
+PLANTED_HEAD = (0, 2)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_processor):
+    """A tiny random LLaVA in which head 0.2 alone copies a feature of the image into the Yes − No margin.
+
+    The head attends uniformly (its queries are zero), so at the decision token its output is its value of
+    the mean normalised input over every key. Its value reads a direction g chosen so that this mean is
+    0 for the blank image and positive for the clean one (g: the clean − blank difference of the means,
+    made orthogonal to the blank mean), and its o_proj slice writes that value along w_Yes − w_No, at
+    three times the size of the clean residual there. Every other weight is the random initialisation.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from conftest import TINY_SIZES
+    from mclcbf_diag.embedded.build import build_config
+
+    config = build_config(tiny_processor.tokenizer, **TINY_SIZES)
+    torch.manual_seed(3)
+    model = LlavaForConditionalGeneration(config)
+    out = tmp_path_factory.mktemp("planted")
+    model.save_pretrained(out)
+    tiny_processor.save_pretrained(out)
+    lm = load_model(str(out))
+    clean, corrupted = _inputs(lm, sample_scene(0, 0).image()), _inputs(lm, _blank())
+    acts = activations_forward(lm, paired_inputs(lm, clean, corrupted))
+    L, h = PLANTED_HEAD
+    layer = lm.model.model.language_model.layers[L]
+    with torch.no_grad():
+        means = layer.input_layernorm(acts.resid[L]).mean(1)  # [2, d]: the uniform average over every key
+    f = means[0] - means[1]
+    blank = means[1] / means[1].norm()
+    g = f - (f @ blank) * blank
+    z_clean = float(g @ means[0])
+    hd = lm.text_config.head_dim
+    w = lm.model.lm_head.weight
+    yes_no = (w[lm.tokens.yes_id] - w[lm.tokens.no_id]).detach()
+    size = 3 * float(acts.resid[-1][0, -1].norm())
+    with torch.no_grad():
+        rows = slice(h * hd, (h + 1) * hd)
+        layer.self_attn.q_proj.weight[rows] = 0
+        layer.self_attn.v_proj.weight[rows] = 0
+        layer.self_attn.v_proj.weight[h * hd] = g
+        layer.self_attn.o_proj.weight[:, rows] = 0
+        layer.self_attn.o_proj.weight[:, h * hd] = size * yes_no / yes_no.norm() / z_clean
+    return lm, clean, corrupted
+
+
+def test_a_planted_head_ranks_first_in_dla_and_both_patchings(planted):
+    lm, clean, corrupted = planted
+    a_clean, a_corr = (dla(lm, run(lm, x, components=True)) for x in (clean, corrupted))
+    diff = torch.cat([(a_clean.heads - a_corr.heads).reshape(-1), a_clean.mlp - a_corr.mlp])
+    H = lm.text_config.num_attention_heads
+    first = PLANTED_HEAD[0] * H + PLANTED_HEAD[1]
+    assert A.rank_of(diff, first) == 1
+    assert float(a_clean.sources["image"][PLANTED_HEAD] - a_corr.sources["image"][PLANTED_HEAD]) == pytest.approx(
+        float(diff[first]), rel=0.05)  # it reads the image (576 of its ~590 uniformly attended keys)
+    grid = activation_patching(lm, clean, corrupted)
+    assert abs(grid.gap) > 1
+    at = attribution_patching(lm, clean, corrupted, directions=("denoise", "noise"))
+    for g in (grid, at):
+        den = torch.cat([g.heads["denoise"].reshape(-1), g.mlp["denoise"]])
+        noi = torch.cat([g.heads["noise"].reshape(-1), g.mlp["noise"]]) - 1
+        assert A.rank_of(den, first) == 1 and A.rank_of(noi, first) == 1
+
