@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's comparison of interventions on the embedded model: ten `mclcbf-diag pope` runs per
-# POPE split (MC-LCBF's presets and the published interventions at their defaults), then one
-# `mclcbf-diag compare` over all thirty. Usage: bash reports/comparison.sh [ROOT] (default
+# The README's comparison of interventions on the embedded model: twelve `mclcbf-diag pope` runs per
+# POPE split (MC-LCBF's presets, the published interventions at their defaults, and the two prompt
+# controls), then one `mclcbf-diag compare` over all thirty-six. Usage: bash reports/comparison.sh [ROOT] (default
 # reports/comparison). Every run resumes, so rerunning after an interruption repeats nothing and a
 # finished run costs a few seconds. About 2 hours on one CPU thread for the three splits.
 set -euo pipefail
@@ -19,6 +19,8 @@ runs=(
   "vista|--intervention vista"
   "adhh|--intervention adhh"
   "var|--intervention var"
+  "lean-no|--prompt lean-no"
+  "look-carefully|--prompt look-carefully"
 )
 dirs=()
 for entry in "${runs[@]}"; do

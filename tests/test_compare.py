@@ -420,3 +420,48 @@ def test_a_run_made_with_labels_says_so_in_its_settings(oracle_runs, tmp_path):
                                                                    "entries": 3}}))
     row = compare_runs([run], resamples=200).iloc[0]
     assert row.settings == "--labels fixed labels.json"
+
+
+@pytest.mark.parametrize("name", ["lean-no", "look-carefully"])
+def test_a_prompt_control_pairs_its_baseline_with_the_default_prompts(oracle_runs, tmp_path, name):
+    from scipy.stats import binomtest
+
+    from mclcbf_diag.data.prompts import PROMPT_CONTROLS
+
+    tmp, _ = oracle_runs
+    assert main(["pope", "--split", "adversarial", "--limit", str(ORACLE_LIMIT), "--batch-size", "24",
+                 "--prompt", name, "--out", str(tmp_path / name)]) == 0
+    assert json.loads((tmp_path / name / "run.json").read_text())["prompt"] == PROMPT_CONTROLS[name]
+    table = compare_runs([tmp / "noop", tmp_path / name])
+    control = table[table.intervention == "prompt control"].set_index("split").loc["adversarial"]
+    assert control.settings.startswith(f"--prompt {name}")
+    # by hand: the default prompt's baseline answers against this run's baseline answers, question by question
+    # (a valid Yes/No answer that is no longer one is derailed; only valid changes are fixes or breaks)
+    plain = {r["question_id"]: r for r in _rows(tmp / "noop")}
+    worded = _rows(tmp_path / name)
+    counts = {"fixed": 0, "broken": 0, "derailed": 0, "unchanged": 0}
+    for r in worded:
+        b = plain[r["question_id"]]
+        if b["baseline_valid"] and not r["baseline_valid"]:
+            counts["derailed"] += 1
+        elif b["baseline_answer"] == r["baseline_answer"]:
+            counts["unchanged"] += 1
+        else:
+            counts["fixed" if r["baseline_answer"] == r["label"] else "broken"] += 1
+    assert {k: int(control[k]) for k in counts} == counts
+    # McNemar counts a derailed answer as wrong: its discordant pairs are right ↔ wrong-or-not-Yes/No
+
+    def right(answer, valid, label):
+        return bool(valid) and answer == label
+
+    pairs = [(right(plain[r["question_id"]]["baseline_answer"], plain[r["question_id"]]["baseline_valid"], r["label"]),
+              right(r["baseline_answer"], r["baseline_valid"], r["label"])) for r in worded]
+    fixed, broken = sum(not a and b for a, b in pairs), sum(a and not b for a, b in pairs)
+    assert control.accuracy == pytest.approx(sum(r["baseline_answer"] == r["label"] for r in worded) / len(worded))
+    assert control.accuracy_valid == pytest.approx(sum(b for _, b in pairs) / len(pairs))
+    assert control.mcnemar_p == pytest.approx(binomtest(fixed, fixed + broken).pvalue if fixed + broken else 1.0)
+    # the prompt run's own row (its intervention under that wording) is still there
+    assert ((table.run == str(tmp_path / name)) & (table.intervention != "prompt control")).any()
+    # without a default-prompt run among those compared there is nothing to pair with: no control row
+    alone = compare_runs([tmp_path / name])
+    assert not (alone.intervention == "prompt control").any()

@@ -81,11 +81,13 @@ def labels_option(g) -> None:
 
 
 def prompt_option(g) -> None:
-    from ..data import LLAVA_PROMPT
+    from ..data.prompts import LLAVA_PROMPT, PROMPT_CONTROLS, prompt_template
 
-    g.add_argument("--prompt", default=LLAVA_PROMPT, metavar="TEMPLATE",
-                   help="prompt around the question, with <image> and {question} "
-                        "(default: llava-hf's 'USER: <image>\\n{question}\\nASSISTANT:')")
+    g.add_argument("--prompt", default=LLAVA_PROMPT, metavar="TEMPLATE", type=prompt_template,
+                   help="prompt around the question, with <image> and {question} (default: llava-hf's "
+                        "'USER: <image>\\n{question}\\nASSISTANT:'), or a prompt control: "
+                        + ", ".join(PROMPT_CONTROLS) + " (compare sets its baseline answers against the default "
+                        "prompt's)")
 
 
 def check_prompt(args) -> None:

@@ -225,12 +225,13 @@ def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: in
     from .metrics import paired_table
 
     kw = {"resamples": S.RESAMPLES if resamples is None else resamples, "seed": S.SEED if seed is None else seed}
-    rows, applied = [], 0
+    rows, applied, runs = [], 0, []
     for folder in map(Path, folders):
         run = _read(folder, "run.json")
         _check_run(folder, run)
+        runs.append((folder, run, read_records(folder / ANSWERS)[0]))
+    for folder, run, answers in runs:
         metrics, flips = _read(folder, "metrics.csv"), _read(folder, "flips.csv")
-        answers = read_records(folder / ANSWERS)[0]
         sets = [("question file", answers, metrics, flips)]
         if labels is not None:
             *relabelled, n = _relabelled(folder, run, answers, labels)
@@ -239,6 +240,7 @@ def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: in
         for label_set, recs, m, f in sets:
             paired = paired_table(recs, run.get("splits", []), **kw).set_index("split")
             rows += _run_rows(folder, run, recs, m, f, paired, label_set)
+    rows += _prompt_control_rows(runs, kw)
     if labels is not None and rows and not applied:
         raise UserError(f"labels file {show(labels.path)} relabels no question of the runs compared (its splits: "
                         f"{', '.join(sorted({str(s) for s, _ in labels.entries if s is not None})) or 'none'}); "
@@ -250,6 +252,48 @@ def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: in
     per_layer = [c for prefix in ("d_image_mass_L", "baseline_image_mass_L") for c in _layer_columns(table, prefix)]
     rest = [c for c in table.columns if c not in per_layer and c not in ("reported_on_llava_1_5_7b", "run")]
     return table[[*rest, *per_layer, "reported_on_llava_1_5_7b", "run"]]
+
+
+def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
+    """A run made with a prompt control (``--prompt lean-no``, …: :data:`~mclcbf_diag.data.prompts.PROMPT_CONTROLS`)
+    adds one more row per split: its *baseline* answers paired against the baseline answers of a run of the same model
+    with the default prompt among those compared, question by question (what the wording alone does). No such run:
+    no row."""
+    from ..data.prompts import LLAVA_PROMPT, control_name
+    from ..outcomes import outcome
+    from .metrics import flips_table, metrics_table, paired_table
+
+    plain = {}
+    for _, run, answers in runs:
+        if run.get("prompt", LLAVA_PROMPT) == LLAVA_PROMPT:
+            for r in answers:
+                plain.setdefault((run.get("model"), r["split"], str(r["question_id"])), r)
+    rows = []
+    for folder, run, answers in runs:
+        name = control_name(run.get("prompt", LLAVA_PROMPT))
+        if name is None:
+            continue
+        recs = []
+        for r in answers:
+            b = plain.get((run.get("model"), r["split"], str(r["question_id"])))
+            if b is None:
+                continue
+            bv, rv = b.get("baseline_valid", True) is not False, r.get("baseline_valid", True) is not False
+            recs.append({"split": r["split"], "question_id": r["question_id"], "label": r["label"],
+                         "baseline_answer": b["baseline_answer"], "baseline_margin": b.get("baseline_margin"),
+                         "baseline_valid": bv, "steered_answer": r["baseline_answer"],
+                         "steered_margin": r.get("baseline_margin"), "steered_valid": rv,
+                         "outcome": outcome(b["baseline_answer"], bv, r["baseline_answer"], rv, r["label"])})
+        if not recs:
+            continue
+        splits = [s for s in run.get("splits", []) if any(x["split"] == s for x in recs)]
+        paired = paired_table(recs, splits, **kw)
+        control = {**run, "intervention": "prompt control", "preset": None, "overrides": [], "labels": None}
+        for row in _run_rows(folder, control, [], metrics_table(recs, splits, paired), flips_table(recs, splits),
+                             paired.set_index("split"), "question file"):
+            rows.append({**row, "settings": f"--prompt {name}, baseline vs the default prompt's",
+                         "reported_on_llava_1_5_7b": "", "run": f"{folder}#prompt-control"})
+    return rows
 
 
 _STATS = ("mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi", "d_f1", "d_f1_lo", "d_f1_hi", "d_yes_ratio",
