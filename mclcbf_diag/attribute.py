@@ -39,7 +39,7 @@ import torch
 from . import attribution as A
 from .models import LoadedModel
 from .records import NO_HEAD, NO_LAYER, frame
-from .runner import RunCapture, activations_forward, run_patched
+from .runner import RunCapture, activations_forward, run, run_patched
 
 DIRECTIONS = ("denoise", "noise")
 """denoise: clean activations into the corrupted run; noise: corrupted activations into the clean run."""
@@ -199,7 +199,7 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
     grid = Grid(math.nan, math.nan, margin_floor(lm), plain=tuple(float(m) for m in acts.logits[:, yes]
                                                                   - acts.logits[:, no]))
     found: dict[str, list] = {}
-    for L in tqdm(range(n_layers), desc="activation patching", unit="layer", disable=not progress, leave=False):
+    for L in tqdm(range(n_layers), desc="activation patching", unit="layer", disable=not progress, leave=False, delay=2):
         rows = []  # (key, index, owner, entering, z head or None, mlp?, source)
         for d, (dst, src) in (("denoise", (1, 0)), ("noise", (0, 1))):
             base, other = acts.resid[L][dst, start:], acts.resid[L][src, start:]
@@ -379,3 +379,70 @@ def agreement_records(agree: dict, *, question_id) -> dict:
 def records_frame(*parts: dict):
     """Tidy record columns (several parts) → one frame (:func:`mclcbf_diag.records.frame`)."""
     return frame({k: [v for p in parts for v in p[k]] for k in parts[0]})
+
+
+# ----------------------------------------------------------------------------------- one question
+@dataclass
+class AttributeResult:
+    """Everything ``mclcbf-diag attribute`` computes for one question."""
+
+    records: object  # tidy frame
+    summary: dict
+    baseline: A.Attribution
+    steered: A.Attribution | None
+    patch: Grid
+    atp: Grid
+    agreement: dict
+
+
+def attribute_sample(lm: LoadedModel, question, image, corrupted_image, intervention=None, *,
+                     template: str | None = None, corruption: str = "", corrupted_pixels=None,
+                     progress: bool = False) -> AttributeResult:
+    """DLA of the baseline and the intervened run, the activation-patching grid and attribution patching.
+
+    ``corrupted_image``: the corrupted input's image (PIL); or ``corrupted_pixels``, its processed
+    ``pixel_values`` (the VCD noise acts on those), with ``corrupted_image`` None.
+    """
+    from .data import build_prompt
+
+    prompt = build_prompt(question.text, template) if template else build_prompt(question.text)
+    clean = lm.inputs(prompt, image)
+    if corrupted_pixels is not None:
+        corrupted = {**clean, "pixel_values": corrupted_pixels.to(clean["pixel_values"].device,
+                                                                 clean["pixel_values"].dtype)}
+    else:
+        corrupted = lm.inputs(prompt, corrupted_image)
+    qid = question.question_id
+    base = dla(lm, run(lm, clean, components=True))
+    parts = [dla_records(base, question_id=qid, condition="baseline")]
+    steered = None
+    if intervention is not None:
+        steered = dla(lm, run(lm, clean, intervention, components=True))
+        parts.append(dla_records(steered, question_id=qid, condition="steered", base=base))
+    acts = activations_forward(lm, paired_inputs(lm, clean, corrupted), cache=True)
+    grid = activation_patching(lm, clean, corrupted, acts=acts, progress=progress)
+    atp = attribution_patching(lm, clean, corrupted, acts=acts, directions=DIRECTIONS)
+    agree = agreement(atp, grid)
+    parts += [grid_records(grid, question_id=qid, method="patch"), grid_records(atp, question_id=qid, method="atp"),
+              agreement_records(agree, question_id=qid)]
+    records = records_frame(*parts)
+    H = base.heads.shape[1]
+
+    def top(scores: torch.Tensor, k: int = 3) -> list[str]:
+        flat = torch.nan_to_num(scores.reshape(-1).abs(), nan=-1.0)
+        idx = torch.argsort(flat, descending=True)[:k].tolist()
+        return [f"{i // H}.{i % H} ({float(scores.reshape(-1)[i]):+.3g})" for i in idx]
+
+    summary = {
+        "question_id": qid, "question": question.text, "label": question.label, "corruption": corruption,
+        "margin_clean": grid.plain[0], "margin_corrupted": grid.plain[1], "margin_floor": grid.floor,
+        "margin_steered": steered.margin if steered is not None else math.nan,
+        "dla_sum_error": base.margin - base.total,
+        "top_heads_dla": top(base.heads), "top_heads_dla_image": top(base.sources["image"]),
+        "top_heads_patch_denoise": top(grid.heads["denoise"]), "top_heads_atp_denoise": top(atp.heads["denoise"]),
+        "spearman_heads_denoise": agree["heads:denoise"]["spearman"],
+        "atp_failures": sum(len(v["failures"]) for v in agree.values()),
+    }
+    if steered is not None:
+        summary["top_heads_d_dla"] = top(steered.heads - base.heads)
+    return AttributeResult(records, summary, base, steered, grid, atp, agree)

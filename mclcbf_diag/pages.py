@@ -361,3 +361,84 @@ def trace_plot_sections(lm, ex) -> list[Section]:
 
 __all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "trace_sections", "explain_sections",
            "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections", "NoFigure"]
+
+
+# ----------------------------------------------------------------------------- attribute
+def attribute_sections(result) -> list[Section]:
+    """Every section of ``attribute.html`` (:func:`mclcbf_diag.attribute.attribute_sample`): the numbers, then
+    the direct logit attribution, activation patching and attribution patching heatmaps."""
+    from .plots import MissingDataError, layer_heatmaps
+
+    s, rec = result.summary, result.records
+    steered = result.steered is not None
+    lines = [f"Question {s['question_id']}: {s['question']} (label: {s['label'] or 'none'})",
+             f"Corruption: {s['corruption']}",
+             f"Margin logit(Yes) − logit(No): clean {_f(s['margin_clean'], True)}, corrupted "
+             f"{_f(s['margin_corrupted'], True)}"
+             + (f", intervened {_f(s['margin_steered'], True)}" if steered else ""),
+             f"The direct contributions sum to the margin up to {abs(s['dla_sum_error']):.2g}.",
+             "Heads with the largest direct contribution: " + ", ".join(s["top_heads_dla"])
+             + "; read from image keys: " + ", ".join(s["top_heads_dla_image"])]
+    if steered:
+        lines.append("Heads the intervention moved most (direct contribution): " + ", ".join(s["top_heads_d_dla"]))
+    gap = s["margin_clean"] - s["margin_corrupted"]
+    if abs(gap) <= s["margin_floor"]:
+        lines.append("The clean and corrupted margins are equal up to rounding: there is nothing to recover, so "
+                     "every patching recovery is undefined (NaN). Choose another corruption.")
+    else:
+        lines.append("Heads whose patch recovers most of the margin (denoising): " + ", ".join(
+            s["top_heads_patch_denoise"]) + "; attribution patching: " + ", ".join(s["top_heads_atp_denoise"])
+            + f" (Spearman ρ {_f(s['spearman_heads_denoise'])} over the heads)")
+
+    def figs(*specs):
+        out = []
+        for panels, kw in specs:
+            try:
+                out.append(layer_heatmaps(rec, panels, **kw))
+            except MissingDataError as exc:
+                out.append(NoFigure(kw["title"], str(exc)))
+        return out
+
+    conds = [("baseline", "baseline", "dla_head")] + ([("intervened", "steered", "dla_head"),
+                                                      ("intervened − baseline", "steered", "d_dla_head")]
+                                                     if steered else [])
+    parts = {"attention": "dla_attn", "MLP": "dla_mlp", "intervention step": "dla_step"}
+    dla = Section("Direct logit attribution", text=(
+        "Each head's direct contribution to logit(Yes) − logit(No) at the decision token: its output through "
+        "its slice of o_proj, through the final norm with its scale held at the value it had. With the embedding, "
+        "the MLPs and any residual edit of the intervention, the parts sum to the margin. The second row splits "
+        "each head by the keys it read: image keys, the first (sink) key and the other text keys."),
+        figures=figs(
+            (conds, dict(title="Direct contribution of each head", value="logit difference")),
+            ([(f"{src} keys", "baseline", f"dla_head_{src}") for src in ("image", "sink", "text")],
+             dict(title="Baseline, split by where each head reads", value="logit difference")),
+            ([(name, cond, parts if cond == "baseline" else {k: f"d_{v}" for k, v in parts.items()})
+              for name, cond in (("baseline", "baseline"), *((("intervened − baseline", "steered"),) if steered
+                                                             else ()))],
+             dict(title="Direct contribution per layer", value="logit difference"))))
+    groups = {"image": "{m}_resid_image", "question": "{m}_resid_question", "decision": "{m}_resid_decision",
+              "MLP": "{m}_mlp"}
+    sections = [Section("Outcome", lines=lines), dla]
+    for m, name, text in (
+            ("patch", "Activation patching", "Each patch is one row of a batch continuing the shared prefix. "
+             "Denoising: the clean activation replaces the corrupted one; noising: the reverse. The colour is the "
+             "normalised recovery (m − m_corrupted)/(m_clean − m_corrupted): 1 is the clean margin, 0 the "
+             "corrupted one. Heads and MLPs are patched at every text token after the image; the residual at one "
+             "token group."),
+            ("atp", "Attribution patching", "Gradient × difference: the same grid to first order at the destination "
+             "run (two forwards and a backward per direction). Where it and activation patching disagree by more "
+             "than 0.25 the first order fails (table below).")):
+        f = figs(
+            ([(d + "ing", d, f"{m}_head") for d in ("denoise", "noise")],
+             dict(title=f"{name}: each head's output", value="recovery", diverging=False)),
+            ([(d + "ing", d, {k: v.format(m=m) for k, v in groups.items()}) for d in ("denoise", "noise")],
+             dict(title=f"{name}: the residual stream per token group, and the MLPs", value="recovery",
+                  diverging=False)))
+        table = None
+        if m == "atp":
+            table = pd.DataFrame([{"patches": k.split(":")[0], "direction": k.split(":")[1],
+                                   "Spearman ρ with activation patching": v["spearman"],
+                                   "first order fails at": ", ".join(".".join(map(str, i)) for i in v["failures"])
+                                   or "none"} for k, v in result.agreement.items()])
+        sections.append(Section(name, text=text, figures=f, table=table))
+    return sections

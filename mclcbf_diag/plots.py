@@ -675,3 +675,54 @@ def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict |
                            bgcolor="rgba(255,255,255,0.85)")
     assert len(fig.data) == n_per_panel * len(panels)
     return fig
+
+
+def layer_heatmaps(records: pd.DataFrame, panels, *, title: str, value: str, question_id=None,
+                   diverging: bool = True, zrange: tuple[float, float] | None = None) -> go.Figure:
+    """Heatmaps side by side, layers down, on one colour scale (attribution and patching, prefill).
+
+    ``panels``: ``(subtitle, condition, metric)`` draws layer × head from the metric's per-head rows;
+    ``(subtitle, condition, {column: metric, …})`` draws layer × those columns from per-layer rows (head
+    −1), e.g. the token groups of a residual patch. ``diverging``: a red–blue scale centred on 0 (else
+    Viridis over ``zrange``, default the data's range). Raises :class:`MissingDataError` when a panel
+    has no rows.
+    """
+    df = _select(records, "prefill", 0, question_id)
+    grids = []
+    for subtitle, condition, metric in panels:
+        sub = df[(df["condition"] == condition) & (df["layer"] >= 0)]
+        if isinstance(metric, str):
+            rows = sub[(sub["metric"] == metric) & (sub["head"] >= 0)]
+            if rows.empty:
+                raise MissingDataError(f"records have no per-head {metric!r} rows for condition {condition!r}")
+            grid = rows.pivot(index="layer", columns="head", values="value")
+            x, xlabel = [int(h) for h in grid.columns], "head"
+        else:
+            rows = sub[sub["metric"].isin(list(metric.values())) & (sub["head"] < 0)]
+            if rows.empty:
+                raise MissingDataError(f"records have no rows of {sorted(metric.values())} for condition {condition!r}")
+            grid = rows.pivot(index="layer", columns="metric", values="value").reindex(columns=list(metric.values()))
+            x, xlabel = list(metric), ""
+        grids.append((subtitle, grid, x, xlabel))
+    values = np.concatenate([g.to_numpy(dtype=float).ravel() for _, g, _, _ in grids])
+    finite = values[np.isfinite(values)]
+    if diverging:
+        span = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+        scale = dict(colorscale="RdBu_r", cmid=0, cmin=-span, cmax=span)
+    else:
+        lo, hi = zrange if zrange is not None else ((float(finite.min()), float(finite.max())) if finite.size
+                                                    else (0.0, 1.0))
+        scale = dict(colorscale="Viridis", cmin=lo, cmax=hi if hi > lo else lo + 1)
+    fig = make_subplots(rows=1, cols=len(grids), subplot_titles=[g[0] for g in grids], shared_yaxes=True,
+                        horizontal_spacing=0.06)
+    for col, (subtitle, grid, x, xlabel) in enumerate(grids, start=1):
+        fig.add_trace(go.Heatmap(
+            z=grid.to_numpy(dtype=float), x=x, y=[int(i) for i in grid.index], name=subtitle, coloraxis="coloraxis",
+            hovertemplate=f"{subtitle}<br>layer %{{y}}, %{{x}}<br>{value} %{{z:.4g}}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(title_text=xlabel, dtick=1 if xlabel == "head" else None, type="category" if not xlabel
+                         else None, row=1, col=col)
+    fig.update_yaxes(title_text="layer", dtick=1, row=1, col=1)
+    fig.update_layout(title=title, height=460, margin=dict(b=120),
+                      coloraxis=dict(scale, colorbar=dict(orientation="h", y=-0.28, yanchor="top", thickness=12,
+                                                          len=0.5, title=dict(text=value, side="top"))))
+    return fig

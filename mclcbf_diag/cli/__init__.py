@@ -1,7 +1,8 @@
 """The ``mclcbf-diag`` command line: one thin module per command over the library.
 
 Commands: ``trace`` (:mod:`.trace`), ``explain`` (:mod:`.explain`), ``flow`` (:mod:`.flow`), ``pope`` and ``merge``
-(:mod:`.pope`), ``compare`` (:mod:`.compare`), ``embedded`` (:mod:`.embedded`); what they share (options, the checks that run before
+(:mod:`.pope`), ``compare`` (:mod:`.compare`), ``embedded`` (:mod:`.embedded`), ``attribute``
+(:mod:`.attribute`); what they share (options, the checks that run before
 any model loads, printing) is in :mod:`.common`. Nothing in the package imports this one.
 
 Every user mistake is a :class:`~mclcbf_diag.errors.UserError`: one line on stderr, exit
@@ -30,7 +31,7 @@ import sys
 
 from ..errors import UserError
 from ..shipped import POPE as EMBEDDED_POPE
-from . import compare, embedded, explain, flow, pope, trace
+from . import attribute, compare, embedded, explain, flow, pope, trace
 from .common import Parser, one_line
 
 __all__ = ["main", "build_parser", "EMBEDDED_POPE"]
@@ -49,6 +50,7 @@ def build_parser() -> Parser:
     pope.add_parser(sub)
     pope.add_merge_parser(sub)
     compare.add_parser(sub)
+    attribute.add_parser(sub)
     return parser
 
 

@@ -296,11 +296,12 @@ def quick_prompt_lengths(model: str | None, prompts: list[str], names: list[str]
 
 # Which command's run a folder holds, and which commands may write there without --force.
 _OWNERS = {"trace": {"trace"}, "explain": {"pages"}, "flow": {"pages"}, "pope": {"pope"},
-           "explain --split": {"explain --split"}, "merge": {"merge"}}
+           "explain --split": {"explain --split"}, "merge": {"merge"}, "attribute": {"attribute"}}
 
 
 def folder_holds(out: Path) -> str | None:
-    """Whose outputs ``out`` holds: ``pope``, ``explain --split``, ``merge``, ``trace``, ``pages`` or None."""
+    """Whose outputs ``out`` holds: ``pope``, ``explain --split``, ``merge``, ``trace``, ``attribute``, ``pages``
+    or None."""
     from ..pope.store import RUN, _load_run
 
     if (out / RUN).is_file():
@@ -308,6 +309,8 @@ def folder_holds(out: Path) -> str | None:
         if run.get("merged_from"):
             return "merge"
         return "explain --split" if run.get("kind") == "explain-population" else "pope"
+    if (out / "attribute.html").is_file():
+        return "attribute"
     if (out / "trace.html").is_file() or ((out / "config.json").is_file() and (out / "records.parquet").is_file()):
         return "trace"
     if any(out.glob("explain-*.html")) or any(out.glob("flow-*.html")):
@@ -320,7 +323,7 @@ def check_folder(out: Path, command: str, force: bool = False) -> None:
     held = folder_holds(out)
     if held is None or held in _OWNERS[command] or force:
         return
-    what = {"pages": "explain/flow pages", "merge": "a merged run", "trace": "a trace",
+    what = {"pages": "explain/flow pages", "merge": "a merged run", "trace": "a trace", "attribute": "an attribute run",
             "explain --split": "an explain --split run"}.get(held, f"a {held} run")
     raise UserError(f"--out {show(out)} holds {what}; {command} would write beside it (and could replace its "
                     f"files): pass another --out, or add --force to write there anyway")

@@ -1,0 +1,121 @@
+"""``mclcbf-diag attribute`` (mclcbf_diag.cli.attribute): refusals in a fresh process, and real runs.
+
+The run's saved figures are checked against references outside the command: the margin of a plain HF
+forward of the same prompt and image, and of the corrupted image it names (the minimal pair rendered
+here); the DLA's parts against that margin.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import floors
+import pandas as pd
+import pytest
+import torch
+from cli_refusals import refused
+
+from mclcbf_diag import shipped
+from mclcbf_diag.cli import main
+from mclcbf_diag.corrupt import minimal_pair
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.embedded.config import EVAL_SEED
+from mclcbf_diag.embedded.world import render, sample_scene
+from mclcbf_diag.records import documented
+
+
+def _pope(tmp_path, text="Is there a dog in the image?", image_from=0):
+    """A one-question POPE file in ``tmp_path`` whose image is a copy of a shipped one (or a grey image)."""
+    if image_from is None:
+        from PIL import Image
+
+        Image.new("RGB", (336, 336), (90, 90, 90)).save(tmp_path / "grey.png")
+        name = "grey.png"
+    else:
+        q = load_pope(shipped.pope_file("adversarial"))[image_from]
+        name = q.image
+        shutil.copy(resolve_image(q, shipped.IMAGES), tmp_path / name)
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question_id": "x1", "image": name, "text": text, "label": "yes"}) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["attribute", "--noise-step", "1000"], ["--noise-step", "goes with --corrupt noise"]),
+    (["attribute", "--corrupt", "noise", "--noise-step", "1000"], ["--noise-step 1000", "from 0 to 999"]),
+    (["attribute", "--corrupt", "blank", "--other-sample", "3"], ["--other-sample goes with --corrupt other"]),
+    (["attribute", "--seed", "-1"], ["--seed -1", "non-negative"]),
+    (["attribute", "--corrupt", "other", "--other-sample", "0"], ["--other-sample 0 has the same image"]),
+    (["attribute", "--corrupt", "other", "--other-sample", "99999"], ["--sample 99999 is out of range"]),
+    (["attribute", "--sample", "5000"], ["--sample 5000 is out of range"]),
+])
+def test_attribute_refusals_are_one_fast_line(tmp_path, argv, fragments):
+    _, torch_loaded = refused(argv, tmp_path, *fragments)
+    assert not (tmp_path / "reports").exists()
+    if "--seed" in argv or "--noise-step" in argv:
+        assert not torch_loaded, "a bad number is refused before torch loads"
+
+
+def test_a_minimal_pair_needs_the_embedded_world(tmp_path):
+    f = _pope(tmp_path, image_from=None)
+    refused(["attribute", "--pope-file", str(f), "--corrupt", "pair"], tmp_path, "--corrupt pair needs an image",
+            "grey.png", "choose --corrupt noise, blank or other")
+    g = _pope(tmp_path, text="Is there anything in the image?")
+    refused(["attribute", "--pope-file", str(g), "--corrupt", "pair"], tmp_path, "names no single object")
+
+
+def _margin(lm, text, image):
+    with torch.no_grad():
+        logits = lm.model(**lm.inputs(build_prompt(text), image)).logits[0, -1]
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def test_attribute_writes_records_and_a_page_with_the_margins_of_plain_forwards(tmp_path, capsys, embedded_model):
+    lm = embedded_model
+    out = tmp_path / "a"
+    assert main(["attribute", "--sample", "0", "--out", str(out)]) == 0  # the embedded default: the minimal pair
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [".mclcbf-diag.lock", "attribute.html", "config.json",
+                                                    "records.csv", "records.parquet"]
+    meta = json.loads((out / "config.json").read_text())
+    q = load_pope(shipped.pope_file("adversarial"))[0]
+    image = load_image(resolve_image(q, shipped.IMAGES))
+    pair, what = minimal_pair(sample_scene(0, EVAL_SEED), "dog")
+    assert meta["corrupt"] == "pair" and meta["corruption"] == f"the same scene with the dog {what}"
+    tol = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+    clean, corrupted = _margin(lm, q.text, image), _margin(lm, q.text, render(pair))
+    assert meta["summary"]["margin_clean"] == pytest.approx(clean, abs=tol)
+    assert meta["summary"]["margin_corrupted"] == pytest.approx(corrupted, abs=tol)
+    records = pd.read_parquet(out / "records.parquet")
+    assert all(documented(m) for m in records.metric.unique())
+    base = records[records.condition == "baseline"]
+    total = float(base[base.metric == "dla_total"].value.iloc[0])
+    assert abs(total - clean) <= min(1e-5, tol)  # the parts sum to the plain forward's margin
+    for d in ("denoise", "noise"):
+        r = records[(records.condition == d) & (records.metric == "patch_resid_image") & (records.layer == 0)]
+        assert float(r.value.iloc[0]) == pytest.approx(1.0 if d == "denoise" else 0.0, abs=tol / abs(clean - corrupted))
+    assert set(records.condition) == {"baseline", "steered", "denoise", "noise"}
+    html = (out / "attribute.html").read_text()
+    assert "Direct logit attribution" in html and "Attribution patching" in html and "<script src=" not in html
+    assert "margin      clean" in printed and "wrote" in printed
+    csv = pd.read_csv(out / "records.csv")
+    assert len(csv) == len(records)
+
+
+def test_attribute_with_noise_escapes_the_question_and_keeps_folders_apart(tmp_path, capsys, embedded_model):
+    f = _pope(tmp_path, text="Is there a <b>dog</b> in the image?")
+    out = tmp_path / "n"
+    assert main(["attribute", "--pope-file", str(f), "--out", str(out)]) == 0  # the default off the embedded set
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["corrupt"] == "noise" and "step 500" in meta["corruption"]
+    html = (out / "attribute.html").read_text()
+    assert "<b>dog</b>" not in html and "&lt;b&gt;dog&lt;/b&gt;" in html
+    capsys.readouterr()
+    assert main(["trace", "--pope-file", str(f), "--out", str(out)]) == 2
+    assert "holds an attribute run" in capsys.readouterr().err
+    t = tmp_path / "t"
+    assert main(["trace", "--pope-file", str(f), "--out", str(t)]) == 0
+    capsys.readouterr()
+    assert main(["attribute", "--pope-file", str(f), "--corrupt", "blank", "--out", str(t)]) == 2
+    assert "holds a trace" in capsys.readouterr().err
