@@ -465,3 +465,24 @@ def test_a_prompt_control_pairs_its_baseline_with_the_default_prompts(oracle_run
     # without a default-prompt run among those compared there is nothing to pair with: no control row
     alone = compare_runs([tmp_path / name])
     assert not (alone.intervention == "prompt control").any()
+
+
+def test_the_findings_follow_the_intervals(oracle_runs):
+    from mclcbf_diag.pope.compare import findings
+
+    tmp, wrong = oracle_runs
+    table = compare_runs([tmp / "oracle", tmp / "uniform", tmp / "noop"])
+    said = findings(table)
+    assert len(said) == 3
+    row = table[table.run == str(tmp / "oracle")].iloc[0]
+    oracle, pai, uniform_said = (next(x for x in said if x.startswith(f"`{row.intervention}` (defaults)")),
+                                 next(x for x in said if x.startswith("`pai`")),
+                                 next(x for x in said if "uniform=true" in x))
+    assert row.d_accuracy_lo > 0 and "gains accuracy on adversarial" in oracle  # the oracle's interval lies above 0
+    assert f"{100 * row.d_accuracy:+.1f} [{100 * row.d_accuracy_lo:+.1f}, {100 * row.d_accuracy_hi:+.1f}]" in oracle
+    assert f"fixed/broken(+derailed) {len(wrong)}/0" in oracle and "beyond a yes/no shift" in oracle
+    assert "changes no answer" in pai and "bias control" not in pai
+    uniform = table[table.run == str(tmp / "uniform")].iloc[0]
+    word = ("gains accuracy" if uniform.d_accuracy_lo > 0 else "loses accuracy" if uniform.d_accuracy_hi < 0
+            else "no change beyond chance")
+    assert word in uniform_said

@@ -47,7 +47,7 @@ def stats_view(table):
 
 
 def cmd_compare(args) -> int:
-    from ..pope.compare import compare_runs, layer_table, markdown_table
+    from ..pope.compare import compare_runs, findings, layer_table, markdown_table
     from ..report import Section, write_page
 
     from .. import stats as S
@@ -65,12 +65,17 @@ def cmd_compare(args) -> int:
     table = compare_runs(args.runs, labels, resamples=args.resamples, seed=args.seed)
     text = markdown_table(table)
     print(text)
+    said = findings(table)
+    print("\n" + "\n".join(f"- {line}" for line in said))
     print(STATS_NOTE.format(resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
                             explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE))
     if args.out:
         out = out_dir(args, args.out)
         layers = layer_table(table)
         write_frame(table, out / "compare.csv", "csv")
+        from ..storage import atomic_write_text
+
+        atomic_write_text(out / "compare_findings.md", "".join(f"- {line}\n" for line in said))
         write_frame(layers, out / "compare_layers.csv", "csv")
         deltas = [c for c in table.columns if c.startswith("d_image_mass_L")]
         per_layer = [*deltas, *(c for c in table.columns if c.startswith("baseline_image_mass_L"))]
@@ -92,7 +97,8 @@ def cmd_compare(args) -> int:
                        + "; ".join(sorted({f"{r.run}: {r.partial}" for r in table.itertuples() if r.partial}))
                        if table.partial.astype(bool).any() else ""),
                     table=table.drop(columns=["run", *per_layer]).round(4))]
-        sections.insert(0, Section("Is the difference real?", text=STATS_NOTE.format(
+        sections.insert(0, Section("What each run did", text="\n".join(f"- {line}" for line in said)))
+        sections.insert(1, Section("Is the difference real?", text=STATS_NOTE.format(
             resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
             explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE), table=stats_view(table)))
         if len(layers):
@@ -100,7 +106,8 @@ def cmd_compare(args) -> int:
                                     "per language layer (compare_layers.csv: one row per layer, with the baseline's mass).",
                                     figures=[_layer_figure(layers)], table=wide.round(4)))
         page = write_page(out / "compare.html", "mclcbf-diag compare", sections)
-        print(f"wrote {show(page)}, {show(out / 'compare.csv')} and {show(out / 'compare_layers.csv')}")
+        print(f"wrote {show(page)}, {show(out / 'compare.csv')}, {show(out / 'compare_layers.csv')} and "
+              f"{show(out / 'compare_findings.md')}")
     return 0
 
 

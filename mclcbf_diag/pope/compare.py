@@ -359,6 +359,44 @@ def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, pair
     return rows
 
 
+def findings(table: pd.DataFrame) -> list[str]:
+    """One sentence per run setting (intervention and settings, over its splits, under the first label set),
+    generated from the table: what it did to accuracy with the paired interval, the fixed/broken counts with
+    McNemar's p (Holm-adjusted), and the bias-control verdict. The words follow the intervals: "gains" or
+    "loses" on a split whose 95% interval lies above or below 0, "no change beyond chance" where it holds 0,
+    "changes no answer" where no answer moved."""
+    if table.empty:
+        return []
+    first = table[table.label_set == table.label_set.iloc[0]]
+    out = []
+    for (name, settings), g in first.groupby(["intervention", "settings"], sort=False):
+        g = g.sort_values("split")
+        moved = int(sum(g[c].sum() for c in ("fixed", "broken", "derailed", "non_finite") if c in g))
+        gains, losses = list(g.split[g.d_accuracy_lo > 0]), list(g.split[g.d_accuracy_hi < 0])
+        rest = [x for x in g.split if x not in gains + losses]
+        if not moved:
+            word = "changes no answer"
+        elif len(gains) == len(g) or len(losses) == len(g):
+            word = ("gains" if gains else "loses") + " accuracy on " + ("every split" if len(g) > 1 else g.split.iloc[0])
+        else:
+            word = "; ".join(part for part in (
+                "gains accuracy on " + ", ".join(gains) if gains else "",
+                "loses accuracy on " + ", ".join(losses) if losses else "",
+                "no change beyond chance on " + ", ".join(rest) if rest else "") if part)
+        splits = ", ".join(f"{r.split} {_points(r.d_accuracy)} [{_points(r.d_accuracy_lo)}, "
+                           f"{_points(r.d_accuracy_hi)}]" for r in g.itertuples())
+        counts = ", ".join(f"{r.fixed}/{r.broken}" + (f"+{r.derailed}" if r.derailed else "") for r in g.itertuples())
+        holm = ", ".join(_p(r.mcnemar_p_holm) for r in g.itertuples())
+        labels = sorted(set(g.bias_label))
+        s = (f"`{name}` {settings}: {word}. Δ accuracy per split, points with the 95% paired bootstrap interval: "
+             f"{splits}; fixed/broken(+derailed) {counts}; McNemar p (Holm) {holm}")
+        if moved:
+            s += "; bias control: " + (labels[0] + (" on every split" if len(g) > 1 else "") if len(labels) == 1 else
+                                       "; ".join(f"{r.split} {r.bias_label}" for r in g.itertuples()))
+        out.append(s + ".")
+    return out
+
+
 def _layer_columns(table: pd.DataFrame, prefix: str) -> list[str]:
     return sorted((c for c in table.columns if c.startswith(prefix)), key=lambda c: int(c[len(prefix):]))
 
