@@ -172,35 +172,45 @@ def _text_start(lm: LoadedModel, ids: torch.Tensor) -> int:
     return int((ids == lm.tokens.image_token_id).nonzero().max()) + 1
 
 
-def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None, progress: bool = False) -> Grid:
+COMPONENT_POSITIONS = ("text", "decision")
+"""Where a head's or an MLP's output is patched: every text token after the image (default), or the decision
+token only (cheaper by the question's length on a deep model: one position per row)."""
+
+
+def _check_at(at: str) -> str:
+    if at not in COMPONENT_POSITIONS:
+        raise ValueError(f"components_at must be one of {COMPONENT_POSITIONS}, not {at!r}")  # programming error
+    return at
+
+
+def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None, progress: bool = False,
+                        components_at: str = "text") -> Grid:
     """The full activation-patching grid of one question, both directions (see the module docstring).
 
     ``clean``/``corrupted``: model inputs of one prompt each (the same ids, different images);
     ``acts``: their :func:`~mclcbf_diag.runner.activations_forward` with ``cache=True`` (as a
-    batch of the two, from :func:`paired_inputs`), when the caller already has it.
+    batch of the two, from :func:`paired_inputs`), when the caller already has it;
+    ``components_at``: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
     """
-    from .models.shared_prefix import SharedPrefix, continuation_mask, continuing
     from .progress import tqdm
 
+    _check_at(components_at)
     both = paired_inputs(lm, clean, corrupted)
     if acts is None:
         acts = activations_forward(lm, both, cache=True)
     ids = both["input_ids"][0]
     T, start = len(ids), _text_start(lm, both["input_ids"][0])
     s = T - start
-    kv = [(layer.keys, layer.values) for layer in acts.cache.layers]
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
     n_layers = lm.n_layers
-    width = acts.z[0].shape[-1]
     H = lm.text_config.num_attention_heads
-    hd = width // H
-    dev, dtype = acts.resid[0].device, acts.resid[0].dtype
-    ones = torch.ones(1, T, dtype=torch.long, device=dev)
     grid = Grid(math.nan, math.nan, margin_floor(lm), plain=tuple(float(m) for m in acts.logits[:, yes]
                                                                   - acts.logits[:, no]))
     found: dict[str, list] = {}
-    for L in tqdm(range(n_layers), desc="activation patching", unit="layer", disable=not progress, leave=False, delay=2):
-        rows = []  # (key, index, owner, entering, z head or None, mlp?, source)
+    separate = components_at == "decision" and s > 1
+    for L in tqdm(range(n_layers), desc="activation patching", unit="layer", disable=not progress, leave=False,
+                  delay=2):
+        rows, parts = [], []  # (key, index, owner, entering, z head or None, mlp?, source)
         for d, (dst, src) in (("denoise", (1, 0)), ("noise", (0, 1))):
             base, other = acts.resid[L][dst, start:], acts.resid[L][src, start:]
             if L == 0:
@@ -210,29 +220,15 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
                 x = base.clone()
                 x[sl] = other[sl]
                 rows.append((f"resid:{d}", g, dst, x, None, False, src))
-            for h in range(H):
-                rows.append((f"heads:{d}", h, dst, base, h, False, src))
-            rows.append((f"mlp:{d}", 0, dst, base, None, True, src))
-        rows.sort(key=lambda r: r[2])  # rows continuing one prefix are consecutive
-        B = len(rows)
-        entering = torch.stack([r[3] for r in rows])
-        owner = torch.tensor([r[2] for r in rows], device=dev)
-        srcs = torch.tensor([r[6] for r in rows], device=dev)
-        z_mask = torch.zeros(B, 1, H, hd, dtype=torch.bool, device=dev)
-        for b, r in enumerate(rows):
-            if r[4] is not None:
-                z_mask[b, 0, r[4]] = True
-        mlp_mask = torch.tensor([r[5] for r in rows], device=dev)[:, None, None]
-        feed = {"inputs_embeds": entering, "attention_mask": continuation_mask(ones.expand(B, -1), start, dtype),
-                "position_ids": torch.arange(start, T, device=dev)[None].expand(B, -1)}
-        shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)
-        with continuing(lm, shared):
-            logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False,
-                                 z_source=acts.z[L][srcs, start:], z_mask=z_mask.reshape(B, 1, width),
-                                 mlp_source=acts.mlp[L][srcs, start:], mlp_mask=mlp_mask)
-        m = (logits[:, yes] - logits[:, no]).cpu()
-        for b, r in enumerate(rows):
-            found.setdefault(r[0], []).append((L, r[1], float(m[b])))
+            at = base[-1:] if separate else base
+            parts += [(f"heads:{d}", h, dst, at, h, False, src) for h in range(H)]
+            parts.append((f"mlp:{d}", 0, dst, at, None, True, src))
+        batches = [(rows, start), (parts, T - 1)] if separate else [(rows + parts, start)]
+        for batch, first in batches:
+            batch = sorted(batch, key=lambda r: r[2])  # rows continuing one prefix are consecutive
+            m = _patched_batch(lm, acts, batch, L, first, T)
+            for b, r in enumerate(batch):
+                found.setdefault(r[0], []).append((L, r[1], float(m[b])))
     refs = {k.split(":")[1]: v[0][2] for k, v in found.items() if k.startswith("none:")}
     grid.clean, grid.corrupted = refs["noise"], refs["denoise"]  # each direction's unpatched destination
     shapes = {"resid": (n_layers, len(A.GROUPS)), "heads": (n_layers, H), "mlp": (n_layers,)}
@@ -248,8 +244,36 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
     return grid
 
 
+def _patched_batch(lm: LoadedModel, acts, rows: list, L: int, start: int, T: int) -> torch.Tensor:
+    """The margins of one batch of patches at layer ``L``, continuing positions ``start …`` from the shared prefix
+    (the rows of one prefix consecutive)."""
+    from .models.shared_prefix import SharedPrefix, continuation_mask, continuing
+
+    B, width = len(rows), acts.z[0].shape[-1]
+    H = lm.text_config.num_attention_heads
+    dev, dtype = acts.resid[0].device, acts.resid[0].dtype
+    entering = torch.stack([r[3] for r in rows])
+    owner = torch.tensor([r[2] for r in rows], device=dev)
+    srcs = torch.tensor([r[6] for r in rows], device=dev)
+    z_mask = torch.zeros(B, 1, H, width // H, dtype=torch.bool, device=dev)
+    for b, r in enumerate(rows):
+        if r[4] is not None:
+            z_mask[b, 0, r[4]] = True
+    mlp_mask = torch.tensor([r[5] for r in rows], device=dev)[:, None, None]
+    ones = torch.ones(B, T, dtype=torch.long, device=dev)
+    feed = {"inputs_embeds": entering, "attention_mask": continuation_mask(ones, start, dtype),
+            "position_ids": torch.arange(start, T, device=dev)[None].expand(B, -1)}
+    kv = [(layer.keys, layer.values) for layer in acts.cache.layers]
+    shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)
+    with continuing(lm, shared):
+        logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False,
+                             z_source=acts.z[L][srcs, start:], z_mask=z_mask.reshape(B, 1, width),
+                             mlp_source=acts.mlp[L][srcs, start:], mlp_mask=mlp_mask)
+    return (logits[:, lm.tokens.yes_id] - logits[:, lm.tokens.no_id]).cpu()
+
+
 def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None,
-                         directions: tuple[str, ...] = ("denoise",)) -> Grid:
+                         directions: tuple[str, ...] = ("denoise",), components_at: str = "text") -> Grid:
     """Attribution patching (gradient × difference) of the grid of :func:`activation_patching`.
 
     A patch's effect is estimated to first order at the destination run: ``m_dest + (a_src − a_dest) ·
@@ -257,8 +281,9 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
     activations (``acts``: a :func:`paired_inputs` forward, or a plain forward of ``clean`` is run) and
     one forward with a backward of the corrupted run; ``"noise"`` in ``directions`` adds one backward
     of the clean run. The estimates are normalised like the grid's recoveries, by the plain forward's
-    margins.
+    margins. ``components_at``: where heads and MLPs are patched, as in :func:`activation_patching`.
     """
+    _check_at(components_at)
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
     start = _text_start(lm, clean["input_ids"][0])
     paired_inputs(lm, clean, corrupted)  # the same prompt, with text after the image
@@ -291,17 +316,18 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
         def act(kind, who, L, sl=slice(None)):
             return getattr(runs[who], kind)[L][src_rows[who], sl].float()
 
+        width = gr["z"][0].shape[-1]
         resid = torch.zeros(lm.n_layers, len(A.GROUPS), dtype=torch.float64)
         heads = torch.zeros(lm.n_layers, H, dtype=torch.float64)
         mlp = torch.zeros(lm.n_layers, dtype=torch.float64)
-        text = slice(start, T)
+        text = slice(start, T) if components_at == "text" else slice(T - 1, T)
         for L in range(lm.n_layers):
             diff = act("resid", src, L) - act("resid", dest, L)
             per_pos = A.attribution_estimate(diff, gr["resid"][L][0])  # [T]
             for j, g in enumerate(A.GROUPS):
                 resid[L, j] = float(per_pos[pos[g].to(per_pos.device)].sum())
-            dz = (act("z", src, L, text) - act("z", dest, L, text)).reshape(T - start, H, -1)
-            heads[L] = A.attribution_estimate(dz, gr["z"][L][0, text].reshape(T - start, H, -1), (0, 2)).cpu()
+            dz = (act("z", src, L, text) - act("z", dest, L, text)).reshape(-1, H, width // H)
+            heads[L] = A.attribution_estimate(dz, gr["z"][L][0, text].reshape(-1, H, width // H), (0, 2)).cpu()
             mlp[L] = float(A.attribution_estimate(act("mlp", src, L, text) - act("mlp", dest, L, text),
                                                   gr["mlp"][L][0, text], (0, 1)))
         for kind, est in (("resid", resid), ("heads", heads), ("mlp", mlp)):
@@ -397,7 +423,7 @@ class AttributeResult:
 
 def attribute_sample(lm: LoadedModel, question, image, corrupted_image, intervention=None, *,
                      template: str | None = None, corruption: str = "", corrupted_pixels=None,
-                     progress: bool = False) -> AttributeResult:
+                     progress: bool = False, components_at: str = "text") -> AttributeResult:
     """DLA of the baseline and the intervened run, the activation-patching grid and attribution patching.
 
     ``corrupted_image``: the corrupted input's image (PIL); or ``corrupted_pixels``, its processed
@@ -420,8 +446,8 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
         steered = dla(lm, run(lm, clean, intervention, components=True))
         parts.append(dla_records(steered, question_id=qid, condition="steered", base=base))
     acts = activations_forward(lm, paired_inputs(lm, clean, corrupted), cache=True)
-    grid = activation_patching(lm, clean, corrupted, acts=acts, progress=progress)
-    atp = attribution_patching(lm, clean, corrupted, acts=acts, directions=DIRECTIONS)
+    grid = activation_patching(lm, clean, corrupted, acts=acts, progress=progress, components_at=components_at)
+    atp = attribution_patching(lm, clean, corrupted, acts=acts, directions=DIRECTIONS, components_at=components_at)
     agree = agreement(atp, grid)
     parts += [grid_records(grid, question_id=qid, method="patch"), grid_records(atp, question_id=qid, method="atp"),
               agreement_records(agree, question_id=qid)]
@@ -435,6 +461,7 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
 
     summary = {
         "question_id": qid, "question": question.text, "label": question.label, "corruption": corruption,
+        "components_at": components_at,
         "margin_clean": grid.plain[0], "margin_corrupted": grid.plain[1], "margin_floor": grid.floor,
         "margin_steered": steered.margin if steered is not None else math.nan,
         "dla_sum_error": base.margin - base.total,

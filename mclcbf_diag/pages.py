@@ -423,8 +423,8 @@ def attribute_sections(result) -> list[Section]:
             ("patch", "Activation patching", "Each patch is one row of a batch continuing the shared prefix. "
              "Denoising: the clean activation replaces the corrupted one; noising: the reverse. The colour is the "
              "normalised recovery (m − m_corrupted)/(m_clean − m_corrupted): 1 is the clean margin, 0 the "
-             "corrupted one. Heads and MLPs are patched at every text token after the image; the residual at one "
-             "token group."),
+             "corrupted one. Heads and MLPs are patched at every text token after the image (or, with "
+             "--components-at decision, at the decision token only); the residual at one token group."),
             ("atp", "Attribution patching", "Gradient × difference: the same grid to first order at the destination "
              "run (two forwards and a backward per direction). Where it and activation patching disagree by more "
              "than 0.25 the first order fails (table below).")):

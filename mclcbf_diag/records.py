@@ -101,8 +101,10 @@ METRICS = {
                          "residual entering the layer is patched at every image token (1: clean, 0: corrupted)",
     "patch_resid_question": "the same, patched at the text tokens after the image before the decision token",
     "patch_resid_decision": "the same, patched at the decision token",
-    "patch_head": "the same, one head's output (before o_proj) patched at every text token after the image",
-    "patch_mlp": "the same, the layer's MLP output patched at every text token after the image",
+    "patch_head": "the same, one head's output (before o_proj) patched at every text token after the image (with "
+                  "--components-at decision: at the decision token only)",
+    "patch_mlp": "the same, the layer's MLP output patched at every text token after the image (or the decision "
+                 "token only)",
     **{f"patch_{k}_margin": f"logit(Yes) − logit(No) of the run patched as in patch_{k}" for k in (
         "resid_image", "resid_question", "resid_decision", "head", "mlp")},
     "patch_margin_clean": "the clean run's margin the recoveries are normalised by (layer −1)",

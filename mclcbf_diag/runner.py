@@ -27,6 +27,7 @@ runs under ``no_grad``.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import NamedTuple
@@ -431,16 +432,37 @@ class Activations(NamedTuple):
     grads: dict | None  # with ``grad_of``: {"resid"|"z"|"mlp": per layer [B, T, …]} ∂margin/∂(that activation)
 
 
+@contextmanager
+def attention_implementation(lm: LoadedModel, name: str):
+    """Within the block, the language model's attention runs as transformers' ``name`` (e.g. ``"sdpa"``).
+
+    The model is loaded with eager attention, the only implementation that returns probabilities; a
+    forward that reads none (no ``attention`` or ``pattern`` site, no captured attention row) may use a
+    faster one. Set on the decoder's config, as :func:`mclcbf_diag.models.shared_prefix.continuing` does,
+    so the causal mask is built for it too; restored on exit.
+    """
+    config = lm.adapter.layer_part(lm.model, 0, "layer_attention").config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
-                        grad_of: tuple[int, int] | None = None) -> Activations:
+                        grad_of: tuple[int, int] | None = None, attention: str = "sdpa") -> Activations:
     """One plain forward of a batch keeping every layer's residual input, head outputs and MLP output.
 
-    Plain PyTorch hooks, no edit: the model computes what it always computes. With ``grad_of =
+    Plain PyTorch hooks, no edit: the model computes what it always computes, with transformers'
+    ``attention`` implementation (default ``"sdpa"``: no probabilities are read here, and it is faster
+    than eager attention forward and backward; the numbers agree to rounding). With ``grad_of =
     (yes_id, no_id)`` the forward records an autograd graph from the language model's input
     embeddings on (the vision tower stays outside it) and one backward of the summed margins
     ``logit(yes) − logit(no)`` at the last position gives ∂margin/∂activation for every row (rows
     do not interact, so each row's gradient is its own margin's). The model's weights get no
-    gradient (``requires_grad`` is left as it is; the graph is built from the embeddings only).
+    gradient: ``torch.autograd.grad`` computes only the kept activations' (``requires_grad`` of the
+    weights is left as it is).
     """
     lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
     layers = lm.adapter.decoder_layers(lm.model)
@@ -449,8 +471,6 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
     want = grad_of is not None
 
     def keep(kind, i, t):
-        if want and t.requires_grad:
-            t.retain_grad()
         got[kind][i] = t
 
     def embeds(module, args, kwargs):
@@ -471,13 +491,15 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
         ]
     grads = None
     try:
-        with torch.set_grad_enabled(want):
+        with torch.set_grad_enabled(want), attention_implementation(lm, attention):
             out = lm.model(**inputs, use_cache=cache, logits_to_keep=1)
             last = out.logits[:, -1].float()
-            if want:
+            if want:  # only these tensors' gradients: no weight gradient is computed or stored
                 yes, no = grad_of
-                (last[:, yes] - last[:, no]).sum().backward()
-                grads = {k: [t.grad for t in v] for k, v in got.items()}
+                kinds = list(got)
+                flat = [t for k in kinds for t in got[k]]
+                g = torch.autograd.grad((last[:, yes] - last[:, no]).sum(), flat)
+                grads = {k: list(g[j * n:(j + 1) * n]) for j, k in enumerate(kinds)}
     finally:
         for hook in hooks:
             hook.remove()

@@ -243,6 +243,30 @@ def test_patched_margins_equal_hooked_full_forwards(embedded_model, pair, grid, 
         assert abs(float(grid.margins[f"mlp:{d}"][L]) - ref) <= floor
 
 
+@pytest.mark.parametrize("L", [0, 5])
+def test_components_patched_at_the_decision_token_equal_hooked_full_forwards(embedded_model, pair, L):
+    """components_at="decision": heads and MLPs patched at the decision token only (a batch of one position)."""
+    lm = embedded_model
+    clean, corrupted = pair
+    grid = activation_patching(lm, clean, corrupted, components_at="decision")
+    at = attribution_patching(lm, clean, corrupted, components_at="decision")
+    acts = activations_forward(lm, paired_inputs(lm, clean, corrupted))
+    T = clean["input_ids"].shape[1]
+    last = torch.tensor([T - 1])
+    floor = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+    for d, (dst, src) in (("denoise", (1, 0)), ("noise", (0, 1))):
+        dest = (clean, corrupted)[dst]
+        for h in range(4):
+            z = acts.z[L][src, last].reshape(1, 4, -1)[:, h]
+            ref = _hooked_margin(lm, dest, head=(L, h, last, z))
+            assert abs(float(grid.margins[f"heads:{d}"][L, h]) - ref) <= floor, (d, h)
+        ref = _hooked_margin(lm, dest, mlp=(L, last, acts.mlp[L][src, last]))
+        assert abs(float(grid.margins[f"mlp:{d}"][L]) - ref) <= floor
+    assert A.rank_of(grid.heads["denoise"], (5, 1)) == 1 and A.rank_of(at.heads["denoise"], (5, 1)) == 1
+    with pytest.raises(ValueError, match="components_at"):
+        activation_patching(lm, clean, corrupted, components_at="image")
+
+
 def test_patching_refuses_two_prompts(embedded_model):
     lm = embedded_model
     a = _inputs(lm, _blank())

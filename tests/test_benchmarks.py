@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 HELPERS = {"seed_style.py", "options.py"}  # imported by the scripts, not run
 TINY = {
     "trace_overhead.py": ["--repeats", "1"],
+    "attribution.py": ["--repeats", "1"],
     "pope_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
     "intervention_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
     "real_width.py": ["--reduced", "--questions", "2", "--threads", "1", "--dtypes", "float32,bfloat16"],

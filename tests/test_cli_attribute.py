@@ -106,9 +106,10 @@ def test_attribute_writes_records_and_a_page_with_the_margins_of_plain_forwards(
 def test_attribute_with_noise_escapes_the_question_and_keeps_folders_apart(tmp_path, capsys, embedded_model):
     f = _pope(tmp_path, text="Is there a <b>dog</b> in the image?")
     out = tmp_path / "n"
-    assert main(["attribute", "--pope-file", str(f), "--out", str(out)]) == 0  # the default off the embedded set
+    assert main(["attribute", "--pope-file", str(f), "--out", str(out), "--components-at", "decision"]) == 0
     meta = json.loads((out / "config.json").read_text())
-    assert meta["corrupt"] == "noise" and "step 500" in meta["corruption"]
+    assert meta["corrupt"] == "noise" and "step 500" in meta["corruption"]  # the default off the embedded set
+    assert meta["components_at"] == "decision"
     html = (out / "attribute.html").read_text()
     assert "<b>dog</b>" not in html and "&lt;b&gt;dog&lt;/b&gt;" in html
     capsys.readouterr()

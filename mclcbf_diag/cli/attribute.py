@@ -110,11 +110,12 @@ def cmd_attribute(args) -> int:
         proc = lm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
         pixels = vcd_noise(proc, 500 if args.noise_step is None else args.noise_step, args.seed)
     result = attribute_sample(lm, question, image, corrupted_image, config, template=args.prompt,
-                              corruption=description, corrupted_pixels=pixels, progress=True)
+                              corruption=description, corrupted_pixels=pixels, progress=True,
+                              components_at=args.components_at)
     default_out = f"reports/attribute-{safe_name(question.question_id)}"
     meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "intervention": args.intervention,
             "preset": args.preset, "overrides": args.overrides, "config": K.to_dict(config.knobs),
-            "corrupt": kind, "corruption": description, "seed": args.seed,
+            "corrupt": kind, "corruption": description, "seed": args.seed, "components_at": args.components_at,
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": result.summary}
@@ -155,6 +156,9 @@ def add_parser(sub) -> None:
                    help="--corrupt other: 0-based index of the question whose image to use (default: the next "
                         "question about another image)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.add_argument("--components-at", default="text", choices=["text", "decision"],
+                   help="where each head's and MLP's output is patched: every text token after the image (default) "
+                        "or the decision token only (a deep model's grid costs less)")
     p.add_argument("--out", default=None, help="output folder (default reports/attribute-<question_id>)")
     force_option(p)
     p.set_defaults(func=cmd_attribute)
