@@ -256,3 +256,22 @@ def test_trace_figures_all_and_skipping(records):
                           "logit_lens", "barrier", "propagation"]
     partial = records[~records["metric"].isin(["barrier_h", "propagation_rel", "attn_image_mass", "theta_rel"])]
     assert list(P.trace_figures(partial)) == ["residual_norms", "jacobian_gains", "logit_lens"]
+
+
+def test_layer_heatmaps_draw_heads_and_named_columns_on_one_scale():
+    rows = []
+    for layer in range(3):
+        for head in range(2):
+            rows.append(dict(question_id="q", condition="denoise", phase="prefill", decode_step=0, layer=layer,
+                             head=head, metric="patch_head", value=layer - head))
+        rows.append(dict(question_id="q", condition="denoise", phase="prefill", decode_step=0, layer=layer,
+                         head=-1, metric="patch_mlp", value=10.0 * layer))
+    recs = frame(rows)
+    fig = P.layer_heatmaps(recs, [("heads", "denoise", "patch_head"), ("mlp", "denoise", {"MLP": "patch_mlp"})],
+                           title="t", value="recovery")
+    heads, mlp = fig.data
+    assert np.array_equal(heads.z, [[0, -1], [1, 0], [2, 1]]) and list(heads.x) == [0, 1]
+    assert np.array_equal(mlp.z, [[0], [10], [20]]) and list(mlp.x) == ["MLP"]
+    assert fig.layout.coloraxis.cmid == 0 and fig.layout.coloraxis.cmax == 20  # diverging, one scale
+    with pytest.raises(P.MissingDataError, match="noise"):
+        P.layer_heatmaps(recs, [("x", "noise", "patch_head")], title="t", value="v")
