@@ -13,7 +13,6 @@ two routes to one logit difference (``floors.margin_floor``).
 
 from __future__ import annotations
 
-import math
 
 import floors
 import pytest
