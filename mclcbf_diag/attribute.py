@@ -24,6 +24,9 @@ The math is in :mod:`mclcbf_diag.attribution` (pure functions); the runs are the
 * :func:`attribution_patching` — gradient × difference for the same grid: the clean activations
   (a plain forward), the corrupted run's activations and ∂margin/∂activation (one forward and one
   backward).
+* :func:`localisation` — where an intervention acts: the same grid with the intervened run as the
+  clean input and the baseline as the corrupted one (same image), intervened activations patched into
+  the baseline.
 
 Each patch's effect is the normalised recovery of the margin (``attribution.recovery``): 0 at the
 corrupted run, 1 at the clean one, in both directions.
@@ -184,13 +187,14 @@ def _check_at(at: str) -> str:
 
 
 def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None, progress: bool = False,
-                        components_at: str = "text") -> Grid:
+                        components_at: str = "text", directions: tuple[str, ...] = DIRECTIONS) -> Grid:
     """The full activation-patching grid of one question, both directions (see the module docstring).
 
     ``clean``/``corrupted``: model inputs of one prompt each (the same ids, different images);
     ``acts``: their :func:`~mclcbf_diag.runner.activations_forward` with ``cache=True`` (as a
     batch of the two, from :func:`paired_inputs`), when the caller already has it;
-    ``components_at``: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
+    ``components_at``: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`); ``directions``: a
+    subset of :data:`DIRECTIONS` (with one only, the recoveries are normalised by the plain forwards' margins).
     """
     from .progress import tqdm
 
@@ -212,6 +216,8 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
                   delay=2):
         rows, parts = [], []  # (key, index, owner, entering, z head or None, mlp?, source)
         for d, (dst, src) in (("denoise", (1, 0)), ("noise", (0, 1))):
+            if d not in directions:
+                continue
             base, other = acts.resid[L][dst, start:], acts.resid[L][src, start:]
             if L == 0:
                 rows.append((f"none:{d}", 0, dst, base, None, False, src))
@@ -230,7 +236,8 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
             for b, r in enumerate(batch):
                 found.setdefault(r[0], []).append((L, r[1], float(m[b])))
     refs = {k.split(":")[1]: v[0][2] for k, v in found.items() if k.startswith("none:")}
-    grid.clean, grid.corrupted = refs["noise"], refs["denoise"]  # each direction's unpatched destination
+    # each direction's unpatched destination; with one direction only, both plain forwards' margins (one route)
+    grid.clean, grid.corrupted = (refs["noise"], refs["denoise"]) if len(refs) == 2 else grid.plain
     shapes = {"resid": (n_layers, len(A.GROUPS)), "heads": (n_layers, H), "mlp": (n_layers,)}
     for key, entries in found.items():
         kind, d = key.split(":")
@@ -337,15 +344,50 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
     return grid
 
 
+def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: str = "text",
+                 progress: bool = False) -> Grid:
+    """Where the intervention acts: its activations patched into the baseline run, one at a time.
+
+    The intervened run plays the clean input and the baseline the corrupted one (the same prompt and
+    image): each patch puts one intervened activation (the residual at a layer and token group, a
+    head's or an MLP's output) into the baseline and runs on without the intervention, so its recovery
+    is the share of the intervention's change of the margin that this activation carries (1: all of
+    it, 0: none). Only this direction (denoising): the reverse would have to run the intervention on
+    after the patch. The recoveries are normalised by the intervened run's own margin and the
+    baseline's; when the intervention leaves the margin within its noise floor they are NaN.
+    """
+    # both with eager attention, as the intervened forward must run: an intervention that changes nothing
+    # gives the baseline's numbers exactly
+    base = activations_forward(lm, inputs, cache=True, attention="eager")
+    iv = activations_forward(lm, inputs, cache=True, intervention=intervention)
+    return activation_patching(lm, inputs, inputs, acts=_stacked(iv, base), progress=progress,
+                               components_at=components_at, directions=("denoise",))
+
+
+def _stacked(a, b):
+    """Two single-row :class:`~mclcbf_diag.runner.Activations` (with caches) as one batch: ``a`` row 0, ``b`` row 1."""
+    from types import SimpleNamespace
+
+    from .runner import Activations
+
+    cat = lambda u, v: [torch.cat([p, q.to(p.device)]) for p, q in zip(u, v)]  # noqa: E731
+    layers = [SimpleNamespace(keys=k, values=v) for k, v in zip(
+        cat([x.keys for x in a.cache.layers], [y.keys for y in b.cache.layers]),
+        cat([x.values for x in a.cache.layers], [y.values for y in b.cache.layers]))]
+    return Activations(torch.cat([a.logits, b.logits.to(a.logits.device)]), SimpleNamespace(layers=layers),
+                       cat(a.resid, b.resid), cat(a.z, b.z), cat(a.mlp, b.mlp), None)
+
+
 # --------------------------------------------------------------------------------------- records
-def grid_records(grid: Grid, *, question_id, method: str = "patch") -> dict:
-    """Tidy columns of a patching grid: ``method`` ``"patch"`` (activation patching) or ``"atp"`` (attribution
-    patching); condition = the direction; per patch its normalised recovery (``<method>_…``) and margin
-    (``<method>_…_margin``); layer −1: the clean and corrupted margins and the floor."""
+def grid_records(grid: Grid, *, question_id, method: str = "patch", conditions: dict | None = None) -> dict:
+    """Tidy columns of a patching grid: ``method`` ``"patch"`` (activation patching), ``"atp"`` (attribution
+    patching) or ``"local"`` (:func:`localisation`); condition = the direction (or ``conditions[direction]``);
+    per patch its normalised recovery (``<method>_…``) and margin (``<method>_…_margin``); layer −1: the clean
+    and corrupted margins and the floor."""
     rows: dict[str, list] = {"condition": [], "layer": [], "head": [], "metric": [], "value": []}
 
     def add(cond, layer, head, metric, value):
-        for k, v in zip(rows, (cond, int(layer), int(head), metric, float(value))):
+        for k, v in zip(rows, ((conditions or {}).get(cond, cond), int(layer), int(head), metric, float(value))):
             rows[k].append(v)
 
     for d in grid.heads:
@@ -419,6 +461,7 @@ class AttributeResult:
     patch: Grid
     atp: Grid
     agreement: dict
+    local: Grid | None = None  # where the intervention acts (:func:`localisation`), with an intervention
 
 
 def attribute_sample(lm: LoadedModel, question, image, corrupted_image, intervention=None, *,
@@ -451,6 +494,10 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
     agree = agreement(atp, grid)
     parts += [grid_records(grid, question_id=qid, method="patch"), grid_records(atp, question_id=qid, method="atp"),
               agreement_records(agree, question_id=qid)]
+    local = None
+    if intervention is not None:
+        local = localisation(lm, clean, intervention, components_at=components_at, progress=progress)
+        parts.append(grid_records(local, question_id=qid, method="local", conditions={"denoise": "steered"}))
     records = records_frame(*parts)
     H = base.heads.shape[1]
 
@@ -472,4 +519,7 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
     }
     if steered is not None:
         summary["top_heads_d_dla"] = top(steered.heads - base.heads)
-    return AttributeResult(records, summary, base, steered, grid, atp, agree)
+    if local is not None:
+        summary["local_gap"] = local.gap
+        summary["top_heads_local"] = top(local.heads["denoise"])
+    return AttributeResult(records, summary, base, steered, grid, atp, agree, local)

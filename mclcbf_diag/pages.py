@@ -441,4 +441,18 @@ def attribute_sections(result) -> list[Section]:
                                    "first order fails at": ", ".join(".".join(map(str, i)) for i in v["failures"])
                                    or "none"} for k, v in result.agreement.items()])
         sections.append(Section(name, text=text, figures=f, table=table))
+    if result.local is not None:
+        if abs(s["local_gap"]) <= s["margin_floor"]:
+            sections.append(Section("Where the intervention acts", lines=[
+                "The intervention leaves the margin within its noise floor: there is nothing to localise."]))
+        else:
+            sections.append(Section("Where the intervention acts", text=(
+                "Each intervened activation put into the baseline run, one at a time, the rest of the run without "
+                "the intervention: the colour is the share of the intervention's change of the margin it carries "
+                "(1: all of it, 0: none)."), lines=["Heads that carry most of it: " + ", ".join(
+                    s["top_heads_local"])], figures=figs(
+                ([("heads", "steered", "local_head"),
+                  ("residual and MLPs", "steered", {k: v.format(m="local") for k, v in groups.items()})],
+                 dict(title="The intervention's activations patched into the baseline", value="share of the change",
+                      diverging=False)))))
     return sections

@@ -119,6 +119,16 @@ METRICS = {
     "atp_margin_clean": "the plain clean forward's margin (attribution patching's normaliser)",
     "atp_margin_corrupted": "the plain corrupted forward's margin",
     "atp_margin_floor": "noise floor of a margin (as patch_margin_floor)",
+    # where the intervention acts: its activations patched into the baseline (condition steered)
+    **{f"local_{k}": f"as patch_{k}, with the intervened run's activation put into the baseline run: the share of "
+                     "the intervention's change of the margin that it carries (1: all, 0: none)" for k in (
+        "resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    **{f"local_{k}_margin": f"the baseline's margin with the intervened activation of local_{k} patched in" for k in (
+        "resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    "local_margin_clean": "the intervened run's margin (the localisation's 1)",
+    "local_margin_corrupted": "the baseline's margin (the localisation's 0)",
+    "local_margin_floor": "noise floor of a margin: an intervention that moves the margin less leaves nothing to "
+                          "localise (NaN)",
     "atp_spearman_{kind}": "Spearman rank correlation of atp_* and patch_* over the patches of one kind (resid, "
                            "heads, mlp)",
     "atp_failures_{kind}": "count of patches of one kind where atp_* and patch_* differ by more than 0.25: where "

@@ -451,7 +451,8 @@ def attention_implementation(lm: LoadedModel, name: str):
 
 
 def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
-                        grad_of: tuple[int, int] | None = None, attention: str = "sdpa") -> Activations:
+                        grad_of: tuple[int, int] | None = None, attention: str = "sdpa",
+                        intervention: Intervention | None = None) -> Activations:
     """One plain forward of a batch keeping every layer's residual input, head outputs and MLP output.
 
     Plain PyTorch hooks, no edit: the model computes what it always computes, with transformers'
@@ -463,7 +464,15 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
     do not interact, so each row's gradient is its own margin's). The model's weights get no
     gradient: ``torch.autograd.grad`` computes only the kept activations' (``requires_grad`` of the
     weights is left as it is).
+
+    With ``intervention`` the forward is the intervened one, traced as :func:`run_batch` traces it (eager
+    attention, the intervention's sites); the hooks keep the tensors the layers used, so an intervention's
+    in-place edit of a layer's input is in what they keep. No gradient then.
     """
+    if intervention is not None:
+        if grad_of is not None:
+            raise ValueError("activations_forward: no gradient through an intervened forward")  # programming error
+        attention = "eager"
     lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
     layers = lm.adapter.decoder_layers(lm.model)
     n = len(layers)
@@ -492,7 +501,16 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
     grads = None
     try:
         with torch.set_grad_enabled(want), attention_implementation(lm, attention):
-            out = lm.model(**inputs, use_cache=cache, logits_to_keep=1)
+            if intervention is None:
+                out = lm.model(**inputs, use_cache=cache, logits_to_keep=1)
+            else:
+                rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+                intervention.prepare(lm, inputs, rows)
+                state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False)
+                nm = traced(lm.model)
+                with nm.trace(**inputs, use_cache=cache, logits_to_keep=1):
+                    state.body(nm, "prefill", 0)
+                    out = nnsight.save(nm.output)
             last = out.logits[:, -1].float()
             if want:  # only these tensors' gradients: no weight gradient is computed or stored
                 yes, no = grad_of

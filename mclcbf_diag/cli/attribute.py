@@ -134,6 +134,13 @@ def cmd_attribute(args) -> int:
           f"{', '.join(s['top_heads_dla_image'])}")
     print(f"  patching    top heads (denoising) {', '.join(s['top_heads_patch_denoise'])}; attribution patching "
           f"{', '.join(s['top_heads_atp_denoise'])} (Spearman {s['spearman_heads_denoise']:.2f})")
+    if "top_heads_local" in s:
+        if abs(s["local_gap"]) <= s["margin_floor"]:
+            print("  intervention  leaves the margin within its noise floor: nothing to localise")
+        else:
+            print(f"  intervention  moves the margin by {s['local_gap']:+.3g} ({abs(s['local_gap']) / s['margin_floor']:.3g}"
+                  f" × its noise floor); its activations patched into the baseline: top heads "
+                  f"{', '.join(s['top_heads_local'])}")
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, attribute.html")
     return 0
 
