@@ -2,7 +2,8 @@
 
 Prints the fastest of several interleaved repeats and the ratios, measured in one run on the same sample:
 
-    python benchmarks/attribution.py [--model DIR] [--repeats 10] [--threads 1] [--sample 0]
+    python benchmarks/attribution.py [--model DIR] [--repeats 10] [--threads 1] [--sample 0] [--device cuda]
+                                     [--dtype bfloat16]
 
 * bare forward: one plain forward of the clean input (vision tower included), no cache kept, with the
   model as loaded (eager attention, which the toolkit needs for attention probabilities); also shown
@@ -34,7 +35,12 @@ from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import attention_implementation
 
 
-def best_times(fns: dict, repeats: int) -> dict:
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(fns: dict, repeats: int, device="cpu") -> dict:
     """The fastest of ``repeats`` runs of each function, the functions interleaved round by round (so a
     machine whose pace drifts, or that another job shares, slows them alike)."""
     for fn in fns.values():
@@ -42,8 +48,10 @@ def best_times(fns: dict, repeats: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync(device)
             t0 = time.perf_counter()
             fn()
+            sync(device)
             times[k].append(time.perf_counter() - t0)
     return {k: min(v) for k, v in times.items()}
 
@@ -54,9 +62,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sample", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     q = load_pope(shipped.pope_file("adversarial"))[args.sample]
     image = load_image(resolve_image(q, shipped.IMAGES))
     corrupted_image, what = pair_image(q, image, q.image)
@@ -73,10 +83,11 @@ def main() -> None:
 
     grid = activation_patching(lm, clean, corrupted)
     t = best_times({"bare": bare, "bare_sdpa": bare_sdpa, "grid": lambda: activation_patching(lm, clean, corrupted),
-                    "atp": lambda: attribution_patching(lm, clean, corrupted)}, args.repeats)
+                    "atp": lambda: attribution_patching(lm, clean, corrupted)}, args.repeats, args.device)
     t_bare, t_sdpa, t_grid, t_atp = t["bare"], t["bare_sdpa"], t["grid"], t["atp"]
     n = sum(int(t.numel()) for k in ("resid", "heads", "mlp") for t in getattr(grid, k).values())
-    print(f"model {lm.source}, threads {args.threads}, repeats {args.repeats}, question {q.question_id} "
+    print(f"model {lm.source} ({args.dtype} on {args.device}), threads {args.threads}, repeats {args.repeats}, "
+          f"question {q.question_id} "
           f"({q.text}), corrupted: {what}")
     print(f"bare forward           {t_bare * 1e3:8.2f} ms  (the model as loaded: eager attention)")
     print(f"bare forward, sdpa     {t_sdpa * 1e3:8.2f} ms  (transformers' sdpa attention, no probabilities)")
