@@ -399,10 +399,13 @@ def attribute_sections(result) -> list[Section]:
                 out.append(NoFigure(kw["title"], str(exc)))
         return out
 
-    conds = [("baseline", "baseline", "dla_head")] + ([("intervened", "steered", "dla_head"),
-                                                      ("intervened − baseline", "steered", "d_dla_head")]
-                                                     if steered else [])
+    conds = [("baseline", "baseline", "dla_head")] + ([("intervened", "steered", "dla_head")] if steered else [])
     parts = {"attention": "dla_attn", "MLP": "dla_mlp", "intervention step": "dla_step"}
+    # the intervention's change on its own scale: it is often orders of magnitude below the parts themselves
+    change = [((["intervened − baseline, each head", "steered", "d_dla_head"],
+                ["intervened − baseline, per layer", "steered", {k: f"d_{v}" for k, v in parts.items()}]),
+               dict(title="What the intervention changed in the direct contributions", value="logit difference"))
+              ] if steered else []
     dla = Section("Direct logit attribution", text=(
         "Each head's direct contribution to logit(Yes) − logit(No) at the decision token: its output through "
         "its slice of o_proj, through the final norm with its scale held at the value it had. With the embedding, "
@@ -412,10 +415,8 @@ def attribute_sections(result) -> list[Section]:
             (conds, dict(title="Direct contribution of each head", value="logit difference")),
             ([(f"{src} keys", "baseline", f"dla_head_{src}") for src in ("image", "sink", "text")],
              dict(title="Baseline, split by where each head reads", value="logit difference")),
-            ([(name, cond, parts if cond == "baseline" else {k: f"d_{v}" for k, v in parts.items()})
-              for name, cond in (("baseline", "baseline"), *((("intervened − baseline", "steered"),) if steered
-                                                             else ()))],
-             dict(title="Direct contribution per layer", value="logit difference"))))
+            ([("baseline", "baseline", parts)], dict(title="Direct contribution per layer", value="logit difference")),
+            *change))
     groups = {"image": "{m}_resid_image", "question": "{m}_resid_question", "decision": "{m}_resid_decision",
               "MLP": "{m}_mlp"}
     sections = [Section("Outcome", lines=lines), dla]
@@ -429,17 +430,18 @@ def attribute_sections(result) -> list[Section]:
              "run (two forwards and a backward per direction). Where it and activation patching disagree by more "
              "than 0.25 the first order fails (table below).")):
         f = figs(
-            ([(d + "ing", d, f"{m}_head") for d in ("denoise", "noise")],
+            ([(_DIRECTION[d], d, f"{m}_head") for d in ("denoise", "noise")],
              dict(title=f"{name}: each head's output", value="recovery", diverging=False)),
-            ([(d + "ing", d, {k: v.format(m=m) for k, v in groups.items()}) for d in ("denoise", "noise")],
+            ([(_DIRECTION[d], d, {k: v.format(m=m) for k, v in groups.items()}) for d in ("denoise", "noise")],
              dict(title=f"{name}: the residual stream per token group, and the MLPs", value="recovery",
                   diverging=False)))
         table = None
         if m == "atp":
             table = pd.DataFrame([{"patches": k.split(":")[0], "direction": k.split(":")[1],
                                    "Spearman ρ with activation patching": v["spearman"],
-                                   "first order fails at": ", ".join(".".join(map(str, i)) for i in v["failures"])
-                                   or "none"} for k, v in result.agreement.items()])
+                                   "first order fails at": ", ".join(_patch_name(k.split(":")[0], i)
+                                                                     for i in v["failures"]) or "none"}
+                                  for k, v in result.agreement.items()])
         sections.append(Section(name, text=text, figures=f, table=table))
     if result.local is not None:
         if abs(s["local_gap"]) <= s["margin_floor"]:
@@ -456,3 +458,18 @@ def attribute_sections(result) -> list[Section]:
                  dict(title="The intervention's activations patched into the baseline", value="share of the change",
                       diverging=False)))))
     return sections
+
+
+_DIRECTION = {"denoise": "denoising (clean into corrupted)", "noise": "noising (corrupted into clean)"}
+
+
+def _patch_name(kind: str, index) -> str:
+    """A patch of a grid in words: ``5.1`` (layer.head), ``layer 3 MLP``, ``layer 6 decision``."""
+    from .attribution import GROUPS
+
+    index = list(index)
+    if kind == "heads":
+        return f"{index[0]}.{index[1]}"
+    if kind == "mlp":
+        return f"layer {index[0]} MLP"
+    return f"layer {index[0]} {GROUPS[index[1]]}"
