@@ -1,6 +1,6 @@
 """``--labels FILE`` on the command line (mclcbf_diag.cli): a relabelled run scores against the file, records
 it in its identity, refuses a file that names unknown questions before loading anything, and the one-sample
-commands its pages link to read the same label. The file format itself: tests/test_labels.py."""
+commands its pages link to read the same label. The file format itself: tests/test_data_labels.py."""
 
 from __future__ import annotations
 

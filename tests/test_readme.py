@@ -1,6 +1,6 @@
 """The README's one-question examples are real runs: each printed block equals a fresh run's output.
 
-Every ```text block in README.md that starts with ``$ mclcbf-diag trace|explain|flow --sample …``
+Every ```text block in README.md that starts with ``$ mclcbf-diag trace|explain|flow|attribute --sample …``
 is rerun in-process on the embedded model. Text must match exactly, line by line (blank lines
 and the ``wrote …`` line aside); numbers must agree to 2% (or 1e-6), which absorbs a different
 CPU's float rounding but not a changed model, preset or rule. When the model or a rule changes
@@ -26,7 +26,7 @@ def _examples() -> list[tuple[str, list[str]]]:
     found = []
     for block in blocks:
         lines = block.splitlines()
-        if re.match(r"\$ mclcbf-diag (trace|explain|flow) .*--sample \d+", lines[0]):
+        if re.match(r"\$ mclcbf-diag (trace|explain|flow|attribute) .*--sample \d+", lines[0]):
             found.append((lines[0][2:], lines[1:]))
     return found
 
@@ -48,6 +48,7 @@ def test_the_readme_has_the_examples_it_promises():
     assert "mclcbf-diag trace --sample 42" in commands
     assert any(c.startswith("mclcbf-diag explain --sample") for c in commands)
     assert any(c.startswith("mclcbf-diag flow --sample") for c in commands)
+    assert any(c.startswith("mclcbf-diag attribute --sample") for c in commands)
 
 
 @pytest.mark.parametrize("command, shown", EXAMPLES, ids=[c for c, _ in EXAMPLES])
