@@ -501,10 +501,11 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
     records = records_frame(*parts)
     H = base.heads.shape[1]
 
-    def top(scores: torch.Tensor, k: int = 3) -> list[str]:
+    def top(scores: torch.Tensor, k: int = 3, noise: float = 0.0) -> list[str]:
+        """The k largest |scores|, leaving out those at or under ``noise`` (then fewer than k)."""
         flat = torch.nan_to_num(scores.reshape(-1).abs(), nan=-1.0)
-        idx = torch.argsort(flat, descending=True)[:k].tolist()
-        return [f"{i // H}.{i % H} ({float(scores.reshape(-1)[i]):+.3g})" for i in idx]
+        idx = [i for i in torch.argsort(flat, descending=True)[:k].tolist() if float(flat[i]) > noise]
+        return [f"{i // H}.{i % H} ({float(scores.reshape(-1)[i]):+.3g})" for i in idx] or ["none above noise"]
 
     summary = {
         "question_id": qid, "question": question.text, "label": question.label, "corruption": corruption,
@@ -521,5 +522,8 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
         summary["top_heads_d_dla"] = top(steered.heads - base.heads)
     if local is not None:
         summary["local_gap"] = local.gap
-        summary["top_heads_local"] = top(local.heads["denoise"])
+        # a share s of the change is a margin difference s·gap between two runs, each within the margin floor:
+        # under 2·floor it is rounding, whichever head it names
+        noise = 2 * local.floor / abs(local.gap) if local.gap and math.isfinite(local.gap) else math.inf
+        summary["top_heads_local"] = top(local.heads["denoise"], noise=noise)
     return AttributeResult(records, summary, base, steered, grid, atp, agree, local)
