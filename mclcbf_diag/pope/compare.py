@@ -69,7 +69,17 @@ def _reported(name: str, run: dict) -> str:
     """The paper's figure, for the paper's own settings only (MC-LCBF: the researcher's seed-exp6)."""
     if name == "mclcbf" and (run.get("preset") not in (None, "seed-exp6", "original") or run.get("overrides")):
         return ""
+    if _prompt_setting(run):  # the papers report their own prompt
+        return ""
     return REPORTED.get(name, "")
+
+
+def _prompt_setting(run: dict) -> str:
+    """``--prompt NAME`` (a prompt control) or ``--prompt (custom)`` for a run not on the default prompt; ""."""
+    from ..data.prompts import LLAVA_PROMPT, control_name
+
+    prompt = run.get("prompt", LLAVA_PROMPT)
+    return "" if prompt == LLAVA_PROMPT else f"--prompt {control_name(prompt) or '(custom)'}"
 
 
 def _read(folder: Path, name: str):
@@ -288,7 +298,8 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
             continue
         splits = [s for s in run.get("splits", []) if any(x["split"] == s for x in recs)]
         paired = paired_table(recs, splits, **kw)
-        control = {**run, "intervention": "prompt control", "preset": None, "overrides": [], "labels": None}
+        control = {**run, "intervention": "prompt control", "preset": None, "overrides": [], "labels": None,
+                   "prompt": LLAVA_PROMPT}
         for row in _run_rows(folder, control, [], metrics_table(recs, splits, paired), flips_table(recs, splits),
                              paired.set_index("split"), "question file"):
             rows.append({**row, "settings": f"--prompt {name}, baseline vs the default prompt's",
@@ -335,6 +346,7 @@ def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, pair
     own = run.get("labels") if isinstance(run.get("labels"), dict) else None  # a run made with --labels FILE
     settings = " ".join([*([f"--preset {run['preset']}"] if run.get("preset") else []),
                          *(f"--set {o}" for o in run.get("overrides", [])),
+                         *([p] if (p := _prompt_setting(run)) else []),
                          *([f"--labels {Path(str(own.get('file', '?'))).name}"] if own else [])]) or "(defaults)"
     logit = flips[flips["answer"] == "logit"] if "answer" in flips else flips
     for split, m in metrics.groupby("split", sort=False):
@@ -359,12 +371,16 @@ def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, pair
     return rows
 
 
+ALPHA = 0.05  # the findings' significance level for McNemar after Holm
+
+
 def findings(table: pd.DataFrame) -> list[str]:
     """One sentence per run setting (intervention and settings, over its splits, under the first label set),
     generated from the table: what it did to accuracy with the paired interval, the fixed/broken counts with
-    McNemar's p (Holm-adjusted), and the bias-control verdict. The words follow the intervals: "gains" or
-    "loses" on a split whose 95% interval lies above or below 0, "no change beyond chance" where it holds 0,
-    "changes no answer" where no answer moved."""
+    McNemar's p (Holm-adjusted), and the bias-control verdict. "gains" or "loses" on a split whose 95% interval
+    lies above or below 0 *and* whose Holm-adjusted McNemar p is below :data:`ALPHA`; a split with only the
+    first is said so; "no change beyond chance" where the interval holds 0; "changes no answer" where no
+    answer moved."""
     if table.empty:
         return []
     first = table[table.label_set == table.label_set.iloc[0]]
@@ -372,8 +388,11 @@ def findings(table: pd.DataFrame) -> list[str]:
     for (name, settings), g in first.groupby(["intervention", "settings"], sort=False):
         g = g.sort_values("split")
         moved = int(sum(g[c].sum() for c in ("fixed", "broken", "derailed", "non_finite") if c in g))
-        gains, losses = list(g.split[g.d_accuracy_lo > 0]), list(g.split[g.d_accuracy_hi < 0])
-        rest = [x for x in g.split if x not in gains + losses]
+        held = g.mcnemar_p_holm < ALPHA  # significant after Holm over the runs on the split
+        gains = list(g.split[(g.d_accuracy_lo > 0) & held])
+        losses = list(g.split[(g.d_accuracy_hi < 0) & held])
+        unsure = list(g.split[((g.d_accuracy_lo > 0) | (g.d_accuracy_hi < 0)) & ~held])
+        rest = [x for x in g.split if x not in gains + losses + unsure]
         if not moved:
             word = "changes no answer"
         elif len(gains) == len(g) or len(losses) == len(g):
@@ -382,17 +401,22 @@ def findings(table: pd.DataFrame) -> list[str]:
             word = "; ".join(part for part in (
                 "gains accuracy on " + ", ".join(gains) if gains else "",
                 "loses accuracy on " + ", ".join(losses) if losses else "",
+                "an interval that excludes 0 but no significance after Holm on " + ", ".join(unsure) if unsure else "",
                 "no change beyond chance on " + ", ".join(rest) if rest else "") if part)
         splits = ", ".join(f"{r.split} {_points(r.d_accuracy)} [{_points(r.d_accuracy_lo)}, "
                            f"{_points(r.d_accuracy_hi)}]" for r in g.itertuples())
         counts = ", ".join(f"{r.fixed}/{r.broken}" + (f"+{r.derailed}" if r.derailed else "") for r in g.itertuples())
         holm = ", ".join(_p(r.mcnemar_p_holm) for r in g.itertuples())
-        labels = sorted(set(g.bias_label))
+        from ..stats import EXPLAINED
+
+        said = [lab + (" (doing worse than that shift)" if lab == EXPLAINED and hi < 0 else "")
+                for lab, hi in zip(g.bias_label, g.gain_over_control_hi)]
+        labels = sorted(set(said))
         s = (f"`{name}` {settings}: {word}. Δ accuracy per split, points with the 95% paired bootstrap interval: "
              f"{splits}; fixed/broken(+derailed) {counts}; McNemar p (Holm) {holm}")
         if moved:
             s += "; bias control: " + (labels[0] + (" on every split" if len(g) > 1 else "") if len(labels) == 1 else
-                                       "; ".join(f"{r.split} {r.bias_label}" for r in g.itertuples()))
+                                       "; ".join(f"{split} {lab}" for split, lab in zip(g.split, said)))
         out.append(s + ".")
     return out
 
