@@ -364,18 +364,21 @@ def test_relabelled_labels_move_the_intervals_and_the_ranks(oracle_runs, capsys,
     assert "| rank (change) |" in out and "| 2 (+1) | `test-oracle-push`" in out and "relabelled (noisy.json" in out
 
 
+def _copied_run(source, dest, **identity):
+    """A copy of a finished run folder whose run.json carries ``identity``'s keys on top of its own."""
+    shutil.copytree(source, dest)
+    run = json.loads((dest / "run.json").read_text())
+    (dest / "run.json").write_text(json.dumps({**run, **identity}))
+    return dest
+
+
 def test_compare_refuses_a_shard_and_marks_a_partial_merge(oracle_runs, tmp_path):
     tmp, _ = oracle_runs
-    shard = tmp_path / "shard"
-    shutil.copytree(tmp / "uniform", shard)
-    run = json.loads((shard / "run.json").read_text())
-    (shard / "run.json").write_text(json.dumps({**run, "shard": "1/4"}))
+    shard = _copied_run(tmp / "uniform", tmp_path / "shard", shard="1/4")
     with pytest.raises(UserError, match=r"shard 1/4 of a run.*merge its shards first"):
         compare_runs([shard])
-    partial = tmp_path / "partial"
-    shutil.copytree(tmp / "uniform", partial)
-    (partial / "run.json").write_text(json.dumps({**run, "partial": {"expected": 100, "present": 72,
-                                                                     "missing_shards": ["3/4"]}}))
+    partial = _copied_run(tmp / "uniform", tmp_path / "partial",
+                          partial={"expected": 100, "present": 72, "missing_shards": ["3/4"]})
     table = compare_runs([partial, tmp / "oracle"], resamples=200)
     assert table.set_index("run").loc[str(partial), "partial"] == "72 of 100 questions"
     assert table.set_index("run").loc[str(tmp / "oracle"), "partial"] == ""
@@ -413,11 +416,8 @@ def test_compare_labels_for_other_splits_are_unused_or_refused(oracle_runs, tmp_
 
 def test_a_run_made_with_labels_says_so_in_its_settings(oracle_runs, tmp_path):
     tmp, _ = oracle_runs
-    run = tmp_path / "relabelled"
-    shutil.copytree(tmp / "noop", run)
-    ident = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**ident, "labels": {"file": "/x/fixed labels.json", "sha256": "0" * 64,
-                                                                   "entries": 3}}))
+    run = _copied_run(tmp / "noop", tmp_path / "relabelled",
+                      labels={"file": "/x/fixed labels.json", "sha256": "0" * 64, "entries": 3})
     row = compare_runs([run], resamples=200).iloc[0]
     assert row.settings == "--labels fixed labels.json"
 
