@@ -5,7 +5,9 @@ the whole specification: ``Literal[...]`` fields take one of their choices, ``fl
 ``int`` fields a number, ``tuple[int, ...]`` fields a list (``1,2,3`` or ``a:b``, stop
 excluded), ``… | None`` fields also ``none``. :func:`apply_overrides` parses ``knob=value``
 strings against those annotations; :func:`check_choices` validates a dataclass's Literal
-fields (call it from ``__post_init__``). Nothing here knows any particular intervention.
+fields (call it from ``__post_init__``). A field declared with :func:`knob` carries a one-line
+description; :func:`knob_rows` reads name, type, default and description back for listings
+(``mclcbf-diag interventions``). Nothing here knows any particular intervention.
 """
 
 from __future__ import annotations
@@ -137,3 +139,48 @@ def changed(knobs, reference) -> dict:
     """The fields of ``knobs`` that differ from ``reference`` (same dataclass type)."""
     a, b = dataclasses.asdict(knobs), dataclasses.asdict(reference)
     return {k: v for k, v in a.items() if b[k] != v}
+
+
+def knob(default, help: str):
+    """A dataclass field with ``default`` and a one-line description (``metadata["help"]``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def type_text(hint) -> str:
+    """How ``--set`` reads a field of type ``hint``, in a few words (``float|none``, ``ints (1,2 or a:b)``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if hint in (float, int):
+        return hint.__name__
+    if hint is bool:
+        return "true|false"
+    if type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return f"{type_text(inner)}|none"
+    if origin is tuple and args and typing.get_origin(args[0]) is tuple:
+        return "layer.head list"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return ",".join("int" for _ in args)
+    if origin is tuple:
+        return "ints (1,2,3 or a:b)"
+    return getattr(hint, "__name__", str(hint))
+
+
+def show_value(value) -> str:
+    """A knob value as ``--set`` would take it back (``none``, ``1,2,3``, ``16.29,26.9``)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(".".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
+    return str(value)
+
+
+def knob_rows(knobs) -> list[tuple[str, str, str, str]]:
+    """``(name, type, value, description)`` per field of the knobs instance ``knobs`` (description: the
+    field's ``metadata["help"]``, empty when it has none)."""
+    hints = typing.get_type_hints(type(knobs))
+    return [(f.name, type_text(hints[f.name]), show_value(getattr(knobs, f.name)), f.metadata.get("help", ""))
+            for f in dataclasses.fields(knobs)]

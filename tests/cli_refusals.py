@@ -45,3 +45,14 @@ def refused_here(capsys, argv, *fragments) -> str:
     for fragment in fragments:
         assert fragment in err, (fragment, err)
     return err.strip()
+
+
+def ran(argv, cwd) -> tuple[int, str, float, bool]:
+    """Run the CLI in a fresh process that should succeed: (status, stdout less the probe's line, seconds, whether
+    torch had been imported)."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], capture_output=True, text=True, check=False,
+                          cwd=cwd, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    took = time.monotonic() - start
+    *out, probe = proc.stdout.rstrip("\n").split("\n")
+    return proc.returncode, "\n".join(out), took, probe == "torch loaded"

@@ -96,3 +96,17 @@ def test_write_frame_round_trips_and_one_line(tmp_path):
     assert pd.read_csv(tmp_path / "f.csv").equals(frame)
     assert C.one_line("first\n   second  \n\nthird") == "first second third"
     assert C.summary_table({"k": 1.5}).to_dict("list") == {"quantity": ["k"], "value": ["1.5"]}
+
+
+def test_early_checks_read_every_interventions_presets_and_knobs_without_torch(tmp_path):
+    with pytest.raises(UserError, match="unknown preset 'x' for vaf; valid presets: paper, image-only"):
+        C.early_checks(_args(intervention="vaf", preset="x"))
+    with pytest.raises(UserError, match="unknown knob 'tau_prefill'; valid knobs: "):
+        C.early_checks(_args(intervention="pai", overrides=["tau_prefill=0.3"]))
+    with pytest.raises(UserError, match="threshold=2.0 is not a probability mass"):
+        C.early_checks(_args(intervention="adhh", overrides=["threshold=2"]))
+    C.early_checks(_args(intervention="var", preset="llama-2-7b-dims", overrides=["p=0.5"]))
+    from cli_refusals import refused
+
+    _, torch_loaded = refused(["trace", "--intervention", "vista", "--set", "lam=x"], tmp_path, "lam='x' is not a number")
+    assert not torch_loaded

@@ -52,3 +52,22 @@ def test_bad_values_are_one_line(item, message):
     with pytest.raises(UserError, match=message) as info:
         apply_overrides(Knobs(), [item])
     assert "\n" not in str(info.value)
+
+
+def test_each_annotation_reads_back_for_the_listing():
+    """knob_rows: name, how --set reads the type, the value as --set takes it back, the field's help."""
+    from mclcbf_diag.knobs import knob, knob_rows
+
+    @dataclass(frozen=True)
+    class Helped(Knobs):
+        extra: float | None = knob(None, "a described knob")
+
+    rows = {r[0]: r[1:] for r in knob_rows(Helped(heads=((16, 29), (26, 9)), flag=True))}
+    assert rows == {"mode": ("a|b", "a", ""), "scale": ("float", "1.0", ""), "count": ("int", "2", ""),
+                    "flag": ("true|false", "true", ""), "layers": ("ints (1,2,3 or a:b)|none", "none", ""),
+                    "span": ("int,int", "1,5", ""), "heads": ("layer.head list|none", "16.29,26.9", ""),
+                    "extra": ("float|none", "none", "a described knob")}
+    # every value shown is one --set reads back as the same value
+    k = Helped(heads=((16, 29), (26, 9)), layers=(1, 2), flag=True)
+    back = apply_overrides(Helped(), [f"{n}={v}" for n, _, v, _ in knob_rows(k)])
+    assert back == k

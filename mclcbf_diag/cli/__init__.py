@@ -2,7 +2,8 @@
 
 Commands: ``trace`` (:mod:`.trace`), ``explain`` (:mod:`.explain`), ``flow`` (:mod:`.flow`), ``pope`` and ``merge``
 (:mod:`.pope`), ``compare`` (:mod:`.compare`), ``embedded`` (:mod:`.embedded`), ``attribute``
-(:mod:`.attribute`); what they share (options, the checks that run before
+(:mod:`.attribute`), ``interventions`` (:mod:`.interventions`) and ``models`` (:mod:`.models`), which list
+what the others offer, without torch; what they share (options, the checks that run before
 any model loads, printing) is in :mod:`.common`. Nothing in the package imports this one.
 
 Every user mistake is a :class:`~mclcbf_diag.errors.UserError`: one line on stderr, exit
@@ -32,6 +33,8 @@ import sys
 from ..errors import UserError
 from ..shipped import POPE as EMBEDDED_POPE
 from . import attribute, compare, embedded, explain, flow, pope, trace
+from . import interventions as interventions_cli
+from . import models as models_cli
 from .common import Parser, one_line
 
 __all__ = ["main", "build_parser", "EMBEDDED_POPE"]
@@ -51,6 +54,8 @@ def build_parser() -> Parser:
     pope.add_merge_parser(sub)
     compare.add_parser(sub)
     attribute.add_parser(sub)
+    interventions_cli.add_parser(sub)
+    models_cli.add_parser(sub)
     return parser
 
 
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         debug = args.debug
+        if getattr(args, "help_knobs", False):  # before anything loads: the knobs of --intervention
+            return interventions_cli.cmd_interventions(args)
         return args.func(args)
     except UserError as exc:
         if debug:

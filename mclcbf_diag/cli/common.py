@@ -97,14 +97,20 @@ def check_prompt(args) -> None:
 
 
 def intervention_options(p: argparse.ArgumentParser) -> None:
+    from ..interventions import names
+
     g = p.add_argument_group("intervention")
     g.add_argument("--intervention", default="mclcbf", metavar="NAME",
-                   help="which intervention (default mclcbf, the barrier; see README, interventions)")
+                   help=f"which intervention: {', '.join(names())} (default mclcbf, the barrier; "
+                        "`mclcbf-diag interventions` lists each with its paper, presets and knobs)")
     g.add_argument("--preset", default=None,
                    help="the intervention's preset (default its first; mclcbf: seed-exp6 = the original "
-                        "experiment, alias original; fixed = every suspected cause corrected, alias corrected)")
+                        "experiment, alias original; fixed = every suspected cause corrected, alias corrected; "
+                        "--help-knobs lists them all)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KNOB=VALUE",
                    help="override a knob, e.g. --set span=detected --set tau=0.5 (repeatable)")
+    g.add_argument("--help-knobs", action="store_true",
+                   help="print --intervention's knobs (types, defaults, one line each) and presets, and exit")
 
 
 def check_threads(args) -> None:
@@ -195,26 +201,23 @@ def local_depth(model: str | None) -> int | None:
 
 
 def early_checks(args) -> None:
-    """Knob checks that need no torch: sizes of --set integers, MC-LCBF's knobs and presets, layers vs depth."""
+    """Knob checks that need no torch: sizes of --set integers, the intervention's knobs and presets, layers vs
+    depth."""
     check_override_sizes(args.overrides)
     from .. import (
         interventions,  # names only: the classes (and torch) load on first use
     )
 
     name = getattr(args, "intervention", "mclcbf")
-    known = list(dict.fromkeys([*interventions.BUILTIN, *interventions._REGISTRY]))
-    if name not in known:
-        raise UserError(f"unknown intervention {name!r}; choose one of {', '.join(known)}")
-    if name == "mclcbf":
-        from ..interventions.mclcbf.config import (  # torch-free: errors in well under a second
-            ALIASES,
-            PRESETS,
-        )
-        from ..knobs import apply_overrides
+    table = interventions.specs()  # knobs and presets, torch-free: errors in well under a second
+    if name not in table:
+        raise UserError(f"unknown intervention {name!r}; choose one of {', '.join(table)}")
+    from ..knobs import apply_overrides
 
-        if args.preset is not None and args.preset not in PRESETS:
-            raise UserError(f"unknown preset {args.preset!r} for mclcbf; valid presets: {', '.join(PRESETS)}")
-        apply_overrides(PRESETS[args.preset or "seed-exp6"], list(args.overrides), ALIASES)
+    spec = table[name]
+    if args.preset is not None and args.preset not in spec.presets:
+        raise UserError(f"unknown preset {args.preset!r} for {name}; valid presets: {', '.join(spec.presets)}")
+    apply_overrides(spec.presets[args.preset or next(iter(spec.presets))], list(args.overrides), spec.aliases)
     n_layers = local_depth(args.model)
     if n_layers is None:
         return

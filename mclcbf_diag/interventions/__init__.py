@@ -1,7 +1,8 @@
 """Interventions on one seam (:mod:`.base`): MC-LCBF, attention knockouts, and yours.
 
 :data:`REGISTRY` maps each ``--intervention`` name to its class; :func:`resolve` builds one
-from a name, a preset and ``--set`` overrides. A user-defined intervention is a subclass of
+from a name, a preset and ``--set`` overrides; :func:`specs` describes every registered one
+(summary, paper, knobs, presets) without importing torch, for ``mclcbf-diag interventions``. A user-defined intervention is a subclass of
 :class:`Intervention` passed directly to the library calls (``trace_sample``, ``explain_sample``,
 ``answer_pair``), or registered with :func:`register` for the command line.
 """
@@ -14,7 +15,7 @@ from ..errors import UserError
 
 # name → submodule; loaded on first use, so that knobs and presets load without torch
 _NAMES = {"Intervention": ".base", "Row": ".base", "Site": ".base", "AttentionBlock": ".block",
-          "BlockKnobs": ".block", "AttentionKnockout": ".knockout", "KnockoutKnobs": ".knockout", "MCLCBF": ".mclcbf",
+          "BlockKnobs": ".catalog", "AttentionKnockout": ".knockout", "KnockoutKnobs": ".catalog", "MCLCBF": ".mclcbf",
           "PAI": ".pai", "VAF": ".vaf", "VISTA": ".vista", "AdHH": ".adhh", "VAR": ".var"}
 BUILTIN = {"mclcbf": "MCLCBF", "knockout": "AttentionKnockout", "block": "AttentionBlock", "pai": "PAI", "vaf": "VAF",
            "vista": "VISTA", "adhh": "AdHH", "var": "VAR"}
@@ -33,6 +34,18 @@ def registry() -> dict:
         if key not in _REGISTRY:
             _REGISTRY[key] = _load(cls)
     return _REGISTRY
+
+
+def names() -> list[str]:
+    """Every ``--intervention`` name, built-in ones first, without loading any class."""
+    return list(dict.fromkeys([*BUILTIN, *_REGISTRY]))
+
+
+def specs() -> dict:
+    """``--intervention`` name → :class:`~.catalog.Spec`, for every registered intervention. A built-in's spec is
+    read from :mod:`.catalog` (no torch); a registered class's from its attributes."""
+    cards = importlib.import_module(".catalog", __name__)
+    return {name: cards.spec_of(_REGISTRY[name]) if name in _REGISTRY else cards.SPECS[name] for name in names()}
 
 
 def __getattr__(name: str):
@@ -72,4 +85,4 @@ def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()):
 
 __all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "AttentionBlock",
            "BlockKnobs", "PAI", "VAF", "VISTA", "AdHH", "VAR", "REGISTRY", "register", "resolve", "as_intervention",
-           "registry"]
+           "registry", "names", "specs"]

@@ -32,35 +32,11 @@ github.com/TianyunYoung/Hallucination-Attribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import UserError
 from .base import Intervention, Row, Site
-
-LLAVA_15_7B_HEADS = ((16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
-                     (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28))
-
-
-@dataclass(frozen=True)
-class AdHHKnobs:
-    """``heads``: (layer, head) pairs, None → found on the model; ``threshold``: text mass that
-    triggers; ``top_k``: heads to find (None → 20/1024 of all); ``calibration``: questions used;
-    ``renormalise``: rescale the row after zeroing (the released code does not)."""
-
-    heads: tuple[tuple[int, int], ...] | None = None
-    threshold: float = 0.4
-    top_k: int | None = None
-    calibration: int = 16
-    renormalise: bool = False
-
-    def __post_init__(self):
-        if self.heads is not None and not all(isinstance(lh, tuple) and len(lh) == 2 for lh in self.heads):
-            raise UserError(f"heads={self.heads!r} must be (layer, head) pairs, e.g. ((16, 29), (26, 9))")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise UserError(f"threshold={self.threshold} is not a probability mass; use a value in [0, 1]")
-
+from .catalog import LLAVA_15_7B_HEADS, SPECS, AdHHKnobs  # noqa: F401 - AdHHKnobs re-exported
 
 _FOUND: dict = {}
 
@@ -143,10 +119,7 @@ def find_hallucination_heads(lm, questions=None, images=None, top_k: int | None 
     return tuple((int(t) // H, int(t) % H) for t in top)
 
 
-class AdHH(Intervention):
-    name = "adhh"
-    Knobs = AdHHKnobs
-    presets = {"paper": AdHHKnobs(), "llava-1.5-7b": AdHHKnobs(heads=LLAVA_15_7B_HEADS)}
+class AdHH(Intervention, spec=SPECS["adhh"]):
     metrics = {"adhh_heads_fired": "AD-HH: hallucination heads whose text mass ≥ threshold (their text attention zeroed)",
                "adhh_text_mass": "AD-HH: the decision query's attention mass on the text after the image, per head"}
     sites = frozenset({"attention"})

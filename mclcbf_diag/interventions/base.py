@@ -196,7 +196,11 @@ class Intervention:
     Class attributes: ``name`` (the CLI's ``--intervention``), ``Knobs`` (a frozen dataclass),
     ``presets`` (name → knobs; the first is the default), ``aliases`` (short knob names that
     set several fields), ``metrics`` (glossary of the records it adds), ``sites`` (the hooks
-    the runner must open; ``"residual"``, ``"attention"``, ``"pattern"``).
+    the runner must open; ``"residual"``, ``"attention"``, ``"pattern"``), and for the listing
+    (``mclcbf-diag interventions``) ``summary`` (one line; default: the docstring's first line)
+    and ``paper``. A built-in takes ``name``, ``Knobs``, ``presets``, ``aliases``, ``summary``
+    and ``paper`` from its torch-free :class:`~mclcbf_diag.interventions.catalog.Spec`:
+    ``class PAI(Intervention, spec=SPECS["pai"])``.
     """
 
     name: ClassVar[str] = "none"
@@ -208,6 +212,14 @@ class Intervention:
     # True: one site may hold rows of different doses (each read with Site.dose_of), so a batch
     # of doses (a dose-response) is one call per site instead of one per dose
     row_doses: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __init_subclass__(cls, spec=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if spec is not None:
+            cls.name, cls.Knobs, cls.presets, cls.aliases = spec.name, spec.Knobs, spec.presets, spec.aliases
+            cls.summary, cls.paper = spec.summary, spec.paper
 
     def __init__(self, knobs=None):
         self.knobs = next(iter(self.presets.values())) if knobs is None else knobs

@@ -14,15 +14,10 @@ decision token). Edges: image → question, image → last, question → last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
-from ..knobs import check_choices
 from .base import AttentionEditBase, Row, Site
-
-Group = Literal["image", "question", "last"]
+from .catalog import SPECS, BlockKnobs, Group  # noqa: F401 - BlockKnobs, Group re-exported
 
 
 def group_positions(row: Row, group: str) -> torch.Tensor:
@@ -40,21 +35,7 @@ def block_rows(probs: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     return (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).to(probs.dtype)
 
 
-@dataclass(frozen=True)
-class BlockKnobs:
-    source: Group = "image"  # the keys whose information is cut off
-    target: Group = "last"  # the queries that may no longer read them
-    layers: tuple[int, ...] | None = None  # None: every layer
-
-    def __post_init__(self):
-        check_choices(self)
-
-
-class AttentionBlock(AttentionEditBase):
-    name = "block"
-    Knobs = BlockKnobs
-    presets = {"image-to-last": BlockKnobs("image", "last"), "image-to-question": BlockKnobs("image", "question"),
-               "question-to-last": BlockKnobs("question", "last")}
+class AttentionBlock(AttentionEditBase, spec=SPECS["block"]):
     def first_edited(self, row: Row) -> int | None:
         q = group_positions(row, self.knobs.target)
         return int(q.min()) if q.numel() else None

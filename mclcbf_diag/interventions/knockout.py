@@ -10,29 +10,12 @@ image, the decision token included); ``layers`` limits the edit to a window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
-from ..knobs import check_choices
 from .attention_edits import rescale_image_probs
 from .base import AttentionEditBase, Row, Site
+from .catalog import SPECS, KnockoutKnobs  # noqa: F401 - KnockoutKnobs re-exported
 
 
-@dataclass(frozen=True)
-class KnockoutKnobs:
-    factor: float = 0.0
-    target: float | None = None  # a fixed image mass instead of factor × the mass
-    tokens: Literal["decision", "after_image"] = "decision"
-    layers: tuple[int, ...] | None = None  # None: every layer
-
-    def __post_init__(self):
-        check_choices(self)
-
-
-class AttentionKnockout(AttentionEditBase):
-    name = "knockout"
-    Knobs = KnockoutKnobs
-    presets = {"remove": KnockoutKnobs(0.0), "double": KnockoutKnobs(2.0)}
+class AttentionKnockout(AttentionEditBase, spec=SPECS["knockout"]):
     def first_edited(self, row: Row) -> int | None:
         return row.decision if self.knobs.tokens == "decision" else int(row.after_image()[0])
 

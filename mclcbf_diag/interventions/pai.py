@@ -30,13 +30,12 @@ PAI's attention-only ablation, the default here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import UserError
 from ..models.projection import project_queries
 from .base import Intervention, Row, Site
+from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
 from .mclcbf.config import depth_fraction
 
 
@@ -66,24 +65,7 @@ def lookahead_logits(site: Site, row: Row, positions, key_mask: torch.Tensor) ->
     return torch.matmul(q, k.transpose(-1, -2)) * w.scaling
 
 
-@dataclass(frozen=True)
-class PAIKnobs:
-    """``alpha``: image-logit amplification; ``layers``: None → 2–31 of 32 by depth fraction;
-    ``contrast_gamma``: PAI's image-free logit contrast (1 = off; other values unsupported)."""
-
-    alpha: float = 0.2
-    layers: tuple[int, ...] | None = None
-    contrast_gamma: float = 1.0
-
-    def __post_init__(self):
-        if not self.alpha >= 0:
-            raise UserError(f"alpha={self.alpha} must be >= 0")
-
-
-class PAI(Intervention):
-    name = "pai"
-    Knobs = PAIKnobs
-    presets = {"paper": PAIKnobs(), "strong": PAIKnobs(alpha=0.5)}
+class PAI(Intervention, spec=SPECS["pai"]):
     metrics = {"pai_logit_delta": "PAI: mean α·|a| added to the decision query's image-key logits (head mean)"}
     sites = frozenset({"residual", "attention"})
 

@@ -24,35 +24,15 @@ a look-ahead (:func:`~mclcbf_diag.interventions.pai.lookahead_logits`, float32) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import UserError
 from .base import Intervention, Row, Site
+from .catalog import SPECS, VAFKnobs  # noqa: F401 - VAFKnobs re-exported
 from .pai import _layers, apply_logit_deltas, lookahead_logits
 
 
-@dataclass(frozen=True)
-class VAFKnobs:
-    """``alpha``: image-key logit factor (enh_para); ``beta``: prefix-key factor (sup_para);
-    ``layers``: None → 9–14 of 32 by depth fraction; ``include_bos``: scale BOS with the prefix."""
-
-    alpha: float = 1.15
-    beta: float = 0.95
-    layers: tuple[int, ...] | None = None
-    include_bos: bool = True
-
-    def __post_init__(self):
-        for name in ("alpha", "beta"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"{name}={getattr(self, name)} must be >= 0")
-
-
-class VAF(Intervention):
-    name = "vaf"
-    Knobs = VAFKnobs
-    presets = {"paper": VAFKnobs(), "image-only": VAFKnobs(beta=1.0)}
+class VAF(Intervention, spec=SPECS["vaf"]):
     metrics = {"vaf_image_delta": "VAF: mean (α−1)·a added to the text queries' image-key logits (heads, queries)",
                "vaf_prefix_delta": "VAF: mean (β−1)·a added to the text queries' prefix-key logits"}
     sites = frozenset({"residual", "attention"})

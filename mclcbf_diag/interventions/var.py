@@ -27,33 +27,13 @@ Sink detection reads the whole prompt's residual, so the batched path re-runs th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import UserError
 from .base import Intervention, Site
+from .catalog import SPECS, VARKnobs  # noqa: F401 - VARKnobs re-exported
 from .mclcbf.config import depth_fraction
 from .pai import _layers
-
-
-@dataclass(frozen=True)
-class VARKnobs:
-    """``p``: share of a sink's attention kept; ``tau``: sink threshold on |x/rms(x)|;
-    ``rho``: max sink share of the image mass; ``summ``: min image mass of a head;
-    ``sink_dims``: None → found on BOS (``n_sink_dims`` of them); ``layers``: None → 2–30 of 32."""
-
-    p: float = 0.6
-    tau: float = 20.0
-    rho: float = 0.5
-    summ: float = 0.2
-    sink_dims: tuple[int, ...] | None = None
-    n_sink_dims: int = 2
-    layers: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        if not 0.0 <= self.p <= 1.0:
-            raise UserError(f"p={self.p} must be in [0, 1]")
 
 
 _DIMS: dict = {}
@@ -95,10 +75,7 @@ def redistribute(p: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, keep
     return torch.where(chosen[..., None], new, pf).to(p.dtype), chosen
 
 
-class VAR(Intervention):
-    name = "var"
-    Knobs = VARKnobs
-    presets = {"paper": VARKnobs(), "llama-2-7b-dims": VARKnobs(sink_dims=(1415, 2533))}
+class VAR(Intervention, spec=SPECS["var"]):
     metrics = {"var_image_sinks": "VAR: image tokens detected as visual sinks (entering the layer)",
                "var_heads": "VAR: heads whose decision-query row was redistributed"}
     sites = frozenset({"residual", "attention"})

@@ -31,25 +31,13 @@ github.com/LzVv123456/VISTA (``steering_vector.py``: ``obtain_vsv``; ``llm_layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
 from .base import Intervention, Row, Site
+from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
 from .pai import _layers
-
-
-@dataclass(frozen=True)
-class VISTAKnobs:
-    """``lam``: λ (POPE: 0.01); ``similarity``: the released full mode's s = 1 + max(0, cos(x, −v));
-    ``layers``: None → every layer; ``logits_alpha``: SLA (unsupported, must be 0)."""
-
-    lam: float = 0.01
-    similarity: bool = True
-    layers: tuple[int, ...] | None = None
-    logits_alpha: float = 0.0
 
 
 def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
@@ -84,10 +72,7 @@ def steer(x: torch.Tensor, v: torch.Tensor, lam: float, similarity: bool) -> tor
     return F.normalize(F.normalize(x, dim=-1) + lam * s * F.normalize(v, dim=-1)[None], dim=-1) * norm
 
 
-class VISTA(Intervention):
-    name = "vista"
-    Knobs = VISTAKnobs
-    presets = {"pope": VISTAKnobs(), "simple": VISTAKnobs(similarity=False), "strong": VISTAKnobs(lam=0.1)}
+class VISTA(Intervention, spec=SPECS["vista"]):
     metrics = {"vista_vector_norm": "VISTA: ‖v_ℓ‖ (residual with image − without, decision token)",
                "vista_similarity": "VISTA: s = 1 + max(0, cos(x, −v)) at the decision token"}
     sites = frozenset({"residual"})

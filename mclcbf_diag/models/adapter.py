@@ -22,6 +22,7 @@ from functools import lru_cache
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .families import FAMILIES
 from .projection import LayerWeights
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
@@ -133,4 +134,5 @@ LLAVA = ArchitectureAdapter(
     layer_attention_softmax="self_attn.source.attention_interface_1.source.nn_functional_softmax_0",
 )
 
-ADAPTERS = {"LlavaForConditionalGeneration": LLAVA}
+# transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
+ADAPTERS = {f.architecture: {"llava": LLAVA}[f.name] for f in FAMILIES}

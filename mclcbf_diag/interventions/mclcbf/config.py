@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ...errors import UserError
-from ...knobs import check_choices
+from ...knobs import check_choices, knob
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the knobs load without it
     import torch
@@ -26,21 +26,11 @@ Tokens = Literal["last", "after_image"]
 
 @dataclass(frozen=True)
 class BarrierConfig:
-    """Knobs of the intervention. The defaults are the seed's experiment 6.
+    """Knobs of the intervention. The defaults are the seed's experiment 6; each knob's
+    one-line description is its ``help`` (``mclcbf-diag interventions`` lists them).
 
-    * ``layers``: steered decoder layers; None → :func:`steered_layers`' depth rule.
-    * ``tau_*``/``alpha_*``: threshold and step multiplier, prefill and decode.
-    * ``grad_dtype``: compute h and ∇h in the model's dtype (seed) or in float32.
-    * ``guard``: the constant added to Σg² before dividing (seed: 1e-6). When Σg² is far
-      below it, the guard, not the gradient, sets the scale: ``(τ − h)/guard``. 0 divides
-      by Σg² alone (a zero gradient then gives no step).
-    * ``clamp``: "scale" caps the scale at ``clamp_value`` (seed: 0.5); "step_norm" caps
-      the applied step at ``clamp_value·‖x‖``; "none" applies the raw scale.
-    * ``span``: image keys from ``fixed_span`` [a, b) (the seed's literal span) or the image
-      tokens detected in ``input_ids``.
-    * ``site``: where the step acts: the residual before the layer (seed), the
-      input_layernorm output, or the attention logits on image keys directly.
-    * ``tokens``: steer the last prompt token (seed) or every text token after the image.
+    When Σg² is far below ``guard``, the guard, not the gradient, sets the scale:
+    ``(τ − h)/guard``; ``guard=0`` divides by Σg² alone (a zero gradient then gives no step).
 
     Edge values: τ = 0 never fires (h ≥ 0); τ = 1 always fires (the attention-logit site
     then aims at a mass of 1 − 1e-6, the most a finite logit shift reaches); α = 0 fires
@@ -49,19 +39,24 @@ class BarrierConfig:
     (``residual_nonfinite``) and not steered: the diagnosis reports the non-finite cause.
     """
 
-    layers: tuple[int, ...] | None = None
-    tau_prefill: float = 0.2
-    alpha_prefill: float = 1.0
-    tau_decode: float = 0.2
-    alpha_decode: float = 0.5
-    grad_dtype: GradDtype = "model"
-    guard: float = 1e-6
-    clamp: Clamp = "scale"
-    clamp_value: float = 0.5
-    span: Span = "fixed"
-    fixed_span: tuple[int, int] = (1, 577)
-    site: Site = "resid_pre"
-    tokens: Tokens = "last"
+    layers: tuple[int, ...] | None = knob(None, "steered decoder layers; none: 10–27 of 32, the same fraction of "
+                                                "other depths")
+    tau_prefill: float = knob(0.2, "threshold τ on the decision token's image mass h (prefill; tau= sets both "
+                                   "phases)")
+    alpha_prefill: float = knob(1.0, "multiplier α on the step θ* (prefill; alpha= sets both phases)")
+    tau_decode: float = knob(0.2, "τ at generated tokens")
+    alpha_decode: float = knob(0.5, "α at generated tokens")
+    grad_dtype: GradDtype = knob("model", "compute h and ∇h in the model's dtype (the seed) or in float32")
+    guard: float = knob(1e-6, "added to Σg² before dividing: scale = (τ − h)/(Σg² + guard)")
+    clamp: Clamp = knob("scale", "scale: cap the scale at clamp_value; step_norm: cap ‖α·θ*‖ at "
+                                 "clamp_value·‖x‖; none: the raw scale")
+    clamp_value: float = knob(0.5, "the cap clamp applies")
+    span: Span = knob("fixed", "image keys: fixed_span (the seed's literal span) or the image tokens detected in "
+                               "input_ids")
+    fixed_span: tuple[int, int] = knob((1, 577), "[a, b) for span=fixed")
+    site: Site = knob("resid_pre", "where the step acts: the residual before the layer, the input_layernorm "
+                                   "output, or the attention logits on image keys")
+    tokens: Tokens = knob("last", "steer the decision token (last) or every text token after the image")
 
     def __post_init__(self):
         check_choices(self)

@@ -31,6 +31,7 @@ from ...errors import UserError
 from ...probes import fit_mask
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
+from ..catalog import SPECS
 from . import rules
 from .config import (
     ALIASES,
@@ -98,12 +99,8 @@ FIXES: dict[str, dict] = {
 }
 
 
-class MCLCBF(Intervention):
-    name = "mclcbf"
+class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
     row_doses = True
-    Knobs = BarrierConfig
-    presets = PRESETS
-    aliases = ALIASES
     metrics = METRICS
 
     @property

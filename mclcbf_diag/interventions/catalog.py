@@ -1,0 +1,169 @@
+"""What each built-in intervention is: its one-line summary, paper, knobs and presets, without torch.
+
+The knob dataclasses and presets of the built-in interventions live here, so that
+``mclcbf-diag interventions``, ``--help-knobs`` and the ``--set`` checks read them in a
+fraction of a second; each intervention's class takes them from its :class:`Spec`
+(``class PAI(Intervention, spec=SPECS["pai"])``), so the listing and the class cannot
+disagree. MC-LCBF's knobs stay in :mod:`.mclcbf.config` (torch-free too). Every knob is a
+:func:`~mclcbf_diag.knobs.knob` field: its default and its one-line description together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import UserError
+from ..knobs import check_choices, knob
+from .mclcbf.config import ALIASES, PRESETS, BarrierConfig
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An intervention as the listing shows it; the first preset is the default."""
+
+    name: str
+    summary: str  # one line: what it edits
+    paper: str  # the paper and its released code ("" for a probe)
+    Knobs: type
+    presets: dict
+    aliases: dict = field(default_factory=dict)
+
+
+LAYERS_HELP = "decoder layers to edit; none: {}"
+
+
+# --------------------------------------------------------------------------- attention knockout
+@dataclass(frozen=True)
+class KnockoutKnobs:
+    factor: float = knob(0.0, "scale each head's image mass by this (0 removes it, 2 doubles it; capped below 1)")
+    target: float | None = knob(None, "set the image mass to this instead of factor × the mass")
+    tokens: Literal["decision", "after_image"] = knob("decision", "the queries edited: the decision token, or every "
+                                                                  "text token after the image")
+    layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("every layer"))
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+# --------------------------------------------------------------------------- attention blocking
+Group = Literal["image", "question", "last"]
+
+
+@dataclass(frozen=True)
+class BlockKnobs:
+    source: Group = knob("image", "the keys whose information is cut off")
+    target: Group = knob("last", "the queries that may no longer read them")
+    layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("every layer"))
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+# --------------------------------------------------------------------------- PAI
+@dataclass(frozen=True)
+class PAIKnobs:
+    alpha: float = knob(0.2, "image-key logit amplification: a ← a + α·|a|")
+    layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("2–31 of 32, by depth fraction"))
+    contrast_gamma: float = knob(1.0, "PAI's image-free logit contrast (1 = off; other values are refused)")
+
+    def __post_init__(self):
+        if not self.alpha >= 0:
+            raise UserError(f"alpha={self.alpha} must be >= 0")
+
+
+# --------------------------------------------------------------------------- VAF (ClearSight)
+@dataclass(frozen=True)
+class VAFKnobs:
+    alpha: float = knob(1.15, "factor on the text queries' image-key logits (enh_para)")
+    beta: float = knob(0.95, "factor on their prefix-key logits (sup_para)")
+    layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("9–14 of 32, by depth fraction"))
+    include_bos: bool = knob(True, "scale BOS with the prefix keys, as the released code does")
+
+    def __post_init__(self):
+        for name in ("alpha", "beta"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name}={getattr(self, name)} must be >= 0")
+
+
+# --------------------------------------------------------------------------- VISTA
+@dataclass(frozen=True)
+class VISTAKnobs:
+    lam: float = knob(0.01, "λ, the steering strength (POPE: 0.01)")
+    similarity: bool = knob(True, "the released full mode's s = 1 + max(0, cos(x, −v)); false: s = 1")
+    layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("every layer"))
+    logits_alpha: float = knob(0.0, "self-logits augmentation (SLA; unsupported, must be 0)")
+
+
+# --------------------------------------------------------------------------- AD-HH
+LLAVA_15_7B_HEADS = ((16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
+                     (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28))
+
+
+@dataclass(frozen=True)
+class AdHHKnobs:
+    heads: tuple[tuple[int, int], ...] | None = knob(None, "hallucination heads as (layer, head); none: found on "
+                                                           "the model")
+    threshold: float = knob(0.4, "the text attention mass above which a head's text attention is zeroed")
+    top_k: int | None = knob(None, "heads to find; none: 20 of every 1024")
+    calibration: int = knob(16, "questions used to find the heads")
+    renormalise: bool = knob(False, "rescale the row after zeroing (the released code does not)")
+
+    def __post_init__(self):
+        if self.heads is not None and not all(isinstance(lh, tuple) and len(lh) == 2 for lh in self.heads):
+            raise UserError(f"heads={self.heads!r} must be (layer, head) pairs, e.g. ((16, 29), (26, 9))")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"threshold={self.threshold} is not a probability mass; use a value in [0, 1]")
+
+
+# --------------------------------------------------------------------------- VAR
+@dataclass(frozen=True)
+class VARKnobs:
+    p: float = knob(0.6, "share of a sink token's attention kept")
+    tau: float = knob(20.0, "sink threshold on |x/rms(x)| in the sink dims")
+    rho: float = knob(0.5, "largest sink share of a head's image mass (image-centric heads)")
+    summ: float = knob(0.2, "smallest image mass of an image-centric head")
+    sink_dims: tuple[int, ...] | None = knob(None, "the residual dims that mark sinks; none: found on BOS")
+    n_sink_dims: int = knob(2, "how many sink dims to find when sink_dims is none")
+    layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("2–30 of 32, by depth fraction"))
+
+    def __post_init__(self):
+        if not 0.0 <= self.p <= 1.0:
+            raise UserError(f"p={self.p} must be in [0, 1]")
+
+
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    Spec("mclcbf", "a control-barrier step α·θ* on the decision token's residual (or its image-key logits) "
+                   "that lifts its image attention mass h to τ",
+         "the researcher's MC-LCBF (seed-exp6: experiment 6 knob for knob)", BarrierConfig, PRESETS, ALIASES),
+    Spec("knockout", "set the image attention mass of the decision (or after-image) tokens, renormalised", "",
+         KnockoutKnobs, {"remove": KnockoutKnobs(0.0), "double": KnockoutKnobs(2.0)}),
+    Spec("block", "block attention edges image→question, image→last or question→last (used by flow)",
+         "Zhang et al., Cross-modal Information Flow in Multimodal Large Language Models, CVPR 2025", BlockKnobs,
+         {"image-to-last": BlockKnobs("image", "last"), "image-to-question": BlockKnobs("image", "question"),
+          "question-to-last": BlockKnobs("question", "last")}),
+    Spec("pai", "amplify the last query's image-key attention logits, a ← a + α·|a|",
+         "Liu et al., Paying More Attention to Image, ECCV 2024 (github.com/LALBJ/PAI)", PAIKnobs,
+         {"paper": PAIKnobs(), "strong": PAIKnobs(alpha=0.5)}),
+    Spec("vaf", "in middle layers, scale text queries' image-key logits by α and prefix-key logits by β",
+         "Yin et al., ClearSight (VAF), CVPR 2025 (github.com/ustc-hyin/ClearSight)", VAFKnobs,
+         {"paper": VAFKnobs(), "image-only": VAFKnobs(beta=1.0)}),
+    Spec("vista", "add a visual steering vector (residual with image − without) at every layer, norm kept",
+         "Li et al., The Hidden Life of Tokens (VISTA), ICML 2025 (github.com/LzVv123456/VISTA)", VISTAKnobs,
+         {"pope": VISTAKnobs(), "simple": VISTAKnobs(similarity=False), "strong": VISTAKnobs(lam=0.1)}),
+    Spec("adhh", "zero the text attention of hallucination heads whose text mass passes a threshold",
+         "Yang et al., Understanding and Mitigating Hallucinations in LVLMs via Modular Attribution and "
+         "Intervention, ICLR 2025 (github.com/TianyunYoung/Hallucination-Attribution)", AdHHKnobs,
+         {"paper": AdHHKnobs(), "llava-1.5-7b": AdHHKnobs(heads=LLAVA_15_7B_HEADS)}),
+    Spec("var", "move attention from sink tokens to the other image tokens in image-centric heads",
+         "Kang et al., See What You Are Told: Visual Attention Sink in LMMs, ICLR 2025 (github.com/seilk/VisAttnSink)",
+         VARKnobs, {"paper": VARKnobs(), "llama-2-7b-dims": VARKnobs(sink_dims=(1415, 2533))}),
+)}
+
+
+def spec_of(cls) -> Spec:
+    """The :class:`Spec` of an intervention class (a registered user class: from its attributes; its summary
+    defaults to the first line of its docstring)."""
+    summary = getattr(cls, "summary", "") or (cls.__dict__.get("__doc__") or "").strip().split("\n")[0]
+    return Spec(cls.name, summary, getattr(cls, "paper", ""), cls.Knobs, dict(cls.presets),
+                dict(getattr(cls, "aliases", {})))
