@@ -354,13 +354,52 @@ def explain_sections(ex, verdict_text: str, causes: pd.DataFrame, overlay: Secti
     return sections
 
 
+def _listed(v) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else ("" if v is None else str(v))
+
+
+def question_sections(row: dict, records: pd.DataFrame, command: str) -> list[Section]:
+    """The explain page of one question of a whole-split run, from its verdict row and its records alone (no
+    forward): the verdict, each run's answer, the prefill trace plots and the row. The attention overlay, the
+    dose-response curve and the cause chain need the model: ``command`` (the single explain) gives them."""
+    k = row.get("dose_k_star")
+    lines = [
+        f"{row.get('split', '')} question_id {row.get('question_id')}: {row.get('text', '')} "
+        f"(label: {row.get('label')}; a {row.get('kind', '')} answer)",
+        f"outcome {str(row.get('outcome', '')).upper()}: baseline {row.get('baseline_answer')} "
+        f"(margin {_f(row.get('baseline_margin'), True)}), intervened {row.get('steered_answer')} "
+        f"(margin {_f(row.get('steered_margin'), True)})",
+        "top decisive cause: " + (f"{row['top_cause']} ({row.get('top_cause_title', '')})" if row.get("top_cause")
+                                  else "none (no single cause's counterfactual changed the result)"),
+        f"causes detected: {_listed(row.get('detected_causes')) or 'none'}; decisive: "
+        f"{_listed(row.get('decisive_causes')) or 'none'}",
+        f"dose-response: smallest multiplier reaching '{row.get('dose_goal', '')}': "
+        + (f"k* = {_f(k)}" if k is not None and k == k else f"none up to k = {_f(row.get('dose_k_max'))}"),
+        f"counterfactual fixes that fix it: {_listed(row.get('fixes_fixed')) or 'none'}; break it: "
+        f"{_listed(row.get('fixes_broken')) or 'none'}; derail it: {_listed(row.get('fixes_derailed')) or 'none'}",
+    ]
+    trace = records[records.condition.isin(["baseline", "steered"])]
+    figures = list(trace_figures(trace, phase="prefill", decode_step=0).values()) if len(trace) else [
+        NoFigure("Trace plots", "the run's records hold no trace of this question")]
+    row_table = pd.DataFrame({"field": list(row), "value": [_listed(v) for v in row.values()]})
+    return [
+        Section("Verdict", lines=lines, text="From the whole-split run's records (no second forward). The attention "
+                "over the image, the dose-response curve and the cause chain come from the single explain: "
+                + command),
+        Section("Each run's answer (prefill)", table=knockout_table(records)),
+        Section("Trace plots, prefill (the prompt's decision token)", figures=figures),
+        Section("The question's row (questions.csv)", table=row_table, collapsed=True),
+    ]
+
+
 def trace_plot_sections(lm, ex) -> list[Section]:
     """The explain page's per-layer plots (the prefill step of its trace)."""
     return step_sections(lm, ex.trace, heading="Trace plots")
 
 
 __all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "trace_sections", "explain_sections",
-           "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections", "NoFigure"]
+           "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections", "question_sections",
+           "NoFigure"]
 
 
 # ----------------------------------------------------------------------------- attribute

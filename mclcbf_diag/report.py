@@ -199,21 +199,38 @@ def _section_html(section: Section, index: int) -> str:
     return "\n".join(parts)
 
 
-def render_page(title: str, sections: Sequence[Section]) -> str:
-    """The full HTML document as a string (plotly.js inline, once)."""
+PLOTLY_JS = "plotly.min.js"  # the shared copy a folder of pages loads (write_plotlyjs)
+
+
+def write_plotlyjs(folder: str | Path) -> Path:
+    """plotly.js once in ``folder`` (:data:`PLOTLY_JS`), for pages written with ``plotlyjs=PLOTLY_JS``; an
+    up-to-date copy is left as it is."""
+    path = Path(folder) / PLOTLY_JS
+    data = get_plotlyjs().encode("utf-8")
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        atomic_write(path, data, fix="pass a writable --out path with free space; nothing was half-written")
+    return path
+
+
+def render_page(title: str, sections: Sequence[Section], plotlyjs: str | None = None) -> str:
+    """The full HTML document as a string: plotly.js inline, once, or (``plotlyjs``, a relative path such as
+    :data:`PLOTLY_JS`) loaded from the shared file beside the page."""
     body = "\n".join(_section_html(s, i) for i, s in enumerate(sections))
+    script = (f"<script type=\"text/javascript\">{get_plotlyjs()}</script>" if plotlyjs is None
+              else f"<script type=\"text/javascript\" src=\"{html.escape(plotlyjs)}\"></script>")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n"
-        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
+        f"{script}\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n{body}\n<script>{_RESIZE_JS}</script>\n</body>\n</html>\n"
     )
 
 
-def write_page(path: str | Path, title: str, sections: Sequence[Section]) -> Path:
-    """Write one self-contained HTML page to ``path`` (parents created) and return the path."""
+def write_page(path: str | Path, title: str, sections: Sequence[Section], plotlyjs: str | None = None) -> Path:
+    """Write one HTML page to ``path`` (parents created) and return the path: self-contained, or loading
+    plotly.js from ``plotlyjs`` beside it (see :func:`write_plotlyjs`)."""
     path = Path(path)
-    page = render_page(title, sections)
+    page = render_page(title, sections, plotlyjs)
     data = page.encode("utf-8", "surrogateescape")
     fix = "pass a writable --out path with free space; nothing was half-written"
     try:

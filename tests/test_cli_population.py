@@ -171,6 +171,8 @@ def test_shards_merge_to_the_single_process_run(tmp_path, ref, capsys):
     (["--bisect-steps", "-1"], "--bisect-steps"),
     (["--k-max", "0.5"], "--k-max"),
     (["--per-layer"], "--per-layer"),
+    (["--pages", "some"], "--pages some: give wrong, changed, all or a number"),
+    (["--pages", "0"], "--pages 0"),
     (["--limit", "2", "--shard", "2/3"], "selects no questions"),  # 2 questions, none at position 2 mod 3
 ])
 def test_bad_inputs_fail_before_the_model_loads(tmp_path, monkeypatch, extra, match):
@@ -185,8 +187,46 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path, monkeypatch, extra, ma
 
 
 @pytest.mark.parametrize("extra", [["--sample", "1", "--split", "all"], ["--sample", "1", "--limit", "3"],
-                                   ["--question-id", "2", "--shard", "0/2"]])
+                                   ["--question-id", "2", "--shard", "0/2"], ["--sample", "1", "--pages", "wrong"]])
 def test_whole_split_options_with_one_sample_are_refused(extra):
     args = build_parser().parse_args(["explain", *extra])
     with pytest.raises(UserError, match="whole split|--split all"):
         args.func(args)
+
+
+def test_pages_wrong_writes_a_page_per_wrong_answer_linked_from_the_population_page(tmp_path, capsys):
+    """explain --split adversarial --limit 40 --pages wrong: one explain page per wrong answer, from the run's
+    records, linked from population.html, each under 1 MB, plotly.js stored once in the folder."""
+    from plotly.offline import get_plotlyjs
+
+    out = tmp_path / "p"
+    argv = ["explain", "--split", "adversarial", "--limit", "40", "--batch-size", "20", "--k-max", "2",
+            "--bisect-steps", "1", "--no-sweep", "--out", str(out)]
+    assert main([*argv, "--pages", "wrong"]) == 0
+    assert "the pages of --pages wrong in pages/" in capsys.readouterr().out
+    q = pd.read_parquet(out / "questions.parquet")
+    wrong = q[q.kind == "wrong"]
+    assert len(q) == 40 and len(wrong) >= 1
+    pages = {p.name for p in (out / "pages").iterdir()}
+    assert pages == {f"explain-adversarial-{i}.html" for i in wrong.question_id.astype(str)}
+    population = (out / "population.html").read_text(encoding="utf-8")
+    plotly = get_plotlyjs()
+    for row in wrong.to_dict("records"):
+        name = f"pages/explain-adversarial-{row['question_id']}.html"
+        assert f'<a href="{name}">adversarial:{row["question_id"]}</a>' in population
+        page = (out / name).read_bytes()
+        assert len(page) < 1_000_000
+        text = page.decode("utf-8")
+        assert '<script type="text/javascript" src="../plotly.min.js"></script>' in text
+        assert f"outcome {row['outcome'].upper()}" in text and row["text"] in text
+        assert text.count('class="figure"') >= 3  # the prefill trace plots, from the records
+    # plotly.js once: in plotly.min.js, in no page
+    holders = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".html", ".js")
+               and plotly[1000:1200] in p.read_text(encoding="utf-8")]
+    assert holders == [out / "plotly.min.js"]
+    assert '<script type="text/javascript" src="plotly.min.js"></script>' in population
+    # the same run, every page: nothing is recomputed, and the long id lists fold
+    assert main([*argv, "--pages", "all"]) == 0
+    assert len(list((out / "pages").iterdir())) == 40
+    population = (out / "population.html").read_text(encoding="utf-8")
+    assert all(f'href="pages/explain-adversarial-{i}.html"' in population for i in wrong.question_id.astype(str))

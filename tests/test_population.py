@@ -214,3 +214,17 @@ def test_population_page_links_the_paired_counts_to_their_questions(tmp_path):
             assert f'<details id="paired-{i}-0">' in text
             first = p.loc[split, "fixed_questions"].split(", ")[0]
             assert first.replace("<", "&lt;").replace(">", "&gt;") in text
+
+
+def test_id_lists_link_each_question_and_fold_past_the_first_few():
+    from mclcbf_diag.population.page import FIRST_IDS, id_list
+
+    ids = [f"adversarial:{i}" for i in range(FIRST_IDS + 5)]
+    links = {"adversarial:1": "pages/explain-adversarial-1.html", "adversarial:14": "pages/x<&.html"}
+    text = id_list(ids, links)
+    head, _, rest = text.partition("<details>")
+    assert head.startswith("<p>adversarial:0, <a href=\"pages/explain-adversarial-1.html\">adversarial:1</a>, ")
+    assert head.endswith(f"adversarial:{FIRST_IDS - 1}, … and 5 more</p>")
+    assert rest.startswith(f"<summary>show all {FIRST_IDS + 5}</summary>")
+    assert '<a href="pages/x&lt;&amp;.html">adversarial:14</a>' in rest and "adversarial:13" not in head
+    assert id_list(ids[:3]) == "<p>adversarial:0, adversarial:1, adversarial:2</p>"  # short: no fold, no links

@@ -98,3 +98,17 @@ def test_no_figure_shows_its_reason_and_sections_fold(tmp_path):
     assert f"<li>first sentence.</li><li>{ESCAPED}</li>" in rest and EVIL not in rest
     assert rest.index("<details>") < rest.index('id="fig-1-0"') < rest.index("</details>")
     assert "Plotly.Plots.resize" in rest  # a folded figure is redrawn when opened
+
+
+def test_pages_can_share_one_plotlyjs_file(tmp_path):
+    from mclcbf_diag.report import PLOTLY_JS, write_plotlyjs
+
+    shared = write_plotlyjs(tmp_path)
+    assert shared == tmp_path / PLOTLY_JS and shared.read_text(encoding="utf-8") == get_plotlyjs()
+    before = shared.stat().st_mtime_ns
+    assert write_plotlyjs(tmp_path).stat().st_mtime_ns == before  # an up-to-date copy is left alone
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    page = write_page(tmp_path / "a.html", "t", [Section("s", figures=[fig])], plotlyjs=PLOTLY_JS).read_text()
+    assert f'<script type="text/javascript" src="{PLOTLY_JS}"></script>' in page and get_plotlyjs()[:500] not in page
+    inline = write_page(tmp_path / "b.html", "t", [Section("s", figures=[fig])]).read_text()
+    assert get_plotlyjs()[:500] in inline  # the default stays self-contained

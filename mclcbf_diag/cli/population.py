@@ -31,6 +31,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bisect-steps", type=int, default=8,
                    help="bisection steps of the dose-response after the doubling grid (default 8)")
     g.add_argument("--no-sweep", action="store_true", help="skip the graded image-mass sweep")
+    g.add_argument("--pages", default=None, metavar="WHICH",
+                   help="also write the explain page of these questions, from the run's records (no second forward), "
+                        "linked from population.html: wrong (answers), changed (by the intervention or a fix), all, "
+                        "or N (the first N)")
     g.add_argument("--resume-anyway", action="store_true",
                    help="resume a run written with other torch/transformers/nnsight versions (recorded in run.json)")
 
@@ -42,7 +46,7 @@ def check_single(args) -> None:
         raise UserError(f"--split all with {which}: one sample comes from one split; pass --split "
                         f"random|popular|adversarial, or drop {which} to explain the whole split")
     for flag, default in (("--limit", None), ("--shard", None), ("--batch-size", 16), ("--bisect-steps", 8),
-                          ("--no-sweep", False), ("--resume-anyway", False)):
+                          ("--no-sweep", False), ("--resume-anyway", False), ("--pages", None)):
         if getattr(args, flag[2:].replace("-", "_"), default) != default:
             raise UserError(f"{flag} applies to a whole split, not to {which}; drop {flag}, or drop {which} to "
                             "explain every question")
@@ -58,6 +62,9 @@ def _check_numbers(args) -> None:
     if not 1 <= args.k_max <= 1e12:
         raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 (and at most "
                         "1e12)")
+    pages = getattr(args, "pages", None)
+    if pages is not None and pages not in ("wrong", "changed", "all") and not (pages.isdigit() and int(pages) >= 1):
+        raise UserError(f"--pages {pages}: give wrong, changed, all or a number of questions >= 1 (e.g. --pages wrong)")
     if args.per_layer:
         raise UserError("--per-layer is for one sample (--sample or --question-id); drop it for a whole split")
 
@@ -106,9 +113,11 @@ def cmd_population(args, on_batch=None) -> int:
         run_population(lm, todo, config, out, settings, batch_size=args.batch_size, run_id=rid, on_batch=on_batch)
 
     with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer, args.resume_anyway) as rows:
-        t = write_outputs(out, rows, identity)
+        t = write_outputs(out, rows, identity, pages=getattr(args, "pages", None))
     print(t["answer"])
     print(f"wrote {show(out)}/{ANSWERS} ({len(rows)} questions), questions.parquet, records.parquet, causes.csv, "
-          "doses.csv, masses.csv, fixes.csv, settings.csv, paired.csv, population.html", file=sys.stdout)
+          "doses.csv, masses.csv, fixes.csv, settings.csv, paired.csv, population.html"
+          + (f" and the pages of --pages {args.pages} in pages/" if getattr(args, "pages", None) else ""),
+          file=sys.stdout)
     return 0
 

@@ -13,7 +13,10 @@ whose rows here are the per-question verdict rows):
 * ``causes.csv``, ``doses.csv``, ``masses.csv``, ``fixes.csv``, ``settings.csv``: the aggregate
   (:mod:`.aggregate`); ``paired.csv``: the paired statistics and the bias control per split
   (:func:`.aggregate.paired_table`);
-* ``records.parquet``: every question's records; ``population.html``: the page.
+* ``records.parquet``: every question's records; ``population.html``: the page;
+* with ``--pages``: ``pages/explain-<split>-<question_id>.html``, the explain page of each selected
+  question from its row and records (no second forward), linked from ``population.html``; every
+  page then loads the one ``plotly.min.js`` of the folder instead of inlining it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from . import aggregate as A
 
 PARTS = "records"
 PAGE = "population.html"
+QUESTION_PAGES = "pages"  # --pages: the questions' explain pages, beside the shared plotly.js
 LISTED = 200  # question commands listed per table on the page
 _OLD_NAMES = {"sample": "question_id", "step": "decode_step"}  # records columns of parts from earlier versions
 
@@ -119,8 +123,11 @@ def _titles(identity: dict) -> dict:
         return {}
 
 
-def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[Path] | None = None) -> dict:
-    """Every output file of the run in ``out`` from its rows (and the records parts in ``part_dirs``)."""
+def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[Path] | None = None,
+                  pages: str | None = None) -> dict:
+    """Every output file of the run in ``out`` from its rows (and the records parts in ``part_dirs``); with
+    ``pages`` (``--pages``: wrong, changed, all or N) also those questions' explain pages (:func:`write_question_pages`)
+    and one shared plotly.js for every page of the folder."""
     t = tables(rows, identity, _titles(identity))
     df = t["questions"]
     flat = df.copy()
@@ -137,8 +144,52 @@ def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[P
     atomic_write_text(out / "answer.txt", t["answer"] + "\n")
     from .page import write_page
 
-    write_page(out / PAGE, t, identity, lambda s, q: explain_command(identity, s, q), LISTED)
+    links, plotlyjs = None, None
+    if pages is not None:
+        from ..report import PLOTLY_JS, write_plotlyjs
+
+        write_plotlyjs(out)
+        links, plotlyjs = write_question_pages(out, df, records, identity, pages), PLOTLY_JS
+    write_page(out / PAGE, t, identity, lambda s, q: explain_command(identity, s, q), LISTED, links, plotlyjs)
     return t
 
 
-__all__ = ["PAGE", "PARTS", "explain_command", "read_parts", "tables", "write_outputs", "write_part"]
+def page_selection(df: pd.DataFrame, pages: str) -> pd.DataFrame:
+    """The questions ``--pages`` names: ``wrong`` answers, those the intervention or a fix ``changed`` (any
+    outcome but unchanged, or a fix that fixes, breaks or derails it), ``all``, or the first N."""
+    if pages == "all":
+        return df
+    if pages == "wrong":
+        return df[df.kind == "wrong"]
+    if pages == "changed":
+        moved = [bool(a) or bool(b) or bool(c) for a, b, c in zip(df.fixes_fixed, df.fixes_broken, df.fixes_derailed)]
+        return df[(df.outcome != "unchanged") | pd.Series(moved, index=df.index)]
+    return df.head(int(pages))
+
+
+def write_question_pages(out: Path, df: pd.DataFrame, records: pd.DataFrame, identity: dict, pages: str) -> dict:
+    """The explain page of each question ``pages`` selects (:func:`page_selection`), from its row and records (no
+    forward), in ``out/pages/``, loading the folder's shared plotly.js; returns ``split:question_id`` → the page's
+    path relative to ``out``."""
+    from ..pages import question_sections
+    from ..report import PLOTLY_JS, write_page
+    from ..storage import safe_name
+
+    folder = make_dir(out / QUESTION_PAGES)
+    keys = list(zip(records["split"].astype(str), records["question_id"].astype(str)))
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    links = {}
+    for row in page_selection(df, pages).to_dict("records"):
+        split, qid = str(row["split"]), str(row["question_id"])
+        name = f"explain-{safe_name(split)}-{safe_name(qid)}.html"
+        recs = records.iloc[groups.get((split, qid), [])]
+        write_page(folder / name, f"mclcbf-diag explain: {row.get('text', '')}",
+                   question_sections(row, recs, explain_command(identity, split, qid)), plotlyjs=f"../{PLOTLY_JS}")
+        links[f"{split}:{qid}"] = f"{QUESTION_PAGES}/{name}"
+    return links
+
+
+__all__ = ["PAGE", "PARTS", "QUESTION_PAGES", "explain_command", "page_selection", "read_parts", "tables",
+           "write_outputs", "write_part", "write_question_pages"]

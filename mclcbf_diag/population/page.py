@@ -60,9 +60,31 @@ def _question_list(df: pd.DataFrame, command, limit: int) -> pd.DataFrame:
     return sel
 
 
-def _paired_links(paired: pd.DataFrame) -> str:
+FIRST_IDS = 10  # question ids shown before a list folds ("… and N more", the rest behind "show all")
+
+
+def id_list(ids: list[str], links: dict | None = None, first: int = FIRST_IDS) -> str:
+    """A trusted HTML fragment: question ids (``split:question_id``), each linked to its page where ``links`` has one
+    (``split:question_id`` → relative path); past ``first``, the count and the rest folded behind "show all"."""
+    import html
+
+    def one(key: str) -> str:
+        target = (links or {}).get(key)
+        text = html.escape(key)
+        return f'<a href="{html.escape(target)}">{text}</a>' if target else text
+
+    ids = [str(i) for i in ids if str(i)]
+    head = ", ".join(one(k) for k in ids[:first])
+    if len(ids) <= first:
+        return f"<p>{head}</p>"
+    return (f"<p>{head}, … and {len(ids) - first} more</p><details><summary>show all {len(ids)}</summary>"
+            f"<p>{', '.join(one(k) for k in ids)}</p></details>")
+
+
+def _paired_links(paired: pd.DataFrame, links: dict | None = None) -> str:
     """A trusted HTML fragment: per split, the fixed and broken counts of the paired test, each linking to a folded
-    list of its questions (every text escaped; anchors from indices only)."""
+    list of its questions (every text escaped; anchors from indices only; each id linked to its page where
+    ``links`` has one)."""
     import html
 
     rows, lists = [], []
@@ -77,7 +99,7 @@ def _paired_links(paired: pd.DataFrame) -> str:
             what = "fixed" if j == 0 else "broken or derailed"
             cells.append(f'<td><a href="#{anchor}">{int(count)}</a></td>')
             lists.append(f'<details id="{anchor}"><summary>{html.escape(str(r["split"]))}, {what}: {int(count)} '
-                         f'question(s)</summary><p>{html.escape(str(ids))}</p></details>')
+                         f'question(s)</summary>{id_list(str(ids).split(", "), links)}</details>')
         rows.append(f'<tr><td class="text">{html.escape(str(r["split"]))}</td>{"".join(cells)}'
                     f'<td class="text">{html.escape(str(r["bias_label"]))}</td></tr>')
     head = "".join(f"<th>{h}</th>" for h in ("split", "fixed", "broken or derailed", "bias control"))
@@ -85,7 +107,7 @@ def _paired_links(paired: pd.DataFrame) -> str:
             + "\n".join(lists))
 
 
-def _paired_section(paired: pd.DataFrame) -> Section:
+def _paired_section(paired: pd.DataFrame, links: dict | None = None) -> Section:
     from .. import stats as S
 
     cols = ["split", "n", "fixed_valid", "broken_valid", "mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi",
@@ -98,17 +120,24 @@ def _paired_section(paired: pd.DataFrame) -> Section:
         "baseline's Yes − No margin giving the intervention's yes-ratio. A gain over the control whose interval "
         f"reaches 0 or below is labelled '{S.EXPLAINED}'. best_offset_accuracy {S.BEST_OFFSET_NOTE}. Each count "
         "links to its questions."), lines=[f"{r['split']}: {S.describe(r)}" for r in paired.to_dict("records")],
-        table=paired[[c for c in cols if c in paired]], html=_paired_links(paired))
+        table=paired[[c for c in cols if c in paired]], html=_paired_links(paired, links))
 
 
-def write_page(path, t: dict, identity: dict, command, limit: int):
+def _keys(df: pd.DataFrame) -> list[str]:
+    return [f"{s}:{q}" for s, q in zip(df["split"], df["question_id"])]
+
+
+def write_page(path, t: dict, identity: dict, command, limit: int, links: dict | None = None,
+               plotlyjs: str | None = None):
+    """``population.html``; ``links`` (``split:question_id`` → a question's page) links the question ids, and
+    ``plotlyjs`` loads plotly.js from the folder's shared copy instead of inlining it."""
     df = t["questions"]
     cmd = command(df.split.iloc[0], df.question_id.iloc[0]) if len(df) else ""
     wrong, right = df[df.kind == "wrong"], df[df.kind == "right"]
     sections = [
         Section("The answer", text=t["answer"] + "\n\nEvery number below lists the questions behind it (split:"
                 "question_id); each question's own verdict is one explain command away, e.g. " + cmd + "."),
-        *([_paired_section(t["paired"])] if len(t.get("paired", ())) else []),
+        *([_paired_section(t["paired"], links)] if len(t.get("paired", ())) else []),
         Section("Decisive causes", text="The top decisive cause of each question: the first cause in explain's "
                 "ranking whose own counterfactual (undo just that cause) changes the step size, the decision token's "
                 "image mass, the margin or the outcome.", figures=[_bars(t["causes"], "cause", "Top decisive cause")],
@@ -130,12 +159,13 @@ def write_page(path, t: dict, identity: dict, command, limit: int):
         sections.append(Section("Graded sweep over the split", text="Each image-mass setting applied to every "
                                 "question: answers fixed, broken and derailed (the 25 with the largest net gain; "
                                 "settings.csv has all).", figures=[_setting_figure(t["settings"])], table=top))
+    changed = right[(right.outcome != "unchanged") | right.fixes_broken.map(bool) | right.fixes_derailed.map(bool)]
+    pages = " Each question id links to its page." if links else ""
     sections += [
-        Section(f"Wrong answers ({len(wrong)})", text=f"The first {limit} with the command that explains each.",
-                table=_question_list(wrong, command, limit)),
-        Section("Right answers the intervention or a fix changes", table=_question_list(
-            right[(right.outcome != "unchanged") | right.fixes_broken.map(bool) | right.fixes_derailed.map(bool)],
-            command, limit)),
+        Section(f"Wrong answers ({len(wrong)})", text=f"The first {limit} with the command that explains each."
+                + pages, table=_question_list(wrong, command, limit), html=id_list(_keys(wrong), links)),
+        Section("Right answers the intervention or a fix changes", text=pages.strip(),
+                table=_question_list(changed, command, limit), html=id_list(_keys(changed), links)),
     ]
     splits = ", ".join(identity.get("splits", []))
-    return _write(path, f"mclcbf-diag explain: {len(df)} questions ({splits})", sections)
+    return _write(path, f"mclcbf-diag explain: {len(df)} questions ({splits})", sections, plotlyjs)
