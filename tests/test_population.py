@@ -228,3 +228,16 @@ def test_id_lists_link_each_question_and_fold_past_the_first_few():
     assert rest.startswith(f"<summary>show all {FIRST_IDS + 5}</summary>")
     assert '<a href="pages/x&lt;&amp;.html">adversarial:14</a>' in rest and "adversarial:13" not in head
     assert id_list(ids[:3]) == "<p>adversarial:0, adversarial:1, adversarial:2</p>"  # short: no fold, no links
+
+
+def test_pages_select_wrong_changed_all_or_the_first_n():
+    from mclcbf_diag.population.outputs import page_selection
+
+    def row(qid, kind, outcome="unchanged", fixed=(), broken=(), derailed=()):
+        return {"split": "s", "question_id": qid, "kind": kind, "outcome": outcome, "fixes_fixed": list(fixed),
+                "fixes_broken": list(broken), "fixes_derailed": list(derailed)}
+
+    df = A.frame([row(1, "wrong"), row(2, "right"), row(3, "right", "broken"), row(4, "wrong", fixed=["span"]),
+                  row(5, "right", derailed=["site"]), row(6, "right")])
+    picked = {p: list(page_selection(df, p).question_id) for p in ("wrong", "changed", "all", "2")}
+    assert picked == {"wrong": [1, 4], "changed": [3, 4, 5], "all": [1, 2, 3, 4, 5, 6], "2": [1, 2]}
