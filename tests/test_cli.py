@@ -41,3 +41,16 @@ def test_a_missing_command_is_one_argparse_line(capsys):
         cli.main([])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and "see `mclcbf-diag --help`" in err
+
+
+def test_a_reader_that_goes_away_is_no_error(monkeypatch, capsys):
+    # `mclcbf-diag interventions | head -1`: the pipe's reader is gone; no traceback, exit status 0
+    import os
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    gone = os.fdopen(write, "w", buffering=1)  # line-buffered: the first line already meets the closed pipe
+    monkeypatch.setattr(sys, "stdout", gone)
+    assert cli.main(["interventions"]) == 0
+    gone.close()

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mclcbf-diag: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`mclcbf-diag interventions | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     except KeyboardInterrupt:
         print("mclcbf-diag: interrupted (pope: rerun the same command to resume; nothing is half-written)",
               file=sys.stderr)
