@@ -27,13 +27,13 @@ import platform
 import time
 
 import torch
+from options import question_options  # benchmarks/ is the script's folder
 
 from mclcbf_diag import pope
 from mclcbf_diag.batch import answer_batch
 from mclcbf_diag.data import build_prompt, resolve_image
 from mclcbf_diag.interventions import registry, resolve
 from mclcbf_diag.models import load_model
-from options import question_options  # benchmarks/ is the script's folder
 
 
 def bare_path(lm, jobs, batch_size):

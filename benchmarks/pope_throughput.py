@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_style import seed_hooks  # noqa: E402
 from options import question_options  # noqa: E402 (benchmarks/ is the script's folder)
+from seed_style import seed_hooks  # noqa: E402
 
 from mclcbf_diag import barrier as B  # noqa: E402
 from mclcbf_diag import pope  # noqa: E402

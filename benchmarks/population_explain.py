@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 import torch
+from options import question_options  # benchmarks/ is the script's folder
 
 from mclcbf_diag import pope
 from mclcbf_diag.batch import batch_inputs
@@ -31,7 +32,6 @@ from mclcbf_diag.interventions import resolve
 from mclcbf_diag.models import load_model
 from mclcbf_diag.population import run as prun
 from mclcbf_diag.population import verdict as V
-from options import question_options  # benchmarks/ is the script's folder
 
 
 def bare(lm, jobs, batch_size):

@@ -43,7 +43,7 @@ from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.diagnose import diagnose
 from mclcbf_diag.embedded.build import build_processor
 from mclcbf_diag.explain import explain_sample
-from mclcbf_diag.interventions import REGISTRY, MCLCBF
+from mclcbf_diag.interventions import MCLCBF, REGISTRY
 from mclcbf_diag.models import load_model
 from mclcbf_diag.models.real_width import LLAVA_1_5_7B, build_random_llava, llava15_7b_config, parameter_count
 from mclcbf_diag.trace import trace_sample
@@ -122,7 +122,7 @@ def layer_times(lm, inputs) -> tuple[float, float]:
 
 def memory_plan(seq: int, bytes_per: int = 2) -> list[str]:
     """Predicted GPU memory (bf16) of the full 7B for trace, explain and pope, and what scales badly."""
-    t, v = LLAVA_1_5_7B["text_config"], LLAVA_1_5_7B["vision_config"]
+    t = LLAVA_1_5_7B["text_config"]
     weights = parameter_count(llava15_7b_config()) * bytes_per
     layers, d, heads, vocab = t["num_hidden_layers"], t["hidden_size"], t["num_attention_heads"], t["vocab_size"]
     kv = 2 * layers * d * seq * bytes_per  # per sequence
@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     processor = build_processor()
     tok = processor.tokenizer
-    config = llava15_7b_config(args.text_layers, args.vision_layers, image_token_id=tok.convert_tokens_to_ids("<image>"),
+    config = llava15_7b_config(args.text_layers, args.vision_layers,
+                               image_token_id=tok.convert_tokens_to_ids("<image>"),
                                pad_token_id=tok.pad_token_id, widths=REDUCED if args.reduced else None)
     questions = load_pope(POPE / "embedded_pope_adversarial.json")[: max(args.questions, 1)]
     images = [load_image(resolve_image(q, POPE / "images")) for q in questions]

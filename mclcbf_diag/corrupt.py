@@ -129,5 +129,6 @@ def pair_image(question, image, image_file: str):
     return render(changed), f"the same scene with the {name} {what}"
 
 
-__all__ = ["KINDS", "VCD_STEP", "VCD_STEPS", "asked_object", "blank_image", "check_step", "embedded_scene", "minimal_pair",
+__all__ = ["KINDS", "VCD_STEP", "VCD_STEPS", "asked_object", "blank_image", "check_step", "embedded_scene",
+           "minimal_pair",
            "pair_image", "vcd_alpha_bar", "vcd_noise"]

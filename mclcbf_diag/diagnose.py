@@ -22,7 +22,8 @@ a cause read off the run itself (non-finite values, a derailed output) is *obser
 decisive; one whose test cannot succeed by construction is *untestable here*, with the reason; a
 counterfactual whose run is non-finite shows no effect. The graded sweep's runs are the test of
 ``decision_token_off_path``. When no single cause's run reaches the label's goal, sets of causes
-are undone together (:func:`mclcbf_diag.rulebook.joint_causes`). Ranking: decisive, then untested, then not decisive; each group
+are undone together (:func:`mclcbf_diag.rulebook.joint_causes`). Ranking: decisive, then untested, then not decisive;
+each group
 in causal order (a step exists → it targets the image → the barrier asks for it → the
 gradient is computed → the scale is set → it survives rounding → it is large next to x → it
 does what the linearisation promised → the residual carries it → the margin moves → the
@@ -319,7 +320,8 @@ def verdict(causes: list[Cause]) -> str:
         outcome, tail = None, "outcome: unknown (no final_margin records)"
     head = _question_line(ev, outcome)
     if not found:
-        return "\n".join(x for x in (head, "No cause detected: every rule's evidence is in its healthy range.", tail) if x)
+        return "\n".join(x for x in (head, "No cause detected: every rule's evidence is in its healthy range.",
+                                     tail) if x)
     lines = [head] if head else []
     for x in found:
         lines.append(f"[{x.status}] {x.sentence}")

@@ -142,7 +142,8 @@ def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_
         for window in sweep_windows(tokens, lm.n_layers) if windows is None else windows:
             base, new = answer_pair(lm, [prompt] * len(settings), [image] * len(settings),
                                     GradedKnockout(settings, tokens, window), inputs=inputs, baseline=baseline)
-            rows += [sweep_row(tokens, window, kind, value, base[0], r, label) for (kind, value), r in zip(settings, new)]
+            rows += [sweep_row(tokens, window, kind, value, base[0], r, label)
+                     for (kind, value), r in zip(settings, new)]
     return pd.DataFrame(rows)
 
 
@@ -192,13 +193,14 @@ def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str, sum
         where = "the decision token" if tokens == "decision" else "every text token after the image"
         if s["changes"]:
             m = f"smallest target mass {s['min_target']:g}; " if math.isfinite(s["min_target"]) else ""
-            parts.append(f"at {where}, {s['changes']} of {s['runs']} image-mass settings {verb} the answer with a valid "
-                         f"Yes/No output ({m}e.g. {s['example']})")
+            parts.append(f"at {where}, {s['changes']} of {s['runs']} image-mass settings {verb} the answer "
+                         f"with a valid Yes/No output ({m}e.g. {s['example']})")
         else:
             parts.append(f"at {where}, none of {s['runs']} image-mass settings {verb}s the answer"
                          f" ({s['derailed']} derail it)")
     return "Graded sweep: " + "; ".join(parts) + "."
 
 
-__all__ = ["TARGETS", "FACTORS", "layer_windows", "sweep_windows", "edits", "GradedKnockout", "window_name", "sweep_settings",
+__all__ = ["TARGETS", "FACTORS", "layer_windows", "sweep_windows", "edits", "GradedKnockout", "window_name",
+           "sweep_settings",
            "sweep_edit", "sweep_row", "image_mass_sweep", "sweep_summary", "sweep_records", "sweep_sentence"]

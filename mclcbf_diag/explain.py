@@ -472,6 +472,8 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
                        layer_doses, sw, sw_text)
 
 
-__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "GOALS", "reading", "kind_of", "effect", "spec_key", "cause_tester", "knockouts",
-           "DoseResponse", "dose_point", "dose_point_of", "doubling_grid", "dose_result", "dose_response", "per_layer_doses",
+__all__ = ["KNOCKOUTS", "FIXES", "CAUSE_FIX", "GOALS", "reading", "kind_of", "effect", "spec_key", "cause_tester",
+           "knockouts",
+           "DoseResponse", "dose_point", "dose_point_of", "doubling_grid", "dose_result", "dose_response",
+           "per_layer_doses",
            "FIX_COLUMNS", "fix_plan", "fix_row", "counterfactuals", "cause_chain", "Explanation", "explain_sample"]

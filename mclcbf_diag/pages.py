@@ -398,7 +398,8 @@ def trace_plot_sections(lm, ex) -> list[Section]:
 
 
 __all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "trace_sections", "explain_sections",
-           "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections", "question_sections",
+           "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections",
+           "question_sections",
            "NoFigure"]
 
 

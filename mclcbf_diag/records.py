@@ -148,7 +148,8 @@ def documented(metric: str, intervention=None) -> bool:
         return True
     if any(metric == key.replace("{kind}", k) for key in names if "{kind}" in key for k in ("resid", "heads", "mlp")):
         return True
-    return any(metric == key.replace("{norm}", n) for key in names if "{norm}" in key for n in ("ln1", "ln2", "ln_final"))
+    return any(metric == key.replace("{norm}", n) for key in names if "{norm}" in key for n in ("ln1", "ln2",
+                                                                                                "ln_final"))
 
 
 def frame(columns: dict[str, list]) -> pd.DataFrame:

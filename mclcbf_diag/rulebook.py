@@ -146,7 +146,8 @@ def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step_size
             changed.append(f"image mass {fmt(p[0])} → {fmt(p[1])}")
     if (p := num("margin")) and abs(p[1] - p[0]) >= max(DECISIVE_MARGIN * abs(m_base), 0.01):
         changed.append(f"margin {p[0]:+.3g} → {p[1]:+.3g}")
-    elif (ref.get("margin") is not None) and (math.isfinite(ref["margin"]) != math.isfinite(cf.get("margin", math.nan))):
+    elif (ref.get("margin") is not None) and (math.isfinite(ref["margin"]) != math.isfinite(cf.get("margin",
+                                                                                                   math.nan))):
         changed.append("margin finite ↔ non-finite")
     if ref.get("outcome") != cf.get("outcome"):
         changed.append(f"outcome {ref.get('outcome')} → {cf.get('outcome')}")
@@ -230,7 +231,9 @@ class Evidence:
                        new_dropped=dropped)
 
     def goal(self) -> tuple[str, ...]:
-        """The outcomes that answer the label's question (:data:`mclcbf_diag.outcomes.GOALS`; none without an answer)."""
+        """The outcomes that answer the label's question.
+
+        (:data:`mclcbf_diag.outcomes.GOALS`; none without an answer.)"""
         from .outcomes import GOALS, kind
 
         base = self.answer("baseline")

@@ -109,7 +109,8 @@ class _Run:
         self.lm, self.rows, self.iv = lm, rows, intervention
         self.components = components and capture
         self.patterns = patterns  # show the pattern site its layers' attention in a logits-only run too
-        self.steer, self.dose, self.capture, self.keep_keys = steer and intervention is not None, dose, capture, keep_keys
+        self.steer, self.dose = steer and intervention is not None, dose
+        self.capture, self.keep_keys = capture, keep_keys
         self.prefix_start, self.prefix_keys = start, prefix_keys or {}
         self.prefix_rows = list(range(len(rows))) if prefix_rows is None else list(prefix_rows)
         self.targeted = set(intervention.layers(lm.n_layers)) if intervention is not None else set()

@@ -364,7 +364,8 @@ def control_sentence(rec: dict) -> str:
                f"accuracy {100 * rec['best_offset_accuracy']:.1f}%."
 
 
-__all__ = ["BEST_OFFSET_NOTE", "BEYOND", "COLUMNS", "EXPLAINED", "NO_CHANGE", "NO_CONTROL", "RESAMPLES", "SEED", "Answers",
+__all__ = ["BEST_OFFSET_NOTE", "BEYOND", "COLUMNS", "EXPLAINED", "NO_CHANGE", "NO_CONTROL", "RESAMPLES", "SEED",
+           "Answers",
            "best_offset", "bias_label", "bias_offset", "bootstrap_sums", "control_answers", "control_of_records",
            "describe", "discordant", "holm", "interval", "mcnemar_exact", "paired", "paired_records",
            "resample_blocks", "scores"]

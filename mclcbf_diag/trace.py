@@ -6,7 +6,8 @@ and returns every probe family as tidy records (:mod:`mclcbf_diag.records`), wit
 steered run's propagation measured against the baseline. :meth:`TraceResult.summary`
 condenses the records into the few numbers a user reads first, led by the *outcome*
 (:mod:`mclcbf_diag.outcomes`: unchanged, fixed, broken or derailed, from the label; without
-one, changed or unchanged; non_finite when the intervention dropped an overflowing step), the Yes/No probability masses and the top token before and after.
+one, changed or unchanged; non_finite when the intervention dropped an overflowing step), the Yes/No probability
+masses and the top token before and after.
 A question's label, when known, is a record too (``label_yes``), so a diagnosis can ask the
 question the label sets.
 """

@@ -25,7 +25,8 @@ def refused(argv, cwd, *fragments, fast: bool = True, **env) -> tuple[str, bool]
     whether torch had been imported."""
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argv)], capture_output=True, text=True, check=False,
-                          cwd=cwd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env})
+                          cwd=cwd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                                     **env})
     took = time.monotonic() - start
     err = proc.stderr
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + err, (argv, proc.returncode, err)

@@ -13,7 +13,6 @@ two routes to one logit difference (``floors.margin_floor``).
 
 from __future__ import annotations
 
-
 import floors
 import pytest
 import torch
@@ -306,9 +305,9 @@ def planted(tmp_path_factory, tiny_processor):
     made orthogonal to the blank mean), and its o_proj slice writes that value along w_Yes − w_No, at
     three times the size of the clean residual there. Every other weight is the random initialisation.
     """
+    from conftest import TINY_SIZES
     from transformers import LlavaForConditionalGeneration
 
-    from conftest import TINY_SIZES
     from mclcbf_diag.embedded.build import build_config
 
     config = build_config(tiny_processor.tokenizer, **TINY_SIZES)

@@ -348,7 +348,8 @@ def test_rescale_image_probs_keeps_a_float32_row_a_distribution_when_image_mass_
 def test_presets():
     seed = B.get_preset("seed-exp6")
     assert seed == B.BarrierConfig()
-    assert (seed.grad_dtype, seed.clamp, seed.clamp_value, seed.span, seed.fixed_span) == ("model", "scale", 0.5, "fixed", (1, 577))
+    assert (seed.grad_dtype, seed.clamp, seed.clamp_value, seed.span, seed.fixed_span) == ("model", "scale", 0.5,
+                                                                                           "fixed", (1, 577))
     assert (seed.tau_prefill, seed.alpha_prefill, seed.tau_decode, seed.alpha_decode) == (0.2, 1.0, 0.2, 0.5)
     fixed = B.get_preset("fixed")
     assert (fixed.grad_dtype, fixed.clamp, fixed.clamp_value, fixed.span, fixed.site, fixed.tokens) == (

@@ -108,5 +108,6 @@ def test_early_checks_read_every_interventions_presets_and_knobs_without_torch(t
     C.early_checks(_args(intervention="var", preset="llama-2-7b-dims", overrides=["p=0.5"]))
     from cli_refusals import refused
 
-    _, torch_loaded = refused(["trace", "--intervention", "vista", "--set", "lam=x"], tmp_path, "lam='x' is not a number")
+    _, torch_loaded = refused(["trace", "--intervention", "vista", "--set", "lam=x"], tmp_path,
+                              "lam='x' is not a number")
     assert not torch_loaded

@@ -67,7 +67,7 @@ def test_a_registered_intervention_appears_in_the_listing_without_any_docs_edit(
     assert block.startswith("echo-test: Repeat the decision token's residual, louder.\n"
                             "  paper: Nobody et al., a test, 2026\n")
     assert "    loud  gain=9.0" in block
-    rows = [line.split() for line in block.splitlines() if line.startswith("    gain ") or line.startswith("    plain ")]
+    rows = [line.split() for line in block.splitlines() if line.startswith(("    gain ", "    plain "))]
     assert rows == [["gain", "float", "2.5", "how", "loud", "the", "echo", "is"], ["plain", "int", "3"]]
     # and the commands that take --intervention name it and show its knobs
     assert main(["explain", "--intervention", "echo-test", "--help-knobs"]) == 0

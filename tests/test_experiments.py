@@ -27,7 +27,8 @@ from mclcbf_diag.runner import run
 from mclcbf_diag.trace import sample_inputs
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
-KNOWN = (20, 69)  # wrong answers (20: label yes answered no; 69: no answered yes) a decision-token mass of 0.1–0.7 fixes
+KNOWN = (20,
+         69)  # wrong answers (20: label yes answered no; 69: no answered yes) a decision-token mass of 0.1–0.7 fixes
 WRONG = (30, 49, 63, 94)  # other wrong answers: label yes answered no (30, 94), label no answered yes (49, 63)
 
 

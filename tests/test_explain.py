@@ -33,7 +33,8 @@ POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 PLANTED_ON = 25  # adversarial: "Is there a truck …?" label no; the embedded model answers no (right)
 
 HEALTHY = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", grad_dtype="float32",
-                              clamp="none", tau_prefill=0.99, guard=1e-20)  # Σg² ≥ 3e-15 here: the gradient sets the scale
+                              clamp="none", tau_prefill=0.99,
+                              guard=1e-20)  # Σg² ≥ 3e-15 here: the gradient sets the scale
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.world import sample_scene
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions import REGISTRY
-from mclcbf_diag.models import load_model
 from mclcbf_diag.interventions.adhh import AdHH, AdHHKnobs, head_influence
+from mclcbf_diag.models import load_model
 from mclcbf_diag.records import documented
 from mclcbf_diag.trace import trace_sample
 
@@ -121,7 +121,8 @@ def _influence_one_head_at_a_time(lm, questions, images):
     with torch.no_grad():
         for q, image in zip(questions, images):
             inputs = lm.inputs(build_prompt(q.text), image)
-            right, wrong = (lm.tokens.yes_id, lm.tokens.no_id) if q.label == "yes" else (lm.tokens.no_id, lm.tokens.yes_id)
+            right, wrong = (lm.tokens.yes_id, lm.tokens.no_id) if q.label == "yes" else (lm.tokens.no_id,
+                                                                                         lm.tokens.yes_id)
             p0 = model(**inputs).logits[0, -1].softmax(-1)
             for i in range(L):
                 for h in range(H):

@@ -42,7 +42,8 @@ def test_block_edits_exactly_the_target_queries(source, target):
     logits = logits.masked_fill(~causal, -torch.inf)
     rows = rows_of(IDS, MASK, IMG)
     probs = torch.softmax(logits, -1)
-    site = Site(SimpleNamespace(phase="prefill", decode_step=0, rows=rows, steer=True, dose=1.0, start=0), "attention", 0,
+    site = Site(SimpleNamespace(phase="prefill", decode_step=0, rows=rows, steer=True, dose=1.0, start=0), "attention",
+                0,
                 probs)
     AttentionBlock(BlockKnobs(source, target)).attention(site)
     for row in rows:

@@ -19,7 +19,8 @@ def _edited(knobs, seed=0):
     logits = torch.randn(2, 3, 7, 7, generator=g).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), -torch.inf)
     probs = torch.softmax(logits, -1)
     rows = rows_of(IDS, MASK, IMG)
-    site = Site(SimpleNamespace(phase="prefill", decode_step=0, rows=rows, steer=True, dose=1.0, start=0), "attention", 0,
+    site = Site(SimpleNamespace(phase="prefill", decode_step=0, rows=rows, steer=True, dose=1.0, start=0), "attention",
+                0,
                 probs)
     AttentionKnockout(knobs).attention(site)
     return logits, probs, rows

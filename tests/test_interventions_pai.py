@@ -102,7 +102,8 @@ def test_registered_with_paper_defaults():
 def test_trace_matches_patched_attention(model, questions, request):
     lm = request.getfixturevalue(model)
     qs, images = questions
-    alpha = 0.5 if model == "embedded_model" else 500.0  # stronger than the paper's, so the effect is visible (a random model's logits are near 0)
+    # stronger than the paper's, so the effect is visible (a random model's logits are near 0)
+    alpha = 0.5 if model == "embedded_model" else 500.0
     iv = PAI(PAIKnobs(alpha=alpha))
     result = trace_sample(lm, qs[0], images[0], iv)
     ref = patched_margin(lm, build_prompt(qs[0]), images[0], pai_reference(alpha), set(iv.layers(lm.n_layers)))

@@ -9,8 +9,8 @@ import torch
 from mclcbf_diag.outcomes import (
     answer_ids,
     counts,
-    outcome,
     dropped_edit,
+    outcome,
     outcome_of,
     question,
     read_batch,

@@ -59,7 +59,8 @@ def test_maps_sum_to_the_recorded_image_mass(embedded_model, traced):
     steered = B.steered_layers(cfg, embedded_model.n_layers)
     for cond, cap in (("baseline", result.baseline), ("steered", result.steered)):
         maps = attention_maps(cap, cap.detected, steered=steered)
-        r = result.records.query("condition == @cond and metric == 'attn_image_mass' and head == -1 and phase == 'prefill'")
+        r = result.records.query("condition == @cond and metric == 'attn_image_mass' and head == -1 "
+                                 "and phase == 'prefill'")
         for layer, mass in zip(r.layer, r.value):  # the same probabilities summed in another order: the mass's floor
             assert maps[f"layer {layer}"].sum() == pytest.approx(mass, rel=0, abs=floors.mass_floor(mass))
         # exact by construction: the same grids averaged by the same np.mean in the same order

@@ -18,9 +18,9 @@ import torch
 from test_explain import UndoDownstream, _question, _tested
 
 from mclcbf_diag import barrier as B
+from mclcbf_diag.explain import cause_tester, reading
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
-from mclcbf_diag.explain import cause_tester, reading
 from mclcbf_diag.trace import sample_inputs, trace_sample
 
 WRONG = 71  # adversarial: "Is there a bowl in the image?", label no, answered yes

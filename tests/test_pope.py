@@ -397,7 +397,9 @@ def assert_same_masses(got, want, where, stored=1):
 
 
 def _plain_image_mass(lm, question, image_dir):
-    """Reference: a plain HF eager forward with output_attentions=True, the last row's head-mean image mass per layer."""
+    """Reference: a plain HF eager forward with output_attentions=True.
+
+    Returns the last row's head-mean image mass per layer."""
     import torch
 
     from mclcbf_diag.data import build_prompt, load_image, resolve_image

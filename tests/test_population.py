@@ -30,7 +30,8 @@ def pair(request, embedded_model):
     sel = [qs[i] for i in PICK]
     images = [load_image(resolve_image(q, shipped.IMAGES)) for q in sel]
     iv = resolve("mclcbf", None, request.param)
-    singles = [explain_sample(embedded_model, q, im, iv, k_max=K_MAX, bisect_steps=BISECT) for q, im in zip(sel, images)]
+    singles = [explain_sample(embedded_model, q, im, iv, k_max=K_MAX, bisect_steps=BISECT) for q, im in zip(sel,
+                                                                                                            images)]
     batch = explain_batch(embedded_model, sel, images, iv, Settings(k_max=K_MAX, bisect_steps=BISECT))
     return sel, singles, batch
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag import noise
-from mclcbf_diag import shipped
+from mclcbf_diag import noise, shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.experiments import GradedKnockout
 from mclcbf_diag.interventions import MCLCBF
@@ -259,7 +258,8 @@ def test_mclcbf_rows_of_different_prompts_and_doses_step_as_each_alone(embedded_
     for (q, dose), (logits, records) in zip(plan, got):
         alone = run(lm, lm.inputs(prompts[q], images[q]), MCLCBF(cfg), dose=dose).steps[0]
         margin = float(alone.final_logits[yes] - alone.final_logits[no])
-        assert float(logits[yes] - logits[no]) == pytest.approx(margin, rel=0, abs=_margin_tolerance(lm, records, alone))
+        assert float(logits[yes] - logits[no]) == pytest.approx(margin, rel=0, abs=_margin_tolerance(lm, records,
+                                                                                                     alone))
         assert records and set(records) == {i for i, c in alone.layers.items() if "barrier_h" in c.metrics}
         for layer, rec in sorted(records.items()):
             active += _assert_same_step(rec, alone.layers[layer].metrics, tau, (q, dose, layer))

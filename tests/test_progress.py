@@ -15,9 +15,11 @@ from mclcbf_diag import progress
 def test_the_bar_class_follows_ipywidgets(monkeypatch):
     real = importlib.util.find_spec
     try:
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name, *a))
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name,
+                                                                                                                 *a))
         assert importlib.reload(progress).tqdm is tqdm.std.tqdm  # no widgets: plain text, no IProgress warning
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ipywidgets" else real(name, *a))
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name,
+                            *a: object() if name == "ipywidgets" else real(name, *a))
         assert importlib.reload(progress).tqdm is tqdm.auto.tqdm
     finally:
         monkeypatch.undo()

@@ -28,7 +28,8 @@ def test_figure_html_is_a_fragment_without_plotlyjs():
 def test_page_self_contained_and_escaped(tmp_path):
     table = pd.DataFrame({"metric": [EVIL, "ok"], EVIL: [1.0, 2.0]})
     sections = [
-        Section(heading=EVIL, text=f"first {EVIL}\n\nsecond paragraph ‖θ*‖", figures=[_fig([1, 2, 3]), _fig([3, 2, 1])], table=table),
+        Section(heading=EVIL, text=f"first {EVIL}\n\nsecond paragraph ‖θ*‖",
+                figures=[_fig([1, 2, 3]), _fig([3, 2, 1])], table=table),
         Section(heading="trusted", html='<p class="mine">toolkit fragment</p>'),
     ]
     out = write_page(tmp_path / "deep" / "dir" / "r.html", f"title {EVIL}", sections)

@@ -111,7 +111,8 @@ def test_explain_and_pope_with_a_user_intervention(embedded_model, sample):
     questions = load_pope(shipped.pope_file("adversarial"))[20:26]
     images = [load_image(resolve_image(x, shipped.IMAGES)) for x in questions]
     prompts = [build_prompt(x.text) for x in questions]
-    base, steered = answer_pair(embedded_model, prompts, images, iv, inputs=batch_inputs(embedded_model, prompts, images))
+    base, steered = answer_pair(embedded_model, prompts, images, iv, inputs=batch_inputs(embedded_model, prompts,
+                                                                                         images))
     floor = floors.margin_floor(embedded_model, embedded_model.tokens.yes_id, embedded_model.tokens.no_id)
     for x, img, s in zip(questions, images, steered):  # the Yes − No margin's floor
         ref = _hooked_margin(embedded_model, build_prompt(x.text), img, iv)

@@ -75,9 +75,8 @@ def _question_file(args):
 
 
 def cmd_attribute(args) -> int:
-    from ..storage import atomic_write_text, safe_name
-
     from ..corrupt import check_step
+    from ..storage import atomic_write_text, safe_name
 
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: give a non-negative integer")
@@ -138,7 +137,8 @@ def cmd_attribute(args) -> int:
         if abs(s["local_gap"]) <= s["margin_floor"]:
             print("  intervention  leaves the margin within its noise floor: nothing to localise")
         else:
-            print(f"  intervention  moves the margin by {s['local_gap']:+.3g} ({abs(s['local_gap']) / s['margin_floor']:.3g}"
+            times = abs(s['local_gap']) / s['margin_floor']
+            print(f"  intervention  moves the margin by {s['local_gap']:+.3g} ({times:.3g}"
                   f" × its noise floor); its activations patched into the baseline: top heads "
                   f"{', '.join(s['top_heads_local'])}")
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, attribute.html")

@@ -47,10 +47,9 @@ def stats_view(table):
 
 
 def cmd_compare(args) -> int:
+    from .. import stats as S
     from ..pope.compare import compare_runs, findings, layer_table, markdown_table
     from ..report import Section, write_page
-
-    from .. import stats as S
 
     labels = None
     if getattr(args, "labels", None):
@@ -93,7 +92,7 @@ def cmd_compare(args) -> int:
                     "LLaVA-1.5-7B, not measured here.\n\n" + STATS_NOTE.format(
                         resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
                         explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE)
-                    + (f"\n\nPartial merges (not every question answered): "
+                    + ("\n\nPartial merges (not every question answered): "
                        + "; ".join(sorted({f"{r.run}: {r.partial}" for r in table.itertuples() if r.partial}))
                        if table.partial.astype(bool).any() else ""),
                     table=table.drop(columns=["run", *per_layer]).round(4))]
@@ -102,8 +101,9 @@ def cmd_compare(args) -> int:
             resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
             explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE), table=stats_view(table)))
         if len(layers):
-            sections.append(Section("Δ image mass per layer", text="Intervened minus baseline at the decision token, "
-                                    "per language layer (compare_layers.csv: one row per layer, with the baseline's mass).",
+            sections.append(Section("Δ image mass per layer",
+                                    text="Intervened minus baseline at the decision token, per language layer"
+                                    "  (compare_layers.csv: one row per layer, with the baseline's mass).",
                                     figures=[_layer_figure(layers)], table=wide.round(4)))
         page = write_page(out / "compare.html", "mclcbf-diag compare", sections)
         print(f"wrote {show(page)}, {show(out / 'compare.csv')}, {show(out / 'compare_layers.csv')} and "

@@ -27,7 +27,8 @@ def cmd_explain(args) -> int:
     from ..storage import safe_name
 
     if not 1 <= args.k_max <= 1e12:
-        raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 (and at most 1e12)")
+        raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 "
+                        "(and at most 1e12)")
     config, question, image, lm = sample_job(args, "reports")
     from ..diagnose import causes_frame, verdict
     from ..explain import explain_sample

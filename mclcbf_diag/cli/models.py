@@ -20,8 +20,8 @@ def describe(family) -> list[str]:
 def cmd_models(args) -> int:
     from ..models.families import FAMILIES
 
-    print(f"{len(FAMILIES)} supported model famil{'y' if len(FAMILIES) == 1 else 'ies'} (--model DIR or a cached hub id; "
-          "default: the embedded model):")
+    print(f"{len(FAMILIES)} supported model famil{'y' if len(FAMILIES) == 1 else 'ies'} "
+          "(--model DIR or a cached hub id; default: the embedded model):")
     for family in FAMILIES:
         print()
         print("\n".join(describe(family)))

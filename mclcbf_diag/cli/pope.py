@@ -74,7 +74,8 @@ def _identity(args, config, files, shard, all_jobs: list[Job] | None = None, whe
     model = args.model or "embedded"
     if args.model and Path(args.model).expanduser().exists():
         model = str(Path(args.model).expanduser().resolve())
-    ident = {"format": FORMAT, "model": model, "dtype": args.dtype, "intervention": args.intervention, "preset": args.preset,
+    ident = {"format": FORMAT, "model": model, "dtype": args.dtype, "intervention": args.intervention,
+             "preset": args.preset,
              "overrides": list(args.overrides), "config": K.to_dict(config.knobs),
              "splits": [s for s, _, _ in files], "pope_files": [str(p) for _, p, _ in files],
              "limit": args.limit, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",

@@ -7,8 +7,8 @@ import json
 from .. import knobs as K
 from ..errors import UserError
 from .common import (
-    intervention_options,
     force_option,
+    intervention_options,
     max_new_tokens_limit,
     model_options,
     sample_job,
@@ -44,7 +44,8 @@ def cmd_trace(args) -> int:
 
         summary["text_answer_before"] = parse_answer(summary["text_before"])
         summary["text_answer_after"] = parse_answer(summary["text_after"])
-    meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "intervention": args.intervention, "preset": args.preset,
+    meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "intervention": args.intervention,
+            "preset": args.preset,
             "overrides": args.overrides, "config": K.to_dict(config.knobs), "prompt": result.prompt,
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},

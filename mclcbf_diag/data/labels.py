@@ -148,7 +148,8 @@ def check_known(labels: Labels, known: dict, *, require_some: bool = True) -> in
 
     ``known`` maps each split of the run to the ids (strings) of its question file. An entry for a split the run
     does not have is unused (one file can relabel all three splits while a run answers one), but a file of which no
-    entry applies is refused (unless ``require_some`` is false: ``compare`` checks it over all its runs); an id missing from its split's file is refused by name, as is a split-less id in no
+    entry applies is refused (unless ``require_some`` is false: ``compare`` checks it over all its runs); an id
+    missing from its split's file is refused by name, as is a split-less id in no
     file, or in several (ambiguous: give the split)."""
     applies = 0
     for (split, qid), _ in labels.entries.items():

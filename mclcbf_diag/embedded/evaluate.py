@@ -266,7 +266,8 @@ def report(model, processor, n_images: int = 300, n_prompts: int = 24, say=print
     pope_dir = Path(__file__).resolve().parent / "pope"
     lay = layout_report(processor, pope_dir) if pope_dir.exists() else {"checked": 0, "bad": []}
     say(f"layout: {lay['checked']} shipped questions checked, {len(lay['bad'])} wrong "
-        f"(BOS + 4 prefix tokens, {N_IMAGE_TOKENS} image tokens at positions {IMAGE_START}–{IMAGE_START + N_IMAGE_TOKENS - 1})")
+        f"(BOS + 4 prefix tokens, {N_IMAGE_TOKENS} image tokens at positions "
+        f"{IMAGE_START}–{IMAGE_START + N_IMAGE_TOKENS - 1})")
     summary, answers = pope_eval(model, processor, n_images)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         say(summary.round(4).to_string(index=False))

@@ -315,7 +315,8 @@ class SinkPrior:
     and keys (RoPE applied, causal), and ``relu(log sink_target - log p_BOS)`` is averaged
     into the loss (in log space, because a hinge on p itself has gradient p(1 - p), which
     vanishes when BOS starts with almost no mass). It is a hinge: once the mean over heads
-    reaches the target it stops pushing, so single heads stay free to read the image. Nothing is set by hand: the model learns
+    reaches the target it stops pushing, so single heads stay free to read the image. Nothing is set by hand: the
+    model learns
     where to put the rest of its attention from the answer loss.
 
     Forward pre-hooks on each attention module capture its (normalised) input and RoPE
@@ -361,7 +362,8 @@ class SinkPrior:
             log_p = scores[..., 0] - torch.logsumexp(scores, -1)  # [B, H, n - first]
             log_mean = torch.logsumexp(log_p, 1) - math.log(log_p.shape[1])  # log of the head mean
             out.append(F.relu(math.log(target) - log_mean)[rows[:, first:]])
-        return torch.cat(out).mean() if out else rows.new_zeros((), dtype=torch.float32)  # no layer from sink_from_layer on
+        # no layer from sink_from_layer on: zero
+        return torch.cat(out).mean() if out else rows.new_zeros((), dtype=torch.float32)
 
     def close(self):
         for h in self.handles:
@@ -492,7 +494,8 @@ def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = 
                "init_from": None if init_from is None else Path(init_from).name,
                "threads": torch.get_num_threads(), "vision_and_text_seconds": t1 - t0, "feature_seconds": t2 - t1,
                "language_seconds": t3 - t2, "total_seconds": t3 - t0,
-               "final_answer_loss": float(np.mean([r["answer_loss"] for r in log[-50:] if r["stage"] == 1])) if cfg.steps else None,
+               "final_answer_loss": (float(np.mean([r["answer_loss"] for r in log[-50:] if r["stage"] == 1]))
+                                     if cfg.steps else None),
                "parameters": sum(p.numel() for p in model.parameters()),
                "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

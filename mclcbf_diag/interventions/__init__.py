@@ -2,7 +2,8 @@
 
 :data:`REGISTRY` maps each ``--intervention`` name to its class; :func:`resolve` builds one
 from a name, a preset and ``--set`` overrides; :func:`specs` describes every registered one
-(summary, paper, knobs, presets) without importing torch, for ``mclcbf-diag interventions``. A user-defined intervention is a subclass of
+(summary, paper, knobs, presets) without importing torch, for ``mclcbf-diag interventions``. A user-defined
+intervention is a subclass of
 :class:`Intervention` passed directly to the library calls (``trace_sample``, ``explain_sample``,
 ``answer_pair``), or registered with :func:`register` for the command line.
 """

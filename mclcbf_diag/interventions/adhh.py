@@ -120,7 +120,8 @@ def find_hallucination_heads(lm, questions=None, images=None, top_k: int | None 
 
 
 class AdHH(Intervention, spec=SPECS["adhh"]):
-    metrics = {"adhh_heads_fired": "AD-HH: hallucination heads whose text mass ≥ threshold (their text attention zeroed)",
+    metrics = {"adhh_heads_fired": "AD-HH: hallucination heads whose text mass ≥ threshold "
+                                   "(their text attention zeroed)",
                "adhh_text_mass": "AD-HH: the decision query's attention mass on the text after the image, per head"}
     sites = frozenset({"attention"})
 
@@ -130,7 +131,8 @@ class AdHH(Intervention, spec=SPECS["adhh"]):
         bad = [lh for lh in self.knobs.heads if not 0 <= lh[0] < n_layers]
         if bad:
             raise UserError(f"heads {bad} out of range: the model has layers 0..{n_layers - 1} "
-                            "(the llava-1.5-7b preset lists LLaVA-1.5-7B's heads; use preset paper to find this model's)")
+                            "(the llava-1.5-7b preset lists LLaVA-1.5-7B's heads; "
+                            "use preset paper to find this model's)")
         return tuple(sorted({layer for layer, _ in self.knobs.heads}))
 
     def open_sites(self, steer: bool) -> frozenset[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
 from .base import Intervention, Row, Site
 from .catalog import SPECS, VAFKnobs  # noqa: F401 - VAFKnobs re-exported
 from .pai import _layers, apply_logit_deltas, lookahead_logits

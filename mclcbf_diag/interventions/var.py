@@ -35,7 +35,6 @@ from .catalog import SPECS, VARKnobs  # noqa: F401 - VARKnobs re-exported
 from .mclcbf.config import depth_fraction
 from .pai import _layers
 
-
 _DIMS: dict = {}
 
 

@@ -407,7 +407,8 @@ def token_limit(processor, config) -> tuple[int | None, str]:
     mml = getattr(tok, "model_max_length", None)
     if isinstance(mml, int) and 0 < mml < _UNBOUNDED:
         found.append((mml, "the tokenizer's model_max_length"))
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else getattr(config, "text_config", config)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else getattr(config, "text_config",
+                                                                                           config)
     mpe = getattr(text_cfg, "max_position_embeddings", None)
     if isinstance(mpe, int) and mpe > 0:
         found.append((mpe, "the model's context (max_position_embeddings)"))

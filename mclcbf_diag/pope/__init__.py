@@ -73,7 +73,10 @@ from .store import (
     unique_sorted,
 )
 
-__all__ = ['ANSWERS', 'RUN', 'SPLITS', 'EMBEDDED_POPE', 'Job', 'parse_shard', 'question_files', 'select_jobs', 'job_image', 'check_images', 'FORMAT', 'differing_keys', 'run_id', 'claim_out_dir', 'read_records', 'append_records', 'unique_sorted', 'resumed', 'MAX_BATCH_SIZE', '_ImageCache', '_image', 'answer_jobs', 'pending', 'run_jobs', 'metrics_table', 'flips_table', 'write_outputs']
+__all__ = ["ANSWERS", "RUN", "SPLITS", "EMBEDDED_POPE", "Job", "parse_shard", "question_files", "select_jobs",
+           "job_image", "check_images", "FORMAT", "differing_keys", "run_id", "claim_out_dir", "read_records",
+           "append_records", "unique_sorted", "resumed", "MAX_BATCH_SIZE", "_ImageCache", "_image", "answer_jobs",
+           "pending", "run_jobs", "metrics_table", "flips_table", "write_outputs"]
 
 
 def __getattr__(name: str):

@@ -82,7 +82,9 @@ _image = _ImageCache()
 
 
 def decision_image_mass(rows, image):
-    """Head-mean softmax mass on image keys: ``rows`` [B, H, K] (one query per row), ``image`` [B, K] (bool or 0/1) → [B]."""
+    """Head-mean softmax mass on image keys.
+
+    ``rows`` [B, H, K] (one query per row), ``image`` [B, K] (bool or 0/1) → [B]."""
     import torch
 
     return torch.bmm(rows.float(), image.to(rows.device, torch.float32)[:, :, None])[..., 0].mean(-1)
@@ -190,7 +192,8 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     out = []
     for n, (j, b, s) in enumerate(zip(jobs, base, steer)):
         q = j.question
-        rec = {**({"run_id": rid} if rid else {}), "split": j.split, "question_id": q.question_id, "index": j.position, "image": q.image,
+        rec = {**({"run_id": rid} if rid else {}), "split": j.split, "question_id": q.question_id, "index": j.position,
+               "image": q.image,
                "text": q.text, "label": q.label,
                "baseline_answer": b["answer"], "baseline_margin": b["margin"],
                "steered_answer": s["answer"], "steered_margin": s["margin"],

@@ -396,7 +396,8 @@ def findings(table: pd.DataFrame) -> list[str]:
         if not moved:
             word = "changes no answer"
         elif len(gains) == len(g) or len(losses) == len(g):
-            word = ("gains" if gains else "loses") + " accuracy on " + ("every split" if len(g) > 1 else g.split.iloc[0])
+            where = "every split" if len(g) > 1 else g.split.iloc[0]
+            word = ("gains" if gains else "loses") + " accuracy on " + where
         else:
             word = "; ".join(part for part in (
                 "gains accuracy on " + ", ".join(gains) if gains else "",

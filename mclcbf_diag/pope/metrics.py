@@ -1,7 +1,8 @@
 """POPE metrics, outcome tables and the run's output files.
 
 Every question's outcome (:mod:`mclcbf_diag.outcomes`) is unchanged, fixed, broken,
-derailed or non_finite (the intervention's step overflowed and was dropped); flips.csv counts them per split beside the bare sign changes, and metrics.csv adds
+derailed or non_finite (the intervention's step overflowed and was dropped); flips.csv counts them per split beside
+the bare sign changes, and metrics.csv adds
 ``accuracy_valid`` (a right answer must also be a Yes/No output) and ``not_yes_no``.
 
 The steered rows of metrics.csv also carry the paired statistics against the baseline and the
@@ -311,7 +312,8 @@ def count_links(records: list[dict], ledger, identity: dict) -> str:
 
 _METRIC_NAMES = {"split": "split", "condition": "condition", "n": "questions", "accuracy": "accuracy (fraction)",
                  "accuracy_valid": "accuracy, valid (fraction)", "not_yes_no": "not Yes/No", "precision": "precision",
-                 "recall": "recall", "f1": "F1", "yes_ratio": "yes-ratio (fraction)", "tp": "TP", "fp": "FP", "tn": "TN",
+                 "recall": "recall", "f1": "F1", "yes_ratio": "yes-ratio (fraction)", "tp": "TP", "fp": "FP",
+                 "tn": "TN",
                  "fn": "FN"}
 
 

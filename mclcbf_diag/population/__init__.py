@@ -13,7 +13,8 @@ rows alone, so ``merge`` of shards gives what one process gives.
 A row per question: split, question_id, label, kind (wrong/right), the baseline and intervened
 answer, margin and validity, the outcome (unchanged/fixed/broken/derailed/non_finite), the top
 decisive cause (the first cause in explain's ranking whose own counterfactual changes the result,
-a joint cause ``joint:a+b`` included; empty when none is), the detected and decisive causes, the dose-response's k* (smallest multiplier
+a joint cause ``joint:a+b`` included; empty when none is), the detected and decisive causes, the dose-response's k*
+(smallest multiplier
 reaching the label's goal), its outcome and the derailing multiplier, the graded sweep's
 smallest decision-token image mass that changes the answer with a valid output (fixes a wrong
 one, breaks a right one), whether some change at every text token after the image changes it,

@@ -294,7 +294,8 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
         q = v["q"]
         dose = dose_result(v["points"], state[q][1] if q in state else None, settings.k_max, v["goal"], v["kind"])
         verdicts.append(Verdict(None, v["records"], causes[q], dose, v["fixes"], v["sweep"], v["sweep_text"],
-                                {"base": v["base"], "unfixed": v["unfixed"], "plain": plain[q], "summary": v["summary"]}))
+                                {"base": v["base"], "unfixed": v["unfixed"], "plain": plain[q],
+                                 "summary": v["summary"]}))
     for q, vd in enumerate(verdicts):
         vd.row = question_row(questions[q], vd, sweeps)
     lap("rows")

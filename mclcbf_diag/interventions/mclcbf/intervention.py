@@ -34,7 +34,6 @@ from ..base import Intervention, Row, Site
 from ..catalog import SPECS
 from . import rules
 from .config import (
-    ALIASES,
     PRESETS,
     BarrierConfig,
     image_span_mask,
@@ -130,7 +129,7 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
 
     # -- residual sites: the barrier step ------------------------------------------------------
     def residual(self, site: Site) -> None:
-        cfg, w, x = self.knobs, site.weights, site.tensor
+        cfg, x = self.knobs, site.tensor
         tau, alpha = phase_params(cfg, site.phase)
         gdt = resolve_grad_dtype(cfg, x.dtype)
         normalized = cfg.site == "ln1_out"

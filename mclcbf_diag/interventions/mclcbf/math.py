@@ -142,7 +142,8 @@ def step(
 ) -> StepResult:
     """The controller step, computed in ``g``'s dtype as the seed does.
 
-    ``scale_unclamped = (τ − h)/(Σg² + guard)`` (``config.guard``, seed 1e-6). Clamps: "scale" → ``min(clamp_value, ·)``;
+    ``scale_unclamped = (τ − h)/(Σg² + guard)`` (``config.guard``, seed 1e-6). Clamps: "scale" → ``min(clamp_value,
+    ·)``;
     "step_norm" → ``min(·, c‖x‖/(α‖g‖))`` so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is.
     Inactive (h ≥ τ) → theta = 0, scale = 0. ``x_norm`` is ‖x‖ over the target tokens.
     """

@@ -247,7 +247,8 @@ def damped_downstream(ev: Evidence, rule: Rule):
     def shown(value, noise_):
         return "below noise" + (f" (floor {fmt(noise_)})" if noise_ else "") if below(value, noise_) else fmt(value)
 
-    s = (f"The steps added {fmt(total)} in all at the decision token; at layer {e['last_layer']} the steered residual is "
+    s = (f"The steps added {fmt(total)} in all at the decision token; "
+         f"at layer {e['last_layer']} the steered residual is "
          f"{shown(e['deviation_last'], e['deviation_floor'])} from the baseline ({fmt(ratio)} per unit of applied step;"
          f" ‖x‖ grew {fmt(e['norm_growth'])}× from layer {fired[0]}, which is not damping); "
          if "deviation_last" in e else "")
@@ -277,7 +278,8 @@ def barrier_not_decisive(ev: Evidence, rule: Rule):
               for ly, v in realised.items()}
     realised = {ly: resolved(v, noise_[ly]) for ly, v in realised.items()}
     # target τ; where τ is not recorded (attention-logit site), the change the site asked for
-    target = {ly: tau[ly] if ly in tau else h[ly] + pred[ly] for ly in realised if ly in h and (ly in tau or ly in pred)}
+    target = {ly: tau[ly] if ly in tau else h[ly] + pred[ly]
+              for ly in realised if ly in h and (ly in tau or ly in pred)}
     if not target:
         return ev.skip(rule, "no barrier_h/dh_realised/target at fired layers")
     # gaps in units of each layer's tolerance: reached when the median is within it
