@@ -189,14 +189,21 @@ def check_override_sizes(overrides) -> None:
 
 
 def local_depth(model: str | None) -> int | None:
-    """num_hidden_layers from a local config.json, read as plain JSON (no torch, no transformers)."""
-    folder = shipped.WEIGHTS if model in (None, "", "embedded") else Path(model)
+    """num_hidden_layers from the model's config.json (a local folder or a cached hub id), read as plain JSON (no
+    torch, no transformers); a checkpoint the toolkit cannot measure (its model_type, text model or a missing
+    optional package) is refused here, in milliseconds (:func:`mclcbf_diag.models.families.check_config`)."""
+    from ..models.families import check_config, config_file
+
+    embedded = model in (None, "", "embedded")
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        path = shipped.WEIGHTS / "config.json" if embedded else config_file(model)
+        cfg = json.loads(path.read_text(encoding="utf-8"))
         text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
         n = text.get("num_hidden_layers")
-    except (OSError, ValueError, RecursionError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
         return None  # reported properly when the model is located
+    if "model_type" in cfg:  # without one, transformers' own config error is reported when the model is located
+        check_config(cfg, "embedded" if embedded else model)
     return n if isinstance(n, int) and n > 0 else None
 
 

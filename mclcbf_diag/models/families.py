@@ -3,11 +3,23 @@
 One :class:`Family` per architecture the adapter knows (:data:`~mclcbf_diag.models.adapter.ADAPTERS`
 is built from :data:`FAMILIES`, so a family listed here has an adapter and the reverse).
 ``mclcbf-diag models`` prints this table.
+
+:func:`config_problem` decides from ``config.json`` alone (a dict: no torch, no transformers,
+microseconds) whether the toolkit can measure a checkpoint exactly, and if not says why in one
+line: the architecture (``model_type``), the text backbone (``text_config.model_type``, see
+:data:`TEXT_BACKBONES`) and the optional packages its vision tower needs. :func:`check_config`
+raises it as a UserError; the CLI applies it to ``--model``'s config.json (a local folder or a cached hub
+id, :func:`config_file`) before torch loads.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -36,3 +48,119 @@ FAMILIES: tuple[Family, ...] = (
                     "architectures: refused at load with the supported list",
     ),
 )
+
+
+# Text backbones whose decoder layer the look-ahead reproduces exactly (models/adapter.py TEXT_MATH:
+# the norm, q/k-norm, attention scaling and sliding window of each), with the name users know them by.
+TEXT_BACKBONES: dict[str, str] = {
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+}
+
+# Architectures users meet that the toolkit does not measure (yet): config.json's model_type → (name, why).
+_LLAVA_LAYOUT = "a LLaVA-family layout the toolkit does not measure yet ({})"
+KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
+    "llava_next": ("LLaVA-NeXT", _LLAVA_LAYOUT.format("anyres image tiles with per-image image_sizes")),
+    "llava_next_video": ("LLaVA-NeXT-Video", _LLAVA_LAYOUT.format("anyres tiles and video frames")),
+    "llava_onevision": ("LLaVA-OneVision", _LLAVA_LAYOUT.format("anyres-max tiles with per-image image_sizes")),
+    "vipllava": ("VipLLaVA", _LLAVA_LAYOUT.format("a multi-layer vision projector")),
+    "video_llava": ("Video-LLaVA", _LLAVA_LAYOUT.format("video and image towers")),
+    "qwen2_vl": ("Qwen2-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
+    "qwen3_vl": ("Qwen3-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
+    "idefics3": ("Idefics3", "image splitting with a pixel-shuffle connector, not measured yet"),
+    "smolvlm": ("SmolVLM", "image splitting with a pixel-shuffle connector, not measured yet"),
+    "idefics2": ("Idefics2", "a perceiver resampler, not measured yet"),
+    "paligemma": ("PaliGemma", "bidirectional attention over the image and prefix, not measured yet"),
+    "gemma3": ("Gemma 3", "sliding-window layers and bidirectional image attention, not measured yet"),
+    "internvl": ("InternVL", "dynamic image tiles with a pixel-shuffle projector, not measured yet"),
+    "internvl_chat": ("InternVL (remote code)", "custom modelling code, which mclcbf-diag never runs"),
+    "mistral3": ("Mistral 3", "a Pixtral tower with a patch merger, not measured yet"),
+    "mllama": ("Llama 3.2 Vision (Mllama)", "cross-attention image layers instead of image tokens, "
+                                            "which the image-attention measurements do not apply to"),
+    "aya_vision": ("Aya Vision", "a pixel-shuffle connector with image tiles, not measured yet"),
+    "llama4": ("Llama 4", "a mixture-of-experts text model with chunked attention, not measured yet"),
+}
+TEXT_ONLY = set(TEXT_BACKBONES) | {"phi", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral"}
+
+# Vision towers that need an optional package the core install leaves out: model_type → (package, why).
+VISION_PACKAGES: dict[str, tuple[str, str]] = {
+    "pixtral": ("torchvision", "the Pixtral image processor"),
+}
+
+SUPPORTED_HINT = "run `mclcbf-diag models` for the supported families"
+
+
+def article(word: str) -> str:
+    """``a`` or ``an`` before ``word`` (by its first letter: 'an InternVL', 'an Idefics3', 'a LLaVA-NeXT')."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _supported() -> str:
+    return ", ".join(f"{f.name} ({f.architecture}, model_type {f.model_type!r})" for f in FAMILIES)
+
+
+def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(name) is not None) -> str | None:
+    """Why the checkpoint with this ``config.json`` cannot be measured exactly (one clause), or None.
+
+    Torch-free: reads the dict only. ``has_package`` says whether an optional package is
+    installed (injectable for tests).
+    """
+    model_type = cfg.get("model_type")
+    families = {f.model_type: f for f in FAMILIES}
+    if model_type not in families:
+        if model_type in KNOWN_UNSUPPORTED:
+            name, why = KNOWN_UNSUPPORTED[model_type]
+            return (f"{article(name)} {name} checkpoint (model_type {model_type!r}): {why}; supported today: "
+                    f"{_supported()}")
+        if model_type in TEXT_ONLY:
+            return (f"a text-only {model_type!r} model with no vision tower; pass a vision-language checkpoint "
+                    f"({_supported()})")
+        shown = repr(model_type) if isinstance(model_type, str) else "missing"
+        return f"config.json's model_type is {shown}, not a family mclcbf-diag knows; supported: {_supported()}"
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    backbone = text.get("model_type", "llama")  # LlavaConfig's default text model is Llama
+    if backbone not in TEXT_BACKBONES:
+        known = ", ".join(TEXT_BACKBONES.values())
+        return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, whose attention the look-ahead "
+                f"does not reproduce exactly yet; supported text models: {known}")
+    vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
+    tower = vision.get("model_type")
+    if tower in VISION_PACKAGES and not has_package(VISION_PACKAGES[tower][0]):
+        package, why = VISION_PACKAGES[tower]
+        return (f"its {tower!r} vision tower needs the {package} package ({why}), which is not installed; "
+                f"install it (pip install {package})")
+    return None
+
+
+def read_config(path: Path, shown: str) -> dict:
+    """``config.json`` at ``path`` as a dict, or a one-line UserError."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"--model {shown}: config.json is unreadable ({type(exc).__name__}: {first}); restore the "
+                        "checkpoint's config.json") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--model {shown}: config.json is not a JSON object; restore it")
+    return cfg
+
+
+def config_file(model: str) -> Path | None:
+    """The config.json of a local folder, or of a hub id in the local cache (None: not found here)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+        return path if path.is_file() else None
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache  # torch-free, a tenth of a second
+
+    found = try_to_load_from_cache(model, "config.json")
+    return Path(found) if isinstance(found, str) else None
+
+
+def check_config(cfg: dict, shown: str) -> None:
+    """A one-line UserError when :func:`config_problem` finds one."""
+    problem = config_problem(cfg)
+    if problem:
+        raise UserError(f"--model {shown}: {problem}; {SUPPORTED_HINT}")

@@ -48,6 +48,7 @@ from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
+from .families import check_config
 from .projection import LayerWeights
 from .tokens import AnswerTokens, answer_tokens
 
@@ -313,10 +314,7 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
         verify_manifest(where)
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
-        architectures = set(getattr(config, "architectures", None) or [])
-        if config.model_type != "llava" and not architectures & set(ADAPTERS):
-            raise UserError(f"--model {where}: a {config.model_type!r} checkpoint, not a LLaVA-style "
-                            f"one; mclcbf-diag supports {', '.join(ADAPTERS)}")
+        check_config(config.to_dict(), show(where))  # the CLI ran the same check before torch loaded
         processor = AutoProcessor.from_pretrained(where, local_files_only=True)
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
