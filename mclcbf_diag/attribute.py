@@ -345,23 +345,189 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
 
 
 def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: str = "text",
-                 progress: bool = False) -> Grid:
-    """Where the intervention acts: its activations patched into the baseline run, one at a time.
+                 progress: bool = False, directions: tuple[str, ...] = DIRECTIONS) -> Grid:
+    """Where the intervention acts, from both sides: the intervened run plays the clean input, the baseline
+    the corrupted one (the same prompt and image), and every site of the grid is patched one at a time.
 
-    The intervened run plays the clean input and the baseline the corrupted one (the same prompt and
-    image): each patch puts one intervened activation (the residual at a layer and token group, a
-    head's or an MLP's output) into the baseline and runs on without the intervention, so its recovery
-    is the share of the intervention's change of the margin that this activation carries (1: all of
-    it, 0: none). Only this direction (denoising): the reverse would have to run the intervention on
-    after the patch. The recoveries are normalised by the intervened run's own margin and the
-    baseline's; when the intervention leaves the margin within its noise floor they are NaN.
+    * ``"denoise"``: one intervened activation (the residual at a layer and token group, a head's or an
+      MLP's output) put into the baseline, which runs on without the intervention: the share of the
+      intervention's change of the margin that this activation carries (1: all of it, 0: none);
+    * ``"noise"``: one baseline activation restored in the intervened run, which runs on *with* the
+      intervention at every later site (:func:`restored_patching`): the share of the change that is left
+      (1: the site is not needed, 0: all of the change goes through it; above 1: the site worked against it).
+
+    The patched residual is what the layer used (after any edit the intervention made to it at that layer),
+    in both directions, so an edit of the residual entering layer ℓ is carried from layer ℓ on by the
+    ``"denoise"`` patch and undone from layer ℓ+1 on by the ``"noise"`` one. The recoveries are normalised by
+    the intervened run's own margin and the baseline's; when the intervention leaves the margin within its
+    noise floor they are NaN.
     """
     # both with eager attention, as the intervened forward must run: an intervention that changes nothing
     # gives the baseline's numbers exactly
     base = activations_forward(lm, inputs, cache=True, attention="eager")
     iv = activations_forward(lm, inputs, cache=True, intervention=intervention)
-    return activation_patching(lm, inputs, inputs, acts=_stacked(iv, base), progress=progress,
+    grid = activation_patching(lm, inputs, inputs, acts=_stacked(iv, base), progress=progress,
                                components_at=components_at, directions=("denoise",))
+    start = _text_start(lm, inputs["input_ids"][0])
+    if _edits_before(lm, inputs, intervention, start):
+        # the intervened prefix's keys at later layers hold the intervention's later edits there: the residual
+        # before the text is put in at its layer and the baseline runs on over the whole prompt, plainly
+        t = grid.margins["resid:denoise"]
+        for L in range(lm.n_layers):
+            x = base.resid[L].clone()
+            x[:, :start] = iv.resid[L][:, :start]
+            t[L, 0] = _plain_from(lm, x, L)
+        grid.resid["denoise"] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
+    if "denoise" not in directions:
+        for kind in ("resid", "heads", "mlp"):
+            getattr(grid, kind).clear()
+            grid.margins.pop(f"{kind}:denoise")
+    if "noise" in directions:
+        margins = restored_patching(lm, inputs, intervention, base, iv, components_at=components_at,
+                                    progress=progress)
+        for kind, t in margins.items():
+            grid.margins[f"{kind}:noise"] = t
+            getattr(grid, kind)["noise"] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
+    return grid
+
+
+def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, components_at: str = "text",
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+    """The margins of the intervened run with one baseline activation restored: ``{"resid": [L, 3], "heads":
+    [L, H], "mlp": [L]}`` (the grid of :func:`activation_patching`, direction ``"noise"``).
+
+    ``base``/``iv``: the baseline's and the intervened run's :func:`~mclcbf_diag.runner.activations_forward`
+    (one row each, with caches). Each layer's patches are the rows of one intervened batch
+    (:func:`~mclcbf_diag.runner.run_rows`) that continues the intervened run's cache after the image (the
+    patches lie there and later positions cannot change earlier ones) and starts at the first layer the
+    intervention edits or the patched one, whichever comes first, from the residual the baseline had there
+    (nothing is edited before). The residual at the image tokens (every position before the text after the
+    image, as in :func:`activation_patching`) needs the intervention to run on from the image: one batch of a
+    row per layer over the whole prompt, unless the intervention edits nothing before the text (then that
+    residual is the same in both runs and restoring it changes nothing).
+    """
+    from .progress import tqdm
+
+    _check_at(components_at)
+    ids = inputs["input_ids"][0]
+    T, start, n_layers = len(ids), _text_start(lm, ids), lm.n_layers
+    H = lm.text_config.num_attention_heads
+    text = torch.arange(start, T) if components_at == "text" else torch.tensor([T - 1])
+    resid = torch.full((n_layers, len(A.GROUPS)), math.nan, dtype=torch.float64)
+    heads = torch.full((n_layers, H), math.nan, dtype=torch.float64)
+    mlp = torch.full((n_layers,), math.nan, dtype=torch.float64)
+    image_edited = _edits_before(lm, inputs, intervention, start)
+    for L in tqdm(range(n_layers), desc="restoring the baseline", unit="layer", disable=not progress, leave=False,
+                  delay=2):
+        patches = [("resid", None, None)]  # the unpatched intervened run (the image residual when it is unedited)
+        patches += [("resid", 1, torch.arange(start, T - 1)), ("resid", 2, torch.tensor([T - 1]))]
+        patches += [("z", h, text) for h in range(H)] + [("mlp", None, text)]
+        m = _restored_batch(lm, inputs, intervention, base, iv, L, patches, start)
+        resid[L, 0], resid[L, 1], resid[L, 2] = m[0], m[1], m[2]
+        heads[L] = m[3:3 + H]
+        mlp[L] = m[3 + H]
+    if image_edited:
+        prefix = torch.arange(0, start)
+        for L in range(n_layers):  # one row per layer: the whole prompt from the layer on
+            resid[L, 0] = _restored_batch(lm, inputs, intervention, base, iv, L, [("resid", 0, prefix)], 0)[0]
+    return {"resid": resid, "heads": heads, "mlp": mlp}
+
+
+def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int) -> float:
+    """The margin of a plain forward of one whole prompt that starts at layer ``L`` with residual ``entering``."""
+    T = entering.shape[1]
+    feed = {"inputs_embeds": entering, "attention_mask": torch.ones(1, T, dtype=torch.long, device=entering.device),
+            "position_ids": torch.arange(T, device=entering.device)[None]}
+    logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False)
+    return float(logits[0, lm.tokens.yes_id] - logits[0, lm.tokens.no_id])
+
+
+def _edits_before(lm: LoadedModel, inputs: dict, intervention, start: int) -> bool:
+    """Whether the intervention may edit a position before ``start`` (its ``first_edited``, None: unknown)."""
+    from .interventions.base import rows_of
+
+    if not intervention.layers(lm.n_layers):
+        return False
+    row = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)[0]
+    first = intervention.first_edited(row)
+    return first is None or first < start
+
+
+def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: int, patches: list,
+                    first: int) -> torch.Tensor:
+    """Margins [B] of the intervened run, one row per patch ``(kind, index, positions)`` at layer ``L``
+    (``kind`` "resid": the residual the layer uses at ``positions``; "z": head ``index``'s output; "mlp"; index
+    None with kind "resid": nothing), from position ``first`` on (0: the whole prompt; else the intervened
+    cache's prefix)."""
+    from .models.shared_prefix import SharedPrefix, continuation_mask, continuing
+    from .runner import run_rows
+
+    B, T = len(patches), inputs["input_ids"].shape[1]
+    full = {k: v.expand(B, *v.shape[1:]).contiguous() if isinstance(v, torch.Tensor) and v.shape[:1] == (1,) else v
+            for k, v in inputs.items()}
+    ids, mask = full["input_ids"], full["attention_mask"]
+    from .interventions.base import rows_of
+
+    intervention.prepare(lm, full, rows_of(ids, mask, lm.tokens.image_token_id))
+    targeted = intervention.layers(lm.n_layers)
+    skip = min(L, min(targeted)) if targeted else 0  # nothing is edited before: the baseline's residual there
+    entering = base.resid[skip][0, first:].expand(B, -1, -1).clone()  # one copy per row: edits are in place
+    dtype, dev = entering.dtype, entering.device
+    feed = {"inputs_embeds": entering, "position_ids": torch.arange(first, T, device=dev)[None].expand(B, -1)}
+    hooks = _restore_hooks(lm, base, L, patches, first)
+    try:
+        if first == 0:
+            last, _ = run_rows(lm, {**feed, "attention_mask": mask}, intervention, full_ids=ids, skip_to=skip,
+                               entering=entering if skip else None, capture=False)
+        else:
+            kv = [(layer.keys, layer.values) for layer in iv.cache.layers]
+            shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], first, torch.zeros(B, dtype=torch.long))
+            with continuing(lm, shared):
+                last, _ = run_rows(lm, {**feed, "attention_mask": continuation_mask(mask, first, dtype)}, intervention,
+                                   full_ids=ids, full_mask=mask, start=first, use_cache=False,
+                                   prefix_keys={i: k for i, (k, _) in enumerate(kv)}, prefix_rows=[0] * B,
+                                   skip_to=skip, entering=entering if skip else None, capture=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    last = last.float()
+    return (last[:, lm.tokens.yes_id] - last[:, lm.tokens.no_id]).cpu().double()
+
+
+def _restore_hooks(lm: LoadedModel, base, L: int, patches: list, first: int) -> list:
+    """PyTorch hooks at layer ``L`` that put the baseline's activations into the rows of ``patches``.
+
+    The residual is replaced where the layer reads it, at its input norm's input, which is also the layer's
+    residual branch (the same tensor, edited in place), so any edit the intervention made to the residual
+    entering the layer is replaced too."""
+    H = lm.text_config.num_attention_heads
+    by_kind: dict[str, list] = {"resid": [], "z": [], "mlp": []}
+    for b, (kind, index, pos) in enumerate(patches):
+        if pos is not None:
+            by_kind[kind].append((b, index, pos))
+
+    def resid(module, args):
+        x = args[0]
+        for b, _, pos in by_kind["resid"]:
+            x[b, pos - first] = base.resid[L][0, pos].to(x.device, x.dtype)
+
+    def z(module, args):
+        out = args[0].clone()
+        width = out.shape[-1] // H
+        for b, h, pos in by_kind["z"]:
+            cols = slice(h * width, (h + 1) * width)
+            out[b, pos - first, cols] = base.z[L][0, pos, cols].to(out.device, out.dtype)
+        return (out, *args[1:])
+
+    def mlp(module, args, output):
+        out = output.clone()
+        for b, _, pos in by_kind["mlp"]:
+            out[b, pos - first] = base.mlp[L][0, pos].to(out.device, out.dtype)
+        return out
+
+    part = lambda name: lm.adapter.layer_part(lm.model, L, name)  # noqa: E731
+    return [part("layer_input_norm").register_forward_pre_hook(resid),
+            part("layer_o_proj").register_forward_pre_hook(z), part("layer_mlp").register_forward_hook(mlp)]
 
 
 def _stacked(a, b):

@@ -398,11 +398,14 @@ def test_localisation_finds_the_layer_and_token_of_a_residual_edit(embedded_mode
     floor = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
     assert abs(grid.corrupted - base) <= floor and grid.clean < base - 1  # the edit moves the margin
     tol = floor / abs(grid.gap)
-    rec = grid.resid["denoise"]
-    assert set(grid.resid) == {"denoise"}
+    rec, back = grid.resid["denoise"], grid.resid["noise"]
+    assert set(grid.resid) == {"denoise", "noise"}
     for L in range(lm.n_layers):
+        # the patched residual is what the layer used: the edit is in it from layer 3 on, both ways
         assert abs(float(rec[L, 2]) - (1.0 if L >= 3 else 0.0)) <= tol, (L, rec[L])
+        assert abs(float(back[L, 2]) - (0.0 if L >= 3 else 1.0)) <= tol, (L, back[L])
         assert abs(float(rec[L, 0])) <= tol and abs(float(rec[L, 1])) <= tol
+        assert abs(float(back[L, 0]) - 1) <= tol and abs(float(back[L, 1]) - 1) <= tol
     # heads and MLPs before the edit carry none of it
     assert grid.heads["denoise"][:3].abs().max() <= tol and grid.mlp["denoise"][:3].abs().max() <= tol
     # the intervened activation of head 5.1 put into a plain baseline forward by a hook
@@ -413,3 +416,137 @@ def test_localisation_finds_the_layer_and_token_of_a_residual_edit(embedded_mode
     z = acts.z[5][0, text].reshape(len(text), 4, -1)[:, 1]
     ref = _hooked_margin(lm, inputs, head=(5, 1, text, z))
     assert abs(float(grid.margins["heads:denoise"][5, 1]) - ref) <= floor
+
+
+class AddEverywhere(Intervention):
+    """Adds ``vector`` to the residual entering ``layer`` at every position (the image tokens too)."""
+
+    name = "test-add-everywhere"
+    sites = frozenset({"residual"})
+
+    def __init__(self, layer: int, vector: torch.Tensor):
+        super().__init__()
+        self.layer, self.vector = layer, vector
+
+    def layers(self, n_layers):
+        return (self.layer,)
+
+    def residual(self, site):
+        for row in site.rows:
+            pos = site.positions(row)
+            site.add(row, pos, self.vector[None].expand(len(pos), -1), after_norm=False)
+
+
+class RestoreResidual(Intervention):
+    """The reference for a restored residual: ``inner`` as it is, and at ``layer``, after ``inner``'s own edit
+    of the residual there, ``values`` written over the residual at ``positions`` (through the seam, no hook)."""
+
+    name = "test-restore-residual"
+
+    def __init__(self, inner: Intervention, layer: int, positions: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.inner, self.layer, self.pos, self.values = inner, layer, positions, values
+
+    def layers(self, n_layers):
+        self._inner_layers = set(self.inner.layers(n_layers))
+        return tuple(sorted(self._inner_layers | {self.layer}))
+
+    def open_sites(self, steer):
+        return self.inner.open_sites(steer) | {"residual"}
+
+    def prepare(self, lm, inputs, rows):
+        self.inner.prepare(lm, inputs, rows)
+
+    def begin(self, rows, n_layers):
+        self.inner.begin(rows, n_layers)
+
+    def _inner(self, kind, site):
+        if site.layer in self._inner_layers and kind in self.inner.open_sites(True):
+            getattr(self.inner, kind)(site)
+
+    def residual(self, site):
+        self._inner("residual", site)
+        if site.layer == self.layer:
+            for row in site.rows:
+                site.tensor[row.index, site.query_index(row, self.pos)] = self.values.to(site.tensor)
+
+    def attention(self, site):
+        self._inner("attention", site)
+
+    def pattern(self, site):
+        self._inner("pattern", site)
+
+
+def _intervened_margin(lm, inputs, iv, *, head=None, mlp=None):
+    """One intervened forward of the whole prompt (the runner's own ``run``), a head's or the MLP's output
+    replaced by a hook as in :func:`_hooked_margin`."""
+    layers = lm.model.model.language_model.layers
+    hooks = []
+    if head is not None:
+        L, h, pos, vals = head
+        hd = vals.shape[-1]
+
+        def pre_o(m, args):
+            z = args[0].clone()
+            z[0, pos, h * hd:(h + 1) * hd] = vals
+            return (z,)
+
+        hooks.append(layers[L].self_attn.o_proj.register_forward_pre_hook(pre_o))
+    if mlp is not None:
+        L, pos, vals = mlp
+
+        def post(m, args, out):
+            out = out.clone()
+            out[0, pos] = vals
+            return out
+
+        hooks.append(layers[L].mlp.register_forward_hook(post))
+    try:
+        return _margin_of(lm, run(lm, inputs, iv).steps[0].final_logits)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("which", ["add-everywhere", "pai"])
+def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, which, request):
+    """Every patch of both directions against one forward of the whole prompt per patch, written here: the
+    intervened activation put into a plain baseline forward by a hook (denoising), and the baseline's
+    activation restored in the runner's intervened forward (noising: heads and MLPs by a hook, the residual
+    through the seam right after the intervention's own edit). On the embedded model and a tiny random one
+    (with grouped-query attention), a residual edit at every position (the image tokens' residual has to be
+    recomputed from the restored layer on) and PAI (the decision token's attention, in every layer from 1)."""
+    if lm is not request.getfixturevalue("embedded_model") and which == "pai":
+        pytest.skip("PAI on the embedded model only (the random models have the residual edit)")
+    inputs = _inputs(lm, sample_scene(0, 0).image())
+    w = lm.model.lm_head.weight
+    if which == "pai":
+        iv = resolve("pai", None, ["layers=1:4", "alpha=2"])
+    else:
+        iv = AddEverywhere(1, -8.0 * (w[lm.tokens.yes_id] - w[lm.tokens.no_id]).detach())
+    grid = localisation(lm, inputs, iv)
+    floor = floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id)
+    assert abs(grid.gap) > 100 * floor  # the intervention moves the margin
+    base = activations_forward(lm, inputs, attention="eager")
+    ivacts = activations_forward(lm, inputs, intervention=iv)
+    ids = inputs["input_ids"][0]
+    T, H = len(ids), lm.text_config.num_attention_heads
+    pos = A.group_positions(ids == lm.tokens.image_token_id)
+    start = int(pos["image"].max()) + 1
+    pos["image"] = torch.arange(0, start)  # the residual before the text: the image and the text before it
+    text = torch.arange(start, T)
+    for L in (0, 2, lm.n_layers - 1):
+        for j, g in enumerate(A.GROUPS):
+            p = pos[g]
+            ref = _hooked_margin(lm, inputs, resid=(L, p, ivacts.resid[L][0, p]))
+            assert abs(float(grid.margins["resid:denoise"][L, j]) - ref) <= floor, (L, g)
+            ref = _margin_of(lm, run(lm, inputs, RestoreResidual(iv, L, p, base.resid[L][0, p])).steps[0].final_logits)
+            assert abs(float(grid.margins["resid:noise"][L, j]) - ref) <= floor, (L, g)
+        for h in range(H):
+            cols = slice(h * lm.text_config.head_dim, (h + 1) * lm.text_config.head_dim)
+            ref = _intervened_margin(lm, inputs, iv, head=(L, h, text, base.z[L][0, text, cols]))
+            assert abs(float(grid.margins["heads:noise"][L, h]) - ref) <= floor, (L, h)
+        ref = _intervened_margin(lm, inputs, iv, mlp=(L, text, base.mlp[L][0, text]))
+        assert abs(float(grid.margins["mlp:noise"][L]) - ref) <= floor, L
+    # restoring the baseline's embeddings in front of a later edit changes nothing
+    assert abs(float(grid.resid["noise"][0].min()) - 1) * abs(grid.gap) <= floor
