@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_width import POPE, REDUCED  # noqa: E402
 
 from mclcbf_diag import barrier as B  # noqa: E402
-from mclcbf_diag.batch import answer_pair, batch_inputs  # noqa: E402
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image  # noqa: E402
 from mclcbf_diag.embedded.build import build_processor  # noqa: E402
-from mclcbf_diag.explain import explain_sample  # noqa: E402
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs  # noqa: E402
+from mclcbf_diag.experiments.explain import explain_sample  # noqa: E402
+from mclcbf_diag.experiments.trace import trace_sample  # noqa: E402
 from mclcbf_diag.interventions import MCLCBF, REGISTRY  # noqa: E402
 from mclcbf_diag.models import load_model  # noqa: E402
 from mclcbf_diag.models.real_width import build_random_llava, llava15_7b_config, parameter_count  # noqa: E402
-from mclcbf_diag.trace import trace_sample  # noqa: E402
 
 
 def sync(device):

@@ -7,7 +7,7 @@ All paths answer the same N questions in one process, batch by batch:
 
 * bare batched forward: what answering costs with no intervention at all: the images decoded,
   the inputs built (the vision tower once per distinct image), one plain batched forward and
-  the first-token Yes/No read-out (:func:`mclcbf_diag.batch.answer_batch` without an
+  the first-token Yes/No read-out (:func:`mclcbf_diag.engine.batch.answer_batch` without an
   intervention);
 * ``pope --intervention NAME``: what ``mclcbf-diag pope`` does per batch
   (:func:`mclcbf_diag.pope.answer_jobs`, only the file append left out): the same inputs, the
@@ -30,8 +30,8 @@ import torch
 from options import question_options  # benchmarks/ is the script's folder
 
 from mclcbf_diag import pope
-from mclcbf_diag.batch import answer_batch
 from mclcbf_diag.data import build_prompt, resolve_image
+from mclcbf_diag.engine.batch import answer_batch
 from mclcbf_diag.interventions import registry, resolve
 from mclcbf_diag.models import load_model
 

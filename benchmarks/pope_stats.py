@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from mclcbf_diag import stats as S
 from mclcbf_diag.cli import main as cli
+from mclcbf_diag.measurements import stats as S
 from mclcbf_diag.pope import metrics as M
 
 

@@ -11,7 +11,7 @@ the timed region:
   every experiment of the verdict (trace records, knockouts, graded sweep, tested causes,
   dose-response, counterfactual fixes), one row and the records per question (only the file
   writes are left out);
-* bare forward: :func:`mclcbf_diag.batch.batch_inputs` and one plain forward of the batch
+* bare forward: :func:`mclcbf_diag.engine.batch.batch_inputs` and one plain forward of the batch
   (the first-token logits), nothing else.
 
 It prints questions per second of each, their ratio (target ≤ 3×), the seconds each stage of
@@ -26,12 +26,12 @@ import torch
 from options import question_options  # benchmarks/ is the script's folder
 
 from mclcbf_diag import pope
-from mclcbf_diag.batch import batch_inputs
 from mclcbf_diag.data import build_prompt, resolve_image
+from mclcbf_diag.engine.batch import batch_inputs
+from mclcbf_diag.experiments.sweep import verdict as V
 from mclcbf_diag.interventions import resolve
 from mclcbf_diag.models import load_model
 from mclcbf_diag.population import run as prun
-from mclcbf_diag.population import verdict as V
 
 
 def bare(lm, jobs, batch_size):

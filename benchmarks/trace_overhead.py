@@ -26,8 +26,8 @@ from seed_style import seed_hooks  # noqa: E402
 from mclcbf_diag import barrier as B  # noqa: E402
 from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image  # noqa: E402
+from mclcbf_diag.experiments.trace import sample_inputs, trace_sample  # noqa: E402
 from mclcbf_diag.models import load_model  # noqa: E402
-from mclcbf_diag.trace import sample_inputs, trace_sample  # noqa: E402
 
 POPE = shipped.POPE
 

@@ -4,7 +4,7 @@ Two computations of the same figure by different routes (batched and alone, a ca
 the full forward, vmapped and looped, sharded and single, offloaded and in place) differ by
 their rounding, and how much depends on the CPU's summation order (CONTRIBUTING.md,
 "Tolerances"). Every function here returns ``eps(float32) · scale · √n`` through
-:mod:`mclcbf_diag.noise`, with the scale and the count of roundings said in its docstring, so a
+:mod:`mclcbf_diag.measurements.noise`, with the scale and the count of roundings said in its docstring, so a
 test names the floor it uses instead of a bare constant.
 
 A float32 forward of the whole model: every decoder layer of the vision tower and of the
@@ -12,7 +12,7 @@ language model adds ``noise.ROUNDINGS_PER_LAYER`` roundings that can differ betw
 and the final norm one more (:func:`depth`). Where a route also *amplifies* a difference (an
 unclamped MC-LCBF step, whose scale divides by ``τ − h``), the floor is not enough by itself:
 propagate the measured differences of the amplifying figures to first order, as
-``tests/test_population_units.py`` does.
+``tests/test_engine_units.py`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from mclcbf_diag import noise
+from mclcbf_diag.measurements import noise
 
 F32 = torch.float32
 

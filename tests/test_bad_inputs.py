@@ -273,8 +273,8 @@ def test_nan_gradient_names_the_layer(monkeypatch, capsys, out_dir):
 
 
 def test_inf_weights_name_the_layer(embedded_image_question):
+    from mclcbf_diag.experiments.trace import trace_sample
     from mclcbf_diag.models import load_model
-    from mclcbf_diag.trace import trace_sample
 
     lm = load_model()  # a private copy: this test poisons its weights
     question, image = embedded_image_question
@@ -302,7 +302,7 @@ def test_prompt_without_image_placeholder_cli(capsys, out_dir, command):
 
 
 def test_prompt_without_image_placeholder(embedded_model, embedded_image_question):
-    from mclcbf_diag.trace import sample_inputs
+    from mclcbf_diag.experiments.trace import sample_inputs
 
     q, image = embedded_image_question
     with pytest.raises(UserError, match="lacks <image>") as info:
@@ -311,7 +311,7 @@ def test_prompt_without_image_placeholder(embedded_model, embedded_image_questio
 
 
 def test_image_span_not_found(embedded_model):
-    from mclcbf_diag.runner import run
+    from mclcbf_diag.engine.runner import run
 
     tok = embedded_model.processor.tokenizer
     ids = tok("USER: Is there a dog in the image?\nASSISTANT:", return_tensors="pt").input_ids
@@ -596,7 +596,7 @@ def test_full_disk_during_the_append_is_one_line(tmp_path, capsys, monkeypatch):
 def test_full_disk_leaves_no_truncated_report(tmp_path, capsys, monkeypatch):
     import errno
 
-    from mclcbf_diag import report
+    from mclcbf_diag.report.html import html as report
 
     (tmp_path / "r").mkdir()
     page = tmp_path / "r" / "summary.html"

@@ -172,7 +172,7 @@ def test_barrier_gradient_casts_to_requested_dtype():
 
 def test_ln1_out_site_gradient_is_gradient_before_the_norm():
     # chain rule: ∂h/∂x = Jᵀ ∂h/∂(norm x)
-    from mclcbf_diag.probes import rms_norm, rms_norm_vjp
+    from mclcbf_diag.measurements.probes import rms_norm, rms_norm_vjp
 
     _, layer, rotary = _tiny_layer()
     w = _weights(layer).to(torch.float64)

@@ -1,4 +1,6 @@
-"""``mclcbf-diag flow`` (mclcbf_diag.cli.flow): refusals in a fresh process (the run: tests/test_flow.py)."""
+"""``mclcbf-diag flow`` (mclcbf_diag.cli.flow): refusals in a fresh process
+
+(the run: tests/test_experiments_flow.py)."""
 
 from __future__ import annotations
 

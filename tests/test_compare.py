@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mclcbf_diag import noise, shipped
+from mclcbf_diag import shipped
 from mclcbf_diag.cli import main
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions import Intervention, registry
+from mclcbf_diag.measurements import noise
 from mclcbf_diag.pope.compare import REPORTED, compare_runs, markdown_table
 
 
@@ -255,7 +256,7 @@ ORACLE_LIMIT = 72  # the adversarial split's first 72 questions hold 7 wrong bas
 def oracle_runs(tmp_path_factory, embedded_model):
     """Two runs on the embedded model: the oracle fixing the chosen (every) wrong baseline answer, and a uniform
     push toward Yes; the wrong answers are found by a plain forward per question (no toolkit run)."""
-    from mclcbf_diag.batch import batch_inputs
+    from mclcbf_diag.engine.batch import batch_inputs
 
     tmp = tmp_path_factory.mktemp("oracle")
     targets, wrong = {}, []
@@ -288,7 +289,7 @@ def _rows(folder):
 def test_a_planted_real_improvement_is_significant_and_a_yes_shift_is_labelled_so(oracle_runs, capsys):
     from scipy.stats import binomtest
 
-    from mclcbf_diag import stats as S
+    from mclcbf_diag.measurements import stats as S
 
     tmp, wrong = oracle_runs
     capsys.readouterr()

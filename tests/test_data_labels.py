@@ -11,7 +11,7 @@ from mclcbf_diag import shipped
 from mclcbf_diag.data import load_pope
 from mclcbf_diag.data.labels import check_known, known_ids, load_labels, relabel_questions, relabel_records
 from mclcbf_diag.errors import UserError
-from mclcbf_diag.outcomes import outcome
+from mclcbf_diag.measurements.outcomes import outcome
 
 
 def _write(tmp_path, name, text):

@@ -6,7 +6,7 @@ entries alone load the model on one device (transformers dispatches nothing); ad
 the ``meta`` device outside their forward and move inputs to each module's execution device:
 the code paths of a model split over GPUs and CPU (look-ahead weights, RoPE, keys and the
 probes' tensors each taken from where their layer is). Both go through ``trace``
-(:func:`mclcbf_diag.runner.run`) and ``pope`` (:func:`mclcbf_diag.batch.answer_batch`, the
+(:func:`mclcbf_diag.engine.runner.run`) and ``pope`` (:func:`mclcbf_diag.engine.batch.answer_batch`, the
 prefix-reusing pair, and the command line), against the same model loaded without a map.
 """
 
@@ -19,15 +19,15 @@ import torch
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
-from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.build import QUESTION
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
 from mclcbf_diag.models.loading import parse_device_map, prepare_model
-from mclcbf_diag.trace import trace_sample
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                                 reason="--device-map needs accelerate (the test extra installs it)")

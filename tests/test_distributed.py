@@ -10,8 +10,8 @@ import floors
 import pytest
 import torch
 
-from mclcbf_diag import noise
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.measurements import noise
 from mclcbf_diag.pope.distributed import Group, from_env
 
 BASE = ["pope", "--split", "adversarial", "--limit", "12", "--batch-size", "4"]

@@ -4,10 +4,10 @@ import floors
 import numpy as np
 import torch
 
-from mclcbf_diag import noise
 from mclcbf_diag.embedded import train as T
 from mclcbf_diag.embedded.build import build_processor
 from mclcbf_diag.embedded.world import CLASS_NAMES, DRAW_SIZE, IMAGE_SIZE, sample_scene
+from mclcbf_diag.measurements import noise
 
 TINY = {"text_layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "vision_hidden": 32, "vision_layers": 2}
 

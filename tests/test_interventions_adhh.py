@@ -12,15 +12,15 @@ import transformers.models.llama.modeling_llama as llama
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
 from mclcbf_diag import shipped
-from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.adhh import AdHH, AdHHKnobs, head_influence
+from mclcbf_diag.measurements.records import documented
 from mclcbf_diag.models import load_model
-from mclcbf_diag.records import documented
-from mclcbf_diag.trace import trace_sample
 
 
 def probs_margin(lm, prompt, image, edit_probs, layer_hook=None):

@@ -13,13 +13,13 @@ import transformers.models.llama.modeling_llama as llama
 from transformers import LlavaForConditionalGeneration
 
 from mclcbf_diag import shipped
-from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.pai import PAI, PAIKnobs, apply_logit_deltas
-from mclcbf_diag.records import documented
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.measurements.records import documented
 
 POPE = shipped.POPE
 

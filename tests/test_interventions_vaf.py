@@ -10,12 +10,12 @@ import pytest
 import torch
 from test_interventions_pai import patched_margin, questions  # noqa: F401  (fixture)
 
-from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.vaf import VAF, VAFKnobs
-from mclcbf_diag.records import documented
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.measurements.records import documented
 
 
 def vaf_reference(alpha, beta):

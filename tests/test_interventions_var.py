@@ -12,12 +12,12 @@ from test_interventions_adhh import probs_margin
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
 import mclcbf_diag.interventions.var as var_module
-from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.var import VAR, VARKnobs, sink_dims
-from mclcbf_diag.records import documented
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.measurements.records import documented
 
 
 def var_margin(lm, prompt, image, k: VARKnobs, layers):

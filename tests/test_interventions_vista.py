@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
-from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs
 from mclcbf_diag.errors import UserError
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.vista import VISTA, VISTAKnobs
-from mclcbf_diag.records import documented
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.measurements.records import documented
 
 
 def hooked_margin(lm, prompt, image, lam, similarity=True):

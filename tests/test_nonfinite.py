@@ -18,7 +18,7 @@ from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
 from mclcbf_diag.cli import main
 from mclcbf_diag.data import load_image, load_pope, resolve_image
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.experiments.trace import trace_sample
 
 OVERFLOW = ["--set", "alpha=1e300", "--set", "clamp=none"]  # α·θ* is inf in float32: every step is dropped
 

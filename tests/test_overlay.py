@@ -10,9 +10,9 @@ import torch
 from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
+from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
 from mclcbf_diag.overlay import attention_maps, patch_grid, seen_image
-from mclcbf_diag.plots import image_attention_figure
-from mclcbf_diag.trace import sample_inputs, trace_sample
+from mclcbf_diag.report.plots import image_attention_figure
 
 POPE = shipped.POPE
 

@@ -20,15 +20,16 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag import noise, shipped
+from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
-from mclcbf_diag.records import NO_LAYER
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.experiments.trace import trace_sample
+from mclcbf_diag.measurements import noise
+from mclcbf_diag.measurements.records import NO_LAYER
 
 POPE = shipped.POPE
 F32 = torch.float32
 # ‖∇h‖ sums terms that largely cancel: its float32 rounding (against float64) reaches ~30× the floor of a
-# well-conditioned norm on the embedded model's rows (tests/test_population_units.py, _assert_same_step)
+# well-conditioned norm on the embedded model's rows (tests/test_engine_units.py, _assert_same_step)
 GRAD_CANCELLATION = 30
 
 PINNED = {

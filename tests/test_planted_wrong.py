@@ -7,7 +7,7 @@ that configuration, from its physics. The control is the working configuration i
 answer and does not show the planted cause, so the plant alone creates it. With every cause tested by
 its counterfactual run (explain's tester), the planted cause must rank first and be decisive with its
 run recorded, or "untestable here" with the reason; nothing is decisive without a run.
-(tests/test_explain.py plants the same causes on a right answer.)
+(tests/test_experiments_explain.py plants the same causes on a right answer.)
 """
 
 import dataclasses
@@ -15,13 +15,13 @@ import itertools
 
 import pytest
 import torch
-from test_explain import UndoDownstream, _question, _tested
+from test_experiments_explain import UndoDownstream, _question, _tested
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag.explain import cause_tester, reading
+from mclcbf_diag.experiments.explain import cause_tester, reading
+from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
-from mclcbf_diag.trace import sample_inputs, trace_sample
 
 WRONG = 71  # adversarial: "Is there a bowl in the image?", label no, answered yes
 

@@ -133,11 +133,12 @@ def test_metrics_equal_hand_recomputation(ref):
 def test_metrics_carry_the_paired_statistics_and_the_ledger(ref):
     """The steered rows of metrics.csv: McNemar against scipy's exact binomial test on counts made here from the
     rows, Δ accuracy from the rows, the intervals those of :func:`stats.paired_records` (tested against a slow
-    reference in tests/test_stats.py); the baseline rows leave them empty. flips_questions.csv: every changed
+    reference in tests/test_measurements_stats.py); the baseline rows leave them empty. flips_questions.csv: every
+    changed
     question with its margins, the control's answer by its rule, and whether the change survives it."""
     from scipy.stats import binomtest
 
-    from mclcbf_diag import stats as S
+    from mclcbf_diag.measurements import stats as S
 
     recs = records(ref)
     metrics = pd.read_csv(ref / "metrics.csv")
@@ -322,7 +323,7 @@ def test_generate_records_text_of_both_conditions(tmp_path):
     # the parsed text answers are paired too (McNemar on their own fixed/broken), without a bias control: no margins
     from scipy.stats import binomtest
 
-    from mclcbf_diag import stats as S
+    from mclcbf_diag.measurements import stats as S
 
     text = metrics[(metrics.condition == "steered_text") & (metrics.split == "all")].iloc[0]
     b = sum(r["baseline_text_answer"] != r["label"] == r["steered_text_answer"] for r in recs)
@@ -414,7 +415,7 @@ def _plain_image_mass(lm, question, image_dir):
 def _traced_image_mass(lm, question, image_dir, iv):
     """The single-sample trace's steered attn_image_mass (head mean) per layer."""
     from mclcbf_diag.data import load_image, resolve_image
-    from mclcbf_diag.trace import trace_sample
+    from mclcbf_diag.experiments.trace import trace_sample
 
     r = trace_sample(lm, question, load_image(resolve_image(question, image_dir)), iv).records
     r = r[(r.condition == "steered") & (r.metric == "attn_image_mass") & (r["head"] == -1)]

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from mclcbf_diag import shipped
-from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.explain import explain_sample
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs
+from mclcbf_diag.experiments.explain import explain_sample
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import Intervention
-from mclcbf_diag.trace import trace_sample
 
 POPE = shipped.POPE
 

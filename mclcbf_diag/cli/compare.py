@@ -47,9 +47,9 @@ def stats_view(table):
 
 
 def cmd_compare(args) -> int:
-    from .. import stats as S
+    from ..measurements import stats as S
     from ..pope.compare import compare_runs, findings, layer_table, markdown_table
-    from ..report import Section, write_page
+    from ..report.html import Section, write_page
 
     labels = None
     if getattr(args, "labels", None):

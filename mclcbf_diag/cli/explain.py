@@ -30,9 +30,9 @@ def cmd_explain(args) -> int:
         raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 "
                         "(and at most 1e12)")
     config, question, image, lm = sample_job(args, "reports")
-    from ..diagnose import causes_frame, verdict
-    from ..explain import explain_sample
-    from ..report import write_page
+    from ..diagnosis.diagnose import causes_frame, verdict
+    from ..experiments.explain import explain_sample
+    from ..report.html import write_page
 
     ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer,
                         template=args.prompt)
@@ -62,7 +62,7 @@ def cmd_explain(args) -> int:
          + (f" [fix {r.next_fix}]" if r.next_fix not in ("(none left)", "(none)") else ""))
         for r in ex.chain.itertuples()))
     stem = f"explain-{safe_name(question.question_id)}"
-    from ..pages import explain_sections, trace_plot_sections
+    from ..report.pages import explain_sections, trace_plot_sections
 
     sections = [*explain_sections(ex, text, causes_frame(ex.causes), overlay_section(lm, ex.trace, image, args.prompt)),
                 *trace_plot_sections(lm, ex)]

@@ -29,9 +29,9 @@ def _check_window(window: int | None, n_layers: int | None) -> None:
 def cmd_flow(args) -> int:
     _check_window(args.window, local_depth(args.model))  # before anything heavy loads
     _, question, image, lm = sample_job(args, "reports")
-    from ..flow import flow_summary, information_flow
-    from ..plots import flow_figure
-    from ..report import Section, write_page
+    from ..experiments.flow import flow_summary, information_flow
+    from ..report.html import Section, write_page
+    from ..report.plots import flow_figure
     from ..storage import safe_name
 
     _check_window(args.window, lm.n_layers)

@@ -71,7 +71,7 @@ def _check_numbers(args) -> None:
 
 def _identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
     from ..data import LLAVA_PROMPT
-    from ..experiments import sweep_settings
+    from ..experiments.sweep import sweep_settings
     from .pope import _identity as pope_identity
 
     ident = pope_identity(argparse.Namespace(**{**vars(args), "generate": 0}), config, files, shard, all_jobs, where)
@@ -102,9 +102,9 @@ def cmd_population(args, on_batch=None) -> int:
     identity = _identity(args, config, files, shard, all_jobs, prep.where, facts.n_layers)
     rid = run_id(identity)
     # 2. Lock, claim, answer what is missing.
+    from ..experiments.verdict import Settings
     from ..population.outputs import write_outputs
     from ..population.run import run_population
-    from ..population.verdict import Settings
 
     settings = Settings(k_max=float(args.k_max), bisect_steps=int(args.bisect_steps), sweep=not args.no_sweep,
                         template=args.prompt)

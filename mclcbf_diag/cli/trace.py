@@ -30,9 +30,9 @@ def cmd_trace(args) -> int:
                         "number, or raise the limit with MCLCBF_DIAG_MAX_NEW_TOKENS=N")
     overlay_tokens = check_overlay_tokens(args)
     config, question, image, lm = sample_job(args, "reports/trace-{question_id}", args.max_new_tokens)
-    from ..pages import trace_sections
-    from ..report import write_page
-    from ..trace import decoded, trace_sample
+    from ..experiments.trace import decoded, trace_sample
+    from ..report.html import write_page
+    from ..report.pages import trace_sections
 
     default_out = f"reports/trace-{safe_name(question.question_id)}"
     result = trace_sample(lm, question, image, config, max_new_tokens=args.max_new_tokens, template=args.prompt)
@@ -91,7 +91,7 @@ def check_overlay_tokens(args) -> list:
 
 def overlay_section(lm, result, image, template, tokens=()):
     """The first screen: the image as the model saw it, with the decision token's attention over it."""
-    from ..pages import overlay_section as build
+    from ..report.pages import overlay_section as build
 
     return build(lm, result, image, template, tokens)
 
@@ -121,8 +121,8 @@ def print_outcome_summary(s: dict) -> None:
         "layers_dropped") else ""
     print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else
           "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
-    from ..noise import (
-        show as shown,  # "below noise" under a figure's floor (see mclcbf_diag.noise)
+    from ..measurements.noise import (
+        show as shown,  # "below noise" under a figure's floor (see mclcbf_diag.measurements.noise)
     )
 
     dh = {k: (s.get(f"dh_{k}_mean"), s.get(f"dh_{k}_floor")) for k in ("predicted", "recomputed", "realised")}

@@ -198,7 +198,7 @@ def relabel_jobs(jobs: list, labels: Labels) -> list:
 
 def relabel_records(records: list[dict], labels: Labels) -> list[dict]:
     """Answered rows (``answers.jsonl``) re-scored under the file's labels: label, outcome and text_outcome."""
-    from ..outcomes import outcome
+    from ..measurements.outcomes import outcome
 
     out = []
     for r in records:

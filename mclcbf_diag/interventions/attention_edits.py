@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..probes import fit_mask
+from ..measurements.probes import fit_mask
 
 
 def logit_bias_for_target(per_head_mass: torch.Tensor, tau: float, max_delta: float = 30.0) -> torch.Tensor:

@@ -3,7 +3,7 @@
 An intervention is a small object with one interface (:class:`Intervention`). It holds its
 settings as a frozen dataclass of knobs (:mod:`mclcbf_diag.knobs` parses ``--set`` for any
 of them), names the layers it acts on, and fills in whichever site hooks it needs. The
-runner (:mod:`mclcbf_diag.runner`) walks the decoder layers in forward order and, at each
+runner (:mod:`mclcbf_diag.engine.runner`) walks the decoder layers in forward order and, at each
 layer the intervention targets, calls
 
 * :meth:`Intervention.residual` with the residual stream entering the layer (``x``, edit
@@ -38,9 +38,9 @@ from typing import ClassVar
 import torch
 
 from .. import knobs as K
+from ..diagnosis.rulebook import fired_by_step
 from ..errors import UserError
 from ..models.projection import LayerWeights
-from ..rulebook import fired_by_step
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class Intervention:
         return {}
 
     def rules(self) -> list:
-        """Diagnosis rules specific to this intervention (:class:`mclcbf_diag.rulebook.Rule`)."""
+        """Diagnosis rules specific to this intervention (:class:`mclcbf_diag.diagnosis.rulebook.Rule`)."""
         return []
 
     def layer_sets(self, evidence) -> tuple[list[int], list[int], list[int]]:

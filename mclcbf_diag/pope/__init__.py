@@ -9,7 +9,7 @@ How a run works
 * The questions are the selected splits' files, each cut to its first ``--limit``
   questions; ``--shard i/n`` (0-based ``i``, ``0 ≤ i < n``) keeps the questions whose
   position in that list satisfies ``position % n == i``.
-* Each batch is answered twice by :mod:`mclcbf_diag.batch` (first-token margin
+* Each batch is answered twice by :mod:`mclcbf_diag.engine.batch` (first-token margin
   ``logit Yes − logit No``, baseline then steered, the steered run reusing the
   baseline's cached prefix); ``--generate N`` adds greedy text of both conditions,
   scored with POPE's official parser (steering acts on the prefill only).

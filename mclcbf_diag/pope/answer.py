@@ -7,7 +7,7 @@ cost, with plain PyTorch forward hooks held for the batch only (:class:`_Observe
   probabilities; a hook reads the decision query's row (the last position of the left-padded
   batch) and sums it over the image keys (``input_ids == image token``; pad keys weigh 0),
   head mean: ``baseline_image_mass_<layer>`` and ``steered_image_mass_<layer>`` per question
-  (the ``attn_image_mass`` of a trace, head −1). :func:`mclcbf_diag.batch.answer_pair` runs the
+  (the ``attn_image_mass`` of a trace, head −1). :func:`mclcbf_diag.engine.batch.answer_pair` runs the
   baseline forward and then the intervened one, after any auxiliary forwards of the
   intervention's ``prepare`` (a steering vector's prompt without its image, say), so the last
   two calls over the batch's whole prompt are the two conditions. The intervened row is the
@@ -154,7 +154,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                 timing: dict | None = None) -> list[dict]:
     """One batch of questions → one record per question (baseline and steered).
 
-    ``outcome`` is the question's class (:mod:`mclcbf_diag.outcomes`): unchanged, fixed, broken,
+    ``outcome`` is the question's class (:mod:`mclcbf_diag.measurements.outcomes`): unchanged, fixed, broken,
     derailed (no longer a Yes/No answer at the decision position, or non-finite logits) or
     non_finite (the intervention's edit overflowed and was dropped: ``steered_dropped``). ``flipped``
     stays the bare sign change of logit Yes − No (the answers format requires it); with
@@ -163,9 +163,9 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     query's image mass per layer (module docstring). ``timing`` (a dict) gets this batch's
     ``inputs_seconds`` and ``baseline_seconds`` added.
     """
-    from ..batch import answer_batch, answer_pair, batch_inputs
     from ..data import build_prompt, parse_answer, resolve_image
-    from ..outcomes import outcome
+    from ..engine.batch import answer_batch, answer_pair, batch_inputs
+    from ..measurements.outcomes import outcome
 
     t0 = time.perf_counter()
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]

@@ -19,7 +19,7 @@ change in accuracy, and two columns on how the intervention acts:
 Beside each intervention, :data:`REPORTED` gives what its paper reports on the real
 LLaVA-1.5-7B (DESIGN §6), labelled as reported, not measured here.
 
-**Is the difference real** (DESIGN §10, :mod:`mclcbf_diag.stats`): every row carries the paired
+**Is the difference real** (DESIGN §10, :mod:`mclcbf_diag.measurements.stats`): every row carries the paired
 statistics of its run against its own baseline, recomputed from ``answers.jsonl`` (exact McNemar
 ``mcnemar_p``; the seeded paired bootstrap's 95% intervals ``d_accuracy_lo/hi``, ``d_f1_lo/hi``,
 ``d_yes_ratio_lo/hi``; the bias control's ``bias_offset``, ``control_accuracy``, ``control_f1``,
@@ -48,7 +48,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UserError
-from ..outcomes import OUTCOMES
+from ..measurements.outcomes import OUTCOMES
 from ..storage import show
 from .answer import TIMING
 from .store import ANSWERS, read_records
@@ -231,7 +231,7 @@ def _relabelled(folder: Path, run: dict, answers: list[dict], labels):
 def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: int | None = None) -> pd.DataFrame:
     """One row per (run, split): intervention, settings, metrics, outcome counts, the paired statistics and the bias
     control, Δ image mass and cost; with ``labels`` each run twice (its own labels, then relabelled), ranked."""
-    from .. import stats as S
+    from ..measurements import stats as S
     from .metrics import paired_table
 
     kw = {"resamples": S.RESAMPLES if resamples is None else resamples, "seed": S.SEED if seed is None else seed}
@@ -270,7 +270,7 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
     with the default prompt among those compared, question by question (what the wording alone does). No such run:
     no row."""
     from ..data.prompts import LLAVA_PROMPT, control_name
-    from ..outcomes import outcome
+    from ..measurements.outcomes import outcome
     from .metrics import flips_table, metrics_table, paired_table
 
     plain = {}
@@ -316,7 +316,7 @@ _STATS = ("mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi", "d_f1", "
 def _ranked(table: pd.DataFrame) -> pd.DataFrame:
     """Holm per (label set, split); rows sorted per (label set, split) by the Δaccuracy interval's lower end, then
     its upper end (not the point estimate); ``rank`` 1 = best; ``rank_change`` under a second label set."""
-    from ..stats import holm
+    from ..measurements.stats import holm
 
     table = table.copy()
     table["mcnemar_p_holm"] = float("nan")
@@ -408,7 +408,7 @@ def findings(table: pd.DataFrame) -> list[str]:
                            f"{_points(r.d_accuracy_hi)}]" for r in g.itertuples())
         counts = ", ".join(f"{r.fixed}/{r.broken}" + (f"+{r.derailed}" if r.derailed else "") for r in g.itertuples())
         holm = ", ".join(_p(r.mcnemar_p_holm) for r in g.itertuples())
-        from ..stats import EXPLAINED
+        from ..measurements.stats import EXPLAINED
 
         said = [lab + (" (doing worse than that shift)" if lab == EXPLAINED and hi < 0 else "")
                 for lab, hi in zip(g.bias_label, g.gain_over_control_hi)]

@@ -1,12 +1,12 @@
 """POPE metrics, outcome tables and the run's output files.
 
-Every question's outcome (:mod:`mclcbf_diag.outcomes`) is unchanged, fixed, broken,
+Every question's outcome (:mod:`mclcbf_diag.measurements.outcomes`) is unchanged, fixed, broken,
 derailed or non_finite (the intervention's step overflowed and was dropped); flips.csv counts them per split beside
 the bare sign changes, and metrics.csv adds
 ``accuracy_valid`` (a right answer must also be a Yes/No output) and ``not_yes_no``.
 
 The steered rows of metrics.csv also carry the paired statistics against the baseline and the
-bias control (:mod:`mclcbf_diag.stats`, :data:`~mclcbf_diag.stats.COLUMNS`: exact McNemar, the
+bias control (:mod:`mclcbf_diag.measurements.stats`, :data:`~mclcbf_diag.measurements.stats.COLUMNS`: exact McNemar, the
 seeded paired bootstrap's 95% intervals of Δaccuracy/ΔF1/Δyes-ratio, the control's offset,
 accuracy and F1, the gain over it and its interval, the label), computed from the stored
 margins, no forward. ``flips_questions.csv`` is the per-question ledger: every changed question
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import stats as S
-from ..outcomes import OUTCOMES
+from ..measurements import stats as S
+from ..measurements.outcomes import OUTCOMES
 from ..storage import atomic_write_text
 from .store import _flat
 
@@ -83,7 +83,7 @@ def _valid(r: dict, cond: str) -> bool:
 
 def row_outcome(r: dict, source: str = "logit") -> str:
     """A row's outcome class (recomputed for rows written before outcomes existed)."""
-    from ..outcomes import outcome
+    from ..measurements.outcomes import outcome
 
     if source == "text":
         return r.get("text_outcome") or outcome(r["baseline_text_answer"], True, r["steered_text_answer"], True,
@@ -94,7 +94,8 @@ def row_outcome(r: dict, source: str = "logit") -> str:
 
 
 def flips_table(records: list[dict], splits: list[str]):
-    """Baseline → steered per split: outcome counts (:data:`~mclcbf_diag.outcomes.OUTCOMES`) and the sign changes.
+    """Baseline → steered per split: outcome counts (:data:`~mclcbf_diag.measurements.outcomes.OUTCOMES`) and the sign
+    changes.
 
     ``flipped``, ``yes_to_no`` … count bare changes of the answer's sign (a derailed output
     included); ``fixed``/``broken`` count only valid Yes/No answers.
@@ -136,7 +137,7 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
     """
     import pandas as pd
 
-    from ..report import write_page
+    from ..report.html import write_page
 
     splits = identity.get("splits", [])
     paired = paired_table(records, splits)
@@ -215,7 +216,7 @@ def summary_sections(records: list[dict], identity: dict, metrics, flips, paired
     explain command."""
     import pandas as pd
 
-    from ..report import Section
+    from ..report.html import Section
 
     if paired is None:
         paired = paired_table(records, identity.get("splits", []))
@@ -254,7 +255,7 @@ def summary_sections(records: list[dict], identity: dict, metrics, flips, paired
 
 def partial_section(identity: dict):
     """The banner of a partial merge (``identity["partial"]``: expected, present, missing_shards)."""
-    from ..report import Section
+    from ..report.html import Section
 
     part = identity.get("partial") or {}
     missing = part.get("missing_shards") or []
@@ -266,7 +267,7 @@ def partial_section(identity: dict):
 
 def paired_section(paired):
     """Whether the difference is real: one paragraph per split (:func:`.stats.describe`) and the table."""
-    from ..report import Section
+    from ..report.html import Section
 
     lines = [f"{r['split']}: {S.describe(r)}" for r in paired.to_dict("records") if r["n"]]
     return Section("Is the difference real? Paired tests and the bias control", text=(

@@ -1,7 +1,7 @@
 """The answer over a whole POPE split: ``explain``'s verdict for every question, counted.
 
 ``mclcbf-diag explain --split S`` (no ``--sample``/``--question-id``) runs the per-question
-verdict of :func:`mclcbf_diag.explain.explain_sample` (without the cause chain and the
+verdict of :func:`mclcbf_diag.experiments.explain.explain_sample` (without the cause chain and the
 per-layer doses) for every question, batched (:mod:`.verdict`): every experiment of a batch
 continues from one baseline forward's KV cache and embeddings (:mod:`.units`), so a knockout,
 a sweep setting, a dose or a fix costs the decision token (or the text after the image), not a

@@ -19,7 +19,7 @@ answer is *wrong* or *right* against the label; each count keeps the question id
 * :func:`setting_table`: each graded-sweep setting across the split, fixed / broken /
   derailed and net: what one image-mass edit would do to the whole split.
 * :func:`paired_table`: per split (and pooled "all" for several), the intervention as configured
-  paired against the baseline (:func:`mclcbf_diag.stats.paired`): fixed vs broken (a derailed
+  paired against the baseline (:func:`mclcbf_diag.measurements.stats.paired`): fixed vs broken (a derailed
   answer counts as wrong) with the exact McNemar p, the paired bootstrap interval of Δ accuracy,
   the bias control and its label, and the questions behind the fixed and broken counts.
 * :func:`answer`: the plain-language answer computed from these tables.
@@ -31,9 +31,9 @@ import math
 
 import pandas as pd
 
-from ..explain import doubling_grid
-from ..outcomes import OUTCOMES
-from .verdict import CODES
+from ..experiments.explain import doubling_grid
+from ..experiments.verdict import CODES
+from ..measurements.outcomes import OUTCOMES
 
 GROUPS = ("wrong", "right")
 OUTCOME_COLS = OUTCOMES
@@ -152,9 +152,10 @@ def best_setting(settings: pd.DataFrame, tokens: str = "decision") -> dict | Non
 
 
 def paired_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per split (and pooled "all" for several): :func:`mclcbf_diag.stats.paired` of the rows with a yes/no label,
+    """Per split (and pooled "all" for several): :func:`mclcbf_diag.measurements.stats.paired` of the rows with a
+    yes/no label,
     with ``fixed_questions`` and ``broken_questions`` (split:question_id; derailed right answers among the broken)."""
-    from .. import stats as S
+    from ..measurements import stats as S
 
     cols = ["split", *S.COLUMNS, "fixed_questions", "broken_questions"]
     if not len(df) or "baseline_margin" not in df:
@@ -176,7 +177,7 @@ def paired_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired_sentence(row: dict, what: str = "the intervention") -> str:
     """The population answer's sentence on whether the change is real (one pooled row of :func:`paired_table`)."""
-    from .. import stats as S
+    from ..measurements import stats as S
 
     pts = lambda x: f"{100 * x:+.1f}"  # noqa: E731
     s = (f"Is it real: paired over the {row['n']} questions, {what} fixes {row['fixed_valid']} and breaks or derails "

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UserError
-from ..records import COLUMNS
+from ..measurements.records import COLUMNS
 from ..storage import atomic_write_text, atomic_write_with, digest, make_dir
 from . import aggregate as A
 
@@ -114,7 +114,7 @@ def tables(rows: list[dict], identity: dict, titles: dict | None = None) -> dict
 
 def _titles(identity: dict) -> dict:
     try:
-        from ..diagnose import rules_for
+        from ..diagnosis.diagnose import rules_for
         from ..interventions import resolve
 
         iv = resolve(identity.get("intervention", "mclcbf"), identity.get("preset"), identity.get("overrides", []))
@@ -146,7 +146,7 @@ def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[P
 
     links, plotlyjs = None, None
     if pages is not None:
-        from ..report import PLOTLY_JS, write_plotlyjs
+        from ..report.html import PLOTLY_JS, write_plotlyjs
 
         write_plotlyjs(out)
         links, plotlyjs = write_question_pages(out, df, records, identity, pages), PLOTLY_JS
@@ -171,8 +171,8 @@ def write_question_pages(out: Path, df: pd.DataFrame, records: pd.DataFrame, ide
     """The explain page of each question ``pages`` selects (:func:`page_selection`), from its row and records (no
     forward), in ``out/pages/``, loading the folder's shared plotly.js; returns ``split:question_id`` → the page's
     path relative to ``out``."""
-    from ..pages import question_sections
-    from ..report import PLOTLY_JS, write_page
+    from ..report.html import PLOTLY_JS, write_page
+    from ..report.pages import question_sections
     from ..storage import safe_name
 
     folder = make_dir(out / QUESTION_PAGES)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..report import Section
-from ..report import write_page as _write
+from ..report.html import Section
+from ..report.html import write_page as _write
 
 _COLORS = {"fixed": "#2a9d8f", "broken": "#e76f51", "derailed": "#8d99ae", "unchanged": "#cccccc"}
 
@@ -108,7 +108,7 @@ def _paired_links(paired: pd.DataFrame, links: dict | None = None) -> str:
 
 
 def _paired_section(paired: pd.DataFrame, links: dict | None = None) -> Section:
-    from .. import stats as S
+    from ..measurements import stats as S
 
     cols = ["split", "n", "fixed_valid", "broken_valid", "mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi",
             "bias_offset", "control_accuracy", "gain_over_control", "gain_over_control_lo", "gain_over_control_hi",

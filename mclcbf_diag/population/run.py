@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..experiments.verdict import Settings, explain_batch
 from ..pope.jobs import Job
 from ..pope.store import ANSWERS, append_records
 from .outputs import write_part
-from .verdict import Settings, explain_batch
 
 
 def job_rows(lm, jobs: list[Job], config, settings: Settings, run_id: str | None = None):

@@ -15,10 +15,10 @@ attention), and, at layer −1, how the configured image span overlaps the detec
 Two computations, two dtypes. The *controller* (h, ∇h, the scale and the step) runs in the
 gradient dtype, as the seed does (``grad_dtype=model``: the model's dtype, so its rounding
 is part of what is diagnosed). The *measurements* (the recorded h, Δh predicted and
-recomputed) run in float32 (:func:`mclcbf_diag.noise.measure_dtype`) from the model's own
+recomputed) run in float32 (:func:`mclcbf_diag.measurements.noise.measure_dtype`) from the model's own
 residual and keys, whatever the model's dtype: in bfloat16 an h summed in bfloat16 moves in
 steps of ~2⁻⁹, so a Δh of 1e-5 would read 0. Each Δh is recorded with its noise floor
-(``dh_*_floor``, :mod:`mclcbf_diag.noise`); ``dh_realised`` compares the model's own
+(``dh_*_floor``, :mod:`mclcbf_diag.measurements.noise`); ``dh_realised`` compares the model's own
 attention, computed in its dtype, with the float32 h, so its floor is the model dtype's.
 """
 
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ... import noise
 from ...errors import UserError
-from ...probes import fit_mask
+from ...measurements import noise
+from ...measurements.probes import fit_mask
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
 from ..catalog import SPECS
@@ -69,7 +69,8 @@ METRICS = {
                      "model dtype)",
     "dh_realised": "the model's own head-mean image mass (configured span) after the step − h",
     "dh_predicted_floor": "noise floor of dh_predicted: eps·√m·√16, m the larger of h and h + Δh, eps of "
-                          "the dtype h is computed in (float32; attn_logits site: the model's); see mclcbf_diag.noise. "
+                          "the dtype h is computed in (float32; attn_logits site: the model's); "
+                          "see mclcbf_diag.measurements.noise. "
                           "Below it the figure is reported as 'below noise'",
     "dh_recomputed_floor": "noise floor of dh_recomputed (float32 h; the formula of dh_predicted_floor)",
     "dh_realised_floor": "noise floor of dh_realised: the formula of dh_predicted_floor with eps of the model dtype "

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...measurements.probes import fit_mask
 from ...models.projection import LayerWeights, attention_rows, project_queries
-from ...probes import fit_mask
 from .config import BarrierConfig
 
 

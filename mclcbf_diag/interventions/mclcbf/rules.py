@@ -1,8 +1,8 @@
 """MC-LCBF's diagnosis rules: the causes that stop a barrier step from existing or mattering.
 
 Each rule reads the records :mod:`mclcbf_diag.interventions.mclcbf` writes (see its
-``METRICS``) through :class:`~mclcbf_diag.rulebook.Evidence`. Ranks place them in the causal
-order of :mod:`mclcbf_diag.rulebook` between the generic rules of :mod:`mclcbf_diag.diagnose`
+``METRICS``) through :class:`~mclcbf_diag.diagnosis.rulebook.Evidence`. Ranks place them in the causal
+order of :mod:`mclcbf_diag.diagnosis.rulebook` between the generic rules of :mod:`mclcbf_diag.diagnosis.diagnose`
 (1 not_applied, 6 rounding_absorbed, 10 margin_unmoved, 12 decision_token_off_path).
 Layer sets: *steered* = layers with barrier rows in condition "steered"; *active* = steered
 layers with ``barrier_active`` (else h < τ); *fired* = active layers that applied a nonzero
@@ -25,7 +25,7 @@ negligible or rounded away; it and ``barrier_not_decisive`` have nothing a knob 
 they are "untestable here" with the reason (an intervention's ``counterfactual(cause)`` hook may
 give a test).
 
-Noise floors (:mod:`mclcbf_diag.noise`): ‖g‖'s error is judged against at least the gradient
+Noise floors (:mod:`mclcbf_diag.measurements.noise`): ‖g‖'s error is judged against at least the gradient
 dtype's rounding (``grad_norm_floor``); a Δh predicted below its floor is left out of the
 linearisation check, and the mismatch is counted beyond the floor; a ``dh_realised`` below its
 floor counts as 0, and reaching τ is judged within it; damping needs the deviation plus its
@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import math
 
-from ...noise import below, resolved
-from ...rulebook import Evidence, Rule, fmt, median, pct
+from ...diagnosis.rulebook import Evidence, Rule, fmt, median, pct
+from ...measurements.noise import below, resolved
 
 SPAN_IOU_MIN = 0.99  # |C ∩ D|/|C ∪ D| of configured C and detected D image positions
 INACTIVE_FRACTION = 0.5  # #{ℓ: h_ℓ ≥ τ}/#steered above this → "most" layers are inactive

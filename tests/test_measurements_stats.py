@@ -1,4 +1,4 @@
-"""mclcbf_diag.stats: paired tests and the bias control, against scipy and a slow pure-Python reference.
+"""mclcbf_diag.measurements.stats: paired tests and the bias control, against scipy and a slow pure-Python reference.
 
 Pure: no model. The references are written here independently of the module: the exact
 binomial test of scipy, a bootstrap that loops over resamples and questions in Python, and
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from mclcbf_diag import stats
+from mclcbf_diag.measurements import stats
 
 
 # --------------------------------------------------------------------------- McNemar

@@ -6,9 +6,9 @@ import pytest
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.data import load_image, load_pope, resolve_image
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import AttentionKnockout, KnockoutKnobs
-from mclcbf_diag.records import COLUMNS, documented, frame, glossary
-from mclcbf_diag.trace import trace_sample
+from mclcbf_diag.measurements.records import COLUMNS, documented, frame, glossary
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 CASES = {

@@ -14,8 +14,9 @@ import pytest
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.data import load_image, load_pope, resolve_image
-from mclcbf_diag.diagnose import diagnose
-from mclcbf_diag.explain import (
+from mclcbf_diag.diagnosis.diagnose import diagnose
+from mclcbf_diag.engine.runner import with_embeds
+from mclcbf_diag.experiments.explain import (
     cause_chain,
     cause_tester,
     counterfactuals,
@@ -24,10 +25,9 @@ from mclcbf_diag.explain import (
     knockouts,
     reading,
 )
+from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
 from mclcbf_diag.interventions import MCLCBF, as_intervention
 from mclcbf_diag.models import load_model
-from mclcbf_diag.runner import with_embeds
-from mclcbf_diag.trace import sample_inputs, trace_sample
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 PLANTED_ON = 25  # adversarial: "Is there a truck …?" label no; the embedded model answers no (right)
@@ -238,7 +238,7 @@ def test_right_answers_are_never_given_a_fix_that_breaks_them(embedded_model):
 
 
 def test_per_layer_doses_steer_one_layer_at_a_time(embedded_model, fixable):
-    from mclcbf_diag.explain import per_layer_doses
+    from mclcbf_diag.experiments.explain import per_layer_doses
 
     q, image = fixable
     _, inputs = sample_inputs(embedded_model, q.text, image)

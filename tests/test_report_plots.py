@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mclcbf_diag import plots as P
-from mclcbf_diag.records import frame as _frame
-from mclcbf_diag.report import NoFigure
+from mclcbf_diag.measurements.records import frame as _frame
+from mclcbf_diag.report.html import NoFigure
+from mclcbf_diag.report.html import plots as P
 
 
 def frame(rows):

@@ -1,4 +1,4 @@
-"""Batched answers (mclcbf_diag.batch) against per-sample ``runner.run``.
+"""Batched answers (mclcbf_diag.engine.batch) against per-sample ``runner.run``.
 
 Prompts of different lengths force left padding: every row must still get exactly the
 margin it gets alone, baseline and steered, for every steering site and token choice.
@@ -13,10 +13,10 @@ import torch
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
-from mclcbf_diag.batch import answer_batch, answer_pair, batch_inputs, cached_prefix
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs, cached_prefix
+from mclcbf_diag.engine.runner import run
 from mclcbf_diag.interventions import MCLCBF
-from mclcbf_diag.runner import run
 
 POPE = shipped.POPE
 TEXTS = [

@@ -3,8 +3,9 @@
 import pandas as pd
 import pytest
 
-from mclcbf_diag import pages, shipped
+from mclcbf_diag import shipped
 from mclcbf_diag.pope import metrics as M
+from mclcbf_diag.report import pages
 
 SUMMARY = {"question_id": 26, "answer_before": "yes", "answer_after": "yes", "outcome": "unchanged",
            "margin_before": 0.8208501935005188, "margin_after": 0.8208501935005188, "p_yes_before": 0.6938,
@@ -141,8 +142,8 @@ def test_overlay_token_checked_before_the_weights_load(monkeypatch, capsys):
 def test_trace_page_names_each_steps_tokens_and_sums_up_the_steps(embedded_model):
     from mclcbf_diag import barrier as B
     from mclcbf_diag.data import load_image, load_pope, resolve_image
-    from mclcbf_diag.report import NoFigure, Section
-    from mclcbf_diag.trace import trace_sample
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.html import NoFigure, Section
 
     q = load_pope(shipped.pope_file("adversarial"))[42]
     image = load_image(resolve_image(q, shipped.IMAGES))

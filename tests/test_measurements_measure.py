@@ -1,4 +1,4 @@
-"""Captured tensors → records (mclcbf_diag.measure), each metric against an independent reference.
+"""Captured tensors → records (mclcbf_diag.measurements.measure), each metric against an independent reference.
 
 The captures are built by hand (random residuals, softmax rows and logits on a tiny random
 LLaVA's weights), so nothing here runs the runner. References use the model's own HF
@@ -20,10 +20,10 @@ import floors
 import pytest
 import torch
 
-from mclcbf_diag import noise
-from mclcbf_diag.measure import row_records, run_records, step_records
-from mclcbf_diag.records import METRICS, NO_HEAD, NO_LAYER, documented
-from mclcbf_diag.runner import LayerCapture, RunCapture, StepCapture
+from mclcbf_diag.engine.runner import LayerCapture, RunCapture, StepCapture
+from mclcbf_diag.measurements import noise
+from mclcbf_diag.measurements.measure import row_records, run_records, step_records
+from mclcbf_diag.measurements.records import METRICS, NO_HEAD, NO_LAYER, documented
 
 F32 = torch.float32
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.diagnose import diagnose
-from mclcbf_diag.experiments import (
+from mclcbf_diag.diagnosis.diagnose import diagnose
+from mclcbf_diag.engine.runner import run
+from mclcbf_diag.experiments.sweep import (
     FACTORS,
     TARGETS,
     GradedKnockout,
@@ -22,9 +23,8 @@ from mclcbf_diag.experiments import (
     sweep_summary,
     sweep_windows,
 )
-from mclcbf_diag.records import frame
-from mclcbf_diag.runner import run
-from mclcbf_diag.trace import sample_inputs
+from mclcbf_diag.experiments.trace import sample_inputs
+from mclcbf_diag.measurements.records import frame
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 KNOWN = (20,

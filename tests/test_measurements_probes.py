@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from mclcbf_diag import noise, probes
+from mclcbf_diag.measurements import noise, probes
 
 torch.set_num_threads(1)
 

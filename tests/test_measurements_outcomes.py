@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mclcbf_diag.outcomes import (
+from mclcbf_diag.measurements.outcomes import (
     answer_ids,
     counts,
     dropped_edit,

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag import noise, shipped
+from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.experiments import GradedKnockout
+from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.units import Mix, Prefix, SweepKnockout, Unit, _runs, run_units
+from mclcbf_diag.experiments.sweep import GradedKnockout
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.interventions.base import Intervention, Row, Site
-from mclcbf_diag.population.units import Mix, Prefix, SweepKnockout, Unit, _runs, run_units
-from mclcbf_diag.runner import run
+from mclcbf_diag.measurements import noise
 
 
 def _rows(images, pads, length=12):

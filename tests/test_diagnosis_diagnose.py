@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from mclcbf_diag.diagnose import ORDER, Cause, causes_frame, diagnose, verdict
+from mclcbf_diag.diagnosis.diagnose import ORDER, Cause, causes_frame, diagnose, verdict
 from mclcbf_diag.errors import UserError
-from mclcbf_diag.records import COLUMNS
+from mclcbf_diag.measurements.records import COLUMNS
 
 N_LAYERS, STEERED = 4, (1, 2, 3)
 # Per steered layer, condition "steered": a healthy step (h < τ, active, no clamp, exact linear
@@ -341,7 +341,7 @@ def test_causes_tested_by_counterfactual_rank_decisive_first():
 
 
 def test_decisiveness_thresholds():
-    from mclcbf_diag.rulebook import decisiveness
+    from mclcbf_diag.diagnosis.rulebook import decisiveness
 
     ref = {"step_size": 0.01, "mass": 0.3, "margin": 1.0, "outcome": "unchanged"}
     assert decisiveness(ref, dict(ref), 1.0) == (False, [])
@@ -364,7 +364,7 @@ def test_damping_is_absolute_and_yields_to_a_lost_step():
     assert by["damped_downstream"].evidence["explained_by"] == "step_negligible"
 
 
-# --------------------------------------------------------------- noise floors (mclcbf_diag.noise)
+# --------------------------------------------------------------- noise floors (mclcbf_diag.measurements.noise)
 # Each case: a planted cause, then the same figures with a floor above them: it must not fire.
 BELOW_NOISE = {
     "linearisation_failed": (dict(step={"dh_predicted": 1e-5, "dh_recomputed": 0.0}),

@@ -8,10 +8,10 @@ from transformers.models.llama import modeling_llama
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.flow import EDGES, default_window, flow_summary, information_flow
+from mclcbf_diag.engine.runner import run
+from mclcbf_diag.experiments.flow import EDGES, default_window, flow_summary, information_flow
 from mclcbf_diag.interventions.block import AttentionBlock, BlockKnobs, block_rows
 from mclcbf_diag.models import load_model
-from mclcbf_diag.runner import run
 
 POPE = shipped.POPE
 

@@ -12,9 +12,9 @@ import torch
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.engine.runner import run
+from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
 from mclcbf_diag.interventions import AttentionKnockout, KnockoutKnobs
-from mclcbf_diag.runner import run
-from mclcbf_diag.trace import sample_inputs, trace_sample
 
 QUESTION = "Is there a frisbee in the image?"
 

@@ -1,4 +1,4 @@
-"""The runner (mclcbf_diag.runner) against plain Hugging Face forwards, hooks written here.
+"""The runner (mclcbf_diag.engine.runner) against plain Hugging Face forwards, hooks written here.
 
 References never go through nnsight or the runner: a plain ``model(...)`` with
 ``output_attentions=True`` (eager attention), ``register_forward_pre_hook`` /
@@ -17,10 +17,10 @@ import torch
 
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.engine.runner import run, run_batch, with_embeds
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.base import Intervention
 from mclcbf_diag.models import load_model
-from mclcbf_diag.runner import run, run_batch, with_embeds
 
 TEXTS = ["Is there a dog in the image?", "Is there a big red dog in the image?", "dog?"]
 
@@ -252,7 +252,7 @@ def test_kept_embeddings_are_the_language_models_input_and_replay_the_run(lm, im
 
 # ----------------------------------------------------------------------------- run_batch
 def _batch(lm, images):
-    from mclcbf_diag.batch import batch_inputs
+    from mclcbf_diag.engine.batch import batch_inputs
 
     prompts = [build_prompt(t) for t in TEXTS]
     inputs = batch_inputs(lm, prompts, images)
@@ -293,9 +293,9 @@ def test_rows_continuing_a_shared_prefix_from_a_later_layer_equal_plain_hooked_f
     """run_rows over the last positions only, attending to each question's cached prefix in
     place (models.shared_prefix), the layers before the edit not run (skip_to), against each
     prompt's own full forward with a plain HF hook."""
+    from mclcbf_diag.engine.runner import prefix_forward, run_rows
     from mclcbf_diag.interventions.base import rows_of
     from mclcbf_diag.models.shared_prefix import SharedPrefix, continuation_mask, continuing
-    from mclcbf_diag.runner import prefix_forward, run_rows
 
     vec = _vector(lm, seed=5)
     prompts, inputs = _batch(lm, images)

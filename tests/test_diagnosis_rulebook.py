@@ -8,10 +8,10 @@ when no single cause is decisive, sets of causes undone together can be (a joint
 import math
 
 import pytest
-from test_diagnose import LABEL_NO, LABEL_YES, PLANTED, UNMOVED, make
+from test_diagnosis_diagnose import LABEL_NO, LABEL_YES, PLANTED, UNMOVED, make
 
-from mclcbf_diag.diagnose import diagnose, verdict
-from mclcbf_diag.rulebook import Cause, CounterfactualRun, merge_specs
+from mclcbf_diag.diagnosis.diagnose import diagnose, verdict
+from mclcbf_diag.diagnosis.rulebook import Cause, CounterfactualRun, merge_specs
 
 UNFIXED = {"step_size": 0.003, "mass": 0.2, "margin": -1.5, "outcome": "unchanged", "finite": True, "dropped": False}
 
@@ -156,7 +156,7 @@ def test_no_joint_search_when_a_single_cause_decides_or_the_answer_is_right():
 
 def test_joint_search_is_bounded_and_in_causal_order():
     # five mergeable causes, none decisive alone or together: at most JOINT_MAX_RUNS sets are run
-    from mclcbf_diag.rulebook import JOINT_MAX_RUNS
+    from mclcbf_diag.diagnosis.rulebook import JOINT_MAX_RUNS
 
     step = {**JOINT_STEP, "clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0}
     frame = make(step=step, final={**PLANTED["span_mismatch"]["final"], **UNMOVED}, extra=[LABEL_YES])
@@ -186,7 +186,7 @@ def test_merge_specs():
 
 
 def test_the_causes_frame_shows_each_run():
-    from mclcbf_diag.diagnose import causes_frame
+    from mclcbf_diag.diagnosis.diagnose import causes_frame
 
     frame = make(step={"clamp_active": 1, "scale": 0.5, "scale_unclamped": 127.0}, final=UNMOVED, extra=[LABEL_YES])
     fixed = {**UNFIXED, "step_size": 4.9, "margin": 1.2, "outcome": "fixed"}

@@ -8,7 +8,7 @@ import pytest
 from plotly.offline import get_plotlyjs
 
 from mclcbf_diag.errors import UserError
-from mclcbf_diag.report import Section, figure_html, write_figures, write_page
+from mclcbf_diag.report.html import Section, figure_html, write_figures, write_page
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -87,7 +87,7 @@ def test_tables_are_for_reading(tmp_path):
 
 
 def test_no_figure_shows_its_reason_and_sections_fold(tmp_path):
-    from mclcbf_diag.report import NoFigure
+    from mclcbf_diag.report.html import NoFigure
 
     nf = NoFigure("Propagation", f"no propagation: {EVIL}")
     page = write_page(tmp_path / "n.html", "t", [
@@ -102,7 +102,7 @@ def test_no_figure_shows_its_reason_and_sections_fold(tmp_path):
 
 
 def test_pages_can_share_one_plotlyjs_file(tmp_path):
-    from mclcbf_diag.report import PLOTLY_JS, write_plotlyjs
+    from mclcbf_diag.report.html import PLOTLY_JS, write_plotlyjs
 
     shared = write_plotlyjs(tmp_path)
     assert shared == tmp_path / PLOTLY_JS and shared.read_text(encoding="utf-8") == get_plotlyjs()

@@ -14,11 +14,11 @@ import pytest
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
-from mclcbf_diag.experiments import sweep_summary
-from mclcbf_diag.explain import KNOCKOUTS, explain_sample
+from mclcbf_diag.experiments.explain import KNOCKOUTS, explain_sample
+from mclcbf_diag.experiments.sweep import sweep_summary
+from mclcbf_diag.experiments.verdict import Settings, explain_batch
 from mclcbf_diag.interventions import resolve
 from mclcbf_diag.population import aggregate as A
-from mclcbf_diag.population.verdict import Settings, explain_batch
 
 PICK = (2, 0, 1)  # fixed subset of the embedded adversarial split: one wrong answer, two right
 K_MAX, BISECT = 4.0, 2
@@ -53,7 +53,7 @@ def test_each_question_matches_its_single_explain(pair):
         # Not noise floors (CONTRIBUTING.md, "Tolerances", rule 3): the dose grid runs the unclamped step at up to
         # k = 4, whose scale (τ − h)/Σg² amplifies one float32 step of h near τ by 1/|τ − h| (up to ~1e4 here),
         # so the two layouts' h and ‖θ*‖/‖x‖ differ by up to ~1e-5 and ~1e-4 relative (tests/
-        # test_population_units.py checks the same steps against their floors at identical inputs)
+        # test_engine_units.py checks the same steps against their floors at identical inputs)
         assert ex.dose.curve.h_mean.to_numpy() == pytest.approx(v.dose.curve.h_mean.to_numpy(), abs=1e-4)
         assert ex.dose.curve.theta_rel_max.to_numpy() == pytest.approx(v.dose.curve.theta_rel_max.to_numpy(),
                                                                        rel=1e-3, abs=1e-9)
@@ -165,7 +165,7 @@ def _paired_rows(rng_seed=0, n=120, shift=None):
 def test_paired_table_equals_the_stats_of_its_rows_and_lists_the_questions():
     from scipy.stats import binomtest
 
-    from mclcbf_diag import stats as S
+    from mclcbf_diag.measurements import stats as S
 
     rows = _paired_rows()
     p = A.paired_table(A.frame(rows)).set_index("split")
@@ -183,7 +183,7 @@ def test_paired_table_equals_the_stats_of_its_rows_and_lists_the_questions():
 
 
 def test_the_population_answer_states_significance_and_the_bias_control():
-    from mclcbf_diag import stats as S
+    from mclcbf_diag.measurements import stats as S
 
     for rows, label in ((_paired_rows(), S.BEYOND), (_paired_rows(shift=1.2), S.EXPLAINED)):
         df = A.frame(rows).assign(top_cause="", dose_k_star=None, sweep_decision_changes=0,

@@ -11,7 +11,7 @@ mass of the chosen queries, renormalised (the knockout edit of
 at the decision token in all layers and in each layer window of :func:`layer_windows`, and,
 separately, at every text token after the image in all layers at once (:func:`sweep_windows`).
 Each setting's answer is read with its
-Yes/No mass (:mod:`mclcbf_diag.outcomes`) and classed against the baseline: a setting
+Yes/No mass (:mod:`mclcbf_diag.measurements.outcomes`) and classed against the baseline: a setting
 *changes* the answer only with a valid Yes/No output (fixed or broken with a label, changed
 without); derailed settings are counted apart. :func:`sweep_summary` gives, per token set,
 the number of settings, how many change the answer, the smallest target mass that does and
@@ -30,7 +30,7 @@ split the 16 windows had found one wrong answer of 57 that an image mass of 0 to
 (alone, or with layer 1) changed and neither all layers at once nor any decision-token setting did.
 
 Speed: all settings of one (token set, window) are one batch of copies of the same prompt
-(one edit per row, :class:`GradedKnockout`), answered by :func:`mclcbf_diag.batch.answer_pair`,
+(one edit per row, :class:`GradedKnockout`), answered by :func:`mclcbf_diag.engine.batch.answer_pair`,
 which reuses the baseline's KV cache up to the first edited token.
 """
 
@@ -40,10 +40,10 @@ import math
 
 import pandas as pd
 
-from .interventions.attention_edits import rescale_image_probs
-from .interventions.knockout import AttentionKnockout, KnockoutKnobs
-from .outcomes import outcome
-from .records import COLUMNS, NO_HEAD, NO_LAYER, frame
+from ..interventions.attention_edits import rescale_image_probs
+from ..interventions.knockout import AttentionKnockout, KnockoutKnobs
+from ..measurements.outcomes import outcome
+from ..measurements.records import COLUMNS, NO_HEAD, NO_LAYER, frame
 
 TARGETS = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, …, 0.9
 FACTORS = (0.5, 2.0)
@@ -132,7 +132,7 @@ def sweep_row(tokens: str, window, kind: str, value: float, b: dict, r: dict, la
 def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_sets=TOKEN_SETS,
                      windows=None) -> pd.DataFrame:
     """Every setting's answer: columns tokens, window, edit, value, margin, answer, valid, p_yes, p_no, outcome."""
-    from .batch import answer_pair, baseline_prefix, batch_inputs
+    from ..engine.batch import answer_pair, baseline_prefix, batch_inputs
 
     settings = edits()
     inputs = batch_inputs(lm, [prompt] * len(settings), [image] * len(settings))

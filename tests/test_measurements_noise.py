@@ -1,4 +1,4 @@
-"""Noise floors (mclcbf_diag.noise): hand-worked values, real rounding under them, one verdict per case.
+"""Noise floors (mclcbf_diag.measurements.noise): hand-worked values, real rounding under them, one verdict per case.
 
 The floors are checked by hand against the formula of the module's docstring, then against
 rounding errors measured with plain PyTorch (a softmax mass in bfloat16/float32 against float64,
@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag import noise
-from mclcbf_diag.diagnose import diagnose
+from mclcbf_diag.diagnosis.diagnose import diagnose
 from mclcbf_diag.embedded.build import QUESTION
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF
+from mclcbf_diag.measurements import noise
 from mclcbf_diag.models import load_model
-from mclcbf_diag.trace import trace_sample
 
 BF16, F32 = 2.0 ** -7, 2.0 ** -23
 

@@ -1,0 +1,199 @@
+"""Batched POPE answers: one forward per condition for a whole batch, steered row by row.
+
+Mechanism
+---------
+* **Left padding.** The prompts of a batch are tokenised together with padding on the
+  left, so the decision token (the last prompt token) is the last position of every row
+  and the first-token logits of all rows are ``logits[:, -1]``.
+* **Positions.** ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)`` gives
+  every row's real tokens the positions ``0 … L_b−1`` they have when run alone, so RoPE
+  is unchanged by padding; the attention mask hides the pad keys (softmax weight exactly
+  0). Each row computes what it computes alone, up to the summation order of batched
+  matmuls (≪ 1e-4 in float32).
+* **Images.** :func:`batch_inputs` runs the vision tower once per *distinct* image of the
+  batch (POPE asks ~6 questions per image) and hands the projected features to the
+  model's own merge step (``mm_encoder_outputs``); both conditions reuse them.
+* **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
+  "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
+* **Baseline** is a plain HF forward (no nnsight, no intervention).
+* **Intervened** runs go through :func:`mclcbf_diag.engine.runner.run_batch`, the same runner and
+  the same intervention code as a single-sample trace (a sample is a batch of one): each
+  row's sites see it in its own unpadded coordinates.
+* **Cached prefix** (:func:`answer_pair`). An intervention edits positions from
+  :meth:`~mclcbf_diag.interventions.base.Intervention.first_edited` on, and a causal model's
+  earlier positions never see them: they are identical in both conditions. So the baseline
+  forward keeps its KV cache, the cache is cut just before the batch's first edited
+  position (the last token for a decision-token intervention), and the intervened run is a
+  continuation over the remaining tokens only; look-ahead keys are the cached keys followed
+  by those projected from the live residual. If an edited position could precede an image
+  token it re-runs the prompt (the model merges image features only in a forward that sees
+  the whole image).
+* **Generation** (``max_new_tokens > 0``, :func:`answer_batch`): HF ``generate``, greedy.
+  The intervention then acts on the prefill forward only (``mclcbf-diag trace
+  --max-new-tokens`` studies the decode phase on one sample).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import UserError
+from ..interventions import as_intervention
+from ..interventions.base import rows_of
+from ..models import LoadedModel
+from .runner import run_batch
+
+
+def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_images: bool = True) -> dict:
+    """Model inputs for a batch: left-padded, with RoPE-correct ``position_ids``.
+
+    With ``share_images`` (and a transformers whose LLaVA accepts ``mm_encoder_outputs``)
+    the vision tower runs once per distinct image; ``generate`` needs
+    ``share_images=False`` (pixel values), so that its decode steps see no features.
+    """
+    if len(prompts) != len(images) or not prompts:
+        raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
+    placeholder = getattr(lm.processor, "image_token", None) or "<image>"
+    if any(p.count(placeholder) != 1 for p in prompts):
+        raise UserError(f"every prompt needs exactly one {placeholder} placeholder "
+                        "(e.g. 'USER: <image>\n{question}\nASSISTANT:')")
+    tok = lm.processor.tokenizer
+    if tok.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token, so prompts cannot be batched; use --batch-size 1")
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = lm.processor(text=list(prompts), images=list(images), return_tensors="pt", padding="longest")
+    finally:
+        tok.padding_side = side
+    mask = enc["attention_mask"]
+    pads = (mask == 0).sum(-1)
+    if any(bool(mask[b, int(p):].eq(0).any()) for b, p in enumerate(pads)):
+        raise RuntimeError("the processor did not pad on the left")  # programming error
+    enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
+    if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
+        pv = inputs.pop("pixel_values")
+        uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
+        with torch.no_grad():
+            feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
+        per_row = [feats.pooler_output[j] for j in inverse.tolist()]
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+    return inputs
+
+
+
+def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, records=None) -> list[dict]:
+    """Per row: ``margin``, ``answer`` and the Yes/No reading (:mod:`mclcbf_diag.measurements.outcomes`): ``p_yes``,
+    ``p_no`` (probability mass on every Yes/No spelling), ``top_yes_no``, ``finite``, ``valid``, and
+    ``dropped``: the intervention computed a non-finite edit and did not apply it
+    (:func:`~mclcbf_diag.measurements.outcomes.dropped_edit`)."""
+    from ..measurements.outcomes import dropped_edit, read_batch
+
+    out = [{"margin": r.margin, "answer": r.answer, "p_yes": r.p_yes, "p_no": r.p_no, "top_yes_no": r.top_yes_no,
+            "finite": r.finite, "valid": r.valid, "dropped": False} for r in read_batch(last_logits.float(), lm.tokens)]
+    for rec, per_layer in zip(out, records or ()):
+        rec.update(intervention.row_summary(per_layer))
+        rec["dropped"] = dropped_edit(per_layer.values())
+    return out
+
+
+def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention, steer: bool, *,
+                 inputs: dict | None = None, max_new_tokens: int = 0) -> list[dict]:
+    """First-token answers for a batch, baseline (``steer=False`` or none) or intervened.
+
+    Returns one dict per row: ``margin`` (logit Yes − No) and ``answer``; when intervening
+    also the intervention's :meth:`~mclcbf_diag.interventions.base.Intervention.row_summary`
+    (for MC-LCBF: ``layers_fired``, ``h_mean``, ``mean_theta_rel``, ``max_dh_predicted``).
+    With ``max_new_tokens`` > 0 also ``text`` (greedy, special tokens skipped). ``inputs``
+    reuses :func:`batch_inputs` for these prompts.
+    """
+    iv = as_intervention(intervention)
+    if inputs is None:
+        inputs = batch_inputs(lm, prompts, images, share_images=max_new_tokens <= 0)
+    if max_new_tokens > 0 and "pixel_values" not in inputs:
+        raise ValueError("generation needs batch_inputs(..., share_images=False)")  # programming error
+    steer = steer and iv is not None
+    with torch.no_grad():
+        if max_new_tokens <= 0:
+            if not steer:
+                return _answers(lm, lm.model(**inputs, logits_to_keep=1).logits[:, -1])
+            last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+            return _answers(lm, last, iv, records)
+        kw = {k: v for k, v in inputs.items() if k != "position_ids"}  # generate derives its own
+        gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id)
+        records = None
+        if steer:
+            # Outside ``tracer.iter`` nnsight reaches the first forward only: the prefill.
+            last, records, sequences = run_batch(lm, kw, iv, full_ids=inputs["input_ids"], generate=gen)
+        else:
+            out = lm.model.generate(**kw, **gen, return_dict_in_generate=True, output_logits=True)
+            last, sequences = out.logits[0], out.sequences
+    out = _answers(lm, last, iv, records)
+    n = inputs["input_ids"].shape[1]
+    for b, rec in enumerate(out):
+        rec["text"] = lm.processor.tokenizer.decode(sequences[b, n:], skip_special_tokens=True)
+    return out
+
+
+def cached_prefix(lm: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tensor, intervention) -> int:
+    """Padded positions ``[0, start)`` that the intervention cannot change (0: re-run the prompt)."""
+    rows = rows_of(ids, attention_mask, lm.tokens.image_token_id)
+    firsts = [intervention.first_edited(row) for row in rows]
+    if any(f is None for f in firsts):
+        return 0
+    start = min(row.pad + f for row, f in zip(rows, firsts))
+    return 0 if bool((ids[:, start:] == lm.tokens.image_token_id).any()) else start
+
+
+def baseline_prefix(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, object]:
+    """The baseline forward of a batch, kept for many :func:`answer_pair` calls on the same
+    inputs (``baseline=``): last-position logits and the whole KV cache."""
+    with torch.no_grad():
+        out = lm.model(**inputs, logits_to_keep=1, use_cache=True)
+    return out.logits[:, -1], lm.adapter.output_cache(lm.model, out)
+
+
+def _cut(cache, start: int):
+    """A new cache holding the first ``start`` positions of ``cache`` (which stays as it is)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[..., :start, :], layer.values[..., :start, :], i)
+    return out
+
+
+def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention, *,
+                inputs: dict | None = None, baseline: tuple | None = None) -> tuple[list[dict], list[dict]]:
+    """Baseline and intervened first-token answers; the intervened run reuses the baseline's cache.
+
+    Same records as :func:`answer_batch` (baseline, then intervened). The intervened run only
+    recomputes the positions from the batch's first edited token on (see the module
+    docstring); it falls back to a full forward when that is not exact. ``baseline``: what
+    :func:`baseline_prefix` returned for these ``inputs``, so that many interventions on the
+    same batch share one baseline forward.
+    """
+    iv = as_intervention(intervention)
+    inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
+    ids = inputs["input_ids"]
+    start = cached_prefix(lm, ids, inputs["attention_mask"], iv)
+    iv.prepare(lm, inputs, rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id))
+    with torch.no_grad():
+        if start == 0:
+            base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
+            last, records = run_batch(lm, inputs, iv, full_ids=ids, prepare=False)
+            return _answers(lm, base), _answers(lm, last, iv, records)
+        if baseline is None:
+            logits, cache = baseline_prefix(lm, inputs)
+            cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
+        else:
+            logits, cache = baseline[0], _cut(baseline[1], start)
+        prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
+        suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
+                  "position_ids": inputs["position_ids"][:, start:]}
+        last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids, prepare=False,
+                                  use_cache=True, **lm.adapter.cache_kwargs(lm.model, cache))
+    return _answers(lm, logits), _answers(lm, last, iv, records)

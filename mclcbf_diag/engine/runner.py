@@ -1,0 +1,556 @@
+"""Run the model through nnsight, with or without an intervention, and capture what it did.
+
+This is the only module that talks to nnsight. The HF model is never modified: an
+intervention acts inside ``model.trace(...)`` by editing the values nnsight hands over, in
+forward order, at each decoder layer it targets (the sites of
+:mod:`mclcbf_diag.interventions.base`):
+
+1. ``layer.inputs``: the residual ``x`` entering the layer (the ``residual`` site) and, in
+   decode, the layer's KV cache before the new token is appended (for look-ahead keys);
+2. ``input_layernorm.output``: where :meth:`Site.add` with ``after_norm=True`` lands;
+3. the softmax inside eager attention (the ``attention`` site);
+4. ``self_attn.output[1]``, ``post_attention_layernorm.input``, ``layer.output``: with
+   ``capture=True`` the decision token's attention row, ``resid_mid`` and ``resid_post`` are
+   saved at every layer; the attention pattern is shown to the ``pattern`` site in captured
+   runs and, with ``patterns=True``, in logits-only runs too.
+
+Every run is batched: a single sample is a batch of one. A batch is left-padded (see
+:mod:`mclcbf_diag.engine.batch`), so the last position is every row's decision token. A run can
+continue from a cached prefix (``prefix``): only the positions from ``start`` on are
+computed, the earlier keys come from the cache, and the sites see padded positions
+``start …``. ``max_new_tokens > 0`` runs ``generate`` with a bounded ``tracer.iter`` and
+repeats the body for every generated token (the decode phase; one row only).
+Gradients an intervention needs are its own business (a local ``enable_grad``); the trace
+runs under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import NamedTuple
+
+import nnsight
+import torch
+from nnsight import NNsight
+
+from ..errors import UserError
+from ..interventions import as_intervention
+from ..interventions.base import Intervention, Row, Site, rows_of
+from ..measurements.probes import rounding_survival
+from ..models import LoadedModel
+from ..models.projection import project_keys
+
+
+@dataclass
+class LayerCapture:
+    """The decision token at one layer (one row), and what the intervention recorded there."""
+
+    resid_pre_in: torch.Tensor  # entering the layer, before any step
+    resid_pre: torch.Tensor = None  # after the step (what the layer used)
+    resid_mid: torch.Tensor = None
+    resid_post: torch.Tensor = None
+    attn: torch.Tensor = None  # [heads, keys] decision-query softmax row (the row's own keys)
+    metrics: dict = field(default_factory=dict)  # the intervention's and the step's scalar records
+    heads: dict = field(default_factory=dict)  # per-head records [H]
+    added: torch.Tensor | None = None  # the vector added at the decision token [d], if any
+    keys: torch.Tensor | None = None  # [kv_heads, n, hd] look-ahead keys (keep_keys, tests)
+    # with ``components`` (prefill): "z" [H·hd] the heads' outputs before o_proj and "mlp" [d] the MLP's
+    # output at the decision token, "normed" [keys, d] input_layernorm's output at every key (what v_proj
+    # read; nnsight reaches the softmax inside attention only when nothing inside it was read first)
+    parts: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepCapture:
+    phase: str
+    decode_step: int  # 0: the prompt's forward; k: the one reading the k-th generated token
+    n_keys: int
+    layers: dict[int, LayerCapture] = field(default_factory=dict)
+    final_logits: torch.Tensor | None = None
+
+
+@dataclass
+class RunCapture:
+    """One row's run: every (phase, step), plus what identifies its prompt."""
+
+    prompt_len: int
+    steps: list[StepCapture]
+    detected: torch.Tensor  # bool [prompt]: input_ids == image token id
+    row_records: dict = field(default_factory=dict)  # whole-model records of the intervention
+    generated: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None  # prompt embeddings, image features merged in
+
+
+def envoy_at(root, path: str):
+    """The nnsight envoy at a dotted adapter path (``"model.language_model.layers"``)."""
+    return reduce(getattr, path.split("."), root)
+
+
+_WRAPPED: "weakref.WeakKeyDictionary[torch.nn.Module, NNsight]" = weakref.WeakKeyDictionary()
+
+
+def traced(model: torch.nn.Module) -> NNsight:
+    """The nnsight wrapper of a model, built once (wrapping walks every module)."""
+    if model not in _WRAPPED:
+        _WRAPPED[model] = NNsight(model)
+    return _WRAPPED[model]
+
+
+class _Run:
+    """State of one traced run; :meth:`body` is called once per forward (prefill, decode …)."""
+
+    def __init__(self, lm: LoadedModel, rows: list[Row], intervention: Intervention | None, *, steer: bool,
+                 dose: float, capture: bool, start: int = 0, prefix_keys: dict | None = None,
+                 prefix_rows: list[int] | None = None, keep_keys: bool = False, patterns: bool = False,
+                 components: bool = False):
+        self.lm, self.rows, self.iv = lm, rows, intervention
+        self.components = components and capture
+        self.patterns = patterns  # show the pattern site its layers' attention in a logits-only run too
+        self.steer, self.dose = steer and intervention is not None, dose
+        self.capture, self.keep_keys = capture, keep_keys
+        self.prefix_start, self.prefix_keys = start, prefix_keys or {}
+        self.prefix_rows = list(range(len(rows))) if prefix_rows is None else list(prefix_rows)
+        self.targeted = set(intervention.layers(lm.n_layers)) if intervention is not None else set()
+        self._weights: dict[int, object] = {}
+        # records[row][(phase, step)][layer] = {metric: value}; heads likewise
+        self.records = [dict() for _ in rows]
+        self.heads = [dict() for _ in rows]
+        self.added: list[dict] = [dict() for _ in rows]  # (phase, step, layer) → decision-token vector
+        self.keys_seen: list[dict] = [dict() for _ in rows]
+        self.steps: list[list[StepCapture]] = [[] for _ in rows]
+        self.embeds = None
+        self.skip = (0, None)  # (layers not run, the residual entering the first one run)
+        if intervention is not None:
+            intervention.begin(rows, lm.n_layers)
+
+    # -- what sites ask for -----------------------------------------------------------------
+    def layer_weights(self, i: int):
+        if i not in self._weights:
+            self._weights[i] = self.lm.layer_weights(i)
+        return self._weights[i]
+
+    def keys(self, site: Site, row: Row) -> torch.Tensor:
+        i, x = site.layer, site.tensor
+        if self.phase == "decode":
+            cache = self.lm.adapter.layer_cache(self.lm.model, self.layer_kwargs)
+            if cache is None or len(cache.layers) <= i or cache.layers[i].keys is None:
+                raise UserError("decode-phase steering needs the KV cache; generation ran without one")
+            keys = cache.layers[i].keys[row.index, :, row.pad:].detach().clone()
+        else:
+            lo = max(self.start, row.pad)
+            cos, sin = self.rotary
+            sl = slice(lo - self.start, None)
+            # on the layer's own device: under a device map, x arrives from the previous layer's
+            w = self.layer_weights(i)
+            dev = w.q_weight.device
+            keys = project_keys(x[row.index, sl].to(dev), w, cos[row.index, sl].to(dev), sin[row.index, sl].to(dev))
+            if lo > row.pad:
+                cached = self.prefix_keys[i][self.prefix_rows[row.index], :, row.pad:lo]
+                keys = torch.cat([cached.to(dev, keys.dtype), keys], dim=-2)
+        if self.keep_keys:
+            self.keys_seen[row.index][(self.phase, self.decode_step, i)] = keys.clone()
+        return keys
+
+    def add(self, site: Site, row: Row, positions: torch.Tensor, vector: torch.Tensor, after_norm: bool):
+        x = site.tensor
+        idx = site.query_index(row, positions)
+        v = vector.reshape(len(idx), -1).to(x.device)
+        before = x[row.index, idx]
+        if after_norm:
+            w = self.layer_weights(site.layer)
+            before = w.norm(before.to(w.ln_weight.device)).to(x.device)
+            self.pending_norm.append((row.index, idx, v.to(x.dtype)))
+        else:
+            x[row.index, idx] += v.to(x.dtype)
+        self.record(row, site.layer, "rounding_survival", rounding_survival(before, v.float(), x.dtype))
+        at = (positions == site.current(row)).nonzero().flatten()
+        if at.numel():
+            self.added[row.index][(self.phase, self.decode_step, site.layer)] = v[at[0]].detach().float().clone()
+
+    def record(self, row: Row, layer: int, metric: str, value) -> None:
+        step = self.records[row.index].setdefault((self.phase, self.decode_step), {})
+        step.setdefault(layer, {})[metric] = None if value is None else float(value)
+
+    def record_heads(self, row: Row, layer: int, metric: str, values: torch.Tensor) -> None:
+        step = self.heads[row.index].setdefault((self.phase, self.decode_step), {})
+        step.setdefault(layer, {})[metric] = values.detach().float().cpu().clone()
+
+    def recorded(self, row: Row, layer: int, metric: str):
+        return self.records[row.index].get((self.phase, self.decode_step), {}).get(layer, {}).get(metric)
+
+    # -- the body, run inside the trace -------------------------------------------------------
+    def body(self, nm, phase: str, step: int, keep_embeds: bool = False) -> None:
+        lm, ad = self.lm, self.lm.adapter
+        self.phase, self.decode_step, self.pending_norm = phase, step, []
+        acting = self.iv is not None and (phase == "prefill" or self.iv.steers_decode())
+        sites = self.iv.open_sites(self.steer) if acting else frozenset()
+        targeted = self.targeted if acting else set()
+        if phase == "prefill" and keep_embeds:
+            self.embeds = envoy_at(nm, ad.language_model).inputs[1]["inputs_embeds"].detach().clone()
+        if "residual" in sites and targeted:
+            self.rotary = envoy_at(nm, ad.rotary_emb).output
+        layers = envoy_at(nm, ad.layers)
+        for i in range(self.skip[0]):
+            layers[i].skip(self.skip[1])  # only the last one's output is used: by the first layer run
+        visit = range(lm.n_layers) if self.capture else sorted(targeted)
+        caps: dict[int, list[LayerCapture]] = {}
+        self.start = self.prefix_start
+        parts = self.components and phase == "prefill"
+        for n, i in enumerate(visit):
+            layer = layers[i]
+            here = i in targeted
+            if self.capture or (here and "residual" in sites) or n == 0:
+                args, kwargs = layer.inputs
+                x = args[0]
+                if n == 0 and phase == "decode":
+                    cache = ad.layer_cache(lm.model, kwargs)
+                    self.start = 0 if cache is None else cache.get_seq_length()
+                self.layer_kwargs = kwargs
+                if self.capture:
+                    caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
+                if here and "residual" in sites:
+                    self.iv.residual(Site(self, "residual", i, x))
+                if self.pending_norm or parts:
+                    y = envoy_at(layer, ad.layer_input_norm).output
+                    for b, idx, v in self.pending_norm:
+                        y[b, idx] += v.to(y.device)
+                    self.pending_norm = []
+                if self.capture:
+                    for r in self.rows:
+                        caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
+            if here and "attention" in sites:
+                self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
+            if parts:
+                z = envoy_at(layer, ad.layer_o_proj).input
+            show = here and "pattern" in sites and (self.capture or self.patterns)
+            if self.capture or show:
+                attn = envoy_at(layer, ad.layer_attention).output[1]
+                if attn is None:
+                    raise UserError("the model returned no attention probabilities; load it with "
+                                    "attn_implementation='eager' (load_model does this)")
+                if show:
+                    self.iv.pattern(Site(self, "pattern", i, attn))
+            if self.capture:
+                mid = envoy_at(layer, ad.layer_post_attention_norm).input
+                mlp = envoy_at(layer, ad.layer_mlp).output if parts else None
+                post = layer.output
+                for r in self.rows:
+                    c = caps[i][r.index]
+                    if parts:  # (the values are v_proj of "normed", at every key: see attribute.dla)
+                        c.parts = {"z": z[r.index, -1].detach().clone(), "mlp": mlp[r.index, -1].detach().clone(),
+                                   "normed": y[r.index, r.pad:].detach().clone()}
+                    c.attn = attn[r.index, :, -1, r.pad:].detach().float().clone()
+                    c.resid_mid = mid[r.index, -1].detach().clone()
+                    c.resid_post = post[r.index, -1].detach().clone()
+        if self.capture:
+            logits = envoy_at(nm, ad.unembed).output[:, -1].detach().float().clone()
+            for r in self.rows:
+                cap = StepCapture(phase, step, self.start + x.shape[1] - r.pad)
+                for i in visit:
+                    c = caps[i][r.index]
+                    c.metrics = self.records[r.index].get((phase, step), {}).get(i, {})
+                    c.heads = self.heads[r.index].get((phase, step), {}).get(i, {})
+                    c.added = self.added[r.index].get((phase, step, i))
+                    c.keys = self.keys_seen[r.index].get((phase, step, i))
+                    cap.layers[i] = c
+                cap.final_logits = logits[r.index]
+                self.steps[r.index].append(cap)
+
+
+def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
+        max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
+        keep_embeds: bool = False, components: bool = False) -> RunCapture:
+    """Run one prompt once and capture the decision token at every layer.
+
+    With ``steer=False`` (or no intervention) nothing is changed, but the intervention still
+    measures what it would act on (its "before"). ``dose`` multiplies what it changes (the
+    dose-response). ``keep_embeds`` saves the prompt embeddings (image features merged in);
+    when ``inputs`` carries them as ``inputs_embeds`` (see :func:`with_embeds`), a prefill
+    run feeds them to the language model directly, skipping the vision tower, whose output
+    no language-model intervention can change. ``components`` also keeps, in each prefill layer's
+    :attr:`LayerCapture.parts`, what direct logit attribution needs (:mod:`mclcbf_diag.attribution`).
+    """
+    intervention = as_intervention(intervention)
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("run() captures one prompt; use run_batch() for batches")  # programming error
+    rows = rows_of(ids, inputs.get("attention_mask", torch.ones_like(ids)), lm.tokens.image_token_id)
+    if intervention is not None:
+        intervention.prepare(lm, inputs, rows)
+    state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys,
+                 components=components)
+    nm = traced(lm.model)
+    feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
+    if "inputs_embeds" in inputs and max_new_tokens <= 0:
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        if max_new_tokens <= 0:
+            with nm.trace(**feed, logits_to_keep=1):  # only the decision position is read
+                state.body(nm, "prefill", 0, keep_embeds)
+            generated = None
+        else:
+            with nm.trace(**feed, fn=lm.model.generate, max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens, do_sample=False) as tracer:
+                for s in tracer.iter[:max_new_tokens]:
+                    state.body(nm, "prefill" if s == 0 else "decode", s, keep_embeds)
+                generated = nnsight.save(tracer.result)
+    row = rows[0]
+    extra = intervention.row_records(row) if intervention is not None else {}
+    return RunCapture(row.length, state.steps[0], row.image.clone(), extra, generated, state.embeds)
+
+
+def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor,
+              start: int = 0, prefix_keys: dict | None = None, generate: dict | None = None,
+              prepare: bool = True, **model_kwargs):
+    """One intervened forward of a left-padded batch: last-position logits and per-row records.
+
+    ``full_ids`` are the batch's whole prompts (the rows' layout). ``start``/``prefix_keys``
+    continue from a cached prefix (``model_kwargs`` then carries the cache and ``inputs`` only
+    the positions from ``start`` on). Returns ``(logits [B, vocab], records)`` with
+    ``records[b][layer] = {metric: value}``; with ``generate`` (kwargs of ``generate``) the
+    prefill forward is intervened and the generated sequences are returned third.
+    ``prepare=False``: the caller already called ``intervention.prepare`` with the full inputs.
+    """
+    rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    if prepare:
+        intervention.prepare(lm, inputs, rows)
+    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False, start=start, prefix_keys=prefix_keys)
+    nm = traced(lm.model)
+    with torch.no_grad():
+        if generate is None:
+            with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
+                state.body(nm, "prefill", 0)
+                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+        else:
+            with nm.trace(**inputs, fn=lm.model.generate, **generate, **model_kwargs) as tracer:
+                state.body(nm, "prefill", 0)
+                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+                sequences = nnsight.save(tracer.result)
+    records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]
+    return (last, records) if generate is None else (last, records, sequences)
+
+
+def with_embeds(inputs: dict, capture: RunCapture) -> dict:
+    """``inputs`` plus the prompt embeddings a ``keep_embeds`` run saved (if it saved any)."""
+    if capture.inputs_embeds is None:
+        return inputs
+    return {**inputs, "inputs_embeds": capture.inputs_embeds}
+
+
+class PrefixRun(NamedTuple):
+    """What :func:`prefix_forward` keeps of a batch's plain forward."""
+
+    logits: torch.Tensor  # [B, vocab] at the last position
+    cache: object  # the KV cache of every position
+    embeds: torch.Tensor  # [B, S, d] prompt embeddings, image features merged in
+    layer_inputs: list | None  # per layer: [B, S − states_from, d] the residual entering it (or None)
+
+
+def prefix_forward(lm: LoadedModel, inputs: dict, *, states_from: int | None = None) -> PrefixRun:
+    """A plain forward of a batch that keeps what later runs continue from.
+
+    The embeddings are read from the language model's input, so a continuation from any
+    position needs neither the vision tower nor the image placeholders. With ``states_from``
+    it also keeps the residual entering every decoder layer at positions ``states_from …``: a
+    continuation whose edits all lie at layer L or later starts there (:func:`run_rows`'s
+    ``skip_to``), since the layers before compute what this forward computed.
+    """
+    lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
+    got = {"states": []}
+
+    def grab(module, args, kwargs):
+        got["embeds"] = kwargs.get("inputs_embeds")
+
+    def grab_state(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        got["states"].append(x[:, states_from:].detach().clone())
+
+    hooks = [lang.register_forward_pre_hook(grab, with_kwargs=True)]
+    if states_from is not None:
+        hooks += [layer.register_forward_pre_hook(grab_state, with_kwargs=True)
+                  for layer in lm.adapter.decoder_layers(lm.model)]
+    try:
+        with torch.no_grad():
+            out = lm.model(**inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return PrefixRun(out.logits[:, -1], lm.adapter.output_cache(lm.model, out), got["embeds"],
+                     got["states"] if states_from is not None else None)
+
+
+def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor, start: int = 0,
+             prefix_keys: dict | None = None, prefix_rows: list[int] | None = None,
+             full_mask: torch.Tensor | None = None, skip_to: int = 0, entering: torch.Tensor | None = None,
+             capture: bool = True, patterns: bool = False, **model_kwargs):
+    """One forward of a left-padded batch, every row captured as :func:`run` captures one prompt.
+
+    Like :func:`run_batch` (``start``/``prefix_keys``/``model_kwargs`` continue from a cached
+    prefix; ``inputs`` may carry ``inputs_embeds`` instead of ids), but the runs are steering
+    runs whose intervention decides per row what to do (a mix of doses, measuring rows…), and
+    with ``capture`` each row's decision token is captured at every layer (without it, ``patterns``
+    still shows the intervention's ``pattern`` site the attention of the layers it targets, for the
+    records it reads there). ``prefix_rows[b]``:
+    the row of ``prefix_keys`` that row ``b`` continues (default: ``b``); ``full_mask``: the
+    rows' 2-D padding mask over the whole prompt, when ``inputs`` carries a prepared 4-D mask
+    (:mod:`mclcbf_diag.models.shared_prefix`). ``skip_to``/``entering``: layers ``0 …
+    skip_to−1`` are not run and layer ``skip_to`` gets ``entering`` (``[B, s, d]``, the residual
+    a plain forward had there; valid when nothing is edited before that layer and nothing is
+    captured). Returns
+    ``(logits [B, vocab], captures)``: one :class:`RunCapture` per row, or, without ``capture``,
+    the per-row records ``{layer: {metric: value}}`` of :func:`run_batch`.
+    """
+    mask = inputs["attention_mask"] if full_mask is None else full_mask
+    rows = rows_of(full_ids, mask, lm.tokens.image_token_id)
+    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys,
+                 prefix_rows=prefix_rows, patterns=patterns)
+    if skip_to:
+        if capture or skip_to > min(state.targeted, default=0):
+            raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
+        state.skip = (skip_to, entering)
+    nm = traced(lm.model)
+    with torch.no_grad():
+        with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
+            state.body(nm, "prefill", 0)
+            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+    if not capture:
+        return last, [state.records[r.index].get(("prefill", 0), {}) for r in rows]
+    caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), intervention.row_records(r)) for r in rows]
+    return last, caps
+
+
+class Activations(NamedTuple):
+    """What :func:`activations_forward` keeps of a batch's plain forward (every position)."""
+
+    logits: torch.Tensor  # [B, vocab] at the last position (float32)
+    cache: object  # the KV cache of every position (None without ``cache``)
+    resid: list  # per layer: [B, T, d] the residual entering it
+    z: list  # per layer: [B, T, H·hd] the heads' outputs before o_proj
+    mlp: list  # per layer: [B, T, d] the MLP's output
+    grads: dict | None  # with ``grad_of``: {"resid"|"z"|"mlp": per layer [B, T, …]} ∂margin/∂(that activation)
+
+
+@contextmanager
+def attention_implementation(lm: LoadedModel, name: str):
+    """Within the block, the language model's attention runs as transformers' ``name`` (e.g. ``"sdpa"``).
+
+    The model is loaded with eager attention, the only implementation that returns probabilities; a
+    forward that reads none (no ``attention`` or ``pattern`` site, no captured attention row) may use a
+    faster one. Set on the decoder's config, as :func:`mclcbf_diag.models.shared_prefix.continuing` does,
+    so the causal mask is built for it too; restored on exit.
+    """
+    config = lm.adapter.layer_part(lm.model, 0, "layer_attention").config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
+                        grad_of: tuple[int, int] | None = None, attention: str = "sdpa",
+                        intervention: Intervention | None = None) -> Activations:
+    """One plain forward of a batch keeping every layer's residual input, head outputs and MLP output.
+
+    Plain PyTorch hooks, no edit: the model computes what it always computes, with transformers'
+    ``attention`` implementation (default ``"sdpa"``: no probabilities are read here, and it is faster
+    than eager attention forward and backward; the numbers agree to rounding). With ``grad_of =
+    (yes_id, no_id)`` the forward records an autograd graph from the language model's input
+    embeddings on (the vision tower stays outside it) and one backward of the summed margins
+    ``logit(yes) − logit(no)`` at the last position gives ∂margin/∂activation for every row (rows
+    do not interact, so each row's gradient is its own margin's). The model's weights get no
+    gradient: ``torch.autograd.grad`` computes only the kept activations' (``requires_grad`` of the
+    weights is left as it is).
+
+    With ``intervention`` the forward is the intervened one, traced as :func:`run_batch` traces it (eager
+    attention, the intervention's sites); the hooks keep the tensors the layers used, so an intervention's
+    in-place edit of a layer's input is in what they keep. No gradient then.
+    """
+    if intervention is not None:
+        if grad_of is not None:
+            raise ValueError("activations_forward: no gradient through an intervened forward")  # programming error
+        attention = "eager"
+    lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
+    layers = lm.adapter.decoder_layers(lm.model)
+    n = len(layers)
+    got = {"resid": [None] * n, "z": [None] * n, "mlp": [None] * n}
+    want = grad_of is not None
+
+    def keep(kind, i, t):
+        got[kind][i] = t
+
+    def embeds(module, args, kwargs):
+        if want and kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].detach().requires_grad_(True)
+            return args, kwargs
+        return None
+
+    hooks = [lang.register_forward_pre_hook(embeds, with_kwargs=True)]
+    for i, layer in enumerate(layers):
+        o_proj = layer.get_submodule(lm.adapter.layer_o_proj)
+        mlp = layer.get_submodule(lm.adapter.layer_mlp)
+        hooks += [
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: keep("resid", i, a[0] if a else k["hidden_states"]), with_kwargs=True),
+            o_proj.register_forward_pre_hook(lambda m, a, i=i: keep("z", i, a[0])),
+            mlp.register_forward_hook(lambda m, a, out, i=i: keep("mlp", i, out)),
+        ]
+    grads = None
+    try:
+        with torch.set_grad_enabled(want), attention_implementation(lm, attention):
+            if intervention is None:
+                out = lm.model(**inputs, use_cache=cache, logits_to_keep=1)
+            else:
+                rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+                intervention.prepare(lm, inputs, rows)
+                state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False)
+                nm = traced(lm.model)
+                with nm.trace(**inputs, use_cache=cache, logits_to_keep=1):
+                    state.body(nm, "prefill", 0)
+                    out = nnsight.save(nm.output)
+            last = out.logits[:, -1].float()
+            if want:  # only these tensors' gradients: no weight gradient is computed or stored
+                yes, no = grad_of
+                kinds = list(got)
+                flat = [t for k in kinds for t in got[k]]
+                g = torch.autograd.grad((last[:, yes] - last[:, no]).sum(), flat)
+                grads = {k: list(g[j * n:(j + 1) * n]) for j, k in enumerate(kinds)}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    det = {k: [t.detach() for t in v] for k, v in got.items()}
+    return Activations(last.detach(), lm.adapter.output_cache(lm.model, out) if cache else None,
+                       det["resid"], det["z"], det["mlp"], grads)
+
+
+def run_patched(lm: LoadedModel, feed: dict, *, layer: int, entering: torch.Tensor,
+                z_source: torch.Tensor | None = None, z_mask: torch.Tensor | None = None,
+                mlp_source: torch.Tensor | None = None, mlp_mask: torch.Tensor | None = None,
+                **model_kwargs) -> torch.Tensor:
+    """Last-position logits ``[B, vocab]`` of a batch that starts at decoder layer ``layer`` and patches it.
+
+    Layers ``0 … layer−1`` are not run: layer ``layer`` gets ``entering`` ``[B, s, d]`` (with ``layer
+    == 0``, ``feed``'s ``inputs_embeds`` play that part). In that layer, where ``z_mask`` is true the
+    heads' outputs before ``o_proj`` (``[B, s, H·hd]``) are replaced by ``z_source``, and where
+    ``mlp_mask`` is true the MLP's output by ``mlp_source`` (masks broadcast against the values).
+    ``feed``/``model_kwargs`` are those of a continuation (:mod:`mclcbf_diag.models.shared_prefix`).
+    """
+    ad = lm.adapter
+    nm = traced(lm.model)
+    with torch.no_grad():
+        with nm.trace(**feed, logits_to_keep=1, **model_kwargs):
+            layers = envoy_at(nm, ad.layers)
+            for i in range(layer):
+                layers[i].skip(entering)
+            if z_source is not None:
+                z = envoy_at(layers[layer], ad.layer_o_proj).input
+                z[:] = torch.where(z_mask, z_source, z)
+            if mlp_source is not None:
+                out = envoy_at(layers[layer], ad.layer_mlp).output
+                out[:] = torch.where(mlp_mask, mlp_source, out)
+            last = nnsight.save(envoy_at(nm, ad.unembed).output[:, -1])
+    return last.float()

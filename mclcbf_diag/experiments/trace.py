@@ -1,0 +1,182 @@
+"""One POPE sample, run twice (baseline and steered), measured layer by layer.
+
+:func:`trace_sample` is the toolkit's core call. It runs the unmodified model once without
+and once with an intervention (MC-LCBF by default), through nnsight (:mod:`mclcbf_diag.engine.runner`),
+and returns every probe family as tidy records (:mod:`mclcbf_diag.measurements.records`), with the
+steered run's propagation measured against the baseline. :meth:`TraceResult.summary`
+condenses the records into the few numbers a user reads first, led by the *outcome*
+(:mod:`mclcbf_diag.measurements.outcomes`: unchanged, fixed, broken or derailed, from the label; without
+one, changed or unchanged; non_finite when the intervention dropped an overflowing step), the Yes/No probability
+masses and the top token before and after.
+A question's label, when known, is a record too (``label_yes``), so a diagnosis can ask the
+question the label sets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
+from ..engine.runner import RunCapture, run, with_embeds
+from ..interventions import Intervention, as_intervention
+from ..measurements.measure import run_records
+from ..measurements.outcomes import DROPPED_EDIT_METRICS, Reading, outcome_of, read_batch
+from ..measurements.records import NO_HEAD, NO_LAYER, frame
+from ..models import LoadedModel
+
+
+@dataclass
+class TraceResult:
+    records: pd.DataFrame
+    intervention: Intervention
+    question_id: object  # the records' question_id column (the POPE question id, or 0 for a bare prompt)
+    prompt: str
+    baseline: RunCapture
+    steered: RunCapture
+    question: PopeQuestion | None = None
+    _tokens: object = None  # lm.tokens (Yes/No ids)
+    _decode: object = None  # token id → text
+
+    @property
+    def config(self):
+        """The intervention's knobs (for MC-LCBF its ``BarrierConfig``)."""
+        return self.intervention.knobs
+
+    def value(self, metric: str, condition: str = "steered", layer: int = -1, phase: str = "prefill",
+              decode_step: int = 0, head: int = -1) -> float:
+        r = self.records
+        sel = r[(r.metric == metric) & (r.condition == condition) & (r.layer == layer) & (r.phase == phase)
+                & (r.decode_step == decode_step) & (r["head"] == head)]
+        return float(sel.value.iloc[0]) if len(sel) else math.nan
+
+    def summary(self) -> dict:
+        """Answers, margins, barrier value and step size before and after, at prefill."""
+        r = self.records[(self.records.phase == "prefill") & (self.records["head"] == -1)]
+        wide = {c: r[r.condition == c].pivot_table(index="layer", columns="metric", values="value")
+                for c in ("baseline", "steered")}
+        empty = pd.Series(dtype=float)
+        per_layer = wide["steered"]
+        fired = per_layer.get("barrier_active", empty).fillna(0)
+        h_before = wide["baseline"].get("barrier_h", empty).dropna()
+        # after the step at each layer: the model's own image mass once the step is applied
+        # (a realised Δh below its noise floor is rounding, not a change: it counts as 0)
+        realised = per_layer.get("dh_realised", empty)
+        realised = realised.where(~(realised.abs() < per_layer.get("dh_realised_floor", empty).reindex(
+            realised.index)), 0.0)
+        h_after = (per_layer.get("barrier_h", empty) + realised.fillna(0)).dropna()
+        theta_rel = per_layer.get("theta_rel", empty).dropna()
+        base, new = self.reading("baseline"), self.reading("steered")
+        marks = per_layer.reindex(columns=list(DROPPED_EDIT_METRICS)).fillna(0)
+        dropped = [int(i) for i in marks.index[(marks > 0).any(axis=1)] if i >= 0]
+        label = self.question.label if self.question is not None else None
+        out = {
+            "question_id": self.question_id,
+            "answer_before": base.answer,
+            "answer_after": new.answer,
+            "outcome": outcome_of(base, new, label, dropped=bool(dropped)),
+            "margin_before": base.margin,
+            "margin_after": new.margin,
+            "p_yes_before": base.p_yes, "p_no_before": base.p_no,
+            "p_yes_after": new.p_yes, "p_no_after": new.p_no,
+            "top_before": self.top_token("baseline"), "top_after": self.top_token("steered"),
+            "valid_before": base.valid, "valid_after": new.valid,
+            "nonfinite_values": int(self.value("nonfinite_values")) if self.value("nonfinite_values") == self.value(
+                "nonfinite_values") else 0,
+            "layers_steered": [int(i) for i in h_before.index],
+            "layers_fired": [int(i) for i in fired[fired > 0].index],
+            "layers_dropped": dropped,
+            "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
+            "h_after_mean": float(h_after.mean()) if len(h_after) else math.nan,
+            "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan,
+            **_noisy_figures(per_layer, fired[fired > 0].index),
+        }
+        if self.question is not None:
+            out["index"] = self.question.index
+            out["label"] = self.question.label
+            out["question"] = self.question.text
+        out["answer_changed"] = out["answer_before"] != out["answer_after"]
+        return out
+
+    def reading(self, condition: str = "steered") -> Reading:
+        """The Yes/No reading of the run's prefill step (see :mod:`mclcbf_diag.measurements.outcomes`)."""
+        cap = self.baseline if condition == "baseline" else self.steered
+        return read_batch(cap.steps[0].final_logits[None], self._tokens)[0]
+
+    def top_token(self, condition: str = "steered") -> str:
+        """The top token at the decision position (decoded), e.g. "Yes" or "."."""
+        cap = self.baseline if condition == "baseline" else self.steered
+        logits = cap.steps[0].final_logits
+        if not bool(torch.isfinite(logits).all()):
+            return "(non-finite)"
+        tid = int(logits.argmax())
+        return self._decode(tid) if self._decode is not None else str(tid)
+
+
+def _noisy_figures(per_layer: pd.DataFrame, fired) -> dict:
+    """Δh (mean over fired layers) and the final propagation, each with its noise floor.
+
+    A mean's floor is the largest of its layers' floors; :func:`mclcbf_diag.measurements.noise.show` prints
+    "below noise" under it.
+    """
+    out = {}
+    for metric in ("dh_predicted", "dh_recomputed", "dh_realised"):
+        vals = per_layer[metric].reindex(fired).dropna() if metric in per_layer else pd.Series(dtype=float)
+        floors = per_layer[f"{metric}_floor"].reindex(vals.index).dropna() if f"{metric}_floor" in per_layer else []
+        out[f"{metric}_mean"] = float(vals.mean()) if len(vals) else math.nan
+        out[f"{metric}_floor"] = float(max(floors)) if len(floors) else math.nan
+    for metric in ("propagation", "propagation_floor"):
+        col = per_layer.get(metric)
+        out[f"{metric}_final" if metric == "propagation" else metric] = (
+            float(col.get(NO_LAYER, math.nan)) if col is not None else math.nan)
+    return out
+
+
+def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LLAVA_PROMPT):
+    prompt = build_prompt(question_text, template)
+    return prompt, lm.inputs(prompt, image)
+
+
+def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervention, *,
+                 max_new_tokens: int = 0, question_id=None, multiplier: float = 1.0,
+                 baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
+    """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
+
+    ``intervention`` is any :class:`~mclcbf_diag.interventions.Intervention` (an MC-LCBF
+    ``BarrierConfig`` is accepted as such). ``multiplier`` scales what it changes (the dose).
+    ``baseline`` may be passed to reuse an earlier baseline run of the same intervention
+    (explain does this); ``template`` is the prompt around the question (with ``<image>``).
+    ``question_id`` labels the records (default: the question's own id, 0 for a bare prompt).
+    """
+    iv = as_intervention(intervention)
+    text = question.text if isinstance(question, PopeQuestion) else question
+    if question_id is None:
+        question_id = question.question_id if isinstance(question, PopeQuestion) else 0
+    prompt, inputs = sample_inputs(lm, text, image, template)
+    if baseline is None:
+        baseline = run(lm, inputs, iv, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
+    steered = run(lm, with_embeds(inputs, baseline), iv, max_new_tokens=max_new_tokens, dose=multiplier)
+    base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
+    steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
+    parts = [base_records, steer_records]
+    label = question.label if isinstance(question, PopeQuestion) else None
+    if label in ("yes", "no"):
+        parts.append(frame({"question_id": [question_id], "condition": ["baseline"], "phase": ["prefill"],
+                            "decode_step": [0], "layer": [NO_LAYER], "head": [NO_HEAD], "metric": ["label_yes"],
+                            "value": [float(label == "yes")]}))
+    records = pd.concat(parts, ignore_index=True)
+    tok = lm.processor.tokenizer
+    return TraceResult(records, iv, question_id, prompt, baseline, steered,
+                       question if isinstance(question, PopeQuestion) else None, lm.tokens,
+                       lambda i: tok.decode([i]))
+
+
+@torch.no_grad()
+def decoded(lm: LoadedModel, capture: RunCapture) -> str | None:
+    """Generated text of a run (None for prefill-only runs)."""
+    if capture.generated is None:
+        return None
+    return lm.processor.tokenizer.decode(capture.generated[0, capture.prompt_len:], skip_special_tokens=True)
