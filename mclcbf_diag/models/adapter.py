@@ -11,10 +11,19 @@ shares exactly. Its processor returns one fixed-shape ``pixel_values`` image per
 nothing else per image, which is what :func:`mclcbf_diag.batch.batch_inputs` batches; an
 architecture whose processor adds per-image outputs (LLaVA-NeXT's ``image_sizes``) needs
 its adapter and that batching step extended together, with a test on such a model.
+
+The text model's own math, which a look-ahead of a layer's attention must reproduce, is declared
+per text backbone (``text_config.model_type``) in :data:`TEXT_MATH`, one :class:`TextMath` each:
+the norm (Llama's RMSNorm, or Gemma's ``x̂·(1 + w)`` whose epsilon is ``.eps``), the per-head q/k
+norms (Qwen3), the rotary function and where a sliding window comes from. The scaling is each
+attention module's own ``scaling`` (Gemma's ``query_pre_attn_scalar``). A LLaVA checkpoint with
+a backbone not listed is refused before it loads (:data:`~mclcbf_diag.models.families.TEXT_BACKBONES`
+is the same list, torch-free).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,8 +31,8 @@ from functools import lru_cache
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .families import FAMILIES
-from .projection import LayerWeights
+from .families import FAMILIES, TEXT_BACKBONES
+from .projection import NORMS, LayerWeights
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
 """The KV cache's keyword, newest first: transformers 5.24 renamed ``past_key_values``."""
@@ -50,6 +59,54 @@ def cache_keyword(module: torch.nn.Module) -> str:
 
 
 @dataclass(frozen=True)
+class TextMath:
+    """What one text backbone's decoder layer computes beyond Llama's, declared (see the module docstring)."""
+
+    norm_kind: str = "rms"  # NORMS key: "rms" (Llama), "rms_offset" (Gemma: x̂·(1 + w), in float32), "layer"
+    eps_attribute: str = "variance_epsilon"  # the norm module's epsilon ("eps" for Gemma)
+    q_norm: str | None = None  # path (in the layer) of the per-head query norm after q_proj (Qwen3), or None
+    k_norm: str | None = None
+    rotary: str = "transformers.models.llama.modeling_llama.apply_rotary_pos_emb"  # module.function
+    window: str | None = None  # "config": every layer has config.sliding_window (Mistral); "attention": the
+    # attention module's sliding_window, set on its sliding layers only (Qwen2/Qwen3); None: no window
+
+    def rotary_function(self):
+        module, _, name = self.rotary.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+def _rotary(backbone: str) -> str:
+    return f"transformers.models.{backbone}.modeling_{backbone}.apply_rotary_pos_emb"
+
+
+TEXT_MATH: dict[str, TextMath] = {
+    "llama": TextMath(),
+    "mistral": TextMath(rotary=_rotary("mistral"), window="config"),
+    "qwen2": TextMath(rotary=_rotary("qwen2"), window="attention"),
+    "qwen3": TextMath(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", rotary=_rotary("qwen3"),
+                      window="attention"),
+    "gemma": TextMath(norm_kind="rms_offset", eps_attribute="eps", rotary=_rotary("gemma")),
+}
+assert set(TEXT_MATH) == set(TEXT_BACKBONES), "families.TEXT_BACKBONES lists the backbones declared here"
+
+
+def text_math(model: torch.nn.Module) -> TextMath:
+    """The declared math of ``model``'s text backbone (a KeyError names an undeclared one)."""
+    backbone = model.config.get_text_config().model_type
+    if backbone not in TEXT_MATH:
+        raise KeyError(f"text model {backbone!r} has no declared math; declared: {', '.join(TEXT_MATH)}")
+    return TEXT_MATH[backbone]
+
+
+def norm_eps(norm: torch.nn.Module) -> float:
+    """A norm module's epsilon, under whichever attribute its class keeps it (``variance_epsilon`` or ``eps``)."""
+    for name in ("variance_epsilon", "eps"):
+        if isinstance(getattr(norm, name, None), (int, float)):
+            return float(getattr(norm, name))
+    raise AttributeError(f"{type(norm).__name__} has no epsilon attribute (variance_epsilon or eps)")
+
+
+@dataclass(frozen=True)
 class ArchitectureAdapter:
     """Module paths of one architecture (dotted; ``layer_*`` are relative to a layer)."""
 
@@ -70,8 +127,8 @@ class ArchitectureAdapter:
     layer_o_proj: str
     # nnsight path to the softmax inside the layer's eager attention (post-softmax edits)
     layer_attention_softmax: str
-    # the architecture's own math, for look-aheads of a layer's attention (models/projection.py)
-    norm_kind: str = "rms"  # "rms" (RMSNorm, eps in .variance_epsilon) | "layer" (LayerNorm, .eps)
+    # the Llama math a text backbone not in TEXT_MATH would get; kept for callers that read it
+    norm_kind: str = "rms"
     rotary: object = apply_rotary_pos_emb  # (q, k, cos, sin, unsqueeze_dim) → (q, k)
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -85,21 +142,37 @@ class ArchitectureAdapter:
         return self.decoder_layers(model)[index].get_submodule(getattr(self, part))
 
     def norm_eps(self, norm: torch.nn.Module) -> float:
-        """The epsilon of a norm module of this architecture."""
-        return float(norm.variance_epsilon if self.norm_kind == "rms" else norm.eps)
+        """The epsilon of a norm module of this architecture (``variance_epsilon``, or Gemma's ``eps``)."""
+        return norm_eps(norm)
+
+    def norm_gain(self, model: torch.nn.Module, norm: torch.nn.Module) -> torch.Tensor:
+        """The factor an RMS norm module multiplies ``x̂`` by, in float32: its weight, or ``1 + weight`` (Gemma)."""
+        weight = norm.weight.detach().float()
+        return 1.0 + weight if text_math(model).norm_kind == "rms_offset" else weight
+
+    def apply_norm(self, model: torch.nn.Module, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``norm``'s output for ``x`` computed from its weights with the backbone's math (float64 stays float64)."""
+        return NORMS[text_math(model).norm_kind](x, norm.weight.detach(), norm_eps(norm))
 
     def layer_weights(self, model: torch.nn.Module, index: int) -> LayerWeights:
-        """Decoder layer ``index``'s input norm and q/k projections, with this architecture's math."""
+        """Decoder layer ``index``'s input norm, q/k projections and q/k norms, with its text backbone's math."""
         get = lambda part: self.layer_part(model, index, part)  # noqa: E731
         norm, q, k, attn = get("layer_input_norm"), get("layer_q_proj"), get("layer_k_proj"), get("layer_attention")
-        cfg = model.config.get_text_config()
+        cfg, math = model.config.get_text_config(), text_math(model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        layer = self.decoder_layers(model)[index]
+        q_norm = layer.get_submodule(math.q_norm) if math.q_norm else None
+        k_norm = layer.get_submodule(math.k_norm) if math.k_norm else None
         return LayerWeights(
-            ln_weight=norm.weight.detach(), ln_eps=self.norm_eps(norm),
+            ln_weight=norm.weight.detach(), ln_eps=float(getattr(norm, math.eps_attribute)),
             q_weight=q.weight.detach(), q_bias=detach(q.bias), k_weight=k.weight.detach(), k_bias=detach(k.bias),
             n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
-            scaling=float(attn.scaling), rotary=self.rotary, norm_kind=self.norm_kind)
+            scaling=float(attn.scaling), rotary=math.rotary_function(), norm_kind=math.norm_kind,
+            q_norm_weight=None if q_norm is None else q_norm.weight.detach(),
+            k_norm_weight=None if k_norm is None else k_norm.weight.detach(),
+            qk_norm_eps=0.0 if q_norm is None else float(getattr(q_norm, math.eps_attribute)),
+            window=_window(math, cfg, attn))
 
     # -- the KV cache, under whichever name this transformers release uses ---------------
     def layer_cache(self, model: torch.nn.Module, layer_kwargs: dict):
@@ -113,6 +186,15 @@ class ArchitectureAdapter:
     def output_cache(self, model: torch.nn.Module, output):
         """The cache a forward of ``model`` returned (``use_cache=True``)."""
         return getattr(output, cache_keyword(model))
+
+
+def _window(math: TextMath, cfg, attention: torch.nn.Module) -> int | None:
+    """The layer's sliding window, from where its backbone declares it (None: the layer sees every earlier key)."""
+    if math.window == "config":
+        return getattr(cfg, "sliding_window", None)
+    if math.window == "attention":
+        return getattr(attention, "sliding_window", None)
+    return None
 
 
 LLAVA = ArchitectureAdapter(

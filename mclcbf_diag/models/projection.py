@@ -2,10 +2,13 @@
 
 An intervention that reasons about attention before the layer runs (the barrier's h(x),
 a look-ahead of the decision query's image mass) must compute what the layer will compute:
-``input norm → q_proj/k_proj → rotary embedding``, split into heads. :class:`LayerWeights`
-holds exactly the tensors and the architecture's own functions for that (the norm kind, the
-rotary function and the KV-head repetition come from the adapter, so nothing here assumes
-Llama); :func:`project_keys` and :func:`project_queries` compute in the dtype of their input.
+``input norm → q_proj/k_proj → per-head q/k norm (Qwen3) → rotary embedding``, split into heads,
+then ``softmax(q·kᵀ · scaling)`` under the causal mask (and the sliding window, where the layer
+has one). :class:`LayerWeights` holds exactly the tensors and the text model's own math for that:
+the norm kind (:data:`NORMS`: Llama's RMSNorm, Gemma's ``x̂·(1 + w)`` computed in float32, or
+LayerNorm), the rotary function, the KV-head repetition, the scaling and the window all come from
+the adapter (``models/adapter.py``, :data:`~mclcbf_diag.models.adapter.TEXT_MATH`), so nothing here
+assumes Llama. :func:`project_keys` and :func:`project_queries` compute in the dtype of their input.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..probes import rms_norm
+from ..measurements.probes import rms_norm
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,7 +28,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Te
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-NORMS: dict[str, Callable] = {"rms": rms_norm, "layer": layer_norm}
+def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm, ``x̂ · (1 + w)`` in float32 (float64 stays float64), cast back to ``x``'s dtype.
+
+    Unlike Llama's (:func:`~mclcbf_diag.measurements.probes.rms_norm`), the product is taken before the cast.
+    """
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = x.to(math_dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.to(math_dtype))).to(x.dtype)
+
+
+NORMS: dict[str, Callable] = {"rms": rms_norm, "rms_offset": rms_norm_offset, "layer": layer_norm}
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,20 +57,28 @@ class LayerWeights:
     head_dim: int
     scaling: float  # head_dim ** -0.5 for Llama
     rotary: Callable  # (q, k, cos, sin, unsqueeze_dim) → (q, k): the adapter's rotary function
-    norm_kind: str = "rms"  # "rms" | "layer" (the adapter's)
+    norm_kind: str = "rms"  # "rms" | "rms_offset" | "layer" (the adapter's, see NORMS)
+    q_norm_weight: torch.Tensor | None = None  # [hd]: per-head query norm after q_proj (Qwen3), same kind
+    k_norm_weight: torch.Tensor | None = None  # [hd]: per-head key norm after k_proj
+    qk_norm_eps: float = 0.0
+    window: int | None = None  # sliding window: a query at p sees keys k with p − k < window (None: all)
+
+    TENSORS = ("ln_weight", "q_weight", "q_bias", "k_weight", "k_bias", "q_norm_weight", "k_norm_weight")
 
     def to(self, dtype: torch.dtype) -> "LayerWeights":
         """The same weights in ``dtype`` (returns self when nothing needs casting)."""
-        tensors = (self.ln_weight, self.q_weight, self.q_bias, self.k_weight, self.k_bias)
-        if all(t is None or t.dtype == dtype for t in tensors):
+        tensors = {name: getattr(self, name) for name in self.TENSORS}
+        if all(t is None or t.dtype == dtype for t in tensors.values()):
             return self
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return dataclasses.replace(self, ln_weight=cast(self.ln_weight), q_weight=cast(self.q_weight),
-                                   q_bias=cast(self.q_bias), k_weight=cast(self.k_weight), k_bias=cast(self.k_bias))
+        return dataclasses.replace(self, **{k: None if t is None else t.to(dtype) for k, t in tensors.items()})
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input norm applied to ``x`` (its own kind)."""
         return NORMS[self.norm_kind](x, self.ln_weight, self.ln_eps)
+
+    def head_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """The per-head q/k norm over the last (head) dimension, or ``x`` itself when the layer has none."""
+        return x if weight is None else NORMS[self.norm_kind](x, weight, self.qk_norm_eps)
 
     def expand_kv(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys [KV, n, hd] → [H, n, hd] (grouped-query attention shares KV heads)."""
@@ -65,37 +87,39 @@ class LayerWeights:
         return keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
 
-def _project(x: torch.Tensor, w: LayerWeights, weight: str, bias: str, n_heads: int, cos, sin,
-             normalized: bool) -> torch.Tensor:
-    """norm → linear → rotary, split into heads: [heads, n, hd], in ``x``'s dtype."""
+def _project(x: torch.Tensor, w: LayerWeights, which: str, n_heads: int, cos, sin, normalized: bool) -> torch.Tensor:
+    """norm → linear → per-head norm → rotary, split into heads: [heads, n, hd], in ``x``'s dtype."""
     w, cos, sin = w.to(x.dtype), cos.to(x.dtype), sin.to(x.dtype)
-    out = F.linear(x if normalized else w.norm(x), getattr(w, weight), getattr(w, bias))
-    out = out.view(x.shape[0], n_heads, w.head_dim).transpose(0, 1)
+    out = F.linear(x if normalized else w.norm(x), getattr(w, f"{which}_weight"), getattr(w, f"{which}_bias"))
+    out = w.head_norm(out.view(x.shape[0], n_heads, w.head_dim), getattr(w, f"{which}_norm_weight")).transpose(0, 1)
     out, _ = w.rotary(out, out, cos, sin, unsqueeze_dim=0)
     return out
 
 
 def project_keys(x_seq: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, *,
                  normalized: bool = False) -> torch.Tensor:
-    """Keys [KV, seq, hd] from residuals x_seq [seq, d] (norm → k_proj → rotary).
+    """Keys [KV, seq, hd] from residuals x_seq [seq, d] (norm → k_proj → k-norm → rotary).
 
     ``cos``/``sin`` are [seq, hd] (the rotary embedding's output for one row).
     ``normalized=True`` means ``x_seq`` already is the input norm's output.
     """
-    return _project(x_seq, w, "k_weight", "k_bias", w.n_kv_heads, cos, sin, normalized)
+    return _project(x_seq, w, "k", w.n_kv_heads, cos, sin, normalized)
 
 
 def project_queries(x_tok: torch.Tensor, w: LayerWeights, cos_tok: torch.Tensor, sin_tok: torch.Tensor, *,
                     normalized: bool = False) -> torch.Tensor:
-    """Queries [H, n_tok, hd] from residuals x_tok [n_tok, d] (norm → q_proj → rotary)."""
-    return _project(x_tok, w, "q_weight", "q_bias", w.n_heads, cos_tok, sin_tok, normalized)
+    """Queries [H, n_tok, hd] from residuals x_tok [n_tok, d] (norm → q_proj → q-norm → rotary)."""
+    return _project(x_tok, w, "q", w.n_heads, cos_tok, sin_tok, normalized)
 
 
 def attention_rows(q: torch.Tensor, keys: torch.Tensor, w: LayerWeights, query_positions) -> torch.Tensor:
-    """Causal softmax rows [H, n, seq] of queries q [H, n, hd] over keys [KV, seq, hd]."""
+    """Causal softmax rows [H, n, seq] of queries q [H, n, hd] over keys [KV, seq, hd] (and the layer's window)."""
     k = w.expand_kv(keys.to(q.dtype))
     scores = torch.matmul(q, k.transpose(-1, -2)) * w.scaling
     pos = torch.as_tensor(query_positions, device=q.device).reshape(-1, 1)
-    future = torch.arange(k.shape[-2], device=q.device)[None, :] > pos
-    scores = scores.masked_fill(future[None], torch.finfo(scores.dtype).min)
+    key_pos = torch.arange(k.shape[-2], device=q.device)[None, :]
+    hidden = key_pos > pos
+    if w.window is not None:
+        hidden = hidden | (pos - key_pos >= w.window)
+    scores = scores.masked_fill(hidden[None], torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1)
