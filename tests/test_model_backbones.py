@@ -202,3 +202,57 @@ def test_the_trace_records_norms_and_margins_of_a_plain_forward(lm, traced, forw
         request.applymarker(pytest.mark.xfail(strict=True, reason="measurements/measure.py multiplies by the final "
                                               "norm's weight, not Gemma's 1 + w (adapter.norm_gain): reported"))
     assert _baseline(traced, "logit_lens_margin")[lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=scale)
+
+
+def test_the_barrier_gradient_passes_through_each_backbones_norms(lm, forward):
+    """∇h in float64 on the model's own weights (q/k norms, Gemma's offset, the window), against central differences."""
+    from mclcbf_diag import barrier as B
+
+    inputs, out, _ = forward
+    i = lm.n_layers - 1
+    w = lm.layer_weights(i)
+    x = out.hidden_states[i][0].double()
+    seq = x.shape[0]
+    cos, sin = lm.model.get_submodule(lm.adapter.rotary_emb)(x[None].float(), torch.arange(seq)[None])
+    cos, sin = cos[0].double(), sin[0].double()
+    mask = inputs["input_ids"][0] == lm.tokens.image_token_id
+    keys, q = B.project_keys(x, w, cos, sin), torch.tensor([seq - 1])
+    _, g = B.barrier_gradient(x[-1:], keys, w, cos[-1:], sin[-1:], mask, q, torch.float64)
+    v = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = 1e-6 * float(x[-1].norm())
+    hp, _ = B.barrier_value(x[-1:] + eps * v, keys, w, cos[-1:], sin[-1:], mask, q)
+    hm, _ = B.barrier_value(x[-1:] - eps * v, keys, w, cos[-1:], sin[-1:], mask, q)
+    assert float(g[0] @ v) == pytest.approx(float((hp - hm) / (2 * eps)), rel=1e-5, abs=1e-10)
+
+
+def test_the_sink_is_the_bos_or_else_measured(lm, forward):
+    """The Qwen2 prompt starts with ``USER``, not a BOS: its sink is the measured one, from a plain forward's rows."""
+    from mclcbf_diag.models.tokens import find_sink
+
+    inputs, out, _ = forward
+    ids = inputs["input_ids"][0]
+    image = ids == lm.tokens.image_token_id
+    rows = torch.stack([a[0, :, -1] for a in out.attentions])  # [layers, heads, seq]
+    sink = find_sink(ids, lm.tokens.bos_token_id, rows, image)
+    if lm.text_config.model_type not in NO_BOS:
+        assert int(ids[0]) == lm.tokens.bos_token_id and (sink.position, sink.kind) == (0, "BOS")
+        return
+    assert int(ids[0]) != lm.tokens.bos_token_id and lm.processor.tokenizer.decode(ids[:3]).startswith("USER")
+    mean = rows.mean(dim=(0, 1))
+    text = [p for p in range(len(ids) - 1) if not image[p]]
+    assert sink.kind == "measured sink" and sink.position == max(text, key=lambda p: (float(mean[p]), -p))
+
+
+def test_the_seed_span_is_flagged_on_these_layouts(lm, forward):
+    """64 image tokens (and, for Qwen2, no BOS): the seed's [1, 577) covers the question and the decision token."""
+    from mclcbf_diag.interventions.mclcbf.config import BarrierConfig
+    from mclcbf_diag.models.tokens import span_problem
+
+    inputs, _, _ = forward
+    ids = inputs["input_ids"][0]
+    detected = torch.nonzero(ids == lm.tokens.image_token_id).flatten()
+    first = 4 if lm.text_config.model_type in NO_BOS else 5
+    assert detected.tolist() == list(range(first, first + 64))
+    line = span_problem(BarrierConfig().fixed_span, detected, len(ids) - 1)
+    assert line.startswith(f"the configured image span [1, 577) covers the decision token (position {len(ids) - 1})")
+    assert span_problem((first, first + 64), detected, len(ids) - 1) is None

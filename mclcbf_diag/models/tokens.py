@@ -1,14 +1,26 @@
-"""Token ids the diagnostics need: the image token and the answer tokens Yes/No.
+"""Token ids and the prompt's layout: the image token, the answer tokens Yes/No, the sink, the image span.
 
 The answer token is whatever the tokenizer produces right after ``ASSISTANT:`` for
 " Yes" / " No": ``▁Yes`` (3869) and ``▁No`` (1939) for Llama-2's SentencePiece
 vocabulary, ``Yes`` / ``No`` for the embedded model's word-level one. Other spellings
 that exist in the vocabulary (``Yes`` 8241, ``No`` 3782, lower case, …) are reported as
 variants so a logit lens can show them too.
+
+Layout, as pure functions of ids and attention rows:
+
+* :func:`find_sink`: the attention sink is the BOS token where the prompt starts with one;
+  a prompt without a BOS (Qwen2 tokenizers: position 0 is ``USER``) gets the *measured sink*,
+  the non-image key before the decision token with the largest attention from the decision
+  token, averaged over the baseline's layers and heads.
+* :func:`span_problem`: a configured image span (the seed's literal ``[1, 577)``) against the
+  detected image tokens and the decision token; ``None`` when it only shows the seed's known
+  4-token offset on llava-hf's layout (image at 5–580), else one line saying what it covers
+  or misses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +37,7 @@ class AnswerTokens:
     no_id: int
     yes_variants: dict[str, int]
     no_variants: dict[str, int]
+    bos_token_id: int | None = None  # the tokenizer's BOS (None: it has none); see find_sink
 
 
 def _answer_id(tokenizer, word: str) -> int:
@@ -52,6 +65,7 @@ def answer_tokens(tokenizer, image_token_id: int | None, where: str) -> AnswerTo
         yes_id=_answer_id(tokenizer, "Yes"), no_id=_answer_id(tokenizer, "No"),
         yes_variants=_variants(tokenizer, _VARIANTS["yes"]),
         no_variants=_variants(tokenizer, _VARIANTS["no"]),
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
     )
 
 
@@ -63,3 +77,95 @@ def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tenso
         raise UserError(f"no image token (id {image_token_id}) in the prompt: the prompt must "
                         "contain <image> so the processor can expand it")
     return pos
+
+
+# ----------------------------------------------------------------------------- the sink
+@dataclass(frozen=True)
+class Sink:
+    """Where the prompt's attention sink is, and how it was found."""
+
+    position: int
+    kind: str  # "BOS": the prompt's first token is the tokenizer's BOS | "measured sink": see find_sink
+
+    def __str__(self) -> str:
+        return f"{self.kind} (position {self.position})"
+
+
+def find_sink(input_ids: torch.Tensor, bos_token_id: int | None, decision_rows: torch.Tensor | None = None,
+              image_mask: torch.Tensor | None = None) -> Sink:
+    """The attention sink of one prompt (``input_ids`` [seq] or [1, seq], no padding).
+
+    Position 0 when it holds the BOS token. Otherwise the measured sink: from
+    ``decision_rows`` [..., seq] (the decision token's softmax rows in the baseline, any
+    leading dimensions such as layers × heads), the key with the largest mean attention among
+    those that are not image tokens (``image_mask`` [seq]) and come before the decision token
+    (the last position); ties go to the earliest. Without a BOS and without rows it raises a
+    ValueError: such a sink can only be measured.
+    """
+    ids = input_ids.reshape(-1)
+    if bos_token_id is not None and len(ids) and int(ids[0]) == int(bos_token_id):
+        return Sink(0, "BOS")
+    if decision_rows is None:
+        raise ValueError("the prompt has no BOS: pass the decision token's baseline attention rows to measure the sink")
+    mean = decision_rows.reshape(-1, decision_rows.shape[-1]).float().mean(0)[: len(ids)]
+    allowed = torch.ones(len(ids), dtype=torch.bool, device=mean.device)
+    allowed[-1] = False  # the decision token itself
+    if image_mask is not None:
+        allowed &= ~image_mask.reshape(-1)[: len(ids)].to(mean.device, torch.bool)
+    if not bool(allowed.any()):
+        raise ValueError("no key is left to be the sink: every earlier position is an image token")
+    mean = mean.masked_fill(~allowed, -1.0)
+    return Sink(int(torch.argmax(mean)), "measured sink")  # argmax returns the first of equal maxima
+
+
+# ----------------------------------------------------------------------------- the span check
+SEED_OFFSET = 4
+"""The seed's literal span ``[1, 577)`` against llava-hf's image at 5–580: 4 prefix tokens covered, 4 image tokens
+missed. A configured span that deviates from the detected image by at most this many tokens each way is the
+seed-faithful preset's known (documented) deviation, not a problem :func:`span_problem` reports."""
+
+
+def _ranges(positions: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` → ``"1–3, 7"``."""
+    out, run = [], []
+    for p in sorted(positions):
+        if run and p != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(p)
+    if run:
+        out.append(run)
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in out)
+
+
+def span_problem(span: tuple[int, int], image_positions: Sequence[int] | torch.Tensor, decision: int, *,
+                 known_offset: int = SEED_OFFSET) -> str | None:
+    """What a configured image span ``[a, b)`` gets wrong against the detected image tokens, in one line, or None.
+
+    ``image_positions`` are the positions of the detected image tokens and ``decision`` the
+    decision token's (the last prompt token's). Problems, the worst first: the span covers the
+    decision token (or tokens after it); it covers more than ``known_offset`` non-image tokens;
+    it misses more than ``known_offset`` image tokens. The seed's ``[1, 577)`` on llava-hf's
+    layout (image 5–580) covers 4 and misses 4: the known offset, so None.
+    """
+    a, b = int(span[0]), int(span[1])
+    image = sorted({int(p) for p in (image_positions.tolist() if isinstance(image_positions, torch.Tensor)
+                                     else image_positions)})
+    where = f"the configured image span [{a}, {b})"
+    detected = f"the detected image tokens are {_ranges(image)}" if image else "no image token was detected"
+    fix = "use the detected span (span=detected) or set fixed_span to the detected tokens"
+    covered = range(a, min(b, decision + 1))
+    extra = [p for p in covered if p not in set(image)]
+    missed = [p for p in image if not a <= p < b]
+    if a <= decision < b:
+        text = [p for p in extra if p != decision]
+        return (f"{where} covers the decision token (position {decision})"
+                + (f" and {len(text)} other non-image tokens ({_ranges(text)})" if text else "")
+                + f"; {detected}: {fix}")
+    if len(extra) > known_offset:
+        return (f"{where} covers {len(extra)} non-image tokens ({_ranges(extra)}), more than the seed's known "
+                f"{known_offset}-token offset; {detected}: {fix}")
+    if len(missed) > known_offset:
+        return (f"{where} misses {len(missed)} of the {len(image)} image tokens ({_ranges(missed)}), more than the "
+                f"seed's known {known_offset}-token offset; {detected}: {fix}")
+    return None
