@@ -32,18 +32,23 @@ from .errors import UserError
 from .interventions.base import Intervention, Site
 
 
-def patch_grid(row: torch.Tensor, image_mask: torch.Tensor) -> np.ndarray:
-    """An attention row over keys [..., K] → its image part as a square grid [..., n, n].
+def patch_grid(row: torch.Tensor, image_mask: torch.Tensor, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """An attention row over keys [..., K] → its image part as a grid [..., rows, columns].
 
     ``image_mask`` (bool [K'], K' ≤ K) marks the image tokens in key order, which is the
-    patches' row-major order. A count of image tokens that is not a square is an error.
+    patches' row-major order. ``shape`` is the image's patch grid (rows, columns), as
+    :meth:`~mclcbf_diag.models.loading.LoadedModel.image_grid` gives it (a non-square image);
+    None means a square grid. A count of image tokens that does not fill the grid is an error
+    (``LoadedModel.inputs`` refuses such an image before the model runs).
     """
     mask = image_mask.reshape(-1).bool()
     vals = row[..., : mask.numel()][..., mask].float()
-    n = math.isqrt(vals.shape[-1])
-    if n * n != vals.shape[-1]:
-        raise ValueError(f"{vals.shape[-1]} image tokens do not form a square patch grid")
-    return vals.reshape(*vals.shape[:-1], n, n).cpu().numpy()
+    n = vals.shape[-1]
+    rows, cols = shape if shape is not None else (math.isqrt(n), math.isqrt(n))
+    if rows * cols != n:
+        grid = f"its {rows} × {cols} patch grid" if shape is not None else "a square patch grid"
+        raise ValueError(f"{n} image tokens do not form {grid}")
+    return vals.reshape(*vals.shape[:-1], rows, cols).cpu().numpy()
 
 
 def seen_image(pixel_values: torch.Tensor, mean, std) -> np.ndarray:

@@ -23,8 +23,8 @@ is the same list, torch-free).
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -71,8 +71,7 @@ class TextMath:
     # attention module's sliding_window, set on its sliding layers only (Qwen2/Qwen3); None: no window
 
     def rotary_function(self):
-        module, _, name = self.rotary.rpartition(".")
-        return getattr(importlib.import_module(module), name)
+        return pkgutil.resolve_name(self.rotary)
 
 
 def _rotary(backbone: str) -> str:

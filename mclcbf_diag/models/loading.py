@@ -49,6 +49,7 @@ from ..errors import UserError
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .families import check_config
+from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
 from .tokens import AnswerTokens, answer_tokens
 
@@ -103,9 +104,19 @@ class LoadedModel:
             return self.model.get_submodule(self.adapter.unembed).weight.detach()
 
     def inputs(self, prompt: str, image) -> dict:
-        enc = self.processor(text=prompt, images=image, return_tensors="pt")
+        """The processor's tensors for one prompt and image, on the model's device; one-line errors before it runs."""
+        enc = run_processor(self.processor, show(self.source), prompt, image, return_tensors="pt")
+        self.image_grid(enc)
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in enc.items()}
+
+    def image_grid(self, enc) -> tuple[int, int]:
+        """The patch grid (rows, columns) of one prompt's image (:func:`~.processing.check_image_grid`)."""
+        vision = self.model.config.vision_config
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
+        grid = patch_grid_shape(enc["pixel_values"], vision.patch_size)
+        return check_image_grid(n, grid, show(self.source), extra=int(strategy == "full"))
 
 
 def _hooks(module: torch.nn.Module) -> list:
@@ -318,6 +329,10 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
         processor = AutoProcessor.from_pretrained(where, local_files_only=True)
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
+    except ImportError as exc:  # a processor class that needs an optional package (torchvision)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {show(where)}: its processor needs a package that is not installed ({first}); "
+                        "install it (e.g. pip install torchvision)") from None
     except (OSError, ValueError, SafetensorError) as exc:
         raise _load_error(where, local, exc) from exc
     return PreparedModel(where, local, config, processor, tokens, torch_dtype, device, device_map)
@@ -415,18 +430,18 @@ def token_limit(processor, config) -> tuple[int | None, str]:
     return min(found)
 
 
-def _image_token_count(processor) -> int:
+def _image_token_count(processor, where: str) -> int:
     """How many tokens one ``<image>`` placeholder becomes."""
     from PIL import Image
 
-    placeholder = getattr(processor, "image_token", None) or "<image>"
+    own = placeholder(processor)
     tok = processor.tokenizer
     size = 336
     crop = getattr(getattr(processor, "image_processor", None), "crop_size", None)
     if isinstance(crop, dict) and crop.get("height"):
         size = int(crop["height"])
-    enc = processor(text=placeholder, images=Image.new("RGB", (size, size)), truncation=False)
-    alone = tok(placeholder, truncation=False).input_ids
+    enc = run_processor(processor, where, own, Image.new("RGB", (size, size)), truncation=False)
+    alone = tok(own, truncation=False).input_ids
     return len(enc["input_ids"][0]) - len(alone) + 1
 
 
@@ -440,15 +455,17 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     processor = prep.processor
     config = prep.config if hasattr(prep, "config") else prep.model.config
     tok = processor.tokenizer
-    placeholder = getattr(processor, "image_token", None) or "<image>"
-    per_image = _image_token_count(processor)
+    where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
+    prompts = [processor_prompt(processor, p) for p in prompts]
+    own = placeholder(processor)
+    per_image = _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
         chunk = prompts[start:start + 512]
         ids = tok(chunk, truncation=False, padding=False).input_ids
         for j, (p, row) in enumerate(zip(chunk, ids)):
-            n = len(row) + p.count(placeholder) * (per_image - 1)
+            n = len(row) + p.count(own) * (per_image - 1)
             if n > longest:
                 longest, longest_at = n, start + j
     if not prompts:
@@ -468,11 +485,11 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     from PIL import Image
 
     probe = prompts[longest_at]
-    if placeholder in probe:
+    if own in probe:
         img = Image.new("RGB", (64, 64))
-        n_images = probe.count(placeholder)
-        got = len(processor(text=probe, images=[img] * n_images)["input_ids"][0])
-        full = len(processor(text=probe, images=[img] * n_images, truncation=False)["input_ids"][0])
+        n_images = probe.count(own)
+        got = len(run_processor(processor, where, probe, [img] * n_images)["input_ids"][0])
+        full = len(run_processor(processor, where, probe, [img] * n_images, truncation=False)["input_ids"][0])
         if got < full:
             raise UserError(f"{name}: the prompt is {full} tokens but the processor cuts it to {got}; shorten "
                             "--prompt or the question")

@@ -1,0 +1,82 @@
+"""The processor's side of a run: the image placeholder, processor errors, the image's patch grid.
+
+Contract: everything here runs before the model does, and every problem is a one-line
+:class:`~mclcbf_diag.errors.UserError` naming the input, the problem and the fix.
+
+* :func:`processor_prompt`: prompts spell the image ``<image>`` (the portable spelling,
+  kept by ``--prompt``); a processor whose placeholder is another token (``processor.image_token``,
+  e.g. Pixtral's ``[IMG]``) gets its own.
+* :func:`run_processor`: the processor called on prompts and images; its ValueError (a
+  placeholder count that does not match the images, an image it cannot read), TypeError or
+  ImportError (an optional package it needs) becomes one line.
+* :func:`patch_grid_shape` / :func:`check_image_grid`: the patch grid an image becomes
+  (``pixel_values``' height and width over the tower's patch size), and a refusal when the
+  prompt's image tokens do not form that grid, or form one the overlay cannot draw yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+
+PORTABLE_PLACEHOLDER = "<image>"
+
+
+def placeholder(processor) -> str:
+    """The processor's own image placeholder (``<image>`` when it names none)."""
+    return getattr(processor, "image_token", None) or PORTABLE_PLACEHOLDER
+
+
+def processor_prompt(processor, prompt: str) -> str:
+    """``prompt`` with the portable ``<image>`` spelled as this processor's placeholder."""
+    own = placeholder(processor)
+    return prompt if own == PORTABLE_PLACEHOLDER else prompt.replace(PORTABLE_PLACEHOLDER, own)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_processor(processor, where: str, text, images, **kwargs):
+    """``processor(text=…, images=…, **kwargs)`` with the portable placeholder translated; its errors as one line."""
+    prompts = [processor_prompt(processor, t) for t in text] if isinstance(text, (list, tuple)) else \
+        processor_prompt(processor, text)
+    try:
+        return processor(text=prompts, images=images, **kwargs)
+    except ImportError as exc:
+        raise UserError(f"--model {where}: its processor needs a package that is not installed ({_first_line(exc)});"
+                        " install it (e.g. pip install torchvision) or use a checkpoint whose processor runs "
+                        "without it") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"--model {where}: its processor refused the prompt and image ({_first_line(exc)}); the prompt "
+                        f"needs one {PORTABLE_PLACEHOLDER} per image (this processor's placeholder is "
+                        f"{placeholder(processor)!r}): check --prompt, the image file and the checkpoint's processor "
+                        "files") from None
+
+
+def patch_grid_shape(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """(rows, columns) of patches of one image ``pixel_values`` [..., H, W] under a tower of ``patch_size`` px."""
+    height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+    return height // int(patch_size), width // int(patch_size)
+
+
+def check_image_grid(n_image_tokens: int, grid: tuple[int, int], where: str, extra: int = 0) -> tuple[int, int]:
+    """The image's patch grid, or a UserError before the model runs when the overlay could not draw it.
+
+    ``n_image_tokens`` is the prompt's count of image tokens, ``grid`` the patch grid of its
+    ``pixel_values`` and ``extra`` the tokens beyond the patches (1: a CLS token kept by the
+    ``full`` feature selection). A count that is not ``rows · columns + extra`` does not form
+    the grid; a grid that is not square is refused too, as the overlay draws square grids.
+    """
+    rows, cols = grid
+    if n_image_tokens != rows * cols + extra:
+        raise UserError(f"--model {where}: the image becomes {n_image_tokens} image tokens, which do not form its "
+                        f"{rows} × {cols} patch grid ({rows * cols + extra} tokens): the processor and the vision "
+                        "tower disagree; check the checkpoint's preprocessor_config.json (size, crop_size, patch_size)")
+    if rows != cols:
+        raise UserError(f"--model {where}: the image becomes a {rows} × {cols} patch grid ({n_image_tokens} image "
+                        "tokens), not a square one, which the attention overlay cannot draw yet; give the image "
+                        "processor a square crop (do_center_crop with crop_size height = width) or a square image")
+    return grid
