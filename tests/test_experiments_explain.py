@@ -10,23 +10,24 @@ the same feature present but not decisive.
 import dataclasses
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.diagnosis.diagnose import diagnose
-from mclcbf_diag.engine.runner import with_embeds
+from mclcbf_diag.engine.runner import run
+from mclcbf_diag.experiments.evidence import KNOCKOUTS
 from mclcbf_diag.experiments.explain import (
     cause_chain,
     cause_tester,
     counterfactuals,
     dose_response,
     explain_sample,
-    knockouts,
-    reading,
 )
 from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
 from mclcbf_diag.interventions import MCLCBF, as_intervention
+from mclcbf_diag.measurements.measure import run_records
 from mclcbf_diag.models import load_model
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
@@ -71,9 +72,7 @@ def _tested(lm, sample, config):
     q, image = sample
     iv = as_intervention(config)
     result = trace_sample(lm, q, image, iv)
-    _, inputs = sample_inputs(lm, q.text, image)
-    inputs = with_embeds(inputs, result.baseline)
-    tester = cause_tester(lm, inputs, iv, reading(lm, result.baseline), q.label)
+    tester = cause_tester(lm, q, image, iv)
     causes = [c for c in diagnose(result.records, intervention=iv, tester=tester) if c.detected]
     return causes, result
 
@@ -160,11 +159,12 @@ def test_controls_present_but_not_decisive(embedded_model, sample):
 def test_knockouts_edit_only_what_they_say(embedded_model, sample):
     q, image = sample
     _, inputs = sample_inputs(embedded_model, q.text, image)
-    r = knockouts(embedded_model, inputs, question_id=q.question_id)
+    r = pd.concat([run_records(embedded_model, run(embedded_model, inputs, ko), question_id=q.question_id,
+                               condition=name) for name, ko in KNOCKOUTS.items()])
     mass = r.query("metric == 'attn_image_mass' and head == -1 and phase == 'prefill'")
     assert mass[mass.condition == "knockout:decision"].value.abs().max() < 1e-6
     assert mass[mass.condition == "knockout:after_image"].value.abs().max() < 1e-6
-    margins = r.query("metric == 'final_margin'").set_index("condition").value
+    margins = r.query("metric == 'final_margin' and layer == -1").set_index("condition").value
     assert set(margins.index) == {"knockout:decision", "knockout:after_image", "double:decision",
                                   "double:after_image"}
 
@@ -180,9 +180,7 @@ LOGITS_06 = B.apply_overrides(B.get_preset("fixed"), ["tau=0.6"])
 
 def test_dose_response_finds_the_smallest_fixing_multiplier(embedded_model, fixable):
     q, image = fixable
-    _, inputs = sample_inputs(embedded_model, q.text, image)
-    base = trace_sample(embedded_model, q, image, LOGITS_06).summary()["margin_before"]
-    dose = dose_response(embedded_model, inputs, LOGITS_06, base, label=q.label, k_max=64, bisect_steps=5)
+    dose = dose_response(embedded_model, q, image, LOGITS_06, k_max=64, bisect_steps=5)
     assert dose.kind == "wrong" and dose.goal == ("fixed",)
     assert dose.k_star is not None
     curve = dose.curve.set_index("k")
@@ -193,12 +191,10 @@ def test_dose_response_finds_the_smallest_fixing_multiplier(embedded_model, fixa
 
 def test_dose_response_does_not_count_a_derailment_as_a_fix(embedded_model):
     q, image = _question(49)  # label no, answered yes
-    _, inputs = sample_inputs(embedded_model, q.text, image)
     config = dataclasses.replace(HEALTHY, clamp="scale")  # θ* tiny: a multiplier first derails the output
     first = trace_sample(embedded_model, q, image, config).summary()
     assert first["answer_before"] != q.label
-    base = first["margin_before"]
-    dose = dose_response(embedded_model, inputs, config, base, label=q.label, k_max=1024, bisect_steps=2)
+    dose = dose_response(embedded_model, q, image, config, k_max=1024, bisect_steps=2)
     assert dose.k_star is None and dose.k_derail is not None
     assert (dose.curve.outcome != "fixed").all() and "derails" in dose.sentence()
 
@@ -206,34 +202,32 @@ def test_dose_response_does_not_count_a_derailment_as_a_fix(embedded_model):
 def test_counterfactuals_against_baseline_and_unfixed_run(embedded_model, derailing):
     q, image = derailing
     seed = dataclasses.replace(B.get_preset("seed-exp6"), tau_prefill=0.99)
-    _, inputs = sample_inputs(embedded_model, q.text, image)
-    first = trace_sample(embedded_model, q, image, seed)
-    fixes = counterfactuals(embedded_model, inputs, seed, first.summary()["margin_before"], label=q.label)
+    fixes = counterfactuals(embedded_model, q, image, seed)
     assert list(fixes.fix) == ["grad_dtype", "guard", "clamp", "span", "site", "tokens", "all"]
     by = fixes.set_index("fix")
     assert by.loc["grad_dtype", "applicable"].startswith("not applicable")  # fp32 model
     assert "grad_dtype" not in by.loc["all", "change"]
     assert all(str(v).startswith("Δm") or v == "same run" for v in fixes.vs_unfixed)
     assert (fixes.counts == ((fixes.outcome == "fixed") & fixes.valid)).all()
-    chain = cause_chain(embedded_model, q, image, seed, first)
-    assert chain.top_cause.iloc[0] == "span_mismatch"  # the seed's span hides everything else
-    assert chain.next_fix.iloc[0] == "span"
-    assert len(chain) >= 2
+    chain = cause_chain(embedded_model, q, image, seed)
+    # tested: the seed's clamp decides the step first (undoing it alone changes the outcome: it derails),
+    # then the span; each link applies the next untried fix of a decisive cause
+    assert list(chain.top_cause[:2]) == ["clamp_limited", "span_mismatch"]
+    assert list(chain.next_fix[:2]) == ["clamp", "span"] and chain.config.iloc[1] == "clamp=none"
+    assert len(chain) >= 3 and chain.outcome.iloc[1] == "derailed"
 
 
 def test_right_answers_are_never_given_a_fix_that_breaks_them(embedded_model):
     q, image = _question(0)  # label yes, answered yes
     config = B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99", "clamp=none"])
-    _, inputs = sample_inputs(embedded_model, q.text, image)
     first = trace_sample(embedded_model, q, image, config)
     assert first.summary()["outcome"] == "derailed"  # an object word on top, not a flip
     assert first.summary()["top_after"] not in ("Yes", "No")
-    fixes = counterfactuals(embedded_model, inputs, config, first.summary()["margin_before"], label=q.label)
+    fixes = counterfactuals(embedded_model, q, image, config)
     assert not fixes.counts.any()
-    chain = cause_chain(embedded_model, q, image, config, first)
+    chain = cause_chain(embedded_model, q, image, config)
     assert len(chain) == 1 and "nothing to fix" in chain.top_cause.iloc[0]
-    dose = dose_response(embedded_model, inputs, config, first.summary()["margin_before"], label=q.label,
-                         k_max=4, bisect_steps=3)
+    dose = dose_response(embedded_model, q, image, config, k_max=4, bisect_steps=3)
     assert dose.kind == "right" and dose.goal == ("broken", "derailed") and dose.k_star is not None
 
 
@@ -241,9 +235,7 @@ def test_per_layer_doses_steer_one_layer_at_a_time(embedded_model, fixable):
     from mclcbf_diag.experiments.explain import per_layer_doses
 
     q, image = fixable
-    _, inputs = sample_inputs(embedded_model, q.text, image)
-    base = trace_sample(embedded_model, q, image, LOGITS_06).summary()["margin_before"]
-    table = per_layer_doses(embedded_model, inputs, LOGITS_06, base, label=q.label, k_max=64, bisect_steps=3)
+    table = per_layer_doses(embedded_model, q, image, LOGITS_06, k_max=64, bisect_steps=3)
     assert list(table.layer) == list(B.steered_layers(LOGITS_06, embedded_model.n_layers))
     found = table.dropna(subset=["k_star"])
     assert len(found) >= 1

@@ -18,8 +18,8 @@ import torch
 from test_experiments_explain import UndoDownstream, _question, _tested
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag.experiments.explain import cause_tester, reading
-from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
+from mclcbf_diag.experiments.explain import cause_tester
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.models import load_model
 
@@ -148,7 +148,5 @@ def test_the_rounding_test_on_a_float32_model_is_untestable(embedded_model, wron
     # nothing is wider than float32: asked directly, the tester says so instead of running anything
     q, image = wrong
     iv = MCLCBF(working)
-    result = trace_sample(embedded_model, q, image, iv)
-    _, inputs = sample_inputs(embedded_model, q.text, image)
-    tester = cause_tester(embedded_model, inputs, iv, reading(embedded_model, result.baseline), q.label)
+    tester = cause_tester(embedded_model, q, image, iv)
     assert "already computes in float32" in tester({"dtype": "float32", "goal_only": True})["untestable"]

@@ -290,6 +290,14 @@ class Intervention:
         """Named counterfactual fixes: ``{name: {knob: corrected value}}``."""
         return {}
 
+    def cause_fix(self, cause_id: str) -> str | None:
+        """The fix (a key of :meth:`fixes`) that undoes a diagnosed cause (None: none does)."""
+        return None
+
+    def fix_applies(self, name: str, model_dtype) -> str | None:
+        """Why fix ``name`` cannot change anything on a model of ``model_dtype`` (None: it can)."""
+        return None
+
     def rules(self) -> list:
         """Diagnosis rules specific to this intervention (:class:`mclcbf_diag.diagnosis.rulebook.Rule`)."""
         return []

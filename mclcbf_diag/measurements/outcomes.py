@@ -80,23 +80,39 @@ def answer_ids(tokens) -> tuple[list[int], list[int]]:
 
 def read_logits(logits: torch.Tensor, yes_id: int, no_id: int, yes_ids, no_ids) -> Reading:
     """A :class:`Reading` of one row of full-vocabulary logits [vocab]."""
+    return _read_rows(logits.detach().float().reshape(1, -1), yes_id, no_id, yes_ids, no_ids)[0]
+
+
+def read_batch(logits, tokens) -> list[Reading]:
+    """One :class:`Reading` per row of ``logits`` ([B, vocab], or a list of [vocab] rows; ids from ``lm.tokens``)."""
     import torch
 
-    lg = logits.detach().float().reshape(-1)
-    finite = bool(torch.isfinite(lg).all())
-    margin = float(lg[yes_id] - lg[no_id])
-    if not finite:
-        return Reading(margin if math.isfinite(margin) else math.nan, math.nan, math.nan, False, False, -1)
-    p = torch.softmax(lg.double(), -1)
-    top = int(lg.argmax())
-    return Reading(margin, float(p[list(yes_ids)].sum()), float(p[list(no_ids)].sum()),
-                   top in set(yes_ids) | set(no_ids), True, top)
-
-
-def read_batch(logits: torch.Tensor, tokens) -> list[Reading]:
-    """One :class:`Reading` per row of ``logits`` [B, vocab] (ids from ``lm.tokens``)."""
+    if isinstance(logits, (list, tuple)):
+        if not logits:
+            return []
+        logits = torch.stack([x.detach().float().reshape(-1) for x in logits])
     yes, no = answer_ids(tokens)
-    return [read_logits(row, tokens.yes_id, tokens.no_id, yes, no) for row in logits]
+    return _read_rows(logits.detach().float(), tokens.yes_id, tokens.no_id, yes, no)
+
+
+def _read_rows(lg: torch.Tensor, yes_id: int, no_id: int, yes_ids, no_ids) -> list[Reading]:
+    """Every row of float32 logits [B, vocab] at once: margins, Yes/No masses (softmax in float64), top ids."""
+    import torch
+
+    finite = torch.isfinite(lg).all(-1).tolist()
+    margin = (lg[:, yes_id] - lg[:, no_id]).tolist()
+    p = torch.softmax(lg.double(), -1)
+    p_yes, p_no = p[:, list(yes_ids)].sum(-1).tolist(), p[:, list(no_ids)].sum(-1).tolist()
+    top = lg.argmax(-1).tolist()
+    both = set(yes_ids) | set(no_ids)
+    out = []
+    for i, ok in enumerate(finite):
+        if not ok:
+            m = margin[i]
+            out.append(Reading(m if math.isfinite(m) else math.nan, math.nan, math.nan, False, False, -1))
+        else:
+            out.append(Reading(margin[i], p_yes[i], p_no[i], top[i] in both, True, top[i]))
+    return out
 
 
 def dropped_edit(layer_metrics) -> bool:

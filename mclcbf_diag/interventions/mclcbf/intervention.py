@@ -98,6 +98,21 @@ FIXES: dict[str, dict] = {
     "tokens": {"tokens": "after_image"},
 }
 
+# diagnosed cause → the fix that undoes it (explain's cause chain applies them one by one)
+CAUSE_FIX = {
+    "span_mismatch": "span",
+    "gradient_underflow": "grad_dtype",
+    "clamp_limited": "clamp",
+    "rounding_absorbed": "site",
+    "step_negligible": "clamp",
+    "linearisation_failed": "site",
+    "damped_downstream": "tokens",
+    "guard_dominates": "guard",
+    "margin_unmoved": "tokens",
+    "barrier_not_decisive": "tokens",
+    "decision_token_off_path": "tokens",
+}
+
 
 class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
     row_doses = True
@@ -305,8 +320,10 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
     def fixes(self) -> dict[str, dict]:
         return FIXES
 
+    def cause_fix(self, cause_id: str) -> str | None:
+        return CAUSE_FIX.get(cause_id)
+
     def fix_applies(self, name: str, model_dtype) -> str | None:
-        """Why fix ``name`` cannot change anything on a model of ``model_dtype`` (None: it can)."""
         if name == "grad_dtype" and model_dtype == torch.float32:
             return "not applicable: the model computes in float32 already, so grad_dtype=float32 changes nothing"
         return None
@@ -330,4 +347,4 @@ def _grad_and_value(fn, x, *rest):
         return torch.func.vmap(torch.func.grad_and_value(fn))(plain(x), *(plain(a) for a in rest))
 
 
-__all__ = ["MCLCBF", "BarrierConfig", "PRESETS", "FIXES", "METRICS"]
+__all__ = ["MCLCBF", "BarrierConfig", "PRESETS", "CAUSE_FIX", "FIXES", "METRICS"]

@@ -1,0 +1,252 @@
+"""What one run shows, in the terms a verdict compares: pure pieces shared by every stage.
+
+* :func:`reading` and :func:`effect`: a run's Yes/No reading, and what a cause test compares
+  (step size, the decision token's image mass, margin, outcome; see
+  :func:`mclcbf_diag.diagnosis.rulebook.decisiveness`).
+* :func:`variant_of` and :func:`spec_key`: the counterfactual a cause test's spec names (a knob
+  change, another intervention, a dose), and its identity; :func:`run_in_dtype` runs a spec
+  with a ``dtype`` on a copy of the model in that dtype (the rounding test).
+* :class:`DoseResponse`, :func:`dose_point_of`, :func:`doubling_grid`, :func:`dose_result`: the
+  dose-response's points and its smallest multiplier reaching the label's goal.
+* :func:`fix_plan` and :func:`fix_row`: each fix alone and all together, and how its run reads
+  against the baseline and the unfixed intervention.
+
+Nothing here batches or loops over questions: :mod:`mclcbf_diag.experiments.verdict` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from ..engine.runner import RunCapture, run
+from ..errors import UserError
+from ..interventions import AttentionKnockout, KnockoutKnobs, as_intervention
+from ..knobs import changed
+from ..measurements.outcomes import GOALS as OUTCOME_GOALS
+from ..measurements.outcomes import Reading, dropped_edit, kind, outcome_of, read_batch
+from ..models import LoadedModel
+
+KNOCKOUTS = {
+    "knockout:decision": AttentionKnockout(KnockoutKnobs(0.0, tokens="decision")),
+    "knockout:after_image": AttentionKnockout(KnockoutKnobs(0.0, tokens="after_image")),
+    "double:decision": AttentionKnockout(KnockoutKnobs(2.0, tokens="decision")),
+    "double:after_image": AttentionKnockout(KnockoutKnobs(2.0, tokens="after_image")),
+}
+
+GOALS = OUTCOME_GOALS  # what a run must reach, by the question the label sets (mclcbf_diag.measurements.outcomes)
+
+
+def reading(lm: LoadedModel, capture: RunCapture) -> Reading:
+    """The Yes/No reading of a run's first (prefill) step."""
+    return read_batch(capture.steps[0].final_logits[None], lm.tokens)[0]
+
+
+def kind_of(label: str | None, base: Reading) -> str:
+    """The question a label sets for the baseline answer: "wrong", "right" or "unlabeled"."""
+    return kind(label, base.answer)
+
+
+def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | None) -> dict:
+    """What a run did, in the terms a cause test compares (see :func:`mclcbf_diag.diagnosis.rulebook.decisiveness`)."""
+    prefill = capture.steps[0]
+    rel, mass = 0.0, []
+    for c in prefill.layers.values():
+        if c.added is not None:
+            xn = float(c.resid_pre_in.float().norm())
+            rel += float(c.added.float().norm()) / xn if xn > 0 else math.inf
+        if c.attn is not None:
+            mass.append(float(c.attn[:, capture.detected[: c.attn.shape[-1]]].sum(-1).mean()))
+    r = reading(lm, capture)
+    dropped = dropped_edit(c.metrics for c in prefill.layers.values())
+    return {"step_size": rel, "mass": sum(mass) / len(mass) if mass else math.nan, "margin": r.margin,
+            "outcome": outcome_of(base, r, label, dropped=dropped), "valid": r.valid, "finite": r.finite,
+            "dropped": dropped}
+
+
+def variant_of(iv, spec):
+    """The intervention and dose a cause test's ``spec`` runs (``None``: the intervention as configured)."""
+    if spec is None:
+        return iv, 1.0
+    if "dtype" in spec:  # runs on a copy of the model (run_in_dtype), not as a row of the batch
+        raise ValueError(f"a counterfactual in {spec['dtype']} runs on a copy of the model")
+    if "intervention" in spec:
+        variant = spec["intervention"]
+    else:  # a knob function (what it reads) first, then fixed knob values: a joint cause may carry both
+        changes = {**(spec["knobs_fn"](iv.knobs) if "knobs_fn" in spec else {}), **spec.get("knobs", {})}
+        variant = iv.replace(**changes) if changes else iv
+    return variant, float(spec.get("dose", 1.0))
+
+
+def spec_key(spec: dict | None) -> str | None:
+    """What identifies a cause test's counterfactual (``None``: the unfixed intervention)."""
+    return None if spec is None else repr(sorted((k, v) for k, v in spec.items() if k != "knobs_fn"))
+
+
+def dtype_untestable(lm: LoadedModel, spec: dict) -> str:
+    """Why a counterfactual in ``spec["dtype"]`` cannot run on ``lm`` ("" where it can)."""
+    name = spec["dtype"]
+    if lm.dtype == getattr(torch, name):
+        return f"the model already computes in {name}, so nothing wider can be tried"
+    if len({str(d) for d in (getattr(lm.model, "hf_device_map", None) or {}).values()}) > 1:
+        return (f"the model is split over devices (--device-map), so no {name} copy is made; rerun explain with "
+                f"--dtype {name} and compare")
+    return ""
+
+
+def run_in_dtype(lm: LoadedModel, inputs: dict, iv, spec: dict, base: Reading, label, copies: dict) -> dict:
+    """A counterfactual on a copy of the model in ``spec["dtype"]`` (the rounding test): the same weights (as
+    loaded), the same pixels and prompt, the same intervention, computed in the wider dtype from the image
+    on. Its outcome is read against the copy's own unsteered answer, which must be the model's; otherwise the
+    wider dtype alone changes the answer, and the run would test more than the step's rounding."""
+    name = spec["dtype"]
+    dtype = getattr(torch, name)
+    if reason := dtype_untestable(lm, spec):
+        return {"untestable": reason}
+    if name not in copies:
+        try:
+            copies[name] = dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(dtype))
+        except torch.OutOfMemoryError:
+            copies[name] = None
+    wide = copies[name]
+    if wide is None:
+        return {"untestable": f"a {name} copy of the model does not fit in memory beside it; rerun explain with "
+                              f"--dtype {name} and compare"}
+    feed = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items() if k != "inputs_embeds"}
+    variant, dose = variant_of(iv, {k: v for k, v in spec.items() if k not in ("dtype", "goal_only")})
+    plain = reading(wide, run(wide, feed, variant, steer=False))
+    if plain.answer != base.answer or plain.valid != base.valid:
+        return {"untestable": f"in {name} the model, unsteered, already answers {plain.answer} (margin "
+                              f"{plain.margin:+.3g}; {base.margin:+.3g} in {str(lm.dtype).removeprefix('torch.')}), "
+                              "so that run would test more than the step's rounding"}
+    return effect(wide, run(wide, feed, variant, dose=dose), plain, label)
+
+
+@dataclass(frozen=True)
+class DoseResponse:
+    curve: pd.DataFrame  # k, margin, answer_yes, valid, outcome, h_mean, theta_rel_max, yes_no_top
+    k_star: float | None  # smallest multiplier reaching the goal, None if none up to k_max
+    k_max: float
+    at_k_star: dict
+    goal: tuple[str, ...] = ("changed", "derailed")
+    kind: str = "unlabeled"  # wrong / right / unlabeled
+    k_derail: float | None = None  # smallest multiplier on the grid that derailed the output
+    k_nonfinite: float | None = None  # smallest multiplier on the grid whose step overflowed and was dropped
+
+    def sentence(self) -> str:
+        goal = " or ".join(self.goal)
+        if self.k_star is None:
+            tail = (f" (it derails the output from k = {self.k_derail:.3g})" if self.k_derail is not None else "")
+            if self.k_nonfinite is not None:  # a dropped step says nothing: no survival claim past it
+                return (f"No multiplier up to k = {self.k_max:g} on the step makes the answer {goal}; from k = "
+                        f"{self.k_nonfinite:.3g} the step overflows and is not applied, so those multipliers were "
+                        f"not tested{tail}.")
+            if self.kind == "right":
+                return f"The right answer survives every multiplier up to k = {self.k_max:g} on the step{tail}."
+            return f"No multiplier up to k = {self.k_max:g} on the step makes the answer {goal}{tail}."
+        a = self.at_k_star
+        what = {"right": f"The right answer is {a['outcome']}", "wrong": "The wrong answer is fixed"}.get(
+            self.kind, f"The answer is {a['outcome']}")
+        return (f"{what} from k* ≈ {self.k_star:.3g} × the step (‖θ*‖/‖x‖ up to "
+                f"{a['theta_rel_max']:.3g}, margin {a['margin']:+.3g}, h {a['h_mean']:.3g}); the output is "
+                f"{'still' if a['valid'] else 'no longer'} a Yes/No answer.")
+
+
+def dose_point(lm: LoadedModel, cap: RunCapture, k: float, base: Reading, label) -> dict:
+    """One point of the dose-response curve, read off the run at dose ``k``."""
+    return dose_point_of([c.metrics for c in cap.steps[0].layers.values()], reading(lm, cap), k, base, label)
+
+
+def dose_point_of(layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> dict:
+    """:func:`dose_point` from the run's per-layer records (``{metric: value}`` per layer) and its reading."""
+    layers = [m for m in layer_metrics if m.get("barrier_h") is not None]
+    rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
+    h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
+    return {"k": k, "margin": r.margin, "answer_yes": r.margin > 0, "valid": r.valid, "p_yes": r.p_yes,
+            "p_no": r.p_no, "outcome": outcome_of(base, r, label, dropped=dropped_edit(layer_metrics)),
+            "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
+            "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": r.top_yes_no}
+
+
+def doubling_grid(k_max: float) -> list[float]:
+    """The dose-response's first multipliers: 1, 2, 4, … up to ``k_max``."""
+    out, k = [], 1.0
+    while k <= k_max:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def dose_result(points: list[dict], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
+    """The :class:`DoseResponse` of the computed ``points`` whose smallest hit is ``hi``."""
+    curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
+    at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
+    der, lost = curve[curve.outcome == "derailed"], curve[curve.outcome == "non_finite"]
+    return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None,
+                        float(lost.k.min()) if len(lost) else None)
+
+
+FIX_COLUMNS = ["fix", "change", "applicable", "margin", "answer", "valid", "outcome", "vs_unfixed", "counts"]
+
+
+@dataclass(frozen=True)
+class PlannedFix:
+    """One fix of :func:`fix_plan`: its name, the knob change it makes, whether it applies, and the variant to run."""
+
+    fix: str
+    change: str
+    applicable: str  # "yes", or why not
+    run: object = None  # the intervention to run (None where it cannot apply or changes nothing)
+    same: bool = False  # the change is already set, or cannot apply: its run is the unfixed one
+
+
+def fix_plan(config, model_dtype) -> list[PlannedFix]:
+    """Each fix alone, then all together (``all``, without the parts that cannot apply). Pure."""
+    config = as_intervention(config)
+    fixes = config.fixes()
+    variants = dict(fixes)
+    if fixes:
+        variants["all"] = {k: v for change in fixes.values() for k, v in change.items()}
+    plan = []
+    for name, change in variants.items():
+        try:
+            cfg = config.replace(**change)
+        except (UserError, TypeError, ValueError) as exc:
+            plan.append(PlannedFix(name, str(change), f"no: {exc}"))
+            continue
+        diff = changed(cfg.knobs, config.knobs)
+        why = config.fix_applies(name, model_dtype) if name != "all" else None
+        if name == "all":  # drop the parts that cannot apply
+            diff = {k: v for k, v in diff.items()
+                    if not any(config.fix_applies(n, model_dtype) and k in fixes[n] for n in fixes)}
+        text = ", ".join(f"{k}={v}" for k, v in diff.items()) or "(already set)"
+        if not diff or why:
+            plan.append(PlannedFix(name, text, why or "already set: nothing to change", same=True))
+        else:
+            plan.append(PlannedFix(name, text, "yes", run=cfg))
+    return plan
+
+
+def fix_row(entry: PlannedFix, r: Reading | None, base: Reading, unfixed: Reading, label: str | None) -> dict:
+    """One row of the fixes table from a :func:`fix_plan` entry and the reading of its run (if run)."""
+    row = {"fix": entry.fix, "change": entry.change, "applicable": entry.applicable}
+    if entry.same:
+        return {**row, "margin": unfixed.margin, "answer": unfixed.answer, "valid": unfixed.valid,
+                "outcome": outcome_of(base, unfixed, label), "vs_unfixed": "same run", "counts": False}
+    if r is None:
+        return row
+    out = outcome_of(base, r, label)
+    vs = outcome_of(unfixed, r, label)
+    return {**row, "margin": r.margin, "answer": r.answer, "valid": r.valid, "outcome": out,
+            "vs_unfixed": f"Δm {r.margin - unfixed.margin:+.3g}; {vs}",
+            "counts": kind_of(label, base) == "wrong" and out == "fixed" and r.valid}
+
+
+__all__ = ["FIX_COLUMNS", "GOALS", "KNOCKOUTS", "DoseResponse", "PlannedFix", "dose_point", "dose_point_of",
+           "dose_result", "doubling_grid", "dtype_untestable", "effect", "fix_plan", "fix_row", "kind_of", "reading", "run_in_dtype",
+           "spec_key", "variant_of"]
