@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import attribution as A
@@ -615,6 +616,136 @@ def records_frame(*parts: dict):
     return frame({k: [v for p in parts for v in p[k]] for k in parts[0]})
 
 
+# ------------------------------------------------------------------------------ the localisation, summed up
+LOCAL_METHODS = {"denoise": "local", "noise": "restore"}
+"""The records' prefix of each direction of :func:`localisation` (condition ``steered``)."""
+
+METRICS = {
+    **{f"restore_{k}": f"as local_{k}, the other way: the intervened run with the baseline's activation restored "
+                       "there (the intervention acting on at every other site); the share of the intervention's "
+                       "change of the margin that is left (1: the site is not needed, 0: all of the change goes "
+                       "through it)" for k in ("resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    **{f"restore_{k}_margin": f"the intervened run's margin with the baseline's activation of restore_{k} restored"
+       for k in ("resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    "restore_margin_clean": "the intervened run's margin (restore_*'s 1)",
+    "restore_margin_corrupted": "the baseline's margin (restore_*'s 0)",
+    "restore_margin_floor": "noise floor of a margin (as local_margin_floor)",
+}
+"""Glossary of the records this module adds beyond :data:`mclcbf_diag.records.METRICS`."""
+
+
+@dataclass(frozen=True)
+class LocalEffect:
+    """One site's part in the intervention's change of the margin, from one direction of :func:`localisation`."""
+
+    site: str  # "head", "mlp", or "resid_<group>" (the residual at a token group of :data:`attribution.GROUPS`)
+    layer: int
+    head: int  # NO_HEAD unless a head
+    direction: str  # "denoise": the intervened value put into the baseline; "noise": the baseline's restored
+    effect: float  # logits of the change it accounts for: m_patched − m_baseline (denoise), m_intervened − m_patched
+    share: float  # effect / (m_intervened − m_baseline)
+    threshold: float  # the size it beats: 2 × the margin's noise floor (a difference of two margins)
+
+    @property
+    def name(self) -> str:
+        where = f"{self.layer}.{self.head}" if self.site == "head" else f"layer {self.layer} {self.site}"
+        return f"{where} ({self.direction}: {self.effect:+.3g})"
+
+
+@dataclass(frozen=True)
+class LocalSummary:
+    """Where an intervention's change of the margin arises and where later components cancel it.
+
+    Every effect is in logits of the Yes − No margin and beats ``threshold`` (2 × ``floor``): a difference of
+    two margins each within the floor is rounding. ``enters``: per direction and token group, the first layer
+    whose residual carries the change (an effect of the gap's sign); ``arises``: the heads and MLPs whose
+    effect has the gap's sign (they make the change); ``cancels``: those whose effect has the opposite sign
+    (they work against it); each sorted by size, largest first. Empty when the gap itself is not above the
+    threshold (``measurable`` False): then nothing can be localised.
+    """
+
+    margin_baseline: float
+    margin_intervened: float
+    floor: float
+    enters: tuple[LocalEffect, ...] = ()
+    arises: tuple[LocalEffect, ...] = ()
+    cancels: tuple[LocalEffect, ...] = ()
+
+    @property
+    def gap(self) -> float:
+        return self.margin_intervened - self.margin_baseline
+
+    @property
+    def threshold(self) -> float:
+        return 2 * self.floor
+
+    @property
+    def measurable(self) -> bool:
+        return math.isfinite(self.gap) and abs(self.gap) > self.threshold
+
+    def cancelled(self, direction: str = "noise") -> float:
+        """The largest cancelling effect of one direction against the largest arising one (0: none cancels)."""
+        made = [abs(e.effect) for e in self.arises if e.direction == direction]
+        against = [abs(e.effect) for e in self.cancels if e.direction == direction]
+        return max(against, default=0.0) / max(made) if made else math.nan
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "gap": self.gap, "threshold": self.threshold, "measurable": self.measurable}
+
+
+def local_summary(grid: Grid) -> LocalSummary:
+    """The :class:`LocalSummary` of a :func:`localisation` grid (either or both directions)."""
+    out = LocalSummary(grid.corrupted, grid.clean, grid.floor)
+    if not out.measurable:
+        return out
+    gap, thr, sign = out.gap, out.threshold, math.copysign(1.0, out.gap)
+    enters, effects = [], []
+
+    def effect(d: str, m: float) -> float:
+        return m - grid.corrupted if d == "denoise" else grid.clean - m
+
+    for d in grid.heads:
+        for j, g in enumerate(A.GROUPS):
+            col = grid.margins[f"resid:{d}"][:, j]
+            first = next((L for L in range(len(col)) if sign * effect(d, float(col[L])) > thr), None)
+            if first is not None:
+                e = effect(d, float(col[first]))
+                enters.append(LocalEffect(f"resid_{g}", first, NO_HEAD, d, e, e / gap, thr))
+        heads, mlp = grid.margins[f"heads:{d}"], grid.margins[f"mlp:{d}"]
+        for (L, h), m in ((idx, float(heads[idx])) for idx in np.ndindex(*heads.shape)):
+            effects.append(LocalEffect("head", int(L), int(h), d, effect(d, m), effect(d, m) / gap, thr))
+        for L in range(len(mlp)):
+            effects.append(LocalEffect("mlp", L, NO_HEAD, d, effect(d, float(mlp[L])), effect(d, float(mlp[L])) / gap,
+                                       thr))
+    big = sorted((e for e in effects if math.isfinite(e.effect) and abs(e.effect) > thr), key=lambda e: -abs(e.effect))
+    return LocalSummary(grid.corrupted, grid.clean, grid.floor, tuple(enters),
+                        tuple(e for e in big if sign * e.effect > 0), tuple(e for e in big if sign * e.effect < 0))
+
+
+def _direction(grid: Grid, d: str) -> Grid:
+    """The part of a grid with one direction only."""
+    return Grid(grid.clean, grid.corrupted, grid.floor, {d: grid.resid[d]}, {d: grid.heads[d]}, {d: grid.mlp[d]},
+                {k: v for k, v in grid.margins.items() if k.endswith(f":{d}")}, grid.plain)
+
+
+def local_records(grid: Grid, *, question_id) -> dict:
+    """Tidy columns of a :func:`localisation` grid: ``local_…`` (denoising) and ``restore_…`` (noising), condition
+    ``steered``."""
+    parts = [grid_records(_direction(grid, d), question_id=question_id, method=m, conditions={d: "steered"})
+             for d, m in LOCAL_METHODS.items() if d in grid.heads]
+    return {k: [v for p in parts for v in p[k]] for k in parts[0]}
+
+
+def localise(lm: LoadedModel, inputs: dict, intervention, *, question_id, components_at: str = "text",
+             progress: bool = False):
+    """Where one question's intervention changes the margin, from both directions: ``(records, summary)``, the
+    tidy frame of :func:`local_records` and the :class:`LocalSummary` (the evidence a verdict can cite)."""
+    grid = localisation(lm, inputs, intervention, components_at=components_at, progress=progress)
+    return records_frame(local_records(grid, question_id=question_id)), local_summary(grid)
+
+
 # ----------------------------------------------------------------------------------- one question
 @dataclass
 class AttributeResult:
@@ -628,6 +759,7 @@ class AttributeResult:
     atp: Grid
     agreement: dict
     local: Grid | None = None  # where the intervention acts (:func:`localisation`), with an intervention
+    local_summary: LocalSummary | None = None  # its summary (:func:`local_summary`)
 
 
 def attribute_sample(lm: LoadedModel, question, image, corrupted_image, intervention=None, *,
@@ -663,7 +795,7 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
     local = None
     if intervention is not None:
         local = localisation(lm, clean, intervention, components_at=components_at, progress=progress)
-        parts.append(grid_records(local, question_id=qid, method="local", conditions={"denoise": "steered"}))
+        parts.append(local_records(local, question_id=qid))
     records = records_frame(*parts)
     H = base.heads.shape[1]
 
@@ -692,4 +824,242 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
         # under 2·floor it is rounding, whichever head it names
         noise = 2 * local.floor / abs(local.gap) if local.gap and math.isfinite(local.gap) else math.inf
         summary["top_heads_local"] = top(local.heads["denoise"], noise=noise)
-    return AttributeResult(records, summary, base, steered, grid, atp, agree, local)
+        # restored: 1 − share is the part of the change lost without that head
+        summary["top_heads_restore"] = top(1 - local.heads["noise"], noise=noise)
+        found = local_summary(local)
+        summary["local"] = found.to_dict()
+    return AttributeResult(records, summary, base, steered, grid, atp, agree, local,
+                           found if local is not None else None)
+
+
+# ------------------------------------------------------------------------------------------ a whole split
+PUBLISHED = ("mclcbf", "adhh", "pai", "vaf", "var", "vista")
+"""The interventions a split's carriers are compared with (each at its default preset; AD-HH at ``paper``)."""
+
+SPLIT_METRICS = {
+    "wrong_yes_margin": "a wrong Yes (label no, Yes/No on top): its margin logit(Yes) − logit(No) (layer −1)",
+    "carry_patch_gap": "the clean − corrupted margin of the question's activation patching (layer −1)",
+    "carry_dla_head": "a head's direct contribution to the wrong Yes's margin (as dla_head)",
+    "carry_dla_mlp": "an MLP's direct contribution to the wrong Yes's margin (as dla_mlp)",
+    "carries_dla_head": "1 when carry_dla_head is toward Yes and at least --share of the margin and above the "
+                        "margin's noise floor, else 0",
+    "carries_dla_mlp": "the same for carry_dla_mlp",
+    "carry_patch_head": "a head's denoising recovery (as patch_head) of the wrong Yes against its corruption",
+    "carry_patch_mlp": "an MLP's denoising recovery (as patch_mlp)",
+    "carries_patch_head": "1 when the image raises the Yes (carry_patch_gap above twice the floor) and the head's "
+                          "patch recovers at least --share of it, by more than twice the floor; 0 otherwise; NaN "
+                          "when the image does not raise the Yes (patching names no carrier)",
+    "carries_patch_mlp": "the same for carry_patch_mlp",
+}
+"""Glossary of the per-question records of :func:`split_carriers`."""
+METRICS.update(SPLIT_METRICS)
+
+
+@dataclass
+class SplitCarriers:
+    """What :func:`split_carriers` found: the per-question records, the counts and the comparison."""
+
+    records: object  # tidy frame (SPLIT_METRICS)
+    counts: object  # one row per head and MLP: n_dla, n_patch, n_either, n_both, adhh_head
+    interventions: object  # one row per intervention: its sites and layers, and which carriers it edits
+    adhh_heads: tuple
+    summary: dict
+
+
+def carriers(values: torch.Tensor, margin: float, share: float, floor: float) -> torch.Tensor:
+    """Which direct contributions carry a Yes of ``margin`` > 0: toward Yes, at least ``share`` of it and above
+    ``floor`` (bool, same shape)."""
+    return (values > share * margin) & (values > floor)
+
+
+def patch_carriers(recovery: torch.Tensor, gap: float, share: float, floor: float) -> torch.Tensor:
+    """Which patches carry the image's part of a Yes: the clean − corrupted ``gap`` above twice the floor and
+    positive, and a recovery of at least ``share`` worth more than twice the floor. NaN (all) when the image does
+    not raise the Yes."""
+    if not (math.isfinite(gap) and gap > 2 * floor):
+        return torch.full(recovery.shape, math.nan, dtype=torch.float64)
+    rec = torch.nan_to_num(recovery.double(), nan=0.0)
+    return ((rec >= share) & (rec * gap > 2 * floor)).double()
+
+
+def _question_carriers(lm: LoadedModel, question, clean: dict, corrupted: dict, *, share: float, components_at: str,
+                       progress: bool) -> dict:
+    """The tidy records of one wrong Yes (see :data:`SPLIT_METRICS`)."""
+    att = dla(lm, run(lm, clean, components=True))
+    floor = margin_floor(lm)
+    grid = activation_patching(lm, clean, corrupted, directions=("denoise",), components_at=components_at,
+                               progress=progress)
+    gap = grid.plain[0] - grid.plain[1]
+    rows: dict[str, list] = {"layer": [], "head": [], "metric": [], "value": []}
+
+    def add(layer, head, metric, value):
+        for k, v in zip(rows, (int(layer), int(head), metric, float(value))):
+            rows[k].append(v)
+
+    add(NO_LAYER, NO_HEAD, "wrong_yes_margin", att.margin)
+    add(NO_LAYER, NO_HEAD, "carry_patch_gap", gap)
+    parts = {"head": (att.heads, grid.heads["denoise"]), "mlp": (att.mlp, grid.mlp["denoise"])}
+    for kind, (direct, rec) in parts.items():
+        flags = carriers(direct, att.margin, share, floor).double(), patch_carriers(rec, gap, share, floor)
+        for idx in np.ndindex(*direct.shape):
+            layer, head = (idx[0], idx[1]) if kind == "head" else (idx[0], NO_HEAD)
+            add(layer, head, f"carry_dla_{kind}", direct[idx])
+            add(layer, head, f"carries_dla_{kind}", flags[0][idx])
+            add(layer, head, f"carry_patch_{kind}", rec[idx])
+            add(layer, head, f"carries_patch_{kind}", flags[1][idx])
+    n = len(rows["value"])
+    return {"question_id": [question.question_id] * n, "condition": ["baseline"] * n, "phase": ["prefill"] * n,
+            "decode_step": [0] * n, **rows}
+
+
+def split_carriers(lm: LoadedModel, items, *, share: float = 0.1, components_at: str = "text",
+                   template: str | None = None, adhh_calibration: int | None = None,
+                   progress: bool = False) -> SplitCarriers:
+    """Over the questions of a split, the heads and MLPs that carry the wrong "Yes" on wrong answers.
+
+    ``items``: ``(question, image, corrupt)`` per question (``image`` a PIL image or a function loading it),
+    ``corrupt(clean_inputs)`` giving the corrupted input of the same prompt. Each question's answer is read from
+    a plain forward; on every wrong Yes (label no, Yes/No on top, margin > 0) a component carries it by direct
+    logit attribution when its direct contribution is toward Yes, at least ``share`` of the margin and above the
+    margin's noise floor, and by activation patching (denoising) when the image raises the Yes beyond twice the
+    floor and restoring the component's clean output recovers at least ``share`` of that (:func:`carriers`,
+    :func:`patch_carriers`). The counts are compared with the hallucination heads AD-HH finds on the same model
+    (preset ``paper``, ``adhh_calibration`` questions) and with the sites each of :data:`PUBLISHED` edits
+    (:func:`edited_sites`).
+    """
+    import pandas as pd
+
+    from .data import build_prompt
+    from .outcomes import read_logits
+    from .progress import tqdm
+
+    items = list(items)
+    yes_ids, no_ids = _answer_ids(lm)
+    parts, answers, first_inputs = [], {"right": 0, "wrong_yes": 0, "wrong_no": 0, "not_yes_no": 0}, None
+    for question, image, corrupt in tqdm(items, desc="wrong answers", unit="question", disable=not progress,
+                                         delay=2):
+        prompt = build_prompt(question.text, template) if template else build_prompt(question.text)
+        clean = lm.inputs(prompt, image() if callable(image) else image)
+        first_inputs = first_inputs or clean
+        with torch.no_grad():
+            logits = lm.model(**clean, logits_to_keep=1).logits[0, -1]
+        reading = read_logits(logits, lm.tokens.yes_id, lm.tokens.no_id, yes_ids, no_ids)
+        kind = _answer_kind(question.label, reading)
+        answers[kind] += 1
+        if kind == "wrong_yes":
+            parts.append(_question_carriers(lm, question, clean, corrupt(clean), share=share,
+                                            components_at=components_at, progress=False))
+    records = records_frame(*parts) if parts else frame({k: [] for k in ("question_id", "condition", "phase",
+                                                                         "decode_step", "layer", "head", "metric",
+                                                                         "value")})
+    adhh = hallucination_heads(lm, first_inputs, adhh_calibration) if first_inputs is not None else ()
+    counts = carrier_counts(records, lm.n_layers, lm.text_config.num_attention_heads, adhh)
+    ivs = pd.DataFrame([edited_sites(lm, name, counts, adhh) for name in PUBLISHED])
+    found = counts[counts["n_either"] > 0]
+    summary = {"questions": len(items), **answers, "share": share, "components_at": components_at,
+               "margin_floor": margin_floor(lm), "adhh_heads": [f"{a}.{b}" for a, b in adhh],
+               "carriers": [_component(r) for r in found.itertuples()],
+               "adhh_heads_carrying": [f"{a}.{b}" for a, b in adhh if _count(counts, "head", a, b) > 0]}
+    return SplitCarriers(records, counts, ivs, tuple(adhh), summary)
+
+
+def _answer_ids(lm: LoadedModel):
+    from .outcomes import answer_ids
+
+    return answer_ids(lm.tokens)
+
+
+def _answer_kind(label, reading) -> str:
+    if not reading.valid:
+        return "not_yes_no"
+    if label not in ("yes", "no") or reading.answer == label:
+        return "right"
+    return "wrong_yes" if reading.answer == "yes" else "wrong_no"
+
+
+def _component(row) -> str:
+    return f"{row.layer}.{row.head}" if row.component == "head" else f"layer {row.layer} MLP"
+
+
+def _count(counts, component: str, layer: int, head: int) -> int:
+    sel = counts[(counts.component == component) & (counts.layer == layer) & (counts.head == head)]
+    return int(sel["n_either"].iloc[0]) if len(sel) else 0
+
+
+def carrier_counts(records, n_layers: int, n_heads: int, adhh_heads=()):
+    """Per head and MLP, over the wrong Yes answers: how many it carries by DLA (``n_dla``), by patching
+    (``n_patch``), by either (``n_either``) and by both (``n_both``); ``n_wrong_yes``: the questions counted;
+    ``adhh_head``: whether AD-HH lists the head."""
+    import pandas as pd
+
+    n = records["question_id"].nunique() if len(records) else 0
+    rows = []
+    for component in ("head", "mlp"):
+        sel = records[records["metric"].isin([f"carries_dla_{component}", f"carries_patch_{component}"])]
+        wide = sel.pivot_table(index=["question_id", "layer", "head"], columns="metric", values="value",
+                               aggfunc="first", dropna=False) if len(sel) else None
+        for layer in range(n_layers):
+            for head in (range(n_heads) if component == "head" else (NO_HEAD,)):
+                d = p = e = b = 0
+                if wide is not None:
+                    at = wide.xs((layer, head), level=("layer", "head"))
+                    dv = at[f"carries_dla_{component}"].fillna(0) > 0
+                    pv = at[f"carries_patch_{component}"].fillna(0) > 0
+                    d, p, e, b = int(dv.sum()), int(pv.sum()), int((dv | pv).sum()), int((dv & pv).sum())
+                rows.append({"component": component, "layer": layer, "head": head, "n_dla": d, "n_patch": p,
+                             "n_either": e, "n_both": b, "n_wrong_yes": n,
+                             "adhh_head": component == "head" and (layer, head) in set(adhh_heads)})
+    return pd.DataFrame(rows)
+
+
+def hallucination_heads(lm: LoadedModel, inputs: dict, calibration: int | None = None) -> tuple:
+    """The heads AD-HH (preset ``paper``) finds on this model: its own ``prepare`` (cached per process)."""
+    from .interventions import resolve
+    from .interventions.base import rows_of
+
+    iv = resolve("adhh", "paper", [f"calibration={calibration}"] if calibration else [])
+    iv.prepare(lm, inputs, rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id))
+    return tuple(tuple(h) for h in iv.found)
+
+
+def edited_sites(lm: LoadedModel, name: str, counts, adhh_heads=()) -> dict:
+    """What intervention ``name`` (default preset) edits, and which of the carriers in ``counts`` it acts on.
+
+    An attention edit at a layer acts on the heads of that layer (AD-HH: on its listed heads only); a residual
+    edit entering a layer acts on no component's output directly, but on the input of every component from
+    that layer on (``downstream``). No MLP output is edited by any of them."""
+    from .errors import UserError
+    from .interventions import resolve
+
+    iv = resolve(name, "paper" if name == "adhh" else None, [])
+    try:
+        sites = sorted(iv.open_sites(True))
+    except UserError:
+        sites = []
+    layers = sorted(adhh_heads and {a for a, _ in adhh_heads}) if name == "adhh" else list(iv.layers(lm.n_layers))
+    found = counts[counts["n_either"] > 0]
+    heads = found[found.component == "head"]
+    on = []
+    if "attention" in sites:
+        on = [r for r in heads.itertuples() if (name != "adhh" and r.layer in layers)
+              or (name == "adhh" and (r.layer, r.head) in set(adhh_heads))]
+    downstream = [r for r in found.itertuples() if "residual" in sites and layers and r.layer >= min(layers)]
+    return {"intervention": name, "preset": "paper" if name == "adhh" else next(iter(iv.presets)),
+            "sites": ", ".join(sites), "layers": _ranges(layers) if name != "adhh" else ", ".join(
+                f"{a}.{b}" for a, b in adhh_heads), "carriers": len(found),
+            "acts_on": ", ".join(_component(r) for r in on) or "none",
+            "n_acts_on": len(on), "downstream_of_its_residual_edit": ", ".join(_component(r) for r in downstream)
+            or "none", "n_downstream": len(downstream)}
+
+
+def _ranges(layers) -> str:
+    """``[1, 2, 3, 5]`` → ``"1–3, 5"``."""
+    out, run_ = [], []
+    for x in sorted(layers):
+        if run_ and x != run_[-1] + 1:
+            out.append(run_)
+            run_ = []
+        run_.append(x)
+    if run_:
+        out.append(run_)
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in out) or "none"

@@ -19,12 +19,16 @@ import torch
 from PIL import Image
 
 from mclcbf_diag import attribution as A
+from mclcbf_diag.attribute import METRICS as ATTRIBUTE_METRICS
 from mclcbf_diag.attribute import (
+    Grid,
     activation_patching,
     agreement,
     attribution_patching,
     dla,
     dla_records,
+    local_records,
+    local_summary,
     localisation,
     paired_inputs,
 )
@@ -406,6 +410,12 @@ def test_localisation_finds_the_layer_and_token_of_a_residual_edit(embedded_mode
         assert abs(float(back[L, 2]) - (0.0 if L >= 3 else 1.0)) <= tol, (L, back[L])
         assert abs(float(rec[L, 0])) <= tol and abs(float(rec[L, 1])) <= tol
         assert abs(float(back[L, 0]) - 1) <= tol and abs(float(back[L, 1]) - 1) <= tol
+    # the summary: the change enters the decision token's residual at layer 3, from both sides
+    found = local_summary(grid)
+    assert found.measurable and found.gap == grid.gap
+    assert {(e.site, e.layer, e.direction) for e in found.enters} == {("resid_decision", 3, "denoise"),
+                                                                      ("resid_decision", 3, "noise")}
+    assert all(abs(e.share - 1) <= tol for e in found.enters)
     # heads and MLPs before the edit carry none of it
     assert grid.heads["denoise"][:3].abs().max() <= tol and grid.mlp["denoise"][:3].abs().max() <= tol
     # the intervened activation of head 5.1 put into a plain baseline forward by a hook
@@ -550,3 +560,35 @@ def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, whi
         assert abs(float(grid.margins["mlp:noise"][L]) - ref) <= floor, L
     # restoring the baseline's embeddings in front of a later edit changes nothing
     assert abs(float(grid.resid["noise"][0].min()) - 1) * abs(grid.gap) <= floor
+
+
+def test_the_local_summary_sorts_effects_by_sign_against_a_hand_worked_grid():
+    """Baseline margin 1, intervened 3 (gap +2), floor 0.01 (threshold 0.02). Denoising: head 0.1 put into the
+    baseline gives 2.5 (+1.5: it makes the change), head 1.0 gives 0.2 (−0.8: it works against it), head 1.1
+    1.015 (+0.015: rounding); the MLPs 1 and 1.5. Noising: restoring head 0.1 leaves 1.2 (it carried +1.8),
+    restoring the MLP of layer 1 leaves 3.4 (−0.4: it cancelled part)."""
+    nan = float("nan")
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    grid = Grid(3.0, 1.0, 0.01, margins={
+        "resid:denoise": t([[1.0, 1.0, 1.0], [1.0, 1.0, 2.9]]), "heads:denoise": t([[1.0, 2.5], [0.2, 1.015]]),
+        "mlp:denoise": t([1.0, 1.5]), "resid:noise": t([[3.0, 3.0, 3.0], [3.0, 3.0, 1.05]]),
+        "heads:noise": t([[3.0, 1.2], [3.0, nan]]), "mlp:noise": t([3.0, 3.4])})
+    for key, m in grid.margins.items():
+        kind, d = key.split(":")
+        getattr(grid, kind)[d] = A.recovery(m, grid.corrupted, grid.clean, grid.floor)
+    s = local_summary(grid)
+    assert s.gap == 2.0 and s.threshold == 0.02 and s.measurable
+    assert [(e.site, e.layer, e.head, e.direction, round(e.effect, 6)) for e in s.arises] == [
+        ("head", 0, 1, "noise", 1.8), ("head", 0, 1, "denoise", 1.5), ("mlp", 1, -1, "denoise", 0.5)]
+    assert [(e.site, e.layer, e.head, e.direction, round(e.effect, 6)) for e in s.cancels] == [
+        ("head", 1, 0, "denoise", -0.8), ("mlp", 1, -1, "noise", -0.4)]
+    assert [(e.site, e.layer, e.direction, round(e.share, 6)) for e in s.enters] == [
+        ("resid_decision", 1, "denoise", 0.95), ("resid_decision", 1, "noise", 0.975)]
+    assert s.cancelled("noise") == pytest.approx(0.4 / 1.8) and s.cancelled("denoise") == pytest.approx(0.8 / 1.5)
+    # a gap within the threshold: nothing to localise
+    small = Grid(1.015, 1.0, 0.01, margins=grid.margins)
+    assert not local_summary(small).measurable and local_summary(small).arises == ()
+    # the records: both directions, each metric documented
+    rec = local_records(grid, question_id="q")
+    assert {m.split("_")[0] for m in rec["metric"]} == {"local", "restore"} and set(rec["condition"]) == {"steered"}
+    assert all(documented(m) or m in ATTRIBUTE_METRICS for m in rec["metric"])

@@ -17,12 +17,18 @@ import torch
 from cli_refusals import refused
 
 from mclcbf_diag import shipped
+from mclcbf_diag.attribute import METRICS as ATTRIBUTE_METRICS
 from mclcbf_diag.cli import main
 from mclcbf_diag.corrupt import minimal_pair
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.embedded.config import EVAL_SEED
 from mclcbf_diag.embedded.world import render, sample_scene
 from mclcbf_diag.records import documented
+
+
+def described(metric: str) -> bool:
+    """In the glossary: the shared one, or the attribute module's own (its entries for records.METRICS)."""
+    return documented(metric) or metric in ATTRIBUTE_METRICS
 
 
 def _pope(tmp_path, text="Is there a dog in the image?", image_from=0):
@@ -88,7 +94,7 @@ def test_attribute_writes_records_and_a_page_with_the_margins_of_plain_forwards(
     assert meta["summary"]["margin_clean"] == pytest.approx(clean, abs=tol)
     assert meta["summary"]["margin_corrupted"] == pytest.approx(corrupted, abs=tol)
     records = pd.read_parquet(out / "records.parquet")
-    assert all(documented(m) for m in records.metric.unique())
+    assert all(described(m) for m in records.metric.unique())
     base = records[records.condition == "baseline"]
     total = float(base[base.metric == "dla_total"].value.iloc[0])
     assert abs(total - clean) <= min(1e-5, tol)  # the parts sum to the plain forward's margin
@@ -100,6 +106,8 @@ def test_attribute_writes_records_and_a_page_with_the_margins_of_plain_forwards(
     local = records[(records.condition == "steered") & (records.metric == "local_head")]
     assert len(local) == 8 * 4 and local.value.notna().all()
     assert "intervention  moves the margin by" in printed
+    restored = records[(records.condition == "steered") & (records.metric == "restore_head")]
+    assert len(restored) == 8 * 4 and restored.value.notna().all()
     html = (out / "attribute.html").read_text()
     assert "Direct logit attribution" in html and "Attribution patching" in html and "<script src=" not in html
     assert "margin      clean" in printed and "wrote" in printed
@@ -112,7 +120,9 @@ def test_attribute_localises_an_intervention_that_moves_the_margin(tmp_path, cap
     argv = ["attribute", "--sample", "0", "--out", str(out), "--set", "span=detected", "--set", "alpha=50",
             "--set", "tau=0.9", "--components-at", "decision"]
     assert main(argv) == 0
-    assert "its activations patched into the baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "its activations patched into the baseline" in printed and "restoring   the baseline's" in printed
+    assert "the change  enters the residual at" in printed
     records = pd.read_parquet(out / "records.parquet")
     st = records[records.condition == "steered"]
     clean = float(st[st.metric == "local_margin_clean"].value.iloc[0])
@@ -123,7 +133,14 @@ def test_attribute_localises_an_intervention_that_moves_the_margin(tmp_path, cap
     # the steered residual at the decision token entering the last layer carries every step (layers ≤ 6)
     last = st[(st.metric == "local_resid_decision") & (st.layer == lm.n_layers - 1)]
     assert float(last.value.iloc[0]) == pytest.approx(1.0, abs=0.05)
-    assert clean != base and "Where the intervention acts" in (out / "attribute.html").read_text()
+    html = (out / "attribute.html").read_text()
+    assert clean != base and "Where the intervention acts" in html and "made and undone" in html
+    # restoring the baseline's residual at the decision token entering layer 0 (before any step) leaves all of
+    # the change; entering the last layer (after every step at layers ≤ 6) none of it
+    back = st[st.metric == "restore_resid_decision"].set_index("layer").value
+    assert float(back[0]) == pytest.approx(1.0, abs=0.05) and float(back[lm.n_layers - 1]) == pytest.approx(0, abs=0.05)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["summary"]["local"]["measurable"] and meta["summary"]["local"]["enters"]
 
 
 def test_attribute_with_noise_escapes_the_question_and_keeps_folders_apart(tmp_path, capsys, embedded_model):

@@ -1,4 +1,5 @@
-"""``mclcbf-diag attribute``: one sample's direct logit attribution, activation patching and attribution patching."""
+"""``mclcbf-diag attribute``: one sample's direct logit attribution, activation patching and attribution patching;
+with ``--limit N``, the components that carry the wrong "Yes" over a split's first N questions."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import json
 from .. import knobs as K
 from ..errors import UserError
 from .common import (
+    check_folder,
+    check_prompt,
     force_option,
     intervention_options,
+    load_from_args,
     model_options,
     question_from_args,
     sample_job,
@@ -74,9 +78,8 @@ def _question_file(args):
     return Path(args.pope_file) if args.pope_file else shipped.pope_file(args.split)
 
 
-def cmd_attribute(args) -> int:
+def _check_corruption_options(args) -> str:
     from ..corrupt import check_step
-    from ..storage import atomic_write_text, safe_name
 
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: give a non-negative integer")
@@ -87,6 +90,17 @@ def cmd_attribute(args) -> int:
         if kind != "noise":
             raise UserError(f"--noise-step goes with --corrupt noise, not --corrupt {kind}")
         check_step(args.noise_step)
+    return kind
+
+
+def cmd_attribute(args) -> int:
+    from ..storage import atomic_write_text, safe_name
+
+    if args.limit is not None:
+        return cmd_attribute_split(args)
+    if args.share is not None or args.adhh_calibration is not None:
+        raise UserError("--share and --adhh-calibration go with --limit N (a split); add --limit, or leave them out")
+    _check_corruption_options(args)
     question, image_dir = question_from_args(args)
     from ..data import load_image, resolve_image
     from ..data.pope import SHORTEST_EDGE
@@ -118,7 +132,12 @@ def cmd_attribute(args) -> int:
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": result.summary}
+    from ..attribution_figures import restore_section
+
     sections = attribute_sections(result)
+    restored = restore_section(result)
+    if restored is not None:
+        sections.append(restored)
     with writing(args, default_out) as out:
         write_frame(result.records, out / "records.parquet", "parquet")
         write_frame(result.records, out / "records.csv", "csv")
@@ -141,8 +160,133 @@ def cmd_attribute(args) -> int:
             print(f"  intervention  moves the margin by {s['local_gap']:+.3g} ({times:.3g}"
                   f" × its noise floor); its activations patched into the baseline: top heads "
                   f"{', '.join(s['top_heads_local'])}")
+    if "local" in s and s["local"]["measurable"]:
+        found = s["local"]
+        print(f"  restoring   the baseline's activations in the intervened run: top heads "
+              f"{', '.join(s['top_heads_restore'])}")
+        print(f"  the change  {_effects(found['enters'], 'enters the residual')}; {_effects(found['arises'], 'arises')}"
+              f"; {_effects(found['cancels'], 'is cancelled')} (each above {found['threshold']:.3g}, twice the "
+              "noise floor)")
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, attribute.html")
     return 0
+
+
+def _effects(effects: list, verb: str, k: int = 3) -> str:
+    """The first ``k`` effects of a :class:`~mclcbf_diag.attribute.LocalSummary` (as dicts) in words."""
+    if not effects:
+        return f"{verb} nowhere above noise" if verb != "is cancelled" else "nothing cancels it above noise"
+    names = []
+    for e in effects[:k]:
+        where = f"{e['layer']}.{e['head']}" if e["site"] == "head" else f"layer {e['layer']} {e['site']}"
+        names.append(f"{where} ({e['direction']}: {e['effect']:+.3g})")
+    return f"{verb} at " + ", ".join(names) + (f" and {len(effects) - k} more" if len(effects) > k else "")
+
+
+def cmd_attribute_split(args) -> int:
+    """``--limit N``: the components that carry the wrong Yes over the split's first N questions."""
+    from ..pope.jobs import question_files, select_jobs
+    from ..storage import atomic_write_text, check_writable
+
+    if args.sample is not None or args.question_id is not None:
+        raise UserError("--limit runs over a split: give it without --sample/--question-id (or drop --limit)")
+    if args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of questions")
+    share = 0.1 if args.share is None else args.share
+    if not 0 < share <= 1:
+        raise UserError(f"--share {share}: give a fraction of the margin in (0, 1], e.g. 0.1")
+    if args.adhh_calibration is not None and args.adhh_calibration < 1:
+        raise UserError(f"--adhh-calibration {args.adhh_calibration}: give a positive number of questions")
+    kind = _check_corruption_options(args)
+    check_prompt(args)
+    jobs = select_jobs(question_files(args.split, args.pope_file, args.image_dir), args.limit, None)
+    if not jobs:
+        raise UserError(f"the question file of split {args.split} holds no question; give another --pope-file")
+    if args.other_sample is not None:
+        raise UserError("--other-sample picks one image; with --limit each question's corruption is the image of "
+                        "the next question about another image: leave --other-sample out")
+    items = [_split_item(args, job, kind, i == 0) for i, job in enumerate(jobs)]  # checked before the model loads
+    out = check_writable(args.out or f"reports/attribute-{args.split}")
+    check_folder(out, "attribute", args.force)
+    lm = load_from_args(args)
+    from ..attribute import split_carriers
+
+    result = split_carriers(lm, [(q, image, _corrupter(lm, args, q, image, c)) for q, image, c in items],
+                            share=share, components_at=args.components_at, template=args.prompt,
+                            adhh_calibration=args.adhh_calibration, progress=True)
+    from ..attribution_figures import split_sections
+    from ..report import write_page
+
+    meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "split": args.split,
+            "pope_file": args.pope_file, "limit": args.limit, "corrupt": kind, "seed": args.seed,
+            "summary": result.summary}
+    with writing(args, str(out)) as out:
+        write_frame(result.records, out / "records.parquet", "parquet")
+        write_frame(result.records, out / "records.csv", "csv")
+        write_frame(result.counts, out / "counts.csv", "csv")
+        write_frame(result.interventions, out / "interventions.csv", "csv")
+        atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
+        write_page(out / "attribute.html", "mclcbf-diag attribute: the components that carry the wrong Yes",
+                   split_sections(result))
+    s = result.summary
+    print(f"split {args.split}: {s['questions']} questions, {s['wrong_yes']} wrong Yes, {s['wrong_no']} wrong No, "
+          f"{s['not_yes_no']} not Yes/No ({kind} corruption)")
+    print(f"  carriers of the wrong Yes  {', '.join(s['carriers']) or 'none'}")
+    print(f"  AD-HH finds               {', '.join(s['adhh_heads']) or 'none'}; carrying a wrong Yes here: "
+          f"{', '.join(s['adhh_heads_carrying']) or 'none'}")
+    for row in result.interventions.itertuples():
+        print(f"  {row.intervention:<6} opens {row.sites or 'no site'} at {row.layers}: its attention edit acts on "
+              f"{row.acts_on}")
+    print(f"wrote {show(out)}/records.parquet, records.csv, counts.csv, interventions.csv, config.json, "
+          "attribute.html")
+    return 0
+
+
+def _split_item(args, job, kind: str, first: bool):
+    """``(question, load image, load corrupted image or None)`` of one question. Every check runs before the model
+    loads: the image (decoded, not kept) and, for the first question, the corruption itself (a minimal pair: that
+    the question names one object, for every question)."""
+    from ..corrupt import asked_object
+    from ..data import load_image, resolve_image
+    from ..data.pope import SHORTEST_EDGE, check_image
+    from .common import shortest_edge
+
+    q, edge = job.question, shortest_edge(args.model) or SHORTEST_EDGE
+    try:
+        path = resolve_image(q, job.image_dir)
+        check_image(path, edge)
+    except UserError as exc:
+        raise UserError(f"question_id {q.question_id!r}: {exc}") if "question_id" not in str(exc) else exc
+    if kind == "pair" and asked_object(q.text) is None:
+        raise UserError(f"--corrupt pair: question_id {q.question_id!r} ({q.text!r}) names no single object of the "
+                        "embedded world; choose --corrupt noise, blank or other")
+
+    def image():
+        return load_image(path, edge)
+
+    def corrupted():
+        return None if kind == "noise" else corrupted_input(args, q, image(), job.image_dir)[1]
+
+    if first:
+        corrupted()
+    return q, image, corrupted
+
+
+def _corrupter(lm, args, question, image, corrupted_image):
+    """``clean inputs → corrupted inputs`` of one question (VCD noise on its processed image, seeded); ``image``
+    and ``corrupted_image`` load the pictures when called."""
+    from ..data import build_prompt
+
+    def corrupt(clean: dict) -> dict:
+        picture = corrupted_image()
+        if picture is not None:
+            return lm.inputs(build_prompt(question.text, args.prompt), picture)
+        from ..corrupt import vcd_noise
+
+        proc = lm.processor.image_processor(images=image(), return_tensors="pt")["pixel_values"]
+        pixels = vcd_noise(proc, 500 if args.noise_step is None else args.noise_step, args.seed)
+        return {**clean, "pixel_values": pixels.to(clean["pixel_values"].device, clean["pixel_values"].dtype)}
+
+    return corrupt
 
 
 def add_parser(sub) -> None:
@@ -166,6 +310,17 @@ def add_parser(sub) -> None:
     p.add_argument("--components-at", default="text", choices=["text", "decision"],
                    help="where each head's and MLP's output is patched: every text token after the image (default) "
                         "or the decision token only (a deep model's grid costs less)")
-    p.add_argument("--out", default=None, help="output folder (default reports/attribute-<question_id>)")
+    g = p.add_argument_group("over a split (instead of one sample)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="run over the split's (or --pope-file's) first N questions: count, over the wrong Yes "
+                        "answers, the heads and MLPs that carry the Yes (DLA and activation patching), compare them "
+                        "with AD-HH's hallucination heads and the sites each intervention edits")
+    g.add_argument("--share", type=float, default=None,
+                   help="--limit: a component carries a wrong Yes when its direct contribution (or its patch's "
+                        "recovery) is at least this fraction of the margin (default 0.1), above the noise floor")
+    g.add_argument("--adhh-calibration", type=int, default=None, metavar="N",
+                   help="--limit: questions AD-HH (preset paper) finds its heads on (default its own, 16)")
+    p.add_argument("--out", default=None, help="output folder (default reports/attribute-<question_id>, or "
+                                               "reports/attribute-<split> with --limit)")
     force_option(p)
     p.set_defaults(func=cmd_attribute)
