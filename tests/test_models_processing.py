@@ -96,3 +96,19 @@ def test_the_overlay_grid_takes_a_non_square_shape():
         patch_grid(row, mask)
     with pytest.raises(ValueError, match="6 image tokens do not form its 4 × 2 patch grid"):
         patch_grid(row, mask, (4, 2))
+
+
+def test_a_prompt_beyond_the_sliding_window_is_refused(tmp_path):
+    """A Mistral text model with a 24-token window caches 23 keys: an 83-token prompt is refused before loading."""
+    from mclcbf_diag.models.loading import prepare_model, sliding_window
+
+    prep = prepare_model(tiny_checkpoint("mistral", tmp_path))
+    assert sliding_window(prep.config.text_config) == 24
+    with pytest.raises(UserError, match=r"^q: the prompt is 8\d tokens and 2 new tokens, more than the text model's "
+                                        r"sliding window of 24 tokens keeps in its KV cache \(23\)"):
+        check_prompt_lengths(prep, [PROMPT_DOG], ["q"], max_new_tokens=2)
+    from transformers import LlamaConfig, Qwen2Config
+
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=24, max_window_layers=1,
+                                      num_hidden_layers=2)) == 24
+    assert sliding_window(Qwen2Config()) is None and sliding_window(LlamaConfig()) is None

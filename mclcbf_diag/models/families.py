@@ -38,14 +38,18 @@ FAMILIES: tuple[Family, ...] = (
         name="llava",
         architecture="LlavaForConditionalGeneration",
         model_type="llava",
-        layout="llava-hf layout (transformers 5.x): a Llama-family decoder with a CLIP vision tower and an MLP "
-               "projector; one fixed-size image per prompt, its tokens in place of <image>",
+        layout="llava-hf layout (transformers 5.x): a decoder-only text model with a CLIP-style vision tower and an "
+               "MLP projector; one fixed-size image per prompt, its tokens in place of the processor's placeholder "
+               "(prompts write <image>)",
         checked=("the embedded model (mclcbf_diag/embedded, the default --model; the test suite)",
                  "llava-hf/llava-1.5-7b-hf (README examples, notebooks/04_llava_7b_on_gpu.ipynb)"),
-        covers="other llava-hf LlavaForConditionalGeneration checkpoints with a Llama-family decoder (e.g. "
-               "llava-hf/llava-1.5-13b-hf): same module paths, not run here",
-        not_covered="LLaVA-NeXT (LlavaNextForConditionalGeneration: per-image image_sizes) and other "
-                    "architectures: refused at load with the supported list",
+        covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
+               "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
+               "plain forwards; with Gemma the logit lens and norm gains still read the norm's weight, not its 1 + w; "
+               "no real weights but llava-1.5-7b have been run)",
+        not_covered="LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
+                    "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
+                    "refused from config.json, before anything loads",
     ),
 )
 

@@ -51,7 +51,7 @@ from .adapter import ADAPTERS, ArchitectureAdapter
 from .families import check_config
 from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
-from .tokens import AnswerTokens, answer_tokens
+from .tokens import AnswerTokens, Sink, answer_tokens, find_sink
 
 EMBEDDED = shipped.WEIGHTS
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -109,6 +109,11 @@ class LoadedModel:
         self.image_grid(enc)
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in enc.items()}
+
+    def sink(self, input_ids: torch.Tensor, decision_rows: torch.Tensor | None = None,
+             image_mask: torch.Tensor | None = None) -> Sink:
+        """The prompt's attention sink: its BOS, or else the measured sink (:func:`~.tokens.find_sink`)."""
+        return find_sink(input_ids, self.tokens.bos_token_id, decision_rows, image_mask)
 
     def image_grid(self, enc) -> tuple[int, int]:
         """The patch grid (rows, columns) of one prompt's image (:func:`~.processing.check_image_grid`)."""
@@ -445,6 +450,15 @@ def _image_token_count(processor, where: str) -> int:
     return len(enc["input_ids"][0]) - len(alone) + 1
 
 
+def sliding_window(text_config) -> int | None:
+    """The text model's sliding window, where some layer has one (Mistral: every layer; Qwen2/3: the sliding layers)."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if not isinstance(window, int) or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
 def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = None,
                          max_new_tokens: int = 0) -> int:
     """Refuse any prompt the tokenizer would cut or the model cannot position; returns the longest length.
@@ -476,6 +490,13 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
                         f"the limit of {limit} ({what}); it would be cut silently: shorten --prompt or the "
                         "question, or use a model whose tokenizer and context allow longer prompts")
     text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
+    window = sliding_window(text_cfg)
+    if window is not None and longest + max_new_tokens > window - 1:
+        extra = f" and {max_new_tokens} new tokens" if max_new_tokens else ""
+        raise UserError(f"{name}: the prompt is {longest} tokens{extra}, more than the text model's sliding window of "
+                        f"{window} tokens keeps in its KV cache ({window - 1}), so cached keys would no longer line up "
+                        "with the image tokens; shorten the prompt"
+                        + (" or lower --max-new-tokens/--generate" if max_new_tokens else ""))
     mpe = getattr(text_cfg, "max_position_embeddings", None)
     if max_new_tokens and isinstance(mpe, int) and longest + max_new_tokens > mpe:
         raise UserError(f"{name}: the prompt is {longest} tokens and {max_new_tokens} new tokens would reach "
