@@ -14,6 +14,7 @@ two routes to one logit difference (``floors.margin_floor``).
 from __future__ import annotations
 
 import floors
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -592,3 +593,31 @@ def test_the_local_summary_sorts_effects_by_sign_against_a_hand_worked_grid():
     rec = local_records(grid, question_id="q")
     assert {m.split("_")[0] for m in rec["metric"]} == {"local", "restore"} and set(rec["condition"]) == {"steered"}
     assert all(documented(m) or m in ATTRIBUTE_METRICS for m in rec["metric"])
+
+
+def test_carriers_and_their_counts_follow_the_documented_rule():
+    """Hand-worked: a Yes of margin 2, share 0.1 (0.2 logits), floor 0.01. Direct contributions 0.5 (carries),
+    0.15 (under the share), −1 (toward No); patching with a gap of 1: recoveries 0.3 (carries), 0.05 (under the
+    share), NaN (no number: not a carrier); a gap within twice the floor: patching names nothing (NaN)."""
+    from mclcbf_diag.attribute import carrier_counts, carriers, patch_carriers
+
+    direct = torch.tensor([0.5, 0.15, -1.0], dtype=torch.float64)
+    assert carriers(direct, 2.0, 0.1, 0.01).tolist() == [True, False, False]
+    assert carriers(torch.tensor([0.005]), 0.01, 0.1, 0.01).tolist() == [False]  # a share, but under the floor
+    rec = torch.tensor([0.3, 0.05, float("nan")], dtype=torch.float64)
+    assert patch_carriers(rec, 1.0, 0.1, 0.01).tolist() == [1.0, 0.0, 0.0]
+    assert torch.isnan(patch_carriers(rec, 0.015, 0.1, 0.01)).all()
+    assert torch.isnan(patch_carriers(rec, -1.0, 0.1, 0.01)).all()  # the image lowers the Yes
+    # two questions on a model of 1 layer, 2 heads: head 0.1 carries both by DLA, one by patching too
+    rows = []
+    for q, (dla_flags, patch_flags, mlp) in {"a": ([0, 1], [0, 1], 1), "b": ([0, 1], [float("nan")] * 2, 0)}.items():
+        for h in range(2):
+            rows += [(q, 0, h, "carries_dla_head", dla_flags[h]), (q, 0, h, "carries_patch_head", patch_flags[h])]
+        rows += [(q, 0, -1, "carries_dla_mlp", mlp), (q, 0, -1, "carries_patch_mlp", 0)]
+    records = pd.DataFrame(rows, columns=["question_id", "layer", "head", "metric", "value"])
+    counts = carrier_counts(records, 1, 2, adhh_heads=((0, 1),)).set_index(["component", "layer", "head"])
+    assert counts.loc[("head", 0, 1), ["n_dla", "n_patch", "n_either", "n_both"]].tolist() == [2, 1, 2, 1]
+    assert counts.loc[("head", 0, 0), ["n_dla", "n_patch", "n_either", "n_both"]].tolist() == [0, 0, 0, 0]
+    assert counts.loc[("mlp", 0, -1), ["n_dla", "n_either"]].tolist() == [1, 1]
+    assert bool(counts.loc[("head", 0, 1), "adhh_head"]) and not bool(counts.loc[("mlp", 0, -1), "adhh_head"])
+    assert (counts.n_wrong_yes == 2).all()

@@ -55,6 +55,11 @@ def _pope(tmp_path, text="Is there a dog in the image?", image_from=0):
     (["attribute", "--corrupt", "other", "--other-sample", "0"], ["--other-sample 0 has the same image"]),
     (["attribute", "--corrupt", "other", "--other-sample", "99999"], ["--sample 99999 is out of range"]),
     (["attribute", "--sample", "5000"], ["--sample 5000 is out of range"]),
+    (["attribute", "--limit", "3", "--sample", "1"], ["--limit runs over a split", "without --sample"]),
+    (["attribute", "--limit", "0"], ["--limit 0", "positive number of questions"]),
+    (["attribute", "--share", "0.2"], ["--share and --adhh-calibration go with --limit N"]),
+    (["attribute", "--limit", "3", "--share", "1.5"], ["--share 1.5", "fraction of the margin"]),
+    (["attribute", "--limit", "3", "--corrupt", "other", "--other-sample", "2"], ["--other-sample picks one image"]),
 ])
 def test_attribute_refusals_are_one_fast_line(tmp_path, argv, fragments):
     _, torch_loaded = refused(argv, tmp_path, *fragments)
@@ -160,3 +165,57 @@ def test_attribute_with_noise_escapes_the_question_and_keeps_folders_apart(tmp_p
     capsys.readouterr()
     assert main(["attribute", "--pope-file", str(f), "--corrupt", "blank", "--out", str(t)]) == 2
     assert "holds a trace" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ over a split
+def test_attribute_over_a_split_counts_the_heads_that_carry_the_wrong_yes(tmp_path, capsys, embedded_model):
+    """Three questions of the adversarial split (a right answer, a wrong No, a wrong Yes), the minimal-pair
+    corruption: the answers against plain HF forwards; the carriers against the documented rule applied to the
+    records; the counts against the records; AD-HH's heads against what AD-HH itself found (its per-process
+    cache); each intervention's heads against its own layers."""
+    from mclcbf_diag.attribute import PUBLISHED, SPLIT_METRICS
+    from mclcbf_diag.interventions import adhh, resolve
+
+    lm = embedded_model
+    questions = [load_pope(shipped.pope_file("adversarial"))[i] for i in (0, 20, 49)]
+    f = tmp_path / "three.jsonl"
+    f.write_text("".join(json.dumps({"question_id": q.question_id, "image": q.image, "text": q.text,
+                                     "label": q.label}) + "\n" for q in questions))
+    out = tmp_path / "s"
+    assert main(["attribute", "--pope-file", str(f), "--image-dir", str(shipped.IMAGES), "--limit", "3", "--corrupt",
+                 "pair", "--adhh-calibration", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [".mclcbf-diag.lock", "attribute.html", "config.json",
+                                                    "counts.csv", "interventions.csv", "records.csv",
+                                                    "records.parquet"]
+    margins = [_margin(lm, q.text, load_image(resolve_image(q, shipped.IMAGES))) for q in questions]
+    wrong_yes = [q.question_id for q, m in zip(questions, margins) if q.label == "no" and m > 0]
+    wrong_no = [q.question_id for q, m in zip(questions, margins) if q.label == "yes" and m < 0]
+    assert len(wrong_yes) == 1 and len(wrong_no) == 1
+    s = json.loads((out / "config.json").read_text())["summary"]
+    assert (s["questions"], s["right"], s["wrong_yes"], s["wrong_no"]) == (3, 1, 1, 1)
+    records = pd.read_parquet(out / "records.parquet")
+    assert set(records.question_id) == set(wrong_yes) and set(records.metric) <= set(SPLIT_METRICS)
+    assert all(described(m) for m in records.metric.unique())
+    value = lambda m: records[records.metric == m].set_index(["layer", "head"]).value  # noqa: E731
+    margin, floor = float(value("wrong_yes_margin").iloc[0]), s["margin_floor"]
+    assert margin == pytest.approx(margins[2], abs=floors.margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id))
+    for kind in ("head", "mlp"):
+        direct = value(f"carry_dla_{kind}")
+        assert (value(f"carries_dla_{kind}") == ((direct > s["share"] * margin) & (direct > floor))).all()
+    counts = pd.read_csv(out / "counts.csv")
+    heads = counts[counts.component == "head"].set_index(["layer", "head"])
+    assert (heads.n_dla == value("carries_dla_head").reindex(heads.index).astype(int)).all()
+    assert len(counts) == lm.n_layers * (lm.text_config.num_attention_heads + 1) and (counts.n_wrong_yes == 1).all()
+    carriers = [f"{a}.{b}" for (a, b), n in heads.n_either.items() if n > 0]
+    assert carriers and all(c in s["carriers"] for c in carriers)
+    found = [v for k, v in adhh._FOUND.items() if k[1:] == (None, 1)]
+    assert [f"{a}.{b}" for a, b in found[-1]] == s["adhh_heads"]
+    ivs = pd.read_csv(out / "interventions.csv").set_index("intervention")
+    assert list(ivs.index) == list(PUBLISHED)
+    pai_layers = resolve("pai").layers(lm.n_layers)
+    expected = sorted(c for c in carriers if int(c.split(".")[0]) in pai_layers)
+    assert sorted(str(ivs.loc["pai", "acts_on"]).split(", ")) == (expected or ["none"])
+    assert "carriers of the wrong Yes" in printed and "AD-HH finds" in printed
+    html = (out / "attribute.html").read_text()
+    assert "Wrong Yes answers each head and MLP carries" in html and "What each intervention edits" in html
