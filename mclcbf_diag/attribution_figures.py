@@ -23,15 +23,26 @@ GROUP_COLUMNS = {"image": "restore_resid_image", "question": "restore_resid_ques
                  "decision": "restore_resid_decision", "MLP": "restore_mlp"}
 
 
-def effect_names(effects, k: int = 5) -> str:
-    """The first ``k`` :class:`~mclcbf_diag.attribute.LocalEffect` (objects or their dicts) in words."""
-    out = []
-    for e in list(effects)[:k]:
+DIRECTION_WORDS = {"denoise": "put into the baseline", "noise": "lost on restoring it"}
+
+
+def effect_names(effects, k: int = 3) -> str:
+    """The first ``k`` sites of a list of :class:`~mclcbf_diag.attribute.LocalEffect` (objects or their dicts),
+    each with its effect in logits from each direction that found it: ``head 5.1 (−0.45 put into the baseline,
+    −0.447 lost on restoring it)``."""
+    sites: dict[tuple, list] = {}
+    for e in effects:
         e = e if isinstance(e, dict) else e.__dict__
-        where = f"head {e['layer']}.{e['head']}" if e["site"] == "head" else f"layer {e['layer']} {e['site']}"
-        out.append(f"{where} ({e['direction']}: {e['effect']:+.3g}, {100 * e['share']:.0f}% of the change)")
-    more = len(list(effects)) - k
-    return ", ".join(out) + (f" and {more} more" if more > 0 else "") if out else "none above noise"
+        sites.setdefault((e["site"], e["layer"], e["head"]), []).append(e)
+    out = []
+    for (site, layer, head), found in list(sites.items())[:k]:
+        where = f"head {layer}.{head}" if site == "head" else (
+            f"layer {layer} MLP" if site == "mlp" else f"the {site.removeprefix('resid_')} tokens' residual "
+                                                      f"entering layer {layer}")
+        out.append(f"{where} (" + ", ".join(f"{e['effect']:+.3g} {DIRECTION_WORDS[e['direction']]}"
+                                            for e in found) + ")")
+    more = len(sites) - k
+    return "; ".join(out) + (f"; and {more} more" if more > 0 else "") if out else "none above noise"
 
 
 def restore_section(result) -> Section | None:
@@ -47,7 +58,7 @@ def restore_section(result) -> Section | None:
     lines = [f"The intervention moves the margin by {found.gap:+.3g} (baseline {found.margin_baseline:+.4g}, "
              f"intervened {found.margin_intervened:+.4g}); an effect counts above {found.threshold:.3g} (twice "
              "the margin's noise floor).",
-             "It enters the residual at: " + effect_names(found.enters, 6) + ".",
+             "It enters: " + effect_names(found.enters, 6) + ".",
              "Heads and MLPs that make it: " + effect_names(found.arises) + ".",
              "Heads and MLPs that work against it (cancel part of it): " + effect_names(found.cancels) + "."]
     try:
@@ -128,4 +139,4 @@ def split_sections(result) -> list[Section]:
     return sections
 
 
-__all__ = ["GROUP_COLUMNS", "count_heatmaps", "effect_names", "restore_section", "split_sections"]
+__all__ = ["DIRECTION_WORDS", "GROUP_COLUMNS", "count_heatmaps", "effect_names", "restore_section", "split_sections"]

@@ -24,9 +24,13 @@ from .common import (
 
 
 def corruption_kind(args) -> str:
-    """``--corrupt``, or its default: the minimal pair on the embedded model's own questions, else VCD noise."""
+    """``--corrupt``, or its default: over a split (``--limit``) a blank image (what the picture adds to a wrong
+    Yes; the minimal pair would add the absent object, which raises the Yes); for one sample the minimal pair on
+    the embedded model's own questions, else VCD noise."""
     if args.corrupt is not None:
         return args.corrupt
+    if getattr(args, "limit", None) is not None:
+        return "blank"
     return "pair" if args.model in (None, "", "embedded") and args.pope_file is None else "noise"
 
 
@@ -162,24 +166,17 @@ def cmd_attribute(args) -> int:
                   f"{', '.join(s['top_heads_local'])}")
     if "local" in s and s["local"]["measurable"]:
         found = s["local"]
-        print(f"  restoring   the baseline's activations in the intervened run: top heads "
-              f"{', '.join(s['top_heads_restore'])}")
-        print(f"  the change  {_effects(found['enters'], 'enters the residual')}; {_effects(found['arises'], 'arises')}"
-              f"; {_effects(found['cancels'], 'is cancelled')} (each above {found['threshold']:.3g}, twice the "
-              "noise floor)")
+        from ..attribution_figures import effect_names
+
+        print(f"  restoring   the baseline's activations in the intervened run: the share of the change lost, top "
+              f"heads {', '.join(s['top_heads_restore'])}")
+        print(f"  the change  enters {effect_names(found['enters'], 2)}")
+        print(f"              made by {effect_names(found['arises'])}")
+        print(f"              worked against by {effect_names(found['cancels'])}")
+        print(f"              (effects in logits of the margin, each above {found['threshold']:.3g}, twice the noise "
+              "floor)")
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, attribute.html")
     return 0
-
-
-def _effects(effects: list, verb: str, k: int = 3) -> str:
-    """The first ``k`` effects of a :class:`~mclcbf_diag.attribute.LocalSummary` (as dicts) in words."""
-    if not effects:
-        return f"{verb} nowhere above noise" if verb != "is cancelled" else "nothing cancels it above noise"
-    names = []
-    for e in effects[:k]:
-        where = f"{e['layer']}.{e['head']}" if e["site"] == "head" else f"layer {e['layer']} {e['site']}"
-        names.append(f"{where} ({e['direction']}: {e['effect']:+.3g})")
-    return f"{verb} at " + ", ".join(names) + (f" and {len(effects) - k} more" if len(effects) > k else "")
 
 
 def cmd_attribute_split(args) -> int:
@@ -300,8 +297,8 @@ def add_parser(sub) -> None:
     g.add_argument("--corrupt", default=None, choices=KINDS,
                    help="the corrupted input (same prompt, another image): pair = the same scene with the asked "
                         "object removed or added (embedded model's questions; the default there), noise = VCD's "
-                        "diffusion noise (the default elsewhere), blank = a grey image, other = another question's "
-                        "image")
+                        "diffusion noise (the default elsewhere), blank = a grey image (the default with --limit), "
+                        "other = another question's image")
     g.add_argument("--noise-step", type=int, default=None, help="--corrupt noise: diffusion step 0–999 (default 500)")
     g.add_argument("--other-sample", type=int, default=None,
                    help="--corrupt other: 0-based index of the question whose image to use (default: the next "
