@@ -320,3 +320,40 @@ def test_the_seed_span_is_flagged_on_these_layouts(family_lm, family_forward):
     line = span_problem(BarrierConfig().fixed_span, detected, len(ids) - 1)
     assert line.startswith(f"the configured image span [1, 577) covers the decision token (position {len(ids) - 1})")
     assert span_problem((first, first + 64), detected, len(ids) - 1) is None
+
+
+def test_batched_rows_and_a_cached_prefix_equal_plain_forwards(family_lm):
+    """pope's path on each backbone: left-padded batches (Qwen2: no BOS), then the decision token continuing each
+    question's cached prefix (models.shared_prefix), against each prompt's own plain forward."""
+    from mclcbf_diag.data import build_prompt
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.engine.runner import prefix_forward, run_batch, run_rows
+    from mclcbf_diag.interventions.base import Intervention
+    from mclcbf_diag.models.shared_prefix import SharedPrefix, continuation_mask, continuing
+
+    lm = family_lm
+    prompts = [build_prompt(t) for t in ("Is there a dog in the image?", "Is there a big red dog here?", "dog?")]
+    images = [sample_scene(k, 1).image() for k in range(3)]
+    with torch.no_grad():
+        refs = [lm.model(**lm.inputs(p, i)).logits[0, -1] for p, i in zip(prompts, images)]
+    tol = TOL * max(float(r.abs().max()) for r in refs)
+    inputs = batch_inputs(lm, prompts, images)
+    assert len(set((inputs["attention_mask"] == 0).sum(-1).tolist())) == 3, "the prompts need different padding"
+    with torch.no_grad():
+        last, _ = run_batch(lm, inputs, Intervention(), full_ids=inputs["input_ids"])
+    for b, ref in enumerate(refs):
+        torch.testing.assert_close(last[b].float(), ref.float(), atol=tol, rtol=0)
+    if getattr(lm.text_config, "sliding_window", None):
+        return  # a cache of window − 1 keys holds no whole prefix: such prompts are refused (check_prompt_lengths)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pre = prefix_forward(lm, inputs, states_from=ids.shape[1] - 1)
+    start, owner = ids.shape[1] - 1, torch.tensor([2, 0, 1])
+    feed = {"inputs_embeds": pre.embeds[owner, start:], "position_ids": inputs["position_ids"][owner, start:],
+            "attention_mask": continuation_mask(mask[owner], start, pre.embeds.dtype)}
+    kv = [(c.keys, c.values) for c in pre.cache.layers]
+    with torch.no_grad(), continuing(lm, SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)):
+        cont, _ = run_rows(lm, feed, Intervention(), full_ids=ids[owner], full_mask=mask[owner], start=start,
+                           prefix_keys={i: k for i, (k, _) in enumerate(kv)}, prefix_rows=owner.tolist(),
+                           capture=False, use_cache=False)
+    for b, q in enumerate(owner.tolist()):
+        torch.testing.assert_close(cont[b].float(), refs[q].float(), atol=tol, rtol=0)
