@@ -660,8 +660,10 @@ class LocalSummary:
     two margins each within the floor is rounding. ``enters``: per direction and token group, the first layer
     whose residual carries the change (an effect of the gap's sign); ``arises``: the heads and MLPs whose
     effect has the gap's sign (they make the change); ``cancels``: those whose effect has the opposite sign
-    (they work against it); each sorted by size, largest first. Empty when the gap itself is not above the
-    threshold (``measurable`` False): then nothing can be localised.
+    (they work against it); each sorted by size, largest first; ``decision``: the change the decision token's
+    residual carries entering each layer, both directions, whatever its size (its rise and fall along the depth;
+    :meth:`peak`). Empty when the gap itself is not above the threshold (``measurable`` False): then nothing can
+    be localised.
     """
 
     margin_baseline: float
@@ -670,6 +672,7 @@ class LocalSummary:
     enters: tuple[LocalEffect, ...] = ()
     arises: tuple[LocalEffect, ...] = ()
     cancels: tuple[LocalEffect, ...] = ()
+    decision: tuple[LocalEffect, ...] = ()  # every layer's decision-token residual, each direction (no threshold)
 
     @property
     def gap(self) -> float:
@@ -689,6 +692,12 @@ class LocalSummary:
         against = [abs(e.effect) for e in self.cancels if e.direction == direction]
         return max(against, default=0.0) / max(made) if made else math.nan
 
+    def peak(self, direction: str = "denoise") -> LocalEffect | None:
+        """The layer whose decision-token residual carries the most of the change (its sign), in one direction."""
+        same = [e for e in self.decision if e.direction == direction and math.isfinite(e.effect)
+                and e.effect * self.gap > 0]
+        return max(same, key=lambda e: abs(e.effect), default=None)
+
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
@@ -701,7 +710,7 @@ def local_summary(grid: Grid) -> LocalSummary:
     if not out.measurable:
         return out
     gap, thr, sign = out.gap, out.threshold, math.copysign(1.0, out.gap)
-    enters, effects = [], []
+    enters, effects, decision = [], [], []
 
     def effect(d: str, m: float) -> float:
         return m - grid.corrupted if d == "denoise" else grid.clean - m
@@ -713,6 +722,9 @@ def local_summary(grid: Grid) -> LocalSummary:
             if first is not None:
                 e = effect(d, float(col[first]))
                 enters.append(LocalEffect(f"resid_{g}", first, NO_HEAD, d, e, e / gap, thr))
+            if g == "decision":
+                decision += [LocalEffect("resid_decision", L, NO_HEAD, d, effect(d, float(col[L])),
+                                         effect(d, float(col[L])) / gap, thr) for L in range(len(col))]
         heads, mlp = grid.margins[f"heads:{d}"], grid.margins[f"mlp:{d}"]
         for (L, h), m in ((idx, float(heads[idx])) for idx in np.ndindex(*heads.shape)):
             effects.append(LocalEffect("head", int(L), int(h), d, effect(d, m), effect(d, m) / gap, thr))
@@ -721,7 +733,8 @@ def local_summary(grid: Grid) -> LocalSummary:
                                        thr))
     big = sorted((e for e in effects if math.isfinite(e.effect) and abs(e.effect) > thr), key=lambda e: -abs(e.effect))
     return LocalSummary(grid.corrupted, grid.clean, grid.floor, tuple(enters),
-                        tuple(e for e in big if sign * e.effect > 0), tuple(e for e in big if sign * e.effect < 0))
+                        tuple(e for e in big if sign * e.effect > 0), tuple(e for e in big if sign * e.effect < 0),
+                        tuple(decision))
 
 
 def _direction(grid: Grid, d: str) -> Grid:

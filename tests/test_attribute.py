@@ -586,6 +586,9 @@ def test_the_local_summary_sorts_effects_by_sign_against_a_hand_worked_grid():
     assert [(e.site, e.layer, e.direction, round(e.share, 6)) for e in s.enters] == [
         ("resid_decision", 1, "denoise", 0.95), ("resid_decision", 1, "noise", 0.975)]
     assert s.cancelled("noise") == pytest.approx(0.4 / 1.8) and s.cancelled("denoise") == pytest.approx(0.8 / 1.5)
+    assert [(e.layer, e.direction, round(e.effect, 6)) for e in s.decision] == [
+        (0, "denoise", 0.0), (1, "denoise", 1.9), (0, "noise", 0.0), (1, "noise", 1.95)]
+    assert s.peak("noise").layer == 1 and s.peak("denoise").effect == pytest.approx(1.9)
     # a gap within the threshold: nothing to localise
     small = Grid(1.015, 1.0, 0.01, margins=grid.margins)
     assert not local_summary(small).measurable and local_summary(small).arises == ()
