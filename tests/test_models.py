@@ -76,10 +76,9 @@ def meta_7b():
 def test_adapter_registry():
     assert ADAPTERS["LlavaForConditionalGeneration"] is LLAVA
     # every field is covered by the lists above (a new field needs a test)
-    assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS + MATH_FIELDS) == set(LLAVA.__dataclass_fields__)
+    assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS) == set(LLAVA.__dataclass_fields__)
 
 
-MATH_FIELDS = ["norm_kind", "rotary"]
 
 
 def test_adapter_layer_weights_reproduce_the_layer_keys(embedded_model):

@@ -71,11 +71,15 @@ def test_layer_weights_norm_equals_the_hf_input_norm(lm):
     assert w.scaling == pytest.approx(cfg.head_dim ** -0.5) and w.norm_kind == "rms"
 
 
-def test_norm_eps_follows_the_norm_kind(lm):
+def test_norm_eps_reads_whichever_attribute_the_norm_has(lm):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
     rms = lm.model.model.language_model.norm
     assert LLAVA.norm_eps(rms) == rms.variance_epsilon
-    layer_kind = dataclasses.replace(LLAVA, norm_kind="layer")
-    assert layer_kind.norm_eps(torch.nn.LayerNorm(8, eps=3e-4)) == pytest.approx(3e-4)
+    assert LLAVA.norm_eps(torch.nn.LayerNorm(8, eps=3e-4)) == pytest.approx(3e-4)
+    assert LLAVA.norm_eps(GemmaRMSNorm(8, eps=2e-6)) == pytest.approx(2e-6)  # .eps, no .variance_epsilon
+    with pytest.raises(AttributeError, match="no epsilon attribute"):
+        LLAVA.norm_eps(torch.nn.Linear(2, 2))
 
 
 def test_the_adapter_needs_no_processor_extras(lm):

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .families import FAMILIES, TEXT_BACKBONES
 from .projection import NORMS, LayerWeights
@@ -126,9 +125,7 @@ class ArchitectureAdapter:
     layer_o_proj: str
     # nnsight path to the softmax inside the layer's eager attention (post-softmax edits)
     layer_attention_softmax: str
-    # the Llama math a text backbone not in TEXT_MATH would get; kept for callers that read it
-    norm_kind: str = "rms"
-    rotary: object = apply_rotary_pos_emb  # (q, k, cos, sin, unsqueeze_dim) → (q, k)
+    # the text model's own math (norm, q/k norms, rotary, window) is its backbone's: TEXT_MATH, text_math()
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
