@@ -9,13 +9,17 @@ attention, the only implementation that returns attention probabilities.
 Loading happens in two steps so that every mistake is reported before the weights are read:
 
 1. :func:`model_facts` reads ``config.json`` only (depth, context length, image tokens):
-   enough to validate ``--set layers=…`` in milliseconds.
+   enough to validate ``--set layers=…`` in milliseconds. A family, text model or vision
+   tower the toolkit cannot measure exactly is refused from the same file
+   (:func:`~.families.check_config`; the CLI runs it before torch is imported).
 2. :func:`prepare_model` checks dtype and device, optionally verifies the files against
    ``MANIFEST.sha256`` (``--verify``), loads the config and the processor (tokenizer), and
    finds the answer tokens; :func:`check_prompt_lengths` then measures every prompt with
-   the tokenizer. A prompt longer than the tokenizer's fixed/maximum length or the model's
-   context is refused with its length and the limit: nothing is ever cut silently (the
-   embedded tokenizer, for one, truncates to 176 tokens).
+   the tokenizer. A prompt longer than the tokenizer's fixed/maximum length, the model's
+   context or what a sliding-window layer keeps in its cache is refused with its length and
+   the limit: nothing is ever cut silently (the embedded tokenizer, for one, truncates to 176
+   tokens). Processor errors are one line (:mod:`.processing`), and so is an image whose
+   tokens do not form its patch grid (:meth:`LoadedModel.image_grid`), before the model runs.
 3. :func:`load_weights` reads the weights and refuses a checkpoint with missing,
    unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
    otherwise fill with random values.
