@@ -38,15 +38,15 @@ from pathlib import Path
 import torch
 
 from mclcbf_diag import barrier as B
-from mclcbf_diag.batch import answer_pair, batch_inputs
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.diagnose import diagnose
+from mclcbf_diag.diagnosis.diagnose import diagnose
 from mclcbf_diag.embedded.build import build_processor
-from mclcbf_diag.explain import explain_sample
+from mclcbf_diag.engine.batch import answer_pair, batch_inputs
+from mclcbf_diag.experiments.explain import explain_sample
+from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF, REGISTRY
 from mclcbf_diag.models import load_model
 from mclcbf_diag.models.real_width import LLAVA_1_5_7B, build_random_llava, llava15_7b_config, parameter_count
-from mclcbf_diag.trace import trace_sample
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 REDUCED = {"text": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
