@@ -42,7 +42,7 @@ def bare_path(lm, jobs, batch_size):
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
         prompts = [build_prompt(j.question.text) for j in batch]
-        images = [pope._image(resolve_image(j.question, j.image_dir)) for j in batch]
+        images = [pope.image_of(resolve_image(j.question, j.image_dir)) for j in batch]
         out += answer_batch(lm, prompts, images, None, False)
     return out
 

@@ -28,7 +28,7 @@ from options import question_options  # benchmarks/ is the script's folder
 from mclcbf_diag import pope
 from mclcbf_diag.data import build_prompt, resolve_image
 from mclcbf_diag.engine.batch import batch_inputs
-from mclcbf_diag.experiments.sweep import verdict as V
+from mclcbf_diag.experiments import verdict as V
 from mclcbf_diag.interventions import resolve
 from mclcbf_diag.models import load_model
 from mclcbf_diag.population import run as prun
@@ -39,7 +39,7 @@ def bare(lm, jobs, batch_size):
     for i in range(0, len(jobs), batch_size):
         b = jobs[i:i + batch_size]
         inputs = batch_inputs(lm, [build_prompt(j.question.text) for j in b],
-                              [pope._image(resolve_image(j.question, j.image_dir)) for j in b])
+                              [pope.image_of(resolve_image(j.question, j.image_dir)) for j in b])
         with torch.no_grad():
             lm.model(**inputs, logits_to_keep=1)
 

@@ -1,50 +1,11 @@
-"""MC-LCBF's names in one flat namespace (``from mclcbf_diag import barrier as B``).
+"""MC-LCBF's names in one flat namespace for notebooks and scripts: :mod:`mclcbf_diag.interventions.mclcbf.names`.
 
-The intervention itself lives in :mod:`mclcbf_diag.interventions.mclcbf` (math, knobs and
-presets, records); the attention edits in :mod:`mclcbf_diag.interventions.attention_edits`;
-the layer projections in :mod:`mclcbf_diag.models.projection`. This module only gathers
-their names for notebooks and scripts.
+``from mclcbf_diag import barrier as B`` gives that module itself (an alias, so nothing else outside the
+intervention's package names its vocabulary).
 """
 
-from __future__ import annotations
+import sys
 
-from . import knobs as _knobs
-from .errors import UserError
-from .interventions.attention_edits import (
-    logit_bias_for_target,
-    rescale_image_probs,
-    shift_image_logits,
-)
-from .interventions.mclcbf import FIXES, MCLCBF
-from .interventions.mclcbf.config import (
-    ALIASES,
-    PRESETS,
-    BarrierConfig,
-    depth_fraction,
-    image_span_mask,
-    phase_params,
-    resolve_grad_dtype,
-    steered_layers,
-    target_positions,
-)
-from .interventions.mclcbf.math import StepResult, barrier_gradient, barrier_value, step
-from .models.projection import LayerWeights, project_keys, project_queries
+from .interventions.mclcbf import names as _moved
 
-
-def get_preset(name: str) -> BarrierConfig:
-    """The named MC-LCBF preset, or a UserError that lists the valid names."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
-
-
-def apply_overrides(config: BarrierConfig, overrides) -> BarrierConfig:
-    """``knob=value`` strings applied to an MC-LCBF config (``tau=``/``alpha=`` set both phases)."""
-    return _knobs.apply_overrides(config, list(overrides), ALIASES)
-
-
-__all__ = ["LayerWeights", "project_keys", "project_queries", "barrier_value", "barrier_gradient", "BarrierConfig",
-           "PRESETS", "FIXES", "MCLCBF", "get_preset", "apply_overrides", "steered_layers", "depth_fraction",
-           "image_span_mask", "target_positions", "phase_params", "resolve_grad_dtype", "StepResult", "step",
-           "logit_bias_for_target", "rescale_image_probs", "shift_image_logits"]
+sys.modules[__name__] = _moved

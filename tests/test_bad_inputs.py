@@ -476,7 +476,7 @@ def test_huge_image_is_refused_with_the_override(tmp_path, capsys, out_dir, monk
 
 def test_image_cache_is_bounded_in_bytes(monkeypatch):
     monkeypatch.setenv("MCLCBF_DIAG_IMAGE_CACHE_MB", "1")
-    cache = pope._ImageCache()
+    cache = pope.ImageCache()
     for p in sorted(EMBEDDED_IMAGES.iterdir())[:120]:  # 120 × 12 KB decoded > 1 MB
         cache(p)
     assert cache.nbytes <= 2**20 and len(cache.items) < 120
@@ -596,7 +596,7 @@ def test_full_disk_during_the_append_is_one_line(tmp_path, capsys, monkeypatch):
 def test_full_disk_leaves_no_truncated_report(tmp_path, capsys, monkeypatch):
     import errno
 
-    from mclcbf_diag.report.html import html as report
+    from mclcbf_diag.report import html as report
 
     (tmp_path / "r").mkdir()
     page = tmp_path / "r" / "summary.html"

@@ -132,6 +132,10 @@ COVERED_BY = {  # module → (test file that holds its tests, why not the mirror
                                              "the step on real models against HF references"),
     "interventions/mclcbf/rules.py": ("test_diagnosis_diagnose.py", "each rule on hand-built records"),
     "interventions/mclcbf/__init__.py": ("test_barrier.py", "re-exports; barrier.py gathers the same names"),
+    "interventions/mclcbf/names.py": ("test_barrier.py", "the flat namespace users import as mclcbf_diag.barrier"),
+    "interventions/mclcbf/report.py": ("test_report_plots.py", "its figures beside the generic ones; its page "
+                                       "sentences in test_report_pages.py"),
+    "experiments/evidence.py": ("test_experiments_explain.py", "the pieces of a verdict, through explain's runs"),
 }
 
 EXEMPT = {
@@ -193,3 +197,54 @@ def test_every_test_file_names_a_module_or_says_what_it_covers():
     orphans = sorted(p.name for p in TESTS.glob("test_*.py") if p.name not in mirrors | cross_cutting
                      and not p.name.startswith(tuple(f"test_{s}" for s in SKIPPED)))
     assert not orphans, f"test files that mirror no module (rename, or list as cross-cutting): {orphans}"
+
+
+# ----------------------------------------------------------------------------- the seam
+def _mclcbf_vocabulary() -> tuple[set[str], set[str], set[str]]:
+    """MC-LCBF's metric names and its own knob names (those no other intervention has), compound ones only (a bare
+    ``scale``, ``span``, ``guard``, ``clamp`` or ``site`` also names a tensor's scale, a token span, torch's
+    ``Tensor.clamp`` or the runner's ``Site``), and its class names."""
+    import dataclasses
+
+    from mclcbf_diag.interventions import registry
+    from mclcbf_diag.interventions.mclcbf import METRICS, BarrierConfig
+
+    others = {f.name for name, cls in registry().items() if name != "mclcbf" and dataclasses.is_dataclass(cls.Knobs)
+              for f in dataclasses.fields(cls.Knobs)}
+    knobs = {f.name for f in dataclasses.fields(BarrierConfig)} - others
+    return {m for m in METRICS if "_" in m}, {k for k in knobs if "_" in k}, {"MCLCBF", "BarrierConfig"}
+
+
+def test_nothing_outside_the_intervention_names_mc_lcbf():
+    """A new intervention touches only interventions/: the generic code reaches MC-LCBF through Intervention's
+    methods, never through its metric names, knobs or classes (the registry names every class it lists)."""
+    metrics, knobs, classes = _mclcbf_vocabulary()
+    registry_files = {"interventions/__init__.py", "interventions/catalog.py"}
+    leaks = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith("interventions/mclcbf/") or _moved(path):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = (node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else
+                    node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else
+                    node.name if isinstance(node, ast.alias) else None)
+            if name in metrics | knobs or (name in classes and rel not in registry_files):
+                leaks.setdefault(rel, set()).add(name)
+    assert not leaks, sorted((k, sorted(v)) for k, v in leaks.items())
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("mclcbf_diag")):
+                modules |= {a.asname or a.name for a in node.names}
+                found += [f"{path.relative_to(PKG)}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+        found += [f"{path.relative_to(PKG)}: {n.value.id}.{n.attr}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in modules
+                  and n.attr.startswith("_") and not n.attr.startswith("__")]
+    assert not found, found

@@ -131,7 +131,7 @@ def test_the_same_case_gets_the_same_verdict_in_float32_and_bfloat16(both, overr
     if "clamp=none" not in overrides:
         from mclcbf_diag.cli.trace import print_outcome_summary
 
-        print_outcome_summary(results["bfloat16"].summary())
+        print_outcome_summary(results["bfloat16"].summary(), results["bfloat16"].intervention)
         line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("Δh"))
         assert "realised below noise" in line and "recomputed below noise" not in line
 

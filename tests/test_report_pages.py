@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from mclcbf_diag import shipped
+from mclcbf_diag.interventions.mclcbf import MCLCBF
 from mclcbf_diag.pope import metrics as M
 from mclcbf_diag.report import pages
 
@@ -16,7 +17,7 @@ SUMMARY = {"question_id": 26, "answer_before": "yes", "answer_after": "yes", "ou
 
 
 def test_headline_rounds_to_three_digits_and_says_right_or_wrong():
-    lines = pages.headline(SUMMARY)
+    lines = pages.headline(SUMMARY, intervention=MCLCBF())  # the barrier's lines are MC-LCBF's
     assert lines[0].startswith("Outcome: unchanged (the answer stays yes). Label: no; baseline answer yes (wrong)")
     assert "+0.821 → +0.821" in lines[1] and "0.999 → 0.999" in lines[1]  # 0.6938 + 0.3053
     assert "0.998 → 0.998" in lines[2] and "fired at layers: none" in lines[2] and "1, 2, 3" in lines[2]
@@ -25,7 +26,7 @@ def test_headline_rounds_to_three_digits_and_says_right_or_wrong():
 
 
 def test_summary_frame_pairs_baseline_and_intervened():
-    f = pages.summary_frame(SUMMARY)
+    f = pages.summary_frame(SUMMARY, MCLCBF())
     row = f[f.quantity == "margin logit(Yes) − logit(No)"].iloc[0]
     assert row.baseline == row.intervened == SUMMARY["margin_before"]  # full precision; the page rounds
     assert list(f.columns) == ["quantity", "baseline", "intervened"] and "generated text" not in set(f.quantity)

@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mclcbf_diag.interventions.mclcbf import MCLCBF
+from mclcbf_diag.interventions.mclcbf import report as R
 from mclcbf_diag.measurements.records import frame as _frame
+from mclcbf_diag.report import plots as P
 from mclcbf_diag.report.html import NoFigure
-from mclcbf_diag.report.html import plots as P
 
 
 def frame(rows):
@@ -52,6 +54,7 @@ def _rows(question_id="q1", phase="prefill", decode_step=0, shift=0.0):
         add("steered", layer, -1, "dh_recomputed", 0.02 * layer)
         add("steered", layer, -1, "dh_realised", 0.001 * layer)
         add("steered", layer, -1, "theta_norm", 0.5 * layer)
+        add("steered", layer, -1, "added_norm", 0.5 * layer)  # the runner's generic record of the added step
         add("steered", layer, -1, "theta_rel", 0.5 * layer / (10.0 * (layer + 1) + 1))
     for layer in range(LAYERS):
         add("steered", layer, -1, "propagation_rel", 0.0 if layer == 0 else 10.0 ** -(4 - layer))
@@ -89,12 +92,12 @@ def test_heatmaps_other_metric_missing(records):
 
 def test_residual_norms_traces(records):
     fig = P.residual_norms_figure(records)
-    # 3 norms x 2 conditions + ‖θ*‖ (the step's relative size is its own figure)
+    # 3 norms x 2 conditions + the added vector ‖v‖ (the step's relative size is MC-LCBF's own figure)
     assert len(fig.data) == 7
     pre_b, pre_s = _trace(fig, "‖x‖ entering the layer (baseline)"), _trace(fig, "‖x‖ entering the layer (steered)")
     assert list(pre_b.y) == [10.0, 20.0, 30.0, 40.0] and list(pre_s.y) == [11.0, 21.0, 31.0, 41.0]
     assert pre_b.line.dash == "solid" and pre_s.line.dash == "dash"
-    theta = _trace(fig, "step ‖θ*‖ (steered)")
+    theta = _trace(fig, "added ‖v‖ (steered)")
     assert list(theta.x) == list(STEERED_LAYERS) and list(theta.y) == [0.5, 1.0]
     assert fig.layout.yaxis.type == "log"
     _assert_full_ticks(fig.layout.yaxis)
@@ -113,14 +116,14 @@ def _assert_full_ticks(axis):
 
 
 def test_step_size_figure_and_its_empty_reason(records):
-    fig = P.step_size_figure(records)
+    fig = R.step_size_figure(records)
     assert list(fig.data[0].x) == list(STEERED_LAYERS)
     assert list(fig.data[0].y) == pytest.approx([0.5 * ly / (10.0 * (ly + 1) + 1) for ly in STEERED_LAYERS])
     # no step anywhere, the barrier at h ≥ τ: the figure is the reason, with the measured h and τ
     idle = records.copy()
     idle.loc[idle.metric.isin(["theta_rel", "theta_norm"]), "value"] = 0.0
     idle.loc[idle.metric == "barrier_h", "value"] = 0.9
-    nf = P.step_size_figure(idle)
+    nf = R.step_size_figure(idle)
     assert isinstance(nf, NoFigure) and "h ≥ τ" in nf.reason and "0.9" in nf.reason and "τ = 0.5" in nf.reason
 
 
@@ -173,7 +176,7 @@ def test_phase_and_decode_step_selection(records):
 
 
 def test_barrier_values(records):
-    fig = P.barrier_figure(records)
+    fig = R.barrier_figure(records)
     assert [t.name for t in fig.data] == ["h before", "τ", "h after (recomputed)", "h after (realised)"]
     assert list(fig.data[0].x) == ["L1", "L2"]
     assert list(fig.data[0].y) == pytest.approx([0.1, 0.2])
@@ -202,7 +205,7 @@ def test_heatmap_difference_panel_says_why_it_is_empty(records):
     keep = same[~((same.condition == "steered") & (same.metric == "attn_image_mass"))]
     same = pd.concat([keep, base.assign(condition="steered")], ignore_index=True)
     same.loc[same.metric == "barrier_h", "value"] = 0.8
-    fig = P.attention_heatmaps(same)
+    fig = P.attention_heatmaps(same, idle=MCLCBF().idle_reason(same))  # why nothing changed: the barrier's words
     assert len(fig.data) == 2  # baseline and steered; no blank difference map
     [note] = [a.text for a in fig.layout.annotations if a.text.startswith("no difference")]
     assert "h ≥ τ" in note.replace("<br>", " ")
@@ -232,7 +235,7 @@ def test_decode_summary_one_point_per_step(records):
 def test_missing_metric_named(records):
     no_barrier = records[records["metric"] != "barrier_h"]
     with pytest.raises(ValueError, match="barrier_h"):
-        P.barrier_figure(no_barrier)
+        R.barrier_figure(no_barrier)
     with pytest.raises(ValueError, match="propagation_rel"):
         P.propagation_figure(records[records["metric"] != "propagation_rel"])
 
@@ -251,11 +254,14 @@ def test_several_questions_need_the_arg(records):
 
 
 def test_trace_figures_all_and_skipping(records):
-    figs = P.trace_figures(records)
-    assert list(figs) == ["attention", "attention_mass", "residual_norms", "step_size", "jacobian_gains",
-                          "logit_lens", "barrier", "propagation"]
+    figs = P.trace_figures(records)  # the generic figures; the intervention adds its own after the norms
+    assert list(figs) == ["attention", "attention_mass", "residual_norms", "jacobian_gains", "logit_lens",
+                          "propagation"]
+    assert list(P.trace_figures(records, intervention=MCLCBF())) == [
+        "attention", "attention_mass", "residual_norms", "step_size", "barrier", "jacobian_gains", "logit_lens",
+        "propagation"]
     partial = records[~records["metric"].isin(["barrier_h", "propagation_rel", "attn_image_mass", "theta_rel"])]
-    assert list(P.trace_figures(partial)) == ["residual_norms", "jacobian_gains", "logit_lens"]
+    assert list(P.trace_figures(partial, intervention=MCLCBF())) == ["residual_norms", "jacobian_gains", "logit_lens"]
 
 
 def test_layer_heatmaps_draw_heads_and_named_columns_on_one_scale():

@@ -25,9 +25,9 @@ _INT = re.compile(r"[-+]?\d+")
 
 
 def max_new_tokens_limit() -> int:
-    from ..data.pope import _env_limit
+    from ..data.pope import env_limit
 
-    return _env_limit("MCLCBF_DIAG_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+    return env_limit("MCLCBF_DIAG_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
 
 
 class Parser(argparse.ArgumentParser):
@@ -160,16 +160,18 @@ def question_from_args(args):
     return q, image_dir
 
 
-def check_override_sizes(overrides) -> None:
-    """Bound the integers in ``--set`` strings BEFORE barrier.apply_overrides materialises them.
+def check_override_sizes(overrides, intervention: str = "mclcbf") -> None:
+    """Bound the integers in ``--set`` strings of integer knobs BEFORE the knob parser materialises them.
 
-    ``layers=0:100000000000`` would build a list of 10¹¹ ints (MemoryError) and
-    ``fixed_span=0:99…9`` overflows C ints; both become one line here.
+    ``layers=0:100000000000`` would build a list of 10¹¹ ints (MemoryError), and a span of positions
+    ``0:99…9`` overflows C ints; both become one line here. The integer knobs are ``layers`` and those
+    whose preset value is an integer or a tuple of integers (read from the torch-free specs).
     """
+    integer_knobs = {"layers", *_integer_knobs(intervention)}
     for item in overrides:
         knob, eq, text = str(item).partition("=")
         knob = knob.strip()
-        if not eq or knob not in ("layers", "fixed_span"):
+        if not eq or knob not in integer_knobs:
             continue
         for num in _INT.findall(text):
             if len(num.lstrip("+-")) > 7 or abs(int(num)) > MAX_KNOB_INT:
@@ -186,6 +188,23 @@ def check_override_sizes(overrides) -> None:
             if total > MAX_LAYER_LIST:
                 raise UserError(f"--set {item} lists {total} layers, more than {MAX_LAYER_LIST}; list the model's "
                                 "layers, e.g. layers=10:28")
+
+
+def _integer_knobs(intervention: str) -> set[str]:
+    import dataclasses
+
+    from .. import interventions
+
+    spec = interventions.specs().get(intervention)
+    if spec is None:
+        return set()
+    knobs = next(iter(spec.presets.values()))
+
+    def integral(v) -> bool:
+        ints = v if isinstance(v, tuple) else (v,)
+        return bool(ints) and all(isinstance(x, int) and not isinstance(x, bool) for x in ints)
+
+    return {f.name for f in dataclasses.fields(knobs) if integral(getattr(knobs, f.name))}
 
 
 def local_depth(model: str | None) -> int | None:
@@ -210,7 +229,7 @@ def local_depth(model: str | None) -> int | None:
 def early_checks(args) -> None:
     """Knob checks that need no torch: sizes of --set integers, the intervention's knobs and presets, layers vs
     depth."""
-    check_override_sizes(args.overrides)
+    check_override_sizes(args.overrides, getattr(args, "intervention", "mclcbf"))
     from .. import (
         interventions,  # names only: the classes (and torch) load on first use
     )
@@ -312,10 +331,10 @@ _OWNERS = {"trace": {"trace"}, "explain": {"pages"}, "flow": {"pages"}, "pope": 
 def folder_holds(out: Path) -> str | None:
     """Whose outputs ``out`` holds: ``pope``, ``explain --split``, ``merge``, ``trace``, ``attribute``, ``pages``
     or None."""
-    from ..pope.store import RUN, _load_run
+    from ..pope.store import RUN, load_run
 
     if (out / RUN).is_file():
-        run = _load_run(out / RUN) or {}
+        run = load_run(out / RUN) or {}
         if run.get("merged_from"):
             return "merge"
         return "explain --split" if run.get("kind") == "explain-population" else "pope"
@@ -388,7 +407,7 @@ def intervention_from_args(args, n_layers: int | None = None):
     """``--intervention`` at ``--preset`` with the ``--set`` overrides; its layers checked against ``n_layers``."""
     from ..interventions import resolve
 
-    check_override_sizes(args.overrides)
+    check_override_sizes(args.overrides, args.intervention)
     try:
         iv = resolve(args.intervention, args.preset, args.overrides)
     except (OverflowError, MemoryError, RecursionError, ValueError, TypeError) as exc:

@@ -38,7 +38,7 @@ def cmd_explain(args) -> int:
                         template=args.prompt)
     summary = ex.trace.summary()
     text = verdict(ex.causes)
-    print_outcome_summary(summary)
+    print_outcome_summary(summary, ex.trace.intervention)
     print()
     print(text)
     print()

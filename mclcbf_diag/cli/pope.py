@@ -21,13 +21,13 @@ from ..pope.jobs import (
     select_jobs,
 )
 from ..pope.store import (
-    _INFO_KEYS,
     ANSWERS,
     FORMAT,
+    INFO_KEYS,
     RUN,
-    _encode_rows,
-    _load_run,
     differing_keys,
+    encode_rows,
+    load_run,
     read_records,
     resumed,
     run_id,
@@ -70,7 +70,7 @@ def _model_files(where: str) -> str | None:
     return files_fingerprint(names, base=folder)
 
 
-def _identity(args, config, files, shard, all_jobs: list[Job] | None = None, where: str | None = None) -> dict:
+def run_identity(args, config, files, shard, all_jobs: list[Job] | None = None, where: str | None = None) -> dict:
     model = args.model or "embedded"
     if args.model and Path(args.model).expanduser().exists():
         model = str(Path(args.model).expanduser().resolve())
@@ -124,7 +124,7 @@ def resume_options(p) -> None:
     force_option(p)
 
 
-def _check_numbers(args) -> None:
+def check_numbers(args) -> None:
     for name, low in (("limit", 1), ("batch_size", 1), ("generate", 0)):
         v = getattr(args, name)
         if v is not None and v < low:
@@ -179,7 +179,7 @@ def _pope(args, on_batch=None) -> int:
     from ..data import build_prompt
 
     # 1. Everything that needs no model: numbers, shard, knobs vs. the depth, files, images, --out.
-    _check_numbers(args)
+    check_numbers(args)
     shard, files, all_jobs, jobs, out = split_run_checks(args, "reports/pope")
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
@@ -190,7 +190,7 @@ def _pope(args, on_batch=None) -> int:
 
     check_prompt_lengths(prep, prompts, [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
                          max_new_tokens=args.generate)
-    identity = _identity(args, config, files, shard, all_jobs, prep.where)
+    identity = run_identity(args, config, files, shard, all_jobs, prep.where)
     rid = run_id(identity)
     # 3. Only now write: lock the folder, claim it, answer what is missing.
     def answer(lm, todo):
@@ -224,7 +224,7 @@ def cmd_merge(args) -> int:
         raise UserError(f"merge OUT {show(out)} is one of the shard folders; pass a new folder for the merged run")
     ids = [_read_run(d) for d in dirs]
     for d, ident in zip(dirs[1:], ids[1:]):
-        diff = differing_keys(ids[0], ident, ignore=(*_INFO_KEYS, "shard"))
+        diff = differing_keys(ids[0], ident, ignore=(*INFO_KEYS, "shard"))
         if diff:
             raise UserError(f"{show(d)} and {show(dirs[0])} ran different configurations (differ in: "
                             f"{', '.join(diff)}); merge only shards of one run")
@@ -261,7 +261,7 @@ def cmd_merge(args) -> int:
 
     def write(folder: Path) -> None:
         atomic_write_text(folder / RUN, json.dumps(identity, indent=2) + "\n")
-        atomic_write(folder / ANSWERS, _encode_rows(records))
+        atomic_write(folder / ANSWERS, encode_rows(records))
         if population:
             from ..population.outputs import write_outputs as population_outputs
 
@@ -382,7 +382,7 @@ def _expected_keys(identity: dict) -> set | None:
 def _read_run(d: Path) -> dict:
     if not (d / RUN).exists():
         raise UserError(f"{show(d)} has no {RUN}; pass folders written by `mclcbf-diag pope --shard i/n --out DIR`")
-    run = _load_run(d / RUN)
+    run = load_run(d / RUN)
     if run is None:
         raise UserError(f"{show(d / RUN)} is empty or damaged; rerun that shard's pope command (same options: it "
                         "rebuilds run.json and keeps the answers), then merge again")

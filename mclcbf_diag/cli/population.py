@@ -52,7 +52,7 @@ def check_single(args) -> None:
                             "explain every question")
 
 
-def _check_numbers(args) -> None:
+def check_population_numbers(args) -> None:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit} must be >= 1 (the number of questions per split)")
     if not 1 <= args.batch_size <= MAX_BATCH:
@@ -69,10 +69,10 @@ def _check_numbers(args) -> None:
         raise UserError("--per-layer is for one sample (--sample or --question-id); drop it for a whole split")
 
 
-def _identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
+def population_identity(args, config, files, shard, all_jobs, where, n_layers) -> dict:
     from ..data import LLAVA_PROMPT
     from ..experiments.sweep import sweep_settings
-    from .pope import _identity as pope_identity
+    from .pope import run_identity as pope_identity
 
     ident = pope_identity(argparse.Namespace(**{**vars(args), "generate": 0}), config, files, shard, all_jobs, where)
     sweep = [] if args.no_sweep else [[t, None if w is None else list(w), k, v]
@@ -88,7 +88,7 @@ def cmd_population(args, on_batch=None) -> int:
     from ..storage import show
 
     # 1. Everything that needs no model.
-    _check_numbers(args)
+    check_population_numbers(args)
     shard, files, all_jobs, jobs, out = split_run_checks(args, f"reports/explain-{args.split}")
     from ..models.loading import check_prompt_lengths, model_facts
 
@@ -99,7 +99,7 @@ def cmd_population(args, on_batch=None) -> int:
 
     check_prompt_lengths(prep, [build_prompt(j.question.text, args.prompt) for j in jobs],
                          [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs])
-    identity = _identity(args, config, files, shard, all_jobs, prep.where, facts.n_layers)
+    identity = population_identity(args, config, files, shard, all_jobs, prep.where, facts.n_layers)
     rid = run_id(identity)
     # 2. Lock, claim, answer what is missing.
     from ..experiments.verdict import Settings

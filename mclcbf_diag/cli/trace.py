@@ -57,7 +57,7 @@ def cmd_trace(args) -> int:
         write_frame(result.records, out / "records.csv", "csv")
         atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
         write_page(out / "trace.html", f"mclcbf-diag trace: {question.text}", sections)
-    print_outcome_summary(summary)
+    print_outcome_summary(summary, result.intervention)
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, trace.html")
     return 0
 
@@ -96,8 +96,9 @@ def overlay_section(lm, result, image, template, tokens=()):
     return build(lm, result, image, template, tokens)
 
 
-def print_outcome_summary(s: dict) -> None:
-    """The summary a user reads first: the outcome (not a sign flip), Yes/No masses and top tokens."""
+def print_outcome_summary(s: dict, intervention=None) -> None:
+    """The summary a user reads first: the outcome (not a sign flip), Yes/No masses and top tokens, then the
+    intervention's own lines (:meth:`~mclcbf_diag.interventions.base.Intervention.summary_lines`)."""
     where = (f"sample {s['index']} (question_id {s['question_id']})" if "index" in s
              else f"question_id {s['question_id']}")
     label = s.get("label")
@@ -114,21 +115,10 @@ def print_outcome_summary(s: dict) -> None:
     print(f"  P(Yes)+P(No) baseline {s['p_yes_before'] + s['p_no_before']:.3f}   steered "
           f"{s['p_yes_after'] + s['p_no_after']:.3f}   top token baseline {s['top_before']!r}   steered "
           f"{s['top_after']!r}")
-    print(f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
-          f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})")
-    rel = s["max_theta_rel"]
-    lost = f" (a non-finite step or state at layers {s['layers_dropped']}: not applied)" if s.get(
-        "layers_dropped") else ""
-    print(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else
-          "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
-    from ..measurements.noise import (
-        show as shown,  # "below noise" under a figure's floor (see mclcbf_diag.measurements.noise)
-    )
+    for line in intervention.summary_lines(s) if intervention is not None else []:
+        print(line)
+    from ..measurements.noise import show as shown  # "below noise" under a figure's floor
 
-    dh = {k: (s.get(f"dh_{k}_mean"), s.get(f"dh_{k}_floor")) for k in ("predicted", "recomputed", "realised")}
-    if any(v is not None and v == v for v, _ in dh.values()):
-        print("  Δh       " + "   ".join(f"{k} {shown(v, f, '.3g')}" for k, (v, f) in dh.items())
-              + "   (mean over fired layers)")
     prop, floor = s.get("propagation_final"), s.get("propagation_floor")
     if prop is not None and prop == prop:
         print(f"  propagation after the final norm {shown(prop, floor, '.3g')}"

@@ -49,7 +49,7 @@ from mclcbf_diag.storage import contained, show
 _KEYS = ("question_id", "image", "text", "label")
 
 
-def _env_limit(name: str, default: int) -> int:
+def env_limit(name: str, default: int) -> int:
     text = os.environ.get(name)
     if text is None or not text.strip():
         return default
@@ -70,15 +70,15 @@ PLACEHOLDER = "<image>"
 
 
 def max_question_chars() -> int:
-    return _env_limit("MCLCBF_DIAG_MAX_QUESTION_CHARS", MAX_QUESTION_CHARS)
+    return env_limit("MCLCBF_DIAG_MAX_QUESTION_CHARS", MAX_QUESTION_CHARS)
 
 
 def max_image_pixels() -> int:
-    return _env_limit("MCLCBF_DIAG_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+    return env_limit("MCLCBF_DIAG_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
 
 
 def max_image_bytes() -> int:
-    return _env_limit("MCLCBF_DIAG_MAX_IMAGE_MB", MAX_IMAGE_MB) * 2**20
+    return env_limit("MCLCBF_DIAG_MAX_IMAGE_MB", MAX_IMAGE_MB) * 2**20
 
 
 def not_a_file(path: Path) -> str | None:

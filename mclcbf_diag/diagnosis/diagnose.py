@@ -60,7 +60,7 @@ import math
 
 import pandas as pd
 
-from ..interventions import MCLCBF
+from ..interventions import resolve
 from .rulebook import (
     Cause,
     CounterfactualRun,
@@ -251,8 +251,9 @@ GENERIC_RULES = _generic_rules()
 
 
 def rules_for(intervention=None) -> tuple[list[Rule], object]:
-    """The rule table for an intervention (default MC-LCBF) and its layer-set function."""
-    iv = intervention if intervention is not None else MCLCBF()
+    """The rule table for an intervention (default: the registry's default intervention) and its layer-set
+    function."""
+    iv = intervention if intervention is not None else resolve()
     table = _generic_rules(iv.no_step_explained_by()) + list(iv.rules())
     return sorted(table, key=lambda r: r.rank), iv.layer_sets
 

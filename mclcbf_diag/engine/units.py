@@ -92,8 +92,7 @@ class Mix(Intervention):
         self._groups: dict[tuple, list] = {}
         for iv in self._ivs:
             mine = [r for r in rows if self.units[r.index].iv is iv]
-            if hasattr(iv, "bind"):
-                iv.bind({r.index: self.units[r.index].setting for r in mine})
+            iv.bind({r.index: self.units[r.index].setting for r in mine})
             iv.begin(mine, n_layers)
         for r in rows:
             u = self.units[r.index]

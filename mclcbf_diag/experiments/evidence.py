@@ -137,6 +137,7 @@ class DoseResponse:
     kind: str = "unlabeled"  # wrong / right / unlabeled
     k_derail: float | None = None  # smallest multiplier on the grid that derailed the output
     k_nonfinite: float | None = None  # smallest multiplier on the grid whose step overflowed and was dropped
+    detail: str = ""  # the run at k*, in the intervention's words (Intervention.dose_detail)
 
     def sentence(self) -> str:
         goal = " or ".join(self.goal)
@@ -152,25 +153,22 @@ class DoseResponse:
         a = self.at_k_star
         what = {"right": f"The right answer is {a['outcome']}", "wrong": "The wrong answer is fixed"}.get(
             self.kind, f"The answer is {a['outcome']}")
-        return (f"{what} from k* ≈ {self.k_star:.3g} × the step (‖θ*‖/‖x‖ up to "
-                f"{a['theta_rel_max']:.3g}, margin {a['margin']:+.3g}, h {a['h_mean']:.3g}); the output is "
+        detail = self.detail or f"margin {a['margin']:+.3g}"
+        return (f"{what} from k* ≈ {self.k_star:.3g} × the step ({detail}); the output is "
                 f"{'still' if a['valid'] else 'no longer'} a Yes/No answer.")
 
 
-def dose_point(lm: LoadedModel, cap: RunCapture, k: float, base: Reading, label) -> dict:
-    """One point of the dose-response curve, read off the run at dose ``k``."""
-    return dose_point_of([c.metrics for c in cap.steps[0].layers.values()], reading(lm, cap), k, base, label)
+def dose_point(lm: LoadedModel, iv, cap: RunCapture, k: float, base: Reading, label) -> dict:
+    """One point of the dose-response curve, read off the run of ``iv`` at dose ``k``."""
+    return dose_point_of(iv, [c.metrics for c in cap.steps[0].layers.values()], reading(lm, cap), k, base, label)
 
 
-def dose_point_of(layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> dict:
-    """:func:`dose_point` from the run's per-layer records (``{metric: value}`` per layer) and its reading."""
-    layers = [m for m in layer_metrics if m.get("barrier_h") is not None]
-    rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
-    h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
+def dose_point_of(iv, layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> dict:
+    """:func:`dose_point` from the run's per-layer records (``{metric: value}`` per layer) and its reading; the
+    intervention adds its own figures of the step (:meth:`~mclcbf_diag.interventions.base.Intervention.dose_fields`)."""
     return {"k": k, "margin": r.margin, "answer_yes": r.margin > 0, "valid": r.valid, "p_yes": r.p_yes,
             "p_no": r.p_no, "outcome": outcome_of(base, r, label, dropped=dropped_edit(layer_metrics)),
-            "h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
-            "theta_rel_max": max(rel) if rel else 0.0, "yes_no_top": r.top_yes_no}
+            **iv.dose_fields(layer_metrics, k), "yes_no_top": r.top_yes_no}
 
 
 def doubling_grid(k_max: float) -> list[float]:
@@ -182,13 +180,13 @@ def doubling_grid(k_max: float) -> list[float]:
     return out
 
 
-def dose_result(points: list[dict], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
-    """The :class:`DoseResponse` of the computed ``points`` whose smallest hit is ``hi``."""
+def dose_result(iv, points: list[dict], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
+    """The :class:`DoseResponse` of ``iv``'s computed ``points`` whose smallest hit is ``hi``."""
     curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
     at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
     der, lost = curve[curve.outcome == "derailed"], curve[curve.outcome == "non_finite"]
     return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None,
-                        float(lost.k.min()) if len(lost) else None)
+                        float(lost.k.min()) if len(lost) else None, iv.dose_detail(at) if at else "")
 
 
 FIX_COLUMNS = ["fix", "change", "applicable", "margin", "answer", "valid", "outcome", "vs_unfixed", "counts"]
@@ -248,5 +246,5 @@ def fix_row(entry: PlannedFix, r: Reading | None, base: Reading, unfixed: Readin
 
 
 __all__ = ["FIX_COLUMNS", "GOALS", "KNOCKOUTS", "DoseResponse", "PlannedFix", "dose_point", "dose_point_of",
-           "dose_result", "doubling_grid", "dtype_untestable", "effect", "fix_plan", "fix_row", "kind_of", "reading", "run_in_dtype",
-           "spec_key", "variant_of"]
+           "dose_result", "doubling_grid", "dtype_untestable", "effect", "fix_plan", "fix_row", "kind_of", "reading",
+           "run_in_dtype", "spec_key", "variant_of"]

@@ -54,25 +54,17 @@ class TraceResult:
         return float(sel.value.iloc[0]) if len(sel) else math.nan
 
     def summary(self) -> dict:
-        """Answers, margins, barrier value and step size before and after, at prefill."""
+        """Answers, margins and Yes/No masses before and after, at prefill, and the intervention's own figures
+        (:meth:`~mclcbf_diag.interventions.base.Intervention.trace_summary`: for MC-LCBF the barrier and the step)."""
         r = self.records[(self.records.phase == "prefill") & (self.records["head"] == -1)]
         wide = {c: r[r.condition == c].pivot_table(index="layer", columns="metric", values="value")
                 for c in ("baseline", "steered")}
-        empty = pd.Series(dtype=float)
         per_layer = wide["steered"]
-        fired = per_layer.get("barrier_active", empty).fillna(0)
-        h_before = wide["baseline"].get("barrier_h", empty).dropna()
-        # after the step at each layer: the model's own image mass once the step is applied
-        # (a realised Δh below its noise floor is rounding, not a change: it counts as 0)
-        realised = per_layer.get("dh_realised", empty)
-        realised = realised.where(~(realised.abs() < per_layer.get("dh_realised_floor", empty).reindex(
-            realised.index)), 0.0)
-        h_after = (per_layer.get("barrier_h", empty) + realised.fillna(0)).dropna()
-        theta_rel = per_layer.get("theta_rel", empty).dropna()
         base, new = self.reading("baseline"), self.reading("steered")
         marks = per_layer.reindex(columns=list(DROPPED_EDIT_METRICS)).fillna(0)
         dropped = [int(i) for i in marks.index[(marks > 0).any(axis=1)] if i >= 0]
         label = self.question.label if self.question is not None else None
+        nonfinite = self.value("nonfinite_values")
         out = {
             "question_id": self.question_id,
             "answer_before": base.answer,
@@ -84,15 +76,10 @@ class TraceResult:
             "p_yes_after": new.p_yes, "p_no_after": new.p_no,
             "top_before": self.top_token("baseline"), "top_after": self.top_token("steered"),
             "valid_before": base.valid, "valid_after": new.valid,
-            "nonfinite_values": int(self.value("nonfinite_values")) if self.value("nonfinite_values") == self.value(
-                "nonfinite_values") else 0,
-            "layers_steered": [int(i) for i in h_before.index],
-            "layers_fired": [int(i) for i in fired[fired > 0].index],
+            "nonfinite_values": int(nonfinite) if nonfinite == nonfinite else 0,
             "layers_dropped": dropped,
-            "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
-            "h_after_mean": float(h_after.mean()) if len(h_after) else math.nan,
-            "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan,
-            **_noisy_figures(per_layer, fired[fired > 0].index),
+            **self.intervention.trace_summary(per_layer, wide["baseline"]),
+            **_propagation(per_layer),
         }
         if self.question is not None:
             out["index"] = self.question.index
@@ -116,18 +103,10 @@ class TraceResult:
         return self._decode(tid) if self._decode is not None else str(tid)
 
 
-def _noisy_figures(per_layer: pd.DataFrame, fired) -> dict:
-    """Δh (mean over fired layers) and the final propagation, each with its noise floor.
-
-    A mean's floor is the largest of its layers' floors; :func:`mclcbf_diag.measurements.noise.show` prints
-    "below noise" under it.
-    """
+def _propagation(per_layer: pd.DataFrame) -> dict:
+    """The change after the final norm and its noise floor (:mod:`mclcbf_diag.measurements.noise` prints
+    "below noise" under it)."""
     out = {}
-    for metric in ("dh_predicted", "dh_recomputed", "dh_realised"):
-        vals = per_layer[metric].reindex(fired).dropna() if metric in per_layer else pd.Series(dtype=float)
-        floors = per_layer[f"{metric}_floor"].reindex(vals.index).dropna() if f"{metric}_floor" in per_layer else []
-        out[f"{metric}_mean"] = float(vals.mean()) if len(vals) else math.nan
-        out[f"{metric}_floor"] = float(max(floors)) if len(floors) else math.nan
     for metric in ("propagation", "propagation_floor"):
         col = per_layer.get(metric)
         out[f"{metric}_final" if metric == "propagation" else metric] = (

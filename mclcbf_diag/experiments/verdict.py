@@ -338,8 +338,8 @@ def dose_jobs(b: VerdictBatch, jobs: list) -> list[DoseResponse]:
     runs = b.run(units, capture=False, patterns=True)
     curves, brackets = [], {}
     for j, (qv, iv) in enumerate(jobs):
-        points = [_point(b, qv, runs[j, k], k) if (j, k) in runs else dose_point(b.lm, qv.steer_capture, k, qv.base,
-                                                                                   qv.label) for k in grid]
+        points = [_point(b, qv, iv, runs[j, k], k) if (j, k) in runs else dose_point(b.lm, iv, qv.steer_capture, k,
+                                                                                   qv.base, qv.label) for k in grid]
         hit = next((i for i, p in enumerate(points) if p["outcome"] in GOALS[qv.kind]), None)
         curves.append(points[:hit + 1] if hit is not None else points)
         if hit is not None:
@@ -348,16 +348,16 @@ def dose_jobs(b: VerdictBatch, jobs: list) -> list[DoseResponse]:
         steps = {j: Unit(jobs[j][0].index, jobs[j][1], sum(brackets[j]) / 2) for j in sorted(brackets)}
         for j, res in b.run(steps, capture=False, patterns=True).items():
             qv = jobs[j][0]
-            p = _point(b, qv, res, steps[j].dose)
+            p = _point(b, qv, jobs[j][1], res, steps[j].dose)
             curves[j].append(p)
             brackets[j][1 if p["outcome"] in GOALS[qv.kind] else 0] = steps[j].dose
-    return [dose_result(curves[j], brackets[j][1] if j in brackets else None, b.settings.k_max,
-                        GOALS[qv.kind], qv.kind) for j, (qv, _) in enumerate(jobs)]
+    return [dose_result(iv, curves[j], brackets[j][1] if j in brackets else None, b.settings.k_max,
+                        GOALS[qv.kind], qv.kind) for j, (qv, iv) in enumerate(jobs)]
 
 
-def _point(b: VerdictBatch, qv: QuestionVerdict, run, k: float) -> dict:
+def _point(b: VerdictBatch, qv: QuestionVerdict, iv, run, k: float) -> dict:
     logits, per_layer = run
-    return dose_point_of(list(per_layer.values()), read(b.lm, logits), k, qv.base, qv.label)
+    return dose_point_of(iv, list(per_layer.values()), read(b.lm, logits), k, qv.base, qv.label)
 
 
 def steered_runs(b: VerdictBatch, jobs: list) -> list[tuple[Reading, RunCapture]]:

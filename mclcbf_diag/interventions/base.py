@@ -276,6 +276,12 @@ class Intervention:
     def begin(self, rows: list[Row], n_layers: int) -> None:
         """Called once per run before the first forward, with the batch's rows."""
 
+    def bind(self, settings: dict) -> None:
+        """Per-row settings for a batch whose rows differ (row index → setting), before :meth:`begin`.
+
+        An intervention that takes one (the graded sweep's edit, say) keeps them; the others ignore them.
+        """
+
     def residual(self, site: Site) -> None:
         """Act on (or measure) the residual entering ``site.layer``."""
 
@@ -309,6 +315,41 @@ class Intervention:
     def no_step_explained_by(self) -> tuple[str, ...]:
         """Rule ids whose detection explains why no step was applied (not_applied yields to them)."""
         return ()
+
+    def trace_summary(self, steered, baseline) -> dict:
+        """Its own figures of a traced question for the summary, from the intervened and the measuring
+        baseline run's records at prefill (frames: layer × metric, head −1)."""
+        return {}
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        """Lines ``trace`` and ``explain`` print under the outcome, from :meth:`trace_summary`'s fields."""
+        return []
+
+    def headline(self, summary: dict, records) -> list[str]:
+        """Sentences for a page's outcome section, from :meth:`trace_summary`'s fields and the records."""
+        return []
+
+    def summary_rows(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Rows the page's summary table adds: ``(name, key)`` pairs shown before and after (``key`` with
+        ``{}`` for before/after), and single values."""
+        return [], []
+
+    def figures(self, records, *, phase: str, decode_step: int, question_id, steered) -> dict:
+        """Figures of its own for the trace page (slug → plotly figure or ``NoFigure``), from the records."""
+        return {}
+
+    def idle_reason(self, records) -> str:
+        """Why the intervened run equals the baseline, in words (the records show nothing changed)."""
+        return "the intervention changed nothing at the decision token in any layer"
+
+    def dose_fields(self, layer_metrics: list[dict], k: float) -> dict:
+        """Its own figures of a run at dose ``k`` for the dose-response curve, from the run's records per
+        layer (``{metric: value}``); e.g. the step's size."""
+        return {}
+
+    def dose_detail(self, at: dict) -> str:
+        """The run at the dose-response's k* in words (``at``: that point of the curve)."""
+        return f"margin {at['margin']:+.3g}"
 
     def row_records(self, row: Row) -> dict[str, float]:
         """Whole-model records of a row (layer −1), e.g. how a configured span fits the image."""

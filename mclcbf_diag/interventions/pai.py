@@ -11,7 +11,7 @@ before the softmax, for the *last query row only*, all heads, image columns
 in layers ``start_layer … end_layer−1`` (README/POPE: ``--alpha 0.2 --start-layer 2
 --end-layer 32``), in the prefill (the decision token) and at every generated token (the
 last row is the new token). Here: image keys detected from ``input_ids``; layers 2–31 of 32
-mapped by :func:`~mclcbf_diag.interventions.mclcbf.config.depth_fraction`.
+mapped by :func:`~mclcbf_diag.interventions.layers.depth_fraction`.
 
 How it is done on the seam. The ``attention`` site holds the softmax *output*; the logit a
 itself is gone (log p recovers it only up to a per-row constant, and |a| needs the real
@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..models.projection import project_queries
 from .base import Intervention, Row, Site
 from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
-from .mclcbf.config import depth_fraction
+from .layers import published_layers
 
 
 def apply_logit_deltas(probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class PAI(Intervention, spec=SPECS["pai"]):
     sites = frozenset({"residual", "attention"})
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
-        return _layers(self.knobs.layers, n_layers, 2, 32)
+        return published_layers(self.knobs.layers, n_layers, 2, 32)
 
     def open_sites(self, steer: bool) -> frozenset[str]:
         if self.knobs.contrast_gamma != 1.0:
@@ -97,13 +97,3 @@ class PAI(Intervention, spec=SPECS["pai"]):
             delta[..., site.key_mask(row, row.image)] = self._delta.pop(row.index).to(delta)
             site.set_rows(row, q, apply_logit_deltas(p, delta))
             site.record(row, "pai_logit_delta", float(delta[..., site.key_mask(row, row.image)].mean()))
-
-
-def _layers(layers, n_layers: int, first: int, stop: int) -> tuple[int, ...]:
-    """Explicit ``layers`` (validated) or the paper's range ``first … stop−1`` of 32 by depth fraction."""
-    if layers is None:
-        return depth_fraction(first, stop, n_layers)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
-    return tuple(sorted(set(layers)))

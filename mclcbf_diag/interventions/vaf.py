@@ -28,7 +28,7 @@ import torch
 
 from .base import Intervention, Row, Site
 from .catalog import SPECS, VAFKnobs  # noqa: F401 - VAFKnobs re-exported
-from .pai import _layers, apply_logit_deltas, lookahead_logits
+from .pai import apply_logit_deltas, lookahead_logits, published_layers
 
 
 class VAF(Intervention, spec=SPECS["vaf"]):
@@ -37,7 +37,7 @@ class VAF(Intervention, spec=SPECS["vaf"]):
     sites = frozenset({"residual", "attention"})
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
-        return _layers(self.knobs.layers, n_layers, 9, 15)
+        return published_layers(self.knobs.layers, n_layers, 9, 15)
 
     def open_sites(self, steer: bool) -> frozenset[str]:
         return self.sites if steer else frozenset()

@@ -32,8 +32,7 @@ import torch
 from ..errors import UserError
 from .base import Intervention, Site
 from .catalog import SPECS, VARKnobs  # noqa: F401 - VARKnobs re-exported
-from .mclcbf.config import depth_fraction
-from .pai import _layers
+from .layers import depth_fraction, published_layers
 
 _DIMS: dict = {}
 
@@ -82,7 +81,7 @@ class VAR(Intervention, spec=SPECS["var"]):
     def layers(self, n_layers: int) -> tuple[int, ...]:
         if self.knobs.layers is None:
             return tuple(layer for layer in depth_fraction(2, 32, n_layers) if layer < n_layers - 1)
-        return _layers(self.knobs.layers, n_layers, 2, 31)
+        return published_layers(self.knobs.layers, n_layers, 2, 31)
 
     def open_sites(self, steer: bool) -> frozenset[str]:
         return self.sites if steer else frozenset()

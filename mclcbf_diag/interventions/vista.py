@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .base import Intervention, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
-from .pai import _layers
+from .layers import published_layers
 
 
 def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
@@ -78,7 +78,7 @@ class VISTA(Intervention, spec=SPECS["vista"]):
     sites = frozenset({"residual"})
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
-        return _layers(self.knobs.layers, n_layers, 0, 32)
+        return published_layers(self.knobs.layers, n_layers, 0, 32)
 
     def open_sites(self, steer: bool) -> frozenset[str]:
         if self.knobs.logits_alpha != 0.0:

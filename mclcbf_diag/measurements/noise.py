@@ -90,9 +90,9 @@ def propagation_floor(dtype: torch.dtype, base_norm: float, layers: int, final_n
     return floor(dtype, base_norm, ROUNDINGS_PER_LAYER * max(int(layers), 1) + int(final_norm))
 
 
-def grad_norm_floor(dtype: torch.dtype, grad_norm_f32: float) -> float:
-    """Floor of ``‖g‖_dtype − ‖g‖_f32`` for a gradient computed in ``dtype``."""
-    return floor(dtype, grad_norm_f32, GRAD_ROUNDINGS)
+def grad_norm_floor(dtype: torch.dtype, norm_f32: float) -> float:
+    """Floor of ``‖g‖_dtype − ‖g‖_f32`` for a gradient computed in ``dtype`` (``norm_f32``: ‖g‖ in float32)."""
+    return floor(dtype, norm_f32, GRAD_ROUNDINGS)
 
 
 def below(value: float | None, noise: float | None) -> bool:

@@ -73,6 +73,10 @@ METRICS = {
     # whatever an intervention adds through Site.add, measured by the runner (steered layers)
     "rounding_survival": "‖round(x + v) − x‖/‖v‖ in the model dtype, for the added vector v",
     "added_norm": "‖v‖ of the vector added at the decision token at this layer (before rounding)",
+    # what any intervention records when it edits, or drops an edit (mclcbf_diag.measurements.outcomes)
+    "logit_shift": "an attention-logit edit: the bias added to the image keys' logits (per head)",
+    "step_nonfinite": "1 if the intervention's edit overflowed (NaN/inf); such an edit is not applied",
+    "residual_nonfinite": "1 if the residual entering the layer was NaN/inf at the edited positions (not edited there)",
     # propagation (steered vs baseline)
     "propagation": "‖x_k^steered − x_k^base‖ at resid_post of layer k",
     "propagation_rel": "propagation / ‖x_k^base‖",

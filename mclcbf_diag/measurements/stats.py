@@ -310,21 +310,21 @@ def paired_records(records: list[dict], base: str = "baseline", new: str = "stee
     """:func:`paired` of answers rows (``answers.jsonl``: ``label``, ``{cond}_answer``, ``{cond}_valid``,
     ``{cond}_margin``; rows written before the validity flags are taken as valid)."""
     return paired([r["label"] for r in records], [r[f"{base}_answer"] for r in records],
-                  [_valid(r, base) for r in records], [_margin(r, base) for r in records],
-                  [r[f"{new}_answer"] for r in records], [_valid(r, new) for r in records], **kw)
+                  [answer_valid(r, base) for r in records], [_margin(r, base) for r in records],
+                  [r[f"{new}_answer"] for r in records], [answer_valid(r, new) for r in records], **kw)
 
 
 def control_of_records(records: list[dict], base: str = "baseline", new: str = "steered") -> tuple[float, list]:
     """(offset, per-row control answer: "yes", "no" or "invalid") for answers rows, as :func:`paired` fits it."""
-    base_valid = [_valid(r, base) for r in records]
+    base_valid = [answer_valid(r, base) for r in records]
     margins = [_margin(r, base) for r in records]
-    target = int(Answers.of([r[f"{new}_answer"] for r in records], [_valid(r, new) for r in records]).yes.sum())
+    target = int(Answers.of([r[f"{new}_answer"] for r in records], [answer_valid(r, new) for r in records]).yes.sum())
     offset = bias_offset(margins, base_valid, target)
     ctrl = control_answers(margins, base_valid, offset)
     return offset, ["yes" if y else "no" if n else "invalid" for y, n in zip(ctrl.yes, ctrl.no)]
 
 
-def _valid(r: dict, cond: str) -> bool:
+def answer_valid(r: dict, cond: str) -> bool:
     v = r.get(f"{cond}_valid", True)
     return True if v is None else bool(v)
 

@@ -48,7 +48,7 @@ How a run works
   metrics and the summary page.
 """
 
-from .answer import MAX_BATCH_SIZE, _image, _ImageCache, answer_jobs, run_jobs
+from .answer import MAX_BATCH_SIZE, ImageCache, answer_jobs, image_of, run_jobs
 from .jobs import (
     EMBEDDED_POPE,
     SPLITS,
@@ -75,7 +75,7 @@ from .store import (
 
 __all__ = ["ANSWERS", "RUN", "SPLITS", "EMBEDDED_POPE", "Job", "parse_shard", "question_files", "select_jobs",
            "job_image", "check_images", "FORMAT", "differing_keys", "run_id", "claim_out_dir", "read_records",
-           "append_records", "unique_sorted", "resumed", "MAX_BATCH_SIZE", "_ImageCache", "_image", "answer_jobs",
+           "append_records", "unique_sorted", "resumed", "MAX_BATCH_SIZE", "ImageCache", "image_of", "answer_jobs",
            "pending", "run_jobs", "metrics_table", "flips_table", "write_outputs"]
 
 

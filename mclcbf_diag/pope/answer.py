@@ -39,7 +39,7 @@ MAX_BATCH_SIZE = 4096
 TIMING = "timing.json"
 
 
-class _ImageCache:
+class ImageCache:
     """Decoded images by path, least recently used dropped first, bounded in BYTES."""
 
     def __init__(self, env: str = "MCLCBF_DIAG_IMAGE_CACHE_MB", default_mb: int = 512):
@@ -49,9 +49,9 @@ class _ImageCache:
 
     @property
     def budget(self) -> int:
-        from ..data.pope import _env_limit
+        from ..data.pope import env_limit
 
-        return _env_limit(self.env, self.default_mb) * 2**20
+        return env_limit(self.env, self.default_mb) * 2**20
 
     def __call__(self, path: Path, lm=None):
         """The decoded image; ``lm``: the model whose processor size bounds it (see ``data.check_image_size``)."""
@@ -78,7 +78,7 @@ class _ImageCache:
         self.nbytes = 0
 
 
-_image = _ImageCache()
+image_of = ImageCache()
 
 
 def decision_image_mass(rows, image):
@@ -169,7 +169,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
 
     t0 = time.perf_counter()
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
-    images = [_image(resolve_image(j.question, j.image_dir), lm) for j in jobs]
+    images = [image_of(resolve_image(j.question, j.image_dir), lm) for j in jobs]
     rid = getattr(lm, "run_id", None)
     inputs = batch_inputs(lm, prompts, images, share_images=not generate)
     t_inputs = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..measurements import stats as S
 from ..measurements.outcomes import OUTCOMES
 from ..storage import atomic_write_text
-from .store import _flat
+from .store import flat_keys
 
 LEDGER = "flips_questions.csv"
 
@@ -225,7 +225,7 @@ def summary_sections(records: list[dict], identity: dict, metrics, flips, paired
 
     outs = [row_outcome(r) for r in records]
     n = {k: outs.count(k) for k in OUTCOMES}
-    info = pd.DataFrame({"setting": list(_flat(identity)), "value": [str(v) for v in _flat(identity).values()]})
+    info = pd.DataFrame({"setting": list(flat_keys(identity)), "value": [str(v) for v in flat_keys(identity).values()]})
     noise_text, fig_d = margin_changes(records)
     changed = changed_questions(records, identity)
     head = [partial_section(identity)] if identity.get("partial") else []

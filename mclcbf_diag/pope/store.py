@@ -25,33 +25,33 @@ if TYPE_CHECKING:
     from .jobs import Job
 
 RUN, ANSWERS = "run.json", "answers.jsonl"
-_INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs", "resumed_anyway", "partial")  # not compared
+INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs", "resumed_anyway", "partial")  # not compared
 VERSIONS = "versions"  # torch/transformers/nnsight: compared, but a resume may accept them (--resume-anyway)
 
 
 FORMAT = 2
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_keys(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def differing_keys(a: dict, b: dict, ignore=_INFO_KEYS) -> list[str]:
+def differing_keys(a: dict, b: dict, ignore=INFO_KEYS) -> list[str]:
     """Flattened keys (``config.tau_prefill``…) whose values differ, ``ignore`` left out."""
-    fa = _flat({k: v for k, v in a.items() if k not in ignore})
-    fb = _flat({k: v for k, v in b.items() if k not in ignore})
+    fa = flat_keys({k: v for k, v in a.items() if k not in ignore})
+    fb = flat_keys({k: v for k, v in b.items() if k not in ignore})
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def describe(a: dict, b: dict, keys: list[str]) -> str:
     """``keys`` with both values where they are short: ``batch_size (16 in run.json, now 4)``."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat_keys(a), flat_keys(b)
     parts = []
     for k in keys:
         old, new = fa.get(k), fb.get(k)
@@ -65,10 +65,10 @@ def run_id(identity: dict) -> str:
     """Digest of what changes an answer (info keys, the shard and the package versions left out): stamped on
     every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them, so the rows
     of such a run keep one run_id."""
-    return digest({k: v for k, v in identity.items() if k not in (*_INFO_KEYS, "shard", VERSIONS)})
+    return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, "shard", VERSIONS)})
 
 
-def _load_run(path: Path) -> dict | None:
+def load_run(path: Path) -> dict | None:
     """run.json as a dict, or None when it is empty, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -89,7 +89,7 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
     rows, _ = read_records(out / ANSWERS)
     rid = run_id(identity)
     if path.exists():
-        old = _load_run(path)
+        old = load_run(path)
         if old is not None:
             diff = differing_keys(old, identity)
             if not diff:
@@ -207,7 +207,7 @@ def read_records(path: Path, *, repair: bool = False) -> tuple[list[dict], bool]
     return records, partial
 
 
-def _encode_rows(records: list[dict]) -> bytes:
+def encode_rows(records: list[dict]) -> bytes:
     out = []
     for r in records:
         try:
@@ -219,7 +219,7 @@ def _encode_rows(records: list[dict]) -> bytes:
 
 def append_records(path: Path, records: list[dict]) -> None:
     """Append whole lines with one ``write`` and ``fsync`` (see the module docstring)."""
-    append_bytes(path, _encode_rows(records))
+    append_bytes(path, encode_rows(records))
 
 
 def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dict], int]:

@@ -167,8 +167,8 @@ def paired_table(df: pd.DataFrame) -> pd.DataFrame:
         g = lab if split == "all" else lab[lab.split == split]
         recs = g.to_dict("records")
         rec = S.paired_records(recs)
-        right_b = [bool(S._valid(r, "baseline")) and r["baseline_answer"] == r["label"] for r in recs]
-        right_s = [bool(S._valid(r, "steered")) and r["steered_answer"] == r["label"] for r in recs]
+        right_b = [bool(S.answer_valid(r, "baseline")) and r["baseline_answer"] == r["label"] for r in recs]
+        right_s = [bool(S.answer_valid(r, "steered")) and r["steered_answer"] == r["label"] for r in recs]
         fixed = g[[not b and s for b, s in zip(right_b, right_s)]]
         broken = g[[b and not s for b, s in zip(right_b, right_s)]]
         out.append({"split": split, **rec, "fixed_questions": _ids(fixed), "broken_questions": _ids(broken)})

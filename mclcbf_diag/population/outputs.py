@@ -176,6 +176,7 @@ def write_question_pages(out: Path, df: pd.DataFrame, records: pd.DataFrame, ide
     from ..storage import safe_name
 
     folder = make_dir(out / QUESTION_PAGES)
+    intervention = _intervention(identity)
     keys = list(zip(records["split"].astype(str), records["question_id"].astype(str)))
     groups: dict = {}
     for i, k in enumerate(keys):
@@ -186,9 +187,21 @@ def write_question_pages(out: Path, df: pd.DataFrame, records: pd.DataFrame, ide
         name = f"explain-{safe_name(split)}-{safe_name(qid)}.html"
         recs = records.iloc[groups.get((split, qid), [])]
         write_page(folder / name, f"mclcbf-diag explain: {row.get('text', '')}",
-                   question_sections(row, recs, explain_command(identity, split, qid)), plotlyjs=f"../{PLOTLY_JS}")
+                   question_sections(row, recs, explain_command(identity, split, qid), intervention),
+                   plotlyjs=f"../{PLOTLY_JS}")
         links[f"{split}:{qid}"] = f"{QUESTION_PAGES}/{name}"
     return links
+
+
+def _intervention(identity: dict):
+    """The run's intervention, for the figures of its own on the pages (None where it no longer resolves)."""
+    from ..errors import UserError
+    from ..interventions import resolve
+
+    try:
+        return resolve(identity.get("intervention", "mclcbf"), identity.get("preset"), identity.get("overrides", []))
+    except (UserError, TypeError, ValueError):
+        return None
 
 
 __all__ = ["PAGE", "PARTS", "QUESTION_PAGES", "explain_command", "page_selection", "read_parts", "tables",

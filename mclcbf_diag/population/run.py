@@ -16,9 +16,9 @@ def job_rows(lm, jobs: list[Job], config, settings: Settings, run_id: str | None
     import pandas as pd
 
     from ..data import resolve_image
-    from ..pope.answer import _image
+    from ..pope.answer import image_of
 
-    images = [_image(resolve_image(j.question, j.image_dir), lm) for j in jobs]
+    images = [image_of(resolve_image(j.question, j.image_dir), lm) for j in jobs]
     verdicts = explain_batch(lm, [j.question for j in jobs], images, config, settings)
     rows, parts = [], []
     for j, v in zip(jobs, verdicts):

@@ -99,6 +99,23 @@ class Section:
     table_note: str = ""
 
 
+def fmt_value(x, signed: bool = False) -> str:
+    """A number in a sentence: 3 significant digits (signed with ``signed``), "n/a" when not finite."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.3g}" if signed else f"{x:.3g}"
+
+
+def layer_list(layers) -> str:
+    """Layers in a sentence: "1, 2, 3", or "none"."""
+    layers = list(layers)
+    return ", ".join(map(str, layers)) if layers else "none"
+
+
 def display_value(v) -> str:
     """One cell as text: floats to 3 significant digits, booleans yes/no, JSON objects as "key = value"."""
     if v is None or (isinstance(v, float) and math.isnan(v)):

@@ -23,7 +23,7 @@ import math
 
 import pandas as pd
 
-from .html import NoFigure, Section
+from .html import NoFigure, Section, fmt_value, layer_list
 from .plots import (
     decode_summary_figure,
     dose_response_figure,
@@ -32,23 +32,8 @@ from .plots import (
 )
 
 
-def _f(x, signed: bool = False) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(x):
-        return "n/a"
-    return f"{x:+.3g}" if signed else f"{x:.3g}"
-
-
-def _layers(layers) -> str:
-    layers = list(layers)
-    return ", ".join(map(str, layers)) if layers else "none"
-
-
 # ----------------------------------------------------------------------------- the first screen
-def headline(summary: dict, records: pd.DataFrame | None = None) -> list[str]:
+def headline(summary: dict, records: pd.DataFrame | None = None, intervention=None) -> list[str]:
     """The verdict-relevant numbers of a trace, one short sentence each (3 significant digits)."""
     s = summary
     label = s.get("label")
@@ -61,38 +46,25 @@ def headline(summary: dict, records: pd.DataFrame | None = None) -> list[str]:
             }.get(out, out)
     lines = [f"Outcome: {out} ({what}). Label: {label or 'none'}; baseline answer {s['answer_before']}{right}, "
              f"intervened {s['answer_after']}."]
-    lines.append(f"Margin logit(Yes) − logit(No): {_f(s['margin_before'], True)} → {_f(s['margin_after'], True)}; "
-                 f"P(Yes) + P(No): {_f(s['p_yes_before'] + s['p_no_before'])} → "
-                 f"{_f(s['p_yes_after'] + s['p_no_after'])}; top token {s['top_before']!r} → {s['top_after']!r}.")
-    h0, h1 = s.get("h_before_mean", math.nan), s.get("h_after_mean", math.nan)
-    tau = _tau(records)
-    if isinstance(h0, float) and math.isfinite(h0):
-        lines.append(f"Barrier h (image attention mass, mean over the steered layers {_layers(s['layers_steered'])}): "
-                     f"{_f(h0)} → {_f(h1)}" + (f", target τ = {_f(tau)}" if tau is not None else "")
-                     + f"; fired at layers: {_layers(s['layers_fired'])}.")
-    rel = s.get("max_theta_rel", math.nan)
-    if isinstance(rel, float) and math.isfinite(rel):
-        lines.append(f"Largest step ‖θ*‖/‖x‖: {_f(rel)}" + (" (no step was taken)." if rel == 0 else "."))
+    lines.append(f"Margin logit(Yes) − logit(No): {fmt_value(s['margin_before'], True)} → "
+                 f"{fmt_value(s['margin_after'], True)}; P(Yes) + P(No): "
+                 f"{fmt_value(s['p_yes_before'] + s['p_no_before'])} → {fmt_value(s['p_yes_after'] + s['p_no_after'])};"
+                 f" top token {s['top_before']!r} → {s['top_after']!r}.")
+    lines += intervention.headline(s, records) if intervention is not None else []
     if s.get("text_before") is not None:
         lines.append(f"Generated text: {s['text_before']!r} → {s['text_after']!r} (POPE's parser: "
                      f"{s.get('text_answer_before')} → {s.get('text_answer_after')}).")
     return lines
 
 
-def _tau(records) -> float | None:
-    if records is None:
-        return None
-    r = records[(records.metric == "barrier_tau") & (records.condition == "steered") & (records.phase == "prefill")]
-    return float(r.value.median()) if len(r) else None
-
-
-def summary_frame(summary: dict) -> pd.DataFrame:
-    """The summary as a readable table: one row per quantity, baseline and intervened side by side."""
+def summary_frame(summary: dict, intervention=None) -> pd.DataFrame:
+    """The summary as a readable table: one row per quantity, baseline and intervened side by side (and the
+    intervention's own rows, :meth:`~mclcbf_diag.interventions.base.Intervention.summary_rows`)."""
     s = summary
+    own_pairs, own_single = intervention.summary_rows() if intervention is not None else ([], [])
     pairs = [("answer (sign of the margin)", "answer"), ("margin logit(Yes) − logit(No)", "margin"),
              ("P(Yes)", "p_yes"), ("P(No)", "p_no"), ("top token", "top"), ("valid Yes/No answer", "valid"),
-             ("h, mean over steered layers (share of attention)", "h_{}_mean"),
-             ("generated text", "text"), ("POPE parser on the text", "text_answer")]
+             *own_pairs, ("generated text", "text"), ("POPE parser on the text", "text_answer")]
     rows = []
     for name, key in pairs:
         b = s.get(key.format("before") if "{}" in key else f"{key}_before")
@@ -101,9 +73,7 @@ def summary_frame(summary: dict) -> pd.DataFrame:
             continue
         rows.append({"quantity": name, "baseline": b, "intervened": a})
     single = [("outcome", "outcome"), ("label", "label"), ("question", "question"), ("question_id", "question_id"),
-              ("index in the split (--sample)", "index"), ("steered layers", "layers_steered"),
-              ("layers that fired", "layers_fired"),
-              ("largest ‖θ*‖/‖x‖", "max_theta_rel"), ("non-finite values", "nonfinite_values")]
+              ("index in the split (--sample)", "index"), *own_single, ("non-finite values", "nonfinite_values")]
     rows += [{"quantity": name, "baseline": s[key], "intervened": ""} for name, key in single if key in s]
     return pd.DataFrame(rows, columns=["quantity", "baseline", "intervened"])
 
@@ -139,7 +109,7 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
     words = ("The heatmaps show, on each image patch, the share of the query token's attention (averaged over "
              "heads), drawn over the image as the model saw it (after the processor's resize and crop): baseline, "
              f"intervened and their difference. The slider picks a layer, the intervention's layers "
-             f"({_layers(layers)}) together, or all layers.")
+             f"({layer_list(layers)}) together, or all layers.")
     return Section("Where the decision token looks", text=words, figures=figures)
 
 
@@ -191,7 +161,7 @@ def decode_summary(records: pd.DataFrame, tokens: dict, steered) -> tuple[object
             row[f"image mass, {name} (share)"] = float(m.value.mean()) if len(m) else math.nan
             fm = c[(c.metric == "final_margin") & (c.layer == -1)]
             row[f"margin, {name} (logit Yes − No)"] = float(fm.value.iloc[0]) if len(fm) else math.nan
-        row["layers fired"] = _layers(fired_layers(sub))
+        row["layers fired"] = layer_list(fired_layers(sub))
         rows.append(row)
     return fig, pd.DataFrame(rows)
 
@@ -212,7 +182,7 @@ def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str 
             "that fired. The per-layer plots of each step follow (the decode steps folded)."),
             figures=[fig], table=table))
     for phase, s in steps:
-        figs = trace_figures(records, phase=phase, decode_step=s, steered=steered)
+        figs = trace_figures(records, phase=phase, decode_step=s, steered=steered, intervention=result.intervention)
         name = "prefill (the prompt's decision token)" if phase == "prefill" else f"decode step {s}"
         if s in tokens:
             name += ": " + _step_label(tokens[s])
@@ -223,9 +193,10 @@ def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str 
 # ----------------------------------------------------------------------------- pages
 def trace_sections(lm, result, image, template, overlay_tokens=()) -> list[Section]:
     """Every section of ``trace.html``: numbers first, the overlay, the summary, the plots per step."""
-    return [Section("Outcome", lines=headline(result.summary() | _text(lm, result), result.records)),
+    summary = result.summary() | _text(lm, result)
+    return [Section("Outcome", lines=headline(summary, result.records, result.intervention)),
             overlay_section(lm, result, image, template, overlay_tokens),
-            Section("Summary", table=summary_frame(result.summary() | _text(lm, result))),
+            Section("Summary", table=summary_frame(summary, result.intervention)),
             *step_sections(lm, result)]
 
 
@@ -323,11 +294,11 @@ def explain_sections(ex, verdict_text: str, causes: pd.DataFrame, overlay: Secti
     dose_fig = dose_response_figure(ex.dose.curve)
     sections = [
         Section("Verdict", lines=verdict_items(verdict_text)),
-        Section("Outcome", lines=headline(summary, ex.trace.records)),
+        Section("Outcome", lines=headline(summary, ex.trace.records, ex.trace.intervention)),
         Section("Causes found, in rank order", table=causes_table(causes),
                 table_note="Every rule that looked and found nothing is in the folded table below."),
         overlay,
-        Section("Summary", table=summary_frame(summary)),
+        Section("Summary", table=summary_frame(summary, ex.trace.intervention)),
     ]
     if ex.sweep is not None:
         sections.append(Section("Graded image-mass sweep", text=ex.sweep_text, table=_renamed(ex.sweep, SWEEP_COLUMNS)))
@@ -358,7 +329,7 @@ def _listed(v) -> str:
     return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else ("" if v is None else str(v))
 
 
-def question_sections(row: dict, records: pd.DataFrame, command: str) -> list[Section]:
+def question_sections(row: dict, records: pd.DataFrame, command: str, intervention=None) -> list[Section]:
     """The explain page of one question of a whole-split run, from its verdict row and its records alone (no
     forward): the verdict, each run's answer, the prefill trace plots and the row. The attention overlay, the
     dose-response curve and the cause chain need the model: ``command`` (the single explain) gives them."""
@@ -367,19 +338,21 @@ def question_sections(row: dict, records: pd.DataFrame, command: str) -> list[Se
         f"{row.get('split', '')} question_id {row.get('question_id')}: {row.get('text', '')} "
         f"(label: {row.get('label')}; a {row.get('kind', '')} answer)",
         f"outcome {str(row.get('outcome', '')).upper()}: baseline {row.get('baseline_answer')} "
-        f"(margin {_f(row.get('baseline_margin'), True)}), intervened {row.get('steered_answer')} "
-        f"(margin {_f(row.get('steered_margin'), True)})",
+        f"(margin {fmt_value(row.get('baseline_margin'), True)}), intervened {row.get('steered_answer')} "
+        f"(margin {fmt_value(row.get('steered_margin'), True)})",
         "top decisive cause: " + (f"{row['top_cause']} ({row.get('top_cause_title', '')})" if row.get("top_cause")
                                   else "none (no single cause's counterfactual changed the result)"),
         f"causes detected: {_listed(row.get('detected_causes')) or 'none'}; decisive: "
         f"{_listed(row.get('decisive_causes')) or 'none'}",
         f"dose-response: smallest multiplier reaching '{row.get('dose_goal', '')}': "
-        + (f"k* = {_f(k)}" if k is not None and k == k else f"none up to k = {_f(row.get('dose_k_max'))}"),
+        + (f"k* = {fmt_value(k)}" if k is not None and k == k
+           else f"none up to k = {fmt_value(row.get('dose_k_max'))}"),
         f"counterfactual fixes that fix it: {_listed(row.get('fixes_fixed')) or 'none'}; break it: "
         f"{_listed(row.get('fixes_broken')) or 'none'}; derail it: {_listed(row.get('fixes_derailed')) or 'none'}",
     ]
     trace = records[records.condition.isin(["baseline", "steered"])]
-    figures = list(trace_figures(trace, phase="prefill", decode_step=0).values()) if len(trace) else [
+    figures = list(trace_figures(trace, phase="prefill", decode_step=0, intervention=intervention).values()) if len(
+        trace) else [
         NoFigure("Trace plots", "the run's records hold no trace of this question")]
     row_table = pd.DataFrame({"field": list(row), "value": [_listed(v) for v in row.values()]})
     return [
@@ -413,9 +386,9 @@ def attribute_sections(result) -> list[Section]:
     steered = result.steered is not None
     lines = [f"Question {s['question_id']}: {s['question']} (label: {s['label'] or 'none'})",
              f"Corruption: {s['corruption']}",
-             f"Margin logit(Yes) − logit(No): clean {_f(s['margin_clean'], True)}, corrupted "
-             f"{_f(s['margin_corrupted'], True)}"
-             + (f", intervened {_f(s['margin_steered'], True)}" if steered else ""),
+             f"Margin logit(Yes) − logit(No): clean {fmt_value(s['margin_clean'], True)}, corrupted "
+             f"{fmt_value(s['margin_corrupted'], True)}"
+             + (f", intervened {fmt_value(s['margin_steered'], True)}" if steered else ""),
              f"The direct contributions sum to the margin up to {abs(s['dla_sum_error']):.2g}.",
              "Heads with the largest direct contribution: " + ", ".join(s["top_heads_dla"])
              + "; read from image keys: " + ", ".join(s["top_heads_dla_image"])]
@@ -428,7 +401,7 @@ def attribute_sections(result) -> list[Section]:
     else:
         lines.append("Heads whose patch recovers most of the margin (denoising): " + ", ".join(
             s["top_heads_patch_denoise"]) + "; attribution patching: " + ", ".join(s["top_heads_atp_denoise"])
-            + f" (Spearman ρ {_f(s['spearman_heads_denoise'])} over the heads)")
+            + f" (Spearman ρ {fmt_value(s['spearman_heads_denoise'])} over the heads)")
 
     def figs(*specs):
         out = []

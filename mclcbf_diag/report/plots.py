@@ -45,8 +45,9 @@ LABELS = {
     "resid_post_norm": "‖x‖ leaving the layer",
 }
 _MASS_COLOURS = {"attn_image_mass": "#d62728", "attn_sink_mass": "#7f7f7f", "attn_text_mass": "#1f77b4"}
-# metrics that exist only where an intervention acts: their layers are the steered ones
-_STEERED_MARKERS = ("barrier_h", "added_norm", "applied_norm", "rounding_survival", "logit_shift")
+# generic records of an edit (mclcbf_diag.measurements.records); an intervention's own records mark its layers too
+_STEERED_MARKERS = ("added_norm", "rounding_survival", "logit_shift")
+IDLE = "the intervention changed nothing at the decision token in any layer"  # the generic reason, in words
 
 
 class MissingDataError(ValueError):
@@ -54,7 +55,7 @@ class MissingDataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- selection
-def _select(records: pd.DataFrame, phase: str, decode_step: int, question_id=None) -> pd.DataFrame:
+def select(records: pd.DataFrame, phase: str, decode_step: int, question_id=None) -> pd.DataFrame:
     """Rows of one question at one phase/decode step."""
     ids = list(pd.unique(records["question_id"]))
     if question_id is None:
@@ -70,14 +71,14 @@ def _select(records: pd.DataFrame, phase: str, decode_step: int, question_id=Non
     return df
 
 
-def _require(df: pd.DataFrame, *metrics: str) -> None:
+def require(df: pd.DataFrame, *metrics: str) -> None:
     present = set(df["metric"])
     for metric in metrics:
         if metric not in present:
             raise MissingDataError(f"records have no {metric!r} rows for this question/phase/decode step")
 
 
-def _by_layer(df: pd.DataFrame, metric: str, condition: str) -> pd.Series:
+def by_layer(df: pd.DataFrame, metric: str, condition: str) -> pd.Series:
     """Per-layer values (head −1, layer ≥ 0) of one metric and condition, indexed by layer."""
     rows = df[(df["metric"] == metric) & (df["condition"] == condition)
               & (df["head"] == -1) & (df["layer"] >= 0)]
@@ -91,7 +92,7 @@ def _whole_model(df: pd.DataFrame, metric: str, condition: str) -> float | None:
     return float(rows["value"].iloc[0]) if len(rows) else None
 
 
-def _conditions(df: pd.DataFrame, metric: str) -> list[str]:
+def conditions(df: pd.DataFrame, metric: str) -> list[str]:
     """Conditions with rows of ``metric``, baseline first, then steered, then the rest."""
     found = set(df.loc[df["metric"] == metric, "condition"])
     order = [c for c in (BASELINE, STEERED) if c in found]
@@ -101,8 +102,8 @@ def _conditions(df: pd.DataFrame, metric: str) -> list[str]:
 def _layer_lines(fig: go.Figure, df: pd.DataFrame, colours: dict[str, str]) -> None:
     """One line per (metric, condition) over the layers: a colour per metric, a dash per condition."""
     for metric, colour in colours.items():
-        for cond in _conditions(df, metric):
-            s = _by_layer(df, metric, cond)
+        for cond in conditions(df, metric):
+            s = by_layer(df, metric, cond)
             fig.add_trace(go.Scatter(
                 x=s.index, y=s.values, mode="lines+markers", name=f"{LABELS[metric]} ({cond})",
                 line=dict(color=colour, dash=_dash(cond)),
@@ -114,17 +115,20 @@ def _dash(condition: str) -> str:
 
 
 def steered_layers(records: pd.DataFrame) -> tuple[int, ...]:
-    """Layers an intervention acted on, read off the records (metrics only steered layers carry)."""
-    rows = records[(records["condition"] == STEERED) & (records["layer"] >= 0)
-                   & records["metric"].isin(_STEERED_MARKERS)]
-    return tuple(sorted({int(x) for x in rows["layer"]}))
+    """Layers an intervention acted on, read off the records: the generic records of an edit, and the
+    intervention's own records (metrics the shared glossary does not define), which only its layers carry."""
+    from ..measurements.records import documented
+
+    rows = records[(records["condition"] == STEERED) & (records["layer"] >= 0)]
+    own = {m for m in rows["metric"].unique() if m in _STEERED_MARKERS or not documented(m)}
+    return tuple(sorted({int(x) for x in rows[rows["metric"].isin(own)]["layer"]}))
 
 
 def fired_layers(df: pd.DataFrame) -> tuple[int, ...]:
-    """Steered layers where the intervention changed something (a barrier step, an added vector, a logit edit)."""
+    """Steered layers where the intervention changed something (an added vector, a logit edit)."""
     s = df[(df["condition"] == STEERED) & (df["layer"] >= 0)]
     hit = set()
-    for metric in ("barrier_active", "added_norm", "theta_norm", "applied_norm"):
+    for metric in ("added_norm",):
         rows = s[s["metric"] == metric]
         hit |= {int(ly) for ly, v in zip(rows["layer"], rows["value"]) if np.isfinite(v) and v > 0}
     rows = s[s["metric"] == "logit_shift"]
@@ -132,22 +136,7 @@ def fired_layers(df: pd.DataFrame) -> tuple[int, ...]:
     return tuple(sorted(hit))
 
 
-def nothing_fired_reason(df: pd.DataFrame) -> str:
-    """Why the steered run equals the baseline, in words, from the barrier's records when there are any."""
-    s = df[(df["condition"] == STEERED) & (df["head"] == -1)]
-    h = s[(s["metric"] == "barrier_h") & (s["layer"] >= 0)]
-    tau = s[(s["metric"] == "barrier_tau") & (s["layer"] >= 0)]
-    layers = ", ".join(str(int(x)) for x in sorted(h["layer"]))
-    if len(h) and len(tau):
-        return (f"the intervention did not fire at any layer (h ≥ τ at every steered layer {layers}: h up to "
-                f"{_fmt(float(h['value'].max()))}, at least {_fmt(float(h['value'].min()))}, τ = "
-                f"{_fmt(float(tau['value'].median()))})")
-    if len(h):
-        return f"the intervention did not fire at any of the steered layers {layers}"
-    return "the intervention changed nothing at the decision token in any layer"
-
-
-def _fmt(x: float) -> str:
+def fmt_number(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else "n/a"
 
 
@@ -197,11 +186,11 @@ def log_ticks(values) -> dict:
     return dict(tickmode="array", tickvals=ticks, ticktext=[_tick_text(t) for t in ticks])
 
 
-def _log_axis(fig: go.Figure, values, **where) -> None:
+def log_axis(fig: go.Figure, values, **where) -> None:
     fig.update_yaxes(type="log", **log_ticks(values), **where)
 
 
-def _values(fig: go.Figure, row: int | None = None) -> list[float]:
+def axis_values(fig: go.Figure, row: int | None = None) -> list[float]:
     out = []
     for tr in fig.data:
         if tr.y is None:
@@ -215,14 +204,15 @@ def _values(fig: go.Figure, row: int | None = None) -> list[float]:
 # ----------------------------------------------------------------------------- figures
 def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
                        phase: str = "prefill", decode_step: int = 0, question_id=None,
-                       condition: str = STEERED, steered: tuple[int, ...] | None = None) -> go.Figure:
+                       condition: str = STEERED, steered: tuple[int, ...] | None = None,
+                       idle: str | None = None) -> go.Figure:
     """Layer × head heatmaps of an attention mass: baseline, ``condition``, and their difference.
 
     Steered layers are marked in the layer labels; when the difference is zero everywhere the
     third panel says why instead of showing a blank map.
     """
-    df = _select(records, phase, decode_step, question_id)
-    _require(df, metric)
+    df = select(records, phase, decode_step, question_id)
+    require(df, metric)
     rows = df[(df["metric"] == metric) & (df["head"] >= 0) & (df["layer"] >= 0)]
     grids = {}
     for cond in (BASELINE, condition):
@@ -253,7 +243,7 @@ def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
                      ticktext=[f"{ly} ▸ steered" if ly in steered else str(ly) for ly in layers], row=1, col=1)
     if flat:
         x0, x1 = fig.layout.xaxis3.domain
-        fig.add_annotation(text="no difference:<br>" + _wrap(nothing_fired_reason(df), 34), showarrow=False,
+        fig.add_annotation(text="no difference:<br>" + wrap_text(idle or IDLE, 34), showarrow=False,
                            xref="paper", yref="paper", x=(x0 + x1) / 2, y=0.5, xanchor="center", font=dict(size=12))
         fig.update_xaxes(showticklabels=False, showgrid=False, row=1, col=3)
     span = float(np.nanmax(np.abs(diff.to_numpy()))) if not flat and diff.notna().any().any() else 1.0
@@ -270,7 +260,7 @@ def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
     return fig
 
 
-def _wrap(text: str, width: int) -> str:
+def wrap_text(text: str, width: int) -> str:
     words, lines, line = text.split(), [], ""
     for w in words:
         if line and len(line) + 1 + len(w) > width:
@@ -284,8 +274,8 @@ def _wrap(text: str, width: int) -> str:
 def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text."""
-    df = _select(records, phase, decode_step, question_id)
-    _require(df, "attn_image_mass")
+    df = select(records, phase, decode_step, question_id)
+    require(df, "attn_image_mass")
     fig = go.Figure()
     _layer_lines(fig, df, _MASS_COLOURS)
     mark_steered(fig, steered_layers(df) if steered is None else steered)
@@ -297,61 +287,38 @@ def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_
 
 def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
-    """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), ‖θ*‖ where nonzero."""
-    df = _select(records, phase, decode_step, question_id)
-    _require(df, "resid_pre_norm")
+    """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), and the vector an
+    intervention added where nonzero."""
+    df = select(records, phase, decode_step, question_id)
+    require(df, "resid_pre_norm")
     fig = go.Figure()
     colours = {"resid_pre_norm": "#1f77b4", "resid_mid_norm": "#ff7f0e", "resid_post_norm": "#2ca02c"}
     _layer_lines(fig, df, colours)
-    for cond in _conditions(df, "theta_norm"):
-        s = _by_layer(df, "theta_norm", cond)
+    for cond in conditions(df, "added_norm"):
+        s = by_layer(df, "added_norm", cond)
         s = s[np.isfinite(s.values) & (s.values > 0)]
         if len(s):
             fig.add_trace(go.Scatter(
-                x=s.index, y=s.values, mode="markers", name=f"step ‖θ*‖ ({cond})",
+                x=s.index, y=s.values, mode="markers", name=f"added ‖v‖ ({cond})",
                 marker=dict(symbol="star", size=11, color="#d62728"),
-                hovertemplate=f"{cond}<br>layer %{{x}}<br>‖θ*‖ %{{y:.4g}}<extra></extra>"))
+                hovertemplate=f"{cond}<br>layer %{{x}}<br>added ‖v‖ %{{y:.4g}}<extra></extra>"))
     mark_steered(fig, steered_layers(df) if steered is None else steered)
-    _log_axis(fig, _values(fig))
+    log_axis(fig, axis_values(fig))
     fig.update_layout(title=f"Size of the residual stream at the decision token ({phase} step {decode_step})",
                       xaxis_title="layer", yaxis_title="L2 norm (log scale)")
-    return fig
-
-
-def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0, question_id=None,
-                     steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
-    """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken."""
-    df = _select(records, phase, decode_step, question_id)
-    _require(df, "theta_rel")
-    title = "Size of the steering step relative to the residual, ‖θ*‖ / ‖x‖"
-    fig = go.Figure()
-    for cond in _conditions(df, "theta_rel"):
-        s = _by_layer(df, "theta_rel", cond)
-        s = s[np.isfinite(s.values) & (s.values > 0)]
-        if len(s):
-            fig.add_trace(go.Scatter(
-                x=s.index, y=s.values, mode="markers", name=f"‖θ*‖/‖x‖ ({cond})",
-                marker=dict(symbol="diamond", size=10, color="#9467bd"),
-                hovertemplate=f"{cond}<br>layer %{{x}}<br>‖θ*‖/‖x‖ %{{y:.3g}}<extra></extra>"))
-    if not fig.data:
-        return NoFigure(title, f"no step: ‖θ*‖ = 0 at every steered layer, because {nothing_fired_reason(df)}.")
-    mark_steered(fig, steered_layers(df) if steered is None else steered)
-    _log_axis(fig, _values(fig))
-    fig.update_layout(title=f"{title} ({phase} step {decode_step})", xaxis_title="layer",
-                      yaxis_title="‖θ*‖ / ‖x‖ (log scale)")
     return fig
 
 
 def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
                           decode_step: int = 0, question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """RMSNorm Jacobian gains per layer along θ*, orthogonal and radial, for ln1/ln2/ln_final."""
-    df = _select(records, phase, decode_step, question_id)
+    df = select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
     fig = go.Figure()
     for norm in NORMS:
         for kind, label in GAIN_KINDS.items():
             metric = f"{norm}_gain_{kind}"
-            s = _by_layer(sub, metric, condition)
+            s = by_layer(sub, metric, condition)
             s = s[np.isfinite(s.values) & (s.values > 0)]
             if s.empty:
                 continue
@@ -363,7 +330,7 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
     if not fig.data:
         raise MissingDataError(f"records have no finite '{{norm}}_gain_*' rows for condition {condition!r}")
     mark_steered(fig, steered_layers(df) if steered is None else steered)
-    _log_axis(fig, _values(fig))
+    log_axis(fig, axis_values(fig))
     fig.update_layout(title=f"How much each RMSNorm passes on a small change of x, {condition} "
                             f"({phase} step {decode_step})",
                       xaxis_title="layer", yaxis_title="gain ‖J v‖ / ‖v‖ (log scale)")
@@ -373,19 +340,19 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
 def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers."""
-    df = _select(records, phase, decode_step, question_id)
-    _require(df, "logit_lens_margin")
+    df = select(records, phase, decode_step, question_id)
+    require(df, "logit_lens_margin")
     fig = go.Figure()
-    conds = _conditions(df, "logit_lens_margin")
-    last = max(int(_by_layer(df, "logit_lens_margin", c).index.max()) for c in conds)
+    conds = conditions(df, "logit_lens_margin")
+    last = max(int(by_layer(df, "logit_lens_margin", c).index.max()) for c in conds)
     for cond in conds:
-        s = _by_layer(df, "logit_lens_margin", cond)
+        s = by_layer(df, "logit_lens_margin", cond)
         fig.add_trace(go.Scatter(
             x=s.index, y=s.values, mode="lines+markers", name=f"logit lens ({cond})",
             line=dict(dash=_dash(cond)),
             hovertemplate=f"{cond}<br>layer %{{x}}<br>margin %{{y:.3f}}<extra></extra>",
         ))
-    for cond in _conditions(df, "final_margin"):
+    for cond in conditions(df, "final_margin"):
         value = _whole_model(df, "final_margin", cond)
         fig.add_trace(go.Scatter(
             x=[last + 1], y=[value], mode="markers+text", name=f"final margin ({cond})",
@@ -401,54 +368,23 @@ def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step
     return fig
 
 
-def barrier_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
-                   decode_step: int = 0, question_id=None) -> go.Figure:
-    """Per steered layer: barrier h before the step, τ, and h after (recomputed and realised)."""
-    df = _select(records, phase, decode_step, question_id)
-    sub = df[df["condition"] == condition]
-    _require(sub, "barrier_h")
-    h = _by_layer(sub, "barrier_h", condition)
-    series = {"h before": (h, "circle")}
-    if "barrier_tau" in set(sub["metric"]):
-        series["τ"] = (_by_layer(sub, "barrier_tau", condition), "line-ew-open")
-    for metric, name, symbol in (("dh_recomputed", "h after (recomputed)", "triangle-up"),
-                                 ("dh_realised", "h after (realised)", "x")):
-        if metric in set(sub["metric"]):
-            series[name] = ((h + _by_layer(sub, metric, condition)).dropna(), symbol)
-    fig = go.Figure()
-    for name, (s, symbol) in series.items():
-        fig.add_trace(go.Scatter(
-            x=[f"L{layer}" for layer in s.index], y=s.values, mode="markers", name=name,
-            marker=dict(symbol=symbol, size=12, line=dict(width=2)),
-            hovertemplate=f"{name}<br>%{{x}}<br>%{{y:.4g}}<extra></extra>",
-        ))
-    if not fired_layers(df):
-        fig.add_annotation(text=_wrap(nothing_fired_reason(df).capitalize() + ": h after = h before.", 90),
-                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font=dict(size=12),
-                           bgcolor="rgba(255,255,255,0.85)")
-    fig.update_layout(title=f"Barrier: h (the decision token's image attention mass) against the target τ, "
-                            f"{condition} ({phase} step {decode_step})",
-                      xaxis_title="steered layer", yaxis_title="h (share of attention on the image)",
-                      scattermode="group")
-    return fig
-
-
 def propagation_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
-                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
+                       question_id=None, steered: tuple[int, ...] | None = None,
+                       idle: str | None = None) -> go.Figure | NoFigure:
     """‖x_k^steered − x_k^base‖ / ‖x_k^base‖ at resid_post per layer (log scale).
 
     Exact zeros (layers before the first step) cannot sit on a log axis: they are drawn at the
     axis floor, a decade under the smallest nonzero value, as open markers, and the figure
     says so. With no nonzero value at all it is a :class:`NoFigure` with the reason.
     """
-    df = _select(records, phase, decode_step, question_id)
-    _require(df, "propagation_rel")
+    df = select(records, phase, decode_step, question_id)
+    require(df, "propagation_rel")
     title = "How far the change propagates: ‖x_steered − x_baseline‖ / ‖x_baseline‖ leaving each layer"
-    series = {c: _by_layer(df, "propagation_rel", c) for c in _conditions(df, "propagation_rel")}
+    series = {c: by_layer(df, "propagation_rel", c) for c in conditions(df, "propagation_rel")}
     positive = [v for s in series.values() for v in s.values if np.isfinite(v) and v > 0]
     if not positive:
         return NoFigure(title, "no propagation: the steered residual equals the baseline's at every layer, because "
-                               f"{nothing_fired_reason(df)}.")
+                               f"{idle or IDLE}.")
     floor = 10.0 ** (math.floor(math.log10(min(positive))) - 1)
     fig = go.Figure()
     zeros = 0
@@ -462,7 +398,7 @@ def propagation_figure(records: pd.DataFrame, phase: str = "prefill", decode_ste
             customdata=np.where(is_zero, "exactly 0 (drawn at the axis floor)", [f"{v:.3g}" for v in vals]),
             hovertemplate=f"{cond}<br>layer %{{x}}<br>relative change %{{customdata}}<extra></extra>"))
     mark_steered(fig, steered_layers(df) if steered is None else steered)
-    _log_axis(fig, [floor, *positive])
+    log_axis(fig, [floor, *positive])
     if zeros:
         fig.add_annotation(text=f"open markers: exactly 0 (no change yet), drawn at the floor {_tick_text(floor)}",
                            showarrow=False, xref="paper", yref="paper", x=0, y=1.0, xanchor="left", yanchor="bottom",
@@ -473,29 +409,39 @@ def propagation_figure(records: pd.DataFrame, phase: str = "prefill", decode_ste
 
 
 def trace_figures(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
-                  question_id=None, steered: tuple[int, ...] | None = None) -> dict[str, go.Figure | NoFigure]:
+                  question_id=None, steered: tuple[int, ...] | None = None,
+                  intervention=None) -> dict[str, go.Figure | NoFigure]:
     """Every figure above that the records support, keyed by slug; absent metrics are skipped.
 
     A figure that has nothing to draw is a :class:`~mclcbf_diag.report.html.NoFigure` (its
     ``show()`` prints the reason). ``steered`` names the intervention's layers (default: read
-    off the records).
+    off the records). ``intervention`` adds its own figures
+    (:meth:`~mclcbf_diag.interventions.base.Intervention.figures`) and says why nothing changed.
     """
-    question_id = _select(records, phase, decode_step, question_id)["question_id"].iloc[0]
+    question_id = select(records, phase, decode_step, question_id)["question_id"].iloc[0]
+    where = {"phase": phase, "decode_step": decode_step, "question_id": question_id}
+    idle = intervention.idle_reason(select(records, **where)) if intervention is not None else IDLE
     shaded = {"steered": steered}
     builders = {
-        "attention": (attention_heatmaps, shaded), "attention_mass": (attention_mass_figure, shaded),
-        "residual_norms": (residual_norms_figure, shaded), "step_size": (step_size_figure, shaded),
-        "jacobian_gains": (jacobian_gains_figure, shaded), "logit_lens": (logit_lens_figure, shaded),
-        "barrier": (barrier_figure, {}), "propagation": (propagation_figure, shaded),
+        "attention": (attention_heatmaps, {**shaded, "idle": idle}), "attention_mass": (attention_mass_figure, shaded),
+        "residual_norms": (residual_norms_figure, shaded), "jacobian_gains": (jacobian_gains_figure, shaded),
+        "logit_lens": (logit_lens_figure, shaded), "propagation": (propagation_figure, {**shaded, "idle": idle}),
     }
     figures = {}
     for slug, (build, extra) in builders.items():
         try:
-            figures[slug] = build(records, phase=phase, decode_step=decode_step, question_id=question_id, **extra)
+            figures[slug] = build(records, **where, **extra)
         except MissingDataError:
             continue
-        if slug in _LAYER_AXIS and isinstance(figures[slug], go.Figure):
-            figures[slug].update_xaxes(dtick=1)  # layers are integers
+    if intervention is not None:  # its own, after the residual norms (the generic figures keep their order)
+        own = intervention.figures(records, **where, steered=steered)
+        order = ["attention", "attention_mass", "residual_norms", *own, *[k for k in figures if k not in
+                                                                        ("attention", "attention_mass",
+                                                                         "residual_norms")]]
+        figures = {k: {**figures, **own}[k] for k in order if k in {**figures, **own}}
+    for slug, fig in figures.items():
+        if slug in _LAYER_AXIS and isinstance(fig, go.Figure):
+            fig.update_xaxes(dtick=1)  # layers are integers
     return figures
 
 
@@ -687,7 +633,7 @@ def layer_heatmaps(records: pd.DataFrame, panels, *, title: str, value: str, que
     Viridis over ``zrange``, default the data's range). Raises :class:`MissingDataError` when a panel
     has no rows.
     """
-    df = _select(records, "prefill", 0, question_id)
+    df = select(records, "prefill", 0, question_id)
     grids = []
     for subtitle, condition, metric in panels:
         sub = df[(df["condition"] == condition) & (df["layer"] >= 0)]

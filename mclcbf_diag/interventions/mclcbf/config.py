@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ...errors import UserError
 from ...knobs import check_choices, knob
+from ..layers import depth_fraction  # noqa: F401  (shared; also importable from here)
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the knobs load without it
     import torch
@@ -119,11 +120,6 @@ def steered_layers(config: BarrierConfig, n_layers: int) -> tuple[int, ...]:
             raise UserError(f"layers {bad} out of range: the model has layers 0..{n_layers - 1}")
         return tuple(sorted(set(config.layers)))
     return depth_fraction(10, 28, n_layers)
-
-
-def depth_fraction(first: int, stop: int, n_layers: int, of: int = 32) -> tuple[int, ...]:
-    """Layers ``first … stop−1`` of an ``of``-layer model, mapped to ``n_layers`` by fraction."""
-    return tuple(range((2 * first * n_layers + of) // (2 * of), (2 * stop * n_layers + of) // (2 * of)))
 
 
 def image_span_mask(config: BarrierConfig, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ attention, computed in its dtype, with the float32 h, so its floor is the model 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...errors import UserError
@@ -43,6 +45,7 @@ from .config import (
     target_positions,
 )
 from .math import barrier_value, guard_share, step
+from .report import figures, headline, nothing_fired_reason, summary_fields, summary_lines
 
 METRICS = {
     "barrier_h": "h: head-mean image mass of the target query under the configured span, before the step",
@@ -54,8 +57,6 @@ METRICS = {
     "guard": "the guard added to Σg² before dividing (knob guard)",
     "guard_share": "guard/(Σg² + guard) in the gradient dtype: near 1 the guard, not the gradient, sets the scale",
     "guard_share_f32": "guard/(Σg² + guard) with Σg² in float32",
-    "step_nonfinite": "1 if the step α·θ* overflowed (NaN/inf); such a step is not applied",
-    "residual_nonfinite": "1 if the residual entering the layer was NaN/inf at the targets (not steered there)",
     "prefill_enabled": "1 if the prefill (the prompt, where the first answer token is decided) can be steered: "
                        "τ_prefill > 0 and α_prefill > 0",
     "decode_enabled": "1 if generated tokens can be steered: τ_decode > 0 and α_decode > 0",
@@ -76,7 +77,6 @@ METRICS = {
     "dh_realised_floor": "noise floor of dh_realised: the formula of dh_predicted_floor with eps of the model dtype "
                          "(the model's own attention is computed in its dtype)",
     "grad_norm_floor": "noise floor of grad_norm − grad_norm_f32: eps(gradient dtype)·‖g‖_f32·√16",
-    "logit_shift": "attn_logits site: logit bias added to image keys (per head)",
     "span_configured_tokens": "positions in the configured span", "span_detected_tokens": "image tokens",
     "span_iou": "configured span vs detected image: intersection over union",
     "span_precision": "share of the configured span that is image",
@@ -319,6 +319,39 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
 
     def fixes(self) -> dict[str, dict]:
         return FIXES
+
+    def trace_summary(self, steered, baseline) -> dict:
+        """The barrier h before and after the step (mean over steered layers), where it fired, the largest
+        ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised with their noise floors."""
+        return summary_fields(steered, baseline)
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        return summary_lines(summary)
+
+    def headline(self, summary: dict, records) -> list[str]:
+        return headline(summary, records)
+
+    def summary_rows(self):
+        return ([("h, mean over steered layers (share of attention)", "h_{}_mean")],
+                [("steered layers", "layers_steered"), ("layers that fired", "layers_fired"),
+                 ("largest ‖θ*‖/‖x‖", "max_theta_rel")])
+
+    def figures(self, records, *, phase: str, decode_step: int, question_id, steered) -> dict:
+        return figures(records, phase=phase, decode_step=decode_step, question_id=question_id, steered=steered)
+
+    def idle_reason(self, records) -> str:
+        return nothing_fired_reason(records)
+
+    def dose_fields(self, layer_metrics: list[dict], k: float) -> dict:
+        """h after the step (mean over steered layers) and the largest ‖kθ*‖/‖x‖ over the layers that fired."""
+        layers = [m for m in layer_metrics if m.get("barrier_h") is not None]
+        rel = [m["theta_rel"] * k for m in layers if m.get("barrier_active") and m.get("theta_rel") is not None]
+        h_after = [m["barrier_h"] + (m.get("dh_realised") or 0.0) for m in layers]
+        return {"h_mean": sum(h_after) / len(h_after) if h_after else math.nan,
+                "theta_rel_max": max(rel) if rel else 0.0}
+
+    def dose_detail(self, at: dict) -> str:
+        return f"‖θ*‖/‖x‖ up to {at['theta_rel_max']:.3g}, margin {at['margin']:+.3g}, h {at['h_mean']:.3g}"
 
     def cause_fix(self, cause_id: str) -> str | None:
         return CAUSE_FIX.get(cause_id)

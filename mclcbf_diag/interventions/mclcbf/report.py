@@ -1,0 +1,185 @@
+"""What MC-LCBF adds to a report: its summary fields and lines, its page sentences and its figures.
+
+The generic report (:mod:`mclcbf_diag.experiments.trace`, :mod:`mclcbf_diag.report.pages`,
+:mod:`mclcbf_diag.report.plots`, ``mclcbf-diag trace``) asks the intervention for these
+through :class:`~mclcbf_diag.interventions.base.Intervention`'s report methods; nothing
+outside this package names the barrier's records.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ...measurements.noise import show as shown
+from ...report.html import NoFigure, fmt_value, layer_list
+from ...report.plots import (
+    STEERED,
+    MissingDataError,
+    axis_values,
+    by_layer,
+    conditions,
+    fired_layers,
+    fmt_number,
+    log_axis,
+    mark_steered,
+    require,
+    select,
+    steered_layers,
+    wrap_text,
+)
+
+
+# ------------------------------------------------------------------------------------------ the summary
+def summary_fields(per_layer: pd.DataFrame, baseline: pd.DataFrame) -> dict:
+    """Steered and fired layers, h before and after the step (a realised Δh under its floor counts as 0), the
+    largest ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised (mean over fired layers, with floors)."""
+    empty = pd.Series(dtype=float)
+    fired = per_layer.get("barrier_active", empty).fillna(0)
+    h_before = baseline.get("barrier_h", empty).dropna()
+    realised = per_layer.get("dh_realised", empty)
+    realised = realised.where(~(realised.abs() < per_layer.get("dh_realised_floor", empty).reindex(
+        realised.index)), 0.0)
+    h_after = (per_layer.get("barrier_h", empty) + realised.fillna(0)).dropna()
+    theta_rel = per_layer.get("theta_rel", empty).dropna()
+    out = {"layers_steered": [int(i) for i in h_before.index],
+           "layers_fired": [int(i) for i in fired[fired > 0].index],
+           "h_before_mean": float(h_before.mean()) if len(h_before) else math.nan,
+           "h_after_mean": float(h_after.mean()) if len(h_after) else math.nan,
+           "max_theta_rel": float(theta_rel.max()) if len(theta_rel) else math.nan}
+    for metric in ("dh_predicted", "dh_recomputed", "dh_realised"):  # a mean's floor: its layers' largest
+        vals = (per_layer[metric].reindex(fired[fired > 0].index).dropna() if metric in per_layer
+                else pd.Series(dtype=float))
+        floors = per_layer[f"{metric}_floor"].reindex(vals.index).dropna() if f"{metric}_floor" in per_layer else []
+        out[f"{metric}_mean"] = float(vals.mean()) if len(vals) else math.nan
+        out[f"{metric}_floor"] = float(max(floors)) if len(floors) else math.nan
+    return out
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The barrier h, the step's size and Δh, as ``trace`` and ``explain`` print them."""
+    lines = [f"  h        baseline {s['h_before_mean']:.4f}   steered {s['h_after_mean']:.4f}"
+             f"   (mean over steered layers {s['layers_steered']}; fired at {s['layers_fired']})"]
+    rel = s["max_theta_rel"]
+    lost = f" (a non-finite step or state at layers {s['layers_dropped']}: not applied)" if s.get(
+        "layers_dropped") else ""
+    lines.append(f"  largest ‖θ*‖/‖x‖ {rel:.3g}{lost}" if rel == rel else
+                 "  largest ‖θ*‖/‖x‖ n/a (no residual step at this site)")
+    dh = {k: (s.get(f"dh_{k}_mean"), s.get(f"dh_{k}_floor")) for k in ("predicted", "recomputed", "realised")}
+    if any(v is not None and v == v for v, _ in dh.values()):
+        lines.append("  Δh       " + "   ".join(f"{k} {shown(v, f, '.3g')}" for k, (v, f) in dh.items())
+                     + "   (mean over fired layers)")
+    return lines
+
+
+def headline(s: dict, records) -> list[str]:
+    """The barrier against τ and the step's size, as sentences of the page's outcome section."""
+    lines = []
+    h0, h1 = s.get("h_before_mean", math.nan), s.get("h_after_mean", math.nan)
+    tau = _tau(records)
+    if isinstance(h0, float) and math.isfinite(h0):
+        lines.append(f"Barrier h (image attention mass, mean over the steered layers "
+                     f"{layer_list(s['layers_steered'])}): {fmt_value(h0)} → {fmt_value(h1)}"
+                     + (f", target τ = {fmt_value(tau)}" if tau is not None else "")
+                     + f"; fired at layers: {layer_list(s['layers_fired'])}.")
+    rel = s.get("max_theta_rel", math.nan)
+    if isinstance(rel, float) and math.isfinite(rel):
+        lines.append(f"Largest step ‖θ*‖/‖x‖: {fmt_value(rel)}" + (" (no step was taken)." if rel == 0 else "."))
+    return lines
+
+
+def _tau(records) -> float | None:
+    if records is None:
+        return None
+    r = records[(records.metric == "barrier_tau") & (records.condition == "steered") & (records.phase == "prefill")]
+    return float(r.value.median()) if len(r) else None
+
+
+# ------------------------------------------------------------------------------------------- figures
+def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id, steered) -> dict:
+    """The step's size per layer and the barrier against τ (those the records support)."""
+    out = {}
+    for slug, build, extra in (("step_size", step_size_figure, {"steered": steered}), ("barrier", barrier_figure, {})):
+        try:
+            out[slug] = build(records, phase=phase, decode_step=decode_step, question_id=question_id, **extra)
+        except MissingDataError:
+            continue
+    return out
+
+
+def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0, question_id=None,
+                     steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
+    """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken."""
+    df = select(records, phase, decode_step, question_id)
+    require(df, "theta_rel")
+    title = "Size of the steering step relative to the residual, ‖θ*‖ / ‖x‖"
+    fig = go.Figure()
+    for cond in conditions(df, "theta_rel"):
+        s = by_layer(df, "theta_rel", cond)
+        s = s[np.isfinite(s.values) & (s.values > 0)]
+        if len(s):
+            fig.add_trace(go.Scatter(
+                x=s.index, y=s.values, mode="markers", name=f"‖θ*‖/‖x‖ ({cond})",
+                marker=dict(symbol="diamond", size=10, color="#9467bd"),
+                hovertemplate=f"{cond}<br>layer %{{x}}<br>‖θ*‖/‖x‖ %{{y:.3g}}<extra></extra>"))
+    if not fig.data:
+        return NoFigure(title, f"no step: ‖θ*‖ = 0 at every steered layer, because {nothing_fired_reason(df)}.")
+    mark_steered(fig, steered_layers(df) if steered is None else steered)
+    log_axis(fig, axis_values(fig))
+    fig.update_layout(title=f"{title} ({phase} step {decode_step})", xaxis_title="layer",
+                      yaxis_title="‖θ*‖ / ‖x‖ (log scale)")
+    return fig
+
+
+def barrier_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
+                   decode_step: int = 0, question_id=None) -> go.Figure:
+    """Per steered layer: barrier h before the step, τ, and h after (recomputed and realised)."""
+    df = select(records, phase, decode_step, question_id)
+    sub = df[df["condition"] == condition]
+    require(sub, "barrier_h")
+    h = by_layer(sub, "barrier_h", condition)
+    series = {"h before": (h, "circle")}
+    if "barrier_tau" in set(sub["metric"]):
+        series["τ"] = (by_layer(sub, "barrier_tau", condition), "line-ew-open")
+    for metric, name, symbol in (("dh_recomputed", "h after (recomputed)", "triangle-up"),
+                                 ("dh_realised", "h after (realised)", "x")):
+        if metric in set(sub["metric"]):
+            series[name] = ((h + by_layer(sub, metric, condition)).dropna(), symbol)
+    fig = go.Figure()
+    for name, (s, symbol) in series.items():
+        fig.add_trace(go.Scatter(
+            x=[f"L{layer}" for layer in s.index], y=s.values, mode="markers", name=name,
+            marker=dict(symbol=symbol, size=12, line=dict(width=2)),
+            hovertemplate=f"{name}<br>%{{x}}<br>%{{y:.4g}}<extra></extra>",
+        ))
+    if not fired_layers(df):
+        fig.add_annotation(text=wrap_text(nothing_fired_reason(df).capitalize() + ": h after = h before.", 90),
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font=dict(size=12),
+                           bgcolor="rgba(255,255,255,0.85)")
+    fig.update_layout(title=f"Barrier: h (the decision token's image attention mass) against the target τ, "
+                            f"{condition} ({phase} step {decode_step})",
+                      xaxis_title="steered layer", yaxis_title="h (share of attention on the image)",
+                      scattermode="group")
+    return fig
+
+
+def nothing_fired_reason(df: pd.DataFrame) -> str:
+    """Why the steered run equals the baseline, in words, from the barrier's records when there are any."""
+    s = df[(df["condition"] == STEERED) & (df["head"] == -1)]
+    h = s[(s["metric"] == "barrier_h") & (s["layer"] >= 0)]
+    tau = s[(s["metric"] == "barrier_tau") & (s["layer"] >= 0)]
+    layers = ", ".join(str(int(x)) for x in sorted(h["layer"]))
+    if len(h) and len(tau):
+        return (f"the intervention did not fire at any layer (h ≥ τ at every steered layer {layers}: h up to "
+                f"{fmt_number(float(h['value'].max()))}, at least {fmt_number(float(h['value'].min()))}, τ = "
+                f"{fmt_number(float(tau['value'].median()))})")
+    if len(h):
+        return f"the intervention did not fire at any of the steered layers {layers}"
+    return "the intervention changed nothing at the decision token in any layer"
+
+
+__all__ = ["barrier_figure", "figures", "headline", "nothing_fired_reason", "step_size_figure", "summary_fields",
+           "summary_lines"]
