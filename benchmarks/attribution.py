@@ -3,7 +3,7 @@
 Prints the fastest of several interleaved repeats and the ratios, measured in one run on the same sample:
 
     python benchmarks/attribution.py [--model DIR] [--repeats 10] [--threads 1] [--sample 0] [--device cuda]
-                                     [--dtype bfloat16]
+                                     [--dtype bfloat16] [--localise pai]
 
 * bare forward: one plain forward of the clean input (vision tower included), no cache kept, with the
   model as loaded (eager attention, which the toolkit needs for attention probabilities); also shown
@@ -14,7 +14,10 @@ Prints the fastest of several interleaved repeats and the ratios, measured in on
   directions). Target (#33): ≤ 6 × the bare forward;
 * attribution patching, denoising: :func:`~mclcbf_diag.attribute.attribution_patching` from the two
   inputs: a plain forward of the clean input, a forward of the corrupted one recording the graph, one
-  backward. Target: ≤ 3 × the bare forward.
+  backward. Target: ≤ 3 × the bare forward;
+* with ``--localise NAME`` (e.g. pai, vista): :func:`~mclcbf_diag.attribute.localisation` of that intervention
+  (default preset), one direction (its activations put into the baseline) and both (the baseline's restored in
+  the intervened run too, which runs the intervention on in every patched row).
 
 The corrupted input is the embedded world's minimal pair of the sample (its default corruption): the
 same scene without (or with) the asked object.
@@ -28,7 +31,7 @@ import time
 import torch
 
 from mclcbf_diag import shipped
-from mclcbf_diag.attribute import activation_patching, attribution_patching
+from mclcbf_diag.attribute import activation_patching, attribution_patching, localisation
 from mclcbf_diag.corrupt import pair_image
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.models import load_model
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--localise", default=None, metavar="NAME", help="also time the localisation of this intervention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -82,8 +86,15 @@ def main() -> None:
             lm.model(**clean, use_cache=False)
 
     grid = activation_patching(lm, clean, corrupted)
-    t = best_times({"bare": bare, "bare_sdpa": bare_sdpa, "grid": lambda: activation_patching(lm, clean, corrupted),
-                    "atp": lambda: attribution_patching(lm, clean, corrupted)}, args.repeats, args.device)
+    fns = {"bare": bare, "bare_sdpa": bare_sdpa, "grid": lambda: activation_patching(lm, clean, corrupted),
+           "atp": lambda: attribution_patching(lm, clean, corrupted)}
+    if args.localise:
+        from mclcbf_diag.interventions import resolve
+
+        iv = resolve(args.localise)
+        fns["local"] = lambda: localisation(lm, clean, iv, directions=("denoise",))
+        fns["local_both"] = lambda: localisation(lm, clean, iv)
+    t = best_times(fns, args.repeats, args.device)
     t_bare, t_sdpa, t_grid, t_atp = t["bare"], t["bare_sdpa"], t["grid"], t["atp"]
     n = sum(int(t.numel()) for k in ("resid", "heads", "mlp") for t in getattr(grid, k).values())
     print(f"model {lm.source} ({args.dtype} on {args.device}), threads {args.threads}, repeats {args.repeats}, "
@@ -97,6 +108,11 @@ def main() -> None:
           f"{t_grid / t_sdpa:.2f})")
     print(f"ratio attribution patching / bare forward  {t_atp / t_bare:5.2f}  (target ≤ 3; / the sdpa forward "
           f"{t_atp / t_sdpa:.2f})")
+    if args.localise:
+        print(f"localisation of {args.localise}, into the baseline  {t['local'] * 1e3:8.2f} ms  "
+              f"({t['local'] / t_bare:.2f} × the bare forward)")
+        print(f"localisation of {args.localise}, both directions    {t['local_both'] * 1e3:8.2f} ms  "
+              f"({t['local_both'] / t_bare:.2f} × the bare forward)")
 
 if __name__ == "__main__":
     main()

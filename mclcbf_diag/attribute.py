@@ -732,6 +732,7 @@ def local_summary(grid: Grid) -> LocalSummary:
             effects.append(LocalEffect("mlp", L, NO_HEAD, d, effect(d, float(mlp[L])), effect(d, float(mlp[L])) / gap,
                                        thr))
     big = sorted((e for e in effects if math.isfinite(e.effect) and abs(e.effect) > thr), key=lambda e: -abs(e.effect))
+    enters.sort(key=lambda e: (e.layer, A.GROUPS.index(e.site.removeprefix("resid_"))))
     return LocalSummary(grid.corrupted, grid.clean, grid.floor, tuple(enters),
                         tuple(e for e in big if sign * e.effect > 0), tuple(e for e in big if sign * e.effect < 0),
                         tuple(decision))
@@ -965,7 +966,10 @@ def split_carriers(lm: LoadedModel, items, *, share: float = 0.1, components_at:
     records = records_frame(*parts) if parts else frame({k: [] for k in ("question_id", "condition", "phase",
                                                                          "decode_step", "layer", "head", "metric",
                                                                          "value")})
-    adhh = hallucination_heads(lm, first_inputs, adhh_calibration) if first_inputs is not None else ()
+    adhh = ()
+    for _ in tqdm(range(first_inputs is not None), desc="AD-HH's hallucination heads", disable=not progress,
+                  delay=2):  # one step, a minute or more on a CPU: the bar shows it is under way
+        adhh = hallucination_heads(lm, first_inputs, adhh_calibration)
     counts = carrier_counts(records, lm.n_layers, lm.text_config.num_attention_heads, adhh)
     ivs = pd.DataFrame([edited_sites(lm, name, counts, adhh) for name in PUBLISHED])
     found = counts[counts["n_either"] > 0]

@@ -546,7 +546,7 @@ def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, whi
     start = int(pos["image"].max()) + 1
     pos["image"] = torch.arange(0, start)  # the residual before the text: the image and the text before it
     text = torch.arange(start, T)
-    for L in (0, 2, lm.n_layers - 1):
+    for L in (2, lm.n_layers - 1):  # after the edits begin, and the last layer
         for j, g in enumerate(A.GROUPS):
             p = pos[g]
             ref = _hooked_margin(lm, inputs, resid=(L, p, ivacts.resid[L][0, p]))

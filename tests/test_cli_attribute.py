@@ -127,7 +127,7 @@ def test_attribute_localises_an_intervention_that_moves_the_margin(tmp_path, cap
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "its activations patched into the baseline" in printed and "restoring   the baseline's" in printed
-    assert "the change  enters " in printed and "made by head" in printed
+    assert "the change  enters " in printed and "made by " in printed and "worked against by " in printed
     records = pd.read_parquet(out / "records.parquet")
     st = records[records.condition == "steered"]
     clean = float(st[st.metric == "local_margin_clean"].value.iloc[0])

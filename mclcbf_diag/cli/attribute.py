@@ -170,7 +170,12 @@ def cmd_attribute(args) -> int:
 
         print(f"  restoring   the baseline's activations in the intervened run: the share of the change lost, top "
               f"heads {', '.join(s['top_heads_restore'])}")
-        print(f"  the change  enters {effect_names(found['enters'], 2)}")
+        print(f"  the change  enters {effect_names(found['enters'])}")
+        peak = max((e for e in found["decision"] if e["direction"] == "denoise" and e["effect"] * found["gap"] > 0),
+                   key=lambda e: abs(e["effect"]), default=None)
+        if peak is not None:
+            print(f"              the decision token's residual carries most of it entering layer {peak['layer']} "
+                  f"({peak['effect']:+.3g}, {100 * peak['share']:.0f}% of it, put into the baseline)")
         print(f"              made by {effect_names(found['arises'])}")
         print(f"              worked against by {effect_names(found['cancels'])}")
         print(f"              (effects in logits of the margin, each above {found['threshold']:.3g}, twice the noise "
