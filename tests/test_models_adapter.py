@@ -254,7 +254,7 @@ def test_the_trace_records_h_equal_to_the_measured_mass(family_lm, family_traced
         assert h[i] == pytest.approx(want, rel=0, abs=TOL) and mass[i] == pytest.approx(want, rel=0, abs=TOL)
 
 
-def test_the_trace_records_norms_and_margins_of_a_plain_forward(family_lm, family_traced, family_forward, request):
+def test_the_trace_records_norms_and_margins_of_a_plain_forward(family_lm, family_traced, family_forward):
     _, out, outputs = family_forward
     pre, post = _baseline(family_traced, "resid_pre_norm"), _baseline(family_traced, "resid_post_norm")
     for i in range(family_lm.n_layers):
@@ -264,9 +264,6 @@ def test_the_trace_records_norms_and_margins_of_a_plain_forward(family_lm, famil
     margin = float(logits[family_lm.tokens.yes_id] - logits[family_lm.tokens.no_id])
     scale = TOL * float(logits.abs().max())
     assert family_traced.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=scale)
-    if family_lm.text_config.model_type == "gemma":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="measurements/measure.py multiplies by the final "
-                                              "norm's weight, not Gemma's 1 + w (adapter.norm_gain): reported"))
     lens = _baseline(family_traced, "logit_lens_margin")
     assert lens[family_lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=scale)
 

@@ -60,11 +60,12 @@ class _Rows:
 
 
 def _norm_stack(lm: LoadedModel, layers: list[int], part: str, device):
-    """Weights [n, d] and eps [n] of one norm (``part``) across ``layers``, on ``device``."""
+    """Gains [n, d] (the weight, or Gemma's 1 + w: ``adapter.norm_gain``) and eps [n] of one norm (``part``) across
+    ``layers``, on ``device``, in float32."""
     path = f"{lm.adapter.layers}.{{}}.{getattr(lm.adapter, part)}"
     with lm.onloaded(*(path.format(i) for i in layers)):  # offloaded under a device map
         mods = [lm.adapter.layer_part(lm.model, i, part) for i in layers]
-        weights = torch.stack([m.weight.detach().to(device, torch.float32) for m in mods])
+        weights = torch.stack([lm.adapter.norm_gain(lm.model, m).to(device) for m in mods])
     return weights, torch.tensor([lm.adapter.norm_eps(m) for m in mods], device=device)
 
 
@@ -103,7 +104,7 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     d = pre.shape[-1]
     fn = lm.final_norm()
     with lm.onloaded(lm.adapter.final_norm):
-        final_w, final_eps = fn.weight.detach().to(dev, torch.float32), lm.adapter.norm_eps(fn)
+        final_w, final_eps = lm.adapter.norm_gain(lm.model, fn).to(dev), lm.adapter.norm_eps(fn)
     ln1 = _norm_stack(lm, layers, "layer_input_norm", dev)
     ln2 = _norm_stack(lm, layers, "layer_post_attention_norm", dev)
     theta = _step_rows(caps, d, pre.device)
