@@ -308,6 +308,30 @@ def test_the_sink_is_the_bos_or_else_measured(family_lm, family_forward):
     assert sink.kind == "measured sink" and sink.position == max(text, key=lambda p: (float(mean[p]), -p))
 
 
+def test_the_trace_records_the_sink_mass_on_the_bos_or_the_measured_sink(family_lm, family_traced, family_forward):
+    """``attn_sink_mass`` is the mass on the BOS (position 0) or, without a BOS (Qwen2), on the key a plain forward's
+    decision rows attend most (mean over layers and heads, image and decision tokens excluded); ``sink_is_bos`` and
+    ``sink_position`` say which, for the baseline and the steered run alike."""
+    inputs, out, _ = family_forward
+    ids = inputs["input_ids"][0]
+    image = ids == family_lm.tokens.image_token_id
+    if family_lm.text_config.model_type in NO_BOS:
+        mean = torch.stack([a[0, :, -1] for a in out.attentions]).mean(dim=(0, 1))
+        text = [p for p in range(len(ids) - 1) if not image[p]]
+        sink, is_bos = max(text, key=lambda p: (float(mean[p]), -p)), 0.0
+    else:
+        sink, is_bos = 0, 1.0
+    r = family_traced.records
+    for condition in ("baseline", "steered"):
+        assert family_traced.value("sink_is_bos", condition) == is_bos
+        assert family_traced.value("sink_position", condition) == sink
+    mass = _baseline(family_traced, "attn_sink_mass")
+    for i in range(family_lm.n_layers):
+        want = float(out.attentions[i][0, :, -1, sink].mean())
+        assert mass[i] == pytest.approx(want, rel=0, abs=TOL)
+    assert set(r[r.metric == "sink_is_bos"].layer) == {-1}
+
+
 def test_the_seed_span_is_flagged_on_these_layouts(family_lm, family_forward):
     """64 image tokens (and, for Qwen2, no BOS): the seed's [1, 577) covers the question and the decision token."""
     from mclcbf_diag.interventions.mclcbf.config import BarrierConfig

@@ -17,6 +17,7 @@ import torch
 
 from ..engine.runner import LayerCapture, RunCapture, StepCapture
 from ..models import LoadedModel
+from ..models.tokens import Sink
 from . import noise
 from . import probes as P
 from .outcomes import read_batch
@@ -92,9 +93,28 @@ def _propagation_floors(dtype, dist: torch.Tensor, base_post: torch.Tensor, out_
     return floors, final
 
 
+def run_sink(lm: LoadedModel, run: RunCapture, base: RunCapture | None = None) -> Sink:
+    """The attention sink of a run's prompt: the BOS where the prompt starts with one, else the measured sink.
+
+    The measured sink comes from the baseline's prefill rows of the decision token (``base``, or
+    ``run`` itself when it is the baseline), averaged over the captured layers and heads
+    (:func:`mclcbf_diag.models.tokens.find_sink`), so a baseline and its intervened run share one sink.
+    """
+    ref = base if base is not None else run
+    steps = [s for s in ref.steps if s.phase == "prefill" and s.layers] or [s for s in ref.steps if s.layers]
+    rows = None
+    if steps:
+        caps = [steps[0].layers[i] for i in sorted(steps[0].layers)]
+        rows = torch.stack([c.attn.float().cpu()[..., : run.prompt_len] for c in caps])  # [layers, heads, prompt]
+    return lm.prompt_sink(run.prompt_len, rows, run.detected.cpu())
+
+
 def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *, question_id, condition: str,
-                 base: StepCapture | None = None) -> dict[str, list]:
-    """Every probe at one forward (phase, decode step), all layers at once (batched over layers)."""
+                 base: StepCapture | None = None, sink: Sink | None = None) -> dict[str, list]:
+    """Every probe at one forward (phase, decode step), all layers at once (batched over layers).
+
+    ``sink`` is the prompt's attention sink (:func:`run_sink`); without it, position 0 (the BOS).
+    """
     rows = _Rows(question_id, condition, cap.phase, cap.decode_step)
     layers = sorted(cap.layers)
     caps = [cap.layers[i] for i in layers]
@@ -130,7 +150,8 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
             rows.add_layers(layers, "ln1_scale_post", rms_used)
             rows.add_layers(layers, "ln1_out_norm_post", (w * pre / rms_used[:, None]).norm(dim=-1))
     attn = torch.stack([c.attn.to(dev) for c in caps])  # [n, H, K]
-    masses = P.attention_masses(attn.reshape(-1, attn.shape[-1]), image_mask)
+    masses = P.attention_masses(attn.reshape(-1, attn.shape[-1]), image_mask,
+                                sink_positions=(sink.position if sink is not None else 0,))
     for kind, per_head in masses.items():
         for i, heads in zip(layers, per_head.reshape(len(layers), -1)):
             rows.add_heads(i, f"attn_{kind}_mass", heads)
@@ -161,6 +182,9 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     rows.add(NO_LAYER, "top_is_yes_no", reading.top_yes_no)
     rows.add(NO_LAYER, "top_token_id", reading.top_id)
     rows.add(NO_LAYER, "logits_finite", reading.finite)
+    if sink is not None:
+        rows.add(NO_LAYER, "sink_is_bos", sink.kind == "BOS")
+        rows.add(NO_LAYER, "sink_position", sink.position)
     states = torch.stack([pre, mid, post])
     # NaN/inf numbers, plus the states whose mean square overflows float32: there every RMSNorm of
     # the model divides by inf, its output is 0 and the logits no longer depend on the input
@@ -186,7 +210,8 @@ def run_records(lm: LoadedModel, run: RunCapture, *, question_id, condition: str
     image_mask = run.detected
     parts = [row_records(run, question_id=question_id, condition=condition)] if base is not None else []
     base_steps = {(s.phase, s.decode_step): s for s in base.steps} if base is not None else {}
+    sink = run_sink(lm, run, base)
     for cap in run.steps:
         parts.append(step_records(lm, cap, image_mask, question_id=question_id, condition=condition,
-                                  base=base_steps.get((cap.phase, cap.decode_step))))
+                                  base=base_steps.get((cap.phase, cap.decode_step)), sink=sink))
     return frame({k: [v for part in parts for v in part[k]] for k in parts[0]})

@@ -50,7 +50,7 @@ METRICS = {
     "{norm}_gain_radial": "gain along x̂ (≈ 0: RMSNorm removes the radial direction)",
     # attention pattern of the decision query (per head; head −1 = mean over heads)
     "attn_image_mass": "softmax mass on image keys",
-    "attn_sink_mass": "softmax mass on the first (BOS) key",
+    "attn_sink_mass": "softmax mass on the sink key (BOS, or the measured sink where the text model has no BOS)",
     "attn_text_mass": "softmax mass on all other keys",
     # logit lens
     "logit_lens_margin": "logit(Yes) − logit(No) of final_norm(resid_post) through lm_head",
@@ -64,6 +64,10 @@ METRICS = {
     "logits_finite": "1 if every final logit is finite",
     "nonfinite_values": "count of NaN/inf numbers in the decision token's residuals (every layer) and final logits, "
                         "plus residual states whose mean square overflows float32 (RMSNorm divides by inf there)",
+    "sink_is_bos": "1 if the sink of attn_sink_mass is the prompt's BOS (position 0), 0 if the prompt has no BOS and "
+                   "the sink is measured: the non-image key before the decision token with the largest baseline "
+                   "attention from the decision token, averaged over layers and heads (layer −1)",
+    "sink_position": "the prompt position of that sink key (layer −1)",
     "label_yes": "1 if the question's label is yes, 0 if no (condition baseline; absent without a label)",
     # fields of a POPE answers row (answers.jsonl, mclcbf_diag.pope.answer), one per language layer
     "baseline_image_mass_{layer}": "POPE answers field: the decision token's head-mean softmax mass on image keys "

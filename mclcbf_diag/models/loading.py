@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -118,6 +119,22 @@ class LoadedModel:
              image_mask: torch.Tensor | None = None) -> Sink:
         """The prompt's attention sink: its BOS, or else the measured sink (:func:`~.tokens.find_sink`)."""
         return find_sink(input_ids, self.tokens.bos_token_id, decision_rows, image_mask)
+
+    @cached_property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer starts every prompt it encodes with its BOS (Qwen2's add none)."""
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        bos = self.tokens.bos_token_id
+        return bos is not None and tok("x").input_ids[:1] == [bos]
+
+    def prompt_sink(self, length: int, decision_rows: torch.Tensor | None = None,
+                    image_mask: torch.Tensor | None = None) -> Sink:
+        """The sink of a prompt of ``length`` tokens that the processor encoded (:meth:`inputs`): it starts with the
+        BOS exactly when the tokenizer adds one (:attr:`adds_bos`); else the sink is measured (:meth:`sink`)."""
+        ids = torch.full((length,), -1, dtype=torch.long)
+        if self.adds_bos and length:
+            ids[0] = self.tokens.bos_token_id
+        return self.sink(ids, decision_rows, image_mask)
 
     def image_grid(self, enc) -> tuple[int, int]:
         """The patch grid (rows, columns) of one prompt's image (:func:`~.processing.check_image_grid`)."""
