@@ -418,19 +418,21 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
     heads = torch.full((n_layers, H), math.nan, dtype=torch.float64)
     mlp = torch.full((n_layers,), math.nan, dtype=torch.float64)
     image_edited = _edits_before(lm, inputs, intervention, start)
+    prepared: set[int] = set()  # batch sizes the intervention was prepared for (every row is the same prompt)
     for L in tqdm(range(n_layers), desc="restoring the baseline", unit="layer", disable=not progress, leave=False,
                   delay=2):
         patches = [("resid", None, None)]  # the unpatched intervened run (the image residual when it is unedited)
         patches += [("resid", 1, torch.arange(start, T - 1)), ("resid", 2, torch.tensor([T - 1]))]
         patches += [("z", h, text) for h in range(H)] + [("mlp", None, text)]
-        m = _restored_batch(lm, inputs, intervention, base, iv, L, patches, start)
+        m = _restored_batch(lm, inputs, intervention, base, iv, L, patches, start, prepared)
         resid[L, 0], resid[L, 1], resid[L, 2] = m[0], m[1], m[2]
         heads[L] = m[3:3 + H]
         mlp[L] = m[3 + H]
     if image_edited:
         prefix = torch.arange(0, start)
         for L in range(n_layers):  # one row per layer: the whole prompt from the layer on
-            resid[L, 0] = _restored_batch(lm, inputs, intervention, base, iv, L, [("resid", 0, prefix)], 0)[0]
+            resid[L, 0] = _restored_batch(lm, inputs, intervention, base, iv, L, [("resid", 0, prefix)], 0,
+                                          prepared)[0]
     return {"resid": resid, "heads": heads, "mlp": mlp}
 
 
@@ -455,11 +457,12 @@ def _edits_before(lm: LoadedModel, inputs: dict, intervention, start: int) -> bo
 
 
 def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: int, patches: list,
-                    first: int) -> torch.Tensor:
+                    first: int, prepared: set) -> torch.Tensor:
     """Margins [B] of the intervened run, one row per patch ``(kind, index, positions)`` at layer ``L``
     (``kind`` "resid": the residual the layer uses at ``positions``; "z": head ``index``'s output; "mlp"; index
     None with kind "resid": nothing), from position ``first`` on (0: the whole prompt; else the intervened
-    cache's prefix)."""
+    cache's prefix). The intervention is prepared once per batch size (``prepared``): the rows are one prompt,
+    so what it computes from the inputs (a steering vector, its heads) is the same for every batch."""
     from .models.shared_prefix import SharedPrefix, continuation_mask, continuing
     from .runner import run_rows
 
@@ -469,7 +472,9 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     ids, mask = full["input_ids"], full["attention_mask"]
     from .interventions.base import rows_of
 
-    intervention.prepare(lm, full, rows_of(ids, mask, lm.tokens.image_token_id))
+    if B not in prepared:
+        intervention.prepare(lm, full, rows_of(ids, mask, lm.tokens.image_token_id))
+        prepared.add(B)
     targeted = intervention.layers(lm.n_layers)
     skip = min(L, min(targeted)) if targeted else 0  # nothing is edited before: the baseline's residual there
     entering = base.resid[skip][0, first:].expand(B, -1, -1).clone()  # one copy per row: edits are in place

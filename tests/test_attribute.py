@@ -490,14 +490,18 @@ class RestoreResidual(Intervention):
 
 def _intervened_margin(lm, inputs, iv, *, head=None, mlp=None):
     """One intervened forward of the whole prompt (the runner's own ``run``), a head's or the MLP's output
-    replaced by a hook as in :func:`_hooked_margin`."""
+    replaced by a hook as in :func:`_hooked_margin`. The hooks act on the prompt's own forward only, not on
+    the forwards an intervention runs to prepare (VISTA's prompt without its image)."""
     layers = lm.model.model.language_model.layers
+    T = inputs["input_ids"].shape[1]
     hooks = []
     if head is not None:
         L, h, pos, vals = head
         hd = vals.shape[-1]
 
         def pre_o(m, args):
+            if args[0].shape[1] != T:
+                return None
             z = args[0].clone()
             z[0, pos, h * hd:(h + 1) * hd] = vals
             return (z,)
@@ -507,6 +511,8 @@ def _intervened_margin(lm, inputs, iv, *, head=None, mlp=None):
         L, pos, vals = mlp
 
         def post(m, args, out):
+            if out.shape[1] != T:
+                return None
             out = out.clone()
             out[0, pos] = vals
             return out
@@ -519,20 +525,23 @@ def _intervened_margin(lm, inputs, iv, *, head=None, mlp=None):
             h.remove()
 
 
-@pytest.mark.parametrize("which", ["add-everywhere", "pai"])
+@pytest.mark.parametrize("which", ["add-everywhere", "pai", "vista"])
 def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, which, request):
     """Every patch of both directions against one forward of the whole prompt per patch, written here: the
     intervened activation put into a plain baseline forward by a hook (denoising), and the baseline's
     activation restored in the runner's intervened forward (noising: heads and MLPs by a hook, the residual
     through the seam right after the intervention's own edit). On the embedded model and a tiny random one
     (with grouped-query attention), a residual edit at every position (the image tokens' residual has to be
-    recomputed from the restored layer on) and PAI (the decision token's attention, in every layer from 1)."""
-    if lm is not request.getfixturevalue("embedded_model") and which == "pai":
-        pytest.skip("PAI on the embedded model only (the random models have the residual edit)")
+    recomputed from the restored layer on), PAI (the decision token's attention, in every layer from 1) and
+    VISTA (a steering vector the intervention prepares from the prompt, added at every position and layer)."""
+    if lm is not request.getfixturevalue("embedded_model") and which != "add-everywhere":
+        pytest.skip("PAI and VISTA on the embedded model only (the random models have the residual edit)")
     inputs = _inputs(lm, sample_scene(0, 0).image())
     w = lm.model.lm_head.weight
     if which == "pai":
         iv = resolve("pai", None, ["layers=1:4", "alpha=2"])
+    elif which == "vista":  # a steering vector prepared from the prompt, every position, every layer
+        iv = resolve("vista", "strong", ["layers=2:5"])
     else:
         iv = AddEverywhere(1, -8.0 * (w[lm.tokens.yes_id] - w[lm.tokens.no_id]).detach())
     grid = localisation(lm, inputs, iv)
@@ -546,7 +555,7 @@ def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, whi
     start = int(pos["image"].max()) + 1
     pos["image"] = torch.arange(0, start)  # the residual before the text: the image and the text before it
     text = torch.arange(start, T)
-    for L in (2, lm.n_layers - 1):  # after the edits begin, and the last layer
+    for L in (2, lm.n_layers - 1) if which != "vista" else (3,):  # after the edits begin, and the last layer
         for j, g in enumerate(A.GROUPS):
             p = pos[g]
             ref = _hooked_margin(lm, inputs, resid=(L, p, ivacts.resid[L][0, p]))
