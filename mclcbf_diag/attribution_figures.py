@@ -36,9 +36,10 @@ def effect_names(effects, k: int = 3) -> str:
         sites.setdefault((e["site"], e["layer"], e["head"]), []).append(e)
     out = []
     for (site, layer, head), found in list(sites.items())[:k]:
+        group = site.removeprefix("resid_")
+        tokens = "the decision token's" if group == "decision" else f"the {group} tokens'"
         where = f"head {layer}.{head}" if site == "head" else (
-            f"layer {layer} MLP" if site == "mlp" else f"the {site.removeprefix('resid_')} tokens' residual "
-                                                      f"entering layer {layer}")
+            f"layer {layer} MLP" if site == "mlp" else f"{tokens} residual entering layer {layer}")
         out.append(f"{where} (" + ", ".join(f"{e['effect']:+.3g} {DIRECTION_WORDS[e['direction']]}"
                                             for e in found) + ")")
     more = len(sites) - k
