@@ -429,3 +429,62 @@ def test_layers_an_earlier_step_lifted_above_tau_are_not_an_inactive_barrier():
     frame.loc[(frame.condition == "baseline") & (frame.metric == "barrier_h") & (frame.layer > 1), "value"] = 0.3
     cause = next(c for c in diagnose(frame) if c.id == "barrier_inactive")
     assert cause.detected and cause.evidence["n_inactive"] == 2
+
+
+# ----------------------------------------------------------------------------- the span on other layouts (#32)
+# Tiny random LLaVAs from tests/test_models_adapter.py's builder: a 112-px tower (64 image tokens at 5–68) and a Qwen2
+# text model without a BOS (image at 4–67, no sliding window: explain's cached prefix). The default preset's literal
+# span [1, 577) covers the question and the decision token: h reads ~0.99 where the image's mass is ~0.77.
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def layout_lm(request, tmp_path_factory):
+    from test_models_adapter import tiny_checkpoint
+
+    from mclcbf_diag.models import load_model
+
+    extra = {"use_sliding_window": False} if request.param == "qwen2" else {}
+    return load_model(tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param), **extra))
+
+
+def _explain(lm, **knobs):
+    import dataclasses
+
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.embedded.build import QUESTION
+    from mclcbf_diag.embedded.world import sample_scene
+    from mclcbf_diag.experiments.explain import explain_sample
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), **knobs)
+    return explain_sample(lm, QUESTION.format(name="dog"), sample_scene(3, 1).image(), config, k_max=2,
+                          bisect_steps=1, sweep=False)
+
+
+def test_the_default_preset_warns_of_its_span_on_screen_and_on_the_page(layout_lm, capsys):
+    from mclcbf_diag.cli.trace import print_outcome_summary
+    from mclcbf_diag.report.pages import headline
+
+    ex = _explain(layout_lm)
+    summary = ex.trace.summary()
+    print_outcome_summary(summary, ex.trace.intervention)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    first = 4 if layout_lm.text_config.model_type == "qwen2" else 5
+    decision = int(ex.trace.value("span_decision"))
+    assert warnings == [f"  warning: the configured image span [1, 577) covers the decision token (position "
+                        f"{decision}) and {first - 1 + decision - first - 64} other non-image tokens (1–{first - 1}, "
+                        f"{first + 64}–{decision - 1}); the detected image tokens are {first}–{first + 63}: use the "
+                        "detected span (span=detected) or set fixed_span to the detected tokens"]
+    page = headline(summary, ex.trace.records, ex.trace.intervention)
+    assert any(x.startswith("Warning: The configured image span [1, 577) covers the decision token") for x in page)
+    # explain ranks it: detected, the first of the intervention's causes; with τ = 0.2 below the image's real mass
+    # (~0.77) the corrected span does not fire the barrier either, so it is honestly not decisive here
+    found = [c for c in ex.causes if c.detected and c.status != "observed"]
+    assert found[0].id == "span_mismatch" and "beyond the seed's known 4-token offset" in found[0].sentence
+    assert found[0].run is not None and found[0].run.mass < 0.9 < ex.trace.value("barrier_h", "baseline", layer=1)
+
+
+def test_the_span_is_decisive_where_the_real_mass_is_below_tau(layout_lm):
+    """τ = 0.9 between the image's real mass (~0.77) and the span's reading (~0.99): the literal span hides a step the
+    barrier should take, and undoing it (span = detected) takes it."""
+    ex = _explain(layout_lm, tau_prefill=0.9)
+    top = next(c for c in ex.causes if c.detected)
+    assert top.id == "span_mismatch" and top.decisive and top.run.step_size > 0.05
+    assert ex.trace.summary()["layers_fired"] == []

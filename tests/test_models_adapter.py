@@ -125,11 +125,13 @@ def tiny_processor(bos: bool, image_token: str = IMAGE_TOKEN) -> LlavaProcessor:
                           image_token=image_token)
 
 
-def tiny_checkpoint(backbone: str, folder, seed: int = 0, image_token: str = IMAGE_TOKEN) -> str:
-    """A random LLaVA whose text model is ``backbone``, saved (safetensors) with its processor in ``folder``."""
+def tiny_checkpoint(backbone: str, folder, seed: int = 0, image_token: str = IMAGE_TOKEN, **text) -> str:
+    """A random LLaVA whose text model is ``backbone``, saved (safetensors) with its processor in ``folder``; ``text``
+    overrides fields of the text config (``use_sliding_window=False``)."""
     processor = tiny_processor(bos=backbone not in NO_BOS, image_token=image_token)
     tok = processor.tokenizer
     cls, extra = BACKBONES[backbone]
+    extra = {**extra, **text}
     text = cls(vocab_size=padded_vocab_size(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id, **TEXT, **extra)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -252,6 +254,48 @@ def test_the_trace_records_h_equal_to_the_measured_mass(family_lm, family_traced
     for i in range(family_lm.n_layers):
         want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
         assert h[i] == pytest.approx(want, rel=0, abs=TOL) and mass[i] == pytest.approx(want, rel=0, abs=TOL)
+
+
+def test_the_look_ahead_is_compared_with_the_mass_it_predicts(family_lm, family_traced, family_forward):
+    """Every backbone (Qwen3's q/k norms included): the recorded look-ahead miss is within its float32 floor of 0,
+    so no warning; the miss is the model's own mass (a plain forward's) minus h."""
+    inputs, out, _ = family_forward
+    image = inputs["input_ids"][0] == family_lm.tokens.image_token_id
+    h, miss = _baseline(family_traced, "barrier_h"), _baseline(family_traced, "lookahead_miss")
+    floor = _baseline(family_traced, "lookahead_miss_floor")
+    for i in range(family_lm.n_layers):
+        want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+        assert miss[i] == pytest.approx(want - h[i], rel=0, abs=TOL) and abs(miss[i]) <= floor[i] < 1e-6
+    summary = family_traced.summary()
+    assert "lookahead_miss_layers" not in summary
+    assert not any("warning" in line for line in family_traced.intervention.summary_lines(summary))
+
+
+def test_a_look_ahead_that_misses_is_printed_and_paged(family_lm, monkeypatch):
+    """A look-ahead given other query weights than the layer's (a planted miss: layer 1's rows rolled by one, which
+    Qwen3's per-head q norm does not undo as it would a scale) computes another h: the run says so on screen and on
+    the page, at the layer where it happened."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.pages import headline
+
+    if family_lm.text_config.model_type != "qwen3":
+        pytest.skip("one backbone is enough: the check is the intervention's, not the backbone's")
+    real = family_lm.layer_weights
+    monkeypatch.setattr(family_lm, "layer_weights", lambda i: dataclasses.replace(
+        real(i), q_weight=real(i).q_weight.roll(i, dims=0)))
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
+    result = trace_sample(family_lm, QUESTION.format(name="dog"), sample_scene(3, 1).image(), config)
+    miss = _baseline(result, "lookahead_miss")
+    assert abs(miss[1]) > 1e-3 and abs(miss[0]) < 1e-6
+    summary = result.summary()
+    assert summary["lookahead_miss_layers"] == [1] and summary["lookahead_miss_max"] == pytest.approx(miss[1])
+    lines = [x for x in result.intervention.summary_lines(summary) if "warning" in x]
+    assert lines == [f"  warning: the barrier's look-ahead h differs from the image mass the model computed by up to "
+                     f"{miss[1]:+.3g} (noise floor {summary['lookahead_miss_floor']:.2g}) at layers [1]: h, its "
+                     "gradient and the step are not the model's there"]
+    assert any(x.startswith("Warning: The barrier's look-ahead h differs") for x in headline(
+        summary, result.records, result.intervention))
 
 
 def test_the_trace_records_norms_and_margins_of_a_plain_forward(family_lm, family_traced, family_forward):

@@ -12,6 +12,12 @@ Records (per steered layer, see :data:`METRICS`): h before the step, τ, whether
 ‖θ*‖/‖x‖, Δh predicted (first order), recomputed (same keys) and realised (the model's own
 attention), and, at layer −1, how the configured image span overlaps the detected image.
 
+Two checks on every run, printed as warnings by ``trace`` and ``explain`` and put on the page
+(:mod:`.report`): the configured span against the detected image tokens and the decision token
+(``span_flagged``, :func:`mclcbf_diag.models.tokens.span_problem`: the seed's known 4-token offset
+is not flagged), and, in the measuring run, the look-ahead h against the image mass the layer then
+computed (``lookahead_miss``, beyond its noise floor ``lookahead_miss_floor``).
+
 Two computations, two dtypes. The *controller* (h, ∇h, the scale and the step) runs in the
 gradient dtype, as the seed does (``grad_dtype=model``: the model's dtype, so its rounding
 is part of what is diagnosed). The *measurements* (the recorded h, Δh predicted and
@@ -31,6 +37,7 @@ import torch
 from ...errors import UserError
 from ...measurements import noise
 from ...measurements.probes import fit_mask
+from ...models.tokens import span_problem
 from ..attention_edits import shift_image_logits
 from ..base import Intervention, Row, Site
 from ..catalog import SPECS
@@ -81,6 +88,17 @@ METRICS = {
     "span_iou": "configured span vs detected image: intersection over union",
     "span_precision": "share of the configured span that is image",
     "span_recall": "share of the image inside the configured span",
+    "span_flagged": "1 if the configured span (span=fixed) covers the decision token, or more non-image tokens or "
+                    "misses more image tokens than the seed's known 4-token offset (mclcbf_diag.models.tokens."
+                    "span_problem); trace and explain print it as a warning",
+    "span_image_first": "position of the first detected image token (layer −1)",
+    "span_image_last": "position of the last detected image token (layer −1)",
+    "span_decision": "position of the decision token, the prompt's last (layer −1)",
+    "lookahead_miss": "the model's own head-mean image mass (configured span) at the decision token minus the "
+                      "barrier's look-ahead h of the same layer, in the measuring (baseline) run: 0 up to rounding "
+                      "when the look-ahead computes what the layer computes",
+    "lookahead_miss_floor": "noise floor of lookahead_miss (the formula of dh_realised_floor: eps of the model "
+                            "dtype); beyond it trace and explain print a warning",
 }
 
 _STEP_METRICS = {"active": "barrier_active", "tau": "barrier_tau", "grad_norm": "grad_norm",
@@ -296,13 +314,20 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
             elif site.steer:
                 site.record(row, "dh_realised", realised - before)
                 site.record(row, "dh_realised_floor", noise.mass_floor(site.tensor.dtype, before, realised))
+            else:  # the measuring run: the look-ahead h against the mass the layer then computed
+                site.record(row, "lookahead_miss", realised - before)
+                site.record(row, "lookahead_miss_floor", noise.mass_floor(site.tensor.dtype, before, realised))
 
     # -- whole-model records, summaries, fixes ------------------------------------------------------
     def row_records(self, row: Row) -> dict[str, float]:
         conf, det = self.span[row.index].bool(), row.image.bool()
         inter, union = int((conf & det).sum()), int((conf | det).sum())
         k = self.knobs
-        return {"prefill_enabled": float(k.tau_prefill > 0 and k.alpha_prefill > 0),
+        image = torch.nonzero(det).flatten()
+        problem = k.span == "fixed" and span_problem(k.fixed_span, image, row.decision) is not None
+        return {"span_flagged": float(problem), "span_image_first": int(image.min()) if len(image) else -1,
+                "span_image_last": int(image.max()) if len(image) else -1, "span_decision": row.decision,
+                "prefill_enabled": float(k.tau_prefill > 0 and k.alpha_prefill > 0),
                 "decode_enabled": float(k.tau_decode > 0 and k.alpha_decode > 0),
                 "span_configured_tokens": int(conf.sum()), "span_detected_tokens": int(det.sum()),
                 "span_iou": inter / union if union else 1.0,
@@ -323,7 +348,7 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
     def trace_summary(self, steered, baseline) -> dict:
         """The barrier h before and after the step (mean over steered layers), where it fired, the largest
         ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised with their noise floors."""
-        return summary_fields(steered, baseline)
+        return summary_fields(steered, baseline, self.knobs)
 
     def summary_lines(self, summary: dict) -> list[str]:
         return summary_lines(summary)

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ...measurements.noise import show as shown
+from ...models.tokens import span_problem
 from ...report.html import NoFigure, fmt_value, layer_list
 from ...report.plots import (
     STEERED,
@@ -34,9 +35,10 @@ from ...report.plots import (
 
 
 # ------------------------------------------------------------------------------------------ the summary
-def summary_fields(per_layer: pd.DataFrame, baseline: pd.DataFrame) -> dict:
+def summary_fields(per_layer: pd.DataFrame, baseline: pd.DataFrame, knobs=None) -> dict:
     """Steered and fired layers, h before and after the step (a realised Δh under its floor counts as 0), the
-    largest ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised (mean over fired layers, with floors)."""
+    largest ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised (mean over fired layers, with floors); the two
+    warnings (:func:`warnings_of`)."""
     empty = pd.Series(dtype=float)
     fired = per_layer.get("barrier_active", empty).fillna(0)
     h_before = baseline.get("barrier_h", empty).dropna()
@@ -56,7 +58,53 @@ def summary_fields(per_layer: pd.DataFrame, baseline: pd.DataFrame) -> dict:
         floors = per_layer[f"{metric}_floor"].reindex(vals.index).dropna() if f"{metric}_floor" in per_layer else []
         out[f"{metric}_mean"] = float(vals.mean()) if len(vals) else math.nan
         out[f"{metric}_floor"] = float(max(floors)) if len(floors) else math.nan
+    return out | warnings_of(per_layer, baseline, knobs)
+
+
+def _at(frame: pd.DataFrame, metric: str, layer: int = -1):
+    if metric not in frame or layer not in frame.index:
+        return None
+    value = frame.at[layer, metric]
+    return None if value != value else float(value)
+
+
+def warnings_of(per_layer: pd.DataFrame, baseline: pd.DataFrame, knobs=None) -> dict:
+    """What the run measured wrong, in one line each (absent when nothing is).
+
+    ``span_warning``: the configured span against the detected image tokens and the decision token
+    (:func:`mclcbf_diag.models.tokens.span_problem`; the seed's known 4-token offset is not a problem).
+    ``lookahead_miss_layers`` (with ``lookahead_miss_max`` and its floor): the layers of the measuring run where
+    the look-ahead h and the image mass the layer computed differ by more than the noise floor.
+    """
+    out: dict = {}
+    if _at(per_layer, "span_flagged") and knobs is not None and getattr(knobs, "span", None) == "fixed":
+        first, last, decision = (_at(per_layer, f"span_{k}") for k in ("image_first", "image_last", "decision"))
+        if None not in (first, last, decision):
+            line = span_problem(knobs.fixed_span, range(int(first), int(last) + 1), int(decision))
+            if line:
+                out["span_warning"] = line
+    if "lookahead_miss" in baseline and "lookahead_miss_floor" in baseline:
+        rows = baseline[["lookahead_miss", "lookahead_miss_floor"]].dropna()
+        rows = rows[rows.index >= 0]
+        missed = rows[rows.lookahead_miss.abs() > rows.lookahead_miss_floor]
+        if len(missed):
+            worst = missed.lookahead_miss.abs().idxmax()
+            out["lookahead_miss_layers"] = [int(i) for i in missed.index]
+            out["lookahead_miss_max"] = float(missed.at[worst, "lookahead_miss"])
+            out["lookahead_miss_floor"] = float(missed.at[worst, "lookahead_miss_floor"])
     return out
+
+
+def warning_lines(s: dict) -> list[str]:
+    """The warnings of :func:`warnings_of` as sentences (no indent, no trailing full stop)."""
+    lines = []
+    if s.get("span_warning"):
+        lines.append(s["span_warning"])
+    if s.get("lookahead_miss_layers"):
+        lines.append(f"the barrier's look-ahead h differs from the image mass the model computed by up to "
+                     f"{s['lookahead_miss_max']:+.3g} (noise floor {s['lookahead_miss_floor']:.2g}) at layers "
+                     f"{s['lookahead_miss_layers']}: h, its gradient and the step are not the model's there")
+    return lines
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -72,7 +120,7 @@ def summary_lines(s: dict) -> list[str]:
     if any(v is not None and v == v for v, _ in dh.values()):
         lines.append("  Δh       " + "   ".join(f"{k} {shown(v, f, '.3g')}" for k, (v, f) in dh.items())
                      + "   (mean over fired layers)")
-    return lines
+    return lines + [f"  warning: {line}" for line in warning_lines(s)]
 
 
 def headline(s: dict, records) -> list[str]:
@@ -88,7 +136,7 @@ def headline(s: dict, records) -> list[str]:
     rel = s.get("max_theta_rel", math.nan)
     if isinstance(rel, float) and math.isfinite(rel):
         lines.append(f"Largest step ‖θ*‖/‖x‖: {fmt_value(rel)}" + (" (no step was taken)." if rel == 0 else "."))
-    return lines
+    return lines + [f"Warning: {line[0].upper()}{line[1:]}." for line in warning_lines(s)]
 
 
 def _tau(records) -> float | None:
@@ -182,4 +230,4 @@ def nothing_fired_reason(df: pd.DataFrame) -> str:
 
 
 __all__ = ["barrier_figure", "figures", "headline", "nothing_fired_reason", "step_size_figure", "summary_fields",
-           "summary_lines"]
+           "summary_lines", "warning_lines", "warnings_of"]

@@ -80,6 +80,10 @@ def span_mismatch(ev: Evidence, rule: Rule):
     if {"precision", "recall", "configured_tokens", "detected_tokens"} <= e.keys():
         s += (f": {pct(e['precision'])} of its {e['configured_tokens']:.0f} positions are image tokens"
               f" and it holds {pct(e['recall'])} of the {e['detected_tokens']:.0f} image tokens")
+    if ev.scalar("span_flagged", cd):
+        e["flagged"] = 1.0
+        s += ("; beyond the seed's known 4-token offset (it covers the decision token or more text, or misses more "
+              "of the image), so h is not the image's mass")
     return ev.make(rule, iou < SPAN_IOU_MIN, 1 - iou, e, s + ".")
 
 
