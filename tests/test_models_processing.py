@@ -112,3 +112,17 @@ def test_a_prompt_beyond_the_sliding_window_is_refused(tmp_path):
     assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=24, max_window_layers=1,
                                       num_hidden_layers=2)) == 24
     assert sliding_window(Qwen2Config()) is None and sliding_window(LlamaConfig()) is None
+
+
+def test_trace_overlay_tokens_refuse_a_processor_error_in_one_line_before_loading(lm, monkeypatch, capsys, tmp_path):
+    """``trace --overlay-token`` tokenizes the prompt with the processor before the weights load: its refusal is the
+    same one line as the model's own inputs (two placeholders, one image), and no weights are read."""
+    import mclcbf_diag.models.loading as loading
+    from mclcbf_diag.cli import main
+
+    monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("the weights were loaded"))
+    rc = main(["trace", "--model", lm.source, "--sample", "0", "--prompt",
+               "USER: <image> <image>\n{question}\nASSISTANT:", "--overlay-token", "5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and not (tmp_path / "o").exists()
+    assert err.startswith(f"mclcbf-diag: error: --model {lm.source}: its processor refused the prompt and image (")

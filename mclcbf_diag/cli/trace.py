@@ -74,14 +74,15 @@ def check_overlay_tokens(args) -> list:
 
     choices = [parse_token(t) for t in args.overlay_token]
     from ..data import build_prompt, load_image, resolve_image
+    from ..models.processing import run_processor
     from ..overlay import resolve_token
     from .common import check_prompt, prepare_from_args, question_from_args
 
     check_prompt(args)
     question, image_dir = question_from_args(args)
     prep = prepare_from_args(args)
-    enc = prep.processor(text=build_prompt(question.text, args.prompt),
-                         images=load_image(resolve_image(question, image_dir)), return_tensors="pt")
+    enc = run_processor(prep.processor, show(prep.where), build_prompt(question.text, args.prompt),
+                        load_image(resolve_image(question, image_dir)), return_tensors="pt")
     ids = enc["input_ids"][0]
     tokens = [prep.processor.tokenizer.decode([int(i)]) for i in ids]
     for c in choices:
