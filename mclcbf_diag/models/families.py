@@ -45,8 +45,7 @@ FAMILIES: tuple[Family, ...] = (
                  "llava-hf/llava-1.5-7b-hf (README examples, notebooks/04_llava_7b_on_gpu.ipynb)"),
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
-               "plain forwards; with Gemma the logit lens and norm gains still read the norm's weight, not its 1 + w; "
-               "no real weights but llava-1.5-7b have been run)",
+               "plain forwards; no real weights but llava-1.5-7b have been run)",
         not_covered="LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
                     "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
