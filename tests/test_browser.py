@@ -12,6 +12,10 @@ Chromium (driven by selenium + chromedriver) with the network turned off, and ch
 * an empty plot is a placeholder with its reason, never a blank figure;
 * the browser console shows no errors, and the page fetched nothing (it is self-contained).
 
+The answer over a split (``explain --split … --pages wrong``) is clicked through: a question id behind the count of
+wrong answers on ``population.html`` opens that question's page, which shows its verdict, drawn from the folder's
+one copy of plotly.js.
+
 Needs Chromium and chromedriver (Debian: ``apt-get install -y chromium chromium-driver``)
 and the ``selenium`` package (in the ``test`` extra). Without them the tests are skipped,
 saying what is missing. ``CHROME_BIN`` and ``CHROMEDRIVER`` override where they are looked for.
@@ -224,3 +228,75 @@ def test_page_renders_offline(kind, browser, tmp_path, monkeypatch):
     if kind.startswith("pope"):
         assert browser.execute_script("return document.querySelectorAll('.updatemenu-button').length") >= 2
     assert state["resources"] == [], f"{kind}: the page fetched {state['resources']}: it must be self-contained"
+
+
+# ----------------------------------------------------------------------------- a split's answer, clicked through
+SPLIT_LIMIT = 21  # the embedded adversarial split's first wrong answer is its 21st question (question_id 21)
+
+
+def _wait_for_figures(browser, ids: list[str], what: str) -> dict:
+    deadline = time.monotonic() + RENDER_TIMEOUT_S
+    while True:
+        state = browser.execute_script(_STATE_JS, ids)
+        if state["ready"] == "complete" and state["plotlyLoaded"] and state["drawn"] == len(ids):
+            return state
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: after {RENDER_TIMEOUT_S} s only {state['drawn']} of {len(ids)} figures rendered "
+                        f"(plotly loaded: {state['plotlyLoaded']}, missing divs: {state['missing']})")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_question_id_behind_a_count_opens_that_questions_verdict(browser, tmp_path, monkeypatch):
+    """explain --split … --pages wrong: population.html links each wrong answer's id to its page; clicking it in a
+    browser opens a page that shows that question's verdict, drawn offline from the folder's one plotly.min.js."""
+    import pandas as pd
+    from plotly.offline import get_plotlyjs
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "split"
+    _run_cli(["explain", "--split", "adversarial", "--limit", str(SPLIT_LIMIT), "--batch-size", str(SPLIT_LIMIT),
+              "--k-max", "2", "--bisect-steps", "1", "--no-sweep", "--pages", "wrong", "--out", str(out)])
+    questions = pd.read_parquet(out / "questions.parquet")
+    wrong = questions[questions.kind == "wrong"]
+    wrong = wrong.set_index(wrong.question_id.astype(str))
+    assert len(questions) == SPLIT_LIMIT and len(wrong) >= 1
+    # a page per wrong answer, each under 1 MB, plotly.js stored once in the folder
+    pages = sorted((out / "pages").iterdir())
+    assert {p.name for p in pages} == {f"explain-adversarial-{i}.html" for i in wrong.index}
+    assert all(p.stat().st_size < 1_000_000 for p in pages), [(p.name, p.stat().st_size) for p in pages]
+    signature = get_plotlyjs()[1000:1200]
+    holders = [p for p in out.rglob("*") if p.suffix in (".html", ".js") and signature in p.read_text(encoding="utf-8")]
+    assert holders == [out / "plotly.min.js"]
+
+    population = out / "population.html"
+    browser.get_log("browser")
+    browser.get(population.as_uri())
+    _wait_for_figures(browser, list(_expected(population.read_text(encoding="utf-8"))), "population.html")
+    section = next(s for s in browser.find_elements(By.TAG_NAME, "section")
+                   if s.find_element(By.TAG_NAME, "h2").text.startswith("Wrong answers ("))
+    count = int(re.search(r"\((\d+)\)", section.find_element(By.TAG_NAME, "h2").text).group(1))
+    links = [a for a in section.find_elements(By.CSS_SELECTOR, 'a[href^="pages/"]') if a.is_displayed()]
+    assert count == len(wrong) and {a.text for a in links} == {f"adversarial:{i}" for i in wrong.index}
+
+    link = links[0]
+    qid = link.text.split(":", 1)[1]
+    link.click()
+    WebDriverWait(browser, RENDER_TIMEOUT_S).until(
+        lambda d: d.current_url.endswith(f"/pages/explain-adversarial-{qid}.html")
+        and d.execute_script("return document.readyState") == "complete")
+    page = out / "pages" / f"explain-adversarial-{qid}.html"
+    state = _wait_for_figures(browser, list(_expected(page.read_text(encoding="utf-8"))), page.name)
+    assert state["drawn"] >= 3  # the prefill trace plots, from the run's records
+    shown = browser.find_element(By.TAG_NAME, "body").text
+    row = wrong.loc[qid]
+    assert f"question_id {qid}: {row['text']}" in shown
+    assert f"outcome {row['outcome'].upper()}" in shown
+    assert f"top decisive cause: {row['top_cause']} ({row['top_cause_title']})" in shown
+    errors = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not errors, f"browser console errors: {[e['message'] for e in errors]}"
+    scripts = browser.execute_script("return [...document.scripts].map(s => s.src).filter(Boolean)")
+    assert scripts == [(out / "plotly.min.js").as_uri()]  # plotly.js from the folder's one copy
+    assert state["resources"] == [], f"the page fetched {state['resources']}"  # and nothing from the web
