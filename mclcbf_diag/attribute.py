@@ -24,9 +24,13 @@ The math is in :mod:`mclcbf_diag.attribution` (pure functions); the runs are the
 * :func:`attribution_patching` — gradient × difference for the same grid: the clean activations
   (a plain forward), the corrupted run's activations and ∂margin/∂activation (one forward and one
   backward).
-* :func:`localisation` — where an intervention acts: the same grid with the intervened run as the
-  clean input and the baseline as the corrupted one (same image), intervened activations patched into
-  the baseline.
+* :func:`localisation` — where an intervention acts, from both sides: the same grid with the intervened run
+  as the clean input and the baseline as the corrupted one (same image), intervened activations patched into
+  the baseline, and (:func:`restored_patching`) the baseline's restored in the intervened run, which runs on
+  with the intervention; :func:`localise` returns its records and :class:`LocalSummary` (where the change
+  enters, which heads and MLPs make it, which work against it).
+* :func:`split_carriers` — over a split's questions, the heads and MLPs that carry the wrong Yes on wrong
+  answers (DLA and patching), against AD-HH's hallucination heads and the sites each intervention edits.
 
 Each patch's effect is the normalised recovery of the margin (``attribution.recovery``): 0 at the
 corrupted run, 1 at the clean one, in both directions.
@@ -359,7 +363,7 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
 
     The patched residual is what the layer used (after any edit the intervention made to it at that layer),
     in both directions, so an edit of the residual entering layer ℓ is carried from layer ℓ on by the
-    ``"denoise"`` patch and undone from layer ℓ+1 on by the ``"noise"`` one. The recoveries are normalised by
+    ``"denoise"`` patch and undone from layer ℓ on by the ``"noise"`` one. The recoveries are normalised by
     the intervened run's own margin and the baseline's; when the intervention leaves the margin within its
     noise floor they are NaN.
     """
