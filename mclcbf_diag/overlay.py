@@ -59,16 +59,18 @@ def seen_image(pixel_values: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def attention_maps(capture, image_mask: torch.Tensor, *, head: int | None = None, decode_step: int = 0,
-                   steered: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+                   steered: tuple[int, ...] = (), shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Grids of the decision token's image attention: ``"layer 3"`` per layer, ``"steered layers"``, ``"all layers"``.
 
     ``capture`` is a :class:`~mclcbf_diag.runner.RunCapture`; ``head`` None averages the heads;
     ``decode_step`` picks the forward (0: the prompt's, k: the one reading the k-th generated token).
     Each grid is the attention mass on that patch (a share of the whole row, summing with the
-    other patches to the image mass).
+    other patches to the image mass). ``image_mask`` marks the tokens of the grid (for LLaVA-NeXT
+    the base grid's: :meth:`~mclcbf_diag.models.loading.LoadedModel.grid_mask`) and ``shape`` is
+    the grid's (None: square).
     """
     cap = capture.steps[decode_step]
-    return _maps({i: cap.layers[i].attn for i in cap.layers}, image_mask, head, steered)  # attn: [H, K]
+    return _maps({i: cap.layers[i].attn for i in cap.layers}, image_mask, head, steered, shape)  # attn: [H, K]
 
 
 # ----------------------------------------------------------------------------- chosen tokens
@@ -176,7 +178,8 @@ class WatchRows(Intervention):
 
 
 def token_attention_maps(lm, inputs: dict, intervention, positions: Sequence[int], *,
-                         steered: tuple[int, ...] = (), head: int | None = None, dose: float = 1.0) -> dict:
+                         steered: tuple[int, ...] = (), head: int | None = None, dose: float = 1.0,
+                         shape: tuple[int, int] | None = None) -> dict:
     """``{position: {"baseline": maps, "intervened": maps}}`` for the chosen query positions (prefill).
 
     ``maps`` as :func:`attention_maps` returns them (per layer, the steered layers, all
@@ -191,14 +194,16 @@ def token_attention_maps(lm, inputs: dict, intervention, positions: Sequence[int
     base = run(lm, inputs, watch_b, steer=False, keep_embeds=True)
     run(lm, with_embeds(inputs, base), watch_s, dose=dose)
     out = {}
+    grid = lm.grid_mask(base.detected) if hasattr(lm, "grid_mask") else base.detected  # LLaVA-NeXT: the base grid
     for j, pos in enumerate(positions):
-        out[int(pos)] = {name: _maps({ly: a[:, j] for ly, a in w.rows.items()}, base.detected, head, steered)
+        out[int(pos)] = {name: _maps({ly: a[:, j] for ly, a in w.rows.items()}, grid, head, steered, shape)
                          for name, w in (("baseline", watch_b), ("intervened", watch_s))}
     return out
 
 
-def _maps(rows: dict[int, torch.Tensor], image_mask, head, steered) -> dict[str, np.ndarray]:
-    per_layer = {i: patch_grid(a.mean(0) if head is None else a[head], image_mask) for i, a in sorted(rows.items())}
+def _maps(rows: dict[int, torch.Tensor], image_mask, head, steered, shape=None) -> dict[str, np.ndarray]:
+    per_layer = {i: patch_grid(a.mean(0) if head is None else a[head], image_mask, shape)
+                 for i, a in sorted(rows.items())}
     maps = {f"layer {i}": g for i, g in per_layer.items()}
     chosen = [per_layer[i] for i in steered if i in per_layer]
     if chosen:

@@ -1,6 +1,7 @@
 """models/anyres.py: LLaVA-NeXT's image-token layout, against the processor's token counts and the model's own
 embeddings (a tiny random LlavaNext checkpoint built here: 112-px tiles of 14-px patches, 2 × 2 pinpoints)."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -91,3 +92,150 @@ def test_newline_and_base_positions_hold_what_the_model_puts_there(next_model, s
         tower = model.model.vision_tower(enc["pixel_values"][0, :1], output_hidden_states=True)
         base = model.model.multi_modal_projector(tower.hidden_states[-2][0, 1:])  # CLS dropped ("default")
     torch.testing.assert_close(embeds[first + torch.as_tensor(groups["base"]).flatten()], base, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT end to end
+# A saved tiny LLaVA-NeXT (2 Llama layers with norms away from 1, a 112-px tower, the pinpoints above), loaded the way
+# users load one. References are plain transformers forwards of each prompt alone (output_attentions, the logits).
+@pytest.fixture(scope="module")
+def next_lm(tmp_path_factory):
+    from mclcbf_diag.models import load_model
+
+    tok = build_tokenizer()
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                        image_grid_pinpoints=PINPOINTS, do_pad=True)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH, chat_template=CHAT_TEMPLATE,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    text = LlamaConfig(vocab_size=padded_vocab_size(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=TILE, patch_size=PATCH, projection_dim=32)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
+                             image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id,
+                             tie_word_embeddings=False)
+    torch.manual_seed(1)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    folder = tmp_path_factory.mktemp("llava_next")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return load_model(str(folder))
+
+
+QUESTIONS = ["Is there a dog in the image?", "Is there a cat in the image?"]
+IMAGES = [(100, 200), (401, 157)]  # (height, width): a wide one and a tall one
+
+
+def _image(k: int):
+    h, w = IMAGES[k]
+    return sample_scene(2, k).image().resize((w, h))
+
+
+def _plain(lm, prompt: str, image):
+    inputs = lm.inputs(prompt, image)
+    with torch.no_grad():
+        out = lm.model(**inputs, output_attentions=True)
+    return inputs, out
+
+
+def test_next_is_a_supported_family_with_the_llava_adapter(next_lm):
+    from mclcbf_diag.models.adapter import LLAVA
+    from mclcbf_diag.models.families import config_problem
+
+    assert type(next_lm.model).__name__ == "LlavaNextForConditionalGeneration" and next_lm.adapter is LLAVA
+    assert config_problem(next_lm.model.config.to_dict()) is None
+    enc = next_lm.inputs(PROMPT, _image(0))
+    assert next_lm.image_grid(enc) == (8, 8)  # the base grid; the tiles and newlines follow it
+    grid = next_lm.grid_mask(enc["input_ids"][0] == next_lm.tokens.image_token_id)
+    first = int(torch.nonzero(enc["input_ids"][0] == next_lm.tokens.image_token_id)[0])
+    assert torch.nonzero(grid).flatten().tolist() == list(range(first, first + 64))
+
+
+def test_the_prompt_length_check_bounds_the_image_tokens(next_lm):
+    from mclcbf_diag.models.loading import anyres_token_bound, check_prompt_lengths
+
+    bound = anyres_token_bound(next_lm.model.config)
+    assert bound == 64 + 16 * (16 + 1)  # the 224 × 224 pinpoint: 16 rows of 16 patches and a newline
+    counts = []
+    for h, w in [*IMAGES, (336, 336)]:
+        enc = next_lm.inputs(PROMPT, sample_scene(2, 0).image().resize((w, h)))
+        counts.append(int((enc["input_ids"][0] == next_lm.tokens.image_token_id).sum()))
+    assert max(counts) == bound == counts[-1]  # a square image reaches it
+    assert check_prompt_lengths(next_lm, [PROMPT]) >= bound
+
+
+def test_next_trace_equals_a_plain_forward_and_its_look_ahead(next_lm):
+    import dataclasses
+
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.trace import trace_sample
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
+    for k, question in enumerate(QUESTIONS):
+        inputs, out = _plain(next_lm, PROMPT.replace("Is there a dog in the image?", question), _image(k))
+        result = trace_sample(next_lm, question, _image(k), config)
+        r = result.records
+        base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
+        per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
+        image = inputs["input_ids"][0] == next_lm.tokens.image_token_id
+        for i in range(next_lm.n_layers):
+            want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+            assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=1e-5)
+            assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=1e-5)
+        logits = out.logits[0, -1]
+        margin = float(logits[next_lm.tokens.yes_id] - logits[next_lm.tokens.no_id])
+        assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=1e-5)
+        assert "lookahead_miss_layers" not in result.summary()
+        # the overlay's grid is the base image's 8 × 8 patches, in the order the model's attention holds them
+        from mclcbf_diag.overlay import attention_maps, token_attention_maps
+
+        grid = next_lm.grid_mask(result.baseline.detected)
+        maps = attention_maps(result.baseline, grid)
+        want = out.attentions[1][0, :, -1].mean(0)[grid.nonzero().flatten()].reshape(8, 8)
+        np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+        if k == 0:  # another query token's rows, from the runs the overlay adds
+            q = int(torch.nonzero(image)[-1]) + 2
+            rows = token_attention_maps(next_lm, inputs, config, [q])[q]["baseline"]["layer 0"]
+            np.testing.assert_allclose(rows, out.attentions[0][0, :, q].mean(0)[grid.nonzero().flatten()]
+                                       .reshape(8, 8).numpy(), rtol=0, atol=1e-6)
+
+
+def test_next_batches_with_the_cached_prefix_equal_plain_forwards(next_lm):
+    """pope's path: 4 prompts over 2 images of different sizes, the vision tower once per (pixels, image_sizes), the
+    baseline against each prompt alone, the intervened run continuing the cached prefix against a full re-run."""
+    import dataclasses
+
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+
+    prompts = [PROMPT.replace("Is there a dog in the image?", q) for q in QUESTIONS * 2]
+    images = [_image(0), _image(0), _image(1), _image(1)]
+    inputs = batch_inputs(next_lm, prompts, images)
+    assert "pixel_values" not in inputs and len(inputs["mm_encoder_outputs"]["image"].pooler_output) == 4
+    iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    base, steered = answer_pair(next_lm, prompts, images, iv, inputs=inputs)
+    full = answer_batch(next_lm, prompts, images, iv, True, inputs=inputs)
+    for b, (prompt, image) in enumerate(zip(prompts, images)):
+        _, out = _plain(next_lm, prompt, image)
+        logits = out.logits[0, -1]
+        margin = float(logits[next_lm.tokens.yes_id] - logits[next_lm.tokens.no_id])
+        assert base[b]["margin"] == pytest.approx(margin, rel=0, abs=1e-5)
+        assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=1e-5)
+        assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=1e-5)  # the step moved it
+
+
+def test_pope_runs_on_next(next_lm, tmp_path):
+    import json
+
+    from mclcbf_diag.cli import main
+
+    assert main(["pope", "--model", next_lm.source, "--split", "adversarial", "--limit", "4", "--batch-size", "4",
+                 "--out", str(tmp_path / "p")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "p" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)

@@ -12,7 +12,9 @@ Mechanism
   matmuls (≪ 1e-4 in float32).
 * **Images.** :func:`batch_inputs` runs the vision tower once per *distinct* image of the
   batch (POPE asks ~6 questions per image) and hands the projected features to the
-  model's own merge step (``mm_encoder_outputs``); both conditions reuse them.
+  model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
+  image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
+  model's own ``get_image_features`` (base grid, unpadded tiles, newlines).
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).
@@ -44,6 +46,7 @@ from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..models import LoadedModel
+from ..models.processing import processor_prompt
 from .runner import run_batch
 
 
@@ -56,6 +59,7 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     """
     if len(prompts) != len(images) or not prompts:
         raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
+    prompts = [processor_prompt(lm.processor, p) for p in prompts]  # the portable <image> → the processor's own
     placeholder = getattr(lm.processor, "image_token", None) or "<image>"
     if any(p.count(placeholder) != 1 for p in prompts):
         raise UserError(f"every prompt needs exactly one {placeholder} placeholder "
@@ -77,9 +81,20 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
         uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
+        sizes = inputs.get("image_sizes")
         with torch.no_grad():
-            feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
-        per_row = [feats.pooler_output[j] for j in inverse.tolist()]
+            if sizes is None:
+                feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
+                per_row = [feats.pooler_output[j] for j in inverse.tolist()]
+            else:  # LLaVA-NeXT: an image is its pixels (tiles) and its size (which tiles count, the unpadding)
+                keys = [(j, *sizes[b].tolist()) for b, j in enumerate(inverse.tolist())]
+                first: dict[tuple, int] = {}  # each distinct image → the first row holding it
+                for b, k in enumerate(keys):
+                    first.setdefault(k, b)
+                rows = list(first.values())
+                feats = lm.model.get_image_features(pixel_values=pv[rows], image_sizes=sizes[rows], return_dict=True)
+                index = {k: n for n, k in enumerate(first)}
+                per_row = [feats.pooler_output[index[k]] for k in keys]
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
     return inputs
 

@@ -7,10 +7,12 @@ needs "layer 12's input norm" asks the adapter instead of spelling
 one more adapter, not a change to the measurements.
 
 :data:`LLAVA` describes llava-hf's layout in transformers 5.x, which the embedded model
-shares exactly. Its processor returns one fixed-shape ``pixel_values`` image per prompt and
-nothing else per image, which is what :func:`mclcbf_diag.batch.batch_inputs` batches; an
-architecture whose processor adds per-image outputs (LLaVA-NeXT's ``image_sizes``) needs
-its adapter and that batching step extended together, with a test on such a model.
+shares exactly, and LLaVA-NeXT's too (its modules sit at the same paths). LLaVA's processor
+returns one fixed-shape ``pixel_values`` image per prompt; LLaVA-NeXT's adds ``image_sizes``,
+which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower runs once per
+distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. Another
+architecture whose processor adds per-image outputs needs that batching step extended with its
+adapter, with a test on such a model.
 
 The text model's own math, which a look-ahead of a layer's attention must reproduce, is declared
 per text backbone (``text_config.model_type``) in :data:`TEXT_MATH`, one :class:`TextMath` each:
@@ -213,4 +215,6 @@ LLAVA = ArchitectureAdapter(
 )
 
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
-ADAPTERS = {f.architecture: {"llava": LLAVA}[f.name] for f in FAMILIES}
+# LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
+# vector is merged into the image tokens before the text model, which is all the toolkit measures)
+ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA}[f.name] for f in FAMILIES}

@@ -9,7 +9,8 @@ original image size alone (the same rules as the processor's token count: best r
 effective then wasted area, unpadding by the aspect ratio), and :meth:`ImageLayout.groups` gives
 the token indices of each part, relative to the first image token: the overlay draws ``base``
 and ``tiles`` as two grids, ``flow`` can block them separately, and ``newline`` tokens carry no
-patch. The family stays refused (models/families.py) until batching passes ``image_sizes``.
+patch. :meth:`~mclcbf_diag.models.loading.LoadedModel.image_grid` checks a prompt's image tokens against the
+layout before the model runs; batching passes ``image_sizes`` (:func:`mclcbf_diag.engine.batch.batch_inputs`).
 """
 
 from __future__ import annotations

@@ -46,9 +46,22 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
+        not_covered="LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
                     "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
+    ),
+    Family(
+        name="llava_next",
+        architecture="LlavaNextForConditionalGeneration",
+        model_type="llava_next",
+        layout="LLaVA-NeXT (anyres): the llava-hf layout, with each image's tokens a base grid (the whole picture at "
+               "the tower's size), then its high-resolution tiles without padding, one newline token per row "
+               "(models/anyres.py); the processor adds per-image image_sizes, which batching passes on",
+        checked=("a tiny random checkpoint built in the tests (trace and pope's batched, cached-prefix path against "
+                 "plain forwards); no real weights have been run",),
+        covers="LlavaNextForConditionalGeneration checkpoints (llava-hf/llava-v1.6-*) whose text model is one of the "
+               "llava family's; the page's overlay draws the base grid",
+        not_covered="LLaVA-NeXT-Video and LLaVA-OneVision (anyres-max): refused from config.json",
     ),
 )
 
@@ -62,7 +75,6 @@ TEXT_BACKBONES: dict[str, str] = {
 # Architectures users meet that the toolkit does not measure (yet): config.json's model_type → (name, why).
 _LLAVA_LAYOUT = "a LLaVA-family layout the toolkit does not measure yet ({})"
 KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
-    "llava_next": ("LLaVA-NeXT", _LLAVA_LAYOUT.format("anyres image tiles with per-image image_sizes")),
     "llava_next_video": ("LLaVA-NeXT-Video", _LLAVA_LAYOUT.format("anyres tiles and video frames")),
     "llava_onevision": ("LLaVA-OneVision", _LLAVA_LAYOUT.format("anyres-max tiles with per-image image_sizes")),
     "vipllava": ("VipLLaVA", _LLAVA_LAYOUT.format("a multi-layer vision projector")),

@@ -45,6 +45,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
@@ -53,7 +54,8 @@ from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
-from .families import check_config
+from .anyres import ImageLayout, anyres_layout
+from .families import FAMILIES, check_config
 from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
 from .tokens import AnswerTokens, Sink, answer_tokens, find_sink
@@ -66,7 +68,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class LoadedModel:
     """A model, its processor, the adapter that names its parts, and its special tokens."""
 
-    model: LlavaForConditionalGeneration
+    model: LlavaForConditionalGeneration  # or the class of another family (FAMILIES: LlavaNextForConditionalGeneration)
     processor: object
     adapter: ArchitectureAdapter
     tokens: AnswerTokens
@@ -136,13 +138,40 @@ class LoadedModel:
             ids[0] = self.tokens.bos_token_id
         return self.sink(ids, decision_rows, image_mask)
 
+    def image_layout(self, enc) -> ImageLayout | None:
+        """LLaVA-NeXT: the anyres layout of one prompt's image (from its ``image_sizes``); None for a single grid."""
+        return image_layout(self.model.config, enc)
+
     def image_grid(self, enc) -> tuple[int, int]:
-        """The patch grid (rows, columns) of one prompt's image (:func:`~.processing.check_image_grid`)."""
+        """The patch grid (rows, columns) of one prompt's image (:func:`~.processing.check_image_grid`); for
+        LLaVA-NeXT its base grid, once the image tokens are checked against the anyres layout."""
         vision = self.model.config.vision_config
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
         n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
+        layout = self.image_layout(enc)
+        if layout is not None:
+            if n != layout.n_tokens:
+                size = tuple(enc["image_sizes"][0].tolist())
+                (rows, cols), (tr, tc) = layout.base, layout.tiles
+                raise UserError(f"--model {show(self.source)}: the image of size {size} becomes {n} image tokens, "
+                                f"not the {layout.n_tokens} of its anyres layout (a {rows} × {cols} base grid, "
+                                f"{tr} × {tc} tiles, a newline per row); check the checkpoint's processor files")
+            return layout.base
         grid = patch_grid_shape(enc["pixel_values"], vision.patch_size)
         return check_image_grid(n, grid, show(self.source), extra=int(strategy == "full"))
+
+    def grid_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
+        """The image tokens (bool mask [seq], from the detected ``image_mask``) that form the overlay's patch grid: all
+        of them, or for LLaVA-NeXT the base grid's (the first ``p²`` after any CLS), not its tiles and newlines."""
+        cfg = self.model.config
+        if cfg.model_type != "llava_next":
+            return image_mask
+        positions = torch.nonzero(image_mask.reshape(-1)).flatten()
+        extra = int(getattr(cfg, "vision_feature_select_strategy", "default") == "full")
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
+        out[positions[extra:extra + side * side]] = True
+        return out.reshape(image_mask.shape)
 
 
 def _hooks(module: torch.nn.Module) -> list:
@@ -372,6 +401,23 @@ def _load_error(where: str, local: bool, exc: Exception) -> UserError:
     return UserError(f"could not load model {where!r}: {hint} ({first})")
 
 
+def image_layout(config, enc) -> ImageLayout | None:
+    """The anyres layout of the first image of ``enc`` (a processor's output) under a LLaVA-NeXT ``config``; None
+    for other families (one fixed grid)."""
+    if config.model_type != "llava_next" or "image_sizes" not in enc:
+        return None
+    vision = config.vision_config
+    extra = int(getattr(config, "vision_feature_select_strategy", "default") == "full")
+    size = tuple(int(x) for x in enc["image_sizes"][0].tolist())
+    return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=extra)
+
+
+def model_class(config):
+    """The transformers class of ``config``'s family (:data:`~.families.FAMILIES`)."""
+    family = next((f for f in FAMILIES if f.model_type == config.model_type), None)
+    return getattr(transformers, family.architecture) if family is not None else LlavaForConditionalGeneration
+
+
 def load_weights(prep: PreparedModel) -> LoadedModel:
     """Read the weights of a prepared model; missing or unexpected tensors are an error."""
     where = prep.where
@@ -383,8 +429,7 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
         if quiet:  # a small model loads in milliseconds: its progress bar is only noise on stderr
             hf_logging.disable_progress_bar()
         try:
-            model, info = LlavaForConditionalGeneration.from_pretrained(
-                where, device_map=prep.device_map, **kwargs)
+            model, info = model_class(prep.config).from_pretrained(where, device_map=prep.device_map, **kwargs)
         finally:
             if quiet:
                 hf_logging.enable_progress_bar()
@@ -471,6 +516,18 @@ def _image_token_count(processor, where: str) -> int:
     return len(enc["input_ids"][0]) - len(alone) + 1
 
 
+def anyres_token_bound(config) -> int | None:
+    """LLaVA-NeXT: the most image tokens one image can become (the largest ``image_grid_pinpoints`` resolution,
+    nothing unpadded); None for a family whose image is one fixed grid."""
+    if getattr(config, "model_type", None) != "llava_next":
+        return None
+    vision = config.vision_config
+    extra = int(getattr(config, "vision_feature_select_strategy", "default") == "full")
+    side = vision.image_size // vision.patch_size
+    return max(ImageLayout((side, side), ((h // vision.image_size) * side, (w // vision.image_size) * side),
+                           extra).n_tokens for h, w in config.image_grid_pinpoints)
+
+
 def sliding_window(text_config) -> int | None:
     """The text model's sliding window, where some layer has one (Mistral: every layer; Qwen2/3: the sliding layers)."""
     window = getattr(text_config, "sliding_window", None)
@@ -493,7 +550,7 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = _image_token_count(processor, where)
+    per_image = anyres_token_bound(config) or _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
