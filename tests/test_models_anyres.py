@@ -239,3 +239,14 @@ def test_pope_runs_on_next(next_lm, tmp_path):
                  "--out", str(tmp_path / "p")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "p" / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="report/pages.py overlay_section draws the overlay over "
+                   "result.baseline.detected (every image token), not lm.grid_mask(...) with lm.image_grid(inputs): "
+                   "reported, outside models/")
+def test_trace_and_its_page_run_on_next(next_lm, tmp_path):
+    from mclcbf_diag.cli import main
+
+    assert main(["trace", "--model", next_lm.source, "--sample", "0", "--overlay-token", "-2",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "trace.html").exists()
