@@ -271,6 +271,22 @@ def test_the_look_ahead_is_compared_with_the_mass_it_predicts(family_lm, family_
     assert not any("warning" in line for line in family_traced.intervention.summary_lines(summary))
 
 
+def test_the_look_ahead_check_compares_the_same_targets(family_lm):
+    """With every text token after the image as a target, h is the mean over them: so is the mass it is compared
+    with (not the decision token's alone), and nothing is flagged."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.trace import trace_sample
+
+    if family_lm.text_config.model_type != "llama":
+        pytest.skip("one backbone is enough")
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tokens="after_image", tau_prefill=0.99,
+                                 layers=[0, 1])
+    result = trace_sample(family_lm, QUESTION.format(name="dog"), sample_scene(3, 1).image(), config)
+    miss, floor = _baseline(result, "lookahead_miss"), _baseline(result, "lookahead_miss_floor")
+    assert all(abs(miss[i]) <= floor[i] for i in range(family_lm.n_layers))
+    assert "lookahead_miss_layers" not in result.summary()
+
+
 def test_a_look_ahead_that_misses_is_printed_and_paged(family_lm, monkeypatch):
     """A look-ahead given other query weights than the layer's (a planted miss: layer 1's rows rolled by one, which
     Qwen3's per-head q norm does not undo as it would a scale) computes another h: the run says so on screen and on

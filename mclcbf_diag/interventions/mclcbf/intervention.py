@@ -94,9 +94,9 @@ METRICS = {
     "span_image_first": "position of the first detected image token (layer −1)",
     "span_image_last": "position of the last detected image token (layer −1)",
     "span_decision": "position of the decision token, the prompt's last (layer −1)",
-    "lookahead_miss": "the model's own head-mean image mass (configured span) at the decision token minus the "
-                      "barrier's look-ahead h of the same layer, in the measuring (baseline) run: 0 up to rounding "
-                      "when the look-ahead computes what the layer computes",
+    "lookahead_miss": "the model's own image mass (configured span; mean over heads and the target tokens, as h) "
+                      "minus the barrier's look-ahead h of the same layer, in the measuring (baseline) run: 0 up to "
+                      "rounding when the look-ahead computes what the layer computes",
     "lookahead_miss_floor": "noise floor of lookahead_miss (the formula of dh_realised_floor: eps of the model "
                             "dtype); beyond it trace and explain print a warning",
 }
@@ -314,9 +314,12 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
             elif site.steer:
                 site.record(row, "dh_realised", realised - before)
                 site.record(row, "dh_realised_floor", noise.mass_floor(site.tensor.dtype, before, realised))
-            else:  # the measuring run: the look-ahead h against the mass the layer then computed
-                site.record(row, "lookahead_miss", realised - before)
-                site.record(row, "lookahead_miss_floor", noise.mass_floor(site.tensor.dtype, before, realised))
+            else:  # the measuring run: the look-ahead h against the mass the layer computed at the same targets
+                q = site.query_index(row, self._targets(site, row)).to(site.tensor.device)
+                rows_q = site.tensor[row.index][:, q].float()  # [H, targets, K]
+                mass = float(rows_q[..., site.key_mask(row, self.span[row.index])].sum(-1).mean())
+                site.record(row, "lookahead_miss", mass - before)
+                site.record(row, "lookahead_miss_floor", noise.mass_floor(site.tensor.dtype, before, mass))
 
     # -- whole-model records, summaries, fixes ------------------------------------------------------
     def row_records(self, row: Row) -> dict[str, float]:
