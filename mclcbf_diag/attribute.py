@@ -790,6 +790,8 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
                      progress: bool = False, components_at: str = "text") -> AttributeResult:
     """DLA of the baseline and the intervened run, the activation-patching grid and attribution patching.
 
+    (Over 60 lines: one straight sequence of runs, then the summary the command prints, field by field.)
+
     ``corrupted_image``: the corrupted input's image (PIL); or ``corrupted_pixels``, its processed
     ``pixel_values`` (the VCD noise acts on those), with ``corrupted_image`` None.
     """

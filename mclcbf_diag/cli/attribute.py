@@ -147,7 +147,13 @@ def cmd_attribute(args) -> int:
         write_frame(result.records, out / "records.csv", "csv")
         atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
         write_page(out / "attribute.html", "mclcbf-diag attribute: direct logit attribution and patching", sections)
-    s = result.summary
+    _print_sample(result.summary, description)
+    print(f"wrote {show(out)}/records.parquet, records.csv, config.json, attribute.html")
+    return 0
+
+
+def _print_sample(s: dict, description: str) -> None:
+    """The lines ``attribute --sample`` prints: margins, DLA, patching and, with an intervention, its localisation."""
     print(f"question_id {s['question_id']}: {s['question']} (label: {s['label'] or 'none'})")
     print(f"  corruption  {description}")
     print(f"  margin      clean {s['margin_clean']:+.4f}   corrupted {s['margin_corrupted']:+.4f}   intervened "
@@ -180,8 +186,6 @@ def cmd_attribute(args) -> int:
         print(f"              worked against by {effect_names(found['cancels'])}")
         print(f"              (effects in logits of the margin, each above {found['threshold']:.3g}, twice the noise "
               "floor)")
-    print(f"wrote {show(out)}/records.parquet, records.csv, config.json, attribute.html")
-    return 0
 
 
 def cmd_attribute_split(args) -> int:
