@@ -93,12 +93,13 @@ def _propagation_floors(dtype, dist: torch.Tensor, base_post: torch.Tensor, out_
     return floors, final
 
 
-def run_sink(lm: LoadedModel, run: RunCapture, base: RunCapture | None = None) -> Sink:
+def run_sink(lm: LoadedModel, run: RunCapture, base: RunCapture | None = None) -> Sink | None:
     """The attention sink of a run's prompt: the BOS where the prompt starts with one, else the measured sink.
 
     The measured sink comes from the baseline's prefill rows of the decision token (``base``, or
     ``run`` itself when it is the baseline), averaged over the captured layers and heads
     (:func:`mclcbf_diag.models.tokens.find_sink`), so a baseline and its intervened run share one sink.
+    None where there is no BOS and no captured row to measure it from.
     """
     ref = base if base is not None else run
     steps = [s for s in ref.steps if s.phase == "prefill" and s.layers] or [s for s in ref.steps if s.layers]
@@ -106,6 +107,8 @@ def run_sink(lm: LoadedModel, run: RunCapture, base: RunCapture | None = None) -
     if steps:
         caps = [steps[0].layers[i] for i in sorted(steps[0].layers)]
         rows = torch.stack([c.attn.float().cpu()[..., : run.prompt_len] for c in caps])  # [layers, heads, prompt]
+    if rows is None and not lm.adds_bos:
+        return None
     return lm.prompt_sink(run.prompt_len, rows, run.detected.cpu())
 
 
