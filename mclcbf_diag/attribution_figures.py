@@ -110,6 +110,15 @@ def count_heatmaps(counts: pd.DataFrame, adhh_heads=()) -> go.Figure:
     return fig
 
 
+def acts_phrase(row) -> str:
+    """What one row of :func:`mclcbf_diag.attribute.edited_sites` does to the carriers, in words."""
+    if "attention" not in str(row.sites).split(", "):
+        return "it edits no head's attention"
+    if row.n_acts_on:
+        return f"its attention edit acts on {row.acts_on} of the {row.carriers} carriers"
+    return f"its attention edit acts on none of the {row.carriers} carriers"
+
+
 def split_sections(result) -> list[Section]:
     """Every section of a split's ``attribute.html`` (:func:`mclcbf_diag.attribute.split_carriers`)."""
     s, counts = result.summary, result.counts
@@ -121,10 +130,9 @@ def split_sections(result) -> list[Section]:
              "AD-HH (preset paper) finds " + (", ".join(s["adhh_heads"]) or "no head") + "; of these, carrying a "
              "wrong Yes here: " + (", ".join(s["adhh_heads_carrying"]) or "none") + "."]
     for row in result.interventions.itertuples():
-        lines.append(f"{row.intervention} ({row.preset}) opens {row.sites or 'no site'} at {row.layers}: its "
-                     f"attention edit acts on {row.acts_on} of the {row.carriers} carriers"
-                     + (f"; its residual site lies before {row.downstream_of_its_residual_edit}"
-                        if row.n_downstream else "") + ".")
+        lines.append(f"{row.intervention} ({row.preset}) opens {row.sites or 'no site'} at {row.layers}: "
+                     f"{acts_phrase(row)}" + (f"; its residual site lies before {row.downstream_of_its_residual_edit}"
+                                              if row.n_downstream else "") + ".")
     sections = [Section("Outcome", lines=lines)]
     if s["wrong_yes"] == 0:
         sections.append(Section("Carriers", lines=["No wrong Yes among these questions: nothing to count."]))
@@ -140,4 +148,5 @@ def split_sections(result) -> list[Section]:
     return sections
 
 
-__all__ = ["DIRECTION_WORDS", "GROUP_COLUMNS", "count_heatmaps", "effect_names", "restore_section", "split_sections"]
+__all__ = ["DIRECTION_WORDS", "GROUP_COLUMNS", "acts_phrase", "count_heatmaps", "effect_names", "restore_section",
+           "split_sections"]

@@ -92,4 +92,13 @@ def test_a_split_without_a_wrong_yes_counts_nothing():
     assert "nothing to count" in sections[1].lines[0]
     assert "3 questions: 3 right" in sections[0].lines[0] and "AD-HH (preset paper) finds 6.2" in sections[0].lines[3]
     html = render_page("t", sections)
-    assert "pai (paper) opens attention, residual at 1–7" in html
+    assert "pai (paper) opens attention, residual at 1–7: its attention edit acts on none of the 0 carriers" in html
+
+
+def test_what_an_intervention_does_to_the_carriers_in_words():
+    from mclcbf_diag.attribution_figures import acts_phrase
+
+    row = SimpleNamespace(sites="pattern, residual", n_acts_on=0, acts_on="none", carriers=3)
+    assert acts_phrase(row) == "it edits no head's attention"
+    row = SimpleNamespace(sites="attention, residual", n_acts_on=2, acts_on="1.1, 5.1", carriers=3)
+    assert acts_phrase(row) == "its attention edit acts on 1.1, 5.1 of the 3 carriers"

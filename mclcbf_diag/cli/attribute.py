@@ -219,7 +219,7 @@ def cmd_attribute_split(args) -> int:
     result = split_carriers(lm, [(q, image, _corrupter(lm, args, q, image, c)) for q, image, c in items],
                             share=share, components_at=args.components_at, template=args.prompt,
                             adhh_calibration=args.adhh_calibration, progress=True)
-    from ..attribution_figures import split_sections
+    from ..attribution_figures import acts_phrase, split_sections
     from ..report import write_page
 
     meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "split": args.split,
@@ -240,8 +240,7 @@ def cmd_attribute_split(args) -> int:
     print(f"  AD-HH finds               {', '.join(s['adhh_heads']) or 'none'}; carrying a wrong Yes here: "
           f"{', '.join(s['adhh_heads_carrying']) or 'none'}")
     for row in result.interventions.itertuples():
-        print(f"  {row.intervention:<6} opens {row.sites or 'no site'} at {row.layers}: its attention edit acts on "
-              f"{row.acts_on}")
+        print(f"  {row.intervention:<6} opens {row.sites or 'no site'} at {row.layers}: {acts_phrase(row)}")
     print(f"wrote {show(out)}/records.parquet, records.csv, counts.csv, interventions.csv, config.json, "
           "attribute.html")
     return 0
