@@ -37,7 +37,7 @@ from mclcbf_diag.models import load_model
 
 
 def bare_path(lm, jobs, batch_size):
-    pope._image.cache_clear()  # images are decoded inside the timed region, as in a real run
+    pope.image_of.cache_clear()  # images are decoded inside the timed region, as in a real run
     out = []
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i:i + batch_size]
@@ -48,7 +48,7 @@ def bare_path(lm, jobs, batch_size):
 
 
 def pope_path(lm, jobs, intervention, batch_size):
-    pope._image.cache_clear()
+    pope.image_of.cache_clear()
     out = []
     for i in range(0, len(jobs), batch_size):
         out += pope.answer_jobs(lm, jobs[i:i + batch_size], intervention)

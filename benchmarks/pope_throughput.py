@@ -36,7 +36,7 @@ from mclcbf_diag.models import load_model  # noqa: E402
 
 
 def pope_path(lm, jobs, config, batch_size):
-    pope._image.cache_clear()  # images are loaded inside the timed region, as in a real run
+    pope.image_of.cache_clear()  # images are loaded inside the timed region, as in a real run
     out = []
     for i in range(0, len(jobs), batch_size):
         out += pope.answer_jobs(lm, jobs[i:i + batch_size], config)

@@ -35,7 +35,7 @@ from mclcbf_diag.population import run as prun
 
 
 def bare(lm, jobs, batch_size):
-    pope._image.cache_clear()
+    pope.image_of.cache_clear()
     for i in range(0, len(jobs), batch_size):
         b = jobs[i:i + batch_size]
         inputs = batch_inputs(lm, [build_prompt(j.question.text) for j in b],
@@ -45,7 +45,7 @@ def bare(lm, jobs, batch_size):
 
 
 def population(lm, jobs, config, settings, batch_size, timings):
-    pope._image.cache_clear()
+    pope.image_of.cache_clear()
     original = V.explain_batch
 
     def timed(*a, **kw):

@@ -210,6 +210,27 @@ def test_population_page_links_the_paired_counts_to_their_questions(tmp_path):
             assert first.replace("<", "&lt;").replace(">", "&gt;") in text
 
 
+def test_the_count_tables_fold_and_link_their_questions(tmp_path):
+    """Each count table's questions (a cause shared by many wrong answers) are listed under the table, folded past
+    the first few and linked to their pages; the table keeps the counts only."""
+    from mclcbf_diag.population import outputs as O
+    from mclcbf_diag.population.page import FIRST_IDS, write_page
+
+    n = FIRST_IDS + 3
+    rows = [_row(i, "wrong", "span_mismatch", None, None, 0, False, fixes={"span": "unchanged"}, sweep="u")
+            for i in range(n)]
+    rows = [{**r, "label": "no", "baseline_answer": "yes", "steered_answer": "yes", "baseline_margin": 1.0,
+             "steered_margin": 1.0, "baseline_valid": True, "steered_valid": True, "fixes_fixed": [],
+             "fixes_broken": [], "fixes_derailed": [], "sweep_decision_runs": 1} for r in rows]
+    t = O.tables(rows, {"k_max": 4.0, "sweep": [], "splits": ["s"]})
+    links = {"s:11": "pages/explain-s-11.html"}
+    text = write_page(tmp_path / "p.html", t, {"splits": ["s"]}, lambda s, q: f"explain {q}", 5, links).read_text()
+    causes = text[text.index("Decisive causes"):text.index("Dose-response")]
+    assert "<th>questions</th>" not in causes  # the ids left the table
+    assert f"<b>wrong · span_mismatch</b> ({n}):" in causes and "… and 3 more" in causes
+    assert f"show all {n}</summary>" in causes and '<a href="pages/explain-s-11.html">s:11</a>' in causes
+
+
 def test_id_lists_link_each_question_and_fold_past_the_first_few():
     from mclcbf_diag.population.page import FIRST_IDS, id_list
 

@@ -60,13 +60,3 @@ def test_the_catalog_and_the_registry_names_load_without_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "False"
-
-
-def test_the_readme_table_names_exactly_the_builtins():
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Published interventions"):]
-    section = section[:section.index("\n### ")]
-    rows = [line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")]
-    assert sorted(rows) == sorted(SPECS) and len(rows) == len(SPECS)

@@ -187,7 +187,8 @@ def test_every_test_file_names_a_module_or_says_what_it_covers():
     """The other direction: a test file with no module is a cross-cutting test, listed here."""
     cross_cutting = {"test_bad_inputs.py", "test_benchmarks.py", "test_browser.py", "test_notebooks.py",
                      "test_pinned_records.py", "test_user_intervention.py", "test_device_map.py", "test_layering.py",
-                     "test_readme.py", "test_planted_wrong.py", "test_nonfinite.py", "test_hostile_inputs.py",
+                     "test_docs_examples.py", "test_docs_pages.py", "test_docs_build.py", "test_planted_wrong.py",
+                     "test_nonfinite.py", "test_hostile_inputs.py",
                      "test_cli_labels.py"}
     mirrors = {_mirror(m) for m in _modules()} | {t for t, _ in COVERED_BY.values()}
     for p in sorted(PKG.rglob("*.py")):

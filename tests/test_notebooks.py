@@ -20,7 +20,7 @@ kernelspec = pytest.importorskip("ipykernel.kernelspec")
 nbconvert = pytest.importorskip("nbconvert")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_quick_start", "02_why_theta_does_not_flip", "03_pope_sweep", "04_llava_7b_on_gpu"]
+NAMES = ["01_quick_start", "02_why_theta_does_not_flip", "03_pope_sweep", "04_llava_7b_on_gpu", "05_attribution"]
 
 
 @pytest.fixture(scope="module")

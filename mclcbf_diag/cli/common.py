@@ -135,7 +135,7 @@ def weights_from_args(args, prep):
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.model is None and str(args.device).startswith("cpu"):
-        # A 1.4 M-parameter model runs fastest single-threaded (see README, performance).
+        # A 1.4 M-parameter model runs fastest single-threaded (docs/performance.md).
         torch.set_num_threads(1)
     return load_weights(prep)
 

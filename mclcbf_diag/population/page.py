@@ -81,6 +81,22 @@ def id_list(ids: list[str], links: dict | None = None, first: int = FIRST_IDS) -
             f"<p>{', '.join(one(k) for k in ids)}</p></details>")
 
 
+def _counted(table: pd.DataFrame, label: list[str], links: dict | None, what: str = "questions"):
+    """``table`` without its list of question ids, and those ids as a trusted fragment: per row its label and count,
+    then the ids (each linked to its page where ``links`` has one; long lists folded behind "show all")."""
+    import html
+
+    if what not in table:
+        return table, None
+    parts = []
+    for r in table.to_dict("records"):
+        ids = [i for i in str(r[what] or "").split(", ") if i]
+        if ids:
+            name = " · ".join(html.escape(str(r[c])) for c in label if c in r)
+            parts.append(f"<p><b>{name}</b> ({len(ids)}):</p>{id_list(ids, links)}")
+    return table.drop(columns=[what]), "".join(parts) or None
+
+
 def _paired_links(paired: pd.DataFrame, links: dict | None = None) -> str:
     """A trusted HTML fragment: per split, the fixed and broken counts of the paired test, each linking to a folded
     list of its questions (every text escaped; anchors from indices only; each id linked to its page where
@@ -123,6 +139,12 @@ def _paired_section(paired: pd.DataFrame, links: dict | None = None) -> Section:
         table=paired[[c for c in cols if c in paired]], html=_paired_links(paired, links))
 
 
+def _table_and_ids(table: pd.DataFrame, label: list[str], links: dict | None) -> dict:
+    """A section's ``table`` and ``html``: the counts, then each row's questions (:func:`_counted`)."""
+    rest, fragment = _counted(table, label, links)
+    return {"table": rest, "html": fragment}
+
+
 def _keys(df: pd.DataFrame) -> list[str]:
     return [f"{s}:{q}" for s, q in zip(df["split"], df["question_id"])]
 
@@ -141,18 +163,19 @@ def write_page(path, t: dict, identity: dict, command, limit: int, links: dict |
         Section("Decisive causes", text="The top decisive cause of each question: the first cause in explain's "
                 "ranking whose own counterfactual (undo just that cause) changes the step size, the decision token's "
                 "image mass, the margin or the outcome.", figures=[_bars(t["causes"], "cause", "Top decisive cause")],
-                table=t["causes"]),
+                **_table_and_ids(t["causes"], ["group", "cause"], links)),
         Section("Dose-response", text="The smallest multiplier k on the intervention's change that fixes a wrong "
                 "answer (or breaks or derails a right one), by bracket of the doubling grid.",
-                figures=[_bars(t["doses"], "k_star", "Smallest k reaching the goal")], table=t["doses"]),
+                figures=[_bars(t["doses"], "k_star", "Smallest k reaching the goal")],
+                **_table_and_ids(t["doses"], ["group", "k_star"], links)),
         Section("Decision-token image mass", text="The smallest target image mass of the decision token (graded "
                 "sweep: 0 … 0.9, in all layers and in layer windows) that fixes a wrong answer (breaks a right "
                 "one) with a valid Yes/No output.", figures=[_bars(t["masses"], "decision_min_mass",
                                                                     "Smallest decision-token image mass")],
-                table=t["masses"]),
+                **_table_and_ids(t["masses"], ["group", "decision_min_mass"], links)),
         Section("Counterfactual fixes", text="The intervention as configured and each fix alone (and all together): "
                 "outcomes among wrong and right answers, and the net change of right answers.",
-                figures=[_fix_figure(t["fixes"])], table=t["fixes"]),
+                figures=[_fix_figure(t["fixes"])], **_table_and_ids(t["fixes"], ["fix"], links)),
     ]
     if len(t["settings"]):
         top = t["settings"].sort_values("net", ascending=False, kind="stable").head(25)
