@@ -241,9 +241,6 @@ def test_pope_runs_on_next(next_lm, tmp_path):
     assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="report/pages.py overlay_section draws the overlay over "
-                   "result.baseline.detected (every image token), not lm.grid_mask(...) with lm.image_grid(inputs): "
-                   "reported, outside models/")
 def test_trace_and_its_page_run_on_next(next_lm, tmp_path):
     from mclcbf_diag.cli import main
 

@@ -92,8 +92,9 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
     ip = lm.processor.image_processor
     picture = seen_image(inputs["pixel_values"], ip.image_mean, ip.image_std)
     layers = tuple(result.intervention.layers(lm.n_layers))
-    base = attention_maps(result.baseline, result.baseline.detected, steered=layers)
-    new = attention_maps(result.steered, result.steered.detected, steered=layers)
+    grid, shape = lm.grid_mask(result.baseline.detected), lm.image_grid(inputs)  # LLaVA-NeXT: its base grid
+    base = attention_maps(result.baseline, grid, steered=layers, shape=shape)
+    new = attention_maps(result.steered, grid, steered=layers, shape=shape)
     ids = inputs["input_ids"][0]
     text = [lm.processor.tokenizer.decode([int(i)]) for i in ids]
     figures = [image_attention_figure(picture, base, new, title=f"Attention of the decision token "
@@ -101,7 +102,7 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
     positions = [resolve_token(t, text, result.baseline.detected) for t in tokens]
     positions = list(dict.fromkeys(p for p in positions if p != len(ids) - 1))  # the decision token is drawn
     if positions:
-        maps = token_attention_maps(lm, inputs, result.intervention, positions, steered=layers)
+        maps = token_attention_maps(lm, inputs, result.intervention, positions, steered=layers, shape=shape)
         for p in positions:
             figures.append(image_attention_figure(
                 picture, maps[p]["baseline"], maps[p]["intervened"],

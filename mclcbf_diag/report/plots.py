@@ -38,7 +38,7 @@ STEERED_FILL = "rgba(255, 193, 7, 0.13)"
 
 LABELS = {
     "attn_image_mass": "attention on image tokens",
-    "attn_sink_mass": "attention on the first (BOS) token",
+    "attn_sink_mass": "attention on the sink token (BOS, or the measured sink)",
     "attn_text_mass": "attention on text tokens",
     "resid_pre_norm": "‖x‖ entering the layer",
     "resid_mid_norm": "‖x‖ after attention",
