@@ -633,3 +633,23 @@ def test_carriers_and_their_counts_follow_the_documented_rule():
     assert counts.loc[("mlp", 0, -1), ["n_dla", "n_either"]].tolist() == [1, 1]
     assert bool(counts.loc[("head", 0, 1), "adhh_head"]) and not bool(counts.loc[("mlp", 0, -1), "adhh_head"])
     assert (counts.n_wrong_yes == 2).all()
+
+
+def test_localise_returns_the_records_of_both_directions_and_their_summary(saved_tiny_dir):
+    """The call a verdict makes: tidy records (local_* and restore_*, condition steered, documented) and the
+    LocalSummary of the same grids, on a tiny random model with a vector added at the decision token."""
+    from mclcbf_diag.attribute import localise
+
+    lm = load_model(str(saved_tiny_dir))
+    inputs = _inputs(lm, sample_scene(0, 0).image())
+    w = lm.model.lm_head.weight
+    iv = AddAtDecision(2, -5.0 * (w[lm.tokens.yes_id] - w[lm.tokens.no_id]).detach())
+    records, summary = localise(lm, inputs, iv, question_id="q7")
+    grid = localisation(lm, inputs, iv)
+    assert summary == local_summary(grid) and summary.measurable
+    assert set(records.question_id) == {"q7"} and set(records.condition) == {"steered"}
+    assert {m.split("_")[0] for m in records.metric} == {"local", "restore"}
+    assert all(documented(m) or m in ATTRIBUTE_METRICS for m in records.metric.unique())
+    back = records[records.metric == "restore_resid_decision_margin"].set_index("layer").value
+    assert torch.allclose(torch.tensor(back.sort_index().to_numpy()), grid.margins["resid:noise"][:, 2])
+    assert {(e.site, e.layer) for e in summary.enters} == {("resid_decision", 2)}
