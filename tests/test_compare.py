@@ -274,7 +274,7 @@ def oracle_runs(tmp_path_factory, embedded_model):
         for name, extra in (("oracle", ["--intervention", OraclePush.name]),
                             ("uniform", ["--intervention", OraclePush.name, "--set", "uniform=true",
                                          "--set", "scale=8"]),
-                            ("noop", ["--intervention", "pai"])):  # PAI at its defaults changes no answer here
+                            ("noop", ["--intervention", "knockout", "--set", "factor=1"])):  # a ×1 edit: no change
             assert main(["pope", "--split", "adversarial", "--limit", str(ORACLE_LIMIT), "--batch-size", "24",
                          *extra, "--out", str(tmp / name)]) == 0
     finally:
@@ -420,7 +420,7 @@ def test_a_run_made_with_labels_says_so_in_its_settings(oracle_runs, tmp_path):
     run = _copied_run(tmp / "noop", tmp_path / "relabelled",
                       labels={"file": "/x/fixed labels.json", "sha256": "0" * 64, "entries": 3})
     row = compare_runs([run], resamples=200).iloc[0]
-    assert row.settings == "--labels fixed labels.json"
+    assert row.settings == "--set factor=1 --labels fixed labels.json"  # the run's own knob, then its labels
 
 
 @pytest.mark.parametrize("name", ["lean-no", "look-carefully"])
@@ -476,13 +476,13 @@ def test_the_findings_follow_the_intervals(oracle_runs):
     said = findings(table)
     assert len(said) == 3
     row = table[table.run == str(tmp / "oracle")].iloc[0]
-    oracle, pai, uniform_said = (next(x for x in said if x.startswith(f"`{row.intervention}` (defaults)")),
-                                 next(x for x in said if x.startswith("`pai`")),
-                                 next(x for x in said if "uniform=true" in x))
+    oracle, noop, uniform_said = (next(x for x in said if x.startswith(f"`{row.intervention}` (defaults)")),
+                                  next(x for x in said if x.startswith("`knockout`")),
+                                  next(x for x in said if "uniform=true" in x))
     assert row.d_accuracy_lo > 0 and "gains accuracy on adversarial" in oracle  # the oracle's interval lies above 0
     assert f"{100 * row.d_accuracy:+.1f} [{100 * row.d_accuracy_lo:+.1f}, {100 * row.d_accuracy_hi:+.1f}]" in oracle
     assert f"fixed/broken(+derailed) {len(wrong)}/0" in oracle and "beyond a yes/no shift" in oracle
-    assert "changes no answer" in pai and "bias control" not in pai
+    assert "changes no answer" in noop and "bias control" not in noop
     uniform = table[table.run == str(tmp / "uniform")].iloc[0]
     word = ("gains accuracy" if uniform.d_accuracy_lo > 0 else "loses accuracy" if uniform.d_accuracy_hi < 0
             else "no change beyond chance")
