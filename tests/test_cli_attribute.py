@@ -17,10 +17,9 @@ import torch
 from cli_refusals import refused
 
 from mclcbf_diag import shipped
-from mclcbf_diag.attribute import METRICS as ATTRIBUTE_METRICS
 from mclcbf_diag.cli import main
-from mclcbf_diag.corrupt import minimal_pair
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.data.corrupt import minimal_pair
 from mclcbf_diag.embedded.config import EVAL_SEED
 from mclcbf_diag.embedded.world import render, sample_scene
 from mclcbf_diag.records import documented
@@ -28,7 +27,7 @@ from mclcbf_diag.records import documented
 
 def described(metric: str) -> bool:
     """In the glossary: the shared one, or the attribute module's own (its entries for records.METRICS)."""
-    return documented(metric) or metric in ATTRIBUTE_METRICS
+    return documented(metric)
 
 
 def _pope(tmp_path, text="Is there a dog in the image?", image_from=0):
@@ -173,7 +172,7 @@ def test_attribute_over_a_split_counts_the_heads_that_carry_the_wrong_yes(tmp_pa
     corruption: the answers against plain HF forwards; the carriers against the documented rule applied to the
     records; the counts against the records; AD-HH's heads against what AD-HH itself found (its per-process
     cache); each intervention's heads against its own layers."""
-    from mclcbf_diag.attribute import PUBLISHED, SPLIT_METRICS
+    from mclcbf_diag.experiments.attribute import PUBLISHED
     from mclcbf_diag.interventions import adhh, resolve
 
     lm = embedded_model
@@ -195,7 +194,10 @@ def test_attribute_over_a_split_counts_the_heads_that_carry_the_wrong_yes(tmp_pa
     s = json.loads((out / "config.json").read_text())["summary"]
     assert (s["questions"], s["right"], s["wrong_yes"], s["wrong_no"]) == (3, 1, 1, 1)
     records = pd.read_parquet(out / "records.parquet")
-    assert set(records.question_id) == set(wrong_yes) and set(records.metric) <= set(SPLIT_METRICS)
+    from mclcbf_diag.measurements.records import METRICS
+
+    split_metrics = {"wrong_yes_margin", *(m for m in METRICS if m.startswith("carr"))}
+    assert set(records.question_id) == set(wrong_yes) and set(records.metric) <= split_metrics
     assert all(described(m) for m in records.metric.unique())
     value = lambda m: records[records.metric == m].set_index(["layer", "head"]).value  # noqa: E731
     margin, floor = float(value("wrong_yes_margin").iloc[0]), s["margin_floor"]

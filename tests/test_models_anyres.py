@@ -193,7 +193,7 @@ def test_next_trace_equals_a_plain_forward_and_its_look_ahead(next_lm):
         assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=1e-5)
         assert "lookahead_miss_layers" not in result.summary()
         # the overlay's grid is the base image's 8 × 8 patches, in the order the model's attention holds them
-        from mclcbf_diag.overlay import attention_maps, token_attention_maps
+        from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
         grid = next_lm.grid_mask(result.baseline.detected)
         maps = attention_maps(result.baseline, grid)

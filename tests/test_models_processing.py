@@ -22,7 +22,7 @@ from mclcbf_diag.models.processing import (
     processor_prompt,
     run_processor,
 )
-from mclcbf_diag.overlay import patch_grid
+from mclcbf_diag.report.overlay import patch_grid
 
 PROMPT_DOG = PROMPT.format(question=QUESTION.format(name="dog"))
 

@@ -37,8 +37,8 @@ def corruption_kind(args) -> str:
 def corrupted_input(args, question, image, image_dir):
     """``(kind, image or None, description)``, every check before the model loads (the noise is drawn later,
     on the processed image)."""
-    from ..corrupt import VCD_STEPS, blank_image, check_step, pair_image
     from ..data import load_image, load_pope, resolve_image, select_question
+    from ..data.corrupt import VCD_STEPS, blank_image, check_step, pair_image
     from ..data.pope import SHORTEST_EDGE
     from .common import shortest_edge
 
@@ -83,7 +83,7 @@ def _question_file(args):
 
 
 def _check_corruption_options(args) -> str:
-    from ..corrupt import check_step
+    from ..data.corrupt import check_step
 
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: give a non-negative integer")
@@ -116,13 +116,13 @@ def cmd_attribute(args) -> int:
         raise UserError(f"question_id {question.question_id!r}: {exc}") if "question_id" not in str(exc) else exc
     kind, corrupted_image, description = corrupted_input(args, question, image, image_dir)
     config, question, image, lm = sample_job(args, "reports/attribute-{question_id}")
-    from ..attribute import attribute_sample
+    from ..experiments.attribute import attribute_sample
     from ..pages import attribute_sections
     from ..report import write_page
 
     pixels = None
     if kind == "noise":
-        from ..corrupt import vcd_noise
+        from ..data.corrupt import vcd_noise
 
         proc = lm.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
         pixels = vcd_noise(proc, 500 if args.noise_step is None else args.noise_step, args.seed)
@@ -136,7 +136,7 @@ def cmd_attribute(args) -> int:
             "question": {"question_id": question.question_id, "image": question.image, "text": question.text,
                          "label": question.label},
             "summary": result.summary}
-    from ..attribution_figures import restore_section
+    from ..report.attribution_figures import restore_section
 
     sections = attribute_sections(result)
     restored = restore_section(result)
@@ -172,7 +172,7 @@ def _print_sample(s: dict, description: str) -> None:
                   f"{', '.join(s['top_heads_local'])}")
     if "local" in s and s["local"]["measurable"]:
         found = s["local"]
-        from ..attribution_figures import effect_names
+        from ..report.attribution_figures import effect_names
 
         print(f"  restoring   the baseline's activations in the intervened run: the share of the change lost, top "
               f"heads {', '.join(s['top_heads_restore'])}")
@@ -214,13 +214,13 @@ def cmd_attribute_split(args) -> int:
     out = check_writable(args.out or f"reports/attribute-{args.split}")
     check_folder(out, "attribute", args.force)
     lm = load_from_args(args)
-    from ..attribute import split_carriers
+    from ..experiments.attribute import split_carriers
 
     result = split_carriers(lm, [(q, image, _corrupter(lm, args, q, image, c)) for q, image, c in items],
                             share=share, components_at=args.components_at, template=args.prompt,
                             adhh_calibration=args.adhh_calibration, progress=True)
-    from ..attribution_figures import acts_phrase, split_sections
     from ..report import write_page
+    from ..report.attribution_figures import acts_phrase, split_sections
 
     meta = {"model": lm.source, "dtype": args.dtype, "device": args.device, "split": args.split,
             "pope_file": args.pope_file, "limit": args.limit, "corrupt": kind, "seed": args.seed,
@@ -250,8 +250,8 @@ def _split_item(args, job, kind: str, first: bool):
     """``(question, load image, load corrupted image or None)`` of one question. Every check runs before the model
     loads: the image (decoded, not kept) and, for the first question, the corruption itself (a minimal pair: that
     the question names one object, for every question)."""
-    from ..corrupt import asked_object
     from ..data import load_image, resolve_image
+    from ..data.corrupt import asked_object
     from ..data.pope import SHORTEST_EDGE, check_image
     from .common import shortest_edge
 
@@ -285,7 +285,7 @@ def _corrupter(lm, args, question, image, corrupted_image):
         picture = corrupted_image()
         if picture is not None:
             return lm.inputs(build_prompt(question.text, args.prompt), picture)
-        from ..corrupt import vcd_noise
+        from ..data.corrupt import vcd_noise
 
         proc = lm.processor.image_processor(images=image(), return_tensors="pt")["pixel_values"]
         pixels = vcd_noise(proc, 500 if args.noise_step is None else args.noise_step, args.seed)
@@ -295,7 +295,7 @@ def _corrupter(lm, args, question, image, corrupted_image):
 
 
 def add_parser(sub) -> None:
-    from ..corrupt import KINDS
+    from ..data.corrupt import KINDS
 
     p = sub.add_parser("attribute", help="one sample: direct logit attribution, activation and attribution patching")
     sample_options(p)

@@ -70,12 +70,12 @@ def check_overlay_tokens(args) -> list:
     """
     if not args.overlay_token:
         return []
-    from ..overlay import parse_token  # imports torch: only when a token was chosen
+    from ..report.overlay import parse_token  # imports torch: only when a token was chosen
 
     choices = [parse_token(t) for t in args.overlay_token]
     from ..data import build_prompt, load_image, resolve_image
     from ..models.processing import run_processor
-    from ..overlay import resolve_token
+    from ..report.overlay import resolve_token
     from .common import check_prompt, prepare_from_args, question_from_args
 
     check_prompt(args)

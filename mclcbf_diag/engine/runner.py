@@ -271,7 +271,7 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     when ``inputs`` carries them as ``inputs_embeds`` (see :func:`with_embeds`), a prefill
     run feeds them to the language model directly, skipping the vision tower, whose output
     no language-model intervention can change. ``components`` also keeps, in each prefill layer's
-    :attr:`LayerCapture.parts`, what direct logit attribution needs (:mod:`mclcbf_diag.attribution`).
+    :attr:`LayerCapture.parts`, what direct logit attribution needs (:mod:`mclcbf_diag.measurements.attribution`).
     """
     intervention = as_intervention(intervention)
     ids = inputs["input_ids"]

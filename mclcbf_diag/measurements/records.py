@@ -87,7 +87,31 @@ METRICS = {
     "propagation_floor": "noise floor of propagation in the model dtype: eps·‖x_k^base‖·√(4·layers since the first "
                          "changed one) (layer −1: after the final norm, +1 rounding); "
                          "see mclcbf_diag.measurements.noise",
-    # direct logit attribution of the margin at the decision token (attribute; mclcbf_diag.attribution)
+    # the localisation's other direction: the baseline's activation restored in the intervened run (attribute)
+    **{f"restore_{k}": f"as local_{k}, the other way: the intervened run with the baseline's activation restored "
+                       "there (the intervention acting on at every other site); the share of the intervention's "
+                       "change of the margin that is left (1: the site is not needed, 0: all of the change goes "
+                       "through it)" for k in ("resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    **{f"restore_{k}_margin": f"the intervened run's margin with the baseline's activation of restore_{k} restored"
+       for k in ("resid_image", "resid_question", "resid_decision", "head", "mlp")},
+    "restore_margin_clean": "the intervened run's margin (restore_*'s 1)",
+    "restore_margin_corrupted": "the baseline's margin (restore_*'s 0)",
+    "restore_margin_floor": "noise floor of a margin (as local_margin_floor)",
+    # attribute --limit N: the components that carry each wrong Yes of a split
+    "wrong_yes_margin": "a wrong Yes (label no, Yes/No on top): its margin logit(Yes) − logit(No) (layer −1)",
+    "carry_patch_gap": "the clean − corrupted margin of the question's activation patching (layer −1)",
+    "carry_dla_head": "a head's direct contribution to the wrong Yes's margin (as dla_head)",
+    "carry_dla_mlp": "an MLP's direct contribution to the wrong Yes's margin (as dla_mlp)",
+    "carries_dla_head": "1 when carry_dla_head is toward Yes and at least --share of the margin and above the "
+                        "margin's noise floor, else 0",
+    "carries_dla_mlp": "the same for carry_dla_mlp",
+    "carry_patch_head": "a head's denoising recovery (as patch_head) of the wrong Yes against its corruption",
+    "carry_patch_mlp": "an MLP's denoising recovery (as patch_mlp)",
+    "carries_patch_head": "1 when the image raises the Yes (carry_patch_gap above twice the floor) and the head's "
+                          "patch recovers at least --share of it, by more than twice the floor; 0 otherwise; NaN "
+                          "when the image does not raise the Yes (patching names no carrier)",
+    "carries_patch_mlp": "the same for carry_patch_mlp",
+    # direct logit attribution of the margin at the decision token (attribute; mclcbf_diag.measurements.attribution)
     "dla_embed": "direct contribution of the embedding to logit(Yes) − logit(No): u · e, u = γ ⊙ (w_Yes − w_No) / r "
                  "with r the final norm's actual scale (layer −1)",
     "dla_step": "direct contribution of the intervention's edit of the residual entering the layer (0 in a baseline)",

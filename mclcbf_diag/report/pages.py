@@ -2,7 +2,7 @@
 
 Both pages open with the verdict-relevant numbers in short sentences (the outcome, the
 answer and margin before and after, the barrier against τ, where it fired, the step's size)
-and the image with the decision token's attention over it (:mod:`mclcbf_diag.overlay`),
+and the image with the decision token's attention over it (:mod:`mclcbf_diag.report.overlay`),
 baseline, intervened and difference. The explain page leads with the verdict
 (:func:`mclcbf_diag.diagnosis.diagnose.verdict`, one list item per cause, with its test) and the
 ranked causes, then the experiments; the trace page with the per-layer plots of the
@@ -14,7 +14,7 @@ Tables are renamed here for reading (units in the headers) and shown rounded by
 :func:`mclcbf_diag.report.html.display_table`; the files next to the page keep full precision.
 Every function builds :class:`~mclcbf_diag.report.html.Section` objects; nothing here runs the
 model except :func:`overlay_section` for chosen tokens (two prefill runs, see
-:func:`mclcbf_diag.overlay.token_attention_maps`), and nothing writes files.
+:func:`mclcbf_diag.report.overlay.token_attention_maps`), and nothing writes files.
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ def summary_frame(summary: dict, intervention=None) -> pd.DataFrame:
 def overlay_section(lm, result, image, template, tokens=()) -> Section:
     """The image as the model saw it with the attention of the decision token (and any ``tokens``) over it.
 
-    ``tokens`` are token choices (:func:`mclcbf_diag.overlay.parse_token`: an index or a
+    ``tokens`` are token choices (:func:`mclcbf_diag.report.overlay.parse_token`: an index or a
     text); each gets its own figure, from two extra prefill runs.
     """
     from ..experiments.trace import sample_inputs
-    from ..overlay import attention_maps, resolve_token, seen_image, token_attention_maps
+    from .overlay import attention_maps, resolve_token, seen_image, token_attention_maps
     from .plots import image_attention_figure
 
     _, inputs = sample_inputs(lm, result.question.text if result.question else result.prompt, image, template)
@@ -379,7 +379,8 @@ __all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "tra
 
 # ----------------------------------------------------------------------------- attribute
 def attribute_sections(result) -> list[Section]:
-    """Every section of ``attribute.html`` (:func:`mclcbf_diag.attribute.attribute_sample`): the numbers, then
+    """Every section of ``attribute.html`` (:func:`mclcbf_diag.experiments.attribute.attribute_sample`): the numbers,
+    then
     the direct logit attribution, activation patching and attribution patching heatmaps."""
     from .plots import MissingDataError, layer_heatmaps
 
@@ -479,7 +480,7 @@ _DIRECTION = {"denoise": "denoising (clean into corrupted)", "noise": "noising (
 
 def _patch_name(kind: str, index) -> str:
     """A patch of a grid in words: ``5.1`` (layer.head), ``layer 3 MLP``, ``layer 6 decision``."""
-    from ..attribution import GROUPS
+    from ..measurements.attribution import GROUPS
 
     index = list(index)
     if kind == "heads":

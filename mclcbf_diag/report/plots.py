@@ -565,7 +565,7 @@ def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict |
     """The image as the model saw it, with attention per patch over it: baseline, intervened, difference.
 
     ``baseline``/``intervened`` map a label ("layer 3", "steered layers", "all layers") to a patch
-    grid (:func:`mclcbf_diag.overlay.attention_maps`); a slider picks the label. The heatmaps are
+    grid (:func:`mclcbf_diag.report.overlay.attention_maps`); a slider picks the label. The heatmaps are
     stretched over the image (each cell one patch) and half transparent, so both stay visible.
     When the difference is zero at every label, the difference panel says so.
     """

@@ -1,4 +1,4 @@
-"""The pure math of direct logit attribution and patching (mclcbf_diag.attribution), against references.
+"""The pure math of direct logit attribution and patching (mclcbf_diag.measurements.attribution), against references.
 
 No model runs here: random tensors, references built with plain PyTorch (an RMSNorm + linear
 unembedding, ``nn.Linear`` for o_proj, ``probs @ values`` for a head's output), hand-worked
@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from mclcbf_diag import attribution as A
 from mclcbf_diag import noise
+from mclcbf_diag.measurements import attribution as A
 
 F32 = torch.float32
 

@@ -1,4 +1,4 @@
-"""Corrupted inputs (mclcbf_diag.corrupt): VCD's noise schedule by hand, minimal pairs of the embedded world.
+"""Corrupted inputs (mclcbf_diag.data.corrupt): VCD's noise schedule by hand, minimal pairs of the embedded world.
 
 References: VCD's schedule recomputed here with numpy in float64 (β = sigmoid of 1000 points from −6 to 6
 scaled to [1e-5, 5e-3], ᾱ = cumulative product of 1 − β); the shipped images and their annotations; pixel
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mclcbf_diag import shipped
-from mclcbf_diag.corrupt import (
+from mclcbf_diag.data import load_image, load_pope, resolve_image
+from mclcbf_diag.data.corrupt import (
     asked_object,
     blank_image,
     check_step,
@@ -22,7 +23,6 @@ from mclcbf_diag.corrupt import (
     vcd_alpha_bar,
     vcd_noise,
 )
-from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.embedded.world import BY_NAME, render
 from mclcbf_diag.errors import UserError
 

@@ -11,7 +11,7 @@ from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
-from mclcbf_diag.overlay import attention_maps, patch_grid, seen_image
+from mclcbf_diag.report.overlay import attention_maps, patch_grid, seen_image
 from mclcbf_diag.report.plots import image_attention_figure
 
 POPE = shipped.POPE
@@ -105,7 +105,7 @@ def _eager_grids(lm, inputs, pos):
 
 @pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])
 def test_chosen_token_maps_equal_eager_attention(model, request):
-    from mclcbf_diag.overlay import resolve_token, token_attention_maps
+    from mclcbf_diag.report.overlay import resolve_token, token_attention_maps
 
     lm = request.getfixturevalue(model)
     q = load_pope(shipped.pope_file("adversarial"))[42]
@@ -132,7 +132,7 @@ def test_chosen_token_maps_equal_eager_attention(model, request):
 
 def test_chosen_token_of_a_steered_run_follows_the_step(embedded_model):
     """The watch must not change the run: the decision token's maps equal the runner's own capture."""
-    from mclcbf_diag.overlay import token_attention_maps
+    from mclcbf_diag.report.overlay import token_attention_maps
 
     q = load_pope(shipped.pope_file("adversarial"))[42]
     image = load_image(resolve_image(q, shipped.IMAGES))
@@ -153,7 +153,7 @@ def test_chosen_token_of_a_steered_run_follows_the_step(embedded_model):
 
 def test_token_choice_is_checked():
     from mclcbf_diag.errors import UserError
-    from mclcbf_diag.overlay import parse_token, resolve_token
+    from mclcbf_diag.report.overlay import parse_token, resolve_token
 
     assert parse_token(" 7 ") == 7 and parse_token("-1") == -1 and parse_token("dog") == "dog"
     with pytest.raises(UserError, match="overlay-token"):

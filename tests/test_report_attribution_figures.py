@@ -1,4 +1,4 @@
-"""The attribute pages' own figures and sections (mclcbf_diag.attribution_figures), on hand-built results: the
+"""The attribute pages' own figures and sections (mclcbf_diag.report.attribution_figures), on hand-built results: the
 numbers drawn are the numbers given, the words name the sites and sizes given, and nothing is drawn where
 there is nothing to show. No model."""
 
@@ -9,10 +9,17 @@ from types import SimpleNamespace
 import pandas as pd
 import torch
 
-from mclcbf_diag.attribute import Grid, LocalEffect, LocalSummary, local_records, local_summary, records_frame
-from mclcbf_diag.attribution import recovery
-from mclcbf_diag.attribution_figures import count_heatmaps, effect_names, restore_section, split_sections
+from mclcbf_diag.experiments.attribute import (
+    Grid,
+    LocalEffect,
+    LocalSummary,
+    local_records,
+    local_summary,
+    records_frame,
+)
+from mclcbf_diag.measurements.attribution import recovery
 from mclcbf_diag.report import NoFigure, render_page
+from mclcbf_diag.report.attribution_figures import count_heatmaps, effect_names, restore_section, split_sections
 
 
 def _counts(n_layers=2, n_heads=3):
@@ -96,7 +103,7 @@ def test_a_split_without_a_wrong_yes_counts_nothing():
 
 
 def test_what_an_intervention_does_to_the_carriers_in_words():
-    from mclcbf_diag.attribution_figures import acts_phrase
+    from mclcbf_diag.report.attribution_figures import acts_phrase
 
     row = SimpleNamespace(sites="pattern, residual", n_acts_on=0, acts_on="none", carriers=3)
     assert acts_phrase(row) == "it edits no head's attention"

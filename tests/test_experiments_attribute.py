@@ -1,4 +1,5 @@
-"""Direct logit attribution, activation patching and attribution patching on real models (mclcbf_diag.attribute).
+"""Direct logit attribution, activation patching and attribution patching on real models
+(mclcbf_diag.experiments.attribute).
 
 References never go through the code under test: the model's own logits (the margin the DLA must
 sum to), plain HF forwards with ``register_forward_pre_hook`` / ``register_forward_hook`` written
@@ -19,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mclcbf_diag import attribution as A
-from mclcbf_diag.attribute import METRICS as ATTRIBUTE_METRICS
-from mclcbf_diag.attribute import (
+from mclcbf_diag.data import build_prompt
+from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.errors import UserError
+from mclcbf_diag.experiments.attribute import (
     Grid,
     activation_patching,
     agreement,
@@ -33,11 +35,9 @@ from mclcbf_diag.attribute import (
     localisation,
     paired_inputs,
 )
-from mclcbf_diag.data import build_prompt
-from mclcbf_diag.embedded.world import sample_scene
-from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions import resolve
 from mclcbf_diag.interventions.base import Intervention
+from mclcbf_diag.measurements import attribution as A
 from mclcbf_diag.models import load_model
 from mclcbf_diag.records import documented
 from mclcbf_diag.runner import activations_forward, run
@@ -604,14 +604,14 @@ def test_the_local_summary_sorts_effects_by_sign_against_a_hand_worked_grid():
     # the records: both directions, each metric documented
     rec = local_records(grid, question_id="q")
     assert {m.split("_")[0] for m in rec["metric"]} == {"local", "restore"} and set(rec["condition"]) == {"steered"}
-    assert all(documented(m) or m in ATTRIBUTE_METRICS for m in rec["metric"])
+    assert all(documented(m) for m in rec["metric"])
 
 
 def test_carriers_and_their_counts_follow_the_documented_rule():
     """Hand-worked: a Yes of margin 2, share 0.1 (0.2 logits), floor 0.01. Direct contributions 0.5 (carries),
     0.15 (under the share), −1 (toward No); patching with a gap of 1: recoveries 0.3 (carries), 0.05 (under the
     share), NaN (no number: not a carrier); a gap within twice the floor: patching names nothing (NaN)."""
-    from mclcbf_diag.attribute import carrier_counts, carriers, patch_carriers
+    from mclcbf_diag.experiments.attribute import carrier_counts, carriers, patch_carriers
 
     direct = torch.tensor([0.5, 0.15, -1.0], dtype=torch.float64)
     assert carriers(direct, 2.0, 0.1, 0.01).tolist() == [True, False, False]
@@ -638,7 +638,7 @@ def test_carriers_and_their_counts_follow_the_documented_rule():
 def test_localise_returns_the_records_of_both_directions_and_their_summary(saved_tiny_dir):
     """The call a verdict makes: tidy records (local_* and restore_*, condition steered, documented) and the
     LocalSummary of the same grids, on a tiny random model with a vector added at the decision token."""
-    from mclcbf_diag.attribute import localise
+    from mclcbf_diag.experiments.attribute import localise
 
     lm = load_model(str(saved_tiny_dir))
     inputs = _inputs(lm, sample_scene(0, 0).image())
@@ -649,7 +649,7 @@ def test_localise_returns_the_records_of_both_directions_and_their_summary(saved
     assert summary == local_summary(grid) and summary.measurable
     assert set(records.question_id) == {"q7"} and set(records.condition) == {"steered"}
     assert {m.split("_")[0] for m in records.metric} == {"local", "restore"}
-    assert all(documented(m) or m in ATTRIBUTE_METRICS for m in records.metric.unique())
+    assert all(documented(m) for m in records.metric.unique())
     back = records[records.metric == "restore_resid_decision_margin"].set_index("layer").value
     assert torch.allclose(torch.tensor(back.sort_index().to_numpy()), grid.margins["resid:noise"][:, 2])
     assert {(e.site, e.layer) for e in summary.enters} == {("resid_decision", 2)}
