@@ -8,14 +8,15 @@ Prints the fastest of several interleaved repeats and the ratios, measured in on
 * bare forward: one plain forward of the clean input (vision tower included), no cache kept, with the
   model as loaded (eager attention, which the toolkit needs for attention probabilities); also shown
   with transformers' sdpa attention, which the patching's plain forwards use (they read no probabilities);
-* activation patching: :func:`mclcbf_diag.attribute.activation_patching` from the two inputs, everything
+* activation patching: :func:`mclcbf_diag.experiments.attribute.activation_patching` from the two inputs, everything
   included: the plain forward of the clean and corrupted input (one batch of two) that keeps their caches
   and activations, then one continuation batch per layer (every residual, head and MLP patch, both
   directions). Target (#33): ≤ 6 × the bare forward;
-* attribution patching, denoising: :func:`~mclcbf_diag.attribute.attribution_patching` from the two
+* attribution patching, denoising: :func:`~mclcbf_diag.experiments.attribute.attribution_patching` from the two
   inputs: a plain forward of the clean input, a forward of the corrupted one recording the graph, one
   backward. Target: ≤ 3 × the bare forward;
-* with ``--localise NAME`` (e.g. pai, vista): :func:`~mclcbf_diag.attribute.localisation` of that intervention
+* with ``--localise NAME`` (e.g. pai, vista): :func:`~mclcbf_diag.experiments.attribute.localisation` of that
+intervention
   (default preset), one direction (its activations put into the baseline) and both (the baseline's restored in
   the intervened run too, which runs the intervention on in every patched row).
 
@@ -31,9 +32,9 @@ import time
 import torch
 
 from mclcbf_diag import shipped
-from mclcbf_diag.attribute import activation_patching, attribution_patching, localisation
-from mclcbf_diag.corrupt import pair_image
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.data.corrupt import pair_image
+from mclcbf_diag.experiments.attribute import activation_patching, attribution_patching, localisation
 from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import attention_implementation
 
