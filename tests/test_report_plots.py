@@ -134,7 +134,7 @@ def test_attention_mass_figure_plots_image_sink_and_text(records):
                    for m, v in (("attn_sink_mass", 0.1), ("attn_text_mass", 0.05))])
     fig = P.attention_mass_figure(pd.concat([records, extra], ignore_index=True))
     assert len(fig.data) == 6
-    sink = _trace(fig, "attention on the first (BOS) token (steered)")
+    sink = _trace(fig, "attention on the sink token (BOS, or the measured sink) (steered)")
     assert list(sink.y) == pytest.approx([0.1 * (ly + 1) + 0.01 for ly in range(LAYERS)])
     assert list(_trace(fig, "attention on image tokens (baseline)").y) == [99.0] * LAYERS  # the head means
 
