@@ -143,6 +143,25 @@ def test_a_hook_that_removes_the_deviation_downstream_is_damping(embedded_model,
     assert causes[0].evidence["carried_per_unit"] < 1e-3
 
 
+def test_explain_localises_a_damped_change_where_the_hook_removes_it(embedded_model, sample):
+    # the planted damping: the step at layer 1 is put back to the baseline by the hook at layer 3. Patching the
+    # intervened run's decision-token residual into the baseline (the localisation) finds the change carried
+    # entering layers 1 and 2 and none of it from layer 3 on; explain cites that in the damping cause
+    q, image = sample
+    iv = UndoDownstream(dataclasses.replace(HEALTHY, layers=(1,)))
+    ex = explain_sample(embedded_model, q, image, iv, k_max=2, bisect_steps=1, sweep=False)
+    damped = next(c for c in ex.causes if c.id == "damped_downstream")
+    carried = {e.layer: e.effect for e in ex.localisation.decision if e.direction == "denoise"}
+    floor = ex.localisation.threshold
+    assert abs(carried[1]) > 100 * floor and abs(carried[2]) > 100 * floor
+    assert all(abs(carried[layer]) <= floor for layer in carried if layer >= UndoDownstream.HOOK)
+    assert f"from layer {UndoDownstream.HOOK} on" in damped.sentence and "Localised by patching" in damped.sentence
+    assert {"local_resid_decision", "restore_resid_decision"} <= set(ex.records.metric)
+    # no cause asks for it on a plain MC-LCBF run that is not damped: nothing is localised
+    plain = explain_sample(embedded_model, q, image, HEALTHY, k_max=2, bisect_steps=1, sweep=False)
+    assert not any(c.id == "damped_downstream" and c.detected for c in plain.causes) and plain.localisation is None
+
+
 def test_controls_present_but_not_decisive(embedded_model, sample):
     # the seed's clamp binds, so neither the guard (Σg² ≪ 1e-6 at layer 3) nor anything upstream of the clamp
     # decides the step: the guard is present, not decisive

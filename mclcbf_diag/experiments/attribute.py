@@ -659,8 +659,9 @@ class LocalSummary:
     effect has the gap's sign (they make the change); ``cancels``: those whose effect has the opposite sign
     (they work against it); each sorted by size, largest first; ``decision``: the change the decision token's
     residual carries entering each layer, both directions, whatever its size (its rise and fall along the depth;
-    :meth:`peak`). Empty when the gap itself is not above the threshold (``measurable`` False): then nothing can
-    be localised.
+    :meth:`peak`). When the gap itself is not above the threshold (``measurable`` False) only ``decision`` is
+    filled: no component's effect can be told from rounding, but a change that rose and fell along the depth
+    still shows (damping).
     """
 
     margin_baseline: float
@@ -704,13 +705,18 @@ class LocalSummary:
 def local_summary(grid: Grid) -> LocalSummary:
     """The :class:`LocalSummary` of a :func:`localisation` grid (either or both directions)."""
     out = LocalSummary(grid.corrupted, grid.clean, grid.floor)
-    if not out.measurable:
-        return out
     gap, thr, sign = out.gap, out.threshold, math.copysign(1.0, out.gap)
     enters, effects, decision = [], [], []
 
     def effect(d: str, m: float) -> float:
         return m - grid.corrupted if d == "denoise" else grid.clean - m
+
+    if not out.measurable:  # the decision token's profile still shows where a change rose and fell
+        j = A.GROUPS.index("decision")
+        share = (lambda e: e / gap) if gap else (lambda e: math.nan)
+        return LocalSummary(grid.corrupted, grid.clean, grid.floor, decision=tuple(
+            LocalEffect("resid_decision", L, NO_HEAD, d, effect(d, float(m)), share(effect(d, float(m))), thr)
+            for d in grid.heads for L, m in enumerate(grid.margins[f"resid:{d}"][:, j])))
 
     for d in grid.heads:
         for j, g in enumerate(A.GROUPS):

@@ -74,6 +74,7 @@ class Explanation:
     layer_doses: pd.DataFrame | None = None
     sweep: pd.DataFrame | None = None
     sweep_text: str = ""
+    localisation: object = None  # LocalSummary, where a detected cause asks for it (:func:`localised`)
 
     @property
     def records(self) -> pd.DataFrame:
@@ -96,9 +97,50 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
     """
     b = VerdictBatch(lm, [as_question(question)], [image], config, Settings(k_max, bisect_steps, sweep, template))
     qv = run_stages(b)[0]
-    return Explanation(trace_result(b, qv), pd.concat(qv.experiment_parts, ignore_index=True), qv.causes, qv.dose,
-                       qv.fixes, chain_of(b, qv), layer_doses_of(b, qv) if per_layer else None, qv.sweep,
-                       qv.sweep_text)
+    local_records, local = localised(b, qv)
+    return Explanation(trace_result(b, qv), pd.concat([*qv.experiment_parts, local_records], ignore_index=True),
+                       qv.causes, qv.dose, qv.fixes, chain_of(b, qv), layer_doses_of(b, qv) if per_layer else None,
+                       qv.sweep, qv.sweep_text, local)
+
+
+def localised(b: VerdictBatch, qv: QuestionVerdict):
+    """``(records, summary)`` of the intervention localised by patching (both directions), when a detected cause
+    asks for it (:attr:`~mclcbf_diag.interventions.base.Intervention.localised_causes`); its words join that
+    cause's sentence. ``(None, None)`` when none does."""
+    import dataclasses
+
+    from .attribute import localise
+
+    asks = set(b.iv.localised_causes)
+    if not any(c.detected and c.id in asks for c in qv.causes):
+        return None, None
+    records, found = localise(b.lm, b.model_inputs(qv), b.iv, question_id=qv.question_id, components_at="decision")
+    words = local_words(found)
+    qv.causes = [dataclasses.replace(c, sentence=f"{c.sentence} {words}") if c.detected and c.id in asks else c
+                 for c in qv.causes]
+    return records, found
+
+
+def local_words(found) -> str:
+    """A :class:`~mclcbf_diag.experiments.attribute.LocalSummary` in one sentence: how much of the margin's change
+    the decision token's residual carries along the depth (patched into the baseline), and which components
+    work against it."""
+    carried = [e for e in found.decision if e.direction == "denoise" and e.effect == e.effect]
+    if not carried:
+        return "Localised by patching: no layer's decision-token residual could be patched."
+    top = max(carried, key=lambda e: abs(e.effect))
+    after = [e for e in carried if e.layer > top.layer]
+    gone = next((e.layer for e in after if all(abs(x.effect) <= found.threshold for x in after
+                                               if x.layer >= e.layer)), None)
+    fate = (f"and nothing beyond twice the noise floor ({found.threshold:.2g}) from layer {gone} on" if gone is not None
+            else f"and {carried[-1].effect:+.3g} entering layer {carried[-1].layer}")
+    text = (f"Localised by patching the intervened run's decision-token residual into the baseline: it carries "
+            f"{top.effect:+.3g} of the margin entering layer {top.layer} {fate} (the whole change of the margin: "
+            f"{found.gap:+.3g})")
+    against = [e for e in found.cancels if e.direction == "denoise"][:3]
+    names = ", ".join(f"{'head ' + str(e.layer) + '.' + str(e.head) if e.site == 'head' else 'MLP ' + str(e.layer)}"
+                      f" ({e.effect:+.3g})" for e in against)
+    return text + (f"; working against it: {names}." if names else ".")
 
 
 def trace_result(b: VerdictBatch, qv: QuestionVerdict) -> TraceResult:
@@ -219,4 +261,5 @@ def per_layer_doses(lm: LoadedModel, question, image, config, *, k_max: float = 
 
 
 __all__ = ["Explanation", "as_question", "cause_chain", "cause_tester", "chain_of", "counterfactuals",
-           "dose_response", "explain_sample", "layer_doses_of", "per_layer_doses", "trace_result"]
+           "dose_response", "explain_sample", "layer_doses_of", "local_words", "localised", "per_layer_doses",
+           "trace_result"]

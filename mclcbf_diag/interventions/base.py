@@ -214,6 +214,9 @@ class Intervention:
     row_doses: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # causes whose evidence is where along the depth the change is made and cancelled: for these, explain
+    # localises the intervention by patching (mclcbf_diag.experiments.attribute.localise) and cites it
+    localised_causes: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, spec=None, **kwargs):
         super().__init_subclass__(**kwargs)

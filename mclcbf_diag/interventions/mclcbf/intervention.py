@@ -134,6 +134,7 @@ CAUSE_FIX = {
 
 class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
     row_doses = True
+    localised_causes = ("damped_downstream",)
     metrics = METRICS
 
     @property
