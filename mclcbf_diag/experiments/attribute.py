@@ -46,6 +46,7 @@ import torch
 
 from ..measurements import attribution as A
 from ..models import LoadedModel
+from ..models.tokens import ranges_text
 from ..records import NO_HEAD, NO_LAYER, frame
 from ..runner import RunCapture, activations_forward, run, run_patched
 
@@ -1050,21 +1051,8 @@ def edited_sites(lm: LoadedModel, name: str, counts, adhh_heads=()) -> dict:
               or (name == "adhh" and (r.layer, r.head) in set(adhh_heads))]
     downstream = [r for r in found.itertuples() if "residual" in sites and layers and r.layer >= min(layers)]
     return {"intervention": name, "preset": "paper" if name == "adhh" else next(iter(iv.presets)),
-            "sites": ", ".join(sites), "layers": _ranges(layers) if name != "adhh" else ", ".join(
+            "sites": ", ".join(sites), "layers": (ranges_text(layers) or "none") if name != "adhh" else ", ".join(
                 f"{a}.{b}" for a, b in adhh_heads), "carriers": len(found),
             "acts_on": ", ".join(_component(r) for r in on) or "none",
             "n_acts_on": len(on), "downstream_of_its_residual_edit": ", ".join(_component(r) for r in downstream)
             or "none", "n_downstream": len(downstream)}
-
-
-def _ranges(layers) -> str:
-    """``[1, 2, 3, 5]`` → ``"1–3, 5"``."""
-    out, run_ = [], []
-    for x in sorted(layers):
-        if run_ and x != run_[-1] + 1:
-            out.append(run_)
-            run_ = []
-        run_.append(x)
-    if run_:
-        out.append(run_)
-    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else str(r[0]) for r in out) or "none"

@@ -125,8 +125,8 @@ missed. A configured span that deviates from the detected image by at most this 
 seed-faithful preset's known (documented) deviation, not a problem :func:`span_problem` reports."""
 
 
-def _ranges(positions: Sequence[int]) -> str:
-    """``[1, 2, 3, 7]`` → ``"1–3, 7"``."""
+def ranges_text(positions: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` → ``"1–3, 7"`` (layers or positions in a sentence; "" when empty)."""
     out, run = [], []
     for p in sorted(positions):
         if run and p != run[-1] + 1:
@@ -152,7 +152,7 @@ def span_problem(span: tuple[int, int], image_positions: Sequence[int] | torch.T
     image = sorted({int(p) for p in (image_positions.tolist() if isinstance(image_positions, torch.Tensor)
                                      else image_positions)})
     where = f"the configured image span [{a}, {b})"
-    detected = f"the detected image tokens are {_ranges(image)}" if image else "no image token was detected"
+    detected = f"the detected image tokens are {ranges_text(image)}" if image else "no image token was detected"
     fix = "use the detected span (span=detected) or set fixed_span to the detected tokens"
     covered = range(a, min(b, decision + 1))
     extra = [p for p in covered if p not in set(image)]
@@ -160,12 +160,12 @@ def span_problem(span: tuple[int, int], image_positions: Sequence[int] | torch.T
     if a <= decision < b:
         text = [p for p in extra if p != decision]
         return (f"{where} covers the decision token (position {decision})"
-                + (f" and {len(text)} other non-image tokens ({_ranges(text)})" if text else "")
+                + (f" and {len(text)} other non-image tokens ({ranges_text(text)})" if text else "")
                 + f"; {detected}: {fix}")
     if len(extra) > known_offset:
-        return (f"{where} covers {len(extra)} non-image tokens ({_ranges(extra)}), more than the seed's known "
+        return (f"{where} covers {len(extra)} non-image tokens ({ranges_text(extra)}), more than the seed's known "
                 f"{known_offset}-token offset; {detected}: {fix}")
     if len(missed) > known_offset:
-        return (f"{where} misses {len(missed)} of the {len(image)} image tokens ({_ranges(missed)}), more than the "
+        return (f"{where} misses {len(missed)} of the {len(image)} image tokens ({ranges_text(missed)}), more than the "
                 f"seed's known {known_offset}-token offset; {detected}: {fix}")
     return None

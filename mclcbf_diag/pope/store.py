@@ -77,6 +77,14 @@ def load_run(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _refuse_foreign(rows: list[dict], rid: str, problem: str) -> None:
+    """Refuse answers another run wrote (``problem`` with ``{n}``, their count), naming the fix."""
+    foreign = [r for r in rows if r.get("run_id") != rid]
+    if foreign:
+        raise UserError(problem.replace("{n}", str(len(foreign))) + "; rerun with the options of that run, or pass "
+                        "another --out")
+
+
 def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> bool:
     """Write ``run.json``, or check that the run already in ``out`` is this one.
 
@@ -112,11 +120,8 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
             _write_run(path, identity)
             return True
         if rows:
-            foreign = [r for r in rows if r.get("run_id") != rid]
-            if foreign:
-                raise UserError(f"{show(path)} is damaged and {len(foreign)} rows of {ANSWERS} do not carry this "
-                                f"run's run_id, so they may come from other options; rerun with the options of "
-                                f"that run, or pass another --out")
+            _refuse_foreign(rows, rid, f"{show(path)} is damaged and {{n}} rows of {ANSWERS} do not carry this run's "
+                                       "run_id, so they may come from other options")
             try:
                 os.replace(path, out / (RUN + ".damaged"))
             except OSError as exc:
@@ -129,10 +134,8 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
         _write_run(path, identity)
         return True
     if rows:
-        foreign = [r for r in rows if r.get("run_id") != rid]
-        if foreign:
-            raise UserError(f"{show(out)} holds {ANSWERS} without {RUN}, and {len(foreign)} of its rows do not "
-                            "carry this run's run_id; rerun with the options of that run, or pass another --out")
+        _refuse_foreign(rows, rid, f"{show(out)} holds {ANSWERS} without {RUN}, and {{n}} of its rows do not carry "
+                                   "this run's run_id")
         print(f"note: {show(path)} was missing; rebuilt it from this command, whose run_id all "
               f"{len(rows)} answers carry", file=sys.stderr)
         _write_run(path, identity)

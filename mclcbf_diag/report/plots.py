@@ -285,6 +285,16 @@ def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_
     return fig
 
 
+def add_positive_markers(fig: go.Figure, df: pd.DataFrame, metric: str, name: str, marker: dict, fmt: str) -> None:
+    """One marker trace per condition of ``metric`` per layer, its positive finite values only (a log axis)."""
+    for cond in conditions(df, metric):
+        s = by_layer(df, metric, cond)
+        s = s[np.isfinite(s.values) & (s.values > 0)]
+        if len(s):
+            fig.add_trace(go.Scatter(x=s.index, y=s.values, mode="markers", name=f"{name} ({cond})", marker=marker,
+                                     hovertemplate=f"{cond}<br>layer %{{x}}<br>{name} %{{y:{fmt}}}<extra></extra>"))
+
+
 def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), and the vector an
@@ -294,14 +304,7 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_
     fig = go.Figure()
     colours = {"resid_pre_norm": "#1f77b4", "resid_mid_norm": "#ff7f0e", "resid_post_norm": "#2ca02c"}
     _layer_lines(fig, df, colours)
-    for cond in conditions(df, "added_norm"):
-        s = by_layer(df, "added_norm", cond)
-        s = s[np.isfinite(s.values) & (s.values > 0)]
-        if len(s):
-            fig.add_trace(go.Scatter(
-                x=s.index, y=s.values, mode="markers", name=f"added ‖v‖ ({cond})",
-                marker=dict(symbol="star", size=11, color="#d62728"),
-                hovertemplate=f"{cond}<br>layer %{{x}}<br>added ‖v‖ %{{y:.4g}}<extra></extra>"))
+    add_positive_markers(fig, df, "added_norm", "added ‖v‖", dict(symbol="star", size=11, color="#d62728"), ".4g")
     mark_steered(fig, steered_layers(df) if steered is None else steered)
     log_axis(fig, axis_values(fig))
     fig.update_layout(title=f"Size of the residual stream at the decision token ({phase} step {decode_step})",

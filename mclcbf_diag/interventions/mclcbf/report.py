@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -20,9 +19,9 @@ from ...report.html import NoFigure, fmt_value, layer_list
 from ...report.plots import (
     STEERED,
     MissingDataError,
+    add_positive_markers,
     axis_values,
     by_layer,
-    conditions,
     fired_layers,
     fmt_number,
     log_axis,
@@ -165,14 +164,7 @@ def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step:
     require(df, "theta_rel")
     title = "Size of the steering step relative to the residual, ‖θ*‖ / ‖x‖"
     fig = go.Figure()
-    for cond in conditions(df, "theta_rel"):
-        s = by_layer(df, "theta_rel", cond)
-        s = s[np.isfinite(s.values) & (s.values > 0)]
-        if len(s):
-            fig.add_trace(go.Scatter(
-                x=s.index, y=s.values, mode="markers", name=f"‖θ*‖/‖x‖ ({cond})",
-                marker=dict(symbol="diamond", size=10, color="#9467bd"),
-                hovertemplate=f"{cond}<br>layer %{{x}}<br>‖θ*‖/‖x‖ %{{y:.3g}}<extra></extra>"))
+    add_positive_markers(fig, df, "theta_rel", "‖θ*‖/‖x‖", dict(symbol="diamond", size=10, color="#9467bd"), ".3g")
     if not fig.data:
         return NoFigure(title, f"no step: ‖θ*‖ = 0 at every steered layer, because {nothing_fired_reason(df)}.")
     mark_steered(fig, steered_layers(df) if steered is None else steered)
