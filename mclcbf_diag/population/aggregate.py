@@ -193,6 +193,24 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _causes_sentence(c: pd.DataFrame, label: str) -> str:
+    """One sentence on the decisive causes of one group's answers (a slice of :func:`cause_table`)."""
+    joint = c[c.cause.str.startswith("joint:")]
+    named = c[(c.cause != NONE_DECISIVE) & ~c.cause.str.startswith("joint:")]
+    none = c[c.cause == NONE_DECISIVE]["count"].sum()
+    together = (f"; {joint['count'].sum()} by a joint cause, several causes that change it only when undone "
+                "together (" + "; ".join(f"{r['count']} by {r.cause[len('joint:'):]}" for _, r in
+                                         joint.head(3).iterrows()) + ")") if len(joint) else ""
+    if len(named):
+        listed = "; ".join(f"{r['count']} by {r.title or r.cause} ({r.cause})" for _, r in named.head(3).iterrows())
+        return (f"Of the {label}, decided by one cause (its own counterfactual changes the result): {listed}"
+                + together + (f"; {none} by no single decisive cause." if none else "."))
+    if len(joint):
+        return (f"Of the {label}, none is decided by a single cause{together}"
+                + (f"; {none} by no decisive cause." if none else "."))
+    return f"None of the {label} is decided by a single cause whose own counterfactual changes it."
+
+
 def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: pd.DataFrame,
            settings: pd.DataFrame, k_max: float, what: str = "the intervention",
            paired: pd.DataFrame | None = None) -> str:
@@ -206,25 +224,8 @@ def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: p
                      + (f" and derails {conf.wrong_derailed}" if conf.wrong_derailed else "")
                      + f"; of the {_plural(len(right), 'right answer')} it breaks {conf.right_broken} and derails "
                      f"{conf.right_derailed}.")
-    for group, label in (("wrong", "wrong answers"), ("right", "right answers")):
-        c = causes[causes.group == group]
-        if not len(c):
-            continue
-        joint = c[c.cause.str.startswith("joint:")]
-        named = c[(c.cause != NONE_DECISIVE) & ~c.cause.str.startswith("joint:")]
-        none = c[c.cause == NONE_DECISIVE]["count"].sum()
-        together = (f"; {joint['count'].sum()} by a joint cause, several causes that change it only when undone "
-                    "together (" + "; ".join(f"{r['count']} by {r.cause[len('joint:'):]}" for _, r in
-                                             joint.head(3).iterrows()) + ")") if len(joint) else ""
-        if len(named):
-            listed = "; ".join(f"{r['count']} by {r.title or r.cause} ({r.cause})" for _, r in named.head(3).iterrows())
-            parts.append(f"Of the {label}, decided by one cause (its own counterfactual changes the result): {listed}"
-                         + together + (f"; {none} by no single decisive cause." if none else "."))
-        elif len(joint):
-            parts.append(f"Of the {label}, none is decided by a single cause{together}"
-                         + (f"; {none} by no decisive cause." if none else "."))
-        else:
-            parts.append(f"None of the {label} is decided by a single cause whose own counterfactual changes it.")
+    parts += [_causes_sentence(causes[causes.group == group], label) for group, label in
+              (("wrong", "wrong answers"), ("right", "right answers")) if len(causes[causes.group == group])]
     for group, goal in (("wrong", "fixes"), ("right", "breaks or derails")):
         d = doses[doses.group == group]
         if not len(d) or not len(df[df.kind == group]):

@@ -379,13 +379,20 @@ __all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "tra
 
 # ----------------------------------------------------------------------------- attribute
 def attribute_sections(result) -> list[Section]:
-    """Every section of ``attribute.html`` (:func:`mclcbf_diag.experiments.attribute.attribute_sample`): the numbers,
-    then
-    the direct logit attribution, activation patching and attribution patching heatmaps."""
-    from .plots import MissingDataError, layer_heatmaps
+    """Every section of ``attribute.html`` (:func:`mclcbf_diag.experiments.attribute.attribute_sample`): the
+    numbers, then the direct logit attribution, activation patching and attribution patching heatmaps."""
+    sections = [Section("Outcome", lines=_attribute_lines(result.summary, result.steered is not None)),
+                _dla_section(result.records, result.steered is not None), *_patching_sections(result)]
+    if result.local is not None:
+        sections.append(_local_section(result))
+    return sections
 
-    s, rec = result.summary, result.records
-    steered = result.steered is not None
+
+_GROUPS = {"image": "{m}_resid_image", "question": "{m}_resid_question", "decision": "{m}_resid_decision",
+           "MLP": "{m}_mlp"}  # the residual's token groups and the MLPs, as one heatmap's columns
+
+
+def _attribute_lines(s: dict, steered: bool) -> list[str]:
     lines = [f"Question {s['question_id']}: {s['question']} (label: {s['label'] or 'none'})",
              f"Corruption: {s['corruption']}",
              f"Margin logit(Yes) − logit(No): clean {fmt_value(s['margin_clean'], True)}, corrupted "
@@ -396,24 +403,30 @@ def attribute_sections(result) -> list[Section]:
              + "; read from image keys: " + ", ".join(s["top_heads_dla_image"])]
     if steered:
         lines.append("Heads the intervention moved most (direct contribution): " + ", ".join(s["top_heads_d_dla"]))
-    gap = s["margin_clean"] - s["margin_corrupted"]
-    if abs(gap) <= s["margin_floor"]:
+    if abs(s["margin_clean"] - s["margin_corrupted"]) <= s["margin_floor"]:
         lines.append("The clean and corrupted margins are equal up to rounding: there is nothing to recover, so "
                      "every patching recovery is undefined (NaN). Choose another corruption.")
     else:
         lines.append("Heads whose patch recovers most of the margin (denoising): " + ", ".join(
             s["top_heads_patch_denoise"]) + "; attribution patching: " + ", ".join(s["top_heads_atp_denoise"])
             + f" (Spearman ρ {fmt_value(s['spearman_heads_denoise'])} over the heads)")
+    return lines
 
-    def figs(*specs):
-        out = []
-        for panels, kw in specs:
-            try:
-                out.append(layer_heatmaps(rec, panels, **kw))
-            except MissingDataError as exc:
-                out.append(NoFigure(kw["title"], str(exc)))
-        return out
 
+def _heatmaps(records: pd.DataFrame, *specs) -> list:
+    """One layer heatmap per ``(panels, keywords)``; a figure the records cannot draw says why."""
+    from .plots import MissingDataError, layer_heatmaps
+
+    out = []
+    for panels, kw in specs:
+        try:
+            out.append(layer_heatmaps(records, panels, **kw))
+        except MissingDataError as exc:
+            out.append(NoFigure(kw["title"], str(exc)))
+    return out
+
+
+def _dla_section(rec: pd.DataFrame, steered: bool) -> Section:
     conds = [("baseline", "baseline", "dla_head")] + ([("intervened", "steered", "dla_head")] if steered else [])
     parts = {"attention": "dla_attn", "MLP": "dla_mlp", "intervention step": "dla_step"}
     # the intervention's change on its own scale: it is often orders of magnitude below the parts themselves
@@ -421,33 +434,38 @@ def attribute_sections(result) -> list[Section]:
                 ["intervened − baseline, per layer", "steered", {k: f"d_{v}" for k, v in parts.items()}]),
                dict(title="What the intervention changed in the direct contributions", value="logit difference"))
               ] if steered else []
-    dla = Section("Direct logit attribution", text=(
+    return Section("Direct logit attribution", text=(
         "Each head's direct contribution to logit(Yes) − logit(No) at the decision token: its output through "
         "its slice of o_proj, through the final norm with its scale held at the value it had. With the embedding, "
         "the MLPs and any residual edit of the intervention, the parts sum to the margin. The second row splits "
         "each head by the keys it read: image keys, the first (sink) key and the other text keys."),
-        figures=figs(
-            (conds, dict(title="Direct contribution of each head", value="logit difference")),
+        figures=_heatmaps(
+            rec, (conds, dict(title="Direct contribution of each head", value="logit difference")),
             ([(f"{src} keys", "baseline", f"dla_head_{src}") for src in ("image", "sink", "text")],
              dict(title="Baseline, split by where each head reads", value="logit difference")),
             ([("baseline", "baseline", parts)], dict(title="Direct contribution per layer", value="logit difference")),
             *change))
-    groups = {"image": "{m}_resid_image", "question": "{m}_resid_question", "decision": "{m}_resid_decision",
-              "MLP": "{m}_mlp"}
-    sections = [Section("Outcome", lines=lines), dla]
-    for m, name, text in (
-            ("patch", "Activation patching", "Each patch is one row of a batch continuing the shared prefix. "
-             "Denoising: the clean activation replaces the corrupted one; noising: the reverse. The colour is the "
-             "normalised recovery (m − m_corrupted)/(m_clean − m_corrupted): 1 is the clean margin, 0 the "
-             "corrupted one. Heads and MLPs are patched at every text token after the image (or, with "
-             "--components-at decision, at the decision token only); the residual at one token group."),
-            ("atp", "Attribution patching", "Gradient × difference: the same grid to first order at the destination "
-             "run (two forwards and a backward per direction). Where it and activation patching disagree by more "
-             "than 0.25 the first order fails (table below).")):
-        f = figs(
+
+
+_PATCHING = (
+    ("patch", "Activation patching", "Each patch is one row of a batch continuing the shared prefix. "
+     "Denoising: the clean activation replaces the corrupted one; noising: the reverse. The colour is the "
+     "normalised recovery (m − m_corrupted)/(m_clean − m_corrupted): 1 is the clean margin, 0 the "
+     "corrupted one. Heads and MLPs are patched at every text token after the image (or, with "
+     "--components-at decision, at the decision token only); the residual at one token group."),
+    ("atp", "Attribution patching", "Gradient × difference: the same grid to first order at the destination "
+     "run (two forwards and a backward per direction). Where it and activation patching disagree by more "
+     "than 0.25 the first order fails (table below)."))
+
+
+def _patching_sections(result) -> list[Section]:
+    sections = []
+    for m, name, text in _PATCHING:
+        f = _heatmaps(
+            result.records,
             ([(_DIRECTION[d], d, f"{m}_head") for d in ("denoise", "noise")],
              dict(title=f"{name}: each head's output", value="recovery", diverging=False)),
-            ([(_DIRECTION[d], d, {k: v.format(m=m) for k, v in groups.items()}) for d in ("denoise", "noise")],
+            ([(_DIRECTION[d], d, {k: v.format(m=m) for k, v in _GROUPS.items()}) for d in ("denoise", "noise")],
              dict(title=f"{name}: the residual stream per token group, and the MLPs", value="recovery",
                   diverging=False)))
         table = None
@@ -458,21 +476,23 @@ def attribute_sections(result) -> list[Section]:
                                                                      for i in v["failures"]) or "none"}
                                   for k, v in result.agreement.items()])
         sections.append(Section(name, text=text, figures=f, table=table))
-    if result.local is not None:
-        if abs(s["local_gap"]) <= s["margin_floor"]:
-            sections.append(Section("Where the intervention acts", lines=[
-                "The intervention leaves the margin within its noise floor: there is nothing to localise."]))
-        else:
-            sections.append(Section("Where the intervention acts", text=(
-                "Each intervened activation put into the baseline run, one at a time, the rest of the run without "
-                "the intervention: the colour is the share of the intervention's change of the margin it carries "
-                "(1: all of it, 0: none)."), lines=["Heads that carry most of it: " + ", ".join(
-                    s["top_heads_local"])], figures=figs(
-                ([("heads", "steered", "local_head"),
-                  ("residual and MLPs", "steered", {k: v.format(m="local") for k, v in groups.items()})],
-                 dict(title="The intervention's activations patched into the baseline", value="share of the change",
-                      diverging=False)))))
     return sections
+
+
+def _local_section(result) -> Section:
+    s = result.summary
+    if abs(s["local_gap"]) <= s["margin_floor"]:
+        return Section("Where the intervention acts", lines=[
+            "The intervention leaves the margin within its noise floor: there is nothing to localise."])
+    return Section("Where the intervention acts", text=(
+        "Each intervened activation put into the baseline run, one at a time, the rest of the run without "
+        "the intervention: the colour is the share of the intervention's change of the margin it carries "
+        "(1: all of it, 0: none)."), lines=["Heads that carry most of it: " + ", ".join(s["top_heads_local"])],
+        figures=_heatmaps(result.records, (
+            [("heads", "steered", "local_head"),
+             ("residual and MLPs", "steered", {k: v.format(m="local") for k, v in _GROUPS.items()})],
+            dict(title="The intervention's activations patched into the baseline", value="share of the change",
+                 diverging=False))))
 
 
 _DIRECTION = {"denoise": "denoising (clean into corrupted)", "noise": "noising (corrupted into clean)"}

@@ -599,19 +599,7 @@ def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict |
                 colorbar=dict(title="Δ share" if diff else "share", x=1.02 if diff else -0.12, len=0.8),
                 hovertemplate=f"{name}, {label}<br>patch row %{{y:.0f}} px, col %{{x:.0f}} px<br>share %{{z:.4f}}"
                               "<extra></extra>"), row=1, col=c)
-    n_per_panel = 1 + len(labels)
-    steps = []
-    for j, label in enumerate(labels):
-        visible = []
-        for _ in panels:
-            visible += [True] + [k == j for k in range(len(labels))]
-        steps.append(dict(method="update", label=label, args=[{"visible": visible}]))
-    active = labels.index("steered layers") if "steered layers" in labels else 0
-    for k, tr in enumerate(fig.data):
-        if isinstance(tr, go.Heatmap):
-            tr.visible = steps[active]["args"][0]["visible"][k]
-    fig.update_layout(title=title, sliders=[dict(active=active, steps=steps, currentvalue=dict(prefix="layers: "))],
-                      height=480, margin=dict(t=80))
+    _label_slider(fig, labels, len(panels), title)
     for c in range(1, len(panels) + 1):
         fig.update_xaxes(visible=False, row=1, col=c)
         fig.update_yaxes(visible=False, autorange="reversed", scaleanchor=f"x{'' if c == 1 else c}", row=1, col=c)
@@ -622,8 +610,24 @@ def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict |
                                 "attention over the image", showarrow=False, xref="paper", yref="paper",
                            x=(x0 + x1) / 2, y=0.5, xanchor="center", font=dict(size=12),
                            bgcolor="rgba(255,255,255,0.85)")
-    assert len(fig.data) == n_per_panel * len(panels)
+    assert len(fig.data) == (1 + len(labels)) * len(panels)
     return fig
+
+
+def _label_slider(fig: go.Figure, labels: list[str], n_panels: int, title: str) -> None:
+    """A slider over ``labels`` (each panel: the image, then one heatmap per label); "steered layers" first shown."""
+    steps = []
+    for j, label in enumerate(labels):
+        visible = []
+        for _ in range(n_panels):
+            visible += [True] + [k == j for k in range(len(labels))]
+        steps.append(dict(method="update", label=label, args=[{"visible": visible}]))
+    active = labels.index("steered layers") if "steered layers" in labels else 0
+    for k, tr in enumerate(fig.data):
+        if isinstance(tr, go.Heatmap):
+            tr.visible = steps[active]["args"][0]["visible"][k]
+    fig.update_layout(title=title, sliders=[dict(active=active, steps=steps, currentvalue=dict(prefix="layers: "))],
+                      height=480, margin=dict(t=80))
 
 
 def layer_heatmaps(records: pd.DataFrame, panels, *, title: str, value: str, question_id=None,
