@@ -48,8 +48,7 @@ def stats_view(table):
 
 def cmd_compare(args) -> int:
     from ..measurements import stats as S
-    from ..pope.compare import compare_runs, findings, layer_table, markdown_table
-    from ..report.html import Section, write_page
+    from ..pope.compare import compare_runs, findings, markdown_table
 
     labels = None
     if getattr(args, "labels", None):
@@ -62,53 +61,63 @@ def cmd_compare(args) -> int:
         raise UserError(f"--resamples {args.resamples} is fewer than 100; a 95% interval needs many (default "
                         f"{S.RESAMPLES})")
     table = compare_runs(args.runs, labels, resamples=args.resamples, seed=args.seed)
-    text = markdown_table(table)
-    print(text)
+    print(markdown_table(table))
     said = findings(table)
     print("\n" + "\n".join(f"- {line}" for line in said))
-    print(STATS_NOTE.format(resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
-                            explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE))
+    print(_stats_note(args))
     if args.out:
-        out = out_dir(args, args.out)
-        layers = layer_table(table)
-        write_frame(table, out / "compare.csv", "csv")
-        from ..storage import atomic_write_text
-
-        atomic_write_text(out / "compare_findings.md", "".join(f"- {line}\n" for line in said))
-        write_frame(layers, out / "compare_layers.csv", "csv")
-        deltas = [c for c in table.columns if c.startswith("d_image_mass_L")]
-        per_layer = [*deltas, *(c for c in table.columns if c.startswith("baseline_image_mass_L"))]
-        wide = table[["intervention", "settings", "split", "edited_layers", *deltas]].rename(
-            columns={c: f"L{c[14:]}" for c in deltas})
-        sections = [
-            Section("Interventions on POPE, side by side", text="Outcomes per question: unchanged, fixed "
-                    "(wrong → right), broken (right → wrong), derailed (no longer a Yes/No answer), non_finite (the "
-                    "intervention's step overflowed and was not applied). "
-                    "d_image_mass_*: the decision token's head-mean attention mass on the image, intervened minus "
-                    "baseline, mean over the split's questions (edited: mean over the layers the intervention acts "
-                    "on; max: the layer of the largest |Δ|). seconds_per_question: the run's answering time per "
-                    "question; cost_vs_bare: its ratio to the bare forward's (the inputs plus the baseline's plain "
-                    "forward, timed in the same batches). The last column is what each paper reports on the real "
-                    "LLaVA-1.5-7B, not measured here.\n\n" + STATS_NOTE.format(
-                        resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
-                        explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE)
-                    + ("\n\nPartial merges (not every question answered): "
-                       + "; ".join(sorted({f"{r.run}: {r.partial}" for r in table.itertuples() if r.partial}))
-                       if table.partial.astype(bool).any() else ""),
-                    table=table.drop(columns=["run", *per_layer]).round(4))]
-        sections.insert(0, Section("What each run did", text="\n".join(f"- {line}" for line in said)))
-        sections.insert(1, Section("Is the difference real?", text=STATS_NOTE.format(
-            resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
-            explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE), table=stats_view(table)))
-        if len(layers):
-            sections.append(Section("Δ image mass per layer",
-                                    text="Intervened minus baseline at the decision token, per language layer"
-                                    "  (compare_layers.csv: one row per layer, with the baseline's mass).",
-                                    figures=[_layer_figure(layers)], table=wide.round(4)))
-        page = write_page(out / "compare.html", "mclcbf-diag compare", sections)
-        print(f"wrote {show(page)}, {show(out / 'compare.csv')}, {show(out / 'compare_layers.csv')} and "
-              f"{show(out / 'compare_findings.md')}")
+        write_compare(args, table, said)
     return 0
+
+
+def _stats_note(args) -> str:
+    from ..measurements import stats as S
+
+    return STATS_NOTE.format(resamples=args.resamples or S.RESAMPLES, seed=S.SEED if args.seed is None else args.seed,
+                             explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE)
+
+
+def write_compare(args, table, said: list[str]) -> None:
+    """compare.csv, compare_layers.csv, compare_findings.md and compare.html in ``--out``."""
+    from ..pope.compare import layer_table
+    from ..report.html import Section, write_page
+    from ..storage import atomic_write_text
+
+    out = out_dir(args, args.out)
+    layers = layer_table(table)
+    write_frame(table, out / "compare.csv", "csv")
+    atomic_write_text(out / "compare_findings.md", "".join(f"- {line}\n" for line in said))
+    write_frame(layers, out / "compare_layers.csv", "csv")
+    deltas = [c for c in table.columns if c.startswith("d_image_mass_L")]
+    per_layer = [*deltas, *(c for c in table.columns if c.startswith("baseline_image_mass_L"))]
+    wide = table[["intervention", "settings", "split", "edited_layers", *deltas]].rename(
+        columns={c: f"L{c[14:]}" for c in deltas})
+    partial = ("\n\nPartial merges (not every question answered): "
+               + "; ".join(sorted({f"{r.run}: {r.partial}" for r in table.itertuples() if r.partial}))
+               if table.partial.astype(bool).any() else "")
+    sections = [
+        Section("What each run did", text="\n".join(f"- {line}" for line in said)),
+        Section("Is the difference real?", text=_stats_note(args), table=stats_view(table)),
+        Section("Interventions on POPE, side by side", text=SIDE_BY_SIDE + "\n\n" + _stats_note(args) + partial,
+                table=table.drop(columns=["run", *per_layer]).round(4))]
+    if len(layers):
+        sections.append(Section("Δ image mass per layer",
+                                text="Intervened minus baseline at the decision token, per language layer"
+                                "  (compare_layers.csv: one row per layer, with the baseline's mass).",
+                                figures=[_layer_figure(layers)], table=wide.round(4)))
+    page = write_page(out / "compare.html", "mclcbf-diag compare", sections)
+    print(f"wrote {show(page)}, {show(out / 'compare.csv')}, {show(out / 'compare_layers.csv')} and "
+          f"{show(out / 'compare_findings.md')}")
+
+
+SIDE_BY_SIDE = (
+    "Outcomes per question: unchanged, fixed (wrong → right), broken (right → wrong), derailed (no longer a Yes/No "
+    "answer), non_finite (the intervention's step overflowed and was not applied). d_image_mass_*: the decision "
+    "token's head-mean attention mass on the image, intervened minus baseline, mean over the split's questions "
+    "(edited: mean over the layers the intervention acts on; max: the layer of the largest |Δ|). "
+    "seconds_per_question: the run's answering time per question; cost_vs_bare: its ratio to the bare forward's "
+    "(the inputs plus the baseline's plain forward, timed in the same batches). The last column is what each paper "
+    "reports on the real LLaVA-1.5-7B, not measured here.")
 
 
 STATS_NOTE = ("Is the difference real: each run against its own baseline, question by question. Rows are sorted per "
