@@ -230,17 +230,7 @@ def cmd_merge(args) -> int:
                             f"{', '.join(diff)}); merge only shards of one run")
     check_writable(out, "merge OUT")
     carried = _check_merge_out(out, dirs)
-    rid = run_id(ids[0])
-    records, skipped = [], []
-    for d in dirs:
-        recs, partial = read_records(d / ANSWERS)
-        if partial:
-            skipped.append(f"note: {show(d / ANSWERS)} ends in a partial line (interrupted run); it was skipped")
-        foreign = [r for r in recs if "run_id" in r and r["run_id"] != rid]
-        if foreign:
-            raise UserError(f"{show(d / ANSWERS)} holds {len(foreign)} rows of another run (run_id "
-                            f"{foreign[0]['run_id']}, {RUN} says {rid}); rerun that shard into a fresh folder")
-        records += recs
+    records, skipped = _shard_records(dirs, run_id(ids[0]))
     identity = {**ids[0], "shard": None, "merged_from": [str(d) for d in dirs]}
     identity.pop("resumed_anyway", None)
     records, dups = unique_sorted(records, identity["splits"])
@@ -276,6 +266,21 @@ def cmd_merge(args) -> int:
                                              if population else "metrics.csv, flips.csv, flips_questions.csv, "
                                                                 "summary.html"))
     return 0
+
+
+def _shard_records(dirs: list[Path], rid: str) -> tuple[list[dict], list[str]]:
+    """Every shard's answers (a torn last line skipped, with a note); another run's rows are refused."""
+    records, skipped = [], []
+    for d in dirs:
+        recs, partial = read_records(d / ANSWERS)
+        if partial:
+            skipped.append(f"note: {show(d / ANSWERS)} ends in a partial line (interrupted run); it was skipped")
+        foreign = [r for r in recs if "run_id" in r and r["run_id"] != rid]
+        if foreign:
+            raise UserError(f"{show(d / ANSWERS)} holds {len(foreign)} rows of another run (run_id "
+                            f"{foreign[0]['run_id']}, {RUN} says {rid}); rerun that shard into a fresh folder")
+        records += recs
+    return records, skipped
 
 
 def _note(line: str) -> None:

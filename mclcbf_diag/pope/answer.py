@@ -163,9 +163,8 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     query's image mass per layer (module docstring). ``timing`` (a dict) gets this batch's
     ``inputs_seconds`` and ``baseline_seconds`` added.
     """
-    from ..data import build_prompt, parse_answer, resolve_image
+    from ..data import build_prompt, resolve_image
     from ..engine.batch import answer_batch, answer_pair, batch_inputs
-    from ..measurements.outcomes import outcome
 
     t0 = time.perf_counter()
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
@@ -189,29 +188,36 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     if timing is not None:
         timing["inputs_seconds"] = timing.get("inputs_seconds", 0.0) + t_inputs
         timing["baseline_seconds"] = timing.get("baseline_seconds", 0.0) + t_base
-    out = []
-    for n, (j, b, s) in enumerate(zip(jobs, base, steer)):
-        q = j.question
-        rec = {**({"run_id": rid} if rid else {}), "split": j.split, "question_id": q.question_id, "index": j.position,
-               "image": q.image,
-               "text": q.text, "label": q.label,
-               "baseline_answer": b["answer"], "baseline_margin": b["margin"],
-               "steered_answer": s["answer"], "steered_margin": s["margin"],
-               "flipped": b["answer"] != s["answer"],
-               "outcome": outcome(b["answer"], b["valid"], s["answer"], s["valid"], q.label, new_finite=s["finite"],
-                                  new_dropped=s.get("dropped", False)),
-               "baseline_p_yes": b["p_yes"], "baseline_p_no": b["p_no"], "baseline_valid": b["valid"],
-               "steered_p_yes": s["p_yes"], "steered_p_no": s["p_no"], "steered_valid": s["valid"],
-               "steered_finite": s["finite"], "steered_dropped": s.get("dropped", False),
-               **{k: s.get(k) for k in ("layers_fired", "h_mean", "mean_theta_rel", "max_dh_predicted")},
-               **_mass_fields("baseline", None if b_mass is None else b_mass[n]),
-               **_mass_fields("steered", None if s_mass is None else s_mass[n])}
-        if generate:
-            bt, st = parse_answer(b["text"]), parse_answer(s["text"])
-            rec.update(baseline_text=b["text"], baseline_text_answer=bt, steered_text=s["text"], steered_text_answer=st,
-                       text_outcome=outcome(bt, True, st, True, q.label))
-        out.append(rec)
-    return out
+    return [_record(j, b, s, rid, None if b_mass is None else b_mass[n], None if s_mass is None else s_mass[n],
+                    generate) for n, (j, b, s) in enumerate(zip(jobs, base, steer))]
+
+
+_READING = {"margin", "answer", "p_yes", "p_no", "top_yes_no", "finite", "valid", "dropped", "text"}
+
+
+def _record(j: Job, b: dict, s: dict, rid, b_mass, s_mass, generate: int) -> dict:
+    """One question's answers row; the intervention's own per-question figures (its ``row_summary``) as they came."""
+    from ..data import parse_answer
+    from ..measurements.outcomes import outcome
+
+    q = j.question
+    rec = {**({"run_id": rid} if rid else {}), "split": j.split, "question_id": q.question_id, "index": j.position,
+           "image": q.image, "text": q.text, "label": q.label,
+           "baseline_answer": b["answer"], "baseline_margin": b["margin"],
+           "steered_answer": s["answer"], "steered_margin": s["margin"],
+           "flipped": b["answer"] != s["answer"],
+           "outcome": outcome(b["answer"], b["valid"], s["answer"], s["valid"], q.label, new_finite=s["finite"],
+                              new_dropped=s.get("dropped", False)),
+           "baseline_p_yes": b["p_yes"], "baseline_p_no": b["p_no"], "baseline_valid": b["valid"],
+           "steered_p_yes": s["p_yes"], "steered_p_no": s["p_no"], "steered_valid": s["valid"],
+           "steered_finite": s["finite"], "steered_dropped": s.get("dropped", False),
+           **{k: v for k, v in s.items() if k not in _READING},
+           **_mass_fields("baseline", b_mass), **_mass_fields("steered", s_mass)}
+    if generate:
+        bt, st = parse_answer(b["text"]), parse_answer(s["text"])
+        rec.update(baseline_text=b["text"], baseline_text_answer=bt, steered_text=s["text"], steered_text_answer=st,
+                   text_outcome=outcome(bt, True, st, True, q.label))
+    return rec
 
 
 class RunTiming:
