@@ -138,20 +138,9 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     for i, c in zip(layers, caps):
         if c.added is not None:
             rows.add(i, "added_norm", c.added.float().norm())
-    for name, x, (w, eps) in (("ln1", pre_in, ln1), ("ln2", mid, ln2),
-                              ("ln_final", post, (final_w, torch.full((len(layers),), final_eps)))):
-        g = P.rms_norm_gains(x, w, eps, theta)
-        rows.add_layers(layers, f"{name}_scale", g["rms"])
-        rows.add_layers(layers, f"{name}_gain_theta", g["gain_along"])
-        rows.add_layers(layers, f"{name}_gain_theta_backward", g["gain_along_backward"])
-        rows.add_layers(layers, f"{name}_gain_orthogonal", g["gain_orthogonal"])
-        rows.add_layers(layers, f"{name}_gain_radial", g["gain_radial"])
-        if name == "ln1":
-            # before the step (what the barrier linearised at) and after it (what the layer used)
-            rows.add_layers(layers, "ln1_out_norm", (w * pre_in / g["rms"][:, None]).norm(dim=-1))
-            rms_used = P.rms_norm_gains(pre, w, eps, None)["rms"]
-            rows.add_layers(layers, "ln1_scale_post", rms_used)
-            rows.add_layers(layers, "ln1_out_norm_post", (w * pre / rms_used[:, None]).norm(dim=-1))
+    norms = (("ln1", pre_in, ln1), ("ln2", mid, ln2), ("ln_final", post, (final_w, torch.full((len(layers),),
+                                                                                           final_eps))))
+    _gain_records(rows, layers, norms, pre, theta)
     attn = torch.stack([c.attn.to(dev) for c in caps])  # [n, H, K]
     masses = P.attention_masses(attn.reshape(-1, attn.shape[-1]), image_mask,
                                 sink_positions=(sink.position if sink is not None else 0,))
@@ -167,24 +156,9 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
             rows.add_heads(i, metric, values)
     if base is not None:
         base_post = torch.stack([base.layers[i].resid_post.to(dev, torch.float32) for i in layers])
-        dist = (post - base_post).norm(dim=-1)
-        rows.add_layers(layers, "propagation", dist)
-        rows.add_layers(layers, "propagation_rel", dist / base_post.norm(dim=-1).clamp_min(1e-30))
-        out_s, out_b = (P.rms_norm(x[-1], final_w, final_eps) for x in (post, base_post))
-        rows.add(NO_LAYER, "propagation", P.propagation_distance(out_s, out_b))
-        floors, final_floor = _propagation_floors(caps[0].resid_post.dtype, dist, base_post, out_b)
-        rows.add_layers(layers, "propagation_floor", floors)
-        rows.add(NO_LAYER, "propagation_floor", final_floor)
+        _propagation_records(rows, layers, post, base_post, (final_w, final_eps), caps[0].resid_post.dtype)
     logits = cap.final_logits
-    reading = read_batch(logits[None], lm.tokens)[0]
-    margin = reading.margin
-    rows.add(NO_LAYER, "final_margin", margin)
-    rows.add(NO_LAYER, "answer_yes", margin > 0)
-    rows.add(NO_LAYER, "p_yes", reading.p_yes)
-    rows.add(NO_LAYER, "p_no", reading.p_no)
-    rows.add(NO_LAYER, "top_is_yes_no", reading.top_yes_no)
-    rows.add(NO_LAYER, "top_token_id", reading.top_id)
-    rows.add(NO_LAYER, "logits_finite", reading.finite)
+    _answer_records(rows, read_batch(logits[None], lm.tokens)[0])
     if sink is not None:
         rows.add(NO_LAYER, "sink_is_bos", sink.kind == "BOS")
         rows.add(NO_LAYER, "sink_position", sink.position)
@@ -197,6 +171,47 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     for token, tid in {**lm.tokens.yes_variants, **lm.tokens.no_variants}.items():
         rows.add(NO_LAYER, f"final_logit:{token}", logits[tid])
     return rows.rows
+
+
+def _gain_records(rows, layers: list[int], norms, pre: torch.Tensor, theta) -> None:
+    """Each RMSNorm's scale and Jacobian gains (along the step, orthogonal, radial) per layer; ln1 also before
+    the step (what the barrier linearised at) and after it (what the layer used)."""
+    for name, x, (w, eps) in norms:
+        g = P.rms_norm_gains(x, w, eps, theta)
+        rows.add_layers(layers, f"{name}_scale", g["rms"])
+        rows.add_layers(layers, f"{name}_gain_theta", g["gain_along"])
+        rows.add_layers(layers, f"{name}_gain_theta_backward", g["gain_along_backward"])
+        rows.add_layers(layers, f"{name}_gain_orthogonal", g["gain_orthogonal"])
+        rows.add_layers(layers, f"{name}_gain_radial", g["gain_radial"])
+        if name == "ln1":
+            rows.add_layers(layers, "ln1_out_norm", (w * x / g["rms"][:, None]).norm(dim=-1))
+            rms_used = P.rms_norm_gains(pre, w, eps, None)["rms"]
+            rows.add_layers(layers, "ln1_scale_post", rms_used)
+            rows.add_layers(layers, "ln1_out_norm_post", (w * pre / rms_used[:, None]).norm(dim=-1))
+
+
+def _propagation_records(rows, layers: list[int], post, base_post, final_norm, dtype) -> None:
+    """‖x_steered − x_base‖ leaving each layer and after the final norm, with their noise floors."""
+    final_w, final_eps = final_norm
+    dist = (post - base_post).norm(dim=-1)
+    rows.add_layers(layers, "propagation", dist)
+    rows.add_layers(layers, "propagation_rel", dist / base_post.norm(dim=-1).clamp_min(1e-30))
+    out_s, out_b = (P.rms_norm(x[-1], final_w, final_eps) for x in (post, base_post))
+    rows.add(NO_LAYER, "propagation", P.propagation_distance(out_s, out_b))
+    floors, final_floor = _propagation_floors(dtype, dist, base_post, out_b)
+    rows.add_layers(layers, "propagation_floor", floors)
+    rows.add(NO_LAYER, "propagation_floor", final_floor)
+
+
+def _answer_records(rows, reading) -> None:
+    """The run's Yes/No reading as whole-model records (layer −1)."""
+    rows.add(NO_LAYER, "final_margin", reading.margin)
+    rows.add(NO_LAYER, "answer_yes", reading.margin > 0)
+    rows.add(NO_LAYER, "p_yes", reading.p_yes)
+    rows.add(NO_LAYER, "p_no", reading.p_no)
+    rows.add(NO_LAYER, "top_is_yes_no", reading.top_yes_no)
+    rows.add(NO_LAYER, "top_token_id", reading.top_id)
+    rows.add(NO_LAYER, "logits_finite", reading.finite)
 
 
 def row_records(run: RunCapture, *, question_id, condition: str) -> dict[str, list]:
