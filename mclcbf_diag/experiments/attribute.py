@@ -241,10 +241,15 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
             m = _patched_batch(lm, acts, batch, L, first, T)
             for b, r in enumerate(batch):
                 found.setdefault(r[0], []).append((L, r[1], float(m[b])))
+    return _filled(grid, found, n_layers, H)
+
+
+def _filled(grid: Grid, found: dict, n_layers: int, heads: int) -> Grid:
+    """``grid`` with the patched margins ``found`` (``key → [(layer, index, margin)]``) and their recoveries."""
     refs = {k.split(":")[1]: v[0][2] for k, v in found.items() if k.startswith("none:")}
     # each direction's unpatched destination; with one direction only, both plain forwards' margins (one route)
     grid.clean, grid.corrupted = (refs["noise"], refs["denoise"]) if len(refs) == 2 else grid.plain
-    shapes = {"resid": (n_layers, len(A.GROUPS)), "heads": (n_layers, H), "mlp": (n_layers,)}
+    shapes = {"resid": (n_layers, len(A.GROUPS)), "heads": (n_layers, heads), "mlp": (n_layers,)}
     for key, entries in found.items():
         kind, d = key.split(":")
         if kind == "none":
@@ -321,33 +326,38 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
     grid = Grid(m["clean"], m["corrupted"], margin_floor(lm), plain=(m["clean"], m["corrupted"]))
     T = clean["input_ids"].shape[1]
     pos = A.group_positions(clean["input_ids"][0] == lm.tokens.image_token_id)
-    H = lm.text_config.num_attention_heads
+    text = slice(start, T) if components_at == "text" else slice(T - 1, T)
     for d in directions:
         dest, src = ("corrupted", "clean") if d == "denoise" else ("clean", "corrupted")
-        gr = grads[dest].grads
 
         def act(kind, who, L, sl=slice(None)):
             return getattr(runs[who], kind)[L][src_rows[who], sl].float()
 
-        width = gr["z"][0].shape[-1]
-        resid = torch.zeros(lm.n_layers, len(A.GROUPS), dtype=torch.float64)
-        heads = torch.zeros(lm.n_layers, H, dtype=torch.float64)
-        mlp = torch.zeros(lm.n_layers, dtype=torch.float64)
-        text = slice(start, T) if components_at == "text" else slice(T - 1, T)
-        for L in range(lm.n_layers):
-            diff = act("resid", src, L) - act("resid", dest, L)
-            per_pos = A.attribution_estimate(diff, gr["resid"][L][0])  # [T]
-            for j, g in enumerate(A.GROUPS):
-                resid[L, j] = float(per_pos[pos[g].to(per_pos.device)].sum())
-            dz = (act("z", src, L, text) - act("z", dest, L, text)).reshape(-1, H, width // H)
-            heads[L] = A.attribution_estimate(dz, gr["z"][L][0, text].reshape(-1, H, width // H), (0, 2)).cpu()
-            mlp[L] = float(A.attribution_estimate(act("mlp", src, L, text) - act("mlp", dest, L, text),
-                                                  gr["mlp"][L][0, text], (0, 1)))
-        for kind, est in (("resid", resid), ("heads", heads), ("mlp", mlp)):
+        estimates = _first_order(lm, grads[dest].grads, lambda kind, L, sl=slice(None): act(kind, src, L, sl) - act(
+            kind, dest, L, sl), pos, text)
+        for kind, est in zip(("resid", "heads", "mlp"), estimates):
             patched = m[dest] + est
             grid.margins[f"{kind}:{d}"] = patched
             getattr(grid, kind)[d] = A.recovery(patched, grid.corrupted, grid.clean, grid.floor)
     return grid
+
+
+def _first_order(lm: LoadedModel, gr: dict, diff, pos: dict, text: slice):
+    """Gradient × difference per layer: the residual per token group, each head and each MLP at ``text``
+    (``diff(kind, layer, positions)``: source minus destination activation; ``gr``: the destination's gradients)."""
+    H = lm.text_config.num_attention_heads
+    width = gr["z"][0].shape[-1]
+    resid = torch.zeros(lm.n_layers, len(A.GROUPS), dtype=torch.float64)
+    heads = torch.zeros(lm.n_layers, H, dtype=torch.float64)
+    mlp = torch.zeros(lm.n_layers, dtype=torch.float64)
+    for L in range(lm.n_layers):
+        per_pos = A.attribution_estimate(diff("resid", L), gr["resid"][L][0])  # [T]
+        for j, g in enumerate(A.GROUPS):
+            resid[L, j] = float(per_pos[pos[g].to(per_pos.device)].sum())
+        dz = diff("z", L, text).reshape(-1, H, width // H)
+        heads[L] = A.attribution_estimate(dz, gr["z"][L][0, text].reshape(-1, H, width // H), (0, 2)).cpu()
+        mlp[L] = float(A.attribution_estimate(diff("mlp", L, text), gr["mlp"][L][0, text], (0, 1)))
+    return resid, heads, mlp
 
 
 def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: str = "text",
