@@ -161,14 +161,7 @@ def step(
     scale_t = torch.zeros((), dtype=dt, device=g.device)
     clamp_active = False
     if active:
-        if config.clamp == "scale":
-            scale_t = torch.clamp(unclamped, max=config.clamp_value)
-        elif config.clamp == "step_norm":
-            denom = alpha * grad_norm
-            limit = config.clamp_value * x_norm / denom if denom > 0 else math.inf
-            scale_t = torch.clamp(unclamped, max=limit) if math.isfinite(limit) else unclamped
-        else:
-            scale_t = unclamped
+        scale_t = clamped_scale(unclamped, config, alpha * grad_norm, x_norm)
         clamp_active = bool(scale_t < unclamped)
         # no direction to move in: no step (avoids inf·0 = NaN); an infinite scale stays infinite
         theta = torch.zeros_like(g) if grad_norm == 0.0 else scale_t * g
@@ -197,6 +190,17 @@ def step(
         guard_share=guard_share(float(gsq), guard),
         finite=finite,
     )
+
+
+def clamped_scale(unclamped: torch.Tensor, config: BarrierConfig, step_per_scale: float, x_norm: float):
+    """The scale after the configured clamp: "scale" → ``min(clamp_value, ·)``; "step_norm" → ``min(·,
+    c‖x‖/(α‖g‖))`` (``step_per_scale`` = α‖g‖), so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is."""
+    if config.clamp == "scale":
+        return torch.clamp(unclamped, max=config.clamp_value)
+    if config.clamp == "step_norm":
+        limit = config.clamp_value * x_norm / step_per_scale if step_per_scale > 0 else math.inf
+        return torch.clamp(unclamped, max=limit) if math.isfinite(limit) else unclamped
+    return unclamped
 
 
 def guard_share(grad_norm_sq: float, guard: float) -> float:
