@@ -199,23 +199,8 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
         keys, which its causal mask hides: they lie after its last position), its own RoPE
         angles, span and target positions, so rows of different prompts share a call.
         """
-        cfg, w, x = self.knobs, site.weights, site.tensor
-        # the look-ahead runs where the layer's weights are (under a device map x may arrive elsewhere)
-        dev = w.q_weight.device
-        x_t = x_t.to(dev)
-        n_keys = max(k.shape[-2] for _, k, _ in members)
-        k0 = members[0][1]
-        keys = torch.zeros(len(members), *k0.shape[:-2], n_keys, k0.shape[-1], dtype=k0.dtype, device=dev)
-        for j, (_, k, _) in enumerate(members):
-            keys[j, ..., :k.shape[-2], :] = k
-        if normalized:
-            x_t = w.norm(x_t)
-        angles = [site.rotary(r, t) for r, _, t in members]
-        cos = torch.stack([c for c, _ in angles]).to(dev)
-        sin = torch.stack([s for _, s in angles]).to(dev)
-        span = torch.stack([fit_mask(self.span[r.index], n_keys, dev) for r, _, _ in members])
-        qpos = torch.stack([t for _, _, t in members]).to(dev)
-
+        w, x = site.weights, site.tensor
+        x_t, keys, rest = self._group_inputs(site, members, x_t, normalized)
         mdt = noise.measure_dtype(x.dtype)  # the figures' dtype; the controller's is gdt
         weights = {dt: w.to(dt) for dt in {gdt, mdt}}
 
@@ -225,7 +210,6 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
         def h_measured(xt, k, c, s, m, p):
             return h_of(xt, k, c, s, m, p, mdt)
 
-        rest = (cos, sin, span, qpos)
         keys_m = keys.to(mdt)
         if not site.steer:  # measuring run: h only, as the steered run measures it
             h = torch.func.vmap(h_measured)(x_t.to(mdt), keys_m, *rest)
@@ -237,16 +221,60 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
         if not torch.isfinite(g).all():
             raise UserError(f"the barrier gradient at layer {site.layer} is NaN or inf (dtype {gdt}); "
                             "try --set grad_dtype=float32 or a float32 model")
+        steps = self._record_steps(site, members, x_t, (h, g), (h32, g32), (tau, alpha), (gdt, mdt))
+        if not steps:
+            return
+        idx = [j for j, *_ in steps]
+        with torch.no_grad():  # h after each step, same keys: one vmapped call
+            moved = x_t[idx].to(mdt) + torch.stack([m for *_, m in steps])
+            h_after_all = torch.func.vmap(h_measured)(moved, keys_m[idx], *(a[idx] for a in rest)).tolist()
+        h_before_all = h32.tolist()
+        for (j, st, dose, applied, _), h_after in zip(steps, h_after_all):
+            r, _, t = members[j]
+            h_before = h_before_all[j]
+            pred = st.predicted_delta_h * dose if gdt == mdt else float(
+                (g32[j].to(torch.float64) * st.applied.to(torch.float64)).sum()) * dose
+            site.record(r, "dh_predicted", pred)
+            site.record(r, "dh_predicted_floor", noise.mass_floor(mdt, h_before, h_before + pred))
+            site.record(r, "dh_recomputed", h_after - h_before)
+            site.record(r, "dh_recomputed_floor", noise.mass_floor(mdt, h_before, h_after))
+            if st.active and dose != 0:
+                site.add(r, t, applied, after_norm=normalized)
+                self._stepped.add(r.index)
+
+    def _group_inputs(self, site: Site, members: list, x_t: torch.Tensor, normalized: bool):
+        """The group's targets, keys (right-padded with zero keys) and (cos, sin, span, query positions), on the
+        device of the layer's weights (under a device map x may arrive elsewhere)."""
+        dev = site.weights.q_weight.device
+        x_t = x_t.to(dev)
+        n_keys = max(k.shape[-2] for _, k, _ in members)
+        k0 = members[0][1]
+        keys = torch.zeros(len(members), *k0.shape[:-2], n_keys, k0.shape[-1], dtype=k0.dtype, device=dev)
+        for j, (_, k, _) in enumerate(members):
+            keys[j, ..., :k.shape[-2], :] = k
+        if normalized:
+            x_t = site.weights.norm(x_t)
+        angles = [site.rotary(r, t) for r, _, t in members]
+        cos = torch.stack([c for c, _ in angles]).to(dev)
+        sin = torch.stack([s for _, s in angles]).to(dev)
+        span = torch.stack([fit_mask(self.span[r.index], n_keys, dev) for r, _, _ in members])
+        qpos = torch.stack([t for _, _, t in members]).to(dev)
+        return x_t, keys, (cos, sin, span, qpos)
+
+    def _record_steps(self, site: Site, members: list, x_t, hg, hg32, tau_alpha, dtypes) -> list:
+        """Each row's step and its records; the finite ones as ``(member, step, dose, applied in x's dtype,
+        the step in the figures' dtype)`` (an overflowing step is recorded, never applied)."""
+        cfg, x = self.knobs, site.tensor
+        (h, g), (h32, g32), (tau, alpha), (gdt, mdt) = hg, hg32, tau_alpha, dtypes
         x_norms = x_t.float().flatten(1).norm(dim=-1).tolist()
         g32f = g32.float().flatten(1)
         g32_norms, g32_sq = g32f.norm(dim=-1).tolist(), (g32f ** 2).sum(-1).tolist()
         h_before_all = h32.tolist()
-        steps = []  # (member, step, dose, the step as applied in x's dtype, as computed in mdt)
+        steps = []
         for j, (r, _, t) in enumerate(members):
             st = step(h[j], g[j], x_norms[j], tau, alpha, cfg)
             rec = st.to_record()
-            h_before = h_before_all[j]
-            site.record(r, "barrier_h", h_before)
+            site.record(r, "barrier_h", h_before_all[j])
             if gdt != mdt:
                 site.record(r, "barrier_h_dtype", st.h)
             for f, metric in _STEP_METRICS.items():
@@ -261,26 +289,9 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
             applied = computed.to(x.dtype)
             finite = st.finite and bool(torch.isfinite(applied).all())
             site.record(r, "step_nonfinite", float(not finite))
-            if finite:  # an overflowing step is recorded, never applied
+            if finite:
                 steps.append((j, st, dose, applied, computed.to(mdt)))
-        if not steps:
-            return
-        idx = [j for j, *_ in steps]
-        with torch.no_grad():  # h after each step, same keys: one vmapped call
-            moved = x_t[idx].to(mdt) + torch.stack([m for *_, m in steps])
-            h_after_all = torch.func.vmap(h_measured)(moved, keys_m[idx], *(a[idx] for a in rest)).tolist()
-        for (j, st, dose, applied, step_m), h_after in zip(steps, h_after_all):
-            r, _, t = members[j]
-            h_before = h_before_all[j]
-            pred = st.predicted_delta_h * dose if gdt == mdt else float(
-                (g32[j].to(torch.float64) * st.applied.to(torch.float64)).sum()) * dose
-            site.record(r, "dh_predicted", pred)
-            site.record(r, "dh_predicted_floor", noise.mass_floor(mdt, h_before, h_before + pred))
-            site.record(r, "dh_recomputed", h_after - h_before)
-            site.record(r, "dh_recomputed_floor", noise.mass_floor(mdt, h_before, h_after))
-            if st.active and dose != 0:
-                site.add(r, t, applied, after_norm=normalized)
-                self._stepped.add(r.index)
+        return steps
 
     # -- the attention-logit site ------------------------------------------------------------------
     def attention(self, site: Site) -> None:
