@@ -183,6 +183,8 @@ class _Run:
 
     # -- the body, run inside the trace -------------------------------------------------------
     def body(self, nm, phase: str, step: int, keep_embeds: bool = False) -> None:
+        """One forward inside an nnsight trace: every visited layer in order (:meth:`_layer`), then the step's
+        captures (:meth:`_captured`). Values are read in the model's forward order."""
         lm, ad = self.lm, self.lm.adapter
         self.phase, self.decode_step, self.pending_norm = phase, step, []
         acting = self.iv is not None and (phase == "prefill" or self.iv.steers_decode())
@@ -200,65 +202,73 @@ class _Run:
         self.start = self.prefix_start
         parts = self.components and phase == "prefill"
         for n, i in enumerate(visit):
-            layer = layers[i]
-            here = i in targeted
-            if self.capture or (here and "residual" in sites) or n == 0:
-                args, kwargs = layer.inputs
-                x = args[0]
-                if n == 0 and phase == "decode":
+            self._layer(layers[i], i, n, phase, i in targeted, sites, caps, parts)
+        if self.capture:
+            self._captured(nm, phase, step, visit, caps)
+
+    def _layer(self, layer, i: int, n: int, phase: str, here: bool, sites, caps: dict, parts: bool) -> None:
+        """Layer ``i`` of the forward (the ``n``-th visited): its sites, and its captures when capturing."""
+        lm, ad = self.lm, self.lm.adapter
+        if self.capture or (here and "residual" in sites) or n == 0:
+            args, kwargs = layer.inputs
+            x = args[0]
+            if n == 0:
+                self.seq = x.shape[1]  # the positions this forward runs
+                if phase == "decode":
                     cache = ad.layer_cache(lm.model, kwargs)
                     self.start = 0 if cache is None else cache.get_seq_length()
-                self.layer_kwargs = kwargs
-                if self.capture:
-                    caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
-                if here and "residual" in sites:
-                    self.iv.residual(Site(self, "residual", i, x))
-                if self.pending_norm or parts:
-                    y = envoy_at(layer, ad.layer_input_norm).output
-                    for b, idx, v in self.pending_norm:
-                        y[b, idx] += v.to(y.device)
-                    self.pending_norm = []
-                if self.capture:
-                    for r in self.rows:
-                        caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
-            if here and "attention" in sites:
-                self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
-            if parts:
-                z = envoy_at(layer, ad.layer_o_proj).input
-            show = here and "pattern" in sites and (self.capture or self.patterns)
-            if self.capture or show:
-                attn = envoy_at(layer, ad.layer_attention).output[1]
-                if attn is None:
-                    raise UserError("the model returned no attention probabilities; load it with "
-                                    "attn_implementation='eager' (load_model does this)")
-                if show:
-                    self.iv.pattern(Site(self, "pattern", i, attn))
+            self.layer_kwargs = kwargs
             if self.capture:
-                mid = envoy_at(layer, ad.layer_post_attention_norm).input
-                mlp = envoy_at(layer, ad.layer_mlp).output if parts else None
-                post = layer.output
+                caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
+            if here and "residual" in sites:
+                self.iv.residual(Site(self, "residual", i, x))
+            if self.pending_norm or parts:
+                y = envoy_at(layer, ad.layer_input_norm).output
+                for b, idx, v in self.pending_norm:
+                    y[b, idx] += v.to(y.device)
+                self.pending_norm = []
+            if self.capture:
                 for r in self.rows:
-                    c = caps[i][r.index]
-                    if parts:  # (the values are v_proj of "normed", at every key: see attribute.dla)
-                        c.parts = {"z": z[r.index, -1].detach().clone(), "mlp": mlp[r.index, -1].detach().clone(),
-                                   "normed": y[r.index, r.pad:].detach().clone()}
-                    c.attn = attn[r.index, :, -1, r.pad:].detach().float().clone()
-                    c.resid_mid = mid[r.index, -1].detach().clone()
-                    c.resid_post = post[r.index, -1].detach().clone()
+                    caps[i][r.index].resid_pre = x[r.index, -1].detach().clone()
+        if here and "attention" in sites:
+            self.iv.attention(Site(self, "attention", i, envoy_at(layer, ad.layer_attention_softmax).output))
+        if parts:
+            z = envoy_at(layer, ad.layer_o_proj).input
+        show = here and "pattern" in sites and (self.capture or self.patterns)
+        if self.capture or show:
+            attn = envoy_at(layer, ad.layer_attention).output[1]
+            if attn is None:
+                raise UserError("the model returned no attention probabilities; load it with "
+                                "attn_implementation='eager' (load_model does this)")
+            if show:
+                self.iv.pattern(Site(self, "pattern", i, attn))
         if self.capture:
-            logits = envoy_at(nm, ad.unembed).output[:, -1].detach().float().clone()
+            mid = envoy_at(layer, ad.layer_post_attention_norm).input
+            mlp = envoy_at(layer, ad.layer_mlp).output if parts else None
+            post = layer.output
             for r in self.rows:
-                cap = StepCapture(phase, step, self.start + x.shape[1] - r.pad)
-                for i in visit:
-                    c = caps[i][r.index]
-                    c.metrics = self.records[r.index].get((phase, step), {}).get(i, {})
-                    c.heads = self.heads[r.index].get((phase, step), {}).get(i, {})
-                    c.added = self.added[r.index].get((phase, step, i))
-                    c.keys = self.keys_seen[r.index].get((phase, step, i))
-                    cap.layers[i] = c
-                cap.final_logits = logits[r.index]
-                self.steps[r.index].append(cap)
+                c = caps[i][r.index]
+                if parts:  # (the values are v_proj of "normed", at every key: see attribute.dla)
+                    c.parts = {"z": z[r.index, -1].detach().clone(), "mlp": mlp[r.index, -1].detach().clone(),
+                               "normed": y[r.index, r.pad:].detach().clone()}
+                c.attn = attn[r.index, :, -1, r.pad:].detach().float().clone()
+                c.resid_mid = mid[r.index, -1].detach().clone()
+                c.resid_post = post[r.index, -1].detach().clone()
 
+    def _captured(self, nm, phase: str, step: int, visit, caps: dict) -> None:
+        """The step's captures of every row: each visited layer's, its records, and the final logits."""
+        logits = envoy_at(nm, self.lm.adapter.unembed).output[:, -1].detach().float().clone()
+        for r in self.rows:
+            cap = StepCapture(phase, step, self.start + self.seq - r.pad)
+            for i in visit:
+                c = caps[i][r.index]
+                c.metrics = self.records[r.index].get((phase, step), {}).get(i, {})
+                c.heads = self.heads[r.index].get((phase, step), {}).get(i, {})
+                c.added = self.added[r.index].get((phase, step, i))
+                c.keys = self.keys_seen[r.index].get((phase, step, i))
+                cap.layers[i] = c
+            cap.final_logits = logits[r.index]
+            self.steps[r.index].append(cap)
 
 def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
         max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
