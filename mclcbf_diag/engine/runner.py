@@ -484,31 +484,10 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
         if grad_of is not None:
             raise ValueError("activations_forward: no gradient through an intervened forward")  # programming error
         attention = "eager"
-    lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
-    layers = lm.adapter.decoder_layers(lm.model)
-    n = len(layers)
+    n = len(lm.adapter.decoder_layers(lm.model))
     got = {"resid": [None] * n, "z": [None] * n, "mlp": [None] * n}
     want = grad_of is not None
-
-    def keep(kind, i, t):
-        got[kind][i] = t
-
-    def embeds(module, args, kwargs):
-        if want and kwargs.get("inputs_embeds") is not None:
-            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].detach().requires_grad_(True)
-            return args, kwargs
-        return None
-
-    hooks = [lang.register_forward_pre_hook(embeds, with_kwargs=True)]
-    for i, layer in enumerate(layers):
-        o_proj = layer.get_submodule(lm.adapter.layer_o_proj)
-        mlp = layer.get_submodule(lm.adapter.layer_mlp)
-        hooks += [
-            layer.register_forward_pre_hook(
-                lambda m, a, k, i=i: keep("resid", i, a[0] if a else k["hidden_states"]), with_kwargs=True),
-            o_proj.register_forward_pre_hook(lambda m, a, i=i: keep("z", i, a[0])),
-            mlp.register_forward_hook(lambda m, a, out, i=i: keep("mlp", i, out)),
-        ]
+    hooks = _keeping_hooks(lm, got, want)
     grads = None
     try:
         with torch.set_grad_enabled(want), attention_implementation(lm, attention):
@@ -535,6 +514,33 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
     det = {k: [t.detach() for t in v] for k, v in got.items()}
     return Activations(last.detach(), lm.adapter.output_cache(lm.model, out) if cache else None,
                        det["resid"], det["z"], det["mlp"], grads)
+
+
+def _keeping_hooks(lm: LoadedModel, got: dict, want_grad: bool) -> list:
+    """Hooks that keep each layer's residual input, head outputs (o_proj's input) and MLP output in ``got``; with
+    ``want_grad`` the language model's input embeddings start an autograd graph (the vision tower stays out)."""
+    lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
+
+    def keep(kind, i, t):
+        got[kind][i] = t
+
+    def embeds(module, args, kwargs):
+        if want_grad and kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].detach().requires_grad_(True)
+            return args, kwargs
+        return None
+
+    hooks = [lang.register_forward_pre_hook(embeds, with_kwargs=True)]
+    for i, layer in enumerate(lm.adapter.decoder_layers(lm.model)):
+        o_proj = layer.get_submodule(lm.adapter.layer_o_proj)
+        mlp = layer.get_submodule(lm.adapter.layer_mlp)
+        hooks += [
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: keep("resid", i, a[0] if a else k["hidden_states"]), with_kwargs=True),
+            o_proj.register_forward_pre_hook(lambda m, a, i=i: keep("z", i, a[0])),
+            mlp.register_forward_hook(lambda m, a, out, i=i: keep("mlp", i, out)),
+        ]
+    return hooks
 
 
 def run_patched(lm: LoadedModel, feed: dict, *, layer: int, entering: torch.Tensor,
