@@ -105,20 +105,13 @@ def roles_to_code(text: str) -> str:
 def preset_rows(spec) -> list[tuple[str, str]]:
     """``(preset, what it sets)`` for every preset of ``spec``, as ``mclcbf-diag interventions`` words them
     (the first is the default; an alias says which preset it equals; the others list the knobs they change)."""
-    from mclcbf_diag.knobs import changed, show_value
+    from mclcbf_diag.interventions.catalog import preset_changes
+    from mclcbf_diag.knobs import show_value
 
-    first_name, first = next(iter(spec.presets.items()))
-    rows, seen = [], {}
-    for name, value in spec.presets.items():
-        same = next((n for n, v in seen.items() if v == value), None)
-        if name == first_name:
-            text = "the default: every knob at the default below"
-        elif same is not None:
-            text = f"an alias of `{same}`"
-        else:
-            text = ", ".join(code(f"{k}={show_value(getattr(value, k))}") for k in changed(value, first)) or \
-                "the knob defaults"
-        seen.setdefault(name, value)
+    rows = []
+    for n, (name, same, changes) in enumerate(preset_changes(spec)):
+        text = ("the default: every knob at the default below" if n == 0 else f"an alias of `{same}`" if same else
+                ", ".join(code(f"{k}={show_value(v)}") for k, v in changes) or "the knob defaults")
         rows.append((name, text))
     return rows
 

@@ -429,18 +429,13 @@ def test_localisation_finds_the_layer_and_token_of_a_residual_edit(embedded_mode
     assert abs(float(grid.margins["heads:denoise"][5, 1]) - ref) <= floor
 
 
-class AddEverywhere(Intervention):
+class AddEverywhere(AddAtDecision):
     """Adds ``vector`` to the residual entering ``layer`` at every position (the image tokens too)."""
 
     name = "test-add-everywhere"
-    sites = frozenset({"residual"})
 
-    def __init__(self, layer: int, vector: torch.Tensor):
-        super().__init__()
-        self.layer, self.vector = layer, vector
-
-    def layers(self, n_layers):
-        return (self.layer,)
+    def first_edited(self, row):
+        return None  # every position, from the first
 
     def residual(self, site):
         for row in site.rows:

@@ -20,25 +20,18 @@ def _short(text: str) -> str:
 
 def describe(spec) -> list[str]:
     """The lines that show one intervention: summary, paper, presets (what each changes), knobs, aliases."""
-    from ..knobs import changed, knob_rows, show_value
+    from ..interventions.catalog import preset_changes
+    from ..knobs import knob_rows, show_value
 
-    first_name, first = next(iter(spec.presets.items()))
+    first = next(iter(spec.presets.values()))
     lines = [f"{spec.name}: {spec.summary}"]
     if spec.paper:
         lines.append(f"  paper: {spec.paper}")
     lines.append("  presets (--preset P; the first is the default):")
     width = max(len(n) for n in spec.presets)
-    seen: dict[str, object] = {}
-    for name, value in spec.presets.items():
-        same = next((n for n, v in seen.items() if v == value), None)
-        if name == first_name:
-            text = "the knob defaults below"
-        elif same is not None:
-            text = f"the same as {same}"
-        else:
-            text = " ".join(f"{k}={_short(show_value(getattr(value, k)))}" for k in changed(value, first)) or \
-                "the knob defaults below"
-        seen.setdefault(name, value)
+    for name, same, changes in preset_changes(spec):
+        text = (f"the same as {same}" if same else
+                " ".join(f"{k}={_short(show_value(v))}" for k, v in changes) or "the knob defaults below")
         lines.append(f"    {name:<{width}}  {text}")
     rows = knob_rows(first)
     if rows:

@@ -161,6 +161,21 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
 )}
 
 
+def preset_changes(spec: Spec) -> list[tuple[str, str | None, list[tuple[str, object]]]]:
+    """Each preset as ``(name, alias_of, changes)``: the first is the default (no changes); an alias names the
+    earlier preset it equals; the others list ``(knob, value)`` where they differ from the first."""
+    from ..knobs import changed
+
+    first_name, first = next(iter(spec.presets.items()))
+    out, seen = [], {}
+    for name, value in spec.presets.items():
+        same = None if name == first_name else next((n for n, v in seen.items() if v == value), None)
+        changes = [] if name == first_name or same else [(k, getattr(value, k)) for k in changed(value, first)]
+        seen.setdefault(name, value)
+        out.append((name, same, changes))
+    return out
+
+
 def spec_of(cls) -> Spec:
     """The :class:`Spec` of an intervention class (a registered user class: from its attributes; its summary
     defaults to the first line of its docstring)."""
