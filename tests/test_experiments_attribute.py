@@ -154,11 +154,26 @@ def _hooked_margin(lm, inputs, *, resid=None, head=None, mlp=None):
             return (x, *args[1:]), kwargs
 
         hooks.append(layers[L].register_forward_pre_hook(pre, with_kwargs=True))
+    hooks += _component_hooks(layers, head, mlp)
+    try:
+        with torch.no_grad():
+            return _margin_of(lm, lm.model(**inputs).logits[0, -1].float())
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _component_hooks(layers, head=None, mlp=None, length=None) -> list:
+    """Hooks that write ``values`` over a head's output (o_proj's input slice) or the MLP's output at ``positions``;
+    with ``length``, only in a forward of that many positions (not in an intervention's own preparatory ones)."""
+    hooks = []
     if head is not None:
         L, h, pos, vals = head
         hd = vals.shape[-1]
 
         def pre_o(m, args):
+            if length is not None and args[0].shape[1] != length:
+                return None
             z = args[0].clone()
             z[0, pos, h * hd:(h + 1) * hd] = vals
             return (z,)
@@ -168,17 +183,14 @@ def _hooked_margin(lm, inputs, *, resid=None, head=None, mlp=None):
         L, pos, vals = mlp
 
         def post(m, args, out):
+            if length is not None and out.shape[1] != length:
+                return None
             out = out.clone()
             out[0, pos] = vals
             return out
 
         hooks.append(layers[L].mlp.register_forward_hook(post))
-    try:
-        with torch.no_grad():
-            return _margin_of(lm, lm.model(**inputs).logits[0, -1].float())
-    finally:
-        for h in hooks:
-            h.remove()
+    return hooks
 
 
 @pytest.fixture(scope="module")
@@ -488,31 +500,7 @@ def _intervened_margin(lm, inputs, iv, *, head=None, mlp=None):
     replaced by a hook as in :func:`_hooked_margin`. The hooks act on the prompt's own forward only, not on
     the forwards an intervention runs to prepare (VISTA's prompt without its image)."""
     layers = lm.model.model.language_model.layers
-    T = inputs["input_ids"].shape[1]
-    hooks = []
-    if head is not None:
-        L, h, pos, vals = head
-        hd = vals.shape[-1]
-
-        def pre_o(m, args):
-            if args[0].shape[1] != T:
-                return None
-            z = args[0].clone()
-            z[0, pos, h * hd:(h + 1) * hd] = vals
-            return (z,)
-
-        hooks.append(layers[L].self_attn.o_proj.register_forward_pre_hook(pre_o))
-    if mlp is not None:
-        L, pos, vals = mlp
-
-        def post(m, args, out):
-            if out.shape[1] != T:
-                return None
-            out = out.clone()
-            out[0, pos] = vals
-            return out
-
-        hooks.append(layers[L].mlp.register_forward_hook(post))
+    hooks = _component_hooks(layers, head, mlp, length=inputs["input_ids"].shape[1])
     try:
         return _margin_of(lm, run(lm, inputs, iv).steps[0].final_logits)
     finally:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -126,7 +127,7 @@ class VerdictBatch:
         self.sweeps = sweep_settings(lm.n_layers) if settings.sweep else []
         self.prefix: Prefix | None = None
         self.variants: dict = {}
-        self.copies: dict = {}  # dtype name → a copy of the model in it (made once)
+        self.copies = model_copies(lm)  # dtype name → a copy of the model in it (made once per model, not per batch)
 
     def run(self, units: dict, *, capture: bool, patterns: bool = False, alone_on_failure: bool = False) -> dict:
         """``{key: (logits, capture or per-layer records)}`` of ``{key: Unit}``, one batched continuation.
@@ -161,6 +162,15 @@ class VerdictBatch:
     def model_inputs(self, qv: QuestionVerdict) -> dict:
         """The question's own inputs (a run on a copy of the model starts from them)."""
         return self.lm.inputs(build_prompt(qv.question.text, self.settings.template), qv.image)
+
+
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_copies(lm) -> dict:
+    """The copies of ``lm``'s model in other dtypes (the rounding test's), shared by every batch of one run: a copy
+    is made once while the model lives, not once per batch of questions."""
+    return _COPIES.setdefault(lm.model, {})
 
 
 def read(lm, logits) -> Reading:

@@ -31,7 +31,7 @@ import math
 
 import pandas as pd
 
-from ..experiments.explain import doubling_grid
+from ..experiments.evidence import doubling_grid
 from ..experiments.verdict import CODES
 from ..measurements.outcomes import OUTCOMES
 
