@@ -59,6 +59,7 @@ def test_processor_errors_are_one_line_before_the_model_runs(lm):
     line = str(info.value)
     assert line.startswith(f"--model {lm.source}: its processor refused the prompt and image (")
     assert "needs one <image> per image" in line and "\n" not in line
+    assert "(the prompt has 2 <image> placeholders for 1 image)" in line  # the same words on every transformers
 
     def needs_torchvision(**kwargs):
         raise ImportError("PixtralImageProcessor requires the Torchvision library but it was not found")

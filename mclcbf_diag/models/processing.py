@@ -39,17 +39,45 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _count_images(images) -> int:
+    if images is None:
+        return 0
+    if isinstance(images, (list, tuple)):
+        return sum(_count_images(item) for item in images)
+    return 1
+
+
+def _placeholder_problem(processor, prompts, images) -> str | None:
+    """The mismatch between the prompts' placeholders and the images, in words (None when they agree).
+
+    Checked here because transformers releases differ in how they report it (a ValueError, or a bare
+    StopIteration from 5.18's placeholder expansion). A prompt with no placeholder at all is left to
+    the processor: some (PaliGemma's) place the image themselves.
+    """
+    own = placeholder(processor)
+    texts = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+    n_placeholders = sum(str(t).count(own) for t in texts)
+    n_images = _count_images(images)
+    if n_placeholders == 0 or n_placeholders == n_images:
+        return None
+    return (f"the prompt has {n_placeholders} {own} placeholder{'s' * (n_placeholders != 1)} for {n_images} "
+            f"image{'s' * (n_images != 1)}")
+
+
 def run_processor(processor, where: str, text, images, **kwargs):
     """``processor(text=…, images=…, **kwargs)`` with the portable placeholder translated; its errors as one line."""
     prompts = [processor_prompt(processor, t) for t in text] if isinstance(text, (list, tuple)) else \
         processor_prompt(processor, text)
     try:
+        problem = _placeholder_problem(processor, prompts, images)
+        if problem is not None:
+            raise ValueError(problem)
         return processor(text=prompts, images=images, **kwargs)
     except ImportError as exc:
         raise UserError(f"--model {where}: its processor needs a package that is not installed ({_first_line(exc)});"
                         " install it (e.g. pip install torchvision) or use a checkpoint whose processor runs "
                         "without it") from None
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, StopIteration) as exc:
         raise UserError(f"--model {where}: its processor refused the prompt and image ({_first_line(exc)}); the prompt "
                         f"needs one {PORTABLE_PLACEHOLDER} per image (this processor's placeholder is "
                         f"{placeholder(processor)!r}): check --prompt, the image file and the checkpoint's processor "
