@@ -1,0 +1,171 @@
+"""CausalMM: contrast the answer with the same question under a counterfactual vision-tower attention map.
+
+Paper: Zhou et al., "Mitigating Modality Prior-Induced Hallucinations in Multimodal Large Language
+Models via Deciphering Attention Causality", ICLR 2025. Released code: github.com/The-Martyr/CausalMM
+(LLaVA-1.5, the vision-level counterfactual only):
+``llava-1.5/experiments/llava/model/multimodal_encoder/cf_encoder.py`` (``CLIPVisionTower.edit_attention``,
+``apply_attention``, ``forward``), ``.../llava/model/llava_arch_cf.py`` (``encode_images``: both feature
+sets through the projector), ``.../language_model/llava_llama_cf.py`` (the language model run on the
+factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/causalmm_cf/causalmm_sm.py``
+(``causalmm_sample``: the contrast); POPE script ``experiments/scripts/llava1.5_eval.bash``
+(``gamma 1``, ``epsilon 0.6``).
+
+* **Counterfactual features.** The vision tower runs normally on the image (nothing inside it is
+  altered) and returns its hidden states and its post-softmax attention probabilities. The features are
+  LLaVA's own: ``hidden_states[vision_feature_layer]`` (CLS dropped under the ``default`` strategy; layer
+  −2 on LLaVA-1.5). The attention ``A`` [H, N, N] (N = patches + CLS, CLS included) is the same layer's
+  (``attentions[vision_feature_layer]`` for a negative layer, as the released code indexes it).
+  ``A_cf`` is one of (knob ``attention``):
+
+  - ``random``: U(0, 1) · 2 drawn afresh, [H, N, N];
+  - ``uniform``: every entry the head's mean of ``A`` (1/N);
+  - ``reversed``: the head's maximum of ``A`` minus ``A``;
+  - ``shuffle`` (the released default): per head, the N·N entries of ``A`` in a random order
+    (one permutation per head, drawn in head order).
+
+  The map is ``A_cf`` resized bilinearly (``align_corners=False``) to the g × g patch grid and averaged
+  over the heads: one weight per patch, ``feat_cf = feat · m``. ``feat_cf`` goes through the model's
+  multimodal projector, and the language model runs the same prompt with these image features (merged
+  where the image tokens are, as the model merges its own).
+* **Contrast.** scores = (1 + γ)·z − γ·z_cf on the next-token logits, with the plausibility cutoff on
+  the factual logits: tokens with ``z < log ε + max z`` get −inf.
+* ``dose`` scales γ (a dose-response sweeps the contrast's strength; the cutoff stays).
+
+Deviations from the released code:
+
+* Randomness (``random``, ``shuffle``) comes from a generator seeded with ``seed`` for each image, not
+  from the global RNG, so a question's counterfactual is the same alone and in any batch (every image
+  of a batch gets the same permutations, as the released code's one ``randperm`` per head for the batch).
+* The released code samples (temperature 1); the first-token answer here is the greedy one (the
+  Yes − No sign of the scores).
+* The map and ``feat · m`` are computed in float32 and cast to the model's dtype before the projector
+  (the released code works in float16 throughout).
+* The ``full`` strategy (CLS kept), which the released code cannot run (its map has one weight per
+  patch), weights the CLS feature by the map's mean.
+
+Only LLaVA-1.5 layouts (one image, one patch grid) are supported: LLaVA-NeXT's tiles are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .base import Row
+from .catalog import SPECS, CausalMMKnobs  # noqa: F401 - CausalMMKnobs re-exported
+from .contrast import contrast, plausible
+from .decoding import DecodingMethod
+from .views import pixels_of, row_inputs
+
+STRATEGIES = ("default", "full")
+
+
+def counterfactual_map(attention: torch.Tensor, method: str, seed: int) -> torch.Tensor:
+    """``A_cf`` [H, N, N] float32 of one image's attention probabilities ``attention`` [H, N, N] (see the module
+    docstring); ``random`` and ``shuffle`` draw from a generator seeded with ``seed``."""
+    a = attention.detach().float().cpu()
+    heads, n, _ = a.shape
+    if method == "random":
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.rand((heads, n, n), generator=g, dtype=torch.float32) * 2
+    if method == "uniform":
+        return a.mean(dim=(1, 2), keepdim=True).expand(heads, n, n).clone()
+    if method == "reversed":
+        return a.amax(dim=(1, 2), keepdim=True) - a
+    if method == "shuffle":
+        g = torch.Generator().manual_seed(int(seed))
+        flat = a.reshape(heads, n * n)
+        perms = [torch.randperm(n * n, generator=g) for _ in range(heads)]
+        return torch.stack([flat[h, p] for h, p in enumerate(perms)]).reshape(heads, n, n)
+    raise ValueError(f"unknown counterfactual attention {method!r}")  # checked by the knobs
+
+
+def patch_weights(cf_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """[grid²] float32: ``cf_map`` [H, N, N] resized bilinearly to grid × grid, averaged over the heads."""
+    resized = F.interpolate(cf_map[None].float(), size=(grid, grid), mode="bilinear", align_corners=False)
+    return resized.mean(dim=1).reshape(grid * grid)
+
+
+def _layout(lm) -> tuple[int, str, int]:
+    """``(feature layer, strategy, grid side)`` of a LLaVA-1.5 layout; a UserError for any other."""
+    cfg = lm.model.config
+    name = getattr(lm, "source", "this model")
+    if cfg.model_type != "llava":
+        raise UserError(f"--intervention causalmm runs on LLaVA-1.5 layouts (one image, one patch grid); "
+                        f"{name} is {cfg.model_type!r} (LLaVA-NeXT's image is several tiles): use a LLaVA-1.5 "
+                        "model, or another intervention")
+    layer = cfg.vision_feature_layer
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    if not isinstance(layer, int) or strategy not in STRATEGIES:
+        raise UserError(f"--intervention causalmm needs one vision feature layer and the 'default' or 'full' "
+                        f"feature selection; {name} has vision_feature_layer={layer!r}, "
+                        f"vision_feature_select_strategy={strategy!r}: use a LLaVA-1.5 model")
+    if layer == 0:
+        raise UserError(f"--intervention causalmm: {name} reads the vision tower's embeddings "
+                        "(vision_feature_layer=0), which no attention map produced")
+    vision = cfg.vision_config
+    return layer, strategy, vision.image_size // vision.patch_size
+
+
+def counterfactual_features(lm, pixels: torch.Tensor, method: str, seed: int) -> list[torch.Tensor]:
+    """Per image of ``pixels`` [B, 3, H, W]: its counterfactual image features [tokens, d_text] (projected),
+    in the model's dtype. The vision tower runs once per distinct image."""
+    layer, strategy, grid = _layout(lm)
+    if pixels.dim() != 4:
+        raise UserError(f"--intervention causalmm needs one image tensor per prompt ([B, 3, H, W]); "
+                        f"{getattr(lm, 'source', 'this model')} gives {list(pixels.shape)}: use a LLaVA-1.5 model")
+    tower = lm.adapter.get(lm.model, lm.adapter.vision_tower)
+    projector = lm.adapter.get(lm.model, lm.adapter.projector)
+    uniq, inverse = torch.unique(pixels.flatten(1), dim=0, return_inverse=True)
+    uniq = uniq.view(-1, *pixels.shape[1:])
+    with torch.no_grad():
+        out = tower(uniq, output_hidden_states=True, output_attentions=True, return_dict=True)
+        attentions = getattr(out, "attentions", None)
+        index = layer if layer < 0 else layer - 1  # the attention of the layer whose output the features are
+        if not attentions or attentions[index] is None:
+            raise UserError(f"--intervention causalmm reads the vision tower's attention probabilities, which "
+                            f"{getattr(lm, 'source', 'this model')}'s vision tower did not return: load the model "
+                            "with attn_implementation='eager' (mclcbf_diag.models.load_model does)")
+        feats = out.hidden_states[layer]
+        n_patches = grid * grid
+        if feats.shape[1] != n_patches + 1:
+            raise UserError(f"--intervention causalmm: the vision tower gives {feats.shape[1]} tokens, not the "
+                            f"{n_patches} patches of a {grid} × {grid} grid plus CLS; use a LLaVA-1.5 model")
+        per_image = []
+        for j in range(uniq.shape[0]):
+            m = patch_weights(counterfactual_map(attentions[index][j], method, seed), grid).to(feats.device)
+            f = feats[j].float()
+            if strategy == "default":
+                cf = f[1:] * m[:, None]
+            else:  # "full": CLS kept, weighted by the map's mean (see the module docstring)
+                cf = torch.cat([f[:1] * m.mean(), f[1:] * m[:, None]])
+            per_image.append(projector(cf.to(feats.dtype)[None])[0])
+    return [per_image[j] for j in inverse.tolist()]
+
+
+def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torch.Tensor:
+    """The last position's float32 logits [B, vocab] of the prompts of ``inputs`` with ``features[b]`` as row
+    b's image features, merged as the model merges its own (its image tokens, in order)."""
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        embeds = lm.model.get_input_embeddings()(ids)
+        image = (ids == lm.tokens.image_token_id).to(embeds.device)
+        feats = torch.cat(features).to(embeds.device, embeds.dtype)
+        if int(image.sum()) != feats.shape[0]:  # programming error
+            raise RuntimeError(f"{int(image.sum())} image tokens for {feats.shape[0]} image features")
+        embeds = embeds.masked_scatter(image[..., None], feats)
+        feed = {"inputs_embeds": embeds, **{k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}}
+        return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
+
+
+class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
+    metrics = {}
+
+    def auxiliary(self, lm, inputs: dict, rows: list[Row]):
+        mine = row_inputs(inputs, rows)
+        features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
+        return logits_with_features(lm, mine, features)
+
+    def combine(self, site, row, logits, aux, dose):
+        return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)

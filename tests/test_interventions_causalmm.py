@@ -1,0 +1,264 @@
+"""CausalMM on the seam equals CausalMM written as its released code does it.
+
+The reference follows ``The-Martyr/CausalMM``'s ``cf_encoder.py`` (``edit_attention``, ``apply_attention``)
+and ``causalmm_sm.py`` (the contrast) in plain PyTorch on a fresh copy of the model: the vision tower's
+``hidden_states[-2][:, 1:]`` weighted by its ``attentions[-2]`` edited, resized to 24 × 24 and averaged over
+the heads, the projector, the language model run with those image features (a forward hook replaces the
+projector's output, so that the model merges them itself), and (1 + γ)·z − γ·z_cf cut where
+``z < log ε + max z``. Only its randomness comes from the same seeded generator as the package's, and it
+reads the last position's logits with ``logits_to_keep=1`` as the package's forwards do (the unembedding of
+one position sums in another order than that of every position: ~5e-6 apart on the embedded model).
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration
+
+from mclcbf_diag import shipped
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.errors import UserError
+from mclcbf_diag.interventions.causalmm import CausalMM, CausalMMKnobs, counterfactual_features, counterfactual_map
+
+METHODS = ("shuffle", "random", "uniform", "reversed")
+DECODING = ("decoding_model_margin", "decoding_aux_margin", "decoding_contrast_margin", "decoding_cut_yes",
+            "decoding_cut_no")
+
+
+@pytest.fixture(scope="module")
+def questions():
+    """Three questions of three lengths about three different images."""
+    qs = load_pope(shipped.pope_file("adversarial"))[20:38:6]
+    texts = [qs[0].text, qs[1].text.replace(" in the image", ""), qs[2].text.replace("?", " in the picture?")]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
+    assert len({q.image for q in qs}) == 3
+    return [build_prompt(t) for t in texts], images
+
+
+_PLAIN = {}
+
+
+def plain_model(lm):
+    """A fresh copy of the model from its checkpoint, never wrapped by nnsight (plain PyTorch)."""
+    if lm.source not in _PLAIN:
+        _PLAIN[lm.source] = LlavaForConditionalGeneration.from_pretrained(
+            lm.source, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
+    return _PLAIN[lm.source]
+
+
+def edit_attention(a, method, seed):
+    """``cf_encoder.py``'s ``edit_attention`` on [B, H, N, N], its randomness from a generator seeded with ``seed``."""
+    b, h, n, w = a.shape
+    g = torch.Generator().manual_seed(seed)
+    if method == "random":
+        return torch.rand(b, h, n, w, generator=g) * 2
+    if method == "uniform":
+        return torch.mean(a, dim=(2, 3), keepdim=True).expand(b, h, n, w)
+    if method == "reversed":
+        top, _ = torch.max(a, dim=2, keepdim=True)
+        top, _ = torch.max(top, dim=3, keepdim=True)
+        return top - a
+    out = a.clone()
+    for i in range(h):
+        out[:, i] = out[:, i].reshape(b, -1).gather(1, torch.randperm(n * w, generator=g).expand(b, -1)).view(b, n, w)
+    return out
+
+
+def reference_scores(lm, prompt, image, method, *, seed=0, gamma=1.0, epsilon=0.6):
+    """(scores [vocab] with −inf where cut, z, z_cf) of one question, as the released code computes them."""
+    model = plain_model(lm)
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    inputs = lm.inputs(prompt, image)
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+        feat = out.hidden_states[-2][:, 1:]
+        a_cf = edit_attention(out.attentions[-2], method, seed)
+        m = F.interpolate(a_cf, size=(24, 24), mode="bilinear", align_corners=False).mean(dim=1)
+        embeds_cf = model.model.multi_modal_projector(feat * m.view(feat.shape[0], 576, 1))
+        z = model(**inputs, logits_to_keep=1).logits[0, -1]
+        hook = model.model.multi_modal_projector.register_forward_hook(lambda mod, args, output: embeds_cf)
+        try:
+            z_cf = model(**inputs, logits_to_keep=1).logits[0, -1]
+        finally:
+            hook.remove()
+    diffs = (1 + gamma) * z - gamma * z_cf
+    cutoff = torch.log(torch.tensor(epsilon)) + z.max(dim=-1, keepdim=True).values  # ε = 0: −inf, nothing cut
+    return diffs.masked_fill(z < cutoff, -float("inf")), z, z_cf
+
+
+def package_run(lm, prompt, image, **knobs):
+    return run(lm, lm.inputs(prompt, image), CausalMM(CausalMMKnobs(**knobs)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("epsilon", [0.6, 1e-3, 0.0])
+def test_equals_the_released_construction(embedded_model, questions, method, epsilon):
+    lm = embedded_model
+    prompt, image = questions[0][0], questions[1][0]
+    ref, z, z_cf = reference_scores(lm, prompt, image, method, epsilon=epsilon)
+    cap = package_run(lm, prompt, image, attention=method, epsilon=epsilon)
+    got = cap.steps[0].final_logits.float()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert int(finite.sum()) >= 1
+    torch.testing.assert_close(got[finite], ref[finite], rtol=0, atol=1e-5)
+    # the auxiliary forward is a different one (the counterfactual changed the image features)
+    assert float((z - z_cf).abs().max()) > 1e-3
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    rec = cap.row_records
+    assert rec["decoding_model_margin"] == pytest.approx(float(z[yes] - z[no]), abs=1e-5)
+    assert rec["decoding_aux_margin"] == pytest.approx(float(z_cf[yes] - z_cf[no]), abs=1e-5)
+    assert rec["decoding_contrast_margin"] == pytest.approx(float(2 * (z[yes] - z[no]) - (z_cf[yes] - z_cf[no])),
+                                                            abs=1e-5)
+    assert rec["decoding_cut_yes"] == float(bool(torch.isinf(ref[yes])))
+    assert rec["decoding_cut_no"] == float(bool(torch.isinf(ref[no])))
+
+
+def test_the_features_carry_the_map(embedded_model, questions):
+    """Uniform: every patch weighted 1/N (N = 577), so the projector reads feat / 577."""
+    lm = embedded_model
+    inputs = lm.inputs(questions[0][0], questions[1][0])
+    model = plain_model(lm)
+    with torch.no_grad():
+        feat = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+        expected = model.model.multi_modal_projector(feat / 577)[0]
+    got = counterfactual_features(lm, inputs["pixel_values"], "uniform", 0)
+    assert len(got) == 1 and got[0].shape == expected.shape
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-5)
+
+
+def test_the_full_strategy_weights_cls_by_the_maps_mean(embedded_model, questions):
+    """``full`` (CLS kept): the patches as under ``default``, the CLS feature times the map's mean."""
+    lm = embedded_model
+    full = LlavaForConditionalGeneration.from_pretrained(lm.source, dtype=torch.float32, attn_implementation="eager",
+                                                         local_files_only=True,
+                                                         vision_feature_select_strategy="full").eval()
+    assert full.config.vision_feature_select_strategy == "full"
+    lm_full = SimpleNamespace(model=full, adapter=lm.adapter, source="full")
+    pixels = lm.inputs(questions[0][0], questions[1][0])["pixel_values"]
+    patches = counterfactual_features(lm, pixels, "reversed", 0)[0]
+    got = counterfactual_features(lm_full, pixels, "reversed", 0)[0]
+    assert got.shape[0] == patches.shape[0] + 1 == 577
+    torch.testing.assert_close(got[1:], patches, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        out = full.model.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
+        m = F.interpolate(edit_attention(out.attentions[-2], "reversed", 0), size=(24, 24), mode="bilinear",
+                          align_corners=False).mean(dim=1)
+        cls = full.model.multi_modal_projector(out.hidden_states[-2][:, :1] * m.mean())[0, 0]
+    torch.testing.assert_close(got[0], cls, rtol=0, atol=1e-5)
+
+
+def _batch_scores(lm, prompts, images, iv):
+    inputs = batch_inputs(lm, prompts, images)
+    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    return last, records
+
+
+@pytest.mark.parametrize("method", ["shuffle", "random"])
+def test_a_question_scores_the_same_alone_and_in_a_batch(embedded_model, questions, method):
+    lm = embedded_model
+    prompts, images = questions
+    iv = CausalMM(CausalMMKnobs(attention=method, epsilon=1e-3))
+    together, records = _batch_scores(lm, prompts, images, iv)
+    for b in range(3):
+        alone, rec_alone = _batch_scores(lm, prompts[b:b + 1], images[b:b + 1], iv)
+        assert torch.equal(torch.isinf(alone[0]), torch.isinf(together[b]))
+        finite = torch.isfinite(alone[0])
+        torch.testing.assert_close(together[b][finite], alone[0][finite], rtol=0, atol=1e-4)
+        for metric in DECODING:
+            assert records[b][-1][metric] == pytest.approx(rec_alone[0][-1][metric], abs=1e-4)
+
+
+def test_records_are_whole_model_records(embedded_model, questions):
+    lm = embedded_model
+    iv = CausalMM()
+    cap = package_run(lm, questions[0][1], questions[1][1])
+    assert set(DECODING) <= set(cap.row_records)
+    _, records = _batch_scores(lm, questions[0], questions[1], iv)
+    for rec in records:
+        assert set(DECODING) <= set(rec[-1])
+        assert rec[-1]["decoding_cut_yes"] in (0.0, 1.0) and rec[-1]["decoding_cut_no"] in (0.0, 1.0)
+
+
+def test_the_cached_prefix_run_answers_as_the_full_one(embedded_model, questions):
+    """answer_pair continues from the baseline's cache at the decision token: the same answers."""
+    lm = embedded_model
+    iv = CausalMM(CausalMMKnobs(epsilon=1e-3))
+    _, steered = answer_pair(lm, *questions, iv)
+    full = answer_batch(lm, *questions, iv, steer=True)
+    for a, b in zip(steered, full):
+        assert a["answer"] == b["answer"]
+        assert a["margin"] == pytest.approx(b["margin"], abs=1e-4)
+
+
+def test_the_baseline_is_untouched(embedded_model, questions):
+    """A measuring run opens no site: its final logits are the model's."""
+    lm = embedded_model
+    prompt, image = questions[0][2], questions[1][2]
+    cap = run(lm, lm.inputs(prompt, image), CausalMM(), steer=False)
+    with torch.no_grad():
+        plain = plain_model(lm)(**lm.inputs(prompt, image), logits_to_keep=1).logits[0, -1]
+    torch.testing.assert_close(cap.steps[0].final_logits.float(), plain, rtol=0, atol=1e-5)
+    assert not cap.row_records or "decoding_aux_margin" not in cap.row_records
+
+
+def test_the_dose_scales_gamma(embedded_model, questions):
+    lm = embedded_model
+    prompt, image = questions[0][1], questions[1][1]
+    half = package_run(lm, prompt, image, gamma=0.5, epsilon=1e-3).steps[0].final_logits
+    inputs = lm.inputs(prompt, image)
+    dosed = run(lm, inputs, CausalMM(CausalMMKnobs(gamma=1.0, epsilon=1e-3)), dose=0.5).steps[0].final_logits
+    finite = torch.isfinite(half)
+    assert torch.equal(finite, torch.isfinite(dosed))
+    torch.testing.assert_close(dosed[finite], half[finite], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"epsilon": 1.5}, {"attention": "bogus"}, {"gamma": -1.0}])
+def test_bad_knobs_are_refused(bad):
+    with pytest.raises(UserError):
+        CausalMMKnobs(**bad)
+    with pytest.raises(UserError):
+        CausalMM.from_preset(None, [f"{k}={v}" for k, v in bad.items()])
+
+
+def test_the_seed_makes_the_numbers(embedded_model, questions):
+    lm = embedded_model
+    prompt, image = questions[0][0], questions[1][0]
+    first = package_run(lm, prompt, image, epsilon=0.0)
+    again = package_run(lm, prompt, image, epsilon=0.0)
+    assert torch.equal(first.steps[0].final_logits, again.steps[0].final_logits)
+    assert first.row_records["decoding_aux_margin"] == again.row_records["decoding_aux_margin"]
+    other = package_run(lm, prompt, image, epsilon=0.0, seed=1)
+    assert first.row_records["decoding_aux_margin"] != other.row_records["decoding_aux_margin"]
+    a = torch.softmax(torch.randn(2, 9, 9), -1)
+    m0, m0_again, m1 = (counterfactual_map(a, "shuffle", s) for s in (0, 0, 1))
+    assert torch.equal(m0, m0_again) and not torch.equal(m0, m1)
+    # a shuffle permutes each head's entries: the same values, elsewhere
+    for h in range(2):
+        assert torch.equal(m0[h].flatten().sort().values, a[h].flatten().sort().values)
+
+
+def test_the_maps_by_hand():
+    a = torch.softmax(torch.randn(3, 5, 5), -1)
+    torch.testing.assert_close(counterfactual_map(a, "uniform", 0), torch.full((3, 5, 5), 1 / 5))
+    rev = counterfactual_map(a, "reversed", 0)
+    assert torch.equal(rev, a.amax(dim=(1, 2), keepdim=True) - a)
+    rnd = counterfactual_map(a, "random", 0)
+    assert rnd.shape == (3, 5, 5) and float(rnd.min()) >= 0 and float(rnd.max()) < 2
+
+
+def test_other_layouts_are_refused():
+    """LLaVA-NeXT (tiles) and a list of feature layers are not LLaVA-1.5 layouts."""
+    next_cfg = SimpleNamespace(model_type="llava_next", vision_feature_layer=-2,
+                               vision_feature_select_strategy="default")
+    lm = SimpleNamespace(model=SimpleNamespace(config=next_cfg), source="llava-hf/llava-v1.6-mistral-7b-hf")
+    with pytest.raises(UserError, match="llava-v1.6.*LLaVA-1.5"):
+        counterfactual_features(lm, torch.zeros(1, 5, 3, 336, 336), "shuffle", 0)
+    multi = SimpleNamespace(model_type="llava", vision_feature_layer=[-2, -5], vision_feature_select_strategy="default")
+    lm = SimpleNamespace(model=SimpleNamespace(config=multi), source="m")
+    with pytest.raises(UserError, match="one vision feature layer"):
+        counterfactual_features(lm, torch.zeros(1, 3, 336, 336), "shuffle", 0)
