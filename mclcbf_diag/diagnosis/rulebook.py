@@ -144,18 +144,20 @@ def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step_size
             changed.append(f"step size {fmt(p[0])} → {fmt(p[1])} of ‖x‖")
         if (p := num("mass")) and abs(p[1] - p[0]) >= DECISIVE_MASS:
             changed.append(f"image mass {fmt(p[0])} → {fmt(p[1])}")
-    if (p := num("margin")) and abs(p[1] - p[0]) >= max(DECISIVE_MARGIN * abs(m_base), 0.01):
-        changed.append(f"margin {p[0]:+.3g} → {p[1]:+.3g}")
-    elif (ref.get("margin") is not None) and (math.isfinite(ref["margin"]) != math.isfinite(cf.get("margin",
-                                                                                                   math.nan))):
-        changed.append("margin finite ↔ non-finite")
+    a, b = ref.get("margin"), cf.get("margin", math.nan)
+    if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)):
+        # ±inf: a decoding method's cutoff ruled Yes or No out; going to or from it is a change
+        if a != b and (math.isinf(a) or math.isinf(b) or abs(b - a) >= max(DECISIVE_MARGIN * abs(m_base), 0.01)):
+            changed.append(f"margin {a:+.3g} → {b:+.3g}")
+    elif a is not None and math.isnan(a) != (b is None or math.isnan(b)):
+        changed.append("margin a number ↔ not a number")
     if ref.get("outcome") != cf.get("outcome"):
         changed.append(f"outcome {ref.get('outcome')} → {cf.get('outcome')}")
     return bool(changed), changed
 
 
 def fmt(x: float) -> str:
-    return f"{x:.3g}" if math.isfinite(x) else "n/a"
+    return f"{x:.3g}" if not math.isnan(x) else "n/a"
 
 
 def pct(x: float) -> str:
@@ -173,12 +175,17 @@ def fired_by_step(ev: "Evidence") -> tuple[list[int], list[int], list[int]]:
     return changed, changed, changed
 
 
+# margins that are ±inf by construction where a decoding-level method's cutoff ruled out Yes or No
+INFINITE_OK = frozenset({"final_margin", "decoding_contrast_margin"})
+
+
 class Evidence:
     """One question at one (phase, decode step): {layer: value} per (condition, metric), head −1, finite."""
 
     def __init__(self, df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step):
         head = df[df["head"] == NO_HEAD]
-        raw = head[head["metric"].isin(["final_margin"]) & ~np.isfinite(head["value"].to_numpy(dtype=float))]
+        # a NaN margin: no answer was read (±inf is one of Yes and No ruled out by a decoding method's cutoff)
+        raw = head[head["metric"].isin(["final_margin"]) & np.isnan(head["value"].to_numpy(dtype=float))]
         self._raw_nonfinite = {c: True for c in raw["condition"]}
         # {(condition, metric): {layer: finite value}}, later rows overriding earlier ones; plain
         # loops over the columns (a pandas groupby here was most of a population diagnosis)
@@ -187,7 +194,7 @@ class Evidence:
                                   head["value"].to_numpy(dtype=float).tolist()):
             if isinstance(c, str) and isinstance(m, str):  # groupby's keys: NaN keys dropped
                 d = self._t.setdefault((c, m), {})
-                if math.isfinite(v):
+                if math.isfinite(v) or (m in INFINITE_OK and not math.isnan(v)):
                     d[int(layer)] = v
         shift = df[(df["metric"] == "logit_shift") & (df["condition"] == "steered") & (df["layer"] >= 0)]
         self.shift = {int(layer): bool((g["value"].abs() > 0).any()) for layer, g in shift.groupby("layer")}
@@ -271,7 +278,8 @@ class Evidence:
              decisive: bool | None = None, test: str = "", run: CounterfactualRun | None = None) -> Cause:
         ev = {k: int(x) if isinstance(x, (bool, np.bool_, int, np.integer)) else x if isinstance(x, str) else float(x)
               for k, x in evidence.items()}
-        ev = {k: x for k, x in ev.items() if not isinstance(x, float) or math.isfinite(x)}  # JSON-safe
+        # NaN dropped; ±inf kept (a margin a decoding method's cutoff made infinite; Python's json round-trips it)
+        ev = {k: x for k, x in ev.items() if not isinstance(x, float) or not math.isnan(x)}
         s = float(np.clip(strength, 0.0, 1.0)) if detected and math.isfinite(strength) else 0.0
         return Cause(rule.id, rule.title, bool(detected), s, ev, rule.threshold, sentence,
                      decisive if detected else None, test if detected else "", run if detected else None)
@@ -354,7 +362,7 @@ def _finite(effect: dict) -> bool:
     """A run that shows an effect: finite logits and no edit dropped as non-finite."""
     m = effect.get("margin", math.nan)
     return (effect.get("finite", True) and not effect.get("dropped", False) and m is not None
-            and math.isfinite(m))
+            and not math.isnan(m))  # ±inf: a decoding method's cutoff, an answer all the same
 
 
 def _searched(spec: dict) -> list[dict]:

@@ -95,7 +95,9 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
                 feats = lm.model.get_image_features(pixel_values=pv[rows], image_sizes=sizes[rows], return_dict=True)
                 index = {k: n for n, k in enumerate(first)}
                 per_row = [feats.pooler_output[index[k]] for k in keys]
-        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+        # the pixels stay beside the features (the model reads only "image"), for methods that run the
+        # question with the image distorted (mclcbf_diag.interventions.views)
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row), "pixel_values": pv}
     return inputs
 
 

@@ -38,7 +38,7 @@ from nnsight import NNsight
 
 from ..errors import UserError
 from ..interventions import as_intervention
-from ..interventions.base import Intervention, Row, Site, rows_of
+from ..interventions.base import Intervention, Readout, Row, Site, rows_of
 from ..measurements.probes import rounding_survival
 from ..models import LoadedModel
 from ..models.projection import project_keys
@@ -114,6 +114,8 @@ class _Run:
         self.prefix_start, self.prefix_keys = start, prefix_keys or {}
         self.prefix_rows = list(range(len(rows))) if prefix_rows is None else list(prefix_rows)
         self.targeted = set(intervention.layers(lm.n_layers)) if intervention is not None else set()
+        self.read_layers = set(intervention.readout_layers(lm.n_layers)) if intervention is not None else set()
+        self.layer_out: dict[int, torch.Tensor] = {}  # readout layer → [B, d] its output at the last position
         self._weights: dict[int, object] = {}
         # records[row][(phase, step)][layer] = {metric: value}; heads likewise
         self.records = [dict() for _ in rows]
@@ -178,6 +180,10 @@ class _Run:
         step = self.heads[row.index].setdefault((self.phase, self.decode_step), {})
         step.setdefault(layer, {})[metric] = values.detach().float().cpu().clone()
 
+    def whole_model(self, row: Row) -> dict:
+        """The row's whole-model records of the prompt's forward (layer −1: the ``logits`` site's)."""
+        return dict(self.records[row.index].get(("prefill", 0), {}).get(-1, {}))
+
     def recorded(self, row: Row, layer: int, metric: str):
         return self.records[row.index].get((self.phase, self.decode_step), {}).get(layer, {}).get(metric)
 
@@ -197,9 +203,12 @@ class _Run:
         layers = envoy_at(nm, ad.layers)
         for i in range(self.skip[0]):
             layers[i].skip(self.skip[1])  # only the last one's output is used: by the first layer run
-        visit = range(lm.n_layers) if self.capture else sorted(targeted)
+        self.reading = "logits" in sites
+        read = {max(i, 0) for i in self.read_layers} if self.reading else set()  # −1: layer 0's input
+        visit = range(lm.n_layers) if self.capture else sorted(targeted | read)
         caps: dict[int, list[LayerCapture]] = {}
         self.start = self.prefix_start
+        self.layer_out = {}
         parts = self.components and phase == "prefill"
         for n, i in enumerate(visit):
             self._layer(layers[i], i, n, phase, i in targeted, sites, caps, parts)
@@ -218,6 +227,8 @@ class _Run:
                     cache = ad.layer_cache(lm.model, kwargs)
                     self.start = 0 if cache is None else cache.get_seq_length()
             self.layer_kwargs = kwargs
+            if i == 0 and self.reading and -1 in self.read_layers:
+                self.layer_out[-1] = x[:, -1].detach().clone()
             if self.capture:
                 caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
             if here and "residual" in sites:
@@ -254,6 +265,31 @@ class _Run:
                 c.attn = attn[r.index, :, -1, r.pad:].detach().float().clone()
                 c.resid_mid = mid[r.index, -1].detach().clone()
                 c.resid_post = post[r.index, -1].detach().clone()
+        if self.reading and i in self.read_layers:
+            self.layer_out[i] = (post if self.capture else layer.output)[:, -1].detach().clone()
+
+    # -- the logits site, after the forward ----------------------------------------------------
+    def layer_logits(self, outputs: dict, layer: int, final_norm: bool) -> torch.Tensor:
+        """[B, vocab] float32: a readout layer's output at the last position through the unembedding (after the
+        final norm with ``final_norm``)."""
+        if layer not in outputs:
+            raise ValueError(f"layer {layer} is not among the intervention's readout_layers")  # programming error
+        ad = self.lm.adapter
+        with torch.no_grad(), self.lm.onloaded(ad.final_norm, ad.unembed):
+            norm, head = self.lm.final_norm(), self.lm.model.get_submodule(ad.unembed)
+            x = outputs[layer]
+            if final_norm:
+                x = norm(x.to(next(norm.parameters()).device))
+            return head(x.to(head.weight.device)).float()
+
+    def decoded(self, logits: torch.Tensor) -> torch.Tensor:
+        """The scores [B, vocab] the answer is read from: the intervention's ``logits`` site's, or ``logits``."""
+        if not getattr(self, "reading", False):
+            return logits
+        site = Readout(self, logits, self.layer_out)
+        with torch.no_grad():
+            self.iv.readout(site)
+        return site.scores
 
     def _captured(self, nm, phase: str, step: int, visit, caps: dict) -> None:
         """The step's captures of every row: each visited layer's, its records, and the final logits."""
@@ -307,8 +343,14 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
                 for s in tracer.iter[:max_new_tokens]:
                     state.body(nm, "prefill" if s == 0 else "decode", s, keep_embeds)
                 generated = nnsight.save(tracer.result)
+    if state.reading:
+        if max_new_tokens > 0:
+            raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
+                            "generation under it is not supported yet: use max_new_tokens=0 (a first-token answer)")
+        step = state.steps[0][0]
+        step.final_logits = state.decoded(step.final_logits[None])[0]
     row = rows[0]
-    extra = intervention.row_records(row) if intervention is not None else {}
+    extra = {**(intervention.row_records(row) if intervention is not None else {}), **state.whole_model(row)}
     return RunCapture(row.length, state.steps[0], row.image.clone(), extra, generated, state.embeds)
 
 
@@ -339,6 +381,10 @@ def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full
                 state.body(nm, "prefill", 0)
                 last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
                 sequences = nnsight.save(tracer.result)
+    if generate is not None and state.reading:
+        raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
+                        "generation under it is not supported yet: use --max-new-tokens 0 (a first-token answer)")
+    last = state.decoded(last.float())
     records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]
     return (last, records) if generate is None else (last, records, sequences)
 
@@ -418,7 +464,7 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
     state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys,
                  prefix_rows=prefix_rows, patterns=patterns)
     if skip_to:
-        if capture or skip_to > min(state.targeted, default=0):
+        if capture or skip_to > min(state.targeted | {max(i, 0) for i in state.read_layers}, default=0):
             raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
         state.skip = (skip_to, entering)
     nm = traced(lm.model)
@@ -426,9 +472,13 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
         with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
             state.body(nm, "prefill", 0)
             last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+    last = state.decoded(last.float())
     if not capture:
         return last, [state.records[r.index].get(("prefill", 0), {}) for r in rows]
-    caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), intervention.row_records(r)) for r in rows]
+    for r in rows:
+        state.steps[r.index][0].final_logits = last[r.index]
+    caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), {**intervention.row_records(r),
+                                                                          **state.whole_model(r)}) for r in rows]
     return last, caps
 
 
@@ -502,6 +552,8 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
                     state.body(nm, "prefill", 0)
                     out = nnsight.save(nm.output)
             last = out.logits[:, -1].float()
+            if intervention is not None:
+                last = state.decoded(last)
             if want:  # only these tensors' gradients: no weight gradient is computed or stored
                 yes, no = grad_of
                 kinds = list(got)

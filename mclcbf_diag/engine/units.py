@@ -79,6 +79,9 @@ class Mix(Intervention):
     def open_sites(self, steer: bool) -> frozenset[str]:
         return frozenset().union(*(u.iv.open_sites(u.steer) for u in self.units))
 
+    def readout_layers(self, n_layers: int) -> tuple[int, ...]:
+        return tuple(sorted(set().union(*(iv.readout_layers(n_layers) for iv in self._ivs))))
+
     def first_edited(self, row) -> int | None:
         return self.units[row.index].iv.first_edited(row)
 
@@ -101,7 +104,7 @@ class Mix(Intervention):
     def _dispatch(self, kind: str, site) -> None:
         for (key, dose, steer), rows in self._groups.items():
             iv = self.units[rows[0].index].iv
-            if site.layer not in self._layers[key] or kind not in iv.open_sites(steer):
+            if (kind != "logits" and site.layer not in self._layers[key]) or kind not in iv.open_sites(steer):
                 continue
             sub = copy.copy(site)
             sub.rows, sub.steer = rows, steer
@@ -109,7 +112,7 @@ class Mix(Intervention):
                 sub.dose, sub.doses = 1.0, {r.index: self.units[r.index].dose for r in rows}
             else:
                 sub.dose, sub.doses = dose, None
-            getattr(iv, kind)(sub)
+            getattr(iv, "readout" if kind == "logits" else kind)(sub)
 
     def residual(self, site) -> None:
         self._dispatch("residual", site)
@@ -119,6 +122,9 @@ class Mix(Intervention):
 
     def pattern(self, site) -> None:
         self._dispatch("pattern", site)
+
+    def readout(self, site) -> None:
+        self._dispatch("logits", site)
 
     def row_records(self, row) -> dict[str, float]:
         return self.units[row.index].iv.row_records(row)
@@ -151,7 +157,7 @@ class Prefix:
 
             feats = mm["image"].pooler_output
             out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-                pooler_output=[feats[i] for i in idx.tolist()])}
+                pooler_output=[feats[i] for i in idx.tolist()]), "pixel_values": mm["pixel_values"][idx]}
         else:
             out["pixel_values"] = self.inputs["pixel_values"][idx]
         return out

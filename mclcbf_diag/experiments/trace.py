@@ -97,7 +97,7 @@ class TraceResult:
         """The top token at the decision position (decoded), e.g. "Yes" or "."."""
         cap = self.baseline if condition == "baseline" else self.steered
         logits = cap.steps[0].final_logits
-        if not bool(torch.isfinite(logits).all()):
+        if bool((torch.isnan(logits) | (logits == torch.inf)).any()):  # −inf: a token ruled out, not an overflow
             return "(non-finite)"
         tid = int(logits.argmax())
         return self._decode(tid) if self._decode is not None else str(tid)

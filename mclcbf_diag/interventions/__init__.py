@@ -17,9 +17,11 @@ from ..errors import UserError
 # name → submodule; loaded on first use, so that knobs and presets load without torch
 _NAMES = {"Intervention": ".base", "Row": ".base", "Site": ".base", "AttentionBlock": ".block",
           "BlockKnobs": ".catalog", "AttentionKnockout": ".knockout", "KnockoutKnobs": ".catalog", "MCLCBF": ".mclcbf",
-          "PAI": ".pai", "VAF": ".vaf", "VISTA": ".vista", "AdHH": ".adhh", "VAR": ".var"}
+          "PAI": ".pai", "VAF": ".vaf", "VISTA": ".vista", "AdHH": ".adhh", "VAR": ".var", "VCD": ".vcd",
+          "DoLa": ".dola", "CausalMM": ".causalmm", "OPERA": ".opera"}
 BUILTIN = {"mclcbf": "MCLCBF", "knockout": "AttentionKnockout", "block": "AttentionBlock", "pai": "PAI", "vaf": "VAF",
-           "vista": "VISTA", "adhh": "AdHH", "var": "VAR"}
+           "vista": "VISTA", "adhh": "AdHH", "var": "VAR", "vcd": "VCD", "dola": "DoLa",
+           "causalmm": "CausalMM", "opera": "OPERA"}
 _REGISTRY: dict = {}
 
 
@@ -85,5 +87,7 @@ def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()):
 
 
 __all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "AttentionBlock",
-           "BlockKnobs", "PAI", "VAF", "VISTA", "AdHH", "VAR", "REGISTRY", "register", "resolve", "as_intervention",
+           "BlockKnobs", "PAI", "VAF", "VISTA", "AdHH", "VAR", "VCD", "DoLa", "CausalMM", "OPERA",
+           "REGISTRY", "register", "resolve",
+           "as_intervention",
            "registry", "names", "specs"]

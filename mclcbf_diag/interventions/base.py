@@ -13,7 +13,14 @@ layer the intervention targets, calls
   chosen queries in place; :meth:`Site.key_mask` and :meth:`Site.query_index` translate a
   row's own positions into the padded batch);
 * :meth:`Intervention.pattern` with the layer's attention pattern as the model used it
-  (read only; measuring runs only).
+  (read only; measuring runs only);
+
+and, after the forward, :meth:`Intervention.readout` with the decision position's logits
+(the ``logits`` site, :class:`Readout`): a decoding-level method replaces the scores the
+answer is read from, combining the model's logits with auxiliary forwards of the same
+question (computed in :meth:`Intervention.prepare`, see :mod:`.views`) and with earlier
+layers' readouts (:meth:`Readout.layer_logits`, for the layers :meth:`Intervention.readout_layers`
+names). One intervention may use both kinds of site (PAI edits attention, then contrasts).
 
 Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
 unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
@@ -189,6 +196,46 @@ class Site:
         return self._run.recorded(row, self.layer, metric)
 
 
+class Readout:
+    """The ``logits`` site: the decision position's next-token scores of a batch, after its forward.
+
+    ``logits`` [B, vocab] float32 are the model's final logits in this forward (any activation
+    edit included); ``scores`` start as a copy and are what the answer is read from: a
+    decoding-level method replaces a row's with :meth:`set` (−inf: a token it rules out). Rows,
+    ``steer`` and the doses are the run's, as at a :class:`Site`.
+    """
+
+    kind = "logits"
+    layer = -1
+
+    def __init__(self, run, logits: torch.Tensor, layer_outputs: dict):
+        self._run, self.rows, self.steer, self.dose = run, run.rows, run.steer, run.dose
+        self.phase, self.decode_step, self.n_layers = run.phase, run.decode_step, run.lm.n_layers
+        self.doses: dict[int, float] | None = None
+        self.logits = logits.detach().float()
+        self.scores = self.logits.clone()
+        self._outputs = layer_outputs
+
+    def dose_of(self, row: Row) -> float:
+        return self.dose if self.doses is None else self.doses[row.index]
+
+    def layer_logits(self, layer: int, *, final_norm: bool) -> torch.Tensor:
+        """[B, vocab] float32: the residual leaving decoder ``layer`` at the decision position (−1: the embeddings)
+        through the unembedding, after the final norm with ``final_norm`` (the logit lens) or without it (as DoLa's
+        and VISTA's released code read early layers); only layers :meth:`Intervention.readout_layers` named."""
+        return self._run.layer_logits(self._outputs, layer, final_norm)
+
+    def set(self, row: Row, scores: torch.Tensor) -> None:
+        """The row's scores [vocab] the answer is read from."""
+        if not self.steer:
+            raise RuntimeError("a measuring (baseline) run must not edit the model")  # programming error
+        self.scores[row.index] = scores.to(self.scores)
+
+    def record(self, row: Row, metric: str, value) -> None:
+        """A whole-model scalar record of the row (layer −1); the metric must be in the glossary."""
+        self._run.record(row, -1, metric, value)
+
+
 # --------------------------------------------------------------------------- the seam
 class Intervention:
     """Base class: fill in what your intervention does; every default does nothing.
@@ -196,7 +243,7 @@ class Intervention:
     Class attributes: ``name`` (the CLI's ``--intervention``), ``Knobs`` (a frozen dataclass),
     ``presets`` (name → knobs; the first is the default), ``aliases`` (short knob names that
     set several fields), ``metrics`` (glossary of the records it adds), ``sites`` (the hooks
-    the runner must open; ``"residual"``, ``"attention"``, ``"pattern"``), and for the listing
+    the runner must open; ``"residual"``, ``"attention"``, ``"pattern"``, ``"logits"``), and for the listing
     (``mclcbf-diag interventions``) ``summary`` (one line; default: the docstring's first line)
     and ``paper``. A built-in takes ``name``, ``Knobs``, ``presets``, ``aliases``, ``summary``
     and ``paper`` from its torch-free :class:`~mclcbf_diag.interventions.catalog.Spec`:
@@ -263,6 +310,10 @@ class Intervention:
         """
         return None
 
+    def readout_layers(self, n_layers: int) -> tuple[int, ...]:
+        """Layers whose output the ``logits`` site reads through the final norm (−1: the embeddings)."""
+        return ()
+
     def steers_decode(self) -> bool:
         """Whether generated tokens (the decode phase) are steered too."""
         return True
@@ -293,6 +344,9 @@ class Intervention:
 
     def pattern(self, site: Site) -> None:
         """Read the attention pattern the model used at ``site.layer`` (measuring runs)."""
+
+    def readout(self, site: Readout) -> None:
+        """Replace (or, measuring, only record) the scores the answer is read from (the ``logits`` site)."""
 
     # -- what it brings to a diagnosis -------------------------------------------------------
     def fixes(self) -> dict[str, dict]:

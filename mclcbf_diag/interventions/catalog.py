@@ -65,11 +65,19 @@ class BlockKnobs:
 class PAIKnobs:
     alpha: float = knob(0.2, "image-key logit amplification: a ← a + α·|a|")
     layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("2–31 of 32, by depth fraction"))
-    contrast_gamma: float = knob(1.0, "PAI's image-free logit contrast (1 = off; other values are refused)")
+    contrast_gamma: float = knob(1.1, "γ of PAI's image-free contrast γ·(log p − log p_no_image) + log p_no_image "
+                                      "(1: the attention edit alone)")
+    cutoff: float = knob(0.1, "the contrast's plausibility cutoff: keep tokens with p ≥ cutoff·p_max")
 
     def __post_init__(self):
         if not self.alpha >= 0:
             raise UserError(f"alpha={self.alpha} must be >= 0")
+        _check_cutoff(self.cutoff)
+
+
+def _check_cutoff(value: float, name: str = "cutoff") -> None:
+    if not 0.0 <= value < 1.0:
+        raise UserError(f"{name}={value} is a share of the top token's probability; use a value in [0, 1)")
 
 
 # --------------------------------------------------------------------------- VAF (ClearSight)
@@ -92,7 +100,73 @@ class VISTAKnobs:
     lam: float = knob(0.01, "λ, the steering strength (POPE: 0.01)")
     similarity: bool = knob(True, "the released full mode's s = 1 + max(0, cos(x, −v)); false: s = 1")
     layers: tuple[int, ...] | None = knob(None, LAYERS_HELP.format("every layer"))
-    logits_alpha: float = knob(0.0, "self-logits augmentation (SLA; unsupported, must be 0)")
+    logits_alpha: float = knob(0.3, "self-logits augmentation (SLA): (1 − α)·logits + α·mean of the readout "
+                                    "layers' logits (0: off)")
+    logits_layers: tuple[int, ...] | None = knob(None, "SLA's readout layers (their outputs through lm_head); none: "
+                                                       "25–30 of 32, by depth fraction")
+
+    def __post_init__(self):
+        if not 0.0 <= self.logits_alpha <= 1.0:
+            raise UserError(f"logits_alpha={self.logits_alpha} is a mixing weight; use a value in [0, 1]")
+
+
+# --------------------------------------------------------------------------- VCD
+@dataclass(frozen=True)
+class VCDKnobs:
+    alpha: float = knob(1.0, "contrast strength: (1 + α)·logits − α·logits of the noised image")
+    beta: float = knob(0.2, "plausibility cutoff: keep tokens with p ≥ β·p_max on the clean image (0: none)")
+    noise_step: int = knob(500, "diffusion step t of the noised image (0 … 999)")
+    seed: int = knob(0, "seed of the diffusion noise (each image draws its own from it)")
+
+    def __post_init__(self):
+        if not self.alpha >= 0:
+            raise UserError(f"alpha={self.alpha} must be >= 0")
+        _check_cutoff(self.beta, "beta")
+        if not 0 <= self.noise_step < 1000:
+            raise UserError(f"noise_step={self.noise_step} is a diffusion step; use 0 … 999 (500: the paper's)")
+
+
+# --------------------------------------------------------------------------- DoLa
+@dataclass(frozen=True)
+class DoLaKnobs:
+    bucket: Literal["low", "high"] = knob("low", "candidate premature layers: every second layer of the lower or the "
+                                                 "upper half (the embeddings count as the first)")
+    layers: tuple[int, ...] | None = knob(None, "candidate premature layers instead of the bucket: decoder layers "
+                                                "whose output is read (−1: the embeddings)")
+    cutoff: float = knob(0.1, "relative-top cutoff: keep tokens with p ≥ cutoff·p_max of the final layer")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.layers is not None and not self.layers:
+            raise UserError("layers=(): DoLa needs at least one candidate premature layer")
+        _check_cutoff(self.cutoff)
+
+
+# --------------------------------------------------------------------------- CausalMM
+@dataclass(frozen=True)
+class CausalMMKnobs:
+    gamma: float = knob(1.0, "contrast strength: (1 + γ)·logits − γ·logits under counterfactual attention")
+    epsilon: float = knob(0.6, "plausibility cutoff: keep tokens with p ≥ ε·p_max (0: none)")
+    attention: Literal["shuffle", "random", "uniform", "reversed"] = knob(
+        "shuffle", "the counterfactual attention map of the vision tower's second-to-last layer")
+    seed: int = knob(0, "seed of the random and shuffled maps")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not self.gamma >= 0:
+            raise UserError(f"gamma={self.gamma} must be >= 0")
+        _check_cutoff(self.epsilon, "epsilon")
+
+
+# --------------------------------------------------------------------------- OPERA
+@dataclass(frozen=True)
+class OPERAKnobs:
+    candidates: int = knob(5, "top tokens scored (num_attn_candidates); the others are ruled out")
+    weight: float = knob(1.0, "penalty weight: a candidate gains weight × its image attention share")
+
+    def __post_init__(self):
+        if not self.candidates >= 1:
+            raise UserError(f"candidates={self.candidates} must be >= 1")
 
 
 # --------------------------------------------------------------------------- AD-HH
@@ -142,15 +216,18 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
          "Zhang et al., Cross-modal Information Flow in Multimodal Large Language Models, CVPR 2025", BlockKnobs,
          {"image-to-last": BlockKnobs("image", "last"), "image-to-question": BlockKnobs("image", "question"),
           "question-to-last": BlockKnobs("question", "last")}),
-    Spec("pai", "amplify the last query's image-key attention logits, a ← a + α·|a|",
+    Spec("pai", "amplify the last query's image-key attention logits, a ← a + α·|a|, then contrast with the "
+                "image-free answer",
          "Liu et al., Paying More Attention to Image, ECCV 2024 (github.com/LALBJ/PAI)", PAIKnobs,
-         {"paper": PAIKnobs(), "strong": PAIKnobs(alpha=0.5)}),
+         {"paper": PAIKnobs(), "attention-only": PAIKnobs(contrast_gamma=1.0), "strong": PAIKnobs(alpha=0.5)}),
     Spec("vaf", "in middle layers, scale text queries' image-key logits by α and prefix-key logits by β",
          "Yin et al., ClearSight (VAF), CVPR 2025 (github.com/ustc-hyin/ClearSight)", VAFKnobs,
          {"paper": VAFKnobs(), "image-only": VAFKnobs(beta=1.0)}),
-    Spec("vista", "add a visual steering vector (residual with image − without) at every layer, norm kept",
+    Spec("vista", "add a visual steering vector (residual with image − without) at every layer, norm kept, and "
+                  "mix late layers' logits into the answer",
          "Li et al., The Hidden Life of Tokens (VISTA), ICML 2025 (github.com/LzVv123456/VISTA)", VISTAKnobs,
-         {"pope": VISTAKnobs(), "simple": VISTAKnobs(similarity=False), "strong": VISTAKnobs(lam=0.1)}),
+         {"pope": VISTAKnobs(), "steering-only": VISTAKnobs(logits_alpha=0.0),
+          "simple": VISTAKnobs(similarity=False), "strong": VISTAKnobs(lam=0.1)}),
     Spec("adhh", "zero the text attention of hallucination heads whose text mass passes a threshold",
          "Yang et al., Understanding and Mitigating Hallucinations in LVLMs via Modular Attribution and "
          "Intervention, ICLR 2025 (github.com/TianyunYoung/Hallucination-Attribution)", AdHHKnobs,
@@ -158,6 +235,22 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("var", "move attention from sink tokens to the other image tokens in image-centric heads",
          "Kang et al., See What You Are Told: Visual Attention Sink in LMMs, ICLR 2025 (github.com/seilk/VisAttnSink)",
          VARKnobs, {"paper": VARKnobs(), "llama-2-7b-dims": VARKnobs(sink_dims=(1415, 2533))}),
+    Spec("vcd", "contrast the answer with the same question on a diffusion-noised image (a decoding-level method)",
+         "Leng et al., Visual Contrastive Decoding, CVPR 2024 (github.com/DAMO-NLP-SG/VCD)", VCDKnobs,
+         {"pope": VCDKnobs(), "driver": VCDKnobs(beta=0.1)}),
+    Spec("dola", "contrast the final layer's answer with the earlier layer it differs from most (a decoding-level "
+                 "method)",
+         "Chuang et al., DoLa: Decoding by Contrasting Layers, ICLR 2024 (github.com/voidism/DoLa)", DoLaKnobs,
+         {"low": DoLaKnobs(), "high": DoLaKnobs(bucket="high")}),
+    Spec("causalmm", "contrast the answer with the one under a counterfactual vision-tower attention map (a "
+                     "decoding-level method)",
+         "Zhou et al., Mitigating Modality Prior-Induced Hallucinations in MLLMs via Deciphering Attention Causality, "
+         "ICLR 2025 (github.com/The-Martyr/CausalMM)", CausalMMKnobs,
+         {"pope": CausalMMKnobs(), "random": CausalMMKnobs(attention="random"),
+          "uniform": CausalMMKnobs(attention="uniform"), "reversed": CausalMMKnobs(attention="reversed")}),
+    Spec("opera", "score the top tokens by how much each, once written, attends to the image (OPERA's first step)",
+         "Huang et al., OPERA: Alleviating Hallucination via Over-Trust Penalty and Retrospection-Allocation, CVPR "
+         "2024 (github.com/shikiw/OPERA)", OPERAKnobs, {"paper": OPERAKnobs()}),
 )}
 
 

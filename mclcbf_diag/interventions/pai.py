@@ -22,21 +22,27 @@ in float32, and the attention site applies the logit change δ_k = α·|a_k| on 
 the probability row exactly: ``p'_k = p_k·e^{δ_k} / Σ_j p_j·e^{δ_j}`` (:func:`apply_logit_deltas`;
 softmax(a+δ) ∝ p·e^δ). A key whose probability rounded to exactly 0 stays 0.
 
-The image-free logit contrast (``CFG.py``: ``γ·(log p − log p_text-only) + log p_text-only``
-with a 0.1 plausibility cutoff; README ``--use-cfg --gamma 1.1``) acts on the final logits,
-which the seam does not expose: ``contrast_gamma`` ≠ 1 raises a UserError (1 = no contrast,
-PAI's attention-only ablation, the default here).
+The image-free contrast (``CFG.py``, ``CFGLogits``; README ``--use-cfg --gamma 1.1``) acts on
+the answer's distribution (the ``logits`` site): an auxiliary forward of the same prompt with
+its image tokens removed (``init_cfg_processor``'s ``neg_prompt``; the attention edit has no
+image key to act on there, as the released code's ``use_cfg`` switch leaves it off) gives
+log p_u, and the scores are ``γ·(log p − log p_u) + log p_u`` on the tokens with
+p ≥ ``cutoff``·max p of the edited run (0.1, fixed in the released code), −inf elsewhere.
+``contrast_gamma=1`` is the attention edit alone (the ``attention-only`` preset); ``dose``
+scales α and γ − 1 together.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
 from ..models.projection import project_queries
-from .base import Intervention, Row, Site
+from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
+from .contrast import guidance, plausible
+from .decoding import answer_from
 from .layers import published_layers
+from .views import image_free_inputs, last_logits
 
 
 def apply_logit_deltas(probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -73,10 +79,24 @@ class PAI(Intervention, spec=SPECS["pai"]):
         return published_layers(self.knobs.layers, n_layers, 2, 32)
 
     def open_sites(self, steer: bool) -> frozenset[str]:
+        if not steer:
+            return frozenset()
+        return self.sites | {"logits"} if self.knobs.contrast_gamma != 1.0 else self.sites
+
+    def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._image_free = {}
         if self.knobs.contrast_gamma != 1.0:
-            raise UserError(f"contrast_gamma={self.knobs.contrast_gamma}: PAI's image-free logit contrast edits "
-                            "the final logits, which the intervention seam does not reach; use contrast_gamma=1")
-        return self.sites if steer else frozenset()
+            logits = last_logits(lm, image_free_inputs(lm, rows))
+            self._image_free = {r.index: logits[b].cpu() for b, r in enumerate(rows)}
+
+    def readout(self, site: Readout) -> None:
+        for row in site.rows:
+            logits = site.logits[row.index]
+            free = self._image_free[row.index].to(logits.device)
+            gamma = 1.0 + (self.knobs.contrast_gamma - 1.0) * site.dose_of(row)
+            raw = guidance(logits, free, gamma)
+            answer_from(site, row, raw, plausible(logits, self.knobs.cutoff), self._yes_no, free)
 
     def first_edited(self, row: Row) -> int | None:
         return row.decision

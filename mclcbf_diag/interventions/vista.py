@@ -24,9 +24,13 @@ github.com/LzVv123456/VISTA (``steering_vector.py``: ``obtain_vsv``; ``llm_layer
   the embeddings of the same token; the last layer's output is not reachable). Because ‖x‖
   of the residual exceeds that of an MLP output, the same λ is a larger absolute step here:
   a documented deviation, not the released placement.
-* **Self-logits augmentation** (``--logits-aug``, the "SLA" half of VISTA, α = 0.3 over
-  layers 25–30) edits the final logits, which the seam does not reach: ``logits_alpha`` ≠ 0
-  raises a UserError.
+* **Self-logits augmentation** (SLA; ``llava_llama.py``'s forward, ``--logits-aug
+  --logits-alpha 0.3 --logits-layers 25,30``), on the answer's distribution (the ``logits``
+  site): scores = (1 − α)·ℓ + α·mean_k lm_head(h_k), h_k the output of decoder layer k at the
+  decision position for k = 25 … 30 of 32 (by depth fraction here), read through the
+  unembedding without the final norm, as the released code reads ``hidden_states[1:][k]``; raw
+  logits mixed, no softmax, no cutoff. ``logits_alpha=0`` is the steering alone (the
+  ``steering-only`` preset); ``dose`` scales λ and α together.
 """
 
 from __future__ import annotations
@@ -34,14 +38,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import Intervention, Row, Site
+from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
+from .decoding import answer_from
 from .layers import published_layers
+from .views import image_free_inputs, row_inputs
 
 
 def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
     """v [B, L, d] (float32): residuals entering each layer at the last token, with image − without."""
+    inputs = row_inputs(inputs, rows)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs:
         feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
@@ -49,17 +55,7 @@ def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
     with torch.no_grad():
         pos = lm.model(**feed, output_hidden_states=True, logits_to_keep=1).hidden_states
         pos = torch.stack([pos[i][:, -1].float() for i in range(L)], dim=1)
-        texts = [r.ids[~r.image] for r in rows]
-        n = max(t.numel() for t in texts)
-        pad = lm.processor.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for b, t in enumerate(texts):
-            ids[b, n - t.numel():], mask[b, n - t.numel():] = t, 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        neg = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                       position_ids=position_ids.to(lm.device), output_hidden_states=True,
-                       logits_to_keep=1).hidden_states
+        neg = lm.model(**image_free_inputs(lm, rows), output_hidden_states=True, logits_to_keep=1).hidden_states
         neg = torch.stack([neg[i][:, -1].float() for i in range(L)], dim=1)
     return pos - neg
 
@@ -81,16 +77,30 @@ class VISTA(Intervention, spec=SPECS["vista"]):
         return published_layers(self.knobs.layers, n_layers, 0, 32)
 
     def open_sites(self, steer: bool) -> frozenset[str]:
-        if self.knobs.logits_alpha != 0.0:
-            raise UserError(f"logits_alpha={self.knobs.logits_alpha}: VISTA's self-logits augmentation edits the "
-                            "final logits, which the intervention seam does not reach; use logits_alpha=0")
-        return self.sites if steer else frozenset()
+        if not steer:
+            return frozenset()
+        return self.sites | {"logits"} if self.knobs.logits_alpha != 0.0 else self.sites
+
+    def readout_layers(self, n_layers: int) -> tuple[int, ...]:
+        if self.knobs.logits_alpha == 0.0:
+            return ()
+        return published_layers(self.knobs.logits_layers, n_layers, 25, 31)
+
+    def readout(self, site: Readout) -> None:
+        layers = self.readout_layers(site.n_layers)
+        mean = torch.stack([site.layer_logits(i, final_norm=False) for i in layers]).mean(0)
+        for row in site.rows:
+            alpha = self.knobs.logits_alpha * site.dose_of(row)
+            logits = site.logits[row.index]
+            early = mean[row.index].to(logits.device)
+            answer_from(site, row, (1 - alpha) * logits + alpha * early, None, self._yes_no, early)
 
     def first_edited(self, row: Row) -> int | None:
         return 0
 
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self._v = steering_vectors(lm, inputs, rows)
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
 
     def residual(self, site: Site) -> None:
         k = self.knobs

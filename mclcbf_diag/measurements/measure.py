@@ -167,7 +167,7 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
     # the model divides by inf, its output is 0 and the logits no longer depend on the input
     overflow = int((~torch.isfinite(states.pow(2).mean(-1)) & torch.isfinite(states).all(-1)).sum())
     rows.add(NO_LAYER, "nonfinite_values",
-             int((~torch.isfinite(states)).sum()) + overflow + int((~torch.isfinite(logits)).sum()))
+             int((~torch.isfinite(states)).sum()) + overflow + int((torch.isnan(logits) | (logits == math.inf)).sum()))
     for token, tid in {**lm.tokens.yes_variants, **lm.tokens.no_variants}.items():
         rows.add(NO_LAYER, f"final_logit:{token}", logits[tid])
     return rows.rows

@@ -8,8 +8,9 @@ change there is not a flip. So every reading carries, from the full-vocabulary l
 * ``p_yes``, ``p_no``: the softmax probability mass on the Yes spellings and on the No
   spellings (every variant the tokenizer has, e.g. "▁Yes" and "Yes");
 * ``top_yes_no``: whether the top token is one of those spellings;
-* ``finite``: whether every logit is finite (an overflow gives NaN/inf logits, whose
-  margin means nothing);
+* ``finite``: whether no logit is NaN or +inf (an overflow gives NaN/inf logits, whose
+  margin means nothing); a token at −inf is one a decoding-level method ruled out (probability
+  0), and the margin is then ±inf when exactly one of Yes and No was ruled out;
 * ``margin`` and ``answer`` (``"yes"`` iff margin > 0, as POPE's first-token scoring).
 
 A reading is *valid* (a Yes/No answer) when it is finite and its top token is a Yes/No
@@ -99,7 +100,7 @@ def _read_rows(lg: torch.Tensor, yes_id: int, no_id: int, yes_ids, no_ids) -> li
     """Every row of float32 logits [B, vocab] at once: margins, Yes/No masses (softmax in float64), top ids."""
     import torch
 
-    finite = torch.isfinite(lg).all(-1).tolist()
+    finite = (~(torch.isnan(lg) | (lg == math.inf)).any(-1) & torch.isfinite(lg).any(-1)).tolist()
     margin = (lg[:, yes_id] - lg[:, no_id]).tolist()
     p = torch.softmax(lg.double(), -1)
     p_yes, p_no = p[:, list(yes_ids)].sum(-1).tolist(), p[:, list(no_ids)].sum(-1).tolist()

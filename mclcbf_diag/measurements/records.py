@@ -61,9 +61,10 @@ METRICS = {
     "p_no": "softmax probability mass on every No spelling at the decision position",
     "top_is_yes_no": "1 if the top token at the decision position is a Yes/No spelling (a valid answer)",
     "top_token_id": "id of the top token at the decision position",
-    "logits_finite": "1 if every final logit is finite",
-    "nonfinite_values": "count of NaN/inf numbers in the decision token's residuals (every layer) and final logits, "
-                        "plus residual states whose mean square overflows float32 (RMSNorm divides by inf there)",
+    "logits_finite": "1 if no final logit is NaN or +inf (−inf: a token a decoding-level method ruled out)",
+    "nonfinite_values": "count of NaN/inf numbers in the decision token's residuals (every layer) and NaN/+inf "
+                        "final logits, plus residual states whose mean square overflows float32 (RMSNorm divides by "
+                        "inf there)",
     "sink_is_bos": "1 if the sink of attn_sink_mass is the prompt's BOS (position 0), 0 if the prompt has no BOS and "
                    "the sink is measured: the non-image key before the decision token with the largest baseline "
                    "attention from the decision token, averaged over layers and heads (layer −1)",
@@ -162,6 +163,15 @@ METRICS = {
     "local_margin_corrupted": "the baseline's margin (the localisation's 0)",
     "local_margin_floor": "noise floor of a margin: an intervention that moves the margin less leaves nothing to "
                           "localise (NaN)",
+    # a decoding-level method (the logits site), whole-model records of its steered run
+    "decoding_model_margin": "the Yes−No margin of the model's own final logits, before the method combined them "
+                             "(final_margin is the combined distribution's: ±inf where its cutoff removed Yes or No)",
+    "decoding_aux_margin": "the Yes−No margin of what the method contrasts with: the auxiliary forward (VCD: the "
+                           "noised image; PAI: the image removed; CausalMM: the counterfactual attention) or the "
+                           "early layers' readout (VISTA's SLA)",
+    "decoding_contrast_margin": "the Yes−No margin of the combined scores before the plausibility cutoff",
+    "decoding_cut_yes": "1 when the plausibility cutoff ruled the Yes token out (probability 0)",
+    "decoding_cut_no": "1 when the plausibility cutoff ruled the No token out (probability 0)",
     "atp_spearman_{kind}": "Spearman rank correlation of atp_* and patch_* over the patches of one kind (resid, "
                            "heads, mlp)",
     "atp_failures_{kind}": "count of patches of one kind where atp_* and patch_* differ by more than 0.25: where "

@@ -105,7 +105,7 @@ def fmt_value(x, signed: bool = False) -> str:
         x = float(x)
     except (TypeError, ValueError):
         return str(x)
-    if not math.isfinite(x):
+    if math.isnan(x):
         return "n/a"
     return f"{x:+.3g}" if signed else f"{x:.3g}"
 

@@ -142,6 +142,13 @@ class WatchRows(Intervention):
     def first_edited(self, row):
         return self.inner.first_edited(row) if self.inner is not None else None
 
+    def readout_layers(self, n_layers: int) -> tuple[int, ...]:
+        return self.inner.readout_layers(n_layers) if self.inner is not None else ()
+
+    def readout(self, site) -> None:
+        if self.inner is not None and "logits" in self._inner_sites:
+            self.inner.readout(site)
+
     def steers_decode(self) -> bool:
         return self.inner.steers_decode() if self.inner is not None else False
 

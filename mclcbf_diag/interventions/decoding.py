@@ -1,0 +1,95 @@
+"""What every decoding-level method shares: the ``logits`` site, its records, its auxiliary forwards.
+
+A decoding-level method changes no activation: the model computes what it always computes, and
+the method changes the distribution the answer is read from (:class:`~.base.Readout`). So its
+intervened forward may continue from the baseline's cached prefix at the decision token
+(:meth:`first_edited`), and a measuring run opens no site. :meth:`DecodingMethod.combine` is the
+method (pure, on one row's logits), :meth:`DecodingMethod.auxiliary` its auxiliary forwards.
+
+Every steered row records, at layer −1 (the shared glossary's ``decoding_*`` metrics):
+the model's own Yes − No margin, the auxiliary forward's, the combined scores' before the
+plausibility cutoff, and whether the cutoff removed the Yes or the No token. ``final_margin`` of
+the run is the combined distribution's, ±inf where the cutoff removed exactly one of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Intervention, Readout, Row
+from .contrast import margin
+
+
+class DecodingMethod(Intervention):
+    """Base of the methods that only act on the answer's distribution (the ``logits`` site).
+
+    ``cutoff_knob`` names the knob of its plausibility cutoff (None: it has none), for the rule and the
+    counterfactual fix that undo the cutoff.
+    """
+
+    sites = frozenset({"logits"})
+    row_doses = True
+    cutoff_knob: str | None = None
+
+    def rules(self) -> list:
+        from .decoding_rules import contrast_rules
+
+        return contrast_rules(self.cutoff_knob)
+
+    def fixes(self) -> dict[str, dict]:
+        return {} if self.cutoff_knob is None else {"no_cutoff": {self.cutoff_knob: 0.0}}
+
+    def cause_fix(self, cause_id: str) -> str | None:
+        return "no_cutoff" if cause_id == "cutoff_removes_flip" and self.cutoff_knob is not None else None
+
+    def layer_sets(self, evidence) -> tuple[list[int], list[int], list[int]]:
+        """It acts once, on the answer's distribution (layer −1), wherever it read it."""
+        acted = [-1] if evidence.scalar("decoding_model_margin") is not None else []
+        return acted, acted, acted
+
+    def idle_reason(self, records) -> str:
+        return "the combined distribution gives the model's own answer"
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        return self.sites if steer else frozenset()
+
+    def first_edited(self, row: Row) -> int | None:
+        return row.decision  # nothing before the answer changes
+
+    def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._aux: dict[int, torch.Tensor] = {}
+        logits = self.auxiliary(lm, inputs, rows)
+        if logits is not None:
+            self._aux = {r.index: logits[b].detach().float().cpu() for b, r in enumerate(rows)}
+
+    def auxiliary(self, lm, inputs: dict, rows: list[Row]) -> torch.Tensor | None:
+        """[len(rows), vocab] logits of the auxiliary forward, row b for ``rows[b]`` (None: the method needs none)."""
+        return None
+
+    def combine(self, site: Readout, row: Row, logits: torch.Tensor, aux: torch.Tensor | None, dose: float):
+        """``(scores before the cutoff, tokens kept by it)`` [vocab] for one row; ``dose`` scales the method."""
+        raise NotImplementedError
+
+    def readout(self, site: Readout) -> None:
+        for row in site.rows:
+            logits = site.logits[row.index]
+            aux = self._aux.get(row.index)
+            aux = None if aux is None else aux.to(logits.device)
+            raw, keep = self.combine(site, row, logits, aux, site.dose_of(row))
+            answer_from(site, row, raw, keep, self._yes_no, aux)
+
+
+def answer_from(site: Readout, row: Row, raw: torch.Tensor, keep: torch.Tensor | None, yes_no: tuple[int, int],
+                aux: torch.Tensor | None = None) -> None:
+    """Set the row's scores to ``raw`` with the tokens outside ``keep`` (None: every token kept) at −inf, and
+    record the shared ``decoding_*`` terms (``aux``: the auxiliary distribution's logits, if the method has one)."""
+    yes, no = yes_no
+    scores = raw if keep is None else raw.masked_fill(~keep, -torch.inf)
+    site.set(row, scores)
+    site.record(row, "decoding_model_margin", margin(site.logits[row.index], yes, no))
+    if aux is not None:
+        site.record(row, "decoding_aux_margin", margin(aux, yes, no))
+    site.record(row, "decoding_contrast_margin", margin(raw, yes, no))
+    site.record(row, "decoding_cut_yes", 0.0 if keep is None else float(not bool(keep[yes])))
+    site.record(row, "decoding_cut_no", 0.0 if keep is None else float(not bool(keep[no])))

@@ -1,0 +1,39 @@
+"""VCD: contrast the answer with the same question asked of a noised image.
+
+Paper: Leng, Zhang, Chen et al., "Mitigating Object Hallucinations in Large Vision-Language
+Models through Visual Contrastive Decoding", CVPR 2024. Released code:
+github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_noise``;
+``vcd_utils/vcd_sample.py``: the contrast; POPE script: ``--noise_step 500 --cd_alpha 1
+--cd_beta 0.1``).
+
+* **Distorted view.** The image tensor, as the processor normalised it, taken to step t of the
+  forward diffusion process: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε over a 1000-step sigmoid β
+  schedule (:func:`~.views.diffusion_noise`). The released code draws ε from the global RNG;
+  here each image draws it from a generator seeded with ``seed``, so a question's view is the
+  same alone and in any batch.
+* **Contrast.** scores = (1 + α)·ℓ − α·ℓ_distorted on the next-token logits, with the adaptive
+  plausibility constraint on the clean logits: tokens whose probability is under β × the top
+  token's get −inf (``logits < log β + max logits``). The released code then samples; the
+  first-token answer here is the greedy one (the Yes − No sign of the scores).
+* ``dose`` scales α (a dose-response sweeps the contrast's strength; the cutoff stays).
+"""
+
+from __future__ import annotations
+
+from .base import Row
+from .catalog import SPECS, VCDKnobs  # noqa: F401 - VCDKnobs re-exported
+from .contrast import contrast, plausible
+from .decoding import DecodingMethod
+from .views import diffusion_noise, last_logits, pixels_of, row_inputs, with_pixels
+
+
+class VCD(DecodingMethod, spec=SPECS["vcd"]):
+    cutoff_knob = "beta"
+
+    def auxiliary(self, lm, inputs: dict, rows: list[Row]):
+        mine = row_inputs(inputs, rows)
+        noised = diffusion_noise(pixels_of(mine), self.knobs.noise_step, self.knobs.seed)
+        return last_logits(lm, with_pixels(mine, noised))
+
+    def combine(self, site, row, logits, aux, dose):
+        return contrast(logits, aux, self.knobs.alpha * dose), plausible(logits, self.knobs.beta)

@@ -1,0 +1,111 @@
+"""Other views of the same question, for methods that contrast the answer with another forward's.
+
+A decoding-level method (the ``logits`` site of :mod:`.base`) reads the answer from the model's
+logits combined with those of auxiliary forwards of the same question: the image distorted
+(VCD), the image removed (PAI's contrast), … Each view is built here from the run's own model
+inputs, row by row in the row's own coordinates, so that a question gets the same view alone
+and in any batch:
+
+* :func:`pixels_of` / :func:`with_pixels`: the image tensor of a batch, wherever the batch
+  carries it (``pixel_values``, or kept beside shared image features, see
+  :func:`mclcbf_diag.engine.batch.batch_inputs`), and the inputs with another image tensor;
+* :func:`diffusion_noise`: the forward diffusion process q(x_t | x_0) at step t of a
+  1000-step sigmoid schedule, seeded per image (VCD's distorted view);
+* :func:`image_free_inputs`: the prompts with their image tokens removed, left-padded;
+* :func:`last_logits`: a plain forward's float32 logits at the last position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Row
+
+DIFFUSION_STEPS = 1000
+PIXELS_KEY = "pixel_values"  # kept beside shared image features, in inputs["mm_encoder_outputs"]
+
+
+def pixels_of(inputs: dict) -> torch.Tensor:
+    """The batch's image tensor (as the processor made it: normalised pixels, per row)."""
+    if PIXELS_KEY in inputs:
+        return inputs[PIXELS_KEY]
+    shared = inputs.get("mm_encoder_outputs") or {}
+    if PIXELS_KEY in shared:
+        return shared[PIXELS_KEY]
+    raise ValueError("these model inputs carry no pixel_values for an image view")  # programming error
+
+
+def with_pixels(inputs: dict, pixel_values: torch.Tensor) -> dict:
+    """The model inputs of the same prompts with another image tensor (the vision tower runs on it)."""
+    keep = {k: v for k, v in inputs.items() if k not in ("mm_encoder_outputs", "inputs_embeds", PIXELS_KEY)}
+    return {**keep, PIXELS_KEY: pixel_values}
+
+
+def diffusion_schedule() -> torch.Tensor:
+    """ᾱ_t = Π_{s≤t} (1 − β_s) for t = 0 … 999, β = sigmoid(linspace(−6, 6)) · (5e-3 − 1e-5) + 1e-5 (float64)."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def diffusion_noise(pixels: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+    """x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε for every image of ``pixels`` [B, …], ε ~ N(0, 1) seeded by ``seed``.
+
+    Each image draws its noise from a generator of its own seeded with ``seed``, so an image's
+    view does not depend on the batch it is in. Computed in float32, returned in ``pixels``' dtype.
+    """
+    if not 0 <= step < DIFFUSION_STEPS:
+        raise ValueError(f"noise step {step} outside 0 … {DIFFUSION_STEPS - 1}")  # checked by the knobs
+    bar = diffusion_schedule()[step]
+    out = []
+    for image in pixels:
+        g = torch.Generator().manual_seed(int(seed))
+        eps = torch.randn(image.shape, generator=g, dtype=torch.float32)
+        x0 = image.detach().float().cpu()
+        out.append(float(bar.sqrt()) * x0 + float((1 - bar).sqrt()) * eps)
+    return torch.stack(out).to(pixels.device, pixels.dtype)
+
+
+def image_free_inputs(lm, rows: list[Row]) -> dict:
+    """Model inputs of the rows' prompts with every image token removed (left-padded, RoPE positions 0 …)."""
+    texts = [r.ids[~r.image] for r in rows]
+    n = max(t.numel() for t in texts)
+    pad = lm.processor.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for b, t in enumerate(texts):
+        ids[b, n - t.numel():], mask[b, n - t.numel():] = t, 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device),
+            "position_ids": position_ids.to(lm.device)}
+
+
+def row_inputs(inputs: dict, rows: list[Row]) -> dict:
+    """The model inputs of ``rows`` only (a batch's rows that one intervention of a mix handles)."""
+    idx = [r.index for r in rows]
+    n = inputs["input_ids"].shape[0]
+    if idx == list(range(n)):
+        return inputs
+    out = {}
+    for key, value in inputs.items():
+        if key == "mm_encoder_outputs":
+            out[key] = _rows_of_shared(value, idx)
+        elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
+            out[key] = value[idx]
+        else:
+            out[key] = value
+    return out
+
+
+def _rows_of_shared(shared: dict, idx: list[int]) -> dict:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    out = {"image": BaseModelOutputWithPooling(pooler_output=[shared["image"].pooler_output[i] for i in idx])}
+    if PIXELS_KEY in shared:
+        out[PIXELS_KEY] = shared[PIXELS_KEY][idx]
+    return out
+
+
+def last_logits(lm, inputs: dict) -> torch.Tensor:
+    """A plain forward's logits at the last position, float32 [B, vocab]."""
+    with torch.no_grad():
+        return lm.model(**inputs, logits_to_keep=1).logits[:, -1].float()
