@@ -1,0 +1,76 @@
+"""Why a decoding-level method left an answer: its rules on hand-made records, and one real explain run."""
+
+import math
+
+from test_diagnosis_diagnose import LABEL_NO, LABEL_YES, _row, frame
+
+from mclcbf_diag.diagnosis.diagnose import diagnose, verdict
+from mclcbf_diag.diagnosis.rulebook import decisiveness
+from mclcbf_diag.interventions.vcd import VCD
+
+
+def records(model, aux, contrast, final, cut_yes=0, cut_no=0, label=LABEL_YES):
+    """One question's records as a decoding method writes them (no layer records: it changed no activation)."""
+    rows = [_row("baseline", -1, "final_margin", model), _row("baseline", -1, "answer_yes", model > 0),
+            _row("steered", -1, "final_margin", final), _row("steered", -1, "answer_yes", final > 0),
+            _row("steered", -1, "decoding_model_margin", model), _row("steered", -1, "decoding_aux_margin", aux),
+            _row("steered", -1, "decoding_contrast_margin", contrast),
+            _row("steered", -1, "decoding_cut_yes", cut_yes), _row("steered", -1, "decoding_cut_no", cut_no), label]
+    return frame(rows)
+
+
+def found(causes):
+    return [c.id for c in causes if c.detected]
+
+
+def test_a_view_that_answers_like_the_model_cancels_the_contrast():
+    # wrong No (label yes): the noised image says No even more firmly than the clean one? no: less firmly,
+    # so (1+α)m − αm' = 2·(−2) − (−1) = −3 keeps the No
+    causes = diagnose(records(-2.0, -1.0, -3.0, -3.0), intervention=VCD())
+    assert found(causes) == ["contrast_cancels", "margin_unmoved"]
+    c = causes[0]
+    assert c.evidence["aux_margin"] == -1.0 and "answers as the model does" in c.sentence
+    assert "present, not tested" in verdict(causes)
+    # a right answer kept is no failure; an aux view of the other sign is no cancelling
+    assert "contrast_cancels" not in found(diagnose(records(-2.0, -1.0, -3.0, -3.0, label=LABEL_NO),
+                                                    intervention=VCD()))
+    assert "contrast_cancels" not in found(diagnose(records(-2.0, 1.0, -5.0, -5.0), intervention=VCD()))
+
+
+def test_a_cutoff_that_rules_out_the_flipped_token_is_found_and_undone_by_removing_it():
+    # the contrast favours Yes (+1.5) but the cutoff ruled Yes out: the answer stays No (−inf)
+    df = records(-2.0, -6.0, 1.5, -math.inf, cut_yes=1)
+    causes = diagnose(df, intervention=VCD())
+    assert "cutoff_removes_flip" in found(causes)
+    assert "ruled Yes out" in next(c for c in causes if c.id == "cutoff_removes_flip").sentence
+    # its counterfactual is the run without the cutoff, judged on the answer
+    seen = []
+
+    def tester(spec):
+        seen.append(spec)
+        if spec is None:
+            return {"margin": -math.inf, "outcome": "unchanged", "finite": True}
+        fixed = spec.get("knobs") == {"beta": 0.0}
+        return {"margin": 1.5 if fixed else -math.inf, "outcome": "fixed" if fixed else "unchanged", "finite": True}
+
+    tested = diagnose(df, intervention=VCD(), tester=tester)
+    cut = next(c for c in tested if c.id == "cutoff_removes_flip")
+    assert cut.decisive is True and {"knobs": {"beta": 0.0}, "why": "beta = 0 (no plausibility cutoff)"} in seen
+    assert verdict(tested).splitlines()[1].startswith("[decisive]")
+
+
+def test_the_contrast_search_is_graded_and_a_negative_claim_names_every_strength():
+    df = records(-2.0, -1.0, -3.0, -3.0)
+
+    def tester(spec):
+        return {"margin": -3.0, "outcome": "unchanged", "finite": True}
+
+    c = next(c for c in diagnose(df, intervention=VCD(), tester=tester) if c.id == "contrast_cancels")
+    assert c.decisive is False and "× 2, 4, 8, 16, 32, 64" in c.test
+
+
+def test_an_infinite_margin_is_an_answer_and_going_to_or_from_it_is_a_change():
+    assert decisiveness({"margin": -math.inf, "outcome": "unchanged"}, {"margin": -4.0, "outcome": "unchanged"},
+                        -2.0, "answer") == (True, ["margin -inf → -4"])
+    assert decisiveness({"margin": -math.inf, "outcome": "unchanged"}, {"margin": -math.inf, "outcome": "unchanged"},
+                        -2.0, "answer") == (False, [])

@@ -1,0 +1,75 @@
+"""The other views of a question: the diffusion noise, the image-free prompt, the pixels of a batch."""
+
+import math
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mclcbf_diag import shipped
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.engine.batch import batch_inputs
+from mclcbf_diag.interventions.base import rows_of
+from mclcbf_diag.interventions.views import (
+    diffusion_noise,
+    diffusion_schedule,
+    image_free_inputs,
+    pixels_of,
+    row_inputs,
+    with_pixels,
+)
+
+
+def test_the_schedule_is_the_released_sigmoid_one():
+    bar = diffusion_schedule()
+    betas = [1 / (1 + math.exp(-x)) * (0.5e-2 - 1e-5) + 1e-5 for x in torch.linspace(-6, 6, 1000, dtype=torch.float64)]
+    prod = 1.0
+    for t, b in enumerate(betas):
+        prod *= 1 - b
+        if t in (0, 499, 500, 999):
+            assert bar[t].item() == prod
+    assert bool((bar[1:] < bar[:-1]).all())  # more noise at every step
+    assert math.sqrt(bar[500]) == __import__("pytest").approx(0.8630, abs=1e-4)
+
+
+def test_noise_is_the_forward_process_seeded_per_image():
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = diffusion_noise(x, 500, seed=7)
+    bar = diffusion_schedule()[500]
+    eps = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(7))
+    for b in range(3):  # every image draws the same ε from its own generator: independent of the batch
+        expect = math.sqrt(bar) * x[b] + math.sqrt(1 - bar) * eps
+        assert torch.allclose(out[b], expect, atol=1e-6)
+    assert torch.equal(diffusion_noise(x[1:2], 500, seed=7)[0], out[1])
+    assert not torch.equal(diffusion_noise(x, 500, seed=8), out)
+    # step 0: almost the image itself (noise of std √β₀ ≈ 0.003)
+    assert (diffusion_noise(x, 0, seed=7) - x).abs().max() < 5 * math.sqrt(1 - diffusion_schedule()[0])
+
+
+def test_the_image_free_prompt_and_the_pixels_of_a_batch(embedded_model):
+    lm = embedded_model
+    qs = load_pope(shipped.pope_file("adversarial"))[:3]
+    prompts = [build_prompt(q.text) for q in qs]
+    prompts[1] = prompts[1].replace("?", " at all, anywhere?")
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
+    inputs = batch_inputs(lm, prompts, images)
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+    free = image_free_inputs(lm, rows)
+    for b, r in enumerate(rows):
+        real = free["attention_mask"][b].bool()
+        assert torch.equal(free["input_ids"][b][real].cpu(), r.ids[~r.image])  # the prompt, image tokens removed
+        assert free["position_ids"][b][real].tolist() == list(range(int(real.sum())))
+        assert not bool(real[: int((~real).sum())].any())  # padded on the left
+    # the plain forward of the image-free prompt is the model reading the text alone
+    alone = lm.model(input_ids=rows[0].ids[~rows[0].image][None].to(lm.device)).logits[0, -1]
+    with torch.no_grad():
+        batched = lm.model(**free).logits[0, -1]
+    assert torch.allclose(alone, batched, atol=1e-4)
+    # shared image features keep the pixels beside them; row_inputs keeps them per row
+    assert "pixel_values" not in inputs and pixels_of(inputs).shape[0] == 3
+    plain = batch_inputs(lm, prompts, images, share_images=False)
+    assert torch.equal(pixels_of(inputs), plain["pixel_values"])
+    sub = row_inputs(inputs, rows[1:])
+    assert torch.equal(pixels_of(sub), plain["pixel_values"][1:]) and sub["input_ids"].shape[0] == 2
+    assert isinstance(sub["mm_encoder_outputs"]["image"], BaseModelOutputWithPooling)
+    swapped = with_pixels(inputs, plain["pixel_values"].flip(0))
+    assert "mm_encoder_outputs" not in swapped and torch.equal(swapped["pixel_values"][0], plain["pixel_values"][2])
