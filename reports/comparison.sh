@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's comparison of interventions on the embedded model: twelve `mclcbf-diag pope` runs per
-# POPE split (MC-LCBF's presets, the published interventions at their defaults, and the two prompt
-# controls), then one `mclcbf-diag compare` over all thirty-six. Usage: bash reports/comparison.sh [ROOT] (default
+# POPE split (MC-LCBF's presets, the published interventions' activation edits, and the two prompt
+# controls), then one `mclcbf-diag compare` over all thirty-six. PAI and VISTA run as the table shows them,
+# without their logit halves (the presets attention-only and steering-only, their defaults when it was made);
+# DECODING=1 adds the full PAI and VISTA and the decoding-level methods (VCD, DoLa, CausalMM, OPERA). Usage: bash reports/comparison.sh [ROOT] (default
 # reports/comparison). Every run resumes, so rerunning after an interruption repeats nothing and a
 # finished run costs a few seconds. About 2 hours on one CPU thread for the three splits.
 set -euo pipefail
@@ -14,14 +16,18 @@ runs=(
   "noclamp|--set span=detected --set clamp=none"
   "fixed|--preset fixed"
   "fixed-after|--preset fixed --set tau=0.6 --set tokens=after_image"
-  "pai|--intervention pai"
+  "pai|--intervention pai --preset attention-only"
   "vaf|--intervention vaf"
-  "vista|--intervention vista"
+  "vista|--intervention vista --preset steering-only"
   "adhh|--intervention adhh"
   "var|--intervention var"
   "lean-no|--prompt lean-no"
   "look-carefully|--prompt look-carefully"
 )
+if [ "${DECODING:-0}" = 1 ]; then
+  runs+=("pai-full|--intervention pai" "vista-full|--intervention vista" "vcd|--intervention vcd"
+         "dola|--intervention dola" "causalmm|--intervention causalmm" "opera|--intervention opera")
+fi
 dirs=()
 for entry in "${runs[@]}"; do
   name="${entry%%|*}"

@@ -522,9 +522,9 @@ def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, whi
     inputs = _inputs(lm, sample_scene(0, 0).image())
     w = lm.model.lm_head.weight
     if which == "pai":
-        iv = resolve("pai", None, ["layers=1:4", "alpha=2"])
+        iv = resolve("pai", "attention-only", ["layers=1:4", "alpha=2"])  # its activation edit: what is localised
     elif which == "vista":  # a steering vector prepared from the prompt, every position, every layer
-        iv = resolve("vista", "strong", ["layers=2:5"])
+        iv = resolve("vista", "strong", ["layers=2:5", "logits_alpha=0"])
     else:
         iv = AddEverywhere(1, -8.0 * (w[lm.tokens.yes_id] - w[lm.tokens.no_id]).detach())
     grid = localisation(lm, inputs, iv)

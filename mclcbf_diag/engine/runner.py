@@ -69,7 +69,14 @@ class StepCapture:
     decode_step: int  # 0: the prompt's forward; k: the one reading the k-th generated token
     n_keys: int
     layers: dict[int, LayerCapture] = field(default_factory=dict)
-    final_logits: torch.Tensor | None = None
+    final_logits: torch.Tensor | None = None  # what the answer is read from
+    # the model's own final logits where a decoding-level method combined them into final_logits (None: the same)
+    model_logits: torch.Tensor | None = None
+
+    @property
+    def own_logits(self) -> torch.Tensor:
+        """The model's own final logits (what its activations computed, whatever the answer is read from)."""
+        return self.final_logits if self.model_logits is None else self.model_logits
 
 
 @dataclass
@@ -348,7 +355,7 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
             raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
                             "generation under it is not supported yet: use max_new_tokens=0 (a first-token answer)")
         step = state.steps[0][0]
-        step.final_logits = state.decoded(step.final_logits[None])[0]
+        step.model_logits, step.final_logits = step.final_logits, state.decoded(step.final_logits[None])[0]
     row = rows[0]
     extra = {**(intervention.row_records(row) if intervention is not None else {}), **state.whole_model(row)}
     return RunCapture(row.length, state.steps[0], row.image.clone(), extra, generated, state.embeds)
@@ -476,7 +483,10 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
     if not capture:
         return last, [state.records[r.index].get(("prefill", 0), {}) for r in rows]
     for r in rows:
-        state.steps[r.index][0].final_logits = last[r.index]
+        step = state.steps[r.index][0]
+        if state.reading:
+            step.model_logits = step.final_logits
+        step.final_logits = last[r.index]
     caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), {**intervention.row_records(r),
                                                                           **state.whole_model(r)}) for r in rows]
     return last, caps

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UserError
+from ..interventions import as_intervention
 from ..measurements import attribution as A
 from ..models import LoadedModel
 from ..models.tokens import ranges_text
@@ -82,7 +84,7 @@ def dla(lm: LoadedModel, capture: RunCapture) -> A.Attribution:
         yes, no = lm.tokens.yes_id, lm.tokens.no_id
         w_yes, w_no = head.weight[yes].detach(), head.weight[no].detach()
         bias = 0.0 if head.bias is None else float(head.bias[yes] - head.bias[no])
-    margin = float(step.final_logits[yes] - step.final_logits[no])
+    margin = float(step.own_logits[yes] - step.own_logits[no])  # the activations' margin, before any decoding method
     return A.direct_logit_attribution(step.layers[layers[0]].resid_pre_in, parts, last.resid_post, gamma, eps,
                                       w_yes, w_no, margin, bias, image=capture.detected)
 
@@ -377,7 +379,12 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
     ``"denoise"`` patch and undone from layer ℓ on by the ``"noise"`` one. The recoveries are normalised by
     the intervened run's own margin and the baseline's; when the intervention leaves the margin within its
     noise floor they are NaN.
+
+    Only the intervention's activation edits are localised (:meth:`~mclcbf_diag.interventions.base.Intervention.
+    activation_part`): a decoding-level half (PAI's contrast, VISTA's logit mix) acts after the last layer, on
+    no activation, and a method that is only that has nothing to localise (a UserError).
     """
+    intervention = _activation_part(intervention)
     # both with eager attention, as the intervened forward must run: an intervention that changes nothing
     # gives the baseline's numbers exactly
     base = activations_forward(lm, inputs, cache=True, attention="eager")
@@ -764,6 +771,14 @@ def local_records(grid: Grid, *, question_id) -> dict:
     parts = [grid_records(_direction(grid, d), question_id=question_id, method=m, conditions={d: "steered"})
              for d, m in LOCAL_METHODS.items() if d in grid.heads]
     return {k: [v for p in parts for v in p[k]] for k in parts[0]}
+
+
+def _activation_part(intervention):
+    part = as_intervention(intervention).activation_part()
+    if part is None:
+        raise UserError(f"--intervention {intervention.name} changes no activation (it acts on the answer's "
+                        "distribution only), so there is nothing to localise; attribute the baseline alone")
+    return part
 
 
 def localise(lm: LoadedModel, inputs: dict, intervention, *, question_id, components_at: str = "text",

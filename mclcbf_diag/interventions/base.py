@@ -314,6 +314,11 @@ class Intervention:
         """Layers whose output the ``logits`` site reads through the final norm (−1: the embeddings)."""
         return ()
 
+    def activation_part(self) -> "Intervention | None":
+        """The intervention without its decoding-level half (what patching can localise), or None when it
+        changes no activation at all; itself when it has no such half."""
+        return self
+
     def steers_decode(self) -> bool:
         """Whether generated tokens (the decode phase) are steered too."""
         return True

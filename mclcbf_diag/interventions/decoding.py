@@ -56,6 +56,9 @@ class DecodingMethod(Intervention):
     def first_edited(self, row: Row) -> int | None:
         return row.decision  # nothing before the answer changes
 
+    def activation_part(self):
+        return None  # it changes no activation
+
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux: dict[int, torch.Tensor] = {}
