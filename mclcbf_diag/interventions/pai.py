@@ -83,6 +83,9 @@ class PAI(Intervention, spec=SPECS["pai"]):
             return frozenset()
         return self.sites | {"logits"} if self.knobs.contrast_gamma != 1.0 else self.sites
 
+    def activation_part(self) -> "PAI":
+        return self.replace(contrast_gamma=1.0)
+
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._image_free = {}

@@ -81,6 +81,9 @@ class VISTA(Intervention, spec=SPECS["vista"]):
             return frozenset()
         return self.sites | {"logits"} if self.knobs.logits_alpha != 0.0 else self.sites
 
+    def activation_part(self) -> "VISTA":
+        return self.replace(logits_alpha=0.0)
+
     def readout_layers(self, n_layers: int) -> tuple[int, ...]:
         if self.knobs.logits_alpha == 0.0:
             return ()
