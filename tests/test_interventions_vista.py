@@ -4,6 +4,13 @@ The reference computes v_ℓ (residual entering layer ℓ at the last token, wit
 the same ids without the image tokens) with a fresh, plain copy of the model, and applies
 ``x' = ‖x‖·normalize(x̂ + λ·s·v̂)``, ``s = 1 + max(0, cos(x, −v))``, to every position of the
 residual entering each layer with forward pre-hooks (``LzVv123456/VISTA``'s ``VSVLayer``).
+Self-logits augmentation (``llava_llama.py``'s forward): the steered forward's ``output_hidden_states``,
+``hidden_states[1:][k]`` for the readout layers k through ``lm_head`` without the final norm, mixed
+``α·mean + (1 − α)·logits``. The hooks return the steered residual instead of writing it in place, so
+``hidden_states[k + 1]`` is layer k's output as it left the layer (before layer k + 1's steering), and
+the last layer's raw output is read with ``tie_last_hidden_states=False`` (transformers otherwise puts the
+final-normed state there; on the small models the readout range, 25–30 of 32 by depth fraction, ends at
+the last layer).
 """
 
 import floors
@@ -13,15 +20,20 @@ import torch.nn.functional as F
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
 from mclcbf_diag.data import build_prompt
-from mclcbf_diag.engine.batch import answer_pair, batch_inputs
-from mclcbf_diag.errors import UserError
+from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+from mclcbf_diag.engine.runner import run, run_batch
 from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.vista import VISTA, VISTAKnobs
 from mclcbf_diag.measurements.records import documented
 
+DECODING = ("decoding_model_margin", "decoding_aux_margin", "decoding_contrast_margin", "decoding_cut_yes",
+            "decoding_cut_no")
 
-def hooked_margin(lm, prompt, image, lam, similarity=True):
+
+def hooked_forward(lm, prompt, image, lam, similarity=True):
+    """(last-position logits [vocab], hidden_states) of the steered plain forward; hidden_states[k + 1] is the raw
+    output of layer k (the last one too, not final-normed)."""
     model = plain_model(lm)
     inputs = lm.inputs(prompt, image)
     ids = inputs["input_ids"][0]
@@ -34,36 +46,78 @@ def hooked_margin(lm, prompt, image, lam, similarity=True):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             if v.norm() == 0:
-                return
-            xf = x[0].float()
-            s = 1 + torch.clamp(F.cosine_similarity(xf, -v[None], dim=-1), min=0)[:, None] if similarity else 1
+                return None
+            xf = x.float()
+            s = 1 + torch.clamp(F.cosine_similarity(xf, -v[None, None], dim=-1), min=0)[..., None] if similarity else 1
             new = xf.norm(dim=-1, keepdim=True) * F.normalize(F.normalize(xf, dim=-1) + lam * s * v / v.norm(), dim=-1)
-            x[0] = new.to(x.dtype)
+            new = new.to(x.dtype)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
         return hook
 
     layers = model.model.language_model.layers
     handles = [layers[i].register_forward_pre_hook(hook_for(vs[i]), with_kwargs=True) for i in range(lm.n_layers)]
+    text = model.config.text_config
+    text.tie_last_hidden_states = False
     try:
         with torch.no_grad():
-            logits = model(**inputs).logits[0, -1]
+            out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
     finally:
+        del text.tie_last_hidden_states
         for h in handles:
             h.remove()
+    return out.logits[0, -1], out.hidden_states
+
+
+def hooked_margin(lm, prompt, image, lam, similarity=True):
+    logits, _ = hooked_forward(lm, prompt, image, lam, similarity)
     return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def reference(lm, prompt, image, lam, alpha, layers, similarity=True):
+    """(scores, steered logits, mean readout logits, floor of the scores) of released VISTA (VSV + SLA) on one
+    question. The floor is that of two float32 routes to the scores (a batch and a lone row):
+    ``(1 − α)·floors.logit_floor`` for the final logits, and for each readout ``floors.state_floor`` of the raw
+    state after the vision tower and k + 1 language layers times the largest ‖w_row‖ of ``lm_head`` (no final
+    norm bounds that state), averaged, times α."""
+    logits, hs = hooked_forward(lm, prompt, image, lam, similarity)
+    head = plain_model(lm).lm_head
+    with torch.no_grad():
+        aug = torch.stack([head(hs[1:][k][0, -1]) for k in layers]).mean(0)
+    w = float(head.weight.detach().float().norm(dim=-1).max())
+    vision = floors.depth(lm) - lm.n_layers
+    readout = sum(floors.state_floor(hs[1:][k][0, -1], vision + k + 1) * w for k in layers) / len(layers)
+    floor = (1 - alpha) * floors.logit_floor(lm) + alpha * readout
+    return alpha * aug + (1 - alpha) * logits, logits, aug, floor
+
+
+def assert_scores(got, want, atol=1e-5):
+    got = got.float()
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()  # SLA cuts nothing
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 def test_registered_with_paper_defaults():
     assert REGISTRY["vista"] is VISTA
     k = VISTA().knobs
-    assert (k.lam, k.similarity, k.logits_alpha) == (0.01, True, 0.0)
+    # run_pope.sh: --vsv --vsv-lambda 0.01 --logits-aug --logits-alpha 0.3 (--logits-layers 25,30: k = 25 … 30)
+    assert (k.lam, k.similarity, k.logits_alpha, k.logits_layers) == (0.01, True, 0.3, None)
     assert VISTA().layers(32) == tuple(range(32))
+    assert VISTA().readout_layers(32) == tuple(range(25, 31))
+    # by depth fraction (rounded half up): 25/32 and 31/32 of the depth
+    assert VISTA().readout_layers(8) == (6, 7) and VISTA().readout_layers(5) == (4,)
+    assert VISTA().readout_layers(40) == tuple(range(31, 39))
+    assert VISTA(VISTAKnobs(logits_layers=(1, 3))).readout_layers(8) == (1, 3)
+    assert "logits" in VISTA().open_sites(True) and not VISTA().open_sites(False)
+    only = VISTA.from_preset("steering-only")
+    assert (only.knobs.lam, only.knobs.logits_alpha) == (0.01, 0.0)
+    assert only.readout_layers(32) == () and only.open_sites(True) == {"residual"}
 
 
 @pytest.mark.parametrize("model,similarity", [("embedded_model", True), ("tiny_gqa_model", False)])
 def test_trace_matches_plain_hooks(model, similarity, questions, request):  # noqa: F811
     lm = request.getfixturevalue(model)
     texts, images = questions
-    iv = VISTA(VISTAKnobs(lam=0.3, similarity=similarity))
+    iv = VISTA(VISTAKnobs(lam=0.3, similarity=similarity, logits_alpha=0.0))  # the reference has no SLA
     result = trace_sample(lm, texts[0], images[0], iv)
     ref = hooked_margin(lm, build_prompt(texts[0]), images[0], 0.3, similarity)
     s = result.summary()
@@ -78,7 +132,8 @@ def test_trace_matches_plain_hooks(model, similarity, questions, request):  # no
 def test_paper_lambda_matches_too(embedded_model, questions):  # noqa: F811
     texts, images = questions
     ref = hooked_margin(embedded_model, build_prompt(texts[2]), images[2], 0.01)
-    got = trace_sample(embedded_model, texts[2], images[2], VISTA()).summary()["margin_after"]
+    steering = VISTA.from_preset("steering-only")  # the reference has no SLA
+    got = trace_sample(embedded_model, texts[2], images[2], steering).summary()["margin_after"]
     floor = floors.margin_floor(embedded_model, embedded_model.tokens.yes_id, embedded_model.tokens.no_id)
     assert got == pytest.approx(ref, rel=0, abs=floor)  # the Yes − No margin's floor
 
@@ -94,7 +149,70 @@ def test_batched_rows_equal_single_traces(embedded_model, questions):  # noqa: F
         assert row["margin"] == pytest.approx(trace_sample(lm, t, img, iv).summary()["margin_after"], rel=0, abs=floor)
 
 
-def test_logit_augmentation_is_a_clear_user_error(embedded_model, questions):  # noqa: F811
+@pytest.mark.parametrize("model,lam,alpha,similarity,q", [("embedded_model", 0.01, 0.3, True, 2),
+                                                          ("embedded_model", 0.3, 0.3, True, 0),
+                                                          ("tiny_gqa_model", 0.3, 0.5, False, 1),
+                                                          ("tiny_gqa_model", 0.0, 0.3, True, 0)])
+def test_full_method_matches_released_code(model, lam, alpha, similarity, q, questions, request):  # noqa: F811
+    """Steering and self-logits augmentation together (the paper's λ = 0.01, α = 0.3 first; λ = 0: SLA alone)."""
+    lm = request.getfixturevalue(model)
     texts, images = questions
-    with pytest.raises(UserError, match="final logits"):
-        trace_sample(embedded_model, texts[0], images[0], VISTA(VISTAKnobs(logits_alpha=0.3)))
+    iv = VISTA(VISTAKnobs(lam=lam, similarity=similarity, logits_alpha=alpha))
+    prompt = build_prompt(texts[q])
+    want, logits, aug, _ = reference(lm, prompt, images[q], lam, alpha, iv.readout_layers(lm.n_layers), similarity)
+    cap = run(lm, lm.inputs(prompt, images[q]), iv)
+    assert_scores(cap.steps[0].final_logits, want)
+    assert float((aug - logits).abs().max()) > 1e-3  # the readout is another distribution
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    rec = cap.row_records
+    assert set(DECODING) <= set(rec)
+    assert rec["decoding_model_margin"] == pytest.approx(float(logits[yes] - logits[no]), abs=1e-5)
+    assert rec["decoding_aux_margin"] == pytest.approx(float(aug[yes] - aug[no]), abs=1e-5)
+    assert rec["decoding_contrast_margin"] == pytest.approx(float(want[yes] - want[no]), abs=1e-5)
+    assert rec["decoding_cut_yes"] == rec["decoding_cut_no"] == 0.0
+
+
+def test_explicit_readout_layers(embedded_model, questions):  # noqa: F811
+    """Layers before the last: their output as it left the layer, before the next layer's steering."""
+    lm = embedded_model
+    texts, images = questions
+    iv = VISTA(VISTAKnobs(lam=0.3, logits_layers=(1, 4)))
+    prompt = build_prompt(texts[0])
+    want, *_ = reference(lm, prompt, images[0], 0.3, 0.3, (1, 4))
+    assert_scores(run(lm, lm.inputs(prompt, images[0]), iv).steps[0].final_logits, want)
+
+
+def test_dose_scales_lambda_and_alpha_together(embedded_model, questions):  # noqa: F811
+    """dose 0.5 of (λ, α) = (0.3, 0.4) is (0.15, 0.2) of the released code."""
+    lm = embedded_model
+    texts, images = questions
+    prompt = build_prompt(texts[1])
+    iv = VISTA(VISTAKnobs(lam=0.3, logits_alpha=0.4))
+    want, *_ = reference(lm, prompt, images[1], 0.15, 0.2, iv.readout_layers(lm.n_layers))
+    got = run(lm, lm.inputs(prompt, images[1]), iv, dose=0.5).steps[0].final_logits
+    assert_scores(got, want)
+    full = run(lm, lm.inputs(prompt, images[1]), iv).steps[0].final_logits
+    assert float((full - got).abs().max()) > 1e-3  # the dose changed the scores
+
+
+@pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])
+def test_batched_scores_match_released_code(model, questions, request):  # noqa: F811
+    """A left-padded batch of three lengths against each question's released VISTA alone: the scores of run_batch
+    and the margins of answer_batch."""
+    lm = request.getfixturevalue(model)
+    texts, images = questions
+    prompts = [build_prompt(t) for t in texts]
+    iv = VISTA(VISTAKnobs(lam=0.3, logits_alpha=0.3))
+    layers = iv.readout_layers(lm.n_layers)
+    inputs = batch_inputs(lm, prompts, images)
+    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    answers = answer_batch(lm, prompts, images, iv, steer=True)
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    for b, (prompt, image) in enumerate(zip(prompts, images)):
+        want, logits, aug, floor = reference(lm, prompt, image, 0.3, 0.3, layers)
+        assert floor < 1e-3
+        assert_scores(last[b], want, atol=floor)  # the batch is another route: its floor (1e-5 fails by a hair)
+        assert answers[b]["margin"] == pytest.approx(float(want[yes] - want[no]), abs=2 * floor)
+        assert set(DECODING) <= set(records[b][-1])
+        # the readouts' part of the floor is at most floor / α, for each of the two logits
+        assert records[b][-1]["decoding_aux_margin"] == pytest.approx(float(aug[yes] - aug[no]), abs=2 * floor / 0.3)
