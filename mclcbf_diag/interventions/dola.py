@@ -16,9 +16,14 @@ fork: ``LlamaForCausalLM.forward``'s ``early_exit_layers``, ``generation/utils.p
   layers take the 20 below the middle or the last 20, as transformers does. ``layers`` names
   them instead.
 * **Premature layer.** The candidate whose distribution is farthest from the final one by the
-  Jensen–Shannon divergence (:func:`~.contrast.js_divergence`), chosen per question: the
-  released code takes one layer per batch (the mean JSD over it), which with its batches of
-  one is the same.
+  divergence both released codes compute (:func:`selection_divergence`): their comments call it
+  the Jensen–Shannon divergence, but ``F.kl_div(log_softmax(z), M)`` is KL(M ‖ P), so they take
+  ½·[KL(M‖P_final) + KL(M‖P_j)], M = ½(P_final + P_j) (over the vocabulary size, the same argmax),
+  not the JSD's ½·[KL(P_final‖M) + KL(P_j‖M)]. The two agree to second order for near
+  distributions but can rank far ones differently (the un-normed early readouts are far). It is
+  chosen per question: the released code takes one layer per batch (the mean over it), which
+  with its batches of one is the same. The record ``dola_jsd`` is the chosen layer's JSD proper
+  (:func:`~.contrast.js_divergence`).
 * **Scores.** log p_final − log p_premature on the tokens with p_final ≥ ``cutoff``·max p_final
   (relative top, 0.1); the others are ruled out (−inf). ``dose`` scales the premature term
   (0: the final layer alone). DoLa runs no auxiliary forward; its repetition penalty (1.2 in
@@ -42,6 +47,16 @@ def bucket_layers(bucket: str, n_layers: int) -> tuple[int, ...]:
     else:
         hs = range(0, 20, 2) if bucket == "low" else range(n_layers - 20, n_layers, 2)
     return tuple(j - 1 for j in hs)
+
+
+def selection_divergence(final: torch.Tensor, early: torch.Tensor) -> torch.Tensor:
+    """½·[KL(M‖P) + KL(M‖Q)] per row (natural log, float64), P = softmax ``final``, Q = softmax ``early``,
+    M = ½(P + Q): what the released codes' ``0.5 * (F.kl_div(log P, M) + F.kl_div(log Q, M))`` sums to (they
+    take its mean over the vocabulary, the same argmax), the divergence by which they pick the premature layer."""
+    lp, lq = torch.log_softmax(final.double(), -1), torch.log_softmax(early.double(), -1)
+    m = 0.5 * (lp.exp() + lq.exp())
+    lm = torch.special.xlogy(m, m)  # m·log m, 0 where m underflows
+    return 0.5 * ((lm - m * lp).sum(-1) + (lm - m * lq).sum(-1))
 
 
 class DoLa(DecodingMethod, spec=SPECS["dola"]):
@@ -72,8 +87,8 @@ class DoLa(DecodingMethod, spec=SPECS["dola"]):
     def combine(self, site, row, logits, aux, dose):
         layers = list(self._candidates)
         early = torch.stack([self._candidates[i][row.index].to(logits.device) for i in layers])
-        jsd = js_divergence(logits[None].expand_as(early), early)
-        pick = int(torch.argmax(jsd))
+        final = logits[None].expand_as(early)
+        pick = int(torch.argmax(selection_divergence(final, early)))
         site.record(row, "dola_premature_layer", layers[pick])
-        site.record(row, "dola_jsd", float(jsd[pick]))
+        site.record(row, "dola_jsd", float(js_divergence(final[pick], early[pick])))
         return log_probs(logits) - dose * log_probs(early[pick]), plausible(logits, self.knobs.cutoff)

@@ -3,8 +3,8 @@
 Paper: Leng, Zhang, Chen et al., "Mitigating Object Hallucinations in Large Vision-Language
 Models through Visual Contrastive Decoding", CVPR 2024. Released code:
 github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_noise``;
-``vcd_utils/vcd_sample.py``: the contrast; POPE script: ``--noise_step 500 --cd_alpha 1
---cd_beta 0.1``).
+``vcd_utils/vcd_sample.py``: the contrast; POPE script ``experiments/cd_scripts/llava1.5_pope.bash``:
+``noise_step=500 cd_alpha=1 cd_beta=0.2``, the defaults here; the driver's argparse default is β = 0.1).
 
 * **Distorted view.** The image tensor, as the processor normalised it, taken to step t of the
   forward diffusion process: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε over a 1000-step sigmoid β
