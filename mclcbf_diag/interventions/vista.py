@@ -87,7 +87,8 @@ class VISTA(Intervention, spec=SPECS["vista"]):
     def readout_layers(self, n_layers: int) -> tuple[int, ...]:
         if self.knobs.logits_alpha == 0.0:
             return ()
-        return published_layers(self.knobs.logits_layers, n_layers, 25, 31)
+        # a model too shallow for 25–30 of 32 to hold a layer reads the one at 25/32 of its depth
+        return published_layers(self.knobs.logits_layers, n_layers, 25, 31) or (25 * n_layers // 32,)
 
     def readout(self, site: Readout) -> None:
         layers = self.readout_layers(site.n_layers)
