@@ -52,8 +52,12 @@ def test_outcome_classes(base, new, label, expect):
     assert outcome(base, True, new, True, label) == expect
 
 
-def test_invalid_baseline_falls_back_to_the_sign():
-    assert outcome("yes", False, "no", False, "no") == "fixed"
+def test_an_invalid_baseline_counts_as_wrong_as_in_the_paired_statistics():
+    assert outcome("yes", False, "no", True, "no") == "fixed"  # no Yes/No answer → the right one
+    assert outcome("no", False, "no", True, "no") == "fixed"  # the same sign, but now a valid right answer
+    assert outcome("yes", False, "yes", True, "no") == "unchanged"  # wrong → wrong
+    assert outcome("yes", False, "no", False, "no") == "unchanged"  # still no Yes/No answer: still wrong
+    assert outcome("yes", False, "no", False, None) == "changed"  # without a label: the sign rule
 
 
 def test_counts_and_questions():

@@ -358,6 +358,30 @@ def check_folder(out: Path, command: str, force: bool = False) -> None:
                     f"files): pass another --out, or add --force to write there anyway")
 
 
+def decoding_options(p) -> None:
+    """How answers are chosen (:class:`~mclcbf_diag.measurements.sampling.Decoding`)."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--decoding", default="greedy", choices=["greedy", "sample", "beam"],
+                   help="greedy (default: the first token's Yes − No sign), sample (the first token drawn, seeded "
+                        "per question; with --generate the text sampled) or beam (--generate's text by beam search)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (default 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the top K tokens (default 0: off)")
+    g.add_argument("--num-beams", type=int, default=1, help="beams of --decoding beam (2 or more)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers (default 0)")
+
+
+def decoding_from_args(args):
+    """The run's :class:`~mclcbf_diag.measurements.sampling.Decoding` (a UserError for settings that do not fit)."""
+    from ..measurements.sampling import Decoding
+
+    d = Decoding(args.decoding, args.temperature, args.top_p, args.top_k, args.num_beams, args.seed)
+    if d.strategy == "beam" and not getattr(args, "generate", 0):
+        raise UserError("--decoding beam chooses generated text; add --generate N (the first token of a beam "
+                        "search is the greedy one)")
+    return d
+
+
 def force_option(p) -> None:
     p.add_argument("--force", action="store_true",
                    help="write into an --out that holds another command's run (a trace, pages, a pope or "

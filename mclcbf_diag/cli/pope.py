@@ -46,6 +46,8 @@ from ..storage import (
     show,
 )
 from .common import (
+    decoding_from_args,
+    decoding_options,
     folder_holds,
     force_option,
     intervention_from_args,
@@ -80,6 +82,9 @@ def run_identity(args, config, files, shard, all_jobs: list[Job] | None = None, 
              "splits": [s for s, _, _ in files], "pope_files": [str(p) for _, p, _ in files],
              "limit": args.limit, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
              "generate": args.generate, "prompt": args.prompt}
+    decoding = decoding_from_args(args).identity()
+    if decoding is not None:  # greedy, the default, leaves the identity as it was
+        ident["decoding"] = decoding
     if where is not None:
         ident["model_files"] = _model_files(where)
     ident.update(batch_size=args.batch_size, device=_device(args), versions=_versions())
@@ -132,6 +137,7 @@ def check_numbers(args) -> None:
     if args.batch_size > MAX_BATCH_SIZE:
         raise UserError(f"--batch-size {args.batch_size} is more than {MAX_BATCH_SIZE}; pass a smaller batch "
                         "(16–64 is typical)")
+    decoding_from_args(args)
     cap = max_new_tokens_limit()
     if args.generate > cap:
         raise UserError(f"--generate {args.generate} is more than the limit of {cap} new tokens; pass a smaller "
@@ -183,6 +189,9 @@ def _pope(args, on_batch=None) -> int:
     shard, files, all_jobs, jobs, out = split_run_checks(args, "reports/pope")
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
+    if args.generate and "logits" in config.open_sites(True):
+        raise UserError(f"--intervention {config.name} acts on the first answer token's distribution; --generate "
+                        "under it is not supported yet: drop --generate (first-token answers)")
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.
     prep = prepare_from_args(args)
     prompts = [build_prompt(j.question.text, args.prompt) for j in jobs]
@@ -197,7 +206,7 @@ def _pope(args, on_batch=None) -> int:
         lm.run_id = rid
         timing = RunTiming(out, **RunTiming.machine(lm, args.batch_size))
         run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
-                 on_batch=on_batch, template=args.prompt, timing=timing)
+                 on_batch=on_batch, template=args.prompt, timing=timing, decoding=decoding_from_args(args))
 
     from ..pope.metrics import write_outputs
 
@@ -411,7 +420,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     intervention_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward (default 16)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="also generate N tokens greedily per condition and score the text (steering: prefill only)")
+                   help="also generate N tokens per condition (greedily, or as --decoding says) and score the text "
+                        "(steering: prefill only)")
+    decoding_options(p)
     p.add_argument("--out", default=None,
                    help="output folder (default reports/pope, or reports/pope-shard-I-of-N); rerun to resume")
     resume_options(p)

@@ -102,15 +102,29 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
 
 
 
-def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, records=None) -> list[dict]:
+def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, records=None, decoding=None,
+             keys=None) -> list[dict]:
     """Per row: ``margin``, ``answer`` and the Yes/No reading (:mod:`mclcbf_diag.measurements.outcomes`): ``p_yes``,
     ``p_no`` (probability mass on every Yes/No spelling), ``top_yes_no``, ``finite``, ``valid``, and
     ``dropped``: the intervention computed a non-finite edit and did not apply it
-    (:func:`~mclcbf_diag.measurements.outcomes.dropped_edit`)."""
-    from ..measurements.outcomes import dropped_edit, read_batch
+    (:func:`~mclcbf_diag.measurements.outcomes.dropped_edit`). With a sampling ``decoding``
+    (:class:`~mclcbf_diag.measurements.sampling.Decoding`) the answer is the token drawn for each row's
+    question (``keys``), ``sampled_token`` beside it, and ``valid`` says whether it is a Yes/No spelling;
+    the margin stays the greedy reading's."""
+    from ..measurements.outcomes import answer_ids, dropped_edit, read_batch
 
     out = [{"margin": r.margin, "answer": r.answer, "p_yes": r.p_yes, "p_no": r.p_no, "top_yes_no": r.top_yes_no,
             "finite": r.finite, "valid": r.valid, "dropped": False} for r in read_batch(last_logits.float(), lm.tokens)]
+    if decoding is not None and decoding.sampled:
+        from ..measurements.sampling import sample_token
+
+        yes, no = (set(ids) for ids in answer_ids(lm.tokens))
+        for rec, row, key in zip(out, last_logits, keys):
+            token = sample_token(row, decoding, str(key)) if rec["finite"] else -1
+            rec["sampled_token"] = token
+            if token in yes or token in no:
+                rec["answer"] = "yes" if token in yes else "no"
+            rec["valid"] = rec["finite"] and (token in yes or token in no)
     for rec, per_layer in zip(out, records or ()):
         rec.update(intervention.row_summary(per_layer))
         rec["dropped"] = dropped_edit(per_layer.values())
@@ -118,14 +132,16 @@ def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, reco
 
 
 def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention, steer: bool, *,
-                 inputs: dict | None = None, max_new_tokens: int = 0) -> list[dict]:
+                 inputs: dict | None = None, max_new_tokens: int = 0, decoding=None, keys=None) -> list[dict]:
     """First-token answers for a batch, baseline (``steer=False`` or none) or intervened.
 
     Returns one dict per row: ``margin`` (logit Yes − No) and ``answer``; when intervening
     also the intervention's :meth:`~mclcbf_diag.interventions.base.Intervention.row_summary`
     (for MC-LCBF: ``layers_fired``, ``h_mean``, ``mean_theta_rel``, ``max_dh_predicted``).
-    With ``max_new_tokens`` > 0 also ``text`` (greedy, special tokens skipped). ``inputs``
-    reuses :func:`batch_inputs` for these prompts.
+    With ``max_new_tokens`` > 0 also ``text`` (greedy, or as ``decoding`` says: sampled with
+    ``torch.manual_seed(decoding.seed)`` before the batch's ``generate``, or a beam search; special
+    tokens skipped). ``inputs`` reuses :func:`batch_inputs` for these prompts. ``decoding``/``keys``:
+    sampled first-token answers (see :func:`_answers`).
     """
     iv = as_intervention(intervention)
     if inputs is None:
@@ -136,11 +152,14 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     with torch.no_grad():
         if max_new_tokens <= 0:
             if not steer:
-                return _answers(lm, lm.model(**inputs, logits_to_keep=1).logits[:, -1])
+                return _answers(lm, lm.model(**inputs, logits_to_keep=1).logits[:, -1], decoding=decoding, keys=keys)
             last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
-            return _answers(lm, last, iv, records)
+            return _answers(lm, last, iv, records, decoding, keys)
         kw = {k: v for k, v in inputs.items() if k != "position_ids"}  # generate derives its own
-        gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.processor.tokenizer.pad_token_id)
+        gen = dict(max_new_tokens=max_new_tokens, pad_token_id=lm.processor.tokenizer.pad_token_id,
+                   **(decoding.generate_kwargs() if decoding is not None else {"do_sample": False}))
+        if decoding is not None and decoding.sampled:
+            torch.manual_seed(decoding.seed)
         records = None
         if steer:
             # Outside ``tracer.iter`` nnsight reaches the first forward only: the prefill.
@@ -148,7 +167,7 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
         else:
             out = lm.model.generate(**kw, **gen, return_dict_in_generate=True, output_logits=True)
             last, sequences = out.logits[0], out.sequences
-    out = _answers(lm, last, iv, records)
+    out = _answers(lm, last, iv, records)  # the first token's greedy reading; the text is decoded as asked
     n = inputs["input_ids"].shape[1]
     for b, rec in enumerate(out):
         rec["text"] = lm.processor.tokenizer.decode(sequences[b, n:], skip_special_tokens=True)
@@ -184,14 +203,16 @@ def _cut(cache, start: int):
 
 
 def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention, *,
-                inputs: dict | None = None, baseline: tuple | None = None) -> tuple[list[dict], list[dict]]:
+                inputs: dict | None = None, baseline: tuple | None = None, decoding=None,
+                keys=None) -> tuple[list[dict], list[dict]]:
     """Baseline and intervened first-token answers; the intervened run reuses the baseline's cache.
 
     Same records as :func:`answer_batch` (baseline, then intervened). The intervened run only
     recomputes the positions from the batch's first edited token on (see the module
     docstring); it falls back to a full forward when that is not exact. ``baseline``: what
     :func:`baseline_prefix` returned for these ``inputs``, so that many interventions on the
-    same batch share one baseline forward.
+    same batch share one baseline forward. ``decoding``/``keys``: sampled first-token answers, the
+    same draw for a question in both conditions (see :func:`_answers`).
     """
     iv = as_intervention(intervention)
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
@@ -202,7 +223,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
         if start == 0:
             base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
             last, records = run_batch(lm, inputs, iv, full_ids=ids, prepare=False)
-            return _answers(lm, base), _answers(lm, last, iv, records)
+            return _answers(lm, base, decoding=decoding, keys=keys), _answers(lm, last, iv, records, decoding, keys)
         if baseline is None:
             logits, cache = baseline_prefix(lm, inputs)
             cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
@@ -213,4 +234,4 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
                   "position_ids": inputs["position_ids"][:, start:]}
         last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids, prepare=False,
                                   use_cache=True, **lm.adapter.cache_kwargs(lm.model, cache))
-    return _answers(lm, logits), _answers(lm, last, iv, records)
+    return _answers(lm, logits, decoding=decoding, keys=keys), _answers(lm, last, iv, records, decoding, keys)

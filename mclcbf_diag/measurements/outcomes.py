@@ -25,8 +25,10 @@ spelling. The outcome of one question under an intervention (:func:`outcome`):
 * with a label: ``fixed`` (wrong → right), ``broken`` (right → wrong), ``unchanged``;
 * without a label: ``changed`` or ``unchanged`` (the answer's sign, nothing more).
 
-When the baseline itself is not a Yes/No answer (rare), the sign rule applies and the
-outcome says nothing about derailment. Every function here is pure.
+When the baseline itself is not a Yes/No answer (rare greedily; common when answers are
+sampled at a high temperature), it counts as wrong, as in the paired statistics: with a label
+the question is ``fixed`` when the new answer is a valid right one and ``unchanged`` otherwise;
+without a label the sign rule applies. Every function here is pure.
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ def outcome(base_answer: str, base_valid: bool, new_answer: str, new_valid: bool
         return "non_finite"
     if label not in ("yes", "no"):
         return "changed" if new_answer != base_answer else "unchanged"
+    if not base_valid:  # no Yes/No answer counts as wrong (the paired statistics read it so)
+        return "fixed" if new_valid and new_answer == label else "unchanged"
     if base_answer == new_answer:
         return "unchanged"
     return "fixed" if new_answer == label else "broken"

@@ -151,7 +151,7 @@ def _mass_fields(condition: str, masses) -> dict:
 
 
 def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None,
-                timing: dict | None = None) -> list[dict]:
+                timing: dict | None = None, decoding=None) -> list[dict]:
     """One batch of questions → one record per question (baseline and steered).
 
     ``outcome`` is the question's class (:mod:`mclcbf_diag.measurements.outcomes`): unchanged, fixed, broken,
@@ -161,7 +161,9 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     ``generate`` the official text parser's answers and their outcome (``text_outcome``) are
     beside them. ``baseline_image_mass_<layer>`` / ``steered_image_mass_<layer>``: the decision
     query's image mass per layer (module docstring). ``timing`` (a dict) gets this batch's
-    ``inputs_seconds`` and ``baseline_seconds`` added.
+    ``inputs_seconds`` and ``baseline_seconds`` added. ``decoding``
+    (:class:`~mclcbf_diag.measurements.sampling.Decoding`): how answers are chosen; a sampled first token
+    is drawn per question from its split and id (``baseline_sampled_token``, ``steered_sampled_token``).
     """
     from ..data import build_prompt, resolve_image
     from ..engine.batch import answer_batch, answer_pair, batch_inputs
@@ -175,14 +177,17 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     if generate:
         t1 = time.perf_counter()
         with _Observer(lm, inputs["input_ids"]) as ob:
-            base = answer_batch(lm, prompts, images, config, False, inputs=inputs, max_new_tokens=generate)
+            base = answer_batch(lm, prompts, images, config, False, inputs=inputs, max_new_tokens=generate,
+                                decoding=decoding)
         t_base = time.perf_counter() - t1
         with _Observer(lm, inputs["input_ids"]) as os_:
-            steer = answer_batch(lm, prompts, images, config, True, inputs=inputs, max_new_tokens=generate)
+            steer = answer_batch(lm, prompts, images, config, True, inputs=inputs, max_new_tokens=generate,
+                                 decoding=decoding)
         b_mass, s_mass = (ob.last(1) or [None])[0], (os_.last(1) or [None])[0]
     else:
         with _Observer(lm, inputs["input_ids"]) as ob:
-            base, steer = answer_pair(lm, prompts, images, config, inputs=inputs)
+            base, steer = answer_pair(lm, prompts, images, config, inputs=inputs, decoding=decoding,
+                                      keys=[f"{j.split}:{j.question.question_id}" for j in jobs])
         b_mass, s_mass = ob.last(2) or (None, None)
         t_base = ob.forwards[-2]  # the baseline's plain forward; the intervened run is the last
     if timing is not None:
@@ -192,7 +197,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                     generate) for n, (j, b, s) in enumerate(zip(jobs, base, steer))]
 
 
-_READING = {"margin", "answer", "p_yes", "p_no", "top_yes_no", "finite", "valid", "dropped", "text"}
+_READING = {"margin", "answer", "p_yes", "p_no", "top_yes_no", "finite", "valid", "dropped", "text", "sampled_token"}
 
 
 def _record(j: Job, b: dict, s: dict, rid, b_mass, s_mass, generate: int) -> dict:
@@ -213,6 +218,8 @@ def _record(j: Job, b: dict, s: dict, rid, b_mass, s_mass, generate: int) -> dic
            "steered_finite": s["finite"], "steered_dropped": s.get("dropped", False),
            **{k: v for k, v in s.items() if k not in _READING},
            **_mass_fields("baseline", b_mass), **_mass_fields("steered", s_mass)}
+    if "sampled_token" in s:
+        rec.update(baseline_sampled_token=b["sampled_token"], steered_sampled_token=s["sampled_token"])
     if generate:
         bt, st = parse_answer(b["text"]), parse_answer(s["text"])
         rec.update(baseline_text=b["text"], baseline_text_answer=bt, steered_text=s["text"], steered_text_answer=st,
@@ -263,7 +270,7 @@ class RunTiming:
 
 def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generate: int = 0,
              on_batch=None, progress: bool = True, template: str | None = None,
-             timing: RunTiming | None = None) -> None:
+             timing: RunTiming | None = None, decoding=None) -> None:
     """Answer ``todo`` batch by batch, appending each batch to ``out/answers.jsonl``.
 
     ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there);
@@ -276,7 +283,8 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
         for n, start in enumerate(range(0, len(todo), batch_size), start=1):
             batch = todo[start:start + batch_size]
             t0, part = time.perf_counter(), {}
-            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate, template, timing=part))
+            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate, template, timing=part,
+                                                      decoding=decoding))
             if timing is not None:
                 timing.add(len(batch), time.perf_counter() - t0, part)
             bar.set_postfix_str(batch[-1].split, refresh=False)

@@ -347,7 +347,8 @@ def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, pair
     settings = " ".join([*([f"--preset {run['preset']}"] if run.get("preset") else []),
                          *(f"--set {o}" for o in run.get("overrides", [])),
                          *([p] if (p := _prompt_setting(run)) else []),
-                         *([f"--labels {Path(str(own.get('file', '?'))).name}"] if own else [])]) or "(defaults)"
+                         *([f"--labels {Path(str(own.get('file', '?'))).name}"] if own else []),
+                         *_decoding_setting(run.get("decoding"))]) or "(defaults)"
     logit = flips[flips["answer"] == "logit"] if "answer" in flips else flips
     for split, m in metrics.groupby("split", sort=False):
         base = m[m.condition == "baseline"].iloc[0]
@@ -369,6 +370,40 @@ def _run_rows(folder: Path, run: dict, answers: list[dict], metrics, flips, pair
             "reported_on_llava_1_5_7b": _reported(name, run), "run": str(folder),
         })
     return rows
+
+
+def _decoding_setting(decoding: dict | None) -> list[str]:
+    """The command-line options of a run's decoding (none for greedy, the default); the seed last."""
+    if not decoding:
+        return []
+    out = [f"--decoding {decoding['strategy']}"]
+    for key, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("num_beams", 1)):
+        if decoding.get(key, default) != default:
+            out.append(f"--{key.replace('_', '-')} {decoding[key]:g}")
+    return out + ([f"--seed {decoding['seed']}"] if decoding["strategy"] == "sample" else [])
+
+
+def seed_spread(table: pd.DataFrame) -> list[str]:
+    """One sentence per setting run with several seeds (the same settings but ``--seed``), per split: the
+    accuracy's and Δ accuracy's mean ± standard deviation over the seeds, with their range."""
+    if table.empty:
+        return []
+    first = table[table.label_set == table.label_set.iloc[0]].copy()
+    first["unseeded"] = first.settings.str.replace(r" ?--seed -?\d+", "", regex=True)
+    first["seed"] = first.settings.str.extract(r"--seed (-?\d+)", expand=False)
+    out = []
+    for (name, settings), g in first[first.seed.notna()].groupby(["intervention", "unseeded"], sort=False):
+        seeds = sorted(set(g.seed), key=int)
+        if len(seeds) < 2:
+            continue
+        parts = []
+        for split, h in g.groupby("split", sort=False):
+            acc, gain = 100 * h.accuracy, 100 * h.d_accuracy  # Δ: the paired one of the table
+            parts.append(f"{split} accuracy {acc.mean():.1f} ± {acc.std(ddof=1):.1f} ({acc.min():.1f}–"
+                         f"{acc.max():.1f}), Δ accuracy {gain.mean():+.1f} ± {gain.std(ddof=1):.1f} points")
+        out.append(f"`{name}` {settings} over seeds {', '.join(seeds)} (mean ± standard deviation, range): "
+                   + "; ".join(parts) + ".")
+    return out
 
 
 ALPHA = 0.05  # the findings' significance level for McNemar after Holm
@@ -419,7 +454,7 @@ def findings(table: pd.DataFrame) -> list[str]:
             s += "; bias control: " + (labels[0] + (" on every split" if len(g) > 1 else "") if len(labels) == 1 else
                                        "; ".join(f"{split} {lab}" for split, lab in zip(g.split, said)))
         out.append(s + ".")
-    return out
+    return out + seed_spread(table)
 
 
 def _layer_columns(table: pd.DataFrame, prefix: str) -> list[str]:
