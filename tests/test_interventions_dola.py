@@ -324,3 +324,9 @@ def test_premature_agrees_counterfactual_flips_the_bucket():
         changed = dataclasses.replace(knobs, **spec["knobs_fn"](knobs))
         assert changed.bucket == bucket and changed.layers is None and changed.cutoff == knobs.cutoff
     assert math.isfinite(cause.strength)
+
+
+def test_halcs_first_token_is_dola_over_every_second_layer():
+    # HALC's DoLa candidates [0, 2, …, 30] of hidden_states (the embeddings first) on a 32-layer model
+    assert bucket_layers("all", 32) == tuple(j - 1 for j in range(0, 32, 2)) == tuple(range(-1, 30, 2))
+    assert DoLa.from_preset("halc-first-token").readout_layers(8) == (-1, 1, 3, 5)

@@ -129,8 +129,9 @@ class VCDKnobs:
 # --------------------------------------------------------------------------- DoLa
 @dataclass(frozen=True)
 class DoLaKnobs:
-    bucket: Literal["low", "high"] = knob("low", "candidate premature layers: every second layer of the lower or the "
-                                                 "upper half (the embeddings count as the first)")
+    bucket: Literal["low", "high", "all"] = knob("low", "candidate premature layers: every second layer of the lower "
+                                                        "half, the upper half or the whole depth (the embeddings "
+                                                        "count as the first)")
     layers: tuple[int, ...] | None = knob(None, "candidate premature layers instead of the bucket: decoder layers "
                                                 "whose output is read (−1: the embeddings)")
     cutoff: float = knob(0.1, "relative-top cutoff: keep tokens with p ≥ cutoff·p_max of the final layer")
@@ -241,7 +242,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("dola", "contrast the final layer's answer with the earlier layer it differs from most (a decoding-level "
                  "method)",
          "Chuang et al., DoLa: Decoding by Contrasting Layers, ICLR 2024 (github.com/voidism/DoLa)", DoLaKnobs,
-         {"low": DoLaKnobs(), "high": DoLaKnobs(bucket="high")}),
+         {"low": DoLaKnobs(), "high": DoLaKnobs(bucket="high"), "halc-first-token": DoLaKnobs(bucket="all")}),
     Spec("causalmm", "contrast the answer with the one under a counterfactual vision-tower attention map (a "
                      "decoding-level method)",
          "Zhou et al., Mitigating Modality Prior-Induced Hallucinations in MLLMs via Deciphering Attention Causality, "

@@ -14,7 +14,10 @@ fork: ``LlamaForCausalLM.forward``'s ``early_exit_layers``, ``generation/utils.p
   in ``hidden_states`` indices (for 32 layers: the embeddings and the outputs of layers 1, 3, …,
   13); ``"high"``: ``range(N/2, N, 2)`` (outputs of 15, 17, …, 29). Models of more than 40
   layers take the 20 below the middle or the last 20, as transformers does. ``layers`` names
-  them instead.
+  them instead. ``"all"``: every second layer over the whole depth, ``range(0, N, 2)``, the set
+  HALC contrasts with (preset ``halc-first-token``: HALC's first answer token is this DoLa step,
+  since its focal-view contrast acts only on a completed noun after the first token;
+  github.com/BillChan226/HALC, ``run_scripts/pope_eval.py``).
 * **Premature layer.** The candidate whose distribution is farthest from the final one by the
   divergence both released codes compute (:func:`selection_divergence`): their comments call it
   the Jensen–Shannon divergence, but ``F.kl_div(log_softmax(z), M)`` is KL(M ‖ P), so they take
@@ -42,6 +45,8 @@ from .decoding import DecodingMethod
 
 def bucket_layers(bucket: str, n_layers: int) -> tuple[int, ...]:
     """The candidate premature layers of a bucket for an ``n_layers`` model (decoder-layer outputs, −1: embeddings)."""
+    if bucket == "all":  # HALC's set: every second layer over the whole depth
+        return tuple(j - 1 for j in range(0, n_layers, 2))
     if n_layers <= 40:
         hs = range(0, n_layers // 2, 2) if bucket == "low" else range(n_layers // 2, n_layers, 2)
     else:
