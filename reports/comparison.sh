@@ -3,7 +3,8 @@
 # POPE split (MC-LCBF's presets, the published interventions' activation edits, and the two prompt
 # controls), then one `mclcbf-diag compare` over all thirty-six. PAI and VISTA run as the table shows them,
 # without their logit halves (the presets attention-only and steering-only, their defaults when it was made);
-# DECODING=1 adds the full PAI and VISTA and the decoding-level methods (VCD, DoLa, CausalMM, OPERA). Usage: bash reports/comparison.sh [ROOT] (default
+# DECODING=1 adds the full PAI and VISTA, the decoding-level methods (VCD, DoLa, HALC's first token, CausalMM,
+# OPERA's first step) and VCD's answers sampled at temperature 1 with three seeds. Usage: bash reports/comparison.sh [ROOT] (default
 # reports/comparison). Every run resumes, so rerunning after an interruption repeats nothing and a
 # finished run costs a few seconds. About 2 hours on one CPU thread for the three splits.
 set -euo pipefail
@@ -26,7 +27,11 @@ runs=(
 )
 if [ "${DECODING:-0}" = 1 ]; then
   runs+=("pai-full|--intervention pai" "vista-full|--intervention vista" "vcd|--intervention vcd"
-         "dola|--intervention dola" "causalmm|--intervention causalmm" "opera|--intervention opera")
+         "dola|--intervention dola" "halc-first-token|--intervention dola --preset halc-first-token"
+         "causalmm|--intervention causalmm" "opera|--intervention opera"
+         "vcd-sample-0|--intervention vcd --decoding sample --seed 0"
+         "vcd-sample-1|--intervention vcd --decoding sample --seed 1"
+         "vcd-sample-2|--intervention vcd --decoding sample --seed 2")
 fi
 dirs=()
 for entry in "${runs[@]}"; do

@@ -74,3 +74,18 @@ def test_an_infinite_margin_is_an_answer_and_going_to_or_from_it_is_a_change():
                         -2.0, "answer") == (True, ["margin -inf → -4"])
     assert decisiveness({"margin": -math.inf, "outcome": "unchanged"}, {"margin": -math.inf, "outcome": "unchanged"},
                         -2.0, "answer") == (False, [])
+
+
+def test_a_split_explained_under_a_decoding_method_keeps_its_infinite_margins(tmp_path, capsys):
+    import json
+
+    from mclcbf_diag.cli import main
+
+    assert main(["explain", "--split", "adversarial", "--limit", "3", "--intervention", "vcd", "--out",
+                 str(tmp_path / "e")]) == 0
+    assert "the intervention (vcd) fixes" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "e" / "answers.jsonl").read_text().splitlines()]
+    # VCD's cutoff (β 0.2) rules the losing answer out on these confident questions: ±inf, kept as a margin
+    assert all(r["steered_margin"] is not None for r in rows)
+    assert any(math.isinf(r["steered_margin"]) for r in rows)
+    assert all(math.copysign(1, r["steered_margin"]) == math.copysign(1, r["baseline_margin"]) for r in rows)

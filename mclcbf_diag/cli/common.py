@@ -375,6 +375,8 @@ def decoding_from_args(args):
     """The run's :class:`~mclcbf_diag.measurements.sampling.Decoding` (a UserError for settings that do not fit)."""
     from ..measurements.sampling import Decoding
 
+    if not hasattr(args, "decoding"):  # a command without the options (explain): greedy first-token answers
+        return Decoding()
     d = Decoding(args.decoding, args.temperature, args.top_p, args.top_k, args.num_beams, args.seed)
     if d.strategy == "beam" and not getattr(args, "generate", 0):
         raise UserError("--decoding beam chooses generated text; add --generate N (the first token of a beam "

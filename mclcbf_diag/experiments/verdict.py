@@ -417,7 +417,8 @@ def steered_dropped(records: pd.DataFrame) -> bool:
 
 
 def _num(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+    # NaN → None; ±inf kept (a margin a decoding method's cutoff made infinite; the answers file's json reads it back)
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def question_row(qv: QuestionVerdict, swept: bool) -> dict:
