@@ -15,39 +15,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_refs import DECODING, plain_model, three_questions
 from transformers import LlavaForConditionalGeneration
 
-from mclcbf_diag import shipped
-from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.engine.runner import run, run_batch
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.causalmm import CausalMM, CausalMMKnobs, counterfactual_features, counterfactual_map
 
 METHODS = ("shuffle", "random", "uniform", "reversed")
-DECODING = ("decoding_model_margin", "decoding_aux_margin", "decoding_contrast_margin", "decoding_cut_yes",
-            "decoding_cut_no")
 
 
 @pytest.fixture(scope="module")
 def questions():
     """Three questions of three lengths about three different images."""
-    qs = load_pope(shipped.pope_file("adversarial"))[20:38:6]
-    texts = [qs[0].text, qs[1].text.replace(" in the image", ""), qs[2].text.replace("?", " in the picture?")]
-    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
-    assert len({q.image for q in qs}) == 3
-    return [build_prompt(t) for t in texts], images
+    return three_questions()
 
 
-_PLAIN = {}
-
-
-def plain_model(lm):
-    """A fresh copy of the model from its checkpoint, never wrapped by nnsight (plain PyTorch)."""
-    if lm.source not in _PLAIN:
-        _PLAIN[lm.source] = LlavaForConditionalGeneration.from_pretrained(
-            lm.source, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
-    return _PLAIN[lm.source]
 
 
 def edit_attention(a, method, seed):

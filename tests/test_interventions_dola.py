@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlavaForConditionalGeneration
+from plain_refs import plain_model, three_questions
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -38,22 +38,9 @@ CHOICES = [{"bucket": "low"}, {"bucket": "high"}, {"layers": (-1, 2)}]
 @pytest.fixture(scope="module")
 def questions():
     """Three questions of three lengths about three different images."""
-    qs = load_pope(shipped.pope_file("adversarial"))[20:38:6]
-    texts = [qs[0].text, qs[1].text.replace(" in the image", ""), qs[2].text.replace("?", " in the picture?")]
-    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
-    assert len({q.image for q in qs}) == 3
-    return [build_prompt(t) for t in texts], images
+    return three_questions()
 
 
-_PLAIN = {}
-
-
-def plain_model(lm):
-    """A fresh copy of the model from its checkpoint, never wrapped by nnsight (plain PyTorch)."""
-    if lm.source not in _PLAIN:
-        _PLAIN[lm.source] = LlavaForConditionalGeneration.from_pretrained(
-            lm.source, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
-    return _PLAIN[lm.source]
 
 
 def hf_candidates(knobs: dict, n_layers: int) -> list[int]:

@@ -9,7 +9,7 @@ out. Nothing of the package is used in it but the processor's inputs.
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
+from plain_refs import plain_model
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -32,15 +32,6 @@ def questions():
     return [build_prompt(t) for t in texts], [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
 
 
-_PLAIN = {}
-
-
-def plain_model(lm):
-    """A fresh copy of the model from its checkpoint, never wrapped by nnsight (plain PyTorch)."""
-    if lm.source not in _PLAIN:
-        _PLAIN[lm.source] = LlavaForConditionalGeneration.from_pretrained(
-            lm.source, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
-    return _PLAIN[lm.source]
 
 
 def released_first_step(model, inputs, image_token_id, candidates=5, weight=1.0):

@@ -17,7 +17,7 @@ import floors
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
-from transformers import LlavaForConditionalGeneration
+from plain_refs import DECODING, plain_model
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -31,8 +31,6 @@ from mclcbf_diag.interventions.views import image_free_inputs
 from mclcbf_diag.measurements.records import documented
 
 POPE = shipped.POPE
-DECODING = ("decoding_model_margin", "decoding_aux_margin", "decoding_contrast_margin", "decoding_cut_yes",
-            "decoding_cut_no")
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +41,6 @@ def questions():
     return texts, [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
 
 
-_PLAIN = {}
-
-
-def plain_model(lm):
-    """A fresh copy of the model from its checkpoint, never wrapped by nnsight (plain PyTorch)."""
-    if lm.source not in _PLAIN:
-        _PLAIN[lm.source] = LlavaForConditionalGeneration.from_pretrained(
-            lm.source, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
-    return _PLAIN[lm.source]
 
 
 def patched_logits(lm, prompt, image, edit_logits, layers):

@@ -17,6 +17,7 @@ import floors
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_refs import DECODING
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
 from mclcbf_diag.data import build_prompt
@@ -26,9 +27,6 @@ from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.vista import VISTA, VISTAKnobs
 from mclcbf_diag.measurements.records import documented
-
-DECODING = ("decoding_model_margin", "decoding_aux_margin", "decoding_contrast_margin", "decoding_cut_yes",
-            "decoding_cut_no")
 
 
 def hooked_forward(lm, prompt, image, lam, similarity=True):
