@@ -4,7 +4,8 @@
 # controls), then one `mclcbf-diag compare` over all thirty-six. PAI and VISTA run as the table shows them,
 # without their logit halves (the presets attention-only and steering-only, their defaults when it was made);
 # DECODING=1 adds the full PAI and VISTA, the decoding-level methods (VCD, DoLa, HALC's first token, CausalMM,
-# OPERA's first step) and VCD's answers sampled at temperature 1 with three seeds. Usage: bash reports/comparison.sh [ROOT] (default
+# OPERA's first step) and VCD's answers sampled at temperature 1 with three seeds; DECODING=only runs those alone
+# (the table of the decoding-level methods in docs/commands/compare.md), with their own compare. Usage: bash reports/comparison.sh [ROOT] (default
 # reports/comparison). Every run resumes, so rerunning after an interruption repeats nothing and a
 # finished run costs a few seconds. About 2 hours on one CPU thread for the three splits.
 set -euo pipefail
@@ -25,7 +26,8 @@ runs=(
   "lean-no|--prompt lean-no"
   "look-carefully|--prompt look-carefully"
 )
-if [ "${DECODING:-0}" = 1 ]; then
+if [ "${DECODING:-0}" = only ]; then runs=(); fi  # the decoding-level runs alone, one compare of their own
+if [ "${DECODING:-0}" != 0 ]; then
   runs+=("pai-full|--intervention pai" "vista-full|--intervention vista" "vcd|--intervention vcd"
          "dola|--intervention dola" "halc-first-token|--intervention dola --preset halc-first-token"
          "causalmm|--intervention causalmm" "opera|--intervention opera"
@@ -44,4 +46,6 @@ for entry in "${runs[@]}"; do
     dirs+=("$out")
   done
 done
-mclcbf-diag compare "${dirs[@]}" --out "$root/compare"
+cmp="$root/compare"
+[ "${DECODING:-0}" = only ] && cmp="$root/compare-decoding"
+mclcbf-diag compare "${dirs[@]}" --out "$cmp"
