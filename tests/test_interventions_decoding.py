@@ -117,3 +117,17 @@ def test_generation_under_a_decoding_method_is_refused(embedded_model, batch):
         run(lm, lm.inputs(prompts[0], images[0]), LayerMix(), max_new_tokens=2)
     with pytest.raises(UserError, match="first answer token's distribution"):
         answer_batch(lm, prompts[:1], images[:1], LayerMix(), True, max_new_tokens=2)
+
+
+def test_trace_prints_the_margins_the_method_combined():
+    import pandas as pd
+
+    from mclcbf_diag.interventions.decoding import decoding_lines, decoding_summary
+
+    steered = pd.DataFrame({"decoding_model_margin": [-6.327], "decoding_aux_margin": [-6.61],
+                            "decoding_contrast_margin": [-6.045], "decoding_cut_yes": [1.0], "decoding_cut_no": [0.0],
+                            "resid_post_norm": [3.0]}, index=pd.Index([-1], name="layer"))
+    assert decoding_lines(decoding_summary(steered)) == [
+        "  decoding margins: model -6.327, contrasted with -6.61, combined -6.045 before the cutoff; the cutoff "
+        "ruled out Yes"]
+    assert decoding_lines(decoding_summary(steered.drop(index=-1))) == []  # not a decoding method's run

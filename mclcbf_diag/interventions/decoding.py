@@ -50,6 +50,12 @@ class DecodingMethod(Intervention):
     def idle_reason(self, records) -> str:
         return "the combined distribution gives the model's own answer"
 
+    def trace_summary(self, steered, baseline) -> dict:
+        return decoding_summary(steered)
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        return decoding_lines(summary)
+
     def open_sites(self, steer: bool) -> frozenset[str]:
         return self.sites if steer else frozenset()
 
@@ -96,3 +102,28 @@ def answer_from(site: Readout, row: Row, raw: torch.Tensor, keep: torch.Tensor |
     site.record(row, "decoding_contrast_margin", margin(raw, yes, no))
     site.record(row, "decoding_cut_yes", 0.0 if keep is None else float(not bool(keep[yes])))
     site.record(row, "decoding_cut_no", 0.0 if keep is None else float(not bool(keep[no])))
+
+
+TERMS = ("model_margin", "aux_margin", "contrast_margin", "cut_yes", "cut_no")
+
+
+def decoding_summary(steered) -> dict:
+    """The ``decoding_*`` terms of a traced run (its per-layer frame of the steered condition; layer −1), if any."""
+    if -1 not in steered.index:
+        return {}
+    row = steered.loc[-1]
+    return {f"decoding_{t}": float(row[f"decoding_{t}"]) for t in TERMS
+            if f"decoding_{t}" in row.index and row[f"decoding_{t}"] == row[f"decoding_{t}"]}
+
+
+def decoding_lines(summary: dict) -> list[str]:
+    """One line for ``trace`` and ``explain``: the margins the method combined, and what its cutoff ruled out."""
+    if "decoding_model_margin" not in summary:
+        return []
+    parts = [f"model {summary['decoding_model_margin']:+.4g}"]
+    if "decoding_aux_margin" in summary:
+        parts.append(f"contrasted with {summary['decoding_aux_margin']:+.4g}")
+    parts.append(f"combined {summary.get('decoding_contrast_margin', float('nan')):+.4g} before the cutoff")
+    cut = [name for name, key in (("Yes", "decoding_cut_yes"), ("No", "decoding_cut_no")) if summary.get(key, 0) > 0.5]
+    tail = f"; the cutoff ruled out {' and '.join(cut)}" if cut else ""
+    return [f"  decoding margins: {', '.join(parts)}{tail}"]

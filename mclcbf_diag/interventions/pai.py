@@ -40,7 +40,7 @@ from ..models.projection import project_queries
 from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
 from .contrast import guidance, plausible
-from .decoding import answer_from
+from .decoding import answer_from, decoding_lines, decoding_summary
 from .layers import published_layers
 from .views import image_free_inputs, last_logits
 
@@ -82,6 +82,12 @@ class PAI(Intervention, spec=SPECS["pai"]):
         if not steer:
             return frozenset()
         return self.sites | {"logits"} if self.knobs.contrast_gamma != 1.0 else self.sites
+
+    def trace_summary(self, steered, baseline) -> dict:
+        return decoding_summary(steered)
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        return decoding_lines(summary)
 
     def activation_part(self) -> "PAI":
         return self.replace(contrast_gamma=1.0)

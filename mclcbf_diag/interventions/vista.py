@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
-from .decoding import answer_from
+from .decoding import answer_from, decoding_lines, decoding_summary
 from .layers import published_layers
 from .views import image_free_inputs, row_inputs
 
@@ -80,6 +80,12 @@ class VISTA(Intervention, spec=SPECS["vista"]):
         if not steer:
             return frozenset()
         return self.sites | {"logits"} if self.knobs.logits_alpha != 0.0 else self.sites
+
+    def trace_summary(self, steered, baseline) -> dict:
+        return decoding_summary(steered)
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        return decoding_lines(summary)
 
     def activation_part(self) -> "VISTA":
         return self.replace(logits_alpha=0.0)
