@@ -255,3 +255,17 @@ def test_the_seed_makes_the_numbers(embedded_model, questions):
     assert first.row_records["decoding_aux_margin"] == again.row_records["decoding_aux_margin"]
     other = package_run(lm, prompt, image, beta=0.0, seed=1)
     assert first.row_records["decoding_aux_margin"] != other.row_records["decoding_aux_margin"]
+
+
+def test_trace_records_the_noised_view_as_the_baseline_is_measured(embedded_model, questions):
+    from mclcbf_diag.experiments.trace import trace_sample
+
+    prompts, images = questions
+    text = prompts[0].split("\n")[1]  # the question of the first prompt
+    r = trace_sample(embedded_model, text, images[0], VCD()).records
+    view = r[r.condition == "view:noised image"]
+    assert set(view.layer[view.layer >= 0]) == set(range(embedded_model.n_layers))  # every layer measured
+    aux = r[(r.condition == "steered") & (r.metric == "decoding_aux_margin")].value.item()
+    # the view's own final margin is the auxiliary forward's margin the contrast used (two routes, one forward)
+    assert view[view.metric == "final_margin"].value.item() == pytest.approx(aux, abs=1e-4)
+    assert not view[view.metric == "attn_image_mass"].empty

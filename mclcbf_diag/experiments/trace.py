@@ -23,6 +23,7 @@ import torch
 from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
 from ..engine.runner import RunCapture, run, with_embeds
 from ..interventions import Intervention, as_intervention
+from ..interventions.base import rows_of
 from ..measurements.measure import run_records
 from ..measurements.outcomes import DROPPED_EDIT_METRICS, Reading, outcome_of, read_batch
 from ..measurements.records import NO_HEAD, NO_LAYER, frame
@@ -140,7 +141,7 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     steered = run(lm, with_embeds(inputs, baseline), iv, max_new_tokens=max_new_tokens, dose=multiplier)
     base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
     steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
-    parts = [base_records, steer_records]
+    parts = [base_records, steer_records, *_view_records(lm, inputs, iv, question_id, max_new_tokens)]
     label = question.label if isinstance(question, PopeQuestion) else None
     if label in ("yes", "no"):
         parts.append(frame({"question_id": [question_id], "condition": ["baseline"], "phase": ["prefill"],
@@ -151,6 +152,16 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     return TraceResult(records, iv, question_id, prompt, baseline, steered,
                        question if isinstance(question, PopeQuestion) else None, lm.tokens,
                        lambda i: tok.decode([i]))
+
+
+def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, max_new_tokens: int) -> list:
+    """Records of the auxiliary forwards the intervention contrasts with (condition ``view:NAME``), measured as the
+    baseline is: the same probes on the question as the method's other view shows it (VCD: the noised image)."""
+    if iv is None or max_new_tokens > 0 or "logits" not in iv.open_sites(True):
+        return []
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+    return [run_records(lm, run(lm, view, None), question_id=question_id, condition=f"view:{name}")
+            for name, view in iv.views(lm, inputs, rows).items()]
 
 
 @torch.no_grad()

@@ -332,6 +332,11 @@ class Intervention:
         ``lm.model`` under ``torch.no_grad()``. ``inputs`` are the run's model inputs.
         """
 
+    def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
+        """The auxiliary forwards a decoding-level method contrasts with, by name → their model inputs (each with
+        the image tokens' ``input_ids``), for ``trace`` to record them as conditions ``view:NAME``; {}: none."""
+        return {}
+
     def begin(self, rows: list[Row], n_layers: int) -> None:
         """Called once per run before the first forward, with the batch's rows."""
 

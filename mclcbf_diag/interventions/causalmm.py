@@ -144,9 +144,9 @@ def counterfactual_features(lm, pixels: torch.Tensor, method: str, seed: int) ->
     return [per_image[j] for j in inverse.tolist()]
 
 
-def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torch.Tensor:
-    """The last position's float32 logits [B, vocab] of the prompts of ``inputs`` with ``features[b]`` as row
-    b's image features, merged as the model merges its own (its image tokens, in order)."""
+def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
+    """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features: ``inputs_embeds``
+    merged as the model merges its own (its image tokens, in order), beside the ids that say where they are."""
     ids = inputs["input_ids"]
     with torch.no_grad():
         embeds = lm.model.get_input_embeddings()(ids)
@@ -155,7 +155,15 @@ def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torc
         if int(image.sum()) != feats.shape[0]:  # programming error
             raise RuntimeError(f"{int(image.sum())} image tokens for {feats.shape[0]} image features")
         embeds = embeds.masked_scatter(image[..., None], feats)
-        feed = {"inputs_embeds": embeds, **{k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}}
+    return {"input_ids": ids, "inputs_embeds": embeds,
+            **{k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}}
+
+
+def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torch.Tensor:
+    """The last position's float32 logits [B, vocab] of the prompts of ``inputs`` with ``features[b]`` as row
+    b's image features (:func:`with_features`)."""
+    feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
+    with torch.no_grad():
         return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
 
 
@@ -169,3 +177,8 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
 
     def combine(self, site, row, logits, aux, dose):
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
+
+    def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
+        mine = row_inputs(inputs, rows)
+        features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
+        return {f"{self.knobs.attention} attention": with_features(lm, mine, features)}

@@ -31,9 +31,12 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
     cutoff_knob = "beta"
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
+        return last_logits(lm, self.views(lm, inputs, rows)["noised image"])
+
+    def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         mine = row_inputs(inputs, rows)
-        noised = diffusion_noise(pixels_of(mine), self.knobs.noise_step, self.knobs.seed)
-        return last_logits(lm, with_pixels(mine, noised))
+        return {"noised image": with_pixels(mine, diffusion_noise(pixels_of(mine), self.knobs.noise_step,
+                                                                  self.knobs.seed))}
 
     def combine(self, site, row, logits, aux, dose):
         return contrast(logits, aux, self.knobs.alpha * dose), plausible(logits, self.knobs.beta)
