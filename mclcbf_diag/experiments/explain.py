@@ -93,8 +93,13 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
                    sweep: bool = True) -> Explanation:
     """Every stage of the verdict for one question, then its cause chain (and per-layer doses).
 
-    ``config`` is the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such).
+    ``config`` is the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such). A prompt the model
+    cannot take (longer than its context or than a sliding window keeps) is refused with a UserError first.
     """
+    from ..data import build_prompt
+    from ..models.loading import check_prompt_lengths
+
+    check_prompt_lengths(lm, [build_prompt(as_question(question).text, template)])
     b = VerdictBatch(lm, [as_question(question)], [image], config, Settings(k_max, bisect_steps, sweep, template))
     qv = run_stages(b)[0]
     local_records, local = localised(b, qv)
