@@ -256,3 +256,34 @@ def test_pages_select_wrong_changed_all_or_the_first_n():
                   row(5, "right", derailed=["site"]), row(6, "right")])
     picked = {p: list(page_selection(df, p).question_id) for p in ("wrong", "changed", "all", "2")}
     assert picked == {"wrong": [1, 4], "changed": [3, 4, 5], "all": [1, 2, 3, 4, 5, 6], "2": [1, 2]}
+
+
+def test_the_best_fix_carries_its_paired_statistics():
+    from scipy.stats import binomtest
+
+    from mclcbf_diag.measurements import stats as S
+
+    # ten labelled questions: the baseline gets 0–5 right; under fix "f" question 6 is fixed, 1 and 2 are broken,
+    # 3 derails, 9 cannot run it (n/a); a fix "g" changes nothing
+    rows = []
+    for i in range(10):
+        label = "yes" if i % 2 else "no"
+        right = i < 6
+        base = label if right else ("no" if label == "yes" else "yes")
+        fx = {6: "fixed", 1: "broken", 2: "broken", 3: "derailed", 9: "n/a"}.get(i, "unchanged")
+        rows.append({"split": "adversarial", "question_id": i, "label": label, "baseline_answer": base,
+                     "baseline_valid": True, "baseline_margin": 2.0 if base == "yes" else -2.0, "fix:f": fx,
+                     "fix:g": "unchanged"})
+    df = pd.DataFrame(rows)
+    got = A.fix_paired(df, "f")
+    # by hand: nine questions it applies to; 1 fixed, 3 broken or derailed (a derailed answer counts as wrong)
+    assert (got["n"], got["fixed_valid"], got["broken_valid"]) == (9, 1, 3)
+    assert got["d_accuracy"] == pytest.approx(-2 / 9)
+    assert got["mcnemar_p"] == pytest.approx(binomtest(1, 4).pvalue, rel=1e-12)
+    new = ["no" if r["baseline_answer"] == "yes" and r["fix:f"] in ("fixed", "broken") else
+           "yes" if r["fix:f"] in ("fixed", "broken") else r["baseline_answer"] for r in rows[:9]]
+    want = S.paired([r["label"] for r in rows[:9]], [r["baseline_answer"] for r in rows[:9]], [True] * 9,
+                    [r["baseline_margin"] for r in rows[:9]], new, [r["fix:f"] != "derailed" for r in rows[:9]])
+    assert {k: got[k] for k in ("d_accuracy_lo", "d_accuracy_hi", "bias_label")} == \
+        {k: want[k] for k in ("d_accuracy_lo", "d_accuracy_hi", "bias_label")}
+    assert A.fix_paired(df, "g")["fixed_valid"] == 0 and A.fix_paired(df, "missing") is None

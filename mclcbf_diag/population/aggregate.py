@@ -175,6 +175,25 @@ def paired_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols)
 
 
+def fix_paired(df: pd.DataFrame, fix: str) -> dict | None:
+    """:func:`mclcbf_diag.measurements.stats.paired` of one counterfactual fix against the baseline, over the labelled
+    questions it applies to, from each question's outcome under it (``fix:NAME``): unchanged keeps the baseline's
+    answer, fixed or broken flips it, derailed or non-finite is no Yes/No answer. None without such questions."""
+    from ..measurements import stats as S
+
+    col = f"fix:{fix}"
+    if col not in df or "label" not in df:
+        return None
+    g = df[df.label.isin(["yes", "no"]) & df[col].isin(["unchanged", "fixed", "broken", "derailed", "non_finite"])]
+    if not len(g):
+        return None
+    flip = {"yes": "no", "no": "yes"}
+    new = [flip.get(b, b) if o in ("fixed", "broken") else b for b, o in zip(g.baseline_answer, g[col])]
+    valid = [o in ("unchanged", "fixed", "broken") for o in g[col]]
+    base_valid = g.baseline_valid if "baseline_valid" in g else [True] * len(g)
+    return S.paired(list(g.label), list(g.baseline_answer), list(base_valid), list(g.baseline_margin), new, valid)
+
+
 def paired_sentence(row: dict, what: str = "the intervention") -> str:
     """The population answer's sentence on whether the change is real (one pooled row of :func:`paired_table`)."""
     from ..measurements import stats as S
@@ -254,9 +273,14 @@ def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: p
         parts.append(f"None of the {len(ran)} counterfactual fixes that apply changes any answer.")
     elif len(moved):
         top = moved.sort_values("net", ascending=False, kind="stable").iloc[0]
+        stat = fix_paired(df, top.fix)
+        real = "" if stat is None else (
+            f"; paired over the {stat['n']} labelled questions it applies to, Δ accuracy "
+            f"{100 * stat['d_accuracy']:+.1f} points, 95% paired bootstrap interval {100 * stat['d_accuracy_lo']:+.1f} "
+            f"to {100 * stat['d_accuracy_hi']:+.1f}, exact McNemar p = {stat['mcnemar_p']:.3g}")
         parts.append(f"Of the counterfactual fixes, the best is {top.fix}: it fixes {top.wrong_fixed}, breaks "
                      f"{top.right_broken} and derails {top.wrong_derailed + top.right_derailed} (net {top.net:+d}, "
-                     f"{top.net_accuracy_points:+.2f} accuracy points).")
+                     f"{top.net_accuracy_points:+.2f} accuracy points{real}).")
     if paired is not None and len(paired):
         pooled = paired.iloc[-1].to_dict()  # "all" when several splits, else the one split
         parts.append(paired_sentence(pooled, what))
