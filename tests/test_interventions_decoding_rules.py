@@ -23,18 +23,23 @@ def found(causes):
     return [c.id for c in causes if c.detected]
 
 
-def test_a_view_that_answers_like_the_model_cancels_the_contrast():
-    # wrong No (label yes): the noised image says No even more firmly than the clean one? no: less firmly,
-    # so (1+α)m − αm' = 2·(−2) − (−1) = −3 keeps the No
+def test_a_contrast_that_leaves_the_sign_is_found_with_its_direction():
+    # wrong No (label yes): the noised view says No less firmly (−1 against −2), so the contrast
+    # 2·(−2) − (−1) = −3 pushes further to No, away from the right answer
     causes = diagnose(records(-2.0, -1.0, -3.0, -3.0), intervention=VCD())
     assert found(causes) == ["contrast_cancels", "margin_unmoved"]
     c = causes[0]
-    assert c.evidence["aux_margin"] == -1.0 and "answers as the model does" in c.sentence
+    assert c.evidence["contrast_shift"] == -1.0 and "away from the other answer" in c.sentence
     assert "present, not tested" in verdict(causes)
-    # a right answer kept is no failure; an aux view of the other sign is no cancelling
+    # the view says No more firmly (−3): the contrast moves toward Yes, by 1 of the 2 needed
+    toward = next(c for c in diagnose(records(-2.0, -3.0, -1.0, -1.0), intervention=VCD())
+                  if c.id == "contrast_cancels")
+    assert toward.detected and "toward the other answer, but only 1 of the 2 a change needs" in toward.sentence
+    assert toward.strength == 0.5
+    # a right answer kept is no failure; a contrast that flips the sign is no failure of the contrast
     assert "contrast_cancels" not in found(diagnose(records(-2.0, -1.0, -3.0, -3.0, label=LABEL_NO),
                                                     intervention=VCD()))
-    assert "contrast_cancels" not in found(diagnose(records(-2.0, 1.0, -5.0, -5.0), intervention=VCD()))
+    assert "contrast_cancels" not in found(diagnose(records(-2.0, -5.0, 1.0, 1.0), intervention=VCD()))
 
 
 def test_a_cutoff_that_rules_out_the_flipped_token_is_found_and_undone_by_removing_it():

@@ -4,9 +4,10 @@ A contrastive method reads the answer from s = (1 + α)·ℓ − α·ℓ' (or it
 forms) on the tokens that pass a plausibility cutoff. With m the model's own Yes − No margin,
 m' the contrasted distribution's and m_c = (1 + α)·m − α·m' the contrast's before the cutoff:
 
-* ``contrast_cancels``: m' has the sign of m, so the contrast pushes the margin further the way
-  it already went (the other view answers as the clean one does); undone by a stronger
-  contrast, a graded search over α × 2 … × 64 (a negative claim needs the whole sweep);
+* ``contrast_cancels``: the contrast's shift α·(m − m') leaves the margin's sign: the other view
+  answers about as the clean one does (or leans the same way harder, and the shift points away
+  from the other answer); undone by a stronger contrast, a graded search over α × 2 … × 64 (a
+  negative claim needs the whole sweep; a shift away from the other answer grows away with it);
 * ``cutoff_removes_flip``: m_c has the other sign than m, but the cutoff ruled out the token
   m_c favours, so the answer stays; undone by the same run without the cutoff;
 * ``premature_agrees`` (DoLa): the chosen premature layer's distribution is within
@@ -42,12 +43,16 @@ def contrast_cancels(ev: Evidence, rule: Rule) -> Cause:
     m, aux, mc = _terms(ev)
     if m is None or aux is None or mc is None:
         return ev.skip(rule, "no decoding_model_margin / decoding_aux_margin (not a contrastive method's run)")
-    same = m != 0 and math.copysign(1, aux) == math.copysign(1, m)
-    flips = mc == mc and mc != 0 and math.copysign(1, mc) != math.copysign(1, m)
-    e = {"model_margin": m, "aux_margin": aux, "contrast_margin": mc}
-    s = (f"The contrasted distribution answers as the model does (margin {fmt(aux)} against {fmt(m)}), so the "
-         f"contrast moves the margin to {fmt(mc)}, the same way.")
-    return ev.make(rule, same and not flips and not _kept_right(ev), 1.0 if same else 0.0, e, s)
+    flips = mc == mc and mc != 0 and m != 0 and math.copysign(1, mc) != math.copysign(1, m)
+    shift = mc - m  # α·(m − m'): what the contrast added to the model's margin
+    toward = m != 0 and math.copysign(1, shift) != math.copysign(1, m)
+    e = {"model_margin": m, "aux_margin": aux, "contrast_margin": mc, "contrast_shift": shift}
+    how = (f"toward the other answer, but only {fmt(abs(shift))} of the {fmt(abs(m))} a change needs" if toward else
+           "away from the other answer")
+    s = (f"The contrast moved the margin by {shift:+.3g} ({fmt(m)} → {fmt(mc)}; the contrasted view's margin is "
+         f"{fmt(aux)}), {how}.")
+    return ev.make(rule, m != 0 and not flips and not _kept_right(ev), 1.0 - (abs(shift) / abs(m) if toward else 0.0),
+                   e, s)
 
 
 def cutoff_removes_flip(ev: Evidence, rule: Rule) -> Cause:
@@ -93,8 +98,8 @@ def _cf_other_bucket(ev: Evidence, cause):
 
 def contrast_rules(cutoff_knob: str | None) -> list[Rule]:
     """The rules of a contrastive method whose cutoff is knob ``cutoff_knob`` (None: it has none)."""
-    rules = [Rule("contrast_cancels", "The contrasted view answers like the model", 6.5,
-                  "sign(aux margin) = sign(model margin) and the contrast keeps that sign", contrast_cancels,
+    rules = [Rule("contrast_cancels", "The contrast is too weak to change the answer", 6.5,
+                  "the contrast's margin keeps the model's sign", contrast_cancels,
                   _cf_stronger, judged_on="answer")]
     if cutoff_knob is not None:
         rules.append(Rule("cutoff_removes_flip", "The plausibility cutoff removed the flipped token", 7,
