@@ -28,7 +28,6 @@ from ..measurements.measure import run_records
 from ..measurements.outcomes import DROPPED_EDIT_METRICS, Reading, outcome_of, read_batch
 from ..measurements.records import NO_HEAD, NO_LAYER, frame
 from ..models import LoadedModel
-from ..models.loading import check_prompt_lengths
 
 
 @dataclass
@@ -136,8 +135,6 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     text = question.text if isinstance(question, PopeQuestion) else question
     if question_id is None:
         question_id = question.question_id if isinstance(question, PopeQuestion) else 0
-    if baseline is None:  # (explain passes its baseline, after checking the prompt)
-        check_prompt_lengths(lm, [build_prompt(text, template)], max_new_tokens=max_new_tokens)
     prompt, inputs = sample_inputs(lm, text, image, template)
     if baseline is None:
         baseline = run(lm, inputs, iv, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
