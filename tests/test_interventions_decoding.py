@@ -131,3 +131,19 @@ def test_trace_prints_the_margins_the_method_combined():
         "  decoding margins: model -6.327, contrasted with -6.61, combined -6.045 before the cutoff; the cutoff "
         "ruled out Yes"]
     assert decoding_lines(decoding_summary(steered.drop(index=-1))) == []  # not a decoding method's run
+
+
+@pytest.mark.parametrize("name", ["vcd", "dola", "causalmm", "opera", "pai", "vista"])
+def test_a_measuring_run_reads_the_models_own_answer(embedded_model, batch, name):
+    """A measuring (baseline) run opens no logits site: its final logits are the plain model's, with no decoding
+    record, whatever the method."""
+    from plain_refs import plain_model
+
+    from mclcbf_diag.interventions import resolve
+
+    lm, (prompts, images) = embedded_model, batch
+    cap = run(lm, lm.inputs(prompts[2], images[2]), resolve(name), steer=False)
+    with torch.no_grad():
+        plain = plain_model(lm)(**lm.inputs(prompts[2], images[2]), logits_to_keep=1).logits[0, -1]
+    torch.testing.assert_close(cap.steps[0].final_logits.float(), plain.float(), rtol=0, atol=1e-5)
+    assert cap.steps[0].model_logits is None and not any(m.startswith("decoding_") for m in cap.row_records)

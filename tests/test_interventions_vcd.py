@@ -205,23 +205,6 @@ def test_the_cached_prefix_run_answers_as_the_full_one(embedded_model, questions
             assert a["margin"] == pytest.approx(b["margin"], abs=1e-4, nan_ok=True)  # ±inf: one token cut
 
 
-def test_the_baseline_is_untouched(embedded_model, questions):
-    """A measuring run opens no site: its final logits are the model's."""
-    lm = embedded_model
-    prompt, image = questions[0][2], questions[1][2]
-    cap = run(lm, lm.inputs(prompt, image), VCD(), steer=False)
-    with torch.no_grad():
-        plain = plain_model(lm)(**lm.inputs(prompt, image), logits_to_keep=1).logits[0, -1]
-    torch.testing.assert_close(cap.steps[0].final_logits.float(), plain, rtol=0, atol=TOL)
-    assert "decoding_aux_margin" not in (cap.row_records or {})
-    baseline = answer_batch(lm, *questions, VCD(), steer=False)
-    with torch.no_grad():
-        raw = plain_model(lm)(**batch_inputs(lm, *questions, share_images=False), logits_to_keep=1).logits[:, -1]
-    yes, no = lm.tokens.yes_id, lm.tokens.no_id
-    for b in range(3):
-        assert baseline[b]["margin"] == pytest.approx(float(raw[b, yes] - raw[b, no]), abs=1e-4)
-
-
 def test_the_dose_scales_alpha(embedded_model, questions):
     lm = embedded_model
     prompt, image = questions[0][1], questions[1][1]
