@@ -200,13 +200,13 @@ def _pope(args, on_batch=None) -> int:
     check_prompt_lengths(prep, prompts, [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
                          max_new_tokens=args.generate)
     identity = run_identity(args, config, files, shard, all_jobs, prep.where)
-    rid = run_id(identity)
+    rid, decoding = run_id(identity), decoding_from_args(args)
     # 3. Only now write: lock the folder, claim it, answer what is missing.
     def answer(lm, todo):
         lm.run_id = rid
         timing = RunTiming(out, **RunTiming.machine(lm, args.batch_size))
         run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
-                 on_batch=on_batch, template=args.prompt, timing=timing, decoding=decoding_from_args(args))
+                 on_batch=on_batch, template=args.prompt, timing=timing, decoding=decoding)
 
     from ..pope.metrics import write_outputs
 

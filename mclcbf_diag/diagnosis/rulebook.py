@@ -176,7 +176,7 @@ def fired_by_step(ev: "Evidence") -> tuple[list[int], list[int], list[int]]:
 
 
 # margins that are ±inf by construction where a decoding-level method's cutoff ruled out Yes or No
-INFINITE_OK = frozenset({"final_margin", "decoding_contrast_margin"})
+INFINITE_OK = frozenset({"final_margin"})
 
 
 class Evidence:

@@ -123,6 +123,7 @@ class _Run:
         self.targeted = set(intervention.layers(lm.n_layers)) if intervention is not None else set()
         self.read_layers = set(intervention.readout_layers(lm.n_layers)) if intervention is not None else set()
         self.layer_out: dict[int, torch.Tensor] = {}  # readout layer → [B, d] its output at the last position
+        self.reading = False  # whether the last forward opened the logits site (set by body)
         self._weights: dict[int, object] = {}
         # records[row][(phase, step)][layer] = {metric: value}; heads likewise
         self.records = [dict() for _ in rows]
@@ -291,7 +292,7 @@ class _Run:
 
     def decoded(self, logits: torch.Tensor) -> torch.Tensor:
         """The scores [B, vocab] the answer is read from: the intervention's ``logits`` site's, or ``logits``."""
-        if not getattr(self, "reading", False):
+        if not self.reading:
             return logits
         site = Readout(self, logits, self.layer_out)
         with torch.no_grad():
@@ -313,6 +314,25 @@ class _Run:
             cap.final_logits = logits[r.index]
             self.steps[r.index].append(cap)
 
+def _refuse_generation(intervention: Intervention | None, steer: bool, generating: bool) -> None:
+    """A UserError before any forward when a decoding-level method would have to act on generated tokens."""
+    if generating and intervention is not None and steer and "logits" in intervention.open_sites(True):
+        raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
+                        "generation under it is not supported yet: use a first-token answer (no new tokens)")
+
+
+def _decoded_captures(state: "_Run", rows: list[Row], last: torch.Tensor) -> torch.Tensor:
+    """The scores the answer is read from, set as each captured row's ``final_logits`` (its model's own kept in
+    ``model_logits`` where a decoding-level method combined them)."""
+    last = state.decoded(last.float())
+    for r in rows:
+        step = state.steps[r.index][0]
+        if state.reading:
+            step.model_logits = step.final_logits
+        step.final_logits = last[r.index]
+    return last
+
+
 def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
         max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
         keep_embeds: bool = False, components: bool = False) -> RunCapture:
@@ -331,6 +351,7 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     if ids.shape[0] != 1:
         raise ValueError("run() captures one prompt; use run_batch() for batches")  # programming error
     rows = rows_of(ids, inputs.get("attention_mask", torch.ones_like(ids)), lm.tokens.image_token_id)
+    _refuse_generation(intervention, steer, max_new_tokens > 0)
     if intervention is not None:
         intervention.prepare(lm, inputs, rows)
     state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys,
@@ -351,11 +372,7 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
                     state.body(nm, "prefill" if s == 0 else "decode", s, keep_embeds)
                 generated = nnsight.save(tracer.result)
     if state.reading:
-        if max_new_tokens > 0:
-            raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
-                            "generation under it is not supported yet: use max_new_tokens=0 (a first-token answer)")
-        step = state.steps[0][0]
-        step.model_logits, step.final_logits = step.final_logits, state.decoded(step.final_logits[None])[0]
+        _decoded_captures(state, rows, state.steps[0][0].final_logits[None])
     row = rows[0]
     extra = {**(intervention.row_records(row) if intervention is not None else {}), **state.whole_model(row)}
     return RunCapture(row.length, state.steps[0], row.image.clone(), extra, generated, state.embeds)
@@ -374,6 +391,7 @@ def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full
     ``prepare=False``: the caller already called ``intervention.prepare`` with the full inputs.
     """
     rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    _refuse_generation(intervention, True, generate is not None)
     if prepare:
         intervention.prepare(lm, inputs, rows)
     state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False, start=start, prefix_keys=prefix_keys)
@@ -388,9 +406,6 @@ def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full
                 state.body(nm, "prefill", 0)
                 last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
                 sequences = nnsight.save(tracer.result)
-    if generate is not None and state.reading:
-        raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
-                        "generation under it is not supported yet: use --max-new-tokens 0 (a first-token answer)")
     last = state.decoded(last.float())
     records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]
     return (last, records) if generate is None else (last, records, sequences)
@@ -479,14 +494,9 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
         with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
             state.body(nm, "prefill", 0)
             last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
-    last = state.decoded(last.float())
     if not capture:
-        return last, [state.records[r.index].get(("prefill", 0), {}) for r in rows]
-    for r in rows:
-        step = state.steps[r.index][0]
-        if state.reading:
-            step.model_logits = step.final_logits
-        step.final_logits = last[r.index]
+        return state.decoded(last.float()), [state.records[r.index].get(("prefill", 0), {}) for r in rows]
+    last = _decoded_captures(state, rows, last)
     caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), {**intervention.row_records(r),
                                                                           **state.whole_model(r)}) for r in rows]
     return last, caps
