@@ -28,3 +28,12 @@ def three_questions():
     images = [load_image(resolve_image(q, shipped.IMAGES)) for q in qs]
     assert len({q.image for q in qs}) == 3
     return [build_prompt(t) for t in texts], images
+
+
+def assert_scores(got, want, atol=1e-5):
+    """The package's scores against a reference's: the same tokens ruled out (−inf), the others within ``atol``."""
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got.float()), finite)
+    assert (got[~finite] == -torch.inf).all()
+    assert int(finite.sum()) >= 1
+    torch.testing.assert_close(got.float()[finite], want[finite], rtol=0, atol=atol)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from plain_refs import plain_model, three_questions
+from plain_refs import assert_scores, plain_model, three_questions
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -97,14 +97,6 @@ def reference(lm, prompt, image, knobs):
         premature = {j: model.lm_head(out.hidden_states[j][:, -1]).float() for j in candidates}
     scores, chosen = released_scores(final, premature, candidates, knobs.get("cutoff", 0.1))
     return scores, chosen - 1, jsd(final[0], premature[chosen][0]), final[0], {j: v[0] for j, v in premature.items()}
-
-
-def assert_scores(got, want, tol=TOL):
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got.float()), finite)
-    assert (got[~finite] == -torch.inf).all()
-    assert int(finite.sum()) >= 1
-    torch.testing.assert_close(got.float()[finite], want[finite], rtol=0, atol=tol)
 
 
 def assert_records(rec, layer, value, ref, lm):

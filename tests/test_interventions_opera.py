@@ -9,7 +9,7 @@ out. Nothing of the package is used in it but the processor's inputs.
 
 import pytest
 import torch
-from plain_refs import plain_model
+from plain_refs import assert_scores, plain_model
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -59,13 +59,6 @@ def released_first_step(model, inputs, image_token_id, candidates=5, weight=1.0)
         cand_scores = cand_scores - weight * penalty
         scores = torch.full_like(z, -torch.inf).scatter(-1, cand, cand_scores)  # −999 in the released code
     return scores, cand, attn_img
-
-
-def assert_scores(got, want):
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got), finite)
-    assert (got[~finite] == -torch.inf).all()
-    assert (got[finite] - want[finite]).abs().max() <= TOL
 
 
 def test_shares_renormalise_the_max_over_heads():

@@ -17,7 +17,7 @@ import floors
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
-from plain_refs import DECODING, plain_model
+from plain_refs import DECODING, assert_scores, plain_model
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -96,15 +96,6 @@ def reference(lm, prompt, image, alpha, gamma, layers):
     cond = patched_logits(lm, prompt, image, pai_reference(alpha), layers)
     uncond = image_free_logits(lm, prompt, image)
     return (*cfg_scores(cond, uncond, gamma), cond, uncond)
-
-
-def assert_scores(got, want, atol=1e-5):
-    """−inf masks exact, the finite scores within ``atol``."""
-    got = got.float()
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    finite = torch.isfinite(want)
-    assert int(finite.sum()) >= 1
-    torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=atol)
 
 
 def pai_reference(alpha):

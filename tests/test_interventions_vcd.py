@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from plain_refs import DECODING, plain_model, three_questions
+from plain_refs import DECODING, assert_scores, plain_model, three_questions
 
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.engine.runner import run, run_batch
@@ -72,14 +72,6 @@ def reference_scores(lm, prompt, image, *, alpha=1.0, beta=0.2, noise_step=500, 
 
 def package_run(lm, prompt, image, dose=1.0, **knobs):
     return run(lm, lm.inputs(prompt, image), VCD(VCDKnobs(**knobs)), dose=dose)
-
-
-def assert_scores(got, want, tol=TOL):
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got.float()), finite)
-    assert (got[~finite] == -torch.inf).all()
-    assert int(finite.sum()) >= 1
-    torch.testing.assert_close(got.float()[finite], want[finite], rtol=0, atol=tol)
 
 
 def _batch(lm, prompts, images, iv):
@@ -175,12 +167,12 @@ def test_a_question_alone_equals_it_in_a_batch(embedded_model, questions):
     together, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
     for b in range(3):
         alone, rec_alone = _batch(lm, prompts[b:b + 1], images[b:b + 1], iv)
-        assert_scores(together[b], alone[0], tol=1e-4)
+        assert_scores(together[b], alone[0], atol=1e-4)
         for metric in DECODING:
             assert records[b][-1][metric] == pytest.approx(rec_alone[0][-1][metric], abs=1e-4)
         # and each row is the released construction of its own question
         ref, _, _ = reference_scores(lm, prompts[b], images[b], beta=1e-3)
-        assert_scores(together[b], ref, tol=1e-4)
+        assert_scores(together[b], ref, atol=1e-4)
 
 
 def test_records_are_whole_model_records(embedded_model, questions):
