@@ -63,7 +63,19 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def margin_direction(x_final: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_yes: torch.Tensor,
                      w_no: torch.Tensor) -> torch.Tensor:
-    """``u = γ ⊙ (w_Yes − w_No) / r`` with r the final norm's actual scale at ``x_final`` ([d] → [d])."""
+    """``u = γ ⊙ (w_Yes − w_No) / r`` with r the final norm's actual scale at ``x_final`` ([d] → [d]).
+
+    Args:
+        x_final: [d] the residual leaving the last layer (the final norm's input).
+        norm_weight: [d] the final norm's gain γ.
+        eps: the final norm's ε.
+        w_yes: [d] the unembedding row of the Yes token.
+        w_no: [d] the unembedding row of the No token.
+
+    Returns:
+        [d] float32 (float64 for a float64 ``x_final``): the direction whose dot product with a part of
+        ``x_final`` is that part's direct contribution to the margin.
+    """
     x_final = _f(x_final)
     r = rms_scale(x_final, eps)
     return _f(norm_weight).to(x_final.device) * (_f(w_yes) - _f(w_no)).to(x_final.device) / r
@@ -95,10 +107,18 @@ def head_source_split(probs: torch.Tensor, values: torch.Tensor, masks: dict[str
                       o_weight: torch.Tensor, u: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each head's direct contribution from the keys of each mask: ``{name: [H]}``.
 
-    ``probs`` [H, K]: the decision query's softmax row per head; ``values`` [kv heads, K, head_dim]
-    (query head h reads kv head ``h // (H / kv heads)``); ``masks``: bool [K] per source. The parts
-    of one head sum to :func:`head_contributions` of its output ``Σ_k p_hk v_k`` when the masks
-    partition the keys.
+    The parts of one head sum to :func:`head_contributions` of its output ``Σ_k p_hk v_k`` when the
+    masks partition the keys.
+
+    Args:
+        probs: [H, K] the decision query's softmax row per head.
+        values: [kv heads, K, head_dim] (query head h reads kv head ``h // (H / kv heads)``).
+        masks: bool [K] per source (:func:`source_masks`).
+        o_weight: o_proj's weight [d, H·head_dim].
+        u: [d] the margin direction (:func:`margin_direction`).
+
+    Returns:
+        ``{name: [H]}``, one entry per mask: each head's contribution to the margin from those keys.
     """
     H, K = probs.shape
     kv = values.shape[0]
@@ -153,11 +173,23 @@ def direct_logit_attribution(embed: torch.Tensor, layers: list[LayerParts], x_fi
                              sink_positions=(0,)) -> Attribution:
     """The DLA of one run at the decision token (see the module docstring).
 
-    ``embed`` [d]: the embedding entering layer 0; ``layers``: one :class:`LayerParts` per decoder
-    layer, in order; ``x_final`` [d]: the residual leaving the last layer (the final norm's input),
-    whose scale is held; ``margin``: the model's own logit(Yes) − logit(No), kept for comparison;
-    ``image`` bool [K]: the image keys, for the split of each head by :data:`SOURCES` (needs
-    ``probs`` and ``values`` in every layer).
+    Args:
+        embed: [d] the embedding entering layer 0.
+        layers: one :class:`LayerParts` per decoder layer, in order.
+        x_final: [d] the residual leaving the last layer (the final norm's input), whose scale is held.
+        norm_weight: [d] the final norm's gain γ.
+        eps: the final norm's ε.
+        w_yes: [d] the unembedding row of the Yes token.
+        w_no: [d] the unembedding row of the No token.
+        margin: the model's own logit(Yes) − logit(No), kept for comparison.
+        unembed_bias: ``b_Yes − b_No`` of the unembedding (0 without a bias).
+        image: bool [K] the image keys, for the split of each head by :data:`SOURCES` (needs ``probs``
+            and ``values`` in every layer); None: no split.
+        sink_positions: the sink's key positions, for that split.
+
+    Returns:
+        An :class:`Attribution` (per-layer parts [L], per-head parts [L, H], on the CPU); its ``sources``
+        is empty without ``image``.
     """
     u = margin_direction(x_final, norm_weight, eps, w_yes, w_no)
     dot = lambda v: float(u @ _f(v).to(u.device))  # noqa: E731
@@ -184,8 +216,16 @@ def direct_logit_attribution(embed: torch.Tensor, layers: list[LayerParts], x_fi
 def recovery(patched, corrupted: float, clean: float, floor: float = 0.0):
     """Normalised recovery ``(m_patched − m_corrupted) / (m_clean − m_corrupted)`` (tensor or float).
 
-    NaN where the clean and corrupted margins differ by no more than ``floor`` (their difference is
-    rounding: nothing to recover).
+    Args:
+        patched: the patched run's margin (a float, or a tensor of margins).
+        corrupted: the corrupted run's margin (recovery 0).
+        clean: the clean run's margin (recovery 1).
+        floor: the rounding noise of the margins' difference.
+
+    Returns:
+        The recovery, of ``patched``'s type; NaN (every element, for a tensor) where the clean and corrupted
+        margins differ by no more than ``floor`` (their difference is rounding: nothing to recover) or
+        their difference is not finite.
     """
     gap = clean - corrupted
     if not math.isfinite(gap) or abs(gap) <= floor:

@@ -116,7 +116,18 @@ def step_records(lm: LoadedModel, cap: StepCapture, image_mask: torch.Tensor, *,
                  base: StepCapture | None = None, sink: Sink | None = None) -> dict[str, list]:
     """Every probe at one forward (phase, decode step), all layers at once (batched over layers).
 
-    ``sink`` is the prompt's attention sink (:func:`run_sink`); without it, position 0 (the BOS).
+    Args:
+        lm: the loaded model (its final norm, layer norms, unembedding and answer tokens are read).
+        cap: the forward's captures (every captured layer, the final logits).
+        image_mask: bool [prompt] the image-token positions (the attention masses' image keys).
+        question_id: the records' ``question_id``.
+        condition: the records' ``condition`` (``baseline`` or the intervened run's).
+        base: the baseline's capture of the same forward, for the propagation records; None: none written.
+        sink: the prompt's attention sink (:func:`run_sink`); None: position 0 (the BOS).
+
+    Returns:
+        The records as columns (one list per record key: the key fields, ``layer``, ``head``, ``metric``,
+        ``value``), ready for :func:`~mclcbf_diag.measurements.records.frame`.
     """
     rows = _Rows(question_id, condition, cap.phase, cap.decode_step)
     layers = sorted(cap.layers)
@@ -224,7 +235,19 @@ def row_records(run: RunCapture, *, question_id, condition: str) -> dict[str, li
 
 def run_records(lm: LoadedModel, run: RunCapture, *, question_id, condition: str,
                 base: RunCapture | None = None):
-    """All records of one run (every phase and decode step) as a tidy frame."""
+    """All records of one run (every phase and decode step) as a tidy frame.
+
+    Args:
+        lm: the loaded model.
+        run: the run's captures.
+        question_id: the records' ``question_id``.
+        condition: the records' ``condition``.
+        base: the baseline run of the same prompt, when ``run`` is intervened: adds the intervention's
+            whole-model records (:func:`row_records`) and the propagation records, and supplies the sink.
+
+    Returns:
+        A tidy frame (:func:`~mclcbf_diag.measurements.records.frame`): one row per record.
+    """
     image_mask = run.detected
     parts = [row_records(run, question_id=question_id, condition=condition)] if base is not None else []
     base_steps = {(s.phase, s.decode_step): s for s in base.steps} if base is not None else {}

@@ -86,7 +86,17 @@ def mass_floor(dtype: torch.dtype, *masses: float) -> float:
 
 
 def propagation_floor(dtype: torch.dtype, base_norm: float, layers: int, final_norm: bool = False) -> float:
-    """Floor of ``‖x^steered − x^base‖`` after ``layers`` decoder layers run in ``dtype`` (+1 for a final norm)."""
+    """Floor of ``‖x^steered − x^base‖`` after ``layers`` decoder layers run in ``dtype`` (+1 for a final norm).
+
+    Args:
+        dtype: the dtype the layers ran in.
+        base_norm: ``‖x^base‖``, the scale of the residual compared.
+        layers: how many decoder layers ran since the step (at least 1 is counted), four roundings each.
+        final_norm: whether the residual also went through the final norm (one rounding more).
+
+    Returns:
+        The floor, in the residual's units: :func:`floor` with ``4 · layers (+1)`` roundings.
+    """
     return floor(dtype, base_norm, ROUNDINGS_PER_LAYER * max(int(layers), 1) + int(final_norm))
 
 

@@ -82,7 +82,19 @@ def answer_ids(tokens) -> tuple[list[int], list[int]]:
 
 
 def read_logits(logits: torch.Tensor, yes_id: int, no_id: int, yes_ids, no_ids) -> Reading:
-    """A :class:`Reading` of one row of full-vocabulary logits [vocab]."""
+    """A :class:`Reading` of one row of full-vocabulary logits [vocab].
+
+    Args:
+        logits: [vocab] (any shape of ``vocab`` elements) the logits at the decision position.
+        yes_id: the Yes token whose logit the margin reads.
+        no_id: the No token whose logit the margin reads.
+        yes_ids: every Yes spelling's id (the ``p_yes`` mass and the top-token check; :func:`answer_ids`).
+        no_ids: every No spelling's id.
+
+    Returns:
+        The :class:`Reading`; a non-finite row reads NaN masses, ``valid`` False and a NaN margin unless
+        the margin itself is finite.
+    """
     return _read_rows(logits.detach().float().reshape(1, -1), yes_id, no_id, yes_ids, no_ids)[0]
 
 
@@ -126,7 +138,20 @@ def dropped_edit(layer_metrics) -> bool:
 
 def outcome(base_answer: str, base_valid: bool, new_answer: str, new_valid: bool, label: str | None = None,
             *, new_finite: bool = True, new_dropped: bool = False) -> str:
-    """The outcome class of one question (see the module docstring)."""
+    """The outcome class of one question (see the module docstring).
+
+    Args:
+        base_answer: the baseline's answer (``"yes"`` or ``"no"``).
+        base_valid: whether the baseline's reading is a Yes/No answer.
+        new_answer: the intervened run's answer.
+        new_valid: whether the intervened reading is a Yes/No answer.
+        label: the ground truth (``"yes"`` or ``"no"``); anything else: unlabelled (changed/unchanged).
+        new_finite: whether the intervened logits are finite (False: derailed).
+        new_dropped: whether the intervened run dropped a non-finite edit (:func:`dropped_edit`).
+
+    Returns:
+        One of :data:`OUTCOMES` with a label, of :data:`UNLABELED_OUTCOMES` without.
+    """
     if not new_finite or (base_valid and not new_valid):
         return "derailed"
     if new_dropped:
@@ -141,7 +166,17 @@ def outcome(base_answer: str, base_valid: bool, new_answer: str, new_valid: bool
 
 
 def outcome_of(base: Reading, new: Reading, label: str | None = None, *, dropped: bool = False) -> str:
-    """:func:`outcome` of two readings; ``dropped``: the new run dropped a non-finite edit (:func:`dropped_edit`)."""
+    """:func:`outcome` of two readings.
+
+    Args:
+        base: the baseline's reading.
+        new: the intervened run's reading.
+        label: the ground truth (``"yes"``, ``"no"`` or None).
+        dropped: the new run dropped a non-finite edit (:func:`dropped_edit`).
+
+    Returns:
+        The outcome class (:func:`outcome`).
+    """
     return outcome(base.answer, base.valid, new.answer, new.valid, label, new_finite=new.finite, new_dropped=dropped)
 
 

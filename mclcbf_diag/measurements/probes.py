@@ -101,7 +101,17 @@ def rms_norm_jacobian(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def rms_norm_jvp(x: torch.Tensor, weight: torch.Tensor, eps, v: torch.Tensor) -> torch.Tensor:
-    """``J v`` without forming J: ``γ ⊙ (v/r − x (x·v)/(d r³))``; any leading batch dims."""
+    """``J v`` without forming J: ``γ ⊙ (v/r − x (x·v)/(d r³))``; any leading batch dims.
+
+    Args:
+        x: [..., d] where the Jacobian is taken.
+        weight: the norm's gain γ ([d], or one per leading index).
+        eps: the norm's ε (a float, or a tensor per leading index).
+        v: [..., d] the tangent vector(s).
+
+    Returns:
+        [..., d] in float32 (float64 for a float64 ``x``).
+    """
     x, g = _prep(x, weight)
     v = v.to(x.dtype)
     d = x.shape[-1]
@@ -110,7 +120,17 @@ def rms_norm_jvp(x: torch.Tensor, weight: torch.Tensor, eps, v: torch.Tensor) ->
 
 
 def rms_norm_vjp(x: torch.Tensor, weight: torch.Tensor, eps, u: torch.Tensor) -> torch.Tensor:
-    """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``."""
+    """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``.
+
+    Args:
+        x: [..., d] where the Jacobian is taken.
+        weight: the norm's gain γ ([d], or one per leading index).
+        eps: the norm's ε (a float, or a tensor per leading index).
+        u: [..., d] the cotangent vector(s).
+
+    Returns:
+        [..., d] in float32 (float64 for a float64 ``x``).
+    """
     x, g = _prep(x, weight)
     w = g * u.to(x.dtype)
     d = x.shape[-1]
@@ -126,10 +146,17 @@ def rms_norm_gains(
 ) -> dict:
     """Gains of RMSNorm at x [d] (floats) or at a batch x [n, d] (tensors [n]).
 
-    Returns ``gain_along`` (‖J v‖/‖v‖ for ``direction``; NaN if None or zero),
-    ``gain_along_backward`` (‖Jᵀ v‖/‖v‖), ``gain_orthogonal`` (RMS gain over directions
-    orthogonal to x), ``gain_radial`` (‖J x̂‖, about 0) and ``rms`` (r). In a batch,
-    ``weight`` may be [d] or [n, d] and ``eps`` a float or [n] (one norm per row).
+    Args:
+        x: [d] or [n, d] where the gains are taken.
+        weight: the norm's gain γ: [d], or [n, d] in a batch (one norm per row).
+        eps: the norm's ε: a float, or [n] in a batch.
+        direction: v, shaped like ``x``: the direction of ``gain_along`` and ``gain_along_backward``.
+
+    Returns:
+        ``gain_along`` (‖J v‖/‖v‖; NaN where ``direction`` is None, zero or not finite),
+        ``gain_along_backward`` (‖Jᵀ v‖/‖v‖), ``gain_orthogonal`` (RMS gain over directions orthogonal
+        to x), ``gain_radial`` (‖J x̂‖, about 0) and ``rms`` (r): floats for a single ``x``, tensors [n]
+        for a batch.
     """
     single = x.dim() == 1
     xm, g = _prep(x.reshape(-1, x.shape[-1]), weight)
@@ -167,9 +194,14 @@ def attention_masses(
 ) -> dict[str, torch.Tensor]:
     """Split one softmax row per head into image / sink / text mass.
 
-    ``probs`` is [heads, keys]; ``image_mask`` is bool [keys] (a shorter mask is padded
-    with False: keys past the prompt are generated text). Sink positions that are also
-    image positions count as image. Each returned value is float32 [heads].
+    Args:
+        probs: [heads, keys] one softmax row per head.
+        image_mask: bool [keys] the image keys (a shorter mask is padded with False: keys past the prompt
+            are generated text).
+        sink_positions: the sink's key positions; one that is also an image position counts as image.
+
+    Returns:
+        ``{"image", "sink", "text"}``: each float32 [heads], the mass on those keys.
     """
     if probs.dim() != 2:
         raise ValueError(f"probs must be [heads, keys], got shape {tuple(probs.shape)}")
@@ -211,8 +243,17 @@ def logit_lens(
 ) -> torch.Tensor:
     """Logits of ``token_ids`` read from a residual [..., d] through the final RMSNorm.
 
-    ``unembed`` is ``lm_head.weight`` [vocab, d] (no bias). Returns float32 [..., n_ids];
-    the norm keeps the model's casts, the product runs in float32.
+    The norm keeps the model's casts, the product runs in float32.
+
+    Args:
+        resid: [..., d] the residual stream.
+        norm_weight: [d] the final norm's gain.
+        eps: the final norm's ε.
+        unembed: ``lm_head.weight`` [vocab, d] (no bias), or any rows of it that ``token_ids`` index.
+        token_ids: the rows of ``unembed`` to read.
+
+    Returns:
+        float32 [..., n_ids].
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=unembed.device).reshape(-1)
     normed = rms_norm(resid, norm_weight, eps).to(torch.float32)
@@ -227,7 +268,19 @@ def yes_no_margin(
     yes_id: int,
     no_id: int,
 ) -> torch.Tensor:
-    """Logit-lens margin ``logit[yes] − logit[no]``, shape ``resid.shape[:-1]``."""
+    """Logit-lens margin ``logit[yes] − logit[no]``, shape ``resid.shape[:-1]``.
+
+    Args:
+        resid: [..., d] the residual stream.
+        norm_weight: [d] the final norm's gain.
+        eps: the final norm's ε.
+        unembed: ``lm_head.weight`` [vocab, d], or any rows of it that the two ids index.
+        yes_id: the Yes row of ``unembed``.
+        no_id: the No row of ``unembed``.
+
+    Returns:
+        float32 ``resid.shape[:-1]`` (see :func:`logit_lens`).
+    """
     logits = logit_lens(resid, norm_weight, eps, unembed, [yes_id, no_id])
     return logits[..., 0] - logits[..., 1]
 

@@ -90,7 +90,18 @@ class Decoding:
 
 
 def warp(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Scores [..., vocab] after temperature, top-k and top-p, in transformers' order; filtered tokens at −inf."""
+    """Scores [..., vocab] after temperature, top-k and top-p, in transformers' order; filtered tokens at −inf.
+
+    Args:
+        scores: [..., vocab] the logits (or a decoding-level method's scores).
+        temperature: divides the scores.
+        top_k: keep the k highest scores (ties with the k-th kept too); 0: no top-k.
+        top_p: keep the smallest set of top tokens whose probability reaches ``top_p`` (the top token
+            always); 1: no top-p.
+
+    Returns:
+        float32 [..., vocab].
+    """
     import torch
 
     s = scores.float() / temperature

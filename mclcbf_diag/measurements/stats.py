@@ -205,7 +205,17 @@ def bias_label(changed: bool, gain_lo: float) -> str:
 
 # --------------------------------------------------------------------------- the paired bootstrap
 def resample_blocks(n: int, resamples: int = RESAMPLES, seed: int = SEED, block: int = BLOCK):
-    """Yield index matrices [≤ block, n]: the resamples in order, each ``rng.integers(0, n, size=n)``."""
+    """Yield index matrices [≤ block, n]: the resamples in order, each ``rng.integers(0, n, size=n)``.
+
+    Args:
+        n: how many questions each resample draws (with replacement) from.
+        resamples: how many resamples in all.
+        seed: the seed of one ``np.random.default_rng`` for every block (the same resamples for any ``block``).
+        block: at most this many resamples per yielded matrix.
+
+    Returns:
+        A generator of int arrays [k, n], k ≤ ``block``, ``resamples`` rows in all.
+    """
     rng = np.random.default_rng(seed)
     done = 0
     while done < resamples:
@@ -254,10 +264,24 @@ def paired(labels, base_answer, base_valid, base_margin, new_answer, new_valid, 
            resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> dict:
     """Every paired statistic of one intervention against its baseline, as one flat record (:data:`COLUMNS`).
 
-    ``fixed_valid``/``broken_valid`` are McNemar's b and c (a derailed answer counted as wrong, so an answer right
-    at baseline and derailed is in c); ``d_*`` are intervened − baseline with their intervals; the control's
-    columns are described in the module docstring; ``control_mcnemar_p`` is the exact McNemar test of the
-    intervention against its control (for reading; the label follows the interval).
+    Args:
+        labels: the ground truth per question, ``"yes"`` or ``"no"`` (anything else raises ValueError).
+        base_answer: the baseline's answer per question (``"yes"``/``"no"``).
+        base_valid: whether each baseline answer is a Yes/No answer (None: all are).
+        base_margin: the baseline's logit(Yes) − logit(No) per question (the bias control's input; NaN:
+            unusable).
+        new_answer: the intervened run's answer per question.
+        new_valid: whether each intervened answer is a Yes/No answer (None: all are).
+        resamples: bootstrap resamples of the questions.
+        seed: the bootstrap's seed.
+        level: the intervals' confidence level.
+
+    Returns:
+        The flat record: ``fixed_valid``/``broken_valid`` are McNemar's b and c (a derailed answer counted as
+        wrong, so an answer right at baseline and derailed is in c); ``d_*`` are intervened − baseline with
+        their intervals; the control's columns are described in the module docstring; ``control_mcnemar_p``
+        is the exact McNemar test of the intervention against its control (for reading; the label follows
+        the interval). With no question, NaN everywhere and ``n`` 0.
     """
     label_yes = _labels(labels)
     n = len(label_yes)
@@ -307,8 +331,18 @@ def _named(name: str, lo_hi: tuple[float, float]) -> dict:
 
 
 def paired_records(records: list[dict], base: str = "baseline", new: str = "steered", **kw) -> dict:
-    """:func:`paired` of answers rows (``answers.jsonl``: ``label``, ``{cond}_answer``, ``{cond}_valid``,
-    ``{cond}_margin``; rows written before the validity flags are taken as valid)."""
+    """:func:`paired` of answers rows.
+
+    Args:
+        records: ``answers.jsonl`` rows: ``label``, ``{cond}_answer``, ``{cond}_valid``, ``{cond}_margin``
+            (rows written before the validity flags are taken as valid; a missing margin is NaN).
+        base: the baseline condition's prefix.
+        new: the intervened condition's prefix.
+        **kw: passed to :func:`paired` (``resamples``, ``seed``, ``level``).
+
+    Returns:
+        :func:`paired`'s flat record.
+    """
     return paired([r["label"] for r in records], [r[f"{base}_answer"] for r in records],
                   [answer_valid(r, base) for r in records], [_margin(r, base) for r in records],
                   [r[f"{new}_answer"] for r in records], [answer_valid(r, new) for r in records], **kw)
