@@ -154,16 +154,26 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                 timing: dict | None = None, decoding=None) -> list[dict]:
     """One batch of questions → one record per question (baseline and steered).
 
-    ``outcome`` is the question's class (:mod:`mclcbf_diag.measurements.outcomes`): unchanged, fixed, broken,
-    derailed (no longer a Yes/No answer at the decision position, or non-finite logits) or
-    non_finite (the intervention's edit overflowed and was dropped: ``steered_dropped``). ``flipped``
-    stays the bare sign change of logit Yes − No (the answers format requires it); with
-    ``generate`` the official text parser's answers and their outcome (``text_outcome``) are
-    beside them. ``baseline_image_mass_<layer>`` / ``steered_image_mass_<layer>``: the decision
-    query's image mass per layer (module docstring). ``timing`` (a dict) gets this batch's
-    ``inputs_seconds`` and ``baseline_seconds`` added. ``decoding``
-    (:class:`~mclcbf_diag.measurements.sampling.Decoding`): how answers are chosen; a sampled first token
-    is drawn per question from its split and id (``baseline_sampled_token``, ``steered_sampled_token``).
+    Args:
+        lm: the loaded model (its ``run_id``, when set, goes into every record).
+        jobs: the batch's questions.
+        config: the intervention (or what :func:`~mclcbf_diag.interventions.as_intervention` accepts).
+        generate: with > 0, also generate up to this many tokens per condition and parse the text's answer;
+            0: first-token answers only (the intervened run reuses the baseline's cache).
+        template: the prompt template (``<image>`` and ``{question}``); None: the default LLaVA prompt.
+        timing: a dict that gets this batch's ``inputs_seconds`` and ``baseline_seconds`` added; None: not timed.
+        decoding: how answers are chosen (:class:`~mclcbf_diag.measurements.sampling.Decoding`; None: greedy);
+            a sampled first token is drawn per question from its split and id (``baseline_sampled_token``,
+            ``steered_sampled_token``).
+
+    Returns:
+        One record per job, in order. ``outcome`` is the question's class
+        (:mod:`mclcbf_diag.measurements.outcomes`): unchanged, fixed, broken, derailed (no longer a Yes/No
+        answer at the decision position, or non-finite logits) or non_finite (the intervention's edit
+        overflowed and was dropped: ``steered_dropped``). ``flipped`` stays the bare sign change of logit
+        Yes − No (the answers format requires it); with ``generate`` the official text parser's answers and
+        their outcome (``text_outcome``) are beside them. ``baseline_image_mass_<layer>`` /
+        ``steered_image_mass_<layer>``: the decision query's image mass per layer (module docstring).
     """
     from ..data import build_prompt, resolve_image
     from ..engine.batch import answer_batch, answer_pair, batch_inputs
@@ -273,8 +283,18 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
              timing: RunTiming | None = None, decoding=None) -> None:
     """Answer ``todo`` batch by batch, appending each batch to ``out/answers.jsonl``.
 
-    ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there);
-    ``timing`` records each batch's cost once it is on disk.
+    Args:
+        lm: the loaded model.
+        todo: the questions still to answer, in order.
+        config: the intervention (as in :func:`answer_jobs`).
+        out: the run folder (already claimed).
+        batch_size: questions per batch.
+        generate: max new tokens of a generated answer (0: first-token answers only).
+        on_batch: called as ``on_batch(n)`` after the n-th batch (from 1) is on disk (tests interrupt there).
+        progress: whether to show a progress bar on stderr.
+        template: the prompt template; None: the default.
+        timing: records each batch's cost once it is on disk; None: not timed.
+        decoding: how answers are chosen (:func:`answer_jobs`).
     """
     from ..progress import tqdm
 

@@ -230,7 +230,22 @@ def _relabelled(folder: Path, run: dict, answers: list[dict], labels):
 
 def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: int | None = None) -> pd.DataFrame:
     """One row per (run, split): intervention, settings, metrics, outcome counts, the paired statistics and the bias
-    control, Δ image mass and cost; with ``labels`` each run twice (its own labels, then relabelled), ranked."""
+    control, Δ image mass and cost; with ``labels`` each run twice (its own labels, then relabelled), ranked.
+
+    Args:
+        folders: finished (merged) ``mclcbf-diag pope`` run folders.
+        labels: a labels file (:func:`~mclcbf_diag.data.labels.load_labels`) to re-score every run under as well;
+            None: the question files' labels only.
+        resamples: bootstrap resamples of the paired statistics; None: the default.
+        seed: the bootstrap's seed; None: the default.
+
+    Returns:
+        The ranked table (empty when no row came out), per-layer image-mass columns last.
+
+    Raises:
+        UserError: a folder is not a finished whole run (a file missing or unreadable, or a shard), or
+            ``labels`` relabels no question of the runs compared.
+    """
     from ..measurements import stats as S
     from .metrics import paired_table
 

@@ -44,9 +44,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def question_files(split: str, pope_file: str | None, image_dir: str | None) -> list[tuple[str, Path, Path]]:
     """``(split label, file, image folder)`` per selected split.
 
-    Without ``--pope-file``: the embedded split files. A ``--pope-file`` containing
-    ``{split}`` is expanded for each selected split (e.g. ``coco_pope_{split}.json``);
-    otherwise it is one file labelled with ``--split`` (or its stem for ``all``).
+    Args:
+        split: ``--split``: one of :data:`SPLITS`, or ``all`` for every one.
+        pope_file: ``--pope-file``; None: the embedded split files. A path containing ``{split}`` is expanded
+            for each selected split (e.g. ``coco_pope_{split}.json``); otherwise it is one file labelled with
+            ``split`` (or its stem for ``all``).
+        image_dir: ``--image-dir``; None: the embedded images, or the question file's folder.
+
+    Returns:
+        One ``(split label, question file, image folder)`` per split, paths resolved for a ``pope_file``.
     """
     splits = SPLITS if split == "all" else (split,)
     if pope_file is None:
@@ -60,6 +66,17 @@ def question_files(split: str, pope_file: str | None, image_dir: str | None) -> 
 
 
 def select_jobs(files, limit: int | None, shard: tuple[int, int] | None) -> list[Job]:
+    """The questions of ``files`` as jobs, split by split.
+
+    Args:
+        files: ``(split label, question file, image folder)`` triples (:func:`question_files`).
+        limit: the first this many questions of each file; None or 0: all of them.
+        shard: ``(i, n)`` (:func:`parse_shard`): only the questions whose position in their split is ``i`` mod
+            ``n``; None: all.
+
+    Returns:
+        The jobs, in file order and each file's order.
+    """
     from ..data import load_pope
 
     jobs = []
@@ -98,7 +115,22 @@ def check_images(jobs: list[Job], shortest_edge: int | None = None) -> None:
 def shard_jobs(files, limit: int | None, shard: tuple[int, int] | None, shard_text: str | None,
                shortest_edge: int | None = None):
     """``(all_jobs, this shard's jobs)`` with every image path checked (contained, present,
-    readable) before any model loads; a shard that selects nothing is refused."""
+    readable) before any model loads; a shard that selects nothing is refused.
+
+    Args:
+        files: ``(split label, question file, image folder)`` triples (:func:`question_files`).
+        limit: the first this many questions of each file; None: all of them.
+        shard: ``(i, n)`` (:func:`parse_shard`); None: the whole run.
+        shard_text: ``--shard`` as typed, for the message.
+        shortest_edge: the model's processor size (:func:`check_images`; None: LLaVA-1.5's 336).
+
+    Returns:
+        ``(all_jobs, jobs)``: every selected question of the run, and those of this shard.
+
+    Raises:
+        UserError: the shard selects no question, or an image path leaves its folder, is missing or does not
+            decode within the limits.
+    """
     all_jobs = select_jobs(files, limit, None)
     jobs = [j for j in all_jobs if shard is None or j.position % shard[1] == shard[0]]
     if not jobs:

@@ -29,7 +29,19 @@ def paired_table(records: list[dict], splits: list[str], *, resamples: int = S.R
                  seed: int = S.SEED, base: str = "baseline", new: str = "steered"):
     """Per split (and pooled "all"): the ``new`` answers paired against the ``base`` ones (:func:`.stats.paired`),
     ``condition`` = ``new``. The text answers (``base="baseline_text", new="steered_text"``) have no margins, so no
-    bias control."""
+    bias control.
+
+    Args:
+        records: the run's answers rows.
+        splits: the run's splits, in order (pooled ``all`` for several).
+        resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+        base: the baseline condition's prefix in the rows.
+        new: the intervened condition's prefix.
+
+    Returns:
+        A frame: ``split``, ``condition`` and the columns of :data:`~mclcbf_diag.measurements.stats.COLUMNS`.
+    """
     import pandas as pd
 
     rows = [{"split": split, "condition": new,
@@ -45,8 +57,16 @@ def _select(records: list[dict], split: str) -> list[dict]:
 def metrics_table(records: list[dict], splits: list[str], paired=None):
     """POPE metrics per split (and pooled "all" for several splits) and condition.
 
-    With ``paired`` (:func:`paired_table`, one or several concatenated), the rows of its conditions (steered,
-    steered_text) carry its columns (``n`` aside); the other rows leave them empty."""
+    Args:
+        records: the run's answers rows.
+        splits: the run's splits, in order.
+        paired: :func:`paired_table` (one or several concatenated): the rows of its conditions (steered,
+            steered_text) carry its columns (``n`` aside); the other rows leave them empty. None: no such columns.
+
+    Returns:
+        One row per (split, condition): counts, accuracy (and over valid answers), precision, recall, F1,
+        yes ratio and the confusion counts.
+    """
     import pandas as pd
 
     from ..data import pope_metrics
@@ -134,6 +154,16 @@ def write_outputs(out: Path, records: list[dict], identity: dict) -> tuple:
     """metrics.csv, flips.csv and summary.html from the records; prints both tables.
 
     The page (see :func:`summary_sections`) rounds for reading; the CSV files keep full precision.
+    The per-question ledger (``flips_questions.csv``) is written beside them.
+
+    Args:
+        out: the run folder.
+        records: the run's answers rows.
+        identity: the run's ``run.json`` (its ``splits`` order the tables).
+
+    Returns:
+        ``(metrics, flips)``: the frames written to metrics.csv (:func:`metrics_table`, paired columns
+        included) and flips.csv (:func:`flips_table`).
     """
     import pandas as pd
 
@@ -213,7 +243,19 @@ def summary_sections(records: list[dict], identity: dict, metrics, flips, paired
     """The sections of summary.html: a banner when the run is a partial merge, counts first, whether the difference
     is real (paired statistics and the bias control), metrics zoomed to the data, one outcome partition at a
     time, the margin changes (or why they are noise), each count's questions, and every changed question with its
-    explain command."""
+    explain command.
+
+    Args:
+        records: the run's answers rows.
+        identity: the run's ``run.json``.
+        metrics: :func:`metrics_table` of the records.
+        flips: :func:`flips_table` of the records.
+        paired: :func:`paired_table` of the records; None: computed here.
+        ledger: :func:`ledger_table` of the records; None: computed here.
+
+    Returns:
+        The page's :class:`~mclcbf_diag.report.html.Section` list, in order.
+    """
     import pandas as pd
 
     from ..report.html import Section
