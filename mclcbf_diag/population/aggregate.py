@@ -233,8 +233,22 @@ def _causes_sentence(c: pd.DataFrame, label: str) -> str:
 def answer(df: pd.DataFrame, causes: pd.DataFrame, doses: pd.DataFrame, fixes: pd.DataFrame,
            settings: pd.DataFrame, k_max: float, what: str = "the intervention",
            paired: pd.DataFrame | None = None) -> str:
-    """A few plain sentences, every number read off the tables (with ``paired``, :func:`paired_table`, whether
-    the change is real: its pooled row)."""
+    """A few plain sentences, every number read off the tables.
+
+    Args:
+        df: the question frame (:func:`frame`).
+        causes: :func:`cause_table` of ``df``.
+        doses: :func:`dose_table` of ``df``.
+        fixes: :func:`fix_table` of ``df``.
+        settings: :func:`setting_table` of ``df`` (empty without a sweep).
+        k_max: the dose-response's largest multiplier k.
+        what: how the sentences name the intervention.
+        paired: :func:`paired_table` of ``df``: whether the change is real, from its last (pooled) row; None: not
+            said.
+
+    Returns:
+        The sentences, joined by spaces.
+    """
     wrong, right = df[df.kind == "wrong"], df[df.kind == "right"]
     conf = fixes[fixes.fix == "(as configured)"].iloc[0] if len(fixes) else None
     parts = [f"{len(df)} questions: the model answers {len(right)} right and {len(wrong)} wrong."]

@@ -98,6 +98,17 @@ def explain_command(identity: dict, split: str, question_id) -> str:
 
 
 def tables(rows: list[dict], identity: dict, titles: dict | None = None) -> dict:
+    """Every table of the run, and its answer.
+
+    Args:
+        rows: the run's question rows.
+        identity: the run's ``run.json`` (``k_max``, ``sweep``, the intervention's name and settings).
+        titles: rule id → title, to name the causes; None: the ids alone.
+
+    Returns:
+        ``questions`` (the question frame), ``causes``, ``doses``, ``masses``, ``fixes``, ``settings`` and
+        ``paired`` (frames of :mod:`~mclcbf_diag.population.aggregate`), and ``answer`` (its sentences).
+    """
     df = A.frame(rows)
     k_max = float(identity.get("k_max", 1024.0))
     settings = [tuple(s) if s[1] is None else (s[0], tuple(s[1]), s[2], s[3]) for s in identity.get("sweep", [])]
@@ -127,7 +138,19 @@ def write_outputs(out: Path, rows: list[dict], identity: dict, part_dirs: list[P
                   pages: str | None = None) -> dict:
     """Every output file of the run in ``out`` from its rows (and the records parts in ``part_dirs``); with
     ``pages`` (``--pages``: wrong, changed, all or N) also those questions' explain pages (:func:`write_question_pages`)
-    and one shared plotly.js for every page of the folder."""
+    and one shared plotly.js for every page of the folder.
+
+    Args:
+        out: the run folder.
+        rows: the run's question rows.
+        identity: the run's ``run.json``.
+        part_dirs: the folders whose records parts hold the questions' records (the first part holding a
+            question wins); None: ``out``'s.
+        pages: ``--pages`` (:func:`page_selection`); None: no question pages.
+
+    Returns:
+        The run's tables (:func:`tables`).
+    """
     t = tables(rows, identity, _titles(identity))
     df = t["questions"]
     flat = df.copy()
@@ -169,8 +192,18 @@ def page_selection(df: pd.DataFrame, pages: str) -> pd.DataFrame:
 
 def write_question_pages(out: Path, df: pd.DataFrame, records: pd.DataFrame, identity: dict, pages: str) -> dict:
     """The explain page of each question ``pages`` selects (:func:`page_selection`), from its row and records (no
-    forward), in ``out/pages/``, loading the folder's shared plotly.js; returns ``split:question_id`` → the page's
-    path relative to ``out``."""
+    forward), in ``out/pages/``, loading the folder's shared plotly.js.
+
+    Args:
+        out: the run folder.
+        df: the question frame.
+        records: the questions' records (:func:`read_parts`).
+        identity: the run's ``run.json`` (the intervention, the explain commands).
+        pages: ``--pages``: ``wrong``, ``changed``, ``all`` or a count.
+
+    Returns:
+        ``split:question_id`` → the page's path relative to ``out``.
+    """
     from ..report.html import PLOTLY_JS, write_page
     from ..report.pages import question_sections
     from ..storage import safe_name

@@ -151,8 +151,17 @@ def _keys(df: pd.DataFrame) -> list[str]:
 
 def write_page(path, t: dict, identity: dict, command, limit: int, links: dict | None = None,
                plotlyjs: str | None = None):
-    """``population.html``; ``links`` (``split:question_id`` → a question's page) links the question ids, and
-    ``plotlyjs`` loads plotly.js from the folder's shared copy instead of inlining it."""
+    """``population.html``.
+
+    Args:
+        path: where the page is written.
+        t: the run's tables (:func:`~mclcbf_diag.population.outputs.tables`).
+        identity: the run's ``run.json`` (its splits name the page).
+        command: ``command(split, question_id)`` → the explain command of one question.
+        limit: how many questions the wrong and changed lists show with their command.
+        links: ``split:question_id`` → a question's page, to link the question ids; None: no links.
+        plotlyjs: load plotly.js from the folder's shared copy at this path instead of inlining it.
+    """
     df = t["questions"]
     cmd = command(df.split.iloc[0], df.question_id.iloc[0]) if len(df) else ""
     wrong, right = df[df.kind == "wrong"], df[df.kind == "right"]

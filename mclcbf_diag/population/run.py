@@ -12,7 +12,19 @@ from .outputs import write_part
 
 
 def job_rows(lm, jobs: list[Job], config, settings: Settings, run_id: str | None = None):
-    """One batch of jobs → (rows, records with a ``split`` column)."""
+    """One batch of jobs → (rows, records with a ``split`` column).
+
+    Args:
+        lm: the loaded model.
+        jobs: the batch's questions.
+        config: the intervention.
+        settings: what each verdict runs.
+        run_id: written into every row when given.
+
+    Returns:
+        ``(rows, records)``: one question row per job (its verdict's row, with ``split`` and ``index``), and the
+        batch's records frame (``split`` first, ``question_id`` set).
+    """
     import pandas as pd
 
     from ..data import resolve_image
@@ -32,7 +44,16 @@ def run_population(lm, todo: list[Job], config, out: Path, settings: Settings, *
                    run_id: str | None = None, on_batch=None, progress: bool = True) -> None:
     """Verdicts for ``todo``, batch by batch: each batch's records part is written, then its rows appended.
 
-    ``on_batch(n)`` is called after the n-th batch is on disk (tests interrupt there).
+    Args:
+        lm: the loaded model.
+        todo: the questions still to answer, in order.
+        config: the intervention.
+        out: the run folder.
+        settings: what each verdict runs.
+        batch_size: questions per batch.
+        run_id: written into every row when given.
+        on_batch: called as ``on_batch(n)`` after the n-th batch (from 1) is on disk (tests interrupt there).
+        progress: whether to show a progress bar on stderr.
     """
     from ..progress import tqdm
 
