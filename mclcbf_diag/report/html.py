@@ -244,8 +244,21 @@ def render_page(title: str, sections: Sequence[Section], plotlyjs: str | None = 
 
 
 def write_page(path: str | Path, title: str, sections: Sequence[Section], plotlyjs: str | None = None) -> Path:
-    """Write one HTML page to ``path`` (parents created) and return the path: self-contained, or loading
-    plotly.js from ``plotlyjs`` beside it (see :func:`write_plotlyjs`)."""
+    """Write one HTML page to ``path`` (parents created), atomically: self-contained, or loading plotly.js from
+    the shared copy beside it (see :func:`write_plotlyjs`).
+
+    Args:
+        path: the page's file.
+        title: the page's title and heading.
+        sections: the page's sections, in order.
+        plotlyjs: the shared plotly.js's path relative to the page (such as :data:`PLOTLY_JS`); None: inline.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        UserError: the folder cannot be made or the page cannot be written.
+    """
     path = Path(path)
     page = render_page(title, sections, plotlyjs)
     data = page.encode("utf-8", "surrogateescape")

@@ -81,8 +81,20 @@ def summary_frame(summary: dict, intervention=None) -> pd.DataFrame:
 def overlay_section(lm, result, image, template, tokens=()) -> Section:
     """The image as the model saw it with the attention of the decision token (and any ``tokens``) over it.
 
-    ``tokens`` are token choices (:func:`mclcbf_diag.report.overlay.parse_token`: an index or a
-    text); each gets its own figure, from two extra prefill runs.
+    Args:
+        lm: the loaded model (its processor rebuilds the inputs the run saw).
+        result: the trace (:class:`~mclcbf_diag.experiments.trace.TraceResult`) whose baseline and intervened
+            captures are drawn.
+        image: the question's image.
+        template: the prompt template the trace ran with.
+        tokens: token choices (:func:`mclcbf_diag.report.overlay.parse_token`: an index or a text); each gets
+            its own figure, from two extra prefill runs.
+
+    Returns:
+        The section, one figure per token (the decision token's first).
+
+    Raises:
+        UserError: the prompt has no image tokens, or a token choice is not in the prompt after the image.
     """
     from ..experiments.trace import sample_inputs
     from .overlay import attention_maps, resolve_token, seen_image, token_attention_maps
@@ -168,7 +180,17 @@ def decode_summary(records: pd.DataFrame, tokens: dict, steered) -> tuple[object
 
 
 def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str = "Per-layer plots") -> list[Section]:
-    """The per-layer plots of each decode step: prefill open, decode steps folded, with a summary across steps."""
+    """The per-layer plots of each decode step: prefill open, decode steps folded, with a summary across steps.
+
+    Args:
+        lm: the loaded model (to decode each step's tokens).
+        result: the trace (:class:`~mclcbf_diag.experiments.trace.TraceResult`).
+        records: the records plotted; None: the trace's.
+        heading: the start of each step's section title.
+
+    Returns:
+        The across-steps section (only with decode steps), then one section per step.
+    """
     records = result.records if records is None else records
     steered = tuple(result.intervention.layers(lm.n_layers))
     steps = sorted({(str(p), int(s)) for p, s in records[["phase", "decode_step"]].itertuples(index=False)},
@@ -193,7 +215,18 @@ def step_sections(lm, result, records: pd.DataFrame | None = None, heading: str 
 
 # ----------------------------------------------------------------------------- pages
 def trace_sections(lm, result, image, template, overlay_tokens=()) -> list[Section]:
-    """Every section of ``trace.html``: numbers first, the overlay, the summary, the plots per step."""
+    """Every section of ``trace.html``: numbers first, the overlay, the summary, the plots per step.
+
+    Args:
+        lm: the loaded model.
+        result: the trace (:class:`~mclcbf_diag.experiments.trace.TraceResult`).
+        image: the question's image (for the overlay).
+        template: the prompt template the trace ran with.
+        overlay_tokens: further token choices to draw over the image (:func:`overlay_section`).
+
+    Returns:
+        The page's sections, in order.
+    """
     summary = result.summary() | _text(lm, result)
     return [Section("Outcome", lines=headline(summary, result.records, result.intervention)),
             overlay_section(lm, result, image, template, overlay_tokens),
@@ -290,7 +323,17 @@ def knockout_table(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def explain_sections(ex, verdict_text: str, causes: pd.DataFrame, overlay: Section) -> list[Section]:
-    """Every section of the explain page: the verdict, the causes, the overlay, then each experiment."""
+    """Every section of the explain page: the verdict, the causes, the overlay, then each experiment.
+
+    Args:
+        ex: the explanation (:class:`~mclcbf_diag.experiments.explain.Explanation`).
+        verdict_text: the verdict, one item per line (:func:`verdict_items`).
+        causes: every rule's finding, in rank order (:func:`~mclcbf_diag.diagnosis.diagnose.causes_frame`).
+        overlay: the attention-overlay section (:func:`overlay_section`).
+
+    Returns:
+        The page's sections, in order.
+    """
     summary = ex.trace.summary()
     dose_fig = dose_response_figure(ex.dose.curve)
     sections = [
@@ -333,7 +376,17 @@ def _listed(v) -> str:
 def question_sections(row: dict, records: pd.DataFrame, command: str, intervention=None) -> list[Section]:
     """The explain page of one question of a whole-split run, from its verdict row and its records alone (no
     forward): the verdict, each run's answer, the prefill trace plots and the row. The attention overlay, the
-    dose-response curve and the cause chain need the model: ``command`` (the single explain) gives them."""
+    dose-response curve and the cause chain need the model: ``command`` (the single explain) gives them.
+
+    Args:
+        row: the question's row of the run (questions.csv).
+        records: the question's records (every condition of its verdict).
+        command: the explain command of the question alone.
+        intervention: the run's intervention, for its own trace plots; None: the common plots only.
+
+    Returns:
+        The page's sections, in order.
+    """
     k = row.get("dose_k_star")
     lines = [
         f"{row.get('split', '')} question_id {row.get('question_id')}: {row.get('text', '')} "

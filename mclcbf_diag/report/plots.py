@@ -56,7 +56,21 @@ class MissingDataError(ValueError):
 
 # ----------------------------------------------------------------------------- selection
 def select(records: pd.DataFrame, phase: str, decode_step: int, question_id=None) -> pd.DataFrame:
-    """Rows of one question at one phase/decode step."""
+    """Rows of one question at one phase/decode step.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+
+    Returns:
+        The selected rows.
+
+    Raises:
+        ValueError: ``question_id`` is None and the records hold several questions.
+        MissingDataError: no row matches.
+    """
     ids = list(pd.unique(records["question_id"]))
     if question_id is None:
         if len(ids) > 1:
@@ -153,7 +167,17 @@ def _runs(layers) -> list[tuple[int, int]]:
 
 
 def mark_steered(fig: go.Figure, layers, *, rows: int = 1, label: bool = True) -> go.Figure:
-    """Shade the steered layers (x = layer) on every subplot row; the first band is labelled."""
+    """Shade the steered layers (x = layer) on every subplot row; the first band is labelled.
+
+    Args:
+        fig: a figure whose x axis is the layer.
+        layers: the steered layers (contiguous runs become one band).
+        rows: how many subplot rows to shade (1: a figure without subplots).
+        label: whether the first band says "steered".
+
+    Returns:
+        ``fig``, shaded.
+    """
     for k, (a, b) in enumerate(_runs(layers)):
         for r in range(1, rows + 1):
             kw = dict(row=r, col=1) if rows > 1 else {}
@@ -210,6 +234,16 @@ def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
 
     Steered layers are marked in the layer labels; when the difference is zero everywhere the
     third panel says why instead of showing a blank map.
+
+    Args:
+        records: a tidy records frame.
+        metric: the per-head attention mass drawn (``attn_image_mass``, ``attn_sink_mass``, ``attn_text_mass``).
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        condition: the condition compared with the baseline.
+        steered: the layers marked as steered; None: read off the records.
+        idle: why nothing changed, said when the difference is zero everywhere; None: the generic reason.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, metric)
@@ -273,7 +307,15 @@ def wrap_text(text: str, width: int) -> str:
 
 def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
-    """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text."""
+    """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+    """
     df = select(records, phase, decode_step, question_id)
     require(df, "attn_image_mass")
     fig = go.Figure()
@@ -286,7 +328,16 @@ def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_
 
 
 def add_positive_markers(fig: go.Figure, df: pd.DataFrame, metric: str, name: str, marker: dict, fmt: str) -> None:
-    """One marker trace per condition of ``metric`` per layer, its positive finite values only (a log axis)."""
+    """One marker trace per condition of ``metric`` per layer, its positive finite values only (a log axis).
+
+    Args:
+        fig: the figure the traces are added to.
+        df: the selected records (:func:`select`).
+        metric: the per-layer metric drawn.
+        name: the traces' name (the condition is appended).
+        marker: plotly's marker settings.
+        fmt: the hover's number format (e.g. ``".4g"``).
+    """
     for cond in conditions(df, metric):
         s = by_layer(df, metric, cond)
         s = s[np.isfinite(s.values) & (s.values > 0)]
@@ -298,7 +349,15 @@ def add_positive_markers(fig: go.Figure, df: pd.DataFrame, metric: str, name: st
 def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), and the vector an
-    intervention added where nonzero."""
+    intervention added where nonzero.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+    """
     df = select(records, phase, decode_step, question_id)
     require(df, "resid_pre_norm")
     fig = go.Figure()
@@ -314,7 +373,16 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_
 
 def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
                           decode_step: int = 0, question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
-    """RMSNorm Jacobian gains per layer along θ*, orthogonal and radial, for ln1/ln2/ln_final."""
+    """RMSNorm Jacobian gains per layer along θ*, orthogonal and radial, for ln1/ln2/ln_final.
+
+    Args:
+        records: a tidy records frame.
+        condition: the condition whose gains are drawn.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+    """
     df = select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
     fig = go.Figure()
@@ -342,7 +410,15 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
 
 def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
-    """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers."""
+    """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+    """
     df = select(records, phase, decode_step, question_id)
     require(df, "logit_lens_margin")
     fig = go.Figure()
@@ -378,7 +454,18 @@ def propagation_figure(records: pd.DataFrame, phase: str = "prefill", decode_ste
 
     Exact zeros (layers before the first step) cannot sit on a log axis: they are drawn at the
     axis floor, a decade under the smallest nonzero value, as open markers, and the figure
-    says so. With no nonzero value at all it is a :class:`NoFigure` with the reason.
+    says so.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+        idle: why nothing changed, for the :class:`NoFigure`; None: the generic reason.
+
+    Returns:
+        The figure, or a :class:`NoFigure` with the reason when no value is nonzero.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "propagation_rel")
@@ -416,10 +503,18 @@ def trace_figures(records: pd.DataFrame, phase: str = "prefill", decode_step: in
                   intervention=None) -> dict[str, go.Figure | NoFigure]:
     """Every figure above that the records support, keyed by slug; absent metrics are skipped.
 
-    A figure that has nothing to draw is a :class:`~mclcbf_diag.report.html.NoFigure` (its
-    ``show()`` prints the reason). ``steered`` names the intervention's layers (default: read
-    off the records). ``intervention`` adds its own figures
-    (:meth:`~mclcbf_diag.interventions.base.Intervention.figures`) and says why nothing changed.
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the intervention's layers; None: read off the records.
+        intervention: adds its own figures (:meth:`~mclcbf_diag.interventions.base.Intervention.figures`,
+            after the residual norms) and says why nothing changed; None: the generic figures and reason.
+
+    Returns:
+        Slug → figure, in reading order; a figure that has nothing to draw is a
+        :class:`~mclcbf_diag.report.html.NoFigure` (its ``show()`` prints the reason).
     """
     question_id = select(records, phase, decode_step, question_id)["question_id"].iloc[0]
     where = {"phase": phase, "decode_step": decode_step, "question_id": question_id}
@@ -489,8 +584,12 @@ def decode_summary_figure(records: pd.DataFrame, tokens: dict | None = None, que
                           steered: tuple[int, ...] | None = None) -> go.Figure:
     """One figure across generation steps: image mass (mean over steered layers), final margin, layers fired.
 
-    ``tokens`` maps a decode step to a label such as ``"'Yes' → 'and'"`` (the token read → the token
-    generated), shown on the x axis.
+    Args:
+        records: a tidy records frame with every step of the question.
+        tokens: decode step → a label such as ``"'Yes' → 'and'"`` (the token read → the token generated), shown
+            on the x axis; a step without one is labelled ``step N``.
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers the image mass is averaged over; None: read off the records (every layer when none).
     """
     if question_id is None:
         ids = list(pd.unique(records["question_id"]))
@@ -567,10 +666,15 @@ def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict |
                            title: str = "Attention of the decision token over the image") -> go.Figure:
     """The image as the model saw it, with attention per patch over it: baseline, intervened, difference.
 
-    ``baseline``/``intervened`` map a label ("layer 3", "steered layers", "all layers") to a patch
-    grid (:func:`mclcbf_diag.report.overlay.attention_maps`); a slider picks the label. The heatmaps are
-    stretched over the image (each cell one patch) and half transparent, so both stay visible.
-    When the difference is zero at every label, the difference panel says so.
+    A slider picks the label. The heatmaps are stretched over the image (each cell one patch) and half
+    transparent, so both stay visible. When the difference is zero at every label, the difference panel says so.
+
+    Args:
+        image: the image as the model saw it, [height, width, 3].
+        baseline: a label ("layer 3", "steered layers", "all layers") → a patch grid [rows, columns]
+            (:func:`mclcbf_diag.report.overlay.attention_maps`).
+        intervened: the same for the intervened run; None: the baseline panel alone.
+        title: the figure's title.
     """
     panels = [("baseline", baseline)] + ([("intervened", intervened)] if intervened is not None else [])
     if intervened is not None:
@@ -634,11 +738,19 @@ def layer_heatmaps(records: pd.DataFrame, panels, *, title: str, value: str, que
                    diverging: bool = True, zrange: tuple[float, float] | None = None) -> go.Figure:
     """Heatmaps side by side, layers down, on one colour scale (attribution and patching, prefill).
 
-    ``panels``: ``(subtitle, condition, metric)`` draws layer × head from the metric's per-head rows;
-    ``(subtitle, condition, {column: metric, …})`` draws layer × those columns from per-layer rows (head
-    −1), e.g. the token groups of a residual patch. ``diverging``: a red–blue scale centred on 0 (else
-    Viridis over ``zrange``, default the data's range). Raises :class:`MissingDataError` when a panel
-    has no rows.
+    Args:
+        records: a tidy records frame.
+        panels: ``(subtitle, condition, metric)`` draws layer × head from the metric's per-head rows;
+            ``(subtitle, condition, {column: metric, …})`` draws layer × those columns from per-layer rows
+            (head −1), e.g. the token groups of a residual patch.
+        title: the figure's title.
+        value: what the colour shows (the colour bar's title).
+        question_id: the question drawn; None: the only one in ``records``.
+        diverging: a red–blue scale centred on 0; False: Viridis over ``zrange``.
+        zrange: ``(low, high)`` of the Viridis scale; None: the data's range.
+
+    Raises:
+        MissingDataError: a panel has no rows.
     """
     df = select(records, "prefill", 0, question_id)
     grids = []
