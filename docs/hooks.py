@@ -227,9 +227,9 @@ def counterfactual_text(rule) -> str:
     else:
         if not spec:
             return "none"
-        if "untestable" in spec:
-            return "untestable here: " + cell(spec["untestable"])
-        text = spec.get("why", "") or "a counterfactual run"
+        if spec.untestable:
+            return "untestable here: " + cell(spec.untestable)
+        text = spec.why or "a counterfactual run"
     return f"{cell(text)} (decisive if it changes the {JUDGED.get(rule.judged_on, rule.judged_on)})"
 
 

@@ -323,8 +323,8 @@ def test_causes_tested_by_counterfactual_rank_decisive_first():
     seen = []
 
     def tester(spec):
-        seen.append(None if spec is None else spec["why"])
-        return unfixed if spec is None else effects[spec["why"]]
+        seen.append(None if spec is None else spec.why)
+        return unfixed if spec is None else effects[spec.why]
 
     causes = diagnose(frame_, tester=tester)
     by = {c.id: c for c in causes}

@@ -11,7 +11,7 @@ import pytest
 from test_diagnosis_diagnose import LABEL_NO, LABEL_YES, PLANTED, UNMOVED, make
 
 from mclcbf_diag.diagnosis.diagnose import diagnose, verdict
-from mclcbf_diag.diagnosis.rulebook import Cause, CounterfactualRun, merge_specs
+from mclcbf_diag.diagnosis.rulebook import Cause, CounterfactualRun
 
 UNFIXED = {"step_size": 0.003, "mass": 0.2, "margin": -1.5, "outcome": "unchanged", "finite": True, "dropped": False}
 
@@ -20,10 +20,10 @@ def _tester(effects: dict, seen: list | None = None):
     """Effects by the spec's "why" (a key ending in "*": by prefix; unlisted: the unfixed run's)."""
     def tester(spec):
         if seen is not None:
-            seen.append(None if spec is None else spec["why"])
+            seen.append(None if spec is None else spec.why)
         if spec is None:
             return UNFIXED
-        why = spec["why"]
+        why = spec.why
         return effects.get(why, next((v for k, v in effects.items() if k.endswith("*") and why.startswith(k[:-1])),
                                      UNFIXED))
     return tester
@@ -167,22 +167,14 @@ def test_joint_search_is_bounded_and_in_causal_order():
     assert sets[0].startswith("span = detected and grad_dtype = float32")  # the two earliest in causal order
 
 
-def test_merge_specs():
-    a, b = {"knobs": {"clamp": "none"}, "why": "a"}, {"knobs": {"guard": 1e-9}, "dose": 2.0, "why": "b"}
-    assert merge_specs([a, b]) == {"why": "a and b", "knobs": {"clamp": "none", "guard": 1e-9}, "dose": 2.0}
-    assert merge_specs([a, {"knobs": {"clamp": "scale"}, "why": "c"}]) is None  # one knob, two values
-    assert merge_specs([a, {"untestable": "no", "why": "d"}]) is None
-    assert merge_specs([a, {"dtype": "float32", "why": "g"}]) is None
-    # one search: each of its settings carries the others' changes; two searches do not combine
-    search = {"search": [{"knobs": {"tau_prefill": 0.5}, "why": "e1"}, {"knobs": {"tau_prefill": 0.9}, "why": "e2"}],
-              "why": "e"}
-    assert merge_specs([search, a]) == {"search": [{"why": "e1 and a", "knobs": {"tau_prefill": 0.5, "clamp": "none"}},
-                                                   {"why": "e2 and a", "knobs": {"tau_prefill": 0.9, "clamp": "none"}}],
-                                        "why": "e and a"}
-    assert merge_specs([search, search]) is None
-    assert merge_specs([search, {"knobs": {"tau_prefill": 0.2}, "why": "h"}]) is None  # τ set twice
-    fn = merge_specs([{"knobs_fn": lambda k: {"tau_prefill": k["t"]}, "why": "f"}, a])
-    assert fn["knobs_fn"]({"t": 0.3}) == {"tau_prefill": 0.3} and fn["knobs"] == {"clamp": "none"}
+def test_a_rule_answering_a_dict_is_a_programming_error():
+    from mclcbf_diag.diagnosis.rulebook import Rule, run_rules
+
+    base = make(final=UNMOVED, extra=[LABEL_YES])
+    rule = Rule("x", "X", 1.0, "t", lambda ev, r: ev.make(r, True, 1.0, {}, "s"),
+                counterfactual=lambda ev, cause: {"knobs": {"clamp": "none"}, "why": "old style"})
+    with pytest.raises(TypeError, match="not dict"):
+        run_rules(base, [rule], tester=_tester({}))
 
 
 def test_the_causes_frame_shows_each_run():
@@ -218,7 +210,7 @@ def test_against_a_non_finite_unfixed_run_only_the_goal_counts():
     dropped = {**UNFIXED, "dropped": True, "outcome": "non_finite"}
 
     def tester_with(effect):
-        return lambda spec: dropped if spec is None else (effect if spec["why"] == "clamp = none" else dropped)
+        return lambda spec: dropped if spec is None else (effect if spec.why == "clamp = none" else dropped)
 
     cause = next(c for c in diagnose(frame, tester=tester_with({**UNFIXED, "margin": -1.0})) if c.id == "clamp_limited")
     assert cause.decisive is None and "the unfixed run is non-finite" in cause.test
@@ -234,9 +226,9 @@ def test_a_search_survives_runs_that_cannot_run():
     def tester(spec):
         if spec is None:
             return UNFIXED
-        if spec["why"].startswith("the same step × 100,"):
+        if spec.why.startswith("the same step × 100,"):
             return None  # this size could not run
-        return fixed if spec["why"].startswith("the same step × 300,") else UNFIXED
+        return fixed if spec.why.startswith("the same step × 300,") else UNFIXED
 
     cause = next(c for c in diagnose(frame, tester=tester) if c.id == "step_negligible")
     assert cause.decisive and cause.run.change == "the same step × 300, 30% of ‖x‖"

@@ -15,6 +15,7 @@ import pytest
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.data import load_image, load_pope, resolve_image
+from mclcbf_diag.diagnosis.counterfactual import Counterfactual
 from mclcbf_diag.diagnosis.diagnose import diagnose
 from mclcbf_diag.engine.runner import run
 from mclcbf_diag.experiments.evidence import KNOCKOUTS
@@ -110,7 +111,7 @@ class UndoDownstream(MCLCBF):
 
     def counterfactual(self, cause):
         if cause.id == "damped_downstream":  # undo just the hook
-            return {"intervention": MCLCBF(self.knobs), "why": f"without the hook at layer {self.HOOK}"}
+            return Counterfactual(why=f"without the hook at layer {self.HOOK}", intervention=MCLCBF(self.knobs))
         return None
 
 

@@ -4,6 +4,7 @@ import math
 
 from test_diagnosis_diagnose import LABEL_NO, LABEL_YES, _row, frame
 
+from mclcbf_diag.diagnosis.counterfactual import Counterfactual
 from mclcbf_diag.diagnosis.diagnose import diagnose, verdict
 from mclcbf_diag.diagnosis.rulebook import decisiveness
 from mclcbf_diag.interventions.vcd import VCD
@@ -55,12 +56,12 @@ def test_a_cutoff_that_rules_out_the_flipped_token_is_found_and_undone_by_removi
         seen.append(spec)
         if spec is None:
             return {"margin": -math.inf, "outcome": "unchanged", "finite": True}
-        fixed = spec.get("knobs") == {"beta": 0.0}
+        fixed = spec.knobs == {"beta": 0.0}
         return {"margin": 1.5 if fixed else -math.inf, "outcome": "fixed" if fixed else "unchanged", "finite": True}
 
     tested = diagnose(df, intervention=VCD(), tester=tester)
     cut = next(c for c in tested if c.id == "cutoff_removes_flip")
-    assert cut.decisive is True and {"knobs": {"beta": 0.0}, "why": "beta = 0 (no plausibility cutoff)"} in seen
+    assert cut.decisive is True and Counterfactual(why="beta = 0 (no plausibility cutoff)", knobs={"beta": 0.0}) in seen
     assert verdict(tested).splitlines()[1].startswith("[decisive]")
 
 

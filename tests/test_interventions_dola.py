@@ -287,10 +287,10 @@ def test_premature_agrees_counterfactual_flips_the_bucket():
     ev, cause = _cause(_frame(label_yes=1.0, base_margin=-2.0, steered_margin=-1.5, jsd_value=1e-5))
     rule = next(r for r in dola_rules() if r.id == "premature_agrees")
     spec = rule.counterfactual(ev, cause)
-    assert "bucket" in spec["why"]
+    assert "bucket" in spec.why
     for knobs, bucket in ((DoLaKnobs(), "high"), (DoLaKnobs(bucket="high"), "low"),
                           (DoLaKnobs(layers=(-1, 2)), "high")):
-        changed = dataclasses.replace(knobs, **spec["knobs_fn"](knobs))
+        changed = dataclasses.replace(knobs, **spec.knobs_of(knobs))
         assert changed.bucket == bucket and changed.layers is None and changed.cutoff == knobs.cutoff
     assert math.isfinite(cause.strength)
 

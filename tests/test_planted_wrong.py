@@ -18,6 +18,7 @@ import torch
 from test_experiments_explain import UndoDownstream, _question, _tested
 
 from mclcbf_diag import barrier as B
+from mclcbf_diag.diagnosis.counterfactual import Counterfactual
 from mclcbf_diag.experiments.explain import cause_tester
 from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF
@@ -149,4 +150,5 @@ def test_the_rounding_test_on_a_float32_model_is_untestable(embedded_model, wron
     q, image = wrong
     iv = MCLCBF(working)
     tester = cause_tester(embedded_model, q, image, iv)
-    assert "already computes in float32" in tester({"dtype": "float32", "goal_only": True})["untestable"]
+    wide = Counterfactual(why="float32", dtype="float32", goal_only=True)
+    assert "already computes in float32" in tester(wide)["untestable"]

@@ -61,6 +61,7 @@ import math
 import pandas as pd
 
 from ..interventions import resolve
+from .counterfactual import Counterfactual
 from .rulebook import (
     Cause,
     CounterfactualRun,
@@ -108,13 +109,13 @@ def rounding_absorbed(ev: Evidence, rule: Rule) -> Cause:
     return ev.make(rule, m < ROUNDING_SURVIVAL_MIN, 1 - m, e, s)
 
 
-def _cf_rounding(ev: Evidence, cause: Cause) -> dict:
+def _cf_rounding(ev: Evidence, cause: Cause) -> Counterfactual:
     """What rounding took away is the precision x + αθ* was added in: the same inputs and intervention on a
     float32 copy of the model (explain's tester; it is "untestable here" where the model already computes in
     float32, is split over devices, or answers differently in float32 without any step). The wider dtype
     moves every margin a little, so only a run that reaches the label's goal counts (``goal_only``)."""
-    return {"dtype": "float32", "goal_only": True,
-            "why": "the model in float32, where x + αθ* is not rounded away (same inputs and intervention)"}
+    return Counterfactual(why="the model in float32, where x + αθ* is not rounded away (same inputs and "
+                              "intervention)", dtype="float32", goal_only=True)
 
 
 def non_finite(ev: Evidence, rule: Rule) -> Cause:

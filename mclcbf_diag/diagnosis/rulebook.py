@@ -15,10 +15,11 @@ own counterfactual (undo just that cause, keep everything else: :attr:`Rule.coun
 changes the step size, the decision token's image mass, the margin or the outcome by the amounts of
 :func:`decisiveness`, compared with the *unfixed* intervention; otherwise "present, not
 decisive". "Decisive" always carries the run that showed it (:class:`CounterfactualRun`; a
-:class:`Cause` refuses to be decisive without one). A counterfactual may be a ``search`` (specs
-tried in order, smallest change first; only a run that reaches the label's goal decides it; a
-single run may ask for the same, ``goal_only``), or ``untestable`` (no run can succeed by
-construction: "untestable here", with the reason; the tester may also find it so, running). A
+:class:`Cause` refuses to be decisive without one). A counterfactual
+(:class:`~mclcbf_diag.diagnosis.counterfactual.Counterfactual`) may be a ``search`` (runs tried in
+order, smallest change first; only a run that reaches the label's goal decides it; a single run may
+ask for the same, ``goal_only``), or ``untestable`` (no run can succeed by construction:
+"untestable here", with the reason; the tester may also find it so, running). A
 non-finite counterfactual run shows no effect; against a non-finite unfixed run only a run that
 reaches the goal counts. Causes read off the run itself (non-finite values, a derailed output)
 are "observed". When no single cause's run reaches the label's goal, sets of causes are undone together
@@ -50,6 +51,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..measurements.records import NO_HEAD, NO_LAYER
+from .counterfactual import Counterfactual, joint
 
 KNOCKOUT_DOMINANCE = 3.0  # |Δm_after_image| ≥ this × |Δm_decision|: the after-image path dominates
 
@@ -103,12 +105,10 @@ class Rule:
     rank: float  # place in the causal order (see the module docstring)
     threshold: str
     check: Callable[["Evidence", "Rule"], Cause]
-    # the counterfactual that undoes just this cause: (evidence, cause) → a spec for the tester
-    # ({"knobs": {...}}, {"knobs_fn": f}, {"dose": k} or {"intervention": iv}, plus "why": what it undoes;
-    # {"search": [spec, …]} to try several, smallest first; {"untestable": reason}; {"dtype": "float32"}
-    # to run on a copy of the model in that dtype; "goal_only": only reaching the label's goal counts), or None.
-    # A tester may answer a run with {"untestable": reason} when running shows it cannot test the cause.
-    counterfactual: Callable[["Evidence", Cause], dict | None] | None = None
+    # the counterfactual that undoes just this cause: (evidence, cause) → the run for the tester, or None
+    # (mclcbf_diag.diagnosis.counterfactual). A tester may answer a run with {"untestable": reason} when
+    # running shows it cannot test the cause.
+    counterfactual: Callable[["Evidence", Cause], Counterfactual | None] | None = None
     # "step_size": judged on the size of the intervention's step (Σ‖v‖/‖x‖), image mass, margin and
     # outcome; "answer": on margin and outcome (a counterfactual that enlarges the step changes its
     # size by construction)
@@ -306,7 +306,7 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
               intervention=None) -> list[Cause]:
     """Every rule's cause, tested by its counterfactual where a ``tester`` is given, and ranked.
 
-    ``tester(spec)`` runs one counterfactual (``spec`` from :attr:`Rule.counterfactual`, or from
+    ``tester(cf)`` runs one :class:`Counterfactual` (from :attr:`Rule.counterfactual`, or from
     the intervention's own ``counterfactual(cause)`` hook, which wins) and returns its effect
     (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause's
     run reaches the label's goal and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
@@ -338,7 +338,7 @@ def reaches_goal(cause: Cause, goal: tuple[str, ...]) -> bool:
     return bool(cause.decisive) and cause.run is not None and cause.run.outcome in goal
 
 
-def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> dict | None:
+def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> Counterfactual | None:
     """The counterfactual that undoes ``cause`` alone (the intervention's hook wins), or None."""
     if not cause.detected or cause.decisive is not None:
         return None
@@ -346,15 +346,18 @@ def _spec(ev: Evidence, rule: Rule, cause: Cause, intervention) -> dict | None:
     spec = hook(cause) if hook is not None else None
     if spec is None and rule.counterfactual is not None:
         spec = rule.counterfactual(ev, cause)
+    if spec is not None and not isinstance(spec, Counterfactual):  # programming error in a rule
+        raise TypeError(f"rule {rule.id!r}: a counterfactual is a Counterfactual "
+                        f"(mclcbf_diag.diagnosis.counterfactual), not {type(spec).__name__}")
     return spec
 
 
-def _run_of(spec: dict, cf: dict) -> CounterfactualRun:
+def _run_of(spec: Counterfactual, cf: dict) -> CounterfactualRun:
     def num(key):
         v = cf.get(key)
         return math.nan if v is None else float(v)
 
-    return CounterfactualRun(spec.get("why", ""), num("margin"), str(cf.get("outcome")), num("step_size"), num("mass"),
+    return CounterfactualRun(spec.why, num("margin"), str(cf.get("outcome")), num("step_size"), num("mass"),
                              _finite(cf))
 
 
@@ -363,11 +366,6 @@ def _finite(effect: dict) -> bool:
     m = effect.get("margin", math.nan)
     return (effect.get("finite", True) and not effect.get("dropped", False) and m is not None
             and not math.isnan(m))  # ±inf: a decoding method's cutoff, an answer all the same
-
-
-def _searched(spec: dict) -> list[dict]:
-    """The runs a spec asks for: itself, or a search's specs in order (``search``: smallest change first)."""
-    return list(spec["search"]) if "search" in spec else [spec]
 
 
 def _judged(ref: dict, cf: dict, mb: float, judged_on: str, goal: tuple, searched: bool) -> tuple[bool, list[str]]:
@@ -385,16 +383,15 @@ def _judged(ref: dict, cf: dict, mb: float, judged_on: str, goal: tuple, searche
                   f"outcome {ref.get('outcome')} → {cf.get('outcome')}"]
 
 
-def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -> Cause:
+def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: Counterfactual | None, tester) -> Cause:
     if spec is None:
         return cause
-    if spec.get("untestable"):
-        return dataclasses.replace(cause, untestable=spec["untestable"],
-                                   test=f"untestable here: {spec['untestable']}")
-    runs = _searched(spec)
+    if spec.untestable:
+        return dataclasses.replace(cause, untestable=spec.untestable, test=f"untestable here: {spec.untestable}")
+    runs = spec.runs()
     if not runs:
         return cause
-    ref, goal, searched = tester(None), ev.goal(), "search" in spec or bool(spec.get("goal_only"))
+    ref, goal, searched = tester(None), ev.goal(), bool(spec.search) or spec.goal_only
     mb = ev.scalar("final_margin", "baseline")
     ran = []
     for one in runs:
@@ -408,22 +405,22 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -
             continue
         ok, what = _judged(ref, cf, mb if mb is not None else 0.0, rule.judged_on, goal, searched)
         if ok:
-            return _with_run(cause, True, f"undoing it alone ({one.get('why', '')}) changes " + ", ".join(what),
+            return _with_run(cause, True, f"undoing it alone ({one.why}) changes " + ", ".join(what),
                              one, cf)
-    why = spec.get("why", "")
+    why = spec.why
     if not ran:
         return dataclasses.replace(cause, test=f"counterfactual ({why}) could not run")
     finite = [(one, cf) for one, cf in ran if _finite(cf)]
     if not finite:
         one, cf = ran[-1]
-        return _with_run(cause, None, f"undoing it alone ({one.get('why', '')}) gives a non-finite run (margin "
+        return _with_run(cause, None, f"undoing it alone ({one.why}) gives a non-finite run (margin "
                                       f"{fmt(cf.get('margin', math.nan))}, outcome {cf.get('outcome')}): no effect "
                                       "can be read from it", one, cf)
     one, cf = finite[-1]
     last = f"margin {ref.get('margin', math.nan):+.3g} → {cf.get('margin', math.nan):+.3g}, outcome {cf.get('outcome')}"
     if not _finite(ref):
         return _with_run(cause, None, f"the unfixed run is non-finite, so only a run that reaches "
-                                      f"{' or '.join(goal)} could decide it; undoing it alone ({one.get('why', '')}) "
+                                      f"{' or '.join(goal)} could decide it; undoing it alone ({one.why}) "
                                       f"does not ({last})", one, cf)
     if searched and len(runs) == 1:
         return _with_run(cause, False, f"undoing it alone ({why}) does not make the answer {' or '.join(goal)} "
@@ -438,7 +435,7 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: dict | None, tester) -
                                    f"outcome by the stated amount ({last})", one, cf)
 
 
-def _with_run(cause: Cause, decisive, test: str, spec: dict, cf: dict) -> Cause:
+def _with_run(cause: Cause, decisive, test: str, spec: Counterfactual, cf: dict) -> Cause:
     ev_ = {**cause.evidence, "cf_margin": cf.get("margin", math.nan), "cf_outcome": str(cf.get("outcome")),
            "cf_step_size": cf.get("step_size", math.nan), "cf_mass": cf.get("mass", math.nan)}
     ev_ = {k: v for k, v in ev_.items() if not isinstance(v, float) or math.isfinite(v)}
@@ -448,45 +445,6 @@ def _with_run(cause: Cause, decisive, test: str, spec: dict, cf: dict) -> Cause:
 # ----------------------------------------------------------------------- joint causes
 JOINT_MAX_SIZE = 3  # causes undone together at most
 JOINT_MAX_RUNS = 8  # counterfactual runs spent on sets at most, per question
-
-
-def merge_specs(specs: list[dict]) -> dict | None:
-    """One counterfactual that undoes every one of ``specs`` together (None: they cannot be combined).
-
-    Knob changes are joined (a knob two specs set differently: None), knob functions applied in
-    turn, doses multiplied. One search among them becomes a search whose every setting carries the
-    others' changes; two searches, a whole replacement intervention, a run in another dtype or an
-    untestable spec do not combine."""
-    if any(s is None for s in specs):
-        return None
-    searches = [s for s in specs if "search" in s]
-    if len(searches) > 1:
-        return None
-    if searches:
-        rest = [s for s in specs if "search" not in s]
-        items = [merge_specs([one, *rest]) for one in searches[0]["search"]]
-        if any(i is None for i in items):
-            return None
-        return {"search": items, "why": " and ".join(s.get("why", "") for s in [searches[0], *rest])}
-    knobs, fns, dose = {}, [], 1.0
-    for s in specs:
-        if any(k in s for k in ("intervention", "untestable", "dtype")):
-            return None
-        for k, v in s.get("knobs", {}).items():
-            if k in knobs and knobs[k] != v:
-                return None
-            knobs[k] = v
-        if "knobs_fn" in s:
-            fns.append(s["knobs_fn"])
-        dose *= float(s.get("dose", 1.0))
-    out = {"why": " and ".join(s.get("why", "") for s in specs)}
-    if knobs:
-        out["knobs"] = knobs
-    if fns:
-        out["knobs_fn"] = lambda k: {key: v for fn in fns for key, v in fn(k).items()}
-    if dose != 1.0:
-        out["dose"] = dose
-    return out
 
 
 def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: dict) -> Cause | None:
@@ -506,17 +464,17 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
     label, base = ev.label(), ev.answer("baseline")
     if base is None or (label is not None and base == label) or ev.outcome() in goal:
         return None
-    pool = sorted((c for c in causes if c.detected and merge_specs([specs.get(c.id)]) is not None),
+    pool = sorted((c for c in causes if c.detected and joint([specs.get(c.id)]) is not None),
                   key=lambda c: rank[c.id])
     ref, mb, runs = tester(None), ev.scalar("final_margin", "baseline"), 0
     for size in range(2, JOINT_MAX_SIZE + 1):
         for group in itertools.combinations(pool, size):
             if runs >= JOINT_MAX_RUNS:
                 return None
-            merged = merge_specs([specs[c.id] for c in group])
+            merged = joint([specs[c.id] for c in group])
             if merged is None:
                 continue
-            for spec in _searched(merged):  # a set holding a search: its settings in order, each a run
+            for spec in merged.runs():  # a set holding a search: its settings in order, each a run
                 if runs >= JOINT_MAX_RUNS:
                     return None
                 cf = tester(spec)
@@ -537,6 +495,6 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
                                                           "cf_margin": cf.get("margin", math.nan),
                                                           "cf_outcome": str(cf.get("outcome"))},
                          "undoing every member together reaches what the label asks",
-                         s, True, f"undoing them together ({spec['why']}) changes " + ", ".join(what),
+                         s, True, f"undoing them together ({spec.why}) changes " + ", ".join(what),
                          _run_of(spec, cf), members=ids)
     return None

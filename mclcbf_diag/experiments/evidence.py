@@ -3,9 +3,9 @@
 * :func:`reading` and :func:`effect`: a run's Yes/No reading, and what a cause test compares
   (step size, the decision token's image mass, margin, outcome; see
   :func:`mclcbf_diag.diagnosis.rulebook.decisiveness`).
-* :func:`variant_of` and :func:`spec_key`: the counterfactual a cause test's spec names (a knob
-  change, another intervention, a dose), and its identity; :func:`run_in_dtype` runs a spec
-  with a ``dtype`` on a copy of the model in that dtype (the rounding test).
+* :func:`run_in_dtype` runs a :class:`~mclcbf_diag.diagnosis.counterfactual.Counterfactual` with a
+  ``dtype`` on a copy of the model in that dtype (the rounding test); the others are variants of
+  the intervention (:meth:`Counterfactual.variant`), run as rows of a batch.
 * :class:`DoseResponse`, :func:`dose_point_of`, :func:`doubling_grid`, :func:`dose_result`: the
   dose-response's points and its smallest multiplier reaching the label's goal.
 * :func:`fix_plan` and :func:`fix_row`: each fix alone and all together, and how its run reads
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from ..engine.runner import RunCapture, run
+from ..diagnosis.counterfactual import Counterfactual
+from ..engine.runner import RunCapture, forward
 from ..errors import UserError
 from ..interventions import AttentionKnockout, KnockoutKnobs, as_intervention
 from ..knobs import changed
@@ -69,28 +70,9 @@ def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | Non
             "dropped": dropped}
 
 
-def variant_of(iv, spec):
-    """The intervention and dose a cause test's ``spec`` runs (``None``: the intervention as configured)."""
-    if spec is None:
-        return iv, 1.0
-    if "dtype" in spec:  # runs on a copy of the model (run_in_dtype), not as a row of the batch
-        raise ValueError(f"a counterfactual in {spec['dtype']} runs on a copy of the model")
-    if "intervention" in spec:
-        variant = spec["intervention"]
-    else:  # a knob function (what it reads) first, then fixed knob values: a joint cause may carry both
-        changes = {**(spec["knobs_fn"](iv.knobs) if "knobs_fn" in spec else {}), **spec.get("knobs", {})}
-        variant = iv.replace(**changes) if changes else iv
-    return variant, float(spec.get("dose", 1.0))
-
-
-def spec_key(spec: dict | None) -> str | None:
-    """What identifies a cause test's counterfactual (``None``: the unfixed intervention)."""
-    return None if spec is None else repr(sorted((k, v) for k, v in spec.items() if k != "knobs_fn"))
-
-
-def dtype_untestable(lm: LoadedModel, spec: dict) -> str:
-    """Why a counterfactual in ``spec["dtype"]`` cannot run on ``lm`` ("" where it can)."""
-    name = spec["dtype"]
+def dtype_untestable(lm: LoadedModel, spec: Counterfactual) -> str:
+    """Why a counterfactual in ``spec.dtype`` cannot run on ``lm`` ("" where it can)."""
+    name = spec.dtype
     if lm.dtype == getattr(torch, name):
         return f"the model already computes in {name}, so nothing wider can be tried"
     if len({str(d) for d in (getattr(lm.model, "hf_device_map", None) or {}).values()}) > 1:
@@ -99,12 +81,16 @@ def dtype_untestable(lm: LoadedModel, spec: dict) -> str:
     return ""
 
 
-def run_in_dtype(lm: LoadedModel, inputs: dict, iv, spec: dict, base: Reading, label, copies: dict) -> dict:
-    """A counterfactual on a copy of the model in ``spec["dtype"]`` (the rounding test): the same weights (as
+def run_in_dtype(lm: LoadedModel, inputs: dict, iv, spec: Counterfactual, base: Reading, label, copies: dict) -> dict:
+    """A counterfactual on a copy of the model in ``spec.dtype`` (the rounding test): the same weights (as
     loaded), the same pixels and prompt, the same intervention, computed in the wider dtype from the image
     on. Its outcome is read against the copy's own unsteered answer, which must be the model's; otherwise the
-    wider dtype alone changes the answer, and the run would test more than the step's rounding."""
-    name = spec["dtype"]
+    wider dtype alone changes the answer, and the run would test more than the step's rounding.
+
+    Returns:
+        The run's :func:`effect`, or ``{"untestable": reason}``.
+    """
+    name = spec.dtype
     dtype = getattr(torch, name)
     if reason := dtype_untestable(lm, spec):
         return {"untestable": reason}
@@ -118,13 +104,13 @@ def run_in_dtype(lm: LoadedModel, inputs: dict, iv, spec: dict, base: Reading, l
         return {"untestable": f"a {name} copy of the model does not fit in memory beside it; rerun explain with "
                               f"--dtype {name} and compare"}
     feed = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in inputs.items() if k != "inputs_embeds"}
-    variant, dose = variant_of(iv, {k: v for k, v in spec.items() if k not in ("dtype", "goal_only")})
-    plain = reading(wide, run(wide, feed, variant, steer=False))
+    variant, dose = spec.in_model_dtype().variant(iv)
+    plain = reading(wide, forward(wide, feed, variant, steer=False).captures[0])
     if plain.answer != base.answer or plain.valid != base.valid:
         return {"untestable": f"in {name} the model, unsteered, already answers {plain.answer} (margin "
                               f"{plain.margin:+.3g}; {base.margin:+.3g} in {str(lm.dtype).removeprefix('torch.')}), "
                               "so that run would test more than the step's rounding"}
-    return effect(wide, run(wide, feed, variant, dose=dose), plain, label)
+    return effect(wide, forward(wide, feed, variant, dose=dose).captures[0], plain, label)
 
 
 @dataclass(frozen=True)
@@ -247,4 +233,4 @@ def fix_row(entry: PlannedFix, r: Reading | None, base: Reading, unfixed: Readin
 
 __all__ = ["FIX_COLUMNS", "GOALS", "KNOCKOUTS", "DoseResponse", "PlannedFix", "dose_point", "dose_point_of",
            "dose_result", "doubling_grid", "dtype_untestable", "effect", "fix_plan", "fix_row", "kind_of", "reading",
-           "run_in_dtype", "spec_key", "variant_of"]
+           "run_in_dtype"]

@@ -44,7 +44,6 @@ from .evidence import (  # noqa: F401  (the pieces explain's verdict is made of,
     fix_row,
     kind_of,
     reading,
-    spec_key,
 )
 from .trace import TraceResult
 from .verdict import (
@@ -225,7 +224,7 @@ def cause_tester(lm: LoadedModel, question, image, intervention, *, template: st
     memo: dict = {None: effect(lm, qv.steer_capture, qv.base, qv.label)}
 
     def test(spec):
-        key = spec_key(spec)
+        key = None if spec is None else spec.key
         if key not in memo:
             memo[key] = counterfactual_runs(b, [(qv, b.iv)], {0: spec})[0]
         return memo[key]

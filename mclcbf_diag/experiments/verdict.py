@@ -58,8 +58,6 @@ from .evidence import (
     fix_row,
     kind_of,
     run_in_dtype,
-    spec_key,
-    variant_of,
 )
 from .sweep import sweep_records, sweep_row, sweep_sentence, sweep_settings, sweep_summary
 
@@ -151,10 +149,10 @@ class VerdictBatch:
 
     def variant(self, iv, spec):
         """``(intervention, dose)`` of a counterfactual (None where it cannot be built), one object per spec."""
-        key = (id(iv), spec_key(spec))
+        key = (id(iv), spec.key)
         if key not in self.variants:
             try:
-                self.variants[key] = variant_of(iv, spec)
+                self.variants[key] = spec.variant(iv)
             except FAILURES:
                 self.variants[key] = None
         return self.variants[key]
@@ -295,7 +293,7 @@ def diagnose_jobs(b: VerdictBatch, jobs: list) -> list[list]:
         def tester(spec):
             if spec is None:
                 return steered
-            key = spec_key(spec)
+            key = spec.key
             if key not in memo[j]:
                 memo[j][key] = main.switch((j, spec))
             return memo[j][key]
@@ -319,7 +317,7 @@ def counterfactual_runs(b: VerdictBatch, jobs: list, requests: dict) -> dict:
     units, out = {}, {}
     for j, spec in requests.items():
         qv, iv = jobs[j][0], jobs[j][1]
-        if "dtype" in spec:  # on a copy of the model in that dtype, from the question's own inputs
+        if spec.dtype is not None:  # on a copy of the model in that dtype, from the question's own inputs
             try:
                 out[j] = run_in_dtype(b.lm, b.model_inputs(qv), iv, spec, qv.base, qv.label, b.copies)
             except FAILURES:

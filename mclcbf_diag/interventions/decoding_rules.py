@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from ..diagnosis.counterfactual import Counterfactual
 from ..diagnosis.rulebook import Cause, Evidence, Rule, fmt
 
 CONTRAST_SEARCH = (2, 4, 8, 16, 32, 64)  # the contrast strength × these, smallest first
@@ -80,20 +81,20 @@ def premature_agrees(ev: Evidence, rule: Rule) -> Cause:
 
 
 def _cf_stronger(ev: Evidence, cause):
-    return {"search": [{"dose": k, "why": f"the contrast × {k}"} for k in CONTRAST_SEARCH],
-            "why": "a stronger contrast, × " + ", ".join(str(k) for k in CONTRAST_SEARCH)}
+    return Counterfactual(why="a stronger contrast, × " + ", ".join(str(k) for k in CONTRAST_SEARCH),
+                          search=tuple(Counterfactual(why=f"the contrast × {k}", dose=k) for k in CONTRAST_SEARCH))
 
 
 def _cf_no_cutoff(knob: str):
     def spec(ev: Evidence, cause):
-        return {"knobs": {knob: 0.0}, "why": f"{knob} = 0 (no plausibility cutoff)"}
+        return Counterfactual(why=f"{knob} = 0 (no plausibility cutoff)", knobs={knob: 0.0})
     return spec
 
 
 def _cf_other_bucket(ev: Evidence, cause):
     def other(knobs):
         return {"bucket": "high" if knobs.bucket == "low" else "low", "layers": None}
-    return {"knobs_fn": other, "why": "the other bucket of candidate premature layers"}
+    return Counterfactual(why="the other bucket of candidate premature layers", knobs_of=other)
 
 
 def contrast_rules(cutoff_knob: str | None) -> list[Rule]:

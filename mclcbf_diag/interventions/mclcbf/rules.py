@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 
+from ...diagnosis.counterfactual import Counterfactual
 from ...diagnosis.rulebook import Evidence, Rule, fmt, median, pct
 from ...measurements.noise import below, resolved
 
@@ -319,7 +320,7 @@ def barrier_not_decisive(ev: Evidence, rule: Rule):
 # ----------------------------------------------------------------------- counterfactuals
 # Each undoes just its cause, everything else kept (knob changes, or a dose on the same step).
 def _cf_knobs(why, **knobs):
-    return lambda ev, cause: {"knobs": knobs, "why": why}
+    return lambda ev, cause: Counterfactual(why=why, knobs=knobs)
 
 
 TAU_SEARCH = (0.2, 0.5, 0.9)  # τ_prefill values the barrier_inactive test tries above "just above every h"
@@ -333,9 +334,9 @@ def _cf_inactive(ev: Evidence, cause):
         return None
     first = min(1.0, max(h) + 0.05)
     taus = [first] + [t for t in TAU_SEARCH if t > first]
-    return {"search": [{"knobs": {"tau_prefill": t}, "why": f"τ_prefill = {fmt(t)}" + (
-        ", just above every layer's h" if t == first else "")} for t in taus],
-            "why": "τ_prefill from just above every layer's h up to " + fmt(taus[-1])}
+    return Counterfactual(why="τ_prefill from just above every layer's h up to " + fmt(taus[-1]), search=tuple(
+        Counterfactual(why=f"τ_prefill = {fmt(t)}" + (", just above every layer's h" if t == first else ""),
+                       knobs={"tau_prefill": t}) for t in taus))
 
 
 def _cf_guard(ev: Evidence, cause):
@@ -346,7 +347,7 @@ def _cf_guard(ev: Evidence, cause):
     if not sq:
         return None
     guard = 1e-3 * min(sq)
-    return {"knobs": {"guard": guard}, "why": f"guard = {fmt(guard)}, 0.1% of the smallest float32 Σg²"}
+    return Counterfactual(why=f"guard = {fmt(guard)}, 0.1% of the smallest float32 Σg²", knobs={"guard": guard})
 
 
 STEP_SEARCH = (0.1, 0.3, 1.0, 3.0, 10.0)  # step sizes (× ‖x‖) the step_negligible test tries, smallest first
@@ -363,28 +364,28 @@ def _cf_negligible(ev: Evidence, cause):
     if not sizes:
         return None
     rel = min(sizes)
-    search = [{"dose": t / rel, "why": f"the same step × {fmt(t / rel)}, {100 * t:g}% of ‖x‖"}
-              for t in STEP_SEARCH if t > rel]
+    search = tuple(Counterfactual(why=f"the same step × {fmt(t / rel)}, {100 * t:g}% of ‖x‖", dose=t / rel)
+                   for t in STEP_SEARCH if t > rel)
     if not search:
         return None
-    return {"search": search, "why": f"the same step at {', '.join(f'{100 * t:g}%' for t in STEP_SEARCH if t > rel)} "
-                                     "of ‖x‖"}
+    sizes = ", ".join(f"{100 * t:g}%" for t in STEP_SEARCH if t > rel)
+    return Counterfactual(why=f"the same step at {sizes} of ‖x‖", search=search)
 
 
 def _cf_damped(ev: Evidence, cause):
-    return {"untestable": "restoring what the layers after the step removed needs patching their outputs, which "
-                          "this verdict does not run"}
+    return Counterfactual(untestable="restoring what the layers after the step removed needs patching their "
+                                     "outputs, which this verdict does not run")
 
 
 def _cf_not_decisive(ev: Evidence, cause):
-    return {"untestable": "the barrier did what it asked (h reached τ), so there is nothing of it to restore; the "
-                          "graded image-mass sweep (decision_token_off_path) tests whether any decision-token mass "
-                          "could change the answer"}
+    return Counterfactual(untestable="the barrier did what it asked (h reached τ), so there is nothing of it to "
+                                     "restore; the graded image-mass sweep (decision_token_off_path) tests whether "
+                                     "any decision-token mass could change the answer")
 
 
 def _cf_decode_only(ev: Evidence, cause):
-    return {"knobs_fn": lambda k: {"tau_prefill": k.tau_decode, "alpha_prefill": k.alpha_decode},
-            "why": "τ_prefill, α_prefill = τ_decode, α_decode"}
+    return Counterfactual(why="τ_prefill, α_prefill = τ_decode, α_decode",
+                          knobs_of=lambda k: {"tau_prefill": k.tau_decode, "alpha_prefill": k.alpha_decode})
 
 
 RULES = [
