@@ -162,7 +162,7 @@ def test_run_without_intervention_equals_a_plain_forward(lm, images):
 def test_run_refuses_a_batch_and_a_prompt_without_image(lm, images):
     inputs = lm.inputs(build_prompt(TEXTS[0]), images[0])
     two = {k: torch.cat([v, v]) for k, v in inputs.items()}
-    with pytest.raises(ValueError, match="run_batch"):
+    with pytest.raises(ValueError, match="forward"):
         run(lm, two)
     ids = lm.processor.tokenizer("USER: hello\nASSISTANT:", return_tensors="pt").input_ids
     with pytest.raises(UserError, match="no image token"):
@@ -279,6 +279,39 @@ def test_run_batch_with_left_padding_equals_per_sample_plain_forwards(lm, images
             assert records[b][layer]["rounding_survival"] == pytest.approx(1.0, abs=1e-5)
         else:
             assert records[b] == {}
+
+
+def test_forward_captures_every_row_of_a_padded_batch_as_a_plain_forward_of_it_alone(lm, images):
+    """The one entry point: every row of a left-padded batch captured at every layer, its answer's logits, its
+    records and its kept embeddings, each as a plain hooked forward of that prompt alone gives them; the earlier
+    entry points are that call."""
+    from mclcbf_diag.engine.runner import Keep, RunResult, forward
+
+    layer, vec = 1, _vector(lm, seed=13)
+    prompts, inputs = _batch(lm, images)
+    with torch.no_grad():
+        res = forward(lm, inputs, AddVector(layer, vec), keep=Keep(embeds=True))
+    assert isinstance(res, RunResult) and len(res.captures) == len(res.records) == len(prompts)
+    assert res.sequences is None and res.logits.dtype == torch.float32
+    for b, (p, img) in enumerate(zip(prompts, images)):
+        alone = lm.inputs(p, img)
+        out, seen = _plain(lm, alone, layer=layer, vector=vec)
+        cap = res.captures[b]
+        assert cap.prompt_len == alone["input_ids"].shape[1] and int(cap.detected.sum()) > 0
+        torch.testing.assert_close(res.logits[b], out.logits[0, -1].float(), atol=floors.logit_floor(lm), rtol=0)
+        assert torch.equal(cap.steps[0].final_logits, res.logits[b])
+        assert sorted(cap.steps[0].layers) == list(range(lm.n_layers))
+        for i, c in cap.steps[0].layers.items():
+            ref = seen[i]["post"]
+            torch.testing.assert_close(c.resid_post, ref, atol=_state_tol(lm, ref, i + 1), rtol=0)
+        assert res.records[b][layer]["rounding_survival"] == pytest.approx(1.0, abs=1e-5)
+        assert cap.inputs_embeds.shape == (1, *res.captures[0].inputs_embeds.shape[1:])
+    one = lm.inputs(prompts[0], images[0])
+    with torch.no_grad():
+        alone = forward(lm, one, AddVector(layer, vec)).captures[0]
+        assert torch.equal(run(lm, one, AddVector(layer, vec)).steps[0].final_logits, alone.steps[0].final_logits)
+        last, records = run_batch(lm, inputs, AddVector(layer, vec), full_ids=inputs["input_ids"])
+    assert torch.equal(last, forward(lm, inputs, AddVector(layer, vec), keep=Keep(layers=False)).logits)
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")

@@ -18,7 +18,7 @@ Mechanism
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).
-* **Intervened** runs go through :func:`mclcbf_diag.engine.runner.run_batch`, the same runner and
+* **Intervened** runs go through :func:`mclcbf_diag.engine.runner.forward`, the same runner and
   the same intervention code as a single-sample trace (a sample is a batch of one): each
   row's sites see it in its own unpadded coordinates.
 * **Cached prefix** (:func:`answer_pair`). An intervention edits positions from
@@ -47,7 +47,7 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..models import LoadedModel
 from ..models.processing import processor_prompt
-from .runner import run_batch
+from .runner import Continuation, Keep, forward
 
 
 def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_images: bool = True) -> dict:
@@ -153,8 +153,8 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
         if max_new_tokens <= 0:
             if not steer:
                 return _answers(lm, lm.model(**inputs, logits_to_keep=1).logits[:, -1], decoding=decoding, keys=keys)
-            last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
-            return _answers(lm, last, iv, records, decoding, keys)
+            res = forward(lm, inputs, iv, keep=Keep(layers=False))
+            return _answers(lm, res.logits, iv, res.records, decoding, keys)
         kw = {k: v for k, v in inputs.items() if k != "position_ids"}  # generate derives its own
         gen = dict(max_new_tokens=max_new_tokens, pad_token_id=lm.processor.tokenizer.pad_token_id,
                    **(decoding.generate_kwargs() if decoding is not None else {"do_sample": False}))
@@ -163,7 +163,8 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
         records = None
         if steer:
             # Outside ``tracer.iter`` nnsight reaches the first forward only: the prefill.
-            last, records, sequences = run_batch(lm, kw, iv, full_ids=inputs["input_ids"], generate=gen)
+            res = forward(lm, kw, iv, keep=Keep(layers=False), generate=gen)
+            last, records, sequences = res.logits, res.records, res.sequences
         else:
             out = lm.model.generate(**kw, **gen, return_dict_in_generate=True, output_logits=True)
             last, sequences = out.logits[0], out.sequences
@@ -222,8 +223,9 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     with torch.no_grad():
         if start == 0:
             base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
-            last, records = run_batch(lm, inputs, iv, full_ids=ids, prepare=False)
-            return _answers(lm, base, decoding=decoding, keys=keys), _answers(lm, last, iv, records, decoding, keys)
+            res = forward(lm, inputs, iv, keep=Keep(layers=False), prepare=False)
+            return (_answers(lm, base, decoding=decoding, keys=keys),
+                    _answers(lm, res.logits, iv, res.records, decoding, keys))
         if baseline is None:
             logits, cache = baseline_prefix(lm, inputs)
             cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
@@ -232,6 +234,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
                   "position_ids": inputs["position_ids"][:, start:]}
-        last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids, prepare=False,
-                                  use_cache=True, **lm.adapter.cache_kwargs(lm.model, cache))
-    return _answers(lm, logits, decoding=decoding, keys=keys), _answers(lm, last, iv, records, decoding, keys)
+        res = forward(lm, suffix, iv, keep=Keep(layers=False), full_ids=ids, prepare=False,
+                      continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
+                      **lm.adapter.cache_kwargs(lm.model, cache))
+    return _answers(lm, logits, decoding=decoding, keys=keys), _answers(lm, res.logits, iv, res.records, decoding, keys)

@@ -14,14 +14,18 @@ forward order, at each decoder layer it targets (the sites of
    saved at every layer; the attention pattern is shown to the ``pattern`` site in captured
    runs and, with ``patterns=True``, in logits-only runs too.
 
-Every run is batched: a single sample is a batch of one. A batch is left-padded (see
-:mod:`mclcbf_diag.engine.batch`), so the last position is every row's decision token. A run can
-continue from a cached prefix (``prefix``): only the positions from ``start`` on are
-computed, the earlier keys come from the cache, and the sites see padded positions
-``start …``. ``max_new_tokens > 0`` runs ``generate`` with a bounded ``tracer.iter`` and
-repeats the body for every generated token (the decode phase; one row only).
-Gradients an intervention needs are its own business (a local ``enable_grad``); the trace
-runs under ``no_grad``.
+One entry point, :func:`forward`, returns one result type, :class:`RunResult`. Every run is
+batched: a single sample is a batch of one. A batch is left-padded (see
+:mod:`mclcbf_diag.engine.batch`), so the last position is every row's decision token. What a
+run keeps is a :class:`Keep` (every layer's capture of each row, the look-ahead's keys, the
+embeddings, the components attribution needs). A run can continue (:class:`Continuation`) from
+a cached prefix, where only the positions from ``start`` on are computed, the earlier keys come
+from the cache, and the sites see padded positions ``start …``; or skip the layers before the
+first edited one. With ``generate`` it runs ``generate``; a run keeping every layer repeats the
+body for every generated token under a bounded ``tracer.iter`` (the decode phase). Gradients an
+intervention needs are its own business (a local ``enable_grad``); the trace runs under
+``no_grad``. :func:`run`, :func:`run_batch` and :func:`run_rows` are the earlier entry points,
+thin wrappers kept for one release.
 """
 
 from __future__ import annotations
@@ -333,82 +337,164 @@ def _decoded_captures(state: "_Run", rows: list[Row], last: torch.Tensor) -> tor
     return last
 
 
+@dataclass(frozen=True)
+class Keep:
+    """What a forward keeps beyond the answer's scores and the intervention's per-row records."""
+
+    layers: bool = True  # every layer's capture of each row's decision token (a RunCapture per row)
+    keys: bool = False  # the keys a look-ahead saw (LayerCapture.keys)
+    embeds: bool = False  # the prompt embeddings, image features merged in (RunCapture.inputs_embeds)
+    components: bool = False  # what direct logit attribution needs (LayerCapture.parts), in the prefill
+    patterns: bool = False  # without ``layers``: still show the ``pattern`` site its layers' attention
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Where a forward picks up instead of computing every position from the first layer.
+
+    ``start``/``prefix_keys``: the positions from ``start`` on are computed, the earlier keys come from a cached
+    prefix (the caller passes the cache in the model kwargs and only those positions in the inputs);
+    ``prefix_rows[b]``: the row of ``prefix_keys`` that row ``b`` continues (default ``b``); ``full_mask``: the
+    rows' 2-D padding mask over the whole prompt, when the inputs carry a prepared 4-D mask
+    (:mod:`mclcbf_diag.models.shared_prefix`). ``skip_to``/``entering``: layers ``0 … skip_to−1`` are not run
+    and layer ``skip_to`` gets ``entering`` (``[B, s, d]``, the residual a plain forward had there; valid when
+    nothing is edited or captured before that layer).
+    """
+
+    start: int = 0
+    prefix_keys: dict | None = None
+    prefix_rows: list[int] | None = None
+    full_mask: torch.Tensor | None = None
+    skip_to: int = 0
+    entering: torch.Tensor | None = None
+
+
+@dataclass
+class RunResult:
+    """What one traced forward of a batch gives back."""
+
+    logits: torch.Tensor  # [B, vocab] float32: the scores each row's answer is read from, at its last position
+    records: list[dict]  # per row: {layer: {metric: value}} of the prompt's forward (layer −1: whole model)
+    captures: list[RunCapture] | None = None  # per row, with Keep.layers
+    sequences: torch.Tensor | None = None  # [B, prompt + new] with ``generate``
+
+
+def greedy(max_new_tokens: int) -> dict | None:
+    """``generate`` kwargs for ``max_new_tokens`` greedy tokens, all of them generated (None for none)."""
+    if max_new_tokens <= 0:
+        return None
+    return dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+
+
+def _feed(inputs: dict, generating: bool) -> dict:
+    """What the traced model is called with: saved embeddings replace the prompt's ids and pixels, except when
+    generating (``generate`` embeds its own tokens)."""
+    if "inputs_embeds" not in inputs:
+        return inputs
+    if generating:
+        return {k: v for k, v in inputs.items() if k != "inputs_embeds"}
+    if "input_ids" in inputs:  # a prompt with its embeddings saved (with_embeds): the language model runs on them
+        return {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+    return inputs
+
+
+def forward(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
+            dose: float = 1.0, keep: Keep = Keep(), full_ids: torch.Tensor | None = None,
+            continuation: Continuation = Continuation(), generate: dict | None = None, prepare: bool = True,
+            **model_kwargs) -> RunResult:
+    """One traced forward of a left-padded batch (a single prompt: a batch of one), intervened or not.
+
+    Args:
+        inputs: the model's inputs (``input_ids`` or ``inputs_embeds``, ``attention_mask``, pixels …).
+        intervention: what acts on the forward; with ``steer=False`` (or None) nothing is changed, but the
+            intervention still measures what it would act on (its "before").
+        dose: multiplies what the intervention changes (the dose-response).
+        keep: what to keep besides the scores and records (:class:`Keep`).
+        full_ids: the rows' whole prompts, when ``inputs`` holds embeddings or only a continuation's positions.
+        continuation: a cached prefix or skipped layers to continue from (:class:`Continuation`).
+        generate: kwargs of ``generate`` (``max_new_tokens`` at least). A run keeping every layer is traced at
+            every generated step (the decode-phase sites act too); otherwise only the prompt's forward is.
+        prepare: whether to call ``intervention.prepare`` (False: the caller did, with the full inputs).
+        **model_kwargs: passed to the model (a cache, ``use_cache``).
+
+    Returns:
+        A :class:`RunResult`: the scores each answer is read from (a decoding-level method's, where it acts),
+        the per-row records, the per-row captures with ``keep.layers`` and the generated sequences.
+    """
+    intervention, cont, generating = as_intervention(intervention), continuation, generate is not None
+    ids = inputs["input_ids"] if full_ids is None else full_ids
+    mask = cont.full_mask if cont.full_mask is not None else inputs.get("attention_mask", torch.ones_like(ids))
+    rows = rows_of(ids, mask, lm.tokens.image_token_id)
+    _refuse_generation(intervention, steer, generating)
+    if prepare and intervention is not None:
+        intervention.prepare(lm, inputs, rows)
+    state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=keep.layers, start=cont.start,
+                 prefix_keys=cont.prefix_keys, prefix_rows=cont.prefix_rows, keep_keys=keep.keys,
+                 patterns=keep.patterns, components=keep.components)
+    if cont.skip_to:
+        if keep.layers or cont.skip_to > min(state.targeted | {max(i, 0) for i in state.read_layers}, default=0):
+            raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
+        state.skip = (cont.skip_to, cont.entering)
+    last, sequences = _traced_forward(lm, state, _feed(inputs, generating), keep, generate, model_kwargs)
+    if keep.layers:
+        last = _decoded_captures(state, rows, torch.stack([state.steps[r.index][0].final_logits for r in rows]))
+    else:
+        last = state.decoded(last.float())
+    records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]  # the logits site's too (layer −1)
+    if not keep.layers:
+        return RunResult(last, records, None, sequences)
+    captures = [RunCapture(r.length, state.steps[r.index], r.image.clone(),
+                           {**(intervention.row_records(r) if intervention is not None else {}),
+                            **state.whole_model(r)},
+                           None if sequences is None else sequences[r.index:r.index + 1],
+                           None if state.embeds is None else state.embeds[r.index:r.index + 1]) for r in rows]
+    return RunResult(last, records, captures, sequences)
+
+
+def _traced_forward(lm: LoadedModel, state: _Run, feed: dict, keep: Keep, generate: dict | None,
+                    model_kwargs: dict):
+    """The nnsight trace itself: ``(last-position logits [B, vocab] or None when every layer is captured,
+    generated sequences or None)``."""
+    nm, last, sequences = traced(lm.model), None, None
+    with torch.no_grad():
+        if generate is None:
+            with nm.trace(**feed, logits_to_keep=1, **model_kwargs):  # only the decision position is read
+                state.body(nm, "prefill", 0, keep.embeds)
+                if not keep.layers:
+                    last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+        else:
+            with nm.trace(**feed, fn=lm.model.generate, **generate, **model_kwargs) as tracer:
+                if keep.layers:
+                    for s in tracer.iter[:generate["max_new_tokens"]]:
+                        state.body(nm, "prefill" if s == 0 else "decode", s, keep.embeds)
+                else:
+                    state.body(nm, "prefill", 0)
+                    last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
+                sequences = nnsight.save(tracer.result)
+    return last, sequences
+
+
+# -- the earlier entry points, thin wrappers of forward() kept for one release ---------------------------------
 def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
         max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
         keep_embeds: bool = False, components: bool = False) -> RunCapture:
-    """Run one prompt once and capture the decision token at every layer.
-
-    With ``steer=False`` (or no intervention) nothing is changed, but the intervention still
-    measures what it would act on (its "before"). ``dose`` multiplies what it changes (the
-    dose-response). ``keep_embeds`` saves the prompt embeddings (image features merged in);
-    when ``inputs`` carries them as ``inputs_embeds`` (see :func:`with_embeds`), a prefill
-    run feeds them to the language model directly, skipping the vision tower, whose output
-    no language-model intervention can change. ``components`` also keeps, in each prefill layer's
-    :attr:`LayerCapture.parts`, what direct logit attribution needs (:mod:`mclcbf_diag.measurements.attribution`).
-    """
-    intervention = as_intervention(intervention)
-    ids = inputs["input_ids"]
-    if ids.shape[0] != 1:
-        raise ValueError("run() captures one prompt; use run_batch() for batches")  # programming error
-    rows = rows_of(ids, inputs.get("attention_mask", torch.ones_like(ids)), lm.tokens.image_token_id)
-    _refuse_generation(intervention, steer, max_new_tokens > 0)
-    if intervention is not None:
-        intervention.prepare(lm, inputs, rows)
-    state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=True, keep_keys=keep_keys,
-                 components=components)
-    nm = traced(lm.model)
-    feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
-    if "inputs_embeds" in inputs and max_new_tokens <= 0:
-        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
-    with torch.no_grad():
-        if max_new_tokens <= 0:
-            with nm.trace(**feed, logits_to_keep=1):  # only the decision position is read
-                state.body(nm, "prefill", 0, keep_embeds)
-            generated = None
-        else:
-            with nm.trace(**feed, fn=lm.model.generate, max_new_tokens=max_new_tokens,
-                          min_new_tokens=max_new_tokens, do_sample=False) as tracer:
-                for s in tracer.iter[:max_new_tokens]:
-                    state.body(nm, "prefill" if s == 0 else "decode", s, keep_embeds)
-                generated = nnsight.save(tracer.result)
-    if state.reading:
-        _decoded_captures(state, rows, state.steps[0][0].final_logits[None])
-    row = rows[0]
-    extra = {**(intervention.row_records(row) if intervention is not None else {}), **state.whole_model(row)}
-    return RunCapture(row.length, state.steps[0], row.image.clone(), extra, generated, state.embeds)
+    """One prompt's :func:`forward`, every layer captured (greedy generation with ``max_new_tokens``): its
+    :class:`RunCapture`. Kept for one release; new code calls :func:`forward`."""
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("run() captures one prompt; use forward() for batches")  # programming error
+    keep = Keep(keys=keep_keys, embeds=keep_embeds, components=components)
+    return forward(lm, inputs, intervention, steer=steer, dose=dose, keep=keep,
+                   generate=greedy(max_new_tokens)).captures[0]
 
 
 def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor,
               start: int = 0, prefix_keys: dict | None = None, generate: dict | None = None,
               prepare: bool = True, **model_kwargs):
-    """One intervened forward of a left-padded batch: last-position logits and per-row records.
-
-    ``full_ids`` are the batch's whole prompts (the rows' layout). ``start``/``prefix_keys``
-    continue from a cached prefix (``model_kwargs`` then carries the cache and ``inputs`` only
-    the positions from ``start`` on). Returns ``(logits [B, vocab], records)`` with
-    ``records[b][layer] = {metric: value}``; with ``generate`` (kwargs of ``generate``) the
-    prefill forward is intervened and the generated sequences are returned third.
-    ``prepare=False``: the caller already called ``intervention.prepare`` with the full inputs.
-    """
-    rows = rows_of(full_ids, inputs["attention_mask"], lm.tokens.image_token_id)
-    _refuse_generation(intervention, True, generate is not None)
-    if prepare:
-        intervention.prepare(lm, inputs, rows)
-    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=False, start=start, prefix_keys=prefix_keys)
-    nm = traced(lm.model)
-    with torch.no_grad():
-        if generate is None:
-            with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
-                state.body(nm, "prefill", 0)
-                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
-        else:
-            with nm.trace(**inputs, fn=lm.model.generate, **generate, **model_kwargs) as tracer:
-                state.body(nm, "prefill", 0)
-                last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
-                sequences = nnsight.save(tracer.result)
-    last = state.decoded(last.float())
-    records = [state.records[r.index].get(("prefill", 0), {}) for r in rows]
-    return (last, records) if generate is None else (last, records, sequences)
+    """:func:`forward` without captures: ``(logits, records)``, or ``(logits, records, sequences)`` with
+    ``generate``. Kept for one release; new code calls :func:`forward`."""
+    res = forward(lm, inputs, intervention, keep=Keep(layers=False), full_ids=full_ids, generate=generate,
+                  continuation=Continuation(start=start, prefix_keys=prefix_keys), prepare=prepare, **model_kwargs)
+    return (res.logits, res.records) if generate is None else (res.logits, res.records, res.sequences)
 
 
 def with_embeds(inputs: dict, capture: RunCapture) -> dict:
@@ -464,42 +550,12 @@ def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_
              prefix_keys: dict | None = None, prefix_rows: list[int] | None = None,
              full_mask: torch.Tensor | None = None, skip_to: int = 0, entering: torch.Tensor | None = None,
              capture: bool = True, patterns: bool = False, **model_kwargs):
-    """One forward of a left-padded batch, every row captured as :func:`run` captures one prompt.
-
-    Like :func:`run_batch` (``start``/``prefix_keys``/``model_kwargs`` continue from a cached
-    prefix; ``inputs`` may carry ``inputs_embeds`` instead of ids), but the runs are steering
-    runs whose intervention decides per row what to do (a mix of doses, measuring rows…), and
-    with ``capture`` each row's decision token is captured at every layer (without it, ``patterns``
-    still shows the intervention's ``pattern`` site the attention of the layers it targets, for the
-    records it reads there). ``prefix_rows[b]``:
-    the row of ``prefix_keys`` that row ``b`` continues (default: ``b``); ``full_mask``: the
-    rows' 2-D padding mask over the whole prompt, when ``inputs`` carries a prepared 4-D mask
-    (:mod:`mclcbf_diag.models.shared_prefix`). ``skip_to``/``entering``: layers ``0 …
-    skip_to−1`` are not run and layer ``skip_to`` gets ``entering`` (``[B, s, d]``, the residual
-    a plain forward had there; valid when nothing is edited before that layer and nothing is
-    captured). Returns
-    ``(logits [B, vocab], captures)``: one :class:`RunCapture` per row, or, without ``capture``,
-    the per-row records ``{layer: {metric: value}}`` of :func:`run_batch`.
-    """
-    mask = inputs["attention_mask"] if full_mask is None else full_mask
-    rows = rows_of(full_ids, mask, lm.tokens.image_token_id)
-    state = _Run(lm, rows, intervention, steer=True, dose=1.0, capture=capture, start=start, prefix_keys=prefix_keys,
-                 prefix_rows=prefix_rows, patterns=patterns)
-    if skip_to:
-        if capture or skip_to > min(state.targeted | {max(i, 0) for i in state.read_layers}, default=0):
-            raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
-        state.skip = (skip_to, entering)
-    nm = traced(lm.model)
-    with torch.no_grad():
-        with nm.trace(**inputs, logits_to_keep=1, **model_kwargs):
-            state.body(nm, "prefill", 0)
-            last = nnsight.save(envoy_at(nm, lm.adapter.unembed).output[:, -1])
-    if not capture:
-        return state.decoded(last.float()), [state.records[r.index].get(("prefill", 0), {}) for r in rows]
-    last = _decoded_captures(state, rows, last)
-    caps = [RunCapture(r.length, state.steps[r.index], r.image.clone(), {**intervention.row_records(r),
-                                                                          **state.whole_model(r)}) for r in rows]
-    return last, caps
+    """:func:`forward` of an already prepared intervention: ``(logits, captures)``, or ``(logits, records)``
+    without ``capture``. Kept for one release; new code calls :func:`forward`."""
+    cont = Continuation(start, prefix_keys, prefix_rows, full_mask, skip_to, entering)
+    res = forward(lm, inputs, intervention, keep=Keep(layers=capture, patterns=patterns), full_ids=full_ids,
+                  continuation=cont, prepare=False, **model_kwargs)
+    return res.logits, (res.captures if capture else res.records)
 
 
 class Activations(NamedTuple):

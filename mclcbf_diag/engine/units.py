@@ -297,9 +297,9 @@ def _first(u: Unit, row) -> int | None:
 def run_units(prefix: Prefix, units: list[Unit], *, capture: bool, patterns: bool = False):
     """Every unit's ``(logits [vocab], capture or records)``, in the order of ``units``.
 
-    ``capture``: a :class:`~mclcbf_diag.engine.runner.RunCapture` per unit (as :func:`~mclcbf_diag.engine.runner.run`
-    returns for one prompt), else the unit's per-layer records (as :func:`~mclcbf_diag.engine.runner.run_batch`;
-    with ``patterns`` also those the interventions' ``pattern`` sites record, e.g. MC-LCBF's Δh realised).
+    ``capture``: a :class:`~mclcbf_diag.engine.runner.RunCapture` per unit, else the unit's per-layer records (as
+    :func:`~mclcbf_diag.engine.runner.forward` keeps them; with ``patterns`` also those the interventions'
+    ``pattern`` sites record, e.g. MC-LCBF's Δh realised).
     """
     T = prefix.ids.shape[1]
     starts = [_first(u, prefix.rows[u.q]) for u in units]
@@ -323,7 +323,7 @@ def run_units(prefix: Prefix, units: list[Unit], *, capture: bool, patterns: boo
 
 def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool = False):
     from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
-    from .runner import run_rows
+    from .runner import Continuation, Keep, forward
 
     lm = prefix.lm
     idx = torch.tensor([u.q for u in units])
@@ -333,10 +333,10 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
     firsts = [_first(u, r) for u, r in zip(units, rows)]
     start = 0 if any(f is None for f in firsts) else max(0, min(firsts))
     mix.prepare(lm, prefix.full_inputs(idx), rows)
-    embeds = prefix.embeds[idx, start:]
+    embeds, keep = prefix.embeds[idx, start:], Keep(layers=capture, patterns=patterns)
     if start == 0:
-        last, per_row = run_rows(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, mix,
-                                 full_ids=ids, capture=capture, patterns=patterns)
+        res = forward(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, mix, keep=keep,
+                      full_ids=ids, prepare=False)
     else:
         shared = SharedPrefix([k for k, _ in prefix.kv], [v for _, v in prefix.kv], start, idx)
         feed = {"inputs_embeds": embeds, "attention_mask": continuation_mask(mask, start, embeds.dtype),
@@ -345,12 +345,10 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
         skip = 0 if capture or start < prefix.states_from else min(mix.layers(lm.n_layers), default=0)
         entering = prefix.layer_inputs[skip][idx, start - prefix.states_from:] if skip else None
         with continuing(lm, shared):
-            last, per_row = run_rows(lm, feed, mix, full_ids=ids, full_mask=mask, start=start, use_cache=False,
-                                     prefix_keys={i: k for i, (k, _) in enumerate(prefix.kv)},
-                                     prefix_rows=idx.tolist(), skip_to=skip, entering=entering, capture=capture,
-                                     patterns=patterns)
-    last = last.float()
-    return [(last[b], per_row[b]) for b in range(len(units))]
+            cont = Continuation(start, {i: k for i, (k, _) in enumerate(prefix.kv)}, idx.tolist(), mask, skip, entering)
+            res = forward(lm, feed, mix, keep=keep, full_ids=ids, continuation=cont, prepare=False, use_cache=False)
+    per_row = res.captures if capture else res.records
+    return [(res.logits[b], per_row[b]) for b in range(len(units))]
 
 
 __all__ = ["ATTENTION_BUDGET", "MAX_UNITS", "Mix", "Prefix", "SweepKnockout", "Unit", "run_units"]

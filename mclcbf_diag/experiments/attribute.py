@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..engine.runner import Continuation, Keep, RunCapture, activations_forward, forward, run_patched
 from ..errors import UserError
 from ..interventions import as_intervention
 from ..measurements import attribution as A
 from ..models import LoadedModel
 from ..models.tokens import ranges_text
 from ..records import NO_HEAD, NO_LAYER, frame
-from ..runner import RunCapture, activations_forward, run, run_patched
 
 DIRECTIONS = ("denoise", "noise")
 """denoise: clean activations into the corrupted run; noise: corrupted activations into the clean run."""
@@ -421,7 +421,7 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
 
     ``base``/``iv``: the baseline's and the intervened run's :func:`~mclcbf_diag.runner.activations_forward`
     (one row each, with caches). Each layer's patches are the rows of one intervened batch
-    (:func:`~mclcbf_diag.runner.run_rows`) that continues the intervened run's cache after the image (the
+    (:func:`~mclcbf_diag.engine.runner.forward`) that continues the intervened run's cache after the image (the
     patches lie there and later positions cannot change earlier ones) and starts at the first layer the
     intervention edits or the patched one, whichever comes first, from the residual the baseline had there
     (nothing is edited before). The residual at the image tokens (every position before the text after the
@@ -486,7 +486,6 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     cache's prefix). The intervention is prepared once per batch size (``prepared``): the rows are one prompt,
     so what it computes from the inputs (a steering vector, its heads) is the same for every batch."""
     from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
-    from ..runner import run_rows
 
     B, T = len(patches), inputs["input_ids"].shape[1]
     full = {k: v.expand(B, *v.shape[1:]).contiguous() if isinstance(v, torch.Tensor) and v.shape[:1] == (1,) else v
@@ -505,16 +504,18 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     hooks = _restore_hooks(lm, base, L, patches, first)
     try:
         if first == 0:
-            last, _ = run_rows(lm, {**feed, "attention_mask": mask}, intervention, full_ids=ids, skip_to=skip,
-                               entering=entering if skip else None, capture=False)
+            last = forward(lm, {**feed, "attention_mask": mask}, intervention, keep=Keep(layers=False), full_ids=ids,
+                           continuation=Continuation(skip_to=skip, entering=entering if skip else None),
+                           prepare=False).logits
         else:
             kv = [(layer.keys, layer.values) for layer in iv.cache.layers]
             shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], first, torch.zeros(B, dtype=torch.long))
             with continuing(lm, shared):
-                last, _ = run_rows(lm, {**feed, "attention_mask": continuation_mask(mask, first, dtype)}, intervention,
-                                   full_ids=ids, full_mask=mask, start=first, use_cache=False,
-                                   prefix_keys={i: k for i, (k, _) in enumerate(kv)}, prefix_rows=[0] * B,
-                                   skip_to=skip, entering=entering if skip else None, capture=False)
+                cont = Continuation(first, {i: k for i, (k, _) in enumerate(kv)}, [0] * B, mask, skip,
+                                    entering if skip else None)
+                last = forward(lm, {**feed, "attention_mask": continuation_mask(mask, first, dtype)}, intervention,
+                               keep=Keep(layers=False), full_ids=ids, continuation=cont, prepare=False,
+                               use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
@@ -562,7 +563,7 @@ def _stacked(a, b):
     """Two single-row :class:`~mclcbf_diag.runner.Activations` (with caches) as one batch: ``a`` row 0, ``b`` row 1."""
     from types import SimpleNamespace
 
-    from ..runner import Activations
+    from ..engine.runner import Activations
 
     cat = lambda u, v: [torch.cat([p, q.to(p.device)]) for p, q in zip(u, v)]  # noqa: E731
     layers = [SimpleNamespace(keys=k, values=v) for k, v in zip(
@@ -825,11 +826,11 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
     else:
         corrupted = lm.inputs(prompt, corrupted_image)
     qid = question.question_id
-    base = dla(lm, run(lm, clean, components=True))
+    base = dla(lm, forward(lm, clean, keep=Keep(components=True)).captures[0])
     parts = [dla_records(base, question_id=qid, condition="baseline")]
     steered = None
     if intervention is not None:
-        steered = dla(lm, run(lm, clean, intervention, components=True))
+        steered = dla(lm, forward(lm, clean, intervention, keep=Keep(components=True)).captures[0])
         parts.append(dla_records(steered, question_id=qid, condition="steered", base=base))
     acts = activations_forward(lm, paired_inputs(lm, clean, corrupted), cache=True)
     grid = activation_patching(lm, clean, corrupted, acts=acts, progress=progress, components_at=components_at)
@@ -913,7 +914,7 @@ def patch_carriers(recovery: torch.Tensor, gap: float, share: float, floor: floa
 def _question_carriers(lm: LoadedModel, question, clean: dict, corrupted: dict, *, share: float, components_at: str,
                        progress: bool) -> dict:
     """The tidy records of one wrong Yes (carry_*, carries_* and wrong_yes_margin in the shared glossary)."""
-    att = dla(lm, run(lm, clean, components=True))
+    att = dla(lm, forward(lm, clean, keep=Keep(components=True)).captures[0])
     floor = margin_floor(lm)
     grid = activation_patching(lm, clean, corrupted, directions=("denoise",), components_at=components_at,
                                progress=progress)

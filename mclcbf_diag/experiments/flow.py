@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ..data import LLAVA_PROMPT
-from ..engine.runner import run, with_embeds
+from ..engine.runner import Keep, forward, with_embeds
 from ..interventions.block import AttentionBlock, BlockKnobs
 from ..models import LoadedModel
 from .trace import sample_inputs
@@ -43,7 +43,7 @@ def information_flow(lm: LoadedModel, question, image, *, window: int | None = N
     """
     text = getattr(question, "text", question)
     _, inputs = sample_inputs(lm, text, image, template)
-    base = run(lm, inputs, None, keep_embeds=True)
+    base = forward(lm, inputs, keep=Keep(embeds=True)).captures[0]
     inputs = with_embeds(inputs, base)
     logits = base.steps[0].final_logits
     token = lm.tokens.yes_id if logits[lm.tokens.yes_id] > logits[lm.tokens.no_id] else lm.tokens.no_id
@@ -53,7 +53,7 @@ def information_flow(lm: LoadedModel, question, image, *, window: int | None = N
     for source, target in EDGES:
         for first in range(0, lm.n_layers - k + 1):
             layers = tuple(range(first, first + k))
-            cap = run(lm, inputs, AttentionBlock(BlockKnobs(source, target, layers)))
+            cap = forward(lm, inputs, AttentionBlock(BlockKnobs(source, target, layers))).captures[0]
             p = _answer_probability(lm, cap.steps[0].final_logits, token)
             rows.append({"edge": f"{source}→{target}", "first_layer": first, "last_layer": first + k - 1,
                          "answer": "yes" if token == lm.tokens.yes_id else "no", "p_base": p_base, "p_blocked": p,

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
-from ..engine.runner import RunCapture, run, with_embeds
+from ..engine.runner import Keep, RunCapture, forward, greedy, with_embeds
 from ..interventions import Intervention, as_intervention
 from ..interventions.base import rows_of
 from ..measurements.measure import run_records
@@ -137,8 +137,10 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
         question_id = question.question_id if isinstance(question, PopeQuestion) else 0
     prompt, inputs = sample_inputs(lm, text, image, template)
     if baseline is None:
-        baseline = run(lm, inputs, iv, steer=False, max_new_tokens=max_new_tokens, keep_embeds=True)
-    steered = run(lm, with_embeds(inputs, baseline), iv, max_new_tokens=max_new_tokens, dose=multiplier)
+        baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
+                           keep=Keep(embeds=True)).captures[0]
+    steered = forward(lm, with_embeds(inputs, baseline), iv, generate=greedy(max_new_tokens),
+                      dose=multiplier).captures[0]
     base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
     steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
     parts = [base_records, steer_records, *_view_records(lm, inputs, iv, question_id, max_new_tokens)]
@@ -160,7 +162,7 @@ def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, max_new_tokens
     if iv is None or max_new_tokens > 0 or "logits" not in iv.open_sites(True):
         return []
     rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
-    return [run_records(lm, run(lm, view, None), question_id=question_id, condition=f"view:{name}")
+    return [run_records(lm, forward(lm, view).captures[0], question_id=question_id, condition=f"view:{name}")
             for name, view in iv.views(lm, inputs, rows).items()]
 
 

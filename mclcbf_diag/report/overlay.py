@@ -193,13 +193,13 @@ def token_attention_maps(lm, inputs: dict, intervention, positions: Sequence[int
     layers). Two runs: the prompt as is, and with ``intervention`` (given the baseline's
     prompt embeddings, as :func:`mclcbf_diag.trace.trace_sample` does).
     """
+    from ..engine.runner import Keep, forward, with_embeds
     from ..interventions import as_intervention
-    from ..runner import run, with_embeds
 
     iv = as_intervention(intervention)
     watch_b, watch_s = WatchRows(iv, positions), WatchRows(iv, positions)
-    base = run(lm, inputs, watch_b, steer=False, keep_embeds=True)
-    run(lm, with_embeds(inputs, base), watch_s, dose=dose)
+    base = forward(lm, inputs, watch_b, steer=False, keep=Keep(embeds=True)).captures[0]
+    forward(lm, with_embeds(inputs, base), watch_s, dose=dose)
     out = {}
     grid = lm.grid_mask(base.detected) if hasattr(lm, "grid_mask") else base.detected  # LLaVA-NeXT: the base grid
     for j, pos in enumerate(positions):
