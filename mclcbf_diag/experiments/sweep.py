@@ -18,16 +18,10 @@ the number of settings, how many change the answer, the smallest target mass tha
 how many derail; :func:`sweep_records` turns that into the tidy records the rule
 ``decision_token_off_path`` reads.
 
-Why the text after the image gets one window. The decision token is one position, so its
-windows cost one position-layer per layer run and localise where an image-mass change would
-act. The text after the image is every position after the image (about 14 on the embedded
-model): each of its windows runs all of them from the window's first layer to the last, and on
-the embedded model its 16 windows (79 layer runs per edit) alone were ≈ 2.9× a bare forward of
-the whole prompt. What that token set answers is whether the decision token is the wrong place
-to act (a change at every text token after the image fixes what no decision-token setting
-does); all layers at once answer it with 8 layer runs per edit. On the embedded adversarial
-split the 16 windows had found one wrong answer of 57 that an image mass of 0 to 0.2 in layer 0
-(alone, or with layer 1) changed and neither all layers at once nor any decision-token setting did.
+The text after the image gets one window, all layers at once: what that token set answers is
+whether the decision token is the wrong place to act (a change at every text token after the image
+fixes what no decision-token setting does). Why not one window per layer range, and what that
+cost: the docs' performance page.
 
 Speed: all settings of one (token set, window) are one batch of copies of the same prompt
 (one edit per row, :class:`GradedKnockout`), answered by :func:`mclcbf_diag.engine.batch.answer_pair`,

@@ -127,21 +127,22 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
             except OSError as exc:
                 raise UserError(f"{show(path)} is damaged and cannot be moved aside ({reason(exc)}); make "
                                 f"{show(out)} writable") from None
-            print(f"note: {show(path)} was damaged (kept as {RUN}.damaged); rebuilt it from this command, "
-                  f"whose run_id all {len(rows)} answers carry", file=sys.stderr)
-            _write_run(path, identity)
-            return False
+            return _rebuilt(path, identity, rows, f"{show(path)} was damaged (kept as {RUN}.damaged)")
         _write_run(path, identity)
         return True
     if rows:
         _refuse_foreign(rows, rid, f"{show(out)} holds {ANSWERS} without {RUN}, and {{n}} of its rows do not carry "
                                    "this run's run_id")
-        print(f"note: {show(path)} was missing; rebuilt it from this command, whose run_id all "
-              f"{len(rows)} answers carry", file=sys.stderr)
-        _write_run(path, identity)
-        return False
+        return _rebuilt(path, identity, rows, f"{show(path)} was missing")
     _write_run(path, identity)
     return True
+
+
+def _rebuilt(path, identity: dict, rows: list, what: str) -> bool:
+    """Write ``identity`` as the run's description, rebuilt from this command (its answers carry its run_id)."""
+    print(f"note: {what}; rebuilt it from this command, whose run_id all {len(rows)} answers carry", file=sys.stderr)
+    _write_run(path, identity)
+    return False
 
 
 def _write_run(path: Path, identity: dict) -> None:

@@ -64,18 +64,9 @@ def barrier_value(
     return per_head.mean(), per_head
 
 
-def barrier_gradient(
-    x_tok: torch.Tensor,
-    keys: torch.Tensor,
-    w: LayerWeights,
-    cos_tok: torch.Tensor,
-    sin_tok: torch.Tensor,
-    image_mask: torch.Tensor,
-    query_positions: torch.Tensor,
-    dtype: torch.dtype,
-    *,
-    normalized: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def barrier_gradient(x_tok: torch.Tensor, keys: torch.Tensor, w: LayerWeights, cos_tok: torch.Tensor,
+                     sin_tok: torch.Tensor, image_mask: torch.Tensor, query_positions: torch.Tensor, dtype: torch.dtype,
+                     *, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, ∂h/∂x_tok)`` with every input cast to ``dtype``; keys are constants.
 
     Uses a local ``enable_grad`` (and leaves inference mode locally), so it works inside
