@@ -145,12 +145,17 @@ def test_newline_base_and_tile_positions_hold_what_the_model_puts_there(ov_lm, s
         tower = model.model.vision_tower(enc["pixel_values"][0], output_hidden_states=True)
         patches = model.model.multi_modal_projector(tower.hidden_states[-1])  # [tiles + 1, 64, hidden]
     torch.testing.assert_close(embeds[first + torch.as_tensor(groups["base"]).flatten()], patches[0], rtol=0, atol=1e-6)
+    tiles = torch.as_tensor(groups["tiles"])
     if size == (100, 200):  # 1 × 2 tiles, 8 × 16 patches, nothing unpadded or resized
-        tiles = torch.as_tensor(groups["tiles"])
         assert tuple(tiles.shape) == (8, 16)
         for r, c in [(0, 0), (3, 5), (7, 15), (2, 9)]:
             want = patches[1 + c // SIDE, (r % SIDE) * SIDE + c % SIDE]
             torch.testing.assert_close(embeds[first + tiles[r, c]], want, rtol=0, atol=1e-6)
+    if size == (336, 336):  # 3 × 3 tiles, 24 × 24 patches, nothing unpadded, resized (bilinear) to 16 × 16
+        assert tuple(tiles.shape) == (16, 16)
+        grid = patches[1:10].reshape(3, 3, SIDE, SIDE, -1).permute(4, 0, 2, 1, 3).reshape(1, -1, 24, 24)
+        want = torch.nn.functional.interpolate(grid, [16, 16], mode="bilinear")[0].permute(1, 2, 0)
+        torch.testing.assert_close(embeds[first + tiles], want, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the family
@@ -171,6 +176,28 @@ def test_onevision_is_a_supported_family_with_the_llava_adapter(ov_lm):
     grid = ov_lm.grid_mask(enc["input_ids"][0] == ov_lm.tokens.image_token_id)
     first = int(torch.nonzero(enc["input_ids"][0] == ov_lm.tokens.image_token_id)[0])
     assert torch.nonzero(grid).flatten().tolist() == list(range(first, first + SIDE * SIDE))
+
+
+def test_a_processor_that_counts_other_tokens_than_the_model_is_refused_before_it_runs(ov_lm, tmp_path):
+    """A processor_config.json whose "anyres_max" differs from the model's: the image tokens do not form the
+    model's layout, refused in one line before the model runs (the model itself would fail on the count)."""
+    import json
+    import shutil
+
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.models import load_model
+
+    folder = tmp_path / "mismatched"
+    shutil.copytree(ov_lm.source, folder)
+    saved = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
+    (folder / "processor_config.json").write_text(json.dumps({**saved, "vision_aspect_ratio": "anyres_max_9"}))
+    lm = load_model(str(folder))
+    assert lm.inputs(PROMPT, _image((100, 200)))  # a map under both thresholds: the same tokens
+    # 336²: 64 + 24 × 25 tokens from the processor (not resized under N = 9), 64 + 16 × 17 in the model
+    with pytest.raises(UserError, match=r"the image of size \(336, 336\) becomes 664 image tokens, not the 336 of its "
+                                        r"anyres layout .*\d+ × \d+ tiles, a newline per row\); check the "
+                                        r"checkpoint's processor files$"):
+        lm.inputs(PROMPT, _image((336, 336)))
 
 
 def test_a_vision_aspect_ratio_other_than_anyres_max_is_refused_in_one_line(ov_lm):
