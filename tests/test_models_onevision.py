@@ -234,6 +234,7 @@ def _baseline(records, metric: str) -> dict[int, float]:
 def test_onevision_trace_equals_a_plain_forward_and_its_look_ahead(ov_lm, k):
     from mclcbf_diag import barrier as B
     from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.models.tokens import Sink, find_sink
     from mclcbf_diag.report.overlay import attention_maps
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
@@ -262,6 +263,8 @@ def test_onevision_trace_equals_a_plain_forward_and_its_look_ahead(ov_lm, k):
     sink = max((p for p in range(len(ids) - 1) if not image_mask[p]), key=lambda p: (float(rows[p]), -p))
     assert int(ids[0]) != ov_lm.tokens.bos_token_id
     assert result.value("sink_is_bos", "baseline") == 0.0 and result.value("sink_position", "baseline") == sink
+    decision_rows = torch.stack([a[0, :, -1] for a in out.attentions])
+    assert find_sink(ids, None, decision_rows, image_mask) == Sink(sink, "measured sink")  # a tokenizer with no BOS
     # the overlay: the base grid's 8 × 8 patches, in the order the model's attention holds them
     grid = ov_lm.grid_mask(result.baseline.detected)
     maps = attention_maps(result.baseline, grid)

@@ -78,8 +78,8 @@ FAMILIES: tuple[Family, ...] = (
         covers="LlavaOnevisionForConditionalGeneration checkpoints (llava-hf/llava-onevision-qwen2-*-ov-hf, "
                "-si-hf) whose text model is one of the llava family's, one image per prompt; the page's overlay "
                "draws the base grid",
-        not_covered="videos and several images in one prompt (the toolkit sends one image); a vision_aspect_ratio "
-                    "other than anyres_max_N: refused from config.json",
+        not_covered="a vision_aspect_ratio other than anyres_max_N (refused from config.json); videos and several "
+                    "images in one prompt (every prompt holds one <image>)",
     ),
 )
 
