@@ -50,7 +50,7 @@ def test_families_load_without_torch():
 
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
-TRIED = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3",
+TRIED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3",
          "internvl", "mistral3", "mllama"]
 
 
@@ -70,7 +70,7 @@ def test_each_family_tried_is_refused_by_name(model_type):
 
 
 def test_llava_relatives_are_named_as_llava_layouts_and_articles_are_right():
-    for model_type in ("llava_next_video", "llava_onevision"):
+    for model_type in ("llava_next_video",):
         problem = config_problem(_config(model_type))
         assert "LLaVA-family layout" in problem and "not LLaVA-style" not in problem
     assert config_problem(_config("internvl")).startswith("an InternVL checkpoint")
@@ -90,11 +90,12 @@ def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused(
     assert "text-only 'qwen2' model" in config_problem(_config("qwen2"))
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
-    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next"]
-    for backbone in TEXT_BACKBONES:  # LLaVA-NeXT: the same text models (tests/test_models_anyres.py runs one)
-        cfg = _config("llava_next")
-        cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
-        assert config_problem(cfg) is None, backbone
+    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision"]
+    for backbone in TEXT_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
+        for family in ("llava_next", "llava_onevision"):  # tests/test_models_onevision.py run one each)
+            cfg = _config(family)
+            cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
+            assert config_problem(cfg) is None, (family, backbone)
 
 
 def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monkeypatch):
@@ -111,7 +112,7 @@ def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monk
         check_config(cfg, "ckpt")
 
 
-@pytest.mark.parametrize("model_type,fragment", [("llava_onevision", "a LLaVA-OneVision checkpoint"),
+@pytest.mark.parametrize("model_type,fragment", [("llava_next_video", "a LLaVA-NeXT-Video checkpoint"),
                                                  ("internvl", "an InternVL checkpoint"),
                                                  ("qwen2_5_vl", "a Qwen2.5-VL checkpoint")])
 def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fragment):

@@ -14,7 +14,8 @@ Mechanism
   batch (POPE asks ~6 questions per image) and hands the projected features to the
   model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
   image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
-  model's own ``get_image_features`` (base grid, unpadded tiles, newlines).
+  model's own ``get_image_features`` (base grid, unpadded tiles, newlines). LLaVA-OneVision's takes the same
+  path (its ``batch_num_images``, one image per prompt here, is left to the model's single-image default).
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).

@@ -217,4 +217,5 @@ LLAVA = ArchitectureAdapter(
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
 # vector is merged into the image tokens before the text model, which is all the toolkit measures)
-ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA}[f.name] for f in FAMILIES}
+# LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model)
+ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA}[f.name] for f in FAMILIES}

@@ -11,10 +11,17 @@ the token indices of each part, relative to the first image token: the overlay d
 and ``tiles`` as two grids, ``flow`` can block them separately, and ``newline`` tokens carry no
 patch. :meth:`~mclcbf_diag.models.loading.LoadedModel.image_grid` checks a prompt's image tokens against the
 layout before the model runs; batching passes ``image_sizes`` (:func:`mclcbf_diag.engine.batch.batch_inputs`).
+
+LLaVA-OneVision ("anyres_max_N", ``vision_aspect_ratio``) lays its tokens out the same way, with one more rule
+(:func:`downscaled`): when the unpadded map holds more than about ``N`` tiles' patches (a scale ``ratio =
+√(rows·cols / (N·p²)) > 1.1``) the model resizes it (bilinear) to ``⌊rows/ratio⌋ × ⌊cols/ratio⌋`` before the
+newlines are appended, so its ``tiles`` tokens are then a resampled map of the unpadded picture, not tower patches.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,10 +77,44 @@ def unpadded(size: tuple[int, int], patches: tuple[int, int]) -> tuple[int, int]
     return rows, cols
 
 
+def max_patches(vision_aspect_ratio) -> int | None:
+    """LLaVA-OneVision's ``N`` from its ``vision_aspect_ratio`` ``"anyres_max_N"``; None for any other value."""
+    found = re.fullmatch(r"anyres_max_(\d+)", vision_aspect_ratio) if isinstance(vision_aspect_ratio, str) else None
+    return int(found.group(1)) if found and int(found.group(1)) > 0 else None
+
+
+def downscaled(tiles: tuple[int, int], per_tile: int, most: int) -> tuple[int, int]:
+    """The map ``tiles`` (rows, cols) after LLaVA-OneVision's "anyres_max_``most``" resize (``per_tile`` patches a
+    side): unchanged up to a scale of 1.1 × ``most`` tiles' worth, else each side floor-divided by the scale."""
+    rows, cols = tiles
+    ratio = math.sqrt(rows * cols / (most * per_tile**2))
+    return (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols)
+
+
 def anyres_layout(size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile_px: int, patch_px: int,
-                  extra: int = 0) -> ImageLayout:
-    """The layout of an image of ``size`` (height, width) px under towers of ``tile_px`` with ``patch_px`` patches."""
+                  extra: int = 0, most: int | None = None) -> ImageLayout:
+    """The layout of an image of ``size`` (height, width) px under towers of ``tile_px`` with ``patch_px`` patches;
+    ``most``: LLaVA-OneVision's ``N`` of "anyres_max_N" (:func:`downscaled`), None for LLaVA-NeXT."""
     per_tile = tile_px // patch_px
     h, w = best_resolution(size, pinpoints)
-    return ImageLayout(base=(per_tile, per_tile),
-                       tiles=unpadded(size, ((h // tile_px) * per_tile, (w // tile_px) * per_tile)), extra=extra)
+    tiles = unpadded(size, ((h // tile_px) * per_tile, (w // tile_px) * per_tile))
+    if most is not None:
+        tiles = downscaled(tiles, per_tile, most)
+    return ImageLayout(base=(per_tile, per_tile), tiles=tiles, extra=extra)
+
+
+def token_bound(pinpoints: Sequence[Sequence[int]], tile_px: int, patch_px: int, extra: int = 0,
+                most: int | None = None) -> int:
+    """The most image tokens one image can become: over every pinpoint's patch map and each map its unpadding can
+    leave (rows or columns less an even number), after the "anyres_max" resize where ``most`` is given. Without
+    it (LLaVA-NeXT) that is the largest pinpoint's full map; with it a map just under the resize threshold can hold
+    more tokens than a larger one resized, so every map counts (an upper bound: not every map is some image's)."""
+    per_tile = tile_px // patch_px
+    best = 0
+    for h, w in pinpoints:
+        rows, cols = (h // tile_px) * per_tile, (w // tile_px) * per_tile
+        maps = [(r, cols) for r in range(rows, 0, -2)] + [(rows, c) for c in range(cols, 0, -2)]
+        for tiles in maps if most is not None else [(rows, cols)]:
+            shape = downscaled(tiles, per_tile, most) if most is not None else tiles
+            best = max(best, ImageLayout((per_tile, per_tile), shape, extra).n_tokens)
+    return best

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
+        not_covered="Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
                     "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
@@ -61,7 +62,24 @@ FAMILIES: tuple[Family, ...] = (
                  "plain forwards); no real weights have been run",),
         covers="LlavaNextForConditionalGeneration checkpoints (llava-hf/llava-v1.6-*) whose text model is one of the "
                "llava family's; the page's overlay draws the base grid",
-        not_covered="LLaVA-NeXT-Video and LLaVA-OneVision (anyres-max): refused from config.json",
+        not_covered="LLaVA-NeXT-Video: refused from config.json",
+    ),
+    Family(
+        name="llava_onevision",
+        architecture="LlavaOnevisionForConditionalGeneration",
+        model_type="llava_onevision",
+        layout="LLaVA-OneVision (anyres_max_N): LLaVA-NeXT's layout (base grid, unpadded tiles, a newline per row; "
+               "a SigLIP tower without CLS, so the base grid is all p² features), the tile map resized (bilinear) "
+               "to about N tiles' patches when larger (models/anyres.py); batching passes image_sizes; the "
+               "processor is read for images only (models/onevision.py), so torchvision is not needed",
+        checked=("a tiny random checkpoint built in the tests (SigLIP tower, Qwen2 text model without a BOS: trace, "
+                 "explain, flow and pope's batched, cached-prefix path against plain forwards); no real weights "
+                 "have been run",),
+        covers="LlavaOnevisionForConditionalGeneration checkpoints (llava-hf/llava-onevision-qwen2-*-ov-hf, "
+               "-si-hf) whose text model is one of the llava family's, one image per prompt; the page's overlay "
+               "draws the base grid",
+        not_covered="a vision_aspect_ratio other than anyres_max_N (refused from config.json); videos and several "
+                    "images in one prompt (every prompt holds one <image>)",
     ),
 )
 
@@ -76,7 +94,6 @@ TEXT_BACKBONES: dict[str, str] = {
 _LLAVA_LAYOUT = "a LLaVA-family layout the toolkit does not measure yet ({})"
 KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "llava_next_video": ("LLaVA-NeXT-Video", _LLAVA_LAYOUT.format("anyres tiles and video frames")),
-    "llava_onevision": ("LLaVA-OneVision", _LLAVA_LAYOUT.format("anyres-max tiles with per-image image_sizes")),
     "vipllava": ("VipLLaVA", _LLAVA_LAYOUT.format("a multi-layer vision projector")),
     "video_llava": ("Video-LLaVA", _LLAVA_LAYOUT.format("video and image towers")),
     "qwen2_vl": ("Qwen2-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
@@ -139,11 +156,22 @@ def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(
         return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, whose attention the look-ahead "
                 f"does not reproduce exactly yet; supported text models: {known}")
     vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
+    if model_type == "llava_onevision" and (problem := onevision_problem(cfg)) is not None:
+        return problem
     tower = vision.get("model_type")
     if tower in VISION_PACKAGES and not has_package(VISION_PACKAGES[tower][0]):
         package, why = VISION_PACKAGES[tower]
         return (f"its {tower!r} vision tower needs the {package} package ({why}), which is not installed; "
                 f"install it (pip install {package})")
+    return None
+
+
+def onevision_problem(cfg: dict) -> str | None:
+    """Why a LLaVA-OneVision ``config.json`` lays out image tokens the toolkit does not reproduce, or None."""
+    aspect = cfg.get("vision_aspect_ratio", "anyres_max_9")
+    if not (isinstance(aspect, str) and re.fullmatch(r"anyres_max_[1-9][0-9]*", aspect)):
+        return (f"a LLaVA-OneVision checkpoint whose vision_aspect_ratio is {aspect!r}, not 'anyres_max_N', whose "
+                "image-token layout the toolkit does not reproduce")
     return None
 
 

@@ -55,7 +55,7 @@ from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
-from .anyres import ImageLayout, anyres_layout
+from .anyres import ImageLayout, anyres_layout, max_patches, token_bound
 from .families import FAMILIES, check_config
 from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
@@ -140,7 +140,8 @@ class LoadedModel:
         return self.sink(ids, decision_rows, image_mask)
 
     def image_layout(self, enc) -> ImageLayout | None:
-        """LLaVA-NeXT: the anyres layout of one prompt's image (from its ``image_sizes``); None for a single grid."""
+        """LLaVA-NeXT, LLaVA-OneVision: the anyres layout of one prompt's image (from its ``image_sizes``); None for a
+        single grid."""
         return image_layout(self.model.config, enc)
 
     def image_grid(self, enc) -> tuple[int, int]:
@@ -163,12 +164,13 @@ class LoadedModel:
 
     def grid_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
         """The image tokens (bool mask [seq], from the detected ``image_mask``) that form the overlay's patch grid: all
-        of them, or for LLaVA-NeXT the base grid's (the first ``p²`` after any CLS), not its tiles and newlines."""
+        of them, or for LLaVA-NeXT and OneVision the base grid's (the first ``p²`` after any CLS), not its tiles and
+        newlines."""
         cfg = self.model.config
-        if cfg.model_type != "llava_next":
+        if anyres_params(cfg) is None:
             return image_mask
         positions = torch.nonzero(image_mask.reshape(-1)).flatten()
-        extra = int(getattr(cfg, "vision_feature_select_strategy", "default") == "full")
+        extra = anyres_params(cfg)[0]
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
         out[positions[extra:extra + side * side]] = True
@@ -382,7 +384,7 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
         check_config(config.to_dict(), show(where))  # the CLI ran the same check before torch loaded
-        processor = AutoProcessor.from_pretrained(where, local_files_only=True)
+        processor = load_processor(config, where)
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
     except ImportError as exc:  # a processor class that needs an optional package (torchvision)
@@ -402,15 +404,38 @@ def _load_error(where: str, local: bool, exc: Exception) -> UserError:
     return UserError(f"could not load model {where!r}: {hint} ({first})")
 
 
+def load_processor(config, where: str):
+    """The checkpoint's processor (AutoProcessor); LLaVA-OneVision's for images only (:mod:`.onevision`)."""
+    if getattr(config, "model_type", None) == "llava_onevision":
+        from .onevision import load_processor as onevision_processor
+
+        return onevision_processor(where)
+    return AutoProcessor.from_pretrained(where, local_files_only=True)
+
+
+def anyres_params(config) -> tuple[int, int | None] | None:
+    """(tokens before the base patches, "anyres_max" N) of an anyres family's ``config``; None for one fixed grid.
+
+    LLaVA-NeXT keeps a CLS under the "full" feature selection and never resizes; LLaVA-OneVision's base grid is
+    exactly ``p²`` features (its model refuses anything else) and it resizes past "anyres_max_N"."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava_next":
+        return int(getattr(config, "vision_feature_select_strategy", "default") == "full"), None
+    if model_type == "llava_onevision":
+        return 0, max_patches(config.vision_aspect_ratio)
+    return None
+
+
 def image_layout(config, enc) -> ImageLayout | None:
-    """The anyres layout of the first image of ``enc`` (a processor's output) under a LLaVA-NeXT ``config``; None
-    for other families (one fixed grid)."""
-    if config.model_type != "llava_next" or "image_sizes" not in enc:
+    """The anyres layout of the first image of ``enc`` (a processor's output) under a LLaVA-NeXT or OneVision
+    ``config``; None for other families (one fixed grid)."""
+    params = anyres_params(config)
+    if params is None or "image_sizes" not in enc:
         return None
     vision = config.vision_config
-    extra = int(getattr(config, "vision_feature_select_strategy", "default") == "full")
     size = tuple(int(x) for x in enc["image_sizes"][0].tolist())
-    return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=extra)
+    return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=params[0],
+                         most=params[1])
 
 
 def model_class(config):
@@ -518,15 +543,13 @@ def _image_token_count(processor, where: str) -> int:
 
 
 def anyres_token_bound(config) -> int | None:
-    """LLaVA-NeXT: the most image tokens one image can become (the largest ``image_grid_pinpoints`` resolution,
-    nothing unpadded); None for a family whose image is one fixed grid."""
-    if getattr(config, "model_type", None) != "llava_next":
+    """LLaVA-NeXT, OneVision: the most image tokens one image can become (:func:`~.anyres.token_bound`: for NeXT the
+    largest ``image_grid_pinpoints`` resolution, nothing unpadded); None for a family whose image is one fixed grid."""
+    params = anyres_params(config)
+    if params is None:
         return None
     vision = config.vision_config
-    extra = int(getattr(config, "vision_feature_select_strategy", "default") == "full")
-    side = vision.image_size // vision.patch_size
-    return max(ImageLayout((side, side), ((h // vision.image_size) * side, (w // vision.image_size) * side),
-                           extra).n_tokens for h, w in config.image_grid_pinpoints)
+    return token_bound(config.image_grid_pinpoints, vision.image_size, vision.patch_size, *params)
 
 
 def sliding_window(text_config) -> int | None:
