@@ -77,7 +77,19 @@ class DecodingMethod(Intervention):
         return None
 
     def combine(self, site: Readout, row: Row, logits: torch.Tensor, aux: torch.Tensor | None, dose: float):
-        """``(scores before the cutoff, tokens kept by it)`` [vocab] for one row; ``dose`` scales the method."""
+        """``(scores before the cutoff, tokens kept by it)`` [vocab] for one row.
+
+        Args:
+            site: the ``logits`` readout.
+            row: the row combined.
+            logits: [vocab] the model's own logits at the row's decision position.
+            aux: [vocab] the auxiliary forward's logits for the row (:meth:`auxiliary`); None without one.
+            dose: scales the method (1: as configured).
+
+        Returns:
+            ``(scores, keep)``: the [vocab] scores, and the bool [vocab] tokens kept (None: every token), as
+            :func:`answer_from` takes them.
+        """
         raise NotImplementedError
 
     def readout(self, site: Readout) -> None:
@@ -91,8 +103,17 @@ class DecodingMethod(Intervention):
 
 def answer_from(site: Readout, row: Row, raw: torch.Tensor, keep: torch.Tensor | None, yes_no: tuple[int, int],
                 aux: torch.Tensor | None = None) -> None:
-    """Set the row's scores to ``raw`` with the tokens outside ``keep`` (None: every token kept) at −inf, and
-    record the shared ``decoding_*`` terms (``aux``: the auxiliary distribution's logits, if the method has one)."""
+    """Set the row's scores to ``raw`` with the tokens outside ``keep`` at −inf, and record the shared
+    ``decoding_*`` terms.
+
+    Args:
+        site: the ``logits`` readout.
+        row: the row answered.
+        raw: [vocab] the method's scores before the plausibility cutoff.
+        keep: bool [vocab] the tokens the cutoff keeps; None: every token.
+        yes_no: the (Yes, No) token ids the margins read.
+        aux: [vocab] the auxiliary distribution's logits, if the method has one (its margin is recorded).
+    """
     yes, no = yes_no
     scores = raw if keep is None else raw.masked_fill(~keep, -torch.inf)
     site.set(row, scores)

@@ -38,7 +38,18 @@ _DIMS: dict = {}
 
 
 def sink_dims(lm, n: int) -> tuple[int, ...]:
-    """The ``n`` dims with the largest mean |x/rms(x)| of BOS over layers 2 … L−1 (cached per model)."""
+    """The ``n`` dims with the largest mean |x/rms(x)| of BOS over layers 2 … L−1 (cached per model).
+
+    Args:
+        lm: the loaded model (one forward of its BOS token alone).
+        n: how many dims.
+
+    Returns:
+        The dims, ascending.
+
+    Raises:
+        UserError: the tokenizer has no BOS token (VAR's ``sink_dims`` must then be set).
+    """
     key = (id(lm.model), n)
     if key not in _DIMS:
         bos = lm.processor.tokenizer.bos_token_id
@@ -59,7 +70,20 @@ def _rms_ratio(x: torch.Tensor) -> torch.Tensor:
 
 def redistribute(p: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, keep: float, rho: float,
                  summ: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAR on softmax rows p [H, n, K] with bool key masks: (new rows, selected [H, n])."""
+    """VAR on softmax rows p [H, n, K] with bool key masks: (new rows, selected [H, n]).
+
+    Args:
+        p: [H, n, K] post-softmax rows (heads, queries, keys).
+        image: bool [K] the image keys.
+        sinks: bool [K] the sink keys (image and text).
+        keep: the factor on every sink key's probability in a selected row (the paper's p, after the dose).
+        rho: a row is selected when the image sinks' share of its image mass is at most this (ρ).
+        summ: … and its image mass is at least this.
+
+    Returns:
+        ``(rows, selected)``: the rows, redistributed where selected, in ``p``'s dtype, and bool [H, n] which
+        were (never one without an image sink or without non-sink image mass).
+    """
     pf = p.float()
     vis_sink = image & sinks
     img_mass = pf[..., image].sum(-1)

@@ -113,6 +113,9 @@ def steered_layers(config: BarrierConfig, n_layers: int) -> tuple[int, ...]:
 
     The seed steers 10..27 of 32 layers; for depth L the same fraction is
     ``range(round(10L/32), round(28L/32))`` with halves rounded up (L=4 → 1..3).
+
+    Raises:
+        UserError: a configured layer is not in ``0 … n_layers − 1``.
     """
     if config.layers is not None:
         bad = [layer for layer in config.layers if not 0 <= layer < n_layers]
@@ -123,7 +126,16 @@ def steered_layers(config: BarrierConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def image_span_mask(config: BarrierConfig, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Bool [seq] marking the image keys: the fixed span clipped to seq, or detected tokens."""
+    """Bool [seq] marking the image keys: the fixed span clipped to seq, or detected tokens.
+
+    Args:
+        config: its ``span`` (``fixed``: ``fixed_span``'s half-open range; else the detected image tokens).
+        input_ids: the prompt's ids, [seq] or [1, seq].
+        image_token_id: the image placeholder's id.
+
+    Raises:
+        UserError: the span is detected and the prompt holds no image token.
+    """
     import torch  # here, so that the knobs above load without torch (fast --set checks)
 
     ids = torch.as_tensor(input_ids)

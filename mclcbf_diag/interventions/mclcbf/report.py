@@ -37,7 +37,14 @@ from ...report.plots import (
 def summary_fields(per_layer: pd.DataFrame, baseline: pd.DataFrame, knobs=None) -> dict:
     """Steered and fired layers, h before and after the step (a realised Δh under its floor counts as 0), the
     largest ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised (mean over fired layers, with floors); the two
-    warnings (:func:`warnings_of`)."""
+    warnings (:func:`warnings_of`).
+
+    Args:
+        per_layer: the intervened run's prefill records, layer × metric (head −1).
+        baseline: the measuring baseline run's, the same way (its ``barrier_h`` rows are the steered layers).
+        knobs: the run's :class:`~mclcbf_diag.interventions.mclcbf.config.BarrierConfig`, for the span warning;
+            None: no span warning.
+    """
     empty = pd.Series(dtype=float)
     fired = per_layer.get("barrier_active", empty).fillna(0)
     h_before = baseline.get("barrier_h", empty).dropna()
@@ -70,10 +77,17 @@ def _at(frame: pd.DataFrame, metric: str, layer: int = -1):
 def warnings_of(per_layer: pd.DataFrame, baseline: pd.DataFrame, knobs=None) -> dict:
     """What the run measured wrong, in one line each (absent when nothing is).
 
-    ``span_warning``: the configured span against the detected image tokens and the decision token
-    (:func:`mclcbf_diag.models.tokens.span_problem`; the seed's known 4-token offset is not a problem).
-    ``lookahead_miss_layers`` (with ``lookahead_miss_max`` and its floor): the layers of the measuring run where
-    the look-ahead h and the image mass the layer computed differ by more than the noise floor.
+    Args:
+        per_layer: the intervened run's prefill records, layer × metric (head −1).
+        baseline: the measuring baseline run's, the same way.
+        knobs: the run's :class:`~mclcbf_diag.interventions.mclcbf.config.BarrierConfig`; the span is checked
+            only when it is ``fixed``.
+
+    Returns:
+        ``span_warning``: the configured span against the detected image tokens and the decision token
+        (:func:`mclcbf_diag.models.tokens.span_problem`; the seed's known 4-token offset is not a problem).
+        ``lookahead_miss_layers`` (with ``lookahead_miss_max`` and its floor): the layers of the measuring run
+        where the look-ahead h and the image mass the layer computed differ by more than the noise floor.
     """
     out: dict = {}
     if _at(per_layer, "span_flagged") and knobs is not None and getattr(knobs, "span", None) == "fixed":
@@ -147,7 +161,18 @@ def _tau(records) -> float | None:
 
 # ------------------------------------------------------------------------------------------- figures
 def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id, steered) -> dict:
-    """The step's size per layer and the barrier against τ (those the records support)."""
+    """The step's size per layer and the barrier against τ (those the records support).
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+
+    Returns:
+        ``{"step_size": …, "barrier": …}``, without a figure whose metrics the records lack.
+    """
     out = {}
     for slug, build, extra in (("step_size", step_size_figure, {"steered": steered}), ("barrier", barrier_figure, {})):
         try:
@@ -159,7 +184,15 @@ def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id,
 
 def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0, question_id=None,
                      steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
-    """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken."""
+    """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers to shade as steered; None: read off the records.
+    """
     df = select(records, phase, decode_step, question_id)
     require(df, "theta_rel")
     title = "Size of the steering step relative to the residual, ‖θ*‖ / ‖x‖"
@@ -176,7 +209,15 @@ def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step:
 
 def barrier_figure(records: pd.DataFrame, condition: str = STEERED, phase: str = "prefill",
                    decode_step: int = 0, question_id=None) -> go.Figure:
-    """Per steered layer: barrier h before the step, τ, and h after (recomputed and realised)."""
+    """Per steered layer: barrier h before the step, τ, and h after (recomputed and realised).
+
+    Args:
+        records: a tidy records frame.
+        condition: the condition whose barrier is drawn.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+    """
     df = select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
     require(sub, "barrier_h")
