@@ -88,10 +88,21 @@ def _refuse_foreign(rows: list[dict], rid: str, problem: str) -> None:
 def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> bool:
     """Write ``run.json``, or check that the run already in ``out`` is this one.
 
-    Returns True when ``run.json`` was (re)written for a folder without answers (so a
-    failure before the first batch may remove it again). See the module docstring for
-    taking over answer-less folders and rebuilding a damaged ``run.json``. Package versions
-    that differ are accepted with ``resume_anyway``, and recorded in ``run.json``.
+    See the module docstring for taking over answer-less folders and rebuilding a damaged ``run.json``.
+
+    Args:
+        out: the run folder.
+        identity: this run's description (what ``run.json`` holds).
+        resume_anyway: accept answers written with other package versions (and record that in ``run.json``).
+
+    Returns:
+        True when ``run.json`` was (re)written for a folder without answers (so a failure before the first
+        batch may remove it again); False when the folder's answers continue under it.
+
+    Raises:
+        UserError: the folder's answers belong to a run with another configuration (or other versions without
+            ``resume_anyway``), rows of another run_id sit beside a damaged or missing ``run.json``, or the
+            folder's files cannot be read or moved.
     """
     path = out / RUN
     rows, _ = read_records(out / ANSWERS)
@@ -173,9 +184,17 @@ def _check_row(row: object) -> str | None:
 def read_records(path: Path, *, repair: bool = False) -> tuple[list[dict], bool]:
     """Whole lines of ``answers.jsonl`` and whether a partial last line was dropped.
 
-    ``repair=True`` also truncates the file after its last complete line, so appends
-    start on a fresh line. A line that is not UTF-8, not JSON, or not a complete answers
-    row is a UserError naming the file and the line.
+    Args:
+        path: the answers file (absent: no rows).
+        repair: also truncate the file after its last complete line, so appends start on a fresh line.
+
+    Returns:
+        ``(rows, partial)``: the complete lines' rows (blank lines skipped), and whether a partial last line
+        was dropped.
+
+    Raises:
+        UserError: the file cannot be read (or repaired), or a line is not UTF-8, not JSON, or not a complete
+            answers row (naming the file and the line).
     """
     if not path.is_file():
         return [], False
@@ -275,10 +294,23 @@ def forget_claim(out: Path) -> None:
 def resumed(out: Path, identity: dict, jobs: list, load: Callable, answer: Callable, resume_anyway: bool = False):
     """Answer the ``jobs`` that ``out`` lacks; yield the folder's rows of all ``jobs``, locked.
 
-    ``load()`` returns the model (called only when something is left to answer);
-    ``answer(model, todo)`` appends the missing rows. The rows yielded are sorted by split
-    order and question id, duplicates dropped (first kept, with a note); the caller writes
-    its outputs inside the block, before the lock is released. ``resume_anyway``: see :func:`claim_out_dir`.
+    The caller writes its outputs inside the block, before the lock is released.
+
+    Args:
+        out: the run folder (made if needed).
+        identity: this run's description (:func:`claim_out_dir`; its ``splits`` order the rows).
+        jobs: every question of the run.
+        load: ``load()`` returns the model; called only when something is left to answer.
+        answer: ``answer(model, todo)`` appends the missing rows.
+        resume_anyway: see :func:`claim_out_dir`.
+
+    Returns:
+        A context manager yielding the rows of ``jobs``, sorted by split order and position in the split,
+        duplicates dropped (first kept, with a note).
+
+    Raises:
+        UserError: the folder is locked by another command, belongs to another run (:func:`claim_out_dir`,
+            :func:`pending`) or its answers cannot be read.
     """
     make_dir(out)
     answers = out / ANSWERS
