@@ -51,11 +51,20 @@ def barrier_value(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Barrier h and per-head image masses for target tokens.
 
-    x_tok [n_tok, d] (residuals, or input_layernorm outputs with ``normalized=True``),
-    keys [KV, seq, hd], image_mask bool [seq] (shorter is padded with False),
-    query_positions long [n_tok]: keys at positions > p are masked out.
-    Returns ``(h, per_head)``: h is the mean over heads and tokens (0-dim), per_head is
-    [H, n_tok]. Computed in ``x_tok``'s dtype (pass fp16 to see fp16 behaviour).
+    Computed in ``x_tok``'s dtype (pass fp16 to see fp16 behaviour).
+
+    Args:
+        x_tok: [n_tok, d] the target tokens' residuals (or input_layernorm outputs with ``normalized=True``).
+        keys: [KV, seq, hd] the layer's keys (after RoPE).
+        w: the layer's weights (input norm, q/k projections, heads).
+        cos_tok: [n_tok, hd] the rotary cos at the target tokens' positions.
+        sin_tok: [n_tok, hd] the rotary sin there.
+        image_mask: bool [seq] the image keys (shorter is padded with False).
+        query_positions: long [n_tok] each target token's position p: keys at positions > p are masked out.
+        normalized: ``x_tok`` already is the input norm's output.
+
+    Returns:
+        ``(h, per_head)``: h is the mean over heads and tokens (0-dim), per_head is [H, n_tok].
     """
     q = project_queries(x_tok, w, cos_tok, sin_tok, normalized=normalized)  # [H, n, hd]
     probs = attention_rows(q, keys, w, query_positions)  # [H, n, seq]
@@ -70,8 +79,21 @@ def barrier_gradient(x_tok: torch.Tensor, keys: torch.Tensor, w: LayerWeights, c
     """``(h, ∂h/∂x_tok)`` with every input cast to ``dtype``; keys are constants.
 
     Uses a local ``enable_grad`` (and leaves inference mode locally), so it works inside
-    ``torch.no_grad()`` contexts such as ``generate``. Both results are detached, in
-    ``dtype``; g has x_tok's shape.
+    ``torch.no_grad()`` contexts such as ``generate``.
+
+    Args:
+        x_tok: [n_tok, d] the target tokens' residuals (see :func:`barrier_value`).
+        keys: [KV, seq, hd] the layer's keys.
+        w: the layer's weights.
+        cos_tok: [n_tok, hd] the rotary cos at the target tokens' positions.
+        sin_tok: [n_tok, hd] the rotary sin there.
+        image_mask: bool [seq] the image keys.
+        query_positions: long [n_tok] the target tokens' positions.
+        dtype: the dtype h and its gradient are computed in.
+        normalized: ``x_tok`` already is the input norm's output.
+
+    Returns:
+        ``(h, g)``: h 0-dim and g with ``x_tok``'s shape, both detached, in ``dtype``.
     """
     with torch.inference_mode(False), torch.enable_grad():
 
@@ -133,10 +155,20 @@ def step(
 ) -> StepResult:
     """The controller step, computed in ``g``'s dtype as the seed does.
 
-    ``scale_unclamped = (τ − h)/(Σg² + guard)`` (``config.guard``, seed 1e-6). Clamps: "scale" → ``min(clamp_value,
-    ·)``;
-    "step_norm" → ``min(·, c‖x‖/(α‖g‖))`` so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is.
-    Inactive (h ≥ τ) → theta = 0, scale = 0. ``x_norm`` is ‖x‖ over the target tokens.
+    ``scale_unclamped = (τ − h)/(Σg² + guard)`` (``config.guard``, seed 1e-6). Clamps (:func:`clamped_scale`):
+    "scale" → ``min(clamp_value, ·)``; "step_norm" → ``min(·, c‖x‖/(α‖g‖))`` so that ``‖α·θ‖ ≤ c‖x‖``;
+    "none" → as is. Inactive (h ≥ τ) → theta = 0, scale = 0.
+
+    Args:
+        h: the barrier before the step (0-dim).
+        g: ∂h/∂x over the target tokens (:func:`barrier_gradient`); its dtype is the step's.
+        x_norm: ‖x‖ over the target tokens (for ``theta_rel`` and the "step_norm" clamp).
+        tau: the target τ.
+        alpha: the step's gain α (``applied = α·theta``).
+        config: the clamp (``clamp``, ``clamp_value``) and the guard.
+
+    Returns:
+        The :class:`StepResult`; ``finite`` False when the applied step overflowed (the caller must not apply it).
     """
     dt = g.dtype
     h_t = torch.as_tensor(h).to(dt)
@@ -185,7 +217,17 @@ def step(
 
 def clamped_scale(unclamped: torch.Tensor, config: BarrierConfig, step_per_scale: float, x_norm: float):
     """The scale after the configured clamp: "scale" → ``min(clamp_value, ·)``; "step_norm" → ``min(·,
-    c‖x‖/(α‖g‖))`` (``step_per_scale`` = α‖g‖), so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is."""
+    c‖x‖/(α‖g‖))``, so that ``‖α·θ‖ ≤ c‖x‖``; "none" → as is.
+
+    Args:
+        unclamped: the scale ``(τ − h)/(Σg² + guard)`` (0-dim).
+        config: its ``clamp`` and ``clamp_value`` (c).
+        step_per_scale: α‖g‖, the applied step's norm per unit of scale (0: no "step_norm" limit).
+        x_norm: ‖x‖ over the target tokens.
+
+    Returns:
+        The clamped scale (0-dim, ``unclamped``'s dtype).
+    """
     if config.clamp == "scale":
         return torch.clamp(unclamped, max=config.clamp_value)
     if config.clamp == "step_norm":
