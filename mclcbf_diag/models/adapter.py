@@ -217,4 +217,5 @@ LLAVA = ArchitectureAdapter(
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
 # vector is merged into the image tokens before the text model, which is all the toolkit measures)
-ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA}[f.name] for f in FAMILIES}
+# InternVL's too (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head)
+ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "internvl": LLAVA}[f.name] for f in FAMILIES}

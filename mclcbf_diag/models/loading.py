@@ -54,6 +54,7 @@ from transformers.utils import logging as hf_logging
 from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
+from . import internvl
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .anyres import ImageLayout, anyres_layout
 from .families import FAMILIES, check_config
@@ -149,6 +150,8 @@ class LoadedModel:
         vision = self.model.config.vision_config
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
         n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
+        if self.model.config.model_type == "internvl":  # one grid per tile; the overlay's is the whole picture's
+            return internvl.whole_picture(self.model.config, n, int(enc["pixel_values"].shape[0]), show(self.source))
         layout = self.image_layout(enc)
         if layout is not None:
             if n != layout.n_tokens:
@@ -163,8 +166,15 @@ class LoadedModel:
 
     def grid_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
         """The image tokens (bool mask [seq], from the detected ``image_mask``) that form the overlay's patch grid: all
-        of them, or for LLaVA-NeXT the base grid's (the first ``p²`` after any CLS), not its tiles and newlines."""
+        of them, or for LLaVA-NeXT the base grid's (the first ``p²`` after any CLS), not its tiles and newlines; for
+        InternVL the whole picture's grid (the last ``s²``: its thumbnail, or its only tile)."""
         cfg = self.model.config
+        if cfg.model_type == "internvl":
+            rows, cols = internvl.tile_grid(cfg)
+            positions = torch.nonzero(image_mask.reshape(-1)).flatten()
+            out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
+            out[positions[-rows * cols:]] = True
+            return out.reshape(image_mask.shape)
         if cfg.model_type != "llava_next":
             return image_mask
         positions = torch.nonzero(image_mask.reshape(-1)).flatten()
@@ -382,7 +392,8 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
         check_config(config.to_dict(), show(where))  # the CLI ran the same check before torch loaded
-        processor = AutoProcessor.from_pretrained(where, local_files_only=True)
+        processor = (internvl.load_processor(where) if config.model_type == "internvl"  # no video processor
+                     else AutoProcessor.from_pretrained(where, local_files_only=True))
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
     except ImportError as exc:  # a processor class that needs an optional package (torchvision)
@@ -441,6 +452,8 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
                             "\"model\" and \"lm_head\"), or use --device-map auto") from exc
         raise _load_error(where, prep.local, exc) from exc
     check_loading_info(where, info)
+    if model.config.model_type == "internvl":
+        internvl.prepare(model)  # shared image features as InternVL merges them
     if prep.device_map is None:
         model.to(prep.device)
     model.eval()
@@ -551,7 +564,9 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = anyres_token_bound(config) or _image_token_count(processor, where)
+    per_image = anyres_token_bound(config) or (internvl.token_bound(processor, config)
+                                               if config.model_type == "internvl" else None) \
+        or _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
