@@ -185,7 +185,7 @@ def test_tokens_that_do_not_form_the_tiles_are_refused_in_one_line(lms):
 def test_trace_equals_a_plain_forward_and_its_look_ahead(lms, name):
     from mclcbf_diag import barrier as B
     from mclcbf_diag.experiments.trace import trace_sample
-    from mclcbf_diag.report.overlay import attention_maps
+    from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
     lm = lms[name]
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
@@ -212,6 +212,11 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(lms, name):
         maps = attention_maps(result.baseline, grid)
         want = out.attentions[1][0, :, -1].mean(0)[grid.nonzero().flatten()].reshape(4, 4)
         np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+        if k == 0:  # another query token's rows (the one after </img>), from the runs the overlay adds
+            q = int(torch.nonzero(image)[-1]) + 2
+            rows = token_attention_maps(lm, inputs, config, [q])[q]["baseline"]["layer 0"]
+            np.testing.assert_allclose(rows, out.attentions[0][0, :, q].mean(0)[grid.nonzero().flatten()]
+                                       .reshape(4, 4).numpy(), rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- batches, pope, explain, flow
@@ -261,3 +266,32 @@ def test_trace_page_explain_and_flow_run_on_internvl(lms, tmp_path):
     assert (tmp_path / "e" / "explain-1.html").exists()
     assert main(["flow", "--model", source, "--sample", "0", "--window", "1", "--out", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "flow-1.html").exists()
+
+
+def test_a_pixel_view_of_some_rows_holds_their_own_tiles(lms):
+    """VCD's view (the question with its image noised) on rows 1 and 2 of a tiled batch (3 and 5 tiles): each row
+    keeps its own tiles, and its logits are those of the prompt alone with its noised tiles."""
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.views import (
+        PIXEL_ROWS,
+        diffusion_noise,
+        last_logits,
+        pixels_of,
+        row_inputs,
+        with_pixels,
+    )
+
+    lm = lms["tiles"]
+    prompts = [PROMPT.replace(QUESTIONS[0], q) for q in QUESTIONS * 2]
+    images = [_image(0), _image(0), _image(1), _image(1)]
+    inputs = batch_inputs(lm, prompts, images)
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)[1:3]
+    mine = row_inputs(inputs, rows)
+    owner = mine["mm_encoder_outputs"][PIXEL_ROWS]
+    got = last_logits(lm, with_pixels(mine, diffusion_noise(pixels_of(mine), 500, 0)))
+    for n, b in enumerate([1, 2]):
+        alone = lm.inputs(prompts[b], images[b])
+        torch.testing.assert_close(pixels_of(mine)[owner == n], alone["pixel_values"], rtol=0, atol=0)
+        want = last_logits(lm, with_pixels(alone, diffusion_noise(alone["pixel_values"], 500, 0)))[0]
+        torch.testing.assert_close(got[n], want, rtol=0, atol=TOL * float(want.abs().max()))

@@ -14,7 +14,10 @@ Mechanism
   batch (POPE asks ~6 questions per image) and hands the projected features to the
   model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
   image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
-  model's own ``get_image_features`` (base grid, unpadded tiles, newlines).
+  model's own ``get_image_features`` (base grid, unpadded tiles, newlines). InternVL's image is several
+  rows of ``pixel_values`` (its tiles and thumbnail, :mod:`mclcbf_diag.models.internvl`): the tower runs once
+  per distinct tile, each prompt gets its tiles' features as one entry, and the pixels kept beside them say
+  which prompt each tile belongs to (``pixel_rows``), so a view of some rows takes their own tiles.
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).

@@ -13,7 +13,8 @@ Loading happens in two steps so that every mistake is reported before the weight
    tower the toolkit cannot measure exactly is refused from the same file
    (:func:`~.families.check_config`; the CLI runs it before torch is imported).
 2. :func:`prepare_model` checks dtype and device, optionally verifies the files against
-   ``MANIFEST.sha256`` (``--verify``), loads the config and the processor (tokenizer), and
+   ``MANIFEST.sha256`` (``--verify``), loads the config and the processor (tokenizer; InternVL's
+   without its video processor, :mod:`.internvl`), and
    finds the answer tokens; :func:`check_prompt_lengths` then measures every prompt with
    the tokenizer. A prompt longer than the tokenizer's fixed/maximum length, the model's
    context or what a sliding-window layer keeps in its cache is refused with its length and
@@ -21,7 +22,8 @@ Loading happens in two steps so that every mistake is reported before the weight
    tokens). Processor errors are one line (:mod:`.processing`), and so is an image whose
    tokens do not form its patch grid (:meth:`LoadedModel.image_grid`), before the model runs.
 3. :func:`load_weights` reads the weights into its family's class (:func:`model_class`:
-   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``) and refuses a checkpoint with missing,
+   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``InternVLForConditionalGeneration``)
+   and refuses a checkpoint with missing,
    unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
    otherwise fill with random values.
 
