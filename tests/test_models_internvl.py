@@ -104,6 +104,7 @@ def _margin(lm, logits) -> float:
 def test_internvl_is_a_family_with_the_llava_adapter(lms):
     from mclcbf_diag.models.adapter import LLAVA
     from mclcbf_diag.models.families import FAMILIES, config_problem
+    from mclcbf_diag.models.internvl import tile_grid
 
     lm = lms["one"]
     assert type(lm.model).__name__ == "InternVLForConditionalGeneration" and lm.adapter is LLAVA
@@ -113,6 +114,9 @@ def test_internvl_is_a_family_with_the_llava_adapter(lms):
     assert "internvl_chat" in config_problem({**cfg, "model_type": "internvl_chat"})
     internlm = {**cfg, "text_config": {**cfg["text_config"], "model_type": "internlm3"}}
     assert "text model is 'internlm3'" in config_problem(internlm)
+    published = InternVLConfig()  # transformers' defaults: OpenGVLab/InternVL3-1B-hf (448-px tiles, Qwen2)
+    assert config_problem(published.to_dict()) is None
+    assert tile_grid(published) == (16, 16) and 16 * 16 == published.image_seq_length
 
 
 @pytest.mark.parametrize("name,size,tiles", [("one", (100, 200), 1), ("tiles", (100, 200), 3),

@@ -74,11 +74,11 @@ FAMILIES: tuple[Family, ...] = (
         checked=("a tiny random checkpoint built in the tests (Qwen2 text model; one tile and several tiles per "
                  "image: trace, explain, flow and pope's batched, cached-prefix path against plain forwards); no "
                  "real weights have been run",),
-        covers="InternVLForConditionalGeneration checkpoints (OpenGVLab/InternVL3-*-hf, InternVL2.5-*-hf) whose text "
-               "model is one of the llava family's; the page's overlay draws the whole picture's grid (the "
-               "thumbnail, or the only tile)",
-        not_covered="the remote-code InternVL checkpoints (internvl_chat), InternLM2/3 text models and video "
-                    "inputs: refused",
+        covers="InternVLForConditionalGeneration checkpoints (OpenGVLab/InternVL3-1B-hf and the other -hf "
+               "conversions) whose text model is one of the llava family's; the page's overlay draws the whole "
+               "picture's grid (the thumbnail, or the only tile); the processor loads without torchvision",
+        not_covered="the remote-code InternVL checkpoints (internvl_chat) and other text models (InternLM, "
+                    "GPT-OSS): refused from config.json; video inputs are never passed",
     ),
 )
 
