@@ -257,6 +257,11 @@ def test_pope_runs_on_internvl(lms, tmp_path):
                  "--out", str(tmp_path / "p")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "p" / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)
+    assert main(["pope", "--model", lms["tiles"].source, "--split", "adversarial", "--limit", "4", "--batch-size", "4",
+                 "--generate", "2", "--out", str(tmp_path / "g")]) == 0  # generate: the pixels, not shared features
+    again = [json.loads(x) for x in (tmp_path / "g" / "answers.jsonl").read_text().splitlines()]
+    assert [r["baseline_margin"] for r in again] == pytest.approx([r["baseline_margin"] for r in rows], abs=TOL)
+    assert all(isinstance(r.get("baseline_text"), str) for r in again)
 
 
 def test_trace_page_explain_and_flow_run_on_internvl(lms, tmp_path):
