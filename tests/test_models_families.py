@@ -51,7 +51,11 @@ def test_families_load_without_torch():
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
 TRIED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3",
-         "internvl", "mistral3", "mllama"]
+         "mistral3", "mllama"]
+
+
+# InternVL's remote-code form (native InternVL is a family: tests/test_models_internvl.py); AutoConfig cannot build it
+REMOTE_INTERNVL = {"model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "auto_map": {}}
 
 
 def _config(model_type: str, **text) -> dict:
@@ -73,7 +77,7 @@ def test_llava_relatives_are_named_as_llava_layouts_and_articles_are_right():
     for model_type in ("llava_next_video",):
         problem = config_problem(_config(model_type))
         assert "LLaVA-family layout" in problem and "not LLaVA-style" not in problem
-    assert config_problem(_config("internvl")).startswith("an InternVL checkpoint")
+    assert config_problem(REMOTE_INTERNVL).startswith("an InternVL (remote code) checkpoint")
     assert config_problem(_config("idefics3")).startswith("an Idefics3 checkpoint")
     assert config_problem(_config("llava_next_video")).startswith("a LLaVA-NeXT-Video checkpoint")
     assert article("InternVL") == "an" and article("Qwen2-VL") == "a"
@@ -90,7 +94,7 @@ def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused(
     assert "text-only 'qwen2' model" in config_problem(_config("qwen2"))
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
-    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision"]
+    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision", "internvl"]
     for backbone in TEXT_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
         for family in ("llava_next", "llava_onevision"):  # tests/test_models_onevision.py run one each)
             cfg = _config(family)
@@ -113,12 +117,13 @@ def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monk
 
 
 @pytest.mark.parametrize("model_type,fragment", [("llava_next_video", "a LLaVA-NeXT-Video checkpoint"),
-                                                 ("internvl", "an InternVL checkpoint"),
+                                                 ("internvl_chat", "an InternVL (remote code) checkpoint"),
                                                  ("qwen2_5_vl", "a Qwen2.5-VL checkpoint")])
 def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fragment):
     ckpt = tmp_path / model_type
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps(_config(model_type)), encoding="utf-8")
+    cfg = REMOTE_INTERNVL if model_type == "internvl_chat" else _config(model_type)
+    (ckpt / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     (ckpt / "model.safetensors").write_bytes(b"never read")
     start = time.monotonic()
     line, torch_loaded = refused(["trace", "--model", str(ckpt), "--out", str(tmp_path / "out")], tmp_path,
@@ -133,10 +138,10 @@ def test_a_cached_hub_id_is_checked_from_the_cache_before_torch(tmp_path):
     cache = tmp_path / "hub"
     snap = cache / "models--someone--internvl-tiny" / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True)
-    (snap / "config.json").write_text(json.dumps(_config("internvl")), encoding="utf-8")
+    (snap / "config.json").write_text(json.dumps(REMOTE_INTERNVL), encoding="utf-8")
     (cache / "models--someone--internvl-tiny" / "refs").mkdir()
     (cache / "models--someone--internvl-tiny" / "refs" / "main").write_text("0" * 40)
     line, torch_loaded = refused(["trace", "--model", "someone/internvl-tiny", "--out", str(tmp_path / "out")],
-                                 tmp_path, "--model someone/internvl-tiny: an InternVL checkpoint",
+                                 tmp_path, "--model someone/internvl-tiny: an InternVL (remote code) checkpoint",
                                  HF_HUB_CACHE=str(cache))
     assert not torch_loaded, line

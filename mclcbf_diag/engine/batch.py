@@ -16,6 +16,9 @@ Mechanism
   image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
   model's own ``get_image_features`` (base grid, unpadded tiles, newlines). LLaVA-OneVision's takes the same
   path (its ``batch_num_images``, one image per prompt here, is left to the model's single-image default).
+  InternVL's image is several rows of ``pixel_values`` (its tiles and thumbnail, :mod:`mclcbf_diag.models.internvl`):
+  the tower runs once per distinct tile, each prompt gets its tiles' features as one entry, and the pixels kept
+  beside them say which prompt each tile belongs to (``pixel_rows``), so a view of some rows takes their own tiles.
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).
@@ -46,6 +49,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import rows_of
+from ..interventions.views import PIXEL_ROWS
 from ..models import LoadedModel
 from ..models.processing import processor_prompt
 from .runner import Continuation, Keep, forward
@@ -82,9 +86,11 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
         uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
-        sizes = inputs.get("image_sizes")
+        sizes, owner = inputs.get("image_sizes"), None
         with torch.no_grad():
-            if sizes is None:
+            if lm.model.config.model_type == "internvl":  # an image is its tiles' rows of pixel_values
+                per_row, owner = _internvl_features(lm, inputs["input_ids"], pv)
+            elif sizes is None:
                 feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
                 per_row = [feats.pooler_output[j] for j in inverse.tolist()]
             else:  # LLaVA-NeXT: an image is its pixels (tiles) and its size (which tiles count, the unpadding)
@@ -97,9 +103,22 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
                 index = {k: n for n, k in enumerate(first)}
                 per_row = [feats.pooler_output[index[k]] for k in keys]
         # the pixels stay beside the features (the model reads only "image"), for methods that run the
-        # question with the image distorted (mclcbf_diag.interventions.views)
+        # question with the image distorted (mclcbf_diag.interventions.views); InternVL's tiles say whose they are
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row), "pixel_values": pv}
+        if owner is not None:
+            inputs["mm_encoder_outputs"][PIXEL_ROWS] = owner
     return inputs
+
+
+def _internvl_features(lm: LoadedModel, input_ids: torch.Tensor, pv: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """InternVL: each prompt's tiles' features (models/internvl.py), its tile count from its image tokens; and the
+    prompt each row of ``pv`` (a tile) belongs to."""
+    from ..models import internvl
+
+    rows, cols = internvl.tile_grid(lm.model.config)
+    tiles = [int((ids == lm.tokens.image_token_id).sum()) // (rows * cols) for ids in input_ids]
+    owner = torch.repeat_interleave(torch.arange(len(tiles), device=pv.device), torch.tensor(tiles, device=pv.device))
+    return internvl.per_prompt(lm.model, pv, tiles), owner
 
 
 

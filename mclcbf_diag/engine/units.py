@@ -153,11 +153,9 @@ class Prefix:
         out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx], "position_ids": self.positions[idx]}
         mm = self.inputs.get("mm_encoder_outputs")
         if mm is not None:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
+            from ..interventions.views import rows_of_shared
 
-            feats = mm["image"].pooler_output
-            out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-                pooler_output=[feats[i] for i in idx.tolist()]), "pixel_values": mm["pixel_values"][idx]}
+            out["mm_encoder_outputs"] = rows_of_shared(mm, idx.tolist())
         else:
             out["pixel_values"] = self.inputs["pixel_values"][idx]
         return out

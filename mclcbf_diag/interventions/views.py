@@ -23,6 +23,7 @@ from .base import Row
 
 DIFFUSION_STEPS = 1000
 PIXELS_KEY = "pixel_values"  # kept beside shared image features, in inputs["mm_encoder_outputs"]
+PIXEL_ROWS = "pixel_rows"  # beside them when a prompt's image is several rows (InternVL's tiles): each row's prompt
 
 
 def pixels_of(inputs: dict) -> torch.Tensor:
@@ -88,7 +89,7 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
     out = {}
     for key, value in inputs.items():
         if key == "mm_encoder_outputs":
-            out[key] = _rows_of_shared(value, idx)
+            out[key] = rows_of_shared(value, idx)
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
             out[key] = value[idx]
         else:
@@ -96,11 +97,18 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
     return out
 
 
-def _rows_of_shared(shared: dict, idx: list[int]) -> dict:
+def rows_of_shared(shared: dict, idx: list[int]) -> dict:
+    """The shared image features (and pixels) of the batch's rows ``idx``, in that order."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     out = {"image": BaseModelOutputWithPooling(pooler_output=[shared["image"].pooler_output[i] for i in idx])}
-    if PIXELS_KEY in shared:
+    if PIXELS_KEY in shared and PIXEL_ROWS in shared:  # each prompt's rows of pixels (its tiles), renumbered
+        owner = shared[PIXEL_ROWS]
+        picked = [torch.nonzero(owner == i).flatten() for i in idx]
+        out[PIXELS_KEY] = shared[PIXELS_KEY][torch.cat(picked)]
+        out[PIXEL_ROWS] = torch.repeat_interleave(torch.arange(len(idx), device=owner.device),
+                                                  torch.tensor([p.numel() for p in picked], device=owner.device))
+    elif PIXELS_KEY in shared:
         out[PIXELS_KEY] = shared[PIXELS_KEY][idx]
     return out
 

@@ -10,7 +10,8 @@ one more adapter, not a change to the measurements.
 shares exactly, and LLaVA-NeXT's too (its modules sit at the same paths). LLaVA's processor
 returns one fixed-shape ``pixel_values`` image per prompt; LLaVA-NeXT's adds ``image_sizes``,
 which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower runs once per
-distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. Another
+distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. InternVL's modules sit
+at the same paths too; its image is several tiles, one grid each (:mod:`.internvl`). Another
 architecture whose processor adds per-image outputs needs that batching step extended with its
 adapter, with a test on such a model.
 
@@ -217,5 +218,7 @@ LLAVA = ArchitectureAdapter(
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
 # vector is merged into the image tokens before the text model, which is all the toolkit measures)
-# LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model)
-ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA}[f.name] for f in FAMILIES}
+# LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model), and InternVL's
+# (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head)
+ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA, "internvl": LLAVA}[f.name]
+            for f in FAMILIES}

@@ -48,7 +48,7 @@ FAMILIES: tuple[Family, ...] = (
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
         not_covered="Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
-                    "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
+                    "Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
     Family(
@@ -81,6 +81,23 @@ FAMILIES: tuple[Family, ...] = (
         not_covered="a vision_aspect_ratio other than anyres_max_N (refused from config.json); videos and several "
                     "images in one prompt (every prompt holds one <image>)",
     ),
+    Family(
+        name="internvl",
+        architecture="InternVLForConditionalGeneration",
+        model_type="internvl",
+        layout="InternVL (transformers' native form): an InternViT tower whose patch map is pixel-shuffled and "
+               "projected by an MLP; each image is its tiles and, with more than one, a thumbnail, each tile "
+               "image_seq_length tokens between <img> and </img> (models/internvl.py); prompts write <image> for the "
+               "processor's <IMG_CONTEXT>",
+        checked=("a tiny random checkpoint built in the tests (Qwen2 text model; one tile and several tiles per "
+                 "image: trace, explain, flow and pope's batched, cached-prefix path against plain forwards); no "
+                 "real weights have been run",),
+        covers="InternVLForConditionalGeneration checkpoints (OpenGVLab/InternVL3-1B-hf and the other -hf "
+               "conversions) whose text model is one of the llava family's; the page's overlay draws the whole "
+               "picture's grid (the thumbnail, or the only tile); the processor loads without torchvision",
+        not_covered="the remote-code InternVL checkpoints (internvl_chat) and other text models (InternLM, "
+                    "GPT-OSS): refused from config.json; video inputs are never passed",
+    ),
 )
 
 
@@ -104,7 +121,6 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "idefics2": ("Idefics2", "a perceiver resampler, not measured yet"),
     "paligemma": ("PaliGemma", "bidirectional attention over the image and prefix, not measured yet"),
     "gemma3": ("Gemma 3", "sliding-window layers and bidirectional image attention, not measured yet"),
-    "internvl": ("InternVL", "dynamic image tiles with a pixel-shuffle projector, not measured yet"),
     "internvl_chat": ("InternVL (remote code)", "custom modelling code, which mclcbf-diag never runs"),
     "mistral3": ("Mistral 3", "a Pixtral tower with a patch merger, not measured yet"),
     "mllama": ("Llama 3.2 Vision (Mllama)", "cross-attention image layers instead of image tokens, "

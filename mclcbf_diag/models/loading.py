@@ -13,7 +13,8 @@ Loading happens in two steps so that every mistake is reported before the weight
    tower the toolkit cannot measure exactly is refused from the same file
    (:func:`~.families.check_config`; the CLI runs it before torch is imported).
 2. :func:`prepare_model` checks dtype and device, optionally verifies the files against
-   ``MANIFEST.sha256`` (``--verify``), loads the config and the processor (tokenizer), and
+   ``MANIFEST.sha256`` (``--verify``), loads the config and the processor (tokenizer; InternVL's
+   without its video processor, :mod:`.internvl`), and
    finds the answer tokens; :func:`check_prompt_lengths` then measures every prompt with
    the tokenizer. A prompt longer than the tokenizer's fixed/maximum length, the model's
    context or what a sliding-window layer keeps in its cache is refused with its length and
@@ -21,7 +22,8 @@ Loading happens in two steps so that every mistake is reported before the weight
    tokens). Processor errors are one line (:mod:`.processing`), and so is an image whose
    tokens do not form its patch grid (:meth:`LoadedModel.image_grid`), before the model runs.
 3. :func:`load_weights` reads the weights into its family's class (:func:`model_class`:
-   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``) and refuses a checkpoint with missing,
+   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``InternVLForConditionalGeneration``)
+   and refuses a checkpoint with missing,
    unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
    otherwise fill with random values.
 
@@ -54,6 +56,7 @@ from transformers.utils import logging as hf_logging
 from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
+from . import internvl
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .anyres import ImageLayout, anyres_layout, max_patches, token_bound
 from .families import FAMILIES, check_config
@@ -150,6 +153,8 @@ class LoadedModel:
         vision = self.model.config.vision_config
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
         n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
+        if self.model.config.model_type == "internvl":  # one grid per tile; the overlay's is the whole picture's
+            return internvl.whole_picture(self.model.config, n, int(enc["pixel_values"].shape[0]), show(self.source))
         layout = self.image_layout(enc)
         if layout is not None:
             if n != layout.n_tokens:
@@ -165,8 +170,14 @@ class LoadedModel:
     def grid_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
         """The image tokens (bool mask [seq], from the detected ``image_mask``) that form the overlay's patch grid: all
         of them, or for LLaVA-NeXT and OneVision the base grid's (the first ``p²`` after any CLS), not its tiles and
-        newlines."""
+        newlines; for InternVL the whole picture's grid (the last ``s²``: its thumbnail, or its only tile)."""
         cfg = self.model.config
+        if cfg.model_type == "internvl":
+            rows, cols = internvl.tile_grid(cfg)
+            positions = torch.nonzero(image_mask.reshape(-1)).flatten()
+            out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
+            out[positions[-rows * cols:]] = True
+            return out.reshape(image_mask.shape)
         if anyres_params(cfg) is None:
             return image_mask
         positions = torch.nonzero(image_mask.reshape(-1)).flatten()
@@ -405,11 +416,15 @@ def _load_error(where: str, local: bool, exc: Exception) -> UserError:
 
 
 def load_processor(config, where: str):
-    """The checkpoint's processor (AutoProcessor); LLaVA-OneVision's for images only (:mod:`.onevision`)."""
-    if getattr(config, "model_type", None) == "llava_onevision":
+    """The checkpoint's processor (AutoProcessor); LLaVA-OneVision's and InternVL's for images only (their video
+    processors need torchvision): :mod:`.onevision`, :mod:`.internvl`."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava_onevision":
         from .onevision import load_processor as onevision_processor
 
         return onevision_processor(where)
+    if model_type == "internvl":
+        return internvl.load_processor(where)
     return AutoProcessor.from_pretrained(where, local_files_only=True)
 
 
@@ -466,6 +481,8 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
                             "\"model\" and \"lm_head\"), or use --device-map auto") from exc
         raise _load_error(where, prep.local, exc) from exc
     check_loading_info(where, info)
+    if model.config.model_type == "internvl":
+        internvl.prepare(model)  # shared image features as InternVL merges them
     if prep.device_map is None:
         model.to(prep.device)
     model.eval()
@@ -574,7 +591,9 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = anyres_token_bound(config) or _image_token_count(processor, where)
+    per_image = anyres_token_bound(config) or (internvl.token_bound(processor, config)
+                                               if config.model_type == "internvl" else None) \
+        or _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
