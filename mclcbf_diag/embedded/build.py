@@ -128,6 +128,18 @@ def padded_vocab_size(tokenizer) -> int:
 def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 8, hidden: int = 128,
                  heads: int = 4, intermediate: int = 352, vision_hidden: int = 64,
                  vision_layers: int = 3) -> LlavaConfig:
+    """The LLaVA-1.5-style config of the embedded model (see the module docstring), eager attention.
+
+    Args:
+        tokenizer: the tokenizer (:func:`build_tokenizer`): the vocabulary, padded to a multiple of 64, and the
+            special ids.
+        text_layers: Llama decoder layers.
+        hidden: the language model's hidden size.
+        heads: its attention heads (as many KV heads).
+        intermediate: its MLP's intermediate size.
+        vision_hidden: the CLIP tower's hidden size (one attention head per 32, at least one).
+        vision_layers: the CLIP tower's layers.
+    """
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
         num_attention_heads=max(1, vision_hidden // 32), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
@@ -152,6 +164,13 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 8, hi
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **sizes) -> LlavaForConditionalGeneration:
+    """An untrained embedded model, its weights initialised after ``torch.manual_seed(seed)``.
+
+    Args:
+        tokenizer: the tokenizer (:func:`build_tokenizer`).
+        seed: the initialisation's seed (it seeds torch's global generator).
+        **sizes: :func:`build_config`'s sizes (``text_layers``, ``hidden`` …).
+    """
     import torch
 
     torch.manual_seed(seed)

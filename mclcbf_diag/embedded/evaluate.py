@@ -109,7 +109,14 @@ def _prompt_ids(processor, question: str) -> list[int]:
 
 @torch.no_grad()
 def image_embeds(model, processor, images, batch: int = 32) -> torch.Tensor:
-    """Projected image features [n, 576, hidden], computed once per image."""
+    """Projected image features [n, 576, hidden], computed once per image.
+
+    Args:
+        model: the embedded model.
+        processor: its processor (the image processor resizes and normalises).
+        images: the n images (PIL).
+        batch: images per forward of the vision tower.
+    """
     out = []
     for i in range(0, len(images), batch):
         pv = processor.image_processor(images[i:i + batch], return_tensors="pt")["pixel_values"]
@@ -124,7 +131,19 @@ def image_embeds(model, processor, images, batch: int = 32) -> torch.Tensor:
 @torch.no_grad()
 def margins(model, processor, embeds: torch.Tensor, pairs: list[tuple[int, str]], batch: int = 32,
             yes_no: tuple[int, int] | None = None) -> list[float]:
-    """logit(▁Yes) − logit(▁No) at the last prompt token for (image index, question) pairs."""
+    """logit(▁Yes) − logit(▁No) at the last prompt token for (image index, question) pairs.
+
+    Args:
+        model: the embedded model.
+        processor: its processor (the tokenizer builds each prompt).
+        embeds: [n, 576, hidden] the images' projected features (:func:`image_embeds`).
+        pairs: ``(index into embeds, question text)`` per prompt.
+        batch: prompts per forward (right-padded).
+        yes_no: the (Yes, No) token ids; None: ``▁Yes`` and ``▁No``.
+
+    Returns:
+        One margin per pair, in order.
+    """
     tok = processor.tokenizer
     yes, no = yes_no or tok.convert_tokens_to_ids(["▁Yes", "▁No"])
     image_id = model.config.image_token_id
@@ -186,7 +205,18 @@ def pope_eval(model, processor, n_images: int = 300, seed: int = EVAL_SEED) -> t
 @torch.no_grad()
 def attention_profile(model, processor, n_prompts: int = 24, seed: int = EVAL_SEED) -> pd.DataFrame:
     """Per layer, at the last prompt token: attention mass (mean over heads and prompts) on
-    BOS / image / other text, and the residual norm of BOS vs the median other token."""
+    BOS / image / other text, and the residual norm of BOS vs the median other token.
+
+    Args:
+        model: the embedded model (eager attention: the probabilities are read).
+        processor: its processor.
+        n_prompts: how many adversarial-split prompts, about fresh scenes (``seed + 100``).
+        seed: the questions' seed.
+
+    Returns:
+        One row per layer: ``layer``, ``bos``, ``image``, ``text`` (masses) and ``bos_norm``, ``image_norm``,
+        ``text_norm`` (the last two medians over their tokens).
+    """
     scenes = sample_scenes(n_prompts, seed + 100)
     qs = pope_questions(scenes, "adversarial", seed)[: n_prompts * 2 : 2] or pope_questions(scenes, "adversarial", seed)
     index = {image_name(s): i for i, s in enumerate(scenes)}
@@ -235,7 +265,17 @@ PIN_IMAGES, PIN_PROMPTS = 8, 3
 
 def shipped_subset(model, processor, n_images: int = 12, pope_dir: Path = POPE_DIR) -> dict:
     """Accuracy and yes-ratio per split on the shipped questions about the first ``n_images``
-    images (the figures the tests pin in ``weights/subset_figures.json``)."""
+    images (the figures the tests pin in ``weights/subset_figures.json``).
+
+    Args:
+        model: the embedded model.
+        processor: its processor.
+        n_images: how many of the random split's images, in the order they first appear.
+        pope_dir: the folder of the shipped question files and their ``images/``.
+
+    Returns:
+        ``{split: {"accuracy", "yes_ratio", "n"}}``.
+    """
     from PIL import Image
 
     from ..data.scoring import pope_metrics
@@ -262,7 +302,19 @@ def shipped_subset(model, processor, n_images: int = 12, pope_dir: Path = POPE_D
 
 def report(model, processor, n_images: int = 300, n_prompts: int = 24, say=print) -> dict:
     """Print the layout check, POPE per split beside published LLaVA-1.5-7B figures and the
-    attention profile at the decision token; return the tables."""
+    attention profile at the decision token; return the tables.
+
+    Args:
+        model: the embedded model.
+        processor: its processor.
+        n_images: held-out scenes of the POPE evaluation (:func:`pope_eval`).
+        n_prompts: prompts of the attention profile (:func:`attention_profile`).
+        say: prints one block of text.
+
+    Returns:
+        ``layout``, ``pope`` (per split), ``answers`` (per question), ``attention`` (per layer) and
+        ``steered_layers`` (the seed's layers mapped to this depth).
+    """
     pope_dir = Path(__file__).resolve().parent / "pope"
     lay = layout_report(processor, pope_dir) if pope_dir.exists() else {"checked": 0, "bad": []}
     say(f"layout: {lay['checked']} shipped questions checked, {len(lay['bad'])} wrong "

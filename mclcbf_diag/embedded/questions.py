@@ -69,7 +69,17 @@ def annotation(scene: Scene) -> dict:
 
 
 def write_pope_set(scenes: list[Scene], out_dir: Path, seed: int, prefix: str = "embedded_pope") -> dict[str, Path]:
-    """Write images/, ``{prefix}_{split}.json`` (JSON Lines) and annotations.jsonl."""
+    """Write images/, ``{prefix}_{split}.json`` (JSON Lines) and annotations.jsonl.
+
+    Args:
+        scenes: the scenes asked about (one image each).
+        out_dir: the folder written (made if needed).
+        seed: the questions' seed (:func:`pope_questions`).
+        prefix: the question files' name before ``_{split}.json``.
+
+    Returns:
+        Split → its question file.
+    """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for scene in scenes:

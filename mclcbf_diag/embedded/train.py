@@ -112,6 +112,17 @@ def text_step(model, batch: dict, device):
 
 
 def pretrain_text(model, scenes, cfg: TrainConfig, device, log, say, tokenizer) -> None:
+    """Stage L: the language model and its head on image-free dialogues about the scenes (:func:`text_batch`).
+
+    Args:
+        model: the model trained in place (its language model and ``lm_head``).
+        scenes: the training scenes; each step draws ``cfg.text_batch`` of them.
+        cfg: the steps (``text_steps``), batch, learning rate, warm-up, weight decay and seed.
+        device: where the batches go.
+        log: gets one ``{"stage": "L", "step", "loss"}`` per step.
+        say: prints a progress line every 25 steps.
+        tokenizer: the model's tokenizer.
+    """
     lm = torch.nn.ModuleDict({"lm": model.model.language_model, "head": model.lm_head})
     opt = torch.optim.AdamW(_param_groups(lm, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.text_steps, cfg.warmup, 0.3))
@@ -265,7 +276,17 @@ def pixel_values(processor, scenes) -> torch.Tensor:
 def pretrain_vision(model, processor, scenes, cfg: TrainConfig, device, log, say) -> None:
     """Multi-label presence from the last layer (pooled) plus, on the layer LLaVA reads
     (``vision_feature_layer``), each patch's class: CLIP's patch features are semantic, and
-    this dense target stands in for that."""
+    this dense target stands in for that.
+
+    Args:
+        model: the model whose vision tower is trained in place (left in eval mode).
+        processor: its processor (the pixel values).
+        scenes: the training scenes; each step draws ``cfg.vision_batch`` of them.
+        cfg: the steps (``vision_steps``), batch, learning rate (``vision_lr``) and seed.
+        device: where the tower and batches are.
+        log: gets one ``{"stage": 0, "step", "loss"}`` per step.
+        say: prints a progress line every 25 steps.
+    """
     tower, layer = model.model.vision_tower, model.config.vision_feature_layer
     head = torch.nn.Linear(tower.config.hidden_size, len(CLASS_NAMES)).to(device)
     dense = torch.nn.Linear(tower.config.hidden_size, len(CLASS_NAMES) + 1).to(device)
@@ -295,7 +316,18 @@ def pretrain_vision(model, processor, scenes, cfg: TrainConfig, device, log, say
 
 @torch.no_grad()
 def vision_features(model, processor, scenes, device, batch: int = 32) -> torch.Tensor:
-    """LLaVA's selected features (layer ``vision_feature_layer``, CLS dropped), fp16, on CPU."""
+    """LLaVA's selected features (layer ``vision_feature_layer``, CLS dropped), fp16, on CPU.
+
+    Args:
+        model: the model (its vision tower).
+        processor: its processor (the pixel values).
+        scenes: the scenes, one image each.
+        device: where the tower is.
+        batch: images per forward.
+
+    Returns:
+        [n_scenes, 576, vision hidden] float16 on the CPU.
+    """
     tower, layer = model.model.vision_tower, model.config.vision_feature_layer
     out = []
     for i in range(0, len(scenes), batch):
@@ -373,7 +405,20 @@ class SinkPrior:
 def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig, device, sink=None):
     """Losses of one stage-1 batch of :class:`Branches` rows built from cached vision features
     (no vision tower): the answer loss, balanced between "yes" and "no" questions as POPE is;
-    the caption answer; next-token loss on the question tokens; the sink prior if given."""
+    the caption answer; next-token loss on the question tokens; the sink prior if given.
+
+    Args:
+        model: the model (projector, language model, head).
+        feats: [batch, 576, vision hidden] the rows' cached features (:func:`vision_features`).
+        batch: :meth:`Branches.batch` of the rows' scenes.
+        t: the token ids.
+        cfg: the loss weights (``caption_weight``, ``text_loss``, ``sink_weight``, ``sink_target``).
+        device: where the batch goes.
+        sink: the :class:`SinkPrior` once it is on; None: no sink loss.
+
+    Returns:
+        ``(loss, parts)``: the weighted total (a tensor to backpropagate) and each part as a float.
+    """
     ids, pos, visible = (batch[k].to(device) for k in ("input_ids", "position_ids", "visible"))
     predict, answer, yes, caption = (batch[k].to(device) for k in ("predict", "answer", "yes", "caption"))
     embeds = model.get_input_embeddings()(ids)
@@ -399,6 +444,21 @@ def lm_step(model, feats: torch.Tensor, batch: dict, t: Tokens, cfg: TrainConfig
 
 def train_language(model, processor, scenes, feats, cfg: TrainConfig, device, log, say,
                    checkpoint: Path | None = None, every: int = 0) -> None:
+    """Stage 1: the projector, language model and head on the scenes' questions (:func:`lm_step`), the vision
+    tower frozen; the sink prior joins at ``cfg.sink_start`` of the steps (with a ``sink_weight``).
+
+    Args:
+        model: the model trained in place (left in eval mode).
+        processor: its processor (saved with checkpoints).
+        scenes: the training scenes, drawn in shuffled epochs of ``cfg.batch_size``.
+        feats: the scenes' cached vision features (:func:`vision_features`), row i for ``scenes[i]``.
+        cfg: the steps, batch size, learning rates and schedule, the text mix and the sink prior.
+        device: where the batches go.
+        log: gets one record per step (``stage`` 1, ``step``, ``loss`` and its parts).
+        say: prints progress every 20 steps.
+        checkpoint: the folder a checkpoint is saved to; None: none.
+        every: save a checkpoint every this many steps (0: never; never after the last step).
+    """
     model.model.vision_tower.requires_grad_(False)
     trainable = torch.nn.ModuleDict({"projector": model.model.multi_modal_projector,
                                      "lm": model.model.language_model, "head": model.lm_head})
@@ -463,7 +523,22 @@ def save(model, processor, out_dir: Path) -> None:
 def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = None,
           say=print, sizes: dict | None = None, checkpoint_every: int = 0, init_from: Path | None = None) -> dict:
     """Train from scratch (or continue from the model in ``init_from``) and save a
-    ``from_pretrained``-loadable directory."""
+    ``from_pretrained``-loadable directory.
+
+    Args:
+        out_dir: the folder the model, ``training.json`` and ``training_log.json`` are written to (its
+            ``checkpoint/`` gets the checkpoints).
+        cfg: every stage's settings.
+        device: where to train; None: CUDA if available, else the CPU.
+        say: prints progress.
+        sizes: :func:`~mclcbf_diag.embedded.build.build_config`'s sizes of a fresh model; None: the defaults.
+        checkpoint_every: save a checkpoint every this many stage-1 steps (0: never).
+        init_from: a saved model to continue from instead of a fresh one (``sizes`` then unused).
+
+    Returns:
+        The training summary written to ``training.json`` (config, sizes, device, timings, final answer loss,
+        parameter count, machine).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
