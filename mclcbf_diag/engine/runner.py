@@ -240,6 +240,8 @@ class _Run:
             if self.capture:
                 caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
             if here and "residual" in sites:
+                # the (cos, sin) this layer is called with: Gemma 3's layer types each have their own rotary base
+                self.rotary = kwargs.get("position_embeddings", self.rotary)
                 self.iv.residual(Site(self, "residual", i, x))
             if self.pending_norm or parts:
                 y = envoy_at(layer, ad.layer_input_norm).output
@@ -360,6 +362,8 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs and max_new_tokens <= 0:
         feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+        if "token_type_ids" in inputs:  # Gemma 3: which tokens are an image's, which attend to each other both ways
+            feed["token_type_ids"] = inputs["token_type_ids"]
     with torch.no_grad():
         if max_new_tokens <= 0:
             with nm.trace(**feed, logits_to_keep=1):  # only the decision position is read

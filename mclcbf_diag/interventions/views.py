@@ -99,7 +99,9 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
 def _rows_of_shared(shared: dict, idx: list[int]) -> dict:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    out = {"image": BaseModelOutputWithPooling(pooler_output=[shared["image"].pooler_output[i] for i in idx])}
+    feats = shared["image"].pooler_output
+    rows = feats[idx] if torch.is_tensor(feats) else [feats[i] for i in idx]  # Gemma 3's are one stacked tensor
+    out = {"image": BaseModelOutputWithPooling(pooler_output=rows)}
     if PIXELS_KEY in shared:
         out[PIXELS_KEY] = shared[PIXELS_KEY][idx]
     return out
