@@ -50,7 +50,7 @@ def test_families_load_without_torch():
 
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
-TRIED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3",
+TRIED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma",
          "mistral3", "mllama"]
 
 
@@ -94,12 +94,27 @@ def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused(
     assert "text-only 'qwen2' model" in config_problem(_config("qwen2"))
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
-    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision", "internvl"]
+    assert [f.model_type for f in FAMILIES][:4] == ["llava", "llava_next", "llava_onevision", "internvl"]
+    assert "gemma3" in [f.model_type for f in FAMILIES]  # tests/test_models_gemma3.py
     for backbone in TEXT_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
         for family in ("llava_next", "llava_onevision"):  # tests/test_models_onevision.py run one each)
             cfg = _config(family)
             cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
             assert config_problem(cfg) is None, (family, backbone)
+
+
+def test_gemma3_is_accepted_with_its_own_text_model_only():
+    """Gemma 3's defaults (transformers' own config) are measured; its text model under LLaVA, or another text model
+    under Gemma 3, is refused."""
+    assert config_problem(_config("gemma3")) is None
+    llava = _config("llava")
+    llava["text_config"] = _config("gemma3")["text_config"]
+    assert "text model is 'gemma3_text'" in config_problem(llava)
+    gemma3 = _config("gemma3")
+    gemma3["text_config"] = AutoConfig.for_model("llama").to_dict()
+    problem = config_problem(gemma3)
+    assert "text model is 'llama'" in problem and "supported text models: Gemma 3" in problem
+    assert "soft-capping" in config_problem(_config("gemma3", attn_logit_softcapping=50.0))
 
 
 def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monkeypatch):

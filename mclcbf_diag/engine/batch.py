@@ -51,7 +51,7 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..interventions.views import PIXEL_ROWS
 from ..models import LoadedModel
-from ..models.processing import processor_prompt
+from ..models.processing import batch_images, pack_features, processor_prompt
 from .runner import Continuation, Keep, forward
 
 
@@ -74,7 +74,8 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
         raise UserError("the tokenizer has no pad token, so prompts cannot be batched; use --batch-size 1")
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = lm.processor(text=list(prompts), images=list(images), return_tensors="pt", padding="longest")
+        enc = lm.processor(text=list(prompts), images=batch_images(lm.processor, images), return_tensors="pt",
+                           padding="longest")
     finally:
         tok.padding_side = side
     mask = enc["attention_mask"]
@@ -104,6 +105,7 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
                 per_row = [feats.pooler_output[index[k]] for k in keys]
         # the pixels stay beside the features (the model reads only "image"), for methods that run the
         # question with the image distorted (mclcbf_diag.interventions.views); InternVL's tiles say whose they are
+        per_row = pack_features(lm.model.config, per_row)
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row), "pixel_values": pv}
         if owner is not None:
             inputs["mm_encoder_outputs"][PIXEL_ROWS] = owner

@@ -244,6 +244,8 @@ class _Run:
             if self.capture:
                 caps[i] = [LayerCapture(resid_pre_in=x[r.index, -1].detach().clone()) for r in self.rows]
             if here and "residual" in sites:
+                # the (cos, sin) this layer is called with: Gemma 3's layer types each have their own rotary base
+                self.rotary = kwargs.get("position_embeddings", self.rotary)
                 self.iv.residual(Site(self, "residual", i, x))
             if self.pending_norm or parts:
                 y = envoy_at(layer, ad.layer_input_norm).output
@@ -394,7 +396,10 @@ def _feed(inputs: dict, generating: bool) -> dict:
     if generating:
         return {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "input_ids" in inputs:  # a prompt with its embeddings saved (with_embeds): the language model runs on them
-        return {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+        if "token_type_ids" in inputs:  # Gemma 3: which tokens are an image's, which attend to each other both ways
+            feed["token_type_ids"] = inputs["token_type_ids"]
+        return feed
     return inputs
 
 

@@ -150,7 +150,8 @@ class Prefix:
 
     def full_inputs(self, idx: torch.Tensor) -> dict:
         """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare)."""
-        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx], "position_ids": self.positions[idx]}
+        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx], "position_ids": self.positions[idx],
+               **self.token_types(idx)}
         mm = self.inputs.get("mm_encoder_outputs")
         if mm is not None:
             from ..interventions.views import rows_of_shared
@@ -159,6 +160,11 @@ class Prefix:
         else:
             out["pixel_values"] = self.inputs["pixel_values"][idx]
         return out
+
+    def token_types(self, idx: torch.Tensor) -> dict:
+        """Gemma 3's ``token_type_ids`` of rows ``idx`` (its image tokens attend to each other), or nothing."""
+        types = self.inputs.get("token_type_ids")
+        return {} if types is None else {"token_type_ids": types[idx]}
 
     def row_attention_bytes(self, start: int) -> int:
         """Bytes of one row's attention scores and probabilities at one layer, continuing from ``start``."""
@@ -330,11 +336,14 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
     rows = rows_of(ids, mask, lm.tokens.image_token_id)
     firsts = [_first(u, r) for u, r in zip(units, rows)]
     start = 0 if any(f is None for f in firsts) else max(0, min(firsts))
+    types = prefix.token_types(idx).get("token_type_ids")
+    if types is not None and bool(types[:, start:].any()):
+        start = 0  # Gemma 3: an image token continued would attend to later ones, which a causal continuation hides
     mix.prepare(lm, prefix.full_inputs(idx), rows)
     embeds, keep = prefix.embeds[idx, start:], Keep(layers=capture, patterns=patterns)
     if start == 0:
-        res = forward(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, mix, keep=keep,
-                      full_ids=ids, prepare=False)
+        res = forward(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,
+                           **prefix.token_types(idx)}, mix, keep=keep, full_ids=ids, prepare=False)
     else:
         shared = SharedPrefix([k for k, _ in prefix.kv], [v for _, v in prefix.kv], start, idx)
         feed = {"inputs_embeds": embeds, "attention_mask": continuation_mask(mask, start, embeds.dtype),

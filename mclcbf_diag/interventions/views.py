@@ -101,7 +101,9 @@ def rows_of_shared(shared: dict, idx: list[int]) -> dict:
     """The shared image features (and pixels) of the batch's rows ``idx``, in that order."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    out = {"image": BaseModelOutputWithPooling(pooler_output=[shared["image"].pooler_output[i] for i in idx])}
+    feats = shared["image"].pooler_output
+    rows = feats[idx] if torch.is_tensor(feats) else [feats[i] for i in idx]  # Gemma 3's are one stacked tensor
+    out = {"image": BaseModelOutputWithPooling(pooler_output=rows)}
     if PIXELS_KEY in shared and PIXEL_ROWS in shared:  # each prompt's rows of pixels (its tiles), renumbered
         owner = shared[PIXEL_ROWS]
         picked = [torch.nonzero(owner == i).flatten() for i in idx]

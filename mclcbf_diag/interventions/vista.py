@@ -50,7 +50,8 @@ def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
     inputs = row_inputs(inputs, rows)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs:
-        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"],
+                **{k: inputs[k] for k in ("token_type_ids",) if k in inputs}}  # Gemma 3's image tokens
     L = lm.n_layers
     with torch.no_grad():
         pos = lm.model(**feed, output_hidden_states=True, logits_to_keep=1).hidden_states

@@ -26,6 +26,7 @@ is the same list, torch-free).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pkgutil
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from .families import FAMILIES, TEXT_BACKBONES
+from .families import FAMILIES, OWN_BACKBONES, TEXT_BACKBONES
 from .projection import NORMS, LayerWeights
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
@@ -87,8 +88,13 @@ TEXT_MATH: dict[str, TextMath] = {
     "qwen3": TextMath(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", rotary=_rotary("qwen3"),
                       window="attention"),
     "gemma": TextMath(norm_kind="rms_offset", eps_attribute="eps", rotary=_rotary("gemma")),
+    # Gemma 3: Gemma's norm, Qwen3's per-head q/k norms (Gemma's offset too), a window on the sliding layers only;
+    # each layer type has its own rotary base, so the look-ahead takes the (cos, sin) its layer is called with
+    "gemma3_text": TextMath(norm_kind="rms_offset", eps_attribute="eps", q_norm="self_attn.q_norm",
+                            k_norm="self_attn.k_norm", rotary=_rotary("gemma3"), window="attention"),
 }
-assert set(TEXT_MATH) == set(TEXT_BACKBONES), "families.TEXT_BACKBONES lists the backbones declared here"
+assert set(TEXT_MATH) == set(TEXT_BACKBONES).union(*OWN_BACKBONES.values()), \
+    "families.TEXT_BACKBONES and OWN_BACKBONES list the backbones declared here"
 
 
 def text_math(model: torch.nn.Module) -> TextMath:
@@ -215,10 +221,15 @@ LLAVA = ArchitectureAdapter(
     layer_attention_softmax="self_attn.source.attention_interface_1.source.nn_functional_softmax_0",
 )
 
+# Gemma 3 sits at LLaVA's paths, but its decoder layer normalises the attention's output (post_attention_layernorm)
+# before adding it to the residual, and the MLP's input is pre_feedforward_layernorm's: that is the norm whose input is
+# the residual after attention (what the other adapters' post_attention_layernorm is)
+GEMMA3 = dataclasses.replace(LLAVA, layer_post_attention_norm="pre_feedforward_layernorm")
+
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
 # vector is merged into the image tokens before the text model, which is all the toolkit measures)
 # LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model), and InternVL's
-# (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head)
-ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA, "internvl": LLAVA}[f.name]
-            for f in FAMILIES}
+# (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head); Gemma 3 has its own adapter
+ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA, "internvl": LLAVA,
+                             "gemma3": GEMMA3}[f.name] for f in FAMILIES}

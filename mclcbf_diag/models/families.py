@@ -47,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
+        not_covered="Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, "
                     "Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
@@ -98,6 +98,22 @@ FAMILIES: tuple[Family, ...] = (
         not_covered="the remote-code InternVL checkpoints (internvl_chat) and other text models (InternLM, "
                     "GPT-OSS): refused from config.json; video inputs are never passed",
     ),
+    Family(
+        name="gemma3",
+        architecture="Gemma3ForConditionalGeneration",
+        model_type="gemma3",
+        layout="Gemma 3: a SigLIP tower whose patches are average-pooled to mm_tokens_per_image soft tokens (a square "
+               "grid) between <start_of_image> and <end_of_image> (prompts write <image>, the processor's "
+               "<start_of_image>); the tokens of one image attend to each other both ways (the processor's "
+               "token_type_ids, which batching passes on), the text causally; sliding-window layers interleaved "
+               "with global ones, each type with its own rotary base",
+        checked=("a tiny random checkpoint built in the tests (trace, explain, flow and pope's batched, "
+                 "cached-prefix path against plain forwards); no real weights have been run",),
+        covers="Gemma3ForConditionalGeneration checkpoints (google/gemma-3-4b/12b/27b-it and -pt) without "
+               "pan-and-scan; the overlay draws the pooled grid",
+        not_covered="pan-and-scan crops (do_pan_and_scan) are refused per prompt; attention logit soft-capping and "
+                    "bidirectional text attention are refused from config.json; PaliGemma, Gemma 3n: refused",
+    ),
 )
 
 
@@ -106,6 +122,9 @@ FAMILIES: tuple[Family, ...] = (
 TEXT_BACKBONES: dict[str, str] = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
 }
+
+# Families whose text model is their own: model_type → the text backbones it may carry (only there).
+OWN_BACKBONES: dict[str, dict[str, str]] = {"gemma3": {"gemma3_text": "Gemma 3"}}
 
 # Architectures users meet that the toolkit does not measure (yet): config.json's model_type → (name, why).
 _LLAVA_LAYOUT = "a LLaVA-family layout the toolkit does not measure yet ({})"
@@ -120,7 +139,6 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "smolvlm": ("SmolVLM", "image splitting with a pixel-shuffle connector, not measured yet"),
     "idefics2": ("Idefics2", "a perceiver resampler, not measured yet"),
     "paligemma": ("PaliGemma", "bidirectional attention over the image and prefix, not measured yet"),
-    "gemma3": ("Gemma 3", "sliding-window layers and bidirectional image attention, not measured yet"),
     "internvl_chat": ("InternVL (remote code)", "custom modelling code, which mclcbf-diag never runs"),
     "mistral3": ("Mistral 3", "a Pixtral tower with a patch merger, not measured yet"),
     "mllama": ("Llama 3.2 Vision (Mllama)", "cross-attention image layers instead of image tokens, "
@@ -166,11 +184,14 @@ def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(
         shown = repr(model_type) if isinstance(model_type, str) else "missing"
         return f"config.json's model_type is {shown}, not a family mclcbf-diag knows; supported: {_supported()}"
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    backbone = text.get("model_type", "llama")  # LlavaConfig's default text model is Llama
-    if backbone not in TEXT_BACKBONES:
-        known = ", ".join(TEXT_BACKBONES.values())
+    allowed = OWN_BACKBONES.get(model_type, TEXT_BACKBONES)
+    backbone = text.get("model_type", next(iter(allowed)))  # LlavaConfig's default text model is Llama
+    if backbone not in allowed:
+        known = ", ".join(allowed.values())
         return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, whose attention the look-ahead "
                 f"does not reproduce exactly yet; supported text models: {known}")
+    if model_type == "gemma3" and (problem := _gemma3_problem(text)):
+        return problem
     vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
     if model_type == "llava_onevision" and (problem := onevision_problem(cfg)) is not None:
         return problem
@@ -188,6 +209,18 @@ def onevision_problem(cfg: dict) -> str | None:
     if not (isinstance(aspect, str) and re.fullmatch(r"anyres_max_[1-9][0-9]*", aspect)):
         return (f"a LLaVA-OneVision checkpoint whose vision_aspect_ratio is {aspect!r}, not 'anyres_max_N', whose "
                 "image-token layout the toolkit does not reproduce")
+    return None
+
+
+def _gemma3_problem(text: dict) -> str | None:
+    """What a Gemma 3 text config switches on that the look-ahead does not reproduce (None: nothing)."""
+    cap = text.get("attn_logit_softcapping")
+    if cap is not None:
+        return (f"a Gemma 3 checkpoint with attention logit soft-capping (attn_logit_softcapping={cap}), which the "
+                "look-ahead does not reproduce; set it to null in config.json (Gemma 3's published value)")
+    if text.get("use_bidirectional_attention"):
+        return ("a Gemma 3 checkpoint whose text attends bidirectionally (use_bidirectional_attention), which "
+                "the decision token's causal look-ahead does not reproduce; use a causal Gemma 3")
     return None
 
 

@@ -164,6 +164,8 @@ class LoadedModel:
                                 f"not the {layout.n_tokens} of its anyres layout (a {rows} × {cols} base grid, "
                                 f"{tr} × {tc} tiles, a newline per row); check the checkpoint's processor files")
             return layout.base
+        if self.model.config.model_type == "gemma3":
+            return pooled_grid(self.model.config, n, len(enc["pixel_values"]), show(self.source))
         grid = patch_grid_shape(enc["pixel_values"], vision.patch_size)
         return check_image_grid(n, grid, show(self.source), extra=int(strategy == "full"))
 
@@ -451,6 +453,18 @@ def image_layout(config, enc) -> ImageLayout | None:
     size = tuple(int(x) for x in enc["image_sizes"][0].tolist())
     return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=params[0],
                          most=params[1])
+
+
+def pooled_grid(config, n_tokens: int, n_images: int, where: str) -> tuple[int, int]:
+    """Gemma 3: the pooled grid (side × side, side² = ``mm_tokens_per_image``) one image's soft tokens form, or a
+    UserError when the prompt's ``n_tokens`` are not one such grid (pan-and-scan crops add images and tokens)."""
+    per_image = int(config.mm_tokens_per_image)
+    side = int(round(per_image ** 0.5))
+    if n_images != 1 or n_tokens != per_image or side * side != per_image:
+        raise UserError(f"--model {where}: the image became {n_images} image(s) and {n_tokens} image tokens, not "
+                        f"one pooled {side} × {side} grid ({per_image} tokens, mm_tokens_per_image); pan-and-scan "
+                        "crops are not measured yet: set do_pan_and_scan to false in preprocessor_config.json")
+    return side, side
 
 
 def model_class(config):

@@ -1,0 +1,293 @@
+"""Gemma 3 (``Gemma3ForConditionalGeneration``) end to end, on tiny random checkpoints built and saved here.
+
+The checkpoint: a 32-px SigLIP tower of 4-px patches (8 × 8) average-pooled to 16 soft tokens (a 4 × 4 grid), three
+Gemma 3 text layers (sliding, global, sliding) with per-head q/k norms, ``query_pre_attn_scalar`` ≠ head_dim, a local
+rotary base and a linearly scaled global one, every norm weight away from Gemma's 0 (its ``1 + w`` matters). The
+tokenizer is the embedded one with Gemma's image tokens added (``<start_of_image>``, ``<image_soft_token>``,
+``<end_of_image>``). The same weights are saved twice: with a sliding window of 16 tokens (shorter than the prompt:
+the window hides keys, and the one-forward trace is exact past it) and of 128 (longer: pope's cached prefix and
+explain's continuations, which refuse prompts past a window, run on it).
+
+References are plain transformers forwards of each prompt alone (``output_attentions``, float32): the processor's
+``token_type_ids`` make one image's tokens attend to each other both ways, so every layer after the first sees other
+image keys than a causal run would; the decision token's own row is causal (its row is the same under either mask,
+but the keys it reads are not).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    SiglipVisionConfig,
+)
+
+from mclcbf_diag.embedded.build import CHAT_TEMPLATE, build_tokenizer, padded_vocab_size
+from mclcbf_diag.embedded.world import sample_scene
+
+try:
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil as ImageProcessor
+except ImportError:  # 5.18 names the PIL processor Gemma3ImageProcessor
+    from transformers.models.gemma3 import Gemma3ImageProcessor as ImageProcessor
+
+TOL = 1e-5
+PROMPT = "USER: <image>\nIs there a dog in the image?\nASSISTANT:"
+QUESTIONS = ["Is there a dog in the image?", "Is there a cat in the image?"]
+IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def tiny_processor() -> Gemma3Processor:
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS.values()]})
+    tok._set_model_specific_special_tokens(IMAGE_TOKENS)  # tok.boi_token, tok.image_token_id, …
+    images = ImageProcessor(size={"height": 32, "width": 32})
+    return Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=16, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_model(tok) -> Gemma3ForConditionalGeneration:
+    text = Gemma3TextConfig(vocab_size=padded_vocab_size(tok), hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            query_pre_attn_scalar=24, layer_types=LAYER_TYPES, sliding_window=16,
+                            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                             "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 10000.0}},
+                            max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=4)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                          boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+                          image_token_index=tok.image_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(3)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):  # Gemma's x̂·(1 + w): w away from 0
+                p.copy_(torch.randn_like(p) * 0.5)
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)  # initialised to 0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    processor = tiny_processor()
+    model = tiny_model(processor.tokenizer)
+    out = {}
+    for window in (16, 128):
+        model.config.text_config.sliding_window = window
+        folder = tmp_path_factory.mktemp(f"gemma3_w{window}")
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        out[window] = str(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def windowed(folders):
+    from mclcbf_diag.models import load_model
+
+    return load_model(folders[16])
+
+
+@pytest.fixture(scope="module")
+def g3(folders):
+    from mclcbf_diag.models import load_model
+
+    return load_model(folders[128])
+
+
+def _image(k: int):
+    return sample_scene(2, k).image()
+
+
+def _prompt(question: str) -> str:
+    return PROMPT.replace(QUESTIONS[0], question)
+
+
+def _plain(lm, prompt: str, image):
+    """A plain forward with the processor's own inputs (token_type_ids included), every layer's output kept."""
+    inputs = lm.inputs(prompt, image)
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out.detach()))
+             for i, layer in enumerate(lm.adapter.decoder_layers(lm.model))]
+    try:
+        with torch.no_grad():
+            out = lm.model(**inputs, output_attentions=True, output_hidden_states=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs, out, outputs
+
+
+def _margin(lm, logits) -> float:
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def test_gemma3_is_a_supported_family_with_its_adapter(windowed):
+    from mclcbf_diag.models.adapter import GEMMA3, TEXT_MATH
+    from mclcbf_diag.models.families import config_problem
+
+    assert type(windowed.model).__name__ == "Gemma3ForConditionalGeneration" and windowed.adapter is GEMMA3
+    assert config_problem(windowed.model.config.to_dict()) is None
+    assert TEXT_MATH["gemma3_text"].window == "attention"
+    enc = windowed.inputs(PROMPT, _image(0))
+    image = enc["input_ids"][0] == windowed.tokens.image_token_id
+    assert int(image.sum()) == 16 and windowed.image_grid(enc) == (4, 4)  # the pooled grid, not the 8 × 8 patches
+    assert torch.equal(enc["token_type_ids"][0].bool(), image)
+    assert torch.equal(windowed.grid_mask(image), image)
+    w = [windowed.layer_weights(i).window for i in range(3)]
+    assert w == [16, None, 16] and len(enc["input_ids"][0]) > 16  # the window hides keys of this prompt
+
+
+def test_the_image_tokens_attend_both_ways_and_that_matters(windowed):
+    """The reference is not a causal run: the image's first token sees its last one, and the decision token's
+    layer-1 row differs from a causal run's."""
+    inputs, out, _ = _plain(windowed, PROMPT, _image(0))
+    image = torch.nonzero(inputs["input_ids"][0] == windowed.tokens.image_token_id).flatten()
+    assert float(out.attentions[1][0, :, image[0], image[-1]].min()) > 0
+    causal = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        plain = windowed.model(**causal, output_attentions=True)
+    assert not torch.allclose(plain.attentions[1][0, :, -1], out.attentions[1][0, :, -1], atol=1e-4)
+
+
+def test_config_problems_are_refused_in_one_line(windowed):
+    from mclcbf_diag.models.families import config_problem
+
+    cfg = windowed.model.config.to_dict()
+    for key, value, fragment in (("attn_logit_softcapping", 50.0, "soft-capping"),
+                                 ("use_bidirectional_attention", True, "bidirectionally"),
+                                 ("model_type", "gemma2", "text model is 'gemma2'")):
+        bad = {**cfg, "text_config": {**cfg["text_config"], key: value}}
+        problem = config_problem(bad)
+        assert fragment in problem and "\n" not in problem
+    llava = {"model_type": "llava", "text_config": cfg["text_config"]}
+    assert "text model is 'gemma3_text'" in config_problem(llava)  # only under Gemma 3's own adapter
+
+
+def test_pan_and_scan_is_refused_in_one_line(windowed):
+    from mclcbf_diag.errors import UserError
+
+    processor = windowed.processor
+    enc = processor(text=PROMPT.replace("<image>", "<start_of_image>"), images=_image(0).resize((96, 32)),
+                    do_pan_and_scan=True, pan_and_scan_min_crop_size=8, return_tensors="pt")
+    assert len(enc["pixel_values"]) > 1  # the original and its crops
+    with pytest.raises(UserError, match=r"pan-and-scan crops are not measured yet"):
+        windowed.image_grid(enc)
+
+
+def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.overlay import attention_maps
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1, 2])
+    lm = windowed
+    for k, question in enumerate(QUESTIONS):
+        inputs, out, outputs = _plain(lm, _prompt(question), _image(k))
+        result = trace_sample(lm, question, _image(k), config)
+        r = result.records
+        base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
+        per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
+        image = inputs["input_ids"][0] == lm.tokens.image_token_id
+        norm, head = lm.final_norm(), lm.model.lm_head
+        for i in range(lm.n_layers):
+            want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+            assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
+            assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
+            assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
+            assert per["resid_post_norm"][i] == pytest.approx(float(outputs[i][0, -1].norm()), rel=TOL)
+            with torch.no_grad():
+                lens = _margin(lm, head(norm(outputs[i][0, -1])))
+            assert per["logit_lens_margin"][i] == pytest.approx(lens, rel=0, abs=TOL)
+        margin = _margin(lm, out.logits[0, -1])
+        assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
+        assert "lookahead_miss_layers" not in result.summary()
+        assert result.value("final_margin", "mc-lcbf") != pytest.approx(margin, rel=0, abs=TOL)  # it steered
+        grid = lm.grid_mask(result.baseline.detected)
+        maps = attention_maps(result.baseline, grid)
+        want = out.attentions[1][0, :, -1].mean(0)[grid.nonzero().flatten()].reshape(4, 4)
+        np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_steered_trace_equals_a_plain_forward_of_its_edit(windowed):
+    """The steered run feeds the baseline's embeddings: with the image's token types, so it runs the same model."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.engine.runner import run, with_embeds
+
+    lm = windowed
+    inputs = lm.inputs(PROMPT, _image(1))
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    base = run(lm, inputs, config, steer=False, keep_embeds=True)
+    again = run(lm, with_embeds(inputs, base), config, steer=False)
+    _, out, _ = _plain(lm, PROMPT, _image(1))
+    for cap in (base, again):
+        assert _margin(lm, cap.steps[0].final_logits) == pytest.approx(_margin(lm, out.logits[0, -1]), abs=TOL)
+
+
+def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
+    """pope's path: 4 prompts of different lengths over 2 images, left-padded (token_type_ids padded alike), the
+    vision tower once per image, the baseline against each prompt alone, the cached-prefix continuation against a
+    full re-run."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+
+    questions = [QUESTIONS[0], "Is there a red cat on the left of the image?"]
+    prompts = [_prompt(q) for q in questions * 2]
+    images = [_image(0), _image(0), _image(1), _image(1)]
+    inputs = batch_inputs(g3, prompts, images)
+    assert "pixel_values" not in inputs and len(inputs["mm_encoder_outputs"]["image"].pooler_output) == 4
+    image = inputs["input_ids"] == g3.tokens.image_token_id
+    assert torch.equal(inputs["token_type_ids"].bool(), image) and bool((inputs["attention_mask"] == 0).any())
+    iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1, 2])
+    base, steered = answer_pair(g3, prompts, images, iv, inputs=inputs)
+    full = answer_batch(g3, prompts, images, iv, True, inputs=inputs)
+    for b, (prompt, img) in enumerate(zip(prompts, images)):
+        _, out, _ = _plain(g3, prompt, img)
+        margin = _margin(g3, out.logits[0, -1])
+        assert base[b]["margin"] == pytest.approx(margin, rel=0, abs=TOL)
+        assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
+        assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
+
+
+def test_pope_runs_with_the_cached_prefix(g3, tmp_path):
+    import json
+
+    from mclcbf_diag.cli import main
+
+    assert main(["pope", "--model", g3.source, "--split", "adversarial", "--limit", "4", "--batch-size", "4",
+                 "--out", str(tmp_path / "p")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "p" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)
+
+
+def test_explain_and_flow_run(g3):
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.explain import explain_sample
+    from mclcbf_diag.experiments.flow import information_flow
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1, 2])
+    ex = explain_sample(g3, QUESTIONS[0], _image(0), config, bisect_steps=2, sweep=False)
+    _, out, _ = _plain(g3, PROMPT, _image(0))
+    margin = _margin(g3, out.logits[0, -1])
+    assert ex.trace.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
+    flow = information_flow(g3, QUESTIONS[0], _image(0), window=1)
+    assert len(flow) and np.isfinite(flow.select_dtypes("number").to_numpy()).all()
+
+
+def test_trace_explain_and_flow_run_from_the_cli(g3, windowed, tmp_path):
+    from mclcbf_diag.cli import main
+
+    assert main(["trace", "--model", g3.source, "--sample", "0", "--overlay-token", "-2",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "trace.html").exists()
+    # the CLI refuses a prompt past the sliding window in one line (explain and pope continue cached prefixes)
+    assert main(["trace", "--model", windowed.source, "--sample", "0", "--out", str(tmp_path / "w")]) == 2
+    assert main(["explain", "--model", g3.source, "--sample", "0", "--out", str(tmp_path / "e")]) == 0
+    assert main(["flow", "--model", g3.source, "--sample", "0", "--window", "1", "--out", str(tmp_path / "f")]) == 0
