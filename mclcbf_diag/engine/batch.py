@@ -46,6 +46,7 @@ from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..models import LoadedModel
+from ..models.mrope import position_ids, shared_features
 from ..models.processing import processor_prompt
 from .runner import run_batch
 
@@ -76,17 +77,20 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     pads = (mask == 0).sum(-1)
     if any(bool(mask[b, int(p):].eq(0).any()) for b, p in enumerate(pads)):
         raise RuntimeError("the processor did not pad on the left")  # programming error
-    enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
+    inputs["position_ids"] = position_ids(lm, inputs)  # cumsum − 1, or the family's own (Qwen-VL's 3-D M-RoPE)
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
-        uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
-        sizes = inputs.get("image_sizes")
+        sizes, grids = inputs.get("image_sizes"), inputs.get("image_grid_thw")
         with torch.no_grad():
-            if sizes is None:
+            if grids is not None:  # Qwen-VL: flattened patches, split per image by image_grid_thw
+                per_row = shared_features(lm, pv, grids)
+            elif sizes is None:
+                uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
                 feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
                 per_row = [feats.pooler_output[j] for j in inverse.tolist()]
             else:  # LLaVA-NeXT: an image is its pixels (tiles) and its size (which tiles count, the unpadding)
+                inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)[1]
                 keys = [(j, *sizes[b].tolist()) for b, j in enumerate(inverse.tolist())]
                 first: dict[tuple, int] = {}  # each distinct image → the first row holding it
                 for b, k in enumerate(keys):
@@ -231,7 +235,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
             logits, cache = baseline[0], _cut(baseline[1], start)
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
-                  "position_ids": inputs["position_ids"][:, start:]}
+                  "position_ids": inputs["position_ids"][..., start:]}  # [B, S] or Qwen-VL's [3, B, S]
         last, records = run_batch(lm, suffix, iv, start=start, prefix_keys=prefix_keys, full_ids=ids, prepare=False,
                                   use_cache=True, **lm.adapter.cache_kwargs(lm.model, cache))
     return _answers(lm, logits, decoding=decoding, keys=keys), _answers(lm, last, iv, records, decoding, keys)

@@ -41,6 +41,7 @@ from ..interventions import as_intervention
 from ..interventions.base import Intervention, Readout, Row, Site, rows_of
 from ..measurements.probes import rounding_survival
 from ..models import LoadedModel
+from ..models.mrope import position_ids
 from ..models.projection import project_keys
 
 
@@ -359,7 +360,8 @@ def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None,
     nm = traced(lm.model)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs and max_new_tokens <= 0:
-        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"],
+                "position_ids": inputs["position_ids"] if "position_ids" in inputs else position_ids(lm, inputs)}
     with torch.no_grad():
         if max_new_tokens <= 0:
             with nm.trace(**feed, logits_to_keep=1):  # only the decision position is read

@@ -86,6 +86,10 @@ TEXT_MATH: dict[str, TextMath] = {
     "qwen3": TextMath(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", rotary=_rotary("qwen3"),
                       window="attention"),
     "gemma": TextMath(norm_kind="rms_offset", eps_attribute="eps", rotary=_rotary("gemma")),
+    # Qwen-VL's Qwen2: its rotary module has already folded the three M-RoPE axes (mrope_section) into one cos/sin
+    # [batch, seq, head_dim], which the plain rotation applies (models/mrope.py)
+    "qwen2_5_vl_text": TextMath(rotary=_rotary("qwen2_5_vl"), window="attention"),
+    "qwen2_vl_text": TextMath(rotary=_rotary("qwen2_vl"), window="attention"),
 }
 assert set(TEXT_MATH) == set(TEXT_BACKBONES), "families.TEXT_BACKBONES lists the backbones declared here"
 
@@ -214,7 +218,12 @@ LLAVA = ArchitectureAdapter(
     layer_attention_softmax="self_attn.source.attention_interface_1.source.nn_functional_softmax_0",
 )
 
+# Qwen2-VL / Qwen2.5-VL: the text model's parts sit where LLaVA's do; the vision tower is "visual", whose patch
+# merger is the projector
+QWEN_VL = ArchitectureAdapter(**{**LLAVA.__dict__, "vision_tower": "model.visual", "projector": "model.visual.merger"})
+
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
 # vector is merged into the image tokens before the text model, which is all the toolkit measures)
-ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA}[f.name] for f in FAMILIES}
+ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}[f.name]
+            for f in FAMILIES}

@@ -46,7 +46,7 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
+        not_covered="LLaVA-OneVision, Qwen3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
                     "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
@@ -63,6 +63,32 @@ FAMILIES: tuple[Family, ...] = (
                "llava family's; the page's overlay draws the base grid",
         not_covered="LLaVA-NeXT-Video and LLaVA-OneVision (anyres-max): refused from config.json",
     ),
+    Family(
+        name="qwen2_5_vl",
+        architecture="Qwen2_5_VLForConditionalGeneration",
+        model_type="qwen2_5_vl",
+        layout="Qwen2.5-VL: dynamic-resolution images (any aspect ratio), each image's patches merged 2 × 2 into "
+               "<|image_pad|> tokens in row-major order over the merged grid, between <|vision_start|> and "
+               "<|vision_end|>; 3-D M-RoPE positions from the model's get_rope_index (models/mrope.py); the processor "
+               "adds per-image image_grid_thw and flattened patches, which batching splits per image",
+        checked=("a tiny random checkpoint built in the tests (trace, pope's batched and cached-prefix path, explain "
+                 "and flow against plain forwards); no real weights have been run",),
+        covers="Qwen2_5_VLForConditionalGeneration checkpoints (Qwen/Qwen2.5-VL-*-Instruct), images only; the page's "
+               "overlay draws the merged (h/2) × (w/2) grid",
+        not_covered="video inputs; Qwen3-VL (deepstack features added inside the text model): refused from "
+                    "config.json",
+    ),
+    Family(
+        name="qwen2_vl",
+        architecture="Qwen2VLForConditionalGeneration",
+        model_type="qwen2_vl",
+        layout="Qwen2-VL: Qwen2.5-VL's image layout and 3-D M-RoPE positions (models/mrope.py), with a "
+               "full-attention vision tower",
+        checked=("a tiny random checkpoint built in the tests (trace against plain forwards); no real weights have "
+                 "been run",),
+        covers="Qwen2VLForConditionalGeneration checkpoints (Qwen/Qwen2-VL-*-Instruct), images only",
+        not_covered="video inputs",
+    ),
 )
 
 
@@ -70,7 +96,10 @@ FAMILIES: tuple[Family, ...] = (
 # the norm, q/k-norm, attention scaling and sliding window of each), with the name users know them by.
 TEXT_BACKBONES: dict[str, str] = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+    "qwen2_5_vl_text": "Qwen2.5-VL's Qwen2", "qwen2_vl_text": "Qwen2-VL's Qwen2",
 }
+# The text model a family's config.json implies when it has no text_config.model_type (older Qwen-VL files are flat)
+DEFAULT_BACKBONE: dict[str, str] = {"qwen2_5_vl": "qwen2_5_vl_text", "qwen2_vl": "qwen2_vl_text"}
 
 # Architectures users meet that the toolkit does not measure (yet): config.json's model_type → (name, why).
 _LLAVA_LAYOUT = "a LLaVA-family layout the toolkit does not measure yet ({})"
@@ -79,9 +108,10 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "llava_onevision": ("LLaVA-OneVision", _LLAVA_LAYOUT.format("anyres-max tiles with per-image image_sizes")),
     "vipllava": ("VipLLaVA", _LLAVA_LAYOUT.format("a multi-layer vision projector")),
     "video_llava": ("Video-LLaVA", _LLAVA_LAYOUT.format("video and image towers")),
-    "qwen2_vl": ("Qwen2-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
-    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
-    "qwen3_vl": ("Qwen3-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
+    "qwen3_vl": ("Qwen3-VL", "deepstack vision features added inside the text model's first layers and interleaved "
+                             "M-RoPE, not measured yet"),
+    "qwen3_vl_moe": ("Qwen3-VL-MoE", "a mixture-of-experts text model with deepstack vision features, not measured "
+                                     "yet"),
     "idefics3": ("Idefics3", "image splitting with a pixel-shuffle connector, not measured yet"),
     "smolvlm": ("SmolVLM", "image splitting with a pixel-shuffle connector, not measured yet"),
     "idefics2": ("Idefics2", "a perceiver resampler, not measured yet"),
@@ -133,7 +163,7 @@ def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(
         shown = repr(model_type) if isinstance(model_type, str) else "missing"
         return f"config.json's model_type is {shown}, not a family mclcbf-diag knows; supported: {_supported()}"
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    backbone = text.get("model_type", "llama")  # LlavaConfig's default text model is Llama
+    backbone = text.get("model_type", DEFAULT_BACKBONE.get(model_type, "llama"))  # LlavaConfig's default: Llama
     if backbone not in TEXT_BACKBONES:
         known = ", ".join(TEXT_BACKBONES.values())
         return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, whose attention the look-ahead "

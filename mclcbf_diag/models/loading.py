@@ -57,6 +57,8 @@ from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .anyres import ImageLayout, anyres_layout
 from .families import FAMILIES, check_config
+from .mrope import image_grid as mrope_grid
+from .mrope import image_tokens, load_processor, token_bound, uses_mrope
 from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
 from .tokens import AnswerTokens, Sink, answer_tokens, find_sink
@@ -149,6 +151,8 @@ class LoadedModel:
         vision = self.model.config.vision_config
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
         n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
+        if uses_mrope(self.model.config):  # Qwen-VL: the merged grid of image_grid_thw, any aspect ratio
+            return _mrope_grid(self.model.config, enc, n, show(self.source))
         layout = self.image_layout(enc)
         if layout is not None:
             if n != layout.n_tokens:
@@ -173,6 +177,19 @@ class LoadedModel:
         out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
         out[positions[extra:extra + side * side]] = True
         return out.reshape(image_mask.shape)
+
+
+def _mrope_grid(config, enc, n: int, where: str) -> tuple[int, int]:
+    """A Qwen-VL prompt's merged image grid (rows, columns), once its image tokens are checked against it."""
+    rows, cols = mrope_grid(config, enc)
+    want = image_tokens(config, enc["image_grid_thw"][:1])[0]
+    if n != want or rows * cols != want:
+        thw = tuple(enc["image_grid_thw"][0].tolist())
+        raise UserError(f"--model {where}: the image becomes {n} image tokens, not the {want} of its patch grid "
+                        f"{thw} (frames, rows, columns) merged {config.vision_config.spatial_merge_size} × "
+                        f"{config.vision_config.spatial_merge_size}; check the checkpoint's preprocessor_config.json "
+                        "(merge_size, patch_size)")
+    return rows, cols
 
 
 def _hooks(module: torch.nn.Module) -> list:
@@ -382,7 +399,8 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
         check_config(config.to_dict(), show(where))  # the CLI ran the same check before torch loaded
-        processor = AutoProcessor.from_pretrained(where, local_files_only=True)
+        processor = (load_processor(where, config) if uses_mrope(config) else
+                     AutoProcessor.from_pretrained(where, local_files_only=True))
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
     except ImportError as exc:  # a processor class that needs an optional package (torchvision)
@@ -551,7 +569,8 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = anyres_token_bound(config) or _image_token_count(processor, where)
+    per_image = anyres_token_bound(config) or (token_bound(processor) if uses_mrope(config) else None) \
+        or _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
