@@ -60,6 +60,11 @@ def position_ids(lm, inputs: dict) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def position_rows(positions: torch.Tensor, idx) -> torch.Tensor:
+    """Rows ``idx`` of a batch's position ids: ``[B, S]``, or M-RoPE's ``[3, B, S]``."""
+    return positions[:, idx] if positions.dim() == 3 else positions[idx]
+
+
 def merge_size(config) -> int:
     return int(config.vision_config.spatial_merge_size)
 
