@@ -151,7 +151,8 @@ class Prefix:
 
     def full_inputs(self, idx: torch.Tensor) -> dict:
         """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare)."""
-        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx], "position_ids": position_rows(self.positions, idx)}
+        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx],
+               "position_ids": position_rows(self.positions, idx)}
         mm = self.inputs.get("mm_encoder_outputs")
         if mm is not None:
             from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -44,8 +44,9 @@ def uses_mrope(config) -> bool:
 
 
 def position_ids(lm, inputs: dict) -> torch.Tensor:
-    """The position ids ``inputs`` (a left-padded batch: input_ids, attention_mask and the processor's outputs) run at:
-    ``[3, B, S]`` from the model's ``get_rope_index`` for an M-RoPE family with images, else ``[B, S]`` ``cumsum − 1``."""
+    """The position ids ``inputs`` (a left-padded batch: input_ids, attention_mask, the processor's outputs) run at:
+    ``[3, B, S]`` from the model's ``get_rope_index`` for an M-RoPE family with images, else ``[B, S]``
+    ``cumsum − 1``."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
@@ -70,7 +71,8 @@ def merge_size(config) -> int:
 
 
 def image_grid(config, enc) -> tuple[int, int] | None:
-    """The merged token grid (rows, columns) of the first image of ``enc``; None for a family without ``image_grid_thw``."""
+    """The merged token grid (rows, columns) of the first image of ``enc``; None for a family without
+    ``image_grid_thw``."""
     if not uses_mrope(config) or enc.get("image_grid_thw") is None:
         return None
     t, h, w = (int(x) for x in enc["image_grid_thw"][0].tolist())
@@ -140,7 +142,7 @@ def _image_only(base):
 
 
 def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):
-    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor) built from an image processor and a tokenizer."""
+    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor) from an image processor and a tokenizer."""
     import transformers
 
     base = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}[model_type]
