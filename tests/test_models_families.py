@@ -18,6 +18,7 @@ from transformers import AutoConfig
 from mclcbf_diag import shipped
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.models.families import (
+    DEFAULT_BACKBONE,
     FAMILIES,
     KNOWN_UNSUPPORTED,
     TEXT_BACKBONES,
@@ -50,7 +51,8 @@ def test_families_load_without_torch():
 
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
-TRIED = ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3",
+LLAVA_BACKBONES = [b for b in TEXT_BACKBONES if b not in DEFAULT_BACKBONE.values()]  # Qwen-VL's: their own family
+TRIED = ["llava_onevision", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "gemma3",
          "internvl", "mistral3", "mllama"]
 
 
@@ -80,18 +82,20 @@ def test_llava_relatives_are_named_as_llava_layouts_and_articles_are_right():
 
 
 def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused():
-    for backbone in TEXT_BACKBONES:
+    for backbone in LLAVA_BACKBONES:
         cfg = _config("llava")
         cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
         assert config_problem(cfg) is None, backbone
+    cfg["text_config"] = AutoConfig.for_model("qwen2_5_vl_text").to_dict()  # Qwen2.5-VL's own text model
+    assert "3-D M-RoPE positions only its own family computes" in config_problem(cfg)
     cfg = _config("llava")
     cfg["text_config"] = AutoConfig.for_model("gemma2").to_dict()  # logit soft-capping: not reproduced
     assert "text model is 'gemma2'" in config_problem(cfg)
     assert "text-only 'qwen2' model" in config_problem(_config("qwen2"))
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
-    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next"]
-    for backbone in TEXT_BACKBONES:  # LLaVA-NeXT: the same text models (tests/test_models_anyres.py runs one)
+    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
+    for backbone in LLAVA_BACKBONES:  # LLaVA-NeXT: the same text models (tests/test_models_anyres.py runs one)
         cfg = _config("llava_next")
         cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
         assert config_problem(cfg) is None, backbone
@@ -113,7 +117,7 @@ def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monk
 
 @pytest.mark.parametrize("model_type,fragment", [("llava_onevision", "a LLaVA-OneVision checkpoint"),
                                                  ("internvl", "an InternVL checkpoint"),
-                                                 ("qwen2_5_vl", "a Qwen2.5-VL checkpoint")])
+                                                 ("qwen3_vl", "a Qwen3-VL checkpoint")])
 def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fragment):
     ckpt = tmp_path / model_type
     ckpt.mkdir()

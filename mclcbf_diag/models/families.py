@@ -164,6 +164,10 @@ def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(
         return f"config.json's model_type is {shown}, not a family mclcbf-diag knows; supported: {_supported()}"
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     backbone = text.get("model_type", DEFAULT_BACKBONE.get(model_type, "llama"))  # LlavaConfig's default: Llama
+    own = DEFAULT_BACKBONE.get(model_type)
+    if backbone in DEFAULT_BACKBONE.values() and backbone != own:  # an M-RoPE text model outside its own family
+        return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, which runs on 3-D M-RoPE positions "
+                "only its own family computes; pass a checkpoint of that family")
     if backbone not in TEXT_BACKBONES:
         known = ", ".join(TEXT_BACKBONES.values())
         return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, whose attention the look-ahead "
