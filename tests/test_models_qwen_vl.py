@@ -207,3 +207,26 @@ def test_qwen2_vl_trace_equals_a_plain_forward(tmp_path):
         assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
         assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") == pytest.approx(_margin(lm, out.logits[0, -1]), rel=0, abs=TOL)
+
+
+def test_qwen_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen_lm):
+    """explain's and population's path (engine/units.py): rows of 3-D positions, the shared prefix continued from the
+    decision token; unsteered units against plain forwards, steered ones against a full batched run."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.engine.units import Prefix, Unit, run_units
+    from mclcbf_diag.interventions import as_intervention
+
+    prompts = [_prompt(q) for q in QUESTIONS]
+    images = [_image(0), _image(1)]
+    prefix = Prefix(qwen_lm, prompts, images)
+    iv = as_intervention(dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1]))
+    units = [Unit(q, iv, steer=s) for q in (0, 1) for s in (False, True)]
+    got = run_units(prefix, units, capture=False, patterns=True)
+    full = answer_batch(qwen_lm, prompts, images, iv, True)
+    for unit, (logits, _) in zip(units, got):
+        margin = _margin(qwen_lm, logits)
+        if unit.steer:
+            assert margin == pytest.approx(full[unit.q]["margin"], rel=0, abs=TOL)
+        else:
+            _, out, _ = _plain(qwen_lm, prompts[unit.q], images[unit.q])
+            assert margin == pytest.approx(_margin(qwen_lm, out.logits[0, -1]), rel=0, abs=TOL)
