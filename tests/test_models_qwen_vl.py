@@ -230,3 +230,32 @@ def test_qwen_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen_lm)
         else:
             _, out, _ = _plain(qwen_lm, prompts[unit.q], images[unit.q])
             assert margin == pytest.approx(_margin(qwen_lm, out.logits[0, -1]), rel=0, abs=TOL)
+
+
+def test_opera_continues_after_the_images_3d_positions(qwen_lm):
+    """OPERA appends each candidate token at the next position, which for Qwen-VL follows the image's M-RoPE ids (not
+    the token count): its scores equal the released formula on plain forwards of the prompt plus each candidate,
+    alone and in the batched path."""
+    from plain_refs import assert_scores
+
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.engine.runner import run, run_batch
+    from mclcbf_diag.interventions.opera import OPERA
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    image = inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
+    with torch.no_grad():
+        z = qwen_lm.model(**inputs).logits[0, -1].float()
+        top, cand = torch.topk(z, 5)
+        assert qwen_lm.tokens.image_token_id not in cand.tolist()
+        shares = []
+        for c in cand.tolist():
+            grow = {k: torch.cat([inputs[k], torch.tensor([[v]])], -1)
+                    for k, v in (("input_ids", c), ("attention_mask", 1), ("mm_token_type_ids", 0))}
+            out = qwen_lm.model(**{**inputs, **grow}, output_attentions=True)
+            row = out.attentions[-1][0, :, -1].float().max(0).values
+            shares.append((row / row.sum())[:-1][image].sum())
+    want = torch.full_like(z, -torch.inf).scatter(-1, cand, top + torch.stack(shares))
+    assert_scores(run(qwen_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
+    last, _ = run_batch(qwen_lm, batch_inputs(qwen_lm, [PROMPT], [_image(0)]), OPERA(), full_ids=inputs["input_ids"])
+    assert_scores(last[0], want)
