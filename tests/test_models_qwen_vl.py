@@ -259,3 +259,22 @@ def test_opera_continues_after_the_images_3d_positions(qwen_lm):
     assert_scores(run(qwen_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
     last, _ = run_batch(qwen_lm, batch_inputs(qwen_lm, [PROMPT], [_image(0)]), OPERA(), full_ids=inputs["input_ids"])
     assert_scores(last[0], want)
+
+
+def test_qwen_patching_continues_at_the_prompts_3d_positions(qwen_lm):
+    """attribute's patching runs continue the prompt at its own M-RoPE positions: patching the text entering layer 0
+    (the same tokens in both runs) leaves each run's plain margin, from both sides of the localisation."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.experiments.attribute import activation_patching, localisation
+
+    clean = qwen_lm.inputs(PROMPT, _image(0))
+    corrupted = qwen_lm.inputs(PROMPT, sample_scene(5, 3).image().resize(IMAGES[0][::-1]))
+    grid = activation_patching(qwen_lm, clean, corrupted, directions=("denoise",))
+    for g in (1, 2):
+        assert float(grid.margins["resid:denoise"][0, g]) == pytest.approx(grid.plain[1], rel=0, abs=TOL)
+    iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    steered = answer_batch(qwen_lm, [PROMPT], [_image(0)], iv, True)[0]["margin"]
+    local = localisation(qwen_lm, clean, iv, directions=("denoise", "noise"))
+    assert local.clean == pytest.approx(steered, rel=0, abs=TOL)
+    for g in (1, 2):
+        assert float(local.margins["resid:noise"][0, g]) == pytest.approx(steered, rel=0, abs=TOL)

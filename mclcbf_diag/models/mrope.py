@@ -66,6 +66,15 @@ def position_rows(positions: torch.Tensor, idx) -> torch.Tensor:
     return positions[:, idx] if positions.dim() == 3 else positions[idx]
 
 
+def prompt_positions(lm, inputs: dict, first: int, rows: int) -> torch.Tensor:
+    """Positions ``first …`` of one unpadded prompt (``inputs``: its model inputs, one row) for ``rows`` rows
+    that each continue it: ``[rows, T − first]``, or M-RoPE's ``[3, rows, T − first]``."""
+    keys = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+    pos = position_ids(lm, {k: inputs[k][:1] for k in keys if inputs.get(k) is not None})
+    pos = pos[..., first:]
+    return pos.expand(*pos.shape[:-2], rows, pos.shape[-1])
+
+
 def merge_size(config) -> int:
     return int(config.vision_config.spatial_merge_size)
 
