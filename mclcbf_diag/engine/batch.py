@@ -9,12 +9,16 @@ Mechanism
   every row's real tokens the positions ``0 … L_b−1`` they have when run alone, so RoPE
   is unchanged by padding; the attention mask hides the pad keys (softmax weight exactly
   0). Each row computes what it computes alone, up to the summation order of batched
-  matmuls (≪ 1e-4 in float32).
+  matmuls (≪ 1e-4 in float32). Qwen2-VL/2.5-VL's positions are 3-D M-RoPE ids, ``[3, B, S]``,
+  which the model's own ``get_rope_index`` computes per row (:func:`mclcbf_diag.models.mrope.position_ids`,
+  which every position this module builds comes from).
 * **Images.** :func:`batch_inputs` runs the vision tower once per *distinct* image of the
   batch (POPE asks ~6 questions per image) and hands the projected features to the
   model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
   image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
-  model's own ``get_image_features`` (base grid, unpadded tiles, newlines).
+  model's own ``get_image_features`` (base grid, unpadded tiles, newlines). Qwen-VL's
+  ``pixel_values`` are flattened patches of all images, split per image by ``image_grid_thw``
+  (:func:`mclcbf_diag.models.mrope.shared_features`).
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).

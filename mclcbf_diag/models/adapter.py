@@ -10,7 +10,9 @@ one more adapter, not a change to the measurements.
 shares exactly, and LLaVA-NeXT's too (its modules sit at the same paths). LLaVA's processor
 returns one fixed-shape ``pixel_values`` image per prompt; LLaVA-NeXT's adds ``image_sizes``,
 which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower runs once per
-distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. Another
+distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. Qwen2-VL and
+Qwen2.5-VL (:data:`QWEN_VL`: the text model at LLaVA's paths, the tower at ``model.visual``) add
+``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`). Another
 architecture whose processor adds per-image outputs needs that batching step extended with its
 adapter, with a test on such a model.
 

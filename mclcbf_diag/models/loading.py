@@ -21,7 +21,8 @@ Loading happens in two steps so that every mistake is reported before the weight
    tokens). Processor errors are one line (:mod:`.processing`), and so is an image whose
    tokens do not form its patch grid (:meth:`LoadedModel.image_grid`), before the model runs.
 3. :func:`load_weights` reads the weights into its family's class (:func:`model_class`:
-   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``) and refuses a checkpoint with missing,
+   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+   ``Qwen2VLForConditionalGeneration``) and refuses a checkpoint with missing,
    unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
    otherwise fill with random values.
 
