@@ -50,8 +50,8 @@ def test_families_load_without_torch():
 
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
-TRIED = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma",
-         "mistral3", "mllama"]
+LLAVA_BACKBONES = list(TEXT_BACKBONES)  # Gemma 3's and Qwen-VL's text models: their own families only
+TRIED = ["qwen3_vl", "idefics3", "smolvlm", "paligemma", "mistral3", "mllama"]
 
 
 # InternVL's remote-code form (native InternVL is a family: tests/test_models_internvl.py); AutoConfig cannot build it
@@ -84,19 +84,24 @@ def test_llava_relatives_are_named_as_llava_layouts_and_articles_are_right():
 
 
 def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused():
-    for backbone in TEXT_BACKBONES:
+    for backbone in LLAVA_BACKBONES:
         cfg = _config("llava")
         cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
         assert config_problem(cfg) is None, backbone
+    cfg["text_config"] = AutoConfig.for_model("qwen2_5_vl_text").to_dict()  # Qwen2.5-VL's own text model
+    assert "text model is 'qwen2_5_vl_text'" in config_problem(cfg)
+    qwen = _config("qwen2_5_vl")
+    qwen["text_config"] = AutoConfig.for_model("qwen2").to_dict()  # a plain Qwen2 under Qwen2.5-VL: no M-RoPE
+    assert "supported text models: Qwen2.5-VL's Qwen2" in config_problem(qwen)
     cfg = _config("llava")
     cfg["text_config"] = AutoConfig.for_model("gemma2").to_dict()  # logit soft-capping: not reproduced
     assert "text model is 'gemma2'" in config_problem(cfg)
     assert "text-only 'qwen2' model" in config_problem(_config("qwen2"))
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
-    assert [f.model_type for f in FAMILIES][:4] == ["llava", "llava_next", "llava_onevision", "internvl"]
-    assert "gemma3" in [f.model_type for f in FAMILIES]  # tests/test_models_gemma3.py
-    for backbone in TEXT_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
+    assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision", "internvl", "gemma3",
+                                                "qwen2_5_vl", "qwen2_vl"]
+    for backbone in LLAVA_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
         for family in ("llava_next", "llava_onevision"):  # tests/test_models_onevision.py run one each)
             cfg = _config(family)
             cfg["text_config"] = AutoConfig.for_model(backbone).to_dict()
@@ -133,7 +138,7 @@ def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monk
 
 @pytest.mark.parametrize("model_type,fragment", [("llava_next_video", "a LLaVA-NeXT-Video checkpoint"),
                                                  ("internvl_chat", "an InternVL (remote code) checkpoint"),
-                                                 ("qwen2_5_vl", "a Qwen2.5-VL checkpoint")])
+                                                 ("qwen3_vl", "a Qwen3-VL checkpoint")])
 def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fragment):
     ckpt = tmp_path / model_type
     ckpt.mkdir()

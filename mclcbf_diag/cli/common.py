@@ -279,6 +279,8 @@ def shortest_edge(model: str | None) -> int | None:
         cfg = _model_json(model, name)
         proc = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else cfg
         size = proc.get("size")
+        if "merge_size" in proc:  # Qwen-VL: size is a pixel budget (min/max pixels), not an edge
+            return None
         if isinstance(size, dict) and isinstance(size.get("shortest_edge"), int) and size["shortest_edge"] > 0:
             return size["shortest_edge"]
     return None

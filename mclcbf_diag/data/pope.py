@@ -291,9 +291,13 @@ def resized_size(size: tuple[int, int], shortest_edge: int | None = SHORTEST_EDG
     return int(shortest_edge * w / h), shortest_edge
 
 
-def processor_edge(processor) -> int:
-    """The shortest edge a loaded processor resizes to (:data:`SHORTEST_EDGE` when it does not say)."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
+def processor_edge(processor) -> int | None:
+    """The shortest edge a loaded processor resizes to (:data:`SHORTEST_EDGE` when it does not say); None for one whose
+    ``size`` is a pixel budget (Qwen-VL's ``shortest_edge``/``longest_edge`` count pixels: its output is bounded)."""
+    ip = getattr(processor, "image_processor", None)
+    if getattr(ip, "merge_size", None) is not None:
+        return None
+    size = getattr(ip, "size", None)
     edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
     return edge if isinstance(edge, int) and edge > 0 else SHORTEST_EDGE
 

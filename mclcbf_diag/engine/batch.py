@@ -9,7 +9,9 @@ Mechanism
   every row's real tokens the positions ``0 … L_b−1`` they have when run alone, so RoPE
   is unchanged by padding; the attention mask hides the pad keys (softmax weight exactly
   0). Each row computes what it computes alone, up to the summation order of batched
-  matmuls (≪ 1e-4 in float32).
+  matmuls (≪ 1e-4 in float32). Qwen2-VL/2.5-VL's positions are 3-D M-RoPE ids, ``[3, B, S]``,
+  which the model's own ``get_rope_index`` computes per row (:func:`mclcbf_diag.models.mrope.position_ids`,
+  which every position this module builds comes from).
 * **Images.** :func:`batch_inputs` runs the vision tower once per *distinct* image of the
   batch (POPE asks ~6 questions per image) and hands the projected features to the
   model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
@@ -19,6 +21,8 @@ Mechanism
   InternVL's image is several rows of ``pixel_values`` (its tiles and thumbnail, :mod:`mclcbf_diag.models.internvl`):
   the tower runs once per distinct tile, each prompt gets its tiles' features as one entry, and the pixels kept
   beside them say which prompt each tile belongs to (``pixel_rows``), so a view of some rows takes their own tiles.
+  Qwen-VL's ``pixel_values`` are flattened patches of all images, split per image by ``image_grid_thw``
+  (:func:`mclcbf_diag.models.mrope.shared_features`).
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).
@@ -51,6 +55,7 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..interventions.views import PIXEL_ROWS
 from ..models import LoadedModel
+from ..models.mrope import position_ids, shared_features
 from ..models.processing import batch_images, pack_features, processor_prompt
 from .runner import Continuation, Keep, forward
 
@@ -82,19 +87,22 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     pads = (mask == 0).sum(-1)
     if any(bool(mask[b, int(p):].eq(0).any()) for b, p in enumerate(pads)):
         raise RuntimeError("the processor did not pad on the left")  # programming error
-    enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
+    inputs["position_ids"] = position_ids(lm, inputs)  # cumsum − 1, or the family's own (Qwen-VL's 3-D M-RoPE)
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
-        uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
-        sizes, owner = inputs.get("image_sizes"), None
+        sizes, grids, owner = inputs.get("image_sizes"), inputs.get("image_grid_thw"), None
         with torch.no_grad():
-            if lm.model.config.model_type == "internvl":  # an image is its tiles' rows of pixel_values
+            if grids is not None:  # Qwen-VL: flattened patches, split per image by image_grid_thw
+                per_row = shared_features(lm, pv, grids)
+            elif lm.model.config.model_type == "internvl":  # an image is its tiles' rows of pixel_values
                 per_row, owner = _internvl_features(lm, inputs["input_ids"], pv)
             elif sizes is None:
+                uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
                 feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
                 per_row = [feats.pooler_output[j] for j in inverse.tolist()]
             else:  # LLaVA-NeXT: an image is its pixels (tiles) and its size (which tiles count, the unpadding)
+                inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)[1]
                 keys = [(j, *sizes[b].tolist()) for b, j in enumerate(inverse.tolist())]
                 first: dict[tuple, int] = {}  # each distinct image → the first row holding it
                 for b, k in enumerate(keys):
@@ -255,7 +263,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
             logits, cache = baseline[0], _cut(baseline[1], start)
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
-                  "position_ids": inputs["position_ids"][:, start:]}
+                  "position_ids": inputs["position_ids"][..., start:]}  # [B, S] or Qwen-VL's [3, B, S]
         res = forward(lm, suffix, iv, keep=Keep(layers=False), full_ids=ids, prepare=False,
                       continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
                       **lm.adapter.cache_kwargs(lm.model, cache))

@@ -45,6 +45,7 @@ from ..interventions import as_intervention
 from ..interventions.base import Intervention, Readout, Row, Site, rows_of
 from ..measurements.probes import rounding_survival
 from ..models import LoadedModel
+from ..models.mrope import position_ids
 from ..models.projection import project_keys
 
 
@@ -388,15 +389,18 @@ def greedy(max_new_tokens: int) -> dict | None:
     return dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
 
 
-def _feed(inputs: dict, generating: bool) -> dict:
+def _feed(lm: LoadedModel, inputs: dict, generating: bool) -> dict:
     """What the traced model is called with: saved embeddings replace the prompt's ids and pixels, except when
-    generating (``generate`` embeds its own tokens)."""
+    generating (``generate`` embeds its own tokens). Without the ids the model cannot derive positions, so they are
+    passed: the inputs' own, or the family's (Qwen-VL's 3-D M-RoPE ids, :func:`~mclcbf_diag.models.mrope.position_ids`).
+    """
     if "inputs_embeds" not in inputs:
         return inputs
     if generating:
         return {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "input_ids" in inputs:  # a prompt with its embeddings saved (with_embeds): the language model runs on them
-        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]}
+        feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"],
+                "position_ids": inputs["position_ids"] if "position_ids" in inputs else position_ids(lm, inputs)}
         if "token_type_ids" in inputs:  # Gemma 3: which tokens are an image's, which attend to each other both ways
             feed["token_type_ids"] = inputs["token_type_ids"]
         return feed
@@ -440,7 +444,7 @@ def forward(lm: LoadedModel, inputs: dict, intervention: Intervention | None = N
         if keep.layers or cont.skip_to > min(state.targeted | {max(i, 0) for i in state.read_layers}, default=0):
             raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
         state.skip = (cont.skip_to, cont.entering)
-    last, sequences = _traced_forward(lm, state, _feed(inputs, generating), keep, generate, model_kwargs)
+    last, sequences = _traced_forward(lm, state, _feed(lm, inputs, generating), keep, generate, model_kwargs)
     if keep.layers:
         last = _decoded_captures(state, rows, torch.stack([state.steps[r.index][0].final_logits for r in rows]))
     else:

@@ -44,6 +44,7 @@ import torch
 
 from ..interventions.attention_edits import mass_factors
 from ..interventions.base import Intervention, rows_of
+from ..models.mrope import position_rows
 
 # Bytes of one layer's attention scores and probabilities per batch of units. Smaller batches keep
 # their tensors in cache: 48 MiB ran the answer-only runs 27% faster than 256 MiB on the benchmark.
@@ -150,8 +151,8 @@ class Prefix:
 
     def full_inputs(self, idx: torch.Tensor) -> dict:
         """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare)."""
-        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx], "position_ids": self.positions[idx],
-               **self.token_types(idx)}
+        out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx],
+               "position_ids": position_rows(self.positions, idx), **self.token_types(idx)}
         mm = self.inputs.get("mm_encoder_outputs")
         if mm is not None:
             from ..interventions.views import rows_of_shared
@@ -331,7 +332,7 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
 
     lm = prefix.lm
     idx = torch.tensor([u.q for u in units])
-    ids, mask, pos = prefix.ids[idx], prefix.mask[idx], prefix.positions[idx]
+    ids, mask, pos = prefix.ids[idx], prefix.mask[idx], position_rows(prefix.positions, idx)
     mix = Mix(units)
     rows = rows_of(ids, mask, lm.tokens.image_token_id)
     firsts = [_first(u, r) for u, r in zip(units, rows)]
@@ -347,7 +348,7 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
     else:
         shared = SharedPrefix([k for k, _ in prefix.kv], [v for _, v in prefix.kv], start, idx)
         feed = {"inputs_embeds": embeds, "attention_mask": continuation_mask(mask, start, embeds.dtype),
-                "position_ids": pos[:, start:]}
+                "position_ids": pos[..., start:]}  # [B, S] or Qwen-VL's [3, B, S]
         # no edit before the mix's first layer: the layers before it are the prefix forward's
         skip = 0 if capture or start < prefix.states_from else min(mix.layers(lm.n_layers), default=0)
         entering = prefix.layer_inputs[skip][idx, start - prefix.states_from:] if skip else None

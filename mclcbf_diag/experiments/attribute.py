@@ -49,6 +49,7 @@ from ..errors import UserError
 from ..interventions import as_intervention
 from ..measurements import attribution as A
 from ..models import LoadedModel
+from ..models.mrope import prompt_positions
 from ..models.tokens import ranges_text
 from ..records import NO_HEAD, NO_LAYER, frame
 
@@ -172,6 +173,10 @@ def paired_inputs(lm: LoadedModel, clean: dict, corrupted: dict) -> dict:
     if clean["input_ids"].shape != corrupted["input_ids"].shape or not torch.equal(clean["input_ids"],
                                                                                   corrupted["input_ids"]):
         raise UserError("the clean and the corrupted input must be the same prompt (only the image may differ)")
+    grids = clean.get("image_grid_thw"), corrupted.get("image_grid_thw")
+    if grids[0] is not None and not torch.equal(grids[0], grids[1]):  # Qwen-VL: the grid sets the positions
+        raise UserError("the clean and the corrupted image must have the same patch grid (image_grid_thw "
+                        f"{grids[0].tolist()} and {grids[1].tolist()}): give them the same size")
     ids = clean["input_ids"][0]
     image = ids == lm.tokens.image_token_id
     if not image.any() or int(image.nonzero().max()) + 1 >= len(ids):
@@ -240,7 +245,8 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
         batches = [(rows, start), (parts, T - 1)] if separate else [(rows + parts, start)]
         for batch, first in batches:
             batch = sorted(batch, key=lambda r: r[2])  # rows continuing one prefix are consecutive
-            m = _patched_batch(lm, acts, batch, L, first, T)
+            positions = prompt_positions(lm, both, first, len(batch))
+            m = _patched_batch(lm, acts, batch, L, first, T, positions)
             for b, r in enumerate(batch):
                 found.setdefault(r[0], []).append((L, r[1], float(m[b])))
     return _filled(grid, found, n_layers, H)
@@ -264,9 +270,11 @@ def _filled(grid: Grid, found: dict, n_layers: int, heads: int) -> Grid:
     return grid
 
 
-def _patched_batch(lm: LoadedModel, acts, rows: list, L: int, start: int, T: int) -> torch.Tensor:
-    """The margins of one batch of patches at layer ``L``, continuing positions ``start …`` from the shared prefix
-    (the rows of one prefix consecutive)."""
+def _patched_batch(lm: LoadedModel, acts, rows: list, L: int, start: int, T: int,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """The margins of one batch of patches at layer ``L``, continuing positions ``start …`` (``positions``, from
+    :func:`~mclcbf_diag.models.mrope.prompt_positions`) from the shared prefix (the rows of one prefix
+    consecutive)."""
     from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
 
     B, width = len(rows), acts.z[0].shape[-1]
@@ -282,7 +290,7 @@ def _patched_batch(lm: LoadedModel, acts, rows: list, L: int, start: int, T: int
     mlp_mask = torch.tensor([r[5] for r in rows], device=dev)[:, None, None]
     ones = torch.ones(B, T, dtype=torch.long, device=dev)
     feed = {"inputs_embeds": entering, "attention_mask": continuation_mask(ones, start, dtype),
-            "position_ids": torch.arange(start, T, device=dev)[None].expand(B, -1)}
+            "position_ids": positions.to(dev)}
     kv = [(layer.keys, layer.values) for layer in acts.cache.layers]
     shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)
     with continuing(lm, shared):
@@ -399,7 +407,7 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
         for L in range(lm.n_layers):
             x = base.resid[L].clone()
             x[:, :start] = iv.resid[L][:, :start]
-            t[L, 0] = _plain_from(lm, x, L)
+            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1))
         grid.resid["denoise"] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
     if "denoise" not in directions:
         for kind in ("resid", "heads", "mlp"):
@@ -458,11 +466,12 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
     return {"resid": resid, "heads": heads, "mlp": mlp}
 
 
-def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int) -> float:
-    """The margin of a plain forward of one whole prompt that starts at layer ``L`` with residual ``entering``."""
+def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int, positions: torch.Tensor) -> float:
+    """The margin of a plain forward of one whole prompt that starts at layer ``L`` with residual ``entering`` (at
+    ``positions``, :func:`~mclcbf_diag.models.mrope.prompt_positions`)."""
     T = entering.shape[1]
     feed = {"inputs_embeds": entering, "attention_mask": torch.ones(1, T, dtype=torch.long, device=entering.device),
-            "position_ids": torch.arange(T, device=entering.device)[None]}
+            "position_ids": positions.to(entering.device)}
     logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False)
     return float(logits[0, lm.tokens.yes_id] - logits[0, lm.tokens.no_id])
 
@@ -487,7 +496,7 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     so what it computes from the inputs (a steering vector, its heads) is the same for every batch."""
     from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
 
-    B, T = len(patches), inputs["input_ids"].shape[1]
+    B = len(patches)
     full = {k: v.expand(B, *v.shape[1:]).contiguous() if isinstance(v, torch.Tensor) and v.shape[:1] == (1,) else v
             for k, v in inputs.items()}
     ids, mask = full["input_ids"], full["attention_mask"]
@@ -500,7 +509,7 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     skip = min(L, min(targeted)) if targeted else 0  # nothing is edited before: the baseline's residual there
     entering = base.resid[skip][0, first:].expand(B, -1, -1).clone()  # one copy per row: edits are in place
     dtype, dev = entering.dtype, entering.device
-    feed = {"inputs_embeds": entering, "position_ids": torch.arange(first, T, device=dev)[None].expand(B, -1)}
+    feed = {"inputs_embeds": entering, "position_ids": prompt_positions(lm, inputs, first, B).to(dev)}
     hooks = _restore_hooks(lm, base, L, patches, first)
     try:
         if first == 0:

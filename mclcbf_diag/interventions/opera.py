@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.mrope import position_ids, uses_mrope
 from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
 from .base import Row
 from .catalog import SPECS, OPERAKnobs  # noqa: F401 - OPERAKnobs re-exported
@@ -86,6 +87,8 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         shares (``inputs``: the rows' model inputs, row b for ``rows[b]``)."""
         mask = inputs["attention_mask"]
         B, T = mask.shape
+        if uses_mrope(lm.model.config) and "position_ids" not in inputs:  # Qwen-VL: its 3-D positions, explicitly
+            inputs = {**inputs, "position_ids": position_ids(lm, inputs)}
         feed = dict(inputs)
         if "inputs_embeds" in feed:  # prompt embeddings a run kept: the vision tower is not run again
             feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids") if k in feed}
@@ -103,10 +106,10 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         embed = lm.model.get_input_embeddings()
         new = embed(tokens.reshape(-1, 1).to(embed.weight.device))  # [B·k, 1, d]
         seen = torch.cat([mask.repeat_interleave(k, 0), mask.new_ones(B * k, 1)], -1)  # [B·k, T + 1]
-        if "position_ids" in inputs:
-            position = inputs["position_ids"][:, -1:] + 1
+        if "position_ids" in inputs:  # the next position: [B·k, 1], or Qwen-VL's [3, B·k, 1] after the image's
+            position = (inputs["position_ids"][..., -1:] + 1).repeat_interleave(k, -2)
         else:  # the model counted positions from 0 over the padded prompt
-            position = torch.full((B, 1), T, dtype=torch.long, device=mask.device)
+            position = torch.full((B, 1), T, dtype=torch.long, device=mask.device).repeat_interleave(k, 0)
         got: list[torch.Tensor] = []
 
         def keep(module, args, output):
@@ -117,7 +120,7 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         try:
             with torch.no_grad(), continuing(lm, prefix):
                 lm.model(inputs_embeds=new, attention_mask=continuation_mask(seen, T, new.dtype),
-                         position_ids=position.repeat_interleave(k, 0), use_cache=False, logits_to_keep=1)
+                         position_ids=position, use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
         if len(got) != 1 or got[0] is None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+from ..models.mrope import position_ids
 from .base import Row
 
 DIFFUSION_STEPS = 1000
@@ -28,11 +30,13 @@ PIXEL_ROWS = "pixel_rows"  # beside them when a prompt's image is several rows (
 
 def pixels_of(inputs: dict) -> torch.Tensor:
     """The batch's image tensor (as the processor made it: normalised pixels, per row)."""
-    if PIXELS_KEY in inputs:
-        return inputs[PIXELS_KEY]
-    shared = inputs.get("mm_encoder_outputs") or {}
-    if PIXELS_KEY in shared:
-        return shared[PIXELS_KEY]
+    pixels = inputs.get(PIXELS_KEY, (inputs.get("mm_encoder_outputs") or {}).get(PIXELS_KEY))
+    if pixels is not None and pixels.dim() == 2:
+        raise UserError("this method distorts each image's pixel tensor, but the model's processor returns flattened "
+                        "patches of dynamic-resolution images (Qwen-VL), which it does not handle yet; use a method "
+                        "that does not run an image view (not VCD)")
+    if pixels is not None:
+        return pixels
     raise ValueError("these model inputs carry no pixel_values for an image view")  # programming error
 
 
@@ -75,9 +79,8 @@ def image_free_inputs(lm, rows: list[Row]) -> dict:
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for b, t in enumerate(texts):
         ids[b, n - t.numel():], mask[b, n - t.numel():] = t, 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device),
-            "position_ids": position_ids.to(lm.device)}
+    out = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+    return {**out, "position_ids": position_ids(lm, out)}  # no image: cumsum − 1 in every family
 
 
 def row_inputs(inputs: dict, rows: list[Row]) -> dict:
@@ -90,6 +93,8 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
     for key, value in inputs.items():
         if key == "mm_encoder_outputs":
             out[key] = rows_of_shared(value, idx)
+        elif key == "position_ids" and value.dim() == 3:  # Qwen-VL's [3, B, S]
+            out[key] = value[:, idx]
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
             out[key] = value[idx]
         else:

@@ -11,7 +11,9 @@ shares exactly, and LLaVA-NeXT's too (its modules sit at the same paths). LLaVA'
 returns one fixed-shape ``pixel_values`` image per prompt; LLaVA-NeXT's adds ``image_sizes``,
 which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower runs once per
 distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. InternVL's modules sit
-at the same paths too; its image is several tiles, one grid each (:mod:`.internvl`). Another
+at the same paths too; its image is several tiles, one grid each (:mod:`.internvl`). Qwen2-VL and
+Qwen2.5-VL (:data:`QWEN_VL`: the text model at LLaVA's paths, the tower at ``model.visual``) add
+``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`). Another
 architecture whose processor adds per-image outputs needs that batching step extended with its
 adapter, with a test on such a model.
 
@@ -92,6 +94,10 @@ TEXT_MATH: dict[str, TextMath] = {
     # each layer type has its own rotary base, so the look-ahead takes the (cos, sin) its layer is called with
     "gemma3_text": TextMath(norm_kind="rms_offset", eps_attribute="eps", q_norm="self_attn.q_norm",
                             k_norm="self_attn.k_norm", rotary=_rotary("gemma3"), window="attention"),
+    # Qwen-VL's Qwen2: its rotary module has already folded the three M-RoPE axes (mrope_section) into one cos/sin
+    # [batch, seq, head_dim], which the plain rotation applies (models/mrope.py)
+    "qwen2_5_vl_text": TextMath(rotary=_rotary("qwen2_5_vl"), window="attention"),
+    "qwen2_vl_text": TextMath(rotary=_rotary("qwen2_vl"), window="attention"),
 }
 assert set(TEXT_MATH) == set(TEXT_BACKBONES).union(*OWN_BACKBONES.values()), \
     "families.TEXT_BACKBONES and OWN_BACKBONES list the backbones declared here"
@@ -226,10 +232,14 @@ LLAVA = ArchitectureAdapter(
 # the residual after attention (what the other adapters' post_attention_layernorm is)
 GEMMA3 = dataclasses.replace(LLAVA, layer_post_attention_norm="pre_feedforward_layernorm")
 
+# Qwen2-VL / Qwen2.5-VL: the text model's parts sit where LLaVA's do; the vision tower is "visual", whose patch
+# merger is the projector
+QWEN_VL = dataclasses.replace(LLAVA, vision_tower="model.visual", projector="model.visual.merger")
+
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
 # vector is merged into the image tokens before the text model, which is all the toolkit measures)
 # LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model), and InternVL's
-# (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head); Gemma 3 has its own adapter
+# (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head); Gemma 3 and Qwen-VL have their own
 ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA, "internvl": LLAVA,
-                             "gemma3": GEMMA3}[f.name] for f in FAMILIES}
+                             "gemma3": GEMMA3, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}[f.name] for f in FAMILIES}

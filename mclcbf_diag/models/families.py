@@ -47,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, "
+        not_covered="Qwen3-VL, Idefics3/SmolVLM, PaliGemma, "
                     "Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
@@ -114,6 +114,32 @@ FAMILIES: tuple[Family, ...] = (
         not_covered="pan-and-scan crops (do_pan_and_scan) are refused per prompt; attention logit soft-capping and "
                     "bidirectional text attention are refused from config.json; PaliGemma, Gemma 3n: refused",
     ),
+    Family(
+        name="qwen2_5_vl",
+        architecture="Qwen2_5_VLForConditionalGeneration",
+        model_type="qwen2_5_vl",
+        layout="Qwen2.5-VL: dynamic-resolution images (any aspect ratio), each image's patches merged 2 × 2 into "
+               "<|image_pad|> tokens in row-major order over the merged grid, between <|vision_start|> and "
+               "<|vision_end|>; 3-D M-RoPE positions from the model's get_rope_index (models/mrope.py); the processor "
+               "adds per-image image_grid_thw and flattened patches, which batching splits per image",
+        checked=("a tiny random checkpoint built in the tests (trace, pope's batched and cached-prefix path, explain "
+                 "and flow against plain forwards); no real weights have been run",),
+        covers="Qwen2_5_VLForConditionalGeneration checkpoints (Qwen/Qwen2.5-VL-*-Instruct), images only; the page's "
+               "overlay draws the merged (h/2) × (w/2) grid",
+        not_covered="video inputs; Qwen3-VL (deepstack features added inside the text model): refused from "
+                    "config.json",
+    ),
+    Family(
+        name="qwen2_vl",
+        architecture="Qwen2VLForConditionalGeneration",
+        model_type="qwen2_vl",
+        layout="Qwen2-VL: Qwen2.5-VL's image layout and 3-D M-RoPE positions (models/mrope.py), with a "
+               "full-attention vision tower",
+        checked=("a tiny random checkpoint built in the tests (trace against plain forwards); no real weights have "
+                 "been run",),
+        covers="Qwen2VLForConditionalGeneration checkpoints (Qwen/Qwen2-VL-*-Instruct), images only",
+        not_covered="video inputs",
+    ),
 )
 
 
@@ -123,8 +149,14 @@ TEXT_BACKBONES: dict[str, str] = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
 }
 
-# Families whose text model is their own: model_type → the text backbones it may carry (only there).
-OWN_BACKBONES: dict[str, dict[str, str]] = {"gemma3": {"gemma3_text": "Gemma 3"}}
+# Families whose text model is their own: model_type → the text backbones it may carry (only there; the first is
+# what a config.json without text_config.model_type implies: older Qwen-VL files are flat). Qwen-VL's runs on 3-D
+# M-RoPE positions that only its own family computes.
+OWN_BACKBONES: dict[str, dict[str, str]] = {
+    "gemma3": {"gemma3_text": "Gemma 3"},
+    "qwen2_5_vl": {"qwen2_5_vl_text": "Qwen2.5-VL's Qwen2"},
+    "qwen2_vl": {"qwen2_vl_text": "Qwen2-VL's Qwen2"},
+}
 
 # Architectures users meet that the toolkit does not measure (yet): config.json's model_type → (name, why).
 _LLAVA_LAYOUT = "a LLaVA-family layout the toolkit does not measure yet ({})"
@@ -132,9 +164,10 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "llava_next_video": ("LLaVA-NeXT-Video", _LLAVA_LAYOUT.format("anyres tiles and video frames")),
     "vipllava": ("VipLLaVA", _LLAVA_LAYOUT.format("a multi-layer vision projector")),
     "video_llava": ("Video-LLaVA", _LLAVA_LAYOUT.format("video and image towers")),
-    "qwen2_vl": ("Qwen2-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
-    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
-    "qwen3_vl": ("Qwen3-VL", "dynamic-resolution image grids with 3-D M-RoPE positions, not measured yet"),
+    "qwen3_vl": ("Qwen3-VL", "deepstack vision features added inside the text model's first layers and interleaved "
+                             "M-RoPE, not measured yet"),
+    "qwen3_vl_moe": ("Qwen3-VL-MoE", "a mixture-of-experts text model with deepstack vision features, not measured "
+                                     "yet"),
     "idefics3": ("Idefics3", "image splitting with a pixel-shuffle connector, not measured yet"),
     "smolvlm": ("SmolVLM", "image splitting with a pixel-shuffle connector, not measured yet"),
     "idefics2": ("Idefics2", "a perceiver resampler, not measured yet"),
@@ -146,7 +179,8 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "aya_vision": ("Aya Vision", "a pixel-shuffle connector with image tiles, not measured yet"),
     "llama4": ("Llama 4", "a mixture-of-experts text model with chunked attention, not measured yet"),
 }
-TEXT_ONLY = set(TEXT_BACKBONES) | {"phi", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral"}
+TEXT_ONLY = set(TEXT_BACKBONES) | {"phi", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral",
+                                   "qwen2_5_vl_text", "qwen2_vl_text"}
 
 # Vision towers that need an optional package the core install leaves out: model_type → (package, why).
 VISION_PACKAGES: dict[str, tuple[str, str]] = {
@@ -185,7 +219,7 @@ def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(
         return f"config.json's model_type is {shown}, not a family mclcbf-diag knows; supported: {_supported()}"
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     allowed = OWN_BACKBONES.get(model_type, TEXT_BACKBONES)
-    backbone = text.get("model_type", next(iter(allowed)))  # LlavaConfig's default text model is Llama
+    backbone = text.get("model_type", next(iter(allowed)))  # LlavaConfig's default: Llama; flat Qwen-VL files: theirs
     if backbone not in allowed:
         known = ", ".join(allowed.values())
         return (f"a {model_type!r} checkpoint whose text model is {backbone!r}, whose attention the look-ahead "

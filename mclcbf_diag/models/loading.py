@@ -22,8 +22,8 @@ Loading happens in two steps so that every mistake is reported before the weight
    tokens). Processor errors are one line (:mod:`.processing`), and so is an image whose
    tokens do not form its patch grid (:meth:`LoadedModel.image_grid`), before the model runs.
 3. :func:`load_weights` reads the weights into its family's class (:func:`model_class`:
-   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``InternVLForConditionalGeneration``)
-   and refuses a checkpoint with missing,
+   ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``, ``InternVLForConditionalGeneration``,
+   ``Qwen2_5_VLForConditionalGeneration`` …) and refuses a checkpoint with missing,
    unexpected or mis-shaped tensors (``output_loading_info``), which transformers would
    otherwise fill with random values.
 
@@ -56,10 +56,12 @@ from transformers.utils import logging as hf_logging
 from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
-from . import internvl
+from . import internvl, mrope
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .anyres import ImageLayout, anyres_layout, max_patches, token_bound
 from .families import FAMILIES, check_config
+from .mrope import image_grid as mrope_grid
+from .mrope import image_tokens, uses_mrope
 from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
 from .tokens import AnswerTokens, Sink, answer_tokens, find_sink
@@ -155,6 +157,8 @@ class LoadedModel:
         n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
         if self.model.config.model_type == "internvl":  # one grid per tile; the overlay's is the whole picture's
             return internvl.whole_picture(self.model.config, n, int(enc["pixel_values"].shape[0]), show(self.source))
+        if uses_mrope(self.model.config):  # Qwen-VL: the merged grid of image_grid_thw, any aspect ratio
+            return _mrope_grid(self.model.config, enc, n, show(self.source))
         layout = self.image_layout(enc)
         if layout is not None:
             if n != layout.n_tokens:
@@ -188,6 +192,19 @@ class LoadedModel:
         out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
         out[positions[extra:extra + side * side]] = True
         return out.reshape(image_mask.shape)
+
+
+def _mrope_grid(config, enc, n: int, where: str) -> tuple[int, int]:
+    """A Qwen-VL prompt's merged image grid (rows, columns), once its image tokens are checked against it."""
+    rows, cols = mrope_grid(config, enc)
+    want = image_tokens(config, enc["image_grid_thw"][:1])[0]
+    if n != want or rows * cols != want:
+        thw = tuple(enc["image_grid_thw"][0].tolist())
+        raise UserError(f"--model {where}: the image becomes {n} image tokens, not the {want} of its patch grid "
+                        f"{thw} (frames, rows, columns) merged {config.vision_config.spatial_merge_size} × "
+                        f"{config.vision_config.spatial_merge_size}; check the checkpoint's preprocessor_config.json "
+                        "(merge_size, patch_size)")
+    return rows, cols
 
 
 def _hooks(module: torch.nn.Module) -> list:
@@ -427,6 +444,8 @@ def load_processor(config, where: str):
         return onevision_processor(where)
     if model_type == "internvl":
         return internvl.load_processor(where)
+    if uses_mrope(config):
+        return mrope.load_processor(where, config)
     return AutoProcessor.from_pretrained(where, local_files_only=True)
 
 
@@ -607,6 +626,7 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     own = placeholder(processor)
     per_image = anyres_token_bound(config) or (internvl.token_bound(processor, config)
                                                if config.model_type == "internvl" else None) \
+        or (mrope.token_bound(processor) if uses_mrope(config) else None) \
         or _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0

@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 
 PORTABLE_PLACEHOLDER = "<image>"
+QWEN_IMAGE_PAD = "<|image_pad|>"  # Qwen2-VL/2.5-VL's placeholder (models/mrope.py)
 
 
 def placeholder(processor) -> str:
@@ -31,6 +32,8 @@ def placeholder(processor) -> str:
 def processor_prompt(processor, prompt: str) -> str:
     """``prompt`` with the portable ``<image>`` spelled as this processor's placeholder."""
     own = placeholder(processor)
+    if own == QWEN_IMAGE_PAD:  # Qwen-VL writes an image as its pad token between the vision start and end tokens
+        own = f"<|vision_start|>{own}<|vision_end|>"
     return prompt if own == PORTABLE_PLACEHOLDER else prompt.replace(PORTABLE_PLACEHOLDER, own)
 
 

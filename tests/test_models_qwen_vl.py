@@ -1,0 +1,280 @@
+"""Qwen2.5-VL (and Qwen2-VL) end to end: tiny random checkpoints built here (a 2-block vision tower of 14-px patches
+merged 2 × 2, 2 Qwen2 text layers with M-RoPE sections [2, 3, 3] and norms away from 1, an image processor whose
+pixel budget makes an image 4–20 tokens), saved and loaded the way users load one. References are plain
+transformers forwards of each prompt alone (output_attentions, float32): the model computes its own 3-D positions."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+from mclcbf_diag import barrier as B
+from mclcbf_diag.embedded.build import CHAT_TEMPLATE, build_tokenizer, padded_vocab_size
+from mclcbf_diag.embedded.world import sample_scene
+
+TOL = 1e-5
+PROMPT = "USER: <image>\nIs there a dog in the image?\nASSISTANT:"
+QUESTIONS = ["Is there a dog in the image?", "Is there a cat in the image?"]
+IMAGES = [(100, 200), (300, 120)]  # (height, width): a wide one and a tall one, non-square merged grids
+SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def _build(folder, config_class, model_class, **vision):
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", *SPECIAL]})
+    tok.chat_template = CHAT_TEMPLATE
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 20},
+                                      patch_size=14, merge_size=2, temporal_patch_size=2)
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=padded_vocab_size(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = config_class(text_config=text, vision_config=dict(depth=2, patch_size=14, spatial_merge_size=2,
+                                                               temporal_patch_size=2, **vision),
+                          image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                          vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                          tie_word_embeddings=False)
+    torch.manual_seed(1)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(torch.randn_like(p) * 0.5 + 1.0)
+    model.save_pretrained(folder)
+    images.save_pretrained(folder)  # no video processor: the toolkit measures images (models/mrope.py)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def qwen_lm(tmp_path_factory):
+    from mclcbf_diag.models import load_model
+
+    folder = tmp_path_factory.mktemp("qwen2_5_vl")
+    _build(folder, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, hidden_size=32, intermediate_size=64,
+           num_heads=2, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+    return load_model(str(folder))
+
+
+def _image(k: int):
+    h, w = IMAGES[k]
+    return sample_scene(2, k).image().resize((w, h))
+
+
+def _prompt(question: str) -> str:
+    return PROMPT.replace(QUESTIONS[0], question)
+
+
+def _plain(lm, prompt: str, image):
+    inputs = lm.inputs(prompt, image)
+    layer_out = {}
+    layers = lm.adapter.decoder_layers(lm.model)
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: layer_out.__setitem__(i, o[0] if isinstance(o, tuple)
+                                                                                     else o))
+             for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            out = lm.model(**inputs, output_attentions=True, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, out, layer_out
+
+
+def _margin(lm, logits) -> float:
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def test_qwen_is_a_supported_family_with_its_grid_and_positions(qwen_lm):
+    from mclcbf_diag.models.adapter import QWEN_VL
+    from mclcbf_diag.models.families import config_problem
+    from mclcbf_diag.models.mrope import position_ids
+
+    assert type(qwen_lm.model).__name__ == "Qwen2_5_VLForConditionalGeneration" and qwen_lm.adapter is QWEN_VL
+    assert config_problem(qwen_lm.model.config.to_dict()) is None
+    flat = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "vision_config": {"depth": 32}}  # the hub's flat files
+    assert config_problem(flat) is None
+    assert "Qwen3-VL" in config_problem({"model_type": "qwen3_vl"})
+    enc = qwen_lm.inputs(PROMPT, _image(0))
+    assert qwen_lm.image_grid(enc) == (3, 6)  # 100 × 200 px → 6 × 12 patches → 3 × 6 merged tokens
+    image = enc["input_ids"][0] == qwen_lm.tokens.image_token_id
+    assert int(image.sum()) == 18 and torch.equal(qwen_lm.grid_mask(image), image)
+    pos = position_ids(qwen_lm, enc)[:, 0]
+    first = int(torch.nonzero(image)[0])
+    assert pos[:, first].tolist() == [first] * 3 and pos[1:, image].max() == first + 5  # rows 0–2, columns 0–5
+    assert pos[:, -1].tolist() == [len(image) - 1 - 18 + 6] * 3  # the text continues from first + max(3, 6)
+
+
+def test_the_prompt_length_check_bounds_the_image_tokens(qwen_lm):
+    from mclcbf_diag.models.loading import check_prompt_lengths
+
+    big = qwen_lm.inputs(PROMPT, sample_scene(2, 0).image().resize((900, 900)))
+    n = int((big["input_ids"][0] == qwen_lm.tokens.image_token_id).sum())
+    assert n <= 20 and check_prompt_lengths(qwen_lm, [PROMPT]) >= len(big["input_ids"][0])
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.overlay import attention_maps
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
+    inputs, out, layer_out = _plain(qwen_lm, _prompt(QUESTIONS[k]), _image(k))
+    result = trace_sample(qwen_lm, QUESTIONS[k], _image(k), config)
+    r = result.records
+    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
+    per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
+    image = inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
+    margin = _margin(qwen_lm, out.logits[0, -1])
+    for i in range(qwen_lm.n_layers):
+        want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+        assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
+        assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
+        assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
+        assert per["resid_post_norm"][i] == pytest.approx(float(layer_out[i][0, -1].norm()), rel=TOL)
+    assert per["logit_lens_margin"][qwen_lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=TOL)
+    assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
+    assert "lookahead_miss_layers" not in result.summary()
+    assert result.value("final_margin", "steered") != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
+    rows, cols = qwen_lm.image_grid(inputs)
+    maps = attention_maps(result.baseline, qwen_lm.grid_mask(result.baseline.detected), shape=(rows, cols))
+    want = out.attentions[1][0, :, -1].mean(0)[image].reshape(rows, cols)
+    np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
+    """pope's path: 4 prompts over 2 images of different shapes, left-padded, the vision tower once per distinct
+    image, the positions from get_rope_index; the baseline against each prompt alone, the intervened run continuing
+    the cached prefix against a full re-run."""
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+
+    prompts = [_prompt(q) for q in QUESTIONS * 2]
+    images = [_image(0), _image(0), _image(1), _image(1)]
+    inputs = batch_inputs(qwen_lm, prompts, images)
+    assert inputs["position_ids"].shape == (3, *inputs["input_ids"].shape)
+    assert "pixel_values" not in inputs and len(inputs["mm_encoder_outputs"]["image"].pooler_output) == 4
+    iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    base, steered = answer_pair(qwen_lm, prompts, images, iv, inputs=inputs)
+    full = answer_batch(qwen_lm, prompts, images, iv, True, inputs=inputs)
+    for b, (prompt, image) in enumerate(zip(prompts, images)):
+        _, out, _ = _plain(qwen_lm, prompt, image)
+        margin = _margin(qwen_lm, out.logits[0, -1])
+        assert base[b]["margin"] == pytest.approx(margin, rel=0, abs=TOL)
+        assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
+        assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=TOL)
+
+
+def test_pope_trace_explain_and_flow_run_on_qwen(qwen_lm, tmp_path):
+    from mclcbf_diag.cli import main
+
+    assert main(["pope", "--model", qwen_lm.source, "--split", "adversarial", "--limit", "4", "--batch-size", "4",
+                 "--out", str(tmp_path / "p")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "p" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)
+    assert main(["trace", "--model", qwen_lm.source, "--sample", "0", "--overlay-token", "-2",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "trace.html").exists()
+    assert main(["explain", "--model", qwen_lm.source, "--sample", "0", "--k-max", "2",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert main(["flow", "--model", qwen_lm.source, "--sample", "0", "--out", str(tmp_path / "f")]) == 0
+
+
+def test_qwen2_vl_trace_equals_a_plain_forward(tmp_path):
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.models import load_model
+
+    _build(tmp_path, Qwen2VLConfig, Qwen2VLForConditionalGeneration, embed_dim=32, hidden_size=64, num_heads=2,
+           mlp_ratio=2)
+    lm = load_model(str(tmp_path))
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
+    inputs, out, _ = _plain(lm, PROMPT, _image(1))
+    result = trace_sample(lm, QUESTIONS[0], _image(1), config)
+    r = result.records
+    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
+    per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    for i in range(lm.n_layers):
+        want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+        assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
+        assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
+    assert result.value("final_margin", "baseline") == pytest.approx(_margin(lm, out.logits[0, -1]), rel=0, abs=TOL)
+
+
+def test_qwen_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen_lm):
+    """explain's and population's path (engine/units.py): rows of 3-D positions, the shared prefix continued from the
+    decision token; unsteered units against plain forwards, steered ones against a full batched run."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.engine.units import Prefix, Unit, run_units
+    from mclcbf_diag.interventions import as_intervention
+
+    prompts = [_prompt(q) for q in QUESTIONS]
+    images = [_image(0), _image(1)]
+    prefix = Prefix(qwen_lm, prompts, images)
+    iv = as_intervention(dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1]))
+    units = [Unit(q, iv, steer=s) for q in (0, 1) for s in (False, True)]
+    got = run_units(prefix, units, capture=False, patterns=True)
+    full = answer_batch(qwen_lm, prompts, images, iv, True)
+    for unit, (logits, _) in zip(units, got):
+        margin = _margin(qwen_lm, logits)
+        if unit.steer:
+            assert margin == pytest.approx(full[unit.q]["margin"], rel=0, abs=TOL)
+        else:
+            _, out, _ = _plain(qwen_lm, prompts[unit.q], images[unit.q])
+            assert margin == pytest.approx(_margin(qwen_lm, out.logits[0, -1]), rel=0, abs=TOL)
+
+
+def test_opera_continues_after_the_images_3d_positions(qwen_lm):
+    """OPERA appends each candidate token at the next position, which for Qwen-VL follows the image's M-RoPE ids (not
+    the token count): its scores equal the released formula on plain forwards of the prompt plus each candidate,
+    alone and in the batched path."""
+    from plain_refs import assert_scores
+
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.engine.runner import run, run_batch
+    from mclcbf_diag.interventions.opera import OPERA
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    image = inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
+    with torch.no_grad():
+        z = qwen_lm.model(**inputs).logits[0, -1].float()
+        top, cand = torch.topk(z, 5)
+        assert qwen_lm.tokens.image_token_id not in cand.tolist()
+        shares = []
+        for c in cand.tolist():
+            grow = {k: torch.cat([inputs[k], torch.tensor([[v]])], -1)
+                    for k, v in (("input_ids", c), ("attention_mask", 1), ("mm_token_type_ids", 0))}
+            out = qwen_lm.model(**{**inputs, **grow}, output_attentions=True)
+            row = out.attentions[-1][0, :, -1].float().max(0).values
+            shares.append((row / row.sum())[:-1][image].sum())
+    want = torch.full_like(z, -torch.inf).scatter(-1, cand, top + torch.stack(shares))
+    assert_scores(run(qwen_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
+    last, _ = run_batch(qwen_lm, batch_inputs(qwen_lm, [PROMPT], [_image(0)]), OPERA(), full_ids=inputs["input_ids"])
+    assert_scores(last[0], want)
+
+
+def test_qwen_patching_continues_at_the_prompts_3d_positions(qwen_lm):
+    """attribute's patching runs continue the prompt at its own M-RoPE positions: patching the text entering layer 0
+    (the same tokens in both runs) leaves each run's plain margin, from both sides of the localisation."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.experiments.attribute import activation_patching, localisation
+
+    clean = qwen_lm.inputs(PROMPT, _image(0))
+    corrupted = qwen_lm.inputs(PROMPT, sample_scene(5, 3).image().resize(IMAGES[0][::-1]))
+    grid = activation_patching(qwen_lm, clean, corrupted, directions=("denoise",))
+    for g in (1, 2):
+        assert float(grid.margins["resid:denoise"][0, g]) == pytest.approx(grid.plain[1], rel=0, abs=TOL)
+    iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    steered = answer_batch(qwen_lm, [PROMPT], [_image(0)], iv, True)[0]["margin"]
+    local = localisation(qwen_lm, clean, iv, directions=("denoise", "noise"))
+    assert local.clean == pytest.approx(steered, rel=0, abs=TOL)
+    for g in (1, 2):
+        assert float(local.margins["resid:noise"][0, g]) == pytest.approx(steered, rel=0, abs=TOL)
