@@ -68,20 +68,22 @@ def whole_picture(config, n_tokens: int, n_tiles: int, where: str) -> tuple[int,
     return rows, cols
 
 
-def token_bound(processor, config) -> int:
-    """The most tokens one placeholder becomes: ``<img>``, the context tokens of the most tiles, ``</img>``
-    (an upper bound: the processor crops to tiles by default, whatever the image processor's own setting)."""
+def token_bound(processor, config) -> int | None:
+    """The most tokens one placeholder becomes: ``<img>``, the context tokens of the most tiles, ``</img>`` (an
+    upper bound: the processor crops to tiles by default, whatever the image processor's own setting); None for
+    another family."""
+    if getattr(config, "model_type", None) != "internvl":
+        return None
     most = int(getattr(processor.image_processor, "max_patches", 1) or 1)
     tiles = most + 1 if most > 1 else 1  # the tiles and their thumbnail
     rows, cols = tile_grid(config)
     return tiles * rows * cols + 2
 
 
-def per_prompt(model, pixel_values: torch.Tensor, tiles: list[int]) -> list[torch.Tensor]:
-    """Each prompt's image features ``[tiles · s², hidden]`` (``tiles[b]`` rows of ``pixel_values`` each, in
-    order), the vision tower run once per distinct tile."""
-    uniq, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
-    feats = model.get_image_features(pixel_values=uniq.view(-1, *pixel_values.shape[1:]), return_dict=True)
+def per_prompt(model, distinct: torch.Tensor, inverse: torch.Tensor, tiles: list[int]) -> list[torch.Tensor]:
+    """Each prompt's image features ``[tiles · s², hidden]``: prompt ``b`` holds the next ``tiles[b]`` tiles of the
+    batch, tile ``t`` being ``distinct[inverse[t]]``, so the vision tower runs once per distinct tile."""
+    feats = model.get_image_features(pixel_values=distinct, return_dict=True)
     per_tile = feats.pooler_output[inverse]
     return [chunk.reshape(-1, chunk.shape[-1]) for chunk in torch.split(per_tile, tiles)]
 

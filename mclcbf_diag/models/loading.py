@@ -566,9 +566,8 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = anyres_token_bound(config) or (internvl.token_bound(processor, config)
-                                               if config.model_type == "internvl" else None) \
-        or _image_token_count(processor, where)
+    per_image = (anyres_token_bound(config) or internvl.token_bound(processor, config)
+                 or _image_token_count(processor, where))
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
