@@ -64,6 +64,9 @@ def folders(tmp_path_factory):
         model.save_pretrained(folder)
         ImageInternVLProcessor(image_processor=images, tokenizer=tok, image_seq_length=SEQ,
                                chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+        for file in ("processor_config.json", "tokenizer_config.json"):  # named as real checkpoints name it
+            saved = json.loads((folder / file).read_text())
+            (folder / file).write_text(json.dumps({**saved, "processor_class": "InternVLProcessor"}))
         out[name] = folder
     return out
 
