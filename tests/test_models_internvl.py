@@ -179,6 +179,25 @@ def test_the_prompt_length_check_bounds_the_image_tokens(lms):
         assert check_prompt_lengths(lm, [PROMPT]) >= enc["input_ids"].shape[1]
 
 
+def test_another_image_processor_is_refused_in_one_line(folders, tmp_path):
+    """The overlay reads GotOcr2's tile order (the thumbnail last): a checkpoint whose InternVL processor cuts images
+    another way is refused before the weights load."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.models.internvl import ImageInternVLProcessor
+    from mclcbf_diag.models.loading import prepare_model
+
+    tok = _tokenizer(tmp_path / "tok")
+    for file in ("config.json", "model.safetensors"):
+        (tmp_path / file).write_bytes((folders["one"] / file).read_bytes())
+    ImageInternVLProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tok, image_seq_length=SEQ
+                           ).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"cuts images with CLIPImageProcessorPil, not GotOcr2's") as info:
+        prepare_model(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
 def test_tokens_that_do_not_form_the_tiles_are_refused_in_one_line(lms):
     from mclcbf_diag.errors import UserError
     from mclcbf_diag.models.internvl import whole_picture

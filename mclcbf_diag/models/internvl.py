@@ -43,8 +43,17 @@ class ImageInternVLProcessor(InternVLProcessor):
 
 
 def load_processor(where: str) -> ImageInternVLProcessor:
-    """The checkpoint's InternVL processor (tokenizer, image processor, ``image_seq_length``), offline."""
-    return ImageInternVLProcessor.from_pretrained(where, local_files_only=True)
+    """The checkpoint's InternVL processor (tokenizer, image processor, ``image_seq_length``), offline; an image
+    processor other than GotOcr2's (whose tiles end with the thumbnail the overlay draws) is refused."""
+    processor = ImageInternVLProcessor.from_pretrained(where, local_files_only=True)
+    kind = type(processor.image_processor).__name__
+    if not kind.startswith("GotOcr2ImageProcessor"):
+        from ..storage import show
+
+        raise UserError(f"--model {show(where)}: its InternVL processor cuts images with {kind}, not GotOcr2's "
+                        "image processor, whose tile order (the thumbnail last) the toolkit reads; restore the "
+                        "checkpoint's preprocessor files")
+    return processor
 
 
 def tile_grid(config) -> tuple[int, int]:
