@@ -301,7 +301,8 @@ def test_trace_page_explain_and_flow_run_on_internvl(lms, tmp_path):
 
 def test_a_pixel_view_of_some_rows_holds_their_own_tiles(lms):
     """VCD's view (the question with its image noised) on rows 1 and 2 of a tiled batch (3 and 5 tiles): each row
-    keeps its own tiles, and its logits are those of the prompt alone with its noised tiles."""
+    keeps its own tiles (from the shared features' pixels, and from generate's plain pixel_values), and its logits
+    are those of the prompt alone with its noised tiles."""
     from mclcbf_diag.engine.batch import batch_inputs
     from mclcbf_diag.interventions.base import rows_of
     from mclcbf_diag.interventions.views import (
@@ -321,6 +322,8 @@ def test_a_pixel_view_of_some_rows_holds_their_own_tiles(lms):
     mine = row_inputs(inputs, rows)
     owner = mine["mm_encoder_outputs"][PIXEL_ROWS]
     got = last_logits(lm, with_pixels(mine, diffusion_noise(pixels_of(mine), 500, 0)))
+    raw = row_inputs(batch_inputs(lm, prompts, images, share_images=False), rows)  # generate's inputs: pixels
+    assert torch.equal(raw["pixel_values"], pixels_of(mine))
     for n, b in enumerate([1, 2]):
         alone = lm.inputs(prompts[b], images[b])
         torch.testing.assert_close(pixels_of(mine)[owner == n], alone["pixel_values"], rtol=0, atol=0)
