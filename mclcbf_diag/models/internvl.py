@@ -18,11 +18,14 @@ Batching. LLaVA's model merges shared image features given as a list (one entry 
 toolkit's batching, units and views select rows of); InternVL's merges one tensor. :func:`per_prompt`
 gives each prompt its tiles' features as one ``[tiles · s², hidden]`` entry, and :func:`concatenate_features`
 (a forward pre-hook on the inner model, registered at load by :func:`prepare`) concatenates the list in
-prompt order, the order in which the model's ``masked_scatter`` fills the context tokens.
+prompt order, the order in which the model's ``masked_scatter`` fills the context tokens. The pixels kept
+beside the features say which prompt each tile belongs to (``pixel_rows``), so that a method viewing some
+rows' images (:mod:`mclcbf_diag.interventions.views`) takes their own tiles.
 
 Processor. transformers builds every ``InternVLProcessor`` with a video processor, which needs torchvision;
 the toolkit never passes videos, so it loads :class:`ImageInternVLProcessor`, the same class without that
-attribute (the same text and image processing).
+attribute (the same text and image processing). Its image processor must be GotOcr2's (the tile order above);
+another is refused when the processor loads.
 """
 
 from __future__ import annotations
