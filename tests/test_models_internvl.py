@@ -64,6 +64,9 @@ def folders(tmp_path_factory):
         model.save_pretrained(folder)
         ImageInternVLProcessor(image_processor=images, tokenizer=tok, image_seq_length=SEQ,
                                chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+        for file in ("processor_config.json", "tokenizer_config.json"):  # named as real checkpoints name it
+            saved = json.loads((folder / file).read_text())
+            (folder / file).write_text(json.dumps({**saved, "processor_class": "InternVLProcessor"}))
         out[name] = folder
     return out
 
@@ -176,6 +179,25 @@ def test_the_prompt_length_check_bounds_the_image_tokens(lms):
         assert check_prompt_lengths(lm, [PROMPT]) >= enc["input_ids"].shape[1]
 
 
+def test_another_image_processor_is_refused_in_one_line(folders, tmp_path):
+    """The overlay reads GotOcr2's tile order (the thumbnail last): a checkpoint whose InternVL processor cuts images
+    another way is refused before the weights load."""
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.models.internvl import ImageInternVLProcessor
+    from mclcbf_diag.models.loading import prepare_model
+
+    tok = _tokenizer(tmp_path / "tok")
+    for file in ("config.json", "model.safetensors"):
+        (tmp_path / file).write_bytes((folders["one"] / file).read_bytes())
+    ImageInternVLProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tok, image_seq_length=SEQ
+                           ).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"cuts images with CLIPImageProcessorPil, not GotOcr2's") as info:
+        prepare_model(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
 def test_tokens_that_do_not_form_the_tiles_are_refused_in_one_line(lms):
     from mclcbf_diag.errors import UserError
     from mclcbf_diag.models.internvl import whole_picture
@@ -279,7 +301,8 @@ def test_trace_page_explain_and_flow_run_on_internvl(lms, tmp_path):
 
 def test_a_pixel_view_of_some_rows_holds_their_own_tiles(lms):
     """VCD's view (the question with its image noised) on rows 1 and 2 of a tiled batch (3 and 5 tiles): each row
-    keeps its own tiles, and its logits are those of the prompt alone with its noised tiles."""
+    keeps its own tiles (from the shared features' pixels, and from generate's plain pixel_values), and its logits
+    are those of the prompt alone with its noised tiles."""
     from mclcbf_diag.engine.batch import batch_inputs
     from mclcbf_diag.interventions.base import rows_of
     from mclcbf_diag.interventions.views import (
@@ -299,6 +322,8 @@ def test_a_pixel_view_of_some_rows_holds_their_own_tiles(lms):
     mine = row_inputs(inputs, rows)
     owner = mine["mm_encoder_outputs"][PIXEL_ROWS]
     got = last_logits(lm, with_pixels(mine, diffusion_noise(pixels_of(mine), 500, 0)))
+    raw = row_inputs(batch_inputs(lm, prompts, images, share_images=False), rows)  # generate's inputs: pixels
+    assert torch.equal(raw["pixel_values"], pixels_of(mine))
     for n, b in enumerate([1, 2]):
         alone = lm.inputs(prompts[b], images[b])
         torch.testing.assert_close(pixels_of(mine)[owner == n], alone["pixel_values"], rtol=0, atol=0)

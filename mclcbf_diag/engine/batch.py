@@ -96,7 +96,8 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
             if grids is not None:  # Qwen-VL: flattened patches, split per image by image_grid_thw
                 per_row = shared_features(lm, pv, grids)
             elif lm.model.config.model_type == "internvl":  # an image is its tiles' rows of pixel_values
-                per_row, owner = _internvl_features(lm, inputs["input_ids"], pv)
+                uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
+                per_row, owner = _internvl_features(lm, inputs["input_ids"], uniq.view(-1, *pv.shape[1:]), inverse)
             elif sizes is None:
                 uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
                 feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
@@ -120,15 +121,16 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     return inputs
 
 
-def _internvl_features(lm: LoadedModel, input_ids: torch.Tensor, pv: torch.Tensor) -> tuple[list, torch.Tensor]:
+def _internvl_features(lm: LoadedModel, input_ids: torch.Tensor, distinct: torch.Tensor,
+                       inverse: torch.Tensor) -> tuple[list, torch.Tensor]:
     """InternVL: each prompt's tiles' features (models/internvl.py), its tile count from its image tokens; and the
-    prompt each row of ``pv`` (a tile) belongs to."""
+    prompt each tile (row of pixel_values) belongs to."""
     from ..models import internvl
 
     rows, cols = internvl.tile_grid(lm.model.config)
     tiles = [int((ids == lm.tokens.image_token_id).sum()) // (rows * cols) for ids in input_ids]
-    owner = torch.repeat_interleave(torch.arange(len(tiles), device=pv.device), torch.tensor(tiles, device=pv.device))
-    return internvl.per_prompt(lm.model, pv, tiles), owner
+    owner = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor(tiles)).to(inverse.device)
+    return internvl.per_prompt(lm.model, distinct, inverse, tiles), owner
 
 
 

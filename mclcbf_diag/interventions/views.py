@@ -95,11 +95,23 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
             out[key] = rows_of_shared(value, idx)
         elif key == "position_ids" and value.dim() == 3:  # Qwen-VL's [3, B, S]
             out[key] = value[:, idx]
+        elif key == PIXELS_KEY and torch.is_tensor(value) and value.shape[0] != n:  # several per prompt: tiles
+            out[key] = _own_tiles(inputs["input_ids"], value, rows)
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
             out[key] = value[idx]
         else:
             out[key] = value
     return out
+
+
+def _own_tiles(input_ids: torch.Tensor, pixels: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """The rows of ``pixels`` (InternVL's tiles, prompt after prompt) that belong to ``rows``: each prompt has as many
+    as its share of the batch's image tokens (every tile is the same number of tokens)."""
+    first = rows[0]
+    counts = (input_ids == first.ids[first.image][0]).sum(-1).cpu()
+    tiles = counts // (int(counts.sum()) // pixels.shape[0])
+    owner = torch.repeat_interleave(torch.arange(len(counts)), tiles).to(pixels.device)
+    return pixels[torch.cat([torch.nonzero(owner == r.index).flatten() for r in rows])]
 
 
 def rows_of_shared(shared: dict, idx: list[int]) -> dict:

@@ -86,12 +86,12 @@ FAMILIES: tuple[Family, ...] = (
         architecture="InternVLForConditionalGeneration",
         model_type="internvl",
         layout="InternVL (transformers' native form): an InternViT tower whose patch map is pixel-shuffled and "
-               "projected by an MLP; each image is its tiles and, with more than one, a thumbnail, each tile "
-               "image_seq_length tokens between <img> and </img> (models/internvl.py); prompts write <image> for the "
-               "processor's <IMG_CONTEXT>",
+               "projected by an MLP; an image is its tiles and, with more than one, a thumbnail: <img>, then "
+               "image_seq_length <IMG_CONTEXT> tokens per tile (one grid each), then </img> (models/internvl.py); "
+               "prompts write <image> for the processor's <IMG_CONTEXT>",
         checked=("a tiny random checkpoint built in the tests (Qwen2 text model; one tile and several tiles per "
-                 "image: trace, explain, flow and pope's batched, cached-prefix path against plain forwards); no "
-                 "real weights have been run",),
+                 "image: trace and pope's batched, cached-prefix path against plain forwards; explain and flow "
+                 "run); no real weights have been run",),
         covers="InternVLForConditionalGeneration checkpoints (OpenGVLab/InternVL3-1B-hf and the other -hf "
                "conversions) whose text model is one of the llava family's; the page's overlay draws the whole "
                "picture's grid (the thumbnail, or the only tile); the processor loads without torchvision",

@@ -18,11 +18,14 @@ Batching. LLaVA's model merges shared image features given as a list (one entry 
 toolkit's batching, units and views select rows of); InternVL's merges one tensor. :func:`per_prompt`
 gives each prompt its tiles' features as one ``[tiles · s², hidden]`` entry, and :func:`concatenate_features`
 (a forward pre-hook on the inner model, registered at load by :func:`prepare`) concatenates the list in
-prompt order, the order in which the model's ``masked_scatter`` fills the context tokens.
+prompt order, the order in which the model's ``masked_scatter`` fills the context tokens. The pixels kept
+beside the features say which prompt each tile belongs to (``pixel_rows``), so that a method viewing some
+rows' images (:mod:`mclcbf_diag.interventions.views`) takes their own tiles.
 
 Processor. transformers builds every ``InternVLProcessor`` with a video processor, which needs torchvision;
 the toolkit never passes videos, so it loads :class:`ImageInternVLProcessor`, the same class without that
-attribute (the same text and image processing).
+attribute (the same text and image processing). Its image processor must be GotOcr2's (the tile order above);
+another is refused when the processor loads.
 """
 
 from __future__ import annotations
@@ -43,8 +46,17 @@ class ImageInternVLProcessor(InternVLProcessor):
 
 
 def load_processor(where: str) -> ImageInternVLProcessor:
-    """The checkpoint's InternVL processor (tokenizer, image processor, ``image_seq_length``), offline."""
-    return ImageInternVLProcessor.from_pretrained(where, local_files_only=True)
+    """The checkpoint's InternVL processor (tokenizer, image processor, ``image_seq_length``), offline; an image
+    processor other than GotOcr2's (whose tiles end with the thumbnail the overlay draws) is refused."""
+    processor = ImageInternVLProcessor.from_pretrained(where, local_files_only=True)
+    kind = type(processor.image_processor).__name__
+    if not kind.startswith("GotOcr2ImageProcessor"):
+        from ..storage import show
+
+        raise UserError(f"--model {show(where)}: its InternVL processor cuts images with {kind}, not GotOcr2's "
+                        "image processor, whose tile order (the thumbnail last) the toolkit reads; restore the "
+                        "checkpoint's preprocessor files")
+    return processor
 
 
 def tile_grid(config) -> tuple[int, int]:
@@ -68,20 +80,22 @@ def whole_picture(config, n_tokens: int, n_tiles: int, where: str) -> tuple[int,
     return rows, cols
 
 
-def token_bound(processor, config) -> int:
-    """The most tokens one placeholder becomes: ``<img>``, the context tokens of the most tiles, ``</img>``
-    (an upper bound: the processor crops to tiles by default, whatever the image processor's own setting)."""
+def token_bound(processor, config) -> int | None:
+    """The most tokens one placeholder becomes: ``<img>``, the context tokens of the most tiles, ``</img>`` (an
+    upper bound: the processor crops to tiles by default, whatever the image processor's own setting); None for
+    another family."""
+    if getattr(config, "model_type", None) != "internvl":
+        return None
     most = int(getattr(processor.image_processor, "max_patches", 1) or 1)
     tiles = most + 1 if most > 1 else 1  # the tiles and their thumbnail
     rows, cols = tile_grid(config)
     return tiles * rows * cols + 2
 
 
-def per_prompt(model, pixel_values: torch.Tensor, tiles: list[int]) -> list[torch.Tensor]:
-    """Each prompt's image features ``[tiles · s², hidden]`` (``tiles[b]`` rows of ``pixel_values`` each, in
-    order), the vision tower run once per distinct tile."""
-    uniq, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
-    feats = model.get_image_features(pixel_values=uniq.view(-1, *pixel_values.shape[1:]), return_dict=True)
+def per_prompt(model, distinct: torch.Tensor, inverse: torch.Tensor, tiles: list[int]) -> list[torch.Tensor]:
+    """Each prompt's image features ``[tiles · s², hidden]``: prompt ``b`` holds the next ``tiles[b]`` tiles of the
+    batch, tile ``t`` being ``distinct[inverse[t]]``, so the vision tower runs once per distinct tile."""
+    feats = model.get_image_features(pixel_values=distinct, return_dict=True)
     per_tile = feats.pooler_output[inverse]
     return [chunk.reshape(-1, chunk.shape[-1]) for chunk in torch.split(per_tile, tiles)]
 

@@ -624,10 +624,9 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = anyres_token_bound(config) or (internvl.token_bound(processor, config)
-                                               if config.model_type == "internvl" else None) \
-        or (mrope.token_bound(processor) if uses_mrope(config) else None) \
-        or _image_token_count(processor, where)
+    per_image = (anyres_token_bound(config) or internvl.token_bound(processor, config)
+                 or (mrope.token_bound(processor) if uses_mrope(config) else None)
+                 or _image_token_count(processor, where))
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):
