@@ -136,6 +136,8 @@ COVERED_BY = {  # module → (test file that holds its tests, why not the mirror
     "interventions/mclcbf/report.py": ("test_report_plots.py", "its figures beside the generic ones; its page "
                                        "sentences in test_report_pages.py"),
     "experiments/evidence.py": ("test_experiments_explain.py", "the pieces of a verdict, through explain's runs"),
+    "models/mrope.py": ("test_models_qwen_vl.py", "Qwen-VL's positions, grids and features, against its own "
+                        "get_rope_index and plain forwards of a tiny Qwen2.5-VL"),
 }
 
 EXEMPT = {
@@ -189,7 +191,8 @@ def test_every_test_file_names_a_module_or_says_what_it_covers():
                      "test_pinned_records.py", "test_user_intervention.py", "test_device_map.py", "test_layering.py",
                      "test_docs_examples.py", "test_docs_pages.py", "test_docs_build.py", "test_planted_wrong.py",
                      "test_nonfinite.py", "test_hostile_inputs.py",
-                     "test_cli_labels.py"}
+                     "test_cli_labels.py",
+                     "test_models_gemma3.py"}  # a family end to end: its pieces live in adapter.py and processing.py
     mirrors = {_mirror(m) for m in _modules()} | {t for t, _ in COVERED_BY.values()}
     for p in sorted(PKG.rglob("*.py")):
         rel = p.relative_to(PKG).as_posix()

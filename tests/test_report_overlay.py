@@ -88,6 +88,17 @@ def test_overlay_figure_draws_image_and_heatmaps(embedded_model, traced):
     assert diff, "the difference panel uses a diverging scale"
 
 
+def test_a_patch_grid_that_is_not_square_covers_the_image_by_rows_and_columns():
+    """A 2 × 4 grid over a 60 × 200 picture: each patch is 50 px wide and 30 px high, centred on its cell."""
+    import numpy as np
+
+    picture = np.zeros((60, 200, 3), dtype=np.uint8)
+    grid = np.arange(8, dtype=float).reshape(2, 4) / 8
+    fig = image_attention_figure(picture, {"layer 0": grid})
+    heat = next(t for t in fig.data if isinstance(t, go.Heatmap))
+    assert (heat.x0, heat.dx, heat.y0, heat.dy) == (25.0, 50.0, 15.0, 30.0)
+
+
 # ----------------------------------------------------------------------------- chosen query tokens
 def _eager_grids(lm, inputs, pos):
     """Independent reference: a plain HF forward with output_attentions=True (eager attention)."""

@@ -539,6 +539,7 @@ def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = 
         The training summary written to ``training.json`` (config, sizes, device, timings, final answer loss,
         parameter count, machine).
     """
+    out_dir = Path(out_dir)  # a str too: the summary is written there after training, when a failure costs most
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
@@ -562,7 +563,7 @@ def train(out_dir: Path, cfg: TrainConfig = TrainConfig(), device: str | None = 
     t2 = time.perf_counter()
     say(f"cached features {tuple(feats.shape)} in {t2 - t1:.0f}s")
     train_language(model, processor, scenes, feats, cfg, device, log, say,
-                   checkpoint=Path(out_dir) / "checkpoint", every=checkpoint_every)
+                   checkpoint=out_dir / "checkpoint", every=checkpoint_every)
     t3 = time.perf_counter()
     save(model, processor, out_dir)
     summary = {"config": asdict(cfg), "sizes": sizes or {}, "device": device,

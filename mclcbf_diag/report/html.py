@@ -269,8 +269,10 @@ def write_page(path: str | Path, title: str, sections: Sequence[Section], plotly
         raise UserError(f"cannot write the report to {show(path)} ({reason(err)}); {fix}") from None
     try:
         atomic_write(path, data, fix=fix)
-    except UserError as err:
-        raise UserError(f"cannot write the report to {show(path)} ({str(err).split('(', 1)[-1]}") from None
+    except UserError as err:  # storage's words, "cannot write PATH (why); fix", said of the report
+        said, prefix = str(err), f"cannot write {show(path)} "
+        rest = said[len(prefix):] if said.startswith(prefix) else f"({said})"
+        raise UserError(f"cannot write the report to {show(path)} {rest}") from None
     return path
 
 

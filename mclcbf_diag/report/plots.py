@@ -694,10 +694,10 @@ def image_attention_figure(image: np.ndarray, baseline: dict, intervened: dict |
         fig.add_trace(go.Image(z=image, hoverinfo="skip"), row=1, col=c)
         for j, label in enumerate(labels):
             grid = maps[label]
-            n = grid.shape[0]
+            rows, cols = grid.shape[:2]  # a patch grid need not be square (Qwen-VL's follows the image's aspect)
             diff = name == "difference"
             fig.add_trace(go.Heatmap(
-                z=grid, x0=w / n / 2, dx=w / n, y0=h / n / 2, dy=h / n,
+                z=grid, x0=w / cols / 2, dx=w / cols, y0=h / rows / 2, dy=h / rows,
                 colorscale="RdBu_r" if diff else "Inferno", zmin=-dmax if diff else 0, zmax=dmax if diff else vmax,
                 opacity=0.55, visible=j == 0, showscale=j == 0 and c in (1, len(panels)) and not (diff and no_diff),
                 colorbar=dict(title="Δ share" if diff else "share", x=1.02 if diff else -0.12, len=0.8),

@@ -103,8 +103,7 @@ def barrier_gradient(x_tok: torch.Tensor, keys: torch.Tensor, w: LayerWeights, c
             t = t.detach().to(dtype)
             return t.clone() if t.is_inference() else t
 
-        wd = dataclasses.replace(w, ln_weight=prep(w.ln_weight), q_weight=prep(w.q_weight), q_bias=prep(w.q_bias),
-                                 k_weight=prep(w.k_weight), k_bias=prep(w.k_bias))
+        wd = dataclasses.replace(w, **{name: prep(getattr(w, name)) for name in LayerWeights.TENSORS})
         x = x_tok.detach().to(dtype).clone().requires_grad_(True)
         h, _ = barrier_value(
             x, prep(keys), wd, prep(cos_tok), prep(sin_tok),
