@@ -144,17 +144,41 @@ class DoseResponse:
                 f"{'still' if a['valid'] else 'no longer'} a Yes/No answer.")
 
 
-def dose_point(lm: LoadedModel, iv, cap: RunCapture, k: float, base: Reading, label) -> dict:
+@dataclass(frozen=True)
+class DosePoint:
+    """One point of the dose-response curve: the run at multiplier ``k`` on the intervention's step."""
+
+    k: float
+    margin: float  # logit Yes − No
+    valid: bool  # the top token is a Yes/No spelling
+    p_yes: float
+    p_no: float
+    outcome: str  # against the baseline (mclcbf_diag.measurements.outcomes)
+    yes_no_top: bool
+    step: dict = dataclasses.field(default_factory=dict)  # the intervention's own figures (Intervention.dose_fields)
+
+    @property
+    def answer_yes(self) -> bool:
+        return self.margin > 0
+
+    def row(self) -> dict:
+        """The point as a row of :attr:`DoseResponse.curve`."""
+        return {"k": self.k, "margin": self.margin, "answer_yes": self.answer_yes, "valid": self.valid,
+                "p_yes": self.p_yes, "p_no": self.p_no, "outcome": self.outcome, **self.step,
+                "yes_no_top": self.yes_no_top}
+
+
+def dose_point(lm: LoadedModel, iv, cap: RunCapture, k: float, base: Reading, label) -> DosePoint:
     """One point of the dose-response curve, read off the run of ``iv`` at dose ``k``."""
     return dose_point_of(iv, [c.metrics for c in cap.steps[0].layers.values()], reading(lm, cap), k, base, label)
 
 
-def dose_point_of(iv, layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> dict:
+def dose_point_of(iv, layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> DosePoint:
     """:func:`dose_point` from the run's per-layer records (``{metric: value}`` per layer) and its reading; the
-    intervention adds its own figures of the step (:meth:`~mclcbf_diag.interventions.base.Intervention.dose_fields`)."""
-    return {"k": k, "margin": r.margin, "answer_yes": r.margin > 0, "valid": r.valid, "p_yes": r.p_yes,
-            "p_no": r.p_no, "outcome": outcome_of(base, r, label, dropped=dropped_edit(layer_metrics)),
-            **iv.dose_fields(layer_metrics, k), "yes_no_top": r.top_yes_no}
+    intervention adds its own figures of the step
+    (:meth:`~mclcbf_diag.interventions.base.Intervention.dose_fields`)."""
+    outcome = outcome_of(base, r, label, dropped=dropped_edit(layer_metrics))
+    return DosePoint(k, r.margin, r.valid, r.p_yes, r.p_no, outcome, r.top_yes_no, iv.dose_fields(layer_metrics, k))
 
 
 def doubling_grid(k_max: float) -> list[float]:
@@ -166,9 +190,9 @@ def doubling_grid(k_max: float) -> list[float]:
     return out
 
 
-def dose_result(iv, points: list[dict], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
+def dose_result(iv, points: list[DosePoint], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
     """The :class:`DoseResponse` of ``iv``'s computed ``points`` whose smallest hit is ``hi``."""
-    curve = pd.DataFrame(points).sort_values("k").reset_index(drop=True)
+    curve = pd.DataFrame([p.row() for p in points]).sort_values("k").reset_index(drop=True)
     at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
     der, lost = curve[curve.outcome == "derailed"], curve[curve.outcome == "non_finite"]
     return DoseResponse(curve, hi, k_max, at, goal, kind, float(der.k.min()) if len(der) else None,
@@ -231,6 +255,6 @@ def fix_row(entry: PlannedFix, r: Reading | None, base: Reading, unfixed: Readin
             "counts": kind_of(label, base) == "wrong" and out == "fixed" and r.valid}
 
 
-__all__ = ["FIX_COLUMNS", "GOALS", "KNOCKOUTS", "DoseResponse", "PlannedFix", "dose_point", "dose_point_of",
-           "dose_result", "doubling_grid", "dtype_untestable", "effect", "fix_plan", "fix_row", "kind_of", "reading",
-           "run_in_dtype"]
+__all__ = ["FIX_COLUMNS", "GOALS", "KNOCKOUTS", "DosePoint", "DoseResponse", "PlannedFix", "dose_point",
+           "dose_point_of", "dose_result", "doubling_grid", "dtype_untestable", "effect", "fix_plan", "fix_row",
+           "kind_of", "reading", "run_in_dtype"]

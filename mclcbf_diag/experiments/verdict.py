@@ -48,6 +48,7 @@ from .evidence import (
     FIX_COLUMNS,
     GOALS,
     KNOCKOUTS,
+    DosePoint,
     DoseResponse,
     dose_point,
     dose_point_of,
@@ -348,7 +349,7 @@ def dose_jobs(b: VerdictBatch, jobs: list) -> list[DoseResponse]:
     for j, (qv, iv) in enumerate(jobs):
         points = [_point(b, qv, iv, runs[j, k], k) if (j, k) in runs else dose_point(b.lm, iv, qv.steer_capture, k,
                                                                                    qv.base, qv.label) for k in grid]
-        hit = next((i for i, p in enumerate(points) if p["outcome"] in GOALS[qv.kind]), None)
+        hit = next((i for i, p in enumerate(points) if p.outcome in GOALS[qv.kind]), None)
         curves.append(points[:hit + 1] if hit is not None else points)
         if hit is not None:
             brackets[j] = [grid[hit - 1] if hit > 0 else 0.0, grid[hit]]
@@ -358,12 +359,12 @@ def dose_jobs(b: VerdictBatch, jobs: list) -> list[DoseResponse]:
             qv = jobs[j][0]
             p = _point(b, qv, jobs[j][1], res, steps[j].dose)
             curves[j].append(p)
-            brackets[j][1 if p["outcome"] in GOALS[qv.kind] else 0] = steps[j].dose
+            brackets[j][1 if p.outcome in GOALS[qv.kind] else 0] = steps[j].dose
     return [dose_result(iv, curves[j], brackets[j][1] if j in brackets else None, b.settings.k_max,
                         GOALS[qv.kind], qv.kind) for j, (qv, iv) in enumerate(jobs)]
 
 
-def _point(b: VerdictBatch, qv: QuestionVerdict, iv, run, k: float) -> dict:
+def _point(b: VerdictBatch, qv: QuestionVerdict, iv, run, k: float) -> DosePoint:
     logits, per_layer = run
     return dose_point_of(iv, list(per_layer.values()), read(b.lm, logits), k, qv.base, qv.label)
 
