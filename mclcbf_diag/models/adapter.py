@@ -118,7 +118,7 @@ class ArchitectureAdapter:
 
     language_model: str
     layers: str
-    rotary_emb: str
+    rotary_emb: str | None  # None: no one (cos, sin) for all layers; each layer's own position_embeddings are read
     final_norm: str
     unembed: str
     vision_tower: str
@@ -134,6 +134,8 @@ class ArchitectureAdapter:
     # nnsight path to the softmax inside the layer's eager attention (post-softmax edits)
     layer_attention_softmax: str
     # the text model's own math (norm, q/k norms, rotary, window) is its backbone's: TEXT_MATH, text_math()
+    normed_sublayer_outputs: bool = False  # Gemma 3: attention and MLP outputs are normalised before the residual
+    # adds them, so the residual is not the sum of o_proj's and the MLP's outputs (direct logit attribution)
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
@@ -222,8 +224,11 @@ LLAVA = ArchitectureAdapter(
 
 # Gemma 3 sits at LLaVA's paths, but its decoder layer normalises the attention's output (post_attention_layernorm)
 # before adding it to the residual, and the MLP's input is pre_feedforward_layernorm's: that is the norm whose input is
-# the residual after attention (what the other adapters' post_attention_layernorm is)
-GEMMA3 = dataclasses.replace(LLAVA, layer_post_attention_norm="pre_feedforward_layernorm")
+# the residual after attention (what the other adapters' post_attention_layernorm is). Its rotary module runs once per
+# layer type (a local and a global base), so the look-ahead reads the (cos, sin) each layer is called with instead of
+# one module's output (rotary_emb None).
+GEMMA3 = dataclasses.replace(LLAVA, layer_post_attention_norm="pre_feedforward_layernorm", rotary_emb=None,
+                             normed_sublayer_outputs=True)
 
 # transformers class → adapter, one per family of families.py (mclcbf-diag models lists them)
 # LLaVA-NeXT's modules sit where LLaVA's do (model.language_model, model.vision_tower, …; its image_newline
