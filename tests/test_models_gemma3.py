@@ -240,7 +240,7 @@ def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
     vision tower once per image, the baseline against each prompt alone, the cached-prefix continuation against a
     full re-run."""
     from mclcbf_diag import barrier as B
-    from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair, baseline_prefix, batch_inputs
 
     questions = [QUESTIONS[0], "Is there a red cat on the left of the image?"]
     prompts = [_prompt(q) for q in questions * 2]
@@ -252,6 +252,8 @@ def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
     iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1, 2])
     base, steered = answer_pair(g3, prompts, images, iv, inputs=inputs)
     full = answer_batch(g3, prompts, images, iv, True, inputs=inputs)
+    shared = answer_pair(g3, prompts, images, iv, inputs=inputs, baseline=baseline_prefix(g3, inputs))  # pope's
+    assert [r["margin"] for r in shared[1]] == pytest.approx([r["margin"] for r in steered], rel=0, abs=TOL)
     for b, (prompt, img) in enumerate(zip(prompts, images)):
         _, out, _ = _plain(g3, prompt, img)
         margin = _margin(g3, out.logits[0, -1])
@@ -324,6 +326,30 @@ def test_explain_localisation_and_flow_equal_the_trace(g3):
     assert unpatched == pytest.approx([margins["steered"]] * g3.n_layers, rel=0, abs=TOL)
     flow = information_flow(g3, QUESTIONS[0], _image(0), window=1)
     assert len(flow) and np.isfinite(flow.select_dtypes("number").to_numpy()).all()
+
+
+def test_a_unit_continued_from_inside_the_image_runs_the_whole_prompt(g3):
+    """explain's units continue a cached prefix from their first edited position; one inside the image would run
+    the image's later tokens causally, so for Gemma 3 the chunk runs the whole prompt: an intervention that edits
+    nothing but says it may edit the image's third token gives the plain margin."""
+    from mclcbf_diag.engine.units import Prefix, Unit, run_units
+    from mclcbf_diag.interventions.base import Intervention
+
+    class Inside(Intervention):
+        name = "inside"
+
+        def layers(self, n_layers):
+            return (1,)
+
+        def first_edited(self, row):
+            return int(torch.nonzero(row.image).flatten()[2])
+
+    prompts = [_prompt(QUESTIONS[0]), _prompt("Is there a red cat on the left of the image?")]
+    prefix = Prefix(g3, prompts, [_image(0), _image(1)])
+    got = run_units(prefix, [Unit(0, Inside()), Unit(1, Inside())], capture=False)
+    for q, (prompt, image) in enumerate(zip(prompts, [_image(0), _image(1)])):
+        _, out, _ = _plain(g3, prompt, image)
+        assert _margin(g3, got[q][0]) == pytest.approx(_margin(g3, out.logits[0, -1]), rel=0, abs=TOL)
 
 
 def test_direct_logit_attribution_is_refused_in_one_line(g3):

@@ -14,7 +14,9 @@ Mechanism
   batch (POPE asks ~6 questions per image) and hands the projected features to the
   model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
   image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
-  model's own ``get_image_features`` (base grid, unpadded tiles, newlines).
+  model's own ``get_image_features`` (base grid, unpadded tiles, newlines). Gemma 3's processor
+  takes one image list per prompt and adds ``token_type_ids`` (padded like the ids); its features
+  are handed on stacked.
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).

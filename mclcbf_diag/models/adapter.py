@@ -14,6 +14,14 @@ distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout
 architecture whose processor adds per-image outputs needs that batching step extended with its
 adapter, with a test on such a model.
 
+:data:`GEMMA3` (``Gemma3ForConditionalGeneration``) sits at the same paths. Its processor adds
+``token_type_ids`` (1 on an image's soft tokens, which attend to each other both ways), which batching
+pads with the ids and every forward from embeddings passes on; its image features are one stacked
+tensor (:func:`~mclcbf_diag.models.processing.pack_features`); its decoder layer normalises the
+attention's and the MLP's outputs before adding them (so the norm before the MLP is
+``pre_feedforward_layernorm``, and direct logit attribution is refused); and its rotary module runs
+once per layer type, so the look-ahead reads each layer's own ``position_embeddings``.
+
 The text model's own math, which a look-ahead of a layer's attention must reproduce, is declared
 per text backbone (``text_config.model_type``) in :data:`TEXT_MATH`, one :class:`TextMath` each:
 the norm (Llama's RMSNorm, or Gemma's ``x̂·(1 + w)`` whose epsilon is ``.eps``), the per-head q/k
