@@ -185,6 +185,21 @@ def test_pan_and_scan_is_refused_in_one_line(windowed):
         windowed.image_grid(enc)
 
 
+def test_a_processor_that_crops_is_refused_before_the_weights(folders, tmp_path):
+    import shutil
+
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.models.loading import prepare_model
+
+    folder = tmp_path / "pan_and_scan"
+    shutil.copytree(folders[128], folder)
+    processor = tiny_processor()
+    processor.image_processor.do_pan_and_scan = True
+    processor.save_pretrained(folder)
+    with pytest.raises(UserError, match=r"crops images \(do_pan_and_scan\).*set do_pan_and_scan to false"):
+        prepare_model(str(folder))
+
+
 def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
     from mclcbf_diag import barrier as B
     from mclcbf_diag.experiments.trace import trace_sample

@@ -46,7 +46,7 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, "
+        not_covered="LLaVA-OneVision, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM, PaliGemma, "
                     "InternVL, Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
@@ -76,8 +76,10 @@ FAMILIES: tuple[Family, ...] = (
                  "cached-prefix path against plain forwards); no real weights have been run",),
         covers="Gemma3ForConditionalGeneration checkpoints (google/gemma-3-4b/12b/27b-it and -pt) without "
                "pan-and-scan; the overlay draws the pooled grid",
-        not_covered="pan-and-scan crops (do_pan_and_scan) are refused per prompt; attention logit soft-capping and "
-                    "bidirectional text attention are refused from config.json; PaliGemma, Gemma 3n: refused",
+        not_covered="pan-and-scan crops (do_pan_and_scan in preprocessor_config.json) are refused before the "
+                    "weights load; attention logit soft-capping and bidirectional text attention are refused from "
+                    "config.json; direct logit attribution (attribute) is refused (Gemma 3 normalises each "
+                    "attention and MLP output); PaliGemma and Gemma 3n: refused",
     ),
 )
 
