@@ -235,6 +235,23 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
         np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
 
 
+def test_the_overlay_of_other_query_tokens_equals_the_plain_rows(g3):
+    """The overlay's rows of an image token (which sees the whole image, later tokens too) and of a text token."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.report.overlay import token_attention_maps
+
+    inputs, out, _ = _plain(g3, PROMPT, _image(0))
+    image = inputs["input_ids"][0] == g3.tokens.image_token_id
+    first, last = (int(p) for p in torch.nonzero(image).flatten()[[0, -1]])
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    maps = token_attention_maps(g3, inputs, config, [first, last + 3])
+    for q in (first, last + 3):
+        for layer in range(g3.n_layers):
+            want = out.attentions[layer][0, :, q].mean(0)[image].reshape(4, 4).numpy()
+            np.testing.assert_allclose(maps[q]["baseline"][f"layer {layer}"], want, rtol=0, atol=1e-6)
+    assert float(out.attentions[0][0, :, first, last].min()) > 0  # the first image token sees the last
+
+
 def test_the_steered_trace_equals_a_plain_forward_of_its_edit(windowed):
     """The steered run feeds the baseline's embeddings: with the image's token types, so it runs the same model."""
     from mclcbf_diag import barrier as B
