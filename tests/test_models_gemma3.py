@@ -4,9 +4,9 @@ The checkpoint: a 32-px SigLIP tower of 4-px patches (8 × 8) average-pooled to 
 Gemma 3 text layers (sliding, global, sliding) with per-head q/k norms, ``query_pre_attn_scalar`` ≠ head_dim, a local
 rotary base and a linearly scaled global one, every norm weight away from Gemma's 0 (its ``1 + w`` matters). The
 tokenizer is the embedded one with Gemma's image tokens added (``<start_of_image>``, ``<image_soft_token>``,
-``<end_of_image>``). The same weights are saved twice: with a sliding window of 16 tokens (shorter than the prompt:
-the window hides keys, and the one-forward trace is exact past it) and of 128 (longer: pope's cached prefix and
-explain's continuations, which refuse prompts past a window, run on it).
+``<end_of_image>``). The same weights are saved twice: with a sliding window of 26 tokens (shorter than the prompt:
+the decision token's sliding layers see the image's last 8 tokens only; the one-forward trace is exact past it) and
+of 128 (longer: pope's cached prefix and explain's continuations, which refuse prompts past a window, run on it).
 
 References are plain transformers forwards of each prompt alone (``output_attentions``, float32): the processor's
 ``token_type_ids`` make one image's tokens attend to each other both ways, so every layer after the first sees other
@@ -40,6 +40,7 @@ PROMPT = "USER: <image>\nIs there a dog in the image?\nASSISTANT:"
 QUESTIONS = ["Is there a dog in the image?", "Is there a cat in the image?"]
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+WINDOW = 26  # the decision token (position 41) sees keys 16 … 41: half the image (8 … 23)
 
 
 def tiny_processor() -> Gemma3Processor:
@@ -79,7 +80,7 @@ def folders(tmp_path_factory):
     processor = tiny_processor()
     model = tiny_model(processor.tokenizer)
     out = {}
-    for window in (16, 128):
+    for window in (WINDOW, 128):
         model.config.text_config.sliding_window = window
         folder = tmp_path_factory.mktemp(f"gemma3_w{window}")
         model.save_pretrained(folder)
@@ -92,7 +93,7 @@ def folders(tmp_path_factory):
 def windowed(folders):
     from mclcbf_diag.models import load_model
 
-    return load_model(folders[16])
+    return load_model(folders[WINDOW])
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,9 @@ def test_gemma3_is_a_supported_family_with_its_adapter(windowed):
     assert torch.equal(enc["token_type_ids"][0].bool(), image)
     assert torch.equal(windowed.grid_mask(image), image)
     w = [windowed.layer_weights(i).window for i in range(3)]
-    assert w == [16, None, 16] and len(enc["input_ids"][0]) > 16  # the window hides keys of this prompt
+    positions = torch.nonzero(image).flatten()
+    decision = len(image) - 1
+    assert w == [WINDOW, None, WINDOW] and positions[0] <= decision - WINDOW < positions[-1]  # half the image hidden
 
 
 def test_the_image_tokens_attend_both_ways_and_that_matters(windowed):
@@ -182,6 +185,21 @@ def test_pan_and_scan_is_refused_in_one_line(windowed):
         windowed.image_grid(enc)
 
 
+def test_a_processor_that_crops_is_refused_before_the_weights(folders, tmp_path):
+    import shutil
+
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.models.loading import prepare_model
+
+    folder = tmp_path / "pan_and_scan"
+    shutil.copytree(folders[128], folder)
+    processor = tiny_processor()
+    processor.image_processor.do_pan_and_scan = True
+    processor.save_pretrained(folder)
+    with pytest.raises(UserError, match=r"crops images \(do_pan_and_scan\).*set do_pan_and_scan to false"):
+        prepare_model(str(folder))
+
+
 def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
     from mclcbf_diag import barrier as B
     from mclcbf_diag.experiments.trace import trace_sample
@@ -199,6 +217,7 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
         norm, head = lm.final_norm(), lm.model.lm_head
         for i in range(lm.n_layers):
             want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+            assert want > 0.05  # in the sliding layers too: the window keeps some image keys
             assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
             assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
             assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
@@ -209,11 +228,28 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
         margin = _margin(lm, out.logits[0, -1])
         assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
         assert "lookahead_miss_layers" not in result.summary()
-        assert result.value("final_margin", "mc-lcbf") != pytest.approx(margin, rel=0, abs=TOL)  # it steered
+        assert result.value("final_margin", "steered") != pytest.approx(margin, rel=0, abs=TOL)  # it steered
         grid = lm.grid_mask(result.baseline.detected)
         maps = attention_maps(result.baseline, grid)
         want = out.attentions[1][0, :, -1].mean(0)[grid.nonzero().flatten()].reshape(4, 4)
         np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_overlay_of_other_query_tokens_equals_the_plain_rows(g3):
+    """The overlay's rows of an image token (which sees the whole image, later tokens too) and of a text token."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.report.overlay import token_attention_maps
+
+    inputs, out, _ = _plain(g3, PROMPT, _image(0))
+    image = inputs["input_ids"][0] == g3.tokens.image_token_id
+    first, last = (int(p) for p in torch.nonzero(image).flatten()[[0, -1]])
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    maps = token_attention_maps(g3, inputs, config, [first, last + 3])
+    for q in (first, last + 3):
+        for layer in range(g3.n_layers):
+            want = out.attentions[layer][0, :, q].mean(0)[image].reshape(4, 4).numpy()
+            np.testing.assert_allclose(maps[q]["baseline"][f"layer {layer}"], want, rtol=0, atol=1e-6)
+    assert float(out.attentions[0][0, :, first, last].min()) > 0  # the first image token sees the last
 
 
 def test_the_steered_trace_equals_a_plain_forward_of_its_edit(windowed):
@@ -236,7 +272,7 @@ def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
     vision tower once per image, the baseline against each prompt alone, the cached-prefix continuation against a
     full re-run."""
     from mclcbf_diag import barrier as B
-    from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair, baseline_prefix, batch_inputs
 
     questions = [QUESTIONS[0], "Is there a red cat on the left of the image?"]
     prompts = [_prompt(q) for q in questions * 2]
@@ -248,6 +284,8 @@ def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
     iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1, 2])
     base, steered = answer_pair(g3, prompts, images, iv, inputs=inputs)
     full = answer_batch(g3, prompts, images, iv, True, inputs=inputs)
+    shared = answer_pair(g3, prompts, images, iv, inputs=inputs, baseline=baseline_prefix(g3, inputs))  # pope's
+    assert [r["margin"] for r in shared[1]] == pytest.approx([r["margin"] for r in steered], rel=0, abs=TOL)
     for b, (prompt, img) in enumerate(zip(prompts, images)):
         _, out, _ = _plain(g3, prompt, img)
         margin = _margin(g3, out.logits[0, -1])
@@ -267,18 +305,93 @@ def test_pope_runs_with_the_cached_prefix(g3, tmp_path):
     assert len(rows) == 4 and all(r["baseline_margin"] == r["baseline_margin"] for r in rows)
 
 
-def test_explain_and_flow_run(g3):
+def test_generation_runs_with_a_look_ahead_at_each_layer(g3):
+    """Decode steps call the rotary module twice each (a local and a global base): the look-ahead reads each layer's
+    own (cos, sin), so generation under the barrier runs, and its prefill equals the plain forward."""
     from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.trace import trace_sample
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1, 2])
+    result = trace_sample(g3, QUESTIONS[0], _image(0), config, max_new_tokens=2)
+    inputs, out, _ = _plain(g3, PROMPT, _image(0))
+    r = result.records
+    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill") & (r.metric == "barrier_h")]
+    image = inputs["input_ids"][0] == g3.tokens.image_token_id
+    want = [float(out.attentions[i][0, :, -1, image].sum(-1).mean()) for i in range(g3.n_layers)]
+    assert base.sort_values("layer").value.tolist() == pytest.approx(want, rel=0, abs=TOL)
+    assert set(r[r.phase == "decode"].decode_step) == {1}
+
+
+@pytest.mark.parametrize("name", ["vista", "adhh", "pai", "vcd"])
+def test_methods_fed_embeddings_equal_their_batched_runs(g3, name):
+    """A trace's steered run feeds the baseline's embeddings (and VISTA's steering vector is a forward of them):
+    with the image's token types they equal pope's batched run from ids and shared image features."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.interventions import resolve
+
+    iv = resolve(name)
+    traced = trace_sample(g3, QUESTIONS[1], _image(1), iv).value("final_margin", "steered")
+    assert traced == pytest.approx(answer_batch(g3, [_prompt(QUESTIONS[1])], [_image(1)], iv, True)[0]["margin"],
+                                   rel=0, abs=TOL)
+
+
+def test_explain_localisation_and_flow_equal_the_trace(g3):
+    """explain's units (batched continuations of one prefix forward) and localisation's patched runs give the
+    trace's margins; flow runs."""
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.attribute import localisation
     from mclcbf_diag.experiments.explain import explain_sample
     from mclcbf_diag.experiments.flow import information_flow
+    from mclcbf_diag.experiments.trace import trace_sample
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1, 2])
     ex = explain_sample(g3, QUESTIONS[0], _image(0), config, bisect_steps=2, sweep=False)
+    traced = trace_sample(g3, QUESTIONS[0], _image(0), config)
     _, out, _ = _plain(g3, PROMPT, _image(0))
-    margin = _margin(g3, out.logits[0, -1])
-    assert ex.trace.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
+    margins = {"baseline": _margin(g3, out.logits[0, -1]), "steered": traced.value("final_margin", "steered")}
+    for condition, want in margins.items():
+        assert ex.trace.value("final_margin", condition) == pytest.approx(want, rel=0, abs=TOL)
+    grid = localisation(g3, g3.inputs(PROMPT, _image(0)), config)
+    assert (grid.clean, grid.corrupted) == pytest.approx((margins["steered"], margins["baseline"]), rel=0, abs=TOL)
+    unpatched = grid.margins["resid:noise"][:, 0].tolist()  # the intervened run with nothing restored, per layer
+    assert unpatched == pytest.approx([margins["steered"]] * g3.n_layers, rel=0, abs=TOL)
     flow = information_flow(g3, QUESTIONS[0], _image(0), window=1)
     assert len(flow) and np.isfinite(flow.select_dtypes("number").to_numpy()).all()
+
+
+def test_a_unit_continued_from_inside_the_image_runs_the_whole_prompt(g3):
+    """explain's units continue a cached prefix from their first edited position; one inside the image would run
+    the image's later tokens causally, so for Gemma 3 the chunk runs the whole prompt: an intervention that edits
+    nothing but says it may edit the image's third token gives the plain margin."""
+    from mclcbf_diag.engine.units import Prefix, Unit, run_units
+    from mclcbf_diag.interventions.base import Intervention
+
+    class Inside(Intervention):
+        name = "inside"
+
+        def layers(self, n_layers):
+            return (1,)
+
+        def first_edited(self, row):
+            return int(torch.nonzero(row.image).flatten()[2])
+
+    prompts = [_prompt(QUESTIONS[0]), _prompt("Is there a red cat on the left of the image?")]
+    prefix = Prefix(g3, prompts, [_image(0), _image(1)])
+    got = run_units(prefix, [Unit(0, Inside()), Unit(1, Inside())], capture=False)
+    for q, (prompt, image) in enumerate(zip(prompts, [_image(0), _image(1)])):
+        _, out, _ = _plain(g3, prompt, image)
+        assert _margin(g3, got[q][0]) == pytest.approx(_margin(g3, out.logits[0, -1]), rel=0, abs=TOL)
+
+
+def test_direct_logit_attribution_is_refused_in_one_line(g3):
+    """Gemma 3 normalises each attention and MLP output before the residual adds it: DLA's sum does not hold."""
+    from mclcbf_diag.data.pope import PopeQuestion
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.experiments.attribute import attribute_sample
+
+    with pytest.raises(UserError, match=r"^direct logit attribution .* not measured for this model"):
+        attribute_sample(g3, PopeQuestion(0, "", QUESTIONS[0], None, 0), _image(0), _image(1))
 
 
 def test_trace_explain_and_flow_run_from_the_cli(g3, windowed, tmp_path):

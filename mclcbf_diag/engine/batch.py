@@ -22,7 +22,8 @@ Mechanism
   the tower runs once per distinct tile, each prompt gets its tiles' features as one entry, and the pixels kept
   beside them say which prompt each tile belongs to (``pixel_rows``), so a view of some rows takes their own tiles.
   Qwen-VL's ``pixel_values`` are flattened patches of all images, split per image by ``image_grid_thw``
-  (:func:`mclcbf_diag.models.mrope.shared_features`).
+  (:func:`mclcbf_diag.models.mrope.shared_features`). Gemma 3's processor takes one image list per prompt and
+  adds ``token_type_ids`` (padded like the ids); its features are handed on stacked.
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).

@@ -130,6 +130,7 @@ class _Run:
         self.layer_out: dict[int, torch.Tensor] = {}  # readout layer → [B, d] its output at the last position
         self.reading = False  # whether the last forward opened the logits site (set by body)
         self._weights: dict[int, object] = {}
+        self.rotary = None  # (cos, sin) of the layer a residual site is at (see body and _layer)
         # records[row][(phase, step)][layer] = {metric: value}; heads likewise
         self.records = [dict() for _ in rows]
         self.heads = [dict() for _ in rows]
@@ -211,7 +212,7 @@ class _Run:
         targeted = self.targeted if acting else set()
         if phase == "prefill" and keep_embeds:
             self.embeds = envoy_at(nm, ad.language_model).inputs[1]["inputs_embeds"].detach().clone()
-        if "residual" in sites and targeted:
+        if "residual" in sites and targeted and ad.rotary_emb is not None:
             self.rotary = envoy_at(nm, ad.rotary_emb).output
         layers = envoy_at(nm, ad.layers)
         for i in range(self.skip[0]):

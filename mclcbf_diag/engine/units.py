@@ -14,7 +14,9 @@ from one baseline forward of the question batch (:class:`Prefix`):
   question's row repeated once per unit), cuts the cache just before the batch's first
   edited position (the earliest :meth:`~mclcbf_diag.interventions.base.Intervention.first_edited`
   over its rows; a causal model's earlier positions are the same in every unit) and runs only
-  the remaining positions, fed as embeddings, so even a cut before an image token is exact.
+  the remaining positions, fed as embeddings, so even a cut before an image token is exact
+  (but for Gemma 3, whose image tokens attend to later ones of the same image: a chunk cut before an
+  image token runs the whole prompt from its embeddings, with the prompt's ``token_type_ids``).
   Units that edit only the decision token and those that edit after the image go in separate
   batches (one position vs. the text after the image); batches are cut so one layer's
   attention tensors stay under :data:`ATTENTION_BUDGET` bytes.

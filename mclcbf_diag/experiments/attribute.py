@@ -60,6 +60,12 @@ DIRECTIONS = ("denoise", "noise")
 # ----------------------------------------------------------------------------------------------- DLA
 def dla(lm: LoadedModel, capture: RunCapture) -> A.Attribution:
     """Direct logit attribution of a run captured with ``components=True`` (prefill, decision token)."""
+    if lm.adapter.normed_sublayer_outputs:
+        from ..errors import UserError
+
+        raise UserError(f"direct logit attribution sums the heads' and MLPs' outputs into the residual, but "
+                        f"{type(lm.model).__name__} normalises them before adding them (post-attention and "
+                        "post-feedforward norms), so it is not measured for this model; activation patching is")
     step = capture.steps[0]
     if not step.layers or not step.layers[0].parts:
         raise ValueError("the run was captured without components=True")  # programming error
@@ -407,7 +413,7 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
         for L in range(lm.n_layers):
             x = base.resid[L].clone()
             x[:, :start] = iv.resid[L][:, :start]
-            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1))
+            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1), inputs.get("token_type_ids"))
         grid.resid["denoise"] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
     if "denoise" not in directions:
         for kind in ("resid", "heads", "mlp"):
@@ -466,12 +472,16 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
     return {"resid": resid, "heads": heads, "mlp": mlp}
 
 
-def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int, positions: torch.Tensor) -> float:
+def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int, positions: torch.Tensor,
+                token_types: torch.Tensor | None = None) -> float:
     """The margin of a plain forward of one whole prompt that starts at layer ``L`` with residual ``entering`` (at
-    ``positions``, :func:`~mclcbf_diag.models.mrope.prompt_positions`)."""
+    ``positions``, :func:`~mclcbf_diag.models.mrope.prompt_positions`; ``token_types``: Gemma 3's token_type_ids,
+    whose image tokens attend to each other)."""
     T = entering.shape[1]
     feed = {"inputs_embeds": entering, "attention_mask": torch.ones(1, T, dtype=torch.long, device=entering.device),
             "position_ids": positions.to(entering.device)}
+    if token_types is not None:
+        feed["token_type_ids"] = token_types
     logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False)
     return float(logits[0, lm.tokens.yes_id] - logits[0, lm.tokens.no_id])
 
@@ -513,8 +523,9 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     hooks = _restore_hooks(lm, base, L, patches, first)
     try:
         if first == 0:
-            last = forward(lm, {**feed, "attention_mask": mask}, intervention, keep=Keep(layers=False), full_ids=ids,
-                           continuation=Continuation(skip_to=skip, entering=entering if skip else None),
+            types = {k: full[k] for k in ("token_type_ids",) if k in full}  # Gemma 3's image tokens
+            last = forward(lm, {**feed, "attention_mask": mask, **types}, intervention, keep=Keep(layers=False),
+                           full_ids=ids, continuation=Continuation(skip_to=skip, entering=entering if skip else None),
                            prepare=False).logits
         else:
             kv = [(layer.keys, layer.values) for layer in iv.cache.layers]

@@ -93,7 +93,8 @@ def head_influence(lm, questions, images) -> torch.Tensor:
                 handles = [o_projs[i].register_forward_pre_hook(ablating(rh)) for i, rh in by_layer.items()]
                 try:
                     feed = {"inputs_embeds": embeds.expand(len(part), -1, -1),
-                            "attention_mask": inputs["attention_mask"].expand(len(part), -1)}
+                            "attention_mask": inputs["attention_mask"].expand(len(part), -1),
+                            **{k: inputs[k].expand(len(part), -1) for k in ("token_type_ids",) if k in inputs}}
                     p1 = lm.model(**feed, logits_to_keep=1).logits[:, -1].float().softmax(-1)
                 finally:
                     for handle in handles:

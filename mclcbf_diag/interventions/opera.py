@@ -91,7 +91,8 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
             inputs = {**inputs, "position_ids": position_ids(lm, inputs)}
         feed = dict(inputs)
         if "inputs_embeds" in feed:  # prompt embeddings a run kept: the vision tower is not run again
-            feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids") if k in feed}
+            feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+                    if k in feed}  # token_type_ids: Gemma 3's image tokens attend to each other
         with torch.no_grad():
             out = lm.model(**feed, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()

@@ -17,6 +17,14 @@ Qwen2.5-VL (:data:`QWEN_VL`: the text model at LLaVA's paths, the tower at ``mod
 architecture whose processor adds per-image outputs needs that batching step extended with its
 adapter, with a test on such a model.
 
+:data:`GEMMA3` (``Gemma3ForConditionalGeneration``) sits at the same paths. Its processor adds
+``token_type_ids`` (1 on an image's soft tokens, which attend to each other both ways), which batching
+pads with the ids and every forward from embeddings passes on; its image features are one stacked
+tensor (:func:`~mclcbf_diag.models.processing.pack_features`); its decoder layer normalises the
+attention's and the MLP's outputs before adding them (so the norm before the MLP is
+``pre_feedforward_layernorm``, and direct logit attribution is refused); and its rotary module runs
+once per layer type, so the look-ahead reads each layer's own ``position_embeddings``.
+
 The text model's own math, which a look-ahead of a layer's attention must reproduce, is declared
 per text backbone (``text_config.model_type``) in :data:`TEXT_MATH`, one :class:`TextMath` each:
 the norm (Llama's RMSNorm, or Gemma's ``x̂·(1 + w)`` whose epsilon is ``.eps``), the per-head q/k
@@ -125,7 +133,7 @@ class ArchitectureAdapter:
 
     language_model: str
     layers: str
-    rotary_emb: str
+    rotary_emb: str | None  # None: no one (cos, sin) for all layers; each layer's own position_embeddings are read
     final_norm: str
     unembed: str
     vision_tower: str
@@ -141,6 +149,8 @@ class ArchitectureAdapter:
     # nnsight path to the softmax inside the layer's eager attention (post-softmax edits)
     layer_attention_softmax: str
     # the text model's own math (norm, q/k norms, rotary, window) is its backbone's: TEXT_MATH, text_math()
+    normed_sublayer_outputs: bool = False  # Gemma 3: attention and MLP outputs are normalised before the residual
+    # adds them, so the residual is not the sum of o_proj's and the MLP's outputs (direct logit attribution)
 
     def get(self, root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
@@ -229,8 +239,11 @@ LLAVA = ArchitectureAdapter(
 
 # Gemma 3 sits at LLaVA's paths, but its decoder layer normalises the attention's output (post_attention_layernorm)
 # before adding it to the residual, and the MLP's input is pre_feedforward_layernorm's: that is the norm whose input is
-# the residual after attention (what the other adapters' post_attention_layernorm is)
-GEMMA3 = dataclasses.replace(LLAVA, layer_post_attention_norm="pre_feedforward_layernorm")
+# the residual after attention (what the other adapters' post_attention_layernorm is). Its rotary module runs once per
+# layer type (a local and a global base), so the look-ahead reads the (cos, sin) each layer is called with instead of
+# one module's output (rotary_emb None).
+GEMMA3 = dataclasses.replace(LLAVA, layer_post_attention_norm="pre_feedforward_layernorm", rotary_emb=None,
+                             normed_sublayer_outputs=True)
 
 # Qwen2-VL / Qwen2.5-VL: the text model's parts sit where LLaVA's do; the vision tower is "visual", whose patch
 # merger is the projector

@@ -111,8 +111,10 @@ FAMILIES: tuple[Family, ...] = (
                  "cached-prefix path against plain forwards); no real weights have been run",),
         covers="Gemma3ForConditionalGeneration checkpoints (google/gemma-3-4b/12b/27b-it and -pt) without "
                "pan-and-scan; the overlay draws the pooled grid",
-        not_covered="pan-and-scan crops (do_pan_and_scan) are refused per prompt; attention logit soft-capping and "
-                    "bidirectional text attention are refused from config.json; PaliGemma, Gemma 3n: refused",
+        not_covered="pan-and-scan crops (do_pan_and_scan in preprocessor_config.json) are refused before the "
+                    "weights load; attention logit soft-capping and bidirectional text attention are refused from "
+                    "config.json; direct logit attribution (attribute) is refused (Gemma 3 normalises each "
+                    "attention and MLP output); PaliGemma and Gemma 3n: refused",
     ),
     Family(
         name="qwen2_5_vl",

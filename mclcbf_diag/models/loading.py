@@ -415,6 +415,7 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
         config = AutoConfig.from_pretrained(where, local_files_only=True)
         check_config(config.to_dict(), show(where))  # the CLI ran the same check before torch loaded
         processor = load_processor(config, where)
+        check_pan_and_scan(config, processor, show(where))
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
     except ImportError as exc:  # a processor class that needs an optional package (torchvision)
@@ -484,6 +485,16 @@ def pooled_grid(config, n_tokens: int, n_images: int, where: str) -> tuple[int, 
                         f"one pooled {side} × {side} grid ({per_image} tokens, mm_tokens_per_image); pan-and-scan "
                         "crops are not measured yet: set do_pan_and_scan to false in preprocessor_config.json")
     return side, side
+
+
+def check_pan_and_scan(config, processor, where: str) -> None:
+    """Gemma 3: a UserError when the processor crops images (pan-and-scan: several images per prompt, which the
+    toolkit does not measure yet), before any weight is read."""
+    images = getattr(processor, "image_processor", None)
+    if config.model_type == "gemma3" and getattr(images, "do_pan_and_scan", None):
+        raise UserError(f"--model {where}: its image processor crops images (do_pan_and_scan), which adds images and "
+                        "image tokens per prompt that are not measured yet; set do_pan_and_scan to false in "
+                        "preprocessor_config.json")
 
 
 def model_class(config):
