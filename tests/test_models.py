@@ -47,6 +47,7 @@ ADAPTER_PATHS = ["language_model", "layers", "rotary_emb", "final_norm", "unembe
 LAYER_PATHS = ["layer_input_norm", "layer_attention", "layer_post_attention_norm", "layer_mlp",
                "layer_q_proj", "layer_k_proj", "layer_v_proj", "layer_o_proj"]
 NNSIGHT_PATHS = ["layer_attention_softmax"]  # nnsight ``.source`` paths, not module paths
+FLAGS = ["normed_sublayer_outputs"]  # what the layer computes, not where (Gemma 3: tests/test_models_gemma3.py)
 
 
 # --- the real llava-1.5-7b-hf layout, on the meta device -----------------------------
@@ -76,7 +77,8 @@ def meta_7b():
 def test_adapter_registry():
     assert ADAPTERS["LlavaForConditionalGeneration"] is LLAVA
     # every field is covered by the lists above (a new field needs a test)
-    assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS) == set(LLAVA.__dataclass_fields__)
+    assert set(ADAPTER_PATHS + LAYER_PATHS + NNSIGHT_PATHS + FLAGS) == set(LLAVA.__dataclass_fields__)
+    assert not LLAVA.normed_sublayer_outputs and ADAPTERS["Gemma3ForConditionalGeneration"].normed_sublayer_outputs
 
 
 

@@ -158,9 +158,9 @@ def test_next_is_a_supported_family_with_the_llava_adapter(next_lm):
 
 
 def test_the_prompt_length_check_bounds_the_image_tokens(next_lm):
-    from mclcbf_diag.models.loading import anyres_token_bound, check_prompt_lengths
+    from mclcbf_diag.models.loading import check_prompt_lengths
 
-    bound = anyres_token_bound(next_lm.model.config)
+    bound = next_lm.image_scheme.token_bound(next_lm.model.config, next_lm.processor)
     assert bound == 64 + 16 * (16 + 1)  # the 224 × 224 pinpoint: 16 rows of 16 patches and a newline
     counts = []
     for h, w in [*IMAGES, (336, 336)]:

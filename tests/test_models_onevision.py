@@ -103,9 +103,9 @@ def test_the_token_count_is_the_processors(ov_lm, size):
 
 
 def test_the_bound_covers_every_count_and_the_length_check_uses_it(ov_lm):
-    from mclcbf_diag.models.loading import anyres_token_bound, check_prompt_lengths
+    from mclcbf_diag.models.loading import check_prompt_lengths
 
-    bound = anyres_token_bound(ov_lm.model.config)
+    bound = ov_lm.image_scheme.token_bound(ov_lm.model.config, ov_lm.processor)
     assert bound == token_bound(PINPOINTS, TILE, PATCH, most=MOST)
     counts = [_count(ov_lm, ov_lm.processor(text=PROMPT, images=_image(s), return_tensors="pt")) for s in SIZES]
     assert max(counts) <= bound

@@ -14,16 +14,12 @@ Mechanism
   which every position this module builds comes from).
 * **Images.** :func:`batch_inputs` runs the vision tower once per *distinct* image of the
   batch (POPE asks ~6 questions per image) and hands the projected features to the
-  model's own merge step (``mm_encoder_outputs``); both conditions reuse them. LLaVA-NeXT's
-  image is its tiles and its ``image_sizes``: distinct over both, the features packed by the
-  model's own ``get_image_features`` (base grid, unpadded tiles, newlines). LLaVA-OneVision's takes the same
-  path (its ``batch_num_images``, one image per prompt here, is left to the model's single-image default).
-  InternVL's image is several rows of ``pixel_values`` (its tiles and thumbnail, :mod:`mclcbf_diag.models.internvl`):
-  the tower runs once per distinct tile, each prompt gets its tiles' features as one entry, and the pixels kept
-  beside them say which prompt each tile belongs to (``pixel_rows``), so a view of some rows takes their own tiles.
-  Qwen-VL's ``pixel_values`` are flattened patches of all images, split per image by ``image_grid_thw``
-  (:func:`mclcbf_diag.models.mrope.shared_features`). Gemma 3's processor takes one image list per prompt and
-  adds ``token_type_ids`` (padded like the ids); its features are handed on stacked.
+  model's own merge step (``mm_encoder_outputs``); both conditions reuse them. What an image is, and
+  how its features are shared, is the family's image scheme (:mod:`mclcbf_diag.models.schemes`):
+  LLaVA-NeXT's is its tiles and its ``image_sizes``; InternVL's several rows of ``pixel_values``, whose
+  prompt the pixels kept beside the features record (``pixel_rows``), so a view of some rows takes their
+  own tiles; Qwen-VL's flattened patches split by ``image_grid_thw``; Gemma 3's one image list per prompt,
+  with ``token_type_ids`` padded like the ids and its features stacked.
 * **Decision.** ``margin = logit[yes_id] − logit[no_id]`` at the last position; answer
   "yes" iff margin > 0 (as :mod:`mclcbf_diag.measurements.measure` does for one sample).
 * **Baseline** is a plain HF forward (no nnsight, no intervention).
@@ -56,8 +52,8 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..interventions.views import PIXEL_ROWS
 from ..models import LoadedModel
-from ..models.mrope import position_ids, shared_features
-from ..models.processing import batch_images, pack_features, processor_prompt
+from ..models.mrope import position_ids
+from ..models.processing import processor_prompt
 from .runner import Continuation, Keep, forward
 
 
@@ -80,8 +76,8 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
         raise UserError("the tokenizer has no pad token, so prompts cannot be batched; use --batch-size 1")
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = lm.processor(text=list(prompts), images=batch_images(lm.processor, images), return_tensors="pt",
-                           padding="longest")
+        enc = lm.processor(text=list(prompts), images=lm.image_scheme.processor_images(lm.processor, images),
+                           return_tensors="pt", padding="longest")
     finally:
         tok.padding_side = side
     mask = enc["attention_mask"]
@@ -92,47 +88,14 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     inputs["position_ids"] = position_ids(lm, inputs)  # cumsum − 1, or the family's own (Qwen-VL's 3-D M-RoPE)
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
-        sizes, grids, owner = inputs.get("image_sizes"), inputs.get("image_grid_thw"), None
-        with torch.no_grad():
-            if grids is not None:  # Qwen-VL: flattened patches, split per image by image_grid_thw
-                per_row = shared_features(lm, pv, grids)
-            elif lm.model.config.model_type == "internvl":  # an image is its tiles' rows of pixel_values
-                uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
-                per_row, owner = _internvl_features(lm, inputs["input_ids"], uniq.view(-1, *pv.shape[1:]), inverse)
-            elif sizes is None:
-                uniq, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
-                feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pv.shape[1:]), return_dict=True)
-                per_row = [feats.pooler_output[j] for j in inverse.tolist()]
-            else:  # LLaVA-NeXT: an image is its pixels (tiles) and its size (which tiles count, the unpadding)
-                inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)[1]
-                keys = [(j, *sizes[b].tolist()) for b, j in enumerate(inverse.tolist())]
-                first: dict[tuple, int] = {}  # each distinct image → the first row holding it
-                for b, k in enumerate(keys):
-                    first.setdefault(k, b)
-                rows = list(first.values())
-                feats = lm.model.get_image_features(pixel_values=pv[rows], image_sizes=sizes[rows], return_dict=True)
-                index = {k: n for n, k in enumerate(first)}
-                per_row = [feats.pooler_output[index[k]] for k in keys]
+        with torch.no_grad():  # the tower once per distinct image, as the family's model merges the features
+            per_row, owner = lm.image_scheme.features(lm, inputs, pv)
         # the pixels stay beside the features (the model reads only "image"), for methods that run the
         # question with the image distorted (mclcbf_diag.interventions.views); InternVL's tiles say whose they are
-        per_row = pack_features(lm.model.config, per_row)
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row), "pixel_values": pv}
         if owner is not None:
             inputs["mm_encoder_outputs"][PIXEL_ROWS] = owner
     return inputs
-
-
-def _internvl_features(lm: LoadedModel, input_ids: torch.Tensor, distinct: torch.Tensor,
-                       inverse: torch.Tensor) -> tuple[list, torch.Tensor]:
-    """InternVL: each prompt's tiles' features (models/internvl.py), its tile count from its image tokens; and the
-    prompt each tile (row of pixel_values) belongs to."""
-    from ..models import internvl
-
-    rows, cols = internvl.tile_grid(lm.model.config)
-    tiles = [int((ids == lm.tokens.image_token_id).sum()) // (rows * cols) for ids in input_ids]
-    owner = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor(tiles)).to(inverse.device)
-    return internvl.per_prompt(lm.model, distinct, inverse, tiles), owner
-
 
 
 def _answers(lm: LoadedModel, last_logits: torch.Tensor, intervention=None, records=None, decoding=None,

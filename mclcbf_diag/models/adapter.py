@@ -13,14 +13,14 @@ which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower 
 distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. InternVL's modules sit
 at the same paths too; its image is several tiles, one grid each (:mod:`.internvl`). Qwen2-VL and
 Qwen2.5-VL (:data:`QWEN_VL`: the text model at LLaVA's paths, the tower at ``model.visual``) add
-``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`). Another
-architecture whose processor adds per-image outputs needs that batching step extended with its
-adapter, with a test on such a model.
+``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`). What each family's processor and
+model make of an image (the overlay's grid, the token bound, shared features in a batch) is its image
+scheme (:mod:`.schemes`), beside this adapter.
 
 :data:`GEMMA3` (``Gemma3ForConditionalGeneration``) sits at the same paths. Its processor adds
 ``token_type_ids`` (1 on an image's soft tokens, which attend to each other both ways), which batching
 pads with the ids and every forward from embeddings passes on; its image features are one stacked
-tensor (:func:`~mclcbf_diag.models.processing.pack_features`); its decoder layer normalises the
+tensor (:class:`~.schemes.Gemma3Scheme`); its decoder layer normalises the
 attention's and the MLP's outputs before adding them (so the norm before the MLP is
 ``pre_feedforward_layernorm``, and direct logit attribution is refused); and its rotary module runs
 once per layer type, so the look-ahead reads each layer's own ``position_embeddings``.

@@ -50,20 +50,18 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from .. import shipped
 from ..errors import UserError
 from ..storage import show, verify_manifest
-from . import internvl, mrope
 from .adapter import ADAPTERS, ArchitectureAdapter
-from .anyres import ImageLayout, anyres_layout, max_patches, token_bound
+from .anyres import ImageLayout
 from .families import FAMILIES, check_config
-from .mrope import image_grid as mrope_grid
-from .mrope import image_tokens, uses_mrope
-from .processing import check_image_grid, patch_grid_shape, placeholder, processor_prompt, run_processor
+from .processing import placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
+from .schemes import AnyresScheme, ImageScheme, scheme_of
 from .tokens import AnswerTokens, Sink, answer_tokens, find_sink
 
 EMBEDDED = shipped.WEIGHTS
@@ -149,62 +147,22 @@ class LoadedModel:
         single grid."""
         return image_layout(self.model.config, enc)
 
+    @property
+    def image_scheme(self) -> ImageScheme:
+        """What the family's processor and model make of one image (:mod:`.schemes`)."""
+        return scheme_of(self.model.config)
+
     def image_grid(self, enc) -> tuple[int, int]:
-        """The patch grid (rows, columns) of one prompt's image (:func:`~.processing.check_image_grid`); for
-        LLaVA-NeXT its base grid, once the image tokens are checked against the anyres layout."""
-        vision = self.model.config.vision_config
-        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        """The overlay's patch grid (rows, columns) of one prompt's image, once its image tokens are checked against
+        the family's layout (:meth:`.schemes.ImageScheme.image_grid`: for LLaVA-NeXT its base grid)."""
         n = int((enc["input_ids"][0] == self.tokens.image_token_id).sum())
-        if self.model.config.model_type == "internvl":  # one grid per tile; the overlay's is the whole picture's
-            return internvl.whole_picture(self.model.config, n, int(enc["pixel_values"].shape[0]), show(self.source))
-        if uses_mrope(self.model.config):  # Qwen-VL: the merged grid of image_grid_thw, any aspect ratio
-            return _mrope_grid(self.model.config, enc, n, show(self.source))
-        layout = self.image_layout(enc)
-        if layout is not None:
-            if n != layout.n_tokens:
-                size = tuple(enc["image_sizes"][0].tolist())
-                (rows, cols), (tr, tc) = layout.base, layout.tiles
-                raise UserError(f"--model {show(self.source)}: the image of size {size} becomes {n} image tokens, "
-                                f"not the {layout.n_tokens} of its anyres layout (a {rows} × {cols} base grid, "
-                                f"{tr} × {tc} tiles, a newline per row); check the checkpoint's processor files")
-            return layout.base
-        if self.model.config.model_type == "gemma3":
-            return pooled_grid(self.model.config, n, len(enc["pixel_values"]), show(self.source))
-        grid = patch_grid_shape(enc["pixel_values"], vision.patch_size)
-        return check_image_grid(n, grid, show(self.source), extra=int(strategy == "full"))
+        return self.image_scheme.image_grid(self.model.config, enc, n, show(self.source))
 
     def grid_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
         """The image tokens (bool mask [seq], from the detected ``image_mask``) that form the overlay's patch grid: all
-        of them, or for LLaVA-NeXT and OneVision the base grid's (the first ``p²`` after any CLS), not its tiles and
-        newlines; for InternVL the whole picture's grid (the last ``s²``: its thumbnail, or its only tile)."""
-        cfg = self.model.config
-        if cfg.model_type == "internvl":
-            rows, cols = internvl.tile_grid(cfg)
-            positions = torch.nonzero(image_mask.reshape(-1)).flatten()
-            out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
-            out[positions[-rows * cols:]] = True
-            return out.reshape(image_mask.shape)
-        if anyres_params(cfg) is None:
-            return image_mask
-        positions = torch.nonzero(image_mask.reshape(-1)).flatten()
-        extra = anyres_params(cfg)[0]
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
-        out[positions[extra:extra + side * side]] = True
-        return out.reshape(image_mask.shape)
-
-
-def _mrope_grid(config, enc, n: int, where: str) -> tuple[int, int]:
-    """A Qwen-VL prompt's merged image grid (rows, columns), once its image tokens are checked against it."""
-    rows, cols = mrope_grid(config, enc)
-    want = image_tokens(config, enc["image_grid_thw"][:1])[0]
-    if n != want or rows * cols != want:
-        thw = tuple(enc["image_grid_thw"][0].tolist())
-        raise UserError(f"--model {where}: the image becomes {n} image tokens, not the {want} of its patch grid "
-                        f"{thw} (frames, rows, columns) merged {config.vision_config.spatial_merge_size} × "
-                        f"{config.vision_config.spatial_merge_size}; check the checkpoint's preprocessor_config.json "
-                        "(merge_size, patch_size)")
-    return rows, cols
+        of them, or for LLaVA-NeXT and OneVision the base grid's, for InternVL the whole picture's
+        (:meth:`.schemes.ImageScheme.grid_mask`)."""
+        return self.image_scheme.grid_mask(self.model.config, image_mask)
 
 
 def _hooks(module: torch.nn.Module) -> list:
@@ -414,8 +372,8 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
         check_config(config.to_dict(), show(where))  # the CLI ran the same check before torch loaded
-        processor = load_processor(config, where)
-        check_pan_and_scan(config, processor, show(where))
+        processor = scheme_of(config).load_processor(config, where)
+        scheme_of(config).check_processor(config, processor, show(where))
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
     except ImportError as exc:  # a processor class that needs an optional package (torchvision)
@@ -435,66 +393,11 @@ def _load_error(where: str, local: bool, exc: Exception) -> UserError:
     return UserError(f"could not load model {where!r}: {hint} ({first})")
 
 
-def load_processor(config, where: str):
-    """The checkpoint's processor (AutoProcessor); LLaVA-OneVision's and InternVL's for images only (their video
-    processors need torchvision): :mod:`.onevision`, :mod:`.internvl`."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "llava_onevision":
-        from .onevision import load_processor as onevision_processor
-
-        return onevision_processor(where)
-    if model_type == "internvl":
-        return internvl.load_processor(where)
-    if uses_mrope(config):
-        return mrope.load_processor(where, config)
-    return AutoProcessor.from_pretrained(where, local_files_only=True)
-
-
-def anyres_params(config) -> tuple[int, int | None] | None:
-    """(tokens before the base patches, "anyres_max" N) of an anyres family's ``config``; None for one fixed grid.
-
-    LLaVA-NeXT keeps a CLS under the "full" feature selection and never resizes; LLaVA-OneVision's base grid is
-    exactly ``p²`` features (its model refuses anything else) and it resizes past "anyres_max_N"."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "llava_next":
-        return int(getattr(config, "vision_feature_select_strategy", "default") == "full"), None
-    if model_type == "llava_onevision":
-        return 0, max_patches(config.vision_aspect_ratio)
-    return None
-
-
 def image_layout(config, enc) -> ImageLayout | None:
     """The anyres layout of the first image of ``enc`` (a processor's output) under a LLaVA-NeXT or OneVision
     ``config``; None for other families (one fixed grid)."""
-    params = anyres_params(config)
-    if params is None or "image_sizes" not in enc:
-        return None
-    vision = config.vision_config
-    size = tuple(int(x) for x in enc["image_sizes"][0].tolist())
-    return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=params[0],
-                         most=params[1])
-
-
-def pooled_grid(config, n_tokens: int, n_images: int, where: str) -> tuple[int, int]:
-    """Gemma 3: the pooled grid (side × side, side² = ``mm_tokens_per_image``) one image's soft tokens form, or a
-    UserError when the prompt's ``n_tokens`` are not one such grid (pan-and-scan crops add images and tokens)."""
-    per_image = int(config.mm_tokens_per_image)
-    side = int(round(per_image ** 0.5))
-    if n_images != 1 or n_tokens != per_image or side * side != per_image:
-        raise UserError(f"--model {where}: the image became {n_images} image(s) and {n_tokens} image tokens, not "
-                        f"one pooled {side} × {side} grid ({per_image} tokens, mm_tokens_per_image); pan-and-scan "
-                        "crops are not measured yet: set do_pan_and_scan to false in preprocessor_config.json")
-    return side, side
-
-
-def check_pan_and_scan(config, processor, where: str) -> None:
-    """Gemma 3: a UserError when the processor crops images (pan-and-scan: several images per prompt, which the
-    toolkit does not measure yet), before any weight is read."""
-    images = getattr(processor, "image_processor", None)
-    if config.model_type == "gemma3" and getattr(images, "do_pan_and_scan", None):
-        raise UserError(f"--model {where}: its image processor crops images (do_pan_and_scan), which adds images and "
-                        "image tokens per prompt that are not measured yet; set do_pan_and_scan to false in "
-                        "preprocessor_config.json")
+    scheme = scheme_of(config)
+    return scheme.layout(config, enc) if isinstance(scheme, AnyresScheme) else None
 
 
 def model_class(config):
@@ -525,8 +428,7 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
                             "\"model\" and \"lm_head\"), or use --device-map auto") from exc
         raise _load_error(where, prep.local, exc) from exc
     check_loading_info(where, info)
-    if model.config.model_type == "internvl":
-        internvl.prepare(model)  # shared image features as InternVL merges them
+    scheme_of(model.config).prepare(model)  # shared image features as the family's model merges them
     if prep.device_map is None:
         model.to(prep.device)
     model.eval()
@@ -603,16 +505,6 @@ def _image_token_count(processor, where: str) -> int:
     return len(enc["input_ids"][0]) - len(alone) + 1
 
 
-def anyres_token_bound(config) -> int | None:
-    """LLaVA-NeXT, OneVision: the most image tokens one image can become (:func:`~.anyres.token_bound`: for NeXT the
-    largest ``image_grid_pinpoints`` resolution, nothing unpadded); None for a family whose image is one fixed grid."""
-    params = anyres_params(config)
-    if params is None:
-        return None
-    vision = config.vision_config
-    return token_bound(config.image_grid_pinpoints, vision.image_size, vision.patch_size, *params)
-
-
 def sliding_window(text_config) -> int | None:
     """The text model's sliding window, where some layer has one (Mistral: every layer; Qwen2/3: the sliding layers)."""
     window = getattr(text_config, "sliding_window", None)
@@ -635,9 +527,7 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
     where = show(getattr(prep, "where", None) or getattr(prep, "source", "the model"))
     prompts = [processor_prompt(processor, p) for p in prompts]
     own = placeholder(processor)
-    per_image = (anyres_token_bound(config) or internvl.token_bound(processor, config)
-                 or (mrope.token_bound(processor) if uses_mrope(config) else None)
-                 or _image_token_count(processor, where))
+    per_image = scheme_of(config).token_bound(config, processor) or _image_token_count(processor, where)
     limit, what = token_limit(processor, config)
     longest, longest_at = 0, 0
     for start in range(0, len(prompts), 512):

@@ -87,24 +87,6 @@ def run_processor(processor, where: str, text, images, **kwargs):
                         "files") from None
 
 
-# Processors that read a flat list of images as one prompt's images: a batch passes one list per prompt
-NESTED_IMAGES = {"Gemma3Processor"}
-
-
-def batch_images(processor, images: list) -> list:
-    """``images`` (one per prompt of a batch) as ``processor`` takes them: flat, or one list per prompt."""
-    return [[image] for image in images] if type(processor).__name__ in NESTED_IMAGES else list(images)
-
-
-# Models whose merge step takes the image features as one tensor [images, tokens, d] (LLaVA's take a list)
-STACKED_FEATURES = {"gemma3"}
-
-
-def pack_features(config, per_image: list):
-    """Per-image features as ``config``'s model merges them (``mm_encoder_outputs``): a list, or one stacked tensor."""
-    return torch.stack(per_image) if config.model_type in STACKED_FEATURES else per_image
-
-
 def patch_grid_shape(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
     """(rows, columns) of patches of one image ``pixel_values`` [..., H, W] under a tower of ``patch_size`` px."""
     height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])

@@ -1,0 +1,240 @@
+"""What each family's processor and model make of one image: one :class:`ImageScheme` per family.
+
+The architecture adapter (:mod:`.adapter`) says where a family's modules sit and what its text model
+computes; its image scheme says what an image becomes, everything the toolkit needs to measure
+image tokens exactly and to batch them:
+
+* ``load_processor`` / ``check_processor``: the checkpoint's processor (when ``AutoProcessor``
+  cannot build it without an optional package) and what it does that is not measured, refused
+  before any weight is read;
+* ``prepare``: anything the loaded model needs to take shared image features;
+* ``image_grid`` / ``grid_mask``: the overlay's patch grid (rows, columns) of one prompt, checked
+  against the number of image tokens the processor wrote, and which image tokens form it;
+* ``token_bound``: the most image tokens one image can become (the prompt-length check);
+* ``processor_images`` / ``features``: a batch's images as the processor takes them, and the
+  vision tower run once per distinct image, its features per prompt as the model merges them
+  (with, for a tiled image, which prompt each row of pixels belongs to).
+
+Positions that are not ``cumsum − 1`` of the padding mask (Qwen-VL's 3-D M-RoPE ids) are asked of
+:func:`.mrope.position_ids`, which every family passes through. :data:`SCHEMES` maps config.json's
+``model_type`` to its scheme; a family's own module holds the mechanics (:mod:`.anyres`,
+:mod:`.onevision`, :mod:`.internvl`, :mod:`.mrope`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoProcessor
+
+from ..errors import UserError
+from . import internvl, mrope
+from .anyres import ImageLayout, anyres_layout, max_patches, token_bound
+from .processing import check_image_grid, patch_grid_shape
+
+
+class ImageScheme:
+    """LLaVA-1.5's: one fixed-size image per prompt, its tokens one patch grid (after a CLS kept by the "full"
+    feature selection)."""
+
+    def load_processor(self, config, where: str):
+        return AutoProcessor.from_pretrained(where, local_files_only=True)
+
+    def check_processor(self, config, processor, where: str) -> None:
+        """A UserError when the processor does something to images that is not measured (nothing here)."""
+
+    def prepare(self, model) -> None:
+        """Make the loaded model take shared image features (nothing here: LLaVA's merge takes a list)."""
+
+    def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        """(rows, columns) of the overlay's grid for the first prompt of ``enc`` with ``n_tokens`` image tokens."""
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        grid = patch_grid_shape(enc["pixel_values"], config.vision_config.patch_size)
+        return check_image_grid(n_tokens, grid, where, extra=int(strategy == "full"))
+
+    def grid_mask(self, config, image_mask: torch.Tensor) -> torch.Tensor:
+        """The image tokens (bool, shaped as ``image_mask``) that form the overlay's grid: all of them here."""
+        return image_mask
+
+    def token_bound(self, config, processor) -> int | None:
+        """The most image tokens one image can become (None: the processor's count for one image is the bound)."""
+        return None
+
+    def processor_images(self, processor, images: list) -> list:
+        """A batch's images (one per prompt) as the processor takes them."""
+        return list(images)
+
+    def features(self, lm, inputs: dict, pixel_values: torch.Tensor) -> tuple[list | torch.Tensor, torch.Tensor | None]:
+        """``(features per prompt, the prompt of each row of pixels or None)``: the tower once per distinct image."""
+        uniq, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pixel_values.shape[1:]), return_dict=True)
+        return [feats.pooler_output[j] for j in inverse.tolist()], None
+
+
+def _masked_range(image_mask: torch.Tensor, lo: int, hi: int | None) -> torch.Tensor:
+    """The image tokens ``lo … hi`` (in order) of ``image_mask`` as a mask of the same shape."""
+    positions = torch.nonzero(image_mask.reshape(-1)).flatten()
+    out = torch.zeros_like(image_mask.reshape(-1), dtype=torch.bool)
+    out[positions[lo:hi]] = True
+    return out.reshape(image_mask.shape)
+
+
+class AnyresScheme(ImageScheme):
+    """LLaVA-NeXT and LLaVA-OneVision: a base grid, then the unpadded high-resolution tiles with a newline per row
+    (:mod:`.anyres`; OneVision resizes the tile map past "anyres_max_N"); the overlay draws the base grid. An image
+    is its pixels and its ``image_sizes``, distinct over both."""
+
+    def params(self, config) -> tuple[int, int | None]:
+        """(tokens before the base patches, "anyres_max" N or None)."""
+        if config.model_type == "llava_onevision":  # its base grid is exactly p² features; it resizes past N
+            return 0, max_patches(config.vision_aspect_ratio)
+        return int(getattr(config, "vision_feature_select_strategy", "default") == "full"), None
+
+    def layout(self, config, enc) -> ImageLayout | None:
+        """The anyres layout of the first image of ``enc`` (None without its ``image_sizes``)."""
+        if "image_sizes" not in enc:
+            return None
+        extra, most = self.params(config)
+        size = tuple(int(x) for x in enc["image_sizes"][0].tolist())
+        vision = config.vision_config
+        return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=extra,
+                             most=most)
+
+    def load_processor(self, config, where: str):
+        if config.model_type == "llava_onevision":  # its video processor needs torchvision
+            from .onevision import load_processor
+
+            return load_processor(where)
+        return super().load_processor(config, where)
+
+    def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        layout = self.layout(config, enc)
+        if layout is None:
+            return super().image_grid(config, enc, n_tokens, where)
+        if n_tokens != layout.n_tokens:
+            size = tuple(enc["image_sizes"][0].tolist())
+            (rows, cols), (tr, tc) = layout.base, layout.tiles
+            raise UserError(f"--model {where}: the image of size {size} becomes {n_tokens} image tokens, not the "
+                            f"{layout.n_tokens} of its anyres layout (a {rows} × {cols} base grid, {tr} × {tc} "
+                            "tiles, a newline per row); check the checkpoint's processor files")
+        return layout.base
+
+    def grid_mask(self, config, image_mask: torch.Tensor) -> torch.Tensor:
+        extra = self.params(config)[0]
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return _masked_range(image_mask, extra, extra + side * side)
+
+    def token_bound(self, config, processor) -> int | None:
+        vision = config.vision_config
+        return token_bound(config.image_grid_pinpoints, vision.image_size, vision.patch_size, *self.params(config))
+
+    def features(self, lm, inputs: dict, pixel_values: torch.Tensor):
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            return super().features(lm, inputs, pixel_values)
+        inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)[1]
+        keys = [(j, *sizes[b].tolist()) for b, j in enumerate(inverse.tolist())]
+        first: dict[tuple, int] = {}  # each distinct image → the first row holding it
+        for b, k in enumerate(keys):
+            first.setdefault(k, b)
+        rows = list(first.values())
+        feats = lm.model.get_image_features(pixel_values=pixel_values[rows], image_sizes=sizes[rows],
+                                            return_dict=True)
+        index = {k: n for n, k in enumerate(first)}
+        return [feats.pooler_output[index[k]] for k in keys], None
+
+
+class InternVLScheme(ImageScheme):
+    """InternVL: an image is its tiles (and, with several, a thumbnail), one pixel-shuffled grid each
+    (:mod:`.internvl`); the overlay draws the whole picture's grid (the last one)."""
+
+    def load_processor(self, config, where: str):
+        return internvl.load_processor(where)  # without its video processor, which needs torchvision
+
+    def prepare(self, model) -> None:
+        internvl.prepare(model)  # shared image features as InternVL merges them
+
+    def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        return internvl.whole_picture(config, n_tokens, int(enc["pixel_values"].shape[0]), where)
+
+    def grid_mask(self, config, image_mask: torch.Tensor) -> torch.Tensor:
+        rows, cols = internvl.tile_grid(config)
+        return _masked_range(image_mask, -rows * cols, None)
+
+    def token_bound(self, config, processor) -> int | None:
+        return internvl.token_bound(processor, config)
+
+    def features(self, lm, inputs: dict, pixel_values: torch.Tensor):
+        uniq, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        rows, cols = internvl.tile_grid(lm.model.config)
+        tiles = [int((ids == lm.tokens.image_token_id).sum()) // (rows * cols) for ids in inputs["input_ids"]]
+        owner = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor(tiles)).to(inverse.device)
+        return internvl.per_prompt(lm.model, uniq.view(-1, *pixel_values.shape[1:]), inverse, tiles), owner
+
+
+class Gemma3Scheme(ImageScheme):
+    """Gemma 3: one image per prompt (its processor takes a list per prompt), ``mm_tokens_per_image`` soft tokens
+    pooled from the tower's patches into a square grid; its merge step takes the features stacked. Pan-and-scan
+    crops (more images per prompt) are refused."""
+
+    def check_processor(self, config, processor, where: str) -> None:
+        if getattr(getattr(processor, "image_processor", None), "do_pan_and_scan", None):
+            raise UserError(f"--model {where}: its image processor crops images (do_pan_and_scan), which adds images "
+                            "and image tokens per prompt that are not measured yet; set do_pan_and_scan to false in "
+                            "preprocessor_config.json")
+
+    def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        per_image, n_images = int(config.mm_tokens_per_image), len(enc["pixel_values"])
+        side = int(round(per_image ** 0.5))
+        if n_images != 1 or n_tokens != per_image or side * side != per_image:
+            raise UserError(f"--model {where}: the image became {n_images} image(s) and {n_tokens} image tokens, not "
+                            f"one pooled {side} × {side} grid ({per_image} tokens, mm_tokens_per_image); "
+                            "pan-and-scan crops are not measured yet: set do_pan_and_scan to false in "
+                            "preprocessor_config.json")
+        return side, side
+
+    def processor_images(self, processor, images: list) -> list:
+        return [[image] for image in images]
+
+    def features(self, lm, inputs: dict, pixel_values: torch.Tensor):
+        per_row, owner = super().features(lm, inputs, pixel_values)
+        return torch.stack(per_row), owner
+
+
+class QwenVLScheme(ImageScheme):
+    """Qwen2-VL and Qwen2.5-VL: dynamic-resolution images as flattened patches with ``image_grid_thw``, merged 2 × 2
+    into a grid of any aspect ratio, on 3-D M-RoPE positions (:mod:`.mrope`)."""
+
+    def load_processor(self, config, where: str):
+        return mrope.load_processor(where, config)
+
+    def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        rows, cols = mrope.image_grid(config, enc)
+        want = mrope.image_tokens(config, enc["image_grid_thw"][:1])[0]
+        if n_tokens != want or rows * cols != want:
+            thw = tuple(enc["image_grid_thw"][0].tolist())
+            merge = config.vision_config.spatial_merge_size
+            raise UserError(f"--model {where}: the image becomes {n_tokens} image tokens, not the {want} of its patch "
+                            f"grid {thw} (frames, rows, columns) merged {merge} × {merge}; check the checkpoint's "
+                            "preprocessor_config.json (merge_size, patch_size)")
+        return rows, cols
+
+    def token_bound(self, config, processor) -> int | None:
+        return mrope.token_bound(processor)
+
+    def features(self, lm, inputs: dict, pixel_values: torch.Tensor):
+        return mrope.shared_features(lm, pixel_values, inputs["image_grid_thw"]), None
+
+
+LLAVA_IMAGE = ImageScheme()
+SCHEMES: dict[str, ImageScheme] = {
+    "llava": LLAVA_IMAGE, "llava_next": AnyresScheme(), "llava_onevision": AnyresScheme(),
+    "internvl": InternVLScheme(), "gemma3": Gemma3Scheme(), "qwen2_5_vl": QwenVLScheme(), "qwen2_vl": QwenVLScheme(),
+}
+
+
+def scheme_of(config) -> ImageScheme:
+    """The image scheme of ``config``'s family (LLaVA-1.5's for a config that names none)."""
+    return SCHEMES.get(getattr(config, "model_type", None), LLAVA_IMAGE)
+
+
+__all__ = ["SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "QwenVLScheme", "scheme_of"]

@@ -1,0 +1,69 @@
+"""models/schemes.py: every family has an image scheme, and the schemes' pure parts by hand (the overlay's tokens,
+the pooled grid's refusal, how a batch's images reach the processor). Each family's scheme runs end to end, against
+plain forwards, in its own test file (test_models_anyres, _onevision, _internvl, _gemma3, _qwen_vl)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mclcbf_diag.errors import UserError
+from mclcbf_diag.models.families import FAMILIES
+from mclcbf_diag.models.schemes import (
+    SCHEMES,
+    AnyresScheme,
+    Gemma3Scheme,
+    ImageScheme,
+    InternVLScheme,
+    QwenVLScheme,
+    scheme_of,
+)
+
+
+def test_every_family_has_a_scheme_and_every_scheme_a_family():
+    assert set(SCHEMES) == {f.model_type for f in FAMILIES}
+    kinds = {"llava": ImageScheme, "llava_next": AnyresScheme, "llava_onevision": AnyresScheme,
+             "internvl": InternVLScheme, "gemma3": Gemma3Scheme, "qwen2_5_vl": QwenVLScheme, "qwen2_vl": QwenVLScheme}
+    assert {m: type(s) for m, s in SCHEMES.items()} == kinds
+    assert type(scheme_of(SimpleNamespace(model_type="llava"))) is ImageScheme
+    assert type(scheme_of(SimpleNamespace())) is ImageScheme  # a config that names no family: LLaVA-1.5's
+
+
+def _mask(length: int, image: range) -> torch.Tensor:
+    out = torch.zeros(length, dtype=torch.bool)
+    out[list(image)] = True
+    return out
+
+
+def test_the_overlay_tokens_of_each_layout():
+    image = _mask(40, range(5, 35))  # 30 image tokens at 5 … 34
+    assert torch.equal(ImageScheme().grid_mask(None, image), image)
+    # LLaVA-NeXT with a CLS kept ("full"): the 2 × 2 base grid after it; OneVision: the first p² with no CLS
+    vision = SimpleNamespace(image_size=28, patch_size=14)
+    nxt = SimpleNamespace(model_type="llava_next", vision_feature_select_strategy="full", vision_config=vision)
+    assert torch.nonzero(AnyresScheme().grid_mask(nxt, image)).flatten().tolist() == [6, 7, 8, 9]
+    ov = SimpleNamespace(model_type="llava_onevision", vision_aspect_ratio="anyres_max_4", vision_config=vision)
+    assert AnyresScheme().params(ov) == (0, 4)
+    assert torch.nonzero(AnyresScheme().grid_mask(ov, image)).flatten().tolist() == [5, 6, 7, 8]
+    # InternVL: the last tile's grid (the thumbnail), 2 × 2 tokens after a 112-px tile's pixel shuffle at 0.5
+    from mclcbf_diag.models import internvl
+
+    cfg = SimpleNamespace(model_type="internvl", downsample_ratio=0.5,
+                          vision_config=SimpleNamespace(image_size=[56, 56], patch_size=[14, 14]))
+    rows, cols = internvl.tile_grid(cfg)
+    got = torch.nonzero(InternVLScheme().grid_mask(cfg, image)).flatten().tolist()
+    assert got == list(range(35 - rows * cols, 35))
+
+
+def test_gemma3_takes_one_image_list_per_prompt_and_one_pooled_grid():
+    scheme = Gemma3Scheme()
+    assert scheme.processor_images(None, ["a", "b"]) == [["a"], ["b"]]
+    assert ImageScheme().processor_images(None, ("a", "b")) == ["a", "b"]
+    cfg = SimpleNamespace(mm_tokens_per_image=16)
+    assert scheme.image_grid(cfg, {"pixel_values": torch.zeros(1, 3, 8, 8)}, 16, "ckpt") == (4, 4)
+    with pytest.raises(UserError, match="pan-and-scan"):  # a crop added an image and its tokens
+        scheme.image_grid(cfg, {"pixel_values": torch.zeros(2, 3, 8, 8)}, 32, "ckpt")
+    crops = SimpleNamespace(image_processor=SimpleNamespace(do_pan_and_scan=True))
+    with pytest.raises(UserError, match="do_pan_and_scan"):
+        scheme.check_processor(cfg, crops, "ckpt")
+    scheme.check_processor(cfg, SimpleNamespace(image_processor=SimpleNamespace(do_pan_and_scan=False)), "ckpt")
