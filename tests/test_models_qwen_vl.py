@@ -278,3 +278,17 @@ def test_qwen_patching_continues_at_the_prompts_3d_positions(qwen_lm):
     assert local.clean == pytest.approx(steered, rel=0, abs=TOL)
     for g in (1, 2):
         assert float(local.margins["resid:noise"][0, g]) == pytest.approx(steered, rel=0, abs=TOL)
+
+
+def test_the_page_shows_the_image_the_patches_came_from(qwen_lm):
+    """mrope.seen_image undoes the processor's patch layout: an image already on the 28-px lattice and inside the
+    pixel budget (not resized) comes back as its own pixels."""
+    from mclcbf_diag.models.mrope import seen_image as unpatched
+    from mclcbf_diag.report.overlay import seen_image
+
+    image = sample_scene(3, 2).image().resize((112, 56))  # width 112, height 56: 4 × 8 patches
+    enc = qwen_lm.inputs(PROMPT, image)
+    ip = qwen_lm.processor.image_processor
+    picture = seen_image(unpatched(enc["pixel_values"], enc["image_grid_thw"], ip), ip.image_mean, ip.image_std)
+    assert picture.shape == (56, 112, 3)
+    assert np.abs(picture.astype(int) - np.asarray(image.convert("RGB")).astype(int)).max() <= 1
