@@ -292,3 +292,13 @@ def test_the_page_shows_the_image_the_patches_came_from(qwen_lm):
     picture = seen_image(unpatched(enc["pixel_values"], enc["image_grid_thw"], ip), ip.image_mean, ip.image_std)
     assert picture.shape == (56, 112, 3)
     assert np.abs(picture.astype(int) - np.asarray(image.convert("RGB")).astype(int)).max() <= 1
+
+
+def test_an_image_view_of_flattened_patches_is_refused_in_one_line(qwen_lm):
+    """VCD noises each image's pixel tensor; Qwen-VL's flattened patches are not one: refused, never mismeasured."""
+    from mclcbf_diag.engine.runner import run
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.interventions.vcd import VCD
+
+    with pytest.raises(UserError, match=r"flattened patches .*\(not VCD\)$"):
+        run(qwen_lm, qwen_lm.inputs(PROMPT, _image(0)), VCD())
