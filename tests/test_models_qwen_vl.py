@@ -302,3 +302,23 @@ def test_an_image_view_of_flattened_patches_is_refused_in_one_line(qwen_lm):
 
     with pytest.raises(UserError, match=r"flattened patches .*\(not VCD\)$"):
         run(qwen_lm, qwen_lm.inputs(PROMPT, _image(0)), VCD())
+
+
+def test_the_attention_site_edits_qwens_softmax(qwen_lm):
+    """The ``attention`` site reaches the softmax inside Qwen-VL's eager attention: knocking out the decision token's
+    image attention at every layer equals a plain forward whose mask hides the image from that query."""
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.interventions.knockout import AttentionKnockout
+    from mclcbf_diag.models.mrope import position_ids
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    T = inputs["input_ids"].shape[1]
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)
+    hidden[-1] |= inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
+    mask = torch.zeros(1, 1, T, T).masked_fill(hidden, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out = qwen_lm.model(**{**inputs, "attention_mask": mask, "position_ids": position_ids(qwen_lm, inputs)})
+    result = trace_sample(qwen_lm, QUESTIONS[0], _image(0), AttentionKnockout())
+    want = _margin(qwen_lm, out.logits[0, -1])
+    assert result.value("final_margin", "steered") == pytest.approx(want, rel=0, abs=TOL)
+    assert result.value("final_margin", "baseline") != pytest.approx(want, rel=0, abs=TOL)
