@@ -161,7 +161,9 @@ def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
     images = [_image(0), _image(0), _image(1), _image(1)]
     inputs = batch_inputs(qwen_lm, prompts, images)
     assert inputs["position_ids"].shape == (3, *inputs["input_ids"].shape)
-    assert "pixel_values" not in inputs and len(inputs["mm_encoder_outputs"]["image"].pooler_output) == 4
+    feats = inputs["mm_encoder_outputs"]["image"].pooler_output
+    assert "pixel_values" not in inputs and len(feats) == 4
+    assert feats[0] is feats[1] and feats[2] is feats[3] and feats[1] is not feats[2]  # one tower run per image
     iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
     base, steered = answer_pair(qwen_lm, prompts, images, iv, inputs=inputs)
     full = answer_batch(qwen_lm, prompts, images, iv, True, inputs=inputs)

@@ -117,20 +117,21 @@ def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_process
 
 
 def shared_features(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's image features (one image per row) from one vision-tower run over the distinct images."""
-    counts = grid_thw.prod(-1).tolist()
-    chunks = torch.split(pixel_values, counts)
-    first: dict[tuple, int] = {}  # each distinct (grid, pixels) → the first row holding it
-    keys = []
-    for b, (chunk, grid) in enumerate(zip(chunks, grid_thw.tolist())):
-        key = (tuple(grid), chunk.shape[0], hash(chunk.detach().cpu().numpy().tobytes()))
-        keys.append(key)
-        first.setdefault(key, b)
-    rows = list(first.values())
-    pv = torch.cat([chunks[b] for b in rows])
-    feats = lm.model.get_image_features(pixel_values=pv, image_grid_thw=grid_thw[rows], return_dict=True)
-    index = {k: n for n, k in enumerate(first)}
-    return [feats.pooler_output[index[k]] for k in keys]
+    """Each row's image features (one image per row) from one vision-tower run over the distinct images (the same
+    grid and equal pixels)."""
+    chunks = torch.split(pixel_values, grid_thw.prod(-1).tolist())
+    rows: list[int] = []  # the first row holding each distinct image
+    which: list[int] = []  # each row's distinct image
+    for b, chunk in enumerate(chunks):
+        n = next((n for n, r in enumerate(rows)
+                  if torch.equal(grid_thw[r], grid_thw[b]) and torch.equal(chunks[r], chunk)), None)
+        if n is None:
+            n = len(rows)
+            rows.append(b)
+        which.append(n)
+    feats = lm.model.get_image_features(pixel_values=torch.cat([chunks[b] for b in rows]),
+                                        image_grid_thw=grid_thw[rows], return_dict=True)
+    return [feats.pooler_output[n] for n in which]
 
 
 def _image_only(base):
