@@ -116,7 +116,9 @@ def test_qwen_is_a_supported_family_with_its_grid_and_positions(qwen_lm):
 
 def test_the_prompt_length_check_bounds_the_image_tokens(qwen_lm):
     from mclcbf_diag.models.loading import check_prompt_lengths
+    from mclcbf_diag.models.mrope import token_bound
 
+    assert token_bound(qwen_lm.processor) == 20  # max_pixels over a merged 28 × 28 patch
     big = qwen_lm.inputs(PROMPT, sample_scene(2, 0).image().resize((900, 900)))
     n = int((big["input_ids"][0] == qwen_lm.tokens.image_token_id).sum())
     assert n <= 20 and check_prompt_lengths(qwen_lm, [PROMPT]) >= len(big["input_ids"][0])
