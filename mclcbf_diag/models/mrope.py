@@ -24,14 +24,11 @@ Mechanism
   that module's output, reproduces the attention exactly with its backbone's usual math
   (:data:`~mclcbf_diag.models.adapter.TEXT_MATH`).
 * **Processor.** transformers' Qwen-VL processors require a video processor, which needs
-  torchvision; the toolkit measures images only, so without torchvision :func:`load_processor`
-  builds the checkpoint's processor from its image processor and tokenizer alone (with
-  torchvision it is ``AutoProcessor``'s).
+  torchvision; the toolkit measures images only, so :func:`load_processor` builds the checkpoint's
+  processor from its image processor and tokenizer alone (one path, with or without torchvision).
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 
@@ -160,11 +157,10 @@ def image_only_processor(model_type: str, image_processor, tokenizer, chat_templ
 
 
 def load_processor(where: str, config):
-    """The checkpoint's processor: ``AutoProcessor``'s with torchvision installed, else an images-only one."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    """The checkpoint's processor for images: its image processor and tokenizer (no video processor, which needs
+    torchvision and which the toolkit never uses), whether or not torchvision is installed."""
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    if importlib.util.find_spec("torchvision") is not None:
-        return AutoProcessor.from_pretrained(where, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
     images = AutoImageProcessor.from_pretrained(where, local_files_only=True)
     return image_only_processor(config.model_type, images, tokenizer, getattr(tokenizer, "chat_template", None))
