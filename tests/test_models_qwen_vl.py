@@ -126,8 +126,9 @@ def test_the_prompt_length_check_bounds_the_image_tokens(qwen_lm):
 
 @pytest.mark.parametrize("k", [0, 1])
 def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
+    from mclcbf_diag.engine.batch import answer_batch
     from mclcbf_diag.experiments.trace import trace_sample
-    from mclcbf_diag.report.overlay import attention_maps
+    from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
     inputs, out, layer_out = _plain(qwen_lm, _prompt(QUESTIONS[k]), _image(k))
@@ -146,11 +147,20 @@ def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
     assert per["logit_lens_margin"][qwen_lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
     assert "lookahead_miss_layers" not in result.summary()
-    assert result.value("final_margin", "steered") != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
+    steered = result.value("final_margin", "steered")
+    assert steered != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
+    # the steered run reads the baseline's embeddings at the prompt's 3-D positions: as a batch of one would
+    assert steered == pytest.approx(answer_batch(qwen_lm, [_prompt(QUESTIONS[k])], [_image(k)], config, True)[0]
+                                    ["margin"], rel=0, abs=TOL)
     rows, cols = qwen_lm.image_grid(inputs)
-    maps = attention_maps(result.baseline, qwen_lm.grid_mask(result.baseline.detected), shape=(rows, cols))
+    grid = qwen_lm.grid_mask(result.baseline.detected)
+    maps = attention_maps(result.baseline, grid, shape=(rows, cols))
     want = out.attentions[1][0, :, -1].mean(0)[image].reshape(rows, cols)
     np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+    q = int(torch.nonzero(image)[-1]) + 2  # another query token's rows, from the runs the overlay adds
+    got = token_attention_maps(qwen_lm, inputs, config, [q], shape=(rows, cols))[q]["baseline"]["layer 0"]
+    np.testing.assert_allclose(got, out.attentions[0][0, :, q].mean(0)[image].reshape(rows, cols).numpy(),
+                               rtol=0, atol=1e-6)
 
 
 def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
