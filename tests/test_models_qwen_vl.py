@@ -202,7 +202,7 @@ def test_pope_trace_explain_and_flow_run_on_qwen(qwen_lm, tmp_path):
     assert main(["flow", "--model", qwen_lm.source, "--sample", "0", "--out", str(tmp_path / "f")]) == 0
 
 
-def test_qwen2_vl_trace_equals_a_plain_forward(tmp_path):
+def test_qwen2_vl_trace_and_batches_equal_plain_forwards(tmp_path):
     from mclcbf_diag.experiments.trace import trace_sample
     from mclcbf_diag.models import load_model
 
@@ -221,6 +221,15 @@ def test_qwen2_vl_trace_equals_a_plain_forward(tmp_path):
         assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
         assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") == pytest.approx(_margin(lm, out.logits[0, -1]), rel=0, abs=TOL)
+    # pope's batched path, the cached prefix continued: each prompt's margin as its plain forward's
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair
+
+    prompts, images = [PROMPT, _prompt(QUESTIONS[1])], [_image(1), _image(0)]
+    base, steered = answer_pair(lm, prompts, images, config)
+    full = answer_batch(lm, prompts, images, config, True)
+    for b, (prompt, image) in enumerate(zip(prompts, images)):
+        assert base[b]["margin"] == pytest.approx(_margin(lm, _plain(lm, prompt, image)[1].logits[0, -1]), abs=TOL)
+        assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
 
 
 def test_qwen_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen_lm):

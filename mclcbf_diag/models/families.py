@@ -88,8 +88,8 @@ FAMILIES: tuple[Family, ...] = (
         model_type="qwen2_vl",
         layout="Qwen2-VL: Qwen2.5-VL's image layout and 3-D M-RoPE positions (models/mrope.py), with a "
                "full-attention vision tower",
-        checked=("a tiny random checkpoint built in the tests (trace against plain forwards); no real weights have "
-                 "been run",),
+        checked=("a tiny random checkpoint built in the tests (trace and pope's batched, cached-prefix path against "
+                 "plain forwards); no real weights have been run",),
         covers="Qwen2VLForConditionalGeneration checkpoints (Qwen/Qwen2-VL-*-Instruct), images only",
         not_covered="video inputs",
     ),
