@@ -345,3 +345,17 @@ def test_the_attention_site_edits_qwens_softmax(qwen_lm):
     want = _margin(qwen_lm, out.logits[0, -1])
     assert result.value("final_margin", "steered") == pytest.approx(want, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") != pytest.approx(want, rel=0, abs=TOL)
+
+
+def test_the_pages_overlay_draws_a_non_square_grid(qwen_lm):
+    """The trace page's overlay section on a wide image: the seen picture and the 3 × 6 merged grid, another token
+    too (the known crash on non-square grids does not happen)."""
+    from mclcbf_diag.data import LLAVA_PROMPT, PopeQuestion
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.pages import overlay_section
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    question = PopeQuestion(question_id=1, image="wide.png", text=QUESTIONS[0], label="yes", index=0)
+    result = trace_sample(qwen_lm, question, _image(0), config)
+    section = overlay_section(qwen_lm, result, _image(0), LLAVA_PROMPT, tokens=(-2,))
+    assert len(section.figures) == 2
