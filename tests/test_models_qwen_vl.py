@@ -359,3 +359,48 @@ def test_the_pages_overlay_draws_a_non_square_grid(qwen_lm):
     result = trace_sample(qwen_lm, question, _image(0), config)
     section = overlay_section(qwen_lm, result, _image(0), LLAVA_PROMPT, tokens=(-2,))
     assert len(section.figures) == 2
+
+
+def test_forwards_fed_embeddings_run_at_the_prompts_3d_positions(qwen_lm):
+    """VISTA's steering vectors and AdHH's head influence run the language model from the prompt embeddings: at the
+    prompt's M-RoPE positions, not from the model's last rope_deltas, so they equal forwards of the ids."""
+    from mclcbf_diag.data import PopeQuestion
+    from mclcbf_diag.interventions.adhh import head_influence
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.vista import steering_vectors
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], qwen_lm.tokens.image_token_id)
+    language_model = qwen_lm.adapter.get(qwen_lm.model, qwen_lm.adapter.language_model)
+    got = {}
+    def keep(module, args, kwargs):
+        got.setdefault("embeds", kwargs["inputs_embeds"])  # the prompt's (VISTA's image-free run comes second)
+
+    hook = language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        by_ids = steering_vectors(qwen_lm, inputs, rows)
+    finally:
+        hook.remove()
+    with torch.no_grad():  # another prompt's forward leaves other rope_deltas in the model
+        qwen_lm.model(**qwen_lm.inputs(PROMPT, _image(1)))
+    by_embeds = steering_vectors(qwen_lm, {**inputs, "inputs_embeds": got["embeds"]}, rows)
+    torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=TOL)
+    question = PopeQuestion(question_id=1, image="wide.png", text=QUESTIONS[0], label="no", index=0)
+    score = head_influence(qwen_lm, [question], [_image(0)])
+    o_proj = qwen_lm.adapter.layer_part(qwen_lm.model, 1, "layer_o_proj")
+
+    def zero_head_2(module, args):
+        x = args[0].clone()
+        x[..., 2 * 16:3 * 16] = 0
+        return (x,)
+
+    with torch.no_grad():
+        p0 = qwen_lm.model(**inputs).logits[0, -1].float().softmax(-1)
+        handle = o_proj.register_forward_pre_hook(zero_head_2)
+        try:
+            p1 = qwen_lm.model(**inputs).logits[0, -1].float().softmax(-1)
+        finally:
+            handle.remove()
+    yes, no = qwen_lm.tokens.yes_id, qwen_lm.tokens.no_id  # label "no": Yes is the hallucinated answer
+    want = float((p0[yes] - p1[yes]) - (p0[no] - p1[no]))
+    assert float(score[1, 2]) == pytest.approx(want, rel=0, abs=1e-6)

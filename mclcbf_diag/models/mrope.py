@@ -58,6 +58,14 @@ def position_ids(lm, inputs: dict) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def embeds_positions(lm, inputs: dict) -> dict:
+    """For a forward fed ``inputs_embeds`` instead of ``inputs``' ids: ``{"position_ids": …}`` for an M-RoPE family
+    (the model would otherwise count from its last call's ``rope_deltas``), ``{}`` for every other."""
+    if not uses_mrope(getattr(lm, "model", lm).config):
+        return {}
+    return {"position_ids": inputs["position_ids"] if "position_ids" in inputs else position_ids(lm, inputs)}
+
+
 def position_rows(positions: torch.Tensor, idx) -> torch.Tensor:
     """Rows ``idx`` of a batch's position ids: ``[B, S]``, or M-RoPE's ``[3, B, S]``."""
     return positions[:, idx] if positions.dim() == 3 else positions[idx]
