@@ -117,6 +117,7 @@ SKIPPED = {
 COVERED_BY = {  # module → (test file that holds its tests, why not the mirror name)
     "models/loading.py": ("test_loading.py", "predates the mirror rule; loading is the models package's main job"),
     "models/real_width.py": ("test_real_width.py", "predates the mirror rule"),
+    "models/mrope.py": ("test_models_qwen_vl.py", "the Qwen-VL family end to end, the file named by its family"),
     "models/projection.py": ("test_models.py", "key projection = the layer's own cache, with the adapter's weights"),
     "models/tokens.py": ("test_models.py", "answer and image tokens on several vocabularies"),
     "pope/compare.py": ("test_compare.py", "predates the mirror rule"),
@@ -136,8 +137,6 @@ COVERED_BY = {  # module → (test file that holds its tests, why not the mirror
     "interventions/mclcbf/report.py": ("test_report_plots.py", "its figures beside the generic ones; its page "
                                        "sentences in test_report_pages.py"),
     "experiments/evidence.py": ("test_experiments_explain.py", "the pieces of a verdict, through explain's runs"),
-    "models/mrope.py": ("test_models_qwen_vl.py", "Qwen-VL's positions, grids and features, against its own "
-                        "get_rope_index and plain forwards of a tiny Qwen2.5-VL"),
 }
 
 EXEMPT = {

@@ -116,7 +116,9 @@ def test_qwen_is_a_supported_family_with_its_grid_and_positions(qwen_lm):
 
 def test_the_prompt_length_check_bounds_the_image_tokens(qwen_lm):
     from mclcbf_diag.models.loading import check_prompt_lengths
+    from mclcbf_diag.models.mrope import token_bound
 
+    assert token_bound(qwen_lm.processor) == 20  # max_pixels over a merged 28 × 28 patch
     big = qwen_lm.inputs(PROMPT, sample_scene(2, 0).image().resize((900, 900)))
     n = int((big["input_ids"][0] == qwen_lm.tokens.image_token_id).sum())
     assert n <= 20 and check_prompt_lengths(qwen_lm, [PROMPT]) >= len(big["input_ids"][0])
@@ -124,8 +126,9 @@ def test_the_prompt_length_check_bounds_the_image_tokens(qwen_lm):
 
 @pytest.mark.parametrize("k", [0, 1])
 def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
+    from mclcbf_diag.engine.batch import answer_batch
     from mclcbf_diag.experiments.trace import trace_sample
-    from mclcbf_diag.report.overlay import attention_maps
+    from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
     inputs, out, layer_out = _plain(qwen_lm, _prompt(QUESTIONS[k]), _image(k))
@@ -144,11 +147,20 @@ def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
     assert per["logit_lens_margin"][qwen_lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
     assert "lookahead_miss_layers" not in result.summary()
-    assert result.value("final_margin", "steered") != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
+    steered = result.value("final_margin", "steered")
+    assert steered != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
+    # the steered run reads the baseline's embeddings at the prompt's 3-D positions: as a batch of one would
+    assert steered == pytest.approx(answer_batch(qwen_lm, [_prompt(QUESTIONS[k])], [_image(k)], config, True)[0]
+                                    ["margin"], rel=0, abs=TOL)
     rows, cols = qwen_lm.image_grid(inputs)
-    maps = attention_maps(result.baseline, qwen_lm.grid_mask(result.baseline.detected), shape=(rows, cols))
+    grid = qwen_lm.grid_mask(result.baseline.detected)
+    maps = attention_maps(result.baseline, grid, shape=(rows, cols))
     want = out.attentions[1][0, :, -1].mean(0)[image].reshape(rows, cols)
     np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
+    q = int(torch.nonzero(image)[-1]) + 2  # another query token's rows, from the runs the overlay adds
+    got = token_attention_maps(qwen_lm, inputs, config, [q], shape=(rows, cols))[q]["baseline"]["layer 0"]
+    np.testing.assert_allclose(got, out.attentions[0][0, :, q].mean(0)[image].reshape(rows, cols).numpy(),
+                               rtol=0, atol=1e-6)
 
 
 def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
@@ -161,7 +173,9 @@ def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
     images = [_image(0), _image(0), _image(1), _image(1)]
     inputs = batch_inputs(qwen_lm, prompts, images)
     assert inputs["position_ids"].shape == (3, *inputs["input_ids"].shape)
-    assert "pixel_values" not in inputs and len(inputs["mm_encoder_outputs"]["image"].pooler_output) == 4
+    feats = inputs["mm_encoder_outputs"]["image"].pooler_output
+    assert "pixel_values" not in inputs and len(feats) == 4
+    assert feats[0] is feats[1] and feats[2] is feats[3] and feats[1] is not feats[2]  # one tower run per image
     iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
     base, steered = answer_pair(qwen_lm, prompts, images, iv, inputs=inputs)
     full = answer_batch(qwen_lm, prompts, images, iv, True, inputs=inputs)
@@ -188,7 +202,7 @@ def test_pope_trace_explain_and_flow_run_on_qwen(qwen_lm, tmp_path):
     assert main(["flow", "--model", qwen_lm.source, "--sample", "0", "--out", str(tmp_path / "f")]) == 0
 
 
-def test_qwen2_vl_trace_equals_a_plain_forward(tmp_path):
+def test_qwen2_vl_trace_and_batches_equal_plain_forwards(tmp_path):
     from mclcbf_diag.experiments.trace import trace_sample
     from mclcbf_diag.models import load_model
 
@@ -207,6 +221,15 @@ def test_qwen2_vl_trace_equals_a_plain_forward(tmp_path):
         assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
         assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") == pytest.approx(_margin(lm, out.logits[0, -1]), rel=0, abs=TOL)
+    # pope's batched path, the cached prefix continued: each prompt's margin as its plain forward's
+    from mclcbf_diag.engine.batch import answer_batch, answer_pair
+
+    prompts, images = [PROMPT, _prompt(QUESTIONS[1])], [_image(1), _image(0)]
+    base, steered = answer_pair(lm, prompts, images, config)
+    full = answer_batch(lm, prompts, images, config, True)
+    for b, (prompt, image) in enumerate(zip(prompts, images)):
+        assert base[b]["margin"] == pytest.approx(_margin(lm, _plain(lm, prompt, image)[1].logits[0, -1]), abs=TOL)
+        assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
 
 
 def test_qwen_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen_lm):
@@ -278,3 +301,106 @@ def test_qwen_patching_continues_at_the_prompts_3d_positions(qwen_lm):
     assert local.clean == pytest.approx(steered, rel=0, abs=TOL)
     for g in (1, 2):
         assert float(local.margins["resid:noise"][0, g]) == pytest.approx(steered, rel=0, abs=TOL)
+
+
+def test_the_page_shows_the_image_the_patches_came_from(qwen_lm):
+    """mrope.seen_image undoes the processor's patch layout: an image already on the 28-px lattice and inside the
+    pixel budget (not resized) comes back as its own pixels."""
+    from mclcbf_diag.models.mrope import seen_image as unpatched
+    from mclcbf_diag.report.overlay import seen_image
+
+    image = sample_scene(3, 2).image().resize((112, 56))  # width 112, height 56: 4 × 8 patches
+    enc = qwen_lm.inputs(PROMPT, image)
+    ip = qwen_lm.processor.image_processor
+    picture = seen_image(unpatched(enc["pixel_values"], enc["image_grid_thw"], ip), ip.image_mean, ip.image_std)
+    assert picture.shape == (56, 112, 3)
+    assert np.abs(picture.astype(int) - np.asarray(image.convert("RGB")).astype(int)).max() <= 1
+
+
+def test_an_image_view_of_flattened_patches_is_refused_in_one_line(qwen_lm):
+    """VCD noises each image's pixel tensor; Qwen-VL's flattened patches are not one: refused, never mismeasured."""
+    from mclcbf_diag.engine.runner import run
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.interventions.vcd import VCD
+
+    with pytest.raises(UserError, match=r"flattened patches .*\(not VCD\)$"):
+        run(qwen_lm, qwen_lm.inputs(PROMPT, _image(0)), VCD())
+
+
+def test_the_attention_site_edits_qwens_softmax(qwen_lm):
+    """The ``attention`` site reaches the softmax inside Qwen-VL's eager attention: knocking out the decision token's
+    image attention at every layer equals a plain forward whose mask hides the image from that query."""
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.interventions.knockout import AttentionKnockout
+    from mclcbf_diag.models.mrope import position_ids
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    T = inputs["input_ids"].shape[1]
+    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)
+    hidden[-1] |= inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
+    mask = torch.zeros(1, 1, T, T).masked_fill(hidden, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out = qwen_lm.model(**{**inputs, "attention_mask": mask, "position_ids": position_ids(qwen_lm, inputs)})
+    result = trace_sample(qwen_lm, QUESTIONS[0], _image(0), AttentionKnockout())
+    want = _margin(qwen_lm, out.logits[0, -1])
+    assert result.value("final_margin", "steered") == pytest.approx(want, rel=0, abs=TOL)
+    assert result.value("final_margin", "baseline") != pytest.approx(want, rel=0, abs=TOL)
+
+
+def test_the_pages_overlay_draws_a_non_square_grid(qwen_lm):
+    """The trace page's overlay section on a wide image: the seen picture and the 3 × 6 merged grid, another token
+    too (the known crash on non-square grids does not happen)."""
+    from mclcbf_diag.data import LLAVA_PROMPT, PopeQuestion
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.pages import overlay_section
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    question = PopeQuestion(question_id=1, image="wide.png", text=QUESTIONS[0], label="yes", index=0)
+    result = trace_sample(qwen_lm, question, _image(0), config)
+    section = overlay_section(qwen_lm, result, _image(0), LLAVA_PROMPT, tokens=(-2,))
+    assert len(section.figures) == 2
+
+
+def test_forwards_fed_embeddings_run_at_the_prompts_3d_positions(qwen_lm):
+    """VISTA's steering vectors and AdHH's head influence run the language model from the prompt embeddings: at the
+    prompt's M-RoPE positions, not from the model's last rope_deltas, so they equal forwards of the ids."""
+    from mclcbf_diag.data import PopeQuestion
+    from mclcbf_diag.interventions.adhh import head_influence
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.vista import steering_vectors
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], qwen_lm.tokens.image_token_id)
+    language_model = qwen_lm.adapter.get(qwen_lm.model, qwen_lm.adapter.language_model)
+    got = {}
+    def keep(module, args, kwargs):
+        got.setdefault("embeds", kwargs["inputs_embeds"])  # the prompt's (VISTA's image-free run comes second)
+
+    hook = language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        by_ids = steering_vectors(qwen_lm, inputs, rows)
+    finally:
+        hook.remove()
+    with torch.no_grad():  # another prompt's forward leaves other rope_deltas in the model
+        qwen_lm.model(**qwen_lm.inputs(PROMPT, _image(1)))
+    by_embeds = steering_vectors(qwen_lm, {**inputs, "inputs_embeds": got["embeds"]}, rows)
+    torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=TOL)
+    question = PopeQuestion(question_id=1, image="wide.png", text=QUESTIONS[0], label="no", index=0)
+    score = head_influence(qwen_lm, [question], [_image(0)])
+    o_proj = qwen_lm.adapter.layer_part(qwen_lm.model, 1, "layer_o_proj")
+
+    def zero_head_2(module, args):
+        x = args[0].clone()
+        x[..., 2 * 16:3 * 16] = 0
+        return (x,)
+
+    with torch.no_grad():
+        p0 = qwen_lm.model(**inputs).logits[0, -1].float().softmax(-1)
+        handle = o_proj.register_forward_pre_hook(zero_head_2)
+        try:
+            p1 = qwen_lm.model(**inputs).logits[0, -1].float().softmax(-1)
+        finally:
+            handle.remove()
+    yes, no = qwen_lm.tokens.yes_id, qwen_lm.tokens.no_id  # label "no": Yes is the hallucinated answer
+    want = float((p0[yes] - p1[yes]) - (p0[no] - p1[no]))
+    assert float(score[1, 2]) == pytest.approx(want, rel=0, abs=1e-6)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.mrope import embeds_positions
 from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
 from .decoding import answer_from, decoding_lines, decoding_summary
@@ -51,7 +52,8 @@ def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs:
         feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"],
-                **{k: inputs[k] for k in ("token_type_ids",) if k in inputs}}  # Gemma 3's image tokens
+                **{k: inputs[k] for k in ("token_type_ids",) if k in inputs},  # Gemma 3's image tokens
+                **embeds_positions(lm, inputs)}
     L = lm.n_layers
     with torch.no_grad():
         pos = lm.model(**feed, output_hidden_states=True, logits_to_keep=1).hidden_states

@@ -124,12 +124,16 @@ FAMILIES: tuple[Family, ...] = (
                "<|image_pad|> tokens in row-major order over the merged grid, between <|vision_start|> and "
                "<|vision_end|>; 3-D M-RoPE positions from the model's get_rope_index (models/mrope.py); the processor "
                "adds per-image image_grid_thw and flattened patches, which batching splits per image",
-        checked=("a tiny random checkpoint built in the tests (trace, pope's batched and cached-prefix path, explain "
-                 "and flow against plain forwards); no real weights have been run",),
-        covers="Qwen2_5_VLForConditionalGeneration checkpoints (Qwen/Qwen2.5-VL-*-Instruct), images only; the page's "
-               "overlay draws the merged (h/2) × (w/2) grid",
-        not_covered="video inputs; Qwen3-VL (deepstack features added inside the text model): refused from "
-                    "config.json",
+        checked=("a tiny random checkpoint built in the tests (trace, pope's batched and cached-prefix path, "
+                 "explain's units, OPERA, the attention site and attribute's patching against plain forwards; explain "
+                 "and flow run); no real weights have been run",),
+        covers="Qwen2_5_VLForConditionalGeneration checkpoints (Qwen/Qwen2.5-VL-*-Instruct), images only (the "
+               "processor is built from the image processor and tokenizer, without torchvision's video processor); "
+               "the page's overlay draws the merged (h/2) × (w/2) grid; the default prompt is LLaVA's: give Instruct "
+               "checkpoints their chat format with --prompt '<|im_start|>user\\n<image>{question}<|im_end|>\\n"
+               "<|im_start|>assistant\\n' (<image> becomes <|vision_start|><|image_pad|><|vision_end|>)",
+        not_covered="video inputs; VCD's distorted image (flattened patches: refused in one line); Qwen3-VL "
+                    "(deepstack features added inside the text model): refused from config.json",
     ),
     Family(
         name="qwen2_vl",
@@ -137,8 +141,8 @@ FAMILIES: tuple[Family, ...] = (
         model_type="qwen2_vl",
         layout="Qwen2-VL: Qwen2.5-VL's image layout and 3-D M-RoPE positions (models/mrope.py), with a "
                "full-attention vision tower",
-        checked=("a tiny random checkpoint built in the tests (trace against plain forwards); no real weights have "
-                 "been run",),
+        checked=("a tiny random checkpoint built in the tests (trace and pope's batched, cached-prefix path against "
+                 "plain forwards); no real weights have been run",),
         covers="Qwen2VLForConditionalGeneration checkpoints (Qwen/Qwen2-VL-*-Instruct), images only",
         not_covered="video inputs",
     ),

@@ -24,14 +24,11 @@ Mechanism
   that module's output, reproduces the attention exactly with its backbone's usual math
   (:data:`~mclcbf_diag.models.adapter.TEXT_MATH`).
 * **Processor.** transformers' Qwen-VL processors require a video processor, which needs
-  torchvision; the toolkit measures images only, so without torchvision :func:`load_processor`
-  builds the checkpoint's processor from its image processor and tokenizer alone (with
-  torchvision it is ``AutoProcessor``'s).
+  torchvision; the toolkit measures images only, so :func:`load_processor` builds the checkpoint's
+  processor from its image processor and tokenizer alone (one path, with or without torchvision).
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 
@@ -59,6 +56,14 @@ def position_ids(lm, inputs: dict) -> torch.Tensor:
                                             attention_mask=mask)
         return pos
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def embeds_positions(lm, inputs: dict) -> dict:
+    """For a forward fed ``inputs_embeds`` instead of ``inputs``' ids: ``{"position_ids": …}`` for an M-RoPE family
+    (the model would otherwise count from its last call's ``rope_deltas``), ``{}`` for every other."""
+    if not uses_mrope(getattr(lm, "model", lm).config):
+        return {}
+    return {"position_ids": inputs["position_ids"] if "position_ids" in inputs else position_ids(lm, inputs)}
 
 
 def position_rows(positions: torch.Tensor, idx) -> torch.Tensor:
@@ -117,20 +122,21 @@ def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_process
 
 
 def shared_features(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's image features (one image per row) from one vision-tower run over the distinct images."""
-    counts = grid_thw.prod(-1).tolist()
-    chunks = torch.split(pixel_values, counts)
-    first: dict[tuple, int] = {}  # each distinct (grid, pixels) → the first row holding it
-    keys = []
-    for b, (chunk, grid) in enumerate(zip(chunks, grid_thw.tolist())):
-        key = (tuple(grid), chunk.shape[0], hash(chunk.detach().cpu().numpy().tobytes()))
-        keys.append(key)
-        first.setdefault(key, b)
-    rows = list(first.values())
-    pv = torch.cat([chunks[b] for b in rows])
-    feats = lm.model.get_image_features(pixel_values=pv, image_grid_thw=grid_thw[rows], return_dict=True)
-    index = {k: n for n, k in enumerate(first)}
-    return [feats.pooler_output[index[k]] for k in keys]
+    """Each row's image features (one image per row) from one vision-tower run over the distinct images (the same
+    grid and equal pixels)."""
+    chunks = torch.split(pixel_values, grid_thw.prod(-1).tolist())
+    rows: list[int] = []  # the first row holding each distinct image
+    which: list[int] = []  # each row's distinct image
+    for b, chunk in enumerate(chunks):
+        n = next((n for n, r in enumerate(rows)
+                  if torch.equal(grid_thw[r], grid_thw[b]) and torch.equal(chunks[r], chunk)), None)
+        if n is None:
+            n = len(rows)
+            rows.append(b)
+        which.append(n)
+    feats = lm.model.get_image_features(pixel_values=torch.cat([chunks[b] for b in rows]),
+                                        image_grid_thw=grid_thw[rows], return_dict=True)
+    return [feats.pooler_output[n] for n in which]
 
 
 def _image_only(base):
@@ -159,11 +165,10 @@ def image_only_processor(model_type: str, image_processor, tokenizer, chat_templ
 
 
 def load_processor(where: str, config):
-    """The checkpoint's processor: ``AutoProcessor``'s with torchvision installed, else an images-only one."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    """The checkpoint's processor for images: its image processor and tokenizer (no video processor, which needs
+    torchvision and which the toolkit never uses), whether or not torchvision is installed."""
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    if importlib.util.find_spec("torchvision") is not None:
-        return AutoProcessor.from_pretrained(where, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
     images = AutoImageProcessor.from_pretrained(where, local_files_only=True)
     return image_only_processor(config.model_type, images, tokenizer, getattr(tokenizer, "chat_template", None))
