@@ -1,9 +1,11 @@
 """Plotly figures of the tidy measurement records (see :mod:`mclcbf_diag.measurements.records`).
 
 Every function here is pure: a records frame in, a ``plotly.graph_objects.Figure`` out,
-no file IO (:mod:`mclcbf_diag.report.html` turns figures into HTML). Each picks one
-``phase``/``decode_step`` (default the prefill decision token, ``"prefill"``/0) and one
-``question_id`` (default: the only one present; with several the caller must name it).
+no file IO (:mod:`mclcbf_diag.report.html` turns figures into HTML). The parameters every figure
+shares are not repeated in each one's Args: ``records`` is a tidy records frame, from which it picks
+one ``phase``/``decode_step`` (default the prefill decision token, ``"prefill"``/0) and one
+``question_id`` (default: the only one present; with several the caller must name it) as
+:func:`select` does; ``steered`` are the layers shaded as steered (None: read off the records).
 
 Figures are meant to be read without the glossary: titles and axes say what is drawn in
 words (:data:`LABELS`), the steered layers are shaded on every per-layer plot, log axes
@@ -236,11 +238,7 @@ def attention_heatmaps(records: pd.DataFrame, metric: str = "attn_image_mass",
     third panel says why instead of showing a blank map.
 
     Args:
-        records: a tidy records frame.
         metric: the per-head attention mass drawn (``attn_image_mass``, ``attn_sink_mass``, ``attn_text_mass``).
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
         condition: the condition compared with the baseline.
         steered: the layers marked as steered; None: read off the records.
         idle: why nothing changed, said when the difference is zero everywhere; None: the generic reason.
@@ -309,12 +307,6 @@ def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text.
 
-    Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "attn_image_mass")
@@ -351,12 +343,6 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_
     """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), and the vector an
     intervention added where nonzero.
 
-    Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "resid_pre_norm")
@@ -376,12 +362,7 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
     """RMSNorm Jacobian gains per layer along θ*, orthogonal and radial, for ln1/ln2/ln_final.
 
     Args:
-        records: a tidy records frame.
         condition: the condition whose gains are drawn.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
     """
     df = select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
@@ -412,12 +393,6 @@ def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step
                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers.
 
-    Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "logit_lens_margin")
@@ -457,11 +432,6 @@ def propagation_figure(records: pd.DataFrame, phase: str = "prefill", decode_ste
     says so.
 
     Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
         idle: why nothing changed, for the :class:`NoFigure`; None: the generic reason.
 
     Returns:
@@ -504,10 +474,6 @@ def trace_figures(records: pd.DataFrame, phase: str = "prefill", decode_step: in
     """Every figure above that the records support, keyed by slug; absent metrics are skipped.
 
     Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
         steered: the intervention's layers; None: read off the records.
         intervention: adds its own figures (:meth:`~mclcbf_diag.interventions.base.Intervention.figures`,
             after the residual norms) and says why nothing changed; None: the generic figures and reason.
@@ -588,7 +554,6 @@ def decode_summary_figure(records: pd.DataFrame, tokens: dict | None = None, que
         records: a tidy records frame with every step of the question.
         tokens: decode step → a label such as ``"'Yes' → 'and'"`` (the token read → the token generated), shown
             on the x axis; a step without one is labelled ``step N``.
-        question_id: the question drawn; None: the only one in ``records``.
         steered: the layers the image mass is averaged over; None: read off the records (every layer when none).
     """
     if question_id is None:
@@ -739,13 +704,11 @@ def layer_heatmaps(records: pd.DataFrame, panels, *, title: str, value: str, que
     """Heatmaps side by side, layers down, on one colour scale (attribution and patching, prefill).
 
     Args:
-        records: a tidy records frame.
         panels: ``(subtitle, condition, metric)`` draws layer × head from the metric's per-head rows;
             ``(subtitle, condition, {column: metric, …})`` draws layer × those columns from per-layer rows
             (head −1), e.g. the token groups of a residual patch.
         title: the figure's title.
         value: what the colour shows (the colour bar's title).
-        question_id: the question drawn; None: the only one in ``records``.
         diverging: a red–blue scale centred on 0; False: Viridis over ``zrange``.
         zrange: ``(low, high)`` of the Viridis scale; None: the data's range.
 

@@ -3,7 +3,9 @@
 The generic report (:mod:`mclcbf_diag.experiments.trace`, :mod:`mclcbf_diag.report.pages`,
 :mod:`mclcbf_diag.report.plots`, ``mclcbf-diag trace``) asks the intervention for these
 through :class:`~mclcbf_diag.interventions.base.Intervention`'s report methods; nothing
-outside this package names the barrier's records.
+outside this package names the barrier's records. The figures take the parameters every figure of
+:mod:`mclcbf_diag.report.plots` shares (``records``, ``phase``, ``decode_step``, ``question_id``,
+``steered``), described there once.
 """
 
 from __future__ import annotations
@@ -163,13 +165,6 @@ def _tau(records) -> float | None:
 def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id, steered) -> dict:
     """The step's size per layer and the barrier against τ (those the records support).
 
-    Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
-
     Returns:
         ``{"step_size": …, "barrier": …}``, without a figure whose metrics the records lack.
     """
@@ -186,12 +181,6 @@ def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step:
                      steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
     """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken.
 
-    Args:
-        records: a tidy records frame.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
-        steered: the layers to shade as steered; None: read off the records.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "theta_rel")
@@ -212,11 +201,7 @@ def barrier_figure(records: pd.DataFrame, condition: str = STEERED, phase: str =
     """Per steered layer: barrier h before the step, τ, and h after (recomputed and realised).
 
     Args:
-        records: a tidy records frame.
         condition: the condition whose barrier is drawn.
-        phase: ``"prefill"`` or ``"decode"``.
-        decode_step: the decode step (0: the prefill decision token).
-        question_id: the question drawn; None: the only one in ``records``.
     """
     df = select(records, phase, decode_step, question_id)
     sub = df[df["condition"] == condition]
