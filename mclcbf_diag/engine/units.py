@@ -75,6 +75,11 @@ class Mix(Intervention):
         self.units = list(units)
         self._ivs = list({id(u.iv): u.iv for u in self.units}.values())
 
+    @property
+    def interventions(self) -> list:
+        """The distinct interventions of the units."""
+        return self._ivs
+
     def layers(self, n_layers: int) -> tuple[int, ...]:
         self._layers = {id(iv): set(iv.layers(n_layers)) for iv in self._ivs}
         return tuple(sorted(set().union(*self._layers.values())))
@@ -151,15 +156,16 @@ class Prefix:
         self.logits, self.embeds, self.layer_inputs = run.logits, run.embeds, run.layer_inputs
         self.kv = [(layer.keys, layer.values) for layer in run.cache.layers]
 
-    def full_inputs(self, idx: torch.Tensor) -> dict:
-        """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare)."""
+    def full_inputs(self, idx: torch.Tensor, pixels: bool = True) -> dict:
+        """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare); the pixels beside
+        shared features only with ``pixels``."""
         out = {"input_ids": self.ids[idx], "attention_mask": self.mask[idx],
                "position_ids": position_rows(self.positions, idx), **self.token_types(idx)}
         mm = self.inputs.get("mm_encoder_outputs")
         if mm is not None:
             from ..interventions.views import rows_of_shared
 
-            out["mm_encoder_outputs"] = rows_of_shared(mm, idx.tolist())
+            out["mm_encoder_outputs"] = rows_of_shared(mm, idx.tolist(), pixels=pixels)
         else:
             out["pixel_values"] = self.inputs["pixel_values"][idx]
         return out
@@ -342,7 +348,7 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
     types = prefix.token_types(idx).get("token_type_ids")
     if types is not None and bool(types[:, start:].any()):
         start = 0  # Gemma 3: an image token continued would attend to later ones, which a causal continuation hides
-    mix.prepare(lm, prefix.full_inputs(idx), rows)
+    mix.prepare(lm, prefix.full_inputs(idx, pixels=any(iv.reads_pixels for iv in mix.interventions)), rows)
     embeds, keep = prefix.embeds[idx, start:], Keep(layers=capture, patterns=patterns)
     if start == 0:
         res = forward(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,

@@ -259,6 +259,9 @@ class Intervention:
     # True: one site may hold rows of different doses (each read with Site.dose_of), so a batch
     # of doses (a dose-response) is one call per site instead of one per dose
     row_doses: ClassVar[bool] = False
+    # True: ``prepare`` reads the prompt's pixels (an auxiliary view distorts the image); batched runs that continue
+    # a shared prefix hand them over only then (copying every row's pixels costs as much as a forward)
+    reads_pixels: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     # causes whose evidence is where along the depth the change is made and cancelled: for these, explain

@@ -169,6 +169,7 @@ def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torc
 
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     metrics = {}
+    reads_pixels = True
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         mine = row_inputs(inputs, rows)

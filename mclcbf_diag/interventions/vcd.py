@@ -29,6 +29,7 @@ from .views import diffusion_noise, last_logits, pixels_of, row_inputs, with_pix
 
 class VCD(DecodingMethod, spec=SPECS["vcd"]):
     cutoff_knob = "beta"
+    reads_pixels = True
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         return last_logits(lm, self.views(lm, inputs, rows)["noised image"])

@@ -114,13 +114,16 @@ def _own_tiles(input_ids: torch.Tensor, pixels: torch.Tensor, rows: list[Row]) -
     return pixels[torch.cat([torch.nonzero(owner == r.index).flatten() for r in rows])]
 
 
-def rows_of_shared(shared: dict, idx: list[int]) -> dict:
-    """The shared image features (and pixels) of the batch's rows ``idx``, in that order."""
+def rows_of_shared(shared: dict, idx: list[int], *, pixels: bool = True) -> dict:
+    """The shared image features (and, with ``pixels``, the pixels kept beside them) of the batch's rows ``idx``, in
+    that order."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     feats = shared["image"].pooler_output
     rows = feats[idx] if torch.is_tensor(feats) else [feats[i] for i in idx]  # Gemma 3's are one stacked tensor
     out = {"image": BaseModelOutputWithPooling(pooler_output=rows)}
+    if not pixels:
+        return out
     if PIXELS_KEY in shared and PIXEL_ROWS in shared:  # each prompt's rows of pixels (its tiles), renumbered
         owner = shared[PIXEL_ROWS]
         picked = [torch.nonzero(owner == i).flatten() for i in idx]

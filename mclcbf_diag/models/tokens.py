@@ -155,7 +155,8 @@ def span_problem(span: tuple[int, int], image_positions: Sequence[int] | torch.T
     detected = f"the detected image tokens are {ranges_text(image)}" if image else "no image token was detected"
     fix = "use the detected span (span=detected) or set fixed_span to the detected tokens"
     covered = range(a, min(b, decision + 1))
-    extra = [p for p in covered if p not in set(image)]
+    image_set = set(image)
+    extra = [p for p in covered if p not in image_set]
     missed = [p for p in image if not a <= p < b]
     if a <= decision < b:
         text = [p for p in extra if p != decision]
