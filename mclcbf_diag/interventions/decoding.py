@@ -148,3 +148,28 @@ def decoding_lines(summary: dict) -> list[str]:
     cut = [name for name, key in (("Yes", "decoding_cut_yes"), ("No", "decoding_cut_no")) if summary.get(key, 0) > 0.5]
     tail = f"; the cutoff ruled out {' and '.join(cut)}" if cut else ""
     return [f"  decoding margins: {', '.join(parts)}{tail}"]
+
+
+class WithLogitPart:
+    """An activation edit with a logit-level part of its own (PAI's image-free contrast, VISTA's self-logits
+    augmentation), mixed in before :class:`~mclcbf_diag.interventions.base.Intervention`: the ``logits`` site opens
+    while knob :attr:`logit_knob` is not :attr:`logit_off`, the trace reports the decoding terms, and the activation
+    part alone (what attribution localises) is the same intervention with that knob off."""
+
+    logit_knob: str = ""
+    logit_off: float = 0.0
+
+    def open_sites(self, steer: bool) -> frozenset[str]:
+        if not steer:
+            return frozenset()
+        on = getattr(self.knobs, self.logit_knob) != self.logit_off
+        return self.sites | {"logits"} if on else self.sites
+
+    def trace_summary(self, steered, baseline) -> dict:
+        return decoding_summary(steered)
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        return decoding_lines(summary)
+
+    def activation_part(self):
+        return self.replace(**{self.logit_knob: self.logit_off})

@@ -40,7 +40,7 @@ from ..models.projection import project_queries
 from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
 from .contrast import guidance, plausible
-from .decoding import answer_from, decoding_lines, decoding_summary
+from .decoding import WithLogitPart, answer_from
 from .layers import published_layers
 from .views import image_free_inputs, last_logits
 
@@ -71,26 +71,14 @@ def lookahead_logits(site: Site, row: Row, positions, key_mask: torch.Tensor) ->
     return torch.matmul(q, k.transpose(-1, -2)) * w.scaling
 
 
-class PAI(Intervention, spec=SPECS["pai"]):
+class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
     metrics = {"pai_logit_delta": "PAI: mean α·|a| added to the decision query's image-key logits (head mean)"}
     sites = frozenset({"residual", "attention"})
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
         return published_layers(self.knobs.layers, n_layers, 2, 32)
 
-    def open_sites(self, steer: bool) -> frozenset[str]:
-        if not steer:
-            return frozenset()
-        return self.sites | {"logits"} if self.knobs.contrast_gamma != 1.0 else self.sites
-
-    def trace_summary(self, steered, baseline) -> dict:
-        return decoding_summary(steered)
-
-    def summary_lines(self, summary: dict) -> list[str]:
-        return decoding_lines(summary)
-
-    def activation_part(self) -> "PAI":
-        return self.replace(contrast_gamma=1.0)
+    logit_knob, logit_off = "contrast_gamma", 1.0  # γ = 1: the attention edit alone
 
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))

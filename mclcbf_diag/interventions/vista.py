@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..models.mrope import embeds_positions
 from .base import Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
-from .decoding import answer_from, decoding_lines, decoding_summary
+from .decoding import WithLogitPart, answer_from
 from .layers import published_layers
 from .views import image_free_inputs, row_inputs
 
@@ -71,7 +71,7 @@ def steer(x: torch.Tensor, v: torch.Tensor, lam: float, similarity: bool) -> tor
     return F.normalize(F.normalize(x, dim=-1) + lam * s * F.normalize(v, dim=-1)[None], dim=-1) * norm
 
 
-class VISTA(Intervention, spec=SPECS["vista"]):
+class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
     metrics = {"vista_vector_norm": "VISTA: ‖v_ℓ‖ (residual with image − without, decision token)",
                "vista_similarity": "VISTA: s = 1 + max(0, cos(x, −v)) at the decision token"}
     sites = frozenset({"residual"})
@@ -79,19 +79,7 @@ class VISTA(Intervention, spec=SPECS["vista"]):
     def layers(self, n_layers: int) -> tuple[int, ...]:
         return published_layers(self.knobs.layers, n_layers, 0, 32)
 
-    def open_sites(self, steer: bool) -> frozenset[str]:
-        if not steer:
-            return frozenset()
-        return self.sites | {"logits"} if self.knobs.logits_alpha != 0.0 else self.sites
-
-    def trace_summary(self, steered, baseline) -> dict:
-        return decoding_summary(steered)
-
-    def summary_lines(self, summary: dict) -> list[str]:
-        return decoding_lines(summary)
-
-    def activation_part(self) -> "VISTA":
-        return self.replace(logits_alpha=0.0)
+    logit_knob, logit_off = "logits_alpha", 0.0  # α = 0: the steering alone
 
     def readout_layers(self, n_layers: int) -> tuple[int, ...]:
         if self.knobs.logits_alpha == 0.0:
