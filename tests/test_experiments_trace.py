@@ -127,22 +127,46 @@ def test_steering_moves_h_as_linearisation_predicts(lm, image):
 
 
 def test_decode_keys_equal_the_layer_cache(lm, image, hf_reference):
+    """At the first generated token the look-ahead's keys are the cache before it plus its own key: what the layer
+    caches when the prompt and that token run in one plain forward."""
     inputs, out = hf_reference
     cap = run(lm, inputs, _config(tau_decode=0.99, alpha_decode=0.0, tau_prefill=0.99, alpha_prefill=0.0),
               max_new_tokens=2, keep_keys=True)
     decode = cap.steps[1]
     assert decode.phase == "decode"
+    T = inputs["input_ids"].shape[1]
+    longer = {**inputs, "input_ids": cap.generated[:, :T + 1],
+              "attention_mask": torch.ones_like(cap.generated[:, :T + 1])}
+    with torch.no_grad():
+        whole = lm.adapter.output_cache(lm.model, lm.model(**longer, use_cache=True))
     cache = lm.adapter.output_cache(lm.model, out)
     for i, layer in decode.layers.items():
         if layer.keys is None:
             continue
-        want = cache.layers[i].keys[0]
+        want = whole.layers[i].keys[0]
         # keys: the floor of the state entering layer i (floors.state_floor), plus its norm, projection and RoPE
         tol = floors.state_floor(want, _vision_layers(lm) + i + 1)
+        assert layer.keys.shape[-2] == T + 1
         torch.testing.assert_close(layer.keys, want, rtol=0, atol=tol)
-        # ... and the prefill keys the barrier projects itself are those same cached keys
-        torch.testing.assert_close(cap.steps[0].layers[i].keys, want, rtol=0, atol=tol)
+        # ... and the prefill keys the barrier projects itself are the prompt's cached keys
+        torch.testing.assert_close(cap.steps[0].layers[i].keys, cache.layers[i].keys[0], rtol=0, atol=tol)
     assert any(layer.keys is not None for layer in decode.layers.values())
+
+
+def test_the_look_ahead_equals_the_measured_mass_at_generated_tokens(lm, image):
+    """At every decode step of the measuring run, h is the image mass the layer computes, within its floor (it
+    once left out the new token's own key, which the token attends to)."""
+    result = trace_sample(lm, QUESTION, image, _config(), max_new_tokens=3)
+    r = result.records
+    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "decode")]
+    checked = 0
+    for step, rows in base.groupby("decode_step"):
+        per = {m: dict(zip(g.layer, g.value)) for m, g in rows.groupby("metric")}
+        for layer, h in per.get("barrier_h", {}).items():
+            floor = per["lookahead_miss_floor"][layer]
+            assert abs(h - per["attn_image_mass"][layer]) <= floor, (step, layer)
+            checked += 1
+    assert checked >= 2 * len(B.steered_layers(_config(), lm.n_layers))
 
 
 def test_attention_logit_site_sets_image_mass_to_tau(lm, image):

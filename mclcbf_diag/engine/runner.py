@@ -150,11 +150,16 @@ class _Run:
 
     def keys(self, site: Site, row: Row) -> torch.Tensor:
         i, x = site.layer, site.tensor
-        if self.phase == "decode":
+        if self.phase == "decode":  # the cache before the new token, then the new token's own key (from x)
             cache = self.lm.adapter.layer_cache(self.lm.model, self.layer_kwargs)
             if cache is None or len(cache.layers) <= i or cache.layers[i].keys is None:
                 raise UserError("decode-phase steering needs the KV cache; generation ran without one")
-            keys = cache.layers[i].keys[row.index, :, row.pad:].detach().clone()
+            cos, sin = self.rotary
+            w = self.layer_weights(i)
+            dev = w.q_weight.device
+            own = project_keys(x[row.index].to(dev), w, cos[row.index].to(dev), sin[row.index].to(dev))
+            cached = cache.layers[i].keys[row.index, :, row.pad:].detach()
+            keys = torch.cat([cached.to(dev, own.dtype), own], dim=-2)
         else:
             lo = max(self.start, row.pad)
             cos, sin = self.rotary
