@@ -161,7 +161,8 @@ class Site:
 
         Prefill: keys of any cached prefix, then keys projected from the live residual (as
         the layer will compute them). Decode: the KV cache before the new token (what the
-        attention's cache holds when the layer starts).
+        attention's cache holds when the layer starts), then the new token's own key, projected
+        from the live residual.
         """
         return self._run.keys(self, row)
 
