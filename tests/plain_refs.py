@@ -37,3 +37,27 @@ def assert_scores(got, want, atol=1e-5):
     assert (got[~finite] == -torch.inf).all()
     assert int(finite.sum()) >= 1
     torch.testing.assert_close(got.float()[finite], want[finite], rtol=0, atol=atol)
+
+
+def plain_forward(lm, prompt: str, image):
+    """A plain transformers forward of one prompt with the processor's own inputs: ``(inputs, outputs, every
+    decoder layer's output by index)``, attentions and hidden states included (the families' reference)."""
+    inputs = lm.inputs(prompt, image)
+    layer_out: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        return lambda module, args, out: layer_out.__setitem__(i, (out[0] if isinstance(out, tuple) else out).detach())
+
+    hooks = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(lm.adapter.decoder_layers(lm.model))]
+    try:
+        with torch.no_grad():
+            out = lm.model(**inputs, output_attentions=True, output_hidden_states=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs, out, layer_out
+
+
+def yes_no_margin(lm, logits) -> float:
+    """Logit Yes − No of one position's logits."""
+    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])

@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from plain_refs import plain_forward, yes_no_margin
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -111,25 +112,6 @@ def _prompt(question: str) -> str:
     return PROMPT.replace(QUESTIONS[0], question)
 
 
-def _plain(lm, prompt: str, image):
-    """A plain forward with the processor's own inputs (token_type_ids included), every layer's output kept."""
-    inputs = lm.inputs(prompt, image)
-    outputs: dict[int, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out.detach()))
-             for i, layer in enumerate(lm.adapter.decoder_layers(lm.model))]
-    try:
-        with torch.no_grad():
-            out = lm.model(**inputs, output_attentions=True, output_hidden_states=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs, out, outputs
-
-
-def _margin(lm, logits) -> float:
-    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
-
-
 def test_gemma3_is_a_supported_family_with_its_adapter(windowed):
     from mclcbf_diag.models.adapter import GEMMA3, TEXT_MATH
     from mclcbf_diag.models.families import config_problem
@@ -151,7 +133,7 @@ def test_gemma3_is_a_supported_family_with_its_adapter(windowed):
 def test_the_image_tokens_attend_both_ways_and_that_matters(windowed):
     """The reference is not a causal run: the image's first token sees its last one, and the decision token's
     layer-1 row differs from a causal run's."""
-    inputs, out, _ = _plain(windowed, PROMPT, _image(0))
+    inputs, out, _ = plain_forward(windowed, PROMPT, _image(0))
     image = torch.nonzero(inputs["input_ids"][0] == windowed.tokens.image_token_id).flatten()
     assert float(out.attentions[1][0, :, image[0], image[-1]].min()) > 0
     causal = {k: v for k, v in inputs.items() if k != "token_type_ids"}
@@ -208,7 +190,7 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1, 2])
     lm = windowed
     for k, question in enumerate(QUESTIONS):
-        inputs, out, outputs = _plain(lm, _prompt(question), _image(k))
+        inputs, out, outputs = plain_forward(lm, _prompt(question), _image(k))
         result = trace_sample(lm, question, _image(k), config)
         r = result.records
         base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
@@ -223,9 +205,9 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(windowed):
             assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
             assert per["resid_post_norm"][i] == pytest.approx(float(outputs[i][0, -1].norm()), rel=TOL)
             with torch.no_grad():
-                lens = _margin(lm, head(norm(outputs[i][0, -1])))
+                lens = yes_no_margin(lm, head(norm(outputs[i][0, -1])))
             assert per["logit_lens_margin"][i] == pytest.approx(lens, rel=0, abs=TOL)
-        margin = _margin(lm, out.logits[0, -1])
+        margin = yes_no_margin(lm, out.logits[0, -1])
         assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
         assert "lookahead_miss_layers" not in result.summary()
         assert result.value("final_margin", "steered") != pytest.approx(margin, rel=0, abs=TOL)  # it steered
@@ -240,7 +222,7 @@ def test_the_overlay_of_other_query_tokens_equals_the_plain_rows(g3):
     from mclcbf_diag import barrier as B
     from mclcbf_diag.report.overlay import token_attention_maps
 
-    inputs, out, _ = _plain(g3, PROMPT, _image(0))
+    inputs, out, _ = plain_forward(g3, PROMPT, _image(0))
     image = inputs["input_ids"][0] == g3.tokens.image_token_id
     first, last = (int(p) for p in torch.nonzero(image).flatten()[[0, -1]])
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
@@ -262,9 +244,10 @@ def test_the_steered_trace_equals_a_plain_forward_of_its_edit(windowed):
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
     base = run(lm, inputs, config, steer=False, keep_embeds=True)
     again = run(lm, with_embeds(inputs, base), config, steer=False)
-    _, out, _ = _plain(lm, PROMPT, _image(1))
+    _, out, _ = plain_forward(lm, PROMPT, _image(1))
     for cap in (base, again):
-        assert _margin(lm, cap.steps[0].final_logits) == pytest.approx(_margin(lm, out.logits[0, -1]), abs=TOL)
+        want = yes_no_margin(lm, out.logits[0, -1])
+        assert yes_no_margin(lm, cap.steps[0].final_logits) == pytest.approx(want, abs=TOL)
 
 
 def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
@@ -287,8 +270,8 @@ def test_batches_with_the_cached_prefix_equal_plain_forwards(g3):
     shared = answer_pair(g3, prompts, images, iv, inputs=inputs, baseline=baseline_prefix(g3, inputs))  # pope's
     assert [r["margin"] for r in shared[1]] == pytest.approx([r["margin"] for r in steered], rel=0, abs=TOL)
     for b, (prompt, img) in enumerate(zip(prompts, images)):
-        _, out, _ = _plain(g3, prompt, img)
-        margin = _margin(g3, out.logits[0, -1])
+        _, out, _ = plain_forward(g3, prompt, img)
+        margin = yes_no_margin(g3, out.logits[0, -1])
         assert base[b]["margin"] == pytest.approx(margin, rel=0, abs=TOL)
         assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
         assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
@@ -313,7 +296,7 @@ def test_generation_runs_with_a_look_ahead_at_each_layer(g3):
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1, 2])
     result = trace_sample(g3, QUESTIONS[0], _image(0), config, max_new_tokens=2)
-    inputs, out, _ = _plain(g3, PROMPT, _image(0))
+    inputs, out, _ = plain_forward(g3, PROMPT, _image(0))
     r = result.records
     base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill") & (r.metric == "barrier_h")]
     image = inputs["input_ids"][0] == g3.tokens.image_token_id
@@ -348,8 +331,8 @@ def test_explain_localisation_and_flow_equal_the_trace(g3):
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1, 2])
     ex = explain_sample(g3, QUESTIONS[0], _image(0), config, bisect_steps=2, sweep=False)
     traced = trace_sample(g3, QUESTIONS[0], _image(0), config)
-    _, out, _ = _plain(g3, PROMPT, _image(0))
-    margins = {"baseline": _margin(g3, out.logits[0, -1]), "steered": traced.value("final_margin", "steered")}
+    _, out, _ = plain_forward(g3, PROMPT, _image(0))
+    margins = {"baseline": yes_no_margin(g3, out.logits[0, -1]), "steered": traced.value("final_margin", "steered")}
     for condition, want in margins.items():
         assert ex.trace.value("final_margin", condition) == pytest.approx(want, rel=0, abs=TOL)
     grid = localisation(g3, g3.inputs(PROMPT, _image(0)), config)
@@ -380,8 +363,8 @@ def test_a_unit_continued_from_inside_the_image_runs_the_whole_prompt(g3):
     prefix = Prefix(g3, prompts, [_image(0), _image(1)])
     got = run_units(prefix, [Unit(0, Inside()), Unit(1, Inside())], capture=False)
     for q, (prompt, image) in enumerate(zip(prompts, [_image(0), _image(1)])):
-        _, out, _ = _plain(g3, prompt, image)
-        assert _margin(g3, got[q][0]) == pytest.approx(_margin(g3, out.logits[0, -1]), rel=0, abs=TOL)
+        _, out, _ = plain_forward(g3, prompt, image)
+        assert yes_no_margin(g3, got[q][0]) == pytest.approx(yes_no_margin(g3, out.logits[0, -1]), rel=0, abs=TOL)
 
 
 def test_direct_logit_attribution_is_refused_in_one_line(g3):

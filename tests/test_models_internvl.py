@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from plain_refs import plain_forward, yes_no_margin
 from transformers import (
     AutoTokenizer,
     InternVLConfig,
@@ -81,26 +82,6 @@ def lms(folders):
 def _image(k: int):
     h, w = SIZES[k]
     return sample_scene(2, k).image().resize((w, h))
-
-
-def _plain(lm, prompt: str, image):
-    inputs = lm.inputs(prompt, image)
-    outputs = {}
-    layers = lm.adapter.decoder_layers(lm.model)
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple)
-                                                                                 else o))
-             for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            out = lm.model(**inputs, output_attentions=True, output_hidden_states=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs, out, outputs
-
-
-def _margin(lm, logits) -> float:
-    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
 
 
 # ----------------------------------------------------------------------------- the family and its layout
@@ -216,13 +197,13 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(lms, name):
     lm = lms[name]
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
     for k, question in enumerate(QUESTIONS):
-        inputs, out, outputs = _plain(lm, PROMPT.replace(QUESTIONS[0], question), _image(k))
+        inputs, out, outputs = plain_forward(lm, PROMPT.replace(QUESTIONS[0], question), _image(k))
         result = trace_sample(lm, question, _image(k), config)
         r = result.records
         base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
         per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
         image = inputs["input_ids"][0] == lm.tokens.image_token_id
-        margin = _margin(lm, out.logits[0, -1])
+        margin = yes_no_margin(lm, out.logits[0, -1])
         for i in range(lm.n_layers):
             want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
             assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
@@ -231,7 +212,7 @@ def test_trace_equals_a_plain_forward_and_its_look_ahead(lms, name):
             assert per["resid_post_norm"][i] == pytest.approx(float(outputs[i][0, -1].norm()), rel=TOL)
             with torch.no_grad():
                 lens = lm.model.lm_head(lm.final_norm()(outputs[i][0, -1]))
-            assert per["logit_lens_margin"][i] == pytest.approx(_margin(lm, lens), rel=0, abs=TOL)
+            assert per["logit_lens_margin"][i] == pytest.approx(yes_no_margin(lm, lens), rel=0, abs=TOL)
         assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
         assert "lookahead_miss_layers" not in result.summary()
         grid = lm.grid_mask(result.baseline.detected)  # the whole picture's 4 × 4 grid
@@ -265,8 +246,8 @@ def test_batches_with_the_cached_prefix_equal_plain_forwards(lms, name):
     base, steered = answer_pair(lm, prompts, images, iv, inputs=inputs)
     full = answer_batch(lm, prompts, images, iv, True, inputs=inputs)
     for b, (prompt, image) in enumerate(zip(prompts, images)):
-        _, out, _ = _plain(lm, prompt, image)
-        margin = _margin(lm, out.logits[0, -1])
+        _, out, _ = plain_forward(lm, prompt, image)
+        margin = yes_no_margin(lm, out.logits[0, -1])
         assert base[b]["margin"] == pytest.approx(margin, rel=0, abs=TOL)
         assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
         assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it

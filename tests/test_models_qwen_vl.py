@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from plain_refs import plain_forward, yes_no_margin
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -74,26 +75,6 @@ def _prompt(question: str) -> str:
     return PROMPT.replace(QUESTIONS[0], question)
 
 
-def _plain(lm, prompt: str, image):
-    inputs = lm.inputs(prompt, image)
-    layer_out = {}
-    layers = lm.adapter.decoder_layers(lm.model)
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: layer_out.__setitem__(i, o[0] if isinstance(o, tuple)
-                                                                                     else o))
-             for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            out = lm.model(**inputs, output_attentions=True, output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs, out, layer_out
-
-
-def _margin(lm, logits) -> float:
-    return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
-
-
 def test_qwen_is_a_supported_family_with_its_grid_and_positions(qwen_lm):
     from mclcbf_diag.models.adapter import QWEN_VL
     from mclcbf_diag.models.families import config_problem
@@ -131,13 +112,13 @@ def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
     from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
-    inputs, out, layer_out = _plain(qwen_lm, _prompt(QUESTIONS[k]), _image(k))
+    inputs, out, layer_out = plain_forward(qwen_lm, _prompt(QUESTIONS[k]), _image(k))
     result = trace_sample(qwen_lm, QUESTIONS[k], _image(k), config)
     r = result.records
     base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
     per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
     image = inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
-    margin = _margin(qwen_lm, out.logits[0, -1])
+    margin = yes_no_margin(qwen_lm, out.logits[0, -1])
     for i in range(qwen_lm.n_layers):
         want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
         assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
@@ -180,8 +161,8 @@ def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
     base, steered = answer_pair(qwen_lm, prompts, images, iv, inputs=inputs)
     full = answer_batch(qwen_lm, prompts, images, iv, True, inputs=inputs)
     for b, (prompt, image) in enumerate(zip(prompts, images)):
-        _, out, _ = _plain(qwen_lm, prompt, image)
-        margin = _margin(qwen_lm, out.logits[0, -1])
+        _, out, _ = plain_forward(qwen_lm, prompt, image)
+        margin = yes_no_margin(qwen_lm, out.logits[0, -1])
         assert base[b]["margin"] == pytest.approx(margin, rel=0, abs=TOL)
         assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
         assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=TOL)
@@ -210,7 +191,7 @@ def test_qwen2_vl_trace_and_batches_equal_plain_forwards(tmp_path):
            mlp_ratio=2)
     lm = load_model(str(tmp_path))
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
-    inputs, out, _ = _plain(lm, PROMPT, _image(1))
+    inputs, out, _ = plain_forward(lm, PROMPT, _image(1))
     result = trace_sample(lm, QUESTIONS[0], _image(1), config)
     r = result.records
     base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
@@ -220,7 +201,8 @@ def test_qwen2_vl_trace_and_batches_equal_plain_forwards(tmp_path):
         want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
         assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
         assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
-    assert result.value("final_margin", "baseline") == pytest.approx(_margin(lm, out.logits[0, -1]), rel=0, abs=TOL)
+    want = yes_no_margin(lm, out.logits[0, -1])
+    assert result.value("final_margin", "baseline") == pytest.approx(want, rel=0, abs=TOL)
     # pope's batched path, the cached prefix continued: each prompt's margin as its plain forward's
     from mclcbf_diag.engine.batch import answer_batch, answer_pair
 
@@ -228,7 +210,8 @@ def test_qwen2_vl_trace_and_batches_equal_plain_forwards(tmp_path):
     base, steered = answer_pair(lm, prompts, images, config)
     full = answer_batch(lm, prompts, images, config, True)
     for b, (prompt, image) in enumerate(zip(prompts, images)):
-        assert base[b]["margin"] == pytest.approx(_margin(lm, _plain(lm, prompt, image)[1].logits[0, -1]), abs=TOL)
+        want = yes_no_margin(lm, plain_forward(lm, prompt, image)[1].logits[0, -1])
+        assert base[b]["margin"] == pytest.approx(want, abs=TOL)
         assert steered[b]["margin"] == pytest.approx(full[b]["margin"], rel=0, abs=TOL)
 
 
@@ -247,12 +230,12 @@ def test_qwen_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen_lm)
     got = run_units(prefix, units, capture=False, patterns=True)
     full = answer_batch(qwen_lm, prompts, images, iv, True)
     for unit, (logits, _) in zip(units, got):
-        margin = _margin(qwen_lm, logits)
+        margin = yes_no_margin(qwen_lm, logits)
         if unit.steer:
             assert margin == pytest.approx(full[unit.q]["margin"], rel=0, abs=TOL)
         else:
-            _, out, _ = _plain(qwen_lm, prompts[unit.q], images[unit.q])
-            assert margin == pytest.approx(_margin(qwen_lm, out.logits[0, -1]), rel=0, abs=TOL)
+            _, out, _ = plain_forward(qwen_lm, prompts[unit.q], images[unit.q])
+            assert margin == pytest.approx(yes_no_margin(qwen_lm, out.logits[0, -1]), rel=0, abs=TOL)
 
 
 def test_opera_continues_after_the_images_3d_positions(qwen_lm):
@@ -342,7 +325,7 @@ def test_the_attention_site_edits_qwens_softmax(qwen_lm):
     with torch.no_grad():
         out = qwen_lm.model(**{**inputs, "attention_mask": mask, "position_ids": position_ids(qwen_lm, inputs)})
     result = trace_sample(qwen_lm, QUESTIONS[0], _image(0), AttentionKnockout())
-    want = _margin(qwen_lm, out.logits[0, -1])
+    want = yes_no_margin(qwen_lm, out.logits[0, -1])
     assert result.value("final_margin", "steered") == pytest.approx(want, rel=0, abs=TOL)
     assert result.value("final_margin", "baseline") != pytest.approx(want, rel=0, abs=TOL)
 
