@@ -73,3 +73,17 @@ def test_the_image_free_prompt_and_the_pixels_of_a_batch(embedded_model):
     assert isinstance(sub["mm_encoder_outputs"]["image"], BaseModelOutputWithPooling)
     swapped = with_pixels(inputs, plain["pixel_values"].flip(0))
     assert "mm_encoder_outputs" not in swapped and torch.equal(swapped["pixel_values"][0], plain["pixel_values"][2])
+
+
+def test_some_rows_of_a_batch_of_flattened_patches_take_their_own_image():
+    """Qwen-VL's pixel_values are every image's patches in a row (image_grid_thw says how many each): the rows of
+    prompt 1 alone are its 8 patches, not a tile share of the batch (by hand: 1 × 2 × 2 and 1 × 2 × 4 patches)."""
+    ids = torch.tensor([[5, 9, 9, 7], [5, 9, 9, 7]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "position_ids": torch.arange(4).expand(3, 2, 4).clone(),
+              "pixel_values": torch.arange(12.0)[:, None].expand(12, 6).clone(),
+              "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 4]])}
+    rows = rows_of(ids, inputs["attention_mask"], 9)
+    mine = row_inputs(inputs, rows[1:])
+    assert mine["pixel_values"][:, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    assert mine["image_grid_thw"].tolist() == [[1, 2, 4]] and mine["position_ids"].shape == (3, 1, 4)

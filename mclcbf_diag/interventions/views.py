@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..models.mrope import position_ids
+from ..models.mrope import position_ids, position_rows
 from .base import Row
 
 DIFFUSION_STEPS = 1000
@@ -93,8 +93,11 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
     for key, value in inputs.items():
         if key == "mm_encoder_outputs":
             out[key] = rows_of_shared(value, idx)
-        elif key == "position_ids" and value.dim() == 3:  # Qwen-VL's [3, B, S]
-            out[key] = value[:, idx]
+        elif key == "position_ids":  # [B, S], or Qwen-VL's [3, B, S]
+            out[key] = position_rows(value, idx)
+        elif key == PIXELS_KEY and inputs.get("image_grid_thw") is not None:  # Qwen-VL: each image its grid's patches
+            patches = torch.split(value, inputs["image_grid_thw"].prod(-1).tolist())
+            out[key] = torch.cat([patches[i] for i in idx])
         elif key == PIXELS_KEY and torch.is_tensor(value) and value.shape[0] != n:  # several per prompt: tiles
             out[key] = _own_tiles(inputs["input_ids"], value, rows)
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
