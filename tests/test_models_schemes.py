@@ -45,14 +45,11 @@ def test_the_overlay_tokens_of_each_layout():
     ov = SimpleNamespace(model_type="llava_onevision", vision_aspect_ratio="anyres_max_4", vision_config=vision)
     assert AnyresScheme().params(ov) == (0, 4)
     assert torch.nonzero(AnyresScheme().grid_mask(ov, image)).flatten().tolist() == [5, 6, 7, 8]
-    # InternVL: the last tile's grid (the thumbnail), 2 × 2 tokens after a 112-px tile's pixel shuffle at 0.5
-    from mclcbf_diag.models import internvl
-
+    # InternVL: the last tile's grid (the thumbnail): a 56-px tile of 14-px patches is 4 × 4, 2 × 2 tokens after
+    # the pixel shuffle at 0.5, so the last 4 image tokens
     cfg = SimpleNamespace(model_type="internvl", downsample_ratio=0.5,
                           vision_config=SimpleNamespace(image_size=[56, 56], patch_size=[14, 14]))
-    rows, cols = internvl.tile_grid(cfg)
-    got = torch.nonzero(InternVLScheme().grid_mask(cfg, image)).flatten().tolist()
-    assert got == list(range(35 - rows * cols, 35))
+    assert torch.nonzero(InternVLScheme().grid_mask(cfg, image)).flatten().tolist() == [31, 32, 33, 34]
 
 
 def test_gemma3_takes_one_image_list_per_prompt_and_one_pooled_grid():
@@ -67,3 +64,11 @@ def test_gemma3_takes_one_image_list_per_prompt_and_one_pooled_grid():
     with pytest.raises(UserError, match="do_pan_and_scan"):
         scheme.check_processor(cfg, crops, "ckpt")
     scheme.check_processor(cfg, SimpleNamespace(image_processor=SimpleNamespace(do_pan_and_scan=False)), "ckpt")
+
+
+def test_the_overlay_picture_is_the_image_under_the_grid():
+    """LLaVA-NeXT's pixels are [1, tiles, 3, H, W] and its grid is the base tile's (the first); InternVL's grid is
+    the thumbnail's, its last row of pixels."""
+    tiles = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    assert float(ImageScheme().picture({"pixel_values": tiles[None]}, None).mean()) == 0.0
+    assert float(InternVLScheme().picture({"pixel_values": tiles}, None).mean()) == 3.0

@@ -8,8 +8,9 @@ image tokens exactly and to batch them:
   cannot build it without an optional package) and what it does that is not measured, refused
   before any weight is read;
 * ``prepare``: anything the loaded model needs to take shared image features;
-* ``image_grid`` / ``grid_mask``: the overlay's patch grid (rows, columns) of one prompt, checked
-  against the number of image tokens the processor wrote, and which image tokens form it;
+* ``image_grid`` / ``grid_mask`` / ``picture``: the overlay's patch grid (rows, columns) of one prompt,
+  checked against the number of image tokens the processor wrote, which image tokens form it, and the
+  pixels it lies over;
 * ``token_bound``: the most image tokens one image can become (the prompt-length check);
 * ``processor_images`` / ``features``: a batch's images as the processor takes them, and the
   vision tower run once per distinct image, its features per prompt as the model merges them
@@ -54,6 +55,12 @@ class ImageScheme:
     def grid_mask(self, config, image_mask: torch.Tensor) -> torch.Tensor:
         """The image tokens (bool, shaped as ``image_mask``) that form the overlay's grid: all of them here."""
         return image_mask
+
+    def picture(self, enc, image_processor) -> torch.Tensor:
+        """The pixels [3, H, W] under the overlay's grid (normalised, as the processor made them): the first
+        image (LLaVA-NeXT and OneVision: the base tile, the whole picture at the tower's size)."""
+        pv = enc["pixel_values"]
+        return pv.reshape(-1, *pv.shape[-3:])[0]
 
     def token_bound(self, config, processor) -> int | None:
         """The most image tokens one image can become (None: the processor's count for one image is the bound)."""
@@ -160,6 +167,9 @@ class InternVLScheme(ImageScheme):
         rows, cols = internvl.tile_grid(config)
         return _masked_range(image_mask, -rows * cols, None)
 
+    def picture(self, enc, image_processor) -> torch.Tensor:
+        return enc["pixel_values"][-1]  # the thumbnail (or the only tile): the grid the overlay draws
+
     def token_bound(self, config, processor) -> int | None:
         return internvl.token_bound(processor, config)
 
@@ -220,6 +230,9 @@ class QwenVLScheme(ImageScheme):
 
     def token_bound(self, config, processor) -> int | None:
         return mrope.token_bound(processor)
+
+    def picture(self, enc, image_processor) -> torch.Tensor:
+        return mrope.seen_image(enc["pixel_values"], enc["image_grid_thw"], image_processor)  # patches put back
 
     def features(self, lm, inputs: dict, pixel_values: torch.Tensor):
         return mrope.shared_features(lm, pixel_values, inputs["image_grid_thw"]), None

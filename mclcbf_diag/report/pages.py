@@ -102,12 +102,7 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
 
     _, inputs = sample_inputs(lm, result.question.text if result.question else result.prompt, image, template)
     ip = lm.processor.image_processor
-    pixels = inputs["pixel_values"]
-    if inputs.get("image_grid_thw") is not None:  # Qwen-VL: flattened patches, put back in place
-        from ..models.mrope import seen_image as unpatched
-
-        pixels = unpatched(pixels, inputs["image_grid_thw"], ip)
-    picture = seen_image(pixels, ip.image_mean, ip.image_std)
+    picture = seen_image(lm.image_scheme.picture(inputs, ip), ip.image_mean, ip.image_std)
     layers = tuple(result.intervention.layers(lm.n_layers))
     grid, shape = lm.grid_mask(result.baseline.detected), lm.image_grid(inputs)  # LLaVA-NeXT: its base grid
     base = attention_maps(result.baseline, grid, steered=layers, shape=shape)
