@@ -389,8 +389,6 @@ def _tested(ev: Evidence, rule: Rule, cause: Cause, spec: Counterfactual | None,
     if spec.untestable:
         return dataclasses.replace(cause, untestable=spec.untestable, test=f"untestable here: {spec.untestable}")
     runs = spec.runs()
-    if not runs:
-        return cause
     ref, goal, searched = tester(None), ev.goal(), bool(spec.search) or spec.goal_only
     mb = ev.scalar("final_margin", "baseline")
     ran = []

@@ -427,8 +427,9 @@ def forward(lm: LoadedModel, inputs: dict, intervention: Intervention | None = N
         keep: what to keep besides the scores and records (:class:`Keep`).
         full_ids: the rows' whole prompts, when ``inputs`` holds embeddings or only a continuation's positions.
         continuation: a cached prefix or skipped layers to continue from (:class:`Continuation`).
-        generate: kwargs of ``generate`` (``max_new_tokens`` at least). A run keeping every layer is traced at
-            every generated step (the decode-phase sites act too); otherwise only the prompt's forward is.
+        generate: kwargs of ``generate``. A run keeping every layer is traced at each of ``max_new_tokens``
+            steps, so every one must be generated (:func:`greedy` builds such kwargs), and the decode-phase sites
+            act where the intervention ``steers_decode()``; otherwise only the prompt's forward is traced.
         prepare: whether to call ``intervention.prepare`` (False: the caller did, with the full inputs).
         **model_kwargs: passed to the model (a cache, ``use_cache``).
 

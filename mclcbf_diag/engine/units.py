@@ -345,14 +345,15 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
     rows = rows_of(ids, mask, lm.tokens.image_token_id)
     firsts = [_first(u, r) for u, r in zip(units, rows)]
     start = 0 if any(f is None for f in firsts) else max(0, min(firsts))
-    types = prefix.token_types(idx).get("token_type_ids")
+    token_types = prefix.token_types(idx)
+    types = token_types.get("token_type_ids")
     if types is not None and bool(types[:, start:].any()):
         start = 0  # Gemma 3: an image token continued would attend to later ones, which a causal continuation hides
     mix.prepare(lm, prefix.full_inputs(idx, pixels=any(iv.reads_pixels for iv in mix.interventions)), rows)
     embeds, keep = prefix.embeds[idx, start:], Keep(layers=capture, patterns=patterns)
     if start == 0:
         res = forward(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,
-                           **prefix.token_types(idx)}, mix, keep=keep, full_ids=ids, prepare=False)
+                           **token_types}, mix, keep=keep, full_ids=ids, prepare=False)
     else:
         shared = SharedPrefix([k for k, _ in prefix.kv], [v for _, v in prefix.kv], start, idx)
         feed = {"inputs_embeds": embeds, "attention_mask": continuation_mask(mask, start, embeds.dtype),

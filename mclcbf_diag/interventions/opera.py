@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.mrope import position_ids, uses_mrope
+from ..models.mrope import embeds_positions
 from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
 from .base import Row
 from .catalog import SPECS, OPERAKnobs  # noqa: F401 - OPERAKnobs re-exported
@@ -87,8 +87,7 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         shares (``inputs``: the rows' model inputs, row b for ``rows[b]``)."""
         mask = inputs["attention_mask"]
         B, T = mask.shape
-        if uses_mrope(lm.model.config) and "position_ids" not in inputs:  # Qwen-VL: its 3-D positions, explicitly
-            inputs = {**inputs, "position_ids": position_ids(lm, inputs)}
+        inputs = {**inputs, **embeds_positions(lm, inputs)}  # Qwen-VL: its 3-D positions, explicitly
         feed = dict(inputs)
         if "inputs_embeds" in feed:  # prompt embeddings a run kept: the vision tower is not run again
             feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "token_type_ids")

@@ -306,7 +306,6 @@ def wrap_text(text: str, width: int) -> str:
 def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text.
-
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "attn_image_mass")
@@ -342,7 +341,6 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), and the vector an
     intervention added where nonzero.
-
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "resid_pre_norm")
@@ -392,7 +390,6 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
 def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers.
-
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "logit_lens_margin")

@@ -180,7 +180,6 @@ def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id,
 def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0, question_id=None,
                      steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
     """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken.
-
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "theta_rel")
