@@ -15,6 +15,7 @@ from mclcbf_diag.models.schemes import (
     Gemma3Scheme,
     ImageScheme,
     InternVLScheme,
+    OnevisionScheme,
     QwenVLScheme,
     scheme_of,
 )
@@ -22,7 +23,7 @@ from mclcbf_diag.models.schemes import (
 
 def test_every_family_has_a_scheme_and_every_scheme_a_family():
     assert set(SCHEMES) == {f.model_type for f in FAMILIES}
-    kinds = {"llava": ImageScheme, "llava_next": AnyresScheme, "llava_onevision": AnyresScheme,
+    kinds = {"llava": ImageScheme, "llava_next": AnyresScheme, "llava_onevision": OnevisionScheme,
              "internvl": InternVLScheme, "gemma3": Gemma3Scheme, "qwen2_5_vl": QwenVLScheme, "qwen2_vl": QwenVLScheme}
     assert {m: type(s) for m, s in SCHEMES.items()} == kinds
     assert type(scheme_of(SimpleNamespace(model_type="llava"))) is ImageScheme
@@ -43,8 +44,8 @@ def test_the_overlay_tokens_of_each_layout():
     nxt = SimpleNamespace(model_type="llava_next", vision_feature_select_strategy="full", vision_config=vision)
     assert torch.nonzero(AnyresScheme().grid_mask(nxt, image)).flatten().tolist() == [6, 7, 8, 9]
     ov = SimpleNamespace(model_type="llava_onevision", vision_aspect_ratio="anyres_max_4", vision_config=vision)
-    assert AnyresScheme().params(ov) == (0, 4)
-    assert torch.nonzero(AnyresScheme().grid_mask(ov, image)).flatten().tolist() == [5, 6, 7, 8]
+    assert OnevisionScheme().params(ov) == (0, 4)
+    assert torch.nonzero(OnevisionScheme().grid_mask(ov, image)).flatten().tolist() == [5, 6, 7, 8]
     # InternVL: the last tile's grid (the thumbnail): a 56-px tile of 14-px patches is 4 × 4, 2 × 2 tokens after
     # the pixel shuffle at 0.5, so the last 4 image tokens
     cfg = SimpleNamespace(model_type="internvl", downsample_ratio=0.5,

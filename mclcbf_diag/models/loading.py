@@ -61,7 +61,7 @@ from .anyres import ImageLayout
 from .families import FAMILIES, check_config
 from .processing import placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
-from .schemes import AnyresScheme, ImageScheme, scheme_of
+from .schemes import ImageScheme, scheme_of
 from .tokens import AnswerTokens, Sink, answer_tokens, find_sink
 
 EMBEDDED = shipped.WEIGHTS
@@ -396,8 +396,7 @@ def _load_error(where: str, local: bool, exc: Exception) -> UserError:
 def image_layout(config, enc) -> ImageLayout | None:
     """The anyres layout of the first image of ``enc`` (a processor's output) under a LLaVA-NeXT or OneVision
     ``config``; None for other families (one fixed grid)."""
-    scheme = scheme_of(config)
-    return scheme.layout(config, enc) if isinstance(scheme, AnyresScheme) else None
+    return scheme_of(config).layout(config, enc)
 
 
 def model_class(config):

@@ -56,6 +56,10 @@ class ImageScheme:
         """The image tokens (bool, shaped as ``image_mask``) that form the overlay's grid: all of them here."""
         return image_mask
 
+    def layout(self, config, enc) -> ImageLayout | None:
+        """The anyres layout of the first image of ``enc`` (None: one fixed grid, as here)."""
+        return None
+
     def picture(self, enc, image_processor) -> torch.Tensor:
         """The pixels [3, H, W] under the overlay's grid (normalised, as the processor made them): the first
         image (LLaVA-NeXT and OneVision: the base tile, the whole picture at the tower's size)."""
@@ -86,14 +90,11 @@ def _masked_range(image_mask: torch.Tensor, lo: int, hi: int | None) -> torch.Te
 
 
 class AnyresScheme(ImageScheme):
-    """LLaVA-NeXT and LLaVA-OneVision: a base grid, then the unpadded high-resolution tiles with a newline per row
-    (:mod:`.anyres`; OneVision resizes the tile map past "anyres_max_N"); the overlay draws the base grid. An image
-    is its pixels and its ``image_sizes``, distinct over both."""
+    """LLaVA-NeXT: a base grid, then the unpadded high-resolution tiles with a newline per row (:mod:`.anyres`); the
+    overlay draws the base grid. An image is its pixels and its ``image_sizes``, distinct over both."""
 
     def params(self, config) -> tuple[int, int | None]:
-        """(tokens before the base patches, "anyres_max" N or None)."""
-        if config.model_type == "llava_onevision":  # its base grid is exactly p² features; it resizes past N
-            return 0, max_patches(config.vision_aspect_ratio)
+        """(tokens before the base patches: a CLS kept by the "full" selection, "anyres_max" N: None, no resizing)."""
         return int(getattr(config, "vision_feature_select_strategy", "default") == "full"), None
 
     def layout(self, config, enc) -> ImageLayout | None:
@@ -105,13 +106,6 @@ class AnyresScheme(ImageScheme):
         vision = config.vision_config
         return anyres_layout(size, config.image_grid_pinpoints, vision.image_size, vision.patch_size, extra=extra,
                              most=most)
-
-    def load_processor(self, config, where: str):
-        if config.model_type == "llava_onevision":  # its video processor needs torchvision
-            from .onevision import load_processor
-
-            return load_processor(where)
-        return super().load_processor(config, where)
 
     def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
         layout = self.layout(config, enc)
@@ -148,6 +142,20 @@ class AnyresScheme(ImageScheme):
                                             return_dict=True)
         index = {k: n for n, k in enumerate(first)}
         return [feats.pooler_output[index[k]] for k in keys], None
+
+
+class OnevisionScheme(AnyresScheme):
+    """LLaVA-OneVision: LLaVA-NeXT's layout with a base grid of exactly p² features (a SigLIP tower, no CLS) and the
+    tile map resized past "anyres_max_N"; its processor read for images only (its video processor needs
+    torchvision, :mod:`.onevision`)."""
+
+    def params(self, config) -> tuple[int, int | None]:
+        return 0, max_patches(config.vision_aspect_ratio)
+
+    def load_processor(self, config, where: str):
+        from .onevision import load_processor
+
+        return load_processor(where)
 
 
 class InternVLScheme(ImageScheme):
@@ -240,7 +248,7 @@ class QwenVLScheme(ImageScheme):
 
 LLAVA_IMAGE = ImageScheme()
 SCHEMES: dict[str, ImageScheme] = {
-    "llava": LLAVA_IMAGE, "llava_next": AnyresScheme(), "llava_onevision": AnyresScheme(),
+    "llava": LLAVA_IMAGE, "llava_next": AnyresScheme(), "llava_onevision": OnevisionScheme(),
     "internvl": InternVLScheme(), "gemma3": Gemma3Scheme(), "qwen2_5_vl": QwenVLScheme(), "qwen2_vl": QwenVLScheme(),
 }
 
@@ -250,4 +258,5 @@ def scheme_of(config) -> ImageScheme:
     return SCHEMES.get(getattr(config, "model_type", None), LLAVA_IMAGE)
 
 
-__all__ = ["SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "QwenVLScheme", "scheme_of"]
+__all__ = ["SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "OnevisionScheme",
+           "QwenVLScheme", "scheme_of"]
