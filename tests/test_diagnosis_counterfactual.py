@@ -33,6 +33,8 @@ def test_a_counterfactual_names_its_run():
     assert C(why="a", knobs={"clamp": "none"}).key == C(why="a", knobs={"clamp": "none"}).key
     assert C(why="a", knobs={"clamp": "none"}).key != C(why="a", knobs={"clamp": "scale"}).key
     assert C(why="a", dose=2.0).key != C(why="a", dose=4.0).key != C(why="a", dose=4.0, goal_only=True).key
+    # hashable although its knobs are a dict: a set of runs holds each once
+    assert len({C(why="a", knobs={"clamp": "none"}), C(why="a", knobs={"clamp": "none"}), C(why="b")}) == 2
     iv = MCLCBF.from_preset("seed-exp6")
     variant, dose = C(why="x", knobs={"clamp": "none"}, dose=3.0).variant(iv)
     assert variant.knobs.clamp == "none" and dose == 3.0 and iv.knobs.clamp != "none"

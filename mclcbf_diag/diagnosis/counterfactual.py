@@ -48,6 +48,9 @@ class Counterfactual:
         return repr((self.why, sorted(self.knobs.items()), self.knobs_of is not None, self.intervention, self.dose,
                      self.dtype, tuple(s.key for s in self.search), self.untestable, self.goal_only))
 
+    def __hash__(self) -> int:  # the fields hold a dict; equal fields give equal keys, so this agrees with ==
+        return hash(self.key)
+
     def runs(self) -> list[Counterfactual]:
         """The runs it asks for: itself, or its search's settings in order."""
         return list(self.search) if self.search else [self]
