@@ -175,8 +175,9 @@ def fired_by_step(ev: "Evidence") -> tuple[list[int], list[int], list[int]]:
     return changed, changed, changed
 
 
-# margins that are ±inf by construction where a decoding-level method's cutoff ruled out Yes or No
-INFINITE_OK = frozenset({"final_margin"})
+# the answer's margin: ±inf by construction where a decoding-level method's cutoff ruled out Yes or No, NaN where
+# no answer was read; every other metric is kept only where finite
+ANSWER_MARGIN = "final_margin"
 
 
 class Evidence:
@@ -185,7 +186,7 @@ class Evidence:
     def __init__(self, df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step):
         head = df[df["head"] == NO_HEAD]
         # a NaN margin: no answer was read (±inf is one of Yes and No ruled out by a decoding method's cutoff)
-        raw = head[head["metric"].isin(["final_margin"]) & np.isnan(head["value"].to_numpy(dtype=float))]
+        raw = head[(head["metric"] == ANSWER_MARGIN) & np.isnan(head["value"].to_numpy(dtype=float))]
         self._raw_nonfinite = {c: True for c in raw["condition"]}
         # {(condition, metric): {layer: finite value}}, later rows overriding earlier ones; plain
         # loops over the columns (a pandas groupby here was most of a population diagnosis)
@@ -194,7 +195,7 @@ class Evidence:
                                   head["value"].to_numpy(dtype=float).tolist()):
             if isinstance(c, str) and isinstance(m, str):  # groupby's keys: NaN keys dropped
                 d = self._t.setdefault((c, m), {})
-                if math.isfinite(v) or (m in INFINITE_OK and not math.isnan(v)):
+                if math.isfinite(v) or (m == ANSWER_MARGIN and not math.isnan(v)):
                     d[int(layer)] = v
         shift = df[(df["metric"] == "logit_shift") & (df["condition"] == "steered") & (df["layer"] >= 0)]
         self.shift = {int(layer): bool((g["value"].abs() > 0).any()) for layer, g in shift.groupby("layer")}
