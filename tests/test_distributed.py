@@ -78,8 +78,8 @@ def test_two_ranks_equal_one_process(tmp_path, embedded_model):
     # a rerun resumes every part and merges again, with nothing repeated
     again = _run([*BASE, "--out", str(two)], tmp_path, ranks=2)
     if again.returncode != 0 and "Signal 6 (SIGABRT)" in again.stderr:
-        # One CI run saw a rank abort in this rerun (not reproduced in 40 local reruns, on an idle or a loaded CPU). A rerun
-        # after any crash is the documented way on, so the test takes it once, and shows the abort's stacks.
+        # One CI run saw a rank abort in this rerun (not reproduced in 40 local reruns, on an idle or a loaded
+        # CPU). A rerun after any crash is the documented way on, so the test takes it once, and shows the stacks.
         warnings.warn(f"a rank aborted in the rerun; rerunning once:\n{again.stderr[-3000:]}", stacklevel=1)
         again = _run([*BASE, "--out", str(two)], tmp_path, ranks=2)
     assert again.returncode == 0, again.stderr[-3000:]
