@@ -42,7 +42,6 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..models import LoadedModel
 from ..models.mrope import position_ids
-from .batch import cached_prefix
 from .runner import Continuation, Keep, forward
 
 # keys of model inputs that run along the sequence ([B, S]) and grow with it
@@ -60,6 +59,16 @@ class Generation:
     @property
     def new_tokens(self) -> int:
         return len(self.steps)
+
+
+def cached_prefix(lm: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tensor, intervention) -> int:
+    """Padded positions ``[0, start)`` that the intervention cannot change (0: re-run the prompt)."""
+    rows = rows_of(ids, attention_mask, lm.tokens.image_token_id)
+    firsts = [intervention.first_edited(row) for row in rows]
+    if any(f is None for f in firsts):
+        return 0
+    start = min(row.pad + f for row, f in zip(rows, firsts))
+    return 0 if bool((ids[:, start:] == lm.tokens.image_token_id).any()) else start
 
 
 def end_ids(lm: LoadedModel) -> set[int]:
