@@ -167,7 +167,9 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
             last, records, sequences = res.logits, res.records, res.sequences
         else:
             out = lm.model.generate(**kw, **gen, return_dict_in_generate=True, output_logits=True)
-            last, sequences = out.logits[0], out.sequences
+            # a beam search's first logits are every beam's ([B·beams, vocab], all the prompt's): the first beam's
+            sequences = out.sequences
+            last = out.logits[0].reshape(len(sequences), -1, out.logits[0].shape[-1])[:, 0]
     out = _answers(lm, last, iv, records)  # the first token's greedy reading; the text is decoded as asked
     n = inputs["input_ids"].shape[1]
     for b, rec in enumerate(out):
@@ -191,7 +193,7 @@ def _generated(lm: LoadedModel, inputs: dict, iv, steer: bool, max_new_tokens: i
             res = forward(lm, inputs, iv, keep=Keep(layers=False))
         out = _answers(lm, res.logits, iv, res.records)
         for row, rec in zip(rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id), out):
-            one = {k: (v[row.index:row.index + 1, row.pad:] if k in ("input_ids", "attention_mask") else v)
+            one = {k: (v[:, row.pad:] if k in ("input_ids", "attention_mask") else v)  # the row alone, unpadded
                    for k, v in row_inputs(inputs, [row]).items() if k != "position_ids"}
             tokens, search = opera_search(lm, one, iv.knobs, num_beams=decoding.num_beams,
                                           max_new_tokens=max_new_tokens, ends=end_ids(lm))
