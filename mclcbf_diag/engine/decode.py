@@ -29,7 +29,7 @@ distribution each token is drawn from, not only the first answer token's. transf
 
 Each step keeps every row's records of the ``logits`` site (its ``decoding_*`` terms, layer −1), so a
 generated answer's contrast can be read token by token. A beam search is OPERA's own
-(:mod:`.opera_beam`).
+(:mod:`mclcbf_diag.interventions.opera_beam`).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
     if max_new_tokens < 1:
         raise ValueError("generate needs max_new_tokens >= 1")  # programming error
     if decoding is not None and decoding.strategy == "beam":
-        raise ValueError("a beam search is OPERA's (engine.opera_beam)")  # programming error
+        raise ValueError("a beam search is OPERA's (interventions.opera_beam)")  # programming error
     if decoding is not None and decoding.sampled and keys is None:
         raise ValueError("a sampled generation needs each row's key")  # programming error
     iv = as_intervention(intervention) if steer else None
