@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from floors import logit_floor
+from plain_refs import plain_model
 
 from mclcbf_diag import shipped
-from mclcbf_diag.data import load_image
+from mclcbf_diag.data import build_prompt, load_image
 from mclcbf_diag.embedded.world import BACKGROUND, BY_NAME, DRAW_SIZE, NOISE_SIGMA
 from mclcbf_diag.interventions.halc import (
     FALLBACK,
@@ -22,6 +24,7 @@ from mclcbf_diag.interventions.halc import (
     crop,
     expand_box,
     focal_boxes,
+    focal_step,
     ground,
     shipped_scenes,
     view_contrast,
@@ -112,3 +115,31 @@ def test_the_oracle_finds_exactly_the_drawn_objects_of_the_shipped_images():
                 assert all(0 <= v <= 1 for v in box) and (box[2] - box[0]) * DRAW_SIZE >= 3
         assert oracle.boxes(image, "unicorn") == []
     assert hidden >= 1  # an annotated partner that is not drawn has no box
+
+
+def test_focal_step_on_the_embedded_model_equals_plain_forwards_of_the_crops(embedded_model):
+    lm = embedded_model
+    rows = [json.loads(line) for line in (shipped.POPE / "annotations.jsonl").read_text().splitlines()[:6]]
+    r = next(r for r in rows if r["visible"])
+    oracle = OracleDetector(shipped_scenes([r["image"]]))
+    image = load_image(shipped.IMAGES / r["image"])
+    word = r["visible"][0]
+    prompt = build_prompt(f"Is there a {word} in the image?")
+    generated = torch.tensor([lm.tokens.yes_id])  # teacher-forced: the answer written so far
+    step = focal_step(lm, prompt, image, word, oracle, generated)
+    assert step.status == "detected" and len(step.boxes) == 4 and step.boxes[1] == oracle.boxes(image, word)[0]
+    model = plain_model(lm)
+    views = []
+    with torch.no_grad():
+        for box in step.boxes:
+            w, h = image.size
+            view = image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h))  # the released crop
+            inputs = lm.processor(text=prompt, images=view, return_tensors="pt")
+            ids = torch.cat([inputs["input_ids"], generated[None]], -1)
+            views.append(model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0, -1:])
+    torch.testing.assert_close(step.logits, torch.cat(views), rtol=0, atol=logit_floor(lm))  # two float32 routes
+    want = released_double_contrast(views)
+    assert step.candidates == [int(c.argmax()) for c in want]
+    for (_, _, got), ref in zip(step.contrasts, want):  # z_j − w·z_i: (1 + w)·the logit floor
+        torch.testing.assert_close(got, ref[0], rtol=0, atol=(1 + 0.05) * logit_floor(lm))
+    assert focal_step(lm, prompt, image, word, Fixed([(0.1, 0.1, 0.2, 0.2)] * 4)).status == "invalid"

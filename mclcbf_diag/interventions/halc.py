@@ -21,7 +21,12 @@ max_handle_box 3``, GroundingDINO (Swin-T OGC) as the detector.
   largest divergence (``topk`` of the upper triangle), and for each both directions
   z_j − w·z_i and z_i − w·z_j (w = ``contrast_weight``; the released mask of the base where the
   other is below −1000 changes nothing on finite logits). Each contrast's argmax is a candidate
-  token for the position.
+  token for the position (:func:`focal_step` runs the three on a loaded model).
+
+What is not here: HALC's generation loop (``halc_dola_beam_search`` in its transformers fork), which
+decodes with DoLa, fires this step when a completed word is a noun (spaCy), re-decodes that word
+from the candidates and ranks the beams by a BLIP image-text score. So the toolkit's HALC answer is
+still the first token's, DoLa's (preset ``halc-first-token``), where the released contrast never fires.
 
 **The detector is pluggable.** HALC's released code runs GroundingDINO on the image with the word
 as its text query, thresholded at 0.45. The embedded model's world knows every object's box, so
@@ -37,6 +42,7 @@ the grounding contributes. Any object with ``boxes(image, word)`` plugs in.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -118,6 +124,40 @@ def view_contrast(logits: torch.Tensor, k_candidates: int = 4,
         out.append((j, i, z_j - weight * z_i))
         out.append((i, j, z_i - weight * z_j))
     return out
+
+
+@dataclass
+class FocalStep:
+    """What :func:`focal_step` found for one object word."""
+
+    status: str  # "detected", "not-detected" (the fallback box) or "invalid" (too many boxes: not handled)
+    boxes: list[Box] = field(default_factory=list)  # the views' boxes
+    logits: torch.Tensor | None = None  # [views, vocab] float32
+    contrasts: list = field(default_factory=list)  # (final view, base view, scores [vocab]) per candidate
+    candidates: list[int] = field(default_factory=list)  # each contrast's argmax
+
+
+def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated: torch.Tensor | None = None, *,
+               context_window: int = 4, expand_ratio: float = 0.6, k_candidates: int = 4, weight: float = 0.05,
+               max_boxes: int = 3) -> FocalStep:
+    """HALC's focal-view contrast for ``word`` at the next position of ``prompt`` (plus ``generated`` [n] token ids
+    already written): ground the word, run the model on each view (the image cropped to its box, a whole image to
+    the processor), contrast the views' last logits (:func:`view_contrast`) and take each contrast's argmax."""
+    box, status = ground(detector, image, word, max_boxes)
+    if box is None:
+        return FocalStep(status)
+    boxes = focal_boxes(box, context_window, expand_ratio)
+    rows = []
+    for b in boxes:
+        inputs = lm.inputs(prompt, crop(image, b))
+        if generated is not None and generated.numel():
+            ids = torch.cat([inputs["input_ids"], generated.reshape(1, -1).to(inputs["input_ids"])], -1)
+            inputs = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            rows.append(lm.model(**inputs, logits_to_keep=1).logits[0, -1].float())
+    logits = torch.stack(rows)
+    contrasts = view_contrast(logits, k_candidates, weight)
+    return FocalStep(status, boxes, logits, contrasts, [int(c.argmax()) for _, _, c in contrasts])
 
 
 def _pixels_key(image) -> str:
