@@ -111,12 +111,18 @@ def test_every_runner_path_gives_the_same_scores(embedded_model, batch):
             assert (math.isnan(m) and math.isnan(got)) or got == m or abs(got - m) < 1e-3
 
 
-def test_generation_under_a_decoding_method_is_refused(embedded_model, batch):
+def test_captured_generation_is_refused_and_answers_are_generated_by_the_loop(embedded_model, batch):
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.engine.decode import generate
+
     lm, (prompts, images) = embedded_model, batch
-    with pytest.raises(UserError, match="first answer token's distribution"):
+    with pytest.raises(UserError, match="first answer token's distribution"):  # trace's captured decode phase
         run(lm, lm.inputs(prompts[0], images[0]), LayerMix(), max_new_tokens=2)
-    with pytest.raises(UserError, match="first answer token's distribution"):
-        answer_batch(lm, prompts[:1], images[:1], LayerMix(), True, max_new_tokens=2)
+    got = answer_batch(lm, prompts[:1], images[:1], LayerMix(), True, max_new_tokens=2)
+    inputs = batch_inputs(lm, prompts[:1], images[:1], share_images=False)
+    gen = generate(lm, inputs, LayerMix(), max_new_tokens=2)
+    new = gen.sequences[0, inputs["input_ids"].shape[1]:]
+    assert got[0]["text"] == lm.processor.tokenizer.decode(new, skip_special_tokens=True)
 
 
 def test_trace_prints_the_margins_the_method_combined():

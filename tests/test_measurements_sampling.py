@@ -71,8 +71,10 @@ def test_refusals_arrive_before_the_model(tmp_path):
             "--decoding beam chooses generated text", "--generate N")
     refused(["pope", "--decoding", "sample", "--temperature", "0", "--out", str(tmp_path / "p")], tmp_path,
             "--temperature 0.0: must be > 0")
-    refused(["pope", "--intervention", "vcd", "--generate", "4", "--out", str(tmp_path / "p")], tmp_path,
-            "--intervention vcd acts on the first answer token's distribution", "drop --generate", fast=False)
+    refused(["pope", "--intervention", "opera", "--generate", "4", "--out", str(tmp_path / "p")], tmp_path,
+            "OPERA generates by its beam search", "--decoding beam --num-beams 5", fast=False)
+    refused(["pope", "--intervention", "dola", "--generate", "4", "--decoding", "beam", "--num-beams", "3", "--out",
+             str(tmp_path / "p")], tmp_path, "a beam search is OPERA's alone", fast=False)
 
 
 def _answers(folder):

@@ -489,3 +489,29 @@ def test_generate_rows_carry_the_prefill_image_mass(tmp_path, ref):
             cols = sorted(c for c in r if c.startswith(f"{cond}_image_mass_"))
             assert cols
             assert_same_masses([r[c] for c in cols], [want[k][c] for c in cols], (k, cond), stored=2)
+
+
+def test_pope_generates_under_a_decoding_level_method(tmp_path):
+    """``--generate`` under VCD: both conditions run engine.decode's loop; sampled twice with a seed, the same."""
+    def run(name, *extra):
+        assert main(["pope", "--split", "adversarial", "--limit", "3", "--batch-size", "3", "--intervention", "vcd",
+                     "--generate", "3", *extra, "--out", str(tmp_path / name)]) == 0
+        return sorted((r["question_id"], r["baseline_text"], r["steered_text"]) for r in records(tmp_path / name))
+
+    greedy = run("g")
+    assert all(isinstance(t, str) for row in greedy for t in row[1:])
+    assert json.loads((tmp_path / "g" / "run.json").read_text())["generate"] == 3
+    assert run("s1", "--decoding", "sample", "--temperature", "2", "--seed", "4") == \
+        run("s2", "--decoding", "sample", "--temperature", "2", "--seed", "4")
+
+
+def test_pope_runs_operas_beam_search_and_records_its_penalty(tmp_path):
+    assert main(["pope", "--split", "adversarial", "--limit", "2", "--intervention", "opera", "--generate", "4",
+                 "--decoding", "beam", "--num-beams", "3", "--out", str(tmp_path / "o")]) == 0
+    rows = records(tmp_path / "o")
+    for r in rows:
+        assert 1 <= len(r["opera_penalty"]) <= 4 and all(-1 <= p <= 0 for p in r["opera_penalty"])  # −image share
+        assert r["opera_rollbacks"] == [] and isinstance(r["steered_text"], str)  # ≤ 10 tokens: none can happen
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["decoding"]["num_beams"] == 3
+    assert run["config"]["scale_factor"] == 50.0 and run["config"]["threshold"] == 15

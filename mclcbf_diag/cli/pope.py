@@ -189,9 +189,7 @@ def _pope(args, on_batch=None) -> int:
     shard, files, all_jobs, jobs, out = split_run_checks(args, "reports/pope")
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
-    if args.generate and "logits" in config.open_sites(True):
-        raise UserError(f"--intervention {config.name} acts on the first answer token's distribution; --generate "
-                        "under it is not supported yet: drop --generate (first-token answers)")
+    check_generation(args, config)
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.
     prep = prepare_from_args(args)
     prompts = [build_prompt(j.question.text, args.prompt) for j in jobs]
@@ -216,6 +214,20 @@ def _pope(args, on_batch=None) -> int:
     print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, flips_questions.csv, "
           f"summary.html{timed}")
     return 0
+
+
+def check_generation(args, config) -> None:
+    """A UserError for generated answers a decoding-level method cannot give: a beam search is OPERA's alone, and
+    OPERA generates by its beam search."""
+    if not args.generate or "logits" not in config.open_sites(True):
+        return
+    beam = getattr(args, "decoding", "greedy") == "beam"
+    if config.name == "opera" and not beam:
+        raise UserError("--intervention opera --generate N: OPERA generates by its beam search; add --decoding beam "
+                        "--num-beams 5 (the released setting), or drop --generate (first-token answers)")
+    if beam and config.name != "opera":
+        raise UserError(f"--decoding beam under --intervention {config.name}: a beam search is OPERA's alone; use "
+                        "--decoding greedy or sample, or --intervention opera")
 
 
 def _model_facts(args):

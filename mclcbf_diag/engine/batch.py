@@ -50,10 +50,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import rows_of
-from ..interventions.views import PIXEL_ROWS
+from ..interventions.views import PIXEL_ROWS, row_inputs
 from ..models import LoadedModel
 from ..models.mrope import position_ids
 from ..models.processing import processor_prompt
+from .decode import cached_prefix, end_ids, generate
 from .runner import Continuation, Keep, forward
 
 
@@ -145,6 +146,9 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     if max_new_tokens > 0 and "pixel_values" not in inputs:
         raise ValueError("generation needs batch_inputs(..., share_images=False)")  # programming error
     steer = steer and iv is not None
+    beam = decoding is not None and decoding.strategy == "beam"
+    if max_new_tokens > 0 and iv is not None and "logits" in iv.open_sites(True) and (steer or not beam):
+        return _generated(lm, inputs, iv, steer, max_new_tokens, decoding, keys)
     with torch.no_grad():
         if max_new_tokens <= 0:
             if not steer:
@@ -163,7 +167,9 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
             last, records, sequences = res.logits, res.records, res.sequences
         else:
             out = lm.model.generate(**kw, **gen, return_dict_in_generate=True, output_logits=True)
-            last, sequences = out.logits[0], out.sequences
+            # a beam search's first logits are every beam's ([B·beams, vocab], all the prompt's): the first beam's
+            sequences = out.sequences
+            last = out.logits[0].reshape(len(sequences), -1, out.logits[0].shape[-1])[:, 0]
     out = _answers(lm, last, iv, records)  # the first token's greedy reading; the text is decoded as asked
     n = inputs["input_ids"].shape[1]
     for b, rec in enumerate(out):
@@ -171,14 +177,37 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     return out
 
 
-def cached_prefix(lm: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tensor, intervention) -> int:
-    """Padded positions ``[0, start)`` that the intervention cannot change (0: re-run the prompt)."""
-    rows = rows_of(ids, attention_mask, lm.tokens.image_token_id)
-    firsts = [intervention.first_edited(row) for row in rows]
-    if any(f is None for f in firsts):
-        return 0
-    start = min(row.pad + f for row, f in zip(rows, firsts))
-    return 0 if bool((ids[:, start:] == lm.tokens.image_token_id).any()) else start
+def _generated(lm: LoadedModel, inputs: dict, iv, steer: bool, max_new_tokens: int, decoding, keys) -> list[dict]:
+    """Generated answers where a decoding-level method chooses every token (:mod:`.decode`'s loop, both conditions;
+    the baseline of a beam search is ``generate``'s), or OPERA's beam search with ``--decoding beam``
+    (:mod:`~mclcbf_diag.interventions.opera_beam`, question by question): the first token's greedy reading as
+    :func:`answer_batch` gives it, ``text``, and for OPERA ``opera_penalty`` (per step, the best beam's top
+    candidate's penalty), ``opera_columns`` (per step, the penalty's column) and ``opera_rollbacks``."""
+    n, tok = inputs["input_ids"].shape[1], lm.processor.tokenizer
+    if decoding is not None and decoding.strategy == "beam":
+        from ..interventions.opera_beam import opera_search
+
+        if iv.name != "opera":
+            raise ValueError(f"no beam search under {iv.name}; OPERA has one")  # programming error: the CLI refuses
+        with torch.no_grad():
+            res = forward(lm, inputs, iv, keep=Keep(layers=False))
+        out = _answers(lm, res.logits, iv, res.records)
+        for row, rec in zip(rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id), out):
+            one = {k: (v[:, row.pad:] if k in ("input_ids", "attention_mask") else v)  # the row alone, unpadded
+                   for k, v in row_inputs(inputs, [row]).items() if k != "position_ids"}
+            tokens, search = opera_search(lm, one, iv.knobs, num_beams=decoding.num_beams,
+                                          max_new_tokens=max_new_tokens, ends=end_ids(lm))
+            rec["text"] = tok.decode(tokens, skip_special_tokens=True)
+            rec["opera_penalty"] = [e["penalty"][0][0] for e in search.events]
+            rec["opera_columns"] = [e["column"] for e in search.events]
+            rec["opera_rollbacks"] = [{"response": e["response"], **e["rollback"]} for e in search.events
+                                      if e["rollback"] is not None]
+        return out
+    gen = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, decoding=decoding, keys=keys, steer=steer)
+    out = _answers(lm, gen.first_scores, iv if steer else None, gen.steps[0]["records"] if steer else None)
+    for b, rec in enumerate(out):
+        rec["text"] = tok.decode(gen.sequences[b, n:], skip_special_tokens=True)
+    return out
 
 
 def baseline_prefix(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, object]:

@@ -164,10 +164,18 @@ class CausalMMKnobs:
 class OPERAKnobs:
     candidates: int = knob(5, "top tokens scored (num_attn_candidates); the others are ruled out")
     weight: float = knob(1.0, "penalty weight: a candidate gains weight × its image attention share")
+    scale_factor: float = knob(50.0, "beam search (--decoding beam): the generated window's attention is scaled by "
+                                     "this before the column products of the over-trust penalty")
+    threshold: int = knob(15, "beam search: roll back once the penalty's column has been the top one more than this "
+                              "many steps")
 
     def __post_init__(self):
         if not self.candidates >= 1:
             raise UserError(f"candidates={self.candidates} must be >= 1")
+        if not self.scale_factor > 0:
+            raise UserError(f"scale_factor={self.scale_factor} must be > 0 (50: the released code's)")
+        if not self.threshold >= 0:
+            raise UserError(f"threshold={self.threshold} must be >= 0 (15: the released code's)")
 
 
 # --------------------------------------------------------------------------- AD-HH

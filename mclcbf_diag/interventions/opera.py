@@ -26,10 +26,10 @@ Here, on a one-token Yes/No answer, the ``logits`` site gets exactly that first 
 ``candidates`` tokens of the decision position's logits score z[c] + weight·dose·attn_img(c), every
 other token is ruled out (−inf rather than −999: no token outside the candidates can win either
 way). The column-pattern penalty and the rollback never act on a one-token answer (the first
-token's response holds one token, ≤ 10), so ``scale_factor`` and ``threshold`` are not knobs.
-OPERA's answer to a POPE question is its beam search's best beam (beam 5, ≤ 10 new tokens);
-the first-token reading here is the first step of that search (its scores), not the final
-beam's answer.
+token's response holds one token, ≤ 10), so ``scale_factor`` and ``threshold`` are knobs of the
+beam search alone. OPERA's answer to a POPE question is its beam search's best beam (beam 5, ≤ 10
+new tokens), which ``pope --generate N --decoding beam`` runs (:mod:`.opera_beam`); the first-token
+reading here is the first step of that search (its scores), not the final beam's answer.
 
 How it is done. :meth:`OPERA.prepare` runs a plain forward of the rows (``use_cache=True``) for
 their candidates, then *one* batched continuation of all rows × candidates by one token each

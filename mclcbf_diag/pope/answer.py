@@ -184,20 +184,21 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     rid = getattr(lm, "run_id", None)
     inputs = batch_inputs(lm, prompts, images, share_images=not generate)
     t_inputs = time.perf_counter() - t0
+    keys = [f"{j.split}:{j.question.question_id}" for j in jobs]
     if generate:
         t1 = time.perf_counter()
         with _Observer(lm, inputs["input_ids"]) as ob:
             base = answer_batch(lm, prompts, images, config, False, inputs=inputs, max_new_tokens=generate,
-                                decoding=decoding)
+                                decoding=decoding, keys=keys)
         t_base = time.perf_counter() - t1
         with _Observer(lm, inputs["input_ids"]) as os_:
             steer = answer_batch(lm, prompts, images, config, True, inputs=inputs, max_new_tokens=generate,
-                                 decoding=decoding)
+                                 decoding=decoding, keys=keys)
         b_mass, s_mass = (ob.last(1) or [None])[0], (os_.last(1) or [None])[0]
     else:
         with _Observer(lm, inputs["input_ids"]) as ob:
             base, steer = answer_pair(lm, prompts, images, config, inputs=inputs, decoding=decoding,
-                                      keys=[f"{j.split}:{j.question.question_id}" for j in jobs])
+                                      keys=keys)
         b_mass, s_mass = ob.last(2) or (None, None)
         t_base = ob.forwards[-2]  # the baseline's plain forward; the intervened run is the last
     if timing is not None:

@@ -1,0 +1,197 @@
+"""HALC's focal views: ground an object word, crop views around its box, contrast the views' answers.
+
+Paper: Chen, Zhao, Luo et al., "HALC: Object Hallucination Reduction via Adaptive Focal-Contrast
+Decoding", ICML 2024. Released code: github.com/BillChan226/HALC,
+``decoder_zoo/HALC/context_density/halc.py`` (``context_density_embedding``, ``expand_bbox``,
+``context_layer_double_multi_contrastive_decoding``); POPE defaults in ``run_scripts/pope_eval.py``:
+``context_window 4, expand_ratio 0.6, contrast_weight 0.05, k_candidate_num 4, box_threshold 0.45,
+max_handle_box 3``, GroundingDINO (Swin-T OGC) as the detector.
+
+* **Grounding** (:func:`ground`). A :class:`Detector` gives the boxes of an object word in the
+  image (normalised ``(x0, y0, x1, y1)``). More than ``max_boxes`` (3): the word is not handled;
+  none: the released fallback box ``(0.2, 0.2, 0.8, 0.8)``; else the smallest box.
+* **Focal views** (:func:`focal_boxes`). With ``context_window`` n > 1: the box shrunk by
+  ``expand_ratio`` (at most 0.8), the box itself, then n − 2 successive expansions of the last by
+  ``expand_ratio`` (:func:`expand_box`: each side moves by width·f/2 or height·f/2, clipped to
+  the image). Each view is the image cropped to its box (:func:`crop`), given to the model as a
+  whole image.
+* **Contrast** (:func:`view_contrast`). The views' next-token logits z_0 … z_{n−1}; for every
+  pair the divergence the released code computes, ½·[KL(M‖P_i) + KL(M‖P_j)] with ``F.kl_div``'s
+  ``batchmean`` (a batch of one: the sum), M = ½(P_i + P_j); the ``k_candidates``/2 pairs of the
+  largest divergence (``topk`` of the upper triangle), and for each both directions
+  z_j − w·z_i and z_i − w·z_j (w = ``contrast_weight``; the released mask of the base where the
+  other is below −1000 changes nothing on finite logits). Each contrast's argmax is a candidate
+  token for the position (:func:`focal_step` runs the three on a loaded model).
+
+What is not here: HALC's generation loop (``halc_dola_beam_search`` in its transformers fork), which
+decodes with DoLa, fires this step when a completed word is a noun (spaCy), re-decodes that word
+from the candidates and ranks the beams by a BLIP image-text score. So the toolkit's HALC answer is
+still the first token's, DoLa's (preset ``halc-first-token``), where the released contrast never fires.
+
+**The detector is pluggable.** HALC's released code runs GroundingDINO on the image with the word
+as its text query, thresholded at 0.45. The embedded model's world knows every object's box, so
+it ships :class:`OracleDetector`: the drawn objects' exact boxes, never a false or missed
+detection, and no box for an annotated object that is not drawn (a hidden partner). It is not
+GroundingDINO. A real detector misses small and faint objects, finds objects that are not there
+(its own hallucinations, which HALC then contrasts around), returns several boxes for one word
+(over ``max_boxes``: the word is skipped) and depends on ``box_threshold``; with it HALC's views
+are as good as its detections, and a figure measured with the oracle is an upper bound on what
+the grounding contributes. Any object with ``boxes(image, word)`` plugs in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the width and height
+FALLBACK: Box = (0.2, 0.2, 0.8, 0.8)  # the released box when the detector finds nothing
+
+
+class Detector(Protocol):
+    """What grounds an object word: its boxes in the image (empty: not found)."""
+
+    def boxes(self, image, word: str) -> list[Box]:
+        """The boxes of ``word`` in ``image`` (a PIL image), normalised to [0, 1]."""
+
+
+def expand_box(box: Box, factor: float) -> Box:
+    """The released ``expand_bbox``: each side moves out by width·factor/2 (height·factor/2), clipped to [0, 1];
+    a negative factor shrinks the box."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    return (max(0, x0 - w * factor / 2), max(0, y0 - h * factor / 2), min(1, x1 + w * factor / 2),
+            min(1, y1 + h * factor / 2))
+
+
+def focal_boxes(box: Box, context_window: int = 4, expand_ratio: float = 0.6) -> list[Box]:
+    """The released views' boxes: ``[shrunk, box, expanded, expanded twice …]`` (``context_window`` of them)."""
+    if context_window == 1:
+        return [box]
+    out = [expand_box(box, -min(expand_ratio, 0.8)), box]
+    for _ in range(1, context_window - 1):
+        out.append(expand_box(out[-1], expand_ratio))
+    return out
+
+
+def ground(detector: Detector, image, word: str, max_boxes: int = 3) -> tuple[Box | None, str]:
+    """``(box, status)``: the smallest of the detector's boxes ("detected"), the fallback ("not-detected"), or None
+    when it finds more than ``max_boxes`` ("invalid"), as the released code decides."""
+    found = list(detector.boxes(image, word))
+    if len(found) > max_boxes:
+        return None, "invalid"
+    if not found:
+        return FALLBACK, "not-detected"
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in found]
+    return found[areas.index(min(areas))], "detected"
+
+
+def crop(image, box: Box):
+    """The image cropped to ``box`` (the released absolute coordinates, left/top/right/bottom)."""
+    w, h = image.size
+    return image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+
+
+def pair_divergence(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The released pair score ½·[KL(M‖P_a) + KL(M‖P_b)] of two [vocab] logits (float64)."""
+    a, b = a.double()[None], b.double()[None]
+    m = 0.5 * (F.softmax(a, -1) + F.softmax(b, -1))
+    return float(0.5 * (F.kl_div(F.log_softmax(a, -1), m, reduction="batchmean")
+                        + F.kl_div(F.log_softmax(b, -1), m, reduction="batchmean")))
+
+
+def view_contrast(logits: torch.Tensor, k_candidates: int = 4,
+                  weight: float = 0.05) -> list[tuple[int, int, torch.Tensor]]:
+    """The released double multi-contrast of the views' logits [n, vocab]: ``(final view, base view, scores)``
+    for each direction of the ``k_candidates``/2 most divergent pairs, largest first."""
+    if k_candidates % 2:
+        raise ValueError("k_candidates must be even")  # the knob's check
+    n = logits.shape[0]
+    jsd = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            jsd[i, j] = pair_divergence(logits[i], logits[j])
+    top = torch.topk(jsd.flatten(), min(k_candidates // 2, n * (n - 1) // 2)).indices
+    out = []
+    for flat in top.tolist():
+        i, j = divmod(flat, n)
+        z_i, z_j = logits[i].float(), logits[j].float()
+        out.append((j, i, z_j - weight * z_i))
+        out.append((i, j, z_i - weight * z_j))
+    return out
+
+
+@dataclass
+class FocalStep:
+    """What :func:`focal_step` found for one object word."""
+
+    status: str  # "detected", "not-detected" (the fallback box) or "invalid" (too many boxes: not handled)
+    boxes: list[Box] = field(default_factory=list)  # the views' boxes
+    logits: torch.Tensor | None = None  # [views, vocab] float32
+    contrasts: list = field(default_factory=list)  # (final view, base view, scores [vocab]) per candidate
+    candidates: list[int] = field(default_factory=list)  # each contrast's argmax
+
+
+def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated: torch.Tensor | None = None, *,
+               context_window: int = 4, expand_ratio: float = 0.6, k_candidates: int = 4, weight: float = 0.05,
+               max_boxes: int = 3) -> FocalStep:
+    """HALC's focal-view contrast for ``word`` at the next position of ``prompt`` (plus ``generated`` [n] token ids
+    already written): ground the word, run the model on each view (the image cropped to its box, a whole image to
+    the processor), contrast the views' last logits (:func:`view_contrast`) and take each contrast's argmax."""
+    box, status = ground(detector, image, word, max_boxes)
+    if box is None:
+        return FocalStep(status)
+    boxes = focal_boxes(box, context_window, expand_ratio)
+    rows = []
+    for b in boxes:
+        inputs = lm.inputs(prompt, crop(image, b))
+        if generated is not None and generated.numel():
+            ids = torch.cat([inputs["input_ids"], generated.reshape(1, -1).to(inputs["input_ids"])], -1)
+            inputs = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            rows.append(lm.model(**inputs, logits_to_keep=1).logits[0, -1].float())
+    logits = torch.stack(rows)
+    contrasts = view_contrast(logits, k_candidates, weight)
+    return FocalStep(status, boxes, logits, contrasts, [int(c.argmax()) for _, _, c in contrasts])
+
+
+def _pixels_key(image) -> str:
+    return hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
+
+
+class OracleDetector:
+    """The embedded world's detector: every drawn object's exact box, found from the image's own pixels.
+
+    ``scenes``: the scenes whose images it will be asked about (:func:`shipped_scenes` for the shipped POPE set);
+    an image is recognised by its pixels (its rendering), so any copy of a shipped PNG is found. A word matches a
+    class name, singular or with a plural ``s`` (as the released code strips one).
+    """
+
+    def __init__(self, scenes):
+        from ..embedded.world import DRAW_SIZE
+
+        self.size = DRAW_SIZE
+        self.scenes = {_pixels_key(scene.image()): scene for scene in scenes}
+
+    def boxes(self, image, word: str) -> list[Box]:
+        scene = self.scenes.get(_pixels_key(image))
+        if scene is None:
+            return []  # an image the world did not draw: nothing is known about it
+        word = word.strip(".,'[]()").lower()
+        names = {word, word[:-1]} if word.endswith("s") else {word}
+        s = float(self.size)
+        return [(max(0.0, (o.cx - o.size) / s), max(0.0, (o.cy - o.size) / s), min(1.0, (o.cx + o.size) / s),
+                 min(1.0, (o.cy + o.size) / s)) for o in scene.objects if o.drawn and o.name in names]
+
+
+def shipped_scenes(names: list[str]) -> list:
+    """The scenes of the shipped POPE images ``names`` (``emb_000123.png``: scene 123 at the evaluation seed)."""
+    from ..embedded.config import EVAL_SEED
+    from ..embedded.world import sample_scene
+
+    return [sample_scene(int(name.split("_")[1].split(".")[0]), EVAL_SEED) for name in names]

@@ -1,0 +1,145 @@
+"""HALC's grounding, focal views and view contrast against hand-worked numbers and the released code.
+
+The contrast's reference (:func:`released_double_contrast`) is ``context_layer_double_multi_contrastive_decoding``
+of ``BillChan226/HALC`` line for line (float32 ``F.kl_div`` with ``batchmean`` on ``[1, vocab]`` logits, the
+upper triangle's ``topk``, both directions with the −1000 mask). The oracle detector is checked against the
+shipped images' own pixels.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from floors import logit_floor
+from plain_refs import plain_model
+
+from mclcbf_diag import shipped
+from mclcbf_diag.data import build_prompt, load_image
+from mclcbf_diag.embedded.world import BACKGROUND, BY_NAME, DRAW_SIZE, NOISE_SIGMA
+from mclcbf_diag.interventions.halc import (
+    FALLBACK,
+    OracleDetector,
+    crop,
+    expand_box,
+    focal_boxes,
+    focal_step,
+    ground,
+    shipped_scenes,
+    view_contrast,
+)
+
+
+def released_double_contrast(context_logits_list, k_candidate_num=4, contrast_weight=0.05):
+    k_candidate = int(k_candidate_num / 2)
+    stacked = torch.stack(context_logits_list, dim=0)
+    num_layers = len(stacked)
+    jsd_matrix = torch.zeros((num_layers, num_layers))
+    for i in range(num_layers):
+        for j in range(i + 1, num_layers):
+            M = 0.5 * (F.softmax(stacked[i], dim=-1) + F.softmax(stacked[j], dim=-1))
+            kl1 = F.kl_div(F.log_softmax(stacked[i], dim=-1), M, reduction="batchmean")
+            kl2 = F.kl_div(F.log_softmax(stacked[j], dim=-1), M, reduction="batchmean")
+            jsd = 0.5 * (kl1 + kl2)
+            jsd_matrix[i, j] = jsd
+            jsd_matrix[j, i] = jsd
+    top_k_indices_flat = torch.topk(jsd_matrix.triu(diagonal=1).flatten(), k_candidate).indices
+    rows = top_k_indices_flat // jsd_matrix.size(1)
+    cols = top_k_indices_flat % jsd_matrix.size(1)
+    out = []
+    for layer_idx1, layer_idx2 in zip(rows.tolist(), cols.tolist()):
+        base_logits = context_logits_list[layer_idx1].clone()
+        final_logits = context_logits_list[layer_idx2]
+        base_logits[0][final_logits[0] < -1e3] = -1e3
+        out.append(final_logits - base_logits * contrast_weight)
+        base_logits = context_logits_list[layer_idx2].clone()
+        final_logits = context_logits_list[layer_idx1]
+        base_logits[0][final_logits[0] < -1e3] = -1e3
+        out.append(final_logits - base_logits * contrast_weight)
+    return out
+
+
+def test_view_contrast_is_the_released_double_multi_contrast():
+    g = torch.Generator().manual_seed(2)
+    views = [torch.randn(1, 40, generator=g) * s for s in (1.0, 2.0, 3.0, 0.5)]
+    want = released_double_contrast(views)
+    got = view_contrast(torch.cat(views), k_candidates=4, weight=0.05)
+    assert len(got) == len(want) == 4
+    for (_, _, scores), ref in zip(got, want):
+        torch.testing.assert_close(scores, ref[0], rtol=0, atol=1e-6)  # the same float32 arithmetic
+    assert got[0][:2] == (got[1][1], got[1][0])  # one pair, both directions
+
+
+def test_focal_boxes_are_the_released_expansions():
+    box = (0.4, 0.4, 0.6, 0.6)
+    boxes = focal_boxes(box, 4, 0.6)
+    want = [(0.46, 0.46, 0.54, 0.54), box, (0.34, 0.34, 0.66, 0.66), (0.244, 0.244, 0.756, 0.756)]
+    for got, ref in zip(boxes, want, strict=True):
+        assert got == pytest.approx(ref)
+    assert expand_box((0.0, 0.1, 0.5, 0.9), 1.0) == pytest.approx((0.0, 0.0, 0.75, 1.0))  # clipped to the image
+    assert focal_boxes(box, 1) == [box] and focal_boxes(box, 2, 0.9)[0] == pytest.approx(expand_box(box, -0.8))
+
+
+class Fixed:
+    def __init__(self, boxes):
+        self.found = boxes
+
+    def boxes(self, image, word):
+        return self.found
+
+
+def test_grounding_takes_the_smallest_box_falls_back_or_gives_up():
+    small, large = (0.1, 0.1, 0.2, 0.2), (0.0, 0.0, 0.9, 0.9)
+    assert ground(Fixed([large, small]), None, "dog") == (small, "detected")
+    assert ground(Fixed([]), None, "dog") == (FALLBACK, "not-detected")
+    assert ground(Fixed([small] * 4), None, "dog") == (None, "invalid")
+
+
+def test_the_oracle_finds_exactly_the_drawn_objects_of_the_shipped_images():
+    rows = [json.loads(line) for line in (shipped.POPE / "annotations.jsonl").read_text().splitlines()[:12]]
+    oracle = OracleDetector(shipped_scenes([r["image"] for r in rows]))
+    hidden = 0
+    for r in rows:
+        image = load_image(shipped.IMAGES / r["image"])
+        for name in r["labels"]:
+            boxes = oracle.boxes(image, name + "s")  # a plural finds the class too
+            assert len(boxes) == (name in r["visible"])
+            hidden += name not in r["visible"]
+            scene = oracle.scenes[next(k for k, v in oracle.scenes.items() if v.scene_id == int(r["image"][4:10]))]
+            for box in boxes:  # the object's colour, as drawn (faint ones blended into the grey), is inside its box
+                obj = next(o for o in scene.objects if o.name == name)
+                drawn = obj.opacity * torch.tensor(BY_NAME[name].colour) + (1 - obj.opacity) * BACKGROUND
+                pixels = torch.tensor(np.asarray(crop(image, box)), dtype=torch.float32).reshape(-1, 3)
+                assert float((pixels - drawn).norm(dim=-1).min()) < 2 * NOISE_SIGMA * 3 ** 0.5
+                assert all(0 <= v <= 1 for v in box) and (box[2] - box[0]) * DRAW_SIZE >= 3
+        assert oracle.boxes(image, "unicorn") == []
+    assert hidden >= 1  # an annotated partner that is not drawn has no box
+
+
+def test_focal_step_on_the_embedded_model_equals_plain_forwards_of_the_crops(embedded_model):
+    lm = embedded_model
+    rows = [json.loads(line) for line in (shipped.POPE / "annotations.jsonl").read_text().splitlines()[:6]]
+    r = next(r for r in rows if r["visible"])
+    oracle = OracleDetector(shipped_scenes([r["image"]]))
+    image = load_image(shipped.IMAGES / r["image"])
+    word = r["visible"][0]
+    prompt = build_prompt(f"Is there a {word} in the image?")
+    generated = torch.tensor([lm.tokens.yes_id])  # teacher-forced: the answer written so far
+    step = focal_step(lm, prompt, image, word, oracle, generated)
+    assert step.status == "detected" and len(step.boxes) == 4 and step.boxes[1] == oracle.boxes(image, word)[0]
+    model = plain_model(lm)
+    views = []
+    with torch.no_grad():
+        for box in step.boxes:
+            w, h = image.size
+            view = image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h))  # the released crop
+            inputs = lm.processor(text=prompt, images=view, return_tensors="pt")
+            ids = torch.cat([inputs["input_ids"], generated[None]], -1)
+            views.append(model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0, -1:])
+    torch.testing.assert_close(step.logits, torch.cat(views), rtol=0, atol=logit_floor(lm))  # two float32 routes
+    want = released_double_contrast(views)
+    assert step.candidates == [int(c.argmax()) for c in want]
+    for (_, _, got), ref in zip(step.contrasts, want):  # z_j − w·z_i: (1 + w)·the logit floor
+        torch.testing.assert_close(got, ref[0], rtol=0, atol=(1 + 0.05) * logit_floor(lm))
+    assert focal_step(lm, prompt, image, word, Fixed([(0.1, 0.1, 0.2, 0.2)] * 4)).status == "invalid"
