@@ -80,6 +80,7 @@ class TraceResult:
             "nonfinite_values": int(nonfinite) if nonfinite == nonfinite else 0,
             "layers_dropped": dropped,
             **self.intervention.trace_summary(per_layer, wide["baseline"]),
+            **self.intervention.decode_summary(self._decode_baselines()),
             **_propagation(per_layer),
         }
         if self.question is not None:
@@ -88,6 +89,13 @@ class TraceResult:
             out["question"] = self.question.text
         out["answer_changed"] = out["answer_before"] != out["answer_after"]
         return out
+
+    def _decode_baselines(self) -> dict[int, pd.DataFrame]:
+        """The measuring baseline run's records at each generated token, ``{decode_step: layer × metric}``."""
+        r = self.records
+        r = r[(r.phase == "decode") & (r.condition == "baseline") & (r["head"] == -1)]
+        return {int(k): g.pivot_table(index="layer", columns="metric", values="value")
+                for k, g in r.groupby("decode_step")}
 
     def reading(self, condition: str = "steered") -> Reading:
         """The Yes/No reading of the run's prefill step (see :mod:`mclcbf_diag.measurements.outcomes`)."""

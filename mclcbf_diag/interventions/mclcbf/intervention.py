@@ -52,7 +52,7 @@ from .config import (
     target_positions,
 )
 from .math import barrier_value, guard_share, step
-from .report import figures, headline, nothing_fired_reason, summary_fields, summary_lines
+from .report import decode_warnings, figures, headline, nothing_fired_reason, summary_fields, summary_lines
 
 METRICS = {
     "barrier_h": "h: head-mean image mass of the target query under the configured span, before the step",
@@ -364,6 +364,10 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
         """The barrier h before and after the step (mean over steered layers), where it fired, the largest
         ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised with their noise floors."""
         return summary_fields(steered, baseline, self.knobs)
+
+    def decode_summary(self, baselines: dict) -> dict:
+        """The look-ahead check at every generated token (:func:`~.report.decode_warnings`)."""
+        return decode_warnings(baselines)
 
     def summary_lines(self, summary: dict) -> list[str]:
         return summary_lines(summary)
