@@ -11,10 +11,10 @@ yes. So undoing the span alone changes the answer: decisive in DESIGN §9's sens
 
 The seeds were found by a search (not part of the suite): seeds 0–29 (Llama) and 0–89 (Qwen2), query scales
 between 300 and 3000, 8 POPE objects and 2–3 embedded scenes, keeping the runs where the detected span's barrier
-fired and flipped the answer (a handful of about 3,000; most steps move the margin too little to flip it); Llama
-seed 25 and Qwen2 seed 60 at × 1000 flip this question on this image. The contrast, where the image's real mass (~0.77) is above τ whichever span is used and the span is
-"present, not decisive", stays in tests/test_diagnosis_diagnose.py (same question, image and preset; only the
-sharpness and the seed differ).
+fired and flipped the answer (about 20 of some 4,000; most steps move the margin too little to flip it); Llama
+seed 25 and Qwen2 seed 60 at × 1000 flip this question on this image. The contrast, where the image's real mass
+(~0.77) is above τ whichever span is used and the span is "present, not decisive", stays in
+tests/test_diagnosis_diagnose.py (same question, image and preset; only the sharpness and the seed differ).
 """
 
 import dataclasses
