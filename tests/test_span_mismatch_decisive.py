@@ -9,9 +9,9 @@ default τ = 0.2 lies between the two: on the literal span the barrier stays idl
 at layer 1 (the steered layer of a 2-layer model) and the answer (the sign of logit Yes − No) flips from no to
 yes. So undoing the span alone changes the answer: decisive in DESIGN §9's sense, with the run that shows it.
 
-The seeds were found by a search (not part of the suite): seeds 0–29 (Llama) and 0–89 (Qwen2), query scales
+The seeds were found by a search (not part of the suite): seeds 0–29 (Llama) and 0–86 (Qwen2), query scales
 between 300 and 3000, 8 POPE objects and 2–3 embedded scenes, keeping the runs where the detected span's barrier
-fired and flipped the answer (about 20 of some 4,000; most steps move the margin too little to flip it); Llama
+fired and flipped the answer (27 of some 3,800 runs; most steps move the margin too little to flip it); Llama
 seed 25 and Qwen2 seed 60 at × 1000 flip this question on this image. The contrast, where the image's real mass
 (~0.77) is above τ whichever span is used and the span is "present, not decisive", stays in
 tests/test_diagnosis_diagnose.py (same question, image and preset; only the sharpness and the seed differ).
