@@ -56,7 +56,8 @@ class TraceResult:
 
     def summary(self) -> dict:
         """Answers, margins and Yes/No masses before and after, at prefill, and the intervention's own figures
-        (:meth:`~mclcbf_diag.interventions.base.Intervention.trace_summary`: for MC-LCBF the barrier and the step)."""
+        (:meth:`~mclcbf_diag.interventions.base.Intervention.trace_summary`: for MC-LCBF the barrier and the step;
+        :meth:`~mclcbf_diag.interventions.base.Intervention.decode_summary`: its checks at the generated tokens)."""
         r = self.records[(self.records.phase == "prefill") & (self.records["head"] == -1)]
         wide = {c: r[r.condition == c].pivot_table(index="layer", columns="metric", values="value")
                 for c in ("baseline", "steered")}

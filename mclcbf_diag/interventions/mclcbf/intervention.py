@@ -16,7 +16,8 @@ Two checks on every run, printed as warnings by ``trace`` and ``explain`` and pu
 (:mod:`.report`): the configured span against the detected image tokens and the decision token
 (``span_flagged``, :func:`mclcbf_diag.models.tokens.span_problem`: the seed's known 4-token offset
 is not flagged), and, in the measuring run, the look-ahead h against the image mass the layer then
-computed (``lookahead_miss``, beyond its noise floor ``lookahead_miss_floor``).
+computed (``lookahead_miss``, beyond its noise floor ``lookahead_miss_floor``), at the prompt's forward and,
+with ``--generate``, at every generated token (:func:`.report.decode_warnings`).
 
 Two computations, two dtypes. The *controller* (h, ∇h, the scale and the step) runs in the
 gradient dtype, as the seed does (``grad_dtype=model``: the model's dtype, so its rounding
