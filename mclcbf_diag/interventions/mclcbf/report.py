@@ -145,7 +145,8 @@ def decode_warnings(baselines: dict[int, pd.DataFrame]) -> dict:
 
 
 def warning_lines(s: dict) -> list[str]:
-    """The warnings of :func:`warnings_of` as sentences (no indent, no trailing full stop)."""
+    """The warnings of :func:`warnings_of` and :func:`decode_warnings` as sentences (no indent, no trailing full
+    stop)."""
     lines = []
     if s.get("span_warning"):
         lines.append(s["span_warning"])
