@@ -169,6 +169,46 @@ def test_the_look_ahead_equals_the_measured_mass_at_generated_tokens(lm, image):
     assert checked >= 2 * len(B.steered_layers(_config(), lm.n_layers))
 
 
+
+def test_a_look_ahead_miss_at_a_generated_token_is_printed_and_paged(embedded_model, image, monkeypatch, capsys):
+    """The look-ahead check covers every decode step, not only the prompt's forward: a miss planted at one generated
+    token (decode step 2, one steered layer: the measuring run's recorded look-ahead h raised by 0.05) is the only
+    one the summary reports, on screen and on the page; the same run unplanted reports none."""
+    from mclcbf_diag.cli.trace import print_outcome_summary
+    from mclcbf_diag.interventions.base import Site
+    from mclcbf_diag.report.pages import headline
+
+    config = _config()
+    clean = trace_sample(embedded_model, QUESTION, image, config, max_new_tokens=3).summary()
+    assert not any(k.startswith("lookahead_miss") for k in clean)
+    planted_layer = B.steered_layers(config, embedded_model.n_layers)[0]
+    real = Site.record
+
+    def record(site, row, metric, value):
+        if (metric == "barrier_h" and not site.steer and site.phase == "decode" and site.decode_step == 2
+                and site.layer == planted_layer):
+            value += 0.05
+        return real(site, row, metric, value)
+
+    monkeypatch.setattr(Site, "record", record)
+    result = trace_sample(embedded_model, QUESTION, image, config, max_new_tokens=3)
+    r = result.records
+    miss = r[(r.condition == "baseline") & (r.phase == "decode") & (r.decode_step == 2) & (r.layer == planted_layer)
+             & (r.metric == "lookahead_miss")].value.item()
+    assert miss == pytest.approx(-0.05, abs=1e-3)  # the planted 0.05, against the mass the layer computed
+    s = result.summary()
+    assert "lookahead_miss_layers" not in s  # the prompt's forward is exact
+    assert s["lookahead_miss_decode_steps"] == [2] and s["lookahead_miss_decode_layers"] == [planted_layer]
+    assert s["lookahead_miss_decode_max"] == miss
+    print_outcome_summary(s, result.intervention)
+    warned = [x for x in capsys.readouterr().out.splitlines() if "warning" in x]
+    assert warned == [f"  warning: at the generated tokens (decode steps [2]) the barrier's look-ahead h differs "
+                      f"from the image mass the model computed by up to {miss:+.3g} (noise floor "
+                      f"{s['lookahead_miss_decode_floor']:.2g}) at layers [{planted_layer}]: h, its gradient and the "
+                      "step are not the model's there"]
+    assert any(x.startswith("Warning: At the generated tokens (decode steps [2])")
+               for x in headline(s, r, result.intervention))
+
 def test_attention_logit_site_sets_image_mass_to_tau(lm, image):
     tau = 0.6
     result = trace_sample(lm, QUESTION, image, _config(site="attn_logits", tau_prefill=tau))

@@ -236,12 +236,17 @@ def test_the_maps_by_hand():
 
 
 def test_other_layouts_are_refused():
-    """LLaVA-NeXT (tiles) and a list of feature layers are not LLaVA-1.5 layouts."""
+    """LLaVA-NeXT (tiles), Gemma 3 (pooled patches, named as such) and a list of feature layers are not LLaVA-1.5
+    layouts."""
     next_cfg = SimpleNamespace(model_type="llava_next", vision_feature_layer=-2,
                                vision_feature_select_strategy="default")
     lm = SimpleNamespace(model=SimpleNamespace(config=next_cfg), source="llava-hf/llava-v1.6-mistral-7b-hf")
     with pytest.raises(UserError, match="llava-v1.6.*LLaVA-1.5"):
         counterfactual_features(lm, torch.zeros(1, 5, 3, 336, 336), "shuffle", 0)
+    gemma = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(model_type="gemma3")), source="g")
+    with pytest.raises(UserError, match="Gemma 3 reads the tower's last state") as refused:
+        counterfactual_features(gemma, torch.zeros(1, 3, 896, 896), "shuffle", 0)
+    assert "tiles" not in str(refused.value)
     multi = SimpleNamespace(model_type="llava", vision_feature_layer=[-2, -5], vision_feature_select_strategy="default")
     lm = SimpleNamespace(model=SimpleNamespace(config=multi), source="m")
     with pytest.raises(UserError, match="one vision feature layer"):

@@ -206,6 +206,44 @@ def test_next_trace_equals_a_plain_forward_and_its_look_ahead(next_lm):
                                        .reshape(8, 8).numpy(), rtol=0, atol=1e-6)
 
 
+def test_the_overlay_draws_the_tiles_as_the_processor_laid_them_out(next_lm):
+    """The tiles' grid against the model's own merge: its newline tokens are the image positions whose input embedding
+    is ``image_newline`` (each just after a row of the grid), the tile tokens the other image tokens after the 8 × 8
+    base; the overlay's cells are the decision token's attention there, and base + tiles + newlines is the measured
+    image mass of the layer."""
+    import dataclasses
+
+    from mclcbf_diag import barrier as B
+    from mclcbf_diag.experiments.trace import trace_sample
+    from mclcbf_diag.report.overlay import attention_maps, cell_maps
+
+    config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    for k in range(2):
+        inputs = next_lm.inputs(PROMPT, _image(k))
+        with torch.no_grad():
+            out = next_lm.model(**inputs, output_attentions=True, output_hidden_states=True)
+        image = torch.nonzero(inputs["input_ids"][0] == next_lm.tokens.image_token_id).flatten()
+        embeds = out.hidden_states[0][0, image[64:]]  # the decoder's input: image features merged
+        newline = (embeds == next_lm.model.model.image_newline).all(-1)
+        hires, newlines = image[64:][~newline], image[64:][newline]
+        result = trace_sample(next_lm, QUESTIONS[0], _image(k), config)
+        grid = next_lm.image_scheme.tile_grid(next_lm.model.config, inputs, result.baseline.detected)
+        rows = len(newlines)
+        assert grid.cells.shape == (rows, len(hires) // rows) and rows * grid.cells.shape[1] == len(hires)
+        assert grid.cells.flatten().tolist() == hires.tolist() and (grid.cells[:, -1] + 1).tolist() == newlines.tolist()
+        assert tuple(grid.pixels.shape[1:]) == tuple(PATCH * n for n in grid.cells.shape)  # one patch a cell
+        tiles, base = cell_maps(result.baseline, grid.cells), attention_maps(result.baseline,
+                                                                             next_lm.grid_mask(result.baseline.detected))
+        measured = result.records.query("condition == 'baseline' and phase == 'prefill' and head == -1 "
+                                        "and metric == 'attn_image_mass'").set_index("layer").value
+        for i in range(next_lm.n_layers):
+            row = out.attentions[i][0, :, -1].mean(0)
+            np.testing.assert_allclose(tiles[f"layer {i}"], row[grid.cells].numpy(), rtol=0, atol=1e-6)
+            assert float(tiles[f"layer {i}"].sum()) == pytest.approx(float(row[hires].sum()), rel=0, abs=1e-5)
+            whole = float(base[f"layer {i}"].sum()) + float(tiles[f"layer {i}"].sum()) + float(row[newlines].sum())
+            assert whole == pytest.approx(measured[i], rel=0, abs=1e-5)
+
+
 def test_next_batches_with_the_cached_prefix_equal_plain_forwards(next_lm):
     """pope's path: 4 prompts over 2 images of different sizes, the vision tower once per (pixels, image_sizes), the
     baseline against each prompt alone, the intervened run continuing the cached prefix against a full re-run."""
@@ -246,4 +284,5 @@ def test_trace_and_its_page_run_on_next(next_lm, tmp_path):
 
     assert main(["trace", "--model", next_lm.source, "--sample", "0", "--overlay-token", "-2",
                  "--out", str(tmp_path / "t")]) == 0
-    assert (tmp_path / "t" / "trace.html").exists()
+    page = (tmp_path / "t" / "trace.html").read_text()
+    assert "over the high-resolution tiles (" in page

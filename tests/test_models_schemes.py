@@ -73,3 +73,33 @@ def test_the_overlay_picture_is_the_image_under_the_grid():
     tiles = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
     assert float(ImageScheme().picture({"pixel_values": tiles[None]}, None).mean()) == 0.0
     assert float(InternVLScheme().picture({"pixel_values": tiles}, None).mean()) == 3.0
+
+
+def test_the_tiles_grid_of_a_small_anyres_layout_by_hand():
+    """A 20 × 40 px image, 28-px tiles of 14-px patches (2 × 2 patches a tile), one 56 × 56 pinpoint, a CLS kept:
+    the resized view is 2 × 2 tiles, a 4 × 4 patch map whose padding (the image is twice as wide as high) is one
+    patch row above and one below, so the tiles' grid is 2 × 4. The 15 image tokens at prompt positions 3 … 17 are
+    the CLS (3), the 2 × 2 base grid (4 … 7), then per tile row 4 patches and a newline: 8 … 11, newline 12,
+    13 … 16, newline 17."""
+    from mclcbf_diag.report.overlay import cell_grid
+
+    vision = SimpleNamespace(image_size=28, patch_size=14)
+    cfg = SimpleNamespace(model_type="llava_next", vision_feature_select_strategy="full", vision_config=vision,
+                          image_grid_pinpoints=[[56, 56]])
+    whole = torch.arange(3 * 56 * 56, dtype=torch.float32).view(3, 56, 56)  # the padded view, every pixel distinct
+    tiles = [whole[:, r * 28:(r + 1) * 28, c * 28:(c + 1) * 28] for r in range(2) for c in range(2)]  # row-major
+    base = torch.full((3, 28, 28), -1.0)
+    pad = torch.zeros(3, 28, 28)  # a batch's padding row after the tiles
+    enc = {"image_sizes": torch.tensor([[20, 40]]), "pixel_values": torch.stack([base, *tiles, pad])[None]}
+    grid = AnyresScheme().tile_grid(cfg, enc, _mask(20, range(3, 18)))
+    assert grid.cells.tolist() == [[8, 9, 10, 11], [13, 14, 15, 16]]
+    assert torch.equal(grid.pixels, whole[:, 14:42, :])  # one patch row (14 px) off the top and the bottom
+    # an attention row whose value is its key's position reads back the cells; heads stay in front
+    row = torch.arange(20.0)
+    assert cell_grid(row, grid.cells).tolist() == grid.cells.tolist()
+    assert cell_grid(torch.stack([row, 2 * row]), grid.cells)[1].tolist() == (2 * grid.cells).tolist()
+    # the default selection (no CLS) moves every cell one token earlier; one grid a prompt: none for LLaVA-1.5
+    default = SimpleNamespace(**{**vars(cfg), "vision_feature_select_strategy": "default"})
+    assert AnyresScheme().tile_grid(default, enc, _mask(20, range(3, 17))).cells.tolist() == [[7, 8, 9, 10],
+                                                                                              [12, 13, 14, 15]]
+    assert ImageScheme().tile_grid(None, enc, _mask(20, range(3, 17))) is None

@@ -56,7 +56,8 @@ class TraceResult:
 
     def summary(self) -> dict:
         """Answers, margins and Yes/No masses before and after, at prefill, and the intervention's own figures
-        (:meth:`~mclcbf_diag.interventions.base.Intervention.trace_summary`: for MC-LCBF the barrier and the step)."""
+        (:meth:`~mclcbf_diag.interventions.base.Intervention.trace_summary`: for MC-LCBF the barrier and the step;
+        :meth:`~mclcbf_diag.interventions.base.Intervention.decode_summary`: its checks at the generated tokens)."""
         r = self.records[(self.records.phase == "prefill") & (self.records["head"] == -1)]
         wide = {c: r[r.condition == c].pivot_table(index="layer", columns="metric", values="value")
                 for c in ("baseline", "steered")}
@@ -80,6 +81,7 @@ class TraceResult:
             "nonfinite_values": int(nonfinite) if nonfinite == nonfinite else 0,
             "layers_dropped": dropped,
             **self.intervention.trace_summary(per_layer, wide["baseline"]),
+            **self.intervention.decode_summary(self._decode_baselines()),
             **_propagation(per_layer),
         }
         if self.question is not None:
@@ -88,6 +90,13 @@ class TraceResult:
             out["question"] = self.question.text
         out["answer_changed"] = out["answer_before"] != out["answer_after"]
         return out
+
+    def _decode_baselines(self) -> dict[int, pd.DataFrame]:
+        """The measuring baseline run's records at each generated token, ``{decode_step: layer × metric}``."""
+        r = self.records
+        r = r[(r.phase == "decode") & (r.condition == "baseline") & (r["head"] == -1)]
+        return {int(k): g.pivot_table(index="layer", columns="metric", values="value")
+                for k, g in r.groupby("decode_step")}
 
     def reading(self, condition: str = "steered") -> Reading:
         """The Yes/No reading of the run's prefill step (see :mod:`mclcbf_diag.measurements.outcomes`)."""

@@ -392,6 +392,12 @@ class Intervention:
         baseline run's records at prefill (frames: layer × metric, head −1)."""
         return {}
 
+    def decode_summary(self, baselines: dict) -> dict:
+        """Its own figures of the generated tokens for the summary, from the measuring baseline run's records at
+        each decode step (``{decode_step: frame}``, frames as in :meth:`trace_summary`); empty without
+        ``--generate``."""
+        return {}
+
     def summary_lines(self, summary: dict) -> list[str]:
         """Lines ``trace`` and ``explain`` print under the outcome, from :meth:`trace_summary`'s fields."""
         return []

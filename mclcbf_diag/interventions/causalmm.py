@@ -43,7 +43,8 @@ Deviations from the released code:
 * The ``full`` strategy (CLS kept), which the released code cannot run (its map has one weight per
   patch), weights the CLS feature by the map's mean.
 
-Only LLaVA-1.5 layouts (one image, one patch grid) are supported: LLaVA-NeXT's tiles are refused.
+Only LLaVA-1.5 layouts (one image, one patch grid) are supported: the other families are refused with their
+reason (:data:`NOT_ONE_GRID`).
 """
 
 from __future__ import annotations
@@ -87,14 +88,27 @@ def patch_weights(cf_map: torch.Tensor, grid: int) -> torch.Tensor:
     return resized.mean(dim=1).reshape(grid * grid)
 
 
+# why a family's image is not the one patch grid at a vision feature layer that CausalMM's map reweights
+NOT_ONE_GRID = {
+    "llava_next": "LLaVA-NeXT's image is several tiles",
+    "llava_onevision": "OneVision's image is several tiles",
+    "gemma3": "Gemma 3 reads the tower's last state, with no vision_feature_layer, and its projector average-pools "
+              "the patches: one image token is k × k patches",
+    "internvl": "InternVL's image is several tiles, each pixel-shuffled into fewer tokens",
+    "qwen2_vl": "Qwen2-VL's vision transformer merges 2 × 2 patches into each image token",
+    "qwen2_5_vl": "Qwen2.5-VL's vision transformer merges 2 × 2 patches into each image token",
+    "qwen3_vl": "Qwen3-VL's vision transformer merges 2 × 2 patches into each image token",
+}
+
+
 def _layout(lm) -> tuple[int, str, int]:
     """``(feature layer, strategy, grid side)`` of a LLaVA-1.5 layout; a UserError for any other."""
     cfg = lm.model.config
     name = getattr(lm, "source", "this model")
     if cfg.model_type != "llava":
+        why = NOT_ONE_GRID.get(cfg.model_type, "its image features are not one patch grid at a vision feature layer")
         raise UserError(f"--intervention causalmm runs on LLaVA-1.5 layouts (one image, one patch grid); "
-                        f"{name} is {cfg.model_type!r} (LLaVA-NeXT's image is several tiles): use a LLaVA-1.5 "
-                        "model, or another intervention")
+                        f"{name} is {cfg.model_type!r} ({why}): use a LLaVA-1.5 model, or another intervention")
     layer = cfg.vision_feature_layer
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     if not isinstance(layer, int) or strategy not in STRATEGIES:

@@ -103,6 +103,24 @@ def anyres_layout(size: tuple[int, int], pinpoints: Sequence[Sequence[int]], til
     return ImageLayout(base=(per_tile, per_tile), tiles=tiles, extra=extra)
 
 
+def tiles_picture(tiles: np.ndarray, size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile_px: int,
+                  patch_px: int) -> np.ndarray:
+    """The pixels under the high-resolution tiles' grid: the processor's tiles ``tiles`` [n ≥ t, C, tile_px, tile_px]
+    (row-major over the best resolution's ``t`` tiles; rows past them are the batch's zero padding) put back side by
+    side, less the padding :func:`unpadded` removes from the patch map (whole patches, as the model removes them).
+    The unpadded map of LLaVA-NeXT is this picture's patches, one token each; OneVision's resized map lies over the
+    same picture. Returns [C, height, width]."""
+    per_tile = tile_px // patch_px
+    h, w = best_resolution(size, pinpoints)
+    n_rows, n_cols = h // tile_px, w // tile_px
+    grid = tiles[: n_rows * n_cols].reshape(n_rows, n_cols, *tiles.shape[1:])
+    whole = np.concatenate([np.concatenate(list(row), axis=-1) for row in grid], axis=-2)  # [C, H, W]
+    rows, cols = n_rows * per_tile, n_cols * per_tile
+    kept = unpadded(size, (rows, cols))
+    top, left = (rows - kept[0]) // 2 * patch_px, (cols - kept[1]) // 2 * patch_px
+    return whole[:, top: top + kept[0] * patch_px, left: left + kept[1] * patch_px]
+
+
 def token_bound(pinpoints: Sequence[Sequence[int]], tile_px: int, patch_px: int, extra: int = 0,
                 most: int | None = None) -> int:
     """The most image tokens one image can become: over every pinpoint's patch map and each map its unpadding can

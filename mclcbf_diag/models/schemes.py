@@ -10,7 +10,8 @@ image tokens exactly and to batch them:
 * ``prepare``: anything the loaded model needs to take shared image features;
 * ``image_grid`` / ``grid_mask`` / ``picture``: the overlay's patch grid (rows, columns) of one prompt,
   checked against the number of image tokens the processor wrote, which image tokens form it, and the
-  pixels it lies over;
+  pixels it lies over; ``tile_grid``: a second grid where the image has one (LLaVA-NeXT's and OneVision's
+  high-resolution tiles: each cell's token and the unpadded tiles' pixels);
 * ``token_bound``: the most image tokens one image can become (the prompt-length check);
 * ``processor_images`` / ``features``: a batch's images as the processor takes them, and the
   vision tower run once per distinct image, its features per prompt as the model merges them
@@ -24,13 +25,25 @@ Positions that are not ``cumsum − 1`` of the padding mask (Qwen-VL's 3-D M-RoP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from transformers import AutoProcessor
 
 from ..errors import UserError
 from . import internvl, mrope
-from .anyres import ImageLayout, anyres_layout, max_patches, token_bound
+from .anyres import ImageLayout, anyres_layout, max_patches, tiles_picture, token_bound
 from .processing import check_image_grid, patch_grid_shape
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A grid of image tokens the overlay draws besides the first: ``cells`` [rows, columns] holds each cell's prompt
+    position (an index into an attention row's keys), ``pixels`` [3, H, W] the normalised pixels under it."""
+
+    cells: torch.Tensor
+    pixels: torch.Tensor
 
 
 class ImageScheme:
@@ -58,6 +71,11 @@ class ImageScheme:
 
     def layout(self, config, enc) -> ImageLayout | None:
         """The anyres layout of the first image of ``enc`` (None: one fixed grid, as here)."""
+        return None
+
+    def tile_grid(self, config, enc, image_mask: torch.Tensor) -> TileGrid | None:
+        """The second grid the overlay draws, where an image has one (LLaVA-NeXT and OneVision: the high-resolution
+        tiles); None here."""
         return None
 
     def picture(self, enc, image_processor) -> torch.Tensor:
@@ -91,7 +109,8 @@ def _masked_range(image_mask: torch.Tensor, lo: int, hi: int | None) -> torch.Te
 
 class AnyresScheme(ImageScheme):
     """LLaVA-NeXT: a base grid, then the unpadded high-resolution tiles with a newline per row (:mod:`.anyres`); the
-    overlay draws the base grid. An image is its pixels and its ``image_sizes``, distinct over both."""
+    overlay draws the base grid and the tiles' grid. An image is its pixels and its ``image_sizes``, distinct over
+    both."""
 
     def params(self, config) -> tuple[int, int | None]:
         """(tokens before the base patches: a CLS kept by the "full" selection, "anyres_max" N: None, no resizing)."""
@@ -118,6 +137,22 @@ class AnyresScheme(ImageScheme):
                             f"{layout.n_tokens} of its anyres layout (a {rows} × {cols} base grid, {tr} × {tc} "
                             "tiles, a newline per row); check the checkpoint's processor files")
         return layout.base
+
+    def tile_grid(self, config, enc, image_mask: torch.Tensor) -> TileGrid | None:
+        """The high-resolution tiles' grid of the first prompt of ``enc``: each cell's prompt position (the layout's
+        ``tiles`` tokens among the image tokens of ``image_mask``, newlines left out) and the unpadded tiles' pixels
+        (:func:`.anyres.tiles_picture`)."""
+        layout = self.layout(config, enc)
+        if layout is None:
+            return None
+        image = torch.nonzero(image_mask.reshape(-1)).flatten()
+        cells = image[torch.as_tensor(layout.groups()["tiles"], device=image.device)]
+        size = tuple(int(x) for x in enc["image_sizes"][0].tolist())
+        pv = enc["pixel_values"][0]  # [tiles, C, H, W]: the base image, then the high-resolution tiles
+        vision = config.vision_config
+        pixels = tiles_picture(pv[1:].float().cpu().numpy(), size, config.image_grid_pinpoints, vision.image_size,
+                               vision.patch_size)
+        return TileGrid(cells, torch.from_numpy(np.ascontiguousarray(pixels)))
 
     def grid_mask(self, config, image_mask: torch.Tensor) -> torch.Tensor:
         extra = self.params(config)[0]
@@ -259,4 +294,4 @@ def scheme_of(config) -> ImageScheme:
 
 
 __all__ = ["SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "OnevisionScheme",
-           "QwenVLScheme", "scheme_of"]
+           "QwenVLScheme", "TileGrid", "scheme_of"]

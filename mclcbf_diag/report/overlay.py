@@ -4,7 +4,8 @@ LLaVA-1.5 turns the 336 × 336 crop into a 24 × 24 grid of patches (14 px each)
 token per patch, in row-major order (CLIP's patch embedding, CLS dropped by the "default"
 feature selection). So the attention row of a query over the image tokens, reshaped to the
 grid, is a map over the picture. :func:`patch_grid` does that reshaping for any square grid
-(the embedded model's 8 × 8 too); :func:`seen_image` undoes the processor's normalisation of
+(the embedded model's 8 × 8 too), :func:`cell_grid` gathers a grid of given tokens (LLaVA-NeXT's
+high-resolution tiles, whose rows a newline token ends); :func:`seen_image` undoes the processor's normalisation of
 ``pixel_values``, giving the picture after its resize and crop, i.e. what the model saw;
 :func:`attention_maps` collects the maps of a traced run per layer (mean over heads, or one
 head) and over layer sets (the steered layers, all layers). Pure functions over captured
@@ -71,6 +72,24 @@ def attention_maps(capture, image_mask: torch.Tensor, *, head: int | None = None
     """
     cap = capture.steps[decode_step]
     return _maps({i: cap.layers[i].attn for i in cap.layers}, image_mask, head, steered, shape)  # attn: [H, K]
+
+
+def cell_grid(row: torch.Tensor, cells: torch.Tensor) -> np.ndarray:
+    """An attention row over keys [..., K] → the values at the keys ``cells`` [rows, columns] holds (prompt
+    positions), as a grid [..., rows, columns]: a grid whose tokens are not one run of the image tokens (LLaVA-NeXT's
+    tiles, a newline after each row)."""
+    idx = cells.reshape(-1).to(row.device)
+    return row[..., idx].float().reshape(*row.shape[:-1], *cells.shape).cpu().numpy()
+
+
+def cell_maps(capture, cells: torch.Tensor, *, head: int | None = None, decode_step: int = 0,
+              steered: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """:func:`attention_maps` over a grid of given tokens (``cells``: :func:`cell_grid`), e.g. the high-resolution
+    tiles of :meth:`~mclcbf_diag.models.schemes.ImageScheme.tile_grid`; each cell the share of the whole row."""
+    cap = capture.steps[decode_step]
+    rows = {i: cap.layers[i].attn for i in cap.layers}
+    return _grids({i: cell_grid(a.mean(0) if head is None else a[head], cells) for i, a in sorted(rows.items())},
+                  steered)
 
 
 # ----------------------------------------------------------------------------- chosen tokens
@@ -209,8 +228,12 @@ def token_attention_maps(lm, inputs: dict, intervention, positions: Sequence[int
 
 
 def _maps(rows: dict[int, torch.Tensor], image_mask, head, steered, shape=None) -> dict[str, np.ndarray]:
-    per_layer = {i: patch_grid(a.mean(0) if head is None else a[head], image_mask, shape)
-                 for i, a in sorted(rows.items())}
+    return _grids({i: patch_grid(a.mean(0) if head is None else a[head], image_mask, shape)
+                   for i, a in sorted(rows.items())}, steered)
+
+
+def _grids(per_layer: dict[int, np.ndarray], steered) -> dict[str, np.ndarray]:
+    """Per-layer grids → the labelled maps: each layer, the steered layers' mean, all layers' mean."""
     maps = {f"layer {i}": g for i, g in per_layer.items()}
     chosen = [per_layer[i] for i in steered if i in per_layer]
     if chosen:

@@ -111,6 +111,10 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
     text = [lm.processor.tokenizer.decode([int(i)]) for i in ids]
     figures = [image_attention_figure(picture, base, new, title=f"Attention of the decision token "
                                       f"({text[-1].strip()!r}, position {len(ids) - 1}) over the image")]
+    tiles = lm.image_scheme.tile_grid(lm.model.config, inputs, result.baseline.detected)
+    if tiles is not None:  # LLaVA-NeXT, OneVision: the high-resolution tiles too, newline tokens left out
+        figures.append(tiles_figure(tiles, result, ip, layers, f"Attention of the decision token "
+                                                               f"({text[-1].strip()!r}, position {len(ids) - 1})"))
     positions = [resolve_token(t, text, result.baseline.detected) for t in tokens]
     positions = list(dict.fromkeys(p for p in positions if p != len(ids) - 1))  # the decision token is drawn
     if positions:
@@ -122,8 +126,33 @@ def overlay_section(lm, result, image, template, tokens=()) -> Section:
     words = ("The heatmaps show, on each image patch, the share of the query token's attention (averaged over "
              "heads), drawn over the image as the model saw it (after the processor's resize and crop): baseline, "
              f"intervened and their difference. The slider picks a layer, the intervention's layers "
-             f"({layer_list(layers)}) together, or all layers.")
+             f"({layer_list(layers)}) together, or all layers."
+             + (" An image in tiles (LLaVA-NeXT, OneVision) is drawn twice: its base grid (the whole picture at the "
+                "tower's size), then its high-resolution tiles as the processor laid them out." if tiles is not None
+                else ""))
     return Section("Where the decision token looks", text=words, figures=figures)
+
+
+def tiles_figure(tiles, result, image_processor, layers, title: str):
+    """The decision token's attention over an image's high-resolution tiles (a
+    :class:`~mclcbf_diag.models.schemes.TileGrid`), baseline and intervened, over the unpadded tiles' pixels.
+
+    Args:
+        tiles: the grid (each cell's prompt position, the pixels under it).
+        result: the trace whose captures are drawn.
+        image_processor: the processor's image part (its mean and std undo the normalisation).
+        layers: the intervention's layers (their mean is a label).
+        title: the figure's title, up to "over the …".
+    """
+    from .overlay import cell_maps, seen_image
+    from .plots import image_attention_figure
+
+    rows, cols = tiles.cells.shape
+    ip = image_processor
+    return image_attention_figure(
+        seen_image(tiles.pixels, ip.image_mean, ip.image_std), cell_maps(result.baseline, tiles.cells, steered=layers),
+        cell_maps(result.steered, tiles.cells, steered=layers),
+        title=f"{title} over the high-resolution tiles ({rows} × {cols} tokens, padding removed, newlines left out)")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -424,9 +453,9 @@ def trace_plot_sections(lm, ex) -> list[Section]:
     return step_sections(lm, ex.trace, heading="Trace plots")
 
 
-__all__ = ["headline", "summary_frame", "overlay_section", "step_sections", "trace_sections", "explain_sections",
-           "verdict_items", "causes_table", "fixes_sentence", "knockout_table", "trace_plot_sections",
-           "question_sections",
+__all__ = ["headline", "summary_frame", "overlay_section", "tiles_figure", "step_sections", "trace_sections",
+           "explain_sections", "verdict_items", "causes_table", "fixes_sentence", "knockout_table",
+           "trace_plot_sections", "question_sections",
            "NoFigure"]
 
 

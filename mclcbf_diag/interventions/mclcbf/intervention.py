@@ -16,7 +16,8 @@ Two checks on every run, printed as warnings by ``trace`` and ``explain`` and pu
 (:mod:`.report`): the configured span against the detected image tokens and the decision token
 (``span_flagged``, :func:`mclcbf_diag.models.tokens.span_problem`: the seed's known 4-token offset
 is not flagged), and, in the measuring run, the look-ahead h against the image mass the layer then
-computed (``lookahead_miss``, beyond its noise floor ``lookahead_miss_floor``).
+computed (``lookahead_miss``, beyond its noise floor ``lookahead_miss_floor``), at the prompt's forward and,
+with ``--generate``, at every generated token (:func:`.report.decode_warnings`).
 
 Two computations, two dtypes. The *controller* (h, ∇h, the scale and the step) runs in the
 gradient dtype, as the seed does (``grad_dtype=model``: the model's dtype, so its rounding
@@ -52,7 +53,7 @@ from .config import (
     target_positions,
 )
 from .math import barrier_value, guard_share, step
-from .report import figures, headline, nothing_fired_reason, summary_fields, summary_lines
+from .report import decode_warnings, figures, headline, nothing_fired_reason, summary_fields, summary_lines
 
 METRICS = {
     "barrier_h": "h: head-mean image mass of the target query under the configured span, before the step",
@@ -364,6 +365,10 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
         """The barrier h before and after the step (mean over steered layers), where it fired, the largest
         ‖θ*‖/‖x‖, and Δh predicted, recomputed and realised with their noise floors."""
         return summary_fields(steered, baseline, self.knobs)
+
+    def decode_summary(self, baselines: dict) -> dict:
+        """The look-ahead check at every generated token (:func:`~.report.decode_warnings`)."""
+        return decode_warnings(baselines)
 
     def summary_lines(self, summary: dict) -> list[str]:
         return summary_lines(summary)

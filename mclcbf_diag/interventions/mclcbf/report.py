@@ -98,20 +98,55 @@ def warnings_of(per_layer: pd.DataFrame, baseline: pd.DataFrame, knobs=None) -> 
             line = span_problem(knobs.fixed_span, range(int(first), int(last) + 1), int(decision))
             if line:
                 out["span_warning"] = line
-    if "lookahead_miss" in baseline and "lookahead_miss_floor" in baseline:
-        rows = baseline[["lookahead_miss", "lookahead_miss_floor"]].dropna()
-        rows = rows[rows.index >= 0]
-        missed = rows[rows.lookahead_miss.abs() > rows.lookahead_miss_floor]
-        if len(missed):
-            worst = missed.lookahead_miss.abs().idxmax()
-            out["lookahead_miss_layers"] = [int(i) for i in missed.index]
-            out["lookahead_miss_max"] = float(missed.at[worst, "lookahead_miss"])
-            out["lookahead_miss_floor"] = float(missed.at[worst, "lookahead_miss_floor"])
+    missed = lookahead_misses(baseline)
+    if missed:
+        out["lookahead_miss_layers"], out["lookahead_miss_max"], out["lookahead_miss_floor"] = missed
     return out
 
 
+def lookahead_misses(baseline: pd.DataFrame) -> tuple[list[int], float, float] | None:
+    """The layers where the look-ahead h and the image mass the layer computed differ by more than the noise floor,
+    with the largest such difference and its floor; None where none does (or nothing was recorded).
+
+    Args:
+        baseline: the measuring baseline run's records of one step (prefill or one decode step), layer × metric.
+    """
+    if "lookahead_miss" not in baseline or "lookahead_miss_floor" not in baseline:
+        return None
+    rows = baseline[["lookahead_miss", "lookahead_miss_floor"]].dropna()
+    rows = rows[rows.index >= 0]
+    missed = rows[rows.lookahead_miss.abs() > rows.lookahead_miss_floor]
+    if not len(missed):
+        return None
+    worst = missed.lookahead_miss.abs().idxmax()
+    return ([int(i) for i in missed.index], float(missed.at[worst, "lookahead_miss"]),
+            float(missed.at[worst, "lookahead_miss_floor"]))
+
+
+def decode_warnings(baselines: dict[int, pd.DataFrame]) -> dict:
+    """The look-ahead check at the generated tokens: every decode step's look-ahead h against the image mass the
+    layer computed at that step (the decode steps' records are as exact as the prompt's).
+
+    Args:
+        baselines: the measuring baseline run's records at each decode step, ``{decode_step: layer × metric}``.
+
+    Returns:
+        ``lookahead_miss_decode_steps`` (the decode steps that missed), ``lookahead_miss_decode_layers`` (the
+        layers that missed at any of them), ``lookahead_miss_decode_max`` (the largest miss) and its floor; empty
+        when no step missed.
+    """
+    missed = {step: m for step, frame in sorted(baselines.items()) if (m := lookahead_misses(frame))}
+    if not missed:
+        return {}
+    worst = max(missed.values(), key=lambda m: abs(m[1]))
+    return {"lookahead_miss_decode_steps": list(missed),
+            "lookahead_miss_decode_layers": sorted({ly for m in missed.values() for ly in m[0]}),
+            "lookahead_miss_decode_max": worst[1], "lookahead_miss_decode_floor": worst[2]}
+
+
 def warning_lines(s: dict) -> list[str]:
-    """The warnings of :func:`warnings_of` as sentences (no indent, no trailing full stop)."""
+    """The warnings of :func:`warnings_of` and :func:`decode_warnings` as sentences (no indent, no trailing full
+    stop)."""
     lines = []
     if s.get("span_warning"):
         lines.append(s["span_warning"])
@@ -119,6 +154,12 @@ def warning_lines(s: dict) -> list[str]:
         lines.append(f"the barrier's look-ahead h differs from the image mass the model computed by up to "
                      f"{s['lookahead_miss_max']:+.3g} (noise floor {s['lookahead_miss_floor']:.2g}) at layers "
                      f"{s['lookahead_miss_layers']}: h, its gradient and the step are not the model's there")
+    if s.get("lookahead_miss_decode_steps"):
+        lines.append(f"at the generated tokens (decode steps {s['lookahead_miss_decode_steps']}) the barrier's "
+                     f"look-ahead h differs from the image mass the model computed by up to "
+                     f"{s['lookahead_miss_decode_max']:+.3g} (noise floor {s['lookahead_miss_decode_floor']:.2g}) at "
+                     f"layers {s['lookahead_miss_decode_layers']}: h, its gradient and the step are not the model's "
+                     "there")
     return lines
 
 
@@ -247,4 +288,5 @@ def nothing_fired_reason(df: pd.DataFrame) -> str:
 
 
 __all__ = ["barrier_figure", "figures", "headline", "nothing_fired_reason", "step_size_figure", "summary_fields",
-           "summary_lines", "warning_lines", "warnings_of"]
+           "summary_lines", "warning_lines", "warnings_of",
+           "lookahead_misses", "decode_warnings"]
