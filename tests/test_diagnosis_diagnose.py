@@ -79,6 +79,8 @@ PLANTED = {
     "not_applied/no_rows": dict(drop=tuple(HEALTHY_STEP)),
     "span_mismatch": dict(final={("steered", "span_iou"): 572 / 580, ("steered", "span_precision"): 572 / 576,
                                  ("steered", "span_recall"): 572 / 576}),
+    # the look-ahead 0.05 off the mass the layer computed, far beyond its floor
+    "lookahead_miss": dict(step={"lookahead_miss": 0.05, "lookahead_miss_floor": 1e-6}),
     "barrier_inactive": dict(step={"barrier_h": 0.3, "barrier_active": 0, "scale": 0.0, "scale_unclamped": -0.025,
                                    "applied_norm": 0.0, "theta_norm": 0.0, "theta_rel": 0.0, "dh_predicted": 0.0,
                                    "dh_recomputed": 0.0, "dh_realised": 0.0, "rounding_survival": math.nan}),
@@ -129,6 +131,7 @@ def test_every_cause_has_a_planted_case():
     ("clamp_limited", ["0.394%", "scale 0.5 vs 127", "3 of 3"]),
     ("rounding_absorbed", ["10%", "3 of 3"]),
     ("span_mismatch", ["0.986", "99.3%", "576"]),
+    ("lookahead_miss", ["0.05", "1e-06", "3 of 3"]),
     ("barrier_inactive", ["0.3", "3 of 3", "τ = 0.2"]),
     ("gradient_underflow", ["0 at 3", "1e-05", "100%"]),
     ("step_negligible", ["0.1%", "30%"]),
@@ -584,3 +587,10 @@ def test_explain_ranks_the_span_decisive_with_the_run_that_shows_it(sharp):
     assert alone["layers_fired"] == [1] and alone["answer_after"] == "yes" and alone["outcome"] == "changed"
     assert alone["margin_after"] == pytest.approx(top.run.margin, rel=0, abs=1e-5)
     assert alone["margin_before"] < 0 < alone["margin_after"]
+
+
+def test_a_look_ahead_within_its_noise_floor_is_no_miss():
+    causes = diagnose(make(step={"lookahead_miss": 4e-7, "lookahead_miss_floor": 1e-6}))
+    by = {c.id: c for c in causes}
+    assert detected(causes) == [] and by["lookahead_miss"].evidence["largest_miss"] == pytest.approx(4e-7)
+    assert "beyond the floor" not in by["lookahead_miss"].sentence

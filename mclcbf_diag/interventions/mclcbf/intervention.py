@@ -120,6 +120,7 @@ FIXES: dict[str, dict] = {
 # diagnosed cause → the fix that undoes it (explain's cause chain applies them one by one)
 CAUSE_FIX = {
     "span_mismatch": "span",
+    "lookahead_miss": "site",
     "gradient_underflow": "grad_dtype",
     "clamp_limited": "clamp",
     "rounding_absorbed": "site",

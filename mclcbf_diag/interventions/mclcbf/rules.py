@@ -12,6 +12,8 @@ per-head ``logit_shift``).
 Every rule names its counterfactual, which *undoes* its cause (restores what the cause took
 away, everything else kept), and the rulebook runs it to call the cause decisive or not:
 ``decode_only`` → steer the prefill as the decode; ``span_mismatch`` → span=detected;
+``lookahead_miss`` (the look-ahead's h is not the mass the layer computed) → untestable here: the family's
+adapter, not a knob, makes the look-ahead exact;
 ``barrier_inactive`` → τ just above every h, then larger τ (:data:`TAU_SEARCH`);
 ``gradient_underflow`` → grad_dtype=float32;
 ``guard_dominates`` (guard/(Σg² + guard) > :data:`GUARD_SHARE_MAX`: the guard, not the gradient,
@@ -86,6 +88,24 @@ def span_mismatch(ev: Evidence, rule: Rule):
         s += ("; beyond the seed's known 4-token offset (it covers the decision token or more text, or misses more "
               "of the image), so h is not the image's mass")
     return ev.make(rule, iou < SPAN_IOU_MIN, 1 - iou, e, s + ".")
+
+
+def lookahead_miss(ev: Evidence, rule: Rule):
+    """The look-ahead's h differs from the image mass the layer itself computed, beyond the noise floor, at some
+    layer: the barrier then acts on a figure the model does not compute (a text model, mask or norm the family's
+    adapter does not reproduce). Strength: the largest miss's share of 1 (a mass's whole range)."""
+    cond = next((c for c in ("steered", "baseline") if ev.layers("lookahead_miss", c)), None)
+    if cond is None:
+        return ev.skip(rule, "no lookahead_miss records")
+    miss, floor = ev.layers("lookahead_miss", cond), ev.layers("lookahead_miss_floor", cond)
+    over = {ly: m for ly, m in miss.items() if abs(m) > floor.get(ly, 0.0)}
+    worst = max(over, key=lambda ly: abs(over[ly])) if over else max(miss, key=lambda ly: abs(miss[ly]))
+    e = {"n_missed": len(over), "n_layers": len(miss), "largest_miss": miss[worst], "largest_miss_layer": worst,
+         "largest_miss_floor": floor.get(worst, 0.0)}
+    s = (f"The look-ahead's h differs from the image mass layer {worst} computed by {fmt(miss[worst])} (noise floor "
+         f"{fmt(e['largest_miss_floor'])})" + (f", beyond the floor at {len(over)} of {len(miss)} layers, so the "
+                                               "barrier acted on a mass the model does not compute" if over else ""))
+    return ev.make(rule, bool(over), abs(miss[worst]), e, s + ".")
 
 
 def barrier_inactive(ev: Evidence, rule: Rule):
@@ -383,6 +403,12 @@ def _cf_not_decisive(ev: Evidence, cause):
                                      "any decision-token mass could change the answer")
 
 
+def _cf_lookahead(ev: Evidence, cause):
+    return Counterfactual(untestable="no knob makes the look-ahead reproduce the layer: the family's adapter "
+                                     "(mclcbf_diag/models/adapter.py, its TextMath) must; site = attn_logits acts on "
+                                     "the layer's own attention instead, a different intervention")
+
+
 def _cf_decode_only(ev: Evidence, cause):
     return Counterfactual(why="τ_prefill, α_prefill = τ_decode, α_decode",
                           knobs_of=lambda k: {"tau_prefill": k.tau_decode, "alpha_prefill": k.alpha_decode})
@@ -393,6 +419,9 @@ RULES = [
          "prefill_enabled == 0 and decode_enabled == 1", decode_only, _cf_decode_only),
     Rule("span_mismatch", "Configured image span is not the image", 2, f"span_iou < {SPAN_IOU_MIN}", span_mismatch,
          _cf_knobs("span = detected", span="detected")),
+    Rule("lookahead_miss", "The look-ahead is not the layer's image mass", 2.5,
+         "|lookahead_miss| > lookahead_miss_floor at a layer (h against the mass the layer computed)",
+         lookahead_miss, _cf_lookahead),
     Rule("barrier_inactive", "Barrier inactive (h ≥ τ)", 3,
          f"fraction of steered layers with h ≥ τ > {INACTIVE_FRACTION}", barrier_inactive, _cf_inactive),
     Rule("gradient_underflow", "Gradient underflow in the gradient dtype", 4,
