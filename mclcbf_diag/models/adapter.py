@@ -106,6 +106,10 @@ TEXT_MATH: dict[str, TextMath] = {
     # [batch, seq, head_dim], which the plain rotation applies (models/mrope.py)
     "qwen2_5_vl_text": TextMath(rotary=_rotary("qwen2_5_vl"), window="attention"),
     "qwen2_vl_text": TextMath(rotary=_rotary("qwen2_vl"), window="attention"),
+    # Qwen3-VL's Qwen3: Qwen3's per-head q/k norms; its rotary module interleaves the three M-RoPE axes
+    # (mrope_section, every third frequency) into one cos/sin, which the plain rotation applies
+    "qwen3_vl_text": TextMath(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", rotary=_rotary("qwen3_vl"),
+                              window="attention"),
 }
 assert set(TEXT_MATH) == set(TEXT_BACKBONES).union(*OWN_BACKBONES.values()), \
     "families.TEXT_BACKBONES and OWN_BACKBONES list the backbones declared here"
@@ -255,4 +259,5 @@ QWEN_VL = dataclasses.replace(LLAVA, vision_tower="model.visual", projector="mod
 # LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model), and InternVL's
 # (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head); Gemma 3 and Qwen-VL have their own
 ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA, "internvl": LLAVA,
-                             "gemma3": GEMMA3, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}[f.name] for f in FAMILIES}
+                             "gemma3": GEMMA3, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL,
+                             "qwen3_vl": QWEN_VL}[f.name] for f in FAMILIES}
