@@ -51,7 +51,7 @@ def test_families_load_without_torch():
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
 LLAVA_BACKBONES = list(TEXT_BACKBONES)  # Gemma 3's and Qwen-VL's text models: their own families only
-TRIED = ["qwen3_vl", "idefics3", "smolvlm", "paligemma", "mistral3", "mllama"]
+TRIED = ["qwen3_vl_moe", "idefics3", "smolvlm", "paligemma", "mistral3", "mllama"]
 
 
 # InternVL's remote-code form (native InternVL is a family: tests/test_models_internvl.py); AutoConfig cannot build it
@@ -100,7 +100,7 @@ def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused(
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
     assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision", "internvl", "gemma3",
-                                                "qwen2_5_vl", "qwen2_vl"]
+                                                "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
     for backbone in LLAVA_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
         for family in ("llava_next", "llava_onevision"):  # tests/test_models_onevision.py run one each)
             cfg = _config(family)
@@ -138,7 +138,7 @@ def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monk
 
 @pytest.mark.parametrize("model_type,fragment", [("llava_next_video", "a LLaVA-NeXT-Video checkpoint"),
                                                  ("internvl_chat", "an InternVL (remote code) checkpoint"),
-                                                 ("qwen3_vl", "a Qwen3-VL checkpoint")])
+                                                 ("qwen3_vl_moe", "a Qwen3-VL-MoE checkpoint")])
 def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fragment):
     ckpt = tmp_path / model_type
     ckpt.mkdir()
@@ -151,6 +151,22 @@ def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fr
     took = time.monotonic() - start
     assert not torch_loaded, line
     assert took < 1.0, f"refused after {took:.2f} s"
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen3_vl_is_accepted_and_its_attribute_refused_before_torch(tmp_path):
+    """Qwen3-VL is a family (tests/test_models_qwen3_vl.py); attribute's patching runs do not reproduce its deepstack
+    features, so that command is refused from config.json, before torch loads."""
+    cfg = _config("qwen3_vl")
+    assert config_problem(cfg) is None and config_problem({"model_type": "qwen3_vl"}) is None
+    ckpt = tmp_path / "qwen3_vl"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    (ckpt / "model.safetensors").write_bytes(b"never read")
+    line, torch_loaded = refused(["attribute", "--model", str(ckpt), "--sample", "0", "--out", str(tmp_path / "out")],
+                                 tmp_path, f"--model {ckpt}: a Qwen3-VL checkpoint adds deepstack vision features",
+                                 "first 3 decoder layers", "attribute is not measured for it")
+    assert not torch_loaded, line
     assert not (tmp_path / "out").exists()
 
 

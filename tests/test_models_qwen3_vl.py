@@ -266,3 +266,21 @@ def test_the_pages_overlay_draws_qwen3s_non_square_grid(qwen3_lm):
     result = trace_sample(qwen3_lm, question, _image(0), config)
     section = overlay_section(qwen3_lm, result, _image(0), LLAVA_PROMPT, tokens=(-2,))
     assert len(section.figures) == 2
+
+
+def test_attribute_is_refused_in_one_line_before_the_model_loads(qwen3_lm, tmp_path, capsys):
+    """attribute's patching runs start layers from a patched residual, where the image's deepstack features would be
+    missing: refused from config.json (torch-free) by the CLI, and by the functions themselves."""
+    from mclcbf_diag.cli import main
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.experiments.attribute import activation_patching
+    from mclcbf_diag.models.families import command_problem
+
+    assert command_problem(qwen3_lm.model.config.to_dict(), "trace") is None
+    assert main(["attribute", "--model", qwen3_lm.source, "--sample", "0", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "deepstack" in err and "2 decoder layers" in err
+    assert not (tmp_path / "a").exists()
+    enc = qwen3_lm.inputs(PROMPT, _image(0))
+    with pytest.raises(UserError, match="attribute is not measured"):
+        activation_patching(qwen3_lm, enc, enc)

@@ -205,6 +205,17 @@ def _check_at(at: str) -> str:
     return at
 
 
+def _check_measured(lm: LoadedModel) -> None:
+    """A one-line UserError for a model whose patching runs are not exact (Qwen3-VL's deepstack features,
+    :func:`mclcbf_diag.models.families.command_problem`)."""
+    from ..errors import UserError
+    from ..models.families import command_problem
+
+    problem = command_problem(lm.model.config.to_dict(), "attribute")
+    if problem:
+        raise UserError(problem)
+
+
 def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=None, progress: bool = False,
                         components_at: str = "text", directions: tuple[str, ...] = DIRECTIONS) -> Grid:
     """The full activation-patching grid of one question, both directions (see the module docstring).
@@ -215,6 +226,7 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
     ``components_at``: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`); ``directions``: a
     subset of :data:`DIRECTIONS` (with one only, the recoveries are normalised by the plain forwards' margins).
     """
+    _check_measured(lm)
     from ..progress import tqdm
 
     _check_at(components_at)
@@ -317,6 +329,7 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
     of the clean run. The estimates are normalised like the grid's recoveries, by the plain forward's
     margins. ``components_at``: where heads and MLPs are patched, as in :func:`activation_patching`.
     """
+    _check_measured(lm)
     _check_at(components_at)
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
     start = _text_start(lm, clean["input_ids"][0])
@@ -398,6 +411,7 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
     activation_part`): a decoding-level half (PAI's contrast, VISTA's logit mix) acts after the last layer, on
     no activation, and a method that is only that has nothing to localise (a UserError).
     """
+    _check_measured(lm)
     intervention = _activation_part(intervention)
     # both with eager attention, as the intervened forward must run: an intervention that changes nothing
     # gives the baseline's numbers exactly
@@ -443,6 +457,7 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
     row per layer over the whole prompt, unless the intervention edits nothing before the text (then that
     residual is the same in both runs and restoring it changes nothing).
     """
+    _check_measured(lm)
     from ..progress import tqdm
 
     _check_at(components_at)
