@@ -284,3 +284,46 @@ def test_attribute_is_refused_in_one_line_before_the_model_loads(qwen3_lm, tmp_p
     enc = qwen3_lm.inputs(PROMPT, _image(0))
     with pytest.raises(UserError, match="attribute is not measured"):
         activation_patching(qwen3_lm, enc, enc)
+
+
+def test_interventions_that_feed_embeddings_run_the_images_deepstack_features(qwen3_lm):
+    """VISTA's steering vectors from the prompt's embeddings equal those from its ids and pixels, and OPERA's scores
+    (its candidates appended to the kept embeddings) equal the released formula on plain forwards of the prompt plus
+    each candidate: both run the forward the model runs from the pixels, deepstack features included."""
+    from plain_refs import assert_scores
+
+    from mclcbf_diag.engine.runner import run
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.opera import OPERA
+    from mclcbf_diag.interventions.vista import steering_vectors
+
+    inputs = qwen3_lm.inputs(PROMPT, _image(0))
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], qwen3_lm.tokens.image_token_id)
+    lang = qwen3_lm.adapter.get(qwen3_lm.model, qwen3_lm.adapter.language_model)
+    got = {}
+
+    def keep(module, args, kwargs):
+        got.setdefault("embeds", kwargs["inputs_embeds"])  # the prompt's (VISTA's image-free run comes second)
+
+    hook = lang.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        by_ids = steering_vectors(qwen3_lm, inputs, rows)
+    finally:
+        hook.remove()
+    with torch.no_grad():  # another image's forward in between
+        qwen3_lm.model(**qwen3_lm.inputs(PROMPT, _image(1)))
+    by_embeds = steering_vectors(qwen3_lm, {**inputs, "inputs_embeds": got["embeds"]}, rows)
+    torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=TOL)
+    image = inputs["input_ids"][0] == qwen3_lm.tokens.image_token_id
+    with torch.no_grad():
+        z = qwen3_lm.model(**inputs).logits[0, -1].float()
+        top, cand = torch.topk(z, 5)
+        shares = []
+        for c in cand.tolist():
+            grow = {k: torch.cat([inputs[k], torch.tensor([[v]])], -1)
+                    for k, v in (("input_ids", c), ("attention_mask", 1), ("mm_token_type_ids", 0))}
+            out = qwen3_lm.model(**{**inputs, **grow}, output_attentions=True)
+            row = out.attentions[-1][0, :, -1].float().max(0).values
+            shares.append((row / row.sum())[:-1][image].sum())
+    want = torch.full_like(z, -torch.inf).scatter(-1, cand, top + torch.stack(shares))
+    assert_scores(run(qwen3_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
