@@ -184,23 +184,28 @@ def test_qwen3_batches_with_the_cached_prefix_equal_plain_forwards(qwen3_lm):
 
 def test_qwen3_units_continue_the_prefix_as_plain_forwards_and_full_runs(qwen3_lm):
     """explain's and population's path (engine/units.py): rows of 3-D positions, the shared prefix continued from the
-    decision token; unsteered units against plain forwards, steered ones against a full batched run."""
+    decision token (VISTA's units, which edit every position, from the kept embeddings of the whole prompt);
+    unsteered units against plain forwards, steered ones against a full batched run from the pixels."""
     from mclcbf_diag.engine.batch import answer_batch
     from mclcbf_diag.engine.units import Prefix, Unit, run_units
-    from mclcbf_diag.interventions import as_intervention
+    from mclcbf_diag.interventions import as_intervention, resolve
 
     prompts = [_prompt(q) for q in QUESTIONS]
     images = [_image(0), _image(1)]
     prefix = Prefix(qwen3_lm, prompts, images)
     iv = as_intervention(dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99,
                                              layers=[1]))
-    units = [Unit(q, iv, steer=s) for q in (0, 1) for s in (False, True)]
+    vista = resolve("vista")  # edits every position: its units run the whole prompt from the kept embeddings
+    assert vista.first_edited(prefix.rows[0]) == 0
+    units = [Unit(q, iv, steer=s) for q in (0, 1) for s in (False, True)] + [Unit(q, vista, steer=True)
+                                                                             for q in (0, 1)]
     got = run_units(prefix, units, capture=False, patterns=True)
-    full = answer_batch(qwen3_lm, prompts, images, iv, True)
+    full = {name: answer_batch(qwen3_lm, prompts, images, v, True) for name, v in (("mclcbf", iv), ("vista", vista))}
     for unit, (logits, _) in zip(units, got):
         margin = yes_no_margin(qwen3_lm, logits)
         if unit.steer:
-            assert margin == pytest.approx(full[unit.q]["margin"], rel=0, abs=TOL)
+            want = full["vista" if unit.iv is vista else "mclcbf"][unit.q]["margin"]
+            assert margin == pytest.approx(want, rel=0, abs=TOL)
         else:
             _, out, _ = plain_forward(qwen3_lm, prompts[unit.q], images[unit.q])
             assert margin == pytest.approx(yes_no_margin(qwen3_lm, out.logits[0, -1]), rel=0, abs=TOL)
