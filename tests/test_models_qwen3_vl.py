@@ -332,3 +332,23 @@ def test_interventions_that_feed_embeddings_run_the_images_deepstack_features(qw
             shares.append((row / row.sum())[:-1][image].sum())
     want = torch.full_like(z, -torch.inf).scatter(-1, cand, top + torch.stack(shares))
     assert_scores(run(qwen3_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
+
+
+def test_the_table_forgets_the_least_recently_used_image_tokens_first():
+    """models/deepstack.py's table, worked by hand: three image tokens kept in a table of two; the one found last
+    stays, the one untouched longest goes; rows that are no image's get nothing."""
+    from mclcbf_diag.models.deepstack import DeepstackTable
+
+    table = DeepstackTable(limit=2)
+    embeds = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)  # three tokens of width 4
+    mask = torch.tensor([[True, True, False]])
+    levels = [torch.full((2, 4), 10.0), torch.full((2, 4), 20.0)]
+    levels[0][1] += 1
+    table.remember(embeds, mask, levels)
+    found_mask, found = table.find(embeds)
+    assert found_mask.tolist() == [[True, True, False]] and [f[:, 0].tolist() for f in found] == [[10, 11], [20, 20]]
+    table.find(embeds[:, :1])  # token 0 used last
+    table.remember(embeds[:, 2:] + 100, torch.tensor([[True]]), [torch.zeros(1, 4), torch.ones(1, 4)])
+    found_mask, found = table.find(embeds)
+    assert found_mask.tolist() == [[True, False, False]] and found[0][:, 0].tolist() == [10]
+    assert table.find(embeds + 0.5) is None

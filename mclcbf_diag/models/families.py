@@ -154,8 +154,9 @@ FAMILIES: tuple[Family, ...] = (
                "model (per-head q/k norms), and deepstack: features of intermediate vision layers added to the "
                "image tokens' residual after the first decoder layers, which batching and every forward fed "
                "embeddings pass on (models/deepstack.py)",
-        checked=("a tiny random checkpoint built in the tests (trace, pope's batched and cached-prefix path, "
-                 "explain's units against plain forwards; explain and flow run); no real weights have been run",),
+        checked=("a tiny random checkpoint built in the tests (two deepstack levels: trace, pope's batched and "
+                 "cached-prefix path, explain's units, VISTA and OPERA from kept embeddings against plain forwards; "
+                 "explain and flow run); no real weights have been run",),
         covers="Qwen3VLForConditionalGeneration checkpoints (Qwen/Qwen3-VL-*-Instruct, -Thinking), images only; "
                "the page's overlay draws the merged grid; give Instruct checkpoints their chat format with --prompt, "
                "as for Qwen2.5-VL",
