@@ -13,7 +13,8 @@ which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower 
 distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. InternVL's modules sit
 at the same paths too; its image is several tiles, one grid each (:mod:`.internvl`). Qwen2-VL and
 Qwen2.5-VL (:data:`QWEN_VL`: the text model at LLaVA's paths, the tower at ``model.visual``) add
-``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`). What each family's processor and
+``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`); Qwen3-VL sits at the same paths, with
+deepstack features its text model adds inside its loop (:mod:`.deepstack`). What each family's processor and
 model make of an image (the overlay's grid, the token bound, shared features in a batch) is its image
 scheme (:mod:`.schemes`), beside this adapter.
 

@@ -1,4 +1,8 @@
-"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution images and 3-D M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic-resolution images and 3-D M-RoPE positions.
+
+Qwen3-VL shares all of it (16-px patches; its rotary module interleaves the three axes' frequencies
+instead of concatenating sections, inside the module, so nothing here changes); its deepstack features
+are :mod:`.deepstack`'s.
 
 Mechanism
 ---------
