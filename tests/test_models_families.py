@@ -154,20 +154,12 @@ def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fr
     assert not (tmp_path / "out").exists()
 
 
-def test_qwen3_vl_is_accepted_and_its_attribute_refused_before_torch(tmp_path):
-    """Qwen3-VL is a family (tests/test_models_qwen3_vl.py); attribute's patching runs do not reproduce its deepstack
-    features, so that command is refused from config.json, before torch loads."""
-    cfg = _config("qwen3_vl")
-    assert config_problem(cfg) is None and config_problem({"model_type": "qwen3_vl"}) is None
-    ckpt = tmp_path / "qwen3_vl"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    (ckpt / "model.safetensors").write_bytes(b"never read")
-    line, torch_loaded = refused(["attribute", "--model", str(ckpt), "--sample", "0", "--out", str(tmp_path / "out")],
-                                 tmp_path, f"--model {ckpt}: a Qwen3-VL checkpoint adds deepstack vision features",
-                                 "first 3 decoder layers", "attribute is not measured for it")
-    assert not torch_loaded, line
-    assert not (tmp_path / "out").exists()
+def test_qwen3_vl_is_accepted_from_its_config_json():
+    """Qwen3-VL is a family (tests/test_models_qwen3_vl.py), with its own text model only."""
+    assert config_problem(_config("qwen3_vl")) is None and config_problem({"model_type": "qwen3_vl"}) is None
+    qwen = _config("qwen3_vl")
+    qwen["text_config"] = AutoConfig.for_model("qwen3").to_dict()  # a plain Qwen3 under Qwen3-VL: no M-RoPE
+    assert "supported text models: Qwen3-VL's Qwen3" in config_problem(qwen)
 
 
 def test_a_cached_hub_id_is_checked_from_the_cache_before_torch(tmp_path):

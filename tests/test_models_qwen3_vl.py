@@ -273,22 +273,73 @@ def test_the_pages_overlay_draws_qwen3s_non_square_grid(qwen3_lm):
     assert len(section.figures) == 2
 
 
-def test_attribute_is_refused_in_one_line_before_the_model_loads(qwen3_lm, tmp_path, capsys):
-    """attribute's patching runs start layers from a patched residual, where the image's deepstack features would be
-    missing: refused from config.json (torch-free) by the CLI, and by the functions themselves."""
-    from mclcbf_diag.cli import main
-    from mclcbf_diag.errors import UserError
-    from mclcbf_diag.experiments.attribute import activation_patching
-    from mclcbf_diag.models.families import command_problem
+def test_qwen3_patching_continues_at_the_prompts_3d_positions(qwen3_lm):
+    """attribute's patching runs continue the prompt after the image (its deepstack features in the cached keys):
+    patching the text entering a layer (the same tokens in both runs) leaves each run's plain margin, and the
+    localisation's intervened run is the batched one."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.experiments.attribute import activation_patching, localisation
 
-    assert command_problem(qwen3_lm.model.config.to_dict(), "trace") is None
-    assert main(["attribute", "--model", qwen3_lm.source, "--sample", "0", "--out", str(tmp_path / "a")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "deepstack" in err and "2 decoder layers" in err
-    assert not (tmp_path / "a").exists()
-    enc = qwen3_lm.inputs(PROMPT, _image(0))
-    with pytest.raises(UserError, match="attribute is not measured"):
-        activation_patching(qwen3_lm, enc, enc)
+    clean = qwen3_lm.inputs(PROMPT, _image(0))
+    corrupted = qwen3_lm.inputs(PROMPT, sample_scene(5, 3).image().resize(IMAGES[0][::-1]))
+    grid = activation_patching(qwen3_lm, clean, corrupted, directions=("denoise",))
+    for g in (1, 2):
+        assert float(grid.margins["resid:denoise"][0, g]) == pytest.approx(grid.plain[1], rel=0, abs=TOL)
+    iv = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
+    steered = answer_batch(qwen3_lm, [PROMPT], [_image(0)], iv, True)[0]["margin"]
+    local = localisation(qwen3_lm, clean, iv, directions=("denoise", "noise"))
+    assert local.clean == pytest.approx(steered, rel=0, abs=TOL)
+    for g in (1, 2):
+        assert float(local.margins["resid:noise"][0, g]) == pytest.approx(steered, rel=0, abs=TOL)
+
+
+def _replacing_prefix(rows: torch.Tensor, start: int):
+    """A forward pre-hook (with kwargs) that puts ``rows`` [1, T, d] into positions ``0 … start−1`` of its module's
+    input, in place (at a layer's input norm, that is the layer's residual branch too)."""
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x[:, :start] = rows[:, :start].to(x.dtype)
+
+    return hook
+
+
+def test_localising_an_edit_of_the_image_runs_each_layer_with_its_deepstack_features(qwen3_lm):
+    """VISTA edits every position, the image's too: localisation then runs the whole prompt from each layer's residual
+    (the layers before it skipped), where the image tokens still get the deepstack features of the levels from that
+    layer on (models/deepstack.starting_at). Each layer's two image-residual patches against the model's own forward
+    from the pixels with that residual put in by a plain hook: the intervened run's into a plain forward, and the
+    baseline's into the intervened forward."""
+    from mclcbf_diag.engine.runner import Keep, activations_forward, forward
+    from mclcbf_diag.experiments.attribute import localisation
+    from mclcbf_diag.interventions import resolve
+    from mclcbf_diag.interventions.base import rows_of
+
+    inputs = qwen3_lm.inputs(PROMPT, _image(0))
+    vista = resolve("vista")
+    start = int(torch.nonzero(inputs["input_ids"][0] == qwen3_lm.tokens.image_token_id).max()) + 1
+    local = localisation(qwen3_lm, inputs, vista, directions=("denoise", "noise"))
+    vista = vista.activation_part()  # what is localised: its steering, not its logit mix
+    base = activations_forward(qwen3_lm, inputs, attention="eager")
+    edited = activations_forward(qwen3_lm, inputs, intervention=vista)
+    layers = qwen3_lm.adapter.decoder_layers(qwen3_lm.model)
+    vista.prepare(qwen3_lm, inputs, rows_of(inputs["input_ids"], inputs["attention_mask"],
+                                            qwen3_lm.tokens.image_token_id))  # its own forwards, before any hook
+    for L in range(qwen3_lm.n_layers):
+        hook = layers[L].register_forward_pre_hook(_replacing_prefix(edited.resid[L], start), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                want = yes_no_margin(qwen3_lm, qwen3_lm.model(**inputs).logits[0, -1].float())
+        finally:
+            hook.remove()
+        assert float(local.margins["resid:denoise"][L, 0]) == pytest.approx(want, rel=0, abs=TOL), L
+        norm = qwen3_lm.adapter.layer_part(qwen3_lm.model, L, "layer_input_norm")
+        hook = norm.register_forward_pre_hook(_replacing_prefix(base.resid[L], start), with_kwargs=True)
+        try:
+            logits = forward(qwen3_lm, inputs, vista, keep=Keep(layers=False), prepare=False).logits[0]
+        finally:
+            hook.remove()
+        assert float(local.margins["resid:noise"][L, 0]) == pytest.approx(yes_no_margin(qwen3_lm, logits), rel=0,
+                                                                         abs=TOL), L
 
 
 def test_interventions_that_feed_embeddings_run_the_images_deepstack_features(qwen3_lm):

@@ -99,9 +99,7 @@ def _check_corruption_options(args) -> str:
 
 def cmd_attribute(args) -> int:
     from ..storage import atomic_write_text, safe_name
-    from .common import command_checks
 
-    command_checks(args.model, "attribute")
     if args.limit is not None:
         return cmd_attribute_split(args)
     if args.share is not None or args.adhh_calibration is not None:

@@ -226,22 +226,6 @@ def local_depth(model: str | None) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def command_checks(model: str | None, command: str) -> None:
-    """What ``command`` cannot measure on the model, refused from its config.json before torch loads
-    (:func:`mclcbf_diag.models.families.check_command`); nothing when the config cannot be read here."""
-    from ..models.families import check_command, config_file
-
-    if model in (None, "", "embedded"):
-        return
-    try:
-        path = config_file(model)
-        cfg = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
-    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
-        return  # reported properly when the model is located
-    if isinstance(cfg, dict):
-        check_command(cfg, command, model)
-
-
 def early_checks(args) -> None:
     """Knob checks that need no torch: sizes of --set integers, the intervention's knobs and presets, layers vs
     depth."""

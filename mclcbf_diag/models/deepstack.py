@@ -27,6 +27,10 @@ token's (never an image token, where the two residuals are equal). Two things ne
   passes their features, as the model would have. So the features travel with the image features
   they came from: a row of embeddings that is not an image's feature (text, a residual, an edited
   feature) gets none, as in a plain forward fed those embeddings.
+* **Forwards that start at a later layer.** attribute's patching runs over the whole prompt start at
+  layer ``L`` from a residual (the layers before it skipped, their output that residual):
+  :func:`starting_at` gives them the prompt's deepstack features of the levels from ``L`` on (the
+  earlier ones are in the residual already).
 
 The table is bounded (:data:`KEPT_TOKENS` image tokens, the least recently used forgotten first). A
 forward whose image tokens were forgotten (more distinct image tokens in flight than that) would run
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 
@@ -59,6 +64,7 @@ class DeepstackTable:
     def __init__(self, limit: int = KEPT_TOKENS):
         self.limit = limit
         self.table: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.given: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # set by starting_at
 
     def remember(self, embeds: torch.Tensor, mask: torch.Tensor, features: list[torch.Tensor]) -> None:
         """Keep the features ``features`` (per level ``[n, d]``) of the ``n`` image tokens ``mask`` marks in
@@ -105,11 +111,38 @@ def _pre_hook(table: DeepstackTable, module, args, kwargs):
         if kwargs.get("visual_pos_masks") is not None:
             table.remember(embeds, kwargs["visual_pos_masks"], list(given))
         return None
-    found = table.find(embeds)
+    found = table.find(embeds) if table.given is None else _per_row(table.given, embeds.shape[0])
     if found is None:
         return None
     kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"] = found
     return args, kwargs
+
+
+def _per_row(given: tuple[torch.Tensor, list[torch.Tensor]], rows: int):
+    """One prompt's ``(mask [1, S], per level [n, d])`` for ``rows`` rows of it (the features row after row)."""
+    mask, features = given
+    if mask.shape[0] == rows:
+        return given
+    return mask.expand(rows, -1), [f.repeat(rows, 1) for f in features]
+
+
+@contextmanager
+def starting_at(language_model: torch.nn.Module, embeds: torch.Tensor, layer: int):
+    """Within the block, forwards of ``language_model`` that start at decoder layer ``layer`` (the layers before it
+    skipped, the residual entering it given) over the whole prompt whose embeddings are ``embeds`` [1, S, d] get its
+    image tokens' deepstack features from level ``layer`` on: the earlier levels are in the residual given already.
+    Nothing for a model without deepstack features, or from a layer past them."""
+    table = _TABLES.get(language_model)
+    found = None if table is None else table.find(embeds)
+    if found is None or layer >= len(found[1]):
+        yield
+        return
+    mask, features = found
+    table.given = (mask, [torch.zeros_like(f) if level < layer else f for level, f in enumerate(features)])
+    try:
+        yield
+    finally:
+        table.given = None
 
 
 def install(model: torch.nn.Module, language_model: torch.nn.Module) -> None:

@@ -161,8 +161,7 @@ FAMILIES: tuple[Family, ...] = (
                "the page's overlay draws the merged grid; give Instruct checkpoints their chat format with --prompt, "
                "as for Qwen2.5-VL",
         not_covered="video inputs (timestamps); the mixture-of-experts Qwen3-VL-MoE: refused from config.json; "
-                    "VCD's distorted image (flattened patches) and attribute (its patching runs the layers from a "
-                    "residual, without the image's deepstack features): refused in one line",
+                    "VCD's and CausalMM's distorted image (flattened patches): refused in one line",
     ),
 )
 
@@ -306,31 +305,6 @@ def config_file(model: str) -> Path | None:
 
     found = try_to_load_from_cache(model, "config.json")
     return Path(found) if isinstance(found, str) else None
-
-
-def deepstack_levels(cfg: dict) -> int:
-    """How many deepstack levels a Qwen3-VL ``config.json`` adds to the text model (0: none, or another family)."""
-    vision = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
-    levels = vision.get("deepstack_visual_indexes") if cfg.get("model_type") == "qwen3_vl" else None
-    return len(levels) if isinstance(levels, list) else 0
-
-
-def command_problem(cfg: dict, command: str) -> str | None:
-    """Why ``command`` (a CLI command's name) cannot measure the checkpoint with this ``config.json`` exactly (one
-    clause), or None. Torch-free, like :func:`config_problem`."""
-    levels = deepstack_levels(cfg)
-    if command == "attribute" and levels:
-        return (f"a Qwen3-VL checkpoint adds deepstack vision features to the image tokens' residual after its first "
-                f"{levels} decoder layers, which attribute's patching runs (the layers run from a patched residual) "
-                "do not reproduce, so attribute is not measured for it; trace, explain, flow and pope are")
-    return None
-
-
-def check_command(cfg: dict, command: str, shown: str) -> None:
-    """A one-line UserError when :func:`command_problem` finds one."""
-    problem = command_problem(cfg, command)
-    if problem:
-        raise UserError(f"--model {shown}: {problem}")
 
 
 def check_config(cfg: dict, shown: str) -> None:
