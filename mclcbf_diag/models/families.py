@@ -155,8 +155,8 @@ FAMILIES: tuple[Family, ...] = (
                "image tokens' residual after the first decoder layers, which batching and every forward fed "
                "embeddings pass on (models/deepstack.py)",
         checked=("a tiny random checkpoint built in the tests (two deepstack levels: trace, pope's batched and "
-                 "cached-prefix path, explain's units, VISTA and OPERA from kept embeddings against plain forwards; "
-                 "explain and flow run); no real weights have been run",),
+                 "cached-prefix path, explain's units, VISTA and OPERA from kept embeddings, attribute's patching "
+                 "and localisation against plain forwards; explain and flow run); no real weights have been run",),
         covers="Qwen3VLForConditionalGeneration checkpoints (Qwen/Qwen3-VL-*-Instruct, -Thinking), images only; "
                "the page's overlay draws the merged grid; give Instruct checkpoints their chat format with --prompt, "
                "as for Qwen2.5-VL",
