@@ -12,7 +12,7 @@ the image tokens, and equal to it elsewhere.
 
 What the toolkit reads stays exact without anything more: a layer's residual and the look-ahead's
 keys are read from the layer's own input (after the add), and every per-layer record is the decision
-token's (never an image token, where the two residuals are equal). Two things need this module:
+token's (never an image token, where the two residuals are equal). Three things need this module:
 
 * **Shared image features in a batch.** A batch hands the tower's output to the model
   (``mm_encoder_outputs``), which reads ``deepstack_features`` from it: :func:`encoder_output`
@@ -35,7 +35,8 @@ token's (never an image token, where the two residuals are equal). Two things ne
 The table is bounded (:data:`KEPT_TOKENS` image tokens, the least recently used forgotten first). A
 forward whose image tokens were forgotten (more distinct image tokens in flight than that) would run
 without their features; the toolkit's runs feed embeddings right after the forward that computed them,
-a batch of images at most (a POPE batch of 16 COCO images is about 5,000 image tokens).
+a batch of images at most (a 640 × 480 COCO image is 20 × 15 = 300 image tokens of 32-px merged patches).
+The features are kept on the model's device: ``levels · d`` values per image token.
 """
 
 from __future__ import annotations
