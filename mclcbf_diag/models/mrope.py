@@ -173,7 +173,8 @@ def _image_only(base):
 
 
 def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):
-    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor) from an image processor and a tokenizer."""
+    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor) from an image processor
+    and a tokenizer."""
     import transformers
 
     base = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",

@@ -12,9 +12,10 @@ image tokens exactly and to batch them:
   checked against the number of image tokens the processor wrote, which image tokens form it, and the
   pixels it lies over;
 * ``token_bound``: the most image tokens one image can become (the prompt-length check);
-* ``processor_images`` / ``features``: a batch's images as the processor takes them, and the
-  vision tower run once per distinct image, its features per prompt as the model merges them
-  (with, for a tiled image, which prompt each row of pixels belongs to).
+* ``processor_images`` / ``features`` / ``encoder_output``: a batch's images as the processor takes
+  them, and the vision tower run once per distinct image, its features per prompt as the model merges
+  them (with, for a tiled image, which prompt each row of pixels belongs to), handed to the model as its
+  tower's output (Qwen3-VL's with its deepstack features, :mod:`.deepstack`).
 
 Positions that are not ``cumsum − 1`` of the padding mask (Qwen-VL's 3-D M-RoPE ids) are asked of
 :func:`.mrope.position_ids`, which every family passes through. :data:`SCHEMES` maps config.json's
