@@ -118,6 +118,8 @@ COVERED_BY = {  # module → (test file that holds its tests, why not the mirror
     "models/loading.py": ("test_loading.py", "predates the mirror rule; loading is the models package's main job"),
     "models/real_width.py": ("test_real_width.py", "predates the mirror rule"),
     "models/mrope.py": ("test_models_qwen_vl.py", "the Qwen-VL family end to end, the file named by its family"),
+    "models/deepstack.py": ("test_models_qwen3_vl.py", "the Qwen3-VL family end to end, the file named by its "
+                                                       "family"),
     "models/projection.py": ("test_models.py", "key projection = the layer's own cache, with the adapter's weights"),
     "models/tokens.py": ("test_models.py", "answer and image tokens on several vocabularies"),
     "pope/compare.py": ("test_compare.py", "predates the mirror rule"),

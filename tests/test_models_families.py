@@ -51,7 +51,7 @@ def test_families_load_without_torch():
 # ------------------------------------------------------------ refusals from config.json
 # Families users try (issue 32) that the toolkit does not measure yet, as transformers spells them.
 LLAVA_BACKBONES = list(TEXT_BACKBONES)  # Gemma 3's and Qwen-VL's text models: their own families only
-TRIED = ["qwen3_vl", "idefics3", "smolvlm", "paligemma", "mistral3", "mllama"]
+TRIED = ["qwen3_vl_moe", "idefics3", "smolvlm", "paligemma", "mistral3", "mllama"]
 
 
 # InternVL's remote-code form (native InternVL is a family: tests/test_models_internvl.py); AutoConfig cannot build it
@@ -100,7 +100,7 @@ def test_llava_with_each_measured_text_model_is_accepted_and_others_are_refused(
     assert "model_type is 'bert'" in config_problem({"model_type": "bert"})
     assert "model_type is missing" in config_problem({})
     assert [f.model_type for f in FAMILIES] == ["llava", "llava_next", "llava_onevision", "internvl", "gemma3",
-                                                "qwen2_5_vl", "qwen2_vl"]
+                                                "qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
     for backbone in LLAVA_BACKBONES:  # LLaVA-NeXT, OneVision: the same text models (tests/test_models_anyres.py,
         for family in ("llava_next", "llava_onevision"):  # tests/test_models_onevision.py run one each)
             cfg = _config(family)
@@ -138,7 +138,7 @@ def test_a_vision_tower_needing_a_missing_package_is_refused_naming_the_fix(monk
 
 @pytest.mark.parametrize("model_type,fragment", [("llava_next_video", "a LLaVA-NeXT-Video checkpoint"),
                                                  ("internvl_chat", "an InternVL (remote code) checkpoint"),
-                                                 ("qwen3_vl", "a Qwen3-VL checkpoint")])
+                                                 ("qwen3_vl_moe", "a Qwen3-VL-MoE checkpoint")])
 def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fragment):
     ckpt = tmp_path / model_type
     ckpt.mkdir()
@@ -152,6 +152,14 @@ def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fr
     assert not torch_loaded, line
     assert took < 1.0, f"refused after {took:.2f} s"
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen3_vl_is_accepted_from_its_config_json():
+    """Qwen3-VL is a family (tests/test_models_qwen3_vl.py), with its own text model only."""
+    assert config_problem(_config("qwen3_vl")) is None and config_problem({"model_type": "qwen3_vl"}) is None
+    qwen = _config("qwen3_vl")
+    qwen["text_config"] = AutoConfig.for_model("qwen3").to_dict()  # a plain Qwen3 under Qwen3-VL: no M-RoPE
+    assert "supported text models: Qwen3-VL's Qwen3" in config_problem(qwen)
 
 
 def test_a_cached_hub_id_is_checked_from_the_cache_before_torch(tmp_path):

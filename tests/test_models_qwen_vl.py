@@ -84,7 +84,7 @@ def test_qwen_is_a_supported_family_with_its_grid_and_positions(qwen_lm):
     assert config_problem(qwen_lm.model.config.to_dict()) is None
     flat = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "vision_config": {"depth": 32}}  # the hub's flat files
     assert config_problem(flat) is None
-    assert "Qwen3-VL" in config_problem({"model_type": "qwen3_vl"})
+    assert "Qwen3-VL-MoE" in config_problem({"model_type": "qwen3_vl_moe"})  # Qwen3-VL: tests/test_models_qwen3_vl.py
     enc = qwen_lm.inputs(PROMPT, _image(0))
     assert qwen_lm.image_grid(enc) == (3, 6)  # 100 × 200 px → 6 × 12 patches → 3 × 6 merged tokens
     image = enc["input_ids"][0] == qwen_lm.tokens.image_token_id

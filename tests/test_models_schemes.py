@@ -1,6 +1,6 @@
 """models/schemes.py: every family has an image scheme, and the schemes' pure parts by hand (the overlay's tokens,
 the pooled grid's refusal, how a batch's images reach the processor). Each family's scheme runs end to end, against
-plain forwards, in its own test file (test_models_anyres, _onevision, _internvl, _gemma3, _qwen_vl)."""
+plain forwards, in its own test file (test_models_anyres, _onevision, _internvl, _gemma3, _qwen_vl, _qwen3_vl)."""
 
 from types import SimpleNamespace
 
@@ -16,6 +16,7 @@ from mclcbf_diag.models.schemes import (
     ImageScheme,
     InternVLScheme,
     OnevisionScheme,
+    Qwen3VLScheme,
     QwenVLScheme,
     scheme_of,
 )
@@ -24,7 +25,8 @@ from mclcbf_diag.models.schemes import (
 def test_every_family_has_a_scheme_and_every_scheme_a_family():
     assert set(SCHEMES) == {f.model_type for f in FAMILIES}
     kinds = {"llava": ImageScheme, "llava_next": AnyresScheme, "llava_onevision": OnevisionScheme,
-             "internvl": InternVLScheme, "gemma3": Gemma3Scheme, "qwen2_5_vl": QwenVLScheme, "qwen2_vl": QwenVLScheme}
+             "internvl": InternVLScheme, "gemma3": Gemma3Scheme, "qwen2_5_vl": QwenVLScheme, "qwen2_vl": QwenVLScheme,
+             "qwen3_vl": Qwen3VLScheme}
     assert {m: type(s) for m, s in SCHEMES.items()} == kinds
     assert type(scheme_of(SimpleNamespace(model_type="llava"))) is ImageScheme
     assert type(scheme_of(SimpleNamespace())) is ImageScheme  # a config that names no family: LLaVA-1.5's

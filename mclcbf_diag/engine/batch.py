@@ -45,7 +45,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import UserError
 from ..interventions import as_intervention
@@ -90,10 +89,10 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
         with torch.no_grad():  # the tower once per distinct image, as the family's model merges the features
-            per_row, owner = lm.image_scheme.features(lm, inputs, pv)
+            image, owner = lm.image_scheme.encoder_output(lm, inputs, pv)
         # the pixels stay beside the features (the model reads only "image"), for methods that run the
         # question with the image distorted (mclcbf_diag.interventions.views); InternVL's tiles say whose they are
-        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row), "pixel_values": pv}
+        inputs["mm_encoder_outputs"] = {"image": image, "pixel_values": pv}
         if owner is not None:
             inputs["mm_encoder_outputs"][PIXEL_ROWS] = owner
     return inputs

@@ -413,7 +413,8 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
         for L in range(lm.n_layers):
             x = base.resid[L].clone()
             x[:, :start] = iv.resid[L][:, :start]
-            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1), inputs.get("token_type_ids"))
+            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1), inputs.get("token_type_ids"),
+                                  embeds=base.resid[0])
         grid.resid["denoise"] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
     if "denoise" not in directions:
         for kind in ("resid", "heads", "mlp"):
@@ -473,16 +474,20 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
 
 
 def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int, positions: torch.Tensor,
-                token_types: torch.Tensor | None = None) -> float:
+                token_types: torch.Tensor | None = None, *, embeds: torch.Tensor) -> float:
     """The margin of a plain forward of one whole prompt that starts at layer ``L`` with residual ``entering`` (at
     ``positions``, :func:`~mclcbf_diag.models.mrope.prompt_positions`; ``token_types``: Gemma 3's token_type_ids,
-    whose image tokens attend to each other)."""
+    whose image tokens attend to each other; ``embeds``: the prompt's embeddings, whose image tokens get Qwen3-VL's
+    deepstack features from layer ``L`` on, :func:`mclcbf_diag.models.deepstack.starting_at`)."""
+    from ..models.deepstack import starting_at
+
     T = entering.shape[1]
     feed = {"inputs_embeds": entering, "attention_mask": torch.ones(1, T, dtype=torch.long, device=entering.device),
             "position_ids": positions.to(entering.device)}
     if token_types is not None:
         feed["token_type_ids"] = token_types
-    logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False)
+    with starting_at(lm.adapter.get(lm.model, lm.adapter.language_model), embeds, L):
+        logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False)
     return float(logits[0, lm.tokens.yes_id] - logits[0, lm.tokens.no_id])
 
 
@@ -504,13 +509,15 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     None with kind "resid": nothing), from position ``first`` on (0: the whole prompt; else the intervened
     cache's prefix). The intervention is prepared once per batch size (``prepared``): the rows are one prompt,
     so what it computes from the inputs (a steering vector, its heads) is the same for every batch."""
+    from ..interventions.base import rows_of
+    from ..interventions.views import row_inputs
+    from ..models.deepstack import starting_at
     from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
 
     B = len(patches)
-    full = {k: v.expand(B, *v.shape[1:]).contiguous() if isinstance(v, torch.Tensor) and v.shape[:1] == (1,) else v
-            for k, v in inputs.items()}
+    row = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)[0]
+    full = row_inputs(inputs, [row] * B)  # B copies of the prompt, each with its image (Qwen-VL: its patches)
     ids, mask = full["input_ids"], full["attention_mask"]
-    from ..interventions.base import rows_of
 
     if B not in prepared:
         intervention.prepare(lm, full, rows_of(ids, mask, lm.tokens.image_token_id))
@@ -524,9 +531,10 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     try:
         if first == 0:
             types = {k: full[k] for k in ("token_type_ids",) if k in full}  # Gemma 3's image tokens
-            last = forward(lm, {**feed, "attention_mask": mask, **types}, intervention, keep=Keep(layers=False),
-                           full_ids=ids, continuation=Continuation(skip_to=skip, entering=entering if skip else None),
-                           prepare=False).logits
+            with starting_at(lm.adapter.get(lm.model, lm.adapter.language_model), base.resid[0], skip):
+                last = forward(lm, {**feed, "attention_mask": mask, **types}, intervention, keep=Keep(layers=False),
+                               full_ids=ids, prepare=False,
+                               continuation=Continuation(skip_to=skip, entering=entering if skip else None)).logits
         else:
             kv = [(layer.keys, layer.values) for layer in iv.cache.layers]
             shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], first, torch.zeros(B, dtype=torch.long))

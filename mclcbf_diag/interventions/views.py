@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..models import deepstack
 from ..models.mrope import position_ids, position_rows
 from .base import Row
 
@@ -120,11 +121,7 @@ def _own_tiles(input_ids: torch.Tensor, pixels: torch.Tensor, rows: list[Row]) -
 def rows_of_shared(shared: dict, idx: list[int], *, pixels: bool = True) -> dict:
     """The shared image features (and, with ``pixels``, the pixels kept beside them) of the batch's rows ``idx``, in
     that order."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    feats = shared["image"].pooler_output
-    rows = feats[idx] if torch.is_tensor(feats) else [feats[i] for i in idx]  # Gemma 3's are one stacked tensor
-    out = {"image": BaseModelOutputWithPooling(pooler_output=rows)}
+    out = {"image": deepstack.rows(shared["image"], idx)}  # Qwen3-VL's deepstack features with them
     if not pixels:
         return out
     if PIXELS_KEY in shared and PIXEL_ROWS in shared:  # each prompt's rows of pixels (its tiles), renumbered

@@ -13,7 +13,8 @@ which :func:`mclcbf_diag.engine.batch.batch_inputs` passes on (the vision tower 
 distinct pixels and size) and :mod:`.anyres` turns into the image tokens' layout. InternVL's modules sit
 at the same paths too; its image is several tiles, one grid each (:mod:`.internvl`). Qwen2-VL and
 Qwen2.5-VL (:data:`QWEN_VL`: the text model at LLaVA's paths, the tower at ``model.visual``) add
-``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`). What each family's processor and
+``image_grid_thw`` and run on 3-D M-RoPE positions (:mod:`.mrope`); Qwen3-VL sits at the same paths, with
+deepstack features its text model adds inside its loop (:mod:`.deepstack`). What each family's processor and
 model make of an image (the overlay's grid, the token bound, shared features in a batch) is its image
 scheme (:mod:`.schemes`), beside this adapter.
 
@@ -106,6 +107,10 @@ TEXT_MATH: dict[str, TextMath] = {
     # [batch, seq, head_dim], which the plain rotation applies (models/mrope.py)
     "qwen2_5_vl_text": TextMath(rotary=_rotary("qwen2_5_vl"), window="attention"),
     "qwen2_vl_text": TextMath(rotary=_rotary("qwen2_vl"), window="attention"),
+    # Qwen3-VL's Qwen3: Qwen3's per-head q/k norms; its rotary module interleaves the three M-RoPE axes
+    # (mrope_section, every third frequency) into one cos/sin, which the plain rotation applies
+    "qwen3_vl_text": TextMath(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", rotary=_rotary("qwen3_vl"),
+                              window="attention"),
 }
 assert set(TEXT_MATH) == set(TEXT_BACKBONES).union(*OWN_BACKBONES.values()), \
     "families.TEXT_BACKBONES and OWN_BACKBONES list the backbones declared here"
@@ -255,4 +260,5 @@ QWEN_VL = dataclasses.replace(LLAVA, vision_tower="model.visual", projector="mod
 # LLaVA-OneVision's too (a SigLIP tower at model.vision_tower, the text model at model.language_model), and InternVL's
 # (model.vision_tower, model.multi_modal_projector, model.language_model, lm_head); Gemma 3 and Qwen-VL have their own
 ADAPTERS = {f.architecture: {"llava": LLAVA, "llava_next": LLAVA, "llava_onevision": LLAVA, "internvl": LLAVA,
-                             "gemma3": GEMMA3, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL}[f.name] for f in FAMILIES}
+                             "gemma3": GEMMA3, "qwen2_5_vl": QWEN_VL, "qwen2_vl": QWEN_VL,
+                             "qwen3_vl": QWEN_VL}[f.name] for f in FAMILIES}

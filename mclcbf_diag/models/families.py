@@ -47,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
         covers="other LlavaForConditionalGeneration checkpoints whose text model is Llama, Mistral, Qwen2, Qwen3 or "
                "Gemma (tiny random checkpoints of each in the tests: the look-ahead, masses, norms and margin against "
                "plain forwards; no real weights but llava-1.5-7b have been run)",
-        not_covered="Qwen3-VL, Idefics3/SmolVLM, PaliGemma, "
+        not_covered="Idefics3/SmolVLM, PaliGemma, "
                     "Mistral 3, Mllama and other architectures, and text models other than those above: "
                     "refused from config.json, before anything loads",
     ),
@@ -132,8 +132,7 @@ FAMILIES: tuple[Family, ...] = (
                "the page's overlay draws the merged (h/2) × (w/2) grid; the default prompt is LLaVA's: give Instruct "
                "checkpoints their chat format with --prompt '<|im_start|>user\\n<image>{question}<|im_end|>\\n"
                "<|im_start|>assistant\\n' (<image> becomes <|vision_start|><|image_pad|><|vision_end|>)",
-        not_covered="video inputs; VCD's distorted image (flattened patches: refused in one line); Qwen3-VL "
-                    "(deepstack features added inside the text model): refused from config.json",
+        not_covered="video inputs; VCD's distorted image (flattened patches: refused in one line)",
     ),
     Family(
         name="qwen2_vl",
@@ -145,6 +144,24 @@ FAMILIES: tuple[Family, ...] = (
                  "plain forwards); no real weights have been run",),
         covers="Qwen2VLForConditionalGeneration checkpoints (Qwen/Qwen2-VL-*-Instruct), images only",
         not_covered="video inputs",
+    ),
+    Family(
+        name="qwen3_vl",
+        architecture="Qwen3VLForConditionalGeneration",
+        model_type="qwen3_vl",
+        layout="Qwen3-VL: Qwen2.5-VL's image layout (16-px patches merged 2 × 2 into <|image_pad|> tokens) and 3-D "
+               "M-RoPE positions (models/mrope.py; the rotary module interleaves the three axes), a Qwen3 text "
+               "model (per-head q/k norms), and deepstack: features of intermediate vision layers added to the "
+               "image tokens' residual after the first decoder layers, which batching and every forward fed "
+               "embeddings pass on (models/deepstack.py)",
+        checked=("a tiny random checkpoint built in the tests (two deepstack levels: trace, pope's batched and "
+                 "cached-prefix path, explain's units, VISTA and OPERA from kept embeddings, attribute's patching "
+                 "and localisation against plain forwards; explain and flow run); no real weights have been run",),
+        covers="Qwen3VLForConditionalGeneration checkpoints (Qwen/Qwen3-VL-*-Instruct, -Thinking), images only; "
+               "the page's overlay draws the merged grid; give Instruct checkpoints their chat format with --prompt, "
+               "as for Qwen2.5-VL",
+        not_covered="video inputs (timestamps); the mixture-of-experts Qwen3-VL-MoE: refused from config.json; "
+                    "VCD's and CausalMM's distorted image (flattened patches): refused in one line",
     ),
 )
 
@@ -162,6 +179,7 @@ OWN_BACKBONES: dict[str, dict[str, str]] = {
     "gemma3": {"gemma3_text": "Gemma 3"},
     "qwen2_5_vl": {"qwen2_5_vl_text": "Qwen2.5-VL's Qwen2"},
     "qwen2_vl": {"qwen2_vl_text": "Qwen2-VL's Qwen2"},
+    "qwen3_vl": {"qwen3_vl_text": "Qwen3-VL's Qwen3"},
 }
 
 # Architectures users meet that the toolkit does not measure (yet): config.json's model_type → (name, why).
@@ -170,8 +188,6 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "llava_next_video": ("LLaVA-NeXT-Video", _LLAVA_LAYOUT.format("anyres tiles and video frames")),
     "vipllava": ("VipLLaVA", _LLAVA_LAYOUT.format("a multi-layer vision projector")),
     "video_llava": ("Video-LLaVA", _LLAVA_LAYOUT.format("video and image towers")),
-    "qwen3_vl": ("Qwen3-VL", "deepstack vision features added inside the text model's first layers and interleaved "
-                             "M-RoPE, not measured yet"),
     "qwen3_vl_moe": ("Qwen3-VL-MoE", "a mixture-of-experts text model with deepstack vision features, not measured "
                                      "yet"),
     "idefics3": ("Idefics3", "image splitting with a pixel-shuffle connector, not measured yet"),
@@ -186,7 +202,7 @@ KNOWN_UNSUPPORTED: dict[str, tuple[str, str]] = {
     "llama4": ("Llama 4", "a mixture-of-experts text model with chunked attention, not measured yet"),
 }
 TEXT_ONLY = set(TEXT_BACKBONES) | {"phi", "phi3", "gemma2", "gemma3_text", "qwen3_moe", "qwen2_moe", "mixtral",
-                                   "qwen2_5_vl_text", "qwen2_vl_text"}
+                                   "qwen2_5_vl_text", "qwen2_vl_text", "qwen3_vl_text"}
 
 # Vision towers that need an optional package the core install leaves out: model_type → (package, why).
 VISION_PACKAGES: dict[str, tuple[str, str]] = {

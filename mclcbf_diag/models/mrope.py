@@ -1,4 +1,8 @@
-"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution images and 3-D M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic-resolution images and 3-D M-RoPE positions.
+
+Qwen3-VL shares all of it (16-px patches; its rotary module interleaves the three axes' frequencies
+instead of concatenating sections, inside the module, so nothing here changes); its deepstack features
+are :mod:`.deepstack`'s.
 
 Mechanism
 ---------
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl")
+MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def uses_mrope(config) -> bool:
@@ -124,6 +128,12 @@ def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_process
 def shared_features(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
     """Each row's image features (one image per row) from one vision-tower run over the distinct images (the same
     grid and equal pixels)."""
+    return shared_outputs(lm, pixel_values, grid_thw)[0]
+
+
+def shared_outputs(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    """``(each row's image features, their deepstack features per level and row, or None without any)`` from one
+    vision-tower run over the distinct images (Qwen3-VL's tower returns deepstack features, models/deepstack.py)."""
     chunks = torch.split(pixel_values, grid_thw.prod(-1).tolist())
     rows: list[int] = []  # the first row holding each distinct image
     which: list[int] = []  # each row's distinct image
@@ -136,7 +146,9 @@ def shared_features(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> l
         which.append(n)
     feats = lm.model.get_image_features(pixel_values=torch.cat([chunks[b] for b in rows]),
                                         image_grid_thw=grid_thw[rows], return_dict=True)
-    return [feats.pooler_output[n] for n in which]
+    deep = getattr(feats, "deepstack_features", None)
+    per_level = None if deep is None else [[level[n] for n in which] for level in deep]
+    return [feats.pooler_output[n] for n in which], per_level
 
 
 def _image_only(base):
@@ -149,6 +161,10 @@ def _image_only(base):
             self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            for part in ("vision_start", "vision_end"):  # Qwen3-VL's processor names them too
+                token = getattr(tokenizer, f"{part}_token", None) or f"<|{part}|>"
+                setattr(self, f"{part}_token", token)
+                setattr(self, f"{part}_token_id", tokenizer.convert_tokens_to_ids(token))
             self.video_processor = None  # images only: the toolkit never passes videos
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
@@ -157,10 +173,12 @@ def _image_only(base):
 
 
 def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):
-    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor) from an image processor and a tokenizer."""
+    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor) from an image processor
+    and a tokenizer."""
     import transformers
 
-    base = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}[model_type]
+    base = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
+            "qwen3_vl": "Qwen3VLProcessor"}[model_type]
     return _image_only(getattr(transformers, base))(image_processor, tokenizer, chat_template=chat_template)
 
 

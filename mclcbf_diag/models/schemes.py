@@ -13,9 +13,10 @@ image tokens exactly and to batch them:
   pixels it lies over; ``tile_grid``: a second grid where the image has one (LLaVA-NeXT's and OneVision's
   high-resolution tiles: each cell's token and the unpadded tiles' pixels);
 * ``token_bound``: the most image tokens one image can become (the prompt-length check);
-* ``processor_images`` / ``features``: a batch's images as the processor takes them, and the
-  vision tower run once per distinct image, its features per prompt as the model merges them
-  (with, for a tiled image, which prompt each row of pixels belongs to).
+* ``processor_images`` / ``features`` / ``encoder_output``: a batch's images as the processor takes
+  them, and the vision tower run once per distinct image, its features per prompt as the model merges
+  them (with, for a tiled image, which prompt each row of pixels belongs to), handed to the model as its
+  tower's output (Qwen3-VL's with its deepstack features, :mod:`.deepstack`).
 
 Positions that are not ``cumsum − 1`` of the padding mask (Qwen-VL's 3-D M-RoPE ids) are asked of
 :func:`.mrope.position_ids`, which every family passes through. :data:`SCHEMES` maps config.json's
@@ -32,7 +33,7 @@ import torch
 from transformers import AutoProcessor
 
 from ..errors import UserError
-from . import internvl, mrope
+from . import deepstack, internvl, mrope
 from .anyres import ImageLayout, anyres_layout, max_patches, tiles_picture, token_bound
 from .processing import check_image_grid, patch_grid_shape
 
@@ -97,6 +98,12 @@ class ImageScheme:
         uniq, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
         feats = lm.model.get_image_features(pixel_values=uniq.view(-1, *pixel_values.shape[1:]), return_dict=True)
         return [feats.pooler_output[j] for j in inverse.tolist()], None
+
+    def encoder_output(self, lm, inputs: dict, pixel_values: torch.Tensor):
+        """``(the tower's output the model merges, mm_encoder_outputs["image"]; the prompt of each row of pixels or
+        None)``: :meth:`features` as the model takes them."""
+        per_row, owner = self.features(lm, inputs, pixel_values)
+        return deepstack.encoder_output(per_row, None), owner
 
 
 def _masked_range(image_mask: torch.Tensor, lo: int, hi: int | None) -> torch.Tensor:
@@ -281,10 +288,25 @@ class QwenVLScheme(ImageScheme):
         return mrope.shared_features(lm, pixel_values, inputs["image_grid_thw"]), None
 
 
+class Qwen3VLScheme(QwenVLScheme):
+    """Qwen3-VL: Qwen2.5-VL's images and positions (:mod:`.mrope`, its M-RoPE axes interleaved inside the rotary
+    module), with deepstack features the text model adds to the image tokens after its first layers
+    (:mod:`.deepstack`): a batch hands them to the model beside the image features, and forwards fed embeddings
+    get them from the table :func:`.deepstack.install` keeps."""
+
+    def prepare(self, model) -> None:
+        deepstack.install(model, model.model.language_model)
+
+    def encoder_output(self, lm, inputs: dict, pixel_values: torch.Tensor):
+        per_row, per_level = mrope.shared_outputs(lm, pixel_values, inputs["image_grid_thw"])
+        return deepstack.encoder_output(per_row, per_level), None
+
+
 LLAVA_IMAGE = ImageScheme()
 SCHEMES: dict[str, ImageScheme] = {
     "llava": LLAVA_IMAGE, "llava_next": AnyresScheme(), "llava_onevision": OnevisionScheme(),
     "internvl": InternVLScheme(), "gemma3": Gemma3Scheme(), "qwen2_5_vl": QwenVLScheme(), "qwen2_vl": QwenVLScheme(),
+    "qwen3_vl": Qwen3VLScheme(),
 }
 
 
@@ -294,4 +316,4 @@ def scheme_of(config) -> ImageScheme:
 
 
 __all__ = ["SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "OnevisionScheme",
-           "QwenVLScheme", "TileGrid", "scheme_of"]
+           "Qwen3VLScheme", "QwenVLScheme", "TileGrid", "scheme_of"]
