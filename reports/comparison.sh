@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The README's comparison of interventions on the embedded model: twelve `mclcbf-diag pope` runs per
-# POPE split (MC-LCBF's presets, the published interventions' activation edits, and the two prompt
-# controls), then one `mclcbf-diag compare` over all thirty-six. PAI and VISTA run as the table shows them,
-# without their logit halves (the presets attention-only and steering-only, their defaults when it was made);
-# DECODING=1 adds the full PAI and VISTA, the decoding-level methods (VCD, DoLa, HALC's first token, CausalMM,
-# OPERA's first step) and VCD's answers sampled at temperature 1 with three seeds; DECODING=only runs those alone
-# (the table of the decoding-level methods in docs/commands/compare.md), with their own compare. Usage: bash reports/comparison.sh [ROOT] (default
-# reports/comparison). Every run resumes, so rerunning after an interruption repeats nothing and a
-# finished run costs a few seconds. About 2 hours on one CPU thread for the three splits.
+# The README's comparison of every method on the embedded model, at greedy first tokens and sampled: per POPE
+# split, `mclcbf-diag pope` runs of MC-LCBF's presets, the published interventions' activation edits (PAI
+# attention-only and VISTA steering-only, their halves without the logit contrast), the full PAI and VISTA, the
+# decoding-level methods (VCD, DoLa, HALC's first token, CausalMM, OPERA's first step) and the two prompt
+# controls, greedy; then each method again with its answers sampled at temperature 1 with seeds 0, 1 and 2 (a
+# sampled run's baseline is sampled with the same draw per question); and one `mclcbf-diag compare` over all of
+# them (the seeds' mean ± spread in its findings). The prompt controls run greedy only: they pair baselines.
+#
+# Usage: bash reports/comparison.sh [ROOT]   (default reports/comparison; the table lands in ROOT/compare)
+#   SAMPLE=0          greedy runs only (19 settings a split instead of 70)
+#   SPLITS="a b"      the POPE splits to run (default: adversarial popular random)
+#   LIMIT=N           pass --limit N to every run (a smoke test; default: every question)
+# Every run resumes, so rerunning after an interruption repeats nothing and a finished run costs a few seconds.
+# About 17 hours on one CPU thread for the three splits (SAMPLE=0: about 5), at the seconds per question of
+# docs/commands/compare.md's tables (about 15 minutes a setting over the three splits).
 set -euo pipefail
 root="${1:-reports/comparison}"
+read -r -a splits <<< "${SPLITS:-adversarial popular random}"
+limit=()
+if [ -n "${LIMIT:-}" ]; then limit=(--limit "$LIMIT"); fi
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-runs=(
+methods=(
   "seed|--preset seed-exp6"
   "span|--set span=detected"
   "noclamp|--set span=detected --set clamp=none"
@@ -23,29 +32,32 @@ runs=(
   "vista|--intervention vista --preset steering-only"
   "adhh|--intervention adhh"
   "var|--intervention var"
-  "lean-no|--prompt lean-no"
-  "look-carefully|--prompt look-carefully"
+  "pai-full|--intervention pai"
+  "vista-full|--intervention vista"
+  "vcd|--intervention vcd"
+  "dola|--intervention dola"
+  "halc-first-token|--intervention dola --preset halc-first-token"
+  "causalmm|--intervention causalmm"
+  "opera|--intervention opera"
 )
-if [ "${DECODING:-0}" = only ]; then runs=(); fi  # the decoding-level runs alone, one compare of their own
-if [ "${DECODING:-0}" != 0 ]; then
-  runs+=("pai-full|--intervention pai" "vista-full|--intervention vista" "vcd|--intervention vcd"
-         "dola|--intervention dola" "halc-first-token|--intervention dola --preset halc-first-token"
-         "causalmm|--intervention causalmm" "opera|--intervention opera"
-         "vcd-sample-0|--intervention vcd --decoding sample --seed 0"
-         "vcd-sample-1|--intervention vcd --decoding sample --seed 1"
-         "vcd-sample-2|--intervention vcd --decoding sample --seed 2")
+runs=("${methods[@]}" "lean-no|--prompt lean-no" "look-carefully|--prompt look-carefully")
+if [ "${SAMPLE:-1}" != 0 ]; then
+  for seed in 0 1 2; do
+    for entry in "${methods[@]}"; do
+      runs+=("${entry%%|*}-sample-$seed|${entry#*|} --decoding sample --seed $seed")
+    done
+  done
 fi
+
 dirs=()
 for entry in "${runs[@]}"; do
   name="${entry%%|*}"
   read -r -a opts <<< "${entry#*|}"
-  for split in adversarial popular random; do
+  for split in "${splits[@]}"; do
     out="$root/$split/$name"
     echo "== $name, $split split"
-    mclcbf-diag pope --split "$split" --batch-size 64 "${opts[@]}" --out "$out"
+    mclcbf-diag pope --split "$split" --batch-size 64 "${limit[@]}" "${opts[@]}" --out "$out"
     dirs+=("$out")
   done
 done
-cmp="$root/compare"
-[ "${DECODING:-0}" = only ] && cmp="$root/compare-decoding"
-mclcbf-diag compare "${dirs[@]}" --out "$cmp"
+mclcbf-diag compare "${dirs[@]}" --out "$root/compare"

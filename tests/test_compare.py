@@ -45,6 +45,71 @@ def test_compare_refuses_an_unfinished_folder(tmp_path, capsys):
     assert "run.json is missing" in capsys.readouterr().err
 
 
+_SAMPLE_T1 = {"strategy": "sample", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1, "seed": 2}
+
+
+@pytest.mark.parametrize("name, run, shown", [
+    # a figure beside the paper's own preset (or the default) and decoding: greedy, or beam (its first token is
+    # the greedy one's); VCD's sampled at T = 1, whatever the seed
+    ("pai", {}, REPORTED["pai"]),
+    ("pai", {"preset": "paper"}, REPORTED["pai"]),
+    ("opera", {}, REPORTED["opera"]),
+    ("vcd", {"decoding": _SAMPLE_T1}, REPORTED["vcd"]),
+    ("vcd", {"preset": "pope", "decoding": {**_SAMPLE_T1, "seed": 0}}, REPORTED["vcd"]),
+    # another decoding: which one the figure is for, not the figure
+    ("vcd", {}, "the paper's figure is for sampling at T = 1, not this run's decoding"),
+    ("vcd", {"decoding": {**_SAMPLE_T1, "temperature": 3.0}},
+     "the paper's figure is for sampling at T = 1, not this run's decoding"),
+    ("pai", {"decoding": _SAMPLE_T1}, "the paper's figure is for greedy decoding, not this run's decoding"),
+    ("opera", {"decoding": _SAMPLE_T1}, "the paper's figure is for beam search (5 beams), not this run's decoding"),
+    # not the paper's settings: a part switched off, another preset, an override, another prompt
+    ("pai", {"preset": "attention-only"}, ""),
+    ("vista", {"preset": "steering-only"}, ""),
+    ("vcd", {"preset": "driver", "decoding": _SAMPLE_T1}, ""),
+    ("vaf", {"overrides": ["alpha=1.3"]}, ""),
+    ("mclcbf", {"preset": "fixed"}, ""),
+    ("mclcbf", {"preset": "original"}, REPORTED["mclcbf"]),
+    ("vaf", {"prompt": "Is there a cat? Answer no."}, ""),
+    # no figure (what the paper evaluates, or not verified): beside every decoding and preset
+    ("dola", {"decoding": _SAMPLE_T1}, REPORTED["dola"]),
+    ("dola", {"preset": "halc-first-token"}, REPORTED["halc"]),
+    ("causalmm", {"preset": "random", "decoding": _SAMPLE_T1}, REPORTED["causalmm"]),
+    ("adhh", {"preset": "llava-1.5-7b"}, REPORTED["adhh"]),
+    ("knockout", {}, ""),
+])
+def test_a_papers_figure_shows_only_beside_its_own_settings(name, run, shown):
+    from mclcbf_diag.pope.compare import _reported
+
+    assert _reported(name, run) == shown
+
+
+def test_every_sampled_method_reports_its_spread_over_seeds(tmp_path, capsys):
+    """Two seeds of a sampled DoLa run (not only VCD): compare says the accuracy's mean ± standard deviation and
+    range over the seeds, worked out here from each run's answers."""
+    import statistics
+
+    def pope(*opts, name):
+        assert main(["pope", "--split", "adversarial", "--limit", "8", "--batch-size", "8", *opts,
+                     "--out", str(tmp_path / name)]) == 0
+        return tmp_path / name
+
+    runs = [pope("--intervention", "dola", "--decoding", "sample", "--seed", str(s), name=f"dola-{s}") for s in (0, 1)]
+    greedy_vcd = pope("--intervention", "vcd", name="vcd")
+    capsys.readouterr()
+    assert main(["compare", *map(str, runs), str(greedy_vcd), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    acc = [100 * sum(r["steered_answer"] == r["label"] for r in _rows(run)) / 8 for run in runs]
+    line = next(x for x in out.splitlines() if "over seeds" in x)
+    assert line.startswith("- `dola` --decoding sample over seeds 0, 1 (mean ± standard deviation, range): "
+                           f"adversarial accuracy {statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f} "
+                           f"({min(acc):.1f}–{max(acc):.1f}), Δ accuracy "), line
+    assert f"{line}\n" in (tmp_path / "cmp" / "compare_findings.md").read_text()
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv", keep_default_na=False).set_index("run")
+    assert table.loc[str(runs[0]), "reported_on_llava_1_5_7b"] == REPORTED["dola"]
+    assert table.loc[str(greedy_vcd), "reported_on_llava_1_5_7b"] == (
+        "the paper's figure is for sampling at T = 1, not this run's decoding")
+
+
 # --------------------------------------------------------------------------- Δ image mass and cost
 @dataclass(frozen=True)
 class AddKnobs:
@@ -466,6 +531,10 @@ def test_a_prompt_control_pairs_its_baseline_with_the_default_prompts(oracle_run
     # without a default-prompt run among those compared there is nothing to pair with: no control row
     alone = compare_runs([tmp_path / name])
     assert not (alone.intervention == "prompt control").any()
+    # nor with a default-prompt run decoded otherwise (its baselines are sampled, this run's greedy)
+    sampled = _copied_run(tmp / "noop", tmp_path / "sampled", decoding={
+        "strategy": "sample", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_beams": 1, "seed": 0})
+    assert not (compare_runs([sampled, tmp_path / name]).intervention == "prompt control").any()
 
 
 def test_the_findings_follow_the_intervals(oracle_runs):

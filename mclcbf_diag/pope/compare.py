@@ -17,7 +17,9 @@ change in accuracy, and two columns on how the intervention acts:
   Rows of runs written before these records existed leave the columns empty.
 
 Beside each intervention, :data:`REPORTED` gives what its paper reports on the real
-LLaVA-1.5-7B (DESIGN §6), labelled as reported, not measured here.
+LLaVA-1.5-7B (DESIGN §6), labelled as reported, not measured here, and only beside a run of the paper's
+own settings (:data:`FIGURE_SETTINGS`: its preset, no overrides, the default prompt, and the figure's
+decoding: a greedy row of a method whose figure was sampled says so instead of showing it).
 
 **Is the difference real** (DESIGN §10, :mod:`mclcbf_diag.measurements.stats`): every row carries the paired
 statistics of its run against its own baseline, recomputed from ``answers.jsonl`` (exact McNemar
@@ -55,23 +57,84 @@ from .store import ANSWERS, read_records
 
 _MASS = re.compile(r"^baseline_image_mass_(\d+)$")
 
-REPORTED = {
+REPORTED = {  # the intervention's name (HALC: ``dola --preset halc-first-token``) → what its paper reports
     "mclcbf": "POPE answers identical to the baseline (the researcher's report)",
     "pai": "≈ +1 accuracy point, greedy (Liu et al., ECCV 2024)",
     "vaf": "random split 87.8 → 89.7 accuracy (Yin et al., CVPR 2025)",
     "vista": "≈ +1.4 accuracy points (Li et al., ICML 2025)",
     "adhh": "evaluated mainly on CHAIR (ICLR 2025)",
     "var": "POPE gain not verified here (ICLR 2025)",
+    # Table 1 (MSCOCO, LLaVA-1.5; also the released README's figs/exp1.png): "Regular decoding denotes direct
+    # sampling" (the released POPE script: T = 1, top-p 1, no top-k); accuracy random 83.29 → 87.73, popular
+    # 81.88 → 85.38, adversarial 78.96 → 80.88 (F1 77.57 → 81.33); means over runs, spread ±0.3–0.5
+    "vcd": "adversarial split 78.96 → 80.88 accuracy, sampled (Leng et al., CVPR 2024)",
+    # text-only: LLaMA on TruthfulQA, FACTOR, StrategyQA, GSM8K (+12–17 points on TruthfulQA, its abstract)
+    "dola": "a text-only paper: no LLaVA POPE figure (Chuang et al., ICLR 2024)",
+    # the released README's POPE tables (MSCOCO, LLaVA-1.5 7B, --beam 5): random 89.4 accuracy / 89.6 F1,
+    # popular 86.0 / 86.4, adversarial 79.1 / 81.0; no baseline beside them
+    "opera": "adversarial split 79.1 accuracy, F1 81.0, beam search (Huang et al., CVPR 2024)",
+    # its README gives no figure and scores POPE also offline, on generated captions (OPOPE); the paper's table
+    # was not read here
+    "halc": "POPE gain not verified here (Chen et al., ICML 2024)",
+    # its README gives no figure; its released POPE script samples (T = 1, top-p 1, γ = 1, ε = 0.6); the paper's
+    # table was not read here
+    "causalmm": "POPE gain not verified here (Zhou et al., ICLR 2025)",
+}
+
+_SAMPLED = {"strategy": "sample", "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+FIGURE_SETTINGS = {  # a figure's own settings: the presets that are the paper's, and its decoding (run.json's form)
+    "mclcbf": (("seed-exp6", "original"), None),
+    "pai": (("paper",), None),  # greedy
+    "vaf": (("paper",), None),  # the released infer_pope.py: generate() without sampling
+    "vista": (("pope",), None),  # the released run_pope.sh: no --do-sample, one beam
+    "vcd": (("pope",), _SAMPLED),
+    "opera": (("paper",), {"strategy": "beam", "num_beams": 5}),
 }
 
 
 def _reported(name: str, run: dict) -> str:
-    """The paper's figure, for the paper's own settings only (MC-LCBF: the researcher's seed-exp6)."""
-    if name == "mclcbf" and (run.get("preset") not in (None, "seed-exp6", "original") or run.get("overrides")):
+    """The paper's figure, for the paper's own settings only.
+
+    A figure (:data:`FIGURE_SETTINGS`) shows beside a run of the paper's preset (or the default) without
+    overrides, on the default prompt, whose answers are drawn the way the figure's were
+    (:func:`_same_decoding`); a run decoded otherwise says which decoding the figure is for instead. An entry
+    that is no figure (what a paper evaluates instead, or that its gain is not verified) shows beside every run
+    on the default prompt."""
+    paper = "halc" if name == "dola" and run.get("preset") == "halc-first-token" else name
+    if _prompt_setting(run) or paper not in REPORTED:  # the papers report their own prompt
         return ""
-    if _prompt_setting(run):  # the papers report their own prompt
+    if paper not in FIGURE_SETTINGS:
+        return REPORTED[paper]
+    presets, decoding = FIGURE_SETTINGS[paper]
+    if run.get("preset") not in (None, *presets) or run.get("overrides"):
         return ""
-    return REPORTED.get(name, "")
+    if not _same_decoding(decoding, run.get("decoding")):
+        return f"the paper's figure is for {_decoding_words(decoding)}, not this run's decoding"
+    return REPORTED[paper]
+
+
+def _same_decoding(paper: dict | None, run: dict | None) -> bool:
+    """Whether a run's answers are drawn as a figure's were: both sampled with the same temperature, top-p and
+    top-k (the seed aside), or neither sampled (greedy or beam: a beam search's first token is the greedy one's,
+    :mod:`~mclcbf_diag.measurements.sampling`). None: greedy."""
+    sampled = [bool(d) and d.get("strategy") == "sample" for d in (paper, run)]
+    if not all(sampled):
+        return sampled[0] == sampled[1]
+    return all(paper.get(k, v) == run.get(k, v) for k, v in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)))
+
+
+def _decoding_words(decoding: dict | None) -> str:
+    """``greedy decoding``, ``sampling at T = 1``, ``beam search (5 beams)``."""
+    if not decoding or decoding.get("strategy") == "greedy":
+        return "greedy decoding"
+    if decoding["strategy"] == "beam":
+        return f"beam search ({decoding.get('num_beams', 2)} beams)"
+    words = f"sampling at T = {decoding.get('temperature', 1.0):g}"
+    if decoding.get("top_p", 1.0) != 1.0:
+        words += f", top-p {decoding['top_p']:g}"
+    if decoding.get("top_k", 0):
+        words += f", top-k {decoding['top_k']}"
+    return words
 
 
 def _prompt_setting(run: dict) -> str:
@@ -282,8 +345,8 @@ def compare_runs(folders, labels=None, *, resamples: int | None = None, seed: in
 def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
     """A run made with a prompt control (``--prompt lean-no``, …: :data:`~mclcbf_diag.data.prompts.PROMPT_CONTROLS`)
     adds one more row per split: its *baseline* answers paired against the baseline answers of a run of the same model
-    with the default prompt among those compared, question by question (what the wording alone does). No such run:
-    no row."""
+    and decoding (a sampled one: the same seed, so the same draw per question) with the default prompt among those
+    compared, question by question (what the wording alone does). No such run: no row."""
     from ..data.prompts import LLAVA_PROMPT, control_name
     from ..measurements.outcomes import outcome
     from .metrics import flips_table, metrics_table, paired_table
@@ -292,7 +355,7 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
     for _, run, answers in runs:
         if run.get("prompt", LLAVA_PROMPT) == LLAVA_PROMPT:
             for r in answers:
-                plain.setdefault((run.get("model"), r["split"], str(r["question_id"])), r)
+                plain.setdefault((run.get("model"), _key(run.get("decoding")), r["split"], str(r["question_id"])), r)
     rows = []
     for folder, run, answers in runs:
         name = control_name(run.get("prompt", LLAVA_PROMPT))
@@ -300,7 +363,7 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
             continue
         recs = []
         for r in answers:
-            b = plain.get((run.get("model"), r["split"], str(r["question_id"])))
+            b = plain.get((run.get("model"), _key(run.get("decoding")), r["split"], str(r["question_id"])))
             if b is None:
                 continue
             bv, rv = b.get("baseline_valid", True) is not False, r.get("baseline_valid", True) is not False
@@ -320,6 +383,11 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
             rows.append({**row, "settings": f"--prompt {name}, baseline vs the default prompt's",
                          "reported_on_llava_1_5_7b": "", "run": f"{folder}#prompt-control"})
     return rows
+
+
+def _key(decoding: dict | None) -> str:
+    """A run's decoding as a comparable key ("" for greedy)."""
+    return json.dumps(decoding, sort_keys=True) if decoding else ""
 
 
 _STATS = ("mcnemar_p", "d_accuracy", "d_accuracy_lo", "d_accuracy_hi", "d_f1", "d_f1_lo", "d_f1_hi", "d_yes_ratio",
