@@ -49,8 +49,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import UserError
 from ..interventions import as_intervention
-from ..interventions.base import rows_of
-from ..interventions.views import PIXEL_ROWS
+from ..interventions.base import Batched, Intervention, rows_of
+from ..interventions.views import PIXEL_ROWS, with_aux_rows
 from ..models import LoadedModel
 from ..models.mrope import position_ids
 from ..models.processing import processor_prompt
@@ -199,6 +199,25 @@ def _cut(cache, start: int):
     return out
 
 
+def _baseline_forward(lm: LoadedModel, inputs: dict, rows: list, iv, baseline: tuple | None):
+    """``(logits [B, vocab], KV cache of the whole prompts, Batched)``: the baseline's plain forward (``baseline``'s,
+    when given), with the auxiliary rows of ``iv`` (:meth:`~mclcbf_diag.interventions.base.Intervention.aux_features`)
+    stacked under the main rows where it has such rows and the inputs share image features: their logits go to
+    ``Batched.aux_logits`` and the cache keeps the main rows only."""
+    if baseline is not None:
+        return baseline[0], baseline[1], Batched(cache=baseline[1], logits=baseline[0])
+    features = None
+    if iv is not None and "mm_encoder_outputs" in inputs and "inputs_embeds" not in inputs:
+        features = iv.aux_features(lm, inputs, rows)
+    if features is None:
+        logits, cache = baseline_prefix(lm, inputs)
+        return logits, cache, Batched(cache=cache, logits=logits)
+    n = len(rows)
+    every, cache = baseline_prefix(lm, with_aux_rows(inputs, features))
+    cache.batch_select_indices(torch.arange(n, device=every.device))  # the main rows' only
+    return every[:n], cache, Batched(aux_logits=every[n:].float(), cache=cache, logits=every[:n])
+
+
 def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention, *,
                 inputs: dict | None = None, baseline: tuple | None = None, decoding=None,
                 keys=None) -> tuple[list[dict], list[dict]]:
@@ -215,18 +234,25 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
     ids = inputs["input_ids"]
     start = cached_prefix(lm, ids, inputs["attention_mask"], iv)
-    iv.prepare(lm, inputs, rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id))
+    rows = rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    # an intervention that can use the baseline's forward (Intervention.prepare_batched) is prepared after it; any
+    # other before it, as its own forwards are then never the last two over the whole prompt (pope's records)
+    shared = start > 0 and type(iv).prepare_batched is not Intervention.prepare_batched
+    if not shared:
+        iv.prepare(lm, inputs, rows)
     with torch.no_grad():
         if start == 0:
             base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
             res = forward(lm, inputs, iv, keep=Keep(layers=False), prepare=False)
             return (_answers(lm, base, decoding=decoding, keys=keys),
                     _answers(lm, res.logits, iv, res.records, decoding, keys))
+        logits, cache, batched = _baseline_forward(lm, inputs, rows, iv if shared else None, baseline)
+        if shared:
+            iv.prepare_batched(lm, inputs, rows, batched)
         if baseline is None:
-            logits, cache = baseline_prefix(lm, inputs)
             cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
         else:
-            logits, cache = baseline[0], _cut(baseline[1], start)
+            cache = _cut(cache, start)
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
                   "position_ids": inputs["position_ids"][..., start:]}  # [B, S] or Qwen-VL's [3, B, S]

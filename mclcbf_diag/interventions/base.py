@@ -237,6 +237,22 @@ class Readout:
         self._run.record(row, -1, metric, value)
 
 
+@dataclass(frozen=True)
+class Batched:
+    """What a runner computed for an intervention's preparation in the batch's own forwards
+    (:meth:`Intervention.prepare_batched`), instead of the separate forwards :meth:`Intervention.prepare` runs.
+
+    ``aux_logits`` [len(rows), vocab] float32: the last-position logits of the auxiliary rows of
+    :meth:`Intervention.aux_features`, computed as rows of the same batched forward as the main rows (None: not
+    batched); ``cache``: the KV cache of the main rows' plain forward over their whole prompts (None: none kept);
+    ``logits`` [len(rows), vocab]: that forward's last-position logits.
+    """
+
+    aux_logits: torch.Tensor | None = None
+    cache: object = None
+    logits: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------- the seam
 class Intervention:
     """Base class: fill in what your intervention does; every default does nothing.
@@ -335,6 +351,18 @@ class Intervention:
         the prompt with and without its image, say) computes it here, with plain forwards of
         ``lm.model`` under ``torch.no_grad()``. ``inputs`` are the run's model inputs.
         """
+
+    def aux_features(self, lm, inputs: dict, rows: list[Row]):
+        """Image features of an auxiliary view that differs from the question in its image features only (the same
+        tokens, positions and mask), per row of ``rows`` as the family's merge step takes them (a list, or Gemma 3's
+        stacked tensor); a runner may then run that view as extra rows of the main rows' own batched forward and
+        hand their logits to :meth:`prepare_batched`. None: no such view (the default)."""
+        return None
+
+    def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
+        """:meth:`prepare`, given what the runner already computed in the batch's own forwards (:class:`Batched`);
+        the default ignores it and runs :meth:`prepare`."""
+        self.prepare(lm, inputs, rows)
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         """The auxiliary forwards a decoding-level method contrasts with, by name → their model inputs (each with
