@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from floors import logit_floor, margin_floor, mass_floors
+from floors import logit_floor, margin_floor, mass_floors, state_floor
 from plain_refs import three_questions
 
 from mclcbf_diag.engine.batch import answer_pair, batch_inputs
@@ -25,6 +25,7 @@ from mclcbf_diag.interventions.opera import OPERA, prompt_cache
 from mclcbf_diag.interventions.pai import PAI, PAIKnobs
 from mclcbf_diag.interventions.vcd import VCD, VCDKnobs
 from mclcbf_diag.interventions.views import image_free_inputs, image_free_logits, last_logits, with_aux_rows
+from mclcbf_diag.interventions.vista import VISTA, steering_vectors
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,24 @@ def test_opera_continues_the_baselines_cache(embedded_model, batch):
         want_tokens, want_shares = own._candidates[r.index]
         assert torch.equal(tokens, want_tokens)
         assert bool(((shares - want_shares).abs() <= mass_floors(want_shares)).all())
+
+
+def test_vista_in_pope_builds_its_vector_from_the_baseline(embedded_model, questions, batch):
+    """VISTA's "with image" residuals are the baseline forward's, and its image-free prompt continues the baseline's
+    cache: the vector equals the one of its own two forwards within the floor of a residual after every layer."""
+    lm = embedded_model
+    inputs, rows = batch
+    iv = VISTA()
+    want = steering_vectors(lm, inputs, rows)
+    alone = forward(lm, inputs, iv, keep=Keep(layers=False))
+    with Calls(lm) as calls:
+        _, steered = answer_pair(lm, *questions, iv, inputs=inputs)
+    assert calls.rows == [len(rows)] * 3  # baseline, image-free continuation, intervened forward
+    assert iv._v.shape == want.shape
+    for layer in range(lm.n_layers):
+        floor = 2 * state_floor(want[:, layer], layer + 1)  # two routes' residuals, each within one floor
+        assert float((iv._v[:, layer] - want[:, layer]).abs().max()) <= floor
+    from mclcbf_diag.engine.batch import _answers
+
+    # (1 − α)·z + α·z_early with α = 0.3 (SLA): one floor each
+    assert_margins_close(lm, steered, _answers(lm, alone.logits, iv, alone.records), 1)

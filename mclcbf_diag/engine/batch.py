@@ -199,6 +199,24 @@ def _cut(cache, start: int):
     return out
 
 
+def _states_forward(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, Batched]:
+    """The baseline's plain forward keeping its KV cache and, per decoder layer, the residual entering it at the last
+    position: ``(logits [B, vocab], Batched(cache, logits, states [B, layers, d] float32))``."""
+    states = []
+
+    def grab(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        states.append(x[:, -1].detach().float())
+
+    hooks = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in lm.adapter.decoder_layers(lm.model)]
+    try:
+        logits, cache = baseline_prefix(lm, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, Batched(cache=cache, logits=logits, states=torch.stack([s.to(states[0].device) for s in states], 1))
+
+
 def _baseline_forward(lm: LoadedModel, inputs: dict, rows: list, iv, baseline: tuple | None):
     """``(logits [B, vocab], KV cache of the whole prompts, Batched)``: the baseline's plain forward (``baseline``'s,
     when given), with the auxiliary rows of ``iv`` (:meth:`~mclcbf_diag.interventions.base.Intervention.aux_features`)
@@ -237,12 +255,16 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     rows = rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id)
     # an intervention that can use the baseline's forward (Intervention.prepare_batched) is prepared after it; any
     # other before it, as its own forwards are then never the last two over the whole prompt (pope's records)
-    shared = start > 0 and type(iv).prepare_batched is not Intervention.prepare_batched
+    shared = type(iv).prepare_batched is not Intervention.prepare_batched and (start > 0 or baseline is None)
     if not shared:
         iv.prepare(lm, inputs, rows)
     with torch.no_grad():
         if start == 0:
-            base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
+            if shared:  # the baseline keeps its cache and each layer's last-position residual for the preparation
+                base, batched = _states_forward(lm, inputs)
+                iv.prepare_batched(lm, inputs, rows, batched)
+            else:
+                base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
             res = forward(lm, inputs, iv, keep=Keep(layers=False), prepare=False)
             return (_answers(lm, base, decoding=decoding, keys=keys),
                     _answers(lm, res.logits, iv, res.records, decoding, keys))

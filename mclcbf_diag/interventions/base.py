@@ -245,12 +245,14 @@ class Batched:
     ``aux_logits`` [len(rows), vocab] float32: the last-position logits of the auxiliary rows of
     :meth:`Intervention.aux_features`, computed as rows of the same batched forward as the main rows (None: not
     batched); ``cache``: the KV cache of the main rows' plain forward over their whole prompts (None: none kept);
-    ``logits`` [len(rows), vocab]: that forward's last-position logits.
+    ``logits`` [len(rows), vocab]: that forward's last-position logits; ``states`` [len(rows), layers, d] float32: the
+    residual entering each decoder layer at the last position in that forward (None: not kept).
     """
 
     aux_logits: torch.Tensor | None = None
     cache: object = None
     logits: torch.Tensor | None = None
+    states: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- the seam
@@ -328,6 +330,13 @@ class Intervention:
         Positions before it are identical with and without the intervention, so a batched
         run may continue from the baseline's cached prefix there.
         """
+        return None
+
+    def auxiliary_forwards(self) -> int | None:
+        """How many forwards besides the question's own a decoding-level method runs for its answer, for the cost
+        bound ``(1 + this) × a bare forward, plus 10%`` (``benchmarks/intervention_throughput.py``). Auxiliary rows
+        of the question's own forward count as one forward, and so does a continuation of its cached prefix; reading
+        earlier layers of the run itself counts none. None: not a decoding-level method (no bound)."""
         return None
 
     def readout_layers(self, n_layers: int) -> tuple[int, ...]:

@@ -178,6 +178,9 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
         return logits_with_features(lm, mine, features)
 
+    def auxiliary_forwards(self) -> int | None:
+        return 1  # the counterfactual features' view
+
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The counterfactual image features, for a runner that runs the view as rows of the main rows' forward
         (the same prompt, other image features); None where the inputs carry no shared image features."""

@@ -67,6 +67,9 @@ class DecodingMethod(Intervention):
     def open_sites(self, steer: bool) -> frozenset[str]:
         return self.sites if steer else frozenset()
 
+    def auxiliary_forwards(self) -> int | None:
+        return 0  # the methods that run one say so
+
     def first_edited(self, row: Row) -> int | None:
         return row.decision  # nothing before the answer changes
 

@@ -86,6 +86,9 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
     metrics = {"opera_image_share": "OPERA: the last layer's image attention share (max over heads, renormalised) of "
                                     "the top-scored candidate token, once written"}
 
+    def auxiliary_forwards(self) -> int | None:
+        return 1  # the candidates' one-token continuation of the question's cache
+
     def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
         """The candidates' image shares, continuing the main rows' own cache where the runner kept it
         (``batched.cache`` and ``batched.logits``, every row of the batch), else a forward of the rows' prompts."""

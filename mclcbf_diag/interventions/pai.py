@@ -82,6 +82,9 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
 
     logit_knob, logit_off = "contrast_gamma", 1.0  # γ = 1: the attention edit alone
 
+    def auxiliary_forwards(self) -> int | None:
+        return 1 if self.knobs.contrast_gamma != 1.0 else None  # the image-free view; without it, no logit part
+
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self.prepare_batched(lm, inputs, rows, Batched())
 

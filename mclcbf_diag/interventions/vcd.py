@@ -39,6 +39,9 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         return last_logits(lm, self.views(lm, inputs, rows)["noised image"])
 
+    def auxiliary_forwards(self) -> int | None:
+        return 1  # the noised view
+
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The noised images' features (the tower once per distinct noised image), for a runner that runs the view as
         rows of the main rows' forward; None where the inputs carry no shared image features."""

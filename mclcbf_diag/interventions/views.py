@@ -119,7 +119,14 @@ def with_aux_rows(inputs: dict, features) -> dict:
 
 
 def image_free_logits(lm, rows: list[Row], cache, mask: torch.Tensor) -> torch.Tensor:
-    """The last-position logits [len(rows), vocab] (float32) of :func:`image_free_inputs`' view, continuing ``cache``.
+    """The last-position logits [len(rows), vocab] (float32) of :func:`image_free_inputs`' view, continuing ``cache``
+    (:func:`image_free_continuation`)."""
+    return image_free_continuation(lm, rows, cache, mask).logits[:, -1].float()
+
+
+def image_free_continuation(lm, rows: list[Row], cache, mask: torch.Tensor, *, hidden_states: bool = False):
+    """The model's output (``logits`` at the last position; with ``hidden_states`` each layer's at the continued
+    positions) of :func:`image_free_inputs`' view, continuing ``cache``.
 
     Args:
         lm: the loaded model.
@@ -155,9 +162,8 @@ def image_free_logits(lm, rows: list[Row], cache, mask: torch.Tensor) -> torch.T
                           owner.to(mask.device))
     with torch.no_grad(), continuing(lm, prefix):
         embeds = embed(ids.to(embed.weight.device))
-        out = lm.model(inputs_embeds=embeds, attention_mask=continuation_mask(full_mask, start, embeds.dtype),
-                       position_ids=positions, use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1].float()
+        return lm.model(inputs_embeds=embeds, attention_mask=continuation_mask(full_mask, start, embeds.dtype),
+                        position_ids=positions, use_cache=False, logits_to_keep=1, output_hidden_states=hidden_states)
 
 
 def row_inputs(inputs: dict, rows: list[Row]) -> dict:
