@@ -35,6 +35,14 @@ Mechanism
   by those projected from the live residual. If an edited position could precede an image
   token it re-runs the prompt (the model merges image features only in a forward that sees
   the whole image).
+* **Auxiliary forwards in the baseline's** (:func:`answer_pair`). A decoding-level method's view
+  that changes only the image features (VCD's noised image, CausalMM's counterfactual features)
+  runs as B more rows of the baseline's forward, stacked under the batch's rows with the same ids,
+  mask and positions; their logits go to the method, and the cache keeps the batch's rows. A method
+  that can use the baseline's forward (:meth:`~mclcbf_diag.interventions.base.Intervention.prepare_batched`)
+  is prepared after it, from its cache (PAI's and VISTA's image-free prompts continue it from the
+  first image token on, OPERA's candidates from the decision token), its logits and, where the
+  intervened run re-runs the prompt (VISTA), the residual entering each layer at the last position.
 * **Generation** (``max_new_tokens > 0``, :func:`answer_batch`): HF ``generate``, greedy.
   The intervention then acts on the prefill forward only (``mclcbf-diag trace
   --max-new-tokens`` studies the decode phase on one sample).

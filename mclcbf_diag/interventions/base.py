@@ -18,7 +18,9 @@ layer the intervention targets, calls
 and, after the forward, :meth:`Intervention.readout` with the decision position's logits
 (the ``logits`` site, :class:`Readout`): a decoding-level method replaces the scores the
 answer is read from, combining the model's logits with auxiliary forwards of the same
-question (computed in :meth:`Intervention.prepare`, see :mod:`.views`) and with earlier
+question (computed in :meth:`Intervention.prepare`, see :mod:`.views`; where the runner can, as
+rows of the question's own batched forward or continuations of its cache instead:
+:meth:`Intervention.aux_features`, :meth:`Intervention.prepare_batched`) and with earlier
 layers' readouts (:meth:`Readout.layer_logits`, for the layers :meth:`Intervention.readout_layers`
 names). One intervention may use both kinds of site (PAI edits attention, then contrasts).
 

@@ -32,7 +32,8 @@ the first-token reading here is the first step of that search (its scores), not 
 beam's answer.
 
 How it is done. :meth:`OPERA.prepare` runs a plain forward of the rows (``use_cache=True``) for
-their candidates, then *one* batched continuation of all rows × candidates by one token each
+their candidates (in ``pope`` the baseline's own forward and cache serve, :meth:`OPERA.prepare_batched`),
+then *one* batched continuation of all rows × candidates by one token each
 from that KV cache: every (row, candidate) is a row of the continuation that attends to its
 question's cached keys and values, shared rather than copied
 (:mod:`mclcbf_diag.models.shared_prefix`), plus its own new key. The last layer's attention is
@@ -41,7 +42,7 @@ no other layer's is kept). Image tokens are the row's own (:attr:`~.base.Row.ima
 have probability 0 and are left out of the renormalisation. The candidates come from this
 forward's logits, the scores z[c] from the run's (the same model on the same prompt: the same
 numbers up to summation order). Cost per batch: one extra forward of the prompts (their
-cache) and one forward of ``candidates`` one-token rows per prompt over that cache (the
+cache; none in ``pope``) and one forward of ``candidates`` one-token rows per prompt over that cache (the
 released code: ``candidates`` one-token forwards per step).
 
 ``dose`` scales the weight (a dose-response sweeps the image-attention bonus; the candidate
