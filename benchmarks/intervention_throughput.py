@@ -19,6 +19,11 @@ Each path is warmed up on one batch first (nnsight wraps the model once; AD-HH s
 heads once per model), then timed ``--repeats`` times in alternating rounds (bare, then every
 intervention), so load drift hits all alike; the best run counts. The ratio is the pope
 path's time over the bare forward's: the cost of both conditions plus the intervention.
+
+A decoding-level method may cost at most (1 + its auxiliary forwards) × the bare forward, plus 10%
+(:meth:`~mclcbf_diag.interventions.base.Intervention.auxiliary_forwards`: auxiliary rows of the
+question's own forward count as one forward, and so does a continuation of its cached prefix); the
+``bound`` column prints that ratio beside each such method's, and whether it is met.
 """
 
 from __future__ import annotations
@@ -55,6 +60,18 @@ def pope_path(lm, jobs, intervention, batch_size):
     return out
 
 
+def bound(aux_forwards: int) -> float:
+    """The cost bound of a decoding-level method with ``aux_forwards`` auxiliary forwards: (1 + them) × 1.10."""
+    return (1 + aux_forwards) * 1.10
+
+
+def bound_text(aux_forwards: int | None, ratio: float) -> str:
+    """``≤ 2.20× met`` (or ``OVER``) for a decoding-level method; empty for any other."""
+    if aux_forwards is None:
+        return ""
+    return f"≤ {bound(aux_forwards):.2f}× {'met' if ratio <= bound(aux_forwards) else 'OVER'}"
+
+
 def main() -> None:
     ap = question_options(__doc__.splitlines()[0], repeats=3)
     ap.add_argument("--only", default=None, help="comma-separated intervention names (default: every registered one)")
@@ -87,11 +104,12 @@ def main() -> None:
     print(f"model {lm.source}; {n} {args.split} questions; batch size {args.batch_size}; torch threads "
           f"{torch.get_num_threads()}; {platform.machine()}, {torch.get_num_interop_threads()} interop threads; "
           f"best of {args.repeats}")
-    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14}")
+    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14} {'bound':>16}")
     print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}×")
-    for k in interventions:
+    for k, iv in interventions.items():
         t = best[k]
-        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {t / bare:13.2f}×")
+        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {t / bare:13.2f}× "
+              f"{bound_text(iv.auxiliary_forwards(), t / bare):>16}")
     print("ratio = pope time / bare time (both conditions, the intervention and the records, against one plain "
           "forward); baseline answers equal to the bare forward's: "
           + ", ".join(f"{k} {v}/{n}" for k, v in same.items()))

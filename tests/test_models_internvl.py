@@ -310,3 +310,24 @@ def test_a_pixel_view_of_some_rows_holds_their_own_tiles(lms):
         torch.testing.assert_close(pixels_of(mine)[owner == n], alone["pixel_values"], rtol=0, atol=0)
         want = last_logits(lm, with_pixels(alone, diffusion_noise(alone["pixel_values"], 500, 0)))[0]
         torch.testing.assert_close(got[n], want, rtol=0, atol=TOL * float(want.abs().max()))
+
+
+def test_vcds_noised_rows_in_the_batchs_own_forward_hold_their_own_tiles(lms):
+    """VCD's noised view as rows of the batch's own forward (the tiles' features stacked under the batch's rows,
+    :func:`~mclcbf_diag.interventions.views.with_aux_rows`) equals the view's own forward per row within the logit
+    floor, on a batch whose prompts have 3 and 5 tiles."""
+    from floors import logit_floor
+
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.vcd import VCD
+    from mclcbf_diag.interventions.views import last_logits, with_aux_rows
+
+    lm = lms["tiles"]
+    prompts = [PROMPT.replace(QUESTIONS[0], q) for q in QUESTIONS]
+    inputs = batch_inputs(lm, prompts, [_image(0), _image(1)])
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+    iv = VCD()
+    both = last_logits(lm, with_aux_rows(inputs, iv.aux_features(lm, inputs, rows)))
+    torch.testing.assert_close(both[2:], iv.auxiliary(lm, inputs, rows), rtol=0, atol=logit_floor(lm))
+    torch.testing.assert_close(both[:2], last_logits(lm, inputs), rtol=0, atol=logit_floor(lm))

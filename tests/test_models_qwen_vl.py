@@ -387,3 +387,24 @@ def test_forwards_fed_embeddings_run_at_the_prompts_3d_positions(qwen_lm):
     yes, no = qwen_lm.tokens.yes_id, qwen_lm.tokens.no_id  # label "no": Yes is the hallucinated answer
     want = float((p0[yes] - p1[yes]) - (p0[no] - p1[no]))
     assert float(score[1, 2]) == pytest.approx(want, rel=0, abs=1e-6)
+
+
+def test_the_image_free_view_continues_the_cached_prefix_on_3d_positions(qwen_lm):
+    """PAI's and VISTA's image-free prompt in pope continues the baseline's cache from the first image token on
+    (:func:`~mclcbf_diag.interventions.views.image_free_logits`): on M-RoPE positions too it equals the image-free
+    prompt's own forward, per row of a batch of two images of two shapes (two paddings), within the logit floor."""
+    from floors import logit_floor
+
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.opera import prompt_cache
+    from mclcbf_diag.interventions.views import image_free_inputs, image_free_logits, last_logits
+
+    inputs = batch_inputs(qwen_lm, [_prompt(QUESTIONS[0]), _prompt(QUESTIONS[1] + " Look closely.")],
+                          [_image(0), _image(1)])
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], qwen_lm.tokens.image_token_id)
+    assert len({r.pad for r in rows}) == 2
+    _, cache = prompt_cache(qwen_lm, inputs)
+    got = image_free_logits(qwen_lm, rows, cache, inputs["attention_mask"])
+    want = last_logits(qwen_lm, image_free_inputs(qwen_lm, rows))
+    torch.testing.assert_close(got, want, rtol=0, atol=logit_floor(qwen_lm))

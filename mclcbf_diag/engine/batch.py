@@ -35,9 +35,19 @@ Mechanism
   by those projected from the live residual. If an edited position could precede an image
   token it re-runs the prompt (the model merges image features only in a forward that sees
   the whole image).
-* **Generation** (``max_new_tokens > 0``, :func:`answer_batch`): HF ``generate``, greedy.
-  The intervention then acts on the prefill forward only (``mclcbf-diag trace
-  --max-new-tokens`` studies the decode phase on one sample).
+* **Auxiliary forwards in the baseline's** (:func:`answer_pair`). A decoding-level method's view
+  that changes only the image features (VCD's noised image, CausalMM's counterfactual features)
+  runs as B more rows of the baseline's forward, stacked under the batch's rows with the same ids,
+  mask and positions; their logits go to the method, and the cache keeps the batch's rows. A method
+  that can use the baseline's forward (:meth:`~mclcbf_diag.interventions.base.Intervention.prepare_batched`)
+  is prepared after it, from its cache (PAI's and VISTA's image-free prompts continue it from the
+  first image token on, OPERA's candidates from the decision token), its logits and, where the
+  intervened run re-runs the prompt (VISTA), the residual entering each layer at the last position.
+* **Generation** (``max_new_tokens > 0``, :func:`answer_batch`): HF ``generate`` with the run's decoding;
+  an activation edit then acts on the prefill forward only (``mclcbf-diag trace --max-new-tokens``
+  studies the decode phase on one sample). Under a decoding-level method every token comes from its
+  combined scores (:mod:`mclcbf_diag.engine.decode`'s loop), and OPERA with ``--decoding beam`` runs its
+  beam search (:mod:`mclcbf_diag.interventions.opera_beam`).
 """
 
 from __future__ import annotations
@@ -48,8 +58,8 @@ import torch
 
 from ..errors import UserError
 from ..interventions import as_intervention
-from ..interventions.base import rows_of
-from ..interventions.views import PIXEL_ROWS, row_inputs
+from ..interventions.base import Batched, Intervention, rows_of
+from ..interventions.views import PIXEL_ROWS, row_inputs, with_aux_rows
 from ..models import LoadedModel
 from ..models.mrope import position_ids
 from ..models.processing import processor_prompt
@@ -227,6 +237,43 @@ def _cut(cache, start: int):
     return out
 
 
+def _states_forward(lm: LoadedModel, inputs: dict) -> tuple[torch.Tensor, Batched]:
+    """The baseline's plain forward keeping its KV cache and, per decoder layer, the residual entering it at the last
+    position: ``(logits [B, vocab], Batched(cache, logits, states [B, layers, d] float32))``."""
+    states = []
+
+    def grab(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        states.append(x[:, -1].detach().float())
+
+    hooks = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in lm.adapter.decoder_layers(lm.model)]
+    try:
+        logits, cache = baseline_prefix(lm, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, Batched(cache=cache, logits=logits, states=torch.stack([s.to(states[0].device) for s in states], 1))
+
+
+def _baseline_forward(lm: LoadedModel, inputs: dict, rows: list, iv, baseline: tuple | None):
+    """``(logits [B, vocab], KV cache of the whole prompts, Batched)``: the baseline's plain forward (``baseline``'s,
+    when given), with the auxiliary rows of ``iv`` (:meth:`~mclcbf_diag.interventions.base.Intervention.aux_features`)
+    stacked under the main rows where it has such rows and the inputs share image features: their logits go to
+    ``Batched.aux_logits`` and the cache keeps the main rows only."""
+    if baseline is not None:
+        return baseline[0], baseline[1], Batched(cache=baseline[1], logits=baseline[0])
+    features = None
+    if iv is not None and "mm_encoder_outputs" in inputs and "inputs_embeds" not in inputs:
+        features = iv.aux_features(lm, inputs, rows)
+    if features is None:
+        logits, cache = baseline_prefix(lm, inputs)
+        return logits, cache, Batched(cache=cache, logits=logits)
+    n = len(rows)
+    every, cache = baseline_prefix(lm, with_aux_rows(inputs, features))
+    cache.batch_select_indices(torch.arange(n, device=every.device))  # the main rows' only
+    return every[:n], cache, Batched(aux_logits=every[n:].float(), cache=cache, logits=every[:n])
+
+
 def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention, *,
                 inputs: dict | None = None, baseline: tuple | None = None, decoding=None,
                 keys=None) -> tuple[list[dict], list[dict]]:
@@ -243,18 +290,29 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
     ids = inputs["input_ids"]
     start = cached_prefix(lm, ids, inputs["attention_mask"], iv)
-    iv.prepare(lm, inputs, rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id))
+    rows = rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    # an intervention that can use the baseline's forward (Intervention.prepare_batched) is prepared after it; any
+    # other before it, as its own forwards are then never the last two over the whole prompt (pope's records)
+    shared = type(iv).prepare_batched is not Intervention.prepare_batched and (start > 0 or baseline is None)
+    if not shared:
+        iv.prepare(lm, inputs, rows)
     with torch.no_grad():
         if start == 0:
-            base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
+            if shared:  # the baseline keeps its cache and each layer's last-position residual for the preparation
+                base, batched = _states_forward(lm, inputs)
+                iv.prepare_batched(lm, inputs, rows, batched)
+            else:
+                base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
             res = forward(lm, inputs, iv, keep=Keep(layers=False), prepare=False)
             return (_answers(lm, base, decoding=decoding, keys=keys),
                     _answers(lm, res.logits, iv, res.records, decoding, keys))
+        logits, cache, batched = _baseline_forward(lm, inputs, rows, iv if shared else None, baseline)
+        if shared:
+            iv.prepare_batched(lm, inputs, rows, batched)
         if baseline is None:
-            logits, cache = baseline_prefix(lm, inputs)
             cache.crop(start - ids.shape[1])  # keep the positions before the first edited one
         else:
-            logits, cache = baseline[0], _cut(baseline[1], start)
+            cache = _cut(cache, start)
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
         suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
                   "position_ids": inputs["position_ids"][..., start:]}  # [B, S] or Qwen-VL's [3, B, S]

@@ -42,7 +42,8 @@ from nnsight import NNsight
 
 from ..errors import UserError
 from ..interventions import as_intervention
-from ..interventions.base import Intervention, Readout, Row, Site, rows_of
+from ..interventions.base import Batched, Intervention, Readout, Row, Site, rows_of
+from ..interventions.views import with_aux_rows
 from ..measurements.probes import rounding_survival
 from ..models import LoadedModel
 from ..models.mrope import position_ids
@@ -315,6 +316,8 @@ class _Run:
     def _captured(self, nm, phase: str, step: int, visit, caps: dict) -> None:
         """The step's captures of every row: each visited layer's, its records, and the final logits."""
         logits = envoy_at(nm, self.lm.adapter.unembed).output[:, -1].detach().float().clone()
+        if phase == "prefill":
+            self.batch_logits = logits  # every row's, auxiliary rows included (see forward)
         for r in self.rows:
             cap = StepCapture(phase, step, self.start + self.seq - r.pad)
             for i in visit:
@@ -332,6 +335,18 @@ def _refuse_generation(intervention: Intervention | None, steer: bool, generatin
     if generating and intervention is not None and steer and "logits" in intervention.open_sites(True):
         raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
                         "generation under it is not supported yet: use a first-token answer (no new tokens)")
+
+
+def _aux_features(lm: LoadedModel, inputs: dict, rows: list[Row], intervention: Intervention | None, whole: bool):
+    """The image features of the intervention's auxiliary rows (:meth:`Intervention.aux_features`) when they can be
+    rows of this forward: a prepared steering run of whole prompts with shared image features (``whole``), by a
+    method that changes no activation (so it may be prepared after the forward) and reads the ``logits`` site; else
+    None."""
+    if (not whole or intervention is None or "logits" not in intervention.open_sites(True)
+            or intervention.activation_part() is not None
+            or "mm_encoder_outputs" not in inputs or "inputs_embeds" in inputs):
+        return None
+    return intervention.aux_features(lm, inputs, rows)
 
 
 def _decoded_captures(state: "_Run", rows: list[Row], last: torch.Tensor) -> torch.Tensor:
@@ -442,7 +457,13 @@ def forward(lm: LoadedModel, inputs: dict, intervention: Intervention | None = N
     mask = cont.full_mask if cont.full_mask is not None else inputs.get("attention_mask", torch.ones_like(ids))
     rows = rows_of(ids, mask, lm.tokens.image_token_id)
     _refuse_generation(intervention, steer, generating)
-    if prepare and intervention is not None:
+    main = inputs
+    whole = (steer and prepare and not generating and not cont.start and not cont.skip_to
+             and "input_ids" in inputs and inputs["input_ids"].shape == ids.shape)
+    features = _aux_features(lm, inputs, rows, intervention, whole)
+    if features is not None:  # the auxiliary view's rows under the main rows: prepared from this forward's logits
+        inputs = with_aux_rows(inputs, features)
+    elif prepare and intervention is not None:
         intervention.prepare(lm, inputs, rows)
     state = _Run(lm, rows, intervention, steer=steer, dose=dose, capture=keep.layers, start=cont.start,
                  prefix_keys=cont.prefix_keys, prefix_rows=cont.prefix_rows, keep_keys=keep.keys,
@@ -452,6 +473,10 @@ def forward(lm: LoadedModel, inputs: dict, intervention: Intervention | None = N
             raise ValueError("skip_to must not pass a captured or edited layer")  # programming error
         state.skip = (cont.skip_to, cont.entering)
     last, sequences = _traced_forward(lm, state, _feed(lm, inputs, generating), keep, generate, model_kwargs)
+    if features is not None:
+        every = state.batch_logits if keep.layers else last
+        intervention.prepare_batched(lm, main, rows, Batched(aux_logits=every[len(rows):].float()))
+        last = None if last is None else last[:len(rows)]
     if keep.layers:
         last = _decoded_captures(state, rows, torch.stack([state.steps[r.index][0].final_logits for r in rows]))
     else:

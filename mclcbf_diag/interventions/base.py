@@ -18,7 +18,9 @@ layer the intervention targets, calls
 and, after the forward, :meth:`Intervention.readout` with the decision position's logits
 (the ``logits`` site, :class:`Readout`): a decoding-level method replaces the scores the
 answer is read from, combining the model's logits with auxiliary forwards of the same
-question (computed in :meth:`Intervention.prepare`, see :mod:`.views`) and with earlier
+question (computed in :meth:`Intervention.prepare`, see :mod:`.views`; where the runner can, as
+rows of the question's own batched forward or continuations of its cache instead:
+:meth:`Intervention.aux_features`, :meth:`Intervention.prepare_batched`) and with earlier
 layers' readouts (:meth:`Readout.layer_logits`, for the layers :meth:`Intervention.readout_layers`
 names). One intervention may use both kinds of site (PAI edits attention, then contrasts).
 
@@ -237,6 +239,24 @@ class Readout:
         self._run.record(row, -1, metric, value)
 
 
+@dataclass(frozen=True)
+class Batched:
+    """What a runner computed for an intervention's preparation in the batch's own forwards
+    (:meth:`Intervention.prepare_batched`), instead of the separate forwards :meth:`Intervention.prepare` runs.
+
+    ``aux_logits`` [len(rows), vocab] float32: the last-position logits of the auxiliary rows of
+    :meth:`Intervention.aux_features`, computed as rows of the same batched forward as the main rows (None: not
+    batched); ``cache``: the KV cache of the main rows' plain forward over their whole prompts (None: none kept);
+    ``logits`` [len(rows), vocab]: that forward's last-position logits; ``states`` [len(rows), layers, d] float32: the
+    residual entering each decoder layer at the last position in that forward (None: not kept).
+    """
+
+    aux_logits: torch.Tensor | None = None
+    cache: object = None
+    logits: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------- the seam
 class Intervention:
     """Base class: fill in what your intervention does; every default does nothing.
@@ -314,6 +334,13 @@ class Intervention:
         """
         return None
 
+    def auxiliary_forwards(self) -> int | None:
+        """How many forwards besides the question's own a decoding-level method runs for its answer, for the cost
+        bound ``(1 + this) × a bare forward, plus 10%`` (``benchmarks/intervention_throughput.py``). Auxiliary rows
+        of the question's own forward count as one forward, and so does a continuation of its cached prefix; reading
+        earlier layers of the run itself counts none. None: not a decoding-level method (no bound)."""
+        return None
+
     def readout_layers(self, n_layers: int) -> tuple[int, ...]:
         """Layers whose output the ``logits`` site reads through the final norm (−1: the embeddings)."""
         return ()
@@ -335,6 +362,18 @@ class Intervention:
         the prompt with and without its image, say) computes it here, with plain forwards of
         ``lm.model`` under ``torch.no_grad()``. ``inputs`` are the run's model inputs.
         """
+
+    def aux_features(self, lm, inputs: dict, rows: list[Row]):
+        """Image features of an auxiliary view that differs from the question in its image features only (the same
+        tokens, positions and mask), per row of ``rows`` as the family's merge step takes them (a list, or Gemma 3's
+        stacked tensor); a runner may then run that view as extra rows of the main rows' own batched forward and
+        hand their logits to :meth:`prepare_batched`. None: no such view (the default)."""
+        return None
+
+    def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
+        """:meth:`prepare`, given what the runner already computed in the batch's own forwards (:class:`Batched`);
+        the default ignores it and runs :meth:`prepare`."""
+        self.prepare(lm, inputs, rows)
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         """The auxiliary forwards a decoding-level method contrasts with, by name → their model inputs (each with

@@ -30,6 +30,8 @@ factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/c
 * **Contrast.** scores = (1 + γ)·z − γ·z_cf on the next-token logits, with the plausibility cutoff on
   the factual logits: tokens with ``z < log ε + max z`` get −inf.
 * ``dose`` scales γ (a dose-response sweeps the contrast's strength; the cutoff stays).
+* **Batched.** The counterfactual forward is the same prompt with other image features: a runner runs
+  it as rows of the question's own forward (:meth:`CausalMM.aux_features`, see :mod:`.decoding`).
 
 Deviations from the released code:
 
@@ -189,6 +191,16 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         mine = row_inputs(inputs, rows)
         features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
         return logits_with_features(lm, mine, features)
+
+    def auxiliary_forwards(self) -> int | None:
+        return 1  # the counterfactual features' view
+
+    def aux_features(self, lm, inputs: dict, rows: list[Row]):
+        """The counterfactual image features, for a runner that runs the view as rows of the main rows' forward
+        (the same prompt, other image features); None where the inputs carry no shared image features."""
+        if "mm_encoder_outputs" not in inputs:
+            return None
+        return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
 
     def combine(self, site, row, logits, aux, dose):
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)

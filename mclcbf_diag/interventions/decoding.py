@@ -4,7 +4,15 @@ A decoding-level method changes no activation: the model computes what it always
 the method changes the distribution the answer is read from (:class:`~.base.Readout`). So its
 intervened forward may continue from the baseline's cached prefix at the decision token
 (:meth:`first_edited`), and a measuring run opens no site. :meth:`DecodingMethod.combine` is the
-method (pure, on one row's logits), :meth:`DecodingMethod.auxiliary` its auxiliary forwards.
+method (pure, on one row's logits), :meth:`DecodingMethod.auxiliary` its auxiliary forward run on its own.
+
+Where the auxiliary view differs from the question only in its image features (VCD's noised image,
+CausalMM's counterfactual features: :meth:`~.base.Intervention.aux_features`), a runner runs it as
+extra rows of the main rows' own batched forward, stacked under them with the same ids, mask and
+positions (:func:`~.views.with_aux_rows`), and hands their logits to
+:meth:`DecodingMethod.prepare_batched`: one forward computes both, and :meth:`DecodingMethod.combine`
+reads them. Each row of a batch computes what it computes alone, up to the summation order of
+batched matmuls, so both routes give the same scores within the margin's noise floor.
 
 Every steered row records, at layer −1 (the shared glossary's ``decoding_*`` metrics):
 the model's own Yes − No margin, the auxiliary forward's, the combined scores' before the
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Intervention, Readout, Row
+from .base import Batched, Intervention, Readout, Row
 from .contrast import margin
 
 
@@ -59,6 +67,9 @@ class DecodingMethod(Intervention):
     def open_sites(self, steer: bool) -> frozenset[str]:
         return self.sites if steer else frozenset()
 
+    def auxiliary_forwards(self) -> int | None:
+        return 0  # the methods that run one say so
+
     def first_edited(self, row: Row) -> int | None:
         return row.decision  # nothing before the answer changes
 
@@ -66,14 +77,21 @@ class DecodingMethod(Intervention):
         return None  # it changes no activation
 
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
+        self.prepare_batched(lm, inputs, rows, Batched())
+
+    def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
+        """The auxiliary logits as the runner computed them in the batch's own forward (``batched.aux_logits``,
+        the rows of :meth:`~.base.Intervention.aux_features`' view), else from a separate forward
+        (:meth:`auxiliary`)."""
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux: dict[int, torch.Tensor] = {}
-        logits = self.auxiliary(lm, inputs, rows)
+        logits = batched.aux_logits if batched.aux_logits is not None else self.auxiliary(lm, inputs, rows)
         if logits is not None:
             self._aux = {r.index: logits[b].detach().float().cpu() for b, r in enumerate(rows)}
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]) -> torch.Tensor | None:
-        """[len(rows), vocab] logits of the auxiliary forward, row b for ``rows[b]`` (None: the method needs none)."""
+        """[len(rows), vocab] logits of the auxiliary forward run on its own, row b for ``rows[b]`` (None: the
+        method needs none); the separate route of the rows a runner can batch (:meth:`aux_features`)."""
         return None
 
     def combine(self, site: Readout, row: Row, logits: torch.Tensor, aux: torch.Tensor | None, dose: float):

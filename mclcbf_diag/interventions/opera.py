@@ -32,7 +32,8 @@ new tokens), which ``pope --generate N --decoding beam`` runs (:mod:`.opera_beam
 reading here is the first step of that search (its scores), not the final beam's answer.
 
 How it is done. :meth:`OPERA.prepare` runs a plain forward of the rows (``use_cache=True``) for
-their candidates, then *one* batched continuation of all rows × candidates by one token each
+their candidates (in ``pope`` the baseline's own forward and cache serve, :meth:`OPERA.prepare_batched`),
+then *one* batched continuation of all rows × candidates by one token each
 from that KV cache: every (row, candidate) is a row of the continuation that attends to its
 question's cached keys and values, shared rather than copied
 (:mod:`mclcbf_diag.models.shared_prefix`), plus its own new key. The last layer's attention is
@@ -41,7 +42,7 @@ no other layer's is kept). Image tokens are the row's own (:attr:`~.base.Row.ima
 have probability 0 and are left out of the renormalisation. The candidates come from this
 forward's logits, the scores z[c] from the run's (the same model on the same prompt: the same
 numbers up to summation order). Cost per batch: one extra forward of the prompts (their
-cache) and one forward of ``candidates`` one-token rows per prompt over that cache (the
+cache; none in ``pope``) and one forward of ``candidates`` one-token rows per prompt over that cache (the
 released code: ``candidates`` one-token forwards per step).
 
 ``dose`` scales the weight (a dose-response sweeps the image-attention bonus; the candidate
@@ -55,7 +56,7 @@ import torch
 
 from ..models.mrope import embeds_positions
 from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
-from .base import Row
+from .base import Batched, Row
 from .catalog import SPECS, OPERAKnobs  # noqa: F401 - OPERAKnobs re-exported
 from .decoding import DecodingMethod
 from .views import row_inputs
@@ -71,34 +72,49 @@ def image_shares(probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return (row * image.to(row.device)).sum(-1) / row.sum(-1)
 
 
+def prompt_cache(lm, inputs: dict) -> tuple[torch.Tensor, object]:
+    """``(last-position logits [B, vocab] float32, KV cache)`` of a plain forward of ``inputs``' prompts."""
+    feed = {**inputs, **embeds_positions(lm, inputs)}  # Qwen-VL: its 3-D positions, explicitly
+    if "inputs_embeds" in feed:  # prompt embeddings a run kept: the vision tower is not run again
+        feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+                if k in feed}  # token_type_ids: Gemma 3's image tokens attend to each other
+    with torch.no_grad():
+        out = lm.model(**feed, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), lm.adapter.output_cache(lm.model, out)
+
+
 class OPERA(DecodingMethod, spec=SPECS["opera"]):
     metrics = {"opera_image_share": "OPERA: the last layer's image attention share (max over heads, renormalised) of "
                                     "the top-scored candidate token, once written"}
 
-    def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
-        super().prepare(lm, inputs, rows)
-        self._candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if rows:
-            tokens, shares = self.candidate_shares(lm, row_inputs(inputs, rows), rows)
-            self._candidates = {r.index: (tokens[b], shares[b]) for b, r in enumerate(rows)}
+    def auxiliary_forwards(self) -> int | None:
+        return 1  # the candidates' one-token continuation of the question's cache
 
-    def candidate_shares(self, lm, inputs: dict, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
+        """The candidates' image shares, continuing the main rows' own cache where the runner kept it
+        (``batched.cache`` and ``batched.logits``, every row of the batch), else a forward of the rows' prompts."""
+        super().prepare_batched(lm, inputs, rows, batched)
+        self._candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not rows:
+            return
+        mine = row_inputs(inputs, rows)
+        if batched.cache is not None and batched.logits is not None and mine is inputs:
+            logits, cache = batched.logits.float(), batched.cache
+        else:
+            logits, cache = prompt_cache(lm, mine)
+        tokens, shares = self.candidate_shares(lm, mine, rows, logits, cache)
+        self._candidates = {r.index: (tokens[b], shares[b]) for b, r in enumerate(rows)}
+
+    def candidate_shares(self, lm, inputs: dict, rows: list[Row], logits: torch.Tensor,
+                         cache) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens, attn_img)`` [len(rows), candidates] (CPU): each row's top raw-logit tokens and their image
-        shares (``inputs``: the rows' model inputs, row b for ``rows[b]``)."""
+        shares (``inputs``: the rows' model inputs, row b for ``rows[b]``; ``logits`` [B, vocab] and ``cache``: a
+        plain forward's of those prompts, :func:`prompt_cache`)."""
         mask = inputs["attention_mask"]
         B, T = mask.shape
         inputs = {**inputs, **embeds_positions(lm, inputs)}  # Qwen-VL: its 3-D positions, explicitly
-        feed = dict(inputs)
-        if "inputs_embeds" in feed:  # prompt embeddings a run kept: the vision tower is not run again
-            feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-                    if k in feed}  # token_type_ids: Gemma 3's image tokens attend to each other
-        with torch.no_grad():
-            out = lm.model(**feed, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
         k = min(self.knobs.candidates, logits.shape[-1])
         tokens = logits.topk(k, dim=-1).indices  # [B, k], sorted as the released code's topk
-        cache = lm.adapter.output_cache(lm.model, out)
-        del out
         # every (row, candidate) continues its row's cached prompt by the candidate
         owner = torch.arange(B).repeat_interleave(k)
         prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], T,

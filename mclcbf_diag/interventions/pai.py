@@ -28,7 +28,9 @@ its image tokens removed (``init_cfg_processor``'s ``neg_prompt``; the attention
 image key to act on there, as the released code's ``use_cfg`` switch leaves it off) gives
 log p_u, and the scores are ``γ·(log p − log p_u) + log p_u`` on the tokens with
 p ≥ ``cutoff``·max p of the edited run (0.1, fixed in the released code), −inf elsewhere.
-``contrast_gamma=1`` is the attention edit alone (the ``attention-only`` preset); ``dose``
+Where the runner kept the question's own forward's cache (``pope``), the image-free prompt continues
+it from the first image token on (:func:`~.views.image_free_logits`): the text before the image is
+the same in both. ``contrast_gamma=1`` is the attention edit alone (the ``attention-only`` preset); ``dose``
 scales α and γ − 1 together.
 """
 
@@ -37,12 +39,12 @@ from __future__ import annotations
 import torch
 
 from ..models.projection import project_queries
-from .base import Intervention, Readout, Row, Site
+from .base import Batched, Intervention, Readout, Row, Site
 from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
 from .contrast import guidance, plausible
 from .decoding import WithLogitPart, answer_from
 from .layers import published_layers
-from .views import image_free_inputs, last_logits
+from .views import image_free_inputs, image_free_logits, last_logits
 
 
 def apply_logit_deltas(probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -80,11 +82,22 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
 
     logit_knob, logit_off = "contrast_gamma", 1.0  # γ = 1: the attention edit alone
 
+    def auxiliary_forwards(self) -> int | None:
+        return 1 if self.knobs.contrast_gamma != 1.0 else None  # the image-free view; without it, no logit part
+
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
+        self.prepare_batched(lm, inputs, rows, Batched())
+
+    def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
+        """The image-free logits: continuing the main rows' cached prefix where the runner kept it
+        (``batched.cache``, :func:`~.views.image_free_logits`), else a forward of their own."""
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._image_free = {}
         if self.knobs.contrast_gamma != 1.0:
-            logits = last_logits(lm, image_free_inputs(lm, rows))
+            if batched.cache is not None:
+                logits = image_free_logits(lm, rows, batched.cache, inputs["attention_mask"])
+            else:
+                logits = last_logits(lm, image_free_inputs(lm, rows))
             self._image_free = {r.index: logits[b].cpu() for b, r in enumerate(rows)}
 
     def readout(self, site: Readout) -> None:

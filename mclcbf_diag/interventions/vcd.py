@@ -16,9 +16,14 @@ github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_nois
   token's get −inf (``logits < log β + max logits``). The released code then samples; the
   first-token answer here is the greedy one (the Yes − No sign of the scores).
 * ``dose`` scales α (a dose-response sweeps the contrast's strength; the cutoff stays).
+* **Batched.** The noised view has the question's tokens at the same positions, only other image
+  features: a runner runs it as rows of the question's own forward (:meth:`VCD.aux_features`, see
+  :mod:`.decoding`), the vision tower once per distinct noised image.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .base import Row
 from .catalog import SPECS, VCDKnobs  # noqa: F401 - VCDKnobs re-exported
@@ -33,6 +38,19 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         return last_logits(lm, self.views(lm, inputs, rows)["noised image"])
+
+    def auxiliary_forwards(self) -> int | None:
+        return 1  # the noised view
+
+    def aux_features(self, lm, inputs: dict, rows: list[Row]):
+        """The noised images' features (the tower once per distinct noised image), for a runner that runs the view as
+        rows of the main rows' forward; None where the inputs carry no shared image features."""
+        if "mm_encoder_outputs" not in inputs:
+            return None
+        mine = row_inputs(inputs, rows)
+        noised = diffusion_noise(pixels_of(mine), self.knobs.noise_step, self.knobs.seed)
+        with torch.no_grad():
+            return lm.image_scheme.features(lm, mine, noised)[0]
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         mine = row_inputs(inputs, rows)

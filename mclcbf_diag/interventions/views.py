@@ -13,6 +13,17 @@ and in any batch:
   1000-step sigmoid schedule, seeded per image (VCD's distorted view);
 * :func:`image_free_inputs`: the prompts with their image tokens removed, left-padded;
 * :func:`last_logits`: a plain forward's float32 logits at the last position.
+
+Where a runner has the main rows' own forward, a view does not need a forward of its own:
+
+* :func:`with_aux_rows`: a view that differs only in its image features (the same tokens at the
+  same positions) becomes extra rows of the main rows' batched forward: the inputs stacked twice,
+  the second copy's image features the view's;
+* :func:`image_free_logits`: the image-free view continues the main rows' cached prefix up to the
+  batch's first image token (before it both views hold the same tokens at the same positions, and a
+  causal model computes the same keys and values there), so only the text from there on is run,
+  each row attending to its own prompt's cached keys and values in place
+  (:mod:`mclcbf_diag.models.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -82,6 +93,78 @@ def image_free_inputs(lm, rows: list[Row]) -> dict:
         ids[b, n - t.numel():], mask[b, n - t.numel():] = t, 1
     out = {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
     return {**out, "position_ids": position_ids(lm, out)}  # no image: cumsum − 1 in every family
+
+
+def with_aux_rows(inputs: dict, features) -> dict:
+    """The model inputs of the batch's B rows followed by B auxiliary rows: the same ids, mask, positions (and per-row
+    extras such as Gemma 3's ``token_type_ids`` or LLaVA-NeXT's ``image_sizes``), with ``features`` (per row, as the
+    family's merge step takes them: :meth:`~.base.Intervention.aux_features`) as the auxiliary rows' image features.
+    ``inputs`` must carry shared image features (``mm_encoder_outputs``) and no ``inputs_embeds``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    own = inputs["mm_encoder_outputs"]["image"].pooler_output
+    n = inputs["input_ids"].shape[0]
+    out = {}
+    for key, value in inputs.items():
+        if key == "mm_encoder_outputs":  # the model reads "image" only; the pixels kept beside are not needed
+            feats = torch.cat([own, features.to(own)]) if torch.is_tensor(own) else [*own, *(f.to(own[0]) for f in
+                                                                                           features)]
+            out[key] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        elif key == "position_ids":  # [B, S], or Qwen-VL's [3, B, S]
+            out[key] = torch.cat([value, value], dim=-2)
+        elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
+            out[key] = torch.cat([value, value])
+        else:
+            out[key] = value
+    return out
+
+
+def image_free_logits(lm, rows: list[Row], cache, mask: torch.Tensor) -> torch.Tensor:
+    """The last-position logits [len(rows), vocab] (float32) of :func:`image_free_inputs`' view, continuing ``cache``
+    (:func:`image_free_continuation`)."""
+    return image_free_continuation(lm, rows, cache, mask).logits[:, -1].float()
+
+
+def image_free_continuation(lm, rows: list[Row], cache, mask: torch.Tensor, *, hidden_states: bool = False):
+    """The model's output (``logits`` at the last position; with ``hidden_states`` each layer's at the continued
+    positions) of :func:`image_free_inputs`' view, continuing ``cache``.
+
+    Args:
+        lm: the loaded model.
+        rows: the rows of the batch (``row.index``: its row in ``cache``).
+        cache: the KV cache of the main rows' plain forward over the left-padded prompts (at least up to the batch's
+            first image token).
+        mask: [B, T] the main rows' padding mask.
+
+    Each row's image-free prompt is laid out as its main row is, padding included, up to the batch's first image
+    token (``start``); from there on its own text without the image tokens follows, right-aligned (a shorter row's
+    gap is masked padding), at the positions it has alone (cumsum − 1 of its mask).
+    """
+    from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
+
+    start = min(r.pad + int(torch.nonzero(r.image)[0]) for r in rows)
+    tails = []
+    for r in rows:
+        ids = torch.cat([torch.zeros(r.pad, dtype=torch.long), r.ids[~r.image]])[start:]
+        tails.append((ids, torch.cat([torch.zeros(max(r.pad - start, 0), dtype=torch.long),
+                                      torch.ones(ids.numel() - max(r.pad - start, 0), dtype=torch.long)])))
+    S = max(t.numel() for t, _ in tails)
+    pad = lm.processor.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), S), pad, dtype=torch.long)
+    tail_mask = torch.zeros((len(rows), S), dtype=torch.long)
+    for b, (t, m) in enumerate(tails):
+        ids[b, S - t.numel():], tail_mask[b, S - t.numel():] = t, m
+    owner = torch.tensor([r.index for r in rows])
+    full_mask = torch.cat([mask[owner, :start].cpu(), tail_mask], dim=-1).to(mask.device)
+    full_ids = torch.cat([torch.full((len(rows), start), pad, dtype=torch.long), ids], dim=-1).to(mask.device)
+    positions = position_ids(lm, {"input_ids": full_ids, "attention_mask": full_mask})[..., start:]
+    embed = lm.model.get_input_embeddings()
+    prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], start,
+                          owner.to(mask.device))
+    with torch.no_grad(), continuing(lm, prefix):
+        embeds = embed(ids.to(embed.weight.device))
+        return lm.model(inputs_embeds=embeds, attention_mask=continuation_mask(full_mask, start, embeds.dtype),
+                        position_ids=positions, use_cache=False, logits_to_keep=1, output_hidden_states=hidden_states)
 
 
 def row_inputs(inputs: dict, rows: list[Row]) -> dict:

@@ -12,7 +12,8 @@ github.com/LzVv123456/VISTA (``steering_vector.py``: ``obtain_vsv``; ``llm_layer
   a rank-1 PCA, ``direction = component + mean``; with a single sample the centred data is
   zero, the component is an arbitrary unit vector over all layers and the mean is the
   difference itself, so the direction is the difference up to that artefact: we use the
-  difference.)
+  difference.) Where the runner kept the baseline's forward (``pope``), "pos" is that forward and
+  "neg" continues its cache from the first image token on (:meth:`VISTA.prepare_batched`).
 * **Edit** (``VSVLayer``, "full" mode, the default): for every token x,
   ``s = 1 + max(0, cos(x, −v))``, ``x' = ‖x‖ · normalize(x̂ + λ·s·v̂)`` (hats: unit vectors),
   at every position, in the prefill and at every generated token; ``similarity=False`` is
@@ -39,11 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from ..models.mrope import embeds_positions
-from .base import Intervention, Readout, Row, Site
+from .base import Batched, Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
 from .decoding import WithLogitPart, answer_from
 from .layers import published_layers
-from .views import image_free_inputs, row_inputs
+from .views import image_free_continuation, image_free_inputs, row_inputs
 
 
 def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
@@ -99,8 +100,27 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
     def first_edited(self, row: Row) -> int | None:
         return 0
 
+    def auxiliary_forwards(self) -> int | None:
+        # its edit of every position needs a whole forward beside the baseline's (which, in pope, is also the vector's
+        # prompt with the image), and the prompt without the image continues the baseline's cache; SLA reads the run's
+        # own layers. Without SLA it has no logit part.
+        return 2 if self.knobs.logits_alpha != 0.0 else None
+
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self._v = steering_vectors(lm, inputs, rows)
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+
+    def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
+        """The steering vector from the baseline's own forward (``batched.states``: the prompt with its image) and
+        the image-free prompt continuing its cache (:func:`~.views.image_free_continuation`), where the runner kept
+        both for every row of the batch; else :meth:`prepare`."""
+        if batched.states is None or batched.cache is None or len(rows) != batched.states.shape[0]:
+            return self.prepare(lm, inputs, rows)
+        L = lm.n_layers
+        with torch.no_grad():
+            neg = image_free_continuation(lm, rows, batched.cache, inputs["attention_mask"], hidden_states=True)
+            neg = torch.stack([neg.hidden_states[i][:, -1].float() for i in range(L)], dim=1)
+        self._v = batched.states.to(neg.device) - neg
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
 
     def residual(self, site: Site) -> None:

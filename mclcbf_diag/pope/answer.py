@@ -10,9 +10,11 @@ cost, with plain PyTorch forward hooks held for the batch only (:class:`_Observe
   (the ``attn_image_mass`` of a trace, head −1). :func:`mclcbf_diag.engine.batch.answer_pair` runs the
   baseline forward and then the intervened one, after any auxiliary forwards of the
   intervention's ``prepare`` (a steering vector's prompt without its image, say), so the last
-  two calls over the batch's whole prompt are the two conditions. The intervened row is the
-  one the model used, after the intervention's edits; the cost is one ``[B, H, K]`` slice per
-  layer of probabilities that eager attention computes anyway.
+  two calls over the batch's whole prompt are the two conditions. (A decoding-level method's
+  auxiliary rows may run in the baseline's forward, after the batch's rows: the first B rows are
+  read; its other auxiliary forwards continue the baseline's cache over fewer or more keys, and are
+  not read.) The intervened row is the one the model used, after the intervention's edits; the
+  cost is one ``[B, H, K]`` slice per layer of probabilities that eager attention computes anyway.
 * **Time.** Per batch: the whole batch (images, inputs, both conditions, records, the append),
   the inputs (image decoding, the processor, the vision tower once per distinct image) and the
   baseline's plain forward (a hook on the model's top module). ``inputs + baseline`` is what
@@ -106,6 +108,7 @@ class _Observer:
         self.image = (input_ids == lm.tokens.image_token_id).float()  # converted once, read by every call
         self.masses = [[] for _ in range(lm.n_layers)]
         self.forwards: list[float] = []
+        self.calls: list[tuple[int, int]] = []  # (index in forwards, rows) of each call over the whole prompt
         self._handles, self._t0 = [], None
 
     def __enter__(self):
@@ -131,10 +134,21 @@ class _Observer:
     def _layer_hook(self, i: int):
         def hook(module, args, output):
             w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if (self._is_tensor(w) and w.dim() == 4 and w.shape[0] == self.image.shape[0]
-                    and w.shape[-1] == self.n_keys):
-                self.masses[i].append(decision_image_mass(w[:, :, -1, :].detach(), self.image))
+            B = self.image.shape[0]
+            if self._is_tensor(w) and w.dim() == 4 and w.shape[0] >= B and w.shape[-1] == self.n_keys:
+                # the batch's rows come first: a method's auxiliary rows may follow them (engine.batch.answer_pair)
+                self.masses[i].append(decision_image_mass(w[:B, :, -1, :].detach(), self.image))
+                if i == 0:
+                    self.calls.append((len(self.forwards), int(w.shape[0])))
         return hook
+
+    def baseline_seconds(self) -> float:
+        """The baseline forward's time (the last-but-one call over the whole prompt): its rows' share of it, where a
+        method's auxiliary rows ran in the same forward."""
+        if len(self.calls) < 2:  # no attention probabilities were seen: the last-but-one forward
+            return self.forwards[-2]
+        call, rows = self.calls[-2]
+        return self.forwards[call] * self.image.shape[0] / rows
 
     def last(self, k: int):
         """The last ``k`` calls' masses, each ``[B, layers]`` (as lists), or None when a layer saw fewer."""
@@ -200,7 +214,7 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
             base, steer = answer_pair(lm, prompts, images, config, inputs=inputs, decoding=decoding,
                                       keys=keys)
         b_mass, s_mass = ob.last(2) or (None, None)
-        t_base = ob.forwards[-2]  # the baseline's plain forward; the intervened run is the last
+        t_base = ob.baseline_seconds()  # the baseline's plain forward; the intervened run is the last
     if timing is not None:
         timing["inputs_seconds"] = timing.get("inputs_seconds", 0.0) + t_inputs
         timing["baseline_seconds"] = timing.get("baseline_seconds", 0.0) + t_base
