@@ -169,3 +169,20 @@ def test_a_family_at_its_published_attention_equals_a_plain_forward_and_its_look
     assert result.value("final_margin", "baseline") == pytest.approx(
         margin, abs=margin_floor(lm, lm.tokens.yes_id, lm.tokens.no_id))
     assert "lookahead_miss_layers" not in result.summary()
+
+
+def test_published_widths_agree_with_independent_accounts_of_the_checkpoints():
+    """Checks against sources other than the files the JSON was written from: Qwen2.5-VL-7B's printed module tree
+    (github.com/acproject/duorou docs/qwen2.5vl_graph.md) and Qwen3-VL-8B's parameter count (8.77 B,
+    github.com/EduardoNicacio/LLMBenchmark qwen3-VL-8b/readme.md)."""
+    from mclcbf_diag.models.real_width import build_random_model, family_config, family_parameter_count
+
+    qwen = build_random_model(family_config("qwen2_5_vl", 1, 1), "qwen2_5_vl", device="meta")
+    text, tower = qwen.model.language_model, qwen.model.visual
+    assert text.embed_tokens.weight.shape == (152064, 3584)
+    assert text.layers[0].self_attn.k_proj.weight.shape == (512, 3584)
+    assert text.layers[0].mlp.gate_proj.weight.shape == (18944, 3584)
+    assert tower.patch_embed.proj.weight.shape == (1280, 3, 2, 14, 14)
+    assert tower.blocks[0].attn.qkv.weight.shape == (3840, 1280) and tower.blocks[0].mlp.up_proj.weight.shape[0] == 3420
+    assert [m.weight.shape for m in tower.merger.mlp if hasattr(m, "weight")] == [(5120, 5120), (3584, 5120)]
+    assert round(family_parameter_count("qwen3_vl") / 1e9, 2) == 8.77

@@ -195,10 +195,13 @@ def reduced_widths(family: str, vocab_size: int) -> dict:
 
 
 def architecture(family: str):
-    """The transformers class ``family``'s checkpoints load as (``families.FAMILIES``)."""
+    """The transformers class ``family``'s checkpoints load as (``families.FAMILIES``; a family kept as data only:
+    transformers' image-text-to-text class for its model_type)."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    return getattr(transformers, next(f.architecture for f in FAMILIES if f.name == family))
+    name = next((f.architecture for f in FAMILIES if f.name == family), None)
+    return getattr(transformers, name or MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[published(family)["model_type"]])
 
 
 def build_random_model(config, family: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
