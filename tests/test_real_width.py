@@ -37,7 +37,7 @@ def test_depth_is_a_parameter_and_widths_stay():
 
 
 # ----------------------------------------------------------------------------- every family's published widths
-FAMILY_TESTS = ("llava", "llava_next", "llava_onevision", "internvl", "gemma3", "qwen2_5_vl")
+FAMILY_TESTS = real_width_families()  # Qwen3-VL joins once families.FAMILIES supports it
 # Too heavy on one core at their published attention width with their 1,200–1,500-token anyres prompts (and the 7B's
 # 595): these keep head_dim, the query/key-value head ratio and the rotary settings, with 8× (4×) fewer heads.
 FEWER_HEADS = {"llava": {"num_attention_heads": 4, "num_key_value_heads": 4},

@@ -315,7 +315,7 @@ def _qwen_vl(spec: dict):
 
 
 STAND_INS = {"llava_next": _llava_next, "llava_onevision": _onevision, "internvl": _internvl, "gemma3": _gemma3,
-             "qwen2_5_vl": _qwen_vl}
+             "qwen2_5_vl": _qwen_vl, "qwen3_vl": _qwen_vl}  # Qwen3-VL: Qwen2-VL's image processor, 16-px patches
 
 
 def stand_in_processor(family: str):
