@@ -1,4 +1,4 @@
-"""LLaVA-1.5-7B's exact widths at any depth, with random weights: what breaks only at real width.
+"""Each family's published widths at any depth, with random weights: what breaks only at real width.
 
 :data:`LLAVA_1_5_7B` holds the published configuration of ``llava-hf/llava-1.5-7b-hf`` as data
 (``llava-1.5-7b.json`` beside this file): text hidden 4096, 32 heads of 128, MLP 11008,
@@ -9,6 +9,17 @@ language and vision layers as parameters (and optional narrower widths for tests
 device for shapes only. The embedded model's tokenizer and processor give llava-hf's layout
 (BOS, four prefix tokens, 576 image tokens at positions 5–580), so prompts have the real
 length; its image and pad ids stand in for 32000/32001 inside the full 32064-row vocabulary.
+
+The other families' published configurations sit beside it (:data:`PUBLISHED_FILES`: the
+checkpoint, every value's source and what could not be confirmed are in each file).
+:func:`family_config` builds one through transformers' own config class for its ``model_type``
+(``AutoConfig.for_model``) at any depth, keeping what a shallow model must still have: Gemma 3's
+global layer among its sliding ones, Qwen-VL's full-attention and deepstack block indexes below
+the tower's depth. :func:`stand_in_processor` gives each family its own image-token layout around
+the embedded tokenizer: the family's processor at its published tile size, pinpoints, tokens per
+image or pixel budget, with the family's image tokens added; :func:`stand_in_token_ids` puts the
+stand-in ids where the published ones were. :func:`check_family` refuses, in one line, a family
+without a kept configuration or one the toolkit does not measure (``families.FAMILIES``).
 """
 
 from __future__ import annotations
