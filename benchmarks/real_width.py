@@ -1,7 +1,16 @@
-"""Real-width CPU check: LLaVA-1.5-7B's exact widths, a few layers, random weights, fp32 and bf16.
+"""Real-width CPU check: a family's published widths (LLaVA-1.5-7B's by default), a few layers, random weights.
 
-    python benchmarks/real_width.py [--text-layers 2] [--vision-layers 2] [--dtypes float32,bfloat16]
-                                    [--questions 4] [--threads 2] [--reduced]
+    python benchmarks/real_width.py [--family llava] [--text-layers 2] [--vision-layers 2]
+                                    [--dtypes float32,bfloat16] [--questions 4] [--threads 2] [--reduced]
+
+``--family`` is one of the families whose published configuration is kept as data
+(``mclcbf_diag/models/*.json``, :data:`mclcbf_diag.models.real_width.PUBLISHED_FILES`): llava
+(llava-hf/llava-1.5-7b-hf), llava_next (llava-v1.6-mistral-7b-hf), llava_onevision
+(llava-onevision-qwen2-7b-ov-hf), internvl (InternVL3-1B-hf), gemma3 (gemma-3-4b-it) and qwen2_5_vl
+(Qwen2.5-VL-7B-Instruct); anything else is refused in one line before a model is built. Each family's
+tower runs at its published widths too, with ``--vision-layers`` layers, and its prompt is the
+family's own image-token layout (a stand-in processor at the published tile size, pinpoints or pixel
+budget around the embedded tokenizer, whose ids stand in for the published ones).
 
 What it does, per dtype, through the code paths users run (the model is saved with
 ``save_pretrained`` and loaded with :func:`mclcbf_diag.models.load_model`):
@@ -9,17 +18,21 @@ What it does, per dtype, through the code paths users run (the model is saved wi
 1. ``trace`` of one POPE question (the barrier with the detected span, so it fires), and a
    plain-transformers reference forward of the same inputs (``output_hidden_states``,
    ``output_attentions``): the largest difference of the decision token's residual norms,
-   per-head image attention masses and the final Yes − No margin;
+   per-head image attention masses and the final Yes − No margin, and of the barrier's look-ahead h
+   and the measured mass at each layer it keeps;
 2. how much of θ* survives rounding into x: the records' ``rounding_survival`` and the
    fraction of θ*'s nonzero entries that change x at all, and what the rounding rule says;
 3. ``explain`` with reduced experiments (no graded sweep, k ≤ 2), and the batched POPE path for every registered
    intervention (its default preset) on ``--questions`` questions;
 4. time per decoder layer and per vision layer (forward hooks on a bare forward), peak
-   memory, and the extrapolation to 32 language and 24 vision layers; the predicted GPU
-   memory of trace, explain and pope at batch 1, 8 and 32 in bf16, with what grows with
-   vocabulary × sequence or heads × sequence².
+   memory, and the extrapolation to the published depth (32 language and 24 vision layers for
+   the 7B); the predicted GPU memory of trace, explain and pope at batch 1, 8 and 32 in bf16,
+   with what grows with vocabulary × sequence or heads × sequence².
 
-The prompt is llava-hf's layout (BOS, four prefix tokens, 576 image tokens at positions
+A command a family refuses (an intervention it cannot run, say VCD's distorted image on Qwen-VL's
+flattened patches) is printed with its one-line reason instead of a time.
+
+For llava the prompt is llava-hf's layout (BOS, four prefix tokens, 576 image tokens at positions
 5–580), from the embedded model's tokenizer and 336-px CLIP processor, whose image and pad
 ids stand in for 32000/32001 inside the full 32064-row vocabulary. ``--reduced`` shrinks
 every width (the test suite runs that); the figures are meaningful only without it.
@@ -40,13 +53,26 @@ import torch
 from mclcbf_diag import barrier as B
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.diagnosis.diagnose import diagnose
-from mclcbf_diag.embedded.build import build_processor
 from mclcbf_diag.engine.batch import answer_pair, batch_inputs
+from mclcbf_diag.errors import UserError
 from mclcbf_diag.experiments.explain import explain_sample
 from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF, REGISTRY
 from mclcbf_diag.models import load_model
-from mclcbf_diag.models.real_width import LLAVA_1_5_7B, build_random_llava, llava15_7b_config, parameter_count
+from mclcbf_diag.models.real_width import (
+    PUBLISHED_FILES,
+    build_random_model,
+    check_family,
+    family_config,
+    family_parameter_count,
+    llava15_7b_config,
+    published,
+    reduced_widths,
+    save_stand_in,
+    stand_in_processor,
+    stand_in_token_ids,
+    stand_in_vocabulary,
+)
 
 POPE = Path(__file__).resolve().parents[1] / "mclcbf_diag" / "embedded" / "pope"
 REDUCED = {"text": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -80,7 +106,10 @@ def compare(result, ref) -> dict:
     d_mass = max(abs(float(heads[(heads.layer == i) & (heads["head"] == h)].value.iloc[0]) - float(m[h]))
                  for i, m in enumerate(masses) for h in range(len(m)))
     d_margin = abs(result.summary()["margin_before"] - margin)
-    return {"resid_norm_rel": d_norm, "image_mass_abs": d_mass, "margin_abs": d_margin}
+    kept = base[(base.metric == "barrier_h") & (base["head"] == -1)]
+    d_h = max((abs(float(h) - float(masses[int(i)].mean())) for i, h in zip(kept.layer, kept.value)), default=math.nan)
+    return {"resid_norm_rel": d_norm, "image_mass_abs": d_mass, "margin_abs": d_margin, "lookahead_h_abs": d_h,
+            "kept_layers": len(kept)}
 
 
 def theta_entries_surviving(result) -> float:
@@ -103,7 +132,9 @@ def layer_times(lm, inputs) -> tuple[float, float]:
     stamps: dict[str, list[float]] = {"text": [], "vision": []}
     handles = []
     tower = lm.model.get_submodule(lm.adapter.vision_tower)
-    vision = next(m for name, m in tower.named_modules() if name.endswith("encoder.layers") or name == "encoder.layers")
+    # the tower's layer list: its longest ModuleList (CLIP's and SigLIP's encoder.layers, InternViT's encoder.layer,
+    # Qwen-VL's blocks)
+    vision = max((m for m in tower.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
     groups = {"text": lm.adapter.decoder_layers(lm.model), "vision": vision}
     for kind, layers in groups.items():
         for layer in layers:
@@ -120,12 +151,14 @@ def layer_times(lm, inputs) -> tuple[float, float]:
     return (sum(stamps["text"]) / len(stamps["text"]), sum(stamps["vision"]) / len(stamps["vision"]))
 
 
-def memory_plan(seq: int, bytes_per: int = 2) -> list[str]:
-    """Predicted GPU memory (bf16) of the full 7B for trace, explain and pope, and what scales badly."""
-    t = LLAVA_1_5_7B["text_config"]
-    weights = parameter_count(llava15_7b_config()) * bytes_per
+def memory_plan(family: str, seq: int, bytes_per: int = 2) -> list[str]:
+    """Predicted GPU memory (bf16) of the family's full published model for trace, explain and pope, and what
+    scales badly."""
+    t = published(family)["text_config"]
+    weights = family_parameter_count(family) * bytes_per
     layers, d, heads, vocab = t["num_hidden_layers"], t["hidden_size"], t["num_attention_heads"], t["vocab_size"]
-    kv = 2 * layers * d * seq * bytes_per  # per sequence
+    head_dim = t.get("head_dim", d // heads)
+    kv = 2 * layers * t.get("num_key_value_heads", heads) * head_dim * seq * bytes_per  # per sequence
     probs = heads * seq * seq * bytes_per  # eager attention, one layer, per sequence (transient)
     logits_all = seq * vocab * 4
     act = 4 * seq * t["intermediate_size"] * bytes_per  # MLP activations of one layer (transient)
@@ -141,8 +174,81 @@ def memory_plan(seq: int, bytes_per: int = 2) -> list[str]:
     return lines
 
 
+def build(family: str, args, tok):
+    """The family's configuration at ``args``' depth (its published widths, or reduced ones), and its label."""
+    if family == "llava":
+        config = llava15_7b_config(args.text_layers, args.vision_layers,
+                                   image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                   pad_token_id=tok.pad_token_id, widths=REDUCED if args.reduced else None)
+        return config, "LLaVA-1.5-7B widths"
+    widths = None
+    if args.reduced:  # heads down to the key-value heads: head_dim and the rotary settings stay
+        widths = reduced_widths(family, args.vocab)
+        t = published(family)["text_config"]
+        widths["text"]["num_attention_heads"] = t.get("num_key_value_heads", t["num_attention_heads"])
+    config = family_config(family, args.text_layers, args.vision_layers, widths=widths, token_ids=args.token_ids)
+    return config, f"{published(family)['_checkpoint']} widths"
+
+
+def timed_or_refused(fn, *a, per: int = 1, **kw) -> str:
+    """``fn``'s wall time (divided by ``per``) as text, or the one-line reason a family refuses it."""
+    t = time.perf_counter()
+    try:
+        fn(*a, **kw)
+    except UserError as exc:
+        return f"refused ({str(exc).splitlines()[0][:160]})"
+    return f"{(time.perf_counter() - t) / per:.2f} s"
+
+
+def run_dtype(family: str, folder: str, dtype: str, questions, images, args) -> int:
+    """One dtype's checks and timings, printed; returns the prompt's length."""
+    lm = load_model(folder, dtype=dtype)
+    iv = MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99"]))
+    prompt = build_prompt(questions[0].text)
+    inputs = lm.inputs(prompt, images[0])
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    n_img, first = int(image.sum()), int(image.nonzero()[0])
+    t = time.perf_counter()
+    result = trace_sample(lm, questions[0], images[0], iv)
+    t_trace = time.perf_counter() - t
+    diffs = compare(result, reference(lm, inputs))
+    rs = result.records.query("metric == 'rounding_survival' and condition == 'steered'").value
+    rounding = next(c for c in diagnose(result.records) if c.id == "rounding_absorbed")
+    t_explain = timed_or_refused(explain_sample, lm, questions[0], images[0], iv, k_max=2, bisect_steps=1, sweep=False)
+    prompts = [build_prompt(q.text) for q in questions]
+    pope_times = {}
+    for name, cls in REGISTRY.items():
+        # AD-HH would first search its heads (L·H forwards per question): give it two
+        iv_p = cls.from_preset(None, ["heads=0.0,1.1"] if name == "adhh" else [])
+        pope_times[name] = timed_or_refused(answer_pair, lm, prompts, images, iv_p, per=len(prompts),
+                                            inputs=batch_inputs(lm, prompts, images))
+    per_text, per_vision = layer_times(lm, inputs)
+    seq = inputs["input_ids"].shape[1]
+    print(f"\n== {dtype}: prompt {seq} tokens, {n_img} image tokens from {first} to {int(image.nonzero()[-1])}")
+    print(f"max difference vs plain transformers: residual norms {diffs['resid_norm_rel']:.2e} (relative), "
+          f"image mass {diffs['image_mass_abs']:.2e}, final margin {diffs['margin_abs']:.2e}; look-ahead h vs the "
+          f"measured mass at the {diffs['kept_layers']} kept layer(s): {diffs['lookahead_h_abs']:.2e}")
+    print(f"rounding survival of α·θ* (records, median over fired layers) {rs.median():.3g}; "
+          f"θ* entries that change x at all: {100 * theta_entries_surviving(result):.1f}%")
+    print(f"rounding rule: {'detected' if rounding.detected else 'not detected'}: {rounding.sentence}")
+    print(f"time: trace {t_trace:.1f} s, explain (reduced) {t_explain}, pope per question "
+          + ", ".join(f"{k} {v}" for k, v in pope_times.items()))
+    print(f"per layer: language {per_text * 1e3:.0f} ms, vision {per_vision * 1e3:.0f} ms; peak RSS "
+          f"{peak_rss_gb():.1f} GB")
+    spec = published(family)
+    full_t = spec["text_config"]["num_hidden_layers"]
+    vision = spec["vision_config"]
+    full_v = vision.get("depth", vision.get("num_hidden_layers"))
+    forward = full_t * per_text + full_v * per_vision
+    scale = forward / (args.text_layers * per_text + args.vision_layers * per_vision)
+    print(f"extrapolated to {full_t} language + {full_v} vision layers on this CPU: one forward ≈ {forward:.1f} s; "
+          f"trace ≈ {t_trace * scale:.0f} s (ratio of the full depth to this one: {scale:.1f})")
+    return seq
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="llava", help="one of: " + ", ".join(PUBLISHED_FILES))
     ap.add_argument("--text-layers", type=int, default=2)
     ap.add_argument("--vision-layers", type=int, default=2)
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -150,73 +256,36 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reduced", action="store_true", help="tiny widths (a smoke test, not a measurement)")
     args = ap.parse_args(argv)
+    try:
+        check_family(args.family)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    family = args.family
     torch.set_num_threads(args.threads)
-    processor = build_processor()
-    tok = processor.tokenizer
-    config = llava15_7b_config(args.text_layers, args.vision_layers,
-                               image_token_id=tok.convert_tokens_to_ids("<image>"),
-                               pad_token_id=tok.pad_token_id, widths=REDUCED if args.reduced else None)
+    processor = stand_in_processor(family)
+    args.vocab, args.token_ids = stand_in_vocabulary(family, processor), stand_in_token_ids(family, processor)
+    config, label = build(family, args, getattr(processor, "tokenizer", None))
     questions = load_pope(POPE / "embedded_pope_adversarial.json")[: max(args.questions, 1)]
     images = [load_image(resolve_image(q, POPE / "images")) for q in questions]
-    print(f"config: {'REDUCED widths' if args.reduced else 'LLaVA-1.5-7B widths'}, {args.text_layers} language + "
-          f"{args.vision_layers} vision layers, {parameter_count(config) / 1e6:.0f} M parameters, "
+    print(f"config: {'REDUCED widths' if args.reduced else label}, {args.text_layers} language + "
+          f"{args.vision_layers} vision layers, {family_parameter_count(family, config) / 1e6:.0f} M parameters, "
           f"{args.threads} threads; machine: {sys.platform}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model = build_random_llava(config, dtype=torch.float32)
+        model = build_random_model(config, family, dtype=torch.float32)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_stand_in(family, processor, tmp)
         del model
         print(f"built and saved in {time.perf_counter() - t0:.1f} s")
         for dtype in args.dtypes.split(","):
-            lm = load_model(tmp, dtype=dtype)
-            iv = MCLCBF(B.apply_overrides(B.get_preset("seed-exp6"), ["span=detected", "tau=0.99"]))
-            prompt = build_prompt(questions[0].text)
-            inputs = lm.inputs(prompt, images[0])
-            n_img = int((inputs["input_ids"][0] == lm.tokens.image_token_id).sum())
-            first = int((inputs["input_ids"][0] == lm.tokens.image_token_id).nonzero()[0])
-            t = time.perf_counter()
-            result = trace_sample(lm, questions[0], images[0], iv)
-            t_trace = time.perf_counter() - t
-            diffs = compare(result, reference(lm, inputs))
-            rs = result.records.query("metric == 'rounding_survival' and condition == 'steered'").value
-            rounding = next(c for c in diagnose(result.records) if c.id == "rounding_absorbed")
-            t = time.perf_counter()
-            explain_sample(lm, questions[0], images[0], iv, k_max=2, bisect_steps=1, sweep=False)
-            t_explain = time.perf_counter() - t
-            prompts = [build_prompt(q.text) for q in questions]
-            pope_times = {}
-            for name, cls in REGISTRY.items():
-                # AD-HH would first search its heads (L·H forwards per question): give it two
-                iv_p = cls.from_preset(None, ["heads=0.0,1.1"] if name == "adhh" else [])
-                t = time.perf_counter()
-                answer_pair(lm, prompts, images, iv_p, inputs=batch_inputs(lm, prompts, images))
-                pope_times[name] = (time.perf_counter() - t) / len(prompts)
-            per_text, per_vision = layer_times(lm, inputs)
-            seq = inputs["input_ids"].shape[1]
-            print(f"\n== {dtype}: prompt {seq} tokens, {n_img} image tokens at {first}–{first + n_img - 1}")
-            print(f"max difference vs plain transformers: residual norms {diffs['resid_norm_rel']:.2e} (relative), "
-                  f"image mass {diffs['image_mass_abs']:.2e}, final margin {diffs['margin_abs']:.2e}")
-            print(f"rounding survival of α·θ* (records, median over fired layers) {rs.median():.3g}; "
-                  f"θ* entries that change x at all: {100 * theta_entries_surviving(result):.1f}%")
-            print(f"rounding rule: {'detected' if rounding.detected else 'not detected'}: {rounding.sentence}")
-            print(f"time: trace {t_trace:.1f} s, explain (reduced) {t_explain:.1f} s, pope per question "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in pope_times.items()))
-            print(f"per layer: language {per_text * 1e3:.0f} ms, vision {per_vision * 1e3:.0f} ms; peak RSS "
-                  f"{peak_rss_gb():.1f} GB")
-            full_t = LLAVA_1_5_7B["text_config"]["num_hidden_layers"]
-            full_v = LLAVA_1_5_7B["vision_config"]["num_hidden_layers"]
-            scale = (full_t * per_text + full_v * per_vision) / (args.text_layers * per_text + args.vision_layers
-                                                                 * per_vision)
-            print(f"extrapolated to {full_t} language + {full_v} vision layers on this CPU: one forward "
-                  f"≈ {full_t * per_text + full_v * per_vision:.1f} s; trace ≈ {t_trace * scale:.0f} s, "
-                  f"explain (reduced) ≈ {t_explain * scale:.0f} s")
-            del lm
-    print("\nmemory plan, full LLaVA-1.5-7B in bf16 on a GPU (ratio-free estimates from the widths):")
-    for line in memory_plan(seq=620):
+            seq = run_dtype(family, tmp, dtype, questions, images, args)
+    checkpoint = published(family).get("_checkpoint", "llava-hf/llava-1.5-7b-hf")
+    print(f"\nmemory plan, full {checkpoint} in bf16 on a GPU (ratio-free estimates from the widths):")
+    for line in memory_plan(family, seq=620 if family == "llava" else seq):
         print("  " + line)
     print("ratio: not applicable (a correctness and scale check; see the lines above)")
     return 0
