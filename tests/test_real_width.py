@@ -37,7 +37,7 @@ def test_depth_is_a_parameter_and_widths_stay():
 
 
 # ----------------------------------------------------------------------------- every family's published widths
-FAMILY_TESTS = real_width_families()  # Qwen3-VL joins once families.FAMILIES supports it
+FAMILY_TESTS = real_width_families()
 # Too heavy on one core at their published attention width with their 1,200–1,500-token anyres prompts (and the 7B's
 # 595): these keep head_dim, the query/key-value head ratio and the rotary settings, with 8× (4×) fewer heads.
 FEWER_HEADS = {"llava": {"num_attention_heads": 4, "num_key_value_heads": 4},
@@ -57,7 +57,7 @@ def test_every_published_file_loads_as_its_family_config():
     from mclcbf_diag.models.real_width import PUBLISHED_FILES, architecture, published
 
     by_name = {f.name: f for f in FAMILIES}
-    assert set(real_width_families()) == set(PUBLISHED_FILES) - {"qwen3_vl"} or "qwen3_vl" in by_name
+    assert set(real_width_families()) == set(PUBLISHED_FILES)  # every supported family's configuration is kept
     for family, file in PUBLISHED_FILES.items():
         spec = published(family)
         assert spec["_checkpoint"] if family != "llava" else spec["_source"]
@@ -95,13 +95,14 @@ def test_each_family_keeps_its_published_widths_at_any_depth():
     assert qwen.depth == 2 and qwen.fullatt_block_indexes == [1]
 
 
-def test_a_family_outside_the_toolkit_or_unknown_is_refused_in_one_line():
+def test_a_family_outside_the_toolkit_or_unknown_is_refused_in_one_line(monkeypatch):
     from mclcbf_diag.errors import UserError
-    from mclcbf_diag.models.families import FAMILIES
+    from mclcbf_diag.models import real_width
 
-    if "qwen3_vl" not in {f.name for f in FAMILIES}:
-        with pytest.raises(UserError, match=r"^--family qwen3_vl: its published configuration is kept .*choose one"):
-            check_family("qwen3_vl")
+    # a configuration kept for a family the toolkit does not measure (none today: every kept one is supported)
+    monkeypatch.setitem(real_width.PUBLISHED_FILES, "idefics3", "idefics3.json")
+    with pytest.raises(UserError, match=r"^--family idefics3: its published configuration is kept .*choose one"):
+        check_family("idefics3")
     with pytest.raises(UserError, match=r"^--family 'nope': not a family .*choose one of: llava, llava_next"):
         check_family("nope")
     check_family("gemma3")
@@ -157,7 +158,7 @@ def test_a_family_at_its_published_attention_equals_a_plain_forward_and_its_look
     base = r[(r.condition == "baseline") & (r.phase == "prefill") & (r["head"] == -1)]
     per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
     image_mask = inputs["input_ids"][0] == lm.tokens.image_token_id
-    assert int(image_mask.sum()) >= 144 and set(per["barrier_h"]) == {1}  # the kept layer of the two
+    assert int(image_mask.sum()) >= 100 and set(per["barrier_h"]) == {1}  # the kept layer of the two
     for i in range(lm.n_layers):
         want = float(out.attentions[i][0, :, -1, image_mask].sum(-1).mean())
         assert per["attn_image_mass"][i] == pytest.approx(want, abs=mass_floor(want))

@@ -94,8 +94,8 @@ def parameter_count(config: LlavaConfig) -> int:
 
 # ----------------------------------------------------------------------------- every family's published widths
 # Each family's published configuration, as data beside this file (the checkpoint and where every value came from are
-# in the file's "_source"; what could not be confirmed, in "_unconfirmed"). Qwen3-VL's is kept although the toolkit
-# runs it only once the family is supported (families.FAMILIES names it).
+# in the file's "_source"; what could not be confirmed, in "_unconfirmed"). A family's file is used only while
+# families.FAMILIES supports the family (real_width_families).
 PUBLISHED_FILES: dict[str, str] = {
     "llava": "llava-1.5-7b.json",
     "llava_next": "llava-v1.6-mistral-7b.json",
