@@ -165,7 +165,8 @@ def family_config(family: str, text_layers: int | None = None, vision_layers: in
 
     Args:
         family: a key of :data:`PUBLISHED_FILES`.
-        text_layers, vision_layers: decoder and tower depth.
+        text_layers: the decoder's depth.
+        vision_layers: the tower's depth.
         widths: ``{"text": {...}, "vision": {...}}`` fields to override (reduced tests).
         token_ids: fields to set from a stand-in tokenizer (:func:`stand_in_token_ids`); a ``text_config.``
             prefix sets a field of the text config.
