@@ -51,8 +51,12 @@ reason (:data:`NOT_ONE_GRID`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..errors import UserError
 from .base import Row
@@ -160,6 +164,108 @@ def counterfactual_features(lm, pixels: torch.Tensor, method: str, seed: int) ->
     return [per_image[j] for j in inverse.tolist()]
 
 
+# --------------------------------------------------------------------------- the language level
+LANGUAGE = "mclcbf_causalmm_language"  # the attention implementation of the counterfactual language forward
+
+
+def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Generator) -> torch.Tensor:
+    """The counterfactual of one prompt's causal attention ``probs`` [H, L, L] (its own positions, no padding):
+    [H, L, L] float32, each query's row a distribution over its visible keys ``0 … q`` (see the module docstring).
+
+    ``random`` draws U(0, 1) [H, L, L] and ``shuffle`` U(0, 1) sort keys [H, L, L] from ``generator`` (one draw per
+    call, on the CPU)."""
+    p = probs.detach().float()
+    heads, n, _ = p.shape
+    visible = torch.ones(n, n, dtype=torch.bool, device=p.device).tril()
+    if method == "random":
+        cf = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device) * 2
+    elif method == "uniform":
+        cf = visible.float().expand(heads, n, n)
+    elif method == "reversed":  # the head's maximum over its visible entries, minus each
+        cf = p.masked_fill(~visible, 0).amax(dim=(1, 2), keepdim=True) - p
+    elif method == "shuffle":  # each row's visible entries in a random order: sort keys, the hidden ones last
+        keys = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device)
+        cf = p.gather(-1, keys.masked_fill(~visible, torch.inf).argsort(dim=-1))
+    else:
+        raise ValueError(f"unknown counterfactual attention {method!r}")  # checked by the knobs
+    cf = cf.masked_fill(~visible, 0)
+    total = cf.sum(-1, keepdim=True)
+    uniform = visible / visible.sum(-1, keepdim=True)
+    return torch.where(total > 0, cf / torch.where(total > 0, total, torch.ones_like(total)), uniform)
+
+
+class LanguageEdit:
+    """The counterfactual edit of one forward of a left-padded batch: every row's generator, seeded with ``seed``,
+    draws once per decoder layer, in forward order, so a row's counterfactual is the same alone and in any batch."""
+
+    def __init__(self, pads: list[int], method: str, seed: int):
+        self.pads, self.method = pads, method
+        self.generators = [torch.Generator().manual_seed(int(seed)) for _ in pads]
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` [B, H, T, T] (no cache: queries = keys) with each row's own block replaced."""
+        out = probs.clone()
+        for b, pad in enumerate(self.pads):
+            own = probs[b, :, pad:, pad:]
+            out[b, :, pad:, pad:] = counterfactual_rows(own, self.method, self.generators[b]).to(probs.dtype)
+        return out
+
+
+def language_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention (as transformers' ``eager_attention_forward``) with the probabilities replaced by the
+    counterfactual of :func:`counterfactual_language`'s edit. Returns ``(output [B, T, H, D], probabilities)``."""
+    if query.shape[-2] != key.shape[-2]:  # programming error: the counterfactual forward runs without a cache
+        raise RuntimeError("the counterfactual language forward runs every position, without a cache")
+    group = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = module._mclcbf_causalmm(probs)
+    return torch.matmul(probs, values).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(LANGUAGE, language_attention)
+AttentionMaskInterface.register(LANGUAGE, eager_mask)  # the mask transformers builds for eager attention
+
+
+@contextmanager
+def counterfactual_language(lm, pads: list[int], method: str, seed: int):
+    """Within the block, ``lm``'s language model attends with :func:`language_attention` (every layer, every query):
+    one forward of the left-padded batch whose rows have ``pads`` padding positions."""
+    attns = [lm.adapter.layer_part(lm.model, i, "layer_attention") for i in range(lm.n_layers)]
+    config = attns[0].config
+    before = config._attn_implementation
+    edit = LanguageEdit(pads, method, seed)
+    for a in attns:
+        a._mclcbf_causalmm = edit
+    config._attn_implementation = LANGUAGE
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        for a in attns:
+            del a._mclcbf_causalmm
+
+
+def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) -> torch.Tensor:
+    """The last position's float32 logits [B, vocab] of the counterfactual forward of ``inputs`` at ``level``:
+    ``vision`` (the counterfactual image features), ``language`` (the counterfactual language attention) or
+    ``both`` (the two in one forward)."""
+    feed = inputs
+    if level in ("vision", "both"):
+        features = counterfactual_features(lm, pixels_of(inputs), method, seed)
+        feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
+    if level == "vision":
+        with torch.no_grad():
+            return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
+    pads = (inputs["attention_mask"] == 0).sum(-1).tolist()
+    with torch.no_grad(), counterfactual_language(lm, pads, method, seed):
+        return lm.model(**feed, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
+
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
     """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features: ``inputs_embeds``
     merged as the model merges its own (its image tokens, in order), beside the ids that say where they are."""
@@ -175,30 +281,22 @@ def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
             **{k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}}
 
 
-def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torch.Tensor:
-    """The last position's float32 logits [B, vocab] of the prompts of ``inputs`` with ``features[b]`` as row
-    b's image features (:func:`with_features`)."""
-    feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
-    with torch.no_grad():
-        return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
-
-
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     metrics = {}
     reads_pixels = True
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
-        mine = row_inputs(inputs, rows)
-        features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
-        return logits_with_features(lm, mine, features)
+        k = self.knobs
+        return counterfactual_logits(lm, row_inputs(inputs, rows), k.attention, k.seed, k.level)
 
     def auxiliary_forwards(self) -> int | None:
-        return 1  # the counterfactual features' view
+        return 1  # the counterfactual forward
 
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The counterfactual image features, for a runner that runs the view as rows of the main rows' forward
-        (the same prompt, other image features); None where the inputs carry no shared image features."""
-        if "mm_encoder_outputs" not in inputs:
+        (the same prompt, other image features); None where the inputs carry no shared image features, or where the
+        counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
+        if "mm_encoder_outputs" not in inputs or self.knobs.level != "vision":
             return None
         return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
 
@@ -206,6 +304,8 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
+        if self.knobs.level != "vision":
+            return {}  # the language-level counterfactual is not a model input: it edits attention inside the model
         mine = row_inputs(inputs, rows)
         features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
         return {f"{self.knobs.attention} attention": with_features(lm, mine, features)}
