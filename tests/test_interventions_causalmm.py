@@ -368,8 +368,9 @@ def test_the_language_rows_by_hand():
     """Every counterfactual row is a distribution over its visible keys; uniform is 1/(q + 1); shuffle permutes."""
     from mclcbf_diag.interventions.causalmm import counterfactual_rows
 
-    p = torch.softmax(torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(5)).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -torch.inf), -1)
     hidden = ~torch.ones(6, 6, dtype=torch.bool).tril()
+    scores = torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(5))
+    p = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1)
     for method in METHODS:
         cf = counterfactual_rows(p, method, torch.Generator().manual_seed(0))
         assert float(cf[:, hidden].abs().max()) == 0

@@ -1,4 +1,5 @@
-"""CausalMM: contrast the answer with the same question under a counterfactual vision-tower attention map.
+"""CausalMM: contrast the answer with the same question under counterfactual attention, in the vision tower (the
+released code), in the language model, or in both (knob ``level``: ``vision``, the default, ``language``, ``both``).
 
 Paper: Zhou et al., "Mitigating Modality Prior-Induced Hallucinations in Multimodal Large Language
 Models via Deciphering Attention Causality", ICLR 2025. Released code: github.com/The-Martyr/CausalMM
@@ -10,7 +11,7 @@ factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/c
 (``causalmm_sample``: the contrast); POPE script ``experiments/scripts/llava1.5_eval.bash``
 (``gamma 1``, ``epsilon 0.6``).
 
-* **Counterfactual features.** The vision tower runs normally on the image (nothing inside it is
+* **Counterfactual features** (the vision level). The vision tower runs normally on the image (nothing inside it is
   altered) and returns its hidden states and its post-softmax attention probabilities. The features are
   LLaVA's own: ``hidden_states[vision_feature_layer]`` (CLS dropped under the ``default`` strategy; layer
   −2 on LLaVA-1.5). The attention ``A`` [H, N, N] (N = patches + CLS, CLS included) is the same layer's
@@ -27,11 +28,36 @@ factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/c
   over the heads: one weight per patch, ``feat_cf = feat · m``. ``feat_cf`` goes through the model's
   multimodal projector, and the language model runs the same prompt with these image features (merged
   where the image tokens are, as the model merges its own).
+* **Language level** (``level=language``; the paper's counterfactual of the language model's attention A_t, whose
+  code is not released: the recipe below is this package's reading of it). The counterfactual forward is the same
+  input (ids, image features, mask, positions) with, in every decoder layer, every query's post-softmax attention
+  row replaced by a counterfactual of the same ``attention`` type, built per head over the row's visible keys
+  ``0 … q`` (causal, padding excluded) in the prompt's own positions (:func:`counterfactual_rows`):
+
+  - ``random``: U(0, 1) · 2;
+  - ``uniform``: 1 on every visible key;
+  - ``reversed``: the head's maximum over its visible entries minus each entry;
+  - ``shuffle``: the row's visible entries in a random order (one permutation per head and query).
+
+  Each row is then divided by its sum, so that it stays a distribution (the vision level's map is a patch
+  weight and need not be; an attention row that sums to ~q would scale the values by ~q), and a row summing to
+  0 (``reversed`` on a single visible key) becomes uniform. The replacement is an attention implementation
+  registered with transformers (``AttentionInterface``, as eager attention: the same mask, the same float32
+  softmax, then the counterfactual), used only inside :func:`counterfactual_language`; the edit is
+  ``LanguageEdit``: each prompt's generator, seeded with ``seed``, draws U(0, 1) [H, L, L] once per decoder
+  layer in forward order (``random``: the map; ``shuffle``: the sort keys of the permutation), so a question's
+  counterfactual is the same alone and in any batch. Assumptions where the paper is not explicit: every layer
+  and every query (not the decision token only), and the renormalisation.
+* **Both** (``level=both``): one counterfactual forward with the counterfactual image features *and* the
+  counterfactual language attention, contrasted as below: the paper's multimodal-collaboration counterfactual
+  read as the two interventions made jointly (one auxiliary forward), not as a sum of two contrasts.
 * **Contrast.** scores = (1 + γ)·z − γ·z_cf on the next-token logits, with the plausibility cutoff on
   the factual logits: tokens with ``z < log ε + max z`` get −inf.
 * ``dose`` scales γ (a dose-response sweeps the contrast's strength; the cutoff stays).
-* **Batched.** The counterfactual forward is the same prompt with other image features: a runner runs
-  it as rows of the question's own forward (:meth:`CausalMM.aux_features`, see :mod:`.decoding`).
+* **Batched.** At the vision level the counterfactual forward is the same prompt with other image features: a
+  runner runs it as rows of the question's own forward (:meth:`CausalMM.aux_features`, see :mod:`.decoding`).
+  At the language level and ``both`` the attention inside the model differs, so it is a forward of its own,
+  over every position without a cache (:meth:`CausalMM.auxiliary`); ``trace`` records no view for it.
 
 Deviations from the released code:
 
@@ -45,8 +71,9 @@ Deviations from the released code:
 * The ``full`` strategy (CLS kept), which the released code cannot run (its map has one weight per
   patch), weights the CLS feature by the map's mean.
 
-Only LLaVA-1.5 layouts (one image, one patch grid) are supported: the other families are refused with their
-reason (:data:`NOT_ONE_GRID`).
+The vision level (and ``both``) supports only LLaVA-1.5 layouts (one image, one patch grid): the other families are
+refused with their reason (:data:`NOT_ONE_GRID`). The language level runs on the language model alone, as eager
+attention does; it is tested on the embedded (LLaVA) model only.
 """
 
 from __future__ import annotations
