@@ -383,6 +383,18 @@ def test_the_language_rows_by_hand():
                                    rtol=0, atol=1e-6)  # renormalised: its sum is 1 up to rounding
     rev = counterfactual_rows(p, "reversed", torch.Generator())
     assert torch.equal(rev[:, 0, 0], torch.ones(2))  # one visible key: max − p = 0, read as the uniform row
+    # a mask that is not causal (a bidirectional block, a window): the keys it leaves are the ones shuffled
+    visible = ~hidden
+    visible[1, 2], visible[5, 0] = True, False
+    q = torch.softmax(scores.masked_fill(~visible, -torch.inf), -1)
+    for method in METHODS:
+        cf = counterfactual_rows(q, method, torch.Generator().manual_seed(0), visible)
+        assert float(cf[:, ~visible].abs().max()) == 0
+        torch.testing.assert_close(cf.sum(-1), torch.ones(2, 6), rtol=0, atol=1e-6)
+    cf = counterfactual_rows(q, "shuffle", torch.Generator().manual_seed(0), visible)
+    for r in range(6):
+        torch.testing.assert_close(cf[0, r][visible[r]].sort().values, q[0, r][visible[r]].sort().values,
+                                   rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["shuffle", "random"])

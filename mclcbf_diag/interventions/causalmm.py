@@ -32,7 +32,8 @@ factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/c
   code is not released: the recipe below is this package's reading of it). The counterfactual forward is the same
   input (ids, image features, mask, positions) with, in every decoder layer, every query's post-softmax attention
   row replaced by a counterfactual of the same ``attention`` type, built per head over the row's visible keys
-  ``0 … q`` (causal, padding excluded) in the prompt's own positions (:func:`counterfactual_rows`):
+  (those the layer's mask leaves: ``0 … q`` in a causal model, padding excluded; a family's bidirectional image
+  block or sliding window where it has one) in the prompt's own positions (:func:`counterfactual_rows`):
 
   - ``random``: U(0, 1) · 2;
   - ``uniform``: 1 on every visible key;
@@ -195,15 +196,23 @@ def counterfactual_features(lm, pixels: torch.Tensor, method: str, seed: int) ->
 LANGUAGE = "mclcbf_causalmm_language"  # the attention implementation of the counterfactual language forward
 
 
-def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Generator) -> torch.Tensor:
-    """The counterfactual of one prompt's causal attention ``probs`` [H, L, L] (its own positions, no padding):
-    [H, L, L] float32, each query's row a distribution over its visible keys ``0 … q`` (see the module docstring).
+def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Generator,
+                        visible: torch.Tensor | None = None) -> torch.Tensor:
+    """The counterfactual of one prompt's attention ``probs`` [H, L, L] (its own positions, no padding): [H, L, L]
+    float32, each query's row a distribution over its visible keys (see the module docstring).
 
-    ``random`` draws U(0, 1) [H, L, L] and ``shuffle`` U(0, 1) sort keys [H, L, L] from ``generator`` (one draw per
-    call, on the CPU)."""
+    Args:
+        probs: [H, L, L] the post-softmax attention of one prompt.
+        method: ``random``, ``uniform``, ``reversed`` or ``shuffle``.
+        generator: ``random`` draws U(0, 1) [H, L, L] and ``shuffle`` U(0, 1) sort keys [H, L, L] from it (one draw
+            per call, on the CPU).
+        visible: bool [L, L] the keys each query may attend to (None: causal, keys ``0 … q``).
+    """
     p = probs.detach().float()
     heads, n, _ = p.shape
-    visible = torch.ones(n, n, dtype=torch.bool, device=p.device).tril()
+    if visible is None:
+        visible = torch.ones(n, n, dtype=torch.bool, device=p.device).tril()
+    visible = visible.to(p.device)
     if method == "random":
         cf = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device) * 2
     elif method == "uniform":
@@ -212,12 +221,14 @@ def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Gener
         cf = p.masked_fill(~visible, 0).amax(dim=(1, 2), keepdim=True) - p
     elif method == "shuffle":  # each row's visible entries in a random order: sort keys, the hidden ones last
         keys = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device)
-        cf = p.gather(-1, keys.masked_fill(~visible, torch.inf).argsort(dim=-1))
+        order = keys.masked_fill(~visible, torch.inf).argsort(dim=-1)  # the visible keys first, in a random order
+        slots = visible.sort(dim=-1, descending=True, stable=True).indices  # each row's visible keys, in order
+        cf = torch.zeros_like(p).scatter(-1, slots.expand(heads, n, n), p.gather(-1, order))
     else:
         raise ValueError(f"unknown counterfactual attention {method!r}")  # checked by the knobs
     cf = cf.masked_fill(~visible, 0)
     total = cf.sum(-1, keepdim=True)
-    uniform = visible / visible.sum(-1, keepdim=True)
+    uniform = visible / visible.sum(-1, keepdim=True).clamp(min=1)
     return torch.where(total > 0, cf / torch.where(total > 0, total, torch.ones_like(total)), uniform)
 
 
@@ -229,12 +240,18 @@ class LanguageEdit:
         self.pads, self.method = pads, method
         self.generators = [torch.Generator().manual_seed(int(seed)) for _ in pads]
 
-    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
-        """``probs`` [B, H, T, T] (no cache: queries = keys) with each row's own block replaced."""
+    def __call__(self, probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``probs`` [B, H, T, T] (no cache: queries = keys) with each row's own block replaced; the keys a query
+        sees are those ``mask`` (the layer's additive [B, 1, T, T] mask, or a bool one) leaves visible (None:
+        causal)."""
         out = probs.clone()
         for b, pad in enumerate(self.pads):
-            own = probs[b, :, pad:, pad:]
-            out[b, :, pad:, pad:] = counterfactual_rows(own, self.method, self.generators[b]).to(probs.dtype)
+            visible = None
+            if mask is not None:
+                own = mask[b, 0, pad:, pad:]
+                visible = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+            cf = counterfactual_rows(probs[b, :, pad:, pad:], self.method, self.generators[b], visible)
+            out[b, :, pad:, pad:] = cf.to(probs.dtype)
         return out
 
 
@@ -250,7 +267,7 @@ def language_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = module._mclcbf_causalmm(probs)
+    probs = module._mclcbf_causalmm(probs, attention_mask)
     return torch.matmul(probs, values).transpose(1, 2).contiguous(), probs
 
 
