@@ -222,8 +222,10 @@ def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Gener
     elif method == "shuffle":  # each row's visible entries in a random order: sort keys, the hidden ones last
         keys = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device)
         order = keys.masked_fill(~visible, torch.inf).argsort(dim=-1)  # the visible keys first, in a random order
-        slots = visible.sort(dim=-1, descending=True, stable=True).indices  # each row's visible keys, in order
-        cf = torch.zeros_like(p).scatter(-1, slots.expand(heads, n, n), p.gather(-1, order))
+        cf = p.gather(-1, order)
+        if not torch.equal(visible, torch.ones_like(visible).tril()):  # to each row's visible keys, in order
+            slots = visible.sort(dim=-1, descending=True, stable=True).indices
+            cf = torch.zeros_like(p).scatter(-1, slots.expand(heads, n, n), cf)
     else:
         raise ValueError(f"unknown counterfactual attention {method!r}")  # checked by the knobs
     cf = cf.masked_fill(~visible, 0)
