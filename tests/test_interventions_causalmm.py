@@ -1,4 +1,5 @@
-"""CausalMM on the seam equals CausalMM written as its released code does it.
+"""CausalMM on the seam equals CausalMM written as its released code does it (the vision level), and as the module
+docstring states its language level.
 
 The reference follows ``The-Martyr/CausalMM``'s ``cf_encoder.py`` (``edit_attention``, ``apply_attention``)
 and ``causalmm_sm.py`` (the contrast) in plain PyTorch on a fresh copy of the model: the vision tower's
@@ -8,15 +9,24 @@ projector's output, so that the model merges them itself), and (1 + γ)·z − �
 ``z < log ε + max z``. Only its randomness comes from the same seeded generator as the package's, and it
 reads the last position's logits with ``logits_to_keep=1`` as the package's forwards do (the unembedding of
 one position sums in another order than that of every position: ~5e-6 apart on the embedded model).
+
+The language level's reference (no released code) patches transformers' own ``eager_attention_forward`` of a
+fresh model so that, in every decoder layer, each query's softmax row is replaced by its counterfactual, built
+query by query with loops in plain PyTorch; only the draws (U(0, 1) [H, L, L] per layer, from one generator per
+prompt seeded with ``seed``) are shared with the package.
 """
 
+import json
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from floors import logit_floor
 from plain_refs import DECODING, plain_model, three_questions
 from transformers import LlavaForConditionalGeneration
+from transformers.models.llama import modeling_llama
 
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.engine.runner import run, run_batch
@@ -251,3 +261,171 @@ def test_other_layouts_are_refused():
     lm = SimpleNamespace(model=SimpleNamespace(config=multi), source="m")
     with pytest.raises(UserError, match="one vision feature layer"):
         counterfactual_features(lm, torch.zeros(1, 3, 336, 336), "shuffle", 0)
+
+
+# --------------------------------------------------------------------------- the language level
+def reference_rows(p, method, g):
+    """The counterfactual of one prompt's attention ``p`` [H, L, L], query by query (the module docstring's recipe)."""
+    heads, n, _ = p.shape
+    draws = torch.rand((heads, n, n), generator=g) if method in ("random", "shuffle") else None
+    top = p.amax(dim=(1, 2))  # hidden entries are 0: the head's maximum over its visible ones
+    out = torch.zeros(heads, n, n)
+    for q in range(n):
+        row = p[:, q, :q + 1]
+        if method == "random":
+            c = draws[:, q, :q + 1] * 2
+        elif method == "uniform":
+            c = torch.ones_like(row)
+        elif method == "reversed":
+            c = top[:, None] - row
+        else:
+            c = torch.stack([row[h][torch.argsort(draws[h, q, :q + 1])] for h in range(heads)])
+        total = c.sum(-1, keepdim=True)
+        out[:, q, :q + 1] = torch.where(total > 0, c / total.clamp(min=1e-30), torch.full_like(c, 1 / (q + 1)))
+    return out
+
+
+@contextmanager
+def counterfactual_eager(monkeypatch, method, seed, pads):
+    """transformers' eager attention with each row's softmax probabilities replaced by :func:`reference_rows`."""
+    plain = modeling_llama.eager_attention_forward
+    gens = [torch.Generator().manual_seed(seed) for _ in pads]
+
+    def edited(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k = modeling_llama.repeat_kv(key, module.num_key_value_groups)
+        v = modeling_llama.repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling + attention_mask
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+        for b, pad in enumerate(pads):
+            w[b, :, pad:, pad:] = reference_rows(w[b, :, pad:, pad:], method, gens[b])
+        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+    with monkeypatch.context() as m:
+        m.setattr(modeling_llama, "eager_attention_forward", edited)
+        yield
+    assert modeling_llama.eager_attention_forward is plain
+
+
+def reference_language(lm, monkeypatch, prompt, image, method, *, seed=0, gamma=1.0, epsilon=0.6, vision=False):
+    """(scores with −inf where cut, z, z_cf) of one question: z_cf under the counterfactual language attention (with
+    ``vision``, on the counterfactual image features of :func:`reference_scores` too)."""
+    model = plain_model(lm)
+    inputs = lm.inputs(prompt, image)
+    hook = None
+    with torch.no_grad():
+        z = model(**inputs, logits_to_keep=1).logits[0, -1]
+        if vision:
+            out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+            feat = out.hidden_states[-2][:, 1:]
+            m = F.interpolate(edit_attention(out.attentions[-2], method, seed), size=(24, 24), mode="bilinear",
+                              align_corners=False).mean(dim=1)
+            embeds_cf = model.model.multi_modal_projector(feat * m.view(feat.shape[0], 576, 1))
+            hook = model.model.multi_modal_projector.register_forward_hook(lambda mod, args, output: embeds_cf)
+        try:
+            with counterfactual_eager(monkeypatch, method, seed, [0]):
+                z_cf = model(**inputs, logits_to_keep=1).logits[0, -1]
+        finally:
+            if hook is not None:
+                hook.remove()
+    diffs = (1 + gamma) * z - gamma * z_cf
+    cutoff = torch.log(torch.tensor(epsilon)) + z.max()
+    return diffs.masked_fill(z < cutoff, -float("inf")), z, z_cf
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("level", ["language", "both"])
+def test_the_language_level_equals_its_reference(embedded_model, questions, monkeypatch, method, level):
+    """The counterfactual forward's logits equal the patched eager model's within the logit floor; the scores are
+    (1 + γ)·z − γ·z_cf, cut where z < log ε + max z."""
+    lm = embedded_model
+    prompt, image = questions[0][0], questions[1][0]
+    ref, z, z_cf = reference_language(lm, monkeypatch, prompt, image, method, epsilon=1e-3, vision=level == "both")
+    floor = logit_floor(lm.model)
+    iv = CausalMM(CausalMMKnobs(attention=method, level=level, epsilon=1e-3))
+    aux = iv.auxiliary(lm, lm.inputs(prompt, image), run_rows(lm, prompt, image))[0]
+    torch.testing.assert_close(aux, z_cf, rtol=0, atol=floor)
+    assert float((z - z_cf).abs().max()) > 100 * floor  # a different forward
+    cap = run(lm, lm.inputs(prompt, image), iv)
+    got = cap.steps[0].final_logits.float()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=0, atol=3 * floor)  # (1 + γ)·z + γ·z_cf: 3 floors
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    rec = cap.row_records
+    assert rec["decoding_aux_margin"] == pytest.approx(float(z_cf[yes] - z_cf[no]), abs=2 * floor)
+    assert rec["decoding_contrast_margin"] == pytest.approx(float(2 * (z[yes] - z[no]) - (z_cf[yes] - z_cf[no])),
+                                                            abs=6 * floor)
+
+
+def run_rows(lm, prompt, image):
+    from mclcbf_diag.interventions.base import rows_of
+
+    inputs = lm.inputs(prompt, image)
+    return rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+
+
+def test_the_language_rows_by_hand():
+    """Every counterfactual row is a distribution over its visible keys; uniform is 1/(q + 1); shuffle permutes."""
+    from mclcbf_diag.interventions.causalmm import counterfactual_rows
+
+    hidden = ~torch.ones(6, 6, dtype=torch.bool).tril()
+    scores = torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(5))
+    p = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1)
+    for method in METHODS:
+        cf = counterfactual_rows(p, method, torch.Generator().manual_seed(0))
+        assert float(cf[:, hidden].abs().max()) == 0
+        torch.testing.assert_close(cf.sum(-1), torch.ones(2, 6), rtol=0, atol=1e-6)
+    uniform = counterfactual_rows(p, "uniform", torch.Generator())
+    torch.testing.assert_close(uniform[0, 3, :4], torch.full((4,), 0.25))
+    shuffled = counterfactual_rows(p, "shuffle", torch.Generator().manual_seed(0))
+    for q in range(6):
+        torch.testing.assert_close(shuffled[1, q, :q + 1].sort().values, p[1, q, :q + 1].sort().values,
+                                   rtol=0, atol=1e-6)  # renormalised: its sum is 1 up to rounding
+    rev = counterfactual_rows(p, "reversed", torch.Generator())
+    assert torch.equal(rev[:, 0, 0], torch.ones(2))  # one visible key: max − p = 0, read as the uniform row
+    # a mask that is not causal (a bidirectional block, a window): the keys it leaves are the ones shuffled
+    visible = ~hidden
+    visible[1, 2], visible[5, 0] = True, False
+    q = torch.softmax(scores.masked_fill(~visible, -torch.inf), -1)
+    for method in METHODS:
+        cf = counterfactual_rows(q, method, torch.Generator().manual_seed(0), visible)
+        assert float(cf[:, ~visible].abs().max()) == 0
+        torch.testing.assert_close(cf.sum(-1), torch.ones(2, 6), rtol=0, atol=1e-6)
+    cf = counterfactual_rows(q, "shuffle", torch.Generator().manual_seed(0), visible)
+    for r in range(6):
+        torch.testing.assert_close(cf[0, r][visible[r]].sort().values, q[0, r][visible[r]].sort().values,
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["shuffle", "random"])
+def test_the_language_level_scores_a_question_the_same_alone_and_in_a_batch(embedded_model, questions, method):
+    lm = embedded_model
+    prompts, images = questions
+    iv = CausalMM(CausalMMKnobs(attention=method, level="language", epsilon=1e-3))
+    together, _ = _batch_scores(lm, prompts, images, iv)
+    floor = logit_floor(lm.model)
+    for b in (0, 2):
+        alone, _ = _batch_scores(lm, prompts[b:b + 1], images[b:b + 1], iv)
+        finite = torch.isfinite(alone[0])
+        assert torch.equal(finite, torch.isfinite(together[b]))
+        torch.testing.assert_close(together[b][finite], alone[0][finite], rtol=0, atol=3 * floor)
+
+
+def test_the_level_is_in_the_run_identity():
+    assert CausalMM().describe()["knobs"]["level"] == "vision"
+    iv = CausalMM.from_preset(None, ["level=language"])
+    assert iv.describe()["knobs"]["level"] == "language"
+    assert CausalMM.from_preset("both").knobs.level == "both"
+    with pytest.raises(UserError):
+        CausalMM.from_preset(None, ["level=bogus"])
+
+
+def test_pope_runs_at_the_language_level(embedded_model, tmp_path):
+    from mclcbf_diag.cli import main
+
+    out = tmp_path / "p"
+    assert main(["pope", "--split", "adversarial", "--limit", "4", "--intervention", "causalmm", "--set",
+                 "level=language", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["steered_margin"] == r["steered_margin"] for r in rows)
+    assert json.loads((out / "run.json").read_text())["config"]["level"] == "language"  # in the run's identity

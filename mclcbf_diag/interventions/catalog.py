@@ -149,8 +149,12 @@ class CausalMMKnobs:
     gamma: float = knob(1.0, "contrast strength: (1 + γ)·logits − γ·logits under counterfactual attention")
     epsilon: float = knob(0.6, "plausibility cutoff: keep tokens with p ≥ ε·p_max (0: none)")
     attention: Literal["shuffle", "random", "uniform", "reversed"] = knob(
-        "shuffle", "the counterfactual attention map of the vision tower's second-to-last layer")
+        "shuffle", "the counterfactual attention map (vision: the tower's feature layer; language: every decoder "
+                   "layer's rows)")
     seed: int = knob(0, "seed of the random and shuffled maps")
+    level: Literal["vision", "language", "both"] = knob(
+        "vision", "where the counterfactual attention is: the vision tower (the released code), the language "
+                  "model's self-attention, or both in one counterfactual forward")
 
     def __post_init__(self):
         check_choices(self)
@@ -251,12 +255,13 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
                  "method)",
          "Chuang et al., DoLa: Decoding by Contrasting Layers, ICLR 2024 (github.com/voidism/DoLa)", DoLaKnobs,
          {"low": DoLaKnobs(), "high": DoLaKnobs(bucket="high"), "halc-first-token": DoLaKnobs(bucket="all")}),
-    Spec("causalmm", "contrast the answer with the one under a counterfactual vision-tower attention map (a "
-                     "decoding-level method)",
+    Spec("causalmm", "contrast the answer with the one under counterfactual attention, in the vision tower and/or "
+                     "the language model (a decoding-level method)",
          "Zhou et al., Mitigating Modality Prior-Induced Hallucinations in MLLMs via Deciphering Attention Causality, "
          "ICLR 2025 (github.com/The-Martyr/CausalMM)", CausalMMKnobs,
          {"pope": CausalMMKnobs(), "random": CausalMMKnobs(attention="random"),
-          "uniform": CausalMMKnobs(attention="uniform"), "reversed": CausalMMKnobs(attention="reversed")}),
+          "uniform": CausalMMKnobs(attention="uniform"), "reversed": CausalMMKnobs(attention="reversed"),
+          "language": CausalMMKnobs(level="language"), "both": CausalMMKnobs(level="both")}),
     Spec("opera", "score the top tokens by how much each, once written, attends to the image (OPERA's first step)",
          "Huang et al., OPERA: Alleviating Hallucination via Over-Trust Penalty and Retrospection-Allocation, CVPR "
          "2024 (github.com/shikiw/OPERA)", OPERAKnobs, {"paper": OPERAKnobs()}),

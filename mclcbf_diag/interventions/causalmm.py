@@ -1,4 +1,5 @@
-"""CausalMM: contrast the answer with the same question under a counterfactual vision-tower attention map.
+"""CausalMM: contrast the answer with the same question under counterfactual attention, in the vision tower (the
+released code), in the language model, or in both (knob ``level``: ``vision``, the default, ``language``, ``both``).
 
 Paper: Zhou et al., "Mitigating Modality Prior-Induced Hallucinations in Multimodal Large Language
 Models via Deciphering Attention Causality", ICLR 2025. Released code: github.com/The-Martyr/CausalMM
@@ -10,7 +11,7 @@ factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/c
 (``causalmm_sample``: the contrast); POPE script ``experiments/scripts/llava1.5_eval.bash``
 (``gamma 1``, ``epsilon 0.6``).
 
-* **Counterfactual features.** The vision tower runs normally on the image (nothing inside it is
+* **Counterfactual features** (the vision level). The vision tower runs normally on the image (nothing inside it is
   altered) and returns its hidden states and its post-softmax attention probabilities. The features are
   LLaVA's own: ``hidden_states[vision_feature_layer]`` (CLS dropped under the ``default`` strategy; layer
   −2 on LLaVA-1.5). The attention ``A`` [H, N, N] (N = patches + CLS, CLS included) is the same layer's
@@ -27,11 +28,37 @@ factual and the counterfactual image embeddings, the same prompt), ``llava-1.5/c
   over the heads: one weight per patch, ``feat_cf = feat · m``. ``feat_cf`` goes through the model's
   multimodal projector, and the language model runs the same prompt with these image features (merged
   where the image tokens are, as the model merges its own).
+* **Language level** (``level=language``; the paper's counterfactual of the language model's attention A_t, whose
+  code is not released: the recipe below is this package's reading of it). The counterfactual forward is the same
+  input (ids, image features, mask, positions) with, in every decoder layer, every query's post-softmax attention
+  row replaced by a counterfactual of the same ``attention`` type, built per head over the row's visible keys
+  (those the layer's mask leaves: ``0 … q`` in a causal model, padding excluded; a family's bidirectional image
+  block or sliding window where it has one) in the prompt's own positions (:func:`counterfactual_rows`):
+
+  - ``random``: U(0, 1) · 2;
+  - ``uniform``: 1 on every visible key;
+  - ``reversed``: the head's maximum over its visible entries minus each entry;
+  - ``shuffle``: the row's visible entries in a random order (one permutation per head and query).
+
+  Each row is then divided by its sum, so that it stays a distribution (the vision level's map is a patch
+  weight and need not be; an attention row that sums to ~q would scale the values by ~q), and a row summing to
+  0 (``reversed`` on a single visible key) becomes uniform. The replacement is an attention implementation
+  registered with transformers (``AttentionInterface``, as eager attention: the same mask, the same float32
+  softmax, then the counterfactual), used only inside :func:`counterfactual_language`; the edit is
+  ``LanguageEdit``: each prompt's generator, seeded with ``seed``, draws U(0, 1) [H, L, L] once per decoder
+  layer in forward order (``random``: the map; ``shuffle``: the sort keys of the permutation), so a question's
+  counterfactual is the same alone and in any batch. Assumptions where the paper is not explicit: every layer
+  and every query (not the decision token only), and the renormalisation.
+* **Both** (``level=both``): one counterfactual forward with the counterfactual image features *and* the
+  counterfactual language attention, contrasted as below: the paper's multimodal-collaboration counterfactual
+  read as the two interventions made jointly (one auxiliary forward), not as a sum of two contrasts.
 * **Contrast.** scores = (1 + γ)·z − γ·z_cf on the next-token logits, with the plausibility cutoff on
   the factual logits: tokens with ``z < log ε + max z`` get −inf.
 * ``dose`` scales γ (a dose-response sweeps the contrast's strength; the cutoff stays).
-* **Batched.** The counterfactual forward is the same prompt with other image features: a runner runs
-  it as rows of the question's own forward (:meth:`CausalMM.aux_features`, see :mod:`.decoding`).
+* **Batched.** At the vision level the counterfactual forward is the same prompt with other image features: a
+  runner runs it as rows of the question's own forward (:meth:`CausalMM.aux_features`, see :mod:`.decoding`).
+  At the language level and ``both`` the attention inside the model differs, so it is a forward of its own,
+  over every position without a cache (:meth:`CausalMM.auxiliary`); ``trace`` records no view for it.
 
 Deviations from the released code:
 
@@ -45,14 +72,19 @@ Deviations from the released code:
 * The ``full`` strategy (CLS kept), which the released code cannot run (its map has one weight per
   patch), weights the CLS feature by the map's mean.
 
-Only LLaVA-1.5 layouts (one image, one patch grid) are supported: the other families are refused with their
-reason (:data:`NOT_ONE_GRID`).
+The vision level (and ``both``) supports only LLaVA-1.5 layouts (one image, one patch grid): the other families are
+refused with their reason (:data:`NOT_ONE_GRID`). The language level runs on the language model alone, as eager
+attention does; it is tested on the embedded (LLaVA) model only.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from ..errors import UserError
 from .base import Row
@@ -160,6 +192,126 @@ def counterfactual_features(lm, pixels: torch.Tensor, method: str, seed: int) ->
     return [per_image[j] for j in inverse.tolist()]
 
 
+# --------------------------------------------------------------------------- the language level
+LANGUAGE = "mclcbf_causalmm_language"  # the attention implementation of the counterfactual language forward
+
+
+def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Generator,
+                        visible: torch.Tensor | None = None) -> torch.Tensor:
+    """The counterfactual of one prompt's attention ``probs`` [H, L, L] (its own positions, no padding): [H, L, L]
+    float32, each query's row a distribution over its visible keys (see the module docstring).
+
+    Args:
+        probs: [H, L, L] the post-softmax attention of one prompt.
+        method: ``random``, ``uniform``, ``reversed`` or ``shuffle``.
+        generator: ``random`` draws U(0, 1) [H, L, L] and ``shuffle`` U(0, 1) sort keys [H, L, L] from it (one draw
+            per call, on the CPU).
+        visible: bool [L, L] the keys each query may attend to (None: causal, keys ``0 … q``).
+    """
+    p = probs.detach().float()
+    heads, n, _ = p.shape
+    if visible is None:
+        visible = torch.ones(n, n, dtype=torch.bool, device=p.device).tril()
+    visible = visible.to(p.device)
+    if method == "random":
+        cf = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device) * 2
+    elif method == "uniform":
+        cf = visible.float().expand(heads, n, n)
+    elif method == "reversed":  # the head's maximum over its visible entries, minus each
+        cf = p.masked_fill(~visible, 0).amax(dim=(1, 2), keepdim=True) - p
+    elif method == "shuffle":  # each row's visible entries in a random order: sort keys, the hidden ones last
+        keys = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device)
+        order = keys.masked_fill(~visible, torch.inf).argsort(dim=-1)  # the visible keys first, in a random order
+        cf = p.gather(-1, order)
+        if not torch.equal(visible, torch.ones_like(visible).tril()):  # to each row's visible keys, in order
+            slots = visible.sort(dim=-1, descending=True, stable=True).indices
+            cf = torch.zeros_like(p).scatter(-1, slots.expand(heads, n, n), cf)
+    else:
+        raise ValueError(f"unknown counterfactual attention {method!r}")  # checked by the knobs
+    cf = cf.masked_fill(~visible, 0)
+    total = cf.sum(-1, keepdim=True)
+    uniform = visible / visible.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(total > 0, cf / torch.where(total > 0, total, torch.ones_like(total)), uniform)
+
+
+class LanguageEdit:
+    """The counterfactual edit of one forward of a left-padded batch: every row's generator, seeded with ``seed``,
+    draws once per decoder layer, in forward order, so a row's counterfactual is the same alone and in any batch."""
+
+    def __init__(self, pads: list[int], method: str, seed: int):
+        self.pads, self.method = pads, method
+        self.generators = [torch.Generator().manual_seed(int(seed)) for _ in pads]
+
+    def __call__(self, probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``probs`` [B, H, T, T] (no cache: queries = keys) with each row's own block replaced; the keys a query
+        sees are those ``mask`` (the layer's additive [B, 1, T, T] mask, or a bool one) leaves visible (None:
+        causal)."""
+        out = probs.clone()
+        for b, pad in enumerate(self.pads):
+            visible = None
+            if mask is not None:
+                own = mask[b, 0, pad:, pad:]
+                visible = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+            cf = counterfactual_rows(probs[b, :, pad:, pad:], self.method, self.generators[b], visible)
+            out[b, :, pad:, pad:] = cf.to(probs.dtype)
+        return out
+
+
+def language_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention (as transformers' ``eager_attention_forward``) with the probabilities replaced by the
+    counterfactual of :func:`counterfactual_language`'s edit. Returns ``(output [B, T, H, D], probabilities)``."""
+    if query.shape[-2] != key.shape[-2]:  # programming error: the counterfactual forward runs without a cache
+        raise RuntimeError("the counterfactual language forward runs every position, without a cache")
+    group = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = module._mclcbf_causalmm(probs, attention_mask)
+    return torch.matmul(probs, values).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(LANGUAGE, language_attention)
+AttentionMaskInterface.register(LANGUAGE, eager_mask)  # the mask transformers builds for eager attention
+
+
+@contextmanager
+def counterfactual_language(lm, pads: list[int], method: str, seed: int):
+    """Within the block, ``lm``'s language model attends with :func:`language_attention` (every layer, every query):
+    one forward of the left-padded batch whose rows have ``pads`` padding positions."""
+    attns = [lm.adapter.layer_part(lm.model, i, "layer_attention") for i in range(lm.n_layers)]
+    config = attns[0].config
+    before = config._attn_implementation
+    edit = LanguageEdit(pads, method, seed)
+    for a in attns:
+        a._mclcbf_causalmm = edit
+    config._attn_implementation = LANGUAGE
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        for a in attns:
+            del a._mclcbf_causalmm
+
+
+def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) -> torch.Tensor:
+    """The last position's float32 logits [B, vocab] of the counterfactual forward of ``inputs`` at ``level``:
+    ``vision`` (the counterfactual image features), ``language`` (the counterfactual language attention) or
+    ``both`` (the two in one forward)."""
+    feed = inputs
+    if level in ("vision", "both"):
+        features = counterfactual_features(lm, pixels_of(inputs), method, seed)
+        feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
+    if level == "vision":
+        with torch.no_grad():
+            return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
+    pads = (inputs["attention_mask"] == 0).sum(-1).tolist()
+    with torch.no_grad(), counterfactual_language(lm, pads, method, seed):
+        return lm.model(**feed, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
+
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
     """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features: ``inputs_embeds``
     merged as the model merges its own (its image tokens, in order), beside the ids that say where they are."""
@@ -175,30 +327,22 @@ def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
             **{k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}}
 
 
-def logits_with_features(lm, inputs: dict, features: list[torch.Tensor]) -> torch.Tensor:
-    """The last position's float32 logits [B, vocab] of the prompts of ``inputs`` with ``features[b]`` as row
-    b's image features (:func:`with_features`)."""
-    feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
-    with torch.no_grad():
-        return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
-
-
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     metrics = {}
     reads_pixels = True
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
-        mine = row_inputs(inputs, rows)
-        features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
-        return logits_with_features(lm, mine, features)
+        k = self.knobs
+        return counterfactual_logits(lm, row_inputs(inputs, rows), k.attention, k.seed, k.level)
 
     def auxiliary_forwards(self) -> int | None:
-        return 1  # the counterfactual features' view
+        return 1  # the counterfactual forward
 
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The counterfactual image features, for a runner that runs the view as rows of the main rows' forward
-        (the same prompt, other image features); None where the inputs carry no shared image features."""
-        if "mm_encoder_outputs" not in inputs:
+        (the same prompt, other image features); None where the inputs carry no shared image features, or where the
+        counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
+        if "mm_encoder_outputs" not in inputs or self.knobs.level != "vision":
             return None
         return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
 
@@ -206,6 +350,8 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
+        if self.knobs.level != "vision":
+            return {}  # the language-level counterfactual is not a model input: it edits attention inside the model
         mine = row_inputs(inputs, rows)
         features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
         return {f"{self.knobs.attention} attention": with_features(lm, mine, features)}
