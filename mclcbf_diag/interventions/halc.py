@@ -229,6 +229,31 @@ def shipped_oracle() -> OracleDetector:
     return OracleDetector(shipped_scenes(sorted(p.name for p in shipped.IMAGES.glob("emb_*.png"))))
 
 
+SHIPPED_NAME = re.compile(r"emb_\d{6}\.png")
+FIX = ("run on the shipped POPE (drop --pope-file/--image-dir), or pass your own detector from Python: "
+       "HALC.from_preset('pope').with_detector(d)")
+
+
+def oracle_for(paths: list) -> OracleDetector:
+    """The oracle of the images at ``paths`` (before any model loads); a one-line UserError for an image it does not
+    know: one that is not a shipped POPE image, pixel for pixel."""
+    from ..data import load_image
+    from ..errors import UserError
+    from ..storage import show
+
+    paths = list(dict.fromkeys(paths))
+    strange = next((p for p in paths if not SHIPPED_NAME.fullmatch(p.name)), None)
+    if strange is not None:
+        raise UserError(f"--intervention halc: its oracle detector knows the embedded world's shipped images only, "
+                        f"not {show(strange)}; {FIX}")
+    oracle = OracleDetector(shipped_scenes([p.name for p in paths]))
+    for p in paths:
+        if _pixels_key(load_image(p, None)) not in oracle.scenes:
+            raise UserError(f"--intervention halc: {show(p)} is not the shipped image of that name (its pixels "
+                            f"differ), so the oracle detector knows no box in it; {FIX}")
+    return oracle
+
+
 QUESTION = re.compile(r"Is there an? (.+?) in the image\?", re.IGNORECASE)
 
 
