@@ -276,11 +276,6 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
                  "method)",
          "Chuang et al., DoLa: Decoding by Contrasting Layers, ICLR 2024 (github.com/voidism/DoLa)", DoLaKnobs,
          {"low": DoLaKnobs(), "high": DoLaKnobs(bucket="high"), "halc-first-token": DoLaKnobs(bucket="all")}),
-    Spec("halc", "contrast focal views (crops around the grounded box) of the object the question names (a "
-                 "decoding-level method; first token)",
-         "Chen et al., HALC: Object Hallucination Reduction via Adaptive Focal-Contrast Decoding, ICML 2024 "
-         "(github.com/BillChan226/HALC)", HALCKnobs,
-         {"pope": HALCKnobs(), "model-fallback": HALCKnobs(missing="model")}),
     Spec("causalmm", "contrast the answer with the one under a counterfactual vision-tower attention map (a "
                      "decoding-level method)",
          "Zhou et al., Mitigating Modality Prior-Induced Hallucinations in MLLMs via Deciphering Attention Causality, "
@@ -290,6 +285,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("opera", "score the top tokens by how much each, once written, attends to the image (OPERA's first step)",
          "Huang et al., OPERA: Alleviating Hallucination via Over-Trust Penalty and Retrospection-Allocation, CVPR "
          "2024 (github.com/shikiw/OPERA)", OPERAKnobs, {"paper": OPERAKnobs()}),
+    Spec("halc", "contrast focal views (crops around the grounded box) of the object the question names (a "
+                 "decoding-level method; first token)",
+         "Chen et al., HALC: Object Hallucination Reduction via Adaptive Focal-Contrast Decoding, ICML 2024 "
+         "(github.com/BillChan226/HALC)", HALCKnobs,
+         {"pope": HALCKnobs(), "model-fallback": HALCKnobs(missing="model")}),
 )}
 
 
