@@ -278,3 +278,19 @@ def test_pope_runs_halc_with_the_oracle_and_refuses_images_it_does_not_know(tmp_
     refused_here(capsys, ["trace", "--sample", "0", "--intervention", "halc", "--out", str(tmp_path / "t")],
                  "runs under `pope` only")
     assert not any((tmp_path / d).exists() for d in ("out-street.png", "g", "t"))  # refused before writing
+
+
+def test_halc_acts_on_the_first_token_only(embedded_model):
+    """Generated from Python (the CLI refuses --generate): the first token is the contrast's, later ones the model's
+    own; where both first tokens agree the two texts are the same."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.interventions import HALC
+
+    lm = embedded_model
+    questions, image, _ = first_image_questions()
+    prompts = [build_prompt(questions[0].text)]
+    iv = HALC.from_preset("pope").with_detector(OracleDetector(shipped_scenes(["emb_000000.png"])))
+    steered = answer_batch(lm, prompts, [image], iv, True, max_new_tokens=3)
+    plain = answer_batch(lm, prompts, [image], iv, False, max_new_tokens=3)  # the same decoding loop, unsteered
+    assert steered[0]["halc_views"] == 4.0 and steered[0]["answer"] == plain[0]["answer"]
+    assert steered[0]["text"] == plain[0]["text"]

@@ -280,6 +280,7 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
         super().__init__(knobs)
         self.detector = detector
         self._sources: tuple[list, list] = ([], [])
+        self._first = False
 
     def replace(self, **changes) -> "HALC":
         return type(self)(replace_knobs(self.knobs, **changes), self.detector)
@@ -292,7 +293,7 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
         return self.knobs.context_window  # one forward per view
 
     def sources(self, prompts: list[str], images: list) -> None:
-        self._sources = (list(prompts), list(images))
+        self._sources, self._first = (list(prompts), list(images)), True
 
     def prepare_batched(self, lm, inputs: dict, rows, batched) -> None:
         """Each row's :class:`FocalStep` for its question's object, from forwards of its prompt on the crops."""
@@ -300,7 +301,10 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
         self._aux, self._steps = {}, {}
         if self.detector is None:
             self.detector = shipped_oracle()
-        prompts, images = self._sources
+        # prepared again for each generated token (engine.decode): only the first token's answer is HALC's here, the
+        # later ones are the model's own (HALC's generation loop is out of scope)
+        prompts, images = self._sources if self._first else ([], [])
+        self._first = False
         k = self.knobs
         for row in rows:
             word = object_word(prompts[row.index]) if row.index < len(prompts) else None
