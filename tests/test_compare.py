@@ -73,6 +73,8 @@ _SAMPLE_T1 = {"strategy": "sample", "temperature": 1.0, "top_p": 1.0, "top_k": 0
     # no figure (what the paper evaluates, or not verified): beside every decoding and preset
     ("dola", {"decoding": _SAMPLE_T1}, REPORTED["dola"]),
     ("dola", {"preset": "halc-first-token"}, REPORTED["halc"]),
+    ("halc", {"decoding": _SAMPLE_T1}, REPORTED["halc"]),
+    ("halc", {"preset": "model-fallback"}, REPORTED["halc"]),
     ("causalmm", {"preset": "random", "decoding": _SAMPLE_T1}, REPORTED["causalmm"]),
     ("adhh", {"preset": "llava-1.5-7b"}, REPORTED["adhh"]),
     ("knockout", {}, ""),

@@ -143,3 +143,154 @@ def test_focal_step_on_the_embedded_model_equals_plain_forwards_of_the_crops(emb
     for (_, _, got), ref in zip(step.contrasts, want):  # z_j − w·z_i: (1 + w)·the logit floor
         torch.testing.assert_close(got, ref[0], rtol=0, atol=(1 + 0.05) * logit_floor(lm))
     assert focal_step(lm, prompt, image, word, Fixed([(0.1, 0.1, 0.2, 0.2)] * 4)).status == "invalid"
+
+
+# --------------------------------------------------------------------------- the intervention (first token)
+def released_views(image, box, context_window=4, expand_ratio=0.6):
+    """The released ``expand_bbox`` chain written out: shrunk by min(ratio, 0.8), the box, then expansions."""
+    def expand(b, f):
+        w, h = b[2] - b[0], b[3] - b[1]
+        return (max(0, b[0] - w * f / 2), max(0, b[1] - h * f / 2), min(1, b[2] + w * f / 2), min(1, b[3] + h * f / 2))
+
+    boxes = [expand(box, -min(expand_ratio, 0.8)), box]
+    while len(boxes) < context_window:
+        boxes.append(expand(boxes[-1], expand_ratio))
+    w, h = image.size
+    return boxes, [image.crop((b[0] * w, b[1] * h, b[2] * w, b[3] * h)) for b in boxes]
+
+
+def reference_first_token(lm, prompt, image, box, weight=0.05):
+    """HALC's first-token scores in plain PyTorch: the views' logits from a never-wrapped model, the released double
+    contrast, its first candidate; ``(scores [vocab], final view, base view)``."""
+    model = plain_model(lm)
+    _, views = released_views(image, box)
+    logits = []
+    with torch.no_grad():
+        for view in views:
+            inputs = lm.processor(text=prompt, images=view, return_tensors="pt")
+            logits.append(model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0, -1:])
+    stacked = torch.cat(logits)
+    n = len(logits)
+    jsd = torch.zeros(n, n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            m = 0.5 * (F.softmax(stacked[i], -1) + F.softmax(stacked[j], -1))
+            jsd[i, j] = 0.5 * (F.kl_div(F.log_softmax(stacked[i:i + 1], -1), m[None], reduction="batchmean")
+                               + F.kl_div(F.log_softmax(stacked[j:j + 1], -1), m[None], reduction="batchmean"))
+    i, j = divmod(int(torch.topk(jsd.flatten(), 1).indices), n)
+    return stacked[j] - weight * stacked[i], j, i
+
+
+def first_image_questions():
+    """The first shipped image's adversarial questions about a drawn object and an absent one, with their boxes."""
+    from mclcbf_diag.data import load_pope, resolve_image
+    from mclcbf_diag.embedded.config import EVAL_SEED
+    from mclcbf_diag.embedded.world import sample_scene
+
+    qs = [q for q in load_pope(shipped.pope_file("adversarial")) if q.image == "emb_000000.png"]
+    scene = sample_scene(0, EVAL_SEED)
+    drawn = {o.name: o for o in scene.objects if o.drawn}
+    word = lambda q: q.text.split("Is there a ")[1].split(" in the image")[0].removeprefix("n ")  # noqa: E731
+    present = next(q for q in qs if word(q) in drawn)
+    absent = next(q for q in qs if word(q) not in drawn and q.label == "no")
+    o, s = drawn[word(present)], float(DRAW_SIZE)
+    box = (max(0.0, (o.cx - o.size) / s), max(0.0, (o.cy - o.size) / s), min(1.0, (o.cx + o.size) / s),
+           min(1.0, (o.cy + o.size) / s))
+    image = load_image(resolve_image(present, shipped.IMAGES))
+    return [present, absent], image, [box, (0.2, 0.2, 0.8, 0.8)]
+
+
+def test_halc_first_token_equals_a_plain_pytorch_reference(embedded_model):
+    """A drawn object (its exact box) and an absent one (the released fallback box): the answer's Yes − No margin is
+    the first contrast's, and the records name the views, the contrast and the grounding."""
+    from floors import margin_floor
+
+    from mclcbf_diag.engine.batch import answer_pair
+    from mclcbf_diag.interventions import HALC, resolve
+
+    lm = embedded_model
+    questions, image, boxes = first_image_questions()
+    prompts = [build_prompt(q.text) for q in questions]
+    iv = resolve("halc")
+    assert isinstance(iv, HALC) and iv.auxiliary_forwards() == 4
+    base, steered = answer_pair(lm, prompts, [image, image], iv.with_detector(OracleDetector(shipped_scenes(
+        ["emb_000000.png"]))))
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    tol = (1 + 0.05) * margin_floor(lm.model, yes, no)  # z_final − w·z_base, each from two float32 routes
+    for prompt, box, s, grounded in zip(prompts, boxes, steered, (1.0, 0.0)):
+        want, final, view = reference_first_token(lm, prompt, image, box)
+        assert s["margin"] == pytest.approx(float(want[yes] - want[no]), abs=tol)
+        assert (s["halc_grounding"], s["halc_views"], s["halc_final_view"], s["halc_base_view"]) == \
+            (grounded, 4.0, final, view)
+    assert steered[0]["margin"] != base[0]["margin"]
+
+
+def test_a_users_detector_plugs_in_and_the_model_answers_when_grounding_fails(embedded_model):
+    from floors import margin_floor
+
+    from mclcbf_diag.engine.batch import answer_pair
+    from mclcbf_diag.interventions import HALC
+
+    lm = embedded_model
+    yes, no = lm.tokens.yes_id, lm.tokens.no_id
+    questions, image, _ = first_image_questions()
+    prompts = [build_prompt(q.text) for q in questions]
+    small = (0.1, 0.1, 0.3, 0.3)
+    for iv, grounded in ((HALC.from_preset("pope").with_detector(Fixed([small] * 4)), -1.0),  # too many: not handled
+                         (HALC.from_preset("model-fallback").with_detector(Fixed([])), -1.0),  # not found
+                         (HALC.from_preset("pope", ["max_boxes=4"]).with_detector(Fixed([small] * 4)), 1.0)):
+        base, steered = answer_pair(lm, prompts, [image, image], iv)
+        for b, s in zip(base, steered):
+            assert s["halc_grounding"] == grounded
+            if grounded < 0:  # the model's own scores, no views
+                # the intervened run continues the baseline's cache: the same logits by another float32 route
+                assert s["margin"] == pytest.approx(b["margin"], abs=margin_floor(lm.model, yes, no))
+                assert s["halc_views"] == 0.0 and "halc_final_view" not in s
+            else:
+                assert s["halc_views"] == 4.0
+    assert iv.replace(weight=0.1).detector is iv.detector  # a knob change keeps the detector
+
+
+def test_pope_runs_halc_with_the_oracle_and_refuses_images_it_does_not_know(tmp_path, capsys):
+    from cli_refusals import refused_here
+
+    from mclcbf_diag.cli import main
+
+    assert main(["pope", "--split", "adversarial", "--limit", "4", "--intervention", "halc", "--out",
+                 str(tmp_path / "h")]) == 0
+    capsys.readouterr()  # the run's progress bar
+    recs = [json.loads(line) for line in (tmp_path / "h" / "answers.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["halc_views"] == 4.0 for r in recs)
+    drawn = {o.name for o in shipped_scenes(["emb_000000.png"])[0].objects if o.drawn}
+    for r in recs:  # the oracle: a drawn object is found, any other falls back to the released box
+        assert r["halc_grounding"] == (1.0 if r["text"].split("Is there a ")[1].split(" in")[0] in drawn else 0.0)
+    image = load_image(shipped.IMAGES / "emb_000000.png")
+    image.putpixel((0, 0), (1, 2, 3))
+    image.save(tmp_path / "emb_000000.png")
+    image.save(tmp_path / "street.png")
+    for name in ("emb_000000.png", "street.png"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"question_id": 1, "image": name, "label": "yes",
+                                                            "text": "Is there a dog in the image?"}) + "\n")
+        refused_here(capsys, ["pope", "--pope-file", str(tmp_path / f"{name}.jsonl"), "--intervention", "halc",
+                              "--out", str(tmp_path / f"out-{name}")], name, "oracle detector", "with_detector")
+    refused_here(capsys, ["pope", "--limit", "2", "--intervention", "halc", "--generate", "3", "--out",
+                          str(tmp_path / "g")], "--generate", "drop --generate")
+    refused_here(capsys, ["trace", "--sample", "0", "--intervention", "halc", "--out", str(tmp_path / "t")],
+                 "runs under `pope` only")
+    assert not any((tmp_path / d).exists() for d in ("out-street.png", "g", "t"))  # refused before writing
+
+
+def test_halc_acts_on_the_first_token_only(embedded_model):
+    """Generated from Python (the CLI refuses --generate): the first token is the contrast's, later ones the model's
+    own; where both first tokens agree the two texts are the same."""
+    from mclcbf_diag.engine.batch import answer_batch
+    from mclcbf_diag.interventions import HALC
+
+    lm = embedded_model
+    questions, image, _ = first_image_questions()
+    prompts = [build_prompt(questions[0].text)]
+    iv = HALC.from_preset("pope").with_detector(OracleDetector(shipped_scenes(["emb_000000.png"])))
+    steered = answer_batch(lm, prompts, [image], iv, True, max_new_tokens=3)
+    plain = answer_batch(lm, prompts, [image], iv, False, max_new_tokens=3)  # the same decoding loop, unsteered
+    assert steered[0]["halc_views"] == 4.0 and steered[0]["answer"] == plain[0]["answer"]
+    assert steered[0]["text"] == plain[0]["text"]

@@ -443,6 +443,9 @@ def intervention_from_args(args, n_layers: int | None = None):
                         f"({type(exc).__name__}: {exc}); check the knob values") from None
     if n_layers is not None:
         iv.layers(n_layers)  # raises "layers [9] out of range: … 0..3"
+    if iv.name == "halc" and getattr(args, "command", None) not in (None, "pope"):
+        raise UserError(f"--intervention halc runs under `pope` only (its views are crops of each question's image, "
+                        f"which `{args.command}` does not hand over yet); use mclcbf-diag pope --intervention halc")
     return iv
 
 

@@ -190,6 +190,7 @@ def _pope(args, on_batch=None) -> int:
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
     check_generation(args, config)
+    config = with_oracle(args, config, jobs)
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.
     prep = prepare_from_args(args)
     prompts = [build_prompt(j.question.text, args.prompt) for j in jobs]
@@ -228,6 +229,21 @@ def check_generation(args, config) -> None:
     if beam and config.name != "opera":
         raise UserError(f"--decoding beam under --intervention {config.name}: a beam search is OPERA's alone; use "
                         "--decoding greedy or sample, or --intervention opera")
+
+
+def with_oracle(args, config, jobs):
+    """HALC grounding with the oracle of the run's images (a one-line UserError, before the model loads, for an image
+    the oracle does not know, and for ``--generate``: HALC's generation loop is not here); any other intervention as
+    it is."""
+    if config.name != "halc":
+        return config
+    if args.generate:
+        raise UserError("--intervention halc --generate N: HALC here is its first token's focal-view contrast (its "
+                        "generation loop is not implemented); drop --generate")
+    from ..data import resolve_image
+    from ..interventions.halc import oracle_for
+
+    return config.with_detector(oracle_for([resolve_image(j.question, j.image_dir) for j in jobs]))
 
 
 def _model_facts(args):

@@ -155,6 +155,8 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     if max_new_tokens > 0 and "pixel_values" not in inputs:
         raise ValueError("generation needs batch_inputs(..., share_images=False)")  # programming error
     steer = steer and iv is not None
+    if steer:
+        iv.sources(prompts, images)
     beam = decoding is not None and decoding.strategy == "beam"
     if max_new_tokens > 0 and iv is not None and "logits" in iv.open_sites(True) and (steer or not beam):
         return _generated(lm, inputs, iv, steer, max_new_tokens, decoding, keys)
@@ -291,6 +293,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     ids = inputs["input_ids"]
     start = cached_prefix(lm, ids, inputs["attention_mask"], iv)
     rows = rows_of(ids, inputs["attention_mask"], lm.tokens.image_token_id)
+    iv.sources(prompts, images)
     # an intervention that can use the baseline's forward (Intervention.prepare_batched) is prepared after it; any
     # other before it, as its own forwards are then never the last two over the whole prompt (pope's records)
     shared = type(iv).prepare_batched is not Intervention.prepare_batched and (start > 0 or baseline is None)

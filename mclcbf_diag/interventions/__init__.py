@@ -18,10 +18,10 @@ from ..errors import UserError
 _NAMES = {"Intervention": ".base", "Row": ".base", "Site": ".base", "AttentionBlock": ".block",
           "BlockKnobs": ".catalog", "AttentionKnockout": ".knockout", "KnockoutKnobs": ".catalog", "MCLCBF": ".mclcbf",
           "PAI": ".pai", "VAF": ".vaf", "VISTA": ".vista", "AdHH": ".adhh", "VAR": ".var", "VCD": ".vcd",
-          "DoLa": ".dola", "CausalMM": ".causalmm", "OPERA": ".opera"}
+          "DoLa": ".dola", "CausalMM": ".causalmm", "OPERA": ".opera", "HALC": ".halc"}
 BUILTIN = {"mclcbf": "MCLCBF", "knockout": "AttentionKnockout", "block": "AttentionBlock", "pai": "PAI", "vaf": "VAF",
            "vista": "VISTA", "adhh": "AdHH", "var": "VAR", "vcd": "VCD", "dola": "DoLa",
-           "causalmm": "CausalMM", "opera": "OPERA"}
+           "causalmm": "CausalMM", "opera": "OPERA", "halc": "HALC"}
 _REGISTRY: dict = {}
 
 
@@ -87,7 +87,7 @@ def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()):
 
 
 __all__ = ["Intervention", "Row", "Site", "MCLCBF", "AttentionKnockout", "KnockoutKnobs", "AttentionBlock",
-           "BlockKnobs", "PAI", "VAF", "VISTA", "AdHH", "VAR", "VCD", "DoLa", "CausalMM", "OPERA",
+           "BlockKnobs", "PAI", "VAF", "VISTA", "AdHH", "VAR", "VCD", "DoLa", "CausalMM", "OPERA", "HALC",
            "REGISTRY", "register", "resolve",
            "as_intervention",
            "registry", "names", "specs"]

@@ -363,6 +363,10 @@ class Intervention:
         ``lm.model`` under ``torch.no_grad()``. ``inputs`` are the run's model inputs.
         """
 
+    def sources(self, prompts: list[str], images: list) -> None:
+        """Called before :meth:`prepare` with the batch's prompts and decoded images (PIL), row b's at ``[b]``, for a
+        method whose auxiliary views are built from the image itself (HALC's crops); the default ignores them."""
+
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """Image features of an auxiliary view that differs from the question in its image features only (the same
         tokens, positions and mask), per row of ``rows`` as the family's merge step takes them (a list, or Gemma 3's

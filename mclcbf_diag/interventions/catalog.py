@@ -182,6 +182,31 @@ class OPERAKnobs:
             raise UserError(f"threshold={self.threshold} must be >= 0 (15: the released code's)")
 
 
+# --------------------------------------------------------------------------- HALC
+@dataclass(frozen=True)
+class HALCKnobs:
+    context_window: int = knob(4, "focal views: the box shrunk, the box, then expansions (context_window)")
+    expand_ratio: float = knob(0.6, "each view's sides move out by width·ratio/2 (expand_ratio; shrink at most 0.8)")
+    k_candidates: int = knob(4, "contrasts: both directions of the k/2 most divergent view pairs (k_candidate_num)")
+    weight: float = knob(0.05, "contrast weight w: z_final − w·z_base (contrast_weight)")
+    max_boxes: int = knob(3, "more boxes than this for the word: not handled, the model's own answer (max_handle_box)")
+    missing: Literal["box", "model"] = knob("box", "the detector finds nothing: the released fallback box "
+                                                   "(0.2, 0.2, 0.8, 0.8), or the model's own answer")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not self.context_window >= 2:
+            raise UserError(f"context_window={self.context_window}: HALC contrasts views; use 2 or more (4: released)")
+        if not (self.k_candidates >= 2 and self.k_candidates % 2 == 0):
+            raise UserError(f"k_candidates={self.k_candidates} must be even and >= 2 (both directions of a pair)")
+        if not self.weight >= 0:
+            raise UserError(f"weight={self.weight} must be >= 0")
+        if not self.expand_ratio > 0:
+            raise UserError(f"expand_ratio={self.expand_ratio} must be > 0 (0.6: released)")
+        if not self.max_boxes >= 1:
+            raise UserError(f"max_boxes={self.max_boxes} must be >= 1 (3: released)")
+
+
 # --------------------------------------------------------------------------- AD-HH
 LLAVA_15_7B_HEADS = ((16, 29), (26, 9), (13, 31), (15, 10), (20, 12), (30, 9), (19, 18), (17, 0), (18, 9), (26, 28),
                      (19, 27), (18, 26), (15, 25), (14, 16), (31, 26), (15, 24), (31, 3), (22, 20), (27, 29), (17, 28))
@@ -265,6 +290,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("opera", "score the top tokens by how much each, once written, attends to the image (OPERA's first step)",
          "Huang et al., OPERA: Alleviating Hallucination via Over-Trust Penalty and Retrospection-Allocation, CVPR "
          "2024 (github.com/shikiw/OPERA)", OPERAKnobs, {"paper": OPERAKnobs()}),
+    Spec("halc", "contrast focal views (crops around the grounded box) of the object the question names (a "
+                 "decoding-level method; first token)",
+         "Chen et al., HALC: Object Hallucination Reduction via Adaptive Focal-Contrast Decoding, ICML 2024 "
+         "(github.com/BillChan226/HALC)", HALCKnobs,
+         {"pope": HALCKnobs(), "model-fallback": HALCKnobs(missing="model")}),
 )}
 
 

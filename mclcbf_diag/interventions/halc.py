@@ -23,10 +23,27 @@ max_handle_box 3``, GroundingDINO (Swin-T OGC) as the detector.
   other is below −1000 changes nothing on finite logits). Each contrast's argmax is a candidate
   token for the position (:func:`focal_step` runs the three on a loaded model).
 
+**The intervention** (``--intervention halc``, :class:`HALC`): the first-token answer of a POPE
+question is HALC's focal-view contrast for the object the question names. The object word is read
+from the prompt (``Is there a/an WORD in the image?``); the word is grounded, the views' logits at the
+decision position come from plain forwards of the same prompt on each crop (``context_window``
+auxiliary forwards), and the answer is read from the first contrast :func:`view_contrast` returns
+(the most divergent pair, its first direction): z_final − dose·w·z_base, no plausibility cutoff.
+The released code instead keeps every contrast's argmax as a candidate and ranks the beams by a
+BLIP image-text score, which a one-token Yes/No answer has no use for; the first contrast is this
+toolkit's choice, recorded as ``halc_final_view`` / ``halc_base_view``. When the detector finds
+nothing (``missing``): the released fallback box's views (``box``, the default) or the model's own
+scores (``model``); more than ``max_boxes`` boxes, no object word in the prompt or no image given:
+the model's own scores. ``halc_grounding`` records which (1 detected, 0 the fallback box, −1 the
+model's own scores) and ``halc_views`` how many views were contrasted (0: none).
+
 What is not here: HALC's generation loop (``halc_dola_beam_search`` in its transformers fork), which
 decodes with DoLa, fires this step when a completed word is a noun (spaCy), re-decodes that word
-from the candidates and ranks the beams by a BLIP image-text score. So the toolkit's HALC answer is
-still the first token's, DoLa's (preset ``halc-first-token``), where the released contrast never fires.
+from the candidates and ranks the beams by a BLIP image-text score. Multi-token HALC generation is
+out of scope: ``--generate`` under ``halc`` is refused. In the released loop the first answer token
+is DoLa's (DoLa's preset ``halc-first-token``), where the focal contrast never fires; ``halc`` applies
+the focal contrast at the first token to the question's object instead, which is what a POPE answer
+can test.
 
 **The detector is pluggable.** HALC's released code runs GroundingDINO on the image with the word
 as its text query, thresholded at 0.45. The embedded model's world knows every object's box, so
@@ -36,18 +53,26 @@ GroundingDINO. A real detector misses small and faint objects, finds objects tha
 (its own hallucinations, which HALC then contrasts around), returns several boxes for one word
 (over ``max_boxes``: the word is skipped) and depends on ``box_threshold``; with it HALC's views
 are as good as its detections, and a figure measured with the oracle is an upper bound on what
-the grounding contributes. Any object with ``boxes(image, word)`` plugs in.
+the grounding contributes. Any object with ``boxes(image, word)`` plugs in, from Python:
+``HALC.from_preset("pope").with_detector(my_detector)`` (or ``HALC(knobs, detector=...)``), passed to
+``answer_pair``/``run_jobs`` like any intervention. Without one, :class:`HALC` uses the oracle of the
+shipped POPE images; ``mclcbf-diag pope --intervention halc`` refuses images the oracle does not know.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_knobs
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .catalog import SPECS, HALCKnobs  # noqa: F401 - HALCKnobs re-exported
+from .decoding import DecodingMethod, answer_from
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the width and height
 FALLBACK: Box = (0.2, 0.2, 0.8, 0.8)  # the released box when the detector finds nothing
@@ -195,3 +220,129 @@ def shipped_scenes(names: list[str]) -> list:
     from ..embedded.world import sample_scene
 
     return [sample_scene(int(name.split("_")[1].split(".")[0]), EVAL_SEED) for name in names]
+
+
+def shipped_oracle() -> OracleDetector:
+    """The oracle of every shipped POPE image (the embedded world's evaluation scenes)."""
+    from .. import shipped
+
+    return OracleDetector(shipped_scenes(sorted(p.name for p in shipped.IMAGES.glob("emb_*.png"))))
+
+
+SHIPPED_NAME = re.compile(r"emb_\d{6}\.png")
+FIX = ("run on the shipped POPE (drop --pope-file/--image-dir), or pass your own detector from Python: "
+       "HALC.from_preset('pope').with_detector(d)")
+
+
+def oracle_for(paths: list) -> OracleDetector:
+    """The oracle of the images at ``paths`` (before any model loads); a one-line UserError for an image it does not
+    know: one that is not a shipped POPE image, pixel for pixel."""
+    from ..data import load_image
+    from ..errors import UserError
+    from ..storage import show
+
+    paths = list(dict.fromkeys(paths))
+    strange = next((p for p in paths if not SHIPPED_NAME.fullmatch(p.name)), None)
+    if strange is not None:
+        raise UserError(f"--intervention halc: its oracle detector knows the embedded world's shipped images only, "
+                        f"not {show(strange)}; {FIX}")
+    oracle = OracleDetector(shipped_scenes([p.name for p in paths]))
+    for p in paths:
+        if _pixels_key(load_image(p, None)) not in oracle.scenes:
+            raise UserError(f"--intervention halc: {show(p)} is not the shipped image of that name (its pixels "
+                            f"differ), so the oracle detector knows no box in it; {FIX}")
+    return oracle
+
+
+QUESTION = re.compile(r"Is there an? (.+?) in the image\?", re.IGNORECASE)
+
+
+def object_word(prompt: str) -> str | None:
+    """The object a POPE question names (``Is there a/an WORD in the image?``), or None."""
+    found = QUESTION.search(prompt)
+    return found.group(1).strip() if found else None
+
+
+class HALC(DecodingMethod, spec=SPECS["halc"]):
+    """HALC's focal-view contrast as a first-token answer (see the module docstring); ``detector`` grounds the
+    question's object (None: the oracle of the shipped POPE images)."""
+
+    metrics = {"halc_grounding": "HALC: 1 the detector found the object, 0 not found (the fallback box's views), "
+                                 "−1 the model's own scores (too many boxes, not found with missing=model, no "
+                                 "object word or no image)",
+               "halc_views": "HALC: focal views contrasted (0: none, the model's own scores)",
+               "halc_final_view": "HALC: the chosen contrast's final view (0: the shrunk box, 1: the box, 2…: "
+                                  "expansions)",
+               "halc_base_view": "HALC: the chosen contrast's base view (its logits × w are subtracted)",
+               "halc_box_area": "HALC: the grounded box's area (a share of the image)"}
+
+    def __init__(self, knobs=None, detector: Detector | None = None):
+        super().__init__(knobs)
+        self.detector = detector
+        self._sources: tuple[list, list] = ([], [])
+        self._first = False
+
+    def replace(self, **changes) -> "HALC":
+        return type(self)(replace_knobs(self.knobs, **changes), self.detector)
+
+    def with_detector(self, detector: Detector) -> "HALC":
+        """The same HALC grounding words with ``detector`` (any object with ``boxes(image, word)``)."""
+        return type(self)(self.knobs, detector)
+
+    def auxiliary_forwards(self) -> int | None:
+        return self.knobs.context_window  # one forward per view
+
+    def sources(self, prompts: list[str], images: list) -> None:
+        self._sources, self._first = (list(prompts), list(images)), True
+
+    def prepare_batched(self, lm, inputs: dict, rows, batched) -> None:
+        """Each row's :class:`FocalStep` for its question's object, from forwards of its prompt on the crops."""
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._aux, self._steps = {}, {}
+        if self.detector is None:
+            self.detector = shipped_oracle()
+        # prepared again for each generated token (engine.decode): only the first token's answer is HALC's here, the
+        # later ones are the model's own (HALC's generation loop is out of scope)
+        prompts, images = self._sources if self._first else ([], [])
+        self._first = False
+        k = self.knobs
+        for row in rows:
+            word = object_word(prompts[row.index]) if row.index < len(prompts) else None
+            if word is None or row.index >= len(images):
+                self._steps[row.index] = FocalStep("no-source")
+                continue
+            box, status = ground(self.detector, images[row.index], word, k.max_boxes)
+            if status == "not-detected" and k.missing == "model":
+                self._steps[row.index] = FocalStep(status)
+                continue
+            self._steps[row.index] = focal_step(lm, prompts[row.index], images[row.index], word, self.detector,
+                                                context_window=k.context_window, expand_ratio=k.expand_ratio,
+                                                k_candidates=k.k_candidates, weight=k.weight, max_boxes=k.max_boxes)
+
+    def readout(self, site) -> None:
+        for row in site.rows:
+            logits = site.logits[row.index]
+            step = self._steps.get(row.index, FocalStep("no-source"))
+            if step.logits is None:  # the model's own scores
+                site.record(row, "halc_grounding", -1.0)
+                site.record(row, "halc_views", 0.0)
+                answer_from(site, row, logits, None, self._yes_no)
+                continue
+            final, base, _ = step.contrasts[0]
+            views = step.logits.to(logits.device)
+            scores = views[final] - site.dose_of(row) * self.knobs.weight * views[base]
+            box = step.boxes[1]
+            site.record(row, "halc_grounding", 1.0 if step.status == "detected" else 0.0)
+            site.record(row, "halc_views", float(len(step.boxes)))
+            site.record(row, "halc_final_view", float(final))
+            site.record(row, "halc_base_view", float(base))
+            site.record(row, "halc_box_area", (box[2] - box[0]) * (box[3] - box[1]))
+            answer_from(site, row, scores, None, self._yes_no, views[base])
+
+    def row_summary(self, per_layer: dict[int, dict[str, float]]) -> dict:
+        own = per_layer.get(-1, {})
+        return {k: own[k] for k in ("halc_grounding", "halc_views", "halc_final_view", "halc_base_view")
+                if k in own}
+
+    def idle_reason(self, records) -> str:
+        return "the focal-view contrast gives the model's own answer (or no object was grounded)"

@@ -57,7 +57,8 @@ from .store import ANSWERS, read_records
 
 _MASS = re.compile(r"^baseline_image_mass_(\d+)$")
 
-REPORTED = {  # the intervention's name (HALC: ``dola --preset halc-first-token``) → what its paper reports
+REPORTED = {  # the intervention's name → what its paper reports; HALC's also beside ``dola --preset halc-first-token``
+    # (the first token of HALC's released generation loop, where its focal contrast does not fire)
     "mclcbf": "POPE answers identical to the baseline (the researcher's report)",
     "pai": "≈ +1 accuracy point, greedy (Liu et al., ECCV 2024)",
     "vaf": "random split 87.8 → 89.7 accuracy (Yin et al., CVPR 2025)",
