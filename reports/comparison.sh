@@ -3,19 +3,19 @@
 # split, `mclcbf-diag pope` runs of MC-LCBF's presets, the published interventions' activation edits (PAI
 # attention-only and VISTA steering-only, their halves without the logit contrast), the full PAI and VISTA, the
 # decoding-level methods (VCD, DoLa, HALC's focal-view contrast with the oracle detector, the first token of HALC's
-# released loop (DoLa over every second layer), CausalMM, OPERA's first step) and the two prompt
+# released loop (DoLa over every second layer), CausalMM at the vision and the language level, OPERA's first step) and the two prompt
 # controls, greedy; then each method again with its answers sampled at temperature 1 with seeds 0, 1 and 2 (a
 # sampled run's baseline is sampled with the same draw per question); and one `mclcbf-diag compare` over all of
 # them (the seeds' mean ± spread in its findings). The prompt controls run greedy only: they pair baselines.
 #
 # Usage: bash reports/comparison.sh [ROOT]   (default reports/comparison; the table lands in ROOT/compare)
-#   SAMPLE=0          greedy runs only (20 settings a split instead of 74)
+#   SAMPLE=0          greedy runs only (21 settings a split instead of 78)
 #   SPLITS="a b"      the POPE splits to run (default: adversarial popular random)
 #   LIMIT=N           pass --limit N to every run (a smoke test; default: every question)
 # Every run resumes, so rerunning after an interruption repeats nothing and a finished run costs a few seconds.
 # About 17 hours on one CPU thread for the three splits (SAMPLE=0: about 5), at the seconds per question of
 # docs/commands/compare.md's tables (about 15 minutes a setting over the three splits), for the settings before
-# `halc`; HALC runs four more forwards a question (its views, cropped images: no shared prefix), not yet timed here.
+# `halc` and CausalMM's language level; HALC runs four more forwards a question (its views, cropped images: no shared prefix), not yet timed here.
 set -euo pipefail
 root="${1:-reports/comparison}"
 read -r -a splits <<< "${SPLITS:-adversarial popular random}"
@@ -41,6 +41,7 @@ methods=(
   "halc|--intervention halc"
   "halc-first-token|--intervention dola --preset halc-first-token"
   "causalmm|--intervention causalmm"
+  "causalmm-language|--intervention causalmm --set level=language"
   "opera|--intervention opera"
 )
 runs=("${methods[@]}" "lean-no|--prompt lean-no" "look-carefully|--prompt look-carefully")
