@@ -1,6 +1,9 @@
-"""What the plain-PyTorch references of the decoding-level methods share: a never-wrapped model copy,
-three questions about three images, and the records every such method writes."""
+"""What the plain-PyTorch references share: a never-wrapped model copy, three questions about three images, the
+records every decoding-level method writes, and a family's plain forward with the checks of trace and the overlay
+against it."""
 
+import numpy as np
+import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
@@ -61,3 +64,40 @@ def plain_forward(lm, prompt: str, image):
 def yes_no_margin(lm, logits) -> float:
     """Logit Yes − No of one position's logits."""
     return float(logits[lm.tokens.yes_id] - logits[lm.tokens.no_id])
+
+
+def assert_trace_equals_plain(lm, result, inputs, out, layer_out, tol: float) -> float:
+    """``trace``'s baseline records against :func:`plain_forward`'s at every layer: the decision token's image mass
+    (mean over heads) and the look-ahead h, the residual norms entering and leaving the layer, then the last layer's
+    logit lens and the final margin, and no look-ahead miss reported. Returns the plain Yes − No margin."""
+    r = result.records
+    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
+    per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    margin = yes_no_margin(lm, out.logits[0, -1])
+    for i in range(lm.n_layers):
+        want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
+        assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=tol)
+        assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=tol)
+        assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=tol)
+        assert per["resid_post_norm"][i] == pytest.approx(float(layer_out[i][0, -1].norm()), rel=tol)
+    assert per["logit_lens_margin"][lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=tol)
+    assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=tol)
+    assert "lookahead_miss_layers" not in result.summary()
+    return margin
+
+
+def assert_overlay_equals_plain(lm, result, inputs, out, config, map_layer: int, token_layer: int) -> None:
+    """The overlay's maps against :func:`plain_forward`'s attentions on the image grid: the decision token's at
+    ``map_layer``, and another query token's (two after the image) at ``token_layer`` from the runs the overlay adds."""
+    from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
+
+    image = inputs["input_ids"][0] == lm.tokens.image_token_id
+    rows, cols = lm.image_grid(inputs)
+    maps = attention_maps(result.baseline, lm.grid_mask(result.baseline.detected), shape=(rows, cols))
+    want = out.attentions[map_layer][0, :, -1].mean(0)[image].reshape(rows, cols)
+    np.testing.assert_allclose(maps[f"layer {map_layer}"], want.numpy(), rtol=0, atol=1e-6)
+    q = int(torch.nonzero(image)[-1]) + 2
+    got = token_attention_maps(lm, inputs, config, [q], shape=(rows, cols))[q]["baseline"][f"layer {token_layer}"]
+    np.testing.assert_allclose(got, out.attentions[token_layer][0, :, q].mean(0)[image].reshape(rows, cols).numpy(),
+                               rtol=0, atol=1e-6)

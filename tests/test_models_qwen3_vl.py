@@ -8,10 +8,9 @@ residual entering layers 1 and 2 is not the one leaving the layer before at the 
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
-from plain_refs import plain_forward, yes_no_margin
+from plain_refs import assert_overlay_equals_plain, assert_trace_equals_plain, plain_forward, yes_no_margin
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -122,38 +121,16 @@ def test_qwen3_trace_equals_a_plain_forward_and_its_look_ahead(qwen3_lm, k):
     gets the image's deepstack features back, as a batch of one from the pixels does."""
     from mclcbf_diag.engine.batch import answer_batch
     from mclcbf_diag.experiments.trace import trace_sample
-    from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1, 2])
     inputs, out, layer_out = plain_forward(qwen3_lm, _prompt(QUESTIONS[k]), _image(k))
     result = trace_sample(qwen3_lm, QUESTIONS[k], _image(k), config)
-    r = result.records
-    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
-    per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
-    image = inputs["input_ids"][0] == qwen3_lm.tokens.image_token_id
-    margin = yes_no_margin(qwen3_lm, out.logits[0, -1])
-    for i in range(qwen3_lm.n_layers):
-        want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
-        assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
-        assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
-        assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
-        assert per["resid_post_norm"][i] == pytest.approx(float(layer_out[i][0, -1].norm()), rel=TOL)
-    assert per["logit_lens_margin"][qwen3_lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=TOL)
-    assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
-    assert "lookahead_miss_layers" not in result.summary()
+    margin = assert_trace_equals_plain(qwen3_lm, result, inputs, out, layer_out, TOL)
     steered = result.value("final_margin", "steered")
     assert steered != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
     assert steered == pytest.approx(answer_batch(qwen3_lm, [_prompt(QUESTIONS[k])], [_image(k)], config, True)[0]
                                     ["margin"], rel=0, abs=TOL)
-    rows, cols = qwen3_lm.image_grid(inputs)
-    grid = qwen3_lm.grid_mask(result.baseline.detected)
-    maps = attention_maps(result.baseline, grid, shape=(rows, cols))
-    want = out.attentions[2][0, :, -1].mean(0)[image].reshape(rows, cols)
-    np.testing.assert_allclose(maps["layer 2"], want.numpy(), rtol=0, atol=1e-6)
-    q = int(torch.nonzero(image)[-1]) + 2  # another query token's rows, from the runs the overlay adds
-    got = token_attention_maps(qwen3_lm, inputs, config, [q], shape=(rows, cols))[q]["baseline"]["layer 1"]
-    np.testing.assert_allclose(got, out.attentions[1][0, :, q].mean(0)[image].reshape(rows, cols).numpy(),
-                               rtol=0, atol=1e-6)
+    assert_overlay_equals_plain(qwen3_lm, result, inputs, out, config, map_layer=2, token_layer=1)
 
 
 def test_qwen3_batches_with_the_cached_prefix_equal_plain_forwards(qwen3_lm):

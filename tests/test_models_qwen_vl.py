@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from plain_refs import plain_forward, yes_no_margin
+from plain_refs import assert_overlay_equals_plain, assert_trace_equals_plain, plain_forward, yes_no_margin
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -109,39 +109,17 @@ def test_the_prompt_length_check_bounds_the_image_tokens(qwen_lm):
 def test_qwen_trace_equals_a_plain_forward_and_its_look_ahead(qwen_lm, k):
     from mclcbf_diag.engine.batch import answer_batch
     from mclcbf_diag.experiments.trace import trace_sample
-    from mclcbf_diag.report.overlay import attention_maps, token_attention_maps
 
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[0, 1])
     inputs, out, layer_out = plain_forward(qwen_lm, _prompt(QUESTIONS[k]), _image(k))
     result = trace_sample(qwen_lm, QUESTIONS[k], _image(k), config)
-    r = result.records
-    base = r[(r.condition == "baseline") & (r["head"] == -1) & (r.phase == "prefill")]
-    per = {m: dict(zip(g.layer, g.value)) for m, g in base.groupby("metric")}
-    image = inputs["input_ids"][0] == qwen_lm.tokens.image_token_id
-    margin = yes_no_margin(qwen_lm, out.logits[0, -1])
-    for i in range(qwen_lm.n_layers):
-        want = float(out.attentions[i][0, :, -1, image].sum(-1).mean())
-        assert per["attn_image_mass"][i] == pytest.approx(want, rel=0, abs=TOL)
-        assert per["barrier_h"][i] == pytest.approx(want, rel=0, abs=TOL)
-        assert per["resid_pre_norm"][i] == pytest.approx(float(out.hidden_states[i][0, -1].norm()), rel=TOL)
-        assert per["resid_post_norm"][i] == pytest.approx(float(layer_out[i][0, -1].norm()), rel=TOL)
-    assert per["logit_lens_margin"][qwen_lm.n_layers - 1] == pytest.approx(margin, rel=0, abs=TOL)
-    assert result.value("final_margin", "baseline") == pytest.approx(margin, rel=0, abs=TOL)
-    assert "lookahead_miss_layers" not in result.summary()
+    margin = assert_trace_equals_plain(qwen_lm, result, inputs, out, layer_out, TOL)
     steered = result.value("final_margin", "steered")
     assert steered != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
     # the steered run reads the baseline's embeddings at the prompt's 3-D positions: as a batch of one would
     assert steered == pytest.approx(answer_batch(qwen_lm, [_prompt(QUESTIONS[k])], [_image(k)], config, True)[0]
                                     ["margin"], rel=0, abs=TOL)
-    rows, cols = qwen_lm.image_grid(inputs)
-    grid = qwen_lm.grid_mask(result.baseline.detected)
-    maps = attention_maps(result.baseline, grid, shape=(rows, cols))
-    want = out.attentions[1][0, :, -1].mean(0)[image].reshape(rows, cols)
-    np.testing.assert_allclose(maps["layer 1"], want.numpy(), rtol=0, atol=1e-6)
-    q = int(torch.nonzero(image)[-1]) + 2  # another query token's rows, from the runs the overlay adds
-    got = token_attention_maps(qwen_lm, inputs, config, [q], shape=(rows, cols))[q]["baseline"]["layer 0"]
-    np.testing.assert_allclose(got, out.attentions[0][0, :, q].mean(0)[image].reshape(rows, cols).numpy(),
-                               rtol=0, atol=1e-6)
+    assert_overlay_equals_plain(qwen_lm, result, inputs, out, config, map_layer=1, token_layer=0)
 
 
 def test_qwen_batches_with_the_cached_prefix_equal_plain_forwards(qwen_lm):
