@@ -261,6 +261,15 @@ def test_pope_runs_halc_with_the_oracle_and_refuses_images_it_does_not_know(tmp_
     capsys.readouterr()  # the run's progress bar
     recs = [json.loads(line) for line in (tmp_path / "h" / "answers.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all(r["halc_views"] == 4.0 for r in recs)
+    # a batch of one row: the crops' forwards (whole prompts of one row) are not read as the baseline's records
+    assert main(["pope", "--split", "adversarial", "--limit", "1", "--batch-size", "1", "--intervention", "halc",
+                 "--out", str(tmp_path / "h1")]) == 0
+    assert main(["pope", "--split", "adversarial", "--limit", "1", "--batch-size", "1", "--intervention", "dola",
+                 "--out", str(tmp_path / "d1")]) == 0
+    capsys.readouterr()
+    one, plain = (json.loads((tmp_path / d / "answers.jsonl").read_text().splitlines()[0]) for d in ("h1", "d1"))
+    masses = [k for k in plain if k.startswith("baseline_image_mass_")]
+    assert masses and all(one[k] == plain[k] for k in masses)  # the same baseline forward, the same rounding
     drawn = {o.name for o in shipped_scenes(["emb_000000.png"])[0].objects if o.drawn}
     for r in recs:  # the oracle: a drawn object is found, any other falls back to the released box
         assert r["halc_grounding"] == (1.0 if r["text"].split("Is there a ")[1].split(" in")[0] in drawn else 0.0)

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .base import Intervention
 from .catalog import SPECS, HALCKnobs  # noqa: F401 - HALCKnobs re-exported
 from .decoding import DecodingMethod, answer_from
 
@@ -164,11 +165,12 @@ class FocalStep:
 
 def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated: torch.Tensor | None = None, *,
                context_window: int = 4, expand_ratio: float = 0.6, k_candidates: int = 4, weight: float = 0.05,
-               max_boxes: int = 3) -> FocalStep:
+               max_boxes: int = 3, grounded: tuple | None = None) -> FocalStep:
     """HALC's focal-view contrast for ``word`` at the next position of ``prompt`` (plus ``generated`` [n] token ids
     already written): ground the word, run the model on each view (the image cropped to its box, a whole image to
-    the processor), contrast the views' last logits (:func:`view_contrast`) and take each contrast's argmax."""
-    box, status = ground(detector, image, word, max_boxes)
+    the processor), contrast the views' last logits (:func:`view_contrast`) and take each contrast's argmax.
+    ``grounded``: :func:`ground`'s ``(box, status)`` where the caller already has it (the detector runs once)."""
+    box, status = grounded if grounded is not None else ground(detector, image, word, max_boxes)
     if box is None:
         return FocalStep(status)
     boxes = focal_boxes(box, context_window, expand_ratio)
@@ -295,7 +297,11 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
     def sources(self, prompts: list[str], images: list) -> None:
         self._sources, self._first = (list(prompts), list(images)), True
 
-    def prepare_batched(self, lm, inputs: dict, rows, batched) -> None:
+    # prepared before the baseline's forward (the default of Intervention): its crop forwards are whole prompts of
+    # one row, which pope's records must never take for the baseline's
+    prepare_batched = Intervention.prepare_batched
+
+    def prepare(self, lm, inputs: dict, rows) -> None:
         """Each row's :class:`FocalStep` for its question's object, from forwards of its prompt on the crops."""
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux, self._steps = {}, {}
@@ -317,7 +323,8 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
                 continue
             self._steps[row.index] = focal_step(lm, prompts[row.index], images[row.index], word, self.detector,
                                                 context_window=k.context_window, expand_ratio=k.expand_ratio,
-                                                k_candidates=k.k_candidates, weight=k.weight, max_boxes=k.max_boxes)
+                                                k_candidates=k.k_candidates, weight=k.weight, max_boxes=k.max_boxes,
+                                                grounded=(box, status))
 
     def readout(self, site) -> None:
         for row in site.rows:
