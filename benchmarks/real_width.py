@@ -6,8 +6,9 @@
 ``--family`` is one of the families whose published configuration is kept as data
 (``mclcbf_diag/models/*.json``, :data:`mclcbf_diag.models.real_width.PUBLISHED_FILES`): llava
 (llava-hf/llava-1.5-7b-hf), llava_next (llava-v1.6-mistral-7b-hf), llava_onevision
-(llava-onevision-qwen2-7b-ov-hf), internvl (InternVL3-1B-hf), gemma3 (gemma-3-4b-it) and qwen2_5_vl
-(Qwen2.5-VL-7B-Instruct); anything else is refused in one line before a model is built. Each family's
+(llava-onevision-qwen2-7b-ov-hf), internvl (InternVL3-1B-hf), gemma3 (gemma-3-4b-it), qwen2_5_vl
+(Qwen2.5-VL-7B-Instruct) and qwen3_vl (Qwen3-VL-8B-Instruct); anything else is refused in one line
+before a model is built. Each family's
 tower runs at its published widths too, with ``--vision-layers`` layers, and its prompt is the
 family's own image-token layout (a stand-in processor at the published tile size, pinpoints or pixel
 budget around the embedded tokenizer, whose ids stand in for the published ones).
