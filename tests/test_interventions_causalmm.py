@@ -17,6 +17,7 @@ prompt seeded with ``seed``) are shared with the package.
 """
 
 import json
+import math
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -429,3 +430,13 @@ def test_pope_runs_at_the_language_level(embedded_model, tmp_path):
     rows = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["steered_margin"] == r["steered_margin"] for r in rows)
     assert json.loads((out / "run.json").read_text())["config"]["level"] == "language"  # in the run's identity
+    # the level is applied: without the cutoff (which leaves ±inf at these questions) the two levels' contrasts differ
+    margins = {}
+    for level in ("language", "vision"):
+        assert main(["pope", "--split", "adversarial", "--limit", "4", "--intervention", "causalmm", "--set",
+                     f"level={level}", "--set", "epsilon=0", "--out", str(tmp_path / level)]) == 0
+        margins[level] = [json.loads(x)["steered_margin"]
+                          for x in (tmp_path / level / "answers.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m) for m in margins["language"] + margins["vision"])
+    assert any(abs(a - b) > 1e-3 for a, b in zip(margins["language"], margins["vision"]))
+    assert not CausalMM.from_preset("language").reads_pixels and CausalMM.from_preset("pope").reads_pixels

@@ -329,7 +329,10 @@ def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
 
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     metrics = {}
-    reads_pixels = True
+
+    @property
+    def reads_pixels(self) -> bool:  # the language level edits the language model's attention only
+        return self.knobs.level != "language"
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         k = self.knobs
