@@ -247,8 +247,9 @@ class Batched:
     ``aux_logits`` [len(rows), vocab] float32: the last-position logits of the auxiliary rows of
     :meth:`Intervention.aux_features`, computed as rows of the same batched forward as the main rows (None: not
     batched); ``cache``: the KV cache of the main rows' plain forward over their whole prompts (None: none kept);
-    ``logits`` [len(rows), vocab]: that forward's last-position logits; ``states`` [len(rows), layers, d] float32: the
-    residual entering each decoder layer at the last position in that forward (None: not kept).
+    ``logits`` [B, vocab]: that forward's last-position logits, a row's at ``row.index`` of the whole batch;
+    ``states`` [B, layers, d] float32: the residual entering each decoder layer at the last position in that forward,
+    indexed the same way (None: not kept).
     """
 
     aux_logits: torch.Tensor | None = None

@@ -21,7 +21,9 @@ Every step, for each of the ``num_beams`` beams (s tokens generated so far):
   the candidate row's sum over the image tokens; after that it is the top column's score. The candidate's
   score is z[c] − ``weight``·penalty; every other token gets −999; ``log_softmax`` plus the beam's score
   ranks the beams' 2·``num_beams`` continuations (``BeamSearchScorer``, length penalty 1, its length the
-  released layout's: the image one placeholder token).
+  released layout's: the image one placeholder token). ``pope``'s baseline of a beam search is transformers'
+  ``generate``, whose finished hypotheses are normalised by the generated length only: a steered − baseline
+  difference of generated answers mixes the penalty with that change of scorer (no run here separates them).
 * **Rollback.** Each step appends, per beam, the mode over its candidates of their top columns to a
   history; the step's column is the mode of those over the beams. When for every beam that column
   (a generated position ≥ 10) recurs in the history more than ``threshold`` times, the search goes back:
