@@ -379,4 +379,13 @@ def test_the_table_forgets_the_least_recently_used_image_tokens_first():
     table.remember(embeds[:, 2:] + 100, torch.tensor([[True]]), [torch.zeros(1, 4), torch.ones(1, 4)])
     found_mask, found = table.find(embeds)
     assert found_mask.tolist() == [[True, False, False]] and found[0][:, 0].tolist() == [10]
+    assert sum(table.prefixes.values()) == len(table.table) == 2  # the forgotten row's first values forgotten too
     assert table.find(embeds + 0.5) is None
+    # rows of width 6: a row whose first values match a kept row's but not the rest is no image token
+    wide = DeepstackTable()
+    row = torch.arange(6, dtype=torch.float32).reshape(1, 1, 6)
+    wide.remember(row, torch.tensor([[True]]), [torch.ones(1, 6)])
+    other = row.clone()
+    other[..., -1] += 1
+    assert wide.find(other) is None and wide.find(torch.cat([other, row], 1))[0].tolist() == [[False, True]]
+    assert len(wide.prefixes) == 1

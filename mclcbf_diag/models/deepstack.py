@@ -36,6 +36,9 @@ The table is bounded (:data:`KEPT_TOKENS` image tokens, the least recently used 
 forward whose image tokens were forgotten (more distinct image tokens in flight than that) would run
 without their features; the toolkit's runs feed embeddings right after the forward that computed them,
 a batch of images at most (a 640 × 480 COCO image is 20 × 15 = 300 image tokens of 32-px merged patches).
+A forward with no image token copies only each row's first :data:`PREFIX` values to the CPU (the
+pre-hook runs on every forward of the text model, which transformers always feeds embeddings); a row's
+whole bits are compared only where those match a kept row's.
 The features are kept on the model's device: ``levels · d`` values per image token.
 """
 
@@ -46,6 +49,9 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
+
+PREFIX = 4
+"""How many leading values of a row its first match is tried on (then its whole bits)."""
 
 KEPT_TOKENS = 1 << 16
 """How many image tokens' deepstack features the table keeps (the least recently used forgotten first)."""
@@ -65,6 +71,9 @@ class DeepstackTable:
     def __init__(self, limit: int = KEPT_TOKENS):
         self.limit = limit
         self.table: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        # the first PREFIX values' bits of each kept row → how many kept rows begin so: a forward's rows are copied to
+        # the CPU whole only where their first values match a kept row's (most forwards hold no image token)
+        self.prefixes: dict[bytes, int] = {}
         self.given: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # set by starting_at
 
     def remember(self, embeds: torch.Tensor, mask: torch.Tensor, features: list[torch.Tensor]) -> None:
@@ -73,17 +82,29 @@ class DeepstackTable:
         rows = embeds[mask.to(embeds.device)].detach()
         stacked = torch.stack([f.detach().to(rows.device, rows.dtype) for f in features], 1)  # [n, levels, d]
         for key, value in zip(_keys(rows), stacked):
+            if key not in self.table:
+                self.prefixes[_prefix_of(key, rows)] = self.prefixes.get(_prefix_of(key, rows), 0) + 1
             self.table[key] = value
             self.table.move_to_end(key)
         while len(self.table) > self.limit:
-            self.table.popitem(last=False)
+            key, _ = self.table.popitem(last=False)
+            prefix = _prefix_of(key, rows)
+            self.prefixes[prefix] -= 1
+            if not self.prefixes[prefix]:
+                del self.prefixes[prefix]
 
     def find(self, embeds: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """``(visual_pos_masks [B, S], per level [n, d])`` for the image tokens found in ``embeds``, or None."""
         if not self.table:
             return None
-        keys = _keys(embeds.detach().reshape(-1, embeds.shape[-1]))
-        hits = [self.table.get(k) for k in keys]
+        flat = embeds.detach().reshape(-1, embeds.shape[-1])
+        heads = _keys(flat[:, :PREFIX])  # a few values a row cross to the CPU
+        candidates = [i for i, h in enumerate(heads) if h in self.prefixes]
+        if not candidates:
+            return None
+        full = dict(zip(candidates, _keys(flat[candidates])))
+        keys = [full.get(i) for i in range(flat.shape[0])]
+        hits = [self.table.get(k) if k is not None else None for k in keys]
         found = [h for h in hits if h is not None]
         if not found:
             return None
@@ -93,6 +114,12 @@ class DeepstackTable:
         mask = torch.tensor([h is not None for h in hits], device=embeds.device).reshape(embeds.shape[:-1])
         stacked = torch.stack(found).to(embeds.device, embeds.dtype)
         return mask, list(stacked.unbind(1))
+
+
+def _prefix_of(key: bytes, rows: torch.Tensor) -> bytes:
+    """The key :func:`_keys` gives a row's first :data:`PREFIX` values, from the row's whole key."""
+    tag = str(rows.dtype).encode()
+    return key[:len(tag) + PREFIX * rows.element_size()]
 
 
 def _keys(rows: torch.Tensor) -> list[bytes]:
