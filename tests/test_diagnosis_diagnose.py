@@ -594,3 +594,21 @@ def test_a_look_ahead_within_its_noise_floor_is_no_miss():
     by = {c.id: c for c in causes}
     assert detected(causes) == [] and by["lookahead_miss"].evidence["largest_miss"] == pytest.approx(4e-7)
     assert "beyond the floor" not in by["lookahead_miss"].sentence
+
+
+def test_the_rule_and_the_report_find_the_same_look_ahead_misses():
+    """The rule ``lookahead_miss`` and the run's summary (``report.lookahead_misses``) read one filter: by hand,
+    |miss| beyond its floor at layers 0 and 2 (the larger −0.03), within it at layers 1 and 3 (the largest miss, under
+    a floor larger still), and the whole-model row (layer −1) is no layer."""
+    from mclcbf_diag.interventions.mclcbf.report import lookahead_misses
+
+    miss = {-1: 0.9, 0: 0.02, 1: 0.005, 2: -0.03, 3: 0.5}
+    floor = {-1: 0.01, 0: 0.01, 1: 0.01, 2: 0.01, 3: 1.0}
+    by = {c.id: c for c in diagnose(make(extra=[_row("steered", ly, metric, value[ly]) for ly in range(4)
+                                                for metric, value in (("lookahead_miss", miss),
+                                                                      ("lookahead_miss_floor", floor))]))}
+    e = by["lookahead_miss"].evidence
+    assert by["lookahead_miss"].detected and (e["n_missed"], e["n_layers"]) == (2, 4)
+    assert (e["largest_miss_layer"], e["largest_miss"], e["largest_miss_floor"]) == (2, -0.03, 0.01)
+    assert lookahead_misses(pd.DataFrame({"lookahead_miss": miss, "lookahead_miss_floor": floor})) == ([0, 2], -0.03,
+                                                                                                        0.01)

@@ -130,6 +130,8 @@ def test_registered_with_paper_defaults():
     only = PAI.from_preset("attention-only")
     assert (only.knobs.alpha, only.knobs.contrast_gamma) == (0.2, 1.0)
     assert only.open_sites(True) == {"residual", "attention"}
+    assert PAI().logit_part_on and not only.logit_part_on  # γ = 1 turns the contrast off, and its forward
+    assert PAI().auxiliary_forwards() == 1 and only.auxiliary_forwards() is None
 
 
 @pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])

@@ -15,6 +15,7 @@ from mclcbf_diag.interventions.views import (
     image_free_inputs,
     pixels_of,
     row_inputs,
+    shares_image_features,
     with_pixels,
 )
 
@@ -71,6 +72,9 @@ def test_the_image_free_prompt_and_the_pixels_of_a_batch(embedded_model):
     sub = row_inputs(inputs, rows[1:])
     assert torch.equal(pixels_of(sub), plain["pixel_values"][1:]) and sub["input_ids"].shape[0] == 2
     assert isinstance(sub["mm_encoder_outputs"]["image"], BaseModelOutputWithPooling)
+    # auxiliary rows need the batch's own image features, shared, and no prompt embeddings in their place
+    assert shares_image_features(inputs) and shares_image_features(sub) and not shares_image_features(plain)
+    assert not shares_image_features({**inputs, "inputs_embeds": torch.zeros(3, 1, 1)})
     swapped = with_pixels(inputs, plain["pixel_values"].flip(0))
     assert "mm_encoder_outputs" not in swapped and torch.equal(swapped["pixel_values"][0], plain["pixel_values"][2])
 

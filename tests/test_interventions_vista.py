@@ -109,6 +109,8 @@ def test_registered_with_paper_defaults():
     only = VISTA.from_preset("steering-only")
     assert (only.knobs.lam, only.knobs.logits_alpha) == (0.01, 0.0)
     assert only.readout_layers(32) == () and only.open_sites(True) == {"residual"}
+    assert VISTA().logit_part_on and not only.logit_part_on  # α = 0 turns SLA off, and its forwards
+    assert VISTA().auxiliary_forwards() == 2 and only.auxiliary_forwards() is None
 
 
 @pytest.mark.parametrize("model,similarity", [("embedded_model", True), ("tiny_gqa_model", False)])

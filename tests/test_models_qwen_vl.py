@@ -245,6 +245,28 @@ def test_opera_continues_after_the_images_3d_positions(qwen_lm):
     assert_scores(last[0], want)
 
 
+def test_opera_computes_the_3d_positions_once_on_its_separate_route(qwen_lm, monkeypatch):
+    """Without the runner's cache OPERA runs the prompt, then continues it by each candidate, both at the prompt's
+    M-RoPE positions: computed once for both (mrope.position_ids called once), and the candidates and their image
+    shares are those it reads continuing a cache it is handed."""
+    from mclcbf_diag.interventions.base import Batched, rows_of
+    from mclcbf_diag.interventions.opera import OPERA, prompt_cache
+    from mclcbf_diag.models import mrope
+
+    inputs = qwen_lm.inputs(PROMPT, _image(0))
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], qwen_lm.tokens.image_token_id)
+    calls, real = [], mrope.position_ids
+    monkeypatch.setattr(mrope, "position_ids", lambda lm, x: calls.append(1) or real(lm, x))
+    alone = OPERA()
+    alone.prepare(qwen_lm, inputs, rows)
+    assert "position_ids" not in inputs and len(calls) == 1
+    logits, cache = prompt_cache(qwen_lm, inputs)
+    handed = OPERA()
+    handed.prepare_batched(qwen_lm, inputs, rows, Batched(cache=cache, logits=logits))
+    for got, want in zip(alone._candidates[0], handed._candidates[0]):
+        assert torch.equal(got, want)
+
+
 def test_qwen_patching_continues_at_the_prompts_3d_positions(qwen_lm):
     """attribute's patching runs continue the prompt at its own M-RoPE positions: patching the text entering layer 0
     (the same tokens in both runs) leaves each run's plain margin, from both sides of the localisation."""

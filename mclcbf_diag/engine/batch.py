@@ -59,7 +59,7 @@ import torch
 from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import Batched, Intervention, rows_of
-from ..interventions.views import PIXEL_ROWS, row_inputs, with_aux_rows
+from ..interventions.views import PIXEL_ROWS, row_inputs, shares_image_features, with_aux_rows
 from ..models import LoadedModel
 from ..models.mrope import position_ids
 from ..models.processing import processor_prompt
@@ -265,7 +265,7 @@ def _baseline_forward(lm: LoadedModel, inputs: dict, rows: list, iv, baseline: t
     if baseline is not None:
         return baseline[0], baseline[1], Batched(cache=baseline[1], logits=baseline[0])
     features = None
-    if iv is not None and "mm_encoder_outputs" in inputs and "inputs_embeds" not in inputs:
+    if iv is not None and shares_image_features(inputs):
         features = iv.aux_features(lm, inputs, rows)
     if features is None:
         logits, cache = baseline_prefix(lm, inputs)

@@ -43,7 +43,7 @@ from nnsight import NNsight
 from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import Batched, Intervention, Readout, Row, Site, rows_of
-from ..interventions.views import with_aux_rows
+from ..interventions.views import shares_image_features, with_aux_rows
 from ..measurements.probes import rounding_survival
 from ..models import LoadedModel
 from ..models.mrope import position_ids
@@ -343,8 +343,7 @@ def _aux_features(lm: LoadedModel, inputs: dict, rows: list[Row], intervention: 
     method that changes no activation (so it may be prepared after the forward) and reads the ``logits`` site; else
     None."""
     if (not whole or intervention is None or "logits" not in intervention.open_sites(True)
-            or intervention.activation_part() is not None
-            or "mm_encoder_outputs" not in inputs or "inputs_embeds" in inputs):
+            or intervention.activation_part() is not None or not shares_image_features(inputs)):
         return None
     return intervention.aux_features(lm, inputs, rows)
 

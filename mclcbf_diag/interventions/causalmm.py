@@ -91,7 +91,7 @@ from .base import Row
 from .catalog import SPECS, CausalMMKnobs  # noqa: F401 - CausalMMKnobs re-exported
 from .contrast import contrast, plausible
 from .decoding import DecodingMethod
-from .views import pixels_of, row_inputs
+from .views import pixels_of, row_inputs, shares_image_features
 
 STRATEGIES = ("default", "full")
 
@@ -345,7 +345,7 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         """The counterfactual image features, for a runner that runs the view as rows of the main rows' forward
         (the same prompt, other image features); None where the inputs carry no shared image features, or where the
         counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
-        if "mm_encoder_outputs" not in inputs or self.knobs.level != "vision":
+        if not shares_image_features(inputs) or self.knobs.level != "vision":
             return None
         return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
 

@@ -171,17 +171,22 @@ def decoding_lines(summary: dict) -> list[str]:
 class WithLogitPart:
     """An activation edit with a logit-level part of its own (PAI's image-free contrast, VISTA's self-logits
     augmentation), mixed in before :class:`~mclcbf_diag.interventions.base.Intervention`: the ``logits`` site opens
-    while knob :attr:`logit_knob` is not :attr:`logit_off`, the trace reports the decoding terms, and the activation
-    part alone (what attribution localises) is the same intervention with that knob off."""
+    while the logit part is on (:attr:`logit_part_on`: knob :attr:`logit_knob` is not :attr:`logit_off`), the trace
+    reports the decoding terms, and the activation part alone (what attribution localises) is the same intervention
+    with that knob off."""
 
     logit_knob: str = ""
     logit_off: float = 0.0
 
+    @property
+    def logit_part_on(self) -> bool:
+        """Whether the logit-level part runs (knob :attr:`logit_knob` is not :attr:`logit_off`)."""
+        return getattr(self.knobs, self.logit_knob) != self.logit_off
+
     def open_sites(self, steer: bool) -> frozenset[str]:
         if not steer:
             return frozenset()
-        on = getattr(self.knobs, self.logit_knob) != self.logit_off
-        return self.sites | {"logits"} if on else self.sites
+        return self.sites | {"logits"} if self.logit_part_on else self.sites
 
     def trace_summary(self, steered, baseline) -> dict:
         return decoding_summary(steered)

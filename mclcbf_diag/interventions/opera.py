@@ -100,7 +100,8 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         mine = row_inputs(inputs, rows)
         if batched.cache is not None and batched.logits is not None and mine is inputs:
             logits, cache = batched.logits.float(), batched.cache
-        else:
+        else:  # Qwen-VL's 3-D positions computed once, for the prompt's forward and the candidates' continuation
+            mine = {**mine, **embeds_positions(lm, mine)}
             logits, cache = prompt_cache(lm, mine)
         tokens, shares = self.candidate_shares(lm, mine, rows, logits, cache)
         self._candidates = {r.index: (tokens[b], shares[b]) for b, r in enumerate(rows)}

@@ -83,7 +83,7 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
     logit_knob, logit_off = "contrast_gamma", 1.0  # γ = 1: the attention edit alone
 
     def auxiliary_forwards(self) -> int | None:
-        return 1 if self.knobs.contrast_gamma != 1.0 else None  # the image-free view; without it, no logit part
+        return 1 if self.logit_part_on else None  # the image-free view; without it, no logit part
 
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self.prepare_batched(lm, inputs, rows, Batched())
@@ -93,7 +93,7 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
         (``batched.cache``, :func:`~.views.image_free_logits`), else a forward of their own."""
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._image_free = {}
-        if self.knobs.contrast_gamma != 1.0:
+        if self.logit_part_on:
             if batched.cache is not None:
                 logits = image_free_logits(lm, rows, batched.cache, inputs["attention_mask"])
             else:

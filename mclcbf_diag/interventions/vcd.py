@@ -29,7 +29,7 @@ from .base import Row
 from .catalog import SPECS, VCDKnobs  # noqa: F401 - VCDKnobs re-exported
 from .contrast import contrast, plausible
 from .decoding import DecodingMethod
-from .views import diffusion_noise, last_logits, pixels_of, row_inputs, with_pixels
+from .views import diffusion_noise, last_logits, pixels_of, row_inputs, shares_image_features, with_pixels
 
 
 class VCD(DecodingMethod, spec=SPECS["vcd"]):
@@ -45,7 +45,7 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The noised images' features (the tower once per distinct noised image), for a runner that runs the view as
         rows of the main rows' forward; None where the inputs carry no shared image features."""
-        if "mm_encoder_outputs" not in inputs:
+        if not shares_image_features(inputs):
             return None
         mine = row_inputs(inputs, rows)
         noised = diffusion_noise(pixels_of(mine), self.knobs.noise_step, self.knobs.seed)

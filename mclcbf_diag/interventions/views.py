@@ -18,7 +18,7 @@ Where a runner has the main rows' own forward, a view does not need a forward of
 
 * :func:`with_aux_rows`: a view that differs only in its image features (the same tokens at the
   same positions) becomes extra rows of the main rows' batched forward: the inputs stacked twice,
-  the second copy's image features the view's;
+  the second copy's image features the view's (where :func:`shares_image_features`);
 * :func:`image_free_logits`: the image-free view continues the main rows' cached prefix up to the
   batch's first image token (before it both views hold the same tokens at the same positions, and a
   causal model computes the same keys and values there), so only the text from there on is run,
@@ -95,11 +95,19 @@ def image_free_inputs(lm, rows: list[Row]) -> dict:
     return {**out, "position_ids": position_ids(lm, out)}  # no image: cumsum − 1 in every family
 
 
+def shares_image_features(inputs: dict) -> bool:
+    """Whether a batch's model inputs carry its image features shared (``mm_encoder_outputs``, see
+    :func:`mclcbf_diag.engine.batch.batch_inputs`) and no prompt embeddings: then a view that differs in its image
+    features only (:meth:`~.base.Intervention.aux_features`) can run as auxiliary rows of the batch's own forward
+    (:func:`with_aux_rows`)."""
+    return "mm_encoder_outputs" in inputs and "inputs_embeds" not in inputs
+
+
 def with_aux_rows(inputs: dict, features) -> dict:
     """The model inputs of the batch's B rows followed by B auxiliary rows: the same ids, mask, positions (and per-row
     extras such as Gemma 3's ``token_type_ids`` or LLaVA-NeXT's ``image_sizes``), with ``features`` (per row, as the
     family's merge step takes them: :meth:`~.base.Intervention.aux_features`) as the auxiliary rows' image features.
-    ``inputs`` must carry shared image features (``mm_encoder_outputs``) and no ``inputs_embeds``."""
+    ``inputs`` must share their image features (:func:`shares_image_features`)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     own = inputs["mm_encoder_outputs"]["image"].pooler_output

@@ -83,7 +83,7 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
     logit_knob, logit_off = "logits_alpha", 0.0  # α = 0: the steering alone
 
     def readout_layers(self, n_layers: int) -> tuple[int, ...]:
-        if self.knobs.logits_alpha == 0.0:
+        if not self.logit_part_on:
             return ()
         # a model too shallow for 25–30 of 32 to hold a layer reads the one at 25/32 of its depth
         return published_layers(self.knobs.logits_layers, n_layers, 25, 31) or (25 * n_layers // 32,)
@@ -104,7 +104,7 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
         # its edit of every position needs a whole forward beside the baseline's (which, in pope, is also the vector's
         # prompt with the image), and the prompt without the image continues the baseline's cache; SLA reads the run's
         # own layers. Without SLA it has no logit part.
-        return 2 if self.knobs.logits_alpha != 0.0 else None
+        return 2 if self.logit_part_on else None
 
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
         self._v = steering_vectors(lm, inputs, rows)

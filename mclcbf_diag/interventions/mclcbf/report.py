@@ -114,13 +114,22 @@ def lookahead_misses(baseline: pd.DataFrame) -> tuple[list[int], float, float] |
     if "lookahead_miss" not in baseline or "lookahead_miss_floor" not in baseline:
         return None
     rows = baseline[["lookahead_miss", "lookahead_miss_floor"]].dropna()
-    rows = rows[rows.index >= 0]
-    missed = rows[rows.lookahead_miss.abs() > rows.lookahead_miss_floor]
-    if not len(missed):
+    missed = misses_beyond_floor(rows.lookahead_miss.to_dict(), rows.lookahead_miss_floor.to_dict())
+    if not missed:
         return None
-    worst = missed.lookahead_miss.abs().idxmax()
-    return ([int(i) for i in missed.index], float(missed.at[worst, "lookahead_miss"]),
-            float(missed.at[worst, "lookahead_miss_floor"]))
+    worst = max(missed, key=lambda ly: abs(missed[ly]))
+    return [int(i) for i in missed], float(missed[worst]), float(rows.at[worst, "lookahead_miss_floor"])
+
+
+def misses_beyond_floor(miss: dict[int, float], floor: dict[int, float]) -> dict[int, float]:
+    """The layers (≥ 0) where the look-ahead h and the image mass the layer computed differ by more than the noise
+    floor: layer → the miss (h − mass), in ``miss``' order.
+
+    Args:
+        miss: layer → ``lookahead_miss``.
+        floor: layer → ``lookahead_miss_floor`` (a layer without one: 0, the figure taken as exact).
+    """
+    return {ly: m for ly, m in miss.items() if ly >= 0 and abs(m) > floor.get(ly, 0.0)}
 
 
 def decode_warnings(baselines: dict[int, pd.DataFrame]) -> dict:

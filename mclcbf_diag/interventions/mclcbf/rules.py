@@ -41,6 +41,7 @@ import math
 from ...diagnosis.counterfactual import Counterfactual
 from ...diagnosis.rulebook import Evidence, Rule, fmt, median, pct
 from ...measurements.noise import below, resolved
+from .report import misses_beyond_floor
 
 SPAN_IOU_MIN = 0.99  # |C ∩ D|/|C ∪ D| of configured C and detected D image positions
 INACTIVE_FRACTION = 0.5  # #{ℓ: h_ℓ ≥ τ}/#steered above this → "most" layers are inactive
@@ -98,7 +99,7 @@ def lookahead_miss(ev: Evidence, rule: Rule):
     if cond is None:
         return ev.skip(rule, "no lookahead_miss records")
     miss, floor = ev.layers("lookahead_miss", cond), ev.layers("lookahead_miss_floor", cond)
-    over = {ly: m for ly, m in miss.items() if abs(m) > floor.get(ly, 0.0)}
+    over = misses_beyond_floor(miss, floor)
     worst = max(over, key=lambda ly: abs(over[ly])) if over else max(miss, key=lambda ly: abs(miss[ly]))
     e = {"n_missed": len(over), "n_layers": len(miss), "largest_miss": miss[worst], "largest_miss_layer": worst,
          "largest_miss_floor": floor.get(worst, 0.0)}
