@@ -232,3 +232,31 @@ def test_trace_refuses_operas_beam_before_torch_loads(tmp_path):
                               "--intervention opera --max-new-tokens 2", "beam search",
                               "pope --intervention opera --decoding beam")
     assert not torch_loaded and not (tmp_path / "reports").exists()
+
+
+def test_the_loops_captures_of_a_padded_batch_are_each_rows_own(embedded_model):
+    """``generate(..., keep=Keep())`` on three left-padded questions of three lengths: the same tokens as the loop
+    without captures, and each row's run holds its own unpadded sequence and one step per token it read, up to the
+    step that chose its end token, each with the scores that step chose from."""
+    from plain_refs import three_questions
+
+    from mclcbf_diag.engine.decode import end_ids
+    from mclcbf_diag.engine.runner import Keep
+
+    lm = embedded_model
+    batch = batch_inputs(lm, *three_questions(), share_images=False)
+    kept = generate(lm, batch, VCD(VCDKnobs()), max_new_tokens=N, keep=Keep(), keep_scores=True)
+    plain = generate(lm, batch, VCD(VCDKnobs()), max_new_tokens=N)
+    assert torch.equal(kept.sequences, plain.sequences)
+    S, lengths = batch["input_ids"].shape[1], batch["attention_mask"].sum(-1).tolist()
+    assert len(set(lengths)) == 3
+    for b, cap in enumerate(kept.captures()):
+        pad, n = S - lengths[b], len(cap.steps)
+        assert cap.prompt_len == lengths[b] == len(cap.detected)
+        assert int(cap.detected.sum()) == int((batch["input_ids"][b] == lm.tokens.image_token_id).sum())
+        assert cap.generated[0].tolist() == kept.sequences[b, pad:S + n].tolist()
+        assert (int(cap.generated[0, -1]) in end_ids(lm)) == (n < kept.new_tokens)  # it stopped at its end token
+        assert [(s.phase, s.decode_step) for s in cap.steps] == [("prefill", 0)] + [("decode", k) for k in range(1, n)]
+        for k, step in enumerate(cap.steps):  # exact: the scores the step chose from are its captured final logits
+            assert torch.equal(step.final_logits.float().cpu(), kept.steps[k]["scores"][b])
+            assert step.n_keys == lengths[b] + k
