@@ -28,6 +28,7 @@ def cmd_trace(args) -> int:
     if args.max_new_tokens > cap:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} is more than the limit of {cap}; pass a smaller "
                         "number, or raise the limit with MCLCBF_DIAG_MAX_NEW_TOKENS=N")
+    check_generation(args)
     overlay_tokens = check_overlay_tokens(args)
     config, question, image, lm = sample_job(args, "reports/trace-{question_id}", args.max_new_tokens)
     from ..experiments.trace import decoded, trace_sample
@@ -60,6 +61,18 @@ def cmd_trace(args) -> int:
     print_outcome_summary(summary, result.intervention)
     print(f"wrote {show(out)}/records.parquet, records.csv, config.json, trace.html")
     return 0
+
+
+def check_generation(args) -> None:
+    """A UserError, before torch loads, for generated tokens trace cannot record: OPERA generates by its beam search
+    (``pope --decoding beam``), which is not a step-by-step loop of one sequence. Every other decoding-level method
+    generates through :mod:`mclcbf_diag.engine.decode`'s loop (see :func:`~mclcbf_diag.experiments.trace.trace_sample`).
+    """
+    if args.max_new_tokens and getattr(args, "intervention", None) == "opera":
+        raise UserError(f"--intervention opera --max-new-tokens {args.max_new_tokens}: OPERA generates by its beam "
+                        "search, which trace does not record; drop --max-new-tokens (its first-token penalty), or "
+                        "generate with: mclcbf-diag pope --intervention opera --decoding beam --num-beams 5 "
+                        "--generate N")
 
 
 def check_overlay_tokens(args) -> list:

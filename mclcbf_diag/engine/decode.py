@@ -28,8 +28,12 @@ distribution each token is drawn from, not only the first answer token's. transf
    stops when every row is finished or after ``max_new_tokens`` steps.
 
 Each step keeps every row's records of the ``logits`` site (its ``decoding_*`` terms, layer −1), so a
-generated answer's contrast can be read token by token. A beam search is OPERA's own
-(:mod:`mclcbf_diag.interventions.opera_beam`).
+generated answer's contrast can be read token by token. With ``keep=Keep()`` (every layer) each step's forward
+also keeps its captures of the last position, as a traced ``generate`` keeps them: step 0 is the prompt's
+forward (phase ``prefill``), step k the one reading the k-th generated token (phase ``decode``, ``decode_step``
+k); :meth:`Generation.captures` gives each row's :class:`~.runner.RunCapture` over its own steps (up to the one
+that chose its end token), what ``trace --max-new-tokens`` measures under a decoding-level method. A beam search is
+OPERA's own (:mod:`mclcbf_diag.interventions.opera_beam`).
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..models import LoadedModel
 from ..models.mrope import position_ids
-from .runner import Continuation, Keep, forward
+from .runner import Continuation, Keep, RunCapture, RunResult, forward
 
 # keys of model inputs that run along the sequence ([B, S]) and grow with it
 GROWING = ("input_ids", "attention_mask", "token_type_ids")
+NO_LAYERS = Keep(layers=False)  # a step keeps its scores and records only
 
 
 @dataclass
@@ -54,11 +59,28 @@ class Generation:
 
     sequences: torch.Tensor  # [B, prompt + steps]: the prompt, then each row's tokens (pad after its end)
     first_scores: torch.Tensor  # [B, vocab] float32: the scores the first token was chosen from
-    steps: list[dict] = field(default_factory=list)  # per step: {"records": per row {layer: {metric}}, "scores"?}
+    # per step: {"records": per row {layer: {metric}}, "scores"?, "captures"?: per row RunCapture (Keep.layers)}
+    steps: list[dict] = field(default_factory=list)
+    ends: list[int | None] = field(default_factory=list)  # per row: the step that chose its end token (None: none)
 
     @property
     def new_tokens(self) -> int:
         return len(self.steps)
+
+    def captures(self) -> list[RunCapture]:
+        """Per row, its run over every step it generated at (``generate(..., keep=Keep())``): the prompt's
+        forward (``prefill``, step 0), then one ``decode`` step per generated token it read, up to the step that
+        chose its end token; ``generated`` is the row's own sequence (no left padding), prompt first."""
+        if not self.steps or "captures" not in self.steps[0]:
+            raise ValueError("captures need generate(..., keep=Keep())")  # programming error
+        out = []
+        for b, first in enumerate(self.steps[0]["captures"]):
+            last = len(self.steps) - 1 if self.ends[b] is None else self.ends[b]
+            pad = self.sequences.shape[1] - len(self.steps) - first.prompt_len  # the row's left padding
+            end = pad + first.prompt_len + last + 1  # the prompt and the tokens its steps chose
+            out.append(RunCapture(first.prompt_len, [s["captures"][b].steps[0] for s in self.steps[:last + 1]],
+                                  first.detected, first.row_records, self.sequences[b:b + 1, pad:end], None))
+        return out
 
 
 def cached_prefix(lm: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tensor, intervention) -> int:
@@ -110,15 +132,15 @@ def extended(lm: LoadedModel, inputs: dict, tokens: torch.Tensor) -> dict:
     return out
 
 
-def _step(lm: LoadedModel, full: dict, iv, start: int, cache) -> tuple[torch.Tensor, list]:
+def _step(lm: LoadedModel, full: dict, iv, start: int, cache, keep: Keep = NO_LAYERS,
+          dose: float = 1.0) -> RunResult:
     """One intervened forward of ``full``'s positions from ``start`` on over ``cache`` (which it extends); ``start``
-    0 and no cache: the whole sequence. ``(scores [B, vocab], records per row)``."""
+    0 and no cache: the whole sequence. Its :class:`~.runner.RunResult` (captures with ``keep.layers``)."""
     ids, mask = full["input_ids"], full["attention_mask"]
     if iv is not None:
         iv.prepare(lm, full, rows_of(ids, mask, lm.tokens.image_token_id))
     if cache is None:
-        res = forward(lm, full, iv, keep=Keep(layers=False), prepare=False)
-        return res.logits, res.records
+        return forward(lm, full, iv, keep=keep, prepare=False, dose=dose)
     layers = iv.layers(lm.n_layers) if iv is not None else ()
     prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in layers}
     suffix = {"input_ids": ids[:, start:], "attention_mask": mask}
@@ -126,10 +148,9 @@ def _step(lm: LoadedModel, full: dict, iv, start: int, cache) -> tuple[torch.Ten
         suffix["position_ids"] = full["position_ids"][..., start:]  # [B, S] or Qwen-VL's [3, B, S]
     if "token_type_ids" in full:
         suffix["token_type_ids"] = full["token_type_ids"][:, start:]
-    res = forward(lm, suffix, iv, keep=Keep(layers=False), full_ids=ids, prepare=False,
-                  continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
-                  **lm.adapter.cache_kwargs(lm.model, cache))
-    return res.logits, res.records
+    return forward(lm, suffix, iv, keep=keep, full_ids=ids, prepare=False, dose=dose,
+                   continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
+                   **lm.adapter.cache_kwargs(lm.model, cache))
 
 
 def _prompt_cache(lm: LoadedModel, inputs: dict, start: int):
@@ -144,7 +165,7 @@ def _prompt_cache(lm: LoadedModel, inputs: dict, start: int):
 
 
 def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens: int, decoding=None, keys=None,
-             steer: bool = True, keep_scores: bool = False) -> Generation:
+             steer: bool = True, keep_scores: bool = False, keep: Keep = NO_LAYERS, dose: float = 1.0) -> Generation:
     """Up to ``max_new_tokens`` tokens per row, each chosen from the intervention's combined scores.
 
     Args:
@@ -156,6 +177,9 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
         keys: per row, the question's key for a sampled draw.
         steer: False: the baseline, nothing changed.
         keep_scores: keep every step's scores [B, vocab] in ``steps[k]["scores"]``.
+        keep: what each step's forward keeps besides its scores and records (``Keep()``: every layer's captures,
+            ``steps[k]["captures"]``, read with :meth:`Generation.captures`).
+        dose: multiplies what the intervention changes at every step.
 
     Returns:
         A :class:`Generation`.
@@ -172,23 +196,36 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
     start = S - 1 if iv is None else cached_prefix(lm, ids, inputs["attention_mask"], iv)
     ends, pad = end_ids(lm), lm.processor.tokenizer.pad_token_id
     pad = pad if pad is not None else next(iter(ends), 0)
-    done = torch.zeros(B, dtype=torch.bool)
+    done, ended = torch.zeros(B, dtype=torch.bool), [None] * B
     full, steps, first = inputs, [], None
     with torch.no_grad():
         cache = _prompt_cache(lm, inputs, start)
         for k in range(max_new_tokens):
-            scores, records = _step(lm, full, iv, start, cache)
-            scores = scores.float().cpu()
-            step = {"records": records}
+            res = _step(lm, full, iv, start, cache, keep, dose)
+            scores = res.logits.float().cpu()
+            step = {"records": res.records}
             if keep_scores:
                 step["scores"] = scores
+            if keep.layers:
+                step["captures"] = _relabelled(res.captures, k)
             steps.append(step)
             first = scores if first is None else first
             token = choose(scores, decoding, keys, k)
             token = torch.where(done, torch.full_like(token, pad), token)
+            for b, t in enumerate(token.tolist()):
+                if ended[b] is None and not bool(done[b]) and t in ends:
+                    ended[b] = k
             done |= torch.tensor([int(t) in ends for t in token], dtype=torch.bool)
             full = extended(lm, full, token)
             start = full["input_ids"].shape[1] - 1 if cache is not None else 0
             if bool(done.all()):
                 break
-    return Generation(full["input_ids"], first, steps)
+    return Generation(full["input_ids"], first, steps, ended)
+
+
+def _relabelled(captures: list[RunCapture], k: int) -> list[RunCapture]:
+    """A step's captures labelled as a traced ``generate`` labels them: step 0 ``prefill``, step k ``decode`` k."""
+    for cap in captures:
+        for s in cap.steps:
+            s.phase, s.decode_step = ("prefill", 0) if k == 0 else ("decode", k)
+    return captures

@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
-from ..engine.runner import Keep, RunCapture, forward, greedy, with_embeds
+from ..engine.decode import extended
+from ..engine.runner import Keep, RunCapture, StepCapture, forward, greedy, with_embeds
 from ..interventions import Intervention, as_intervention
 from ..interventions.base import rows_of
 from ..measurements.measure import run_records
@@ -139,20 +140,28 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     ``baseline`` may be passed to reuse an earlier baseline run of the same intervention
     (explain does this); ``template`` is the prompt around the question (with ``<image>``).
     ``question_id`` labels the records (default: the question's own id, 0 for a bare prompt).
+    With ``max_new_tokens`` under a decoding-level method (one that reads the ``logits`` site) both runs are
+    :mod:`mclcbf_diag.engine.decode`'s loop (:func:`_generated_runs`): every token from the method's scores.
     """
     iv = as_intervention(intervention)
     text = question.text if isinstance(question, PopeQuestion) else question
     if question_id is None:
         question_id = question.question_id if isinstance(question, PopeQuestion) else 0
     prompt, inputs = sample_inputs(lm, text, image, template)
-    if baseline is None:
-        baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
-                           keep=Keep(embeds=True)).captures[0]
-    steered = forward(lm, with_embeds(inputs, baseline), iv, generate=greedy(max_new_tokens),
-                      dose=multiplier).captures[0]
+    extra = []
+    if max_new_tokens > 0 and "logits" in iv.open_sites(True):
+        baseline, steered, extra = _generated_runs(lm, prompt, image, iv, max_new_tokens, question_id, multiplier,
+                                                   baseline)
+    else:
+        if baseline is None:
+            baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
+                               keep=Keep(embeds=True)).captures[0]
+        steered = forward(lm, with_embeds(inputs, baseline), iv, generate=greedy(max_new_tokens),
+                          dose=multiplier).captures[0]
+        extra = _view_records(lm, inputs, iv, question_id, max_new_tokens)
     base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
     steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
-    parts = [base_records, steer_records, *_view_records(lm, inputs, iv, question_id, max_new_tokens)]
+    parts = [base_records, steer_records, *extra]
     label = question.label if isinstance(question, PopeQuestion) else None
     if label in ("yes", "no"):
         parts.append(frame({"question_id": [question_id], "condition": ["baseline"], "phase": ["prefill"],
@@ -165,14 +174,62 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
                        lambda i: tok.decode([i]))
 
 
-def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, max_new_tokens: int) -> list:
+def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int, question_id, dose: float,
+                    baseline: RunCapture | None) -> tuple[RunCapture, RunCapture, list]:
+    """Baseline and intervened generation under a decoding-level method, as ``pope --generate`` runs it.
+
+    Both are :func:`~mclcbf_diag.engine.decode.generate`'s loop over the prompt as ``pope`` batches it (a batch of
+    one), every step captured: the intervened run chooses each token from the method's combined scores, the
+    baseline from the model's own. Besides the two runs: per decode step the method's own terms at the step's
+    position (its ``logits`` site's records, layer −1; step 0's are the run's whole-model records), and every step's
+    auxiliary forwards (conditions ``view:NAME``: the method's views of the sequence that step read).
+
+    Returns:
+        ``(baseline, intervened, [records frames])``.
+    """
+    from ..engine.batch import batch_inputs
+    from ..engine.decode import generate
+
+    inputs = batch_inputs(lm, [prompt], [image], share_images=False)
+    if baseline is None:
+        baseline = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, steer=False, keep=Keep()).captures()[0]
+    iv.sources([prompt], [image])
+    gen = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, keep=Keep(), dose=dose)
+    steered = gen.captures()[0]
+    extra = []
+    for step in steered.steps[1:]:
+        terms = gen.steps[step.decode_step]["records"][0].get(NO_LAYER, {})
+        if terms:
+            extra.append(frame({"question_id": [question_id] * len(terms), "condition": ["steered"] * len(terms),
+                                "phase": ["decode"] * len(terms), "decode_step": [step.decode_step] * len(terms),
+                                "layer": [NO_LAYER] * len(terms), "head": [NO_HEAD] * len(terms),
+                                "metric": list(terms), "value": [math.nan if v is None else v
+                                                                  for v in terms.values()]}))
+    full = inputs
+    for step in steered.steps:
+        if step.decode_step:
+            full = extended(lm, full, steered.generated[:, steered.prompt_len + step.decode_step - 1])
+        extra += _view_records(lm, full, iv, question_id, 0, step)
+    return baseline, steered, extra
+
+
+def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, max_new_tokens: int,
+                  step: StepCapture | None = None) -> list:
     """Records of the auxiliary forwards the intervention contrasts with (condition ``view:NAME``), measured as the
-    baseline is: the same probes on the question as the method's other view shows it (VCD: the noised image)."""
+    baseline is: the same probes on the question as the method's other view shows it (VCD: the noised image).
+    ``step``: the generation step whose sequence ``inputs`` holds (the records take its phase and decode step)."""
     if iv is None or max_new_tokens > 0 or "logits" not in iv.open_sites(True):
         return []
     rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
-    return [run_records(lm, forward(lm, view).captures[0], question_id=question_id, condition=f"view:{name}")
-            for name, view in iv.views(lm, inputs, rows).items()]
+    out = []
+    for name, view in iv.views(lm, inputs, rows).items():
+        cap = forward(lm, view).captures[0]
+        if step is not None:
+            cap.steps[0].phase, cap.steps[0].decode_step = step.phase, step.decode_step
+            cap.prompt_len = cap.prompt_len - step.decode_step  # the prompt's length (the sink, the image mask)
+            cap.detected = cap.detected[:cap.prompt_len]
+        out.append(run_records(lm, cap, question_id=question_id, condition=f"view:{name}"))
+    return out
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ A measurement is a row ``(question_id, condition, phase, decode_step, layer, hea
 
 * ``question_id``: the POPE question id (or any label the caller picks); not the 0-based
   index in the split that ``--sample N`` selects by;
-* ``condition``: ``"baseline"`` or ``"steered"`` (explain adds e.g. ``"fix:span"``);
+* ``condition``: ``"baseline"`` or ``"steered"`` (explain adds e.g. ``"fix:span"``; trace under a decoding-level
+  method adds its auxiliary forwards, ``"view:NAME"``, measured as the baseline is);
 * ``phase``: ``"prefill"`` (the prompt) or ``"decode"`` (generated tokens);
 * ``decode_step``: 0 for the prompt's (prefill) forward, k for the forward that reads the
   k-th generated token (phase ``"decode"``, k ≥ 1); not the intervention's step (θ*);
@@ -163,7 +164,8 @@ METRICS = {
     "local_margin_corrupted": "the baseline's margin (the localisation's 0)",
     "local_margin_floor": "noise floor of a margin: an intervention that moves the margin less leaves nothing to "
                           "localise (NaN)",
-    # a decoding-level method (the logits site), whole-model records of its steered run
+    # a decoding-level method (the logits site), whole-model records of its steered run (at every step of a
+    # generated trace: the margins at the position that step reads)
     "decoding_model_margin": "the Yes−No margin of the model's own final logits, before the method combined them "
                              "(final_margin is the combined distribution's: ±inf where its cutoff removed Yes or No)",
     "decoding_aux_margin": "the Yes−No margin of what the method contrasts with: the auxiliary forward (VCD: the "
