@@ -610,6 +610,16 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
     With ``intervention`` the forward is the intervened one, traced as :func:`forward` traces it (eager
     attention, the intervention's sites); the hooks keep the tensors the layers used, so an intervention's
     in-place edit of a layer's input is in what they keep. No gradient then.
+
+    Args:
+        inputs: a left-padded batch's model inputs (``input_ids``, ``attention_mask``, pixels …).
+        cache: whether to keep the KV cache of every position (:attr:`Activations.cache`).
+        grad_of: ``(yes_id, no_id)``: also the gradients of each row's margin (:attr:`Activations.grads`).
+        attention: transformers' attention implementation for a plain forward (an intervened one is eager).
+        intervention: an intervention to apply (prepared here on ``inputs``); None: the plain forward.
+
+    Returns:
+        An :class:`Activations`, every tensor detached.
     """
     if intervention is not None:
         if grad_of is not None:
@@ -687,6 +697,19 @@ def run_patched(lm: LoadedModel, feed: dict, *, layer: int, entering: torch.Tens
     heads' outputs before ``o_proj`` (``[B, s, H·hd]``) are replaced by ``z_source``, and where
     ``mlp_mask`` is true the MLP's output by ``mlp_source`` (masks broadcast against the values).
     ``feed``/``model_kwargs`` are those of a continuation (:mod:`mclcbf_diag.models.shared_prefix`).
+
+    Args:
+        feed: the continuation's model inputs (``inputs_embeds`` of its positions, positions, mask).
+        layer: the decoder layer the forward starts at, and the one it patches.
+        entering: ``[B, s, d]`` the residual entering ``layer`` (unused with ``layer == 0``).
+        z_source: ``[B, s, H·hd]`` the heads' outputs to put in before ``o_proj`` (None: no head patched).
+        z_mask: where ``z_source`` replaces them.
+        mlp_source: ``[B, s, d]`` the MLP output to put in (None: no MLP patched).
+        mlp_mask: where ``mlp_source`` replaces it.
+        **model_kwargs: passed to the model (the prefix's cache, ``use_cache``).
+
+    Returns:
+        ``[B, vocab]`` float32 logits at the last position.
     """
     ad = lm.adapter
     nm = traced(lm.model)
