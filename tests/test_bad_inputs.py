@@ -311,7 +311,7 @@ def test_prompt_without_image_placeholder(embedded_model, embedded_image_questio
 
 
 def test_image_span_not_found(embedded_model):
-    from mclcbf_diag.engine.runner import run
+    from mclcbf_diag.engine.runner import forward
 
     tok = embedded_model.processor.tokenizer
     ids = tok("USER: Is there a dog in the image?\nASSISTANT:", return_tensors="pt").input_ids
@@ -321,7 +321,7 @@ def test_image_span_not_found(embedded_model):
         B.image_span_mask(B.get_preset("fixed"), ids, image_id)
     for preset in ("seed-exp6", "fixed"):
         with pytest.raises(UserError, match="no image token") as info:
-            run(embedded_model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, B.get_preset(preset))
+            forward(embedded_model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, B.get_preset(preset))
         assert "\n" not in str(info.value)
 
 

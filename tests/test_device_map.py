@@ -6,7 +6,7 @@ entries alone load the model on one device (transformers dispatches nothing); ad
 the ``meta`` device outside their forward and move inputs to each module's execution device:
 the code paths of a model split over GPUs and CPU (look-ahead weights, RoPE, keys and the
 probes' tensors each taken from where their layer is). Both go through ``trace``
-(:func:`mclcbf_diag.engine.runner.run`) and ``pope`` (:func:`mclcbf_diag.engine.batch.answer_batch`, the
+(:func:`mclcbf_diag.engine.runner.forward`) and ``pope`` (:func:`mclcbf_diag.engine.batch.answer_batch`, the
 prefix-reusing pair, and the command line), against the same model loaded without a map.
 """
 

@@ -1,4 +1,4 @@
-"""Batched answers (mclcbf_diag.engine.batch) against per-sample ``runner.run``.
+"""Batched answers (mclcbf_diag.engine.batch) against per-sample ``runner.forward``.
 
 Prompts of different lengths force left padding: every row must still get exactly the
 margin it gets alone, baseline and steered, for every steering site and token choice.
@@ -15,7 +15,7 @@ from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs, cached_prefix
-from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.runner import forward
 from mclcbf_diag.interventions import MCLCBF
 
 POPE = shipped.POPE
@@ -73,14 +73,14 @@ def _fired(capture):
 
 @pytest.fixture(scope="module")
 def singles(lm, batch):
-    """Per-sample runner.run margins and fired layers, per config."""
+    """Per-sample runner.forward margins and fired layers, per config."""
     prompts, images = batch
     out = {}
     for name, cfg in CONFIGS.items():
         rows = []
         for p, img in zip(prompts, images):
             inputs = lm.inputs(p, img)
-            base, steered = run(lm, inputs, cfg, steer=False), run(lm, inputs, cfg)
+            base, steered = forward(lm, inputs, cfg, steer=False).captures[0], forward(lm, inputs, cfg).captures[0]
             rows.append((_margin(lm, base), _margin(lm, steered), _fired(steered)))
         out[name] = rows
     return out
@@ -189,7 +189,7 @@ def test_prompt_without_image_is_a_user_error(embedded_model, batch):
 
 
 # ============================================================================= independent references
-# The tests above compare the batched path with runner.run, the same runner. These compare it
+# The tests above compare the batched path with runner.forward, the same runner. These compare it
 # with plain HF forwards (no nnsight, no toolkit code): per sample, and as one left-padded
 # batch built here with the tokenizer; the intervention is a vector added to the decision
 # token's residual, implemented for the reference as a ``register_forward_pre_hook``.

@@ -17,7 +17,7 @@ import torch
 
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.world import sample_scene
-from mclcbf_diag.engine.runner import run, run_batch, with_embeds
+from mclcbf_diag.engine.runner import Keep, forward, greedy, with_embeds
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.base import Intervention
 from mclcbf_diag.models import load_model
@@ -135,10 +135,10 @@ def _vector(lm, seed=3, scale=0.5):
     return scale * torch.randn(lm.text_config.hidden_size, generator=g)
 
 
-# ----------------------------------------------------------------------------- run, no intervention
-def test_run_without_intervention_equals_a_plain_forward(lm, images):
+# ----------------------------------------------------------------------------- one prompt, no intervention
+def test_forward_without_intervention_equals_a_plain_forward(lm, images):
     inputs = lm.inputs(build_prompt(TEXTS[1]), images[1])
-    cap = run(lm, inputs)
+    cap = forward(lm, inputs).captures[0]
     out, seen = _plain(lm, inputs)
     ids = inputs["input_ids"][0]
     assert cap.prompt_len == ids.shape[0]
@@ -159,23 +159,19 @@ def test_run_without_intervention_equals_a_plain_forward(lm, images):
     torch.testing.assert_close(step.final_logits, out.logits[0, -1].float(), atol=floors.logit_floor(lm), rtol=0)
 
 
-def test_run_refuses_a_batch_and_a_prompt_without_image(lm, images):
-    inputs = lm.inputs(build_prompt(TEXTS[0]), images[0])
-    two = {k: torch.cat([v, v]) for k, v in inputs.items()}
-    with pytest.raises(ValueError, match="forward"):
-        run(lm, two)
+def test_forward_refuses_a_prompt_without_image(lm):
     ids = lm.processor.tokenizer("USER: hello\nASSISTANT:", return_tensors="pt").input_ids
     with pytest.raises(UserError, match="no image token"):
-        run(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, AddVector(0, _vector(lm)))
+        forward(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, AddVector(0, _vector(lm)))
 
 
-# ----------------------------------------------------------------------------- run, residual addition
+# ----------------------------------------------------------------------------- one prompt, residual addition
 @pytest.mark.parametrize("after_norm", [False, True])
-def test_run_with_a_residual_addition_equals_a_forward_pre_hook(lm, images, after_norm):
+def test_forward_with_a_residual_addition_equals_a_forward_pre_hook(lm, images, after_norm):
     layer = 1
     vec = _vector(lm)
     inputs = lm.inputs(build_prompt(TEXTS[0]), images[0])
-    cap = run(lm, inputs, AddVector(layer, vec, after_norm))
+    cap = forward(lm, inputs, AddVector(layer, vec, after_norm)).captures[0]
     out, seen = _plain(lm, inputs, layer=layer, vector=vec, after_norm=after_norm)
     base, _ = _plain(lm, inputs)
     step = cap.steps[0]
@@ -199,11 +195,11 @@ def test_run_with_a_residual_addition_equals_a_forward_pre_hook(lm, images, afte
 def test_dose_scales_the_addition_and_steer_false_leaves_the_model_alone(lm, images):
     vec = _vector(lm, seed=5, scale=0.3)
     inputs = lm.inputs(build_prompt(TEXTS[2]), images[2])
-    doubled = run(lm, inputs, AddVector(0, vec), dose=2.0)
+    doubled = forward(lm, inputs, AddVector(0, vec), dose=2.0).captures[0]
     out, _ = _plain(lm, inputs, layer=0, vector=2 * vec)
     tol = floors.logit_floor(lm)  # logits of two routes
     torch.testing.assert_close(doubled.steps[0].final_logits, out.logits[0, -1].float(), atol=tol, rtol=0)
-    measured = run(lm, inputs, AddVector(0, vec), steer=False)
+    measured = forward(lm, inputs, AddVector(0, vec), steer=False).captures[0]
     base, _ = _plain(lm, inputs)
     torch.testing.assert_close(measured.steps[0].final_logits, base.logits[0, -1].float(), atol=tol, rtol=0)
     assert measured.steps[0].layers[0].added is None
@@ -213,7 +209,7 @@ def test_dose_scales_the_addition_and_steer_false_leaves_the_model_alone(lm, ima
 def test_generation_equals_hf_generate_with_the_same_hook(lm, images):
     n, layer, vec = 3, lm.n_layers - 1, _vector(lm, seed=7)
     inputs = lm.inputs(build_prompt(TEXTS[0]), images[0])
-    cap = run(lm, inputs, AddVector(layer, vec), max_new_tokens=n)
+    cap = forward(lm, inputs, AddVector(layer, vec), generate=greedy(n)).captures[0]
     with torch.no_grad(), hooked(lm, layer=layer, vector=vec):
         ref = lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                 return_dict_in_generate=True, output_logits=True)
@@ -241,16 +237,16 @@ def test_kept_embeddings_are_the_language_models_input_and_replay_the_run(lm, im
     finally:
         handle.remove()
     vec = _vector(lm)
-    cap = run(lm, inputs, AddVector(1, vec), keep_embeds=True)
+    cap = forward(lm, inputs, AddVector(1, vec), keep=Keep(embeds=True)).captures[0]
     # exact: the same embedding lookup and vision tower, same kernels on the same inputs, in both forwards
     torch.testing.assert_close(cap.inputs_embeds, got["embeds"], atol=0, rtol=0)
-    replay = run(lm, with_embeds(inputs, cap), AddVector(1, vec))
+    replay = forward(lm, with_embeds(inputs, cap), AddVector(1, vec)).captures[0]
     torch.testing.assert_close(replay.steps[0].final_logits, cap.steps[0].final_logits, atol=floors.logit_floor(lm),
                                rtol=0)
-    assert with_embeds(inputs, run(lm, inputs)) is inputs  # nothing kept: the inputs as they were
+    assert with_embeds(inputs, forward(lm, inputs).captures[0]) is inputs  # nothing kept: the inputs as they were
 
 
-# ----------------------------------------------------------------------------- run_batch
+# ----------------------------------------------------------------------------- batches
 def _batch(lm, images):
     from mclcbf_diag.engine.batch import batch_inputs
 
@@ -262,12 +258,13 @@ def _batch(lm, images):
 
 
 @pytest.mark.parametrize("with_vector", [False, True])
-def test_run_batch_with_left_padding_equals_per_sample_plain_forwards(lm, images, with_vector):
+def test_uncaptured_forward_with_left_padding_equals_per_sample_plain_forwards(lm, images, with_vector):
     layer, vec = 1, _vector(lm, seed=11)
     prompts, inputs = _batch(lm, images)
     iv = AddVector(layer, vec) if with_vector else Intervention()
     with torch.no_grad():  # as batch.py calls it
-        last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+        res = forward(lm, inputs, iv, keep=Keep(layers=False))
+        last, records = res.logits, res.records
     assert last.shape == (len(prompts), lm.model.config.text_config.vocab_size)
     for b, (p, img) in enumerate(zip(prompts, images)):
         alone = lm.inputs(p, img)
@@ -284,7 +281,7 @@ def test_run_batch_with_left_padding_equals_per_sample_plain_forwards(lm, images
 def test_forward_captures_every_row_of_a_padded_batch_as_a_plain_forward_of_it_alone(lm, images):
     """The one entry point: every row of a left-padded batch captured at every layer, its answer's logits, its
     records and its kept embeddings, each as a plain hooked forward of that prompt alone gives them."""
-    from mclcbf_diag.engine.runner import Keep, RunResult, forward
+    from mclcbf_diag.engine.runner import RunResult
 
     layer, vec = 1, _vector(lm, seed=13)
     prompts, inputs = _batch(lm, images)
@@ -321,18 +318,18 @@ def test_forward_captures_every_row_of_a_padded_batch_as_a_plain_forward_of_it_a
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")
-def test_run_batch_runs_without_gradients_on_its_own(lm, images):
+def test_forward_runs_without_gradients_on_its_own(lm, images):
     _, inputs = _batch(lm, images)
-    last, _ = run_batch(lm, inputs, AddVector(1, _vector(lm)), full_ids=inputs["input_ids"])
+    last = forward(lm, inputs, AddVector(1, _vector(lm)), keep=Keep(layers=False)).logits
     assert not last.requires_grad
 
 
 @pytest.mark.parametrize("layer", [0, 2])
 def test_rows_continuing_a_shared_prefix_from_a_later_layer_equal_plain_hooked_forwards(lm, images, layer):
-    """run_rows over the last positions only, attending to each question's cached prefix in
+    """forward over the last positions only, attending to each question's cached prefix in
     place (models.shared_prefix), the layers before the edit not run (skip_to), against each
     prompt's own full forward with a plain HF hook."""
-    from mclcbf_diag.engine.runner import prefix_forward, run_rows
+    from mclcbf_diag.engine.runner import Continuation, prefix_forward
     from mclcbf_diag.interventions.base import rows_of
     from mclcbf_diag.models.shared_prefix import SharedPrefix, continuation_mask, continuing
 
@@ -351,15 +348,16 @@ def test_rows_continuing_a_shared_prefix_from_a_later_layer_equal_plain_hooked_f
     shared = SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)
     entering = pre.layer_inputs[layer][owner, start - states_from:] if layer else None
     with torch.no_grad(), continuing(lm, shared):
-        last, records = run_rows(lm, feed, AddVector(layer, vec), full_ids=ids[owner], full_mask=mask[owner],
-                                 start=start, prefix_keys={i: k for i, (k, _) in enumerate(kv)},
-                                 prefix_rows=owner.tolist(), skip_to=layer, entering=entering, capture=False,
-                                 use_cache=False)
+        cont = Continuation(start, prefix_keys={i: k for i, (k, _) in enumerate(kv)}, prefix_rows=owner.tolist(),
+                            full_mask=mask[owner], skip_to=layer, entering=entering)
+        res = forward(lm, feed, AddVector(layer, vec), keep=Keep(layers=False), full_ids=ids[owner], continuation=cont,
+                      prepare=False, use_cache=False)
+        last, records = res.logits, res.records
     for b, q in enumerate(owner.tolist()):
         with torch.no_grad(), hooked(lm, layer=layer, vector=vec):
             ref = lm.model(**lm.inputs(prompts[q], images[q])).logits[0, -1]
         torch.testing.assert_close(last[b].float(), ref.float(), atol=floors.logit_floor(lm), rtol=0)
         assert records[b][layer]["rounding_survival"] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="skip_to"):
-        run_rows(lm, feed, AddVector(layer, vec), full_ids=ids[owner], full_mask=mask[owner], start=start,
-                 skip_to=layer + 1, entering=entering, capture=False)
+        forward(lm, feed, AddVector(layer, vec), keep=Keep(layers=False), full_ids=ids[owner], prepare=False,
+                continuation=Continuation(start, full_mask=mask[owner], skip_to=layer + 1, entering=entering))

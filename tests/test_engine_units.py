@@ -11,7 +11,7 @@ import torch
 from mclcbf_diag import barrier as B
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.runner import forward
 from mclcbf_diag.engine.units import Mix, Prefix, SweepKnockout, Unit, _runs, run_units
 from mclcbf_diag.experiments.sweep import GradedKnockout
 from mclcbf_diag.interventions import MCLCBF
@@ -215,7 +215,7 @@ def test_mclcbf_rows_of_different_prompts_and_doses_step_as_each_alone(embedded_
 
     Two comparisons, both with :func:`_assert_same_step`'s floors (CONTRIBUTING.md, "Tolerances"): at identical
     inputs, each member of a group against the same step of that row alone; end to end, against
-    ``runner.run`` of each row alone, where a layer's inputs also differ by the rounding of the earlier
+    ``runner.forward`` of each row alone, where a layer's inputs also differ by the rounding of the earlier
     steps (an unclamped scale amplifies a one-step difference of h near τ by 1/|τ − h|), and the margin
     within :func:`_margin_tolerance`.
     """
@@ -257,7 +257,7 @@ def test_mclcbf_rows_of_different_prompts_and_doses_step_as_each_alone(embedded_
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
     moved, active = [], 0
     for (q, dose), (logits, records) in zip(plan, got):
-        alone = run(lm, lm.inputs(prompts[q], images[q]), MCLCBF(cfg), dose=dose).steps[0]
+        alone = forward(lm, lm.inputs(prompts[q], images[q]), MCLCBF(cfg), dose=dose).captures[0].steps[0]
         margin = float(alone.final_logits[yes] - alone.final_logits[no])
         assert float(logits[yes] - logits[no]) == pytest.approx(margin, rel=0, abs=_margin_tolerance(lm, records,
                                                                                                      alone))

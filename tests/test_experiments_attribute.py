@@ -22,6 +22,7 @@ from PIL import Image
 
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.engine.runner import Keep, activations_forward, forward
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.experiments.attribute import (
     Grid,
@@ -40,7 +41,6 @@ from mclcbf_diag.interventions.base import Intervention
 from mclcbf_diag.measurements import attribution as A
 from mclcbf_diag.models import load_model
 from mclcbf_diag.records import documented
-from mclcbf_diag.runner import activations_forward, run
 
 QUESTION = "Is there a dog in the image?"
 
@@ -80,7 +80,7 @@ def test_dla_sums_to_the_models_own_margin(lm, which):
         iv = resolve("pai", None, [])
     image = sample_scene(0, 0).image()
     inputs = _inputs(lm, image)
-    att = dla(lm, run(lm, inputs, iv, components=True))
+    att = dla(lm, forward(lm, inputs, iv, keep=Keep(components=True)).captures[0])
     # the margin of the run's own logits (the intervened forward's, when there is an intervention)
     assert abs(att.total - att.margin) <= _dla_bound(lm), (att.total, att.margin)
     if iv is None:
@@ -117,7 +117,7 @@ def test_dla_heads_equal_a_hooked_forward(embedded_model):
     r = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
     w = lm.model.lm_head.weight
     u = norm.weight * (w[lm.tokens.yes_id] - w[lm.tokens.no_id]) / r
-    att = dla(lm, run(lm, inputs, components=True))
+    att = dla(lm, forward(lm, inputs, keep=Keep(components=True)).captures[0])
     H = lm.text_config.num_attention_heads
     for i, layer in enumerate(layers):
         ref = torch.stack([u @ layer.self_attn.o_proj.weight[:, h * 32:(h + 1) * 32] @ z[i][h * 32:(h + 1) * 32]
@@ -128,9 +128,9 @@ def test_dla_heads_equal_a_hooked_forward(embedded_model):
 def test_dla_records_are_tidy_and_documented(embedded_model):
     lm = embedded_model
     inputs = _inputs(lm, sample_scene(0, 0).image())
-    base = dla(lm, run(lm, inputs, components=True))
+    base = dla(lm, forward(lm, inputs, keep=Keep(components=True)).captures[0])
     iv = resolve("mclcbf", None, ["span=detected", "alpha=50", "tau=0.9"])
-    steered = dla(lm, run(lm, inputs, iv, components=True))
+    steered = dla(lm, forward(lm, inputs, iv, keep=Keep(components=True)).captures[0])
     rec = dla_records(steered, question_id="q", condition="steered", base=base)
     assert len({len(v) for v in rec.values()}) == 1
     assert all(documented(m) for m in set(rec["metric"]))
@@ -360,7 +360,7 @@ def planted(tmp_path_factory, tiny_processor):
 
 def test_a_planted_head_ranks_first_in_dla_and_both_patchings(planted):
     lm, clean, corrupted = planted
-    a_clean, a_corr = (dla(lm, run(lm, x, components=True)) for x in (clean, corrupted))
+    a_clean, a_corr = (dla(lm, forward(lm, x, keep=Keep(components=True)).captures[0]) for x in (clean, corrupted))
     diff = torch.cat([(a_clean.heads - a_corr.heads).reshape(-1), a_clean.mlp - a_corr.mlp])
     H = lm.text_config.num_attention_heads
     first = PLANTED_HEAD[0] * H + PLANTED_HEAD[1]
@@ -496,13 +496,13 @@ class RestoreResidual(Intervention):
 
 
 def _intervened_margin(lm, inputs, iv, *, head=None, mlp=None):
-    """One intervened forward of the whole prompt (the runner's own ``run``), a head's or the MLP's output
+    """One intervened forward of the whole prompt (the runner's own ``forward``), a head's or the MLP's output
     replaced by a hook as in :func:`_hooked_margin`. The hooks act on the prompt's own forward only, not on
     the forwards an intervention runs to prepare (VISTA's prompt without its image)."""
     layers = lm.model.model.language_model.layers
     hooks = _component_hooks(layers, head, mlp, length=inputs["input_ids"].shape[1])
     try:
-        return _margin_of(lm, run(lm, inputs, iv).steps[0].final_logits)
+        return _margin_of(lm, forward(lm, inputs, iv).captures[0].steps[0].final_logits)
     finally:
         for h in hooks:
             h.remove()
@@ -543,7 +543,8 @@ def test_both_directions_of_the_localisation_equal_one_forward_per_patch(lm, whi
             p = pos[g]
             ref = _hooked_margin(lm, inputs, resid=(L, p, ivacts.resid[L][0, p]))
             assert abs(float(grid.margins["resid:denoise"][L, j]) - ref) <= floor, (L, g)
-            ref = _margin_of(lm, run(lm, inputs, RestoreResidual(iv, L, p, base.resid[L][0, p])).steps[0].final_logits)
+            restored = RestoreResidual(iv, L, p, base.resid[L][0, p])
+            ref = _margin_of(lm, forward(lm, inputs, restored).captures[0].steps[0].final_logits)
             assert abs(float(grid.margins["resid:noise"][L, j]) - ref) <= floor, (L, g)
         for h in range(H):
             cols = slice(h * lm.text_config.head_dim, (h + 1) * lm.text_config.head_dim)

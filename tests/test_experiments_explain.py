@@ -17,7 +17,7 @@ from mclcbf_diag import barrier as B
 from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.diagnosis.counterfactual import Counterfactual
 from mclcbf_diag.diagnosis.diagnose import diagnose
-from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.runner import forward
 from mclcbf_diag.experiments.evidence import KNOCKOUTS
 from mclcbf_diag.experiments.explain import (
     cause_chain,
@@ -179,8 +179,8 @@ def test_controls_present_but_not_decisive(embedded_model, sample):
 def test_knockouts_edit_only_what_they_say(embedded_model, sample):
     q, image = sample
     _, inputs = sample_inputs(embedded_model, q.text, image)
-    r = pd.concat([run_records(embedded_model, run(embedded_model, inputs, ko), question_id=q.question_id,
-                               condition=name) for name, ko in KNOCKOUTS.items()])
+    r = pd.concat([run_records(embedded_model, forward(embedded_model, inputs, ko).captures[0],
+                               question_id=q.question_id, condition=name) for name, ko in KNOCKOUTS.items()])
     mass = r.query("metric == 'attn_image_mass' and head == -1 and phase == 'prefill'")
     assert mass[mass.condition == "knockout:decision"].value.abs().max() < 1e-6
     assert mass[mass.condition == "knockout:after_image"].value.abs().max() < 1e-6

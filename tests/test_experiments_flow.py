@@ -8,7 +8,7 @@ from transformers.models.llama import modeling_llama
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.runner import forward
 from mclcbf_diag.experiments.flow import EDGES, default_window, flow_summary, information_flow
 from mclcbf_diag.interventions.block import AttentionBlock, BlockKnobs, block_rows
 from mclcbf_diag.models import load_model
@@ -49,10 +49,10 @@ def test_blocking_equals_a_minus_infinity_mask(embedded_model, sample, source, t
     q, image = sample
     inputs = lm.inputs(build_prompt(q.text), image)
     layers = (1, 2)
-    cap = run(lm, inputs, AttentionBlock(BlockKnobs(source, target, layers)))
+    cap = forward(lm, inputs, AttentionBlock(BlockKnobs(source, target, layers))).captures[0]
     ref = _masked_logits(lm, inputs, source, target, layers, monkeypatch)
     torch.testing.assert_close(cap.steps[0].final_logits, ref.float(), rtol=0, atol=floors.logit_floor(lm))
-    unblocked = run(lm, inputs, None).steps[0].final_logits
+    unblocked = forward(lm, inputs, None).captures[0].steps[0].final_logits
     assert (cap.steps[0].final_logits - unblocked).abs().max() > 1e-4  # the edit did something
 
 

@@ -10,7 +10,7 @@ import torch
 
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.diagnosis.diagnose import diagnose
-from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.runner import forward
 from mclcbf_diag.experiments.sweep import (
     FACTORS,
     TARGETS,
@@ -50,9 +50,9 @@ def test_each_row_gets_its_own_image_mass(embedded_model):
     q = load_pope(POPE / "embedded_pope_adversarial.json")[0]
     image = load_image(resolve_image(q, POPE / "images"))
     _, inputs = sample_inputs(embedded_model, q.text, image)
-    plain = run(embedded_model, inputs)
+    plain = forward(embedded_model, inputs).captures[0]
     for t in (0.0, 0.4):
-        cap = run(embedded_model, inputs, GradedKnockout([("target", t)], "decision", (1, 2)))
+        cap = forward(embedded_model, inputs, GradedKnockout([("target", t)], "decision", (1, 2))).captures[0]
         img = cap.detected
         for layer, c in cap.steps[0].layers.items():
             mass = c.attn[:, img].sum(-1)

@@ -12,7 +12,7 @@ import torch
 
 from mclcbf_diag import barrier as B
 from mclcbf_diag.embedded.world import sample_scene
-from mclcbf_diag.engine.runner import run
+from mclcbf_diag.engine.runner import Keep, forward, greedy
 from mclcbf_diag.experiments.trace import sample_inputs, trace_sample
 from mclcbf_diag.interventions import AttentionKnockout, KnockoutKnobs
 
@@ -130,8 +130,8 @@ def test_decode_keys_equal_the_layer_cache(lm, image, hf_reference):
     """At the first generated token the look-ahead's keys are the cache before it plus its own key: what the layer
     caches when the prompt and that token run in one plain forward."""
     inputs, out = hf_reference
-    cap = run(lm, inputs, _config(tau_decode=0.99, alpha_decode=0.0, tau_prefill=0.99, alpha_prefill=0.0),
-              max_new_tokens=2, keep_keys=True)
+    cap = forward(lm, inputs, _config(tau_decode=0.99, alpha_decode=0.0, tau_prefill=0.99, alpha_prefill=0.0),
+                  generate=greedy(2), keep=Keep(keys=True)).captures[0]
     decode = cap.steps[1]
     assert decode.phase == "decode"
     T = inputs["input_ids"].shape[1]
@@ -225,7 +225,7 @@ def test_attention_logit_site_sets_image_mass_to_tau(lm, image):
 
 def test_knockout_removes_image_attention_everywhere(lm, hf_reference):
     inputs, _ = hf_reference
-    cap = run(lm, inputs, AttentionKnockout(KnockoutKnobs(0.0, tokens="decision")))
+    cap = forward(lm, inputs, AttentionKnockout(KnockoutKnobs(0.0, tokens="decision"))).captures[0]
     image = inputs["input_ids"][0] == lm.tokens.image_token_id
     for layer in cap.steps[0].layers.values():
         assert float(layer.attn[:, image].sum()) == 0.0  # exact: factor 0 multiplies the image probabilities by 0

@@ -3,7 +3,7 @@
 A decoding-level method's auxiliary view that differs from the question only in its image features
 (VCD's noised image, CausalMM's counterfactual features) runs as extra rows of the main rows' batched
 forward: in ``pope``'s baseline forward (``answer_pair``) and in the runner's traced forward
-(``run_batch``). PAI's image-free prompt continues the baseline's cached prefix up to the batch's first
+(``forward``). PAI's image-free prompt continues the baseline's cached prefix up to the batch's first
 image token, and OPERA's candidates continue the baseline's cache instead of a forward of their own.
 Each is compared here with the separate-forward route (:meth:`auxiliary` / ``prepare``) per row, within
 the noise floors of two float32 forwards (``tests/floors.py``), on three questions of three lengths (so
@@ -99,7 +99,7 @@ def test_stacked_auxiliary_rows_equal_the_separate_forward(embedded_model, batch
 
 @pytest.mark.parametrize("make", [lambda: VCD(VCDKnobs(beta=1e-3)), lambda: CausalMM()], ids=["vcd", "causalmm"])
 def test_pope_and_the_runner_run_them_in_the_questions_own_forward(embedded_model, questions, batch, make):
-    """answer_pair's baseline forward and run_batch's traced forward each hold the auxiliary rows: no forward of
+    """answer_pair's baseline forward and the runner's traced forward each hold the auxiliary rows: no forward of
     their own, and the answers equal those of the separate route (prepared apart, then the same forward)."""
     lm = embedded_model
     inputs, rows = batch

@@ -30,7 +30,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.models.llama import modeling_llama
 
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.causalmm import CausalMM, CausalMMKnobs, counterfactual_features, counterfactual_map
 
@@ -86,7 +86,7 @@ def reference_scores(lm, prompt, image, method, *, seed=0, gamma=1.0, epsilon=0.
 
 
 def package_run(lm, prompt, image, **knobs):
-    return run(lm, lm.inputs(prompt, image), CausalMM(CausalMMKnobs(**knobs)))
+    return forward(lm, lm.inputs(prompt, image), CausalMM(CausalMMKnobs(**knobs))).captures[0]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -149,7 +149,8 @@ def test_the_full_strategy_weights_cls_by_the_maps_mean(embedded_model, question
 
 def _batch_scores(lm, prompts, images, iv):
     inputs = batch_inputs(lm, prompts, images)
-    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    last, records = res.logits, res.records
     return last, records
 
 
@@ -194,7 +195,7 @@ def test_the_baseline_is_untouched(embedded_model, questions):
     """A measuring run opens no site: its final logits are the model's."""
     lm = embedded_model
     prompt, image = questions[0][2], questions[1][2]
-    cap = run(lm, lm.inputs(prompt, image), CausalMM(), steer=False)
+    cap = forward(lm, lm.inputs(prompt, image), CausalMM(), steer=False).captures[0]
     with torch.no_grad():
         plain = plain_model(lm)(**lm.inputs(prompt, image), logits_to_keep=1).logits[0, -1]
     torch.testing.assert_close(cap.steps[0].final_logits.float(), plain, rtol=0, atol=1e-5)
@@ -206,7 +207,8 @@ def test_the_dose_scales_gamma(embedded_model, questions):
     prompt, image = questions[0][1], questions[1][1]
     half = package_run(lm, prompt, image, gamma=0.5, epsilon=1e-3).steps[0].final_logits
     inputs = lm.inputs(prompt, image)
-    dosed = run(lm, inputs, CausalMM(CausalMMKnobs(gamma=1.0, epsilon=1e-3)), dose=0.5).steps[0].final_logits
+    dosed = forward(lm, inputs, CausalMM(CausalMMKnobs(gamma=1.0, epsilon=1e-3)),
+                    dose=0.5).captures[0].steps[0].final_logits
     finite = torch.isfinite(half)
     assert torch.equal(finite, torch.isfinite(dosed))
     torch.testing.assert_close(dosed[finite], half[finite], rtol=0, atol=1e-5)
@@ -343,10 +345,10 @@ def test_the_language_level_equals_its_reference(embedded_model, questions, monk
     ref, z, z_cf = reference_language(lm, monkeypatch, prompt, image, method, epsilon=1e-3, vision=level == "both")
     floor = logit_floor(lm.model)
     iv = CausalMM(CausalMMKnobs(attention=method, level=level, epsilon=1e-3))
-    aux = iv.auxiliary(lm, lm.inputs(prompt, image), run_rows(lm, prompt, image))[0]
+    aux = iv.auxiliary(lm, lm.inputs(prompt, image), rows_for(lm, prompt, image))[0]
     torch.testing.assert_close(aux, z_cf, rtol=0, atol=floor)
     assert float((z - z_cf).abs().max()) > 100 * floor  # a different forward
-    cap = run(lm, lm.inputs(prompt, image), iv)
+    cap = forward(lm, lm.inputs(prompt, image), iv).captures[0]
     got = cap.steps[0].final_logits.float()
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
     finite = torch.isfinite(ref)
@@ -358,7 +360,7 @@ def test_the_language_level_equals_its_reference(embedded_model, questions, monk
                                                             abs=6 * floor)
 
 
-def run_rows(lm, prompt, image):
+def rows_for(lm, prompt, image):
     from mclcbf_diag.interventions.base import rows_of
 
     inputs = lm.inputs(prompt, image)

@@ -12,7 +12,7 @@ import torch
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward, greedy
 from mclcbf_diag.engine.units import Prefix, Unit, run_units
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.catalog import KnockoutKnobs
@@ -69,7 +69,7 @@ def close(a, b):
 def test_the_readouts_and_scores_of_one_run(embedded_model, batch):
     lm, (prompts, images) = embedded_model, batch
     iv = LayerMix()
-    cap = run(lm, lm.inputs(prompts[0], images[0]), iv)
+    cap = forward(lm, lm.inputs(prompts[0], images[0]), iv).captures[0]
     z, scores, reads = reference(lm, prompts[0], images[0])
     for key, value in reads.items():
         close(iv.seen[key][0], value)
@@ -79,7 +79,7 @@ def test_the_readouts_and_scores_of_one_run(embedded_model, batch):
     assert rec["decoding_cut_yes"] + rec["decoding_cut_no"] >= 1  # a confident model: one of them is cut at 0.5
     assert all(documented(m) for m in rec)
     # measuring: nothing opened, nothing recorded, the model's own logits
-    base = run(lm, lm.inputs(prompts[0], images[0]), iv, steer=False)
+    base = forward(lm, lm.inputs(prompts[0], images[0]), iv, steer=False).captures[0]
     close(base.steps[0].final_logits, z)
     assert not any(m.startswith("decoding_") for m in base.row_records)
 
@@ -89,7 +89,8 @@ def test_every_runner_path_gives_the_same_scores(embedded_model, batch):
     refs = [reference(lm, p, im, dose=0.5)[1] for p, im in zip(prompts, images)]
     inputs = batch_inputs(lm, prompts, images)
     iv = LayerMix()
-    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    last, records = res.logits, res.records
     ref_full = [reference(lm, p, im)[1] for p, im in zip(prompts, images)]
     for b in range(3):
         close(last[b], ref_full[b])
@@ -118,7 +119,7 @@ def test_captured_generation_is_refused_and_answers_are_generated_by_the_loop(em
     lm, (prompts, images) = embedded_model, batch
     # the runner refuses generate() under nnsight (trace takes engine/decode's loop instead)
     with pytest.raises(UserError, match="first answer token's distribution"):
-        run(lm, lm.inputs(prompts[0], images[0]), LayerMix(), max_new_tokens=2)
+        forward(lm, lm.inputs(prompts[0], images[0]), LayerMix(), generate=greedy(2))
     got = answer_batch(lm, prompts[:1], images[:1], LayerMix(), True, max_new_tokens=2)
     inputs = batch_inputs(lm, prompts[:1], images[:1], share_images=False)
     gen = generate(lm, inputs, LayerMix(), max_new_tokens=2)
@@ -149,7 +150,7 @@ def test_a_measuring_run_reads_the_models_own_answer(embedded_model, batch, name
     from mclcbf_diag.interventions import resolve
 
     lm, (prompts, images) = embedded_model, batch
-    cap = run(lm, lm.inputs(prompts[2], images[2]), resolve(name), steer=False)
+    cap = forward(lm, lm.inputs(prompts[2], images[2]), resolve(name), steer=False).captures[0]
     with torch.no_grad():
         plain = plain_model(lm)(**lm.inputs(prompts[2], images[2]), logits_to_keep=1).logits[0, -1]
     torch.testing.assert_close(cap.steps[0].final_logits.float(), plain.float(), rtol=0, atol=1e-5)

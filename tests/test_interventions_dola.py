@@ -24,7 +24,7 @@ from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.diagnosis.rulebook import Evidence
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.decoding_rules import JSD_AGREES, dola_rules
 from mclcbf_diag.interventions.dola import DoLa, DoLaKnobs, bucket_layers, selection_divergence
@@ -133,7 +133,7 @@ def test_layers_out_of_range_are_refused(embedded_model, questions):
     assert DoLa(DoLaKnobs(layers=(6, -1, 6))).readout_layers(8) == (-1, 6)
     lm = embedded_model
     with pytest.raises(UserError, match=r"−1 \(the embeddings\) … 6 \(the final layer, 7, is the mature one\)"):
-        run(lm, lm.inputs(questions[0][0], questions[1][0]), DoLa(DoLaKnobs(layers=(7,))))
+        forward(lm, lm.inputs(questions[0][0], questions[1][0]), DoLa(DoLaKnobs(layers=(7,))))
     with pytest.raises(UserError):
         DoLaKnobs(layers=())
     with pytest.raises(UserError):
@@ -167,7 +167,7 @@ def test_equals_the_released_construction(model, knobs, questions, request):
     iv = DoLa(DoLaKnobs(**knobs))
     for b in range(3):
         ref, layer, value, final, _ = reference(lm, prompts[b], images[b], knobs)
-        cap = run(lm, lm.inputs(prompts[b], images[b]), iv)
+        cap = forward(lm, lm.inputs(prompts[b], images[b]), iv).captures[0]
         assert_scores(cap.steps[0].final_logits, ref)
         assert_records(cap.row_records, layer, value, ref, lm)
         yes, no = lm.tokens.yes_id, lm.tokens.no_id
@@ -175,7 +175,8 @@ def test_equals_the_released_construction(model, knobs, questions, request):
     # the batched path, three questions of three paddings together
     inputs = batch_inputs(lm, prompts, images)
     assert len(set((inputs["attention_mask"] == 0).sum(-1).tolist())) == 3
-    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    last, records = res.logits, res.records
     for b in range(3):
         ref, layer, value, _, _ = reference(lm, prompts[b], images[b], knobs)
         assert_scores(last[b], ref)
@@ -193,7 +194,7 @@ def test_a_question_where_the_jsd_would_choose_otherwise(embedded_model):
     assert layer == 5
     by_jsd = max(premature, key=lambda j: jsd(final, premature[j])) - 1
     assert by_jsd == 3
-    cap = run(lm, lm.inputs(prompt, image), DoLa(DoLaKnobs(**knobs)))
+    cap = forward(lm, lm.inputs(prompt, image), DoLa(DoLaKnobs(**knobs))).captures[0]
     assert_scores(cap.steps[0].final_logits, ref)
     assert_records(cap.row_records, layer, value, ref, lm)
 
@@ -206,10 +207,10 @@ def test_the_choice_varies_and_is_per_question(embedded_model, questions):
     for knobs in CHOICES:
         iv = DoLa(DoLaKnobs(**knobs))
         inputs = batch_inputs(lm, prompts, images)
-        _, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+        records = forward(lm, inputs, iv, keep=Keep(layers=False)).records
         for b in range(3):
             alone = batch_inputs(lm, prompts[b:b + 1], images[b:b + 1])
-            _, one = run_batch(lm, alone, iv, full_ids=alone["input_ids"])
+            one = forward(lm, alone, iv, keep=Keep(layers=False)).records
             assert one[0][-1]["dola_premature_layer"] == records[b][-1]["dola_premature_layer"]
             assert one[0][-1]["dola_jsd"] == pytest.approx(records[b][-1]["dola_jsd"], rel=1e-4)
             chosen[(knobs.get("bucket"), b)] = records[b][-1]["dola_premature_layer"]
@@ -235,10 +236,10 @@ def test_dose_zero_is_the_final_layer_on_the_kept_tokens(embedded_model, questio
     prompt, image = questions[0][1], questions[1][1]
     ref, layer, _, final, premature = reference(lm, prompt, image, {"bucket": "low"})
     cut = torch.isinf(ref)
-    got = run(lm, lm.inputs(prompt, image), DoLa(), dose=0.0).steps[0].final_logits
+    got = forward(lm, lm.inputs(prompt, image), DoLa(), dose=0.0).captures[0].steps[0].final_logits
     assert_scores(got, final.log_softmax(-1).masked_fill(cut, -torch.inf))
     # a half dose halves the premature term
-    half = run(lm, lm.inputs(prompt, image), DoLa(), dose=0.5).steps[0].final_logits
+    half = forward(lm, lm.inputs(prompt, image), DoLa(), dose=0.5).captures[0].steps[0].final_logits
     want = final.log_softmax(-1) - 0.5 * premature[layer + 1].log_softmax(-1)
     assert_scores(half, want.masked_fill(cut, -torch.inf))
 

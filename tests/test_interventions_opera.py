@@ -14,7 +14,7 @@ from plain_refs import assert_scores, plain_model
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward
 from mclcbf_diag.engine.units import Prefix, Unit, run_units
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.knockout import AttentionKnockout
@@ -75,11 +75,12 @@ def test_scores_equal_the_released_first_step(model, questions, request):
     inputs = lm.inputs(prompts[0], images[0])
     want, cand, attn_img = released_first_step(plain_model(lm), inputs, lm.tokens.image_token_id)
     assert (attn_img > 0).all() and (attn_img < 1).all()
-    got = run(lm, inputs, OPERA()).steps[0].final_logits.float()
+    got = forward(lm, inputs, OPERA()).captures[0].steps[0].final_logits.float()
     assert_scores(got, want)
     # the batched path reads the same scores
-    last, records = run_batch(lm, batch_inputs(lm, prompts[:1], images[:1]), OPERA(),
-                              full_ids=lm.inputs(prompts[0], images[0])["input_ids"])
+    res = forward(lm, batch_inputs(lm, prompts[:1], images[:1]), OPERA(), keep=Keep(layers=False),
+                  full_ids=lm.inputs(prompts[0], images[0])["input_ids"])
+    last, records = res.logits, res.records
     assert_scores(last[0], want)
     best = int(want.argmax())
     assert records[0][-1]["opera_image_share"] == pytest.approx(float(attn_img[cand.tolist().index(best)]), abs=TOL)
@@ -91,10 +92,12 @@ def test_a_question_alone_equals_it_in_a_batch(embedded_model, questions):
     prompts, images = questions
     inputs = batch_inputs(lm, prompts, images)
     assert len(set((inputs["attention_mask"] == 0).sum(-1).tolist())) == 3  # three paddings
-    batch, batch_records = run_batch(lm, inputs, OPERA(), full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, OPERA(), keep=Keep(layers=False))
+    batch, batch_records = res.logits, res.records
     for b in range(3):
         alone = batch_inputs(lm, prompts[b: b + 1], images[b: b + 1])
-        one, one_records = run_batch(lm, alone, OPERA(), full_ids=alone["input_ids"])
+        res = forward(lm, alone, OPERA(), keep=Keep(layers=False))
+        one, one_records = res.logits, res.records
         assert_scores(batch[b], one[0])
         assert batch_records[b][-1]["opera_image_share"] == pytest.approx(
             one_records[0][-1]["opera_image_share"], abs=TOL)
@@ -112,7 +115,8 @@ def test_population_units_and_cached_prefix_read_the_same_scores(embedded_model,
         if u.iv is not iv:
             continue
         one = batch_inputs(lm, prompts[u.q: u.q + 1], images[u.q: u.q + 1])
-        want, want_records = run_batch(lm, one, OPERA(OPERAKnobs(weight=u.dose)), full_ids=one["input_ids"])
+        res = forward(lm, one, OPERA(OPERAKnobs(weight=u.dose)), keep=Keep(layers=False))
+        want, want_records = res.logits, res.records
         assert_scores(scores, want[0])
         assert records[-1]["opera_image_share"] == pytest.approx(want_records[0][-1]["opera_image_share"], abs=TOL)
     inputs = batch_inputs(lm, prompts, images)
@@ -128,7 +132,7 @@ def test_weight_zero_reads_the_top_raw_logits(embedded_model, questions):
     inputs = batch_inputs(lm, prompts, images)
     with torch.no_grad():
         raw = lm.model(**inputs, logits_to_keep=1).logits[:, -1].float()
-    scores, _ = run_batch(lm, inputs, OPERA(OPERAKnobs(weight=0.0)), full_ids=inputs["input_ids"])
+    scores = forward(lm, inputs, OPERA(OPERAKnobs(weight=0.0)), keep=Keep(layers=False)).logits
     top = raw.topk(5, dim=-1).indices
     want = torch.full_like(raw, -torch.inf).scatter(-1, top, raw.gather(-1, top))
     for b in range(3):
@@ -147,8 +151,8 @@ def test_dose_scales_the_weight(embedded_model, questions):
     lm = embedded_model
     prompts, images = questions
     inputs = lm.inputs(prompts[0], images[0])
-    half = run(lm, inputs, OPERA(), dose=0.5).steps[0].final_logits.float()
-    weight = run(lm, inputs, OPERA(OPERAKnobs(weight=0.5))).steps[0].final_logits.float()
+    half = forward(lm, inputs, OPERA(), dose=0.5).captures[0].steps[0].final_logits.float()
+    weight = forward(lm, inputs, OPERA(OPERAKnobs(weight=0.5))).captures[0].steps[0].final_logits.float()
     assert_scores(half, weight)
 
 

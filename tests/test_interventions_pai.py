@@ -22,7 +22,7 @@ from plain_refs import DECODING, assert_scores, plain_model
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward
 from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.base import rows_of
@@ -173,7 +173,7 @@ def test_full_method_matches_released_code(model, alpha, gamma, q, questions, re
     iv = PAI(PAIKnobs(alpha=alpha, contrast_gamma=gamma))
     prompt = build_prompt(qs[q])
     want, raw, cond, uncond = reference(lm, prompt, images[q], alpha, gamma, set(iv.layers(lm.n_layers)))
-    cap = run(lm, lm.inputs(prompt, images[q]), iv)
+    cap = forward(lm, lm.inputs(prompt, images[q]), iv).captures[0]
     assert_scores(cap.steps[0].final_logits, want)
     assert float((cond - uncond).abs().max()) > 1e-3  # the image-free pass is another forward
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
@@ -194,7 +194,7 @@ def test_the_cutoff_cuts(embedded_model, questions):
     layers = set(PAI().layers(lm.n_layers))
     want, raw, _, _ = reference(lm, prompt, images[0], 0.2, 1.1, layers)
     assert 1 <= int(torch.isfinite(want).sum()) < want.numel()
-    got = run(lm, lm.inputs(prompt, images[0]), PAI(PAIKnobs(cutoff=0.0))).steps[0].final_logits
+    got = forward(lm, lm.inputs(prompt, images[0]), PAI(PAIKnobs(cutoff=0.0))).captures[0].steps[0].final_logits
     assert_scores(got, raw)
 
 
@@ -205,9 +205,9 @@ def test_dose_scales_alpha_and_gamma_together(embedded_model, questions):
     prompt = build_prompt(qs[2])
     iv = PAI(PAIKnobs(alpha=0.5, contrast_gamma=2.0))
     want, *_ = reference(lm, prompt, images[2], 0.25, 1.5, set(iv.layers(lm.n_layers)))
-    got = run(lm, lm.inputs(prompt, images[2]), iv, dose=0.5).steps[0].final_logits
+    got = forward(lm, lm.inputs(prompt, images[2]), iv, dose=0.5).captures[0].steps[0].final_logits
     assert_scores(got, want)
-    full = run(lm, lm.inputs(prompt, images[2]), iv).steps[0].final_logits
+    full = forward(lm, lm.inputs(prompt, images[2]), iv).captures[0].steps[0].final_logits
     both = torch.isfinite(full) & torch.isfinite(got)
     assert float((full - got)[both].abs().max()) > 1e-3  # the dose changed the scores
 
@@ -232,7 +232,7 @@ def test_image_free_view_is_the_prompt_without_its_image(embedded_model, questio
 @pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])
 def test_batched_scores_match_released_code(model, questions, request):
     """A left-padded batch (image-free rows of three lengths) against each question's released PAI alone: the
-    scores of run_batch and the margins of answer_batch."""
+    scores of the runner's forward and the margins of answer_batch."""
     lm = request.getfixturevalue(model)
     qs, images = questions
     prompts = [build_prompt(q) for q in qs]
@@ -240,7 +240,8 @@ def test_batched_scores_match_released_code(model, questions, request):
     iv = PAI(PAIKnobs(alpha=alpha, contrast_gamma=1.5))
     layers = set(iv.layers(lm.n_layers))
     inputs = batch_inputs(lm, prompts, images)
-    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    last, records = res.logits, res.records
     answers = answer_batch(lm, prompts, images, iv, steer=True)
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
     # the batch (left-padded rows) is another route than a lone row: a score γ·lp − (γ − 1)·lp_u moves by at
@@ -263,10 +264,12 @@ def test_a_question_scores_the_same_alone_and_in_a_batch(embedded_model, questio
     prompts = [build_prompt(q) for q in qs]
     iv = PAI(PAIKnobs(alpha=0.5, contrast_gamma=2.0))
     inputs = batch_inputs(lm, prompts, images)
-    together, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    together, records = res.logits, res.records
     for b in range(len(prompts)):
         one = batch_inputs(lm, prompts[b:b + 1], images[b:b + 1])
-        alone, rec_alone = run_batch(lm, one, iv, full_ids=one["input_ids"])
+        res = forward(lm, one, iv, keep=Keep(layers=False))
+        alone, rec_alone = res.logits, res.records
         assert_scores(together[b], alone[0])
         for metric in DECODING:
             assert records[b][-1][metric] == pytest.approx(rec_alone[0][-1][metric], abs=1e-5)

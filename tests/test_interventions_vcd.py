@@ -15,7 +15,7 @@ import torch
 from plain_refs import DECODING, assert_scores, plain_model, three_questions
 
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.interventions.vcd import VCD, VCDKnobs
 from mclcbf_diag.interventions.views import diffusion_noise, diffusion_schedule, pixels_of
@@ -71,12 +71,13 @@ def reference_scores(lm, prompt, image, *, alpha=1.0, beta=0.2, noise_step=500, 
 
 
 def package_run(lm, prompt, image, dose=1.0, **knobs):
-    return run(lm, lm.inputs(prompt, image), VCD(VCDKnobs(**knobs)), dose=dose)
+    return forward(lm, lm.inputs(prompt, image), VCD(VCDKnobs(**knobs)), dose=dose).captures[0]
 
 
 def _batch(lm, prompts, images, iv):
     inputs = batch_inputs(lm, prompts, images)
-    return run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    return res.logits, res.records
 
 
 # --------------------------------------------------------------------------- the noise
@@ -144,7 +145,8 @@ def test_equals_the_released_construction(model, knobs, questions, request):
     inputs = batch_inputs(lm, prompts[:1], images[:1])
     assert "pixel_values" not in inputs and "pixel_values" in inputs["mm_encoder_outputs"]
     torch.testing.assert_close(pixels_of(inputs), lm.inputs(prompts[0], images[0])["pixel_values"], rtol=0, atol=0)
-    last, records = run_batch(lm, inputs, VCD(VCDKnobs(**knobs)), full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, VCD(VCDKnobs(**knobs)), keep=Keep(layers=False))
+    last, records = res.logits, res.records
     assert_scores(last[0], ref)
     for metric in DECODING:
         assert records[0][-1][metric] == pytest.approx(rec[metric], abs=TOL)
@@ -164,7 +166,8 @@ def test_a_question_alone_equals_it_in_a_batch(embedded_model, questions):
     iv = VCD(VCDKnobs(beta=1e-3))
     inputs = batch_inputs(lm, prompts, images)
     assert len(set((inputs["attention_mask"] == 0).sum(-1).tolist())) == 3  # three paddings
-    together, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    together, records = res.logits, res.records
     for b in range(3):
         alone, rec_alone = _batch(lm, prompts[b:b + 1], images[b:b + 1], iv)
         assert_scores(together[b], alone[0], atol=1e-4)

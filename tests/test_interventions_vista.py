@@ -22,7 +22,7 @@ from test_interventions_pai import plain_model, questions  # noqa: F401  (fixtur
 
 from mclcbf_diag.data import build_prompt
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
-from mclcbf_diag.engine.runner import run, run_batch
+from mclcbf_diag.engine.runner import Keep, forward
 from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import REGISTRY
 from mclcbf_diag.interventions.vista import VISTA, VISTAKnobs
@@ -160,7 +160,7 @@ def test_full_method_matches_released_code(model, lam, alpha, similarity, q, que
     iv = VISTA(VISTAKnobs(lam=lam, similarity=similarity, logits_alpha=alpha))
     prompt = build_prompt(texts[q])
     want, logits, aug, _ = reference(lm, prompt, images[q], lam, alpha, iv.readout_layers(lm.n_layers), similarity)
-    cap = run(lm, lm.inputs(prompt, images[q]), iv)
+    cap = forward(lm, lm.inputs(prompt, images[q]), iv).captures[0]
     assert_scores(cap.steps[0].final_logits, want)
     assert float((aug - logits).abs().max()) > 1e-3  # the readout is another distribution
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
@@ -179,7 +179,7 @@ def test_explicit_readout_layers(embedded_model, questions):  # noqa: F811
     iv = VISTA(VISTAKnobs(lam=0.3, logits_layers=(1, 4)))
     prompt = build_prompt(texts[0])
     want, *_ = reference(lm, prompt, images[0], 0.3, 0.3, (1, 4))
-    assert_scores(run(lm, lm.inputs(prompt, images[0]), iv).steps[0].final_logits, want)
+    assert_scores(forward(lm, lm.inputs(prompt, images[0]), iv).captures[0].steps[0].final_logits, want)
 
 
 def test_dose_scales_lambda_and_alpha_together(embedded_model, questions):  # noqa: F811
@@ -189,23 +189,24 @@ def test_dose_scales_lambda_and_alpha_together(embedded_model, questions):  # no
     prompt = build_prompt(texts[1])
     iv = VISTA(VISTAKnobs(lam=0.3, logits_alpha=0.4))
     want, *_ = reference(lm, prompt, images[1], 0.15, 0.2, iv.readout_layers(lm.n_layers))
-    got = run(lm, lm.inputs(prompt, images[1]), iv, dose=0.5).steps[0].final_logits
+    got = forward(lm, lm.inputs(prompt, images[1]), iv, dose=0.5).captures[0].steps[0].final_logits
     assert_scores(got, want)
-    full = run(lm, lm.inputs(prompt, images[1]), iv).steps[0].final_logits
+    full = forward(lm, lm.inputs(prompt, images[1]), iv).captures[0].steps[0].final_logits
     assert float((full - got).abs().max()) > 1e-3  # the dose changed the scores
 
 
 @pytest.mark.parametrize("model", ["embedded_model", "tiny_gqa_model"])
 def test_batched_scores_match_released_code(model, questions, request):  # noqa: F811
-    """A left-padded batch of three lengths against each question's released VISTA alone: the scores of run_batch
-    and the margins of answer_batch."""
+    """A left-padded batch of three lengths against each question's released VISTA alone: the scores of the runner's
+    forward and the margins of answer_batch."""
     lm = request.getfixturevalue(model)
     texts, images = questions
     prompts = [build_prompt(t) for t in texts]
     iv = VISTA(VISTAKnobs(lam=0.3, logits_alpha=0.3))
     layers = iv.readout_layers(lm.n_layers)
     inputs = batch_inputs(lm, prompts, images)
-    last, records = run_batch(lm, inputs, iv, full_ids=inputs["input_ids"])
+    res = forward(lm, inputs, iv, keep=Keep(layers=False))
+    last, records = res.logits, res.records
     answers = answer_batch(lm, prompts, images, iv, steer=True)
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
     for b, (prompt, image) in enumerate(zip(prompts, images)):

@@ -412,7 +412,7 @@ def test_batched_rows_and_a_cached_prefix_equal_plain_forwards(family_lm):
     question's cached prefix (models.shared_prefix), against each prompt's own plain forward."""
     from mclcbf_diag.data import build_prompt
     from mclcbf_diag.engine.batch import batch_inputs
-    from mclcbf_diag.engine.runner import prefix_forward, run_batch, run_rows
+    from mclcbf_diag.engine.runner import Continuation, Keep, forward, prefix_forward
     from mclcbf_diag.interventions.base import Intervention
     from mclcbf_diag.models.shared_prefix import SharedPrefix, continuation_mask, continuing
 
@@ -425,7 +425,7 @@ def test_batched_rows_and_a_cached_prefix_equal_plain_forwards(family_lm):
     inputs = batch_inputs(lm, prompts, images)
     assert len(set((inputs["attention_mask"] == 0).sum(-1).tolist())) == 3, "the prompts need different padding"
     with torch.no_grad():
-        last, _ = run_batch(lm, inputs, Intervention(), full_ids=inputs["input_ids"])
+        last = forward(lm, inputs, Intervention(), keep=Keep(layers=False)).logits
     for b, ref in enumerate(refs):
         torch.testing.assert_close(last[b].float(), ref.float(), atol=tol, rtol=0)
     if getattr(lm.text_config, "sliding_window", None):
@@ -437,9 +437,10 @@ def test_batched_rows_and_a_cached_prefix_equal_plain_forwards(family_lm):
             "attention_mask": continuation_mask(mask[owner], start, pre.embeds.dtype)}
     kv = [(c.keys, c.values) for c in pre.cache.layers]
     with torch.no_grad(), continuing(lm, SharedPrefix([k for k, _ in kv], [v for _, v in kv], start, owner)):
-        cont, _ = run_rows(lm, feed, Intervention(), full_ids=ids[owner], full_mask=mask[owner], start=start,
-                           prefix_keys={i: k for i, (k, _) in enumerate(kv)}, prefix_rows=owner.tolist(),
-                           capture=False, use_cache=False)
+        cont = forward(lm, feed, Intervention(), keep=Keep(layers=False), full_ids=ids[owner], prepare=False,
+                       continuation=Continuation(start, prefix_keys={i: k for i, (k, _) in enumerate(kv)},
+                                                 prefix_rows=owner.tolist(), full_mask=mask[owner]),
+                       use_cache=False).logits
     for b, q in enumerate(owner.tolist()):
         torch.testing.assert_close(cont[b].float(), refs[q].float(), atol=tol, rtol=0)
 

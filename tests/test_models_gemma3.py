@@ -237,13 +237,13 @@ def test_the_overlay_of_other_query_tokens_equals_the_plain_rows(g3):
 def test_the_steered_trace_equals_a_plain_forward_of_its_edit(windowed):
     """The steered run feeds the baseline's embeddings: with the image's token types, so it runs the same model."""
     from mclcbf_diag import barrier as B
-    from mclcbf_diag.engine.runner import run, with_embeds
+    from mclcbf_diag.engine.runner import Keep, forward, with_embeds
 
     lm = windowed
     inputs = lm.inputs(PROMPT, _image(1))
     config = dataclasses.replace(B.get_preset("seed-exp6"), span="detected", tau_prefill=0.99, layers=[1])
-    base = run(lm, inputs, config, steer=False, keep_embeds=True)
-    again = run(lm, with_embeds(inputs, base), config, steer=False)
+    base = forward(lm, inputs, config, steer=False, keep=Keep(embeds=True)).captures[0]
+    again = forward(lm, with_embeds(inputs, base), config, steer=False).captures[0]
     _, out, _ = plain_forward(lm, PROMPT, _image(1))
     for cap in (base, again):
         want = yes_no_margin(lm, out.logits[0, -1])

@@ -325,7 +325,7 @@ def test_interventions_that_feed_embeddings_run_the_images_deepstack_features(qw
     each candidate: both run the forward the model runs from the pixels, deepstack features included."""
     from plain_refs import assert_scores
 
-    from mclcbf_diag.engine.runner import run
+    from mclcbf_diag.engine.runner import forward
     from mclcbf_diag.interventions.base import rows_of
     from mclcbf_diag.interventions.opera import OPERA
     from mclcbf_diag.interventions.vista import steering_vectors
@@ -359,7 +359,7 @@ def test_interventions_that_feed_embeddings_run_the_images_deepstack_features(qw
             row = out.attentions[-1][0, :, -1].float().max(0).values
             shares.append((row / row.sum())[:-1][image].sum())
     want = torch.full_like(z, -torch.inf).scatter(-1, cand, top + torch.stack(shares))
-    assert_scores(run(qwen3_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
+    assert_scores(forward(qwen3_lm, inputs, OPERA()).captures[0].steps[0].final_logits.float(), want)
 
 
 def test_the_table_forgets_the_least_recently_used_image_tokens_first():

@@ -223,7 +223,7 @@ def test_opera_continues_after_the_images_3d_positions(qwen_lm):
     from plain_refs import assert_scores
 
     from mclcbf_diag.engine.batch import batch_inputs
-    from mclcbf_diag.engine.runner import run, run_batch
+    from mclcbf_diag.engine.runner import Keep, forward
     from mclcbf_diag.interventions.opera import OPERA
 
     inputs = qwen_lm.inputs(PROMPT, _image(0))
@@ -240,8 +240,9 @@ def test_opera_continues_after_the_images_3d_positions(qwen_lm):
             row = out.attentions[-1][0, :, -1].float().max(0).values
             shares.append((row / row.sum())[:-1][image].sum())
     want = torch.full_like(z, -torch.inf).scatter(-1, cand, top + torch.stack(shares))
-    assert_scores(run(qwen_lm, inputs, OPERA()).steps[0].final_logits.float(), want)
-    last, _ = run_batch(qwen_lm, batch_inputs(qwen_lm, [PROMPT], [_image(0)]), OPERA(), full_ids=inputs["input_ids"])
+    assert_scores(forward(qwen_lm, inputs, OPERA()).captures[0].steps[0].final_logits.float(), want)
+    last = forward(qwen_lm, batch_inputs(qwen_lm, [PROMPT], [_image(0)]), OPERA(), keep=Keep(layers=False),
+                   full_ids=inputs["input_ids"]).logits
     assert_scores(last[0], want)
 
 
@@ -302,12 +303,12 @@ def test_the_page_shows_the_image_the_patches_came_from(qwen_lm):
 
 def test_an_image_view_of_flattened_patches_is_refused_in_one_line(qwen_lm):
     """VCD noises each image's pixel tensor; Qwen-VL's flattened patches are not one: refused, never mismeasured."""
-    from mclcbf_diag.engine.runner import run
+    from mclcbf_diag.engine.runner import forward
     from mclcbf_diag.errors import UserError
     from mclcbf_diag.interventions.vcd import VCD
 
     with pytest.raises(UserError, match=r"flattened patches .*\(not VCD\)$"):
-        run(qwen_lm, qwen_lm.inputs(PROMPT, _image(0)), VCD())
+        forward(qwen_lm, qwen_lm.inputs(PROMPT, _image(0)), VCD())
 
 
 def test_the_attention_site_edits_qwens_softmax(qwen_lm):

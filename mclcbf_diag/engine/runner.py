@@ -24,8 +24,7 @@ from the cache, and the sites see padded positions ``start …``; or skip the la
 first edited one. With ``generate`` it runs ``generate``; a run keeping every layer repeats the
 body for every generated token under a bounded ``tracer.iter`` (the decode phase). Gradients an
 intervention needs are its own business (a local ``enable_grad``); the trace runs under
-``no_grad``. :func:`run`, :func:`run_batch` and :func:`run_rows` are the earlier entry points,
-thin wrappers kept for one release.
+``no_grad``.
 """
 
 from __future__ import annotations
@@ -514,31 +513,8 @@ def _traced_forward(lm: LoadedModel, state: _Run, feed: dict, keep: Keep, genera
     return last, sequences
 
 
-# -- the earlier entry points, thin wrappers of forward() kept for one release ---------------------------------
-def run(lm: LoadedModel, inputs: dict, intervention: Intervention | None = None, *, steer: bool = True,
-        max_new_tokens: int = 0, dose: float = 1.0, keep_keys: bool = False,
-        keep_embeds: bool = False, components: bool = False) -> RunCapture:
-    """One prompt's :func:`forward`, every layer captured (greedy generation with ``max_new_tokens``): its
-    :class:`RunCapture`. Kept for one release; new code calls :func:`forward`."""
-    if inputs["input_ids"].shape[0] != 1:
-        raise ValueError("run() captures one prompt; use forward() for batches")  # programming error
-    keep = Keep(keys=keep_keys, embeds=keep_embeds, components=components)
-    return forward(lm, inputs, intervention, steer=steer, dose=dose, keep=keep,
-                   generate=greedy(max_new_tokens)).captures[0]
-
-
-def run_batch(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor,
-              start: int = 0, prefix_keys: dict | None = None, generate: dict | None = None,
-              prepare: bool = True, **model_kwargs):
-    """:func:`forward` without captures: ``(logits, records)``, or ``(logits, records, sequences)`` with
-    ``generate``. Kept for one release; new code calls :func:`forward`."""
-    res = forward(lm, inputs, intervention, keep=Keep(layers=False), full_ids=full_ids, generate=generate,
-                  continuation=Continuation(start=start, prefix_keys=prefix_keys), prepare=prepare, **model_kwargs)
-    return (res.logits, res.records) if generate is None else (res.logits, res.records, res.sequences)
-
-
 def with_embeds(inputs: dict, capture: RunCapture) -> dict:
-    """``inputs`` plus the prompt embeddings a ``keep_embeds`` run saved (if it saved any)."""
+    """``inputs`` plus the prompt embeddings a forward keeping ``Keep.embeds`` saved (if it saved any)."""
     if capture.inputs_embeds is None:
         return inputs
     return {**inputs, "inputs_embeds": capture.inputs_embeds}
@@ -559,7 +535,7 @@ def prefix_forward(lm: LoadedModel, inputs: dict, *, states_from: int | None = N
     The embeddings are read from the language model's input, so a continuation from any
     position needs neither the vision tower nor the image placeholders. With ``states_from``
     it also keeps the residual entering every decoder layer at positions ``states_from …``: a
-    continuation whose edits all lie at layer L or later starts there (:func:`run_rows`'s
+    continuation whose edits all lie at layer L or later starts there (:class:`Continuation`'s
     ``skip_to``), since the layers before compute what this forward computed.
     """
     lang = reduce(getattr, lm.adapter.language_model.split("."), lm.model)
@@ -584,18 +560,6 @@ def prefix_forward(lm: LoadedModel, inputs: dict, *, states_from: int | None = N
             hook.remove()
     return PrefixRun(out.logits[:, -1], lm.adapter.output_cache(lm.model, out), got["embeds"],
                      got["states"] if states_from is not None else None)
-
-
-def run_rows(lm: LoadedModel, inputs: dict, intervention: Intervention, *, full_ids: torch.Tensor, start: int = 0,
-             prefix_keys: dict | None = None, prefix_rows: list[int] | None = None,
-             full_mask: torch.Tensor | None = None, skip_to: int = 0, entering: torch.Tensor | None = None,
-             capture: bool = True, patterns: bool = False, **model_kwargs):
-    """:func:`forward` of an already prepared intervention: ``(logits, captures)``, or ``(logits, records)``
-    without ``capture``. Kept for one release; new code calls :func:`forward`."""
-    cont = Continuation(start, prefix_keys, prefix_rows, full_mask, skip_to, entering)
-    res = forward(lm, inputs, intervention, keep=Keep(layers=capture, patterns=patterns), full_ids=full_ids,
-                  continuation=cont, prepare=False, **model_kwargs)
-    return res.logits, (res.captures if capture else res.records)
 
 
 class Activations(NamedTuple):
@@ -642,9 +606,19 @@ def activations_forward(lm: LoadedModel, inputs: dict, *, cache: bool = False,
     gradient: ``torch.autograd.grad`` computes only the kept activations' (``requires_grad`` of the
     weights is left as it is).
 
-    With ``intervention`` the forward is the intervened one, traced as :func:`run_batch` traces it (eager
+    With ``intervention`` the forward is the intervened one, traced as :func:`forward` traces it (eager
     attention, the intervention's sites); the hooks keep the tensors the layers used, so an intervention's
     in-place edit of a layer's input is in what they keep. No gradient then.
+
+    Args:
+        inputs: a left-padded batch's model inputs (``input_ids``, ``attention_mask``, pixels …).
+        cache: whether to keep the KV cache of every position (:attr:`Activations.cache`).
+        grad_of: ``(yes_id, no_id)``: also the gradients of each row's margin (:attr:`Activations.grads`).
+        attention: transformers' attention implementation for a plain forward (an intervened one is eager).
+        intervention: an intervention to apply (prepared here on ``inputs``); None: the plain forward.
+
+    Returns:
+        An :class:`Activations`, every tensor detached.
     """
     if intervention is not None:
         if grad_of is not None:
@@ -722,6 +696,19 @@ def run_patched(lm: LoadedModel, feed: dict, *, layer: int, entering: torch.Tens
     heads' outputs before ``o_proj`` (``[B, s, H·hd]``) are replaced by ``z_source``, and where
     ``mlp_mask`` is true the MLP's output by ``mlp_source`` (masks broadcast against the values).
     ``feed``/``model_kwargs`` are those of a continuation (:mod:`mclcbf_diag.models.shared_prefix`).
+
+    Args:
+        feed: the continuation's model inputs (``inputs_embeds`` of its positions, positions, mask).
+        layer: the decoder layer the forward starts at, and the one it patches.
+        entering: ``[B, s, d]`` the residual entering ``layer`` (unused with ``layer == 0``).
+        z_source: ``[B, s, H·hd]`` the heads' outputs to put in before ``o_proj`` (None: no head patched).
+        z_mask: where ``z_source`` replaces them.
+        mlp_source: ``[B, s, d]`` the MLP output to put in (None: no MLP patched).
+        mlp_mask: where ``mlp_source`` replaces it.
+        **model_kwargs: passed to the model (the prefix's cache, ``use_cache``).
+
+    Returns:
+        ``[B, vocab]`` float32 logits at the last position.
     """
     ad = lm.adapter
     nm = traced(lm.model)

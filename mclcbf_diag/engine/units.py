@@ -49,7 +49,7 @@ from ..interventions.base import Intervention, rows_of
 from ..models.mrope import position_rows
 
 # Bytes of one layer's attention scores and probabilities per batch of units. Smaller batches keep
-# their tensors in cache: 48 MiB ran the answer-only runs 27% faster than 256 MiB on the benchmark.
+# their tensors in cache (the measured choice: docs/performance.md).
 ATTENTION_BUDGET = 48 * 2**20
 MAX_UNITS = 1024  # rows per batch at most
 

@@ -1,8 +1,9 @@
 """Where the margin comes from: direct logit attribution, activation patching and attribution patching.
 
 The math is in :mod:`mclcbf_diag.measurements.attribution` (pure functions); the runs are the runner's
-(:func:`~mclcbf_diag.runner.run` with ``components``, :func:`~mclcbf_diag.runner.activations_forward`,
-:func:`~mclcbf_diag.runner.run_patched`). This module wires them together for one question:
+(:func:`~mclcbf_diag.engine.runner.forward` keeping ``components``,
+:func:`~mclcbf_diag.engine.runner.activations_forward`, :func:`~mclcbf_diag.engine.runner.run_patched`).
+This module wires them together for one question:
 
 * :func:`dla` — the direct logit attribution of one captured run (baseline or intervened).
 * :func:`activation_patching` — the full grid, both directions, for a clean and a corrupted input
