@@ -5,16 +5,17 @@
 # decoding-level methods (VCD, DoLa, HALC's focal-view contrast with the oracle detector, the first token of HALC's
 # released loop (DoLa over every second layer), CausalMM at the vision and the language level, OPERA's first step) and the two prompt
 # controls, greedy; then each method again with its answers sampled at temperature 1 with seeds 0, 1 and 2 (a
-# sampled run's baseline is sampled with the same draw per question); and one `mclcbf-diag compare` over all of
+# sampled run's baseline is sampled with the same draw per question; the three seeds from one pass of forwards,
+# `pope --seeds 0,1,2`, each into the folder `--seed S` would write); and one `mclcbf-diag compare` over all of
 # them (the seeds' mean ± spread in its findings). The prompt controls run greedy only: they pair baselines.
 #
 # Usage: bash reports/comparison.sh [ROOT]   (default reports/comparison; the table lands in ROOT/compare)
-#   SAMPLE=0          greedy runs only (21 settings a split instead of 78)
+#   SAMPLE=0          greedy runs only (21 runs a split instead of 78, 21 passes instead of 40)
 #   SPLITS="a b"      the POPE splits to run (default: adversarial popular random)
 #   LIMIT=N           pass --limit N to every run (a smoke test; default: every question)
 # Every run resumes, so rerunning after an interruption repeats nothing and a finished run costs a few seconds.
-# About 17 hours on one CPU thread for the three splits (SAMPLE=0: about 5), at the seconds per question of
-# docs/commands/compare.md's tables (about 15 minutes a setting over the three splits), for the settings before
+# About 10 hours on one CPU thread for the three splits (SAMPLE=0: about 5), at the seconds per question of
+# docs/commands/compare.md's tables (about 15 minutes a pass over the three splits), for the settings before
 # `halc` and CausalMM's language level; HALC runs four more forwards a question (its views, cropped images: no shared prefix), not yet timed here.
 set -euo pipefail
 root="${1:-reports/comparison}"
@@ -46,10 +47,8 @@ methods=(
 )
 runs=("${methods[@]}" "lean-no|--prompt lean-no" "look-carefully|--prompt look-carefully")
 if [ "${SAMPLE:-1}" != 0 ]; then
-  for seed in 0 1 2; do
-    for entry in "${methods[@]}"; do
-      runs+=("${entry%%|*}-sample-$seed|${entry#*|} --decoding sample --seed $seed")
-    done
+  for entry in "${methods[@]}"; do  # the three seeds of a method from one pass of its forwards (pope --seeds)
+    runs+=("${entry%%|*}-sample-{seed}|${entry#*|} --decoding sample --seeds 0,1,2")
   done
 fi
 
@@ -61,7 +60,10 @@ for entry in "${runs[@]}"; do
     out="$root/$split/$name"
     echo "== $name, $split split"
     mclcbf-diag pope --split "$split" --batch-size 64 "${limit[@]}" "${opts[@]}" --out "$out"
-    dirs+=("$out")
+    case "$name" in
+      *"{seed}"*) for seed in 0 1 2; do dirs+=("${out//\{seed\}/$seed}"); done ;;
+      *) dirs+=("$out") ;;
+    esac
   done
 done
 mclcbf-diag compare "${dirs[@]}" --out "$root/compare"

@@ -109,3 +109,49 @@ def test_an_intervention_that_changes_nothing_leaves_every_sampled_answer(tmp_pa
     rows = _answers(tmp_path / "k")
     assert all(r[3] == r[4] and r[5] == "unchanged" for r in rows)
     assert any(r[3] != rows[0][3] for r in rows)  # and the draws are not all one token
+
+
+def _rows(folder):
+    return sorted((json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()),
+                  key=lambda r: r["question_id"])
+
+
+def test_seeds_from_one_pass_write_what_each_seed_alone_writes(tmp_path):
+    common = ["pope", "--split", "adversarial", "--limit", "12", "--batch-size", "5", "--intervention", "vcd",
+              "--decoding", "sample", "--temperature", "3"]
+    for s in (1, 2, 3):
+        assert main([*common, "--seed", str(s), "--out", str(tmp_path / f"alone-{s}")]) == 0
+    assert main([*common, "--seeds", "1,2", "--out", str(tmp_path / "together-{seed}")]) == 0
+    for s in (1, 2):  # every field of every row, run_id and image masses included; and the identity
+        assert _rows(tmp_path / f"together-{s}") == _rows(tmp_path / f"alone-{s}")
+        assert (json.loads((tmp_path / f"together-{s}" / "run.json").read_text())
+                == json.loads((tmp_path / f"alone-{s}" / "run.json").read_text()))
+    assert _rows(tmp_path / "together-1") != _rows(tmp_path / "together-2")
+    before = {s: (tmp_path / f"together-{s}" / "answers.jsonl").read_bytes() for s in (1, 2)}
+    # resumed with a third seed: only seed 3 lacks answers; the finished folders are left as they were
+    assert main([*common, "--seeds", "1,2,3", "--out", str(tmp_path / "together-{seed}")]) == 0
+    assert _rows(tmp_path / "together-3") == _rows(tmp_path / "alone-3")
+    assert all((tmp_path / f"together-{s}" / "answers.jsonl").read_bytes() == before[s] for s in (1, 2))
+    timing = json.loads((tmp_path / "together-3" / "timing.json").read_text())["sessions"]
+    assert sum(t["questions"] for t in timing) == 12
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "1,2", "--out", "x"], "put {seed} in --out"),
+    (["--seeds", "1", "--out", "x-{seed}"], "two or more different seeds"),
+    (["--seeds", "1,1", "--out", "x-{seed}"], "two or more different seeds"),
+    (["--seeds", "1,b", "--out", "x-{seed}"], "comma-separated integers"),
+    (["--seeds", "1,2", "--seed", "3", "--out", "x-{seed}"], "give one of them"),
+    (["--seeds", "1,2", "--generate", "4", "--out", "x-{seed}"], "run one pope per --seed S"),
+])
+def test_seeds_that_do_not_fit_are_refused_before_the_model_loads(tmp_path, capsys, extra, message):
+    args = ["pope", "--split", "adversarial", "--limit", "4", "--decoding", "sample", *extra]
+    args = [a if a not in ("x", "x-{seed}") else str(tmp_path / a) for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_seeds_need_sampling(capsys):
+    assert main(["pope", "--split", "adversarial", "--seeds", "1,2", "--out", "x-{seed}"]) == 2
+    assert "add --decoding sample" in capsys.readouterr().err

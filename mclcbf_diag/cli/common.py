@@ -370,7 +370,7 @@ def decoding_options(p) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (default 1: off)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the top K tokens (default 0: off)")
     g.add_argument("--num-beams", type=int, default=1, help="beams of --decoding beam (2 or more)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers (default 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampled answers (default 0)")
 
 
 def decoding_from_args(args):
@@ -379,7 +379,8 @@ def decoding_from_args(args):
 
     if not hasattr(args, "decoding"):  # a command without the options (explain): greedy first-token answers
         return Decoding()
-    d = Decoding(args.decoding, args.temperature, args.top_p, args.top_k, args.num_beams, args.seed)
+    seed = 0 if args.seed is None else args.seed
+    d = Decoding(args.decoding, args.temperature, args.top_p, args.top_k, args.num_beams, seed)
     if d.strategy == "beam" and not getattr(args, "generate", 0):
         raise UserError("--decoding beam chooses generated text; add --generate N (the first token of a beam "
                         "search is the greedy one)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import knobs as K
 from ..errors import UserError
 from ..pope import distributed
-from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs
+from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs, run_jobs_together
 from ..pope.jobs import (
     SPLITS,
     Job,
@@ -29,7 +29,7 @@ from ..pope.store import (
     encode_rows,
     load_run,
     read_records,
-    resumed,
+    resumed_together,
     run_id,
     unique_sorted,
 )
@@ -147,6 +147,9 @@ def check_numbers(args) -> None:
 def cmd_pope(args, on_batch=None) -> int:
     group = distributed.from_env()
     if group is not None:
+        if getattr(args, "seeds", None) is not None:
+            raise UserError(f"--seeds {args.seeds} under a torchrun/accelerate launch: launch once per seed with "
+                            "--seed S, or run --seeds without the launcher")
         return _pope_across_ranks(args, group, on_batch)
     return _pope(args, on_batch)
 
@@ -184,9 +187,12 @@ def _pope_across_ranks(args, group: distributed.Group, on_batch=None) -> int:
 def _pope(args, on_batch=None) -> int:
     from ..data import build_prompt
 
-    # 1. Everything that needs no model: numbers, shard, knobs vs. the depth, files, images, --out.
+    # 1. Everything that needs no model: numbers, seeds, shard, knobs vs. the depth, files, images, --out.
     check_numbers(args)
-    shard, files, all_jobs, jobs, out = split_run_checks(args, "reports/pope")
+    runs = [args] if parse_seeds(args) is None else seed_runs(args)
+    checked = [split_run_checks(run, "reports/pope") for run in runs]
+    shard, files, all_jobs, jobs, _ = checked[0]
+    outs = [c[4] for c in checked]
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers)
     check_generation(args, config)
@@ -198,23 +204,69 @@ def _pope(args, on_batch=None) -> int:
 
     check_prompt_lengths(prep, prompts, [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
                          max_new_tokens=args.generate)
-    identity = run_identity(args, config, files, shard, all_jobs, prep.where)
-    rid, decoding = run_id(identity), decoding_from_args(args)
-    # 3. Only now write: lock the folder, claim it, answer what is missing.
-    def answer(lm, todo):
-        lm.run_id = rid
-        timing = RunTiming(out, **RunTiming.machine(lm, args.batch_size))
-        run_jobs(lm, todo, config, out, batch_size=args.batch_size, generate=args.generate,
-                 on_batch=on_batch, template=args.prompt, timing=timing, decoding=decoding)
-
+    identities = [run_identity(run, config, files, shard, all_jobs, prep.where) for run in runs]
+    # 3. Only now write: lock the folders, claim them, answer what is missing.
+    answer = _answerer(args, runs, config, jobs, outs, identities, on_batch)
     from ..pope.metrics import write_outputs
 
-    with resumed(out, identity, jobs, lambda: weights_from_args(args, prep), answer, args.resume_anyway) as records:
-        write_outputs(out, records, identity)
-    timed = ", timing.json" if (out / "timing.json").is_file() else ""
-    print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, flips_questions.csv, "
-          f"summary.html{timed}")
+    with resumed_together(outs, identities, jobs, lambda: weights_from_args(args, prep), answer,
+                          args.resume_anyway) as found:
+        for out, records, identity in zip(outs, found, identities):
+            write_outputs(out, records, identity)
+    for out, records in zip(outs, found):
+        timed = ", timing.json" if (out / "timing.json").is_file() else ""
+        print(f"wrote {show(out)}/{ANSWERS} ({len(records)} questions), metrics.csv, flips.csv, "
+              f"flips_questions.csv, summary.html{timed}")
     return 0
+
+
+def _answerer(args, runs, config, jobs, outs, identities, on_batch):
+    """``answer(lm, todos)`` for :func:`~mclcbf_diag.pope.store.resumed_together`: one run's batches, or the seeds'
+    runs from one pass (:func:`~mclcbf_diag.pope.answer.run_jobs_together`)."""
+    rids, decodings = [run_id(i) for i in identities], [decoding_from_args(run) for run in runs]
+
+    def answer(lm, todos):
+        timings = [RunTiming(out, **RunTiming.machine(lm, args.batch_size)) for out in outs]
+        if len(runs) == 1:
+            lm.run_id = rids[0]
+            run_jobs(lm, todos[0], config, outs[0], batch_size=args.batch_size, generate=args.generate,
+                     on_batch=on_batch, template=args.prompt, timing=timings[0], decoding=decodings[0])
+        else:
+            run_jobs_together(lm, jobs, todos, config, outs, batch_size=args.batch_size, decodings=decodings,
+                              run_ids=rids, template=args.prompt, timings=timings, on_batch=on_batch)
+
+    return answer
+
+
+def parse_seeds(args) -> list[int] | None:
+    """``--seeds S,S,…``: two or more different seeds of one sampled setting, each run into its own ``--out`` (with
+    ``{seed}`` in it); None without the option. A UserError, before any model loads, for what does not fit."""
+    text = getattr(args, "seeds", None)
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text}: give two or more different seeds (one seed: --seed S)")
+    if getattr(args, "seed", None) is not None:
+        raise UserError(f"--seed {args.seed} with --seeds {text}: give one of them")
+    if args.decoding != "sample":
+        raise UserError(f"--seeds {text} seeds sampled answers: add --decoding sample")
+    if args.generate:
+        raise UserError(f"--seeds {text} with --generate: sampled text draws every token, so each seed needs its "
+                        "own forwards; run one pope per --seed S")
+    if "{seed}" not in (args.out or ""):
+        raise UserError(f"--seeds {text} writes one run folder per seed: put {{seed}} in --out, e.g. "
+                        "--out reports/pope-sample-{seed}")
+    return seeds
+
+
+def seed_runs(args) -> list[argparse.Namespace]:
+    """One namespace per ``--seeds`` seed: the run ``pope --seed S --out OUT(seed S)`` would be."""
+    return [argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": args.out.replace("{seed}", str(s))})
+            for s in parse_seeds(args)]
 
 
 def check_generation(args, config) -> None:
@@ -451,6 +503,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also generate N tokens per condition (greedily, or as --decoding says) and score the text "
                         "(steering: prefill only)")
     decoding_options(p)
+    p.add_argument("--seeds", default=None, metavar="S,S,…",
+                   help="with --decoding sample: run these seeds from one pass of forwards, each into its own "
+                        "folder (put {seed} in --out); each folder is what a run with --seed S writes")
     p.add_argument("--out", default=None,
                    help="output folder (default reports/pope, or reports/pope-shard-I-of-N); rerun to resume")
     resume_options(p)

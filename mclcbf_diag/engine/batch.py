@@ -278,7 +278,7 @@ def _baseline_forward(lm: LoadedModel, inputs: dict, rows: list, iv, baseline: t
 
 def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention, *,
                 inputs: dict | None = None, baseline: tuple | None = None, decoding=None,
-                keys=None) -> tuple[list[dict], list[dict]]:
+                keys=None):
     """Baseline and intervened first-token answers; the intervened run reuses the baseline's cache.
 
     Same records as :func:`answer_batch` (baseline, then intervened). The intervened run only
@@ -286,7 +286,9 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
     docstring); it falls back to a full forward when that is not exact. ``baseline``: what
     :func:`baseline_prefix` returned for these ``inputs``, so that many interventions on the
     same batch share one baseline forward. ``decoding``/``keys``: sampled first-token answers, the
-    same draw for a question in both conditions (see :func:`_answers`).
+    same draw for a question in both conditions (see :func:`_answers`). ``decoding`` may be a list of
+    decodings (one sampled setting at several seeds): then a list of (baseline, intervened) pairs, one per
+    decoding, all read from the same two forwards.
     """
     iv = as_intervention(intervention)
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs
@@ -307,8 +309,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
             else:
                 base = lm.model(**inputs, logits_to_keep=1).logits[:, -1] if baseline is None else baseline[0]
             res = forward(lm, inputs, iv, keep=Keep(layers=False), prepare=False)
-            return (_answers(lm, base, decoding=decoding, keys=keys),
-                    _answers(lm, res.logits, iv, res.records, decoding, keys))
+            return _pair(lm, base, res, iv, decoding, keys)
         logits, cache, batched = _baseline_forward(lm, inputs, rows, iv if shared else None, baseline)
         if shared:
             iv.prepare_batched(lm, inputs, rows, batched)
@@ -322,4 +323,12 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
         res = forward(lm, suffix, iv, keep=Keep(layers=False), full_ids=ids, prepare=False,
                       continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
                       **lm.adapter.cache_kwargs(lm.model, cache))
-    return _answers(lm, logits, decoding=decoding, keys=keys), _answers(lm, res.logits, iv, res.records, decoding, keys)
+    return _pair(lm, logits, res, iv, decoding, keys)
+
+
+def _pair(lm: LoadedModel, base: torch.Tensor, res, iv, decoding, keys):
+    """The baseline's and the intervened run's answers (:func:`_answers`); with a sequence of decodings, one pair
+    per decoding, read from the same logits."""
+    if isinstance(decoding, (list, tuple)):
+        return [_pair(lm, base, res, iv, d, keys) for d in decoding]
+    return _answers(lm, base, decoding=decoding, keys=keys), _answers(lm, res.logits, iv, res.records, decoding, keys)

@@ -165,7 +165,7 @@ def _mass_fields(condition: str, masses) -> dict:
 
 
 def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None,
-                timing: dict | None = None, decoding=None) -> list[dict]:
+                timing: dict | None = None, decoding=None, run_ids: list[str] | None = None) -> list:
     """One batch of questions → one record per question (baseline and steered).
 
     Args:
@@ -178,10 +178,12 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
         timing: a dict that gets this batch's ``inputs_seconds`` and ``baseline_seconds`` added; None: not timed.
         decoding: how answers are chosen (:class:`~mclcbf_diag.measurements.sampling.Decoding`; None: greedy);
             a sampled first token is drawn per question from its split and id (``baseline_sampled_token``,
-            ``steered_sampled_token``).
+            ``steered_sampled_token``). A list of decodings (one sampled setting at several seeds; first-token
+            answers only) reads each from the same forwards and returns one list of records per decoding, each
+            stamped with its ``run_ids`` entry instead of the model's ``run_id``.
 
     Returns:
-        One record per job, in order. ``outcome`` is the question's class
+        One record per job, in order (a list of them per decoding, for a list). ``outcome`` is the question's class
         (:mod:`mclcbf_diag.measurements.outcomes`): unchanged, fixed, broken, derailed (no longer a Yes/No
         answer at the decision position, or non-finite logits) or non_finite (the intervention's edit
         overflowed and was dropped: ``steered_dropped``). ``flipped`` stays the bare sign change of logit
@@ -199,6 +201,9 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     inputs = batch_inputs(lm, prompts, images, share_images=not generate)
     t_inputs = time.perf_counter() - t0
     keys = [f"{j.split}:{j.question.question_id}" for j in jobs]
+    several = isinstance(decoding, (list, tuple))
+    if several and (generate or run_ids is None or len(run_ids) != len(decoding)):
+        raise ValueError("several decodings need first-token answers and a run id each")  # programming error
     if generate:
         t1 = time.perf_counter()
         with _Observer(lm, inputs["input_ids"]) as ob:
@@ -211,15 +216,20 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
         b_mass, s_mass = (ob.last(1) or [None])[0], (os_.last(1) or [None])[0]
     else:
         with _Observer(lm, inputs["input_ids"]) as ob:
-            base, steer = answer_pair(lm, prompts, images, config, inputs=inputs, decoding=decoding,
-                                      keys=keys)
+            pairs = answer_pair(lm, prompts, images, config, inputs=inputs, decoding=decoding, keys=keys)
+        base, steer = pairs[0] if several else pairs
         b_mass, s_mass = ob.last(2) or (None, None)
         t_base = ob.baseline_seconds()  # the baseline's plain forward; the intervened run is the last
     if timing is not None:
         timing["inputs_seconds"] = timing.get("inputs_seconds", 0.0) + t_inputs
         timing["baseline_seconds"] = timing.get("baseline_seconds", 0.0) + t_base
-    return [_record(j, b, s, rid, None if b_mass is None else b_mass[n], None if s_mass is None else s_mass[n],
-                    generate) for n, (j, b, s) in enumerate(zip(jobs, base, steer))]
+    def records(base, steer, rid):
+        return [_record(j, b, s, rid, None if b_mass is None else b_mass[n], None if s_mass is None else s_mass[n],
+                        generate) for n, (j, b, s) in enumerate(zip(jobs, base, steer))]
+
+    if several:
+        return [records(b, s, r) for (b, s), r in zip(pairs, run_ids)]
+    return records(base, steer, rid)
 
 
 _READING = {"margin", "answer", "p_yes", "p_no", "top_yes_no", "finite", "valid", "dropped", "text", "sampled_token"}
@@ -322,6 +332,51 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
                                                       decoding=decoding))
             if timing is not None:
                 timing.add(len(batch), time.perf_counter() - t0, part)
+            bar.set_postfix_str(batch[-1].split, refresh=False)
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(n)
+
+
+def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs: list[Path], *, batch_size: int,
+                      decodings: list, run_ids: list[str], template: str | None = None,
+                      timings: list[RunTiming] | None = None, progress: bool = True, on_batch=None) -> None:
+    """Answer several runs that differ only in their sampled draw (``pope --seeds``) from one pass of forwards.
+
+    Every question some run lacks is answered once per batch (its baseline and intervened forwards);
+    each run's first-token draw is read from those logits (:func:`answer_jobs` with a list of
+    decodings) and its rows are appended to its own folder, only for the questions it lacks, so each
+    folder holds what a run of its seed alone writes. Every run's ``timing.json`` gets the batch's cost
+    (its share of the batch's questions, for a run that lacked only some): the forwards are shared, and
+    answering any one run alone costs as much.
+
+    Args:
+        jobs: every question of the runs, in order (the union of ``todos`` is answered in this order).
+        todos: per run, the questions its folder lacks.
+        outs: the runs' folders (already claimed), in the order of ``decodings`` and ``run_ids``.
+        decodings: one sampled :class:`~mclcbf_diag.measurements.sampling.Decoding` per run.
+        run_ids: each run's id, stamped on its rows.
+        timings: each run's timing record (None: not timed).
+        Others: as :func:`run_jobs`.
+    """
+    from ..progress import tqdm
+
+    wanted = [{j.key for j in todo} for todo in todos]
+    todo = [j for j in jobs if any(j.key in w for w in wanted)]
+    with tqdm(total=len(todo), unit="q", desc="pope", disable=not progress or not todo,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for n, start in enumerate(range(0, len(todo), batch_size), start=1):
+            batch = todo[start:start + batch_size]
+            t0, part = time.perf_counter(), {}
+            per_run = answer_jobs(lm, batch, config, 0, template, timing=part, decoding=list(decodings),
+                                  run_ids=list(run_ids))
+            for out, want, rows in zip(outs, wanted, per_run):
+                append_records(out / ANSWERS, [r for j, r in zip(batch, rows) if j.key in want])
+            seconds = time.perf_counter() - t0
+            for timing, want in zip(timings or (), wanted):
+                share = sum(j.key in want for j in batch) / len(batch)  # a resumed run's part of the batch
+                if share:
+                    timing.add(round(share * len(batch)), share * seconds, {k: share * v for k, v in part.items()})
             bar.set_postfix_str(batch[-1].split, refresh=False)
             bar.update(len(batch))
             if on_batch is not None:

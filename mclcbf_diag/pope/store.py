@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -312,21 +312,45 @@ def resumed(out: Path, identity: dict, jobs: list, load: Callable, answer: Calla
         UserError: the folder is locked by another command, belongs to another run (:func:`claim_out_dir`,
             :func:`pending`) or its answers cannot be read.
     """
-    make_dir(out)
-    answers = out / ANSWERS
-    with FolderLock(out):
-        fresh = claim_out_dir(out, identity, resume_anyway)
-        todo = pending(jobs, out, run_id(identity))
-        if todo:
+    with resumed_together([out], [identity], jobs, load, lambda model, todos: answer(model, todos[0]),
+                          resume_anyway) as rows:
+        yield rows[0]
+
+
+@contextmanager
+def resumed_together(outs: list[Path], identities: list[dict], jobs: list, load: Callable, answer: Callable,
+                     resume_anyway: bool = False):
+    """:func:`resumed` for several run folders answered by one pass (``pope --seeds``: one forward, a draw per seed).
+
+    Every folder is locked and claimed for its own identity before anything is answered; the model loads once
+    when any folder lacks a question, and ``answer(model, todos)`` gets each folder's missing jobs (``todos[i]``
+    for ``outs[i]``, possibly empty) and appends each folder's rows. A failed load leaves every folder that held
+    no answer as it was found.
+
+    Returns:
+        A context manager yielding, per folder, the rows of ``jobs`` (as :func:`resumed`).
+    """
+    with ExitStack() as stack:
+        fresh, todos = [], []
+        for out, identity in zip(outs, identities):
+            make_dir(out)
+            stack.enter_context(FolderLock(out))
+            fresh.append(claim_out_dir(out, identity, resume_anyway))
+            todos.append(pending(jobs, out, run_id(identity)))
+        if any(todos):
             try:
                 model = load()
             except BaseException:
-                if fresh and not read_records(answers)[0]:
-                    forget_claim(out)
+                for out, new in zip(outs, fresh):
+                    if new and not read_records(out / ANSWERS)[0]:
+                        forget_claim(out)
                 raise
-            answer(model, todo)
-        rows, dups = unique_sorted(read_records(answers)[0], identity["splits"])
-        if dups:
-            print(f"note: {dups} duplicate rows in {show(answers)} were ignored (first kept)")
-        wanted = {j.key for j in jobs}
-        yield [r for r in rows if (r["split"], str(r["question_id"])) in wanted]
+            answer(model, todos)
+        found = []
+        for out, identity in zip(outs, identities):
+            rows, dups = unique_sorted(read_records(out / ANSWERS)[0], identity["splits"])
+            if dups:
+                print(f"note: {dups} duplicate rows in {show(out / ANSWERS)} were ignored (first kept)")
+            wanted = {j.key for j in jobs}
+            found.append([r for r in rows if (r["split"], str(r["question_id"])) in wanted])
+        yield found
