@@ -303,3 +303,60 @@ def test_halc_acts_on_the_first_token_only(embedded_model):
     plain = answer_batch(lm, prompts, [image], iv, False, max_new_tokens=3)  # the same decoding loop, unsteered
     assert steered[0]["halc_views"] == 4.0 and steered[0]["answer"] == plain[0]["answer"]
     assert steered[0]["text"] == plain[0]["text"]
+
+
+# --------------------------------------------------------------------------- the detector in the run's identity
+def pope_identity(config):
+    """``run.json``'s identity of a 2-question adversarial run under ``config`` (as ``mclcbf-diag pope`` builds it)."""
+    from mclcbf_diag.cli import build_parser
+    from mclcbf_diag.cli.pope import run_identity
+
+    args = build_parser().parse_args(["pope", "--split", "adversarial", "--limit", "2", "--intervention", config.name])
+    return run_identity(args, config, [("adversarial", shipped.pope_file("adversarial"), shipped.IMAGES)], None)
+
+
+# the identity's keys before interventions named parts besides their knobs: a run folder of those keys must resume
+IDENTITY_KEYS = {"format", "model", "dtype", "intervention", "preset", "overrides", "config", "splits", "pope_files",
+                 "limit", "shard", "generate", "prompt", "batch_size", "device", "versions", "pope_sha256"}
+
+
+class Named(Fixed):
+    name = "threshold 0.3"
+
+
+def test_the_detector_is_in_the_run_identity_and_no_other_methods_identity_changes(tmp_path):
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.interventions import HALC, names, resolve
+    from mclcbf_diag.pope.store import ANSWERS, claim_out_dir, run_id
+
+    for name in names():  # every other method: the identity it always had, so its run folders still resume
+        if name != "halc":
+            iv = resolve(name)
+            assert iv.components() == {} and set(iv.describe()) == {"intervention", "knobs"}
+            assert set(pope_identity(iv)) == IDENTITY_KEYS, name
+    dola = pope_identity(resolve("dola"))
+    old = tmp_path / "dola"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps(dola))
+    (old / ANSWERS).write_text(json.dumps({"split": "adversarial", "question_id": 1, "index": 0, "label": "yes",
+                                           "baseline_answer": "yes", "steered_answer": "yes", "baseline_margin": 1.0,
+                                           "steered_margin": 1.0, "flipped": False, "run_id": run_id(dola)}) + "\n")
+    assert claim_out_dir(old, pope_identity(resolve("dola"))) is False  # resumed
+    halc = HALC.from_preset("pope")
+    runs = {"oracle": halc, "shipped": halc.with_detector(OracleDetector([])), "fixed": halc.with_detector(Fixed([])),
+            "named": halc.with_detector(Named([]))}
+    described = {k: iv.components()["detector"] for k, iv in runs.items()}
+    assert described == {"oracle": "oracle", "shipped": "oracle", "fixed": "Fixed", "named": "Named (threshold 0.3)"}
+    named = halc.replace(weight=0.1).with_detector(Named([]))
+    assert named.describe()["components"] == {"detector": described["named"]}
+    ids = {k: pope_identity(iv) for k, iv in runs.items()}
+    assert all(ident["components"] == {"detector": described[k]} for k, ident in ids.items())
+    assert len({run_id(ids[k]) for k in ("oracle", "fixed", "named")}) == 3 and run_id(ids["oracle"]) == run_id(
+        ids["shipped"])
+    out = tmp_path / "halc"
+    out.mkdir()
+    assert claim_out_dir(out, ids["fixed"]) is True
+    (out / ANSWERS).write_text((old / ANSWERS).read_text())
+    with pytest.raises(UserError, match="components.detector"):  # another detector: never resumed into the folder
+        claim_out_dir(out, ids["named"])
+    assert claim_out_dir(out, ids["fixed"]) is False

@@ -55,8 +55,11 @@ GroundingDINO. A real detector misses small and faint objects, finds objects tha
 are as good as its detections, and a figure measured with the oracle is an upper bound on what
 the grounding contributes. Any object with ``boxes(image, word)`` plugs in, from Python:
 ``HALC.from_preset("pope").with_detector(my_detector)`` (or ``HALC(knobs, detector=...)``), passed to
-``answer_pair``/``run_jobs`` like any intervention. Without one, :class:`HALC` uses the oracle of the
-shipped POPE images; ``mclcbf-diag pope --intervention halc`` refuses images the oracle does not know.
+``answer_pair``/``run_jobs`` like any intervention. The detector is part of a run's identity
+(:meth:`HALC.components`, :func:`detector_name`: ``oracle``, or the class's qualified name with the detector's
+``name`` attribute), so runs with different detectors are never resumed into one folder. Without one,
+:class:`HALC` uses the oracle of the shipped POPE images; ``mclcbf-diag pope --intervention halc`` refuses images
+the oracle does not know.
 """
 
 from __future__ import annotations
@@ -199,6 +202,8 @@ class OracleDetector:
     class name, singular or with a plural ``s`` (as the released code strips one).
     """
 
+    name = "oracle"  # in a run's identity (detector_name)
+
     def __init__(self, scenes):
         from ..embedded.world import DRAW_SIZE
 
@@ -214,6 +219,18 @@ class OracleDetector:
         s = float(self.size)
         return [(max(0.0, (o.cx - o.size) / s), max(0.0, (o.cy - o.size) / s), min(1.0, (o.cx + o.size) / s),
                  min(1.0, (o.cy + o.size) / s)) for o in scene.objects if o.drawn and o.name in names]
+
+
+def detector_name(detector: Detector | None) -> str:
+    """A detector's name in a run's identity: ``oracle`` for the embedded world's (None: the shipped images' oracle);
+    else its class's ``__qualname__``, with its ``name`` attribute where it has one (``GroundingDINO (swint-ogc, 0.45)``
+    for a class ``GroundingDINO`` whose ``name`` is ``"swint-ogc, 0.45"``): give a detector a ``name`` that tells its
+    settings apart (weights, threshold)."""
+    if detector is None or type(detector) is OracleDetector:
+        return OracleDetector.name
+    name = getattr(detector, "name", None)
+    qualname = type(detector).__qualname__
+    return qualname if name in (None, "") else f"{qualname} ({name})"
 
 
 def shipped_scenes(names: list[str]) -> list:
@@ -293,6 +310,10 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
 
     def auxiliary_forwards(self) -> int | None:
         return self.knobs.context_window  # one forward per view
+
+    def components(self) -> dict[str, str]:
+        """The detector grounding the words (:func:`detector_name`): runs with different detectors differ."""
+        return {"detector": detector_name(self.detector)}
 
     def sources(self, prompts: list[str], images: list) -> None:
         self._sources, self._first = (list(prompts), list(images)), True
