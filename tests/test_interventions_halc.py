@@ -360,3 +360,49 @@ def test_the_detector_is_in_the_run_identity_and_no_other_methods_identity_chang
     with pytest.raises(UserError, match="components.detector"):  # another detector: never resumed into the folder
         claim_out_dir(out, ids["named"])
     assert claim_out_dir(out, ids["fixed"]) is False
+
+
+# --------------------------------------------------------------------------- a batch's crops as rows of one forward
+def test_a_batchs_crops_are_one_padded_forward_per_view_equal_to_each_rows_own(embedded_model):
+    """Questions about three images, prompts of different lengths (padding): HALC's views come from context_window
+    forwards of the batch's rows, each row's logits its own plain one-row forward's (the route per row) within the
+    logit floor; a row without a grounding runs no view."""
+    from types import SimpleNamespace
+
+    from mclcbf_diag.data import load_pope, resolve_image
+    from mclcbf_diag.interventions import HALC
+    from mclcbf_diag.models.processing import padded_inputs
+
+    lm = embedded_model
+    qs = load_pope(shipped.pope_file("adversarial"))
+    picked = [next(q for q in qs if q.image == name) for name in ("emb_000000.png", "emb_000001.png",
+                                                                  "emb_000002.png")]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in picked]
+    prompts = [build_prompt(picked[0].text), build_prompt("Look closely. " + picked[1].text),
+               build_prompt(picked[2].text.replace("Is there", "Tell me: is there"))]
+    prompts.append(build_prompt("What colour is the sky?"))  # no object word: the model's own scores, no view
+    images.append(images[0])
+    assert bool((padded_inputs(lm, prompts[:3], images[:3])["attention_mask"] == 0).any())  # rows are padded
+    iv = HALC.from_preset("pope").with_detector(OracleDetector(shipped_scenes(["emb_000000.png", "emb_000001.png",
+                                                                              "emb_000002.png"])))
+    calls = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    try:
+        iv.sources(prompts, images)
+        iv.prepare(lm, {}, [SimpleNamespace(index=i) for i in range(len(prompts))])
+    finally:
+        hook.remove()
+    assert calls == [3] * 4  # context_window forwards, each of the three grounded rows
+    model = plain_model(lm)
+    for i in range(3):
+        step = iv._steps[i]
+        assert step.logits.shape == (4, lm.model.config.get_text_config().vocab_size)
+        own = []
+        with torch.no_grad():
+            for box in step.boxes:  # the route per row: one forward of the prompt alone per crop
+                inputs = lm.processor(text=prompts[i], images=crop(images[i], box), return_tensors="pt")
+                own.append(model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0, -1])
+        torch.testing.assert_close(step.logits, torch.stack(own), rtol=0, atol=logit_floor(lm))  # two float32 routes
+        assert [int(c.argmax()) for _, _, c in view_contrast(torch.stack(own))] == step.candidates
+    assert iv._steps[3].logits is None and iv._steps[3].status == "no-source"
