@@ -290,19 +290,40 @@ def test_pope_runs_halc_with_the_oracle_and_refuses_images_it_does_not_know(tmp_
 
 
 def test_halc_acts_on_the_first_token_only(embedded_model):
-    """Generated from Python (the CLI refuses --generate): the first token is the contrast's, later ones the model's
-    own; where both first tokens agree the two texts are the same."""
-    from mclcbf_diag.engine.batch import answer_batch
+    """Generated from Python (the CLI refuses --generate), read step by step from the generation loop: step 0's scores
+    are the focal contrast's (the plain-PyTorch reference; not the model's own logits) with its views recorded, every
+    later step's are the model's own logits of the sequence written so far, no view contrasted."""
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.engine.decode import generate
     from mclcbf_diag.interventions import HALC
 
     lm = embedded_model
-    questions, image, _ = first_image_questions()
-    prompts = [build_prompt(questions[0].text)]
+    questions, image, boxes = first_image_questions()
+    prompt = build_prompt(questions[0].text)
     iv = HALC.from_preset("pope").with_detector(OracleDetector(shipped_scenes(["emb_000000.png"])))
-    steered = answer_batch(lm, prompts, [image], iv, True, max_new_tokens=3)
-    plain = answer_batch(lm, prompts, [image], iv, False, max_new_tokens=3)  # the same decoding loop, unsteered
-    assert steered[0]["halc_views"] == 4.0 and steered[0]["answer"] == plain[0]["answer"]
-    assert steered[0]["text"] == plain[0]["text"]
+    inputs = batch_inputs(lm, [prompt], [image], share_images=False)
+    iv.sources([prompt], [image])
+    gen = generate(lm, inputs, iv, max_new_tokens=3, keep_scores=True)
+    assert len(gen.steps) >= 2  # a later step to read
+    floor, n = logit_floor(lm), inputs["input_ids"].shape[1]
+    model = plain_model(lm)
+    own = lm.processor(text=prompt, images=image, return_tensors="pt")
+
+    def plain_scores(k):  # the model's own logits after the prompt and the first k tokens written
+        ids = torch.cat([own["input_ids"], gen.sequences[:, n:n + k]], -1)
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=own["pixel_values"]).logits[0, -1]
+
+    want, final, base = reference_first_token(lm, prompt, image, boxes[0])
+    first = gen.steps[0]["records"][0][-1]
+    assert (first["halc_grounding"], first["halc_views"], first["halc_final_view"], first["halc_base_view"]) == \
+        (1.0, 4.0, final, base)
+    torch.testing.assert_close(gen.steps[0]["scores"][0], want, rtol=0, atol=(1 + 0.05) * floor)
+    assert float((gen.steps[0]["scores"][0] - plain_scores(0)).abs().max()) > 100 * floor  # the contrast acted
+    for k, step in enumerate(gen.steps[1:], 1):
+        later = step["records"][0][-1]
+        assert (later["halc_grounding"], later["halc_views"]) == (-1.0, 0.0) and "halc_final_view" not in later
+        torch.testing.assert_close(step["scores"][0], plain_scores(k), rtol=0, atol=floor)
 
 
 # --------------------------------------------------------------------------- the detector in the run's identity
