@@ -19,6 +19,10 @@ github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_nois
 * **Batched.** The noised view has the question's tokens at the same positions, only other image
   features: a runner runs it as rows of the question's own forward (:meth:`VCD.aux_features`, see
   :mod:`.decoding`), the vision tower once per distinct noised image.
+* **Families.** The noise is added to each image's pixel tensor ([3, H, W] per image or tile), so VCD
+  reads pixels (``reads_pixels``); a family whose processor gives none (flattened patches,
+  :attr:`~mclcbf_diag.models.families.Family.flat_pixels`) is refused by the command line from
+  ``config.json``, before the model loads.
 """
 
 from __future__ import annotations
