@@ -315,14 +315,25 @@ def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) 
     ``both`` (the two in one forward)."""
     feed = inputs
     if level in ("vision", "both"):
-        features = counterfactual_features(lm, pixels_of(inputs), method, seed)
-        feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
+        feed = {k: v for k, v in counterfactual_inputs(lm, inputs, method, seed).items() if k != "input_ids"}
     if level == "vision":
         with torch.no_grad():
             return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
     pads = (inputs["attention_mask"] == 0).sum(-1).tolist()
     with torch.no_grad(), counterfactual_language(lm, pads, method, seed):
         return lm.model(**feed, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
+
+def prompt_features(lm, inputs: dict, method: str, seed: int) -> list[torch.Tensor]:
+    """The counterfactual image features of each prompt of ``inputs`` (:func:`counterfactual_features` of its pixels):
+    the vision level's view, which every route (rows of the question's forward, a forward of its own, ``trace``'s
+    view) runs."""
+    return counterfactual_features(lm, pixels_of(inputs), method, seed)
+
+
+def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
+    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`prompt_features`)."""
+    return with_features(lm, inputs, prompt_features(lm, inputs, method, seed))
 
 
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
@@ -367,7 +378,7 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
         if "mm_encoder_outputs" not in inputs or self.knobs.level != "vision":
             return None
-        return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
+        return prompt_features(lm, row_inputs(inputs, rows), self.knobs.attention, self.knobs.seed)
 
     def combine(self, site, row, logits, aux, dose):
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
@@ -375,6 +386,5 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         if self.knobs.level != "vision":
             return {}  # the language-level counterfactual is not a model input: it edits attention inside the model
-        mine = row_inputs(inputs, rows)
-        features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
-        return {f"{self.knobs.attention} attention": with_features(lm, mine, features)}
+        return {f"{self.knobs.attention} attention": counterfactual_inputs(lm, row_inputs(inputs, rows),
+                                                                           self.knobs.attention, self.knobs.seed)}
