@@ -1,7 +1,7 @@
 """Benchmark: every registered intervention's ``pope`` throughput against the bare batched forward, in one run.
 
     python benchmarks/intervention_throughput.py [--n 64] [--split adversarial] [--batch-size 16]
-                                                 [--threads 1] [--repeats 3] [--model DIR] [--only a,b]
+                                                 [--threads 1] [--repeats 3] [--model DIR] [--only a,b:preset]
 
 All paths answer the same N questions in one process, batch by batch:
 
@@ -13,7 +13,8 @@ All paths answer the same N questions in one process, batch by batch:
   (:func:`mclcbf_diag.pope.answer_jobs`, only the file append left out): the same inputs, the
   baseline forward keeping its KV cache, the intervention's ``prepare``, the intervened
   continuation through nnsight, the image mass per layer and one record per question. Every
-  name in :func:`mclcbf_diag.interventions.registry`, at its first preset.
+  name in :func:`mclcbf_diag.interventions.registry`, at its first preset (``--only``: the names given,
+  ``NAME:PRESET`` for another preset, e.g. ``causalmm:language``).
 
 Each path is warmed up on one batch first (nnsight wraps the model once; AD-HH searches its
 heads once per model), then timed ``--repeats`` times in alternating rounds (bare, then every
@@ -74,11 +75,12 @@ def bound_text(aux_forwards: int | None, ratio: float) -> str:
 
 def main() -> None:
     ap = question_options(__doc__.splitlines()[0], repeats=3)
-    ap.add_argument("--only", default=None, help="comma-separated intervention names (default: every registered one)")
+    ap.add_argument("--only", default=None, help="comma-separated intervention names, each at its first preset or "
+                                                 "NAME:PRESET (causalmm:language) (default: every registered one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else list(registry())
-    interventions = {name: resolve(name) for name in names}
+    interventions = {name: resolve(*name.split(":", 1)) for name in names}
     lm = load_model(args.model)
     jobs = pope.select_jobs(pope.question_files(args.split, None, None), args.n, None)
 

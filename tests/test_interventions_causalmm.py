@@ -442,3 +442,30 @@ def test_pope_runs_at_the_language_level(embedded_model, tmp_path):
     assert all(math.isfinite(m) for m in margins["language"] + margins["vision"])
     assert any(abs(a - b) > 1e-3 for a, b in zip(margins["language"], margins["vision"]))
     assert not CausalMM.from_preset("language").reads_pixels and CausalMM.from_preset("pope").reads_pixels
+
+
+@pytest.mark.parametrize("level", ["vision", "language", "both"])
+def test_auxiliary_forwards_counts_the_forwards_run(embedded_model, questions, level):
+    """The batch's forwards as they run (decoder layer 0's attention, [rows, positions] per call): the vision level's
+    counterfactual is B more rows of the baseline's forward, the language level's (and both's) one forward of its own
+    over every position; then the intervened continuation of one position. One auxiliary forward at each level."""
+    from mclcbf_diag.engine.batch import answer_pair
+
+    lm = embedded_model
+    prompts, images = questions
+    iv = CausalMM(CausalMMKnobs(level=level))
+    attention = lm.adapter.layer_part(lm.model, 0, "layer_attention")
+    calls = []
+
+    def count(module, args, kwargs):
+        calls.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
+
+    hook = attention.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        answer_pair(lm, prompts, images, iv)
+    finally:
+        hook.remove()
+    B = len(prompts)
+    S = calls[0][1]
+    own = [(2 * B, S)] if level == "vision" else [(B, S), (B, S)]
+    assert calls == [*own, (B, 1)] and iv.auxiliary_forwards() == 1

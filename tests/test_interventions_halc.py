@@ -290,16 +290,140 @@ def test_pope_runs_halc_with_the_oracle_and_refuses_images_it_does_not_know(tmp_
 
 
 def test_halc_acts_on_the_first_token_only(embedded_model):
-    """Generated from Python (the CLI refuses --generate): the first token is the contrast's, later ones the model's
-    own; where both first tokens agree the two texts are the same."""
-    from mclcbf_diag.engine.batch import answer_batch
+    """Generated from Python (the CLI refuses --generate), read step by step from the generation loop: step 0's scores
+    are the focal contrast's (the plain-PyTorch reference; not the model's own logits) with its views recorded, every
+    later step's are the model's own logits of the sequence written so far, no view contrasted."""
+    from mclcbf_diag.engine.batch import batch_inputs
+    from mclcbf_diag.engine.decode import generate
     from mclcbf_diag.interventions import HALC
 
     lm = embedded_model
-    questions, image, _ = first_image_questions()
-    prompts = [build_prompt(questions[0].text)]
+    questions, image, boxes = first_image_questions()
+    prompt = build_prompt(questions[0].text)
     iv = HALC.from_preset("pope").with_detector(OracleDetector(shipped_scenes(["emb_000000.png"])))
-    steered = answer_batch(lm, prompts, [image], iv, True, max_new_tokens=3)
-    plain = answer_batch(lm, prompts, [image], iv, False, max_new_tokens=3)  # the same decoding loop, unsteered
-    assert steered[0]["halc_views"] == 4.0 and steered[0]["answer"] == plain[0]["answer"]
-    assert steered[0]["text"] == plain[0]["text"]
+    inputs = batch_inputs(lm, [prompt], [image], share_images=False)
+    iv.sources([prompt], [image])
+    gen = generate(lm, inputs, iv, max_new_tokens=3, keep_scores=True)
+    assert len(gen.steps) >= 2  # a later step to read
+    floor, n = logit_floor(lm), inputs["input_ids"].shape[1]
+    model = plain_model(lm)
+    own = lm.processor(text=prompt, images=image, return_tensors="pt")
+
+    def plain_scores(k):  # the model's own logits after the prompt and the first k tokens written
+        ids = torch.cat([own["input_ids"], gen.sequences[:, n:n + k]], -1)
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=own["pixel_values"]).logits[0, -1]
+
+    want, final, base = reference_first_token(lm, prompt, image, boxes[0])
+    first = gen.steps[0]["records"][0][-1]
+    assert (first["halc_grounding"], first["halc_views"], first["halc_final_view"], first["halc_base_view"]) == \
+        (1.0, 4.0, final, base)
+    torch.testing.assert_close(gen.steps[0]["scores"][0], want, rtol=0, atol=(1 + 0.05) * floor)
+    assert float((gen.steps[0]["scores"][0] - plain_scores(0)).abs().max()) > 100 * floor  # the contrast acted
+    for k, step in enumerate(gen.steps[1:], 1):
+        later = step["records"][0][-1]
+        assert (later["halc_grounding"], later["halc_views"]) == (-1.0, 0.0) and "halc_final_view" not in later
+        torch.testing.assert_close(step["scores"][0], plain_scores(k), rtol=0, atol=floor)
+
+
+# --------------------------------------------------------------------------- the detector in the run's identity
+def pope_identity(config):
+    """``run.json``'s identity of a 2-question adversarial run under ``config`` (as ``mclcbf-diag pope`` builds it)."""
+    from mclcbf_diag.cli import build_parser
+    from mclcbf_diag.cli.pope import run_identity
+
+    args = build_parser().parse_args(["pope", "--split", "adversarial", "--limit", "2", "--intervention", config.name])
+    return run_identity(args, config, [("adversarial", shipped.pope_file("adversarial"), shipped.IMAGES)], None)
+
+
+# the identity's keys before interventions named parts besides their knobs: a run folder of those keys must resume
+IDENTITY_KEYS = {"format", "model", "dtype", "intervention", "preset", "overrides", "config", "splits", "pope_files",
+                 "limit", "shard", "generate", "prompt", "batch_size", "device", "versions", "pope_sha256"}
+
+
+class Named(Fixed):
+    name = "threshold 0.3"
+
+
+def test_the_detector_is_in_the_run_identity_and_no_other_methods_identity_changes(tmp_path):
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.interventions import HALC, names, resolve
+    from mclcbf_diag.pope.store import ANSWERS, claim_out_dir, run_id
+
+    for name in names():  # every other method: the identity it always had, so its run folders still resume
+        if name != "halc":
+            iv = resolve(name)
+            assert iv.components() == {} and set(iv.describe()) == {"intervention", "knobs"}
+            assert set(pope_identity(iv)) == IDENTITY_KEYS, name
+    dola = pope_identity(resolve("dola"))
+    old = tmp_path / "dola"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps(dola))
+    (old / ANSWERS).write_text(json.dumps({"split": "adversarial", "question_id": 1, "index": 0, "label": "yes",
+                                           "baseline_answer": "yes", "steered_answer": "yes", "baseline_margin": 1.0,
+                                           "steered_margin": 1.0, "flipped": False, "run_id": run_id(dola)}) + "\n")
+    assert claim_out_dir(old, pope_identity(resolve("dola"))) is False  # resumed
+    halc = HALC.from_preset("pope")
+    runs = {"oracle": halc, "shipped": halc.with_detector(OracleDetector([])), "fixed": halc.with_detector(Fixed([])),
+            "named": halc.with_detector(Named([]))}
+    described = {k: iv.components()["detector"] for k, iv in runs.items()}
+    assert described == {"oracle": "oracle", "shipped": "oracle", "fixed": "Fixed", "named": "Named (threshold 0.3)"}
+    named = halc.replace(weight=0.1).with_detector(Named([]))
+    assert named.describe()["components"] == {"detector": described["named"]}
+    ids = {k: pope_identity(iv) for k, iv in runs.items()}
+    assert all(ident["components"] == {"detector": described[k]} for k, ident in ids.items())
+    assert len({run_id(ids[k]) for k in ("oracle", "fixed", "named")}) == 3 and run_id(ids["oracle"]) == run_id(
+        ids["shipped"])
+    out = tmp_path / "halc"
+    out.mkdir()
+    assert claim_out_dir(out, ids["fixed"]) is True
+    (out / ANSWERS).write_text((old / ANSWERS).read_text())
+    with pytest.raises(UserError, match="components.detector"):  # another detector: never resumed into the folder
+        claim_out_dir(out, ids["named"])
+    assert claim_out_dir(out, ids["fixed"]) is False
+
+
+# --------------------------------------------------------------------------- a batch's crops as rows of one forward
+def test_a_batchs_crops_are_one_padded_forward_per_view_equal_to_each_rows_own(embedded_model):
+    """Questions about three images, prompts of different lengths (padding): HALC's views come from context_window
+    forwards of the batch's rows, each row's logits its own plain one-row forward's (the route per row) within the
+    logit floor; a row without a grounding runs no view."""
+    from types import SimpleNamespace
+
+    from mclcbf_diag.data import load_pope, resolve_image
+    from mclcbf_diag.interventions import HALC
+    from mclcbf_diag.models.processing import padded_inputs
+
+    lm = embedded_model
+    qs = load_pope(shipped.pope_file("adversarial"))
+    picked = [next(q for q in qs if q.image == name) for name in ("emb_000000.png", "emb_000001.png",
+                                                                  "emb_000002.png")]
+    images = [load_image(resolve_image(q, shipped.IMAGES)) for q in picked]
+    prompts = [build_prompt(picked[0].text), build_prompt("Look closely. " + picked[1].text),
+               build_prompt(picked[2].text.replace("Is there", "Tell me: is there"))]
+    prompts.append(build_prompt("What colour is the sky?"))  # no object word: the model's own scores, no view
+    images.append(images[0])
+    assert bool((padded_inputs(lm, prompts[:3], images[:3])["attention_mask"] == 0).any())  # rows are padded
+    iv = HALC.from_preset("pope").with_detector(OracleDetector(shipped_scenes(["emb_000000.png", "emb_000001.png",
+                                                                              "emb_000002.png"])))
+    calls = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                              with_kwargs=True)
+    try:
+        iv.sources(prompts, images)
+        iv.prepare(lm, {}, [SimpleNamespace(index=i) for i in range(len(prompts))])
+    finally:
+        hook.remove()
+    assert calls == [3] * 4  # context_window forwards, each of the three grounded rows
+    model = plain_model(lm)
+    for i in range(3):
+        step = iv._steps[i]
+        assert step.logits.shape == (4, lm.model.config.get_text_config().vocab_size)
+        own = []
+        with torch.no_grad():
+            for box in step.boxes:  # the route per row: one forward of the prompt alone per crop
+                inputs = lm.processor(text=prompts[i], images=crop(images[i], box), return_tensors="pt")
+                own.append(model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0, -1])
+        torch.testing.assert_close(step.logits, torch.stack(own), rtol=0, atol=logit_floor(lm))  # two float32 routes
+        assert [int(c.argmax()) for _, _, c in view_contrast(torch.stack(own))] == step.candidates
+    assert iv._steps[3].logits is None and iv._steps[3].status == "no-source"

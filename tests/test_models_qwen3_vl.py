@@ -389,3 +389,32 @@ def test_the_table_forgets_the_least_recently_used_image_tokens_first():
     other[..., -1] += 1
     assert wide.find(other) is None and wide.find(torch.cat([other, row], 1))[0].tolist() == [[False, True]]
     assert len(wide.prefixes) == 1
+
+
+def test_an_intervention_that_noises_the_pixels_is_refused_before_qwen3_loads(tmp_path, capsys, monkeypatch):
+    """VCD builds its view from each image's pixel tensor, which Qwen3-VL's processor does not give (flattened
+    patches): refused in one line from config.json, before the weights (or the tokenizer) load; a method that builds
+    no such view (DoLa, CausalMM at the language level) passes the check."""
+    from cli_refusals import refused_here
+
+    from mclcbf_diag.cli import common, pope
+    from mclcbf_diag.interventions import resolve
+
+    folder = tmp_path / "qwen3"
+    _build(folder)
+    capsys.readouterr()  # the save's progress bar
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(common, "prepare_from_args", loads)
+    monkeypatch.setattr(pope, "prepare_from_args", loads)
+    for argv in (["pope", "--split", "adversarial", "--limit", "2"], ["trace", "--sample", "0"]):
+        refused_here(capsys, [*argv, "--model", str(folder), "--intervention", "vcd", "--out", str(tmp_path / "o")],
+                     "--intervention vcd", str(folder), "qwen3_vl", "flattened patches", "use a model of another "
+                     "family (llava", "or an intervention that builds no image view")
+    assert not (tmp_path / "o").exists()
+    for name, preset in (("dola", None), ("causalmm", "language"), ("vcd", None)):
+        common.check_pixels(resolve(name, preset), None)  # the embedded model: pixel images
+    for name, preset in (("dola", None), ("causalmm", "language")):
+        common.check_pixels(resolve(name, preset), str(folder))

@@ -444,10 +444,33 @@ def intervention_from_args(args, n_layers: int | None = None):
                         f"({type(exc).__name__}: {exc}); check the knob values") from None
     if n_layers is not None:
         iv.layers(n_layers)  # raises "layers [9] out of range: … 0..3"
+    check_pixels(iv, getattr(args, "model", None))
     if iv.name == "halc" and getattr(args, "command", None) not in (None, "pope"):
         raise UserError(f"--intervention halc runs under `pope` only (its views are crops of each question's image, "
                         f"which `{args.command}` does not hand over yet); use mclcbf-diag pope --intervention halc")
     return iv
+
+
+def check_pixels(iv, model: str | None) -> None:
+    """A one-line UserError, before the model loads, for an intervention whose view is built from each image's pixel
+    tensor (:attr:`~mclcbf_diag.interventions.base.Intervention.reads_pixels`, e.g. a noised image) on a family
+    whose processor gives no such tensor (:attr:`~mclcbf_diag.models.families.Family.flat_pixels`)."""
+    if not iv.reads_pixels or model in (None, "", "embedded"):
+        return
+    from ..models.families import FAMILIES, config_file, family_of
+
+    try:
+        path = config_file(model)
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type") if path is not None else None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return  # reported when the model is located
+    family = family_of(model_type)
+    if family is None or not family.flat_pixels:
+        return
+    fits = ", ".join(f.name for f in FAMILIES if not f.flat_pixels)
+    raise UserError(f"--intervention {iv.name} builds its view from each image's pixel tensor, but --model {model} "
+                    f"({family.name}) gives {family.flat_pixels}; use a model of another family ({fits}) or an "
+                    "intervention that builds no image view from the pixels")
 
 
 def check_out(args, default: str) -> Path:

@@ -82,6 +82,9 @@ def run_identity(args, config, files, shard, all_jobs: list[Job] | None = None, 
              "splits": [s for s, _, _ in files], "pope_files": [str(p) for _, p, _ in files],
              "limit": args.limit, "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
              "generate": args.generate, "prompt": args.prompt}
+    parts = config.components()
+    if parts:  # an intervention without parts besides its knobs (all but HALC) leaves the identity as it was
+        ident["components"] = parts
     decoding = decoding_from_args(args).identity()
     if decoding is not None:  # greedy, the default, leaves the identity as it was
         ident["decoding"] = decoding

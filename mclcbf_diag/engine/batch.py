@@ -56,13 +56,11 @@ import inspect
 
 import torch
 
-from ..errors import UserError
 from ..interventions import as_intervention
 from ..interventions.base import Batched, Intervention, rows_of
 from ..interventions.views import PIXEL_ROWS, row_inputs, shares_image_features, with_aux_rows
 from ..models import LoadedModel
-from ..models.mrope import position_ids
-from ..models.processing import processor_prompt
+from ..models.processing import padded_inputs
 from .decode import cached_prefix, end_ids, generate
 from .runner import Continuation, Keep, forward
 
@@ -74,28 +72,7 @@ def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_ima
     the vision tower runs once per distinct image; ``generate`` needs
     ``share_images=False`` (pixel values), so that its decode steps see no features.
     """
-    if len(prompts) != len(images) or not prompts:
-        raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
-    prompts = [processor_prompt(lm.processor, p) for p in prompts]  # the portable <image> → the processor's own
-    placeholder = getattr(lm.processor, "image_token", None) or "<image>"
-    if any(p.count(placeholder) != 1 for p in prompts):
-        raise UserError(f"every prompt needs exactly one {placeholder} placeholder "
-                        "(e.g. 'USER: <image>\n{question}\nASSISTANT:')")
-    tok = lm.processor.tokenizer
-    if tok.pad_token_id is None:
-        raise UserError("the tokenizer has no pad token, so prompts cannot be batched; use --batch-size 1")
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = lm.processor(text=list(prompts), images=lm.image_scheme.processor_images(lm.processor, images),
-                           return_tensors="pt", padding="longest")
-    finally:
-        tok.padding_side = side
-    mask = enc["attention_mask"]
-    pads = (mask == 0).sum(-1)
-    if any(bool(mask[b, int(p):].eq(0).any()) for b, p in enumerate(pads)):
-        raise RuntimeError("the processor did not pad on the left")  # programming error
-    inputs = {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
-    inputs["position_ids"] = position_ids(lm, inputs)  # cumsum − 1, or the family's own (Qwen-VL's 3-D M-RoPE)
+    inputs = padded_inputs(lm, prompts, images)
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
         pv = inputs.pop("pixel_values")
         with torch.no_grad():  # the tower once per distinct image, as the family's model merges the features

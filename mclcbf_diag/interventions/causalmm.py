@@ -205,7 +205,7 @@ def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Gener
         probs: [H, L, L] the post-softmax attention of one prompt.
         method: ``random``, ``uniform``, ``reversed`` or ``shuffle``.
         generator: ``random`` draws U(0, 1) [H, L, L] and ``shuffle`` U(0, 1) sort keys [H, L, L] from it (one draw
-            per call, on the CPU).
+            per call, on the generator's device: a generator on ``probs``' device draws there, with no copy).
         visible: bool [L, L] the keys each query may attend to (None: causal, keys ``0 … q``).
     """
     p = probs.detach().float()
@@ -214,13 +214,13 @@ def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Gener
         visible = torch.ones(n, n, dtype=torch.bool, device=p.device).tril()
     visible = visible.to(p.device)
     if method == "random":
-        cf = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device) * 2
+        cf = _draw((heads, n, n), generator).to(p.device) * 2
     elif method == "uniform":
         cf = visible.float().expand(heads, n, n)
     elif method == "reversed":  # the head's maximum over its visible entries, minus each
         cf = p.masked_fill(~visible, 0).amax(dim=(1, 2), keepdim=True) - p
     elif method == "shuffle":  # each row's visible entries in a random order: sort keys, the hidden ones last
-        keys = torch.rand((heads, n, n), generator=generator, dtype=torch.float32).to(p.device)
+        keys = _draw((heads, n, n), generator).to(p.device)
         order = keys.masked_fill(~visible, torch.inf).argsort(dim=-1)  # the visible keys first, in a random order
         cf = p.gather(-1, order)
         if not torch.equal(visible, torch.ones_like(visible).tril()):  # to each row's visible keys, in order
@@ -234,19 +234,32 @@ def counterfactual_rows(probs: torch.Tensor, method: str, generator: torch.Gener
     return torch.where(total > 0, cf / torch.where(total > 0, total, torch.ones_like(total)), uniform)
 
 
+def _draw(shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """U(0, 1) float32 of ``shape`` from ``generator``, on its device."""
+    return torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device)
+
+
 class LanguageEdit:
     """The counterfactual edit of one forward of a left-padded batch: every row's generator, seeded with ``seed``,
-    draws once per decoder layer, in forward order, so a row's counterfactual is the same alone and in any batch."""
+    draws once per decoder layer, in forward order, so a row's counterfactual is the same alone and in any batch.
+
+    The generators live on the device of the attention they edit (made at the first layer's call): the draws,
+    H·L² numbers per layer and prompt, are made there instead of on the CPU and copied. On the CPU the numbers are
+    those of a CPU generator seeded with ``seed``; on a GPU they are that device's generator's (another stream of
+    the same law, so a GPU run's counterfactual differs from a CPU run's, as the device is part of a run's
+    identity)."""
 
     def __init__(self, pads: list[int], method: str, seed: int):
-        self.pads, self.method = pads, method
-        self.generators = [torch.Generator().manual_seed(int(seed)) for _ in pads]
+        self.pads, self.method, self.seed = pads, method, int(seed)
+        self.generators: list[torch.Generator] | None = None
 
     def __call__(self, probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``probs`` [B, H, T, T] (no cache: queries = keys) with each row's own block replaced; the keys a query
         sees are those ``mask`` (the layer's additive [B, 1, T, T] mask, or a bool one) leaves visible (None:
         causal)."""
         out = probs.clone()
+        if self.generators is None:
+            self.generators = [torch.Generator(device=probs.device).manual_seed(self.seed) for _ in self.pads]
         for b, pad in enumerate(self.pads):
             visible = None
             if mask is not None:
@@ -302,14 +315,25 @@ def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) 
     ``both`` (the two in one forward)."""
     feed = inputs
     if level in ("vision", "both"):
-        features = counterfactual_features(lm, pixels_of(inputs), method, seed)
-        feed = {k: v for k, v in with_features(lm, inputs, features).items() if k != "input_ids"}
+        feed = {k: v for k, v in counterfactual_inputs(lm, inputs, method, seed).items() if k != "input_ids"}
     if level == "vision":
         with torch.no_grad():
             return lm.model(**feed, logits_to_keep=1).logits[:, -1].float()
     pads = (inputs["attention_mask"] == 0).sum(-1).tolist()
     with torch.no_grad(), counterfactual_language(lm, pads, method, seed):
         return lm.model(**feed, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+
+
+def prompt_features(lm, inputs: dict, method: str, seed: int) -> list[torch.Tensor]:
+    """The counterfactual image features of each prompt of ``inputs`` (:func:`counterfactual_features` of its pixels):
+    the vision level's view, which every route (rows of the question's forward, a forward of its own, ``trace``'s
+    view) runs."""
+    return counterfactual_features(lm, pixels_of(inputs), method, seed)
+
+
+def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
+    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`prompt_features`)."""
+    return with_features(lm, inputs, prompt_features(lm, inputs, method, seed))
 
 
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
@@ -339,7 +363,14 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         return counterfactual_logits(lm, row_inputs(inputs, rows), k.attention, k.seed, k.level)
 
     def auxiliary_forwards(self) -> int | None:
-        return 1  # the counterfactual forward
+        """1 at every level: the counterfactual forward. At the vision level it is B more rows of the baseline's
+        forward (counted as one, as the bound counts auxiliary rows); at the language level and ``both`` a forward of
+        its own over every position (the batch's three forwards: the baseline's, this one, the intervened
+        continuation). That forward is not a bare one: every layer runs eager attention and replaces each
+        probability row (``shuffle``: a sort of H·L² random keys per layer and prompt), so on a CPU it costs
+        several bare forwards and the benchmark's bound, (1 + 1) × a bare forward + 10%, is not met there
+        (``benchmarks/intervention_throughput.py --only causalmm:language`` prints OVER; docs/performance.md)."""
+        return 1
 
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The counterfactual image features, for a runner that runs the view as rows of the main rows' forward
@@ -347,7 +378,7 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
         if not shares_image_features(inputs) or self.knobs.level != "vision":
             return None
-        return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
+        return prompt_features(lm, row_inputs(inputs, rows), self.knobs.attention, self.knobs.seed)
 
     def combine(self, site, row, logits, aux, dose):
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
@@ -355,6 +386,5 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         if self.knobs.level != "vision":
             return {}  # the language-level counterfactual is not a model input: it edits attention inside the model
-        mine = row_inputs(inputs, rows)
-        features = counterfactual_features(lm, pixels_of(mine), self.knobs.attention, self.knobs.seed)
-        return {f"{self.knobs.attention} attention": with_features(lm, mine, features)}
+        return {f"{self.knobs.attention} attention": counterfactual_inputs(lm, row_inputs(inputs, rows),
+                                                                           self.knobs.attention, self.knobs.seed)}

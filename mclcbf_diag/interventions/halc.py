@@ -55,8 +55,11 @@ GroundingDINO. A real detector misses small and faint objects, finds objects tha
 are as good as its detections, and a figure measured with the oracle is an upper bound on what
 the grounding contributes. Any object with ``boxes(image, word)`` plugs in, from Python:
 ``HALC.from_preset("pope").with_detector(my_detector)`` (or ``HALC(knobs, detector=...)``), passed to
-``answer_pair``/``run_jobs`` like any intervention. Without one, :class:`HALC` uses the oracle of the
-shipped POPE images; ``mclcbf-diag pope --intervention halc`` refuses images the oracle does not know.
+``answer_pair``/``run_jobs`` like any intervention. The detector is part of a run's identity
+(:meth:`HALC.components`, :func:`detector_name`: ``oracle``, or the class's qualified name with the detector's
+``name`` attribute), so runs with different detectors are never resumed into one folder. Without one,
+:class:`HALC` uses the oracle of the shipped POPE images; ``mclcbf-diag pope --intervention halc`` refuses images
+the oracle does not know.
 """
 
 from __future__ import annotations
@@ -168,23 +171,45 @@ def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated:
                max_boxes: int = 3, grounded: tuple | None = None) -> FocalStep:
     """HALC's focal-view contrast for ``word`` at the next position of ``prompt`` (plus ``generated`` [n] token ids
     already written): ground the word, run the model on each view (the image cropped to its box, a whole image to
-    the processor), contrast the views' last logits (:func:`view_contrast`) and take each contrast's argmax.
-    ``grounded``: :func:`ground`'s ``(box, status)`` where the caller already has it (the detector runs once)."""
+    the processor; the views are the rows of one forward, :func:`view_logits`), contrast the views' last logits
+    (:func:`view_contrast`) and take each contrast's argmax. ``grounded``: :func:`ground`'s ``(box, status)`` where
+    the caller already has it (the detector runs once)."""
     box, status = grounded if grounded is not None else ground(detector, image, word, max_boxes)
     if box is None:
         return FocalStep(status)
     boxes = focal_boxes(box, context_window, expand_ratio)
-    rows = []
-    for b in boxes:
-        inputs = lm.inputs(prompt, crop(image, b))
-        if generated is not None and generated.numel():
-            ids = torch.cat([inputs["input_ids"], generated.reshape(1, -1).to(inputs["input_ids"])], -1)
-            inputs = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        with torch.no_grad():
-            rows.append(lm.model(**inputs, logits_to_keep=1).logits[0, -1].float())
-    logits = torch.stack(rows)
+    logits = view_logits(lm, [prompt] * len(boxes), [crop(image, b) for b in boxes], generated)
+    return contrasted(status, boxes, logits, k_candidates, weight)
+
+
+def contrasted(status: str, boxes: list[Box], logits: torch.Tensor, k_candidates: int, weight: float) -> FocalStep:
+    """The :class:`FocalStep` of views ``boxes`` whose last logits are ``logits`` [views, vocab] float32."""
     contrasts = view_contrast(logits, k_candidates, weight)
     return FocalStep(status, boxes, logits, contrasts, [int(c.argmax()) for _, _, c in contrasts])
+
+
+def view_logits(lm, prompts: list[str], images: list, generated: torch.Tensor | None = None) -> torch.Tensor:
+    """The last-position logits [len(prompts), vocab] float32 of plain forwards of ``prompts[i]`` on ``images[i]``
+    (each a whole prompt with its own image, followed by ``generated`` [n] token ids), as the rows of one
+    left-padded forward: each row at the positions it has alone, its padding masked
+    (:func:`~mclcbf_diag.models.processing.padded_inputs`), so a row's logits are its own forward's up to the
+    summation order of batched matmuls."""
+    from ..models.mrope import position_ids
+    from ..models.processing import padded_inputs
+
+    inputs = padded_inputs(lm, prompts, images)
+    if generated is not None and generated.numel():
+        ids = inputs["input_ids"]
+        tail = generated.reshape(1, -1).to(ids).expand(ids.shape[0], -1)
+        grown = {"input_ids": torch.cat([ids, tail], -1), "attention_mask": torch.cat(
+            [inputs["attention_mask"], torch.ones_like(tail)], -1)}
+        for key, value in inputs.items():  # per-token types (Gemma 3's, Qwen-VL's): a written token is text
+            if key not in grown and torch.is_tensor(value) and value.shape == ids.shape:
+                grown[key] = torch.cat([value, torch.zeros_like(tail).to(value)], -1)
+        inputs = {**inputs, **grown}
+        inputs["position_ids"] = position_ids(lm, inputs)
+    with torch.no_grad():
+        return lm.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
 
 
 def _pixels_key(image) -> str:
@@ -198,6 +223,8 @@ class OracleDetector:
     an image is recognised by its pixels (its rendering), so any copy of a shipped PNG is found. A word matches a
     class name, singular or with a plural ``s`` (as the released code strips one).
     """
+
+    name = "oracle"  # in a run's identity (detector_name)
 
     def __init__(self, scenes):
         from ..embedded.world import DRAW_SIZE
@@ -214,6 +241,18 @@ class OracleDetector:
         s = float(self.size)
         return [(max(0.0, (o.cx - o.size) / s), max(0.0, (o.cy - o.size) / s), min(1.0, (o.cx + o.size) / s),
                  min(1.0, (o.cy + o.size) / s)) for o in scene.objects if o.drawn and o.name in names]
+
+
+def detector_name(detector: Detector | None) -> str:
+    """A detector's name in a run's identity: ``oracle`` for the embedded world's (None: the shipped images' oracle);
+    else its class's ``__qualname__``, with its ``name`` attribute where it has one (``GroundingDINO (swint-ogc, 0.45)``
+    for a class ``GroundingDINO`` whose ``name`` is ``"swint-ogc, 0.45"``): give a detector a ``name`` that tells its
+    settings apart (weights, threshold)."""
+    if detector is None or type(detector) is OracleDetector:
+        return OracleDetector.name
+    name = getattr(detector, "name", None)
+    qualname = type(detector).__qualname__
+    return qualname if name in (None, "") else f"{qualname} ({name})"
 
 
 def shipped_scenes(names: list[str]) -> list:
@@ -294,6 +333,10 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
     def auxiliary_forwards(self) -> int | None:
         return self.knobs.context_window  # one forward per view
 
+    def components(self) -> dict[str, str]:
+        """The detector grounding the words (:func:`detector_name`): runs with different detectors differ."""
+        return {"detector": detector_name(self.detector)}
+
     def sources(self, prompts: list[str], images: list) -> None:
         self._sources, self._first = (list(prompts), list(images)), True
 
@@ -302,7 +345,9 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
     prepare_batched = Intervention.prepare_batched
 
     def prepare(self, lm, inputs: dict, rows) -> None:
-        """Each row's :class:`FocalStep` for its question's object, from forwards of its prompt on the crops."""
+        """Each row's :class:`FocalStep` for its question's object, from forwards of its prompt on the crops: the
+        batch's crops of one view are the rows of one left-padded forward (:func:`view_logits`), so a batch costs
+        ``context_window`` forwards of at most its own size."""
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux, self._steps = {}, {}
         if self.detector is None:
@@ -312,19 +357,25 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
         prompts, images = self._sources if self._first else ([], [])
         self._first = False
         k = self.knobs
+        grounded = {}  # row index → (status, the views' boxes)
         for row in rows:
             word = object_word(prompts[row.index]) if row.index < len(prompts) else None
             if word is None or row.index >= len(images):
                 self._steps[row.index] = FocalStep("no-source")
                 continue
             box, status = ground(self.detector, images[row.index], word, k.max_boxes)
-            if status == "not-detected" and k.missing == "model":
+            if box is None or (status == "not-detected" and k.missing == "model"):
                 self._steps[row.index] = FocalStep(status)
                 continue
-            self._steps[row.index] = focal_step(lm, prompts[row.index], images[row.index], word, self.detector,
-                                                context_window=k.context_window, expand_ratio=k.expand_ratio,
-                                                k_candidates=k.k_candidates, weight=k.weight, max_boxes=k.max_boxes,
-                                                grounded=(box, status))
+            grounded[row.index] = (status, focal_boxes(box, k.context_window, k.expand_ratio))
+        if not grounded:
+            return
+        order = list(grounded)
+        views = torch.stack([view_logits(lm, [prompts[i] for i in order],
+                                         [crop(images[i], grounded[i][1][v]) for i in order])
+                             for v in range(k.context_window)], dim=1)  # [rows, views, vocab]
+        for i, logits in zip(order, views):
+            self._steps[i] = contrasted(*grounded[i], logits, k.k_candidates, k.weight)
 
     def readout(self, site) -> None:
         for row in site.rows:

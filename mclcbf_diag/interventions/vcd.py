@@ -19,6 +19,10 @@ github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_nois
 * **Batched.** The noised view has the question's tokens at the same positions, only other image
   features: a runner runs it as rows of the question's own forward (:meth:`VCD.aux_features`, see
   :mod:`.decoding`), the vision tower once per distinct noised image.
+* **Families.** The noise is added to each image's pixel tensor ([3, H, W] per image or tile), so VCD
+  reads pixels (``reads_pixels``); a family whose processor gives none (flattened patches,
+  :attr:`~mclcbf_diag.models.families.Family.flat_pixels`) is refused by the command line from
+  ``config.json``, before the model loads.
 """
 
 from __future__ import annotations
@@ -42,20 +46,24 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
     def auxiliary_forwards(self) -> int | None:
         return 1  # the noised view
 
+    def noised(self, inputs: dict, rows: list[Row]) -> tuple[dict, torch.Tensor]:
+        """The model inputs of ``rows`` and their noised image tensor (:func:`~.views.diffusion_noise` at the knobs'
+        step and seed): the one view both routes run."""
+        mine = row_inputs(inputs, rows)
+        return mine, diffusion_noise(pixels_of(mine), self.knobs.noise_step, self.knobs.seed)
+
     def aux_features(self, lm, inputs: dict, rows: list[Row]):
         """The noised images' features (the tower once per distinct noised image), for a runner that runs the view as
         rows of the main rows' forward; None where the inputs carry no shared image features."""
         if not shares_image_features(inputs):
             return None
-        mine = row_inputs(inputs, rows)
-        noised = diffusion_noise(pixels_of(mine), self.knobs.noise_step, self.knobs.seed)
+        mine, noised = self.noised(inputs, rows)
         with torch.no_grad():
             return lm.image_scheme.features(lm, mine, noised)[0]
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
-        mine = row_inputs(inputs, rows)
-        return {"noised image": with_pixels(mine, diffusion_noise(pixels_of(mine), self.knobs.noise_step,
-                                                                  self.knobs.seed))}
+        mine, noised = self.noised(inputs, rows)
+        return {"noised image": with_pixels(mine, noised)}
 
     def combine(self, site, row, logits, aux, dose):
         return contrast(logits, aux, self.knobs.alpha * dose), plausible(logits, self.knobs.beta)

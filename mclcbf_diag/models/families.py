@@ -32,6 +32,9 @@ class Family:
     checked: tuple[str, ...]  # checkpoints the toolkit is run on (tests, README, notebooks)
     covers: str  # which other checkpoints share the layout
     not_covered: str = ""  # near relatives that need more than this adapter
+    # what the processor gives per image, where it is not one pixel tensor [3, H, W] per image or tile (a method
+    # whose view is built from that tensor, Intervention.reads_pixels, cannot run on it); "": such a tensor
+    flat_pixels: str = ""
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -120,6 +123,8 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen2_5_vl",
         architecture="Qwen2_5_VLForConditionalGeneration",
         model_type="qwen2_5_vl",
+        flat_pixels="each image as flattened patches of a dynamic-resolution grid (pixel_values [patches, "
+                    "C·T·p·p] with image_grid_thw)",
         layout="Qwen2.5-VL: dynamic-resolution images (any aspect ratio), each image's patches merged 2 × 2 into "
                "<|image_pad|> tokens in row-major order over the merged grid, between <|vision_start|> and "
                "<|vision_end|>; 3-D M-RoPE positions from the model's get_rope_index (models/mrope.py); the processor "
@@ -138,6 +143,8 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen2_vl",
         architecture="Qwen2VLForConditionalGeneration",
         model_type="qwen2_vl",
+        flat_pixels="each image as flattened patches of a dynamic-resolution grid (pixel_values [patches, "
+                    "C·T·p·p] with image_grid_thw)",
         layout="Qwen2-VL: Qwen2.5-VL's image layout and 3-D M-RoPE positions (models/mrope.py), with a "
                "full-attention vision tower",
         checked=("a tiny random checkpoint built in the tests (trace and pope's batched, cached-prefix path against "
@@ -149,6 +156,8 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen3_vl",
         architecture="Qwen3VLForConditionalGeneration",
         model_type="qwen3_vl",
+        flat_pixels="each image as flattened patches of a dynamic-resolution grid (pixel_values [patches, "
+                    "C·T·p·p] with image_grid_thw)",
         layout="Qwen3-VL: Qwen2.5-VL's image layout (16-px patches merged 2 × 2 into <|image_pad|> tokens) and 3-D "
                "M-RoPE positions (models/mrope.py; the rotary module interleaves the three axes), a Qwen3 text "
                "model (per-head q/k norms), and deepstack: features of intermediate vision layers added to the "
@@ -305,6 +314,11 @@ def config_file(model: str) -> Path | None:
 
     found = try_to_load_from_cache(model, "config.json")
     return Path(found) if isinstance(found, str) else None
+
+
+def family_of(model_type: object) -> Family | None:
+    """The family of config.json's ``model_type`` (None: not one of :data:`FAMILIES`)."""
+    return next((f for f in FAMILIES if f.model_type == model_type), None)
 
 
 def check_config(cfg: dict, shown: str) -> None:

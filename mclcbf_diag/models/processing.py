@@ -9,6 +9,8 @@ Contract: everything here runs before the model does, and every problem is a one
 * :func:`run_processor`: the processor called on prompts and images; its ValueError (a
   placeholder count that does not match the images, an image it cannot read), TypeError or
   ImportError (an optional package it needs) becomes one line.
+* :func:`padded_inputs`: a batch's model inputs, left-padded (every row's last prompt token is the
+  last position), with the positions each row has alone (:func:`~.mrope.position_ids`).
 * :func:`patch_grid_shape` / :func:`check_image_grid`: the patch grid an image becomes
   (``pixel_values``' height and width over the tower's patch size), and a refusal when the
   prompt's image tokens do not form that grid, or form one the overlay cannot draw yet.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from .mrope import position_ids
 
 PORTABLE_PLACEHOLDER = "<image>"
 QWEN_IMAGE_PAD = "<|image_pad|>"  # Qwen2-VL/2.5-VL's placeholder (models/mrope.py)
@@ -85,6 +88,35 @@ def run_processor(processor, where: str, text, images, **kwargs):
                         f"needs one {PORTABLE_PLACEHOLDER} per image (this processor's placeholder is "
                         f"{placeholder(processor)!r}): check --prompt, the image file and the checkpoint's processor "
                         "files") from None
+
+
+def padded_inputs(lm, prompts: list[str], images: list) -> dict:
+    """The processor's tensors for a batch of prompts (one image each), left-padded, on the model's device, with the
+    ``position_ids`` each row runs at alone; a one-line UserError for a prompt without exactly one placeholder or a
+    tokenizer without a pad token."""
+    if len(prompts) != len(images) or not prompts:
+        raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
+    prompts = [processor_prompt(lm.processor, p) for p in prompts]  # the portable <image> → the processor's own
+    placeholder = getattr(lm.processor, "image_token", None) or "<image>"
+    if any(p.count(placeholder) != 1 for p in prompts):
+        raise UserError(f"every prompt needs exactly one {placeholder} placeholder "
+                        "(e.g. 'USER: <image>\n{question}\nASSISTANT:')")
+    tok = lm.processor.tokenizer
+    if tok.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token, so prompts cannot be batched; use --batch-size 1")
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = lm.processor(text=list(prompts), images=lm.image_scheme.processor_images(lm.processor, images),
+                           return_tensors="pt", padding="longest")
+    finally:
+        tok.padding_side = side
+    mask = enc["attention_mask"]
+    pads = (mask == 0).sum(-1)
+    if any(bool(mask[b, int(p):].eq(0).any()) for b, p in enumerate(pads)):
+        raise RuntimeError("the processor did not pad on the left")  # programming error
+    inputs = {k: (v.to(lm.device, lm.dtype) if v.is_floating_point() else v.to(lm.device)) for k, v in enc.items()}
+    inputs["position_ids"] = position_ids(lm, inputs)  # cumsum − 1, or the family's own (Qwen-VL's 3-D M-RoPE)
+    return inputs
 
 
 def patch_grid_shape(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
