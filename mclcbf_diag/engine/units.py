@@ -32,6 +32,17 @@ from one baseline forward of the question batch (:class:`Prefix`):
   holding only its rows, with its dose and steer flag; an intervention that reads each row's
   dose (:attr:`~mclcbf_diag.interventions.base.Intervention.row_doses`, MC-LCBF) gets all
   its doses in one group, so its own batching (MC-LCBF's vmapped gradients) spans them.
+* **Each auxiliary view once per question.** A decoding-level method's auxiliary forward (VCD's noised
+  image, CausalMM's counterfactual features, PAI's image-free prompt, VISTA's steering vector, OPERA's
+  candidates) depends on the question and on the knobs it reads, never on the dose, so the units of a
+  verdict (the traced run, the dose-response, the stronger-contrast search, the cutoff's fix) share it:
+  an intervention with a :meth:`~mclcbf_diag.interventions.base.Intervention.view_key` is prepared from
+  :meth:`Prefix.views`, which computes each (question, key) once for the question batch, from the prefix
+  forward where the method can use it (its cache, logits and last-position states:
+  :meth:`~mclcbf_diag.interventions.base.Intervention.prepare_batched`; a view that differs in its image
+  features only runs as one forward of the questions' rows, the tower once per distinct image), and
+  keeps it for every later unit. Any other intervention is prepared per batch of units on its rows' whole
+  prompts.
 
 A unit's answer equals a separate run of that question alone up to the summation order of
 batched matmuls (≪ 1e-4 in float32).

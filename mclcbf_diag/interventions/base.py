@@ -22,7 +22,10 @@ question (computed in :meth:`Intervention.prepare`, see :mod:`.views`; where the
 rows of the question's own batched forward or continuations of its cache instead:
 :meth:`Intervention.aux_features`, :meth:`Intervention.prepare_batched`) and with earlier
 layers' readouts (:meth:`Readout.layer_logits`, for the layers :meth:`Intervention.readout_layers`
-names). One intervention may use both kinds of site (PAI edits attention, then contrasts).
+names). One intervention may use both kinds of site (PAI edits attention, then contrasts). What it
+prepares for a question is keyed by :meth:`Intervention.view_key` (the knobs its auxiliary forwards read),
+so a runner of many units of one question prepares it once (:meth:`Intervention.prepared_views`,
+:meth:`Intervention.use_views`).
 
 Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
 unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
