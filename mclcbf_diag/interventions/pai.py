@@ -103,7 +103,7 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
     def view_key(self):
         """The image-free view reads no knob (the attention edit has no image key there): one per question, with the
         contrast on."""
-        return (PAI, self.knobs.contrast_gamma != 1.0)
+        return (type(self), self.knobs.contrast_gamma != 1.0)
 
     def prepared_views(self, rows: list[Row]) -> list:
         """Each row's image-free logits [vocab] (None with the contrast off)."""

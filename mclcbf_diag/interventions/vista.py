@@ -125,7 +125,7 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
 
     def view_key(self):
         """The steering vector reads no knob: one per question."""
-        return (VISTA,)
+        return (type(self),)
 
     def prepared_views(self, rows: list[Row]) -> list:
         """Each row's steering vector [L, d] (float32)."""
