@@ -1,7 +1,8 @@
 """Benchmark: questions/s of ``mclcbf-diag explain`` over a split, against one bare batched forward per question.
 
     python benchmarks/population_explain.py [--n 64] [--split adversarial] [--batch-size 16] [--threads 1]
-                                            [--model DIR] [--preset P] [--set k=v …] [--k-max 1024]
+                                            [--model DIR] [--intervention NAME] [--preset P] [--set k=v …]
+                                            [--k-max 1024]
                                             [--bisect-steps 8] [--no-sweep] [--repeats 1]
 
 Both paths answer the same N questions in one process, batch by batch, images loaded inside
@@ -61,6 +62,7 @@ def population(lm, jobs, config, settings, batch_size, timings):
 
 def main() -> None:
     ap = question_options(__doc__.splitlines()[0], repeats=1)
+    ap.add_argument("--intervention", default="mclcbf", help="the method explained (default: mclcbf)")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KNOB=VALUE")
     ap.add_argument("--k-max", type=float, default=1024.0)
@@ -69,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    config = resolve("mclcbf", args.preset, args.overrides)
+    config = resolve(args.intervention, args.preset, args.overrides)
     settings = V.Settings(k_max=args.k_max, bisect_steps=args.bisect_steps, sweep=not args.no_sweep)
     jobs = pope.select_jobs(pope.question_files(args.split, None, None), args.n, None)
     population(lm, jobs[:2], config, settings, 2, {})  # warm-up
@@ -86,8 +88,9 @@ def main() -> None:
         if t_pop[-1] == min(t_pop):
             timings = stage
     n, tp, tb = len(jobs), min(t_pop), min(t_bare)
-    print(f"model {lm.source}; {n} {args.split} questions; torch threads {torch.get_num_threads()}; batch size "
-          f"{args.batch_size}; k_max {args.k_max:g}, {args.bisect_steps} bisection steps, sweep "
+    print(f"model {lm.source}; {args.intervention}; {n} {args.split} questions; torch threads "
+          f"{torch.get_num_threads()}; batch size {args.batch_size}; k_max {args.k_max:g}, {args.bisect_steps} "
+          "bisection steps, sweep "
           f"{'off' if args.no_sweep else 'on'}; best of {args.repeats}")
     print(f"population explain (every experiment)  {n / tp:8.2f} questions/s  ({1000 * tp / n:.0f} ms/question)")
     print(f"bare batched forward                  {n / tb:8.2f} questions/s  ({1000 * tb / n:.1f} ms/question)")

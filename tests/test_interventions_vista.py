@@ -149,6 +149,27 @@ def test_batched_rows_equal_single_traces(embedded_model, questions):  # noqa: F
         assert row["margin"] == pytest.approx(trace_sample(lm, t, img, iv).summary()["margin_after"], rel=0, abs=floor)
 
 
+def test_some_rows_of_a_batch_read_their_own_vectors(embedded_model, questions):  # noqa: F811
+    """Prepared for rows 1 and 3 of a batch (a mix's rows beside another intervention's), each row's vector is at its
+    own index: the vector of that prompt's own two forwards, to the floor of a residual after every layer."""
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.vista import steering_vectors
+
+    lm = embedded_model
+    texts, images = questions
+    inputs = batch_inputs(lm, [build_prompt(t) for t in texts], images)
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+    iv = VISTA()
+    iv.prepare(lm, inputs, [rows[1], rows[3]])
+    for b in (1, 3):
+        alone = batch_inputs(lm, [build_prompt(texts[b])], [images[b]])
+        want = steering_vectors(lm, alone, rows_of(alone["input_ids"], alone["attention_mask"],
+                                                   lm.tokens.image_token_id))[0]
+        for layer in range(lm.n_layers):
+            floor = 2 * floors.state_floor(want[layer], layer + 1)
+            assert float((iv._v[b, layer] - want[layer]).abs().max()) <= floor, (b, layer)
+
+
 @pytest.mark.parametrize("model,lam,alpha,similarity,q", [("embedded_model", 0.01, 0.3, True, 2),
                                                           ("embedded_model", 0.3, 0.3, True, 0),
                                                           ("tiny_gqa_model", 0.3, 0.5, False, 1),

@@ -32,6 +32,17 @@ from one baseline forward of the question batch (:class:`Prefix`):
   holding only its rows, with its dose and steer flag; an intervention that reads each row's
   dose (:attr:`~mclcbf_diag.interventions.base.Intervention.row_doses`, MC-LCBF) gets all
   its doses in one group, so its own batching (MC-LCBF's vmapped gradients) spans them.
+* **Each auxiliary view once per question.** A decoding-level method's auxiliary forward (VCD's noised
+  image, CausalMM's counterfactual features, PAI's image-free prompt, VISTA's steering vector, OPERA's
+  candidates) depends on the question and on the knobs it reads, never on the dose, so the units of a
+  verdict (the traced run, the dose-response, the stronger-contrast search, the cutoff's fix) share it:
+  an intervention with a :meth:`~mclcbf_diag.interventions.base.Intervention.view_key` is prepared from
+  :meth:`Prefix.views`, which computes each (question, key) once for the question batch, from the prefix
+  forward where the method can use it (its cache, logits and last-position states:
+  :meth:`~mclcbf_diag.interventions.base.Intervention.prepare_batched`; a view that differs in its image
+  features only runs as one forward of the questions' rows, the tower once per distinct image), and
+  keeps it for every later unit. Any other intervention is prepared per batch of units on its rows' whole
+  prompts.
 
 A unit's answer equals a separate run of that question alone up to the summation order of
 batched matmuls (≪ 1e-4 in float32).
@@ -40,6 +51,7 @@ batched matmuls (≪ 1e-4 in float32).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +106,29 @@ class Mix(Intervention):
         return self.units[row.index].iv.first_edited(row)
 
     def prepare(self, lm, inputs: dict, rows) -> None:
-        for iv in self._ivs:
+        self._prepare_each(lm, inputs, rows, self._ivs)
+
+    def _prepare_each(self, lm, inputs: dict, rows, ivs) -> None:
+        for iv in ivs:
             if type(iv).prepare is not Intervention.prepare:
                 iv.prepare(lm, inputs, [r for r in rows if self.units[r.index].iv is iv])
+
+    def prepare_from(self, prefix: "Prefix", idx: torch.Tensor, rows) -> None:
+        """:meth:`prepare` of a batch of units continuing ``prefix`` (row b: question ``idx[b]``): an intervention
+        with a :meth:`~mclcbf_diag.interventions.base.Intervention.view_key` gets each question's views from the
+        prefix (:meth:`Prefix.views`, computed once per question batch); any other is prepared on the rows' whole
+        prompts (:meth:`Prefix.full_inputs`)."""
+        alone = []
+        for iv in self._ivs:
+            key = iv.view_key()
+            if key is None:
+                alone.append(iv)
+                continue
+            mine = [r for r in rows if self.units[r.index].iv is iv]
+            iv.use_views(prefix.lm, mine, prefix.views(iv, key, [int(idx[r.index]) for r in mine]))
+        if any(type(iv).prepare is not Intervention.prepare for iv in alone):
+            inputs = prefix.full_inputs(idx, pixels=any(iv.reads_pixels for iv in alone))
+            self._prepare_each(prefix.lm, inputs, rows, alone)
 
     def begin(self, rows, n_layers: int) -> None:
         self.layers(n_layers)
@@ -154,7 +186,36 @@ class Prefix:
         self.states_from = min(r.pad + r.last_image + 1 for r in self.rows)
         run = prefix_forward(lm, self.inputs, states_from=self.states_from)
         self.logits, self.embeds, self.layer_inputs = run.logits, run.embeds, run.layer_inputs
+        self.cache = run.cache
         self.kv = [(layer.keys, layer.values) for layer in run.cache.layers]
+        self._views: dict = {}  # (question, view key) → what an intervention prepared for it
+
+    def views(self, iv: Intervention, key, questions: list[int]) -> list:
+        """What ``iv`` prepares for each of ``questions`` (:meth:`~mclcbf_diag.interventions.base.Intervention.
+        prepared_views`), under its view ``key``: computed the first time a key is asked for, for every question of
+        the batch that lacks it, from this forward where the intervention can use it
+        (:meth:`~mclcbf_diag.interventions.base.Intervention.prepare_batched`: the cache, logits and last-position
+        states of the whole prompts; an auxiliary view that differs in its image features only runs as one forward
+        of those rows), and kept for every later unit of the batch."""
+        missing = [q for q in range(len(self.rows)) if (q, key) not in self._views]
+        if missing:
+            rows = [self.rows[q] for q in missing]
+            self._prepare(iv, rows)
+            self._views.update({(q, key): view for q, view in zip(missing, iv.prepared_views(rows))})
+        return [self._views[q, key] for q in questions]
+
+    def _prepare(self, iv: Intervention, rows: list) -> None:
+        from ..interventions.base import Batched
+        from ..interventions.views import last_logits, row_inputs, with_view_features
+
+        lm = self.lm
+        states = torch.stack([s[:, -1].float() for s in self.layer_inputs], 1)  # [B, layers, d] at the last position
+        batched = Batched(cache=self.cache, logits=self.logits, states=states)
+        features = iv.aux_features(lm, self.inputs, rows) if "mm_encoder_outputs" in self.inputs else None
+        if features is not None:  # the tower once per distinct view image, the rows' forward once
+            batched = dataclasses.replace(batched, aux_logits=last_logits(lm, with_view_features(
+                row_inputs(self.inputs, rows), features)))
+        iv.prepare_batched(lm, self.inputs, rows, batched)
 
     def full_inputs(self, idx: torch.Tensor, pixels: bool = True) -> dict:
         """The model inputs of rows ``idx`` over the whole prompt (for an intervention's prepare); the pixels beside
@@ -349,7 +410,7 @@ def _run_chunk(prefix: Prefix, units: list[Unit], capture: bool, patterns: bool 
     types = token_types.get("token_type_ids")
     if types is not None and bool(types[:, start:].any()):
         start = 0  # Gemma 3: an image token continued would attend to later ones, which a causal continuation hides
-    mix.prepare(lm, prefix.full_inputs(idx, pixels=any(iv.reads_pixels for iv in mix.interventions)), rows)
+    mix.prepare_from(prefix, idx, rows)
     embeds, keep = prefix.embeds[idx, start:], Keep(layers=capture, patterns=patterns)
     if start == 0:
         res = forward(lm, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos,

@@ -22,7 +22,10 @@ question (computed in :meth:`Intervention.prepare`, see :mod:`.views`; where the
 rows of the question's own batched forward or continuations of its cache instead:
 :meth:`Intervention.aux_features`, :meth:`Intervention.prepare_batched`) and with earlier
 layers' readouts (:meth:`Readout.layer_logits`, for the layers :meth:`Intervention.readout_layers`
-names). One intervention may use both kinds of site (PAI edits attention, then contrasts).
+names). One intervention may use both kinds of site (PAI edits attention, then contrasts). What it
+prepares for a question is keyed by :meth:`Intervention.view_key` (the knobs its auxiliary forwards read),
+so a runner of many units of one question prepares it once (:meth:`Intervention.prepared_views`,
+:meth:`Intervention.use_views`).
 
 Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
 unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
@@ -387,6 +390,28 @@ class Intervention:
         the default ignores it and runs :meth:`prepare`."""
         self.prepare(lm, inputs, rows)
 
+    def view_key(self):
+        """What this intervention prepares for a question (:meth:`prepare`: its auxiliary views' logits, a steering
+        vector …) depends on besides the question, as a hashable key; None (the default): not shared.
+
+        Two interventions with equal keys prepare the same for the same question, so a runner of many units of one
+        question (explain's :mod:`~mclcbf_diag.engine.units`: the traced run, the dose-response, the counterfactuals)
+        prepares each (question, key) once and hands it to every unit (:meth:`prepared_views`, :meth:`use_views`)
+        instead of running :meth:`prepare` for each batch of units. The key holds every knob the preparation reads
+        (VCD's noise step and seed, say) and the class; a dose, which only scales the combination, never enters it.
+        :func:`knob_key` builds one from the knobs."""
+        return None
+
+    def prepared_views(self, rows: list[Row]) -> list:
+        """After :meth:`prepare` or :meth:`prepare_batched` of ``rows``: what it computed for each, in order, for
+        :meth:`use_views` to restore (only with a :meth:`view_key`)."""
+        raise NotImplementedError(f"{type(self).__name__} has a view_key but no prepared_views")  # programming error
+
+    def use_views(self, lm, rows: list[Row], views: list) -> None:
+        """Prepared for ``rows`` from ``views`` (one per row: what :meth:`prepared_views` gave for the same
+        questions under the same :meth:`view_key`) instead of running :meth:`prepare`."""
+        raise NotImplementedError(f"{type(self).__name__} has a view_key but no use_views")  # programming error
+
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         """The auxiliary forwards a decoding-level method contrasts with, by name → their model inputs (each with
         the image tokens' ``input_ids``), for ``trace`` to record them as conditions ``view:NAME``; {}: none."""
@@ -486,6 +511,18 @@ class Intervention:
     def row_summary(self, per_layer: dict[int, dict[str, float]]) -> dict:
         """A few numbers per question for batched runs, from the row's records per layer."""
         return {}
+
+
+def knob_key(iv: Intervention, leave_out: tuple[str, ...] = ()):
+    """A :meth:`Intervention.view_key` of ``iv``'s class and knobs, but those named in ``leave_out`` (knobs only its
+    combination reads); None where a knob's value cannot be a key (unhashable)."""
+    key = (type(iv), tuple((f.name, getattr(iv.knobs, f.name)) for f in dataclasses.fields(iv.knobs)
+                           if f.name not in leave_out))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 class AttentionEditBase(Intervention):

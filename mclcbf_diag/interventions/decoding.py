@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batched, Intervention, Readout, Row
+from .base import Batched, Intervention, Readout, Row, knob_key
 from .contrast import margin
 
 
@@ -88,6 +88,22 @@ class DecodingMethod(Intervention):
         logits = batched.aux_logits if batched.aux_logits is not None else self.auxiliary(lm, inputs, rows)
         if logits is not None:
             self._aux = {r.index: logits[b].detach().float().cpu() for b, r in enumerate(rows)}
+
+    def view_key(self):
+        """Its class and knobs but the plausibility cutoff's (which only the combination reads; a dose only scales
+        the contrast): the auxiliary forward's key, where the auxiliary logits are all it prepares (the class
+        prepares through :meth:`prepare_batched` here); None for a method that prepares more (it keys its own)."""
+        cls = type(self)
+        own = cls.prepare is DecodingMethod.prepare and cls.prepare_batched is DecodingMethod.prepare_batched
+        return knob_key(self, (self.cutoff_knob,) if self.cutoff_knob else ()) if own else None
+
+    def prepared_views(self, rows: list[Row]) -> list:
+        """Each row's auxiliary logits [vocab] (None: the method runs none)."""
+        return [self._aux.get(r.index) for r in rows]
+
+    def use_views(self, lm, rows: list[Row], views: list) -> None:
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._aux = {r.index: v for r, v in zip(rows, views) if v is not None}
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]) -> torch.Tensor | None:
         """[len(rows), vocab] logits of the auxiliary forward run on its own, row b for ``rows[b]`` (None: the

@@ -56,7 +56,7 @@ import torch
 
 from ..models.mrope import embeds_positions
 from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
-from .base import Batched, Row
+from .base import Batched, Row, knob_key
 from .catalog import SPECS, OPERAKnobs  # noqa: F401 - OPERAKnobs re-exported
 from .decoding import DecodingMethod
 from .views import row_inputs
@@ -105,6 +105,19 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
             logits, cache = prompt_cache(lm, mine)
         tokens, shares = self.candidate_shares(lm, mine, rows, logits, cache)
         self._candidates = {r.index: (tokens[b], shares[b]) for b, r in enumerate(rows)}
+
+    def view_key(self):
+        """Its candidates and their image shares read the number of candidates only: the penalty's weight (which a
+        dose scales) is the combination's, the scale factor and threshold are the beam search's."""
+        return knob_key(self, ("weight", "scale_factor", "threshold"))
+
+    def prepared_views(self, rows: list[Row]) -> list:
+        """Each row's ``(tokens, image shares)`` of its candidates."""
+        return [self._candidates[r.index] for r in rows]
+
+    def use_views(self, lm, rows: list[Row], views: list) -> None:
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._aux, self._candidates = {}, {r.index: v for r, v in zip(rows, views)}
 
     def candidate_shares(self, lm, inputs: dict, rows: list[Row], logits: torch.Tensor,
                          cache) -> tuple[torch.Tensor, torch.Tensor]:

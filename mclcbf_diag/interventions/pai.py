@@ -100,6 +100,19 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
                 logits = last_logits(lm, image_free_inputs(lm, rows))
             self._image_free = {r.index: logits[b].cpu() for b, r in enumerate(rows)}
 
+    def view_key(self):
+        """The image-free view reads no knob (the attention edit has no image key there): one per question, with the
+        contrast on."""
+        return (type(self), self.knobs.contrast_gamma != 1.0)
+
+    def prepared_views(self, rows: list[Row]) -> list:
+        """Each row's image-free logits [vocab] (None with the contrast off)."""
+        return [self._image_free.get(r.index) for r in rows]
+
+    def use_views(self, lm, rows: list[Row], views: list) -> None:
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._image_free = {r.index: v for r, v in zip(rows, views) if v is not None}
+
     def readout(self, site: Readout) -> None:
         for row in site.rows:
             logits = site.logits[row.index]

@@ -127,6 +127,17 @@ def with_aux_rows(inputs: dict, features) -> dict:
     return out
 
 
+def with_view_features(inputs: dict, features) -> dict:
+    """The model inputs of the same rows with ``features`` (per row, as the family's merge step takes them:
+    :meth:`~.base.Intervention.aux_features`) as their image features: the auxiliary view alone, where the main rows
+    were run already. ``inputs`` must carry shared image features (``mm_encoder_outputs``) and no ``inputs_embeds``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    own = inputs["mm_encoder_outputs"]["image"].pooler_output
+    feats = features.to(own) if torch.is_tensor(own) else [f.to(own[0]) for f in features]
+    return {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
+
+
 def image_free_logits(lm, rows: list[Row], cache, mask: torch.Tensor) -> torch.Tensor:
     """The last-position logits [len(rows), vocab] (float32) of :func:`image_free_inputs`' view, continuing ``cache``
     (:func:`image_free_continuation`)."""

@@ -107,8 +107,8 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
         return 2 if self.logit_part_on else None
 
     def prepare(self, lm, inputs: dict, rows: list[Row]) -> None:
-        self._v = steering_vectors(lm, inputs, rows)
-        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        # a row's vector at its own index: ``rows`` may be some rows of the batch (a mix's)
+        self.use_views(lm, rows, list(steering_vectors(lm, inputs, rows)))
 
     def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
         """The steering vector from the baseline's own forward (``batched.states``: the prompt with its image) and
@@ -121,6 +121,22 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
             neg = image_free_continuation(lm, rows, batched.cache, inputs["attention_mask"], hidden_states=True)
             neg = torch.stack([neg.hidden_states[i][:, -1].float() for i in range(L)], dim=1)
         self._v = batched.states.to(neg.device) - neg
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+
+    def view_key(self):
+        """The steering vector reads no knob: one per question."""
+        return (type(self),)
+
+    def prepared_views(self, rows: list[Row]) -> list:
+        """Each row's steering vector [L, d] (float32)."""
+        return [self._v[r.index] for r in rows]
+
+    def use_views(self, lm, rows: list[Row], views: list) -> None:
+        v = (torch.zeros(max(r.index for r in rows) + 1, *views[0].shape, dtype=views[0].dtype, device=views[0].device)
+             if rows else None)
+        for r, view in zip(rows, views):
+            v[r.index] = view
+        self._v = v
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
 
     def residual(self, site: Site) -> None:
