@@ -267,9 +267,25 @@ def diagnose(records: pd.DataFrame, question_id=None, phase: str = "prefill", de
     """All causes for one question at (phase, decode step), tested and ranked (see
     :mod:`mclcbf_diag.diagnosis.rulebook`).
 
-    ``tester`` (e.g. :func:`mclcbf_diag.experiments.explain.cause_tester`) runs each detected cause's
-    counterfactual; without it the causes that need a run stay "present, not tested".
     Whole-model records of other phases (the intervention's row records) are kept.
+
+    Args:
+        records: tidy records of one or more questions (baseline and steered conditions).
+        question_id: the question diagnosed; None: the only question in ``records``.
+        phase: the records' phase read (``"prefill"`` or ``"decode"``).
+        decode_step: the decode step read (0 for the prefill).
+        intervention: the intervention whose rules, layer sets and counterfactual hook are used;
+            None: the registry's default intervention.
+        tester: runs each detected cause's counterfactual (e.g.
+            :func:`mclcbf_diag.experiments.explain.cause_tester`); None: the causes that need a run
+            stay "present, not tested".
+
+    Returns:
+        Every rule's :class:`Cause`, ranked (detected first; see :func:`run_rules`).
+
+    Raises:
+        UserError: ``records`` hold several questions and no ``question_id`` is given, or none at
+            (question, phase, decode step).
     """
     table, layer_sets = rules_for(intervention)
     df = select(records, question_id, phase, decode_step)
