@@ -131,8 +131,16 @@ class VerdictBatch:
     def run(self, units: dict, *, capture: bool, patterns: bool = False, alone_on_failure: bool = False) -> dict:
         """``{key: (logits, capture or per-layer records)}`` of ``{key: Unit}``, one batched continuation.
 
-        ``alone_on_failure``: if the batch raises one of :data:`FAILURES`, run each unit alone; a unit that
-        still fails maps to None (a counterfactual that cannot run)."""
+        Args:
+            units: key → the :class:`~mclcbf_diag.engine.units.Unit` run (a question's row and its intervention).
+            capture: keep a :class:`~mclcbf_diag.engine.runner.RunCapture` per unit; else its per-layer records.
+            patterns: also the records the interventions' ``pattern`` sites make (e.g. MC-LCBF's Δh realised).
+            alone_on_failure: if the batch raises one of :data:`FAILURES`, run each unit alone; a unit that
+                still fails maps to None (a counterfactual that cannot run). False: the failure is raised.
+
+        Returns:
+            Key → ``(logits [vocab], capture or records)``, or None for a unit that could not run.
+        """
         keys = list(units)
         try:
             return dict(zip(keys, run_units(self.prefix, [units[k] for k in keys], capture=capture,
@@ -268,7 +276,19 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
                   question_ids: list | None = None, timings: dict | None = None) -> list[QuestionVerdict]:
     """The verdict of every question (``PopeQuestion``s with their images): all :data:`STAGES`.
 
-    ``question_ids`` label the records (default: each question's own id)."""
+    Args:
+        lm: the loaded model.
+        questions: the ``PopeQuestion``s.
+        images: their images (PIL), one per question.
+        config: the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such).
+        settings: what the verdict runs (the dose-response's range, the sweep, the prompt template).
+        question_ids: label the records; None: each question's own id.
+        timings: filled with seconds per stage name (added to what it holds), when given.
+
+    Returns:
+        One :class:`QuestionVerdict` per question, in order, every stage filled in (causes, dose-response,
+        fixes, sweep, records).
+    """
     return run_stages(VerdictBatch(lm, questions, images, config, settings, question_ids=question_ids),
                       timings=timings)
 
