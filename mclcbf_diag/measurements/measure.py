@@ -32,6 +32,14 @@ class _Rows:
         self.layer, self.head, self.metric, self.value = [], [], [], []
 
     def add(self, layer: int, metric: str, value, head: int = NO_HEAD) -> None:
+        """One row.
+
+        Args:
+            layer: the layer (−1: a whole-model record).
+            metric: the metric's name.
+            value: the value (None: NaN).
+            head: the head (−1: a whole-layer record).
+        """
         self.layer.append(layer)
         self.head.append(head)
         self.metric.append(metric)

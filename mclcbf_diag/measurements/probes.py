@@ -120,8 +120,17 @@ def rms_norm_jvp(x: torch.Tensor, weight: torch.Tensor, eps, v: torch.Tensor) ->
 
 
 def rms_norm_vjp(x: torch.Tensor, weight: torch.Tensor, eps, u: torch.Tensor) -> torch.Tensor:
-    """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``; ``x``, ``weight`` and ``eps`` as in
-    :func:`rms_norm_jvp`, ``u`` [..., d] the cotangent vector(s); the result as :func:`rms_norm_jvp`'s."""
+    """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``; any leading batch dims.
+
+    Args:
+        x: [..., d] where the Jacobian is taken.
+        weight: the norm's gain γ ([d], or one per leading index).
+        eps: the norm's ε (a float, or a tensor per leading index).
+        u: [..., d] the cotangent vector(s).
+
+    Returns:
+        [..., d] in float32 (float64 for a float64 ``x``), as :func:`rms_norm_jvp`'s.
+    """
     x, g = _prep(x, weight)
     w = g * u.to(x.dtype)
     d = x.shape[-1]
