@@ -81,6 +81,17 @@ ROUNDING_SURVIVAL_MIN = 0.5  # ‖round(x+v)−x‖/‖v‖ below this: most of 
 
 
 def not_applied(ev: Evidence, rule: Rule, explained_by=()) -> Cause:
+    """Detected when the intervention applied no step at any steered layer and no other cause explains why.
+
+    Args:
+        ev: the question's evidence (its steered, active and fired layers).
+        rule: this rule.
+        explained_by: rule ids whose detected cause explains a missing step (the intervention's
+            ``no_step_explained_by``); the first detected one is named and this cause is then not detected.
+
+    Returns:
+        The cause; its evidence counts the steered, active and fired layers.
+    """
     steered, active, fired = ev.steered, ev.active, ev.fired
     explained = next((k for k in explained_by if ev.cause(k) is not None and ev.cause(k).detected), "")
     if not steered:

@@ -715,9 +715,18 @@ def grid_records(grid: Grid, *, question_id, method: str = "patch", conditions: 
 
 
 def agreement(atp: Grid, patch: Grid, *, gross: float = 0.25) -> dict:
-    """How well attribution patching reproduces activation patching, per kind of patch and direction:
-    Spearman's rank correlation over the patches, and the patches where the first order fails (the two
-    recoveries more than ``gross`` apart): ``{"<kind>:<direction>": {"spearman": ρ, "failures": [index…]}}``."""
+    """How well attribution patching reproduces activation patching, per kind of patch and direction.
+
+    Args:
+        atp: the attribution-patching grid (:func:`attribution_patching`).
+        patch: the activation-patching grid of the same question (:func:`activation_patching`).
+        gross: the recovery difference above which a patch counts as a failure of the first order.
+
+    Returns:
+        ``{"<kind>:<direction>": {"spearman": ρ, "failures": [index…]}}``: Spearman's rank correlation over the
+        patches, and the patches (grid indices) whose two recoveries are more than ``gross`` apart; only the
+        directions both grids hold.
+    """
     out = {}
     for kind in ("resid", "heads", "mlp"):
         for d in getattr(atp, kind):

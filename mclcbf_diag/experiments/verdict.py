@@ -263,7 +263,16 @@ STAGES = (("baseline", baseline), ("captured trace", captured_trace), ("graded s
 
 
 def run_stages(b: VerdictBatch, stages=STAGES, timings: dict | None = None) -> list[QuestionVerdict]:
-    """Every stage in order over the batch; ``timings`` (a dict) accumulates each stage's seconds."""
+    """Every stage in order over the batch.
+
+    Args:
+        b: the batch (its questions are filled in place).
+        stages: ``(name, stage)`` pairs, each ``stage(b)`` run in order (default :data:`STAGES`).
+        timings: accumulates each stage's seconds by name, when given.
+
+    Returns:
+        The batch's :class:`QuestionVerdict`s.
+    """
     for name, stage in stages:
         start = time.perf_counter()
         stage(b)
@@ -334,7 +343,17 @@ def diagnose_jobs(b: VerdictBatch, jobs: list) -> list[list]:
 
 
 def counterfactual_runs(b: VerdictBatch, jobs: list, requests: dict) -> dict:
-    """``{job: effect}`` of each job's requested counterfactual (None: it could not run)."""
+    """``{job: effect}`` of each job's requested counterfactual, every in-dtype run batched.
+
+    Args:
+        b: the batch.
+        jobs: ``(question verdict, intervention, …)`` per job, indexed by position.
+        requests: job index → the :class:`~mclcbf_diag.diagnosis.counterfactual.Counterfactual` to run for it.
+
+    Returns:
+        Job index → the run's :func:`~mclcbf_diag.experiments.evidence.effect` (or ``{"untestable": reason}``
+        for a run in another dtype that cannot be made), None where the run could not be built or failed.
+    """
     units, out = {}, {}
     for j, spec in requests.items():
         qv, iv = jobs[j][0], jobs[j][1]
@@ -397,7 +416,17 @@ def steered_runs(b: VerdictBatch, jobs: list) -> list[tuple[Reading, RunCapture]
 
 # ------------------------------------------------------------------------------------ records and rows
 def reading_records(r: Reading, *, question_id, condition: str) -> pd.DataFrame:
-    """The answer of a run as records (layer −1): what the diagnosis reads of a knockout."""
+    """The answer of a run as records (layer −1): what the diagnosis reads of a knockout.
+
+    Args:
+        r: the run's Yes/No reading.
+        question_id: the question's id, on every record.
+        condition: the run's condition (e.g. the knockout's name).
+
+    Returns:
+        Tidy records, prefill, one per :data:`READING_METRICS` entry (margin, answer Yes, p(Yes), p(No), Yes/No
+        on top, top token id, finite).
+    """
     values = (r.margin, r.margin > 0, r.p_yes, r.p_no, r.top_yes_no, r.top_id, r.finite)
     n = len(values)
     return frame({"question_id": [question_id] * n, "condition": [condition] * n, "phase": ["prefill"] * n,
