@@ -126,11 +126,22 @@ def parse_token(spec: str) -> int | str:
 
 
 def resolve_token(choice: int | str, tokens: Sequence[str], image_mask: torch.Tensor) -> int:
-    """The prompt position of a token choice, which must come after the image; a UserError otherwise.
+    """The prompt position of a token choice, which must come after the image.
 
-    ``tokens`` are the prompt's tokens as text (one per position), ``image_mask`` marks the
-    image tokens. A text matches a token whose text, stripped, equals it (case-insensitive
+    A text matches a token whose text, stripped, equals it (case-insensitive
     when no exact match); with several matches the first after the image is taken.
+
+    Args:
+        choice: a position (negative: from the end) or a token's text (:func:`parse_token`).
+        tokens: the prompt's tokens as text, one per position.
+        image_mask: marks the image tokens (bool over the prompt's positions).
+
+    Returns:
+        The position, counted from the prompt's start.
+
+    Raises:
+        UserError: the prompt has no image tokens, the position is outside the prompt or not after the image,
+            or no token after the image has that text (the message lists the tokens that can be chosen).
     """
     mask = image_mask.reshape(-1).bool()
     if not bool(mask.any()):
