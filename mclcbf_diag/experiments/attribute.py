@@ -1239,7 +1239,16 @@ def carrier_counts(records, n_layers: int, n_heads: int, adhh_heads=()):
 
 
 def hallucination_heads(lm: LoadedModel, inputs: dict, calibration: int | None = None) -> tuple:
-    """The heads AD-HH (preset ``paper``) finds on this model: its own ``prepare`` (cached per process)."""
+    """The heads AD-HH (preset ``paper``) finds on this model: its own ``prepare`` (cached per process).
+
+    Args:
+        lm: the loaded model.
+        inputs: model inputs of one question (AD-HH prepares on them).
+        calibration: AD-HH's calibration questions; None: its preset's.
+
+    Returns:
+        ``((layer, head), …)``: the heads found.
+    """
     from ..interventions import resolve
     from ..interventions.base import rows_of
 

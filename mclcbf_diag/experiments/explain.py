@@ -179,6 +179,16 @@ def chain_of(b: VerdictBatch, qv: QuestionVerdict, max_links: int = 6) -> pd.Dat
     """Fix the top detected (decisive first) cause, re-diagnose, repeat until fixed or no fix is left.
 
     A right answer has nothing to fix: the chain is one row saying so.
+
+    Args:
+        b: the question's verdict batch.
+        qv: the question, its causes diagnosed.
+        max_links: the most fixes applied in turn (a fix is applied only when its cause is not shown
+            non-decisive and it can apply to the model's dtype).
+
+    Returns:
+        One row per link: ``link``, ``config`` (the fixes applied so far), ``top_cause``, ``status``, ``margin``,
+        ``outcome``, ``next_fix``.
     """
     outcome = outcome_of(qv.base, qv.unfixed, qv.label, dropped=_dropped(qv.steer_capture))
     if qv.kind == "right":

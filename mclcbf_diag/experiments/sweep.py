@@ -102,7 +102,14 @@ def sweep_windows(tokens: str, n_layers: int) -> list[tuple[int, ...] | None]:
 def sweep_settings(n_layers: int, token_sets=TOKEN_SETS, windows=None) -> list[tuple[str, object, str, float]]:
     """Every ``(tokens, window, edit, value)`` of the sweep, in the order of :func:`image_mass_sweep`'s rows.
 
-    ``windows``: the same windows for every token set instead of :func:`sweep_windows`'."""
+    Args:
+        n_layers: the model's layers.
+        token_sets: the token sets swept (:data:`TOKEN_SETS`).
+        windows: the same layer windows for every token set; None: :func:`sweep_windows` per token set.
+
+    Returns:
+        The settings: token set, window (None: all layers), ``"target"`` or ``"factor"``, and its value.
+    """
     return [(tokens, window, kind, value) for tokens in token_sets
             for window in (sweep_windows(tokens, n_layers) if windows is None else windows)
             for kind, value in edits()]
