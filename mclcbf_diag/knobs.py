@@ -109,8 +109,16 @@ def _parse_value(knob: str, text: str, hint) -> object:
 def apply_overrides(knobs, overrides, aliases: dict[str, tuple[str, ...]] | None = None):
     """``knobs`` (a frozen dataclass) with ``knob=value`` strings applied.
 
-    ``aliases`` maps a short name to several fields it sets at once (``tau`` → both phases).
-    Unknown knobs, a missing ``=`` and bad values raise UserError naming the valid knobs.
+    Args:
+        knobs: the knobs (a frozen dataclass; its type hints parse the values).
+        overrides: ``knob=value`` strings, applied in order.
+        aliases: maps a short name to several fields it sets at once (``tau`` → both phases); None: none.
+
+    Returns:
+        A copy of ``knobs`` with the overrides applied.
+
+    Raises:
+        UserError: an unknown knob (the message names the valid ones), a missing ``=`` or a bad value.
     """
     hints = typing.get_type_hints(type(knobs))
     aliases = aliases or {}

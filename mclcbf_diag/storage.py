@@ -96,6 +96,17 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None], *, fix: 
     """Let ``writer(tmp)`` write a temporary file beside ``path``, then fsync and rename it.
 
     For writers that want a path (``DataFrame.to_parquet``); the parent folder must exist.
+
+    Args:
+        path: the file replaced.
+        writer: ``writer(tmp)`` writes the whole file at ``tmp``.
+        fix: the fix the error message ends with (the default: free space or a writable ``--out``, then rerun).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        UserError: an OSError while writing, syncing or renaming (the temporary file is removed).
     """
     path = Path(path)
     tmp = _temp_path(path)
@@ -118,7 +129,19 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None], *, fix: 
 
 
 def atomic_write(path: str | Path, data: bytes, *, fix: str = _FIX) -> Path:
-    """Replace ``path`` by ``data`` atomically (see the module docstring)."""
+    """Replace ``path`` by ``data`` atomically (see the module docstring).
+
+    Args:
+        path: the file replaced.
+        data: its new bytes.
+        fix: the fix the error message ends with (the default: free space or a writable ``--out``, then rerun).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        UserError: an OSError while writing (nothing half-written is left).
+    """
 
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -133,6 +156,19 @@ def atomic_write(path: str | Path, data: bytes, *, fix: str = _FIX) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str, *, fix: str = _FIX) -> Path:
+    """:func:`atomic_write` of ``text`` in UTF-8 (lone surrogates written back as the bytes they stand for).
+
+    Args:
+        path: the file replaced.
+        text: its new text.
+        fix: the fix the error message ends with (the default: free space or a writable ``--out``, then rerun).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        UserError: an OSError while writing (nothing half-written is left).
+    """
     return atomic_write(path, text.encode("utf-8", "surrogateescape"), fix=fix)
 
 
@@ -148,6 +184,14 @@ def append_bytes(path: str | Path, data: bytes, *, fix: str | None = None) -> No
     """Append ``data`` with one write loop and fsync; an OSError becomes one UserError line.
 
     A failed append may leave a partial tail (no newline at the end), which readers drop.
+
+    Args:
+        path: the file appended to (created if missing).
+        data: the bytes appended.
+        fix: the fix the error message ends with; None: free space (or make it writable), then rerun to resume.
+
+    Raises:
+        UserError: an OSError while opening, writing or syncing.
     """
     path = Path(path)
     fix = fix or ("free some space (or make it writable), then rerun the same command to resume; "
@@ -331,9 +375,20 @@ def safe_name(text, limit: int = 80) -> str:
 def contained(folder: Path, relative: str, what: str) -> Path:
     """``folder / relative`` when ``relative`` is a plain relative path that stays inside ``folder``.
 
-    Absolute paths and ``..`` components are refused (``what`` starts the message), and so is a
+    Absolute paths and ``..`` components are refused, and so is a
     path that leaves ``folder`` once symbolic links are followed (a link inside it to a file
     elsewhere).
+
+    Args:
+        folder: the folder the path must stay in.
+        relative: the path as the user gave it.
+        what: names the input in the error message (it starts the message), e.g. an option.
+
+    Returns:
+        ``folder / relative``.
+
+    Raises:
+        UserError: ``relative`` is absolute, holds ``..`` or a NUL, or leads outside ``folder`` through a link.
     """
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith(("/", "\\")) or ".." in rel.parts or "\0" in relative:

@@ -81,6 +81,17 @@ ROUNDING_SURVIVAL_MIN = 0.5  # ‖round(x+v)−x‖/‖v‖ below this: most of 
 
 
 def not_applied(ev: Evidence, rule: Rule, explained_by=()) -> Cause:
+    """Detected when the intervention applied no step at any steered layer and no other cause explains why.
+
+    Args:
+        ev: the question's evidence (its steered, active and fired layers).
+        rule: this rule.
+        explained_by: rule ids whose detected cause explains a missing step (the intervention's
+            ``no_step_explained_by``); the first detected one is named and this cause is then not detected.
+
+    Returns:
+        The cause; its evidence counts the steered, active and fired layers.
+    """
     steered, active, fired = ev.steered, ev.active, ev.fired
     explained = next((k for k in explained_by if ev.cause(k) is not None and ev.cause(k).detected), "")
     if not steered:
@@ -267,9 +278,25 @@ def diagnose(records: pd.DataFrame, question_id=None, phase: str = "prefill", de
     """All causes for one question at (phase, decode step), tested and ranked (see
     :mod:`mclcbf_diag.diagnosis.rulebook`).
 
-    ``tester`` (e.g. :func:`mclcbf_diag.experiments.explain.cause_tester`) runs each detected cause's
-    counterfactual; without it the causes that need a run stay "present, not tested".
     Whole-model records of other phases (the intervention's row records) are kept.
+
+    Args:
+        records: tidy records of one or more questions (baseline and steered conditions).
+        question_id: the question diagnosed; None: the only question in ``records``.
+        phase: the records' phase read (``"prefill"`` or ``"decode"``).
+        decode_step: the decode step read (0 for the prefill).
+        intervention: the intervention whose rules, layer sets and counterfactual hook are used;
+            None: the registry's default intervention.
+        tester: runs each detected cause's counterfactual (e.g.
+            :func:`mclcbf_diag.experiments.explain.cause_tester`); None: the causes that need a run
+            stay "present, not tested".
+
+    Returns:
+        Every rule's :class:`Cause`, ranked (detected first; see :func:`run_rules`).
+
+    Raises:
+        UserError: ``records`` hold several questions and no ``question_id`` is given, or none at
+            (question, phase, decode step).
     """
     table, layer_sets = rules_for(intervention)
     df = select(records, question_id, phase, decode_step)

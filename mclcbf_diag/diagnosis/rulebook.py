@@ -129,9 +129,20 @@ DECISIVE_RULE = (f"undoing it alone (everything else kept) changes the step size
 def decisiveness(ref: dict, cf: dict, m_base: float, judged_on: str = "step_size") -> tuple[bool, list[str]]:
     """Whether a counterfactual run ``cf`` differs from the unfixed run ``ref`` enough to call the cause decisive.
 
-    Both are effects ``{"step_size": Σ‖v‖/‖x‖, "mass": image mass, "margin": m, "outcome": str}``
-    (``step_size``: the size of the intervention's step at the decision token, not a decode step).
-    Returns ``(decisive, what changed)``; pure.
+    Pure.
+
+    Args:
+        ref: the unfixed run's effect ``{"step_size": Σ‖v‖/‖x‖, "mass": image mass, "margin": m,
+            "outcome": str}`` (``step_size``: the size of the intervention's step at the decision token,
+            not a decode step); a missing or non-finite entry is not compared.
+        cf: the counterfactual run's effect, the same keys.
+        m_base: the baseline (unsteered) margin; a margin change counts from
+            :data:`DECISIVE_MARGIN` × ``|m_base|`` (and at least 0.01).
+        judged_on: ``"step_size"``: step size and image mass count too; ``"answer"``: only margin and
+            outcome (see :attr:`Rule.judged_on`).
+
+    Returns:
+        ``(decisive, what changed)``: whether anything changed enough, and one phrase per change.
     """
     changed = []
 
@@ -277,6 +288,24 @@ class Evidence:
     @staticmethod
     def make(rule: Rule, detected: bool, strength: float, evidence: dict, sentence: str,
              decisive: bool | None = None, test: str = "", run: CounterfactualRun | None = None) -> Cause:
+        """A rule's :class:`Cause`, its evidence made JSON-safe.
+
+        Args:
+            rule: the rule whose cause this is (its id, title and threshold are copied).
+            detected: whether the cause is present.
+            strength: how strongly present, clipped to [0, 1]; 0 when not detected or not finite.
+            evidence: the numbers read, by name; bools and integers become ``int``, strings are kept,
+                other values become ``float``; NaN entries are dropped (±inf kept).
+            sentence: one plain sentence with the measured numbers.
+            decisive: whether the cause's counterfactual was decisive; None: not tested. Kept only when
+                detected.
+            test: what undoing the cause alone did, in one sentence; kept only when detected.
+            run: the counterfactual run that decided ``decisive`` (required when it is True); kept only
+                when detected.
+
+        Returns:
+            The cause.
+        """
         ev = {k: int(x) if isinstance(x, (bool, np.bool_, int, np.integer)) else x if isinstance(x, str) else float(x)
               for k, x in evidence.items()}
         # NaN dropped; ±inf kept (a margin a decoding method's cutoff made infinite; Python's json round-trips it)
@@ -290,7 +319,20 @@ class Evidence:
 
 
 def select(records: pd.DataFrame, question_id, phase: str, decode_step: int) -> pd.DataFrame:
-    """The records of one question at (phase, decode step); a UserError when there are none or several questions."""
+    """The records of one question at (phase, decode step).
+
+    Args:
+        records: tidy records (columns ``question_id``, ``phase``, ``decode_step``, ...).
+        question_id: the question kept; None: the only question in ``records``.
+        phase: the phase kept (``"prefill"`` or ``"decode"``).
+        decode_step: the decode step kept.
+
+    Returns:
+        The matching rows.
+
+    Raises:
+        UserError: ``records`` hold several questions and ``question_id`` is None, or no row matches.
+    """
     if question_id is None:
         ids = list(dict.fromkeys(records["question_id"]))
         if len(ids) > 1:
@@ -307,14 +349,27 @@ def run_rules(df: pd.DataFrame, rules: list[Rule], layer_sets=fired_by_step, *, 
               intervention=None) -> list[Cause]:
     """Every rule's cause, tested by its counterfactual where a ``tester`` is given, and ranked.
 
-    ``tester(cf)`` runs one :class:`Counterfactual` (from :attr:`Rule.counterfactual`, or from
-    the intervention's own ``counterfactual(cause)`` hook, which wins) and returns its effect
-    (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. When no single cause's
+    When no single cause's
     run reaches the label's goal and a wrong (or unlabeled) answer was not fixed (changed), sets of the detected
     causes are undone together (:func:`joint_causes`); the smallest decisive set is one more
     cause. Ranking: detected first; among them decisive (those whose run reached what the label asks,
     such as fixed for a wrong answer, before the others), then untested, then not decisive; each
     group in causal order, ties by strength.
+
+    Args:
+        df: the records of one question at one (phase, decode step) (:func:`select`).
+        rules: the rule table.
+        layer_sets: ``layer_sets(evidence) → (steered, active, fired)`` layer lists the rules read
+            (default :func:`fired_by_step`; an intervention's own is its ``layer_sets``).
+        tester: ``tester(cf)`` runs one :class:`Counterfactual` (from :attr:`Rule.counterfactual`, or from
+            the intervention's own ``counterfactual(cause)`` hook, which wins) and returns its effect
+            (see :func:`decisiveness`); ``tester(None)`` is the unfixed intervention. None: nothing is run
+            and the causes that need a run stay "not tested".
+        intervention: the intervention whose ``counterfactual(cause)`` hook is asked first; None: the
+            rules' own counterfactuals only.
+
+    Returns:
+        Every rule's :class:`Cause` (and a joint cause when one was found), ranked.
     """
     ev = Evidence(df, rules, layer_sets)
     causes = [ev.cause(r.id) for r in rules]
@@ -453,7 +508,18 @@ def joint_causes(ev: Evidence, causes: list[Cause], specs: dict, tester, rank: d
     the step or the margin it changes and still leave the answer wrong) and a wrong (or unlabeled)
     answer is not what the label asks: sets of 2, then 3 causes (:data:`JOINT_MAX_SIZE`), each in
     causal order, at most :data:`JOINT_MAX_RUNS` runs. A set counts only when undoing it reaches the
-    label's goal. None when no set does.
+    label's goal.
+
+    Args:
+        ev: the question's evidence.
+        causes: every rule's cause, each already tested alone.
+        specs: cause id → the :class:`Counterfactual` that undoes it alone (None: none).
+        tester: runs one counterfactual and returns its effect (see :func:`run_rules`).
+        rank: cause id → its place in the causal order (sets are built in that order).
+
+    Returns:
+        The joint cause (decisive, with the run that showed it; ``members``: the causes undone), or None
+        when no set reaches the goal, the runs are spent, or the answer needs no fixing.
     """
     import itertools
 

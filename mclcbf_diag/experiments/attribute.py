@@ -98,7 +98,19 @@ def dla(lm: LoadedModel, capture: RunCapture) -> A.Attribution:
 
 
 def dla_records(att: A.Attribution, *, question_id, condition: str, base: A.Attribution | None = None) -> dict:
-    """Tidy columns of one run's DLA (``base`` given: also every part's change ``d_…`` from it)."""
+    """Tidy columns of one run's DLA (``base`` given: also every part's change ``d_…`` from it).
+
+    Args:
+        att: the run's attribution (:func:`dla`).
+        question_id: the question's id, on every row.
+        condition: the run's condition (``"baseline"``, ``"steered"``), on every row.
+        base: the attribution the changes ``d_…`` are taken from; None: no change rows.
+
+    Returns:
+        Column name → list (``question_id``, ``condition``, ``phase``, ``decode_step``, ``layer``, ``head``,
+        ``metric``, ``value``), prefill, decode step 0; layer −1 holds ``dla_embed``, ``dla_total``,
+        ``dla_final_scale`` and ``dla_residual``.
+    """
     rows: dict[str, list] = {"layer": [], "head": [], "metric": [], "value": []}
 
     def add(layer, head, metric, value):
@@ -210,11 +222,23 @@ def activation_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=N
                         components_at: str = "text", directions: tuple[str, ...] = DIRECTIONS) -> Grid:
     """The full activation-patching grid of one question, both directions (see the module docstring).
 
-    ``clean``/``corrupted``: model inputs of one prompt each (the same ids, different images);
-    ``acts``: their :func:`~mclcbf_diag.runner.activations_forward` with ``cache=True`` (as a
-    batch of the two, from :func:`paired_inputs`), when the caller already has it;
-    ``components_at``: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`); ``directions``: a
-    subset of :data:`DIRECTIONS` (with one only, the recoveries are normalised by the plain forwards' margins).
+    Args:
+        lm: the loaded model.
+        clean: model inputs of one prompt (the clean image).
+        corrupted: model inputs of the same prompt (the same ids) with a different image.
+        acts: their :func:`~mclcbf_diag.runner.activations_forward` with ``cache=True`` (as a batch of the two,
+            from :func:`paired_inputs`), when the caller already has it; None: it is run here.
+        progress: show a progress bar over the layers.
+        components_at: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
+        directions: a subset of :data:`DIRECTIONS` (with one only, the recoveries are normalised by the plain
+            forwards' margins).
+
+    Returns:
+        The :class:`Grid`: per direction the normalised recoveries ``resid`` [L, len(GROUPS)], ``heads`` [L, H]
+        and ``mlp`` [L], and the patched margins.
+
+    Raises:
+        UserError: the two inputs are not the same prompt, or the prompt has no image or no text after it.
     """
     from ..progress import tqdm
 
@@ -316,7 +340,22 @@ def attribution_patching(lm: LoadedModel, clean: dict, corrupted: dict, *, acts=
     activations (``acts``: a :func:`paired_inputs` forward, or a plain forward of ``clean`` is run) and
     one forward with a backward of the corrupted run; ``"noise"`` in ``directions`` adds one backward
     of the clean run. The estimates are normalised like the grid's recoveries, by the plain forward's
-    margins. ``components_at``: where heads and MLPs are patched, as in :func:`activation_patching`.
+    margins.
+
+    Args:
+        lm: the loaded model.
+        clean: model inputs of one prompt (the clean image).
+        corrupted: model inputs of the same prompt with a different image.
+        acts: a :func:`paired_inputs` forward of the two (clean row 0, corrupted row 1); None: a plain forward
+            of ``clean`` is run.
+        directions: a subset of :data:`DIRECTIONS`; each adds one forward with a backward.
+        components_at: where heads and MLPs are patched, as in :func:`activation_patching`.
+
+    Returns:
+        The :class:`Grid` of first-order estimates, its recoveries normalised like the patching grid's.
+
+    Raises:
+        UserError: the two inputs are not the same prompt, or the prompt has no image or no text after it.
     """
     _check_at(components_at)
     yes, no = lm.tokens.yes_id, lm.tokens.no_id
@@ -398,6 +437,20 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
     Only the intervention's activation edits are localised (:meth:`~mclcbf_diag.interventions.base.Intervention.
     activation_part`): a decoding-level half (PAI's contrast, VISTA's logit mix) acts after the last layer, on
     no activation, and a method that is only that has nothing to localise (a UserError).
+
+    Args:
+        lm: the loaded model.
+        inputs: model inputs of one prompt (one row).
+        intervention: the intervention localised (a name or an intervention); only its activation part is run.
+        components_at: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
+        progress: show progress bars over the layers.
+        directions: a subset of :data:`DIRECTIONS`: ``"denoise"`` and/or ``"noise"`` (above).
+
+    Returns:
+        The :class:`Grid`, clean = the intervened run's margin, corrupted = the baseline's.
+
+    Raises:
+        UserError: the intervention changes no activation.
     """
     intervention = _activation_part(intervention)
     # both with eager attention, as the intervened forward must run: an intervention that changes nothing
@@ -444,6 +497,19 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
     image, as in :func:`activation_patching`) needs the intervention to run on from the image: one batch of a
     row per layer over the whole prompt, unless the intervention edits nothing before the text (then that
     residual is the same in both runs and restoring it changes nothing).
+
+    Args:
+        lm: the loaded model.
+        inputs: model inputs of one prompt (one row).
+        intervention: the intervention's activation part (it runs on in every patched row).
+        base: the baseline's :func:`~mclcbf_diag.runner.activations_forward` (one row, with its cache).
+        iv: the intervened run's, the same way.
+        components_at: where heads and MLPs are restored (:data:`COMPONENT_POSITIONS`).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        ``{"resid": [L, len(GROUPS)], "heads": [L, H], "mlp": [L]}``: the patched margins (float64, not
+        normalised).
     """
     from ..progress import tqdm
 
@@ -604,10 +670,21 @@ def _stacked(a, b):
 
 # --------------------------------------------------------------------------------------- records
 def grid_records(grid: Grid, *, question_id, method: str = "patch", conditions: dict | None = None) -> dict:
-    """Tidy columns of a patching grid: ``method`` ``"patch"`` (activation patching), ``"atp"`` (attribution
-    patching) or ``"local"`` (:func:`localisation`); condition = the direction (or ``conditions[direction]``);
-    per patch its normalised recovery (``<method>_…``) and margin (``<method>_…_margin``); layer −1: the clean
-    and corrupted margins and the floor."""
+    """Tidy columns of a patching grid: per patch its normalised recovery (``<method>_…``) and margin
+    (``<method>_…_margin``); layer −1: the clean and corrupted margins and the floor.
+
+    Args:
+        grid: the grid.
+        question_id: the question's id, on every row.
+        method: the metrics' prefix: ``"patch"`` (activation patching), ``"atp"`` (attribution patching) or
+            ``"local"`` (:func:`localisation`).
+        conditions: direction → the condition written for it; None (or a direction missing): the direction's
+            own name.
+
+    Returns:
+        Column name → list (``question_id``, ``condition``, ``phase``, ``decode_step``, ``layer``, ``head``,
+        ``metric``, ``value``), prefill, decode step 0.
+    """
     rows: dict[str, list] = {"condition": [], "layer": [], "head": [], "metric": [], "value": []}
 
     def add(cond, layer, head, metric, value):
@@ -638,9 +715,18 @@ def grid_records(grid: Grid, *, question_id, method: str = "patch", conditions: 
 
 
 def agreement(atp: Grid, patch: Grid, *, gross: float = 0.25) -> dict:
-    """How well attribution patching reproduces activation patching, per kind of patch and direction:
-    Spearman's rank correlation over the patches, and the patches where the first order fails (the two
-    recoveries more than ``gross`` apart): ``{"<kind>:<direction>": {"spearman": ρ, "failures": [index…]}}``."""
+    """How well attribution patching reproduces activation patching, per kind of patch and direction.
+
+    Args:
+        atp: the attribution-patching grid (:func:`attribution_patching`).
+        patch: the activation-patching grid of the same question (:func:`activation_patching`).
+        gross: the recovery difference above which a patch counts as a failure of the first order.
+
+    Returns:
+        ``{"<kind>:<direction>": {"spearman": ρ, "failures": [index…]}}``: Spearman's rank correlation over the
+        patches, and the patches (grid indices) whose two recoveries are more than ``gross`` apart; only the
+        directions both grids hold.
+    """
     out = {}
     for kind in ("resid", "heads", "mlp"):
         for d in getattr(atp, kind):
@@ -813,8 +899,23 @@ def _activation_part(intervention):
 
 def localise(lm: LoadedModel, inputs: dict, intervention, *, question_id, components_at: str = "text",
              progress: bool = False):
-    """Where one question's intervention changes the margin, from both directions: ``(records, summary)``, the
-    tidy frame of :func:`local_records` and the :class:`LocalSummary` (the evidence a verdict can cite)."""
+    """Where one question's intervention changes the margin, from both directions (:func:`localisation`).
+
+    Args:
+        lm: the loaded model.
+        inputs: model inputs of one prompt (one row).
+        intervention: the intervention localised (a name or an intervention).
+        question_id: the question's id, on every record.
+        components_at: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
+        progress: show progress bars over the layers.
+
+    Returns:
+        ``(records, summary)``: the tidy frame of :func:`local_records` and the :class:`LocalSummary` (the
+        evidence a verdict can cite).
+
+    Raises:
+        UserError: the intervention changes no activation.
+    """
     grid = localisation(lm, inputs, intervention, components_at=components_at, progress=progress)
     return records_frame(local_records(grid, question_id=question_id)), local_summary(grid)
 
@@ -842,8 +943,27 @@ def attribute_sample(lm: LoadedModel, question, image, corrupted_image, interven
 
     (Over 60 lines: one straight sequence of runs, then the summary the command prints, field by field.)
 
-    ``corrupted_image``: the corrupted input's image (PIL); or ``corrupted_pixels``, its processed
-    ``pixel_values`` (the VCD noise acts on those), with ``corrupted_image`` None.
+    Args:
+        lm: the loaded model.
+        question: the question (its ``text``, ``question_id`` and ``label``).
+        image: the clean image (PIL).
+        corrupted_image: the corrupted input's image (PIL); None when ``corrupted_pixels`` is given.
+        intervention: the intervention whose run is attributed (its DLA change from the baseline) and localised
+            (:func:`localisation`); None: the baseline only.
+        template: the prompt template (``<image>`` and ``{question}``); None: the default template.
+        corruption: the corruption's name, written in the summary.
+        corrupted_pixels: the corrupted input's processed ``pixel_values`` (the VCD noise acts on those), with
+            ``corrupted_image`` None.
+        progress: show progress bars over the layers.
+        components_at: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
+
+    Returns:
+        The :class:`AttributeResult`: the tidy records, the summary the command prints, both DLAs, both grids,
+        their agreement and (with an intervention) the localisation and its summary.
+
+    Raises:
+        UserError: the model normalises its heads' and MLPs' outputs before adding them (no DLA), the prompt
+            has no image or no text after it, or the template lacks ``<image>`` or ``{question}``.
     """
     from ..data import build_prompt
 
@@ -926,14 +1046,34 @@ class SplitCarriers:
 
 def carriers(values: torch.Tensor, margin: float, share: float, floor: float) -> torch.Tensor:
     """Which direct contributions carry a Yes of ``margin`` > 0: toward Yes, at least ``share`` of it and above
-    ``floor`` (bool, same shape)."""
+    ``floor``.
+
+    Args:
+        values: the components' direct logit attributions (any shape, margin units).
+        margin: the Yes − No margin of the run.
+        share: the least fraction of ``margin`` a carrier contributes.
+        floor: the margin's noise floor; a contribution at or under it carries nothing.
+
+    Returns:
+        Bool tensor of ``values``' shape.
+    """
     return (values > share * margin) & (values > floor)
 
 
 def patch_carriers(recovery: torch.Tensor, gap: float, share: float, floor: float) -> torch.Tensor:
     """Which patches carry the image's part of a Yes: the clean − corrupted ``gap`` above twice the floor and
-    positive, and a recovery of at least ``share`` worth more than twice the floor. NaN (all) when the image does
-    not raise the Yes."""
+    positive, and a recovery of at least ``share`` worth more than twice the floor.
+
+    Args:
+        recovery: the patches' normalised recoveries (denoising; any shape; NaN counts as 0).
+        gap: the clean − corrupted margin of the plain forwards.
+        share: the least recovery a carrier has.
+        floor: the margin's noise floor.
+
+    Returns:
+        Float64 tensor of ``recovery``'s shape: 1.0 for a carrier, 0.0 otherwise; NaN (all) when the image does
+        not raise the Yes.
+    """
     if not (math.isfinite(gap) and gap > 2 * floor):
         return torch.full(recovery.shape, math.nan, dtype=torch.float64)
     rec = torch.nan_to_num(recovery.double(), nan=0.0)
@@ -984,6 +1124,21 @@ def split_carriers(lm: LoadedModel, items, *, share: float = 0.1, components_at:
     :func:`patch_carriers`). The counts are compared with the hallucination heads AD-HH finds on the same model
     (preset ``paper``, ``adhh_calibration`` questions) and with the sites each of :data:`PUBLISHED` edits
     (:func:`edited_sites`).
+
+    Args:
+        lm: the loaded model.
+        items: ``(question, image, corrupt)`` per question (``image`` a PIL image or a function loading it),
+            ``corrupt(clean_inputs)`` giving the corrupted input of the same prompt.
+        share: the least share of the margin (DLA) or of the image's part of it (patching) a carrier has.
+        components_at: where heads and MLPs are patched (:data:`COMPONENT_POSITIONS`).
+        template: the prompt template; None: the default template.
+        adhh_calibration: AD-HH's calibration questions; None: its preset's.
+        progress: show progress bars.
+
+    Returns:
+        The :class:`SplitCarriers`: per-question records, counts per head and MLP (:func:`carrier_counts`),
+        one row per intervention (:func:`edited_sites`), AD-HH's heads and a summary (the answers' kinds, the
+        carriers found, AD-HH's heads that carry).
     """
     import pandas as pd
 
@@ -1048,9 +1203,19 @@ def _count(counts, component: str, layer: int, head: int) -> int:
 
 
 def carrier_counts(records, n_layers: int, n_heads: int, adhh_heads=()):
-    """Per head and MLP, over the wrong Yes answers: how many it carries by DLA (``n_dla``), by patching
-    (``n_patch``), by either (``n_either``) and by both (``n_both``); ``n_wrong_yes``: the questions counted;
-    ``adhh_head``: whether AD-HH lists the head."""
+    """Per head and MLP, over the wrong Yes answers: how many it carries by DLA and by patching.
+
+    Args:
+        records: the tidy ``carries_dla_*`` / ``carries_patch_*`` records of :func:`split_carriers`.
+        n_layers: the model's layers.
+        n_heads: its attention heads per layer.
+        adhh_heads: AD-HH's hallucination heads, ``(layer, head)`` pairs.
+
+    Returns:
+        A frame, one row per head and per layer's MLP (head −1): ``component``, ``layer``, ``head``, ``n_dla``,
+        ``n_patch``, ``n_either``, ``n_both`` (questions it carries by DLA, by patching, by either, by both),
+        ``n_wrong_yes`` (the questions counted) and ``adhh_head`` (whether AD-HH lists the head).
+    """
     import pandas as pd
 
     n = records["question_id"].nunique() if len(records) else 0
@@ -1074,7 +1239,16 @@ def carrier_counts(records, n_layers: int, n_heads: int, adhh_heads=()):
 
 
 def hallucination_heads(lm: LoadedModel, inputs: dict, calibration: int | None = None) -> tuple:
-    """The heads AD-HH (preset ``paper``) finds on this model: its own ``prepare`` (cached per process)."""
+    """The heads AD-HH (preset ``paper``) finds on this model: its own ``prepare`` (cached per process).
+
+    Args:
+        lm: the loaded model.
+        inputs: model inputs of one question (AD-HH prepares on them).
+        calibration: AD-HH's calibration questions; None: its preset's.
+
+    Returns:
+        ``((layer, head), …)``: the heads found.
+    """
     from ..interventions import resolve
     from ..interventions.base import rows_of
 
@@ -1088,7 +1262,19 @@ def edited_sites(lm: LoadedModel, name: str, counts, adhh_heads=()) -> dict:
 
     An attention edit at a layer acts on the heads of that layer (AD-HH: on its listed heads only); a residual
     edit entering a layer acts on no component's output directly, but on the input of every component from
-    that layer on (``downstream``). No MLP output is edited by any of them."""
+    that layer on (``downstream``). No MLP output is edited by any of them.
+
+    Args:
+        lm: the loaded model (its layer count).
+        name: the intervention's registry name (AD-HH at preset ``paper``, the others at their default).
+        counts: the carrier counts of :func:`carrier_counts`.
+        adhh_heads: AD-HH's hallucination heads, ``(layer, head)`` pairs (its layers and heads when ``name`` is
+            ``"adhh"``).
+
+    Returns:
+        One row: ``intervention``, ``preset``, ``sites``, ``layers``, ``carriers`` (how many), ``acts_on`` and
+        ``n_acts_on`` (the carrying heads it edits), ``downstream_of_its_residual_edit`` and ``n_downstream``.
+    """
     from ..errors import UserError
     from ..interventions import resolve
 

@@ -54,7 +54,18 @@ def kind_of(label: str | None, base: Reading) -> str:
 
 
 def effect(lm: LoadedModel, capture: RunCapture, base: Reading, label: str | None) -> dict:
-    """What a run did, in the terms a cause test compares (see :func:`mclcbf_diag.diagnosis.rulebook.decisiveness`)."""
+    """What a run did, in the terms a cause test compares (see :func:`mclcbf_diag.diagnosis.rulebook.decisiveness`).
+
+    Args:
+        lm: the loaded model (its Yes/No tokens).
+        capture: the run's capture; its prefill step is read.
+        base: the baseline's reading, which the outcome is judged against.
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled.
+
+    Returns:
+        ``{"step_size": Σ‖v‖/‖x‖ over the layers at the decision token, "mass": image attention mass (mean over
+        layers and heads; NaN without attention), "margin", "outcome", "valid", "finite", "dropped"}``.
+    """
     prefill = capture.steps[0]
     rel, mass = 0.0, []
     for c in prefill.layers.values():
@@ -86,6 +97,15 @@ def run_in_dtype(lm: LoadedModel, inputs: dict, iv, spec: Counterfactual, base: 
     loaded), the same pixels and prompt, the same intervention, computed in the wider dtype from the image
     on. Its outcome is read against the copy's own unsteered answer, which must be the model's; otherwise the
     wider dtype alone changes the answer, and the run would test more than the step's rounding.
+
+    Args:
+        lm: the loaded model.
+        inputs: the question's model inputs.
+        iv: the unfixed intervention (the spec's variant is built from it).
+        spec: the counterfactual; ``spec.dtype`` names the wider dtype (``"float32"``, ...).
+        base: the baseline's reading in the model's own dtype.
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled.
+        copies: dtype name → the model's copy in it (None: it did not fit), filled here and reused across calls.
 
     Returns:
         The run's :func:`effect`, or ``{"untestable": reason}``.
@@ -169,14 +189,37 @@ class DosePoint:
 
 
 def dose_point(lm: LoadedModel, iv, cap: RunCapture, k: float, base: Reading, label) -> DosePoint:
-    """One point of the dose-response curve, read off the run of ``iv`` at dose ``k``."""
+    """One point of the dose-response curve, read off the run of ``iv`` at dose ``k``.
+
+    Args:
+        lm: the loaded model (its Yes/No tokens).
+        iv: the intervention run (its own figures of the step, ``dose_fields``).
+        cap: the run's capture at dose ``k``; its prefill step is read.
+        k: the multiplier on the intervention's step.
+        base: the baseline's reading, which the outcome is judged against.
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled.
+
+    Returns:
+        The :class:`DosePoint`.
+    """
     return dose_point_of(iv, [c.metrics for c in cap.steps[0].layers.values()], reading(lm, cap), k, base, label)
 
 
 def dose_point_of(iv, layer_metrics: list[dict], r: Reading, k: float, base: Reading, label) -> DosePoint:
-    """:func:`dose_point` from the run's per-layer records (``{metric: value}`` per layer) and its reading; the
-    intervention adds its own figures of the step
-    (:meth:`~mclcbf_diag.interventions.base.Intervention.dose_fields`)."""
+    """:func:`dose_point` from the run's per-layer records and its reading.
+
+    Args:
+        iv: the intervention run; it adds its own figures of the step
+            (:meth:`~mclcbf_diag.interventions.base.Intervention.dose_fields`).
+        layer_metrics: the run's ``{metric: value}`` per layer (a dropped edit makes the outcome ``non_finite``).
+        r: the run's Yes/No reading.
+        k: the multiplier on the intervention's step.
+        base: the baseline's reading, which the outcome is judged against.
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled.
+
+    Returns:
+        The :class:`DosePoint`.
+    """
     outcome = outcome_of(base, r, label, dropped=dropped_edit(layer_metrics))
     return DosePoint(k, r.margin, r.valid, r.p_yes, r.p_no, outcome, r.top_yes_no, iv.dose_fields(layer_metrics, k))
 
@@ -191,7 +234,20 @@ def doubling_grid(k_max: float) -> list[float]:
 
 
 def dose_result(iv, points: list[DosePoint], hi: float | None, k_max: float, goal: tuple, kind: str) -> DoseResponse:
-    """The :class:`DoseResponse` of ``iv``'s computed ``points`` whose smallest hit is ``hi``."""
+    """The :class:`DoseResponse` of ``iv``'s computed ``points`` whose smallest hit is ``hi``.
+
+    Args:
+        iv: the intervention (its ``dose_detail`` words the run at ``hi``).
+        points: the computed points, any order (sorted by ``k`` here).
+        hi: the smallest multiplier reaching the goal (one of the points' ``k``); None: none did.
+        k_max: the largest multiplier tried.
+        goal: the outcomes the run must reach.
+        kind: the question the label sets: ``"wrong"``, ``"right"`` or ``"unlabeled"``.
+
+    Returns:
+        The :class:`DoseResponse`; its ``k_derail`` and ``k_nonfinite`` are the smallest points that derailed
+        or whose step was dropped.
+    """
     curve = pd.DataFrame([p.row() for p in points]).sort_values("k").reset_index(drop=True)
     at = curve[curve.k == hi].iloc[0].to_dict() if hi is not None else {}
     der, lost = curve[curve.outcome == "derailed"], curve[curve.outcome == "non_finite"]
@@ -241,7 +297,20 @@ def fix_plan(config, model_dtype) -> list[PlannedFix]:
 
 
 def fix_row(entry: PlannedFix, r: Reading | None, base: Reading, unfixed: Reading, label: str | None) -> dict:
-    """One row of the fixes table from a :func:`fix_plan` entry and the reading of its run (if run)."""
+    """One row of the fixes table from a :func:`fix_plan` entry and the reading of its run (if run).
+
+    Args:
+        entry: the planned fix.
+        r: the reading of the fix's run; None: not run (the row has the plan's columns only).
+        base: the baseline's reading (the outcome is judged against it).
+        unfixed: the unfixed intervention's reading (``vs_unfixed`` compares with it; an entry that changes
+            nothing reports it).
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled.
+
+    Returns:
+        A row with the :data:`FIX_COLUMNS` present; ``counts`` is True only for a valid run that fixes a wrong
+        answer.
+    """
     row = {"fix": entry.fix, "change": entry.change, "applicable": entry.applicable}
     if entry.same:
         return {**row, "margin": unfixed.margin, "answer": unfixed.answer, "valid": unfixed.valid,

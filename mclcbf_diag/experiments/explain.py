@@ -92,8 +92,25 @@ def explain_sample(lm: LoadedModel, question, image, config, *, k_max: float = 1
                    sweep: bool = True) -> Explanation:
     """Every stage of the verdict for one question, then its cause chain (and per-layer doses).
 
-    ``config`` is the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such). A prompt the model
-    cannot take (longer than its context or than a sliding window keeps) is refused with a UserError first.
+    Args:
+        lm: the loaded model.
+        question: a :class:`PopeQuestion`, or a bare prompt text (an unlabeled question, :func:`as_question`).
+        image: the question's image (PIL).
+        config: the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such).
+        k_max: the largest multiplier on the step the dose-response tries.
+        bisect_steps: the dose-response's bisection steps inside the first bracket that reaches the goal.
+        per_layer: also the dose-response with one steered layer at a time (:func:`layer_doses_of`).
+        template: the prompt template (``<image>`` and ``{question}``).
+        sweep: run the graded image-mass sweep (its records join the diagnosis).
+
+    Returns:
+        The :class:`Explanation`: the trace, the knockouts' and the sweep's records, the ranked causes, the
+        dose-response, the fixes, the cause chain, the per-layer doses (None without ``per_layer``), the sweep
+        and its sentence, and the localisation where a detected cause asks for it.
+
+    Raises:
+        UserError: the prompt is one the model cannot take (longer than its context or than a sliding window
+            keeps); raised before any run.
     """
     from ..data import build_prompt
     from ..models.loading import check_prompt_lengths
@@ -162,6 +179,16 @@ def chain_of(b: VerdictBatch, qv: QuestionVerdict, max_links: int = 6) -> pd.Dat
     """Fix the top detected (decisive first) cause, re-diagnose, repeat until fixed or no fix is left.
 
     A right answer has nothing to fix: the chain is one row saying so.
+
+    Args:
+        b: the question's verdict batch.
+        qv: the question, its causes diagnosed.
+        max_links: the most fixes applied in turn (a fix is applied only when its cause is not shown
+            non-decisive and it can apply to the model's dtype).
+
+    Returns:
+        One row per link: ``link``, ``config`` (the fixes applied so far), ``top_cause``, ``status``, ``margin``,
+        ``outcome``, ``next_fix``.
     """
     outcome = outcome_of(qv.base, qv.unfixed, qv.label, dropped=_dropped(qv.steer_capture))
     if qv.kind == "right":
@@ -219,7 +246,20 @@ def _traced(lm, question, image, config, settings: Settings) -> tuple[VerdictBat
 
 def cause_tester(lm: LoadedModel, question, image, intervention, *, template: str = LLAVA_PROMPT):
     """``tester(spec)`` for :func:`~mclcbf_diag.diagnosis.diagnose.diagnose`: each counterfactual of one question,
-    run as the counterfactual-tests stage runs it (``None``: the intervention as configured)."""
+    run as the counterfactual-tests stage runs it.
+
+    Args:
+        lm: the loaded model.
+        question: a :class:`PopeQuestion`, or a bare prompt text (an unlabeled question, :func:`as_question`).
+        image: the question's image (PIL).
+        intervention: the intervention as configured.
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        ``test(spec)``: the effect (:func:`~mclcbf_diag.experiments.evidence.effect`) of the run of one
+        :class:`~mclcbf_diag.diagnosis.counterfactual.Counterfactual` (``None``: the intervention as configured),
+        each run once (memoised by the spec's key).
+    """
     b, qv = _traced(lm, question, image, intervention, Settings(sweep=False, template=template))
     memo: dict = {None: effect(lm, qv.steer_capture, qv.base, qv.label)}
 
@@ -234,14 +274,38 @@ def cause_tester(lm: LoadedModel, question, image, intervention, *, template: st
 
 def dose_response(lm: LoadedModel, question, image, config, *, k_max: float = 1024.0, bisect_steps: int = 8,
                   template: str = LLAVA_PROMPT) -> DoseResponse:
-    """The dose-response stage for one question: the smallest k reaching the label's goal."""
+    """The dose-response stage for one question: the smallest k reaching the label's goal.
+
+    Args:
+        lm: the loaded model.
+        question: a :class:`PopeQuestion`, or a bare prompt text (an unlabeled question, :func:`as_question`).
+        image: the question's image (PIL).
+        config: the intervention.
+        k_max: the largest multiplier on the step tried (doublings from 1).
+        bisect_steps: bisection steps inside the first bracket that reaches the goal.
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        The :class:`~mclcbf_diag.experiments.evidence.DoseResponse`.
+    """
     b, qv = _traced(lm, question, image, config, Settings(k_max, bisect_steps, False, template))
     return dose_jobs(b, [(qv, b.iv)])[0]
 
 
 def counterfactuals(lm: LoadedModel, question, image, config, *, template: str = LLAVA_PROMPT) -> pd.DataFrame:
     """The fixes stage for one question: each fix alone, then all together, against the baseline and the
-    unfixed run (columns: :data:`~mclcbf_diag.experiments.evidence.FIX_COLUMNS`)."""
+    unfixed run.
+
+    Args:
+        lm: the loaded model.
+        question: a :class:`PopeQuestion`, or a bare prompt text (an unlabeled question, :func:`as_question`).
+        image: the question's image (PIL).
+        config: the intervention whose fixes are run.
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        One row per fix (columns: :data:`~mclcbf_diag.experiments.evidence.FIX_COLUMNS`).
+    """
     b, qv = _traced(lm, question, image, config, Settings(sweep=False, template=template))
     fixes(b)
     return qv.fixes
@@ -249,7 +313,21 @@ def counterfactuals(lm: LoadedModel, question, image, config, *, template: str =
 
 def cause_chain(lm: LoadedModel, question, image, config, *, sweep: bool = False, max_links: int = 6,
                 template: str = LLAVA_PROMPT) -> pd.DataFrame:
-    """The cause chain of one question (the graded sweep's records in its diagnoses only with ``sweep``)."""
+    """The cause chain of one question (:func:`chain_of`).
+
+    Args:
+        lm: the loaded model.
+        question: a :class:`PopeQuestion`, or a bare prompt text (an unlabeled question, :func:`as_question`).
+        image: the question's image (PIL).
+        config: the intervention.
+        sweep: run the graded image-mass sweep, its records in the diagnoses.
+        max_links: the most fixes applied in turn.
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        One row per link: ``link``, ``config`` (the fixes applied so far), ``top_cause``, ``status``, ``margin``,
+        ``outcome``, ``next_fix``.
+    """
     b, qv = _traced(lm, question, image, config, Settings(sweep=sweep, template=template))
     graded_sweep(b)
     qv.causes, = diagnose_jobs(b, [(qv, b.iv, qv.joined_records(), effect(lm, qv.steer_capture, qv.base,
@@ -259,7 +337,21 @@ def cause_chain(lm: LoadedModel, question, image, config, *, sweep: bool = False
 
 def per_layer_doses(lm: LoadedModel, question, image, config, *, k_max: float = 1024.0, bisect_steps: int = 8,
                     template: str = LLAVA_PROMPT) -> pd.DataFrame:
-    """:func:`layer_doses_of` for one question."""
+    """:func:`layer_doses_of` for one question.
+
+    Args:
+        lm: the loaded model.
+        question: a :class:`PopeQuestion`, or a bare prompt text (an unlabeled question, :func:`as_question`).
+        image: the question's image (PIL).
+        config: the intervention; each of its layers is steered alone.
+        k_max: the largest multiplier on the step tried.
+        bisect_steps: bisection steps inside the first bracket that reaches the goal.
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        One row per steered layer: ``layer``, ``k_star`` (None: no multiplier reached the goal), and at k*
+        ``margin``, ``outcome``, ``theta_rel_max`` and ``valid``.
+    """
     b, qv = _traced(lm, question, image, config, Settings(k_max, bisect_steps, False, template))
     return layer_doses_of(b, qv)
 

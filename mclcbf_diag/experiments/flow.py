@@ -38,8 +38,17 @@ def information_flow(lm: LoadedModel, question, image, *, window: int | None = N
                      template: str = LLAVA_PROMPT) -> pd.DataFrame:
     """One row per (edge, window): the answer token's probability with that edge blocked there.
 
-    Columns: ``edge`` ("image→question" …), ``first_layer``, ``last_layer``, ``answer`` (the
-    unblocked answer token, Yes or No), ``p_base``, ``p_blocked``, ``change`` (relative).
+    Args:
+        lm: the loaded model.
+        question: a question (its ``text``) or a bare prompt text.
+        image: the question's image (PIL).
+        window: consecutive layers blocked at once; None: :func:`default_window` of the model's depth.
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        One row per (edge, window): ``edge`` ("image→question" …), ``first_layer``, ``last_layer``, ``answer``
+        (the unblocked answer token, ``"yes"`` or ``"no"``), ``p_base``, ``p_blocked``, ``change``
+        (relative: ``(p_blocked − p_base) / p_base``).
     """
     text = getattr(question, "text", question)
     _, inputs = sample_inputs(lm, text, image, template)

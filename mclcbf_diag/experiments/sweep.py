@@ -102,21 +102,54 @@ def sweep_windows(tokens: str, n_layers: int) -> list[tuple[int, ...] | None]:
 def sweep_settings(n_layers: int, token_sets=TOKEN_SETS, windows=None) -> list[tuple[str, object, str, float]]:
     """Every ``(tokens, window, edit, value)`` of the sweep, in the order of :func:`image_mass_sweep`'s rows.
 
-    ``windows``: the same windows for every token set instead of :func:`sweep_windows`'."""
+    Args:
+        n_layers: the model's layers.
+        token_sets: the token sets swept (:data:`TOKEN_SETS`).
+        windows: the same layer windows for every token set; None: :func:`sweep_windows` per token set.
+
+    Returns:
+        The settings: token set, window (None: all layers), ``"target"`` or ``"factor"``, and its value.
+    """
     return [(tokens, window, kind, value) for tokens in token_sets
             for window in (sweep_windows(tokens, n_layers) if windows is None else windows)
             for kind, value in edits()]
 
 
 def sweep_edit(tokens: str, window, kind: str, value: float) -> AttentionKnockout:
-    """One setting as a knockout of its own (the edit :class:`GradedKnockout` makes in that setting's row)."""
+    """One setting as a knockout of its own (the edit :class:`GradedKnockout` makes in that setting's row).
+
+    Args:
+        tokens: the queries edited: ``"decision"`` (the decision token) or ``"after_image"`` (every text token
+            after the image).
+        window: the layers edited (a tuple of layer indices); None: all layers.
+        kind: ``"target"`` (set the image mass to ``value``) or ``"factor"`` (multiply it by ``value``).
+        value: the target mass (0..1) or the factor.
+
+    Returns:
+        The :class:`~mclcbf_diag.interventions.knockout.AttentionKnockout` making that edit.
+    """
     if kind == "target":
         return AttentionKnockout(KnockoutKnobs(0.0, target=value, tokens=tokens, layers=window))
     return AttentionKnockout(KnockoutKnobs(value, tokens=tokens, layers=window))
 
 
 def sweep_row(tokens: str, window, kind: str, value: float, b: dict, r: dict, label: str | None) -> dict:
-    """One row of the sweep frame: the setting, its answer ``r`` and the baseline ``b`` (answer dicts)."""
+    """One row of the sweep frame: the setting, its answer ``r`` and the baseline ``b``.
+
+    Args:
+        tokens: the queries edited: ``"decision"`` (the decision token) or ``"after_image"`` (every text token
+            after the image).
+        window: the layers edited (a tuple of layer indices); None: all layers.
+        kind: ``"target"`` (set the image mass to ``value``) or ``"factor"`` (multiply it by ``value``).
+        value: the target mass (0..1) or the factor.
+        b: the baseline's answer dict (``margin``, ``answer``, ``valid``).
+        r: the setting's answer dict (``margin``, ``answer``, ``valid``, ``p_yes``, ``p_no``, ``finite``).
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled.
+
+    Returns:
+        The row: ``tokens``, ``window`` (:func:`window_name`), ``edit``, ``value``, ``margin``, ``answer``,
+        ``valid``, ``p_yes``, ``p_no``, ``base_margin``, ``base_answer``, ``outcome`` (against the baseline).
+    """
     return {"tokens": tokens, "window": window_name(window), "edit": kind, "value": value, "margin": r["margin"],
             "answer": r["answer"], "valid": r["valid"], "p_yes": r["p_yes"], "p_no": r["p_no"],
             "base_margin": b["margin"], "base_answer": b["answer"],
@@ -125,7 +158,21 @@ def sweep_row(tokens: str, window, kind: str, value: float, b: dict, r: dict, la
 
 def image_mass_sweep(lm, prompt: str, image, label: str | None = None, *, token_sets=TOKEN_SETS,
                      windows=None) -> pd.DataFrame:
-    """Every setting's answer: columns tokens, window, edit, value, margin, answer, valid, p_yes, p_no, outcome."""
+    """Every setting's answer (see the module docstring).
+
+    Args:
+        lm: the loaded model.
+        prompt: the full prompt text (with ``<image>``).
+        image: the question's image (PIL).
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled (outcomes are "changed" or not).
+        token_sets: the token sets swept (:data:`TOKEN_SETS`).
+        windows: the same layer windows for every token set (tuples of layer indices, None for all layers);
+            None: :func:`sweep_windows` per token set.
+
+    Returns:
+        One row per setting (:func:`sweep_row`): columns tokens, window, edit, value, margin, answer, valid,
+        p_yes, p_no, base_margin, base_answer, outcome.
+    """
     from ..engine.batch import answer_pair, baseline_prefix, batch_inputs
 
     settings = edits()
@@ -165,8 +212,19 @@ def sweep_summary(sweep: pd.DataFrame) -> dict[str, dict]:
 
 def sweep_records(sweep: pd.DataFrame, *, question_id, phase: str = "prefill", decode_step: int = 0,
                   summary: dict | None = None) -> pd.DataFrame:
-    """The sweep summary as tidy records (condition ``sweep:<tokens>``, layer −1); ``summary``: its
-    :func:`sweep_summary`, if already computed."""
+    """The sweep summary as tidy records (condition ``sweep:<tokens>``, layer −1).
+
+    Args:
+        sweep: the frame of :func:`image_mass_sweep`.
+        question_id: the question's id, on every record.
+        phase: the records' phase.
+        decode_step: the records' decode step.
+        summary: its :func:`sweep_summary`, if already computed; None: computed here.
+
+    Returns:
+        Tidy records, per token set the metrics ``sweep_runs``, ``sweep_changes``, ``sweep_fixes``,
+        ``sweep_derailed``, ``sweep_min_target`` and ``sweep_example_margin``.
+    """
     cols = {k: [] for k in COLUMNS}
     for tokens, summ in (sweep_summary(sweep) if summary is None else summary).items():
         for metric, key in (("sweep_runs", "runs"), ("sweep_changes", "changes"), ("sweep_fixes", "fixes"),
@@ -180,7 +238,17 @@ def sweep_records(sweep: pd.DataFrame, *, question_id, phase: str = "prefill", d
 
 
 def sweep_sentence(sweep: pd.DataFrame, label: str | None, base_answer: str, summary: dict | None = None) -> str:
-    """One line per token set: the smallest image mass that fixes (or changes) the answer, or that none does."""
+    """One line per token set: the smallest image mass that fixes (or changes) the answer, or that none does.
+
+    Args:
+        sweep: the frame of :func:`image_mass_sweep`.
+        label: the question's label (``"yes"``/``"no"``); None: unlabeled (the verb is "change").
+        base_answer: the baseline's answer; equal to ``label`` the verb is "break", else "fix".
+        summary: its :func:`sweep_summary`, if already computed; None: computed here.
+
+    Returns:
+        One sentence, ``"Graded sweep: …"``, a clause per token set.
+    """
     verb = "fix" if label is not None and base_answer != label else "break" if label is not None else "change"
     parts = []
     for tokens, s in (sweep_summary(sweep) if summary is None else summary).items():

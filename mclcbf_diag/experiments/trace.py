@@ -50,6 +50,19 @@ class TraceResult:
 
     def value(self, metric: str, condition: str = "steered", layer: int = -1, phase: str = "prefill",
               decode_step: int = 0, head: int = -1) -> float:
+        """One record's value.
+
+        Args:
+            metric: the metric's name.
+            condition: ``"baseline"`` or ``"steered"`` (or another condition in the records).
+            layer: the layer; −1: a whole-model record.
+            phase: ``"prefill"`` or ``"decode"``.
+            decode_step: the decode step (0 for the prefill).
+            head: the head; −1: a whole-layer record.
+
+        Returns:
+            The first matching record's value; NaN when none matches.
+        """
         r = self.records
         sel = r[(r.metric == metric) & (r.condition == condition) & (r.layer == layer) & (r.phase == phase)
                 & (r.decode_step == decode_step) & (r["head"] == head)]
@@ -126,6 +139,20 @@ def _propagation(per_layer: pd.DataFrame) -> dict:
 
 
 def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LLAVA_PROMPT):
+    """The prompt of one question and its model inputs.
+
+    Args:
+        lm: the loaded model (its processor builds the inputs).
+        question_text: the question.
+        image: the question's image (PIL).
+        template: the prompt template (``<image>`` and ``{question}``).
+
+    Returns:
+        ``(prompt, inputs)``: the prompt text and the model inputs of it with the image.
+
+    Raises:
+        UserError: the template lacks ``<image>`` or ``{question}``.
+    """
     prompt = build_prompt(question_text, template)
     return prompt, lm.inputs(prompt, image)
 
@@ -135,13 +162,27 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
                  baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
-    ``intervention`` is any :class:`~mclcbf_diag.interventions.Intervention` (an MC-LCBF
-    ``BarrierConfig`` is accepted as such). ``multiplier`` scales what it changes (the dose).
-    ``baseline`` may be passed to reuse an earlier baseline run of the same intervention
-    (explain does this); ``template`` is the prompt around the question (with ``<image>``).
-    ``question_id`` labels the records (default: the question's own id, 0 for a bare prompt).
     With ``max_new_tokens`` under a decoding-level method (one that reads the ``logits`` site) both runs are
     :mod:`mclcbf_diag.engine.decode`'s loop (:func:`_generated_runs`): every token from the method's scores.
+
+    Args:
+        lm: the loaded model.
+        question: a POPE question, or a bare prompt text (unlabeled).
+        image: the question's image (PIL).
+        intervention: any :class:`~mclcbf_diag.interventions.Intervention` (an MC-LCBF ``BarrierConfig`` is
+            accepted as such).
+        max_new_tokens: tokens generated after the prompt (greedy); 0: the prefill only.
+        question_id: labels the records; None: the question's own id, 0 for a bare prompt.
+        multiplier: scales what the intervention changes (the dose).
+        baseline: an earlier baseline run of the same intervention to reuse (explain does this); None: run here.
+        template: the prompt around the question (with ``<image>`` and ``{question}``).
+
+    Returns:
+        The :class:`TraceResult`: tidy records of both runs (conditions ``baseline`` and ``steered``, the
+        method's views, ``label_yes`` for a labeled question), the runs' captures and the question.
+
+    Raises:
+        UserError: the template lacks ``<image>`` or ``{question}``.
     """
     iv = as_intervention(intervention)
     text = question.text if isinstance(question, PopeQuestion) else question

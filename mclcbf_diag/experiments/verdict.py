@@ -131,8 +131,16 @@ class VerdictBatch:
     def run(self, units: dict, *, capture: bool, patterns: bool = False, alone_on_failure: bool = False) -> dict:
         """``{key: (logits, capture or per-layer records)}`` of ``{key: Unit}``, one batched continuation.
 
-        ``alone_on_failure``: if the batch raises one of :data:`FAILURES`, run each unit alone; a unit that
-        still fails maps to None (a counterfactual that cannot run)."""
+        Args:
+            units: key → the :class:`~mclcbf_diag.engine.units.Unit` run (a question's row and its intervention).
+            capture: keep a :class:`~mclcbf_diag.engine.runner.RunCapture` per unit; else its per-layer records.
+            patterns: also the records the interventions' ``pattern`` sites make (e.g. MC-LCBF's Δh realised).
+            alone_on_failure: if the batch raises one of :data:`FAILURES`, run each unit alone; a unit that
+                still fails maps to None (a counterfactual that cannot run). False: the failure is raised.
+
+        Returns:
+            Key → ``(logits [vocab], capture or records)``, or None for a unit that could not run.
+        """
         keys = list(units)
         try:
             return dict(zip(keys, run_units(self.prefix, [units[k] for k in keys], capture=capture,
@@ -255,7 +263,16 @@ STAGES = (("baseline", baseline), ("captured trace", captured_trace), ("graded s
 
 
 def run_stages(b: VerdictBatch, stages=STAGES, timings: dict | None = None) -> list[QuestionVerdict]:
-    """Every stage in order over the batch; ``timings`` (a dict) accumulates each stage's seconds."""
+    """Every stage in order over the batch.
+
+    Args:
+        b: the batch (its questions are filled in place).
+        stages: ``(name, stage)`` pairs, each ``stage(b)`` run in order (default :data:`STAGES`).
+        timings: accumulates each stage's seconds by name, when given.
+
+    Returns:
+        The batch's :class:`QuestionVerdict`s.
+    """
     for name, stage in stages:
         start = time.perf_counter()
         stage(b)
@@ -268,7 +285,19 @@ def explain_batch(lm, questions: list, images: list, config, settings: Settings 
                   question_ids: list | None = None, timings: dict | None = None) -> list[QuestionVerdict]:
     """The verdict of every question (``PopeQuestion``s with their images): all :data:`STAGES`.
 
-    ``question_ids`` label the records (default: each question's own id)."""
+    Args:
+        lm: the loaded model.
+        questions: the ``PopeQuestion``s.
+        images: their images (PIL), one per question.
+        config: the intervention (an MC-LCBF ``BarrierConfig`` is accepted as such).
+        settings: what the verdict runs (the dose-response's range, the sweep, the prompt template).
+        question_ids: label the records; None: each question's own id.
+        timings: filled with seconds per stage name (added to what it holds), when given.
+
+    Returns:
+        One :class:`QuestionVerdict` per question, in order, every stage filled in (causes, dose-response,
+        fixes, sweep, records).
+    """
     return run_stages(VerdictBatch(lm, questions, images, config, settings, question_ids=question_ids),
                       timings=timings)
 
@@ -314,7 +343,17 @@ def diagnose_jobs(b: VerdictBatch, jobs: list) -> list[list]:
 
 
 def counterfactual_runs(b: VerdictBatch, jobs: list, requests: dict) -> dict:
-    """``{job: effect}`` of each job's requested counterfactual (None: it could not run)."""
+    """``{job: effect}`` of each job's requested counterfactual, every in-dtype run batched.
+
+    Args:
+        b: the batch.
+        jobs: ``(question verdict, intervention, …)`` per job, indexed by position.
+        requests: job index → the :class:`~mclcbf_diag.diagnosis.counterfactual.Counterfactual` to run for it.
+
+    Returns:
+        Job index → the run's :func:`~mclcbf_diag.experiments.evidence.effect` (or ``{"untestable": reason}``
+        for a run in another dtype that cannot be made), None where the run could not be built or failed.
+    """
     units, out = {}, {}
     for j, spec in requests.items():
         qv, iv = jobs[j][0], jobs[j][1]
@@ -377,7 +416,17 @@ def steered_runs(b: VerdictBatch, jobs: list) -> list[tuple[Reading, RunCapture]
 
 # ------------------------------------------------------------------------------------ records and rows
 def reading_records(r: Reading, *, question_id, condition: str) -> pd.DataFrame:
-    """The answer of a run as records (layer −1): what the diagnosis reads of a knockout."""
+    """The answer of a run as records (layer −1): what the diagnosis reads of a knockout.
+
+    Args:
+        r: the run's Yes/No reading.
+        question_id: the question's id, on every record.
+        condition: the run's condition (e.g. the knockout's name).
+
+    Returns:
+        Tidy records, prefill, one per :data:`READING_METRICS` entry (margin, answer Yes, p(Yes), p(No), Yes/No
+        on top, top token id, finite).
+    """
     values = (r.margin, r.margin > 0, r.p_yes, r.p_no, r.top_yes_no, r.top_id, r.finite)
     n = len(values)
     return frame({"question_id": [question_id] * n, "condition": [condition] * n, "phase": ["prefill"] * n,

@@ -32,6 +32,14 @@ class _Rows:
         self.layer, self.head, self.metric, self.value = [], [], [], []
 
     def add(self, layer: int, metric: str, value, head: int = NO_HEAD) -> None:
+        """One row.
+
+        Args:
+            layer: the layer (−1: a whole-model record).
+            metric: the metric's name.
+            value: the value (None: NaN).
+            head: the head (−1: a whole-layer record).
+        """
         self.layer.append(layer)
         self.head.append(head)
         self.metric.append(metric)
@@ -226,7 +234,16 @@ def _answer_records(rows, reading) -> None:
 
 
 def row_records(run: RunCapture, *, question_id, condition: str) -> dict[str, list]:
-    """The intervention's whole-model records of the run (layer −1, prefill)."""
+    """The intervention's whole-model records of the run (layer −1, prefill).
+
+    Args:
+        run: the run's capture (its ``row_records``: metric → value).
+        question_id: the question's id, on every record.
+        condition: the run's condition, on every record.
+
+    Returns:
+        Column name → list (tidy records, decode step 0).
+    """
     rows = _Rows(question_id, condition, "prefill", 0)
     for metric, value in run.row_records.items():
         rows.add(NO_LAYER, metric, value)

@@ -75,7 +75,16 @@ def measure_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 def floor(dtype: torch.dtype, scale: float, roundings: int = 1) -> float:
-    """``eps(dtype) · |scale| · √roundings``: the size below which a difference is rounding noise."""
+    """``eps(dtype) · |scale| · √roundings``: the size below which a difference is rounding noise.
+
+    Args:
+        dtype: the dtype the figures were computed in.
+        scale: the size of the quantities compared (their magnitude), in their units.
+        roundings: how many roundings the difference went through (at least 1 is counted).
+
+    Returns:
+        The floor, in the units of ``scale``.
+    """
     return eps(dtype) * abs(float(scale)) * math.sqrt(max(int(roundings), 1))
 
 

@@ -120,8 +120,17 @@ def rms_norm_jvp(x: torch.Tensor, weight: torch.Tensor, eps, v: torch.Tensor) ->
 
 
 def rms_norm_vjp(x: torch.Tensor, weight: torch.Tensor, eps, u: torch.Tensor) -> torch.Tensor:
-    """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``; ``x``, ``weight`` and ``eps`` as in
-    :func:`rms_norm_jvp`, ``u`` [..., d] the cotangent vector(s); the result as :func:`rms_norm_jvp`'s."""
+    """``Jᵀ u`` without forming J: ``w/r − x (x·w)/(d r³)`` with ``w = γ ⊙ u``; any leading batch dims.
+
+    Args:
+        x: [..., d] where the Jacobian is taken.
+        weight: the norm's gain γ ([d], or one per leading index).
+        eps: the norm's ε (a float, or a tensor per leading index).
+        u: [..., d] the cotangent vector(s).
+
+    Returns:
+        [..., d] in float32 (float64 for a float64 ``x``), as :func:`rms_norm_jvp`'s.
+    """
     x, g = _prep(x, weight)
     w = g * u.to(x.dtype)
     d = x.shape[-1]
@@ -213,6 +222,19 @@ def attention_masses(
 
 
 def fit_mask(mask: torch.Tensor, n_keys: int, device) -> torch.Tensor:
+    """A key mask of exactly ``n_keys`` positions: flattened to bool and padded with False at the end.
+
+    Args:
+        mask: the mask over the prompt's positions (any shape, flattened).
+        n_keys: the attention row's keys (the prompt so far; longer than the prompt while decoding).
+        device: where the result lives.
+
+    Returns:
+        Bool [n_keys].
+
+    Raises:
+        ValueError: the mask is longer than ``n_keys``.
+    """
     mask = mask.to(device=device, dtype=torch.bool).reshape(-1)
     if mask.numel() > n_keys:
         raise ValueError(f"image mask has {mask.numel()} positions but there are only {n_keys} keys")
@@ -285,7 +307,15 @@ def rounding_survival(x: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -
     ``‖round_dtype(x + step) − x‖ / ‖step‖`` with ``x`` first rounded to ``dtype``, the sum
     taken in float32 and rounded once. 1 means the step arrives intact, 0 means it is
     rounded away entirely (fp16 keeps 11 significant bits, so a component smaller than
-    about 2⁻¹¹·|xᵢ| vanishes). NaN when ‖step‖ = 0.
+    about 2⁻¹¹·|xᵢ| vanishes).
+
+    Args:
+        x: the residual the step is added to (any shape).
+        step: the step, shaped like ``x``.
+        dtype: the dtype the sum is rounded to (the model's).
+
+    Returns:
+        The surviving fraction (≥ 0; may exceed 1 when rounding adds to it); NaN when ‖step‖ = 0.
     """
     step32 = step.to(torch.float32)
     sn = step32.norm()

@@ -128,7 +128,17 @@ def uniform(seed: int, key: str) -> float:
 
 
 def sample_token(scores: torch.Tensor, decoding: Decoding, key: str) -> int:
-    """The token drawn from one row's scores [vocab] (inverse CDF over the vocabulary in token order)."""
+    """The token drawn from one row's scores [vocab] (inverse CDF over the vocabulary in token order).
+
+    Args:
+        scores: one row's scores [vocab] (any shape, flattened), before the warps.
+        decoding: the sampled decoding: its temperature, top-k and top-p warp the scores, its seed draws u.
+        key: the draw's key (e.g. the question and step): the same key and seed give the same u in any batch
+            and in both conditions (:func:`uniform`).
+
+    Returns:
+        The token id; never one the warps gave probability 0.
+    """
     import torch
 
     w = warp(scores.reshape(-1), decoding.temperature, decoding.top_k, decoding.top_p)

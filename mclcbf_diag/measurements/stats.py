@@ -148,7 +148,17 @@ def _usable(margins, valid) -> np.ndarray:
 
 def bias_offset(margins, valid, target_yes: int) -> float:
     """The constant b on the baseline margins whose control (yes iff margin + b > 0) answers yes ``target_yes``
-    times, or the nearest reachable count (see the module docstring); NaN when no margin is usable."""
+    times, or the nearest reachable count (see the module docstring).
+
+    Args:
+        margins: the baseline's margins logit(Yes) − logit(No), one per question.
+        valid: whether each baseline answer was a valid Yes/No one; None: all valid. Invalid or non-finite
+            margins are not used.
+        target_yes: the number of yes answers the control should give (the intervened run's).
+
+    Returns:
+        b = −(the midpoint of the two sorted margins the count falls between); NaN when no margin is usable.
+    """
     use = _usable(margins, valid)
     m = np.sort(np.asarray(margins, dtype=float)[use])[::-1]
     v = len(m)
@@ -225,7 +235,16 @@ def resample_blocks(n: int, resamples: int = RESAMPLES, seed: int = SEED, block:
 
 
 def bootstrap_sums(columns: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """[resamples, k]: each resample's sums of the k ``columns`` [n, k] (the resampled questions' totals)."""
+    """Each resample's sums of the k ``columns`` (the resampled questions' totals).
+
+    Args:
+        columns: [n, k] per question, the k quantities summed.
+        resamples: how many resamples (:func:`resample_blocks`).
+        seed: the resamples' seed (the same resamples as every other bootstrap with that seed).
+
+    Returns:
+        [resamples, k] float sums.
+    """
     n, k = columns.shape
     out = np.empty((resamples, k))
     at = 0
@@ -349,7 +368,17 @@ def paired_records(records: list[dict], base: str = "baseline", new: str = "stee
 
 
 def control_of_records(records: list[dict], base: str = "baseline", new: str = "steered") -> tuple[float, list]:
-    """(offset, per-row control answer: "yes", "no" or "invalid") for answers rows, as :func:`paired` fits it."""
+    """The bias control of answers rows, as :func:`paired` fits it.
+
+    Args:
+        records: answers rows (``<cond>_margin``, ``<cond>_answer`` and ``<cond>_valid`` per condition).
+        base: the condition whose margins are shifted (the baseline).
+        new: the condition whose count of yes answers the control matches.
+
+    Returns:
+        ``(offset, answers)``: the offset b (:func:`bias_offset`) and per row the control's answer: ``"yes"``,
+        ``"no"`` or ``"invalid"``.
+    """
     base_valid = [answer_valid(r, base) for r in records]
     margins = [_margin(r, base) for r in records]
     target = int(Answers.of([r[f"{new}_answer"] for r in records], [answer_valid(r, new) for r in records]).yes.sum())

@@ -39,6 +39,16 @@ _OLD_NAMES = {"sample": "question_id", "step": "decode_step"}  # records columns
 
 
 def write_part(out: Path, keys: list[tuple[str, str]], records: pd.DataFrame) -> Path:
+    """Write one part of the run's records, atomically, under ``out/records``.
+
+    Args:
+        out: the run's folder.
+        keys: ``(split, question_id)`` of the questions the part holds; the file is named by their digest.
+        records: the questions' tidy records (with a ``split`` column).
+
+    Returns:
+        The part's path, ``out/records/part-<digest>.parquet``.
+    """
     folder = make_dir(out / PARTS)
     path = folder / f"part-{digest(sorted(keys))[:16]}.parquet"
     atomic_write_with(path, lambda tmp: records.to_parquet(tmp, index=False))
@@ -64,7 +74,16 @@ def read_parts(dirs: list[Path], keys: set[tuple[str, str]]) -> pd.DataFrame:
 
 
 def explain_command(identity: dict, split: str, question_id) -> str:
-    """The ``mclcbf-diag explain`` command that explains one question of the run alone."""
+    """The ``mclcbf-diag explain`` command that explains one question of the run alone.
+
+    Args:
+        identity: the run's identity (its model, dtype, intervention, preset, overrides, data options).
+        split: the question's split.
+        question_id: the question's id.
+
+    Returns:
+        The command line, shell-quoted.
+    """
     import shlex
 
     parts = ["mclcbf-diag", "explain"]

@@ -64,8 +64,16 @@ FIRST_IDS = 10  # question ids shown before a list folds ("… and N more", the 
 
 
 def id_list(ids: list[str], links: dict | None = None, first: int = FIRST_IDS) -> str:
-    """A trusted HTML fragment: question ids (``split:question_id``), each linked to its page where ``links`` has one
-    (``split:question_id`` → relative path); past ``first``, the count and the rest folded behind "show all"."""
+    """A trusted HTML fragment: question ids, each linked to its page where ``links`` has one.
+
+    Args:
+        ids: the question ids (``split:question_id``).
+        links: ``split:question_id`` → relative path of its page; None: no links.
+        first: ids shown before the list folds (the count and the rest behind "show all").
+
+    Returns:
+        The fragment (ids and paths escaped).
+    """
     import html
 
     def one(key: str) -> str:

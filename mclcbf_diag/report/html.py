@@ -230,8 +230,17 @@ def write_plotlyjs(folder: str | Path) -> Path:
 
 
 def render_page(title: str, sections: Sequence[Section], plotlyjs: str | None = None) -> str:
-    """The full HTML document as a string: plotly.js inline, once, or (``plotlyjs``, a relative path such as
-    :data:`PLOTLY_JS`) loaded from the shared file beside the page."""
+    """The full HTML document as a string.
+
+    Args:
+        title: the page's title and first heading (escaped).
+        sections: the page's sections, in order.
+        plotlyjs: a relative path such as :data:`PLOTLY_JS`: plotly.js is loaded from that shared file beside the
+            page; None: plotly.js inline, once.
+
+    Returns:
+        The HTML document.
+    """
     body = "\n".join(_section_html(s, i) for i, s in enumerate(sections))
     script = (f"<script type=\"text/javascript\">{get_plotlyjs()}</script>" if plotlyjs is None
               else f"<script type=\"text/javascript\" src=\"{html.escape(plotlyjs)}\"></script>")

@@ -63,12 +63,21 @@ def attention_maps(capture, image_mask: torch.Tensor, *, head: int | None = None
                    steered: tuple[int, ...] = (), shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Grids of the decision token's image attention: ``"layer 3"`` per layer, ``"steered layers"``, ``"all layers"``.
 
-    ``capture`` is a :class:`~mclcbf_diag.runner.RunCapture`; ``head`` None averages the heads;
-    ``decode_step`` picks the forward (0: the prompt's, k: the one reading the k-th generated token).
     Each grid is the attention mass on that patch (a share of the whole row, summing with the
-    other patches to the image mass). ``image_mask`` marks the tokens of the grid (for LLaVA-NeXT
-    the base grid's: :meth:`~mclcbf_diag.models.loading.LoadedModel.grid_mask`) and ``shape`` is
-    the grid's (None: square).
+    other patches to the image mass).
+
+    Args:
+        capture: a :class:`~mclcbf_diag.runner.RunCapture` with attention kept.
+        image_mask: marks the tokens of the grid (for LLaVA-NeXT the base grid's:
+            :meth:`~mclcbf_diag.models.loading.LoadedModel.grid_mask`).
+        head: the head shown; None averages the heads.
+        decode_step: picks the forward (0: the prompt's, k: the one reading the k-th generated token).
+        steered: the layers averaged into ``"steered layers"`` (none: no such map).
+        shape: the grid's (rows, columns); None: square.
+
+    Returns:
+        Map name → grid [rows, columns] (float): ``"layer i"`` per layer, ``"steered layers"``,
+        ``"all layers"``.
     """
     cap = capture.steps[decode_step]
     return _maps({i: cap.layers[i].attn for i in cap.layers}, image_mask, head, steered, shape)  # attn: [H, K]
@@ -84,8 +93,19 @@ def cell_grid(row: torch.Tensor, cells: torch.Tensor) -> np.ndarray:
 
 def cell_maps(capture, cells: torch.Tensor, *, head: int | None = None, decode_step: int = 0,
               steered: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
-    """:func:`attention_maps` over a grid of given tokens (``cells``: :func:`cell_grid`), e.g. the high-resolution
-    tiles of :meth:`~mclcbf_diag.models.schemes.ImageScheme.tile_grid`; each cell the share of the whole row."""
+    """:func:`attention_maps` over a grid of given tokens, e.g. the high-resolution tiles of
+    :meth:`~mclcbf_diag.models.schemes.ImageScheme.tile_grid`; each cell the share of the whole row.
+
+    Args:
+        capture: a :class:`~mclcbf_diag.runner.RunCapture` with attention kept.
+        cells: [rows, columns] the prompt positions of the grid's tokens (:func:`cell_grid`).
+        head: the head shown; None averages the heads.
+        decode_step: picks the forward (0: the prompt's, k: the one reading the k-th generated token).
+        steered: the layers averaged into ``"steered layers"``.
+
+    Returns:
+        Map name → grid [rows, columns], as :func:`attention_maps` returns them.
+    """
     cap = capture.steps[decode_step]
     rows = {i: cap.layers[i].attn for i in cap.layers}
     return _grids({i: cell_grid(a.mean(0) if head is None else a[head], cells) for i, a in sorted(rows.items())},
@@ -106,11 +126,22 @@ def parse_token(spec: str) -> int | str:
 
 
 def resolve_token(choice: int | str, tokens: Sequence[str], image_mask: torch.Tensor) -> int:
-    """The prompt position of a token choice, which must come after the image; a UserError otherwise.
+    """The prompt position of a token choice, which must come after the image.
 
-    ``tokens`` are the prompt's tokens as text (one per position), ``image_mask`` marks the
-    image tokens. A text matches a token whose text, stripped, equals it (case-insensitive
+    A text matches a token whose text, stripped, equals it (case-insensitive
     when no exact match); with several matches the first after the image is taken.
+
+    Args:
+        choice: a position (negative: from the end) or a token's text (:func:`parse_token`).
+        tokens: the prompt's tokens as text, one per position.
+        image_mask: marks the image tokens (bool over the prompt's positions).
+
+    Returns:
+        The position, counted from the prompt's start.
+
+    Raises:
+        UserError: the prompt has no image tokens, the position is outside the prompt or not after the image,
+            or no token after the image has that text (the message lists the tokens that can be chosen).
     """
     mask = image_mask.reshape(-1).bool()
     if not bool(mask.any()):
@@ -208,9 +239,22 @@ def token_attention_maps(lm, inputs: dict, intervention, positions: Sequence[int
                          shape: tuple[int, int] | None = None) -> dict:
     """``{position: {"baseline": maps, "intervened": maps}}`` for the chosen query positions (prefill).
 
-    ``maps`` as :func:`attention_maps` returns them (per layer, the steered layers, all
-    layers). Two runs: the prompt as is, and with ``intervention`` (given the baseline's
+    Two runs: the prompt as is, and with ``intervention`` (given the baseline's
     prompt embeddings, as :func:`mclcbf_diag.trace.trace_sample` does).
+
+    Args:
+        lm: the loaded model.
+        inputs: the prompt's model inputs (one row).
+        intervention: the intervention of the second run.
+        positions: the query positions shown (prompt positions).
+        steered: the layers averaged into ``"steered layers"``.
+        head: the head shown; None averages the heads.
+        dose: the multiplier on what the intervention changes.
+        shape: the image's patch grid (rows, columns); None: square.
+
+    Returns:
+        ``{position: {"baseline": maps, "intervened": maps}}``, ``maps`` as :func:`attention_maps` returns them
+        (per layer, the steered layers, all layers).
     """
     from ..engine.runner import Keep, forward, with_embeds
     from ..interventions import as_intervention

@@ -34,7 +34,16 @@ from .plots import (
 
 # ----------------------------------------------------------------------------- the first screen
 def headline(summary: dict, records: pd.DataFrame | None = None, intervention=None) -> list[str]:
-    """The verdict-relevant numbers of a trace, one short sentence each (3 significant digits)."""
+    """The verdict-relevant numbers of a trace, one short sentence each (3 significant digits).
+
+    Args:
+        summary: the trace's summary (:meth:`~mclcbf_diag.experiments.trace.TraceResult.summary`).
+        records: the trace's records, passed to the intervention's own headline.
+        intervention: the intervention whose ``headline(summary, records)`` lines are added; None: none.
+
+    Returns:
+        The sentences: the outcome, the margin and Yes/No mass, the intervention's own, the generated text.
+    """
     s = summary
     label = s.get("label")
     right = "" if label not in ("yes", "no") else (" (right)" if s["answer_before"] == label else " (wrong)")
@@ -183,7 +192,18 @@ def _step_label(t: dict) -> str:
 
 
 def decode_summary(records: pd.DataFrame, tokens: dict, steered) -> tuple[object, pd.DataFrame]:
-    """The across-steps figure and table: image mass, margin and layers fired per decode step."""
+    """The across-steps figure and table: image mass, margin and layers fired per decode step.
+
+    Args:
+        records: the trace's records, every phase and decode step.
+        tokens: decode step → ``{"reads_baseline", "generates_baseline", "generates_intervened"}``: the token the
+            step reads and the tokens each run generates there (text).
+        steered: the steered layers the image mass is averaged over; empty: every layer.
+
+    Returns:
+        ``(figure, table)``: the across-steps figure and one row per step (reads, generates, image mass and
+        margin per run, layers fired).
+    """
     steps = sorted({(str(p), int(s)) for p, s in records[["phase", "decode_step"]].itertuples(index=False)},
                    key=lambda t: t[1])
     short = {s: f"{t.get('reads_baseline', '?').strip()!r} → {t.get('generates_baseline', '?').strip()!r}"

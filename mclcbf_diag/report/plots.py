@@ -306,6 +306,20 @@ def wrap_text(text: str, width: int) -> str:
 def attention_mass_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Where the decision token's attention goes per layer (mean over heads): image, sink (BOS), text.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers marked as steered; None: read off the records (:func:`steered_layers`).
+
+    Returns:
+        The figure: one line per share and condition, shares of attention (0..1) per layer.
+
+    Raises:
+        ValueError: ``question_id`` is None and the records hold several questions.
+        MissingDataError: no row matches, or the records have no ``attn_image_mass`` rows.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "attn_image_mass")
@@ -341,6 +355,20 @@ def residual_norms_figure(records: pd.DataFrame, phase: str = "prefill", decode_
                           question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """‖x‖ per layer entering, after attention and leaving (baseline solid, steered dashed), and the vector an
     intervention added where nonzero.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers marked as steered; None: read off the records (:func:`steered_layers`).
+
+    Returns:
+        The figure: L2 norms per layer on a log axis, ‖v‖ added as stars.
+
+    Raises:
+        ValueError: ``question_id`` is None and the records hold several questions.
+        MissingDataError: no row matches, or the records have no ``resid_pre_norm`` rows.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "resid_pre_norm")
@@ -390,6 +418,20 @@ def jacobian_gains_figure(records: pd.DataFrame, condition: str = STEERED, phase
 def logit_lens_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0,
                       question_id=None, steered: tuple[int, ...] | None = None) -> go.Figure:
     """Logit-lens margin logit(Yes) − logit(No) per layer per condition, final margins as markers.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers marked as steered; None: read off the records (:func:`steered_layers`).
+
+    Returns:
+        The figure: one line per condition, the final margins at x = the number of layers.
+
+    Raises:
+        ValueError: ``question_id`` is None and the records hold several questions.
+        MissingDataError: no row matches, or the records have no ``logit_lens_margin`` rows.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "logit_lens_margin")
