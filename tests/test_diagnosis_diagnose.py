@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from mclcbf_diag.diagnosis.diagnose import ORDER, Cause, causes_frame, diagnose, verdict
+from mclcbf_diag.diagnosis.diagnose import ORDER, Cause, causes_frame, diagnose, verdict_text
 from mclcbf_diag.errors import UserError
 from mclcbf_diag.measurements.records import COLUMNS
 
@@ -108,7 +108,7 @@ def test_healthy_frame_detects_nothing():
     assert [c.id for c in causes] == list(ORDER)
     assert detected(causes) == []
     assert all(isinstance(c, Cause) and c.strength == 0.0 for c in causes)
-    text = verdict(causes)
+    text = verdict_text(causes)
     assert "No cause detected" in text and "outcome: changed" in text and "No label" in text
 
 
@@ -119,7 +119,7 @@ def test_planted_cause_is_the_only_one_detected_and_ranked_first(case):
     assert detected(causes) == [cid]
     assert causes[0].id == cid and causes[0].detected and 0 < causes[0].strength <= 1
     assert len(causes) == len(ORDER) and {c.id for c in causes} == set(ORDER)
-    assert f"[{causes[0].status}] {causes[0].sentence}" in verdict(causes).splitlines()
+    assert f"[{causes[0].status}] {causes[0].sentence}" in verdict_text(causes).splitlines()
 
 
 def test_every_cause_has_a_planted_case():
@@ -211,7 +211,7 @@ def test_two_planted_causes_rank_upstream_first(first, second, kwargs):
     assert detected(causes) == [first, second]
     rest = [c.id for c in causes[2:]]
     assert rest == [cid for cid in ORDER if cid not in (first, second)]
-    lines = verdict(causes).splitlines()
+    lines = verdict_text(causes).splitlines()
     assert causes[0].sentence in lines[1] and any(second in x for x in lines) and lines[-1].startswith("outcome")
 
 
@@ -236,9 +236,9 @@ def test_attn_logits_site_missing_metrics_do_not_crash():
     assert detected(diagnose(make(keep=keep | {"logit_shift"}, extra=zero))) == ["not_applied"]
     # only the answer is known
     causes = diagnose(make(keep={"final_margin", "answer_yes"}))
-    assert detected(causes) == ["not_applied"] and "outcome: changed" in verdict(causes)
+    assert detected(causes) == ["not_applied"] and "outcome: changed" in verdict_text(causes)
     # no margins at all
-    assert "unknown" in verdict(diagnose(make(drop=("final_margin", "answer_yes")))).splitlines()[-1]
+    assert "unknown" in verdict_text(diagnose(make(drop=("final_margin", "answer_yes")))).splitlines()[-1]
 
 
 def test_causes_frame_shape_and_json_evidence():
@@ -293,27 +293,27 @@ def test_the_label_sets_the_question():
     # baseline says no (margin −2); label yes → wrong answer, not fixed: margin_unmoved is the observation
     wrong = diagnose(make(final=UNMOVED, extra=[LABEL_YES]))
     assert detected(wrong) == ["margin_unmoved"] and "was not fixed" in wrong[0].sentence
-    assert verdict(wrong).startswith("The baseline answer (no) is wrong")
+    assert verdict_text(wrong).startswith("The baseline answer (no) is wrong")
     # label no → the answer was right and is kept: no failure cause at all
     right = diagnose(make(final=UNMOVED, extra=[LABEL_NO]))
-    assert detected(right) == [] and "kept" in verdict(right).splitlines()[0]
+    assert detected(right) == [] and "kept" in verdict_text(right).splitlines()[0]
     assert "from breaking" in next(c for c in right if c.id == "margin_unmoved").sentence
     # the healthy frame flips no → yes: fixed with label yes, broken with label no
-    assert "fixed it" in verdict(diagnose(make(extra=[LABEL_YES])))
-    assert "it is broken" in verdict(diagnose(make(extra=[LABEL_NO])))
+    assert "fixed it" in verdict_text(diagnose(make(extra=[LABEL_YES])))
+    assert "it is broken" in verdict_text(diagnose(make(extra=[LABEL_NO])))
 
 
 def test_a_derailed_output_is_not_a_flip():
     causes = diagnose(make(**PLANTED["output_derailed"], extra=[LABEL_YES]))
     # read off the run, not tested by a counterfactual: observed, never decisive
     assert causes[0].id == "output_derailed" and causes[0].status == "observed" and causes[0].decisive is None
-    assert "outcome: derailed" in verdict(causes)
+    assert "outcome: derailed" in verdict_text(causes)
 
 
 def test_non_finite_values_rank_first_and_derail():
     causes = diagnose(make(final={**PLANTED["non_finite"]["final"], ("steered", "final_margin"): math.nan}))
     assert causes[0].id == "non_finite" and causes[0].status == "observed" and "48" in causes[0].sentence
-    assert "outcome: derailed" in verdict(causes)
+    assert "outcome: derailed" in verdict_text(causes)
 
 
 def test_causes_tested_by_counterfactual_rank_decisive_first():
@@ -337,7 +337,7 @@ def test_causes_tested_by_counterfactual_rank_decisive_first():
     # decisive first, although the span comes earlier in the causal order
     assert [c.id for c in causes if c.detected][:2] == ["clamp_limited", "margin_unmoved"]
     assert {"clamp = none", "span = detected"} <= set(seen)
-    assert "Ranking: decisive causes first" in verdict(causes)
+    assert "Ranking: decisive causes first" in verdict_text(causes)
     # without a tester nothing is tested: causal order
     plain = [c for c in diagnose(frame_) if c.detected]
     assert plain[0].id == "span_mismatch" and plain[0].status == "present, not tested"

@@ -10,7 +10,7 @@ import math
 import pytest
 from test_diagnosis_diagnose import LABEL_NO, LABEL_YES, PLANTED, UNMOVED, make
 
-from mclcbf_diag.diagnosis.diagnose import diagnose, verdict
+from mclcbf_diag.diagnosis.diagnose import diagnose, verdict_text
 from mclcbf_diag.diagnosis.rulebook import Cause, CounterfactualRun
 
 UNFIXED = {"step_size": 0.003, "mass": 0.2, "margin": -1.5, "outcome": "unchanged", "finite": True, "dropped": False}
@@ -53,7 +53,7 @@ def test_a_test_that_cannot_succeed_is_untestable_here(case, reason):
     cause = next(c for c in diagnose(frame, tester=_tester({}, seen)) if c.id == case)
     assert cause.status == "untestable here" and reason in cause.untestable and cause.decisive is None
     assert cause.run is None and f"untestable here: {cause.untestable}" == cause.test
-    assert f"[untestable here] {cause.sentence}" in verdict([cause])
+    assert f"[untestable here] {cause.sentence}" in verdict_text([cause])
 
 
 ROUNDING = "the model in float32, where x + αθ* is not rounded away (same inputs and intervention)"
@@ -129,7 +129,7 @@ def test_causes_that_act_only_together_are_one_joint_cause():
     by = {c.id: c for c in causes}
     assert by["gradient_underflow"].decisive is False and by["guard_dominates"].decisive is None
     assert f"{GRAD} and {GUARD}" in seen
-    assert "[decisive] Undoing gradient_underflow + guard_dominates together changes" in verdict(causes)
+    assert "[decisive] Undoing gradient_underflow + guard_dominates together changes" in verdict_text(causes)
 
 
 def test_a_cause_decisive_by_its_step_alone_still_leaves_room_for_a_joint_cause():
@@ -196,7 +196,7 @@ def test_decisive_causes_that_reach_the_goal_rank_first():
     fixed = {**UNFIXED, "margin": 0.4, "outcome": "fixed"}
     causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": fixed}))
     assert [c.id for c in causes if c.decisive] == ["step_negligible", "clamp_limited"]
-    assert "those whose undoing reaches what the label asks" in verdict(causes)
+    assert "those whose undoing reaches what the label asks" in verdict_text(causes)
     # a larger step that derails the wrong answer does not fix it: the search does not decide the cause
     derailed = {**UNFIXED, "margin": 0.4, "outcome": "derailed"}
     causes = diagnose(frame, tester=_tester({"clamp = none": moved, "the same step × *": derailed}))

@@ -5,7 +5,7 @@ import math
 from test_diagnosis_diagnose import LABEL_NO, LABEL_YES, _row, frame
 
 from mclcbf_diag.diagnosis.counterfactual import Counterfactual
-from mclcbf_diag.diagnosis.diagnose import diagnose, verdict
+from mclcbf_diag.diagnosis.diagnose import diagnose, verdict_text
 from mclcbf_diag.diagnosis.rulebook import decisiveness
 from mclcbf_diag.interventions.vcd import VCD
 
@@ -31,7 +31,7 @@ def test_a_contrast_that_leaves_the_sign_is_found_with_its_direction():
     assert found(causes) == ["contrast_cancels", "margin_unmoved"]
     c = causes[0]
     assert c.evidence["contrast_shift"] == -1.0 and "away from the other answer" in c.sentence
-    assert "present, not tested" in verdict(causes)
+    assert "present, not tested" in verdict_text(causes)
     # the view says No more firmly (−3): the contrast moves toward Yes, by 1 of the 2 needed
     toward = next(c for c in diagnose(records(-2.0, -3.0, -1.0, -1.0), intervention=VCD())
                   if c.id == "contrast_cancels")
@@ -62,7 +62,7 @@ def test_a_cutoff_that_rules_out_the_flipped_token_is_found_and_undone_by_removi
     tested = diagnose(df, intervention=VCD(), tester=tester)
     cut = next(c for c in tested if c.id == "cutoff_removes_flip")
     assert cut.decisive is True and Counterfactual(why="beta = 0 (no plausibility cutoff)", knobs={"beta": 0.0}) in seen
-    assert verdict(tested).splitlines()[1].startswith("[decisive]")
+    assert verdict_text(tested).splitlines()[1].startswith("[decisive]")
 
 
 def test_the_contrast_search_is_graded_and_a_negative_claim_names_every_strength():

@@ -30,14 +30,14 @@ def cmd_explain(args) -> int:
         raise UserError(f"--k-max {args.k_max}: the dose-response starts at k = 1; give a value >= 1 "
                         "(and at most 1e12)")
     config, question, image, lm = sample_job(args, "reports")
-    from ..diagnosis.diagnose import causes_frame, verdict
+    from ..diagnosis.diagnose import causes_frame, verdict_text
     from ..experiments.explain import explain_sample
     from ..report.html import write_page
 
     ex = explain_sample(lm, question, image, config, k_max=args.k_max, per_layer=args.per_layer,
                         template=args.prompt)
     summary = ex.trace.summary()
-    text = verdict(ex.causes)
+    text = verdict_text(ex.causes)
     print_outcome_summary(summary, ex.trace.intervention)
     print()
     print(text)

@@ -326,7 +326,7 @@ def _run_text(run) -> str:
     return "; ".join(parts)
 
 
-def verdict(causes: list[Cause]) -> str:
+def verdict_text(causes: list[Cause]) -> str:
     """Short lines: the question the label asks, each detected cause, the ranking, the outcome.
 
     The first line answers the question (a wrong answer: why not fixed; a right one: kept,

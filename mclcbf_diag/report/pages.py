@@ -4,7 +4,7 @@ Both pages open with the verdict-relevant numbers in short sentences (the outcom
 answer and margin before and after, the barrier against τ, where it fired, the step's size)
 and the image with the decision token's attention over it (:mod:`mclcbf_diag.report.overlay`),
 baseline, intervened and difference. The explain page leads with the verdict
-(:func:`mclcbf_diag.diagnosis.diagnose.verdict`, one list item per cause, with its test) and the
+(:func:`mclcbf_diag.diagnosis.diagnose.verdict_text`, one list item per cause, with its test) and the
 ranked causes, then the experiments; the trace page with the per-layer plots of the
 prefill forward (decode step 0). With generated tokens (``--max-new-tokens``) one figure and
 one table sum up every decode step (image mass, margin, layers fired), each decode step's
