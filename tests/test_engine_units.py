@@ -21,6 +21,7 @@ from mclcbf_diag.experiments.sweep import GradedKnockout
 from mclcbf_diag.experiments.verdict import Settings, explain_batch
 from mclcbf_diag.interventions import MCLCBF
 from mclcbf_diag.interventions.base import Intervention, Row, Site
+from mclcbf_diag.interventions.catalog import CausalMMKnobs
 from mclcbf_diag.interventions.causalmm import CausalMM
 from mclcbf_diag.interventions.opera import OPERA
 from mclcbf_diag.interventions.pai import PAI
@@ -305,8 +306,9 @@ DOSES = (0.5, 1.0, 2.0)
 # question by the shared one)
 METHODS = {
     "vcd": (lambda: VCD(VCDKnobs(beta=1e-3)), {"beta": 0.0}, {"noise_step": 999}, 1.0 * max(DOSES), 1, 1),
-    # (CausalMM declares no cutoff knob, so every knob is in its key: {} is another object with the same knobs)
-    "causalmm": (CausalMM, {}, {"attention": "uniform"}, 1.0 * max(DOSES), 1, 1),
+    # ε is CausalMM's plausibility cutoff (its cutoff knob, as VCD's β): a combination setting, not the view's
+    "causalmm": (lambda: CausalMM(CausalMMKnobs(epsilon=1e-3)), {"epsilon": 0.0}, {"attention": "uniform"},
+                 1.0 * max(DOSES), 1, 1),
     # γ·log p + (1 − γ)·log p_u, γ − 1 = 0.1·dose: log p_u within two floors (its logsumexp within one)
     "pai": (PAI, {"alpha": 0.5}, None, 2 * 0.1 * max(DOSES), 1, 1),
     # the vector's difference moves the steered residual by λ·s·δv/‖v‖ ≪ one floor (its own test bounds δv); SLA

@@ -469,3 +469,11 @@ def test_auxiliary_forwards_counts_the_forwards_run(embedded_model, questions, l
     S = calls[0][1]
     own = [(2 * B, S)] if level == "vision" else [(B, S), (B, S)]
     assert calls == [*own, (B, 1)] and iv.auxiliary_forwards() == 1
+
+
+def test_epsilon_is_the_cutoff_the_rule_undoes():
+    # ε keeps tokens with p ≥ ε·p_max, as VCD's β: the rule that finds the flipped token cut out, and its fix (ε = 0)
+    iv = CausalMM()
+    assert "cutoff_removes_flip" in [r.id for r in iv.rules()]
+    assert iv.fixes() == {"no_cutoff": {"epsilon": 0.0}}
+    assert iv.cause_fix("cutoff_removes_flip") == "no_cutoff"

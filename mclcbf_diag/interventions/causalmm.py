@@ -352,6 +352,7 @@ def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
 
 
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
+    cutoff_knob = "epsilon"  # the same plausibility cutoff as VCD's beta (0: none)
     metrics = {}
 
     @property
