@@ -76,8 +76,17 @@ def position_rows(positions: torch.Tensor, idx) -> torch.Tensor:
 
 
 def prompt_positions(lm, inputs: dict, first: int, rows: int) -> torch.Tensor:
-    """Positions ``first …`` of one unpadded prompt (``inputs``: its model inputs, one row) for ``rows`` rows
-    that each continue it: ``[rows, T − first]``, or M-RoPE's ``[3, rows, T − first]``."""
+    """Positions ``first …`` of one unpadded prompt for ``rows`` rows that each continue it.
+
+    Args:
+        lm: the language model (its M-RoPE ``get_rope_index``, if any, via :func:`position_ids`).
+        inputs: the prompt's model inputs (one row is read: input_ids, attention_mask and the image fields).
+        first: the first position returned.
+        rows: how many rows the positions are repeated for.
+
+    Returns:
+        ``[rows, T − first]``, or M-RoPE's ``[3, rows, T − first]`` (``T`` the prompt's length).
+    """
     keys = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
     pos = position_ids(lm, {k: inputs[k][:1] for k in keys if inputs.get(k) is not None})
     pos = pos[..., first:]
@@ -173,8 +182,18 @@ def _image_only(base):
 
 
 def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):
-    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor) from an image processor
-    and a tokenizer."""
+    """``model_type``'s processor from an image processor and a tokenizer.
+
+    Args:
+        model_type: ``qwen2_5_vl``, ``qwen2_vl`` or ``qwen3_vl`` (Qwen2_5_VLProcessor, Qwen2VLProcessor,
+            Qwen3VLProcessor).
+        image_processor: the checkpoint's image processor.
+        tokenizer: the checkpoint's tokenizer.
+        chat_template: the processor's chat template (None: none).
+
+    Returns:
+        The processor, limited to images (the image-only subclass of the transformers processor).
+    """
     import transformers
 
     base = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",
