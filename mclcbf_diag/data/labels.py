@@ -224,10 +224,25 @@ def known_ids(identity: dict) -> dict:
 
 
 def relabel_run(path, files, all_jobs: list, jobs: list) -> tuple:
-    """``--labels FILE`` for a whole-split run (``pope``, ``explain --split``): load and check the file against the
-    run's question files (``files``: ``(split, pope file, image dir)``, as ``split_run_checks`` returns them), then
-    relabel every selected job and this shard's. Returns ``(labels, all_jobs, jobs)``; the identity records
-    ``labels.identity()`` under ``"labels"``."""
+    """``--labels FILE`` for a whole-split run (``pope``, ``explain --split``).
+
+    Load and check the file against the run's question files, then relabel every selected job and this shard's. The
+    identity records ``labels.identity()`` under ``"labels"``.
+
+    Args:
+        path: the labels file.
+        files: the run's question files, ``(split, pope file, image dir)`` each, as ``split_run_checks`` returns
+            them; every labelled question must be in them.
+        all_jobs: every selected job of the run (:class:`~mclcbf_diag.pope.jobs.Job`).
+        jobs: this shard's jobs.
+
+    Returns:
+        ``(labels, all_jobs, jobs)``: the :class:`Labels` and both job lists relabelled.
+
+    Raises:
+        UserError: the labels file cannot be read, is malformed, names a question the run's files do not hold
+            (or hold in several splits), or relabels none of them.
+    """
     from .pope import load_pope
 
     labels = load_labels(path)
