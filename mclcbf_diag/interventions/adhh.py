@@ -109,7 +109,18 @@ def head_influence(lm, questions, images) -> torch.Tensor:
 
 def find_hallucination_heads(lm, questions=None, images=None, top_k: int | None = None,
                              n: int = 16) -> tuple[tuple[int, int], ...]:
-    """Top-k heads by :func:`head_influence` (on ``questions``, or the embedded split's first ``n``)."""
+    """Top-k heads by :func:`head_influence` (on ``questions``, or the embedded split's first ``n``).
+
+    Args:
+        lm: the loaded model.
+        questions: the POPE questions measured (None: the first ``n`` of the shipped adversarial split).
+        images: their images, one per question (loaded here when ``questions`` is None).
+        top_k: how many heads (None: 20 per 1024 heads of the model, rounded, at least 1).
+        n: the shipped questions used when ``questions`` is None.
+
+    Returns:
+        The ``(layer, head)`` pairs, the most influential first.
+    """
     from ..data import load_image, load_pope, resolve_image
 
     if questions is None:

@@ -73,8 +73,16 @@ def shift_image_logits(probs_rows: torch.Tensor, image_mask: torch.Tensor, tau: 
 
     Heads with image mass m < τ get the logit shift ``strength·δ`` on every image key (δ from
     :func:`logit_bias_for_target`), applied post-softmax by :func:`rescale_image_probs`.
-    Returns ``(new_rows, mass, delta, target)``: the edited rows, the per-head mass before
-    [H, n], the shift applied and the mass after.
+
+    Args:
+        probs_rows: the softmax rows [H, n, K].
+        image_mask: the image keys (bool, over the K keys).
+        tau: the target image mass τ.
+        strength: scales the shift δ (1: reach τ).
+
+    Returns:
+        ``(new_rows, mass, delta, target)``: the edited rows, the per-head mass before [H, n], the shift applied and
+        the mass after.
     """
     mask = fit_mask(image_mask, probs_rows.shape[-1], probs_rows.device)
     mass = probs_rows.float()[..., mask].sum(-1)
