@@ -131,7 +131,16 @@ def choose(scores: torch.Tensor, decoding=None, keys=None, step: int = 0) -> tor
 
 
 def extended(lm: LoadedModel, inputs: dict, tokens: torch.Tensor) -> dict:
-    """``inputs`` with one more position per row: ``tokens`` [B] (mask 1, the family's positions recomputed)."""
+    """``inputs`` with one more position per row: ``tokens`` [B] (mask 1, the family's positions recomputed).
+
+    Args:
+        lm: the loaded model (its positions, :func:`~mclcbf_diag.models.mrope.position_ids`).
+        inputs: the batch's model inputs.
+        tokens: [B] the token appended to each row (a text token).
+
+    Returns:
+        The model inputs one position longer.
+    """
     out = dict(inputs)
     ids = inputs["input_ids"]
     out["input_ids"] = torch.cat([ids, tokens.to(ids.device, ids.dtype)[:, None]], -1)

@@ -43,13 +43,20 @@ _FOUND: dict = {}
 
 
 def head_influence(lm, questions, images) -> torch.Tensor:
-    """``[layers, heads]``: the mean over questions of the zero-ablation influence on the
-    hallucinated answer minus that on the correct one (module docstring).
+    """``[layers, heads]``: the mean over questions of the zero-ablation influence on the hallucinated answer minus
+    that on the correct one (module docstring).
 
-    Per question the baseline runs once; then every head's ablation is one row of a batched
-    forward from the language model's input embeddings (the vision tower runs once), each
-    row's head zeroed by an ``o_proj`` pre-hook. Rows are batched up to about 128 M residual
-    numbers per forward.
+    Per question the baseline runs once; then every head's ablation is one row of a batched forward from the language
+    model's input embeddings (the vision tower runs once), each row's head zeroed by an ``o_proj`` pre-hook. Rows are
+    batched up to about 128 M residual numbers per forward.
+
+    Args:
+        lm: the loaded model.
+        questions: the POPE questions (their labels say which answer is correct).
+        images: their images, one per question.
+
+    Returns:
+        [layers, heads] float.
     """
     from ..data import build_prompt
 

@@ -410,8 +410,19 @@ def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
 
 
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
-    """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features: ``inputs_embeds``
-    merged as the model merges its own (its image tokens, in order), beside the ids that say where they are."""
+    """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features.
+
+    ``inputs_embeds`` merged as the model merges its own (its image tokens, in order), beside the ids that say where
+    they are.
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs.
+        features: one tensor [tokens, d_text] per row, as many tokens as the row's image tokens.
+
+    Returns:
+        The model inputs with ``inputs_embeds``.
+    """
     ids = inputs["input_ids"]
     with torch.no_grad():
         embeds = lm.model.get_input_embeddings()(ids)

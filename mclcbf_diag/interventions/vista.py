@@ -48,7 +48,16 @@ from .views import image_free_continuation, image_free_inputs, row_inputs
 
 
 def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
-    """v [B, L, d] (float32): residuals entering each layer at the last token, with image − without."""
+    """v [B, L, d] (float32): residuals entering each layer at the last token, with image − without.
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs.
+        rows: the rows measured (the image-free prompt is built from each).
+
+    Returns:
+        [len(rows), L, d] float32.
+    """
     inputs = row_inputs(inputs, rows)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs:

@@ -106,9 +106,22 @@ def run_processor(processor, where: str, text, images, **kwargs):
 
 
 def padded_inputs(lm, prompts: list[str], images: list) -> dict:
-    """The processor's tensors for a batch of prompts (one image each), left-padded, on the model's device, with the
-    ``position_ids`` each row runs at alone; a one-line UserError for a prompt without exactly one placeholder or a
-    tokenizer without a pad token."""
+    """The processor's tensors for a batch of prompts (one image each), left-padded, on the model's device.
+
+    With the ``position_ids`` each row runs at alone.
+
+    Args:
+        lm: the loaded model.
+        prompts: one prompt a row, each with exactly one image placeholder.
+        images: one image a row.
+
+    Returns:
+        The model inputs (``input_ids``, ``attention_mask``, ``position_ids``, the image fields).
+
+    Raises:
+        UserError: a prompt without exactly one placeholder, or a tokenizer without a pad token.
+        ValueError: not one image per prompt, or no prompts (a programming error).
+    """
     if len(prompts) != len(images) or not prompts:
         raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
     prompts = [processor_prompt(lm.processor, p) for p in prompts]  # the portable <image> → the processor's own

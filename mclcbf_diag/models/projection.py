@@ -42,6 +42,14 @@ def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     """Gemma's RMSNorm, ``x̂ · (1 + w)`` in float32 (float64 stays float64), cast back to ``x``'s dtype.
 
     Unlike Llama's (:func:`~mclcbf_diag.measurements.probes.rms_norm`), the product is taken before the cast.
+
+    Args:
+        x: the input [..., d].
+        weight: the norm's weight w [d] (the offset from 1).
+        eps: the norm's epsilon.
+
+    Returns:
+        The normalised ``x``, in ``x``'s dtype.
     """
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = x.to(math_dtype)

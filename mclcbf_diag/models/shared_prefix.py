@@ -68,8 +68,16 @@ class SharedPrefix:
 def continuation_mask(attention_mask: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask ``[rows, 1, T − start, T]`` of queries ``start … T−1`` over all ``T`` keys.
 
-    A key is visible when it is not padding (``attention_mask`` 1) and not after the query
-    (causal); hidden keys get ``finfo(dtype).min``, as in transformers' eager masks.
+    A key is visible when it is not padding (``attention_mask`` 1) and not after the query (causal); hidden keys get
+    ``finfo(dtype).min``, as in transformers' eager masks.
+
+    Args:
+        attention_mask: [rows, T] 1 for a token, 0 for padding.
+        start: the first query's position.
+        dtype: the mask's dtype (the attention's).
+
+    Returns:
+        The mask ``[rows, 1, T − start, T]``.
     """
     T = attention_mask.shape[1]
     keys = torch.arange(T, device=attention_mask.device)

@@ -56,6 +56,19 @@ def _variants(tokenizer, spellings) -> dict[str, int]:
 
 
 def answer_tokens(tokenizer, image_token_id: int | None, where: str) -> AnswerTokens:
+    """The model's answer and image tokens, read from its tokenizer.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        image_token_id: the config's image token id.
+        where: the model as the error names it.
+
+    Returns:
+        The :class:`AnswerTokens`: image token, Yes and No, their spelling variants, and the BOS (None: none).
+
+    Raises:
+        UserError: no image token in the vocabulary, or no token for the answer Yes or No.
+    """
     vocab = tokenizer.get_vocab()
     if image_token_id is None or image_token_id not in vocab.values():
         raise UserError(f"model at {where} has no image token (config image_token_id="

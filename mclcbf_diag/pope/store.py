@@ -261,7 +261,16 @@ def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dic
 def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
     """The jobs not yet in ``out/answers.jsonl`` (a partial last line is cut off first).
 
-    With ``rid``, a row stamped with another run_id is refused (rows of two runs never mix).
+    Args:
+        jobs: the run's jobs.
+        out: the run folder.
+        rid: this run's run_id; a row stamped with another is refused (rows of two runs never mix). None: not checked.
+
+    Returns:
+        The jobs without a row, in order.
+
+    Raises:
+        UserError: a row written by another run.
     """
     rows = read_records(out / ANSWERS, repair=True)[0]
     if rid is not None:
