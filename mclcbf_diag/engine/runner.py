@@ -328,8 +328,19 @@ class _Run:
 
     # -- the logits site, after the forward ----------------------------------------------------
     def layer_logits(self, outputs: dict, layer: int, final_norm: bool) -> torch.Tensor:
-        """[B, vocab] float32: a readout layer's output at the last position through the unembedding (after the
-        final norm with ``final_norm``)."""
+        """[B, vocab] float32: a readout layer's output at the last position through the unembedding.
+
+        Args:
+            outputs: readout layer → [B, d] its output at the last position (−1: layer 0's input).
+            layer: the readout layer.
+            final_norm: apply the final norm before the unembedding.
+
+        Returns:
+            [B, vocab] float32.
+
+        Raises:
+            ValueError: ``layer`` is not among the intervention's readout layers (a programming error).
+        """
         if layer not in outputs:
             raise ValueError(f"layer {layer} is not among the intervention's readout_layers")  # programming error
         ad = self.lm.adapter

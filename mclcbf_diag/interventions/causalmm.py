@@ -97,8 +97,20 @@ STRATEGIES = ("default", "full")
 
 
 def counterfactual_map(attention: torch.Tensor, method: str, seed: int) -> torch.Tensor:
-    """``A_cf`` [H, N, N] float32 of one image's attention probabilities ``attention`` [H, N, N] (see the module
-    docstring); ``random`` and ``shuffle`` draw from a generator seeded with ``seed``."""
+    """``A_cf`` [H, N, N] float32 of one image's attention probabilities (see the module docstring).
+
+    Args:
+        attention: one image's vision-tower attention probabilities [H, N, N].
+        method: ``random`` (uniform on [0, 2)), ``uniform`` (each head's mean), ``reversed`` (each head's maximum
+            minus the attention) or ``shuffle`` (each head's entries permuted).
+        seed: seeds the generator that ``random`` and ``shuffle`` draw from.
+
+    Returns:
+        [H, N, N] float32 on the CPU.
+
+    Raises:
+        ValueError: an unknown method (the knobs check it first).
+    """
     a = attention.detach().float().cpu()
     heads, n, _ = a.shape
     if method == "random":

@@ -99,7 +99,17 @@ def expand_box(box: Box, factor: float) -> Box:
 
 
 def focal_boxes(box: Box, context_window: int = 4, expand_ratio: float = 0.6) -> list[Box]:
-    """The released views' boxes: ``[shrunk, box, expanded, expanded twice …]`` (``context_window`` of them)."""
+    """The released views' boxes: ``[shrunk, box, expanded, expanded twice …]`` (``context_window`` of them).
+
+    Args:
+        box: the grounded box, (x0, y0, x1, y1) as fractions of the width and height.
+        context_window: how many views (1: the box alone).
+        expand_ratio: each view's expansion of the previous one's box (the first view shrinks the box by it, at most
+            0.8).
+
+    Returns:
+        The views' boxes, smallest first.
+    """
     if context_window == 1:
         return [box]
     out = [expand_box(box, -min(expand_ratio, 0.8)), box]
@@ -146,8 +156,22 @@ def pair_divergence(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def view_contrast(logits: torch.Tensor, k_candidates: int = 4,
                   weight: float = 0.05) -> list[tuple[int, int, torch.Tensor]]:
-    """The released double multi-contrast of the views' logits [n, vocab]: ``(final view, base view, scores)``
-    for each direction of the ``k_candidates``/2 most divergent pairs, largest first."""
+    """The released double multi-contrast of the views' logits.
+
+    For each of the ``k_candidates``/2 most divergent view pairs (by Jensen-Shannon divergence), largest first, both
+    directions: a view's logits less ``weight`` × the other's.
+
+    Args:
+        logits: the views' logits [n, vocab].
+        k_candidates: contrasts kept (even: two per pair).
+        weight: how much of the other view's logits a contrast subtracts.
+
+    Returns:
+        ``(final view, base view, scores [vocab])`` per contrast.
+
+    Raises:
+        ValueError: an odd ``k_candidates``.
+    """
     if k_candidates % 2:
         raise ValueError("k_candidates must be even")  # the knob's check
     n = logits.shape[0]

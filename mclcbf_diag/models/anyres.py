@@ -117,7 +117,7 @@ def anyres_layout(size: tuple[int, int], pinpoints: Sequence[Sequence[int]], til
 
 def tiles_picture(tiles: np.ndarray, size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile_px: int,
                   patch_px: int) -> np.ndarray:
-    """The pixels under the high-resolution tiles' grid, the tiles put back side by side.
+    """The pixels under the high-resolution tiles' grid.
 
     The processor's tiles are put back side by side, less the padding :func:`unpadded` removes from the patch map
     (whole patches, as the model removes them). The unpadded map of LLaVA-NeXT is this picture's patches, one token

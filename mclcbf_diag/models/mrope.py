@@ -125,8 +125,18 @@ def token_bound(processor) -> int | None:
 
 
 def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_processor) -> torch.Tensor:
-    """The first image of flattened patches ``pixel_values`` [patches, C·T·p·p] as ``[C, H, W]`` (normalised, as the
-    processor left it): the processor's patch layout undone (its first frame)."""
+    """The first image of flattened patches as ``[C, H, W]`` (normalised, as the processor left it).
+
+    The processor's patch layout undone (its first frame).
+
+    Args:
+        pixel_values: the flattened patches [patches, C·T·p·p].
+        grid_thw: [images, 3] each image's (frames, height, width) in patches; the first is read.
+        image_processor: the processor's image processor (its merge size, patch size, temporal patch size).
+
+    Returns:
+        [C, height·p, width·p], height and width in patches.
+    """
     t, h, w = (int(x) for x in grid_thw[0].tolist())
     m, p, temporal = image_processor.merge_size, image_processor.patch_size, image_processor.temporal_patch_size
     first = pixel_values[: t * h * w].reshape(t, h // m, w // m, m, m, -1, temporal, p, p)[0, ..., 0, :, :]
@@ -135,8 +145,18 @@ def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_process
 
 
 def shared_features(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's image features (one image per row) from one vision-tower run over the distinct images (the same
-    grid and equal pixels)."""
+    """Each row's image features (one image per row) from one vision-tower run over the distinct images.
+
+    Images are the same when they have the same grid and equal pixels.
+
+    Args:
+        lm: the loaded model.
+        pixel_values: the batch's flattened patches.
+        grid_thw: [B, 3] each row's image's (frames, height, width) in patches.
+
+    Returns:
+        One feature tensor per row.
+    """
     return shared_outputs(lm, pixel_values, grid_thw)[0]
 
 
