@@ -179,7 +179,7 @@ class _Run:
         """Add ``vector`` to the row's residual at ``positions``, for :meth:`~mclcbf_diag.interventions.base.Site.add`.
 
         Records the step's ``rounding_survival`` at the layer, and keeps the vector added at the row's current position
-        (``added``) for the step's records.
+        (``added``, by phase, decode step and layer).
 
         Args:
             site: the residual site (its layer and tensor).

@@ -224,7 +224,7 @@ def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated:
         grounded: :func:`ground`'s ``(box, status)`` where the caller already has it (the detector runs once).
 
     Returns:
-        The :class:`FocalStep`; only its status when the word could not be grounded.
+        The :class:`FocalStep`; only its status ("invalid") when the detector found more than ``max_boxes``.
     """
     box, status = grounded if grounded is not None else ground(detector, image, word, max_boxes)
     if box is None:

@@ -123,7 +123,7 @@ class Scorer:
 
         Args:
             generated: [beams, n] the tokens generated so far.
-            scores: the candidates' summed log-probabilities, best first.
+            scores: the candidates' beam scores, best first.
             tokens: the candidates' tokens.
             beams: the beam each candidate extends.
 
