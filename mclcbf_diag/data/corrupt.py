@@ -44,7 +44,18 @@ def vcd_alpha_bar(step: int, steps: int = VCD_STEPS) -> float:
 
 
 def vcd_noise(pixel_values, step: int = VCD_STEP, seed: int = 0):
-    """``pixel_values`` under VCD's forward-diffusion noise at ``step`` (seeded, same dtype and device)."""
+    """``pixel_values`` under VCD's forward-diffusion noise at ``step`` (seeded, same dtype and device).
+
+    √ᾱ_t·x + √(1 − ᾱ_t)·ε with ε standard normal, drawn in float32 on the CPU (:func:`vcd_alpha_bar`).
+
+    Args:
+        pixel_values: the processor's pixel values (any shape).
+        step: the diffusion step t (0 … 999; VCD's default 500).
+        seed: the noise's torch seed.
+
+    Returns:
+        The noised pixel values, shaped as ``pixel_values``.
+    """
     import torch
 
     a = vcd_alpha_bar(step)
@@ -114,7 +125,19 @@ def minimal_pair(scene, name: str):
 
 
 def pair_image(question, image, image_file: str):
-    """The minimal-pair corruption of an embedded question: ``(image, description)``, or a UserError."""
+    """The minimal-pair corruption of an embedded question: the same scene with the asked object removed or added.
+
+    Args:
+        question: the POPE question (its text names the object).
+        image: the question's image (PIL), a render of the embedded world.
+        image_file: its file name (which scene it is).
+
+    Returns:
+        ``(image, description)``: the changed scene's render and what changed, in words.
+
+    Raises:
+        UserError: the question names no single object of the embedded world, or the image is not one of its scenes.
+    """
     from ..embedded.world import render
 
     name = asked_object(question.text)

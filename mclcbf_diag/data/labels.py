@@ -146,11 +146,23 @@ def _csv_items(text: str, shown: str) -> list:
 def check_known(labels: Labels, known: dict, *, require_some: bool = True) -> int:
     """Refuse entries that name no question of the run; return how many entries apply to it.
 
-    ``known`` maps each split of the run to the ids (strings) of its question file. An entry for a split the run
-    does not have is unused (one file can relabel all three splits while a run answers one), but a file of which no
-    entry applies is refused (unless ``require_some`` is false: ``compare`` checks it over all its runs); an id
-    missing from its split's file is refused by name, as is a split-less id in no
-    file, or in several (ambiguous: give the split)."""
+    An entry for a split the run does not have is unused (one file can relabel all three splits while a run answers
+    one), but a file of which no entry applies is refused (unless ``require_some`` is false: ``compare`` checks it over
+    all its runs); an id missing from its split's file is refused by name, as is a split-less id in no file, or in
+    several (ambiguous: give the split).
+
+    Args:
+        labels: the labels file, read.
+        known: each split of the run → the ids (strings) of its question file.
+        require_some: refuse a file of which no entry applies.
+
+    Returns:
+        How many entries apply to the run.
+
+    Raises:
+        UserError: an id missing from its split's file, a split-less id in no file or in several, or (with
+            ``require_some``) no entry that applies.
+    """
     applies = 0
     for (split, qid), _ in labels.entries.items():
         if split is not None:
@@ -178,7 +190,16 @@ def check_known(labels: Labels, known: dict, *, require_some: bool = True) -> in
 
 
 def relabel_questions(questions: list, labels: Labels, split: str) -> list:
-    """The questions (PopeQuestion) of one split with the file's labels where it has one."""
+    """The questions (PopeQuestion) of one split with the file's labels where it has one.
+
+    Args:
+        questions: the split's questions.
+        labels: the labels file, read.
+        split: the split's name (an entry for another split does not apply).
+
+    Returns:
+        The questions in order, each relabelled where the file has a label for it.
+    """
     out = []
     for q in questions:
         new = labels.label(split, q.question_id)
@@ -224,10 +245,25 @@ def known_ids(identity: dict) -> dict:
 
 
 def relabel_run(path, files, all_jobs: list, jobs: list) -> tuple:
-    """``--labels FILE`` for a whole-split run (``pope``, ``explain --split``): load and check the file against the
-    run's question files (``files``: ``(split, pope file, image dir)``, as ``split_run_checks`` returns them), then
-    relabel every selected job and this shard's. Returns ``(labels, all_jobs, jobs)``; the identity records
-    ``labels.identity()`` under ``"labels"``."""
+    """``--labels FILE`` for a whole-split run (``pope``, ``explain --split``).
+
+    Load and check the file against the run's question files, then relabel every selected job and this shard's. The
+    identity records ``labels.identity()`` under ``"labels"``.
+
+    Args:
+        path: the labels file.
+        files: the run's question files, ``(split, pope file, image dir)`` each, as ``split_run_checks`` returns
+            them; every labelled question must be in them.
+        all_jobs: every selected job of the run (:class:`~mclcbf_diag.pope.jobs.Job`).
+        jobs: this shard's jobs.
+
+    Returns:
+        ``(labels, all_jobs, jobs)``: the :class:`Labels` and both job lists relabelled.
+
+    Raises:
+        UserError: the labels file cannot be read, is malformed, names a question the run's files do not hold
+            (or hold in several splits), or relabels none of them.
+    """
     from .pope import load_pope
 
     labels = load_labels(path)

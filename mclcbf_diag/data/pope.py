@@ -230,9 +230,20 @@ def select_question(
 ) -> PopeQuestion:
     """Pick one question by 0-based position (``sample``) or by ``question_id``.
 
-    Exactly one of the two must be given. Ids are compared as strings, so ``"42"`` finds
-    ``42``; with duplicate ids the first wins. ``source`` (the file name) only improves
-    error messages.
+    Exactly one of the two must be given. Ids are compared as strings, so ``"42"`` finds ``42``; with duplicate ids
+    the first wins.
+
+    Args:
+        questions: the question file's questions, in file order.
+        sample: the 0-based position of the question.
+        question_id: the question's id.
+        source: the file name; only improves error messages.
+
+    Returns:
+        The selected :class:`PopeQuestion`.
+
+    Raises:
+        UserError: neither or both of ``sample`` and ``question_id``, a position out of range, or an id not found.
     """
     name = f"{source}" if source is not None else "the question file"
     if (sample is None) == (question_id is None):
@@ -308,7 +319,18 @@ def _size_mb(n: float) -> str:
 
 def check_image_size(path: Path, size: tuple[int, int], limit: int | None = None,
                      shortest_edge: int | None = SHORTEST_EDGE) -> None:
-    """Refuse, from the header's ``size``, an image too large as a file or as the processor's output."""
+    """Refuse, from the header's ``size``, an image too large as a file or as the processor's output.
+
+    Args:
+        path: the image file (named in the error).
+        size: its (width, height) in pixels, from the file's header.
+        limit: the most pixels (None: ``MCLCBF_DIAG_MAX_IMAGE_PIXELS`` or the default).
+        shortest_edge: the processor resizes the shortest edge to this many pixels (None: kept); the resized image
+            as float32 must stay within ``MCLCBF_DIAG_MAX_IMAGE_MB``.
+
+    Raises:
+        UserError: the image has more than ``limit`` pixels, or its resized float32 pixels exceed the memory limit.
+    """
     limit = max_image_pixels() if limit is None else limit
     w, h = size
     if w * h > limit:

@@ -168,7 +168,19 @@ def margins(model, processor, embeds: torch.Tensor, pairs: list[tuple[int, str]]
 
 
 def pope_eval(model, processor, n_images: int = 300, seed: int = EVAL_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-split metrics and per-question answers on held-out scenes."""
+    """Per-split metrics and per-question answers on held-out scenes.
+
+    Args:
+        model: the embedded model.
+        processor: its processor.
+        n_images: the held-out scenes drawn (one image each).
+        seed: the scenes' and questions' seed (default ``EVAL_SEED``: held out; training uses seed 0).
+
+    Returns:
+        ``(metrics, answers)``: one row per split (accuracy, precision, recall, f1, yes_ratio, the false-yes rates
+        with and without the object's partner in the image, their counts, n), and one row per question (split,
+        question_id, image, object, label, margin, prediction, partner_in_image).
+    """
     from ..data.scoring import pope_metrics
 
     scenes = sample_scenes(n_images, seed)

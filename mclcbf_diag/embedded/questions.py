@@ -47,7 +47,16 @@ def _negatives(split: str, present: set[str], k: int, rng: np.random.Generator,
 
 
 def pope_questions(scenes: list[Scene], split: str, seed: int) -> list[dict]:
-    """Questions for one split: per image up to 3 "yes" and as many "no", interleaved."""
+    """Questions for one split: per image up to 3 "yes" and as many "no", interleaved.
+
+    Args:
+        scenes: the scenes asked about (one image each).
+        split: ``random``, ``popular`` or ``adversarial``: how the absent objects are drawn.
+        seed: the draw's seed (with the split's index).
+
+    Returns:
+        One POPE question record (question_id, image, text, label) per question.
+    """
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     frequency = Counter(n for s in scenes for n in set(s.labels))
     cooccur = Counter(pair for s in scenes for pair in permutations(set(s.labels), 2))

@@ -216,4 +216,14 @@ def sample_scene(scene_id: int, seed: int) -> Scene:
 
 
 def sample_scenes(n: int, seed: int, start: int = 0) -> list[Scene]:
+    """Scenes ``start … start + n − 1`` of the world drawn with ``seed``.
+
+    Args:
+        n: how many scenes.
+        seed: the world's seed (scene ``i`` is :func:`sample_scene` of ``i`` and ``seed``).
+        start: the first scene's index.
+
+    Returns:
+        The scenes, in index order.
+    """
     return [sample_scene(i, seed) for i in range(start, start + n)]

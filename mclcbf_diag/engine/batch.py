@@ -68,9 +68,20 @@ from .runner import Continuation, Keep, forward
 def batch_inputs(lm: LoadedModel, prompts: list[str], images: list, *, share_images: bool = True) -> dict:
     """Model inputs for a batch: left-padded, with RoPE-correct ``position_ids``.
 
-    With ``share_images`` (and a transformers whose LLaVA accepts ``mm_encoder_outputs``)
-    the vision tower runs once per distinct image; ``generate`` needs
-    ``share_images=False`` (pixel values), so that its decode steps see no features.
+    With ``share_images`` (and a transformers whose LLaVA accepts ``mm_encoder_outputs``) the vision tower runs once
+    per distinct image; ``generate`` needs ``share_images=False`` (pixel values), so that its decode steps see no
+    features.
+
+    Args:
+        lm: the loaded model.
+        prompts: one prompt a row, with the portable image placeholder.
+        images: the rows' images (PIL), one per placeholder.
+        share_images: pass the image features as ``mm_encoder_outputs`` (``{"image": features, "pixel_values": …}``,
+            the pixels kept for methods that distort the image) instead of ``pixel_values``.
+
+    Returns:
+        The model's keyword inputs: ``input_ids``, ``attention_mask``, ``position_ids`` ([B, S], or M-RoPE's
+        [3, B, S]) and the image inputs.
     """
     inputs = padded_inputs(lm, prompts, images)
     if share_images and "mm_encoder_outputs" in inspect.signature(lm.model.forward).parameters:
@@ -118,13 +129,31 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
                  inputs: dict | None = None, max_new_tokens: int = 0, decoding=None, keys=None) -> list[dict]:
     """First-token answers for a batch, baseline (``steer=False`` or none) or intervened.
 
-    Returns one dict per row: ``margin`` (logit Yes − No) and ``answer``; when intervening
-    also the intervention's :meth:`~mclcbf_diag.interventions.base.Intervention.row_summary`
-    (for MC-LCBF: ``layers_fired``, ``h_mean``, ``mean_theta_rel``, ``max_dh_predicted``).
-    With ``max_new_tokens`` > 0 also ``text`` (greedy, or as ``decoding`` says: sampled with
-    ``torch.manual_seed(decoding.seed)`` before the batch's ``generate``, or a beam search; special
-    tokens skipped). ``inputs`` reuses :func:`batch_inputs` for these prompts. ``decoding``/``keys``:
-    sampled first-token answers (see :func:`_answers`).
+    With ``max_new_tokens`` > 0 each row's text is generated too: greedy, or as ``decoding`` says (sampled with
+    ``torch.manual_seed(decoding.seed)`` before the batch's ``generate``, or a beam search); special tokens skipped.
+
+    Args:
+        lm: the loaded model.
+        prompts: one prompt a row, with the portable image placeholder.
+        images: the rows' images.
+        intervention: an :class:`~mclcbf_diag.interventions.base.Intervention`, an MC-LCBF ``BarrierConfig``
+            (wrapped) or None.
+        steer: intervene (False: the baseline).
+        inputs: :func:`batch_inputs` of these prompts, reused (None: built here; generation needs
+            ``share_images=False``).
+        max_new_tokens: tokens to generate after the prompt (0: the first token only).
+        decoding: a sampling :class:`~mclcbf_diag.measurements.sampling.Decoding` draws each row's first-token answer
+            (the margin stays the greedy reading's); None: greedy.
+        keys: each row's question key, seeding its draw (the same draw for a question in every condition).
+
+    Returns:
+        One dict per row: ``margin`` (logit Yes − No), ``answer`` and the Yes/No reading (``p_yes``, ``p_no``,
+        ``top_yes_no``, ``finite``, ``valid``, ``dropped``); when intervening also the intervention's
+        :meth:`~mclcbf_diag.interventions.base.Intervention.row_summary` (for MC-LCBF: ``layers_fired``,
+        ``h_mean``, ``mean_theta_rel``, ``max_dh_predicted``); with ``max_new_tokens`` > 0 also ``text``.
+
+    Raises:
+        ValueError: generation asked with ``inputs`` built with shared image features (a programming error).
     """
     iv = as_intervention(intervention)
     if inputs is None:
@@ -258,14 +287,26 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
                 keys=None):
     """Baseline and intervened first-token answers; the intervened run reuses the baseline's cache.
 
-    Same records as :func:`answer_batch` (baseline, then intervened). The intervened run only
-    recomputes the positions from the batch's first edited token on (see the module
-    docstring); it falls back to a full forward when that is not exact. ``baseline``: what
-    :func:`baseline_prefix` returned for these ``inputs``, so that many interventions on the
-    same batch share one baseline forward. ``decoding``/``keys``: sampled first-token answers, the
-    same draw for a question in both conditions (see :func:`_answers`). ``decoding`` may be a list of
-    decodings (one sampled setting at several seeds): then a list of (baseline, intervened) pairs, one per
-    decoding, all read from the same two forwards.
+    The intervened run only recomputes the positions from the batch's first edited token on (see the module
+    docstring); it falls back to a full forward when that is not exact.
+
+    Args:
+        lm: the loaded model.
+        prompts: one prompt a row, with the portable image placeholder.
+        images: the rows' images.
+        intervention: an :class:`~mclcbf_diag.interventions.base.Intervention`, an MC-LCBF ``BarrierConfig``
+            (wrapped) or None.
+        inputs: :func:`batch_inputs` of these prompts, reused (None: built here).
+        baseline: what :func:`baseline_prefix` returned for these ``inputs``, so that many interventions on the same
+            batch share one baseline forward (None: run here).
+        decoding: a sampling :class:`~mclcbf_diag.measurements.sampling.Decoding` draws each row's first-token answer,
+            the same draw for a question in both conditions; or a list of decodings (one sampled setting at several
+            seeds), all read from the same two forwards; None: greedy.
+        keys: each row's question key, seeding its draw.
+
+    Returns:
+        ``(baseline records, intervened records)``, the records of :func:`answer_batch`; with a list of decodings a
+        list of such pairs, one per decoding.
     """
     iv = as_intervention(intervention)
     inputs = batch_inputs(lm, prompts, images) if inputs is None else inputs

@@ -84,7 +84,19 @@ class Generation:
 
 
 def cached_prefix(lm: LoadedModel, ids: torch.Tensor, attention_mask: torch.Tensor, intervention) -> int:
-    """Padded positions ``[0, start)`` that the intervention cannot change (0: re-run the prompt)."""
+    """Padded positions ``[0, start)`` that the intervention cannot change (0: re-run the prompt).
+
+    Args:
+        lm: the loaded model.
+        ids: the batch's input ids [B, S], left-padded.
+        attention_mask: its attention mask [B, S].
+        intervention: the intervention; its ``first_edited(row)`` gives each row's first changed position (None: it
+            may change any).
+
+    Returns:
+        The earliest first edited position over the rows (padding included), or 0 when a row's is unknown or an image
+        token lies at or after it.
+    """
     rows = rows_of(ids, attention_mask, lm.tokens.image_token_id)
     firsts = [intervention.first_edited(row) for row in rows]
     if any(f is None for f in firsts):
@@ -119,7 +131,16 @@ def choose(scores: torch.Tensor, decoding=None, keys=None, step: int = 0) -> tor
 
 
 def extended(lm: LoadedModel, inputs: dict, tokens: torch.Tensor) -> dict:
-    """``inputs`` with one more position per row: ``tokens`` [B] (mask 1, the family's positions recomputed)."""
+    """``inputs`` with one more position per row: ``tokens`` [B] (mask 1, the family's positions recomputed).
+
+    Args:
+        lm: the loaded model (its positions, :func:`~mclcbf_diag.models.mrope.position_ids`).
+        inputs: the batch's model inputs.
+        tokens: [B] the token appended to each row (a text token).
+
+    Returns:
+        The model inputs one position longer.
+    """
     out = dict(inputs)
     ids = inputs["input_ids"]
     out["input_ids"] = torch.cat([ids, tokens.to(ids.device, ids.dtype)[:, None]], -1)

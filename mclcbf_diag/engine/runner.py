@@ -176,6 +176,19 @@ class _Run:
         return keys
 
     def add(self, site: Site, row: Row, positions: torch.Tensor, vector: torch.Tensor, after_norm: bool):
+        """Add ``vector`` to the row's residual at ``positions``, for :meth:`~mclcbf_diag.interventions.base.Site.add`.
+
+        Records the step's ``rounding_survival`` at the layer, and keeps the vector added at the row's current position
+        (``added``, by phase, decode step and layer).
+
+        Args:
+            site: the residual site (its layer and tensor).
+            row: the batch row.
+            positions: [n] the row's own positions (padding not counted).
+            vector: [n, d] the step, one per position.
+            after_norm: add it to the layer's normalised input (the input norm's output, applied once the norm has run)
+                instead of the residual.
+        """
         x = site.tensor
         idx = site.query_index(row, positions)
         v = vector.reshape(len(idx), -1).to(x.device)
@@ -192,10 +205,26 @@ class _Run:
             self.added[row.index][(self.phase, self.decode_step, site.layer)] = v[at[0]].detach().float().clone()
 
     def record(self, row: Row, layer: int, metric: str, value) -> None:
+        """Keep a scalar record of ``row`` at ``layer`` (−1: whole-model) for this forward's phase and step.
+
+        Args:
+            row: the batch row.
+            layer: the layer (−1: a whole-model record).
+            metric: the record's name (a glossary metric).
+            value: a number (kept as float) or None.
+        """
         step = self.records[row.index].setdefault((self.phase, self.decode_step), {})
         step.setdefault(layer, {})[metric] = None if value is None else float(value)
 
     def record_heads(self, row: Row, layer: int, metric: str, values: torch.Tensor) -> None:
+        """Keep a per-head record [H] of ``row`` at ``layer`` for this forward's phase and step (a float32 CPU copy).
+
+        Args:
+            row: the batch row.
+            layer: the layer.
+            metric: the record's name (a glossary metric).
+            values: [H] one value per head.
+        """
         step = self.heads[row.index].setdefault((self.phase, self.decode_step), {})
         step.setdefault(layer, {})[metric] = values.detach().float().cpu().clone()
 
@@ -208,8 +237,16 @@ class _Run:
 
     # -- the body, run inside the trace -------------------------------------------------------
     def body(self, nm, phase: str, step: int, keep_embeds: bool = False) -> None:
-        """One forward inside an nnsight trace: every visited layer in order (:meth:`_layer`), then the step's
-        captures (:meth:`_captured`). Values are read in the model's forward order."""
+        """One forward inside an nnsight trace: every visited layer in order (:meth:`_layer`), then the step's captures.
+
+        Values are read in the model's forward order (:meth:`_captured` reads the captures).
+
+        Args:
+            nm: the traced model (nnsight envoy).
+            phase: ``"prefill"`` or ``"decode"``; an intervention acts in decode only where it ``steers_decode()``.
+            step: the decode step (0 for the prefill).
+            keep_embeds: keep the language model's ``inputs_embeds`` of the prefill.
+        """
         lm, ad = self.lm, self.lm.adapter
         self.phase, self.decode_step, self.pending_norm = phase, step, []
         acting = self.iv is not None and (phase == "prefill" or self.iv.steers_decode())
@@ -291,8 +328,19 @@ class _Run:
 
     # -- the logits site, after the forward ----------------------------------------------------
     def layer_logits(self, outputs: dict, layer: int, final_norm: bool) -> torch.Tensor:
-        """[B, vocab] float32: a readout layer's output at the last position through the unembedding (after the
-        final norm with ``final_norm``)."""
+        """[B, vocab] float32: a readout layer's output at the last position through the unembedding.
+
+        Args:
+            outputs: readout layer → [B, d] its output at the last position (−1: layer 0's input).
+            layer: the readout layer.
+            final_norm: apply the final norm before the unembedding.
+
+        Returns:
+            [B, vocab] float32.
+
+        Raises:
+            ValueError: ``layer`` is not among the intervention's readout layers (a programming error).
+        """
         if layer not in outputs:
             raise ValueError(f"layer {layer} is not among the intervention's readout_layers")  # programming error
         ad = self.lm.adapter

@@ -79,7 +79,19 @@ def as_intervention(intervention):
 
 
 def resolve(name: str = "mclcbf", preset: str | None = None, overrides=()):
-    """The intervention ``name`` at ``preset`` (default: its first) with ``knob=value`` overrides."""
+    """The intervention ``name`` at ``preset`` with ``knob=value`` overrides.
+
+    Args:
+        name: a registered intervention (``mclcbf``, ``pai``, ``vcd`` …).
+        preset: one of its presets (None: its first).
+        overrides: ``knob=value`` strings applied over the preset.
+
+    Returns:
+        The configured :class:`~mclcbf_diag.interventions.base.Intervention`.
+
+    Raises:
+        UserError: an unknown intervention or preset, or a bad ``knob=value`` override.
+    """
     reg = registry()
     if name not in reg:
         raise UserError(f"unknown intervention {name!r}; choose one of {', '.join(reg)}")

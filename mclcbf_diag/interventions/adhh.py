@@ -43,13 +43,20 @@ _FOUND: dict = {}
 
 
 def head_influence(lm, questions, images) -> torch.Tensor:
-    """``[layers, heads]``: the mean over questions of the zero-ablation influence on the
-    hallucinated answer minus that on the correct one (module docstring).
+    """``[layers, heads]``: the mean over questions of the zero-ablation influence on the hallucinated answer minus
+    that on the correct one (module docstring).
 
-    Per question the baseline runs once; then every head's ablation is one row of a batched
-    forward from the language model's input embeddings (the vision tower runs once), each
-    row's head zeroed by an ``o_proj`` pre-hook. Rows are batched up to about 128 M residual
-    numbers per forward.
+    Per question the baseline runs once; then every head's ablation is one row of a batched forward from the language
+    model's input embeddings (the vision tower runs once), each row's head zeroed by an ``o_proj`` pre-hook. Rows are
+    batched up to about 128 M residual numbers per forward.
+
+    Args:
+        lm: the loaded model.
+        questions: the POPE questions (their labels say which answer is correct).
+        images: their images, one per question.
+
+    Returns:
+        [layers, heads] float.
     """
     from ..data import build_prompt
 
@@ -109,7 +116,18 @@ def head_influence(lm, questions, images) -> torch.Tensor:
 
 def find_hallucination_heads(lm, questions=None, images=None, top_k: int | None = None,
                              n: int = 16) -> tuple[tuple[int, int], ...]:
-    """Top-k heads by :func:`head_influence` (on ``questions``, or the embedded split's first ``n``)."""
+    """Top-k heads by :func:`head_influence` (on ``questions``, or the embedded split's first ``n``).
+
+    Args:
+        lm: the loaded model.
+        questions: the POPE questions measured (None: the first ``n`` of the shipped adversarial split).
+        images: their images, one per question (loaded here when ``questions`` is None).
+        top_k: how many heads (None: 20 per 1024 heads of the model, rounded, at least 1).
+        n: the shipped questions used when ``questions`` is None.
+
+    Returns:
+        The ``(layer, head)`` pairs, the most influential first.
+    """
     from ..data import load_image, load_pope, resolve_image
 
     if questions is None:

@@ -20,8 +20,18 @@ from ..measurements.probes import fit_mask
 def logit_bias_for_target(per_head_mass: torch.Tensor, tau: float, max_delta: float = 30.0) -> torch.Tensor:
     """Per-head shift δ of the image-key logits that brings a head's image mass to τ.
 
-    Heads with m ≥ τ get 0. m = 0 (or tiny) would need δ = ∞: δ is capped at ``max_delta``
-    (e³⁰ ≈ 1e13). Returns float32, same shape.
+    Heads with m ≥ τ get 0. m = 0 (or tiny) would need δ = ∞: δ is capped at ``max_delta`` (e³⁰ ≈ 1e13).
+
+    Args:
+        per_head_mass: the heads' image mass m (any shape).
+        tau: the target mass τ, in (0, 1).
+        max_delta: the cap on δ.
+
+    Returns:
+        δ, float32, shaped as ``per_head_mass``.
+
+    Raises:
+        ValueError: τ outside (0, 1).
     """
     if not 0.0 < tau < 1.0:
         raise ValueError(f"tau must be in (0, 1) for a logit shift, got {tau}")
@@ -33,13 +43,21 @@ def logit_bias_for_target(per_head_mass: torch.Tensor, tau: float, max_delta: fl
 
 
 def mass_factors(m: torch.Tensor, other: torch.Tensor, target: torch.Tensor):
-    """The factors ``(t/m, (1 − t)/other)`` on image and on other keys that move image mass ``m``
-    (other keys' mass ``other``) to ``target``; 1 and 1 where ``m`` or ``other`` is 0 (no mass
-    to move, or none left elsewhere).
+    """The factors ``(t/m, (1 − t)/other)`` on image and on other keys that move image mass ``m`` to ``target``.
 
-    The other keys are divided by their own mass, not by 1 − m: a float32 softmax row sums to
-    1 only up to rounding, and dividing that rounding by a small 1 − m (a head that puts 0.9998
-    on the image) would leave the edited row summing to 1 − 2·10⁻⁴ instead of to 1.
+    1 and 1 where ``m`` or ``other`` is 0 (no mass to move, or none left elsewhere).
+
+    The other keys are divided by their own mass, not by 1 − m: a float32 softmax row sums to 1 only up to rounding,
+    and dividing that rounding by a small 1 − m (a head that puts 0.9998 on the image) would leave the edited row
+    summing to 1 − 2·10⁻⁴ instead of to 1.
+
+    Args:
+        m: the rows' image mass.
+        other: the rows' mass on the other keys.
+        target: the image mass wanted, broadcast against ``m``.
+
+    Returns:
+        ``(image factor, other factor)``, broadcast shapes of the inputs.
     """
     ok = (m > 0) & (other > 0)
     one = torch.ones_like(m)
@@ -51,9 +69,16 @@ def rescale_image_probs(probs_row: torch.Tensor, image_mask: torch.Tensor,
                         target_mass: float | torch.Tensor) -> torch.Tensor:
     """Rescale softmax rows [..., keys] so the image mass equals ``target_mass``.
 
-    ``target_mass`` may be a scalar or broadcast against ``probs_row.shape[:-1]`` (e.g. per
-    head). Rows with no image mass, or no mass on other keys, cannot be rescaled and are returned
-    unchanged (:func:`mass_factors`).
+    Rows with no image mass, or no mass on other keys, cannot be rescaled and are returned unchanged
+    (:func:`mass_factors`).
+
+    Args:
+        probs_row: softmax rows [..., keys].
+        image_mask: the image keys (bool, over the keys).
+        target_mass: a scalar, or a tensor broadcast against ``probs_row.shape[:-1]`` (e.g. per head).
+
+    Returns:
+        The rescaled rows, in ``probs_row``'s dtype (computed in float32).
     """
     p = probs_row.to(torch.float32)
     img = fit_mask(image_mask, p.shape[-1], p.device)
@@ -73,8 +98,16 @@ def shift_image_logits(probs_rows: torch.Tensor, image_mask: torch.Tensor, tau: 
 
     Heads with image mass m < τ get the logit shift ``strength·δ`` on every image key (δ from
     :func:`logit_bias_for_target`), applied post-softmax by :func:`rescale_image_probs`.
-    Returns ``(new_rows, mass, delta, target)``: the edited rows, the per-head mass before
-    [H, n], the shift applied and the mass after.
+
+    Args:
+        probs_rows: the softmax rows [H, n, K].
+        image_mask: the image keys (bool, over the K keys).
+        tau: the target image mass τ.
+        strength: scales the shift δ (1: reach τ).
+
+    Returns:
+        ``(new_rows, mass, delta, target)``: the edited rows, the per-head mass before [H, n], the shift applied and
+        the mass after.
     """
     mask = fit_mask(image_mask, probs_rows.shape[-1], probs_rows.device)
     mass = probs_rows.float()[..., mask].sum(-1)

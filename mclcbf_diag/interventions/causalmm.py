@@ -97,8 +97,20 @@ STRATEGIES = ("default", "full")
 
 
 def counterfactual_map(attention: torch.Tensor, method: str, seed: int) -> torch.Tensor:
-    """``A_cf`` [H, N, N] float32 of one image's attention probabilities ``attention`` [H, N, N] (see the module
-    docstring); ``random`` and ``shuffle`` draw from a generator seeded with ``seed``."""
+    """``A_cf`` [H, N, N] float32 of one image's attention probabilities (see the module docstring).
+
+    Args:
+        attention: one image's vision-tower attention probabilities [H, N, N].
+        method: ``random`` (uniform on [0, 2)), ``uniform`` (each head's mean), ``reversed`` (each head's maximum
+            minus the attention) or ``shuffle`` (each head's entries permuted).
+        seed: seeds the generator that ``random`` and ``shuffle`` draw from.
+
+    Returns:
+        [H, N, N] float32 on the CPU.
+
+    Raises:
+        ValueError: an unknown method (the knobs check it first).
+    """
     a = attention.detach().float().cpu()
     heads, n, _ = a.shape
     if method == "random":
@@ -157,8 +169,24 @@ def _layout(lm) -> tuple[int, str, int]:
 
 
 def counterfactual_features(lm, pixels: torch.Tensor, method: str, seed: int) -> list[torch.Tensor]:
-    """Per image of ``pixels`` [B, 3, H, W]: its counterfactual image features [tokens, d_text] (projected),
-    in the model's dtype. The vision tower runs once per distinct image."""
+    """Per image of ``pixels``: its counterfactual image features, in the model's dtype.
+
+    The vision tower runs once per distinct image.
+
+    Args:
+        lm: the loaded model (a LLaVA-1.5 layout: one CLIP image per prompt).
+        pixels: the prompts' pixel values [B, 3, H, W].
+        method: the counterfactual attention map (:func:`counterfactual_map`: ``random``, ``uniform``, ``reversed``,
+            ``shuffle``).
+        seed: the seed of ``random`` and ``shuffle``.
+
+    Returns:
+        One tensor per row of ``pixels``: its projected counterfactual features [tokens, d_text].
+
+    Raises:
+        UserError: not one image tensor per prompt, a vision tower that returns no attention probabilities, or a token
+            count that is not a square patch grid plus CLS.
+    """
     layer, strategy, grid = _layout(lm)
     if pixels.dim() != 4:
         raise UserError(f"--intervention causalmm needs one image tensor per prompt ([B, 3, H, W]); "
@@ -272,8 +300,23 @@ class LanguageEdit:
 
 def language_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
-    """Eager attention (as transformers' ``eager_attention_forward``) with the probabilities replaced by the
-    counterfactual of :func:`counterfactual_language`'s edit. Returns ``(output [B, T, H, D], probabilities)``."""
+    """Eager attention with the probabilities replaced by :func:`counterfactual_language`'s counterfactual.
+
+    A drop-in for transformers' ``eager_attention_forward``; the forward runs every position, without a cache.
+
+    Args:
+        module: the attention module (it carries the forward's :class:`LanguageEdit`).
+        query: [B, H, T, D].
+        key: [B, kv heads, T, D], repeated to the query heads.
+        value: [B, kv heads, T, D].
+        attention_mask: an additive mask broadcast to the scores [B, H, T, T], or None.
+        scaling: the scores' scale (the module's).
+        dropout: unused (eval only); taken for the signature.
+        **kwargs: unused; taken for the signature.
+
+    Returns:
+        ``(output [B, T, H, D], probabilities)``, the probabilities the counterfactual ones.
+    """
     if query.shape[-2] != key.shape[-2]:  # programming error: the counterfactual forward runs without a cache
         raise RuntimeError("the counterfactual language forward runs every position, without a cache")
     group = query.shape[1] // key.shape[1]
@@ -292,8 +335,19 @@ AttentionMaskInterface.register(LANGUAGE, eager_mask)  # the mask transformers b
 
 @contextmanager
 def counterfactual_language(lm, pads: list[int], method: str, seed: int):
-    """Within the block, ``lm``'s language model attends with :func:`language_attention` (every layer, every query):
-    one forward of the left-padded batch whose rows have ``pads`` padding positions."""
+    """Within the block, ``lm``'s language model attends with :func:`language_attention` (every layer, every query).
+
+    Made for one forward of the left-padded batch; the attention implementation is restored on leaving.
+
+    Args:
+        lm: the loaded model.
+        pads: each row's count of padding positions.
+        method: the counterfactual attention (as :func:`counterfactual_map`).
+        seed: each row's generator's seed (:class:`LanguageEdit`).
+
+    Returns:
+        A context manager.
+    """
     attns = [lm.adapter.layer_part(lm.model, i, "layer_attention") for i in range(lm.n_layers)]
     config = attns[0].config
     before = config._attn_implementation
@@ -310,9 +364,19 @@ def counterfactual_language(lm, pads: list[int], method: str, seed: int):
 
 
 def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) -> torch.Tensor:
-    """The last position's float32 logits [B, vocab] of the counterfactual forward of ``inputs`` at ``level``:
-    ``vision`` (the counterfactual image features), ``language`` (the counterfactual language attention) or
-    ``both`` (the two in one forward)."""
+    """The last position's float32 logits of the counterfactual forward of ``inputs`` at ``level``.
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs.
+        method: the counterfactual attention (as :func:`counterfactual_map`).
+        seed: the counterfactual's seed.
+        level: ``vision`` (the counterfactual image features), ``language`` (the counterfactual language attention)
+            or ``both`` (the two in one forward).
+
+    Returns:
+        [B, vocab] float32.
+    """
     feed = inputs
     if level in ("vision", "both"):
         feed = {k: v for k, v in counterfactual_inputs(lm, inputs, method, seed).items() if k != "input_ids"}
@@ -325,20 +389,52 @@ def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) 
 
 
 def prompt_features(lm, inputs: dict, method: str, seed: int) -> list[torch.Tensor]:
-    """The counterfactual image features of each prompt of ``inputs`` (:func:`counterfactual_features` of its pixels):
-    the vision level's view, which every route (rows of the question's forward, a forward of its own, ``trace``'s
-    view) runs."""
+    """The counterfactual image features of each prompt of ``inputs`` (:func:`counterfactual_features` of its pixels).
+
+    The vision level's view, which every route (rows of the question's forward, a forward of its own, ``trace``'s
+    view) runs.
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs (their pixels are read).
+        method: the counterfactual attention (as :func:`counterfactual_map`).
+        seed: the counterfactual's seed.
+
+    Returns:
+        One tensor [tokens, d_text] per prompt.
+    """
     return counterfactual_features(lm, pixels_of(inputs), method, seed)
 
 
 def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
-    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`prompt_features`)."""
+    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`prompt_features`).
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs.
+        method: the counterfactual attention (as :func:`counterfactual_map`).
+        seed: the counterfactual's seed.
+
+    Returns:
+        The model inputs, the image features replaced.
+    """
     return with_features(lm, inputs, prompt_features(lm, inputs, method, seed))
 
 
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
-    """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features: ``inputs_embeds``
-    merged as the model merges its own (its image tokens, in order), beside the ids that say where they are."""
+    """Model inputs of the prompts of ``inputs`` with ``features[b]`` as row b's image features.
+
+    ``inputs_embeds`` merged as the model merges its own (its image tokens, in order), beside the ids that say where
+    they are.
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs.
+        features: one tensor [tokens, d_text] per row, as many tokens as the row's image tokens.
+
+    Returns:
+        The model inputs with ``inputs_embeds``.
+    """
     ids = inputs["input_ids"]
     with torch.no_grad():
         embeds = lm.model.get_input_embeddings()(ids)
@@ -382,6 +478,18 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         return prompt_features(lm, row_inputs(inputs, rows), self.knobs.attention, self.knobs.seed)
 
     def combine(self, site, row, logits, aux, dose):
+        """CausalMM's contrast (1 + γ·dose)·ℓ − γ·dose·ℓ', cut to the tokens plausible under ε.
+
+        Args:
+            site: the ``logits`` readout.
+            row: the row combined.
+            logits: [vocab] the model's own logits at the row's decision position.
+            aux: [vocab] the auxiliary forward's logits for the row (the counterfactual forward's).
+            dose: scales the method (1: as configured).
+
+        Returns:
+            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (probability ≥ ε × the top token's).
+        """
         return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:

@@ -62,5 +62,14 @@ def js_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def margin(scores: torch.Tensor, yes_id: int, no_id: int) -> float:
-    """score(Yes) − score(No) of one row [vocab]: ±inf when the cutoff removed one, NaN when it removed both."""
+    """score(Yes) − score(No) of one row [vocab]: ±inf when the cutoff removed one, NaN when it removed both.
+
+    Args:
+        scores: the row's scores [vocab].
+        yes_id: the Yes token.
+        no_id: the No token.
+
+    Returns:
+        The margin, computed in float64.
+    """
     return float(scores[yes_id].double() - scores[no_id].double())

@@ -80,9 +80,17 @@ class DecodingMethod(Intervention):
         self.prepare_batched(lm, inputs, rows, Batched())
 
     def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
-        """The auxiliary logits as the runner computed them in the batch's own forward (``batched.aux_logits``,
-        the rows of :meth:`~.base.Intervention.aux_features`' view), else from a separate forward
-        (:meth:`auxiliary`)."""
+        """The auxiliary logits as the runner computed them in the batch's own forward, else from their own.
+
+        ``batched.aux_logits`` holds the rows of :meth:`~.base.Intervention.aux_features`' view; without them a separate
+        forward (:meth:`auxiliary`) computes the logits.
+
+        Args:
+            lm: the loaded model.
+            inputs: the batch's model inputs.
+            rows: the batch rows prepared.
+            batched: what the runner kept of the batch's own forwards (its ``aux_logits``).
+        """
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux: dict[int, torch.Tensor] = {}
         logits = batched.aux_logits if batched.aux_logits is not None else self.auxiliary(lm, inputs, rows)

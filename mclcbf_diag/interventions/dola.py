@@ -90,6 +90,22 @@ class DoLa(DecodingMethod, spec=SPECS["dola"]):
         super().readout(site)
 
     def combine(self, site, row, logits, aux, dose):
+        """DoLa's contrast log p − dose·log p_early against the premature layer that diverges most from the final one.
+
+        Records the premature layer (``dola_premature_layer``) and its Jensen-Shannon divergence (``dola_jsd``).
+
+        Args:
+            site: the ``logits`` readout.
+            row: the row combined.
+            logits: [vocab] the model's own logits at the row's decision position.
+            aux: [vocab] the auxiliary forward's logits for the row (unused: the candidate layers' logits come from
+                the readout).
+            dose: scales the method (1: as configured).
+
+        Returns:
+            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (probability ≥ ``cutoff`` × the top
+            token's).
+        """
         layers = list(self._candidates)
         early = torch.stack([self._candidates[i][row.index].to(logits.device) for i in layers])
         final = logits[None].expand_as(early)

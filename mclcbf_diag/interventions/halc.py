@@ -99,7 +99,17 @@ def expand_box(box: Box, factor: float) -> Box:
 
 
 def focal_boxes(box: Box, context_window: int = 4, expand_ratio: float = 0.6) -> list[Box]:
-    """The released views' boxes: ``[shrunk, box, expanded, expanded twice …]`` (``context_window`` of them)."""
+    """The released views' boxes: ``[shrunk, box, expanded, expanded twice …]`` (``context_window`` of them).
+
+    Args:
+        box: the grounded box, (x0, y0, x1, y1) as fractions of the width and height.
+        context_window: how many views (1: the box alone).
+        expand_ratio: each view's expansion of the previous one's box (the first view shrinks the box by it, at most
+            0.8).
+
+    Returns:
+        The views' boxes, smallest first.
+    """
     if context_window == 1:
         return [box]
     out = [expand_box(box, -min(expand_ratio, 0.8)), box]
@@ -109,8 +119,18 @@ def focal_boxes(box: Box, context_window: int = 4, expand_ratio: float = 0.6) ->
 
 
 def ground(detector: Detector, image, word: str, max_boxes: int = 3) -> tuple[Box | None, str]:
-    """``(box, status)``: the smallest of the detector's boxes ("detected"), the fallback ("not-detected"), or None
-    when it finds more than ``max_boxes`` ("invalid"), as the released code decides."""
+    """``(box, status)``: the smallest of the detector's boxes, the fallback, or None, as the released code decides.
+
+    Args:
+        detector: grounds the word (its boxes, normalised to [0, 1]).
+        image: the image (PIL).
+        word: the object word.
+        max_boxes: more boxes than this is "invalid".
+
+    Returns:
+        The smallest box and "detected"; :data:`FALLBACK` and "not-detected" when none is found; None and "invalid"
+        when more than ``max_boxes`` are found.
+    """
     found = list(detector.boxes(image, word))
     if len(found) > max_boxes:
         return None, "invalid"
@@ -136,8 +156,22 @@ def pair_divergence(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def view_contrast(logits: torch.Tensor, k_candidates: int = 4,
                   weight: float = 0.05) -> list[tuple[int, int, torch.Tensor]]:
-    """The released double multi-contrast of the views' logits [n, vocab]: ``(final view, base view, scores)``
-    for each direction of the ``k_candidates``/2 most divergent pairs, largest first."""
+    """The released double multi-contrast of the views' logits.
+
+    For each of the ``k_candidates``/2 most divergent view pairs (by Jensen-Shannon divergence), largest first, both
+    directions: a view's logits less ``weight`` × the other's.
+
+    Args:
+        logits: the views' logits [n, vocab].
+        k_candidates: contrasts kept (even: two per pair).
+        weight: how much of the other view's logits a contrast subtracts.
+
+    Returns:
+        ``(final view, base view, scores [vocab])`` per contrast.
+
+    Raises:
+        ValueError: an odd ``k_candidates``.
+    """
     if k_candidates % 2:
         raise ValueError("k_candidates must be even")  # the knob's check
     n = logits.shape[0]
@@ -169,11 +203,29 @@ class FocalStep:
 def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated: torch.Tensor | None = None, *,
                context_window: int = 4, expand_ratio: float = 0.6, k_candidates: int = 4, weight: float = 0.05,
                max_boxes: int = 3, grounded: tuple | None = None) -> FocalStep:
-    """HALC's focal-view contrast for ``word`` at the next position of ``prompt`` (plus ``generated`` [n] token ids
-    already written): ground the word, run the model on each view (the image cropped to its box, a whole image to
-    the processor; the views are the rows of one forward, :func:`view_logits`), contrast the views' last logits
-    (:func:`view_contrast`) and take each contrast's argmax. ``grounded``: :func:`ground`'s ``(box, status)`` where
-    the caller already has it (the detector runs once)."""
+    """HALC's focal-view contrast for ``word`` at the next position of ``prompt``.
+
+    Ground the word, run the model on each view (the image cropped to its box, a whole image to the processor; the
+    views are the rows of one forward, :func:`view_logits`), contrast the views' last logits (:func:`view_contrast`)
+    and take each contrast's argmax.
+
+    Args:
+        lm: the loaded model.
+        prompt: the question's prompt.
+        image: the image (PIL).
+        word: the object word grounded.
+        detector: grounds the word.
+        generated: [n] token ids already written after the prompt (None: none).
+        context_window: how many views (:func:`focal_boxes`).
+        expand_ratio: each view's expansion of the previous one's box.
+        k_candidates: contrasts kept, two per divergent view pair (even).
+        weight: how much of the other view's logits each contrast subtracts.
+        max_boxes: more detected boxes than this is "invalid".
+        grounded: :func:`ground`'s ``(box, status)`` where the caller already has it (the detector runs once).
+
+    Returns:
+        The :class:`FocalStep`; only its status ("invalid") when the detector found more than ``max_boxes``.
+    """
     box, status = grounded if grounded is not None else ground(detector, image, word, max_boxes)
     if box is None:
         return FocalStep(status)
@@ -183,17 +235,38 @@ def focal_step(lm, prompt: str, image, word: str, detector: Detector, generated:
 
 
 def contrasted(status: str, boxes: list[Box], logits: torch.Tensor, k_candidates: int, weight: float) -> FocalStep:
-    """The :class:`FocalStep` of views ``boxes`` whose last logits are ``logits`` [views, vocab] float32."""
+    """The :class:`FocalStep` of views ``boxes`` whose last logits are ``logits`` [views, vocab] float32.
+
+    Args:
+        status: :func:`ground`'s status.
+        boxes: the views' boxes.
+        logits: [views, vocab] float32, one row per box.
+        k_candidates: contrasts kept (:func:`view_contrast`).
+        weight: how much of the other view's logits each contrast subtracts.
+
+    Returns:
+        The step: the contrasts and each one's argmax.
+    """
     contrasts = view_contrast(logits, k_candidates, weight)
     return FocalStep(status, boxes, logits, contrasts, [int(c.argmax()) for _, _, c in contrasts])
 
 
 def view_logits(lm, prompts: list[str], images: list, generated: torch.Tensor | None = None) -> torch.Tensor:
-    """The last-position logits [len(prompts), vocab] float32 of plain forwards of ``prompts[i]`` on ``images[i]``
-    (each a whole prompt with its own image, followed by ``generated`` [n] token ids), as the rows of one
-    left-padded forward: each row at the positions it has alone, its padding masked
+    """The last-position logits of plain forwards of ``prompts[i]`` on ``images[i]``, as the rows of one forward.
+
+    The forward is left-padded: each row at the positions it has alone, its padding masked
     (:func:`~mclcbf_diag.models.processing.padded_inputs`), so a row's logits are its own forward's up to the
-    summation order of batched matmuls."""
+    summation order of batched matmuls.
+
+    Args:
+        lm: the loaded model.
+        prompts: whole prompts, one per row.
+        images: each row's own image.
+        generated: [n] token ids following every prompt (None: none).
+
+    Returns:
+        [len(prompts), vocab] float32.
+    """
     from ..models.mrope import position_ids
     from ..models.processing import padded_inputs
 

@@ -11,13 +11,35 @@ from ..errors import UserError
 
 
 def depth_fraction(first: int, stop: int, n_layers: int, of: int = 32) -> tuple[int, ...]:
-    """Layers ``first … stop−1`` of an ``of``-layer model, mapped to ``n_layers`` by fraction (rounded half up)."""
+    """Layers ``first … stop−1`` of an ``of``-layer model, mapped to ``n_layers`` by fraction (rounded half up).
+
+    Args:
+        first: the first layer in the ``of``-layer model.
+        stop: one past the last.
+        n_layers: the model's layers.
+        of: the layers of the model the range was published for.
+
+    Returns:
+        The layers of the ``n_layers``-layer model.
+    """
     return tuple(range((2 * first * n_layers + of) // (2 * of), (2 * stop * n_layers + of) // (2 * of)))
 
 
 def published_layers(layers, n_layers: int, first: int, stop: int) -> tuple[int, ...]:
-    """Explicit ``layers`` (validated against ``n_layers``) or the paper's range ``first … stop−1`` of 32 layers,
-    by depth fraction."""
+    """Explicit ``layers`` (validated against ``n_layers``) or the paper's range of 32 layers, by depth fraction.
+
+    Args:
+        layers: explicit layers (None: the paper's range).
+        n_layers: the model's layers.
+        first: the paper's first layer (of 32).
+        stop: one past the paper's last layer.
+
+    Returns:
+        The layers, sorted and unique.
+
+    Raises:
+        UserError: an explicit layer out of range.
+    """
     if layers is None:
         return depth_fraction(first, stop, n_layers)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]

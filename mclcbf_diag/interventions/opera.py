@@ -91,8 +91,17 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         return 1  # the candidates' one-token continuation of the question's cache
 
     def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
-        """The candidates' image shares, continuing the main rows' own cache where the runner kept it
-        (``batched.cache`` and ``batched.logits``, every row of the batch), else a forward of the rows' prompts."""
+        """The candidates' image shares, continuing the main rows' own cache where the runner kept it.
+
+        The runner's ``batched.cache`` and ``batched.logits`` are continued when it kept them and ``rows`` are every
+        row of the batch; else a forward of the rows' prompts makes them.
+
+        Args:
+            lm: the loaded model.
+            inputs: the batch's model inputs.
+            rows: the batch rows prepared.
+            batched: what the runner kept of the batch's own forwards (its ``cache`` and ``logits``).
+        """
         super().prepare_batched(lm, inputs, rows, batched)
         self._candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if not rows:
@@ -121,9 +130,21 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
 
     def candidate_shares(self, lm, inputs: dict, rows: list[Row], logits: torch.Tensor,
                          cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tokens, attn_img)`` [len(rows), candidates] (CPU): each row's top raw-logit tokens and their image
-        shares (``inputs``: the rows' model inputs, row b for ``rows[b]``; ``logits`` [B, vocab] and ``cache``: a
-        plain forward's of those prompts, :func:`prompt_cache`)."""
+        """``(tokens, attn_img)``: each row's top raw-logit tokens and their image shares.
+
+        Each (row, candidate) continues its row's cached prompt by the candidate token; the share is the last layer's
+        attention of that new position on the row's image tokens.
+
+        Args:
+            lm: the loaded model (eager attention).
+            inputs: the rows' model inputs, row b for ``rows[b]``.
+            rows: the rows.
+            logits: [B, vocab] a plain forward's last logits of those prompts (:func:`prompt_cache`).
+            cache: that forward's KV cache.
+
+        Returns:
+            ``(tokens, attn_img)``, each [len(rows), candidates] on the CPU.
+        """
         mask = inputs["attention_mask"]
         B, T = mask.shape
         inputs = {**inputs, **embeds_positions(lm, inputs)}  # Qwen-VL: its 3-D positions, explicitly
@@ -162,6 +183,20 @@ class OPERA(DecodingMethod, spec=SPECS["opera"]):
         return tokens.cpu(), shares.reshape(B, k).cpu()
 
     def combine(self, site, row, logits, aux, dose):
+        """OPERA's candidates' scores: each raw logit plus ``weight``·dose × its image share.
+
+        Records the image share of the best candidate (``opera_image_share``).
+
+        Args:
+            site: the ``logits`` readout.
+            row: the row combined.
+            logits: [vocab] the model's own logits at the row's decision position.
+            aux: [vocab] the auxiliary forward's logits for the row (unused).
+            dose: scales the method (1: as configured).
+
+        Returns:
+            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (the candidates only).
+        """
         tokens, shares = self._candidates[row.index]
         tokens = tokens.to(logits.device)
         scores = logits.clone()

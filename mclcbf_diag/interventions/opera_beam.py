@@ -116,7 +116,20 @@ class Scorer:
         self.hyps = Hypotheses(self.num_beams)
 
     def process(self, generated: torch.Tensor, scores, tokens, beams):
-        """The next beams from the 2·num_beams best ``(scores, tokens, beams)``: ``(scores, tokens, beam_idx)``."""
+        """The next beams from the 2·num_beams best candidates (``BeamSearchScorer.process``).
+
+        A candidate that ends a sequence among the first ``num_beams`` becomes a hypothesis; the others continue, up to
+        ``num_beams`` of them.
+
+        Args:
+            generated: [beams, n] the tokens generated so far.
+            scores: the candidates' beam scores, best first.
+            tokens: the candidates' tokens.
+            beams: the beam each candidate extends.
+
+        Returns:
+            ``(scores, tokens, beam_idx)`` of the next beams.
+        """
         cur_len = self.prompt_len + generated.shape[1] + 1
         out_s, out_t, out_b = [], [], []
         for rank, (t, s, b) in enumerate(zip(tokens.tolist(), scores.tolist(), beams.tolist())):
@@ -346,8 +359,19 @@ class ModelStepper:
 
 def opera_search(lm, inputs: dict, knobs, *, num_beams: int, max_new_tokens: int,
                  ends) -> tuple[list[int], Search]:
-    """OPERA's beam search of one unpadded question (``inputs``: a batch of one; ``ends``: the end-of-sequence
-    ids): ``(the best hypothesis's generated tokens, the search)``."""
+    """OPERA's beam search of one unpadded question.
+
+    Args:
+        lm: the loaded model.
+        inputs: a batch of one question.
+        knobs: OPERA's knobs (candidates, weight, scale_factor, threshold).
+        num_beams: the beams.
+        max_new_tokens: the most tokens generated.
+        ends: the end-of-sequence ids.
+
+    Returns:
+        ``(the best hypothesis's generated tokens, the search)``.
+    """
     image = (inputs["input_ids"][0] == lm.tokens.image_token_id).cpu()
     prompt_len = int(image.numel() - image.sum()) + 1  # the released layout: the image one placeholder token
     search = Search(ModelStepper(lm, inputs, num_beams), image, num_beams, max_new_tokens, frozenset(ends),

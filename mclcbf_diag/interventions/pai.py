@@ -60,8 +60,19 @@ def apply_logit_deltas(probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor
 
 
 def lookahead_logits(site: Site, row: Row, positions, key_mask: torch.Tensor) -> torch.Tensor:
-    """Pre-softmax logits [H, n, m] of the row's queries at ``positions`` on the keys of
-    ``key_mask`` (own positions, all before the queries), as the layer will compute them."""
+    """Pre-softmax logits [H, n, m] of the row's queries at ``positions`` on the keys of ``key_mask``.
+
+    As the layer will compute them (float32).
+
+    Args:
+        site: the attention site (its layer's weights, residuals and keys).
+        row: the batch row.
+        positions: the n query positions (the row's own).
+        key_mask: the m keys (bool, over the row's own positions, all before the queries).
+
+    Returns:
+        [H, n, m] float32.
+    """
     w = site.weights.to(torch.float32)
     pos = torch.as_tensor(positions, dtype=torch.long)
     x = site.tensor[row.index, site.query_index(row, pos)].float()
@@ -89,8 +100,17 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
         self.prepare_batched(lm, inputs, rows, Batched())
 
     def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
-        """The image-free logits: continuing the main rows' cached prefix where the runner kept it
-        (``batched.cache``, :func:`~.views.image_free_logits`), else a forward of their own."""
+        """The image-free logits, where PAI's logit part is on.
+
+        They continue the main rows' cached prefix where the runner kept it (``batched.cache``,
+        :func:`~.views.image_free_logits`), else come from a forward of their own.
+
+        Args:
+            lm: the loaded model.
+            inputs: the batch's model inputs.
+            rows: the batch rows prepared.
+            batched: what the runner kept of the batch's own forwards (its ``cache``).
+        """
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._image_free = {}
         if self.logit_part_on:

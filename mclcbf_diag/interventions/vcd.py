@@ -66,4 +66,16 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
         return {"noised image": with_pixels(mine, noised)}
 
     def combine(self, site, row, logits, aux, dose):
+        """VCD's contrast (1 + α·dose)·ℓ − α·dose·ℓ', cut to the tokens plausible under β.
+
+        Args:
+            site: the ``logits`` readout.
+            row: the row combined.
+            logits: [vocab] the model's own logits at the row's decision position.
+            aux: [vocab] the auxiliary forward's logits for the row (the distorted image's).
+            dose: scales the method (1: as configured).
+
+        Returns:
+            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (probability ≥ β × the top token's).
+        """
         return contrast(logits, aux, self.knobs.alpha * dose), plausible(logits, self.knobs.beta)

@@ -48,7 +48,16 @@ from .views import image_free_continuation, image_free_inputs, row_inputs
 
 
 def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
-    """v [B, L, d] (float32): residuals entering each layer at the last token, with image − without."""
+    """v [B, L, d] (float32): residuals entering each layer at the last token, with image − without.
+
+    Args:
+        lm: the loaded model.
+        inputs: the batch's model inputs.
+        rows: the rows measured (the image-free prompt is built from each).
+
+    Returns:
+        [len(rows), L, d] float32.
+    """
     inputs = row_inputs(inputs, rows)
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs:
@@ -65,7 +74,17 @@ def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
 
 
 def steer(x: torch.Tensor, v: torch.Tensor, lam: float, similarity: bool) -> torch.Tensor:
-    """x' = ‖x‖·normalize(x̂ + λ·s·v̂) for residuals x [n, d] and a vector v [d] (float32)."""
+    """x' = ‖x‖·normalize(x̂ + λ·s·v̂) for residuals x [n, d] and a vector v [d] (float32).
+
+    Args:
+        x: the residuals [n, d].
+        v: the steering vector [d].
+        lam: λ, the step's weight.
+        similarity: s = 1 + max(0, cos(x, −v)) per residual; False: s = 1.
+
+    Returns:
+        The steered residuals [n, d] float32, each with its own norm.
+    """
     x = x.float()
     norm = x.norm(dim=-1, keepdim=True)
     s = 1.0 + F.cosine_similarity(x, -v[None], dim=-1).clamp(min=0).unsqueeze(-1) if similarity else 1.0
@@ -111,9 +130,18 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
         self.use_views(lm, rows, list(steering_vectors(lm, inputs, rows)))
 
     def prepare_batched(self, lm, inputs: dict, rows: list[Row], batched: Batched) -> None:
-        """The steering vector from the baseline's own forward (``batched.states``: the prompt with its image) and
-        the image-free prompt continuing its cache (:func:`~.views.image_free_continuation`), where the runner kept
-        both for every row of the batch; else :meth:`prepare`."""
+        """The steering vector from the baseline's own forward and the image-free prompt continuing its cache.
+
+        ``batched.states`` is the prompt with its image; the image-free prompt continues ``batched.cache``
+        (:func:`~.views.image_free_continuation`). Both are used where the runner kept them for every row of the batch;
+        else :meth:`prepare`.
+
+        Args:
+            lm: the loaded model.
+            inputs: the batch's model inputs.
+            rows: the batch rows prepared.
+            batched: what the runner kept of the batch's own forwards (its ``states`` and ``cache``).
+        """
         if batched.states is None or batched.cache is None or len(rows) != batched.states.shape[0]:
             return self.prepare(lm, inputs, rows)
         L = lm.n_layers

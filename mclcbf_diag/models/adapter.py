@@ -164,7 +164,16 @@ class ArchitectureAdapter:
         return model.get_submodule(self.layers)
 
     def layer_part(self, model: torch.nn.Module, index: int, part: str) -> torch.nn.Module:
-        """``part`` is a field name such as ``"layer_input_norm"``."""
+        """A submodule of decoder layer ``index``.
+
+        Args:
+            model: the loaded model.
+            index: the decoder layer.
+            part: a field name of the adapter such as ``"layer_input_norm"`` (its value is the submodule's path).
+
+        Returns:
+            The submodule.
+        """
         return self.decoder_layers(model)[index].get_submodule(getattr(self, part))
 
     def norm_eps(self, norm: torch.nn.Module) -> float:

@@ -93,8 +93,20 @@ def downscaled(tiles: tuple[int, int], per_tile: int, most: int) -> tuple[int, i
 
 def anyres_layout(size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile_px: int, patch_px: int,
                   extra: int = 0, most: int | None = None) -> ImageLayout:
-    """The layout of an image of ``size`` (height, width) px under towers of ``tile_px`` with ``patch_px`` patches;
-    ``most``: LLaVA-OneVision's ``N`` of "anyres_max_N" (:func:`downscaled`), None for LLaVA-NeXT."""
+    """The layout of an image of ``size`` px under towers of ``tile_px`` px with ``patch_px`` px patches.
+
+    Args:
+        size: the image's (height, width) in pixels.
+        pinpoints: the checkpoint's ``image_grid_pinpoints``, each a (height, width) the tiles may cover.
+        tile_px: the vision tower's input side in pixels (one tile).
+        patch_px: the vision tower's patch side in pixels.
+        extra: tokens before the base patches (1: a CLS kept by the ``full`` feature selection).
+        most: LLaVA-OneVision's ``N`` of "anyres_max_N" (:func:`downscaled`); None for LLaVA-NeXT.
+
+    Returns:
+        The image's :class:`ImageLayout`: a ``tile_px // patch_px`` square base grid and the unpadded (and, with
+        ``most``, downscaled) tile map.
+    """
     per_tile = tile_px // patch_px
     h, w = best_resolution(size, pinpoints)
     tiles = unpadded(size, ((h // tile_px) * per_tile, (w // tile_px) * per_tile))
@@ -105,11 +117,23 @@ def anyres_layout(size: tuple[int, int], pinpoints: Sequence[Sequence[int]], til
 
 def tiles_picture(tiles: np.ndarray, size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile_px: int,
                   patch_px: int) -> np.ndarray:
-    """The pixels under the high-resolution tiles' grid: the processor's tiles ``tiles`` [n ≥ t, C, tile_px, tile_px]
-    (row-major over the best resolution's ``t`` tiles; rows past them are the batch's zero padding) put back side by
-    side, less the padding :func:`unpadded` removes from the patch map (whole patches, as the model removes them).
-    The unpadded map of LLaVA-NeXT is this picture's patches, one token each; OneVision's resized map lies over the
-    same picture. Returns [C, height, width]."""
+    """The pixels under the high-resolution tiles' grid.
+
+    The processor's tiles are put back side by side, less the padding :func:`unpadded` removes from the patch map
+    (whole patches, as the model removes them). The unpadded map of LLaVA-NeXT is this picture's patches, one token
+    each; OneVision's resized map lies over the same picture.
+
+    Args:
+        tiles: the processor's tiles [n ≥ t, C, tile_px, tile_px], row-major over the best resolution's ``t`` tiles;
+            rows past them are the batch's zero padding.
+        size: the image's (height, width) in pixels.
+        pinpoints: the checkpoint's ``image_grid_pinpoints`` (the best resolution is chosen among them).
+        tile_px: the vision tower's input side in pixels.
+        patch_px: the vision tower's patch side in pixels.
+
+    Returns:
+        The picture [C, height, width].
+    """
     per_tile = tile_px // patch_px
     h, w = best_resolution(size, pinpoints)
     n_rows, n_cols = h // tile_px, w // tile_px
@@ -123,10 +147,23 @@ def tiles_picture(tiles: np.ndarray, size: tuple[int, int], pinpoints: Sequence[
 
 def token_bound(pinpoints: Sequence[Sequence[int]], tile_px: int, patch_px: int, extra: int = 0,
                 most: int | None = None) -> int:
-    """The most image tokens one image can become: over every pinpoint's patch map and each map its unpadding can
-    leave (rows or columns less an even number), after the "anyres_max" resize where ``most`` is given. Without
-    it (LLaVA-NeXT) that is the largest pinpoint's full map; with it a map just under the resize threshold can hold
-    more tokens than a larger one resized, so every map counts (an upper bound: not every map is some image's)."""
+    """The most image tokens one image can become.
+
+    Taken over every pinpoint's patch map and each map its unpadding can leave (rows or columns less an even number),
+    after the "anyres_max" resize where ``most`` is given. Without it (LLaVA-NeXT) that is the largest pinpoint's full
+    map; with it a map just under the resize threshold can hold more tokens than a larger one resized, so every map
+    counts (an upper bound: not every map is some image's).
+
+    Args:
+        pinpoints: the checkpoint's ``image_grid_pinpoints``, each a (height, width) in pixels.
+        tile_px: the vision tower's input side in pixels.
+        patch_px: the vision tower's patch side in pixels.
+        extra: tokens before the base patches (1: a CLS kept by the ``full`` feature selection).
+        most: LLaVA-OneVision's ``N`` of "anyres_max_N"; None for LLaVA-NeXT.
+
+    Returns:
+        The bound, in image tokens (base grid, tiles and their row newlines, ``extra``).
+    """
     per_tile = tile_px // patch_px
     best = 0
     for h, w in pinpoints:

@@ -69,8 +69,21 @@ def tile_grid(config) -> tuple[int, int]:
 
 
 def whole_picture(config, n_tokens: int, n_tiles: int, where: str) -> tuple[int, int]:
-    """The grid of the whole picture (the last tile's), once ``n_tokens`` context tokens are checked to be
-    ``n_tiles`` tile grids; a one-line UserError before the model runs otherwise."""
+    """The grid of the whole picture (the last tile's), once the image tokens are checked to form the tiles.
+
+    Args:
+        config: the InternVL configuration (its vision tower and ``downsample_ratio`` give a tile's grid).
+        n_tokens: the prompt's count of image (context) tokens.
+        n_tiles: the tiles the processor made of the image (the last one is the whole picture).
+        where: the model as the error names it (``--model …``).
+
+    Returns:
+        (rows, columns) of one tile's tokens.
+
+    Raises:
+        UserError: ``n_tokens`` is not ``n_tiles`` tile grids (processor and vision tower disagree), before the model
+            runs.
+    """
     rows, cols = tile_grid(config)
     if n_tokens != n_tiles * rows * cols:
         raise UserError(f"--model {where}: the image becomes {n_tokens} image tokens, not the {n_tiles * rows * cols} "
@@ -93,8 +106,17 @@ def token_bound(processor, config) -> int | None:
 
 
 def per_prompt(model, distinct: torch.Tensor, inverse: torch.Tensor, tiles: list[int]) -> list[torch.Tensor]:
-    """Each prompt's image features ``[tiles · s², hidden]``: prompt ``b`` holds the next ``tiles[b]`` tiles of the
-    batch, tile ``t`` being ``distinct[inverse[t]]``, so the vision tower runs once per distinct tile."""
+    """Each prompt's image features, the vision tower run once per distinct tile.
+
+    Args:
+        model: the loaded InternVL model (its ``get_image_features``).
+        distinct: the batch's distinct tiles' pixel values [d, C, H, W].
+        inverse: [t] tile ``t`` of the batch is ``distinct[inverse[t]]``.
+        tiles: prompt ``b`` holds the next ``tiles[b]`` tiles of the batch.
+
+    Returns:
+        One tensor per prompt, ``[tiles[b] · s², hidden]`` (``s × s`` tokens a tile).
+    """
     feats = model.get_image_features(pixel_values=distinct, return_dict=True)
     per_tile = feats.pooler_output[inverse]
     return [chunk.reshape(-1, chunk.shape[-1]) for chunk in torch.split(per_tile, tiles)]

@@ -352,7 +352,26 @@ class PreparedModel:
 
 def prepare_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
                   device_map: str | dict | None = None, verify: bool = False) -> PreparedModel:
-    """Validate the options and load config + processor; the weights are not read."""
+    """Validate the options and load config + processor; the weights are not read.
+
+    The checkpoint's config, processor and answer tokens are checked here, so a wrong checkpoint fails before its
+    weights are read (:func:`load_weights` reads them).
+
+    Args:
+        name_or_path: a local model folder, a cached hub id, or None/``""``/``"embedded"`` for the embedded model.
+        dtype: ``float32``, ``float16`` (not on the CPU) or ``bfloat16``.
+        device: the torch device (``cpu``, ``cuda``, ``cuda:N``); checked only without ``device_map``.
+        device_map: ``--device-map`` (:func:`parse_device_map`): a strategy, one device, a JSON object or its
+            ``.json`` file, or a dict; needs accelerate.
+        verify: check a local folder's files against its MANIFEST.sha256 first.
+
+    Returns:
+        The :class:`PreparedModel` (source, config, processor, answer tokens, dtype, device, device map).
+
+    Raises:
+        UserError: a bad option, a missing package (accelerate, a processor's), ``verify`` on a hub id, a manifest
+            mismatch, or a checkpoint that cannot be read or is not supported.
+    """
     device_map = parse_device_map(device_map)
     if device_map is None:
         resolve_device(device)
@@ -457,7 +476,21 @@ def check_loading_info(where: str, info: dict) -> None:
 
 def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu",
                device_map: str | dict | None = None, verify: bool = False) -> LoadedModel:
-    """Load the embedded model (default), a local directory or a cached hub id, offline."""
+    """Load the embedded model (default), a local directory or a cached hub id, offline.
+
+    Args:
+        name_or_path: a local model folder, a cached hub id, or None/``""``/``"embedded"`` for the embedded model.
+        dtype: ``float32``, ``float16`` (not on the CPU) or ``bfloat16``.
+        device: the torch device (``cpu``, ``cuda``, ``cuda:N``); checked only without ``device_map``.
+        device_map: ``--device-map`` (:func:`parse_device_map`); needs accelerate.
+        verify: check a local folder's files against its MANIFEST.sha256 first.
+
+    Returns:
+        The :class:`LoadedModel` (:func:`prepare_model` then :func:`load_weights`).
+
+    Raises:
+        UserError: as :func:`prepare_model`, or when the weights have missing or unexpected tensors.
+    """
     return load_weights(prepare_model(name_or_path, dtype, device, device_map, verify))
 
 
@@ -517,8 +550,21 @@ def check_prompt_lengths(prep, prompts: list[str], names: list[str] | None = Non
                          max_new_tokens: int = 0) -> int:
     """Refuse any prompt the tokenizer would cut or the model cannot position; returns the longest length.
 
-    ``prep`` is a :class:`PreparedModel` or :class:`LoadedModel` (anything with
-    ``processor`` and a config). ``names`` say which question each prompt is.
+    A prompt's length counts each image placeholder as the most tokens one image can become. It is refused past the
+    tokenizer's or context's limit, past the text model's sliding window (prompt plus new tokens), past
+    ``max_position_embeddings`` (prompt plus new tokens), or when the processor itself cuts the longest prompt.
+
+    Args:
+        prep: a :class:`PreparedModel` or :class:`LoadedModel` (anything with ``processor`` and a config).
+        prompts: the prompts, with the portable image placeholder.
+        names: which question each prompt is (named in the error); None: "the prompt".
+        max_new_tokens: the tokens to be generated after the prompt (0: the prompt alone).
+
+    Returns:
+        The longest prompt's length in tokens (0 for no prompts).
+
+    Raises:
+        UserError: a prompt that would be cut or could not be positioned, naming it and the fix.
     """
     processor = prep.processor
     config = prep.config if hasattr(prep, "config") else prep.model.config

@@ -76,8 +76,17 @@ def position_rows(positions: torch.Tensor, idx) -> torch.Tensor:
 
 
 def prompt_positions(lm, inputs: dict, first: int, rows: int) -> torch.Tensor:
-    """Positions ``first …`` of one unpadded prompt (``inputs``: its model inputs, one row) for ``rows`` rows
-    that each continue it: ``[rows, T − first]``, or M-RoPE's ``[3, rows, T − first]``."""
+    """Positions ``first …`` of one unpadded prompt for ``rows`` rows that each continue it.
+
+    Args:
+        lm: the language model (its M-RoPE ``get_rope_index``, if any, via :func:`position_ids`).
+        inputs: the prompt's model inputs (one row is read: input_ids, attention_mask and the image fields).
+        first: the first position returned.
+        rows: how many rows the positions are repeated for.
+
+    Returns:
+        ``[rows, T − first]``, or M-RoPE's ``[3, rows, T − first]`` (``T`` the prompt's length).
+    """
     keys = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
     pos = position_ids(lm, {k: inputs[k][:1] for k in keys if inputs.get(k) is not None})
     pos = pos[..., first:]
@@ -116,8 +125,18 @@ def token_bound(processor) -> int | None:
 
 
 def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_processor) -> torch.Tensor:
-    """The first image of flattened patches ``pixel_values`` [patches, C·T·p·p] as ``[C, H, W]`` (normalised, as the
-    processor left it): the processor's patch layout undone (its first frame)."""
+    """The first image of flattened patches as ``[C, H, W]`` (normalised, as the processor left it).
+
+    The processor's patch layout undone (its first frame).
+
+    Args:
+        pixel_values: the flattened patches [patches, C·T·p·p].
+        grid_thw: [images, 3] each image's (frames, height, width) in patches; the first is read.
+        image_processor: the processor's image processor (its merge size, patch size, temporal patch size).
+
+    Returns:
+        [C, height·p, width·p], height and width in patches.
+    """
     t, h, w = (int(x) for x in grid_thw[0].tolist())
     m, p, temporal = image_processor.merge_size, image_processor.patch_size, image_processor.temporal_patch_size
     first = pixel_values[: t * h * w].reshape(t, h // m, w // m, m, m, -1, temporal, p, p)[0, ..., 0, :, :]
@@ -126,8 +145,18 @@ def seen_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_process
 
 
 def shared_features(lm, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's image features (one image per row) from one vision-tower run over the distinct images (the same
-    grid and equal pixels)."""
+    """Each row's image features (one image per row) from one vision-tower run over the distinct images.
+
+    Images are the same when they have the same grid and equal pixels.
+
+    Args:
+        lm: the loaded model.
+        pixel_values: the batch's flattened patches.
+        grid_thw: [B, 3] each row's image's (frames, height, width) in patches.
+
+    Returns:
+        One feature tensor per row.
+    """
     return shared_outputs(lm, pixel_values, grid_thw)[0]
 
 
@@ -173,8 +202,18 @@ def _image_only(base):
 
 
 def image_only_processor(model_type: str, image_processor, tokenizer, chat_template=None):
-    """``model_type``'s processor (Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor) from an image processor
-    and a tokenizer."""
+    """``model_type``'s processor from an image processor and a tokenizer.
+
+    Args:
+        model_type: ``qwen2_5_vl``, ``qwen2_vl`` or ``qwen3_vl`` (Qwen2_5_VLProcessor, Qwen2VLProcessor,
+            Qwen3VLProcessor).
+        image_processor: the checkpoint's image processor.
+        tokenizer: the checkpoint's tokenizer.
+        chat_template: the processor's chat template (None: none).
+
+    Returns:
+        The processor, limited to images (the image-only subclass of the transformers processor).
+    """
     import transformers
 
     base = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor",

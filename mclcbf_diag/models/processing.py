@@ -71,7 +71,22 @@ def _placeholder_problem(processor, prompts, images) -> str | None:
 
 
 def run_processor(processor, where: str, text, images, **kwargs):
-    """``processor(text=…, images=…, **kwargs)`` with the portable placeholder translated; its errors as one line."""
+    """``processor(text=…, images=…, **kwargs)`` with the portable placeholder translated; its errors as one line.
+
+    Args:
+        processor: the checkpoint's processor.
+        where: the model as the error names it (``--model …``).
+        text: a prompt or a list of prompts, with the portable placeholder (one per image).
+        images: the images, as the processor takes them.
+        **kwargs: passed to the processor (e.g. ``return_tensors``, ``padding``, ``truncation``).
+
+    Returns:
+        The processor's outputs.
+
+    Raises:
+        UserError: the processor needs a package that is not installed, or refused the prompt and images (e.g. a
+            placeholder count that does not match the images).
+    """
     prompts = [processor_prompt(processor, t) for t in text] if isinstance(text, (list, tuple)) else \
         processor_prompt(processor, text)
     try:
@@ -91,9 +106,22 @@ def run_processor(processor, where: str, text, images, **kwargs):
 
 
 def padded_inputs(lm, prompts: list[str], images: list) -> dict:
-    """The processor's tensors for a batch of prompts (one image each), left-padded, on the model's device, with the
-    ``position_ids`` each row runs at alone; a one-line UserError for a prompt without exactly one placeholder or a
-    tokenizer without a pad token."""
+    """The processor's tensors for a batch of prompts (one image each), left-padded, on the model's device.
+
+    With the ``position_ids`` each row runs at alone.
+
+    Args:
+        lm: the loaded model.
+        prompts: one prompt a row, each with exactly one image placeholder.
+        images: one image a row.
+
+    Returns:
+        The model inputs (``input_ids``, ``attention_mask``, ``position_ids``, the image fields).
+
+    Raises:
+        UserError: a prompt without exactly one placeholder, or a tokenizer without a pad token.
+        ValueError: not one image per prompt, or no prompts (a programming error).
+    """
     if len(prompts) != len(images) or not prompts:
         raise ValueError(f"need one image per prompt, got {len(prompts)} prompts and {len(images)} images")
     prompts = [processor_prompt(lm.processor, p) for p in prompts]  # the portable <image> → the processor's own
@@ -128,10 +156,20 @@ def patch_grid_shape(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, 
 def check_image_grid(n_image_tokens: int, grid: tuple[int, int], where: str, extra: int = 0) -> tuple[int, int]:
     """The image's patch grid, or a UserError before the model runs when the overlay could not draw it.
 
-    ``n_image_tokens`` is the prompt's count of image tokens, ``grid`` the patch grid of its
-    ``pixel_values`` and ``extra`` the tokens beyond the patches (1: a CLS token kept by the
-    ``full`` feature selection). A count that is not ``rows · columns + extra`` does not form
-    the grid; a grid that is not square is refused too, as the overlay draws square grids.
+    A count that is not ``rows · columns + extra`` does not form the grid; a grid that is not square is refused too,
+    as the overlay draws square grids.
+
+    Args:
+        n_image_tokens: the prompt's count of image tokens.
+        grid: the (rows, columns) patch grid of its ``pixel_values``.
+        where: the model as the error names it (``--model …``).
+        extra: the tokens beyond the patches (1: a CLS token kept by the ``full`` feature selection).
+
+    Returns:
+        ``grid``, checked.
+
+    Raises:
+        UserError: the count does not form the grid, or the grid is not square.
     """
     rows, cols = grid
     if n_image_tokens != rows * cols + extra:

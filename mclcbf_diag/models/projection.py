@@ -24,7 +24,17 @@ from ..measurements.probes import rms_norm
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm over the last dimension, in ``x``'s dtype (for LayerNorm architectures)."""
+    """LayerNorm over the last dimension, in ``x``'s dtype (for LayerNorm architectures).
+
+    Args:
+        x: the input [..., d].
+        weight: the norm's weight [d].
+        eps: the norm's epsilon.
+        bias: the norm's bias [d] (None: none).
+
+    Returns:
+        The normalised ``x``, shaped as ``x``.
+    """
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
@@ -32,6 +42,14 @@ def rms_norm_offset(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     """Gemma's RMSNorm, ``x̂ · (1 + w)`` in float32 (float64 stays float64), cast back to ``x``'s dtype.
 
     Unlike Llama's (:func:`~mclcbf_diag.measurements.probes.rms_norm`), the product is taken before the cast.
+
+    Args:
+        x: the input [..., d].
+        weight: the norm's weight w [d] (the offset from 1).
+        eps: the norm's epsilon.
+
+    Returns:
+        The normalised ``x``, in ``x``'s dtype.
     """
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = x.to(math_dtype)
@@ -100,20 +118,48 @@ def project_keys(x_seq: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: t
                  normalized: bool = False) -> torch.Tensor:
     """Keys [KV, seq, hd] from residuals x_seq [seq, d] (norm → k_proj → k-norm → rotary).
 
-    ``cos``/``sin`` are [seq, hd] (the rotary embedding's output for one row).
-    ``normalized=True`` means ``x_seq`` already is the input norm's output.
+    Args:
+        x_seq: the layer's input residuals [seq, d].
+        w: the layer's weights.
+        cos: [seq, hd], the rotary embedding's output for one row.
+        sin: [seq, hd], likewise.
+        normalized: ``x_seq`` already is the input norm's output (the norm is skipped).
+
+    Returns:
+        The keys [KV, seq, hd], one per key-value head.
     """
     return _project(x_seq, w, "k", w.n_kv_heads, cos, sin, normalized)
 
 
 def project_queries(x_tok: torch.Tensor, w: LayerWeights, cos_tok: torch.Tensor, sin_tok: torch.Tensor, *,
                     normalized: bool = False) -> torch.Tensor:
-    """Queries [H, n_tok, hd] from residuals x_tok [n_tok, d] (norm → q_proj → q-norm → rotary)."""
+    """Queries [H, n_tok, hd] from residuals x_tok [n_tok, d] (norm → q_proj → q-norm → rotary).
+
+    Args:
+        x_tok: the layer's input residuals of the query tokens [n_tok, d].
+        w: the layer's weights.
+        cos_tok: [n_tok, hd], the rotary embedding's output at those tokens' positions.
+        sin_tok: [n_tok, hd], likewise.
+        normalized: ``x_tok`` already is the input norm's output (the norm is skipped).
+
+    Returns:
+        The queries [H, n_tok, hd].
+    """
     return _project(x_tok, w, "q", w.n_heads, cos_tok, sin_tok, normalized)
 
 
 def attention_rows(q: torch.Tensor, keys: torch.Tensor, w: LayerWeights, query_positions) -> torch.Tensor:
-    """Causal softmax rows [H, n, seq] of queries q [H, n, hd] over keys [KV, seq, hd] (and the layer's window)."""
+    """Causal softmax rows [H, n, seq] of queries q [H, n, hd] over keys [KV, seq, hd] (and the layer's window).
+
+    Args:
+        q: the queries [H, n, hd] (:func:`project_queries`).
+        keys: the keys [KV, seq, hd] (:func:`project_keys`), repeated to the query heads.
+        w: the layer's weights (its scaling and sliding window).
+        query_positions: the n queries' positions; keys after a query, or a window or more before it, are masked.
+
+    Returns:
+        The attention probabilities [H, n, seq].
+    """
     k = w.expand_kv(keys.to(q.dtype))
     scores = torch.matmul(q, k.transpose(-1, -2)) * w.scaling
     pos = torch.as_tensor(query_positions, device=q.device).reshape(-1, 1)

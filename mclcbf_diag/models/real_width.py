@@ -48,10 +48,17 @@ LLAVA_1_5_7B: dict = json.loads((Path(__file__).with_name("llava-1.5-7b.json")).
 def llava15_7b_config(text_layers: int | None = None, vision_layers: int | None = None, *,
                       image_token_id: int | None = None, pad_token_id: int | None = None,
                       widths: dict | None = None) -> LlavaConfig:
-    """LLaVA-1.5-7B's configuration, with ``text_layers``/``vision_layers`` decoder layers (None: 32/24).
+    """LLaVA-1.5-7B's configuration, with ``text_layers``/``vision_layers`` decoder layers.
 
-    ``image_token_id``/``pad_token_id`` replace 32000/32001 when a stand-in tokenizer is used.
-    ``widths`` overrides text/vision fields (``{"text": {...}, "vision": {...}}``) for reduced tests.
+    Args:
+        text_layers: the text model's decoder layers (None: 32).
+        vision_layers: the vision tower's layers (None: 24).
+        image_token_id: replaces 32000 when a stand-in tokenizer is used.
+        pad_token_id: replaces 32001 when a stand-in tokenizer is used.
+        widths: overrides text/vision fields (``{"text": {...}, "vision": {...}}``) for reduced tests.
+
+    Returns:
+        The :class:`LlavaConfig`, with eager attention.
     """
     spec = copy.deepcopy(LLAVA_1_5_7B)
     text, vision = spec["text_config"], spec["vision_config"]
@@ -79,7 +86,17 @@ def llava15_7b_config(text_layers: int | None = None, vision_layers: int | None 
 
 def build_random_llava(config: LlavaConfig, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                        seed: int = 0) -> LlavaForConditionalGeneration:
-    """A LLaVA with seeded random weights (``device="meta"``: shapes only, no memory)."""
+    """A LLaVA with seeded random weights (``device="meta"``: shapes only, no memory).
+
+    Args:
+        config: its configuration (e.g. :func:`llava15_7b_config`).
+        dtype: the weights' dtype (not applied on ``meta``).
+        device: where the weights are made; ``"meta"``: shapes only.
+        seed: the torch seed the weights are drawn with.
+
+    Returns:
+        The model in eval mode, with eager attention.
+    """
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)
@@ -220,8 +237,17 @@ def build_random_model(config, family: str, *, dtype: torch.dtype = torch.float3
                        norms_away_from_one: bool = False):
     """``family``'s model with seeded random weights (``device="meta"``: shapes only).
 
-    ``norms_away_from_one`` draws every norm weight around its identity value (1, or 0 for Gemma's ``1 + w``), so a
-    look-ahead that skipped or misplaced a norm would show.
+    Args:
+        config: its configuration.
+        family: the family (:func:`architecture` picks its model class).
+        dtype: the weights' dtype (not applied on ``meta``).
+        device: where the weights are made; ``"meta"``: shapes only.
+        seed: the torch seed the weights are drawn with.
+        norms_away_from_one: draw every norm weight around its identity value (1, or 0 for Gemma's ``1 + w``; a
+            standard deviation of 0.5), so a look-ahead that skipped or misplaced a norm would show.
+
+    Returns:
+        The model in eval mode, with eager attention.
     """
     torch.manual_seed(seed)
     with torch.device(device):

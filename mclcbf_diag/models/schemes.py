@@ -61,7 +61,23 @@ class ImageScheme:
         """Make the loaded model take shared image features (nothing here: LLaVA's merge takes a list)."""
 
     def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
-        """(rows, columns) of the overlay's grid for the first prompt of ``enc`` with ``n_tokens`` image tokens."""
+        """(rows, columns) of the overlay's grid for the first prompt of ``enc`` with ``n_tokens`` image tokens.
+
+        Here one patch grid of ``pixel_values`` (plus a CLS under the ``full`` feature selection), checked by
+        :func:`check_image_grid`.
+
+        Args:
+            config: the model's configuration.
+            enc: the processor's outputs for the batch (``pixel_values`` and the family's image fields).
+            n_tokens: the first prompt's count of image tokens.
+            where: the model as the error names it (``--model …``).
+
+        Returns:
+            (rows, columns) of the grid.
+
+        Raises:
+            UserError: the image tokens do not form the grid, or the grid is not square.
+        """
         strategy = getattr(config, "vision_feature_select_strategy", "default")
         grid = patch_grid_shape(enc["pixel_values"], config.vision_config.patch_size)
         return check_image_grid(n_tokens, grid, where, extra=int(strategy == "full"))
@@ -134,6 +150,22 @@ class AnyresScheme(ImageScheme):
                              most=most)
 
     def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        """The anyres base grid, once ``n_tokens`` is checked against the image's layout.
+
+        Without a layout, the fixed grid of :class:`ImageScheme`.
+
+        Args:
+            config: the model's configuration.
+            enc: the processor's outputs for the batch (``pixel_values`` and the family's image fields).
+            n_tokens: the first prompt's count of image tokens.
+            where: the model as the error names it (``--model …``).
+
+        Returns:
+            (rows, columns) of the base grid.
+
+        Raises:
+            UserError: ``n_tokens`` is not the layout's count (base grid, tiles, a newline per row).
+        """
         layout = self.layout(config, enc)
         if layout is None:
             return super().image_grid(config, enc, n_tokens, where)
@@ -211,6 +243,20 @@ class InternVLScheme(ImageScheme):
         internvl.prepare(model)  # shared image features as InternVL merges them
 
     def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        """The whole picture's tile grid (:func:`internvl.whole_picture`).
+
+        Args:
+            config: the model's configuration.
+            enc: the processor's outputs for the batch (``pixel_values`` and the family's image fields).
+            n_tokens: the first prompt's count of image tokens.
+            where: the model as the error names it (``--model …``).
+
+        Returns:
+            (rows, columns) of one tile's tokens.
+
+        Raises:
+            UserError: ``n_tokens`` is not the tiles' grids.
+        """
         return internvl.whole_picture(config, n_tokens, int(enc["pixel_values"].shape[0]), where)
 
     def grid_mask(self, config, image_mask: torch.Tensor) -> torch.Tensor:
@@ -243,6 +289,20 @@ class Gemma3Scheme(ImageScheme):
                             "preprocessor_config.json")
 
     def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        """The pooled square grid of ``mm_tokens_per_image`` tokens.
+
+        Args:
+            config: the model's configuration.
+            enc: the processor's outputs for the batch (``pixel_values`` and the family's image fields).
+            n_tokens: the first prompt's count of image tokens.
+            where: the model as the error names it (``--model …``).
+
+        Returns:
+            (side, side).
+
+        Raises:
+            UserError: more than one image (pan-and-scan crops), or a count that is not one pooled square grid.
+        """
         per_image, n_images = int(config.mm_tokens_per_image), len(enc["pixel_values"])
         side = int(round(per_image ** 0.5))
         if n_images != 1 or n_tokens != per_image or side * side != per_image:
@@ -268,6 +328,20 @@ class QwenVLScheme(ImageScheme):
         return mrope.load_processor(where, config)
 
     def image_grid(self, config, enc, n_tokens: int, where: str) -> tuple[int, int]:
+        """The merged patch grid of the first image (``image_grid_thw``).
+
+        Args:
+            config: the model's configuration.
+            enc: the processor's outputs for the batch (``pixel_values`` and the family's image fields).
+            n_tokens: the first prompt's count of image tokens.
+            where: the model as the error names it (``--model …``).
+
+        Returns:
+            (rows, columns) after the spatial merge.
+
+        Raises:
+            UserError: ``n_tokens`` is not the merged grid's count.
+        """
         rows, cols = mrope.image_grid(config, enc)
         want = mrope.image_tokens(config, enc["image_grid_thw"][:1])[0]
         if n_tokens != want or rows * cols != want:

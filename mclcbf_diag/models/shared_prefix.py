@@ -68,8 +68,16 @@ class SharedPrefix:
 def continuation_mask(attention_mask: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask ``[rows, 1, T − start, T]`` of queries ``start … T−1`` over all ``T`` keys.
 
-    A key is visible when it is not padding (``attention_mask`` 1) and not after the query
-    (causal); hidden keys get ``finfo(dtype).min``, as in transformers' eager masks.
+    A key is visible when it is not padding (``attention_mask`` 1) and not after the query (causal); hidden keys get
+    ``finfo(dtype).min``, as in transformers' eager masks.
+
+    Args:
+        attention_mask: [rows, T] 1 for a token, 0 for padding.
+        start: the first query's position.
+        dtype: the mask's dtype (the attention's).
+
+    Returns:
+        The mask ``[rows, 1, T − start, T]``.
     """
     T = attention_mask.shape[1]
     keys = torch.arange(T, device=attention_mask.device)
@@ -95,9 +103,21 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
                             attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """Eager attention over the shared prefix of :func:`continuing` plus the rows' own keys.
 
-    ``query`` ``[rows, H, s, D]``; ``key``/``value`` ``[rows, kv heads, s, D]`` (positions
-    ``start …`` only). Returns ``(output [rows, s, H, D], probabilities [rows, H, s, start + s])``
-    like transformers' ``eager_attention_forward``.
+    A drop-in for transformers' ``eager_attention_forward``: the prefix's keys and values are those the module's
+    shared prefix holds for its layer, shared by each group of rows.
+
+    Args:
+        module: the attention module (its ``layer_idx`` and shared prefix).
+        query: the rows' queries ``[rows, H, s, D]``.
+        key: the rows' own keys ``[rows, kv heads, s, D]`` (positions ``start …`` only).
+        value: the rows' own values, shaped as ``key``.
+        attention_mask: an additive mask, broadcast to the scores ``[rows, H, s, start + s]``; or None.
+        scaling: the queries' scale (the module's).
+        dropout: unused (eval only); taken for the signature.
+        **kwargs: unused; taken for the signature.
+
+    Returns:
+        ``(output [rows, s, H, D], probabilities [rows, H, s, start + s])`` like ``eager_attention_forward``.
     """
     prefix: SharedPrefix = module._mclcbf_shared_prefix
     keys, values = prefix.keys[module.layer_idx], prefix.values[module.layer_idx]

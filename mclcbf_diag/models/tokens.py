@@ -56,6 +56,19 @@ def _variants(tokenizer, spellings) -> dict[str, int]:
 
 
 def answer_tokens(tokenizer, image_token_id: int | None, where: str) -> AnswerTokens:
+    """The model's answer and image tokens, read from its tokenizer.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        image_token_id: the config's image token id.
+        where: the model as the error names it.
+
+    Returns:
+        The :class:`AnswerTokens`: image token, Yes and No, their spelling variants, and the BOS (None: none).
+
+    Raises:
+        UserError: no image token in the vocabulary, or no token for the answer Yes or No.
+    """
     vocab = tokenizer.get_vocab()
     if image_token_id is None or image_token_id not in vocab.values():
         raise UserError(f"model at {where} has no image token (config image_token_id="
@@ -93,14 +106,25 @@ class Sink:
 
 def find_sink(input_ids: torch.Tensor, bos_token_id: int | None, decision_rows: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None) -> Sink:
-    """The attention sink of one prompt (``input_ids`` [seq] or [1, seq], no padding).
+    """The attention sink of one prompt.
 
-    Position 0 when it holds the BOS token. Otherwise the measured sink: from
-    ``decision_rows`` [..., seq] (the decision token's softmax rows in the baseline, any
-    leading dimensions such as layers × heads), the key with the largest mean attention among
-    those that are not image tokens (``image_mask`` [seq]) and come before the decision token
-    (the last position); ties go to the earliest. Without a BOS and without rows it raises a
-    ValueError: such a sink can only be measured.
+    Position 0 when it holds the BOS token. Otherwise the measured sink: the key with the largest mean attention in
+    ``decision_rows`` among those that are not image tokens and come before the decision token (the last position);
+    ties go to the earliest.
+
+    Args:
+        input_ids: the prompt [seq] or [1, seq], no padding.
+        bos_token_id: the tokenizer's BOS id (None: none).
+        decision_rows: [..., seq] the decision token's softmax rows in the baseline, any leading dimensions such as
+            layers × heads.
+        image_mask: [seq] the image tokens, never the sink.
+
+    Returns:
+        The :class:`Sink` (position, ``"BOS"`` or ``"measured sink"``).
+
+    Raises:
+        ValueError: no BOS and no rows (such a sink can only be measured), or every earlier position is an image
+            token.
     """
     ids = input_ids.reshape(-1)
     if bos_token_id is not None and len(ids) and int(ids[0]) == int(bos_token_id):
@@ -142,11 +166,18 @@ def span_problem(span: tuple[int, int], image_positions: Sequence[int] | torch.T
                  known_offset: int = SEED_OFFSET) -> str | None:
     """What a configured image span ``[a, b)`` gets wrong against the detected image tokens, in one line, or None.
 
-    ``image_positions`` are the positions of the detected image tokens and ``decision`` the
-    decision token's (the last prompt token's). Problems, the worst first: the span covers the
-    decision token (or tokens after it); it covers more than ``known_offset`` non-image tokens;
-    it misses more than ``known_offset`` image tokens. The seed's ``[1, 577)`` on llava-hf's
-    layout (image 5–580) covers 4 and misses 4: the known offset, so None.
+    Problems, the worst first: the span covers the decision token (or tokens after it); it covers more than
+    ``known_offset`` non-image tokens; it misses more than ``known_offset`` image tokens. The seed's ``[1, 577)`` on
+    llava-hf's layout (image 5–580) covers 4 and misses 4: the known offset, so None.
+
+    Args:
+        span: the configured span ``(a, b)``, positions ``a … b − 1``.
+        image_positions: the positions of the detected image tokens.
+        decision: the decision token's position (the last prompt token's).
+        known_offset: the non-image tokens covered, or image tokens missed, tolerated (the seed's offset).
+
+    Returns:
+        The problem and its fix in one line, or None.
     """
     a, b = int(span[0]), int(span[1])
     image = sorted({int(p) for p in (image_positions.tolist() if isinstance(image_positions, torch.Tensor)

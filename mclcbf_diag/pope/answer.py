@@ -351,13 +351,18 @@ def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs:
     answering any one run alone costs as much.
 
     Args:
+        lm: the loaded model.
         jobs: every question of the runs, in order (the union of ``todos`` is answered in this order).
         todos: per run, the questions its folder lacks.
+        config: the intervention (as in :func:`answer_jobs`).
         outs: the runs' folders (already claimed), in the order of ``decodings`` and ``run_ids``.
+        batch_size: questions per batch.
         decodings: one sampled :class:`~mclcbf_diag.measurements.sampling.Decoding` per run.
         run_ids: each run's id, stamped on its rows.
+        template: the prompt template; None: the default.
         timings: each run's timing record (None: not timed).
-        Others: as :func:`run_jobs`.
+        progress: whether to show a progress bar on stderr.
+        on_batch: called as ``on_batch(n)`` after the n-th batch (from 1) is on disk.
     """
     from ..progress import tqdm
 

@@ -323,8 +323,18 @@ def paired_section(paired):
 
 
 def count_links(records: list[dict], ledger, identity: dict) -> str:
-    """A trusted HTML fragment: per split, each outcome count (and the bias control's) links to a folded list of
-    its questions; every text is escaped, anchors are made from indices only."""
+    """A trusted HTML fragment: per split, each outcome count (and the bias control's) links to a folded list.
+
+    Each list holds its questions; every text is escaped, anchors are made from indices only.
+
+    Args:
+        records: the run's answer rows.
+        ledger: the bias-control ledger (a frame with split, question_id, survives_control; empty: none).
+        identity: the run's identity (its ``splits`` order the groups).
+
+    Returns:
+        The HTML fragment.
+    """
     import html
 
     groups = [s for s in _split_groups(records, identity.get("splits", [])) if s != "all"]

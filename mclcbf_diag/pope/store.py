@@ -261,7 +261,16 @@ def unique_sorted(records: list[dict], split_order: list[str]) -> tuple[list[dic
 def pending(jobs: list[Job], out: Path, rid: str | None = None) -> list[Job]:
     """The jobs not yet in ``out/answers.jsonl`` (a partial last line is cut off first).
 
-    With ``rid``, a row stamped with another run_id is refused (rows of two runs never mix).
+    Args:
+        jobs: the run's jobs.
+        out: the run folder.
+        rid: this run's run_id; a row stamped with another is refused (rows of two runs never mix). None: not checked.
+
+    Returns:
+        The jobs without a row, in order.
+
+    Raises:
+        UserError: a row written by another run.
     """
     rows = read_records(out / ANSWERS, repair=True)[0]
     if rid is not None:
@@ -322,13 +331,23 @@ def resumed_together(outs: list[Path], identities: list[dict], jobs: list, load:
                      resume_anyway: bool = False):
     """:func:`resumed` for several run folders answered by one pass (``pope --seeds``: one forward, a draw per seed).
 
-    Every folder is locked and claimed for its own identity before anything is answered; the model loads once
-    when any folder lacks a question, and ``answer(model, todos)`` gets each folder's missing jobs (``todos[i]``
-    for ``outs[i]``, possibly empty) and appends each folder's rows. A failed load leaves every folder that held
-    no answer as it was found.
+    Every folder is locked and claimed for its own identity before anything is answered; the model loads once when
+    any folder lacks a question. A failed load leaves every folder that held no answer as it was found.
+
+    Args:
+        outs: the run folders (each made if needed).
+        identities: each folder's run description (:func:`claim_out_dir`; its ``splits`` order the rows).
+        jobs: every question of the run, the same for every folder.
+        load: ``load()`` returns the model; called only when some folder lacks a question.
+        answer: ``answer(model, todos)`` gets each folder's missing jobs (``todos[i]`` for ``outs[i]``, possibly
+            empty) and appends each folder's rows.
+        resume_anyway: see :func:`claim_out_dir`.
 
     Returns:
         A context manager yielding, per folder, the rows of ``jobs`` (as :func:`resumed`).
+
+    Raises:
+        UserError: as :func:`resumed`, for any of the folders.
     """
     with ExitStack() as stack:
         fresh, todos = [], []

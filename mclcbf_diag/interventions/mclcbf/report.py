@@ -215,6 +215,13 @@ def _tau(records) -> float | None:
 def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id, steered) -> dict:
     """The step's size per layer and the barrier against τ (those the records support).
 
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers shaded as steered (None: those the records show).
+
     Returns:
         ``{"step_size": …, "barrier": …}``, without a figure whose metrics the records lack.
     """
@@ -230,6 +237,16 @@ def figures(records: pd.DataFrame, *, phase: str, decode_step: int, question_id,
 def step_size_figure(records: pd.DataFrame, phase: str = "prefill", decode_step: int = 0, question_id=None,
                      steered: tuple[int, ...] | None = None) -> go.Figure | NoFigure:
     """‖θ*‖/‖x‖ per steered layer (log); a :class:`NoFigure` with the reason when no step was taken.
+
+    Args:
+        records: a tidy records frame.
+        phase: ``"prefill"`` or ``"decode"``.
+        decode_step: the decode step (0: the prefill decision token).
+        question_id: the question drawn; None: the only one in ``records``.
+        steered: the layers shaded as steered (None: those the records show).
+
+    Returns:
+        The figure, or a :class:`NoFigure` saying why no step was taken.
     """
     df = select(records, phase, decode_step, question_id)
     require(df, "theta_rel")
