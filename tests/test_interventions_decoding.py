@@ -118,7 +118,7 @@ def test_captured_generation_is_refused_and_answers_are_generated_by_the_loop(em
 
     lm, (prompts, images) = embedded_model, batch
     # the runner refuses generate() under nnsight (trace takes engine/decode's loop instead)
-    with pytest.raises(UserError, match="first answer token's distribution"):
+    with pytest.raises(UserError, match="generate through mclcbf_diag.engine.decode.generate"):
         forward(lm, lm.inputs(prompts[0], images[0]), LayerMix(), generate=greedy(2))
     got = answer_batch(lm, prompts[:1], images[:1], LayerMix(), True, max_new_tokens=2)
     inputs = batch_inputs(lm, prompts[:1], images[:1], share_images=False)

@@ -380,8 +380,9 @@ class _Run:
 def _refuse_generation(intervention: Intervention | None, steer: bool, generating: bool) -> None:
     """A UserError before any forward when a decoding-level method would have to act on generated tokens."""
     if generating and intervention is not None and steer and "logits" in intervention.open_sites(True):
-        raise UserError(f"--intervention {intervention.name} acts on the first answer token's distribution; "
-                        "generation under it is not supported yet: use a first-token answer (no new tokens)")
+        raise UserError(f"--intervention {intervention.name} chooses tokens from its own combined scores, which "
+                        "transformers' generate cannot take: generate through mclcbf_diag.engine.decode.generate "
+                        "(what pope --generate and trace --max-new-tokens do), or read a first-token answer")
 
 
 def _aux_features(lm: LoadedModel, inputs: dict, rows: list[Row], intervention: Intervention | None, whole: bool):

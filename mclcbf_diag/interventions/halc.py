@@ -52,8 +52,8 @@ detection, and no box for an annotated object that is not drawn (a hidden partne
 GroundingDINO. A real detector misses small and faint objects, finds objects that are not there
 (its own hallucinations, which HALC then contrasts around), returns several boxes for one word
 (over ``max_boxes``: the word is skipped) and depends on ``box_threshold``; with it HALC's views
-are as good as its detections, and a figure measured with the oracle is an upper bound on what
-the grounding contributes. Any object with ``boxes(image, word)`` plugs in, from Python:
+are as good as its detections, and a figure measured with the oracle is HALC with perfect grounding
+(no run here compares it with a real detector's). Any object with ``boxes(image, word)`` plugs in, from Python:
 ``HALC.from_preset("pope").with_detector(my_detector)`` (or ``HALC(knobs, detector=...)``), passed to
 ``answer_pair``/``run_jobs`` like any intervention. The detector is part of a run's identity
 (:meth:`HALC.components`, :func:`detector_name`: ``oracle``, or the class's qualified name with the detector's
