@@ -75,7 +75,7 @@ from .rulebook import (
     select,
 )
 
-__all__ = ["Cause", "ORDER", "GENERIC_RULES", "diagnose", "causes_frame", "verdict"]
+__all__ = ["Cause", "ORDER", "GENERIC_RULES", "diagnose", "causes_frame", "verdict_text"]
 
 ROUNDING_SURVIVAL_MIN = 0.5  # ‖round(x+v)−x‖/‖v‖ below this: most of the step was rounded away
 
