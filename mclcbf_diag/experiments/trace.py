@@ -23,6 +23,7 @@ import torch
 from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
 from ..engine.decode import extended
 from ..engine.runner import Keep, RunCapture, StepCapture, forward, greedy, with_embeds
+from ..errors import UserError
 from ..interventions import Intervention, as_intervention
 from ..interventions.base import rows_of
 from ..measurements.measure import run_records
@@ -182,9 +183,15 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
         method's views, ``label_yes`` for a labeled question), the runs' captures and the question.
 
     Raises:
-        UserError: the template lacks ``<image>`` or ``{question}``.
+        UserError: the template lacks ``<image>`` or ``{question}``; OPERA with ``max_new_tokens`` (it generates by
+            its beam search, which is not a loop of one sequence trace can record).
     """
     iv = as_intervention(intervention)
+    if max_new_tokens > 0 and iv.name == "opera":
+        raise UserError(f"--intervention opera --max-new-tokens {max_new_tokens}: OPERA generates by its beam "
+                        "search, which trace does not record; drop --max-new-tokens (its first-token penalty), or "
+                        "generate with: mclcbf-diag pope --intervention opera --decoding beam --num-beams 5 "
+                        "--generate N")
     text = question.text if isinstance(question, PopeQuestion) else question
     if question_id is None:
         question_id = question.question_id if isinstance(question, PopeQuestion) else 0
