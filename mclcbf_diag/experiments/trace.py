@@ -160,7 +160,7 @@ def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LL
 
 def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervention, *,
                  max_new_tokens: int = 0, question_id=None, multiplier: float = 1.0,
-                 baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
+                 template: str = LLAVA_PROMPT) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
     With ``max_new_tokens`` under a decoding-level method (one that reads the ``logits`` site) both runs are
@@ -175,7 +175,6 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
         max_new_tokens: tokens generated after the prompt (greedy); 0: the prefill only.
         question_id: labels the records; None: the question's own id, 0 for a bare prompt.
         multiplier: scales what the intervention changes (the dose).
-        baseline: an earlier baseline run of the same intervention to reuse (explain does this); None: run here.
         template: the prompt around the question (with ``<image>`` and ``{question}``).
 
     Returns:
@@ -198,12 +197,10 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     prompt, inputs = sample_inputs(lm, text, image, template)
     extra = []
     if max_new_tokens > 0 and "logits" in iv.open_sites(True):
-        baseline, steered, extra = _generated_runs(lm, prompt, image, iv, max_new_tokens, question_id, multiplier,
-                                                   baseline)
+        baseline, steered, extra = _generated_runs(lm, prompt, image, iv, max_new_tokens, question_id, multiplier)
     else:
-        if baseline is None:
-            baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
-                               keep=Keep(embeds=True)).captures[0]
+        baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
+                           keep=Keep(embeds=True)).captures[0]
         steered = forward(lm, with_embeds(inputs, baseline), iv, generate=greedy(max_new_tokens),
                           dose=multiplier).captures[0]
         extra = _view_records(lm, inputs, iv, question_id, max_new_tokens)
@@ -222,8 +219,8 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
                        lambda i: tok.decode([i]))
 
 
-def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int, question_id, dose: float,
-                    baseline: RunCapture | None) -> tuple[RunCapture, RunCapture, list]:
+def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int, question_id,
+                    dose: float) -> tuple[RunCapture, RunCapture, list]:
     """Baseline and intervened generation under a decoding-level method, as ``pope --generate`` runs it.
 
     Both are :func:`~mclcbf_diag.engine.decode.generate`'s loop over the prompt as ``pope`` batches it (a batch of
@@ -239,8 +236,7 @@ def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int
     from ..engine.decode import generate
 
     inputs = batch_inputs(lm, [prompt], [image], share_images=False)
-    if baseline is None:
-        baseline = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, steer=False, keep=Keep()).captures()[0]
+    baseline = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, steer=False, keep=Keep()).captures()[0]
     iv.sources([prompt], [image])
     gen = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, keep=Keep(), dose=dose)
     steered = gen.captures()[0]
