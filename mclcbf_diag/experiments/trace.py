@@ -194,16 +194,16 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
     text = question.text if isinstance(question, PopeQuestion) else question
     if question_id is None:
         question_id = question.question_id if isinstance(question, PopeQuestion) else 0
-    prompt, inputs = sample_inputs(lm, text, image, template)
-    extra = []
+    prompt, extra = build_prompt(text, template), []
     if max_new_tokens > 0 and "logits" in iv.open_sites(True):
         baseline, steered, extra = _generated_runs(lm, prompt, image, iv, max_new_tokens, question_id, multiplier)
     else:
+        inputs = lm.inputs(prompt, image)
         baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
                            keep=Keep(embeds=True)).captures[0]
         steered = forward(lm, with_embeds(inputs, baseline), iv, generate=greedy(max_new_tokens),
                           dose=multiplier).captures[0]
-        extra = _view_records(lm, inputs, iv, question_id, max_new_tokens)
+        extra = _view_records(lm, inputs, iv, question_id)  # the prompt's views: here max_new_tokens > 0 opens none
     base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
     steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
     parts = [base_records, steer_records, *extra]
@@ -253,16 +253,15 @@ def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int
     for step in steered.steps:
         if step.decode_step:
             full = extended(lm, full, steered.generated[:, steered.prompt_len + step.decode_step - 1])
-        extra += _view_records(lm, full, iv, question_id, 0, step)
+        extra += _view_records(lm, full, iv, question_id, step)
     return baseline, steered, extra
 
 
-def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, max_new_tokens: int,
-                  step: StepCapture | None = None) -> list:
+def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, step: StepCapture | None = None) -> list:
     """Records of the auxiliary forwards the intervention contrasts with (condition ``view:NAME``), measured as the
     baseline is: the same probes on the question as the method's other view shows it (VCD: the noised image).
     ``step``: the generation step whose sequence ``inputs`` holds (the records take its phase and decode step)."""
-    if iv is None or max_new_tokens > 0 or "logits" not in iv.open_sites(True):
+    if iv is None or "logits" not in iv.open_sites(True):
         return []
     rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
     out = []
