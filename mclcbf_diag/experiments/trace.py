@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
-from ..engine.decode import extended
+from ..engine.decode import extended, label_step
 from ..engine.runner import Keep, RunCapture, StepCapture, forward, greedy, with_embeds
 from ..errors import UserError
 from ..interventions import Intervention, as_intervention
@@ -268,7 +268,7 @@ def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, step: StepCapt
     for name, view in iv.views(lm, inputs, rows).items():
         cap = forward(lm, view).captures[0]
         if step is not None:
-            cap.steps[0].phase, cap.steps[0].decode_step = step.phase, step.decode_step
+            label_step(cap.steps[0], step.decode_step)
             cap.prompt_len = cap.prompt_len - step.decode_step  # the prompt's length (the sink, the image mask)
             cap.detected = cap.detected[:cap.prompt_len]
         out.append(run_records(lm, cap, question_id=question_id, condition=f"view:{name}"))
