@@ -32,6 +32,7 @@ from mclcbf_diag.cli import main
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, batch_inputs
 from mclcbf_diag.engine.decode import generate
+from mclcbf_diag.errors import UserError
 from mclcbf_diag.experiments.trace import decoded, trace_sample
 from mclcbf_diag.interventions import resolve
 from mclcbf_diag.interventions.dola import DoLa, DoLaKnobs
@@ -232,6 +233,15 @@ def test_trace_refuses_operas_beam_before_torch_loads(tmp_path):
                               "--intervention opera --max-new-tokens 2", "beam search",
                               "pope --intervention opera --decoding beam")
     assert not torch_loaded and not (tmp_path / "reports").exists()
+
+
+def test_trace_sample_refuses_operas_beam_as_the_cli_does(embedded_model, image, tmp_path):
+    """The library call refuses OPERA with ``max_new_tokens`` too (it would otherwise run the step loop greedily under
+    OPERA's first-token penalty), with the CLI's line, before any forward."""
+    line, _ = refused(["trace", "--intervention", "opera", "--max-new-tokens", "2"], tmp_path)
+    with pytest.raises(UserError) as err:
+        trace_sample(embedded_model, TEXT, image, resolve("opera"), max_new_tokens=2)
+    assert line == f"mclcbf-diag: error: {err.value}"
 
 
 def test_the_loops_captures_of_a_padded_batch_are_each_rows_own(embedded_model):

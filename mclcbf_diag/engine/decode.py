@@ -46,7 +46,7 @@ from ..interventions import as_intervention
 from ..interventions.base import rows_of
 from ..models import LoadedModel
 from ..models.mrope import position_ids
-from .runner import Continuation, Keep, RunCapture, RunResult, forward
+from .runner import Continuation, Keep, RunCapture, RunResult, StepCapture, forward
 
 # keys of model inputs that run along the sequence ([B, S]) and grow with it
 GROWING = ("input_ids", "attention_mask", "token_type_ids")
@@ -228,15 +228,17 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
             if keep_scores:
                 step["scores"] = scores
             if keep.layers:
-                step["captures"] = _relabelled(res.captures, k)
+                for cap in res.captures:
+                    for s in cap.steps:
+                        label_step(s, k)
+                step["captures"] = res.captures
             steps.append(step)
             first = scores if first is None else first
             token = choose(scores, decoding, keys, k)
             token = torch.where(done, torch.full_like(token, pad), token)
-            for b, t in enumerate(token.tolist()):
-                if ended[b] is None and not bool(done[b]) and t in ends:
-                    ended[b] = k
-            done |= torch.tensor([int(t) in ends for t in token], dtype=torch.bool)
+            hit = [t in ends for t in token.tolist()]  # a finished row, fed pad (maybe an end id), keeps its ended
+            ended = [k if h and e is None else e for h, e in zip(hit, ended)]
+            done |= torch.tensor(hit, dtype=torch.bool)
             full = extended(lm, full, token)
             start = full["input_ids"].shape[1] - 1 if cache is not None else 0
             if bool(done.all()):
@@ -244,9 +246,6 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
     return Generation(full["input_ids"], first, steps, ended)
 
 
-def _relabelled(captures: list[RunCapture], k: int) -> list[RunCapture]:
-    """A step's captures labelled as a traced ``generate`` labels them: step 0 ``prefill``, step k ``decode`` k."""
-    for cap in captures:
-        for s in cap.steps:
-            s.phase, s.decode_step = ("prefill", 0) if k == 0 else ("decode", k)
-    return captures
+def label_step(step: StepCapture, k: int) -> None:
+    """Label a captured step as a traced ``generate`` labels its steps: step 0 ``prefill``, step k ``decode`` k."""
+    step.phase, step.decode_step = ("prefill", 0) if k == 0 else ("decode", k)

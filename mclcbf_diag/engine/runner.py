@@ -382,7 +382,8 @@ def _refuse_generation(intervention: Intervention | None, steer: bool, generatin
     if generating and intervention is not None and steer and "logits" in intervention.open_sites(True):
         raise UserError(f"--intervention {intervention.name} chooses tokens from its own combined scores, which "
                         "transformers' generate cannot take: generate through mclcbf_diag.engine.decode.generate "
-                        "(what pope --generate and trace --max-new-tokens do), or read a first-token answer")
+                        "(what pope --generate and trace --max-new-tokens do; OPERA generates by its beam search "
+                        "instead: pope --decoding beam), or read a first-token answer")
 
 
 def _aux_features(lm: LoadedModel, inputs: dict, rows: list[Row], intervention: Intervention | None, whole: bool):

@@ -211,7 +211,7 @@ class Prefix:
         lm = self.lm
         states = torch.stack([s[:, -1].float() for s in self.layer_inputs], 1)  # [B, layers, d] at the last position
         batched = Batched(cache=self.cache, logits=self.logits, states=states)
-        features = iv.aux_features(lm, self.inputs, rows) if "mm_encoder_outputs" in self.inputs else None
+        features = iv.aux_features(lm, self.inputs, rows)  # None unless the inputs share image features
         if features is not None:  # the tower once per distinct view image, the rows' forward once
             batched = dataclasses.replace(batched, aux_logits=last_logits(lm, with_view_features(
                 row_inputs(self.inputs, rows), features)))

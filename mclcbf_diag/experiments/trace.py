@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 
 from ..data import LLAVA_PROMPT, PopeQuestion, build_prompt
-from ..engine.decode import extended
+from ..engine.decode import extended, label_step
 from ..engine.runner import Keep, RunCapture, StepCapture, forward, greedy, with_embeds
+from ..errors import UserError
 from ..interventions import Intervention, as_intervention
 from ..interventions.base import rows_of
 from ..measurements.measure import run_records
@@ -159,7 +160,7 @@ def sample_inputs(lm: LoadedModel, question_text: str, image, template: str = LL
 
 def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervention, *,
                  max_new_tokens: int = 0, question_id=None, multiplier: float = 1.0,
-                 baseline: RunCapture | None = None, template: str = LLAVA_PROMPT) -> TraceResult:
+                 template: str = LLAVA_PROMPT) -> TraceResult:
     """Baseline and steered runs of one sample → :class:`TraceResult` with tidy records.
 
     With ``max_new_tokens`` under a decoding-level method (one that reads the ``logits`` site) both runs are
@@ -174,7 +175,6 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
         max_new_tokens: tokens generated after the prompt (greedy); 0: the prefill only.
         question_id: labels the records; None: the question's own id, 0 for a bare prompt.
         multiplier: scales what the intervention changes (the dose).
-        baseline: an earlier baseline run of the same intervention to reuse (explain does this); None: run here.
         template: the prompt around the question (with ``<image>`` and ``{question}``).
 
     Returns:
@@ -182,24 +182,28 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
         method's views, ``label_yes`` for a labeled question), the runs' captures and the question.
 
     Raises:
-        UserError: the template lacks ``<image>`` or ``{question}``.
+        UserError: the template lacks ``<image>`` or ``{question}``; OPERA with ``max_new_tokens`` (it generates by
+            its beam search, which is not a loop of one sequence trace can record).
     """
     iv = as_intervention(intervention)
+    if max_new_tokens > 0 and iv.name == "opera":
+        raise UserError(f"--intervention opera --max-new-tokens {max_new_tokens}: OPERA generates by its beam "
+                        "search, which trace does not record; drop --max-new-tokens (its first-token penalty), or "
+                        "generate with: mclcbf-diag pope --intervention opera --decoding beam --num-beams 5 "
+                        "--generate N")
     text = question.text if isinstance(question, PopeQuestion) else question
     if question_id is None:
         question_id = question.question_id if isinstance(question, PopeQuestion) else 0
-    prompt, inputs = sample_inputs(lm, text, image, template)
-    extra = []
+    prompt, extra = build_prompt(text, template), []
     if max_new_tokens > 0 and "logits" in iv.open_sites(True):
-        baseline, steered, extra = _generated_runs(lm, prompt, image, iv, max_new_tokens, question_id, multiplier,
-                                                   baseline)
+        baseline, steered, extra = _generated_runs(lm, prompt, image, iv, max_new_tokens, question_id, multiplier)
     else:
-        if baseline is None:
-            baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
-                               keep=Keep(embeds=True)).captures[0]
+        inputs = lm.inputs(prompt, image)
+        baseline = forward(lm, inputs, iv, steer=False, generate=greedy(max_new_tokens),
+                           keep=Keep(embeds=True)).captures[0]
         steered = forward(lm, with_embeds(inputs, baseline), iv, generate=greedy(max_new_tokens),
                           dose=multiplier).captures[0]
-        extra = _view_records(lm, inputs, iv, question_id, max_new_tokens)
+        extra = _view_records(lm, inputs, iv, question_id)  # the prompt's views: here max_new_tokens > 0 opens none
     base_records = run_records(lm, baseline, question_id=question_id, condition="baseline")
     steer_records = run_records(lm, steered, question_id=question_id, condition="steered", base=baseline)
     parts = [base_records, steer_records, *extra]
@@ -215,8 +219,8 @@ def trace_sample(lm: LoadedModel, question: PopeQuestion | str, image, intervent
                        lambda i: tok.decode([i]))
 
 
-def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int, question_id, dose: float,
-                    baseline: RunCapture | None) -> tuple[RunCapture, RunCapture, list]:
+def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int, question_id,
+                    dose: float) -> tuple[RunCapture, RunCapture, list]:
     """Baseline and intervened generation under a decoding-level method, as ``pope --generate`` runs it.
 
     Both are :func:`~mclcbf_diag.engine.decode.generate`'s loop over the prompt as ``pope`` batches it (a batch of
@@ -232,8 +236,7 @@ def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int
     from ..engine.decode import generate
 
     inputs = batch_inputs(lm, [prompt], [image], share_images=False)
-    if baseline is None:
-        baseline = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, steer=False, keep=Keep()).captures()[0]
+    baseline = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, steer=False, keep=Keep()).captures()[0]
     iv.sources([prompt], [image])
     gen = generate(lm, inputs, iv, max_new_tokens=max_new_tokens, keep=Keep(), dose=dose)
     steered = gen.captures()[0]
@@ -250,23 +253,22 @@ def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int
     for step in steered.steps:
         if step.decode_step:
             full = extended(lm, full, steered.generated[:, steered.prompt_len + step.decode_step - 1])
-        extra += _view_records(lm, full, iv, question_id, 0, step)
+        extra += _view_records(lm, full, iv, question_id, step)
     return baseline, steered, extra
 
 
-def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, max_new_tokens: int,
-                  step: StepCapture | None = None) -> list:
+def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, step: StepCapture | None = None) -> list:
     """Records of the auxiliary forwards the intervention contrasts with (condition ``view:NAME``), measured as the
     baseline is: the same probes on the question as the method's other view shows it (VCD: the noised image).
     ``step``: the generation step whose sequence ``inputs`` holds (the records take its phase and decode step)."""
-    if iv is None or max_new_tokens > 0 or "logits" not in iv.open_sites(True):
+    if iv is None or "logits" not in iv.open_sites(True):
         return []
     rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
     out = []
     for name, view in iv.views(lm, inputs, rows).items():
         cap = forward(lm, view).captures[0]
         if step is not None:
-            cap.steps[0].phase, cap.steps[0].decode_step = step.phase, step.decode_step
+            label_step(cap.steps[0], step.decode_step)
             cap.prompt_len = cap.prompt_len - step.decode_step  # the prompt's length (the sink, the image mask)
             cap.detected = cap.detected[:cap.prompt_len]
         out.append(run_records(lm, cap, question_id=question_id, condition=f"view:{name}"))

@@ -123,7 +123,7 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
     def view_key(self):
         """The image-free view reads no knob (the attention edit has no image key there): one per question, with the
         contrast on."""
-        return (type(self), self.knobs.contrast_gamma != 1.0)
+        return (type(self), self.logit_part_on)
 
     def prepared_views(self, rows: list[Row]) -> list:
         """Each row's image-free logits [vocab] (None with the contrast off)."""

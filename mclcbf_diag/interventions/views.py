@@ -108,16 +108,11 @@ def with_aux_rows(inputs: dict, features) -> dict:
     extras such as Gemma 3's ``token_type_ids`` or LLaVA-NeXT's ``image_sizes``), with ``features`` (per row, as the
     family's merge step takes them: :meth:`~.base.Intervention.aux_features`) as the auxiliary rows' image features.
     ``inputs`` must share their image features (:func:`shares_image_features`)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    own = inputs["mm_encoder_outputs"]["image"].pooler_output
     n = inputs["input_ids"].shape[0]
     out = {}
     for key, value in inputs.items():
-        if key == "mm_encoder_outputs":  # the model reads "image" only; the pixels kept beside are not needed
-            feats = torch.cat([own, features.to(own)]) if torch.is_tensor(own) else [*own, *(f.to(own[0]) for f in
-                                                                                           features)]
-            out[key] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        if key == "mm_encoder_outputs":
+            out[key] = _image_outputs(inputs, features, keep_own=True)
         elif key == "position_ids":  # [B, S], or Qwen-VL's [3, B, S]
             out[key] = torch.cat([value, value], dim=-2)
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
@@ -130,12 +125,24 @@ def with_aux_rows(inputs: dict, features) -> dict:
 def with_view_features(inputs: dict, features) -> dict:
     """The model inputs of the same rows with ``features`` (per row, as the family's merge step takes them:
     :meth:`~.base.Intervention.aux_features`) as their image features: the auxiliary view alone, where the main rows
-    were run already. ``inputs`` must carry shared image features (``mm_encoder_outputs``) and no ``inputs_embeds``."""
+    were run already. ``inputs`` must share their image features (:func:`shares_image_features`)."""
+    return {**inputs, "mm_encoder_outputs": _image_outputs(inputs, features, keep_own=False)}
+
+
+def _image_outputs(inputs: dict, features, keep_own: bool) -> dict:
+    """The ``mm_encoder_outputs`` the model reads (``"image"`` only; the pixels kept beside are not needed) with
+    ``features`` as the image features, in the dtype and on the device of the inputs' own, after the own ones where
+    ``keep_own``: a stacked tensor stays one, a per-row list stays a list."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     own = inputs["mm_encoder_outputs"]["image"].pooler_output
-    feats = features.to(own) if torch.is_tensor(own) else [f.to(own[0]) for f in features]
-    return {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
+    if torch.is_tensor(own):
+        feats = features.to(own)
+        feats = torch.cat([own, feats]) if keep_own else feats
+    else:
+        feats = [f.to(own[0]) for f in features]
+        feats = [*own, *feats] if keep_own else feats
+    return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
 
 
 def image_free_logits(lm, rows: list[Row], cache, mask: torch.Tensor) -> torch.Tensor:
