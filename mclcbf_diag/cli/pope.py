@@ -197,7 +197,7 @@ def _pope(args, on_batch=None) -> int:
     shard, files, all_jobs, jobs, _ = checked[0]
     outs = [c[4] for c in checked]
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
-    config = intervention_from_args(args, facts.n_layers)
+    config = intervention_from_args(args, facts.n_layers, facts.model_type)
     check_generation(args, config)
     config = with_oracle(args, config, jobs)
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.

@@ -73,7 +73,8 @@ Deviations from the released code:
   patch), weights the CLS feature by the map's mean.
 
 The vision level (and ``both``) supports only LLaVA-1.5 layouts (one image, one patch grid): the other families are
-refused with their reason (:data:`NOT_ONE_GRID`). The language level runs on the language model alone, as eager
+refused with their reason (:data:`NOT_ONE_GRID`), by the command line from config.json before the model loads
+(:meth:`CausalMM.model_type_problem`). The language level runs on the language model alone, as eager
 attention does; it is tested on the embedded (LLaVA) model only.
 """
 
@@ -147,14 +148,22 @@ NOT_ONE_GRID = {
 }
 
 
+def one_grid_problem(model_type: str | None) -> str | None:
+    """Why the vision level cannot run on config.json's ``model_type`` (None: ``llava``, one patch grid)."""
+    if model_type == "llava":
+        return None
+    why = NOT_ONE_GRID.get(model_type, "its image features are not one patch grid at a vision feature layer")
+    return (f"the vision level runs on LLaVA-1.5 layouts (one image, one patch grid), and {model_type!r} is not one "
+            f"({why}): use a LLaVA-1.5 model, --preset language, or another intervention")
+
+
 def _layout(lm) -> tuple[int, str, int]:
     """``(feature layer, strategy, grid side)`` of a LLaVA-1.5 layout; a UserError for any other."""
     cfg = lm.model.config
     name = getattr(lm, "source", "this model")
-    if cfg.model_type != "llava":
-        why = NOT_ONE_GRID.get(cfg.model_type, "its image features are not one patch grid at a vision feature layer")
-        raise UserError(f"--intervention causalmm runs on LLaVA-1.5 layouts (one image, one patch grid); "
-                        f"{name} is {cfg.model_type!r} ({why}): use a LLaVA-1.5 model, or another intervention")
+    problem = one_grid_problem(cfg.model_type)
+    if problem:
+        raise UserError(f"--intervention causalmm on {name}: {problem}")
     layer = cfg.vision_feature_layer
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     if not isinstance(layer, int) or strategy not in STRATEGIES:
@@ -454,6 +463,11 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     @property
     def reads_pixels(self) -> bool:  # the language level edits the language model's attention only
         return self.knobs.level != "language"
+
+    def model_type_problem(self, model_type: str | None) -> str | None:
+        """The vision level and ``both`` read one patch grid (:func:`one_grid_problem`); the language level runs on
+        any family."""
+        return one_grid_problem(model_type) if self.reads_pixels and model_type is not None else None
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         k = self.knobs
