@@ -409,8 +409,6 @@ def split_run_checks(args, default_out: str):
     all_jobs, jobs, out)``: every selected question and this shard's.
     """
     from ..pope.jobs import parse_shard, question_files, shard_jobs
-    from ..pope.store import check_resumable
-    from ..storage import check_writable
 
     shard = parse_shard(args.shard)
     early_checks(args)
@@ -421,15 +419,25 @@ def split_run_checks(args, default_out: str):
         from ..data.labels import relabel_run
 
         _, all_jobs, jobs = relabel_run(args.labels, files, all_jobs, jobs)
-    out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
-    check_folder(out, command_of(args), getattr(args, "force", False))
-    check_resumable(out)
+    out = check_run_folder(args, default_out, shard)
     from ..data import build_prompt
 
     quick_prompt_lengths(args.model, [build_prompt(j.question.text, args.prompt) for j in jobs],
                          [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
                          getattr(args, "generate", 0))
     return shard, files, all_jobs, jobs, out
+
+
+def check_run_folder(args, default_out: str, shard: tuple[int, int] | None) -> Path:
+    """The folder part of :func:`split_run_checks`: ``--out`` (else ``default_out``, with ``-shard-I-of-N`` for a
+    ``shard``) writable, holding no other command's run, and resumable. Returns the folder."""
+    from ..pope.store import check_resumable
+    from ..storage import check_writable
+
+    out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
+    check_folder(out, command_of(args), getattr(args, "force", False))
+    check_resumable(out)
+    return out
 
 
 def intervention_from_args(args, n_layers: int | None = None, model_type: str | None = None):

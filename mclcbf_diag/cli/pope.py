@@ -46,6 +46,7 @@ from ..storage import (
     show,
 )
 from .common import (
+    check_run_folder,
     decoding_from_args,
     decoding_options,
     folder_holds,
@@ -192,10 +193,10 @@ def _pope(args, on_batch=None) -> int:
 
     # 1. Everything that needs no model: numbers, seeds, shard, knobs vs. the depth, files, images, --out.
     check_numbers(args)
-    runs = [args] if parse_seeds(args) is None else seed_runs(args)
-    checked = [split_run_checks(run, "reports/pope") for run in runs]
-    shard, files, all_jobs, jobs, _ = checked[0]
-    outs = [c[4] for c in checked]
+    seeds = parse_seeds(args)
+    runs = [args] if seeds is None else seed_runs(args, seeds)
+    shard, files, all_jobs, jobs, out = split_run_checks(runs[0], "reports/pope")
+    outs = [out] + [check_run_folder(run, "reports/pope", shard) for run in runs[1:]]  # the rest is each seed's same
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
     config = intervention_from_args(args, facts.n_layers, facts.model_type)
     check_generation(args, config)
@@ -207,7 +208,8 @@ def _pope(args, on_batch=None) -> int:
 
     check_prompt_lengths(prep, prompts, [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
                          max_new_tokens=args.generate)
-    identities = [run_identity(run, config, files, shard, all_jobs, prep.where) for run in runs]
+    first = run_identity(runs[0], config, files, shard, all_jobs, prep.where)  # seeds differ in "decoding" alone
+    identities = [first] + [{**first, "decoding": decoding_from_args(run).identity()} for run in runs[1:]]
     # 3. Only now write: lock the folders, claim them, answer what is missing.
     answer = _answerer(args, runs, config, jobs, outs, identities, on_batch)
     from ..pope.metrics import write_outputs
@@ -266,10 +268,11 @@ def parse_seeds(args) -> list[int] | None:
     return seeds
 
 
-def seed_runs(args) -> list[argparse.Namespace]:
-    """One namespace per ``--seeds`` seed: the run ``pope --seed S --out OUT(seed S)`` would be."""
+def seed_runs(args, seeds: list[int]) -> list[argparse.Namespace]:
+    """One namespace per seed of ``seeds`` (:func:`parse_seeds`): the run ``pope --seed S --out OUT(seed S)`` would
+    be."""
     return [argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": args.out.replace("{seed}", str(s))})
-            for s in parse_seeds(args)]
+            for s in seeds]
 
 
 def check_generation(args, config) -> None:
