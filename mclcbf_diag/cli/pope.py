@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import knobs as K
 from ..errors import UserError
 from ..pope import distributed
-from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs, run_jobs_together
+from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs_together
 from ..pope.jobs import (
     SPLITS,
     Job,
@@ -232,13 +232,9 @@ def _answerer(args, runs, config, jobs, outs, identities, on_batch):
 
     def answer(lm, todos):
         timings = [RunTiming(out, **RunTiming.machine(lm, args.batch_size)) for out in outs]
-        if len(runs) == 1:
-            lm.run_id = rids[0]
-            run_jobs(lm, todos[0], config, outs[0], batch_size=args.batch_size, generate=args.generate,
-                     on_batch=on_batch, template=args.prompt, timing=timings[0], decoding=decodings[0])
-        else:
-            run_jobs_together(lm, jobs, todos, config, outs, batch_size=args.batch_size, decodings=decodings,
-                              run_ids=rids, template=args.prompt, timings=timings, on_batch=on_batch)
+        run_jobs_together(lm, jobs, todos, config, outs, batch_size=args.batch_size, decodings=decodings,
+                          run_ids=rids, template=args.prompt, timings=timings, on_batch=on_batch,
+                          generate=args.generate)
 
     return answer
 
