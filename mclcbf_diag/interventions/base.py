@@ -318,14 +318,13 @@ class Intervention:
         return type(self)(dataclasses.replace(self.knobs, **changes))
 
     def describe(self) -> dict:
-        """What identifies this intervention in a run's configuration (its :meth:`components` where it has any)."""
-        parts = self.components()
-        return {"intervention": self.name, "knobs": K.to_dict(self.knobs), **({"components": parts} if parts else {})}
+        """What identifies this intervention in a run's configuration."""
+        return {"intervention": self.name, "knobs": K.to_dict(self.knobs)}
 
     def components(self) -> dict[str, str]:
         """Parts besides the knobs that change its answers (a grounding detector, say), by name → a description, for
-        a run's identity (``run.json``: two runs with different parts are never resumed into one folder). {} (the
-        default): none, and the identity names the knobs alone, as it always has."""
+        a run's identity (``run.json``, built by ``cli.pope.run_identity``: two runs with different parts are never
+        resumed into one folder). {} (the default): none, and the identity names the knobs alone, as it always has."""
         return {}
 
     def model_type_problem(self, model_type: str | None) -> str | None:
