@@ -397,26 +397,9 @@ def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) 
         return lm.model(**feed, logits_to_keep=1, use_cache=False).logits[:, -1].float()
 
 
-def prompt_features(lm, inputs: dict, method: str, seed: int) -> list[torch.Tensor]:
-    """The counterfactual image features of each prompt of ``inputs`` (:func:`counterfactual_features` of its pixels).
-
-    The vision level's view, which every route (rows of the question's forward, a forward of its own, ``trace``'s
-    view) runs.
-
-    Args:
-        lm: the loaded model.
-        inputs: the batch's model inputs (their pixels are read).
-        method: the counterfactual attention (as :func:`counterfactual_map`).
-        seed: the counterfactual's seed.
-
-    Returns:
-        One tensor [tokens, d_text] per prompt.
-    """
-    return counterfactual_features(lm, pixels_of(inputs), method, seed)
-
-
 def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
-    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`prompt_features`).
+    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`counterfactual_features`
+    of their pixels: the vision level's view, which every route runs).
 
     Args:
         lm: the loaded model.
@@ -427,7 +410,7 @@ def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
     Returns:
         The model inputs, the image features replaced.
     """
-    return with_features(lm, inputs, prompt_features(lm, inputs, method, seed))
+    return with_features(lm, inputs, counterfactual_features(lm, pixels_of(inputs), method, seed))
 
 
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
@@ -489,7 +472,7 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
         if not shares_image_features(inputs) or self.knobs.level != "vision":
             return None
-        return prompt_features(lm, row_inputs(inputs, rows), self.knobs.attention, self.knobs.seed)
+        return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
 
     def combine(self, site, row, logits, aux, dose):
         """CausalMM's contrast (1 + γ·dose)·ℓ − γ·dose·ℓ', cut to the tokens plausible under ε.
