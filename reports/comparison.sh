@@ -23,6 +23,7 @@ read -r -a splits <<< "${SPLITS:-adversarial popular random}"
 limit=()
 if [ -n "${LIMIT:-}" ]; then limit=(--limit "$LIMIT"); fi
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+seeds=(0 1 2)  # the sampled runs' seeds
 
 methods=(
   "seed|--preset seed-exp6"
@@ -48,7 +49,7 @@ methods=(
 runs=("${methods[@]}" "lean-no|--prompt lean-no" "look-carefully|--prompt look-carefully")
 if [ "${SAMPLE:-1}" != 0 ]; then
   for entry in "${methods[@]}"; do  # the three seeds of a method from one pass of its forwards (pope --seeds)
-    runs+=("${entry%%|*}-sample-{seed}|${entry#*|} --decoding sample --seeds 0,1,2")
+    runs+=("${entry%%|*}-sample-{seed}|${entry#*|} --decoding sample --seeds $(IFS=,; echo "${seeds[*]}")")
   done
 fi
 
@@ -61,7 +62,7 @@ for entry in "${runs[@]}"; do
     echo "== $name, $split split"
     mclcbf-diag pope --split "$split" --batch-size 64 "${limit[@]}" "${opts[@]}" --out "$out"
     case "$name" in
-      *"{seed}"*) for seed in 0 1 2; do dirs+=("${out//\{seed\}/$seed}"); done ;;
+      *"{seed}"*) for seed in "${seeds[@]}"; do dirs+=("${out//\{seed\}/$seed}"); done ;;
       *) dirs+=("$out") ;;
     esac
   done

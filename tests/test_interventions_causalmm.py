@@ -266,6 +266,30 @@ def test_other_layouts_are_refused():
         counterfactual_features(lm, torch.zeros(1, 3, 336, 336), "shuffle", 0)
 
 
+def test_the_families_it_cannot_run_on_are_named_before_loading():
+    """``model_type_problem`` per family, as the command line asks before the model loads: the vision level and
+    ``both`` run on LLaVA (one patch grid) only, each other family refused with its own reason and advice that holds
+    (a LLaVA-1.5 model, not another tiled family); the language level runs on every family. VCD's default rule (the
+    pixel tensor) refuses the flattened-patch families only, and a method reading no pixels refuses none."""
+    from mclcbf_diag.interventions import resolve
+    from mclcbf_diag.interventions.causalmm import NOT_ONE_GRID
+    from mclcbf_diag.models.families import FAMILIES
+
+    for family in FAMILIES:
+        for preset in ("pope", "both"):
+            problem = resolve("causalmm", preset).model_type_problem(family.model_type)
+            if family.model_type == "llava":
+                assert problem is None
+            else:
+                assert NOT_ONE_GRID[family.model_type] in problem and "use a LLaVA-1.5 model" in problem, problem
+                assert "another family" not in problem
+        assert resolve("causalmm", "language").model_type_problem(family.model_type) is None
+        vcd = resolve("vcd", None).model_type_problem(family.model_type)
+        assert (vcd is None) == (not family.flat_pixels), (family.name, vcd)
+        assert resolve("dola", None).model_type_problem(family.model_type) is None
+    assert resolve("causalmm", None).model_type_problem(None) is None  # no model_type: the load reports it
+
+
 # --------------------------------------------------------------------------- the language level
 def reference_rows(p, method, g):
     """The counterfactual of one prompt's attention ``p`` [H, L, L], query by query (the module docstring's recipe)."""

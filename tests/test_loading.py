@@ -23,7 +23,7 @@ def test_model_facts_read_config_only(monkeypatch):
 
     monkeypatch.setattr(loading.LlavaForConditionalGeneration, "from_pretrained", no_weights)
     facts = model_facts(None)
-    assert (facts.n_layers, facts.max_positions, facts.image_seq_length) == (8, 1024, 576)
+    assert (facts.n_layers, facts.max_positions, facts.image_seq_length, facts.model_type) == (8, 1024, 576, "llava")
 
 
 def _checkpoint(src: Path, dst: Path, edit) -> Path:

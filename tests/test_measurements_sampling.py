@@ -155,3 +155,19 @@ def test_seeds_that_do_not_fit_are_refused_before_the_model_loads(tmp_path, caps
 def test_seeds_need_sampling(capsys):
     assert main(["pope", "--split", "adversarial", "--seeds", "1,2", "--out", "x-{seed}"]) == 2
     assert "add --decoding sample" in capsys.readouterr().err
+
+
+def test_seeds_read_the_questions_once_and_check_each_seeds_folder(tmp_path, capsys, monkeypatch):
+    """The model-free checks of the questions (files, images, prompts) run once for all seeds; each seed's folder is
+    checked on its own: a later seed's folder holding another command's run is refused before the model loads."""
+    from mclcbf_diag.pope import jobs
+
+    read = []
+    files = jobs.question_files
+    monkeypatch.setattr(jobs, "question_files", lambda *a: read.append(a) or files(*a))
+    (tmp_path / "o-2").mkdir()
+    (tmp_path / "o-2" / "trace.html").write_text("a trace")
+    assert main(["pope", "--split", "adversarial", "--limit", "4", "--decoding", "sample", "--seeds", "1,2,3",
+                 "--out", str(tmp_path / "o-{seed}")]) == 2
+    assert "o-2 holds a trace" in capsys.readouterr().err
+    assert len(read) == 1 and not (tmp_path / "o-1").exists() and not (tmp_path / "o-3").exists()

@@ -393,8 +393,9 @@ def test_the_table_forgets_the_least_recently_used_image_tokens_first():
 
 def test_an_intervention_that_noises_the_pixels_is_refused_before_qwen3_loads(tmp_path, capsys, monkeypatch):
     """VCD builds its view from each image's pixel tensor, which Qwen3-VL's processor does not give (flattened
-    patches): refused in one line from config.json, before the weights (or the tokenizer) load; a method that builds
-    no such view (DoLa, CausalMM at the language level) passes the check."""
+    patches), and CausalMM's vision level reads one patch grid (LLaVA-1.5 only): refused in one line from config.json,
+    before the weights (or the tokenizer) load, each with advice that holds; a method that builds no such view (DoLa,
+    CausalMM at the language level) passes the check."""
     from cli_refusals import refused_here
 
     from mclcbf_diag.cli import common, pope
@@ -413,8 +414,15 @@ def test_an_intervention_that_noises_the_pixels_is_refused_before_qwen3_loads(tm
         refused_here(capsys, [*argv, "--model", str(folder), "--intervention", "vcd", "--out", str(tmp_path / "o")],
                      "--intervention vcd", str(folder), "qwen3_vl", "flattened patches", "use a model of another "
                      "family (llava", "or an intervention that builds no image view")
+    for preset in (None, "both"):  # CausalMM's vision level reads one patch grid: the advice names LLaVA-1.5 only
+        err = refused_here(capsys, ["pope", "--split", "adversarial", "--limit", "2", "--model", str(folder),
+                                    "--intervention", "causalmm", *(["--preset", preset] if preset else []),
+                                    "--out", str(tmp_path / "o")],
+                           "--intervention causalmm", "'qwen3_vl'", "merges 2 × 2 patches", "use a LLaVA-1.5 model",
+                           "--preset language")
+        assert "llava_next" not in err and "another family" not in err, err
     assert not (tmp_path / "o").exists()
-    for name, preset in (("dola", None), ("causalmm", "language"), ("vcd", None)):
-        common.check_pixels(resolve(name, preset), None)  # the embedded model: pixel images
+    for name, preset in (("dola", None), ("causalmm", "language"), ("causalmm", None), ("vcd", None)):
+        common.check_pixels(resolve(name, preset), None, None)  # the embedded model: pixel images
     for name, preset in (("dola", None), ("causalmm", "language")):
-        common.check_pixels(resolve(name, preset), str(folder))
+        common.check_pixels(resolve(name, preset), str(folder), "qwen3_vl")

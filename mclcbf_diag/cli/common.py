@@ -409,8 +409,6 @@ def split_run_checks(args, default_out: str):
     all_jobs, jobs, out)``: every selected question and this shard's.
     """
     from ..pope.jobs import parse_shard, question_files, shard_jobs
-    from ..pope.store import check_resumable
-    from ..storage import check_writable
 
     shard = parse_shard(args.shard)
     early_checks(args)
@@ -421,9 +419,7 @@ def split_run_checks(args, default_out: str):
         from ..data.labels import relabel_run
 
         _, all_jobs, jobs = relabel_run(args.labels, files, all_jobs, jobs)
-    out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
-    check_folder(out, command_of(args), getattr(args, "force", False))
-    check_resumable(out)
+    out = check_run_folder(args, default_out, shard)
     from ..data import build_prompt
 
     quick_prompt_lengths(args.model, [build_prompt(j.question.text, args.prompt) for j in jobs],
@@ -432,8 +428,21 @@ def split_run_checks(args, default_out: str):
     return shard, files, all_jobs, jobs, out
 
 
-def intervention_from_args(args, n_layers: int | None = None):
-    """``--intervention`` at ``--preset`` with the ``--set`` overrides; its layers checked against ``n_layers``."""
+def check_run_folder(args, default_out: str, shard: tuple[int, int] | None) -> Path:
+    """The folder part of :func:`split_run_checks`: ``--out`` (else ``default_out``, with ``-shard-I-of-N`` for a
+    ``shard``) writable, holding no other command's run, and resumable. Returns the folder."""
+    from ..pope.store import check_resumable
+    from ..storage import check_writable
+
+    out = check_writable(args.out or default_out + ("" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"))
+    check_folder(out, command_of(args), getattr(args, "force", False))
+    check_resumable(out)
+    return out
+
+
+def intervention_from_args(args, n_layers: int | None = None, model_type: str | None = None):
+    """``--intervention`` at ``--preset`` with the ``--set`` overrides; its layers checked against ``n_layers``, and
+    the family of config.json's ``model_type`` against it (:func:`check_pixels`)."""
     from ..interventions import resolve
 
     check_override_sizes(args.overrides, args.intervention)
@@ -444,33 +453,23 @@ def intervention_from_args(args, n_layers: int | None = None):
                         f"({type(exc).__name__}: {exc}); check the knob values") from None
     if n_layers is not None:
         iv.layers(n_layers)  # raises "layers [9] out of range: … 0..3"
-    check_pixels(iv, getattr(args, "model", None))
+    check_pixels(iv, getattr(args, "model", None), model_type)
     if iv.name == "halc" and getattr(args, "command", None) not in (None, "pope"):
         raise UserError(f"--intervention halc runs under `pope` only (its views are crops of each question's image, "
                         f"which `{args.command}` does not hand over yet); use mclcbf-diag pope --intervention halc")
     return iv
 
 
-def check_pixels(iv, model: str | None) -> None:
-    """A one-line UserError, before the model loads, for an intervention whose view is built from each image's pixel
-    tensor (:attr:`~mclcbf_diag.interventions.base.Intervention.reads_pixels`, e.g. a noised image) on a family
-    whose processor gives no such tensor (:attr:`~mclcbf_diag.models.families.Family.flat_pixels`)."""
-    if not iv.reads_pixels or model in (None, "", "embedded"):
+def check_pixels(iv, model: str | None, model_type: str | None) -> None:
+    """A one-line UserError, before the model loads, for an intervention that cannot run on ``--model``'s family
+    (:meth:`~mclcbf_diag.interventions.base.Intervention.model_type_problem` of config.json's ``model_type``, as
+    :func:`~mclcbf_diag.models.loading.model_facts` read it; e.g. a view built from each image's pixel tensor on a
+    family whose processor gives none)."""
+    if model in (None, "", "embedded"):
         return
-    from ..models.families import FAMILIES, config_file, family_of
-
-    try:
-        path = config_file(model)
-        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type") if path is not None else None
-    except (OSError, ValueError, RecursionError, AttributeError):
-        return  # reported when the model is located
-    family = family_of(model_type)
-    if family is None or not family.flat_pixels:
-        return
-    fits = ", ".join(f.name for f in FAMILIES if not f.flat_pixels)
-    raise UserError(f"--intervention {iv.name} builds its view from each image's pixel tensor, but --model {model} "
-                    f"({family.name}) gives {family.flat_pixels}; use a model of another family ({fits}) or an "
-                    "intervention that builds no image view from the pixels")
+    problem = iv.model_type_problem(model_type)
+    if problem:
+        raise UserError(f"--intervention {iv.name} on --model {model} ({model_type}): {problem}")
 
 
 def check_out(args, default: str) -> Path:
@@ -538,7 +537,8 @@ def sample_job(args, default_out: str, max_new_tokens: int = 0):
         model_facts,
     )
 
-    config = intervention_from_args(args, model_facts(args.model).n_layers)
+    facts = model_facts(args.model)
+    config = intervention_from_args(args, facts.n_layers, facts.model_type)
     prep = prepare_from_args(args)
     check_prompt_lengths(prep, [build_prompt(question.text, args.prompt)],
                          [f"question_id {question.question_id!r}"], max_new_tokens=max_new_tokens)

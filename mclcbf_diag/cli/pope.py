@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import knobs as K
 from ..errors import UserError
 from ..pope import distributed
-from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs, run_jobs_together
+from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs_together
 from ..pope.jobs import (
     SPLITS,
     Job,
@@ -46,6 +46,7 @@ from ..storage import (
     show,
 )
 from .common import (
+    check_run_folder,
     decoding_from_args,
     decoding_options,
     folder_holds,
@@ -192,12 +193,12 @@ def _pope(args, on_batch=None) -> int:
 
     # 1. Everything that needs no model: numbers, seeds, shard, knobs vs. the depth, files, images, --out.
     check_numbers(args)
-    runs = [args] if parse_seeds(args) is None else seed_runs(args)
-    checked = [split_run_checks(run, "reports/pope") for run in runs]
-    shard, files, all_jobs, jobs, _ = checked[0]
-    outs = [c[4] for c in checked]
+    seeds = parse_seeds(args)
+    runs = [args] if seeds is None else seed_runs(args, seeds)
+    shard, files, all_jobs, jobs, out = split_run_checks(runs[0], "reports/pope")
+    outs = [out] + [check_run_folder(run, "reports/pope", shard) for run in runs[1:]]  # the rest is each seed's same
     facts = _model_facts(args)  # imports torch and transformers: after the cheap checks
-    config = intervention_from_args(args, facts.n_layers)
+    config = intervention_from_args(args, facts.n_layers, facts.model_type)
     check_generation(args, config)
     config = with_oracle(args, config, jobs)
     # 2. The tokenizer (not the weights): dtype, device and every prompt's length.
@@ -207,7 +208,8 @@ def _pope(args, on_batch=None) -> int:
 
     check_prompt_lengths(prep, prompts, [f"question_id {j.question.question_id!r} ({j.split})" for j in jobs],
                          max_new_tokens=args.generate)
-    identities = [run_identity(run, config, files, shard, all_jobs, prep.where) for run in runs]
+    first = run_identity(runs[0], config, files, shard, all_jobs, prep.where)  # seeds differ in "decoding" alone
+    identities = [first] + [{**first, "decoding": decoding_from_args(run).identity()} for run in runs[1:]]
     # 3. Only now write: lock the folders, claim them, answer what is missing.
     answer = _answerer(args, runs, config, jobs, outs, identities, on_batch)
     from ..pope.metrics import write_outputs
@@ -230,13 +232,9 @@ def _answerer(args, runs, config, jobs, outs, identities, on_batch):
 
     def answer(lm, todos):
         timings = [RunTiming(out, **RunTiming.machine(lm, args.batch_size)) for out in outs]
-        if len(runs) == 1:
-            lm.run_id = rids[0]
-            run_jobs(lm, todos[0], config, outs[0], batch_size=args.batch_size, generate=args.generate,
-                     on_batch=on_batch, template=args.prompt, timing=timings[0], decoding=decodings[0])
-        else:
-            run_jobs_together(lm, jobs, todos, config, outs, batch_size=args.batch_size, decodings=decodings,
-                              run_ids=rids, template=args.prompt, timings=timings, on_batch=on_batch)
+        run_jobs_together(lm, jobs, todos, config, outs, batch_size=args.batch_size, decodings=decodings,
+                          run_ids=rids, template=args.prompt, timings=timings, on_batch=on_batch,
+                          generate=args.generate)
 
     return answer
 
@@ -266,10 +264,11 @@ def parse_seeds(args) -> list[int] | None:
     return seeds
 
 
-def seed_runs(args) -> list[argparse.Namespace]:
-    """One namespace per ``--seeds`` seed: the run ``pope --seed S --out OUT(seed S)`` would be."""
+def seed_runs(args, seeds: list[int]) -> list[argparse.Namespace]:
+    """One namespace per seed of ``seeds`` (:func:`parse_seeds`): the run ``pope --seed S --out OUT(seed S)`` would
+    be."""
     return [argparse.Namespace(**{**vars(args), "seed": s, "seeds": None, "out": args.out.replace("{seed}", str(s))})
-            for s in parse_seeds(args)]
+            for s in seeds]
 
 
 def check_generation(args, config) -> None:

@@ -93,7 +93,7 @@ def cmd_population(args, on_batch=None) -> int:
     from ..models.loading import check_prompt_lengths, model_facts
 
     facts = model_facts(args.model)
-    config = intervention_from_args(args, facts.n_layers)
+    config = intervention_from_args(args, facts.n_layers, facts.model_type)
     prep = prepare_from_args(args)
     from ..data import build_prompt
 

@@ -318,15 +318,29 @@ class Intervention:
         return type(self)(dataclasses.replace(self.knobs, **changes))
 
     def describe(self) -> dict:
-        """What identifies this intervention in a run's configuration (its :meth:`components` where it has any)."""
-        parts = self.components()
-        return {"intervention": self.name, "knobs": K.to_dict(self.knobs), **({"components": parts} if parts else {})}
+        """What identifies this intervention in a run's configuration."""
+        return {"intervention": self.name, "knobs": K.to_dict(self.knobs)}
 
     def components(self) -> dict[str, str]:
         """Parts besides the knobs that change its answers (a grounding detector, say), by name → a description, for
-        a run's identity (``run.json``: two runs with different parts are never resumed into one folder). {} (the
-        default): none, and the identity names the knobs alone, as it always has."""
+        a run's identity (``run.json``, built by ``cli.pope.run_identity``: two runs with different parts are never
+        resumed into one folder). {} (the default): none, and the identity names the knobs alone, as it always has."""
         return {}
+
+    def model_type_problem(self, model_type: str | None) -> str | None:
+        """Why it cannot run on a model whose config.json names ``model_type``, with what to use instead; None: it
+        can, as far as config.json tells. The default: a method whose view is built from each image's pixel tensor
+        (:attr:`reads_pixels`) cannot run on a family whose processor gives none
+        (:attr:`~mclcbf_diag.models.families.Family.flat_pixels`). The command line refuses with it before the
+        model loads."""
+        from ..models.families import FAMILIES, family_of
+
+        family = family_of(model_type) if self.reads_pixels else None
+        if family is None or not family.flat_pixels:
+            return None
+        fits = ", ".join(f.name for f in FAMILIES if not f.flat_pixels)
+        return (f"it builds its view from each image's pixel tensor, but {family.name} gives {family.flat_pixels}; "
+                f"use a model of another family ({fits}) or an intervention that builds no image view from the pixels")
 
     # -- where it acts ------------------------------------------------------------------
     def layers(self, n_layers: int) -> tuple[int, ...]:

@@ -73,7 +73,8 @@ Deviations from the released code:
   patch), weights the CLS feature by the map's mean.
 
 The vision level (and ``both``) supports only LLaVA-1.5 layouts (one image, one patch grid): the other families are
-refused with their reason (:data:`NOT_ONE_GRID`). The language level runs on the language model alone, as eager
+refused with their reason (:data:`NOT_ONE_GRID`), by the command line from config.json before the model loads
+(:meth:`CausalMM.model_type_problem`). The language level runs on the language model alone, as eager
 attention does; it is tested on the embedded (LLaVA) model only.
 """
 
@@ -147,14 +148,22 @@ NOT_ONE_GRID = {
 }
 
 
+def one_grid_problem(model_type: str | None) -> str | None:
+    """Why the vision level cannot run on config.json's ``model_type`` (None: ``llava``, one patch grid)."""
+    if model_type == "llava":
+        return None
+    why = NOT_ONE_GRID.get(model_type, "its image features are not one patch grid at a vision feature layer")
+    return (f"the vision level runs on LLaVA-1.5 layouts (one image, one patch grid), and {model_type!r} is not one "
+            f"({why}): use a LLaVA-1.5 model, --preset language, or another intervention")
+
+
 def _layout(lm) -> tuple[int, str, int]:
     """``(feature layer, strategy, grid side)`` of a LLaVA-1.5 layout; a UserError for any other."""
     cfg = lm.model.config
     name = getattr(lm, "source", "this model")
-    if cfg.model_type != "llava":
-        why = NOT_ONE_GRID.get(cfg.model_type, "its image features are not one patch grid at a vision feature layer")
-        raise UserError(f"--intervention causalmm runs on LLaVA-1.5 layouts (one image, one patch grid); "
-                        f"{name} is {cfg.model_type!r} ({why}): use a LLaVA-1.5 model, or another intervention")
+    problem = one_grid_problem(cfg.model_type)
+    if problem:
+        raise UserError(f"--intervention causalmm on {name}: {problem}")
     layer = cfg.vision_feature_layer
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     if not isinstance(layer, int) or strategy not in STRATEGIES:
@@ -388,26 +397,9 @@ def counterfactual_logits(lm, inputs: dict, method: str, seed: int, level: str) 
         return lm.model(**feed, logits_to_keep=1, use_cache=False).logits[:, -1].float()
 
 
-def prompt_features(lm, inputs: dict, method: str, seed: int) -> list[torch.Tensor]:
-    """The counterfactual image features of each prompt of ``inputs`` (:func:`counterfactual_features` of its pixels).
-
-    The vision level's view, which every route (rows of the question's forward, a forward of its own, ``trace``'s
-    view) runs.
-
-    Args:
-        lm: the loaded model.
-        inputs: the batch's model inputs (their pixels are read).
-        method: the counterfactual attention (as :func:`counterfactual_map`).
-        seed: the counterfactual's seed.
-
-    Returns:
-        One tensor [tokens, d_text] per prompt.
-    """
-    return counterfactual_features(lm, pixels_of(inputs), method, seed)
-
-
 def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
-    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`prompt_features`).
+    """The model inputs of ``inputs``' prompts with their counterfactual image features (:func:`counterfactual_features`
+    of their pixels: the vision level's view, which every route runs).
 
     Args:
         lm: the loaded model.
@@ -418,7 +410,7 @@ def counterfactual_inputs(lm, inputs: dict, method: str, seed: int) -> dict:
     Returns:
         The model inputs, the image features replaced.
     """
-    return with_features(lm, inputs, prompt_features(lm, inputs, method, seed))
+    return with_features(lm, inputs, counterfactual_features(lm, pixels_of(inputs), method, seed))
 
 
 def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
@@ -455,6 +447,11 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
     def reads_pixels(self) -> bool:  # the language level edits the language model's attention only
         return self.knobs.level != "language"
 
+    def model_type_problem(self, model_type: str | None) -> str | None:
+        """The vision level and ``both`` read one patch grid (:func:`one_grid_problem`); the language level runs on
+        any family."""
+        return one_grid_problem(model_type) if self.reads_pixels and model_type is not None else None
+
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
         k = self.knobs
         return counterfactual_logits(lm, row_inputs(inputs, rows), k.attention, k.seed, k.level)
@@ -475,7 +472,7 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         counterfactual edits the language model's attention too (``level`` language or both: a forward of its own)."""
         if not shares_image_features(inputs) or self.knobs.level != "vision":
             return None
-        return prompt_features(lm, row_inputs(inputs, rows), self.knobs.attention, self.knobs.seed)
+        return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
 
     def combine(self, site, row, logits, aux, dose):
         """CausalMM's contrast (1 + γ·dose)·ℓ − γ·dose·ℓ', cut to the tokens plausible under ε.

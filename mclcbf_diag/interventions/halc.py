@@ -56,8 +56,9 @@ are as good as its detections, and a figure measured with the oracle is HALC wit
 (no run here compares it with a real detector's). Any object with ``boxes(image, word)`` plugs in, from Python:
 ``HALC.from_preset("pope").with_detector(my_detector)`` (or ``HALC(knobs, detector=...)``), passed to
 ``answer_pair``/``run_jobs`` like any intervention. The detector is part of a run's identity
-(:meth:`HALC.components`, :func:`detector_name`: ``oracle``, or the class's qualified name with the detector's
-``name`` attribute), so runs with different detectors are never resumed into one folder. Without one,
+(:meth:`HALC.components`, :func:`detector_name`: the class's qualified name with the detector's ``name``
+attribute; the oracle is left out, the identity HALC runs had before), so runs with different detectors are never
+resumed into one folder. Without one,
 :class:`HALC` uses the oracle of the shipped POPE images; ``mclcbf-diag pope --intervention halc`` refuses images
 the oracle does not know.
 """
@@ -407,8 +408,11 @@ class HALC(DecodingMethod, spec=SPECS["halc"]):
         return self.knobs.context_window  # one forward per view
 
     def components(self) -> dict[str, str]:
-        """The detector grounding the words (:func:`detector_name`): runs with different detectors differ."""
-        return {"detector": detector_name(self.detector)}
+        """The detector grounding the words (:func:`detector_name`), where it is not the oracle: runs with different
+        detectors differ, and the oracle's (which ``pope`` always installs) is the identity HALC runs had before
+        detectors were named, so their folders resume."""
+        name = detector_name(self.detector)
+        return {} if name == OracleDetector.name else {"detector": name}
 
     def sources(self, prompts: list[str], images: list) -> None:
         self._sources, self._first = (list(prompts), list(images)), True

@@ -58,7 +58,7 @@ from ..errors import UserError
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .anyres import ImageLayout
-from .families import FAMILIES, check_config
+from .families import check_config, family_of
 from .processing import placeholder, processor_prompt, run_processor
 from .projection import LayerWeights
 from .schemes import ImageScheme, scheme_of
@@ -302,6 +302,7 @@ class ModelFacts:
     n_layers: int | None
     max_positions: int | None
     image_seq_length: int | None
+    model_type: str | None = None
 
 
 def model_facts(name_or_path: str | None) -> ModelFacts:
@@ -333,7 +334,8 @@ def model_facts(name_or_path: str | None) -> ModelFacts:
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
     return ModelFacts(where, local, num(text, "num_hidden_layers"), num(text, "max_position_embeddings"),
-                      num(cfg, "image_seq_length"))
+                      num(cfg, "image_seq_length"),
+                      cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None)
 
 
 @dataclass
@@ -420,7 +422,7 @@ def image_layout(config, enc) -> ImageLayout | None:
 
 def model_class(config):
     """The transformers class of ``config``'s family (:data:`~.families.FAMILIES`)."""
-    family = next((f for f in FAMILIES if f.model_type == config.model_type), None)
+    family = family_of(config.model_type)
     return getattr(transformers, family.architecture) if family is not None else LlavaForConditionalGeneration
 
 

@@ -181,6 +181,8 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
             ``steered_sampled_token``). A list of decodings (one sampled setting at several seeds; first-token
             answers only) reads each from the same forwards and returns one list of records per decoding, each
             stamped with its ``run_ids`` entry instead of the model's ``run_id``.
+        run_ids: with a list of decodings, one run id per decoding; with one decoding, a one-entry list whose id
+            replaces the model's ``run_id``; None: the model's.
 
     Returns:
         One record per job, in order (a list of them per decoding, for a list). ``outcome`` is the question's class
@@ -197,11 +199,11 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     t0 = time.perf_counter()
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
     images = [image_of(resolve_image(j.question, j.image_dir), lm) for j in jobs]
-    rid = getattr(lm, "run_id", None)
+    several = isinstance(decoding, (list, tuple))
+    rid = run_ids[0] if run_ids and not several else getattr(lm, "run_id", None)
     inputs = batch_inputs(lm, prompts, images, share_images=not generate)
     t_inputs = time.perf_counter() - t0
     keys = [f"{j.split}:{j.question.question_id}" for j in jobs]
-    several = isinstance(decoding, (list, tuple))
     if several and (generate or run_ids is None or len(run_ids) != len(decoding)):
         raise ValueError("several decodings need first-token answers and a run id each")  # programming error
     if generate:
@@ -217,7 +219,8 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     else:
         with _Observer(lm, inputs["input_ids"]) as ob:
             pairs = answer_pair(lm, prompts, images, config, inputs=inputs, decoding=decoding, keys=keys)
-        base, steer = pairs[0] if several else pairs
+        if not several:
+            base, steer = pairs
         b_mass, s_mass = ob.last(2) or (None, None)
         t_base = ob.baseline_seconds()  # the baseline's plain forward; the intervened run is the last
     if timing is not None:
@@ -321,27 +324,17 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
         timing: records each batch's cost once it is on disk; None: not timed.
         decoding: how answers are chosen (:func:`answer_jobs`).
     """
-    from ..progress import tqdm
-
-    with tqdm(total=len(todo), unit="q", desc="pope", disable=not progress or not todo,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        for n, start in enumerate(range(0, len(todo), batch_size), start=1):
-            batch = todo[start:start + batch_size]
-            t0, part = time.perf_counter(), {}
-            append_records(out / ANSWERS, answer_jobs(lm, batch, config, generate, template, timing=part,
-                                                      decoding=decoding))
-            if timing is not None:
-                timing.add(len(batch), time.perf_counter() - t0, part)
-            bar.set_postfix_str(batch[-1].split, refresh=False)
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch(n)
+    run_jobs_together(lm, todo, [todo], config, [out], batch_size=batch_size, decodings=[decoding], run_ids=None,
+                      template=template, timings=None if timing is None else [timing], progress=progress,
+                      on_batch=on_batch, generate=generate)
 
 
 def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs: list[Path], *, batch_size: int,
                       decodings: list, run_ids: list[str], template: str | None = None,
-                      timings: list[RunTiming] | None = None, progress: bool = True, on_batch=None) -> None:
-    """Answer several runs that differ only in their sampled draw (``pope --seeds``) from one pass of forwards.
+                      timings: list[RunTiming] | None = None, progress: bool = True, on_batch=None,
+                      generate: int = 0) -> None:
+    """Answer several runs that differ only in their sampled draw (``pope --seeds``) from one pass of forwards; with
+    one run, that run's batches (:func:`run_jobs`).
 
     Every question some run lacks is answered once per batch (its baseline and intervened forwards);
     each run's first-token draw is read from those logits (:func:`answer_jobs` with a list of
@@ -357,12 +350,14 @@ def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs:
         config: the intervention (as in :func:`answer_jobs`).
         outs: the runs' folders (already claimed), in the order of ``decodings`` and ``run_ids``.
         batch_size: questions per batch.
-        decodings: one sampled :class:`~mclcbf_diag.measurements.sampling.Decoding` per run.
-        run_ids: each run's id, stamped on its rows.
+        decodings: one :class:`~mclcbf_diag.measurements.sampling.Decoding` per run (sampled, for several; one:
+            any, or None for greedy).
+        run_ids: each run's id, stamped on its rows (None, with one run: the model's ``run_id``).
         template: the prompt template; None: the default.
         timings: each run's timing record (None: not timed).
         progress: whether to show a progress bar on stderr.
         on_batch: called as ``on_batch(n)`` after the n-th batch (from 1) is on disk.
+        generate: max new tokens of a generated answer (0: first-token answers only); one run only.
     """
     from ..progress import tqdm
 
@@ -373,15 +368,20 @@ def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs:
         for n, start in enumerate(range(0, len(todo), batch_size), start=1):
             batch = todo[start:start + batch_size]
             t0, part = time.perf_counter(), {}
-            per_run = answer_jobs(lm, batch, config, 0, template, timing=part, decoding=list(decodings),
-                                  run_ids=list(run_ids))
+            if len(decodings) == 1:
+                per_run = [answer_jobs(lm, batch, config, generate, template, timing=part, decoding=decodings[0],
+                                       run_ids=run_ids)]
+            else:
+                per_run = answer_jobs(lm, batch, config, generate, template, timing=part, decoding=list(decodings),
+                                      run_ids=list(run_ids))
             for out, want, rows in zip(outs, wanted, per_run):
                 append_records(out / ANSWERS, [r for j, r in zip(batch, rows) if j.key in want])
             seconds = time.perf_counter() - t0
             for timing, want in zip(timings or (), wanted):
-                share = sum(j.key in want for j in batch) / len(batch)  # a resumed run's part of the batch
-                if share:
-                    timing.add(round(share * len(batch)), share * seconds, {k: share * v for k, v in part.items()})
+                mine = sum(j.key in want for j in batch)  # a resumed run's part of the batch
+                if mine:
+                    share = mine / len(batch)
+                    timing.add(mine, share * seconds, {k: share * v for k, v in part.items()})
             bar.set_postfix_str(batch[-1].split, refresh=False)
             bar.update(len(batch))
             if on_batch is not None:
