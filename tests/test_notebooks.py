@@ -62,7 +62,7 @@ def test_notebook_is_committed_without_outputs(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, notebook_env):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=120, startup_timeout=120,
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=240, startup_timeout=120,
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
     try:
         client.execute()
