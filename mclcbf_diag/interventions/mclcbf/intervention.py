@@ -383,18 +383,8 @@ class MCLCBF(Intervention, spec=SPECS["mclcbf"]):
                  ("largest ‖θ*‖/‖x‖", "max_theta_rel")])
 
     def figures(self, records, *, phase: str, decode_step: int, question_id, steered) -> dict:
-        """The step's size per layer and the barrier against τ (:func:`~.report.figures`).
-
-        Args:
-            records: a tidy records frame.
-            phase: ``"prefill"`` or ``"decode"``.
-            decode_step: the decode step (0: the prefill decision token).
-            question_id: the question drawn; None: the only one in ``records``.
-            steered: the layers shaded as steered (None: those the records show).
-
-        Returns:
-            ``{"step_size": …, "barrier": …}``, without a figure whose metrics the records lack.
-        """
+        """The step's size per layer and the barrier against τ: :func:`~.report.figures` (its arguments and
+        result)."""
         return figures(records, phase=phase, decode_step=decode_step, question_id=question_id, steered=steered)
 
     def idle_reason(self, records) -> str:
