@@ -31,13 +31,12 @@ import torch
 
 from .base import Row
 from .catalog import SPECS, VCDKnobs  # noqa: F401 - VCDKnobs re-exported
-from .contrast import contrast, plausible
 from .decoding import DecodingMethod
 from .views import diffusion_noise, last_logits, pixels_of, row_inputs, shares_image_features, with_pixels
 
 
 class VCD(DecodingMethod, spec=SPECS["vcd"]):
-    cutoff_knob = "beta"
+    cutoff_knob, strength_knob = "beta", "alpha"  # the default combine: (1 + α·dose)·ℓ − α·dose·ℓ', cut under β
     reads_pixels = True
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
@@ -64,18 +63,3 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         mine, noised = self.noised(inputs, rows)
         return {"noised image": with_pixels(mine, noised)}
-
-    def combine(self, site, row, logits, aux, dose):
-        """VCD's contrast (1 + α·dose)·ℓ − α·dose·ℓ', cut to the tokens plausible under β.
-
-        Args:
-            site: the ``logits`` readout.
-            row: the row combined.
-            logits: [vocab] the model's own logits at the row's decision position.
-            aux: [vocab] the auxiliary forward's logits for the row (the distorted image's).
-            dose: scales the method (1: as configured).
-
-        Returns:
-            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (probability ≥ β × the top token's).
-        """
-        return contrast(logits, aux, self.knobs.alpha * dose), plausible(logits, self.knobs.beta)
