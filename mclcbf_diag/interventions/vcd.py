@@ -19,10 +19,14 @@ github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_nois
 * **Batched.** The noised view has the question's tokens at the same positions, only other image
   features: a runner runs it as rows of the question's own forward (:meth:`VCD.aux_features`, see
   :mod:`.decoding`), the vision tower once per distinct noised image.
-* **Families.** The noise is added to each image's pixel tensor ([3, H, W] per image or tile), so VCD
+* **Families.** The noise is added to each image's pixel tensor ([3, H, W] per image, or per tile for InternVL;
+  LLaVA-NeXT's and OneVision's [tiles, 3, H, W] per image, its base view and tiles noised by one draw), so VCD
   reads pixels (``reads_pixels``); a family whose processor gives none (flattened patches,
   :attr:`~mclcbf_diag.models.families.Family.flat_pixels`) is refused by the command line from
-  ``config.json``, before the model loads.
+  ``config.json``, before the model loads. The batched path is tested against the released construction of each
+  question alone on LLaVA-1.5, LLaVA-NeXT and OneVision (tests/test_interventions_vcd.py, test_models_anyres.py,
+  test_models_onevision.py), its auxiliary rows against the view's own forward on InternVL, and its trace against
+  its batched run on Gemma 3.
 """
 
 from __future__ import annotations
