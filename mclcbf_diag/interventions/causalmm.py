@@ -439,7 +439,7 @@ def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
 
 
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
-    cutoff_knob, strength_knob = "epsilon", "gamma"  # VCD's combine: (1 + γ·dose)·ℓ − γ·dose·ℓ', cut under ε
+    cutoff_knob, strength_knob = "epsilon", "gamma"  # the default combine: (1 + γ·dose)·ℓ − γ·dose·ℓ', cut under ε
     metrics = {}
 
     @property
