@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import logging  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -45,6 +46,35 @@ def no_deprecated_calls():
     finally:
         logger.removeHandler(handler)
     assert not handler.messages, f"deprecated call(s) into transformers: {handler.messages}"
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the write (pytest swaps it per test and for capsys)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_CURRENT_STDERR = _CurrentStderr()
+
+
+@pytest.fixture(autouse=True)
+def transformers_logs_to_the_current_stderr():
+    """transformers' default log handler writes to, and flushes, the ``sys.stderr`` of the moment its logging was first
+    configured (its first import). In a test session that is the capture of the test that first imported it: a later
+    test's transformers warning went to that closed stream (a "--- Logging error ---" traceback on the later test's
+    stderr) or to one no test reads, so what a command's stderr holds depended on the order of the tests. Once
+    transformers is imported, its handler writes to the current ``sys.stderr`` at each write, as in a process of its
+    own, where there is one stderr."""
+    if "transformers" in sys.modules:
+        for handler in logging.getLogger("transformers").handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is not _CURRENT_STDERR:
+                handler.__dict__.pop("flush", None)  # transformers binds the first stream's flush to its handler
+                handler.stream = _CURRENT_STDERR  # not setStream: it flushes the old stream, maybe closed
+    yield
 
 
 # A random model with the embedded model's processor and layout (576 image tokens at 5–580),

@@ -1,11 +1,12 @@
 """What the plain-PyTorch references share: a never-wrapped model copy, three questions about three images, the
-records every decoding-level method writes, and a family's plain forward with the checks of trace and the overlay
-against it."""
+records every decoding-level method writes, a family's plain forward with the checks of trace and the overlay
+against it, and VCD as its released code computes it, with the check of its batched POPE path against that."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -17,9 +18,10 @@ _PLAIN = {}
 
 
 def plain_model(lm):
-    """A fresh copy of the model from its checkpoint, never wrapped by nnsight (plain PyTorch)."""
+    """A fresh copy of the model from its checkpoint (its own transformers class), never wrapped by nnsight (plain
+    PyTorch)."""
     if lm.source not in _PLAIN:
-        _PLAIN[lm.source] = LlavaForConditionalGeneration.from_pretrained(
+        _PLAIN[lm.source] = type(lm.model).from_pretrained(
             lm.source, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
     return _PLAIN[lm.source]
 
@@ -101,3 +103,93 @@ def assert_overlay_equals_plain(lm, result, inputs, out, config, map_layer: int,
     got = token_attention_maps(lm, inputs, config, [q], shape=(rows, cols))[q]["baseline"][f"layer {token_layer}"]
     np.testing.assert_allclose(got, out.attentions[token_layer][0, :, q].mean(0)[image].reshape(rows, cols).numpy(),
                                rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- VCD, as its released code does it
+def add_diffusion_noise(image_tensor, noise_step, noise):
+    """``vcd_add_noise.py``'s ``add_diffusion_noise``, line for line; ``noise`` stands for its ``randn_like``."""
+    num_steps = 1000
+    betas = torch.linspace(-6, 6, num_steps)
+    betas = torch.sigmoid(betas) * (0.5e-2 - 1e-5) + 1e-5
+    alphas = 1 - betas
+    alphas_prod = torch.cumprod(alphas, dim=0)
+    alphas_bar_sqrt = torch.sqrt(alphas_prod)
+    one_minus_alphas_bar_sqrt = torch.sqrt(1 - alphas_prod)
+
+    def q_x(x_0, t):
+        alphas_t = alphas_bar_sqrt[t]
+        alphas_1_m_t = one_minus_alphas_bar_sqrt[t]
+        return alphas_t * x_0 + alphas_1_m_t * noise
+
+    return q_x(image_tensor.clone(), noise_step)
+
+
+def seeded_noise(image, seed):
+    """ε of one image's pixel tensor ([C, H, W], or [tiles, C, H, W]) as the package draws it: a generator of its own
+    seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(image.shape, generator=g, dtype=torch.float32)
+
+
+def vcd_reference(lm, prompt, image, *, alpha=1.0, beta=0.2, noise_step=500, seed=0):
+    """(scores [vocab] with −inf where cut, z, z_cd) of one question, as VCD's released code computes them
+    (``vcd_sample.py``: (1 + α)·z − α·z_cd, −inf where ``z < log β + max z``) on :func:`plain_model`, with the
+    processor's own inputs of the question alone; each image's whole pixel tensor (every tile of it) noised."""
+    model = plain_model(lm)
+    inputs = lm.inputs(prompt, image)
+    pixels = inputs["pixel_values"]
+    noised = torch.stack([add_diffusion_noise(x, noise_step, seeded_noise(x, seed)) for x in pixels])
+    with torch.no_grad():
+        z = model(**inputs, logits_to_keep=1).logits[0, -1]
+        z_cd = model(**{**inputs, "pixel_values": noised}, logits_to_keep=1).logits[0, -1]
+    cutoff = torch.log(torch.tensor(beta)) + z.max(dim=-1, keepdim=True).values  # β = 0: −inf, nothing cut
+    diffs = (1 + alpha) * z - alpha * z_cd
+    return diffs.masked_fill(z < cutoff, -float("inf")), z, z_cd
+
+
+def assert_vcd_pope_path_equals_plain(lm, prompts, images, **knobs) -> None:
+    """VCD's batched POPE path against :func:`vcd_reference` of each question alone, on a family's model.
+
+    The batch shares its image features, so the noised view runs as auxiliary rows stacked under the batch's rows
+    (:func:`~mclcbf_diag.interventions.views.with_aux_rows`): those rows' logits are each question's noised forward
+    z_cd and the main rows' its z; the runner's steered scores, its ``decoding_*`` records and ``answer_pair``'s
+    margins (the intervened run continuing the baseline's cache) are the released construction's. Two routes (a
+    batch, each prompt alone): logits within :func:`~floors.logit_floor`, margins within
+    :func:`~floors.margin_floor`, the contrast's ((1 + α)·z − α·z_cd) within (1 + 2α) times them."""
+    from floors import logit_floor, margin_floor
+
+    from mclcbf_diag.engine.batch import answer_pair, batch_inputs
+    from mclcbf_diag.engine.runner import Keep, forward
+    from mclcbf_diag.interventions.base import rows_of
+    from mclcbf_diag.interventions.vcd import VCD, VCDKnobs
+    from mclcbf_diag.interventions.views import last_logits, with_aux_rows
+
+    iv, n = VCD(VCDKnobs(**knobs)), len(prompts)
+    yes, no, alpha = lm.tokens.yes_id, lm.tokens.no_id, iv.knobs.alpha
+    lf, mf = logit_floor(lm), margin_floor(lm, yes, no)
+    inputs = batch_inputs(lm, prompts, images)
+    rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
+    features = iv.aux_features(lm, inputs, rows)
+    assert features is not None, "the noised view should run as auxiliary rows of the batch's forward"
+    both = last_logits(lm, with_aux_rows(inputs, features))
+    records = forward(lm, inputs, iv, keep=Keep(layers=False))
+    _, steered = answer_pair(lm, prompts, images, iv, inputs=inputs)
+    for b in range(n):
+        ref, z, z_cd = vcd_reference(lm, prompts[b], images[b], **knobs)
+        assert float((z - z_cd).abs().max()) > 100 * lf  # the noised view is another forward
+        torch.testing.assert_close(both[b], z, rtol=0, atol=lf)
+        torch.testing.assert_close(both[n + b], z_cd, rtol=0, atol=lf)
+        assert_scores(records.logits[b], ref, atol=(1 + 2 * alpha) * lf)
+        rec = records.records[b][-1]
+        m, m_cd = float(z[yes] - z[no]), float(z_cd[yes] - z_cd[no])
+        assert rec["decoding_model_margin"] == pytest.approx(m, rel=0, abs=mf)
+        assert rec["decoding_aux_margin"] == pytest.approx(m_cd, rel=0, abs=mf)
+        assert rec["decoding_contrast_margin"] == pytest.approx((1 + alpha) * m - alpha * m_cd, rel=0,
+                                                                abs=(1 + 2 * alpha) * mf)
+        assert (rec["decoding_cut_yes"], rec["decoding_cut_no"]) == (float(bool(torch.isinf(ref[yes]))),
+                                                                     float(bool(torch.isinf(ref[no]))))
+        want = float(ref[yes] - ref[no])
+        if math.isfinite(want):
+            assert steered[b]["margin"] == pytest.approx(want, rel=0, abs=(1 + 2 * alpha) * mf)
+        else:
+            assert steered[b]["margin"] == want or (math.isnan(want) and math.isnan(steered[b]["margin"]))

@@ -496,6 +496,28 @@ def test_checkpoint_missing_a_tensor_is_refused(tmp_path, capsys, out_dir, saved
     _untouched(out_dir)
 
 
+def test_transformers_load_report_is_held_back_and_logged_when_not_refused(capsys):
+    """load_weights holds back transformers' LOAD REPORT while from_pretrained runs (the refusal above says it in one
+    line); a report it does not refuse for is logged after all, and other warnings pass as they come."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from mclcbf_diag.models.loading import _HeldLoadReport
+
+    hf_logging.get_logger("transformers.modeling_utils")  # transformers' handler is configured
+    logger = logging.getLogger("transformers.modeling_utils")
+    with _HeldLoadReport() as report:
+        logger.warning("Llava LOAD REPORT from: somewhere\nKey | Status")
+        logger.warning("another warning")
+    err = capsys.readouterr().err
+    assert "another warning" in err and "LOAD REPORT" not in err
+    report.release()
+    assert "Llava LOAD REPORT from: somewhere" in capsys.readouterr().err
+    logger.warning("a LOAD REPORT after the load")
+    assert "a LOAD REPORT after the load" in capsys.readouterr().err  # the filter is gone
+
+
 def test_verify_refuses_changed_weights(tmp_path, capsys, out_dir):
     from mclcbf_diag.models import EMBEDDED
 

@@ -141,6 +141,29 @@ def test_trace_prints_the_margins_the_method_combined():
     assert decoding_lines(decoding_summary(steered.drop(index=-1))) == []  # not a decoding method's run
 
 
+def test_the_default_combine_is_the_contrast_of_the_knobs_a_method_names():
+    """VCD and CausalMM name their strength and cutoff knobs and share DecodingMethod's combine; by hand, with
+    ℓ = (2, 0, 1), ℓ' = (1, 1, 1), strength 1 at dose 0.5: 1.5·ℓ − 0.5·ℓ' = (2.5, −0.5, 1); cutoff 0.2 keeps the
+    tokens with ℓ ≥ log 0.2 + 2 ≈ 0.39. Without a cutoff knob every token is kept; without a strength knob a method
+    must write its own."""
+    from mclcbf_diag.interventions.causalmm import CausalMM, CausalMMKnobs
+    from mclcbf_diag.interventions.vcd import VCD, VCDKnobs
+
+    logits, aux = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+    for iv in (VCD(VCDKnobs(alpha=1.0, beta=0.2)), CausalMM(CausalMMKnobs(gamma=1.0, epsilon=0.2))):
+        assert type(iv).combine is DecodingMethod.combine
+        scores, keep = iv.combine(None, None, logits, aux, 0.5)
+        assert scores.tolist() == [2.5, -0.5, 1.0] and keep.tolist() == [True, False, True]
+
+    class NoCutoff(VCD):
+        cutoff_knob = None
+
+    scores, keep = NoCutoff(VCDKnobs(alpha=2.0)).combine(None, None, logits, aux, 1.0)
+    assert scores.tolist() == [4.0, -2.0, 1.0] and keep is None
+    with pytest.raises(NotImplementedError, match="strength_knob"):
+        DecodingMethod.combine(LayerMix(), None, None, logits, aux, 1.0)
+
+
 @pytest.mark.parametrize("name", ["vcd", "dola", "causalmm", "opera", "pai", "vista"])
 def test_a_measuring_run_reads_the_models_own_answer(embedded_model, batch, name):
     """A measuring (baseline) run opens no logits site: its final logits are the plain model's, with no decoding

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from plain_refs import DECODING, assert_scores, plain_model, three_questions
+from plain_refs import DECODING, add_diffusion_noise, assert_scores, seeded_noise, three_questions, vcd_reference
 
 from mclcbf_diag.engine.batch import answer_batch, answer_pair, batch_inputs
 from mclcbf_diag.engine.runner import Keep, forward
@@ -32,42 +32,7 @@ def questions():
 
 
 
-def add_diffusion_noise(image_tensor, noise_step, noise):
-    """``vcd_add_noise.py``'s ``add_diffusion_noise``, line for line; ``noise`` stands for its ``randn_like``."""
-    num_steps = 1000
-    betas = torch.linspace(-6, 6, num_steps)
-    betas = torch.sigmoid(betas) * (0.5e-2 - 1e-5) + 1e-5
-    alphas = 1 - betas
-    alphas_prod = torch.cumprod(alphas, dim=0)
-    alphas_bar_sqrt = torch.sqrt(alphas_prod)
-    one_minus_alphas_bar_sqrt = torch.sqrt(1 - alphas_prod)
-
-    def q_x(x_0, t):
-        alphas_t = alphas_bar_sqrt[t]
-        alphas_1_m_t = one_minus_alphas_bar_sqrt[t]
-        return alphas_t * x_0 + alphas_1_m_t * noise
-
-    return q_x(image_tensor.clone(), noise_step)
-
-
-def seeded_noise(image, seed):
-    """ε of one image [C, H, W] as the package draws it: a generator of its own seeded with ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(image.shape, generator=g, dtype=torch.float32)
-
-
-def reference_scores(lm, prompt, image, *, alpha=1.0, beta=0.2, noise_step=500, seed=0):
-    """(scores [vocab] with −inf where cut, z, z_cd) of one question, as the released code computes them."""
-    model = plain_model(lm)
-    inputs = lm.inputs(prompt, image)
-    pixels = inputs["pixel_values"]
-    noised = torch.stack([add_diffusion_noise(x, noise_step, seeded_noise(x, seed)) for x in pixels])
-    with torch.no_grad():
-        z = model(**inputs, logits_to_keep=1).logits[0, -1]
-        z_cd = model(**{**inputs, "pixel_values": noised}, logits_to_keep=1).logits[0, -1]
-    cutoff = torch.log(torch.tensor(beta)) + z.max(dim=-1, keepdim=True).values  # β = 0: −inf, nothing cut
-    diffs = (1 + alpha) * z - alpha * z_cd
-    return diffs.masked_fill(z < cutoff, -float("inf")), z, z_cd
+reference_scores = vcd_reference  # (scores with −inf where cut, z, z_cd) of one question, as the released code does
 
 
 def package_run(lm, prompt, image, dose=1.0, **knobs):

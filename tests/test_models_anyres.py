@@ -268,6 +268,20 @@ def test_next_batches_with_the_cached_prefix_equal_plain_forwards(next_lm):
         assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=1e-5)  # the step moved it
 
 
+@pytest.mark.parametrize("knobs", [{}, {"beta": 0.0, "alpha": 0.5, "noise_step": 999, "seed": 3}])
+def test_vcds_batched_pope_path_on_next_equals_the_released_construction(next_lm, knobs):
+    """VCD on LLaVA-NeXT: each image's tiles (3 and 5 here: the batch pads the first image's) noised as one pixel
+    tensor, run as auxiliary rows of the batch's own forward, against the released construction of each question
+    alone on a plain copy of the model (plain_refs.assert_vcd_pope_path_equals_plain: floors there)."""
+    from plain_refs import assert_vcd_pope_path_equals_plain
+
+    prompts = [PROMPT.replace("Is there a dog in the image?", q) for q in QUESTIONS * 2]
+    square = sample_scene(2, 1).image().resize((336, 336))
+    images = [_image(0), _image(0), square, square]
+    assert [next_lm.inputs(PROMPT, im)["pixel_values"].shape[1] for im in images[1:3]] == [3, 5]  # base + tiles
+    assert_vcd_pope_path_equals_plain(next_lm, prompts, images, **knobs)
+
+
 def test_pope_runs_on_next(next_lm, tmp_path):
     import json
 

@@ -293,6 +293,18 @@ def test_onevision_batches_with_the_cached_prefix_equal_plain_forwards(ov_lm):
         assert steered[b]["margin"] != pytest.approx(margin, rel=0, abs=TOL)  # the step moved it
 
 
+@pytest.mark.parametrize("knobs", [{}, {"beta": 0.0, "alpha": 0.5, "noise_step": 999, "seed": 3}])
+def test_vcds_batched_pope_path_on_onevision_equals_the_released_construction(ov_lm, knobs):
+    """VCD on OneVision: each image's tiles (3 and 10: two sizes, one resized by anyres_max) noised as one pixel
+    tensor, run as auxiliary rows of the batch's own forward, against the released construction of each question
+    alone on a plain copy of the model (plain_refs.assert_vcd_pope_path_equals_plain: floors there)."""
+    from plain_refs import assert_vcd_pope_path_equals_plain
+
+    prompts = [PROMPT.replace(QUESTIONS[0], q) for q in QUESTIONS * 2]
+    images = [_image(IMAGES[0], 2, 0)] * 2 + [_image(IMAGES[1], 2, 1)] * 2
+    assert_vcd_pope_path_equals_plain(ov_lm, prompts, images, **knobs)
+
+
 def test_pope_runs_on_onevision(ov_lm, tmp_path):
     import json
 

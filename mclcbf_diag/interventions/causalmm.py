@@ -90,7 +90,6 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from ..errors import UserError
 from .base import Row
 from .catalog import SPECS, CausalMMKnobs  # noqa: F401 - CausalMMKnobs re-exported
-from .contrast import contrast, plausible
 from .decoding import DecodingMethod
 from .views import pixels_of, row_inputs, shares_image_features
 
@@ -440,7 +439,7 @@ def with_features(lm, inputs: dict, features: list[torch.Tensor]) -> dict:
 
 
 class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
-    cutoff_knob = "epsilon"  # the same plausibility cutoff as VCD's beta (0: none)
+    cutoff_knob, strength_knob = "epsilon", "gamma"  # the default combine: (1 + γ·dose)·ℓ − γ·dose·ℓ', cut under ε
     metrics = {}
 
     @property
@@ -473,21 +472,6 @@ class CausalMM(DecodingMethod, spec=SPECS["causalmm"]):
         if not shares_image_features(inputs) or self.knobs.level != "vision":
             return None
         return counterfactual_features(lm, pixels_of(row_inputs(inputs, rows)), self.knobs.attention, self.knobs.seed)
-
-    def combine(self, site, row, logits, aux, dose):
-        """CausalMM's contrast (1 + γ·dose)·ℓ − γ·dose·ℓ', cut to the tokens plausible under ε.
-
-        Args:
-            site: the ``logits`` readout.
-            row: the row combined.
-            logits: [vocab] the model's own logits at the row's decision position.
-            aux: [vocab] the auxiliary forward's logits for the row (the counterfactual forward's).
-            dose: scales the method (1: as configured).
-
-        Returns:
-            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (probability ≥ ε × the top token's).
-        """
-        return contrast(logits, aux, self.knobs.gamma * dose), plausible(logits, self.knobs.epsilon)
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         if self.knobs.level != "vision":

@@ -25,19 +25,24 @@ from __future__ import annotations
 import torch
 
 from .base import Batched, Intervention, Readout, Row, knob_key
-from .contrast import margin
+from .contrast import contrast, margin, plausible
 
 
 class DecodingMethod(Intervention):
     """Base of the methods that only act on the answer's distribution (the ``logits`` site).
 
     ``cutoff_knob`` names the knob of its plausibility cutoff (None: it has none), for the rule and the
-    counterfactual fix that undo the cutoff.
+    counterfactual fix that undo the cutoff, and for the default :meth:`combine`. ``strength_knob`` names the knob
+    of its contrast's strength (VCD's α, CausalMM's γ): a method that names one gets the default :meth:`combine`,
+    the contrast (1 + s·dose)·ℓ − s·dose·ℓ' of its own logits with its auxiliary forward's, cut to the tokens the
+    cutoff keeps; a method whose scores take another form (DoLa's, HALC's) leaves it None and overrides
+    :meth:`combine`.
     """
 
     sites = frozenset({"logits"})
     row_doses = True
     cutoff_knob: str | None = None
+    strength_knob: str | None = None
 
     def rules(self) -> list:
         from .decoding_rules import contrast_rules
@@ -121,18 +126,26 @@ class DecodingMethod(Intervention):
     def combine(self, site: Readout, row: Row, logits: torch.Tensor, aux: torch.Tensor | None, dose: float):
         """``(scores before the cutoff, tokens kept by it)`` [vocab] for one row.
 
+        The default (a method with a :attr:`strength_knob`): :func:`~.contrast.contrast` (1 + s·dose)·ℓ − s·dose·ℓ'
+        with s the knob's value, and the tokens :func:`~.contrast.plausible` keeps under knob :attr:`cutoff_knob`
+        (every token without one). A method without a strength knob overrides it.
+
         Args:
             site: the ``logits`` readout.
             row: the row combined.
             logits: [vocab] the model's own logits at the row's decision position.
             aux: [vocab] the auxiliary forward's logits for the row (:meth:`auxiliary`); None without one.
-            dose: scales the method (1: as configured).
+            dose: scales the method (1: as configured; it scales the contrast's strength, the cutoff stays).
 
         Returns:
             ``(scores, keep)``: the [vocab] scores, and the bool [vocab] tokens kept (None: every token), as
             :func:`answer_from` takes them.
         """
-        raise NotImplementedError
+        if self.strength_knob is None:
+            raise NotImplementedError(f"{type(self).__name__} names no strength_knob and does not override combine")
+        scores = contrast(logits, aux, getattr(self.knobs, self.strength_knob) * dose)
+        keep = None if self.cutoff_knob is None else plausible(logits, getattr(self.knobs, self.cutoff_knob))
+        return scores, keep
 
     def readout(self, site: Readout) -> None:
         for row in site.rows:

@@ -19,10 +19,14 @@ github.com/DAMO-NLP-SG/VCD (``vcd_utils/vcd_add_noise.py``: ``add_diffusion_nois
 * **Batched.** The noised view has the question's tokens at the same positions, only other image
   features: a runner runs it as rows of the question's own forward (:meth:`VCD.aux_features`, see
   :mod:`.decoding`), the vision tower once per distinct noised image.
-* **Families.** The noise is added to each image's pixel tensor ([3, H, W] per image or tile), so VCD
+* **Families.** The noise is added to each image's pixel tensor ([3, H, W] per image, or per tile for InternVL;
+  LLaVA-NeXT's and OneVision's [tiles, 3, H, W] per image, its base view and tiles noised by one draw), so VCD
   reads pixels (``reads_pixels``); a family whose processor gives none (flattened patches,
   :attr:`~mclcbf_diag.models.families.Family.flat_pixels`) is refused by the command line from
-  ``config.json``, before the model loads.
+  ``config.json``, before the model loads. The batched path is tested against the released construction of each
+  question alone on LLaVA-1.5, LLaVA-NeXT and OneVision (tests/test_interventions_vcd.py, test_models_anyres.py,
+  test_models_onevision.py), its auxiliary rows against the view's own forward on InternVL, and its trace against
+  its batched run on Gemma 3.
 """
 
 from __future__ import annotations
@@ -31,13 +35,12 @@ import torch
 
 from .base import Row
 from .catalog import SPECS, VCDKnobs  # noqa: F401 - VCDKnobs re-exported
-from .contrast import contrast, plausible
 from .decoding import DecodingMethod
 from .views import diffusion_noise, last_logits, pixels_of, row_inputs, shares_image_features, with_pixels
 
 
 class VCD(DecodingMethod, spec=SPECS["vcd"]):
-    cutoff_knob = "beta"
+    cutoff_knob, strength_knob = "beta", "alpha"  # the default combine: (1 + α·dose)·ℓ − α·dose·ℓ', cut under β
     reads_pixels = True
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]):
@@ -64,18 +67,3 @@ class VCD(DecodingMethod, spec=SPECS["vcd"]):
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         mine, noised = self.noised(inputs, rows)
         return {"noised image": with_pixels(mine, noised)}
-
-    def combine(self, site, row, logits, aux, dose):
-        """VCD's contrast (1 + α·dose)·ℓ − α·dose·ℓ', cut to the tokens plausible under β.
-
-        Args:
-            site: the ``logits`` readout.
-            row: the row combined.
-            logits: [vocab] the model's own logits at the row's decision position.
-            aux: [vocab] the auxiliary forward's logits for the row (the distorted image's).
-            dose: scales the method (1: as configured).
-
-        Returns:
-            ``(scores, keep)``: the [vocab] scores and the bool [vocab] tokens kept (probability ≥ β × the top token's).
-        """
-        return contrast(logits, aux, self.knobs.alpha * dose), plausible(logits, self.knobs.beta)

@@ -42,6 +42,7 @@ device of the tensors it combines.
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -426,8 +427,40 @@ def model_class(config):
     return getattr(transformers, family.architecture) if family is not None else LlavaForConditionalGeneration
 
 
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT (its multi-line table of missing, unexpected or mis-shaped tensors, a
+    warning of logger ``transformers.modeling_utils``) while ``from_pretrained`` runs: :func:`check_loading_info`
+    refuses such a checkpoint in one line; a report it does not refuse for is logged after all."""
+
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> "_HeldLoadReport":
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeFilter(self)
+
+    def release(self) -> None:
+        """Log what was held (the checkpoint was not refused)."""
+        for record in self.held:
+            self.logger.handle(record)
+        self.held.clear()
+
+
 def load_weights(prep: PreparedModel) -> LoadedModel:
-    """Read the weights of a prepared model; missing or unexpected tensors are an error."""
+    """Read the weights of a prepared model; missing or unexpected tensors are an error (one line: transformers' own
+    report of them is held back, :class:`_HeldLoadReport`)."""
     where = prep.where
     kwargs = dict(dtype=prep.dtype, attn_implementation="eager", use_safetensors=True,
                   local_files_only=True, output_loading_info=True)
@@ -437,7 +470,8 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
         if quiet:  # a small model loads in milliseconds: its progress bar is only noise on stderr
             hf_logging.disable_progress_bar()
         try:
-            model, info = model_class(prep.config).from_pretrained(where, device_map=prep.device_map, **kwargs)
+            with _HeldLoadReport() as report:
+                model, info = model_class(prep.config).from_pretrained(where, device_map=prep.device_map, **kwargs)
         finally:
             if quiet:
                 hf_logging.enable_progress_bar()
@@ -448,6 +482,7 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
                             "\"model\" and \"lm_head\"), or use --device-map auto") from exc
         raise _load_error(where, prep.local, exc) from exc
     check_loading_info(where, info)
+    report.release()
     scheme_of(model.config).prepare(model)  # shared image features as the family's model merges them
     if prep.device_map is None:
         model.to(prep.device)

@@ -165,11 +165,11 @@ def _mass_fields(condition: str, masses) -> dict:
 
 
 def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | None = None,
-                timing: dict | None = None, decoding=None, run_ids: list[str] | None = None) -> list:
+                timing: dict | None = None, decoding=None, run_ids: list[str | None] | None = None) -> list:
     """One batch of questions → one record per question (baseline and steered).
 
     Args:
-        lm: the loaded model (its ``run_id``, when set, goes into every record).
+        lm: the loaded model.
         jobs: the batch's questions.
         config: the intervention (or what :func:`~mclcbf_diag.interventions.as_intervention` accepts).
         generate: with > 0, also generate up to this many tokens per condition and parse the text's answer;
@@ -179,10 +179,10 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
         decoding: how answers are chosen (:class:`~mclcbf_diag.measurements.sampling.Decoding`; None: greedy);
             a sampled first token is drawn per question from its split and id (``baseline_sampled_token``,
             ``steered_sampled_token``). A list of decodings (one sampled setting at several seeds; first-token
-            answers only) reads each from the same forwards and returns one list of records per decoding, each
-            stamped with its ``run_ids`` entry instead of the model's ``run_id``.
-        run_ids: with a list of decodings, one run id per decoding; with one decoding, a one-entry list whose id
-            replaces the model's ``run_id``; None: the model's.
+            answers only) reads each from the same forwards and returns one list of records per decoding.
+        run_ids: the ``run_id`` stamped on each decoding's records, one per decoding, in order: as long as the list
+            of decodings, or one entry for one decoding (an entry None: its records carry no ``run_id``). None:
+            no record carries one (one decoding only; a list of decodings needs its ids).
 
     Returns:
         One record per job, in order (a list of them per decoding, for a list). ``outcome`` is the question's class
@@ -200,12 +200,12 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
     prompts = [build_prompt(j.question.text, *([template] if template else [])) for j in jobs]
     images = [image_of(resolve_image(j.question, j.image_dir), lm) for j in jobs]
     several = isinstance(decoding, (list, tuple))
-    rid = run_ids[0] if run_ids and not several else getattr(lm, "run_id", None)
+    rids = [None] if run_ids is None and not several else run_ids
+    if rids is None or len(rids) != (len(decoding) if several else 1) or (several and generate):
+        raise ValueError("one run id per decoding; several decodings need first-token answers")  # programming error
     inputs = batch_inputs(lm, prompts, images, share_images=not generate)
     t_inputs = time.perf_counter() - t0
     keys = [f"{j.split}:{j.question.question_id}" for j in jobs]
-    if several and (generate or run_ids is None or len(run_ids) != len(decoding)):
-        raise ValueError("several decodings need first-token answers and a run id each")  # programming error
     if generate:
         t1 = time.perf_counter()
         with _Observer(lm, inputs["input_ids"]) as ob:
@@ -231,8 +231,8 @@ def answer_jobs(lm, jobs: list[Job], config, generate: int = 0, template: str | 
                         generate) for n, (j, b, s) in enumerate(zip(jobs, base, steer))]
 
     if several:
-        return [records(b, s, r) for (b, s), r in zip(pairs, run_ids)]
-    return records(base, steer, rid)
+        return [records(b, s, r) for (b, s), r in zip(pairs, rids)]
+    return records(base, steer, rids[0])
 
 
 _READING = {"margin", "answer", "p_yes", "p_no", "top_yes_no", "finite", "valid", "dropped", "text", "sampled_token"}
@@ -323,14 +323,17 @@ def run_jobs(lm, todo: list[Job], config, out: Path, *, batch_size: int, generat
         template: the prompt template; None: the default.
         timing: records each batch's cost once it is on disk; None: not timed.
         decoding: how answers are chosen (:func:`answer_jobs`).
+
+    Every record carries the model's ``run_id`` attribute where it has one (else none).
     """
-    run_jobs_together(lm, todo, [todo], config, [out], batch_size=batch_size, decodings=[decoding], run_ids=None,
+    run_jobs_together(lm, todo, [todo], config, [out], batch_size=batch_size, decodings=[decoding],
+                      run_ids=[getattr(lm, "run_id", None)],
                       template=template, timings=None if timing is None else [timing], progress=progress,
                       on_batch=on_batch, generate=generate)
 
 
 def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs: list[Path], *, batch_size: int,
-                      decodings: list, run_ids: list[str], template: str | None = None,
+                      decodings: list, run_ids: list[str | None], template: str | None = None,
                       timings: list[RunTiming] | None = None, progress: bool = True, on_batch=None,
                       generate: int = 0) -> None:
     """Answer several runs that differ only in their sampled draw (``pope --seeds``) from one pass of forwards; with
@@ -352,7 +355,7 @@ def run_jobs_together(lm, jobs: list[Job], todos: list[list[Job]], config, outs:
         batch_size: questions per batch.
         decodings: one :class:`~mclcbf_diag.measurements.sampling.Decoding` per run (sampled, for several; one:
             any, or None for greedy).
-        run_ids: each run's id, stamped on its rows (None, with one run: the model's ``run_id``).
+        run_ids: each run's id, stamped on its rows (an entry None: that run's rows carry none).
         template: the prompt template; None: the default.
         timings: each run's timing record (None: not timed).
         progress: whether to show a progress bar on stderr.
