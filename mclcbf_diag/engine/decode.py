@@ -12,18 +12,32 @@ distribution each token is drawn from, not only the first answer token's. transf
    :class:`~.runner.Continuation` over the rest, appending its own keys and values to that cache.
 2. **Steps.** The chosen token is appended to every row and the next forward is a continuation of
    that one position over the cache (the runner's forward with ``use_cache=True``, so the cache
-   grows by the position the intervened forward computed, as in ``generate``). The method's
-   auxiliary forwards (the noised image, the image-free prompt …) are prepared again for the
-   longer sequence: they are plain forwards of their own views of the whole sequence so far (not
-   cached between steps; they cost one forward of the view per step). Where the intervention
-   could change a position before an image token (``cached_prefix`` is 0) every step re-runs the
-   whole sequence instead.
-3. **Choice.** Greedy: the argmax of the scores. Sampled (:class:`~mclcbf_diag.measurements.sampling.Decoding`):
+   grows by the position the intervened forward computed, as in ``generate``). Where the intervention
+   could change a position before an image token (``cached_prefix`` is 0: VISTA, which steers every
+   position with a vector made again at each step) every step re-runs the whole sequence instead.
+3. **Auxiliary views.** The method's auxiliary forwards are plain forwards of other inputs of the same
+   rows (:meth:`~mclcbf_diag.interventions.base.Intervention.decode_views`): VCD's noised image, CausalMM's
+   counterfactual image features (its vision level), PAI's image-free prompt, VISTA's two forwards of its
+   steering vector (the prompt with its image and without it). The generated tokens are the same text in
+   every view, so each view continues a KV cache of its own as the main rows do
+   (:class:`ViewStream`): its prompt runs once, then one position per step, and its output at the last
+   position is handed to the method (``use_decode_views``) instead of its ``prepare`` re-running the view
+   over the whole sequence. A view's cache is its own, not the main rows': its prompt differs from the
+   question's before the decision token (another image, no image). Where the views cannot be continued
+   (``decode_views`` None) the method's ``prepare`` re-runs them over the whole sequence at every step,
+   one forward of each view per step: CausalMM's language level and ``both`` (the counterfactual
+   attention edits every query of every layer and runs without a cache by design), HALC (its crops are
+   HALC's for the first token only; ``--generate`` under it is refused) and OPERA (its beam search is
+   :mod:`mclcbf_diag.interventions.opera_beam`), and every activation edit that prepares something
+   (its ``prepare`` is run on the longer sequence). ``cache_views=False`` takes that route for every
+   method (the tests' reference). Both routes give the same scores within the floor of two float32
+   routes to a view's logits (``tests/test_engine_decode_views.py``).
+4. **Choice.** Greedy: the argmax of the scores. Sampled (:class:`~mclcbf_diag.measurements.sampling.Decoding`):
    temperature, top-k, top-p in transformers' order, then an inverse-CDF draw whose u comes from the
    run's seed and the question's key (step 0: the key itself, so the first token is the one a
    sampled first-token answer draws; step k: ``key#k``), the same in any batch. A token the method
    ruled out (−inf) is never chosen.
-4. **End.** A row that chose the end-of-sequence token is finished: it is fed the pad token from
+5. **End.** A row that chose the end-of-sequence token is finished: it is fed the pad token from
    then on (attention mask 1, as ``generate`` does) and its later steps are not read. The loop
    stops when every row is finished or after ``max_new_tokens`` steps.
 
@@ -32,8 +46,11 @@ generated answer's contrast can be read token by token. With ``keep=Keep()`` (ev
 also keeps its captures of the last position, as a traced ``generate`` keeps them: step 0 is the prompt's
 forward (phase ``prefill``), step k the one reading the k-th generated token (phase ``decode``, ``decode_step``
 k); :meth:`Generation.captures` gives each row's :class:`~.runner.RunCapture` over its own steps (up to the one
-that chose its end token), what ``trace --max-new-tokens`` measures under a decoding-level method. A beam search is
-OPERA's own (:mod:`mclcbf_diag.interventions.opera_beam`).
+that chose its end token), what ``trace --max-new-tokens`` measures under a decoding-level method. A continued view
+that ``trace`` measures (``View.probed``: VCD's, CausalMM's vision level's) then runs through the runner's traced
+forward, and its captures (``steps[k]["views"]``) are the step's ``view:NAME`` records: the view runs once per
+step, its logits the ones the step combined. A beam search is OPERA's own
+(:mod:`mclcbf_diag.interventions.opera_beam`).
 """
 
 from __future__ import annotations
