@@ -14,6 +14,12 @@ positions (:func:`~.views.with_aux_rows`), and hands their logits to
 reads them. Each row of a batch computes what it computes alone, up to the summation order of
 batched matmuls, so both routes give the same scores within the margin's noise floor.
 
+In generation (:mod:`mclcbf_diag.engine.decode`) the same view continues a KV cache of its own from
+step to step (:meth:`DecodingMethod.decode_views`: its prompt once, then one position per generated
+token), and its logits at the last position reach :meth:`DecodingMethod.combine` through
+:meth:`DecodingMethod.use_decode_views`; a method whose auxiliary forward is no such view (CausalMM's
+language level) is prepared again over the whole sequence at every step.
+
 Every steered row records, at layer −1 (the shared glossary's ``decoding_*`` metrics):
 the model's own Yes − No margin, the auxiliary forward's, the combined scores' before the
 plausibility cutoff, and whether the cutoff removed the Yes or the No token. ``final_margin`` of
