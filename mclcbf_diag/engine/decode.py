@@ -12,18 +12,32 @@ distribution each token is drawn from, not only the first answer token's. transf
    :class:`~.runner.Continuation` over the rest, appending its own keys and values to that cache.
 2. **Steps.** The chosen token is appended to every row and the next forward is a continuation of
    that one position over the cache (the runner's forward with ``use_cache=True``, so the cache
-   grows by the position the intervened forward computed, as in ``generate``). The method's
-   auxiliary forwards (the noised image, the image-free prompt …) are prepared again for the
-   longer sequence: they are plain forwards of their own views of the whole sequence so far (not
-   cached between steps; they cost one forward of the view per step). Where the intervention
-   could change a position before an image token (``cached_prefix`` is 0) every step re-runs the
-   whole sequence instead.
-3. **Choice.** Greedy: the argmax of the scores. Sampled (:class:`~mclcbf_diag.measurements.sampling.Decoding`):
+   grows by the position the intervened forward computed, as in ``generate``). Where the intervention
+   could change a position before an image token (``cached_prefix`` is 0: VISTA, which steers every
+   position with a vector made again at each step) every step re-runs the whole sequence instead.
+3. **Auxiliary views.** The method's auxiliary forwards are plain forwards of other inputs of the same
+   rows (:meth:`~mclcbf_diag.interventions.base.Intervention.decode_views`): VCD's noised image, CausalMM's
+   counterfactual image features (its vision level), PAI's image-free prompt, VISTA's two forwards of its
+   steering vector (the prompt with its image and without it). The generated tokens are the same text in
+   every view, so each view continues a KV cache of its own as the main rows do
+   (:class:`ViewStream`): its prompt runs once, then one position per step, and its output at the last
+   position is handed to the method (``use_decode_views``) instead of its ``prepare`` re-running the view
+   over the whole sequence. A view's cache is its own, not the main rows': its prompt differs from the
+   question's before the decision token (another image, no image). Where the views cannot be continued
+   (``decode_views`` None) the method's ``prepare`` re-runs them over the whole sequence at every step,
+   one forward of each view per step: CausalMM's language level and ``both`` (the counterfactual
+   attention edits every query of every layer and runs without a cache by design), HALC (its crops are
+   HALC's for the first token only; ``--generate`` under it is refused) and OPERA (its beam search is
+   :mod:`mclcbf_diag.interventions.opera_beam`), and every activation edit that prepares something
+   (its ``prepare`` is run on the longer sequence). ``cache_views=False`` takes that route for every
+   method (the tests' reference). Both routes give the same scores within the floor of two float32
+   routes to a view's logits (``tests/test_engine_decode_views.py``).
+4. **Choice.** Greedy: the argmax of the scores. Sampled (:class:`~mclcbf_diag.measurements.sampling.Decoding`):
    temperature, top-k, top-p in transformers' order, then an inverse-CDF draw whose u comes from the
    run's seed and the question's key (step 0: the key itself, so the first token is the one a
    sampled first-token answer draws; step k: ``key#k``), the same in any batch. A token the method
    ruled out (−inf) is never chosen.
-4. **End.** A row that chose the end-of-sequence token is finished: it is fed the pad token from
+5. **End.** A row that chose the end-of-sequence token is finished: it is fed the pad token from
    then on (attention mask 1, as ``generate`` does) and its later steps are not read. The loop
    stops when every row is finished or after ``max_new_tokens`` steps.
 
@@ -32,8 +46,11 @@ generated answer's contrast can be read token by token. With ``keep=Keep()`` (ev
 also keeps its captures of the last position, as a traced ``generate`` keeps them: step 0 is the prompt's
 forward (phase ``prefill``), step k the one reading the k-th generated token (phase ``decode``, ``decode_step``
 k); :meth:`Generation.captures` gives each row's :class:`~.runner.RunCapture` over its own steps (up to the one
-that chose its end token), what ``trace --max-new-tokens`` measures under a decoding-level method. A beam search is
-OPERA's own (:mod:`mclcbf_diag.interventions.opera_beam`).
+that chose its end token), what ``trace --max-new-tokens`` measures under a decoding-level method. A continued view
+that ``trace`` measures (``View.probed``: VCD's, CausalMM's vision level's) then runs through the runner's traced
+forward, and its captures (``steps[k]["views"]``) are the step's ``view:NAME`` records: the view runs once per
+step, its logits the ones the step combined. A beam search is OPERA's own
+(:mod:`mclcbf_diag.interventions.opera_beam`).
 """
 
 from __future__ import annotations
@@ -43,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..interventions import as_intervention
-from ..interventions.base import rows_of
+from ..interventions.base import View, ViewOutput, rows_of
 from ..models import LoadedModel
 from ..models.mrope import position_ids
 from .runner import Continuation, Keep, RunCapture, RunResult, StepCapture, forward
@@ -59,7 +76,8 @@ class Generation:
 
     sequences: torch.Tensor  # [B, prompt + steps]: the prompt, then each row's tokens (pad after its end)
     first_scores: torch.Tensor  # [B, vocab] float32: the scores the first token was chosen from
-    # per step: {"records": per row {layer: {metric}}, "scores"?, "captures"?: per row RunCapture (Keep.layers)}
+    # per step: {"records": per row {layer: {metric}}, "scores"?, "captures"?: per row RunCapture (Keep.layers),
+    # "views"?: {name: per row RunCapture} of the views trace measures (Keep.layers, views continued by their caches)}
     steps: list[dict] = field(default_factory=list)
     ends: list[int | None] = field(default_factory=list)  # per row: the step that chose its end token (None: none)
 
@@ -153,25 +171,105 @@ def extended(lm: LoadedModel, inputs: dict, tokens: torch.Tensor) -> dict:
     return out
 
 
-def _step(lm: LoadedModel, full: dict, iv, start: int, cache, keep: Keep = NO_LAYERS,
-          dose: float = 1.0) -> RunResult:
-    """One intervened forward of ``full``'s positions from ``start`` on over ``cache`` (which it extends); ``start``
-    0 and no cache: the whole sequence. Its :class:`~.runner.RunResult` (captures with ``keep.layers``)."""
-    ids, mask = full["input_ids"], full["attention_mask"]
-    if iv is not None:
-        iv.prepare(lm, full, rows_of(ids, mask, lm.tokens.image_token_id))
-    if cache is None:
-        return forward(lm, full, iv, keep=keep, prepare=False, dose=dose)
-    layers = iv.layers(lm.n_layers) if iv is not None else ()
-    prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in layers}
-    suffix = {"input_ids": ids[:, start:], "attention_mask": mask}
+def _suffix(full: dict, start: int) -> dict:
+    """The model inputs of ``full``'s positions from ``start`` on, over a cache of the earlier ones (the whole mask)."""
+    suffix = {"input_ids": full["input_ids"][:, start:], "attention_mask": full["attention_mask"]}
     if "position_ids" in full:
         suffix["position_ids"] = full["position_ids"][..., start:]  # [B, S] or Qwen-VL's [3, B, S]
     if "token_type_ids" in full:
         suffix["token_type_ids"] = full["token_type_ids"][:, start:]
-    return forward(lm, suffix, iv, keep=keep, full_ids=ids, prepare=False, dose=dose,
+    return suffix
+
+
+def _step(lm: LoadedModel, full: dict, iv, start: int, cache, keep: Keep = NO_LAYERS,
+          dose: float = 1.0, prepare: bool = True) -> RunResult:
+    """One intervened forward of ``full``'s positions from ``start`` on over ``cache`` (which it extends); ``start``
+    0 and no cache: the whole sequence. ``prepare``: run the intervention's ``prepare`` on ``full`` first (False:
+    its views were continued and handed to it, :class:`ViewStream`). Its :class:`~.runner.RunResult` (captures with
+    ``keep.layers``)."""
+    ids = full["input_ids"]
+    if iv is not None and prepare:
+        iv.prepare(lm, full, rows_of(ids, full["attention_mask"], lm.tokens.image_token_id))
+    if cache is None:
+        return forward(lm, full, iv, keep=keep, prepare=False, dose=dose)
+    layers = iv.layers(lm.n_layers) if iv is not None else ()
+    prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in layers}
+    return forward(lm, _suffix(full, start), iv, keep=keep, full_ids=ids, prepare=False, dose=dose,
                    continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
                    **lm.adapter.cache_kwargs(lm.model, cache))
+
+
+class ViewStream:
+    """One auxiliary view of the intervention (:meth:`~mclcbf_diag.interventions.base.Intervention.decode_views`)
+    continued by a KV cache of its own: the first :meth:`run` is the forward of the view's prompt, each later one the
+    forward of the one position :meth:`extend` appended (the token the loop chose), as the main rows continue theirs.
+
+    A view ``trace`` measures (``View.probed``) runs through the runner's traced forward where the loop keeps every
+    layer (its captures are the step's ``view:NAME`` records); otherwise through the model itself.
+    """
+
+    def __init__(self, view: View):
+        self.view, self.inputs, self.cache = view, view.inputs, None
+
+    def run(self, lm: LoadedModel, keep: Keep) -> tuple[ViewOutput, list[RunCapture] | None]:
+        """The view's output at its last position, and its captures where traced (None otherwise)."""
+        if keep.layers and self.view.probed and not self.view.states:
+            return self._traced(lm, keep)
+        if self.cache is None:  # the prompt; with its embeddings, the image features merged already (CausalMM's)
+            feed, kwargs = {k: v for k, v in self.inputs.items()
+                            if k != "input_ids" or "inputs_embeds" not in self.inputs}, {}
+        else:
+            feed = _suffix(self.inputs, self.inputs["input_ids"].shape[1] - 1)
+            kwargs = lm.adapter.cache_kwargs(lm.model, self.cache)
+        with torch.no_grad():
+            out = lm.model(**feed, **kwargs, use_cache=True, logits_to_keep=1,
+                           output_hidden_states=self.view.states)
+        self.cache = lm.adapter.output_cache(lm.model, out)
+        states = None
+        if self.view.states:
+            states = torch.stack([out.hidden_states[i][:, -1].float() for i in range(lm.n_layers)], dim=1)
+        return ViewOutput(out.logits[:, -1].float(), states), None
+
+    def _traced(self, lm: LoadedModel, keep: Keep) -> tuple[ViewOutput, list[RunCapture]]:
+        """:meth:`run` through the runner's forward, every layer captured."""
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=lm.model.config)
+            res = forward(lm, self.inputs, keep=keep, use_cache=True, **lm.adapter.cache_kwargs(lm.model, self.cache))
+        else:
+            ids = self.inputs["input_ids"]
+            start = ids.shape[1] - 1
+            res = forward(lm, _suffix(self.inputs, start), keep=keep, full_ids=ids,
+                          continuation=Continuation(start=start, prefix_keys={}), use_cache=True,
+                          **lm.adapter.cache_kwargs(lm.model, self.cache))
+        return ViewOutput(res.logits.float()), res.captures
+
+    def extend(self, lm: LoadedModel, tokens: torch.Tensor) -> None:
+        """Append ``tokens`` [B] (the loop's choice) to the view's sequence: its next :meth:`run` reads them."""
+        self.inputs = extended(lm, self.inputs, tokens)
+
+
+def view_streams(lm: LoadedModel, iv, inputs: dict) -> dict[str, ViewStream] | None:
+    """The intervention's auxiliary views of the prompt ``inputs``, each to be continued by its own cache (name →
+    :class:`ViewStream`; {} when it runs none); None when they cannot be (its ``prepare`` runs at every step)."""
+    if iv is None:
+        return None
+    views = iv.decode_views(lm, inputs, rows_of(inputs["input_ids"], inputs["attention_mask"],
+                                                lm.tokens.image_token_id))
+    return None if views is None else {name: ViewStream(view) for name, view in views.items()}
+
+
+def run_views(lm: LoadedModel, iv, full: dict, streams: dict[str, ViewStream], keep: Keep) -> dict:
+    """One step of every view stream, handed to the intervention (``use_decode_views``) for the sequence ``full``
+    holds; returns the traced views' captures by name (per row :class:`~.runner.RunCapture`)."""
+    outputs, captures = {}, {}
+    for name, stream in streams.items():
+        outputs[name], caps = stream.run(lm, keep)
+        if caps is not None:
+            captures[name] = caps
+    iv.use_decode_views(lm, rows_of(full["input_ids"], full["attention_mask"], lm.tokens.image_token_id), outputs)
+    return captures
 
 
 def _prompt_cache(lm: LoadedModel, inputs: dict, start: int):
@@ -186,7 +284,8 @@ def _prompt_cache(lm: LoadedModel, inputs: dict, start: int):
 
 
 def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens: int, decoding=None, keys=None,
-             steer: bool = True, keep_scores: bool = False, keep: Keep = NO_LAYERS, dose: float = 1.0) -> Generation:
+             steer: bool = True, keep_scores: bool = False, keep: Keep = NO_LAYERS, dose: float = 1.0,
+             cache_views: bool = True) -> Generation:
     """Up to ``max_new_tokens`` tokens per row, each chosen from the intervention's combined scores.
 
     Args:
@@ -201,6 +300,9 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
         keep: what each step's forward keeps besides its scores and records (``Keep()``: every layer's captures,
             ``steps[k]["captures"]``, read with :meth:`Generation.captures`).
         dose: multiplies what the intervention changes at every step.
+        cache_views: continue each auxiliary view by its own KV cache where the intervention allows it
+            (:func:`view_streams`); False: its ``prepare`` re-runs every view over the whole sequence at every step
+            (the reference route of the tests).
 
     Returns:
         A :class:`Generation`.
@@ -220,19 +322,13 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
     done, ended = torch.zeros(B, dtype=torch.bool), [None] * B
     full, steps, first = inputs, [], None
     with torch.no_grad():
+        streams = view_streams(lm, iv, inputs) if cache_views else None
         cache = _prompt_cache(lm, inputs, start)
         for k in range(max_new_tokens):
-            res = _step(lm, full, iv, start, cache, keep, dose)
+            views = run_views(lm, iv, full, streams, keep) if streams is not None else None
+            res = _step(lm, full, iv, start, cache, keep, dose, prepare=streams is None)
             scores = res.logits.float().cpu()
-            step = {"records": res.records}
-            if keep_scores:
-                step["scores"] = scores
-            if keep.layers:
-                for cap in res.captures:
-                    for s in cap.steps:
-                        label_step(s, k)
-                step["captures"] = res.captures
-            steps.append(step)
+            steps.append(_kept(res, scores, k, keep_scores, keep, views))
             first = scores if first is None else first
             token = choose(scores, decoding, keys, k)
             token = torch.where(done, torch.full_like(token, pad), token)
@@ -240,10 +336,29 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
             ended = [k if h and e is None else e for h, e in zip(hit, ended)]
             done |= torch.tensor(hit, dtype=torch.bool)
             full = extended(lm, full, token)
+            for stream in (streams or {}).values():
+                stream.extend(lm, token)
             start = full["input_ids"].shape[1] - 1 if cache is not None else 0
             if bool(done.all()):
                 break
     return Generation(full["input_ids"], first, steps, ended)
+
+
+def _kept(res: RunResult, scores: torch.Tensor, k: int, keep_scores: bool, keep: Keep, views: dict | None) -> dict:
+    """What :class:`Generation` keeps of step ``k``: its records, its scores with ``keep_scores``, its captures (every
+    layer, labelled as a traced ``generate`` labels them) and, with ``keep.layers``, its traced views' captures (None:
+    the views were not continued, ``prepare`` re-ran them; no ``"views"`` then)."""
+    step = {"records": res.records}
+    if keep_scores:
+        step["scores"] = scores
+    if keep.layers:
+        for cap in [*res.captures, *(c for caps in (views or {}).values() for c in caps)]:
+            for s in cap.steps:
+                label_step(s, k)
+        step["captures"] = res.captures
+        if views is not None:
+            step["views"] = views
+    return step
 
 
 def label_step(step: StepCapture, k: int) -> None:

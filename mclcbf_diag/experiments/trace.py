@@ -227,7 +227,9 @@ def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int
     one), every step captured: the intervened run chooses each token from the method's combined scores, the
     baseline from the model's own. Besides the two runs: per decode step the method's own terms at the step's
     position (its ``logits`` site's records, layer −1; step 0's are the run's whole-model records), and every step's
-    auxiliary forwards (conditions ``view:NAME``: the method's views of the sequence that step read).
+    auxiliary forwards (conditions ``view:NAME``: the method's views of the sequence that step read). Where the loop
+    continued a view by its own cache, its records are that forward's captures, the one whose logits the step
+    combined (the view runs once per step); a view the loop re-ran whole is run here again.
 
     Returns:
         ``(baseline, intervened, [records frames])``.
@@ -253,7 +255,11 @@ def _generated_runs(lm: LoadedModel, prompt: str, image, iv, max_new_tokens: int
     for step in steered.steps:
         if step.decode_step:
             full = extended(lm, full, steered.generated[:, steered.prompt_len + step.decode_step - 1])
-        extra += _view_records(lm, full, iv, question_id, step)
+        views = gen.steps[step.decode_step].get("views")
+        if views is None:  # views the loop re-ran over the whole sequence (not continued): run them again here
+            extra += _view_records(lm, full, iv, question_id, step)
+        else:  # the loop's own forwards of its views at this step, which its combined scores read
+            extra += [_view_frame(lm, caps[0], name, question_id, step) for name, caps in views.items()]
     return baseline, steered, extra
 
 
@@ -264,15 +270,18 @@ def _view_records(lm: LoadedModel, inputs: dict, iv, question_id, step: StepCapt
     if iv is None or "logits" not in iv.open_sites(True):
         return []
     rows = rows_of(inputs["input_ids"], inputs["attention_mask"], lm.tokens.image_token_id)
-    out = []
-    for name, view in iv.views(lm, inputs, rows).items():
-        cap = forward(lm, view).captures[0]
-        if step is not None:
-            label_step(cap.steps[0], step.decode_step)
-            cap.prompt_len = cap.prompt_len - step.decode_step  # the prompt's length (the sink, the image mask)
-            cap.detected = cap.detected[:cap.prompt_len]
-        out.append(run_records(lm, cap, question_id=question_id, condition=f"view:{name}"))
-    return out
+    return [_view_frame(lm, forward(lm, view).captures[0], name, question_id, step)
+            for name, view in iv.views(lm, inputs, rows).items()]
+
+
+def _view_frame(lm: LoadedModel, cap: RunCapture, name: str, question_id, step: StepCapture | None):
+    """The records of view ``name``'s capture ``cap`` of the sequence generation step ``step`` read (None: the
+    prompt's first-token forward), labelled with the step's phase and decode step."""
+    if step is not None:
+        label_step(cap.steps[0], step.decode_step)
+        cap.prompt_len = cap.prompt_len - step.decode_step  # the prompt's length (the sink, the image mask)
+        cap.detected = cap.detected[:cap.prompt_len]
+    return run_records(lm, cap, question_id=question_id, condition=f"view:{name}")
 
 
 @torch.no_grad()

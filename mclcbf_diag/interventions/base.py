@@ -25,7 +25,9 @@ layers' readouts (:meth:`Readout.layer_logits`, for the layers :meth:`Interventi
 names). One intervention may use both kinds of site (PAI edits attention, then contrasts). What it
 prepares for a question is keyed by :meth:`Intervention.view_key` (the knobs its auxiliary forwards read),
 so a runner of many units of one question prepares it once (:meth:`Intervention.prepared_views`,
-:meth:`Intervention.use_views`).
+:meth:`Intervention.use_views`). A generation loop continues those auxiliary forwards that are plain forwards of
+other inputs by KV caches of their own (:meth:`Intervention.decode_views`, :class:`View`) and hands their outputs
+at each step to :meth:`Intervention.use_decode_views` instead of preparing again.
 
 Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
 unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
@@ -261,6 +263,33 @@ class Batched:
     states: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class View:
+    """An auxiliary forward that a generation loop may continue by a KV cache of its own
+    (:meth:`Intervention.decode_views`): a plain forward of other model inputs of the same rows, whose next
+    position, at each generated token, is that token (the view's prompt forward once, then one position per step).
+
+    ``inputs``: the model inputs of the rows' view of the prompt (left-padded, row b for ``rows[b]``); ``states``:
+    also keep the residual entering each decoder layer at the last position (:attr:`ViewOutput.states`); ``probed``:
+    the view is the question with an image (the same image tokens), which ``trace`` measures as it measures the
+    baseline (condition ``view:NAME``, :meth:`Intervention.views`).
+    """
+
+    inputs: dict
+    states: bool = False
+    probed: bool = False
+
+
+@dataclass(frozen=True)
+class ViewOutput:
+    """What one step's forward of a :class:`View` gives the intervention (:meth:`Intervention.use_decode_views`):
+    ``logits`` [B, vocab] float32 at the last position, and with ``View.states`` ``states`` [B, layers, d] float32,
+    the residual entering each decoder layer there (else None)."""
+
+    logits: torch.Tensor
+    states: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------- the seam
 class Intervention:
     """Base class: fill in what your intervention does; every default does nothing.
@@ -425,6 +454,21 @@ class Intervention:
         """Prepared for ``rows`` from ``views`` (one per row: what :meth:`prepared_views` gave for the same
         questions under the same :meth:`view_key`) instead of running :meth:`prepare`."""
         raise NotImplementedError(f"{type(self).__name__} has a view_key but no use_views")  # programming error
+
+    def decode_views(self, lm, inputs: dict, rows: list[Row]) -> dict[str, View] | None:
+        """The auxiliary forwards :meth:`prepare` runs, as views a generation loop continues by their own KV caches
+        (:mod:`mclcbf_diag.engine.decode`): name → :class:`View` of the prompt's ``rows``, each a plain forward of
+        other inputs whose later positions are the generated tokens. ``{}``: it runs none; None (the default): they
+        cannot be continued (an edit inside the model, a view that changes with the generated text, a preparation
+        that is more than the views' outputs), and the loop runs :meth:`prepare` on the whole sequence at every
+        step."""
+        return None
+
+    def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
+        """Prepared for the sequence ``rows`` hold from ``outputs`` (name → :class:`ViewOutput` of each view of
+        :meth:`decode_views` at the sequence's last position) instead of running :meth:`prepare`; only for an
+        intervention whose :meth:`decode_views` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} has decode_views, no use_decode_views")  # programming error
 
     def views(self, lm, inputs: dict, rows: list[Row]) -> dict:
         """The auxiliary forwards a decoding-level method contrasts with, by name → their model inputs (each with

@@ -14,6 +14,12 @@ positions (:func:`~.views.with_aux_rows`), and hands their logits to
 reads them. Each row of a batch computes what it computes alone, up to the summation order of
 batched matmuls, so both routes give the same scores within the margin's noise floor.
 
+In generation (:mod:`mclcbf_diag.engine.decode`) the same view continues a KV cache of its own from
+step to step (:meth:`DecodingMethod.decode_views`: its prompt once, then one position per generated
+token), and its logits at the last position reach :meth:`DecodingMethod.combine` through
+:meth:`DecodingMethod.use_decode_views`; a method whose auxiliary forward is no such view (CausalMM's
+language level) is prepared again over the whole sequence at every step.
+
 Every steered row records, at layer −1 (the shared glossary's ``decoding_*`` metrics):
 the model's own Yes − No margin, the auxiliary forward's, the combined scores' before the
 plausibility cutoff, and whether the cutoff removed the Yes or the No token. ``final_margin`` of
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batched, Intervention, Readout, Row, knob_key
+from .base import Batched, Intervention, Readout, Row, View, knob_key
 from .contrast import contrast, margin, plausible
 
 
@@ -117,6 +123,28 @@ class DecodingMethod(Intervention):
     def use_views(self, lm, rows: list[Row], views: list) -> None:
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux = {r.index: v for r, v in zip(rows, views) if v is not None}
+
+    def decode_views(self, lm, inputs: dict, rows: list[Row]) -> dict[str, View] | None:
+        """Its one auxiliary forward as a view a generation loop continues by its own cache: the view :meth:`views`
+        names (a plain forward of other inputs: VCD's noised image, CausalMM's counterfactual features); {} for a
+        method that runs none (DoLa); None where the auxiliary forward is not such a view (CausalMM's language
+        level, an edit of attention inside the model) or the method prepares more than the auxiliary logits."""
+        cls = type(self)
+        if cls.prepare is not DecodingMethod.prepare or cls.prepare_batched is not DecodingMethod.prepare_batched:
+            return None
+        if cls.auxiliary is DecodingMethod.auxiliary:
+            return {}
+        views = self.views(lm, inputs, rows)
+        if len(views) != 1:
+            return None
+        return {name: View(view, probed=True) for name, view in views.items()}
+
+    def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
+        """The auxiliary logits from the view's output (none for a method that runs no view)."""
+        self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+        self._aux = {}
+        for out in outputs.values():  # at most one view
+            self._aux = {r.index: out.logits[b].detach().float().cpu() for b, r in enumerate(rows)}
 
     def auxiliary(self, lm, inputs: dict, rows: list[Row]) -> torch.Tensor | None:
         """[len(rows), vocab] logits of the auxiliary forward run on its own, row b for ``rows[b]`` (None: the

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..models.projection import project_queries
-from .base import Batched, Intervention, Readout, Row, Site
+from .base import Batched, Intervention, Readout, Row, Site, View
 from .catalog import SPECS, PAIKnobs  # noqa: F401 - PAIKnobs re-exported
 from .contrast import guidance, plausible
 from .decoding import WithLogitPart, answer_from
@@ -119,6 +119,16 @@ class PAI(WithLogitPart, Intervention, spec=SPECS["pai"]):
             else:
                 logits = last_logits(lm, image_free_inputs(lm, rows))
             self._image_free = {r.index: logits[b].cpu() for b, r in enumerate(rows)}
+
+    def decode_views(self, lm, inputs: dict, rows: list[Row]) -> dict:
+        """The image-free prompt (:func:`~.views.image_free_inputs`), a plain forward a generation loop continues by
+        its own cache ({} with the contrast off)."""
+        return {"image-free prompt": View(image_free_inputs(lm, rows))} if self.logit_part_on else {}
+
+    def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
+        """The image-free logits from the view's output."""
+        free = outputs.get("image-free prompt")
+        self.use_views(lm, rows, [None] * len(rows) if free is None else list(free.logits.float().cpu()))
 
     def view_key(self):
         """The image-free view reads no knob (the attention edit has no image key there): one per question, with the

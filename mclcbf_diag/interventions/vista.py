@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.mrope import embeds_positions
-from .base import Batched, Intervention, Readout, Row, Site
+from .base import Batched, Intervention, Readout, Row, Site, View
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
 from .decoding import WithLogitPart, answer_from
 from .layers import published_layers
@@ -150,6 +150,22 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
             neg = torch.stack([neg.hidden_states[i][:, -1].float() for i in range(L)], dim=1)
         self._v = batched.states.to(neg.device) - neg
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
+
+    def decode_views(self, lm, inputs: dict, rows: list[Row]) -> dict:
+        """The two plain forwards of the steering vector (:func:`steering_vectors`: the prompt with its image and
+        without it), each a view a generation loop continues by its own cache, with the residual entering every
+        layer (the vector at each step is their difference at the step's last position). None for inputs that
+        carry prompt embeddings (their vector's forward feeds them without ids)."""
+        mine = row_inputs(inputs, rows)
+        if "inputs_embeds" in mine:
+            return None
+        return {"with image": View(mine, states=True), "image-free prompt": View(image_free_inputs(lm, rows),
+                                                                                  states=True)}
+
+    def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
+        """The steering vector, with image − without, from the two views' residuals at the last position."""
+        pos, neg = outputs["with image"].states, outputs["image-free prompt"].states
+        self.use_views(lm, rows, list(pos - neg.to(pos.device)))
 
     def view_key(self):
         """The steering vector reads no knob: one per question."""

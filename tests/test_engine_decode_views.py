@@ -1,0 +1,276 @@
+"""Generation continues each auxiliary view of a decoding-level method by its own KV cache, and gives what re-running
+every view over the whole sequence at every step gives.
+
+:func:`~mclcbf_diag.engine.decode.generate` runs each view's prompt once and then one position per generated token
+(:class:`~mclcbf_diag.engine.decode.ViewStream`): VCD's noised image, CausalMM's counterfactual image features (the
+vision level), PAI's image-free prompt, VISTA's two forwards of its steering vector (the prompt with its image and
+without it). Checked on the embedded model, four questions of four lengths in one left-padded batch, greedy and
+sampled, against two references:
+
+* **plain PyTorch, written here**: at every step each view re-run by a never-wrapped model copy over the whole
+  sequence so far, each row alone (the noised image as ``add_diffusion_noise`` makes it, ε seeded per image; the
+  image-free prompt as the row's ids without its image tokens; CausalMM's counterfactual features from the package's
+  :func:`~mclcbf_diag.interventions.causalmm.counterfactual_features`, which ``tests/test_interventions_causalmm.py``
+  checks against its own reference, merged into the embeddings here). What each view handed the method at each
+  step (its logits, and VISTA's residuals entering every layer) within the floor of two float32 routes
+  (:func:`floors.logit_floor`, :func:`floors.state_floor`);
+* **the recompute route** (``generate(..., cache_views=False)``: the method's ``prepare`` re-runs every view over
+  the whole sequence at every step, the loop's behaviour before the views were continued): the same tokens and
+  text, each step's scores within the floor of the combination (the main rows' forward is the same in both routes,
+  so only the views' rounding differs; for VISTA the steering vector moves the main forward, bounded to first order
+  in its measured difference).
+
+And the saving: the positions each route runs (decoder layer 0's attention, [rows, positions] per call), and under
+``trace --max-new-tokens`` the view runs once per step, its records the loop's own forward.
+"""
+
+import math
+
+import floors
+import pytest
+import torch
+from plain_refs import assert_scores, plain_model
+
+from mclcbf_diag import shipped
+from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.engine.batch import batch_inputs
+from mclcbf_diag.engine.decode import generate
+from mclcbf_diag.interventions.causalmm import CausalMM, CausalMMKnobs, counterfactual_features
+from mclcbf_diag.interventions.pai import PAI, PAIKnobs
+from mclcbf_diag.interventions.vcd import VCD, VCDKnobs
+from mclcbf_diag.interventions.vista import VISTA, VISTAKnobs
+from mclcbf_diag.measurements import noise
+from mclcbf_diag.measurements.sampling import Decoding
+
+STEPS = 3
+METHODS = {"vcd": lambda: VCD(VCDKnobs()), "pai": lambda: PAI(PAIKnobs()), "vista": lambda: VISTA(VISTAKnobs()),
+           "causalmm": lambda: CausalMM(CausalMMKnobs())}
+VIEWS = {"vcd": ["noised image"], "pai": ["image-free prompt"], "vista": ["with image", "image-free prompt"],
+         "causalmm": ["shuffle attention"]}
+KEYS = ["adversarial:1", "adversarial:21", "adversarial:27", "adversarial:33"]  # the sampled draws' keys
+DECODINGS = {"greedy": None, "sampled": Decoding("sample", temperature=1.5, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def questions():
+    """Four questions of four lengths about four images; the first ("Is there a dog?" about the adversarial split's
+    first image) goes on past its answer."""
+    qs = load_pope(shipped.pope_file("adversarial"))
+    picked = [qs[0], qs[20], qs[26], qs[32]]
+    texts = ["Is there a dog?", picked[1].text, picked[2].text.replace(" in the image", ""),
+             picked[3].text.replace("?", " in the picture?")]
+    return [build_prompt(t) for t in texts], [load_image(resolve_image(q, shipped.IMAGES)) for q in picked]
+
+
+@pytest.fixture(scope="module")
+def batch(embedded_model, questions):
+    return batch_inputs(embedded_model, *questions, share_images=False)
+
+
+def noised(pixels, step=500, seed=0):
+    """``add_diffusion_noise`` of every image, ε from a generator seeded with ``seed`` per image."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (0.5e-2 - 1e-5) + 1e-5
+    bar = torch.cumprod(1 - betas, dim=0)
+    out = []
+    for x in pixels:
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        out.append(torch.sqrt(bar[step]) * x + torch.sqrt(1 - bar[step]) * eps)
+    return torch.stack(out)
+
+
+def plain_views(lm, name: str, ids: torch.Tensor, pixels: torch.Tensor) -> dict:
+    """Each view of one row's whole sequence ``ids`` [n] by the plain model: name → (last logits [vocab], residuals
+    entering every decoder layer at the last position [L, d] or None)."""
+    model = plain_model(lm)
+    L, image = lm.n_layers, lm.tokens.image_token_id
+
+    def run(**kw):
+        with torch.no_grad():
+            out = model(**kw, output_hidden_states=True)
+        return out.logits[0, -1].float(), torch.stack([out.hidden_states[i][0, -1].float() for i in range(L)])
+
+    free = ids[ids != image][None]
+    if name == "vcd":
+        return {"noised image": (run(input_ids=ids[None], pixel_values=noised(pixels))[0], None)}
+    if name == "pai":
+        return {"image-free prompt": (run(input_ids=free)[0], None)}
+    if name == "vista":
+        return {"with image": run(input_ids=ids[None], pixel_values=pixels), "image-free prompt": run(input_ids=free)}
+    feats = counterfactual_features(lm, pixels, "shuffle", 0)[0]
+    embeds = model.get_input_embeddings()(ids[None])
+    embeds = embeds.masked_scatter((ids == image)[None, :, None], feats.to(embeds.dtype))
+    return {"shuffle attention": (run(inputs_embeds=embeds)[0], None)}
+
+
+def watched(iv) -> list:
+    """The outputs the loop hands ``iv`` at each step (its ``use_decode_views`` wrapped): per step, name →
+    (logits [B, vocab], states [B, L, d] or None)."""
+    seen, own = [], iv.use_decode_views
+
+    def use(lm, rows, outputs):
+        seen.append({k: (v.logits.clone(), None if v.states is None else v.states.clone())
+                     for k, v in outputs.items()})
+        own(lm, rows, outputs)
+
+    iv.use_decode_views = use
+    return seen
+
+
+def last_step(gen, b: int) -> int:
+    return gen.new_tokens - 1 if gen.ends[b] is None else gen.ends[b]
+
+
+@pytest.fixture(scope="module")
+def runs(embedded_model, batch):
+    """Per (method, decoding): the cached route with what it handed its method, and the recompute route with what its
+    ``prepare`` made at each step (VISTA's steering vectors; None for the others)."""
+    out = {}
+    for name, make in METHODS.items():
+        for how, decoding in DECODINGS.items():
+            iv = make()
+            seen = watched(iv)
+            cached = generate(embedded_model, batch, iv, max_new_tokens=STEPS, decoding=decoding, keys=KEYS,
+                              keep_scores=True)
+            iv, prepared = make(), []
+            own = iv.prepare
+            iv.prepare = lambda *a, own=own, iv=iv, prepared=prepared: (own(*a), prepared.append(
+                iv.prepared_views(a[2]) if name == "vista" else None))[0]  # VISTA's steering vectors, step by step
+            whole = generate(embedded_model, batch, iv, max_new_tokens=STEPS, decoding=decoding, keys=KEYS,
+                             keep_scores=True, cache_views=False)
+            out[name, how] = cached, seen, whole, prepared
+    return out
+
+
+@pytest.mark.parametrize("how", list(DECODINGS))
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_views_output_is_a_plain_forward_of_the_whole_sequence(embedded_model, batch, questions, runs, name,
+                                                                    how):
+    lm = embedded_model
+    cached, seen, _, _ = runs[name, how]
+    assert len(seen) == cached.new_tokens and all(list(s) == VIEWS[name] for s in seen)
+    S, lengths = batch["input_ids"].shape[1], batch["attention_mask"].sum(-1).tolist()
+    logit_tol = floors.logit_floor(lm)  # two float32 routes to one logit: a continuation and a whole forward
+    compared = 0
+    for b, (prompt, image) in enumerate(zip(*questions)):
+        pixels = lm.inputs(prompt, image)["pixel_values"]
+        for k in range(last_step(cached, b) + 1):  # the steps whose scores the row read
+            ids = cached.sequences[b, S - lengths[b]:S + k]
+            for view, (logits, states) in plain_views(lm, name, ids, pixels).items():
+                got_logits, got_states = seen[k][view][0][b], seen[k][view][1]
+                torch.testing.assert_close(got_logits, logits, rtol=0, atol=logit_tol)
+                if states is not None:  # residuals after at most every layer: floors.state_floor
+                    tol = floors.state_floor(states, floors.depth(lm))
+                    torch.testing.assert_close(got_states[b], states, rtol=0, atol=tol)
+                compared += 1
+    assert compared >= len(lengths) * len(VIEWS[name]) and cached.new_tokens >= 3
+
+
+def vista_tolerance(lm, seen: dict, whole: torch.Tensor, b: int) -> float:
+    """Floor of a VISTA score of two routes whose steering vectors differ by their views' rounding: to first order in
+    the measured ``δv_ℓ``, the step ``λ·s·v̂`` (s ≤ 2) moves the residual entering layer ℓ by at most
+    ``2λ·‖x_ℓ‖·2‖δv_ℓ‖/‖v_ℓ‖``; checked here to be under one layer's own rounding of that residual
+    (``noise.floor(‖x_ℓ‖, ROUNDINGS_PER_LAYER)``), so each layer counts its roundings twice: √2 times the floor of
+    the scores' logits, ``(1 − α)·ℓ + α·mean lm_head(h_k)`` (:func:`floors.logit_floor` for both, the readouts'
+    ``‖w_row‖·‖h_k‖`` below the final-normed scale's bound)."""
+    knobs = VISTAKnobs()
+    pos, neg = seen["with image"][1][b], seen["image-free prompt"][1][b]
+    v = pos - neg
+    dv = v - whole.to(v)
+    for layer in range(1, lm.n_layers):
+        shift = 4 * knobs.lam * float(pos[layer].norm()) * float(dv[layer].norm()) / float(v[layer].norm())
+        assert shift <= noise.floor(torch.float32, float(pos[layer].norm()), noise.ROUNDINGS_PER_LAYER), layer
+    assert float(v[0].norm()) == 0.0 == float(dv[0].norm())  # the last token's embedding, the same in both views
+    return math.sqrt(2) * floors.logit_floor(lm)
+
+
+def combination_tolerance(lm, name: str) -> float:
+    """Floor of a combined score of two routes whose main logits are the same and whose view's logits differ by
+    :func:`floors.logit_floor`: VCD α·δz', CausalMM γ·δz', PAI |1 − γ|·δ log p_u (a logit and its normaliser)."""
+    if name == "vcd":
+        return VCDKnobs().alpha * floors.logit_floor(lm)
+    if name == "causalmm":
+        return CausalMMKnobs().gamma * floors.logit_floor(lm)
+    return abs(1 - PAIKnobs().contrast_gamma) * 2 * floors.logit_floor(lm)
+
+
+@pytest.mark.parametrize("how", list(DECODINGS))
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_cached_route_generates_what_the_recompute_route_does(embedded_model, batch, runs, name, how):
+    lm = embedded_model
+    cached, seen, whole, vectors = runs[name, how]
+    assert len(vectors) == whole.new_tokens  # the recompute route prepared at every step
+    assert torch.equal(cached.sequences, whole.sequences) and cached.ends == whole.ends
+    S, tok = batch["input_ids"].shape[1], lm.processor.tokenizer
+    texts = [tok.decode(cached.sequences[b, S:], skip_special_tokens=True) for b in range(len(cached.ends))]
+    assert texts == [tok.decode(whole.sequences[b, S:], skip_special_tokens=True) for b in range(len(whole.ends))]
+    assert all(texts)
+    for b in range(len(cached.ends)):
+        for k in range(last_step(cached, b) + 1):
+            if name == "vista":
+                tol = vista_tolerance(lm, seen[k], vectors[k][b], b)
+            else:
+                tol = combination_tolerance(lm, name)
+            assert_scores(cached.steps[k]["scores"][b], whole.steps[k]["scores"][b], atol=tol)
+            if k == 0 and name != "vista":  # the prompt's views: the same forward in both routes
+                assert torch.equal(cached.steps[0]["scores"][b], whole.steps[0]["scores"][b])
+
+
+def positions_run(lm, run) -> list[tuple[int, int]]:
+    """Decoder layer 0's attention calls during ``run()``: [rows, positions] each."""
+    attention = lm.adapter.layer_part(lm.model, 0, "layer_attention")
+    calls = []
+
+    def count(module, args, kwargs):
+        calls.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
+
+    hook = attention.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize("name", ["vcd", "pai", "vista"])
+def test_each_view_runs_its_prompt_once_then_one_position_per_step(embedded_model, batch, name):
+    """The cached route's forwards against the recompute route's: the same main forwards, and each view's prompt
+    once, then [B, 1] per step instead of the whole sequence so far."""
+    lm = embedded_model
+    B, S = batch["input_ids"].shape
+    free = int((batch["input_ids"] != lm.tokens.image_token_id).sum(-1).max())  # the image-free prompts, left-padded
+    n = 3  # the first question goes on past its answer: three steps run
+    cached = positions_run(lm, lambda: generate(lm, batch, METHODS[name](), max_new_tokens=n))
+    whole = positions_run(lm, lambda: generate(lm, batch, METHODS[name](), max_new_tokens=n, cache_views=False))
+    if name in ("vcd", "pai"):  # main: the prompt's plain cache, then one position per step; then the view's
+        view = S if name == "vcd" else free  # the noised image's prompt, or the image-free one
+        want_cached = [(B, S), (B, view), (B, 1)] + [(B, 1), (B, 1)] * (n - 1)
+        want_whole = [(B, S), (B, view), (B, 1)] + [c for k in range(1, n) for c in ((B, view + k), (B, 1))]
+    else:  # VISTA edits every position: its main forward is the whole sequence in both routes
+        want_cached = [(B, S), (B, free), (B, S)] + [c for k in range(1, n) for c in ((B, 1), (B, 1), (B, S + k))]
+        want_whole = [c for k in range(n) for c in ((B, S + k), (B, free + k), (B, S + k))]
+    assert cached == want_cached
+    assert whole == want_whole
+    assert sum(r * p for r, p in cached) < sum(r * p for r, p in whole)
+
+
+def test_trace_runs_each_steps_view_once(embedded_model):
+    """``trace --max-new-tokens`` under VCD: the noised view of each step is the loop's own forward, captured (its
+    prompt once, then one position per step), not run again for the ``view:NAME`` records, which cover every step."""
+    from mclcbf_diag.experiments.trace import trace_sample
+
+    lm = embedded_model
+    image = load_image(resolve_image(load_pope(shipped.pope_file("adversarial"))[0], shipped.IMAGES))
+    n = 3
+    result = None
+
+    def run():
+        nonlocal result
+        result = trace_sample(lm, "Is there a dog?", image, VCD(VCDKnobs()), max_new_tokens=n)
+
+    calls = positions_run(lm, run)
+    S = result.baseline.prompt_len
+    baseline = [(1, S)] + [(1, 1)] * n  # the baseline's loop: the prompt's cache, then one position per step
+    steered = [(1, S), (1, S), (1, 1)] + [(1, 1), (1, 1)] * (n - 1)  # the view's prompt, the main cache, …
+    assert calls == baseline + steered
+    views = result.records[result.records.condition == "view:noised image"]
+    assert sorted(set(views.decode_step)) == list(range(n))
