@@ -17,7 +17,10 @@ TINY = {
     "trace_overhead.py": ["--repeats", "1"],
     "attribution.py": ["--repeats", "1"],
     "pope_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
-    "intervention_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1"],
+    # three kinds of path (an activation edit, auxiliary rows, a forward of its own at a preset): the script's code;
+    # every intervention's pope path is tested in its own file
+    "intervention_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1",
+                                   "--only", "knockout,vcd,causalmm:language"],
     "real_width.py": ["--reduced", "--questions", "2", "--threads", "1", "--dtypes", "float32,bfloat16"],
     "gpu_7b.py": ["--dry-run"],
     "population_explain.py": ["--n", "2", "--batch-size", "2", "--k-max", "2", "--bisect-steps", "1"],
