@@ -612,3 +612,31 @@ def test_the_rule_and_the_report_find_the_same_look_ahead_misses():
     assert (e["largest_miss_layer"], e["largest_miss"], e["largest_miss_floor"]) == (2, -0.03, 0.01)
     assert lookahead_misses(pd.DataFrame({"lookahead_miss": miss, "lookahead_miss_floor": floor})) == ([0, 2], -0.03,
                                                                                                         0.01)
+
+
+def test_a_look_ahead_miss_without_a_finite_floor_is_not_judged_by_the_rule_nor_the_report():
+    """A layer whose floor is NaN (layer 1) or missing (layer 3) cannot be judged: neither the rule ``lookahead_miss``
+    nor the run's summary (``report.lookahead_misses``) counts its miss, large as it is, and the rule says how many
+    such layers there were. Judged: layer 0 within its floor, layer 2 beyond it (−0.03)."""
+    from mclcbf_diag.interventions.mclcbf.report import lookahead_misses, misses_beyond_floor, unjudged_layers
+
+    miss = {0: 0.005, 1: 0.5, 2: -0.03, 3: 0.9}
+    floor = {0: 0.01, 1: math.nan, 2: 0.01}
+    assert misses_beyond_floor(miss, floor) == {2: -0.03} and unjudged_layers(miss, floor) == [1, 3]
+    rows = [_row("steered", ly, "lookahead_miss", m) for ly, m in miss.items()]
+    rows += [_row("steered", ly, "lookahead_miss_floor", f) for ly, f in floor.items()]
+    cause = {c.id: c for c in diagnose(make(extra=rows))}["lookahead_miss"]
+    e = cause.evidence
+    assert cause.detected and (e["n_missed"], e["n_layers"], e["n_unjudged"]) == (1, 2, 2)
+    assert (e["largest_miss_layer"], e["largest_miss"], e["largest_miss_floor"]) == (2, -0.03, 0.01)
+    assert "beyond the floor at 1 of 2 layers" in cause.sentence
+    assert "2 more layer(s) cannot be judged" in cause.sentence
+    assert lookahead_misses(pd.DataFrame({"lookahead_miss": miss, "lookahead_miss_floor": floor})) == ([2], -0.03,
+                                                                                                        0.01)
+    # with no layer judged, the rule is not assessed and the summary finds no miss
+    none = {ly: math.nan for ly in miss}
+    rows = [_row("steered", ly, metric, value[ly]) for ly in miss
+            for metric, value in (("lookahead_miss", miss), ("lookahead_miss_floor", none))]
+    cause = {c.id: c for c in diagnose(make(extra=rows))}["lookahead_miss"]
+    assert not cause.detected and "cannot be judged" in cause.evidence["skipped"]
+    assert lookahead_misses(pd.DataFrame({"lookahead_miss": miss, "lookahead_miss_floor": none})) is None

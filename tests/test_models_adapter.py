@@ -38,7 +38,7 @@ from mclcbf_diag.data import build_prompt
 from mclcbf_diag.embedded.build import CHAT_TEMPLATE, IMAGE_TOKEN, PROMPT, QUESTION, build_tokenizer, padded_vocab_size
 from mclcbf_diag.embedded.world import sample_scene
 from mclcbf_diag.models import load_model
-from mclcbf_diag.models.adapter import LLAVA, ArchitectureAdapter
+from mclcbf_diag.models.adapter import LLAVA, ArchitectureAdapter, sequence_inputs
 from mclcbf_diag.models.projection import attention_rows, project_keys, project_queries
 
 
@@ -80,6 +80,19 @@ def test_norm_eps_reads_whichever_attribute_the_norm_has(lm):
     assert LLAVA.norm_eps(GemmaRMSNorm(8, eps=2e-6)) == pytest.approx(2e-6)  # .eps, no .variance_epsilon
     with pytest.raises(AttributeError, match="no epsilon attribute"):
         LLAVA.norm_eps(torch.nn.Linear(2, 2))
+
+
+def test_the_per_position_inputs_kept_sliced_and_extended_by_hand():
+    """sequence_inputs: Gemma 3's token_type_ids (2 rows, an image at positions 1–2 of row 0 and 2–3 of row 1) kept
+    whole, of some rows, from a position on and with generated text appended; nothing for a family without them."""
+    types = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]])
+    inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "token_type_ids": types}
+    assert sequence_inputs(inputs)["token_type_ids"] is types
+    assert sequence_inputs(inputs, rows=[1])["token_type_ids"].tolist() == [[0, 0, 1, 1, 0]]
+    assert sequence_inputs(inputs, rows=torch.tensor([1, 0]), start=3)["token_type_ids"].tolist() == [[1, 0], [0, 0]]
+    grown = sequence_inputs(inputs, extend=2)["token_type_ids"]
+    assert grown.tolist() == [[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]] and grown.dtype == types.dtype
+    assert sequence_inputs({"input_ids": inputs["input_ids"], "attention_mask": torch.ones(2, 5)}) == {}
 
 
 def test_the_adapter_needs_no_processor_extras(lm):

@@ -94,6 +94,19 @@ def test_the_anyres_max_rules_by_hand():
     assert token_bound([[336, 336]], TILE, PATCH) == 64 + 24 * 25  # without the resize: LLaVA-NeXT's bound
 
 
+def test_the_config_check_accepts_exactly_what_the_layout_parses():
+    """One parse of "anyres_max_N" (anyres.max_patches): config.json's check refuses every value it reads as None and
+    accepts every other; the check's default (no vision_aspect_ratio) is the published anyres_max_9."""
+    from mclcbf_diag.models.families import onevision_problem
+
+    cases = {"anyres_max_9": 9, "anyres_max_12": 12, "anyres_max_0": None, "anyres_max_09": None, "anyres_max_": None,
+             "anyres_max_\u0669": None, "anyres_max_9 ": None, "anyres": None, "pad": None, 9: None, None: None}
+    for aspect, most in cases.items():
+        assert max_patches(aspect) == most, aspect
+        assert (onevision_problem({"vision_aspect_ratio": aspect}) is None) == (most is not None), aspect
+    assert onevision_problem({}) is None
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_the_token_count_is_the_processors(ov_lm, size):
     enc = ov_lm.processor(text=PROMPT, images=_image(size), return_tensors="pt")

@@ -17,6 +17,7 @@ from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 from mclcbf_diag import barrier as B
 from mclcbf_diag.embedded.build import CHAT_TEMPLATE, build_tokenizer, padded_vocab_size
 from mclcbf_diag.embedded.world import sample_scene
+from mclcbf_diag.errors import UserError
 
 TOL = 1e-5
 PROMPT = "USER: <image>\nIs there a dog in the image?\nASSISTANT:"
@@ -364,10 +365,11 @@ def test_interventions_that_feed_embeddings_run_the_images_deepstack_features(qw
 
 def test_the_table_forgets_the_least_recently_used_image_tokens_first():
     """models/deepstack.py's table, worked by hand: three image tokens kept in a table of two; the one found last
-    stays, the one untouched longest goes; rows that are no image's get nothing."""
+    stays, the one untouched longest goes, and a forward fed it is refused in one line (it would run without its
+    deepstack features) until it is remembered again or forgotten entirely; rows that are no image's get nothing."""
     from mclcbf_diag.models.deepstack import DeepstackTable
 
-    table = DeepstackTable(limit=2)
+    table = DeepstackTable(limit=2, forgotten_limit=1)
     embeds = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)  # three tokens of width 4
     mask = torch.tensor([[True, True, False]])
     levels = [torch.full((2, 4), 10.0), torch.full((2, 4), 20.0)]
@@ -377,9 +379,19 @@ def test_the_table_forgets_the_least_recently_used_image_tokens_first():
     assert found_mask.tolist() == [[True, True, False]] and [f[:, 0].tolist() for f in found] == [[10, 11], [20, 20]]
     table.find(embeds[:, :1])  # token 0 used last
     table.remember(embeds[:, 2:] + 100, torch.tensor([[True]]), [torch.zeros(1, 4), torch.ones(1, 4)])
-    found_mask, found = table.find(embeds)
-    assert found_mask.tolist() == [[True, False, False]] and found[0][:, 0].tolist() == [10]
-    assert sum(table.prefixes.values()) == len(table.table) == 2  # the forgotten row's first values forgotten too
+    with pytest.raises(UserError, match=r"holds 1 Qwen3-VL image token\(s\) whose deepstack features were forgotten "
+                                        r"\(the last 2 image tokens' are kept\).*a smaller --batch-size"):
+        table.find(embeds)  # token 1 was forgotten
+    found_mask, found = table.find(embeds[:, ::2])  # tokens 0 and 2 (not an image's): kept, nothing
+    assert found_mask.tolist() == [[True, False]] and found[0][:, 0].tolist() == [10]
+    assert sum(table.prefixes.values()) == len(table.table) + len(table.forgotten) == 3
+    table.remember(embeds[:, 1:2], torch.tensor([[True]]), [f[1:] for f in levels])  # token 1 back, the other out
+    found_mask, found = table.find(embeds[:, 1:])
+    assert found_mask.tolist() == [[True, False]] and found[0][:, 0].tolist() == [11]
+    for shift in (200, 300):  # two more image tokens: token 0 forgotten, then dropped from the forgotten too
+        table.remember(embeds[:, 2:] + shift, torch.tensor([[True]]), [torch.zeros(1, 4), torch.ones(1, 4)])
+    assert table.find(embeds[:, :1]) is None  # token 0 no longer known (past forgotten_limit): nothing to refuse
+    assert sum(table.prefixes.values()) == len(table.table) + len(table.forgotten) == 3  # its first values too
     assert table.find(embeds + 0.5) is None
     # rows of width 6: a row whose first values match a kept row's but not the rest is no image token
     wide = DeepstackTable()

@@ -18,6 +18,8 @@ from mclcbf_diag.models.schemes import (
     OnevisionScheme,
     Qwen3VLScheme,
     QwenVLScheme,
+    owned_rows,
+    pixel_owner,
     scheme_of,
 )
 
@@ -105,3 +107,22 @@ def test_the_tiles_grid_of_a_small_anyres_layout_by_hand():
     assert AnyresScheme().tile_grid(default, enc, _mask(20, range(3, 17))).cells.tolist() == [[7, 8, 9, 10],
                                                                                               [12, 13, 14, 15]]
     assert ImageScheme().tile_grid(None, enc, _mask(20, range(3, 17))) is None
+
+
+def test_which_prompt_owns_each_row_of_pixels_by_hand():
+    """pixel_owner: InternVL's tiles (image token 7, 2 tokens a tile) over 3 left-padded prompts of 1, 3 and 2 tiles;
+    Qwen-VL's flattened patches by image_grid_thw (2·2·2 = 8 and 1·2·4 = 8, then 1·2·2 = 4). owned_rows picks prompts
+    2 and 0's rows in that order and renumbers their owners."""
+    ids = torch.tensor([[0, 0, 0, 0, 1, 7, 7, 5],
+                        [7, 7, 7, 7, 7, 7, 5, 5],
+                        [0, 0, 1, 7, 7, 7, 7, 5]])
+    owner = pixel_owner({"input_ids": ids}, 6, image_token_id=7)
+    assert owner.tolist() == [0, 1, 1, 1, 2, 2]
+    pixels = torch.arange(6.0)[:, None, None].expand(6, 2, 2)  # row r holds r
+    mine, renumbered = owned_rows(pixels, owner, [2, 0])
+    assert mine[:, 0, 0].tolist() == [4.0, 5.0, 0.0] and renumbered.tolist() == [0, 0, 1]
+    grid = torch.tensor([[2, 2, 2], [1, 2, 4], [1, 2, 2]])
+    patches = pixel_owner({"input_ids": ids, "image_grid_thw": grid}, 20)  # no image token needed
+    assert patches.tolist() == [0] * 8 + [1] * 8 + [2] * 4
+    flat = torch.arange(20.0)[:, None]
+    assert owned_rows(flat, patches, [1])[0].flatten().tolist() == list(range(8, 16))

@@ -58,9 +58,10 @@ import torch
 
 from ..interventions import as_intervention
 from ..interventions.base import Batched, Intervention, rows_of
-from ..interventions.views import PIXEL_ROWS, row_inputs, shares_image_features, with_aux_rows
+from ..interventions.views import row_inputs, shares_image_features, with_aux_rows
 from ..models import LoadedModel
 from ..models.processing import padded_inputs
+from ..models.schemes import PIXEL_ROWS
 from .decode import cached_prefix, end_ids, generate
 from .runner import Continuation, Keep, forward
 

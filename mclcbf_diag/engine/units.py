@@ -58,6 +58,7 @@ import torch
 
 from ..interventions.attention_edits import mass_factors
 from ..interventions.base import Intervention, rows_of
+from ..models.adapter import sequence_inputs
 from ..models.mrope import position_rows
 
 # Bytes of one layer's attention scores and probabilities per batch of units. Smaller batches keep
@@ -233,8 +234,7 @@ class Prefix:
 
     def token_types(self, idx: torch.Tensor) -> dict:
         """Gemma 3's ``token_type_ids`` of rows ``idx`` (its image tokens attend to each other), or nothing."""
-        types = self.inputs.get("token_type_ids")
-        return {} if types is None else {"token_type_ids": types[idx]}
+        return sequence_inputs(self.inputs, rows=idx)
 
     def row_attention_bytes(self, start: int) -> int:
         """Bytes of one row's attention scores and probabilities at one layer, continuing from ``start``."""

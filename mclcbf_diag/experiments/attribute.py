@@ -50,6 +50,7 @@ from ..errors import UserError
 from ..interventions import as_intervention
 from ..measurements import attribution as A
 from ..models import LoadedModel
+from ..models.adapter import sequence_inputs
 from ..models.mrope import prompt_positions
 from ..models.tokens import ranges_text
 from ..records import NO_HEAD, NO_LAYER, frame
@@ -467,7 +468,7 @@ def localisation(lm: LoadedModel, inputs: dict, intervention, *, components_at: 
         for L in range(lm.n_layers):
             x = base.resid[L].clone()
             x[:, :start] = iv.resid[L][:, :start]
-            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1), inputs.get("token_type_ids"),
+            t[L, 0] = _plain_from(lm, x, L, prompt_positions(lm, inputs, 0, 1), sequence_inputs(inputs),
                                   embeds=base.resid[0])
         grid.resid["denoise"] = A.recovery(t, grid.corrupted, grid.clean, grid.floor)
     if "denoise" not in directions:
@@ -541,18 +542,17 @@ def restored_patching(lm: LoadedModel, inputs: dict, intervention, base, iv, *, 
 
 
 def _plain_from(lm: LoadedModel, entering: torch.Tensor, L: int, positions: torch.Tensor,
-                token_types: torch.Tensor | None = None, *, embeds: torch.Tensor) -> float:
+                per_position: dict | None = None, *, embeds: torch.Tensor) -> float:
     """The margin of a plain forward of one whole prompt that starts at layer ``L`` with residual ``entering`` (at
-    ``positions``, :func:`~mclcbf_diag.models.mrope.prompt_positions`; ``token_types``: Gemma 3's token_type_ids,
-    whose image tokens attend to each other; ``embeds``: the prompt's embeddings, whose image tokens get Qwen3-VL's
+    ``positions``, :func:`~mclcbf_diag.models.mrope.prompt_positions`; ``per_position``: the family's per-position
+    inputs, :func:`~mclcbf_diag.models.adapter.sequence_inputs`: Gemma 3's token_type_ids, whose image tokens attend
+    to each other; ``embeds``: the prompt's embeddings, whose image tokens get Qwen3-VL's
     deepstack features from layer ``L`` on, :func:`mclcbf_diag.models.deepstack.starting_at`)."""
     from ..models.deepstack import starting_at
 
     T = entering.shape[1]
     feed = {"inputs_embeds": entering, "attention_mask": torch.ones(1, T, dtype=torch.long, device=entering.device),
-            "position_ids": positions.to(entering.device)}
-    if token_types is not None:
-        feed["token_type_ids"] = token_types
+            "position_ids": positions.to(entering.device), **(per_position or {})}
     with starting_at(lm.adapter.get(lm.model, lm.adapter.language_model), embeds, L):
         logits = run_patched(lm, feed, layer=L, entering=entering, use_cache=False)
     return float(logits[0, lm.tokens.yes_id] - logits[0, lm.tokens.no_id])
@@ -597,7 +597,7 @@ def _restored_batch(lm: LoadedModel, inputs: dict, intervention, base, iv, L: in
     hooks = _restore_hooks(lm, base, L, patches, first)
     try:
         if first == 0:
-            types = {k: full[k] for k in ("token_type_ids",) if k in full}  # Gemma 3's image tokens
+            types = sequence_inputs(full)  # Gemma 3's image tokens
             with starting_at(lm.adapter.get(lm.model, lm.adapter.language_model), base.resid[0], skip):
                 last = forward(lm, {**feed, "attention_mask": mask, **types}, intervention, keep=Keep(layers=False),
                                full_ids=ids, prepare=False,

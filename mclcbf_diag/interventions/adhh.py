@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..models.adapter import sequence_inputs
 from ..models.mrope import embeds_positions
 from .base import Intervention, Row, Site
 from .catalog import LLAVA_15_7B_HEADS, SPECS, AdHHKnobs  # noqa: F401 - AdHHKnobs re-exported
@@ -102,7 +103,7 @@ def head_influence(lm, questions, images) -> torch.Tensor:
                 try:
                     feed = {"inputs_embeds": embeds.expand(len(part), -1, -1),
                             "attention_mask": inputs["attention_mask"].expand(len(part), -1),
-                            **{k: inputs[k].expand(len(part), -1) for k in ("token_type_ids",) if k in inputs},
+                            **{k: v.expand(len(part), -1) for k, v in sequence_inputs(inputs).items()},
                             **{k: v.expand(*v.shape[:-2], len(part), -1)  # Qwen-VL: its 3-D positions
                                for k, v in embeds_positions(lm, inputs).items()}}
                     p1 = lm.model(**feed, logits_to_keep=1).logits[:, -1].float().softmax(-1)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.adapter import sequence_inputs
 from ..models.mrope import embeds_positions
 from ..models.shared_prefix import SharedPrefix, continuation_mask, continuing
 from .base import Batched, Row, knob_key
@@ -76,8 +77,8 @@ def prompt_cache(lm, inputs: dict) -> tuple[torch.Tensor, object]:
     """``(last-position logits [B, vocab] float32, KV cache)`` of a plain forward of ``inputs``' prompts."""
     feed = {**inputs, **embeds_positions(lm, inputs)}  # Qwen-VL: its 3-D positions, explicitly
     if "inputs_embeds" in feed:  # prompt embeddings a run kept: the vision tower is not run again
-        feed = {k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-                if k in feed}  # token_type_ids: Gemma 3's image tokens attend to each other
+        feed = {**{k: feed[k] for k in ("inputs_embeds", "attention_mask", "position_ids") if k in feed},
+                **sequence_inputs(feed)}  # Gemma 3's token_type_ids: its image tokens attend to each other
     with torch.no_grad():
         out = lm.model(**feed, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), lm.adapter.output_cache(lm.model, out)

@@ -33,11 +33,11 @@ import torch
 from ..errors import UserError
 from ..models import deepstack
 from ..models.mrope import position_ids, position_rows
+from ..models.schemes import PIXEL_ROWS, owned_rows, pixel_owner  # PIXEL_ROWS: each row of pixels' prompt
 from .base import Row
 
 DIFFUSION_STEPS = 1000
 PIXELS_KEY = "pixel_values"  # kept beside shared image features, in inputs["mm_encoder_outputs"]
-PIXEL_ROWS = "pixel_rows"  # beside them when a prompt's image is several rows (InternVL's tiles): each row's prompt
 
 
 def pixels_of(inputs: dict) -> torch.Tensor:
@@ -205,26 +205,16 @@ def row_inputs(inputs: dict, rows: list[Row]) -> dict:
             out[key] = rows_of_shared(value, idx)
         elif key == "position_ids":  # [B, S], or Qwen-VL's [3, B, S]
             out[key] = position_rows(value, idx)
-        elif key == PIXELS_KEY and inputs.get("image_grid_thw") is not None:  # Qwen-VL: each image its grid's patches
-            patches = torch.split(value, inputs["image_grid_thw"].prod(-1).tolist())
-            out[key] = torch.cat([patches[i] for i in idx])
-        elif key == PIXELS_KEY and torch.is_tensor(value) and value.shape[0] != n:  # several per prompt: tiles
-            out[key] = _own_tiles(inputs["input_ids"], value, rows)
+        elif key == PIXELS_KEY and (inputs.get("image_grid_thw") is not None or value.shape[0] != n):
+            # several rows a prompt: Qwen-VL's flattened patches, InternVL's tiles
+            image = rows[0].ids[rows[0].image]
+            owner = pixel_owner(inputs, value.shape[0], int(image[0]) if image.numel() else None)
+            out[key] = owned_rows(value, owner, idx)[0]
         elif torch.is_tensor(value) and value.dim() and value.shape[0] == n:
             out[key] = value[idx]
         else:
             out[key] = value
     return out
-
-
-def _own_tiles(input_ids: torch.Tensor, pixels: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """The rows of ``pixels`` (InternVL's tiles, prompt after prompt) that belong to ``rows``: each prompt has as many
-    as its share of the batch's image tokens (every tile is the same number of tokens)."""
-    first = rows[0]
-    counts = (input_ids == first.ids[first.image][0]).sum(-1).cpu()
-    tiles = counts // (int(counts.sum()) // pixels.shape[0])
-    owner = torch.repeat_interleave(torch.arange(len(counts)), tiles).to(pixels.device)
-    return pixels[torch.cat([torch.nonzero(owner == r.index).flatten() for r in rows])]
 
 
 def rows_of_shared(shared: dict, idx: list[int], *, pixels: bool = True) -> dict:
@@ -234,11 +224,7 @@ def rows_of_shared(shared: dict, idx: list[int], *, pixels: bool = True) -> dict
     if not pixels:
         return out
     if PIXELS_KEY in shared and PIXEL_ROWS in shared:  # each prompt's rows of pixels (its tiles), renumbered
-        owner = shared[PIXEL_ROWS]
-        picked = [torch.nonzero(owner == i).flatten() for i in idx]
-        out[PIXELS_KEY] = shared[PIXELS_KEY][torch.cat(picked)]
-        out[PIXEL_ROWS] = torch.repeat_interleave(torch.arange(len(idx), device=owner.device),
-                                                  torch.tensor([p.numel() for p in picked], device=owner.device))
+        out[PIXELS_KEY], out[PIXEL_ROWS] = owned_rows(shared[PIXELS_KEY], shared[PIXEL_ROWS], idx)
     elif PIXELS_KEY in shared:
         out[PIXELS_KEY] = shared[PIXELS_KEY][idx]
     return out

@@ -20,7 +20,8 @@ scheme (:mod:`.schemes`), beside this adapter.
 
 :data:`GEMMA3` (``Gemma3ForConditionalGeneration``) sits at the same paths. Its processor adds
 ``token_type_ids`` (1 on an image's soft tokens, which attend to each other both ways), which batching
-pads with the ids and every forward from embeddings passes on; its image features are one stacked
+pads with the ids and every forward from embeddings passes on (:func:`sequence_inputs`, the one place that keeps,
+cuts and extends such per-position inputs); its image features are one stacked
 tensor (:class:`~.schemes.Gemma3Scheme`); its decoder layer normalises the
 attention's and the MLP's outputs before adding them (so the norm before the MLP is
 ``pre_feedforward_layernorm``, and direct logit attribution is refused); and its rotary module runs
@@ -70,6 +71,36 @@ def cache_keyword(module: torch.nn.Module) -> str:
     the same name for the cache they return.
     """
     return _cache_keyword(type(module).forward)
+
+
+SEQUENCE_INPUTS = ("token_type_ids",)
+"""A family's model inputs that run along the sequence beside ``input_ids`` and ``attention_mask`` (``[B, S]``, one
+value a position; a forward fed embeddings must be given them too): Gemma 3's ``token_type_ids`` (1 on an image's
+soft tokens, which attend to each other both ways; 0 on text)."""
+
+
+def sequence_inputs(inputs: dict, rows=None, start: int = 0, extend: int = 0) -> dict:
+    """The family's per-position inputs of ``inputs`` (:data:`SEQUENCE_INPUTS`; ``{}`` for a family without), as a
+    forward of some rows, some positions or a longer sequence takes them.
+
+    Args:
+        inputs: the batch's model inputs.
+        rows: keep these rows only (an index or a list; None: every row).
+        start: keep the positions from ``start`` on (a continuation over a cache of the earlier ones).
+        extend: append this many positions of text (generated tokens: type 0).
+
+    Returns:
+        ``{key: [B', S']}`` for each of :data:`SEQUENCE_INPUTS` that ``inputs`` holds.
+    """
+    out = {}
+    for key in SEQUENCE_INPUTS:
+        value = inputs.get(key)
+        if value is None:
+            continue
+        value = value if rows is None else value[rows]
+        value = value[:, start:] if start else value
+        out[key] = torch.cat([value, value.new_zeros(len(value), extend)], -1) if extend else value
+    return out
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,11 @@ def unpadded(size: tuple[int, int], patches: tuple[int, int]) -> tuple[int, int]
 
 
 def max_patches(vision_aspect_ratio) -> int | None:
-    """LLaVA-OneVision's ``N`` from its ``vision_aspect_ratio`` ``"anyres_max_N"``; None for any other value."""
-    found = re.fullmatch(r"anyres_max_(\d+)", vision_aspect_ratio) if isinstance(vision_aspect_ratio, str) else None
-    return int(found.group(1)) if found and int(found.group(1)) > 0 else None
+    """LLaVA-OneVision's ``N`` from its ``vision_aspect_ratio`` ``"anyres_max_N"`` (N ≥ 1, ASCII digits, no leading
+    zero); None for any other value. The one parse of it: the layout (:class:`~.schemes.OnevisionScheme`) and the
+    config check (:func:`~.families.onevision_problem`, which refuses a value this returns None for) both ask it."""
+    found = isinstance(vision_aspect_ratio, str) and re.fullmatch(r"anyres_max_([1-9][0-9]*)", vision_aspect_ratio)
+    return int(found.group(1)) if found else None
 
 
 def downscaled(tiles: tuple[int, int], per_tile: int, most: int) -> tuple[int, int]:

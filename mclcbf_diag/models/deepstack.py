@@ -34,7 +34,9 @@ token's (never an image token, where the two residuals are equal). Three things 
 
 The table is bounded (:data:`KEPT_TOKENS` image tokens, the least recently used forgotten first). A
 forward whose image tokens were forgotten (more distinct image tokens in flight than that) would run
-without their features; the toolkit's runs feed embeddings right after the forward that computed them,
+without their features, another model's forward: the table remembers a hash of each forgotten token (the
+last :data:`FORGOTTEN_TOKENS` of them) and such a forward raises a one-line :class:`UserError` naming the fix
+(fewer images at once) instead. The toolkit's runs feed embeddings right after the forward that computed them,
 a batch of images at most (a 640 × 480 COCO image is 20 × 15 = 300 image tokens of 32-px merged patches).
 A forward with no image token copies only each row's first :data:`PREFIX` values to the CPU (the
 pre-hook runs on every forward of the text model, which transformers always feeds embeddings); a row's
@@ -50,11 +52,17 @@ from contextlib import contextmanager
 
 import torch
 
+from ..errors import UserError
+
 PREFIX = 4
 """How many leading values of a row its first match is tried on (then its whole bits)."""
 
 KEPT_TOKENS = 1 << 16
 """How many image tokens' deepstack features the table keeps (the least recently used forgotten first)."""
+
+FORGOTTEN_TOKENS = 1 << 18
+"""How many forgotten image tokens the table still knows (a hash each, the oldest dropped first), so that a forward
+fed them raises instead of running without their features."""
 
 _TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, DeepstackTable]" = weakref.WeakKeyDictionary()
 
@@ -68,11 +76,14 @@ def levels(config) -> int:
 class DeepstackTable:
     """Image tokens' merged features (their bytes) → their deepstack features ``[levels, d]``."""
 
-    def __init__(self, limit: int = KEPT_TOKENS):
-        self.limit = limit
+    def __init__(self, limit: int = KEPT_TOKENS, forgotten_limit: int = FORGOTTEN_TOKENS):
+        self.limit, self.forgotten_limit = limit, forgotten_limit
         self.table: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        # the first PREFIX values' bits of each kept row → how many kept rows begin so: a forward's rows are copied to
-        # the CPU whole only where their first values match a kept row's (most forwards hold no image token)
+        # hash of a forgotten row's key → its prefix, the oldest first (a forward fed it raises)
+        self.forgotten: OrderedDict[int, bytes] = OrderedDict()
+        # the first PREFIX values' bits of each kept (or forgotten and still known) row → how many such rows begin so:
+        # a forward's rows are copied to the CPU whole only where their first values match one (most forwards hold no
+        # image token)
         self.prefixes: dict[bytes, int] = {}
         self.given: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # set by starting_at
 
@@ -82,13 +93,15 @@ class DeepstackTable:
         rows = embeds[mask.to(embeds.device)].detach()
         stacked = torch.stack([f.detach().to(rows.device, rows.dtype) for f in features], 1)  # [n, levels, d]
         for key, value in zip(_keys(rows), stacked):
-            if key not in self.table:
+            if key not in self.table and self.forgotten.pop(hash(key), None) is None:  # a forgotten one is counted
                 self.prefixes[_prefix_of(key, rows)] = self.prefixes.get(_prefix_of(key, rows), 0) + 1
             self.table[key] = value
             self.table.move_to_end(key)
         while len(self.table) > self.limit:
             key, _ = self.table.popitem(last=False)
-            prefix = _prefix_of(key, rows)
+            self.forgotten[hash(key)] = _prefix_of(key, rows)
+        while len(self.forgotten) > self.forgotten_limit:
+            _, prefix = self.forgotten.popitem(last=False)
             self.prefixes[prefix] -= 1
             if not self.prefixes[prefix]:
                 del self.prefixes[prefix]
@@ -105,6 +118,11 @@ class DeepstackTable:
         full = dict(zip(candidates, _keys(flat[candidates])))
         keys = [full.get(i) for i in range(flat.shape[0])]
         hits = [self.table.get(k) if k is not None else None for k in keys]
+        lost = sum(1 for k, h in zip(keys, hits) if h is None and k is not None and hash(k) in self.forgotten)
+        if lost:
+            raise UserError(f"a forward fed embeddings holds {lost} Qwen3-VL image token(s) whose deepstack features "
+                            f"were forgotten (the last {self.limit:,} image tokens' are kept), so it would run "
+                            "without them; run fewer images at once (a smaller --batch-size)")
         found = [h for h in hits if h is not None]
         if not found:
             return None

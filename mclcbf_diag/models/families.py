@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,8 +269,10 @@ def config_problem(cfg: dict, has_package=lambda name: importlib.util.find_spec(
 
 def onevision_problem(cfg: dict) -> str | None:
     """Why a LLaVA-OneVision ``config.json`` lays out image tokens the toolkit does not reproduce, or None."""
+    from .anyres import max_patches  # the one parse of "anyres_max_N" (numpy only, no torch)
+
     aspect = cfg.get("vision_aspect_ratio", "anyres_max_9")
-    if not (isinstance(aspect, str) and re.fullmatch(r"anyres_max_[1-9][0-9]*", aspect)):
+    if max_patches(aspect) is None:
         return (f"a LLaVA-OneVision checkpoint whose vision_aspect_ratio is {aspect!r}, not 'anyres_max_N', whose "
                 "image-token layout the toolkit does not reproduce")
     return None

@@ -37,6 +37,43 @@ from . import deepstack, internvl, mrope
 from .anyres import ImageLayout, anyres_layout, max_patches, tiles_picture, token_bound
 from .processing import check_image_grid, patch_grid_shape
 
+PIXEL_ROWS = "pixel_rows"
+"""The key, beside the pixels kept with a batch's shared image features, of :func:`pixel_owner`'s answer where a
+prompt's image is several rows of pixels (InternVL's tiles)."""
+
+
+def pixel_owner(inputs: dict, n_rows: int, image_token_id: int | None = None) -> torch.Tensor:
+    """Which prompt (row of ``inputs["input_ids"]``) each of the ``n_rows`` rows of a batch's pixels belongs to.
+
+    The rows come prompt after prompt, each prompt's image one run of them: Qwen-VL's flattened patches, as many as
+    its ``image_grid_thw`` (t · h · w, one image a prompt); otherwise (InternVL's tiles, every tile the same number of
+    image tokens) as many as the prompt's share of the batch's image tokens, ``image_token_id``'s.
+
+    Args:
+        inputs: the batch's model inputs (``input_ids``; ``image_grid_thw`` for Qwen-VL).
+        n_rows: the rows of pixels (``pixel_values.shape[0]``).
+        image_token_id: the image token (not needed with ``image_grid_thw``).
+
+    Returns:
+        [n_rows] long, on the CPU: row ``r`` of the pixels is prompt ``owner[r]``'s.
+    """
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:
+        counts = grid.prod(-1).cpu()
+    else:
+        counts = (inputs["input_ids"] == image_token_id).sum(-1).cpu()
+        counts = counts // (int(counts.sum()) // n_rows)
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
+def owned_rows(pixels: torch.Tensor, owner: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``pixels`` that prompts ``idx`` own (:func:`pixel_owner`), prompt after prompt in that order, and
+    their owners renumbered (``idx[n]`` → ``n``, on ``owner``'s device)."""
+    picked = [torch.nonzero(owner == i).flatten() for i in idx]
+    renumbered = torch.repeat_interleave(torch.arange(len(idx), device=owner.device),
+                                         torch.tensor([p.numel() for p in picked], device=owner.device))
+    return pixels[torch.cat(picked).to(pixels.device)], renumbered
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -271,10 +308,10 @@ class InternVLScheme(ImageScheme):
 
     def features(self, lm, inputs: dict, pixel_values: torch.Tensor):
         uniq, inverse = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
-        rows, cols = internvl.tile_grid(lm.model.config)
-        tiles = [int((ids == lm.tokens.image_token_id).sum()) // (rows * cols) for ids in inputs["input_ids"]]
-        owner = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor(tiles)).to(inverse.device)
-        return internvl.per_prompt(lm.model, uniq.view(-1, *pixel_values.shape[1:]), inverse, tiles), owner
+        owner = pixel_owner(inputs, pixel_values.shape[0], lm.tokens.image_token_id)
+        tiles = torch.bincount(owner, minlength=len(inputs["input_ids"])).tolist()
+        feats = internvl.per_prompt(lm.model, uniq.view(-1, *pixel_values.shape[1:]), inverse, tiles)
+        return feats, owner.to(inverse.device)
 
 
 class Gemma3Scheme(ImageScheme):
@@ -389,5 +426,5 @@ def scheme_of(config) -> ImageScheme:
     return SCHEMES.get(getattr(config, "model_type", None), LLAVA_IMAGE)
 
 
-__all__ = ["SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "OnevisionScheme",
-           "Qwen3VLScheme", "QwenVLScheme", "TileGrid", "scheme_of"]
+__all__ = ["PIXEL_ROWS", "SCHEMES", "AnyresScheme", "Gemma3Scheme", "ImageScheme", "InternVLScheme", "OnevisionScheme",
+           "Qwen3VLScheme", "QwenVLScheme", "TileGrid", "owned_rows", "pixel_owner", "scheme_of"]

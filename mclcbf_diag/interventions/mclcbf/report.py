@@ -113,23 +113,35 @@ def lookahead_misses(baseline: pd.DataFrame) -> tuple[list[int], float, float] |
     """
     if "lookahead_miss" not in baseline or "lookahead_miss_floor" not in baseline:
         return None
-    rows = baseline[["lookahead_miss", "lookahead_miss_floor"]].dropna()
-    missed = misses_beyond_floor(rows.lookahead_miss.to_dict(), rows.lookahead_miss_floor.to_dict())
+    floor = baseline.lookahead_miss_floor.to_dict()
+    missed = misses_beyond_floor(baseline.lookahead_miss.to_dict(), floor)
     if not missed:
         return None
     worst = max(missed, key=lambda ly: abs(missed[ly]))
-    return [int(i) for i in missed], float(missed[worst]), float(rows.at[worst, "lookahead_miss_floor"])
+    return [int(i) for i in missed], float(missed[worst]), float(floor[worst])
 
 
 def misses_beyond_floor(miss: dict[int, float], floor: dict[int, float]) -> dict[int, float]:
     """The layers (≥ 0) where the look-ahead h and the image mass the layer computed differ by more than the noise
     floor: layer → the miss (h − mass), in ``miss``' order.
 
+    A layer whose floor is missing or not finite (NaN), or whose miss is NaN, cannot be judged: how large a miss the
+    noise allows is not known there, so it is never counted as a miss (:func:`unjudged_layers` names such layers).
+    The rule ``lookahead_miss`` and the run's summary (:func:`lookahead_misses`) both ask this.
+
     Args:
         miss: layer → ``lookahead_miss``.
-        floor: layer → ``lookahead_miss_floor`` (a layer without one: 0, the figure taken as exact).
+        floor: layer → ``lookahead_miss_floor``.
     """
-    return {ly: m for ly, m in miss.items() if ly >= 0 and abs(m) > floor.get(ly, 0.0)}
+    unjudged = set(unjudged_layers(miss, floor))
+    return {ly: m for ly, m in miss.items() if ly >= 0 and ly not in unjudged and abs(m) > floor[ly]}
+
+
+def unjudged_layers(miss: dict[int, float], floor: dict[int, float]) -> list[int]:
+    """The layers (≥ 0) of ``miss`` whose look-ahead miss cannot be judged (:func:`misses_beyond_floor`): a NaN miss,
+    or a floor missing or not finite."""
+    return [ly for ly, m in miss.items()
+            if ly >= 0 and (math.isnan(m) or floor.get(ly) is None or not math.isfinite(floor[ly]))]
 
 
 def decode_warnings(baselines: dict[int, pd.DataFrame]) -> dict:

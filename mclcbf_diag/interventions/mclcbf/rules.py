@@ -31,7 +31,8 @@ Noise floors (:mod:`mclcbf_diag.measurements.noise`): ‖g‖'s error is judged 
 dtype's rounding (``grad_norm_floor``); a Δh predicted below its floor is left out of the
 linearisation check, and the mismatch is counted beyond the floor; a ``dh_realised`` below its
 floor counts as 0, and reaching τ is judged within it; damping needs the deviation plus its
-floor to be small. So no cause fires from a figure below its floor.
+floor to be small; a look-ahead miss whose floor is missing or NaN cannot be judged and is not counted (the run's
+summary agrees: :func:`.report.misses_beyond_floor`). So no cause fires from a figure below its floor.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import math
 from ...diagnosis.counterfactual import Counterfactual
 from ...diagnosis.rulebook import Evidence, Rule, fmt, median, pct
 from ...measurements.noise import below, resolved
-from .report import misses_beyond_floor
+from .report import misses_beyond_floor, unjudged_layers
 
 SPAN_IOU_MIN = 0.99  # |C ∩ D|/|C ∪ D| of configured C and detected D image positions
 INACTIVE_FRACTION = 0.5  # #{ℓ: h_ℓ ≥ τ}/#steered above this → "most" layers are inactive
@@ -99,13 +100,20 @@ def lookahead_miss(ev: Evidence, rule: Rule):
     if cond is None:
         return ev.skip(rule, "no lookahead_miss records")
     miss, floor = ev.layers("lookahead_miss", cond), ev.layers("lookahead_miss_floor", cond)
+    unjudged = unjudged_layers(miss, floor)
+    judged = {ly: m for ly, m in miss.items() if ly not in unjudged}
+    if not judged:
+        return ev.skip(rule, f"the look-ahead miss cannot be judged at any layer: its noise floor (or the miss) is "
+                             f"missing or NaN at all {len(miss)} layers")
     over = misses_beyond_floor(miss, floor)
-    worst = max(over, key=lambda ly: abs(over[ly])) if over else max(miss, key=lambda ly: abs(miss[ly]))
-    e = {"n_missed": len(over), "n_layers": len(miss), "largest_miss": miss[worst], "largest_miss_layer": worst,
-         "largest_miss_floor": floor.get(worst, 0.0)}
+    worst = max(over or judged, key=lambda ly: abs(judged[ly]))
+    e = {"n_missed": len(over), "n_layers": len(judged), "n_unjudged": len(unjudged), "largest_miss": miss[worst],
+         "largest_miss_layer": worst, "largest_miss_floor": floor[worst]}
     s = (f"The look-ahead's h differs from the image mass layer {worst} computed by {fmt(miss[worst])} (noise floor "
-         f"{fmt(e['largest_miss_floor'])})" + (f", beyond the floor at {len(over)} of {len(miss)} layers, so the "
+         f"{fmt(e['largest_miss_floor'])})" + (f", beyond the floor at {len(over)} of {len(judged)} layers, so the "
                                                "barrier acted on a mass the model does not compute" if over else ""))
+    if unjudged:
+        s += f"; {len(unjudged)} more layer(s) cannot be judged, their noise floor (or the miss) missing or NaN"
     return ev.make(rule, bool(over), abs(miss[worst]), e, s + ".")
 
 
