@@ -464,6 +464,17 @@ class Intervention:
         step."""
         return None
 
+    def prepares_from_prompt(self) -> bool:
+        """Whether, under generation, what :meth:`prepare` computes is the prompt's alone and kept for every generated
+        step, and the edit of each position reads only that position and it (VISTA's steering vector: built once from
+        the prompt and added at every position, as its released code does under ``generate(use_cache=True)``).
+
+        A position's edited residuals then never change as the sequence grows, so a generation loop
+        (:mod:`mclcbf_diag.engine.decode`) prepares on the prompt only, runs no auxiliary view after it, and
+        continues the intervened forward's own KV cache one position per step: what re-running the whole sequence
+        under the same preparation gives. False (the default): the loop prepares for each step's sequence."""
+        return False
+
     def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
         """Prepared for the sequence ``rows`` hold from ``outputs`` (name → :class:`ViewOutput` of each view of
         :meth:`decode_views` at the sequence's last position) instead of running :meth:`prepare`; only for an
