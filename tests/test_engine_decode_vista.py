@@ -18,7 +18,9 @@ self-logits augmentation (``llava_llama.py``'s forward) reads each step's own st
   preset with SLA's weight ``logits_alpha=0`` through the decode loop give the same tokens and each step's steered
   scores within :func:`floors.logit_floor`;
 * **the forwards**: the vector's two forwards of the prompt, the steered prompt, then one position per step; no
-  per-step view, and no ``prepare`` after the prompt.
+  per-step view, and no ``prepare`` after the prompt;
+* **``pope --generate``** under ``steering-only`` runs the loop too (every token steered), not ``generate`` with
+  only the prefill steered, whose text differs on these questions.
 """
 
 import floors
@@ -29,7 +31,7 @@ from plain_refs import assert_scores, plain_model
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
-from mclcbf_diag.engine.batch import batch_inputs
+from mclcbf_diag.engine.batch import answer_batch, batch_inputs
 from mclcbf_diag.engine.decode import end_ids, generate
 from mclcbf_diag.engine.runner import Keep, forward, greedy
 from mclcbf_diag.interventions import resolve
@@ -196,3 +198,25 @@ def test_steering_only_through_generate_is_the_loop_without_sla(embedded_model, 
             assert_scores(cap.steps[k].final_logits.float(), loop.steps[k]["scores"][b], atol=tol)
     base = generate(lm, batch, full, max_new_tokens=STEPS, keep_scores=True, steer=False)
     assert float((base.steps[0]["scores"] - loop.steps[0]["scores"]).abs().max()) > 100 * tol  # it steers
+
+
+def test_pope_generate_under_steering_only_steers_every_token(embedded_model, questions, batch):
+    """``pope --generate`` under ``--preset steering-only`` (:func:`~mclcbf_diag.engine.batch.answer_batch`) runs the
+    loop too: the text the full preset with ``logits_alpha=0`` generates there, not that of ``generate`` with the
+    prefill steered only (what it ran before, which differs on these questions); the baseline's text is the model's
+    own greedy ``generate``."""
+    lm = embedded_model
+    only = resolve("vista", "steering-only", [f"lam={LAM}"])
+    got = answer_batch(lm, *questions, only, True, inputs=batch, max_new_tokens=STEPS)
+    loop = generate(lm, batch, resolve("vista", "pope", ["logits_alpha=0", f"lam={LAM}"]), max_new_tokens=STEPS)
+    S, tok = batch["input_ids"].shape[1], lm.processor.tokenizer
+    assert [r["text"] for r in got] == [tok.decode(loop.sequences[b, S:], skip_special_tokens=True)
+                                        for b in range(len(got))]
+    kw = {k: v for k, v in batch.items() if k != "position_ids"}
+    gen = dict(max_new_tokens=STEPS, pad_token_id=tok.pad_token_id, do_sample=False)
+    prefill_only = forward(lm, kw, only, keep=Keep(layers=False), generate=gen).sequences
+    assert [r["text"] for r in got] != [tok.decode(s[S:], skip_special_tokens=True) for s in prefill_only]
+    base = answer_batch(lm, *questions, only, False, inputs=batch, max_new_tokens=STEPS)
+    with torch.no_grad():
+        plain = lm.model.generate(**kw, **gen)
+    assert [r["text"] for r in base] == [tok.decode(s[S:], skip_special_tokens=True) for s in plain]
