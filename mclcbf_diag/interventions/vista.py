@@ -27,8 +27,10 @@ github.com/LzVv123456/VISTA (``steering_vector.py``: ``obtain_vsv``; ``llm_layer
   sequence steered gives. :mod:`mclcbf_diag.engine.decode`'s loop does exactly this
   (:meth:`VISTA.prepares_from_prompt`): the vector's two forwards on the prompt, the steered prompt once with its
   cache kept, then one steered position per step, and SLA read from that step's steered forward (its layers' outputs
-  at the new position, as the released forward reads ``hidden_states`` of each ``generate`` step). The runner's
-  ``generate`` (``trace --max-new-tokens`` under the ``steering-only`` preset) steers the same way.
+  at the new position, as the released forward reads ``hidden_states`` of each ``generate`` step). ``pope
+  --generate`` runs this loop under both presets (``steering-only``: without SLA); the runner's traced ``generate``
+  (``trace --max-new-tokens`` under ``steering-only``) steers every step the same way
+  (``tests/test_engine_decode_vista.py``).
 * **Where.** The released code wraps each layer's *MLP* and steers its output with the
   layer-output difference. The seam offers the residual entering a layer, not the MLP
   output, so here x is the residual entering layer ℓ and v_ℓ the difference of the residuals
