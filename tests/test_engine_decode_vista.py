@@ -20,7 +20,8 @@ self-logits augmentation (``llava_llama.py``'s forward) reads each step's own st
 * **the forwards**: the vector's two forwards of the prompt, the steered prompt, then one position per step; no
   per-step view, and no ``prepare`` after the prompt;
 * **``pope --generate``** under ``steering-only`` runs the loop too (every token steered), not ``generate`` with
-  only the prefill steered, whose text differs on these questions.
+  only the prefill steered, whose text differs on these questions;
+* **``trace --max-new-tokens``** under full VISTA records the same ‖v_ℓ‖ at every step: the prompt's vector.
 """
 
 import floors
@@ -220,3 +221,16 @@ def test_pope_generate_under_steering_only_steers_every_token(embedded_model, qu
     with torch.no_grad():
         plain = lm.model.generate(**kw, **gen)
     assert [r["text"] for r in base] == [tok.decode(s[S:], skip_special_tokens=True) for s in plain]
+
+
+def test_trace_records_the_prompts_vector_at_every_step(embedded_model, questions):
+    """``trace --max-new-tokens`` under full VISTA (the loop, every step captured): each step records the steering at
+    the step's position with the same ‖v_ℓ‖ per layer, the prompt's (a vector rebuilt per step would change it)."""
+    from mclcbf_diag.experiments.trace import trace_sample
+
+    image = questions[1][0]  # the first question's ("Is there a dog?") image
+    r = trace_sample(embedded_model, "Is there a dog?", image, resolve("vista"), max_new_tokens=STEPS)
+    rec = r.records[(r.records.condition == "steered") & (r.records.metric == "vista_vector_norm")]
+    norms = {k: g.set_index("layer").value.sort_index() for k, g in rec.groupby("decode_step")}
+    assert sorted(norms) == list(range(STEPS)) and len(norms[0]) == embedded_model.n_layers - 1  # v₀ = 0: unsteered
+    assert all(norms[k].equals(norms[0]) for k in norms)

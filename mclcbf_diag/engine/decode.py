@@ -336,8 +336,8 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
     iv = as_intervention(intervention) if steer else None
     ids = inputs["input_ids"]
     B, S = ids.shape
-    start = S - 1 if iv is None else cached_prefix(lm, ids, inputs["attention_mask"], iv)
     once = iv is not None and iv.prepares_from_prompt()  # prepared on the prompt, its own cache continued
+    start = S - 1 if iv is None else 0 if once else cached_prefix(lm, ids, inputs["attention_mask"], iv)
     ends, pad = end_ids(lm), lm.processor.tokenizer.pad_token_id
     pad = pad if pad is not None else next(iter(ends), 0)
     done, ended = torch.zeros(B, dtype=torch.bool), [None] * B
