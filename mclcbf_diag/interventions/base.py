@@ -27,7 +27,9 @@ prepares for a question is keyed by :meth:`Intervention.view_key` (the knobs its
 so a runner of many units of one question prepares it once (:meth:`Intervention.prepared_views`,
 :meth:`Intervention.use_views`). A generation loop continues those auxiliary forwards that are plain forwards of
 other inputs by KV caches of their own (:meth:`Intervention.decode_views`, :class:`View`) and hands their outputs
-at each step to :meth:`Intervention.use_decode_views` instead of preparing again.
+at each step to :meth:`Intervention.use_decode_views` instead of preparing again; an intervention prepared from the
+prompt alone (:meth:`Intervention.prepares_from_prompt`: VISTA's steering vector) is prepared once and its
+intervened forward continues its own cache.
 
 Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
 unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
