@@ -198,6 +198,8 @@ def test_every_test_file_names_a_module_or_says_what_it_covers():
                      # experiments/trace.py, engine/decode.py, cli/trace.py and pope's text, together
                      "test_engine_decode_views.py",  # generation's views continued by their caches: engine/decode.py,
                      # the methods' decode_views (interventions/), trace's view records, together
+                     "test_engine_decode_vista.py",  # VISTA under generation: engine/decode.py's loop with the
+                     # prompt's vector (interventions/vista.py) against plain PyTorch and the runner's generate
                      "test_models_gemma3.py"}  # a family end to end: its pieces live in adapter.py and processing.py
     mirrors = {_mirror(m) for m in _modules()} | {t for t, _ in COVERED_BY.values()}
     for p in sorted(PKG.rglob("*.py")):

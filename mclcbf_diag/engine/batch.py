@@ -47,7 +47,10 @@ Mechanism
   an activation edit then acts on the prefill forward only (``mclcbf-diag trace --max-new-tokens``
   studies the decode phase on one sample). Under a decoding-level method every token comes from its
   combined scores (:mod:`mclcbf_diag.engine.decode`'s loop), and OPERA with ``--decoding beam`` runs its
-  beam search (:mod:`mclcbf_diag.interventions.opera_beam`).
+  beam search (:mod:`mclcbf_diag.interventions.opera_beam`). An edit prepared from the prompt alone
+  (:meth:`~mclcbf_diag.interventions.base.Intervention.prepares_from_prompt`: VISTA, its ``steering-only``
+  preset too) also runs the loop, greedy or sampled, so it steers every generated token as its released code
+  does (with ``--decoding beam``: ``generate``, the prefill steered only).
 """
 
 from __future__ import annotations
@@ -165,7 +168,9 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     if steer:
         iv.sources(prompts, images)
     beam = decoding is not None and decoding.strategy == "beam"
-    if max_new_tokens > 0 and iv is not None and "logits" in iv.open_sites(True) and (steer or not beam):
+    # the loop: a decoding-level method's every token; an edit prepared from the prompt (VISTA) steers every token
+    looped = iv is not None and ("logits" in iv.open_sites(True) or (iv.prepares_from_prompt() and not beam))
+    if max_new_tokens > 0 and looped and (steer or not beam):
         return _generated(lm, inputs, iv, steer, max_new_tokens, decoding, keys)
     with torch.no_grad():
         if max_new_tokens <= 0:
@@ -196,7 +201,8 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
 
 
 def _generated(lm: LoadedModel, inputs: dict, iv, steer: bool, max_new_tokens: int, decoding, keys) -> list[dict]:
-    """Generated answers where a decoding-level method chooses every token (:mod:`.decode`'s loop, both conditions;
+    """Generated answers where a decoding-level method chooses every token, or an edit prepared from the prompt
+    steers every token (VISTA; :mod:`.decode`'s loop, both conditions;
     the baseline of a beam search is ``generate``'s), or OPERA's beam search with ``--decoding beam``
     (:mod:`~mclcbf_diag.interventions.opera_beam`, question by question): the first token's greedy reading as
     :func:`answer_batch` gives it, ``text``, and for OPERA ``opera_penalty`` (per step, the best beam's top

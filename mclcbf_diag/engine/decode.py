@@ -12,13 +12,19 @@ distribution each token is drawn from, not only the first answer token's. transf
    :class:`~.runner.Continuation` over the rest, appending its own keys and values to that cache.
 2. **Steps.** The chosen token is appended to every row and the next forward is a continuation of
    that one position over the cache (the runner's forward with ``use_cache=True``, so the cache
-   grows by the position the intervened forward computed, as in ``generate``). Where the intervention
-   could change a position before an image token (``cached_prefix`` is 0: VISTA, which steers every
-   position with a vector made again at each step) every step re-runs the whole sequence instead.
+   grows by the position the intervened forward computed, as in ``generate``). An intervention prepared
+   once from the prompt whose edit of a position reads only that position
+   (:meth:`~mclcbf_diag.interventions.base.Intervention.prepares_from_prompt`: VISTA, whose steering vector
+   is the prompt's and is added at every position, as its released code generates) edits every position,
+   so its prompt's intervened forward runs whole, once, keeping its own KV cache (no plain prefix), and each
+   step continues that cache by one position: a position's edited keys and values never change as the
+   sequence grows, so this is what re-running the whole sequence under the same preparation gives. Any
+   other intervention that could change a position before an image token (``cached_prefix`` is 0) re-runs
+   the whole sequence at every step, prepared again for it.
 3. **Auxiliary views.** The method's auxiliary forwards are plain forwards of other inputs of the same
    rows (:meth:`~mclcbf_diag.interventions.base.Intervention.decode_views`): VCD's noised image, CausalMM's
-   counterfactual image features (its vision level), PAI's image-free prompt, VISTA's two forwards of its
-   steering vector (the prompt with its image and without it). The generated tokens are the same text in
+   counterfactual image features (its vision level), PAI's image-free prompt (VISTA runs none after the
+   prompt: its vector's two forwards are the prompt's, step 0's ``prepare``). The generated tokens are the same text in
    every view, so each view continues a KV cache of its own as the main rows do
    (:class:`ViewStream`): its prompt runs once, then one position per step, and its output at the last
    position is handed to the method (``use_decode_views``) instead of its ``prepare`` re-running the view
@@ -30,8 +36,9 @@ distribution each token is drawn from, not only the first answer token's. transf
    HALC's for the first token only; ``--generate`` under it is refused) and OPERA (its beam search is
    :mod:`mclcbf_diag.interventions.opera_beam`), and every activation edit that prepares something
    (its ``prepare`` is run on the longer sequence). ``cache_views=False`` takes that route for every
-   method (the tests' reference). Both routes give the same scores within the floor of two float32
-   routes to a view's logits (``tests/test_engine_decode_views.py``).
+   method with views (the tests' reference; VISTA is prepared on the prompt alone either way). Both routes
+   give the same scores within the floor of two float32 routes to a view's logits
+   (``tests/test_engine_decode_views.py``).
 4. **Choice.** Greedy: the argmax of the scores. Sampled (:class:`~mclcbf_diag.measurements.sampling.Decoding`):
    temperature, top-k, top-p in transformers' order, then an inverse-CDF draw whose u comes from the
    run's seed and the question's key (step 0: the key itself, so the first token is the one a
@@ -184,14 +191,18 @@ def _suffix(full: dict, start: int) -> dict:
 def _step(lm: LoadedModel, full: dict, iv, start: int, cache, keep: Keep = NO_LAYERS,
           dose: float = 1.0, prepare: bool = True) -> RunResult:
     """One intervened forward of ``full``'s positions from ``start`` on over ``cache`` (which it extends); ``start``
-    0 and no cache: the whole sequence. ``prepare``: run the intervention's ``prepare`` on ``full`` first (False:
-    its views were continued and handed to it, :class:`ViewStream`). Its :class:`~.runner.RunResult` (captures with
-    ``keep.layers``)."""
+    0 and no cache: the whole sequence; ``start`` 0 and an empty cache: the whole sequence, kept in it. ``prepare``:
+    run the intervention's ``prepare`` on ``full`` first (False: its views were continued and handed to it,
+    :class:`ViewStream`, or it was prepared on the prompt for every step). Its :class:`~.runner.RunResult` (captures
+    with ``keep.layers``)."""
     ids = full["input_ids"]
     if iv is not None and prepare:
         iv.prepare(lm, full, rows_of(ids, full["attention_mask"], lm.tokens.image_token_id))
     if cache is None:
         return forward(lm, full, iv, keep=keep, prepare=False, dose=dose)
+    if start == 0:  # the whole sequence, filling ``cache`` (an empty one) for the steps that continue it
+        return forward(lm, full, iv, keep=keep, prepare=False, dose=dose, use_cache=True,
+                       **lm.adapter.cache_kwargs(lm.model, cache))
     layers = iv.layers(lm.n_layers) if iv is not None else ()
     prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in layers}
     return forward(lm, _suffix(full, start), iv, keep=keep, full_ids=ids, prepare=False, dose=dose,
@@ -272,6 +283,14 @@ def run_views(lm: LoadedModel, iv, full: dict, streams: dict[str, ViewStream], k
     return captures
 
 
+def _own_cache(lm: LoadedModel):
+    """An empty KV cache for the intervened forward of the prompt to fill (:meth:`prepares_from_prompt
+    <mclcbf_diag.interventions.base.Intervention.prepares_from_prompt>`: the steps continue it)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.model.config)
+
+
 def _prompt_cache(lm: LoadedModel, inputs: dict, start: int):
     """A plain forward's KV cache of the prompt's first ``start`` positions (None when ``start`` is 0)."""
     if start == 0:
@@ -302,7 +321,8 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
         dose: multiplies what the intervention changes at every step.
         cache_views: continue each auxiliary view by its own KV cache where the intervention allows it
             (:func:`view_streams`); False: its ``prepare`` re-runs every view over the whole sequence at every step
-            (the reference route of the tests).
+            (the reference route of the tests). An intervention prepared from the prompt alone
+            (``prepares_from_prompt``) runs no view after it either way.
 
     Returns:
         A :class:`Generation`.
@@ -316,17 +336,18 @@ def generate(lm: LoadedModel, inputs: dict, intervention=None, *, max_new_tokens
     iv = as_intervention(intervention) if steer else None
     ids = inputs["input_ids"]
     B, S = ids.shape
-    start = S - 1 if iv is None else cached_prefix(lm, ids, inputs["attention_mask"], iv)
+    once = iv is not None and iv.prepares_from_prompt()  # prepared on the prompt, its own cache continued
+    start = S - 1 if iv is None else 0 if once else cached_prefix(lm, ids, inputs["attention_mask"], iv)
     ends, pad = end_ids(lm), lm.processor.tokenizer.pad_token_id
     pad = pad if pad is not None else next(iter(ends), 0)
     done, ended = torch.zeros(B, dtype=torch.bool), [None] * B
     full, steps, first = inputs, [], None
     with torch.no_grad():
-        streams = view_streams(lm, iv, inputs) if cache_views else None
-        cache = _prompt_cache(lm, inputs, start)
+        streams = view_streams(lm, iv, inputs) if cache_views and not once else None
+        cache = _own_cache(lm) if once else _prompt_cache(lm, inputs, start)
         for k in range(max_new_tokens):
             views = run_views(lm, iv, full, streams, keep) if streams is not None else None
-            res = _step(lm, full, iv, start, cache, keep, dose, prepare=streams is None)
+            res = _step(lm, full, iv, start, cache, keep, dose, prepare=k == 0 if once else streams is None)
             scores = res.logits.float().cpu()
             steps.append(_kept(res, scores, k, keep_scores, keep, views))
             first = scores if first is None else first

@@ -27,7 +27,9 @@ prepares for a question is keyed by :meth:`Intervention.view_key` (the knobs its
 so a runner of many units of one question prepares it once (:meth:`Intervention.prepared_views`,
 :meth:`Intervention.use_views`). A generation loop continues those auxiliary forwards that are plain forwards of
 other inputs by KV caches of their own (:meth:`Intervention.decode_views`, :class:`View`) and hands their outputs
-at each step to :meth:`Intervention.use_decode_views` instead of preparing again.
+at each step to :meth:`Intervention.use_decode_views` instead of preparing again; an intervention prepared from the
+prompt alone (:meth:`Intervention.prepares_from_prompt`: VISTA's steering vector) is prepared once and its
+intervened forward continues its own cache.
 
 Every site is batched: ``site.rows`` lists the prompts of the batch, each in its own
 unpadded coordinates (:class:`Row`), so one implementation serves a single sample (a batch
@@ -463,6 +465,17 @@ class Intervention:
         that is more than the views' outputs), and the loop runs :meth:`prepare` on the whole sequence at every
         step."""
         return None
+
+    def prepares_from_prompt(self) -> bool:
+        """Whether, under generation, what :meth:`prepare` computes is the prompt's alone and kept for every generated
+        step, and the edit of each position reads only that position and it (VISTA's steering vector: built once from
+        the prompt and added at every position, as its released code does under ``generate(use_cache=True)``).
+
+        A position's edited residuals then never change as the sequence grows, so a generation loop
+        (:mod:`mclcbf_diag.engine.decode`) prepares on the prompt only, runs no auxiliary view after it, and
+        continues the intervened forward's own KV cache one position per step: what re-running the whole sequence
+        under the same preparation gives. False (the default): the loop prepares for each step's sequence."""
+        return False
 
     def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
         """Prepared for the sequence ``rows`` hold from ``outputs`` (name → :class:`ViewOutput` of each view of

@@ -18,6 +18,19 @@ github.com/LzVv123456/VISTA (``steering_vector.py``: ``obtain_vsv``; ``llm_layer
   ``s = 1 + max(0, cos(x, −v))``, ``x' = ‖x‖ · normalize(x̂ + λ·s·v̂)`` (hats: unit vectors),
   at every position, in the prefill and at every generated token; ``similarity=False`` is
   the released "simple" mode (s = 1).
+* **Generation** (``pope_eval.py``'s ``main``: ``obtain_vsv`` on the prompt, then ``add_vsv_layers``, then
+  ``generate(use_cache=True, output_hidden_states=logits_aug)``). The vector is computed **once, from the prompt**
+  (its last token), and kept for every generated token; ``VSVLayer`` steers whatever positions each forward
+  computes: the whole prompt in the prefill, then the one new position of each cached step. As the edit of a
+  position reads only that position's residual and the fixed vector, a position's steered residual, keys and values
+  never change as the sequence grows, so continuing the steered forward's own KV cache is what re-running the whole
+  sequence steered gives. :mod:`mclcbf_diag.engine.decode`'s loop does exactly this
+  (:meth:`VISTA.prepares_from_prompt`): the vector's two forwards on the prompt, the steered prompt once with its
+  cache kept, then one steered position per step, and SLA read from that step's steered forward (its layers' outputs
+  at the new position, as the released forward reads ``hidden_states`` of each ``generate`` step). ``pope
+  --generate`` runs this loop under both presets (``steering-only``: without SLA); the runner's traced ``generate``
+  (``trace --max-new-tokens`` under ``steering-only``) steers every step the same way
+  (``tests/test_engine_decode_vista.py``).
 * **Where.** The released code wraps each layer's *MLP* and steers its output with the
   layer-output difference. The seam offers the residual entering a layer, not the MLP
   output, so here x is the residual entering layer ℓ and v_ℓ the difference of the residuals
@@ -40,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.mrope import embeds_positions
-from .base import Batched, Intervention, Readout, Row, Site, View
+from .base import Batched, Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
 from .decoding import WithLogitPart, answer_from
 from .layers import published_layers
@@ -151,21 +164,11 @@ class VISTA(WithLogitPart, Intervention, spec=SPECS["vista"]):
         self._v = batched.states.to(neg.device) - neg
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
 
-    def decode_views(self, lm, inputs: dict, rows: list[Row]) -> dict:
-        """The two plain forwards of the steering vector (:func:`steering_vectors`: the prompt with its image and
-        without it), each a view a generation loop continues by its own cache, with the residual entering every
-        layer (the vector at each step is their difference at the step's last position). None for inputs that
-        carry prompt embeddings (their vector's forward feeds them without ids)."""
-        mine = row_inputs(inputs, rows)
-        if "inputs_embeds" in mine:
-            return None
-        return {"with image": View(mine, states=True), "image-free prompt": View(image_free_inputs(lm, rows),
-                                                                                  states=True)}
-
-    def use_decode_views(self, lm, rows: list[Row], outputs: dict) -> None:
-        """The steering vector, with image − without, from the two views' residuals at the last position."""
-        pos, neg = outputs["with image"].states, outputs["image-free prompt"].states
-        self.use_views(lm, rows, list(pos - neg.to(pos.device)))
+    def prepares_from_prompt(self) -> bool:
+        """The released code's generation: the vector is the prompt's (``obtain_vsv`` before ``generate``), and the
+        edit of each position reads that position's residual and the vector only, so a generation loop prepares once
+        and continues the steered forward's own cache (see the module docstring, "Generation")."""
+        return True
 
     def view_key(self):
         """The steering vector reads no knob: one per question."""
