@@ -131,6 +131,38 @@ def seeded_noise(image, seed):
     return torch.randn(image.shape, generator=g, dtype=torch.float32)
 
 
+def positions_run(lm, run) -> list[tuple[int, int]]:
+    """Decoder layer 0's attention calls during ``run()``: [rows, positions] each."""
+    attention = lm.adapter.layer_part(lm.model, 0, "layer_attention")
+    calls = []
+
+    def count(module, args, kwargs):
+        calls.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
+
+    hook = attention.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return calls
+
+
+def noised(pixels, step=500, seed=0):
+    """Each image of ``pixels`` [B, …] noised as the package noises it: :func:`add_diffusion_noise` at ``step`` with
+    :func:`seeded_noise` of ``seed``."""
+    return torch.stack([add_diffusion_noise(x, step, seeded_noise(x, seed)) for x in pixels])
+
+
+def four_questions():
+    """Four prompts of four lengths about four images, and the images; the first ("Is there a dog?" about the
+    adversarial split's first image) goes on past its answer when generated."""
+    qs = load_pope(shipped.pope_file("adversarial"))
+    picked = [qs[0], qs[20], qs[26], qs[32]]
+    texts = ["Is there a dog?", picked[1].text, picked[2].text.replace(" in the image", ""),
+             picked[3].text.replace("?", " in the picture?")]
+    return [build_prompt(t) for t in texts], [load_image(resolve_image(q, shipped.IMAGES)) for q in picked]
+
+
 def vcd_reference(lm, prompt, image, *, alpha=1.0, beta=0.2, noise_step=500, seed=0):
     """(scores [vocab] with −inf where cut, z, z_cd) of one question, as VCD's released code computes them
     (``vcd_sample.py``: (1 + α)·z − α·z_cd, −inf where ``z < log β + max z``) on :func:`plain_model`, with the

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from floors import logit_floor
-from plain_refs import assert_scores, plain_model, three_questions
+from plain_refs import assert_scores, noised, plain_model, three_questions
 
 from mclcbf_diag.engine.batch import batch_inputs
 from mclcbf_diag.engine.decode import choose, end_ids, generate
@@ -37,15 +37,6 @@ def batch(embedded_model, questions):
     return batch_inputs(embedded_model, *questions)
 
 
-def noised(pixels, step=500, seed=0):
-    """``add_diffusion_noise`` of every image, ε from a generator seeded with ``seed`` per image."""
-    betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (0.5e-2 - 1e-5) + 1e-5
-    bar = torch.cumprod(1 - betas, dim=0)
-    out = []
-    for x in pixels:
-        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        out.append(torch.sqrt(bar[step]) * x + torch.sqrt(1 - bar[step]) * eps)
-    return torch.stack(out)
 
 
 def vcd_scores(model, ids, pixels, alpha=ALPHA, beta=0.2):

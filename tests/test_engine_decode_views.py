@@ -30,10 +30,10 @@ And the saving: the positions each route runs (decoder layer 0's attention, [row
 import floors
 import pytest
 import torch
-from plain_refs import assert_scores, plain_model
+from plain_refs import assert_scores, four_questions, noised, plain_model, positions_run
 
 from mclcbf_diag import shipped
-from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
+from mclcbf_diag.data import load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import batch_inputs
 from mclcbf_diag.engine.decode import generate
 from mclcbf_diag.interventions.causalmm import CausalMM, CausalMMKnobs, counterfactual_features
@@ -54,13 +54,7 @@ DECODINGS = {"greedy": None, "sampled": Decoding("sample", temperature=1.5, seed
 
 @pytest.fixture(scope="module")
 def questions():
-    """Four questions of four lengths about four images; the first ("Is there a dog?" about the adversarial split's
-    first image) goes on past its answer."""
-    qs = load_pope(shipped.pope_file("adversarial"))
-    picked = [qs[0], qs[20], qs[26], qs[32]]
-    texts = ["Is there a dog?", picked[1].text, picked[2].text.replace(" in the image", ""),
-             picked[3].text.replace("?", " in the picture?")]
-    return [build_prompt(t) for t in texts], [load_image(resolve_image(q, shipped.IMAGES)) for q in picked]
+    return four_questions()
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +62,6 @@ def batch(embedded_model, questions):
     return batch_inputs(embedded_model, *questions, share_images=False)
 
 
-def noised(pixels, step=500, seed=0):
-    """``add_diffusion_noise`` of every image, ε from a generator seeded with ``seed`` per image."""
-    betas = torch.sigmoid(torch.linspace(-6, 6, 1000)) * (0.5e-2 - 1e-5) + 1e-5
-    bar = torch.cumprod(1 - betas, dim=0)
-    out = []
-    for x in pixels:
-        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        out.append(torch.sqrt(bar[step]) * x + torch.sqrt(1 - bar[step]) * eps)
-    return torch.stack(out)
 
 
 def plain_views(lm, name: str, ids: torch.Tensor, pixels: torch.Tensor) -> dict:
@@ -198,22 +183,6 @@ def test_the_cached_route_generates_what_the_recompute_route_does(embedded_model
             assert_scores(cached.steps[k]["scores"][b], whole.steps[k]["scores"][b], atol=tol)
             if k == 0:  # the prompt's views: the same forward in both routes
                 assert torch.equal(cached.steps[0]["scores"][b], whole.steps[0]["scores"][b])
-
-
-def positions_run(lm, run) -> list[tuple[int, int]]:
-    """Decoder layer 0's attention calls during ``run()``: [rows, positions] each."""
-    attention = lm.adapter.layer_part(lm.model, 0, "layer_attention")
-    calls = []
-
-    def count(module, args, kwargs):
-        calls.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
-
-    hook = attention.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        run()
-    finally:
-        hook.remove()
-    return calls
 
 
 @pytest.mark.parametrize("name", ["vcd", "pai", "vista"])

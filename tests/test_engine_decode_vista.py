@@ -28,10 +28,8 @@ import floors
 import pytest
 import torch
 import torch.nn.functional as F
-from plain_refs import assert_scores, plain_model
+from plain_refs import assert_scores, four_questions, plain_model, positions_run
 
-from mclcbf_diag import shipped
-from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.engine.batch import answer_batch, batch_inputs
 from mclcbf_diag.engine.decode import end_ids, generate
 from mclcbf_diag.engine.runner import Keep, forward, greedy
@@ -44,13 +42,7 @@ LAM, ALPHA = 0.3, 0.3  # λ larger than the paper's 0.01, so the steering moves 
 
 @pytest.fixture(scope="module")
 def questions():
-    """Four questions of four lengths about four images; the first ("Is there a dog?" about the adversarial split's
-    first image) goes on past its answer."""
-    qs = load_pope(shipped.pope_file("adversarial"))
-    picked = [qs[0], qs[20], qs[26], qs[32]]
-    texts = ["Is there a dog?", picked[1].text, picked[2].text.replace(" in the image", ""),
-             picked[3].text.replace("?", " in the picture?")]
-    return [build_prompt(t) for t in texts], [load_image(resolve_image(q, shipped.IMAGES)) for q in picked]
+    return four_questions()
 
 
 @pytest.fixture(scope="module")
@@ -136,22 +128,6 @@ def test_the_loop_equals_released_vista_with_the_prompts_vector(embedded_model, 
             assert_scores(gen.steps[k]["scores"][b], want, atol=floor)
             compared += 1
     assert gen.new_tokens == STEPS and compared > len(questions[0])  # the first question's later steps compared
-
-
-def positions_run(lm, run) -> list[tuple[int, int]]:
-    """Decoder layer 0's attention calls during ``run()``: [rows, positions] each."""
-    attention = lm.adapter.layer_part(lm.model, 0, "layer_attention")
-    calls = []
-
-    def count(module, args, kwargs):
-        calls.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
-
-    hook = attention.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        run()
-    finally:
-        hook.remove()
-    return calls
 
 
 @pytest.mark.parametrize("cache_views", [True, False])

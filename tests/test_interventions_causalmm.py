@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from floors import logit_floor
-from plain_refs import DECODING, plain_model, three_questions
+from plain_refs import DECODING, plain_model, positions_run, three_questions
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llama import modeling_llama
 
@@ -478,17 +478,7 @@ def test_auxiliary_forwards_counts_the_forwards_run(embedded_model, questions, l
     lm = embedded_model
     prompts, images = questions
     iv = CausalMM(CausalMMKnobs(level=level))
-    attention = lm.adapter.layer_part(lm.model, 0, "layer_attention")
-    calls = []
-
-    def count(module, args, kwargs):
-        calls.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
-
-    hook = attention.register_forward_pre_hook(count, with_kwargs=True)
-    try:
-        answer_pair(lm, prompts, images, iv)
-    finally:
-        hook.remove()
+    calls = positions_run(lm, lambda: answer_pair(lm, prompts, images, iv))
     B = len(prompts)
     S = calls[0][1]
     own = [(2 * B, S)] if level == "vision" else [(B, S), (B, S)]
