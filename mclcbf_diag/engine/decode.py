@@ -69,11 +69,10 @@ import torch
 from ..interventions import as_intervention
 from ..interventions.base import View, ViewOutput, rows_of
 from ..models import LoadedModel
+from ..models.adapter import sequence_inputs
 from ..models.mrope import position_ids
 from .runner import Continuation, Keep, RunCapture, RunResult, StepCapture, forward
 
-# keys of model inputs that run along the sequence ([B, S]) and grow with it
-GROWING = ("input_ids", "attention_mask", "token_type_ids")
 NO_LAYERS = Keep(layers=False)  # a step keeps its scores and records only
 
 
@@ -170,9 +169,7 @@ def extended(lm: LoadedModel, inputs: dict, tokens: torch.Tensor) -> dict:
     ids = inputs["input_ids"]
     out["input_ids"] = torch.cat([ids, tokens.to(ids.device, ids.dtype)[:, None]], -1)
     out["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(len(ids), 1)], -1)
-    if "token_type_ids" in inputs:  # Gemma 3: a generated token is text
-        out["token_type_ids"] = torch.cat([inputs["token_type_ids"], inputs["token_type_ids"].new_zeros(len(ids), 1)],
-                                          -1)
+    out.update(sequence_inputs(inputs, extend=1))  # Gemma 3's token types: a generated token is text
     if "position_ids" in inputs:
         out["position_ids"] = position_ids(lm, out)
     return out
@@ -183,9 +180,7 @@ def _suffix(full: dict, start: int) -> dict:
     suffix = {"input_ids": full["input_ids"][:, start:], "attention_mask": full["attention_mask"]}
     if "position_ids" in full:
         suffix["position_ids"] = full["position_ids"][..., start:]  # [B, S] or Qwen-VL's [3, B, S]
-    if "token_type_ids" in full:
-        suffix["token_type_ids"] = full["token_type_ids"][:, start:]
-    return suffix
+    return {**suffix, **sequence_inputs(full, start=start)}
 
 
 def _step(lm: LoadedModel, full: dict, iv, start: int, cache, keep: Keep = NO_LAYERS,

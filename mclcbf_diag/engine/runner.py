@@ -45,6 +45,7 @@ from ..interventions.base import Batched, Intervention, Readout, Row, Site, rows
 from ..interventions.views import shares_image_features, with_aux_rows
 from ..measurements.probes import rounding_survival
 from ..models import LoadedModel
+from ..models.adapter import sequence_inputs
 from ..models.mrope import position_ids
 from ..models.projection import project_keys
 
@@ -470,9 +471,7 @@ def _feed(lm: LoadedModel, inputs: dict, generating: bool) -> dict:
     if "input_ids" in inputs:  # a prompt with its embeddings saved (with_embeds): the language model runs on them
         feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"],
                 "position_ids": inputs["position_ids"] if "position_ids" in inputs else position_ids(lm, inputs)}
-        if "token_type_ids" in inputs:  # Gemma 3: which tokens are an image's, which attend to each other both ways
-            feed["token_type_ids"] = inputs["token_type_ids"]
-        return feed
+        return {**feed, **sequence_inputs(inputs)}  # Gemma 3's token types: an image's tokens attend both ways
     return inputs
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.adapter import sequence_inputs
 from ..models.mrope import embeds_positions
 from .base import Batched, Intervention, Readout, Row, Site
 from .catalog import SPECS, VISTAKnobs  # noqa: F401 - VISTAKnobs re-exported
@@ -75,7 +76,7 @@ def steering_vectors(lm, inputs: dict, rows: list[Row]) -> torch.Tensor:
     feed = {k: v for k, v in inputs.items() if k != "inputs_embeds"}
     if "inputs_embeds" in inputs:
         feed = {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"],
-                **{k: inputs[k] for k in ("token_type_ids",) if k in inputs},  # Gemma 3's image tokens
+                **sequence_inputs(inputs),  # Gemma 3's image tokens
                 **embeds_positions(lm, inputs)}
     L = lm.n_layers
     with torch.no_grad():
