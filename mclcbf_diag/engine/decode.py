@@ -239,9 +239,7 @@ class ViewStream:
     def _traced(self, lm: LoadedModel, keep: Keep) -> tuple[ViewOutput, list[RunCapture]]:
         """:meth:`run` through the runner's forward, every layer captured."""
         if self.cache is None:
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache(config=lm.model.config)
+            self.cache = _own_cache(lm)
             res = forward(lm, self.inputs, keep=keep, use_cache=True, **lm.adapter.cache_kwargs(lm.model, self.cache))
         else:
             ids = self.inputs["input_ids"]
@@ -279,8 +277,9 @@ def run_views(lm: LoadedModel, iv, full: dict, streams: dict[str, ViewStream], k
 
 
 def _own_cache(lm: LoadedModel):
-    """An empty KV cache for the intervened forward of the prompt to fill (:meth:`prepares_from_prompt
-    <mclcbf_diag.interventions.base.Intervention.prepares_from_prompt>`: the steps continue it)."""
+    """An empty KV cache for a prompt's forward to fill, which the steps continue (a traced view's, or the intervened
+    forward's of an intervention that :meth:`prepares_from_prompt
+    <mclcbf_diag.interventions.base.Intervention.prepares_from_prompt>`)."""
     from transformers import DynamicCache
 
     return DynamicCache(config=lm.model.config)
