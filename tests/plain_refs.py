@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
@@ -145,6 +146,27 @@ def positions_run(lm, run) -> list[tuple[int, int]]:
     finally:
         hook.remove()
     return calls
+
+
+def vista_steering(model, lm, vs: list[torch.Tensor], lam: float, similarity: bool = True):
+    """Forward pre-hooks on every decoder layer of the plain ``model``: ``x' = ‖x‖·normalize(x̂ + λ·s·v̂)``,
+    ``s = 1 + max(0, cos(x, −v))`` (1 without ``similarity``), at every position (released VISTA's ``VSVLayer``);
+    the handles."""
+
+    def hook_for(v):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if v.norm() == 0:
+                return None
+            xf = x.float()
+            s = 1 + torch.clamp(F.cosine_similarity(xf, -v[None, None], dim=-1), min=0)[..., None] if similarity else 1
+            new = xf.norm(dim=-1, keepdim=True) * F.normalize(F.normalize(xf, dim=-1) + lam * s * v / v.norm(), dim=-1)
+            new = new.to(x.dtype)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        return hook
+
+    layers = model.model.language_model.layers
+    return [layers[i].register_forward_pre_hook(hook_for(vs[i]), with_kwargs=True) for i in range(lm.n_layers)]
 
 
 def noised(pixels, step=500, seed=0):

@@ -27,8 +27,7 @@ self-logits augmentation (``llava_llama.py``'s forward) reads each step's own st
 import floors
 import pytest
 import torch
-import torch.nn.functional as F
-from plain_refs import assert_scores, four_questions, plain_model, positions_run
+from plain_refs import assert_scores, four_questions, plain_model, positions_run, vista_steering
 
 from mclcbf_diag.engine.batch import answer_batch, batch_inputs
 from mclcbf_diag.engine.decode import end_ids, generate
@@ -50,26 +49,6 @@ def batch(embedded_model, questions):
     return batch_inputs(embedded_model, *questions, share_images=False)
 
 
-def steering(model, lm, vs: list[torch.Tensor], lam: float):
-    """Forward pre-hooks on every decoder layer of the plain ``model``: ``x' = ‖x‖·normalize(x̂ + λ·s·v̂)``,
-    ``s = 1 + max(0, cos(x, −v))``, at every position (``VSVLayer``'s full mode); the handles."""
-
-    def hook_for(v):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            if v.norm() == 0:
-                return None
-            xf = x.float()
-            s = 1 + torch.clamp(F.cosine_similarity(xf, -v[None, None], dim=-1), min=0)[..., None]
-            new = xf.norm(dim=-1, keepdim=True) * F.normalize(F.normalize(xf, dim=-1) + lam * s * v / v.norm(), dim=-1)
-            new = new.to(x.dtype)
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-        return hook
-
-    layers = model.model.language_model.layers
-    return [layers[i].register_forward_pre_hook(hook_for(vs[i]), with_kwargs=True) for i in range(lm.n_layers)]
-
-
 def reference(lm, prompt: str, image, readout: tuple, steps: int, lam: float = LAM, alpha: float = ALPHA):
     """Released VISTA's greedy generation of one question, re-running the whole sequence at each step: (generated
     ids, per step (scores [vocab], its floor))."""
@@ -80,7 +59,7 @@ def reference(lm, prompt: str, image, readout: tuple, steps: int, lam: float = L
         pos = model(**inputs, output_hidden_states=True).hidden_states
         neg = model(input_ids=ids[ids != lm.tokens.image_token_id][None], output_hidden_states=True).hidden_states
     vs = [(pos[i][0, -1] - neg[i][0, -1]).float() for i in range(lm.n_layers)]
-    handles, text = steering(model, lm, vs, lam), model.config.text_config
+    handles, text = vista_steering(model, lm, vs, lam), model.config.text_config
     text.tie_last_hidden_states = False  # the last layer's raw output in hidden_states (SLA reads it unnormed)
     head, out = model.lm_head, []
     try:

@@ -16,8 +16,7 @@ the last layer).
 import floors
 import pytest
 import torch
-import torch.nn.functional as F
-from plain_refs import DECODING
+from plain_refs import DECODING, vista_steering
 from test_interventions_pai import plain_model, questions  # noqa: F401  (fixture)
 
 from mclcbf_diag.data import build_prompt
@@ -40,20 +39,7 @@ def hooked_forward(lm, prompt, image, lam, similarity=True):
         neg = model(input_ids=ids[ids != lm.tokens.image_token_id][None], output_hidden_states=True).hidden_states
     vs = [(pos[i][0, -1] - neg[i][0, -1]).float() for i in range(lm.n_layers)]
 
-    def hook_for(v):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            if v.norm() == 0:
-                return None
-            xf = x.float()
-            s = 1 + torch.clamp(F.cosine_similarity(xf, -v[None, None], dim=-1), min=0)[..., None] if similarity else 1
-            new = xf.norm(dim=-1, keepdim=True) * F.normalize(F.normalize(xf, dim=-1) + lam * s * v / v.norm(), dim=-1)
-            new = new.to(x.dtype)
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-        return hook
-
-    layers = model.model.language_model.layers
-    handles = [layers[i].register_forward_pre_hook(hook_for(vs[i]), with_kwargs=True) for i in range(lm.n_layers)]
+    handles = vista_steering(model, lm, vs, lam, similarity)
     text = model.config.text_config
     text.tie_last_hidden_states = False
     try:
