@@ -13,6 +13,8 @@
 #   SAMPLE=0          greedy runs only (21 runs a split instead of 78, 21 passes instead of 40)
 #   SPLITS="a b"      the POPE splits to run (default: adversarial popular random)
 #   LIMIT=N           pass --limit N to every run (a smoke test; default: every question)
+#   JOBS=N            N runs at a time, each on OMP_NUM_THREADS threads (default 1 and 1: one run per core is the
+#                     fastest on a CPU, as the runs are independent)
 # Every run resumes, so rerunning after an interruption repeats nothing and a finished run costs a few seconds.
 # About 10 hours on one CPU thread for the three splits (SAMPLE=0: about 5), at the seconds per question of
 # docs/commands/compare.md's tables (about 15 minutes a pass over the three splits), for the settings before
@@ -54,17 +56,41 @@ if [ "${SAMPLE:-1}" != 0 ]; then
 fi
 
 dirs=()
+cmds=()  # one pope command line a run (a split of a method), in the order above
 for entry in "${runs[@]}"; do
   name="${entry%%|*}"
-  read -r -a opts <<< "${entry#*|}"
   for split in "${splits[@]}"; do
     out="$root/$split/$name"
-    echo "== $name, $split split"
-    mclcbf-diag pope --split "$split" --batch-size 64 "${limit[@]}" "${opts[@]}" --out "$out"
+    cmds+=("$name|$split|--split $split --batch-size 64 ${limit[*]} ${entry#*|} --out $out")
     case "$name" in
       *"{seed}"*) for seed in "${seeds[@]}"; do dirs+=("${out//\{seed\}/$seed}"); done ;;
       *) dirs+=("$out") ;;
     esac
   done
+done
+
+run_one() {  # NAME|SPLIT|OPTIONS: one pope run (its folder locked by pope itself)
+  local name="${1%%|*}" rest="${1#*|}"
+  local -a opts
+  read -r -a opts <<< "${rest#*|}"
+  echo "== $name, ${rest%%|*} split"
+  mclcbf-diag pope "${opts[@]}"
+}
+
+# JOBS runs at a time (each on OMP_NUM_THREADS threads): the runs are independent folders; the first failure stops
+# the script once the runs under way end (rerun it: finished runs are skipped in seconds).
+jobs_max="${JOBS:-1}"
+running=0
+for cmd in "${cmds[@]}"; do
+  if (( running >= jobs_max )); then
+    wait -n
+    running=$((running - 1))
+  fi
+  run_one "$cmd" &
+  running=$((running + 1))
+done
+while (( running > 0 )); do
+  wait -n
+  running=$((running - 1))
 done
 mclcbf-diag compare "${dirs[@]}" --out "$root/compare"

@@ -399,6 +399,24 @@ def test_identity_holds_what_changes_numbers(tmp_path, capsys):
     assert len((out / "answers.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_moved_project_resumes_its_runs_but_changed_questions_do_not(tmp_path, capsys):
+    """The question files' place is not the run's identity (their digest is): run.json written where the project
+    sat before resumes here and then names the files where they are; a file whose content differs is refused."""
+    out, argv = _interrupted_pope(tmp_path)
+    here = json.loads((out / "run.json").read_text())
+    moved = {**here, "pope_files": ["/elsewhere/checkout/embedded_pope_random.json"]}
+    (out / "run.json").write_text(json.dumps(moved))
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["pope_files"] == here["pope_files"] and run["pope_sha256"] == here["pope_sha256"]
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and len({r["run_id"] for r in rows}) == 1
+    (out / "run.json").write_text(json.dumps({**moved, "pope_sha256": ["0" * 64]}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "differs in: pope_sha256" in capsys.readouterr().err
+
+
 def test_other_versions_resume_only_with_resume_anyway(tmp_path, capsys, monkeypatch):
     from mclcbf_diag.cli import pope as pope_cli
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 RUN, ANSWERS = "run.json", "answers.jsonl"
 INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs", "resumed_anyway", "partial")  # not compared
 VERSIONS = "versions"  # torch/transformers/nnsight: compared, but a resume may accept them (--resume-anyway)
+# Where the question files sit, not what they hold (``pope_sha256`` is compared): a project folder moved or checked
+# out elsewhere resumes its runs, and run.json then names the files where they are now.
+LOCATIONS = ("pope_files",)
 
 
 FORMAT = 2
@@ -42,7 +45,7 @@ def flat_keys(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def differing_keys(a: dict, b: dict, ignore=INFO_KEYS) -> list[str]:
+def differing_keys(a: dict, b: dict, ignore=(*INFO_KEYS, *LOCATIONS)) -> list[str]:
     """Flattened keys (``config.tau_prefill``…) whose values differ, ``ignore`` left out."""
     fa = flat_keys({k: v for k, v in a.items() if k not in ignore})
     fb = flat_keys({k: v for k, v in b.items() if k not in ignore})
@@ -62,10 +65,11 @@ def describe(a: dict, b: dict, keys: list[str]) -> str:
 
 
 def run_id(identity: dict) -> str:
-    """Digest of what changes an answer (info keys, the shard and the package versions left out): stamped on
+    """Digest of what changes an answer (info keys, where the question files sit, the shard and the package versions
+    left out): stamped on
     every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them, so the rows
     of such a run keep one run_id."""
-    return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, "shard", VERSIONS)})
+    return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, *LOCATIONS, "shard", VERSIONS)})
 
 
 def load_run(path: Path) -> dict | None:
@@ -112,6 +116,9 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
         if old is not None:
             diff = differing_keys(old, identity)
             if not diff:
+                moved = {k: identity[k] for k in LOCATIONS if k in identity and old.get(k) != identity[k]}
+                if moved:  # the same files (their digests are compared) found elsewhere: record where they are now
+                    _write_run(path, {**old, **moved})
                 return False
             versions_only = all(k.startswith(VERSIONS + ".") for k in diff)
             if rows and versions_only and resume_anyway:
