@@ -17,9 +17,12 @@ All paths answer the same N questions in one process, batch by batch:
   ``NAME:PRESET`` for another preset, e.g. ``causalmm:language``).
 
 Each path is warmed up on one batch first (nnsight wraps the model once; AD-HH searches its
-heads once per model), then timed ``--repeats`` times in alternating rounds (bare, then every
-intervention), so load drift hits all alike; the best run counts. The ratio is the pope
-path's time over the bare forward's: the cost of both conditions plus the intervention.
+heads once per model), then timed ``--repeats`` times in rounds: in each, every intervention's run right after a
+bare run of its own. The ratio is the pope path's time over the bare run's just before it (the cost of both
+conditions plus the intervention), the median over rounds: load drift on a shared machine moves both runs of a pair
+alike, where the best of each path alone compares one path's luckiest run with another's. The CPU ratio is the same
+with the process's CPU seconds (less moved by waiting for a core, still moved by the memory traffic of other
+jobs). Questions/s and ms/question are each path's best run.
 
 A decoding-level method may cost at most (1 + its auxiliary forwards) × the bare forward, plus 10%
 (:meth:`~mclcbf_diag.interventions.base.Intervention.auxiliary_forwards`: auxiliary rows of the
@@ -30,6 +33,7 @@ question's own forward count as one forward, and so does a continuation of its c
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 
 import torch
@@ -91,29 +95,40 @@ def main() -> None:
     bare_path(lm, warm, args.batch_size)
     for iv in interventions.values():
         pope_path(lm, warm, iv, args.batch_size)
-    times = {k: [] for k in paths}
+    times = {k: [] for k in paths}  # wall seconds of every run of each path
+    paired = {k: [] for k in interventions}  # (wall, CPU) ratio of each run to the bare run just before it
     results = {}
-    for _ in range(args.repeats):
-        for k, fn in paths.items():
-            t0 = time.perf_counter()
-            results[k] = fn()
-            times[k].append(time.perf_counter() - t0)
-    best = {k: min(v) for k, v in times.items()}
 
+    def timed(k):
+        t0, c0 = time.perf_counter(), time.process_time()
+        results[k] = paths[k]()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        times[k].append(wall)
+        return wall, cpu
+
+    for _ in range(args.repeats):
+        for k in interventions:  # each run beside a bare run of its own, so that load drift cancels in the ratio
+            bare_wall, bare_cpu = timed("bare")
+            wall, cpu = timed(k)
+            paired[k].append((wall / bare_wall, cpu / bare_cpu))
+    best = {k: min(v) for k, v in times.items()}
+    ratio = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in paired.items()}
     n, bare = len(jobs), best["bare"]
     same = {k: sum(b["answer"] == r["baseline_answer"] for b, r in zip(results["bare"], results[k]))
             for k in interventions}
     print(f"model {lm.source}; {n} {args.split} questions; batch size {args.batch_size}; torch threads "
           f"{torch.get_num_threads()}; {platform.machine()}, {torch.get_num_interop_threads()} interop threads; "
           f"best of {args.repeats}")
-    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14} {'bound':>16}")
-    print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}×")
+    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14} {'CPU ratio':>10} "
+          f"{'bound':>16}")
+    print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}× {1.0:9.2f}×")
     for k, iv in interventions.items():
-        t = best[k]
-        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {t / bare:13.2f}× "
-              f"{bound_text(iv.auxiliary_forwards(), t / bare):>16}")
+        t, (wall, cpu) = best[k], ratio[k]
+        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {wall:13.2f}× {cpu:9.2f}× "
+              f"{bound_text(iv.auxiliary_forwards(), wall):>16}")
     print("ratio = pope time / bare time (both conditions, the intervention and the records, against one plain "
-          "forward); baseline answers equal to the bare forward's: "
+          "forward), the median over rounds of each run against the bare run just before it (CPU ratio: the same "
+          "with the process's CPU seconds); questions/s and ms/question: the best run; baseline answers equal to the bare forward's: "
           + ", ".join(f"{k} {v}/{n}" for k, v in same.items()))
 
 
