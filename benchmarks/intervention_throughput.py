@@ -113,22 +113,26 @@ def main() -> None:
             paired[k].append((wall / bare_wall, cpu / bare_cpu))
     best = {k: min(v) for k, v in times.items()}
     ratio = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in paired.items()}
+    spread = {k: (min(w for w, _ in v), max(w for w, _ in v)) for k, v in paired.items()}
     n, bare = len(jobs), best["bare"]
     same = {k: sum(b["answer"] == r["baseline_answer"] for b, r in zip(results["bare"], results[k]))
             for k in interventions}
     print(f"model {lm.source}; {n} {args.split} questions; batch size {args.batch_size}; torch threads "
           f"{torch.get_num_threads()}; {platform.machine()}, {torch.get_num_interop_threads()} interop threads; "
           f"best of {args.repeats}")
-    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14} {'CPU ratio':>10} "
-          f"{'bound':>16}")
-    print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}× {1.0:9.2f}×")
+    print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14} {'rounds':>12} "
+          f"{'CPU ratio':>10} {'bound':>16}")
+    print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}× {'':>12} {1.0:9.2f}×")
     for k, iv in interventions.items():
         t, (wall, cpu) = best[k], ratio[k]
-        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {wall:13.2f}× {cpu:9.2f}× "
+        low, high = spread[k]
+        print(f"{'pope --intervention ' + k:<34} {n / t:12.1f} {1000 * t / n:12.2f} {wall:13.2f}× "
+              f"{f'{low:.2f}–{high:.2f}':>12} {cpu:9.2f}× "
               f"{bound_text(iv.auxiliary_forwards(), wall):>16}")
     print("ratio = pope time / bare time (both conditions, the intervention and the records, against one plain "
-          "forward), the median over rounds of each run against the bare run just before it (CPU ratio: the same "
-          "with the process's CPU seconds); questions/s and ms/question: the best run; baseline answers equal to the bare forward's: "
+          "forward), the median over rounds of each run against the bare run just before it (rounds: the lowest and "
+          "highest of those; CPU ratio: the median with the process's CPU seconds); questions/s and ms/question: "
+          "the best run; baseline answers equal to the bare forward's: "
           + ", ".join(f"{k} {v}/{n}" for k, v in same.items()))
 
 

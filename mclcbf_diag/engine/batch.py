@@ -65,7 +65,7 @@ from ..interventions.views import row_inputs, shares_image_features, with_aux_ro
 from ..models import LoadedModel
 from ..models.processing import padded_inputs
 from ..models.schemes import PIXEL_ROWS
-from .decode import cached_prefix, end_ids, generate
+from .decode import cached_prefix, end_ids, generate, suffix_inputs
 from .runner import Continuation, Keep, forward
 
 
@@ -343,9 +343,7 @@ def answer_pair(lm: LoadedModel, prompts: list[str], images: list, intervention,
         else:
             cache = _cut(cache, start)
         prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in iv.layers(lm.n_layers)}
-        suffix = {"input_ids": ids[:, start:], "attention_mask": inputs["attention_mask"],
-                  "position_ids": inputs["position_ids"][..., start:]}  # [B, S] or Qwen-VL's [3, B, S]
-        res = forward(lm, suffix, iv, keep=Keep(layers=False), full_ids=ids, prepare=False,
+        res = forward(lm, suffix_inputs(inputs, start), iv, keep=Keep(layers=False), full_ids=ids, prepare=False,
                       continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
                       **lm.adapter.cache_kwargs(lm.model, cache))
     return _pair(lm, logits, res, iv, decoding, keys)

@@ -175,7 +175,7 @@ def extended(lm: LoadedModel, inputs: dict, tokens: torch.Tensor) -> dict:
     return out
 
 
-def _suffix(full: dict, start: int) -> dict:
+def suffix_inputs(full: dict, start: int) -> dict:
     """The model inputs of ``full``'s positions from ``start`` on, over a cache of the earlier ones (the whole mask)."""
     suffix = {"input_ids": full["input_ids"][:, start:], "attention_mask": full["attention_mask"]}
     if "position_ids" in full:
@@ -200,7 +200,7 @@ def _step(lm: LoadedModel, full: dict, iv, start: int, cache, keep: Keep = NO_LA
                        **lm.adapter.cache_kwargs(lm.model, cache))
     layers = iv.layers(lm.n_layers) if iv is not None else ()
     prefix_keys = {i: cache.layers[i].keys[..., :start, :] for i in layers}
-    return forward(lm, _suffix(full, start), iv, keep=keep, full_ids=ids, prepare=False, dose=dose,
+    return forward(lm, suffix_inputs(full, start), iv, keep=keep, full_ids=ids, prepare=False, dose=dose,
                    continuation=Continuation(start=start, prefix_keys=prefix_keys), use_cache=True,
                    **lm.adapter.cache_kwargs(lm.model, cache))
 
@@ -225,7 +225,7 @@ class ViewStream:
             feed, kwargs = {k: v for k, v in self.inputs.items()
                             if k != "input_ids" or "inputs_embeds" not in self.inputs}, {}
         else:
-            feed = _suffix(self.inputs, self.inputs["input_ids"].shape[1] - 1)
+            feed = suffix_inputs(self.inputs, self.inputs["input_ids"].shape[1] - 1)
             kwargs = lm.adapter.cache_kwargs(lm.model, self.cache)
         with torch.no_grad():
             out = lm.model(**feed, **kwargs, use_cache=True, logits_to_keep=1,
@@ -244,7 +244,7 @@ class ViewStream:
         else:
             ids = self.inputs["input_ids"]
             start = ids.shape[1] - 1
-            res = forward(lm, _suffix(self.inputs, start), keep=keep, full_ids=ids,
+            res = forward(lm, suffix_inputs(self.inputs, start), keep=keep, full_ids=ids,
                           continuation=Continuation(start=start, prefix_keys={}), use_cache=True,
                           **lm.adapter.cache_kwargs(lm.model, self.cache))
         return ViewOutput(res.logits.float()), res.captures
