@@ -35,6 +35,7 @@ from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image, load_pope, resolve_image
 from mclcbf_diag.data.corrupt import pair_image
 from mclcbf_diag.experiments.attribute import activation_patching, attribution_patching, localisation
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model
 from mclcbf_diag.runner import attention_implementation
 
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--localise", default=None, metavar="NAME", help="also time the localisation of this intervention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     q = load_pope(shipped.pope_file("adversarial"))[args.sample]
     image = load_image(resolve_image(q, shipped.IMAGES))

@@ -32,6 +32,7 @@ from mclcbf_diag.engine.batch import answer_pair, batch_inputs  # noqa: E402
 from mclcbf_diag.experiments.explain import explain_sample  # noqa: E402
 from mclcbf_diag.experiments.trace import trace_sample  # noqa: E402
 from mclcbf_diag.interventions import MCLCBF, REGISTRY  # noqa: E402
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model  # noqa: E402
 from mclcbf_diag.models.real_width import build_random_llava, llava15_7b_config, parameter_count  # noqa: E402
 
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
         device, args.dtype, args.layers, args.vision_layers = torch.device("cpu"), "float32", 2, 2
         args.batch_size, args.questions = 2, 2
         torch.set_num_threads(1)
+        reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     elif not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)
         return 2

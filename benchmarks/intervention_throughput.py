@@ -43,6 +43,7 @@ from mclcbf_diag import pope
 from mclcbf_diag.data import build_prompt, resolve_image
 from mclcbf_diag.engine.batch import answer_batch
 from mclcbf_diag.interventions import registry, resolve
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model
 
 
@@ -83,6 +84,7 @@ def main() -> None:
                                                  "NAME:PRESET (causalmm:language) (default: every registered one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     names = args.only.split(",") if args.only else list(registry())
     interventions = {name: resolve(*name.split(":", 1)) for name in names}
     lm = load_model(args.model)

@@ -26,6 +26,7 @@ import torch
 
 from mclcbf_diag.cli import main as cli
 from mclcbf_diag.measurements import stats as S
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.pope import metrics as M
 
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=S.RESAMPLES)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         t0 = time.perf_counter()

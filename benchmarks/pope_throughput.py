@@ -32,6 +32,7 @@ from seed_style import seed_hooks  # noqa: E402
 from mclcbf_diag import barrier as B  # noqa: E402
 from mclcbf_diag import pope  # noqa: E402
 from mclcbf_diag.data import build_prompt, load_image, parse_answer, resolve_image  # noqa: E402
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model  # noqa: E402
 
 
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=None, metavar="KNOB=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     overrides = ["span=detected"] if args.overrides is None else args.overrides
     config = B.apply_overrides(B.get_preset(args.preset), overrides)
     if config.site != "resid_pre" or config.tokens != "last":

@@ -31,6 +31,7 @@ from mclcbf_diag.data import build_prompt, resolve_image
 from mclcbf_diag.engine.batch import batch_inputs
 from mclcbf_diag.experiments import verdict as V
 from mclcbf_diag.interventions import resolve
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model
 from mclcbf_diag.population import run as prun
 
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     lm = load_model(args.model)
     config = resolve(args.intervention, args.preset, args.overrides)
     settings = V.Settings(k_max=args.k_max, bisect_steps=args.bisect_steps, sweep=not args.no_sweep)

@@ -59,6 +59,7 @@ from mclcbf_diag.errors import UserError
 from mclcbf_diag.experiments.explain import explain_sample
 from mclcbf_diag.experiments.trace import trace_sample
 from mclcbf_diag.interventions import MCLCBF, REGISTRY
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model
 from mclcbf_diag.models.real_width import (
     PUBLISHED_FILES,
@@ -264,6 +265,7 @@ def main(argv=None) -> int:
         return 2
     family = args.family
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     processor = stand_in_processor(family)
     args.vocab, args.token_ids = stand_in_vocabulary(family, processor), stand_in_token_ids(family, processor)
     config, label = build(family, args, getattr(processor, "tokenizer", None))

@@ -27,6 +27,7 @@ from mclcbf_diag import barrier as B  # noqa: E402
 from mclcbf_diag import shipped
 from mclcbf_diag.data import load_image, load_pope, resolve_image  # noqa: E402
 from mclcbf_diag.experiments.trace import sample_inputs, trace_sample  # noqa: E402
+from mclcbf_diag.memory import reuse_freed_memory
 from mclcbf_diag.models import load_model  # noqa: E402
 
 POPE = shipped.POPE
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # freed tensors reused, not mapped afresh (mclcbf_diag.memory)
     lm = load_model(args.model)
     q = load_pope(shipped.pope_file("adversarial"))[args.sample]
     image = load_image(resolve_image(q, shipped.IMAGES))

@@ -16,6 +16,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from mclcbf_diag.memory import reuse_freed_memory  # noqa: E402
+
+reuse_freed_memory()  # as the command line does: freed tensors reused, not mapped afresh
+
 
 class _DeprecationLog(logging.Handler):
     """Collects the deprecation notices transformers logs (not warns), e.g. on renamed kwargs."""

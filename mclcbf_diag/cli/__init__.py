@@ -31,6 +31,7 @@ import os
 import sys
 
 from ..errors import UserError
+from ..memory import reuse_freed_memory
 from ..shipped import POPE as EMBEDDED_POPE
 from . import attribute, compare, embedded, explain, flow, pope, trace
 from . import interventions as interventions_cli
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        reuse_freed_memory()  # large tensors reuse freed memory instead of fresh pages (mclcbf_diag.memory)
         parser = build_parser()
         args = parser.parse_args(argv)
         debug = args.debug
