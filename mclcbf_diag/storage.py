@@ -20,9 +20,8 @@ Mechanisms
   rerun; a second live process is refused with one line naming the holder.
   :func:`check_unlocked` (called by :func:`check_writable`) probes the lock without creating
   anything, so a busy folder is refused before any model loads.
-* **Identity** (:func:`sha256_file`, :func:`files_fingerprint`). A file's content hash,
-  and a digest of many files' names, sizes and modification times (cheap enough for
-  thousands of images): what a resumed run compares to know it reads the same inputs.
+* **Identity** (:func:`sha256_file`). A file's content hash: what a resumed run compares to know it
+  reads the same question file (:mod:`mclcbf_diag.fingerprints` for model files and images).
 * **Names** (:func:`safe_name`, :func:`contained`). Strings that come from data (question
   ids) become file names with only ``[A-Za-z0-9._-]`` (plus a short hash when anything
   was replaced, so distinct ids never collide), and derived paths are checked to stay in
@@ -327,23 +326,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
-
-
-def files_fingerprint(paths: Iterable[Path], base: Path | None = None) -> str:
-    """Digest of the names (relative to ``base``), sizes and mtimes of ``paths`` (sorted, unique).
-
-    Missing files count as "missing", so a later appearance changes the digest.
-    """
-    h = hashlib.sha256()
-    for p in sorted({Path(p) for p in paths}):
-        name = os.fsencode(p.relative_to(base) if base is not None and p.is_relative_to(base) else p)
-        try:
-            st = p.stat()
-            meta = f"{st.st_size} {st.st_mtime_ns}"
-        except OSError:
-            meta = "missing"
-        h.update(name + b"\0" + meta.encode() + b"\n")
     return h.hexdigest()
 
 

@@ -1,12 +1,15 @@
 """Shared test setup: fully offline Hugging Face, one CPU thread, cached tiny model parts."""
 
 import os
+import tempfile
 
 # Set before transformers / huggingface_hub are imported anywhere, so nothing is fetched.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the files' sha256 cache (mclcbf_diag.fingerprints) in a folder of this run's, not the user's
+os.environ.setdefault("MCLCBF_DIAG_CACHE", tempfile.mkdtemp(prefix="mclcbf-diag-cache-"))
 
 import logging  # noqa: E402
 import sys  # noqa: E402

@@ -417,6 +417,40 @@ def test_a_moved_project_resumes_its_runs_but_changed_questions_do_not(tmp_path,
     assert "differs in: pope_sha256" in capsys.readouterr().err
 
 
+def test_the_identity_of_a_fresh_copy_of_the_same_files_is_the_same(tmp_path):
+    """A checkout elsewhere (other paths, other modification times) of the same question file, images and model
+    files has the same run_id; a changed image or weight file changes it."""
+    import shutil
+
+    from mclcbf_diag import shipped
+    from mclcbf_diag.cli import build_parser
+    from mclcbf_diag.cli.pope import run_identity
+    from mclcbf_diag.interventions import resolve
+    from mclcbf_diag.pope.jobs import question_files, select_jobs
+    from mclcbf_diag.pope.store import run_id
+
+    copy = tmp_path / "checkout"
+    shutil.copytree(shipped.POPE, copy / "pope", copy_function=shutil.copyfile)  # new times
+    shutil.copytree(shipped.WEIGHTS, copy / "weights", copy_function=shutil.copyfile)
+
+    def identity(pope_file, image_dir, weights):
+        args = build_parser().parse_args(["pope", "--pope-file", str(pope_file), "--image-dir", str(image_dir)])
+        files = question_files(None, args.pope_file, args.image_dir)
+        return run_identity(args, resolve("mclcbf"), files, None, select_jobs(files, None, None), str(weights))
+
+    name = "embedded_pope_random.json"
+    here = identity(shipped.POPE / name, shipped.IMAGES, shipped.WEIGHTS)
+    there = identity(copy / "pope" / name, copy / "pope" / "images", copy / "weights")
+    assert run_id(here) == run_id(there)
+    image = copy / "pope" / "images" / json.loads((shipped.POPE / name).read_text().splitlines()[0])["image"]
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert run_id(identity(copy / "pope" / name, copy / "pope" / "images", copy / "weights")) != run_id(here)
+    weights = sorted((copy / "weights").glob("*.safetensors"))[0]
+    shutil.copyfile(shipped.IMAGES / image.name, image)
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
+    assert run_id(identity(copy / "pope" / name, copy / "pope" / "images", copy / "weights")) != run_id(here)
+
+
 def test_other_versions_resume_only_with_resume_anyway(tmp_path, capsys, monkeypatch):
     from mclcbf_diag.cli import pope as pope_cli
 

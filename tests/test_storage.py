@@ -81,15 +81,6 @@ def test_contained_refuses_escapes(tmp_path, entry):
     assert storage.contained(tmp_path, "sub/ok.png", "image") == tmp_path / "sub" / "ok.png"
 
 
-def test_files_fingerprint_sees_size_and_time(tmp_path):
-    a = tmp_path / "a.png"
-    a.write_bytes(b"1234")
-    before = storage.files_fingerprint([a], base=tmp_path)
-    assert storage.files_fingerprint([a], base=tmp_path) == before
-    os.utime(a, ns=(1, 1))
-    assert storage.files_fingerprint([a], base=tmp_path) != before
-
-
 def test_shipped_manifest_matches_the_shipped_weights():
     """MANIFEST.sha256 is what write_manifest computes from the shipped files, and verifies."""
     from mclcbf_diag.cli.embedded import _manifest_names

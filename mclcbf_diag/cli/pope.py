@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import knobs as K
 from ..errors import UserError
+from ..fingerprints import content_fingerprint
 from ..pope import distributed
 from ..pope.answer import MAX_BATCH_SIZE, RunTiming, run_jobs_together
 from ..pope.jobs import (
@@ -40,7 +41,6 @@ from ..storage import (
     atomic_write,
     atomic_write_text,
     check_writable,
-    files_fingerprint,
     fsync_dir,
     make_dir,
     sha256_file,
@@ -71,7 +71,7 @@ def _model_files(where: str) -> str | None:
         return None
     names = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
              and p.suffix in (".safetensors", ".json", ".jinja", ".model", ".txt") and p.name != "training.json"]
-    return files_fingerprint(names, base=folder)
+    return content_fingerprint(names, base=folder)
 
 
 def run_identity(args, config, files, shard, all_jobs: list[Job] | None = None, where: str | None = None) -> dict:
@@ -99,7 +99,9 @@ def run_identity(args, config, files, shard, all_jobs: list[Job] | None = None, 
 
         ident["labels"] = load_labels(args.labels).identity()
     if all_jobs is not None:
-        ident["images"] = files_fingerprint([job_image(j) for j in all_jobs])
+        dirs = [str(Path(d).resolve()) for _, _, d in files]
+        ident["images"] = content_fingerprint([Path(job_image(j)).resolve() for j in all_jobs],
+                                              base=os.path.commonpath(dirs))
         ident["image_dirs"] = sorted({str(Path(d).resolve()) for _, _, d in files})
     return ident
 

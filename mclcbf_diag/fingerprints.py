@@ -1,0 +1,115 @@
+"""What a run read, by content: the part of a run's identity that names its model files and images.
+
+A resumed run compares its identity with the one its folder holds (:mod:`mclcbf_diag.pope.store`), so the
+identity must change exactly when an answer could: when a file's *content* changes, not when the same files are
+checked out again, copied or moved (their modification times and paths then change, their bytes do not).
+:func:`content_fingerprint` is a digest of each file's name (relative to a folder) and the sha256 of its bytes.
+
+Hashing a 7B model's 14 GB takes about ten seconds, so a file's sha256 is remembered in the user's cache
+(``$XDG_CACHE_HOME/mclcbf-diag/sha256.jsonl``, else ``~/.cache/…``; ``MCLCBF_DIAG_CACHE`` names another folder),
+keyed by the file's device, inode, size and modification time: a file rewritten in place gets a new key and is
+hashed again. Each entry is one line appended in one write, so processes sharing the cache never tear each other's
+lines; a damaged line is skipped (that file is hashed again). Where the cache cannot be written, files are hashed
+every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+CACHE_FILE = "sha256.jsonl"
+
+
+def cache_dir() -> Path:
+    """The folder of the sha256 cache (see the module docstring)."""
+    if os.environ.get("MCLCBF_DIAG_CACHE"):
+        return Path(os.environ["MCLCBF_DIAG_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mclcbf-diag"
+
+
+def _key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _remembered() -> dict[str, str]:
+    """The cache's entries, key → sha256 (empty when it is absent or unreadable)."""
+    try:
+        text = (cache_dir() / CACHE_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            out[str(entry["key"])] = str(entry["sha256"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged line: that file is hashed again
+    return out
+
+
+def _remember(key: str, sha: str) -> None:
+    line = (json.dumps({"key": key, "sha256": sha}) + "\n").encode()
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir() / CACHE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return  # no cache where it cannot be written
+    try:
+        os.write(fd, line)  # one write of one short line under O_APPEND: never interleaved with another's
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | Path, known: dict[str, str] | None = None) -> str:
+    """The sha256 of a file's bytes, from the cache when the file is unchanged since it was hashed.
+
+    Args:
+        path: the file.
+        known: the cache's entries, read once by a caller hashing many files (None: read here).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    st = os.stat(path)
+    key = _key(st)
+    known = _remembered() if known is None else known
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    sha = h.hexdigest()
+    if os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not rewritten while it was read
+        _remember(key, sha)
+        known[key] = sha
+    return sha
+
+
+def content_fingerprint(paths: Iterable[str | Path], base: str | Path | None = None) -> str:
+    """Digest of ``paths``' names (relative to ``base``, else the file name) and contents (sorted, unique): the
+    same for the same files wherever they sit and whenever they were written; a missing file counts as missing.
+
+    Args:
+        paths: the files.
+        base: the folder their names are taken relative to (a path outside it: its file name).
+    """
+    known = _remembered()
+    base = Path(base) if base is not None else None
+    named = {(p.relative_to(base) if base is not None and p.is_relative_to(base) else Path(p.name)).as_posix(): p
+             for p in {Path(p) for p in paths}}
+    h = hashlib.sha256()
+    for name, p in sorted(named.items()):
+        try:
+            meta = file_sha256(p, known)
+        except OSError:
+            meta = "missing"
+        h.update(os.fsencode(name) + b"\0" + meta.encode() + b"\n")
+    return h.hexdigest()

@@ -1,0 +1,74 @@
+"""mclcbf_diag.fingerprints: a content digest of files, the same for the same bytes wherever and whenever written,
+and its sha256 cache (against hashlib on the bytes)."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from mclcbf_diag import fingerprints as F
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MCLCBF_DIAG_CACHE", str(folder))
+    return folder / F.CACHE_FILE
+
+
+def _tree(root, files):
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return [root / n for n in files]
+
+
+def test_the_same_bytes_elsewhere_and_later_give_the_same_fingerprint(tmp_path, cache):
+    files = {"a.png": b"1234", "sub/b.png": b"56"}
+    here = _tree(tmp_path / "here", files)
+    there = _tree(tmp_path / "moved" / "there", files)
+    for p in there:
+        os.utime(p, ns=(1, 1))  # another checkout: other times
+    assert F.content_fingerprint(here, tmp_path / "here") == F.content_fingerprint(there, tmp_path / "moved/there")
+    # in another order and with a repeat
+    assert F.content_fingerprint([*here[::-1], here[0]], tmp_path / "here") == \
+        F.content_fingerprint(here, tmp_path / "here")
+
+
+def test_changed_bytes_a_renamed_or_a_missing_file_change_it(tmp_path, cache):
+    root = tmp_path / "m"
+    paths = _tree(root, {"a.png": b"1234", "b.png": b"56"})
+    before = F.content_fingerprint(paths, root)
+    paths[0].write_bytes(b"1235")  # same size
+    assert F.content_fingerprint(paths, root) != before
+    paths[0].write_bytes(b"1234")
+    assert F.content_fingerprint(paths, root) == before
+    shutil.move(paths[1], root / "c.png")
+    assert F.content_fingerprint([paths[0], root / "c.png"], root) != before
+    assert F.content_fingerprint(paths, root) != before  # b.png missing
+
+
+def test_a_hash_is_remembered_and_a_file_rewritten_in_place_is_hashed_again(tmp_path, cache):
+    p = tmp_path / "w.safetensors"
+    p.write_bytes(b"x" * 3000)
+    assert F.file_sha256(p) == hashlib.sha256(b"x" * 3000).hexdigest()
+    entries = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [e["sha256"] for e in entries] == [hashlib.sha256(b"x" * 3000).hexdigest()]
+    # the cache answers for an unchanged file (a planted entry under its key is believed)
+    st = os.stat(p)
+    cache.write_text(json.dumps({"key": F._key(st), "sha256": "planted"}) + "\n" + "{damaged\n")
+    assert F.file_sha256(p) == "planted"
+    p.write_bytes(b"y" * 3000)  # same size, new mtime: a new key
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert F.file_sha256(p) == hashlib.sha256(b"y" * 3000).hexdigest()
+
+
+def test_an_unwritable_cache_still_hashes(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MCLCBF_DIAG_CACHE", str(blocker / "sub"))  # below a file: cannot be made
+    p = tmp_path / "a"
+    p.write_bytes(b"abc")
+    assert F.file_sha256(p) == hashlib.sha256(b"abc").hexdigest()
