@@ -18,7 +18,6 @@ it in its first cell. Where the C library is not glibc (macOS, musl) it does not
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters (glibc's malloc.h)
@@ -32,9 +31,8 @@ def reuse_freed_memory() -> bool:
     Returns:
         True when glibc accepted both settings; False where the C library has no ``mallopt`` (not glibc).
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols already loaded in this process, the C library's among them
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl has a mallopt that ignores these
     except (OSError, AttributeError, TypeError):
