@@ -121,7 +121,7 @@ def main() -> None:
             for k in interventions}
     print(f"model {lm.source}; {n} {args.split} questions; batch size {args.batch_size}; torch threads "
           f"{torch.get_num_threads()}; {platform.machine()}, {torch.get_num_interop_threads()} interop threads; "
-          f"best of {args.repeats}")
+          f"{args.repeats} rounds (ratios: medians of paired runs; questions/s: each path's best run)")
     print(f"{'path':<34} {'questions/s':>12} {'ms/question':>12} {'ratio to bare':>14} {'rounds':>12} "
           f"{'CPU ratio':>10} {'bound':>16}")
     print(f"{'bare batched forward':<34} {n / bare:12.1f} {1000 * bare / n:12.2f} {1.0:13.2f}× {'':>12} {1.0:9.2f}×")

@@ -7,10 +7,13 @@ checked out again, copied or moved (their modification times and paths then chan
 
 Hashing a 7B model's 14 GB takes about ten seconds, so a file's sha256 is remembered in the user's cache
 (``$XDG_CACHE_HOME/mclcbf-diag/sha256.jsonl``, else ``~/.cache/…``; ``MCLCBF_DIAG_CACHE`` names another folder),
-keyed by the file's device, inode, size and modification time: a file rewritten in place gets a new key and is
-hashed again. Each entry is one line appended in one write, so processes sharing the cache never tear each other's
-lines; a damaged line is skipped (that file is hashed again). Where the cache cannot be written, files are hashed
-every time.
+keyed by the file's device, inode, size, modification and change times (a change time cannot be set back, as
+``cp -p`` or ``tar`` set a modification time back): a file rewritten in place gets a new key and is hashed again.
+A file changed within the last :data:`RACY_SECONDS` is neither looked up nor remembered (a change in the same
+clock tick as the hash would keep its key, as git treats its "racy" entries), and a file whose key changed while
+it was read is not remembered. Each entry is one line appended in one write, so processes sharing the cache on a
+local disk never tear each other's lines; a damaged line is skipped (that file is hashed again). Where the cache
+cannot be written, files are hashed every time.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 CACHE_FILE = "sha256.jsonl"
+RACY_SECONDS = 2.0  # a file changed this recently is hashed every time (see the module docstring)
 
 
 def cache_dir() -> Path:
@@ -33,7 +38,12 @@ def cache_dir() -> Path:
 
 
 def _key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _settled(st: os.stat_result) -> bool:
+    """Whether the file was last changed long enough ago for its key to be trusted."""
+    return time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_SECONDS * 1e9
 
 
 def _remembered() -> dict[str, str]:
@@ -78,16 +88,16 @@ def file_sha256(path: str | Path, known: dict[str, str] | None = None) -> str:
         OSError: the file cannot be read.
     """
     st = os.stat(path)
-    key = _key(st)
+    key, settled = _key(st), _settled(st)
     known = _remembered() if known is None else known
-    if key in known:
+    if settled and key in known:
         return known[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     sha = h.hexdigest()
-    if os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not rewritten while it was read
+    if settled and _key(os.stat(path)) == key:  # not changed while it was read
         _remember(key, sha)
         known[key] = sha
     return sha

@@ -5,10 +5,10 @@ for that allocation and unmapped when it is freed. On the CPU an eager attention
 about 600 tokens makes several probability tensors of hundreds of MiB, so every layer of every forward maps them
 again, and the kernel zero-fills each page on first touch: measured on `pope`'s batches, about 40% of the process's
 CPU time was the kernel's (some 600,000 page faults a batch). :func:`reuse_freed_memory` asks glibc (``mallopt``)
-to serve every allocation from its heap and never to give freed memory back, so a tensor freed by one layer is
-reused by the next: the same batch then took about half its wall time, with the same numbers (only where memory
-comes from changes, not any arithmetic). The process keeps its peak memory until it ends instead of returning it
-between layers.
+to serve every allocation from its heap and to keep freed memory (the heap's free top is given back only above
+2 GiB), so a tensor freed by one layer is reused by the next: the same batch then took about half its wall time,
+with the same numbers (only where memory comes from changes, not any arithmetic). The process keeps about its peak
+memory until it ends instead of returning it between layers.
 
 The command line calls it once at start (``mclcbf-diag``), as do the benchmarks and the tests; a notebook may call
 it in its first cell. Where the C library is not glibc (macOS, musl) it does nothing. The environment variables

@@ -9,7 +9,7 @@
 # `pope --seeds 0,1,2`, each into the folder `--seed S` would write); and one `mclcbf-diag compare` over all of
 # them (the seeds' mean ± spread in its findings). The prompt controls run greedy only: they pair baselines.
 #
-# Usage: bash reports/comparison.sh [ROOT]   (default reports/comparison; the table lands in ROOT/compare)
+# Usage: bash reports/comparison.sh [ROOT]   (default reports/comparison; the table lands in ROOT/compare; bash 4.4+)
 #   SAMPLE=0          greedy runs only (21 runs a split instead of 78, 21 passes instead of 40)
 #   SPLITS="a b"      the POPE splits to run (default: adversarial popular random)
 #   LIMIT=N           pass --limit N to every run (a smoke test; default: every question)
@@ -56,12 +56,12 @@ if [ "${SAMPLE:-1}" != 0 ]; then
 fi
 
 dirs=()
-cmds=()  # one pope command line a run (a split of a method), in the order above
+cmds=()  # one run a split of a method, in the order above: NAME|SPLIT|the method's options
 for entry in "${runs[@]}"; do
   name="${entry%%|*}"
   for split in "${splits[@]}"; do
+    cmds+=("$name|$split|${entry#*|}")
     out="$root/$split/$name"
-    cmds+=("$name|$split|--split $split --batch-size 64 ${limit[*]} ${entry#*|} --out $out")
     case "$name" in
       *"{seed}"*) for seed in "${seeds[@]}"; do dirs+=("${out//\{seed\}/$seed}"); done ;;
       *) dirs+=("$out") ;;
@@ -69,28 +69,41 @@ for entry in "${runs[@]}"; do
   done
 done
 
-run_one() {  # NAME|SPLIT|OPTIONS: one pope run (its folder locked by pope itself)
+run_one() {  # NAME|SPLIT|OPTIONS: one pope run into ROOT/SPLIT/NAME (its folder locked by pope itself)
   local name="${1%%|*}" rest="${1#*|}"
+  local split="${rest%%|*}"
   local -a opts
   read -r -a opts <<< "${rest#*|}"
-  echo "== $name, ${rest%%|*} split"
-  mclcbf-diag pope "${opts[@]}"
+  echo "== $name, $split split"
+  mclcbf-diag pope --split "$split" --batch-size 64 "${limit[@]}" "${opts[@]}" --out "$root/$split/$name"
 }
 
-# JOBS runs at a time (each on OMP_NUM_THREADS threads): the runs are independent folders; the first failure stops
-# the script once the runs under way end (rerun it: finished runs are skipped in seconds).
+# JOBS runs at a time, each on OMP_NUM_THREADS threads (the runs are independent folders). After a failure no run
+# starts; the runs under way finish, then the script exits with the failure's status (rerun it: finished runs are
+# skipped in seconds). Ctrl-C or a kill stops the runs under way too (each resumes where it stopped).
 jobs_max="${JOBS:-1}"
+if ! [[ "$jobs_max" =~ ^[1-9][0-9]*$ ]]; then
+  echo "comparison.sh: JOBS=$jobs_max is not a whole number of runs at a time; use e.g. JOBS=2" >&2
+  exit 2
+fi
+trap 'trap - INT TERM; kill $(jobs -p) 2>/dev/null; exit 130' INT TERM
 running=0
+failed=0
 for cmd in "${cmds[@]}"; do
   if (( running >= jobs_max )); then
-    wait -n
+    wait -n || failed=$?
     running=$((running - 1))
   fi
+  (( failed == 0 )) || break
   run_one "$cmd" &
   running=$((running + 1))
 done
 while (( running > 0 )); do
-  wait -n
+  wait -n || failed=$?
   running=$((running - 1))
 done
+if (( failed != 0 )); then
+  echo "comparison.sh: a run failed (status $failed); rerun to resume" >&2
+  exit "$failed"
+fi
 mclcbf-diag compare "${dirs[@]}" --out "$root/compare"

@@ -421,6 +421,26 @@ def test_a_moved_project_resumes_its_runs_but_changed_questions_do_not(tmp_path,
     assert "differs in: pope_sha256" in capsys.readouterr().err
 
 
+def test_a_moved_image_folder_option_resumes_and_is_recorded(tmp_path):
+    """explain --split's identity names its --image-dir as given (image_dir_option) and image_dirs resolved: a
+    location, not compared; on resume both are rewritten to where the files are now. Its images' digest is."""
+    from mclcbf_diag.errors import UserError
+    from mclcbf_diag.pope.store import ANSWERS, claim_out_dir, run_id
+
+    old = {"format": 2, "images": "abc", "image_dir_option": "/old/images", "image_dirs": ["/old/images"]}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(old))
+    (out / ANSWERS).write_text(json.dumps({"split": "random", "question_id": 1, "index": 0, "label": "yes",
+                                           "baseline_answer": "yes", "steered_answer": "yes", "baseline_margin": 1.0,
+                                           "steered_margin": 1.0, "flipped": False, "run_id": run_id(old)}) + "\n")
+    now = {**old, "image_dir_option": "data/images", "image_dirs": ["/new/data/images"]}
+    assert run_id(now) == run_id(old) and claim_out_dir(out, now) is False
+    assert json.loads((out / "run.json").read_text()) == now
+    with pytest.raises(UserError, match="images"):
+        claim_out_dir(out, {**now, "images": "abd"})
+
+
 def test_the_identity_of_a_fresh_copy_of_the_same_files_is_the_same(tmp_path):
     """A checkout elsewhere (other paths, other modification times) of the same question file, images and model
     files has the same run_id; a changed image or weight file changes it."""

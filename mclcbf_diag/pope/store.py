@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 RUN, ANSWERS = "run.json", "answers.jsonl"
 INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs", "resumed_anyway", "partial")  # not compared
 VERSIONS = "versions"  # torch/transformers/nnsight: compared, but a resume may accept them (--resume-anyway)
-# Where the question files sit, not what they hold (``pope_sha256`` is compared): a project folder moved or checked
-# out elsewhere resumes its runs, and run.json then names the files where they are now.
-LOCATIONS = ("pope_files",)
+# Where the question files and images sit, not what they hold (``pope_sha256`` and ``images`` are compared): a
+# project folder moved or checked out elsewhere resumes its runs, and run.json then names them where they are now
+# (``image_dirs``, an info key, with them).
+LOCATIONS = ("pope_files", "image_dir_option")
 
 
 FORMAT = 2
@@ -116,7 +117,8 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
         if old is not None:
             diff = differing_keys(old, identity)
             if not diff:
-                moved = {k: identity[k] for k in LOCATIONS if k in identity and old.get(k) != identity[k]}
+                moved = {k: identity[k] for k in (*LOCATIONS, "image_dirs")
+                         if k in identity and old.get(k) != identity[k]}
                 if moved:  # the same files (their digests are compared) found elsewhere: record where they are now
                     _write_run(path, {**old, **moved})
                 return False
