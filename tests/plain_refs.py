@@ -18,6 +18,22 @@ DECODING = ("decoding_model_margin", "decoding_aux_margin", "decoding_contrast_m
 _PLAIN = {}
 
 
+def run_folder_with_one_answer(folder, identity: dict, split: str = "adversarial"):
+    """A run folder as ``pope`` leaves it after one answer: ``run.json`` holding ``identity`` and one answers row
+    stamped with its run_id (what a resume claims)."""
+    import json
+
+    from mclcbf_diag.pope.store import ANSWERS, run_id
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps(identity))
+    row = {"split": split, "question_id": 1, "index": 0, "label": "yes", "baseline_answer": "yes",
+           "steered_answer": "yes", "baseline_margin": 1.0, "steered_margin": 1.0, "flipped": False,
+           "run_id": run_id(identity)}
+    (folder / ANSWERS).write_text(json.dumps(row) + "\n")
+    return folder
+
+
 def plain_model(lm):
     """A fresh copy of the model from its checkpoint (its own transformers class), never wrapped by nnsight (plain
     PyTorch)."""

@@ -424,16 +424,13 @@ def test_a_moved_project_resumes_its_runs_but_changed_questions_do_not(tmp_path,
 def test_a_moved_image_folder_option_resumes_and_is_recorded(tmp_path):
     """explain --split's identity names its --image-dir as given (image_dir_option) and image_dirs resolved: a
     location, not compared; on resume both are rewritten to where the files are now. Its images' digest is."""
+    from plain_refs import run_folder_with_one_answer
+
     from mclcbf_diag.errors import UserError
-    from mclcbf_diag.pope.store import ANSWERS, claim_out_dir, run_id
+    from mclcbf_diag.pope.store import claim_out_dir, run_id
 
     old = {"format": 2, "images": "abc", "image_dir_option": "/old/images", "image_dirs": ["/old/images"]}
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "run.json").write_text(json.dumps(old))
-    (out / ANSWERS).write_text(json.dumps({"split": "random", "question_id": 1, "index": 0, "label": "yes",
-                                           "baseline_answer": "yes", "steered_answer": "yes", "baseline_margin": 1.0,
-                                           "steered_margin": 1.0, "flipped": False, "run_id": run_id(old)}) + "\n")
+    out = run_folder_with_one_answer(tmp_path / "run", old, split="random")
     now = {**old, "image_dir_option": "data/images", "image_dirs": ["/new/data/images"]}
     assert run_id(now) == run_id(old) and claim_out_dir(out, now) is False
     assert json.loads((out / "run.json").read_text()) == now

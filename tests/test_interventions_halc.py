@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from floors import logit_floor
-from plain_refs import plain_model
+from plain_refs import plain_model, run_folder_with_one_answer
 
 from mclcbf_diag import shipped
 from mclcbf_diag.data import build_prompt, load_image
@@ -356,12 +356,7 @@ def test_the_detector_is_in_the_run_identity_and_no_other_methods_identity_chang
             assert iv.components() == {} and set(iv.describe()) == {"intervention", "knobs"}
             assert set(pope_identity(iv)) == IDENTITY_KEYS, name
     dola = pope_identity(resolve("dola"))
-    old = tmp_path / "dola"
-    old.mkdir()
-    (old / "run.json").write_text(json.dumps(dola))
-    (old / ANSWERS).write_text(json.dumps({"split": "adversarial", "question_id": 1, "index": 0, "label": "yes",
-                                           "baseline_answer": "yes", "steered_answer": "yes", "baseline_margin": 1.0,
-                                           "steered_margin": 1.0, "flipped": False, "run_id": run_id(dola)}) + "\n")
+    old = run_folder_with_one_answer(tmp_path / "dola", dola)
     assert claim_out_dir(old, pope_identity(resolve("dola"))) is False  # resumed
     halc = HALC.from_preset("pope")
     runs = {"oracle": halc, "shipped": halc.with_detector(OracleDetector([])), "fixed": halc.with_detector(Fixed([])),
