@@ -1,6 +1,8 @@
 """Shared test setup: fully offline Hugging Face, one CPU thread, cached tiny model parts."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before transformers / huggingface_hub are imported anywhere, so nothing is fetched.
@@ -8,8 +10,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# the files' sha256 cache (mclcbf_diag.fingerprints) in a folder of this run's, not the user's
-os.environ.setdefault("MCLCBF_DIAG_CACHE", tempfile.mkdtemp(prefix="mclcbf-diag-cache-"))
+# the files' sha256 cache (mclcbf_diag.fingerprints) in a folder of this run's, not the user's, removed at exit
+if "MCLCBF_DIAG_CACHE" not in os.environ:
+    os.environ["MCLCBF_DIAG_CACHE"] = tempfile.mkdtemp(prefix="mclcbf-diag-cache-")
+    atexit.register(shutil.rmtree, os.environ["MCLCBF_DIAG_CACHE"], ignore_errors=True)
 
 import logging  # noqa: E402
 import sys  # noqa: E402
