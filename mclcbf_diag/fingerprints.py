@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from .storage import sha256_file
+
 CACHE_FILE = "sha256.jsonl"
 RACY_SECONDS = 2.0  # a file changed this recently is hashed every time (see the module docstring)
 
@@ -92,11 +94,7 @@ def file_sha256(path: str | Path, known: dict[str, str] | None = None) -> str:
     known = _remembered() if known is None else known
     if settled and key in known:
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    sha = h.hexdigest()
+    sha = sha256_file(path)
     if settled and _key(os.stat(path)) == key:  # not changed while it was read
         _remember(key, sha)
         known[key] = sha

@@ -99,10 +99,9 @@ def run_identity(args, config, files, shard, all_jobs: list[Job] | None = None, 
 
         ident["labels"] = load_labels(args.labels).identity()
     if all_jobs is not None:
-        dirs = [str(Path(d).resolve()) for _, _, d in files]
-        ident["images"] = content_fingerprint([Path(job_image(j)).resolve() for j in all_jobs],
-                                              base=os.path.commonpath(dirs))
         ident["image_dirs"] = sorted({str(Path(d).resolve()) for _, _, d in files})
+        ident["images"] = content_fingerprint([Path(job_image(j)).resolve() for j in all_jobs],
+                                              base=os.path.commonpath(ident["image_dirs"]))
     return ident
 
 

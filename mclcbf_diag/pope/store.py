@@ -67,9 +67,8 @@ def describe(a: dict, b: dict, keys: list[str]) -> str:
 
 def run_id(identity: dict) -> str:
     """Digest of what changes an answer (info keys, where the question files sit, the shard and the package versions
-    left out): stamped on
-    every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them, so the rows
-    of such a run keep one run_id."""
+    left out): stamped on every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them,
+    so the rows of such a run keep one run_id."""
     return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, *LOCATIONS, "shard", VERSIONS)})
 
 
