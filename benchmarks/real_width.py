@@ -2,6 +2,7 @@
 
     python benchmarks/real_width.py [--family llava] [--text-layers 2] [--vision-layers 2]
                                     [--dtypes float32,bfloat16] [--questions 4] [--threads 2] [--reduced]
+                                    [--save DIR]
 
 ``--family`` is one of the families whose published configuration is kept as data
 (``mclcbf_diag/models/*.json``, :data:`mclcbf_diag.models.real_width.PUBLISHED_FILES`): llava
@@ -37,6 +38,9 @@ For llava the prompt is llava-hf's layout (BOS, four prefix tokens, 576 image to
 5–580), from the embedded model's tokenizer and 336-px CLIP processor, whose image and pad
 ids stand in for 32000/32001 inside the full 32064-row vocabulary. ``--reduced`` shrinks
 every width (the test suite runs that); the figures are meaningful only without it.
+
+``--save DIR`` only builds the model and saves it into DIR, for another benchmark's ``--model``: the cost of each
+method against a bare forward at these widths is ``intervention_throughput.py --model DIR``.
 """
 
 from __future__ import annotations
@@ -257,7 +261,14 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reduced", action="store_true", help="tiny widths (a smoke test, not a measurement)")
+    ap.add_argument("--save", default=None, metavar="DIR",
+                    help="only build the model and save it into DIR (a new or empty folder), for other benchmarks' "
+                         "--model (intervention_throughput.py: each method's cost against a bare forward at these "
+                         "widths)")
     args = ap.parse_args(argv)
+    if args.save and Path(args.save).exists() and (not Path(args.save).is_dir() or any(Path(args.save).iterdir())):
+        print(f"error: --save {args.save} exists and is not an empty folder; name a new one", file=sys.stderr)
+        return 2
     try:
         check_family(args.family)
     except UserError as exc:
@@ -274,6 +285,12 @@ def main(argv=None) -> int:
     print(f"config: {'REDUCED widths' if args.reduced else label}, {args.text_layers} language + "
           f"{args.vision_layers} vision layers, {family_parameter_count(family, config) / 1e6:.0f} M parameters, "
           f"{args.threads} threads; machine: {sys.platform}, torch {torch.__version__}")
+    if args.save:
+        model = build_random_model(config, family, dtype=torch.float32)
+        model.save_pretrained(args.save)
+        save_stand_in(family, processor, args.save)
+        print(f"saved into {args.save}; ratio: not applicable (pass it to another benchmark's --model)")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         model = build_random_model(config, family, dtype=torch.float32)

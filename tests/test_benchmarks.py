@@ -42,3 +42,23 @@ def test_benchmark_runs_at_tiny_size(script):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout, done.stdout[-2000:]
     assert "deprecated" not in (done.stdout + done.stderr).lower(), done.stderr[-2000:]
+
+
+def test_a_saved_real_width_model_feeds_the_throughput_benchmark(tmp_path):
+    """``real_width.py --save DIR`` keeps the model it builds, and ``intervention_throughput.py --model DIR`` times
+    a method's cost against a bare forward on it (docs/performance.md measures the 7B's widths that way)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(script, *args):
+        return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    saved = run("real_width.py", "--reduced", "--save", str(tmp_path / "model"))
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    again = run("real_width.py", "--reduced", "--save", str(tmp_path / "model"))
+    assert again.returncode == 2 and "is not an empty folder" in again.stderr
+    timed = run("intervention_throughput.py", "--model", str(tmp_path / "model"), "--n", "2", "--batch-size", "2",
+                "--repeats", "1", "--only", "causalmm:language")
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    assert "pope --intervention causalmm:language" in timed.stdout and "baseline answers equal" in timed.stdout

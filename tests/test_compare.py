@@ -106,6 +106,14 @@ def test_every_sampled_method_reports_its_spread_over_seeds(tmp_path, capsys):
                            f"adversarial accuracy {statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f} "
                            f"({min(acc):.1f}–{max(acc):.1f}), Δ accuracy "), line
     assert f"{line}\n" in (tmp_path / "cmp" / "compare_findings.md").read_text()
+    # the summary: DoLa's two seeds folded into one row (no greedy DoLa run: empty cells), greedy VCD alone
+    summary = (tmp_path / "cmp" / "compare_summary.md").read_text()
+    assert summary in out + "\n"
+    dola = next(x for x in summary.splitlines() if x.startswith("| `dola` |"))
+    assert dola.startswith(f"| `dola` | (defaults) | adversarial | – | – | – | – | – | sample (0, 1) | "
+                           f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f} |"), dola
+    assert sum(x.startswith("| `vcd` | (defaults) | adversarial |") for x in summary.splitlines()) == 1
+    assert "Greedy beside sampled" in (tmp_path / "cmp" / "compare.html").read_text()
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv", keep_default_na=False).set_index("run")
     assert table.loc[str(runs[0]), "reported_on_llava_1_5_7b"] == REPORTED["dola"]
     assert table.loc[str(greedy_vcd), "reported_on_llava_1_5_7b"] == (

@@ -49,6 +49,7 @@ def stats_view(table):
 def cmd_compare(args) -> int:
     from ..measurements import stats as S
     from ..pope.compare import compare_runs, findings, markdown_table
+    from ..pope.summary import decoding_summary, summary_markdown
 
     labels = None
     if getattr(args, "labels", None):
@@ -65,8 +66,10 @@ def cmd_compare(args) -> int:
     said = findings(table)
     print("\n" + "\n".join(f"- {line}" for line in said))
     print(_stats_note(args))
+    summary = decoding_summary(table)
+    print(f"\n{SUMMARY} (compare_summary.md):\n" + summary_markdown(summary))
     if args.out:
-        write_compare(args, table, said)
+        write_compare(args, table, said, summary)
     return 0
 
 
@@ -77,9 +80,10 @@ def _stats_note(args) -> str:
                              explained=S.EXPLAINED, best=S.BEST_OFFSET_NOTE)
 
 
-def write_compare(args, table, said: list[str]) -> None:
-    """compare.csv, compare_layers.csv, compare_findings.md and compare.html in ``--out``."""
+def write_compare(args, table, said: list[str], summary) -> None:
+    """compare.csv, compare_layers.csv, compare_findings.md, compare_summary.md and compare.html in ``--out``."""
     from ..pope.compare import layer_table
+    from ..pope.summary import summary_markdown
     from ..report.html import Section, write_page
     from ..storage import atomic_write_text
 
@@ -87,6 +91,7 @@ def write_compare(args, table, said: list[str]) -> None:
     layers = layer_table(table)
     write_frame(table, out / "compare.csv", "csv")
     atomic_write_text(out / "compare_findings.md", "".join(f"- {line}\n" for line in said))
+    atomic_write_text(out / "compare_summary.md", summary_markdown(summary) + "\n")
     write_frame(layers, out / "compare_layers.csv", "csv")
     deltas = [c for c in table.columns if c.startswith("d_image_mass_L")]
     per_layer = [*deltas, *(c for c in table.columns if c.startswith("baseline_image_mass_L"))]
@@ -98,6 +103,7 @@ def write_compare(args, table, said: list[str]) -> None:
     sections = [
         Section("What each run did", text="\n".join(f"- {line}" for line in said)),
         Section("Is the difference real?", text=_stats_note(args), table=stats_view(table)),
+        Section("Greedy beside sampled", text=SUMMARY + ".", table=summary.round(2)),
         Section("Interventions on POPE, side by side", text=SIDE_BY_SIDE + "\n\n" + _stats_note(args) + partial,
                 table=table.drop(columns=["run", *per_layer]).round(4))]
     if len(layers):
@@ -106,9 +112,13 @@ def write_compare(args, table, said: list[str]) -> None:
                                 "  (compare_layers.csv: one row per layer, with the baseline's mass).",
                                 figures=[_layer_figure(layers)], table=wide.round(4)))
     page = write_page(out / "compare.html", "mclcbf-diag compare", sections)
-    print(f"wrote {show(page)}, {show(out / 'compare.csv')}, {show(out / 'compare_layers.csv')} and "
-          f"{show(out / 'compare_findings.md')}")
+    print(f"wrote {show(page)}, {show(out / 'compare.csv')}, {show(out / 'compare_layers.csv')}, "
+          f"{show(out / 'compare_findings.md')} and {show(out / 'compare_summary.md')}")
 
+
+SUMMARY = ("Each setting's greedy run beside its runs of another decoding: their accuracy and Δ accuracy as mean ± "
+           "standard deviation over the seeds, fixed/broken per seed, and how many seeds gain, lose (interval beside 0 "
+           "and McNemar p below 0.05 after Holm) or are explained by a yes/no shift")
 
 SIDE_BY_SIDE = (
     "Outcomes per question: unchanged, fixed (wrong → right), broken (right → wrong), derailed (no longer a Yes/No "
