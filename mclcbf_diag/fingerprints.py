@@ -107,11 +107,11 @@ def content_fingerprint(paths: Iterable[str | Path], base: str | Path | None = N
 
     Args:
         paths: the files.
-        base: the folder their names are taken relative to (a path outside it: its file name).
+        base: the folder their names are taken relative to (a path outside it: relative too, through ``..``, so two
+            such files with one file name stay two); None: each file's name alone.
     """
     known = _remembered()
-    base = Path(base) if base is not None else None
-    named = {(p.relative_to(base) if base is not None and p.is_relative_to(base) else Path(p.name)).as_posix(): p
+    named = {(Path(os.path.relpath(p, base)) if base is not None else Path(p.name)).as_posix(): p
              for p in {Path(p) for p in paths}}
     h = hashlib.sha256()
     for name, p in sorted(named.items()):

@@ -93,3 +93,22 @@ def test_an_unwritable_cache_still_hashes(tmp_path, monkeypatch):
     p = tmp_path / "a"
     p.write_bytes(b"abc")
     assert F.file_sha256(p) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_files_outside_the_base_stay_apart_and_move_with_it(tmp_path, cache):
+    """Two files with one name outside ``base`` are two entries (named through ``..``), and the digest moves with a
+    tree that holds the base and them: it is the digest, by hand, of the relative names and the bytes."""
+    def tree(root):
+        _tree(root, {"base/a.png": b"1", "x/c.png": b"2", "y/c.png": b"3"})
+        return [root / "base/a.png", root / "x/c.png", root / "y/c.png"], root / "base"
+
+    paths, base = tree(tmp_path / "one")
+    h = hashlib.sha256()
+    for name, data in sorted({"a.png": b"1", "../x/c.png": b"2", "../y/c.png": b"3"}.items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).hexdigest().encode() + b"\n")
+    assert F.content_fingerprint(paths, base) == h.hexdigest()
+    assert F.content_fingerprint(*tree(tmp_path / "two" / "deeper")) == h.hexdigest()
+    swapped = [paths[0], paths[2], paths[1]]
+    (tmp_path / "one/x/c.png").write_bytes(b"3")
+    (tmp_path / "one/y/c.png").write_bytes(b"2")
+    assert F.content_fingerprint(swapped, base) != h.hexdigest()  # the same two contents, under the other names
