@@ -261,13 +261,16 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reduced", action="store_true", help="tiny widths (a smoke test, not a measurement)")
-    ap.add_argument("--save", default=None, metavar="DIR",
+    # dest save_dir: nnsight mounts a ``save`` method on every object, so a Namespace "has" ``save`` and argparse
+    # would never set its default
+    ap.add_argument("--save", dest="save_dir", default=None, metavar="DIR",
                     help="only build the model and save it into DIR (a new or empty folder), for other benchmarks' "
                          "--model (intervention_throughput.py: each method's cost against a bare forward at these "
                          "widths)")
     args = ap.parse_args(argv)
-    if args.save and Path(args.save).exists() and (not Path(args.save).is_dir() or any(Path(args.save).iterdir())):
-        print(f"error: --save {args.save} exists and is not an empty folder; name a new one", file=sys.stderr)
+    save = Path(args.save_dir) if args.save_dir else None
+    if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
+        print(f"error: --save {args.save_dir} exists and is not an empty folder; name a new one", file=sys.stderr)
         return 2
     try:
         check_family(args.family)
@@ -285,11 +288,11 @@ def main(argv=None) -> int:
     print(f"config: {'REDUCED widths' if args.reduced else label}, {args.text_layers} language + "
           f"{args.vision_layers} vision layers, {family_parameter_count(family, config) / 1e6:.0f} M parameters, "
           f"{args.threads} threads; machine: {sys.platform}, torch {torch.__version__}")
-    if args.save:
+    if args.save_dir:
         model = build_random_model(config, family, dtype=torch.float32)
-        model.save_pretrained(args.save)
-        save_stand_in(family, processor, args.save)
-        print(f"saved into {args.save}; ratio: not applicable (pass it to another benchmark's --model)")
+        model.save_pretrained(args.save_dir)
+        save_stand_in(family, processor, args.save_dir)
+        print(f"saved into {args.save_dir}; ratio: not applicable (pass it to another benchmark's --model)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -192,6 +192,7 @@ def test_every_test_file_names_a_module_or_says_what_it_covers():
                      "test_pinned_records.py", "test_user_intervention.py", "test_device_map.py", "test_layering.py",
                      "test_docs_examples.py", "test_docs_pages.py", "test_docs_build.py", "test_planted_wrong.py",
                      "test_nonfinite.py", "test_hostile_inputs.py",
+                     "test_comparison_tables.py",  # the kept comparison (reports/comparison) against its answers
                      "test_cli_labels.py",
                      "test_interventions_aux_rows.py",  # auxiliary forwards in the question's own: views, runner, batch
                      "test_experiments_trace_generate.py",  # trace's generation under a decoding-level method:
