@@ -434,8 +434,13 @@ def test_a_moved_image_folder_option_resumes_and_is_recorded(tmp_path):
     now = {**old, "image_dir_option": "data/images", "image_dirs": ["/new/data/images"]}
     assert run_id(now) == run_id(old) and claim_out_dir(out, now) is False
     assert json.loads((out / "run.json").read_text()) == now
-    with pytest.raises(UserError, match="images"):
+    with pytest.raises(UserError, match="images") as refused:
         claim_out_dir(out, {**now, "images": "abd"})
+    # only a content digest differs: the fix names the files' bytes (or a path-and-time identity), not the options
+    assert "now hold other bytes" in str(refused.value) and "rerun with the same options" not in str(refused.value)
+    with pytest.raises(UserError, match="rerun with the same options") as refused:
+        claim_out_dir(out, {**now, "images": "abd", "limit": 8})
+    assert "other bytes" not in str(refused.value)
 
 
 def test_the_identity_of_a_fresh_copy_of_the_same_files_is_the_same(tmp_path):

@@ -31,6 +31,7 @@ VERSIONS = "versions"  # torch/transformers/nnsight: compared, but a resume may 
 # project folder moved or checked out elsewhere resumes its runs, and run.json then names them where they are now
 # (``image_dirs``, an info key, with them).
 LOCATIONS = ("pope_files", "image_dir_option")
+CONTENT_KEYS = ("images", "model_files", "pope_sha256")  # digests of what the run read, compared by content
 
 
 FORMAT = 2
@@ -132,6 +133,10 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
                 fix = ("pass --resume-anyway to resume with these versions (recorded in run.json), rerun with "
                        "the versions of that run, or pass another --out") if versions_only else (
                        "rerun with the same options to resume, or pass another --out")
+                if set(diff) <= set(CONTENT_KEYS):
+                    fix = ("the files it read now hold other bytes, or it was written by a release that named files "
+                           "by path and time, whose runs cannot resume; restore the files it read, or pass another "
+                           "--out")
                 raise UserError(f"--out {show(out)} holds a run with another configuration (differs in: "
                                 f"{describe(old, identity, diff)}); {fix}")
             print(f"note: {show(out)} held a run with no answers yet; its {RUN} now describes this run",
