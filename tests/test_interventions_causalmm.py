@@ -491,3 +491,25 @@ def test_epsilon_is_the_cutoff_the_rule_undoes():
     assert "cutoff_removes_flip" in [r.id for r in iv.rules()]
     assert iv.fixes() == {"no_cutoff": {"epsilon": 0.0}}
     assert iv.cause_fix("cutoff_removes_flip") == "no_cutoff"
+
+
+@pytest.mark.parametrize("method, generate", [(("causalmm", "language"), 0), (("causalmm", "language"), 2),
+                                              (("vcd",), 2)])
+def test_pope_records_the_baselines_masses_not_the_counterfactual_forwards(embedded_model, method, generate):
+    """The language level's counterfactual forward runs over the whole prompt between the baseline's and the
+    continuation, and with ``generate`` a view (VCD's noised image) runs beside every step; pope's records must take
+    the image masses of the question's own forwards: the baseline's equal a plain run's (knockout, whose baseline is
+    the same plain forward), and, as the method edits no activation, the intervened forward's equal them too."""
+    from mclcbf_diag import pope
+    from mclcbf_diag.interventions import resolve
+
+    jobs = pope.select_jobs(pope.question_files("adversarial", None, None), 4, None)
+    plain = pope.answer_jobs(embedded_model, jobs, resolve("knockout"), generate=generate)
+    timing = {}
+    recs = pope.answer_jobs(embedded_model, jobs, resolve(*method), generate=generate, timing=timing)
+    for p, r in zip(plain, recs):
+        for layer in range(embedded_model.n_layers):
+            key = f"image_mass_{layer}"
+            assert r[f"baseline_{key}"] == pytest.approx(p[f"baseline_{key}"], abs=2e-6), layer  # 6 decimals kept
+            assert r[f"steered_{key}"] == pytest.approx(r[f"baseline_{key}"], abs=2e-6)
+    assert timing["baseline_seconds"] > 0

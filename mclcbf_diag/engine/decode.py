@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..interventions import as_intervention
-from ..interventions.base import View, ViewOutput, rows_of
+from ..interventions.base import View, ViewOutput, auxiliary_forward, rows_of
 from ..models import LoadedModel
 from ..models.adapter import sequence_inputs
 from ..models.mrope import position_ids
@@ -269,7 +269,8 @@ def run_views(lm: LoadedModel, iv, full: dict, streams: dict[str, ViewStream], k
     holds; returns the traced views' captures by name (per row :class:`~.runner.RunCapture`)."""
     outputs, captures = {}, {}
     for name, stream in streams.items():
-        outputs[name], caps = stream.run(lm, keep)
+        with auxiliary_forward():  # a view's forward, not the question's own (pope's records skip it)
+            outputs[name], caps = stream.run(lm, keep)
         if caps is not None:
             captures[name] = caps
     iv.use_decode_views(lm, rows_of(full["input_ids"], full["attention_mask"], lm.tokens.image_token_id), outputs)

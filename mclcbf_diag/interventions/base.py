@@ -47,7 +47,9 @@ diagnosis rules (:meth:`Intervention.rules`) and its counterfactual fixes
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -612,3 +614,23 @@ class AttentionEditBase(Intervention):
     def open_sites(self, steer: bool) -> frozenset[str]:
         return self.sites if steer else frozenset()
 
+
+# --------------------------------------------------------------------------- auxiliary forwards
+_AUXILIARY = contextvars.ContextVar("mclcbf_diag_auxiliary_forward", default=False)
+
+
+@contextmanager
+def auxiliary_forward():
+    """Marks the model forwards run inside as a method's auxiliary ones (a counterfactual forward, a view's), so that
+    an observer of the question's own forwards skips them: ``pope``'s records take the baseline's image masses and
+    time from the baseline forward, not from a counterfactual of the same length run after it."""
+    token = _AUXILIARY.set(True)
+    try:
+        yield
+    finally:
+        _AUXILIARY.reset(token)
+
+
+def in_auxiliary_forward() -> bool:
+    """Whether the forward running now is an auxiliary one (:func:`auxiliary_forward`)."""
+    return _AUXILIARY.get()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batched, Intervention, Readout, Row, View, knob_key
+from .base import Batched, Intervention, Readout, Row, View, auxiliary_forward, knob_key
 from .contrast import contrast, margin, plausible
 
 
@@ -104,7 +104,10 @@ class DecodingMethod(Intervention):
         """
         self._yes_no = (int(lm.tokens.yes_id), int(lm.tokens.no_id))
         self._aux: dict[int, torch.Tensor] = {}
-        logits = batched.aux_logits if batched.aux_logits is not None else self.auxiliary(lm, inputs, rows)
+        logits = batched.aux_logits
+        if logits is None:
+            with auxiliary_forward():  # not the question's own forward: pope's records skip it
+                logits = self.auxiliary(lm, inputs, rows)
         if logits is not None:
             self._aux = {r.index: logits[b].detach().float().cpu() for b, r in enumerate(rows)}
 

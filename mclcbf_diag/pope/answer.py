@@ -10,11 +10,14 @@ cost, with plain PyTorch forward hooks held for the batch only (:class:`_Observe
   (the ``attn_image_mass`` of a trace, head −1). :func:`mclcbf_diag.engine.batch.answer_pair` runs the
   baseline forward and then the intervened one, after any auxiliary forwards of the
   intervention's ``prepare`` (a steering vector's prompt without its image, say), so the last
-  two calls over the batch's whole prompt are the two conditions. (A decoding-level method's
-  auxiliary rows may run in the baseline's forward, after the batch's rows: the first B rows are
-  read; its other auxiliary forwards continue the baseline's cache over fewer or more keys, and are
-  not read.) The intervened row is the one the model used, after the intervention's edits; the
-  cost is one ``[B, H, K]`` slice per layer of probabilities that eager attention computes anyway.
+  two calls over the batch's whole prompt are the two conditions. A method's auxiliary forward run
+  between them (CausalMM's counterfactual language forward, over the whole prompt; a generation's
+  view) runs under :func:`~mclcbf_diag.interventions.base.auxiliary_forward`, and the hooks skip it.
+  (A decoding-level method's auxiliary rows may run in the baseline's forward, after the batch's
+  rows: the first B rows are read; its other auxiliary forwards continue the baseline's cache over
+  fewer or more keys, and are not read.) The intervened row is the one the model used, after the
+  intervention's edits; the cost is one ``[B, H, K]`` slice per layer of probabilities that eager
+  attention computes anyway.
 * **Time.** Per batch: the whole batch (images, inputs, both conditions, records, the append),
   the inputs (image decoding, the processor, the vision tower once per distinct image) and the
   baseline's plain forward (a hook on the model's top module). ``inputs + baseline`` is what
@@ -33,6 +36,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from ..interventions.base import in_auxiliary_forward
 from ..storage import atomic_write_text
 from .jobs import Job
 from .store import ANSWERS, append_records
@@ -124,7 +128,7 @@ class _Observer:
             h.remove()
 
     def _start(self, module, args) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = None if in_auxiliary_forward() else time.perf_counter()  # a method's auxiliary forward: skipped
 
     def _stop(self, module, args, output) -> None:
         if self._t0 is not None:
@@ -134,6 +138,8 @@ class _Observer:
     def _layer_hook(self, i: int):
         def hook(module, args, output):
             w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if in_auxiliary_forward():  # a counterfactual or a view of the same length: not the question's forward
+                return
             B = self.image.shape[0]
             if self._is_tensor(w) and w.dim() == 4 and w.shape[0] >= B and w.shape[-1] == self.n_keys:
                 # the batch's rows come first: a method's auxiliary rows may follow them (engine.batch.answer_pair)
