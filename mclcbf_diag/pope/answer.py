@@ -36,7 +36,6 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from ..interventions.base import in_auxiliary_forward
 from ..storage import atomic_write_text
 from .jobs import Job
 from .store import ANSWERS, append_records
@@ -107,7 +106,9 @@ class _Observer:
     def __init__(self, lm, input_ids):
         import torch
 
-        self._is_tensor = torch.is_tensor
+        from ..interventions.base import in_auxiliary_forward  # here: importing this module loads no torch
+
+        self._is_tensor, self._auxiliary = torch.is_tensor, in_auxiliary_forward
         self.lm, self.n_keys = lm, int(input_ids.shape[1])
         self.image = (input_ids == lm.tokens.image_token_id).float()  # converted once, read by every call
         self.masses = [[] for _ in range(lm.n_layers)]
@@ -128,7 +129,7 @@ class _Observer:
             h.remove()
 
     def _start(self, module, args) -> None:
-        self._t0 = None if in_auxiliary_forward() else time.perf_counter()  # a method's auxiliary forward: skipped
+        self._t0 = None if self._auxiliary() else time.perf_counter()  # a method's auxiliary forward: skipped
 
     def _stop(self, module, args, output) -> None:
         if self._t0 is not None:
@@ -138,7 +139,7 @@ class _Observer:
     def _layer_hook(self, i: int):
         def hook(module, args, output):
             w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if in_auxiliary_forward():  # a counterfactual or a view of the same length: not the question's forward
+            if self._auxiliary():  # a counterfactual or a view of the same length: not the question's forward
                 return
             B = self.image.shape[0]
             if self._is_tensor(w) and w.dim() == 4 and w.shape[0] >= B and w.shape[-1] == self.n_keys:
