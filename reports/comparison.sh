@@ -16,9 +16,10 @@
 #   JOBS=N            N runs at a time, each on OMP_NUM_THREADS threads (default 1 and 1: one run per core is the
 #                     fastest on a CPU, as the runs are independent)
 # Every run resumes, so rerunning after an interruption repeats nothing and a finished run costs a few seconds.
-# About 10 hours on one CPU thread for the three splits (SAMPLE=0: about 5), at the seconds per question of
-# docs/commands/compare.md's tables (about 15 minutes a pass over the three splits), for the settings before
-# `halc` and CausalMM's language level; HALC runs four more forwards a question (its views, cropped images: no shared prefix), not yet timed here.
+# Time: the kept runs' timing.json add up to about 9 hours of one worker (greedy runs about 5, the 57 sampled
+# passes about 4), measured with JOBS=2 on a 2-core x86-64 CPU, partly before freed memory was reused (slower) and
+# with other work on the machine; so about 4.5 hours with JOBS=2. HALC (its cropped views: no shared prefix) and
+# CausalMM's language level (a counterfactual forward of its own) take the longest, 7-16 minutes a run.
 set -euo pipefail
 root="${1:-reports/comparison}"
 read -r -a splits <<< "${SPLITS:-adversarial popular random}"

@@ -41,7 +41,7 @@ def test_every_kept_run_is_finished_and_in_the_table():
         rows = _answers(folder)
         assert len(rows) == QUESTIONS and len({r["question_id"] for r in rows}) == QUESTIONS, folder
         assert len({r["run_id"] for r in rows}) == 1, folder
-    runs = {(REPO / run).resolve() for run in _table().run}
+    runs = {(REPO / run.split("#")[0]).resolve() for run in _table().run}  # a prompt control: RUN#prompt-control
     assert runs == {f.resolve() for f in folders}
 
 
@@ -57,14 +57,15 @@ def test_each_row_says_what_its_answers_say(split):
     assert len(rows) == 19 + 2 + 19 * 3  # the prompt controls' own runs are rows of MC-LCBF under another prompt
     for r in rows.itertuples():
         answers = _answers(REPO / r.run)
-        right_before = [a["baseline_answer"] == a["label"] for a in answers]
-        right_after = [a["steered_answer"] == a["label"] for a in answers]
+        # accuracy reads the margin's sign; the paired statistics count a derailed (invalid) answer as wrong
+        signed_right = [a["steered_answer"] == a["label"] for a in answers]
+        right_before = [a["baseline_answer"] == a["label"] and a["baseline_valid"] for a in answers]
+        right_after = [a["steered_answer"] == a["label"] and a["steered_valid"] for a in answers]
         fixed = sum(not b and a for b, a in zip(right_before, right_after))
         worse = sum(b and not a for b, a in zip(right_before, right_after))
         assert r.n == len(answers) == QUESTIONS
-        assert r.accuracy == pytest.approx(sum(right_after) / QUESTIONS, abs=1e-12), r.run
+        assert r.accuracy == pytest.approx(sum(signed_right) / QUESTIONS, abs=1e-12), r.run
         assert r.d_accuracy == pytest.approx((fixed - worse) / QUESTIONS, abs=1e-12), r.run
-        assert r.fixed == fixed and r.broken + r.derailed >= worse, r.run
         assert {a["outcome"] for a in answers} <= {"unchanged", "fixed", "broken", "derailed", "non_finite"}
         for outcome in ("unchanged", "fixed", "broken", "derailed"):
             assert getattr(r, outcome) == sum(a["outcome"] == outcome for a in answers), (r.run, outcome)
