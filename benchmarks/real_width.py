@@ -252,6 +252,16 @@ def run_dtype(family: str, folder: str, dtype: str, questions, images, args) -> 
     return seq
 
 
+def save_model(config, family: str, processor, folder) -> None:
+    """Build the model of ``config`` with random weights and save it, with the family's stand-in processor, into
+    ``folder`` (what :func:`mclcbf_diag.models.load_model` reads)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    build_random_model(config, family, dtype=torch.float32).save_pretrained(folder)
+    save_stand_in(family, processor, folder)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="llava", help="one of: " + ", ".join(PUBLISHED_FILES))
@@ -289,20 +299,12 @@ def main(argv=None) -> int:
           f"{args.vision_layers} vision layers, {family_parameter_count(family, config) / 1e6:.0f} M parameters, "
           f"{args.threads} threads; machine: {sys.platform}, torch {torch.__version__}")
     if args.save_dir:
-        model = build_random_model(config, family, dtype=torch.float32)
-        model.save_pretrained(args.save_dir)
-        save_stand_in(family, processor, args.save_dir)
+        save_model(config, family, processor, args.save_dir)
         print(f"saved into {args.save_dir}; ratio: not applicable (pass it to another benchmark's --model)")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model = build_random_model(config, family, dtype=torch.float32)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model.save_pretrained(tmp)
-        save_stand_in(family, processor, tmp)
-        del model
+        save_model(config, family, processor, tmp)
         print(f"built and saved in {time.perf_counter() - t0:.1f} s")
         for dtype in args.dtypes.split(","):
             seq = run_dtype(family, tmp, dtype, questions, images, args)

@@ -138,9 +138,9 @@ class _Observer:
 
     def _layer_hook(self, i: int):
         def hook(module, args, output):
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if self._auxiliary():  # a counterfactual or a view of the same length: not the question's forward
                 return
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             B = self.image.shape[0]
             if self._is_tensor(w) and w.dim() == 4 and w.shape[0] >= B and w.shape[-1] == self.n_keys:
                 # the batch's rows come first: a method's auxiliary rows may follow them (engine.batch.answer_pair)

@@ -130,13 +130,15 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
                       f"as --resume-anyway asks; recorded in {RUN}", file=sys.stderr)
                 return False
             if rows:
-                fix = ("pass --resume-anyway to resume with these versions (recorded in run.json), rerun with "
-                       "the versions of that run, or pass another --out") if versions_only else (
-                       "rerun with the same options to resume, or pass another --out")
-                if set(diff) <= set(CONTENT_KEYS):
+                if versions_only:
+                    fix = ("pass --resume-anyway to resume with these versions (recorded in run.json), rerun with "
+                           "the versions of that run, or pass another --out")
+                elif set(diff) <= set(CONTENT_KEYS):
                     fix = ("the files it read now hold other bytes, or it was written by a release that named files "
                            "by path and time, whose runs cannot resume; restore the files it read, or pass another "
                            "--out")
+                else:
+                    fix = "rerun with the same options to resume, or pass another --out"
                 raise UserError(f"--out {show(out)} holds a run with another configuration (differs in: "
                                 f"{describe(old, identity, diff)}); {fix}")
             print(f"note: {show(out)} held a run with no answers yet; its {RUN} now describes this run",

@@ -25,6 +25,8 @@ import re
 
 import pandas as pd
 
+from .compare import ALPHA
+
 _DECODING = re.compile(r" ?--(decoding|temperature|top-p|top-k|num-beams) \S+")
 _SEED = re.compile(r" ?--seed (-?\d+)")
 
@@ -48,13 +50,10 @@ def setting_of(settings: str) -> tuple[str, str, str | None]:
 def decoding_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (intervention, setting, split, non-greedy decoding) of ``table`` (its first label set), the
     greedy run's cells beside the other decoding's mean ± standard deviation over its seeds (module docstring)."""
-    from .compare import ALPHA
-
     if table.empty:
         return pd.DataFrame(columns=COLUMNS)
     first = table[table.label_set == table.label_set.iloc[0]].copy()
-    parts = first.settings.map(setting_of)
-    first["setting"], first["decoding"], first["seed"] = zip(*parts) if len(parts) else ((), (), ())
+    first["setting"], first["decoding"], first["seed"] = zip(*first.settings.map(setting_of))
     rows = []
     for (name, setting, split), g in first.groupby(["intervention", "setting", "split"], sort=False):
         greedy = g[g.decoding == ""]
