@@ -195,18 +195,18 @@ def test_whole_split_options_with_one_sample_are_refused(extra):
 
 
 def test_pages_wrong_writes_a_page_per_wrong_answer_linked_from_the_population_page(tmp_path, capsys):
-    """explain --split adversarial --limit 40 --pages wrong: one explain page per wrong answer, from the run's
-    records, linked from population.html, each under 1 MB, plotly.js stored once in the folder."""
+    """explain --split adversarial --limit 24 --pages wrong: one explain page per wrong answer (the 21st question's),
+    from the run's records, linked from population.html, each under 1 MB, plotly.js stored once in the folder."""
     from plotly.offline import get_plotlyjs
 
     out = tmp_path / "p"
-    argv = ["explain", "--split", "adversarial", "--limit", "40", "--batch-size", "20", "--k-max", "2",
+    argv = ["explain", "--split", "adversarial", "--limit", "24", "--batch-size", "12", "--k-max", "2",
             "--bisect-steps", "1", "--no-sweep", "--out", str(out)]
     assert main([*argv, "--pages", "wrong"]) == 0
     assert "the pages of --pages wrong in pages/" in capsys.readouterr().out
     q = pd.read_parquet(out / "questions.parquet")
     wrong = q[q.kind == "wrong"]
-    assert len(q) == 40 and len(wrong) >= 1
+    assert len(q) == 24 and len(wrong) >= 1
     pages = {p.name for p in (out / "pages").iterdir()}
     assert pages == {f"explain-adversarial-{i}.html" for i in wrong.question_id.astype(str)}
     population = (out / "population.html").read_text(encoding="utf-8")
@@ -227,6 +227,6 @@ def test_pages_wrong_writes_a_page_per_wrong_answer_linked_from_the_population_p
     assert '<script type="text/javascript" src="plotly.min.js"></script>' in population
     # the same run, every page: nothing is recomputed, and the long id lists fold
     assert main([*argv, "--pages", "all"]) == 0
-    assert len(list((out / "pages").iterdir())) == 40
+    assert len(list((out / "pages").iterdir())) == 24
     population = (out / "population.html").read_text(encoding="utf-8")
     assert all(f'href="pages/explain-adversarial-{i}.html"' in population for i in wrong.question_id.astype(str))

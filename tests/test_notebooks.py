@@ -10,6 +10,7 @@ guards skip the heavy cells, which is what runs here.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,20 @@ nbconvert = pytest.importorskip("nbconvert")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ["01_quick_start", "02_why_theta_does_not_flip", "03_pope_sweep", "04_llava_7b_on_gpu", "05_attribution"]
+# Values the run here gives a notebook's "parameters" cell (papermill's convention): the same cells over fewer
+# questions, for CI time (03: 6 per split, not 20; its first 20 of each split hold no wrong baseline answer either).
+PARAMETERS = {"03_pope_sweep": {"PER_SPLIT": 6}}
+
+
+def with_parameters(nb, values: dict):
+    """``nb`` with each ``NAME = ...`` line of its cell tagged "parameters" set to ``values[NAME]``."""
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == (1 if values else len(cells)), "one cell tagged 'parameters' takes the values"
+    for key, value in values.items():
+        new = re.sub(rf"^{key} = .*$", f"{key} = {value!r}", cells[0].source, count=1, flags=re.M)
+        assert new != cells[0].source, f"the parameters cell sets no {key}"
+        cells[0].source = new
+    return nb
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +76,7 @@ def test_notebook_is_committed_without_outputs(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, notebook_env):
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nb = with_parameters(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4), PARAMETERS.get(name, {}))
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=240, startup_timeout=120,
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
     try:
@@ -76,8 +91,6 @@ def test_notebook_runs(name, notebook_env):
     figures = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)
     html = nbconvert.HTMLExporter().from_notebook_node(nb)[0]
     assert html.count('class="plotly-graph-div"') == figures
-    import re
-
     assert not re.search(r'<script[^>]*src="https?://[^"]*plot', html), "plotly.js must be inline, not from a CDN"
     if figures:
         assert "PlotlyConfig" in html or "plotly.js v" in html  # the library itself is in the page
