@@ -21,7 +21,7 @@ TINY = {
     # every intervention's pope path is tested in its own file
     "intervention_throughput.py": ["--n", "2", "--batch-size", "2", "--repeats", "1",
                                    "--only", "knockout,vcd,causalmm:language"],
-    "real_width.py": ["--reduced", "--questions", "2", "--threads", "1", "--dtypes", "float32,bfloat16"],
+    "real_width.py": ["--reduced", "--questions", "1", "--threads", "1", "--dtypes", "float32,bfloat16"],
     "gpu_7b.py": ["--dry-run"],
     "population_explain.py": ["--n", "2", "--batch-size", "2", "--k-max", "2", "--bisect-steps", "1"],
     "pope_stats.py": ["--n", "2", "--split", "adversarial", "--batch-size", "2", "--repeats", "1",

@@ -1,6 +1,7 @@
 """``mclcbf-diag interventions`` and ``--help-knobs``: every registered intervention from the registry, fast,
 without torch."""
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -12,11 +13,16 @@ from mclcbf_diag.cli.interventions import describe
 from mclcbf_diag.interventions.catalog import SPECS
 from mclcbf_diag.knobs import knob, knob_rows
 
-LISTING_LIMIT = 0.5  # seconds, the whole process: python, the CLI's imports and the listing (issue #35)
+LISTING_LIMIT = 0.5  # CPU seconds, the whole process: python, the CLI's imports and the listing (issue #35)
 
 
 def test_interventions_lists_every_builtin_in_a_fresh_process_fast_without_torch(tmp_path):
-    runs = [ran(["interventions"], tmp_path) for _ in range(3)]
+    runs, cpu = [], []
+    for _ in range(3):
+        before = os.times()
+        runs.append(ran(["interventions"], tmp_path))
+        after = os.times()
+        cpu.append(after.children_user + after.children_system - before.children_user - before.children_system)
     status, out, _, torch_loaded = runs[0]
     assert status == 0 and not torch_loaded, out
     for spec in SPECS.values():
@@ -25,9 +31,10 @@ def test_interventions_lists_every_builtin_in_a_fresh_process_fast_without_torch
         for name, kind, default, text in knob_rows(next(iter(spec.presets.values()))):
             assert text and name in block and kind in block
     assert out.startswith(f"{len(SPECS)} interventions")
-    # the fastest of three runs: the command's own cost, not a busy CPU's scheduling
-    fastest = min(took for *_, took, _ in runs)
-    assert fastest < LISTING_LIMIT, f"mclcbf-diag interventions took {fastest:.2f} s (limit {LISTING_LIMIT} s)"
+    # the process's CPU time (user + system), the least of three: the command's own cost, not the wait for a core
+    # that the other test workers keep busy (wall time on an idle 2-core CPU: 0.34-0.40 s; 0.53-0.67 s beside two)
+    fastest = min(cpu)
+    assert fastest < LISTING_LIMIT, f"mclcbf-diag interventions took {fastest:.2f} s of CPU (limit {LISTING_LIMIT} s)"
 
 
 def test_the_listing_shows_defaults_presets_and_aliases():
