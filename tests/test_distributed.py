@@ -58,8 +58,10 @@ def _run(argv, tmp_path, *, ranks=None):
 
 
 def test_two_ranks_equal_one_process(tmp_path, embedded_model):
+    from mclcbf_diag.cli import main
+
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _run([*BASE, "--out", str(one)], tmp_path).returncode == 0
+    assert main([*BASE, "--out", str(one)]) == 0  # the single process: this one
     done = _run([*BASE, "--out", str(two)], tmp_path, ranks=2)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _rows(one / "answers.jsonl"), _rows(two / "answers.jsonl")
