@@ -134,7 +134,8 @@ STATS_NOTE = ("Is the difference real: each run against its own baseline, questi
               "split by the lower end of the 95% interval of Δ accuracy (then its upper end), not by the point "
               "estimate (rank). Δ accuracy, Δ F1, Δ yes-ratio: a paired bootstrap ({resamples:,} resamples, seed "
               "{seed}), in points. McNemar: the exact two-sided binomial test on fixed vs broken answers (a derailed "
-              "answer counts as wrong); in brackets Holm's adjustment over the runs compared on the same split. "
+              "answer counts as wrong); in brackets Holm's adjustment over the rows of the same split (every run, "
+              "and every prompt control's pairing). "
               "Bias control: the constant offset on the baseline's Yes − No margin that gives the intervention's "
               "yes-ratio; a run whose gain over it has an interval reaching 0 or below is '{explained}'. "
               "best_offset_accuracy {best}.")

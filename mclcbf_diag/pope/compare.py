@@ -26,9 +26,10 @@ statistics of its run against its own baseline, recomputed from ``answers.jsonl`
 ``mcnemar_p``; the seeded paired bootstrap's 95% intervals ``d_accuracy_lo/hi``, ``d_f1_lo/hi``,
 ``d_yes_ratio_lo/hi``; the bias control's ``bias_offset``, ``control_accuracy``, ``control_f1``,
 ``gain_over_control`` with ``_lo/hi``, ``control_shares_fixes``, ``bias_label``; the
-label-using ``best_offset_accuracy``), and ``mcnemar_p_holm``: Holm's adjustment over the runs
-compared on the same split (and label set). Rows are sorted per split by the lower end of the
-Δaccuracy interval (then its upper end), not by the point estimate; ``rank`` is that order.
+label-using ``best_offset_accuracy``), and ``mcnemar_p_holm``: Holm's adjustment over the rows
+of the same split (and label set): every run, and every prompt control's pairing. Rows are sorted
+per split by the lower end of the Δaccuracy interval (then its upper end), not by the point estimate;
+``rank`` is that order.
 
 **Label sets.** With ``labels`` (:func:`~mclcbf_diag.data.labels.load_labels`), every run is shown
 twice: under its own labels (``label_set`` "question file"; a run made with ``--labels`` says so
