@@ -311,8 +311,10 @@ def test_shard_selects_positions_modulo_n():
     assert [j.position for j in jobs] == [1, 4, 7]
 
 
-def test_generate_records_text_of_both_conditions(tmp_path):
+def test_generate_records_text_of_both_conditions(tmp_path, capsys):
     assert pope(tmp_path, "--limit", "2", "--generate", "2") == 0
+    # an activation edit steers the prompt's forward only under --generate, and the run says so
+    assert "note: --generate 2 under --intervention mclcbf steers the prompt's forward only" in capsys.readouterr().err
     recs = records(tmp_path)
     assert len(recs) == 6
     for r in recs:
@@ -491,7 +493,7 @@ def test_generate_rows_carry_the_prefill_image_mass(tmp_path, ref):
             assert_same_masses([r[c] for c in cols], [want[k][c] for c in cols], (k, cond), stored=2)
 
 
-def test_pope_generates_under_a_decoding_level_method(tmp_path):
+def test_pope_generates_under_a_decoding_level_method(tmp_path, capsys):
     """``--generate`` under VCD: both conditions run engine.decode's loop; sampled twice with a seed, the same."""
     def run(name, *extra):
         assert main(["pope", "--split", "adversarial", "--limit", "3", "--batch-size", "3", "--intervention", "vcd",
@@ -500,6 +502,7 @@ def test_pope_generates_under_a_decoding_level_method(tmp_path):
 
     greedy = run("g")
     assert all(isinstance(t, str) for row in greedy for t in row[1:])
+    assert "steers the prompt's forward only" not in capsys.readouterr().err  # the loop steers every token
     assert json.loads((tmp_path / "g" / "run.json").read_text())["generate"] == 3
     assert run("s1", "--decoding", "sample", "--temperature", "2", "--seed", "4") == \
         run("s2", "--decoding", "sample", "--temperature", "2", "--seed", "4")

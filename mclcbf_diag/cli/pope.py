@@ -275,8 +275,18 @@ def seed_runs(args, seeds: list[int]) -> list[argparse.Namespace]:
 
 def check_generation(args, config) -> None:
     """A UserError for generated answers a decoding-level method cannot give: a beam search is OPERA's alone, and
-    OPERA generates by its beam search."""
-    if not args.generate or "logits" not in config.open_sites(True):
+    OPERA generates by its beam search. A note on stderr where the generated tokens after the first go unsteered
+    (an activation edit outside :func:`~mclcbf_diag.engine.batch.loops_generation`)."""
+    if not args.generate:
+        return
+    if "logits" not in config.open_sites(True):
+        from ..engine.batch import loops_generation
+
+        beam = getattr(args, "decoding", "greedy") == "beam"
+        if config.activation_part() is not None and config.steers_decode() and not loops_generation(config, beam):
+            print(f"note: --generate {args.generate} under --intervention {config.name} steers the prompt's forward "
+                  "only (the first answer token); the tokens after it are generated without the edit (trace "
+                  "--max-new-tokens N steers every step)", file=sys.stderr)
         return
     beam = getattr(args, "decoding", "greedy") == "beam"
     if config.name == "opera" and not beam:

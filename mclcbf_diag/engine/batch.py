@@ -168,8 +168,7 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     if steer:
         iv.sources(prompts, images)
     beam = decoding is not None and decoding.strategy == "beam"
-    # the loop: a decoding-level method's every token; an edit prepared from the prompt (VISTA) steers every token
-    looped = iv is not None and ("logits" in iv.open_sites(True) or (iv.prepares_from_prompt() and not beam))
+    looped = loops_generation(iv, beam)
     if max_new_tokens > 0 and looped and (steer or not beam):
         return _generated(lm, inputs, iv, steer, max_new_tokens, decoding, keys)
     with torch.no_grad():
@@ -198,6 +197,14 @@ def answer_batch(lm: LoadedModel, prompts: list[str], images: list, intervention
     for b, rec in enumerate(out):
         rec["text"] = lm.processor.tokenizer.decode(sequences[b, n:], skip_special_tokens=True)
     return out
+
+
+def loops_generation(iv, beam: bool) -> bool:
+    """Whether generated text under ``iv`` comes from :mod:`.decode`'s loop, which steers every token: a
+    decoding-level method (it chooses each token), or an edit prepared once from the prompt (VISTA) unless a beam
+    search runs. Otherwise :func:`answer_batch` runs transformers' ``generate``, with the prompt's forward steered
+    and the tokens after the first answer token generated without the edit."""
+    return iv is not None and ("logits" in iv.open_sites(True) or (iv.prepares_from_prompt() and not beam))
 
 
 def _generated(lm: LoadedModel, inputs: dict, iv, steer: bool, max_new_tokens: int, decoding, keys) -> list[dict]:
