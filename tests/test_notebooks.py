@@ -29,8 +29,10 @@ PARAMETERS = {"03_pope_sweep": {"PER_SPLIT": 6}}
 
 def with_parameters(nb, values: dict):
     """``nb`` with each ``NAME = ...`` line of its cell tagged "parameters" set to ``values[NAME]``."""
+    if not values:
+        return nb
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(cells) == (1 if values else len(cells)), "one cell tagged 'parameters' takes the values"
+    assert len(cells) == 1, "one cell tagged 'parameters' takes the values"
     for key, value in values.items():
         new = re.sub(rf"^{key} = .*$", f"{key} = {value!r}", cells[0].source, count=1, flags=re.M)
         assert new != cells[0].source, f"the parameters cell sets no {key}"

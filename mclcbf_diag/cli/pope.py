@@ -279,16 +279,15 @@ def check_generation(args, config) -> None:
     (an activation edit outside :func:`~mclcbf_diag.engine.batch.loops_generation`)."""
     if not args.generate:
         return
+    beam = getattr(args, "decoding", "greedy") == "beam"
     if "logits" not in config.open_sites(True):
         from ..engine.batch import loops_generation
 
-        beam = getattr(args, "decoding", "greedy") == "beam"
         if config.activation_part() is not None and config.steers_decode() and not loops_generation(config, beam):
             print(f"note: --generate {args.generate} under --intervention {config.name} steers the prompt's forward "
                   "only (the first answer token); the tokens after it are generated without the edit (trace "
                   "--max-new-tokens N steers every step)", file=sys.stderr)
         return
-    beam = getattr(args, "decoding", "greedy") == "beam"
     if config.name == "opera" and not beam:
         raise UserError("--intervention opera --generate N: OPERA generates by its beam search; add --decoding beam "
                         "--num-beams 5 (the released setting), or drop --generate (first-token answers)")
