@@ -57,3 +57,12 @@ def ran(argv, cwd) -> tuple[int, str, float, bool]:
     took = time.monotonic() - start
     *out, probe = proc.stdout.rstrip("\n").split("\n")
     return proc.returncode, "\n".join(out), took, probe == "torch loaded"
+
+
+def child_cpu(call):
+    """``(call(), CPU seconds)``: the user + system time of the child processes ``call`` ran and waited for, a
+    command's own cost where wall time would add the wait for a core that the other test workers keep busy."""
+    before = os.times()
+    result = call()
+    after = os.times()
+    return result, after.children_user + after.children_system - before.children_user - before.children_system

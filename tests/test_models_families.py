@@ -7,12 +7,11 @@ written to a folder as a user's checkpoint would be; nothing is downloaded.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from cli_refusals import refused
+from cli_refusals import child_cpu, refused
 from transformers import AutoConfig
 
 from mclcbf_diag import shipped
@@ -145,12 +144,9 @@ def test_the_cli_refuses_in_under_a_second_before_torch(tmp_path, model_type, fr
     cfg = REMOTE_INTERNVL if model_type == "internvl_chat" else _config(model_type)
     (ckpt / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     (ckpt / "model.safetensors").write_bytes(b"never read")
-    before = os.times()
-    line, torch_loaded = refused(["trace", "--model", str(ckpt), "--out", str(tmp_path / "out")], tmp_path,
-                                 f"--model {ckpt}: {fragment}", "mclcbf-diag models")
-    after = os.times()
-    # the process's CPU time: its own cost, not the wait for a core the other test workers keep busy
-    took = after.children_user + after.children_system - before.children_user - before.children_system
+    (line, torch_loaded), took = child_cpu(lambda: refused(
+        ["trace", "--model", str(ckpt), "--out", str(tmp_path / "out")], tmp_path, f"--model {ckpt}: {fragment}",
+        "mclcbf-diag models"))  # the process's CPU time
     assert not torch_loaded, line
     assert took < 1.0, f"refused after {took:.2f} s of CPU"
     assert not (tmp_path / "out").exists()
