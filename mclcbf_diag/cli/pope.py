@@ -171,23 +171,26 @@ def _pope_across_ranks(args, group: distributed.Group, on_batch=None) -> int:
     part = _argparse.Namespace(**{**vars(args), "shard": f"{group.rank}/{group.world}", "out": str(group.part(out))})
     if str(args.device).startswith("cuda"):
         part.device = f"cuda:{group.local_rank}"
-    distributed.init(group)
+    meeting = distributed.meet(group)
     try:
         error = None
         try:
             rc = _pope(part, on_batch)
         except UserError as exc:
             error, rc = exc, 2
-        if not distributed.all_ok(error is None):
+        except BaseException:
+            meeting.post_failure()  # the other ranks learn it when they finish, and stop too
+            raise
+        if not meeting.all_ok(error is None):
             raise error or UserError(f"another rank of this launch failed (see its message); rank {group.rank} "
                                      f"kept its part in {show(group.part(out))}: rerun the same command to resume")
         if group.rank == 0:
             rc = cmd_merge(_argparse.Namespace(out=str(out), shard_dirs=[str(p) for p in group.parts(out)],
                                                    partial=False))
-        distributed.barrier()
+        meeting.barrier("merged")
         return rc
     finally:
-        distributed.close()
+        meeting.leave()
 
 
 def _pope(args, on_batch=None) -> int:

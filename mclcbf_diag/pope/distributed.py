@@ -4,11 +4,17 @@ A launcher (torchrun, ``accelerate launch``, a cluster's srun wrapper) starts N 
 sets ``RANK``, ``WORLD_SIZE`` (and ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) in their
 environment. Each rank then answers the shard ``rank/world`` of the questions, exactly as
 ``--shard rank/world`` would, into its own resumable part ``OUT/ranks/rank-R-of-N`` (same
-identity checks, lock, atomic appends), waits at a collective barrier (gloo on CPU, NCCL on
-GPU), and rank 0 merges the parts into ``OUT`` with the same code as ``mclcbf-diag merge``.
-A rerun after a kill resumes every part and merges again. Each rank uses GPU ``LOCAL_RANK``
-when CUDA is available. ``--shard i/n`` with ``merge`` stays for machines that share no
-process group.
+identity checks, lock, atomic appends). The ranks then meet through the launch's c10d store
+(``torch.distributed.rendezvous("env://")``: torchrun's own store, or one rank 0 hosts): each
+posts whether its shard finished, rank 0 merges the parts into ``OUT`` with the same code as
+``mclcbf-diag merge``, and every rank waits for that merge before it leaves. A rerun after a
+kill resumes every part and merges again. Each rank uses GPU ``LOCAL_RANK`` when CUDA is
+available. ``--shard i/n`` with ``merge`` stays for machines that share no store.
+
+Why a store and not a process group: the ranks exchange one flag each and wait twice, and a
+store does both with plain requests. A gloo process group also runs worker and transport
+threads, and a rank whose thread still holds a tensor while the interpreter shuts down aborts
+(SIGABRT) after its work is done; CI saw a rank abort so twice. A store starts no such thread.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class Group:
 
 
 def from_env(environ=os.environ) -> Group | None:
-    """The process group a launcher described in the environment, or None (one process)."""
+    """The launch a launcher described in the environment, or None (one process)."""
     try:
         world = int(environ.get("WORLD_SIZE", "1"))
         rank = int(environ.get("RANK", "0"))
@@ -51,40 +57,74 @@ def from_env(environ=os.environ) -> Group | None:
     return Group(rank, world, local)
 
 
-def init(group: Group, timeout_s: float = 3600.0) -> None:
-    """Join the process group (gloo on CPU, NCCL when this rank has a GPU)."""
-    import torch
+STEP_TIMEOUT_S = 3600.0  # merging, and leaving: rank 0 alone works meanwhile
+FINISH_TIMEOUT_S = 7 * 86400.0  # waiting for the slowest shard: no deadline a real run could reach
+LEAVE_TIMEOUT_S = 60.0
+
+
+class Meeting:
+    """This launch's ranks, meeting through a c10d store: agree on a flag, wait for each other, leave."""
+
+    def __init__(self, group: Group, store, prefix: str):
+        self.group, self._store, self._prefix, self._step = group, store, prefix, 0
+
+    def _post_and_gather(self, name: str, value: str, timeout_s: float) -> list[str]:
+        self._step += 1
+        keys = [f"{self._prefix}/{self._step}-{name}/{r}" for r in range(self.group.world)]
+        try:
+            self._store.set(keys[self.group.rank], value)
+            self._store.wait(keys, timedelta(seconds=timeout_s))
+            return [self._store.get(k).decode() for k in keys]
+        except RuntimeError as exc:  # a timeout, or the store's host gone (DistStoreError is a RuntimeError)
+            raise UserError(f"rank {self.group.rank} of {self.group.world} lost the other ranks at step "
+                            f"{name!r} ({str(exc).splitlines()[0]}); each rank kept its part in "
+                            "OUT/ranks: rerun the same command to resume") from None
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank passes ``ok``; returns once every rank has passed its flag."""
+        return all(v == "1" for v in self._post_and_gather("finished", "1" if ok else "0", FINISH_TIMEOUT_S))
+
+    def post_failure(self) -> None:
+        """Post "failed" for this rank's flag without waiting (a rank that stops on an unexpected error)."""
+        self._step += 1
+        try:
+            self._store.set(f"{self._prefix}/{self._step}-finished/{self.group.rank}", "0")
+        except RuntimeError:
+            pass  # the store is gone: the launcher is already stopping the others
+
+    def barrier(self, name: str) -> None:
+        self._post_and_gather(name, "1", STEP_TIMEOUT_S)
+
+    def leave(self) -> None:
+        """Rank 0 may host the store: it leaves last, so no rank loses the store mid-request."""
+        import time
+
+        key = f"{self._prefix}/left"
+        try:
+            self._store.add(key, 1)
+            if self.group.rank == 0:
+                deadline = time.monotonic() + LEAVE_TIMEOUT_S
+                while self._store.add(key, 0) < self.group.world and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        except RuntimeError:
+            pass  # a rank gone first: nothing is left to protect
+
+
+def meet(group: Group) -> Meeting:
+    """Connect to the launch's store (``MASTER_ADDR``/``MASTER_PORT``, set by the launcher)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_ok(ok: bool) -> bool:
-    """True when every rank passes ``ok`` (a collective: every rank must call it)."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def close() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    environ = os.environ
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(v)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={group.world} but {' and '.join(missing)} not set: start the processes with "
+                        "torchrun (torchrun --nproc-per-node N -m mclcbf_diag.cli pope …), which sets them")
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=group.rank, world_size=group.world,
+                                           timeout=timedelta(seconds=STEP_TIMEOUT_S)))
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"rank {group.rank} could not reach the launch's store at {environ['MASTER_ADDR']}:"
+                        f"{environ['MASTER_PORT']} ({str(exc).splitlines()[0]}); check MASTER_ADDR/MASTER_PORT, "
+                        "or start with torchrun") from None
+    # torchrun restarts failed workers against the same store: each attempt keeps its own keys
+    return Meeting(group, store, f"mclcbf-diag/pope/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
