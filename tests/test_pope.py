@@ -518,3 +518,107 @@ def test_pope_runs_operas_beam_search_and_records_its_penalty(tmp_path):
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["decoding"]["num_beams"] == 3
     assert run["config"]["scale_factor"] == 50.0 and run["config"]["threshold"] == 15
+
+
+def test_a_model_folder_moved_mid_run_resumes_and_shards_at_other_paths_merge(tmp_path, capsys):
+    """``--model DIR``: the folder's path is where it sits, its files' digest what it holds. A run interrupted, its
+    model folder moved, resumes under the new path (run.json then names it); a shard run from a copy elsewhere (another
+    node's path) merges with it; a folder whose files differ is another model."""
+    from mclcbf_diag import shipped
+
+    shutil.copytree(shipped.WEIGHTS, tmp_path / "A")
+    shutil.copytree(shipped.WEIGHTS, tmp_path / "C")
+    small = ["pope", "--split", "random", "--limit", "4", "--batch-size", "1"]
+
+    def run(out, model, *extra, on_batch=None):
+        args = build_parser().parse_args([*small, "--model", str(model), "--out", str(out), *extra])
+        return pope_cli.cmd_pope(args, on_batch=on_batch)
+
+    def stop(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "s0", tmp_path / "A", "--shard", "0/2", on_batch=stop)
+    assert len(records(tmp_path / "s0")) == 1
+    (tmp_path / "A").rename(tmp_path / "B")
+    assert run(tmp_path / "s0", tmp_path / "B", "--shard", "0/2") == 0
+    assert len(records(tmp_path / "s0")) == 2 and len({r["run_id"] for r in records(tmp_path / "s0")}) == 1
+    assert json.loads((tmp_path / "s0" / "run.json").read_text())["model"] == str((tmp_path / "B").resolve())
+    assert run(tmp_path / "s1", tmp_path / "C", "--shard", "1/2") == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    assert "no questions missing" in capsys.readouterr().out
+    assert len({r["run_id"] for r in records(tmp_path / "m")}) == 1 and len(records(tmp_path / "m")) == 4
+    # other bytes in the folder: another model, refused as such
+    (tmp_path / "C" / "generation_config.json").write_text('{"bos_token_id": 1}\n')
+    with pytest.raises(UserError, match="differs in: model_files"):
+        run(tmp_path / "s0", tmp_path / "C", "--shard", "0/2")
+
+
+def _local_identity(model: str, labels_file: str, **extra) -> dict:
+    return {"format": 2, "model": model, "model_files": "m1", "images": "i1", "limit": 4,
+            "labels": {"file": labels_file, "sha256": "l1", "entries": 3}, **extra}
+
+
+def test_where_a_model_folder_or_labels_file_sits_is_not_the_runs_identity(tmp_path):
+    from mclcbf_diag.pope.store import model_key, run_id
+
+    here = _local_identity("/data/llava", "/data/labels.csv")
+    there = _local_identity("/scratch/node7/llava", "/home/me/labels.csv")
+    assert run_id(here) == run_id(there) and model_key(here) == model_key(there)
+    for changed in ({"model_files": "m2"}, {"labels": {**here["labels"], "sha256": "l2"}}, {"limit": 8}):
+        assert run_id({**here, **changed}) != run_id(here)
+    assert model_key({**here, "model_files": "m2"}) != model_key(here)
+    # a hub id, or the embedded model, is what it names (its downloaded files' digest also compared)
+    hub = {**here, "model": "llava-hf/llava-1.5-7b-hf"}
+    assert run_id(hub) != run_id({**hub, "model": "llava-hf/llava-1.5-13b-hf"}) != run_id(here)
+    assert model_key(hub) == "llava-hf/llava-1.5-7b-hf" and model_key({"model": "embedded"}) == "embedded"
+
+
+def test_a_run_whose_rows_carry_the_earlier_path_bound_run_id_resumes_restamped(tmp_path, capsys):
+    """Rows written before a model folder's path left the run_id carry the earlier digest: such a run resumes (its rows
+    restamped, with a note) and its shards merge; another run's rows are still refused."""
+    from plain_refs import run_folder_with_one_answer
+
+    from mclcbf_diag.pope.store import claim_out_dir, earlier_run_id, run_id
+
+    old = _local_identity("/data/llava", "/data/labels.csv")
+    assert earlier_run_id(old) != run_id(old)
+    out = run_folder_with_one_answer(tmp_path / "run", old, split="random")
+    rows = records(out)
+    (out / "answers.jsonl").write_text(json.dumps({**rows[0], "run_id": earlier_run_id(old)}) + "\n")
+    moved = _local_identity("/new/llava", "/new/labels.csv")
+    assert claim_out_dir(out, moved) is False
+    assert [r["run_id"] for r in records(out)] == [run_id(moved)]
+    assert "carried the run_id of an earlier release" in capsys.readouterr().err
+    kept = json.loads((out / "run.json").read_text())
+    assert kept["model"] == "/new/llava" and kept["labels"]["file"] == "/new/labels.csv"
+    # rows of another run beside a lost run.json: refused, earlier digest or not
+    (out / "run.json").unlink()
+    other = _local_identity("/data/llava", "/data/labels.csv", limit=8)
+    (out / "answers.jsonl").write_text(json.dumps({**rows[0], "run_id": earlier_run_id(other)}) + "\n")
+    with pytest.raises(UserError, match="do not carry this run's run_id"):
+        claim_out_dir(out, old)
+    # ... and this run's earlier rows beside a lost run.json are its own
+    (out / "answers.jsonl").write_text(json.dumps({**rows[0], "run_id": earlier_run_id(old)}) + "\n")
+    assert claim_out_dir(out, old) is False and [r["run_id"] for r in records(out)] == [run_id(old)]
+
+
+def test_merge_takes_shards_stamped_with_the_earlier_run_id(tmp_path):
+    from plain_refs import run_folder_with_one_answer
+
+    from mclcbf_diag.pope.store import earlier_run_id, run_id
+
+    ids = [_local_identity(f"/node{i}/llava", "/data/labels.csv", shard=f"{i}/2") for i in (0, 1)]
+    dirs = []
+    for i, ident in enumerate(ids):
+        d = run_folder_with_one_answer(tmp_path / f"s{i}", ident, split="random")
+        row = {**records(d)[0], "question_id": i + 1, "run_id": earlier_run_id(ident)}
+        (d / "answers.jsonl").write_text(json.dumps(row) + "\n")
+        dirs.append(d)
+    got, _ = pope_cli._shard_records(dirs, ids)
+    assert [r["run_id"] for r in got] == [run_id(ids[0])] * 2
+    stranger = {**records(dirs[1])[0], "run_id": earlier_run_id({**ids[1], "limit": 8})}
+    (dirs[1] / "answers.jsonl").write_text(json.dumps(stranger) + "\n")
+    with pytest.raises(UserError, match="rows of another run"):
+        pope_cli._shard_records(dirs, ids)

@@ -28,6 +28,7 @@ from ..pope.store import (
     LOCATIONS,
     RUN,
     differing_keys,
+    earlier_run_id,
     encode_rows,
     load_run,
     read_records,
@@ -335,7 +336,7 @@ def cmd_merge(args) -> int:
                             f"{', '.join(diff)}); merge only shards of one run")
     check_writable(out, "merge OUT")
     carried = _check_merge_out(out, dirs)
-    records, skipped = _shard_records(dirs, run_id(ids[0]))
+    records, skipped = _shard_records(dirs, ids)
     identity = {**ids[0], "shard": None, "merged_from": [str(d) for d in dirs]}
     identity.pop("resumed_anyway", None)
     records, dups = unique_sorted(records, identity["splits"])
@@ -373,13 +374,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _shard_records(dirs: list[Path], rid: str) -> tuple[list[dict], list[str]]:
-    """Every shard's answers (a torn last line skipped, with a note); another run's rows are refused."""
+def _shard_records(dirs: list[Path], ids: list[dict]) -> tuple[list[dict], list[str]]:
+    """Every shard's answers (a torn last line skipped, with a note), stamped with the first shard's run_id; another
+    run's rows are refused. A shard's rows stamped by an earlier release (its model folder's path in the run_id)
+    are its own."""
+    rid = run_id(ids[0])
     records, skipped = [], []
-    for d in dirs:
+    for d, ident in zip(dirs, ids):
         recs, partial = read_records(d / ANSWERS)
         if partial:
             skipped.append(f"note: {show(d / ANSWERS)} ends in a partial line (interrupted run); it was skipped")
+        earlier = earlier_run_id(ident)
+        recs = [{**r, "run_id": rid} if r.get("run_id") == earlier else r for r in recs]
         foreign = [r for r in recs if "run_id" in r and r["run_id"] != rid]
         if foreign:
             raise UserError(f"{show(d / ANSWERS)} holds {len(foreign)} rows of another run (run_id "

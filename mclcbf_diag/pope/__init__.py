@@ -21,12 +21,14 @@ How a run works
   question file, image path and header, prompt length (with the tokenizer) and the
   output folder is checked BEFORE anything is written or the weights are read; a
   mistake costs no time and leaves nothing behind.
-* **Identity.** ``run.json`` holds everything that changes an answer: model (and its
-  files' names, sizes, times), dtype, device, batch size, the torch/transformers/nnsight
-  versions, knobs, prompt, limit, the POPE files' SHA-256 and a
-  fingerprint (names, sizes, modification times) of every image the questions name. Every
-  answers line carries ``run_id``, a digest of that identity (the shard left out), so rows
-  of different runs can never be mixed, even when ``run.json`` is lost.
+* **Identity.** ``run.json`` holds everything that changes an answer: the model (a hub id,
+  or a folder and a digest of its weight, config and tokenizer files' names and bytes), dtype,
+  device, batch size, the torch/transformers/nnsight versions, knobs, prompt, limit, the POPE
+  files' SHA-256, a digest of every image the questions name and a labels file's SHA-256. Every
+  answers line carries ``run_id``, a digest of that identity with the shard and where the files
+  sit left out, so rows of different runs can never be mixed, even when ``run.json`` is lost,
+  while a project, model folder or labels file moved or copied elsewhere resumes, and shards
+  run where the model sits at other paths merge (``store.unlocated``).
 * **One writer.** ``--out`` is locked (``flock`` on ``.mclcbf-diag.lock``, see
   :mod:`mclcbf_diag.storage`) for the whole run; a second process on the same folder is
   refused, naming the holder. The kernel drops the lock of a killed process.

@@ -357,12 +357,13 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
     from ..data.prompts import LLAVA_PROMPT, control_name
     from ..measurements.outcomes import outcome
     from .metrics import flips_table, metrics_table, paired_table
+    from .store import model_key
 
     plain = {}
     for _, run, answers in runs:
         if run.get("prompt", LLAVA_PROMPT) == LLAVA_PROMPT:
             for r in answers:
-                plain.setdefault((run.get("model"), _key(run.get("decoding")), r["split"], str(r["question_id"])), r)
+                plain.setdefault((model_key(run), _key(run.get("decoding")), r["split"], str(r["question_id"])), r)
     rows = []
     for folder, run, answers in runs:
         name = control_name(run.get("prompt", LLAVA_PROMPT))
@@ -370,7 +371,7 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
             continue
         recs = []
         for r in answers:
-            b = plain.get((run.get("model"), _key(run.get("decoding")), r["split"], str(r["question_id"])))
+            b = plain.get((model_key(run), _key(run.get("decoding")), r["split"], str(r["question_id"])))
             if b is None:
                 continue
             bv, rv = b.get("baseline_valid", True) is not False, r.get("baseline_valid", True) is not False

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..storage import FolderLock, append_bytes, atomic_write_text, digest, make_dir, reason, show
+from ..storage import FolderLock, append_bytes, atomic_write, atomic_write_text, digest, make_dir, reason, show
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -29,7 +29,8 @@ INFO_KEYS = ("preset", "overrides", "merged_from", "image_dirs", "resumed_anyway
 VERSIONS = "versions"  # torch/transformers/nnsight: compared, but a resume may accept them (--resume-anyway)
 # Where the question files and images sit, not what they hold (``pope_sha256`` and ``images`` are compared): a
 # project folder moved or checked out elsewhere resumes its runs, and run.json then names them where they are now
-# (``image_dirs``, an info key, with them).
+# (``image_dirs``, an info key, with them). A local model folder's path and a labels file's path are locations too
+# (:func:`unlocated`): ``model_files`` and the labels' ``sha256`` are compared.
 LOCATIONS = ("pope_files", "image_dir_option")
 CONTENT_KEYS = ("images", "model_files", "pope_sha256")  # digests of what the run read, compared by content
 
@@ -47,10 +48,43 @@ def flat_keys(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def differing_keys(a: dict, b: dict, ignore=(*INFO_KEYS, *LOCATIONS)) -> list[str]:
-    """Flattened keys (``config.tau_prefill``…) whose values differ, ``ignore`` left out."""
-    fa = flat_keys({k: v for k, v in a.items() if k not in ignore})
-    fb = flat_keys({k: v for k, v in b.items() if k not in ignore})
+def local_model(identity: dict) -> bool:
+    """The run read a model folder named by its path (``--model DIR``), not a hub id or the embedded model: the
+    path is where the folder sits, and ``model_files``, its files' digest, says what it holds."""
+    model = identity.get("model")
+    return isinstance(model, str) and Path(model).is_absolute() and identity.get("model_files") is not None
+
+
+def model_key(identity: dict):
+    """What names the model a run read wherever its files sit: a folder's digest, else the hub id (or "embedded")."""
+    return ("files", identity["model_files"]) if local_model(identity) else identity.get("model")
+
+
+def unlocated(identity: dict) -> dict:
+    """``identity`` without where its files sit (their contents' digests stay): the question files and the
+    ``--image-dir`` as given (:data:`LOCATIONS`), a local model folder's path and a labels file's path."""
+    out = {k: v for k, v in identity.items() if k not in LOCATIONS}
+    if local_model(identity):
+        out["model"] = "local folder"
+    if isinstance(out.get("labels"), dict):
+        out["labels"] = {k: v for k, v in out["labels"].items() if k != "file"}
+    return out
+
+
+def located(identity: dict) -> dict:
+    """The fields of ``identity`` that say where its files sit (what a resume elsewhere rewrites in run.json)."""
+    out = {k: identity[k] for k in (*LOCATIONS, "image_dirs") if k in identity}
+    if local_model(identity):
+        out["model"] = identity["model"]
+    if isinstance(identity.get("labels"), dict):
+        out["labels"] = identity["labels"]
+    return out
+
+
+def differing_keys(a: dict, b: dict, ignore=INFO_KEYS) -> list[str]:
+    """Flattened keys (``config.tau_prefill``…) whose values differ, ``ignore`` and where files sit left out."""
+    fa = flat_keys({k: v for k, v in unlocated(a).items() if k not in ignore})
+    fb = flat_keys({k: v for k, v in unlocated(b).items() if k not in ignore})
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
@@ -67,10 +101,28 @@ def describe(a: dict, b: dict, keys: list[str]) -> str:
 
 
 def run_id(identity: dict) -> str:
-    """Digest of what changes an answer (info keys, where the question files sit, the shard and the package versions
-    left out): stamped on every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them,
+    """Digest of what changes an answer (info keys, where the files sit, the shard and the package versions left
+    out): stamped on every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them,
     so the rows of such a run keep one run_id."""
+    return digest({k: v for k, v in unlocated(identity).items() if k not in (*INFO_KEYS, "shard", VERSIONS)})
+
+
+def earlier_run_id(identity: dict) -> str:
+    """The run_id releases before this one stamped: a local model folder's path and a labels file's path in it."""
     return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, *LOCATIONS, "shard", VERSIONS)})
+
+
+def restamped(out: Path, rows: list[dict], identity: dict) -> list[dict]:
+    """Rows stamped with the earlier run_id of ``identity``, restamped with its run_id (answers.jsonl rewritten
+    atomically, with a note); other rows untouched. A run from before a folder's path left the run_id resumes."""
+    old, new = earlier_run_id(identity), run_id(identity)
+    if old == new or not any(r.get("run_id") == old for r in rows):
+        return rows
+    rows = [{**r, "run_id": new} if r.get("run_id") == old else r for r in rows]
+    atomic_write(out / ANSWERS, encode_rows(rows))
+    print(f"note: {show(out / ANSWERS)} carried the run_id of an earlier release (which counted a model folder's or "
+          "labels file's path); its rows now carry this run's", file=sys.stderr)
+    return rows
 
 
 def load_run(path: Path) -> dict | None:
@@ -117,14 +169,15 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
         if old is not None:
             diff = differing_keys(old, identity)
             if not diff:
-                moved = {k: identity[k] for k in (*LOCATIONS, "image_dirs")
-                         if k in identity and old.get(k) != identity[k]}
+                restamped(out, rows, old)  # before run.json moves: a kill between the two leaves both as they were
+                moved = {k: v for k, v in located(identity).items() if old.get(k) != v}
                 if moved:  # the same files (their digests are compared) found elsewhere: record where they are now
                     _write_run(path, {**old, **moved})
                 return False
             versions_only = all(k.startswith(VERSIONS + ".") for k in diff)
             if rows and versions_only and resume_anyway:
                 note = {VERSIONS: identity.get(VERSIONS), "at": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": len(rows)}
+                restamped(out, rows, old)
                 _write_run(path, {**old, "resumed_anyway": [*old.get("resumed_anyway", []), note]})
                 print(f"note: resuming {show(out)} with other package versions ({describe(old, identity, diff)}), "
                       f"as --resume-anyway asks; recorded in {RUN}", file=sys.stderr)
@@ -146,6 +199,7 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
             _write_run(path, identity)
             return True
         if rows:
+            rows = restamped(out, rows, identity)
             _refuse_foreign(rows, rid, f"{show(path)} is damaged and {{n}} rows of {ANSWERS} do not carry this run's "
                                        "run_id, so they may come from other options")
             try:
@@ -157,6 +211,7 @@ def claim_out_dir(out: Path, identity: dict, resume_anyway: bool = False) -> boo
         _write_run(path, identity)
         return True
     if rows:
+        rows = restamped(out, rows, identity)
         _refuse_foreign(rows, rid, f"{show(out)} holds {ANSWERS} without {RUN}, and {{n}} of its rows do not carry "
                                    "this run's run_id")
         return _rebuilt(path, identity, rows, f"{show(path)} was missing")
