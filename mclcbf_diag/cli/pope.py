@@ -171,7 +171,12 @@ def _pope_across_ranks(args, group: distributed.Group, on_batch=None) -> int:
     out = Path(args.out or "reports/pope")
     part = _argparse.Namespace(**{**vars(args), "shard": f"{group.rank}/{group.world}", "out": str(group.part(out))})
     if str(args.device).startswith("cuda"):
-        part.device = f"cuda:{group.local_rank}"
+        import torch
+
+        index = group.local_rank % max(torch.cuda.device_count(), 1)  # more ranks than GPUs: they share
+        part.device = f"cuda:{index}"
+        if torch.cuda.is_available():  # what code that names no index allocates on; without CUDA, the model refuses
+            torch.cuda.set_device(index)
     meeting = distributed.meet(group)
     try:
         error = None
