@@ -141,12 +141,14 @@ def test_ranks_agree_on_their_flags_through_the_store():
     for flags, want in (([True, True, True], True), ([True, False, True], False), ([False, False, False], False)):
         ranks = _ranks(3)
         assert _together([lambda m=m, ok=ok: m.all_ok(ok) for m, ok in zip(ranks, flags)]) == [want] * 3
-        # a second step keeps its own keys: every rank reaches it after the first
-        _together([lambda m=m: m.barrier("merged") for m in ranks])
+        # a second step keeps its own keys: rank 0's merge failing reaches every rank
+        merged = _together([lambda m=m: m.agree("merged", m.group.rank != 0 or want) for m in ranks])
+        assert merged == [want] * 3
         _together([m.leave for m in ranks])
 
 
-def test_a_rank_that_crashed_stops_the_others_without_waiting_for_it():
+def test_a_rank_that_crashed_stops_the_others_without_waiting_for_it(monkeypatch):
+    monkeypatch.setattr(distributed, "FINISH_TIMEOUT_S", 5.0)  # a failure not posted: a refusal, not a hang
     crashed, alive = _ranks(2)
     crashed.post_failure()  # returns at once: it does not wait for the others
     assert alive.all_ok(True) is False
@@ -190,7 +192,7 @@ def test_a_launch_without_torchrun_meets_in_a_store_rank_0_hosts(tmp_path):
     code = ("from mclcbf_diag.pope.distributed import from_env, meet\n"
             "m = meet(from_env())\n"
             "ok = m.all_ok(m.group.rank != 1 or __import__('os').environ['FLAG'] == '1')\n"
-            "m.barrier('merged')\n"
+            "m.agree('merged', True)\n"
             "m.leave()\n"
             "print(ok)\n")
     for flag, want in (("1", "True"), ("0", "False")):

@@ -573,6 +573,13 @@ def test_where_a_model_folder_or_labels_file_sits_is_not_the_runs_identity(tmp_p
     hub = {**here, "model": "llava-hf/llava-1.5-7b-hf"}
     assert run_id(hub) != run_id({**hub, "model": "llava-hf/llava-1.5-13b-hf"}) != run_id(here)
     assert model_key(hub) == "llava-hf/llava-1.5-7b-hf" and model_key({"model": "embedded"}) == "embedded"
+    # without a labels file, a hub id's and the embedded model's run_id is what earlier releases stamped
+    from mclcbf_diag.pope.store import earlier_run_id
+
+    for model in ("llava-hf/llava-1.5-7b-hf", "embedded"):
+        plain = {k: v for k, v in {**here, "model": model}.items() if k != "labels"}
+        assert run_id(plain) == earlier_run_id(plain)
+    assert run_id(here) != earlier_run_id(here)  # a local folder's path left the digest
 
 
 def test_a_run_whose_rows_carry_the_earlier_path_bound_run_id_resumes_restamped(tmp_path, capsys):

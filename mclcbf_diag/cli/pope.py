@@ -185,15 +185,29 @@ def _pope_across_ranks(args, group: distributed.Group, on_batch=None) -> int:
         except UserError as exc:
             error, rc = exc, 2
         except BaseException:
-            meeting.post_failure()  # the other ranks learn it when they finish, and stop too
+            meeting.post_failure()  # a launcher that stops no rank: the others learn it when they finish
             raise
-        if not meeting.all_ok(error is None):
+        try:
+            finished = meeting.all_ok(error is None)
+        except UserError:
+            if error is not None:  # this rank's own refusal says more than the meeting it then lost
+                raise error from None
+            raise
+        if not finished:
             raise error or UserError(f"another rank of this launch failed (see its message); rank {group.rank} "
                                      f"kept its part in {show(group.part(out))}: rerun the same command to resume")
+        merged = None
         if group.rank == 0:
-            rc = cmd_merge(_argparse.Namespace(out=str(out), shard_dirs=[str(p) for p in group.parts(out)],
+            try:
+                rc = cmd_merge(_argparse.Namespace(out=str(out), shard_dirs=[str(p) for p in group.parts(out)],
                                                    partial=False))
-        meeting.barrier("merged")
+            except BaseException as exc:
+                merged = exc
+        if not meeting.agree("merged", merged is None):
+            if merged is not None:
+                raise merged
+            raise UserError(f"rank 0 could not merge the parts into {show(out)} (see its message); rank "
+                            f"{group.rank} kept its part in {show(group.part(out))}")
         return rc
     finally:
         meeting.leave()

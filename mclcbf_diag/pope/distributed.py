@@ -57,43 +57,46 @@ def from_env(environ=os.environ) -> Group | None:
     return Group(rank, world, local)
 
 
-STEP_TIMEOUT_S = 3600.0  # merging, and leaving: rank 0 alone works meanwhile
+STEP_TIMEOUT_S = 3600.0  # merging: rank 0 alone works meanwhile
 FINISH_TIMEOUT_S = 7 * 86400.0  # waiting for the slowest shard: no deadline a real run could reach
 LEAVE_TIMEOUT_S = 60.0
 
 
 class Meeting:
-    """This launch's ranks, meeting through a c10d store: agree on a flag, wait for each other, leave."""
+    """This launch's ranks, meeting through a c10d store: agree on a flag at each named step, then leave.
+
+    Each step has its own keys (``PREFIX/STEP/RANK``), used once per launch, so a rank may post to a step without
+    waiting (:meth:`post_failure`) and the others read it when they get there.
+    """
 
     def __init__(self, group: Group, store, prefix: str):
-        self.group, self._store, self._prefix, self._step = group, store, prefix, 0
+        self.group, self._store, self._prefix = group, store, prefix
 
-    def _post_and_gather(self, name: str, value: str, timeout_s: float) -> list[str]:
-        self._step += 1
-        keys = [f"{self._prefix}/{self._step}-{name}/{r}" for r in range(self.group.world)]
+    def _keys(self, step: str) -> list[str]:
+        return [f"{self._prefix}/{step}/{r}" for r in range(self.group.world)]
+
+    def agree(self, step: str, ok: bool, timeout_s: float = STEP_TIMEOUT_S) -> bool:
+        """Post ``ok`` for this rank at ``step`` and wait for every rank's: True when all passed ``ok``."""
+        keys = self._keys(step)
         try:
-            self._store.set(keys[self.group.rank], value)
+            self._store.set(keys[self.group.rank], "1" if ok else "0")
             self._store.wait(keys, timedelta(seconds=timeout_s))
-            return [self._store.get(k).decode() for k in keys]
+            return all(self._store.get(k).decode() == "1" for k in keys)
         except RuntimeError as exc:  # a timeout, or the store's host gone (DistStoreError is a RuntimeError)
             raise UserError(f"rank {self.group.rank} of {self.group.world} lost the other ranks at step "
-                            f"{name!r} ({str(exc).splitlines()[0]}); each rank kept its part in "
+                            f"{step!r} ({str(exc).splitlines()[0]}); each rank kept its part in "
                             "OUT/ranks: rerun the same command to resume") from None
 
     def all_ok(self, ok: bool) -> bool:
-        """True when every rank passes ``ok``; returns once every rank has passed its flag."""
-        return all(v == "1" for v in self._post_and_gather("finished", "1" if ok else "0", FINISH_TIMEOUT_S))
+        """Whether every rank finished its part (:meth:`agree` at ``finished``, with no deadline a run could reach)."""
+        return self.agree("finished", ok, FINISH_TIMEOUT_S)
 
-    def post_failure(self) -> None:
-        """Post "failed" for this rank's flag without waiting (a rank that stops on an unexpected error)."""
-        self._step += 1
+    def post_failure(self, step: str = "finished") -> None:
+        """Post "failed" for this rank at ``step`` without waiting (a rank that stops on an unexpected error)."""
         try:
-            self._store.set(f"{self._prefix}/{self._step}-finished/{self.group.rank}", "0")
+            self._store.set(self._keys(step)[self.group.rank], "0")
         except RuntimeError:
             pass  # the store is gone: the launcher is already stopping the others
-
-    def barrier(self, name: str) -> None:
-        self._post_and_gather(name, "1", STEP_TIMEOUT_S)
 
     def leave(self) -> None:
         """Rank 0 may host the store: it leaves last, so no rank loses the store mid-request."""
@@ -126,5 +129,6 @@ def meet(group: Group) -> Meeting:
         raise UserError(f"rank {group.rank} could not reach the launch's store at {environ['MASTER_ADDR']}:"
                         f"{environ['MASTER_PORT']} ({str(exc).splitlines()[0]}); check MASTER_ADDR/MASTER_PORT, "
                         "or start with torchrun") from None
-    # torchrun restarts failed workers against the same store: each attempt keeps its own keys
+    # torchrun restarts failed workers against the same store: each attempt keeps its own keys. The count is each
+    # node's agent's own, so on several nodes a launch must not restart (--max-restarts 0, torchrun's default)
     return Meeting(group, store, f"mclcbf-diag/pope/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
