@@ -9,3 +9,9 @@ traceback only with ``--debug``. Library callers get an ordinary exception.
 
 class UserError(Exception):
     """A mistake in the user's input, explained in one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its class name when it has none (what a one-line error quotes)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -150,7 +150,6 @@ EXEMPT = {
     "diagnosis/__init__.py": "the package's docstring only",
     "experiments/__init__.py": "the sweep's names under the old module path (tests/test_experiments_sweep.py)",
     "report/__init__.py": "the HTML module's names under the old module path (tests/test_report_html.py)",
-    "errors.py": "one exception class; its contract (one line, status 2) is checked by tests/test_cli*.py",
 }
 
 

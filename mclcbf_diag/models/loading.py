@@ -55,7 +55,7 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from .. import shipped
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..storage import show, verify_manifest
 from .adapter import ADAPTERS, ArchitectureAdapter
 from .anyres import ImageLayout
@@ -326,7 +326,7 @@ def model_facts(name_or_path: str | None) -> ModelFacts:
         except (OSError, ValueError) as exc:
             raise UserError(f"could not load model {where!r}: it is not in the local Hugging Face cache (run "
                             f"`hf download {where}` on a machine with network access, or pass --model DIR) "
-                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                            f"({first_line(exc)})"
                             ) from None
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
 
@@ -399,7 +399,7 @@ def prepare_model(name_or_path: str | None = None, dtype: str = "float32", devic
         # Checked before the weights are read, so a wrong checkpoint fails fast.
         tokens = answer_tokens(processor.tokenizer, getattr(config, "image_token_id", None), where)
     except ImportError as exc:  # a processor class that needs an optional package (torchvision)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"--model {show(where)}: its processor needs a package that is not installed ({first}); "
                         "install it (e.g. pip install torchvision)") from None
     except (OSError, ValueError, SafetensorError) as exc:
@@ -411,7 +411,7 @@ def _load_error(where: str, local: bool, exc: Exception) -> UserError:
     hint = ("the directory is incomplete or not a LLaVA checkpoint" if local else
             f"it is not in the local Hugging Face cache (run `hf download {where}` on a "
             "machine with network access, or pass --model DIR)")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     return UserError(f"could not load model {where!r}: {hint} ({first})")
 
 
@@ -476,7 +476,7 @@ def load_weights(prep: PreparedModel) -> LoadedModel:
             if quiet:
                 hf_logging.enable_progress_bar()
     except (OSError, ValueError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if prep.device_map is not None and "device" in first.lower() and "map" in first.lower():
             raise UserError(f"--device-map: {first}; give every module a device (or a parent module, e.g. "
                             "\"model\" and \"lm_head\"), or use --device-map auto") from exc

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .mrope import position_ids
 
 PORTABLE_PLACEHOLDER = "<image>"
@@ -38,11 +38,6 @@ def processor_prompt(processor, prompt: str) -> str:
     if own == QWEN_IMAGE_PAD:  # Qwen-VL writes an image as its pad token between the vision start and end tokens
         own = f"<|vision_start|>{own}<|vision_end|>"
     return prompt if own == PORTABLE_PLACEHOLDER else prompt.replace(PORTABLE_PLACEHOLDER, own)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _count_images(images) -> int:
@@ -95,11 +90,11 @@ def run_processor(processor, where: str, text, images, **kwargs):
             raise ValueError(problem)
         return processor(text=prompts, images=images, **kwargs)
     except ImportError as exc:
-        raise UserError(f"--model {where}: its processor needs a package that is not installed ({_first_line(exc)});"
+        raise UserError(f"--model {where}: its processor needs a package that is not installed ({first_line(exc)});"
                         " install it (e.g. pip install torchvision) or use a checkpoint whose processor runs "
                         "without it") from None
     except (ValueError, TypeError, KeyError, StopIteration) as exc:
-        raise UserError(f"--model {where}: its processor refused the prompt and image ({_first_line(exc)}); the prompt "
+        raise UserError(f"--model {where}: its processor refused the prompt and image ({first_line(exc)}); the prompt "
                         f"needs one {PORTABLE_PLACEHOLDER} per image (this processor's placeholder is "
                         f"{placeholder(processor)!r}): check --prompt, the image file and the checkpoint's processor "
                         "files") from None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Meeting:
             return all(self._store.get(k).decode() == "1" for k in keys)
         except RuntimeError as exc:  # a timeout, or the store's host gone (DistStoreError is a RuntimeError)
             raise UserError(f"rank {self.group.rank} of {self.group.world} lost the other ranks at step "
-                            f"{step!r} ({_first_line(exc)}); each rank kept its part in "
+                            f"{step!r} ({first_line(exc)}); each rank kept its part in "
                             "OUT/ranks: rerun the same command to resume") from None
 
     def all_ok(self, ok: bool) -> bool:
@@ -113,10 +113,6 @@ class Meeting:
             pass  # a rank gone first: nothing is left to protect
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def meet(group: Group) -> Meeting:
     """Connect to the launch's store (``MASTER_ADDR``/``MASTER_PORT``, set by the launcher)."""
     import torch.distributed as dist
@@ -131,7 +127,7 @@ def meet(group: Group) -> Meeting:
                                            timeout=timedelta(seconds=STEP_TIMEOUT_S)))
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"rank {group.rank} could not reach the launch's store at {environ['MASTER_ADDR']}:"
-                        f"{environ['MASTER_PORT']} ({_first_line(exc)}); check MASTER_ADDR/MASTER_PORT, "
+                        f"{environ['MASTER_PORT']} ({first_line(exc)}); check MASTER_ADDR/MASTER_PORT, "
                         "or start with torchrun") from None
     # torchrun restarts failed workers against the same store: each attempt keeps its own keys. The count is each
     # node's agent's own, so on several nodes a launch must not restart (--max-restarts 0, torchrun's default)
