@@ -25,7 +25,6 @@ from ..pope.store import (
     ANSWERS,
     FORMAT,
     INFO_KEYS,
-    LOCATIONS,
     RUN,
     differing_keys,
     earlier_run_id,
@@ -349,7 +348,7 @@ def cmd_merge(args) -> int:
         raise UserError(f"merge OUT {show(out)} is one of the shard folders; pass a new folder for the merged run")
     ids = [_read_run(d) for d in dirs]
     for d, ident in zip(dirs[1:], ids[1:]):
-        diff = differing_keys(ids[0], ident, ignore=(*INFO_KEYS, *LOCATIONS, "shard"))
+        diff = differing_keys(ids[0], ident, ignore=(*INFO_KEYS, "shard"))
         if diff:
             raise UserError(f"{show(d)} and {show(dirs[0])} ran different configurations (differ in: "
                             f"{', '.join(diff)}); merge only shards of one run")

@@ -104,12 +104,16 @@ def run_id(identity: dict) -> str:
     """Digest of what changes an answer (info keys, where the files sit, the shard and the package versions left
     out): stamped on every row. Versions are compared when a run resumes, but ``--resume-anyway`` accepts them,
     so the rows of such a run keep one run_id."""
-    return digest({k: v for k, v in unlocated(identity).items() if k not in (*INFO_KEYS, "shard", VERSIONS)})
+    return _answer_digest(unlocated(identity))
 
 
 def earlier_run_id(identity: dict) -> str:
     """The run_id releases before this one stamped: a local model folder's path and a labels file's path in it."""
-    return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, *LOCATIONS, "shard", VERSIONS)})
+    return _answer_digest({k: v for k, v in identity.items() if k not in LOCATIONS})
+
+
+def _answer_digest(identity: dict) -> str:
+    return digest({k: v for k, v in identity.items() if k not in (*INFO_KEYS, "shard", VERSIONS)})
 
 
 def restamped(out: Path, rows: list[dict], identity: dict) -> list[dict]:
