@@ -13,8 +13,9 @@ available. ``--shard i/n`` with ``merge`` stays for machines that share no store
 
 Why a store and not a process group: the ranks exchange one flag each and wait twice, and a
 store does both with plain requests. A gloo process group also runs worker and transport
-threads, and a rank whose thread still holds a tensor while the interpreter shuts down aborts
-(SIGABRT) after its work is done; CI saw a rank abort so twice. A store starts no such thread.
+threads, and torch's threads that still hold a tensor while the interpreter shuts down are a known
+way for a process to abort (SIGABRT) after its work is done. CI saw a rank of a gloo-group launch
+abort twice (its stack was not kept, so the cause is inferred); a store starts no such thread.
 """
 
 from __future__ import annotations
