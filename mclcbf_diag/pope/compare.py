@@ -362,16 +362,17 @@ def _prompt_control_rows(runs: list, kw: dict) -> list[dict]:
     plain = {}
     for _, run, answers in runs:
         if run.get("prompt", LLAVA_PROMPT) == LLAVA_PROMPT:
+            same = (model_key(run), _key(run.get("decoding")))
             for r in answers:
-                plain.setdefault((model_key(run), _key(run.get("decoding")), r["split"], str(r["question_id"])), r)
+                plain.setdefault((*same, r["split"], str(r["question_id"])), r)
     rows = []
     for folder, run, answers in runs:
         name = control_name(run.get("prompt", LLAVA_PROMPT))
         if name is None:
             continue
-        recs = []
+        recs, same = [], (model_key(run), _key(run.get("decoding")))
         for r in answers:
-            b = plain.get((model_key(run), _key(run.get("decoding")), r["split"], str(r["question_id"])))
+            b = plain.get((*same, r["split"], str(r["question_id"])))
             if b is None:
                 continue
             bv, rv = b.get("baseline_valid", True) is not False, r.get("baseline_valid", True) is not False
